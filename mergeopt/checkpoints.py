@@ -1,0 +1,172 @@
+"""Hugging Face checkpoint directories: reading headers lazily, checking experts against the base.
+
+A merge is only meaningful between checkpoints of one architecture with identical tensor names,
+shapes and vocabulary. Everything here reads safetensors *headers* first, so a mismatch is reported
+before a single weight is loaded, naming the first offending tensor and both directories. Pickle
+(``.bin``) checkpoints are refused: loading them can execute code.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from mergeopt.errors import UserError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    file: Path
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass
+class Checkpoint:
+    """One HF checkpoint directory, described by its config.json and safetensors headers."""
+
+    path: Path
+    config: dict
+    tensors: dict[str, TensorMeta]
+    _handles: dict[Path, object] = field(default_factory=dict, repr=False)
+
+    @property
+    def architecture(self) -> str:
+        archs = self.config.get("architectures") or [self.config.get("model_type", "?")]
+        return ",".join(archs)
+
+    @property
+    def vocab_size(self) -> int | None:
+        vocab = self.config.get("vocab_size")
+        if vocab is None and isinstance(self.config.get("text_config"), dict):
+            vocab = self.config["text_config"].get("vocab_size")
+        return vocab
+
+    def read(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Load one tensor (and only that one) from its safetensors file."""
+        meta = self.tensors.get(name)
+        if meta is None:
+            raise UserError(f"tensor {name} is not in checkpoint {self.path}")
+        handle = self._handles.get(meta.file)
+        if handle is None:
+            handle = self._handles[meta.file] = safe_open(str(meta.file), framework="pt", device="cpu")
+        return handle.get_tensor(name).to(device)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: {what} is not valid JSON (line {err.lineno}: {err.msg})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: {what} must be a JSON object")
+    return data
+
+
+def _header(file: Path) -> dict[str, TensorMeta]:
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            metas = {}
+            for name in handle.keys():
+                sliced = handle.get_slice(name)
+                metas[name] = TensorMeta(file, tuple(sliced.get_shape()), str(sliced.get_dtype()))
+            return metas
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"{file}: not a readable safetensors file ({first})") from None
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Describe a checkpoint directory from config.json and its (possibly sharded) safetensors headers."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"checkpoint directory {path} does not exist")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"{path} has no config.json: not a Hugging Face checkpoint directory")
+    config = _read_json(config_file, "config.json")
+
+    index_file = path / INDEX_FILE
+    if index_file.is_file():
+        weight_map = _read_json(index_file, INDEX_FILE).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise UserError(f"{index_file}: has no weight_map")
+        tensors: dict[str, TensorMeta] = {}
+        for shard in sorted(set(weight_map.values())):
+            shard_file = path / shard
+            if not shard_file.is_file():
+                raise UserError(f"{index_file} names shard {shard}, which is missing from {path}")
+            tensors.update(_header(shard_file))
+        missing = sorted(set(weight_map) - set(tensors))
+        if missing:
+            raise UserError(f"{index_file} maps {missing[0]} to a shard that does not contain it")
+    elif (path / SINGLE_FILE).is_file():
+        tensors = _header(path / SINGLE_FILE)
+    else:
+        pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+        if pickles:
+            raise UserError(
+                f"{path} holds only pickle weights ({pickles[0]}); mergeopt reads safetensors only, "
+                "convert with model.save_pretrained(dir, safe_serialization=True)"
+            )
+        raise UserError(f"{path} has no {SINGLE_FILE} or {INDEX_FILE}")
+    return Checkpoint(path=path, config=config, tensors=tensors)
+
+
+def _tokenizer_vocab(path: Path) -> dict | None:
+    file = path / "tokenizer.json"
+    if not file.is_file():
+        return None
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        raise UserError(f"{file}: not valid JSON") from None
+    model = data.get("model", {}) if isinstance(data, dict) else {}
+    vocab = model.get("vocab")
+    added = (
+        [(t.get("id"), t.get("content")) for t in data.get("added_tokens", [])]
+        if isinstance(data, dict)
+        else []
+    )
+    return {"vocab": vocab, "added": added}
+
+
+def check_compatible(base: Checkpoint, expert: Checkpoint, expert_name: str) -> None:
+    """Raise a one-line UserError at the first difference that makes merging meaningless."""
+    where = f"base {base.path} vs expert {expert_name!r} {expert.path}"
+    if base.architecture != expert.architecture:
+        raise UserError(f"architecture differs: {base.architecture} vs {expert.architecture} ({where})")
+    if base.vocab_size != expert.vocab_size:
+        raise UserError(f"vocabulary size differs: {base.vocab_size} vs {expert.vocab_size} ({where})")
+    for name, meta in base.tensors.items():
+        other = expert.tensors.get(name)
+        if other is None:
+            raise UserError(f"tensor {name} is missing from the expert ({where})")
+        if other.shape != meta.shape:
+            raise UserError(f"tensor {name} has shape {list(meta.shape)} vs {list(other.shape)} ({where})")
+    extra = sorted(set(expert.tensors) - set(base.tensors))
+    if extra:
+        raise UserError(f"tensor {extra[0]} is in the expert but not in the base ({where})")
+    base_vocab, expert_vocab = _tokenizer_vocab(base.path), _tokenizer_vocab(expert.path)
+    if base_vocab is not None and expert_vocab is not None and base_vocab != expert_vocab:
+        raise UserError(f"tokenizer vocabulary differs ({where})")
+
+
+def open_all(base_path: str | Path, experts: dict[str, str]) -> tuple[Checkpoint, dict[str, Checkpoint]]:
+    """Open the base and every expert and check each expert against the base, before any weight is read."""
+    base = open_checkpoint(base_path)
+    opened = {}
+    for name, path in experts.items():
+        opened[name] = open_checkpoint(path)
+        check_compatible(base, opened[name], name)
+    return base, opened

@@ -1,0 +1,264 @@
+"""The recipe: one typed, frozen schema that holds every default, loaded from YAML with overrides.
+
+A recipe is the whole description of a run. Keeping every default here (and nowhere else) means a
+saved ``recipe.yaml`` in a run directory reproduces the run exactly, and a typo in a key is caught
+before any model is loaded. Overrides use dotted keys, as in torchtune:
+``python -m mergeopt.fit recipes/tiny.yaml optim.lr=0.1 output_dir=/tmp/run``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mergeopt.errors import UserError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class ModelSection(_Strict):
+    """The base checkpoint and one expert per domain, all fine-tuned from that base."""
+
+    base: str = Field(description="HF checkpoint directory of the base model θ0.")
+    experts: dict[str, str] = Field(description="Expert name -> HF checkpoint directory; at least 2.")
+    exclude: tuple[str, ...] = Field(
+        default=(), description="Regexes over parameter names kept at θ0 (e.g. 'embed_tokens', 'norm')."
+    )
+    stack_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="Storage dtype of the stacked task vectors."
+    )
+    trust_remote_code: bool = Field(
+        default=False, description="Allow custom modelling code from the base dir."
+    )
+
+    @field_validator("experts")
+    @classmethod
+    def _at_least_two(cls, experts: dict[str, str]) -> dict[str, str]:
+        if len(experts) < 2:
+            raise ValueError(f"needs at least 2 experts, got {len(experts)}")
+        for name in experts:
+            if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
+                raise ValueError(f"expert name {name!r} may only use letters, digits, '_', '.', '-'")
+        return experts
+
+    @field_validator("exclude")
+    @classmethod
+    def _regexes_compile(cls, patterns: tuple[str, ...]) -> tuple[str, ...]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"pattern {pattern!r} is not a valid regex ({err})") from None
+        return patterns
+
+
+class DevSet(_Strict):
+    """One JSONL dev set; its weight is its share of the target loss."""
+
+    name: str
+    path: str
+    weight: float = Field(default=1.0, ge=0.0)
+
+
+class DataSection(_Strict):
+    dev: tuple[DevSet, ...] = Field(min_length=1, description="Dev sets, one per domain you care about.")
+    target: str = Field(
+        default="all", description="'all': the weighted average over dev sets; or the name of one dev set."
+    )
+    max_length: int = Field(default=256, gt=1, description="Tokens per example; longer ones are cut.")
+    heldout_fraction: float = Field(
+        default=0.2, ge=0.0, lt=1.0, description="Share of each dev set held out for early stopping."
+    )
+    max_examples: int | None = Field(default=None, gt=0, description="Cap on examples read per dev set.")
+
+    @model_validator(mode="after")
+    def _names(self) -> DataSection:
+        names = [d.name for d in self.dev]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"dev set names must be unique, repeated: {', '.join(dupes)}")
+        if self.target != "all" and self.target not in names:
+            raise ValueError(
+                f"target {self.target!r} is neither 'all' nor a dev set name ({', '.join(names)})"
+            )
+        targeted = names if self.target == "all" else [self.target]
+        if sum(d.weight for d in self.dev if d.name in targeted) <= 0:
+            raise ValueError("the targeted dev sets all have weight 0")
+        return self
+
+
+class WeightsSection(_Strict):
+    """w = softmax(z / temperature): z are free logits, so w always stays on the simplex."""
+
+    temperature: float = Field(default=1.0, gt=0.0)
+    init: dict[str, float] | None = Field(
+        default=None, description="Starting mixture {expert: w}; uniform when absent."
+    )
+
+
+class OptimSection(_Strict):
+    """Adam on the logits z, with early stopping on the held-out part of the dev sets."""
+
+    lr: float = Field(default=0.1, gt=0.0)
+    steps: int = Field(default=200, ge=0, description="Maximum optimizer steps.")
+    batch_size: int = Field(default=8, gt=0, description="Examples per dev set per micro-batch.")
+    grad_accum: int = Field(default=1, gt=0, description="Micro-batches per optimizer step.")
+    eval_every: int = Field(default=10, gt=0, description="Steps between held-out evaluations.")
+    patience: int = Field(default=5, gt=0, description="Evaluations without improvement before stopping.")
+    min_delta: float = Field(default=1e-4, ge=0.0, description="Smallest held-out gain that counts.")
+    eval_batch_size: int = Field(default=32, gt=0)
+
+
+class TinyWorldSection(_Strict):
+    """Where the built-in tiny world (paths written ``tiny://...``) is built and cached."""
+
+    cache_dir: str | None = Field(default=None, description="Default: $MERGEOPT_CACHE or ~/.cache/mergeopt.")
+    seed: int = 0
+
+
+class Recipe(_Strict):
+    seed: int = 0
+    output_dir: str = "runs/default"
+    device: str = Field(
+        default="auto", description="'auto' (cuda when available, else cpu), 'cpu', 'cuda:1'..."
+    )
+    model: ModelSection
+    data: DataSection
+    weights: WeightsSection = WeightsSection()
+    optim: OptimSection = OptimSection()
+    tiny_world: TinyWorldSection = TinyWorldSection()
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, device: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device):
+            raise ValueError(f"device {device!r} is not one of auto, cpu, cuda, cuda:N, mps")
+        return device
+
+    @model_validator(mode="after")
+    def _init_matches_experts(self) -> Recipe:
+        init = self.weights.init
+        if init is None:
+            return self
+        experts = set(self.model.experts)
+        if set(init) != experts:
+            raise ValueError(f"weights.init names {sorted(init)} but the experts are {sorted(experts)}")
+        if any(v < 0 for v in init.values()) or abs(sum(init.values()) - 1.0) > 1e-6:
+            raise ValueError(f"weights.init must be non-negative and sum to 1, got {init}")
+        return self
+
+    @property
+    def expert_names(self) -> list[str]:
+        return list(self.model.experts)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses duplicate keys instead of silently keeping the last one."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """``["optim.lr=0.1", "output_dir=/tmp/x"]`` -> ``{"optim.lr": 0.1, "output_dir": "/tmp/x"}``.
+
+    Values are read as YAML scalars or flow collections, so ``true``, ``3``, ``[a, b]`` and
+    ``{math: 0.5, code: 0.5}`` get their natural types.
+    """
+    parsed: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_\-]+)*", key):
+            raise UserError(f"override {item!r} is not of the form key.sub=value")
+        try:
+            parsed[key] = yaml.load(raw, Loader=_UniqueKeyLoader) if raw != "" else ""
+        except yaml.YAMLError as err:
+            raise UserError(f"override {item!r}: value is not valid YAML ({err.problem})") from None
+    return parsed
+
+
+def _apply_override(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise UserError(f"override {dotted}: {part!r} is not a section, cannot set a key under it")
+        node = child
+    node[parts[-1]] = value
+
+
+def _describe(error: dict[str, Any]) -> tuple[str, str]:
+    loc = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return loc, "unknown key"
+    if error["type"] == "missing":
+        return loc, "required key is missing"
+    msg = error["msg"].removeprefix("Value error, ")
+    return loc, msg
+
+
+def recipe_from_dict(
+    tree: dict[str, Any], source: str = "<recipe>", overridden: Sequence[str] = ()
+) -> Recipe:
+    """Validate a nested dict; the error names the source and the first offending key."""
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as err:
+        loc, msg = _describe(err.errors()[0])
+        where = f"{source}: {loc}" if loc else source
+        origin = (
+            " (set on the command line)"
+            if any(loc == k or loc.startswith(k + ".") for k in overridden)
+            else ""
+        )
+        raise UserError(f"{where}: {msg}{origin}") from None
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Read a recipe YAML (safe loader, no duplicate keys), apply ``key=value`` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe {path} does not exist")
+    try:
+        tree = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(err, "problem", None) or str(err)
+        raise UserError(f"{where}: not valid YAML ({problem})") from None
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise UserError(f"{path}: a recipe must be a mapping of keys, got {type(tree).__name__}")
+    parsed = parse_overrides(overrides)
+    for key, value in parsed.items():
+        _apply_override(tree, key, value)
+    return recipe_from_dict(tree, str(path), list(parsed))
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """The fully resolved recipe (every default spelled out), loadable again with load_recipe."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

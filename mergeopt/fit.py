@@ -1,0 +1,249 @@
+"""Fit a data mixture: ``python -m mergeopt.fit RECIPE [key=value ...] [--quiet] [--debug]``.
+
+Loads the base and the experts, checks they can be merged, stacks the task vectors, fits the
+mixture weights on the dev sets by gradient descent through the merged model, and writes the run
+directory: mixture.json, trace.csv, recipe.yaml and loss_curve.png. Every input is validated
+before anything is written, so a mistake leaves no half-made run behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import mergeopt
+from mergeopt import toy
+from mergeopt.checkpoints import open_all
+from mergeopt.config import Recipe, load_recipe, recipe_from_dict, recipe_to_yaml
+from mergeopt.data import DevSet, load_dev_set
+from mergeopt.errors import UserError, run_cli
+from mergeopt.files import write_csv_atomic, write_json_atomic, write_text_atomic
+from mergeopt.objectives import evaluate_sums, target_loss
+from mergeopt.report import plot_loss_curve, summary
+from mergeopt.search import fit_gradient
+from mergeopt.stack import DTYPES, TaskVectorStack, build_stack
+from mergeopt.weights import as_mapping, initial_logits
+
+OUTPUT_FILES = ("mixture.json", "trace.csv", "recipe.yaml", "loss_curve.png")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} requested but CUDA is not available here (use device=auto or cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"device {name!r} requested but only {torch.cuda.device_count()} GPU(s) are visible")
+    return device
+
+
+def resolve_tiny_world(recipe: Recipe, log: Callable[[str], None] = print) -> tuple[Recipe, Path | None]:
+    """Replace ``tiny://`` paths by the cached tiny world, building it on first use."""
+    paths = [recipe.model.base, *recipe.model.experts.values(), *(d.path for d in recipe.data.dev)]
+    if not toy.uses_tiny_world(paths):
+        return recipe, None
+    root = toy.ensure_world(recipe.tiny_world.cache_dir, recipe.tiny_world.seed, log)
+    tree = recipe.model_dump()
+    tree["model"]["base"] = toy.resolve(tree["model"]["base"], root)
+    tree["model"]["experts"] = {k: toy.resolve(v, root) for k, v in tree["model"]["experts"].items()}
+    for dev in tree["data"]["dev"]:
+        dev["path"] = toy.resolve(dev["path"], root)
+    return recipe_from_dict(tree), root
+
+
+@dataclass
+class Problem:
+    """Everything a search strategy needs, loaded and checked."""
+
+    model: torch.nn.Module
+    stack: TaskVectorStack
+    sets: list[DevSet]
+    set_weights: torch.Tensor  # a_s: the target's weight of each dev set (0 when not targeted)
+    pad_id: int
+    device: torch.device
+
+
+def _load_tokenizer(path: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot load a tokenizer from the base {path}: {first}") from None
+
+
+def load_problem(recipe: Recipe, progress: bool = True) -> Problem:
+    """Check checkpoints and dev sets first (cheap), then load θ0 and stack the experts."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    device = resolve_device(recipe.device)
+    _, experts = open_all(recipe.model.base, recipe.model.experts)
+    tokenizer = _load_tokenizer(recipe.model.base, recipe.model.trust_remote_code)
+    data = recipe.data
+    sets = [
+        load_dev_set(
+            d.name,
+            d.path,
+            d.weight,
+            tokenizer,
+            data.max_length,
+            data.heldout_fraction,
+            recipe.seed,
+            data.max_examples,
+        )
+        for d in data.dev
+    ]
+    set_weights = torch.tensor(
+        [d.weight if data.target in ("all", d.name) else 0.0 for d in data.dev], dtype=torch.float32
+    )
+    pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
+
+    model = AutoModelForCausalLM.from_pretrained(
+        recipe.model.base,
+        dtype=torch.float32,
+        trust_remote_code=recipe.model.trust_remote_code,
+        use_safetensors=True,
+        **({"device_map": {"": device}} if device.type == "cuda" else {}),
+    ).to(device)
+    model.eval()
+    stack = build_stack(model, experts, recipe.model.exclude, DTYPES[recipe.model.stack_dtype], progress)
+    for ckpt in experts.values():
+        ckpt.close()
+    return Problem(model, stack, sets, set_weights, pad_id, device)
+
+
+def _losses(problem: Problem, weights: torch.Tensor, batch_size: int) -> dict:
+    """Target and per-set losses over the whole dev sets and over their held-out parts."""
+    args = (problem.model, problem.stack, weights, problem.sets)
+    fit_s, fit_c = evaluate_sums(*args, "fit", batch_size, problem.pad_id, problem.device)
+    held_s, held_c = evaluate_sums(*args, "heldout", batch_size, problem.pad_id, problem.device)
+    all_means = (fit_s + held_s) / (fit_c + held_c).clamp_min(1)
+    ones = torch.ones_like(all_means)
+    out = {
+        "dev": float(target_loss(all_means, ones, problem.set_weights)),
+        "per_set": {s.name: float(v) for s, v in zip(problem.sets, all_means)},
+        "heldout": None,
+    }
+    if all(c > 0 for c, a in zip(held_c.tolist(), problem.set_weights.tolist()) if a > 0):
+        out["heldout"] = float(target_loss(held_s / held_c.clamp_min(1), ones, problem.set_weights))
+    return out
+
+
+def fit(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = print) -> dict:
+    """Run the whole fit and write the run directory; returns the content of mixture.json."""
+    started = time.perf_counter()
+    torch.manual_seed(recipe.seed)
+    resolved, world = resolve_tiny_world(recipe, log)
+    problem = load_problem(resolved, progress)
+    names = problem.stack.expert_names
+    stack = problem.stack
+    log(
+        f"stacked {len(stack.deltas)} tensors ({stack.num_stacked_parameters():,} parameters x {len(names)} experts, "
+        f"{stack.nbytes() / 2**20:,.1f} MiB) on {problem.device}; "
+        f"{len(stack.excluded)} excluded, {len(stack.unchanged)} unchanged"
+    )
+    z0 = initial_logits(names, resolved.weights.init, resolved.weights.temperature)
+    result = fit_gradient(
+        problem.model,
+        stack,
+        problem.sets,
+        problem.set_weights,
+        resolved.optim,
+        resolved.weights.temperature,
+        z0,
+        resolved.seed,
+        problem.pad_id,
+        problem.device,
+        progress=progress,
+    )
+
+    batch = resolved.optim.eval_batch_size
+    fitted = _losses(problem, result.weights, batch)
+    uniform = _losses(problem, torch.full((len(names),), 1.0 / len(names)), batch)
+    singles = {n: _losses(problem, torch.eye(len(names))[i], batch) for i, n in enumerate(names)}
+    weights = as_mapping(names, result.weights.double() / result.weights.double().sum())
+    mixture = {
+        "status": "complete",
+        "weights": weights,
+        "target": resolved.data.target,
+        "dev_loss": fitted["dev"],
+        "heldout_loss": fitted["heldout"],
+        "uniform_dev_loss": uniform["dev"],
+        "uniform_heldout_loss": uniform["heldout"],
+        "expert_dev_loss": {n: singles[n]["dev"] for n in names},
+        "expert_heldout_loss": {n: singles[n]["heldout"] for n in names},
+        "per_set_dev_loss": {
+            "fitted": fitted["per_set"],
+            "uniform": uniform["per_set"],
+            **{f"{n} only": singles[n]["per_set"] for n in names},
+        },
+        "steps": result.steps_run,
+        "best_step": result.best_step,
+        "stopped_early": result.stopped_early,
+        "strategy": "gradient",
+        "method": "linear",
+        "temperature": resolved.weights.temperature,
+        "logits": as_mapping(names, result.logits),
+        "seed": resolved.seed,
+        "device": str(problem.device),
+        "stack": {
+            "tensors": len(stack.deltas),
+            "parameters": stack.num_stacked_parameters(),
+            "bytes": stack.nbytes(),
+            "excluded": len(stack.excluded),
+            "unchanged": len(stack.unchanged),
+        },
+        "tiny_world": str(world) if world else None,
+        "mergeopt_version": mergeopt.__version__,
+        "wall_seconds": round(time.perf_counter() - started, 2),
+    }
+    if not all(math.isfinite(v) for v in weights.values()):
+        raise RuntimeError(f"fit produced non-finite weights {weights}")
+    write_outputs(recipe, mixture, result.trace, names)
+    return mixture
+
+
+def write_outputs(recipe: Recipe, mixture: dict, trace: Sequence[dict], names: Sequence[str]) -> Path:
+    """Write the run directory; mixture.json goes last, so its presence means the run finished."""
+    out = Path(recipe.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "recipe.yaml", recipe_to_yaml(recipe))
+    columns = ["step", "loss", "heldout_loss", *(f"w_{n}" for n in names)]
+    write_csv_atomic(out / "trace.csv", trace, columns)
+    plot_loss_curve(trace, names, out / "loss_curve.png", title=f"mergeopt fit: {out.name}")
+    write_json_atomic(out / "mixture.json", mixture)
+    return out
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m mergeopt.fit",
+        description="Fit data-mixture weights by optimizing a merge of per-domain experts.",
+        epilog="Example: python -m mergeopt.fit recipes/tiny.yaml optim.lr=0.1 output_dir=/tmp/run",
+    )
+    parser.add_argument("recipe", help="recipe YAML (see recipes/)")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.steps=50"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or progress messages")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    args = parser.parse_args(argv)
+    recipe = load_recipe(args.recipe, args.overrides)
+    log = (lambda _msg: None) if args.quiet else print
+    mixture = fit(recipe, progress=not args.quiet, log=log)
+    print(summary(mixture, recipe.output_dir, OUTPUT_FILES))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

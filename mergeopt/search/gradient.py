@@ -1,0 +1,110 @@
+"""Gradient strategy: Adam on the mixture logits z through the merged model's dev loss.
+
+Row t of the trace holds w_t, the training loss at w_t and, on evaluation steps, the held-out loss
+at w_t; the update to w_{t+1} comes after. Early stopping keeps the w with the best held-out loss
+and stops after ``patience`` evaluations without a gain of at least ``min_delta``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from mergeopt.config import OptimSection
+from mergeopt.data import DevSet, training_batches
+from mergeopt.methods import MergeFn, merge_linear
+from mergeopt.objectives import dev_loss, evaluate, target_loss
+from mergeopt.stack import TaskVectorStack
+from mergeopt.weights import weights_from_logits
+
+
+@dataclass
+class GradientResult:
+    weights: torch.Tensor  # the chosen w (best held-out, or last when nothing is held out)
+    logits: torch.Tensor
+    best_step: int
+    steps_run: int
+    stopped_early: bool
+    best_heldout_loss: float | None
+    trace: list[dict] = field(default_factory=list)
+
+
+def _short(w: torch.Tensor) -> str:
+    return "/".join(f"{v:.2f}" for v in w.tolist())
+
+
+def fit_gradient(
+    model: torch.nn.Module,
+    stack: TaskVectorStack,
+    sets: Sequence[DevSet],
+    set_weights: torch.Tensor,
+    optim: OptimSection,
+    temperature: float,
+    init_logits: torch.Tensor,
+    seed: int,
+    pad_id: int,
+    device: torch.device,
+    method: MergeFn = merge_linear,
+    progress: bool = True,
+) -> GradientResult:
+    names = stack.expert_names
+    targeted = [i for i, a in enumerate(set_weights.tolist()) if a > 0]
+    has_heldout = all(len(sets[i].heldout) > 0 for i in targeted)
+    z = init_logits.detach().to(device=device, dtype=torch.float64).clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([z], lr=optim.lr)
+    batches = training_batches(sets, targeted, optim.batch_size, pad_id, seed)
+
+    best_loss, best_z, best_step = math.inf, z.detach().clone(), 0
+    stale_evals, stopped_early, trace = 0, False, []
+    bar = tqdm(total=optim.steps, desc="fitting mixture", unit="step", disable=not progress)
+    for t in range(optim.steps + 1):
+        w = weights_from_logits(z.detach(), temperature)
+        row: dict = {"step": t, "loss": math.nan, "heldout_loss": math.nan}
+        row.update({f"w_{n}": v for n, v in zip(names, w.tolist())})
+        if has_heldout and (t % optim.eval_every == 0 or t == optim.steps):
+            per_set = evaluate(
+                model, stack, w, sets, "heldout", optim.eval_batch_size, pad_id, device, method
+            )
+            heldout = float(target_loss(per_set, torch.ones_like(per_set), set_weights.cpu()))
+            row["heldout_loss"] = heldout
+            if heldout < best_loss - optim.min_delta:
+                best_loss, best_z, best_step, stale_evals = heldout, z.detach().clone(), t, 0
+            else:
+                stale_evals += 1
+                if stale_evals >= optim.patience:
+                    stopped_early = True
+        if t == optim.steps or stopped_early:
+            trace.append(row)
+            break
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for _ in range(optim.grad_accum):
+            batch = next(batches).to(device)
+            loss = dev_loss(model, stack, z, temperature, batch, set_weights, method) / optim.grad_accum
+            loss.backward()
+            step_loss += float(loss.detach())
+        optimizer.step()
+        row["loss"] = step_loss
+        trace.append(row)
+        bar.update(1)
+        postfix = {"loss": f"{step_loss:.4f}", "w": _short(w)}
+        if has_heldout and best_loss < math.inf:
+            postfix["best_heldout"] = f"{best_loss:.4f}"
+        bar.set_postfix(postfix, refresh=False)
+    bar.close()
+
+    if not has_heldout:
+        best_z, best_step, best_loss = z.detach().clone(), trace[-1]["step"], None
+    return GradientResult(
+        weights=weights_from_logits(best_z, temperature).cpu(),
+        logits=best_z.cpu(),
+        best_step=best_step,
+        steps_run=trace[-1]["step"],
+        stopped_early=stopped_early,
+        best_heldout_loss=best_loss,
+        trace=trace,
+    )

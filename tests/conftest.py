@@ -1,0 +1,107 @@
+"""Shared fixtures: small random checkpoints (seconds) and the real tiny world (built once per session)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.utils import logging as hf_logging
+
+from mergeopt import toy
+
+hf_logging.disable_progress_bar()
+hf_logging.set_verbosity_error()
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+EXPERTS = ("alpha", "beta", "gamma")
+
+
+def tiny_config(**overrides) -> LlamaConfig:
+    cfg = dict(
+        vocab_size=len(toy.SPECIAL) + len(toy.CHARS),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    cfg.update(overrides)
+    return LlamaConfig(**cfg)
+
+
+def save_checkpoint(model: torch.nn.Module, path: Path, **kwargs) -> Path:
+    model.save_pretrained(path, **kwargs)
+    toy.build_tokenizer().save_pretrained(path)
+    return path
+
+
+def perturbed(model: LlamaForCausalLM, seed: int, scale: float = 0.02) -> LlamaForCausalLM:
+    """A copy of ``model`` with seeded noise on every parameter: an 'expert' without training."""
+    expert = LlamaForCausalLM(model.config)
+    expert.load_state_dict(model.state_dict())
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in expert.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+    return expert.eval()
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def random_world(tmp_path_factory) -> dict:
+    """A random tiny Llama base, three perturbed experts, and two small dev sets, on disk."""
+    root = tmp_path_factory.mktemp("random_world")
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(tiny_config()).eval()
+    save_checkpoint(base, root / "base")
+    experts = {}
+    for i, name in enumerate(EXPERTS):
+        experts[name] = str(save_checkpoint(perturbed(base, seed=100 + i), root / name))
+    samplers = toy.domain_samplers(0)
+    import random
+
+    rng = random.Random(0)
+    dev = {
+        "arith": write_jsonl(root / "arith.jsonl", [samplers["arith"](rng) for _ in range(20)]),
+        "markov": write_jsonl(root / "markov.jsonl", [samplers["markov"](rng) for _ in range(20)]),
+    }
+    return {
+        "root": root,
+        "base": str(root / "base"),
+        "experts": experts,
+        "dev": {k: str(v) for k, v in dev.items()},
+    }
+
+
+def recipe_tree(world: dict, output_dir: Path, **sections) -> dict:
+    tree = {
+        "seed": 0,
+        "output_dir": str(output_dir),
+        "device": "cpu",
+        "model": {"base": world["base"], "experts": dict(world["experts"])},
+        "data": {"dev": [{"name": k, "path": v} for k, v in world["dev"].items()], "max_length": 48},
+        "optim": {"steps": 6, "batch_size": 4, "eval_every": 2, "eval_batch_size": 16},
+    }
+    for key, value in sections.items():
+        tree[key] = value
+    return tree
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory) -> Path:
+    """The real tiny world (pretrained base, trained experts), built once into a private cache."""
+    cache = os.environ.get("MERGEOPT_TEST_CACHE") or str(tmp_path_factory.mktemp("cache"))
+    return toy.ensure_world(cache, seed=0, log=lambda _m: None)

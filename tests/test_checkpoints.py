@@ -1,0 +1,113 @@
+"""Checkpoint directories: sharded reads equal the state dict; incompatible experts are named precisely."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+from mergeopt.checkpoints import INDEX_FILE, check_compatible, open_all, open_checkpoint
+from mergeopt.errors import UserError
+from tests.conftest import save_checkpoint, tiny_config
+
+
+def test_sharded_checkpoint_reads_every_tensor_exactly(random_world, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(random_world["experts"]["alpha"], dtype=torch.float32)
+    save_checkpoint(model, tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / INDEX_FILE).is_file()
+    ckpt = open_checkpoint(tmp_path / "sharded")
+    assert len({m.file for m in ckpt.tensors.values()}) > 1
+    state = model.state_dict()
+    assert set(ckpt.tensors) == set(state)
+    for name, tensor in state.items():
+        assert torch.equal(ckpt.read(name), tensor)
+        assert ckpt.tensors[name].shape == tuple(tensor.shape)
+
+
+def test_sharded_and_single_file_experts_are_compatible(random_world, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(random_world["experts"]["beta"], dtype=torch.float32)
+    save_checkpoint(model, tmp_path / "sharded", max_shard_size="20KB")
+    _, experts = open_all(
+        random_world["base"], {"a": random_world["experts"]["alpha"], "b": tmp_path / "sharded"}
+    )
+    assert set(experts) == {"a", "b"}
+
+
+def test_shape_mismatch_names_tensor_and_both_directories(random_world, tmp_path):
+    torch.manual_seed(0)
+    wider = save_checkpoint(LlamaForCausalLM(tiny_config(intermediate_size=96)), tmp_path / "wider")
+    with pytest.raises(UserError) as err:
+        open_all(random_world["base"], {"alpha": random_world["experts"]["alpha"], "wide": str(wider)})
+    msg = str(err.value)
+    assert "tensor model.layers.0.mlp.down_proj.weight has shape [32, 64] vs [32, 96]" in msg
+    assert random_world["base"] in msg and str(wider) in msg and "'wide'" in msg
+    assert "\n" not in msg
+
+
+def test_missing_tensor_and_vocabulary_and_architecture(random_world, tmp_path):
+    base = open_checkpoint(random_world["base"])
+    torch.manual_seed(0)
+    fewer = open_checkpoint(
+        save_checkpoint(LlamaForCausalLM(tiny_config(num_hidden_layers=1)), tmp_path / "fewer")
+    )
+    with pytest.raises(UserError, match=r"tensor model\.layers\.1\..* is missing from the expert"):
+        check_compatible(base, fewer, "fewer")
+    vocab = open_checkpoint(save_checkpoint(LlamaForCausalLM(tiny_config(vocab_size=80)), tmp_path / "vocab"))
+    with pytest.raises(UserError, match="vocabulary size differs: 54 vs 80"):
+        check_compatible(base, vocab, "vocab")
+    arch_dir = shutil.copytree(random_world["experts"]["alpha"], tmp_path / "arch")
+    config = json.loads((arch_dir / "config.json").read_text())
+    config["architectures"] = ["MistralForCausalLM"]
+    (arch_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="architecture differs: LlamaForCausalLM vs MistralForCausalLM"):
+        check_compatible(base, open_checkpoint(arch_dir), "arch")
+
+
+def test_different_tokenizer_vocabulary_is_refused(random_world, tmp_path):
+    other = shutil.copytree(random_world["experts"]["alpha"], tmp_path / "tok")
+    data = json.loads((other / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    vocab["Z"] = vocab.pop("z")
+    (other / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(UserError, match="tokenizer vocabulary differs"):
+        check_compatible(open_checkpoint(random_world["base"]), open_checkpoint(other), "tok")
+
+
+def test_missing_shard_is_named(random_world, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(random_world["experts"]["alpha"], dtype=torch.float32)
+    path = save_checkpoint(model, tmp_path / "sharded", max_shard_size="20KB")
+    shard = sorted(path.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(UserError, match=f"names shard {shard.name}, which is missing"):
+        open_checkpoint(path)
+
+
+def test_pickle_only_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "pickled"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    torch.save({"w": torch.zeros(1)}, path / "pytorch_model.bin")
+    with pytest.raises(UserError, match="only pickle weights .*pytorch_model.bin"):
+        open_checkpoint(path)
+
+
+@pytest.mark.parametrize("what", ["no_dir", "no_config", "no_weights", "bad_safetensors"])
+def test_unreadable_checkpoints(tmp_path, what):
+    path = tmp_path / "ckpt"
+    if what != "no_dir":
+        path.mkdir()
+    if what in ("no_weights", "bad_safetensors"):
+        (path / "config.json").write_text("{}")
+    if what == "bad_safetensors":
+        (path / "model.safetensors").write_bytes(b"not a safetensors file")
+    expected = {
+        "no_dir": "does not exist",
+        "no_config": "no config.json",
+        "no_weights": "has no model.safetensors",
+        "bad_safetensors": "not a readable safetensors file",
+    }[what]
+    with pytest.raises(UserError, match=expected):
+        open_checkpoint(path)

@@ -1,0 +1,148 @@
+"""Recipe schema: every shipped recipe validates; mistakes name the key and the file; overrides are typed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydantic
+import pytest
+import yaml
+
+from mergeopt.config import Recipe, load_recipe, parse_overrides, recipe_to_yaml
+from mergeopt.errors import UserError
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+
+MINIMAL = """
+model:
+  base: /ckpt/base
+  experts: {math: /ckpt/math, code: /ckpt/code}
+data:
+  dev:
+    - {name: math, path: /dev/math.jsonl}
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_shipped_recipe_validates(path):
+    recipe = load_recipe(path)
+    assert len(recipe.model.experts) >= 2
+    assert load_recipe(path) == recipe
+
+
+def test_shipped_recipes_include_tiny_and_8b():
+    assert {"tiny.yaml", "8b.yaml"} <= {p.name for p in RECIPES}
+
+
+def test_defaults_live_in_the_schema(tmp_path):
+    recipe = load_recipe(write(tmp_path, MINIMAL))
+    assert recipe.optim.lr == Recipe.model_fields["optim"].default.lr
+    assert recipe.weights.temperature == 1.0 and recipe.weights.init is None
+    assert recipe.data.target == "all" and recipe.model.stack_dtype == "float32"
+    assert recipe.model.trust_remote_code is False
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    path = write(tmp_path, MINIMAL + "optim:\n  lrr: 0.1\n")
+    with pytest.raises(UserError, match=r"r\.yaml: optim\.lrr: unknown key"):
+        load_recipe(path)
+
+
+def test_wrong_type_names_key(tmp_path):
+    path = write(tmp_path, MINIMAL + "optim:\n  steps: many\n")
+    with pytest.raises(UserError, match=r"r\.yaml: optim\.steps: .*integer"):
+        load_recipe(path)
+
+
+def test_missing_required_key(tmp_path):
+    path = write(tmp_path, "data:\n  dev: [{name: a, path: a.jsonl}]\n")
+    with pytest.raises(UserError, match=r"model: required key is missing"):
+        load_recipe(path)
+
+
+def test_duplicate_yaml_key_is_an_error(tmp_path):
+    path = write(tmp_path, MINIMAL.replace("{math: /ckpt/math, code: /ckpt/code}", "{math: /a, math: /b}"))
+    with pytest.raises(UserError, match="duplicate key 'math'"):
+        load_recipe(path)
+
+
+def test_one_expert_is_refused(tmp_path):
+    path = write(tmp_path, MINIMAL.replace(", code: /ckpt/code", ""))
+    with pytest.raises(UserError, match=r"model\.experts: .*at least 2 experts"):
+        load_recipe(path)
+
+
+def test_overrides_are_typed_and_applied(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    recipe = load_recipe(
+        path,
+        [
+            "optim.lr=0.25",
+            "output_dir=/tmp/run",
+            "optim.steps=7",
+            "model.exclude=[norm, 'embed_tokens']",
+            "weights.init={math: 0.3, code: 0.7}",
+        ],
+    )
+    assert recipe.optim.lr == 0.25 and isinstance(recipe.optim.lr, float)
+    assert recipe.optim.steps == 7
+    assert recipe.output_dir == "/tmp/run"
+    assert recipe.model.exclude == ("norm", "embed_tokens")
+    assert recipe.weights.init == {"math": 0.3, "code": 0.7}
+
+
+def test_unknown_override_says_it_came_from_the_command_line(tmp_path):
+    with pytest.raises(UserError, match=r"optim\.lrr: unknown key \(set on the command line\)"):
+        load_recipe(write(tmp_path, MINIMAL), ["optim.lrr=0.1"])
+
+
+@pytest.mark.parametrize("bad", ["optim.lr", "=3", "a..b=1"])
+def test_malformed_override(bad):
+    with pytest.raises(UserError, match="override"):
+        parse_overrides([bad])
+
+
+def test_init_off_the_simplex_is_refused(tmp_path):
+    with pytest.raises(UserError, match=r"r\.yaml: weights\.init .*sum to 1"):
+        load_recipe(write(tmp_path, MINIMAL), ["weights.init={math: 0.5, code: 0.6}"])
+    with pytest.raises(UserError, match=r"weights\.init names .*experts are"):
+        load_recipe(write(tmp_path, MINIMAL), ["weights.init={math: 0.5, chat: 0.5}"])
+
+
+def test_target_must_name_a_dev_set(tmp_path):
+    with pytest.raises(UserError, match="target 'chat'"):
+        load_recipe(write(tmp_path, MINIMAL), ["data.target=chat"])
+
+
+def test_bad_exclude_regex(tmp_path):
+    with pytest.raises(UserError, match="not a valid regex"):
+        load_recipe(write(tmp_path, MINIMAL), ["model.exclude=['(']"])
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_invalid_yaml_names_line(tmp_path):
+    with pytest.raises(UserError, match=r"r\.yaml:\d+: not valid YAML"):
+        load_recipe(write(tmp_path, MINIMAL + "optim: [unclosed\n"))
+
+
+def test_resolved_recipe_round_trips(tmp_path):
+    recipe = load_recipe(write(tmp_path, MINIMAL), ["optim.lr=0.3"])
+    again = load_recipe(write(tmp_path, recipe_to_yaml(recipe), "resolved.yaml"))
+    assert again == recipe
+    assert yaml.safe_load(recipe_to_yaml(recipe))["optim"]["lr"] == 0.3
+
+
+def test_recipe_is_frozen(tmp_path):
+    recipe = load_recipe(write(tmp_path, MINIMAL))
+    with pytest.raises(pydantic.ValidationError):
+        recipe.optim.lr = 1.0

@@ -1,0 +1,140 @@
+"""Dev sets: which tokens are scored, exact error locations, a seeded split, batching."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from mergeopt import toy
+from mergeopt.data import collate, evaluation_batches, load_dev_set, read_jsonl, tokenize, training_batches
+from mergeopt.errors import UserError
+from mergeopt.objectives import target_loss
+from tests.conftest import write_jsonl
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return toy.build_tokenizer()
+
+
+def test_text_records_score_every_token_after_the_first(tokenizer):
+    ex = tokenize({"text": "hello"}, tokenizer, 64)
+    assert ex.input_ids.tolist() == tokenizer("hello")["input_ids"]
+    assert ex.scored.tolist() == [False] + [True] * 5  # BOS + 5 characters
+
+
+def test_prompt_completion_scores_only_the_completion(tokenizer):
+    ex = tokenize({"prompt": "3+4=", "completion": "7."}, tokenizer, 64)
+    prompt_len = len(tokenizer("3+4=")["input_ids"])
+    assert ex.input_ids.numel() == prompt_len + 2
+    assert ex.scored.tolist() == [False] * prompt_len + [True, True]
+    assert tokenizer.decode(ex.input_ids[ex.scored]) == "7."
+
+
+def test_truncation_can_drop_an_example(tokenizer):
+    assert tokenize({"prompt": "a" * 10, "completion": "b"}, tokenizer, 5) is None
+    assert tokenize({"prompt": "a", "completion": "bcdef"}, tokenizer, 4).scored.sum() == 2
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"text": "ok"', "not valid JSON"),
+        ('["a list"]', "a record must be a JSON object"),
+        ('{"prompt": "only a prompt"}', "a record needs 'text', or 'prompt' and 'completion'"),
+        ('{"text": 3}', "'text' must be a string"),
+        ('{"prompt": "p", "completion": ""}', "'completion' is empty"),
+    ],
+)
+def test_malformed_line_names_file_and_line(tmp_path, line, message):
+    path = tmp_path / "dev.jsonl"
+    path.write_text('{"text": "fine"}\n\n{"text": "fine"}\n' + line + "\n")
+    with pytest.raises(UserError, match=rf"dev\.jsonl:4: {re.escape(message)}"):
+        read_jsonl(path)
+
+
+def test_empty_and_missing_dev_sets(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(UserError, match="empty.jsonl is empty"):
+        read_jsonl(tmp_path / "empty.jsonl")
+    with pytest.raises(UserError, match="does not exist"):
+        read_jsonl(tmp_path / "missing.jsonl")
+
+
+def test_heldout_split_is_seeded_disjoint_and_sized(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": f"abc{i}"} for i in range(10)])
+    a = load_dev_set("d", path, 1.0, tokenizer, 32, 0.3, seed=5)
+    b = load_dev_set("d", path, 1.0, tokenizer, 32, 0.3, seed=5)
+    c = load_dev_set("d", path, 1.0, tokenizer, 32, 0.3, seed=6)
+    key = lambda exs: [tuple(e.input_ids.tolist()) for e in exs]  # noqa: E731
+    assert key(a.heldout) == key(b.heldout) and len(a.heldout) == 3 and len(a.fit) == 7
+    assert not set(key(a.heldout)) & set(key(a.fit))
+    assert key(a.heldout) != key(c.heldout)
+
+
+def test_too_small_to_hold_out(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "one.jsonl", [{"text": "abc"}])
+    with pytest.raises(UserError, match="too few to hold out"):
+        load_dev_set("one", path, 1.0, tokenizer, 32, 0.2, seed=0)
+
+
+def test_collate_pads_right_and_masks(tokenizer):
+    short = tokenize({"text": "ab"}, tokenizer, 32)
+    long = tokenize({"prompt": "abc", "completion": "de"}, tokenizer, 32)
+    batch = collate([(0, short), (1, long)], pad_id=0)
+    assert batch.input_ids.shape == (2, 6)
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 0, 0, 0], [1] * 6]
+    assert batch.scored.sum().item() == 2 + 2
+    assert batch.set_index.tolist() == [0, 1]
+
+
+def test_training_batches_draw_batch_size_per_set_and_cover_each_epoch(tmp_path, tokenizer):
+    sets = [
+        load_dev_set(
+            n,
+            write_jsonl(tmp_path / f"{n}.jsonl", [{"text": f"{n}{i}"} for i in range(6)]),
+            1.0,
+            tokenizer,
+            16,
+            0.0,
+            seed=0,
+        )
+        for n in ("ab", "cd")
+    ]
+    stream = training_batches(sets, [0, 1], batch_size=3, pad_id=0, seed=1)
+    seen = {0: [], 1: []}
+    for _ in range(2):  # two batches = one epoch of each 6-example set
+        batch = next(stream)
+        assert batch.set_index.tolist() == [0, 0, 0, 1, 1, 1]
+        for row, s in zip(batch.input_ids, batch.set_index.tolist()):
+            seen[s].append(tuple(row.tolist()))
+    assert all(len(set(v)) == 6 for v in seen.values())
+    first, second = (training_batches(sets, [0, 1], batch_size=3, pad_id=0, seed=1) for _ in range(2))
+    for _ in range(3):
+        assert torch.equal(next(first).input_ids, next(second).input_ids)
+
+
+def test_evaluation_batches_visit_every_example_once(tmp_path, tokenizer):
+    sets = [
+        load_dev_set(
+            "x",
+            write_jsonl(tmp_path / "x.jsonl", [{"text": "a" * (i + 1)} for i in range(9)]),
+            1.0,
+            tokenizer,
+            32,
+            1 / 3,
+            seed=0,
+        )
+    ]
+    rows = sum(b.input_ids.shape[0] for b in evaluation_batches(sets, "all", 4, 0))
+    held = sum(b.input_ids.shape[0] for b in evaluation_batches(sets, "heldout", 4, 0))
+    assert rows == 9 and held == 3
+
+
+def test_target_loss_is_the_weighted_mean_of_set_means():
+    sums = torch.tensor([6.0, 10.0, 3.0])
+    counts = torch.tensor([3.0, 2.0, 0.0])  # set 3 absent from this batch
+    weights = torch.tensor([1.0, 3.0, 5.0])
+    assert target_loss(sums, counts, weights).item() == pytest.approx((1 * 2.0 + 3 * 5.0) / 4)

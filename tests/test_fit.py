@@ -1,0 +1,164 @@
+"""fit end to end: the CLI on the real tiny world, its outputs, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mergeopt.config import load_recipe, recipe_from_dict
+from mergeopt.fit import fit
+from tests.conftest import recipe_tree, save_checkpoint, tiny_config
+
+REPO = Path(__file__).parent.parent
+TINY = REPO / "recipes" / "tiny.yaml"
+
+
+def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "mergeopt.fit", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny_run") / "run"
+    result = run_cli(str(TINY), f"output_dir={out}", f"tiny_world.cache_dir={tiny_world.parent}", "--quiet")
+    assert result.returncode == 0, result.stderr
+    return out, result
+
+
+def test_cli_writes_every_output(tiny_run):
+    out, result = tiny_run
+    assert {p.name for p in out.iterdir()} == {"mixture.json", "trace.csv", "recipe.yaml", "loss_curve.png"}
+    mixture = json.loads((out / "mixture.json").read_text())
+    assert mixture["status"] == "complete"
+    assert set(mixture["weights"]) == {"arith", "reverse", "brackets", "markov"}
+    assert abs(sum(mixture["weights"].values()) - 1) <= 1e-6
+    assert all(w >= 0 for w in mixture["weights"].values())
+    rows = list(csv.DictReader((out / "trace.csv").open()))
+    assert list(rows[0]) == ["step", "loss", "heldout_loss", "w_arith", "w_reverse", "w_brackets", "w_markov"]
+    assert int(rows[-1]["step"]) == mixture["steps"]
+    for row in rows:
+        assert abs(sum(float(row[f"w_{n}"]) for n in mixture["weights"]) - 1) < 1e-6
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the saved recipe is the resolved one: it reloads to the recipe the run used
+    saved = load_recipe(out / "recipe.yaml")
+    assert saved.output_dir == str(out) and saved.optim == load_recipe(TINY).optim
+    assert "Recommended mixture" in result.stdout and "uniform mixture" in result.stdout
+
+
+def test_fitted_mixture_beats_uniform_and_every_single_expert(tiny_run):
+    mixture = json.loads((tiny_run[0] / "mixture.json").read_text())
+    assert mixture["dev_loss"] < mixture["uniform_dev_loss"]
+    for name, loss in mixture["expert_dev_loss"].items():
+        assert mixture["dev_loss"] < loss, name
+    assert mixture["heldout_loss"] < mixture["uniform_heldout_loss"]
+    # the per-set table is consistent with the target: the equal-weight mean of the four sets
+    per_set = mixture["per_set_dev_loss"]["fitted"]
+    assert mixture["dev_loss"] == pytest.approx(sum(per_set.values()) / 4, rel=1e-9)
+
+
+def test_trace_starts_uniform_and_the_reported_w_is_the_best_heldout_one(tiny_run):
+    out, _ = tiny_run
+    mixture = json.loads((out / "mixture.json").read_text())
+    rows = list(csv.DictReader((out / "trace.csv").open()))
+    assert all(float(rows[0][f"w_{n}"]) == pytest.approx(0.25) for n in mixture["weights"])
+    evaluated = [r for r in rows if r["heldout_loss"]]
+    best = min(evaluated, key=lambda r: float(r["heldout_loss"]))
+    assert int(best["step"]) == mixture["best_step"]
+    for name, w in mixture["weights"].items():
+        assert float(best[f"w_{name}"]) == pytest.approx(w, abs=1e-9)
+
+
+def test_same_recipe_and_seed_give_the_same_mixture(random_world, tmp_path):
+    results = [
+        fit(
+            recipe_from_dict(recipe_tree(random_world, tmp_path / f"r{i}")),
+            progress=False,
+            log=lambda _m: None,
+        )
+        for i in range(2)
+    ]
+    assert results[0]["weights"] == results[1]["weights"]
+    assert (tmp_path / "r0" / "trace.csv").read_text() == (tmp_path / "r1" / "trace.csv").read_text()
+
+
+def test_single_domain_target(random_world, tmp_path):
+    tree = recipe_tree(random_world, tmp_path / "one")
+    tree["data"]["target"] = "markov"
+    mixture = fit(recipe_from_dict(tree), progress=False, log=lambda _m: None)
+    assert mixture["target"] == "markov"
+    assert mixture["dev_loss"] == pytest.approx(mixture["per_set_dev_loss"]["fitted"]["markov"], rel=1e-9)
+
+
+# ----------------------------------------------------------------------------- user mistakes
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("mergeopt: error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def write_recipe(tmp_path: Path, tree: dict) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def test_unknown_recipe_key(random_world, tmp_path):
+    tree = recipe_tree(random_world, tmp_path / "out")
+    tree["optim"]["learning_rate"] = 0.1
+    result = run_cli(str(write_recipe(tmp_path, tree)))
+    assert_user_error(result, "recipe.yaml: optim.learning_rate: unknown key")
+    assert not (tmp_path / "out").exists()
+
+
+def test_mismatched_expert_shapes(random_world, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    wide = save_checkpoint(LlamaForCausalLM(tiny_config(hidden_size=48)), tmp_path / "wide")
+    tree = recipe_tree(random_world, tmp_path / "out")
+    tree["model"]["experts"]["wide"] = str(wide)
+    result = run_cli(str(write_recipe(tmp_path, tree)))
+    assert_user_error(result, "has shape", str(wide), random_world["base"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_malformed_jsonl_line(random_world, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": "fine"}\n{"text": broken}\n')
+    tree = recipe_tree(random_world, tmp_path / "out")
+    tree["data"]["dev"].append({"name": "bad", "path": str(bad)})
+    result = run_cli(str(write_recipe(tmp_path, tree)))
+    assert_user_error(result, f"{bad}:3: not valid JSON")
+    assert not (tmp_path / "out").exists()
+
+
+def test_debug_shows_the_traceback(random_world, tmp_path):
+    tree = recipe_tree(random_world, tmp_path / "out")
+    tree["optim"]["learning_rate"] = 0.1
+    result = run_cli(str(write_recipe(tmp_path, tree)), "--debug")
+    assert result.returncode == 2 and "Traceback" in result.stderr
+
+
+def test_bad_override_on_the_command_line(tmp_path):
+    result = run_cli(str(TINY), "optim.lr=fast")
+    assert_user_error(result, "optim.lr", "(set on the command line)")

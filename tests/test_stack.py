@@ -1,0 +1,151 @@
+"""The task-vector stack against the truth: one-hot w gives the expert, uniform w gives the average,
+excluded parameters stay at θ0, and the linear merge equals peft's task_arithmetic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft.utils.merge_utils import task_arithmetic
+from torch.func import functional_call
+from transformers import AutoModelForCausalLM
+
+from mergeopt.checkpoints import open_all
+from mergeopt.errors import UserError
+from mergeopt.methods import METHODS, get_method
+from mergeopt.methods.linear import merge_linear
+from mergeopt.stack import build_stack
+
+
+def load(path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def loaded(random_world):
+    base = load(random_world["base"])
+    _, experts = open_all(random_world["base"], random_world["experts"])
+    stack = build_stack(base, experts, progress=False)
+    return base, stack
+
+
+def batch_ids():
+    return torch.randint(4, 40, (3, 12), generator=torch.Generator().manual_seed(0))
+
+
+def test_one_hot_reproduces_each_expert_logits(random_world, loaded):
+    base, stack = loaded
+    ids = batch_ids()
+    for i, name in enumerate(stack.expert_names):
+        expert = load(random_world["experts"][name])
+        with torch.no_grad():
+            want = expert(input_ids=ids).logits
+            got = functional_call(base, stack.merged(torch.eye(len(stack.expert_names))[i]), (ids,)).logits
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_uniform_weights_equal_the_plain_average_of_expert_weights(random_world, loaded):
+    base, stack = loaded
+    k = len(stack.expert_names)
+    merged = stack.merged(torch.full((k,), 1.0 / k))
+    experts = [load(random_world["experts"][n]).state_dict() for n in stack.expert_names]
+    for name, tensor in merged.items():
+        average = sum(e[name] for e in experts) / k
+        torch.testing.assert_close(tensor, average, atol=1e-6, rtol=0)
+
+
+def test_zero_weights_give_the_base(loaded):
+    base, stack = loaded
+    for name, tensor in stack.merged(torch.zeros(len(stack.expert_names))).items():
+        assert torch.equal(tensor, dict(base.named_parameters())[name])
+
+
+def test_excluded_parameters_stay_at_theta0(random_world):
+    base = load(random_world["base"])
+    _, experts = open_all(random_world["base"], random_world["experts"])
+    stack = build_stack(base, experts, exclude=[r"embed_tokens", r"norm", r"^lm_head"], progress=False)
+    assert stack.excluded and not any(("norm" in n or "embed" in n or "lm_head" in n) for n in stack.deltas)
+    ids = batch_ids()
+    merged = stack.merged(torch.tensor([0.2, 0.5, 0.3]))
+    params = dict(base.named_parameters())
+    with torch.no_grad():
+        # the forward pass sees θ0 for every excluded tensor: replacing the merged set changes nothing
+        out = functional_call(base, merged, (ids,)).logits
+        out_again = functional_call(
+            base, {**merged, **{n: params[n].clone() for n in stack.excluded}}, (ids,)
+        ).logits
+    torch.testing.assert_close(out, out_again, atol=0, rtol=0)
+    assert len(stack.excluded) + len(stack.deltas) + len(stack.unchanged) == len(params)
+
+
+def test_parameters_equal_in_all_experts_are_not_stacked(random_world, tmp_path):
+    from tests.conftest import save_checkpoint
+
+    base = load(random_world["base"])
+    experts = {}
+    for name in ("a", "b"):
+        expert = load(random_world["experts"]["alpha" if name == "a" else "beta"])
+        with torch.no_grad():
+            expert.model.norm.weight.copy_(base.model.norm.weight)  # untouched by both experts
+        experts[name] = str(save_checkpoint(expert, tmp_path / name))
+    _, opened = open_all(random_world["base"], experts)
+    stack = build_stack(base, opened, progress=False)
+    assert stack.unchanged == ["model.norm.weight"]
+    assert "model.norm.weight" not in stack.deltas
+
+
+def test_stack_keeps_only_z_differentiable(loaded):
+    base, stack = loaded
+    assert not any(p.requires_grad for p in base.parameters())
+    assert not any(t.requires_grad for t in stack.deltas.values())
+
+
+def test_linear_merge_matches_peft_task_arithmetic():
+    gen = torch.Generator().manual_seed(1)
+    base = torch.randn(7, 5, generator=gen)
+    deltas = torch.randn(4, 7, 5, generator=gen)
+    w = torch.softmax(torch.randn(4, generator=gen), 0)
+    want = base + task_arithmetic(list(deltas), w)
+    torch.testing.assert_close(merge_linear(base, deltas, w), want, atol=1e-6, rtol=0)
+
+
+def test_bfloat16_stack_is_merged_in_float32():
+    gen = torch.Generator().manual_seed(2)
+    base = torch.randn(64, generator=gen)
+    deltas = torch.randn(3, 64, generator=gen).to(torch.bfloat16)
+    w = torch.tensor([0.2, 0.3, 0.5])
+    want = base + (w[:, None] * deltas.float()).sum(0)
+    got = merge_linear(base, deltas, w)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+def test_method_registry():
+    assert get_method("linear") is merge_linear and "linear" in METHODS
+    with pytest.raises(UserError, match="unknown merge method 'slerpy'"):
+        get_method("slerpy")
+
+
+def test_wrong_number_of_weights(loaded):
+    _, stack = loaded
+    with pytest.raises(ValueError, match="expected 3 weights"):
+        stack.merged(torch.ones(2) / 2)
+
+
+def test_in_memory_state_dicts_give_the_same_stack(random_world, loaded):
+    base, stack = loaded
+    dicts = {n: load(p).state_dict() for n, p in random_world["experts"].items()}
+    again = build_stack(load(random_world["base"]), dicts, progress=False)
+    assert again.deltas.keys() == stack.deltas.keys()
+    for name in stack.deltas:
+        assert torch.equal(again.deltas[name], stack.deltas[name])
+
+
+def test_nan_in_an_expert_is_refused(random_world):
+    base = load(random_world["base"])
+    bad = load(random_world["experts"]["alpha"]).state_dict()
+    bad["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
+    good = load(random_world["experts"]["beta"]).state_dict()
+    with pytest.raises(
+        UserError, match=r"model\.layers\.0\.mlp\.up_proj\.weight of expert 'alpha' contains NaN"
+    ):
+        build_stack(base, {"alpha": bad, "beta": good}, progress=False)
