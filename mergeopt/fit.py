@@ -122,11 +122,17 @@ def load_problem(recipe: Recipe, progress: bool = True) -> Problem:
     return Problem(model, stack, sets, set_weights, pad_id, device)
 
 
-def _losses(problem: Problem, weights: torch.Tensor, batch_size: int) -> dict:
+def _losses(problem: Problem, weights: torch.Tensor, batch_size: int, buffers: dict) -> dict:
     """Target and per-set losses over the whole dev sets and over their held-out parts."""
     args = (problem.model, problem.stack, weights, problem.sets)
-    fit_s, fit_c = evaluate_sums(*args, "fit", batch_size, problem.pad_id, problem.device)
-    held_s, held_c = evaluate_sums(*args, "heldout", batch_size, problem.pad_id, problem.device)
+    kwargs = {
+        "batch_size": batch_size,
+        "pad_id": problem.pad_id,
+        "device": problem.device,
+        "buffers": buffers,
+    }
+    fit_s, fit_c = evaluate_sums(*args, "fit", **kwargs)
+    held_s, held_c = evaluate_sums(*args, "heldout", **kwargs)
     all_means = (fit_s + held_s) / (fit_c + held_c).clamp_min(1)
     ones = torch.ones_like(all_means)
     out = {
@@ -150,7 +156,7 @@ def fit(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = prin
     log(
         f"stacked {len(stack.deltas)} tensors ({stack.num_stacked_parameters():,} parameters x {len(names)} experts, "
         f"{stack.nbytes() / 2**20:,.1f} MiB) on {problem.device}; "
-        f"{len(stack.excluded)} excluded, {len(stack.unchanged)} unchanged"
+        f"{len(stack.excluded)} excluded, {len(stack.unchanged) + len(stack.shared)} equal in every expert"
     )
     z0 = initial_logits(names, resolved.weights.init, resolved.weights.temperature)
     result = fit_gradient(
@@ -167,10 +173,10 @@ def fit(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = prin
         progress=progress,
     )
 
-    batch = resolved.optim.eval_batch_size
-    fitted = _losses(problem, result.weights, batch)
-    uniform = _losses(problem, torch.full((len(names),), 1.0 / len(names)), batch)
-    singles = {n: _losses(problem, torch.eye(len(names))[i], batch) for i, n in enumerate(names)}
+    batch, buffers = resolved.optim.eval_batch_size, stack.allocate_buffers()
+    fitted = _losses(problem, result.weights, batch, buffers)
+    uniform = _losses(problem, torch.full((len(names),), 1.0 / len(names)), batch, buffers)
+    singles = {n: _losses(problem, torch.eye(len(names))[i], batch, buffers) for i, n in enumerate(names)}
     weights = as_mapping(names, result.weights.double() / result.weights.double().sum())
     mixture = {
         "status": "complete",
@@ -202,6 +208,7 @@ def fit(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = prin
             "bytes": stack.nbytes(),
             "excluded": len(stack.excluded),
             "unchanged": len(stack.unchanged),
+            "shared": len(stack.shared),
         },
         "tiny_world": str(world) if world else None,
         "mergeopt_version": mergeopt.__version__,

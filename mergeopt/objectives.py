@@ -18,6 +18,8 @@ from mergeopt.methods import MergeFn, merge_linear
 from mergeopt.stack import TaskVectorStack
 from mergeopt.weights import weights_from_logits
 
+IGNORE_INDEX = -100
+
 
 def per_set_loss_sums(
     model: torch.nn.Module, params: dict[str, torch.Tensor], batch: Batch, num_sets: int
@@ -30,15 +32,16 @@ def per_set_loss_sums(
         kwargs={"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False},
     )
     logits = out.logits[:, :-1]
-    mask = batch.scored[:, 1:]
-    targets = batch.input_ids[:, 1:][mask]
-    scored_logits = logits[mask]
-    scored_logits = scored_logits.to(torch.promote_types(scored_logits.dtype, torch.float32))
-    token_loss = F.cross_entropy(scored_logits, targets, reduction="none")
-    rows = batch.set_index.unsqueeze(1).expand_as(mask)[mask]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    scored = batch.scored[:, 1:]
+    # unscored targets -> ignore_index: no gather copies of the (B, L, V) logits or of their grad
+    targets = batch.input_ids[:, 1:].masked_fill(~scored, IGNORE_INDEX)
+    token_loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none", ignore_index=IGNORE_INDEX
+    ).view(targets.shape)
     zeros = token_loss.new_zeros(num_sets)
-    sums = zeros.index_add(0, rows, token_loss)
-    counts = zeros.index_add(0, rows, torch.ones_like(token_loss))
+    sums = zeros.index_add(0, batch.set_index, token_loss.sum(dim=1))
+    counts = zeros.index_add(0, batch.set_index, scored.sum(dim=1).to(token_loss.dtype))
     return sums, counts
 
 
@@ -58,9 +61,13 @@ def dev_loss(
     batch: Batch,
     set_weights: torch.Tensor,
     method: MergeFn = merge_linear,
+    buffers: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Target loss on one batch as a function of the mixture logits z (differentiable in z)."""
-    params = stack.merged(weights_from_logits(logits, temperature), method)
+    """Target loss on one batch as a function of the mixture logits z (differentiable in z).
+
+    ``buffers`` (from ``stack.allocate_buffers()``) makes the merge reuse memory across calls.
+    """
+    params = stack.merged(weights_from_logits(logits, temperature), method, out=buffers)
     sums, counts = per_set_loss_sums(model, params, batch, len(set_weights))
     return target_loss(sums, counts, set_weights)
 
@@ -76,9 +83,10 @@ def evaluate_sums(
     pad_id: int,
     device: torch.device,
     method: MergeFn = merge_linear,
+    buffers: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(token-loss sum, token count) of each dev set over ``part`` ('fit', 'heldout', 'all') at w."""
-    params = stack.merged(weights.to(device), method)
+    params = stack.merged(weights.to(device), method, out=buffers)
     sums = torch.zeros(len(sets), device=device, dtype=torch.float64)
     counts = torch.zeros(len(sets), device=device, dtype=torch.float64)
     for batch in evaluation_batches(sets, part, batch_size, pad_id):

@@ -1,9 +1,15 @@
-"""The task-vector stack: θ0 plus, per parameter, a (K, *shape) tensor of τ_i = θ_i − θ0.
+"""The expert stack: every expert's weights for each merged parameter, laid out for the linear merge.
 
-Holding the experts as one stacked tensor per parameter turns "merge at weights w" into a single
-contraction per parameter, which autograd differentiates to w at K·P cost. Only parameters that
-some expert changed are stacked; excluded parameters (regexes over names) and parameters that are
-equal in every expert stay at θ0 and are never touched by the merge.
+The proxy is θ(w) = θ0 + Σ_i w_i τ_i with τ_i = θ_i − θ0 and w on the simplex. Because Σ_i w_i = 1,
+this equals θ_1 + Σ_{i≥2} w_i (θ_i − θ_1): on the simplex θ0 drops out. So the stack holds, per
+merged parameter, an *anchor* θ_1 (in the compute dtype, float32) and a (K−1, *shape) tensor of
+differences θ_i − θ_1 (in the storage dtype; they are as small as task vectors, so bfloat16 keeps
+them well). Compared with storing θ0 and K task vectors this saves one full copy of the model, and
+the model's own parameter tensors, no longer needed for θ0, become the buffers the merge is written
+into. Merging is one ``addmv`` per parameter and its gradient to w one ``mv``.
+
+Parameters the recipe excludes (regexes over names) stay at θ0. Parameters equal in every expert
+are not stacked: the model keeps that common value (θ0 when no expert changed it).
 """
 
 from __future__ import annotations
@@ -30,26 +36,51 @@ DTYPES = {
 @dataclass
 class TaskVectorStack:
     expert_names: list[str]
-    base: dict[str, torch.Tensor]  # θ0 of the stacked parameters (views of the model's own tensors)
-    deltas: dict[str, torch.Tensor]  # name -> (K, *shape)
-    excluded: list[str] = field(default_factory=list)
-    unchanged: list[str] = field(default_factory=list)
+    anchor: dict[str, torch.Tensor]  # θ_1 per merged parameter, compute dtype
+    deltas: dict[str, torch.Tensor]  # (K−1, *shape): θ_i − θ_1 for i = 2..K, storage dtype
+    targets: dict[str, torch.Tensor]  # the model's own tensors of the merged parameters
+    excluded: list[str] = field(default_factory=list)  # kept at θ0 by the recipe
+    unchanged: list[str] = field(default_factory=list)  # equal in every expert and in θ0
+    shared: list[str] = field(default_factory=list)  # equal in every expert, different from θ0
 
     @property
     def num_experts(self) -> int:
         return len(self.expert_names)
 
     def num_stacked_parameters(self) -> int:
-        return sum(t[0].numel() for t in self.deltas.values())
+        return sum(t.numel() for t in self.anchor.values())
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.deltas.values())
+        tensors = [*self.anchor.values(), *self.deltas.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
-    def merged(self, weights: torch.Tensor, method: MergeFn = merge_linear) -> dict[str, torch.Tensor]:
-        """Merged tensors of the stacked parameters, to pass to torch.func.functional_call."""
+    def merged(
+        self,
+        weights: torch.Tensor,
+        method: MergeFn = merge_linear,
+        out: dict[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Merged tensors of the stacked parameters at mixture w, for torch.func.functional_call.
+
+        ``weights`` must lie on the simplex (the anchor form relies on Σ w = 1). With ``out`` (from
+        :meth:`allocate_buffers`) the merge is written into those tensors instead of new ones.
+        """
         if weights.shape != (self.num_experts,):
             raise ValueError(f"expected {self.num_experts} weights, got shape {tuple(weights.shape)}")
-        return {name: method(self.base[name], delta, weights) for name, delta in self.deltas.items()}
+        rest = weights[1:]  # w_1 is implied by the anchor: θ(w) = θ_1 + Σ_{i≥2} w_i (θ_i − θ_1)
+        if out is None:
+            return {name: method(self.anchor[name], delta, rest) for name, delta in self.deltas.items()}
+        return {
+            name: method(self.anchor[name], delta, rest, out=out[name]) for name, delta in self.deltas.items()
+        }
+
+    def allocate_buffers(self) -> dict[str, torch.Tensor]:
+        """Tensors to merge into: the model's own parameter storage, whose θ0 the stack does not need.
+
+        Reusing them costs no memory. After a merge into them the model itself holds θ(w) for the
+        merged parameters; code that needs the base must reload it.
+        """
+        return {name: target.detach() for name, target in self.targets.items()}
 
 
 def _read(expert: Checkpoint | Mapping[str, torch.Tensor], expert_name: str, name: str) -> torch.Tensor:
@@ -75,42 +106,54 @@ def build_stack(
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
 ) -> TaskVectorStack:
-    """Read each expert tensor lazily, subtract θ0 (in float32) and stack on θ0's device.
+    """Read each expert tensor lazily and stack anchor and differences on the parameter's device.
 
     An expert is a :class:`Checkpoint` (read tensor by tensor from safetensors) or an in-memory
-    state dict (tests, benchmarks, notebooks). ``model`` holds θ0 (it was loaded from the base checkpoint) and is frozen here: only the
-    mixture logits ever require grad.
+    state dict (tests, benchmarks, notebooks). ``model`` holds θ0 (it was loaded from the base
+    checkpoint); it is frozen here, so only the mixture logits ever require grad.
     """
     patterns = [re.compile(p) for p in exclude]
     names = list(experts)
-    stack = TaskVectorStack(expert_names=names, base={}, deltas={})
+    stack = TaskVectorStack(expert_names=names, anchor={}, deltas={}, targets={})
     params = list(model.named_parameters())
-    for pname, param in tqdm(params, desc="stacking task vectors", unit="tensor", disable=not progress):
+    for pname, param in tqdm(params, desc="stacking experts", unit="tensor", disable=not progress):
         param.requires_grad_(False)
         if _excluded(pname, patterns):
             stack.excluded.append(pname)
             continue
         compute = torch.promote_types(param.dtype, torch.float32)
-        theta0 = param.detach().to(compute)
-        deltas = []
-        for ename, expert in experts.items():
+        anchor = None
+        # differences written row by row into one preallocated tensor: no K-long list of temporaries
+        rows = torch.empty((len(names) - 1, *param.shape), dtype=dtype, device=param.device)
+        differ = False
+        for k, (ename, expert) in enumerate(experts.items()):
             value = _read(expert, ename, pname).to(device=param.device, dtype=compute)
-            if value.shape != theta0.shape:
+            if value.shape != param.shape:
                 raise UserError(
-                    f"tensor {pname} has shape {list(theta0.shape)} in the base but {list(value.shape)} "
+                    f"tensor {pname} has shape {list(param.shape)} in the base but {list(value.shape)} "
                     f"in expert {ename!r}"
                 )
             if not torch.isfinite(value).all():
                 raise UserError(f"tensor {pname} of expert {ename!r} contains NaN or Inf")
-            deltas.append(value - theta0)
-        if all(not d.any() for d in deltas):
-            stack.unchanged.append(pname)
+            if anchor is None:
+                anchor = value
+                continue
+            value.sub_(anchor)
+            differ = differ or bool(value.any())
+            rows[k - 1].copy_(value)
+            del value
+        if not differ:  # one common value: no need to stack it
+            if torch.equal(anchor, param.detach().to(compute)):
+                stack.unchanged.append(pname)
+            else:
+                stack.shared.append(pname)
+                param.data.copy_(anchor)
             continue
-        stack.base[pname] = param.detach()
-        stack.deltas[pname] = torch.stack(deltas).to(dtype)
-        del deltas
+        stack.anchor[pname] = anchor
+        stack.deltas[pname] = rows
+        stack.targets[pname] = param
     if not stack.deltas:
         raise UserError(
-            "no parameter differs between the base and the experts (after exclusions): nothing to merge"
+            "the experts do not differ in any merged parameter (after exclusions): nothing to merge"
         )
     return stack

@@ -53,10 +53,18 @@ def test_uniform_weights_equal_the_plain_average_of_expert_weights(random_world,
         torch.testing.assert_close(tensor, average, atol=1e-6, rtol=0)
 
 
-def test_zero_weights_give_the_base(loaded):
-    base, stack = loaded
-    for name, tensor in stack.merged(torch.zeros(len(stack.expert_names))).items():
-        assert torch.equal(tensor, dict(base.named_parameters())[name])
+def test_anchor_form_equals_theta0_plus_weighted_task_vectors(random_world, loaded):
+    """θ_1 + Σ_{i≥2} w_i (θ_i − θ_1) is θ0 + Σ_i w_i τ_i on the simplex; peft's task_arithmetic is the reference."""
+    _, stack = loaded
+    theta0 = load(random_world["base"]).state_dict()
+    experts = [load(random_world["experts"][n]).state_dict() for n in stack.expert_names]
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        w = torch.softmax(torch.randn(3, generator=gen), 0)
+        merged = stack.merged(w)
+        for name, tensor in merged.items():
+            want = theta0[name] + task_arithmetic([e[name] - theta0[name] for e in experts], w)
+            torch.testing.assert_close(tensor, want, atol=1e-6, rtol=0)
 
 
 def test_excluded_parameters_stay_at_theta0(random_world):
@@ -74,7 +82,7 @@ def test_excluded_parameters_stay_at_theta0(random_world):
             base, {**merged, **{n: params[n].clone() for n in stack.excluded}}, (ids,)
         ).logits
     torch.testing.assert_close(out, out_again, atol=0, rtol=0)
-    assert len(stack.excluded) + len(stack.deltas) + len(stack.unchanged) == len(params)
+    assert len(stack.excluded) + len(stack.deltas) + len(stack.unchanged) + len(stack.shared) == len(params)
 
 
 def test_parameters_equal_in_all_experts_are_not_stacked(random_world, tmp_path):
@@ -86,11 +94,19 @@ def test_parameters_equal_in_all_experts_are_not_stacked(random_world, tmp_path)
         expert = load(random_world["experts"]["alpha" if name == "a" else "beta"])
         with torch.no_grad():
             expert.model.norm.weight.copy_(base.model.norm.weight)  # untouched by both experts
+            expert.lm_head.weight.copy_(base.lm_head.weight * 1.5)  # changed, identically in both
         experts[name] = str(save_checkpoint(expert, tmp_path / name))
     _, opened = open_all(random_world["base"], experts)
     stack = build_stack(base, opened, progress=False)
-    assert stack.unchanged == ["model.norm.weight"]
-    assert "model.norm.weight" not in stack.deltas
+    assert stack.unchanged == ["model.norm.weight"] and stack.shared == ["lm_head.weight"]
+    assert "model.norm.weight" not in stack.deltas and "lm_head.weight" not in stack.deltas
+    # the model now holds the common value, so every mixture still reproduces each expert
+    ids = batch_ids()
+    for i, name in enumerate(("a", "b")):
+        with torch.no_grad():
+            got = functional_call(base, stack.merged(torch.eye(2)[i]), (ids,)).logits
+            want = load(experts[name])(input_ids=ids).logits
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
 def test_stack_keeps_only_z_differentiable(loaded):
@@ -149,3 +165,32 @@ def test_nan_in_an_expert_is_refused(random_world):
         UserError, match=r"model\.layers\.0\.mlp\.up_proj\.weight of expert 'alpha' contains NaN"
     ):
         build_stack(base, {"alpha": bad, "beta": good}, progress=False)
+
+
+def test_merging_into_reused_buffers_gives_the_same_values_and_gradients(random_world):
+    base = load(random_world["base"])  # its parameter storage becomes the buffers: use a private copy
+    _, experts = open_all(random_world["base"], random_world["experts"])
+    stack = build_stack(base, experts, progress=False)
+    buffers = stack.allocate_buffers()
+    params = dict(base.named_parameters())
+    assert all(buffers[k].data_ptr() == params[k].data_ptr() for k in buffers)  # no new memory
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):  # reuse across calls, as the fitting loop does
+        z = torch.randn(3, generator=gen, dtype=torch.float64)
+        grads = []
+        for out in (None, buffers):
+            zz = z.clone().requires_grad_(True)
+            merged = stack.merged(torch.softmax(zz, 0), out=out)
+            loss = sum((t.double() ** 2).sum() * (i + 1) for i, t in enumerate(merged.values()))
+            loss.backward()
+            if out is not None:
+                assert all(merged[k].data_ptr() == out[k].data_ptr() for k in merged)
+            grads.append((zz.grad, {k: v.detach().clone() for k, v in merged.items()}))
+        torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-6, atol=0)
+        for name in stack.deltas:
+            torch.testing.assert_close(grads[0][1][name], grads[1][1][name], rtol=0, atol=1e-6)
+
+
+def test_buffer_of_the_wrong_shape_is_refused():
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        merge_linear(torch.zeros(3, 2), torch.zeros(2, 3, 2), torch.ones(2) / 2, out=torch.empty(2, 3))

@@ -1,8 +1,11 @@
 """Linear merge (task arithmetic on the simplex): θ(w) = θ0 + Σ_i w_i τ_i.
 
-This is the proxy for a model trained on mixture w. The weighted sum is one tensordot, so its
-backward pass to w is a single contraction of the incoming gradient with the stack, K·P work.
-Arithmetic is in float32 (float64 for a float64 base) whatever the stack's storage dtype.
+This is the proxy for a model trained on mixture w. Both directions are one BLAS call over the
+stack: the forward is ``addmv(θ0, τᵀ, w)`` and the backward to w is ``τ · dL/dθ``, so a step costs
+two passes over the K·P stack and nothing else. Arithmetic is in float32 (float64 for a float64
+base) whatever the stack's storage dtype. Given ``out``, the merge is written into that
+preallocated tensor instead of a fresh one: a fitting loop reuses one buffer per parameter rather
+than allocating (and page-faulting) a full copy of the model every step.
 """
 
 from __future__ import annotations
@@ -10,7 +13,34 @@ from __future__ import annotations
 import torch
 
 
-def merge_linear(base: torch.Tensor, deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+class _LinearMerge(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weights, base, deltas, out):
+        num_experts = deltas.shape[0]
+        compute = out.dtype
+        rows = deltas.reshape(num_experts, -1).to(compute)
+        torch.addmv(base.reshape(-1).to(compute), rows.t(), weights.to(compute), out=out.view(-1))
+        ctx.save_for_backward(deltas)
+        ctx.weights_dtype = weights.dtype
+        ctx.mark_dirty(out)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (deltas,) = ctx.saved_tensors
+        rows = deltas.reshape(deltas.shape[0], -1).to(grad.dtype)
+        grad_weights = torch.mv(rows, grad.reshape(-1))
+        return grad_weights.to(ctx.weights_dtype), None, None, None
+
+
+def merge_linear(
+    base: torch.Tensor, deltas: torch.Tensor, weights: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     compute = torch.promote_types(base.dtype, torch.float32)
-    update = torch.tensordot(weights.to(compute), deltas.to(compute), dims=1)
-    return base + update.to(base.dtype)
+    if out is None:
+        out = torch.empty(base.shape, dtype=compute, device=base.device)
+    elif out.shape != base.shape or out.dtype != compute or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {compute} tensor of shape {tuple(base.shape)}")
+    merged = _LinearMerge.apply(weights, base, deltas, out.detach())  # no history carried over
+    return merged if merged.dtype == base.dtype else merged.to(base.dtype)

@@ -57,6 +57,7 @@ def fit_gradient(
     z = init_logits.detach().to(device=device, dtype=torch.float64).clone().requires_grad_(True)
     optimizer = torch.optim.Adam([z], lr=optim.lr)
     batches = training_batches(sets, targeted, optim.batch_size, pad_id, seed)
+    buffers = stack.allocate_buffers()  # one merged copy of the model, rewritten every step
 
     best_loss, best_z, best_step = math.inf, z.detach().clone(), 0
     stale_evals, stopped_early, trace = 0, False, []
@@ -84,7 +85,8 @@ def fit_gradient(
         step_loss = 0.0
         for _ in range(optim.grad_accum):
             batch = next(batches).to(device)
-            loss = dev_loss(model, stack, z, temperature, batch, set_weights, method) / optim.grad_accum
+            loss = dev_loss(model, stack, z, temperature, batch, set_weights, method, buffers)
+            loss = loss / optim.grad_accum
             loss.backward()
             step_loss += float(loss.detach())
         optimizer.step()
