@@ -194,3 +194,25 @@ def test_merging_into_reused_buffers_gives_the_same_values_and_gradients(random_
 def test_buffer_of_the_wrong_shape_is_refused():
     with pytest.raises(ValueError, match="out must be a contiguous"):
         merge_linear(torch.zeros(3, 2), torch.zeros(2, 3, 2), torch.ones(2) / 2, out=torch.empty(2, 3))
+
+
+def test_tied_embeddings_merge_once_and_reproduce_each_expert(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from tests.conftest import perturbed, save_checkpoint, tiny_config
+
+    torch.manual_seed(1)
+    base = LlamaForCausalLM(tiny_config(tie_word_embeddings=True)).eval()
+    save_checkpoint(base, tmp_path / "base")
+    paths = {n: str(save_checkpoint(perturbed(base, 200 + i), tmp_path / n)) for i, n in enumerate("xy")}
+    model = load(tmp_path / "base")
+    _, experts = open_all(tmp_path / "base", paths)
+    stack = build_stack(model, experts, progress=False)
+    assert "model.embed_tokens.weight" in stack.deltas and "lm_head.weight" not in stack.deltas
+    ids = batch_ids()
+    buffers = stack.allocate_buffers()
+    for i, name in enumerate("xy"):
+        with torch.no_grad():
+            got = functional_call(model, stack.merged(torch.eye(2)[i], out=buffers), (ids,)).logits
+            want = load(paths[name])(input_ids=ids).logits
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
