@@ -108,13 +108,20 @@ def load_problem(recipe: Recipe, progress: bool = True) -> Problem:
     )
     pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
 
-    model = AutoModelForCausalLM.from_pretrained(
-        recipe.model.base,
-        dtype=torch.float32,
-        trust_remote_code=recipe.model.trust_remote_code,
-        use_safetensors=True,
-        **({"device_map": {"": device}} if device.type == "cuda" else {}),
-    ).to(device)
+    on_gpu = {"device_map": {"": device}} if device.type == "cuda" else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            recipe.model.base,
+            dtype=torch.float32,
+            trust_remote_code=recipe.model.trust_remote_code,
+            use_safetensors=True,
+            **on_gpu,
+        )
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot load the base model from {recipe.model.base}: {first}") from None
+    if not on_gpu:
+        model.to(device)
     model.eval()
     stack = build_stack(model, experts, recipe.model.exclude, DTYPES[recipe.model.stack_dtype], progress)
     for ckpt in experts.values():

@@ -33,10 +33,6 @@ class GradientResult:
     trace: list[dict] = field(default_factory=list)
 
 
-def _short(w: torch.Tensor) -> str:
-    return "/".join(f"{v:.2f}" for v in w.tolist())
-
-
 def fit_gradient(
     model: torch.nn.Module,
     stack: TaskVectorStack,
@@ -68,7 +64,7 @@ def fit_gradient(
         row.update({f"w_{n}": v for n, v in zip(names, w.tolist())})
         if has_heldout and (t % optim.eval_every == 0 or t == optim.steps):
             per_set = evaluate(
-                model, stack, w, sets, "heldout", optim.eval_batch_size, pad_id, device, method
+                model, stack, w, sets, "heldout", optim.eval_batch_size, pad_id, device, method, buffers
             )
             heldout = float(target_loss(per_set, torch.ones_like(per_set), set_weights.cpu()))
             row["heldout_loss"] = heldout
@@ -93,9 +89,10 @@ def fit_gradient(
         row["loss"] = step_loss
         trace.append(row)
         bar.update(1)
-        postfix = {"loss": f"{step_loss:.4f}", "w": _short(w)}
+        postfix = {"loss": f"{step_loss:.4f}"}
         if has_heldout and best_loss < math.inf:
             postfix["best_heldout"] = f"{best_loss:.4f}"
+        postfix.update({name: f"{v:.3f}" for name, v in zip(names, w.tolist())})
         bar.set_postfix(postfix, refresh=False)
     bar.close()
 
