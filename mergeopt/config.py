@@ -123,6 +123,43 @@ class TinyWorldSection(_Strict):
     seed: int = 0
 
 
+class LoraSection(_Strict):
+    """LoRA adapters for train.method = lora (peft.LoraConfig fields)."""
+
+    r: int = Field(default=8, gt=0)
+    alpha: float = Field(default=16.0, gt=0)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    target_modules: tuple[str, ...] = Field(
+        default=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), min_length=1
+    )
+    use_rslora: bool = False
+
+
+class MixtureSetSection(_Strict):
+    """Which ground-truth mixtures to train: a simplex lattice, Dirichlet samples, or a list."""
+
+    kind: Literal["lattice", "dirichlet", "list"] = "lattice"
+    divisions: int = Field(default=2, gt=0, description="lattice: step 1/divisions on each weight.")
+    interior_only: bool = Field(default=False, description="lattice: keep only points with every weight > 0.")
+    alpha: float = Field(default=1.0, gt=0.0, description="dirichlet: concentration (symmetric).")
+    count: int = Field(default=10, gt=0, description="dirichlet: number of samples.")
+    weights: tuple[dict[str, float], ...] = Field(default=(), description="list: explicit mixtures.")
+
+
+class TrainSection(_Strict):
+    """Small-world training: one expert per domain and ground-truth runs on mixtures, same budget."""
+
+    data: dict[str, str] = Field(description="Expert name -> training JSONL; the names of model.experts.")
+    output_dir: str = Field(default="runs/train", description="Mixture runs and grid.csv go here.")
+    method: Literal["full", "lora"] = "full"
+    lora: LoraSection = LoraSection()
+    steps: int = Field(default=200, gt=0)
+    batch_tokens: int = Field(default=512, gt=0, description="Tokens per optimizer step (every run).")
+    lr: float = Field(default=1e-3, gt=0.0)
+    max_length: int = Field(default=256, gt=1)
+    mixtures: MixtureSetSection = MixtureSetSection()
+
+
 class Recipe(_Strict):
     seed: int = 0
     output_dir: str = "runs/default"
@@ -134,6 +171,7 @@ class Recipe(_Strict):
     weights: WeightsSection = WeightsSection()
     optim: OptimSection = OptimSection()
     tiny_world: TinyWorldSection = TinyWorldSection()
+    train: TrainSection | None = None
 
     @field_validator("device")
     @classmethod
@@ -152,6 +190,24 @@ class Recipe(_Strict):
             raise ValueError(f"weights.init names {sorted(init)} but the experts are {sorted(experts)}")
         if any(v < 0 for v in init.values()) or abs(sum(init.values()) - 1.0) > 1e-6:
             raise ValueError(f"weights.init must be non-negative and sum to 1, got {init}")
+        return self
+
+    @model_validator(mode="after")
+    def _train_matches_experts(self) -> Recipe:
+        if self.train is None:
+            return self
+        if set(self.train.data) != set(self.model.experts):
+            raise ValueError(
+                f"train.data names {sorted(self.train.data)} but the experts are {sorted(self.model.experts)}"
+            )
+        experts = set(self.model.experts)
+        for i, mixture in enumerate(self.train.mixtures.weights):
+            if set(mixture) != experts:
+                raise ValueError(f"train.mixtures.weights[{i}] names {sorted(mixture)}, not the experts")
+            if any(v < 0 for v in mixture.values()) or abs(sum(mixture.values()) - 1) > 1e-6:
+                raise ValueError(f"train.mixtures.weights[{i}] is not on the simplex: {mixture}")
+        if self.train.mixtures.kind == "list" and not self.train.mixtures.weights:
+            raise ValueError("train.mixtures.kind is 'list' but train.mixtures.weights is empty")
         return self
 
     @property

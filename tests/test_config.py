@@ -152,6 +152,9 @@ def _schema_keys(model: type[pydantic.BaseModel], prefix: str = "") -> list[str]
     keys = []
     for name, field in model.model_fields.items():
         ann = field.annotation
+        optional = [a for a in getattr(ann, "__args__", ()) if a is not type(None)]
+        if len(optional) == 1:  # X | None: document the keys of X
+            ann = optional[0]
         if isinstance(ann, type) and issubclass(ann, pydantic.BaseModel):
             keys += _schema_keys(ann, f"{prefix}{name}.")
         else:

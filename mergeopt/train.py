@@ -1,0 +1,264 @@
+"""Train small worlds for real: ``python -m mergeopt.train RECIPE [key=value ...] [--quiet] [--debug]``.
+
+The merged proxy is only worth what its ranking of mixtures is worth, and that can only be measured
+against models really trained on each mixture. From one base this trains (a) one expert per domain
+(into the directories the recipe names under ``model.experts``) and (b) one ground-truth run per
+mixture of ``train.mixtures``, every run with the same token budget, hyperparameters and seed, so
+the mixture is the only thing that differs. Mixture runs draw the domain of every example from w
+(a seeded sampler, like ``datasets.interleave_datasets`` with probabilities w). Each finished run
+leaves ``run.json`` (written last) and is never retrained; a run whose recipe changed is an error.
+The grid table ``train.output_dir/grid.csv`` has one row per mixture: ``run``, one ``w_<expert>``
+column per expert, one ``loss_<dev set>`` column per dev set, and ``tokens``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from mergeopt.config import Recipe, TrainSection, load_recipe
+from mergeopt.data import Batch, Example, collate, evaluation_batches, load_dev_set, read_jsonl, tokenize
+from mergeopt.errors import UserError, run_cli
+from mergeopt.files import write_csv_atomic, write_json_atomic
+from mergeopt.fit import resolve_device, resolve_tiny_world
+from mergeopt.mixtures import mixture_set
+from mergeopt.objectives import per_set_loss_sums
+
+RUN_MARKER = "run.json"
+
+
+def load_examples(path: str, tokenizer, max_length: int) -> list[Example]:
+    examples = [ex for ex in (tokenize(r, tokenizer, max_length) for r in read_jsonl(path)) if ex is not None]
+    if not examples:
+        raise UserError(f"training set {path}: every example was truncated away at max_length={max_length}")
+    return examples
+
+
+def mixture_examples(
+    domains: Sequence[list[Example]], weights: Sequence[float], seed: int
+) -> Iterator[Example]:
+    """Endless examples whose domain is drawn from ``weights``; each domain reshuffled every epoch."""
+    generator = torch.Generator().manual_seed(seed)
+    probs = torch.tensor(weights, dtype=torch.float64)
+    cursors = [[0, torch.randperm(len(d), generator=generator).tolist()] for d in domains]
+    while True:
+        i = int(torch.multinomial(probs, 1, generator=generator))
+        pos, order = cursors[i]
+        if pos == len(order):
+            pos, order = 0, torch.randperm(len(domains[i]), generator=generator).tolist()
+        cursors[i] = [pos + 1, order]
+        yield domains[i][order[pos]]
+
+
+def token_batches(examples: Iterator[Example], batch_tokens: int, pad_id: int) -> Iterator[Batch]:
+    """Batches filled with examples until they hold ``batch_tokens`` tokens: equal budget per step."""
+    while True:
+        items, tokens = [], 0
+        while tokens < batch_tokens:
+            ex = next(examples)
+            items.append((0, ex))
+            tokens += ex.input_ids.numel()
+        yield collate(items, pad_id)
+
+
+def _fingerprint(recipe: Recipe) -> str:
+    """What makes two runs comparable: base, data, budget, optimizer, method, seed."""
+    train = recipe.train.model_dump(mode="json")
+    train.pop("mixtures")
+    train.pop("output_dir")
+    payload = {"base": recipe.model.base, "seed": recipe.seed, "train": train}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _finished(path: Path, fingerprint: str) -> bool:
+    marker = path / RUN_MARKER
+    if not marker.is_file():
+        return False
+    info = json.loads(marker.read_text())
+    if info.get("fingerprint") != fingerprint:
+        raise UserError(
+            f"{path} was trained with a different recipe (base, data, budget or optimizer changed); "
+            "delete it or choose another train.output_dir / model.experts path"
+        )
+    return True
+
+
+def train_one(
+    recipe: Recipe,
+    weights: dict[str, float],
+    domains: dict[str, list[Example]],
+    out: Path,
+    tokenizer,
+    device: torch.device,
+    progress: bool = True,
+) -> dict:
+    """Fine-tune the base on mixture ``weights`` for the recipe's budget and save it to ``out``."""
+    from transformers import AutoModelForCausalLM
+
+    cfg: TrainSection = recipe.train
+    torch.manual_seed(recipe.seed)
+    model = AutoModelForCausalLM.from_pretrained(recipe.model.base, dtype=torch.float32).to(device)
+    if cfg.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=list(cfg.lora.target_modules),
+            use_rslora=cfg.lora.use_rslora,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+    model.train()
+    names = list(domains)
+    stream = mixture_examples([domains[n] for n in names], [weights[n] for n in names], recipe.seed)
+    batches = token_batches(stream, cfg.batch_tokens, tokenizer.pad_token_id or 0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    tokens, losses = 0, []
+    bar = tqdm(range(cfg.steps), desc=out.name, unit="step", leave=False, disable=not progress)
+    for step in bar:
+        batch = next(batches).to(device)
+        sums, counts = per_set_loss_sums(model, {}, batch, 1)
+        loss = sums.sum() / counts.sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for group in optimizer.param_groups:  # linear decay to 0
+            group["lr"] = cfg.lr * (1 - step / cfg.steps)
+        optimizer.step()
+        tokens += int(batch.attention_mask.sum())
+        losses.append(float(loss.detach()))
+        if not math.isfinite(losses[-1]):
+            raise UserError(f"training {out.name} diverged (loss {losses[-1]}); lower train.lr")
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+    model.eval()
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    if cfg.method == "lora":
+        model.save_pretrained(staging / "adapter")
+        model = model.merge_and_unload()  # the dense merged expert, loadable by fit
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    info = {
+        "weights": weights,
+        "steps": cfg.steps,
+        "tokens": tokens,
+        "method": cfg.method,
+        "final_train_loss": sum(losses[-10:]) / len(losses[-10:]),
+        "fingerprint": _fingerprint(recipe),
+    }
+    write_json_atomic(staging / RUN_MARKER, info)
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    return info
+
+
+@torch.no_grad()
+def dev_losses(path: Path, recipe: Recipe, sets, pad_id: int, device: torch.device) -> list[float]:
+    """Mean token loss of each dev set (whole set) for the checkpoint at ``path``."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    sums = torch.zeros(len(sets), dtype=torch.float64)
+    counts = torch.zeros(len(sets), dtype=torch.float64)
+    for batch in evaluation_batches(sets, "all", recipe.optim.eval_batch_size, pad_id):
+        s, c = per_set_loss_sums(model, {}, batch.to(device), len(sets))
+        sums += s.double().cpu()
+        counts += c.double().cpu()
+    return (sums / counts).tolist()
+
+
+def train(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = print) -> Path:
+    """Train every missing run, evaluate every mixture run on the dev sets, write grid.csv."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if recipe.train is None:
+        raise UserError("the recipe has no train section: nothing to train")
+    hf_logging.disable_progress_bar()
+    resolved, _ = resolve_tiny_world(recipe, log)
+    cfg = resolved.train
+    data_paths = {n: resolve_path(p, recipe) for n, p in cfg.data.items()}
+    device = resolve_device(resolved.device)
+    tokenizer = AutoTokenizer.from_pretrained(resolved.model.base)
+    names = resolved.expert_names
+    domains = {n: load_examples(data_paths[n], tokenizer, cfg.max_length) for n in names}
+    sets = [
+        load_dev_set(d.name, d.path, d.weight, tokenizer, resolved.data.max_length, 0.0, resolved.seed)
+        for d in resolved.data.dev
+    ]
+    mixtures = mixture_set(cfg.mixtures, names, resolved.seed)
+    fingerprint = _fingerprint(resolved)
+
+    runs: list[tuple[dict[str, float], Path]] = []
+    for name in names:  # experts = the one-hot mixtures
+        runs.append(({n: float(n == name) for n in names}, Path(resolved.model.experts[name])))
+    out_dir = Path(cfg.output_dir)
+    grid_runs = []
+    for i, w in enumerate(mixtures):
+        vertex = [n for n in names if w[n] == 1.0]
+        path = Path(resolved.model.experts[vertex[0]]) if vertex else out_dir / "mixtures" / f"{i:03d}"
+        if not vertex:
+            runs.append((w, path))
+        grid_runs.append((w, path))
+
+    todo = [(w, p) for w, p in runs if not _finished(p, fingerprint)]
+    log(
+        f"{len(runs)} runs ({len(names)} experts, {len(runs) - len(names)} mixtures): "
+        f"{len(runs) - len(todo)} finished, {len(todo)} to train ({cfg.method}, {cfg.steps} steps x "
+        f"{cfg.batch_tokens} tokens)"
+    )
+    for w, path in tqdm(todo, desc="training runs", unit="run", disable=not progress):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        train_one(resolved, w, domains, path, tokenizer, device, progress)
+
+    pad_id = tokenizer.pad_token_id or 0
+    rows = []
+    for i, (w, path) in enumerate(tqdm(grid_runs, desc="evaluating runs", unit="run", disable=not progress)):
+        losses = dev_losses(path, resolved, sets, pad_id, device)
+        info = json.loads((path / RUN_MARKER).read_text())
+        row = {"run": i, "path": str(path), **{f"w_{n}": w[n] for n in names}}
+        row.update({f"loss_{s.name}": v for s, v in zip(sets, losses)})
+        row["tokens"] = info["tokens"]
+        rows.append(row)
+    columns = ["run", "path", *(f"w_{n}" for n in names), *(f"loss_{s.name}" for s in sets), "tokens"]
+    grid = write_csv_atomic(out_dir / "grid.csv", rows, columns)
+    log(f"wrote {grid} ({len(rows)} mixtures)")
+    return grid
+
+
+def resolve_path(path: str, recipe: Recipe) -> str:
+    from mergeopt import toy
+
+    if not path.startswith(toy.SCHEME):
+        return path
+    return toy.resolve(path, toy.world_dir(recipe.tiny_world.cache_dir, recipe.tiny_world.seed))
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m mergeopt.train",
+        description="Train one expert per domain and ground-truth runs on a set of mixtures.",
+    )
+    parser.add_argument("recipe")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    args = parser.parse_args(argv)
+    recipe = load_recipe(args.recipe, args.overrides)
+    train(recipe, progress=not args.quiet, log=(lambda _m: None) if args.quiet else print)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

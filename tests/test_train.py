@@ -1,0 +1,128 @@
+"""mergeopt.train on a small random world: every run is trained once, at the same budget, the grid
+table is complete, LoRA runs save an adapter whose merge equals the dense model written beside it."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from mergeopt import toy
+from mergeopt.config import recipe_from_dict
+from mergeopt.errors import UserError
+from mergeopt.train import RUN_MARKER, train
+from tests.conftest import recipe_tree, write_jsonl
+
+DOMAINS = {"alpha": "arith", "beta": "reverse", "gamma": "markov"}
+
+
+def train_tree(world: dict, tmp_path, method: str = "full") -> dict:
+    samplers = toy.domain_samplers(0)
+    rng = random.Random(1)
+    data = {}
+    for name, domain in DOMAINS.items():
+        data[name] = str(
+            write_jsonl(tmp_path / f"train_{name}.jsonl", [samplers[domain](rng) for _ in range(40)])
+        )
+    tree = recipe_tree(world, tmp_path / "fit")
+    tree["model"]["experts"] = {n: str(tmp_path / "experts" / n) for n in DOMAINS}
+    tree["train"] = {
+        "data": data,
+        "output_dir": str(tmp_path / "grid"),
+        "method": method,
+        "steps": 4,
+        "batch_tokens": 96,
+        "lr": 1e-3,
+        "max_length": 48,
+        "mixtures": {"kind": "lattice", "divisions": 2},
+    }
+    return tree
+
+
+@pytest.fixture(scope="module")
+def trained(random_world, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train")
+    tree = train_tree(random_world, tmp)
+    grid = train(recipe_from_dict(tree), progress=False, log=lambda _m: None)
+    return tree, tmp, grid
+
+
+def test_grid_has_one_row_per_lattice_point_and_every_dev_loss(trained):
+    _, tmp, grid = trained
+    table = pd.read_csv(grid)
+    assert list(table.columns) == [
+        "run",
+        "path",
+        "w_alpha",
+        "w_beta",
+        "w_gamma",
+        "loss_arith",
+        "loss_markov",
+        "tokens",
+    ]
+    assert len(table) == 6  # C(2 + 2, 2) lattice points
+    assert ((table[["w_alpha", "w_beta", "w_gamma"]].sum(axis=1) - 1).abs() < 1e-9).all()
+    vertices = table[(table[["w_alpha", "w_beta", "w_gamma"]] == 1.0).any(axis=1)]
+    assert sorted(vertices["path"]) == sorted(str(tmp / "experts" / n) for n in DOMAINS)  # not retrained
+    assert table[["loss_arith", "loss_markov"]].notna().all().all()
+
+
+def test_every_run_has_the_same_budget(trained):
+    table = pd.read_csv(trained[2])
+    # batches are filled to 96 tokens; an example is at most 48 tokens long
+    assert table["tokens"].between(4 * 96, 4 * (96 + 48)).all()
+
+
+def test_finished_runs_are_never_retrained(trained):
+    tree, tmp, _ = trained
+    markers = {p: p.stat().st_mtime_ns for p in tmp.rglob(RUN_MARKER)}
+    assert len(markers) == 6
+    train(recipe_from_dict(tree), progress=False, log=lambda _m: None)
+    assert {p: p.stat().st_mtime_ns for p in tmp.rglob(RUN_MARKER)} == markers
+
+
+def test_a_changed_recipe_does_not_reuse_old_runs(trained):
+    tree, _, _ = trained
+    changed = json.loads(json.dumps(tree))
+    changed["train"]["lr"] = 5e-4
+    with pytest.raises(UserError, match="was trained with a different recipe"):
+        train(recipe_from_dict(changed), progress=False, log=lambda _m: None)
+
+
+def test_expert_is_trained_on_its_own_domain_only(trained):
+    tree, tmp, _ = trained
+    info = json.loads((tmp / "experts" / "beta" / RUN_MARKER).read_text())
+    assert info["weights"] == {"alpha": 0.0, "beta": 1.0, "gamma": 0.0}
+    base = AutoModelForCausalLM.from_pretrained(tree["model"]["base"])
+    expert = AutoModelForCausalLM.from_pretrained(tmp / "experts" / "beta")
+    moved = sum((a - b).abs().sum().item() for a, b in zip(base.parameters(), expert.parameters()))
+    assert moved > 0
+
+
+def test_lora_runs_save_the_adapter_and_its_exact_merge(random_world, tmp_path):
+    from peft import PeftModel
+
+    tree = train_tree(random_world, tmp_path, method="lora")
+    tree["train"]["mixtures"] = {"kind": "list", "weights": [{"alpha": 0.5, "beta": 0.25, "gamma": 0.25}]}
+    tree["train"]["lr"] = 5e-2  # large enough that the adapters move
+    train(recipe_from_dict(tree), progress=False, log=lambda _m: None)
+    run = tmp_path / "grid" / "mixtures" / "000"
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    dense = AutoModelForCausalLM.from_pretrained(run).eval()
+    peft = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tree["model"]["base"]), run / "adapter"
+    ).eval()
+    ids = torch.randint(4, 50, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(dense(input_ids=ids).logits, peft(input_ids=ids).logits, atol=1e-5, rtol=0)
+        base_logits = AutoModelForCausalLM.from_pretrained(tree["model"]["base"])(input_ids=ids).logits
+    assert (dense(input_ids=ids).logits - base_logits).abs().max() > 1e-4  # the adapter did something
+
+
+def test_no_train_section(random_world, tmp_path):
+    with pytest.raises(UserError, match="no train section"):
+        train(recipe_from_dict(recipe_tree(random_world, tmp_path)), progress=False, log=lambda _m: None)
