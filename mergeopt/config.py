@@ -160,6 +160,16 @@ class TrainSection(_Strict):
     mixtures: MixtureSetSection = MixtureSetSection()
 
 
+class RankSection(_Strict):
+    """Rank checks of the merged proxy against ground-truth runs (a grid table from mergeopt.train)."""
+
+    grid: str | None = Field(
+        default=None, description="grid.csv; fit checks the proxy against it after fitting."
+    )
+    k: int = Field(default=3, gt=0, description="top-k size.")
+    bootstrap: int = Field(default=1000, ge=0, description="bootstrap resamples for the intervals.")
+
+
 class Recipe(_Strict):
     seed: int = 0
     output_dir: str = "runs/default"
@@ -172,6 +182,7 @@ class Recipe(_Strict):
     optim: OptimSection = OptimSection()
     tiny_world: TinyWorldSection = TinyWorldSection()
     train: TrainSection | None = None
+    rank: RankSection = RankSection()
 
     @field_validator("device")
     @classmethod

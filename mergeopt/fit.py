@@ -157,6 +157,10 @@ def fit(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = prin
     started = time.perf_counter()
     torch.manual_seed(recipe.seed)
     resolved, world = resolve_tiny_world(recipe, log)
+    if resolved.rank.grid is not None:  # a bad grid table is reported before any work
+        from mergeopt.proxy import read_grid
+
+        read_grid(resolved.rank.grid, resolved.expert_names)
     problem = load_problem(resolved, progress)
     names = problem.stack.expert_names
     stack = problem.stack
@@ -223,6 +227,19 @@ def fit(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = prin
     }
     if not all(math.isfinite(v) for v in weights.values()):
         raise RuntimeError(f"fit produced non-finite weights {weights}")
+    if resolved.rank.grid is not None:
+        from mergeopt.rank import rank_grid
+        from mergeopt.rank import write_outputs as write_rank_outputs
+
+        report, pairs, _ = rank_grid(resolved, resolved.rank.grid, problem, mixture, progress)
+        target = report["metrics"]["target"]
+        mixture["rank"] = {
+            "grid": resolved.rank.grid,
+            "n_mixtures": report["n_mixtures"],
+            **{key: target[key] for key in ("spearman", "kendall", "pairwise_accuracy", "regret")},
+            "fitted_regret": report["fitted_mixture"]["regret"],
+        }
+        write_rank_outputs(report, pairs, recipe.output_dir)
     write_outputs(recipe, mixture, result.trace, names)
     return mixture
 
@@ -255,7 +272,12 @@ def main(argv: Sequence[str]) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     log = (lambda _msg: None) if args.quiet else print
     mixture = fit(recipe, progress=not args.quiet, log=log)
-    print(summary(mixture, recipe.output_dir, OUTPUT_FILES))
+    files = OUTPUT_FILES
+    if recipe.rank.grid is not None:
+        from mergeopt.rank import OUTPUT_FILES as RANK_FILES
+
+        files = (*files, *RANK_FILES)
+    print(summary(mixture, recipe.output_dir, files))
     return 0
 
 

@@ -85,5 +85,13 @@ def summary(mixture: Mapping, output_dir: str | Path, files: Sequence[str]) -> s
     )
     for name, loss in mixture["expert_dev_loss"].items():
         lines.append(row(f"{name} only", loss, mixture.get("expert_heldout_loss", {}).get(name), fitted))
+    if "rank" in mixture:
+        r = mixture["rank"]
+        lines += [
+            "",
+            f"Proxy vs {r['n_mixtures']} trained mixtures ({r['grid']}): Spearman {r['spearman']:.3f}, "
+            f"Kendall {r['kendall']:.3f}, regret of the proxy's pick {r['regret']:.3f}, "
+            f"regret of the fitted mixture (nearest grid point) {r['fitted_regret']:.3f}",
+        ]
     lines += ["", f"Wrote {', '.join(files)} to {output_dir}"]
     return "\n".join(lines)

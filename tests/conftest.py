@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,3 +107,18 @@ def tiny_world(tmp_path_factory) -> Path:
     """The real tiny world (pretrained base, trained experts), built once into a private cache."""
     cache = os.environ.get("MERGEOPT_TEST_CACHE") or str(tmp_path_factory.mktemp("cache"))
     return toy.ensure_world(cache, seed=0, log=lambda _m: None)
+
+
+REPO = Path(__file__).parent.parent
+
+
+def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -m mergeopt.<module> ARGS`` from the repository root, as a user would run it."""
+    return subprocess.run(
+        [sys.executable, "-m", f"mergeopt.{module}", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=600,
+    )

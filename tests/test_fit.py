@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,22 +12,14 @@ import yaml
 
 from mergeopt.config import load_recipe, recipe_from_dict
 from mergeopt.fit import fit
-from tests.conftest import recipe_tree, save_checkpoint, tiny_config
+from tests.conftest import recipe_tree, run_module, save_checkpoint, tiny_config
 
 REPO = Path(__file__).parent.parent
 TINY = REPO / "recipes" / "tiny.yaml"
 
 
-def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, "-m", "mergeopt.fit", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env,
-        timeout=600,
-    )
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return run_module("fit", *args)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,291 @@
+"""rank: correlations against scipy.stats (random data and RegMix 1M vs 60M through the CLI), pairwise
+accuracy against a brute-force loop, regret and top-k on hand-made examples, seeded bootstrap
+intervals, nearest-grid-point regret, and one-line CLI errors with exit code 2."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from mergeopt.errors import UserError
+from mergeopt.rank import _json_safe
+from mergeopt.rank_stats import mixture_regret, pairwise_accuracy, rank_statistics
+from mergeopt.tables import load_table
+from tests.conftest import run_module
+
+REPO = Path(__file__).parent.parent
+REGMIX = REPO / "tests" / "data" / "regmix"
+PROXY = f"{REGMIX / 'test_mixture_1m.csv'}+{REGMIX / 'test_pile_loss_1m.csv'}"
+TRUTH = f"{REGMIX / 'test_mixture_60m.csv'}+{REGMIX / 'test_pile_loss_60m.csv'}"
+
+
+def run_rank(*args: str) -> subprocess.CompletedProcess:
+    return run_module("rank", *args)
+
+
+def correlated(seed: int, n: int = 40, noise: float = 0.5, ties: bool = False):
+    rng = np.random.default_rng(seed)
+    truth = rng.normal(size=n)
+    proxy = truth + noise * rng.normal(size=n)
+    if ties:
+        truth, proxy = np.round(truth, 0), np.round(proxy, 0)
+    return proxy, truth
+
+
+# ---------------------------------------------------------------- statistics
+
+
+@pytest.mark.parametrize("seed,ties", [(0, False), (1, True), (2, False), (3, True)])
+@pytest.mark.parametrize("higher_is_better", [False, True])
+def test_correlations_equal_scipy(seed, ties, higher_is_better):
+    proxy, truth = correlated(seed, ties=ties)
+    s = rank_statistics(proxy, truth, higher_is_better=higher_is_better, n_bootstrap=0)
+    assert s["n"] == len(truth)
+    assert s["spearman"] == pytest.approx(stats.spearmanr(proxy, truth).statistic, abs=1e-12)
+    assert s["kendall"] == pytest.approx(stats.kendalltau(proxy, truth).statistic, abs=1e-12)
+
+
+def brute_force_pairwise(proxy, truth) -> float:
+    agree, pairs = 0.0, 0
+    for i, j in itertools.combinations(range(len(truth)), 2):
+        if truth[i] == truth[j]:
+            continue
+        pairs += 1
+        if proxy[i] == proxy[j]:
+            agree += 0.5
+        elif (proxy[i] < proxy[j]) == (truth[i] < truth[j]):
+            agree += 1
+    return agree / pairs
+
+
+@pytest.mark.parametrize("seed,ties", [(0, False), (1, True), (4, True)])
+def test_pairwise_accuracy_equals_brute_force(seed, ties):
+    proxy, truth = correlated(seed, n=60, noise=1.0, ties=ties)
+    expected = brute_force_pairwise(proxy, truth)
+    assert pairwise_accuracy(proxy, truth) == pytest.approx(expected, abs=1e-12)
+    assert pairwise_accuracy(proxy, truth, block=7) == pytest.approx(expected, abs=1e-12)
+    for hib in (False, True):  # direction does not change which pairs agree
+        assert rank_statistics(proxy, truth, higher_is_better=hib, n_bootstrap=0)[
+            "pairwise_accuracy"
+        ] == pytest.approx(expected, abs=1e-12)
+
+
+def test_regret_hand_examples():
+    truth = np.array([0.0, 1.0, 2.0, 10.0])
+    perfect = rank_statistics(truth * 3 + 1, truth, n_bootstrap=0)
+    assert perfect["regret"] == 0 and perfect["top1_hit"] and perfect["pairwise_accuracy"] == 1
+    reversed_ = rank_statistics(-truth, truth, n_bootstrap=0)
+    assert reversed_["regret"] == 1 and not reversed_["top1_hit"] and reversed_["pairwise_accuracy"] == 0
+    # lower is better: the proxy's lowest is row 2 (true 2.0); best 0, range 10
+    assert rank_statistics([5, 6, 1, 7], truth, n_bootstrap=0)["regret"] == pytest.approx(0.2)
+    # higher is better, mirrored: the proxy's highest is row 1 (true 1.0); best 10, range 10
+    hib = rank_statistics([5, 9, 1, 7], truth, higher_is_better=True, n_bootstrap=0)
+    assert hib["regret"] == pytest.approx(0.9)
+    assert rank_statistics(truth, truth, higher_is_better=True, n_bootstrap=0)["regret"] == 0
+    assert rank_statistics(-truth, truth, higher_is_better=True, n_bootstrap=0)["regret"] == 1
+    flat = rank_statistics([3, 1, 2, 4], [5.0, 5.0, 5.0, 5.0], n_bootstrap=0)
+    assert flat["regret"] == 0 and np.isnan(flat["spearman"])
+
+
+def test_top_k_hand_example():
+    truth = np.array([5.0, 1.0, 3.0, 2.0, 4.0])  # true top 3 (lowest): rows 1, 3, 2
+    miss = rank_statistics([1.0, 5.0, 2.0, 3.0, 4.0], truth, k=3, n_bootstrap=0)  # proxy top 3: 0, 2, 3
+    assert (miss["top1_hit"], miss["topk_hit"], miss["topk_overlap"]) == (False, False, pytest.approx(2 / 3))
+    hit = rank_statistics([1.0, 2.0, 5.0, 4.0, 3.0], truth, k=3, n_bootstrap=0)  # proxy top 3: 0, 1, 4
+    assert (hit["top1_hit"], hit["topk_hit"], hit["topk_overlap"]) == (False, True, pytest.approx(1 / 3))
+    best = rank_statistics([0.0, -1.0, 9.0, 9.0, 9.0], truth, k=2, n_bootstrap=0)  # proxy top 2: 1, 0
+    assert (best["top1_hit"], best["topk_hit"], best["topk_overlap"]) == (True, True, 0.5)
+    assert rank_statistics(truth, truth, k=10, n_bootstrap=0)["k"] == 5  # k capped at n
+    # higher is better: true top 2 rows 0, 4; proxy top 2 rows 0, 2
+    up = rank_statistics([9.0, 0.0, 8.0, 1.0, 2.0], truth, higher_is_better=True, k=2, n_bootstrap=0)
+    assert (up["top1_hit"], up["topk_hit"], up["topk_overlap"]) == (True, True, 0.5)
+
+
+def test_bootstrap_intervals_are_seeded_and_contain_the_estimate():
+    proxy, truth = correlated(5, n=50, noise=0.8)
+    a = rank_statistics(proxy, truth, n_bootstrap=300, seed=0)
+    b = rank_statistics(proxy, truth, n_bootstrap=300, seed=0)
+    c = rank_statistics(proxy, truth, n_bootstrap=300, seed=1)
+    assert a == b
+    assert a["spearman_ci"] != c["spearman_ci"] and a["kendall_ci"] != c["kendall_ci"]
+    for key in ("spearman", "kendall"):
+        low, high = a[f"{key}_ci"]
+        assert low < a[key] < high
+    assert a["bootstrap_used"] == 300
+    narrow = rank_statistics(proxy, truth, n_bootstrap=300, seed=0, confidence=0.5)
+    assert a["spearman_ci"][0] < narrow["spearman_ci"][0] < narrow["spearman_ci"][1] < a["spearman_ci"][1]
+
+
+def test_bootstrap_skips_constant_resamples():
+    # two mixtures: a resample is constant whenever it draws the same row twice (about half of them)
+    s = rank_statistics([1.0, 2.0], [1.0, 3.0], n_bootstrap=200, seed=0)
+    assert 0 < s["bootstrap_used"] < 200
+    assert s["spearman_ci"] == pytest.approx([1.0, 1.0], abs=1e-12)
+
+
+def test_nan_is_an_error_naming_the_column():
+    with pytest.raises(UserError, match=r"arxiv \(truth\).*row 3"):
+        rank_statistics([1.0, 2.0, 3.0], [1.0, 2.0, np.nan], name="arxiv")
+
+
+def test_mixture_regret_nearest_grid_point():
+    grid = pd.DataFrame(
+        {"w_code": [1.0, 0.0, 0.5, 0.2], "w_math": [0.0, 1.0, 0.5, 0.8]}, index=[10, 11, 12, 13]
+    )
+    truth = np.array([3.0, 1.0, 2.0, 1.5])
+    r = mixture_regret({"code": 0.45, "math": 0.55}, grid, truth)
+    assert (r["row"], r["index"]) == (2, 12)
+    assert r["distance"] == pytest.approx(np.hypot(0.05, 0.05), abs=1e-12)
+    assert r["regret"] == pytest.approx((2.0 - 1.0) / (3.0 - 1.0))
+    assert mixture_regret({"code": 0.45, "math": 0.55}, grid, truth, higher_is_better=True)[
+        "regret"
+    ] == pytest.approx((3.0 - 2.0) / 2.0)
+    exact = mixture_regret({"math": 0.8, "code": 0.2}, grid.rename(columns={"w_code": "code"}), truth)
+    assert (exact["row"], exact["distance"], exact["regret"]) == (3, 0.0, 0.25)
+    with pytest.raises(UserError, match="do not match the fitted experts"):
+        mixture_regret({"code": 0.5, "prose": 0.5}, grid, truth)
+
+
+def test_trailing_comma_and_split_tables(tmp_path):
+    (tmp_path / "mix.csv").write_text("index,w_a,w_b\n1,0.25,0.75\n2,1.0,0.0\n")
+    (tmp_path / "loss.csv").write_text("index,loss_a,loss_b,\n2,3.0,4.0\n1,1.0,2.0\n")
+    frame, source = load_table(f"{tmp_path / 'mix.csv'}+{tmp_path / 'loss.csv'}")
+    assert source == str(tmp_path / "mix.csv")
+    assert list(frame.columns) == ["index", "w_a", "w_b", "loss_a", "loss_b"]
+    assert frame["loss_a"].tolist() == [1.0, 3.0]  # joined on index, not on position
+    (tmp_path / "both.csv").write_text("w_a,w_b,loss,\n0.5,0.5,1.0,\n")
+    assert list(load_table(str(tmp_path / "both.csv"))[0].columns) == ["w_a", "w_b", "loss"]
+
+
+# ---------------------------------------------------------------- table mode
+
+
+@pytest.fixture(scope="module")
+def regmix_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rank") / "out"
+    result = run_rank(
+        "--proxy", PROXY, "--truth", TRUTH, "--bootstrap", "200", "--seed", "3", "--out", str(out)
+    )
+    assert result.returncode == 0, result.stderr
+    return out, result, json.loads((out / "rank_report.json").read_text())
+
+
+def test_regmix_cli_correlations_equal_scipy(regmix_run):
+    _, _, report = regmix_run
+    mixtures_1m = pd.read_csv(REGMIX / "test_mixture_1m.csv")
+    mixtures_60m = pd.read_csv(REGMIX / "test_mixture_60m.csv")
+    assert mixtures_1m.equals(mixtures_60m)  # the same 256 mixtures in the same order
+    proxy = pd.read_csv(REGMIX / "test_pile_loss_1m.csv").drop(columns="index")
+    truth = pd.read_csv(REGMIX / "test_pile_loss_60m.csv").drop(columns="index")
+    assert list(report["metrics"]) == [*proxy.columns, "mean"]
+    assert report["n_mixtures"] == 256 and len(report["mixture_columns"]) == 17
+    proxy["mean"], truth["mean"] = proxy.mean(axis=1), truth.mean(axis=1)
+    for metric, s in report["metrics"].items():
+        assert s["n"] == 256
+        assert s["spearman"] == pytest.approx(
+            stats.spearmanr(proxy[metric], truth[metric]).statistic, abs=1e-12
+        )
+        assert s["kendall"] == pytest.approx(
+            stats.kendalltau(proxy[metric], truth[metric]).statistic, abs=1e-12
+        )
+
+
+def test_regmix_report_matches_the_function(regmix_run):
+    out, result, report = regmix_run
+    assert all((out / name).stat().st_size > 0 for name in ("rank_report.md", "rank_scatter.png"))
+    proxy = pd.read_csv(REGMIX / "test_pile_loss_1m.csv").drop(columns="index")
+    truth = pd.read_csv(REGMIX / "test_pile_loss_60m.csv").drop(columns="index")
+    options = {"k": 3, "n_bootstrap": 200, "seed": 3, "confidence": 0.95}
+    assert report["options"] == options
+    for metric in ("metric/the_pile_arxiv_val_loss", "metric/the_pile_ubuntu_irc_val_loss"):
+        assert report["metrics"][metric] == _json_safe(
+            rank_statistics(proxy[metric], truth[metric], **options)
+        )
+    mean = rank_statistics(proxy.mean(axis=1), truth.mean(axis=1), **options)
+    assert report["metrics"]["mean"] == _json_safe(mean)
+    table = (out / "rank_report.md").read_text()
+    assert table.strip() in result.stdout
+    assert f"| **mean** | 256 | {mean['spearman']:.3f} [{mean['spearman_ci'][0]:.3f}" in table
+    assert len(table.strip().splitlines()) == 2 + 14
+
+
+def test_table_mode_joins_shuffled_rows_and_higher_is_better(tmp_path):
+    rng = np.random.default_rng(0)
+    weights = rng.dirichlet(np.ones(3), size=30).round(4)
+    weights[:, 2] = 1 - weights[:, :2].sum(axis=1)
+    acc = rng.uniform(size=30)
+    loss = rng.uniform(size=30)
+    proxy = pd.DataFrame(weights, columns=["w_a", "w_b", "w_c"]).assign(
+        acc=acc + 0.3 * rng.normal(size=30), loss=loss
+    )
+    truth = pd.DataFrame(weights, columns=["w_a", "w_b", "w_c"]).assign(acc=acc, loss=loss, note="x")
+    proxy["note"] = "y"
+    proxy.to_csv(tmp_path / "proxy.csv", index=False)
+    order = rng.permutation(30)
+    truth.iloc[order].to_csv(tmp_path / "truth.csv", index=False)
+    out = tmp_path / "out"
+    args = [
+        "--proxy",
+        str(tmp_path / "proxy.csv"),
+        "--truth",
+        str(tmp_path / "truth.csv"),
+        "--bootstrap",
+        "50",
+    ]
+    result = run_rank(*args, "--higher-is-better", "acc", "--metrics", "acc", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "rank_report.json").read_text())
+    expected = rank_statistics(proxy["acc"], acc, higher_is_better=True, n_bootstrap=50)
+    assert report["metrics"]["acc"] == _json_safe(expected)
+    assert report["metrics"]["mean"] == report["metrics"]["acc"]
+    mixed = run_rank(*args, "--higher-is-better", "acc", "--out", str(out))
+    report = json.loads((out / "rank_report.json").read_text())
+    assert mixed.returncode == 0 and list(report["metrics"]) == [
+        "acc",
+        "loss",
+    ]  # 'note' is text: not a metric
+    assert report["metrics"]["loss"]["spearman"] == pytest.approx(1.0)
+    assert "mix lower- and higher-is-better" in mixed.stdout
+
+
+def error_cases(tmp: Path) -> list[tuple[list[str], str]]:
+    good = tmp / "good.csv"
+    pd.DataFrame({"w_a": [0.5, 1.0, 0.0], "w_b": [0.5, 0.0, 1.0], "loss": [1.0, 2.0, 3.0]}).to_csv(
+        good, index=False
+    )
+    (tmp / "other.csv").write_text("w_a,w_b,acc\n0.5,0.5,1\n1.0,0.0,2\n0.0,1.0,3\n")
+    (tmp / "noweights.csv").write_text("a,b,loss\n0.5,0.5,1\n1.0,0.0,2\n")
+    (tmp / "malformed.csv").write_text('w_a,w_b,loss\n0.5,0.5,1\n1.0,0.0,2,7,8\n"0.1')
+    (tmp / "moved.csv").write_text("w_a,w_b,loss\n0.5,0.5,1\n0.9,0.1,2\n0.0,1.0,3\n")
+    (tmp / "sum.csv").write_text("w_a,w_b,loss\n0.5,0.5,1\n1.0,0.0,2\n0.5,0.6,3\n")
+    (tmp / "nan.csv").write_text("w_a,w_b,loss\n0.5,0.5,1\n1.0,0.0,\n0.0,1.0,3\n")
+    g = str(good)
+    return [
+        (["--proxy", str(tmp / "missing.csv"), "--truth", g], "missing.csv: no such file"),
+        (["--proxy", g, "--truth", str(tmp / "other.csv")], "share no numeric metric columns"),
+        (["--proxy", str(tmp / "noweights.csv"), "--truth", g], "no mixture columns"),
+        (["--proxy", str(tmp / "malformed.csv"), "--truth", g], "not a readable CSV table"),
+        (["--proxy", str(tmp / "moved.csv"), "--truth", g], "moved.csv: row 2 matches no truth row"),
+        (["--proxy", g, "--truth", str(tmp / "sum.csv")], "sum.csv: row 3: weights sum to 1.1"),
+        (["--proxy", g, "--truth", str(tmp / "nan.csv")], "nan.csv: column loss has 1 empty or NaN"),
+        (["--proxy", g, "--truth", g, "--higher-is-better", "acc"], "--higher-is-better names ['acc']"),
+        (["--proxy", f"{g}+{tmp / 'missing.csv'}", "--truth", g], "missing.csv: no such file"),
+        (["recipes/tiny.yaml", "--grid", g], "column w_a names an expert the recipe does not have"),
+    ]
+
+
+def test_cli_user_errors_are_one_line_exit_2(tmp_path):
+    for args, message in error_cases(tmp_path):
+        result = run_rank(*args, "--out", str(tmp_path / "out"))
+        assert result.returncode == 2, (args, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("mergeopt: error: "), (args, result.stderr)
+        assert message in lines[0], (message, lines[0])
+    assert not (tmp_path / "out").exists()

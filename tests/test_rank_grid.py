@@ -1,0 +1,77 @@
+"""rank RECIPE --grid: bad grid tables are one-line errors (exit 2) found before any model is loaded."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from tests.conftest import recipe_tree
+
+REPO = Path(__file__).parent.parent
+
+
+def grid_table(**changes) -> pd.DataFrame:
+    table = pd.DataFrame(
+        {
+            "w_alpha": [1.0, 0.5, 0.0],
+            "w_beta": [0.0, 0.5, 0.5],
+            "w_gamma": [0.0, 0.0, 0.5],
+            "loss_arith": [1.0, 2.0, 3.0],
+            "loss_markov": [2.0, 1.0, 3.0],
+        }
+    )
+    for column, values in changes.items():
+        if values is None:
+            table = table.drop(columns=column)
+        else:
+            table[column] = values
+    return table
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"w_delta": [0.0, 0.0, 0.0]}, "column w_delta names an expert the recipe does not have"),
+        ({"w_gamma": None}, "no weight column w_gamma"),
+        ({"w_gamma": [0.0, 0.1, 0.5]}, "row 3 weights sum to 1.100000"),
+        ({"loss_markov": None}, "no column loss_markov with the true loss of dev set 'markov'"),
+        ({"loss_arith": [1.0, None, 2.0]}, "true losses must be numbers"),
+    ],
+)
+def test_bad_grid_tables(random_world, tmp_path, changes, message):
+    grid = tmp_path / "grid.csv"
+    grid_table(**changes).to_csv(grid, index=False)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(recipe_tree(random_world, tmp_path / "out")))
+    result = subprocess.run(
+        [sys.executable, "-m", "mergeopt.rank", str(recipe), "--grid", str(grid), "--quiet"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_grid(random_world, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(recipe_tree(random_world, tmp_path / "out")))
+    result = subprocess.run(
+        [sys.executable, "-m", "mergeopt.rank", str(recipe)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=300,
+    )
+    assert result.returncode == 2 and "no grid table" in result.stderr
