@@ -116,8 +116,8 @@ class OptimSection(_Strict):
     eval_batch_size: int = Field(default=32, gt=0)
 
 
-class TinyWorldSection(_Strict):
-    """Where the built-in tiny world (paths written ``tiny://...``) is built and cached."""
+class WorldSection(_Strict):
+    """Where built-in worlds (paths written ``tiny://...``, ``smollm2://...``) are built and cached."""
 
     cache_dir: str | None = Field(default=None, description="Default: $MERGEOPT_CACHE or ~/.cache/mergeopt.")
     seed: int = 0
@@ -180,7 +180,7 @@ class Recipe(_Strict):
     data: DataSection
     weights: WeightsSection = WeightsSection()
     optim: OptimSection = OptimSection()
-    tiny_world: TinyWorldSection = TinyWorldSection()
+    world: WorldSection = WorldSection()
     train: TrainSection | None = None
     rank: RankSection = RankSection()
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 import mergeopt
-from mergeopt import toy
+from mergeopt import worlds
 from mergeopt.checkpoints import open_all
-from mergeopt.config import Recipe, load_recipe, recipe_from_dict, recipe_to_yaml
+from mergeopt.config import Recipe, load_recipe, recipe_to_yaml
 from mergeopt.data import DevSet, load_dev_set
 from mergeopt.errors import UserError, run_cli
 from mergeopt.files import write_csv_atomic, write_json_atomic, write_text_atomic
@@ -42,20 +42,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise UserError(f"device {name!r} requested but only {torch.cuda.device_count()} GPU(s) are visible")
     return device
-
-
-def resolve_tiny_world(recipe: Recipe, log: Callable[[str], None] = print) -> tuple[Recipe, Path | None]:
-    """Replace ``tiny://`` paths by the cached tiny world, building it on first use."""
-    paths = [recipe.model.base, *recipe.model.experts.values(), *(d.path for d in recipe.data.dev)]
-    if not toy.uses_tiny_world(paths):
-        return recipe, None
-    root = toy.ensure_world(recipe.tiny_world.cache_dir, recipe.tiny_world.seed, log)
-    tree = recipe.model_dump()
-    tree["model"]["base"] = toy.resolve(tree["model"]["base"], root)
-    tree["model"]["experts"] = {k: toy.resolve(v, root) for k, v in tree["model"]["experts"].items()}
-    for dev in tree["data"]["dev"]:
-        dev["path"] = toy.resolve(dev["path"], root)
-    return recipe_from_dict(tree), root
 
 
 @dataclass
@@ -156,7 +142,7 @@ def fit(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = prin
     """Run the whole fit and write the run directory; returns the content of mixture.json."""
     started = time.perf_counter()
     torch.manual_seed(recipe.seed)
-    resolved, world = resolve_tiny_world(recipe, log)
+    resolved, world_roots = worlds.resolve_recipe(recipe, log)
     if resolved.rank.grid is not None:  # a bad grid table is reported before any work
         from mergeopt.proxy import read_grid
 
@@ -221,7 +207,7 @@ def fit(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = prin
             "unchanged": len(stack.unchanged),
             "shared": len(stack.shared),
         },
-        "tiny_world": str(world) if world else None,
+        "worlds": {name: str(root) for name, root in world_roots.items()},
         "mergeopt_version": mergeopt.__version__,
         "wall_seconds": round(time.perf_counter() - started, 2),
     }

@@ -174,8 +174,8 @@ def _grid_main(args) -> int:
     import json
 
     from mergeopt.config import load_recipe
-    from mergeopt.fit import resolve_tiny_world
     from mergeopt.proxy import read_grid
+    from mergeopt.worlds import resolve_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     grid = args.grid or recipe.rank.grid
@@ -188,7 +188,7 @@ def _grid_main(args) -> int:
         mixture = json.loads(mixture_path.read_text())
     elif args.mixture:
         raise UserError(f"mixture {mixture_path} does not exist")
-    resolved, _ = resolve_tiny_world(recipe, (lambda _m: None) if args.quiet else print)
+    resolved, _ = resolve_recipe(recipe, (lambda _m: None) if args.quiet else print)
     report, pairs, proxy = rank_grid(resolved, grid, mixture=mixture, progress=not args.quiet)
     out = write_outputs(report, pairs, args.out or recipe.output_dir)
     print(markdown_table(report))

@@ -5,18 +5,14 @@ expert per domain is fine-tuned from it. The domains pull the weights in differe
 (arithmetic, string reversal, bracket closing, a Markov "language"), so the best merge is neither
 one expert nor the uniform average. Everything is written as ordinary Hugging Face checkpoints and
 JSONL files, so ``mergeopt.fit`` loads it exactly as it loads real checkpoints. Recipes refer to it
-with ``tiny://`` paths (``tiny://base``, ``tiny://experts/arith``, ``tiny://dev/arith.jsonl``); the
-world is built on first use and cached under ``$MERGEOPT_CACHE`` (default ``~/.cache/mergeopt``).
+with ``tiny://`` paths (``tiny://base``, ``tiny://experts/arith``, ``tiny://dev/arith.jsonl``,
+``tiny://train/arith.jsonl``); :mod:`mergeopt.worlds` builds it on first use and caches it.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
-import tempfile
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -25,7 +21,6 @@ import torch
 from mergeopt.data import Example, collate, tokenize
 
 WORLD_VERSION = 1
-SCHEME = "tiny://"
 DOMAINS = ("arith", "reverse", "brackets", "markov")
 CHARS = "0123456789abcdefghijklmnopqrstuvwxyz+=-()[]<>:;., "
 SPECIAL = ("<pad>", "<s>", "</s>", "<unk>")
@@ -146,16 +141,7 @@ def train_on(
     return float(loss.detach())
 
 
-# ----------------------------------------------------------------------------- building and caching
-
-
-def cache_root(cache_dir: str | None = None) -> Path:
-    root = cache_dir or os.environ.get("MERGEOPT_CACHE") or Path.home() / ".cache" / "mergeopt"
-    return Path(root).expanduser()
-
-
-def world_dir(cache_dir: str | None = None, seed: int = 0) -> Path:
-    return cache_root(cache_dir) / f"tiny-v{WORLD_VERSION}-seed{seed}"
+# ----------------------------------------------------------------------------- building
 
 
 def _write_jsonl(path: Path, records: Sequence[dict]) -> None:
@@ -163,77 +149,41 @@ def _write_jsonl(path: Path, records: Sequence[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
 
 
-def build_world(target: Path, seed: int = 0, log: Callable[[str], None] = print) -> Path:
-    """Build the tiny world into ``target`` (atomically: a half-built world is never visible)."""
+def build_into(root: Path, seed: int = 0, log: Callable[[str], None] = print) -> dict:
+    """Write the tiny world into the empty directory ``root``; returns its description.
+
+    Callers go through :func:`mergeopt.worlds.ensure`, which builds into a staging directory and
+    renames it into the cache, so a half-built world is never visible.
+    """
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    start = time.perf_counter()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
-    try:
-        torch.manual_seed(seed)
-        tokenizer = build_tokenizer()
-        samplers = domain_samplers(seed)
-        data: dict[str, dict[str, list[dict]]] = {}
-        for i, name in enumerate(DOMAINS):
-            rng = random.Random(seed * 1000 + i)
-            data[name] = {
-                split: [samplers[name](rng) for _ in range(n)]
-                for split, n in (("train", N_TRAIN), ("dev", N_DEV))
-            }
-            for split in ("train", "dev"):
-                _write_jsonl(staging / split / f"{name}.jsonl", data[name][split])
-        train = {name: [tokenize(r, tokenizer, 64) for r in data[name]["train"]] for name in DOMAINS}
-
-        log(f"tiny world: pretraining the base on a blend of {len(DOMAINS)} domains")
-        model = build_model(len(tokenizer), seed)
-        blend = [ex for name in DOMAINS for ex in train[name]]
-        train_on(model, blend, BASE_STEPS, BASE_LR, BATCH, seed)
-        model.save_pretrained(staging / "base")
-        tokenizer.save_pretrained(staging / "base")
-        base_state = {k: v.clone() for k, v in model.state_dict().items()}
-
-        for i, name in enumerate(DOMAINS):
-            log(f"tiny world: fine-tuning the {name} expert")
-            model.load_state_dict(base_state)
-            train_on(model, train[name], EXPERT_STEPS, EXPERT_LR, BATCH, seed + 1 + i)
-            model.save_pretrained(staging / "experts" / name)
-            tokenizer.save_pretrained(staging / "experts" / name)
-
-        meta = {
-            "version": WORLD_VERSION,
-            "seed": seed,
-            "domains": list(DOMAINS),
-            "build_seconds": round(time.perf_counter() - start, 1),
-            "model": MODEL,
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    samplers = domain_samplers(seed)
+    data: dict[str, dict[str, list[dict]]] = {}
+    for i, name in enumerate(DOMAINS):
+        rng = random.Random(seed * 1000 + i)
+        data[name] = {
+            split: [samplers[name](rng) for _ in range(n)]
+            for split, n in (("train", N_TRAIN), ("dev", N_DEV))
         }
-        (staging / "world.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        try:
-            staging.rename(target)
-        except OSError:  # another process finished first; its world is identical
-            if not (target / "world.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    log(f"tiny world: built in {time.perf_counter() - start:.0f} s at {target}")
-    return target
+        for split in ("train", "dev"):
+            _write_jsonl(root / split / f"{name}.jsonl", data[name][split])
+    train = {name: [tokenize(r, tokenizer, 64) for r in data[name]["train"]] for name in DOMAINS}
 
+    log(f"tiny world: pretraining the base on a blend of {len(DOMAINS)} domains")
+    model = build_model(len(tokenizer), seed)
+    blend = [ex for name in DOMAINS for ex in train[name]]
+    train_on(model, blend, BASE_STEPS, BASE_LR, BATCH, seed)
+    model.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
 
-def ensure_world(cache_dir: str | None = None, seed: int = 0, log: Callable[[str], None] = print) -> Path:
-    """The cached world for this seed, built first if missing."""
-    target = world_dir(cache_dir, seed)
-    if (target / "world.json").is_file():
-        return target
-    if target.exists():  # a leftover without its marker is not a world
-        shutil.rmtree(target)
-    return build_world(target, seed, log)
-
-
-def resolve(path: str, root: Path) -> str:
-    """``tiny://experts/arith`` -> ``<root>/experts/arith``; other paths unchanged."""
-    return str(root / path[len(SCHEME) :]) if path.startswith(SCHEME) else path
-
-
-def uses_tiny_world(paths: Sequence[str]) -> bool:
-    return any(p.startswith(SCHEME) for p in paths)
+    for i, name in enumerate(DOMAINS):
+        log(f"tiny world: fine-tuning the {name} expert")
+        model.load_state_dict(base_state)
+        train_on(model, train[name], EXPERT_STEPS, EXPERT_LR, BATCH, seed + 1 + i)
+        model.save_pretrained(root / "experts" / name)
+        tokenizer.save_pretrained(root / "experts" / name)
+    return {"domains": list(DOMAINS), "model": MODEL}

@@ -28,9 +28,10 @@ from mergeopt.config import Recipe, TrainSection, load_recipe
 from mergeopt.data import Batch, Example, collate, evaluation_batches, load_dev_set, read_jsonl, tokenize
 from mergeopt.errors import UserError, run_cli
 from mergeopt.files import write_csv_atomic, write_json_atomic
-from mergeopt.fit import resolve_device, resolve_tiny_world
+from mergeopt.fit import resolve_device
 from mergeopt.mixtures import mixture_set
 from mergeopt.objectives import per_set_loss_sums
+from mergeopt.worlds import resolve_recipe
 
 RUN_MARKER = "run.json"
 
@@ -78,7 +79,8 @@ def _fingerprint(recipe: Recipe) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _finished(path: Path, fingerprint: str) -> bool:
+def _finished(path: Path, fingerprint: str, weights: dict[str, float]) -> bool:
+    """True for a finished run of this recipe and mixture; an error for a run of another one."""
     marker = path / RUN_MARKER
     if not marker.is_file():
         return False
@@ -87,6 +89,12 @@ def _finished(path: Path, fingerprint: str) -> bool:
         raise UserError(
             f"{path} was trained with a different recipe (base, data, budget or optimizer changed); "
             "delete it or choose another train.output_dir / model.experts path"
+        )
+    trained = info.get("weights", {})
+    if set(trained) != set(weights) or any(abs(trained[n] - weights[n]) > 1e-9 for n in weights):
+        raise UserError(
+            f"{path} holds a run of mixture {trained}, not {weights} (train.mixtures changed); "
+            "delete it or choose another train.output_dir"
         )
     return True
 
@@ -186,13 +194,12 @@ def train(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = pr
     if recipe.train is None:
         raise UserError("the recipe has no train section: nothing to train")
     hf_logging.disable_progress_bar()
-    resolved, _ = resolve_tiny_world(recipe, log)
+    resolved, _ = resolve_recipe(recipe, log)
     cfg = resolved.train
-    data_paths = {n: resolve_path(p, recipe) for n, p in cfg.data.items()}
     device = resolve_device(resolved.device)
     tokenizer = AutoTokenizer.from_pretrained(resolved.model.base)
     names = resolved.expert_names
-    domains = {n: load_examples(data_paths[n], tokenizer, cfg.max_length) for n in names}
+    domains = {n: load_examples(cfg.data[n], tokenizer, cfg.max_length) for n in names}
     sets = [
         load_dev_set(d.name, d.path, d.weight, tokenizer, resolved.data.max_length, 0.0, resolved.seed)
         for d in resolved.data.dev
@@ -212,7 +219,7 @@ def train(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = pr
             runs.append((w, path))
         grid_runs.append((w, path))
 
-    todo = [(w, p) for w, p in runs if not _finished(p, fingerprint)]
+    todo = [(w, p) for w, p in runs if not _finished(p, fingerprint, w)]
     log(
         f"{len(runs)} runs ({len(names)} experts, {len(runs) - len(names)} mixtures): "
         f"{len(runs) - len(todo)} finished, {len(todo)} to train ({cfg.method}, {cfg.steps} steps x "
@@ -235,14 +242,6 @@ def train(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = pr
     grid = write_csv_atomic(out_dir / "grid.csv", rows, columns)
     log(f"wrote {grid} ({len(rows)} mixtures)")
     return grid
-
-
-def resolve_path(path: str, recipe: Recipe) -> str:
-    from mergeopt import toy
-
-    if not path.startswith(toy.SCHEME):
-        return path
-    return toy.resolve(path, toy.world_dir(recipe.tiny_world.cache_dir, recipe.tiny_world.seed))
 
 
 def main(argv: Sequence[str]) -> int:

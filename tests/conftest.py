@@ -13,7 +13,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
-from mergeopt import toy
+from mergeopt import toy, worlds
 
 hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()
@@ -106,7 +106,7 @@ def recipe_tree(world: dict, output_dir: Path, **sections) -> dict:
 def tiny_world(tmp_path_factory) -> Path:
     """The real tiny world (pretrained base, trained experts), built once into a private cache."""
     cache = os.environ.get("MERGEOPT_TEST_CACHE") or str(tmp_path_factory.mktemp("cache"))
-    return toy.ensure_world(cache, seed=0, log=lambda _m: None)
+    return worlds.ensure("tiny", cache, seed=0, log=lambda _m: None)
 
 
 REPO = Path(__file__).parent.parent

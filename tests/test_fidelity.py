@@ -16,6 +16,7 @@ import yaml
 from mergeopt.config import recipe_from_dict
 from mergeopt.fit import fit
 from mergeopt.train import train
+from mergeopt.worlds import resolve_recipe
 
 REPO = Path(__file__).parent.parent
 
@@ -28,7 +29,7 @@ def fidelity_run(tiny_world, tmp_path_factory):
     tree["train"]["output_dir"] = str(tmp / "grid")
     tree["rank"]["grid"] = str(tmp / "grid" / "grid.csv")
     tree["output_dir"] = str(tmp / "fit")
-    tree["tiny_world"] = {"cache_dir": str(tiny_world.parent)}
+    tree["world"] = {"cache_dir": str(tiny_world.parent)}
     tree["device"] = "cpu"
     recipe = recipe_from_dict(tree)
     train(recipe, progress=False, log=lambda _m: None)
@@ -50,10 +51,10 @@ def test_merged_proxy_ranks_the_trained_mixtures(fidelity_run):
 def test_at_the_grid_vertices_proxy_and_truth_are_the_same_expert(fidelity_run, tiny_world):
     """w = e_i merges to expert i, and the grid's row for e_i is that very expert: equal losses."""
     tree, tmp, _ = fidelity_run
-    from mergeopt.fit import load_problem, resolve_tiny_world
+    from mergeopt.fit import load_problem
     from mergeopt.proxy import proxy_losses, read_grid
 
-    recipe, _ = resolve_tiny_world(recipe_from_dict(tree), log=lambda _m: None)
+    recipe, _ = resolve_recipe(recipe_from_dict(tree), log=lambda _m: None)
     grid = read_grid(tmp / "grid" / "grid.csv", recipe.expert_names)
     vertices = grid[(grid[[f"w_{n}" for n in recipe.expert_names]] == 1.0).any(axis=1)]
     assert len(vertices) == 4

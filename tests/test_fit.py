@@ -25,7 +25,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def tiny_run(tiny_world, tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_run") / "run"
-    result = run_cli(str(TINY), f"output_dir={out}", f"tiny_world.cache_dir={tiny_world.parent}", "--quiet")
+    result = run_cli(str(TINY), f"output_dir={out}", f"world.cache_dir={tiny_world.parent}", "--quiet")
     assert result.returncode == 0, result.stderr
     return out, result
 

@@ -93,6 +93,18 @@ def test_a_changed_recipe_does_not_reuse_old_runs(trained):
         train(recipe_from_dict(changed), progress=False, log=lambda _m: None)
 
 
+def test_a_changed_mixture_set_does_not_reuse_old_runs(trained):
+    tree, _, _ = trained
+    changed = json.loads(json.dumps(tree))
+    # the second mixture of the set lands in mixtures/001, which holds the lattice's (0, 0.5, 0.5)
+    changed["train"]["mixtures"] = {
+        "kind": "list",
+        "weights": [{"alpha": 1.0, "beta": 0.0, "gamma": 0.0}, {"alpha": 0.2, "beta": 0.3, "gamma": 0.5}],
+    }
+    with pytest.raises(UserError, match="holds a run of mixture"):
+        train(recipe_from_dict(changed), progress=False, log=lambda _m: None)
+
+
 def test_expert_is_trained_on_its_own_domain_only(trained):
     tree, tmp, _ = trained
     info = json.loads((tmp / "experts" / "beta" / RUN_MARKER).read_text())

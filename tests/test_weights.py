@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mergeopt.weights import as_mapping, initial_logits, logits_for, weights_from_logits
@@ -28,6 +28,7 @@ def test_uniform_start_and_given_start():
         assert as_mapping(names, w) == pytest.approx(init, abs=1e-12)
 
 
+@settings(deadline=None)  # timing varies on a shared CPU; the property is what is tested
 @given(st.lists(st.floats(0.01, 1.0), min_size=2, max_size=8), st.floats(0.1, 5.0))
 def test_logits_for_inverts_softmax(raw, temperature):
     w = torch.tensor(raw, dtype=torch.float64)
