@@ -116,6 +116,126 @@ class OptimSection(_Strict):
     eval_batch_size: int = Field(default=32, gt=0)
 
 
+class MergeSection(_Strict):
+    """How the experts are merged at mixture w (mergeopt.methods): θ0 + scale · Σ_i c_i(w) τ'_i."""
+
+    method: Literal["linear", "ties", "dare_linear", "dare_ties"] = Field(
+        default="linear",
+        description="linear (task arithmetic), ties (trim, elect sign, disjoint mean), dare_linear, dare_ties.",
+    )
+    scale: float = Field(default=1.0, gt=0.0, description="Global task-vector scale λ (1: on the simplex).")
+    density: float = Field(
+        default=0.5, gt=0.0, le=1.0, description="ties/dare: fraction of each task vector kept."
+    )
+    majority_sign: Literal["total", "frequency"] = Field(
+        default="total", description="ties/dare_ties: sign election by summed values or by counts."
+    )
+    mixup_alpha: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="M³ mixup on top of the method: coefficients w·λ/Σ(w·λ), λ ~ Dirichlet(α) drawn once per run.",
+    )
+
+
+class ObjectiveTerm(_Strict):
+    """One score of the merged model; several terms combine into one utility (a weighted macro-average)."""
+
+    kind: Literal["loss", "exact_match", "choice_accuracy", "custom"] = Field(
+        description="loss (differentiable), exact_match (greedy generation), choice_accuracy (log-likelihood of options), custom."
+    )
+    dev: str = Field(default="all", description="Dev set it is scored on ('all' only for loss).")
+    weight: float = Field(default=1.0, gt=0.0, description="Share of this term in the utility.")
+    name: str | None = Field(default=None, description="Column name in logs; default '<kind>:<dev>'.")
+    function: str | None = Field(
+        default=None, description="custom: 'package.module:function' called with (model, tokenizer, records)."
+    )
+    higher_is_better: bool = Field(default=True, description="custom: direction of the score.")
+    max_new_tokens: int = Field(default=32, gt=0, description="exact_match: greedy tokens generated.")
+    length_normalize: bool = Field(
+        default=False, description="choice_accuracy: score options by log-likelihood per character."
+    )
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.kind}:{self.dev}"
+
+    @model_validator(mode="after")
+    def _fields_fit_kind(self) -> ObjectiveTerm:
+        if self.kind == "custom":
+            if not self.function or not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", self.function):
+                raise ValueError("a custom term needs function: 'package.module:function'")
+        elif self.function is not None:
+            raise ValueError(f"function is only for kind 'custom', not {self.kind!r}")
+        if self.kind != "loss" and self.dev == "all":
+            raise ValueError(f"a {self.kind} term must name one dev set (dev: <name>)")
+        return self
+
+
+class ObjectiveSection(_Strict):
+    """What the search maximizes. No terms: minimize the dev loss of data.target (differentiable)."""
+
+    terms: tuple[ObjectiveTerm, ...] = Field(default=(), description="Scores combined into the utility.")
+    normalize: Literal["none", "experts"] = Field(
+        default="none",
+        description="experts: min-max each term over the K single experts before averaging (MergeMix).",
+    )
+
+
+class GridSearch(_Strict):
+    divisions: int = Field(default=10, gt=0, description="grid: lattice step 1/divisions (10: step 0.1).")
+
+
+class DirichletSearch(_Strict):
+    alpha: float = Field(
+        default=1.0, gt=0.0, description="dirichlet: concentration; Beta(α, α) for K = 2 (M³)."
+    )
+    samples: int = Field(default=64, gt=0, description="dirichlet: mixtures drawn (best of N).")
+
+
+class CmaesSearch(_Strict):
+    sigma: float = Field(default=1.0, gt=0.0, description="cmaes: initial step size on the logits.")
+    population: int | None = Field(
+        default=None, gt=1, description="cmaes: population; library default if null."
+    )
+
+
+class SpsaSearch(_Strict):
+    lr: float = Field(default=1.0, gt=0.0, description="spsa: gain a in a_k = a / (k + 1 + A)^0.602.")
+    perturbation: float = Field(default=0.3, gt=0.0, description="spsa: c in c_k = c / (k + 1)^0.101.")
+    stability: float = Field(default=5.0, ge=0.0, description="spsa: A.")
+
+
+class SurrogateSearch(_Strict):
+    seeds: int = Field(default=40, gt=1, description="surrogate: evaluated Dirichlet mixtures to fit on.")
+    alpha: float = Field(
+        default=1.0, gt=0.0, description="surrogate: Dirichlet concentration of seeds and candidates."
+    )
+    candidates: int = Field(default=100_000, gt=0, description="surrogate: mixtures scored by the surrogate.")
+    verify: int = Field(default=5, gt=0, description="surrogate: best predicted mixtures evaluated for real.")
+    n_estimators: int = Field(default=300, gt=0, description="surrogate: LightGBM boosting rounds.")
+    learning_rate: float = Field(default=0.05, gt=0.0, description="surrogate: LightGBM learning rate.")
+    num_leaves: int = Field(default=8, gt=1, description="surrogate: LightGBM leaves per tree.")
+    min_child_samples: int = Field(default=3, gt=0, description="surrogate: LightGBM min samples per leaf.")
+
+
+class SearchSection(_Strict):
+    """Which strategy searches the simplex, and its evaluation budget."""
+
+    strategy: Literal["gradient", "grid", "dirichlet", "cmaes", "spsa", "surrogate"] = Field(
+        default="gradient", description="gradient needs a differentiable objective (loss terms only)."
+    )
+    budget: int | None = Field(
+        default=None,
+        gt=0,
+        description="Most full dev-set evaluations (zero-order); null: the strategy's own count.",
+    )
+    grid: GridSearch = GridSearch()
+    dirichlet: DirichletSearch = DirichletSearch()
+    cmaes: CmaesSearch = CmaesSearch()
+    spsa: SpsaSearch = SpsaSearch()
+    surrogate: SurrogateSearch = SurrogateSearch()
+
+
 class WorldSection(_Strict):
     """Where built-in worlds (paths written ``tiny://...``, ``smollm2://...``) are built and cached."""
 
@@ -180,6 +300,9 @@ class Recipe(_Strict):
     data: DataSection
     weights: WeightsSection = WeightsSection()
     optim: OptimSection = OptimSection()
+    merge: MergeSection = MergeSection()
+    objective: ObjectiveSection = ObjectiveSection()
+    search: SearchSection = SearchSection()
     world: WorldSection = WorldSection()
     train: TrainSection | None = None
     rank: RankSection = RankSection()
@@ -219,6 +342,40 @@ class Recipe(_Strict):
                 raise ValueError(f"train.mixtures.weights[{i}] is not on the simplex: {mixture}")
         if self.train.mixtures.kind == "list" and not self.train.mixtures.weights:
             raise ValueError("train.mixtures.kind is 'list' but train.mixtures.weights is empty")
+        return self
+
+    @model_validator(mode="after")
+    def _objective_fits_data(self) -> Recipe:
+        names = {d.name for d in self.data.dev}
+        labels = []
+        for i, term in enumerate(self.objective.terms):
+            if term.dev != "all" and term.dev not in names:
+                raise ValueError(
+                    f"objective.terms[{i}].dev {term.dev!r} is not a dev set ({', '.join(sorted(names))})"
+                )
+            labels.append(term.label)
+        dupes = sorted({x for x in labels if labels.count(x) > 1})
+        if dupes:
+            raise ValueError(f"objective term names must be unique (set name:), repeated: {', '.join(dupes)}")
+        differentiable = all(t.kind == "loss" for t in self.objective.terms)
+        if self.search.strategy == "gradient" and not differentiable:
+            kinds = sorted({t.kind for t in self.objective.terms if t.kind != "loss"})
+            raise ValueError(
+                f"search.strategy 'gradient' needs a differentiable objective, but the terms include {', '.join(kinds)}"
+                " (use grid, dirichlet, cmaes, spsa or surrogate)"
+            )
+        if self.search.strategy == "gradient" and self.objective.normalize != "none":
+            raise ValueError("objective.normalize 'experts' needs a zero-order search.strategy")
+        s = self.search
+        if (
+            s.strategy == "surrogate"
+            and s.budget is not None
+            and s.budget < s.surrogate.seeds + s.surrogate.verify
+        ):
+            raise ValueError(
+                f"search.budget {s.budget} is smaller than the surrogate's seeds + verify "
+                f"({s.surrogate.seeds} + {s.surrogate.verify})"
+            )
         return self
 
     @property
