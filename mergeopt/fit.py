@@ -109,7 +109,15 @@ def load_problem(recipe: Recipe, progress: bool = True) -> Problem:
     if not on_gpu:
         model.to(device)
     model.eval()
-    stack = build_stack(model, experts, recipe.model.exclude, DTYPES[recipe.model.stack_dtype], progress)
+    stack = build_stack(
+        model,
+        experts,
+        recipe.model.exclude,
+        DTYPES[recipe.model.stack_dtype],
+        progress,
+        merge=recipe.merge,
+        seed=recipe.seed,
+    )
     for ckpt in experts.values():
         ckpt.close()
     return Problem(model, stack, sets, set_weights, pad_id, device)
@@ -194,7 +202,7 @@ def fit(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = prin
         "best_step": result.best_step,
         "stopped_early": result.stopped_early,
         "strategy": "gradient",
-        "method": "linear",
+        "method": stack.method,
         "temperature": resolved.weights.temperature,
         "logits": as_mapping(names, result.logits),
         "seed": resolved.seed,

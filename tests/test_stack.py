@@ -11,7 +11,6 @@ from transformers import AutoModelForCausalLM
 
 from mergeopt.checkpoints import open_all
 from mergeopt.errors import UserError
-from mergeopt.methods import METHODS, get_method
 from mergeopt.methods.linear import merge_linear
 from mergeopt.stack import build_stack
 
@@ -133,12 +132,6 @@ def test_bfloat16_stack_is_merged_in_float32():
     got = merge_linear(base, deltas, w)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
-
-
-def test_method_registry():
-    assert get_method("linear") is merge_linear and "linear" in METHODS
-    with pytest.raises(UserError, match="unknown merge method 'slerpy'"):
-        get_method("slerpy")
 
 
 def test_wrong_number_of_weights(loaded):

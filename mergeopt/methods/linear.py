@@ -6,6 +6,10 @@ two passes over the K·P stack and nothing else. Arithmetic is in float32 (float
 base) whatever the stack's storage dtype. Given ``out``, the merge is written into that
 preallocated tensor instead of a fresh one: a fitting loop reuses one buffer per parameter rather
 than allocating (and page-faulting) a full copy of the model every step.
+
+The kernel merges every registered method, not just this one: the stack feeds it each method's
+prepared task vectors in anchor form (see :mod:`mergeopt.methods`). ``prepare`` and ``reference``
+are this method's entries in that registry.
 """
 
 from __future__ import annotations
@@ -44,3 +48,16 @@ def merge_linear(
         raise ValueError(f"out must be a contiguous {compute} tensor of shape {tuple(base.shape)}")
     merged = _LinearMerge.apply(weights, base, deltas, out.detach())  # no history carried over
     return merged if merged.dtype == base.dtype else merged.to(base.dtype)
+
+
+def prepare(task_vectors: torch.Tensor) -> torch.Tensor:
+    """Task arithmetic uses the task vectors as they are."""
+    return task_vectors
+
+
+def reference(
+    base: torch.Tensor, task_vectors: torch.Tensor, weights: torch.Tensor, scale: float = 1.0
+) -> torch.Tensor:
+    """θ0 + scale Σ_i w_i τ_i in plain torch (peft's ``task_arithmetic`` plus the base)."""
+    shaped = weights.reshape(-1, *([1] * (task_vectors.dim() - 1)))
+    return base + scale * (task_vectors * shaped).sum(dim=0)

@@ -1,0 +1,82 @@
+"""DARE (Yu et al. 2024): drop each task-vector entry with probability 1 − density, rescale by 1/density.
+
+``dare_linear`` then merges linearly, ``dare_ties`` with TIES's sign election and disjoint mean.
+Why it fits the stack: the drop mask is random but drawn from τ's shape alone, once per run, so
+τ' = drop(τ) is fixed and the merge is linear in w. The mask must be the same at every step (a new
+mask per step would make the objective noisy) and reproducible from the recipe seed: each parameter
+gets its own ``torch.Generator`` seeded from (seed, parameter name), on the parameter's device, and
+draws one ``bernoulli`` per expert in expert order. That is exactly what peft's ``dare_linear`` and
+``dare_ties`` draw from the global generator, so with the same seed the masks are the same.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+from mergeopt.methods.ties import MajoritySign, disjoint, disjoint_reference
+
+
+def parameter_generator(seed: int, name: str, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of one parameter's masks: independent of the order parameters are built in.
+
+    The seed is crc32 of "seed/name": 32 bits, because torch's CPU generator (mt19937) ignores the
+    upper half of a 64-bit seed.
+    """
+    return torch.Generator(device=device).manual_seed(zlib.crc32(f"{seed}/{name}".encode()))
+
+
+def drop(task_vectors: torch.Tensor, density: float, generator: torch.Generator | None) -> torch.Tensor:
+    """τ_i · Bernoulli(density) / density per expert, as peft's ``prune(..., 'random', rescale=True)``.
+
+    ``generator=None`` draws from torch's global generator, as peft does.
+    """
+    if density >= 1:  # peft keeps the tensor and draws nothing
+        return task_vectors
+    dropped = torch.empty_like(task_vectors)
+    for tau, out in zip(task_vectors, dropped):
+        mask = torch.bernoulli(torch.full_like(tau, density), generator=generator)
+        torch.div(tau * mask, density, out=out)
+    return dropped
+
+
+def prepare_linear(
+    task_vectors: torch.Tensor, density: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    return drop(task_vectors, density, generator)
+
+
+def prepare_ties(
+    task_vectors: torch.Tensor,
+    density: float,
+    majority_sign: MajoritySign,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    return disjoint(drop(task_vectors, density, generator), majority_sign)
+
+
+def reference_linear(
+    base: torch.Tensor,
+    task_vectors: torch.Tensor,
+    weights: torch.Tensor,
+    scale: float = 1.0,
+    density: float = 0.5,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    dropped = drop(task_vectors, density, generator)
+    shaped = weights.reshape(-1, *([1] * (dropped.dim() - 1)))
+    return base + scale * (dropped * shaped).sum(dim=0)
+
+
+def reference_ties(
+    base: torch.Tensor,
+    task_vectors: torch.Tensor,
+    weights: torch.Tensor,
+    scale: float = 1.0,
+    density: float = 0.5,
+    majority_sign: MajoritySign = "total",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    dropped = drop(task_vectors, density, generator)
+    return disjoint_reference(base, dropped, weights, scale, majority_sign)

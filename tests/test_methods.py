@@ -1,0 +1,285 @@
+"""Every registered merge method, as one matrix, against the truth: peft.utils.merge_utils' output,
+one-hot identities, central finite differences of the gradient, the stack's fast anchor-form path
+against the pure reference function, seeded DARE masks and M³ draws, and the registry's names."""
+
+from __future__ import annotations
+
+from typing import get_args
+
+import numpy as np
+import pytest
+import torch
+from peft.utils import merge_utils
+from transformers import LlamaForCausalLM
+
+from mergeopt.config import MergeSection
+from mergeopt.errors import UserError
+from mergeopt.methods import METHODS, get_method, mixup
+from mergeopt.methods.dare import parameter_generator
+from mergeopt.stack import build_stack
+from tests.conftest import perturbed, tiny_config
+
+SHAPES = [(11,), (6, 5), (3, 4, 5)]
+DENSITY = 0.6
+K = 3
+
+
+def peft_delta(name, task_vectors, weights, density, majority_sign):
+    """peft's merged delta Σ_i w_i τ'_i for the method of that name."""
+    tvs = list(task_vectors)
+    if name == "linear":
+        return merge_utils.task_arithmetic(tvs, weights)
+    if name == "ties":
+        return merge_utils.ties(tvs, weights, density, majority_sign)
+    if name == "dare_linear":
+        return merge_utils.dare_linear(tvs, weights, density)
+    return merge_utils.dare_ties(tvs, weights, density, majority_sign)
+
+
+def options(name, seed=0, density=DENSITY, majority_sign="total"):
+    """The method's keyword options, with a fresh generator at ``seed`` for random methods."""
+    method = get_method(name)
+    opts = method.options(MergeSection(method=name, density=density, majority_sign=majority_sign))
+    if method.random:
+        opts["generator"] = torch.Generator().manual_seed(seed)
+    return opts
+
+
+def problem(shape, dtype, seed=0, k=K):
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=gen, dtype=dtype)
+    tau = 0.1 * torch.randn((k, *shape), generator=gen, dtype=dtype)
+    w = torch.softmax(torch.randn(k, generator=gen, dtype=dtype), 0)
+    return base, tau, w
+
+
+CASES = [
+    (name, sign)
+    for name, method in METHODS.items()
+    for sign in (("total", "frequency") if "majority_sign" in method.params else ("total",))
+]
+
+
+def test_registry_names_are_exactly_the_recipe_methods():
+    assert set(METHODS) == set(get_args(MergeSection.model_fields["method"].annotation))
+    assert all(METHODS[n].name == n for n in METHODS)
+
+
+def test_unknown_method_is_a_user_error_naming_it():
+    with pytest.raises(UserError, match=r"unknown merge method 'slerpy'; known: dare_linear, dare_ties"):
+        get_method("slerpy")
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-6), (torch.float64, 1e-13)])
+@pytest.mark.parametrize("name, sign", CASES)
+def test_reference_and_prepared_form_agree_with_peft(name, sign, dtype, atol):
+    """θ0 + scale · peft_delta, for the reference and for θ0 + scale Σ w_i prepare(τ)_i alike.
+
+    peft's dare_* draw from the global generator; ours from a Generator with the same seed.
+    """
+    scale, seed = 0.8, 7
+    method = METHODS[name]
+    for i, shape in enumerate(SHAPES):
+        base, tau, w = problem(shape, dtype, seed=i)
+        torch.manual_seed(seed)
+        want = base + scale * peft_delta(name, tau, w, DENSITY, sign)
+        got = method.reference(base, tau, w, scale=scale, **options(name, seed, majority_sign=sign))
+        torch.testing.assert_close(got, want, atol=atol, rtol=0)
+        prepared = method.prepare(tau, **options(name, seed, majority_sign=sign))
+        via_prepared = base + scale * torch.einsum("k,k...->...", w, prepared)
+        torch.testing.assert_close(via_prepared, want, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("name, sign", CASES)
+def test_one_hot_weights_give_the_vertex(name, sign):
+    """At w = e_j: the reference is θ0 + scale τ'_j, and equals peft with one-hot weights."""
+    method = METHODS[name]
+    base, tau, _ = problem((6, 5), torch.float64)
+    prepared = method.prepare(tau, **options(name, 3, majority_sign=sign))
+    for j, e in enumerate(torch.eye(K, dtype=torch.float64)):
+        got = method.reference(base, tau, e, scale=1.5, **options(name, 3, majority_sign=sign))
+        torch.testing.assert_close(got, base + 1.5 * prepared[j], atol=1e-14, rtol=0)
+        torch.manual_seed(3)
+        torch.testing.assert_close(
+            got, base + 1.5 * peft_delta(name, tau, e, DENSITY, sign), atol=1e-14, rtol=0
+        )
+        assert torch.equal(mixup.coefficients(e, mixup.draw(0.4, K, 0)), e)  # mixup keeps vertices
+
+
+def test_linear_one_hot_reproduces_the_expert():
+    base, tau, _ = problem((6, 5), torch.float64)
+    experts = base + tau
+    for j, e in enumerate(torch.eye(K, dtype=torch.float64)):
+        torch.testing.assert_close(
+            METHODS["linear"].reference(base, experts - base, e), experts[j], atol=1e-15, rtol=0
+        )
+
+
+def test_dare_linear_at_density_one_is_linear():
+    base, tau, w = problem((6, 5), torch.float64)
+    want = METHODS["linear"].reference(base, tau, w, scale=0.9)
+    got = METHODS["dare_linear"].reference(base, tau, w, scale=0.9, **options("dare_linear", density=1.0))
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("alpha", [None, 0.5])
+@pytest.mark.parametrize("name", list(METHODS))
+def test_gradient_reaches_every_weight_and_matches_finite_differences(name, alpha):
+    method = METHODS[name]
+    base, tau, w = problem((6, 5), torch.float64)
+    probe = torch.randn(6, 5, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    lam = None if alpha is None else mixup.draw(alpha, K, 1)
+
+    def loss(weights):
+        coeffs = weights if lam is None else mixup.coefficients(weights, lam)
+        merged = method.reference(base, tau, coeffs, scale=1.3, **options(name, 5))
+        return (torch.sin(4 * merged) * probe).sum()
+
+    weights = w.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(loss(weights), weights)
+    eps = 1e-6
+    numeric = torch.stack(
+        [(loss(w + eps * e) - loss(w - eps * e)) / (2 * eps) for e in torch.eye(K, dtype=w.dtype)]
+    )
+    assert grad.abs().min() > 1e-3, f"a weight gets no gradient: {grad}"
+    torch.testing.assert_close(grad, numeric, rtol=1e-6, atol=1e-8)
+
+
+# --- the stack's fast path against the reference -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    """A float64 tiny Llama θ0 and three perturbed experts in which one tensor is untouched by every
+    expert and one is changed identically by all (the unchanged / shared bookkeeping)."""
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(tiny_config()).double().eval()
+    theta0 = {k: v.clone() for k, v in base.state_dict().items()}
+    experts = {}
+    for i, name in enumerate(("a", "b", "c")):
+        sd = perturbed(base, 300 + i).double().state_dict()
+        sd["model.norm.weight"] = theta0["model.norm.weight"].clone()
+        sd["lm_head.weight"] = theta0["lm_head.weight"] * 1.5
+        experts[name] = sd
+    return theta0, experts
+
+
+def fresh_model(theta0):
+    model = LlamaForCausalLM(tiny_config()).double().eval()
+    model.load_state_dict(theta0)
+    return model
+
+
+def reference_params(theta0, experts, merge, seed, w):
+    """Every parameter by the pure reference function, DARE generators seeded as the stack seeds them."""
+    method = get_method(merge.method)
+    coeffs = w if merge.mixup_alpha is None else mixup.coefficients(w, mixup.draw(merge.mixup_alpha, K, seed))
+    out = {}
+    for name, base in theta0.items():
+        tau = torch.stack([e[name] for e in experts.values()]) - base
+        opts = method.options(merge)
+        if method.random:
+            opts["generator"] = parameter_generator(seed, name)
+        out[name] = method.reference(base, tau, coeffs, scale=merge.scale, **opts)
+    return out
+
+
+@pytest.mark.parametrize("scale, alpha", [(1.0, None), (0.7, 0.5)])
+@pytest.mark.parametrize("name", list(METHODS))
+def test_stack_fast_path_equals_the_reference(tiny_llama, name, scale, alpha):
+    """Values and d(loss)/dw of anchor + Σ_{i≥2} w_i deltas_i equal θ0 + λ Σ_i c_i(w) τ'_i, parameter by
+    parameter, unstacked ones (left in the model) included, at several w on the simplex."""
+    theta0, experts = tiny_llama
+    merge = MergeSection(method=name, scale=scale, density=DENSITY, mixup_alpha=alpha)
+    model = fresh_model(theta0)
+    stack = build_stack(model, experts, dtype=torch.float64, progress=False, merge=merge, seed=11)
+    assert stack.unchanged == ["model.norm.weight"]
+    # identical experts stay identical after a deterministic prepare, but DARE draws each its own mask
+    assert ("lm_head.weight" in stack.shared) == (not get_method(name).random)
+    model_params = {n: p.detach() for n, p in model.named_parameters()}
+    gen = torch.Generator().manual_seed(2)
+    for logits in [torch.randn(K, generator=gen, dtype=torch.float64) for _ in range(3)]:
+        # the anchor form sees w only through w_2..w_K (w_1 = 1 − Σ): compare gradients in the logits
+        z, zr = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+        merged = stack.merged(torch.softmax(z, 0))
+        got = {**model_params, **merged}
+        want = reference_params(theta0, experts, merge, 11, torch.softmax(zr, 0))
+        assert got.keys() == want.keys()
+        for pname in want:
+            torch.testing.assert_close(got[pname], want[pname], atol=1e-13, rtol=0, msg=pname)
+        probes = {
+            n: torch.cos(torch.arange(t.numel(), dtype=torch.float64)).reshape(t.shape)
+            for n, t in merged.items()
+        }
+        (grad,) = torch.autograd.grad(sum((merged[n] * p).sum() for n, p in probes.items()), z)
+        (grad_ref,) = torch.autograd.grad(sum((want[n] * p).sum() for n, p in probes.items()), zr)
+        assert grad.abs().min() > 1e-3
+        torch.testing.assert_close(grad, grad_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_stack_records_the_method_for_mixture_json(tiny_llama):
+    theta0, experts = tiny_llama
+    merge = MergeSection(
+        method="dare_ties", scale=2.0, density=0.3, majority_sign="frequency", mixup_alpha=0.5
+    )
+    stack = build_stack(fresh_model(theta0), experts, progress=False, merge=merge, seed=4)
+    assert stack.method == {
+        "name": "dare_ties",
+        "scale": 2.0,
+        "density": 0.3,
+        "majority_sign": "frequency",
+        "mixup_alpha": 0.5,
+        "mixup_lambda": np.random.default_rng(4).dirichlet([0.5] * 3).tolist(),
+        "seed": 4,
+    }
+    plain = build_stack(fresh_model(theta0), experts, progress=False)
+    assert plain.method == {"name": "linear", "scale": 1.0} and plain.mixup is None
+
+
+# --- seeds ---------------------------------------------------------------------------------------------
+
+
+def test_dare_masks_are_seeded_per_run_and_parameter():
+    _, tau, _ = problem((40, 30), torch.float32)
+    prepare = METHODS["dare_linear"].prepare
+
+    def kept(seed, name):
+        return prepare(tau, DENSITY, parameter_generator(seed, name)) != 0
+
+    assert torch.equal(kept(0, "x.weight"), kept(0, "x.weight"))
+    assert not torch.equal(kept(0, "x.weight"), kept(1, "x.weight"))
+    assert not torch.equal(kept(0, "x.weight"), kept(0, "y.weight"))
+    share = kept(0, "x.weight").double().mean().item()
+    assert abs(share - DENSITY) < 0.03  # 3600 draws per expert: a binomial sd of 0.005
+
+
+def test_stacks_built_with_the_same_seed_are_identical(tiny_llama):
+    theta0, experts = tiny_llama
+    merge = MergeSection(method="dare_ties", mixup_alpha=0.3)
+
+    def build(seed):
+        return build_stack(fresh_model(theta0), experts, progress=False, merge=merge, seed=seed)
+
+    first, again, other = build(5), build(5), build(6)
+    assert torch.equal(first.mixup, again.mixup) and not torch.equal(first.mixup, other.mixup)
+    assert all(torch.equal(first.deltas[n], again.deltas[n]) for n in first.deltas)
+    assert not any(torch.equal(first.deltas[n], other.deltas[n]) for n in first.deltas)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mixup_at_two_experts_and_half_weights_is_m3(seed):
+    """M³ merges with (λ, 1 − λ), λ ~ Beta(α, α): that is c((½, ½))."""
+    lam = np.random.default_rng(seed).beta(0.4, 0.4)
+    c = mixup.coefficients(torch.tensor([0.5, 0.5], dtype=torch.float64), mixup.draw(0.4, 2, seed))
+    torch.testing.assert_close(c, torch.tensor([lam, 1 - lam], dtype=torch.float64), atol=1e-15, rtol=0)
+    assert not np.array_equal(mixup.draw(0.4, 3, seed), mixup.draw(0.4, 3, seed + 1))
+    np.testing.assert_array_equal(mixup.draw(0.4, 3, seed), np.random.default_rng(seed).dirichlet([0.4] * 3))
+
+
+def test_mixup_tiny_alpha_keeps_one_hot_weights_defined():
+    """α → 0 draws λ with exact zeros in float64; the floor keeps c(e_j) = e_j instead of 0/0."""
+    lam = mixup.draw(1e-4, 4, seed=0)
+    assert (lam > 0).all() and lam.sum() == pytest.approx(1.0)
+    for j in range(4):
+        one_hot = torch.eye(4, dtype=torch.float64)[j]
+        torch.testing.assert_close(mixup.coefficients(one_hot, lam), one_hot)
