@@ -1,16 +1,21 @@
 """Dev sets: JSONL records, tokenised with the base's tokenizer, with the tokens that count marked.
 
-A record is ``{"text": ...}`` (every token is scored) or ``{"prompt": ..., "completion": ...}``
-(only completion tokens are scored, as in supervised fine-tuning). Each dev set is split once, with
-the recipe's seed, into a part the weights are fitted on and a held-out part for early stopping.
+A record is ``{"text": ...}`` (every token is scored), ``{"prompt": ..., "completion": ...}`` (only
+completion tokens are scored, as in supervised fine-tuning) or a multiple-choice question
+``{"prompt": ..., "choices": [...], "answer": i}`` (for the loss, the prompt followed by the right
+choice, with only the choice scored; :mod:`mergeopt.metrics` scores every choice). Each dev set is
+split once, with the recipe's seed, into a part the weights are fitted on and a held-out part for
+early stopping. Every example keeps the record it came from, so a metric that needs the raw text
+(generation, choices) sees exactly the same split as the loss.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -21,6 +26,7 @@ from mergeopt.errors import UserError
 class Example:
     input_ids: torch.Tensor  # (L,) int64
     scored: torch.Tensor  # (L,) bool: token t is a target (predicted from tokens < t)
+    record: dict[str, Any] | None = field(default=None, compare=False)  # the JSONL record it came from
 
 
 @dataclass
@@ -35,7 +41,7 @@ class DevSet:
         return self.fit + self.heldout
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, str]]:
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Parse and validate a JSONL dev set; errors name the file and the line."""
     path = Path(path)
     if not path.is_file():
@@ -51,38 +57,71 @@ def read_jsonl(path: str | Path) -> list[dict[str, str]]:
                 raise UserError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
             if not isinstance(record, dict):
                 raise UserError(f"{path}:{lineno}: a record must be a JSON object")
-            if "text" in record:
-                keys = ("text",)
-            elif "prompt" in record and "completion" in record:
-                keys = ("prompt", "completion")
-            else:
-                raise UserError(f"{path}:{lineno}: a record needs 'text', or 'prompt' and 'completion'")
-            for key in keys:
-                if not isinstance(record[key], str):
-                    raise UserError(f"{path}:{lineno}: {key!r} must be a string")
-            if not record[keys[-1]]:
-                raise UserError(f"{path}:{lineno}: {keys[-1]!r} is empty, nothing to score")
-            records.append({k: record[k] for k in keys})
+            records.append(_validated(record, f"{path}:{lineno}"))
     if not records:
         raise UserError(f"dev set {path} is empty")
     return records
 
 
-def tokenize(record: dict[str, str], tokenizer, max_length: int) -> Example | None:
-    """Tokenise one record; None when truncation left no scored token."""
+def _validated(record: dict, where: str) -> dict[str, Any]:
+    """The record's known fields, checked; ``where`` is 'file:line' for the error message."""
+    if "text" in record:
+        keys: tuple[str, ...] = ("text",)
+    elif "prompt" in record and "choices" in record:
+        keys = ("prompt", "choices", "answer")
+    elif "prompt" in record and "completion" in record:
+        keys = ("prompt", "completion")
+    else:
+        raise UserError(
+            f"{where}: a record needs 'text', or 'prompt' and 'completion', or 'prompt', 'choices' and 'answer'"
+        )
+    if keys[1:2] == ("choices",):
+        _check_choices(record, where)
+    else:
+        for key in keys:
+            if not isinstance(record[key], str):
+                raise UserError(f"{where}: {key!r} must be a string")
+        if not record[keys[-1]]:
+            raise UserError(f"{where}: {keys[-1]!r} is empty, nothing to score")
+    return {k: record[k] for k in keys}
+
+
+def _check_choices(record: dict, where: str) -> None:
+    if not isinstance(record["prompt"], str):
+        raise UserError(f"{where}: 'prompt' must be a string")
+    choices = record["choices"]
+    if not isinstance(choices, list) or len(choices) < 2:
+        raise UserError(f"{where}: 'choices' must be a list of at least 2 strings")
+    for i, choice in enumerate(choices):
+        if not isinstance(choice, str) or not choice:
+            raise UserError(f"{where}: choice {i} must be a non-empty string")
+    if "answer" not in record:
+        raise UserError(f"{where}: a record with 'choices' needs 'answer' (the index of the right choice)")
+    answer = record["answer"]
+    if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
+        raise UserError(f"{where}: 'answer' must be an index into 'choices' (0 to {len(choices) - 1})")
+
+
+def tokenize(record: dict[str, Any], tokenizer, max_length: int) -> Example | None:
+    """Tokenise one record; None when truncation left no scored token.
+
+    A multiple-choice record is scored like a prompt/completion record whose completion is the right
+    choice: the loss rewards the answer, not the wrong options.
+    """
     if "text" in record:
         ids = tokenizer(record["text"])["input_ids"]
         scored = [False] + [True] * (len(ids) - 1)
     else:
+        answer = record["choices"][record["answer"]] if "choices" in record else record["completion"]
         prompt = tokenizer(record["prompt"])["input_ids"]
-        completion = tokenizer(record["completion"], add_special_tokens=False)["input_ids"]
+        completion = tokenizer(answer, add_special_tokens=False)["input_ids"]
         ids = prompt + completion
         scored = [False] * len(prompt) + [True] * len(completion)
         scored[0] = False
     ids, scored = ids[:max_length], scored[:max_length]
     if not any(scored):
         return None
-    return Example(torch.tensor(ids, dtype=torch.long), torch.tensor(scored, dtype=torch.bool))
+    return Example(torch.tensor(ids, dtype=torch.long), torch.tensor(scored, dtype=torch.bool), record)
 
 
 def load_dev_set(
@@ -95,6 +134,11 @@ def load_dev_set(
     seed: int,
     max_examples: int | None = None,
 ) -> DevSet:
+    """Read, tokenise and split one dev set.
+
+    A record that truncation leaves without a scored token is dropped for every term, metrics
+    included, so all terms of a dev set are scored on the same examples.
+    """
     records = read_jsonl(path)
     if max_examples is not None:
         records = records[:max_examples]

@@ -1,7 +1,9 @@
-"""Dev sets: which tokens are scored, exact error locations, a seeded split, batching."""
+"""Dev sets: which tokens are scored, exact error locations, a seeded split that keeps records with
+their examples, batching."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -138,3 +140,73 @@ def test_target_loss_is_the_weighted_mean_of_set_means():
     counts = torch.tensor([3.0, 2.0, 0.0])  # set 3 absent from this batch
     weights = torch.tensor([1.0, 3.0, 5.0])
     assert target_loss(sums, counts, weights).item() == pytest.approx((1 * 2.0 + 3 * 5.0) / 4)
+
+
+CHOICE = '{"prompt": "2+2=", "choices": ["4.", "5."], "answer": 0}'
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"prompt": "p", "choices": "4.", "answer": 0}', "'choices' must be a list of at least 2 strings"),
+        ('{"prompt": "p", "choices": ["4."], "answer": 0}', "'choices' must be a list of at least 2 strings"),
+        ('{"prompt": "p", "choices": ["4.", ""], "answer": 0}', "choice 1 must be a non-empty string"),
+        ('{"prompt": "p", "choices": ["4.", 5], "answer": 0}', "choice 1 must be a non-empty string"),
+        ('{"prompt": "p", "choices": ["4.", "5."]}', "a record with 'choices' needs 'answer'"),
+        (
+            '{"prompt": "p", "choices": ["4.", "5."], "answer": 2}',
+            "'answer' must be an index into 'choices' (0 to 1)",
+        ),
+        (
+            '{"prompt": "p", "choices": ["4.", "5."], "answer": -1}',
+            "'answer' must be an index into 'choices'",
+        ),
+        (
+            '{"prompt": "p", "choices": ["4.", "5."], "answer": true}',
+            "'answer' must be an index into 'choices'",
+        ),
+        (
+            '{"prompt": "p", "choices": ["4.", "5."], "answer": "0"}',
+            "'answer' must be an index into 'choices'",
+        ),
+        ('{"prompt": 3, "choices": ["4.", "5."], "answer": 0}', "'prompt' must be a string"),
+    ],
+)
+def test_malformed_choice_record_names_file_and_line(tmp_path, line, message):
+    path = tmp_path / "mc.jsonl"
+    path.write_text(CHOICE + "\n" + line + "\n")
+    with pytest.raises(UserError, match=rf"mc\.jsonl:2: {re.escape(message)}"):
+        read_jsonl(path)
+
+
+def test_choice_record_keeps_its_fields(tmp_path):
+    path = tmp_path / "mc.jsonl"
+    path.write_text('{"prompt": "2+2=", "choices": ["4.", "5."], "answer": 1, "id": 7}\n')
+    assert read_jsonl(path) == [{"prompt": "2+2=", "choices": ["4.", "5."], "answer": 1}]
+
+
+def test_choice_record_loss_scores_only_the_answer(tokenizer):
+    record = {"prompt": "12+8=", "choices": ["2.", "20.", "200."], "answer": 1}
+    ex = tokenize(record, tokenizer, 64)
+    same = tokenize({"prompt": "12+8=", "completion": "20."}, tokenizer, 64)
+    assert ex.input_ids.tolist() == same.input_ids.tolist() and ex.scored.tolist() == same.scored.tolist()
+    assert ex.scored.sum().item() == 3 and tokenizer.decode(ex.input_ids[ex.scored]) == "20."
+    assert ex.record is record
+
+
+def test_records_stay_with_their_examples_through_the_split(tmp_path, tokenizer):
+    records = [{"prompt": f"{i}+1=", "completion": f"{i + 1}."} for i in range(8)]
+    records += [{"prompt": f"{i}?", "choices": ["a", "bb"], "answer": i % 2} for i in range(4)]
+    records += [{"text": "x" * 40}]  # truncated to 16 tokens, still scored
+    records += [{"prompt": "y" * 40, "completion": "z"}]  # truncated away at max_length 16
+    path = write_jsonl(tmp_path / "mixed.jsonl", records)
+    dev = load_dev_set("mixed", path, 1.0, tokenizer, 16, 0.25, seed=3)
+    assert len(dev.fit) + len(dev.heldout) == len(records) - 1
+    for ex in dev.all:
+        again = tokenize(ex.record, tokenizer, 16)
+        assert (
+            again.input_ids.tolist() == ex.input_ids.tolist() and again.scored.tolist() == ex.scored.tolist()
+        )
+    kept = [json.dumps(ex.record, sort_keys=True) for ex in dev.all]
+    assert sorted(kept) == sorted(json.dumps(r, sort_keys=True) for r in records[:-1])
+    assert {json.dumps(ex.record) for ex in dev.fit}.isdisjoint(json.dumps(ex.record) for ex in dev.heldout)
