@@ -1,9 +1,33 @@
 """Search strategies: each finds the mixture w that minimises the target and logs every evaluation.
 
-Only the gradient strategy exists so far; the zero-order strategies (grid, dirichlet, cmaes, spsa,
-surrogate) will join it behind the same interface.
+The gradient strategy differentiates through the merged model (``fit_gradient``). The zero-order
+strategies only score mixtures, through an :class:`Evaluator` (cache, budget, log), and share one
+signature: ``STRATEGIES[name](evaluator, search, seed, progress) -> SearchResult``.
 """
 
+from collections.abc import Callable
+
+from mergeopt.config import SearchSection
+from mergeopt.search import cmaes, dirichlet, grid, spsa, surrogate
+from mergeopt.search.evaluator import BudgetExhausted, Evaluator, SearchResult
 from mergeopt.search.gradient import GradientResult, fit_gradient
 
-__all__ = ["GradientResult", "fit_gradient"]
+Strategy = Callable[[Evaluator, SearchSection, int, bool], SearchResult]
+
+STRATEGIES: dict[str, Strategy] = {
+    "grid": grid.run,
+    "dirichlet": dirichlet.run,
+    "cmaes": cmaes.run,
+    "spsa": spsa.run,
+    "surrogate": surrogate.run,
+}
+
+__all__ = [
+    "STRATEGIES",
+    "BudgetExhausted",
+    "Evaluator",
+    "GradientResult",
+    "SearchResult",
+    "Strategy",
+    "fit_gradient",
+]

@@ -1,0 +1,39 @@
+"""Dirichlet strategy: the best of N seeded random mixtures, Beta(α, α) for two experts (M³).
+
+Mixup Model Merge (M³, arXiv 2502.15434) merges two models with λ ~ Beta(α, α) and keeps the best
+λ on the dev set; its reference code draws unseeded. Here every draw comes from
+``np.random.default_rng(seed)``, and K > 2 experts draw from Dirichlet(α·1_K), the same draws as
+mixtures.dirichlet_samples. Random search is the honest baseline for the model-based strategies.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mergeopt.config import SearchSection
+from mergeopt.search.evaluator import BudgetExhausted, Evaluator, SearchResult
+
+
+def draw_mixtures(rng: np.random.Generator, k: int, alpha: float, count: int) -> np.ndarray:
+    """``count`` mixtures (rows) from Dirichlet(α·1_k); for k = 2 rows (λ, 1 − λ), λ ~ Beta(α, α)."""
+    if k == 2:
+        lam = rng.beta(alpha, alpha, size=count)
+        return np.stack([lam, 1.0 - lam], axis=1)
+    return rng.dirichlet(np.full(k, alpha), size=count)
+
+
+def run(evaluator: Evaluator, search: SearchSection, seed: int, progress: bool) -> SearchResult:
+    spec = search.dirichlet
+    draws = draw_mixtures(np.random.default_rng(seed), len(evaluator.names), spec.alpha, spec.samples)
+    stopped = False
+    with evaluator.running("dirichlet search", search.budget, spec.samples, progress):
+        for i, w in enumerate(draws):
+            try:
+                evaluator(w, "sample")
+            except BudgetExhausted:
+                stopped, drawn = True, i
+                break
+        else:
+            drawn = len(draws)
+    info = {"strategy": "dirichlet", "samples_evaluated": drawn, "stopped_by_budget": stopped}
+    return evaluator.result(info)

@@ -1,0 +1,228 @@
+"""The one door every zero-order strategy goes through to score a mixture: cache, budget, log.
+
+A real evaluation of a mixture w is a full dev-set evaluation of the merged model (seconds to
+minutes), so it must never happen twice and never beyond the budget the user set. The
+:class:`Evaluator` caches the *scores* of each w (not the scalar value: the value function can
+change after the K single experts are scored, for min-max normalisation), counts real evaluations
+against the budget, raises :class:`BudgetExhausted` when a new one would exceed it (strategies
+catch it and stop cleanly), and logs every real evaluation in order for trace.csv. Strategies
+return a :class:`SearchResult` built from it, so every strategy reports the best w that was really
+evaluated, never a prediction.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from mergeopt.errors import UserError
+
+ScoreFn = Callable[[np.ndarray], Mapping[str, float]]
+ValueFn = Callable[[Mapping[str, float]], float]
+
+ROUND_DECIMALS = 12  # two mixtures equal to 12 decimals are one mixture for the cache
+SIMPLEX_TOLERANCE = 1e-9
+RESERVED_COLUMNS = ("index", "phase", "value", "seconds")
+
+
+class BudgetExhausted(Exception):
+    """A new real evaluation was asked for with no budget left; strategies stop on it."""
+
+
+@dataclass
+class SearchResult:
+    """The best really evaluated mixture of a search, with the log of every real evaluation."""
+
+    names: tuple[str, ...]
+    weights: np.ndarray
+    value: float
+    scores: dict[str, float]
+    evaluations: int  # real evaluations in the log (earlier ones, e.g. the K experts, included)
+    log: list[dict]
+    info: dict = field(default_factory=dict)
+
+    def mixture(self) -> dict[str, float]:
+        return {name: float(v) for name, v in zip(self.names, self.weights)}
+
+
+class Evaluator:
+    """Scores mixtures through a cache keyed by (key, w rounded to 12 decimals), within a budget.
+
+    ``budget`` counts real evaluations over the evaluator's whole life (cache hits are free);
+    ``None`` means unlimited. ``key`` separates cache entries
+    of different objectives sharing one ``cache`` dict (e.g. the merge-method description).
+    Strategies run inside :meth:`running`, which adds their own cap and a progress bar.
+    """
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        score: ScoreFn,
+        value: ValueFn,
+        budget: int | None = None,
+        key: str = "",
+        progress: bool = False,
+        cache: dict | None = None,
+    ):
+        self.names = tuple(names)
+        self.score_fn = score
+        self.value_fn = value
+        self.budget = budget
+        self.key = key
+        self.progress = progress
+        self.cache: dict = {} if cache is None else cache
+        self._log: list[dict] = []  # real evaluations: phase, w, scores, seconds
+        self._seen: dict = {}  # every mixture this evaluator answered, in order: cache key -> (w, scores)
+        self._bar = None
+        self._strategy_cap: int | None = None
+
+    # -- budget -------------------------------------------------------------------------------
+    @property
+    def evaluations(self) -> int:
+        return len(self._log)
+
+    @property
+    def cap(self) -> int | None:
+        """The cap on real evaluations in force: the evaluator's budget and the running strategy's."""
+        caps = [c for c in (self.budget, self._strategy_cap) if c is not None]
+        return min(caps) if caps else None
+
+    @property
+    def remaining(self) -> int | None:
+        cap = self.cap
+        return None if cap is None else max(0, cap - self.evaluations)
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def cache_key(self, w: np.ndarray) -> tuple:
+        return (self.key, tuple(np.round(np.asarray(w, dtype=np.float64), ROUND_DECIMALS).tolist()))
+
+    def is_cached(self, w: np.ndarray) -> bool:
+        return self.cache_key(w) in self.cache
+
+    def scores(self, w: np.ndarray, phase: str) -> dict[str, float]:
+        """The per-term scores at w: from the cache, or one real evaluation logged under ``phase``."""
+        w = self._check_simplex(w)
+        key = self.cache_key(w)
+        real = key not in self.cache
+        if not real:
+            scores = self.cache[key]
+        else:
+            if self.remaining == 0:
+                raise BudgetExhausted(f"budget of {self.cap} evaluations used up")
+            start = time.perf_counter()
+            scores = self._checked(self.score_fn(w.copy()), w)
+            seconds = time.perf_counter() - start
+            self.cache[key] = scores
+            self._log.append({"phase": phase, "w": w, "scores": scores, "seconds": seconds})
+        if key not in self._seen:
+            self._seen[key] = (w, scores)
+        if real:
+            self._advance_bar()
+        return dict(scores)
+
+    def __call__(self, w: np.ndarray, phase: str = "") -> float:
+        """The value (lower is better) at w under the current value function."""
+        return self.value(self.scores(w, phase))
+
+    def value(self, scores: Mapping[str, float]) -> float:
+        value = float(self.value_fn(scores))
+        if not math.isfinite(value):
+            raise UserError(f"the objective value is {value} for scores {dict(scores)}")
+        return value
+
+    def set_value(self, value: ValueFn) -> None:
+        """Replace the value function (e.g. once the K experts fix a min-max normalisation)."""
+        self.value_fn = value
+
+    # -- results ------------------------------------------------------------------------------
+    def best(self) -> tuple[np.ndarray, float, dict[str, float]]:
+        """The best mixture answered so far under the current value function (first one on ties)."""
+        if not self._seen:
+            raise RuntimeError("no mixture has been evaluated yet")
+        best = None
+        for w, scores in self._seen.values():
+            value = self.value(scores)
+            if best is None or value < best[1]:
+                best = (w.copy(), value, dict(scores))
+        return best
+
+    def seen(self) -> list[tuple[np.ndarray, dict[str, float]]]:
+        """Every mixture answered so far (really evaluated or found in a shared cache), in order."""
+        return [(w.copy(), dict(scores)) for w, scores in self._seen.values()]
+
+    def rows(self) -> list[dict]:
+        """One row per real evaluation, values from the current value function: the trace."""
+        rows = []
+        for i, entry in enumerate(self._log):
+            row = {"index": i, "phase": entry["phase"]}
+            row.update({f"w_{n}": float(v) for n, v in zip(self.names, entry["w"])})
+            row.update(entry["scores"])
+            row["value"] = self.value(entry["scores"])
+            row["seconds"] = entry["seconds"]
+            rows.append(row)
+        return rows
+
+    def result(self, info: dict | None = None) -> SearchResult:
+        w, value, scores = self.best()
+        log = self.rows()
+        return SearchResult(self.names, w, value, scores, len(log), log, dict(info or {}))
+
+    # -- a strategy's run ----------------------------------------------------------------------
+    @contextmanager
+    def running(
+        self, desc: str, budget: int | None, own: int | None, progress: bool | None = None
+    ) -> Iterator[int | None]:
+        """Cap the evaluations of one strategy run, show its progress bar; yields the evaluations left.
+
+        ``budget`` (search.budget) counts every real evaluation, those made before the strategy
+        (e.g. the K experts) too; without one the strategy may make ``own`` more (None: no cap).
+        The evaluator's own budget, if tighter, still holds. The cap ends with the run. The bar
+        (shown if ``progress``; None: the evaluator's flag) advances on each real evaluation and
+        shows the best value so far.
+        """
+        self._strategy_cap = (
+            budget if budget is not None else (None if own is None else self.evaluations + own)
+        )
+        remaining = self.remaining
+        total = remaining if own is None else own if remaining is None else min(own, remaining)
+        self._bar = tqdm(
+            total=total, desc=desc, unit="eval", disable=not (self.progress if progress is None else progress)
+        )
+        try:
+            yield remaining
+        finally:
+            self._bar.close()
+            self._bar, self._strategy_cap = None, None
+
+    def _advance_bar(self) -> None:
+        if self._bar is None or self._bar.disable:
+            return
+        self._bar.update(1)
+        self._bar.set_postfix(best=f"{self.best()[1]:.5g}", refresh=False)
+
+    # -- checks -------------------------------------------------------------------------------
+    def _check_simplex(self, w: np.ndarray) -> np.ndarray:
+        w = np.array(w, dtype=np.float64).reshape(-1)
+        if w.shape != (len(self.names),):
+            raise ValueError(f"a mixture needs {len(self.names)} weights, got shape {w.shape}")
+        if not (np.all(w >= 0) and abs(float(w.sum()) - 1.0) <= SIMPLEX_TOLERANCE):
+            raise ValueError(f"mixture {w.tolist()} is not on the simplex (w ≥ 0, Σw = 1 ± 1e-9)")
+        return w
+
+    def _checked(self, scores: Mapping[str, float], w: np.ndarray) -> dict[str, float]:
+        mixture = ", ".join(f"{n}={v:.4g}" for n, v in zip(self.names, w))
+        checked = {}
+        for name, raw in scores.items():
+            if name in RESERVED_COLUMNS or name.startswith("w_"):
+                raise ValueError(f"score name {name!r} collides with a trace column")
+            value = float(raw)
+            if not math.isfinite(value):
+                raise UserError(f"score {name!r} is {value} at w = ({mixture})")
+            checked[str(name)] = value
+        return checked

@@ -1,0 +1,36 @@
+"""Grid strategy: evaluate every mixture of the simplex lattice with step 1/divisions, keep the best.
+
+The exhaustive baseline every cleverer strategy is measured against. It refuses to run when the
+lattice does not fit in the budget: a grid cut short covers only the first corner of the simplex
+in lattice order, a biased answer that looks like a complete one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mergeopt.config import SearchSection
+from mergeopt.errors import UserError
+from mergeopt.mixtures import simplex_lattice
+from mergeopt.search.evaluator import Evaluator, SearchResult
+
+
+def lattice(names: tuple[str, ...], divisions: int) -> np.ndarray:
+    """The lattice points as rows of an array, in mixtures.simplex_lattice order."""
+    return np.array([[p[n] for n in names] for p in simplex_lattice(names, divisions)], dtype=np.float64)
+
+
+def run(evaluator: Evaluator, search: SearchSection, seed: int, progress: bool) -> SearchResult:
+    divisions = search.grid.divisions
+    points = lattice(evaluator.names, divisions)
+    new = sum(not evaluator.is_cached(w) for w in points)
+    with evaluator.running("grid search", search.budget, new, progress) as remaining:
+        if remaining is not None and new > remaining:
+            raise UserError(
+                f"search.grid.divisions={divisions} over {len(evaluator.names)} experts is {len(points)} "
+                f"mixtures ({new} not yet evaluated) but the budget leaves {remaining} evaluations; "
+                "raise search.budget or lower search.grid.divisions (a truncated grid is biased)"
+            )
+        for w in points:
+            evaluator(w, "grid")
+    return evaluator.result({"strategy": "grid", "points": len(points), "new_evaluations": new})

@@ -1,0 +1,121 @@
+"""Surrogate strategy (MergeMix, arXiv 2601.17858): fit LightGBM on a few real evaluations, search it.
+
+MergeMix evaluates a few dozen Dirichlet mixtures for real, fits one gradient-boosted regressor
+per score on them (RegMix showed LightGBM ranks data mixtures well), scores a large
+fresh Dirichlet sample with the surrogates, and evaluates the best few predictions for real. The
+result is the best *real* evaluation, never a prediction. Every score gets its own regressor and
+the predictions are combined by the current value function, so a min-max normalisation applies to
+the surrogate exactly as to real scores. :func:`fit_surrogate` is the fit/predict part alone, for
+transfer checks that fit on tables of runs (e.g. RegMix's).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import lightgbm
+import numpy as np
+
+from mergeopt.config import SearchSection, SurrogateSearch
+from mergeopt.errors import UserError
+from mergeopt.search.dirichlet import draw_mixtures
+from mergeopt.search.evaluator import BudgetExhausted, Evaluator, SearchResult, ValueFn
+
+
+@dataclass
+class Surrogate:
+    """One fitted LightGBM booster (a regressor) per score, all on the mixture weights as features."""
+
+    models: dict[str, lightgbm.Booster]
+
+    def predict(self, weights: np.ndarray) -> dict[str, np.ndarray]:
+        weights = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+        return {name: model.predict(weights, num_threads=0) for name, model in self.models.items()}
+
+
+def booster_params(params: SurrogateSearch, seed: int) -> dict:
+    """What LGBMRegressor(...) would pass to the booster; its other defaults are LightGBM's own."""
+    return {
+        "objective": "regression",
+        "learning_rate": params.learning_rate,
+        "num_leaves": params.num_leaves,
+        "min_child_samples": params.min_child_samples,
+        "deterministic": True,
+        "force_row_wise": True,
+        "seed": seed,
+        "num_threads": 1,
+        "verbose": -1,
+    }
+
+
+def fit_surrogate(
+    weights: np.ndarray, targets: Mapping[str, np.ndarray], params: SurrogateSearch, seed: int
+) -> Surrogate:
+    """Fit one deterministic LightGBM regressor per target column on mixtures ``weights`` (n × K).
+
+    The native ``lightgbm.train`` with LGBMRegressor's defaults: the sklearn wrapper would add a
+    scikit-learn dependency for nothing.
+    """
+    weights = np.asarray(weights, dtype=np.float64)
+    models = {}
+    for name, y in targets.items():
+        y = np.asarray(y, dtype=np.float64)
+        if y.shape != (len(weights),):
+            raise ValueError(f"target {name!r} has shape {y.shape}, expected ({len(weights)},)")
+        dataset = lightgbm.Dataset(weights, label=y, params={"verbose": -1})
+        models[name] = lightgbm.train(
+            booster_params(params, seed), dataset, num_boost_round=params.n_estimators
+        )
+    return Surrogate(models)
+
+
+def predicted_values(predictions: Mapping[str, np.ndarray], value: ValueFn) -> np.ndarray:
+    """The value function applied to each row of predicted scores (one Python call per row)."""
+    names = list(predictions)
+    columns = np.stack([np.asarray(predictions[n], dtype=np.float64) for n in names], axis=1)
+    return np.array([float(value(dict(zip(names, row)))) for row in columns.tolist()])
+
+
+def run(evaluator: Evaluator, search: SearchSection, seed: int, progress: bool) -> SearchResult:
+    spec = search.surrogate
+    needed = spec.seeds + spec.verify
+    rng = np.random.default_rng(seed)
+    k = len(evaluator.names)
+    with evaluator.running("surrogate search", search.budget, needed, progress) as remaining:
+        if remaining is not None and remaining < needed:
+            raise UserError(
+                f"search.budget leaves {remaining} evaluations ({evaluator.evaluations} made before) "
+                f"but the surrogate needs search.surrogate.seeds + verify = "
+                f"{spec.seeds} + {spec.verify} = {needed}"
+            )
+        for w in draw_mixtures(rng, k, spec.alpha, spec.seeds):
+            evaluator(w, "seed")
+        seen = evaluator.seen()  # the seeds and whatever was evaluated before (e.g. the K experts)
+        fit_w = np.stack([w for w, _ in seen])
+        names = sorted(set.intersection(*(set(s) for _, s in seen)))
+        targets = {n: np.array([s[n] for _, s in seen]) for n in names}
+        surrogate = fit_surrogate(fit_w, targets, spec, seed)
+        candidates = draw_mixtures(rng, k, spec.alpha, spec.candidates)
+        predicted = predicted_values(surrogate.predict(candidates), evaluator.value)
+        verified = []
+        for i in np.argsort(predicted, kind="stable"):
+            if len(verified) == spec.verify:
+                break
+            if evaluator.is_cached(candidates[i]):
+                continue
+            try:
+                real = evaluator(candidates[i], "verify")
+            except BudgetExhausted:
+                break
+            verified.append(
+                {"weights": candidates[i].tolist(), "predicted": float(predicted[i]), "value": real}
+            )
+    info = {
+        "strategy": "surrogate",
+        "fit_points": len(fit_w),
+        "candidates": spec.candidates,
+        "predicted_best": float(predicted.min()),
+        "verified": verified,
+    }
+    return evaluator.result(info)
