@@ -25,12 +25,24 @@ from mergeopt.data import DevSet, load_dev_set
 from mergeopt.errors import UserError, run_cli
 from mergeopt.files import write_csv_atomic, write_json_atomic, write_text_atomic
 from mergeopt.objectives import evaluate_sums, target_loss
-from mergeopt.report import plot_loss_curve, summary
+from mergeopt.report import plot_loss_curve, plot_search_curve, summary
+from mergeopt.scoring import loss_set_weights, objective_terms
 from mergeopt.search import fit_gradient
 from mergeopt.stack import DTYPES, TaskVectorStack, build_stack
 from mergeopt.weights import as_mapping, initial_logits
 
-OUTPUT_FILES = ("mixture.json", "trace.csv", "recipe.yaml", "loss_curve.png")
+GRADIENT_FILES = ("mixture.json", "trace.csv", "recipe.yaml", "loss_curve.png")
+SEARCH_FILES = ("mixture.json", "evaluations.csv", "recipe.yaml", "search_curve.png")
+
+
+def output_files(recipe: Recipe) -> tuple[str, ...]:
+    """The files a finished run directory holds (rank adds its own when rank.grid is set)."""
+    files = GRADIENT_FILES if recipe.search.strategy == "gradient" else SEARCH_FILES
+    if recipe.rank.grid is not None:
+        from mergeopt.rank import OUTPUT_FILES as RANK_FILES
+
+        files = (*files, *RANK_FILES)
+    return files
 
 
 def resolve_device(name: str) -> torch.device:
@@ -54,6 +66,7 @@ class Problem:
     set_weights: torch.Tensor  # a_s: the target's weight of each dev set (0 when not targeted)
     pad_id: int
     device: torch.device
+    tokenizer: object = None
 
 
 def _load_tokenizer(path: str, trust_remote_code: bool):
@@ -89,9 +102,12 @@ def load_problem(recipe: Recipe, progress: bool = True) -> Problem:
         )
         for d in data.dev
     ]
-    set_weights = torch.tensor(
-        [d.weight if data.target in ("all", d.name) else 0.0 for d in data.dev], dtype=torch.float32
-    )
+    if all(t.kind == "loss" for t in objective_terms(recipe)):
+        set_weights = loss_set_weights(recipe)  # the loss the gradient strategy descends
+    else:  # metrics: the dev loss is still reported, weighted as data.target says
+        set_weights = torch.tensor(
+            [d.weight if data.target in ("all", d.name) else 0.0 for d in data.dev], dtype=torch.float32
+        )
     pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
 
     on_gpu = {"device_map": {"": device}} if device.type == "cuda" else {}
@@ -120,7 +136,7 @@ def load_problem(recipe: Recipe, progress: bool = True) -> Problem:
     )
     for ckpt in experts.values():
         ckpt.close()
-    return Problem(model, stack, sets, set_weights, pad_id, device)
+    return Problem(model, stack, sets, set_weights, pad_id, device, tokenizer)
 
 
 def _losses(problem: Problem, weights: torch.Tensor, batch_size: int, buffers: dict) -> dict:
@@ -163,26 +179,47 @@ def fit(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = prin
         f"{stack.nbytes() / 2**20:,.1f} MiB) on {problem.device}; "
         f"{len(stack.excluded)} excluded, {len(stack.unchanged) + len(stack.shared)} equal in every expert"
     )
-    z0 = initial_logits(names, resolved.weights.init, resolved.weights.temperature)
-    result = fit_gradient(
-        problem.model,
-        stack,
-        problem.sets,
-        problem.set_weights,
-        resolved.optim,
-        resolved.weights.temperature,
-        z0,
-        resolved.seed,
-        problem.pad_id,
-        problem.device,
-        progress=progress,
-    )
+    search = resolved.search
+    if search.strategy == "gradient":
+        z0 = initial_logits(names, resolved.weights.init, resolved.weights.temperature)
+        result = fit_gradient(
+            problem.model,
+            stack,
+            problem.sets,
+            problem.set_weights,
+            resolved.optim,
+            resolved.weights.temperature,
+            z0,
+            resolved.seed,
+            problem.pad_id,
+            problem.device,
+            progress=progress,
+        )
+        chosen, trace = result.weights, result.trace
+        search_info = {
+            "steps": result.steps_run,
+            "best_step": result.best_step,
+            "stopped_early": result.stopped_early,
+        }
+    else:
+        from mergeopt.zero_order import report_scores, run_search, utility_of
+
+        found, evaluator, utility = run_search(problem, resolved, progress)
+        chosen, trace = torch.tensor(found.weights, dtype=torch.float64), found.log
+        scores = report_scores(problem, resolved, evaluator, found.weights)
+        search_info = {
+            "evaluations": found.evaluations,
+            "budget": search.budget,
+            "value": found.value,
+            "heldout_value": utility_of(utility, scores["fitted"]["heldout"]),
+            **{k: v for k, v in found.info.items() if k != "strategy"},
+        }
 
     batch, buffers = resolved.optim.eval_batch_size, stack.allocate_buffers()
-    fitted = _losses(problem, result.weights, batch, buffers)
+    fitted = _losses(problem, chosen, batch, buffers)
     uniform = _losses(problem, torch.full((len(names),), 1.0 / len(names)), batch, buffers)
     singles = {n: _losses(problem, torch.eye(len(names))[i], batch, buffers) for i, n in enumerate(names)}
-    weights = as_mapping(names, result.weights.double() / result.weights.double().sum())
+    weights = as_mapping(names, chosen.double() / chosen.double().sum())
     mixture = {
         "status": "complete",
         "weights": weights,
@@ -198,13 +235,15 @@ def fit(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = prin
             "uniform": uniform["per_set"],
             **{f"{n} only": singles[n]["per_set"] for n in names},
         },
-        "steps": result.steps_run,
-        "best_step": result.best_step,
-        "stopped_early": result.stopped_early,
-        "strategy": "gradient",
+        "strategy": search.strategy,
+        "search": search_info,
         "method": stack.method,
-        "temperature": resolved.weights.temperature,
-        "logits": as_mapping(names, result.logits),
+        "objective": {
+            "terms": [
+                t.model_dump(exclude_none=True) | {"label": t.label} for t in objective_terms(resolved)
+            ],
+            "normalize": resolved.objective.normalize,
+        },
         "seed": resolved.seed,
         "device": str(problem.device),
         "stack": {
@@ -219,6 +258,11 @@ def fit(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = prin
         "mergeopt_version": mergeopt.__version__,
         "wall_seconds": round(time.perf_counter() - started, 2),
     }
+    if search.strategy == "gradient":
+        mixture["temperature"] = resolved.weights.temperature
+        mixture["logits"] = as_mapping(names, result.logits)
+    else:
+        mixture["objective"]["scores"] = scores
     if not all(math.isfinite(v) for v in weights.values()):
         raise RuntimeError(f"fit produced non-finite weights {weights}")
     if resolved.rank.grid is not None:
@@ -234,7 +278,7 @@ def fit(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = prin
             "fitted_regret": report["fitted_mixture"]["regret"],
         }
         write_rank_outputs(report, pairs, recipe.output_dir)
-    write_outputs(recipe, mixture, result.trace, names)
+    write_outputs(recipe, mixture, trace, names)
     return mixture
 
 
@@ -243,9 +287,16 @@ def write_outputs(recipe: Recipe, mixture: dict, trace: Sequence[dict], names: S
     out = Path(recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "recipe.yaml", recipe_to_yaml(recipe))
-    columns = ["step", "loss", "heldout_loss", *(f"w_{n}" for n in names)]
-    write_csv_atomic(out / "trace.csv", trace, columns)
-    plot_loss_curve(trace, names, out / "loss_curve.png", title=f"mergeopt fit: {out.name}")
+    if mixture["strategy"] == "gradient":
+        columns = ["step", "loss", "heldout_loss", *(f"w_{n}" for n in names)]
+        write_csv_atomic(out / "trace.csv", trace, columns)
+        plot_loss_curve(trace, names, out / "loss_curve.png", title=f"mergeopt fit: {out.name}")
+    else:
+        from mergeopt.zero_order import evaluation_columns
+
+        write_csv_atomic(out / "evaluations.csv", trace, evaluation_columns(names, trace))
+        title = f"mergeopt fit ({mixture['strategy']}): {out.name}"
+        plot_search_curve(trace, names, out / "search_curve.png", "objective value (lower is better)", title)
     write_json_atomic(out / "mixture.json", mixture)
     return out
 
@@ -262,16 +313,11 @@ def main(argv: Sequence[str]) -> int:
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars or progress messages")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options may come after the overrides
     recipe = load_recipe(args.recipe, args.overrides)
     log = (lambda _msg: None) if args.quiet else print
     mixture = fit(recipe, progress=not args.quiet, log=log)
-    files = OUTPUT_FILES
-    if recipe.rank.grid is not None:
-        from mergeopt.rank import OUTPUT_FILES as RANK_FILES
-
-        files = (*files, *RANK_FILES)
-    print(summary(mixture, recipe.output_dir, files))
+    print(summary(mixture, recipe.output_dir, output_files(recipe)))
     return 0
 
 

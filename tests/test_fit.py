@@ -40,7 +40,7 @@ def test_cli_writes_every_output(tiny_run):
     assert all(w >= 0 for w in mixture["weights"].values())
     rows = list(csv.DictReader((out / "trace.csv").open()))
     assert list(rows[0]) == ["step", "loss", "heldout_loss", "w_arith", "w_reverse", "w_brackets", "w_markov"]
-    assert int(rows[-1]["step"]) == mixture["steps"]
+    assert int(rows[-1]["step"]) == mixture["search"]["steps"]
     for row in rows:
         assert abs(sum(float(row[f"w_{n}"]) for n in mixture["weights"]) - 1) < 1e-6
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -68,7 +68,7 @@ def test_trace_starts_uniform_and_the_reported_w_is_the_best_heldout_one(tiny_ru
     assert all(float(rows[0][f"w_{n}"]) == pytest.approx(0.25) for n in mixture["weights"])
     evaluated = [r for r in rows if r["heldout_loss"]]
     best = min(evaluated, key=lambda r: float(r["heldout_loss"]))
-    assert int(best["step"]) == mixture["best_step"]
+    assert int(best["step"]) == mixture["search"]["best_step"]
     for name, w in mixture["weights"].items():
         assert float(best[f"w_{name}"]) == pytest.approx(w, abs=1e-9)
 

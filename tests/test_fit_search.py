@@ -1,0 +1,233 @@
+"""fit with every search strategy and merge method, checked against direct evaluations.
+
+The zero-order path of ``mergeopt.fit``: the chosen mixture is the best row of evaluations.csv,
+the reported scores equal a fresh evaluation of the merged model at that mixture, the budget holds,
+a rerun with the same seed writes the same log, and a user's mistakes end in one line, exit code 2.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from mergeopt import metrics
+from mergeopt.config import recipe_from_dict
+from mergeopt.fit import fit, load_problem
+from mergeopt.objectives import evaluate, target_loss
+from mergeopt.scoring import loss_set_weights, make_scorer
+from tests.conftest import recipe_tree, run_module
+
+ZERO_ORDER = {
+    "grid": {"strategy": "grid", "grid": {"divisions": 3}},
+    "dirichlet": {"strategy": "dirichlet", "dirichlet": {"samples": 8}},
+    "cmaes": {"strategy": "cmaes", "budget": 12},
+    "spsa": {"strategy": "spsa", "budget": 12},
+    "surrogate": {
+        "strategy": "surrogate",
+        "budget": 14,
+        "surrogate": {"seeds": 8, "verify": 3, "candidates": 2000},
+    },
+}
+
+
+def _rows(out):
+    return list(csv.DictReader((out / "evaluations.csv").open()))
+
+
+@pytest.mark.parametrize("strategy", sorted(ZERO_ORDER))
+def test_zero_order_fit_returns_the_best_logged_mixture(strategy, random_world, tmp_path):
+    tree = recipe_tree(random_world, tmp_path / "run", search=ZERO_ORDER[strategy])
+    recipe = recipe_from_dict(tree)
+    mixture = fit(recipe, progress=False, log=lambda _m: None)
+    out = tmp_path / "run"
+    assert {p.name for p in out.iterdir()} == {
+        "mixture.json",
+        "evaluations.csv",
+        "recipe.yaml",
+        "search_curve.png",
+    }
+    assert json.loads((out / "mixture.json").read_text()) == json.loads(json.dumps(mixture))
+    rows = _rows(out)
+    names = list(mixture["weights"])
+    assert len(rows) == mixture["search"]["evaluations"]
+    if recipe.search.budget is not None:
+        assert len(rows) <= recipe.search.budget
+    weights = [tuple(float(r[f"w_{n}"]) for n in names) for r in rows]
+    assert len(set(weights)) == len(weights), "a mixture was evaluated twice"
+    best = min(rows, key=lambda r: float(r["value"]))
+    assert mixture["search"]["value"] == pytest.approx(float(best["value"]), rel=1e-12)
+    for n in names:
+        assert mixture["weights"][n] == pytest.approx(float(best[f"w_{n}"]), abs=1e-9)
+    # the logged value is the target dev loss on the fit part, recomputed here from scratch
+    problem = load_problem(recipe, progress=False)
+    w = torch.tensor([mixture["weights"][n] for n in names], dtype=torch.float32)
+    means = evaluate(problem.model, problem.stack, w, problem.sets, "fit", 16, problem.pad_id, problem.device)
+    assert float(target_loss(means, torch.ones_like(means), torch.ones(len(means)))) == pytest.approx(
+        mixture["search"]["value"], rel=1e-5
+    )
+    held = mixture["objective"]["scores"]["fitted"]["heldout"]["loss:all"]
+    assert held == pytest.approx(mixture["search"]["heldout_value"], rel=1e-12)
+
+
+def test_zero_order_runs_are_reproducible(random_world, tmp_path):
+    logs = []
+    for i in range(2):
+        tree = recipe_tree(random_world, tmp_path / f"r{i}", search=ZERO_ORDER["cmaes"])
+        fit(recipe_from_dict(tree), progress=False, log=lambda _m: None)
+        logs.append([{k: v for k, v in r.items() if k != "seconds"} for r in _rows(tmp_path / f"r{i}")])
+    assert logs[0] == logs[1]
+
+
+def test_grid_search_agrees_with_an_exhaustive_loop(random_world, tmp_path):
+    """The grid pick is the argmin of the fit-part dev loss over the lattice, computed independently."""
+    tree = recipe_tree(random_world, tmp_path / "run", search=ZERO_ORDER["grid"])
+    recipe = recipe_from_dict(tree)
+    mixture = fit(recipe, progress=False, log=lambda _m: None)
+    problem = load_problem(recipe, progress=False)
+    losses = {}
+    for counts in [(a, b, 3 - a - b) for a in range(4) for b in range(4 - a)]:
+        w = torch.tensor(counts, dtype=torch.float32) / 3
+        means = evaluate(
+            problem.model, problem.stack, w, problem.sets, "fit", 16, problem.pad_id, problem.device
+        )
+        losses[counts] = float(means.mean())
+    best = min(losses, key=losses.get)
+    assert [mixture["weights"][n] for n in mixture["weights"]] == pytest.approx(
+        [c / 3 for c in best], abs=1e-9
+    )
+
+
+def test_merge_method_reaches_the_run_and_mixture_json(random_world, tmp_path):
+    merge = {"method": "dare_ties", "density": 0.7, "scale": 1.5, "mixup_alpha": 2.0}
+    tree = recipe_tree(random_world, tmp_path / "run", merge=merge)
+    mixture = fit(recipe_from_dict(tree), progress=False, log=lambda _m: None)
+    method = mixture["method"]
+    assert method["name"] == "dare_ties" and method["density"] == 0.7 and method["scale"] == 1.5
+    assert method["seed"] == 0 and len(method["mixup_lambda"]) == 3
+    assert math.isfinite(mixture["dev_loss"])
+
+
+def test_loss_terms_give_the_gradient_strategy_their_set_weights(random_world, tmp_path):
+    terms = [{"kind": "loss", "dev": "arith", "weight": 3.0}, {"kind": "loss", "dev": "all", "weight": 1.0}]
+    tree = recipe_tree(random_world, tmp_path / "run", objective={"terms": terms})
+    tree["data"]["dev"][1]["weight"] = 3.0  # markov: data weight 3 -> 'all' is (1·arith + 3·markov)/4
+    recipe = recipe_from_dict(tree)
+    a = loss_set_weights(recipe)
+    torch.testing.assert_close(a, torch.tensor([3.0 + 0.25, 0.75]))
+    # the gradient objective Σ a_s L_s / Σ a equals the utility the zero-order strategies use
+    problem = load_problem(recipe, progress=False)
+    scores = make_scorer(problem, recipe, "fit")(np.array([0.2, 0.3, 0.5]))
+    utility = metrics.Utility(recipe.objective.terms)
+    macro = (3.0 * scores["loss:arith"] + scores["loss:all"]) / 4.0
+    assert utility(scores) == pytest.approx(macro, rel=1e-12)  # the value to minimize: the loss itself
+    w = torch.tensor([0.2, 0.3, 0.5])
+    means = evaluate(problem.model, problem.stack, w, problem.sets, "fit", 16, problem.pad_id, problem.device)
+    assert float(target_loss(means, torch.ones_like(means), a)) == pytest.approx(macro, rel=1e-6)
+
+
+def test_exact_match_objective_scores_equal_a_direct_evaluation(tiny_world, tmp_path):
+    root = tiny_world
+    tree = {
+        "seed": 0,
+        "output_dir": str(tmp_path / "run"),
+        "device": "cpu",
+        "model": {
+            "base": str(root / "base"),
+            "experts": {n: str(root / "experts" / n) for n in ("arith", "markov")},
+        },
+        "data": {
+            "dev": [{"name": "arith", "path": str(root / "dev" / "arith.jsonl")}],
+            "max_length": 64,
+            "max_examples": 40,
+        },
+        "objective": {"terms": [{"kind": "exact_match", "dev": "arith", "max_new_tokens": 5}]},
+        "search": {"strategy": "grid", "grid": {"divisions": 4}},
+    }
+    recipe = recipe_from_dict(tree)
+    mixture = fit(recipe, progress=False, log=lambda _m: None)
+    scores = mixture["objective"]["scores"]
+    # the arith expert is the one that can add: the grid must not pick the markov expert
+    assert scores["fitted"]["fit"]["exact_match:arith"] >= scores["arith only"]["fit"]["exact_match:arith"]
+    assert (
+        scores["arith only"]["fit"]["exact_match:arith"] > scores["markov only"]["fit"]["exact_match:arith"]
+    )
+    problem = load_problem(recipe, progress=False)
+    w = torch.tensor([mixture["weights"]["arith"], mixture["weights"]["markov"]])
+    with torch.no_grad():
+        problem.stack.merged(w, out=problem.stack.allocate_buffers())
+    records = [ex.record for ex in problem.sets[0].fit]
+    direct = metrics.exact_match(problem.model, problem.tokenizer, records, 5, 7, problem.device)
+    assert direct == scores["fitted"]["fit"]["exact_match:arith"]
+
+
+def _cli(random_world, tmp_path, *overrides, recipe_extra=None):
+    import yaml
+
+    tree = recipe_tree(random_world, tmp_path / "out", **(recipe_extra or {}))
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return run_module("fit", str(path), *overrides, "--quiet")
+
+
+BAD_INPUT = {
+    "unknown strategy": (["search.strategy=annealing"], "search.strategy"),
+    "unknown method": (["merge.method=slerp"], "merge.method"),
+    "gradient with a metric": (
+        ["objective.terms=[{kind: exact_match, dev: arith}]"],
+        "search.strategy 'gradient' needs a differentiable objective",
+    ),
+    "surrogate budget below its seeds": (
+        ["search.strategy=surrogate", "search.budget=10", "search.surrogate.seeds=20"],
+        "search.budget 10 is smaller than the surrogate's seeds + verify",
+    ),
+    "metric path that does not resolve": (
+        [
+            "search.strategy=grid",
+            "search.grid.divisions=2",
+            "objective.terms=[{kind: custom, dev: arith, function: 'no_such_pkg.metrics:score'}]",
+        ],
+        "no_such_pkg.metrics:score",
+    ),
+    "grid larger than the budget": (
+        ["search.strategy=grid", "search.budget=5"],
+        "search.grid.divisions=10",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
+def test_bad_search_input_is_one_line_exit_2_and_writes_nothing(case, random_world, tmp_path):
+    overrides, culprit = BAD_INPUT[case]
+    result = _cli(random_world, tmp_path, *overrides)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and culprit in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_metric_returning_nan_is_named(random_world, tmp_path, monkeypatch):
+    module = tmp_path / "nan_metric_pkg.py"
+    module.write_text(
+        textwrap.dedent("""
+        def score(model, tokenizer, records):
+            return float("nan")
+    """)
+    )
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # run_module adds the repository in front
+    overrides = [
+        "search.strategy=dirichlet",
+        "search.dirichlet.samples=3",
+        "objective.terms=[{kind: custom, dev: arith, function: 'nan_metric_pkg:score', name: mine}]",
+    ]
+    result = _cli(random_world, tmp_path, *overrides)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "'mine'" in lines[0] and "nan" in lines[0], result.stderr
+    assert not (tmp_path / "out").exists()
