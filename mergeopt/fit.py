@@ -21,7 +21,7 @@ import mergeopt
 from mergeopt import worlds
 from mergeopt.checkpoints import open_all
 from mergeopt.config import Recipe, load_recipe, recipe_to_yaml
-from mergeopt.data import DevSet, load_dev_set
+from mergeopt.data import DevSet
 from mergeopt.errors import UserError, run_cli
 from mergeopt.files import write_csv_atomic, write_json_atomic, write_text_atomic
 from mergeopt.objectives import evaluate_sums, target_loss
@@ -29,6 +29,7 @@ from mergeopt.report import plot_loss_curve, plot_search_curve, summary
 from mergeopt.scoring import loss_set_weights, objective_terms
 from mergeopt.search import fit_gradient
 from mergeopt.stack import DTYPES, TaskVectorStack, build_stack
+from mergeopt.term_scores import load_dev_sets
 from mergeopt.weights import as_mapping, initial_logits
 
 GRADIENT_FILES = ("mixture.json", "trace.csv", "recipe.yaml", "loss_curve.png")
@@ -89,19 +90,7 @@ def load_problem(recipe: Recipe, progress: bool = True) -> Problem:
     _, experts = open_all(recipe.model.base, recipe.model.experts)
     tokenizer = _load_tokenizer(recipe.model.base, recipe.model.trust_remote_code)
     data = recipe.data
-    sets = [
-        load_dev_set(
-            d.name,
-            d.path,
-            d.weight,
-            tokenizer,
-            data.max_length,
-            data.heldout_fraction,
-            recipe.seed,
-            data.max_examples,
-        )
-        for d in data.dev
-    ]
+    sets = load_dev_sets(recipe, tokenizer)
     if all(t.kind == "loss" for t in objective_terms(recipe)):
         set_weights = loss_set_weights(recipe)  # the loss the gradient strategy descends
     else:  # metrics: the dev loss is still reported, weighted as data.target says
@@ -168,9 +157,9 @@ def fit(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = prin
     torch.manual_seed(recipe.seed)
     resolved, world_roots = worlds.resolve_recipe(recipe, log)
     if resolved.rank.grid is not None:  # a bad grid table is reported before any work
-        from mergeopt.proxy import read_grid
+        from mergeopt.proxy import check_truth, read_grid
 
-        read_grid(resolved.rank.grid, resolved.expert_names)
+        check_truth(read_grid(resolved.rank.grid, resolved.expert_names), resolved, resolved.rank.grid)
     problem = load_problem(resolved, progress)
     names = problem.stack.expert_names
     stack = problem.stack

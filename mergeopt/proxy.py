@@ -1,8 +1,10 @@
-"""The merged proxy on a grid of mixtures: dev losses of θ(w) for every row of a grid table, in memory.
+"""The merged proxy on a grid of mixtures: dev losses and metric scores of θ(w) for every row of a grid table.
 
 Ranking checks compare these numbers with models really trained on each mixture (``grid.csv`` from
 ``mergeopt.train``, or any table with one ``w_<expert>`` column per expert). Nothing is written to
-disk: each mixture is merged into the model's reusable buffers and evaluated.
+disk: each mixture is merged into the model's reusable buffers and evaluated. Metric terms
+(``score_<label>`` columns) are scored by :func:`mergeopt.term_scores.score_terms`, the very code
+that scored the trained runs, on the same records.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from mergeopt.config import ObjectiveTerm, Recipe
 from mergeopt.errors import UserError
 from mergeopt.objectives import evaluate_sums
+from mergeopt.term_scores import load_custom, metric_terms, score_column, score_terms
 
 WEIGHT_PREFIX = "w_"
 LOSS_PREFIX = "loss_"
@@ -59,12 +63,56 @@ def grid_weights(table: pd.DataFrame, expert_names: Sequence[str]) -> torch.Tens
     return w / w.sum(dim=1, keepdim=True)
 
 
-def proxy_losses(problem, table: pd.DataFrame, batch_size: int, progress: bool = True) -> pd.DataFrame:
-    """Mean token loss of every dev set at every grid mixture, evaluated on the whole dev sets."""
+def truth_columns(recipe: Recipe) -> dict[str, str]:
+    """Metric name in the rank report -> grid column holding its truth: dev sets, then metric terms."""
+    columns = {d.name: f"{LOSS_PREFIX}{d.name}" for d in recipe.data.dev}
+    for term in metric_terms(recipe):
+        if term.label in columns or term.label == "target":
+            raise UserError(
+                f"objective term {term.label!r} has the name of a dev set or of the target; "
+                "give it another name (objective.terms[].name) so the rank report can tell them apart"
+            )
+        columns[term.label] = score_column(term)
+    return columns
+
+
+def check_truth(table: pd.DataFrame, recipe: Recipe, path: str | Path) -> None:
+    """Every truth the recipe asks for is a column of numbers; called before any model is loaded."""
+    for name, column in truth_columns(recipe).items():
+        is_loss = column.startswith(LOSS_PREFIX)
+        if column not in table.columns:
+            if is_loss:
+                raise UserError(f"{path}: no column {column} with the true loss of dev set {name!r}")
+            raise UserError(
+                f"{path}: no column {column} with the true score of objective term {name!r}; rerun "
+                "python -m mergeopt.train with this recipe, which scores the finished runs without retraining"
+            )
+        values = table[column]
+        if values.isna().any() or not pd.api.types.is_numeric_dtype(values):
+            what = "true losses" if is_loss else f"true scores of {name!r} ({column})"
+            raise UserError(f"{path}: {what} must be numbers in every row")
+
+
+def proxy_grid(
+    problem,
+    table: pd.DataFrame,
+    batch_size: int,
+    terms: Sequence[ObjectiveTerm] = (),
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Per grid mixture: every dev set's mean token loss and every metric term's score, on the whole sets.
+
+    The columns are named as in grid.csv (``loss_<dev set>``, ``score_<label>``) so they pair with
+    the truth by name. Scores need ``problem.tokenizer``.
+    """
     names = problem.stack.expert_names
     buffers = problem.stack.allocate_buffers()
+    custom = load_custom(terms)
+    loss_columns = [f"{LOSS_PREFIX}{s.name}" for s in problem.sets]
     rows = []
     for w in tqdm(grid_weights(table, names), desc="proxy on grid", unit="mixture", disable=not progress):
+        # evaluate_sums merges w into the buffers, i.e. the model's own parameters, which the
+        # metric terms then read: one merge per mixture
         sums, counts = evaluate_sums(
             problem.model,
             problem.stack,
@@ -76,5 +124,16 @@ def proxy_losses(problem, table: pd.DataFrame, batch_size: int, progress: bool =
             problem.device,
             buffers=buffers,
         )
-        rows.append((sums / counts.clamp_min(1)).tolist())
-    return pd.DataFrame(rows, columns=[f"{LOSS_PREFIX}{s.name}" for s in problem.sets], index=table.index)
+        row = dict(zip(loss_columns, (sums / counts.clamp_min(1)).tolist()))
+        scores = score_terms(
+            problem.model, problem.tokenizer, problem.sets, terms, custom, batch_size, problem.device
+        )
+        row.update({score_column(t): scores[t.label] for t in terms})
+        rows.append(row)
+    columns = [*loss_columns, *(score_column(t) for t in terms)]
+    return pd.DataFrame(rows, columns=columns, index=table.index)
+
+
+def proxy_losses(problem, table: pd.DataFrame, batch_size: int, progress: bool = True) -> pd.DataFrame:
+    """Mean token loss of every dev set at every grid mixture, evaluated on the whole dev sets."""
+    return proxy_grid(problem, table, batch_size, progress=progress)

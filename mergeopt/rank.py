@@ -123,33 +123,33 @@ def rank_grid(
     mixture: dict | None = None,
     progress: bool = True,
 ) -> tuple[dict, dict, pd.DataFrame]:
-    """Evaluate the merged proxy at every grid mixture and score it against the grid's true losses.
+    """Evaluate the merged proxy at every grid mixture and score it against the grid's true values.
 
-    ``recipe`` has its ``tiny://`` paths resolved. ``problem`` (from :func:`mergeopt.fit.load_problem`)
-    is loaded when not given. ``mixture`` (a mixture.json) adds the regret of the fitted mixture at
-    its nearest grid point. Returns the report, the paired scores and the proxy's losses.
+    The metrics are each dev set's loss, each non-loss objective term of the recipe (its
+    ``score_<label>`` column, oriented by :func:`mergeopt.metrics.higher_is_better`), and the
+    target loss. ``recipe`` has its ``tiny://`` paths resolved. ``problem`` (from
+    :func:`mergeopt.fit.load_problem`) is loaded when not given. ``mixture`` (a mixture.json) adds
+    the regret of the fitted mixture at its nearest grid point, on the target. Returns the report,
+    the paired scores and the proxy's losses and scores.
     """
     from mergeopt.fit import load_problem
-    from mergeopt.proxy import LOSS_PREFIX, proxy_losses, read_grid
+    from mergeopt.metrics import higher_is_better
+    from mergeopt.proxy import check_truth, proxy_grid, read_grid, truth_columns
+    from mergeopt.term_scores import metric_terms
 
     table = read_grid(grid_path, recipe.expert_names)
-    columns = [f"{LOSS_PREFIX}{d.name}" for d in recipe.data.dev]
-    missing = [c for c in columns if c not in table.columns]
-    if missing:
-        raise UserError(
-            f"{grid_path}: no column {missing[0]} with the true loss of dev set {missing[0][len(LOSS_PREFIX) :]!r}"
-        )
-    if table[columns].isna().any().any() or not all(
-        pd.api.types.is_numeric_dtype(t) for t in table[columns].dtypes
-    ):
-        raise UserError(f"{grid_path}: true losses must be numbers in every row")
+    check_truth(table, recipe, grid_path)
     if problem is None:
         problem = load_problem(recipe, progress)
-    proxy = proxy_losses(problem, table, recipe.optim.eval_batch_size, progress)
+    terms = metric_terms(recipe)
+    proxy = proxy_grid(problem, table, recipe.optim.eval_batch_size, terms, progress)
     a = problem.set_weights.double().numpy()
     a = a / a.sum()
-    pairs = {d.name: (proxy[c].to_numpy(), table[c].to_numpy()) for d, c in zip(recipe.data.dev, columns)}
-    pairs["target"] = (proxy[columns].to_numpy() @ a, table[columns].to_numpy() @ a)
+    columns = truth_columns(recipe)
+    pairs = {name: (proxy[c].to_numpy(), table[c].to_numpy()) for name, c in columns.items()}
+    losses = [columns[d.name] for d in recipe.data.dev]
+    pairs["target"] = (proxy[losses].to_numpy() @ a, table[losses].to_numpy() @ a)
+    higher = {t.label: higher_is_better(t) for t in terms}
     options = {
         "k": recipe.rank.k,
         "n_bootstrap": recipe.rank.bootstrap,
@@ -162,7 +162,10 @@ def rank_grid(
         "overall": "target",
         "n_mixtures": len(table),
         "options": options,
-        "metrics": {name: rank_statistics(*pair, name=name, **options) for name, pair in pairs.items()},
+        "metrics": {
+            name: rank_statistics(*pair, name=name, higher_is_better=higher.get(name, False), **options)
+            for name, pair in pairs.items()
+        },
     }
     if mixture is not None:
         weight_columns = table[[f"w_{n}" for n in recipe.expert_names]]
@@ -174,14 +177,15 @@ def _grid_main(args) -> int:
     import json
 
     from mergeopt.config import load_recipe
-    from mergeopt.proxy import read_grid
+    from mergeopt.proxy import check_truth, read_grid
     from mergeopt.worlds import resolve_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     grid = args.grid or recipe.rank.grid
     if grid is None:
         raise UserError("no grid table: pass --grid GRID.csv or set rank.grid in the recipe")
-    read_grid(grid, recipe.expert_names)  # a bad table is reported before anything is built or loaded
+    # a bad table is reported before anything is built or loaded
+    check_truth(read_grid(grid, recipe.expert_names), recipe, grid)
     mixture_path = Path(args.mixture) if args.mixture else Path(recipe.output_dir) / "mixture.json"
     mixture = None
     if mixture_path.is_file():

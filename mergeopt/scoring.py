@@ -14,9 +14,9 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from mergeopt import metrics
 from mergeopt.config import ObjectiveTerm, Recipe
 from mergeopt.objectives import evaluate, target_loss
+from mergeopt.term_scores import load_custom, score_terms
 
 Scorer = Callable[[np.ndarray], dict[str, float]]
 
@@ -61,47 +61,33 @@ def make_scorer(problem, recipe: Recipe, part: str, progress: bool = False) -> S
     at once rather than after an hour of search.
     """
     terms = objective_terms(recipe)
-    custom = {t.label: metrics.load_metric_function(t.function) for t in terms if t.kind == "custom"}
+    metric_terms = [t for t in terms if t.kind != "loss"]
+    custom = load_custom(metric_terms)
     index = {s.name: i for i, s in enumerate(problem.sets)}
     all_sets = data_weights(recipe)
     buffers = problem.stack.allocate_buffers()
     batch = recipe.optim.eval_batch_size
-    model, tokenizer, device = problem.model, problem.tokenizer, problem.device
-
-    def records(name: str) -> list[dict]:
-        return [ex.record for ex in getattr(problem.sets[index[name]], part)]
+    model, device = problem.model, problem.device
 
     def score(weights: np.ndarray) -> dict[str, float]:
         w = torch.as_tensor(np.asarray(weights, dtype=np.float64), dtype=torch.float32)
         out: dict[str, float] = {}
-        means = None
         if any(t.kind == "loss" for t in terms):
             # the merge into the model's buffers happens inside evaluate()
             means = evaluate(
                 model, problem.stack, w, problem.sets, part, batch, problem.pad_id, device, buffers=buffers
             )
+            for term in terms:
+                if term.kind == "loss" and term.dev == "all":
+                    out[term.label] = float(target_loss(means, torch.ones_like(means), all_sets))
+                elif term.kind == "loss":
+                    out[term.label] = float(means[index[term.dev]])
         else:
             with torch.no_grad():
                 problem.stack.merged(w.to(device), out=buffers)
-        for term in terms:
-            if term.kind == "loss":
-                if term.dev == "all":
-                    value = target_loss(means, torch.ones_like(means), all_sets)
-                else:
-                    value = means[index[term.dev]]
-                out[term.label] = float(value)
-            elif term.kind == "exact_match":
-                out[term.label] = metrics.exact_match(
-                    model, tokenizer, records(term.dev), term.max_new_tokens, batch, device
-                )
-            elif term.kind == "choice_accuracy":
-                out[term.label] = metrics.choice_accuracy(
-                    model, tokenizer, records(term.dev), term.length_normalize, batch, device
-                )
-            else:
-                out[term.label] = metrics.call_metric(
-                    custom[term.label], term.label, model, tokenizer, records(term.dev)
-                )
-        return out
+        out.update(
+            score_terms(model, problem.tokenizer, problem.sets, metric_terms, custom, batch, device, part)
+        )
+        return {t.label: out[t.label] for t in terms}  # in the recipe's order
 
     return score

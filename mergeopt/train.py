@@ -8,7 +8,10 @@ the mixture is the only thing that differs. Mixture runs draw the domain of ever
 (a seeded sampler, like ``datasets.interleave_datasets`` with probabilities w). Each finished run
 leaves ``run.json`` (written last) and is never retrained; a run whose recipe changed is an error.
 The grid table ``train.output_dir/grid.csv`` has one row per mixture: ``run``, one ``w_<expert>``
-column per expert, one ``loss_<dev set>`` column per dev set, and ``tokens``.
+column per expert, one ``loss_<dev set>`` column per dev set, one ``score_<label>`` column per
+non-loss objective term (exact match, choice accuracy, custom), and ``tokens``. Losses and scores
+are measured on every record of the dev sets, read as fit reads them, and recomputed from the saved
+checkpoints on every call: a term added to the recipe later fills its column without retraining.
 """
 
 from __future__ import annotations
@@ -25,12 +28,13 @@ import torch
 from tqdm.auto import tqdm
 
 from mergeopt.config import Recipe, TrainSection, load_recipe
-from mergeopt.data import Batch, Example, collate, evaluation_batches, load_dev_set, read_jsonl, tokenize
+from mergeopt.data import Batch, Example, collate, evaluation_batches, read_jsonl, tokenize
 from mergeopt.errors import UserError, run_cli
 from mergeopt.files import write_csv_atomic, write_json_atomic
 from mergeopt.fit import resolve_device
 from mergeopt.mixtures import mixture_set
 from mergeopt.objectives import per_set_loss_sums
+from mergeopt.term_scores import load_custom, load_dev_sets, metric_terms, score_column, score_terms
 from mergeopt.worlds import resolve_recipe
 
 RUN_MARKER = "run.json"
@@ -171,12 +175,18 @@ def train_one(
     return info
 
 
-@torch.no_grad()
-def dev_losses(path: Path, recipe: Recipe, sets, pad_id: int, device: torch.device) -> list[float]:
-    """Mean token loss of each dev set (whole set) for the checkpoint at ``path``."""
+def load_run(path: Path, device: torch.device) -> torch.nn.Module:
+    """A finished run's saved (dense) checkpoint, in eval mode: what every grid column is measured on."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+
+
+@torch.no_grad()
+def dev_losses(
+    model: torch.nn.Module, recipe: Recipe, sets, pad_id: int, device: torch.device
+) -> list[float]:
+    """Mean token loss of each dev set (every record, fit and held-out parts) for a loaded run."""
     sums = torch.zeros(len(sets), dtype=torch.float64)
     counts = torch.zeros(len(sets), dtype=torch.float64)
     for batch in evaluation_batches(sets, "all", recipe.optim.eval_batch_size, pad_id):
@@ -187,7 +197,7 @@ def dev_losses(path: Path, recipe: Recipe, sets, pad_id: int, device: torch.devi
 
 
 def train(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = print) -> Path:
-    """Train every missing run, evaluate every mixture run on the dev sets, write grid.csv."""
+    """Train every missing run, evaluate every grid run on the dev sets (losses, metric terms), write grid.csv."""
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -200,10 +210,9 @@ def train(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = pr
     tokenizer = AutoTokenizer.from_pretrained(resolved.model.base)
     names = resolved.expert_names
     domains = {n: load_examples(cfg.data[n], tokenizer, cfg.max_length) for n in names}
-    sets = [
-        load_dev_set(d.name, d.path, d.weight, tokenizer, resolved.data.max_length, 0.0, resolved.seed)
-        for d in resolved.data.dev
-    ]
+    sets = load_dev_sets(resolved, tokenizer)  # the records rank's proxy is scored on
+    terms = metric_terms(resolved)
+    custom = load_custom(terms)  # a bad import path fails before any training
     mixtures = mixture_set(cfg.mixtures, names, resolved.seed)
     fingerprint = _fingerprint(resolved)
 
@@ -232,13 +241,23 @@ def train(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = pr
     pad_id = tokenizer.pad_token_id or 0
     rows = []
     for i, (w, path) in enumerate(tqdm(grid_runs, desc="evaluating runs", unit="run", disable=not progress)):
-        losses = dev_losses(path, resolved, sets, pad_id, device)
+        model = load_run(path, device)
+        losses = dev_losses(model, resolved, sets, pad_id, device)
+        scores = score_terms(model, tokenizer, sets, terms, custom, resolved.optim.eval_batch_size, device)
         info = json.loads((path / RUN_MARKER).read_text())
         row = {"run": i, "path": str(path), **{f"w_{n}": w[n] for n in names}}
         row.update({f"loss_{s.name}": v for s, v in zip(sets, losses)})
+        row.update({score_column(t): scores[t.label] for t in terms})
         row["tokens"] = info["tokens"]
         rows.append(row)
-    columns = ["run", "path", *(f"w_{n}" for n in names), *(f"loss_{s.name}" for s in sets), "tokens"]
+    columns = [
+        "run",
+        "path",
+        *(f"w_{n}" for n in names),
+        *(f"loss_{s.name}" for s in sets),
+        *(score_column(t) for t in terms),
+        "tokens",
+    ]
     grid = write_csv_atomic(out_dir / "grid.csv", rows, columns)
     log(f"wrote {grid} ({len(rows)} mixtures)")
     return grid

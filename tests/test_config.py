@@ -148,6 +148,10 @@ def test_recipe_is_frozen(tmp_path):
         recipe.optim.lr = 1.0
 
 
+def _is_model(ann) -> bool:
+    return isinstance(ann, type) and issubclass(ann, pydantic.BaseModel)
+
+
 def _schema_keys(model: type[pydantic.BaseModel], prefix: str = "") -> list[str]:
     keys = []
     for name, field in model.model_fields.items():
@@ -155,8 +159,12 @@ def _schema_keys(model: type[pydantic.BaseModel], prefix: str = "") -> list[str]
         optional = [a for a in getattr(ann, "__args__", ()) if a is not type(None)]
         if len(optional) == 1:  # X | None: document the keys of X
             ann = optional[0]
-        if isinstance(ann, type) and issubclass(ann, pydantic.BaseModel):
+        items = getattr(ann, "__args__", ())
+        if _is_model(ann):
             keys += _schema_keys(ann, f"{prefix}{name}.")
+        elif len(items) == 2 and items[1] is Ellipsis and _is_model(items[0]):
+            keys.append(prefix + name)  # tuple[Model, ...]: the list, then the keys of one item
+            keys += _schema_keys(items[0], f"{prefix}{name}[].")
         else:
             keys.append(prefix + name)
     return keys

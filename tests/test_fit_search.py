@@ -194,6 +194,22 @@ BAD_INPUT = {
         ],
         "no_such_pkg.metrics:score",
     ),
+    "choice accuracy on a set without choices": (
+        [
+            "search.strategy=grid",
+            "search.grid.divisions=2",
+            "objective.terms=[{kind: choice_accuracy, dev: arith}]",
+        ],
+        "'choice_accuracy:arith': choice_accuracy needs prompt/choices/answer records",
+    ),
+    "exact match on text records": (
+        [
+            "search.strategy=grid",
+            "search.grid.divisions=2",
+            "objective.terms=[{kind: exact_match, dev: markov}]",
+        ],
+        "'exact_match:markov': exact_match needs prompt/completion",
+    ),
     "grid larger than the budget": (
         ["search.strategy=grid", "search.budget=5"],
         "search.grid.divisions=10",

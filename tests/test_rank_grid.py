@@ -1,4 +1,5 @@
-"""rank RECIPE --grid: bad grid tables are one-line errors (exit 2) found before any model is loaded."""
+"""rank RECIPE --grid: bad grid tables are one-line errors (exit 2) found before any model is loaded,
+including a grid that lacks the score column of one of the recipe's metric objective terms."""
 
 from __future__ import annotations
 
@@ -44,12 +45,13 @@ def grid_table(**changes) -> pd.DataFrame:
         ({"loss_arith": [1.0, None, 2.0]}, "true losses must be numbers"),
     ],
 )
-def test_bad_grid_tables(random_world, tmp_path, changes, message):
+def rank_cli(tmp_path, tree: dict, table: pd.DataFrame) -> subprocess.CompletedProcess:
+    """``python -m mergeopt.rank RECIPE --grid GRID.csv`` on a written recipe and grid table."""
     grid = tmp_path / "grid.csv"
-    grid_table(**changes).to_csv(grid, index=False)
+    table.to_csv(grid, index=False)
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(recipe_tree(random_world, tmp_path / "out")))
-    result = subprocess.run(
+    recipe.write_text(yaml.safe_dump(tree))
+    return subprocess.run(
         [sys.executable, "-m", "mergeopt.rank", str(recipe), "--grid", str(grid), "--quiet"],
         capture_output=True,
         text=True,
@@ -57,9 +59,53 @@ def test_bad_grid_tables(random_world, tmp_path, changes, message):
         env={**os.environ, "PYTHONPATH": str(REPO)},
         timeout=300,
     )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> None:
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"w_delta": [0.0, 0.0, 0.0]}, "column w_delta names an expert the recipe does not have"),
+        ({"w_gamma": None}, "no weight column w_gamma"),
+        ({"w_gamma": [0.0, 0.1, 0.5]}, "row 3 weights sum to 1.100000"),
+        ({"loss_markov": None}, "no column loss_markov with the true loss of dev set 'markov'"),
+        ({"loss_arith": [1.0, None, 2.0]}, "true losses must be numbers"),
+    ],
+)
+def test_bad_grid_tables(random_world, tmp_path, changes, message):
+    result = rank_cli(tmp_path, recipe_tree(random_world, tmp_path / "out"), grid_table(**changes))
+    assert_one_line_error(result, message)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (
+            {},
+            "no column score_exact_match:arith with the true score of objective term 'exact_match:arith'; "
+            "rerun python -m mergeopt.train",
+        ),
+        (
+            {"score_exact_match:arith": [0.5, None, 0.25]},
+            "true scores of 'exact_match:arith' (score_exact_match:arith) must be numbers",
+        ),
+    ],
+)
+def test_grid_without_a_metric_terms_scores(random_world, tmp_path, changes, message):
+    tree = recipe_tree(
+        random_world,
+        tmp_path / "out",
+        objective={"terms": [{"kind": "exact_match", "dev": "arith"}]},
+        search={"strategy": "grid"},
+    )
+    result = rank_cli(tmp_path, tree, grid_table(**changes))
+    assert_one_line_error(result, message)
     assert not (tmp_path / "out").exists()
 
 
