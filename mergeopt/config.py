@@ -151,6 +151,9 @@ class ObjectiveTerm(_Strict):
     )
     higher_is_better: bool = Field(default=True, description="custom: direction of the score.")
     max_new_tokens: int = Field(default=32, gt=0, description="exact_match: greedy tokens generated.")
+    stop: tuple[str, ...] = Field(
+        default=("\n",), description="exact_match: the generation is cut at the first of these strings."
+    )
     length_normalize: bool = Field(
         default=False, description="choice_accuracy: score options by log-likelihood per character."
     )

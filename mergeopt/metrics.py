@@ -133,6 +133,12 @@ def greedy_continuations(
     return out
 
 
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """The text before the first occurrence of any stop string (lm-eval-harness's ``until``)."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
+    return text[:cut]
+
+
 def exact_match(
     model: torch.nn.Module,
     tokenizer,
@@ -140,11 +146,13 @@ def exact_match(
     max_new_tokens: int,
     batch_size: int,
     device: torch.device | str,
+    stop: Sequence[str] = (),
 ) -> float:
     """Fraction of records whose greedy continuation matches the reference (:func:`is_exact_match`).
 
     Records are prompt/completion or multiple-choice records (the reference is then the right
-    choice's text).
+    choice's text). Each continuation is cut at eos and at the first of the ``stop`` strings
+    (e.g. a newline: a base model answers "41" and goes on with the next question).
     """
     _require(
         records,
@@ -156,7 +164,7 @@ def exact_match(
     predictions = greedy_continuations(
         model, tokenizer, [r["prompt"] for r in records], max_new_tokens, batch_size, device
     )
-    hits = sum(is_exact_match(p, ref) for p, ref in zip(predictions, references))
+    hits = sum(is_exact_match(cut_at_stop(p, stop), ref) for p, ref in zip(predictions, references))
     return hits / len(records)
 
 

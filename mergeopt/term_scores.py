@@ -104,7 +104,9 @@ def score_terms(
     for term in terms:
         records = [ex.record for ex in getattr(by_name[term.dev], part)]
         if term.kind == "exact_match":
-            value = metrics.exact_match(model, tokenizer, records, term.max_new_tokens, batch_size, device)
+            value = metrics.exact_match(
+                model, tokenizer, records, term.max_new_tokens, batch_size, device, term.stop
+            )
         elif term.kind == "choice_accuracy":
             value = metrics.choice_accuracy(
                 model, tokenizer, records, term.length_normalize, batch_size, device

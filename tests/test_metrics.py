@@ -23,6 +23,7 @@ from mergeopt.metrics import (
     Utility,
     call_metric,
     choice_accuracy,
+    cut_at_stop,
     exact_match,
     greedy_continuations,
     is_exact_match,
@@ -122,6 +123,9 @@ def test_exact_match_on_forced_sequences_gives_the_known_fraction(tokenizer, bat
     predictions = greedy_continuations(model, tokenizer, [r["prompt"] for r in records], 6, batch_size, "cpu")
     assert predictions == ["2.....", "2.....", "5", "5", "ababab", "ababab", "2....."]
     assert exact_match(model, tokenizer, records, 6, batch_size, "cpu") == pytest.approx(4 / 7)
+    # cut at ".": "2....." becomes "2", which now matches "2" but no longer "2." (twice); the rest
+    # is unchanged: "5" = "5", "ababab" = "ababab"; 3 of 7
+    assert exact_match(model, tokenizer, records, 6, batch_size, "cpu", stop=(".",)) == pytest.approx(3 / 7)
     with pytest.raises(UserError, match="exact_match needs .* record 1 has the fields \\['text'\\]"):
         exact_match(model, tokenizer, [records[0], {"text": "abc"}], 6, batch_size, "cpu")
 
@@ -330,3 +334,17 @@ def test_utility_keeps_the_gradient_of_tensor_scores():
 def test_utility_rejects_terms_sharing_a_label():
     with pytest.raises(UserError, match="two objective terms are named 'loss:all'"):
         Utility((ObjectiveTerm(kind="loss"), ObjectiveTerm(kind="loss", weight=2.0)))
+
+
+@pytest.mark.parametrize(
+    ("text", "stop", "expected"),
+    [
+        ("41\nQuestion: next", ("\n",), "41"),
+        ("41\nQuestion: next", (), "41\nQuestion: next"),
+        ("a;b\nc", ("\n", ";"), "a"),
+        ("abc", ("\n",), "abc"),
+        ("abc", ("",), "abc"),  # an empty stop string cuts nothing
+    ],
+)
+def test_generations_are_cut_at_the_first_stop_string(text, stop, expected):
+    assert cut_at_stop(text, stop) == expected
