@@ -367,6 +367,11 @@ class Recipe(_Strict):
                 f"search.strategy 'gradient' needs a differentiable objective, but the terms include {', '.join(kinds)}"
                 " (use grid, dirichlet, cmaes, spsa or surrogate)"
             )
+        if self.search.strategy == "gradient" and self.search.budget is not None:
+            raise ValueError(
+                "search.budget counts evaluations of the zero-order strategies; the gradient strategy's "
+                "budget is optim.steps"
+            )
         if self.search.strategy == "gradient" and self.objective.normalize != "none":
             raise ValueError("objective.normalize 'experts' needs a zero-order search.strategy")
         s = self.search

@@ -182,6 +182,10 @@ BAD_INPUT = {
         ["objective.terms=[{kind: exact_match, dev: arith}]"],
         "search.strategy 'gradient' needs a differentiable objective",
     ),
+    "a budget for the gradient strategy": (
+        ["search.budget=50"],
+        "the gradient strategy's budget is optim.steps",
+    ),
     "surrogate budget below its seeds": (
         ["search.strategy=surrogate", "search.budget=10", "search.surrogate.seeds=20"],
         "search.budget 10 is smaller than the surrogate's seeds + verify",
