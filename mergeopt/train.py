@@ -272,7 +272,7 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or messages")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options may come after the overrides
     recipe = load_recipe(args.recipe, args.overrides)
     train(recipe, progress=not args.quiet, log=(lambda _m: None) if args.quiet else print)
     return 0
