@@ -277,8 +277,8 @@ def call_metric(fn: MetricFn, label: str, model: torch.nn.Module, tokenizer, rec
 
 
 def higher_is_better(term: ObjectiveTerm) -> bool:
-    """Losses fall as the model improves, accuracies rise; a custom term says which way it goes."""
-    if term.kind == "custom":
+    """Losses fall as the model improves, accuracies rise; custom and lm_eval terms say which way."""
+    if term.kind in ("custom", "lm_eval"):
         return term.higher_is_better
     return term.kind != "loss"
 

@@ -45,9 +45,14 @@ RECORD_FIELDS = {
 
 
 def check_term_records(sets: Sequence[DevSet], terms: Sequence[ObjectiveTerm]) -> None:
-    """Refuse a term whose dev set holds records it cannot score, before any model is loaded."""
+    """Refuse a term whose dev set holds records it cannot score (or whose lm-eval task does not
+    exist), before any model is loaded."""
     by_name = {s.name: s for s in sets}
     for term in terms:
+        if term.kind == "lm_eval":
+            from mergeopt.lm_eval_term import check_task
+
+            check_task(term)
         if term.kind not in RECORD_FIELDS:
             continue
         needs, suits = RECORD_FIELDS[term.kind]
@@ -102,6 +107,11 @@ def score_terms(
     by_name = {s.name: s for s in sets}
     out = {}
     for term in terms:
+        if term.kind == "lm_eval":  # the task's own data: parts do not apply
+            from mergeopt.lm_eval_term import lm_eval_score
+
+            out[term.label] = lm_eval_score(term, model, tokenizer, batch_size, device)
+            continue
         records = [ex.record for ex in getattr(by_name[term.dev], part)]
         if term.kind == "exact_match":
             value = metrics.exact_match(

@@ -1,0 +1,130 @@
+"""lm-eval-harness tasks as objective terms: lm-eval's own numbers on the in-memory merge.
+
+The reference is lm-eval-harness itself and mergeopt's exact match: on a local loglikelihood task
+over the tiny world's arith dev set, lm-eval's ``acc`` (is the reference the greedy continuation)
+must equal mergeopt's exact match without stop strings, record for record the same question; and
+a zero-order fit with the lm_eval term must report, at each expert, lm-eval's number for that
+expert's checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mergeopt import metrics
+from mergeopt.config import ObjectiveTerm, recipe_from_dict
+from mergeopt.errors import UserError
+from mergeopt.fit import fit
+from mergeopt.lm_eval_term import lm_eval_score
+
+pytest.importorskip("lm_eval")
+
+TASK = "mergeopt_tiny_arith"
+
+
+@pytest.fixture(scope="module")
+def task_dir(tiny_world, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lm_eval_tasks")
+    (root / "arith.yaml").write_text(
+        "\n".join(
+            [
+                f"task: {TASK}",
+                "dataset_path: json",
+                "dataset_kwargs:",
+                "  data_files:",
+                f"    test: {tiny_world / 'dev' / 'arith.jsonl'}",
+                "test_split: test",
+                "output_type: loglikelihood",
+                'doc_to_text: "{{prompt}}"',
+                'doc_to_target: "{{completion}}"',
+                "metric_list:",
+                "  - metric: acc",
+                "    aggregation: mean",
+                "    higher_is_better: true",
+            ]
+        )
+        + "\n"
+    )
+    return root
+
+
+def _term(task_dir, **extra) -> ObjectiveTerm:
+    return ObjectiveTerm(kind="lm_eval", task=TASK, include_path=str(task_dir), **extra)
+
+
+@pytest.mark.parametrize("expert", ["arith", "markov"])
+def test_lm_eval_greedy_accuracy_equals_mergeopts_exact_match(tiny_world, task_dir, expert):
+    path = tiny_world / "experts" / expert
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    records = [json.loads(line) for line in (tiny_world / "dev" / "arith.jsonl").read_text().splitlines()]
+    ours = metrics.exact_match(model, tokenizer, records, 6, 32, "cpu", stop=())
+    theirs = lm_eval_score(_term(task_dir), model, tokenizer, 32, "cpu")
+    assert theirs == pytest.approx(ours, abs=1e-12)
+    if expert == "arith":
+        assert theirs > 0.3  # the arith expert adds; the number is not vacuous
+
+
+def test_fit_scores_the_in_memory_merge_with_lm_eval(tiny_world, task_dir, tmp_path):
+    tree = {
+        "seed": 0,
+        "output_dir": str(tmp_path / "run"),
+        "device": "cpu",
+        "model": {
+            "base": str(tiny_world / "base"),
+            "experts": {n: str(tiny_world / "experts" / n) for n in ("arith", "markov")},
+        },
+        "data": {
+            "dev": [{"name": "arith", "path": str(tiny_world / "dev" / "arith.jsonl")}],
+            "max_length": 64,
+        },
+        "objective": {
+            "terms": [{"kind": "lm_eval", "task": TASK, "include_path": str(task_dir), "limit": 64}]
+        },
+        "search": {"strategy": "grid", "grid": {"divisions": 2}},
+    }
+    mixture = fit(recipe_from_dict(tree), progress=False, log=lambda _m: None)
+    scores = mixture["objective"]["scores"]
+    label = f"lm_eval:{TASK}"
+    for name in ("arith", "markov"):
+        path = tiny_world / "experts" / name
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        expected = lm_eval_score(
+            _term(task_dir, limit=64), model, AutoTokenizer.from_pretrained(path), 32, "cpu"
+        )
+        assert scores[f"{name} only"]["fit"][label] == pytest.approx(expected, abs=1e-12)
+    assert scores["fitted"]["fit"][label] == max(s["fit"][label] for s in scores.values())
+
+
+def test_unknown_task_and_metric_are_named(tiny_world, task_dir):
+    path = tiny_world / "experts" / "arith"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    bad_task = ObjectiveTerm(kind="lm_eval", task="no_such_task", include_path=str(task_dir))
+    with pytest.raises(UserError, match="no lm-eval task 'no_such_task' in"):
+        lm_eval_score(bad_task, model, tokenizer, 32, "cpu")
+    with pytest.raises(UserError, match=r"reports no metric 'f1,none' \(it reports acc,none\)"):
+        lm_eval_score(_term(task_dir, metric="f1", limit=4), model, tokenizer, 32, "cpu")
+
+
+def test_missing_lm_eval_says_how_to_install(monkeypatch, task_dir):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval now raises ImportError
+    from mergeopt.lm_eval_term import _lm_eval
+
+    with pytest.raises(UserError, match=r"pip install 'mergeopt\[lm-eval\]'"):
+        _lm_eval()
+
+
+def test_lm_eval_terms_take_no_dev_set():
+    with pytest.raises(ValueError, match="leave dev unset"):
+        ObjectiveTerm(kind="lm_eval", task="x", dev="arith")
+    with pytest.raises(ValueError, match="needs task"):
+        ObjectiveTerm(kind="lm_eval")
+    with pytest.raises(ValueError, match="only for kind 'lm_eval'"):
+        ObjectiveTerm(kind="exact_match", dev="arith", task="x")
+    assert ObjectiveTerm(kind="lm_eval", task="gsm8k").label == "lm_eval:gsm8k"
