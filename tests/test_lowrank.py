@@ -1,0 +1,155 @@
+"""The low-rank path for LoRA experts against the dense path and PEFT itself.
+
+References: (1) the dense merge of the same experts (PEFT's merge_and_unload per expert, stacked by
+``build_stack``): logits and dw-gradients must agree at every mixture; (2) PEFT's own adapter model:
+a one-hot mixture must give its logits; (3) central finite differences in float64.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch.func import functional_call
+from transformers import LlamaForCausalLM
+
+from mergeopt.lora import read_adapter
+from mergeopt.lowrank import build_lowrank_stack
+from mergeopt.stack import build_stack
+from tests.conftest import tiny_config
+
+NAMES = ("alpha", "beta", "gamma")
+# different ranks, alphas, scalings and target modules per expert: the stack must handle all
+LORA = {
+    "alpha": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "beta": dict(r=2, lora_alpha=3, use_rslora=True, target_modules=["q_proj", "up_proj"]),
+    "gamma": dict(r=8, lora_alpha=4, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]),
+}
+TOKENS = torch.randint(4, 50, (3, 12), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lowrank")
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(tiny_config()).eval()
+    adapters, dense, peft_models = {}, {}, {}
+    shapes = {n: tuple(p.shape) for n, p in base.named_parameters()}
+    for i, name in enumerate(NAMES):
+        torch.manual_seed(10 + i)
+        peft_model = get_peft_model(
+            copy.deepcopy(base), LoraConfig(init_lora_weights=False, **LORA[name])
+        ).eval()
+        peft_model.save_pretrained(root / name)
+        peft_models[name] = peft_model
+        adapters[name] = read_adapter(root / name, shapes)
+        merged = copy.deepcopy(peft_model).merge_and_unload()
+        dense[name] = {k: v.detach().clone() for k, v in merged.state_dict().items()}
+    return base, adapters, dense, peft_models
+
+
+def _paths(world, dtype=torch.float32):
+    base, adapters, dense, _ = world
+    dense_model = copy.deepcopy(base).to(dtype)
+    stack = build_stack(
+        dense_model, {n: {k: v.to(dtype) for k, v in d.items()} for n, d in dense.items()}, progress=False
+    )
+    lowrank_model = copy.deepcopy(base).to(dtype)
+    lowrank = build_lowrank_stack(list(NAMES), adapters, "cpu", dtype)
+    lowrank.attach(lowrank_model)
+    return dense_model, stack, lowrank_model, lowrank
+
+
+def _dense_logits(model, stack, w):
+    return functional_call(model, stack.merged(w), args=(), kwargs={"input_ids": TOKENS}).logits
+
+
+def _lowrank_logits(model, lowrank, w):
+    return functional_call(model, lowrank.params(w), args=(), kwargs={"input_ids": TOKENS}).logits
+
+
+@pytest.mark.parametrize("w", [[1 / 3, 1 / 3, 1 / 3], [0.7, 0.2, 0.1], [0.0, 0.5, 0.5], [1.0, 0.0, 0.0]])
+def test_lowrank_logits_equal_the_dense_merge(world, w):
+    dense_model, stack, lowrank_model, lowrank = _paths(world)
+    w = torch.tensor(w)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            _lowrank_logits(lowrank_model, lowrank, w),
+            _dense_logits(dense_model, stack, w),
+            atol=1e-5,
+            rtol=1e-5,
+        )
+
+
+@pytest.mark.parametrize("j", range(3))
+def test_one_hot_mixture_gives_peft_adapter_logits(world, j):
+    _, _, lowrank_model, lowrank = _paths(world)
+    peft_model = world[3][NAMES[j]]
+    with torch.no_grad():
+        ours = _lowrank_logits(lowrank_model, lowrank, torch.eye(3)[j])
+        theirs = peft_model(input_ids=TOKENS).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def _loss(logits):
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), TOKENS[:, 1:].reshape(-1)
+    )
+
+
+def test_gradients_to_w_match_the_dense_path_and_finite_differences(world):
+    dense_model, stack, lowrank_model, lowrank = _paths(world, torch.float64)
+    w = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64, requires_grad=True)
+    (g_lowrank,) = torch.autograd.grad(_loss(_lowrank_logits(lowrank_model, lowrank, w)), w)
+    assert (g_lowrank.abs() > 0).all()
+    # the dense anchor form θ_1 + Σ_{i≥2} w_i (θ_i − θ_1) has no w_1: it is the same function on the
+    # simplex, so the gradients agree along the simplex (and through the logits z: w = softmax(z))
+    z = torch.log(w.detach()).requires_grad_(True)
+    (gz_lowrank,) = torch.autograd.grad(
+        _loss(_lowrank_logits(lowrank_model, lowrank, torch.softmax(z, 0))), z
+    )
+    (gz_dense,) = torch.autograd.grad(_loss(_dense_logits(dense_model, stack, torch.softmax(z, 0))), z)
+    # the dense experts were merged by PEFT in float32, so they carry float32 rounding: 1e-5, not 1e-12
+    torch.testing.assert_close(gz_lowrank, gz_dense, rtol=1e-5, atol=1e-8)
+    eps = 1e-3  # Llama's rotary embedding runs in float32 even in a float64 model: no smaller steps
+    with torch.no_grad():
+        for k in range(3):
+            e = torch.zeros(3, dtype=torch.float64)
+            e[k] = eps
+            fd = (
+                _loss(_lowrank_logits(lowrank_model, lowrank, w.detach() + e))
+                - _loss(_lowrank_logits(lowrank_model, lowrank, w.detach() - e))
+            ) / (2 * eps)
+            assert float(fd) == pytest.approx(float(g_lowrank[k]), rel=1e-4, abs=1e-7)
+
+
+def test_buffers_carry_the_mixture_to_plain_forward_calls(world):
+    """model.generate (metrics) calls the model directly: the buffers must hold w then."""
+    _, _, lowrank_model, lowrank = _paths(world)
+    w = torch.tensor([0.2, 0.2, 0.6])
+    with torch.no_grad():
+        functional = _lowrank_logits(lowrank_model, lowrank, w)
+        lowrank.params(w, lowrank_model)
+        plain = lowrank_model(input_ids=TOKENS).logits
+    torch.testing.assert_close(plain, functional, atol=0, rtol=0)
+
+
+def test_memory_is_the_factors_only(world):
+    base, adapters, _, _ = world
+    lowrank = build_lowrank_stack(list(NAMES), adapters, "cpu")
+    shapes = {n: p.shape for n, p in base.named_parameters()}
+    expected = 0
+    for target in {t for a in adapters.values() for t in a.factors}:
+        out_features, in_features = shapes[target]
+        rank = sum(a.factors[target].rank for a in adapters.values() if target in a.factors)
+        expected += rank * (in_features + out_features) * 4 + rank * (8 + 4)  # factors, owner, scaling
+    assert lowrank.nbytes() == expected
+    dense = sum(shapes[t].numel() for t in {t for a in adapters.values() for t in a.factors}) * 4 * 3
+    assert lowrank.nbytes() < dense
+    # and the model's own parameters are untouched: the update lives in the hooks
+    model = copy.deepcopy(base)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lowrank.attach(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
