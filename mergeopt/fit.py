@@ -19,7 +19,7 @@ import torch
 
 import mergeopt
 from mergeopt import worlds
-from mergeopt.checkpoints import open_all
+from mergeopt.checkpoints import Checkpoint, open_all
 from mergeopt.config import Recipe, load_recipe, recipe_to_yaml
 from mergeopt.data import DevSet
 from mergeopt.errors import UserError, run_cli
@@ -80,24 +80,20 @@ def _load_tokenizer(path: str, trust_remote_code: bool):
         raise UserError(f"cannot load a tokenizer from the base {path}: {first}") from None
 
 
-def load_problem(recipe: Recipe, progress: bool = True) -> Problem:
-    """Check checkpoints and dev sets first (cheap), then load θ0 and stack the experts."""
-    from transformers import AutoModelForCausalLM
+def _open_checked(recipe: Recipe) -> tuple[dict[str, Checkpoint], object]:
+    """The experts checked against the base from their headers, and the base's tokenizer: the cheap checks."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    device = resolve_device(recipe.device)
     _, experts = open_all(recipe.model.base, recipe.model.experts)
-    tokenizer = _load_tokenizer(recipe.model.base, recipe.model.trust_remote_code)
-    data = recipe.data
-    sets = load_dev_sets(recipe, tokenizer)
-    if all(t.kind == "loss" for t in objective_terms(recipe)):
-        set_weights = loss_set_weights(recipe)  # the loss the gradient strategy descends
-    else:  # metrics: the dev loss is still reported, weighted as data.target says
-        set_weights = torch.tensor(
-            [d.weight if data.target in ("all", d.name) else 0.0 for d in data.dev], dtype=torch.float32
-        )
-    pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
+    return experts, _load_tokenizer(recipe.model.base, recipe.model.trust_remote_code)
+
+
+def _stack_experts(
+    recipe: Recipe, experts: dict[str, Checkpoint], device: torch.device, progress: bool
+) -> tuple[torch.nn.Module, TaskVectorStack]:
+    """Load θ0 in float32 and stack the experts as the recipe's model and merge sections say."""
+    from transformers import AutoModelForCausalLM
 
     on_gpu = {"device_map": {"": device}} if device.type == "cuda" else {}
     try:
@@ -125,6 +121,37 @@ def load_problem(recipe: Recipe, progress: bool = True) -> Problem:
     )
     for ckpt in experts.values():
         ckpt.close()
+    return model, stack
+
+
+def load_merge(
+    recipe: Recipe, progress: bool = True
+) -> tuple[torch.nn.Module, TaskVectorStack, object, torch.device]:
+    """(model, stack, tokenizer, device) without reading any dev set: what mergeopt.merge writes out.
+
+    It shares every step with :func:`load_problem`, so a merge written at the fitted w is the
+    model fit scored.
+    """
+    device = resolve_device(recipe.device)
+    experts, tokenizer = _open_checked(recipe)
+    model, stack = _stack_experts(recipe, experts, device, progress)
+    return model, stack, tokenizer, device
+
+
+def load_problem(recipe: Recipe, progress: bool = True) -> Problem:
+    """Check checkpoints and dev sets first (cheap), then load θ0 and stack the experts."""
+    device = resolve_device(recipe.device)
+    experts, tokenizer = _open_checked(recipe)
+    data = recipe.data
+    sets = load_dev_sets(recipe, tokenizer)
+    if all(t.kind == "loss" for t in objective_terms(recipe)):
+        set_weights = loss_set_weights(recipe)  # the loss the gradient strategy descends
+    else:  # metrics: the dev loss is still reported, weighted as data.target says
+        set_weights = torch.tensor(
+            [d.weight if data.target in ("all", d.name) else 0.0 for d in data.dev], dtype=torch.float32
+        )
+    pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
+    model, stack = _stack_experts(recipe, experts, device, progress)
     return Problem(model, stack, sets, set_weights, pad_id, device, tokenizer)
 
 
@@ -302,8 +329,18 @@ def main(argv: Sequence[str]) -> int:
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars or progress messages")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the memory plan from config.json and safetensors headers (no weights read, nothing written)",
+    )
     args = parser.parse_intermixed_args(argv)  # options may come after the overrides
     recipe = load_recipe(args.recipe, args.overrides)
+    if args.dry_run:
+        from mergeopt.dry_run import dry_run
+
+        print(dry_run(recipe, args.recipe))
+        return 0
     log = (lambda _msg: None) if args.quiet else print
     mixture = fit(recipe, progress=not args.quiet, log=log)
     print(summary(mixture, recipe.output_dir, output_files(recipe)))
