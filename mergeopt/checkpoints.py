@@ -3,7 +3,10 @@
 A merge is only meaningful between checkpoints of one architecture with identical tensor names,
 shapes and vocabulary. Everything here reads safetensors *headers* first, so a mismatch is reported
 before a single weight is loaded, naming the first offending tensor and both directories. Pickle
-(``.bin``) checkpoints are refused: loading them can execute code.
+(``.bin``) checkpoints are refused, since loading them can execute code, unless the recipe sets
+``model.allow_pickle`` (then ``torch.load(weights_only=True)``, which refuses anything but tensors).
+Experts may also be PEFT LoRA adapter directories (:mod:`mergeopt.lora`), checked against the
+base's tensor shapes and, when the adapter names a local base directory, against that directory.
 """
 
 from __future__ import annotations
@@ -16,9 +19,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from mergeopt.errors import UserError
+from mergeopt.lora import LoraAdapter, is_adapter, read_adapter
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+PICKLE_FILE = "pytorch_model.bin"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,7 @@ class Checkpoint:
     config: dict
     tensors: dict[str, TensorMeta]
     _handles: dict[Path, object] = field(default_factory=dict, repr=False)
+    _loaded: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # pickled checkpoints
 
     @property
     def architecture(self) -> str:
@@ -54,6 +61,8 @@ class Checkpoint:
         meta = self.tensors.get(name)
         if meta is None:
             raise UserError(f"tensor {name} is not in checkpoint {self.path}")
+        if self._loaded is not None:
+            return self._loaded[name].to(device)
         handle = self._handles.get(meta.file)
         if handle is None:
             handle = self._handles[meta.file] = safe_open(str(meta.file), framework="pt", device="cpu")
@@ -86,7 +95,31 @@ def _header(file: Path) -> dict[str, TensorMeta]:
         raise UserError(f"{file}: not a readable safetensors file ({first})") from None
 
 
-def open_checkpoint(path: str | Path) -> Checkpoint:
+def _open_pickled(path: Path, config: dict) -> Checkpoint:
+    """A pickled checkpoint (single or sharded), read with weights_only=True and memory-mapped."""
+    index_file = path / PICKLE_INDEX
+    if index_file.is_file():
+        weight_map = _read_json(index_file, PICKLE_INDEX).get("weight_map") or {}
+        files = [path / shard for shard in sorted(set(weight_map.values()))]
+    else:
+        files = [path / PICKLE_FILE]
+    loaded: dict[str, torch.Tensor] = {}
+    tensors: dict[str, TensorMeta] = {}
+    for file in files:
+        if not file.is_file():
+            raise UserError(f"{path}: pickle shard {file.name} is missing")
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:  # weights_only refuses anything but tensors: say so in one line
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"{file}: cannot be read with weights_only=True ({first})") from None
+        for name, tensor in state.items():
+            loaded[name] = tensor
+            tensors[name] = TensorMeta(file, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
+    return Checkpoint(path=path, config=config, tensors=tensors, _loaded=loaded)
+
+
+def open_checkpoint(path: str | Path, allow_pickle: bool = False) -> Checkpoint:
     """Describe a checkpoint directory from config.json and its (possibly sharded) safetensors headers."""
     path = Path(path)
     if not path.is_dir():
@@ -114,10 +147,13 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         tensors = _header(path / SINGLE_FILE)
     else:
         pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+        if pickles and allow_pickle and ((path / PICKLE_FILE).is_file() or (path / PICKLE_INDEX).is_file()):
+            return _open_pickled(path, config)
         if pickles:
             raise UserError(
-                f"{path} holds only pickle weights ({pickles[0]}); mergeopt reads safetensors only, "
-                "convert with model.save_pretrained(dir, safe_serialization=True)"
+                f"{path} holds only pickle weights ({pickles[0]}), which can run code when loaded; convert "
+                "with model.save_pretrained(dir), or set model.allow_pickle: true to read them with "
+                "torch.load(weights_only=True)"
             )
         raise UserError(f"{path} has no {SINGLE_FILE} or {INDEX_FILE}")
     return Checkpoint(path=path, config=config, tensors=tensors)
@@ -170,3 +206,33 @@ def open_all(base_path: str | Path, experts: dict[str, str]) -> tuple[Checkpoint
         opened[name] = open_checkpoint(path)
         check_compatible(base, opened[name], name)
     return base, opened
+
+
+def _check_adapter_base(adapter: LoraAdapter, base: Checkpoint, name: str) -> None:
+    """An adapter that names a local base directory must name the recipe's base."""
+    named = adapter.base_model
+    if named and Path(named).is_dir() and Path(named).resolve() != base.path.resolve():
+        raise UserError(
+            f"expert {name!r} ({adapter.path}) is a LoRA adapter trained on {named}, not on the base {base.path}"
+        )
+
+
+def open_experts(
+    base_path: str | Path, experts: dict[str, str], allow_pickle: bool = False
+) -> tuple[Checkpoint, dict[str, Checkpoint], dict[str, LoraAdapter]]:
+    """Open the base and every expert, dense checkpoints and LoRA adapters, and check them against the base.
+
+    Dense experts are checked from their headers; adapters are read (their factors are small) and
+    checked against the base's tensor shapes.
+    """
+    base = open_checkpoint(base_path, allow_pickle)
+    shapes = {name: meta.shape for name, meta in base.tensors.items()}
+    dense, adapters = {}, {}
+    for name, path in experts.items():
+        if is_adapter(path):
+            adapters[name] = read_adapter(path, shapes, allow_pickle)
+            _check_adapter_base(adapters[name], base, name)
+        else:
+            dense[name] = open_checkpoint(path, allow_pickle)
+            check_compatible(base, dense[name], name)
+    return base, dense, adapters

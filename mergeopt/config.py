@@ -27,7 +27,9 @@ class ModelSection(_Strict):
     """The base checkpoint and one expert per domain, all fine-tuned from that base."""
 
     base: str = Field(description="HF checkpoint directory of the base model θ0.")
-    experts: dict[str, str] = Field(description="Expert name -> HF checkpoint directory; at least 2.")
+    experts: dict[str, str] = Field(
+        description="Expert name -> HF checkpoint directory or PEFT LoRA adapter directory; at least 2."
+    )
     exclude: tuple[str, ...] = Field(
         default=(), description="Regexes over parameter names kept at θ0 (e.g. 'embed_tokens', 'norm')."
     )
@@ -36,6 +38,10 @@ class ModelSection(_Strict):
     )
     trust_remote_code: bool = Field(
         default=False, description="Allow custom modelling code from the base dir."
+    )
+    allow_pickle: bool = Field(
+        default=False,
+        description="Read pickled .bin checkpoints and adapters (torch.load with weights_only=True).",
     )
 
     @field_validator("experts")

@@ -19,16 +19,17 @@ import torch
 
 import mergeopt
 from mergeopt import worlds
-from mergeopt.checkpoints import Checkpoint, open_all
+from mergeopt.checkpoints import Checkpoint, open_experts
 from mergeopt.config import Recipe, load_recipe, recipe_to_yaml
 from mergeopt.data import DevSet
 from mergeopt.errors import UserError, run_cli
 from mergeopt.files import write_csv_atomic, write_json_atomic, write_text_atomic
+from mergeopt.lora import LoraAdapter
 from mergeopt.objectives import evaluate_sums, target_loss
 from mergeopt.report import plot_loss_curve, plot_search_curve, summary
 from mergeopt.scoring import loss_set_weights, objective_terms
 from mergeopt.search import fit_gradient
-from mergeopt.stack import DTYPES, TaskVectorStack, build_stack
+from mergeopt.stack import DTYPES, TaskVectorStack, build_expert_stack
 from mergeopt.term_scores import load_dev_sets
 from mergeopt.weights import as_mapping, initial_logits
 
@@ -80,17 +81,21 @@ def _load_tokenizer(path: str, trust_remote_code: bool):
         raise UserError(f"cannot load a tokenizer from the base {path}: {first}") from None
 
 
-def _open_checked(recipe: Recipe) -> tuple[dict[str, Checkpoint], object]:
-    """The experts checked against the base from their headers, and the base's tokenizer: the cheap checks."""
+def _open_checked(recipe: Recipe) -> tuple[tuple[dict[str, Checkpoint], dict[str, LoraAdapter]], object]:
+    """The experts (dense checkpoints and LoRA adapters) checked against the base, and the base's
+    tokenizer: the cheap checks, before any weight of the base is loaded."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    _, experts = open_all(recipe.model.base, recipe.model.experts)
-    return experts, _load_tokenizer(recipe.model.base, recipe.model.trust_remote_code)
+    _, dense, adapters = open_experts(recipe.model.base, recipe.model.experts, recipe.model.allow_pickle)
+    return (dense, adapters), _load_tokenizer(recipe.model.base, recipe.model.trust_remote_code)
 
 
 def _stack_experts(
-    recipe: Recipe, experts: dict[str, Checkpoint], device: torch.device, progress: bool
+    recipe: Recipe,
+    experts: tuple[dict[str, Checkpoint], dict[str, LoraAdapter]],
+    device: torch.device,
+    progress: bool,
 ) -> tuple[torch.nn.Module, TaskVectorStack]:
     """Load θ0 in float32 and stack the experts as the recipe's model and merge sections say."""
     from transformers import AutoModelForCausalLM
@@ -101,7 +106,7 @@ def _stack_experts(
             recipe.model.base,
             dtype=torch.float32,
             trust_remote_code=recipe.model.trust_remote_code,
-            use_safetensors=True,
+            use_safetensors=None if recipe.model.allow_pickle else True,
             **on_gpu,
         )
     except (OSError, ValueError) as err:
@@ -110,16 +115,20 @@ def _stack_experts(
     if not on_gpu:
         model.to(device)
     model.eval()
-    stack = build_stack(
+    dense, adapters = experts
+    stack = build_expert_stack(
         model,
-        experts,
+        recipe.expert_names,
+        dense,
+        adapters,
         recipe.model.exclude,
         DTYPES[recipe.model.stack_dtype],
         progress,
         merge=recipe.merge,
         seed=recipe.seed,
+        log=print if progress else (lambda _m: None),
     )
-    for ckpt in experts.values():
+    for ckpt in dense.values():
         ckpt.close()
     return model, stack
 
@@ -194,6 +203,11 @@ def fit(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = prin
         f"stacked {len(stack.deltas)} tensors ({stack.num_stacked_parameters():,} parameters x {len(names)} experts, "
         f"{stack.nbytes() / 2**20:,.1f} MiB) on {problem.device}; "
         f"{len(stack.excluded)} excluded, {len(stack.unchanged) + len(stack.shared)} equal in every expert"
+        + (
+            f"; {len(stack.lowrank.modules)} modules with LoRA experts kept low-rank"
+            if stack.lowrank is not None
+            else ""
+        )
     )
     search = resolved.search
     if search.strategy == "gradient":
@@ -269,6 +283,7 @@ def fit(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = prin
             "excluded": len(stack.excluded),
             "unchanged": len(stack.unchanged),
             "shared": len(stack.shared),
+            "lowrank_modules": len(stack.lowrank.modules) if stack.lowrank is not None else 0,
         },
         "worlds": {name: str(root) for name, root in world_roots.items()},
         "mergeopt_version": mergeopt.__version__,

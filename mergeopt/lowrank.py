@@ -58,6 +58,7 @@ class LowRankStack:
     modules: dict[str, LowRankFactors]  # module name ('model.layers.0.self_attn.q_proj') -> factors
     scale: float = 1.0
     handles: list = field(default_factory=list)
+    model: torch.nn.Module | None = None  # the model attached to
 
     def nbytes(self) -> int:
         return sum(f.nbytes() for f in self.modules.values())
@@ -68,6 +69,7 @@ class LowRankStack:
 
     def attach(self, model: torch.nn.Module) -> None:
         """Register the mixture buffer and the low-rank forward hook on every adapted module."""
+        self.model = model
         for name, factors in self.modules.items():
             module = model.get_submodule(name)
             if not isinstance(module, torch.nn.Linear):
@@ -81,13 +83,28 @@ class LowRankStack:
             handle.remove()
         self.handles.clear()
 
-    def params(self, weights: torch.Tensor, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
-        """{buffer name: w} for functional_call; with ``model``, w is also copied into its buffers."""
-        if model is not None:
+    def params(self, weights: torch.Tensor, write_buffers: bool = False) -> dict[str, torch.Tensor]:
+        """{buffer name: w} for functional_call; with ``write_buffers`` w is also copied into the
+        attached model's buffers, for plain forward calls (``model.generate``)."""
+        if write_buffers:
             with torch.no_grad():
                 for name in self.modules:
-                    getattr(model.get_submodule(name), MIX_BUFFER).copy_(weights.detach())
+                    getattr(self.model.get_submodule(name), MIX_BUFFER).copy_(weights.detach())
         return {name: weights for name in self.mix_names()}
+
+    def current_weights(self) -> torch.Tensor:
+        """The mixture last written into the buffers (after mixup, if any)."""
+        first = next(iter(self.modules))
+        return getattr(self.model.get_submodule(first), MIX_BUFFER).detach().clone()
+
+    def materialize(self, weights: torch.Tensor) -> None:
+        """Add the dense update at w to the attached model's weights and remove the hooks: for writing
+        the merged model out (the only place a dense ΔW is ever formed, one module at a time)."""
+        with torch.no_grad():
+            for name, factors in self.modules.items():
+                weight = self.model.get_submodule(name).weight
+                weight.add_(factors.delta(weights.to(factors.scaling.device), self.scale).to(weight.dtype))
+        self.detach()
 
 
 def _hook(factors: LowRankFactors, scale: float):

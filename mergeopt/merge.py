@@ -282,6 +282,8 @@ def materialize(
     log(f"merging {stack.num_experts} experts ({stack.method['name']}) at " + _format(weights))
     with torch.no_grad():
         stack.merged(w, out=stack.allocate_buffers())
+        if stack.lowrank is not None:  # LoRA experts: their update at w, now added to the weights
+            stack.lowrank.materialize(stack.lowrank.current_weights())
     method = stack.method
     del stack  # the model holds θ(w) now; the stack's K − 1 copies would only raise the peak while saving
     manifest = {

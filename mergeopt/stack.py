@@ -32,6 +32,8 @@ from tqdm.auto import tqdm
 from mergeopt.checkpoints import Checkpoint
 from mergeopt.config import MergeSection
 from mergeopt.errors import UserError
+from mergeopt.lora import LoraAdapter
+from mergeopt.lowrank import LowRankStack, build_lowrank_stack
 from mergeopt.methods import MergeFn, MergeMethod, get_method, merge_linear, mixup
 from mergeopt.methods.dare import parameter_generator
 
@@ -53,6 +55,7 @@ class TaskVectorStack:
     unchanged: list[str] = field(default_factory=list)  # merge equals θ0 at every w
     shared: list[str] = field(default_factory=list)  # merge is one value ≠ θ0 at every w
     mixup: torch.Tensor | None = None  # M³ draw λ (K,): the method gets c(w) = w⊙λ / Σ w⊙λ
+    lowrank: LowRankStack | None = None  # LoRA experts kept as factors (linear merges)
     # the merge as mixture.json records it (see :func:`describe`)
     method: dict[str, Any] = field(default_factory=lambda: {"name": "linear", "scale": 1.0})
 
@@ -65,7 +68,8 @@ class TaskVectorStack:
 
     def nbytes(self) -> int:
         tensors = [*self.anchor.values(), *self.deltas.values()]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        dense = sum(t.numel() * t.element_size() for t in tensors)
+        return dense + (self.lowrank.nbytes() if self.lowrank is not None else 0)
 
     def merged(
         self,
@@ -85,10 +89,15 @@ class TaskVectorStack:
             weights = mixup.coefficients(weights, self.mixup)
         rest = weights[1:]  # w_1 is implied by the anchor: θ(w) = θ_1 + Σ_{i≥2} w_i (θ_i − θ_1)
         if out is None:
-            return {name: method(self.anchor[name], delta, rest) for name, delta in self.deltas.items()}
-        return {
-            name: method(self.anchor[name], delta, rest, out=out[name]) for name, delta in self.deltas.items()
-        }
+            merged = {name: method(self.anchor[name], delta, rest) for name, delta in self.deltas.items()}
+        else:
+            merged = {
+                name: method(self.anchor[name], delta, rest, out=out[name])
+                for name, delta in self.deltas.items()
+            }
+        if self.lowrank is not None:  # the LoRA experts' share, added in the forward pass
+            merged.update(self.lowrank.params(weights, write_buffers=out is not None))
+        return merged
 
     def allocate_buffers(self) -> dict[str, torch.Tensor]:
         """Tensors to merge into: the model's own parameter storage, whose θ0 the stack does not need.
@@ -188,6 +197,7 @@ def build_stack(
     progress: bool = True,
     merge: MergeSection | None = None,
     seed: int = 0,
+    allow_empty: bool = False,
 ) -> TaskVectorStack:
     """Read each expert tensor lazily and stack anchor and differences on the parameter's device.
 
@@ -231,8 +241,92 @@ def build_stack(
         stack.anchor[pname] = anchor
         stack.deltas[pname] = rows
         stack.targets[pname] = param
-    if not stack.deltas:
+    if not stack.deltas and not allow_empty:
         raise UserError(
             "the experts do not differ in any merged parameter (after exclusions): nothing to merge"
         )
+    return stack
+
+
+class _BaseView(Mapping):
+    """A LoRA expert's dense weights on the low-rank path: θ0 everywhere (its update is low-rank).
+
+    Values are copies: the model's parameters become merge buffers and are overwritten later.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self._params = dict(model.named_parameters())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._params[name].detach().clone()
+
+    def __iter__(self):
+        return iter(self._params)
+
+    def __len__(self) -> int:
+        return len(self._params)
+
+
+class _DenseAdapterView(_BaseView):
+    """A LoRA expert as dense weights θ0 + s·B·A, formed one parameter at a time (TIES/DARE need τ)."""
+
+    def __init__(self, model: torch.nn.Module, adapter: LoraAdapter):
+        super().__init__(model)
+        self._adapter = adapter
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        value = super().__getitem__(name)
+        factors = self._adapter.factors.get(name)
+        if factors is not None:
+            value += factors.delta(value.dtype).to(value.device)
+        return value
+
+
+def build_expert_stack(
+    model: torch.nn.Module,
+    names: Sequence[str],
+    dense: Mapping[str, Checkpoint | Mapping[str, torch.Tensor]],
+    adapters: Mapping[str, LoraAdapter],
+    exclude: Sequence[str] = (),
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+    merge: MergeSection | None = None,
+    seed: int = 0,
+    log=print,
+) -> TaskVectorStack:
+    """The stack for any mix of dense experts and LoRA adapters, in the recipe's expert order.
+
+    With a linear merge LoRA experts stay low-rank: their dense weights are θ0 (so the dense stack
+    holds only what dense experts change) and their update λ Σ w_i s_i B_i A_i is added in the
+    forward pass by :mod:`mergeopt.lowrank`. TIES and DARE need each expert's task vector, so there
+    a LoRA expert is densified parameter by parameter (θ0 + s·B·A), costing what a dense expert costs.
+    """
+    merge = merge or MergeSection()
+    lowrank_path = bool(adapters) and merge.method == "linear"
+    if adapters and not lowrank_path:
+        log(f"merge.method {merge.method} needs dense task vectors: LoRA experts are densified per parameter")
+    views = {}
+    for name in names:
+        if name in dense:
+            views[name] = dense[name]
+        elif lowrank_path:
+            views[name] = _BaseView(model)
+        else:
+            views[name] = _DenseAdapterView(model, adapters[name])
+    stack = build_stack(model, views, exclude, dtype, progress, merge, seed, allow_empty=lowrank_path)
+    if lowrank_path:
+        patterns = [re.compile(p) for p in exclude]
+        kept = {
+            n: LoraAdapter(
+                a.path, a.config, {t: f for t, f in a.factors.items() if not _excluded(t, patterns)}
+            )
+            for n, a in adapters.items()
+        }
+        device = next(model.parameters()).device
+        stack.lowrank = build_lowrank_stack(list(names), kept, device, dtype, merge.scale)
+        stack.lowrank.attach(model)
+        if not stack.deltas and not stack.lowrank.modules:
+            raise UserError(
+                "the experts do not differ in any merged parameter (after exclusions): nothing to merge"
+            )
     return stack

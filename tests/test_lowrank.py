@@ -131,7 +131,7 @@ def test_buffers_carry_the_mixture_to_plain_forward_calls(world):
     w = torch.tensor([0.2, 0.2, 0.6])
     with torch.no_grad():
         functional = _lowrank_logits(lowrank_model, lowrank, w)
-        lowrank.params(w, lowrank_model)
+        lowrank.params(w, write_buffers=True)
         plain = lowrank_model(input_ids=TOKENS).logits
     torch.testing.assert_close(plain, functional, atol=0, rtol=0)
 

@@ -1,0 +1,150 @@
+"""LoRA adapters as experts end to end: fit, merge and errors, against the same experts made dense.
+
+Each adapter is also merged by PEFT (merge_and_unload) into a dense checkpoint; a fit over the
+adapters (kept low-rank) must find the mixture a fit over the dense checkpoints finds, with the
+same losses, and the written merge must have the same logits. Mixed dense + LoRA runs and TIES
+(which densifies the adapters) are checked the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import yaml
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from mergeopt.config import recipe_from_dict
+from mergeopt.fit import fit, load_problem
+from tests.conftest import EXPERTS, recipe_tree, run_module, save_checkpoint
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def lora_world(random_world, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora_world")
+    base = AutoModelForCausalLM.from_pretrained(random_world["base"], dtype=torch.float32).eval()
+    adapters, dense = {}, {}
+    for i, name in enumerate(EXPERTS):
+        torch.manual_seed(200 + i)
+        config = LoraConfig(r=2 + 2 * i, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
+        peft_model = get_peft_model(copy.deepcopy(base), config)
+        with torch.no_grad():  # PEFT's random init is large for a tiny model: tame it
+            for p_name, p in peft_model.named_parameters():
+                if "lora_B" in p_name:
+                    p.mul_(0.05)
+        peft_model.save_pretrained(root / f"{name}-adapter")
+        cfg_file = root / f"{name}-adapter" / "adapter_config.json"
+        cfg = json.loads(cfg_file.read_text())
+        cfg["base_model_name_or_path"] = random_world["base"]
+        cfg_file.write_text(json.dumps(cfg))
+        adapters[name] = str(root / f"{name}-adapter")
+        dense[name] = str(save_checkpoint(peft_model.merge_and_unload(), root / f"{name}-dense"))
+    return {"world": random_world, "adapters": adapters, "dense": dense, "root": root}
+
+
+def _fit(lora_world, experts, out, model=None, **sections):
+    tree = recipe_tree(lora_world["world"], out, **sections)
+    tree["model"]["experts"] = experts
+    tree["model"].update(model or {})
+    return fit(recipe_from_dict(tree), progress=False, log=lambda _m: None)
+
+
+def _close(a, b, tol):
+    assert a["weights"] == pytest.approx(b["weights"], abs=tol)
+    assert a["dev_loss"] == pytest.approx(b["dev_loss"], rel=tol)
+    for name in a["expert_dev_loss"]:
+        assert a["expert_dev_loss"][name] == pytest.approx(b["expert_dev_loss"][name], rel=tol)
+
+
+def test_lowrank_fit_finds_the_dense_fit(lora_world, tmp_path):
+    low = _fit(lora_world, lora_world["adapters"], tmp_path / "low")
+    full = _fit(lora_world, lora_world["dense"], tmp_path / "dense")
+    _close(low, full, 1e-4)
+    assert low["stack"]["lowrank_modules"] == 14 and low["stack"]["tensors"] == 0
+    assert low["stack"]["bytes"] < full["stack"]["bytes"] / 4
+
+
+def test_mixed_dense_and_lora_experts(lora_world, tmp_path):
+    mixed = dict(lora_world["adapters"], alpha=lora_world["dense"]["alpha"])
+    _close(
+        _fit(lora_world, mixed, tmp_path / "mixed"),
+        _fit(lora_world, lora_world["dense"], tmp_path / "d"),
+        1e-4,
+    )
+
+
+def test_ties_densifies_adapters_and_matches_dense_experts(lora_world, tmp_path):
+    merge = {"method": "ties", "density": 0.5, "scale": 2.0}
+    low = _fit(lora_world, lora_world["adapters"], tmp_path / "low", merge=merge)
+    full = _fit(lora_world, lora_world["dense"], tmp_path / "dense", merge=merge)
+    _close(low, full, 1e-4)
+
+
+def test_written_merge_of_lora_experts_has_the_in_memory_logits(lora_world, tmp_path):
+    tree = recipe_tree(lora_world["world"], tmp_path / "run")
+    tree["model"]["experts"] = lora_world["adapters"]
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(tree))
+    result = run_module(
+        "merge", str(recipe_path), "--weights", "alpha=0.5,beta=0.3,gamma=0.2", "--out", str(tmp_path / "m")
+    )
+    assert result.returncode == 0, result.stderr
+    written = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    tree["model"]["experts"] = lora_world["dense"]
+    problem = load_problem(recipe_from_dict(tree), progress=False)
+    tokens = torch.randint(4, 50, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        problem.stack.merged(torch.tensor([0.5, 0.3, 0.2]), out=problem.stack.allocate_buffers())
+        torch.testing.assert_close(
+            written(input_ids=tokens).logits, problem.model(input_ids=tokens).logits, atol=1e-5, rtol=1e-5
+        )
+
+
+def _cli(lora_world, tmp_path, experts, *overrides):
+    tree = recipe_tree(lora_world["world"], tmp_path / "out")
+    tree["model"]["experts"] = experts
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return run_module("fit", str(path), *overrides, "--quiet")
+
+
+def _one_line(result, culprit, tmp_path):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and culprit in lines[0], result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_adapter_trained_on_another_local_base_is_refused(lora_world, tmp_path):
+    other = tmp_path / "other-adapter"
+    other.mkdir()
+    src = lora_world["adapters"]["beta"]
+    for f in ("adapter_model.safetensors",):
+        (other / f).write_bytes((lora_world["root"] / "beta-adapter" / f).read_bytes())
+    cfg = json.loads((lora_world["root"] / "beta-adapter" / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = lora_world["dense"]["alpha"]  # a real directory, not the base
+    (other / "adapter_config.json").write_text(json.dumps(cfg))
+    assert src != str(other)
+    result = _cli(lora_world, tmp_path, dict(lora_world["adapters"], beta=str(other)))
+    _one_line(result, "is a LoRA adapter trained on", tmp_path)
+
+
+def test_pickled_checkpoints_need_allow_pickle(lora_world, tmp_path):
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "alpha-bin"
+    pickled.mkdir()
+    dense = lora_world["root"] / "alpha-dense"
+    for f in dense.iterdir():
+        if f.name != "model.safetensors":
+            (pickled / f.name).write_bytes(f.read_bytes())
+    torch.save(load_file(dense / "model.safetensors"), pickled / "pytorch_model.bin")
+    experts = dict(lora_world["dense"], alpha=str(pickled))
+    _one_line(_cli(lora_world, tmp_path, experts), "set model.allow_pickle: true", tmp_path)
+    allowed = _fit(lora_world, experts, tmp_path / "allowed", model={"allow_pickle": True})
+    _close(allowed, _fit(lora_world, lora_world["dense"], tmp_path / "ref"), 1e-6)
