@@ -16,7 +16,7 @@ w being optimized, so gradients reach w exactly as on the dense path, and ``mode
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -121,7 +121,7 @@ def _hook(factors: LowRankFactors, scale: float):
 def build_lowrank_stack(
     expert_names: Sequence[str],
     adapters: Mapping[str, LoraAdapter],
-    device: torch.device | str,
+    device: torch.device | str | Callable[[str], torch.device],
     dtype: torch.dtype = torch.float32,
     scale: float = 1.0,
 ) -> LowRankStack:
@@ -129,13 +129,17 @@ def build_lowrank_stack(
 
     Experts may adapt different modules and use different ranks: each module stacks the experts
     that adapt it, and an expert that does not adapt a module contributes nothing there (its
-    weight is the base's, as the dense path sees it).
+    weight is the base's, as the dense path sees it). ``device`` is one device, or a function from
+    a parameter name to the device it lives on (a model spread over several GPUs keeps each
+    module's factors beside its weight).
     """
+    device_of = device if callable(device) else (lambda _name: device)
     index = {name: i for i, name in enumerate(expert_names)}
     targets = sorted({t for adapter in adapters.values() for t in adapter.factors})
     modules = {}
     for target in targets:
         parts = [(index[n], a.factors[target]) for n, a in adapters.items() if target in a.factors]
+        device = device_of(target)
         a = torch.cat([f.a for _, f in parts]).to(device=device, dtype=dtype)
         b = torch.cat([f.b for _, f in parts], dim=1).to(device=device, dtype=dtype)
         owner = torch.cat([torch.full((f.rank,), i, dtype=torch.long) for i, f in parts]).to(device)

@@ -322,8 +322,8 @@ def build_expert_stack(
             )
             for n, a in adapters.items()
         }
-        device = next(model.parameters()).device
-        stack.lowrank = build_lowrank_stack(list(names), kept, device, dtype, merge.scale)
+        params = dict(model.named_parameters())
+        stack.lowrank = build_lowrank_stack(list(names), kept, lambda t: params[t].device, dtype, merge.scale)
         stack.lowrank.attach(model)
         if not stack.deltas and not stack.lowrank.modules:
             raise UserError(

@@ -1,0 +1,230 @@
+"""``python -m mergeopt.fit RECIPE --dry-run``: the memory plan, from config files and headers only.
+
+It reads config.json files and safetensors *headers* (names, shapes, dtypes), never a weight, and
+writes nothing, so a 16B recipe can be checked on a login node before it is queued on a GPU. The
+parameter inventory comes from the base's headers or, for a directory that holds only
+config.json, from the architecture instantiated on the meta device (no weights, no download).
+Experts are checked against the base from their headers as the fit does. The plan is for the
+device the recipe resolves to (``auto``: CUDA when visible, else the CPU) and its free memory now.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from mergeopt import worlds
+from mergeopt.checkpoints import INDEX_FILE, SINGLE_FILE, Checkpoint, check_compatible, open_checkpoint
+from mergeopt.config import Recipe
+from mergeopt.errors import UserError
+from mergeopt.plan import FLOAT32, GIB, DeviceMemory, Dims, Inventory, MemoryPlan, plan_memory
+from mergeopt.stack import DTYPES
+
+# safetensors header dtypes -> bytes per element (the buffer a tensor is read into before the cast)
+HEADER_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+# ----------------------------------------------------------------------------- inventory
+
+
+def _has_safetensors(path: Path) -> bool:
+    return (path / INDEX_FILE).is_file() or (path / SINGLE_FILE).is_file()
+
+
+def _describe(path: str) -> Checkpoint:
+    """config.json plus safetensors headers when present; tensors stay empty for a config-only dir."""
+    directory = Path(path)
+    if _has_safetensors(directory):
+        return open_checkpoint(directory)
+    if not (directory / "config.json").is_file():
+        raise UserError(f"{directory} has no config.json: not a Hugging Face checkpoint directory")
+    return Checkpoint(path=directory, config=_read_config(directory), tensors={})
+
+
+def _read_config(directory: Path) -> dict:
+    """config.json of a directory without weights, parsed with the checks open_checkpoint makes."""
+    file = directory / "config.json"
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{file}: config.json is not valid JSON (line {err.lineno}: {err.msg})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{file}: config.json must be a JSON object")
+    return config
+
+
+def _config_dtype_bytes(config: dict) -> int:
+    name = str(config.get("dtype") or config.get("torch_dtype") or "float32").removeprefix("torch.")
+    return DTYPES.get(name, torch.float32).itemsize
+
+
+def meta_inventory(path: str, trust_remote_code: bool) -> Inventory:
+    """Names and shapes of the architecture in config.json, built on the meta device (no weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, ImportError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"{path}/config.json: cannot build the architecture on the meta device: {first}"
+        ) from None
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    size = _config_dtype_bytes(config.to_dict())
+    source = f"config.json of {path}: {type(model).__name__} built on the meta device"
+    return Inventory(shapes, dict.fromkeys(shapes, size), source)
+
+
+def header_inventory(base: Checkpoint) -> Inventory:
+    """Names, shapes and on-disk dtypes of the base's tensors, from its safetensors headers."""
+    shapes = {name: meta.shape for name, meta in base.tensors.items()}
+    sizes = {name: HEADER_BYTES.get(meta.dtype.upper(), FLOAT32) for name, meta in base.tensors.items()}
+    files = len({meta.file for meta in base.tensors.values()})
+    return Inventory(shapes, sizes, f"safetensors headers of {base.path}, {files} file{'s' * (files > 1)}")
+
+
+def _check_experts(base: Checkpoint, experts: dict[str, Checkpoint]) -> None:
+    """Headers-only compatibility checks; with a config-only side, only architecture and vocabulary."""
+    for name, expert in experts.items():
+        if base.tensors and expert.tensors:
+            check_compatible(base, expert, name)
+        else:
+            check_compatible(replace(base, tensors={}), replace(expert, tensors={}), name)
+
+
+def read_inventory(recipe: Recipe) -> tuple[Inventory, Dims]:
+    """The base's parameters and decoder shapes, from headers and config files only."""
+    base = _describe(recipe.model.base)
+    experts = {name: _describe(path) for name, path in recipe.model.experts.items()}
+    _check_experts(base, experts)
+    described = [("base", base), *((f"expert {n}", e) for n, e in experts.items())]
+    missing = [what for what, ckpt in described if not ckpt.tensors]
+    notes = (
+        (f"no safetensors for {', '.join(missing)}: the fit itself will need the weights",) if missing else ()
+    )
+    if base.tensors:
+        inventory = header_inventory(base)
+    else:
+        inventory = meta_inventory(recipe.model.base, recipe.model.trust_remote_code)
+    dims = Dims.from_config(base.config, str(base.path))
+    return replace(inventory, notes=notes), dims
+
+
+# ----------------------------------------------------------------------------- device and report
+
+
+def _meminfo() -> dict[str, int]:
+    """/proc/meminfo in bytes (empty where there is none)."""
+    try:
+        lines = Path("/proc/meminfo").read_text(encoding="ascii").splitlines()
+    except OSError:
+        return {}
+    return {line.split(":")[0]: int(line.split()[1]) * 1024 for line in lines if line.endswith("kB")}
+
+
+def device_memory(name: str) -> DeviceMemory:
+    """The device ``recipe.device`` resolves to and its free memory (CUDA: mem_get_info; CPU: RAM)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return DeviceMemory(name, "not visible here (no CUDA)", None, None)
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            return DeviceMemory(name, f"not visible here ({torch.cuda.device_count()} GPUs)", None, None)
+        free, total = torch.cuda.mem_get_info(index)
+        return DeviceMemory(f"cuda:{index}", torch.cuda.get_device_name(index), total, free)
+    if device.type == "cpu":
+        info = _meminfo()
+        total = info.get("MemTotal") or os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return DeviceMemory("cpu", "system RAM", total, info.get("MemAvailable", total))
+    return DeviceMemory(str(device), "memory not known to mergeopt", None, None)
+
+
+def gib(n: int) -> str:
+    return f"{n / GIB:,.2f}"
+
+
+def verdict(plan: MemoryPlan) -> str:
+    """'fits', or how much is missing and which overrides help, each with its saving (one per line)."""
+    mem = plan.memory
+    if plan.fits is None:
+        return f"not checked: {mem.device} is {mem.description}; the run needs {gib(plan.peak)} GiB there"
+    if plan.fits:
+        return f"fits ({gib(mem.free - plan.peak)} GiB to spare on {mem.device})"
+    text = f"does not fit: short by {gib(plan.peak - mem.free)} GiB"
+    if not plan.suggestions:
+        return text + "; none of the knobs helps: fewer experts or a larger device"
+    tries = [f"  {override:<50} saves {gib(saved):>8} GiB" for override, saved in plan.suggestions]
+    short = plan.combined_peak - mem.free
+    together = "fits" if short <= 0 else f"still short by {gib(short)} GiB: fewer experts or a larger device"
+    return "\n".join(
+        [f"{text}; try", *tries, f"  all of them: peak {gib(plan.combined_peak)} GiB, {together}"]
+    )
+
+
+def _line(label: str, size: int, indent: str = "  ") -> str:
+    return f"{indent}{label:<{62 - len(indent)}}{gib(size):>10}"
+
+
+def format_plan(plan: MemoryPlan, recipe_path: str, inventory: Inventory) -> str:
+    """The printed plan: inventory, byte rows in GiB, peak against the device, verdict."""
+    mem = plan.memory
+    device = f"{mem.device}: {mem.description}"
+    if mem.free is not None:
+        device += f", {gib(mem.total)} GiB total, {gib(mem.free)} GiB free"
+    lines = [
+        f"Memory plan for {recipe_path} (dry run: no weights read, nothing written)",
+        f"device: {device}",
+        f"parameters: {plan.parameters:,} in {plan.tensors} tensors ({inventory.source})",
+        f"stacked: {plan.stacked_parameters:,} in {plan.stacked_tensors} tensors x {plan.num_experts} experts "
+        f"(upper bound: every parameter not excluded; {plan.excluded_tensors} tensors excluded)",
+        f"batches: {plan.batch}",
+        *(f"note: {n}" for n in inventory.notes),
+        "",
+        f"{'GiB':>72}",
+        "held for the whole run",
+        *(_line(r.label, r.bytes) for r in plan.held),
+        "plus the largest of these phases (estimates)",
+        *(_line(r.label, r.bytes) for r in plan.phases),
+        _line("peak", plan.peak, ""),
+    ]
+    if mem.free is not None:
+        lines.append(_line(f"free on {mem.device}", mem.free, ""))
+    return "\n".join([*lines, "", f"verdict: {verdict(plan)}"])
+
+
+def _world_path(path: str, recipe: Recipe) -> str:
+    """A tiny:// or smollm2:// checkpoint path inside the cache; a missing world is refused, not built."""
+    name = worlds.scheme_of(path)
+    if name is None:
+        return path
+    root = worlds.world_dir(name, recipe.world.cache_dir, recipe.world.seed)
+    if not (root / worlds.MARKER).is_file():
+        raise UserError(
+            f"{path}: the {name} world is not built yet and a dry run builds nothing (run once without --dry-run)"
+        )
+    return str(root / path.partition("://")[2])
+
+
+def _resolve_checkpoints(recipe: Recipe) -> Recipe:
+    """The recipe with its checkpoint paths resolved (dev sets are not read by a dry run)."""
+    base = _world_path(recipe.model.base, recipe)
+    experts = {name: _world_path(path, recipe) for name, path in recipe.model.experts.items()}
+    model = recipe.model.model_copy(update={"base": base, "experts": experts})
+    return recipe.model_copy(update={"model": model})
+
+
+def dry_run(recipe: Recipe, recipe_path: str) -> str:
+    """Everything ``--dry-run`` prints; reads config.json files and safetensors headers only."""
+    resolved = _resolve_checkpoints(recipe)
+    inventory, dims = read_inventory(resolved)
+    plan = plan_memory(resolved, inventory, dims, device_memory(resolved.device))
+    return format_plan(plan, recipe_path, inventory)
