@@ -21,6 +21,7 @@ from mergeopt import worlds
 from mergeopt.checkpoints import INDEX_FILE, SINGLE_FILE, Checkpoint, check_compatible, open_checkpoint
 from mergeopt.config import Recipe
 from mergeopt.errors import UserError
+from mergeopt.lora import factor_bytes, is_adapter
 from mergeopt.plan import FLOAT32, GIB, DeviceMemory, Dims, Inventory, MemoryPlan, plan_memory
 from mergeopt.stack import DTYPES
 
@@ -101,13 +102,21 @@ def _check_experts(base: Checkpoint, experts: dict[str, Checkpoint]) -> None:
 def read_inventory(recipe: Recipe) -> tuple[Inventory, Dims]:
     """The base's parameters and decoder shapes, from headers and config files only."""
     base = _describe(recipe.model.base)
-    experts = {name: _describe(path) for name, path in recipe.model.experts.items()}
+    adapters = {n: p for n, p in recipe.model.experts.items() if is_adapter(p)}
+    experts = {name: _describe(path) for name, path in recipe.model.experts.items() if name not in adapters}
     _check_experts(base, experts)
     described = [("base", base), *((f"expert {n}", e) for n, e in experts.items())]
     missing = [what for what, ckpt in described if not ckpt.tensors]
     notes = (
         (f"no safetensors for {', '.join(missing)}: the fit itself will need the weights",) if missing else ()
     )
+    if adapters:
+        factors = sum(factor_bytes(p) for p in adapters.values())
+        notes += (
+            f"{len(adapters)} LoRA expert(s) ({', '.join(adapters)}): a linear merge holds their factors "
+            f"({factors / GIB:.2f} GiB) instead of dense rows, but the stack rows below count every expert as "
+            "dense: an upper bound",
+        )
     if base.tensors:
         inventory = header_inventory(base)
     else:

@@ -157,3 +157,17 @@ def read_adapter(
             )
         factors[target] = LoraFactors(a, b, scaling)
     return LoraAdapter(path, config, factors)
+
+
+def factor_bytes(path: str | Path) -> int:
+    """Bytes of an adapter's factors, from its safetensors header only (for memory plans)."""
+    file = Path(path) / SAFETENSORS_FILE
+    if not file.is_file():
+        raise UserError(f"{path}: no {SAFETENSORS_FILE} next to {CONFIG_FILE}")
+    total = 0
+    with safe_open(str(file), framework="pt") as handle:
+        for key in handle.keys():  # noqa: SIM118
+            sliced = handle.get_slice(key)
+            numel = math.prod(sliced.get_shape())
+            total += numel * (2 if sliced.get_dtype() in ("BF16", "F16") else 4)
+    return total

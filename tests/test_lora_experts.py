@@ -148,3 +148,20 @@ def test_pickled_checkpoints_need_allow_pickle(lora_world, tmp_path):
     _one_line(_cli(lora_world, tmp_path, experts), "set model.allow_pickle: true", tmp_path)
     allowed = _fit(lora_world, experts, tmp_path / "allowed", model={"allow_pickle": True})
     _close(allowed, _fit(lora_world, lora_world["dense"], tmp_path / "ref"), 1e-6)
+
+
+def test_dry_run_plans_lora_experts_from_their_headers(lora_world, tmp_path):
+    from safetensors.torch import load_file
+
+    expected = sum(
+        t.numel() * t.element_size()
+        for path in lora_world["adapters"].values()
+        for t in load_file(f"{path}/adapter_model.safetensors").values()
+    )
+    result = _cli(lora_world, tmp_path, lora_world["adapters"], "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert (
+        f"3 LoRA expert(s) (alpha, beta, gamma): a linear merge holds their factors ({expected / 2**30:.2f} GiB)"
+        in result.stdout
+    )
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,411 @@
+"""The memory plan (--dry-run): byte rows against exact tensor sizes and real stacks; phase
+estimates against the live tensor bytes of real steps; the CLI reads no weights and writes nothing.
+
+Exact rows are checked against Llama-3.1-8B's shapes built independently on the meta device and
+against ``build_stack(...).nbytes()`` on the tiny world. The phase estimates (stacking, training
+micro-step, evaluation batch) are checked against the peak of live tensor bytes, counted op by op
+with a dispatch mode, of the same code running on small Llamas: the estimate must lie between
+1% below and 15% above the measurement.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import weakref
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from mergeopt import checkpoints, dry_run, fit, plan
+from mergeopt.checkpoints import open_all
+from mergeopt.config import MergeSection, load_recipe, recipe_from_dict
+from mergeopt.data import DevSet, Example, collate
+from mergeopt.errors import run_cli
+from mergeopt.objectives import dev_loss, evaluate_sums
+from mergeopt.stack import DTYPES, build_stack
+from tests.conftest import REPO, perturbed, run_module
+
+LLAMA_8B = dict(
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=131072,
+    tie_word_embeddings=False,
+    rope_theta=500000,
+)
+EXPERTS_8B = ("math", "code", "chat", "multilingual")
+ROOMY = plan.DeviceMemory("cpu", "test device", 2**50, 2**50)
+
+
+def recipe(base: str, experts: dict[str, str], **model) -> object:
+    tree = {
+        "device": "cpu",
+        "model": {"base": base, "experts": experts, **model},
+        "data": {"dev": [{"name": "a", "path": "/not/read.jsonl"}], "max_length": 64},
+    }
+    return recipe_from_dict(tree)
+
+
+# ----------------------------------------------------------------------------- exact rows
+
+
+@pytest.fixture(scope="module")
+def config_8b(tmp_path_factory):
+    """Llama-3.1-8B's config.json alone (no weights) and its parameters built on the meta device."""
+    path = tmp_path_factory.mktemp("llama8b")
+    LlamaConfig(**LLAMA_8B).save_pretrained(path)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**LLAMA_8B))
+    return path, {name: p.numel() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("exclude", [(), ("embed_tokens", "lm_head", "norm")])
+def test_8b_rows_equal_the_meta_model_tensor_sizes(config_8b, dtype, exclude):
+    path, sizes = config_8b
+    r = recipe(str(path), dict.fromkeys(EXPERTS_8B, str(path)), stack_dtype=dtype, exclude=list(exclude))
+    inventory, dims = dry_run.read_inventory(r)
+    p = plan.plan_memory(r, inventory, dims, ROOMY)
+    stacked = {n: s for n, s in sizes.items() if not any(x in n for x in exclude)}
+    s = sum(stacked.values())
+    assert p.parameters == sum(sizes.values()) == 8_030_261_248
+    assert p.tensors == len(sizes) == 291
+    assert (p.stacked_parameters, p.stacked_tensors) == (s, len(stacked))
+    assert s == (8_030_261_248 if not exclude else 6_979_321_856)
+    assert p.row("base model") == 4 * 8_030_261_248
+    assert p.row("stack anchor") == 4 * s
+    assert p.row("stack differences") == 3 * s * (4 if dtype == "float32" else 2)
+    assert p.row("merge buffers") == 0
+    assert p.row("optimizer") == 4 * 8 * 4
+    assert dims == plan.Dims(4096, 14336, 32, 32, 8, 128, 128256)
+    assert "no safetensors for base" in inventory.notes[0]
+
+
+def test_each_suggested_override_saves_what_the_verdict_says(config_8b):
+    """The 8b recipe (float32 stack, nothing excluded) on an 80 GB card: every suggestion, typed as
+    printed, re-plans to exactly the saving shown."""
+    path, _ = config_8b
+    overrides = [f"model.base={path}", *(f"model.experts.{e}={path}" for e in EXPERTS_8B)]
+    overrides += ["model.stack_dtype=float32", "model.exclude=[]"]
+    r = load_recipe(REPO / "recipes" / "8b.yaml", overrides)
+    inventory, dims = dry_run.read_inventory(r)
+    card = plan.DeviceMemory("cuda:0", "an 80 GB card", 80 * 2**30, 79 * 2**30)
+    short = plan.plan_memory(r, inventory, dims, card)
+    roomy = plan.plan_memory(r, inventory, dims, ROOMY)
+    assert roomy.fits and not roomy.suggestions and short.peak == roomy.peak and short.fits is False
+    keys = {override.split("=")[0] for override, _ in short.suggestions}
+    assert keys == {"model.stack_dtype", "model.exclude", "optim.batch_size", "data.max_length"}
+    for override, saved in short.suggestions:
+        changed = load_recipe(REPO / "recipes" / "8b.yaml", [*overrides, *override.split(" ")])
+        assert plan.plan_memory(changed, inventory, dims, card).peak == short.peak - saved > 0
+    text = dry_run.verdict(short)
+    assert text.startswith(f"does not fit: short by {dry_run.gib(short.peak - card.free)} GiB; try\n")
+    saved = dict(short.suggestions)["model.stack_dtype=bfloat16"]
+    assert re.search(rf"\n  model.stack_dtype=bfloat16 +saves +{dry_run.gib(saved)} GiB\n", text), text
+    assert text.splitlines()[-1].startswith(f"  all of them: peak {dry_run.gib(short.combined_peak)} GiB, ")
+
+
+def test_zero_order_strategies_plan_no_backward(config_8b):
+    path, _ = config_8b
+    r = recipe(str(path), dict.fromkeys(EXPERTS_8B, str(path)))
+    r = r.model_copy(update={"search": r.search.model_copy(update={"strategy": "cmaes"})})
+    inventory, dims = dry_run.read_inventory(r)
+    p = plan.plan_memory(r, inventory, dims, ROOMY)
+    assert [row.label.split(":")[0].split(",")[0] for row in p.phases] == ["stacking", "evaluation batch"]
+    held = 4 * 8_030_261_248 * 2 + 3 * 4 * 8_030_261_248 + 4 * 8 * 4
+    assert p.peak == held + max(p.row("stacking"), p.row("evaluation batch"))
+
+
+def test_tiny_world_stack_rows_equal_the_built_stack(tiny_world):
+    base, experts = (
+        str(tiny_world / "base"),
+        {d: str(tiny_world / "experts" / d) for d in ("arith", "reverse", "brackets", "markov")},
+    )
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    _, opened = open_all(base, experts)
+    for dtype, exclude in [("float32", []), ("bfloat16", ["norm", "embed"])]:
+        r = recipe(base, experts, stack_dtype=dtype, exclude=exclude)
+        inventory, dims = dry_run.read_inventory(r)
+        p = plan.plan_memory(r, inventory, dims, ROOMY)
+        stack = build_stack(model, opened, exclude, DTYPES[dtype], progress=False)
+        assert not stack.unchanged and not stack.shared  # no parameter is equal in every expert
+        assert p.row("stack anchor") + p.row("stack differences") == stack.nbytes()
+        assert p.stacked_parameters == stack.num_stacked_parameters()
+        assert p.excluded_tensors == len(stack.excluded)
+        assert p.parameters == sum(t.numel() for t in model.parameters())
+        assert "safetensors headers" in inventory.source
+
+
+def test_parameters_equal_in_every_expert_make_the_plan_an_upper_bound(tiny_world, tmp_path):
+    """One tensor reset to the base in every expert: the plan overcounts by exactly its bytes."""
+    name = "model.layers.0.mlp.up_proj.weight"
+    base = str(tiny_world / "base")
+    kept = load_file(tiny_world / "base" / "model.safetensors")[name]
+    experts = {}
+    for d in ("arith", "reverse", "brackets", "markov"):
+        copy = shutil.copytree(tiny_world / "experts" / d, tmp_path / d)
+        tensors = load_file(copy / "model.safetensors")
+        tensors[name] = kept.clone()
+        save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
+        experts[d] = str(copy)
+    r = recipe(base, experts, stack_dtype="bfloat16")
+    inventory, dims = dry_run.read_inventory(r)
+    p = plan.plan_memory(r, inventory, dims, ROOMY)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    stack = build_stack(model, open_all(base, experts)[1], (), torch.bfloat16, progress=False)
+    assert stack.unchanged == [name]
+    planned = p.row("stack anchor") + p.row("stack differences")
+    assert planned - stack.nbytes() == kept.numel() * (4 + 3 * 2)
+
+
+# ----------------------------------------------------------------------------- phase estimates
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of tensor storages made inside the mode and still alive (op by op, CPU)."""
+
+    def __init__(self, known: list[torch.Tensor]):
+        super().__init__()
+        self.known = {t.untyped_storage().data_ptr() for t in known}
+        self.live: dict[int, int] = {}
+        self.now = self.peak = 0
+
+    def _free(self, key: int) -> None:
+        self.now -= self.live.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key in self.live or key in self.known or storage.nbytes() == 0:
+                    continue
+                self.live[key] = storage.nbytes()
+                self.now += storage.nbytes()
+                self.peak = max(self.peak, self.now)
+                weakref.finalize(storage, self._free, key)
+        return out
+
+
+def small_problem(vocab: int, hidden: int, intermediate: int, dtype: str, method: str = "linear"):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",  # what from_pretrained picks, as in load_problem
+    )
+    model = LlamaForCausalLM(config).eval()
+    experts = {
+        f"e{k}": {n: t.to(torch.bfloat16) for n, t in perturbed(model, 100 + k).state_dict().items()}
+        for k in range(4)
+    }
+    known = [*model.parameters(), *model.buffers(), *(t for e in experts.values() for t in e.values())]
+    merge = MergeSection(method=method, scale=1.0 if method == "linear" else 2.0)
+    with LiveBytes(known) as build:
+        stack = build_stack(model, experts, (), DTYPES[dtype], progress=False, merge=merge)
+    dims = plan.Dims.from_config(config.to_dict(), "test")
+    return model, stack, dims, build.peak
+
+
+def padded_batch(batch: int, length: int, vocab: int, sets: int = 1):
+    gen = torch.Generator().manual_seed(0)
+    items = []
+    for b in range(batch):
+        ids = torch.randint(0, vocab, (length - 3 * b,), generator=gen)
+        scored = torch.ones_like(ids, dtype=torch.bool)
+        scored[0] = False
+        items.append((b % sets, Example(input_ids=ids, scored=scored)))
+    return collate(items, pad_id=0)
+
+
+def assert_tight_bound(estimate: int, measured: int) -> None:
+    """Within 1% below (a few small tensors: loss, counts, indices) to 15% above the measurement."""
+    assert 0.99 * measured <= estimate <= 1.15 * measured, (estimate, measured, estimate / measured)
+
+
+@pytest.mark.parametrize(
+    "vocab,hidden,intermediate,batch,length,dtype",
+    [
+        (2000, 64, 176, 4, 50, "float32"),  # logits dominate
+        (100, 256, 704, 4, 60, "float32"),  # layer activations dominate
+        (4000, 64, 176, 1, 8, "bfloat16"),  # the backward's stack gradients and upcast dominate
+    ],
+)
+def test_training_step_estimate_bounds_the_live_bytes(vocab, hidden, intermediate, batch, length, dtype):
+    model, stack, dims, _ = small_problem(vocab, hidden, intermediate, dtype)
+    r = recipe("b", {"x": "x", "y": "y", "z": "z", "w": "w"}, stack_dtype=dtype)
+    r = r.model_copy(update={"data": r.data.model_copy(update={"max_length": length})})
+    data = padded_batch(batch, length, vocab)
+    z = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    buffers = stack.allocate_buffers()
+    known = [*model.parameters(), *model.buffers(), *stack.anchor.values(), *stack.deltas.values(), z]
+    with LiveBytes(known) as step:
+        dev_loss(model, stack, z, 1.0, data, torch.ones(1), buffers=buffers).backward()
+    largest = max(t.numel() for t in stack.anchor.values())
+    estimate = max(plan.training_bytes(r, dims, batch, stack.num_stacked_parameters(), largest, 4))
+    assert_tight_bound(estimate, step.peak)
+
+
+def test_saved_activations_equal_what_autograd_saves():
+    model, stack, dims, _ = small_problem(300, 64, 176, "float32")
+    batch, length = 3, 40
+    data = padded_batch(batch, length, 300)
+    params = [*model.parameters(), *model.buffers(), *stack.anchor.values(), *stack.deltas.values()]
+    skip = {t.untyped_storage().data_ptr() for t in params}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in skip:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    z = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        dev_loss(model, stack, z, 1.0, data, torch.ones(1), buffers=stack.allocate_buffers())
+    log_softmax = 4 * 300 * batch * (length - 1)
+    assert sum(saved.values()) == pytest.approx(
+        plan.saved_activation_bytes(dims, batch, length) + log_softmax, rel=0.01
+    )
+
+
+@pytest.mark.parametrize("vocab,hidden,intermediate", [(2000, 64, 176), (100, 256, 704)])
+def test_evaluation_estimate_bounds_the_live_bytes(vocab, hidden, intermediate):
+    model, stack, dims, _ = small_problem(vocab, hidden, intermediate, "float32")
+    batch, length = 4, 60
+    r = recipe("b", {"x": "x", "y": "y", "z": "z", "w": "w"})
+    r = r.model_copy(
+        update={
+            "data": r.data.model_copy(update={"max_length": length}),
+            "optim": r.optim.model_copy(update={"eval_batch_size": batch}),
+        }
+    )
+    data = padded_batch(batch, length, vocab)
+    examples = [
+        Example(input_ids=row[row != 0], scored=s[row != 0]) for row, s in zip(data.input_ids, data.scored)
+    ]
+    sets = [DevSet(name="a", weight=1.0, fit=examples, heldout=[])]
+    known = [*model.parameters(), *model.buffers(), *stack.anchor.values(), *stack.deltas.values()]
+    w = torch.full((4,), 0.25)
+    with LiveBytes(known) as evaluation:
+        evaluate_sums(
+            model, stack, w, sets, "fit", batch, 0, torch.device("cpu"), buffers=stack.allocate_buffers()
+        )
+    largest = max(t.numel() for t in stack.anchor.values())
+    assert_tight_bound(plan.evaluation_bytes(r, dims, largest, 4), evaluation.peak)
+
+
+@pytest.mark.parametrize(
+    "method,dtype",
+    [("linear", "float32"), ("linear", "bfloat16"), ("ties", "float32"), ("dare_linear", "bfloat16")],
+)
+def test_stacking_estimate_bounds_the_live_bytes(method, dtype):
+    _, stack, _, peak = small_problem(4000, 64, 176, dtype, method)
+    r = recipe("b", {"x": "x", "y": "y", "z": "z", "w": "w"}, stack_dtype=dtype)
+    r = r.model_copy(update={"merge": MergeSection(method=method, scale=1.0 if method == "linear" else 2.0)})
+    largest = max(t.numel() for t in stack.anchor.values())
+    # in-memory experts: no read buffer (source_bytes 0); the plan adds the transient to the whole stack
+    assert_tight_bound(stack.nbytes() + plan.stacking_bytes(r, 4, largest, 0), peak)
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+class NoTensorData:
+    """Stands in for safetensors.safe_open: headers may be read, tensor data may not."""
+
+    def __init__(self, *args, **kwargs):
+        self._inner = _SAFE_OPEN(*args, **kwargs)
+
+    def __enter__(self):
+        self._inner.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._inner.__exit__(*exc)
+
+    def keys(self):
+        return self._inner.keys()
+
+    def get_slice(self, name):
+        return self._inner.get_slice(name)
+
+    def get_tensor(self, name):
+        raise AssertionError(f"a dry run read tensor data ({name})")
+
+
+_SAFE_OPEN = checkpoints.safe_open
+
+
+def test_dry_run_reads_no_weights_and_writes_nothing(tiny_world, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(checkpoints, "safe_open", NoTensorData)
+    monkeypatch.setattr(fit, "fit", lambda *a, **k: pytest.fail("a dry run started the fit"))
+    monkeypatch.setattr(
+        AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("loaded a model")
+    )
+    before = sorted(p.relative_to(tiny_world.parent) for p in tiny_world.parent.rglob("*"))
+    code = run_cli(
+        fit.main,
+        [
+            str(REPO / "recipes" / "tiny.yaml"),
+            f"world.cache_dir={tiny_world.parent}",
+            "output_dir=out",
+            "--dry-run",
+        ],
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "parameters: 101,440 in 21 tensors (safetensors headers of" in out
+    assert "stack differences, 3 x float32" in out and "verdict: fits" in out
+    assert list(tmp_path.iterdir()) == []  # no output_dir, nothing else
+    assert sorted(p.relative_to(tiny_world.parent) for p in tiny_world.parent.rglob("*")) == before
+
+
+def test_8b_recipe_dry_run_from_config_json_alone(config_8b, tmp_path):
+    path, _ = config_8b
+    overrides = [f"model.base={path}", *(f"model.experts.{e}={path}" for e in EXPERTS_8B)]
+    result = run_module("fit", "recipes/8b.yaml", *overrides, f"output_dir={tmp_path / 'out'}", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "parameters: 8,030,261,248 in 291 tensors (config.json of" in result.stdout
+    assert "stacked: 6,979,321,856 in 224 tensors x 4 experts" in result.stdout
+    gib = dry_run.gib(3 * 6_979_321_856 * 2)
+    assert re.search(rf"\n  stack differences, 3 x bfloat16 +{gib}\n", result.stdout), result.stdout
+    assert "\nverdict: " in result.stdout
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("what", ["no_config", "unknown_architecture", "world_not_built"])
+def test_user_errors_are_one_line(what, tmp_path, capsys):
+    base = tmp_path / "base"
+    base.mkdir()
+    if what == "unknown_architecture":
+        (base / "config.json").write_text(json.dumps({"model_type": "no-such-model", "hidden_size": 8}))
+    args = [f"model.base={base}", f"world.cache_dir={tmp_path / 'cache'}"]
+    if what != "world_not_built":
+        args += [f"model.experts.{e}={base}" for e in ("arith", "reverse", "brackets", "markov")]
+    code = run_cli(fit.main, [str(REPO / "recipes" / "tiny.yaml"), *args, "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    expected = {
+        "no_config": f"{base} has no config.json",
+        "unknown_architecture": "cannot build the architecture on the meta device",
+        "world_not_built": "tiny://experts/arith: the tiny world is not built yet and a dry run builds nothing",
+    }[what]
+    assert expected in err
+    assert not (tmp_path / "cache").exists()
