@@ -283,3 +283,27 @@ def test_mixup_tiny_alpha_keeps_one_hot_weights_defined():
     for j in range(4):
         one_hot = torch.eye(4, dtype=torch.float64)[j]
         torch.testing.assert_close(mixup.coefficients(one_hot, lam), one_hot)
+
+
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float16])
+def test_chunked_upcast_of_narrow_stacks_equals_the_one_shot_merge(storage, monkeypatch):
+    """A bf16/fp16 stack is upcast in column chunks; the merge and its gradient are unchanged."""
+    from mergeopt.methods import linear
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(37, 29, generator=gen)
+    deltas = (0.1 * torch.randn(3, 37, 29, generator=gen)).to(storage)
+    w = torch.tensor([0.2, 0.5, 0.3], requires_grad=True)
+    expected = base + torch.einsum("k,kij->ij", w.detach(), deltas.float())
+    upstream = torch.randn(37, 29, generator=gen)
+    results = []
+    for chunk in (1 << 24, 100, 7):  # one chunk, several, many with a ragged end
+        monkeypatch.setattr(linear, "CHUNK", chunk)
+        merged = linear.merge_linear(base, deltas, w)
+        (grad,) = torch.autograd.grad((merged * upstream).sum(), w)
+        results.append((merged.detach(), grad))
+    for merged, grad in results:
+        torch.testing.assert_close(merged, expected, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(
+            grad, torch.einsum("kij,ij->k", deltas.float(), upstream), atol=1e-4, rtol=1e-5
+        )
