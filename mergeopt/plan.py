@@ -180,8 +180,13 @@ def logits_bytes(dims: Dims, batch: int, length: int) -> int:
 
 
 def upcast_bytes(recipe: Recipe, num_experts: int, largest: int) -> int:
-    """The merge kernel casts one parameter's K − 1 differences to float32 (none for a float32 stack)."""
-    return 0 if recipe.model.stack_dtype == "float32" else FLOAT32 * (num_experts - 1) * largest
+    """The merge kernel casts K − 1 differences to float32 one column chunk at a time (none for a
+    float32 stack): at most ``mergeopt.methods.linear.CHUNK`` columns of the largest parameter."""
+    from mergeopt.methods.linear import CHUNK
+
+    if recipe.model.stack_dtype == "float32":
+        return 0
+    return FLOAT32 * (num_experts - 1) * min(largest, CHUNK)
 
 
 def training_bytes(
