@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from mergeopt.distributed import shard
 from mergeopt.errors import UserError
 
 
@@ -206,12 +207,16 @@ def training_batches(
                 items.append((i, sets[i].fit[order[pos]]))
                 pos += 1
             cursors[i] = (pos, order)
-        yield collate(items, pad_id)
+        yield collate(shard(items), pad_id)  # under torchrun: this rank's share of the batch
 
 
 def evaluation_batches(sets: Sequence[DevSet], part: str, batch_size: int, pad_id: int) -> Iterator[Batch]:
-    """Every example of every set once, in order (``part``: 'fit', 'heldout' or 'all')."""
+    """Every example of every set once, in order (``part``: 'fit', 'heldout' or 'all').
+
+    Under torchrun each rank gets every world-size-th example (the caller sums over the ranks).
+    """
     items = [(i, ex) for i, s in enumerate(sets) for ex in getattr(s, part)]
     items.sort(key=lambda item: item[1].input_ids.numel())  # similar lengths together: less padding
+    items = shard(items)
     for start in range(0, len(items), batch_size):
         yield collate(items[start : start + batch_size], pad_id)

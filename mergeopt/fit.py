@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import mergeopt
-from mergeopt import worlds
+from mergeopt import distributed, worlds
 from mergeopt.checkpoints import Checkpoint, open_experts
 from mergeopt.config import Recipe, load_recipe, recipe_to_yaml
 from mergeopt.data import DevSet
@@ -141,7 +141,7 @@ def load_merge(
     It shares every step with :func:`load_problem`, so a merge written at the fitted w is the
     model fit scored.
     """
-    device = resolve_device(recipe.device)
+    device = distributed.local_device(resolve_device(recipe.device))
     experts, tokenizer = _open_checked(recipe)
     model, stack = _stack_experts(recipe, experts, device, progress)
     return model, stack, tokenizer, device
@@ -149,7 +149,7 @@ def load_merge(
 
 def load_problem(recipe: Recipe, progress: bool = True) -> Problem:
     """Check checkpoints and dev sets first (cheap), then load θ0 and stack the experts."""
-    device = resolve_device(recipe.device)
+    device = distributed.local_device(resolve_device(recipe.device))
     experts, tokenizer = _open_checked(recipe)
     data = recipe.data
     sets = load_dev_sets(recipe, tokenizer)
@@ -191,7 +191,11 @@ def fit(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = prin
     """Run the whole fit and write the run directory; returns the content of mixture.json."""
     started = time.perf_counter()
     torch.manual_seed(recipe.seed)
-    resolved, world_roots = worlds.resolve_recipe(recipe, log)
+    distributed.init_from_env(resolve_device(recipe.device))
+    if not distributed.is_main():
+        log, progress = (lambda _m: None), False
+    with distributed.main_first():  # one rank builds a world into the cache, the others reuse it
+        resolved, world_roots = worlds.resolve_recipe(recipe, log)
     if resolved.rank.grid is not None:  # a bad grid table is reported before any work
         from mergeopt.proxy import check_truth, read_grid
 
@@ -276,6 +280,7 @@ def fit(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = prin
         },
         "seed": resolved.seed,
         "device": str(problem.device),
+        "processes": distributed.rank_and_size()[1],
         "stack": {
             "tensors": len(stack.deltas),
             "parameters": stack.num_stacked_parameters(),
@@ -308,8 +313,10 @@ def fit(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = prin
             **{key: target[key] for key in ("spearman", "kendall", "pairwise_accuracy", "regret")},
             "fitted_regret": report["fitted_mixture"]["regret"],
         }
-        write_rank_outputs(report, pairs, recipe.output_dir)
-    write_outputs(recipe, mixture, trace, names)
+        if distributed.is_main():
+            write_rank_outputs(report, pairs, recipe.output_dir)
+    if distributed.is_main():  # under torchrun every rank holds the same result; rank 0 writes it
+        write_outputs(recipe, mixture, trace, names)
     return mixture
 
 
@@ -358,7 +365,8 @@ def main(argv: Sequence[str]) -> int:
         return 0
     log = (lambda _msg: None) if args.quiet else print
     mixture = fit(recipe, progress=not args.quiet, log=log)
-    print(summary(mixture, recipe.output_dir, output_files(recipe)))
+    if distributed.is_main():
+        print(summary(mixture, recipe.output_dir, output_files(recipe)))
     return 0
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from mergeopt.data import Batch, DevSet, evaluation_batches
+from mergeopt.distributed import all_reduce_sum
 from mergeopt.methods import MergeFn, merge_linear
 from mergeopt.stack import TaskVectorStack
 from mergeopt.weights import weights_from_logits
@@ -69,6 +70,9 @@ def dev_loss(
     """
     params = stack.merged(weights_from_logits(logits, temperature), method, out=buffers)
     sums, counts = per_set_loss_sums(model, params, batch, len(set_weights))
+    # under torchrun: divide this rank's sums by the whole batch's counts, so the ranks' losses
+    # (and their gradients) add up to the whole batch's
+    counts = all_reduce_sum(counts.detach().clone())
     return target_loss(sums, counts, set_weights)
 
 
@@ -93,7 +97,7 @@ def evaluate_sums(
         s, c = per_set_loss_sums(model, params, batch.to(device), len(sets))
         sums += s
         counts += c
-    return sums.cpu(), counts.cpu()
+    return all_reduce_sum(sums).cpu(), all_reduce_sum(counts).cpu()
 
 
 def evaluate(*args, **kwargs) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 from mergeopt import metrics
 from mergeopt.config import ObjectiveTerm, Recipe
 from mergeopt.data import DevSet, load_dev_set
+from mergeopt.distributed import all_reduce_sum, shard
 from mergeopt.errors import UserError
 from mergeopt.metrics import MetricFn
 
@@ -89,6 +90,23 @@ def load_dev_sets(recipe: Recipe, tokenizer) -> list[DevSet]:
     return sets
 
 
+def _split_over_ranks(term, records, model, tokenizer, batch_size, device) -> float:
+    """A per-record accuracy: each torchrun rank scores its share; hits and counts are summed."""
+    mine = shard(records)
+    if not mine:
+        hits = 0.0
+    elif term.kind == "exact_match":
+        hits = len(mine) * metrics.exact_match(
+            model, tokenizer, mine, term.max_new_tokens, batch_size, device, term.stop
+        )
+    else:
+        hits = len(mine) * metrics.choice_accuracy(
+            model, tokenizer, mine, term.length_normalize, batch_size, device
+        )
+    total = all_reduce_sum(torch.tensor([hits, len(mine)], dtype=torch.float64))
+    return float(total[0] / total[1])
+
+
 def score_terms(
     model: torch.nn.Module,
     tokenizer,
@@ -113,14 +131,8 @@ def score_terms(
             out[term.label] = lm_eval_score(term, model, tokenizer, batch_size, device)
             continue
         records = [ex.record for ex in getattr(by_name[term.dev], part)]
-        if term.kind == "exact_match":
-            value = metrics.exact_match(
-                model, tokenizer, records, term.max_new_tokens, batch_size, device, term.stop
-            )
-        elif term.kind == "choice_accuracy":
-            value = metrics.choice_accuracy(
-                model, tokenizer, records, term.length_normalize, batch_size, device
-            )
+        if term.kind in ("exact_match", "choice_accuracy"):
+            value = _split_over_ranks(term, records, model, tokenizer, batch_size, device)
         elif term.kind == "custom":
             value = metrics.call_metric(custom[term.label], term.label, model, tokenizer, records)
         else:

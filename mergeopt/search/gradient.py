@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from mergeopt.config import OptimSection
 from mergeopt.data import DevSet, training_batches
+from mergeopt.distributed import all_reduce_sum, is_main
 from mergeopt.methods import MergeFn, merge_linear
 from mergeopt.objectives import dev_loss, evaluate, target_loss
 from mergeopt.stack import TaskVectorStack
@@ -57,7 +58,7 @@ def fit_gradient(
 
     best_loss, best_z, best_step = math.inf, z.detach().clone(), 0
     stale_evals, stopped_early, trace = 0, False, []
-    bar = tqdm(total=optim.steps, desc="fitting mixture", unit="step", disable=not progress)
+    bar = tqdm(total=optim.steps, desc="fitting mixture", unit="step", disable=not (progress and is_main()))
     for t in range(optim.steps + 1):
         w = weights_from_logits(z.detach(), temperature)
         row: dict = {"step": t, "loss": math.nan, "heldout_loss": math.nan}
@@ -84,7 +85,8 @@ def fit_gradient(
             loss = dev_loss(model, stack, z, temperature, batch, set_weights, method, buffers)
             loss = loss / optim.grad_accum
             loss.backward()
-            step_loss += float(loss.detach())
+            step_loss += float(all_reduce_sum(loss.detach().clone()))
+        all_reduce_sum(z.grad)  # torchrun: the ranks' shares of the gradient add up to the batch's
         optimizer.step()
         row["loss"] = step_loss
         trace.append(row)
