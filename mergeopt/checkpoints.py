@@ -217,15 +217,46 @@ def _check_adapter_base(adapter: LoraAdapter, base: Checkpoint, name: str) -> No
         )
 
 
+def gguf_base(base_path: str | Path, gguf_file: str, trust_remote_code: bool = False) -> Checkpoint:
+    """A GGUF base described without reading its weights: the architecture on the meta device.
+
+    GGUF names its tensors its own way; transformers maps them to the model's names when it loads
+    the file, so the shapes to check experts against are the model's, built from the GGUF's config.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(base_path)
+    if not (path / gguf_file).is_file():
+        raise UserError(f"model.gguf_file {gguf_file!r} is not a file in {path}")
+    try:
+        config = AutoConfig.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, ImportError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path / gguf_file}: cannot read it as a GGUF model ({first})") from None
+    tensors = {n: TensorMeta(path / gguf_file, tuple(p.shape), "F32") for n, p in model.named_parameters()}
+    described = config.to_dict()
+    described["architectures"] = [type(model).__name__]  # a GGUF config names only its model_type
+    return Checkpoint(path=path, config=described, tensors=tensors)
+
+
 def open_experts(
-    base_path: str | Path, experts: dict[str, str], allow_pickle: bool = False
+    base_path: str | Path,
+    experts: dict[str, str],
+    allow_pickle: bool = False,
+    gguf_file: str | None = None,
+    trust_remote_code: bool = False,
 ) -> tuple[Checkpoint, dict[str, Checkpoint], dict[str, LoraAdapter]]:
     """Open the base and every expert, dense checkpoints and LoRA adapters, and check them against the base.
 
     Dense experts are checked from their headers; adapters are read (their factors are small) and
-    checked against the base's tensor shapes.
+    checked against the base's tensor shapes. A GGUF base is described by its architecture.
     """
-    base = open_checkpoint(base_path, allow_pickle)
+    if gguf_file is not None:
+        base = gguf_base(base_path, gguf_file, trust_remote_code)
+    else:
+        base = open_checkpoint(base_path, allow_pickle)
     shapes = {name: meta.shape for name, meta in base.tensors.items()}
     dense, adapters = {}, {}
     for name, path in experts.items():

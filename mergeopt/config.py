@@ -39,6 +39,10 @@ class ModelSection(_Strict):
     trust_remote_code: bool = Field(
         default=False, description="Allow custom modelling code from the base dir."
     )
+    gguf_file: str | None = Field(
+        default=None,
+        description="A GGUF file inside model.base to load the base from (transformers dequantizes it).",
+    )
     allow_pickle: bool = Field(
         default=False,
         description="Read pickled .bin checkpoints and adapters (torch.load with weights_only=True).",

@@ -18,7 +18,14 @@ from pathlib import Path
 import torch
 
 from mergeopt import worlds
-from mergeopt.checkpoints import INDEX_FILE, SINGLE_FILE, Checkpoint, check_compatible, open_checkpoint
+from mergeopt.checkpoints import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    Checkpoint,
+    check_compatible,
+    gguf_base,
+    open_checkpoint,
+)
 from mergeopt.config import Recipe
 from mergeopt.errors import UserError
 from mergeopt.lora import factor_bytes, is_adapter
@@ -101,7 +108,10 @@ def _check_experts(base: Checkpoint, experts: dict[str, Checkpoint]) -> None:
 
 def read_inventory(recipe: Recipe) -> tuple[Inventory, Dims]:
     """The base's parameters and decoder shapes, from headers and config files only."""
-    base = _describe(recipe.model.base)
+    if recipe.model.gguf_file:
+        base = gguf_base(recipe.model.base, recipe.model.gguf_file, recipe.model.trust_remote_code)
+    else:
+        base = _describe(recipe.model.base)
     adapters = {n: p for n, p in recipe.model.experts.items() if is_adapter(p)}
     experts = {name: _describe(path) for name, path in recipe.model.experts.items() if name not in adapters}
     _check_experts(base, experts)

@@ -71,11 +71,12 @@ class Problem:
     tokenizer: object = None
 
 
-def _load_tokenizer(path: str, trust_remote_code: bool):
+def _load_tokenizer(path: str, trust_remote_code: bool, gguf_file: str | None = None):
     from transformers import AutoTokenizer
 
+    gguf = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **gguf)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot load a tokenizer from the base {path}: {first}") from None
@@ -87,8 +88,18 @@ def _open_checked(recipe: Recipe) -> tuple[tuple[dict[str, Checkpoint], dict[str
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    _, dense, adapters = open_experts(recipe.model.base, recipe.model.experts, recipe.model.allow_pickle)
-    return (dense, adapters), _load_tokenizer(recipe.model.base, recipe.model.trust_remote_code)
+    model = recipe.model
+    _, dense, adapters = open_experts(
+        model.base, model.experts, model.allow_pickle, model.gguf_file, model.trust_remote_code
+    )
+    return (dense, adapters), _load_tokenizer(model.base, model.trust_remote_code, model.gguf_file)
+
+
+def _weights_source(recipe: Recipe) -> dict:
+    """from_pretrained's arguments for where the base's weights come from: safetensors, pickle, GGUF."""
+    if recipe.model.gguf_file:
+        return {"gguf_file": recipe.model.gguf_file}
+    return {"use_safetensors": None if recipe.model.allow_pickle else True}
 
 
 def _stack_experts(
@@ -106,7 +117,7 @@ def _stack_experts(
             recipe.model.base,
             dtype=torch.float32,
             trust_remote_code=recipe.model.trust_remote_code,
-            use_safetensors=None if recipe.model.allow_pickle else True,
+            **_weights_source(recipe),
             **on_gpu,
         )
     except (OSError, ValueError) as err:

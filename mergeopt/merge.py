@@ -35,7 +35,7 @@ import yaml
 
 import mergeopt
 from mergeopt import worlds
-from mergeopt.checkpoints import open_checkpoint
+from mergeopt.checkpoints import gguf_base, open_checkpoint
 from mergeopt.config import Recipe, load_recipe
 from mergeopt.errors import UserError, run_cli
 from mergeopt.methods import get_method
@@ -276,7 +276,12 @@ def materialize(
     """
     from mergeopt.fit import load_merge
 
-    dtype = output_dtype(dtype, open_checkpoint(recipe.model.base).config)
+    base = (
+        gguf_base(recipe.model.base, recipe.model.gguf_file)
+        if recipe.model.gguf_file
+        else open_checkpoint(recipe.model.base, recipe.model.allow_pickle)
+    )
+    dtype = output_dtype(dtype, base.config)
     model, stack, tokenizer, _ = load_merge(recipe, progress)
     w = torch.tensor([weights[n] for n in stack.expert_names], dtype=torch.float64)
     log(f"merging {stack.num_experts} experts ({stack.method['name']}) at " + _format(weights))

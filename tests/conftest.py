@@ -109,6 +109,13 @@ def tiny_world(tmp_path_factory) -> Path:
     return worlds.ensure("tiny", cache, seed=0, log=lambda _m: None)
 
 
+@pytest.fixture(scope="session")
+def smollm2_world(tmp_path_factory) -> Path:
+    """The SmolLM2 world (base converted from the offline GGUF, data), built once per session."""
+    cache = os.environ.get("MERGEOPT_TEST_CACHE") or str(tmp_path_factory.mktemp("smollm2_cache"))
+    return worlds.ensure("smollm2", cache, seed=0, log=lambda _m: None)
+
+
 REPO = Path(__file__).parent.parent
 
 

@@ -13,8 +13,8 @@ from mergeopt.data import read_jsonl, tokenize
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return worlds.ensure("smollm2", str(tmp_path_factory.mktemp("cache")), seed=0, log=lambda _m: None)
+def world(smollm2_world):
+    return smollm2_world
 
 
 def test_converted_base_gives_the_gguf_models_logits(world):

