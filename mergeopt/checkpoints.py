@@ -72,7 +72,8 @@ class Checkpoint:
         self._handles.clear()
 
 
-def _read_json(path: Path, what: str) -> dict:
+def read_json_object(path: Path, what: str) -> dict:
+    """A JSON object from ``path``; malformed JSON or another type is a one-line error naming ``what``."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
@@ -99,7 +100,7 @@ def _open_pickled(path: Path, config: dict) -> Checkpoint:
     """A pickled checkpoint (single or sharded), read with weights_only=True and memory-mapped."""
     index_file = path / PICKLE_INDEX
     if index_file.is_file():
-        weight_map = _read_json(index_file, PICKLE_INDEX).get("weight_map") or {}
+        weight_map = read_json_object(index_file, PICKLE_INDEX).get("weight_map") or {}
         files = [path / shard for shard in sorted(set(weight_map.values()))]
     else:
         files = [path / PICKLE_FILE]
@@ -127,11 +128,11 @@ def open_checkpoint(path: str | Path, allow_pickle: bool = False) -> Checkpoint:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise UserError(f"{path} has no config.json: not a Hugging Face checkpoint directory")
-    config = _read_json(config_file, "config.json")
+    config = read_json_object(config_file, "config.json")
 
     index_file = path / INDEX_FILE
     if index_file.is_file():
-        weight_map = _read_json(index_file, INDEX_FILE).get("weight_map")
+        weight_map = read_json_object(index_file, INDEX_FILE).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise UserError(f"{index_file}: has no weight_map")
         tensors: dict[str, TensorMeta] = {}

@@ -10,7 +10,6 @@ device the recipe resolves to (``auto``: CUDA when visible, else the CPU) and it
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -25,6 +24,7 @@ from mergeopt.checkpoints import (
     check_compatible,
     gguf_base,
     open_checkpoint,
+    read_json_object,
 )
 from mergeopt.config import Recipe
 from mergeopt.errors import UserError
@@ -50,19 +50,9 @@ def _describe(path: str) -> Checkpoint:
         return open_checkpoint(directory)
     if not (directory / "config.json").is_file():
         raise UserError(f"{directory} has no config.json: not a Hugging Face checkpoint directory")
-    return Checkpoint(path=directory, config=_read_config(directory), tensors={})
-
-
-def _read_config(directory: Path) -> dict:
-    """config.json of a directory without weights, parsed with the checks open_checkpoint makes."""
-    file = directory / "config.json"
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise UserError(f"{file}: config.json is not valid JSON (line {err.lineno}: {err.msg})") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{file}: config.json must be a JSON object")
-    return config
+    return Checkpoint(
+        path=directory, config=read_json_object(directory / "config.json", "config.json"), tensors={}
+    )
 
 
 def _config_dtype_bytes(config: dict) -> int:

@@ -15,6 +15,7 @@ import zlib
 
 import torch
 
+from mergeopt.methods import linear
 from mergeopt.methods.ties import MajoritySign, disjoint, disjoint_reference
 
 
@@ -64,9 +65,7 @@ def reference_linear(
     density: float = 0.5,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    dropped = drop(task_vectors, density, generator)
-    shaped = weights.reshape(-1, *([1] * (dropped.dim() - 1)))
-    return base + scale * (dropped * shaped).sum(dim=0)
+    return linear.reference(base, drop(task_vectors, density, generator), weights, scale)
 
 
 def reference_ties(
