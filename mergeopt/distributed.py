@@ -5,8 +5,10 @@ model and the stack, takes every N-th example of each batch (training and evalua
 ranks add up token-loss sums and counts with one all-reduce, so every rank sees the loss and the
 K-vector gradient of the whole batch, takes the same Adam step and stops at the same step: only
 those few numbers cross between processes, never a tensor of the model's size. Zero-order
-strategies run in lockstep the same way (each evaluation is split over the ranks). Rank 0 writes
-the run directory. Without torchrun (WORLD_SIZE unset or 1) everything here is a no-op.
+strategies split the *candidates* instead: each rank scores whole mixtures of a batch (a grid, a
+CMA-ES generation, the surrogate's seeds) inside :func:`this_rank_only`, and the ranks exchange
+the scores, a few floats per mixture. Rank 0 writes the run directory. Without torchrun
+(WORLD_SIZE unset or 1) everything here is a no-op.
 """
 
 from __future__ import annotations
@@ -21,22 +23,56 @@ import torch.distributed as dist
 
 T = TypeVar("T")
 
+_this_rank_only = False  # set by this_rank_only(): collectives become no-ops, shards the whole input
+
 
 def init_from_env(device: torch.device) -> None:
     """Join the process group torchrun describes (gloo on CPU, nccl on CUDA); no-op for one process."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return
+    if device.type == "cuda":
+        torch.cuda.set_device(local_device(device))  # nccl's object collectives use the current GPU
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
 
 
-def rank_and_size() -> tuple[int, int]:
+def process_rank_and_size() -> tuple[int, int]:
+    """This process's rank and the number of processes, whatever :func:`this_rank_only` says."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
+def rank_and_size() -> tuple[int, int]:
+    """The rank and world size data splitting sees: (0, 1) inside :func:`this_rank_only`."""
+    return (0, 1) if _this_rank_only else process_rank_and_size()
+
+
+@contextmanager
+def this_rank_only() -> Iterator[None]:
+    """Inside the block this rank works alone: :func:`shard` keeps every item, sums are not reduced.
+
+    Used to score a whole candidate mixture on one rank while other ranks score other candidates.
+    """
+    global _this_rank_only
+    previous, _this_rank_only = _this_rank_only, True
+    try:
+        yield
+    finally:
+        _this_rank_only = previous
+
+
+def all_gather_objects(value: T) -> list[T]:
+    """Every rank's ``value`` (picklable), in rank order; ``[value]`` for one process."""
+    size = process_rank_and_size()[1]
+    if size == 1:
+        return [value]
+    gathered: list = [None] * size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def is_main() -> bool:
-    return rank_and_size()[0] == 0
+    return process_rank_and_size()[0] == 0
 
 
 def shard(items: Sequence[T]) -> list[T]:
@@ -48,7 +84,12 @@ def shard(items: Sequence[T]) -> list[T]:
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over the ranks, in place (returned for chaining); no-op for one process."""
     if rank_and_size()[1] > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        if dist.get_backend() == "nccl" and tensor.device.type != "cuda":  # nccl reduces GPU tensors only
+            on_gpu = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM)
+            tensor.copy_(on_gpu)
+        else:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
@@ -62,7 +103,7 @@ def local_device(device: torch.device) -> torch.device:
 @contextmanager
 def main_first() -> Iterator[None]:
     """Rank 0 runs the block first (e.g. building a world into the shared cache), the others after."""
-    rank, size = rank_and_size()
+    rank, size = process_rank_and_size()
     if size > 1 and rank != 0:
         dist.barrier()
     yield

@@ -257,6 +257,8 @@ def fit(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = prin
             "budget": search.budget,
             "value": found.value,
             "heldout_value": utility_of(utility, scores["fitted"]["heldout"]),
+            # under torchrun the ranks split the candidates: how many each one scored
+            "evaluations_per_process": distributed.all_gather_objects(evaluator.evaluated_here),
             **{k: v for k, v in found.info.items() if k != "strategy"},
         }
 
@@ -291,7 +293,7 @@ def fit(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = prin
         },
         "seed": resolved.seed,
         "device": str(problem.device),
-        "processes": distributed.rank_and_size()[1],
+        "processes": distributed.process_rank_and_size()[1],
         "stack": {
             "tensors": len(stack.deltas),
             "parameters": stack.num_stacked_parameters(),

@@ -40,6 +40,7 @@ def make_evaluator(problem, recipe: Recipe, progress: bool) -> tuple[Evaluator, 
                 f"search.budget {recipe.search.budget} cannot even score the {len(names)} experts that "
                 "objective.normalize 'experts' needs"
             )
+        evaluator.prefetch(np.eye(len(names)), "expert")
         utility.set_reference([evaluator.scores(row, "expert") for row in np.eye(len(names))])
     return evaluator, utility
 

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -42,8 +43,8 @@ def _torchrun(recipe_path, *overrides):
 
 @pytest.mark.parametrize(
     "search",
-    [{}, {"strategy": "grid", "grid": {"divisions": 2}}],
-    ids=["gradient", "grid"],
+    [{}, {"strategy": "grid", "grid": {"divisions": 2}}, {"strategy": "cmaes", "budget": 14}],
+    ids=["gradient", "grid", "cmaes"],
 )
 def test_two_processes_find_the_mixture_one_process_finds(random_world, tmp_path, search):
     tree = recipe_tree(random_world, tmp_path / "one", **({"search": search} if search else {}))
@@ -60,5 +61,14 @@ def test_two_processes_find_the_mixture_one_process_finds(random_world, tmp_path
         assert two["weights"][name] == pytest.approx(w, abs=1e-6)
     assert two["dev_loss"] == pytest.approx(one["dev_loss"], rel=1e-6)
     assert two["heldout_loss"] == pytest.approx(one["heldout_loss"], rel=1e-6)
+    if search:  # zero-order: the same evaluation log, its candidates split between the ranks
+        assert (tmp_path / "two" / "evaluations.csv").is_file()
+        log_one = pd.read_csv(tmp_path / "one" / "evaluations.csv").drop(columns="seconds")
+        log_two = pd.read_csv(tmp_path / "two" / "evaluations.csv").drop(columns="seconds")
+        pd.testing.assert_frame_equal(log_one, log_two, rtol=1e-6)
+        per_process = two["search"]["evaluations_per_process"]
+        assert one["search"]["evaluations_per_process"] == [one["search"]["evaluations"]]
+        assert sum(per_process) == two["search"]["evaluations"] and min(per_process) >= 1
+        assert max(per_process) - min(per_process) <= two["search"]["evaluations"] // 2
     # one summary, printed by rank 0 only
     assert double.stdout.count("Recommended mixture") == 1

@@ -452,3 +452,21 @@ def test_mixture_off_the_simplex_is_refused():
         with pytest.raises(ValueError):
             evaluator(np.array(w), "bad")
     assert score.calls == []
+
+
+def test_prefetch_scores_a_batch_once_in_order_within_the_budget():
+    calls = []
+
+    def score(w):
+        calls.append(tuple(w))
+        return {"loss": float(w[0])}
+
+    evaluator = Evaluator(names(2), score, lambda s: s["loss"], budget=3)
+    batch = [np.array([0.5, 0.5]), np.array([1.0, 0.0]), np.array([0.5, 0.5]), np.array([0.0, 1.0])]
+    batch.append(np.array([0.25, 0.75]))
+    assert evaluator.prefetch(batch, ["a", "b", "c", "d", "e"]) == 3  # duplicate once, budget cuts the 5th
+    assert calls == [(0.5, 0.5), (1.0, 0.0), (0.0, 1.0)]
+    assert [r["phase"] for r in evaluator.rows()] == ["a", "b", "d"]
+    assert evaluator(np.array([1.0, 0.0])) == 1.0 and len(calls) == 3  # cache hit afterwards
+    with pytest.raises(BudgetExhausted):
+        evaluator(np.array([0.25, 0.75]))

@@ -34,10 +34,12 @@ def run(evaluator: Evaluator, search: SearchSection, seed: int, progress: bool) 
         while True:
             before = evaluator.evaluations
             told = []
+            proposals = [opt.ask() for _ in range(opt.population_size)]
+            phase = f"cma gen {generation}"
+            evaluator.prefetch([softmax(z) for z in proposals], phase)  # torchrun ranks split a generation
             try:
-                for _ in range(opt.population_size):
-                    z = opt.ask()
-                    told.append((z, evaluator(softmax(z), f"cma gen {generation}")))
+                for z in proposals:
+                    told.append((z, evaluator(softmax(z), phase)))
             except BudgetExhausted:
                 break
             opt.tell(told)

@@ -27,6 +27,7 @@ def run(evaluator: Evaluator, search: SearchSection, seed: int, progress: bool) 
     draws = draw_mixtures(np.random.default_rng(seed), len(evaluator.names), spec.alpha, spec.samples)
     stopped = False
     with evaluator.running("dirichlet search", search.budget, spec.samples, progress):
+        evaluator.prefetch(draws, "sample")  # one batch: torchrun ranks split it
         for i, w in enumerate(draws):
             try:
                 evaluator(w, "sample")

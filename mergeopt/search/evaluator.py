@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
+from mergeopt import distributed
 from mergeopt.errors import UserError
 
 ScoreFn = Callable[[np.ndarray], Mapping[str, float]]
@@ -81,6 +82,7 @@ class Evaluator:
         self._seen: dict = {}  # every mixture this evaluator answered, in order: cache key -> (w, scores)
         self._bar = None
         self._strategy_cap: int | None = None
+        self.evaluated_here = 0  # real evaluations this process ran (under torchrun: its share)
 
     # -- budget -------------------------------------------------------------------------------
     @property
@@ -118,6 +120,7 @@ class Evaluator:
             start = time.perf_counter()
             scores = self._checked(self.score_fn(w.copy()), w)
             seconds = time.perf_counter() - start
+            self.evaluated_here += 1
             self.cache[key] = scores
             self._log.append({"phase": phase, "w": w, "scores": scores, "seconds": seconds})
         if key not in self._seen:
@@ -125,6 +128,60 @@ class Evaluator:
         if real:
             self._advance_bar()
         return dict(scores)
+
+    def prefetch(self, mixtures: Sequence[np.ndarray], phase: str | Sequence[str]) -> int:
+        """Really evaluate, as one batch, the mixtures not cached yet (in order, up to the budget).
+
+        Strategies call this with the mixtures they are about to ask for one by one (a grid, a
+        CMA-ES generation); the calls that follow are cache hits, so a strategy reads the same
+        with or without it. The batch is what several processes share: under torchrun each rank
+        scores every world-size-th mixture on the whole dev set and the ranks exchange the
+        scores, so each evaluation runs on one rank. The log keeps the batch's order either way.
+        ``phase`` labels the log rows: one label, or one per mixture. Returns the number of real
+        evaluations made.
+        """
+        phases = [phase] * len(mixtures) if isinstance(phase, str) else list(phase)
+        todo, labels, keys = [], [], set()
+        for w, label in zip(mixtures, phases, strict=True):
+            w = self._check_simplex(w)
+            key = self.cache_key(w)
+            if key not in self.cache and key not in keys:
+                keys.add(key)
+                todo.append(w)
+                labels.append(label)
+        if self.remaining is not None:
+            todo = todo[: self.remaining]
+        for (w, scores, seconds), phase in zip(self._score_batch(todo), labels):
+            key = self.cache_key(w)
+            self.cache[key] = scores
+            self._log.append({"phase": phase, "w": w, "scores": scores, "seconds": seconds})
+            self._seen.setdefault(key, (w, scores))
+            self._advance_bar()
+        return len(todo)
+
+    def _score_batch(self, todo: list[np.ndarray]) -> list[tuple[np.ndarray, dict[str, float], float]]:
+        """Scores of each mixture, the candidates split over the ranks (one rank: in order)."""
+        rank, size = distributed.rank_and_size()
+        results: dict[int, tuple] = {}
+        with distributed.this_rank_only():
+            for i in range(rank, len(todo), size):
+                start = time.perf_counter()
+                try:
+                    scores = dict(self.score_fn(todo[i].copy()))
+                except Exception as err:  # re-raised on every rank below, so none waits forever
+                    if size == 1:
+                        raise
+                    results[i] = ("error", err if isinstance(err, UserError) else RuntimeError(repr(err)))
+                    break
+                results[i] = ("ok", scores, time.perf_counter() - start)
+                self.evaluated_here += 1
+        merged: dict[int, tuple] = {}
+        for part in distributed.all_gather_objects(results):
+            merged.update(part)
+        errors = sorted(i for i, r in merged.items() if r[0] == "error")
+        if errors:
+            raise merged[errors[0]][1]
+        return [(w, self._checked(merged[i][1], w), merged[i][2]) for i, w in enumerate(todo)]
 
     def __call__(self, w: np.ndarray, phase: str = "") -> float:
         """The value (lower is better) at w under the current value function."""

@@ -31,6 +31,7 @@ def run(evaluator: Evaluator, search: SearchSection, seed: int, progress: bool) 
                 f"mixtures ({new} not yet evaluated) but the budget leaves {remaining} evaluations; "
                 "raise search.budget or lower search.grid.divisions (a truncated grid is biased)"
             )
+        evaluator.prefetch(points, "grid")  # one batch: torchrun ranks split it
         for w in points:
             evaluator(w, "grid")
     return evaluator.result({"strategy": "grid", "points": len(points), "new_evaluations": new})

@@ -48,6 +48,8 @@ def run(evaluator: Evaluator, search: SearchSection, seed: int, progress: bool) 
             while evaluator.remaining >= 3:  # a pair, then the final iterate
                 a_k, c_k = gains(iterations, spec.lr, spec.perturbation, spec.stability)
                 delta = perturbation(rng, len(z))
+                pair = [softmax(z + c_k * delta), softmax(z - c_k * delta)]
+                evaluator.prefetch(pair, [f"spsa {iterations} +", f"spsa {iterations} -"])
                 plus = evaluator(softmax(z + c_k * delta), f"spsa {iterations} +")
                 minus = evaluator(softmax(z - c_k * delta), f"spsa {iterations} -")
                 z = z - a_k * (plus - minus) / (2.0 * c_k * delta)

@@ -89,7 +89,9 @@ def run(evaluator: Evaluator, search: SearchSection, seed: int, progress: bool) 
                 f"but the surrogate needs search.surrogate.seeds + verify = "
                 f"{spec.seeds} + {spec.verify} = {needed}"
             )
-        for w in draw_mixtures(rng, k, spec.alpha, spec.seeds):
+        seeds = draw_mixtures(rng, k, spec.alpha, spec.seeds)
+        evaluator.prefetch(seeds, "seed")  # one batch: torchrun ranks split it
+        for w in seeds:
             evaluator(w, "seed")
         seen = evaluator.seen()  # the seeds and whatever was evaluated before (e.g. the K experts)
         fit_w = np.stack([w for w, _ in seen])
@@ -99,11 +101,16 @@ def run(evaluator: Evaluator, search: SearchSection, seed: int, progress: bool) 
         candidates = draw_mixtures(rng, k, spec.alpha, spec.candidates)
         predicted = predicted_values(surrogate.predict(candidates), evaluator.value)
         verified = []
+        to_verify, keys = [], set()  # the best predictions not evaluated yet, duplicates once
         for i in np.argsort(predicted, kind="stable"):
-            if len(verified) == spec.verify:
+            key = evaluator.cache_key(candidates[i])
+            if len(to_verify) == spec.verify:
                 break
-            if evaluator.is_cached(candidates[i]):
-                continue
+            if not evaluator.is_cached(candidates[i]) and key not in keys:
+                keys.add(key)
+                to_verify.append(i)
+        evaluator.prefetch(candidates[to_verify], "verify")  # one batch: torchrun ranks split it
+        for i in to_verify:
             try:
                 real = evaluator(candidates[i], "verify")
             except BudgetExhausted:
