@@ -28,7 +28,7 @@ from mergeopt.checkpoints import (
 )
 from mergeopt.config import Recipe
 from mergeopt.errors import UserError
-from mergeopt.lora import factor_bytes, is_adapter
+from mergeopt.lora import factor_sizes, is_adapter
 from mergeopt.plan import FLOAT32, GIB, DeviceMemory, Dims, Inventory, MemoryPlan, plan_memory
 from mergeopt.stack import DTYPES
 
@@ -110,19 +110,21 @@ def read_inventory(recipe: Recipe) -> tuple[Inventory, Dims]:
     notes = (
         (f"no safetensors for {', '.join(missing)}: the fit itself will need the weights",) if missing else ()
     )
-    if adapters:
-        factors = sum(factor_bytes(p) for p in adapters.values())
+    sizes = {name: factor_sizes(path) for name, path in adapters.items()}
+    if adapters and recipe.merge.method == "linear":
         notes += (
-            f"{len(adapters)} LoRA expert(s) ({', '.join(adapters)}): a linear merge holds their factors "
-            f"({factors / GIB:.2f} GiB) instead of dense rows, but the stack rows below count every expert as "
-            "dense: an upper bound",
+            f"{len(adapters)} LoRA expert(s) ({', '.join(adapters)}) stay low-rank: their factors, not dense "
+            "rows"
+            + ("" if len(adapters) < len(recipe.model.experts) else "; no parameter is stacked densely"),
         )
+    elif adapters:
+        notes += (f"merge.method {recipe.merge.method} densifies the LoRA expert(s) ({', '.join(adapters)})",)
     if base.tensors:
         inventory = header_inventory(base)
     else:
         inventory = meta_inventory(recipe.model.base, recipe.model.trust_remote_code)
     dims = Dims.from_config(base.config, str(base.path))
-    return replace(inventory, notes=notes), dims
+    return replace(inventory, notes=notes, adapters=sizes), dims
 
 
 # ----------------------------------------------------------------------------- device and report

@@ -159,15 +159,27 @@ def read_adapter(
     return LoraAdapter(path, config, factors)
 
 
-def factor_bytes(path: str | Path) -> int:
-    """Bytes of an adapter's factors, from its safetensors header only (for memory plans)."""
+@dataclass(frozen=True)
+class FactorSizes:
+    """An adapter's factors as a memory plan needs them, from its safetensors header only."""
+
+    numel: int  # elements of every A and B factor
+    rank_sum: int  # Σ over adapted modules of the module's rank: the low-rank activations' width
+    file_bytes: int  # as stored on disk
+
+
+def factor_sizes(path: str | Path) -> FactorSizes:
+    """Sizes of an adapter's factors, read from its safetensors header (no weights)."""
     file = Path(path) / SAFETENSORS_FILE
     if not file.is_file():
         raise UserError(f"{path}: no {SAFETENSORS_FILE} next to {CONFIG_FILE}")
-    total = 0
+    numel = rank_sum = stored = 0
     with safe_open(str(file), framework="pt") as handle:
         for key in handle.keys():  # noqa: SIM118
             sliced = handle.get_slice(key)
-            numel = math.prod(sliced.get_shape())
-            total += numel * (2 if sliced.get_dtype() in ("BF16", "F16") else 4)
-    return total
+            shape = sliced.get_shape()
+            numel += math.prod(shape)
+            stored += math.prod(shape) * (2 if sliced.get_dtype() in ("BF16", "F16") else 4)
+            if "lora_A" in key and len(shape) == 2:
+                rank_sum += shape[0]
+    return FactorSizes(numel, rank_sum, stored)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 
 from mergeopt.config import Recipe
 from mergeopt.errors import UserError
+from mergeopt.lora import FactorSizes
 from mergeopt.scoring import loss_set_weights
 from mergeopt.stack import DTYPES
 
@@ -80,6 +81,7 @@ class Inventory:
     source_bytes: dict[str, int]
     source: str  # where the shapes came from, for the printed plan
     notes: tuple[str, ...] = ()
+    adapters: dict[str, FactorSizes] = field(default_factory=dict)  # LoRA experts, from their headers
 
     def numel(self, name: str) -> int:
         return math.prod(self.shapes[name])
@@ -190,7 +192,7 @@ def upcast_bytes(recipe: Recipe, num_experts: int, largest: int) -> int:
 
 
 def training_bytes(
-    recipe: Recipe, dims: Dims, batch: int, stacked: int, largest: int, num_experts: int
+    recipe: Recipe, dims: Dims, batch: int, stacked: int, largest: int, num_experts: int, rank_sum: int = 0
 ) -> tuple[int, int]:
     """(activations peak, backward end) of one micro-step of the gradient strategy.
 
@@ -201,7 +203,9 @@ def training_bytes(
     every stacked parameter at once: the merge's autograd nodes were created before the forward,
     so autograd runs them last, after every weight gradient exists; the first of them also
     upcasts its differences. In between, layer activations are freed as layer gradients appear,
-    so the larger of the two is the step's peak.
+    so the larger of the two is the step's peak. LoRA experts kept low-rank add, per adapted
+    module, the rank-Σr activations x·Aᵀ and their reweighted copy (``rank_sum`` is Σr summed over
+    modules and experts).
     """
     d, length = dims, recipe.data.max_length
     mask = batch * length * length
@@ -209,7 +213,8 @@ def training_bytes(
         2 * batch * length * d.intermediate + d.vocab * d.hidden + d.hidden * d.intermediate
     )
     head = max(logits_bytes(dims, batch, length), last_mlp)
-    forward = saved_activation_bytes(dims, batch, length) + mask + head
+    lowrank = 2 * FLOAT32 * batch * length * rank_sum
+    forward = saved_activation_bytes(dims, batch, length) + mask + head + lowrank
     backward = FLOAT32 * stacked + upcast_bytes(recipe, num_experts, largest)
     return forward, backward
 
@@ -255,15 +260,28 @@ def _plan(recipe: Recipe, inventory: Inventory, dims: Dims, memory: DeviceMemory
     k = len(recipe.model.experts)
     patterns = [re.compile(p) for p in recipe.model.exclude]
     names = list(inventory.shapes)
-    stacked = [n for n in names if not _excluded(n, patterns)]
+    adapters = inventory.adapters
+    lowrank = bool(adapters) and recipe.merge.method == "linear"  # adapters stay factors (mergeopt.stack)
+    if lowrank and len(adapters) == k:  # every expert's dense weights are θ0: nothing is stacked densely
+        stacked = []
+    else:
+        stacked = [n for n in names if not _excluded(n, patterns)]
     params = sum(inventory.numel(n) for n in names)
     s = sum(inventory.numel(n) for n in stacked)
     largest = max((inventory.numel(n) for n in stacked), default=0)
     dtype = recipe.model.stack_dtype
+    rank_sum = sum(a.rank_sum for a in adapters.values()) if lowrank else 0
+    # A and B in the stack dtype, plus per rank column its expert (int64) and scaling (float32)
+    factors = sum(a.numel for a in adapters.values()) * DTYPES[dtype].itemsize + rank_sum * (8 + 4)
     held = (
         Row("base model, float32, every parameter", FLOAT32 * params),
         Row("stack anchor θ_1, float32", FLOAT32 * s),
         Row(f"stack differences, {k - 1} x {dtype}", (k - 1) * s * DTYPES[dtype].itemsize),
+        *(
+            [Row(f"LoRA factors of {len(adapters)} expert(s), {dtype}, kept low-rank", factors)]
+            if lowrank
+            else []
+        ),
         Row("merge buffers (the model's own storage)", 0),
         Row(f"optimizer: Adam on {k} float64 logits", 4 * 8 * k),
     )
@@ -273,7 +291,7 @@ def _plan(recipe: Recipe, inventory: Inventory, dims: Dims, memory: DeviceMemory
     batch = f"evaluation batch {recipe.optim.eval_batch_size} x {recipe.data.max_length} tokens"
     if recipe.search.strategy == "gradient":
         train = _training_batch(recipe)
-        forward, backward = training_bytes(recipe, dims, train, s, largest, k)
+        forward, backward = training_bytes(recipe, dims, train, s, largest, k, rank_sum)
         phases += [
             Row("training step: activations, logits or last-layer gradients", forward),
             Row("training step, backward end: float32 gradients of the stack", backward),

@@ -150,18 +150,33 @@ def test_pickled_checkpoints_need_allow_pickle(lora_world, tmp_path):
     _close(allowed, _fit(lora_world, lora_world["dense"], tmp_path / "ref"), 1e-6)
 
 
-def test_dry_run_plans_lora_experts_from_their_headers(lora_world, tmp_path):
-    from safetensors.torch import load_file
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("mixed", [False, True], ids=["lora", "lora+dense"])
+def test_dry_run_plans_lora_experts_exactly(lora_world, tmp_path, dtype, mixed):
+    """The plan's stack rows equal the bytes of the stack a fit builds, factors and dense rows."""
+    from mergeopt import dry_run, plan
 
-    expected = sum(
-        t.numel() * t.element_size()
-        for path in lora_world["adapters"].values()
-        for t in load_file(f"{path}/adapter_model.safetensors").values()
-    )
-    result = _cli(lora_world, tmp_path, lora_world["adapters"], "--dry-run")
+    experts = dict(lora_world["adapters"])
+    if mixed:
+        experts["alpha"] = lora_world["dense"]["alpha"]
+    tree = recipe_tree(lora_world["world"], tmp_path / "out")
+    tree["model"].update(experts=experts, stack_dtype=dtype)
+    recipe = recipe_from_dict(tree)
+    inventory, dims = dry_run.read_inventory(recipe)
+    memory = plan.DeviceMemory("cpu", "test", 2**40, 2**40)
+    p = plan.plan_memory(recipe, inventory, dims, memory)
+    problem = load_problem(recipe, progress=False)
+    stack = problem.stack
+    assert p.row("LoRA factors of") == stack.lowrank.nbytes()
+    dense_rows = p.row("stack anchor") + p.row("stack differences")
+    if mixed:  # exact but for the tensors equal in every expert, which no header can reveal
+        model = dict(problem.model.named_parameters())
+        equal = sum(model[n].numel() for n in stack.unchanged)
+        per_element = 4 + (len(experts) - 1) * torch.tensor([], dtype=getattr(torch, dtype)).element_size()
+        assert dense_rows == stack.nbytes() - stack.lowrank.nbytes() + per_element * equal
+    else:
+        assert dense_rows == 0 and p.stacked_parameters == stack.num_stacked_parameters() == 0
+    result = _cli(lora_world, tmp_path, experts, "--dry-run", f"model.stack_dtype={dtype}")
     assert result.returncode == 0, result.stderr
-    assert (
-        f"3 LoRA expert(s) (alpha, beta, gamma): a linear merge holds their factors ({expected / 2**30:.2f} GiB)"
-        in result.stdout
-    )
-    assert not (tmp_path / "out").exists()
+    assert f"{2 if mixed else 3} LoRA expert(s)" in result.stdout
+    assert "LoRA factors of" in result.stdout and not (tmp_path / "out").exists()
