@@ -218,24 +218,35 @@ def _check_adapter_base(adapter: LoraAdapter, base: Checkpoint, name: str) -> No
         )
 
 
+def meta_model(
+    base_path: str | Path, trust_remote_code: bool = False, gguf_file: str | None = None
+) -> tuple[torch.nn.Module, object]:
+    """(model, config): the base's architecture on the meta device, from config.json or GGUF metadata."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(base_path)
+    gguf = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **gguf)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, ImportError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        where = path / gguf_file if gguf_file else path / "config.json"
+        raise UserError(f"{where}: cannot build the architecture on the meta device ({first})") from None
+    return model, config
+
+
 def gguf_base(base_path: str | Path, gguf_file: str, trust_remote_code: bool = False) -> Checkpoint:
     """A GGUF base described without reading its weights: the architecture on the meta device.
 
     GGUF names its tensors its own way; transformers maps them to the model's names when it loads
     the file, so the shapes to check experts against are the model's, built from the GGUF's config.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     path = Path(base_path)
     if not (path / gguf_file).is_file():
         raise UserError(f"model.gguf_file {gguf_file!r} is not a file in {path}")
-    try:
-        config = AutoConfig.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError, ImportError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path / gguf_file}: cannot read it as a GGUF model ({first})") from None
+    model, config = meta_model(path, trust_remote_code, gguf_file)
     tensors = {n: TensorMeta(path / gguf_file, tuple(p.shape), "F32") for n, p in model.named_parameters()}
     described = config.to_dict()
     described["architectures"] = [type(model).__name__]  # a GGUF config names only its model_type

@@ -47,6 +47,18 @@ class ModelSection(_Strict):
         default=False,
         description="Read pickled .bin checkpoints and adapters (torch.load with weights_only=True).",
     )
+    device_map: Literal["auto", "balanced", "balanced_low_0", "sequential"] | dict[str, int | str] | None = (
+        Field(
+            default=None,
+            description="Spread the model over the local GPUs, each layer's stack beside it: a strategy "
+            "planned with the stack's bytes, or an explicit {module: device} map. Default: all on `device`.",
+        )
+    )
+    max_memory: dict[int | str, int | str] | None = Field(
+        default=None,
+        description="With device_map: bytes each GPU may hold, as accelerate writes it ({0: '70GiB'}); "
+        "default: each GPU's free memory.",
+    )
 
     @field_validator("experts")
     @classmethod

@@ -23,6 +23,7 @@ from mergeopt.checkpoints import (
     Checkpoint,
     check_compatible,
     gguf_base,
+    meta_model,
     open_checkpoint,
     read_json_object,
 )
@@ -62,17 +63,7 @@ def _config_dtype_bytes(config: dict) -> int:
 
 def meta_inventory(path: str, trust_remote_code: bool) -> Inventory:
     """Names and shapes of the architecture in config.json, built on the meta device (no weights)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError, ImportError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(
-            f"{path}/config.json: cannot build the architecture on the meta device: {first}"
-        ) from None
+    model, config = meta_model(path, trust_remote_code)
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
     size = _config_dtype_bytes(config.to_dict())
     source = f"config.json of {path}: {type(model).__name__} built on the meta device"
@@ -238,4 +229,40 @@ def dry_run(recipe: Recipe, recipe_path: str) -> str:
     resolved = _resolve_checkpoints(recipe)
     inventory, dims = read_inventory(resolved)
     plan = plan_memory(resolved, inventory, dims, device_memory(resolved.device))
-    return format_plan(plan, recipe_path, inventory)
+    text = format_plan(plan, recipe_path, inventory)
+    if isinstance(resolved.model.device_map, str):
+        text += "\n\n" + "\n".join(placement_lines(resolved, plan))
+    return text
+
+
+def placement_lines(recipe: Recipe, plan: MemoryPlan) -> list[str]:
+    """How ``model.device_map`` would spread the model and its stack over the GPUs, per GPU."""
+    from mergeopt import placement
+
+    strategy = recipe.model.device_map
+    activations = max((r.bytes for r in plan.phases), default=0)
+    head = (
+        f"placement over GPUs (model.device_map: {strategy}; the rows above are for one device; "
+        f"each GPU keeps its share of the {gib(activations)} GiB phase free)"
+    )
+    model, _ = meta_model(recipe.model.base, recipe.model.trust_remote_code, recipe.model.gguf_file)
+    k, dtype = len(recipe.model.experts), recipe.model.stack_dtype
+    try:
+        device_map = placement.plan_device_map(
+            model, strategy, k, dtype, recipe.model.max_memory, activations
+        )
+    except UserError as err:
+        return [head, f"  {err}"]
+    factor = placement.cost_factor(k, dtype)
+    per_device: dict[int, list] = {}
+    for module in device_map:
+        per_device.setdefault(device_map[module], []).append(module)
+    sizes = {name: p.numel() for name, p in model.named_parameters()}
+    lines = [head]
+    for device, modules in per_device.items():
+        held = sum(n for name, n in sizes.items() if any(name.startswith(m + ".") for m in modules))
+        shown = modules if len(modules) <= 3 else [modules[0], "...", modules[-1]]
+        lines.append(
+            _line(f"cuda:{device}: {len(modules)} modules ({', '.join(shown)})", int(held * 4 * factor))
+        )
+    return lines

@@ -26,6 +26,7 @@ from mergeopt.errors import UserError, run_cli
 from mergeopt.files import write_csv_atomic, write_json_atomic, write_text_atomic
 from mergeopt.lora import LoraAdapter
 from mergeopt.objectives import evaluate_sums, target_loss
+from mergeopt.placement import input_device
 from mergeopt.report import plot_loss_curve, plot_search_curve, summary
 from mergeopt.scoring import loss_set_weights, objective_terms
 from mergeopt.search import fit_gradient
@@ -111,7 +112,10 @@ def _stack_experts(
     """Load θ0 in float32 and stack the experts as the recipe's model and merge sections say."""
     from transformers import AutoModelForCausalLM
 
-    on_gpu = {"device_map": {"": device}} if device.type == "cuda" else {}
+    if recipe.model.device_map is not None:
+        on_gpu = {"device_map": _device_map(recipe, progress)}
+    else:
+        on_gpu = {"device_map": {"": device}} if device.type == "cuda" else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             recipe.model.base,
@@ -126,6 +130,10 @@ def _stack_experts(
     if not on_gpu:
         model.to(device)
     model.eval()
+    if recipe.model.device_map is not None and progress:
+        from mergeopt.placement import devices_in_use
+
+        print(f"model spread over {', '.join(devices_in_use(model))}")
     dense, adapters = experts
     stack = build_expert_stack(
         model,
@@ -144,6 +152,38 @@ def _stack_experts(
     return model, stack
 
 
+def _device_map(recipe: Recipe, progress: bool) -> dict:
+    """The recipe's explicit map, or one planned for its strategy with the stack's bytes per layer."""
+    from mergeopt import placement
+
+    if distributed.process_rank_and_size()[1] > 1:
+        raise UserError(
+            "model.device_map spreads one model over all local GPUs, torchrun gives each process one GPU: "
+            "use one or the other"
+        )
+    if isinstance(recipe.model.device_map, dict):
+        return placement.check_explicit_map(recipe.model.device_map)
+    from mergeopt.checkpoints import meta_model
+    from mergeopt.dry_run import read_inventory
+    from mergeopt.plan import DeviceMemory, plan_memory
+
+    inventory, dims = read_inventory(recipe)
+    plan = plan_memory(recipe, inventory, dims, DeviceMemory("gpu", "per GPU", None, None))
+    activations = max((r.bytes for r in plan.phases), default=0)
+    device_map = placement.plan_device_map(
+        meta_model(recipe.model.base, recipe.model.trust_remote_code, recipe.model.gguf_file)[0],
+        recipe.model.device_map,
+        len(recipe.model.experts),
+        recipe.model.stack_dtype,
+        recipe.model.max_memory,
+        activations,
+    )
+    if progress:
+        used = sorted({d for d in device_map.values()})
+        print(f"device_map {recipe.model.device_map}: {len(device_map)} module groups over GPUs {used}")
+    return device_map
+
+
 def load_merge(
     recipe: Recipe, progress: bool = True
 ) -> tuple[torch.nn.Module, TaskVectorStack, object, torch.device]:
@@ -155,7 +195,7 @@ def load_merge(
     device = distributed.local_device(resolve_device(recipe.device))
     experts, tokenizer = _open_checked(recipe)
     model, stack = _stack_experts(recipe, experts, device, progress)
-    return model, stack, tokenizer, device
+    return model, stack, tokenizer, input_device(model)
 
 
 def load_problem(recipe: Recipe, progress: bool = True) -> Problem:
@@ -172,7 +212,7 @@ def load_problem(recipe: Recipe, progress: bool = True) -> Problem:
         )
     pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
     model, stack = _stack_experts(recipe, experts, device, progress)
-    return Problem(model, stack, sets, set_weights, pad_id, device, tokenizer)
+    return Problem(model, stack, sets, set_weights, pad_id, input_device(model), tokenizer)
 
 
 def _losses(problem: Problem, weights: torch.Tensor, batch_size: int, buffers: dict) -> dict:

@@ -88,11 +88,21 @@ class TaskVectorStack:
         if self.mixup is not None:
             weights = mixup.coefficients(weights, self.mixup)
         rest = weights[1:]  # w_1 is implied by the anchor: θ(w) = θ_1 + Σ_{i≥2} w_i (θ_i − θ_1)
+        on_device = {rest.device: rest}  # a model spread over GPUs: one differentiable copy per device
+
+        def rest_on(device: torch.device) -> torch.Tensor:
+            if device not in on_device:
+                on_device[device] = rest.to(device)
+            return on_device[device]
+
         if out is None:
-            merged = {name: method(self.anchor[name], delta, rest) for name, delta in self.deltas.items()}
+            merged = {
+                name: method(self.anchor[name], delta, rest_on(delta.device))
+                for name, delta in self.deltas.items()
+            }
         else:
             merged = {
-                name: method(self.anchor[name], delta, rest, out=out[name])
+                name: method(self.anchor[name], delta, rest_on(delta.device), out=out[name])
                 for name, delta in self.deltas.items()
             }
         if self.lowrank is not None:  # the LoRA experts' share, added in the forward pass
