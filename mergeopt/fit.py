@@ -34,8 +34,15 @@ from mergeopt.stack import DTYPES, TaskVectorStack, build_expert_stack
 from mergeopt.term_scores import load_dev_sets
 from mergeopt.weights import as_mapping, initial_logits
 
-GRADIENT_FILES = ("mixture.json", "trace.csv", "recipe.yaml", "loss_curve.png")
-SEARCH_FILES = ("mixture.json", "evaluations.csv", "recipe.yaml", "search_curve.png")
+GRADIENT_FILES = ("mixture.json", "trace.csv", "recipe.yaml", "loss_curve.png", "simplex.png", "report.md")
+SEARCH_FILES = (
+    "mixture.json",
+    "evaluations.csv",
+    "recipe.yaml",
+    "search_curve.png",
+    "simplex.png",
+    "report.md",
+)
 
 
 def output_files(recipe: Recipe) -> tuple[str, ...]:
@@ -367,7 +374,10 @@ def fit(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = prin
             "fitted_regret": report["fitted_mixture"]["regret"],
         }
         if distributed.is_main():
-            write_rank_outputs(report, pairs, recipe.output_dir)
+            from mergeopt.proxy import read_grid
+
+            grid = read_grid(resolved.rank.grid, names)[[f"w_{n}" for n in names]]
+            write_rank_outputs(report, pairs, recipe.output_dir, grid)
     if distributed.is_main():  # under torchrun every rank holds the same result; rank 0 writes it
         write_outputs(recipe, mixture, trace, names)
     return mixture
@@ -388,6 +398,9 @@ def write_outputs(recipe: Recipe, mixture: dict, trace: Sequence[dict], names: S
         write_csv_atomic(out / "evaluations.csv", trace, evaluation_columns(names, trace))
         title = f"mergeopt fit ({mixture['strategy']}): {out.name}"
         plot_search_curve(trace, names, out / "search_curve.png", "objective value (lower is better)", title)
+    from mergeopt.run_report import write_report
+
+    write_report(out, mixture)  # simplex.png and report.md, from the files above and the mixture
     write_json_atomic(out / "mixture.json", mixture)
     return out
 

@@ -39,6 +39,7 @@ from mergeopt.checkpoints import gguf_base, open_checkpoint
 from mergeopt.config import Recipe, load_recipe
 from mergeopt.errors import UserError, run_cli
 from mergeopt.methods import get_method
+from mergeopt.mixture_file import read_finished_mixture
 from mergeopt.stack import DTYPES, describe
 
 MANIFEST = "mergeopt_merge.json"
@@ -109,21 +110,7 @@ def check_mixture(
 
 def read_mixture(path: Path) -> dict:
     """A finished fit's mixture.json, checked for the fields a merge needs."""
-    if not path.is_file():
-        raise UserError(f"mixture file {path} does not exist")
-    try:
-        mixture = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not a UTF-8 text file") from None
-    if not isinstance(mixture, dict) or not isinstance(mixture.get("weights"), dict):
-        raise UserError(f"{path}: has no 'weights' mapping (not a mixture.json written by mergeopt.fit)")
-    if mixture.get("status", "complete") != "complete":
-        raise UserError(f"{path}: the fit did not finish (status {mixture['status']!r})")
-    if not isinstance(mixture.get("method", {}), dict):
-        raise UserError(f"{path}: 'method' must be a mapping")
-    return mixture
+    return read_finished_mixture(path)
 
 
 def check_same_merge(mixture: dict, path: Path, recipe: Recipe) -> None:

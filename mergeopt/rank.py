@@ -24,18 +24,18 @@ from pathlib import Path
 import pandas as pd
 
 from mergeopt.errors import UserError, run_cli
-from mergeopt.files import save_figure_atomic, write_json_atomic, write_text_atomic
+from mergeopt.files import save_figure_atomic, write_csv_atomic, write_json_atomic, write_text_atomic
 from mergeopt.rank_stats import mixture_regret, rank_statistics
 from mergeopt.tables import rank_tables
 
 MAX_SCATTER_PANELS = 9  # metrics drawn in rank_scatter.png, plus the mean
-OUTPUT_FILES = ("rank_report.json", "rank_report.md", "rank_scatter.png")
+OUTPUT_FILES = ("rank_report.json", "rank_report.md", "rank_scatter.png", "rank_pairs.csv")
 
 
 # ---------------------------------------------------------------- outputs
 
 
-def _num(value: float, digits: int = 3) -> str:
+def format_number(value: float, digits: int = 3) -> str:
     return (
         "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
     )
@@ -50,13 +50,13 @@ def markdown_table(report: dict) -> str:
         "| --- | ---: | --- | --- | ---: | :---: | :---: | ---: |",
     ]
     for name, s in report["metrics"].items():
-        rho = f"{_num(s['spearman'])} [{_num(s['spearman_ci'][0])}, {_num(s['spearman_ci'][1])}]"
-        tau = f"{_num(s['kendall'])} [{_num(s['kendall_ci'][0])}, {_num(s['kendall_ci'][1])}]"
+        rho = f"{format_number(s['spearman'])} [{format_number(s['spearman_ci'][0])}, {format_number(s['spearman_ci'][1])}]"
+        tau = f"{format_number(s['kendall'])} [{format_number(s['kendall_ci'][0])}, {format_number(s['kendall_ci'][1])}]"
         topk = f"{'yes' if s['topk_hit'] else 'no'} ({round(s['topk_overlap'] * s['k'])}/{s['k']})"
         arrow = " ↑" if s["higher_is_better"] else ""
         lines.append(
             f"| {f'**{name}**' if name == overall else name}{arrow} | {s['n']} | {rho} | {tau} | "
-            f"{_num(s['pairwise_accuracy'])} | {'yes' if s['top1_hit'] else 'no'} | {topk} | {_num(s['regret'])} |"
+            f"{format_number(s['pairwise_accuracy'])} | {'yes' if s['top1_hit'] else 'no'} | {topk} | {format_number(s['regret'])} |"
         )
     if report.get("note"):
         lines += ["", report["note"]]
@@ -78,7 +78,7 @@ def plot_scatter(pairs: Mapping[str, tuple], report: dict, path: str | Path) -> 
     for ax, name in zip(axes.flat, names):
         proxy, truth = pairs[name]
         ax.scatter(truth, proxy, s=6, alpha=0.6)
-        ax.set_title(f"{name}\nρ = {_num(report['metrics'][name]['spearman'])}", fontsize=8)
+        ax.set_title(f"{name}\nρ = {format_number(report['metrics'][name]['spearman'])}", fontsize=8)
         ax.set_xlabel("true score", fontsize=7)
         ax.set_ylabel("proxy score", fontsize=7)
         ax.tick_params(labelsize=6)
@@ -96,23 +96,36 @@ def plot_scatter(pairs: Mapping[str, tuple], report: dict, path: str | Path) -> 
         plt.close(fig)
 
 
-def write_outputs(report: dict, pairs: Mapping[str, tuple], out: str | Path) -> Path:
+def pairs_frame(pairs: Mapping[str, tuple], weights: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per mixture: its weights (when known), then ``proxy_<metric>``, ``truth_<metric>``."""
+    columns = {} if weights is None else {c: weights[c].to_numpy() for c in weights.columns}
+    for name, (proxy, truth) in pairs.items():
+        columns[f"proxy_{name}"], columns[f"truth_{name}"] = proxy, truth
+    return pd.DataFrame(columns)
+
+
+def write_outputs(
+    report: dict, pairs: Mapping[str, tuple], out: str | Path, weights: pd.DataFrame | None = None
+) -> Path:
+    """rank_report.{json,md}, rank_scatter.png and rank_pairs.csv (the scores behind the figure)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    frame = pairs_frame(pairs, weights)
+    write_csv_atomic(out / "rank_pairs.csv", frame.to_dict("records"), list(frame.columns))
     plot_scatter(pairs, report, out / "rank_scatter.png")
     write_text_atomic(out / "rank_report.md", markdown_table(report) + "\n")
-    write_json_atomic(out / "rank_report.json", _json_safe(report))
+    write_json_atomic(out / "rank_report.json", json_safe(report))
     return out
 
 
-def _json_safe(value):
+def json_safe(value):
     """NaN (an undefined correlation) becomes null: JSON has no NaN."""
     if isinstance(value, float) and math.isnan(value):
         return None
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -194,7 +207,11 @@ def _grid_main(args) -> int:
         raise UserError(f"mixture {mixture_path} does not exist")
     resolved, _ = resolve_recipe(recipe, (lambda _m: None) if args.quiet else print)
     report, pairs, proxy = rank_grid(resolved, grid, mixture=mixture, progress=not args.quiet)
-    out = write_outputs(report, pairs, args.out or recipe.output_dir)
+    weights = read_grid(grid, recipe.expert_names)[[f"w_{n}" for n in recipe.expert_names]]
+    out = write_outputs(report, pairs, args.out or recipe.output_dir, weights)
+    from mergeopt.run_report import write_report
+
+    write_report(out)
     print(markdown_table(report))
     if "fitted_mixture" in report:
         fitted = report["fitted_mixture"]
@@ -202,11 +219,11 @@ def _grid_main(args) -> int:
             f"\nfitted mixture ({mixture_path}): nearest grid row {fitted['row']} at distance "
             f"{fitted['distance']:.3f}, normalized regret {fitted['regret']:.3f}"
         )
-    print(f"\nWrote {', '.join(OUTPUT_FILES)} to {out}")
+    print(f"\nWrote {', '.join(OUTPUT_FILES)}, report.md to {out}")
     return 0
 
 
-def _names(text: str | None) -> list[str]:
+def comma_list(text: str | None) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()] if text else []
 
 
@@ -252,9 +269,9 @@ def main(argv: Sequence[str]) -> int:
         args.proxy,
         args.truth,
         mixture_prefix=args.mixture_prefix,
-        mixture_cols=_names(args.mixture_columns),
-        metrics=_names(args.metrics),
-        higher_is_better=_names(args.higher_is_better),
+        mixture_cols=comma_list(args.mixture_columns),
+        metrics=comma_list(args.metrics),
+        higher_is_better=comma_list(args.higher_is_better),
         k=args.k,
         n_bootstrap=args.bootstrap,
         seed=args.seed,

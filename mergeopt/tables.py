@@ -2,7 +2,8 @@
 
 A table is one CSV, or RegMix's layout ``MIXTURES.csv+METRICS.csv`` (two files joined on their
 ``index`` column). Rows are matched on their weight vectors (rounded to 1e-6) and metric columns are
-paired by name, then scored with :func:`mergeopt.rank_stats.rank_statistics`.
+paired by name, then scored with :func:`mergeopt.rank_stats.rank_statistics`. Two scales of runs
+(``python -m mergeopt.transfer``) are paired on the mixtures both hold, :func:`shared_mixtures`.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def _read_csv(path: str) -> pd.DataFrame:
     return frame
 
 
-def _row_label(frame: pd.DataFrame, i: int) -> str:
+def row_label(frame: pd.DataFrame, i: int) -> str:
     return f"row {i + 1} (index {frame['index'].iloc[i]})" if "index" in frame.columns else f"row {i + 1}"
 
 
@@ -62,7 +63,7 @@ def load_table(spec: str) -> tuple[pd.DataFrame, str]:
         unmatched = ~frame["index"].isin(other["index"])
         if unmatched.any():
             i = int(np.flatnonzero(unmatched)[0])
-            raise UserError(f"{path}: {_row_label(frame, i)} has no row with that index in the other file")
+            raise UserError(f"{path}: {row_label(frame, i)} has no row with that index in the other file")
     shared = (set(mixtures.columns) & set(metrics.columns)) - {"index"}
     if shared:
         raise UserError(f"{spec}: both files have column(s) {sorted(shared)}")
@@ -95,14 +96,14 @@ def check_weights(frame: pd.DataFrame, columns: Sequence[str], source: str) -> n
         bad = np.flatnonzero(values.isna().to_numpy())
         if bad.size:
             raise UserError(
-                f"{source}: {_row_label(frame, int(bad[0]))}: mixture column {col} is not a number"
+                f"{source}: {row_label(frame, int(bad[0]))}: mixture column {col} is not a number"
             )
     weights = frame[list(columns)].to_numpy(dtype=np.float64)
     off = np.flatnonzero(np.abs(weights.sum(axis=1) - 1) > WEIGHT_SUM_TOLERANCE)
     if off.size:
         i = int(off[0])
         raise UserError(
-            f"{source}: {_row_label(frame, i)}: weights sum to {weights[i].sum():.6g}, not 1 (±{WEIGHT_SUM_TOLERANCE:g})"
+            f"{source}: {row_label(frame, i)}: weights sum to {weights[i].sum():.6g}, not 1 (±{WEIGHT_SUM_TOLERANCE:g})"
         )
     return weights
 
@@ -119,9 +120,39 @@ def match_rows(
         hits = lookup.get(tuple(row.tolist()), [])
         if len(hits) != 1:
             what = "no truth row" if not hits else f"{len(hits)} truth rows"
-            raise UserError(f"{source}: {_row_label(proxy_frame, i)} matches {what} with the same weights")
+            raise UserError(f"{source}: {row_label(proxy_frame, i)} matches {what} with the same weights")
         matched.append(hits[0])
     return np.array(matched, dtype=int)
+
+
+def shared_mixtures(
+    weights: Sequence[np.ndarray], frames: Sequence[pd.DataFrame], sources: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of two tables with the same weights (rounded to 1e-6), in the first table's order.
+
+    Unlike :func:`match_rows`, either table may hold mixtures the other lacks (a large-scale sweep
+    usually reruns a few of the small-scale mixtures); a mixture twice in one table is ambiguous.
+    """
+    keys = []
+    for w, frame, source in zip(weights, frames, sources):
+        seen: dict[tuple, int] = {}
+        for i, row in enumerate(np.round(w, WEIGHT_DECIMALS)):
+            key = tuple(row.tolist())
+            if key in seen:
+                raise UserError(
+                    f"{source}: {row_label(frame, i)} has the same weights as {row_label(frame, seen[key])}; "
+                    "average repeated runs of a mixture into one row first"
+                )
+            seen[key] = i
+        keys.append(seen)
+    first, second = keys
+    pairs = [(i, second[key]) for key, i in first.items() if key in second]
+    if not pairs:
+        raise UserError(
+            f"{sources[0]} and {sources[1]} share no mixtures (rows are matched on their weights, rounded to 1e-6)"
+        )
+    rows = np.array(sorted(pairs), dtype=int)
+    return rows[:, 0], rows[:, 1]
 
 
 def metric_columns(proxy: pd.DataFrame, truth: pd.DataFrame, exclude: set, requested, sources) -> list[str]:
@@ -149,12 +180,12 @@ def metric_columns(proxy: pd.DataFrame, truth: pd.DataFrame, exclude: set, reque
     return shared
 
 
-def _metric_values(frame: pd.DataFrame, metric: str, source: str) -> np.ndarray:
+def metric_values(frame: pd.DataFrame, metric: str, source: str) -> np.ndarray:
     values = frame[metric].to_numpy(dtype=np.float64)
     bad = np.flatnonzero(~np.isfinite(values))
     if bad.size:
         raise UserError(
-            f"{source}: column {metric} has {bad.size} empty or NaN value(s), first at {_row_label(frame, int(bad[0]))}"
+            f"{source}: column {metric} has {bad.size} empty or NaN value(s), first at {row_label(frame, int(bad[0]))}"
         )
     return values
 
@@ -190,7 +221,7 @@ def rank_tables(
             else "a metric column is called 'mean', which names the overall target here; rename it"
         )
     pairs = {
-        m: (_metric_values(proxy, m, proxy_spec), _metric_values(truth, m, truth_spec)[rows]) for m in names
+        m: (metric_values(proxy, m, proxy_spec), metric_values(truth, m, truth_spec)[rows]) for m in names
     }
     directions = {m: m in higher_is_better for m in names}
     options = {"k": k, "n_bootstrap": n_bootstrap, "seed": seed, "confidence": confidence}

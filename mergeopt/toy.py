@@ -36,6 +36,9 @@ MODEL = dict(
     max_position_embeddings=64,
     tie_word_embeddings=False,
 )
+# The same world with a model 8x larger (2x wider, 2x deeper): ``tiny-large://``, for checking that a
+# ranking of mixtures at one model size carries to another (mergeopt.transfer).
+LARGE_MODEL = dict(MODEL, hidden_size=128, intermediate_size=320, num_hidden_layers=4)
 BASE_STEPS, BASE_LR = 300, 3e-3
 EXPERT_STEPS, EXPERT_LR = 150, 2e-3
 BATCH = 32
@@ -110,11 +113,12 @@ def build_tokenizer():
     )
 
 
-def build_model(vocab_size: int, seed: int):
+def build_model(vocab_size: int, seed: int, shape: dict | None = None):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0, **MODEL)
+    shape = MODEL if shape is None else shape
+    config = LlamaConfig(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0, **shape)
     return LlamaForCausalLM(config)
 
 
@@ -149,12 +153,16 @@ def _write_jsonl(path: Path, records: Sequence[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
 
 
-def build_into(root: Path, seed: int = 0, log: Callable[[str], None] = print) -> dict:
+def build_into(
+    root: Path, seed: int = 0, log: Callable[[str], None] = print, shape: dict | None = None
+) -> dict:
     """Write the tiny world into the empty directory ``root``; returns its description.
 
     Callers go through :func:`mergeopt.worlds.ensure`, which builds into a staging directory and
-    renames it into the cache, so a half-built world is never visible.
+    renames it into the cache, so a half-built world is never visible. ``shape`` is the model's
+    size (default :data:`MODEL`); the data depend on the seed only, so worlds of two sizes share them.
     """
+    shape = MODEL if shape is None else shape
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -172,8 +180,10 @@ def build_into(root: Path, seed: int = 0, log: Callable[[str], None] = print) ->
             _write_jsonl(root / split / f"{name}.jsonl", data[name][split])
     train = {name: [tokenize(r, tokenizer, 64) for r in data[name]["train"]] for name in DOMAINS}
 
-    log(f"tiny world: pretraining the base on a blend of {len(DOMAINS)} domains")
-    model = build_model(len(tokenizer), seed)
+    log(
+        f"tiny world ({shape['hidden_size']}x{shape['num_hidden_layers']}): pretraining the base on {len(DOMAINS)} domains"
+    )
+    model = build_model(len(tokenizer), seed, shape)
     blend = [ex for name in DOMAINS for ex in train[name]]
     train_on(model, blend, BASE_STEPS, BASE_LR, BATCH, seed)
     model.save_pretrained(root / "base")
@@ -186,4 +196,14 @@ def build_into(root: Path, seed: int = 0, log: Callable[[str], None] = print) ->
         train_on(model, train[name], EXPERT_STEPS, EXPERT_LR, BATCH, seed + 1 + i)
         model.save_pretrained(root / "experts" / name)
         tokenizer.save_pretrained(root / "experts" / name)
-    return {"domains": list(DOMAINS), "model": MODEL}
+    return {"domains": list(DOMAINS), "model": shape}
+
+
+class LargeWorld:
+    """The registry entry of ``tiny-large://``: the tiny world's data, a model of :data:`LARGE_MODEL`."""
+
+    WORLD_VERSION = WORLD_VERSION
+
+    @staticmethod
+    def build_into(root: Path, seed: int = 0, log: Callable[[str], None] = print) -> dict:
+        return build_into(root, seed, log, LARGE_MODEL)

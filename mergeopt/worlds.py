@@ -15,17 +15,17 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
+from typing import Any
 
 from mergeopt.config import Recipe, recipe_from_dict
 
 MARKER = "world.json"
 
 
-def _registry() -> dict[str, ModuleType]:
+def _registry() -> dict[str, Any]:  # name -> module (or class) with WORLD_VERSION and build_into
     from mergeopt import smollm2, toy
 
-    return {"tiny": toy, "smollm2": smollm2}
+    return {"tiny": toy, "tiny-large": toy.LargeWorld, "smollm2": smollm2}
 
 
 def scheme_of(path: str) -> str | None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mergeopt import fit as fit_module
 from mergeopt.config import load_recipe, recipe_from_dict
 from mergeopt.fit import fit
 from tests.conftest import recipe_tree, run_module, save_checkpoint, tiny_config
@@ -32,7 +33,15 @@ def tiny_run(tiny_world, tmp_path_factory):
 
 def test_cli_writes_every_output(tiny_run):
     out, result = tiny_run
-    assert {p.name for p in out.iterdir()} == {"mixture.json", "trace.csv", "recipe.yaml", "loss_curve.png"}
+    assert {p.name for p in out.iterdir()} == set(fit_module.GRADIENT_FILES)
+    assert set(fit_module.GRADIENT_FILES) == {
+        "mixture.json",
+        "trace.csv",
+        "recipe.yaml",
+        "loss_curve.png",
+        "simplex.png",
+        "report.md",
+    }
     mixture = json.loads((out / "mixture.json").read_text())
     assert mixture["status"] == "complete"
     assert set(mixture["weights"]) == {"arith", "reverse", "brackets", "markov"}

@@ -51,6 +51,8 @@ def test_zero_order_fit_returns_the_best_logged_mixture(strategy, random_world, 
         "evaluations.csv",
         "recipe.yaml",
         "search_curve.png",
+        "simplex.png",
+        "report.md",
     }
     assert json.loads((out / "mixture.json").read_text()) == json.loads(json.dumps(mixture))
     rows = _rows(out)

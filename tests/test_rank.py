@@ -15,7 +15,7 @@ import pytest
 from scipy import stats
 
 from mergeopt.errors import UserError
-from mergeopt.rank import _json_safe
+from mergeopt.rank import json_safe
 from mergeopt.rank_stats import mixture_regret, pairwise_accuracy, rank_statistics
 from mergeopt.tables import load_table
 from tests.conftest import run_module
@@ -205,11 +205,11 @@ def test_regmix_report_matches_the_function(regmix_run):
     options = {"k": 3, "n_bootstrap": 200, "seed": 3, "confidence": 0.95}
     assert report["options"] == options
     for metric in ("metric/the_pile_arxiv_val_loss", "metric/the_pile_ubuntu_irc_val_loss"):
-        assert report["metrics"][metric] == _json_safe(
+        assert report["metrics"][metric] == json_safe(
             rank_statistics(proxy[metric], truth[metric], **options)
         )
     mean = rank_statistics(proxy.mean(axis=1), truth.mean(axis=1), **options)
-    assert report["metrics"]["mean"] == _json_safe(mean)
+    assert report["metrics"]["mean"] == json_safe(mean)
     table = (out / "rank_report.md").read_text()
     assert table.strip() in result.stdout
     assert f"| **mean** | 256 | {mean['spearman']:.3f} [{mean['spearman_ci'][0]:.3f}" in table
@@ -243,7 +243,7 @@ def test_table_mode_joins_shuffled_rows_and_higher_is_better(tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "rank_report.json").read_text())
     expected = rank_statistics(proxy["acc"], acc, higher_is_better=True, n_bootstrap=50)
-    assert report["metrics"]["acc"] == _json_safe(expected)
+    assert report["metrics"]["acc"] == json_safe(expected)
     assert report["metrics"]["mean"] == report["metrics"]["acc"]
     mixed = run_rank(*args, "--higher-is-better", "acc", "--out", str(out))
     report = json.loads((out / "rank_report.json").read_text())

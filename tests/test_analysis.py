@@ -1,0 +1,164 @@
+"""The run-directory API (mergeopt.analysis), report.md, and notebooks/analysis.ipynb executed on real runs.
+
+Two tiny-world runs are made once: a gradient fit ranked against the tiny grid of trained mixtures
+(tests/data/tiny_grid/grid.csv, mergeopt.train's output for recipes/tiny_grid.yaml) and a
+zero-order (grid search) fit. The notebook is executed with nbclient on both, so a change in the
+run layout or the API that breaks it fails here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mergeopt import analysis
+from mergeopt.config import load_recipe
+from mergeopt.errors import UserError
+from mergeopt.fit import fit
+from tests.conftest import REPO
+
+GRID = REPO / "tests" / "data" / "tiny_grid" / "grid.csv"
+NOTEBOOK = REPO / "notebooks" / "analysis.ipynb"
+
+
+def _tiny_fit(tiny_world, out: Path, *overrides: str) -> Path:
+    cache = tiny_world.parent
+    recipe = load_recipe(
+        REPO / "recipes" / "tiny.yaml",
+        [f"output_dir={out}", f"world.cache_dir={cache}", "optim.steps=40", *overrides],
+    )
+    fit(recipe, progress=False, log=lambda _m: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ranked_run(tiny_world, tmp_path_factory):
+    return _tiny_fit(tiny_world, tmp_path_factory.mktemp("ranked"), f"rank.grid={GRID}", "rank.bootstrap=50")
+
+
+@pytest.fixture(scope="module")
+def search_run(tiny_world, tmp_path_factory):
+    return _tiny_fit(
+        tiny_world, tmp_path_factory.mktemp("search"), "search.strategy=grid", "search.grid.divisions=2"
+    )
+
+
+def test_open_run_reads_what_fit_wrote(ranked_run):
+    run = analysis.open_run(ranked_run)
+    mixture = json.loads((ranked_run / "mixture.json").read_text())
+    assert run.weights.to_dict() == mixture["weights"] and run.strategy == "gradient"
+    trace = pd.read_csv(ranked_run / "trace.csv")
+    np.testing.assert_array_equal(run.weight_path(), trace[[f"w_{n}" for n in run.expert_names]].to_numpy())
+    table = analysis.mixture_table(run)
+    assert table.loc["fitted", "heldout_loss"] == mixture["heldout_loss"]
+    assert table.loc["markov only", "dev_loss"] == mixture["expert_dev_loss"]["markov"]
+    assert table.loc["uniform", "w_arith"] == 0.25
+    # the rank pairs are the grid's weights with the proxy's and the grid's own scores
+    grid = pd.read_csv(GRID)
+    pairs = run.rank_pairs
+    np.testing.assert_allclose(
+        pairs[[c for c in pairs if c.startswith("w_")]], grid[[c for c in grid if c.startswith("w_")]]
+    )
+    np.testing.assert_allclose(pairs["truth_arith"], grid["loss_arith"])
+    ranks = analysis.rank_table(run)
+    assert ranks.loc["target", "spearman"] == run.rank["metrics"]["target"]["spearman"]
+    from scipy import stats
+
+    expected = stats.spearmanr(pairs["proxy_target"], pairs["truth_target"]).statistic
+    assert ranks.loc["target", "spearman"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_unfinished_or_missing_runs_are_one_line_errors(tmp_path, ranked_run):
+    with pytest.raises(UserError, match="does not exist"):
+        analysis.open_run(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="mixture.json does not exist"):
+        analysis.open_run(tmp_path / "empty")
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    data = json.loads((ranked_run / "mixture.json").read_text()) | {"status": "running"}
+    (partial / "mixture.json").write_text(json.dumps(data))
+    with pytest.raises(UserError, match="the fit did not finish \\(status 'running', not 'complete'\\)"):
+        analysis.open_run(partial)
+
+
+def test_simplex_coordinates():
+    corners = analysis.simplex_vertices(3)
+    np.testing.assert_allclose(analysis.simplex_coordinates(np.eye(3)), corners)
+    np.testing.assert_allclose(analysis.simplex_coordinates([1 / 3] * 3)[0], corners.mean(axis=0))
+    assert np.linalg.norm(corners[2] - corners[0]) == pytest.approx(1.0)  # equilateral
+    five = analysis.simplex_coordinates(np.eye(5))
+    np.testing.assert_allclose(np.linalg.norm(five, axis=1), 1.0)  # a regular pentagon's corners
+    np.testing.assert_allclose(analysis.simplex_coordinates(np.full(5, 0.2))[0], [0.0, 0.0], atol=1e-12)
+    np.testing.assert_allclose(analysis.simplex_coordinates([[0.3, 0.7]]), [[0.7, 0.0]])
+
+
+def test_report_links_existing_figures_and_states_the_numbers(ranked_run, search_run):
+    for run_dir in (ranked_run, search_run):
+        report = (run_dir / "report.md").read_text()
+        links = [line.split("](")[1].rstrip(")") for line in report.splitlines() if line.startswith("![")]
+        assert links and all((run_dir / link).is_file() for link in links)
+        mixture = json.loads((run_dir / "mixture.json").read_text())
+        fitted = next(line for line in report.splitlines() if line.startswith("| fitted |"))
+        assert f"{mixture['heldout_loss']:.4f}" in fitted
+        assert all(f"{w:.4f}" in fitted for w in mixture["weights"].values())
+    ranked = (ranked_run / "report.md").read_text()
+    spearman = json.loads((ranked_run / "rank_report.json").read_text())["metrics"]["target"]["spearman"]
+    assert "## Does the merged proxy rank mixtures" in ranked and f"{spearman:.3f}" in ranked
+    assert "search_curve.png" in (search_run / "report.md").read_text()
+
+
+def test_rank_cli_adds_its_section_to_the_report(ranked_run, tmp_path):
+    import shutil
+
+    from mergeopt import rank
+    from mergeopt.errors import run_cli
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(ranked_run, run_dir)
+    for name in ("rank_report.json", "rank_report.md", "rank_pairs.csv", "rank_scatter.png", "report.md"):
+        (run_dir / name).unlink()
+    code = run_cli(
+        rank.main, [str(run_dir / "recipe.yaml"), f"output_dir={run_dir}", "--grid", str(GRID), "--quiet"]
+    )
+    assert code == 0
+    report = (run_dir / "report.md").read_text()
+    assert "## Recommended mixture" in report and "## Does the merged proxy rank mixtures" in report
+
+
+@pytest.mark.parametrize("which", ["ranked", "search"])
+def test_notebook_runs_on_a_run_directory(which, ranked_run, search_run):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    run_dir = ranked_run if which == "ranked" else search_run
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    env = {
+        "MERGEOPT_RUN": str(run_dir),
+        "PYTHONPATH": str(REPO),
+        "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        nbclient.NotebookClient(
+            notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}
+        ).execute()
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    images = sum("image/png" in o.get("data", {}) for o in outputs)
+    assert images == (3 if which == "ranked" else 2)  # loss curve, simplex (+ proxy vs truth)
+    tables = sum("text/html" in o.get("data", {}) for o in outputs)
+    assert tables >= (3 if which == "ranked" else 2)  # weights, mixture table (+ rank table)
+    assert math.isfinite(json.loads((run_dir / "mixture.json").read_text())["dev_loss"])

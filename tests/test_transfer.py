@@ -1,0 +1,317 @@
+"""transfer: correlations against scipy.stats, regret and pairing on a hand-made table, RegMix 1M → 60M
+on the same 256 mixtures, the LightGBM surrogate fitted on RegMix's 512 1M runs against RegMix's
+published Spearman, determinism, the CLI's outputs against the function, and one-line errors (exit 2)
+that write nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from mergeopt.errors import run_cli
+from mergeopt.rank import json_safe
+from mergeopt.rank_stats import rank_statistics
+from mergeopt.transfer import main, short_names, transfer_tables
+from tests.conftest import run_module
+from tests.test_search_strategies import PUBLISHED
+
+REGMIX = Path(__file__).parent / "data" / "regmix"
+SMALL = f"{REGMIX / 'test_mixture_1m.csv'}+{REGMIX / 'test_pile_loss_1m.csv'}"
+LARGE = f"{REGMIX / 'test_mixture_60m.csv'}+{REGMIX / 'test_pile_loss_60m.csv'}"
+TRAIN = f"{REGMIX / 'train_mixture_1m.csv'}+{REGMIX / 'train_pile_loss_1m.csv'}"
+
+# RegMix's published Spearman ×100 of its LightGBM, fitted on the 512 1M train runs and scored on the
+# 256 1M test runs (README of tests/data/regmix; their notebook early-stopped on the test runs, we
+# use fixed rounds). The same figures and tolerance as test_search_strategies' surrogate test.
+PUBLISHED_TOLERANCE = 0.01  # |ours − published| on Spearman (not ×100)
+
+# Measured (seed 0, default surrogate settings), recorded so that a change shows:
+# Spearman of the 1M measured losses against the 60M ones on the same 256 mixtures (scipy's value) ...
+DIRECT_SPEARMAN = {"arxiv": 0.9948, "dm_mathematics": 0.9883, "pile_cc": 0.9941, "ubuntu_irc": 0.9801}
+DIRECT_MEAN = {
+    "spearman": 0.9658,
+    "kendall": 0.8485,
+    "regret_raw": 0.0080,
+    "regret": 0.0053,
+    "choice_rank": 2,
+}
+# ... and of the surrogate's predictions (fitted on the 512 1M runs) against the 60M losses.
+SURROGATE_60M = {
+    "arxiv": 0.9907,
+    "freelaw": 0.9957,
+    "pubmed_central": 0.9850,
+    "wikipedia_en": 0.9921,
+    "dm_mathematics": 0.9558,
+    "github": 0.9888,
+    "stackexchange": 0.9949,
+    "gutenberg_pg_19": 0.9893,
+    "pile_cc": 0.9870,
+    "ubuntu_irc": 0.9542,
+    "hackernews": 0.9791,
+    "pubmed_abstracts": 0.9901,
+    "uspto_backgrounds": 0.9864,
+    "mean": 0.9581,
+}
+
+
+def domain(metric: str) -> str:
+    return metric if metric == "mean" else metric.split("the_pile_")[1].removesuffix("_val_loss")
+
+
+def by_domain(comparison: dict, key: str = "spearman") -> dict[str, float]:
+    return {domain(m): s[key] for m, s in comparison["metrics"].items()}
+
+
+def losses(name: str) -> pd.DataFrame:
+    return pd.read_csv(REGMIX / name).drop(columns="index")
+
+
+# ---------------------------------------------------------------- hand-made tables
+
+
+def write_hand_tables(tmp: Path) -> tuple[str, str]:
+    """Four shared mixtures A-D, one only at the small scale (E), one only at the large scale (F)."""
+    small = pd.DataFrame(
+        {
+            "w_a": [1.0, 0.75, 0.5, 0.25, 0.0],  # A B C D E
+            "w_b": [0.0, 0.25, 0.5, 0.75, 1.0],
+            "loss": [1.0, 2.0, 3.0, 4.0, 0.5],  # E is best but has no large-scale run
+            "acc": [0.9, 0.5, 0.7, 0.1, 0.3],
+        }
+    )
+    large = pd.DataFrame(
+        {
+            "w_a": [0.5, 1.0, 0.25, 0.75, 0.1],  # C A D B F
+            "w_b": [0.5, 0.0, 0.75, 0.25, 0.9],
+            "loss": [10.0, 12.0, 13.0, 11.0, 9.0],  # F is best but has no small-scale run
+            "acc": [0.8, 0.6, 0.2, 0.4, 0.99],
+            "extra": [1, 2, 3, 4, 5],
+        }
+    )
+    small.to_csv(tmp / "small.csv", index=False)
+    large.to_csv(tmp / "large.csv", index=False)
+    return str(tmp / "small.csv"), str(tmp / "large.csv")
+
+
+def test_hand_table_pairs_shared_mixtures_and_regret_by_hand(tmp_path):
+    small, large = write_hand_tables(tmp_path)
+    report, pairs = transfer_tables(small, large, higher_is_better=["acc"], k=2, n_bootstrap=0)
+    assert report["n_mixtures"] == {"small": 5, "large": 5, "shared": 4, "train": None}
+    assert report["skipped_metrics"] == {"LARGE": ["extra"]}
+    assert report["aggregate"] == "mean_rank"  # loss and acc point different ways
+    loss_small, loss_large = np.array([1.0, 2, 3, 4]), np.array([12.0, 11, 10, 13])  # A B C D
+    acc_small, acc_large = np.array([0.9, 0.5, 0.7, 0.1]), np.array([0.6, 0.4, 0.8, 0.2])
+    np.testing.assert_array_equal(pairs["small_to_large"]["loss"][0], loss_small)
+    np.testing.assert_array_equal(pairs["small_to_large"]["loss"][1], loss_large)
+    s = report["comparisons"]["small_to_large"]["metrics"]
+    assert s["loss"]["spearman"] == pytest.approx(stats.spearmanr(loss_small, loss_large).statistic)
+    assert s["loss"]["kendall"] == pytest.approx(stats.kendalltau(loss_small, loss_large).statistic)
+    # SMALL picks A (loss 1); at LARGE, A scores 12 against the best shared 10 (C); range 13 − 10
+    assert s["loss"]["regret_raw"] == pytest.approx(2.0)
+    assert s["loss"]["regret"] == pytest.approx(2.0 / 3.0)
+    assert s["loss"]["choice_rank"] == 3 and s["loss"]["choice"] == "row 2" and s["loss"]["best"] == "row 1"
+    assert s["loss"]["topk_overlap"] == 0.5  # top-2 {A, B} against {C, B}
+    # acc, higher is better: SMALL picks A (0.9); at LARGE A has 0.6 against C's 0.8
+    assert s["acc"]["regret_raw"] == pytest.approx(0.2)
+    assert s["acc"]["regret"] == pytest.approx(0.2 / 0.6)
+    assert s["acc"]["choice_rank"] == 2
+    assert s["acc"]["spearman"] == pytest.approx(stats.spearmanr(acc_small, acc_large).statistic)
+    for side, (loss, acc) in enumerate(((loss_small, acc_small), (loss_large, acc_large))):
+        mean_rank = (stats.rankdata(loss) + stats.rankdata(-acc)) / 2  # 1 = best, per metric
+        np.testing.assert_allclose(pairs["small_to_large"]["mean_rank"][side], mean_rank)
+    assert set(report["comparisons"]) == {"small_to_large"} and report["surrogate"] is None
+
+
+def test_short_names_cut_at_separators():
+    names = ["metric/the_pile_arxiv_val_loss", "metric/the_pile_pile_cc_val_loss"]
+    assert short_names(names) == (
+        {names[0]: "arxiv", names[1]: "pile_cc"},
+        "metric/the_pile_",
+        "_val_loss",
+    )
+    assert short_names(["loss_a", "loss_ab"])[0] == {"loss_a": "a", "loss_ab": "ab"}
+    assert short_names(["acc", "acc_x"])[0] == {"acc": "acc", "acc_x": "acc_x"}  # nothing left of acc
+    assert short_names(["loss"])[0] == {"loss": "loss"}
+
+
+# ---------------------------------------------------------------- RegMix
+
+
+def test_regmix_1m_to_60m_equals_scipy():
+    report, _ = transfer_tables(SMALL, LARGE, n_bootstrap=0)
+    assert report["n_mixtures"]["shared"] == 256 and len(report["mixture_columns"]) == 17
+    small, large = losses("test_pile_loss_1m.csv"), losses("test_pile_loss_60m.csv")
+    small["mean"], large["mean"] = small.mean(axis=1), large.mean(axis=1)
+    comparison = report["comparisons"]["small_to_large"]
+    assert list(comparison["metrics"]) == list(small.columns)
+    for metric, s in comparison["metrics"].items():
+        assert s["spearman"] == pytest.approx(
+            stats.spearmanr(small[metric], large[metric]).statistic, abs=1e-12
+        )
+        assert s["kendall"] == pytest.approx(
+            stats.kendalltau(small[metric], large[metric]).statistic, abs=1e-12
+        )
+        chosen = int(np.argmin(small[metric]))
+        assert s["regret_raw"] == pytest.approx(large[metric].iloc[chosen] - large[metric].min(), abs=1e-12)
+    rho = by_domain(comparison)
+    assert {d: rho[d] for d in DIRECT_SPEARMAN} == pytest.approx(DIRECT_SPEARMAN, abs=1e-4)
+    mean = comparison["metrics"]["mean"]
+    assert {key: mean[key] for key in DIRECT_MEAN} == pytest.approx(DIRECT_MEAN, abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def regmix_surrogate():
+    return transfer_tables(SMALL, LARGE, surrogate_fit=TRAIN, n_bootstrap=20, seed=0)
+
+
+def test_surrogate_on_regmix_matches_published_spearman(regmix_surrogate):
+    report, _ = regmix_surrogate
+    assert report["n_mixtures"]["train"] == 512
+    assert report["surrogate"]["early_stopping"] is None and report["surrogate"]["rounds"] == 300
+    assert report["surrogate"]["train_mixtures_in"] == {"SMALL": 0, "LARGE": 0}  # held out
+    rho_1m = by_domain(report["comparisons"]["surrogate_to_small"])
+    for name, published in PUBLISHED.items():
+        assert abs(rho_1m[name] - published / 100) <= PUBLISHED_TOLERANCE, (name, rho_1m[name], published)
+    rho_60m = by_domain(report["comparisons"]["surrogate_to_large"])
+    assert rho_60m["pile_cc"] > 0.5 and min(rho_60m.values()) > 0.5
+    assert rho_60m == pytest.approx(SURROGATE_60M, abs=2e-3)
+
+
+def test_surrogate_report_is_deterministic(regmix_surrogate):
+    again, _ = transfer_tables(SMALL, LARGE, surrogate_fit=TRAIN, n_bootstrap=20, seed=0)
+    assert json_safe(again) == json_safe(regmix_surrogate[0])
+    other = transfer_tables(SMALL, LARGE, surrogate_fit=TRAIN, n_bootstrap=20, seed=1)[0]
+    mean = other["comparisons"]["surrogate_to_large"]["metrics"]["mean"]
+    assert (
+        mean["spearman_ci"]
+        != regmix_surrogate[0]["comparisons"]["surrogate_to_large"]["metrics"]["mean"]["spearman_ci"]
+    )
+
+
+def test_cli_surrogate_outputs_match_the_function(tmp_path, regmix_surrogate):
+    out = tmp_path / "out"
+    result = run_module(
+        "transfer", SMALL, LARGE, "--surrogate-fit", TRAIN, "--bootstrap", "20", "--out", str(out)
+    )
+    assert result.returncode == 0, result.stderr
+    assert all((out / name).stat().st_size > 0 for name in ("transfer_report.md", "transfer_scatter.png"))
+    report = json.loads((out / "transfer_report.json").read_text())
+    assert report == json_safe(regmix_surrogate[0])  # another process, the same report
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("| metric | SMALL→LARGE ρ [CI] | τ | regret | surrogate→LARGE ρ [CI]")
+    assert sum(line.startswith("| ") for line in lines) == 2 + 14
+    mean = report["comparisons"]["small_to_large"]["metrics"]["mean"]
+    assert f"| **mean** | {mean['spearman']:.3f} [{mean['spearman_ci'][0]:.3f}" in result.stdout
+    table = (out / "transfer_report.md").read_text()
+    assert table.count("## ") == 3 and "fixed rounds, no early stopping" in table
+
+
+def test_cli_direct_and_surrogate_alone(tmp_path):
+    small, large = write_hand_tables(tmp_path)
+    assert run_cli(main, [small, large, "--metrics", "loss", "--out", str(tmp_path / "direct")]) == 0
+    report = json.loads((tmp_path / "direct" / "transfer_report.json").read_text())
+    assert report["aggregate"] is None and list(report["comparisons"]) == ["small_to_large"]
+    expected = rank_statistics([1.0, 2, 3, 4], [12.0, 11, 10, 13], n_bootstrap=1000)
+    assert {k: report["comparisons"]["small_to_large"]["metrics"]["loss"][k] for k in expected} == json_safe(
+        expected
+    )
+    # LARGE alone with a surrogate fitted on SMALL: only surrogate → LARGE
+    args = [large, "--surrogate-fit", small, "--metrics", "loss", "--rounds", "5", "--min-child-samples", "1"]
+    assert run_cli(main, [*args, "--bootstrap", "0", "--out", str(tmp_path / "alone")]) == 0
+    report = json.loads((tmp_path / "alone" / "transfer_report.json").read_text())
+    assert list(report["comparisons"]) == ["surrogate_to_large"] and report["small"] is None
+    assert report["surrogate"]["rounds"] == 5 and report["comparisons"]["surrogate_to_large"]["n"] == 5
+
+
+# ---------------------------------------------------------------- errors
+
+
+def error_cases(tmp: Path) -> list[tuple[list[str], str]]:
+    small, large = write_hand_tables(tmp)
+    files = {
+        "prefix.csv": "x_a,x_b,loss\n1.0,0.0,1\n0.5,0.5,2\n",
+        "regmix_style.csv": "train_a,train_b,loss\n1.0,0.0,1\n0.5,0.5,2\n",
+        "third.csv": "w_a,w_b,w_c,loss\n1.0,0.0,0,1\n0.5,0.5,0,2\n",
+        "elsewhere.csv": "w_a,w_b,loss\n0.9,0.1,1\n0.2,0.8,2\n",
+        "one.csv": "w_a,w_b,loss\n1.0,0.0,1\n0.9,0.1,2\n",
+        "nan.csv": "w_a,w_b,loss\n1.0,0.0,1\n0.5,0.5,\n0.0,1.0,3\n",
+        "twice.csv": "w_a,w_b,loss\n1.0,0.0,1\n0.5,0.5,2\n1.0,0.0,3\n",
+        "sum.csv": "w_a,w_b,loss\n1.0,0.0,1\n0.5,0.6,2\n",
+        "noloss.csv": "w_a,w_b,acc\n1.0,0.0,1\n0.5,0.5,2\n",
+        "malformed.csv": 'w_a,w_b,loss\n0.5,0.5,1\n1.0,0.0,2,7,8\n"0.1',
+    }
+    for name, text in files.items():
+        (tmp / name).write_text(text)
+    t = {name: str(tmp / name) for name in files}
+    return [
+        ([small, str(tmp / "missing.csv")], "missing.csv: no such file"),
+        ([small, t["prefix.csv"]], "prefix.csv: no mixture columns"),
+        ([small, t["regmix_style.csv"]], "lacks ['w_a', 'w_b']; it has extra ['train_a', 'train_b']"),
+        ([small, t["third.csv"]], "third.csv: its mixture columns differ from those of"),
+        ([small, t["elsewhere.csv"]], "share no mixtures (rows are matched on their weights"),
+        ([small, t["one.csv"]], "share only 1 mixture"),
+        ([small, t["nan.csv"]], "nan.csv: column loss has 1 empty or NaN value(s), first at row 2"),
+        ([t["twice.csv"], large], "twice.csv: row 3 has the same weights as row 1"),
+        ([small, t["sum.csv"]], "sum.csv: row 2: weights sum to 1.1"),
+        ([small, t["noloss.csv"], "--metrics", "loss"], "noloss.csv: no metric column(s) ['loss']"),
+        ([small, large, "--metrics", "extra"], "small.csv: no metric column(s) ['extra']"),
+        ([t["malformed.csv"], large], "not a readable CSV table"),
+        ([small, large, "--higher-is-better", "nope"], "--higher-is-better names ['nope']"),
+        ([large], "expected SMALL LARGE, or LARGE with --surrogate-fit TRAIN; got 1"),
+        ([small, large, "--rounds", "5"], "need --surrogate-fit"),
+        ([small, large, "--surrogate-fit", t["nan.csv"]], "nan.csv: column loss has 1 empty or NaN"),
+        ([small, large, "--surrogate-fit", t["third.csv"]], "third.csv: its mixture columns differ"),
+        ([small, large, "--surrogate-fit", t["noloss.csv"], "--metrics", "loss"], "noloss.csv: no metric"),
+        (
+            [small, large, "--surrogate-fit", small, "--rounds", "0"],
+            "--rounds: Input should be greater than 0",
+        ),
+        ([small, large, "--k", "0"], "need --k ≥ 1 and --bootstrap ≥ 0, got 0 and 1000"),
+    ]
+
+
+def test_user_errors_are_one_line_exit_2_and_write_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    for args, message in error_cases(tmp_path):
+        capsys.readouterr()
+        assert run_cli(main, [*args, "--out", str(out)]) == 2, args
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("mergeopt: error: "), (args, lines)
+        assert message in lines[0], (message, lines[0])
+    assert not out.exists()
+
+
+def test_module_entry_point_error(tmp_path):
+    small, _ = write_hand_tables(tmp_path)
+    result = run_module("transfer", small, str(tmp_path / "absent.csv"), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip() == f"mergeopt: error: {tmp_path / 'absent.csv'}: no such file"
+    assert not (tmp_path / "out").exists()
+
+
+TINY_GRIDS = Path(__file__).parent / "data"
+TINY_LOSSES = ["loss_arith", "loss_reverse", "loss_brackets", "loss_markov"]
+# measured with benchmarks/transfer_tiny.sh (64-wide 2-layer against 128-wide 4-layer, 20 mixtures)
+TINY_SPEARMAN = {"loss_arith": 0.893, "loss_reverse": 0.795, "loss_brackets": 0.835, "loss_markov": 0.874}
+
+
+def test_tiny_world_two_sizes_end_to_end():
+    """mergeopt.train's grids at two model sizes of the tiny world, ranked against each other."""
+    small_path, large_path = (
+        TINY_GRIDS / "tiny_grid" / "grid.csv",
+        TINY_GRIDS / "tiny_grid_large" / "grid.csv",
+    )
+    report, _ = transfer_tables(str(small_path), str(large_path), metrics=TINY_LOSSES, n_bootstrap=0)
+    assert report["n_mixtures"]["shared"] == 20
+    small = pd.read_csv(small_path).sort_values(["w_arith", "w_reverse", "w_brackets", "w_markov"])
+    large = pd.read_csv(large_path).sort_values(["w_arith", "w_reverse", "w_brackets", "w_markov"])
+    comparison = report["comparisons"]["small_to_large"]["metrics"]
+    for metric in TINY_LOSSES:
+        expected = stats.spearmanr(small[metric], large[metric]).statistic
+        assert comparison[metric]["spearman"] == pytest.approx(expected, abs=1e-12)
+        assert comparison[metric]["spearman"] == pytest.approx(TINY_SPEARMAN[metric], abs=1e-3)
