@@ -1,0 +1,40 @@
+"""DoReMi-style domain weights: ``{"train_domain_weights": {...}, "eval_domain_weights": {...}}``.
+
+Followed: sangmichaelxie/doremi (scripts writing ``configs/<run>.json`` as
+``{"train_domain_weights": avg_domain_weights_dict, "eval_domain_weights": avg_domain_weights_dict}``
+and the data loader reading ``json.load(f)["train_domain_weights"]``, normalizing them). DoReMi
+samples domains for packed fixed-length sequences, so the weights are token shares: mergeopt
+writes the fitted token shares under both keys, as DoReMi's own scripts do. Domains of weight 0
+are kept (DoReMi expects every domain it knows). A ``mergeopt`` key records the source; readers
+that take only the two weight keys ignore it.
+"""
+
+from __future__ import annotations
+
+import json
+
+from mergeopt.export.formats import Context, Format
+
+
+def render(ctx: Context) -> str:
+    shares = ctx.plan.token_shares
+    weights = {n: shares.get(n, 0.0) for n in ctx.mixture.names}
+    document = {
+        "train_domain_weights": weights,
+        "eval_domain_weights": dict(weights),
+        "mergeopt": {
+            "mixture": str(ctx.mixture.path),
+            "meaning": FORMAT.meaning,
+        },
+    }
+    return json.dumps(document, indent=2) + "\n"
+
+
+FORMAT = Format(
+    name="doremi",
+    filename="doremi_domain_weights.json",
+    unit="tokens",
+    needs_paths=False,
+    meaning="domain weights: each domain's share of training tokens (sum 1).",
+    render=render,
+)

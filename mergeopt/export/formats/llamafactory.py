@@ -1,0 +1,57 @@
+"""LLaMA-Factory: the ``dataset``, ``mix_strategy`` and ``interleave_probs`` keys of a training YAML.
+
+Followed: hiyouga/LLaMA-Factory src/llamafactory/hparams/data_args.py (commit 072bfe29):
+``mix_strategy: Literal["concat", "interleave_under", "interleave_over"]``; ``interleave_probs`` is a
+comma-separated string of probabilities, one per name in ``dataset`` (also comma-separated), and is
+refused with ``concat``. Its data loader hands them to ``datasets.interleave_datasets`` with
+``stopping_strategy="first_exhausted"`` for ``interleave_under`` and ``"all_exhausted"`` for
+``interleave_over``, so they are per-sample probabilities: mergeopt writes the sample shares.
+``dataset`` names entries of ``dataset_dir/dataset_info.json``; mergeopt uses the expert names.
+"""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from mergeopt.export.formats import Context, Format
+from mergeopt.export.shares import format_number
+
+
+def strategy(ctx: Context) -> str:
+    """Undersample (no dataset repeated) unless the budget needs a dataset more than once."""
+    repetition = ctx.plan.repetition
+    if repetition and any(r > 1.0 for r in repetition.values()):
+        return "interleave_over"
+    return "interleave_under"
+
+
+def render(ctx: Context) -> str:
+    plan = ctx.plan
+    lines = [ctx.header(FORMAT)]
+    lines.append("# Register each name in dataset_dir/dataset_info.json, e.g.")
+    for name in plan.names:
+        info: dict = {"columns": {"prompt": "prompt", "response": "completion"}}
+        if name in ctx.datasets:
+            info = {"file_name": str(ctx.datasets[name]), **info}
+        lines.append(f"#   {json.dumps({name: info})}")
+    if plan.counts is not None:
+        lines.append(f"# The budget is {sum(plan.counts.values())} samples: stop training there (max_steps).")
+    config = {
+        "dataset": ",".join(plan.names),
+        "mix_strategy": strategy(ctx),
+        # a string (quoted when it would read as a number): DataArguments splits it on ','
+        "interleave_probs": ",".join(format_number(plan.sample_shares[n]) for n in plan.names),
+    }
+    return "\n".join(lines) + "\n" + yaml.safe_dump(config, sort_keys=False)
+
+
+FORMAT = Format(
+    name="llamafactory",
+    filename="llamafactory.yaml",
+    unit="samples",
+    needs_paths=False,
+    meaning="interleave_probs: the probability that each drawn sample comes from that dataset (sum 1).",
+    render=render,
+)

@@ -1,0 +1,168 @@
+"""What an export starts from: a finished fit's mixture.json, its recipe.yaml, and ``--datasets``.
+
+Every exporter trusts these inputs, so they are checked once, here, before anything is measured or
+written: the weights are finite, non-negative and sum to 1 (within 1e-6); the fit finished; each
+``--datasets name=path`` names an expert of the mixture and an existing file. World paths in the
+recipe (``tiny://base``) are resolved through the ``worlds`` record mixture.json keeps, so an export
+never builds a world. Each problem is a :class:`~mergeopt.errors.UserError` naming the culprit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mergeopt.errors import UserError
+from mergeopt.mixture_file import read_finished_mixture
+
+SUM_TOLERANCE = 1e-6
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """A checked mixture.json: weights in the fitted expert order, and the merge that was scored."""
+
+    path: Path
+    weights: dict[str, float]
+    method: dict[str, Any]
+    seed: int
+    strategy: str | None
+    worlds: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.weights)
+
+    @property
+    def positive(self) -> list[str]:
+        """Experts with a weight above 0: the domains a data format lists."""
+        return [n for n, w in self.weights.items() if w > 0]
+
+
+def read_mixture(path: str | Path) -> Mixture:
+    """Read and check a mixture.json (a run directory means its mixture.json)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "mixture.json"
+    data = read_finished_mixture(path)
+    weights = data["weights"]
+    method = data.get("method") or {"name": "linear", "scale": 1.0}
+    worlds = data.get("worlds") or {}
+    return Mixture(
+        path=path,
+        weights=check_weights(weights, str(path)),
+        method=method,
+        seed=int(data.get("seed", 0)),
+        strategy=data.get("strategy"),
+        worlds={str(k): str(v) for k, v in worlds.items()} if isinstance(worlds, dict) else {},
+    )
+
+
+def check_weights(weights: Mapping[str, Any], source: str) -> dict[str, float]:
+    """Finite, non-negative weights summing to 1 within SUM_TOLERANCE, in their given order."""
+    for name, value in weights.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise UserError(f"{source}: the weight of {name!r} is {value!r}, not a finite number")
+        if value < 0:
+            raise UserError(f"{source}: the weight of {name!r} is negative ({value})")
+    total = math.fsum(float(v) for v in weights.values())
+    if abs(total - 1.0) > SUM_TOLERANCE:
+        raise UserError(f"{source}: the weights sum to {total:.9g}, not 1 (within {SUM_TOLERANCE:g})")
+    return {str(n): float(v) for n, v in weights.items()}
+
+
+# ----------------------------------------------------------------------------- the run's recipe
+
+
+def read_run_recipe(mixture: Mixture):
+    """The recipe.yaml beside mixture.json (a :class:`~mergeopt.config.Recipe`), or None if absent."""
+    from mergeopt.config import load_recipe
+
+    path = mixture.path.parent / "recipe.yaml"
+    if not path.is_file():
+        return None
+    return load_recipe(path)
+
+
+def resolve_world_path(path: str, mixture: Mixture, recipe=None) -> str:
+    """``tiny://base`` -> its place in the world the fit used (mixture.json's ``worlds``).
+
+    Falls back to the cache the recipe names when the mixture has no record, but never builds a
+    world: an export must not start a minute-long build as a side effect.
+    """
+    from mergeopt import worlds
+
+    scheme = worlds.scheme_of(path)
+    if scheme is None:
+        return path
+    rest = path.partition("://")[2]
+    if scheme in mixture.worlds:
+        return str(Path(mixture.worlds[scheme]) / rest)
+    cache_dir = recipe.world.cache_dir if recipe is not None else None
+    seed = recipe.world.seed if recipe is not None else 0
+    root = worlds.world_dir(scheme, cache_dir, seed)
+    if not (root / worlds.MARKER).is_file():
+        raise UserError(
+            f"{path}: the {scheme} world is not built at {root} (run the fit first, or give real paths)"
+        )
+    return str(root / rest)
+
+
+# ----------------------------------------------------------------------------- --datasets
+
+
+def parse_datasets(items: Sequence[str], mixture: Mixture) -> dict[str, Path]:
+    """``["arith=a.jsonl", ...]`` -> {expert: path}; every name an expert, every path present.
+
+    A path also counts as present when it is a Megatron prefix (``PATH.bin`` and ``PATH.idx``).
+    """
+    datasets: dict[str, Path] = {}
+    for item in items:
+        name, sep, raw = (part.strip() for part in item.partition("="))
+        if not sep or not name or not raw:
+            raise UserError(f"--datasets: {item!r} is not of the form name=path")
+        if name not in mixture.weights:
+            raise UserError(
+                f"--datasets names {name!r}, which is not an expert of the mixture "
+                f"({', '.join(mixture.names)})"
+            )
+        if name in datasets:
+            raise UserError(f"--datasets names {name!r} twice")
+        path = Path(raw).expanduser()
+        if not (path.exists() or is_megatron_prefix(path)):
+            raise UserError(f"--datasets {name}: {path} does not exist")
+        datasets[name] = path
+    return datasets
+
+
+def is_megatron_prefix(path: Path) -> bool:
+    return Path(f"{path}.bin").is_file() and Path(f"{path}.idx").is_file()
+
+
+def recipe_datasets(recipe, mixture: Mixture) -> dict[str, Path]:
+    """The run's own training data (recipe ``train.data``) when the recipe has it, all of it present.
+
+    All or nothing: a partly missing default is no default (``--datasets`` can always be given).
+    """
+    if recipe is None or recipe.train is None:
+        return {}
+    out = {}
+    for name, raw in recipe.train.data.items():
+        if name not in mixture.weights:
+            continue
+        try:
+            path = Path(resolve_world_path(raw, mixture, recipe))
+        except UserError:
+            return {}
+        if not path.exists():
+            return {}
+        out[name] = path
+    return out
+
+
+def missing_datasets(datasets: Mapping[str, Path], mixture: Mixture) -> list[str]:
+    """Experts with a positive weight and no dataset."""
+    return [n for n in mixture.positive if n not in datasets]

@@ -1,0 +1,147 @@
+"""Mean tokens per sample of each domain's data: what turns token shares into sample probabilities.
+
+mergeopt's weights are shares of training tokens; most loaders (interleave_datasets, LLaMA-Factory,
+streaming, open-instruct, TRL) draw whole samples. A domain whose samples are twice as long needs
+half the sample probability for the same token share, so the conversion needs each domain's mean
+tokens per sample, measured here. Files are read with the ``datasets`` library (JSONL, JSON, CSV,
+parquet, arrow, or a directory written by ``save_to_disk``) and each record is counted the way
+:mod:`mergeopt.data` reads it: ``text`` is every token of the text, ``prompt``/``completion`` the
+prompt's tokens (special tokens included) plus the completion's (none added), a multiple-choice
+record the prompt plus the right choice. Nothing is truncated: a trainer's own cut-off is its own.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mergeopt.errors import UserError
+
+LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+BATCH = 1000  # records tokenised per call
+
+
+@dataclass(frozen=True)
+class DomainStats:
+    """One dataset: how many samples and tokens it holds."""
+
+    samples: int
+    tokens: int
+
+    @property
+    def mean_tokens(self) -> float:
+        return self.tokens / self.samples
+
+
+@dataclass(frozen=True)
+class Source:
+    """How a dataset is loaded: ``load_dataset(loader, data_files=files)``, or ``load_from_disk(path)``."""
+
+    path: Path
+    loader: str  # json | csv | parquet | arrow | disk
+    data_files: tuple[str, ...] = ()
+
+
+def source_of(path: Path) -> Source:
+    """The loader for a path, from its suffix, or from the files ``save_to_disk`` writes."""
+    path = Path(path).resolve()
+    if path.is_dir():
+        if (path / "state.json").is_file():
+            return Source(path, "disk", tuple(str(f) for f in sorted(path.glob("*.arrow"))))
+        if (path / "dataset_dict.json").is_file():
+            if not (path / "train" / "state.json").is_file():
+                raise UserError(f"{path}: a saved DatasetDict without a 'train' split")
+            train = path / "train"
+            return Source(train, "disk", tuple(str(f) for f in sorted(train.glob("*.arrow"))))
+        raise UserError(
+            f"{path}: a directory that is not a saved dataset (no state.json or dataset_dict.json)"
+        )
+    suffix = path.suffix.lower()
+    if suffix not in LOADERS:
+        raise UserError(
+            f"{path}: cannot read {suffix or 'a file without a suffix'} data "
+            "(mergeopt reads .jsonl, .json, .csv, .parquet, .arrow or a save_to_disk directory)"
+        )
+    return Source(path, LOADERS[suffix], (str(path),))
+
+
+def load(source: Source, cache_dir: str | None = None):
+    """The dataset as a ``datasets.Dataset`` (one split: 'train')."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    try:
+        if source.loader == "disk":
+            return datasets.load_from_disk(str(source.path))
+        return datasets.load_dataset(
+            source.loader, data_files=list(source.data_files), split="train", cache_dir=cache_dir
+        )
+    except Exception as err:  # a malformed file: say which, in one line
+        raise UserError(f"{source.path}: cannot be read as {source.loader} data ({err})") from None
+
+
+def _rows(dataset, path: Path) -> Iterator[list[dict[str, Any]]]:
+    from mergeopt.data import _validated
+
+    for start in range(0, len(dataset), BATCH):
+        chunk = dataset[start : start + BATCH]  # columns -> lists
+        keys = list(chunk)
+        yield [
+            _validated(
+                {k: chunk[k][i] for k in keys if chunk[k][i] is not None},
+                f"{path}: record {start + i + 1}",
+            )
+            for i in range(len(chunk[keys[0]]) if keys else 0)
+        ]
+
+
+def count_tokens(records: list[dict[str, Any]], tokenizer) -> int:
+    """Tokens of a batch of validated records, as :func:`mergeopt.data.tokenize` counts them untruncated."""
+    texts = [r["text"] for r in records if "text" in r]
+    pairs = [r for r in records if "text" not in r]
+    total = sum(len(ids) for ids in tokenizer(texts)["input_ids"]) if texts else 0
+    if pairs:
+        prompts = tokenizer([r["prompt"] for r in pairs])["input_ids"]
+        answers = [r["choices"][r["answer"]] if "choices" in r else r["completion"] for r in pairs]
+        completions = tokenizer(answers, add_special_tokens=False)["input_ids"]
+        total += sum(len(ids) for ids in prompts) + sum(len(ids) for ids in completions)
+    return total
+
+
+def measure(path: Path, tokenizer) -> DomainStats:
+    """Samples and tokens of one dataset (read into a throw-away cache)."""
+    source = source_of(path)
+    with tempfile.TemporaryDirectory(prefix="mergeopt-export-") as cache:
+        dataset = load(source, cache)
+        samples, tokens = 0, 0
+        for records in _rows(dataset, source.path):
+            samples += len(records)
+            tokens += count_tokens(records, tokenizer)
+    if samples == 0:
+        raise UserError(f"{path}: the dataset is empty")
+    if tokens == 0:
+        raise UserError(f"{path}: every record tokenises to nothing")
+    return DomainStats(samples=samples, tokens=tokens)
+
+
+def measure_all(datasets: Mapping[str, Path], tokenizer) -> dict[str, DomainStats]:
+    return {name: measure(path, tokenizer) for name, path in datasets.items()}
+
+
+def load_tokenizer(path: str, gguf_file: str | None = None, trust_remote_code: bool = False):
+    """The tokenizer the counts are made with (the run's base, or ``--tokenizer``)."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        return AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load a tokenizer from {path} ({' '.join(str(err).split())[:200]})") from None

@@ -1,0 +1,529 @@
+"""export: every format read back by its real library where it installs here, key by key otherwise.
+
+The exported ``datasets`` snippet is executed on synthetic JSONL datasets and its empirical domain
+proportions must fall within 4 standard errors of the exported probabilities (exact counts with a
+budget); the YAML variant feeds ``interleave_datasets`` the same way; TRL's entries are loaded
+with ``datasets.load_dataset`` and concatenated as TRL's ``get_dataset`` does; mergekit's own
+``MergeConfiguration`` validates the merge YAML, every parameter is one the method declares, and
+mergekit's ``run_merge`` of the linear export equals θ0 + λ Σ w_i τ_i. Token counts equal
+:func:`mergeopt.data.tokenize`'s, and the share conversion, rounding and budgets are checked with
+exact numbers (the tokenizer is character-level: a record's length is known by hand).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from mergekit.config import MergeConfiguration
+from mergekit.merge import MergeOptions, run_merge
+from mergekit.merge_methods import registry
+from safetensors.torch import load_file
+
+from mergeopt import toy
+from mergeopt.data import tokenize
+from mergeopt.errors import run_cli
+from mergeopt.export.__main__ import main
+from mergeopt.export.formats import FORMATS
+from mergeopt.export.formats.open_instruct import fraction_string
+from mergeopt.export.shares import apportion, make_plan
+from mergeopt.export.token_stats import DomainStats, measure
+from tests.conftest import recipe_tree
+
+# token shares as fitted; every record of a domain has a known character length (+1 for BOS)
+WEIGHTS = {"a": 0.2, "b": 0.5, "c": 0.3}
+SIZES = {"a": 1500, "b": 1200, "c": 2400}
+LENGTHS = {"a": (4, 8), "b": (20, 30), "c": (9, 11)}  # alternating prompt+completion characters
+
+
+def _records(name: str, size: int, rng: random.Random) -> list[dict]:
+    out = []
+    for i in range(size):
+        total = LENGTHS[name][i % 2]
+        split = rng.randint(1, total - 1)
+        text = "".join(rng.choice("abcdefgh") for _ in range(total))
+        out.append({"prompt": text[:split], "completion": text[split:], "domain": name, "index": i})
+    return out
+
+
+def _mean_tokens(name: str) -> float:
+    return 1 + sum(LENGTHS[name]) / 2  # BOS + characters; sizes are even
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    """Three JSONL domains, a character-level tokenizer, and a mixture.json of WEIGHTS."""
+    root = tmp_path_factory.mktemp("export")
+    tokenizer_dir = root / "tokenizer"
+    toy.build_tokenizer().save_pretrained(tokenizer_dir)
+    rng = random.Random(0)
+    paths = {}
+    for name, size in SIZES.items():
+        paths[name] = root / f"{name}.jsonl"
+        paths[name].write_text("".join(json.dumps(r) + "\n" for r in _records(name, size, rng)))
+    mixture = write_run(root / "run", WEIGHTS)
+    return {"root": root, "tokenizer": str(tokenizer_dir), "paths": paths, "mixture": mixture}
+
+
+def write_run(
+    root: Path, weights: dict, method: dict | None = None, recipe: dict | None = None, **extra
+) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    mixture = {
+        "status": "complete",
+        "weights": weights,
+        "strategy": "gradient",
+        "method": method or {"name": "linear", "scale": 1.0},
+        "seed": 0,
+        **extra,
+    }
+    (root / "mixture.json").write_text(json.dumps(mixture))
+    if recipe is not None:
+        (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return root / "mixture.json"
+
+
+def export(world: dict, fmt: str, tmp_path: Path, *extra: str, datasets: bool = True) -> str:
+    """Run the CLI in process; return the written file's text."""
+    out = tmp_path / f"out-{fmt}"
+    args = [str(world["mixture"]), "--to", fmt, "--tokenizer", world["tokenizer"], "--out", str(out)]
+    if datasets:
+        args += ["--datasets", *(f"{n}={p}" for n, p in world["paths"].items())]
+    assert run_cli(main, [*args, *extra]) == 0
+    return out.read_text()
+
+
+def expected_sample_shares() -> dict[str, float]:
+    raw = {n: WEIGHTS[n] / _mean_tokens(n) for n in WEIGHTS}
+    total = sum(raw.values())
+    return {n: v / total for n, v in raw.items()}
+
+
+def yaml_body(text: str):
+    return yaml.safe_load(text)
+
+
+# ---------------------------------------------------------------- numbers
+
+
+def test_token_counts_equal_data_tokenize(world):
+    tokenizer = toy.build_tokenizer()
+    for name, path in world["paths"].items():
+        stats = measure(path, tokenizer)
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        by_data_py = sum(tokenize(r, tokenizer, 10**9).input_ids.numel() for r in records)
+        assert stats == DomainStats(samples=SIZES[name], tokens=by_data_py)
+        assert stats.mean_tokens == _mean_tokens(name)
+
+
+def test_text_and_choice_records_count_like_data_py(tmp_path):
+    tokenizer = toy.build_tokenizer()
+    records = [
+        {"text": "hello world"},
+        {"prompt": "2+2=", "choices": ["3", "4"], "answer": 1},
+        {"prompt": "ab", "completion": "cd"},
+    ]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert measure(path, tokenizer) == DomainStats(samples=3, tokens=(1 + 11) + (1 + 4 + 1) + (1 + 2 + 2))
+
+
+def test_share_conversion_is_exact_both_ways():
+    stats = {n: DomainStats(SIZES[n], int(SIZES[n] * _mean_tokens(n))) for n in WEIGHTS}
+    plan = make_plan(WEIGHTS, "tokens", stats)
+    assert plan.token_shares == WEIGHTS  # the fitted weights, untouched
+    for n, p in expected_sample_shares().items():
+        assert plan.sample_shares[n] == pytest.approx(p, abs=1e-15)
+    back = make_plan(plan.sample_shares, "samples", stats)
+    for n in WEIGHTS:
+        assert back.token_shares[n] == pytest.approx(WEIGHTS[n], abs=1e-15)
+    equal = make_plan(WEIGHTS, "tokens", None)  # no data: equal lengths assumed
+    assert equal.sample_shares == equal.token_shares == WEIGHTS
+
+
+def test_budgets_counts_and_repetition():
+    stats = {n: DomainStats(SIZES[n], int(SIZES[n] * _mean_tokens(n))) for n in WEIGHTS}
+    plan = make_plan(WEIGHTS, "tokens", stats, budget_tokens=100_000)
+    for n in WEIGHTS:
+        assert plan.tokens[n] == pytest.approx(WEIGHTS[n] * 100_000, rel=1e-15)
+        assert plan.samples[n] == pytest.approx(WEIGHTS[n] * 100_000 / _mean_tokens(n), rel=1e-15)
+        assert plan.repetition[n] == pytest.approx(plan.samples[n] / SIZES[n], rel=1e-15)
+        assert abs(plan.counts[n] - plan.samples[n]) < 1
+    assert sum(plan.counts.values()) == round(sum(plan.samples.values()))
+    by_samples = make_plan(WEIGHTS, "tokens", stats, budget_samples=7001)
+    assert sum(by_samples.counts.values()) == 7001
+    for n in WEIGHTS:
+        assert by_samples.samples[n] == pytest.approx(by_samples.sample_shares[n] * 7001, rel=1e-15)
+
+
+def test_apportion_largest_remainders():
+    assert apportion({"x": 1.5, "y": 1.5, "z": 1.0}, 4) == {"x": 2, "y": 1, "z": 1}  # tie: first
+    assert apportion({"x": 0.2, "y": 0.7, "z": 2.1}, 3) == {"x": 0, "y": 1, "z": 2}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 10**6).flatmap(lambda n: st.tuples(st.integers(0, n), st.just(n))))
+def test_open_instruct_fraction_reads_back_as_the_count(pair):
+    count, size = pair
+    text = fraction_string(count, size)
+    assert "." in text and float(text) <= 1.0
+    assert int(float(text) * size) == count  # open-instruct: int(frac * len(dataset))
+
+
+def test_no_repeat_counts_never_exceed_a_dataset():
+    stats = {n: DomainStats(SIZES[n], int(SIZES[n] * _mean_tokens(n))) for n in WEIGHTS}
+    plan = make_plan(WEIGHTS, "tokens", stats)
+    counts = plan.no_repeat_counts()
+    assert all(counts[n] <= SIZES[n] for n in WEIGHTS)
+    assert any(counts[n] == SIZES[n] for n in WEIGHTS)  # the binding dataset is used whole
+    total = sum(counts.values())
+    for n in WEIGHTS:
+        assert counts[n] / total == pytest.approx(plan.sample_shares[n], abs=2 / total)
+
+
+# ---------------------------------------------------------------- Hugging Face datasets (run for real)
+
+
+def _proportions(dataset) -> tuple[dict[str, float], int]:
+    names = dataset["domain"]
+    return {n: names.count(n) / len(names) for n in WEIGHTS}, len(names)
+
+
+def test_hf_snippet_interleaves_in_the_exported_proportions(world, tmp_path):
+    code = export(world, "hf-datasets", tmp_path)
+    scope: dict = {}
+    exec(compile(code, "hf_datasets.py", "exec"), scope)
+    expected = expected_sample_shares()
+    assert scope["PROBABILITIES"] == pytest.approx(expected, abs=1e-15)
+    observed, n = _proportions(scope["mixture"])
+    for name, p in expected.items():  # 4 standard errors of a proportion over n draws
+        assert abs(observed[name] - p) <= 4 * math.sqrt(p * (1 - p) / n), (name, observed, expected)
+    assert len(set(zip(scope["mixture"]["domain"], scope["mixture"]["index"]))) == n  # nothing repeated
+
+
+def test_hf_snippet_with_a_budget_has_exact_counts(world, tmp_path):
+    code = export(world, "hf-datasets", tmp_path, "--budget-samples", "6000")  # repeats b and c
+    scope: dict = {}
+    exec(compile(code, "hf_datasets.py", "exec"), scope)
+    mixture = scope["mixture"]
+    assert len(mixture) == 6000
+    counts = {n: mixture["domain"].count(n) for n in WEIGHTS}
+    assert counts == scope["COUNTS"]
+    assert counts == apportion({n: p * 6000 for n, p in expected_sample_shares().items()}, 6000)
+
+
+def test_hf_yaml_feeds_interleave_datasets(world, tmp_path):
+    config = yaml_body(export(world, "hf-datasets-yaml", tmp_path))
+    assert set(config) == {"sources", "probabilities", "seed", "stopping_strategy"}
+    parts = [
+        datasets.load_dataset(s["loader"], data_files=s["data_files"], split="train")
+        for s in config["sources"]
+    ]
+    mixture = datasets.interleave_datasets(
+        parts,
+        probabilities=config["probabilities"],
+        seed=config["seed"],
+        stopping_strategy=config["stopping_strategy"],
+    )
+    expected = expected_sample_shares()
+    assert [s["name"] for s in config["sources"]] == list(WEIGHTS)
+    assert config["probabilities"] == pytest.approx(list(expected.values()), abs=1e-15)
+    observed, n = _proportions(mixture)
+    for name, p in expected.items():
+        assert abs(observed[name] - p) <= 4 * math.sqrt(p * (1 - p) / n)
+
+
+def test_trl_entries_load_and_concatenate_to_the_counts(world, tmp_path):
+    for extra in ((), ("--budget-samples", "6000")):
+        config = yaml_body(export(world, "trl", tmp_path, *extra))
+        assert set(config) == {"datasets"}
+        parts = []
+        for entry in config["datasets"]:
+            assert set(entry) <= {
+                "path",
+                "name",
+                "data_dir",
+                "data_files",
+                "split",
+                "columns",
+            }  # DatasetConfig
+            parts.append(
+                datasets.load_dataset(entry["path"], data_files=entry["data_files"], split=entry["split"])
+            )
+        mixture = datasets.concatenate_datasets(parts)  # what TRL's get_dataset does
+        counts = {n: mixture["domain"].count(n) for n in WEIGHTS}
+        stats = {n: DomainStats(SIZES[n], int(SIZES[n] * _mean_tokens(n))) for n in WEIGHTS}
+        if extra:
+            assert counts == make_plan(WEIGHTS, "tokens", stats, budget_samples=6000).counts
+        else:
+            assert counts == make_plan(WEIGHTS, "tokens", stats).no_repeat_counts()
+
+
+# ---------------------------------------------------------------- the other formats, key by key
+
+
+def test_llamafactory_keys(world, tmp_path):
+    config = yaml_body(export(world, "llamafactory", tmp_path))
+    assert set(config) == {"dataset", "mix_strategy", "interleave_probs"}
+    assert config["dataset"].split(",") == list(WEIGHTS)
+    assert config["mix_strategy"] in ("interleave_under", "interleave_over")  # DataArguments' Literal
+    assert config["mix_strategy"] == "interleave_under"
+    probs = [float(p) for p in config["interleave_probs"].split(",")]  # DataArguments splits on ','
+    assert probs == pytest.approx(list(expected_sample_shares().values()), abs=1e-15)
+    repeated = yaml_body(export(world, "llamafactory", tmp_path, "--budget-samples", "6000"))
+    assert repeated["mix_strategy"] == "interleave_over"  # the budget needs b and c more than once
+
+
+def test_llamafactory_without_datasets_notes_equal_lengths(world, tmp_path, capsys):
+    config = yaml_body(export(world, "llamafactory", tmp_path, datasets=False))
+    assert [float(p) for p in config["interleave_probs"].split(",")] == list(WEIGHTS.values())
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "equal sample lengths assumed" in err[0]
+
+
+def test_megatron_data_path_pairs(world, tmp_path):
+    lines = [ln for ln in export(world, "megatron", tmp_path).splitlines() if not ln.startswith("#")]
+    assert len(lines) == 1
+    words = lines[0].split()
+    assert words[0] == "--data-path"
+    blend = words[1:]
+    assert len(blend) == 2 * len(WEIGHTS)  # weight1 prefix1 weight2 prefix2 ...
+    weights = [float(w) for w in blend[0::2]]
+    assert weights == list(WEIGHTS.values())  # token shares, exactly as fitted
+    assert blend[1::2] == [str(world["paths"][n]) for n in WEIGHTS]
+
+
+def test_megatron_prefix_from_bin_file(world, tmp_path):
+    prefix = tmp_path / "corpus_text_document"
+    for suffix in (".bin", ".idx"):
+        Path(f"{prefix}{suffix}").write_bytes(b"")
+    run = write_run(tmp_path / "run", WEIGHTS)
+    out = tmp_path / "megatron.txt"
+    args = ["--datasets", f"a={prefix}.bin", f"b={prefix}", f"c={prefix}.idx"]
+    assert run_cli(main, [str(run), "--to", "megatron", "--out", str(out), *args]) == 0
+    text = out.read_text()
+    assert f"--data-path 0.2 {prefix} 0.5 {prefix} 0.3 {prefix}" in text
+    assert "has no .bin/.idx" not in text
+
+
+def test_nemo_data_prefix(world, tmp_path):
+    config = yaml_body(export(world, "nemo", tmp_path))
+    flat = config["model"]["data"]["data_prefix"]
+    assert flat[0::2] == list(WEIGHTS.values())
+    assert flat[1::2] == [str(world["paths"][n]) for n in WEIGHTS]
+
+
+def test_llm_foundry_streams(world, tmp_path):
+    stream_args = {"remote", "local", "split", "proportion", "repeat", "choose"}  # streaming.Stream
+    streams = yaml_body(export(world, "llm-foundry", tmp_path))["train_loader"]["dataset"]["streams"]
+    assert list(streams) == list(WEIGHTS)
+    for name, stream in streams.items():
+        assert set(stream) <= stream_args and stream["local"] == str(world["paths"][name])
+        assert stream["proportion"] == pytest.approx(expected_sample_shares()[name], abs=1e-15)
+    streams = yaml_body(export(world, "llm-foundry", tmp_path, "--budget-samples", "6000"))["train_loader"]
+    chosen = {n: s["choose"] for n, s in streams["dataset"]["streams"].items()}
+    assert all("proportion" not in s for s in streams["dataset"]["streams"].values())  # never both kinds
+    assert sum(chosen.values()) == 6000
+
+
+def _open_instruct_counts(mixer: list[str], sizes: dict[str, int]) -> dict[str, int]:
+    """open-instruct's reading: a value with '.' is a fraction of the dataset, else a count."""
+    out = {}
+    for path, value in zip(mixer[0::2], mixer[1::2]):
+        name = Path(path).stem
+        number = float(value) if "." in value else int(value)
+        out[name] = int(number * sizes[name]) if isinstance(number, float) and number <= 1.0 else int(number)
+    return out
+
+
+def test_open_instruct_fractions_and_counts(world, tmp_path):
+    stats = {n: DomainStats(SIZES[n], int(SIZES[n] * _mean_tokens(n))) for n in WEIGHTS}
+    config = yaml_body(export(world, "open-instruct", tmp_path))
+    assert set(config) == {"dataset_mixer_list", "dataset_mixer_list_splits"}
+    mixer = config["dataset_mixer_list"]
+    assert all(isinstance(v, str) and "." in v and float(v) <= 1.0 for v in mixer[1::2])
+    assert _open_instruct_counts(mixer, SIZES) == make_plan(WEIGHTS, "tokens", stats).no_repeat_counts()
+    mixer = yaml_body(export(world, "open-instruct", tmp_path, "--budget-tokens", "50000"))[
+        "dataset_mixer_list"
+    ]
+    assert all(v.isdigit() for v in mixer[1::2])
+    assert (
+        _open_instruct_counts(mixer, SIZES) == make_plan(WEIGHTS, "tokens", stats, budget_tokens=50000).counts
+    )
+
+
+def test_olmo_core_source_mixture(world, tmp_path):
+    config = yaml_body(export(world, "olmo-core", tmp_path, "--budget-tokens", "120000"))
+    assert set(config) == {"source_list", "requested_tokens"}
+    sources = config["source_list"]["sources"]
+    fields = {"source_name", "target_ratio", "paths", "max_repetition_ratio", "max_source_fraction"}
+    assert all(set(s) <= fields for s in sources)
+    assert [s["target_ratio"] for s in sources] == list(WEIGHTS.values())
+    assert np.allclose(sum(s["target_ratio"] for s in sources), 1.0)  # SourceMixtureList.validate
+    assert config["requested_tokens"] == 120000
+    for s in sources:  # SourceMixtureDatasetConfig.build's check, with the tokens mergeopt counted
+        available = int(SIZES[s["source_name"]] * _mean_tokens(s["source_name"]))
+        assert 0 < s["target_ratio"] <= 1 and s["max_repetition_ratio"] >= 1
+        assert int(available * s["max_repetition_ratio"]) >= int(120000 * s["target_ratio"])
+    assert any(s["max_repetition_ratio"] > 1 for s in sources)
+
+
+def test_doremi_domain_weights(world, tmp_path):
+    document = json.loads(export(world, "doremi", tmp_path, datasets=False))
+    assert document["train_domain_weights"] == WEIGHTS == document["eval_domain_weights"]
+
+
+def test_zero_weight_domain_needs_no_dataset(tmp_path, world):
+    run = write_run(tmp_path / "run", {"a": 0.4, "b": 0.6, "c": 0.0})
+    out = tmp_path / "nemo.yaml"
+    argv = [str(run), "--to", "nemo", "--out", str(out), "--datasets"]
+    argv += [f"a={world['paths']['a']}", f"b={world['paths']['b']}"]
+    assert run_cli(main, argv) == 0
+    assert yaml_body(out.read_text())["model"]["data"]["data_prefix"][0::2] == [0.4, 0.6]
+
+
+def test_datasets_default_to_the_recipe_train_data(world, tmp_path):
+    fake = {"base": "/x/base", "experts": {n: f"/x/{n}" for n in WEIGHTS}, "dev": {"d": "/x/d.jsonl"}}
+    train = {"data": {n: str(p) for n, p in world["paths"].items()}}
+    run = write_run(tmp_path / "run", WEIGHTS, recipe=recipe_tree(fake, tmp_path / "run", train=train))
+    out = tmp_path / "nemo.yaml"
+    assert run_cli(main, [str(run), "--to", "nemo", "--out", str(out)]) == 0
+    flat = yaml_body(out.read_text())["model"]["data"]["data_prefix"]
+    assert flat[1::2] == [str(world["paths"][n]) for n in WEIGHTS]
+
+
+def test_weights_given_as_sample_shares(world, tmp_path):
+    config = yaml_body(export(world, "llamafactory", tmp_path, "--weights-are", "samples"))
+    assert [float(p) for p in config["interleave_probs"].split(",")] == list(WEIGHTS.values())
+    flat = yaml_body(export(world, "nemo", tmp_path, "--weights-are", "samples"))["model"]["data"][
+        "data_prefix"
+    ]
+    raw = {n: WEIGHTS[n] * _mean_tokens(n) for n in WEIGHTS}  # t_i = p_i m_i / sum_j p_j m_j
+    assert flat[0::2] == pytest.approx([raw[n] / sum(raw.values()) for n in WEIGHTS], abs=1e-15)
+
+
+def test_to_all_writes_one_file_per_format(world, tmp_path):
+    run = write_run(tmp_path / "run", WEIGHTS)
+    fake = {"base": "/x/base", "experts": {n: f"/x/{n}" for n in WEIGHTS}, "dev": {"d": "/x/d.jsonl"}}
+    (tmp_path / "run" / "recipe.yaml").write_text(yaml.safe_dump(recipe_tree(fake, tmp_path / "run")))
+    out = tmp_path / "all"
+    argv = [str(run), "--to", "all", "--out", str(out), "--tokenizer", world["tokenizer"], "--datasets"]
+    argv += [f"{n}={p}" for n, p in world["paths"].items()]
+    assert run_cli(main, argv) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(f.filename for f in FORMATS.values())
+
+
+# ---------------------------------------------------------------- mergekit (its own config model)
+
+
+def _mergekit_yaml(tmp_path: Path, random_world: dict, method: dict, **model) -> dict:
+    names = list(random_world["experts"])
+    weights = dict(zip(names, (0.2, 0.5, 0.3)))
+    tree = recipe_tree(random_world, tmp_path / "run")
+    tree["model"].update(model)
+    run = write_run(tmp_path / "run", weights, method=method, recipe=tree)
+    out = tmp_path / "mergekit.yaml"
+    assert run_cli(main, [str(run), "--to", "mergekit", "--out", str(out)]) == 0
+    return yaml.safe_load(out.read_text())
+
+
+@pytest.mark.parametrize(
+    "method,mergekit_name",
+    [
+        ({"name": "linear", "scale": 1.3}, "task_arithmetic"),
+        ({"name": "ties", "scale": 2.0, "density": 0.4, "majority_sign": "total"}, "ties"),
+        ({"name": "dare_linear", "scale": 1.0, "density": 0.7, "seed": 3}, "dare_linear"),
+        (
+            {"name": "dare_ties", "scale": 1.5, "density": 0.6, "majority_sign": "total", "seed": 3},
+            "dare_ties",
+        ),
+    ],
+)
+def test_mergekit_yaml_validates_with_mergekit(tmp_path, random_world, method, mergekit_name):
+    tree = _mergekit_yaml(tmp_path, random_world, method)
+    config = MergeConfiguration.model_validate(tree)
+    assert config.merge_method == mergekit_name
+    assert str(config.base_model.model.path) == random_world["base"]
+    spec = {p.name: p for p in registry.get(config.merge_method).spec.parameters}
+    for key, value in config.parameters.items():
+        assert spec[key].scope.name == "SHARED"
+        spec[key].validate(value)
+    assert config.parameters["lambda"] == method["scale"] and config.parameters["normalize"] is False
+    for entry, (name, path) in zip(config.models, random_world["experts"].items()):
+        assert str(entry.model.model.path) == path
+        for key, value in entry.parameters.items():
+            assert spec[key].scope.name == "NON_BASE"
+            spec[key].validate(value)
+        assert entry.parameters["weight"] == {"alpha": 0.2, "beta": 0.5, "gamma": 0.3}[name]
+        if "density" in method:
+            assert entry.parameters["density"] == method["density"]
+
+
+def test_mergekit_linear_merge_equals_mergeopts(tmp_path, random_world):
+    """mergekit's own run_merge of the export = θ0 + λ Σ w_i τ_i (merge.scale λ = 1.3)."""
+    tree = _mergekit_yaml(tmp_path, random_world, {"name": "linear", "scale": 1.3})
+    out = tmp_path / "merged"
+    run_merge(
+        MergeConfiguration.model_validate(tree),
+        str(out),
+        MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False),
+    )
+    merged = load_file(out / "model.safetensors")
+    base = load_file(Path(random_world["base"]) / "model.safetensors")
+    experts = [load_file(Path(p) / "model.safetensors") for p in random_world["experts"].values()]
+    for name, theta0 in base.items():
+        expected = theta0 + 1.3 * sum(w * (e[name] - theta0) for w, e in zip((0.2, 0.5, 0.3), experts))
+        assert (merged[name] - expected).abs().max().item() <= 1e-6, name
+
+
+def test_mergekit_exclusions_and_mixup(tmp_path, random_world):
+    lam = [0.5, 0.25, 0.25]
+    method = {"name": "linear", "scale": 1.0, "mixup_alpha": 1.0, "mixup_lambda": lam, "seed": 0}
+    tree = _mergekit_yaml(tmp_path, random_world, method, exclude=["embed_tokens", "model.norm"])
+    MergeConfiguration.model_validate(tree)
+    scaled = [w * x for w, x in zip((0.2, 0.5, 0.3), lam)]
+    for entry, s in zip(tree["models"], scaled):
+        weight = entry["parameters"]["weight"]
+        assert weight[:2] == [
+            {"filter": "embed_tokens", "value": 0.0},
+            {"filter": "model.norm", "value": 0.0},
+        ]
+        assert weight[2]["value"] == pytest.approx(s / sum(scaled), abs=1e-15)
+
+
+@pytest.mark.parametrize(
+    "method,model,culprit",
+    [
+        ({"name": "ties", "scale": 1.0, "density": 0.5, "majority_sign": "frequency"}, {}, "'frequency'"),
+        ({"name": "linear", "scale": 1.0}, {"exclude": ["layers\\.[01]\\."]}, "layers"),
+    ],
+)
+def test_mergekit_refuses_what_it_cannot_say(tmp_path, random_world, capsys, method, model, culprit):
+    names = list(random_world["experts"])
+    tree = recipe_tree(random_world, tmp_path / "run")
+    tree["model"].update(model)
+    run = write_run(tmp_path / "run", dict(zip(names, (0.2, 0.5, 0.3))), method=method, recipe=tree)
+    out = tmp_path / "mergekit.yaml"
+    assert run_cli(main, [str(run), "--to", "mergekit", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and culprit in err[0] and "mergekit" in err[0]
+    assert not out.exists()
+
+
+def test_mergekit_lora_expert_is_base_plus_adapter(tmp_path, random_world):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    world = {**random_world, "experts": {**random_world["experts"], "gamma": str(adapter)}}
+    tree = _mergekit_yaml(tmp_path, world, {"name": "linear", "scale": 1.0})
+    config = MergeConfiguration.model_validate(tree)
+    lora = config.models[2].model
+    assert str(lora.model.path) == random_world["base"] and str(lora.lora.path) == str(adapter)

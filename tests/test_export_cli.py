@@ -1,0 +1,151 @@
+"""export CLI: each bad input is one line on stderr naming the culprit, exit code 2, nothing written.
+
+Most cases run ``main`` in process through :func:`mergeopt.errors.run_cli` (what ``python -m``
+runs); two go through a real subprocess to show there is no traceback, and one that ``--debug``
+brings it back. A repeated-but-allowed budget exits 0 and warns with each dataset's factor.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mergeopt import toy
+from mergeopt.errors import run_cli
+from mergeopt.export.__main__ import main
+from tests.conftest import run_module
+
+WEIGHTS = {"a": 0.25, "b": 0.5, "c": 0.25}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("export_cli")
+    tokenizer = root / "tokenizer"
+    toy.build_tokenizer().save_pretrained(tokenizer)
+    paths = {}
+    for name in WEIGHTS:
+        paths[name] = root / f"{name}.jsonl"
+        records = [{"prompt": f"{name}{i}", "completion": "xy"} for i in range(10)]
+        paths[name].write_text("".join(json.dumps(r) + "\n" for r in records))
+    return {"root": root, "tokenizer": str(tokenizer), "paths": paths}
+
+
+def run(tmp_path: Path, weights=WEIGHTS, *args: str, status="complete") -> Path:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(exist_ok=True)
+    mixture = {"status": status, "weights": weights, "method": {"name": "linear", "scale": 1.0}, "seed": 0}
+    (run_dir / "mixture.json").write_text(json.dumps(mixture))
+    return run_dir / "mixture.json"
+
+
+def datasets_args(files: dict, **override: str) -> list[str]:
+    paths = {n: str(p) for n, p in files["paths"].items()} | override
+    return ["--datasets", *(f"{n}={p}" for n, p in paths.items() if p)]
+
+
+def fails(capsys, tmp_path: Path, argv: list[str], culprit: str, to_file: bool = True) -> str:
+    out = tmp_path / "out.txt"
+    code = run_cli(main, [*argv, "--out", str(out)] if to_file else argv)
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert code == 2, captured
+    assert len(lines) == 1 and lines[0].startswith("mergeopt: error: "), lines
+    assert culprit in lines[0], lines[0]
+    assert not out.exists() and captured.out == ""
+    return lines[0]
+
+
+def test_negative_weight(tmp_path, capsys):
+    mixture = run(tmp_path, {"a": -0.25, "b": 0.75, "c": 0.5})
+    fails(capsys, tmp_path, [str(mixture), "--to", "doremi"], "'a' is negative")
+
+
+def test_weights_not_summing_to_one(tmp_path, capsys):
+    mixture = run(tmp_path, {"a": 0.25, "b": 0.5, "c": 0.2})
+    fails(capsys, tmp_path, [str(mixture), "--to", "doremi"], "sum to 0.95, not 1")
+
+
+def test_unfinished_fit(tmp_path, capsys):
+    mixture = run(tmp_path, status="running")
+    fails(capsys, tmp_path, [str(mixture), "--to", "doremi"], "status 'running'")
+
+
+def test_missing_mixture(tmp_path, capsys):
+    fails(capsys, tmp_path, [str(tmp_path / "nope.json"), "--to", "doremi"], "nope.json does not exist")
+
+
+def test_unknown_format(tmp_path, capsys):
+    fails(capsys, tmp_path, [str(run(tmp_path)), "--to", "axolotl"], "unknown --to format 'axolotl'")
+
+
+def test_unknown_dataset_name(tmp_path, capsys, files):
+    argv = [str(run(tmp_path)), "--to", "megatron", *datasets_args(files, zeta=str(files["paths"]["a"]))]
+    fails(capsys, tmp_path, argv, "'zeta', which is not an expert")
+
+
+def test_format_with_paths_needs_every_dataset(tmp_path, capsys, files):
+    argv = [str(run(tmp_path)), "--to", "megatron", *datasets_args(files, c="")]
+    fails(capsys, tmp_path, argv, "none for expert 'c'")
+    fails(capsys, tmp_path, [str(run(tmp_path)), "--to", "hf-datasets"], "--to hf-datasets")
+
+
+def test_partial_datasets_are_refused(tmp_path, capsys, files):
+    argv = [str(run(tmp_path)), "--to", "llamafactory", *datasets_args(files, b="", c="")]
+    fails(capsys, tmp_path, argv, "no dataset for expert 'b'")
+
+
+def test_missing_dataset_file(tmp_path, capsys, files):
+    argv = [str(run(tmp_path)), "--to", "nemo", *datasets_args(files, b=str(tmp_path / "gone.jsonl"))]
+    fails(capsys, tmp_path, argv, "--datasets b: " + str(tmp_path / "gone.jsonl") + " does not exist")
+
+
+def test_unreadable_and_malformed_datasets(tmp_path, capsys, files):
+    text = tmp_path / "b.txt"
+    text.write_text("plain text\n")
+    argv = [str(run(tmp_path)), "--to", "hf-datasets", "--tokenizer", files["tokenizer"]]
+    fails(capsys, tmp_path, [*argv, *datasets_args(files, b=str(text))], "b.txt: cannot read .txt data")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n" + json.dumps({"prompt": "q"}) + "\n")
+    fails(capsys, tmp_path, [*argv, *datasets_args(files, b=str(bad))], "bad.jsonl: record 2")
+
+
+def test_budget_above_max_epochs(tmp_path, capsys, files):
+    argv = [str(run(tmp_path)), "--to", "trl", "--tokenizer", files["tokenizer"], *datasets_args(files)]
+    line = fails(capsys, tmp_path, [*argv, "--budget-samples", "100"], "repeats dataset 'b'")
+    assert "--max-epochs 4" in line and "5 times" in line  # b gets 50 of 100 samples: 5 epochs of 10
+    fails(capsys, tmp_path, [*argv, "--budget-samples", "40", "--max-epochs", "1.5"], "--max-epochs 1.5")
+
+
+def test_budget_within_max_epochs_warns_per_dataset(tmp_path, capsys, files):
+    out = tmp_path / "trl.yaml"
+    argv = [str(run(tmp_path)), "--to", "trl", "--tokenizer", files["tokenizer"], *datasets_args(files)]
+    assert run_cli(main, [*argv, "--budget-samples", "60", "--out", str(out)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["mergeopt: warning: the budget repeats datasets beyond one epoch: a 1.5x, b 3x, c 1.5x"]
+    assert out.is_file()
+
+
+def test_to_all_needs_an_output_directory(tmp_path, capsys, files):
+    argv = [str(run(tmp_path)), "--to", "all", *datasets_args(files)]
+    fails(capsys, tmp_path, argv, "--out DIR", to_file=False)
+
+
+def test_mergekit_needs_the_run_recipe(tmp_path, capsys):
+    fails(capsys, tmp_path, [str(run(tmp_path)), "--to", "mergekit"], "recipe.yaml")
+
+
+def test_stdout_by_default_and_no_traceback_in_a_real_process(tmp_path):
+    mixture = run(tmp_path)
+    done = run_module("export", str(mixture), "--to", "doremi")
+    assert done.returncode == 0 and json.loads(done.stdout)["train_domain_weights"] == WEIGHTS
+    bad = run_module("export", str(mixture), "--to", "nope")
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.strip().splitlines() == [
+        "mergeopt: error: unknown --to format 'nope'; known: llamafactory, hf-datasets, hf-datasets-yaml, "
+        "megatron, nemo, llm-foundry, open-instruct, olmo-core, trl, doremi, mergekit, all"
+    ]
+    debug = run_module("export", str(mixture), "--to", "nope", "--debug")
+    assert debug.returncode == 2 and "Traceback" in debug.stderr
