@@ -136,6 +136,11 @@ class OptimSection(_Strict):
     patience: int = Field(default=5, gt=0, description="Evaluations without improvement before stopping.")
     min_delta: float = Field(default=1e-4, ge=0.0, description="Smallest held-out gain that counts.")
     eval_batch_size: int = Field(default=32, gt=0)
+    checkpoint_every: int = Field(
+        default=10,
+        gt=0,
+        description="Steps between saves of the gradient state (RUN/checkpoint); resume continues.",
+    )
 
 
 class MergeSection(_Strict):
@@ -324,6 +329,11 @@ class TrainSection(_Strict):
     batch_tokens: int = Field(default=512, gt=0, description="Tokens per optimizer step (every run).")
     lr: float = Field(default=1e-3, gt=0.0)
     max_length: int = Field(default=256, gt=1)
+    checkpoint_every: int = Field(
+        default=50,
+        gt=0,
+        description="Steps between checkpoints of the run in progress; rerunning resumes it.",
+    )
     mixtures: MixtureSetSection = MixtureSetSection()
 
 

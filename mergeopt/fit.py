@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +28,7 @@ from mergeopt.lora import LoraAdapter
 from mergeopt.objectives import evaluate_sums, target_loss
 from mergeopt.placement import input_device
 from mergeopt.report import plot_loss_curve, plot_search_curve, summary
+from mergeopt.resume import CHECKPOINT_DIR, Interrupted, RunState, interruptible, recipe_tree
 from mergeopt.scoring import loss_set_weights, objective_terms
 from mergeopt.search import fit_gradient
 from mergeopt.stack import DTYPES, TaskVectorStack, build_expert_stack
@@ -245,9 +246,40 @@ def _losses(problem: Problem, weights: torch.Tensor, batch_size: int, buffers: d
     return out
 
 
-def fit(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = print) -> dict:
-    """Run the whole fit and write the run directory; returns the content of mixture.json."""
-    started = time.perf_counter()
+def _checkpoint(recipe: Recipe, resume: str) -> tuple[RunState, bool]:
+    """The run's checkpoint and whether this run resumes it (``resume``: auto, require or restart)."""
+    checkpoint = RunState(recipe.output_dir, recipe_tree(recipe))
+    if resume not in ("auto", "require", "restart"):
+        raise ValueError(f"resume must be auto, require or restart, not {resume!r}")
+    if resume == "restart" or not checkpoint.exists():
+        if resume == "require":
+            raise UserError(f"--resume: {checkpoint.dir} holds no checkpoint to resume")
+        return checkpoint, False
+    checkpoint.check_matches()
+    return checkpoint, True
+
+
+def _replace_previous_run(output_dir: Path, log: Callable[[str], None]) -> None:
+    """A new run: the previous run's finish marker goes first, so the directory never looks finished."""
+    if (output_dir / "mixture.json").is_file():
+        log(f"replacing the finished run in {output_dir}")
+        (output_dir / "mixture.json").unlink()
+
+
+def fit(
+    recipe: Recipe, progress: bool = True, log: Callable[[str], None] = print, resume: str = "auto"
+) -> dict:
+    """Run the whole fit and write the run directory; returns the content of mixture.json.
+
+    A checkpoint in ``recipe.output_dir`` from the same recipe is resumed (``resume``: ``auto``;
+    ``require`` insists on one, ``restart`` ignores it). SIGINT/SIGTERM save the state and raise
+    :class:`mergeopt.resume.Interrupted`.
+    """
+    with interruptible():
+        return _fit(recipe, progress, log, resume)
+
+
+def _fit(recipe: Recipe, progress: bool, log: Callable[[str], None], resume: str) -> dict:
     torch.manual_seed(recipe.seed)
     distributed.init_from_env(resolve_device(recipe.device))
     if not distributed.is_main():
@@ -258,7 +290,25 @@ def fit(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = prin
         from mergeopt.proxy import check_truth, read_grid
 
         check_truth(read_grid(resolved.rank.grid, resolved.expert_names), resolved, resolved.rank.grid)
+    checkpoint, resuming = _checkpoint(recipe, resume)  # a mismatched checkpoint is refused before loading
     problem = load_problem(resolved, progress)
+    if resuming:
+        log(f"resuming from {checkpoint.dir}")
+    else:  # the previous run's outputs are replaced when this run first saves its state
+        checkpoint.start_lazily(lambda: _replace_previous_run(Path(recipe.output_dir), log))
+    try:
+        return _search_and_write(recipe, resolved, problem, checkpoint, progress, log, world_roots)
+    except UserError:
+        if not resuming and distributed.is_main():  # a user error writes nothing: undo this run's state
+            checkpoint.clear()
+            out = Path(recipe.output_dir)
+            if out.is_dir() and not any(out.iterdir()):
+                out.rmdir()
+        raise
+
+
+def _search_and_write(recipe, resolved, problem, checkpoint, progress, log, world_roots) -> dict:
+    """The search, the closing evaluations and the run directory, once the problem is loaded."""
     names = problem.stack.expert_names
     stack = problem.stack
     log(
@@ -286,6 +336,7 @@ def fit(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = prin
             problem.pad_id,
             problem.device,
             progress=progress,
+            checkpoint=checkpoint,
         )
         chosen, trace = result.weights, result.trace
         search_info = {
@@ -296,7 +347,7 @@ def fit(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = prin
     else:
         from mergeopt.zero_order import report_scores, run_search, utility_of
 
-        found, evaluator, utility = run_search(problem, resolved, progress)
+        found, evaluator, utility = run_search(problem, resolved, progress, checkpoint)
         chosen, trace = torch.tensor(found.weights, dtype=torch.float64), found.log
         scores = report_scores(problem, resolved, evaluator, found.weights)
         search_info = {
@@ -305,7 +356,7 @@ def fit(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = prin
             "value": found.value,
             "heldout_value": utility_of(utility, scores["fitted"]["heldout"]),
             # under torchrun the ranks split the candidates: how many each one scored
-            "evaluations_per_process": distributed.all_gather_objects(evaluator.evaluated_here),
+            "evaluations_per_process": evaluator.per_process(distributed.process_rank_and_size()[1]),
             **{k: v for k, v in found.info.items() if k != "strategy"},
         }
 
@@ -352,8 +403,7 @@ def fit(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = prin
         },
         "worlds": {name: str(root) for name, root in world_roots.items()},
         "mergeopt_version": mergeopt.__version__,
-        "wall_seconds": round(time.perf_counter() - started, 2),
-    }
+    }  # no timings: the same recipe and seed give a byte-identical mixture.json
     if search.strategy == "gradient":
         mixture["temperature"] = resolved.weights.temperature
         mixture["logits"] = as_mapping(names, result.logits)
@@ -380,6 +430,7 @@ def fit(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = prin
             write_rank_outputs(report, pairs, recipe.output_dir, grid)
     if distributed.is_main():  # under torchrun every rank holds the same result; rank 0 writes it
         write_outputs(recipe, mixture, trace, names)
+        checkpoint.clear()  # finished: mixture.json is the record now
     return mixture
 
 
@@ -418,6 +469,14 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bars or progress messages")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the checkpoint in output_dir (an error if there is none)",
+    )
+    parser.add_argument(
+        "--restart", action="store_true", help="ignore a checkpoint in output_dir and start over"
+    )
+    parser.add_argument(
         "--dry-run",
         action="store_true",
         help="print the memory plan from config.json and safetensors headers (no weights read, nothing written)",
@@ -429,8 +488,20 @@ def main(argv: Sequence[str]) -> int:
 
         print(dry_run(recipe, args.recipe))
         return 0
+    if args.resume and args.restart:
+        raise UserError("--resume and --restart contradict each other")
     log = (lambda _msg: None) if args.quiet else print
-    mixture = fit(recipe, progress=not args.quiet, log=log)
+    mode = "require" if args.resume else "restart" if args.restart else "auto"
+    try:
+        mixture = fit(recipe, progress=not args.quiet, log=log, resume=mode)
+    except Interrupted as stop:
+        if distributed.is_main():
+            print(
+                f"mergeopt: interrupted ({stop}); the state is saved in {Path(recipe.output_dir) / CHECKPOINT_DIR}. "
+                f"Rerun the same command to continue (or add --resume).",
+                file=sys.stderr,
+            )
+        return stop.exit_code
     if distributed.is_main():
         print(summary(mixture, recipe.output_dir, output_files(recipe)))
     return 0

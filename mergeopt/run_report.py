@@ -41,7 +41,7 @@ def _mixture_section(run: Run) -> list[str]:
         "## Recommended mixture",
         "",
         f"Strategy **{m['strategy']}**, merge **{m['method']['name']}**, target **{m['target']}**, "
-        f"seed {m['seed']}, {m['processes']} process(es) on {m['device']}, {m['wall_seconds']} s.",
+        f"seed {m['seed']}, {m['processes']} process(es) on {m['device']}.",
         "",
         _markdown(table),
         "",

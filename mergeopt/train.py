@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import shutil
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from mergeopt.files import write_csv_atomic, write_json_atomic
 from mergeopt.fit import resolve_device
 from mergeopt.mixtures import mixture_set
 from mergeopt.objectives import per_set_loss_sums
+from mergeopt.resume import Interrupted, check_interrupt, interruptible, pending_interrupt
 from mergeopt.term_scores import load_custom, load_dev_sets, metric_terms, score_column, score_terms
 from mergeopt.worlds import resolve_recipe
 
@@ -79,6 +81,7 @@ def _fingerprint(recipe: Recipe) -> str:
     train = recipe.train.model_dump(mode="json")
     train.pop("mixtures")
     train.pop("output_dir")
+    train.pop("checkpoint_every")  # how often progress is saved does not change the run
     payload = {"base": recipe.model.base, "seed": recipe.seed, "train": train}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -136,8 +139,14 @@ def train_one(
     batches = token_batches(stream, cfg.batch_tokens, tokenizer.pad_token_id or 0)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    tokens, losses = 0, []
-    bar = tqdm(range(cfg.steps), desc=out.name, unit="step", leave=False, disable=not progress)
+    tokens, losses, start = 0, [], 0
+    identity = {"fingerprint": _fingerprint(recipe), "weights": weights}
+    saved = _load_step_checkpoint(_checkpoint_dir(out), identity, model, optimizer)
+    if saved is not None:  # resume: the exact state after step saved["step"] - 1
+        start, tokens, losses = saved["step"], saved["tokens"], saved["losses"]
+        for _ in range(start):  # the example stream is seeded: skip what was used
+            next(batches)
+    bar = tqdm(range(start, cfg.steps), desc=out.name, unit="step", leave=False, disable=not progress)
     for step in bar:
         batch = next(batches).to(device)
         sums, counts = per_set_loss_sums(model, {}, batch, 1)
@@ -152,6 +161,11 @@ def train_one(
         if not math.isfinite(losses[-1]):
             raise UserError(f"training {out.name} diverged (loss {losses[-1]}); lower train.lr")
         bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+        done = step + 1
+        if done < cfg.steps and (done % cfg.checkpoint_every == 0 or pending_interrupt()):
+            state = {**identity, "step": done, "tokens": tokens, "losses": losses}
+            _save_step_checkpoint(_checkpoint_dir(out), state, model, optimizer)
+        check_interrupt(f"{out.name} step {done}")
     model.eval()
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -172,7 +186,58 @@ def train_one(
     if out.exists():
         shutil.rmtree(out)
     staging.rename(out)
+    shutil.rmtree(_checkpoint_dir(out), ignore_errors=True)  # finished: run.json is the record
     return info
+
+
+def _checkpoint_dir(out: Path) -> Path:
+    return out.with_name(f".{out.name}.checkpoint")
+
+
+def _save_step_checkpoint(path: Path, state: dict, model: torch.nn.Module, optimizer) -> None:
+    """The trainable weights (safetensors), AdamW's state, the RNG and the counters, swapped in whole.
+
+    Written into a fresh directory and renamed over the previous checkpoint, so a kill leaves one
+    complete checkpoint or the other.
+    """
+    from safetensors.torch import save_file
+
+    staging = path.with_name(path.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(trainable, str(staging / "trainable.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, staging / "optimizer.pt")
+    write_json_atomic(staging / "state.json", state)
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        path.rename(old)
+    staging.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_step_checkpoint(path: Path, identity: dict, model: torch.nn.Module, optimizer) -> dict | None:
+    """Restore a step checkpoint of this very run (recipe fingerprint and mixture); None if there is none."""
+    if not path.is_dir() and path.with_name(path.name + ".old").is_dir():
+        path.with_name(path.name + ".old").rename(path)  # killed between the two renames
+    if not (path / "state.json").is_file():
+        return None
+    from safetensors.torch import load_file
+
+    state = json.loads((path / "state.json").read_text())
+    if state.get("fingerprint") != identity["fingerprint"] or state.get("weights") != identity["weights"]:
+        shutil.rmtree(path)  # another recipe's or mixture's partial run: worthless here
+        return None
+    trainable = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in trainable.items():
+            params[name].copy_(value.to(params[name].device))
+    extra = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(extra["optimizer"])
+    torch.set_rng_state(extra["rng"])
+    return state
 
 
 def load_run(path: Path, device: torch.device) -> torch.nn.Module:
@@ -274,7 +339,16 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     args = parser.parse_intermixed_args(argv)  # options may come after the overrides
     recipe = load_recipe(args.recipe, args.overrides)
-    train(recipe, progress=not args.quiet, log=(lambda _m: None) if args.quiet else print)
+    try:
+        with interruptible():
+            train(recipe, progress=not args.quiet, log=(lambda _m: None) if args.quiet else print)
+    except Interrupted as stop:
+        print(
+            f"mergeopt: interrupted ({stop}); finished runs are kept and the run in progress is "
+            "checkpointed. Rerun the same command to continue.",
+            file=sys.stderr,
+        )
+        return stop.exit_code
     return 0
 
 

@@ -21,8 +21,14 @@ from mergeopt.scoring import make_scorer, objective_terms
 from mergeopt.search import STRATEGIES, Evaluator, SearchResult
 
 
-def make_evaluator(problem, recipe: Recipe, progress: bool) -> tuple[Evaluator, Utility]:
-    """The evaluator of the recipe's utility on the fit part, experts scored first when normalising."""
+def make_evaluator(problem, recipe: Recipe, progress: bool, checkpoint=None) -> tuple[Evaluator, Utility]:
+    """The evaluator of the recipe's utility on the fit part, experts scored first when normalising.
+
+    With a :class:`mergeopt.resume.RunState` every real evaluation is journaled (by rank 0) and a
+    resumed run's journal answers the strategy's first requests.
+    """
+    from mergeopt.distributed import is_main
+
     terms = objective_terms(recipe)
     utility = Utility(terms, recipe.objective.normalize)
     names = problem.stack.expert_names
@@ -33,6 +39,8 @@ def make_evaluator(problem, recipe: Recipe, progress: bool) -> tuple[Evaluator, 
         budget=recipe.search.budget,
         key=json.dumps(problem.stack.method, sort_keys=True),
         progress=progress,
+        journal=checkpoint.append_evaluation if checkpoint is not None and is_main() else None,
+        replay=checkpoint.read_evaluations() if checkpoint is not None else (),
     )
     if utility.needs_reference:
         if recipe.search.budget is not None and recipe.search.budget < len(names):
@@ -45,8 +53,10 @@ def make_evaluator(problem, recipe: Recipe, progress: bool) -> tuple[Evaluator, 
     return evaluator, utility
 
 
-def run_search(problem, recipe: Recipe, progress: bool = True) -> tuple[SearchResult, Evaluator, Utility]:
-    evaluator, utility = make_evaluator(problem, recipe, progress)
+def run_search(
+    problem, recipe: Recipe, progress: bool = True, checkpoint=None
+) -> tuple[SearchResult, Evaluator, Utility]:
+    evaluator, utility = make_evaluator(problem, recipe, progress, checkpoint)
     strategy = STRATEGIES[recipe.search.strategy]
     return strategy(evaluator, recipe.search, recipe.seed, progress), evaluator, utility
 

@@ -162,3 +162,31 @@ def test_notebook_runs_on_a_run_directory(which, ranked_run, search_run):
     tables = sum("text/html" in o.get("data", {}) for o in outputs)
     assert tables >= (3 if which == "ranked" else 2)  # weights, mixture table (+ rank table)
     assert math.isfinite(json.loads((run_dir / "mixture.json").read_text())["dev_loss"])
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_simplex_plot_draws_any_number_of_experts(k, tmp_path):
+    """Ternary for 3 experts, a segment for 2, a polygon for more; gradient and zero-order runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [f"e{i}" for i in range(k)]
+    path = np.random.default_rng(0).dirichlet(np.ones(k), size=12)
+    trace = pd.DataFrame({"step": range(12), "loss": 1.0, "heldout_loss": 1.0})
+    trace[[f"w_{n}" for n in names]] = path
+    mixture = {"weights": dict(zip(names, path[-1])), "status": "complete"}
+    evaluations = trace.rename(columns={"step": "index", "loss": "value"})
+    for run in (
+        analysis.Run(tmp_path, mixture, None, trace, None, None, None),
+        analysis.Run(tmp_path, mixture, None, None, evaluations, None, None),
+    ):
+        fig, ax = plt.subplots()
+        analysis.plot_simplex(run, ax)
+        analysis.plot_losses(run, ax=plt.subplots()[1])
+        labels = [t.get_text() for t in ax.texts]
+        assert labels == names
+        star = ax.collections[-1].get_offsets()[0]
+        np.testing.assert_allclose(star, analysis.simplex_coordinates(path[-1])[0])
+        plt.close("all")

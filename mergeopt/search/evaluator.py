@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from mergeopt import distributed
 from mergeopt.errors import UserError
+from mergeopt.resume import check_interrupt
 
 ScoreFn = Callable[[np.ndarray], Mapping[str, float]]
 ValueFn = Callable[[Mapping[str, float]], float]
@@ -30,6 +31,7 @@ ValueFn = Callable[[Mapping[str, float]], float]
 ROUND_DECIMALS = 12  # two mixtures equal to 12 decimals are one mixture for the cache
 SIMPLEX_TOLERANCE = 1e-9
 RESERVED_COLUMNS = ("index", "phase", "value", "seconds")
+ALL_PROCESSES = -1  # an evaluation whose data every rank shared
 
 
 class BudgetExhausted(Exception):
@@ -70,6 +72,8 @@ class Evaluator:
         key: str = "",
         progress: bool = False,
         cache: dict | None = None,
+        journal: Callable[[dict], None] | None = None,
+        replay: Sequence[dict] = (),
     ):
         self.names = tuple(names)
         self.score_fn = score
@@ -82,7 +86,9 @@ class Evaluator:
         self._seen: dict = {}  # every mixture this evaluator answered, in order: cache key -> (w, scores)
         self._bar = None
         self._strategy_cap: int | None = None
-        self.evaluated_here = 0  # real evaluations this process ran (under torchrun: its share)
+        self.journal = journal  # called with each real evaluation as it happens (the checkpoint)
+        self._replay = list(replay)  # a resumed run's logged evaluations, answered in order
+        self.replayed = 0
 
     # -- budget -------------------------------------------------------------------------------
     @property
@@ -117,12 +123,17 @@ class Evaluator:
         else:
             if self.remaining == 0:
                 raise BudgetExhausted(f"budget of {self.cap} evaluations used up")
-            start = time.perf_counter()
-            scores = self._checked(self.score_fn(w.copy()), w)
-            seconds = time.perf_counter() - start
-            self.evaluated_here += 1
-            self.cache[key] = scores
-            self._log.append({"phase": phase, "w": w, "scores": scores, "seconds": seconds})
+            replayed = self._from_replay(w, phase)
+            if replayed is not None:
+                scores, seconds, process = replayed
+            else:
+                check_interrupt(f"evaluation {self.evaluations + 1}")
+                start = time.perf_counter()
+                scores = self._checked(self.score_fn(w.copy()), w)
+                seconds = time.perf_counter() - start
+                # one evaluation outside a batch: under torchrun every rank scores a share of its data
+                process = ALL_PROCESSES if distributed.rank_and_size()[1] > 1 else 0
+            self._record(key, w, phase, scores, seconds, process, fresh=replayed is None)
         if key not in self._seen:
             self._seen[key] = (w, scores)
         if real:
@@ -151,13 +162,56 @@ class Evaluator:
                 labels.append(label)
         if self.remaining is not None:
             todo = todo[: self.remaining]
-        for (w, scores, seconds), phase in zip(self._score_batch(todo), labels):
+        replayed = []
+        while todo and (answer := self._from_replay(todo[0], labels[0])) is not None:
+            replayed.append((todo.pop(0), labels.pop(0), *answer))
+        for w, phase, scores, seconds, process in replayed:
+            self._record(self.cache_key(w), w, phase, scores, seconds, process, fresh=False)
+            self._seen.setdefault(self.cache_key(w), (w, scores))
+            self._advance_bar()
+        if todo:
+            check_interrupt(f"evaluation {self.evaluations + 1}")
+        for (w, scores, seconds, process), phase in zip(self._score_batch(todo), labels):
             key = self.cache_key(w)
-            self.cache[key] = scores
-            self._log.append({"phase": phase, "w": w, "scores": scores, "seconds": seconds})
+            self._record(key, w, phase, scores, seconds, process, fresh=True)
             self._seen.setdefault(key, (w, scores))
             self._advance_bar()
-        return len(todo)
+        return len(replayed) + len(todo)
+
+    def _from_replay(self, w: np.ndarray, phase: str) -> tuple[dict[str, float], float, int] | None:
+        """The logged answer to the next request of a resumed run (None when the log is used up)."""
+        if not self._replay:
+            return None
+        entry = self._replay[0]
+        if (
+            self.cache_key(np.asarray(entry["w"], dtype=np.float64)) != self.cache_key(w)
+            or entry["phase"] != phase
+        ):
+            raise UserError(
+                f"the checkpoint's evaluation {self.evaluations + 1} ({entry['phase']} at {entry['w']}) is not what "
+                f"this run asks for ({phase} at {w.tolist()}): the run is not the one checkpointed; pass --restart"
+            )
+        self._replay.pop(0)
+        self.replayed += 1
+        scores = {str(k): float(v) for k, v in entry["scores"].items()}
+        return scores, float(entry["seconds"]), int(entry.get("process", 0))
+
+    def _record(
+        self, key, w: np.ndarray, phase: str, scores: dict, seconds: float, process: int, fresh: bool
+    ) -> None:
+        self.cache[key] = scores
+        entry = {"phase": phase, "w": w, "scores": scores, "seconds": seconds, "process": process}
+        self._log.append(entry)
+        if fresh and self.journal is not None:
+            self.journal({**entry, "w": w.tolist()})
+
+    def per_process(self, processes: int) -> list[int]:
+        """Real evaluations each process scored (an evaluation split over every rank counts for each)."""
+        counts = [0] * processes
+        for entry in self._log:
+            for rank in range(processes) if entry["process"] == ALL_PROCESSES else [entry["process"]]:
+                counts[rank] += 1
+        return counts
 
     def _score_batch(self, todo: list[np.ndarray]) -> list[tuple[np.ndarray, dict[str, float], float]]:
         """Scores of each mixture, the candidates split over the ranks (one rank: in order)."""
@@ -174,14 +228,13 @@ class Evaluator:
                     results[i] = ("error", err if isinstance(err, UserError) else RuntimeError(repr(err)))
                     break
                 results[i] = ("ok", scores, time.perf_counter() - start)
-                self.evaluated_here += 1
         merged: dict[int, tuple] = {}
         for part in distributed.all_gather_objects(results):
             merged.update(part)
         errors = sorted(i for i, r in merged.items() if r[0] == "error")
         if errors:
             raise merged[errors[0]][1]
-        return [(w, self._checked(merged[i][1], w), merged[i][2]) for i, w in enumerate(todo)]
+        return [(w, self._checked(merged[i][1], w), merged[i][2], i % size) for i, w in enumerate(todo)]
 
     def __call__(self, w: np.ndarray, phase: str = "") -> float:
         """The value (lower is better) at w under the current value function."""

@@ -19,6 +19,7 @@ from mergeopt.data import DevSet, training_batches
 from mergeopt.distributed import all_reduce_sum, is_main
 from mergeopt.methods import MergeFn, merge_linear
 from mergeopt.objectives import dev_loss, evaluate, target_loss
+from mergeopt.resume import RunState, check_interrupt, pending_interrupt
 from mergeopt.stack import TaskVectorStack
 from mergeopt.weights import weights_from_logits
 
@@ -47,7 +48,10 @@ def fit_gradient(
     device: torch.device,
     method: MergeFn = merge_linear,
     progress: bool = True,
+    checkpoint: RunState | None = None,
 ) -> GradientResult:
+    """Adam on z from ``init_logits``; with ``checkpoint`` the state is saved every
+    ``optim.checkpoint_every`` steps and on SIGINT/SIGTERM, and a saved state is resumed from."""
     names = stack.expert_names
     targeted = [i for i, a in enumerate(set_weights.tolist()) if a > 0]
     has_heldout = all(len(sets[i].heldout) > 0 for i in targeted)
@@ -57,9 +61,36 @@ def fit_gradient(
     buffers = stack.allocate_buffers()  # one merged copy of the model, rewritten every step
 
     best_loss, best_z, best_step = math.inf, z.detach().clone(), 0
-    stale_evals, stopped_early, trace = 0, False, []
-    bar = tqdm(total=optim.steps, desc="fitting mixture", unit="step", disable=not (progress and is_main()))
-    for t in range(optim.steps + 1):
+    stale_evals, stopped_early, trace, start = 0, False, [], 0
+    saved = checkpoint.load_gradient() if checkpoint is not None else None
+    if saved is not None:  # resume: the exact state after step saved["next_step"] - 1
+        with torch.no_grad():
+            z.copy_(saved["z"].to(device))
+        optimizer.load_state_dict(saved["optimizer"])
+        best_loss, best_z = saved["best_loss"], saved["best_z"].to(device)
+        best_step, stale_evals, trace, start = (
+            saved["best_step"],
+            saved["stale_evals"],
+            saved["trace"],
+            saved["next_step"],
+        )
+        for _ in range(start * optim.grad_accum):  # the batch stream is seeded: skip what was used
+            next(batches)
+
+    def save(next_step: int) -> None:
+        if checkpoint is not None and is_main():
+            state = {"z": z.detach().cpu(), "optimizer": optimizer.state_dict(), "best_loss": best_loss}
+            state.update(best_z=best_z.cpu(), best_step=best_step, stale_evals=stale_evals)
+            checkpoint.save_gradient({**state, "trace": trace, "next_step": next_step})
+
+    bar = tqdm(
+        total=optim.steps,
+        initial=start,
+        desc="fitting mixture",
+        unit="step",
+        disable=not (progress and is_main()),
+    )
+    for t in range(start, optim.steps + 1):
         w = weights_from_logits(z.detach(), temperature)
         row: dict = {"step": t, "loss": math.nan, "heldout_loss": math.nan}
         row.update({f"w_{n}": v for n, v in zip(names, w.tolist())})
@@ -90,6 +121,9 @@ def fit_gradient(
         optimizer.step()
         row["loss"] = step_loss
         trace.append(row)
+        if (t + 1) % optim.checkpoint_every == 0 or pending_interrupt():
+            save(t + 1)
+        check_interrupt(f"step {t + 1}")
         bar.update(1)
         postfix = {"loss": f"{step_loss:.4f}"}
         if has_heldout and best_loss < math.inf:
