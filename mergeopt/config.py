@@ -23,6 +23,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
+def check_name(name: str, what: str) -> str:
+    """Names become CSV columns, config keys and file names: no separators, no '..' (nothing can
+    escape the output directory through a name)."""
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*", name) or ".." in name:
+        raise ValueError(
+            f"{what} {name!r} may only use letters, digits, '_', '.', '-' (not starting with '.', no '..')"
+        )
+    return name
+
+
 class ModelSection(_Strict):
     """The base checkpoint and one expert per domain, all fine-tuned from that base."""
 
@@ -66,8 +76,7 @@ class ModelSection(_Strict):
         if len(experts) < 2:
             raise ValueError(f"needs at least 2 experts, got {len(experts)}")
         for name in experts:
-            if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
-                raise ValueError(f"expert name {name!r} may only use letters, digits, '_', '.', '-'")
+            check_name(name, "expert name")
         return experts
 
     @field_validator("exclude")
@@ -87,6 +96,11 @@ class DevSet(_Strict):
     name: str
     path: str
     weight: float = Field(default=1.0, ge=0.0)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        return check_name(name, "dev set name")
 
 
 class DataSection(_Strict):
@@ -479,7 +493,8 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
         try:
             parsed[key] = yaml.load(raw, Loader=_UniqueKeyLoader) if raw != "" else ""
         except yaml.YAMLError as err:
-            raise UserError(f"override {item!r}: value is not valid YAML ({err.problem})") from None
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise UserError(f"override {item!r}: value is not valid YAML ({problem})") from None
     return parsed
 
 
@@ -530,6 +545,8 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
         raise UserError(f"recipe {path} does not exist")
     try:
         tree = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text (is this a YAML recipe?)") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)

@@ -42,14 +42,18 @@ class DevSet:
         return self.fit + self.heldout
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Parse and validate a JSONL dev set; errors name the file and the line."""
+def read_jsonl(path: str | Path, what: str = "dev set") -> list[dict[str, Any]]:
+    """Parse and validate a JSONL dev set (or training set: ``what``); errors name the file and the line."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"dev set {path} does not exist")
+        raise UserError(f"{what} {path} does not exist")
     records = []
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{path}:{lineno}: not UTF-8 text (is this a JSONL file?)") from None
             if not line.strip():
                 continue
             try:
@@ -60,7 +64,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
                 raise UserError(f"{path}:{lineno}: a record must be a JSON object")
             records.append(_validated(record, f"{path}:{lineno}"))
     if not records:
-        raise UserError(f"dev set {path} is empty")
+        raise UserError(f"{what} {path} is empty")
     return records
 
 

@@ -26,6 +26,13 @@ LOSS_PREFIX = "loss_"
 SIMPLEX_TOLERANCE = 1e-3
 
 
+def _first_bad_row(values: pd.Series) -> int | None:
+    """The 1-based data row of the first missing, non-numeric or infinite value (None if all are fine)."""
+    numbers = pd.to_numeric(values, errors="coerce")
+    bad = numbers.isna() | ~numbers.abs().lt(float("inf"))
+    return int(bad.to_numpy().nonzero()[0][0]) + 1 if bad.any() else None
+
+
 def read_grid(path: str | Path, expert_names: Sequence[str]) -> pd.DataFrame:
     """Read and check a grid table: one weight column per expert, rows on the simplex."""
     path = Path(path)
@@ -43,8 +50,10 @@ def read_grid(path: str | Path, expert_names: Sequence[str]) -> pd.DataFrame:
     if missing:
         raise UserError(f"{path}: no weight column w_{missing[0]} for expert {missing[0]!r}")
     weights = table[[f"{WEIGHT_PREFIX}{n}" for n in expert_names]]
-    if not all(pd.api.types.is_numeric_dtype(t) for t in weights.dtypes) or weights.isna().any().any():
-        raise UserError(f"{path}: weight columns must be numbers in every row")
+    for column in weights.columns:
+        bad = _first_bad_row(weights[column])
+        if bad is not None:
+            raise UserError(f"{path}: column {column} must be a number in every row, row {bad} is not")
     sums = weights.sum(axis=1)
     bad = ((sums - 1).abs() > SIMPLEX_TOLERANCE) | (weights < 0).any(axis=1)
     if bad.any():
@@ -87,10 +96,12 @@ def check_truth(table: pd.DataFrame, recipe: Recipe, path: str | Path) -> None:
                 f"{path}: no column {column} with the true score of objective term {name!r}; rerun "
                 "python -m mergeopt.train with this recipe, which scores the finished runs without retraining"
             )
-        values = table[column]
-        if values.isna().any() or not pd.api.types.is_numeric_dtype(values):
-            what = "true losses" if is_loss else f"true scores of {name!r} ({column})"
-            raise UserError(f"{path}: {what} must be numbers in every row")
+        bad = _first_bad_row(table[column])
+        if bad is not None:
+            what = f"the true loss of dev set {name!r}" if is_loss else f"the true score of {name!r}"
+            raise UserError(
+                f"{path}: column {column} ({what}) must be a number in every row, row {bad} is not"
+            )
 
 
 def proxy_grid(

@@ -43,7 +43,11 @@ RUN_MARKER = "run.json"
 
 
 def load_examples(path: str, tokenizer, max_length: int) -> list[Example]:
-    examples = [ex for ex in (tokenize(r, tokenizer, max_length) for r in read_jsonl(path)) if ex is not None]
+    examples = [
+        ex
+        for ex in (tokenize(r, tokenizer, max_length) for r in read_jsonl(path, "training set"))
+        if ex is not None
+    ]
     if not examples:
         raise UserError(f"training set {path}: every example was truncated away at max_length={max_length}")
     return examples

@@ -42,7 +42,7 @@ def grid_table(**changes) -> pd.DataFrame:
         ({"w_gamma": None}, "no weight column w_gamma"),
         ({"w_gamma": [0.0, 0.1, 0.5]}, "row 3 weights sum to 1.100000"),
         ({"loss_markov": None}, "no column loss_markov with the true loss of dev set 'markov'"),
-        ({"loss_arith": [1.0, None, 2.0]}, "true losses must be numbers"),
+        ({"loss_arith": [1.0, None, 2.0]}, "must be a number in every row, row 2 is not"),
     ],
 )
 def rank_cli(tmp_path, tree: dict, table: pd.DataFrame) -> subprocess.CompletedProcess:
@@ -74,7 +74,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> 
         ({"w_gamma": None}, "no weight column w_gamma"),
         ({"w_gamma": [0.0, 0.1, 0.5]}, "row 3 weights sum to 1.100000"),
         ({"loss_markov": None}, "no column loss_markov with the true loss of dev set 'markov'"),
-        ({"loss_arith": [1.0, None, 2.0]}, "true losses must be numbers"),
+        ({"loss_arith": [1.0, None, 2.0]}, "must be a number in every row, row 2 is not"),
     ],
 )
 def test_bad_grid_tables(random_world, tmp_path, changes, message):
@@ -93,7 +93,7 @@ def test_bad_grid_tables(random_world, tmp_path, changes, message):
         ),
         (
             {"score_exact_match:arith": [0.5, None, 0.25]},
-            "true scores of 'exact_match:arith' (score_exact_match:arith) must be numbers",
+            "column score_exact_match:arith (the true score of 'exact_match:arith') must be a number in every row",
         ),
     ],
 )

@@ -1,0 +1,503 @@
+"""The bad-input matrix: every row of docs/bad_input.md is one test here.
+
+Each row is a user's mistake fed to a real command (fit, merge, rank, transfer, export, train). The
+command must exit with code 2, print exactly one line on stderr that names the culprit, write
+nothing (the output path does not appear), and show a traceback only under ``--debug``. The
+matrix and the documented table are checked to list the same rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from mergeopt import fit, merge, rank, train, transfer
+from mergeopt.errors import run_cli
+from mergeopt.export.__main__ import main as export_main
+from tests.conftest import REPO, recipe_tree, run_module, write_jsonl
+
+DOC = REPO / "docs" / "bad_input.md"
+MAINS = {
+    "fit": fit.main,
+    "merge": merge.main,
+    "rank": rank.main,
+    "transfer": transfer.main,
+    "export": export_main,
+    "train": train.main,
+}
+
+
+# ----------------------------------------------------------------------------- building bad inputs
+
+
+def _recipe(world, tmp: Path, edit: Callable[[dict], None] | None = None, text: str | None = None) -> str:
+    tree = recipe_tree(world, tmp / "out")
+    if edit:
+        edit(tree)
+    path = tmp / "recipe.yaml"
+    path.write_text(text if text is not None else yaml.safe_dump(tree))
+    return str(path)
+
+
+def _expert_copy(world, tmp: Path, change: Callable[[dict], None], name: str = "bad") -> str:
+    """A copy of expert alpha whose tensors ``change`` edits in place."""
+    src = Path(world["experts"]["alpha"])
+    dst = tmp / name
+    shutil.copytree(src, dst)
+    tensors = load_file(str(dst / "model.safetensors"))
+    change(tensors)
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return str(dst)
+
+
+def _with_expert(world, tmp, path: str, extra: str = "") -> list[str]:
+    return [_recipe(world, tmp), f"model.experts.alpha={path}", *([extra] if extra else [])]
+
+
+def _nan(tensors):
+    tensors["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
+
+
+def _reshape(tensors):
+    tensors["model.layers.0.mlp.up_proj.weight"] = torch.zeros(65, 32)
+
+
+def _missing_shard(world, tmp):
+    src = Path(world["experts"]["alpha"])
+    dst = tmp / "sharded"
+    shutil.copytree(src, dst)
+    tensors = load_file(str(dst / "model.safetensors"))
+    (dst / "model.safetensors").unlink()
+    names = sorted(tensors)
+    half = len(names) // 2
+    save_file({n: tensors[n] for n in names[:half]}, str(dst / "model-00001-of-00002.safetensors"))
+    weight_map = {
+        n: ("model-00001-of-00002.safetensors" if i < half else "model-00002-of-00002.safetensors")
+        for i, n in enumerate(names)
+    }
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return _with_expert(world, tmp, str(dst))
+
+
+def _pickled(world, tmp):
+    dst = tmp / "pickled"
+    shutil.copytree(world["experts"]["alpha"], dst)
+    tensors = load_file(str(dst / "model.safetensors"))
+    (dst / "model.safetensors").unlink()
+    torch.save(tensors, dst / "pytorch_model.bin")
+    return _with_expert(world, tmp, str(dst))
+
+
+def _other_vocab(world, tmp):
+    dst = tmp / "vocab"
+    shutil.copytree(world["experts"]["alpha"], dst)
+    config = json.loads((dst / "config.json").read_text())
+    config["vocab_size"] += 1
+    (dst / "config.json").write_text(json.dumps(config))
+    return _with_expert(world, tmp, str(dst))
+
+
+def _adapter(world, tmp, rename: tuple[str, str] | None = None, **config_changes) -> str:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(world["base"])
+    peft_model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    dst = tmp / "adapter"
+    peft_model.save_pretrained(dst)
+    cfg = json.loads((dst / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = world["base"]
+    cfg.update(config_changes)
+    (dst / "adapter_config.json").write_text(json.dumps(cfg))
+    if rename:  # factors for a module the base does not have
+        tensors = load_file(str(dst / "adapter_model.safetensors"))
+        tensors = {k.replace(*rename): v for k, v in tensors.items()}
+        save_file(tensors, str(dst / "adapter_model.safetensors"))
+    return str(dst)
+
+
+def _adapter_other_base(world, tmp):
+    other = tmp / "other-base"
+    shutil.copytree(world["base"], other)
+    return _with_expert(world, tmp, _adapter(world, tmp, base_model_name_or_path=str(other)))
+
+
+def _dev(world, tmp, lines: str | None, records=None) -> list[str]:
+    path = tmp / "dev.jsonl"
+    if records is not None:
+        write_jsonl(path, records)
+    elif lines is not None:
+        path.write_text(lines)
+
+    def edit(tree):
+        tree["data"]["dev"][0]["path"] = str(path)
+
+    return [_recipe(world, tmp, edit)]
+
+
+def _finished_run(world, tmp, change: Callable[[dict], None] | None = None) -> Path:
+    """A mixture.json as fit writes it (weights over the world's experts), edited by ``change``."""
+    run = tmp / "run"
+    run.mkdir()
+    mixture = {
+        "status": "complete",
+        "weights": {"alpha": 0.5, "beta": 0.3, "gamma": 0.2},
+        "method": {"name": "linear", "scale": 1.0},
+        "seed": 0,
+        "strategy": "gradient",
+    }
+    if change:
+        change(mixture)
+    (run / "mixture.json").write_text(json.dumps(mixture))
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe_tree(world, run)))
+    return run
+
+
+def _grid(world, tmp, change: Callable[[list[dict]], None]) -> list[str]:
+    rows = [
+        {"w_alpha": 1.0, "w_beta": 0.0, "w_gamma": 0.0, "loss_arith": 3.0, "loss_markov": 3.1},
+        {"w_alpha": 0.0, "w_beta": 1.0, "w_gamma": 0.0, "loss_arith": 3.2, "loss_markov": 3.0},
+        {"w_alpha": 0.0, "w_beta": 0.0, "w_gamma": 1.0, "loss_arith": 3.1, "loss_markov": 3.3},
+    ]
+    change(rows)
+    import pandas as pd
+
+    pd.DataFrame(rows).to_csv(tmp / "grid.csv", index=False)
+    return [_recipe(world, tmp), "--grid", str(tmp / "grid.csv")]
+
+
+def _two_tables(tmp, small: dict, large: dict) -> list[str]:
+    import pandas as pd
+
+    pd.DataFrame(small).to_csv(tmp / "small.csv", index=False)
+    pd.DataFrame(large).to_csv(tmp / "large.csv", index=False)
+    return [str(tmp / "small.csv"), str(tmp / "large.csv"), "--out", str(tmp / "out")]
+
+
+def _train_recipe(world, tmp, edit) -> list[str]:
+    def change(tree):
+        data = {n: world["dev"]["arith"] for n in ("alpha", "beta", "gamma")}
+        tree["train"] = {"data": data, "output_dir": str(tmp / "out"), "steps": 2, "batch_tokens": 64}
+        tree["model"]["experts"] = {n: str(tmp / "out" / n) for n in ("alpha", "beta", "gamma")}
+        edit(tree)
+
+    return [_recipe(world, tmp, change)]
+
+
+def _del(tree, *keys):
+    for k in keys[:-1]:
+        tree = tree[k]
+    del tree[keys[-1]]
+
+
+# id -> (input kind, command, argv builder (world, tmp) -> argv, culprit in the message)
+MATRIX: dict[str, tuple[str, str, Callable, str]] = {
+    # recipes
+    "recipe file missing": ("recipe", "fit", lambda w, t: [str(t / "nope.yaml")], "nope.yaml does not exist"),
+    "recipe not valid YAML": (
+        "recipe",
+        "fit",
+        lambda w, t: [_recipe(w, t, text="model: [base\n")],
+        "recipe.yaml:2",
+    ),
+    "unknown recipe key": (
+        "recipe",
+        "fit",
+        lambda w, t: [_recipe(w, t), "optim.lrr=0.1"],
+        "optim.lrr: unknown key",
+    ),
+    "wrong type": ("recipe", "fit", lambda w, t: [_recipe(w, t), "optim.steps=many"], "optim.steps"),
+    "duplicate key": (
+        "recipe",
+        "fit",
+        lambda w, t: [_recipe(w, t, text="seed: 0\nseed: 1\n")],
+        "duplicate key 'seed'",
+    ),
+    "missing required key": (
+        "recipe",
+        "fit",
+        lambda w, t: [_recipe(w, t, lambda tr: _del(tr, "model", "base"))],
+        "model.base",
+    ),
+    "override without =": ("recipe", "fit", lambda w, t: [_recipe(w, t), "optim.steps"], "optim.steps"),
+    "K = 1 expert": (
+        "recipe",
+        "fit",
+        lambda w, t: [_recipe(w, t, lambda tr: tr["model"].update(experts={"alpha": w["experts"]["alpha"]}))],
+        "at least 2 experts",
+    ),
+    "duplicate dev set names": (
+        "recipe",
+        "fit",
+        lambda w, t: [
+            _recipe(w, t, lambda tr: tr["data"]["dev"][1].update(name=tr["data"]["dev"][0]["name"]))
+        ],
+        "dev set names must be unique",
+    ),
+    "name that is a path": (
+        "recipe",
+        "fit",
+        lambda w, t: [_recipe(w, t, lambda tr: tr["data"]["dev"][0].update(name="../escape"))],
+        "'../escape'",
+    ),
+    "initial weights off the simplex": (
+        "recipe",
+        "fit",
+        lambda w, t: [_recipe(w, t), "weights.init={alpha: 0.5, beta: 0.3, gamma: 0.1}"],
+        "weights.init",
+    ),
+    "device without CUDA": (
+        "recipe",
+        "fit",
+        lambda w, t: [_recipe(w, t), "device=cuda"],
+        "CUDA is not available",
+    ),
+    # checkpoints
+    "base directory missing": (
+        "checkpoint",
+        "fit",
+        lambda w, t: [_recipe(w, t), f"model.base={t / 'nobase'}"],
+        "nobase",
+    ),
+    "tensor shape differs": (
+        "checkpoint",
+        "fit",
+        lambda w, t: _with_expert(w, t, _expert_copy(w, t, _reshape)),
+        "model.layers.0.mlp.up_proj.weight has shape",
+    ),
+    "vocabulary differs": ("checkpoint", "fit", _other_vocab, "vocab"),
+    "shard missing": ("checkpoint", "fit", _missing_shard, "model-00002-of-00002.safetensors"),
+    "NaN in an expert": (
+        "checkpoint",
+        "fit",
+        lambda w, t: _with_expert(w, t, _expert_copy(w, t, _nan)),
+        "NaN",
+    ),
+    "pickle without allow_pickle": ("checkpoint", "fit", _pickled, "allow_pickle"),
+    # adapters
+    "adapter of another base": ("adapter", "fit", _adapter_other_base, "is a LoRA adapter trained on"),
+    "DoRA adapter": (
+        "adapter",
+        "fit",
+        lambda w, t: _with_expert(w, t, _adapter(w, t, use_dora=True)),
+        "DoRA",
+    ),
+    "adapter module not in the base": (
+        "adapter",
+        "fit",
+        lambda w, t: _with_expert(
+            w, t, _adapter(w, t, rename=("0.self_attn.q_proj", "0.self_attn.nope_proj"))
+        ),
+        "nope_proj",
+    ),
+    # dev sets
+    "dev set missing": (
+        "dev set",
+        "fit",
+        lambda w, t: [_recipe(w, t, lambda tr: tr["data"]["dev"][0].update(path=str(t / "gone.jsonl")))],
+        "gone.jsonl",
+    ),
+    "dev set line not JSON": (
+        "dev set",
+        "fit",
+        lambda w, t: _dev(w, t, '{"text": "a"}\n{"text": \n'),
+        "dev.jsonl:2",
+    ),
+    "empty dev set": ("dev set", "fit", lambda w, t: _dev(w, t, ""), "dev.jsonl"),
+    "record without text or completion": (
+        "dev set",
+        "fit",
+        lambda w, t: _dev(w, t, None, [{"question": "1+1"}] * 4),
+        "dev.jsonl:1",
+    ),
+    # grid tables
+    "grid without a mixture column": (
+        "grid table",
+        "rank",
+        lambda w, t: _grid(w, t, lambda rows: [r.pop("w_gamma") for r in rows]),
+        "w_gamma",
+    ),
+    "grid with NaN": (
+        "grid table",
+        "rank",
+        lambda w, t: _grid(w, t, lambda rows: rows[1].update(loss_arith=float("nan"))),
+        "loss_arith",
+    ),
+    "grid weights off the simplex": (
+        "grid table",
+        "rank",
+        lambda w, t: _grid(w, t, lambda rows: rows[0].update(w_alpha=0.7)),
+        "sum",
+    ),
+    # mixtures
+    "merge weights off the simplex": (
+        "mixture",
+        "merge",
+        lambda w, t: [_recipe(w, t), "--weights", "alpha=0.5,beta=0.3,gamma=0.1", "--out", str(t / "out")],
+        "sum",
+    ),
+    "merge weights name unknown": (
+        "mixture",
+        "merge",
+        lambda w, t: [_recipe(w, t), "--weights", "alpha=0.5,delta=0.5", "--out", str(t / "out")],
+        "delta",
+    ),
+    "unfinished mixture.json": (
+        "mixture",
+        "merge",
+        lambda w, t: [
+            _recipe(w, t),
+            "--mixture",
+            str(_finished_run(w, t, lambda m: m.update(status="running"))),
+            "--out",
+            str(t / "out"),
+        ],
+        "did not finish",
+    ),
+    # exports
+    "export unknown format": (
+        "export",
+        "export",
+        lambda w, t: [str(_finished_run(w, t)), "--to", "nope", "--out", str(t / "out")],
+        "'nope'",
+    ),
+    "export negative weight": (
+        "export",
+        "export",
+        lambda w, t: [
+            str(_finished_run(w, t, lambda m: m["weights"].update(alpha=-0.1, beta=0.9))),
+            "--to",
+            "doremi",
+            "--out",
+            str(t / "out"),
+        ],
+        "alpha",
+    ),
+    "export unknown dataset name": (
+        "export",
+        "export",
+        lambda w, t: [
+            str(_finished_run(w, t)),
+            "--to",
+            "hf-datasets",
+            "--datasets",
+            f"delta={w['dev']['arith']}",
+            "--out",
+            str(t / "out"),
+        ],
+        "delta",
+    ),
+    "export budget repeats a dataset": (
+        "export",
+        "export",
+        lambda w, t: [
+            str(_finished_run(w, t)),
+            "--to",
+            "hf-datasets",
+            "--datasets",
+            *(f"{n}={w['dev']['arith']}" for n in ("alpha", "beta", "gamma")),
+            "--budget-samples",
+            "1000",
+            "--out",
+            str(t / "out"),
+        ],
+        "--max-epochs",
+    ),
+    # transfer
+    "transfer tables share no mixture column": (
+        "grid table",
+        "transfer",
+        lambda w, t: _two_tables(
+            t,
+            {"w_a": [1.0, 0.0], "w_b": [0.0, 1.0], "loss": [1.0, 2.0]},
+            {"w_c": [1.0, 0.0], "w_d": [0.0, 1.0], "loss": [1.0, 2.0]},
+        ),
+        "mixture column",
+    ),
+    # training
+    "train data missing": (
+        "training set",
+        "train",
+        lambda w, t: _train_recipe(w, t, lambda tr: tr["train"]["data"].update(alpha=str(t / "none.jsonl"))),
+        "none.jsonl does not exist",
+    ),
+}
+
+
+def _doc_rows() -> list[str]:
+    rows = []
+    for line in DOC.read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and len(cells) >= 4 and cells[0] not in ("input", "---"):
+            rows.append(cells[1])
+    return rows
+
+
+def test_the_documented_table_lists_every_row():
+    assert len(MATRIX) >= 25
+    assert _doc_rows() == list(MATRIX)
+
+
+@pytest.mark.parametrize("row", list(MATRIX))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(row, random_world, tmp_path, capsys):
+    _, command, build, culprit = MATRIX[row]
+    argv = build(random_world, tmp_path)
+    capsys.readouterr()
+    code = run_cli(
+        MAINS[command], [*argv, "--quiet"] if command in ("fit", "merge", "rank", "train") else argv
+    )
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("mergeopt: error: "), err
+    assert culprit in lines[0], lines[0]
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("row", ["unknown recipe key", "NaN in an expert", "export negative weight"])
+def test_debug_shows_the_traceback_and_a_subprocess_shows_none(row, random_world, tmp_path):
+    _, command, build, culprit = MATRIX[row]
+    argv = build(random_world, tmp_path)
+    plain = run_module(command if command != "export" else "export", *argv)
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr and culprit in plain.stderr
+    debug = run_module(command, *argv, "--debug")
+    assert debug.returncode == 2 and "Traceback" in debug.stderr and culprit in debug.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(
+    not os.environ.get("MERGEOPT_WRITE_DOCS"), reason="regenerates docs/bad_input.md on request"
+)
+def test_write_the_documented_table(random_world, tmp_path_factory, capsys):
+    """MERGEOPT_WRITE_DOCS=1 pytest tests/test_bad_input.py -k documented_table: the table with real messages."""
+    lines = [
+        "# Bad input: what mergeopt says",
+        "",
+        "Every row is a test in tests/test_bad_input.py (the test checks that this table lists the same",
+        "rows): the command exits with code 2, prints this one line on stderr (paths shortened here), writes",
+        "nothing, and shows a traceback only with `--debug`. Regenerate with",
+        "`MERGEOPT_WRITE_DOCS=1 python -m pytest tests/test_bad_input.py -k documented_table`.",
+        "",
+        "| input | mistake | command | message |",
+        "| --- | --- | --- | --- |",
+    ]
+    for row, (kind, command, build, _) in MATRIX.items():
+        tmp = tmp_path_factory.mktemp("doc")
+        argv = build(random_world, tmp)
+        capsys.readouterr()
+        run_cli(MAINS[command], [*argv, "--quiet"] if command in ("fit", "merge", "rank", "train") else argv)
+        message = capsys.readouterr().err.strip()
+        message = message.replace(str(tmp) + "/", "").replace(str(random_world["root"]) + "/", "")
+        message = message.replace(str(REPO) + "/", "").replace("|", "\\|")
+        lines.append(f"| {kind} | {row} | `{command}` | `{message}` |")
+    DOC.parent.mkdir(exist_ok=True)
+    DOC.write_text("\n".join(lines) + "\n", encoding="utf-8")
