@@ -59,6 +59,11 @@ def pending_interrupt() -> bool:
     return bool(_pending)
 
 
+def pending_signal() -> int | None:
+    """The first signal received (None when none has)."""
+    return _pending[0] if _pending else None
+
+
 def check_interrupt(where: str) -> None:
     """Raise :class:`Interrupted` if a signal arrived; loops call this where state is consistent."""
     if _pending:

@@ -27,8 +27,10 @@ GRADIENT = {
     "optim": {"steps": 300, "batch_size": 4, "eval_every": 10, "patience": 100, "checkpoint_every": 2}
 }
 SEARCHES = {
-    "grid": {"strategy": "grid", "grid": {"divisions": 8}},
+    "grid": {"strategy": "grid", "grid": {"divisions": 4}},
     "cmaes": {"strategy": "cmaes", "budget": 24},
+    "dirichlet": {"strategy": "dirichlet", "dirichlet": {"samples": 20}},
+    "spsa": {"strategy": "spsa", "budget": 30},
     "surrogate": {
         "strategy": "surrogate",
         "budget": 14,
@@ -103,12 +105,19 @@ def test_gradient_fit_resumed_after_kill_9_is_bit_identical(random_world, tmp_pa
 
 @pytest.mark.parametrize("strategy", sorted(SEARCHES))
 def test_zero_order_fit_resumed_after_kill_9_has_the_same_log(random_world, tmp_path, strategy):
-    search = {"search": SEARCHES[strategy]}
+    # a 50 ms custom term beside the loss: every evaluation takes long enough to be killed inside
+    slow = {
+        "kind": "custom",
+        "dev": "arith",
+        "function": "tests.slow_metric:slow_weight_mean",
+        "weight": 0.01,
+    }
+    search = {"search": SEARCHES[strategy], "objective": {"terms": [{"kind": "loss", "dev": "all"}, slow]}}
     whole = tmp_path / "whole"
     assert run_module("fit", _recipe(random_world, tmp_path, whole, **search), "--quiet").returncode == 0
     out = tmp_path / "killed"
     recipe = _recipe(random_world, tmp_path, out, **search)
-    killed = _interrupt_after_first_checkpoint(recipe, out, EVALUATIONS, signal.SIGKILL, 3, latest=0.0)
+    killed = _interrupt_after_first_checkpoint(recipe, out, EVALUATIONS, signal.SIGKILL, 3, latest=0.2)
     assert killed.returncode == -signal.SIGKILL
     logged = len((out / CHECKPOINT_DIR / EVALUATIONS).read_text().splitlines())
     resumed = run_module("fit", recipe, "--quiet")
@@ -227,3 +236,27 @@ def test_train_resumed_after_kill_9_saves_the_same_models(random_world, tmp_path
     ]
     pd.testing.assert_frame_equal(*grids, check_exact=True)
     assert not list((tmp_path / "killed").glob("**/.*.checkpoint"))
+
+
+def test_sigterm_inside_a_search_batch_keeps_every_finished_evaluation(random_world, tmp_path):
+    slow = {
+        "kind": "custom",
+        "dev": "arith",
+        "function": "tests.slow_metric:slow_weight_mean",
+        "weight": 0.01,
+    }
+    sections = {"search": SEARCHES["grid"], "objective": {"terms": [{"kind": "loss", "dev": "all"}, slow]}}
+    out = tmp_path / "run"
+    recipe = _recipe(random_world, tmp_path, out, **sections)
+    stopped = _interrupt_after_first_checkpoint(recipe, out, EVALUATIONS, signal.SIGTERM, 11, latest=0.2)
+    stderr = stopped.stderr.read()
+    assert stopped.returncode == 143, stderr
+    assert "SIGTERM at evaluation" in stderr and "Rerun the same command to continue" in stderr
+    logged = len((out / CHECKPOINT_DIR / EVALUATIONS).read_text().splitlines())
+    assert 1 <= logged < 15  # the grid's 15 mixtures are one batch: its finished part was kept
+    assert run_module("fit", recipe, "--quiet").returncode == 0
+    whole = tmp_path / "whole"
+    assert run_module("fit", _recipe(random_world, tmp_path, whole, **sections), "--quiet").returncode == 0
+    a = pd.read_csv(whole / "evaluations.csv").drop(columns="seconds")
+    b = pd.read_csv(out / "evaluations.csv").drop(columns="seconds")
+    pd.testing.assert_frame_equal(a, b, check_exact=True)

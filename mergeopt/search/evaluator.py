@@ -13,6 +13,7 @@ evaluated, never a prediction.
 from __future__ import annotations
 
 import math
+import signal
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 
 from mergeopt import distributed
 from mergeopt.errors import UserError
-from mergeopt.resume import check_interrupt
+from mergeopt.resume import Interrupted, check_interrupt, pending_interrupt, pending_signal
 
 ScoreFn = Callable[[np.ndarray], Mapping[str, float]]
 ValueFn = Callable[[Mapping[str, float]], float]
@@ -213,28 +214,38 @@ class Evaluator:
                 counts[rank] += 1
         return counts
 
-    def _score_batch(self, todo: list[np.ndarray]) -> list[tuple[np.ndarray, dict[str, float], float]]:
-        """Scores of each mixture, the candidates split over the ranks (one rank: in order)."""
+    def _score_batch(
+        self, todo: list[np.ndarray]
+    ) -> Iterator[tuple[np.ndarray, dict[str, float], float, int]]:
+        """(w, scores, seconds, process) of each mixture in order, as they are scored.
+
+        The candidates are dealt out in rounds of one per rank; after each round the ranks exchange
+        the scores (and whether a signal arrived), so every rank records, journals and stops at the
+        same point. With one process a round is one candidate.
+        """
         rank, size = distributed.rank_and_size()
-        results: dict[int, tuple] = {}
-        with distributed.this_rank_only():
-            for i in range(rank, len(todo), size):
+        for first in range(0, len(todo), size):
+            chunk = todo[first : first + size]
+            mine = None
+            if rank < len(chunk):
                 start = time.perf_counter()
                 try:
-                    scores = dict(self.score_fn(todo[i].copy()))
+                    with distributed.this_rank_only():
+                        mine = ("ok", dict(self.score_fn(chunk[rank].copy())), time.perf_counter() - start)
                 except Exception as err:  # re-raised on every rank below, so none waits forever
                     if size == 1:
                         raise
-                    results[i] = ("error", err if isinstance(err, UserError) else RuntimeError(repr(err)))
-                    break
-                results[i] = ("ok", scores, time.perf_counter() - start)
-        merged: dict[int, tuple] = {}
-        for part in distributed.all_gather_objects(results):
-            merged.update(part)
-        errors = sorted(i for i, r in merged.items() if r[0] == "error")
-        if errors:
-            raise merged[errors[0]][1]
-        return [(w, self._checked(merged[i][1], w), merged[i][2], i % size) for i, w in enumerate(todo)]
+                    mine = ("error", err if isinstance(err, UserError) else RuntimeError(repr(err)))
+            gathered = distributed.all_gather_objects((mine, pending_interrupt()))
+            for result, _ in gathered[: len(chunk)]:
+                if result[0] == "error":
+                    raise result[1]
+            for j, w in enumerate(chunk):
+                result = gathered[j][0]
+                yield w, self._checked(result[1], w), result[2], j
+            if any(flag for _, flag in gathered):
+                # every rank stops here, whichever of them received the signal
+                raise Interrupted(pending_signal() or signal.SIGTERM, f"evaluation {self.evaluations}")
 
     def __call__(self, w: np.ndarray, phase: str = "") -> float:
         """The value (lower is better) at w under the current value function."""
