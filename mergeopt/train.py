@@ -11,7 +11,8 @@ The grid table ``train.output_dir/grid.csv`` has one row per mixture: ``run``, o
 column per expert, one ``loss_<dev set>`` column per dev set, one ``score_<label>`` column per
 non-loss objective term (exact match, choice accuracy, custom), and ``tokens``. Losses and scores
 are measured on every record of the dev sets, read as fit reads them, and recomputed from the saved
-checkpoints on every call: a term added to the recipe later fills its column without retraining.
+checkpoints on every call: a term added to the recipe later fills its column without retraining, and
+the score columns of terms a later recipe does not name are carried over, not dropped.
 """
 
 from __future__ import annotations
@@ -327,9 +328,40 @@ def train(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = pr
         *(score_column(t) for t in terms),
         "tokens",
     ]
+    kept = _kept_score_columns(out_dir / "grid.csv", rows, columns)
+    columns[-1:-1] = kept
     grid = write_csv_atomic(out_dir / "grid.csv", rows, columns)
     log(f"wrote {grid} ({len(rows)} mixtures)")
     return grid
+
+
+def _kept_score_columns(path: Path, rows: list[dict], columns: Sequence[str]) -> list[str]:
+    """Score columns of an earlier grid.csv that this recipe does not recompute, carried over.
+
+    Finished runs are never retrained, so a score measured on one (say exact match, by a recipe
+    that named the term) stays true; rerunning train with a recipe without that term must not drop
+    it. Rows are matched on the run's path; a column is kept only if every row has its value.
+    """
+    if not path.is_file():
+        return []
+    import pandas as pd
+
+    try:
+        old = pd.read_csv(path)
+    except (OSError, ValueError):
+        return []
+    extra = [c for c in old.columns if c.startswith("score_") and c not in columns]
+    if not extra or "path" not in old.columns or old["path"].duplicated().any():
+        return []
+    by_path = old.set_index("path")
+    kept = [
+        c
+        for c in extra
+        if all(r["path"] in by_path.index and pd.notna(by_path.at[r["path"], c]) for r in rows)
+    ]
+    for row in rows:
+        row.update({c: float(by_path.at[row["path"], c]) for c in kept})
+    return kept
 
 
 def main(argv: Sequence[str]) -> int:

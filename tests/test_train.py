@@ -138,3 +138,18 @@ def test_lora_runs_save_the_adapter_and_its_exact_merge(random_world, tmp_path):
 def test_no_train_section(random_world, tmp_path):
     with pytest.raises(UserError, match="no train section"):
         train(recipe_from_dict(recipe_tree(random_world, tmp_path)), progress=False, log=lambda _m: None)
+
+
+def test_rerunning_without_a_metric_term_keeps_its_scores(trained):
+    """Scores measured earlier stay in grid.csv when a later recipe does not name their term."""
+    tree, _, grid = trained
+    frame = pd.read_csv(grid)
+    frame.insert(len(frame.columns) - 1, "score_exact_match:arith", [0.25 * i for i in range(len(frame))])
+    frame.to_csv(grid, index=False)
+    train(recipe_from_dict(tree), progress=False, log=lambda _m: None)
+    again = pd.read_csv(grid)
+    assert list(again.columns) == list(frame.columns)
+    assert again["score_exact_match:arith"].tolist() == [0.25 * i for i in range(len(frame))]
+    pd.testing.assert_frame_equal(
+        again.drop(columns="score_exact_match:arith"), frame.drop(columns="score_exact_match:arith")
+    )
