@@ -16,7 +16,6 @@ grid); tables: :func:`mixture_table`, :func:`rank_table`. Every plot takes an op
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from mergeopt.checkpoints import read_json_object
 from mergeopt.errors import UserError
 from mergeopt.mixture_file import read_finished_mixture
 
@@ -69,16 +69,6 @@ class Run:
         return frame[[f"w_{n}" for n in self.expert_names]].to_numpy(dtype=np.float64)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"{path}: cannot read it as JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return data
-
-
 def _read_csv(path: Path) -> pd.DataFrame | None:
     if not path.is_file():
         return None
@@ -94,11 +84,15 @@ def load_run(path: str | Path, mixture: dict | None = None) -> Run:
     if not root.is_dir():
         raise UserError(f"run directory {root} does not exist")
     if mixture is None and (root / "mixture.json").is_file():
-        mixture = _read_json(root / "mixture.json")
+        mixture = read_json_object(root / "mixture.json", "the mixture")
     recipe = None
     if (root / "recipe.yaml").is_file():
         recipe = yaml.safe_load((root / "recipe.yaml").read_text(encoding="utf-8"))
-    rank = _read_json(root / "rank_report.json") if (root / "rank_report.json").is_file() else None
+    rank = (
+        read_json_object(root / "rank_report.json", "the rank report")
+        if (root / "rank_report.json").is_file()
+        else None
+    )
     return Run(
         root,
         mixture,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -73,9 +74,7 @@ def check_interrupt(where: str) -> None:
 @contextmanager
 def interruptible() -> Iterator[None]:
     """SIGINT/SIGTERM set a flag inside the block (the main thread only); a second one interrupts at once."""
-    try:
-        previous = {s: signal.getsignal(s) for s in SIGNAL_EXIT}
-    except ValueError:  # not the main thread: leave signals alone
+    if threading.current_thread() is not threading.main_thread():  # handlers are main-thread only
         yield
         return
 
@@ -84,12 +83,7 @@ def interruptible() -> Iterator[None]:
             raise KeyboardInterrupt
         _pending.append(signum)
 
-    try:
-        for s in SIGNAL_EXIT:
-            signal.signal(s, handler)
-    except ValueError:
-        yield
-        return
+    previous = {s: signal.signal(s, handler) for s in SIGNAL_EXIT}
     try:
         yield
     finally:
