@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import threading
 from collections.abc import Iterator
@@ -151,10 +152,8 @@ class RunState:
             self.start()
 
     def clear(self) -> None:
-        for name in (META, GRADIENT_STATE, EVALUATIONS):
-            (self.dir / name).unlink(missing_ok=True)
-        if self.dir.is_dir() and not any(self.dir.iterdir()):
-            self.dir.rmdir()
+        """Remove the checkpoint directory, with any temporary file a kill left mid-save."""
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     # -- gradient state -------------------------------------------------------------------------
     def save_gradient(self, state: dict) -> None:

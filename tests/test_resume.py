@@ -258,3 +258,11 @@ def test_sigterm_inside_a_search_batch_keeps_every_finished_evaluation(random_wo
     a = pd.read_csv(whole / "evaluations.csv").drop(columns="seconds")
     b = pd.read_csv(out / "evaluations.csv").drop(columns="seconds")
     pd.testing.assert_frame_equal(a, b, check_exact=True)
+
+
+def test_clearing_removes_a_temporary_file_a_kill_left_mid_save(tmp_path):
+    state = RunState(tmp_path, {"seed": 0})
+    state.start()
+    (tmp_path / CHECKPOINT_DIR / ".gradient.pt.abc123.tmp").write_bytes(b"half a save")
+    state.clear()
+    assert not (tmp_path / CHECKPOINT_DIR).exists()
