@@ -43,8 +43,15 @@ class ModelSection(_Strict):
     exclude: tuple[str, ...] = Field(
         default=(), description="Regexes over parameter names kept at θ0 (e.g. 'embed_tokens', 'norm')."
     )
-    stack_dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        default="float32", description="Storage dtype of the stacked task vectors."
+    stack_dtype: Literal["float32", "bfloat16", "float16", "int8"] = Field(
+        default="float32",
+        description="Storage dtype of the stack: anchor and differences (int8: differences with one "
+        "absmax scale per expert and row, dequantised per layer; the anchor in the compute dtype).",
+    )
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto",
+        description="Dtype of the forward and backward (merge arithmetic and the gradient to w stay "
+        "float32); auto: bfloat16 on a GPU that has it, float32 elsewhere.",
     )
     trust_remote_code: bool = Field(
         default=False, description="Allow custom modelling code from the base dir."
@@ -154,6 +161,17 @@ class OptimSection(_Strict):
         default=10,
         gt=0,
         description="Steps between saves of the gradient state (RUN/checkpoint); resume continues.",
+    )
+    activation_checkpointing: bool = Field(
+        default=False,
+        description="Recompute each decoder layer (its merge included) in the backward instead of "
+        "keeping its activations: about one more forward per step, a fraction of the memory.",
+    )
+    loss_chunk_tokens: int = Field(
+        default=1024,
+        gt=0,
+        description="Tokens whose logits exist at once when computing the loss (the (B, L, V) float32 "
+        "logits are never formed whole).",
     )
 
 

@@ -18,12 +18,13 @@ from pathlib import Path
 import torch
 
 import mergeopt
-from mergeopt import distributed, worlds
+from mergeopt import checkpointing, distributed, worlds
 from mergeopt.checkpoints import Checkpoint, open_experts
 from mergeopt.config import Recipe, load_recipe, recipe_to_yaml
 from mergeopt.data import DevSet
 from mergeopt.errors import UserError, run_cli
 from mergeopt.files import write_csv_atomic, write_json_atomic, write_text_atomic
+from mergeopt.head_loss import check_head
 from mergeopt.lora import LoraAdapter
 from mergeopt.objectives import evaluate_sums, target_loss
 from mergeopt.placement import input_device
@@ -31,7 +32,7 @@ from mergeopt.report import plot_loss_curve, plot_search_curve, summary
 from mergeopt.resume import CHECKPOINT_DIR, Interrupted, RunState, interruptible, recipe_tree
 from mergeopt.scoring import loss_set_weights, objective_terms
 from mergeopt.search import fit_gradient
-from mergeopt.stack import DTYPES, TaskVectorStack, build_expert_stack
+from mergeopt.stack import DTYPES, TaskVectorStack, build_expert_stack, compute_dtype_for
 from mergeopt.term_scores import load_dev_sets
 from mergeopt.weights import as_mapping, initial_logits
 
@@ -78,6 +79,7 @@ class Problem:
     pad_id: int
     device: torch.device
     tokenizer: object = None
+    loss_chunk: int | None = None  # tokens per chunk of the output layer; None: the model's own logits
 
 
 def _load_tokenizer(path: str, trust_remote_code: bool, gguf_file: str | None = None):
@@ -111,14 +113,31 @@ def _weights_source(recipe: Recipe) -> dict:
     return {"use_safetensors": None if recipe.model.allow_pickle else True}
 
 
+def check_compute_dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
+    """``model.compute_dtype`` resolved for the device, refused in one line where it cannot run."""
+    dtype = compute_dtype_for(recipe.model.compute_dtype, device)
+    if dtype == torch.float16 and device.type == "cpu":
+        raise UserError("model.compute_dtype float16 cannot run on the CPU here: use float32 or bfloat16")
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(
+            f"model.compute_dtype bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16; use float16 or float32"
+        )
+    if dtype == torch.bfloat16 and device.type == "mps" and not torch.backends.mps.is_macos_or_newer(14, 0):
+        raise UserError("model.compute_dtype bfloat16 needs macOS 14 on mps; use float16 or float32")
+    return dtype
+
+
 def _stack_experts(
     recipe: Recipe,
     experts: tuple[dict[str, Checkpoint], dict[str, LoraAdapter]],
     device: torch.device,
     progress: bool,
 ) -> tuple[torch.nn.Module, TaskVectorStack]:
-    """Load θ0 in float32 and stack the experts as the recipe's model and merge sections say."""
+    """Load θ0 in the compute dtype and stack the experts as the recipe's model and merge sections
+    say; the stacked parameters of the model then read the merge (θ0 is not kept for them)."""
     from transformers import AutoModelForCausalLM
+
+    compute_dtype = check_compute_dtype(recipe, device)
 
     if recipe.model.device_map is not None:
         on_gpu = {"device_map": _device_map(recipe, progress)}
@@ -127,7 +146,7 @@ def _stack_experts(
     try:
         model = AutoModelForCausalLM.from_pretrained(
             recipe.model.base,
-            dtype=torch.float32,
+            dtype=compute_dtype,
             trust_remote_code=recipe.model.trust_remote_code,
             **_weights_source(recipe),
             **on_gpu,
@@ -154,10 +173,23 @@ def _stack_experts(
         merge=recipe.merge,
         seed=recipe.seed,
         log=print if progress else (lambda _m: None),
+        compute_dtype=compute_dtype,
     )
     for ckpt in dense.values():
         ckpt.close()
+    if recipe.optim.activation_checkpointing:
+        checkpointing.enable(model)
     return model, stack
+
+
+def _loss_chunk(recipe: Recipe, model: torch.nn.Module, log: Callable[[str], None]) -> int | None:
+    """The chunked loss when it reproduces the model's own logits (checked on a probe), else None."""
+    if check_head(model, input_device(model), model.config.get_text_config().vocab_size):
+        return recipe.optim.loss_chunk_tokens
+    log(
+        f"{type(model).__name__}: its logits are not the output layer's as mergeopt knows it; the loss uses whole logits"
+    )
+    return None
 
 
 def _device_map(recipe: Recipe, progress: bool) -> dict:
@@ -220,17 +252,18 @@ def load_problem(recipe: Recipe, progress: bool = True) -> Problem:
         )
     pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
     model, stack = _stack_experts(recipe, experts, device, progress)
-    return Problem(model, stack, sets, set_weights, pad_id, input_device(model), tokenizer)
+    chunk = _loss_chunk(recipe, model, print if progress else (lambda _m: None))
+    return Problem(model, stack, sets, set_weights, pad_id, input_device(model), tokenizer, chunk)
 
 
-def _losses(problem: Problem, weights: torch.Tensor, batch_size: int, buffers: dict) -> dict:
+def _losses(problem: Problem, weights: torch.Tensor, batch_size: int) -> dict:
     """Target and per-set losses over the whole dev sets and over their held-out parts."""
     args = (problem.model, problem.stack, weights, problem.sets)
     kwargs = {
         "batch_size": batch_size,
         "pad_id": problem.pad_id,
         "device": problem.device,
-        "buffers": buffers,
+        "loss_chunk": problem.loss_chunk,
     }
     fit_s, fit_c = evaluate_sums(*args, "fit", **kwargs)
     held_s, held_c = evaluate_sums(*args, "heldout", **kwargs)
@@ -337,6 +370,7 @@ def _search_and_write(recipe, resolved, problem, checkpoint, progress, log, worl
             problem.device,
             progress=progress,
             checkpoint=checkpoint,
+            loss_chunk=problem.loss_chunk,
         )
         chosen, trace = result.weights, result.trace
         search_info = {
@@ -360,10 +394,10 @@ def _search_and_write(recipe, resolved, problem, checkpoint, progress, log, worl
             **{k: v for k, v in found.info.items() if k != "strategy"},
         }
 
-    batch, buffers = resolved.optim.eval_batch_size, stack.allocate_buffers()
-    fitted = _losses(problem, chosen, batch, buffers)
-    uniform = _losses(problem, torch.full((len(names),), 1.0 / len(names)), batch, buffers)
-    singles = {n: _losses(problem, torch.eye(len(names))[i], batch, buffers) for i, n in enumerate(names)}
+    batch = resolved.optim.eval_batch_size
+    fitted = _losses(problem, chosen, batch)
+    uniform = _losses(problem, torch.full((len(names),), 1.0 / len(names)), batch)
+    singles = {n: _losses(problem, torch.eye(len(names))[i], batch) for i, n in enumerate(names)}
     weights = as_mapping(names, chosen.double() / chosen.double().sum())
     mixture = {
         "status": "complete",

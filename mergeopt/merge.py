@@ -38,6 +38,7 @@ from mergeopt import worlds
 from mergeopt.checkpoints import gguf_base, open_checkpoint
 from mergeopt.config import Recipe, load_recipe
 from mergeopt.errors import UserError, run_cli
+from mergeopt.layer_merge import make_permanent
 from mergeopt.methods import get_method
 from mergeopt.mixture_file import read_finished_mixture
 from mergeopt.stack import DTYPES, describe
@@ -258,8 +259,8 @@ def materialize(
 ) -> dict:
     """Merge at ``weights`` (on the simplex, every expert named) and write DIR; returns the manifest.
 
-    ``recipe`` has its world paths resolved. The model holds θ(w) in float32 after the merge (the
-    stack writes into its own parameters) and is cast to ``dtype`` only for writing.
+    ``recipe`` has its world paths resolved. The model holds θ(w) in the compute dtype after the
+    merge (merged in float32, parameter by parameter) and is cast to ``dtype`` only for writing.
     """
     from mergeopt.fit import load_merge
 
@@ -272,8 +273,9 @@ def materialize(
     model, stack, tokenizer, _ = load_merge(recipe, progress)
     w = torch.tensor([weights[n] for n in stack.expert_names], dtype=torch.float64)
     log(f"merging {stack.num_experts} experts ({stack.method['name']}) at " + _format(weights))
+    stack.write_mixture(w)
     with torch.no_grad():
-        stack.merged(w, out=stack.allocate_buffers())
+        make_permanent(model)  # each merged parameter's value at w, as a plain tensor, one at a time
         if stack.lowrank is not None:  # LoRA experts: their update at w, now added to the weights
             stack.lowrank.materialize(stack.lowrank.current_weights())
     method = stack.method

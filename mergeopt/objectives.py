@@ -1,8 +1,11 @@
 """The differentiable objective: mean token cross-entropy of the merged model on the dev sets.
 
-The model's own parameters stay θ0 and frozen; the merged tensors are handed to
-``torch.func.functional_call`` so autograd reaches the mixture logits and nothing else. Losses are
-kept per dev set (sum and token count) so the target can weight the sets however the recipe says.
+The model's stacked parameters read the merge at the mixture in their ``mergeopt_mix`` buffers
+(:mod:`mergeopt.layer_merge`); ``torch.func.functional_call`` hands those buffers the w being
+optimized, so autograd reaches the mixture logits and nothing else. Losses come from the hidden
+states over chunks of tokens (:mod:`mergeopt.head_loss`) when ``loss_chunk`` is set, else from
+the model's own logits. Losses are kept per dev set (sum and token count) so the target can
+weight the sets however the recipe says.
 """
 
 from __future__ import annotations
@@ -10,36 +13,52 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call
 
 from mergeopt.data import Batch, DevSet, evaluation_batches
 from mergeopt.distributed import all_reduce_sum
-from mergeopt.methods import MergeFn, merge_linear
+from mergeopt.head_loss import IGNORE_INDEX, full_logits_losses, token_losses
+from mergeopt.layer_merge import recompute_merged
 from mergeopt.stack import TaskVectorStack
 from mergeopt.weights import weights_from_logits
 
-IGNORE_INDEX = -100
+
+class _TokenLosses(torch.nn.Module):
+    """The model and its loss as one module, so functional_call can swap buffers for the whole pass."""
+
+    def __init__(self, model: torch.nn.Module, chunk: int | None):
+        super().__init__()
+        self.model = model
+        self.chunk = chunk
+
+    def forward(self, input_ids, attention_mask, targets):
+        if self.chunk is None:
+            return full_logits_losses(self.model, input_ids, attention_mask, targets)
+        return token_losses(self.model, input_ids, attention_mask, targets, self.chunk)
 
 
 def per_set_loss_sums(
-    model: torch.nn.Module, params: dict[str, torch.Tensor], batch: Batch, num_sets: int
+    model: torch.nn.Module,
+    params: dict[str, torch.Tensor],
+    batch: Batch,
+    num_sets: int,
+    loss_chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of token losses, number of scored tokens) for each dev set present in the batch."""
-    out = functional_call(
-        model,
-        params,
-        args=(),
-        kwargs={"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False},
-    )
-    logits = out.logits[:, :-1]
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    """(sum of token losses, number of scored tokens) for each dev set present in the batch.
+
+    ``params`` are functional_call's replacements by name (the mixture buffers; {} for the model
+    as it is); ``loss_chunk`` tokens at a time go through the output layer, None: whole logits.
+    """
     scored = batch.scored[:, 1:]
     # unscored targets -> ignore_index: no gather copies of the (B, L, V) logits or of their grad
     targets = batch.input_ids[:, 1:].masked_fill(~scored, IGNORE_INDEX)
-    token_loss = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none", ignore_index=IGNORE_INDEX
-    ).view(targets.shape)
+    module = _TokenLosses(model, loss_chunk)
+    with recompute_merged():  # merged weights are formed again in the backward, not kept
+        token_loss = functional_call(
+            module,
+            {f"model.{name}": value for name, value in params.items()},
+            args=(batch.input_ids, batch.attention_mask, targets),
+        )
     zeros = token_loss.new_zeros(num_sets)
     sums = zeros.index_add(0, batch.set_index, token_loss.sum(dim=1))
     counts = zeros.index_add(0, batch.set_index, scored.sum(dim=1).to(token_loss.dtype))
@@ -61,15 +80,11 @@ def dev_loss(
     temperature: float,
     batch: Batch,
     set_weights: torch.Tensor,
-    method: MergeFn = merge_linear,
-    buffers: dict[str, torch.Tensor] | None = None,
+    loss_chunk: int | None = None,
 ) -> torch.Tensor:
-    """Target loss on one batch as a function of the mixture logits z (differentiable in z).
-
-    ``buffers`` (from ``stack.allocate_buffers()``) makes the merge reuse memory across calls.
-    """
-    params = stack.merged(weights_from_logits(logits, temperature), method, out=buffers)
-    sums, counts = per_set_loss_sums(model, params, batch, len(set_weights))
+    """Target loss on one batch as a function of the mixture logits z (differentiable in z)."""
+    params = stack.mix_params(weights_from_logits(logits, temperature))
+    sums, counts = per_set_loss_sums(model, params, batch, len(set_weights), loss_chunk)
     # under torchrun: divide this rank's sums by the whole batch's counts, so the ranks' losses
     # (and their gradients) add up to the whole batch's
     counts = all_reduce_sum(counts.detach().clone())
@@ -86,15 +101,17 @@ def evaluate_sums(
     batch_size: int,
     pad_id: int,
     device: torch.device,
-    method: MergeFn = merge_linear,
-    buffers: dict[str, torch.Tensor] | None = None,
+    loss_chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token-loss sum, token count) of each dev set over ``part`` ('fit', 'heldout', 'all') at w."""
-    params = stack.merged(weights.to(device), method, out=buffers)
+    """(token-loss sum, token count) of each dev set over ``part`` ('fit', 'heldout', 'all') at w.
+
+    Each batch merges every layer as it runs: one candidate costs forward passes only.
+    """
+    params = stack.mix_params(weights.to(device))
     sums = torch.zeros(len(sets), device=device, dtype=torch.float64)
     counts = torch.zeros(len(sets), device=device, dtype=torch.float64)
     for batch in evaluation_batches(sets, part, batch_size, pad_id):
-        s, c = per_set_loss_sums(model, params, batch.to(device), len(sets))
+        s, c = per_set_loss_sums(model, params, batch.to(device), len(sets), loss_chunk)
         sums += s
         counts += c
     return all_reduce_sum(sums).cpu(), all_reduce_sum(counts).cpu()

@@ -2,7 +2,7 @@
 
 Ranking checks compare these numbers with models really trained on each mixture (``grid.csv`` from
 ``mergeopt.train``, or any table with one ``w_<expert>`` column per expert). Nothing is written to
-disk: each mixture is merged into the model's reusable buffers and evaluated. Metric terms
+disk: the model is evaluated at each mixture, each layer merging as it runs. Metric terms
 (``score_<label>`` columns) are scored by :func:`mergeopt.term_scores.score_terms`, the very code
 that scored the trained runs, on the same records.
 """
@@ -117,13 +117,10 @@ def proxy_grid(
     the truth by name. Scores need ``problem.tokenizer``.
     """
     names = problem.stack.expert_names
-    buffers = problem.stack.allocate_buffers()
     custom = load_custom(terms)
     loss_columns = [f"{LOSS_PREFIX}{s.name}" for s in problem.sets]
     rows = []
     for w in tqdm(grid_weights(table, names), desc="proxy on grid", unit="mixture", disable=not progress):
-        # evaluate_sums merges w into the buffers, i.e. the model's own parameters, which the
-        # metric terms then read: one merge per mixture
         sums, counts = evaluate_sums(
             problem.model,
             problem.stack,
@@ -133,12 +130,15 @@ def proxy_grid(
             batch_size,
             problem.pad_id,
             problem.device,
-            buffers=buffers,
+            problem.loss_chunk,
         )
         row = dict(zip(loss_columns, (sums / counts.clamp_min(1)).tolist()))
-        scores = score_terms(
-            problem.model, problem.tokenizer, problem.sets, terms, custom, batch_size, problem.device
-        )
+        scores = {}
+        if terms:
+            with problem.stack.at(w.to(problem.device)) as merged:
+                scores = score_terms(
+                    merged, problem.tokenizer, problem.sets, terms, custom, batch_size, problem.device
+                )
         row.update({score_column(t): scores[t.label] for t in terms})
         rows.append(row)
     columns = [*loss_columns, *(score_column(t) for t in terms)]

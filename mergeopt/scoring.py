@@ -1,7 +1,7 @@
 """Scores of the merged model at a mixture w: the black box the zero-order strategies search.
 
-One call merges the experts at w into the model's own parameter storage (no extra copy of the
-model), then computes every objective term of the recipe on one part of the dev sets: losses in one
+One call evaluates the model at w (each layer merges as it runs: losses cost forward passes only;
+generation holds the merged weights for the call), computing every objective term of the recipe on one part of the dev sets: losses in one
 pass over the data, exact match by greedy generation, choice accuracy by option log-likelihoods,
 and user metrics called by import path. The zero-order strategies search on the ``fit`` part; the
 chosen mixture is then scored on the held-out part, as the gradient strategy's early stopping does.
@@ -65,7 +65,6 @@ def make_scorer(problem, recipe: Recipe, part: str, progress: bool = False) -> S
     custom = load_custom(metric_terms)
     index = {s.name: i for i, s in enumerate(problem.sets)}
     all_sets = data_weights(recipe)
-    buffers = problem.stack.allocate_buffers()
     batch = recipe.optim.eval_batch_size
     model, device = problem.model, problem.device
 
@@ -73,21 +72,21 @@ def make_scorer(problem, recipe: Recipe, part: str, progress: bool = False) -> S
         w = torch.as_tensor(np.asarray(weights, dtype=np.float64), dtype=torch.float32)
         out: dict[str, float] = {}
         if any(t.kind == "loss" for t in terms):
-            # the merge into the model's buffers happens inside evaluate()
             means = evaluate(
-                model, problem.stack, w, problem.sets, part, batch, problem.pad_id, device, buffers=buffers
+                model, problem.stack, w, problem.sets, part, batch, problem.pad_id, device, problem.loss_chunk
             )
             for term in terms:
                 if term.kind == "loss" and term.dev == "all":
                     out[term.label] = float(target_loss(means, torch.ones_like(means), all_sets))
                 elif term.kind == "loss":
                     out[term.label] = float(means[index[term.dev]])
-        else:
-            with torch.no_grad():
-                problem.stack.merged(w.to(device), out=buffers)
-        out.update(
-            score_terms(model, problem.tokenizer, problem.sets, metric_terms, custom, batch, device, part)
-        )
+        if metric_terms:
+            with problem.stack.at(w.to(device)) as merged:
+                out.update(
+                    score_terms(
+                        merged, problem.tokenizer, problem.sets, metric_terms, custom, batch, device, part
+                    )
+                )
         return {t.label: out[t.label] for t in terms}  # in the recipe's order
 
     return score

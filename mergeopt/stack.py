@@ -2,17 +2,18 @@
 
 The proxy is θ(w) = θ0 + Σ_i w_i τ_i with τ_i = θ_i − θ0 and w on the simplex. Because Σ_i w_i = 1,
 this equals θ_1 + Σ_{i≥2} w_i (θ_i − θ_1): on the simplex θ0 drops out. So the stack holds, per
-merged parameter, an *anchor* θ_1 (in the compute dtype, float32) and a (K−1, *shape) tensor of
-differences θ_i − θ_1 (in the storage dtype; they are as small as task vectors, so bfloat16 keeps
-them well). Compared with storing θ0 and K task vectors this saves one full copy of the model, and
-the model's own parameter tensors, no longer needed for θ0, become the buffers the merge is written
-into. Merging is one ``addmv`` per parameter and its gradient to w one ``mv``.
+merged parameter, an *anchor* θ_1 (in ``model.stack_dtype``; bfloat16 or the compute dtype for an
+int8 stack) and a (K−1, *shape) tensor of differences θ_i − θ_1 (float, or int8 with one scale
+per expert and row: they are as small as task vectors). Compared with storing θ0 and K task
+vectors this saves one full copy of the model, and θ0 itself is dropped: each stacked parameter
+of the model becomes a merge-aware parametrization (:mod:`mergeopt.layer_merge`) whose value is
+formed from anchor and differences when its module runs, so no merged copy of the model exists.
 
 Other merge methods (TIES, DARE, a scale λ ≠ 1) are θ0 + λ Σ_i w_i τ'_i with τ' = prepare(τ) built
 from the task vectors alone (see :mod:`mergeopt.methods`). For them the stack reads θ0 from the
 model, prepares τ' once per parameter and stores anchor θ0 + λ τ'_1 and differences λ (τ'_i − τ'_1):
-the same anchor form, so the same kernel and buffers serve every method. M³ mixup only reweights
-w, so the stack keeps its draw λ and applies it in :meth:`TaskVectorStack.merged`.
+the same anchor form, so the same kernel serves every method. M³ mixup only reweights w, so the
+stack keeps its draw λ and each merged parameter applies it.
 
 Parameters the recipe excludes (regexes over names) stay at θ0. Parameters whose merge does not
 depend on w (equal in every expert, or equal after prepare) are not stacked: the model keeps that
@@ -22,7 +23,8 @@ common value (θ0 when no expert changed it).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +34,17 @@ from tqdm.auto import tqdm
 from mergeopt.checkpoints import Checkpoint
 from mergeopt.config import MergeSection
 from mergeopt.errors import UserError
+from mergeopt.layer_merge import (
+    MergedParameter,
+    attach,
+    dequantize_rows,
+    materialized,
+    merge_value,
+    mix_buffer_names,
+    parameter_device,
+    quantize_rows,
+    write_mixture,
+)
 from mergeopt.lora import LoraAdapter
 from mergeopt.lowrank import LowRankStack, build_lowrank_stack
 from mergeopt.methods import MergeFn, MergeMethod, get_method, merge_linear, mixup
@@ -42,15 +55,32 @@ DTYPES = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
     "float64": torch.float64,
+    "int8": torch.int8,
 }
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def compute_dtype_for(name: str, device: torch.device) -> torch.dtype:
+    """``model.compute_dtype``: 'auto' is bfloat16 on a GPU that has it, float32 elsewhere."""
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def anchor_dtype_for(stack_dtype: torch.dtype, compute_dtype: torch.dtype) -> torch.dtype:
+    """The anchor is stored in the stack's dtype; an int8 stack keeps it in the compute dtype (an
+    anchor is a whole weight, not a small difference: int8 would move the proxy itself)."""
+    return compute_dtype if stack_dtype == torch.int8 else stack_dtype
 
 
 @dataclass
 class TaskVectorStack:
     expert_names: list[str]
-    anchor: dict[str, torch.Tensor]  # θ_1 (θ0 + λ τ'_1) per merged parameter, compute dtype
+    anchor: dict[str, torch.Tensor]  # θ_1 (θ0 + λ τ'_1) per merged parameter, in the anchor dtype
     deltas: dict[str, torch.Tensor]  # (K−1, *shape): θ_i − θ_1 (λ (τ'_i − τ'_1)), storage dtype
-    targets: dict[str, torch.Tensor]  # the model's own tensors of the merged parameters
+    scales: dict[str, torch.Tensor] = field(default_factory=dict)  # int8 stacks: (K−1, rows) float32
     excluded: list[str] = field(default_factory=list)  # kept at θ0 by the recipe
     unchanged: list[str] = field(default_factory=list)  # merge equals θ0 at every w
     shared: list[str] = field(default_factory=list)  # merge is one value ≠ θ0 at every w
@@ -58,6 +88,8 @@ class TaskVectorStack:
     lowrank: LowRankStack | None = None  # LoRA experts kept as factors (linear merges)
     # the merge as mixture.json records it (see :func:`describe`)
     method: dict[str, Any] = field(default_factory=lambda: {"name": "linear", "scale": 1.0})
+    model: torch.nn.Module | None = None  # the model whose stacked parameters read the merge
+    compute_dtype: torch.dtype = torch.float32  # the dtype merged weights are formed in
 
     @property
     def num_experts(self) -> int:
@@ -67,27 +99,33 @@ class TaskVectorStack:
         return sum(t.numel() for t in self.anchor.values())
 
     def nbytes(self) -> int:
-        tensors = [*self.anchor.values(), *self.deltas.values()]
+        tensors = [*self.anchor.values(), *self.deltas.values(), *self.scales.values()]
         dense = sum(t.numel() * t.element_size() for t in tensors)
         return dense + (self.lowrank.nbytes() if self.lowrank is not None else 0)
 
-    def merged(
-        self,
-        weights: torch.Tensor,
-        method: MergeFn = merge_linear,
-        out: dict[str, torch.Tensor] | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Merged tensors of the stacked parameters at mixture w, for torch.func.functional_call.
-
-        ``weights`` must lie on the simplex (the anchor form relies on Σ w = 1); with mixup they are
-        reweighted by the stack's draw first. With ``out`` (from
-        :meth:`allocate_buffers`) the merge is written into those tensors instead of new ones.
-        """
+    def coefficients(self, weights: torch.Tensor) -> torch.Tensor:
+        """w as the merge uses it: reweighted by the mixup draw when there is one."""
         if weights.shape != (self.num_experts,):
             raise ValueError(f"expected {self.num_experts} weights, got shape {tuple(weights.shape)}")
-        if self.mixup is not None:
-            weights = mixup.coefficients(weights, self.mixup)
-        rest = weights[1:]  # w_1 is implied by the anchor: θ(w) = θ_1 + Σ_{i≥2} w_i (θ_i − θ_1)
+        return mixup.coefficients(weights, self.mixup) if self.mixup is not None else weights
+
+    def merged_tensor(self, name: str, weights: torch.Tensor) -> torch.Tensor:
+        """One stacked parameter at w (not differentiable): θ_1 + Σ_{i≥2} c_i δ_i, in float32."""
+        rest = self.coefficients(weights)[1:]
+        anchor = self.anchor[name]
+        dtype = torch.promote_types(anchor.dtype, torch.float32)
+        return merge_value(rest, anchor, self.deltas[name], self.scales.get(name), dtype)
+
+    def merged(self, weights: torch.Tensor, method: MergeFn = merge_linear) -> dict[str, torch.Tensor]:
+        """The whole model's merged tensors at w, for ``torch.func.functional_call``: the reference
+        path the per-layer merge is tested against (a merged copy of every stacked parameter).
+
+        ``weights`` must lie on the simplex (the anchor form relies on Σ w = 1). Keys are the
+        parameters' own names, which override their parametrizations in functional_call; the
+        LoRA experts' share enters through their mixture buffers.
+        """
+        weights = self.coefficients(weights)
+        rest = weights[1:]
         on_device = {rest.device: rest}  # a model spread over GPUs: one differentiable copy per device
 
         def rest_on(device: torch.device) -> torch.Tensor:
@@ -95,27 +133,42 @@ class TaskVectorStack:
                 on_device[device] = rest.to(device)
             return on_device[device]
 
-        if out is None:
-            merged = {
-                name: method(self.anchor[name], delta, rest_on(delta.device))
-                for name, delta in self.deltas.items()
-            }
-        else:
-            merged = {
-                name: method(self.anchor[name], delta, rest_on(delta.device), out=out[name])
-                for name, delta in self.deltas.items()
-            }
+        merged = {}
+        for name, delta in self.deltas.items():
+            scales = self.scales.get(name)
+            if scales is not None:
+                delta = dequantize_rows(delta, scales)
+            anchor = self.anchor[name]
+            value = method(
+                anchor.to(torch.promote_types(anchor.dtype, torch.float32)), delta, rest_on(delta.device)
+            )
+            merged[name] = value.to(self.compute_dtype)
         if self.lowrank is not None:  # the LoRA experts' share, added in the forward pass
-            merged.update(self.lowrank.params(weights, write_buffers=out is not None))
+            merged.update(self.lowrank.params(weights))
         return merged
 
-    def allocate_buffers(self) -> dict[str, torch.Tensor]:
-        """Tensors to merge into: the model's own parameter storage, whose θ0 the stack does not need.
+    def mix_params(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{mixture buffer name: w} for functional_call: the per-layer merge (and LoRA experts)
+        read w from these buffers, so autograd reaches w through every merged module."""
+        if weights.shape != (self.num_experts,):
+            raise ValueError(f"expected {self.num_experts} weights, got shape {tuple(weights.shape)}")
+        coefficients = self.coefficients(weights)
+        return {name: coefficients for name in mix_buffer_names(self.model)}
 
-        Reusing them costs no memory. After a merge into them the model itself holds θ(w) for the
-        merged parameters; code that needs the base must reload it.
-        """
-        return {name: target.detach() for name, target in self.targets.items()}
+    @contextmanager
+    def at(self, weights: torch.Tensor) -> Iterator[torch.nn.Module]:
+        """The model as the merge at w for plain ``model(...)`` calls (generation, metrics, lm-eval):
+        the mixture written into its buffers and each merged weight formed once for the block
+        (a merged copy of the stacked parameters while it lasts)."""
+        self.write_mixture(weights)
+        with materialized():
+            yield self.model
+
+    def write_mixture(self, weights: torch.Tensor) -> None:
+        """Set the model's mixture buffers to w for plain ``model(...)`` calls (metrics, lm-eval)."""
+        if weights.shape != (self.num_experts,):
+            raise ValueError(f"expected {self.num_experts} weights, got shape {tuple(weights.shape)}")
+        write_mixture(self.model, self.coefficients(weights.double()).float())
 
 
 def _read(
@@ -208,15 +261,19 @@ def build_stack(
     merge: MergeSection | None = None,
     seed: int = 0,
     allow_empty: bool = False,
+    compute_dtype: torch.dtype | None = None,
 ) -> TaskVectorStack:
-    """Read each expert tensor lazily and stack anchor and differences on the parameter's device.
+    """Read each expert tensor lazily, stack anchor and differences on the parameter's device, and
+    make the model's parameter read the merge (its θ0 tensor is dropped).
 
     An expert is a :class:`Checkpoint` (read tensor by tensor from safetensors) or an in-memory
     state dict (tests, benchmarks, notebooks). ``model`` holds θ0 (it was loaded from the base
-    checkpoint); it is frozen here, so only the mixture logits ever require grad. ``merge`` (the
-    recipe's merge section; None: linear) picks the method; ``seed`` (the recipe's) seeds DARE's
-    masks, per parameter from (seed, name), and the mixup draw. One parameter is processed at a
-    time, so the temporaries are K copies of one tensor, never of the model.
+    checkpoint); it is frozen here, so only the mixture logits ever require grad. ``dtype`` stores
+    the differences (``torch.int8``: quantised per row); ``compute_dtype`` (default: the model's
+    own) is what merged weights are formed in. ``merge`` (the recipe's merge section; None: linear)
+    picks the method; ``seed`` (the recipe's) seeds DARE's masks, per parameter from (seed, name),
+    and the mixup draw. One parameter is processed at a time, so the temporaries are K float32
+    copies of one tensor, never of the model.
     """
     merge = merge or MergeSection()
     method = get_method(merge.method)
@@ -224,23 +281,30 @@ def build_stack(
     anchor_form = method.name == "linear" and merge.scale == 1.0
     patterns = [re.compile(p) for p in exclude]
     names = list(experts)
-    stack = TaskVectorStack(expert_names=names, anchor={}, deltas={}, targets={})
+    if compute_dtype is None:
+        compute_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    anchor_dtype = anchor_dtype_for(dtype, compute_dtype)
+    rows_dtype = torch.float32 if dtype == torch.int8 else dtype
+    stack = TaskVectorStack(
+        expert_names=names, anchor={}, deltas={}, model=model, compute_dtype=compute_dtype
+    )
     stack.method = describe(merge, len(names), seed)
     if merge.mixup_alpha is not None:
         stack.mixup = torch.tensor(stack.method["mixup_lambda"], dtype=torch.float64)
-    params = list(model.named_parameters())
-    for pname, param in tqdm(params, desc="stacking experts", unit="tensor", disable=not progress):
+    parameter_names = [n for n, _ in model.named_parameters()]  # names only: θ0 is freed as we go
+    for pname in tqdm(parameter_names, desc="stacking experts", unit="tensor", disable=not progress):
+        param = model.get_parameter(pname)
         param.requires_grad_(False)
         if _excluded(pname, patterns):
             stack.excluded.append(pname)
             continue
         base = param.detach().to(torch.promote_types(param.dtype, torch.float32))  # θ0, read first
         if anchor_form:
-            anchor, rows, differ = _differences(base, experts, pname, dtype)
+            anchor, rows, differ = _differences(base, experts, pname, rows_dtype)
         else:
             if method.random:
                 options["generator"] = parameter_generator(seed, pname, param.device)
-            anchor, rows, differ = _prepared(base, experts, pname, dtype, method, options, merge.scale)
+            anchor, rows, differ = _prepared(base, experts, pname, rows_dtype, method, options, merge.scale)
         if not differ:  # the merge does not depend on w: no need to stack it
             if torch.equal(anchor, base):
                 stack.unchanged.append(pname)
@@ -248,9 +312,15 @@ def build_stack(
                 stack.shared.append(pname)
                 param.data.copy_(anchor)
             continue
-        stack.anchor[pname] = anchor
+        del param, base
+        scales = None
+        if dtype == torch.int8:
+            rows, scales = quantize_rows(rows)
+            stack.scales[pname] = scales
+        stack.anchor[pname] = anchor = anchor.to(anchor_dtype)
         stack.deltas[pname] = rows
-        stack.targets[pname] = param
+        merge_module = MergedParameter(pname, rows, scales, len(names), compute_dtype)
+        attach(model, pname, anchor, merge_module)
     if not stack.deltas and not allow_empty:
         raise UserError(
             "the experts do not differ in any merged parameter (after exclusions): nothing to merge"
@@ -303,6 +373,7 @@ def build_expert_stack(
     merge: MergeSection | None = None,
     seed: int = 0,
     log=print,
+    compute_dtype: torch.dtype | None = None,
 ) -> TaskVectorStack:
     """The stack for any mix of dense experts and LoRA adapters, in the recipe's expert order.
 
@@ -323,7 +394,17 @@ def build_expert_stack(
             views[name] = _BaseView(model)
         else:
             views[name] = _DenseAdapterView(model, adapters[name])
-    stack = build_stack(model, views, exclude, dtype, progress, merge, seed, allow_empty=lowrank_path)
+    stack = build_stack(
+        model,
+        views,
+        exclude,
+        dtype,
+        progress,
+        merge,
+        seed,
+        allow_empty=lowrank_path,
+        compute_dtype=compute_dtype,
+    )
     if lowrank_path:
         patterns = [re.compile(p) for p in exclude]
         kept = {
@@ -332,8 +413,10 @@ def build_expert_stack(
             )
             for n, a in adapters.items()
         }
-        params = dict(model.named_parameters())
-        stack.lowrank = build_lowrank_stack(list(names), kept, lambda t: params[t].device, dtype, merge.scale)
+        factors_dtype = anchor_dtype_for(dtype, stack.compute_dtype)  # int8 is for dense differences only
+        stack.lowrank = build_lowrank_stack(
+            list(names), kept, lambda t: parameter_device(model, t), factors_dtype, merge.scale
+        )
         stack.lowrank.attach(model)
         if not stack.deltas and not stack.lowrank.modules:
             raise UserError(

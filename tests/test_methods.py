@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from peft.utils import merge_utils
+from torch.func import functional_call
 from transformers import LlamaForCausalLM
 
 from mergeopt.config import MergeSection
@@ -184,6 +185,26 @@ def reference_params(theta0, experts, merge, seed, w):
     return out
 
 
+class _ReadWeights(torch.nn.Module):
+    """Reads each stacked parameter from its module, as the module's forward does."""
+
+    def __init__(self, model, names):
+        super().__init__()
+        self.model, self.names = model, list(names)
+
+    def forward(self):
+        return {
+            n: getattr(self.model.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2])
+            for n in self.names
+        }
+
+
+def per_layer_values(model, stack, weights):
+    """The per-layer merge's values at w, with w handed to the mixture buffers by functional_call."""
+    params = {f"model.{k}": v for k, v in stack.mix_params(weights).items()}
+    return functional_call(_ReadWeights(model, stack.deltas), params, args=())
+
+
 @pytest.mark.parametrize("scale, alpha", [(1.0, None), (0.7, 0.5)])
 @pytest.mark.parametrize("name", list(METHODS))
 def test_stack_fast_path_equals_the_reference(tiny_llama, name, scale, alpha):
@@ -196,25 +217,30 @@ def test_stack_fast_path_equals_the_reference(tiny_llama, name, scale, alpha):
     assert stack.unchanged == ["model.norm.weight"]
     # identical experts stay identical after a deterministic prepare, but DARE draws each its own mask
     assert ("lm_head.weight" in stack.shared) == (not get_method(name).random)
-    model_params = {n: p.detach() for n, p in model.named_parameters()}
+    model_params = {n: p.detach() for n, p in model.named_parameters() if ".parametrizations." not in n}
     gen = torch.Generator().manual_seed(2)
     for logits in [torch.randn(K, generator=gen, dtype=torch.float64) for _ in range(3)]:
         # the anchor form sees w only through w_2..w_K (w_1 = 1 − Σ): compare gradients in the logits
-        z, zr = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+        z, zl, zr = (logits.clone().requires_grad_(True) for _ in range(3))
         merged = stack.merged(torch.softmax(z, 0))
+        per_layer = per_layer_values(model, stack, torch.softmax(zl, 0))  # what each module reads
         got = {**model_params, **merged}
         want = reference_params(theta0, experts, merge, 11, torch.softmax(zr, 0))
-        assert got.keys() == want.keys()
+        assert got.keys() == want.keys() and per_layer.keys() == merged.keys()
         for pname in want:
             torch.testing.assert_close(got[pname], want[pname], atol=1e-13, rtol=0, msg=pname)
+        for pname in merged:
+            torch.testing.assert_close(per_layer[pname], want[pname], atol=1e-13, rtol=0, msg=pname)
         probes = {
             n: torch.cos(torch.arange(t.numel(), dtype=torch.float64)).reshape(t.shape)
             for n, t in merged.items()
         }
         (grad,) = torch.autograd.grad(sum((merged[n] * p).sum() for n, p in probes.items()), z)
+        (grad_layer,) = torch.autograd.grad(sum((per_layer[n] * p).sum() for n, p in probes.items()), zl)
         (grad_ref,) = torch.autograd.grad(sum((want[n] * p).sum() for n, p in probes.items()), zr)
         assert grad.abs().min() > 1e-3
         torch.testing.assert_close(grad, grad_ref, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(grad_layer, grad_ref, rtol=1e-10, atol=1e-12)
 
 
 def test_stack_records_the_method_for_mixture_json(tiny_llama):

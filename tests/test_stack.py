@@ -1,5 +1,8 @@
 """The task-vector stack against the truth: one-hot w gives the expert, uniform w gives the average,
-excluded parameters stay at θ0, and the linear merge equals peft's task_arithmetic."""
+excluded parameters stay at θ0, and the linear merge equals peft's task_arithmetic.
+
+The model's forward at w goes through the per-layer merge (the mixture buffers handed to
+functional_call); ``stack.merged`` is the whole-model reference it is compared with elsewhere."""
 
 from __future__ import annotations
 
@@ -38,7 +41,9 @@ def test_one_hot_reproduces_each_expert_logits(random_world, loaded):
         expert = load(random_world["experts"][name])
         with torch.no_grad():
             want = expert(input_ids=ids).logits
-            got = functional_call(base, stack.merged(torch.eye(len(stack.expert_names))[i]), (ids,)).logits
+            got = functional_call(
+                base, stack.mix_params(torch.eye(len(stack.expert_names))[i]), (ids,)
+            ).logits
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
@@ -68,20 +73,14 @@ def test_anchor_form_equals_theta0_plus_weighted_task_vectors(random_world, load
 
 def test_excluded_parameters_stay_at_theta0(random_world):
     base = load(random_world["base"])
+    theta0 = load(random_world["base"]).state_dict()
     _, experts = open_all(random_world["base"], random_world["experts"])
     stack = build_stack(base, experts, exclude=[r"embed_tokens", r"norm", r"^lm_head"], progress=False)
     assert stack.excluded and not any(("norm" in n or "embed" in n or "lm_head" in n) for n in stack.deltas)
-    ids = batch_ids()
-    merged = stack.merged(torch.tensor([0.2, 0.5, 0.3]))
-    params = dict(base.named_parameters())
-    with torch.no_grad():
-        # the forward pass sees θ0 for every excluded tensor: replacing the merged set changes nothing
-        out = functional_call(base, merged, (ids,)).logits
-        out_again = functional_call(
-            base, {**merged, **{n: params[n].clone() for n in stack.excluded}}, (ids,)
-        ).logits
-    torch.testing.assert_close(out, out_again, atol=0, rtol=0)
-    assert len(stack.excluded) + len(stack.deltas) + len(stack.unchanged) + len(stack.shared) == len(params)
+    # excluded tensors are still the model's own parameters, holding θ0
+    for name in stack.excluded:
+        assert torch.equal(base.get_parameter(name), theta0[name])
+    assert len(stack.excluded) + len(stack.deltas) + len(stack.unchanged) + len(stack.shared) == len(theta0)
 
 
 def test_parameters_equal_in_all_experts_are_not_stacked(random_world, tmp_path):
@@ -103,7 +102,7 @@ def test_parameters_equal_in_all_experts_are_not_stacked(random_world, tmp_path)
     ids = batch_ids()
     for i, name in enumerate(("a", "b")):
         with torch.no_grad():
-            got = functional_call(base, stack.merged(torch.eye(2)[i]), (ids,)).logits
+            got = functional_call(base, stack.mix_params(torch.eye(2)[i]), (ids,)).logits
             want = load(experts[name])(input_ids=ids).logits
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
@@ -160,28 +159,26 @@ def test_nan_in_an_expert_is_refused(random_world):
         build_stack(base, {"alpha": bad, "beta": good}, progress=False)
 
 
-def test_merging_into_reused_buffers_gives_the_same_values_and_gradients(random_world):
-    base = load(random_world["base"])  # its parameter storage becomes the buffers: use a private copy
+def test_stacked_parameters_read_the_merge_and_theta0_is_dropped(random_world):
+    """The model's stacked tensors are parametrizations over the anchor: θ0 of them is not held."""
+    from torch.nn.utils import parametrize
+
+    base = load(random_world["base"])
     _, experts = open_all(random_world["base"], random_world["experts"])
     stack = build_stack(base, experts, progress=False)
-    buffers = stack.allocate_buffers()
-    params = dict(base.named_parameters())
-    assert all(buffers[k].data_ptr() == params[k].data_ptr() for k in buffers)  # no new memory
-    gen = torch.Generator().manual_seed(3)
-    for _ in range(3):  # reuse across calls, as the fitting loop does
-        z = torch.randn(3, generator=gen, dtype=torch.float64)
-        grads = []
-        for out in (None, buffers):
-            zz = z.clone().requires_grad_(True)
-            merged = stack.merged(torch.softmax(zz, 0), out=out)
-            loss = sum((t.double() ** 2).sum() * (i + 1) for i, t in enumerate(merged.values()))
-            loss.backward()
-            if out is not None:
-                assert all(merged[k].data_ptr() == out[k].data_ptr() for k in merged)
-            grads.append((zz.grad, {k: v.detach().clone() for k, v in merged.items()}))
-        torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-6, atol=0)
-        for name in stack.deltas:
-            torch.testing.assert_close(grads[0][1][name], grads[1][1][name], rtol=0, atol=1e-6)
+    held = {p.data_ptr() for p in base.parameters()}
+    for name, anchor in stack.anchor.items():
+        module_name, _, attr = name.rpartition(".")
+        assert parametrize.is_parametrized(base.get_submodule(module_name), attr)
+        assert anchor.data_ptr() in held  # the parameter the module keeps is the anchor itself
+    w = torch.tensor([0.2, 0.5, 0.3])
+    stack.write_mixture(w)
+    with torch.no_grad():
+        for name, want in stack.merged(w).items():
+            module_name, _, attr = name.rpartition(".")
+            torch.testing.assert_close(
+                getattr(base.get_submodule(module_name), attr), want, atol=1e-6, rtol=0
+            )
 
 
 def test_buffer_of_the_wrong_shape_is_refused():
@@ -203,9 +200,9 @@ def test_tied_embeddings_merge_once_and_reproduce_each_expert(tmp_path):
     stack = build_stack(model, experts, progress=False)
     assert "model.embed_tokens.weight" in stack.deltas and "lm_head.weight" not in stack.deltas
     ids = batch_ids()
-    buffers = stack.allocate_buffers()
+    assert model.lm_head.parametrizations.weight[0] is model.model.embed_tokens.parametrizations.weight[0]
     for i, name in enumerate("xy"):
         with torch.no_grad():
-            got = functional_call(model, stack.merged(torch.eye(2)[i], out=buffers), (ids,)).logits
+            got = functional_call(model, stack.mix_params(torch.eye(2)[i]), (ids,)).logits
             want = load(paths[name])(input_ids=ids).logits
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

@@ -17,7 +17,6 @@ from tqdm.auto import tqdm
 from mergeopt.config import OptimSection
 from mergeopt.data import DevSet, training_batches
 from mergeopt.distributed import all_reduce_sum, is_main
-from mergeopt.methods import MergeFn, merge_linear
 from mergeopt.objectives import dev_loss, evaluate, target_loss
 from mergeopt.resume import RunState, check_interrupt, pending_interrupt
 from mergeopt.stack import TaskVectorStack
@@ -46,9 +45,9 @@ def fit_gradient(
     seed: int,
     pad_id: int,
     device: torch.device,
-    method: MergeFn = merge_linear,
     progress: bool = True,
     checkpoint: RunState | None = None,
+    loss_chunk: int | None = None,
 ) -> GradientResult:
     """Adam on z from ``init_logits``; with ``checkpoint`` the state is saved every
     ``optim.checkpoint_every`` steps and on SIGINT/SIGTERM, and a saved state is resumed from."""
@@ -58,7 +57,6 @@ def fit_gradient(
     z = init_logits.detach().to(device=device, dtype=torch.float64).clone().requires_grad_(True)
     optimizer = torch.optim.Adam([z], lr=optim.lr)
     batches = training_batches(sets, targeted, optim.batch_size, pad_id, seed)
-    buffers = stack.allocate_buffers()  # one merged copy of the model, rewritten every step
 
     best_loss, best_z, best_step = math.inf, z.detach().clone(), 0
     stale_evals, stopped_early, trace, start = 0, False, [], 0
@@ -96,7 +94,7 @@ def fit_gradient(
         row.update({f"w_{n}": v for n, v in zip(names, w.tolist())})
         if has_heldout and (t % optim.eval_every == 0 or t == optim.steps):
             per_set = evaluate(
-                model, stack, w, sets, "heldout", optim.eval_batch_size, pad_id, device, method, buffers
+                model, stack, w, sets, "heldout", optim.eval_batch_size, pad_id, device, loss_chunk
             )
             heldout = float(target_loss(per_set, torch.ones_like(per_set), set_weights.cpu()))
             row["heldout_loss"] = heldout
@@ -113,7 +111,7 @@ def fit_gradient(
         step_loss = 0.0
         for _ in range(optim.grad_accum):
             batch = next(batches).to(device)
-            loss = dev_loss(model, stack, z, temperature, batch, set_weights, method, buffers)
+            loss = dev_loss(model, stack, z, temperature, batch, set_weights, loss_chunk)
             loss = loss / optim.grad_accum
             loss.backward()
             step_loss += float(all_reduce_sum(loss.detach().clone()))

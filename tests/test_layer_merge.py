@@ -1,0 +1,316 @@
+"""The per-layer merge against the whole-model reference, across the architectures users fine-tune.
+
+Reference: a plain copy of the base model run by ``functional_call`` with every stacked parameter
+replaced by ``stack.merged(w)`` (the whole merged model, as mergeopt computed it before the
+per-layer merge), its own logits and ``F.cross_entropy``. New path: the model whose stacked
+parameters merge when their module runs, w handed to the mixture buffers, the chunked loss, with
+and without activation checkpointing. Loss and ∂L/∂z must agree to 1e-6 in float32, and ∂L/∂z must
+match central finite differences. The fitted w of the gradient strategy must equal a reference
+Adam loop on the whole-model merge.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+from torch.func import functional_call
+
+from mergeopt import checkpointing
+from mergeopt.config import MergeSection, OptimSection
+from mergeopt.data import Batch, DevSet, Example
+from mergeopt.head_loss import full_logits_losses
+from mergeopt.objectives import per_set_loss_sums, target_loss
+from mergeopt.search.gradient import fit_gradient
+from mergeopt.stack import build_stack
+
+VOCAB = 61
+SMALL = dict(
+    vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4
+)
+
+# one tiny random checkpoint per architecture family mergeopt is used with
+ARCHITECTURES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=2)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=2)),  # q/k/v biases
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(num_key_value_heads=2, head_dim=8)),  # q/k norms
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(num_key_value_heads=2, sliding_window=4)),
+    "gemma2": (  # tied embeddings, final logit soft-capping, attention soft-capping
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        dict(num_key_value_heads=2, head_dim=8, final_logit_softcapping=3.0, attn_logit_softcapping=5.0),
+    ),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(num_key_value_heads=2, pad_token_id=0)),  # fused qkv
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(num_key_value_heads=2)),  # post-norms
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict()),  # Conv1D, learned positions, tied
+}
+
+
+def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
+    config_name, model_name, extra = ARCHITECTURES[arch]
+    if arch == "gpt2":
+        config = transformers.GPT2Config(
+            vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=1, eos_token_id=2
+        )
+    else:
+        config = getattr(transformers, config_name)(**SMALL, max_position_embeddings=32, **extra)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return getattr(transformers, model_name)(config).eval()
+
+
+def perturbed_experts(model: torch.nn.Module, count: int = 3, scale: float = 0.05) -> dict[str, dict]:
+    gen = torch.Generator().manual_seed(7)
+    names = [n for n, _ in model.named_parameters()]
+    params = dict(model.named_parameters())
+    return {
+        f"e{i}": {n: params[n].detach() + scale * torch.randn(params[n].shape, generator=gen) for n in names}
+        for i in range(count)
+    }
+
+
+def padded_batch(seed: int = 0) -> Batch:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (3, 12), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0  # right padding
+    scored = mask.bool().clone()
+    scored[:, :3] = False  # a prompt that is not scored
+    return Batch(input_ids=ids, attention_mask=mask, scored=scored, set_index=torch.tensor([0, 1, 1]))
+
+
+def reference_loss(plain: torch.nn.Module, stack, weights: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """The whole-model merge through the model's own logits."""
+    merged = stack.merged(weights)
+    targets = batch.input_ids[:, 1:].masked_fill(~batch.scored[:, 1:], -100)
+
+    class Loss(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = plain
+
+        def forward(self):
+            return full_logits_losses(self.model, batch.input_ids, batch.attention_mask, targets)
+
+    token = functional_call(Loss(), {f"model.{k}": v for k, v in merged.items()}, args=())
+    scored = batch.scored[:, 1:]
+    sums = token.new_zeros(2).index_add(0, batch.set_index, token.sum(1))
+    counts = token.new_zeros(2).index_add(0, batch.set_index, scored.sum(1).to(token.dtype))
+    return target_loss(sums, counts, torch.tensor([1.0, 2.0]))
+
+
+def per_layer_loss(model, stack, weights, batch, chunk):
+    sums, counts = per_set_loss_sums(model, stack.mix_params(weights), batch, 2, chunk)
+    return target_loss(sums, counts, torch.tensor([1.0, 2.0]))
+
+
+def loss_and_grad(fn, logits):
+    z = logits.clone().requires_grad_(True)
+    loss = fn(torch.softmax(z, 0))
+    loss.backward()
+    return float(loss), z.grad
+
+
+def _built(arch: str, merge: MergeSection | None = None, dtype=torch.float32):
+    base = tiny_model(arch)
+    experts = perturbed_experts(base)
+    plain = copy.deepcopy(base)
+    stack = build_stack(base, experts, dtype=dtype, progress=False, merge=merge, seed=3)
+    return base, plain, stack
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_per_layer_path_equals_the_whole_model_merge(arch):
+    """Loss and ∂L/∂z: chunked loss with and without checkpointing vs the reference, and vs finite differences."""
+    base, plain, stack = _built(arch)
+    assert stack.deltas, "every parameter was perturbed: all must be stacked"
+    if arch in ("gemma2", "gpt2"):  # tied: the output layer reads the embedding's merge
+        assert (
+            base.get_output_embeddings().parametrizations.weight[0]
+            is (base.get_input_embeddings().parametrizations.weight[0])
+        )
+    batch = padded_batch()
+    logits = torch.tensor([0.3, -0.4, 0.2], dtype=torch.float64)
+    want_loss, want_grad = loss_and_grad(lambda w: reference_loss(plain, stack, w, batch), logits)
+    for chunk, checkpointed in [(None, False), (5, False), (5, True), (None, True)]:
+        (checkpointing.enable if checkpointed else checkpointing.disable)(base)
+        got_loss, got_grad = loss_and_grad(
+            lambda w, c=chunk: per_layer_loss(base, stack, w, batch, c), logits
+        )
+        assert abs(got_loss - want_loss) <= 1e-6 * max(1.0, abs(want_loss)), (chunk, checkpointed)
+        torch.testing.assert_close(got_grad, want_grad, atol=1e-6, rtol=1e-5, msg=f"{chunk} {checkpointed}")
+    checkpointing.disable(base)
+    # central finite differences of the per-layer loss in float64 logits
+    eps = 1e-3
+    with torch.no_grad():
+        fd = torch.stack(
+            [
+                (
+                    per_layer_loss(base, stack, torch.softmax(logits + eps * e, 0), batch, 5)
+                    - per_layer_loss(base, stack, torch.softmax(logits - eps * e, 0), batch, 5)
+                )
+                / (2 * eps)
+                for e in torch.eye(3, dtype=torch.float64)
+            ]
+        ).double()
+    torch.testing.assert_close(want_grad, fd, atol=2e-4, rtol=2e-2)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2"])
+def test_one_hot_weights_reproduce_each_expert(arch):
+    base = tiny_model(arch)
+    experts = perturbed_experts(base)
+    plain = copy.deepcopy(base)
+    stack = build_stack(base, experts, progress=False)
+    ids = padded_batch().input_ids
+    for i, state in enumerate(experts.values()):
+        plain.load_state_dict(state, strict=False)
+        with torch.no_grad():
+            want = plain(input_ids=ids).logits
+            got = functional_call(base, stack.mix_params(torch.eye(3)[i]), args=(ids,)).logits
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "merge",
+    [
+        MergeSection(method="ties", scale=1.5, density=0.5),
+        MergeSection(method="dare_linear", density=0.6),
+        MergeSection(method="dare_ties", density=0.6, scale=1.2),
+        MergeSection(method="linear", scale=0.8, mixup_alpha=0.7),
+    ],
+    ids=["ties", "dare_linear", "dare_ties", "mixup"],
+)
+def test_every_merge_method_takes_the_per_layer_path(merge):
+    base, plain, stack = _built("llama", merge)
+    batch = padded_batch(1)
+    logits = torch.tensor([0.1, 0.5, -0.3], dtype=torch.float64)
+    want = loss_and_grad(lambda w: reference_loss(plain, stack, w, batch), logits)
+    checkpointing.enable(base)
+    got = loss_and_grad(lambda w: per_layer_loss(base, stack, w, batch, 4), logits)
+    assert abs(got[0] - want[0]) <= 1e-6 * max(1.0, abs(want[0]))
+    torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bfloat16])
+def test_compressed_stacks_merge_per_layer_as_their_reference(dtype):
+    """An int8 (or bfloat16) stack: the per-layer path equals the whole-model merge of the same stack."""
+    base, plain, stack = _built("qwen2", dtype=dtype)
+    if dtype == torch.int8:
+        assert all(d.dtype == torch.int8 for d in stack.deltas.values()) and stack.scales
+    batch = padded_batch(2)
+    logits = torch.tensor([0.2, 0.1, -0.2], dtype=torch.float64)
+    want = loss_and_grad(lambda w: reference_loss(plain, stack, w, batch), logits)
+    got = loss_and_grad(lambda w: per_layer_loss(base, stack, w, batch, 7), logits)
+    assert abs(got[0] - want[0]) <= 1e-6 * max(1.0, abs(want[0]))
+    torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=1e-5)
+
+
+def test_int8_differences_stay_close_to_float32():
+    """Per-row int8 differences: each dequantised row within half a quantisation step of the truth."""
+    from mergeopt.layer_merge import dequantize_rows, quantize_rows
+
+    gen = torch.Generator().manual_seed(0)
+    deltas = torch.randn(3, 40, 24, generator=gen) * torch.rand(3, 40, 1, generator=gen)
+    q, scale = quantize_rows(deltas)
+    back = dequantize_rows(q, scale)
+    assert q.dtype == torch.int8 and scale.shape == (3, 40)
+    assert ((back - deltas).abs() <= scale[..., None] / 2 + 1e-7).all()
+    vector = torch.randn(2, 17, generator=gen)  # 1-D parameters: one scale per expert
+    q1, s1 = quantize_rows(vector)
+    assert s1.shape == (2, 1)
+    torch.testing.assert_close(dequantize_rows(q1, s1), vector, atol=float(s1.max()) / 2, rtol=0)
+
+
+def _dev_sets(seed: int) -> list[DevSet]:
+    gen = torch.Generator().manual_seed(seed)
+
+    def examples(n):
+        out = []
+        for _ in range(n):
+            ids = torch.randint(3, VOCAB, (10,), generator=gen)
+            scored = torch.ones(10, dtype=torch.bool)
+            scored[:2] = False
+            out.append(Example(ids, scored))
+        return out
+
+    return [DevSet(f"s{i}", 1.0, examples(12), examples(4)) for i in range(2)]
+
+
+def test_fitted_weights_equal_a_reference_adam_loop_on_the_whole_model_merge():
+    """fit_gradient through the per-layer path (checkpointed, chunked loss) vs Adam on the whole merge."""
+    base, plain, stack = _built("llama")
+    checkpointing.enable(base)
+    sets = _dev_sets(5)
+    set_weights = torch.tensor([1.0, 1.0])
+    optim = OptimSection(lr=0.2, steps=6, batch_size=3, eval_every=100, patience=5)
+    z0 = torch.zeros(3, dtype=torch.float64)
+    result = fit_gradient(
+        base,
+        stack,
+        sets,
+        set_weights,
+        optim,
+        1.0,
+        z0,
+        0,
+        0,
+        torch.device("cpu"),
+        progress=False,
+        loss_chunk=6,
+    )
+    from mergeopt.data import training_batches
+
+    z = z0.clone().requires_grad_(True)
+    adam = torch.optim.Adam([z], lr=optim.lr)
+    batches = training_batches(sets, [0, 1], optim.batch_size, 0, 0)
+    for _ in range(optim.steps):
+        batch = next(batches)
+        adam.zero_grad()
+        merged = stack.merged(torch.softmax(z, 0))
+        targets = batch.input_ids[:, 1:].masked_fill(~batch.scored[:, 1:], -100)
+
+        class Loss(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model = plain
+
+            def forward(self, b=batch, t=targets):
+                return full_logits_losses(self.model, b.input_ids, b.attention_mask, t)
+
+        token = functional_call(Loss(), {f"model.{k}": v for k, v in merged.items()}, args=())
+        sums = token.new_zeros(2).index_add(0, batch.set_index, token.sum(1))
+        counts = token.new_zeros(2).index_add(0, batch.set_index, batch.scored[:, 1:].sum(1).to(token.dtype))
+        target_loss(sums, counts, set_weights).backward()
+        adam.step()
+    torch.testing.assert_close(result.logits, z.detach(), atol=1e-6, rtol=0)
+    assert result.steps_run == optim.steps
+
+
+def test_no_merged_copy_of_the_model_is_saved_for_the_backward(monkeypatch):
+    """Autograd keeps a recipe, not the tensor, for every merged weight a module saves: counted by
+    wrapping the per-layer merge's own saved-tensor hook during one forward."""
+    from mergeopt import layer_merge
+
+    base, _, stack = _built("llama")
+    recipes, kept = [], []
+    original = layer_merge._pack
+
+    def counting_pack(tensor):
+        packed = original(tensor)
+        (recipes if isinstance(packed, layer_merge._Recompute) else kept).append(packed)
+        return packed
+
+    monkeypatch.setattr(layer_merge, "_pack", counting_pack)
+    w = torch.softmax(torch.tensor([0.3, -0.1, 0.2], dtype=torch.float64, requires_grad=True), 0)
+    loss = per_layer_loss(base, stack, w, padded_batch(), None)
+    merged_bytes = sum(r.source.anchor.numel() * 4 for r in recipes)
+    # every weight matrix a matmul uses became a recipe (an embedding saves its indices, not its weight)
+    matrices = [n for n, a in stack.anchor.items() if a.dim() == 2 and "embed_tokens" not in n]
+    assert len(recipes) >= len(matrices)
+    assert merged_bytes >= sum(stack.anchor[n].numel() * 4 for n in matrices)
+    assert not any(getattr(t, layer_merge.SOURCE_ATTRIBUTE, None) is not None for t in kept)
+    loss.backward()  # the recipes merge again in the backward
+    assert w.grad is None and loss.grad_fn is not None
