@@ -100,12 +100,11 @@ def measure(variant: str, base_dir: str, experts: dict[str, str], steps: int) ->
     batch = collate([(0, Example(t, scored)) for t in tokens], pad_id=0).to(device)
     z = torch.zeros(NUM_EXPERTS, dtype=torch.float64, device=device, requires_grad=True)
     optimizer = torch.optim.Adam([z], lr=0.1)
-    buffers = stack.allocate_buffers()
     times = []
     for step in range(WARMUP + steps):
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        loss = dev_loss(model, stack, z, 1.0, batch, torch.ones(1), buffers=buffers)
+        loss = dev_loss(model, stack, z, 1.0, batch, torch.ones(1), 1024)
         loss.backward()
         optimizer.step()
         if device.type == "cuda":

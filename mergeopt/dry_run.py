@@ -87,8 +87,23 @@ def _check_experts(base: Checkpoint, experts: dict[str, Checkpoint]) -> None:
             check_compatible(replace(base, tensors={}), replace(expert, tensors={}), name)
 
 
+def random_inventory(recipe: Recipe) -> tuple[Inventory, Dims]:
+    """A ``random://`` world: shapes from its config.json on the meta device, nothing on disk."""
+    from mergeopt import random_world
+
+    config = random_world.check_recipe_paths(recipe.model.base, recipe.model.experts)
+    shapes = random_world.config_shapes(config)
+    source = f"{recipe.model.base}: random weights, shapes from config.json on the meta device"
+    inventory = Inventory(shapes, dict.fromkeys(shapes, 0), source)  # no read buffers: drawn in place
+    return inventory, Dims.from_config(config.to_dict(), recipe.model.base)
+
+
 def read_inventory(recipe: Recipe) -> tuple[Inventory, Dims]:
     """The base's parameters and decoder shapes, from headers and config files only."""
+    from mergeopt.random_world import is_random
+
+    if is_random(recipe.model.base):
+        return random_inventory(recipe)
     if recipe.model.gguf_file:
         base = gguf_base(recipe.model.base, recipe.model.gguf_file, recipe.model.trust_remote_code)
     else:

@@ -232,15 +232,70 @@ def load_merge(
     It shares every step with :func:`load_problem`, so a merge written at the fitted w is the
     model fit scored.
     """
+    from mergeopt.random_world import is_random
+
+    if is_random(recipe.model.base):
+        raise UserError("a random:// world has no tokenizer or checkpoint to write: merge real experts")
     device = distributed.local_device(resolve_device(recipe.device))
     experts, tokenizer = _open_checked(recipe)
     model, stack = _stack_experts(recipe, experts, device, progress)
     return model, stack, tokenizer, input_device(model)
 
 
+def _random_world(recipe: Recipe, device: torch.device, progress: bool):
+    """(model, stack, config) for a ``random://`` base: θ0 built from seeds on the device, experts
+    drawn tensor by tensor while they are stacked; nothing is read from or written to disk."""
+    from mergeopt import random_world
+
+    config = random_world.check_recipe_paths(recipe.model.base, recipe.model.experts)
+    compute_dtype = check_compute_dtype(recipe, device)
+    model = random_world.build_base(config, device, compute_dtype, recipe.world.seed)
+    experts = random_world.random_experts(model, config, recipe.expert_names, recipe.world.seed, device)
+    stack = build_expert_stack(
+        model,
+        recipe.expert_names,
+        experts,
+        {},
+        recipe.model.exclude,
+        DTYPES[recipe.model.stack_dtype],
+        progress,
+        merge=recipe.merge,
+        seed=recipe.seed,
+        compute_dtype=compute_dtype,
+    )
+    if recipe.optim.activation_checkpointing:
+        checkpointing.enable(model)
+    return model, stack, config
+
+
+def _random_dev_sets(recipe: Recipe, vocab: int) -> list[DevSet]:
+    """Seeded token sequences for each dev set of a random world (its paths are random://NAME)."""
+    from mergeopt import random_world
+
+    data, sets = recipe.data, []
+    for d in data.dev:
+        if not random_world.is_random(d.path):
+            raise UserError(f"dev set {d.name!r}: a random:// base takes random:// dev sets, not {d.path}")
+        count = data.max_examples or random_world.DEV_EXAMPLES
+        examples = random_world.random_dev_examples(d.name, vocab, data.max_length, count, recipe.seed)
+        held = round(data.heldout_fraction * count)
+        sets.append(DevSet(name=d.name, weight=d.weight, fit=examples[held:], heldout=examples[:held]))
+    return sets
+
+
 def load_problem(recipe: Recipe, progress: bool = True) -> Problem:
     """Check checkpoints and dev sets first (cheap), then load θ0 and stack the experts."""
     device = distributed.local_device(resolve_device(recipe.device))
+    from mergeopt.random_world import is_random
+
+    if is_random(recipe.model.base):
+        if any(t.kind != "loss" for t in objective_terms(recipe)):
+            raise UserError("a random:// world has no text: its objective can only be dev losses")
+        model, stack, config = _random_world(recipe, device, progress)
+        sets = _random_dev_sets(recipe, config.get_text_config().vocab_size)
+        weights = loss_set_weights(recipe)
+        chunk = _loss_chunk(recipe, model, print if progress else (lambda _m: None))
+        return Problem(model, stack, sets, weights, 0, input_device(model), None, chunk)
     experts, tokenizer = _open_checked(recipe)
     data = recipe.data
     sets = load_dev_sets(recipe, tokenizer)

@@ -76,8 +76,10 @@ def merge_value(
 ) -> torch.Tensor:
     """θ_1 + Σ_{i≥2} w_i δ_i in float32 (or float64 for a float64 anchor), returned in ``dtype``.
 
-    ``rest`` is (w_2 … w_K); ``scales`` (K − 1, rows) dequantises int8 ``deltas`` row by row. The
-    work goes in row chunks, so no float32 copy of all K − 1 differences of a large tensor exists.
+    ``rest`` is (w_2 … w_K); ``scales`` (K − 1, rows) dequantises int8 ``deltas`` row by row. A
+    stack already in the accumulation dtype is merged by one ``addmv``; a narrower one (bfloat16,
+    int8) is upcast one expert row at a time, so the float32 temporaries are two copies of one
+    chunk of the parameter, whatever K is.
     """
     acc = torch.promote_types(anchor.dtype, torch.float32)
     k1 = deltas.shape[0]
@@ -87,15 +89,15 @@ def merge_value(
     w = rest.detach().to(device=anchor.device, dtype=acc)
     result = torch.empty(anchor.shape, dtype=dtype, device=anchor.device)  # not a view: it gets tagged
     out = result.view(rows, -1)
-    for r in _row_chunks(rows, a.shape[1], k1):
-        block = d[:, r].to(acc)
-        if scales is None:
-            merged = torch.addmv(a[r].to(acc).reshape(-1), block.reshape(k1, -1).t(), w).reshape(
-                block.shape[1:]
-            )
+    same = deltas.dtype == acc and scales is None
+    for r in _row_chunks(rows, a.shape[1], k1 if same else 1):
+        if same:
+            merged = torch.addmv(a[r].reshape(-1), d[:, r].reshape(k1, -1).t(), w).reshape(a[r].shape)
         else:
-            coefficients = w[:, None] * scales[:, r].to(acc)  # (K − 1, rows in chunk)
-            merged = a[r].to(acc) + torch.einsum("kr,krc->rc", coefficients, block)
+            merged = a[r].to(acc, copy=True)
+            for i in range(k1):
+                coefficient = w[i] if scales is None else w[i] * scales[i, r].to(acc)[:, None]
+                merged.add_(d[i, r].to(acc) * coefficient)
         out[r] = merged.to(dtype)
     return result
 
@@ -109,13 +111,18 @@ def contract(
     g = grad.reshape(rows, -1)
     d = deltas.reshape(k1, rows, -1)
     total = torch.zeros(k1, dtype=acc, device=grad.device)
-    for r in _row_chunks(rows, g.shape[1], k1):
-        block = d[:, r].to(acc)
-        if scales is None:
-            total += block.reshape(k1, -1) @ g[r].to(acc).reshape(-1)
-        else:
-            per_row = torch.einsum("krc,rc->kr", block, g[r].to(acc))
-            total += (per_row * scales[:, r].to(acc)).sum(dim=1)
+    same = deltas.dtype == acc and scales is None
+    for r in _row_chunks(rows, g.shape[1], k1 if same else 1):
+        gr = g[r].to(acc)
+        if same:
+            total += d[:, r].reshape(k1, -1) @ gr.reshape(-1)
+            continue
+        for i in range(k1):
+            if scales is None:
+                total[i] += torch.dot(d[i, r].to(acc).reshape(-1), gr.reshape(-1))
+            else:
+                per_row = (d[i, r].to(acc) * gr).sum(dim=1)
+                total[i] += torch.dot(per_row, scales[i, r].to(acc))
     return total
 
 

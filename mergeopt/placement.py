@@ -31,10 +31,12 @@ GIB = 2**30
 def cost_factor(num_experts: int, stack_dtype: str) -> float:
     """Bytes a stacked parameter costs on its device per byte of its float32 weight.
 
-    The model's float32 weight (4), the stack's float32 anchor (4) and K − 1 differences in the
-    stack dtype; excluded parameters cost only their weight, so the factor is an upper bound.
+    The stack's anchor (bfloat16 for an int8 stack: the compute dtype on a GPU) and K − 1
+    differences in the stack dtype; θ0 of a stacked parameter is not kept and merged weights exist
+    one layer at a time. Excluded parameters cost only their weight, so the factor is an upper bound.
     """
-    return (4 + 4 + (num_experts - 1) * DTYPES[stack_dtype].itemsize) / 4
+    anchor = 2 if stack_dtype == "int8" else DTYPES[stack_dtype].itemsize
+    return (anchor + (num_experts - 1) * DTYPES[stack_dtype].itemsize) / 4
 
 
 def reserve_per_gpu(activations: int, gpus: int) -> int:

@@ -2,11 +2,15 @@
 
 What a fit holds, in bytes (P parameters, S of them stacked, K experts; see :mod:`mergeopt.stack`):
 
-* for the whole run: the base model in float32 (4P; ``load_problem`` loads it so), the stack's
-  anchor in float32 (4S) and its K − 1 differences in ``model.stack_dtype``; the merge writes into
-  the model's own storage (0) and Adam keeps 4 float64 numbers per logit (32K);
+* for the whole run: the parameters that are not stacked in the compute dtype (c(P − S)); the
+  stack's anchor (S, in ``model.stack_dtype``; the compute dtype for int8) and its K − 1
+  differences (int8: one byte each plus a float32 scale per expert and row); θ0 of the stacked
+  parameters is not kept, and no merged copy exists (each layer merges as it runs,
+  :mod:`mergeopt.layer_merge`); Adam keeps 4 float64 numbers per logit (32K);
 * on top, one phase at a time (the plan takes the largest): stacking (temporaries of the largest
-  tensor), a training micro-step of the gradient strategy, an evaluation batch (no grad).
+  tensor), a training micro-step of the gradient strategy (activations in the compute dtype, all
+  layers' or, with activation checkpointing, their inputs and one layer's; the chunked loss; one
+  layer's merge in flight), an evaluation batch (no grad).
 
 Everything here is arithmetic on shapes, so it runs for a 16B model on a laptop; where the shapes
 come from (safetensors headers or config.json) is :mod:`mergeopt.dry_run`'s job. Which parameters
@@ -136,101 +140,179 @@ class MemoryPlan:
 # ----------------------------------------------------------------------------- phases
 
 
-def stacking_bytes(recipe: Recipe, num_experts: int, numel: int, source_bytes: int) -> int:
+def compute_itemsize(recipe: Recipe, device: str) -> int:
+    """Bytes per element of ``model.compute_dtype`` on the planned device (auto: bfloat16 on CUDA)."""
+    name = recipe.model.compute_dtype
+    if name == "auto":
+        name = "bfloat16" if device.startswith("cuda") else "float32"
+    return DTYPES[name].itemsize
+
+
+def anchor_itemsize(recipe: Recipe, compute: int) -> int:
+    """The anchor is stored in the stack dtype; an int8 stack keeps it in the compute dtype."""
+    return compute if recipe.model.stack_dtype == "int8" else DTYPES[recipe.model.stack_dtype].itemsize
+
+
+def stacking_bytes(recipe: Recipe, num_experts: int, numel: int, source_bytes: int, compute: int = 4) -> int:
     """Temporaries while one tensor of ``numel`` elements is stacked (build_stack's largest moment).
 
-    Per element, measured on this code: the anchor form (linear, scale 1) holds one expert tensor
-    in float32, its difference and the boolean masks of its checks (11 bytes), plus the buffer it
-    was read into in its on-disk dtype. Other merges hold the K task vectors in float32 (4K) plus what their
-    prepare makes (TIES: trimmed copy, signs, mask, products, 9K + 4; DARE: a drop mask, 12) and,
-    for a narrower stack dtype, the float32 differences before the cast (4(K − 1)).
+    Per element, measured on this code: the anchor form (linear, scale 1) holds the parameter's θ0
+    upcast to float32 (none when it is float32 already), one expert tensor in float32, its
+    difference and the boolean masks of its checks (11 bytes), plus the buffer it was read into in
+    its on-disk dtype, and the anchor's cast to its storage dtype; an int8 stack first holds the
+    K − 1 float32 differences and their quantisation temporaries (7(K − 1) + 1, measured). Other merges hold the K task vectors in float32 (4K)
+    plus what their prepare makes (TIES: trimmed copy, signs, mask, products, 9K + 4; DARE: a drop
+    mask, 12) and, for a narrower stack dtype, the float32 differences before the cast (4(K − 1)).
     """
     method, k = recipe.merge.method, num_experts
+    upcast = 0 if compute == FLOAT32 else FLOAT32
+    anchor = anchor_itemsize(recipe, compute)
+    upcast += anchor if anchor != FLOAT32 else 0  # the anchor's cast to its storage dtype
+    int8 = 7 * (k - 1) + 1 if recipe.model.stack_dtype == "int8" else 0
     if method == "linear" and recipe.merge.scale == 1.0:
-        return numel * (11 + source_bytes)
+        return numel * (11 + source_bytes + upcast + int8)
     extra = {"linear": 0, "dare_linear": 12}.get(method, 9 * k + 4)
     cast = 4 * (k - 1) if recipe.model.stack_dtype != "float32" else 0
-    return numel * (4 * k + extra + cast + source_bytes)
+    return numel * (4 * k + extra + cast + source_bytes + upcast + int8)
 
 
-def saved_activation_bytes(dims: Dims, batch: int, length: int) -> int:
-    """Bytes a Llama forward saves for backward in float32, for ``batch`` right-padded sequences.
+def norm_bytes(compute: int) -> int:
+    """Bytes an RMSNorm saves per hidden unit, measured: float32 keeps input, normalised value and
+    output (12); in 16 bits the float32 copy of the input, the normalised value and its cast (10)."""
+    return 12 if compute == FLOAT32 else 10
 
-    Per layer and token: the two RMSNorms keep their input, normalised input and output (6h) and a
-    reciprocal RMS each (2); attention keeps q and its output (2·heads·head_dim), k and v repeated
-    to every head (2·heads·head_dim: with padding, transformers' SDPA path repeats grouped kv
-    heads) and a log-sum-exp per head; the gated MLP keeps gate, its activation, up and their
-    product (4·intermediate). Per layer and sequence, SDPA keeps the padding mask as a float
-    (length²). After the last layer: the final norm (3h + 1 per token), rotary cos/sin and the
-    token ids (int64, inputs and shifted targets).
+
+def layer_activation_bytes(dims: Dims, batch: int, length: int, compute: int) -> int:
+    """Bytes one decoder layer's forward saves for backward, for ``batch`` right-padded sequences.
+
+    Per token: each of the two RMSNorms keeps :func:`norm_bytes` per hidden unit and a reciprocal
+    RMS; attention keeps q and its output (2·heads·head_dim), k and v repeated to every
+    head (2·heads·head_dim: with padding, transformers' SDPA path repeats grouped kv heads) and a
+    log-sum-exp per head; the gated MLP keeps gate, its activation, up and their product
+    (4·intermediate). Per sequence, SDPA keeps the padding mask (length²), in the compute dtype.
     """
     d, tokens = dims, batch * length
-    per_token = 6 * d.hidden + 4 * d.heads * d.head_dim + 4 * d.intermediate + 2 + d.heads
-    per_layer = FLOAT32 * (tokens * per_token + batch * length * length)
-    final = FLOAT32 * tokens * (3 * d.hidden + 1) + 2 * FLOAT32 * length * d.head_dim
+    norms = 2 * (norm_bytes(compute) * d.hidden + FLOAT32)
+    matmuls = compute * (4 * d.heads * d.head_dim + 4 * d.intermediate) + FLOAT32 * d.heads
+    return tokens * (norms + matmuls) + compute * batch * length * length
+
+
+def saved_activation_bytes(dims: Dims, batch: int, length: int, compute: int = FLOAT32) -> int:
+    """Bytes a Llama forward saves for backward: every layer's (:func:`layer_activation_bytes`),
+    then the final norm, rotary cos/sin and the token ids (int64, inputs and shifted targets)."""
+    d, tokens = dims, batch * length
+    final = tokens * (norm_bytes(compute) * d.hidden + FLOAT32)
+    rotary = 2 * compute * length * d.head_dim
     ids = 8 * tokens + 8 * batch * (length - 1)
-    return d.layers * per_layer + final + ids
+    return d.layers * layer_activation_bytes(dims, batch, length, compute) + final + rotary + ids
 
 
 def logits_bytes(dims: Dims, batch: int, length: int) -> int:
-    """The float32 logits, their shifted copy and log-softmax: three (B, L, V) tensors at once.
-
-    At the end of the forward the loss holds all three; in the backward the log-softmax output, its
-    gradient and the logits' gradient take their place.
-    """
+    """Whole logits (a model whose logits the chunked loss cannot reproduce): the float32 logits,
+    their shifted copy and log-softmax, three (B, L, V) tensors at once."""
     return FLOAT32 * dims.vocab * batch * (3 * length - 2)
 
 
-def upcast_bytes(recipe: Recipe, num_experts: int, largest: int) -> int:
-    """The merge kernel casts K − 1 differences to float32 one column chunk at a time (none for a
-    float32 stack): at most ``mergeopt.methods.linear.CHUNK`` columns of the largest parameter."""
-    from mergeopt.methods.linear import CHUNK
+def head_bytes(recipe: Recipe, dims: Dims, batch: int, length: int, compute: int, merged_head: bool) -> int:
+    """The chunked loss's largest moment, in its backward: one chunk's float32 logits and their
+    gradient and the temporary between them (three chunk × V tensors), the hidden states' copy
+    and gradient and, when the output layer
+    is merged, its weight formed again and its float32 gradient (contracted with the differences
+    right after)."""
+    chunk = min(recipe.optim.loss_chunk_tokens, batch * (length - 1))
+    weight = dims.vocab * dims.hidden
+    cast = compute if compute != FLOAT32 else 0
+    merged = (compute + FLOAT32 + cast) * weight if merged_head else 0
+    return 3 * FLOAT32 * chunk * dims.vocab + 2 * compute * batch * length * dims.hidden + merged
 
-    if recipe.model.stack_dtype == "float32":
-        return 0
-    return FLOAT32 * (num_experts - 1) * min(largest, CHUNK)
+
+def _kernel_bytes(recipe: Recipe, largest: int, compute: int) -> int:
+    """The merge kernel's float32 temporaries for one chunk of a parameter: the float32 merge; for a
+    stack narrower than float32 (or int8) also one expert row upcast and its product, one at a time."""
+    from mergeopt.layer_merge import CHUNK
+
+    k1 = len(recipe.model.experts) - 1
+    same = recipe.model.stack_dtype == "float32" and anchor_itemsize(recipe, compute) == FLOAT32
+    block = min(largest, CHUNK // max(1, k1) if same else CHUNK)
+    cast = compute if compute != FLOAT32 else 0
+    return (FLOAT32 * (1 if same else 3) + cast) * block
+
+
+def merge_bytes(recipe: Recipe, num_experts: int, largest: int, compute: int) -> int:
+    """One parameter's per-layer merge in flight in a training step: its merged value and its
+    gradient (compute dtype) and the kernel's float32 temporaries."""
+    del num_experts  # the kernel's temporaries do not grow with K
+    return 2 * compute * largest + _kernel_bytes(recipe, largest, compute)
 
 
 def training_bytes(
-    recipe: Recipe, dims: Dims, batch: int, stacked: int, largest: int, num_experts: int, rank_sum: int = 0
-) -> tuple[int, int]:
-    """(activations peak, backward end) of one micro-step of the gradient strategy.
+    recipe: Recipe,
+    dims: Dims,
+    batch: int,
+    largest: int,
+    num_experts: int,
+    compute: int = FLOAT32,
+    layer_params: int = 0,
+    merged_head: bool = True,
+    rank_sum: int = 0,
+) -> int:
+    """The peak of one micro-step of the gradient strategy (forward, then backward).
 
-    Activations: the saved activations and the boolean padding mask the model builds (length² per
-    sequence), plus the larger of the logits at the end of the forward and the backward's working
-    set in the last MLP (two intermediate-sized gradients per token, the gradients of lm_head and
-    one MLP weight, which wait for the merge). The backward ends holding the float32 gradient of
-    every stacked parameter at once: the merge's autograd nodes were created before the forward,
-    so autograd runs them last, after every weight gradient exists; the first of them also
-    upcasts its differences. In between, layer activations are freed as layer gradients appear,
-    so the larger of the two is the step's peak. LoRA experts kept low-rank add, per adapted
-    module, the rank-Σr activations x·Aᵀ and their reweighted copy (``rank_sum`` is Σr summed over
-    modules and experts).
+    Without activation checkpointing every layer's saved activations are held when the backward
+    starts. With it, only each layer's input (tokens × hidden) is held, and the backward runs one
+    layer at a time again: that layer's activations plus its merged weights (``layer_params``
+    elements in the compute dtype) are added. On top: the chunked loss's backward, one parameter's
+    merge in flight and the attention mask the model builds (length² booleans per sequence). LoRA
+    experts kept low-rank add, per adapted module, the rank-Σr activations x·Aᵀ and their
+    reweighted copy (``rank_sum`` is Σr summed over modules and experts).
     """
     d, length = dims, recipe.data.max_length
+    tokens = batch * length
     mask = batch * length * length
-    last_mlp = FLOAT32 * (
-        2 * batch * length * d.intermediate + d.vocab * d.hidden + d.hidden * d.intermediate
-    )
-    head = max(logits_bytes(dims, batch, length), last_mlp)
-    lowrank = 2 * FLOAT32 * batch * length * rank_sum
-    forward = saved_activation_bytes(dims, batch, length) + mask + head + lowrank
-    backward = FLOAT32 * stacked + upcast_bytes(recipe, num_experts, largest)
-    return forward, backward
+    lowrank = 2 * compute * tokens * rank_sum
+    head = head_bytes(recipe, d, batch, length, compute, merged_head)
+    gradients = 2 * compute * tokens * d.intermediate  # a layer's backward: two activation gradients
+    merge = merge_bytes(recipe, num_experts, largest, compute)
+    if recipe.optim.activation_checkpointing:
+        one_layer = layer_activation_bytes(d, batch, length, compute)
+        outside = saved_activation_bytes(d, batch, length, compute) - d.layers * one_layer
+        saved = d.layers * compute * tokens * d.hidden + outside  # each layer's input
+        # the layer being recomputed: its activations, its merged weights, its backward
+        layer = one_layer + compute * layer_params + gradients + merge - 2 * compute * largest
+    else:
+        saved = saved_activation_bytes(d, batch, length, compute)
+        layer = gradients + merge
+    return saved + mask + lowrank + max(head, layer)
 
 
-def evaluation_bytes(recipe: Recipe, dims: Dims, largest: int, num_experts: int) -> int:
+def merge_evaluation_bytes(recipe: Recipe, largest: int, compute: int) -> int:
+    """One parameter merged without autograd: its value and the kernel's float32 temporaries."""
+    return compute * largest + _kernel_bytes(recipe, largest, compute)
+
+
+def evaluation_bytes(
+    recipe: Recipe,
+    dims: Dims,
+    largest: int,
+    num_experts: int,
+    compute: int = FLOAT32,
+    merged_head: bool = True,
+) -> int:
     """One no-grad evaluation batch of ``optim.eval_batch_size`` sequences of ``data.max_length``.
 
-    The largest of: the logits with their shifted copy and log-softmax; a layer's working set
-    (4 hidden-sized and 3 intermediate-sized float32 tensors per token, the boolean and float
-    padding masks per sequence); the merge's float32 upcast of one parameter's differences.
-    Generation (exact_match) keeps a KV cache that is smaller than these logits.
+    The residual stream (tokens × hidden) plus the largest of: one chunk of the loss (its float32
+    logits and the log-sum-exp temporary) with the output layer's merged weight; a layer's working
+    set (4 hidden-sized and 3 intermediate-sized tensors per token in the compute dtype, the
+    boolean and float padding masks per sequence); one parameter's merge (merged while it runs).
+    Generation (exact_match) holds a merged copy of the stacked parameters instead (see the README).
     """
     batch, length = recipe.optim.eval_batch_size, recipe.data.max_length
     tokens = batch * length
-    layer = FLOAT32 * tokens * (4 * dims.hidden + 3 * dims.intermediate) + 5 * batch * length * length
-    return max(logits_bytes(dims, batch, length), layer, upcast_bytes(recipe, num_experts, largest))
+    chunk = min(recipe.optim.loss_chunk_tokens, tokens)
+    head = 2 * FLOAT32 * chunk * dims.vocab + (compute * dims.vocab * dims.hidden if merged_head else 0)
+    layer = compute * tokens * (4 * dims.hidden + 3 * dims.intermediate) + 5 * batch * length * length
+    merge = merge_evaluation_bytes(recipe, largest, compute)
+    return compute * tokens * dims.hidden + max(head, layer, merge)
 
 
 def _training_batch(recipe: Recipe) -> int:
@@ -255,6 +337,32 @@ def plan_memory(recipe: Recipe, inventory: Inventory, dims: Dims, memory: Device
     return replace(plan, suggestions=tuple(saved), combined_peak=combined)
 
 
+LAYER_INDEX = re.compile(r"\.(\d+)\.")
+OUTPUT_LAYER = re.compile(r"(^|\.)(lm_head|embed_out|output)\.weight$")
+
+
+def _largest_layer(names: Sequence[str], inventory: Inventory) -> int:
+    """Elements of the stacked parameters of the largest decoder layer (numbered modules)."""
+    layers: dict[str, int] = {}
+    for name in names:
+        match = LAYER_INDEX.search(name)
+        if match:
+            layers[match.group(1)] = layers.get(match.group(1), 0) + inventory.numel(name)
+    return max(layers.values(), default=0)
+
+
+def _output_layer_merged(stacked: Sequence[str], inventory: Inventory) -> bool:
+    """Whether the output layer reads the merge: stacked itself, or tied to a stacked embedding."""
+    if any(OUTPUT_LAYER.search(n) for n in inventory.shapes):
+        return any(OUTPUT_LAYER.search(n) for n in stacked)
+    return any("emb" in n or "wte" in n for n in stacked)
+
+
+def _rows(inventory: Inventory, names: Sequence[str]) -> int:
+    """Rows of the int8 scales: the first dimension of each tensor (one for a vector)."""
+    return sum(inventory.shapes[n][0] if len(inventory.shapes[n]) >= 2 else 1 for n in names)
+
+
 def _plan(recipe: Recipe, inventory: Inventory, dims: Dims, memory: DeviceMemory) -> MemoryPlan:
     """Byte rows from the inventory; no suggestions (they re-plan with changed recipes)."""
     k = len(recipe.model.experts)
@@ -270,34 +378,59 @@ def _plan(recipe: Recipe, inventory: Inventory, dims: Dims, memory: DeviceMemory
     s = sum(inventory.numel(n) for n in stacked)
     largest = max((inventory.numel(n) for n in stacked), default=0)
     dtype = recipe.model.stack_dtype
+    compute = compute_itemsize(recipe, memory.device)
+    compute_name = next(n for n in ("float32", "bfloat16") if DTYPES[n].itemsize == compute)
+    if recipe.model.compute_dtype == "float16":
+        compute_name = "float16"
+    anchor = anchor_itemsize(recipe, compute)
+    anchor_name = compute_name if dtype == "int8" else dtype
     rank_sum = sum(a.rank_sum for a in adapters.values()) if lowrank else 0
-    # A and B in the stack dtype, plus per rank column its expert (int64) and scaling (float32)
-    factors = sum(a.numel for a in adapters.values()) * DTYPES[dtype].itemsize + rank_sum * (8 + 4)
+    factor_dtype = DTYPES[anchor_name]
+    # A and B in the stack's float dtype, plus per rank column its expert (int64) and scaling (float32)
+    factors = sum(a.numel for a in adapters.values()) * factor_dtype.itemsize + rank_sum * (8 + 4)
+    scales = (k - 1) * _rows(inventory, stacked) * FLOAT32 if dtype == "int8" else 0
     held = (
-        Row("base model, float32, every parameter", FLOAT32 * params),
-        Row("stack anchor θ_1, float32", FLOAT32 * s),
-        Row(f"stack differences, {k - 1} x {dtype}", (k - 1) * s * DTYPES[dtype].itemsize),
+        Row(f"model parameters not stacked, {compute_name}", compute * (params - s)),
+        Row(f"stack anchor θ_1, {anchor_name}", anchor * s),
+        Row(
+            f"stack differences, {k - 1} x {dtype}" + (" with per-row scales" if scales else ""),
+            (k - 1) * s * DTYPES[dtype].itemsize + scales,
+        ),
         *(
-            [Row(f"LoRA factors of {len(adapters)} expert(s), {dtype}, kept low-rank", factors)]
+            [Row(f"LoRA factors of {len(adapters)} expert(s), {anchor_name}, kept low-rank", factors)]
             if lowrank
             else []
         ),
-        Row("merge buffers (the model's own storage)", 0),
         Row(f"optimizer: Adam on {k} float64 logits", 4 * 8 * k),
     )
     biggest = max(stacked, key=inventory.numel, default=None)
     source = inventory.source_bytes[biggest] if biggest else FLOAT32
-    phases = [Row("stacking: temporaries of the largest tensor", stacking_bytes(recipe, k, largest, source))]
+    phases = [
+        Row(
+            "stacking: temporaries of the largest tensor", stacking_bytes(recipe, k, largest, source, compute)
+        )
+    ]
     batch = f"evaluation batch {recipe.optim.eval_batch_size} x {recipe.data.max_length} tokens"
     if recipe.search.strategy == "gradient":
         train = _training_batch(recipe)
-        forward, backward = training_bytes(recipe, dims, train, s, largest, k, rank_sum)
-        phases += [
-            Row("training step: activations, logits or last-layer gradients", forward),
-            Row("training step, backward end: float32 gradients of the stack", backward),
-        ]
+        step = training_bytes(
+            recipe,
+            dims,
+            train,
+            largest,
+            k,
+            compute,
+            _largest_layer(stacked, inventory),
+            _output_layer_merged(stacked, inventory),
+            rank_sum,
+        )
+        how = "checkpointed" if recipe.optim.activation_checkpointing else "every activation kept"
+        phases.append(Row(f"training step, {compute_name}, {how}", step))
         batch = f"micro-batch {train} x {recipe.data.max_length} tokens; {batch}"
-    phases.append(Row("evaluation batch, no grad", evaluation_bytes(recipe, dims, largest, k)))
+    merged_head = _output_layer_merged(stacked, inventory)
+    phases.append(
+        Row("evaluation batch, no grad", evaluation_bytes(recipe, dims, largest, k, compute, merged_head))
+    )
     return MemoryPlan(
         memory, k, params, len(names), s, len(stacked), len(names) - len(stacked), held, tuple(phases), batch
     )
@@ -324,8 +457,15 @@ def _halvings(size: int) -> list[int]:
 def _knob_groups(recipe: Recipe, inventory: Inventory) -> list[list[Knob]]:
     """The knobs worth trying; each group goes from its mildest setting to its strongest."""
     groups: list[list[Knob]] = []
-    if recipe.model.stack_dtype == "float32":
-        groups.append([("model.stack_dtype=bfloat16", "model", {"stack_dtype": "bfloat16"})])
+    narrower = {"float32": ["bfloat16", "int8"], "bfloat16": ["int8"], "float16": ["int8"]}
+    groups.append(
+        [
+            (f"model.stack_dtype={d}", "model", {"stack_dtype": d})
+            for d in narrower.get(recipe.model.stack_dtype, [])
+        ]
+    )
+    if recipe.search.strategy == "gradient" and not recipe.optim.activation_checkpointing:
+        groups.append([("optim.activation_checkpointing=true", "optim", {"activation_checkpointing": True})])
     patterns = [re.compile(p) for p in recipe.model.exclude]
     stacked = [n for n in inventory.shapes if not _excluded(n, patterns)]
     embeddings = [p for p in EMBEDDING_PATTERNS if any(re.search(p, n) for n in stacked)]

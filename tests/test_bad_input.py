@@ -260,6 +260,21 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         lambda w, t: [_recipe(w, t), "device=cuda"],
         "CUDA is not available",
     ),
+    "compute dtype the device cannot run": (
+        "recipe",
+        "fit",
+        lambda w, t: [_recipe(w, t), "device=cpu", "model.compute_dtype=float16"],
+        "model.compute_dtype float16 cannot run on the CPU",
+    ),
+    "random base with a checkpoint expert": (
+        "recipe",
+        "fit",
+        lambda w, t: [
+            _recipe(w, t),
+            f"model.base=random://{REPO / 'tests' / 'data' / 'configs' / 'llama-100m.json'}",
+        ],
+        "a random:// base takes random:// experts",
+    ),
     # checkpoints
     "base directory missing": (
         "checkpoint",

@@ -72,9 +72,11 @@ def test_8b_that_cannot_fit_is_refused_not_offloaded(meta_8b):
     assert "model.stack_dtype" in message
 
 
-def test_cost_factor_counts_weight_anchor_and_differences():
-    assert placement.cost_factor(4, "float32") == (4 + 4 + 3 * 4) / 4
-    assert placement.cost_factor(8, "bfloat16") == (4 + 4 + 7 * 2) / 4
+def test_cost_factor_counts_anchor_and_differences():
+    """θ0 of a stacked parameter is not kept (its module reads the merge): anchor + K − 1 rows."""
+    assert placement.cost_factor(4, "float32") == (4 + 3 * 4) / 4
+    assert placement.cost_factor(8, "bfloat16") == (2 + 7 * 2) / 4
+    assert placement.cost_factor(8, "int8") == (2 + 7 * 1) / 4
 
 
 @pytest.mark.parametrize(
