@@ -161,10 +161,9 @@ def test_exact_match_objective_scores_equal_a_direct_evaluation(tiny_world, tmp_
     )
     problem = load_problem(recipe, progress=False)
     w = torch.tensor([mixture["weights"]["arith"], mixture["weights"]["markov"]])
-    with torch.no_grad():
-        problem.stack.merged(w, out=problem.stack.allocate_buffers())
     records = [ex.record for ex in problem.sets[0].fit]
-    direct = metrics.exact_match(problem.model, problem.tokenizer, records, 5, 7, problem.device)
+    with problem.stack.at(w) as merged:  # the model at w for plain calls (generation)
+        direct = metrics.exact_match(merged, problem.tokenizer, records, 5, 7, problem.device)
     assert direct == scores["fitted"]["fit"]["exact_match:arith"]
 
 

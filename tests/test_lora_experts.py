@@ -98,10 +98,9 @@ def test_written_merge_of_lora_experts_has_the_in_memory_logits(lora_world, tmp_
     tree["model"]["experts"] = lora_world["dense"]
     problem = load_problem(recipe_from_dict(tree), progress=False)
     tokens = torch.randint(4, 50, (2, 10), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        problem.stack.merged(torch.tensor([0.5, 0.3, 0.2]), out=problem.stack.allocate_buffers())
+    with torch.no_grad(), problem.stack.at(torch.tensor([0.5, 0.3, 0.2])) as merged:
         torch.testing.assert_close(
-            written(input_ids=tokens).logits, problem.model(input_ids=tokens).logits, atol=1e-5, rtol=1e-5
+            written(input_ids=tokens).logits, merged(input_ids=tokens).logits, atol=1e-5, rtol=1e-5
         )
 
 
@@ -172,7 +171,8 @@ def test_dry_run_plans_lora_experts_exactly(lora_world, tmp_path, dtype, mixed):
     if mixed:  # exact but for the tensors equal in every expert, which no header can reveal
         model = dict(problem.model.named_parameters())
         equal = sum(model[n].numel() for n in stack.unchanged)
-        per_element = 4 + (len(experts) - 1) * torch.tensor([], dtype=getattr(torch, dtype)).element_size()
+        size = torch.tensor([], dtype=getattr(torch, dtype)).element_size()
+        per_element = size + (len(experts) - 1) * size  # the anchor is stored in the stack dtype too
         assert dense_rows == stack.nbytes() - stack.lowrank.nbytes() + per_element * equal
     else:
         assert dense_rows == 0 and p.stacked_parameters == stack.num_stacked_parameters() == 0

@@ -63,7 +63,7 @@ def _paths(world, dtype=torch.float32):
 
 
 def _dense_logits(model, stack, w):
-    return functional_call(model, stack.merged(w), args=(), kwargs={"input_ids": TOKENS}).logits
+    return functional_call(model, stack.mix_params(w), args=(), kwargs={"input_ids": TOKENS}).logits
 
 
 def _lowrank_logits(model, lowrank, w):

@@ -1,7 +1,7 @@
 """mergeopt.merge: the checkpoint it writes, loaded back by transformers, against the in-memory merge.
 
 The truth for every written checkpoint is fit's own merge of the same recipe: the logits of
-``functional_call(model, stack.merged(w))``, compared with those of
+``functional_call(model, stack.mix_params(w))`` (each layer merging as it runs), compared with those of
 ``AutoModelForCausalLM.from_pretrained(DIR)`` on one batch of token ids (linear, TIES, DARE with
 mixup, sharded). A linear merge is also checked tensor by tensor against Σ w_i θ_i read straight from
 the experts, one-hot weights against the expert's own logits, and a tiny-world fit's mixture.json
@@ -62,12 +62,12 @@ def token_batch(vocab_size: int, seed: int = 0) -> torch.Tensor:
 
 
 def in_memory_logits(recipe_path: Path, weights: dict, ids: torch.Tensor, overrides=()) -> torch.Tensor:
-    """fit's merge: the stack's merged tensors handed to functional_call, the model left at θ0."""
+    """fit's merge: the model whose layers merge as they run, with w handed to functional_call."""
     recipe, _ = resolve_recipe(load_recipe(recipe_path, overrides), lambda _m: None)
     model, stack, _, _ = load_merge(recipe, progress=False)
     w = torch.tensor([weights[n] for n in stack.expert_names], dtype=torch.float64)
     with torch.no_grad():
-        return functional_call(model, stack.merged(w), (ids,)).logits
+        return functional_call(model, stack.mix_params(w), (ids,)).logits
 
 
 def written_logits(path: Path | str, ids: torch.Tensor) -> torch.Tensor:
