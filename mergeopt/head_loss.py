@@ -3,8 +3,9 @@
 At Llama-3's 128k vocabulary the float32 logits of 8 × 1,024 tokens are 4 GiB, and a plain
 ``cross_entropy`` keeps three such tensors at once (logits, log-softmax, its gradient). Here the
 output layer and the loss run over ``chunk`` tokens at a time. The forward keeps only each
-token's log-sum-exp; the backward forms each chunk's logits again and turns them into the
-gradients of the hidden states and (when the output layer is merged) of its weight. This is the
+token's log-sum-exp and the last chunk's ∂loss/∂logits; the backward forms the other chunks'
+logits again and turns them into the gradients of the hidden states and (when the output layer is
+merged) of its weight. This is the
 method of torchtune's chunked loss and Liger-Kernel's fused linear cross-entropy; it is written
 here because Liger's kernels need Triton on a GPU, the fit runs on CPU too, and the output
 layer's weight must go through the per-layer merge's recompute (:mod:`mergeopt.layer_merge`).
@@ -53,13 +54,21 @@ class Head:
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
-    """Per-token cross-entropy of ``hidden`` (N, H) against ``targets`` (N,), ``chunk`` rows at a time."""
+    """Per-token cross-entropy of ``hidden`` (N, H) against ``targets`` (N,), ``chunk`` rows at a time.
+
+    The backward forms each chunk's logits again, except the last chunk's: the forward keeps that
+    chunk's ∂loss/∂logits (one chunk × V in float32, no more than the backward of any chunk holds)
+    and the backward takes it first and frees it. So a batch that fits in one chunk runs the output
+    layer three times, as a plain step does, not four.
+    """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, head: Head, chunk: int):
         n = hidden.shape[0]
         losses = torch.zeros(n, dtype=torch.float32, device=hidden.device)
         lse = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+        keep_last = any(ctx.needs_input_grad[:3])
+        ctx.last = None
         for start in range(0, n, chunk):
             rows = slice(start, min(start + chunk, n))
             logits = head.logits(hidden[rows], weight, bias)
@@ -68,6 +77,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             keep = t != IGNORE_INDEX
             picked = logits.gather(1, t.clamp_min(0)[:, None])[:, 0]
             losses[rows] = torch.where(keep, lse[rows] - picked, torch.zeros_like(picked))
+            if keep_last and rows.stop == n:
+                ctx.last = (rows, _logit_gradient(logits, lse[rows], t, head))
             del logits
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.head, ctx.chunk = head, chunk
@@ -80,40 +91,53 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         head, chunk = ctx.head, ctx.chunk
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
-        grad_weight = (
-            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
-        )
+        grad_weight = None  # float32, formed by the first chunk's product and accumulated into
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
-        for start in range(0, hidden.shape[0], chunk):
-            rows = slice(start, min(start + chunk, hidden.shape[0]))
+        n = hidden.shape[0]
+        last, ctx.last = ctx.last, None
+        starts = list(range(0, n, chunk))
+        if last is not None:  # its gradient factor came from the forward: take it first, then free it
+            starts = [last[0].start] + starts[:-1]
+        for start in starts:
+            rows = slice(start, min(start + chunk, n))
             h, t = hidden[rows], targets[rows]
-            g = torch.where(t != IGNORE_INDEX, grad_losses[rows].float(), torch.zeros_like(lse[rows]))
-            y = F.linear(h, weight, bias).float()
-            z = y * head.scale if head.scale != 1.0 else y
-            if head.softcap is not None:
-                capped = torch.tanh(z / head.softcap)
-                logits = capped * head.softcap
+            if last is not None and rows == last[0]:
+                d, last = last[1], None
             else:
-                logits = z
-            d = torch.exp(logits - lse[rows][:, None])  # softmax, then minus the one-hot of the target
-            d[torch.arange(d.shape[0], device=d.device), t.clamp_min(0)] -= 1.0
+                d = _logit_gradient(head.logits(h, weight, bias), lse[rows], t, head)
+            g = torch.where(t != IGNORE_INDEX, grad_losses[rows].float(), torch.zeros_like(lse[rows]))
             d *= g[:, None]
-            if head.softcap is not None:
-                d *= 1.0 - capped * capped
-            if head.scale != 1.0:
-                d *= head.scale
             if need_hidden:
                 grad_hidden[rows] = (d.to(weight.dtype) @ weight).to(hidden.dtype)
             if need_weight:
-                grad_weight += d.t() @ h.float()
+                if grad_weight is None:
+                    grad_weight = d.t() @ h.float()
+                else:
+                    grad_weight.addmm_(d.t(), h.float())
             if need_bias:
                 grad_bias += d.sum(dim=0)
-            del y, z, logits, d
+            del d
         if need_weight:
             grad_weight = grad_weight.to(weight.dtype)
         if need_bias:
             grad_bias = grad_bias.to(bias.dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def _logit_gradient(
+    logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, head: Head
+) -> torch.Tensor:
+    """∂loss_t/∂(h Wᵀ + b) of each token of a chunk (before the upstream gradient): softmax minus the
+    target's one-hot, through the soft-cap and the scale. Consumes ``logits`` (float32, post-processed)."""
+    # logits = cap · tanh(z / cap), so ∂logits/∂z = 1 − tanh² = 1 − (logits / cap)²
+    cap = None if head.softcap is None else (logits / head.softcap).square_().neg_().add_(1.0)
+    d = logits.sub_(lse[:, None]).exp_()
+    d[torch.arange(d.shape[0], device=d.device), targets.clamp_min(0)] -= 1.0
+    if cap is not None:
+        d *= cap
+    if head.scale != 1.0:
+        d *= head.scale
+    return d
 
 
 def hidden_states(

@@ -91,6 +91,9 @@ def merge_value(
     out = result.view(rows, -1)
     same = deltas.dtype == acc and scales is None
     for r in _row_chunks(rows, a.shape[1], k1 if same else 1):
+        if same and dtype == acc:  # straight into the result: no temporary, no copy
+            torch.addmv(a[r].reshape(-1), d[:, r].reshape(k1, -1).t(), w, out=out[r].view(-1))
+            continue
         if same:
             merged = torch.addmv(a[r].reshape(-1), d[:, r].reshape(k1, -1).t(), w).reshape(a[r].shape)
         else:

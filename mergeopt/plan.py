@@ -214,16 +214,19 @@ def logits_bytes(dims: Dims, batch: int, length: int) -> int:
 
 
 def head_bytes(recipe: Recipe, dims: Dims, batch: int, length: int, compute: int, merged_head: bool) -> int:
-    """The chunked loss's largest moment, in its backward: one chunk's float32 logits and their
-    gradient and the temporary between them (three chunk × V tensors), the hidden states' copy
-    and gradient and, when the output layer
-    is merged, its weight formed again and its float32 gradient (contracted with the differences
-    right after)."""
+    """The chunked loss's largest moment, beside the hidden states' copy and gradient. In the
+    forward: the output layer's weight (formed by the merge, when it is merged), one chunk's float32
+    logits and one temporary beside them (log-sum-exp's, or the soft-cap's factor). In the
+    backward: one chunk's ∂loss/∂logits (the last chunk's kept from the forward, the others formed
+    again in place over their logits), the weight formed again and its float32 gradient, contracted
+    with the differences right after. Whichever is larger."""
     chunk = min(recipe.optim.loss_chunk_tokens, batch * (length - 1))
     weight = dims.vocab * dims.hidden
+    logits = FLOAT32 * chunk * dims.vocab
     cast = compute if compute != FLOAT32 else 0
-    merged = (compute + FLOAT32 + cast) * weight if merged_head else 0
-    return 3 * FLOAT32 * chunk * dims.vocab + 2 * compute * batch * length * dims.hidden + merged
+    forward = 2 * logits + (compute * weight if merged_head else 0)
+    backward = logits + ((compute + FLOAT32 + cast) * weight if merged_head else 0)
+    return 2 * compute * batch * length * dims.hidden + max(forward, backward)
 
 
 def _kernel_bytes(recipe: Recipe, largest: int, compute: int) -> int:
