@@ -78,8 +78,9 @@ def merge_value(
 
     ``rest`` is (w_2 … w_K); ``scales`` (K − 1, rows) dequantises int8 ``deltas`` row by row. A
     stack already in the accumulation dtype is merged by one ``addmv``; a narrower one (bfloat16,
-    int8) is upcast one expert row at a time, so the float32 temporaries are two copies of one
-    chunk of the parameter, whatever K is.
+    int8) is accumulated one expert at a time by ``addcmul_``, which reads the narrow values and
+    computes in float32 without an upcast copy. With a float32 result the merge is formed in the
+    result itself; with a narrower one, in one float32 chunk of the parameter, whatever K is.
     """
     acc = torch.promote_types(anchor.dtype, torch.float32)
     k1 = deltas.shape[0]
@@ -91,24 +92,25 @@ def merge_value(
     out = result.view(rows, -1)
     same = deltas.dtype == acc and scales is None
     for r in _row_chunks(rows, a.shape[1], k1 if same else 1):
-        if same and dtype == acc:  # straight into the result: no temporary, no copy
-            torch.addmv(a[r].reshape(-1), d[:, r].reshape(k1, -1).t(), w, out=out[r].view(-1))
-            continue
+        view = out[r]
+        target = view if dtype == acc else torch.empty(view.shape, dtype=acc, device=view.device)
         if same:
-            merged = torch.addmv(a[r].reshape(-1), d[:, r].reshape(k1, -1).t(), w).reshape(a[r].shape)
+            torch.addmv(a[r].reshape(-1), d[:, r].reshape(k1, -1).t(), w, out=target.view(-1))
         else:
-            merged = a[r].to(acc, copy=True)
+            target.copy_(a[r])
             for i in range(k1):
-                coefficient = w[i] if scales is None else w[i] * scales[i, r].to(acc)[:, None]
-                merged.add_(d[i, r].to(acc) * coefficient)
-        out[r] = merged.to(dtype)
+                coefficient = w[i] if scales is None else (w[i] * scales[i, r].to(acc))[:, None]
+                target.addcmul_(d[i, r], coefficient)
+        if target is not view:
+            view.copy_(target)
     return result
 
 
 def contract(
     grad: torch.Tensor, deltas: torch.Tensor, scales: torch.Tensor | None, acc: torch.dtype
 ) -> torch.Tensor:
-    """⟨∂L/∂W, δ_i⟩ for each stored difference, accumulated in ``acc`` (float32 at least)."""
+    """⟨∂L/∂W, δ_i⟩ for each stored difference, accumulated in ``acc`` (float32 at least). A narrow
+    difference is multiplied with the gradient in ``acc`` as it is read (one product per chunk)."""
     k1 = deltas.shape[0]
     rows = _num_rows(grad.shape)
     g = grad.reshape(rows, -1)
@@ -121,11 +123,12 @@ def contract(
             total += d[:, r].reshape(k1, -1) @ gr.reshape(-1)
             continue
         for i in range(k1):
+            product = d[i, r] * gr  # promoted to acc
             if scales is None:
-                total[i] += torch.dot(d[i, r].to(acc).reshape(-1), gr.reshape(-1))
+                total[i] += product.sum()
             else:
-                per_row = (d[i, r].to(acc) * gr).sum(dim=1)
-                total[i] += torch.dot(per_row, scales[i, r].to(acc))
+                total[i] += torch.dot(product.sum(dim=1), scales[i, r].to(acc))
+            del product
     return total
 
 

@@ -229,23 +229,42 @@ def head_bytes(recipe: Recipe, dims: Dims, batch: int, length: int, compute: int
     return 2 * compute * batch * length * dims.hidden + max(forward, backward)
 
 
-def _kernel_bytes(recipe: Recipe, largest: int, compute: int) -> int:
-    """The merge kernel's float32 temporaries for one chunk of a parameter: the float32 merge; for a
-    stack narrower than float32 (or int8) also one expert row upcast and its product, one at a time."""
+def _blocks(recipe: Recipe, largest: int, compute: int) -> tuple[bool, int]:
+    """Whether the merge kernel takes its one-``addmv`` form (a float32 stack), and the elements of
+    its working block (a chunk of the parameter: :data:`mergeopt.layer_merge.CHUNK` elements across
+    the K − 1 differences for ``addmv``, per expert for the narrow form)."""
     from mergeopt.layer_merge import CHUNK
 
     k1 = len(recipe.model.experts) - 1
     same = recipe.model.stack_dtype == "float32" and anchor_itemsize(recipe, compute) == FLOAT32
-    block = min(largest, CHUNK // max(1, k1) if same else CHUNK)
-    cast = compute if compute != FLOAT32 else 0
-    return (FLOAT32 * (1 if same else 3) + cast) * block
+    return same, min(largest, CHUNK // max(1, k1) if same else CHUNK)
+
+
+def _kernel_bytes(recipe: Recipe, largest: int, compute: int) -> int:
+    """The merge kernel's temporaries: none when the result is float32 (it merges into the result),
+    else one float32 block that is cast into it."""
+    _, block = _blocks(recipe, largest, compute)
+    return 0 if compute == FLOAT32 else FLOAT32 * block
+
+
+def _contraction_bytes(recipe: Recipe, largest: int, compute: int) -> int:
+    """⟨∂L/∂W, δ_i⟩'s temporaries: the gradient's block upcast to float32 (a narrower compute
+    dtype) and, for narrow differences, their product with it."""
+    same, block = _blocks(recipe, largest, compute)
+    return FLOAT32 * block * ((compute != FLOAT32) + (not same))
 
 
 def merge_bytes(recipe: Recipe, num_experts: int, largest: int, compute: int) -> int:
-    """One parameter's per-layer merge in flight in a training step: its merged value and its
-    gradient (compute dtype) and the kernel's float32 temporaries."""
+    """One parameter's per-layer merge in flight in a training step, at its largest moment: formed
+    (its value and the kernel's temporaries), used (its value and its gradient, in the compute
+    dtype, while the module's backward runs) or contracted (the gradient and the contraction's
+    temporaries)."""
     del num_experts  # the kernel's temporaries do not grow with K
-    return 2 * compute * largest + _kernel_bytes(recipe, largest, compute)
+    return max(
+        compute * largest + _kernel_bytes(recipe, largest, compute),
+        2 * compute * largest,
+        compute * largest + _contraction_bytes(recipe, largest, compute),
+    )
 
 
 def training_bytes(
@@ -264,8 +283,11 @@ def training_bytes(
     Without activation checkpointing every layer's saved activations are held when the backward
     starts. With it, only each layer's input (tokens × hidden) is held, and the backward runs one
     layer at a time again: that layer's activations plus its merged weights (``layer_params``
-    elements in the compute dtype) are added. On top: the chunked loss's backward, one parameter's
-    merge in flight and the attention mask the model builds (length² booleans per sequence). LoRA
+    elements in the compute dtype) are added. Within a layer's backward, a parameter's merge is in
+    flight (:func:`merge_bytes`) beside one activation gradient (the module's input gradient), and
+    the MLP's gated product is differentiated (two activation gradients) when no merge is. On top:
+    the chunked loss's backward and the attention mask the model builds (length² booleans per
+    sequence). LoRA
     experts kept low-rank add, per adapted module, the rank-Σr activations x·Aᵀ and their
     reweighted copy (``rank_sum`` is Σr summed over modules and experts).
     """
@@ -274,17 +296,19 @@ def training_bytes(
     mask = batch * length * length
     lowrank = 2 * compute * tokens * rank_sum
     head = head_bytes(recipe, d, batch, length, compute, merged_head)
-    gradients = 2 * compute * tokens * d.intermediate  # a layer's backward: two activation gradients
+    gradient = compute * tokens * d.intermediate  # the largest activation gradient
     merge = merge_bytes(recipe, num_experts, largest, compute)
+    backward = max(2 * gradient, gradient + merge)
     if recipe.optim.activation_checkpointing:
         one_layer = layer_activation_bytes(d, batch, length, compute)
         outside = saved_activation_bytes(d, batch, length, compute) - d.layers * one_layer
         saved = d.layers * compute * tokens * d.hidden + outside  # each layer's input
-        # the layer being recomputed: its activations, its merged weights, its backward
-        layer = one_layer + compute * layer_params + gradients + merge - 2 * compute * largest
+        # the layer being recomputed: its activations, its merged weights (one of them counted by
+        # the merge in flight), its backward
+        layer = one_layer + compute * layer_params + max(2 * gradient, gradient + merge - compute * largest)
     else:
         saved = saved_activation_bytes(d, batch, length, compute)
-        layer = gradients + merge
+        layer = backward
     return saved + mask + lowrank + max(head, layer)
 
 

@@ -153,3 +153,39 @@ def test_memory_is_the_factors_only(world):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     lowrank.attach(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("dense_names", [(), ("alpha",)], ids=["lora", "lora+dense"])
+def test_lora_and_mixed_experts_take_the_per_layer_step(world, dense_names):
+    """The fit's step (chunked loss, with and without checkpointed layers) over LoRA experts kept
+    low-rank, alone or beside a dense expert, against the whole-model merge of the same experts
+    made dense by PEFT through the model's own logits: loss and ∂L/∂z."""
+    from mergeopt import checkpointing
+    from mergeopt.stack import build_expert_stack
+    from tests.test_layer_merge import loss_and_grad, padded_batch, per_layer_loss, reference_loss
+
+    base, adapters, dense, _ = world
+    plain = copy.deepcopy(base)
+    reference = build_stack(copy.deepcopy(base), dense, progress=False)
+    model = copy.deepcopy(base)
+    stack = build_expert_stack(
+        model,
+        list(NAMES),
+        {n: dense[n] for n in dense_names},
+        {n: a for n, a in adapters.items() if n not in dense_names},
+        progress=False,
+    )
+    assert len(stack.lowrank.modules) > 0 and bool(stack.deltas) == bool(dense_names)
+    batch = padded_batch()
+    batch.input_ids.remainder_(base.config.vocab_size - 3).add_(3)  # that world's ids, this vocabulary
+    logits = torch.tensor([0.3, -0.4, 0.2], dtype=torch.float64)
+    want_loss, want_grad = loss_and_grad(lambda w: reference_loss(plain, reference, w, batch), logits)
+    assert want_grad.abs().min() > 1e-6
+    for chunk, checkpointed in [(None, False), (5, True)]:
+        (checkpointing.enable if checkpointed else checkpointing.disable)(model)
+        got_loss, got_grad = loss_and_grad(
+            lambda w, c=chunk: per_layer_loss(model, stack, w, batch, c), logits
+        )
+        # PEFT merged the dense references in float32: their rounding bounds the agreement
+        assert got_loss == pytest.approx(want_loss, rel=1e-6), (chunk, checkpointed)
+        torch.testing.assert_close(got_grad, want_grad, atol=1e-7, rtol=1e-4, msg=f"{chunk} {checkpointed}")

@@ -278,8 +278,10 @@ def small_recipe(dtype: str, compute: str, length: int, **optim):
         (8000, 64, 176, 4, 50, "float32", "float32", False, 0.15),  # the merged output layer dominates
         (100, 256, 704, 4, 60, "float32", "float32", False, 0.15),  # layer activations dominate
         (100, 256, 704, 4, 60, "float32", "float32", True, 0.15),  # checkpointed layers
-        (100, 256, 704, 4, 60, "bfloat16", "bfloat16", True, 0.25),  # 16-bit: the plan errs high
-        (4000, 64, 176, 1, 8, "int8", "float32", False, 0.25),  # int8: one merge in flight dominates
+        # 16-bit: the plan errs high (1.17 measured): it holds the whole recomputed layer's
+        # activations through that layer's backward, which frees some of them as it goes
+        (100, 256, 704, 4, 60, "bfloat16", "bfloat16", True, 0.20),
+        (4000, 64, 176, 1, 8, "int8", "float32", False, 0.15),  # int8: one merge in flight dominates
     ],
 )
 def test_training_step_estimate_bounds_the_live_bytes(
