@@ -39,16 +39,20 @@ SOURCE_ATTRIBUTE = "_mergeopt_merge_source"
 # ----------------------------------------------------------------------------- int8 rows
 
 
-def quantize_rows(deltas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(deltas: torch.Tensor, levels: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 with one absmax scale per (expert, row): ``deltas ≈ q · scale[..., None]``.
 
     Rows are the first dimension of each expert's tensor (output channels of a Linear weight,
     tokens of an embedding); a 1-D tensor is one row. Task vectors span a narrow range, so a
-    per-row scale keeps the merge close (TVQ, arXiv 2503.06921); mergeopt measures it.
+    per-row scale keeps the merge close (TVQ, arXiv 2503.06921); mergeopt measures it. ``levels``
+    is the largest |q|: 127 for int8; 7 gives 4-bit values (benchmarks/precision.py measures what
+    an int4 stack would cost with them).
     """
     rows = deltas.reshape(deltas.shape[0], _num_rows(deltas.shape[1:]), -1).float()
-    scale = rows.abs().amax(dim=2) / 127.0
-    q = torch.round(rows / scale.clamp_min(torch.finfo(torch.float32).tiny)[..., None]).clamp_(-127, 127)
+    scale = rows.abs().amax(dim=2) / float(levels)
+    q = torch.round(rows / scale.clamp_min(torch.finfo(torch.float32).tiny)[..., None]).clamp_(
+        -levels, levels
+    )
     return q.to(torch.int8).reshape(deltas.shape), scale
 
 

@@ -208,16 +208,22 @@ def test_compressed_stacks_merge_per_layer_as_their_reference(dtype):
     torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=1e-5)
 
 
-def test_int8_differences_stay_close_to_float32():
-    """Per-row int8 differences: each dequantised row within half a quantisation step of the truth."""
+@pytest.mark.parametrize("levels", [127, 7], ids=["int8", "4-bit values"])
+def test_int8_differences_stay_close_to_float32(levels):
+    """Per-row int8 differences: each dequantised row within half a quantisation step of the truth,
+    the row's largest |δ| exact, and |q| within the levels asked for (7: benchmarks' int4 values)."""
     from mergeopt.layer_merge import dequantize_rows, quantize_rows
 
     gen = torch.Generator().manual_seed(0)
     deltas = torch.randn(3, 40, 24, generator=gen) * torch.rand(3, 40, 1, generator=gen)
-    q, scale = quantize_rows(deltas)
+    deltas[1, 5] = 0.0  # a row an expert did not change: scale 0, exact zeros back
+    q, scale = quantize_rows(deltas, levels=levels)
     back = dequantize_rows(q, scale)
     assert q.dtype == torch.int8 and scale.shape == (3, 40)
+    assert int(q.abs().max()) == levels
+    torch.testing.assert_close(scale, deltas.abs().amax(dim=2) / levels)
     assert ((back - deltas).abs() <= scale[..., None] / 2 + 1e-7).all()
+    assert torch.equal(back[1, 5], torch.zeros(24))
     vector = torch.randn(2, 17, generator=gen)  # 1-D parameters: one scale per expert
     q1, s1 = quantize_rows(vector)
     assert s1.shape == (2, 1)

@@ -360,6 +360,9 @@ def test_evaluation_estimate_bounds_the_live_bytes(vocab, hidden, intermediate, 
         evaluate_sums(model, stack, w, sets, "fit", batch, 0, torch.device("cpu"), 64)
     largest = max(t.numel() for t in stack.anchor.values())
     estimate = plan.evaluation_bytes(r, dims, largest, 4, DTYPES[compute].itemsize)
+    # Where a loss chunk dominates, the estimate is up to 1.4 times the count: torch.logsumexp
+    # allocates a temporary the size of the chunk's logits inside one ATen op, which an op-by-op
+    # count cannot see (its peak RSS grows by exactly that tensor); the plan counts it.
     assert_bound(estimate, evaluation.peak, 0.15, 0.40)
 
 
