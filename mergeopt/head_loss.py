@@ -5,8 +5,7 @@ At Llama-3's 128k vocabulary the float32 logits of 8 × 1,024 tokens are 4 GiB, 
 output layer and the loss run over ``chunk`` tokens at a time. The forward keeps only each
 token's log-sum-exp and the last chunk's ∂loss/∂logits; the backward forms the other chunks'
 logits again and turns them into the gradients of the hidden states and (when the output layer is
-merged) of its weight. This is the
-method of torchtune's chunked loss and Liger-Kernel's fused linear cross-entropy; it is written
+merged) of its weight. This is the method of torchtune's chunked loss and Liger-Kernel's fused linear cross-entropy; it is written
 here because Liger's kernels need Triton on a GPU, the fit runs on CPU too, and the output
 layer's weight must go through the per-layer merge's recompute (:mod:`mergeopt.layer_merge`).
 
