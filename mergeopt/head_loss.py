@@ -5,9 +5,10 @@ At Llama-3's 128k vocabulary the float32 logits of 8 × 1,024 tokens are 4 GiB, 
 output layer and the loss run over ``chunk`` tokens at a time. The forward keeps only each
 token's log-sum-exp and the last chunk's ∂loss/∂logits; the backward forms the other chunks'
 logits again and turns them into the gradients of the hidden states and (when the output layer is
-merged) of its weight. This is the method of torchtune's chunked loss and Liger-Kernel's fused linear cross-entropy; it is written
-here because Liger's kernels need Triton on a GPU, the fit runs on CPU too, and the output
-layer's weight must go through the per-layer merge's recompute (:mod:`mergeopt.layer_merge`).
+merged) of its weight. This is the method of torchtune's chunked loss and Liger-Kernel's fused
+linear cross-entropy; it is written here because Liger's kernels need Triton on a GPU, the fit
+runs on CPU too, and the output layer's weight must go through the per-layer merge's recompute
+(:mod:`mergeopt.layer_merge`).
 
 Architectures that transform the logits are covered by the post-processing their configs
 declare: Gemma's ``final_logit_softcapping``, Cohere's ``logit_scale`` and Granite's
