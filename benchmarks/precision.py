@@ -8,7 +8,8 @@ the SmolLM2 experts must be trained first, see below):
 
 For each world and each precision variant (stack float32 + compute float32 = the reference;
 stack bfloat16; stack int8 = K − 1 differences as int8 with one absmax scale per expert and row;
-compute bfloat16 over a float32 stack), with everything else the recipe's:
+compute bfloat16 over a float32 stack, its loss evaluations in float32 as ``model.eval_dtype``
+defaults to; the same with evaluations in bfloat16), with everything else the recipe's:
 
 1. the merged proxy's mean token loss of every dev set, and of the target (``data.target: all``:
    Σ_s a_s L_s / Σ_s a_s with the weights ``load_problem`` derives, as ``mergeopt.rank`` forms it),
@@ -87,7 +88,14 @@ VARIANTS = {
     ],
     "stack bfloat16": ["model.stack_dtype=bfloat16", "model.compute_dtype=float32"],
     "stack int8": ["model.stack_dtype=int8", "model.compute_dtype=float32"],
+    # the fit's steps in bfloat16, its loss evaluations in model.eval_dtype's default (float32)
     "compute bfloat16 (stack float32)": ["model.stack_dtype=float32", "model.compute_dtype=bfloat16"],
+    # evaluations in bfloat16 too: why model.eval_dtype defaults to float32
+    "compute bfloat16, eval bfloat16 (stack float32)": [
+        "model.stack_dtype=float32",
+        "model.compute_dtype=bfloat16",
+        "model.eval_dtype=bfloat16",
+    ],
 }
 # An int4 stack is not offered yet: this variant measures whether it would hold the targets, with
 # the differences rounded to 4-bit values (|q| ≤ 7, one absmax scale per expert and row) and kept in
@@ -185,6 +193,7 @@ def _run_variant(name: str, spec: dict, overrides: list[str], table, work: Path,
         "delta_dtype": str(next(iter(stack.deltas.values())).dtype) if stack.deltas else None,
         "anchor_dtype": str(next(iter(stack.anchor.values())).dtype) if stack.anchor else None,
         "compute_dtype": str(stack.compute_dtype),
+        "eval_dtype": str(stack.eval_dtype or stack.compute_dtype),
     }
     del problem, stack
     gc.collect()
@@ -255,7 +264,8 @@ def run_world(world: str, spec: dict, args, previous: dict | None = None) -> dic
     loss_columns = [f"loss_{d.name}" for d in resolved.data.dev]
     weights = np.array([d.weight for d in resolved.data.dev], dtype=np.float64)
     truth_target = table[loss_columns].to_numpy() @ (weights / weights.sum())
-    results = dict(previous or {}) if args.variants else {}  # a subset run adds to the stored variants
+    # a subset run adds to the stored variants (those still defined here)
+    results = {k: v for k, v in (previous or {}).items() if k in VARIANTS} if args.variants else {}
     work = Path(args.work) / world
     for name, variant in VARIANTS.items():
         if args.variants and not any(v == name.split(" (")[0] for v in args.variants):
@@ -351,7 +361,9 @@ def markdown(report: dict) -> str:
         "reference ≥ 0.99 and L1 ≤ 0.02; compute bfloat16 L1 ≤ 0.02; int4 as int8. An int4 stack is not",
         "offered (`model.stack_dtype` takes float32, bfloat16, float16, int8): its row measures 4-bit",
         "values (|q| ≤ 7, one absmax scale per expert and row) kept in int8 storage, the numbers a packed",
-        "int4 stack would give, at int8's size.",
+        "int4 stack would give, at int8's size. \"compute bfloat16\" runs the fit's steps in bfloat16 and",
+        "its loss evaluations (proxy losses, held-out early stopping) in float32, `model.eval_dtype`'s",
+        'default; "eval bfloat16" evaluates in bfloat16 too, to show why that default.',
     ]
     for world, w in report["worlds"].items():
         names = w["expert_names"]
@@ -391,8 +403,8 @@ def markdown(report: dict) -> str:
         ]
         lines += [""]
         lines += [
-            "| variant | load | proxy grid | fit | fit steps | fit dev loss |",
-            "| --- | ---: | ---: | ---: | ---: | ---: |",
+            "| variant | load | proxy grid | fit | fit steps | best step | fit dev loss |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for name, r in w["variants"].items():
             if "error" in r:
@@ -400,7 +412,8 @@ def markdown(report: dict) -> str:
             s = r["seconds"]
             lines.append(
                 f"| {name} | {s['load']:.1f} | {s['proxy_grid']:.1f} | {s['fit']:.1f} | "
-                f"{r['fit'].get('steps', 'n/a')} | {_fmt(r['fit'].get('dev_loss'))} |"
+                f"{r['fit'].get('steps', 'n/a')} | {r['fit'].get('best_step', 'n/a')} | "
+                f"{_fmt(r['fit'].get('dev_loss'))} |"
             )
     lines += ["", "Commands:", ""]
     for command in report.get("commands", []):

@@ -53,6 +53,13 @@ class ModelSection(_Strict):
         description="Dtype of the forward and backward (merge arithmetic and the gradient to w stay "
         "float32); auto: bfloat16 on a GPU that has it, float32 elsewhere.",
     )
+    eval_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto",
+        description="Dtype of the loss evaluations, which make no gradient (held-out early stopping, "
+        "reported losses, zero-order scoring, the rank check); auto: float32. A bfloat16 merged weight "
+        "is rounded by about as much as a task vector moves it, so bfloat16 evaluations rank close "
+        "mixtures by rounding noise. Generation (metrics, lm-eval) runs in the compute dtype.",
+    )
     trust_remote_code: bool = Field(
         default=False, description="Allow custom modelling code from the base dir."
     )

@@ -32,7 +32,7 @@ from mergeopt.report import plot_loss_curve, plot_search_curve, summary
 from mergeopt.resume import CHECKPOINT_DIR, Interrupted, RunState, interruptible, recipe_tree
 from mergeopt.scoring import loss_set_weights, objective_terms
 from mergeopt.search import fit_gradient
-from mergeopt.stack import DTYPES, TaskVectorStack, build_expert_stack, compute_dtype_for
+from mergeopt.stack import DTYPES, TaskVectorStack, build_expert_stack, compute_dtype_for, eval_dtype_for
 from mergeopt.term_scores import load_dev_sets
 from mergeopt.weights import as_mapping, initial_logits
 
@@ -113,18 +113,29 @@ def _weights_source(recipe: Recipe) -> dict:
     return {"use_safetensors": None if recipe.model.allow_pickle else True}
 
 
-def check_compute_dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
-    """``model.compute_dtype`` resolved for the device, refused in one line where it cannot run."""
-    dtype = compute_dtype_for(recipe.model.compute_dtype, device)
+def _check_runnable(key: str, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """``dtype`` (named by recipe ``key``) refused in one line where the device cannot run it."""
     if dtype == torch.float16 and device.type == "cpu":
-        raise UserError("model.compute_dtype float16 cannot run on the CPU here: use float32 or bfloat16")
+        raise UserError(f"{key} float16 cannot run on the CPU here: use float32 or bfloat16")
     if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError(
-            f"model.compute_dtype bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16; use float16 or float32"
+            f"{key} bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16; use float16 or float32"
         )
     if dtype == torch.bfloat16 and device.type == "mps" and not torch.backends.mps.is_macos_or_newer(14, 0):
-        raise UserError("model.compute_dtype bfloat16 needs macOS 14 on mps; use float16 or float32")
+        raise UserError(f"{key} bfloat16 needs macOS 14 on mps; use float16 or float32")
     return dtype
+
+
+def check_compute_dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
+    """``model.compute_dtype`` resolved for the device, refused in one line where it cannot run."""
+    return _check_runnable(
+        "model.compute_dtype", compute_dtype_for(recipe.model.compute_dtype, device), device
+    )
+
+
+def check_eval_dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
+    """``model.eval_dtype`` resolved (auto: float32), refused in one line where it cannot run."""
+    return _check_runnable("model.eval_dtype", eval_dtype_for(recipe.model.eval_dtype), device)
 
 
 def _stack_experts(
@@ -138,6 +149,7 @@ def _stack_experts(
     from transformers import AutoModelForCausalLM
 
     compute_dtype = check_compute_dtype(recipe, device)
+    eval_dtype = check_eval_dtype(recipe, device)
 
     if recipe.model.device_map is not None:
         on_gpu = {"device_map": _device_map(recipe, progress)}
@@ -175,6 +187,7 @@ def _stack_experts(
         log=print if progress else (lambda _m: None),
         compute_dtype=compute_dtype,
     )
+    stack.eval_dtype = eval_dtype
     for ckpt in dense.values():
         ckpt.close()
     if recipe.optim.activation_checkpointing:
@@ -249,6 +262,7 @@ def _random_world(recipe: Recipe, device: torch.device, progress: bool):
 
     config = random_world.check_recipe_paths(recipe.model.base, recipe.model.experts)
     compute_dtype = check_compute_dtype(recipe, device)
+    eval_dtype = check_eval_dtype(recipe, device)
     model = random_world.build_base(config, device, compute_dtype, recipe.world.seed)
     experts = random_world.random_experts(model, config, recipe.expert_names, recipe.world.seed, device)
     stack = build_expert_stack(
@@ -263,6 +277,7 @@ def _random_world(recipe: Recipe, device: torch.device, progress: bool):
         seed=recipe.seed,
         compute_dtype=compute_dtype,
     )
+    stack.eval_dtype = eval_dtype
     if recipe.optim.activation_checkpointing:
         checkpointing.enable(model)
     return model, stack, config
@@ -489,6 +504,11 @@ def _search_and_write(recipe, resolved, problem, checkpoint, progress, log, worl
             "unchanged": len(stack.unchanged),
             "shared": len(stack.shared),
             "lowrank_modules": len(stack.lowrank.modules) if stack.lowrank is not None else 0,
+            "dtypes": {  # storage, fit steps, loss evaluations (mergeopt.eval_dtype)
+                "stack": resolved.model.stack_dtype,
+                "compute": str(stack.compute_dtype).removeprefix("torch."),
+                "evaluation": str(stack.eval_dtype or stack.compute_dtype).removeprefix("torch."),
+            },
         },
         "worlds": {name: str(root) for name, root in world_roots.items()},
         "mergeopt_version": mergeopt.__version__,

@@ -17,6 +17,7 @@ from torch.func import functional_call
 
 from mergeopt.data import Batch, DevSet, evaluation_batches
 from mergeopt.distributed import all_reduce_sum
+from mergeopt.eval_dtype import evaluating_in
 from mergeopt.head_loss import IGNORE_INDEX, full_logits_losses, token_losses
 from mergeopt.layer_merge import recompute_merged
 from mergeopt.stack import TaskVectorStack
@@ -105,15 +106,17 @@ def evaluate_sums(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(token-loss sum, token count) of each dev set over ``part`` ('fit', 'heldout', 'all') at w.
 
-    Each batch merges every layer as it runs: one candidate costs forward passes only.
+    Each batch merges every layer as it runs: one candidate costs forward passes only. Weights are
+    read in ``stack.eval_dtype`` (``model.eval_dtype``), whatever the compute dtype of the steps.
     """
     params = stack.mix_params(weights.to(device))
     sums = torch.zeros(len(sets), device=device, dtype=torch.float64)
     counts = torch.zeros(len(sets), device=device, dtype=torch.float64)
-    for batch in evaluation_batches(sets, part, batch_size, pad_id):
-        s, c = per_set_loss_sums(model, params, batch.to(device), len(sets), loss_chunk)
-        sums += s
-        counts += c
+    with evaluating_in(model, stack.eval_dtype):  # float32 by default: see mergeopt.eval_dtype
+        for batch in evaluation_batches(sets, part, batch_size, pad_id):
+            s, c = per_set_loss_sums(model, params, batch.to(device), len(sets), loss_chunk)
+            sums += s
+            counts += c
     return all_reduce_sum(sums).cpu(), all_reduce_sum(counts).cpu()
 
 

@@ -324,22 +324,36 @@ def evaluation_bytes(
     num_experts: int,
     compute: int = FLOAT32,
     merged_head: bool = True,
+    evaluate: int | None = None,
+    unstacked_largest: int = 0,
 ) -> int:
-    """One no-grad evaluation batch of ``optim.eval_batch_size`` sequences of ``data.max_length``.
+    """One no-grad evaluation batch of ``optim.eval_batch_size`` sequences of ``data.max_length``,
+    run in ``evaluate`` bytes per element (``model.eval_dtype``; None: the compute dtype).
 
     The residual stream (tokens × hidden) plus the largest of: one chunk of the loss (its float32
-    logits and the log-sum-exp temporary) with the output layer's merged weight; a layer's working
-    set (4 hidden-sized and 3 intermediate-sized tensors per token in the compute dtype, the
-    boolean and float padding masks per sequence); one parameter's merge (merged while it runs).
+    logits and the log-sum-exp temporary) with the output layer's weight as the loss reads it
+    (formed by the merge, or cast from the compute dtype); a layer's working set (4 hidden-sized and
+    3 intermediate-sized tensors per token, the boolean and float padding masks per sequence); one
+    parameter's merge (merged while it runs); an evaluation wider than the compute dtype reads each
+    parameter that is not stacked as a cast copy (the largest, ``unstacked_largest`` elements).
     Generation (exact_match) holds a merged copy of the stacked parameters instead (see the README).
     """
+    e = compute if evaluate is None else evaluate
+    cast = e != compute
     batch, length = recipe.optim.eval_batch_size, recipe.data.max_length
     tokens = batch * length
     chunk = min(recipe.optim.loss_chunk_tokens, tokens)
-    head = 2 * FLOAT32 * chunk * dims.vocab + (compute * dims.vocab * dims.hidden if merged_head else 0)
-    layer = compute * tokens * (4 * dims.hidden + 3 * dims.intermediate) + 5 * batch * length * length
-    merge = merge_evaluation_bytes(recipe, largest, compute)
-    return compute * tokens * dims.hidden + max(head, layer, merge)
+    head = 2 * FLOAT32 * chunk * dims.vocab + (e * dims.vocab * dims.hidden if merged_head or cast else 0)
+    layer = e * tokens * (4 * dims.hidden + 3 * dims.intermediate) + 5 * batch * length * length
+    merge = merge_evaluation_bytes(recipe, largest, e)
+    copy = e * unstacked_largest if cast else 0
+    return e * tokens * dims.hidden + max(head, layer, merge, copy)
+
+
+def eval_itemsize(recipe: Recipe) -> int:
+    """Bytes per element of ``model.eval_dtype`` (auto: float32, on every device)."""
+    name = recipe.model.eval_dtype
+    return FLOAT32 if name == "auto" else DTYPES[name].itemsize
 
 
 def _training_batch(recipe: Recipe) -> int:
@@ -455,9 +469,14 @@ def _plan(recipe: Recipe, inventory: Inventory, dims: Dims, memory: DeviceMemory
         phases.append(Row(f"training step, {compute_name}, {how}", step))
         batch = f"micro-batch {train} x {recipe.data.max_length} tokens; {batch}"
     merged_head = _output_layer_merged(stacked, inventory)
-    phases.append(
-        Row("evaluation batch, no grad", evaluation_bytes(recipe, dims, largest, k, compute, merged_head))
-    )
+    evaluate = eval_itemsize(recipe)
+    evaluate_name = next(n for n in ("float32", "bfloat16") if DTYPES[n].itemsize == evaluate)
+    if recipe.model.eval_dtype == "float16":
+        evaluate_name = "float16"
+    kept = set(stacked)
+    unstacked = max((inventory.numel(n) for n in names if n not in kept), default=0)
+    evaluation = evaluation_bytes(recipe, dims, largest, k, compute, merged_head, evaluate, unstacked)
+    phases.append(Row(f"evaluation batch, no grad, {evaluate_name}", evaluation))
     return MemoryPlan(
         memory, k, params, len(names), s, len(stacked), len(names) - len(stacked), held, tuple(phases), batch
     )

@@ -69,6 +69,11 @@ def compute_dtype_for(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def eval_dtype_for(name: str) -> torch.dtype:
+    """``model.eval_dtype``: 'auto' is float32 on every device (see :mod:`mergeopt.eval_dtype`)."""
+    return torch.float32 if name == "auto" else DTYPES[name]
+
+
 def anchor_dtype_for(stack_dtype: torch.dtype, compute_dtype: torch.dtype) -> torch.dtype:
     """The anchor is stored in the stack's dtype; an int8 stack keeps it in the compute dtype (an
     anchor is a whole weight, not a small difference: int8 would move the proxy itself)."""
@@ -90,6 +95,7 @@ class TaskVectorStack:
     method: dict[str, Any] = field(default_factory=lambda: {"name": "linear", "scale": 1.0})
     model: torch.nn.Module | None = None  # the model whose stacked parameters read the merge
     compute_dtype: torch.dtype = torch.float32  # the dtype merged weights are formed in
+    eval_dtype: torch.dtype | None = None  # loss evaluations' dtype (None: the compute dtype)
 
     @property
     def num_experts(self) -> int:

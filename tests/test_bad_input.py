@@ -266,6 +266,12 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         lambda w, t: [_recipe(w, t), "device=cpu", "model.compute_dtype=float16"],
         "model.compute_dtype float16 cannot run on the CPU",
     ),
+    "evaluation dtype the device cannot run": (
+        "recipe",
+        "fit",
+        lambda w, t: [_recipe(w, t), "device=cpu", "model.eval_dtype=float16"],
+        "model.eval_dtype float16 cannot run on the CPU",
+    ),
     "random base with a checkpoint expert": (
         "recipe",
         "fit",

@@ -30,9 +30,8 @@ LORA = {
 TOKENS = torch.randint(4, 50, (3, 12), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lowrank")
+def make_world(root):
+    """A base, three PEFT LoRA experts saved under ``root`` and read back, and their dense merges."""
     torch.manual_seed(0)
     base = LlamaForCausalLM(tiny_config()).eval()
     adapters, dense, peft_models = {}, {}, {}
@@ -48,6 +47,11 @@ def world(tmp_path_factory):
         merged = copy.deepcopy(peft_model).merge_and_unload()
         dense[name] = {k: v.detach().clone() for k, v in merged.state_dict().items()}
     return base, adapters, dense, peft_models
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("lowrank"))
 
 
 def _paths(world, dtype=torch.float32):

@@ -337,16 +337,24 @@ def test_saved_activations_equal_what_autograd_saves(compute):
 
 
 @pytest.mark.parametrize(
-    "vocab,hidden,intermediate,dtype,compute",
+    "vocab,hidden,intermediate,dtype,compute,evaluate,over",
     [
-        (2000, 64, 176, "float32", "float32"),
-        (100, 256, 704, "float32", "float32"),
-        (100, 256, 704, "int8", "bfloat16"),
-        (8000, 64, 176, "bfloat16", "bfloat16"),
+        (2000, 64, 176, "float32", "float32", "float32", 0.40),
+        (100, 256, 704, "float32", "float32", "float32", 0.40),
+        (100, 256, 704, "int8", "bfloat16", "bfloat16", 0.40),
+        (8000, 64, 176, "bfloat16", "bfloat16", "bfloat16", 0.40),
+        # model.eval_dtype float32 (the default) over a bfloat16 model and stack
+        (100, 256, 704, "int8", "bfloat16", "float32", 0.40),
+        # the loss chunk dominates beside the float32 output weight: 1.47 with logsumexp's hidden
+        # temporary (below), 0.98 without it
+        (8000, 64, 176, "bfloat16", "bfloat16", "float32", 0.50),
     ],
 )
-def test_evaluation_estimate_bounds_the_live_bytes(vocab, hidden, intermediate, dtype, compute):
+def test_evaluation_estimate_bounds_the_live_bytes(
+    vocab, hidden, intermediate, dtype, compute, evaluate, over
+):
     model, stack, dims, _ = small_problem(vocab, hidden, intermediate, dtype, compute=compute)
+    stack.eval_dtype = DTYPES[evaluate]
     batch, length = 4, 60
     r = small_recipe(dtype, compute, length, eval_batch_size=batch)
     data = padded_batch(batch, length, vocab)
@@ -359,11 +367,12 @@ def test_evaluation_estimate_bounds_the_live_bytes(vocab, hidden, intermediate, 
     with LiveBytes(known) as evaluation:
         evaluate_sums(model, stack, w, sets, "fit", batch, 0, torch.device("cpu"), 64)
     largest = max(t.numel() for t in stack.anchor.values())
-    estimate = plan.evaluation_bytes(r, dims, largest, 4, DTYPES[compute].itemsize)
+    c, e = DTYPES[compute].itemsize, DTYPES[evaluate].itemsize
+    estimate = plan.evaluation_bytes(r, dims, largest, 4, c, evaluate=e)
     # Where a loss chunk dominates, the estimate is up to 1.4 times the count: torch.logsumexp
     # allocates a temporary the size of the chunk's logits inside one ATen op, which an op-by-op
     # count cannot see (its peak RSS grows by exactly that tensor); the plan counts it.
-    assert_bound(estimate, evaluation.peak, 0.15, 0.40)
+    assert_bound(estimate, evaluation.peak, 0.15, over)
 
 
 @pytest.mark.parametrize(
