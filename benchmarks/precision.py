@@ -64,6 +64,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -320,6 +321,8 @@ def run_world(world: str, spec: dict, args, previous: dict | None = None) -> dic
             results[name] = run_variant(
                 name, spec, [*spec["overrides"], f"device={args.device}", *variant], table, work, args.quiet
             )
+            env = environment([])
+            results[name]["measured"] = {k: env[k] for k in ("date_utc", "git_commit", "git_dirty")}
         except Exception as err:  # a crash in a precision path is a finding: record it and go on
             results[name] = {
                 "overrides": [*spec["overrides"], *variant],
@@ -373,7 +376,7 @@ def environment(argv: list[str]) -> dict:
         "mergeopt": getattr(mergeopt, "__version__", None),
         "git_commit": git("rev-parse", "HEAD"),
         "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-        "command": " ".join([Path(sys.executable).name, *sys.argv[:1], *argv]),
+        "command": shlex.join([Path(sys.executable).name, *sys.argv[:1], *argv]),
         "mergeopt_cache": os.environ.get("MERGEOPT_CACHE"),
     }
 
@@ -382,6 +385,13 @@ def _fmt(value, digits=4) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     return f"{value:.{digits}f}"
+
+
+def _measured(m: dict | None) -> str:
+    if not m:
+        return "before per-variant records"
+    dirty = " (uncommitted changes)" if m["git_dirty"] else ""
+    return f"{m['date_utc'][:16]}, {(m['git_commit'] or '?')[:7]}{dirty}"
 
 
 def markdown(report: dict) -> str:
@@ -394,9 +404,10 @@ def markdown(report: dict) -> str:
         "those mixtures, and the mixture the gradient strategy fits. Produced by `benchmarks/precision.py`.",
         "",
         f"Machine: {env['cpu']}, {env['cpu_count']} cores, torch {env['torch']} with {env['torch_threads']} "
-        f"threads, Python {env['python']}; {env['date_utc']} UTC; mergeopt commit {env['git_commit']}"
+        f"threads, Python {env['python']}; latest run {env['date_utc']} UTC at mergeopt commit {env['git_commit']}"
         + (" (with uncommitted changes)" if env["git_dirty"] else "")
-        + ".",
+        + '; each variant\'s own run is under "measured" (the uncommitted changes of the runs that column',
+        "records were README edits).",
         "",
         "Columns: max |Δ loss| is over every dev set, the target and every grid mixture; Spearman vs",
         "reference compares the target-loss proxies over the grid mixtures; Spearman vs truth ranks the",
@@ -405,7 +416,9 @@ def markdown(report: dict) -> str:
         "reference ≥ 0.99 and L1 ≤ 0.02; compute bfloat16 L1 ≤ 0.02; int4 as int8. An int4 stack is not",
         "offered (`model.stack_dtype` takes float32, bfloat16, float16, int8): its row measures 4-bit",
         "values (|q| ≤ 7, one absmax scale per expert and row) kept in int8 storage, the numbers a packed",
-        "int4 stack would give, at int8's size. \"compute bfloat16\" runs the fit's steps in bfloat16 and",
+        "int4 stack would give, at int8's size; the grouped int4 row rounds the differences to 4-bit",
+        f"values with one scale per expert, row and {GROUP} columns, kept in float32 storage (its MiB are",
+        "float32's). \"compute bfloat16\" runs the fit's steps in bfloat16 and",
         "its loss evaluations (proxy losses, held-out early stopping) in float32, `model.eval_dtype`'s",
         'default; "eval bfloat16" evaluates in bfloat16 too, to show why that default.',
     ]
@@ -447,8 +460,8 @@ def markdown(report: dict) -> str:
         ]
         lines += [""]
         lines += [
-            "| variant | load | proxy grid | fit | fit steps | best step | fit dev loss |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| variant | load | proxy grid | fit | fit steps | best step | fit dev loss | measured |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
         ]
         for name, r in w["variants"].items():
             if "error" in r:
@@ -457,7 +470,7 @@ def markdown(report: dict) -> str:
             lines.append(
                 f"| {name} | {s['load']:.1f} | {s['proxy_grid']:.1f} | {s['fit']:.1f} | "
                 f"{r['fit'].get('steps', 'n/a')} | {r['fit'].get('best_step', 'n/a')} | "
-                f"{_fmt(r['fit'].get('dev_loss'))} |"
+                f"{_fmt(r['fit'].get('dev_loss'))} | {_measured(r.get('measured'))} |"
             )
     lines += ["", "Commands:", ""]
     for command in report.get("commands", []):
@@ -475,10 +488,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default="/tmp/mergeopt-precision", help="fit output directories")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--render", action="store_true", help="write precision.md from precision.json only")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     out = Path(args.out)
     json_path, md_path = out / "precision.json", out / "precision.md"
+    if args.render:
+        md_path.write_text(markdown(json.loads(json_path.read_text())))
+        return 0
     report = json.loads(json_path.read_text()) if json_path.is_file() else {"worlds": {}, "commands": []}
     report["environment"] = environment(argv)
     specs = world_specs(args)
@@ -491,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(report, indent=2, allow_nan=False, default=str) + "\n")
         md_path.write_text(markdown(report))
-    command = f"MERGEOPT_CACHE={os.environ.get('MERGEOPT_CACHE', '')} python benchmarks/precision.py {' '.join(argv)}"
+    command = f"MERGEOPT_CACHE={os.environ.get('MERGEOPT_CACHE', '')} python benchmarks/precision.py {shlex.join(argv)}"
     if command not in report["commands"]:
         report["commands"].append(command)
     json_path.write_text(json.dumps(report, indent=2, allow_nan=False, default=str) + "\n")
