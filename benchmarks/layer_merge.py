@@ -195,9 +195,23 @@ def main() -> None:
     parser.add_argument("--peer-python", default="/work/fb-venv/bin/python")
     parser.add_argument("--case", choices=list(BUILDERS), help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--plan-only",
+        action="store_true",
+        help="recompute the planned 8B peaks (arithmetic) into the stored results; measure nothing",
+    )
     args = parser.parse_args()
     if args.case:
         print(json.dumps(memory_case(args.case, args.checkpointing)))
+        return
+    if args.plan_only:
+        out = Path(args.out)
+        result = json.loads(out.with_suffix(".json").read_text())
+        result["planned_8b"] = planned_peaks()
+        result["planned_at"] = _planned_at()
+        out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+        out.with_suffix(".md").write_text(report(result))
+        print(report(result))
         return
     result = {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
@@ -217,11 +231,19 @@ def main() -> None:
             "time_ratio": time_["fit"]["median_s"] / time_["plain"]["median_s"],
         }
     result["planned_8b"] = planned_peaks()
+    result["planned_at"] = _planned_at()
     result["peer"] = peer(args.peer_python)
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     out.with_suffix(".md").write_text(report(result))
     print(report(result))
+
+
+def _planned_at() -> str:
+    """When and at which commit the planned peaks were computed (they follow the planner's code)."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    return f"{date} UTC, commit {commit.stdout.strip() or '?'}"
 
 
 def report(result: dict) -> str:
@@ -243,7 +265,8 @@ def report(result: dict) -> str:
     lines += [
         "",
         "Planned peaks for Llama-3.1-8B shapes on one GPU (recipes/8b.yaml), before: "
-        f"{PREVIOUS_8B_PEAK_GIB} GiB for four bfloat16 experts.",
+        f"{PREVIOUS_8B_PEAK_GIB} GiB for four bfloat16 experts"
+        + (f" (planned {result['planned_at']})." if result.get("planned_at") else "."),
         "",
         "| experts | stack dtype | planned peak GiB |",
         "| ---: | --- | ---: |",

@@ -282,8 +282,9 @@ def training_bytes(
 
     Without activation checkpointing every layer's saved activations are held when the backward
     starts. With it, only each layer's input (tokens × hidden) is held, and the backward runs one
-    layer at a time again: that layer's activations plus its merged weights (``layer_params``
-    elements in the compute dtype) are added. Within a layer's backward, a parameter's merge is in
+    layer at a time again: that layer's activations (less the MLP output projection's input, which
+    that projection's backward, the first, has released by the layer's largest moment) plus its
+    merged weights (``layer_params`` elements in the compute dtype) are added. Within a layer's backward, a parameter's merge is in
     flight (:func:`merge_bytes`) beside one activation gradient (the module's input gradient), and
     the MLP's gated product is differentiated (two activation gradients) when no merge is. On top:
     the chunked loss's backward and the attention mask the model builds (length² booleans per
@@ -304,8 +305,12 @@ def training_bytes(
         outside = saved_activation_bytes(d, batch, length, compute) - d.layers * one_layer
         saved = d.layers * compute * tokens * d.hidden + outside  # each layer's input
         # the layer being recomputed: its activations, its merged weights (one of them counted by
-        # the merge in flight), its backward
-        layer = one_layer + compute * layer_params + max(2 * gradient, gradient + merge - compute * largest)
+        # the merge in flight), its backward. Its largest moments come after the backward of the
+        # MLP's output projection, which runs first and releases that module's input (the gated
+        # product, one intermediate-sized activation) before its weight's contraction
+        released = compute * tokens * d.intermediate
+        backward_peak = max(2 * gradient, gradient + merge - compute * largest)
+        layer = one_layer - released + compute * layer_params + backward_peak
     else:
         saved = saved_activation_bytes(d, batch, length, compute)
         layer = backward
