@@ -184,11 +184,19 @@ class MergedParameter(torch.nn.Module):
         """(w_2 … w_K) on this parameter's device (w_1 is implied by the anchor)."""
         return getattr(self, MIX_BUFFER).to(self.deltas.device)[1:]
 
+    def value(self, anchor: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+        """The merged weight at coefficients ``rest``, without autograd."""
+        return merge_value(rest, anchor, self.deltas, self.scales, self.compute_dtype)
+
+    def merge(self, anchor: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+        """The merged weight, differentiable in ``rest`` (its backward contracts ⟨∂L/∂W, δ_i⟩)."""
+        return LayerMerge.apply(rest, anchor, self.deltas, self.scales, self.compute_dtype)
+
     def forward(self, anchor: torch.Tensor) -> torch.Tensor:
         rest = self.coefficients()
         if not torch.is_grad_enabled() or not rest.requires_grad:
-            return merge_value(rest, anchor, self.deltas, self.scales, self.compute_dtype)
-        merged = LayerMerge.apply(rest, anchor, self.deltas, self.scales, self.compute_dtype)
+            return self.value(anchor, rest)
+        merged = self.merge(anchor, rest)
         setattr(merged, SOURCE_ATTRIBUTE, _Source(self, anchor, rest.detach().clone()))
         return merged
 
@@ -202,9 +210,8 @@ class _Source:
     rest: torch.Tensor
 
     def value(self) -> torch.Tensor:
-        p = self.parametrization
         with torch.no_grad():
-            return merge_value(self.rest, self.anchor, p.deltas, p.scales, p.compute_dtype)
+            return self.parametrization.value(self.anchor, self.rest)
 
 
 @dataclass(frozen=True)

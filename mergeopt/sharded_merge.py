@@ -1,0 +1,133 @@
+"""The expert stack sharded over the ranks of a torchrun job: each rank keeps 1/N of every matrix.
+
+Why: under plain torchrun every rank holds the whole stack, so GPUs add speed but never memory;
+four Llama-3.1-70B experts in bfloat16 are about 560 GB. Here each rank keeps a block of ⌈R/N⌉
+rows of every stacked matrix (anchor, differences, int8 scales), the layout FSDP2 gives a
+parameter (``Shard(0)``, zero-padded at the end). The merge is row-wise, so a rank merges its own
+rows, θ_1[r] + Σ_{i≥2} w_i δ_i[r], and the ranks all-gather the merged rows: one copy of the
+merged weight crosses between ranks, not the K expert rows that gathering the stack itself, FSDP's
+way, would move. In the backward each rank holds ∂L/∂W for its share of the batch; a
+reduce-scatter adds them up over the ranks and leaves each rank the rows it keeps, which it
+contracts with its differences into its part of the K-vector gradient. The all-reduce of that
+vector, which every torchrun fit makes already (:mod:`mergeopt.distributed`), adds the parts.
+
+The collectives are torch.distributed's (``all_gather_single``, ``reduce_scatter_single``) and run
+in the same order on every rank, because every rank runs the same forward and backward, as under
+FSDP; the backward's recomputation of a merged weight (:func:`mergeopt.layer_merge.recompute_merged`)
+gathers it again. Vectors (norm weights, biases) stay whole on every rank: they are a few
+thousandths of the stack.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch.nn.utils import parametrize
+
+from mergeopt.layer_merge import MIX_BUFFER, MergedParameter, contract, merge_value
+
+
+def rows_per_rank(rows: int, size: int) -> int:
+    return math.ceil(rows / size)
+
+
+def shard_rows(tensor: torch.Tensor, rank: int, size: int, dim: int = 0) -> torch.Tensor:
+    """Rows [rank·m, (rank + 1)·m) of ``tensor`` along ``dim``, m = ⌈rows / size⌉, as a new tensor
+    zero-padded at the end, so every rank's block has m rows (the collectives need equal blocks)."""
+    rows = tensor.shape[dim]
+    per = rows_per_rank(rows, size)
+    start, stop = min(rank * per, rows), min((rank + 1) * per, rows)
+    block = tensor.new_zeros((*tensor.shape[:dim], per, *tensor.shape[dim + 1 :]))
+    block.narrow(dim, 0, stop - start).copy_(tensor.narrow(dim, start, stop - start))
+    return block
+
+
+def gather_rows(local: torch.Tensor, rows: int, group=None) -> torch.Tensor:
+    """The ranks' blocks of rows concatenated, the padding cut off (``rows`` rows)."""
+    size = dist.get_world_size(group)
+    full = torch.empty((local.shape[0] * size, *local.shape[1:]), dtype=local.dtype, device=local.device)
+    dist.all_gather_single(full, local.contiguous(), group=group)
+    return full if full.shape[0] == rows else full[:rows].clone()
+
+
+def scatter_rows(grad: torch.Tensor, per: int, group=None) -> torch.Tensor:
+    """Σ over the ranks of ``grad``, each rank left with its block of ``per`` rows."""
+    size = dist.get_world_size(group)
+    if grad.shape[0] != per * size:
+        grad = torch.cat([grad, grad.new_zeros((per * size - grad.shape[0], *grad.shape[1:]))])
+    local = torch.empty((per, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
+    dist.reduce_scatter_single(local, grad.contiguous(), op=dist.ReduceOp.SUM, group=group)
+    return local
+
+
+class ShardedLayerMerge(torch.autograd.Function):
+    """W(w) gathered from the ranks' merged rows; the backward returns this rank's rows' share of
+    the K − 1 vector (the fit's all-reduce of ∂L/∂z adds the ranks' shares)."""
+
+    @staticmethod
+    def forward(ctx, rest, anchor, deltas, scales, dtype, rows, group):
+        ctx.deltas, ctx.scales, ctx.group, ctx.per = deltas, scales, group, anchor.shape[0]
+        ctx.acc = torch.promote_types(anchor.dtype, torch.float32)
+        ctx.rest_dtype = rest.dtype
+        local = merge_value(rest, anchor, deltas, scales, dtype)
+        return gather_rows(local, rows, group)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        local = scatter_rows(grad, ctx.per, ctx.group)
+        return contract(local, ctx.deltas, ctx.scales, ctx.acc).to(ctx.rest_dtype), *([None] * 6)
+
+
+class ShardedMergedParameter(MergedParameter):
+    """A :class:`MergedParameter` over this rank's rows: ``anchor`` (the parametrization's
+    ``original``), ``deltas`` and ``scales`` hold the block; the value is the whole merged weight."""
+
+    def __init__(self, name, deltas, scales, num_experts, compute_dtype, shape, group=None):
+        super().__init__(name, deltas, scales, num_experts, compute_dtype)
+        self.shape = tuple(shape)
+        self.group = group
+
+    def value(self, anchor: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+        local = merge_value(rest, anchor, self.deltas, self.scales, self.compute_dtype)
+        return gather_rows(local, self.shape[0], self.group)
+
+    def merge(self, anchor: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+        args = (rest, anchor, self.deltas, self.scales, self.compute_dtype, self.shape[0], self.group)
+        return ShardedLayerMerge.apply(*args)
+
+
+def shard_stack(model: torch.nn.Module, stack, group=None) -> None:
+    """Keep this rank's rows of every stacked matrix of ``stack`` (attached to ``model``) and free
+    the rest: anchors, differences and int8 scales become blocks, and each parameter's merge
+    gathers the merged rows. Vectors stay whole."""
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    merges = {}
+    for module in model.modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for attr, plist in module.parametrizations.items():
+            merge = plist[0]
+            if isinstance(merge, MergedParameter) and not isinstance(merge, ShardedMergedParameter):
+                merges.setdefault(id(merge), (merge, []))[1].append((module, attr))
+    for merge, places in merges.values():
+        anchor = places[0][0].parametrizations[places[0][1]].original
+        if anchor.dim() < 2:
+            continue
+        block = torch.nn.Parameter(shard_rows(anchor.detach(), rank, size), requires_grad=False)
+        deltas = shard_rows(merge.deltas, rank, size, dim=1)
+        scales = shard_rows(merge.scales, rank, size, dim=1) if merge.scales is not None else None
+        sharded = ShardedMergedParameter(
+            merge.name, deltas, scales, merge.deltas.shape[0] + 1, merge.compute_dtype, anchor.shape, group
+        )
+        getattr(sharded, MIX_BUFFER).copy_(getattr(merge, MIX_BUFFER))
+        for module, attr in places:
+            plist = module.parametrizations[attr]
+            plist[0] = sharded
+            plist.original = block
+        stack.anchor[merge.name] = block
+        stack.deltas[merge.name] = deltas
+        if scales is not None:
+            stack.scales[merge.name] = scales

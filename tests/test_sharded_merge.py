@@ -1,0 +1,125 @@
+"""The stack sharded over ranks (gloo, CPU processes) against one process holding all of it.
+
+Each rank keeps a block of rows of every stacked matrix, scores its share of the batch, and the
+ranks add up the loss and the K-vector gradient as a torchrun fit does. Loss and ∂L/∂z must equal
+the single-process per-layer path to float32 rounding (1e-6), over architectures (tied
+embeddings, Conv1D), int8 stacks, activation checkpointing, no-grad evaluation, and a world size
+that does not divide the rows (padded blocks); each rank must hold 1/N of the stacked matrices.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from mergeopt import checkpointing
+from mergeopt.objectives import dev_loss
+from mergeopt.sharded_merge import ShardedMergedParameter, shard_rows, shard_stack
+from mergeopt.stack import build_stack
+from tests.test_layer_merge import padded_batch, perturbed_experts, tiny_model
+
+LOGITS = torch.tensor([0.3, -0.4, 0.2], dtype=torch.float64)
+SET_WEIGHTS = torch.tensor([1.0, 2.0])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _problem(arch: str, dtype: torch.dtype):
+    base = tiny_model(arch)
+    stack = build_stack(base, perturbed_experts(base), dtype=dtype, progress=False)
+    return base, stack
+
+
+def _share(batch, rank: int, size: int):
+    pick = slice(rank, None, size)
+    return type(batch)(
+        input_ids=batch.input_ids[pick],
+        attention_mask=batch.attention_mask[pick],
+        scored=batch.scored[pick],
+        set_index=batch.set_index[pick],
+    )
+
+
+def _step(model, stack, batch, checkpointed: bool):
+    (checkpointing.enable if checkpointed else checkpointing.disable)(model)
+    z = LOGITS.clone().requires_grad_(True)
+    loss = dev_loss(model, stack, z, 1.0, batch, SET_WEIGHTS, 5)
+    loss.backward()
+    return loss.detach(), z.grad
+
+
+def _worker(rank: int, size: int, port: int, arch: str, dtype: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    try:
+        torch.set_num_threads(1)
+        model, stack = _problem(arch, getattr(torch, dtype))
+        whole = stack.nbytes()
+        shard_stack(model, stack)
+        results = {"whole_bytes": whole, "rank_bytes": stack.nbytes()}
+        batch = _share(padded_batch(), rank, size)
+        for checkpointed in (False, True):
+            loss, grad = _step(model, stack, batch, checkpointed)
+            dist.all_reduce(loss)
+            dist.all_reduce(grad)
+            results[str(checkpointed)] = {"loss": float(loss), "grad": grad.tolist()}
+        with torch.no_grad():  # evaluation: no autograd, the merged rows gathered all the same
+            loss = dev_loss(model, stack, LOGITS.clone(), 1.0, batch, SET_WEIGHTS, 5)
+            dist.all_reduce(loss)
+            results["evaluation"] = float(loss)
+        gathered = [None] * size
+        dist.all_gather_object(gathered, results)
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump(gathered, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    "arch,dtype,size",
+    [("llama", "float32", 2), ("gemma2", "int8", 2), ("gpt2", "float32", 3)],
+    ids=["llama-2", "gemma2-int8-2", "gpt2-3"],
+)
+def test_sharded_ranks_give_the_single_process_loss_and_gradient(arch, dtype, size, tmp_path):
+    model, stack = _problem(arch, getattr(torch, dtype))
+    batch = padded_batch()
+    want = {str(c): _step(model, stack, batch, c) for c in (False, True)}
+    out = tmp_path / "ranks.json"
+    mp.spawn(_worker, args=(size, _free_port(), arch, dtype, str(out)), nprocs=size)
+    ranks = json.loads(out.read_text())
+    for checkpointed, (loss, grad) in want.items():
+        for r in ranks:
+            got = r[checkpointed]
+            assert got["loss"] == pytest.approx(float(loss), rel=1e-6), checkpointed
+            torch.testing.assert_close(
+                torch.tensor(got["grad"], dtype=torch.float64), grad, rtol=1e-5, atol=1e-9
+            )
+        assert r["evaluation"] == pytest.approx(float(want["False"][0]), rel=1e-6)
+    expected = 0  # each matrix's block of ⌈rows / N⌉ rows (anchor, differences, scales); vectors whole
+    for name, anchor in stack.anchor.items():
+        tensors = [anchor, stack.deltas[name], *([stack.scales[name]] if name in stack.scales else [])]
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        rows = anchor.shape[0]
+        expected += nbytes * -(-rows // size) // rows if anchor.dim() >= 2 else nbytes
+    for r in ranks:
+        assert r["whole_bytes"] == stack.nbytes()
+        assert r["rank_bytes"] == expected
+    assert expected < stack.nbytes() / size * 1.3
+
+
+def test_shard_rows_pads_the_last_block():
+    t = torch.arange(10.0).reshape(5, 2)
+    blocks = [shard_rows(t, r, 3) for r in range(3)]
+    assert [b.shape[0] for b in blocks] == [2, 2, 2]
+    torch.testing.assert_close(torch.cat(blocks)[:5], t)
+    assert torch.cat(blocks)[5:].abs().sum() == 0
+    assert ShardedMergedParameter  # exported
