@@ -83,6 +83,12 @@ class ModelSection(_Strict):
         description="With device_map: bytes each GPU may hold, as accelerate writes it ({0: '70GiB'}); "
         "default: each GPU's free memory.",
     )
+    shard: Literal["none", "fsdp"] = Field(
+        default="none",
+        description="Under torchrun, fsdp keeps 1/N of the rows of every stacked matrix on each rank "
+        "(FSDP2's Shard(0) layout) and gathers each merged weight as its layer runs; none: every rank "
+        "holds the whole stack.",
+    )
 
     @field_validator("experts")
     @classmethod

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from mergeopt.distributed import shard
+from mergeopt.distributed import rank_and_size, shard
 from mergeopt.errors import UserError
 
 
@@ -211,16 +211,27 @@ def training_batches(
                 items.append((i, sets[i].fit[order[pos]]))
                 pos += 1
             cursors[i] = (pos, order)
-        yield collate(shard(items), pad_id)  # under torchrun: this rank's share of the batch
+        yield rank_batch(items, pad_id)  # under torchrun: this rank's share of the batch
 
 
 def evaluation_batches(sets: Sequence[DevSet], part: str, batch_size: int, pad_id: int) -> Iterator[Batch]:
     """Every example of every set once, in order (``part``: 'fit', 'heldout' or 'all').
 
-    Under torchrun each rank gets every world-size-th example (the caller sums over the ranks).
+    Under torchrun the examples are taken ``batch_size`` × world size at a time and each rank gets
+    every world-size-th of them (the caller sums over the ranks), so every rank runs the same
+    number of batches, as a sharded stack needs (its layers gather across the ranks).
     """
     items = [(i, ex) for i, s in enumerate(sets) for ex in getattr(s, part)]
     items.sort(key=lambda item: item[1].input_ids.numel())  # similar lengths together: less padding
-    items = shard(items)
-    for start in range(0, len(items), batch_size):
-        yield collate(items[start : start + batch_size], pad_id)
+    step = batch_size * rank_and_size()[1]
+    for start in range(0, len(items), step):
+        yield rank_batch(items[start : start + step], pad_id)
+
+
+def rank_batch(items: Sequence[tuple[int, Example]], pad_id: int) -> Batch:
+    """This rank's share of ``items`` as one batch; a rank whose share is empty gets one padding
+    token that scores nothing, so it still runs the forward pass the other ranks run."""
+    mine = shard(items)
+    if not mine:
+        mine = [(0, Example(torch.tensor([pad_id]), torch.tensor([False])))]
+    return collate(mine, pad_id)

@@ -9,7 +9,9 @@ before anything is written, so a mistake leaves no half-made run behind.
 from __future__ import annotations
 
 import argparse
+import gc
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -298,8 +300,39 @@ def _random_dev_sets(recipe: Recipe, vocab: int) -> list[DevSet]:
     return sets
 
 
+def check_shard(recipe: Recipe) -> None:
+    """``model.shard: fsdp`` refused in one line where it cannot run (before anything is loaded)."""
+    if recipe.model.shard == "none":
+        return
+    if recipe.model.device_map is not None:
+        raise UserError("model.shard fsdp and model.device_map both place the stack: use one of them")
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise UserError(
+            "model.shard fsdp shards the stack over the processes of a torchrun job: start it with "
+            "torchrun --nproc_per_node=N (N >= 2), or set model.shard=none"
+        )
+    if any(t.kind != "loss" for t in objective_terms(recipe)):
+        raise UserError(
+            "model.shard fsdp scores dev losses only so far: metric and lm-eval terms need model.shard=none"
+        )
+
+
+def _sharded(recipe: Recipe, model: torch.nn.Module, stack: TaskVectorStack) -> None:
+    """With ``model.shard: fsdp``, keep this rank's rows of the stack (mergeopt.sharded_merge)."""
+    if recipe.model.shard == "fsdp":
+        from mergeopt.sharded_merge import shard_stack
+
+        if stack.lowrank is not None:
+            raise UserError(
+                "model.shard fsdp does not shard LoRA experts kept low-rank yet: use dense experts"
+            )
+        shard_stack(model, stack)
+        gc.collect()
+
+
 def load_problem(recipe: Recipe, progress: bool = True) -> Problem:
     """Check checkpoints and dev sets first (cheap), then load θ0 and stack the experts."""
+    check_shard(recipe)
     device = distributed.local_device(resolve_device(recipe.device))
     from mergeopt.random_world import is_random
 
@@ -307,6 +340,7 @@ def load_problem(recipe: Recipe, progress: bool = True) -> Problem:
         if any(t.kind != "loss" for t in objective_terms(recipe)):
             raise UserError("a random:// world has no text: its objective can only be dev losses")
         model, stack, config = _random_world(recipe, device, progress)
+        _sharded(recipe, model, stack)
         sets = _random_dev_sets(recipe, config.get_text_config().vocab_size)
         weights = loss_set_weights(recipe)
         chunk = _loss_chunk(recipe, model, print if progress else (lambda _m: None))
@@ -322,6 +356,7 @@ def load_problem(recipe: Recipe, progress: bool = True) -> Problem:
         )
     pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
     model, stack = _stack_experts(recipe, experts, device, progress)
+    _sharded(recipe, model, stack)
     chunk = _loss_chunk(recipe, model, print if progress else (lambda _m: None))
     return Problem(model, stack, sets, set_weights, pad_id, input_device(model), tokenizer, chunk)
 
@@ -452,6 +487,7 @@ def _search_and_write(recipe, resolved, problem, checkpoint, progress, log, worl
         from mergeopt.zero_order import report_scores, run_search, utility_of
 
         found, evaluator, utility = run_search(problem, resolved, progress, checkpoint)
+        evaluator_processes = distributed.process_rank_and_size()[1]
         chosen, trace = torch.tensor(found.weights, dtype=torch.float64), found.log
         scores = report_scores(problem, resolved, evaluator, found.weights)
         search_info = {
@@ -459,7 +495,10 @@ def _search_and_write(recipe, resolved, problem, checkpoint, progress, log, worl
             "budget": search.budget,
             "value": found.value,
             "heldout_value": utility_of(utility, scores["fitted"]["heldout"]),
-            # under torchrun the ranks split the candidates: how many each one scored
+            # under torchrun the ranks split the candidates, or (a sharded stack) score each together
+            "scoring": "together"
+            if evaluator.together
+            else ("split" if evaluator_processes > 1 else "single"),
             "evaluations_per_process": evaluator.per_process(distributed.process_rank_and_size()[1]),
             **{k: v for k, v in found.info.items() if k != "strategy"},
         }
@@ -496,6 +535,7 @@ def _search_and_write(recipe, resolved, problem, checkpoint, progress, log, worl
         "seed": resolved.seed,
         "device": str(problem.device),
         "processes": distributed.process_rank_and_size()[1],
+        "shard": resolved.model.shard,  # fsdp: each rank held 1/N of the stack's matrices
         "stack": {
             "tensors": len(stack.deltas),
             "parameters": stack.num_stacked_parameters(),

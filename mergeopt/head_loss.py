@@ -117,8 +117,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             if need_bias:
                 grad_bias += d.sum(dim=0)
             del d
-        if need_weight:
-            grad_weight = grad_weight.to(weight.dtype)
+        if need_weight:  # no tokens (a rank's empty share of a batch): a zero gradient
+            grad_weight = torch.zeros_like(weight) if grad_weight is None else grad_weight.to(weight.dtype)
         if need_bias:
             grad_bias = grad_bias.to(bias.dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None

@@ -41,6 +41,7 @@ def make_evaluator(problem, recipe: Recipe, progress: bool, checkpoint=None) -> 
         progress=progress,
         journal=checkpoint.append_evaluation if checkpoint is not None and is_main() else None,
         replay=checkpoint.read_evaluations() if checkpoint is not None else (),
+        together=recipe.model.shard == "fsdp",  # a sharded stack: every rank scores each mixture
     )
     if utility.needs_reference:
         if recipe.search.budget is not None and recipe.search.budget < len(names):

@@ -266,6 +266,18 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         lambda w, t: [_recipe(w, t), "device=cpu", "model.compute_dtype=float16"],
         "model.compute_dtype float16 cannot run on the CPU",
     ),
+    "sharded stack without torchrun": (
+        "recipe",
+        "fit",
+        lambda w, t: [_recipe(w, t), "model.shard=fsdp"],
+        "model.shard fsdp shards the stack over the processes of a torchrun job",
+    ),
+    "sharded stack and a device map": (
+        "recipe",
+        "fit",
+        lambda w, t: [_recipe(w, t), "model.shard=fsdp", "model.device_map=auto"],
+        "model.shard fsdp and model.device_map both place the stack",
+    ),
     "evaluation dtype the device cannot run": (
         "recipe",
         "fit",

@@ -18,7 +18,7 @@ import yaml
 from tests.conftest import REPO, recipe_tree, run_module
 
 
-def _torchrun(recipe_path, *overrides):
+def _torchrun(recipe_path, *overrides, processes: int = 2):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [
@@ -26,7 +26,7 @@ def _torchrun(recipe_path, *overrides):
             "-m",
             "torch.distributed.run",
             "--standalone",
-            "--nproc_per_node=2",
+            f"--nproc_per_node={processes}",
             "-m",
             "mergeopt.fit",
             str(recipe_path),
@@ -72,3 +72,40 @@ def test_two_processes_find_the_mixture_one_process_finds(random_world, tmp_path
         assert max(per_process) - min(per_process) <= two["search"]["evaluations"] // 2
     # one summary, printed by rank 0 only
     assert double.stdout.count("Recommended mixture") == 1
+
+
+@pytest.mark.parametrize(
+    "search,processes",
+    [({}, 2), ({"strategy": "grid", "grid": {"divisions": 2}}, 2), ({}, 3)],
+    ids=["gradient-2", "grid-2", "gradient-3"],
+)
+def test_a_sharded_stack_finds_the_mixture_one_process_finds(random_world, tmp_path, search, processes):
+    """model.shard=fsdp: each rank holds a block of rows of every stacked matrix, the ranks gather
+    each merged weight and score every batch (and, for grid search, every candidate) together."""
+    tree = recipe_tree(random_world, tmp_path / "one", **({"search": search} if search else {}))
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    single = run_module("fit", str(path), "--quiet")
+    assert single.returncode == 0, single.stderr
+    sharded = _torchrun(path, f"output_dir={tmp_path / 'sharded'}", "model.shard=fsdp", processes=processes)
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "mixture.json").read_text())
+    many = json.loads((tmp_path / "sharded" / "mixture.json").read_text())
+    assert (one["shard"], many["shard"], many["processes"]) == ("none", "fsdp", processes)
+    # rank 0's stack: a block of rows of each matrix (the tiny model's vectors stay whole)
+    assert many["stack"]["bytes"] < one["stack"]["bytes"] / processes * 1.15
+    for name, w in one["weights"].items():
+        assert many["weights"][name] == pytest.approx(w, abs=1e-6)
+    assert many["dev_loss"] == pytest.approx(one["dev_loss"], rel=1e-6)
+    assert many["heldout_loss"] == pytest.approx(one["heldout_loss"], rel=1e-6)
+    if search:  # every rank scored every candidate
+        assert (one["search"]["scoring"], many["search"]["scoring"]) == ("single", "together")
+        evaluations = many["search"]["evaluations"]
+        assert many["search"]["evaluations_per_process"] == [evaluations] * processes
+        log_one = pd.read_csv(tmp_path / "one" / "evaluations.csv").drop(columns="seconds")
+        log_many = pd.read_csv(tmp_path / "sharded" / "evaluations.csv").drop(columns="seconds")
+        pd.testing.assert_frame_equal(
+            log_one.drop(columns="process", errors="ignore"),
+            log_many.drop(columns="process", errors="ignore"),
+            rtol=1e-6,
+        )

@@ -55,3 +55,16 @@ def test_no_gradient_factor_is_kept_without_grad():
     with torch.no_grad():
         losses = ChunkedCrossEntropy.apply(hidden, weight, None, torch.zeros(5, dtype=torch.long), Head(), 2)
     assert losses.grad_fn is None
+
+
+def test_no_tokens_give_zero_gradients():
+    """A rank's empty share of a batch under torchrun: no loss, and zero (not missing) gradients."""
+    hidden = torch.zeros(0, 4, requires_grad=True)
+    weight = torch.randn(7, 4, requires_grad=True)
+    bias = torch.randn(7, requires_grad=True)
+    losses = ChunkedCrossEntropy.apply(hidden, weight, bias, torch.zeros(0, dtype=torch.long), Head(), 2)
+    losses.sum().backward()
+    assert losses.shape == (0,)
+    assert torch.equal(weight.grad, torch.zeros_like(weight)) and torch.equal(
+        bias.grad, torch.zeros_like(bias)
+    )

@@ -75,6 +75,7 @@ class Evaluator:
         cache: dict | None = None,
         journal: Callable[[dict], None] | None = None,
         replay: Sequence[dict] = (),
+        together: bool = False,
     ):
         self.names = tuple(names)
         self.score_fn = score
@@ -90,6 +91,9 @@ class Evaluator:
         self.journal = journal  # called with each real evaluation as it happens (the checkpoint)
         self._replay = list(replay)  # a resumed run's logged evaluations, answered in order
         self.replayed = 0
+        # torchrun with a sharded stack: every rank takes part in scoring each mixture (its layers
+        # gather across the ranks), on its share of the data, instead of the ranks splitting a batch
+        self.together = together
 
     # -- budget -------------------------------------------------------------------------------
     @property
@@ -224,6 +228,9 @@ class Evaluator:
         same point. With one process a round is one candidate.
         """
         rank, size = distributed.rank_and_size()
+        if self.together and size > 1:
+            yield from self._score_together(todo)
+            return
         for first in range(0, len(todo), size):
             chunk = todo[first : first + size]
             mine = None
@@ -245,6 +252,19 @@ class Evaluator:
                 yield w, self._checked(result[1], w), result[2], j
             if any(flag for _, flag in gathered):
                 # every rank stops here, whichever of them received the signal
+                raise Interrupted(pending_signal() or signal.SIGTERM, f"evaluation {self.evaluations}")
+
+    def _score_together(
+        self, todo: list[np.ndarray]
+    ) -> Iterator[tuple[np.ndarray, dict[str, float], float, int]]:
+        """Each mixture scored by every rank at once, on its share of the data (the scores are
+        already the whole data's: the ranks add up their sums inside). After each the ranks
+        exchange whether a signal arrived, so all stop at the same mixture."""
+        for w in todo:
+            start = time.perf_counter()
+            scores = self._checked(dict(self.score_fn(w.copy())), w)
+            yield w, scores, time.perf_counter() - start, ALL_PROCESSES
+            if any(distributed.all_gather_objects(pending_interrupt())):
                 raise Interrupted(pending_signal() or signal.SIGTERM, f"evaluation {self.evaluations}")
 
     def __call__(self, w: np.ndarray, phase: str = "") -> float:
