@@ -68,6 +68,18 @@ class Checkpoint:
             handle = self._handles[meta.file] = safe_open(str(meta.file), framework="pt", device="cpu")
         return handle.get_tensor(name).to(device)
 
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of one tensor: only those bytes are read (a sharded stack's block)."""
+        meta = self.tensors.get(name)
+        if meta is None:
+            raise UserError(f"tensor {name} is not in checkpoint {self.path}")
+        if self._loaded is not None:
+            return self._loaded[name][start:stop].clone()
+        handle = self._handles.get(meta.file)
+        if handle is None:
+            handle = self._handles[meta.file] = safe_open(str(meta.file), framework="pt", device="cpu")
+        return handle.get_slice(name)[start:stop]
+
     def close(self) -> None:
         self._handles.clear()
 

@@ -188,6 +188,7 @@ def _stack_experts(
         seed=recipe.seed,
         log=print if progress else (lambda _m: None),
         compute_dtype=compute_dtype,
+        shard=_shard_while_stacking(recipe),
     )
     stack.eval_dtype = eval_dtype
     for ckpt in dense.values():
@@ -278,6 +279,7 @@ def _random_world(recipe: Recipe, device: torch.device, progress: bool):
         merge=recipe.merge,
         seed=recipe.seed,
         compute_dtype=compute_dtype,
+        shard=_shard_while_stacking(recipe),
     )
     stack.eval_dtype = eval_dtype
     if recipe.optim.activation_checkpointing:
@@ -317,8 +319,16 @@ def check_shard(recipe: Recipe) -> None:
         )
 
 
+def _shard_while_stacking(recipe: Recipe) -> tuple[int, int] | None:
+    """(rank, world size) when each rank stacks only its rows (model.shard: fsdp, a linear merge at
+    scale 1); other merges need whole task vectors and are sharded after stacking."""
+    if recipe.model.shard != "fsdp" or recipe.merge.method != "linear" or recipe.merge.scale != 1.0:
+        return None
+    return distributed.process_rank_and_size()
+
+
 def _sharded(recipe: Recipe, model: torch.nn.Module, stack: TaskVectorStack) -> None:
-    """With ``model.shard: fsdp``, keep this rank's rows of the stack (mergeopt.sharded_merge)."""
+    """With ``model.shard: fsdp``, keep this rank's rows of what was stacked whole (mergeopt.sharded_merge)."""
     if recipe.model.shard == "fsdp":
         from mergeopt.sharded_merge import shard_stack
 

@@ -178,23 +178,38 @@ class TaskVectorStack:
 
 
 def _read(
-    expert: Checkpoint | Mapping[str, torch.Tensor], expert_name: str, name: str, like: torch.Tensor
+    expert: Checkpoint | Mapping[str, torch.Tensor],
+    expert_name: str,
+    name: str,
+    like: torch.Tensor,
+    rows: tuple[int, int, torch.Size] | None = None,
 ) -> torch.Tensor:
-    """One expert tensor, checked against the base's shape, on ``like``'s device and dtype."""
+    """One expert tensor, checked against the base's shape, on ``like``'s device and dtype.
+
+    ``rows`` (start, stop, the base's whole shape): only rows [start, stop) of it, and from a
+    checkpoint only those bytes are read (a sharded stack's block).
+    """
+    whole = like.shape if rows is None else rows[2]
     if isinstance(expert, Checkpoint):
         if name not in expert.tensors:
             raise UserError(
                 f"parameter {name} of the base model is not in expert {expert_name!r} ({expert.path})"
             )
-        value = expert.read(name)
+        shape = torch.Size(expert.tensors[name].shape)
+        if shape == whole:
+            value = expert.read(name) if rows is None else expert.read_rows(name, rows[0], rows[1])
+        else:
+            value = torch.empty(shape, device="meta")
     elif name not in expert:
         raise UserError(f"parameter {name} of the base model is not in expert {expert_name!r}")
     else:
         value = expert[name]
-    if value.shape != like.shape:
+        shape = value.shape
+        if rows is not None and shape == whole:
+            value = value[rows[0] : rows[1]]
+    if shape != whole:
         raise UserError(
-            f"tensor {name} has shape {list(like.shape)} in the base but {list(value.shape)} "
-            f"in expert {expert_name!r}"
+            f"tensor {name} has shape {list(whole)} in the base but {list(shape)} in expert {expert_name!r}"
         )
     value = value.to(device=like.device, dtype=like.dtype)
     if not torch.isfinite(value).all():
@@ -207,15 +222,16 @@ def _excluded(name: str, patterns: Sequence[re.Pattern]) -> bool:
 
 
 def _differences(
-    base: torch.Tensor, experts: Mapping, name: str, dtype: torch.dtype
+    base: torch.Tensor, experts: Mapping, name: str, dtype: torch.dtype, block=None
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Linear merge at scale 1: anchor θ_1 and rows θ_i − θ_1, without θ0."""
+    """Linear merge at scale 1: anchor θ_1 and rows θ_i − θ_1, without θ0 (``block``: rows of a
+    sharded stack, see :func:`_read`)."""
     anchor = None
     # differences written row by row into one preallocated tensor: no K-long list of temporaries
     rows = torch.empty((len(experts) - 1, *base.shape), dtype=dtype, device=base.device)
     differ = False
     for k, (ename, expert) in enumerate(experts.items()):
-        value = _read(expert, ename, name, base)
+        value = _read(expert, ename, name, base, block)
         if anchor is None:
             anchor = value
             continue
@@ -268,9 +284,14 @@ def build_stack(
     seed: int = 0,
     allow_empty: bool = False,
     compute_dtype: torch.dtype | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> TaskVectorStack:
     """Read each expert tensor lazily, stack anchor and differences on the parameter's device, and
     make the model's parameter read the merge (its θ0 tensor is dropped).
+
+    ``shard`` (rank, world size; a linear merge at scale 1): each matrix is stacked as this rank's
+    block of rows only, read alone from each expert (:mod:`mergeopt.sharded_merge`); every rank
+    must call this together, since whether a parameter differs at all is agreed across the ranks.
 
     An expert is a :class:`Checkpoint` (read tensor by tensor from safetensors) or an in-memory
     state dict (tests, benchmarks, notebooks). ``model`` holds θ0 (it was loaded from the base
@@ -304,6 +325,9 @@ def build_stack(
         if _excluded(pname, patterns):
             stack.excluded.append(pname)
             continue
+        if shard is not None and anchor_form and param.dim() >= 2:
+            _stack_block(stack, model, pname, param, experts, shard, dtype, rows_dtype, anchor_dtype)
+            continue
         base = param.detach().to(torch.promote_types(param.dtype, torch.float32))  # θ0, read first
         if anchor_form:
             anchor, rows, differ = _differences(base, experts, pname, rows_dtype)
@@ -319,12 +343,7 @@ def build_stack(
                 param.data.copy_(anchor)
             continue
         del param, base
-        scales = None
-        if dtype == torch.int8:
-            rows, scales = quantize_rows(rows)
-            stack.scales[pname] = scales
-        stack.anchor[pname] = anchor = anchor.to(anchor_dtype)
-        stack.deltas[pname] = rows
+        anchor, rows, scales = _store(stack, pname, anchor, rows, dtype, anchor_dtype)
         merge_module = MergedParameter(pname, rows, scales, len(names), compute_dtype)
         attach(model, pname, anchor, merge_module)
     if not stack.deltas and not allow_empty:
@@ -332,6 +351,65 @@ def build_stack(
             "the experts do not differ in any merged parameter (after exclusions): nothing to merge"
         )
     return stack
+
+
+def _store(stack: TaskVectorStack, pname: str, anchor, rows, dtype, anchor_dtype):
+    """Record one parameter's anchor (in its storage dtype) and differences (int8: quantised per
+    row) in the stack; returns them as stored, with the scales (None unless int8)."""
+    scales = None
+    if dtype == torch.int8:
+        rows, scales = quantize_rows(rows)
+        stack.scales[pname] = scales
+    stack.anchor[pname] = anchor = anchor.to(anchor_dtype)
+    stack.deltas[pname] = rows
+    return anchor, rows, scales
+
+
+def _stack_block(
+    stack: TaskVectorStack,
+    model: torch.nn.Module,
+    pname: str,
+    param: torch.nn.Parameter,
+    experts: Mapping,
+    shard: tuple[int, int],
+    dtype: torch.dtype,
+    rows_dtype: torch.dtype,
+    anchor_dtype: torch.dtype,
+) -> None:
+    """One matrix of a sharded stack: this rank's block of ⌈R/N⌉ rows (zero-padded), read alone."""
+    import torch.distributed as dist
+
+    from mergeopt.sharded_merge import ShardedMergedParameter, gather_rows, rows_per_rank
+
+    rank, size = shard
+    total = param.shape[0]
+    per = rows_per_rank(total, size)
+    start, stop = min(rank * per, total), min((rank + 1) * per, total)
+    base = param.detach()[start:stop].to(torch.promote_types(param.dtype, torch.float32))
+    anchor, rows, differ = _differences(base, experts, pname, rows_dtype, (start, stop, param.shape))
+    flags = torch.tensor([float(differ), float(not torch.equal(anchor, base))], device=param.device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # the ranks agree on what this parameter is
+    if not flags[0]:  # every expert equal here: not stacked, θ0 or the one shared value
+        if not flags[1]:
+            stack.unchanged.append(pname)
+        else:
+            stack.shared.append(pname)
+            padded = anchor.new_zeros((per, *anchor.shape[1:]))
+            padded[: stop - start] = anchor
+            param.data.copy_(gather_rows(padded, total))
+        return
+    del base
+    padded_anchor = anchor.new_zeros((per, *anchor.shape[1:]))
+    padded_anchor[: stop - start] = anchor
+    padded_rows = rows.new_zeros((rows.shape[0], per, *rows.shape[2:]))
+    padded_rows[:, : stop - start] = rows
+    del anchor, rows
+    block, padded_rows, scales = _store(stack, pname, padded_anchor, padded_rows, dtype, anchor_dtype)
+    merge = ShardedMergedParameter(
+        pname, padded_rows, scales, len(stack.expert_names), stack.compute_dtype, param.shape
+    )
+    del param
+    attach(model, pname, block, merge)
 
 
 class _BaseView(Mapping):
@@ -380,6 +458,7 @@ def build_expert_stack(
     seed: int = 0,
     log=print,
     compute_dtype: torch.dtype | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> TaskVectorStack:
     """The stack for any mix of dense experts and LoRA adapters, in the recipe's expert order.
 
@@ -410,6 +489,7 @@ def build_expert_stack(
         seed,
         allow_empty=lowrank_path,
         compute_dtype=compute_dtype,
+        shard=shard,
     )
     if lowrank_path:
         patterns = [re.compile(p) for p in exclude]

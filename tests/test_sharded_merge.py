@@ -123,3 +123,81 @@ def test_shard_rows_pads_the_last_block():
     torch.testing.assert_close(torch.cat(blocks)[:5], t)
     assert torch.cat(blocks)[5:].abs().sum() == 0
     assert ShardedMergedParameter  # exported
+
+
+def _stacking_worker(rank: int, size: int, port: int, root: str, dtype: str, out: str) -> None:
+    """Stack from checkpoints twice: whole then sharded, and each rank reading only its rows."""
+    from pathlib import Path
+
+    from transformers import LlamaForCausalLM
+
+    from mergeopt.checkpoints import Checkpoint, open_checkpoint
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    try:
+        torch.set_num_threads(1)
+        root = Path(root)
+        reads = []
+        whole_read, rows_read = Checkpoint.read, Checkpoint.read_rows
+
+        def read(self, name, device="cpu"):
+            reads.append((name, None, None))
+            return whole_read(self, name, device)
+
+        def read_rows(self, name, start, stop):
+            reads.append((name, start, stop))
+            return rows_read(self, name, start, stop)
+
+        Checkpoint.read, Checkpoint.read_rows = read, read_rows
+        experts = {n: open_checkpoint(root / n) for n in ("a", "b", "c")}
+        stacks = {}
+        for how in ("whole", "while stacking"):
+            reads.clear()
+            model = LlamaForCausalLM.from_pretrained(root / "base").eval()
+            shard = (rank, size) if how == "while stacking" else None
+            stack = build_stack(model, experts, ("norm",), getattr(torch, dtype), False, shard=shard)
+            if how == "whole":
+                shard_stack(model, stack)
+            stacks[how] = (stack, list(reads))
+        (whole, _), (sharded, sharded_reads) = stacks["whole"], stacks["while stacking"]
+        same = all(
+            torch.equal(whole.anchor[n], sharded.anchor[n])
+            and torch.equal(whole.deltas[n], sharded.deltas[n])
+            for n in whole.anchor
+        ) and all(torch.equal(whole.scales[n], sharded.scales[n]) for n in whole.scales)
+        gathered = [None] * size
+        shapes = {n: list(t.shape) for n, t in experts["a"].tensors.items()}
+        dist.all_gather_object(gathered, {"same": same, "reads": sharded_reads, "shapes": shapes})
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump(gathered, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("dtype,size", [("float32", 2), ("int8", 3)])
+def test_each_rank_reads_only_its_rows_of_every_matrix(tmp_path, dtype, size):
+    """Stacking while sharded gives each rank exactly the block sharding a whole stack gives it,
+    and it reads from each expert's safetensors only that block of each matrix."""
+    from transformers import LlamaForCausalLM
+
+    from tests.conftest import perturbed, save_checkpoint, tiny_config
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(tiny_config()).eval()
+    save_checkpoint(base, tmp_path / "base")
+    for i, name in enumerate("abc"):
+        save_checkpoint(perturbed(base, 100 + i), tmp_path / name)
+    out = tmp_path / "ranks.json"
+    mp.spawn(_stacking_worker, args=(size, _free_port(), str(tmp_path), dtype, str(out)), nprocs=size)
+    ranks = json.loads(out.read_text())
+    assert all(r["same"] for r in ranks)
+    for rank, r in enumerate(ranks):
+        for name, start, stop in r["reads"]:
+            shape = r["shapes"][name]
+            assert len(shape) < 2 or start is not None, f"rank {rank} read all of {name}"
+            if start is not None:
+                per = -(-shape[0] // size)
+                assert (start, stop) == (min(rank * per, shape[0]), min((rank + 1) * per, shape[0]))
+        matrices = {n for n, s in r["shapes"].items() if len(s) >= 2 and "norm" not in n}
+        assert {n for n, start, _ in r["reads"] if start is not None} == matrices
