@@ -86,8 +86,9 @@ def _worker(rank: int, size: int, port: int, arch: str, dtype: str, out: str) ->
 
 @pytest.mark.parametrize(
     "arch,dtype,size",
-    [("llama", "float32", 2), ("gemma2", "int8", 2), ("gpt2", "float32", 3)],
-    ids=["llama-2", "gemma2-int8-2", "gpt2-3"],
+    # Llama is covered end to end by tests/test_distributed.py
+    [("gemma2", "int8", 2), ("gpt2", "float32", 3)],
+    ids=["gemma2-int8-2", "gpt2-3"],
 )
 def test_sharded_ranks_give_the_single_process_loss_and_gradient(arch, dtype, size, tmp_path):
     model, stack = _problem(arch, getattr(torch, dtype))
@@ -175,7 +176,7 @@ def _stacking_worker(rank: int, size: int, port: int, root: str, dtype: str, out
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("dtype,size", [("float32", 2), ("int8", 3)])
+@pytest.mark.parametrize("dtype,size", [("int8", 3)])  # padded blocks and per-row scales
 def test_each_rank_reads_only_its_rows_of_every_matrix(tmp_path, dtype, size):
     """Stacking while sharded gives each rank exactly the block sharding a whole stack gives it,
     and it reads from each expert's safetensors only that block of each matrix."""
