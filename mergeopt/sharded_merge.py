@@ -29,6 +29,16 @@ from torch.nn.utils import parametrize
 from mergeopt.layer_merge import MIX_BUFFER, MergedParameter, contract, merge_value
 
 
+# bytes this process has moved through the stack's collectives since the last reset: what a step
+# costs in communication, measured against its minimum (one merged copy of each matrix per use)
+TRAFFIC = {"gathered": 0, "reduce_scattered": 0}
+
+
+def reset_traffic() -> None:
+    for key in TRAFFIC:
+        TRAFFIC[key] = 0
+
+
 def rows_per_rank(rows: int, size: int) -> int:
     return math.ceil(rows / size)
 
@@ -49,6 +59,7 @@ def gather_rows(local: torch.Tensor, rows: int, group=None) -> torch.Tensor:
     size = dist.get_world_size(group)
     full = torch.empty((local.shape[0] * size, *local.shape[1:]), dtype=local.dtype, device=local.device)
     dist.all_gather_single(full, local.contiguous(), group=group)
+    TRAFFIC["gathered"] += full.numel() * full.element_size()
     return full if full.shape[0] == rows else full[:rows].clone()
 
 
@@ -59,6 +70,7 @@ def scatter_rows(grad: torch.Tensor, per: int, group=None) -> torch.Tensor:
         grad = torch.cat([grad, grad.new_zeros((per * size - grad.shape[0], *grad.shape[1:]))])
     local = torch.empty((per, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
     dist.reduce_scatter_single(local, grad.contiguous(), op=dist.ReduceOp.SUM, group=group)
+    TRAFFIC["reduce_scattered"] += grad.numel() * grad.element_size()
     return local
 
 

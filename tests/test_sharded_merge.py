@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 
 from mergeopt import checkpointing
 from mergeopt.objectives import dev_loss
-from mergeopt.sharded_merge import ShardedMergedParameter, shard_rows, shard_stack
+from mergeopt.sharded_merge import TRAFFIC, ShardedMergedParameter, reset_traffic, shard_rows, shard_stack
 from mergeopt.stack import build_stack
 from tests.test_layer_merge import padded_batch, perturbed_experts, tiny_model
 
@@ -67,7 +67,9 @@ def _worker(rank: int, size: int, port: int, arch: str, dtype: str, out: str) ->
         results = {"whole_bytes": whole, "rank_bytes": stack.nbytes()}
         batch = _share(padded_batch(), rank, size)
         for checkpointed in (False, True):
+            reset_traffic()
             loss, grad = _step(model, stack, batch, checkpointed)
+            results[f"traffic {checkpointed}"] = dict(TRAFFIC)
             dist.all_reduce(loss)
             dist.all_reduce(grad)
             results[str(checkpointed)] = {"loss": float(loss), "grad": grad.tolist()}
@@ -105,6 +107,27 @@ def test_sharded_ranks_give_the_single_process_loss_and_gradient(arch, dtype, si
                 torch.tensor(got["grad"], dtype=torch.float64), grad, rtol=1e-5, atol=1e-9
             )
         assert r["evaluation"] == pytest.approx(float(want["False"][0]), rel=1e-6)
+    # a step's traffic against its minimum: each merged matrix crosses once per use in the forward
+    # and, where autograd needs the weight (not an embedding lookup), once more in the backward
+    # (merged weights are not kept between them: that would be a merged copy of the model); its
+    # gradient is reduce-scattered once per use. Padded blocks included
+    from torch.nn.utils import parametrize
+
+    uses = {}  # modules reading each merged parameter (a tied embedding: two)
+    for module in model.modules():
+        if parametrize.is_parametrized(module):
+            for plist in module.parametrizations.values():
+                uses[plist[0].name] = uses.get(plist[0].name, 0) + 1
+    once = 0
+    for name, anchor in stack.anchor.items():
+        if anchor.dim() >= 2:
+            padded = -(-anchor.shape[0] // size) * size * anchor[0].numel() * 4  # float32 compute
+            once += padded * uses[name]
+    for r in ranks:
+        for checkpointed in ("False", "True"):
+            traffic = r[f"traffic {checkpointed}"]
+            assert traffic["reduce_scattered"] == once
+            assert once < traffic["gathered"] <= 2 * once
     expected = 0  # each matrix's block of ⌈rows / N⌉ rows (anchor, differences, scales); vectors whole
     for name, anchor in stack.anchor.items():
         tensors = [anchor, stack.deltas[name], *([stack.scales[name]] if name in stack.scales else [])]
