@@ -28,7 +28,6 @@ from torch.nn.utils import parametrize
 
 from mergeopt.layer_merge import MIX_BUFFER, MergedParameter, contract, merge_value
 
-
 # bytes this process has moved through the stack's collectives since the last reset: what a step
 # costs in communication, measured against its minimum (one merged copy of each matrix per use)
 TRAFFIC = {"gathered": 0, "reduce_scattered": 0}
