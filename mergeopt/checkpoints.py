@@ -63,10 +63,7 @@ class Checkpoint:
             raise UserError(f"tensor {name} is not in checkpoint {self.path}")
         if self._loaded is not None:
             return self._loaded[name].to(device)
-        handle = self._handles.get(meta.file)
-        if handle is None:
-            handle = self._handles[meta.file] = safe_open(str(meta.file), framework="pt", device="cpu")
-        return handle.get_tensor(name).to(device)
+        return self._handle(meta).get_tensor(name).to(device)
 
     def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of one tensor: only those bytes are read (a sharded stack's block)."""
@@ -75,10 +72,14 @@ class Checkpoint:
             raise UserError(f"tensor {name} is not in checkpoint {self.path}")
         if self._loaded is not None:
             return self._loaded[name][start:stop].clone()
+        return self._handle(meta).get_slice(name)[start:stop]
+
+    def _handle(self, meta: TensorMeta):
+        """The open safetensors file holding a tensor (opened once, kept until :meth:`close`)."""
         handle = self._handles.get(meta.file)
         if handle is None:
             handle = self._handles[meta.file] = safe_open(str(meta.file), framework="pt", device="cpu")
-        return handle.get_slice(name)[start:stop]
+        return handle
 
     def close(self) -> None:
         self._handles.clear()

@@ -509,7 +509,7 @@ def _search_and_write(recipe, resolved, problem, checkpoint, progress, log, worl
             "scoring": "together"
             if evaluator.together
             else ("split" if evaluator_processes > 1 else "single"),
-            "evaluations_per_process": evaluator.per_process(distributed.process_rank_and_size()[1]),
+            "evaluations_per_process": evaluator.per_process(evaluator_processes),
             **{k: v for k, v in found.info.items() if k != "strategy"},
         }
 

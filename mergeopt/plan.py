@@ -475,9 +475,7 @@ def _plan(recipe: Recipe, inventory: Inventory, dims: Dims, memory: DeviceMemory
         batch = f"micro-batch {train} x {recipe.data.max_length} tokens; {batch}"
     merged_head = _output_layer_merged(stacked, inventory)
     evaluate = eval_itemsize(recipe)
-    evaluate_name = next(n for n in ("float32", "bfloat16") if DTYPES[n].itemsize == evaluate)
-    if recipe.model.eval_dtype == "float16":
-        evaluate_name = "float16"
+    evaluate_name = "float32" if recipe.model.eval_dtype == "auto" else recipe.model.eval_dtype
     kept = set(stacked)
     unstacked = max((inventory.numel(n) for n in names if n not in kept), default=0)
     evaluation = evaluation_bytes(recipe, dims, largest, k, compute, merged_head, evaluate, unstacked)

@@ -38,19 +38,26 @@ def reset_traffic() -> None:
         TRAFFIC[key] = 0
 
 
-def rows_per_rank(rows: int, size: int) -> int:
-    return math.ceil(rows / size)
+def block_range(rows: int, rank: int, size: int) -> tuple[int, int, int]:
+    """(start, stop, m) of rank's block: rows [start, stop) of ``rows``, m = ⌈rows / size⌉ once padded."""
+    per = math.ceil(rows / size)
+    return min(rank * per, rows), min((rank + 1) * per, rows), per
+
+
+def padded(tensor: torch.Tensor, rows: int, dim: int = 0) -> torch.Tensor:
+    """``tensor`` with zero rows appended along ``dim`` up to ``rows`` (itself when it has them)."""
+    missing = rows - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    zeros = tensor.new_zeros((*tensor.shape[:dim], missing, *tensor.shape[dim + 1 :]))
+    return torch.cat([tensor, zeros], dim=dim)
 
 
 def shard_rows(tensor: torch.Tensor, rank: int, size: int, dim: int = 0) -> torch.Tensor:
-    """Rows [rank·m, (rank + 1)·m) of ``tensor`` along ``dim``, m = ⌈rows / size⌉, as a new tensor
+    """Rank's block of rows of ``tensor`` along ``dim`` (:func:`block_range`) as a new tensor,
     zero-padded at the end, so every rank's block has m rows (the collectives need equal blocks)."""
-    rows = tensor.shape[dim]
-    per = rows_per_rank(rows, size)
-    start, stop = min(rank * per, rows), min((rank + 1) * per, rows)
-    block = tensor.new_zeros((*tensor.shape[:dim], per, *tensor.shape[dim + 1 :]))
-    block.narrow(dim, 0, stop - start).copy_(tensor.narrow(dim, start, stop - start))
-    return block
+    start, stop, per = block_range(tensor.shape[dim], rank, size)
+    return padded(tensor.narrow(dim, start, stop - start), per, dim).clone()
 
 
 def gather_rows(local: torch.Tensor, rows: int, group=None) -> torch.Tensor:
@@ -64,9 +71,7 @@ def gather_rows(local: torch.Tensor, rows: int, group=None) -> torch.Tensor:
 
 def scatter_rows(grad: torch.Tensor, per: int, group=None) -> torch.Tensor:
     """Σ over the ranks of ``grad``, each rank left with its block of ``per`` rows."""
-    size = dist.get_world_size(group)
-    if grad.shape[0] != per * size:
-        grad = torch.cat([grad, grad.new_zeros((per * size - grad.shape[0], *grad.shape[1:]))])
+    grad = padded(grad, per * dist.get_world_size(group))
     local = torch.empty((per, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
     dist.reduce_scatter_single(local, grad.contiguous(), op=dist.ReduceOp.SUM, group=group)
     TRAFFIC["reduce_scattered"] += grad.numel() * grad.element_size()

@@ -379,12 +379,10 @@ def _stack_block(
     """One matrix of a sharded stack: this rank's block of ⌈R/N⌉ rows (zero-padded), read alone."""
     import torch.distributed as dist
 
-    from mergeopt.sharded_merge import ShardedMergedParameter, gather_rows, rows_per_rank
+    from mergeopt.sharded_merge import ShardedMergedParameter, block_range, gather_rows, padded
 
-    rank, size = shard
     total = param.shape[0]
-    per = rows_per_rank(total, size)
-    start, stop = min(rank * per, total), min((rank + 1) * per, total)
+    start, stop, per = block_range(total, *shard)
     base = param.detach()[start:stop].to(torch.promote_types(param.dtype, torch.float32))
     anchor, rows, differ = _differences(base, experts, pname, rows_dtype, (start, stop, param.shape))
     flags = torch.tensor([float(differ), float(not torch.equal(anchor, base))], device=param.device)
@@ -394,19 +392,13 @@ def _stack_block(
             stack.unchanged.append(pname)
         else:
             stack.shared.append(pname)
-            padded = anchor.new_zeros((per, *anchor.shape[1:]))
-            padded[: stop - start] = anchor
-            param.data.copy_(gather_rows(padded, total))
+            param.data.copy_(gather_rows(padded(anchor, per), total))
         return
     del base
-    padded_anchor = anchor.new_zeros((per, *anchor.shape[1:]))
-    padded_anchor[: stop - start] = anchor
-    padded_rows = rows.new_zeros((rows.shape[0], per, *rows.shape[2:]))
-    padded_rows[:, : stop - start] = rows
-    del anchor, rows
-    block, padded_rows, scales = _store(stack, pname, padded_anchor, padded_rows, dtype, anchor_dtype)
+    anchor, rows = padded(anchor, per), padded(rows, per, dim=1)
+    block, rows, scales = _store(stack, pname, anchor, rows, dtype, anchor_dtype)
     merge = ShardedMergedParameter(
-        pname, padded_rows, scales, len(stack.expert_names), stack.compute_dtype, param.shape
+        pname, rows, scales, len(stack.expert_names), stack.compute_dtype, param.shape
     )
     del param
     attach(model, pname, block, merge)
