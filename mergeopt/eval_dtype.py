@@ -26,6 +26,11 @@ import torch
 from torch.nn.utils import parametrize
 
 from mergeopt.layer_merge import MergedParameter
+from mergeopt.sharded_merge import ShardedWeight
+
+# parametrizations that form a weight in their own ``compute_dtype``: the merge, and a sharded
+# matrix that is not merged (gathered from the ranks' rows)
+FORMED = (MergedParameter, ShardedWeight)
 
 
 class CastTo(torch.nn.Module):
@@ -47,7 +52,7 @@ def _narrower_parameters(model: torch.nn.Module, dtype: torch.dtype) -> list[tup
     """
     found = []
     for module in model.modules():
-        if isinstance(module, (parametrize.ParametrizationList, MergedParameter)):
+        if isinstance(module, (parametrize.ParametrizationList, *FORMED)):
             continue
         for name, param in module._parameters.items():
             if param is not None and param.is_floating_point() and param.dtype != dtype:
@@ -63,7 +68,7 @@ def evaluating_in(model: torch.nn.Module, dtype: torch.dtype | None) -> Iterator
     for it. On exit the model is as it was: the same parameter objects (tied ones still tied), the
     merge's dtype restored.
     """
-    merges = [m for m in model.modules() if isinstance(m, MergedParameter)]
+    merges = [m for m in model.modules() if isinstance(m, FORMED)]
     casts = _narrower_parameters(model, dtype) if dtype is not None else []
     if dtype is None or (not casts and all(m.compute_dtype == dtype for m in merges)):
         yield

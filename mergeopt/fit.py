@@ -9,7 +9,6 @@ before anything is written, so a mistake leaves no half-made run behind.
 from __future__ import annotations
 
 import argparse
-import gc
 import math
 import os
 import sys
@@ -71,6 +70,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 @dataclass
+class Experts:
+    """The recipe's checkpoints, opened and checked against each other, no weight read yet."""
+
+    base: Checkpoint
+    dense: dict[str, Checkpoint]
+    adapters: dict[str, LoraAdapter]
+
+
+@dataclass
 class Problem:
     """Everything a search strategy needs, loaded and checked."""
 
@@ -95,17 +103,19 @@ def _load_tokenizer(path: str, trust_remote_code: bool, gguf_file: str | None = 
         raise UserError(f"cannot load a tokenizer from the base {path}: {first}") from None
 
 
-def _open_checked(recipe: Recipe) -> tuple[tuple[dict[str, Checkpoint], dict[str, LoraAdapter]], object]:
-    """The experts (dense checkpoints and LoRA adapters) checked against the base, and the base's
-    tokenizer: the cheap checks, before any weight of the base is loaded."""
+def _open_checked(recipe: Recipe) -> tuple[Experts, object]:
+    """The base's checkpoint and the experts (dense checkpoints and LoRA adapters) checked against
+    it, and the base's tokenizer: the cheap checks, before any weight of the base is loaded."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     model = recipe.model
-    _, dense, adapters = open_experts(
+    base, dense, adapters = open_experts(
         model.base, model.experts, model.allow_pickle, model.gguf_file, model.trust_remote_code
     )
-    return (dense, adapters), _load_tokenizer(model.base, model.trust_remote_code, model.gguf_file)
+    return Experts(base, dense, adapters), _load_tokenizer(
+        model.base, model.trust_remote_code, model.gguf_file
+    )
 
 
 def _weights_source(recipe: Recipe) -> dict:
@@ -142,16 +152,52 @@ def check_eval_dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
 
 def _stack_experts(
     recipe: Recipe,
-    experts: tuple[dict[str, Checkpoint], dict[str, LoraAdapter]],
+    experts: Experts,
     device: torch.device,
     progress: bool,
+    shard: tuple[int, int] | None = None,
 ) -> tuple[torch.nn.Module, TaskVectorStack]:
     """Load θ0 in the compute dtype and stack the experts as the recipe's model and merge sections
-    say; the stacked parameters of the model then read the merge (θ0 is not kept for them)."""
-    from transformers import AutoModelForCausalLM
+    say; the stacked parameters of the model then read the merge (θ0 is not kept for them).
 
+    ``shard`` (rank, world size; ``model.shard: fsdp``): the model is built empty and each rank
+    reads only its rows of θ0 and of every expert (:mod:`mergeopt.sharded_load`).
+    """
     compute_dtype = check_compute_dtype(recipe, device)
     eval_dtype = check_eval_dtype(recipe, device)
+    if shard is not None:
+        model, base = _empty_base(recipe, experts, compute_dtype, device)
+    else:
+        model, base = _loaded_base(recipe, compute_dtype, device, progress), None
+    stack = build_expert_stack(
+        model,
+        recipe.expert_names,
+        experts.dense,
+        experts.adapters,
+        recipe.model.exclude,
+        DTYPES[recipe.model.stack_dtype],
+        progress,
+        merge=recipe.merge,
+        seed=recipe.seed,
+        log=print if progress else (lambda _m: None),
+        compute_dtype=compute_dtype,
+        shard=shard,
+        base=base,
+        device=device,
+    )
+    stack.eval_dtype = eval_dtype
+    for ckpt in (experts.base, *experts.dense.values()):
+        ckpt.close()
+    if recipe.optim.activation_checkpointing:
+        checkpointing.enable(model)
+    return model, stack
+
+
+def _loaded_base(
+    recipe: Recipe, compute_dtype: torch.dtype, device: torch.device, progress: bool
+) -> torch.nn.Module:
+    """θ0 loaded whole by transformers, on the device (or spread over GPUs by model.device_map)."""
+    from transformers import AutoModelForCausalLM
 
     if recipe.model.device_map is not None:
         on_gpu = {"device_map": _device_map(recipe, progress)}
@@ -175,27 +221,29 @@ def _stack_experts(
         from mergeopt.placement import devices_in_use
 
         print(f"model spread over {', '.join(devices_in_use(model))}")
-    dense, adapters = experts
-    stack = build_expert_stack(
-        model,
-        recipe.expert_names,
-        dense,
-        adapters,
-        recipe.model.exclude,
-        DTYPES[recipe.model.stack_dtype],
-        progress,
-        merge=recipe.merge,
-        seed=recipe.seed,
-        log=print if progress else (lambda _m: None),
-        compute_dtype=compute_dtype,
-        shard=_shard_while_stacking(recipe),
-    )
-    stack.eval_dtype = eval_dtype
-    for ckpt in dense.values():
-        ckpt.close()
-    if recipe.optim.activation_checkpointing:
-        checkpointing.enable(model)
-    return model, stack
+    return model
+
+
+def _empty_base(recipe: Recipe, experts: Experts, compute_dtype: torch.dtype, device: torch.device):
+    """(model, θ0 source) for a sharded stack: the architecture with no weights, and the base's
+    safetensors to read rows from. Pickled checkpoints are read whole, so they are refused here."""
+    from transformers import AutoConfig
+
+    from mergeopt.sharded_load import CheckpointBase, empty_model
+
+    for name, ckpt in (("the base", experts.base), *((f"expert {n!r}", c) for n, c in experts.dense.items())):
+        if ckpt._loaded is not None:
+            raise UserError(
+                f"model.shard fsdp: {name} ({ckpt.path}) is a pickle checkpoint, which every rank would "
+                "load whole; save it as safetensors, or set model.shard=none"
+            )
+    trust = recipe.model.trust_remote_code
+    try:
+        config = AutoConfig.from_pretrained(recipe.model.base, trust_remote_code=trust)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot read the base's config from {recipe.model.base}: {first}") from None
+    return empty_model(config, compute_dtype, device, trust), CheckpointBase(experts.base)
 
 
 def _loss_chunk(recipe: Recipe, model: torch.nn.Module, log: Callable[[str], None]) -> int | None:
@@ -258,7 +306,7 @@ def load_merge(
     return model, stack, tokenizer, input_device(model)
 
 
-def _random_world(recipe: Recipe, device: torch.device, progress: bool):
+def _random_world(recipe: Recipe, device: torch.device, progress: bool, shard: tuple[int, int] | None):
     """(model, stack, config) for a ``random://`` base: θ0 built from seeds on the device, experts
     drawn tensor by tensor while they are stacked; nothing is read from or written to disk."""
     from mergeopt import random_world
@@ -266,7 +314,12 @@ def _random_world(recipe: Recipe, device: torch.device, progress: bool):
     config = random_world.check_recipe_paths(recipe.model.base, recipe.model.experts)
     compute_dtype = check_compute_dtype(recipe, device)
     eval_dtype = check_eval_dtype(recipe, device)
-    model = random_world.build_base(config, device, compute_dtype, recipe.world.seed)
+    if shard is not None:  # θ0 drawn tensor by tensor as the stack is built, each rank its rows
+        from mergeopt.sharded_load import RandomBase, empty_model
+
+        model, base = empty_model(config, compute_dtype, device), RandomBase(config, recipe.world.seed)
+    else:
+        model, base = random_world.build_base(config, device, compute_dtype, recipe.world.seed), None
     experts = random_world.random_experts(model, config, recipe.expert_names, recipe.world.seed, device)
     stack = build_expert_stack(
         model,
@@ -279,7 +332,9 @@ def _random_world(recipe: Recipe, device: torch.device, progress: bool):
         merge=recipe.merge,
         seed=recipe.seed,
         compute_dtype=compute_dtype,
-        shard=_shard_while_stacking(recipe),
+        shard=shard,
+        base=base,
+        device=device,
     )
     stack.eval_dtype = eval_dtype
     if recipe.optim.activation_checkpointing:
@@ -308,6 +363,11 @@ def check_shard(recipe: Recipe) -> None:
         return
     if recipe.model.device_map is not None:
         raise UserError("model.shard fsdp and model.device_map both place the stack: use one of them")
+    if recipe.model.gguf_file:
+        raise UserError(
+            "model.shard fsdp reads each rank's rows of the base from safetensors, and a GGUF base "
+            "(model.gguf_file) is read whole: convert it to safetensors, or set model.shard=none"
+        )
     if int(os.environ.get("WORLD_SIZE", "1")) < 2:
         raise UserError(
             "model.shard fsdp shards the stack over the processes of a torchrun job: start it with "
@@ -319,25 +379,18 @@ def check_shard(recipe: Recipe) -> None:
         )
 
 
-def _shard_while_stacking(recipe: Recipe) -> tuple[int, int] | None:
-    """(rank, world size) when each rank stacks only its rows (model.shard: fsdp, a linear merge at
-    scale 1); other merges need whole task vectors and are sharded after stacking."""
-    if recipe.model.shard != "fsdp" or recipe.merge.method != "linear" or recipe.merge.scale != 1.0:
-        return None
-    return distributed.process_rank_and_size()
+def _shard(recipe: Recipe) -> tuple[int, int] | None:
+    """(rank, world size) when this rank keeps 1/N of every matrix (``model.shard: fsdp``), else None."""
+    return distributed.process_rank_and_size() if recipe.model.shard == "fsdp" else None
 
 
-def _sharded(recipe: Recipe, model: torch.nn.Module, stack: TaskVectorStack) -> None:
-    """With ``model.shard: fsdp``, keep this rank's rows of what was stacked whole (mergeopt.sharded_merge)."""
-    if recipe.model.shard == "fsdp":
-        from mergeopt.sharded_merge import shard_stack
+def _sharded(recipe: Recipe, stack: TaskVectorStack) -> None:
+    """With ``model.shard: fsdp``, each rank keeps its rows of the LoRA factors kept low-rank too
+    (the dense matrices were sharded as they were stacked)."""
+    if recipe.model.shard == "fsdp" and stack.lowrank is not None:
+        from mergeopt.sharded_merge import shard_lowrank
 
-        if stack.lowrank is not None:
-            raise UserError(
-                "model.shard fsdp does not shard LoRA experts kept low-rank yet: use dense experts"
-            )
-        shard_stack(model, stack)
-        gc.collect()
+        shard_lowrank(stack.lowrank, *distributed.process_rank_and_size())
 
 
 def load_problem(recipe: Recipe, progress: bool = True) -> Problem:
@@ -349,8 +402,7 @@ def load_problem(recipe: Recipe, progress: bool = True) -> Problem:
     if is_random(recipe.model.base):
         if any(t.kind != "loss" for t in objective_terms(recipe)):
             raise UserError("a random:// world has no text: its objective can only be dev losses")
-        model, stack, config = _random_world(recipe, device, progress)
-        _sharded(recipe, model, stack)
+        model, stack, config = _random_world(recipe, device, progress, _shard(recipe))
         sets = _random_dev_sets(recipe, config.get_text_config().vocab_size)
         weights = loss_set_weights(recipe)
         chunk = _loss_chunk(recipe, model, print if progress else (lambda _m: None))
@@ -365,8 +417,8 @@ def load_problem(recipe: Recipe, progress: bool = True) -> Problem:
             [d.weight if data.target in ("all", d.name) else 0.0 for d in data.dev], dtype=torch.float32
         )
     pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
-    model, stack = _stack_experts(recipe, experts, device, progress)
-    _sharded(recipe, model, stack)
+    model, stack = _stack_experts(recipe, experts, device, progress, _shard(recipe))
+    _sharded(recipe, stack)
     chunk = _loss_chunk(recipe, model, print if progress else (lambda _m: None))
     return Problem(model, stack, sets, set_weights, pad_id, input_device(model), tokenizer, chunk)
 

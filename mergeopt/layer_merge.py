@@ -266,7 +266,7 @@ def attach(
     model: torch.nn.Module,
     name: str,
     anchor: torch.Tensor,
-    parametrization: MergedParameter,
+    parametrization: torch.nn.Module,
 ) -> None:
     """Make parameter ``name`` (and every tie of it) read W(w); the model's θ0 tensor is dropped."""
     anchor_param = torch.nn.Parameter(anchor, requires_grad=False)

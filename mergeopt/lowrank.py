@@ -35,6 +35,21 @@ class LowRankFactors:
     b: torch.Tensor  # (out, R)
     owner: torch.Tensor  # (R,) long: the expert each rank column belongs to
     scaling: torch.Tensor  # (R,) float32: that expert's s_i
+    # a sharded stack (mergeopt.sharded_merge.shard_lowrank): ``a`` and ``b`` hold this rank's block
+    # of ⌈rows/N⌉ rows, and (rows of a, rows of b) are the whole factors' row counts
+    whole_rows: tuple[int, int] | None = None
+
+    def whole(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) in ``dtype``: gathered from the ranks' blocks when sharded (autograd saves a
+        recipe to gather them again for the backward, not the tensors: mergeopt.layer_merge)."""
+        if self.whole_rows is None:
+            return self.a.to(dtype), self.b.to(dtype)
+        from mergeopt.sharded_merge import gathered_for_backward
+
+        return (
+            gathered_for_backward(self.a, self.whole_rows[0], dtype),
+            gathered_for_backward(self.b, self.whole_rows[1], dtype),
+        )
 
     def coefficients(self, weights: torch.Tensor, scale: float) -> torch.Tensor:
         """c_j = λ w_owner(j) s_owner(j), in w's precision (at least float32)."""
@@ -112,7 +127,7 @@ def _hook(factors: LowRankFactors, scale: float):
         x = args[0]
         weights = getattr(module, MIX_BUFFER)
         c = factors.coefficients(weights.to(factors.scaling.device), scale).to(x.dtype)
-        a, b = factors.a.to(x.dtype), factors.b.to(x.dtype)
+        a, b = factors.whole(x.dtype)
         return output + F.linear(F.linear(x, a) * c, b)
 
     return add_low_rank

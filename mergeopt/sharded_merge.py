@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.utils import parametrize
 
-from mergeopt.layer_merge import MIX_BUFFER, MergedParameter, contract, merge_value
+from mergeopt.layer_merge import MIX_BUFFER, SOURCE_ATTRIBUTE, MergedParameter, attach, contract, merge_value
 
 # bytes this process has moved through the stack's collectives since the last reset: what a step
 # costs in communication, measured against its minimum (one merged copy of each matrix per use)
@@ -113,6 +113,78 @@ class ShardedMergedParameter(MergedParameter):
     def merge(self, anchor: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
         args = (rest, anchor, self.deltas, self.scales, self.compute_dtype, self.shape[0], self.group)
         return ShardedLayerMerge.apply(*args)
+
+
+class ShardedWeight(torch.nn.Module):
+    """A parametrization ``block -> W`` for a matrix that is not merged (θ0 kept by
+    ``model.exclude``, or one value every expert shares): the rank keeps its block of rows and the
+    ranks gather the whole matrix when its module reads it, as FSDP2 does for a frozen parameter.
+    The gathered weight is read in ``compute_dtype`` (``model.eval_dtype`` widens it for
+    evaluations, :mod:`mergeopt.eval_dtype`); the backward gathers it again rather than keep it
+    (:func:`mergeopt.layer_merge.recompute_merged`)."""
+
+    def __init__(self, name: str, shape, compute_dtype: torch.dtype, group=None):
+        super().__init__()
+        self.name = name
+        self.shape = tuple(shape)
+        self.compute_dtype = compute_dtype
+        self.group = group
+
+    def value(self, block: torch.Tensor) -> torch.Tensor:
+        return gather_rows(block, self.shape[0], self.group).to(self.compute_dtype)
+
+    def forward(self, block: torch.Tensor) -> torch.Tensor:
+        whole = self.value(block)
+        if torch.is_grad_enabled():
+            setattr(whole, SOURCE_ATTRIBUTE, _Regather(self, block))
+        return whole
+
+
+class _Regather:
+    """How :func:`mergeopt.layer_merge.recompute_merged` forms an unmerged sharded weight again."""
+
+    def __init__(self, parametrization: ShardedWeight, block: torch.Tensor):
+        self.parametrization, self.block = parametrization, block
+
+    def value(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self.parametrization.value(self.block)
+
+
+class _GatherAgain:
+    """The same for a LoRA factor: gather the ranks' blocks again."""
+
+    def __init__(self, block: torch.Tensor, rows: int, dtype: torch.dtype, group=None):
+        self.block, self.rows, self.dtype, self.group = block, rows, dtype, group
+
+    def value(self) -> torch.Tensor:
+        return gather_rows(self.block, self.rows, self.group).to(self.dtype)
+
+
+def gathered_for_backward(block: torch.Tensor, rows: int, dtype: torch.dtype, group=None) -> torch.Tensor:
+    """The whole tensor of the ranks' ``block``s in ``dtype``; under autograd it carries a recipe
+    to gather it again, so the backward does not keep it (a frozen factor, like FSDP's reshard)."""
+    again = _GatherAgain(block, rows, dtype, group)
+    whole = again.value()
+    if torch.is_grad_enabled():
+        setattr(whole, SOURCE_ATTRIBUTE, again)
+    return whole
+
+
+def shard_lowrank(lowrank, rank: int, size: int) -> None:
+    """Keep this rank's block of rows of every LoRA factor: A's rank rows and B's output rows.
+    The factors are read whole once (they are small: Σ r_i (in + out) per module) and cut here."""
+    for factors in lowrank.modules.values():
+        factors.whole_rows = (factors.a.shape[0], factors.b.shape[0])
+        factors.a = shard_rows(factors.a, rank, size)
+        factors.b = shard_rows(factors.b, rank, size)
+
+
+def keep_block(
+    model: torch.nn.Module, name: str, block: torch.Tensor, shape, compute_dtype, group=None
+) -> None:
+    """Make matrix ``name`` (every tie of it) this rank's ``block`` of its rows, gathered when read."""
+    attach(model, name, block, ShardedWeight(name, shape, compute_dtype, group))
 
 
 def shard_stack(model: torch.nn.Module, stack, group=None) -> None:

@@ -49,6 +49,7 @@ from mergeopt.lora import LoraAdapter
 from mergeopt.lowrank import LowRankStack, build_lowrank_stack
 from mergeopt.methods import MergeFn, MergeMethod, get_method, merge_linear, mixup
 from mergeopt.methods.dare import parameter_generator
+from mergeopt.sharded_load import BaseSource, fill
 
 DTYPES = {
     "float32": torch.float32,
@@ -285,13 +286,18 @@ def build_stack(
     allow_empty: bool = False,
     compute_dtype: torch.dtype | None = None,
     shard: tuple[int, int] | None = None,
+    base: BaseSource | None = None,
+    device: torch.device | None = None,
 ) -> TaskVectorStack:
     """Read each expert tensor lazily, stack anchor and differences on the parameter's device, and
     make the model's parameter read the merge (its θ0 tensor is dropped).
 
-    ``shard`` (rank, world size; a linear merge at scale 1): each matrix is stacked as this rank's
-    block of rows only, read alone from each expert (:mod:`mergeopt.sharded_merge`); every rank
-    must call this together, since whether a parameter differs at all is agreed across the ranks.
+    ``shard`` (rank, world size): every matrix is kept as this rank's block of rows
+    (:mod:`mergeopt.sharded_merge`), stacked or not; vectors stay whole. With a linear merge at
+    scale 1 each block is read alone from each expert; other methods prepare one whole tensor at a
+    time and keep its block. Every rank must call this together, since whether a parameter differs
+    at all is agreed across the ranks. ``base`` gives θ0 of the parameters that are still on the
+    meta device (:mod:`mergeopt.sharded_load`: no rank loads the base whole), made on ``device``.
 
     An expert is a :class:`Checkpoint` (read tensor by tensor from safetensors) or an in-memory
     state dict (tests, benchmarks, notebooks). ``model`` holds θ0 (it was loaded from the base
@@ -322,27 +328,42 @@ def build_stack(
     for pname in tqdm(parameter_names, desc="stacking experts", unit="tensor", disable=not progress):
         param = model.get_parameter(pname)
         param.requires_grad_(False)
+        where = device if param.is_meta else param.device
+        blocks = shard is not None and param.dim() >= 2  # this rank keeps a block of its rows
         if _excluded(pname, patterns):
             stack.excluded.append(pname)
+            if blocks:
+                _keep_theta0_block(stack, model, pname, param, shard, base, where)
+            elif param.is_meta:
+                fill(model, pname, base.whole(pname, param, where))
             continue
-        if shard is not None and anchor_form and param.dim() >= 2:
-            _stack_block(stack, model, pname, param, experts, shard, dtype, rows_dtype, anchor_dtype)
+        if blocks and anchor_form:
+            _stack_block(
+                stack, model, pname, param, experts, shard, dtype, rows_dtype, anchor_dtype, base, where
+            )
             continue
-        base = param.detach().to(torch.promote_types(param.dtype, torch.float32))  # θ0, read first
+        theta0 = base.whole(pname, param, where) if param.is_meta else param.detach()
+        theta0 = theta0.to(torch.promote_types(param.dtype, torch.float32))  # θ0, read first
         if anchor_form:
-            anchor, rows, differ = _differences(base, experts, pname, rows_dtype)
+            anchor, rows, differ = _differences(theta0, experts, pname, rows_dtype)
         else:
             if method.random:
-                options["generator"] = parameter_generator(seed, pname, param.device)
-            anchor, rows, differ = _prepared(base, experts, pname, rows_dtype, method, options, merge.scale)
+                options["generator"] = parameter_generator(seed, pname, where)
+            anchor, rows, differ = _prepared(theta0, experts, pname, rows_dtype, method, options, merge.scale)
+        if blocks:  # prepared whole (TIES, DARE, a scale): every rank the same; keep this rank's rows
+            _keep_prepared_block(
+                stack, model, pname, param, theta0, anchor, rows, differ, shard, dtype, anchor_dtype
+            )
+            continue
         if not differ:  # the merge does not depend on w: no need to stack it
-            if torch.equal(anchor, base):
+            if torch.equal(anchor, theta0):
                 stack.unchanged.append(pname)
             else:
                 stack.shared.append(pname)
-                param.data.copy_(anchor)
+            if param.is_meta or not torch.equal(anchor, theta0):
+                fill(model, pname, anchor.to(param.dtype))
             continue
-        del param, base
+        del param, theta0
         anchor, rows, scales = _store(stack, pname, anchor, rows, dtype, anchor_dtype)
         merge_module = MergedParameter(pname, rows, scales, len(names), compute_dtype)
         attach(model, pname, anchor, merge_module)
@@ -375,46 +396,90 @@ def _stack_block(
     dtype: torch.dtype,
     rows_dtype: torch.dtype,
     anchor_dtype: torch.dtype,
+    base: BaseSource | None,
+    device: torch.device,
 ) -> None:
-    """One matrix of a sharded stack: this rank's block of ⌈R/N⌉ rows (zero-padded), read alone."""
+    """One matrix of a sharded stack (linear merge at scale 1): this rank's block of ⌈R/N⌉ rows
+    (zero-padded), θ0's and each expert's read alone."""
     import torch.distributed as dist
 
-    from mergeopt.sharded_merge import ShardedMergedParameter, block_range, gather_rows, padded
+    from mergeopt.sharded_merge import ShardedMergedParameter, block_range, keep_block, padded
 
     total = param.shape[0]
     start, stop, per = block_range(total, *shard)
-    base = param.detach()[start:stop].to(torch.promote_types(param.dtype, torch.float32))
-    anchor, rows, differ = _differences(base, experts, pname, rows_dtype, (start, stop, param.shape))
-    flags = torch.tensor([float(differ), float(not torch.equal(anchor, base))], device=param.device)
+    theta0 = base.rows(pname, start, stop, param, device) if param.is_meta else param.detach()[start:stop]
+    theta0 = theta0.to(torch.promote_types(param.dtype, torch.float32))
+    anchor, rows, differ = _differences(theta0, experts, pname, rows_dtype, (start, stop, param.shape))
+    flags = torch.tensor([float(differ), float(not torch.equal(anchor, theta0))], device=device)
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # the ranks agree on what this parameter is
     if not flags[0]:  # every expert equal here: not stacked, θ0 or the one shared value
-        if not flags[1]:
-            stack.unchanged.append(pname)
-        else:
-            stack.shared.append(pname)
-            param.data.copy_(gather_rows(padded(anchor, per), total))
+        (stack.shared if flags[1] else stack.unchanged).append(pname)
+        keep_block(model, pname, padded(anchor.to(param.dtype), per), param.shape, stack.compute_dtype)
         return
-    del base
+    del theta0
     anchor, rows = padded(anchor, per), padded(rows, per, dim=1)
     block, rows, scales = _store(stack, pname, anchor, rows, dtype, anchor_dtype)
     merge = ShardedMergedParameter(
         pname, rows, scales, len(stack.expert_names), stack.compute_dtype, param.shape
     )
-    del param
+    del param  # the caller's reference to θ0 is the last; attach drops the model's
     attach(model, pname, block, merge)
+
+
+def _keep_prepared_block(
+    stack, model, pname, param, theta0, anchor, rows, differ, shard, dtype, anchor_dtype
+):
+    """A matrix merged by another method (prepared whole, the same on every rank): this rank's
+    block of the anchor and of the differences, or of the unmerged value."""
+    from mergeopt.sharded_merge import ShardedMergedParameter, block_range, keep_block, padded
+
+    start, stop, per = block_range(param.shape[0], *shard)
+    if not differ:
+        (stack.unchanged if torch.equal(anchor, theta0) else stack.shared).append(pname)
+        keep_block(
+            model,
+            pname,
+            padded(anchor[start:stop].to(param.dtype), per).clone(),
+            param.shape,
+            stack.compute_dtype,
+        )
+        return
+    anchor = padded(anchor[start:stop], per).clone()
+    rows = padded(rows[:, start:stop], per, dim=1).clone()
+    block, rows, scales = _store(stack, pname, anchor, rows, dtype, anchor_dtype)
+    merge = ShardedMergedParameter(
+        pname, rows, scales, len(stack.expert_names), stack.compute_dtype, param.shape
+    )
+    attach(model, pname, block, merge)
+
+
+def _keep_theta0_block(stack, model, pname, param, shard, base, device) -> None:
+    """An excluded matrix under sharding: this rank's block of θ0's rows, gathered when read."""
+    from mergeopt.sharded_merge import block_range, keep_block, padded
+
+    start, stop, per = block_range(param.shape[0], *shard)
+    theta0 = base.rows(pname, start, stop, param, device) if param.is_meta else param.detach()[start:stop]
+    keep_block(model, pname, padded(theta0.to(param.dtype), per).clone(), param.shape, stack.compute_dtype)
 
 
 class _BaseView(Mapping):
     """A LoRA expert's dense weights on the low-rank path: θ0 everywhere (its update is low-rank).
 
-    Values are copies: the model's parameters become merge buffers and are overwritten later.
+    Values are copies: the model's parameters become merge buffers and are overwritten later. A
+    parameter still on the meta device (a sharded load) is read from ``base`` onto ``device``.
     """
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(
+        self, model: torch.nn.Module, base: BaseSource | None = None, device: torch.device | None = None
+    ):
         self._params = dict(model.named_parameters())
+        self._base, self._device = base, device
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        return self._params[name].detach().clone()
+        param = self._params[name]
+        if param.is_meta:
+            return self._base.whole(name, param, self._device)
+        return param.detach().clone()
 
     def __iter__(self):
         return iter(self._params)
@@ -426,8 +491,8 @@ class _BaseView(Mapping):
 class _DenseAdapterView(_BaseView):
     """A LoRA expert as dense weights θ0 + s·B·A, formed one parameter at a time (TIES/DARE need τ)."""
 
-    def __init__(self, model: torch.nn.Module, adapter: LoraAdapter):
-        super().__init__(model)
+    def __init__(self, model: torch.nn.Module, adapter: LoraAdapter, base=None, device=None):
+        super().__init__(model, base, device)
         self._adapter = adapter
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -451,6 +516,8 @@ def build_expert_stack(
     log=print,
     compute_dtype: torch.dtype | None = None,
     shard: tuple[int, int] | None = None,
+    base: BaseSource | None = None,
+    device: torch.device | None = None,
 ) -> TaskVectorStack:
     """The stack for any mix of dense experts and LoRA adapters, in the recipe's expert order.
 
@@ -468,9 +535,9 @@ def build_expert_stack(
         if name in dense:
             views[name] = dense[name]
         elif lowrank_path:
-            views[name] = _BaseView(model)
+            views[name] = _BaseView(model, base, device)
         else:
-            views[name] = _DenseAdapterView(model, adapters[name])
+            views[name] = _DenseAdapterView(model, adapters[name], base, device)
     stack = build_stack(
         model,
         views,
@@ -482,6 +549,8 @@ def build_expert_stack(
         allow_empty=lowrank_path,
         compute_dtype=compute_dtype,
         shard=shard,
+        base=base,
+        device=device,
     )
     if lowrank_path:
         patterns = [re.compile(p) for p in exclude]

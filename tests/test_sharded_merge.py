@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.nn.utils import parametrize
 
 from mergeopt import checkpointing
 from mergeopt.objectives import dev_loss
@@ -225,3 +226,197 @@ def test_each_rank_reads_only_its_rows_of_every_matrix(tmp_path, dtype, size):
                 assert (start, stop) == (min(rank * per, shape[0]), min((rank + 1) * per, shape[0]))
         matrices = {n for n, s in r["shapes"].items() if len(s) >= 2 and "norm" not in n}
         assert {n for n, start, _ in r["reads"] if start is not None} == matrices
+
+
+def _loading_worker(rank: int, size: int, port: int, root: str, method: str, out: str) -> None:
+    """Load as a sharded fit does (the architecture empty, θ0 and every expert read by rows),
+    score this rank's share of a batch, and record every read from the safetensors."""
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    from mergeopt.checkpoints import Checkpoint, open_checkpoint
+    from mergeopt.config import MergeSection
+    from mergeopt.sharded_load import CheckpointBase, empty_model
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    try:
+        torch.set_num_threads(1)
+        root = Path(root)
+        reads = []
+        whole_read, rows_read = Checkpoint.read, Checkpoint.read_rows
+
+        def read(self, name, device="cpu"):
+            reads.append((self.path.name, name, None, None))
+            return whole_read(self, name, device)
+
+        def read_rows(self, name, start, stop):
+            reads.append((self.path.name, name, start, stop))
+            return rows_read(self, name, start, stop)
+
+        Checkpoint.read, Checkpoint.read_rows = read, read_rows
+        experts = {n: open_checkpoint(root / n) for n in ("a", "b", "c")}
+        model = empty_model(AutoConfig.from_pretrained(root / "base"), torch.float32, torch.device("cpu"))
+        stack = build_stack(
+            model,
+            experts,
+            EXCLUDED,
+            torch.float32,
+            False,
+            merge=MergeSection(method=method),
+            seed=3,
+            shard=(rank, size),
+            base=CheckpointBase(open_checkpoint(root / "base")),
+            device=torch.device("cpu"),
+        )
+        held = {}  # every parameter's tensor on this rank: a block of rows (parametrized) or whole
+        for name, module in model.named_modules():
+            if isinstance(module, parametrize.ParametrizationList):
+                continue
+            for attr, param in module._parameters.items():
+                if param is not None:
+                    held[f"{name}.{attr}"] = list(param.shape)
+            if parametrize.is_parametrized(module):
+                for attr, plist in module.parametrizations.items():
+                    held[f"{name}.{attr}"] = list(plist.original.shape)
+        loss, grad = _step(model, stack, _share(padded_batch(), rank, size), True)
+        dist.all_reduce(loss)
+        dist.all_reduce(grad)
+        result = {"loss": float(loss), "grad": grad.tolist(), "reads": reads, "held": held}
+        gathered = [None] * size
+        dist.all_gather_object(gathered, result)
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump(gathered, f)
+    finally:
+        dist.destroy_process_group()
+
+
+EXCLUDED = ("norm", "embed_tokens")  # vectors, and one matrix kept at θ0 (sharded all the same)
+
+
+@pytest.mark.parametrize("method", ["linear", "ties"])
+def test_a_sharded_load_reads_rows_of_the_base_and_of_every_expert(tmp_path, method):
+    """No rank loads θ0 or an expert whole: every matrix is read as the rank's rows (from the
+    base too) and kept as a block of them, merged or not; loss and gradient equal the whole load's.
+    TIES prepares each tensor whole (one at a time, from whole reads) and keeps its block."""
+    from transformers import LlamaForCausalLM
+
+    from mergeopt.checkpoints import open_checkpoint
+    from mergeopt.config import MergeSection
+    from tests.conftest import perturbed, save_checkpoint, tiny_config
+
+    size = 3
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(tiny_config(vocab_size=61)).eval()
+    save_checkpoint(base, tmp_path / "base")
+    for i, name in enumerate("abc"):
+        save_checkpoint(perturbed(base, 100 + i), tmp_path / name)
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "base").eval()
+    experts = {n: open_checkpoint(tmp_path / n) for n in "abc"}
+    stack = build_stack(
+        model, experts, EXCLUDED, torch.float32, False, merge=MergeSection(method=method), seed=3
+    )
+    loss, grad = _step(model, stack, padded_batch(), True)
+    out = tmp_path / "ranks.json"
+    mp.spawn(_loading_worker, args=(size, _free_port(), str(tmp_path), method, str(out)), nprocs=size)
+    ranks = json.loads(out.read_text())
+    shapes = {n: list(p.shape) for n, p in base.named_parameters()}
+    matrices = {n for n, s in shapes.items() if len(s) >= 2}
+    for rank, r in enumerate(ranks):
+        assert r["loss"] == pytest.approx(float(loss), rel=1e-6)
+        torch.testing.assert_close(torch.tensor(r["grad"], dtype=torch.float64), grad, rtol=1e-5, atol=1e-9)
+        for name, shape in shapes.items():
+            per = -(-shape[0] // size)
+            assert r["held"][name] == ([per, *shape[1:]] if name in matrices else shape), name
+        for ckpt, name, start, stop in r["reads"]:
+            shape = shapes[name]
+            if method == "ties" and ckpt != "base" and name in matrices and "embed_tokens" not in name:
+                continue  # TIES trims each whole task vector: read whole, one tensor at a time
+            if method == "ties" and ckpt == "base" and name in matrices and "embed_tokens" not in name:
+                continue
+            assert len(shape) < 2 or start is not None, f"rank {rank} read all of {name} from {ckpt}"
+            if start is not None:
+                per = -(-shape[0] // size)
+                assert (start, stop) == (min(rank * per, shape[0]), min((rank + 1) * per, shape[0]))
+        if method == "linear":
+            rows_read = {(c, n) for c, n, start, _ in r["reads"] if start is not None}
+            assert rows_read == {("base", n) for n in matrices} | {
+                (c, n) for c in "abc" for n in matrices if "embed_tokens" not in n
+            }
+
+
+def _lora_batch(vocab: int):
+    batch = padded_batch()
+    batch.input_ids.remainder_(vocab - 3).add_(3)  # that test's ids, this vocabulary
+    return batch
+
+
+def _lora_problem(root):
+    """The base and LoRA experts of tests/test_lowrank.py (seeded), the experts read back from root."""
+    from transformers import LlamaForCausalLM
+
+    from mergeopt.lora import read_adapter
+    from mergeopt.stack import build_expert_stack
+    from tests.conftest import tiny_config
+    from tests.test_lowrank import NAMES
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(tiny_config()).eval()
+    shapes = {n: tuple(p.shape) for n, p in base.named_parameters()}
+    adapters = {n: read_adapter(root / n, shapes) for n in NAMES}
+    return base, lambda model, shard=None: build_expert_stack(
+        model, list(NAMES), {}, adapters, progress=False, shard=shard
+    )
+
+
+def _lora_worker(rank: int, size: int, port: int, root: str, out: str) -> None:
+    from pathlib import Path
+
+    from mergeopt.sharded_merge import shard_lowrank
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    try:
+        torch.set_num_threads(1)
+        model, build = _lora_problem(Path(root))
+        stack = build(model, (rank, size))
+        shard_lowrank(stack.lowrank, rank, size)
+        rows = {n: [f.a.shape[0], f.b.shape[0]] for n, f in stack.lowrank.modules.items()}
+        results = {"rows": rows, "bytes": stack.lowrank.nbytes()}
+        batch = _share(_lora_batch(model.config.vocab_size), rank, size)
+        for checkpointed in (False, True):
+            loss, grad = _step(model, stack, batch, checkpointed)
+            dist.all_reduce(loss)
+            dist.all_reduce(grad)
+            results[str(checkpointed)] = {"loss": float(loss), "grad": grad.tolist()}
+        gathered = [None] * size
+        dist.all_gather_object(gathered, results)
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump(gathered, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_lora_factors_sharded_give_the_single_process_loss_and_gradient(tmp_path):
+    """LoRA experts kept low-rank under a sharded stack: each rank keeps ⌈rows/N⌉ rows of every
+    A and B, the ranks gather them when their module runs; loss and ∂L/∂z equal one process's."""
+    from tests.test_lowrank import make_world
+
+    make_world(tmp_path)  # saves the three PEFT adapters under tmp_path
+    model, build = _lora_problem(tmp_path)
+    stack = build(model)
+    want = {str(c): _step(model, stack, _lora_batch(model.config.vocab_size), c) for c in (False, True)}
+    size = 3
+    out = tmp_path / "ranks.json"
+    mp.spawn(_lora_worker, args=(size, _free_port(), str(tmp_path), str(out)), nprocs=size)
+    ranks = json.loads(out.read_text())
+    whole = {n: (f.a.shape[0], f.b.shape[0]) for n, f in stack.lowrank.modules.items()}
+    for r in ranks:
+        for checkpointed, (loss, grad) in want.items():
+            assert r[checkpointed]["loss"] == pytest.approx(float(loss), rel=1e-6)
+            torch.testing.assert_close(
+                torch.tensor(r[checkpointed]["grad"], dtype=torch.float64), grad, rtol=1e-5, atol=1e-9
+            )
+        assert r["rows"] == {n: [-(-a // size), -(-b // size)] for n, (a, b) in whole.items()}
+        assert r["bytes"] < stack.lowrank.nbytes() / size * 1.5
