@@ -5,7 +5,8 @@ writes nothing, so a 16B recipe can be checked on a login node before it is queu
 parameter inventory comes from the base's headers or, for a directory that holds only
 config.json, from the architecture instantiated on the meta device (no weights, no download).
 Experts are checked against the base from their headers as the fit does. The plan is for the
-device the recipe resolves to (``auto``: CUDA when visible, else the CPU) and its free memory now.
+device the recipe resolves to (``auto``: CUDA when visible, else the CPU) and its free memory now,
+per rank of a torchrun job of ``--world-size`` N processes (else ``WORLD_SIZE``, else 1).
 """
 
 from __future__ import annotations
@@ -30,7 +31,16 @@ from mergeopt.checkpoints import (
 from mergeopt.config import Recipe
 from mergeopt.errors import UserError
 from mergeopt.lora import factor_sizes, is_adapter
-from mergeopt.plan import FLOAT32, GIB, DeviceMemory, Dims, Inventory, MemoryPlan, plan_memory
+from mergeopt.plan import (
+    FLOAT32,
+    GIB,
+    DeviceMemory,
+    Dims,
+    Inventory,
+    MemoryPlan,
+    check_world_size,
+    plan_memory,
+)
 from mergeopt.stack import DTYPES
 
 # safetensors header dtypes -> bytes per element (the buffer a tensor is read into before the cast)
@@ -173,7 +183,10 @@ def verdict(plan: MemoryPlan) -> str:
     """'fits', or how much is missing and which overrides help, each with its saving (one per line)."""
     mem = plan.memory
     if plan.fits is None:
-        return f"not checked: {mem.device} is {mem.description}; the run needs {gib(plan.peak)} GiB there"
+        each = f" on each of {plan.world_size} ranks" if plan.world_size > 1 else ""
+        return (
+            f"not checked: {mem.device} is {mem.description}; the run needs {gib(plan.peak)} GiB there{each}"
+        )
     if plan.fits:
         return f"fits ({gib(mem.free - plan.peak)} GiB to spare on {mem.device})"
     text = f"does not fit: short by {gib(plan.peak - mem.free)} GiB"
@@ -187,8 +200,23 @@ def verdict(plan: MemoryPlan) -> str:
     )
 
 
-def _line(label: str, size: int, indent: str = "  ") -> str:
-    return f"{indent}{label:<{62 - len(indent)}}{gib(size):>10}"
+def _line(label: str, size: int, indent: str = "  ", width: int = 62) -> str:
+    return f"{indent}{label:<{width - len(indent)}}{gib(size):>10}"
+
+
+def _ranks(plan: MemoryPlan) -> list[str]:
+    """What each rank holds, for a plan over several ranks."""
+    n = plan.world_size
+    if n == 1:
+        return []
+    if plan.shard == "fsdp":
+        return [
+            f"ranks: {n}, model.shard fsdp: each rank holds a block of 1/{n} of the rows of every matrix "
+            "(stacked or not) and every vector whole, and gathers a merged weight whole while its layer runs"
+        ]
+    return [
+        f"ranks: {n}, model.shard none: every rank holds the whole model and stack; only the batches are split"
+    ]
 
 
 def format_plan(plan: MemoryPlan, recipe_path: str, inventory: Inventory) -> str:
@@ -197,24 +225,31 @@ def format_plan(plan: MemoryPlan, recipe_path: str, inventory: Inventory) -> str
     device = f"{mem.device}: {mem.description}"
     if mem.free is not None:
         device += f", {gib(mem.total)} GiB total, {gib(mem.free)} GiB free"
+    per_rank = f", per rank, {plan.world_size} ranks" if plan.world_size > 1 else ""
+    width = max(62, 2 + max(len(r.label) for r in (*plan.held, *plan.phases)) + 2)
+
+    def line(label: str, size: int, indent: str = "  ") -> str:
+        return _line(label, size, indent, width)
+
     lines = [
-        f"Memory plan for {recipe_path} (dry run: no weights read, nothing written)",
-        f"device: {device}",
+        f"Memory plan for {recipe_path}{per_rank} (dry run: no weights read, nothing written)",
+        f"device: {device}" + (" (each rank's)" if plan.world_size > 1 else ""),
+        *_ranks(plan),
         f"parameters: {plan.parameters:,} in {plan.tensors} tensors ({inventory.source})",
         f"stacked: {plan.stacked_parameters:,} in {plan.stacked_tensors} tensors x {plan.num_experts} experts "
         f"(upper bound: every parameter not excluded; {plan.excluded_tensors} tensors excluded)",
         f"batches: {plan.batch}",
         *(f"note: {n}" for n in inventory.notes),
         "",
-        f"{'GiB':>72}",
+        f"{'GiB' + (' per rank' if per_rank else ''):>{width + 10}}",
         "held for the whole run",
-        *(_line(r.label, r.bytes) for r in plan.held),
+        *(line(r.label, r.bytes) for r in plan.held),
         "plus the largest of these phases (estimates)",
-        *(_line(r.label, r.bytes) for r in plan.phases),
-        _line("peak", plan.peak, ""),
+        *(line(r.label, r.bytes) for r in plan.phases),
+        line("peak" + (" per rank" if per_rank else ""), plan.peak, ""),
     ]
     if mem.free is not None:
-        lines.append(_line(f"free on {mem.device}", mem.free, ""))
+        lines.append(line(f"free on {mem.device}", mem.free, ""))
     return "\n".join([*lines, "", f"verdict: {verdict(plan)}"])
 
 
@@ -239,11 +274,32 @@ def _resolve_checkpoints(recipe: Recipe) -> Recipe:
     return recipe.model_copy(update={"model": model})
 
 
-def dry_run(recipe: Recipe, recipe_path: str) -> str:
-    """Everything ``--dry-run`` prints; reads config.json files and safetensors headers only."""
+def world_size(given: int | None) -> int:
+    """The ranks to plan for: ``--world-size`` if given, else ``WORLD_SIZE`` (torchrun's), else 1."""
+    if given is not None:
+        if given < 1:
+            raise UserError(f"--world-size must be at least 1, not {given}")
+        return given
+    value = os.environ.get("WORLD_SIZE", "").strip()
+    if not value:
+        return 1
+    try:
+        size = int(value)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise UserError(f"WORLD_SIZE={value!r} in the environment is not a number of processes (1 or more)")
+    return size
+
+
+def dry_run(recipe: Recipe, recipe_path: str, ranks: int | None = None) -> str:
+    """Everything ``--dry-run`` prints; reads config.json files and safetensors headers only. The
+    plan is per rank of ``ranks`` processes (:func:`world_size`)."""
+    size = world_size(ranks)
+    check_world_size(recipe, size)  # before anything is read
     resolved = _resolve_checkpoints(recipe)
     inventory, dims = read_inventory(resolved)
-    plan = plan_memory(resolved, inventory, dims, device_memory(resolved.device))
+    plan = plan_memory(resolved, inventory, dims, device_memory(resolved.device), size)
     text = format_plan(plan, recipe_path, inventory)
     if isinstance(resolved.model.device_map, str):
         text += "\n\n" + "\n".join(placement_lines(resolved, plan))

@@ -692,12 +692,20 @@ def main(argv: Sequence[str]) -> int:
         action="store_true",
         help="print the memory plan from config.json and safetensors headers (no weights read, nothing written)",
     )
+    parser.add_argument(
+        "--world-size",
+        type=int,
+        metavar="N",
+        help="with --dry-run: plan per rank for a torchrun job of N processes (default: WORLD_SIZE, else 1)",
+    )
     args = parser.parse_intermixed_args(argv)  # options may come after the overrides
+    if args.world_size is not None and not args.dry_run:
+        raise UserError("--world-size plans a --dry-run; a fit takes its world size from torchrun")
     recipe = load_recipe(args.recipe, args.overrides)
     if args.dry_run:
         from mergeopt.dry_run import dry_run
 
-        print(dry_run(recipe, args.recipe))
+        print(dry_run(recipe, args.recipe, args.world_size))
         return 0
     if args.resume and args.restart:
         raise UserError("--resume and --restart contradict each other")

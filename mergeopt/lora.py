@@ -19,7 +19,7 @@ import json
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -166,6 +166,9 @@ class FactorSizes:
     numel: int  # elements of every A and B factor
     rank_sum: int  # Σ over adapted modules of the module's rank: the low-rank activations' width
     file_bytes: int  # as stored on disk
+    # (rank, in, out) of each adapted module, by its key less ``.lora_A.weight``: what a sharded
+    # plan needs to count blocks of rows of the stacked A (R × in) and B (out × R)
+    modules: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
 
 def factor_sizes(path: str | Path) -> FactorSizes:
@@ -174,6 +177,8 @@ def factor_sizes(path: str | Path) -> FactorSizes:
     if not file.is_file():
         raise UserError(f"{path}: no {SAFETENSORS_FILE} next to {CONFIG_FILE}")
     numel = rank_sum = stored = 0
+    a_shapes: dict[str, list[int]] = {}
+    outs: dict[str, int] = {}
     with safe_open(str(file), framework="pt") as handle:
         for key in handle.keys():  # noqa: SIM118
             sliced = handle.get_slice(key)
@@ -182,4 +187,8 @@ def factor_sizes(path: str | Path) -> FactorSizes:
             stored += math.prod(shape) * (2 if sliced.get_dtype() in ("BF16", "F16") else 4)
             if "lora_A" in key and len(shape) == 2:
                 rank_sum += shape[0]
-    return FactorSizes(numel, rank_sum, stored)
+                a_shapes[key.partition(".lora_A")[0]] = shape
+            elif "lora_B" in key and len(shape) == 2:
+                outs[key.partition(".lora_B")[0]] = shape[0]
+    modules = {m: (a[0], a[1], outs[m]) for m, a in a_shapes.items() if m in outs}
+    return FactorSizes(numel, rank_sum, stored, modules)

@@ -12,6 +12,15 @@ What a fit holds, in bytes (P parameters, S of them stacked, K experts; see :mod
   layers' or, with activation checkpointing, their inputs and one layer's; the chunked loss; one
   layer's merge in flight), an evaluation batch (no grad).
 
+Under torchrun (N ranks) the plan is per rank. With ``model.shard: fsdp``
+(:mod:`mergeopt.sharded_merge`) every matrix, stacked or not, is held as a block of ⌈R/N⌉ of its R
+rows (anchor, differences, int8 scales, LoRA factors alike) and vectors whole; a layer gathers each
+merged weight whole while it runs, and the backward reduce-scatters its gradient to the rank's
+rows (:func:`merge_bytes`, :class:`Gathers`). The training micro-batch is split over the ranks
+(:func:`check_shard_division`), each rank evaluates ``optim.eval_batch_size`` sequences per step.
+The held rows are exact; the gathers in the phases are written from :mod:`mergeopt.sharded_merge`'s
+code and not yet measured against the live bytes of sharded steps.
+
 Everything here is arithmetic on shapes, so it runs for a 16B model on a laptop; where the shapes
 come from (safetensors headers or config.json) is :mod:`mergeopt.dry_run`'s job. Which parameters
 are equal in every expert cannot be known without reading weights, so every parameter that
@@ -37,6 +46,37 @@ GIB = 2**30
 FLOAT32 = 4
 # regexes a user can add to model.exclude to keep the (usually largest) embedding tensors at θ0
 EMBEDDING_PATTERNS = ("embed_tokens", "lm_head", "wte", "embed_in", "embed_out")
+
+
+def block_rows(rows: int, world_size: int) -> int:
+    """⌈rows / N⌉: the rows of each rank's block, padding included (:func:`mergeopt.sharded_merge.block_range`)."""
+    return -(-rows // world_size)
+
+
+def local_numel(shape: Sequence[int], world_size: int) -> int:
+    """Elements one of ``world_size`` ranks keeps of a tensor of ``shape`` under ``model.shard: fsdp``:
+    a block of ⌈R/N⌉ rows of a matrix (R = shape[0]), a vector whole."""
+    if len(shape) < 2:
+        return math.prod(shape)
+    return block_rows(shape[0], world_size) * math.prod(shape[1:])
+
+
+@dataclass(frozen=True)
+class Gathers:
+    """What a sharded stack (``model.shard: fsdp``) forms whole on each rank while a layer runs, in
+    elements: the largest stacked matrix's block (⌈R/N⌉ rows) and its all-gather buffer (N blocks,
+    padding rows included); beside the output layer, the rank's merged block of it (when it is
+    stacked) or its gathered weight (when it is not: the rank keeps a block); what else is gathered
+    whole while its module runs, the matrices not stacked and the LoRA factors kept low-rank (a
+    module's A and B): in the largest decoder layer (``layer``, their sum, and ``unstacked``, the
+    largest), and the largest anywhere (``unstacked_any``)."""
+
+    block: int
+    padded: int
+    head: int = 0
+    layer: int = 0
+    unstacked: int = 0
+    unstacked_any: int = 0
 
 
 @dataclass(frozen=True)
@@ -123,6 +163,8 @@ class MemoryPlan:
     batch: str  # the batch shapes the phases assume, in words
     suggestions: tuple[tuple[str, int], ...] = field(default=())  # (override, bytes saved)
     combined_peak: int | None = None  # the peak with every suggestion applied
+    world_size: int = 1  # the ranks of a torchrun job; the rows are per rank
+    shard: str = "none"  # model.shard: fsdp splits the matrices' rows over the ranks
 
     def row(self, label_start: str) -> int:
         """Bytes of the first row (held or phase) whose label starts with ``label_start``."""
@@ -213,20 +255,23 @@ def logits_bytes(dims: Dims, batch: int, length: int) -> int:
     return FLOAT32 * dims.vocab * batch * (3 * length - 2)
 
 
-def head_bytes(recipe: Recipe, dims: Dims, batch: int, length: int, compute: int, merged_head: bool) -> int:
+def head_bytes(
+    recipe: Recipe, dims: Dims, batch: int, length: int, compute: int, merged_head: bool, gathered: int = 0
+) -> int:
     """The chunked loss's largest moment, beside the hidden states' copy and gradient. In the
     forward: the output layer's weight (formed by the merge, when it is merged), one chunk's float32
     logits and one temporary beside them (log-sum-exp's, or the soft-cap's factor). In the
     backward: one chunk's ∂loss/∂logits (the last chunk's kept from the forward, the others formed
     again in place over their logits), the weight formed again and its float32 gradient, contracted
-    with the differences right after. Whichever is larger."""
+    with the differences right after. Whichever is larger. ``gathered``: bytes a sharded stack adds
+    beside the output layer, in both (:class:`Gathers`)."""
     chunk = min(recipe.optim.loss_chunk_tokens, batch * (length - 1))
     weight = dims.vocab * dims.hidden
     logits = FLOAT32 * chunk * dims.vocab
     cast = compute if compute != FLOAT32 else 0
     forward = 2 * logits + (compute * weight if merged_head else 0)
     backward = logits + ((compute + FLOAT32 + cast) * weight if merged_head else 0)
-    return 2 * compute * batch * length * dims.hidden + max(forward, backward)
+    return 2 * compute * batch * length * dims.hidden + max(forward, backward) + gathered
 
 
 def _blocks(recipe: Recipe, largest: int, compute: int) -> tuple[bool, int]:
@@ -254,12 +299,29 @@ def _contraction_bytes(recipe: Recipe, largest: int, compute: int) -> int:
     return FLOAT32 * block * ((compute != FLOAT32) + (not same))
 
 
-def merge_bytes(recipe: Recipe, num_experts: int, largest: int, compute: int) -> int:
+def merge_bytes(
+    recipe: Recipe, num_experts: int, largest: int, compute: int, gathers: Gathers | None = None
+) -> int:
     """One parameter's per-layer merge in flight in a training step, at its largest moment: formed
     (its value and the kernel's temporaries), used (its value and its gradient, in the compute
     dtype, while the module's backward runs) or contracted (the gradient and the contraction's
-    temporaries)."""
+    temporaries).
+
+    Sharded (``gathers``): the rank merges its block (the kernel's temporaries over the block), the
+    all-gather fills a buffer of N blocks beside it (and copies the rows without the padding when
+    there is padding); in the backward the whole gradient is (padded and) reduce-scattered into the
+    rank's block, which the contraction reads beside the whole gradient autograd still holds."""
     del num_experts  # the kernel's temporaries do not grow with K
+    if gathers is not None:
+        block, full = gathers.block, gathers.padded
+        padding = full != largest
+        return max(
+            compute * block + _kernel_bytes(recipe, block, compute),
+            compute * (block + full + (largest if padding else 0)),
+            2 * compute * largest,
+            compute * (largest + (full if padding else 0) + block),
+            compute * (largest + block) + _contraction_bytes(recipe, block, compute),
+        )
     return max(
         compute * largest + _kernel_bytes(recipe, largest, compute),
         2 * compute * largest,
@@ -277,8 +339,10 @@ def training_bytes(
     layer_params: int = 0,
     merged_head: bool = True,
     rank_sum: int = 0,
+    gathers: Gathers | None = None,
 ) -> int:
-    """The peak of one micro-step of the gradient strategy (forward, then backward).
+    """The peak of one micro-step of the gradient strategy (forward, then backward), for ``batch``
+    examples (a rank's share under torchrun).
 
     Without activation checkpointing every layer's saved activations are held when the backward
     starts. With it, only each layer's input (tokens × hidden) is held, and the backward runs one
@@ -291,15 +355,22 @@ def training_bytes(
     sequence). LoRA
     experts kept low-rank add, per adapted module, the rank-Σr activations x·Aᵀ and their
     reweighted copy (``rank_sum`` is Σr summed over modules and experts).
+
+    A sharded stack (``gathers``) gathers the merged weights whole (:func:`merge_bytes`), the output
+    layer's beside the loss, and the matrices not stacked while their modules run: with
+    checkpointing the recomputed layer's among its weights, without it the largest one beside an
+    activation gradient.
     """
     d, length = dims, recipe.data.max_length
     tokens = batch * length
     mask = batch * length * length
     lowrank = 2 * compute * tokens * rank_sum
-    head = head_bytes(recipe, d, batch, length, compute, merged_head)
+    gathered_head = compute * gathers.head if gathers else 0
+    head = head_bytes(recipe, d, batch, length, compute, merged_head, gathered_head)
     gradient = compute * tokens * d.intermediate  # the largest activation gradient
-    merge = merge_bytes(recipe, num_experts, largest, compute)
-    backward = max(2 * gradient, gradient + merge)
+    merge = merge_bytes(recipe, num_experts, largest, compute, gathers)
+    unstacked = compute * gathers.unstacked if gathers else 0
+    backward = max(2 * gradient, gradient + merge, gradient + unstacked)
     if recipe.optim.activation_checkpointing:
         one_layer = layer_activation_bytes(d, batch, length, compute)
         outside = saved_activation_bytes(d, batch, length, compute) - d.layers * one_layer
@@ -310,15 +381,23 @@ def training_bytes(
         # product, one intermediate-sized activation) before its weight's contraction
         released = compute * tokens * d.intermediate
         backward_peak = max(2 * gradient, gradient + merge - compute * largest)
-        layer = one_layer - released + compute * layer_params + backward_peak
+        gathered = compute * gathers.layer if gathers else 0
+        layer = one_layer - released + compute * layer_params + gathered + backward_peak
     else:
         saved = saved_activation_bytes(d, batch, length, compute)
         layer = backward
     return saved + mask + lowrank + max(head, layer)
 
 
-def merge_evaluation_bytes(recipe: Recipe, largest: int, compute: int) -> int:
-    """One parameter merged without autograd: its value and the kernel's float32 temporaries."""
+def merge_evaluation_bytes(recipe: Recipe, largest: int, compute: int, gathers: Gathers | None = None) -> int:
+    """One parameter merged without autograd: its value and the kernel's float32 temporaries;
+    sharded, the rank's block merged, then gathered whole beside it (:func:`merge_bytes`)."""
+    if gathers is not None:
+        block, full = gathers.block, gathers.padded
+        trimmed = largest if full != largest else 0
+        return max(
+            compute * block + _kernel_bytes(recipe, block, compute), compute * (block + full + trimmed)
+        )
     return compute * largest + _kernel_bytes(recipe, largest, compute)
 
 
@@ -331,6 +410,7 @@ def evaluation_bytes(
     merged_head: bool = True,
     evaluate: int | None = None,
     unstacked_largest: int = 0,
+    gathers: Gathers | None = None,
 ) -> int:
     """One no-grad evaluation batch of ``optim.eval_batch_size`` sequences of ``data.max_length``,
     run in ``evaluate`` bytes per element (``model.eval_dtype``; None: the compute dtype).
@@ -342,6 +422,8 @@ def evaluation_bytes(
     parameter's merge (merged while it runs); an evaluation wider than the compute dtype reads each
     parameter that is not stacked as a cast copy (the largest, ``unstacked_largest`` elements).
     Generation (exact_match) holds a merged copy of the stacked parameters instead (see the README).
+    A sharded stack (``gathers``) adds the gathered weights: a merged weight beside the rank's block,
+    the output layer's beside the loss chunk, the largest matrix not stacked (and its cast copy).
     """
     e = compute if evaluate is None else evaluate
     cast = e != compute
@@ -350,8 +432,11 @@ def evaluation_bytes(
     chunk = min(recipe.optim.loss_chunk_tokens, tokens)
     head = 2 * FLOAT32 * chunk * dims.vocab + (e * dims.vocab * dims.hidden if merged_head or cast else 0)
     layer = e * tokens * (4 * dims.hidden + 3 * dims.intermediate) + 5 * batch * length * length
-    merge = merge_evaluation_bytes(recipe, largest, e)
+    merge = merge_evaluation_bytes(recipe, largest, e, gathers)
     copy = e * unstacked_largest if cast else 0
+    if gathers is not None:
+        head += compute * gathers.head
+        copy = compute * gathers.unstacked_any + (e * gathers.unstacked_any if cast else 0)
     return e * tokens * dims.hidden + max(head, layer, merge, copy)
 
 
@@ -367,6 +452,43 @@ def _training_batch(recipe: Recipe) -> int:
     return recipe.optim.batch_size * targeted
 
 
+def check_shard_division(recipe: Recipe, world_size: int) -> None:
+    """With ``model.shard: fsdp`` and the gradient strategy, the micro-batch must split evenly over
+    the ranks (each rank takes every N-th example); a :class:`UserError` naming the numbers and a
+    batch size that does, if not."""
+    if recipe.model.shard != "fsdp" or recipe.search.strategy != "gradient" or world_size < 2:
+        return
+    micro, size = _training_batch(recipe), recipe.optim.batch_size
+    if micro % world_size == 0:
+        return
+    sets = micro // size
+    step = world_size // math.gcd(world_size, sets)  # batch sizes that split evenly: multiples of it
+    fix = -(-size // step) * step
+    raise UserError(
+        f"model.shard fsdp over {world_size} ranks: a micro-batch of {micro} examples (optim.batch_size "
+        f"{size} × {sets} dev set{'s' * (sets > 1)}) does not split evenly over the ranks; use an "
+        f"optim.batch_size that makes it a multiple of {world_size} (optim.batch_size={fix}: "
+        f"{fix * sets // world_size} per rank) or a world size that divides {micro}"
+    )
+
+
+def check_world_size(recipe: Recipe, world_size: int) -> None:
+    """The ranks a plan is for, refused in one line where ``model.shard: fsdp`` cannot run on them
+    (as :func:`mergeopt.fit.check_shard` refuses the fit)."""
+    if world_size < 1:
+        raise UserError(f"the world size must be at least 1, not {world_size}")
+    if recipe.model.shard != "fsdp":
+        return
+    if recipe.model.device_map is not None:
+        raise UserError("model.shard fsdp and model.device_map both place the stack: use one of them")
+    if world_size < 2:
+        raise UserError(
+            "model.shard fsdp shards the stack over the processes of a torchrun job: plan it with "
+            "--world-size N (N >= 2; or WORLD_SIZE in the environment), or set model.shard=none"
+        )
+    check_shard_division(recipe, world_size)
+
+
 # ----------------------------------------------------------------------------- the plan
 
 
@@ -374,12 +496,16 @@ def _excluded(name: str, patterns: Sequence[re.Pattern]) -> bool:
     return any(p.search(name) for p in patterns)  # as build_stack: re.search over the name
 
 
-def plan_memory(recipe: Recipe, inventory: Inventory, dims: Dims, memory: DeviceMemory) -> MemoryPlan:
-    """The plan for ``recipe`` with these shapes on this device, with suggestions if it does not fit."""
-    plan = _plan(recipe, inventory, dims, memory)
+def plan_memory(
+    recipe: Recipe, inventory: Inventory, dims: Dims, memory: DeviceMemory, world_size: int = 1
+) -> MemoryPlan:
+    """The plan for ``recipe`` with these shapes on this device, per rank of ``world_size`` (a
+    torchrun job's processes), with suggestions if it does not fit."""
+    check_world_size(recipe, world_size)
+    plan = _plan(recipe, inventory, dims, memory, world_size)
     if plan.fits is not False:
         return plan
-    saved, combined = suggest(recipe, inventory, dims, memory)
+    saved, combined = suggest(recipe, inventory, dims, memory, world_size)
     return replace(plan, suggestions=tuple(saved), combined_peak=combined)
 
 
@@ -404,14 +530,43 @@ def _output_layer_merged(stacked: Sequence[str], inventory: Inventory) -> bool:
     return any("emb" in n or "wte" in n for n in stacked)
 
 
-def _rows(inventory: Inventory, names: Sequence[str]) -> int:
-    """Rows of the int8 scales: the first dimension of each tensor (one for a vector)."""
-    return sum(inventory.shapes[n][0] if len(inventory.shapes[n]) >= 2 else 1 for n in names)
+def _rows(inventory: Inventory, names: Sequence[str], shards: int = 1) -> int:
+    """Rows of the int8 scales: the first dimension of each tensor (one for a vector); sharded over
+    ``shards`` ranks, a rank's block of ⌈R/N⌉ of them."""
+    return sum(
+        block_rows(inventory.shapes[n][0], shards) if len(inventory.shapes[n]) >= 2 else 1 for n in names
+    )
 
 
-def _plan(recipe: Recipe, inventory: Inventory, dims: Dims, memory: DeviceMemory) -> MemoryPlan:
-    """Byte rows from the inventory; no suggestions (they re-plan with changed recipes)."""
+def _lora_modules(adapters: dict[str, FactorSizes]) -> dict[str, tuple[int, int, int]]:
+    """(R, in, out) of each module the LoRA experts adapt, R = Σ of their ranks there: the stacked
+    A is R × in, the stacked B out × R (:class:`mergeopt.lowrank.LowRankFactors`)."""
+    modules: dict[str, tuple[int, int, int]] = {}
+    for a in adapters.values():
+        for module, (r, inputs, outputs) in a.modules.items():
+            total = modules.get(module, (0, inputs, outputs))[0]
+            modules[module] = (total + r, inputs, outputs)
+    return modules
+
+
+def _factor_elements(adapters: dict[str, FactorSizes], shards: int) -> int:
+    """Elements of the LoRA factors kept low-rank, on one rank: per module the stacked A and B
+    (:func:`_lora_modules`), each a block of ⌈rows/N⌉ rows when sharded."""
+    if shards == 1:
+        return sum(a.numel for a in adapters.values())
+    # an adapter whose modules were not read (no header shapes): its elements split evenly
+    rest = sum(block_rows(a.numel, shards) for a in adapters.values() if not a.modules)
+    modules = _lora_modules(adapters).values()
+    return rest + sum(block_rows(r, shards) * i + block_rows(o, shards) * r for r, i, o in modules)
+
+
+def _plan(
+    recipe: Recipe, inventory: Inventory, dims: Dims, memory: DeviceMemory, world_size: int = 1
+) -> MemoryPlan:
+    """Byte rows from the inventory, per rank; no suggestions (they re-plan with changed recipes)."""
     k = len(recipe.model.experts)
+    shards = world_size if recipe.model.shard == "fsdp" else 1  # ranks the matrices are split over
+    sharded = shards > 1
     patterns = [re.compile(p) for p in recipe.model.exclude]
     names = list(inventory.shapes)
     adapters = inventory.adapters
@@ -420,8 +575,18 @@ def _plan(recipe: Recipe, inventory: Inventory, dims: Dims, memory: DeviceMemory
         stacked = []
     else:
         stacked = [n for n in names if not _excluded(n, patterns)]
+    kept = set(stacked)
+    unstacked = [n for n in names if n not in kept]
+
+    def local(name: str) -> int:  # elements this rank keeps of a parameter
+        return local_numel(inventory.shapes[name], shards)
+
+    def matrix(name: str) -> bool:
+        return len(inventory.shapes[name]) >= 2
+
     params = sum(inventory.numel(n) for n in names)
     s = sum(inventory.numel(n) for n in stacked)
+    s_local = sum(local(n) for n in stacked)
     largest = max((inventory.numel(n) for n in stacked), default=0)
     dtype = recipe.model.stack_dtype
     compute = compute_itemsize(recipe, memory.device)
@@ -433,55 +598,122 @@ def _plan(recipe: Recipe, inventory: Inventory, dims: Dims, memory: DeviceMemory
     rank_sum = sum(a.rank_sum for a in adapters.values()) if lowrank else 0
     factor_dtype = DTYPES[anchor_name]
     # A and B in the stack's float dtype, plus per rank column its expert (int64) and scaling (float32)
-    factors = sum(a.numel for a in adapters.values()) * factor_dtype.itemsize + rank_sum * (8 + 4)
-    scales = (k - 1) * _rows(inventory, stacked) * FLOAT32 if dtype == "int8" else 0
+    factors = (
+        _factor_elements(adapters, shards) * factor_dtype.itemsize + rank_sum * (8 + 4) if lowrank else 0
+    )
+    scales = (k - 1) * _rows(inventory, stacked, shards) * FLOAT32 if dtype == "int8" else 0
+    differences = (k - 1) * s_local * DTYPES[dtype].itemsize + scales
+    rows = ""
+    if sharded:
+        rows = f", sharded: 1/{shards} of the rows per rank"
+        rows += " (vectors whole)" if any(not matrix(n) for n in stacked) else ""
     held = (
-        Row(f"model parameters not stacked, {compute_name}", compute * (params - s)),
-        Row(f"stack anchor θ_1, {anchor_name}", anchor * s),
         Row(
-            f"stack differences, {k - 1} x {dtype}" + (" with per-row scales" if scales else ""),
-            (k - 1) * s * DTYPES[dtype].itemsize + scales,
+            f"model parameters not stacked, {compute_name}"
+            + (": vectors whole, matrices sharded" if sharded else ""),
+            compute * sum(local(n) for n in unstacked),
+        ),
+        Row(f"stack anchor θ_1, {anchor_name}{rows}", anchor * s_local),
+        Row(
+            f"stack differences, {k - 1} x {dtype}" + (" with per-row scales" if scales else "") + rows,
+            differences,
         ),
         *(
-            [Row(f"LoRA factors of {len(adapters)} expert(s), {anchor_name}, kept low-rank", factors)]
+            [
+                Row(
+                    f"LoRA factors of {len(adapters)} expert(s), {anchor_name}, kept low-rank"
+                    + (f", sharded: 1/{shards} of the rows per rank" if sharded else ""),
+                    factors,
+                )
+            ]
             if lowrank
             else []
         ),
-        Row(f"optimizer: Adam on {k} float64 logits", 4 * 8 * k),
+        Row(
+            f"optimizer: Adam on {k} float64 logits" + (", whole on every rank" if world_size > 1 else ""),
+            4 * 8 * k,
+        ),
     )
     biggest = max(stacked, key=inventory.numel, default=None)
     source = inventory.source_bytes[biggest] if biggest else FLOAT32
-    phases = [
-        Row(
-            "stacking: temporaries of the largest tensor", stacking_bytes(recipe, k, largest, source, compute)
+    merged_head = _output_layer_merged(stacked, inventory)
+    gathers = None
+    if sharded:
+        block = local(biggest) if biggest else 0
+        # gathered whole while their module runs: matrices not stacked, and LoRA factors (A and B)
+        gathered = {n: inventory.numel(n) for n in unstacked if matrix(n)}
+        if lowrank:
+            gathered.update({m: r * (i + o) for m, (r, i, o) in _lora_modules(adapters).items()})
+        in_layers = {n: size for n, size in gathered.items() if LAYER_INDEX.search(n)}
+        layers: dict[str, int] = {}
+        for n, size in in_layers.items():
+            index = LAYER_INDEX.search(n).group(1)
+            layers[index] = layers.get(index, 0) + size
+        head = block_rows(dims.vocab, shards) * dims.hidden if merged_head else dims.vocab * dims.hidden
+        gathers = Gathers(
+            block=block,
+            padded=block * shards if biggest and matrix(biggest) else block,
+            head=head,
+            layer=max(layers.values(), default=0),
+            unstacked=max(in_layers.values(), default=0),
+            unstacked_any=max(gathered.values(), default=0),
         )
-    ]
+    if sharded and recipe.merge.method == "linear" and recipe.merge.scale == 1.0:
+        # each rank reads and stacks its block of rows of every matrix alone (mergeopt.stack)
+        label = "stacking: temporaries of the largest tensor's block of rows"
+        stacking_elements = max((local(n) for n in stacked), default=0)
+    elif sharded:  # other merges prepare one whole tensor at a time and keep its block
+        label = f"stacking: temporaries of the largest tensor ({recipe.merge.method}: prepared whole)"
+        stacking_elements = largest
+    else:
+        label, stacking_elements = "stacking: temporaries of the largest tensor", largest
+    stacking = stacking_bytes(recipe, k, stacking_elements, source, compute)
+    if sharded and lowrank:  # the LoRA factors are read whole once, then cut to the rank's rows
+        stacking += _factor_elements(adapters, 1) * factor_dtype.itemsize - (factors - rank_sum * (8 + 4))
+        label += "; LoRA factors whole"
+    phases = [Row(label, stacking)]
     batch = f"evaluation batch {recipe.optim.eval_batch_size} x {recipe.data.max_length} tokens"
+    batch += " per rank" if world_size > 1 else ""
     if recipe.search.strategy == "gradient":
         train = _training_batch(recipe)
+        share = block_rows(train, world_size)  # each rank takes every N-th example (mergeopt.distributed)
         step = training_bytes(
             recipe,
             dims,
-            train,
+            share,
             largest,
             k,
             compute,
             _largest_layer(stacked, inventory),
-            _output_layer_merged(stacked, inventory),
+            merged_head,
             rank_sum,
+            gathers,
         )
         how = "checkpointed" if recipe.optim.activation_checkpointing else "every activation kept"
         phases.append(Row(f"training step, {compute_name}, {how}", step))
-        batch = f"micro-batch {train} x {recipe.data.max_length} tokens; {batch}"
-    merged_head = _output_layer_merged(stacked, inventory)
+        if world_size > 1:
+            micro = f"micro-batch {train} x {recipe.data.max_length} tokens over {world_size} ranks, {share} per rank"
+        else:
+            micro = f"micro-batch {train} x {recipe.data.max_length} tokens"
+        batch = f"{micro}; {batch}"
     evaluate = eval_itemsize(recipe)
     evaluate_name = "float32" if recipe.model.eval_dtype == "auto" else recipe.model.eval_dtype
-    kept = set(stacked)
-    unstacked = max((inventory.numel(n) for n in names if n not in kept), default=0)
-    evaluation = evaluation_bytes(recipe, dims, largest, k, compute, merged_head, evaluate, unstacked)
+    widest = max((inventory.numel(n) for n in unstacked), default=0)
+    evaluation = evaluation_bytes(recipe, dims, largest, k, compute, merged_head, evaluate, widest, gathers)
     phases.append(Row(f"evaluation batch, no grad, {evaluate_name}", evaluation))
     return MemoryPlan(
-        memory, k, params, len(names), s, len(stacked), len(names) - len(stacked), held, tuple(phases), batch
+        memory,
+        k,
+        params,
+        len(names),
+        s,
+        len(stacked),
+        len(names) - len(stacked),
+        held,
+        tuple(phases),
+        batch,
+        world_size=world_size,
+        shard=recipe.model.shard,
     )
 
 
@@ -503,9 +735,11 @@ def _halvings(size: int) -> list[int]:
     return out
 
 
-def _knob_groups(recipe: Recipe, inventory: Inventory) -> list[list[Knob]]:
+def _knob_groups(recipe: Recipe, inventory: Inventory, world_size: int = 1) -> list[list[Knob]]:
     """The knobs worth trying; each group goes from its mildest setting to its strongest."""
     groups: list[list[Knob]] = []
+    if world_size > 1 and recipe.model.shard == "none" and recipe.model.device_map is None:
+        groups.append([("model.shard=fsdp", "model", {"shard": "fsdp"})])
     narrower = {"float32": ["bfloat16", "int8"], "bfloat16": ["int8"], "float16": ["int8"]}
     groups.append(
         [
@@ -546,21 +780,34 @@ def _knob_groups(recipe: Recipe, inventory: Inventory) -> list[list[Knob]]:
     return [g for g in groups if g]
 
 
+def _runs(recipe: Recipe, world_size: int) -> bool:
+    """Whether the recipe can run on ``world_size`` ranks (a sharded micro-batch splits evenly)."""
+    try:
+        check_world_size(recipe, world_size)
+    except UserError:
+        return False
+    return True
+
+
 def suggest(
-    recipe: Recipe, inventory: Inventory, dims: Dims, memory: DeviceMemory
+    recipe: Recipe, inventory: Inventory, dims: Dims, memory: DeviceMemory, world_size: int = 1
 ) -> tuple[list[tuple[str, int]], int]:
     """Knobs that lower the peak with the bytes each saves (re-planned, not guessed), best first,
     and the peak with all of them applied.
 
     From each group the mildest setting that makes the recipe fit on its own is chosen, else the
-    strongest: a batch is halved only as far as needed.
+    strongest: a batch is halved only as far as needed. Settings the ranks could not run (a
+    sharded micro-batch that does not split evenly) are not offered.
     """
 
     def peak(knobs: Sequence[Knob]) -> int:
-        return _plan(_with(recipe, knobs), inventory, dims, memory).peak
+        return _plan(_with(recipe, knobs), inventory, dims, memory, world_size).peak
 
     now, chosen = peak(()), []
-    for group in _knob_groups(recipe, inventory):
+    for group in _knob_groups(recipe, inventory, world_size):
+        group = [k for k in group if _runs(_with(recipe, [*chosen, k]), world_size)]  # and together
+        if not group:
+            continue
         knob = next((k for k in group if peak([k]) <= memory.free), group[-1])
         if peak([knob]) < now:
             chosen.append(knob)

@@ -10,7 +10,9 @@ with a dispatch mode, of the same code running on small Llamas: the estimate mus
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import re
 import shutil
 import weakref
@@ -26,7 +28,7 @@ from mergeopt import checkpointing, checkpoints, dry_run, fit, plan
 from mergeopt.checkpoints import open_all
 from mergeopt.config import MergeSection, load_recipe, recipe_from_dict
 from mergeopt.data import DevSet, Example, collate
-from mergeopt.errors import run_cli
+from mergeopt.errors import UserError, run_cli
 from mergeopt.objectives import dev_loss, evaluate_sums
 from mergeopt.stack import DTYPES, build_stack
 from tests.conftest import REPO, perturbed, run_module
@@ -58,14 +60,19 @@ def recipe(base: str, experts: dict[str, str], **model) -> object:
 # ----------------------------------------------------------------------------- exact rows
 
 
+def meta_shapes(fields: dict) -> dict[str, tuple[int, ...]]:
+    """The parameter shapes of a Llama with these config fields, built on the meta device."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**fields))
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
 @pytest.fixture(scope="module")
 def config_8b(tmp_path_factory):
     """Llama-3.1-8B's config.json alone (no weights) and its parameters built on the meta device."""
     path = tmp_path_factory.mktemp("llama8b")
     LlamaConfig(**LLAMA_8B).save_pretrained(path)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(LlamaConfig(**LLAMA_8B))
-    return path, {name: p.numel() for name, p in model.named_parameters()}
+    return path, {name: math.prod(shape) for name, shape in meta_shapes(LLAMA_8B).items()}
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -514,3 +521,282 @@ def test_8b_with_eight_int8_experts_plans_within_80_gib():
     assert p.fits and p.peak <= 80 * 2**30, dry_run.gib(p.peak)
     # one byte per difference plus a float32 scale per expert and row
     assert p.row("stack differences") < 7 * p.stacked_parameters * 1.01
+
+
+# ----------------------------------------------------------------------------- per rank (model.shard)
+
+LLAMA_70B = dict(
+    LLAMA_8B,
+    hidden_size=8192,
+    intermediate_size=28672,
+    num_hidden_layers=80,
+    num_attention_heads=64,
+    num_key_value_heads=8,
+    head_dim=128,
+)
+# Llama-3.1-70B per layer: q and o 8192², k and v 1024 × 8192, gate, up and down 8192 × 28672
+STACKED_70B = 80 * (2 * 8192**2 + 2 * 1024 * 8192 + 3 * 8192 * 28672)
+PARAMETERS_70B = STACKED_70B + 2 * 128256 * 8192 + (2 * 80 + 1) * 8192  # + embeddings, output, norms
+EXCLUDED = ("embed_tokens", "lm_head", "norm")  # what recipes/8b.yaml and recipes/70b.yaml keep at θ0
+GPU_24GB = plan.DeviceMemory("cuda:0", "a 24 GB consumer card", 24 * 2**30, 23 * 2**30 + 2**29)
+
+
+@pytest.fixture(scope="module")
+def config_70b(tmp_path_factory):
+    """Llama-3.1-70B's config.json alone (no weights) and its parameter shapes built on the meta device."""
+    path = tmp_path_factory.mktemp("llama70b")
+    LlamaConfig(**LLAMA_70B).save_pretrained(path)
+    return path, meta_shapes(LLAMA_70B)
+
+
+def _recipe_70b(path, *overrides: str):
+    experts = [f"model.experts.{e}={path}" for e in EXPERTS_8B]
+    return load_recipe(REPO / "recipes" / "70b.yaml", [f"model.base={path}", *experts, *overrides])
+
+
+def per_rank(shapes: dict, names, ranks: int) -> tuple[int, int]:
+    """(elements, int8 scale rows) one of ``ranks`` ranks keeps of these tensors, counted here from
+    the layout: ⌈R/N⌉ of the R rows of each matrix, padding included, and every vector whole."""
+    elements = scale_rows = 0
+    for name in names:
+        shape = shapes[name]
+        if len(shape) >= 2:
+            rows = -(-shape[0] // ranks)
+            elements += rows * math.prod(shape[1:])
+            scale_rows += rows
+        else:
+            elements += math.prod(shape)
+            scale_rows += 1
+    return elements, scale_rows
+
+
+def test_70b_four_bfloat16_experts_fit_8_ranks_of_80_gb_sharded_and_not_whole(config_70b):
+    """recipes/70b.yaml (four bfloat16 experts of Llama-3.1-70B's shapes, bfloat16 compute,
+    checkpointed layers, a micro-batch of 2 × 4 dev sets = 8 sequences of 1,024 tokens) on 8 GPUs
+    of 80 GB: sharded, each rank holds 1/8 of the stack and the plan fits; with model.shard none
+    every rank holds the whole stack (519 GiB) and it does not, and sharding is the first knob."""
+    path, shapes = config_70b
+    r = _recipe_70b(path)
+    assert r.model.shard == "fsdp" and r.model.stack_dtype == "bfloat16"
+    assert r.optim.activation_checkpointing and r.search.strategy == "gradient"
+    inventory, dims = dry_run.read_inventory(r)
+    assert dims == plan.Dims(8192, 28672, 80, 64, 8, 128, 128256)
+    sharded = plan.plan_memory(r, inventory, dims, GPU_80GB, 8)
+    assert sharded.parameters == sum(math.prod(s) for s in shapes.values()) == PARAMETERS_70B
+    assert sharded.stacked_parameters == STACKED_70B
+    stack = 4 * 2 * STACKED_70B // 8  # anchor and 3 differences, 2 bytes each, over 8 ranks (all rows divide)
+    assert sharded.row("stack anchor") + sharded.row("stack differences") == stack
+    assert sharded.fits and sharded.peak <= GPU_80GB.free, dry_run.gib(sharded.peak)
+    assert sharded.batch.startswith("micro-batch 8 x 1024 tokens over 8 ranks, 1 per rank;")
+    whole = plan.plan_memory(_recipe_70b(path, "model.shard=none"), inventory, dims, GPU_80GB, 8)
+    assert whole.row("stack anchor") + whole.row("stack differences") == 4 * 2 * STACKED_70B
+    assert whole.fits is False and whole.suggestions[0][0] == "model.shard=fsdp"
+    # the batches split the same way: the phases differ only by what sharding gathers
+    assert whole.row("training step") < sharded.row("training step") < whole.row("training step") + 4 * 2**30
+
+
+def test_8b_four_int8_experts_fit_2_consumer_gpus_of_24_gb_and_not_one(config_8b):
+    """Llama-3.1-8B, four int8 experts (recipes/8b.yaml otherwise) on 2 × 24 GB: each rank's peak,
+    the largest phase included, is under 24 GB; one GPU (no sharding) is far from it."""
+    path, _ = config_8b
+    overrides = [f"model.base={path}", *(f"model.experts.{e}={path}" for e in EXPERTS_8B)]
+    r = load_recipe(REPO / "recipes" / "8b.yaml", [*overrides, "model.stack_dtype=int8", "model.shard=fsdp"])
+    inventory, dims = dry_run.read_inventory(r)
+    two = plan.plan_memory(r, inventory, dims, GPU_24GB, 2)
+    assert two.fits and two.peak <= 24 * 10**9, dry_run.gib(two.peak)
+    assert two.batch.startswith("micro-batch 8 x 1024 tokens over 2 ranks, 4 per rank;")
+    one = load_recipe(REPO / "recipes" / "8b.yaml", [*overrides, "model.stack_dtype=int8"])
+    alone = plan.plan_memory(one, inventory, dims, GPU_24GB, 1)
+    assert alone.fits is False and alone.peak > 30 * 10**9, dry_run.gib(alone.peak)
+
+
+@pytest.mark.parametrize(
+    "model,ranks,dtype",
+    [("70b", 8, "bfloat16"), ("8b", 3, "int8"), ("8b", 5, "bfloat16"), ("8b", 2, "float32")],
+)
+def test_per_rank_rows_are_the_blocks_of_rows_of_every_tensor(config_8b, config_70b, model, ranks, dtype):
+    """Each held row equals Σ over the tensors of ⌈R/N⌉ · columns · bytes (vectors whole), counted
+    here from the meta model's shapes; 3 and 5 ranks leave padding rows (4096, 1024 and 14336 rows
+    do not divide), and int8 adds a float32 scale per expert and held row."""
+    if model == "70b":
+        path, shapes = config_70b
+    else:
+        path, _ = config_8b
+        shapes = meta_shapes(LLAMA_8B)
+    experts = {e: str(path) for e in EXPERTS_8B}
+    r = recipe(
+        str(path), experts, stack_dtype=dtype, exclude=list(EXCLUDED), shard="fsdp", compute_dtype="bfloat16"
+    )
+    # a micro-batch that splits over 2, 3, 5 and 8 ranks
+    r = r.model_copy(update={"optim": r.optim.model_copy(update={"batch_size": 120})})
+    inventory, dims = dry_run.read_inventory(r)
+    p = plan.plan_memory(r, inventory, dims, ROOMY, ranks)
+    stacked = [n for n in shapes if not any(x in n for x in EXCLUDED)]
+    unstacked = [n for n in shapes if n not in stacked]
+    elements, scale_rows = per_rank(shapes, stacked, ranks)
+    size = {"float32": 4, "bfloat16": 2, "int8": 1}[dtype]
+    anchor = 2 if dtype == "int8" else size  # an int8 stack keeps its anchor in the compute dtype
+    scales = 3 * scale_rows * 4 if dtype == "int8" else 0
+    assert p.row("stack anchor θ_1") == anchor * elements
+    assert p.row("stack differences") == 3 * elements * size + scales
+    assert p.row("model parameters not stacked") == 2 * per_rank(shapes, unstacked, ranks)[0]
+    assert p.row("optimizer") == 4 * 8 * 4
+    whole = plan.plan_memory(
+        r.model_copy(update={"model": r.model.model_copy(update={"shard": "none"})}),
+        inventory,
+        dims,
+        ROOMY,
+        ranks,
+    )
+    assert elements * ranks >= whole.stacked_parameters > elements * (ranks - 1)
+    labels = [row.label for row in p.held]
+    assert (
+        f"stack anchor θ_1, {'bfloat16' if dtype == 'int8' else dtype}, sharded: 1/{ranks} of the rows per rank"
+        in labels
+    )
+    assert "model parameters not stacked, bfloat16: vectors whole, matrices sharded" in labels
+    assert "optimizer: Adam on 4 float64 logits, whole on every rank" in labels
+
+
+def test_sharded_lora_factors_are_blocks_of_their_rows(tmp_path, config_8b):
+    """LoRA experts kept low-rank: per module the stacked A (Σr × in) and B (out × Σr) are held as
+    blocks of ⌈rows/N⌉ rows, the owner and scaling of every rank column whole."""
+    from mergeopt.lora import factor_sizes
+
+    path, _ = config_8b
+    modules = {
+        "model.layers.0.self_attn.q_proj": (8, 4096, 4096),
+        "model.layers.0.mlp.down_proj": (5, 14336, 4096),
+    }
+    adapters = {}
+    for e, extra in zip(EXPERTS_8B, (0, 3, 6, 1)):
+        tensors = {}
+        for module, (r, inputs, outputs) in modules.items():
+            tensors[f"base_model.model.{module}.lora_A.weight"] = torch.zeros(r + extra, inputs)
+            tensors[f"base_model.model.{module}.lora_B.weight"] = torch.zeros(outputs, r + extra)
+        (tmp_path / e).mkdir()
+        save_file(tensors, str(tmp_path / e / "adapter_model.safetensors"))
+        adapters[e] = factor_sizes(tmp_path / e)
+    key = "base_model.model.model.layers.0.mlp.down_proj"
+    assert adapters["code"].modules[key] == (8, 14336, 4096)
+    r = recipe(str(path), {e: str(path) for e in EXPERTS_8B}, shard="fsdp", compute_dtype="bfloat16")
+    r = r.model_copy(update={"optim": r.optim.model_copy(update={"batch_size": 9})})  # 3 per rank
+    inventory, dims = dry_run.read_inventory(r)
+    inventory = dataclasses.replace(inventory, adapters=adapters)
+    ranks = 3
+    p = plan.plan_memory(r, inventory, dims, ROOMY, ranks)
+    expected = 0
+    for r_, inputs, outputs in modules.values():
+        total = 4 * r_ + 0 + 3 + 6 + 1  # Σ over the experts of their ranks at this module
+        expected += (-(-total // ranks) * inputs + -(-outputs // ranks) * total) * 4 + total * (8 + 4)
+    assert (
+        p.row("LoRA factors of 4 expert(s), float32, kept low-rank, sharded: 1/3 of the rows per rank")
+        == expected
+    )
+    assert p.stacked_parameters == 0
+    # stacking reads each expert's factors whole once and keeps the rank's rows: nothing is stacked densely
+    whole = sum((4 * r_ + 10) * (inputs + outputs) * 4 for r_, inputs, outputs in modules.values())
+    local = expected - sum((4 * r_ + 10) * (8 + 4) for r_, _, _ in modules.values())
+    assert p.row("stacking") == whole - local
+
+
+@pytest.mark.parametrize("method", ["linear", "ties"])
+def test_sharded_stacking_holds_a_block_or_one_whole_tensor(config_8b, method):
+    """The linear merge stacks each rank's rows alone: its temporaries shrink with the ranks; TIES
+    prepares each tensor whole (every rank the same) and keeps its block: as without sharding."""
+    path, _ = config_8b
+    r = recipe(
+        str(path), dict.fromkeys(EXPERTS_8B, str(path)), exclude=list(EXCLUDED), compute_dtype="bfloat16"
+    )
+    r = r.model_copy(update={"merge": MergeSection(method=method, scale=1.0 if method == "linear" else 0.5)})
+    inventory, dims = dry_run.read_inventory(r)
+    sharded = r.model_copy(update={"model": r.model.model_copy(update={"shard": "fsdp"})})
+    one = plan.plan_memory(r, inventory, dims, ROOMY).row("stacking")
+    four = plan.plan_memory(sharded, inventory, dims, ROOMY, 4).row("stacking")
+    assert four == (one // 4 if method == "linear" else one)  # the largest matrix, 14336 rows, divides by 4
+
+
+def test_random_8b_recipe_plans_per_rank_from_the_command_line():
+    """A random:// world of Llama-3.1-8B's shapes planned for 4 ranks: no weights anywhere."""
+    experts = "{" + ", ".join(f"{e}: '{CONFIG_8B}'" for e in EXPERTS_8B) + "}"
+    result = run_module(
+        "fit",
+        "recipes/8b.yaml",
+        f"model.base={CONFIG_8B}",
+        f"model.experts={experts}",
+        "--dry-run",
+        "--world-size",
+        "4",
+        "model.shard=fsdp",
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.startswith("Memory plan for recipes/8b.yaml, per rank, 4 ranks (dry run:"), out
+    assert "ranks: 4, model.shard fsdp: each rank holds a block of 1/4 of the rows" in out
+    assert "micro-batch 8 x 1024 tokens over 4 ranks, 2 per rank" in out
+    anchor = dry_run.gib(2 * 6_979_321_856 // 4)  # every stacked row count of the 8B divides by 4
+    assert re.search(
+        rf"\n  stack anchor θ_1, bfloat16, sharded: 1/4 of the rows per rank +{anchor}\n", out
+    ), out
+    assert "\npeak per rank " in out
+
+
+def test_70b_recipe_dry_run_from_config_json_alone(config_70b, tmp_path):
+    path, _ = config_70b
+    overrides = [f"model.base={path}", *(f"model.experts.{e}={path}" for e in EXPERTS_8B)]
+    result = run_module(
+        "fit",
+        "recipes/70b.yaml",
+        *overrides,
+        f"output_dir={tmp_path / 'out'}",
+        "--dry-run",
+        "--world-size",
+        "8",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Memory plan for recipes/70b.yaml, per rank, 8 ranks" in result.stdout
+    assert f"parameters: {PARAMETERS_70B:,} in 723 tensors (config.json of" in result.stdout
+    assert f"stacked: {STACKED_70B:,} in 560 tensors x 4 experts" in result.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_world_size_comes_from_the_environment_without_the_option(config_8b, monkeypatch, capsys):
+    path, _ = config_8b
+    args = [
+        str(REPO / "recipes" / "8b.yaml"),
+        f"model.base={path}",
+        *(f"model.experts.{e}={path}" for e in EXPERTS_8B),
+    ]
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert run_cli(fit.main, [*args, "model.shard=fsdp", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "per rank, 4 ranks" in out and "1/4 of the rows per rank" in out
+    assert run_cli(fit.main, [*args, "model.shard=fsdp", "--dry-run", "--world-size", "2"]) == 0
+    assert "per rank, 2 ranks" in capsys.readouterr().out  # the option wins
+    assert run_cli(fit.main, [*args, "--dry-run"]) == 0  # unsharded: per rank too, each holds everything
+    out = capsys.readouterr().out
+    assert (
+        "per rank, 4 ranks" in out and "model.shard none: every rank holds the whole model and stack" in out
+    )
+    monkeypatch.delenv("WORLD_SIZE")
+    assert run_cli(fit.main, [*args, "--dry-run"]) == 0
+    assert "per rank" not in capsys.readouterr().out
+
+
+def test_check_shard_division_names_the_numbers_and_a_batch_size_that_splits(config_8b):
+    path, _ = config_8b
+    overrides = [f"model.base={path}", *(f"model.experts.{e}={path}" for e in EXPERTS_8B), "model.shard=fsdp"]
+    r = load_recipe(REPO / "recipes" / "8b.yaml", [*overrides, "optim.batch_size=6"])  # 24 examples
+    with pytest.raises(UserError) as err:
+        plan.check_shard_division(r, 16)
+    message = str(err.value)
+    assert "\n" not in message
+    assert (
+        "model.shard fsdp over 16 ranks: a micro-batch of 24 examples (optim.batch_size 6 × 4 dev sets)"
+        in message
+    )
+    assert "optim.batch_size=8: 2 per rank" in message  # 8 × 4 = 32 = 2 × 16
+    plan.check_shard_division(r, 8)  # 24 = 3 × 8
+    plan.check_shard_division(
+        r.model_copy(update={"model": r.model.model_copy(update={"shard": "none"})}), 16
+    )
