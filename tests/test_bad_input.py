@@ -278,6 +278,18 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         lambda w, t: [_recipe(w, t), "model.shard=fsdp", "model.device_map=auto"],
         "model.shard fsdp and model.device_map both place the stack",
     ),
+    "sharded plan for one process": (
+        "recipe",
+        "fit",
+        lambda w, t: [_recipe(w, t), "model.shard=fsdp", "--dry-run", "--world-size", "1"],
+        "model.shard fsdp shards the stack over the processes of a torchrun job: plan it with --world-size N",
+    ),
+    "sharded micro-batch that does not split over the ranks": (
+        "recipe",
+        "fit",
+        lambda w, t: [_recipe(w, t), "model.shard=fsdp", "--dry-run", "--world-size", "3"],
+        "model.shard fsdp over 3 ranks: a micro-batch of 8 examples (optim.batch_size 4 × 2 dev sets)",
+    ),
     "evaluation dtype the device cannot run": (
         "recipe",
         "fit",
