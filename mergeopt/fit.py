@@ -373,9 +373,10 @@ def check_shard(recipe: Recipe) -> None:
             "model.shard fsdp shards the stack over the processes of a torchrun job: start it with "
             "torchrun --nproc_per_node=N (N >= 2), or set model.shard=none"
         )
-    if any(t.kind != "loss" for t in objective_terms(recipe)):
+    if any(t.kind == "lm_eval" for t in objective_terms(recipe)):
         raise UserError(
-            "model.shard fsdp scores dev losses only so far: metric and lm-eval terms need model.shard=none"
+            "model.shard fsdp does not run lm-eval-harness terms (lm-eval would split its requests "
+            "over the ranks on its own): use model.shard=none for them"
         )
 
 

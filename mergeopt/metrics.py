@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from mergeopt.config import ObjectiveTerm
 from mergeopt.data import collate, tokenize
 from mergeopt.errors import UserError
+from mergeopt.sharded_merge import is_sharded
 
 IGNORE_INDEX = -100
 TERMINATORS = ".!?"  # a reference ending in one of these is matched as a prefix (see is_exact_match)
@@ -107,6 +108,7 @@ def greedy_continuations(
     """
     pad, eos = _pad_id(tokenizer), tokenizer.eos_token_id
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    synced = is_sharded(model)
     out = [""] * len(prompts)
     with _inference(model):
         for rows in _batches([len(ids) for ids in encoded], batch_size):
@@ -124,6 +126,8 @@ def greedy_continuations(
                 num_beams=1,
                 pad_token_id=pad,
                 eos_token_id=eos,
+                # a sharded stack: every rank runs each forward (its layers gather weights from all)
+                synced_gpus=synced,
             )
             for r, i in enumerate(rows):
                 tokens = generated[r, width:].tolist()

@@ -219,3 +219,9 @@ def shard_stack(model: torch.nn.Module, stack, group=None) -> None:
         stack.deltas[merge.name] = deltas
         if scales is not None:
             stack.scales[merge.name] = scales
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model`` reads weights gathered from the ranks: then every rank must run each of
+    its forward passes (generation keeps the ranks in step, ``synced_gpus``)."""
+    return any(isinstance(m, (ShardedMergedParameter, ShardedWeight)) for m in model.modules())

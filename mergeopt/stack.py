@@ -97,6 +97,7 @@ class TaskVectorStack:
     model: torch.nn.Module | None = None  # the model whose stacked parameters read the merge
     compute_dtype: torch.dtype = torch.float32  # the dtype merged weights are formed in
     eval_dtype: torch.dtype | None = None  # loss evaluations' dtype (None: the compute dtype)
+    shard: tuple[int, int] | None = None  # (rank, world size) when each rank keeps 1/N of every matrix
 
     @property
     def num_experts(self) -> int:
@@ -166,8 +167,12 @@ class TaskVectorStack:
     def at(self, weights: torch.Tensor) -> Iterator[torch.nn.Module]:
         """The model as the merge at w for plain ``model(...)`` calls (generation, metrics, lm-eval):
         the mixture written into its buffers and each merged weight formed once for the block
-        (a merged copy of the stacked parameters while it lasts)."""
+        (a merged copy of the stacked parameters while it lasts). A sharded stack forms (gathers)
+        each weight at every read instead: its ranks cannot hold a merged copy of the model."""
         self.write_mixture(weights)
+        if self.shard is not None:
+            yield self.model
+            return
         with materialized():
             yield self.model
 
@@ -322,6 +327,7 @@ def build_stack(
         expert_names=names, anchor={}, deltas={}, model=model, compute_dtype=compute_dtype
     )
     stack.method = describe(merge, len(names), seed)
+    stack.shard = shard
     if merge.mixup_alpha is not None:
         stack.mixup = torch.tensor(stack.method["mixup_lambda"], dtype=torch.float64)
     parameter_names = [n for n, _ in model.named_parameters()]  # names only: θ0 is freed as we go

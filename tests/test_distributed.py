@@ -74,23 +74,40 @@ def test_two_processes_find_the_mixture_one_process_finds(random_world, tmp_path
     assert double.stdout.count("Recommended mixture") == 1
 
 
-@pytest.mark.parametrize(
-    "search,processes",
-    # three processes (blocks padded) with the gradient; grid search with two
-    [({}, 3), ({"strategy": "grid", "grid": {"divisions": 2}}, 2)],
-    ids=["gradient-3", "grid-2"],
-)
-def test_a_sharded_stack_finds_the_mixture_one_process_finds(random_world, tmp_path, search, processes):
-    """model.shard=fsdp: each rank holds a block of rows of every stacked matrix, the ranks gather
-    each merged weight and score every batch (and, for grid search, every candidate) together."""
-    tree = recipe_tree(random_world, tmp_path / "one", **({"search": search} if search else {}))
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(tree))
-    single = run_module("fit", str(path), "--quiet")
-    assert single.returncode == 0, single.stderr
+SEARCHES = {"gradient": {}, "grid": {"strategy": "grid", "grid": {"divisions": 2}}}
+
+
+@pytest.fixture(scope="module")
+def single_runs(random_world, tmp_path_factory):
+    """One single-process fit per search strategy (made on first use), shared by the sharded runs."""
+    made = {}
+
+    def run(name: str):
+        if name not in made:
+            root = tmp_path_factory.mktemp(f"single-{name}")
+            tree = recipe_tree(
+                random_world, root / "one", **({"search": SEARCHES[name]} if SEARCHES[name] else {})
+            )
+            path = root / "recipe.yaml"
+            path.write_text(yaml.safe_dump(tree))
+            single = run_module("fit", str(path), "--quiet")
+            assert single.returncode == 0, single.stderr
+            made[name] = (path, root / "one")
+        return made[name]
+
+    return run
+
+
+@pytest.mark.parametrize("processes", [2, 4])
+@pytest.mark.parametrize("search", sorted(SEARCHES))
+def test_a_sharded_stack_finds_the_mixture_one_process_finds(single_runs, tmp_path, search, processes):
+    """model.shard=fsdp: each rank holds a block of rows of every matrix, the ranks gather each
+    merged weight and score every batch (and, for grid search, every candidate) together."""
+    path, one_dir = single_runs(search)
+    search = SEARCHES[search]
     sharded = _torchrun(path, f"output_dir={tmp_path / 'sharded'}", "model.shard=fsdp", processes=processes)
     assert sharded.returncode == 0, sharded.stderr[-3000:]
-    one = json.loads((tmp_path / "one" / "mixture.json").read_text())
+    one = json.loads((one_dir / "mixture.json").read_text())
     many = json.loads((tmp_path / "sharded" / "mixture.json").read_text())
     assert (one["shard"], many["shard"], many["processes"]) == ("none", "fsdp", processes)
     # rank 0's stack: a block of rows of each matrix (the tiny model's vectors stay whole)
@@ -103,10 +120,86 @@ def test_a_sharded_stack_finds_the_mixture_one_process_finds(random_world, tmp_p
         assert (one["search"]["scoring"], many["search"]["scoring"]) == ("single", "together")
         evaluations = many["search"]["evaluations"]
         assert many["search"]["evaluations_per_process"] == [evaluations] * processes
-        log_one = pd.read_csv(tmp_path / "one" / "evaluations.csv").drop(columns="seconds")
+        log_one = pd.read_csv(one_dir / "evaluations.csv").drop(columns="seconds")
         log_many = pd.read_csv(tmp_path / "sharded" / "evaluations.csv").drop(columns="seconds")
         pd.testing.assert_frame_equal(
             log_one.drop(columns="process", errors="ignore"),
             log_many.drop(columns="process", errors="ignore"),
             rtol=1e-6,
         )
+
+
+def test_a_sharded_fit_killed_under_torchrun_resumes_to_the_same_mixture(random_world, tmp_path):
+    """kill -9 of the whole torchrun job (agent and ranks) after its first checkpoint; the same
+    command again resumes from it and writes the mixture.json of an uninterrupted sharded run."""
+    import signal
+    import time
+
+    from mergeopt.resume import CHECKPOINT_DIR, GRADIENT_STATE
+
+    optim = {"steps": 400, "batch_size": 4, "eval_every": 10, "patience": 100, "checkpoint_every": 2}
+    paths = {}
+    for run in ("whole", "killed"):
+        tree = recipe_tree(random_world, tmp_path / run, optim=optim)
+        tree["model"]["shard"] = "fsdp"
+        paths[run] = tmp_path / f"{run}.yaml"
+        paths[run].write_text(yaml.safe_dump(tree))
+    whole = _torchrun(paths["whole"])
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    job = subprocess.Popen(
+        [*command, "-m", "mergeopt.fit", str(paths["killed"]), "--quiet"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: the kill reaches the agent and every rank
+    )
+    deadline = time.monotonic() + 300
+    while not (out / CHECKPOINT_DIR / GRADIENT_STATE).is_file():
+        assert job.poll() is None, "the job ended before its first checkpoint"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait(timeout=60)
+    assert not (out / "mixture.json").exists()
+    resumed = _torchrun(paths["killed"], "--resume")  # --resume: an error without a checkpoint
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (out / "mixture.json").read_bytes() == (tmp_path / "whole" / "mixture.json").read_bytes()
+
+
+def test_a_sharded_stack_scores_metric_terms_as_one_process_does(random_world, tmp_path):
+    """Generation (exact match) and a user's metric function under model.shard=fsdp: every rank
+    runs each forward pass of every record (generate's synced_gpus keeps them in step), and the
+    grid's scores equal a single process's."""
+    terms = [
+        {"kind": "exact_match", "dev": "arith", "max_new_tokens": 4},
+        {
+            "kind": "custom",
+            "dev": "arith",
+            "name": "nll",
+            "function": "tests.test_grid_metrics:completion_nll",
+            "higher_is_better": False,
+        },
+    ]
+    search = {"strategy": "grid", "grid": {"divisions": 2}}
+    tree = recipe_tree(random_world, tmp_path / "one", search=search, objective={"terms": terms})
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    single = run_module("fit", str(path), "--quiet")
+    assert single.returncode == 0, single.stderr
+    sharded = _torchrun(path, f"output_dir={tmp_path / 'sharded'}", "model.shard=fsdp")
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    many = json.loads((tmp_path / "sharded" / "mixture.json").read_text())
+    assert (many["shard"], many["search"]["scoring"]) == ("fsdp", "together")
+    log_one = pd.read_csv(tmp_path / "one" / "evaluations.csv").drop(
+        columns=["seconds", "process"], errors="ignore"
+    )
+    log_many = pd.read_csv(tmp_path / "sharded" / "evaluations.csv").drop(
+        columns=["seconds", "process"], errors="ignore"
+    )
+    assert {"exact_match:arith", "nll"} <= set(log_one.columns)
+    assert log_one["nll"].nunique() == len(log_one)  # the metric moves with w: a real comparison
+    pd.testing.assert_frame_equal(log_one, log_many, rtol=1e-6)

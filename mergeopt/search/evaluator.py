@@ -258,13 +258,16 @@ class Evaluator:
         self, todo: list[np.ndarray]
     ) -> Iterator[tuple[np.ndarray, dict[str, float], float, int]]:
         """Each mixture scored by every rank at once, on its share of the data (the scores are
-        already the whole data's: the ranks add up their sums inside). After each the ranks
-        exchange whether a signal arrived, so all stop at the same mixture."""
+        already the whole data's: the ranks add up their sums inside; a metric term is scored by
+        every rank on all its records). After each the ranks exchange their scores and whether a
+        signal arrived: all record rank 0's scores (a generation could round differently on
+        another rank) and all stop at the same mixture."""
         for w in todo:
             start = time.perf_counter()
             scores = self._checked(dict(self.score_fn(w.copy())), w)
-            yield w, scores, time.perf_counter() - start, ALL_PROCESSES
-            if any(distributed.all_gather_objects(pending_interrupt())):
+            gathered = distributed.all_gather_objects((scores, pending_interrupt()))
+            yield w, gathered[0][0], time.perf_counter() - start, ALL_PROCESSES
+            if any(flag for _, flag in gathered):
                 raise Interrupted(pending_signal() or signal.SIGTERM, f"evaluation {self.evaluations}")
 
     def __call__(self, w: np.ndarray, phase: str = "") -> float:
