@@ -233,7 +233,7 @@ def format_plan(plan: MemoryPlan, recipe_path: str, inventory: Inventory) -> str
 
     lines = [
         f"Memory plan for {recipe_path}{per_rank} (dry run: no weights read, nothing written)",
-        f"device: {device}" + (" (each rank's)" if plan.world_size > 1 else ""),
+        f"device{' of each rank' if plan.world_size > 1 else ''}: {device}",
         *_ranks(plan),
         f"parameters: {plan.parameters:,} in {plan.tensors} tensors ({inventory.source})",
         f"stacked: {plan.stacked_parameters:,} in {plan.stacked_tensors} tensors x {plan.num_experts} experts "
