@@ -359,25 +359,18 @@ def _random_dev_sets(recipe: Recipe, vocab: int) -> list[DevSet]:
 
 def check_shard(recipe: Recipe) -> None:
     """``model.shard: fsdp`` refused in one line where it cannot run (before anything is loaded)."""
+    from mergeopt.plan import check_shard_division, check_shard_recipe
+
     if recipe.model.shard == "none":
         return
-    if recipe.model.device_map is not None:
-        raise UserError("model.shard fsdp and model.device_map both place the stack: use one of them")
-    if recipe.model.gguf_file:
-        raise UserError(
-            "model.shard fsdp reads each rank's rows of the base from safetensors, and a GGUF base "
-            "(model.gguf_file) is read whole: convert it to safetensors, or set model.shard=none"
-        )
-    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+    check_shard_recipe(recipe)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size < 2:
         raise UserError(
             "model.shard fsdp shards the stack over the processes of a torchrun job: start it with "
             "torchrun --nproc_per_node=N (N >= 2), or set model.shard=none"
         )
-    if any(t.kind == "lm_eval" for t in objective_terms(recipe)):
-        raise UserError(
-            "model.shard fsdp does not run lm-eval-harness terms (lm-eval would split its requests "
-            "over the ranks on its own): use model.shard=none for them"
-        )
+    check_shard_division(recipe, world_size)
 
 
 def _shard(recipe: Recipe) -> tuple[int, int] | None:

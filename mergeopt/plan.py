@@ -39,7 +39,7 @@ from dataclasses import dataclass, field, replace
 from mergeopt.config import Recipe
 from mergeopt.errors import UserError
 from mergeopt.lora import FactorSizes
-from mergeopt.scoring import loss_set_weights
+from mergeopt.scoring import loss_set_weights, objective_terms
 from mergeopt.stack import DTYPES
 
 GIB = 2**30
@@ -472,6 +472,23 @@ def check_shard_division(recipe: Recipe, world_size: int) -> None:
     )
 
 
+def check_shard_recipe(recipe: Recipe) -> None:
+    """What ``model.shard: fsdp`` cannot run with, whatever the ranks: refused in one line (the
+    fit and the dry run alike)."""
+    if recipe.model.device_map is not None:
+        raise UserError("model.shard fsdp and model.device_map both place the stack: use one of them")
+    if recipe.model.gguf_file:
+        raise UserError(
+            "model.shard fsdp reads each rank's rows of the base from safetensors, and a GGUF base "
+            "(model.gguf_file) is read whole: convert it to safetensors, or set model.shard=none"
+        )
+    if any(t.kind == "lm_eval" for t in objective_terms(recipe)):
+        raise UserError(
+            "model.shard fsdp does not run lm-eval-harness terms (lm-eval would split its requests "
+            "over the ranks on its own): use model.shard=none for them"
+        )
+
+
 def check_world_size(recipe: Recipe, world_size: int) -> None:
     """The ranks a plan is for, refused in one line where ``model.shard: fsdp`` cannot run on them
     (as :func:`mergeopt.fit.check_shard` refuses the fit)."""
@@ -479,8 +496,7 @@ def check_world_size(recipe: Recipe, world_size: int) -> None:
         raise UserError(f"the world size must be at least 1, not {world_size}")
     if recipe.model.shard != "fsdp":
         return
-    if recipe.model.device_map is not None:
-        raise UserError("model.shard fsdp and model.device_map both place the stack: use one of them")
+    check_shard_recipe(recipe)
     if world_size < 2:
         raise UserError(
             "model.shard fsdp shards the stack over the processes of a torchrun job: plan it with "

@@ -203,3 +203,19 @@ def test_a_sharded_stack_scores_metric_terms_as_one_process_does(random_world, t
     assert {"exact_match:arith", "nll"} <= set(log_one.columns)
     assert log_one["nll"].nunique() == len(log_one)  # the metric moves with w: a real comparison
     pd.testing.assert_frame_equal(log_one, log_many, rtol=1e-6)
+
+
+def test_a_sharded_run_whose_micro_batch_does_not_split_is_refused_in_one_line(random_world, tmp_path):
+    """Under torchrun, before anything is loaded: every rank refuses with the same one line, the
+    job fails with exit code 2, and nothing is written."""
+    tree = recipe_tree(random_world, tmp_path / "out")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    job = _torchrun(path, "model.shard=fsdp", processes=3)  # 4 × 2 dev sets = 8 examples over 3 ranks
+    assert job.returncode != 0
+    lines = job.stderr.splitlines()
+    refusals = [line for line in lines if line.startswith("mergeopt: error: model.shard fsdp over 3 ranks")]
+    assert len(refusals) == 3, job.stderr[:3000]  # every rank says it once, before loading anything
+    # torchrun's agent prints its own ChildFailedError summary; no rank raised a traceback of ours
+    assert not any(str(REPO / "mergeopt") in line for line in lines), job.stderr[:3000]
+    assert not (tmp_path / "out").exists()
