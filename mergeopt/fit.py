@@ -445,7 +445,14 @@ def _checkpoint(recipe: Recipe, resume: str) -> tuple[RunState, bool]:
     checkpoint = RunState(recipe.output_dir, recipe_tree(recipe))
     if resume not in ("auto", "require", "restart"):
         raise ValueError(f"resume must be auto, require or restart, not {resume!r}")
-    if resume == "restart" or not checkpoint.exists():
+    found = distributed.all_gather_objects(resume != "restart" and checkpoint.exists())
+    if any(found) and not all(found):  # ranks on other nodes see another output_dir
+        missing = ", ".join(str(r) for r, seen in enumerate(found) if not seen)
+        raise UserError(
+            f"{checkpoint.dir}: the checkpoint is seen by some ranks and not by rank(s) {missing}: "
+            "under torchrun over several nodes, output_dir must be on a filesystem every node mounts"
+        )
+    if not found[0]:
         if resume == "require":
             raise UserError(f"--resume: {checkpoint.dir} holds no checkpoint to resume")
         return checkpoint, False

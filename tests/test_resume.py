@@ -266,3 +266,21 @@ def test_clearing_removes_a_temporary_file_a_kill_left_mid_save(tmp_path):
     (tmp_path / CHECKPOINT_DIR / ".gradient.pt.abc123.tmp").write_bytes(b"half a save")
     state.clear()
     assert not (tmp_path / CHECKPOINT_DIR).exists()
+
+
+def test_ranks_that_disagree_on_the_checkpoint_are_refused_in_one_line(random_world, tmp_path, monkeypatch):
+    """Across nodes each rank reads output_dir itself: a node that does not see the checkpoint
+    rank 0 resumes would start over and part from it, so the fit stops before loading anything."""
+    from mergeopt import distributed, fit
+    from mergeopt.config import load_recipe
+    from mergeopt.errors import UserError
+
+    out = tmp_path / "run"
+    recipe = load_recipe(_recipe(random_world, tmp_path, out, **GRADIENT))
+    monkeypatch.setattr(distributed, "all_gather_objects", lambda value: [value, False, value])
+    monkeypatch.setattr(RunState, "exists", lambda self: True)
+    monkeypatch.setattr(RunState, "check_matches", lambda self: None)
+    with pytest.raises(UserError, match=r"not by rank\(s\) 1: under torchrun over several nodes, output_dir"):
+        fit._checkpoint(recipe, "auto")
+    monkeypatch.setattr(distributed, "all_gather_objects", lambda value: [value, value])
+    assert fit._checkpoint(recipe, "auto")[1] is True  # every rank sees it: resumed
