@@ -2,17 +2,22 @@
 
 Why: under plain torchrun every rank holds the whole stack, so GPUs add speed but never memory;
 four Llama-3.1-70B experts in bfloat16 are about 560 GB. Here each rank keeps a block of ⌈R/N⌉
-rows of every stacked matrix (anchor, differences, int8 scales), the layout FSDP2 gives a
-parameter (``Shard(0)``, zero-padded at the end). The merge is row-wise, so a rank merges its own
-rows, θ_1[r] + Σ_{i≥2} w_i δ_i[r], and the ranks all-gather the merged rows: one copy of the
-merged weight crosses between ranks, not the K expert rows that gathering the stack itself, FSDP's
-way, would move. In the backward each rank holds ∂L/∂W for its share of the batch; a
+rows of every matrix (anchor, differences, int8 scales; LoRA factors; matrices that are not
+merged), the layout FSDP2 gives a parameter (DTensor ``Shard(0)``; stored zero-padded to ⌈R/N⌉
+rows so every rank's block has one shape). The merge is row-wise, so a rank merges its own rows,
+θ_1[r] + Σ_{i≥2} w_i δ_i[r], and the ranks all-gather the merged rows: one copy of the merged
+weight crosses between ranks, not the K expert rows that gathering the stack itself, FSDP's way,
+would move (FSDP2's ``fully_shard`` gathers parameters as they are stored and offers no hook to
+gather a function of them). In the backward each rank holds ∂L/∂W for its share of the batch; a
 reduce-scatter adds them up over the ranks and leaves each rank the rows it keeps, which it
-contracts with its differences into its part of the K-vector gradient. The all-reduce of that
-vector, which every torchrun fit makes already (:mod:`mergeopt.distributed`), adds the parts.
+contracts with its differences (:class:`mergeopt.layer_merge.LayerMerge`) into its part of the
+K-vector gradient. The all-reduce of that vector, which every torchrun fit makes already
+(:mod:`mergeopt.distributed`), adds the parts.
 
-The collectives are torch.distributed's (``all_gather_single``, ``reduce_scatter_single``) and run
-in the same order on every rank, because every rank runs the same forward and backward, as under
+The collectives are DTensor's: the merged block becomes a ``Shard(0)`` DTensor and
+``full_tensor(grad_placements=[Partial()])`` all-gathers it; declaring the gradient ``Partial``
+(each rank's is a partial sum over the batch) makes its backward a reduce-scatter. They run in
+the same order on every rank, because every rank runs the same forward and backward, as under
 FSDP; the backward's recomputation of a merged weight (:func:`mergeopt.layer_merge.recompute_merged`)
 gathers it again. Vectors (norm weights, biases) stay whole on every rank: they are a few
 thousandths of the stack.
@@ -24,9 +29,11 @@ import math
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Partial, Shard
 from torch.nn.utils import parametrize
 
-from mergeopt.layer_merge import MIX_BUFFER, SOURCE_ATTRIBUTE, MergedParameter, attach, contract, merge_value
+from mergeopt.layer_merge import MIX_BUFFER, SOURCE_ATTRIBUTE, MergedParameter, attach
 
 # bytes this process has moved through the stack's collectives since the last reset: what a step
 # costs in communication, measured against its minimum (one merged copy of each matrix per use)
@@ -60,41 +67,46 @@ def shard_rows(tensor: torch.Tensor, rank: int, size: int, dim: int = 0) -> torc
     return padded(tensor.narrow(dim, start, stop - start), per, dim).clone()
 
 
+_MESHES: dict = {}
+
+
+def _mesh(group, device: torch.device) -> DeviceMesh:
+    """The one-dimensional mesh of ``group``'s ranks on this device type (made once)."""
+    group = group or dist.group.WORLD  # a new object after each init_process_group
+    key = (group, device.type)
+    mesh = _MESHES.get(key)
+    if mesh is None:
+        mesh = _MESHES[key] = DeviceMesh.from_group(group, device.type)
+    return mesh
+
+
 def gather_rows(local: torch.Tensor, rows: int, group=None) -> torch.Tensor:
-    """The ranks' blocks of rows concatenated, the padding cut off (``rows`` rows)."""
-    size = dist.get_world_size(group)
-    full = torch.empty((local.shape[0] * size, *local.shape[1:]), dtype=local.dtype, device=local.device)
-    dist.all_gather_single(full, local.contiguous(), group=group)
-    TRAFFIC["gathered"] += full.numel() * full.element_size()
-    return full if full.shape[0] == rows else full[:rows].clone()
+    """The ranks' blocks of rows (each ``local`` zero-padded to ⌈rows/N⌉ rows) as the whole
+    tensor of ``rows`` rows; differentiable: its backward reduce-scatters the whole gradient and
+    hands each rank the rows it keeps (zero for the padding)."""
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    start, stop, per = block_range(rows, rank, size)
+    shape = torch.Size((rows, *local.shape[1:]))
+    block = DTensor.from_local(
+        local[: stop - start],
+        _mesh(group, local.device),
+        [Shard(0)],
+        run_check=False,
+        shape=shape,
+        stride=torch.empty(shape, device="meta").stride(),
+    )
+    padded_bytes = per * size * local[0].numel() * local.element_size() if rows else 0
+    TRAFFIC["gathered"] += padded_bytes
+    if local.requires_grad:
+        local.register_hook(_count_reduce_scatter(padded_bytes))
+    return block.full_tensor(grad_placements=[Partial()])
 
 
-def scatter_rows(grad: torch.Tensor, per: int, group=None) -> torch.Tensor:
-    """Σ over the ranks of ``grad``, each rank left with its block of ``per`` rows."""
-    grad = padded(grad, per * dist.get_world_size(group))
-    local = torch.empty((per, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
-    dist.reduce_scatter_single(local, grad.contiguous(), op=dist.ReduceOp.SUM, group=group)
-    TRAFFIC["reduce_scattered"] += grad.numel() * grad.element_size()
-    return local
+def _count_reduce_scatter(nbytes: int):
+    def count(_grad: torch.Tensor) -> None:
+        TRAFFIC["reduce_scattered"] += nbytes
 
-
-class ShardedLayerMerge(torch.autograd.Function):
-    """W(w) gathered from the ranks' merged rows; the backward returns this rank's rows' share of
-    the K − 1 vector (the fit's all-reduce of ∂L/∂z adds the ranks' shares)."""
-
-    @staticmethod
-    def forward(ctx, rest, anchor, deltas, scales, dtype, rows, group):
-        ctx.deltas, ctx.scales, ctx.group, ctx.per = deltas, scales, group, anchor.shape[0]
-        ctx.acc = torch.promote_types(anchor.dtype, torch.float32)
-        ctx.rest_dtype = rest.dtype
-        local = merge_value(rest, anchor, deltas, scales, dtype)
-        return gather_rows(local, rows, group)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        local = scatter_rows(grad, ctx.per, ctx.group)
-        return contract(local, ctx.deltas, ctx.scales, ctx.acc).to(ctx.rest_dtype), *([None] * 6)
+    return count
 
 
 class ShardedMergedParameter(MergedParameter):
@@ -107,12 +119,11 @@ class ShardedMergedParameter(MergedParameter):
         self.group = group
 
     def value(self, anchor: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
-        local = merge_value(rest, anchor, self.deltas, self.scales, self.compute_dtype)
-        return gather_rows(local, self.shape[0], self.group)
+        return gather_rows(super().value(anchor, rest), self.shape[0], self.group)
 
     def merge(self, anchor: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
-        args = (rest, anchor, self.deltas, self.scales, self.compute_dtype, self.shape[0], self.group)
-        return ShardedLayerMerge.apply(*args)
+        """This rank's merged rows (their backward contracts ⟨∂L/∂W, δ_i⟩ over them), gathered."""
+        return gather_rows(super().merge(anchor, rest), self.shape[0], self.group)
 
 
 class ShardedWeight(torch.nn.Module):
