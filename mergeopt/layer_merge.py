@@ -197,7 +197,7 @@ class MergedParameter(torch.nn.Module):
         if not torch.is_grad_enabled() or not rest.requires_grad:
             return self.value(anchor, rest)
         merged = self.merge(anchor, rest)
-        setattr(merged, SOURCE_ATTRIBUTE, _Source(self, anchor, rest.detach().clone()))
+        tag_source(merged, _Source(self, anchor, rest.detach().clone()))
         return merged
 
 
@@ -218,6 +218,22 @@ class _Source:
 class _Recompute:
     source: _Source
     view: tuple | None  # (size, stride, storage offset) when a view of the merged tensor was saved
+
+
+def tag_source(tensor: torch.Tensor, source) -> None:
+    """Mark ``tensor`` as formed by ``source`` (anything with ``value()``), so autograd saves the
+    recipe instead of the tensor. A tensor that is a whole-shape view of another (DTensor's
+    ``full_tensor`` returns one) tags that root too: autograd saves views of the root (a
+    transpose), and :func:`_pack` finds them through their ``_base``."""
+    setattr(tensor, SOURCE_ATTRIBUTE, source)
+    root = tensor._base
+    if (
+        root is not None
+        and root.shape == tensor.shape
+        and root.stride() == tensor.stride()
+        and tensor.storage_offset() == root.storage_offset() == 0
+    ):
+        setattr(root, SOURCE_ATTRIBUTE, source)
 
 
 def _pack(tensor: torch.Tensor):

@@ -33,7 +33,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Shard
 from torch.nn.utils import parametrize
 
-from mergeopt.layer_merge import MIX_BUFFER, SOURCE_ATTRIBUTE, MergedParameter, attach
+from mergeopt.layer_merge import MIX_BUFFER, MergedParameter, attach, tag_source
 
 # bytes this process has moved through the stack's collectives since the last reset: what a step
 # costs in communication, measured against its minimum (one merged copy of each matrix per use)
@@ -147,7 +147,7 @@ class ShardedWeight(torch.nn.Module):
     def forward(self, block: torch.Tensor) -> torch.Tensor:
         whole = self.value(block)
         if torch.is_grad_enabled():
-            setattr(whole, SOURCE_ATTRIBUTE, _Regather(self, block))
+            tag_source(whole, _Regather(self, block))
         return whole
 
 
@@ -178,7 +178,7 @@ def gathered_for_backward(block: torch.Tensor, rows: int, dtype: torch.dtype, gr
     again = _GatherAgain(block, rows, dtype, group)
     whole = again.value()
     if torch.is_grad_enabled():
-        setattr(whole, SOURCE_ATTRIBUTE, again)
+        tag_source(whole, again)
     return whole
 
 
