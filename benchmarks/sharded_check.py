@@ -94,6 +94,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/gpu"))
+    parser.add_argument("--config", default=CONFIG, help="the random:// model (a small one for tests)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
     try:
-        config = random_world.read_config(CONFIG)
+        config = random_world.read_config(args.config)
         batch = _batch(config.vocab_size, device)
         results = {}
         for how in ("whole", "sharded"):
@@ -137,7 +138,7 @@ def main(argv=None) -> int:
             "backend": dist.get_backend(),
             "torch": torch.__version__,
             "compute_dtype": str(dtype).removeprefix("torch."),
-            "model": f"{CONFIG}, K = {K}, bfloat16 stack, batch {BATCH} x {LENGTH}, checkpointed",
+            "model": f"{args.config}, K = {K}, bfloat16 stack, batch {BATCH} x {LENGTH}, checkpointed",
             "loss_relative_difference": loss_rel,
             "grad_relative_difference": grad_rel,
             "ok": ok,

@@ -362,12 +362,12 @@ def build_stack(
             )
             continue
         if not differ:  # the merge does not depend on w: no need to stack it
-            if torch.equal(anchor, theta0):
-                stack.unchanged.append(pname)
-            else:
-                stack.shared.append(pname)
-            if param.is_meta or not torch.equal(anchor, theta0):
+            unchanged = torch.equal(anchor, theta0)
+            (stack.unchanged if unchanged else stack.shared).append(pname)
+            if param.is_meta:  # a sharded load: the vector is made here, whole
                 fill(model, pname, anchor.to(param.dtype))
+            elif not unchanged:
+                param.data.copy_(anchor)
             continue
         del param, theta0
         anchor, rows, scales = _store(stack, pname, anchor, rows, dtype, anchor_dtype)

@@ -426,3 +426,28 @@ def test_lora_factors_sharded_give_the_single_process_loss_and_gradient(tmp_path
             )
         assert r["rows"] == {n: [-(-a // size), -(-b // size)] for n, (a, b) in whole.items()}
         assert r["bytes"] < stack.lowrank.nbytes() / size * 1.5
+
+
+def test_the_one_process_gpu_check_runs_here_with_gloo(tmp_path):
+    """benchmarks/sharded_check.py (the sharded path's check for a GPU session) on a tiny Llama on
+    the CPU: the sharded load and step equal the whole path, and it writes its report."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, tiny_config
+
+    config = tmp_path / "tiny.json"
+    tiny_config(vocab_size=61, max_position_embeddings=512).to_json_file(config)
+    run = subprocess.run(
+        [sys.executable, "benchmarks/sharded_check.py", "--device", "cpu"]
+        + ["--config", f"random://{config}", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((tmp_path / "sharded_check-cpu.json").read_text())
+    assert report["ok"] and report["backend"] == "gloo"
+    assert report["loss_relative_difference"] <= 1e-5 and report["grad_relative_difference"] <= 1e-5
+    assert 1.0 < report["sharded"]["gathered_over_one_merged_copy"] <= 2.0
