@@ -18,8 +18,8 @@ rows (anchor, differences, int8 scales, LoRA factors alike) and vectors whole; a
 merged weight whole while it runs, and the backward reduce-scatters its gradient to the rank's
 rows (:func:`merge_bytes`, :class:`Gathers`). The training micro-batch is split over the ranks
 (:func:`check_shard_division`), each rank evaluates ``optim.eval_batch_size`` sequences per step.
-The held rows are exact; the gathers in the phases are written from :mod:`mergeopt.sharded_merge`'s
-code and not yet measured against the live bytes of sharded steps.
+The held rows are exact; the phases' gathers are checked, like the single-process phases, against
+the live bytes of each rank of sharded steps (2 and 3 gloo processes, tests/test_plan.py).
 
 Everything here is arithmetic on shapes, so it runs for a 16B model on a laptop; where the shapes
 come from (safetensors headers or config.json) is :mod:`mergeopt.dry_run`'s job. Which parameters
@@ -65,11 +65,12 @@ def local_numel(shape: Sequence[int], world_size: int) -> int:
 class Gathers:
     """What a sharded stack (``model.shard: fsdp``) forms whole on each rank while a layer runs, in
     elements: the largest stacked matrix's block (⌈R/N⌉ rows) and its all-gather buffer (N blocks,
-    padding rows included); beside the output layer, the rank's merged block of it (when it is
-    stacked) or its gathered weight (when it is not: the rank keeps a block); what else is gathered
-    whole while its module runs, the matrices not stacked and the LoRA factors kept low-rank (a
-    module's A and B): in the largest decoder layer (``layer``, their sum, and ``unstacked``, the
-    largest), and the largest anywhere (``unstacked_any``)."""
+    padding rows included); what gathering the output layer holds at once (``head``: the rank's
+    merged block of it when it is stacked, the all-gather buffer and, with padding rows, the padded
+    copy of a rank's short block; :func:`head_bytes`); what else is gathered whole while its module
+    runs, the matrices not stacked and the LoRA factors kept low-rank (a module's A and B): in the
+    largest decoder layer (``layer``, their sum, and ``unstacked``, the largest), and the largest
+    anywhere (``unstacked_any``)."""
 
     block: int
     padded: int
@@ -195,7 +196,9 @@ def anchor_itemsize(recipe: Recipe, compute: int) -> int:
     return compute if recipe.model.stack_dtype == "int8" else DTYPES[recipe.model.stack_dtype].itemsize
 
 
-def stacking_bytes(recipe: Recipe, num_experts: int, numel: int, source_bytes: int, compute: int = 4) -> int:
+def stacking_bytes(
+    recipe: Recipe, num_experts: int, numel: int, source_bytes: int, compute: int = 4, short: bool = False
+) -> int:
     """Temporaries while one tensor of ``numel`` elements is stacked (build_stack's largest moment).
 
     Per element, measured on this code: the anchor form (linear, scale 1) holds the parameter's θ0
@@ -205,6 +208,11 @@ def stacking_bytes(recipe: Recipe, num_experts: int, numel: int, source_bytes: i
     K − 1 float32 differences and their quantisation temporaries (7(K − 1) + 1, measured). Other merges hold the K task vectors in float32 (4K)
     plus what their prepare makes (TIES: trimmed copy, signs, mask, products, 9K + 4; DARE: a drop
     mask, 12) and, for a narrower stack dtype, the float32 differences before the cast (4(K − 1)).
+
+    ``short``: a rank's block of a sharded matrix whose rows do not divide over the ranks (linear
+    merge): it is padded to ⌈R/N⌉ rows by copying its float32 anchor and its differences (float32
+    for int8, else in the stack dtype), both held twice for a moment, less the tensor's share of
+    the finished stack, which the plan counts already (measured on 3 gloo ranks).
     """
     method, k = recipe.merge.method, num_experts
     upcast = 0 if compute == FLOAT32 else FLOAT32
@@ -212,7 +220,12 @@ def stacking_bytes(recipe: Recipe, num_experts: int, numel: int, source_bytes: i
     upcast += anchor if anchor != FLOAT32 else 0  # the anchor's cast to its storage dtype
     int8 = 7 * (k - 1) + 1 if recipe.model.stack_dtype == "int8" else 0
     if method == "linear" and recipe.merge.scale == 1.0:
-        return numel * (11 + source_bytes + upcast + int8)
+        temporaries = 11 + source_bytes + upcast + int8
+        if short:
+            stored = DTYPES[recipe.model.stack_dtype].itemsize
+            rows = FLOAT32 if recipe.model.stack_dtype == "int8" else stored
+            temporaries = max(temporaries, 2 * (FLOAT32 + rows * (k - 1)) - anchor - stored * (k - 1))
+        return numel * temporaries
     extra = {"linear": 0, "dare_linear": 12}.get(method, 9 * k + 4)
     cast = 4 * (k - 1) if recipe.model.stack_dtype != "float32" else 0
     return numel * (4 * k + extra + cast + source_bytes + upcast + int8)
@@ -256,22 +269,38 @@ def logits_bytes(dims: Dims, batch: int, length: int) -> int:
 
 
 def head_bytes(
-    recipe: Recipe, dims: Dims, batch: int, length: int, compute: int, merged_head: bool, gathered: int = 0
+    recipe: Recipe,
+    dims: Dims,
+    batch: int,
+    length: int,
+    compute: int,
+    merged_head: bool,
+    gathers: Gathers | None = None,
 ) -> int:
     """The chunked loss's largest moment, beside the hidden states' copy and gradient. In the
     forward: the output layer's weight (formed by the merge, when it is merged), one chunk's float32
     logits and one temporary beside them (log-sum-exp's, or the soft-cap's factor). In the
     backward: one chunk's ∂loss/∂logits (the last chunk's kept from the forward, the others formed
     again in place over their logits), the weight formed again and its float32 gradient, contracted
-    with the differences right after. Whichever is larger. ``gathered``: bytes a sharded stack adds
-    beside the output layer, in both (:class:`Gathers`)."""
+    with the differences right after. Whichever is larger.
+
+    Sharded (``gathers``): the whole weight is gathered while the loss runs, merged or not (one not
+    merged is the gathered weight beside the chunks). The gathering itself (:attr:`Gathers.head`)
+    comes before the forward's first chunk, and again at the start of the backward beside the last
+    chunk's ∂loss/∂logits; the rank's merged block is gone by the time the chunks run."""
     chunk = min(recipe.optim.loss_chunk_tokens, batch * (length - 1))
     weight = dims.vocab * dims.hidden
     logits = FLOAT32 * chunk * dims.vocab
     cast = compute if compute != FLOAT32 else 0
     forward = 2 * logits + (compute * weight if merged_head else 0)
     backward = logits + ((compute + FLOAT32 + cast) * weight if merged_head else 0)
-    return 2 * compute * batch * length * dims.hidden + max(forward, backward) + gathered
+    if gathers is not None:
+        if not merged_head:  # the weight gathered from the rank's block of it
+            forward += compute * weight
+            backward += compute * weight
+        forward = max(forward, compute * gathers.head)
+        backward = max(backward, logits + compute * gathers.head)
+    return 2 * compute * batch * length * dims.hidden + max(forward, backward)
 
 
 def _blocks(recipe: Recipe, largest: int, compute: int) -> tuple[bool, int]:
@@ -307,20 +336,23 @@ def merge_bytes(
     dtype, while the module's backward runs) or contracted (the gradient and the contraction's
     temporaries).
 
-    Sharded (``gathers``): the rank merges its block (the kernel's temporaries over the block), the
-    all-gather fills a buffer of N blocks beside it (and copies the rows without the padding when
-    there is padding); in the backward the whole gradient is (padded and) reduce-scattered into the
-    rank's block, which the contraction reads beside the whole gradient autograd still holds."""
+    Sharded (``gathers``, DTensor's collectives: :mod:`mergeopt.sharded_merge`): the rank merges its
+    block (the kernel's temporaries over the block); the all-gather fills a buffer of N blocks
+    beside it, whose rows are the weight (a rank short of ⌈R/N⌉ rows pads a copy of its block
+    first); the weight is used beside its gradient; the reduce-scatter leaves the rank its block of
+    the gradient (with padding rows, from a padded copy of the whole gradient and of its last
+    block); the contraction reads that block after the whole gradient is gone (measured on 2 and 3
+    gloo ranks, tests/test_plan.py)."""
     del num_experts  # the kernel's temporaries do not grow with K
     if gathers is not None:
         block, full = gathers.block, gathers.padded
-        padding = full != largest
+        short = block if full != largest else 0  # a rank's block padded to ⌈R/N⌉ rows by a copy
         return max(
             compute * block + _kernel_bytes(recipe, block, compute),
-            compute * (block + full + (largest if padding else 0)),
-            2 * compute * largest,
-            compute * (largest + (full if padding else 0) + block),
-            compute * (largest + block) + _contraction_bytes(recipe, block, compute),
+            compute * (block + full + short),
+            compute * (full + largest),
+            compute * (largest + block + (full + short if short else 0)),
+            compute * block + _contraction_bytes(recipe, block, compute),
         )
     return max(
         compute * largest + _kernel_bytes(recipe, largest, compute),
@@ -365,8 +397,7 @@ def training_bytes(
     tokens = batch * length
     mask = batch * length * length
     lowrank = 2 * compute * tokens * rank_sum
-    gathered_head = compute * gathers.head if gathers else 0
-    head = head_bytes(recipe, d, batch, length, compute, merged_head, gathered_head)
+    head = head_bytes(recipe, d, batch, length, compute, merged_head, gathers)
     gradient = compute * tokens * d.intermediate  # the largest activation gradient
     merge = merge_bytes(recipe, num_experts, largest, compute, gathers)
     unstacked = compute * gathers.unstacked if gathers else 0
@@ -394,10 +425,8 @@ def merge_evaluation_bytes(recipe: Recipe, largest: int, compute: int, gathers: 
     sharded, the rank's block merged, then gathered whole beside it (:func:`merge_bytes`)."""
     if gathers is not None:
         block, full = gathers.block, gathers.padded
-        trimmed = largest if full != largest else 0
-        return max(
-            compute * block + _kernel_bytes(recipe, block, compute), compute * (block + full + trimmed)
-        )
+        short = block if full != largest else 0
+        return max(compute * block + _kernel_bytes(recipe, block, compute), compute * (block + full + short))
     return compute * largest + _kernel_bytes(recipe, largest, compute)
 
 
@@ -423,7 +452,9 @@ def evaluation_bytes(
     parameter that is not stacked as a cast copy (the largest, ``unstacked_largest`` elements).
     Generation (exact_match) holds a merged copy of the stacked parameters instead (see the README).
     A sharded stack (``gathers``) adds the gathered weights: a merged weight beside the rank's block,
-    the output layer's beside the loss chunk, the largest matrix not stacked (and its cast copy).
+    the output layer's (read in ``evaluate`` bytes, cast when it is not merged) beside the loss
+    chunk and, before it, its gathering (:attr:`Gathers.head`), the largest matrix not stacked (and
+    its cast copy).
     """
     e = compute if evaluate is None else evaluate
     cast = e != compute
@@ -435,7 +466,12 @@ def evaluation_bytes(
     merge = merge_evaluation_bytes(recipe, largest, e, gathers)
     copy = e * unstacked_largest if cast else 0
     if gathers is not None:
-        head += compute * gathers.head
+        weight = dims.vocab * dims.hidden
+        if not merged_head and not cast:  # the gathered weight, read as it is
+            head += e * weight
+        # gathered in the dtype it is formed in: a merge's is ``evaluate``'s, a block's its own
+        gathering = e * gathers.head if merged_head else compute * gathers.head + (e * weight if cast else 0)
+        head = max(head, gathering)
         copy = compute * gathers.unstacked_any + (e * gathers.unstacked_any if cast else 0)
     return e * tokens * dims.hidden + max(head, layer, merge, copy)
 
@@ -665,7 +701,10 @@ def _plan(
         for n, size in in_layers.items():
             index = LAYER_INDEX.search(n).group(1)
             layers[index] = layers.get(index, 0) + size
-        head = block_rows(dims.vocab, shards) * dims.hidden if merged_head else dims.vocab * dims.hidden
+        # gathering the output layer: the rank's merged block (when merged), the all-gather buffer
+        # and, when the rows do not divide, a short block's padded copy
+        head_block = block_rows(dims.vocab, shards) * dims.hidden
+        head = head_block * (shards + merged_head + (dims.vocab % shards != 0))
         gathers = Gathers(
             block=block,
             padded=block * shards if biggest and matrix(biggest) else block,
@@ -684,6 +723,17 @@ def _plan(
     else:
         label, stacking_elements = "stacking: temporaries of the largest tensor", largest
     stacking = stacking_bytes(recipe, k, stacking_elements, source, compute)
+    if sharded:  # blocks short of ⌈R/N⌉ rows are padded by copying them (measured on 3 gloo ranks)
+        short = [local(n) for n in stacked if matrix(n) and inventory.shapes[n][0] % shards]
+        if short and recipe.merge.method == "linear" and recipe.merge.scale == 1.0:
+            stacking = max(stacking, stacking_bytes(recipe, k, max(short), source, compute, short=True))
+        # a matrix model.exclude keeps at θ0: its padded block is copied once more into the one kept
+        kept = [
+            local(n)
+            for n in names
+            if _excluded(n, patterns) and matrix(n) and inventory.shapes[n][0] % shards
+        ]
+        stacking = max(stacking, compute * max(kept, default=0))
     if sharded and lowrank:  # the LoRA factors are read whole once, then cut to the rank's rows
         stacking += _factor_elements(adapters, 1) * factor_dtype.itemsize - (factors - rank_sum * (8 + 4))
         label += "; LoRA factors whole"

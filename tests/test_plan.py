@@ -5,7 +5,8 @@ Exact rows are checked against Llama-3.1-8B's shapes built independently on the 
 against ``build_stack(...).nbytes()`` on the tiny world. The phase estimates (stacking, training
 micro-step, evaluation batch) are checked against the peak of live tensor bytes, counted op by op
 with a dispatch mode, of the same code running on small Llamas: the estimate must lie between
-1% below and 15% above the measurement.
+1% below and 15% above the measurement. The per-rank plan of a sharded stack (model.shard fsdp)
+is checked the same way on each rank of 3 and 2 gloo processes.
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ import math
 import re
 import shutil
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from mergeopt import checkpointing, checkpoints, dry_run, fit, plan
@@ -212,24 +216,88 @@ class LiveBytes(TorchDispatchMode):
         if hidden is not None:
             self.peak = max(self.peak, self.now + hidden(*args))
         out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                key = storage.data_ptr()
-                if key in self.live or key in self.known or storage.nbytes() == 0:
-                    continue
-                self.live[key] = storage.nbytes()
-                self.now += storage.nbytes()
-                self.peak = max(self.peak, self.now)
-                weakref.finalize(storage, self._free, key)
+        self._count(out, args)
         return out
 
+    def _count(self, out, args) -> None:
+        for t in tree_flatten(out)[0]:
+            storage = self._allocated(t, args) if isinstance(t, torch.Tensor) else None
+            if storage is None:
+                continue
+            key = storage.data_ptr()
+            self.live[key] = storage.nbytes()
+            self.now += storage.nbytes()
+            self.peak = max(self.peak, self.now)
+            weakref.finalize(storage, self._free, key)
 
-def small_problem(
-    vocab: int, hidden: int, intermediate: int, dtype: str, method: str = "linear", compute: str = "float32"
-):
-    torch.manual_seed(0)
-    config = LlamaConfig(
+    def _allocated(self, t: torch.Tensor, args) -> torch.UntypedStorage | None:
+        """The storage an op's output ``t`` was made in, if it is new (None: already counted or known)."""
+        del args
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key in self.live or key in self.known or storage.nbytes() == 0:
+            return None
+        return storage
+
+
+# funcol ops that are bookkeeping, not collectives (they return the tensors they are given)
+FUNCOL_PLUMBING = {"wait_tensor", "_wrap_tensor_autograd"}
+
+
+class RankBytes(LiveBytes):
+    """:class:`LiveBytes` on one rank of a gloo process group, counting what the rank's code holds
+    as a GPU backend (NCCL) would leave it.
+
+    Each collective runs on private copies of its tensors and completes before it returns: an
+    in-place one (``c10d``) writes its result into the caller's tensors, a functional one
+    (``_c10d_functional``, DTensor's) hands back a fresh tensor. So the count holds what the
+    caller allocates and keeps, and nothing gloo does: gloo's worker thread keeps a work's tensors
+    alive until it lets go of the work (a free that comes at no fixed point), and it reduce-scatters
+    through an all-reduce of a whole copy of the input. An output that shares a storage with an
+    input allocates nothing (a view, an in-place op), nor do meta tensors (shapes) or tensor
+    subclasses (DTensor, AsyncCollectiveTensor: wrappers of tensors counted where they are made).
+    """
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        functional = (
+            func.namespace == "_c10d_functional" and func.__name__.split(".")[0] not in FUNCOL_PLUMBING
+        )
+        if func.namespace != "c10d" and not functional:
+            return super().__torch_dispatch__(func, types, args, kwargs)
+        flat, spec = tree_flatten((args, kwargs))
+        private = [t.clone() if type(t) is torch.Tensor else t for t in flat]  # made here: not counted
+        private_args, private_kwargs = tree_unflatten(private, spec)
+        out = func(*private_args, **private_kwargs)
+        for x in tree_flatten(out)[0]:
+            if isinstance(x, torch.ScriptObject):
+                x.wait()
+            elif functional and isinstance(x, torch.Tensor):
+                torch.ops._c10d_functional.wait_tensor(x)
+        if functional:  # the caller's own copy of the result; the backend keeps the one it made
+            out = tree_map(lambda x: x.clone() if type(x) is torch.Tensor else x, out)
+        else:  # in place: results go into the caller's tensors (its inputs come back as they were)
+            for t, copy in zip(flat, private):
+                if copy is not t:
+                    t.copy_(copy)
+            caller = {id(copy): t for t, copy in zip(flat, private) if copy is not t}
+            out = tree_map(lambda x: caller.get(id(x), x), out)
+        self._count(out, args)
+        return out
+
+    def _allocated(self, t: torch.Tensor, args) -> torch.UntypedStorage | None:
+        if type(t) is not torch.Tensor or t.is_meta:
+            return None
+        key = t.untyped_storage().data_ptr()
+        for a in tree_flatten(args)[0]:
+            if type(a) is torch.Tensor and not a.is_meta and a.untyped_storage().data_ptr() == key:
+                return None
+        return super()._allocated(t, args)
+
+
+def small_fields(vocab: int, hidden: int, intermediate: int) -> dict:
+    """The config fields of the small Llamas the phases are measured on."""
+    return dict(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=intermediate,
@@ -238,9 +306,25 @@ def small_problem(
         num_key_value_heads=2,
         max_position_embeddings=256,
         tie_word_embeddings=False,
-        attn_implementation="sdpa",  # what from_pretrained picks, as in load_problem
     )
-    model = LlamaForCausalLM(config).eval()
+
+
+def small_problem(
+    vocab: int,
+    hidden: int,
+    intermediate: int,
+    dtype: str,
+    method: str = "linear",
+    compute: str = "float32",
+    shard: tuple[int, int] | None = None,
+    exclude: tuple[str, ...] = (),
+):
+    """A 2-layer Llama with 4 perturbed experts stacked (but ``exclude``), its dims and the live peak
+    of stacking; ``shard`` (rank, world size): this rank's blocks of rows, in a gloo process group
+    (:class:`RankBytes`)."""
+    torch.manual_seed(0)
+    config = LlamaConfig(**small_fields(vocab, hidden, intermediate), attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).eval()  # sdpa: what from_pretrained picks, as in load_problem
     experts = {
         f"e{k}": {n: t.to(torch.bfloat16) for n, t in perturbed(model, 100 + k).state_dict().items()}
         for k in range(4)
@@ -248,13 +332,14 @@ def small_problem(
     model.to(DTYPES[compute])  # the fit loads the base in the compute dtype
     known = [*model.parameters(), *model.buffers(), *(t for e in experts.values() for t in e.values())]
     merge = MergeSection(method=method, scale=1.0 if method == "linear" else 2.0)
-    with LiveBytes(known) as build:
-        stack = build_stack(model, experts, (), DTYPES[dtype], progress=False, merge=merge)
+    with (LiveBytes if shard is None else RankBytes)(known) as build:
+        stack = build_stack(model, experts, exclude, DTYPES[dtype], progress=False, merge=merge, shard=shard)
     dims = plan.Dims.from_config(config.to_dict(), "test")
     return model, stack, dims, build.peak
 
 
-def padded_batch(batch: int, length: int, vocab: int, sets: int = 1):
+def padded_items(batch: int, length: int, vocab: int, sets: int = 1) -> list[tuple[int, Example]]:
+    """(set, example) pairs of lengths length, length − 3, …: a batch with padding."""
     gen = torch.Generator().manual_seed(0)
     items = []
     for b in range(batch):
@@ -262,7 +347,11 @@ def padded_batch(batch: int, length: int, vocab: int, sets: int = 1):
         scored = torch.ones_like(ids, dtype=torch.bool)
         scored[0] = False
         items.append((b % sets, Example(input_ids=ids, scored=scored)))
-    return collate(items, pad_id=0)
+    return items
+
+
+def padded_batch(batch: int, length: int, vocab: int, sets: int = 1):
+    return collate(padded_items(batch, length, vocab, sets), pad_id=0)
 
 
 def assert_bound(estimate: int, measured: int, below: float, above: float) -> None:
@@ -800,3 +889,190 @@ def test_check_shard_division_names_the_numbers_and_a_batch_size_that_splits(con
     plan.check_shard_division(
         r.model_copy(update={"model": r.model.model_copy(update={"shard": "none"})}), 16
     )
+
+
+# ----------------------------------------------------------------------------- per rank, measured
+
+# The phases of a sharded stack measured on its ranks: gloo processes, 3 of them (no row count of
+# these shapes divides by 3: every block is padded) and then 2, each rank's live bytes against the
+# plan of the same shapes for that many ranks. As above: (vocab, hidden, intermediate, stack
+# dtype, compute dtype), then the micro-batch per rank, the length, the activation checkpointing
+# settings of the training steps measured, the eval dtypes of the evaluations measured and what
+# model.exclude keeps at θ0 (sharded all the same, gathered whole when read).
+RANK_CASES = (
+    (2000, 64, 176, "float32", "float32", 2, 50, (False, True), ("float32",), ()),  # the loss's chunks
+    (8000, 64, 176, "float32", "float32", 2, 50, (False, True), (), ()),  # the merged output layer
+    (100, 256, 704, "float32", "float32", 2, 60, (False, True), ("float32",), ()),  # layer activations
+    (100, 256, 704, "bfloat16", "bfloat16", 2, 60, (True,), ("bfloat16",), ()),
+    (100, 256, 704, "int8", "bfloat16", 2, 60, (), ("bfloat16", "float32"), ()),
+    (8000, 64, 176, "bfloat16", "bfloat16", 2, 60, (), ("bfloat16", "float32"), ()),
+    (4000, 64, 176, "int8", "float32", 1, 8, (False,), (), ()),  # one merge in flight
+    (2000, 64, 176, "float32", "float32", 2, 50, (False, True), ("float32",), EXCLUDED),  # head not merged
+    (8000, 64, 176, "bfloat16", "bfloat16", 2, 60, (True,), ("float32",), EXCLUDED),  # as recipes/70b.yaml
+)
+RANK_SIZES = (3, 2)
+EVAL_BATCH = 4  # sequences per rank
+
+
+def _measure_rank(case, rank: int, size: int) -> dict:
+    """Live peaks of one rank: stacking its blocks, a training micro-step on its share of the
+    micro-batch (each setting of checkpointing), an evaluation batch (each eval dtype)."""
+    from mergeopt.data import rank_batch
+    from mergeopt.sharded_merge import block_range, gather_rows
+
+    vocab, hidden, intermediate, dtype, compute, batch, length, checkpointed, evaluated, exclude = case
+    shard = (rank, size)
+    model, stack, _, build = small_problem(
+        vocab, hidden, intermediate, dtype, compute=compute, shard=shard, exclude=exclude
+    )
+    stacked = {t.untyped_storage().data_ptr() for t in stack.anchor.values()}
+    unstacked = [p for p in model.parameters() if p.untyped_storage().data_ptr() not in stacked]
+    got = {
+        "stack": stack.nbytes(),
+        "stacking": build,
+        "not stacked": sum(p.numel() * p.element_size() for p in unstacked),
+        # the blocks of the excluded matrices, cut from θ0 while stacking (vectors stay as loaded)
+        "blocks made": sum(p.numel() * p.element_size() for p in unstacked if p.dim() >= 2),
+    }
+    known = [*model.parameters(), *model.buffers(), *_stacked_tensors(stack)]
+    # each rank's share (every size-th example) and evaluation batch: the lengths of one process's
+    # batch (its longest is data.max_length, as the plan assumes)
+    share = rank_batch([x for x in padded_items(batch, length, vocab) for _ in range(size)], pad_id=0)
+    for c in checkpointed:
+        (checkpointing.enable if c else checkpointing.disable)(model)
+        z = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+        with RankBytes([*known, z]) as step:
+            dev_loss(model, stack, z, 1.0, share, torch.ones(1), 64).backward()
+        got[f"training {c}"] = step.peak
+    checkpointing.disable(model)
+    examples = (
+        [e for _, e in padded_items(EVAL_BATCH, length, vocab) for _ in range(size)] if evaluated else []
+    )
+    sets = [DevSet(name="a", weight=1.0, fit=examples, heldout=[])]
+    for e in evaluated:
+        stack.eval_dtype = DTYPES[e]
+        with RankBytes(known) as evaluation:
+            evaluate_sums(
+                model, stack, torch.full((4,), 0.25), sets, "fit", EVAL_BATCH, 0, torch.device("cpu"), 64
+            )
+        got[f"evaluation {e}"] = evaluation.peak
+    # the all-gather's buffer is counted: the output layer's blocks gathered whole
+    block = model.lm_head.parametrizations.weight.original
+    with RankBytes(known) as gather:
+        gather_rows(block, vocab)
+    start, stop, per = block_range(vocab, rank, size)
+    got["gather"] = [gather.peak, size * block.numel() * block.element_size(), stop - start < per]
+    return got
+
+
+def _rank_worker(rank: int, ports: tuple[int, int], out: str) -> None:
+    """Rank ``rank`` of 3 gloo processes: every case on 3 ranks, then on 2 (ranks 0 and 1)."""
+    torch.set_num_threads(1)
+    for size, port in zip(RANK_SIZES, ports):
+        if rank >= size:
+            return
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+        try:
+            measured = [_measure_rank(case, rank, size) for case in RANK_CASES]
+            ranks = [None] * size
+            dist.all_gather_object(ranks, measured)
+            if rank == 0:
+                (Path(out) / f"{size}.json").write_text(json.dumps(ranks))
+        finally:
+            dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def rank_peaks(tmp_path_factory) -> dict[int, list[list[dict]]]:
+    """{world size: [rank: [case: measured]]}, from 3 gloo processes.
+
+    Forked, not spawned: a spawned process imports torch, transformers and this module again
+    (about 6 s of CPU each, 20 s for three on two cores); a forked one has them. Each sets one
+    thread before its first op and makes its own process group (this one has none)."""
+    from tests.test_sharded_merge import _free_port
+
+    assert not dist.is_initialized()
+    out = tmp_path_factory.mktemp("ranks")
+    ports = (_free_port(), _free_port())
+    assert ports[0] != ports[1]
+    mp.start_processes(_rank_worker, args=(ports, str(out)), nprocs=max(RANK_SIZES), start_method="fork")
+    return {size: json.loads((out / f"{size}.json").read_text()) for size in RANK_SIZES}
+
+
+def rank_plan(case, size: int, checkpointed: bool = False, evaluate: str = "float32") -> plan.MemoryPlan:
+    """The dry run's plan for one of ``size`` ranks of ``case``, from the model's meta shapes."""
+    vocab, hidden, intermediate, dtype, compute, batch, length, *_, exclude = case
+    fields = small_fields(vocab, hidden, intermediate)
+    shapes = meta_shapes(fields)
+    inventory = plan.Inventory(shapes, dict.fromkeys(shapes, 0), "meta")  # in-memory experts: no read buffer
+    r = small_recipe(
+        dtype,
+        compute,
+        length,
+        activation_checkpointing=checkpointed,
+        batch_size=batch * size,
+        eval_batch_size=EVAL_BATCH,
+    )
+    model = {"shard": "fsdp", "eval_dtype": evaluate, "exclude": exclude}
+    r = r.model_copy(update={"model": r.model.model_copy(update=model)})
+    dims = plan.Dims.from_config(LlamaConfig(**fields).to_dict(), "test")
+    return plan.plan_memory(r, inventory, dims, ROOMY, size)
+
+
+def _phases(kind: str):
+    """(world size, case, setting) of each measured phase of ``kind``, with readable ids."""
+    params = []
+    for size in RANK_SIZES:
+        for i, case in enumerate(RANK_CASES):
+            vocab, hidden, intermediate, dtype, compute = case[:5]
+            name = f"{size}ranks-{vocab}x{hidden}x{intermediate}-{dtype}-{compute}"
+            name += "-excluded" if case[9] else ""
+            settings = {"training": case[7], "evaluation": case[8], "stacking": (None,)}[kind]
+            params += [
+                pytest.param(size, i, s, id=f"{name}-{s}" if s is not None else name) for s in settings
+            ]
+    return params
+
+
+def largest_rank(rank_peaks, size: int, case: int, phase: str) -> int:
+    """The largest of the ranks' live peaks of a phase: the plan is per rank, an upper bound on each
+    rank and held to the single-process tolerance on the largest (the ranks differ where a rank's
+    block is short of ⌈R/N⌉ rows)."""
+    return max(ranks[case][phase] for ranks in rank_peaks[size])
+
+
+@pytest.mark.parametrize("size,case,checkpointed", _phases("training"))
+def test_sharded_training_step_estimate_bounds_each_ranks_live_bytes(rank_peaks, size, case, checkpointed):
+    """dev_loss + backward on each rank's share of the micro-batch, the rank's blocks gathered and
+    its gradients reduce-scattered: the plan's training step for that many ranks."""
+    estimate = rank_plan(RANK_CASES[case], size, checkpointed).row("training step")
+    assert_bound(estimate, largest_rank(rank_peaks, size, case, f"training {checkpointed}"), 0.05, 0.15)
+
+
+@pytest.mark.parametrize("size,case,evaluate", _phases("evaluation"))
+def test_sharded_evaluation_estimate_bounds_each_ranks_live_bytes(rank_peaks, size, case, evaluate):
+    """A no-grad evaluation batch of optim.eval_batch_size sequences on each rank."""
+    estimate = rank_plan(RANK_CASES[case], size, evaluate=evaluate).row("evaluation batch")
+    assert_bound(estimate, largest_rank(rank_peaks, size, case, f"evaluation {evaluate}"), 0.15, 0.15)
+
+
+@pytest.mark.parametrize("size,case,_", _phases("stacking"))
+def test_sharded_stacking_estimate_bounds_each_ranks_live_bytes(rank_peaks, size, case, _):
+    """Each rank stacks its blocks of rows: its own stack (and the blocks of the matrices kept at θ0,
+    cut from the model loaded whole) plus the plan's stacking row; the held rows are the rank's."""
+    p = rank_plan(RANK_CASES[case], size)
+    for ranks in rank_peaks[size]:
+        assert ranks[case]["stack"] == p.row("stack anchor") + p.row("stack differences")
+        assert ranks[case]["not stacked"] == p.row("model parameters not stacked")
+    held = rank_peaks[size][0][case]["stack"] + rank_peaks[size][0][case]["blocks made"]  # every rank's
+    assert_bound(held + p.row("stacking"), largest_rank(rank_peaks, size, case, "stacking"), 0.01, 0.15)
+
+
+def test_each_rank_counts_the_all_gather_buffer(rank_peaks):
+    """gather_rows's whole buffer (N blocks of the output layer) comes out of a dispatched op: the
+    count sees it, and on a rank whose block is short of ⌈R/N⌉ rows one block more (its padded copy)."""
+    for size in RANK_SIZES:
+        for measured in rank_peaks[size]:
+            for case in measured:
+                peak, gathered, short = case["gather"]
+                assert gathered <= peak <= gathered + (gathered // size if short else 0)
