@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -219,3 +220,37 @@ def test_a_sharded_run_whose_micro_batch_does_not_split_is_refused_in_one_line(r
     # torchrun's agent prints its own ChildFailedError summary; no rank raised a traceback of ours
     assert not any(str(REPO / "mergeopt") in line for line in lines), job.stderr[:3000]
     assert not (tmp_path / "out").exists()
+
+
+def test_two_torchrun_agents_joined_by_c10d_rendezvous_fit_as_one_process(single_runs, tmp_path):
+    """The multi-node command, with both "nodes" on this machine: two torchrun agents (one rank
+    each) meet at a c10d rendezvous endpoint, shard the stack between them and end with the single
+    process's mixture."""
+    path, one_dir = single_runs("gradient")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1"]
+    command += ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=mergeopt-test"]
+    command += [
+        "-m",
+        "mergeopt.fit",
+        str(path),
+        f"output_dir={tmp_path / 'nodes'}",
+        "model.shard=fsdp",
+        "--quiet",
+    ]
+    nodes = [
+        subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    one = json.loads((one_dir / "mixture.json").read_text())
+    many = json.loads((tmp_path / "nodes" / "mixture.json").read_text())
+    assert (many["processes"], many["shard"]) == (2, "fsdp")
+    for name, w in one["weights"].items():
+        assert many["weights"][name] == pytest.approx(w, abs=1e-6)
