@@ -354,7 +354,7 @@ def build_stack(
             anchor, rows, differ = _differences(theta0, experts, pname, rows_dtype)
         else:
             if method.random:
-                options["generator"] = parameter_generator(seed, pname, where)
+                options["generator"] = parameter_generator(seed, pname)
             anchor, rows, differ = _prepared(theta0, experts, pname, rows_dtype, method, options, merge.scale)
         if blocks:  # prepared whole (TIES, DARE, a scale): every rank the same; keep this rank's rows
             _keep_prepared_block(

@@ -333,3 +333,28 @@ def test_chunked_upcast_of_narrow_stacks_equals_the_one_shot_merge(storage, monk
         torch.testing.assert_close(
             grad, torch.einsum("kij,ij->k", deltas.float(), upstream), atol=1e-4, rtol=1e-5
         )
+
+
+def test_dare_masks_come_from_a_cpu_generator_seeded_by_name():
+    """The masks depend on (seed, parameter name) alone, not on the device (a CUDA generator would
+    draw other numbers for the same seed): the generator is the CPU's."""
+    from mergeopt.methods.dare import drop
+
+    assert parameter_generator(7, "w").device.type == "cpu"
+    tau = torch.randn(3, 64, 32, generator=torch.Generator().manual_seed(0))
+    first, again = (drop(tau, 0.3, parameter_generator(7, "w")) for _ in range(2))
+    assert torch.equal(first, again)
+    assert not torch.equal(first, drop(tau, 0.3, parameter_generator(7, "v")))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_dare_masks_on_cuda_equal_the_cpu_masks():
+    """A fit on a GPU scores the masks mergeopt.merge on a CPU writes."""
+    from mergeopt.methods.dare import drop
+
+    tau = torch.randn(3, 64, 32, generator=torch.Generator().manual_seed(0))
+    on_cpu = drop(tau, 0.3, parameter_generator(7, "w"))
+    on_gpu = drop(tau.cuda(), 0.3, parameter_generator(7, "w"))
+    assert on_gpu.device.type == "cuda"
+    assert torch.equal(on_gpu.cpu(), on_cpu)
