@@ -21,6 +21,8 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
+from mergeopt.errors import UserError
+
 T = TypeVar("T")
 
 _this_rank_only = False  # set by this_rank_only(): collectives become no-ops, shards the whole input
@@ -94,10 +96,16 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def local_device(device: torch.device) -> torch.device:
-    """Under torchrun on GPUs each rank uses the GPU of its LOCAL_RANK."""
-    if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1 and device.index is None:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return device
+    """Under torchrun on GPUs each rank uses the GPU of its LOCAL_RANK; an explicit index
+    (``cuda:1``) would put every rank on that one GPU, so it is refused in one line."""
+    if device.type != "cuda" or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    if device.index is not None:
+        raise UserError(
+            f"device {device} under torchrun would put every rank on that one GPU: use device=cuda "
+            "(each rank takes the GPU of its LOCAL_RANK; CUDA_VISIBLE_DEVICES picks the GPUs)"
+        )
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 @contextmanager

@@ -254,3 +254,21 @@ def test_two_torchrun_agents_joined_by_c10d_rendezvous_fit_as_one_process(single
     assert (many["processes"], many["shard"]) == (2, "fsdp")
     for name, w in one["weights"].items():
         assert many["weights"][name] == pytest.approx(w, abs=1e-6)
+
+
+def test_an_explicit_gpu_index_under_torchrun_is_refused_in_one_line(monkeypatch):
+    """device=cuda:1 under torchrun would put every rank on GPU 1; device=cuda gives each rank the
+    GPU of its LOCAL_RANK (checked without a GPU: only the device's name is looked at)."""
+    import torch
+
+    from mergeopt.distributed import local_device
+    from mergeopt.errors import UserError
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert local_device(torch.device("cuda")) == torch.device("cuda", 3)
+    assert local_device(torch.device("cpu")) == torch.device("cpu")
+    with pytest.raises(UserError, match="device cuda:1 under torchrun would put every rank on that one GPU"):
+        local_device(torch.device("cuda", 1))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert local_device(torch.device("cuda", 1)) == torch.device("cuda", 1)  # one process: as asked
