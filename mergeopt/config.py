@@ -412,8 +412,13 @@ class Recipe(_Strict):
     @field_validator("device")
     @classmethod
     def _device(cls, device: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device):
-            raise ValueError(f"device {device!r} is not one of auto, cpu, cuda, cuda:N, mps")
+        if device == "mps":  # refused rather than half-working: MPS has no float64
+            raise ValueError(
+                "device 'mps' is not supported: mergeopt keeps the mixture logits, their optimizer and "
+                "the loss sums in float64, which Apple's MPS lacks; use device=cpu"
+            )
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+            raise ValueError(f"device {device!r} is not one of auto, cpu, cuda, cuda:N")
         return device
 
     @model_validator(mode="after")

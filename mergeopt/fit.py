@@ -133,8 +133,6 @@ def _check_runnable(key: str, dtype: torch.dtype, device: torch.device) -> torch
         raise UserError(
             f"{key} bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16; use float16 or float32"
         )
-    if dtype == torch.bfloat16 and device.type == "mps" and not torch.backends.mps.is_macos_or_newer(14, 0):
-        raise UserError(f"{key} bfloat16 needs macOS 14 on mps; use float16 or float32")
     return dtype
 
 

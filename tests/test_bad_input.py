@@ -260,6 +260,12 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         lambda w, t: [_recipe(w, t), "device=cuda"],
         "CUDA is not available",
     ),
+    "device without float64 (mps)": (
+        "recipe",
+        "fit",
+        lambda w, t: [_recipe(w, t), "device=mps"],
+        "device 'mps' is not supported: mergeopt keeps the mixture logits",
+    ),
     "compute dtype the device cannot run": (
         "recipe",
         "fit",
