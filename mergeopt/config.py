@@ -398,6 +398,10 @@ class Recipe(_Strict):
     device: str = Field(
         default="auto", description="'auto' (cuda when available, else cpu), 'cpu', 'cuda:1'..."
     )
+    deterministic: bool = Field(
+        default=False,
+        description="torch's deterministic algorithms and a fixed cuBLAS workspace: bit-identical GPU runs, slower.",
+    )
     model: ModelSection
     data: DataSection
     weights: WeightsSection = WeightsSection()

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import mergeopt
-from mergeopt import checkpointing, distributed, worlds
+from mergeopt import checkpointing, determinism, distributed, worlds
 from mergeopt.checkpoints import Checkpoint, open_experts
 from mergeopt.config import Recipe, load_recipe, recipe_to_yaml
 from mergeopt.data import DevSet
@@ -479,6 +479,7 @@ def fit(
 
 
 def _fit(recipe: Recipe, progress: bool, log: Callable[[str], None], resume: str) -> dict:
+    determinism.apply(recipe.deterministic)  # before anything runs on the GPU
     torch.manual_seed(recipe.seed)
     distributed.init_from_env(resolve_device(recipe.device))
     if not distributed.is_main():

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from mergeopt import determinism
 from mergeopt.config import Recipe, TrainSection, load_recipe
 from mergeopt.data import Batch, Example, collate, evaluation_batches, read_jsonl, tokenize
 from mergeopt.errors import UserError, run_cli
@@ -274,6 +275,7 @@ def train(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = pr
     if recipe.train is None:
         raise UserError("the recipe has no train section: nothing to train")
     hf_logging.disable_progress_bar()
+    determinism.apply(recipe.deterministic)  # before anything runs on the GPU
     resolved, _ = resolve_recipe(recipe, log)
     cfg = resolved.train
     device = resolve_device(resolved.device)
