@@ -1,0 +1,60 @@
+"""benchmarks/gpu_check.py, the one command of a GPU session, in its CPU smoke mode: every part
+runs on tiny shapes and the report (JSON and Markdown) has every part; without --smoke and without
+CUDA it refuses in one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import REPO
+
+PARTS = ["cuda_tests", "fit_step_8b", "fit_step_smollm2", "zero_order", "torchrun_nccl"]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "benchmarks/gpu_check.py", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_smoke_run_writes_every_part(tmp_path):
+    run = _run("--device", "cpu", "--smoke", "--out", str(tmp_path))
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    report = json.loads((tmp_path / "cpu.json").read_text())
+    assert [p["part"] for p in report["parts"]] == PARTS
+    for part in report["parts"]:
+        assert part["result"] == "ok", part
+        assert {"numbers", "goal", "met", "seconds"} <= set(part)
+    parts = {p["part"]: p for p in report["parts"]}
+    tests = parts["cuda_tests"]["numbers"]
+    assert tests["failed"] == tests["errors"] == 0 and tests["skipped"] > 0  # no GPU: all skip
+    for shape in ("fit_step_8b", "fit_step_smollm2"):
+        numbers = parts[shape]["numbers"]
+        assert numbers["fit_step_s"] > 0 and numbers["plain_step_s"] > 0 and numbers["time_ratio"] > 0
+        assert numbers["planned_step_peak_gib"] > 0
+        assert numbers.get("fit_peak_gib") is None and numbers.get("memory_ratio") is None  # no CUDA
+    assert parts["zero_order"]["numbers"]["shape"] == "8b"
+    assert parts["zero_order"]["numbers"]["time_ratio"] > 0
+    sharded = parts["torchrun_nccl"]["numbers"]
+    assert sharded["backend"] == "gloo" and sharded["ok"] and (tmp_path / "sharded_check-cpu.json").is_file()
+    assert report["smoke"] and report["gpu"] == "cpu" and report["total_s"] > 0
+    markdown = (tmp_path / "cpu.md").read_text()
+    assert "| part | result | numbers | goal | met? |" in markdown
+    assert all(f"| {p} |" in markdown for p in PARTS)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="refuses only where there is no CUDA GPU")
+def test_without_cuda_it_refuses_in_one_line(tmp_path):
+    run = _run("--out", str(tmp_path))
+    assert run.returncode == 2
+    assert run.stderr.strip() == "gpu_check needs a CUDA GPU"
+    assert not list(tmp_path.iterdir())
