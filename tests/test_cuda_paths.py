@@ -37,6 +37,7 @@ pytestmark = [
 ]
 
 FLOAT32 = {"compute_dtype": "float32"}  # the CPU's compute dtype (auto is bfloat16 on a GPU)
+SHORTER = {"optim": {**GRADIENT["optim"], "steps": 200}}  # the resume test's fits, within the GPU budget
 METHODS = {
     "linear": {},
     "ties": {"method": "ties", "density": 0.5, "scale": 1.5},
@@ -88,9 +89,9 @@ def test_lowrank_lora_fit_on_cuda_finds_the_cpu_fit(lora_world, tmp_path):  # no
 
 def test_fit_on_cuda_resumed_after_sigterm_ends_where_the_whole_run_ends(random_world, tmp_path):
     """deterministic: true, so the two CUDA runs do not differ by atomics' summation order."""
-    cuda = {"device": "cuda", "deterministic": True, "model": FLOAT32}
+    cuda = {"device": "cuda", "deterministic": True, "model": FLOAT32, **SHORTER}
     out = tmp_path / "stopped"
-    recipe = _recipe(random_world, tmp_path, out, **GRADIENT, **cuda)
+    recipe = _recipe(random_world, tmp_path, out, **cuda)
     stopped = _interrupt_after_first_checkpoint(recipe, out, GRADIENT_STATE, signal.SIGTERM, 5, 0.1)
     stderr = stopped.stderr.read()
     assert stopped.returncode == 143, stderr
@@ -99,7 +100,7 @@ def test_fit_on_cuda_resumed_after_sigterm_ends_where_the_whole_run_ends(random_
     again = run_module("fit", recipe, "--resume", "--quiet")
     assert again.returncode == 0, again.stderr[-3000:]
     whole = tmp_path / "whole"
-    done = run_module("fit", _recipe(random_world, tmp_path, whole, **GRADIENT, **cuda), "--quiet")
+    done = run_module("fit", _recipe(random_world, tmp_path, whole, **cuda), "--quiet")
     assert done.returncode == 0, done.stderr[-3000:]
     resumed, uninterrupted = _mixture(out), _mixture(whole)
     assert resumed["device"].startswith("cuda")
