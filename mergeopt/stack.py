@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from mergeopt.checkpoints import Checkpoint
@@ -50,6 +51,7 @@ from mergeopt.lowrank import LowRankStack, build_lowrank_stack
 from mergeopt.methods import MergeFn, MergeMethod, get_method, merge_linear, mixup
 from mergeopt.methods.dare import parameter_generator
 from mergeopt.sharded_load import BaseSource, fill
+from mergeopt.sharded_merge import ShardedMergedParameter, block_range, keep_block, padded
 
 DTYPES = {
     "float32": torch.float32,
@@ -407,10 +409,6 @@ def _stack_block(
 ) -> None:
     """One matrix of a sharded stack (linear merge at scale 1): this rank's block of ⌈R/N⌉ rows
     (zero-padded), θ0's and each expert's read alone."""
-    import torch.distributed as dist
-
-    from mergeopt.sharded_merge import ShardedMergedParameter, block_range, keep_block, padded
-
     total = param.shape[0]
     start, stop, per = block_range(total, *shard)
     theta0 = base.rows(pname, start, stop, param, device) if param.is_meta else param.detach()[start:stop]
@@ -437,8 +435,6 @@ def _keep_prepared_block(
 ):
     """A matrix merged by another method (prepared whole, the same on every rank): this rank's
     block of the anchor and of the differences, or of the unmerged value."""
-    from mergeopt.sharded_merge import ShardedMergedParameter, block_range, keep_block, padded
-
     start, stop, per = block_range(param.shape[0], *shard)
     if not differ:
         (stack.unchanged if torch.equal(anchor, theta0) else stack.shared).append(pname)
@@ -461,8 +457,6 @@ def _keep_prepared_block(
 
 def _keep_theta0_block(stack, model, pname, param, shard, base, device) -> None:
     """An excluded matrix under sharding: this rank's block of θ0's rows, gathered when read."""
-    from mergeopt.sharded_merge import block_range, keep_block, padded
-
     start, stop, per = block_range(param.shape[0], *shard)
     theta0 = base.rows(pname, start, stop, param, device) if param.is_meta else param.detach()[start:stop]
     keep_block(model, pname, padded(theta0.to(param.dtype), per).clone(), param.shape, stack.compute_dtype)

@@ -156,30 +156,39 @@ def test_shard_rows_pads_the_last_block():
     assert ShardedMergedParameter  # exported
 
 
+def _recording_reads() -> list:
+    """Record every read from a safetensors checkpoint in this process, as (directory name,
+    tensor, start, stop); start and stop are None for a whole tensor."""
+    from mergeopt.checkpoints import Checkpoint
+
+    reads = []
+    whole_read, rows_read = Checkpoint.read, Checkpoint.read_rows
+
+    def read(self, name, device="cpu"):
+        reads.append((self.path.name, name, None, None))
+        return whole_read(self, name, device)
+
+    def read_rows(self, name, start, stop):
+        reads.append((self.path.name, name, start, stop))
+        return rows_read(self, name, start, stop)
+
+    Checkpoint.read, Checkpoint.read_rows = read, read_rows
+    return reads
+
+
 def _stacking_worker(rank: int, size: int, port: int, root: str, dtype: str, out: str) -> None:
     """Stack from checkpoints twice: whole then sharded, and each rank reading only its rows."""
     from pathlib import Path
 
     from transformers import LlamaForCausalLM
 
-    from mergeopt.checkpoints import Checkpoint, open_checkpoint
+    from mergeopt.checkpoints import open_checkpoint
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
     try:
         torch.set_num_threads(1)
         root = Path(root)
-        reads = []
-        whole_read, rows_read = Checkpoint.read, Checkpoint.read_rows
-
-        def read(self, name, device="cpu"):
-            reads.append((name, None, None))
-            return whole_read(self, name, device)
-
-        def read_rows(self, name, start, stop):
-            reads.append((name, start, stop))
-            return rows_read(self, name, start, stop)
-
-        Checkpoint.read, Checkpoint.read_rows = read, read_rows
+        reads = _recording_reads()
         experts = {n: open_checkpoint(root / n) for n in ("a", "b", "c")}
         stacks = {}
         for how in ("whole", "while stacking"):
@@ -189,7 +198,7 @@ def _stacking_worker(rank: int, size: int, port: int, root: str, dtype: str, out
             stack = build_stack(model, experts, ("norm",), getattr(torch, dtype), False, shard=shard)
             if how == "whole":
                 shard_stack(model, stack)
-            stacks[how] = (stack, list(reads))
+            stacks[how] = (stack, [read[1:] for read in reads])  # (tensor, start, stop)
         (whole, _), (sharded, sharded_reads) = stacks["whole"], stacks["while stacking"]
         same = all(
             torch.equal(whole.anchor[n], sharded.anchor[n])
@@ -241,7 +250,7 @@ def _loading_worker(rank: int, size: int, port: int, root: str, method: str, out
 
     from transformers import AutoConfig
 
-    from mergeopt.checkpoints import Checkpoint, open_checkpoint
+    from mergeopt.checkpoints import open_checkpoint
     from mergeopt.config import MergeSection
     from mergeopt.sharded_load import CheckpointBase, empty_model
 
@@ -249,18 +258,7 @@ def _loading_worker(rank: int, size: int, port: int, root: str, method: str, out
     try:
         torch.set_num_threads(1)
         root = Path(root)
-        reads = []
-        whole_read, rows_read = Checkpoint.read, Checkpoint.read_rows
-
-        def read(self, name, device="cpu"):
-            reads.append((self.path.name, name, None, None))
-            return whole_read(self, name, device)
-
-        def read_rows(self, name, start, stop):
-            reads.append((self.path.name, name, start, stop))
-            return rows_read(self, name, start, stop)
-
-        Checkpoint.read, Checkpoint.read_rows = read, read_rows
+        reads = _recording_reads()
         experts = {n: open_checkpoint(root / n) for n in ("a", "b", "c")}
         model = empty_model(AutoConfig.from_pretrained(root / "base"), torch.float32, torch.device("cpu"))
         stack = build_stack(
