@@ -25,7 +25,7 @@ It writes ``<out>/<gpu name>.json`` and ``.md`` (spaces in the name → ``_``). 
    bfloat16 forward and backward of the same model (every parameter requires grad, the same
    checkpointing and chunked loss; goal ≤ 1.15). A warm-up step, then the median of 3.
 3. ``zero_order``: one candidate (the merge at a new w, then a no-grad forward and loss, as
-   ``mergeopt.objectives.evaluate_sums`` scores it, here in bfloat16) against one plain no-grad
+   ``mergeopt.objectives.loss.evaluate_sums`` scores it, here in bfloat16) against one plain no-grad
    forward, on the 8B shapes (SmolLM2's if the 8B ones were skipped). Measured, no goal.
 4. ``torchrun_nccl``: ``torch.distributed.run --standalone --nproc_per_node=1
    benchmarks/sharded_check.py --device cuda``: the sharded stack's collectives through nccl.
@@ -119,7 +119,7 @@ def _measure(step, device, repeats: int = REPEATS) -> dict:
 def _batch(vocab: int, length: int, device):
     import torch
 
-    from mergeopt.data import Example, collate
+    from mergeopt.objectives.data import Example, collate
 
     generator = torch.Generator().manual_seed(SEED)
     ids = torch.randint(0, vocab, (SETS * PER_SET, length), generator=generator)
@@ -155,9 +155,9 @@ def _fit_stage(recipe, device, length: int, zero_order: bool, results: dict, sav
     """The fit's step (and the zero-order candidate); its model and stack are freed on return."""
     import torch
 
-    from mergeopt.eval_dtype import evaluating_in
-    from mergeopt.fit import _random_world
-    from mergeopt.objectives import dev_loss, per_set_loss_sums
+    from mergeopt.loading.problem import _random_world
+    from mergeopt.merging.eval_dtype import evaluating_in
+    from mergeopt.objectives.loss import dev_loss, per_set_loss_sums
 
     start = time.perf_counter()
     model, stack, config = _random_world(recipe, device, False, None)
@@ -196,8 +196,9 @@ def worker(config: Path, device_name: str, length: int, zero_order: bool, out: P
     """Measure one shape in this process; the results are written to ``out`` after each stage."""
     import torch
 
-    from mergeopt import checkpointing, random_world
-    from mergeopt.objectives import per_set_loss_sums
+    from mergeopt.memory import checkpointing
+    from mergeopt.objectives.loss import per_set_loss_sums
+    from mergeopt.worlds import random_world
 
     device = torch.device(device_name)
     if device.type == "cuda":
@@ -411,7 +412,7 @@ def cuda_tests(check: Check, record: dict) -> None:
 
 def planned(check: Check, config: Path, length: int) -> dict:
     """The dry-run plan of the same recipe: the held bytes, the training-step row, the model size."""
-    from mergeopt import dry_run, plan
+    from mergeopt.memory import dry_run, plan
 
     recipe = recipe_for(config, check.device, length, check.dtype)
     inventory, dims = dry_run.read_inventory(recipe)

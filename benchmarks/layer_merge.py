@@ -31,7 +31,7 @@ The peer: FusionBench's ``TaskWiseMergedModel`` (fusion-bench, which also fits m
 through functional_call) on the same model shape and batch, measured by
 ``benchmarks/peer_fusionbench.py`` in its own virtual environment (``--peer-python``; it never
 enters mergeopt's dependencies), in the same run. Planned peaks for Llama-3.1-8B shapes come from
-the dry-run planner (``mergeopt.plan``), next to the 204 GiB the planner gave before this design.
+the dry-run planner (``mergeopt.memory.plan``), next to the 204 GiB the planner gave before this design.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def rss_mib(field: str) -> float:
 
 
 def batch():
-    from mergeopt.data import Example, collate
+    from mergeopt.objectives.data import Example, collate
 
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 32000, (BATCH, LENGTH), generator=gen)
@@ -74,7 +74,8 @@ def batch():
 
 
 def build_plain(checkpointed: bool):
-    from mergeopt import checkpointing, random_world
+    from mergeopt.memory import checkpointing
+    from mergeopt.worlds import random_world
 
     model = random_world.build_base(random_world.read_config(f"random://{CONFIG}"), "cpu", torch.float32, 0)
     for p in model.parameters():
@@ -95,9 +96,10 @@ def build_plain(checkpointed: bool):
 
 
 def build_fit(checkpointed: bool):
-    from mergeopt import checkpointing, random_world
-    from mergeopt.objectives import dev_loss
-    from mergeopt.stack import build_stack
+    from mergeopt.memory import checkpointing
+    from mergeopt.merging.stack import build_stack
+    from mergeopt.objectives.loss import dev_loss
+    from mergeopt.worlds import random_world
 
     config = random_world.read_config(f"random://{CONFIG}")
     model = random_world.build_base(config, "cpu", torch.float32, 0)
@@ -161,8 +163,8 @@ def timings(repeats: int, checkpointed: bool) -> dict:
 
 
 def planned_peaks() -> list[dict]:
-    from mergeopt import dry_run, plan
     from mergeopt.config import load_recipe
+    from mergeopt.memory import dry_run, plan
 
     rows = []
     card = plan.DeviceMemory("cuda:0", "one 80 GB GPU", 80 * 2**30, 80 * 2**30)

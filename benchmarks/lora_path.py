@@ -83,10 +83,10 @@ def measure(variant: str, base_dir: str, experts: dict[str, str], steps: int) ->
     """One variant, in this process: stack, warm up, time the steps, read the peaks."""
     from transformers import AutoModelForCausalLM
 
-    from mergeopt.checkpoints import open_experts
-    from mergeopt.data import Example, collate
-    from mergeopt.objectives import dev_loss
-    from mergeopt.stack import build_expert_stack
+    from mergeopt.loading.checkpoints import open_experts
+    from mergeopt.merging.stack import build_expert_stack
+    from mergeopt.objectives.data import Example, collate
+    from mergeopt.objectives.loss import dev_loss
 
     torch.manual_seed(SEED)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -3,7 +3,7 @@
 For each merge configuration below, on recipes/tiny_grid.yaml (the tiny world's four experts and
 the 20 mixture runs of the step-1/3 lattice trained by ``python -m mergeopt.train``; trained here
 first if missing): the merged proxy is evaluated at every grid mixture and ranked against the
-trained runs (``mergeopt.rank.rank_grid``: Spearman and Kendall of the target loss with bootstrap
+trained runs (``mergeopt.evaluation.rank.rank_grid``: Spearman and Kendall of the target loss with bootstrap
 intervals, pairwise accuracy, regret of the proxy's pick), then the gradient strategy fits a
 mixture through that merge and its regret is judged at the nearest trained run. Same seed, dev
 sets and optimizer for every method; only ``merge.*`` changes.
@@ -30,10 +30,10 @@ import torch
 
 from mergeopt import worlds
 from mergeopt.config import load_recipe
-from mergeopt.fit import load_problem
-from mergeopt.rank import rank_grid
+from mergeopt.evaluation.rank import rank_grid
+from mergeopt.loading.problem import load_problem
+from mergeopt.merging.weights import as_mapping, initial_logits
 from mergeopt.search import fit_gradient
-from mergeopt.weights import as_mapping, initial_logits
 
 RECIPE = "recipes/tiny_grid.yaml"
 GRID_CSV = "runs/tiny-grid/grid.csv"

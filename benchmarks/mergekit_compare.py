@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     from transformers.utils import logging as hf_logging
 
     from mergeopt import worlds
-    from mergeopt.checkpoints import open_experts
-    from mergeopt.stack import build_expert_stack
+    from mergeopt.loading.checkpoints import open_experts
+    from mergeopt.merging.stack import build_expert_stack
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

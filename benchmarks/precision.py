@@ -12,9 +12,9 @@ compute bfloat16 over a float32 stack, its loss evaluations in float32 as ``mode
 defaults to; the same with evaluations in bfloat16), with everything else the recipe's:
 
 1. the merged proxy's mean token loss of every dev set, and of the target (``data.target: all``:
-   Σ_s a_s L_s / Σ_s a_s with the weights ``load_problem`` derives, as ``mergeopt.rank`` forms it),
+   Σ_s a_s L_s / Σ_s a_s with the weights ``load_problem`` derives, as ``mergeopt.evaluation.rank`` forms it),
    at every mixture of the world's committed grid of trained runs, on the whole dev sets
-   (``mergeopt.proxy.proxy_losses``);
+   (``mergeopt.evaluation.proxy.proxy_losses``);
 2. against the reference: max |Δ loss| over every dev set and the target and every mixture, the
    Spearman correlation (scipy.stats.spearmanr) of the variant's target proxy with the
    reference's over the grid mixtures, and each variant's Spearman against the true target
@@ -76,10 +76,11 @@ import torch
 from scipy.stats import spearmanr
 
 import mergeopt
-import mergeopt.stack
+import mergeopt.merging.stack
 from mergeopt.config import load_recipe
-from mergeopt.fit import fit, load_problem
-from mergeopt.proxy import proxy_losses, read_grid
+from mergeopt.evaluation.proxy import proxy_losses, read_grid
+from mergeopt.fit import fit
+from mergeopt.loading.problem import load_problem
 from mergeopt.worlds import resolve_recipe
 
 VARIANTS = {
@@ -126,12 +127,12 @@ def quantization_levels(levels: int | None):
     if levels is None:
         yield
         return
-    original = mergeopt.stack.quantize_rows
-    mergeopt.stack.quantize_rows = functools.partial(original, levels=levels)
+    original = mergeopt.merging.stack.quantize_rows
+    mergeopt.merging.stack.quantize_rows = functools.partial(original, levels=levels)
     try:
         yield
     finally:
-        mergeopt.stack.quantize_rows = original
+        mergeopt.merging.stack.quantize_rows = original
 
 
 def world_specs(args) -> dict[str, dict]:
@@ -165,7 +166,7 @@ def world_specs(args) -> dict[str, dict]:
                 "model.experts={" + ", ".join(f"{n}: {smollm2 / n}" for n in ("code", "prose", "math")) + "}",
                 "rank.grid=null",
             ],
-            "note": "LoRA experts (r = 8) merged into dense checkpoints by mergeopt.train, so the "
+            "note": "LoRA experts (r = 8) merged into dense checkpoints by `mergeopt train`, so the "
             "stack is dense and stack_dtype applies to every stacked parameter.",
         },
     }
@@ -197,17 +198,17 @@ def grouped_differences(enabled: bool):
     if not enabled:
         yield
         return
-    original = mergeopt.stack._differences
+    original = mergeopt.merging.stack._differences
 
     def rounded(*args, **kwargs):
         anchor, rows, differ = original(*args, **kwargs)
         return anchor, grouped_4bit(rows), differ
 
-    mergeopt.stack._differences = rounded
+    mergeopt.merging.stack._differences = rounded
     try:
         yield
     finally:
-        mergeopt.stack._differences = original
+        mergeopt.merging.stack._differences = original
 
 
 def run_variant(name: str, spec: dict, overrides: list[str], table, work: Path, quiet: bool) -> dict:

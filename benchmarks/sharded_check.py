@@ -36,11 +36,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from mergeopt import checkpointing, random_world  # noqa: E402
-from mergeopt.data import Batch  # noqa: E402
-from mergeopt.objectives import dev_loss  # noqa: E402
-from mergeopt.sharded_load import RandomBase, empty_model  # noqa: E402
-from mergeopt.sharded_merge import TRAFFIC, reset_traffic  # noqa: E402
-from mergeopt.stack import build_stack  # noqa: E402
+from mergeopt.loading.sharded_load import RandomBase, empty_model  # noqa: E402
+from mergeopt.merging.sharded_merge import TRAFFIC, reset_traffic  # noqa: E402
+from mergeopt.merging.stack import build_stack  # noqa: E402
+from mergeopt.objectives.data import Batch  # noqa: E402
+from mergeopt.objectives.loss import dev_loss  # noqa: E402
 
 CONFIG = f"random://{(REPO / 'tests/data/configs/llama-100m.json').relative_to(REPO)}"
 K, BATCH, LENGTH, SEED = 4, 4, 256, 0

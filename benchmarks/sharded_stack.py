@@ -14,16 +14,16 @@ folder unless ``--out`` says otherwise):
 What it measures, on a random ``random://tests/data/configs/llama-100m.json`` Llama (P = 124.7M)
 with K = 4 random experts (mergeopt's ``random://`` world), float32 stack and compute, one fit step
 of 8 sequences x 128 seeded tokens overall (a ``random://dev`` dev set; each rank scores every N-th
-sequence, :func:`mergeopt.data.rank_batch`):
+sequence, :func:`mergeopt.objectives.data.rank_batch`):
 
 * 1 process, ``model.shard=none`` (the single-process per-layer fit), with 1 thread (the fair
   per-rank comparison) and with 2 threads (the whole machine);
 * 2 and 4 processes started by torchrun (``python -m torch.distributed.run --standalone``),
   ``model.shard=fsdp``, gloo, 1 thread each: every rank keeps a block of rows of every stacked
-  matrix (:mod:`mergeopt.sharded_merge`, :mod:`mergeopt.sharded_load`).
+  matrix (:mod:`mergeopt.merging.sharded_merge`, :mod:`mergeopt.loading.sharded_load`).
 
 Each process (this script with ``--case``) joins the process group, builds the recipe in Python and
-loads it through the real path, ``mergeopt.fit.load_problem``, then runs the gradient strategy's
+loads it through the real path, ``mergeopt.loading.problem.load_problem``, then runs the gradient strategy's
 step as ``mergeopt.search.gradient.fit_gradient`` does: ``dev_loss`` on this rank's share of the
 batch, ``backward()``, the all-reduce of the loss and of the K-vector gradient, Adam. With
 activation checkpointing on (the recipe's ``optim.activation_checkpointing``), then off: one
@@ -39,7 +39,7 @@ warm-up step and ``--steps`` timed steps each (a barrier before each step).
   (``time.process_time``, each rank's median summed over the ranks): the work a step costs, which
   other jobs on the machine inflate far less than they inflate wall time.
 * traffic: bytes this rank gathered and reduce-scattered per step
-  (``mergeopt.sharded_merge.TRAFFIC``) against the minimum: one merged copy of every stacked
+  (``mergeopt.merging.sharded_merge.TRAFFIC``) against the minimum: one merged copy of every stacked
   matrix per module that reads it, in the compute dtype.
 
 The machine's 2 cores are shared by all processes: 4 ranks timeshare them, so the step times show
@@ -104,7 +104,7 @@ def minimum_gathered(model: torch.nn.Module) -> dict:
     weight); unmerged: how many unmerged matrices are sharded and gathered as they are read."""
     from torch.nn.utils import parametrize
 
-    from mergeopt.layer_merge import MergedParameter
+    from mergeopt.merging.layer_merge import MergedParameter
 
     out = {"minimum": 0, "embedding": 0, "unmerged": 0}
     for module in model.modules():
@@ -125,9 +125,9 @@ def minimum_gathered(model: torch.nn.Module) -> dict:
 
 def fit_step(problem):
     """One step of ``fit_gradient`` (grad_accum 1) on this rank's share of each batch."""
-    from mergeopt.data import training_batches
-    from mergeopt.distributed import all_reduce_sum
-    from mergeopt.objectives import dev_loss
+    from mergeopt.objectives.data import training_batches
+    from mergeopt.objectives.loss import dev_loss
+    from mergeopt.runtime.distributed import all_reduce_sum
 
     batches = training_batches(problem.sets, [0], BATCH, problem.pad_id, seed=0)
     z = torch.zeros(K, dtype=torch.float64, requires_grad=True)
@@ -155,9 +155,9 @@ def rank_case(args) -> None:
 
     from mergeopt import checkpointing, sharded_load  # noqa: F401
     from mergeopt.config import recipe_from_dict
-    from mergeopt.distributed import all_gather_objects, process_rank_and_size
-    from mergeopt.fit import load_problem
-    from mergeopt.sharded_merge import TRAFFIC, reset_traffic
+    from mergeopt.loading.problem import load_problem
+    from mergeopt.merging.sharded_merge import TRAFFIC, reset_traffic
+    from mergeopt.runtime.distributed import all_gather_objects, process_rank_and_size
 
     imports = rss_mib("VmRSS")
     size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -31,7 +31,7 @@ import json
 import re
 import sys
 
-from mergeopt.files import write_text_atomic
+from mergeopt.runtime.files import write_text_atomic
 
 readme, report_path, out = sys.argv[1:]
 text = open(readme).read().split("Published figures", 1)[1].split("\n\n", 1)[0]

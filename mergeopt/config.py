@@ -189,7 +189,7 @@ class OptimSection(_Strict):
 
 
 class MergeSection(_Strict):
-    """How the experts are merged at mixture w (mergeopt.methods): θ0 + scale · Σ_i c_i(w) τ'_i."""
+    """How the experts are merged at mixture w (mergeopt.merging.methods): θ0 + scale · Σ_i c_i(w) τ'_i."""
 
     method: Literal["linear", "ties", "dare_linear", "dare_ties"] = Field(
         default="linear",
@@ -383,7 +383,7 @@ class TrainSection(_Strict):
 
 
 class RankSection(_Strict):
-    """Rank checks of the merged proxy against ground-truth runs (a grid table from mergeopt.train)."""
+    """Rank checks of the merged proxy against ground-truth runs (a grid table from mergeopt.worlds.train)."""
 
     grid: str | None = Field(
         default=None, description="grid.csv; fit checks the proxy against it after fitting."

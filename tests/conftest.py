@@ -13,7 +13,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
-from mergeopt import toy, worlds
+from mergeopt import worlds
+from mergeopt.worlds import toy
 
 hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()

@@ -1,7 +1,7 @@
-"""The run-directory API (mergeopt.analysis), report.md, and notebooks/analysis.ipynb executed on real runs.
+"""The run-directory API (mergeopt.reporting.analysis), report.md, and notebooks/analysis.ipynb executed on real runs.
 
 Two tiny-world runs are made once: a gradient fit ranked against the tiny grid of trained mixtures
-(tests/data/tiny_grid/grid.csv, mergeopt.train's output for recipes/tiny_grid.yaml) and a
+(tests/data/tiny_grid/grid.csv, mergeopt.worlds.train's output for recipes/tiny_grid.yaml) and a
 zero-order (grid search) fit. The notebook is executed with nbclient on both, so a change in the
 run layout or the API that breaks it fails here.
 """
@@ -17,10 +17,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mergeopt import analysis
 from mergeopt.config import load_recipe
 from mergeopt.errors import UserError
 from mergeopt.fit import fit
+from mergeopt.reporting import analysis
 from tests.conftest import REPO
 
 GRID = REPO / "tests" / "data" / "tiny_grid" / "grid.csv"
@@ -117,8 +117,8 @@ def test_report_links_existing_figures_and_states_the_numbers(ranked_run, search
 def test_rank_cli_adds_its_section_to_the_report(ranked_run, tmp_path):
     import shutil
 
-    from mergeopt import rank
     from mergeopt.errors import run_cli
+    from mergeopt.evaluation import rank
 
     run_dir = tmp_path / "run"
     shutil.copytree(ranked_run, run_dir)

@@ -19,9 +19,12 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from mergeopt import fit, merge, rank, train, transfer
+from mergeopt import fit
 from mergeopt.errors import run_cli
+from mergeopt.evaluation import rank, transfer
+from mergeopt.export import merge
 from mergeopt.export.__main__ import main as export_main
+from mergeopt.worlds import train
 from tests.conftest import REPO, recipe_tree, run_module, write_jsonl
 
 DOC = REPO / "docs" / "bad_input.md"

@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from mergeopt.checkpoints import INDEX_FILE, check_compatible, open_all, open_checkpoint
 from mergeopt.errors import UserError
+from mergeopt.loading.checkpoints import INDEX_FILE, check_compatible, open_all, open_checkpoint
 from tests.conftest import save_checkpoint, tiny_config
 
 

@@ -8,10 +8,11 @@ import json
 import pytest
 import torch
 
-from mergeopt import checkpointing, plan, random_world
-from mergeopt.data import Example, collate
-from mergeopt.objectives import dev_loss
-from mergeopt.stack import build_stack
+from mergeopt.memory import checkpointing, plan
+from mergeopt.merging.stack import build_stack
+from mergeopt.objectives.data import Example, collate
+from mergeopt.objectives.loss import dev_loss
+from mergeopt.worlds import random_world
 
 pytestmark = [
     pytest.mark.cuda,

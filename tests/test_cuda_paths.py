@@ -6,7 +6,7 @@ Issue 14 asks the CUDA-marked tests to cover, on the random tiny world (tests/co
   within 1e-3, the losses within 1e-4 relative), and the default bfloat16 compute close to it;
 * the LoRA low-rank path (adapters kept as factors) on CUDA against the CPU;
 * a fit resumed after SIGTERM on CUDA ends where the uninterrupted CUDA fit ends;
-* ``mergeopt.merge`` run on CUDA writes the checkpoint the CPU writes.
+* ``mergeopt.export.merge`` run on CUDA writes the checkpoint the CPU writes.
 
 DARE masks on CUDA (tests/test_methods.py) and two deterministic CUDA fits being bit-identical
 (tests/test_determinism.py) are CUDA-marked where their CPU counterparts are.
@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from mergeopt.config import recipe_from_dict
 from mergeopt.fit import fit
-from mergeopt.resume import GRADIENT_STATE
+from mergeopt.runtime.resume import GRADIENT_STATE
 from tests.conftest import recipe_tree, run_module
 from tests.test_lora_experts import _fit as _lora_fit
 from tests.test_lora_experts import lora_world  # noqa: F401  (the fixture, shared)

@@ -9,10 +9,17 @@ import re
 import pytest
 import torch
 
-from mergeopt import toy
-from mergeopt.data import collate, evaluation_batches, load_dev_set, read_jsonl, tokenize, training_batches
 from mergeopt.errors import UserError
-from mergeopt.objectives import target_loss
+from mergeopt.objectives.data import (
+    collate,
+    evaluation_batches,
+    load_dev_set,
+    read_jsonl,
+    tokenize,
+    training_batches,
+)
+from mergeopt.objectives.loss import target_loss
+from mergeopt.worlds import toy
 from tests.conftest import write_jsonl
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from mergeopt import determinism
+from mergeopt.runtime import determinism
 from tests.conftest import recipe_tree, run_module
 
 

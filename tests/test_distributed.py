@@ -136,7 +136,7 @@ def test_a_sharded_fit_killed_under_torchrun_resumes_to_the_same_mixture(random_
     import signal
     import time
 
-    from mergeopt.resume import CHECKPOINT_DIR, GRADIENT_STATE
+    from mergeopt.runtime.resume import CHECKPOINT_DIR, GRADIENT_STATE
 
     optim = {"steps": 400, "batch_size": 4, "eval_every": 10, "patience": 100, "checkpoint_every": 2}
     paths = {}
@@ -261,8 +261,8 @@ def test_an_explicit_gpu_index_under_torchrun_is_refused_in_one_line(monkeypatch
     GPU of its LOCAL_RANK (checked without a GPU: only the device's name is looked at)."""
     import torch
 
-    from mergeopt.distributed import local_device
     from mergeopt.errors import UserError
+    from mergeopt.runtime.distributed import local_device
 
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "3")

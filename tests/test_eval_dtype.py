@@ -16,11 +16,11 @@ import pytest
 import torch
 from torch.nn.utils import parametrize
 
-from mergeopt.data import DevSet, Example
-from mergeopt.eval_dtype import CastTo, evaluating_in
-from mergeopt.layer_merge import MergedParameter
-from mergeopt.objectives import evaluate_sums
-from mergeopt.stack import build_expert_stack, build_stack
+from mergeopt.merging.eval_dtype import CastTo, evaluating_in
+from mergeopt.merging.layer_merge import MergedParameter
+from mergeopt.merging.stack import build_expert_stack, build_stack
+from mergeopt.objectives.data import DevSet, Example
+from mergeopt.objectives.loss import evaluate_sums
 from tests.test_layer_merge import VOCAB, perturbed_experts, tiny_model
 
 W = torch.tensor([0.2, 0.45, 0.35], dtype=torch.float64)

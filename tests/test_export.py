@@ -6,7 +6,7 @@ budget); the YAML variant feeds ``interleave_datasets`` the same way; TRL's entr
 with ``datasets.load_dataset`` and concatenated as TRL's ``get_dataset`` does; mergekit's own
 ``MergeConfiguration`` validates the merge YAML, every parameter is one the method declares, and
 mergekit's ``run_merge`` of the linear export equals θ0 + λ Σ w_i τ_i. Token counts equal
-:func:`mergeopt.data.tokenize`'s, and the share conversion, rounding and budgets are checked with
+:func:`mergeopt.objectives.data.tokenize`'s, and the share conversion, rounding and budgets are checked with
 exact numbers (the tokenizer is character-level: a record's length is known by hand).
 """
 
@@ -28,14 +28,14 @@ from mergekit.merge import MergeOptions, run_merge
 from mergekit.merge_methods import registry
 from safetensors.torch import load_file
 
-from mergeopt import toy
-from mergeopt.data import tokenize
 from mergeopt.errors import run_cli
 from mergeopt.export.__main__ import main
 from mergeopt.export.formats import FORMATS
 from mergeopt.export.formats.open_instruct import fraction_string
 from mergeopt.export.shares import apportion, make_plan
 from mergeopt.export.token_stats import DomainStats, measure
+from mergeopt.objectives.data import tokenize
+from mergeopt.worlds import toy
 from tests.conftest import recipe_tree
 
 # token shares as fitted; every record of a domain has a known character length (+1 for BOS)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from mergeopt import toy
 from mergeopt.errors import run_cli
 from mergeopt.export.__main__ import main
+from mergeopt.worlds import toy
 from tests.conftest import run_module
 
 WEIGHTS = {"a": 0.25, "b": 0.5, "c": 0.25}

@@ -15,8 +15,8 @@ import yaml
 
 from mergeopt.config import recipe_from_dict
 from mergeopt.fit import fit
-from mergeopt.train import train
 from mergeopt.worlds import resolve_recipe
+from mergeopt.worlds.train import train
 
 REPO = Path(__file__).parent.parent
 
@@ -51,8 +51,8 @@ def test_merged_proxy_ranks_the_trained_mixtures(fidelity_run):
 def test_at_the_grid_vertices_proxy_and_truth_are_the_same_expert(fidelity_run, tiny_world):
     """w = e_i merges to expert i, and the grid's row for e_i is that very expert: equal losses."""
     tree, tmp, _ = fidelity_run
-    from mergeopt.fit import load_problem
-    from mergeopt.proxy import proxy_losses, read_grid
+    from mergeopt.evaluation.proxy import proxy_losses, read_grid
+    from mergeopt.loading.problem import load_problem
 
     recipe, _ = resolve_recipe(recipe_from_dict(tree), log=lambda _m: None)
     grid = read_grid(tmp / "grid" / "grid.csv", recipe.expert_names)

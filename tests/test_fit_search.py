@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from mergeopt import metrics
 from mergeopt.config import recipe_from_dict
-from mergeopt.fit import fit, load_problem
-from mergeopt.objectives import evaluate, target_loss
-from mergeopt.scoring import loss_set_weights, make_scorer
+from mergeopt.fit import fit
+from mergeopt.loading.problem import load_problem
+from mergeopt.objectives import metrics
+from mergeopt.objectives.loss import evaluate, target_loss
+from mergeopt.objectives.scoring import loss_set_weights, make_scorer
 from tests.conftest import recipe_tree, run_module
 
 ZERO_ORDER = {

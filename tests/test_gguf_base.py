@@ -11,10 +11,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from mergeopt import smollm2
 from mergeopt.config import recipe_from_dict
 from mergeopt.errors import UserError
 from mergeopt.fit import fit
+from mergeopt.worlds import smollm2
 from tests.conftest import perturbed
 
 

@@ -7,14 +7,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from mergeopt import toy
-from mergeopt.checkpoints import open_all
 from mergeopt.config import OptimSection
-from mergeopt.data import load_dev_set, training_batches
-from mergeopt.objectives import dev_loss
+from mergeopt.loading.checkpoints import open_all
+from mergeopt.merging.stack import build_stack
+from mergeopt.merging.weights import initial_logits
+from mergeopt.objectives.data import load_dev_set, training_batches
+from mergeopt.objectives.loss import dev_loss
 from mergeopt.search import fit_gradient
-from mergeopt.stack import build_stack
-from mergeopt.weights import initial_logits
+from mergeopt.worlds import toy
 
 
 @pytest.fixture(scope="module")

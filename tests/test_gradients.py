@@ -11,10 +11,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from mergeopt import toy
-from mergeopt.data import collate, load_dev_set
-from mergeopt.objectives import dev_loss
-from mergeopt.stack import build_stack
+from mergeopt.merging.stack import build_stack
+from mergeopt.objectives.data import collate, load_dev_set
+from mergeopt.objectives.loss import dev_loss
+from mergeopt.worlds import toy
 from tests.conftest import perturbed
 
 
@@ -65,7 +65,7 @@ def test_target_weights_select_the_domain(problem64):
     z = torch.zeros(3, dtype=torch.float64)
     only_first = dev_loss(model, stack, z, 1.0, batch, torch.tensor([1.0, 0.0]))
     rows = batch.set_index == 0
-    from mergeopt.data import Batch
+    from mergeopt.objectives.data import Batch
 
     first = Batch(
         batch.input_ids[rows], batch.attention_mask[rows], batch.scored[rows], batch.set_index[rows]

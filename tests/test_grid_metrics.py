@@ -17,12 +17,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mergeopt import metrics
 from mergeopt.config import recipe_from_dict
-from mergeopt.data import read_jsonl
-from mergeopt.rank import rank_grid
-from mergeopt.train import RUN_MARKER, train
+from mergeopt.evaluation.rank import rank_grid
+from mergeopt.objectives import metrics
+from mergeopt.objectives.data import read_jsonl
 from mergeopt.worlds import resolve_recipe
+from mergeopt.worlds.train import RUN_MARKER, train
 
 EXPERTS = ("arith", "reverse")
 MAX_EXAMPLES = 48

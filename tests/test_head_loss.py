@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mergeopt.head_loss import IGNORE_INDEX, ChunkedCrossEntropy, Head
+from mergeopt.objectives.head_loss import IGNORE_INDEX, ChunkedCrossEntropy, Head
 
 
 def reference(hidden, weight, bias, targets, head: Head):

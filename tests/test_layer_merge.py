@@ -18,13 +18,13 @@ import torch
 import transformers
 from torch.func import functional_call
 
-from mergeopt import checkpointing
 from mergeopt.config import MergeSection, OptimSection
-from mergeopt.data import Batch, DevSet, Example
-from mergeopt.head_loss import full_logits_losses
-from mergeopt.objectives import per_set_loss_sums, target_loss
+from mergeopt.memory import checkpointing
+from mergeopt.merging.stack import build_stack
+from mergeopt.objectives.data import Batch, DevSet, Example
+from mergeopt.objectives.head_loss import full_logits_losses
+from mergeopt.objectives.loss import per_set_loss_sums, target_loss
 from mergeopt.search.gradient import fit_gradient
-from mergeopt.stack import build_stack
 
 VOCAB = 61
 SMALL = dict(
@@ -212,7 +212,7 @@ def test_compressed_stacks_merge_per_layer_as_their_reference(dtype):
 def test_int8_differences_stay_close_to_float32(levels):
     """Per-row int8 differences: each dequantised row within half a quantisation step of the truth,
     the row's largest |δ| exact, and |q| within the levels asked for (7: benchmarks' int4 values)."""
-    from mergeopt.layer_merge import dequantize_rows, quantize_rows
+    from mergeopt.merging.layer_merge import dequantize_rows, quantize_rows
 
     gen = torch.Generator().manual_seed(0)
     deltas = torch.randn(3, 40, 24, generator=gen) * torch.rand(3, 40, 1, generator=gen)
@@ -267,7 +267,7 @@ def test_fitted_weights_equal_a_reference_adam_loop_on_the_whole_model_merge():
         progress=False,
         loss_chunk=6,
     )
-    from mergeopt.data import training_batches
+    from mergeopt.objectives.data import training_batches
 
     z = z0.clone().requires_grad_(True)
     adam = torch.optim.Adam([z], lr=optim.lr)
@@ -298,7 +298,7 @@ def test_fitted_weights_equal_a_reference_adam_loop_on_the_whole_model_merge():
 def test_no_merged_copy_of_the_model_is_saved_for_the_backward(monkeypatch):
     """Autograd keeps a recipe, not the tensor, for every merged weight a module saves: counted by
     wrapping the per-layer merge's own saved-tensor hook during one forward."""
-    from mergeopt import layer_merge
+    from mergeopt.merging import layer_merge
 
     base, _, stack = _built("llama")
     recipes, kept = [], []

@@ -16,11 +16,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mergeopt import metrics
 from mergeopt.config import ObjectiveTerm, recipe_from_dict
 from mergeopt.errors import UserError
 from mergeopt.fit import fit
-from mergeopt.lm_eval_term import lm_eval_score
+from mergeopt.objectives import metrics
+from mergeopt.objectives.lm_eval_term import lm_eval_score
 
 pytest.importorskip("lm_eval")
 
@@ -114,7 +114,7 @@ def test_unknown_task_and_metric_are_named(tiny_world, task_dir):
 
 def test_missing_lm_eval_says_how_to_install(monkeypatch, task_dir):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval now raises ImportError
-    from mergeopt.lm_eval_term import _lm_eval
+    from mergeopt.objectives.lm_eval_term import _lm_eval
 
     with pytest.raises(UserError, match=r"pip install 'mergeopt\[lm-eval\]'"):
         _lm_eval()

@@ -18,7 +18,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from mergeopt.config import recipe_from_dict
-from mergeopt.fit import fit, load_problem
+from mergeopt.fit import fit
+from mergeopt.loading.problem import load_problem
 from tests.conftest import EXPERTS, recipe_tree, run_module, save_checkpoint
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -153,7 +154,7 @@ def test_pickled_checkpoints_need_allow_pickle(lora_world, tmp_path):
 @pytest.mark.parametrize("mixed", [False, True], ids=["lora", "lora+dense"])
 def test_dry_run_plans_lora_experts_exactly(lora_world, tmp_path, dtype, mixed):
     """The plan's stack rows equal the bytes of the stack a fit builds, factors and dense rows."""
-    from mergeopt import dry_run, plan
+    from mergeopt.memory import dry_run, plan
 
     experts = dict(lora_world["adapters"])
     if mixed:

@@ -15,9 +15,9 @@ from peft import LoraConfig, get_peft_model
 from torch.func import functional_call
 from transformers import LlamaForCausalLM
 
-from mergeopt.lora import read_adapter
-from mergeopt.lowrank import build_lowrank_stack
-from mergeopt.stack import build_stack
+from mergeopt.loading.lora import read_adapter
+from mergeopt.merging.lowrank import build_lowrank_stack
+from mergeopt.merging.stack import build_stack
 from tests.conftest import tiny_config
 
 NAMES = ("alpha", "beta", "gamma")
@@ -164,8 +164,8 @@ def test_lora_and_mixed_experts_take_the_per_layer_step(world, dense_names):
     """The fit's step (chunked loss, with and without checkpointed layers) over LoRA experts kept
     low-rank, alone or beside a dense expert, against the whole-model merge of the same experts
     made dense by PEFT through the model's own logits: loss and ∂L/∂z."""
-    from mergeopt import checkpointing
-    from mergeopt.stack import build_expert_stack
+    from mergeopt.memory import checkpointing
+    from mergeopt.merging.stack import build_expert_stack
     from tests.test_layer_merge import loss_and_grad, padded_batch, per_layer_loss, reference_loss
 
     base, adapters, dense, _ = world

@@ -1,4 +1,4 @@
-"""mergeopt.merge: the checkpoint it writes, loaded back by transformers, against the in-memory merge.
+"""mergeopt.export.merge: the checkpoint it writes, loaded back by transformers, against the in-memory merge.
 
 The truth for every written checkpoint is fit's own merge of the same recipe: the logits of
 ``functional_call(model, stack.mix_params(w))`` (each layer merging as it runs), compared with those of
@@ -23,12 +23,13 @@ from safetensors.torch import load_file
 from torch.func import functional_call
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mergeopt import merge as merge_cli
-from mergeopt.checkpoints import open_checkpoint
 from mergeopt.config import MergeSection, load_recipe
 from mergeopt.errors import run_cli
-from mergeopt.fit import fit, load_merge
-from mergeopt.stack import describe
+from mergeopt.export import merge as merge_cli
+from mergeopt.fit import fit
+from mergeopt.loading.checkpoints import open_checkpoint
+from mergeopt.loading.problem import load_merge
+from mergeopt.merging.stack import describe
 from mergeopt.worlds import resolve_recipe
 from tests.conftest import EXPERTS, recipe_tree, run_module, save_checkpoint
 
@@ -142,9 +143,9 @@ def test_mixture_from_a_fit_run(random_world, tmp_path):
 
 def test_tiny_world_checkpoint_scores_what_fit_scored(tiny_world, tmp_path):
     """The real CLI on the real world: the written merge has the dev losses fit recorded for it."""
-    from mergeopt.data import evaluation_batches
-    from mergeopt.objectives import per_set_loss_sums
-    from mergeopt.term_scores import load_dev_sets
+    from mergeopt.objectives.data import evaluation_batches
+    from mergeopt.objectives.loss import per_set_loss_sums
+    from mergeopt.objectives.term_scores import load_dev_sets
 
     overrides = [f"output_dir={tmp_path / 'run'}", f"world.cache_dir={tiny_world.parent}", "optim.steps=20"]
     recipe = load_recipe(TINY, overrides)

@@ -15,9 +15,9 @@ from transformers import LlamaForCausalLM
 
 from mergeopt.config import MergeSection
 from mergeopt.errors import UserError
-from mergeopt.methods import METHODS, get_method, mixup
-from mergeopt.methods.dare import parameter_generator
-from mergeopt.stack import build_stack
+from mergeopt.merging.methods import METHODS, get_method, mixup
+from mergeopt.merging.methods.dare import parameter_generator
+from mergeopt.merging.stack import build_stack
 from tests.conftest import perturbed, tiny_config
 
 SHAPES = [(11,), (6, 5), (3, 4, 5)]
@@ -314,7 +314,7 @@ def test_mixup_tiny_alpha_keeps_one_hot_weights_defined():
 @pytest.mark.parametrize("storage", [torch.bfloat16, torch.float16])
 def test_chunked_upcast_of_narrow_stacks_equals_the_one_shot_merge(storage, monkeypatch):
     """A bf16/fp16 stack is upcast in column chunks; the merge and its gradient are unchanged."""
-    from mergeopt.methods import linear
+    from mergeopt.merging.methods import linear
 
     gen = torch.Generator().manual_seed(0)
     base = torch.randn(37, 29, generator=gen)
@@ -338,7 +338,7 @@ def test_chunked_upcast_of_narrow_stacks_equals_the_one_shot_merge(storage, monk
 def test_dare_masks_come_from_a_cpu_generator_seeded_by_name():
     """The masks depend on (seed, parameter name) alone, not on the device (a CUDA generator would
     draw other numbers for the same seed): the generator is the CPU's."""
-    from mergeopt.methods.dare import drop
+    from mergeopt.merging.methods.dare import drop
 
     assert parameter_generator(7, "w").device.type == "cpu"
     tau = torch.randn(3, 64, 32, generator=torch.Generator().manual_seed(0))
@@ -350,8 +350,8 @@ def test_dare_masks_come_from_a_cpu_generator_seeded_by_name():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_dare_masks_on_cuda_equal_the_cpu_masks():
-    """A fit on a GPU scores the masks mergeopt.merge on a CPU writes."""
-    from mergeopt.methods.dare import drop
+    """A fit on a GPU scores the masks mergeopt.export.merge on a CPU writes."""
+    from mergeopt.merging.methods.dare import drop
 
     tau = torch.randn(3, 64, 32, generator=torch.Generator().manual_seed(0))
     on_cpu = drop(tau, 0.3, parameter_generator(7, "w"))

@@ -16,10 +16,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from mergeopt import toy
 from mergeopt.config import ObjectiveTerm
 from mergeopt.errors import UserError
-from mergeopt.metrics import (
+from mergeopt.objectives.metrics import (
     Utility,
     call_metric,
     choice_accuracy,
@@ -30,6 +29,7 @@ from mergeopt.metrics import (
     load_metric_function,
     option_logprobs,
 )
+from mergeopt.worlds import toy
 from tests.conftest import tiny_config
 
 VOCAB = len(toy.SPECIAL) + len(toy.CHARS)

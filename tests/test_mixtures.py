@@ -11,9 +11,9 @@ import scipy.stats
 import torch
 
 from mergeopt.config import MixtureSetSection
-from mergeopt.data import Example
-from mergeopt.mixtures import dirichlet_samples, mixture_set, simplex_lattice
-from mergeopt.train import mixture_examples, token_batches
+from mergeopt.objectives.data import Example
+from mergeopt.search.mixtures import dirichlet_samples, mixture_set, simplex_lattice
+from mergeopt.worlds.train import mixture_examples, token_batches
 
 NAMES = ["a", "b", "c", "d"]
 

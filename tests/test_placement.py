@@ -18,10 +18,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mergeopt import placement
 from mergeopt.config import recipe_from_dict
 from mergeopt.errors import UserError
 from mergeopt.fit import fit
+from mergeopt.memory import placement
 from tests.conftest import recipe_tree
 from tests.test_plan import LLAMA_8B
 
@@ -133,7 +133,7 @@ def test_fit_through_accelerate_hooks_equals_the_plain_fit(random_world, tmp_pat
 
 
 def test_dry_run_prints_the_planned_placement(tmp_path):
-    from mergeopt import dry_run
+    from mergeopt.memory import dry_run
     from tests.test_plan import EXPERTS_8B, recipe
 
     LlamaConfig(**LLAMA_8B).save_pretrained(tmp_path / "llama8b")

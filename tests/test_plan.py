@@ -28,13 +28,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from mergeopt import checkpointing, checkpoints, dry_run, fit, plan
-from mergeopt.checkpoints import open_all
+from mergeopt import fit
 from mergeopt.config import MergeSection, load_recipe, recipe_from_dict
-from mergeopt.data import DevSet, Example, collate
 from mergeopt.errors import UserError, run_cli
-from mergeopt.objectives import dev_loss, evaluate_sums
-from mergeopt.stack import DTYPES, build_stack
+from mergeopt.loading import checkpoints
+from mergeopt.loading.checkpoints import open_all
+from mergeopt.memory import checkpointing, dry_run, plan
+from mergeopt.merging.stack import DTYPES, build_stack
+from mergeopt.objectives.data import DevSet, Example, collate
+from mergeopt.objectives.loss import dev_loss, evaluate_sums
 from tests.conftest import REPO, perturbed, run_module
 
 LLAMA_8B = dict(
@@ -412,7 +414,7 @@ def test_training_step_estimate_bounds_the_live_bytes(
 def test_saved_activations_equal_what_autograd_saves(compute):
     """Bytes autograd keeps for the backward (the per-layer merge's recipes are not tensors) against
     the activation formula, plus the whole-logits loss's log-softmax."""
-    from mergeopt import layer_merge
+    from mergeopt.merging import layer_merge
 
     model, stack, dims, _ = small_problem(300, 64, 176, compute, compute=compute)
     batch, length = 3, 40
@@ -750,7 +752,7 @@ def test_per_rank_rows_are_the_blocks_of_rows_of_every_tensor(config_8b, config_
 def test_sharded_lora_factors_are_blocks_of_their_rows(tmp_path, config_8b):
     """LoRA experts kept low-rank: per module the stacked A (Σr × in) and B (out × Σr) are held as
     blocks of ⌈rows/N⌉ rows, the owner and scaling of every rank column whole."""
-    from mergeopt.lora import factor_sizes
+    from mergeopt.loading.lora import factor_sizes
 
     path, _ = config_8b
     modules = {
@@ -917,8 +919,8 @@ EVAL_BATCH = 4  # sequences per rank
 def _measure_rank(case, rank: int, size: int) -> dict:
     """Live peaks of one rank: stacking its blocks, a training micro-step on its share of the
     micro-batch (each setting of checkpointing), an evaluation batch (each eval dtype)."""
-    from mergeopt.data import rank_batch
-    from mergeopt.sharded_merge import block_range, gather_rows
+    from mergeopt.merging.sharded_merge import block_range, gather_rows
+    from mergeopt.objectives.data import rank_batch
 
     vocab, hidden, intermediate, dtype, compute, batch, length, checkpointed, evaluated, exclude = case
     shard = (rank, size)

@@ -21,12 +21,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mergeopt.config import load_recipe
-from mergeopt.data import read_jsonl
 from mergeopt.errors import UserError, run_cli
+from mergeopt.evaluation.proxy import read_grid
 from mergeopt.export import shares
 from mergeopt.export.__main__ import main as export_main
-from mergeopt.mixture_file import read_finished_mixture
-from mergeopt.proxy import read_grid
+from mergeopt.objectives.data import read_jsonl
+from mergeopt.reporting.mixture_file import read_finished_mixture
 
 FAST = settings(
     max_examples=int(os.environ.get("HYPOTHESIS_EXAMPLES", "60")),

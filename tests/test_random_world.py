@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mergeopt.errors import UserError
-from mergeopt.random_world import (
+from mergeopt.worlds.random_world import (
     RandomExpert,
     base_parameter,
     build_base,
@@ -257,7 +257,8 @@ def _random_recipe(tmp_path: Path, **optim):
 def test_fit_on_a_random_world_runs_end_to_end_and_is_repeatable(tmp_path):
     """A random:// base and experts: the stack is built from seeds, dev sets are seeded tokens, the
     fit writes its run; the same recipe gives the same mixture.json."""
-    from mergeopt.fit import fit, load_problem
+    from mergeopt.fit import fit
+    from mergeopt.loading.problem import load_problem
 
     recipe = _random_recipe(tmp_path, activation_checkpointing=True)
     problem = load_problem(recipe, progress=False)
@@ -272,7 +273,7 @@ def test_fit_on_a_random_world_runs_end_to_end_and_is_repeatable(tmp_path):
 
 
 def test_dry_run_of_a_random_world_reads_the_config_only(tmp_path):
-    from mergeopt import dry_run
+    from mergeopt.memory import dry_run
 
     recipe = _random_recipe(tmp_path)
     text = dry_run.dry_run(recipe, "random.yaml")
@@ -282,7 +283,7 @@ def test_dry_run_of_a_random_world_reads_the_config_only(tmp_path):
 
 
 def test_a_random_base_with_a_checkpoint_expert_is_refused(tmp_path):
-    from mergeopt.fit import load_problem
+    from mergeopt.loading.problem import load_problem
 
     recipe = _random_recipe(tmp_path)
     experts = {**recipe.model.experts, "c": str(tmp_path)}

@@ -15,9 +15,9 @@ import pytest
 from scipy import stats
 
 from mergeopt.errors import UserError
-from mergeopt.rank import json_safe
-from mergeopt.rank_stats import mixture_regret, pairwise_accuracy, rank_statistics
-from mergeopt.tables import load_table
+from mergeopt.evaluation.rank import json_safe
+from mergeopt.evaluation.rank_stats import mixture_regret, pairwise_accuracy, rank_statistics
+from mergeopt.evaluation.tables import load_table
 from tests.conftest import run_module
 
 REPO = Path(__file__).parent.parent

@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from mergeopt.resume import CHECKPOINT_DIR, EVALUATIONS, GRADIENT_STATE, RunState
+from mergeopt.runtime.resume import CHECKPOINT_DIR, EVALUATIONS, GRADIENT_STATE, RunState
 from tests.conftest import REPO, recipe_tree, run_module
 
 GRADIENT = {
@@ -192,7 +192,7 @@ def test_torn_journal_line_is_dropped(tmp_path):
 
 
 def test_train_resumed_after_kill_9_saves_the_same_models(random_world, tmp_path):
-    """mergeopt.train killed inside a run resumes from that run's step checkpoint, bit-identically."""
+    """mergeopt.worlds.train killed inside a run resumes from that run's step checkpoint, bit-identically."""
     from safetensors.torch import load_file
 
     from tests.test_train import train_tree
@@ -271,9 +271,10 @@ def test_clearing_removes_a_temporary_file_a_kill_left_mid_save(tmp_path):
 def test_ranks_that_disagree_on_the_checkpoint_are_refused_in_one_line(random_world, tmp_path, monkeypatch):
     """Across nodes each rank reads output_dir itself: a node that does not see the checkpoint
     rank 0 resumes would start over and part from it, so the fit stops before loading anything."""
-    from mergeopt import distributed, fit
+    from mergeopt import fit
     from mergeopt.config import load_recipe
     from mergeopt.errors import UserError
+    from mergeopt.runtime import distributed
 
     out = tmp_path / "run"
     recipe = load_recipe(_recipe(random_world, tmp_path, out, **GRADIENT))

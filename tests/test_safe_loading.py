@@ -17,7 +17,7 @@ import yaml
 from mergeopt.config import load_recipe
 from mergeopt.errors import UserError, run_cli
 from mergeopt.fit import main as fit_main
-from mergeopt.resume import CHECKPOINT_DIR, GRADIENT_STATE, RunState
+from mergeopt.runtime.resume import CHECKPOINT_DIR, GRADIENT_STATE, RunState
 from tests.conftest import recipe_tree
 
 

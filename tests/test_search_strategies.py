@@ -27,8 +27,8 @@ from scipy.optimize import minimize
 
 from mergeopt.config import SearchSection, SurrogateSearch
 from mergeopt.errors import UserError
-from mergeopt.mixtures import dirichlet_samples, simplex_lattice
 from mergeopt.search import STRATEGIES, BudgetExhausted, Evaluator
+from mergeopt.search.mixtures import dirichlet_samples, simplex_lattice
 from mergeopt.search.surrogate import fit_surrogate
 
 REGMIX = Path(__file__).parent / "data" / "regmix"

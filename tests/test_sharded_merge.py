@@ -18,10 +18,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.utils import parametrize
 
-from mergeopt import checkpointing
-from mergeopt.objectives import dev_loss
-from mergeopt.sharded_merge import TRAFFIC, ShardedMergedParameter, reset_traffic, shard_rows, shard_stack
-from mergeopt.stack import build_stack
+from mergeopt.memory import checkpointing
+from mergeopt.merging.sharded_merge import (
+    TRAFFIC,
+    ShardedMergedParameter,
+    reset_traffic,
+    shard_rows,
+    shard_stack,
+)
+from mergeopt.merging.stack import build_stack
+from mergeopt.objectives.loss import dev_loss
 from tests.test_layer_merge import padded_batch, perturbed_experts, tiny_model
 
 LOGITS = torch.tensor([0.3, -0.4, 0.2], dtype=torch.float64)
@@ -159,7 +165,7 @@ def test_shard_rows_pads_the_last_block():
 def _recording_reads() -> list:
     """Record every read from a safetensors checkpoint in this process, as (directory name,
     tensor, start, stop); start and stop are None for a whole tensor."""
-    from mergeopt.checkpoints import Checkpoint
+    from mergeopt.loading.checkpoints import Checkpoint
 
     reads = []
     whole_read, rows_read = Checkpoint.read, Checkpoint.read_rows
@@ -182,7 +188,7 @@ def _stacking_worker(rank: int, size: int, port: int, root: str, dtype: str, out
 
     from transformers import LlamaForCausalLM
 
-    from mergeopt.checkpoints import open_checkpoint
+    from mergeopt.loading.checkpoints import open_checkpoint
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
     try:
@@ -250,9 +256,9 @@ def _loading_worker(rank: int, size: int, port: int, root: str, method: str, out
 
     from transformers import AutoConfig
 
-    from mergeopt.checkpoints import open_checkpoint
     from mergeopt.config import MergeSection
-    from mergeopt.sharded_load import CheckpointBase, empty_model
+    from mergeopt.loading.checkpoints import open_checkpoint
+    from mergeopt.loading.sharded_load import CheckpointBase, empty_model
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
     try:
@@ -306,8 +312,8 @@ def test_a_sharded_load_reads_rows_of_the_base_and_of_every_expert(tmp_path, met
     TIES prepares each tensor whole (one at a time, from whole reads) and keeps its block."""
     from transformers import LlamaForCausalLM
 
-    from mergeopt.checkpoints import open_checkpoint
     from mergeopt.config import MergeSection
+    from mergeopt.loading.checkpoints import open_checkpoint
     from tests.conftest import perturbed, save_checkpoint, tiny_config
 
     size = 3
@@ -360,8 +366,8 @@ def _lora_problem(root):
     """The base and LoRA experts of tests/test_lowrank.py (seeded), the experts read back from root."""
     from transformers import LlamaForCausalLM
 
-    from mergeopt.lora import read_adapter
-    from mergeopt.stack import build_expert_stack
+    from mergeopt.loading.lora import read_adapter
+    from mergeopt.merging.stack import build_expert_stack
     from tests.conftest import tiny_config
     from tests.test_lowrank import NAMES
 
@@ -377,7 +383,7 @@ def _lora_problem(root):
 def _lora_worker(rank: int, size: int, port: int, root: str, out: str) -> None:
     from pathlib import Path
 
-    from mergeopt.sharded_merge import shard_lowrank
+    from mergeopt.merging.sharded_merge import shard_lowrank
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
     try:

@@ -8,8 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mergeopt import smollm2, worlds
-from mergeopt.data import read_jsonl, tokenize
+from mergeopt import worlds
+from mergeopt.objectives.data import read_jsonl, tokenize
+from mergeopt.worlds import smollm2
 
 
 @pytest.fixture(scope="module")

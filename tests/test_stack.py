@@ -12,10 +12,10 @@ from peft.utils.merge_utils import task_arithmetic
 from torch.func import functional_call
 from transformers import AutoModelForCausalLM
 
-from mergeopt.checkpoints import open_all
 from mergeopt.errors import UserError
-from mergeopt.methods.linear import merge_linear
-from mergeopt.stack import build_stack
+from mergeopt.loading.checkpoints import open_all
+from mergeopt.merging.methods.linear import merge_linear
+from mergeopt.merging.stack import build_stack
 
 
 def load(path):

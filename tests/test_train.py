@@ -1,4 +1,4 @@
-"""mergeopt.train on a small random world: every run is trained once, at the same budget, the grid
+"""mergeopt.worlds.train on a small random world: every run is trained once, at the same budget, the grid
 table is complete, LoRA runs save an adapter whose merge equals the dense model written beside it."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from mergeopt import toy
 from mergeopt.config import recipe_from_dict
 from mergeopt.errors import UserError
-from mergeopt.train import RUN_MARKER, train
+from mergeopt.worlds import toy
+from mergeopt.worlds.train import RUN_MARKER, train
 from tests.conftest import recipe_tree, write_jsonl
 
 DOMAINS = {"alpha": "arith", "beta": "reverse", "gamma": "markov"}

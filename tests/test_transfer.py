@@ -14,9 +14,9 @@ import pytest
 from scipy import stats
 
 from mergeopt.errors import run_cli
-from mergeopt.rank import json_safe
-from mergeopt.rank_stats import rank_statistics
-from mergeopt.transfer import main, short_names, transfer_tables
+from mergeopt.evaluation.rank import json_safe
+from mergeopt.evaluation.rank_stats import rank_statistics
+from mergeopt.evaluation.transfer import main, short_names, transfer_tables
 from tests.conftest import run_module
 from tests.test_search_strategies import PUBLISHED
 
@@ -301,7 +301,7 @@ TINY_SPEARMAN = {"loss_arith": 0.893, "loss_reverse": 0.795, "loss_brackets": 0.
 
 
 def test_tiny_world_two_sizes_end_to_end():
-    """mergeopt.train's grids at two model sizes of the tiny world, ranked against each other."""
+    """mergeopt.worlds.train's grids at two model sizes of the tiny world, ranked against each other."""
     small_path, large_path = (
         TINY_GRIDS / "tiny_grid" / "grid.csv",
         TINY_GRIDS / "tiny_grid_large" / "grid.csv",

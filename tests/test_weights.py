@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mergeopt.weights import as_mapping, initial_logits, logits_for, weights_from_logits
+from mergeopt.merging.weights import as_mapping, initial_logits, logits_for, weights_from_logits
 
 
 def test_softmax_with_temperature_matches_the_formula():

@@ -33,7 +33,7 @@ from mergeopt.export.mixture_input import (
 )
 from mergeopt.export.shares import check_repetition, make_plan
 from mergeopt.export.token_stats import load_tokenizer, measure_all
-from mergeopt.files import write_text_atomic
+from mergeopt.runtime.files import write_text_atomic
 
 DEFAULT_MAX_EPOCHS = 4.0
 

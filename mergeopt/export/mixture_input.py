@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mergeopt.errors import UserError
-from mergeopt.mixture_file import read_finished_mixture
+from mergeopt.reporting.mixture_file import read_finished_mixture
 
 SUM_TOLERANCE = 1e-6
 

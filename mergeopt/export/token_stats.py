@@ -5,7 +5,7 @@ streaming, open-instruct, TRL) draw whole samples. A domain whose samples are tw
 half the sample probability for the same token share, so the conversion needs each domain's mean
 tokens per sample, measured here. Files are read with the ``datasets`` library (JSONL, JSON, CSV,
 parquet, arrow, or a directory written by ``save_to_disk``) and each record is counted the way
-:mod:`mergeopt.data` reads it: ``text`` is every token of the text, ``prompt``/``completion`` the
+:mod:`mergeopt.objectives.data` reads it: ``text`` is every token of the text, ``prompt``/``completion`` the
 prompt's tokens (special tokens included) plus the completion's (none added), a multiple-choice
 record the prompt plus the right choice. Nothing is truncated: a trainer's own cut-off is its own.
 """
@@ -85,7 +85,7 @@ def load(source: Source, cache_dir: str | None = None):
 
 
 def _rows(dataset, path: Path) -> Iterator[list[dict[str, Any]]]:
-    from mergeopt.data import _validated
+    from mergeopt.objectives.data import _validated
 
     for start in range(0, len(dataset), BATCH):
         chunk = dataset[start : start + BATCH]  # columns -> lists
@@ -100,7 +100,7 @@ def _rows(dataset, path: Path) -> Iterator[list[dict[str, Any]]]:
 
 
 def count_tokens(records: list[dict[str, Any]], tokenizer) -> int:
-    """Tokens of a batch of validated records, as :func:`mergeopt.data.tokenize` counts them untruncated."""
+    """Tokens of a batch of validated records, as :func:`mergeopt.objectives.data.tokenize` counts them untruncated."""
     texts = [r["text"] for r in records if "text" in r]
     pairs = [r for r in records if "text" not in r]
     total = sum(len(ids) for ids in tokenizer(texts)["input_ids"]) if texts else 0

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
-from mergeopt import distributed
 from mergeopt.errors import UserError
-from mergeopt.resume import Interrupted, check_interrupt, pending_interrupt, pending_signal
+from mergeopt.runtime import distributed
+from mergeopt.runtime.resume import Interrupted, check_interrupt, pending_interrupt, pending_signal
 
 ScoreFn = Callable[[np.ndarray], Mapping[str, float]]
 ValueFn = Callable[[Mapping[str, float]], float]

@@ -15,12 +15,12 @@ import torch
 from tqdm.auto import tqdm
 
 from mergeopt.config import OptimSection
-from mergeopt.data import DevSet, training_batches
-from mergeopt.distributed import all_reduce_sum, is_main
-from mergeopt.objectives import dev_loss, evaluate, target_loss
-from mergeopt.resume import RunState, check_interrupt, pending_interrupt
-from mergeopt.stack import TaskVectorStack
-from mergeopt.weights import weights_from_logits
+from mergeopt.merging.stack import TaskVectorStack
+from mergeopt.merging.weights import weights_from_logits
+from mergeopt.objectives.data import DevSet, training_batches
+from mergeopt.objectives.loss import dev_loss, evaluate, target_loss
+from mergeopt.runtime.distributed import all_reduce_sum, is_main
+from mergeopt.runtime.resume import RunState, check_interrupt, pending_interrupt
 
 
 @dataclass

@@ -11,8 +11,8 @@ import numpy as np
 
 from mergeopt.config import SearchSection
 from mergeopt.errors import UserError
-from mergeopt.mixtures import simplex_lattice
 from mergeopt.search.evaluator import Evaluator, SearchResult
+from mergeopt.search.mixtures import simplex_lattice
 
 
 def lattice(names: tuple[str, ...], divisions: int) -> np.ndarray:

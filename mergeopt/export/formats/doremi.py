@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 
-from mergeopt.export.formats import Context, Format
+from mergeopt.export.formats.base import Context, Format
 
 
 def render(ctx: Context) -> str:

@@ -15,7 +15,7 @@ import json
 
 import yaml
 
-from mergeopt.export.formats import Context, Format
+from mergeopt.export.formats.base import Context, Format
 from mergeopt.export.shares import format_number
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import yaml
 
-from mergeopt.export.formats import Context, Format
+from mergeopt.export.formats.base import Context, Format
 
 
 def render(ctx: Context) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from mergeopt.export.formats import Context, Format
+from mergeopt.export.formats.base import Context, Format
 
 
 def prefix(path: Path) -> str:

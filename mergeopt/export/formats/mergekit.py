@@ -32,7 +32,7 @@ from pathlib import Path
 import yaml
 
 from mergeopt.errors import UserError
-from mergeopt.export.formats import Context, Format
+from mergeopt.export.formats.base import Context, Format
 from mergeopt.export.mixture_input import resolve_world_path
 
 METHODS = {
@@ -45,7 +45,7 @@ PLAIN_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 
 
 def coefficients(ctx: Context) -> dict[str, float]:
-    """The merge coefficients: the weights, or with M³ mixup w·λ / Σ w·λ (mergeopt.methods.mixup)."""
+    """The merge coefficients: the weights, or with M³ mixup w·λ / Σ w·λ (mergeopt.merging.methods.mixup)."""
     weights = ctx.mixture.weights
     lam = ctx.mixture.method.get("mixup_lambda")
     if ctx.mixture.method.get("mixup_alpha") is None or lam is None:

@@ -19,7 +19,7 @@ import math
 
 import yaml
 
-from mergeopt.export.formats import Context, Format
+from mergeopt.export.formats.base import Context, Format
 
 
 def render(ctx: Context) -> str:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import yaml
 
-from mergeopt.export.formats import Context, Format
+from mergeopt.export.formats.base import Context, Format
 
 
 def values(ctx: Context) -> dict[str, str]:

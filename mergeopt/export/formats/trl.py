@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import yaml
 
-from mergeopt.export.formats import Context, Format
+from mergeopt.export.formats.base import Context, Format
 from mergeopt.export.token_stats import source_of
 
 

@@ -1,0 +1,286 @@
+"""Does the proxy rank data mixtures like the truth? ``python -m mergeopt.rank --proxy A.csv --truth B.csv``.
+
+A merged model (or a small model) is only useful for choosing a mixture if it orders mixtures the
+way models really trained on them do. This module measures that agreement over a set of mixtures:
+rank correlations (Spearman, Kendall, from scipy.stats) with seeded bootstrap intervals, the share
+of mixture pairs ordered correctly, whether the proxy's favourites are the true favourites, and the
+regret of trusting the proxy, normalised to [0, 1] so that metrics on different scales compare.
+
+Table mode joins a proxy table and a truth table on their mixture-weight columns and writes
+rank_report.json, rank_report.md and rank_scatter.png. A table is one CSV, or RegMix's layout
+``MIXTURES.csv+METRICS.csv`` (two files joined on their ``index`` column). Example:
+
+    python -m mergeopt.rank --proxy tests/data/regmix/test_mixture_1m.csv+tests/data/regmix/test_pile_loss_1m.csv \\
+        --truth tests/data/regmix/test_mixture_60m.csv+tests/data/regmix/test_pile_loss_60m.csv --out rank_out
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from mergeopt.errors import UserError, run_cli
+from mergeopt.evaluation.rank_stats import mixture_regret, rank_statistics
+from mergeopt.evaluation.tables import rank_tables
+from mergeopt.runtime.files import save_figure_atomic, write_csv_atomic, write_json_atomic, write_text_atomic
+
+MAX_SCATTER_PANELS = 9  # metrics drawn in rank_scatter.png, plus the mean
+OUTPUT_FILES = ("rank_report.json", "rank_report.md", "rank_scatter.png", "rank_pairs.csv")
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def format_number(value: float, digits: int = 3) -> str:
+    return (
+        "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+    )
+
+
+def markdown_table(report: dict) -> str:
+    """The readable summary: one row per metric, the mean last."""
+    k = report["options"]["k"]
+    overall = report.get("overall", "mean")
+    lines = [
+        f"| metric | n | Spearman [{report['options']['confidence']:.0%} CI] | Kendall [CI] | pairwise acc | top-1 | top-{k} | regret |",
+        "| --- | ---: | --- | --- | ---: | :---: | :---: | ---: |",
+    ]
+    for name, s in report["metrics"].items():
+        rho = f"{format_number(s['spearman'])} [{format_number(s['spearman_ci'][0])}, {format_number(s['spearman_ci'][1])}]"
+        tau = f"{format_number(s['kendall'])} [{format_number(s['kendall_ci'][0])}, {format_number(s['kendall_ci'][1])}]"
+        topk = f"{'yes' if s['topk_hit'] else 'no'} ({round(s['topk_overlap'] * s['k'])}/{s['k']})"
+        arrow = " ↑" if s["higher_is_better"] else ""
+        lines.append(
+            f"| {f'**{name}**' if name == overall else name}{arrow} | {s['n']} | {rho} | {tau} | "
+            f"{format_number(s['pairwise_accuracy'])} | {'yes' if s['top1_hit'] else 'no'} | {topk} | {format_number(s['regret'])} |"
+        )
+    if report.get("note"):
+        lines += ["", report["note"]]
+    return "\n".join(lines)
+
+
+def plot_scatter(pairs: Mapping[str, tuple], report: dict, path: str | Path) -> Path:
+    """Proxy against true score, one panel per metric (the first nine) plus the mean."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    overall = report.get("overall", "mean")
+    names = [m for m in pairs if m != overall][:MAX_SCATTER_PANELS] + ([overall] if overall in pairs else [])
+    ncols = math.ceil(math.sqrt(len(names)))
+    nrows = math.ceil(len(names) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 3.0 * nrows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        proxy, truth = pairs[name]
+        ax.scatter(truth, proxy, s=6, alpha=0.6)
+        ax.set_title(f"{name}\nρ = {format_number(report['metrics'][name]['spearman'])}", fontsize=8)
+        ax.set_xlabel("true score", fontsize=7)
+        ax.set_ylabel("proxy score", fontsize=7)
+        ax.tick_params(labelsize=6)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.set_visible(False)
+    shown = len([m for m in names if m != overall])
+    total = len([m for m in pairs if m != overall])
+    if shown < total:
+        fig.suptitle(f"first {shown} of {total} metrics shown; every metric is in rank_report.md", fontsize=9)
+    fig.tight_layout()
+    try:
+        return save_figure_atomic(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def pairs_frame(pairs: Mapping[str, tuple], weights: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per mixture: its weights (when known), then ``proxy_<metric>``, ``truth_<metric>``."""
+    columns = {} if weights is None else {c: weights[c].to_numpy() for c in weights.columns}
+    for name, (proxy, truth) in pairs.items():
+        columns[f"proxy_{name}"], columns[f"truth_{name}"] = proxy, truth
+    return pd.DataFrame(columns)
+
+
+def write_outputs(
+    report: dict, pairs: Mapping[str, tuple], out: str | Path, weights: pd.DataFrame | None = None
+) -> Path:
+    """rank_report.{json,md}, rank_scatter.png and rank_pairs.csv (the scores behind the figure)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    frame = pairs_frame(pairs, weights)
+    write_csv_atomic(out / "rank_pairs.csv", frame.to_dict("records"), list(frame.columns))
+    plot_scatter(pairs, report, out / "rank_scatter.png")
+    write_text_atomic(out / "rank_report.md", markdown_table(report) + "\n")
+    write_json_atomic(out / "rank_report.json", json_safe(report))
+    return out
+
+
+def json_safe(value):
+    """NaN (an undefined correlation) becomes null: JSON has no NaN."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def rank_grid(
+    recipe,
+    grid_path: str | Path,
+    problem=None,
+    mixture: dict | None = None,
+    progress: bool = True,
+) -> tuple[dict, dict, pd.DataFrame]:
+    """Evaluate the merged proxy at every grid mixture and score it against the grid's true values.
+
+    The metrics are each dev set's loss, each non-loss objective term of the recipe (its
+    ``score_<label>`` column, oriented by :func:`mergeopt.objectives.metrics.higher_is_better`), and the
+    target loss. ``recipe`` has its ``tiny://`` paths resolved. ``problem`` (from
+    :func:`mergeopt.loading.problem.load_problem`) is loaded when not given. ``mixture`` (a mixture.json) adds
+    the regret of the fitted mixture at its nearest grid point, on the target. Returns the report,
+    the paired scores and the proxy's losses and scores.
+    """
+    from mergeopt.evaluation.proxy import check_truth, proxy_grid, read_grid, truth_columns
+    from mergeopt.loading.problem import load_problem
+    from mergeopt.objectives.metrics import higher_is_better
+    from mergeopt.objectives.term_scores import metric_terms
+
+    table = read_grid(grid_path, recipe.expert_names)
+    check_truth(table, recipe, grid_path)
+    if problem is None:
+        problem = load_problem(recipe, progress)
+    terms = metric_terms(recipe)
+    proxy = proxy_grid(problem, table, recipe.optim.eval_batch_size, terms, progress)
+    a = problem.set_weights.double().numpy()
+    a = a / a.sum()
+    columns = truth_columns(recipe)
+    pairs = {name: (proxy[c].to_numpy(), table[c].to_numpy()) for name, c in columns.items()}
+    losses = [columns[d.name] for d in recipe.data.dev]
+    pairs["target"] = (proxy[losses].to_numpy() @ a, table[losses].to_numpy() @ a)
+    higher = {t.label: higher_is_better(t) for t in terms}
+    options = {
+        "k": recipe.rank.k,
+        "n_bootstrap": recipe.rank.bootstrap,
+        "seed": recipe.seed,
+        "confidence": 0.95,
+    }
+    report = {
+        "grid": str(grid_path),
+        "target": recipe.data.target,
+        "overall": "target",
+        "n_mixtures": len(table),
+        "options": options,
+        "metrics": {
+            name: rank_statistics(*pair, name=name, higher_is_better=higher.get(name, False), **options)
+            for name, pair in pairs.items()
+        },
+    }
+    if mixture is not None:
+        weight_columns = table[[f"w_{n}" for n in recipe.expert_names]]
+        report["fitted_mixture"] = mixture_regret(mixture["weights"], weight_columns, pairs["target"][1])
+    return report, pairs, proxy
+
+
+def _grid_main(args) -> int:
+    import json
+
+    from mergeopt.config import load_recipe
+    from mergeopt.evaluation.proxy import check_truth, read_grid
+    from mergeopt.worlds import resolve_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    grid = args.grid or recipe.rank.grid
+    if grid is None:
+        raise UserError("no grid table: pass --grid GRID.csv or set rank.grid in the recipe")
+    # a bad table is reported before anything is built or loaded
+    check_truth(read_grid(grid, recipe.expert_names), recipe, grid)
+    mixture_path = Path(args.mixture) if args.mixture else Path(recipe.output_dir) / "mixture.json"
+    mixture = None
+    if mixture_path.is_file():
+        mixture = json.loads(mixture_path.read_text())
+    elif args.mixture:
+        raise UserError(f"mixture {mixture_path} does not exist")
+    resolved, _ = resolve_recipe(recipe, (lambda _m: None) if args.quiet else print)
+    report, pairs, proxy = rank_grid(resolved, grid, mixture=mixture, progress=not args.quiet)
+    weights = read_grid(grid, recipe.expert_names)[[f"w_{n}" for n in recipe.expert_names]]
+    out = write_outputs(report, pairs, args.out or recipe.output_dir, weights)
+    from mergeopt.reporting.run_report import write_report
+
+    write_report(out)
+    print(markdown_table(report))
+    if "fitted_mixture" in report:
+        fitted = report["fitted_mixture"]
+        print(
+            f"\nfitted mixture ({mixture_path}): nearest grid row {fitted['row']} at distance "
+            f"{fitted['distance']:.3f}, normalized regret {fitted['regret']:.3f}"
+        )
+    print(f"\nWrote {', '.join(OUTPUT_FILES)}, report.md to {out}")
+    return 0
+
+
+def comma_list(text: str | None) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else []
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m mergeopt.rank",
+        description="Compare how a proxy and the truth rank data mixtures (table mode: --proxy and --truth).",
+        epilog="Example: python -m mergeopt.rank --proxy mix_1m.csv+loss_1m.csv --truth mix_60m.csv+loss_60m.csv",
+    )
+    parser.add_argument(
+        "recipe", nargs="?", help="grid mode: a fit recipe whose merged proxy is ranked on --grid"
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="grid mode: dotted recipe overrides"
+    )
+    parser.add_argument(
+        "--grid", help="grid mode: grid.csv from mergeopt.worlds.train (default: the recipe's rank.grid)"
+    )
+    parser.add_argument(
+        "--mixture", help="grid mode: a mixture.json whose regret to report (default: the run's)"
+    )
+    parser.add_argument("--quiet", action="store_true", help="grid mode: no progress bars")
+    parser.add_argument("--proxy", help="proxy scores: TABLE.csv or MIXTURES.csv+METRICS.csv")
+    parser.add_argument("--truth", help="true scores: TABLE.csv or MIXTURES.csv+METRICS.csv")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--mixture-prefix", help="weight columns start with this (default: w_, then train_)")
+    group.add_argument("--mixture-columns", help="comma-separated weight columns")
+    parser.add_argument("--metrics", help="comma-separated metric columns (default: numeric columns in both)")
+    parser.add_argument(
+        "--higher-is-better", default="", help="comma-separated metrics where higher is better"
+    )
+    parser.add_argument("--k", type=int, default=3, help="top-k size (default 3)")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    parser.add_argument("--out", help="output directory (default: rank_out/, or the recipe's output_dir)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    args = parser.parse_intermixed_args(argv)
+    if args.recipe is not None:
+        return _grid_main(args)
+    if not args.proxy or not args.truth:
+        raise UserError("table mode needs both --proxy and --truth")
+    report, pairs = rank_tables(
+        args.proxy,
+        args.truth,
+        mixture_prefix=args.mixture_prefix,
+        mixture_cols=comma_list(args.mixture_columns),
+        metrics=comma_list(args.metrics),
+        higher_is_better=comma_list(args.higher_is_better),
+        k=args.k,
+        n_bootstrap=args.bootstrap,
+        seed=args.seed,
+    )
+    out = write_outputs(report, pairs, args.out or "rank_out")
+    print(markdown_table(report))
+    print(f"\nWrote {', '.join(OUTPUT_FILES)} to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

@@ -1,0 +1,248 @@
+"""Score tables made elsewhere: loading, joining a proxy table to a truth table on their mixtures.
+
+A table is one CSV, or RegMix's layout ``MIXTURES.csv+METRICS.csv`` (two files joined on their
+``index`` column). Rows are matched on their weight vectors (rounded to 1e-6) and metric columns are
+paired by name, then scored with :func:`mergeopt.evaluation.rank_stats.rank_statistics`. Two scales of runs
+(``python -m mergeopt.transfer``) are paired on the mixtures both hold, :func:`shared_mixtures`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mergeopt.errors import UserError
+from mergeopt.evaluation.rank_stats import rank_statistics
+
+DEFAULT_PREFIXES = ("w_", "train_")  # ours, then RegMix's train_the_pile_*
+WEIGHT_DECIMALS = 6  # rows are matched on weights rounded to 1e-6
+# RegMix publishes weights rounded to 3 decimals over 17 domains: row sums drift by up to 0.003 in
+# its test tables and 0.004 in its train table, so 1e-3 would reject real data; 5e-3 still catches
+# percentages, a missing column or a metric taken for a weight.
+WEIGHT_SUM_TOLERANCE = 5e-3
+
+
+def _read_csv(path: str) -> pd.DataFrame:
+    """A CSV with RegMix's quirks handled: a trailing comma makes an unnamed, empty column; drop it."""
+    if not Path(path).is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        frame = pd.read_csv(path, index_col=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path}: not a readable CSV table ({first})") from None
+    empty = [c for c in frame.columns if str(c).startswith("Unnamed:") and frame[c].isna().all()]
+    frame = frame.drop(columns=empty)
+    if frame.empty:
+        raise UserError(f"{path}: the table has no rows")
+    return frame
+
+
+def row_label(frame: pd.DataFrame, i: int) -> str:
+    return f"row {i + 1} (index {frame['index'].iloc[i]})" if "index" in frame.columns else f"row {i + 1}"
+
+
+def load_table(spec: str) -> tuple[pd.DataFrame, str]:
+    """One CSV, or ``MIXTURES.csv+METRICS.csv`` joined on ``index``; returns the table and the file holding weights."""
+    if Path(spec).is_file() or "+" not in spec:
+        return _read_csv(spec), spec
+    parts = spec.split("+")
+    if len(parts) != 2 or not all(parts):
+        raise UserError(f"{spec}: write a split table as MIXTURES.csv+METRICS.csv (two files)")
+    mixtures, metrics = (_read_csv(p) for p in parts)
+    for path, frame in zip(parts, (mixtures, metrics)):
+        if "index" not in frame.columns:
+            raise UserError(f"{path}: a split table needs an 'index' column to join on")
+        if frame["index"].duplicated().any():
+            dup = frame["index"][frame["index"].duplicated()].iloc[0]
+            raise UserError(f"{path}: index {dup} appears more than once")
+    for path, frame, other in ((parts[0], mixtures, metrics), (parts[1], metrics, mixtures)):
+        unmatched = ~frame["index"].isin(other["index"])
+        if unmatched.any():
+            i = int(np.flatnonzero(unmatched)[0])
+            raise UserError(f"{path}: {row_label(frame, i)} has no row with that index in the other file")
+    shared = (set(mixtures.columns) & set(metrics.columns)) - {"index"}
+    if shared:
+        raise UserError(f"{spec}: both files have column(s) {sorted(shared)}")
+    return mixtures.merge(metrics, on="index", how="left", validate="one_to_one"), parts[0]
+
+
+def mixture_columns(
+    frame: pd.DataFrame, source: str, prefix: str | None, columns: Sequence[str] | None
+) -> list[str]:
+    """The weight columns: named explicitly, or found by prefix (``w_``, then RegMix's ``train_``)."""
+    if columns:
+        missing = [c for c in columns if c not in frame.columns]
+        if missing:
+            raise UserError(f"{source}: no mixture column(s) {missing}")
+        return list(columns)
+    for candidate in [prefix] if prefix else DEFAULT_PREFIXES:
+        found = [str(c) for c in frame.columns if str(c).startswith(candidate)]
+        if found:
+            return found
+    tried = prefix or " or ".join(DEFAULT_PREFIXES)
+    raise UserError(
+        f"{source}: no mixture columns (looked for the prefix {tried}); use --mixture-prefix or --mixture-columns"
+    )
+
+
+def check_weights(frame: pd.DataFrame, columns: Sequence[str], source: str) -> np.ndarray:
+    """The weights as a matrix; every entry a number, every row a mixture (sums to 1)."""
+    for col in columns:
+        values = pd.to_numeric(frame[col], errors="coerce")
+        bad = np.flatnonzero(values.isna().to_numpy())
+        if bad.size:
+            raise UserError(
+                f"{source}: {row_label(frame, int(bad[0]))}: mixture column {col} is not a number"
+            )
+    weights = frame[list(columns)].to_numpy(dtype=np.float64)
+    off = np.flatnonzero(np.abs(weights.sum(axis=1) - 1) > WEIGHT_SUM_TOLERANCE)
+    if off.size:
+        i = int(off[0])
+        raise UserError(
+            f"{source}: {row_label(frame, i)}: weights sum to {weights[i].sum():.6g}, not 1 (±{WEIGHT_SUM_TOLERANCE:g})"
+        )
+    return weights
+
+
+def match_rows(
+    proxy_w: np.ndarray, truth_w: np.ndarray, proxy_frame: pd.DataFrame, source: str
+) -> np.ndarray:
+    """For each proxy row, the one truth row with the same weights (rounded to 1e-6)."""
+    lookup: dict[tuple, list[int]] = {}
+    for j, row in enumerate(np.round(truth_w, WEIGHT_DECIMALS)):
+        lookup.setdefault(tuple(row.tolist()), []).append(j)
+    matched = []
+    for i, row in enumerate(np.round(proxy_w, WEIGHT_DECIMALS)):
+        hits = lookup.get(tuple(row.tolist()), [])
+        if len(hits) != 1:
+            what = "no truth row" if not hits else f"{len(hits)} truth rows"
+            raise UserError(f"{source}: {row_label(proxy_frame, i)} matches {what} with the same weights")
+        matched.append(hits[0])
+    return np.array(matched, dtype=int)
+
+
+def shared_mixtures(
+    weights: Sequence[np.ndarray], frames: Sequence[pd.DataFrame], sources: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of two tables with the same weights (rounded to 1e-6), in the first table's order.
+
+    Unlike :func:`match_rows`, either table may hold mixtures the other lacks (a large-scale sweep
+    usually reruns a few of the small-scale mixtures); a mixture twice in one table is ambiguous.
+    """
+    keys = []
+    for w, frame, source in zip(weights, frames, sources):
+        seen: dict[tuple, int] = {}
+        for i, row in enumerate(np.round(w, WEIGHT_DECIMALS)):
+            key = tuple(row.tolist())
+            if key in seen:
+                raise UserError(
+                    f"{source}: {row_label(frame, i)} has the same weights as {row_label(frame, seen[key])}; "
+                    "average repeated runs of a mixture into one row first"
+                )
+            seen[key] = i
+        keys.append(seen)
+    first, second = keys
+    pairs = [(i, second[key]) for key, i in first.items() if key in second]
+    if not pairs:
+        raise UserError(
+            f"{sources[0]} and {sources[1]} share no mixtures (rows are matched on their weights, rounded to 1e-6)"
+        )
+    rows = np.array(sorted(pairs), dtype=int)
+    return rows[:, 0], rows[:, 1]
+
+
+def metric_columns(proxy: pd.DataFrame, truth: pd.DataFrame, exclude: set, requested, sources) -> list[str]:
+    """Metrics paired by name: those requested, or every numeric column both tables share."""
+    exclude = exclude | {"index"} | {c for c in proxy.columns if str(c).startswith("Unnamed:")}
+    if requested:
+        for frame, source in zip((proxy, truth), sources):
+            missing = [m for m in requested if m not in frame.columns]
+            if missing:
+                raise UserError(f"{source}: no metric column(s) {missing}")
+            for m in requested:
+                if not pd.api.types.is_numeric_dtype(frame[m]):
+                    raise UserError(f"{source}: metric column {m} is not numeric")
+        return list(requested)
+    shared = [
+        str(c)
+        for c in proxy.columns
+        if c in truth.columns
+        and c not in exclude
+        and pd.api.types.is_numeric_dtype(proxy[c])
+        and pd.api.types.is_numeric_dtype(truth[c])
+    ]
+    if not shared:
+        raise UserError(f"{sources[0]} and {sources[1]} share no numeric metric columns")
+    return shared
+
+
+def metric_values(frame: pd.DataFrame, metric: str, source: str) -> np.ndarray:
+    values = frame[metric].to_numpy(dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+        raise UserError(
+            f"{source}: column {metric} has {bad.size} empty or NaN value(s), first at {row_label(frame, int(bad[0]))}"
+        )
+    return values
+
+
+def rank_tables(
+    proxy_spec: str,
+    truth_spec: str,
+    *,
+    mixture_prefix: str | None = None,
+    mixture_cols: Sequence[str] | None = None,
+    metrics: Sequence[str] | None = None,
+    higher_is_better: Sequence[str] = (),
+    k: int = 3,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> tuple[dict, dict]:
+    """Load, join and score two tables; returns the report and the paired scores (for the plot)."""
+    (proxy, proxy_src), (truth, truth_src) = load_table(proxy_spec), load_table(truth_spec)
+    cols = mixture_columns(proxy, proxy_src, mixture_prefix, mixture_cols)
+    missing = [c for c in cols if c not in truth.columns]
+    if missing:
+        raise UserError(f"{truth_src}: no mixture column(s) {missing} (present in {proxy_src})")
+    rows = match_rows(
+        check_weights(proxy, cols, proxy_src), check_weights(truth, cols, truth_src), proxy, proxy_src
+    )
+    names = metric_columns(proxy, truth, set(cols), metrics, (proxy_spec, truth_spec))
+    unknown = sorted(set(higher_is_better) - set(names))
+    if unknown or "mean" in names:
+        raise UserError(
+            f"--higher-is-better names {unknown}, not a compared metric"
+            if unknown
+            else "a metric column is called 'mean', which names the overall target here; rename it"
+        )
+    pairs = {
+        m: (metric_values(proxy, m, proxy_spec), metric_values(truth, m, truth_spec)[rows]) for m in names
+    }
+    directions = {m: m in higher_is_better for m in names}
+    options = {"k": k, "n_bootstrap": n_bootstrap, "seed": seed, "confidence": confidence}
+    results = {
+        m: rank_statistics(*pairs[m], higher_is_better=directions[m], name=m, **options) for m in names
+    }
+    note = None
+    if len(set(directions.values())) == 1:
+        pairs["mean"] = tuple(np.mean([pairs[m][s] for m in names], axis=0) for s in (0, 1))
+        results["mean"] = rank_statistics(
+            *pairs["mean"], higher_is_better=directions[names[0]], name="mean", **options
+        )
+    else:
+        note = "no mean: the metrics mix lower- and higher-is-better"
+    report = {
+        "proxy": proxy_spec,
+        "truth": truth_spec,
+        "mixture_columns": cols,
+        "n_mixtures": len(rows),
+        "options": options,
+        "metrics": results,
+        "note": note,
+    }
+    return report, pairs

@@ -1,0 +1,615 @@
+"""Does a ranking of data mixtures at one scale carry to another? ``python -m mergeopt.transfer SMALL LARGE``.
+
+Choosing a mixture with small models (or with merged experts) is only worth it if the order they
+put mixtures in survives at the scale one actually trains; RegMix bets on exactly that ("rank
+invariance"). This module measures it for two tables of runs that share mixture columns: for each
+metric, Spearman and Kendall (scipy.stats) with seeded bootstrap intervals, the overlap of the
+two scales' top-k, and the regret at the large scale of trusting the small scale: how much worse,
+at the large scale, the small scale's favourite is than the large scale's own best (in the
+metric's units, and normalised to [0, 1] by the large-scale range).
+
+Direct mode compares the measured scores of SMALL and LARGE on the mixtures both tables hold
+(rows matched on their weights). Surrogate mode (``--surrogate-fit TRAIN``) is RegMix's protocol:
+one LightGBM regressor per metric, fitted on a small-scale table of runs (mixture weights →
+metric) with a fixed number of boosting rounds, so no test run is used for early stopping; its
+predictions for LARGE's mixtures are ranked against LARGE's scores and, when SMALL is given,
+against SMALL's (RegMix's own held-out number). Besides the metrics, an aggregate is ranked:
+``mean``, the mean of the metric values per mixture (the same as ``python -m mergeopt.rank``'s
+mean), or ``mean_rank``, the mean of per-metric ranks, when metrics mix lower- and higher-is-better.
+
+Writes transfer_report.json, transfer_report.md and transfer_scatter.png. Example on RegMix's
+tables (1M- and 60M-parameter models on the same 256 mixtures; 512 further 1M runs to fit on):
+
+    python -m mergeopt.transfer tests/data/regmix/test_mixture_1m.csv+tests/data/regmix/test_pile_loss_1m.csv \\
+        tests/data/regmix/test_mixture_60m.csv+tests/data/regmix/test_pile_loss_60m.csv \\
+        --surrogate-fit tests/data/regmix/train_mixture_1m.csv+tests/data/regmix/train_pile_loss_1m.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from mergeopt.errors import UserError, run_cli
+from mergeopt.evaluation.rank import MAX_SCATTER_PANELS, comma_list, format_number, json_safe
+from mergeopt.evaluation.rank_stats import rank_statistics
+from mergeopt.evaluation.tables import (
+    WEIGHT_DECIMALS,
+    check_weights,
+    load_table,
+    metric_columns,
+    metric_values,
+    mixture_columns,
+    row_label,
+    shared_mixtures,
+)
+from mergeopt.runtime.files import save_figure_atomic, write_json_atomic, write_text_atomic
+
+OUTPUT_FILES = ("transfer_report.json", "transfer_report.md", "transfer_scatter.png")
+COMPARISONS = {  # key: (proxy, truth, what it measures)
+    "small_to_large": ("SMALL", "LARGE", "measured small-scale scores rank the large-scale runs"),
+    "surrogate_to_large": ("surrogate", "LARGE", "surrogate predictions rank the large-scale runs"),
+    "surrogate_to_small": ("surrogate", "SMALL", "surrogate predictions rank the small-scale runs"),
+}
+SURROGATE_OPTIONS = {  # CLI flag → SurrogateSearch field (its defaults are the defaults here)
+    "rounds": "n_estimators",
+    "learning_rate": "learning_rate",
+    "num_leaves": "num_leaves",
+    "min_child_samples": "min_child_samples",
+}
+
+
+class ScaleTable(NamedTuple):
+    """One loaded table: its role (SMALL, LARGE or TRAIN), the frame, the spec the user wrote, the weights."""
+
+    role: str
+    frame: pd.DataFrame
+    spec: str
+    weights: np.ndarray
+
+
+# ---------------------------------------------------------------- loading and pairing
+
+
+def load_scale_tables(specs: Mapping[str, str], prefix: str | None, columns: Sequence[str] | None):
+    """Load every table and check they have the same mixture columns; weights come in the first's order."""
+    loaded = {role: load_table(spec) for role, spec in specs.items()}
+    first_role = next(iter(loaded))
+    first_frame, first_source = loaded[first_role]
+    cols = mixture_columns(first_frame, first_source, prefix, columns)
+    tables = {}
+    for role, (frame, source) in loaded.items():
+        own = mixture_columns(frame, source, prefix, columns) if role != first_role else cols
+        if set(own) != set(cols):
+            lacks, extra = sorted(set(cols) - set(own)), sorted(set(own) - set(cols))
+            raise UserError(
+                f"{source}: its mixture columns differ from those of {first_source}"
+                + (f"; it lacks {lacks}" if lacks else "")
+                + (f"; it has extra {extra}" if extra else "")
+            )
+        tables[role] = ScaleTable(role, frame, specs[role], check_weights(frame, cols, source))
+    return tables, cols
+
+
+def _numeric_columns(frame: pd.DataFrame, exclude: set) -> list[str]:
+    return [
+        str(c)
+        for c in frame.columns
+        if c not in exclude and not str(c).startswith("Unnamed:") and pd.api.types.is_numeric_dtype(frame[c])
+    ]
+
+
+def compared_metrics(
+    tables: Mapping[str, ScaleTable], cols: Sequence[str], requested: Sequence[str] | None
+) -> tuple[list[str], dict[str, list[str]]]:
+    """Metrics every table has: those requested (each must be in every table) or all shared numeric ones.
+
+    Returns the metrics and, per table, the numeric columns left out because another table lacks them.
+    """
+    exclude = set(cols) | {"index"}
+    group = list(tables.values())
+    names = metric_columns(group[0].frame, group[1].frame, exclude, requested, (group[0].spec, group[1].spec))
+    for other in group[2:]:
+        found = metric_columns(group[0].frame, other.frame, exclude, requested, (group[0].spec, other.spec))
+        names = [m for m in names if m in found]
+    if not names:
+        raise UserError(f"{', '.join(t.spec for t in group)} share no numeric metric columns")
+    skipped = {
+        t.role: left
+        for t in group
+        if (left := [c for c in _numeric_columns(t.frame, exclude) if c not in names])
+    }
+    return names, skipped
+
+
+def _row_labels(table: ScaleTable, rows: np.ndarray) -> list[str]:
+    return [row_label(table.frame, int(i)) for i in rows]
+
+
+def _in_table(weights: np.ndarray, reference: np.ndarray) -> int:
+    """How many rows of ``weights`` are also mixtures of ``reference`` (weights rounded to 1e-6)."""
+    known = {tuple(r.tolist()) for r in np.round(reference, WEIGHT_DECIMALS)}
+    return sum(tuple(r.tolist()) in known for r in np.round(weights, WEIGHT_DECIMALS))
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def with_aggregate(
+    scores: Mapping[str, np.ndarray], directions: Mapping[str, bool], aggregate: str | None
+) -> dict[str, np.ndarray]:
+    """The per-metric scores plus the aggregate: mean value, or mean per-metric rank (lower is better)."""
+    scores = dict(scores)
+    if aggregate == "mean":
+        scores["mean"] = np.mean(list(scores.values()), axis=0)
+    elif aggregate == "mean_rank":
+        ranks = [stats.rankdata(-v if directions[m] else v) for m, v in scores.items()]
+        scores["mean_rank"] = np.mean(ranks, axis=0)
+    return scores
+
+
+def transfer_statistics(
+    proxy: np.ndarray,
+    truth: np.ndarray,
+    *,
+    higher_is_better: bool,
+    options: Mapping,
+    name: str,
+    labels: Sequence[str],
+) -> dict:
+    """:func:`rank_statistics` plus where the proxy's favourite lands in the truth.
+
+    ``regret_raw`` is in the metric's own units (≥ 0, 0 when the favourite is truly best) and
+    ``choice_rank`` is its place among the true scores (1 = best; ties share the better place).
+    """
+    s = rank_statistics(proxy, truth, higher_is_better=higher_is_better, name=name, **options)
+    truth_low = (
+        -np.asarray(truth, dtype=np.float64) if higher_is_better else np.asarray(truth, dtype=np.float64)
+    )
+    chosen, best = s["proxy_best_row"], s["true_best_row"]
+    return {
+        **s,
+        "regret_raw": float(truth_low[chosen] - truth_low.min()),
+        "choice_rank": int(np.sum(truth_low < truth_low[chosen])) + 1,
+        "choice": labels[chosen],
+        "best": labels[best],
+        "choice_true_score": float(truth[chosen]),
+        "best_true_score": float(truth[best]),
+    }
+
+
+def compare(
+    proxy: Mapping[str, np.ndarray],
+    truth: Mapping[str, np.ndarray],
+    directions: Mapping[str, bool],
+    options: Mapping,
+    labels: Sequence[str],
+) -> dict:
+    """Transfer statistics for every metric (and the aggregate) of one proxy against one truth."""
+    return {
+        m: transfer_statistics(
+            proxy[m], truth[m], higher_is_better=directions[m], options=options, name=m, labels=labels
+        )
+        for m in proxy
+    }
+
+
+def surrogate_settings(overrides: Mapping[str, float | int | None]):
+    """The LightGBM settings: :class:`SurrogateSearch`'s defaults, with the CLI's overrides."""
+    from pydantic import ValidationError
+
+    from mergeopt.config import SurrogateSearch
+
+    given = {SURROGATE_OPTIONS[k]: v for k, v in overrides.items() if v is not None}
+    try:
+        return SurrogateSearch(**given)
+    except ValidationError as err:
+        first = err.errors()[0]
+        flag = next(k for k, f in SURROGATE_OPTIONS.items() if f == first["loc"][0])
+        raise UserError(f"--{flag.replace('_', '-')}: {first['msg']}") from None
+
+
+def fit_surrogates(train: ScaleTable, metrics: Sequence[str], settings, seed: int):
+    """One deterministic LightGBM regressor per metric on TRAIN, fixed rounds (no early stopping)."""
+    from mergeopt.search.surrogate import fit_surrogate
+
+    targets = {m: metric_values(train.frame, m, train.spec) for m in metrics}
+    return fit_surrogate(train.weights, targets, settings, seed)
+
+
+# ---------------------------------------------------------------- the whole check
+
+
+def transfer_tables(
+    small_spec: str | None,
+    large_spec: str,
+    *,
+    surrogate_fit: str | None = None,
+    metrics: Sequence[str] | None = None,
+    higher_is_better: Sequence[str] = (),
+    mixture_prefix: str | None = None,
+    mixture_cols: Sequence[str] | None = None,
+    k: int = 3,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+    surrogate_options: Mapping[str, float | int | None] | None = None,
+) -> tuple[dict, dict]:
+    """Load, pair and score SMALL against LARGE, and the surrogate fitted on ``surrogate_fit`` against both.
+
+    Returns the report and, per comparison, the paired (proxy, truth) scores per metric (for the plot).
+    ``seed`` drives the bootstrap and LightGBM; the same inputs and seed give the same report.
+    """
+    if small_spec is None and surrogate_fit is None:
+        raise UserError("give SMALL and LARGE tables, or LARGE with --surrogate-fit TRAIN")
+    if k < 1 or n_bootstrap < 0:
+        raise UserError(f"need --k ≥ 1 and --bootstrap ≥ 0, got {k} and {n_bootstrap}")
+    specs = {"SMALL": small_spec, "LARGE": large_spec, "TRAIN": surrogate_fit}
+    tables, cols = load_scale_tables(
+        {r: s for r, s in specs.items() if s is not None}, mixture_prefix, mixture_cols
+    )
+    settings = surrogate_settings(surrogate_options or {}) if surrogate_fit is not None else None
+    names, skipped = compared_metrics(tables, cols, metrics)
+    unknown = sorted(set(higher_is_better) - set(names))
+    if unknown:
+        raise UserError(f"--higher-is-better names {unknown}, not a compared metric")
+    directions = {m: m in higher_is_better for m in names}
+    aggregate = None if len(names) < 2 else "mean" if len(set(directions.values())) == 1 else "mean_rank"
+    if aggregate in names:
+        raise UserError(f"a metric column is called '{aggregate}', which names the aggregate here; rename it")
+    if aggregate:
+        directions[aggregate] = directions[names[0]] if aggregate == "mean" else False
+    values = {
+        role: {m: metric_values(t.frame, m, t.spec) for m in names}
+        for role, t in tables.items()
+        if role != "TRAIN"
+    }
+    options = {"k": k, "n_bootstrap": n_bootstrap, "seed": seed, "confidence": confidence}
+    pairs: dict[str, dict[str, tuple]] = {}
+    large = tables["LARGE"]
+    if "SMALL" in tables:
+        small = tables["SMALL"]
+        rows_small, rows_large = shared_mixtures(
+            (small.weights, large.weights), (small.frame, large.frame), (small.spec, large.spec)
+        )
+        if len(rows_small) < 2:
+            raise UserError(f"{small.spec} and {large.spec} share only 1 mixture; a ranking needs 2")
+        proxy = with_aggregate({m: v[rows_small] for m, v in values["SMALL"].items()}, directions, aggregate)
+        truth = with_aggregate({m: v[rows_large] for m, v in values["LARGE"].items()}, directions, aggregate)
+        pairs["small_to_large"] = {m: (proxy[m], truth[m]) for m in proxy}
+        labels = {"small_to_large": _row_labels(large, rows_large)}
+    else:
+        rows_small = np.zeros(0, dtype=int)
+        labels = {}
+    if settings is not None:
+        train = tables["TRAIN"]
+        surrogate = fit_surrogates(train, names, settings, seed)
+        for key, role in (("surrogate_to_large", "LARGE"), ("surrogate_to_small", "SMALL")):
+            if role in tables:
+                predicted = with_aggregate(surrogate.predict(tables[role].weights), directions, aggregate)
+                truth = with_aggregate(values[role], directions, aggregate)
+                pairs[key] = {m: (predicted[m], truth[m]) for m in predicted}
+                labels[key] = _row_labels(tables[role], np.arange(len(tables[role].frame)))
+    comparisons = {
+        key: {
+            "proxy": COMPARISONS[key][0],
+            "truth": COMPARISONS[key][1],
+            "what": COMPARISONS[key][2],
+            "n": len(labels[key]),
+            "metrics": compare(
+                {m: p for m, (p, _) in pair.items()},
+                {m: t for m, (_, t) in pair.items()},
+                directions,
+                options,
+                labels[key],
+            ),
+        }
+        for key, pair in pairs.items()
+    }
+    report = {
+        "small": small_spec,
+        "large": large_spec,
+        "surrogate_fit": surrogate_fit,
+        "mixture_columns": list(cols),
+        "n_mixtures": {
+            "small": len(tables["SMALL"].frame) if "SMALL" in tables else None,
+            "large": len(large.frame),
+            "shared": len(rows_small) if "SMALL" in tables else None,
+            "train": len(tables["TRAIN"].frame) if "TRAIN" in tables else None,
+        },
+        "metrics": names,
+        "higher_is_better": [m for m in names if directions[m]],
+        "skipped_metrics": skipped,
+        "aggregate": aggregate,
+        "options": options,
+        "surrogate": _surrogate_summary(tables, settings, seed),
+        "comparisons": comparisons,
+    }
+    return report, pairs
+
+
+def _surrogate_summary(tables: Mapping[str, ScaleTable], settings, seed: int) -> dict | None:
+    if settings is None:
+        return None
+    train = tables["TRAIN"].weights
+    return {
+        "model": "LightGBM regressor per metric on the mixture weights",
+        "rounds": settings.n_estimators,
+        "learning_rate": settings.learning_rate,
+        "num_leaves": settings.num_leaves,
+        "min_child_samples": settings.min_child_samples,
+        "seed": seed,
+        "early_stopping": None,
+        "train_mixtures_in": {
+            role: _in_table(tables[role].weights, train) for role in ("SMALL", "LARGE") if role in tables
+        },
+    }
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def short_names(names: Sequence[str]) -> tuple[dict[str, str], str, str]:
+    """Display names without the prefix and suffix every metric shares (RegMix: metric/the_pile_*_val_loss).
+
+    The cut falls on a separator, so no name loses part of a word; the report keeps full names.
+    """
+    names = list(names)
+    if len(names) < 2:
+        return {n: n for n in names}, "", ""
+    separators = "/_-.: "
+    prefix = os.path.commonprefix(names)
+    prefix = prefix[: max((prefix.rfind(c) + 1 for c in separators), default=0)]
+    suffix = os.path.commonprefix([n[::-1] for n in names])[::-1]
+    suffix = suffix[min((i for i, c in enumerate(suffix) if c in separators), default=len(suffix)) :]
+    short = {n: n[len(prefix) : len(n) - len(suffix)] for n in names}
+    if any(len(prefix) + len(suffix) >= len(n) for n in names) or len(set(short.values())) < len(names):
+        return {n: n for n in names}, "", ""
+    return short, prefix, suffix
+
+
+def _display(report: dict) -> tuple[dict[str, str], str | None]:
+    short, prefix, suffix = short_names(report["metrics"])
+    if report["aggregate"]:
+        short[report["aggregate"]] = f"**{report['aggregate']}**"
+    note = f"Metric names are shown without their shared `{prefix}…{suffix}`." if prefix or suffix else None
+    return short, note
+
+
+def _interval(s: dict, key: str) -> str:
+    low, high = s[f"{key}_ci"]
+    return f"{format_number(s[key])} [{format_number(low)}, {format_number(high)}]"
+
+
+def comparison_table(report: dict, key: str) -> str:
+    """One comparison in full: a row per metric, the aggregate last."""
+    k, shown = report["options"]["k"], _display(report)[0]
+    lines = [
+        f"| metric | n | Spearman [{report['options']['confidence']:.0%} CI] | Kendall [CI] | top-{k} overlap "
+        "| choice's true rank | regret | regret (norm.) |",
+        "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, s in report["comparisons"][key]["metrics"].items():
+        arrow = " ↑" if s["higher_is_better"] else ""
+        lines.append(
+            f"| {shown[name]}{arrow} | {s['n']} | {_interval(s, 'spearman')} | {_interval(s, 'kendall')} | "
+            f"{round(s['topk_overlap'] * s['k'])}/{s['k']} | {s['choice_rank']} | {s['regret_raw']:.4g} | "
+            f"{format_number(s['regret'])} |"
+        )
+    return "\n".join(lines)
+
+
+def summary_table(report: dict) -> str:
+    """The printed summary: per metric, Spearman [CI] and normalised regret of each comparison."""
+    shown = _display(report)[0]
+    keys = list(report["comparisons"])
+    heads = [f"{COMPARISONS[c][0]}→{COMPARISONS[c][1]}" for c in keys]
+    lines = [
+        "| metric | " + " | ".join(f"{h} ρ [CI] | τ | regret" for h in heads) + " |",
+        "| --- |" + " --- | ---: | ---: |" * len(keys),
+    ]
+    for name in report["comparisons"][keys[0]]["metrics"]:
+        cells = []
+        for key in keys:
+            s = report["comparisons"][key]["metrics"][name]
+            low, high = s["spearman_ci"]
+            cells += [
+                f"{format_number(s['spearman'])} [{format_number(low)}, {format_number(high)}]",
+                format_number(s["kendall"]),
+                format_number(s["regret"]),
+            ]
+        lines.append(f"| {shown[name]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _context_lines(report: dict) -> list[str]:
+    n = report["n_mixtures"]
+    lines = []
+    if report["small"] is not None:
+        lines.append(f"- SMALL: `{report['small']}` ({n['small']} mixtures)")
+    lines.append(f"- LARGE: `{report['large']}` ({n['large']} mixtures)")
+    if n["shared"] is not None:
+        lines.append(
+            f"- SMALL→LARGE is compared on the {n['shared']} mixtures both hold (rows matched on weights)"
+        )
+    s = report["surrogate"]
+    if s is not None:
+        seen = ", ".join(f"{v} of {role}'s" for role, v in s["train_mixtures_in"].items())
+        lines.append(
+            f"- surrogate: {s['model']}, fitted on `{report['surrogate_fit']}` ({n['train']} mixtures); "
+            f"{s['rounds']} rounds, learning rate {s['learning_rate']:g}, {s['num_leaves']} leaves, "
+            f"at least {s['min_child_samples']} samples per leaf, seed {s['seed']}; fixed rounds, no early "
+            f"stopping; {seen} mixtures are in its training table"
+        )
+    if report["aggregate"] == "mean":
+        lines.append("- aggregate **mean**: the mean of the metric values per mixture")
+    elif report["aggregate"] == "mean_rank":
+        lines.append(
+            "- aggregate **mean_rank**: the mean of per-metric ranks per mixture (1 = best; the metrics mix "
+            "lower- and higher-is-better)"
+        )
+    for role, left in report["skipped_metrics"].items():
+        lines.append(f"- not compared (only some tables have them): {role}'s {left}")
+    o = report["options"]
+    lines.append(
+        f"- intervals: {o['confidence']:.0%} percentile bootstrap, {o['n_bootstrap']} resamples of mixtures, "
+        f"seed {o['seed']}; regret: the truth's score of the proxy's favourite minus the truth's best "
+        "(metric units), and that over the truth's range (norm.)"
+    )
+    return lines
+
+
+def markdown_report(report: dict) -> str:
+    """transfer_report.md: what was compared, then one full table per comparison."""
+    note = _display(report)[1]
+    parts = ["# Ranking transfer", "", *_context_lines(report)]
+    if note:
+        parts.append(f"- {note}")
+    for key, c in report["comparisons"].items():
+        parts += ["", f"## {c['proxy']} → {c['truth']}: {c['what']}", "", comparison_table(report, key)]
+    return "\n".join(parts)
+
+
+def plot_transfer(pairs: Mapping[str, Mapping[str, tuple]], report: dict, path: str | Path) -> Path:
+    """Small-scale score (measured, or the surrogate's prediction) against large-scale score, per metric."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    keys = [c for c in ("small_to_large", "surrogate_to_large") if c in pairs] or list(pairs)
+    aggregate = report["aggregate"]
+    names = report["metrics"][:MAX_SCATTER_PANELS] + ([aggregate] if aggregate else [])
+    shown = short_names(report["metrics"])[0]
+    ncols = math.ceil(math.sqrt(len(names)))
+    nrows = math.ceil(len(names) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 3.0 * nrows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        for key in keys:
+            proxy, truth = pairs[key][name]
+            rho = format_number(report["comparisons"][key]["metrics"][name]["spearman"])
+            ax.scatter(
+                truth,
+                proxy,
+                s=6,
+                alpha=0.5,
+                label=f"{'SMALL, measured' if key == 'small_to_large' else 'surrogate'} (ρ = {rho})",
+            )
+        ax.set_title(shown.get(name, name), fontsize=8)
+        ax.set_xlabel(f"{COMPARISONS[keys[0]][1]} score", fontsize=7)
+        ax.set_ylabel("small-scale score or prediction", fontsize=7)
+        ax.tick_params(labelsize=6)
+        ax.legend(fontsize=6, loc="best")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.set_visible(False)
+    if len(report["metrics"]) > MAX_SCATTER_PANELS:
+        fig.suptitle(
+            f"first {MAX_SCATTER_PANELS} of {len(report['metrics'])} metrics shown; "
+            "every metric is in transfer_report.md",
+            fontsize=9,
+        )
+    fig.tight_layout()
+    try:
+        return save_figure_atomic(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def write_outputs(report: dict, pairs: Mapping, out: str | Path) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_transfer(pairs, report, out / "transfer_scatter.png")
+    write_text_atomic(out / "transfer_report.md", markdown_report(report) + "\n")
+    write_json_atomic(out / "transfer_report.json", json_safe(report))
+    return out
+
+
+# ---------------------------------------------------------------- command line
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m mergeopt.transfer",
+        description="How a ranking of data mixtures at one scale carries to another.",
+        epilog="Example: python -m mergeopt.transfer mix_1m.csv+loss_1m.csv mix_60m.csv+loss_60m.csv "
+        "--surrogate-fit train_mix_1m.csv+train_loss_1m.csv",
+    )
+    parser.add_argument(
+        "tables",
+        nargs="+",
+        metavar="TABLE",
+        help="SMALL LARGE (or LARGE alone with --surrogate-fit): TABLE.csv or MIXTURES.csv+METRICS.csv",
+    )
+    parser.add_argument(
+        "--surrogate-fit",
+        metavar="TRAIN",
+        help="fit one LightGBM per metric on this small-scale table and rank LARGE (and SMALL) with it",
+    )
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--mixture-prefix", help="weight columns start with this (default: w_, then train_)")
+    group.add_argument("--mixture-columns", help="comma-separated weight columns")
+    parser.add_argument("--metrics", help="comma-separated metric columns (default: numeric columns in all)")
+    parser.add_argument(
+        "--higher-is-better", default="", help="comma-separated metrics where higher is better"
+    )
+    parser.add_argument("--k", type=int, default=3, help="top-k size (default 3)")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap and LightGBM seed (default 0)")
+    parser.add_argument("--rounds", type=int, help="surrogate: LightGBM boosting rounds (default 300)")
+    parser.add_argument(
+        "--learning-rate", type=float, help="surrogate: LightGBM learning rate (default 0.05)"
+    )
+    parser.add_argument("--num-leaves", type=int, help="surrogate: LightGBM leaves per tree (default 8)")
+    parser.add_argument(
+        "--min-child-samples", type=int, help="surrogate: LightGBM min samples per leaf (default 3)"
+    )
+    parser.add_argument("--out", default="transfer_out", help="output directory (default: transfer_out/)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    args = parser.parse_intermixed_args(argv)
+    if len(args.tables) > 2 or (len(args.tables) == 1 and not args.surrogate_fit):
+        raise UserError(
+            f"expected SMALL LARGE, or LARGE with --surrogate-fit TRAIN; got {len(args.tables)} table(s)"
+        )
+    small, large = args.tables if len(args.tables) == 2 else (None, args.tables[0])
+    surrogate = {name: getattr(args, name) for name in SURROGATE_OPTIONS}
+    if not args.surrogate_fit and any(v is not None for v in surrogate.values()):
+        raise UserError(
+            "--rounds, --learning-rate, --num-leaves and --min-child-samples need --surrogate-fit"
+        )
+    report, pairs = transfer_tables(
+        small,
+        large,
+        surrogate_fit=args.surrogate_fit,
+        metrics=comma_list(args.metrics),
+        higher_is_better=comma_list(args.higher_is_better),
+        mixture_prefix=args.mixture_prefix,
+        mixture_cols=comma_list(args.mixture_columns),
+        k=args.k,
+        n_bootstrap=args.bootstrap,
+        seed=args.seed,
+        surrogate_options=surrogate,
+    )
+    out = write_outputs(report, pairs, args.out)
+    note = _display(report)[1]
+    print(summary_table(report))
+    print("\n" + (f"{note} " if note else "") + "Regret: normalised, at the truth's scale.")
+    for role, left in report["skipped_metrics"].items():
+        print(f"Not compared (not in every table): {role}'s {left}")
+    print(
+        f"Kendall intervals, top-{args.k} overlap, raw regret and the favourites are in transfer_report.md."
+    )
+    print(f"Wrote {', '.join(OUTPUT_FILES)} to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

@@ -1,0 +1,60 @@
+"""What every export format is made of: the :class:`Format` entry and the :class:`Context` a renderer reads.
+
+Kept apart from the registry in ``__init__`` so that format modules import this, not the package that imports them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mergeopt.export.mixture_input import Mixture
+from mergeopt.export.shares import Plan, Unit
+
+
+@dataclass
+class Context:
+    """Everything a renderer may use; ``notes`` collects lines the CLI prints on stderr."""
+
+    mixture: Mixture
+    plan: Plan
+    datasets: dict[str, Path]  # positive-weight domain -> absolute path (empty without --datasets)
+    recipe: Any = None  # the run's mergeopt.config.Recipe, if recipe.yaml is beside mixture.json
+    seed: int = 0
+    weights_are: Unit = "tokens"
+    notes: list[str] = field(default_factory=list)
+    recipe_error: Exception | None = None  # why recipe.yaml could not be read, if it could not
+
+    def header(self, fmt: Format, comment: str = "#") -> str:
+        """Comment lines: where the numbers come from and what they mean."""
+        plan = self.plan
+        lines = [
+            f"Written by `python -m mergeopt.export --to {fmt.name}` from {self.mixture.path}.",
+            fmt.meaning,
+            "mixture ("
+            + ("token" if self.weights_are == "tokens" else "sample")
+            + " shares, as fitted): "
+            + ", ".join(f"{n} {self.mixture.weights[n]:.6g}" for n in self.mixture.names),
+        ]
+        if fmt.unit is not None and fmt.unit != self.weights_are:
+            if plan.stats is not None:
+                means = ", ".join(f"{n} {plan.stats[n].mean_tokens:.4g}" for n in plan.names)
+                lines.append(f"{fmt.unit[:-1]} shares use the measured mean tokens per sample: {means}")
+            else:
+                lines.append(f"no datasets measured: {fmt.unit[:-1]} shares equal the fitted shares")
+        if plan.budget is not None:
+            lines.append(f"budget: {plan.budget} {plan.budget_unit}")
+        return "\n".join(f"{comment} {line}" for line in lines)
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    filename: str  # the file --to all writes into --out DIR
+    unit: Unit | None  # the shares this format's numbers are in (None: the merge, not data)
+    needs_paths: bool  # it names data files, so every positive-weight domain needs --datasets
+    meaning: str  # one line: what the numbers mean
+    render: Callable[[Context], str]
+    needs_sizes: bool = False  # without a budget it still needs each dataset's size (measured)

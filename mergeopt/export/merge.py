@@ -1,0 +1,353 @@
+"""Write a merge to disk: ``python -m mergeopt.merge RECIPE --weights a=0.3,b=0.7 --out DIR``.
+
+fit scores merges in memory and writes none; to evaluate the chosen mixture's merge with other
+tools, or to ship it, it must exist as a Hugging Face checkpoint. This command builds θ(w) with the
+same code as fit (:func:`mergeopt.loading.problem.load_merge`: the recipe's base, experts, exclusions,
+``stack_dtype``, merge section and seed), so ``--mixture RUN/mixture.json`` writes exactly the model
+fit scored; a mixture.json whose recorded merge differs from the recipe's is refused.
+
+DIR receives config.json, the weights as safetensors (sharded above 5 GB, with
+model.safetensors.index.json), the base's tokenizer, and ``mergeopt_merge.json`` saying where the
+checkpoint came from. Everything is written into a hidden sibling directory that is renamed to DIR
+at the end, so a failure leaves nothing at DIR (and, with ``--overwrite``, the old DIR intact).
+
+    python -m mergeopt.merge recipes/tiny.yaml --mixture runs/tiny/mixture.json --out merged/tiny
+    python -m mergeopt.merge recipes/tiny.yaml --weights arith=0.1,reverse=0.5,brackets=0.3,markov=0.1 \\
+        --out merged/hand --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+import mergeopt
+from mergeopt import worlds
+from mergeopt.config import Recipe, load_recipe
+from mergeopt.errors import UserError, run_cli
+from mergeopt.loading.checkpoints import gguf_base, open_checkpoint
+from mergeopt.merging.layer_merge import make_permanent
+from mergeopt.merging.methods import get_method
+from mergeopt.merging.stack import DTYPES, describe
+from mergeopt.reporting.mixture_file import read_finished_mixture
+
+MANIFEST = "mergeopt_merge.json"
+SUM_TOLERANCE = 1e-6
+OUT_DTYPES = ("float32", "bfloat16", "float16")
+MAX_SHARD_SIZE = "5GB"
+# the merge fields of mixture.json's "method" record, and the recipe key that sets each
+METHOD_KEYS = {
+    "name": "merge.method",
+    "scale": "merge.scale",
+    "density": "merge.density",
+    "majority_sign": "merge.majority_sign",
+    "mixup_alpha": "merge.mixup_alpha",
+    "mixup_lambda": "seed",
+    "seed": "seed",
+}
+
+
+# ----------------------------------------------------------------------------- the mixture
+
+
+def parse_weights(text: str) -> dict[str, float]:
+    """``"a=0.3,b=0.7"`` -> ``{"a": 0.3, "b": 0.7}``; a name given twice is an error, not a last-wins."""
+    weights: dict[str, float] = {}
+    for item in text.split(","):
+        name, sep, raw = (part.strip() for part in item.partition("="))
+        if not sep or not name:
+            raise UserError(f"--weights: {item.strip()!r} is not of the form name=weight")
+        if name in weights:
+            raise UserError(f"--weights names expert {name!r} twice")
+        try:
+            weights[name] = float(raw)
+        except ValueError:
+            raise UserError(f"--weights: {name}={raw!r} is not a number") from None
+    return weights
+
+
+def check_mixture(
+    weights: Mapping[str, Any], experts: Sequence[str], source: str, normalize: bool = False
+) -> dict[str, float]:
+    """The weights in expert order, once each, non-negative, summing to 1 (rescaled with ``normalize``).
+
+    The stack's anchor form θ_1 + Σ_{i≥2} w_i (θ_i − θ_1) equals the merge only on the simplex, so
+    an off-simplex w would silently write some other model.
+    """
+    unknown = [n for n in weights if n not in experts]
+    if unknown:
+        raise UserError(f"{source} names {unknown[0]!r}, which is not an expert ({', '.join(experts)})")
+    missing = [n for n in experts if n not in weights]
+    if missing:
+        raise UserError(
+            f"{source} gives no weight for expert {missing[0]!r} (every expert needs one, 0 allowed)"
+        )
+    for name in experts:
+        value = weights[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise UserError(f"{source}: the weight of {name!r} is {value!r}, not a finite number")
+        if value < 0:
+            raise UserError(f"{source}: the weight of {name!r} is negative ({value})")
+    total = math.fsum(float(weights[n]) for n in experts)
+    if normalize and total > 0:
+        return {n: float(weights[n]) / total for n in experts}
+    if abs(total - 1.0) > SUM_TOLERANCE:
+        hint = "" if normalize else "; pass --normalize to rescale them"
+        raise UserError(f"{source}: the weights sum to {total:.9g}, not 1 (within {SUM_TOLERANCE:g}){hint}")
+    return {n: float(weights[n]) for n in experts}
+
+
+def read_mixture(path: Path) -> dict:
+    """A finished fit's mixture.json, checked for the fields a merge needs."""
+    return read_finished_mixture(path)
+
+
+def check_same_merge(mixture: dict, path: Path, recipe: Recipe) -> None:
+    """Refuse to write a merge other than the one fit scored at this mixture.
+
+    mixture.json records the merge (method, options, seed, mixup draw); the run's recipe.yaml beside
+    it records the exclusions and the stack dtype; the expert order fixes DARE's masks and the mixup
+    draw. Runs from before merge methods existed record no method: they were linear at scale 1.
+    """
+    fitted = json.loads(json.dumps(mixture.get("method") or {"name": "linear", "scale": 1.0}))
+    ours = json.loads(json.dumps(describe(recipe.merge, len(recipe.expert_names), recipe.seed)))
+    for key in [*ours, *(k for k in fitted if k not in ours)]:
+        if fitted.get(key) != ours.get(key):
+            field = METHOD_KEYS.get(key, f"merge.{key}")
+            values = (
+                ""
+                if key == "mixup_lambda"
+                else f": {fitted.get(key)!r} in the mixture, {ours.get(key)!r} in the recipe"
+            )
+            raise UserError(
+                f"{path} was fitted with a different merge than the recipe describes ({field}{values}); "
+                "make the recipe match so the written model is the one fit scored"
+            )
+    order_matters = get_method(recipe.merge.method).random or recipe.merge.mixup_alpha is not None
+    if order_matters and list(mixture["weights"]) != recipe.expert_names:
+        raise UserError(
+            f"{path} lists the experts as {', '.join(mixture['weights'])} but the recipe as "
+            f"{', '.join(recipe.expert_names)}; the order sets DARE's masks and the mixup draw, so list "
+            "model.experts in the fitted order"
+        )
+    _check_run_recipe(path.parent / "recipe.yaml", recipe)
+
+
+def _check_run_recipe(path: Path, recipe: Recipe) -> None:
+    """model.exclude and model.stack_dtype change the merge but are not in mixture.json: compare them."""
+    if not path.is_file():
+        return
+    try:
+        run = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return  # not a recipe we can read: nothing to compare with
+    run_model = run.get("model") if isinstance(run, dict) else None
+    if not isinstance(run_model, dict):
+        return
+    ours = {"exclude": list(recipe.model.exclude), "stack_dtype": recipe.model.stack_dtype}
+    theirs = {"exclude": list(run_model.get("exclude") or []), "stack_dtype": run_model.get("stack_dtype")}
+    for key, value in ours.items():
+        if theirs[key] is not None and theirs[key] != value:
+            raise UserError(
+                f"{path} fitted with model.{key} {theirs[key]!r} but the recipe has {value!r}; "
+                "make the recipe match so the written model is the one fit scored"
+            )
+
+
+# ----------------------------------------------------------------------------- the output directory
+
+
+def check_out(out: Path, overwrite: bool, inputs: Sequence[str | Path] = ()) -> None:
+    """Refuse an existing non-empty DIR without --overwrite, and an overwrite that would delete an input."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"--out {out} exists and is not empty (pass --overwrite to replace it)")
+        here = out.resolve()
+        for item in inputs:
+            path = Path(item).resolve()
+            if path == here or here in path.parents:
+                raise UserError(f"--out {out} holds the input {item}; --overwrite would delete it")
+
+
+def output_dtype(choice: str | None, base_config: Mapping[str, Any]) -> str:
+    """--dtype, else the base's own dtype (what its users expect to load), else float32."""
+    if choice is not None:
+        return choice
+    recorded = base_config.get("dtype") or base_config.get("torch_dtype")
+    return recorded if recorded in OUT_DTYPES else "float32"
+
+
+def _shard_size(text: str) -> int | str:
+    if not re.fullmatch(r"\d+([KMGT]i?B)?", text):
+        raise UserError(f"--max-shard-size {text!r} is not a size like 5GB, 200MB or 100000")
+    return int(text) if text.isdigit() else text
+
+
+def _move_into_place(staging: Path, out: Path, overwrite: bool) -> None:
+    """Rename the finished staging directory to ``out``; an old ``out`` is removed only afterwards."""
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    if not out.exists():
+        os.rename(staging, out)
+        return
+    check_out(out, overwrite)  # it appeared while we were merging
+    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+    os.rename(out, old)
+    try:
+        os.rename(staging, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_checkpoint(
+    model: torch.nn.Module,
+    tokenizer,
+    manifest: dict,
+    out: Path,
+    dtype: str,
+    overwrite: bool = False,
+    max_shard_size: int | str = MAX_SHARD_SIZE,
+) -> Path:
+    """Save the model (cast to ``dtype``) and tokenizer as an HF checkpoint, all or nothing."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the shipped directory private
+        model.to(DTYPES[dtype])
+        model.save_pretrained(staging, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(staging)
+        # the directory is renamed into place whole, so its files need no atomic writes of their own
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        _move_into_place(staging, out, overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+# ----------------------------------------------------------------------------- the merge
+
+
+def materialize(
+    recipe: Recipe,
+    weights: Mapping[str, float],
+    out: Path,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    max_shard_size: int | str = MAX_SHARD_SIZE,
+    provenance: Mapping[str, Any] | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Merge at ``weights`` (on the simplex, every expert named) and write DIR; returns the manifest.
+
+    ``recipe`` has its world paths resolved. The model holds θ(w) in the compute dtype after the
+    merge (merged in float32, parameter by parameter) and is cast to ``dtype`` only for writing.
+    """
+    from mergeopt.loading.problem import load_merge
+
+    base = (
+        gguf_base(recipe.model.base, recipe.model.gguf_file)
+        if recipe.model.gguf_file
+        else open_checkpoint(recipe.model.base, recipe.model.allow_pickle)
+    )
+    dtype = output_dtype(dtype, base.config)
+    model, stack, tokenizer, _ = load_merge(recipe, progress)
+    w = torch.tensor([weights[n] for n in stack.expert_names], dtype=torch.float64)
+    log(f"merging {stack.num_experts} experts ({stack.method['name']}) at " + _format(weights))
+    stack.write_mixture(w)
+    with torch.no_grad():
+        make_permanent(model)  # each merged parameter's value at w, as a plain tensor, one at a time
+        if stack.lowrank is not None:  # LoRA experts: their update at w, now added to the weights
+            stack.lowrank.materialize(stack.lowrank.current_weights())
+    method = stack.method
+    del stack  # the model holds θ(w) now; the stack's K − 1 copies would only raise the peak while saving
+    manifest = {
+        "weights": dict(weights),
+        "method": method,
+        "dtype": dtype,
+        "base": recipe.model.base,
+        "experts": dict(recipe.model.experts),
+        "exclude": list(recipe.model.exclude),
+        "stack_dtype": recipe.model.stack_dtype,
+        "seed": recipe.seed,
+        **(provenance or {}),
+        "mergeopt_version": mergeopt.__version__,
+    }
+    write_checkpoint(model, tokenizer, manifest, out, dtype, overwrite, max_shard_size)
+    size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    shards = len(list(out.glob("*.safetensors")))
+    log(
+        f"wrote {out}: {shards} safetensors file(s), {size / 2**20:,.1f} MiB in {dtype}, tokenizer, {MANIFEST}"
+    )
+    return manifest
+
+
+def _format(weights: Mapping[str, float]) -> str:
+    return ", ".join(f"{n} {w:.4f}" for n, w in weights.items())
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m mergeopt.merge",
+        description="Write the merge of a recipe's experts at one mixture as a Hugging Face checkpoint.",
+        epilog="Example: python -m mergeopt.merge recipes/tiny.yaml --mixture runs/tiny/mixture.json --out merged",
+    )
+    parser.add_argument("recipe", help="the recipe the mixture was fitted with")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted recipe overrides")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--weights", help="name=weight for every expert, comma-separated, e.g. a=0.3,b=0.7")
+    source.add_argument("--mixture", help="a mixture.json written by mergeopt.fit")
+    parser.add_argument("--out", required=True, help="checkpoint directory to write (must be new or empty)")
+    parser.add_argument(
+        "--dtype", choices=OUT_DTYPES, help="dtype of the written weights (default: the base's, else float32)"
+    )
+    parser.add_argument("--normalize", action="store_true", help="rescale the weights to sum to 1")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--max-shard-size", default=MAX_SHARD_SIZE, help=argparse.SUPPRESS)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    args = parser.parse_intermixed_args(argv)
+    recipe = load_recipe(args.recipe, args.overrides)
+    log = (lambda _msg: None) if args.quiet else print
+    shard_size = _shard_size(args.max_shard_size)
+    if args.mixture is not None:
+        mixture_path = Path(args.mixture)
+        mixture = read_mixture(mixture_path)
+        weights = check_mixture(mixture["weights"], recipe.expert_names, str(mixture_path), args.normalize)
+        check_same_merge(mixture, mixture_path, recipe)
+    else:
+        weights = check_mixture(parse_weights(args.weights), recipe.expert_names, "--weights", args.normalize)
+    out = Path(args.out)
+    check_out(out, args.overwrite)
+    resolved, _ = worlds.resolve_recipe(recipe, log)
+    model = resolved.model
+    inputs = [model.base, *model.experts.values(), args.recipe, *([args.mixture] if args.mixture else [])]
+    check_out(out, args.overwrite, inputs)
+    provenance = {"recipe": args.recipe, "overrides": list(args.overrides), "mixture": args.mixture}
+    materialize(
+        resolved, weights, out, args.dtype, args.overwrite, shard_size, provenance, not args.quiet, log
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

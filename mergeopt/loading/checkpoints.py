@@ -1,0 +1,294 @@
+"""Hugging Face checkpoint directories: reading headers lazily, checking experts against the base.
+
+A merge is only meaningful between checkpoints of one architecture with identical tensor names,
+shapes and vocabulary. Everything here reads safetensors *headers* first, so a mismatch is reported
+before a single weight is loaded, naming the first offending tensor and both directories. Pickle
+(``.bin``) checkpoints are refused, since loading them can execute code, unless the recipe sets
+``model.allow_pickle`` (then ``torch.load(weights_only=True)``, which refuses anything but tensors).
+Experts may also be PEFT LoRA adapter directories (:mod:`mergeopt.loading.lora`), checked against the
+base's tensor shapes and, when the adapter names a local base directory, against that directory.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from mergeopt.errors import UserError
+from mergeopt.loading.lora import LoraAdapter, is_adapter, read_adapter
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_FILE = "pytorch_model.bin"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    file: Path
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass
+class Checkpoint:
+    """One HF checkpoint directory, described by its config.json and safetensors headers."""
+
+    path: Path
+    config: dict
+    tensors: dict[str, TensorMeta]
+    _handles: dict[Path, object] = field(default_factory=dict, repr=False)
+    _loaded: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # pickled checkpoints
+
+    @property
+    def architecture(self) -> str:
+        archs = self.config.get("architectures") or [self.config.get("model_type", "?")]
+        return ",".join(archs)
+
+    @property
+    def vocab_size(self) -> int | None:
+        vocab = self.config.get("vocab_size")
+        if vocab is None and isinstance(self.config.get("text_config"), dict):
+            vocab = self.config["text_config"].get("vocab_size")
+        return vocab
+
+    def read(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Load one tensor (and only that one) from its safetensors file."""
+        meta = self.tensors.get(name)
+        if meta is None:
+            raise UserError(f"tensor {name} is not in checkpoint {self.path}")
+        if self._loaded is not None:
+            return self._loaded[name].to(device)
+        return self._handle(meta).get_tensor(name).to(device)
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of one tensor: only those bytes are read (a sharded stack's block)."""
+        meta = self.tensors.get(name)
+        if meta is None:
+            raise UserError(f"tensor {name} is not in checkpoint {self.path}")
+        if self._loaded is not None:
+            return self._loaded[name][start:stop].clone()
+        return self._handle(meta).get_slice(name)[start:stop]
+
+    def _handle(self, meta: TensorMeta):
+        """The open safetensors file holding a tensor (opened once, kept until :meth:`close`)."""
+        handle = self._handles.get(meta.file)
+        if handle is None:
+            handle = self._handles[meta.file] = safe_open(str(meta.file), framework="pt", device="cpu")
+        return handle
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def read_json_object(path: Path, what: str) -> dict:
+    """A JSON object from ``path``; malformed JSON or another type is a one-line error naming ``what``."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: {what} is not valid JSON (line {err.lineno}: {err.msg})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: {what} must be a JSON object")
+    return data
+
+
+def _header(file: Path) -> dict[str, TensorMeta]:
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            metas = {}
+            for name in handle.keys():
+                sliced = handle.get_slice(name)
+                metas[name] = TensorMeta(file, tuple(sliced.get_shape()), str(sliced.get_dtype()))
+            return metas
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"{file}: not a readable safetensors file ({first})") from None
+
+
+def _open_pickled(path: Path, config: dict) -> Checkpoint:
+    """A pickled checkpoint (single or sharded), read with weights_only=True and memory-mapped."""
+    index_file = path / PICKLE_INDEX
+    if index_file.is_file():
+        weight_map = read_json_object(index_file, PICKLE_INDEX).get("weight_map") or {}
+        files = [path / shard for shard in sorted(set(weight_map.values()))]
+    else:
+        files = [path / PICKLE_FILE]
+    loaded: dict[str, torch.Tensor] = {}
+    tensors: dict[str, TensorMeta] = {}
+    for file in files:
+        if not file.is_file():
+            raise UserError(f"{path}: pickle shard {file.name} is missing")
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:  # weights_only refuses anything but tensors: say so in one line
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"{file}: cannot be read with weights_only=True ({first})") from None
+        for name, tensor in state.items():
+            loaded[name] = tensor
+            tensors[name] = TensorMeta(file, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
+    return Checkpoint(path=path, config=config, tensors=tensors, _loaded=loaded)
+
+
+def open_checkpoint(path: str | Path, allow_pickle: bool = False) -> Checkpoint:
+    """Describe a checkpoint directory from config.json and its (possibly sharded) safetensors headers."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"checkpoint directory {path} does not exist")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"{path} has no config.json: not a Hugging Face checkpoint directory")
+    config = read_json_object(config_file, "config.json")
+
+    index_file = path / INDEX_FILE
+    if index_file.is_file():
+        weight_map = read_json_object(index_file, INDEX_FILE).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise UserError(f"{index_file}: has no weight_map")
+        tensors: dict[str, TensorMeta] = {}
+        for shard in sorted(set(weight_map.values())):
+            shard_file = path / shard
+            if not shard_file.is_file():
+                raise UserError(f"{index_file} names shard {shard}, which is missing from {path}")
+            tensors.update(_header(shard_file))
+        missing = sorted(set(weight_map) - set(tensors))
+        if missing:
+            raise UserError(f"{index_file} maps {missing[0]} to a shard that does not contain it")
+    elif (path / SINGLE_FILE).is_file():
+        tensors = _header(path / SINGLE_FILE)
+    else:
+        pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+        if pickles and allow_pickle and ((path / PICKLE_FILE).is_file() or (path / PICKLE_INDEX).is_file()):
+            return _open_pickled(path, config)
+        if pickles:
+            raise UserError(
+                f"{path} holds only pickle weights ({pickles[0]}), which can run code when loaded; convert "
+                "with model.save_pretrained(dir), or set model.allow_pickle: true to read them with "
+                "torch.load(weights_only=True)"
+            )
+        raise UserError(f"{path} has no {SINGLE_FILE} or {INDEX_FILE}")
+    return Checkpoint(path=path, config=config, tensors=tensors)
+
+
+def _tokenizer_vocab(path: Path) -> dict | None:
+    file = path / "tokenizer.json"
+    if not file.is_file():
+        return None
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        raise UserError(f"{file}: not valid JSON") from None
+    model = data.get("model", {}) if isinstance(data, dict) else {}
+    vocab = model.get("vocab")
+    added = (
+        [(t.get("id"), t.get("content")) for t in data.get("added_tokens", [])]
+        if isinstance(data, dict)
+        else []
+    )
+    return {"vocab": vocab, "added": added}
+
+
+def check_compatible(base: Checkpoint, expert: Checkpoint, expert_name: str) -> None:
+    """Raise a one-line UserError at the first difference that makes merging meaningless."""
+    where = f"base {base.path} vs expert {expert_name!r} {expert.path}"
+    if base.architecture != expert.architecture:
+        raise UserError(f"architecture differs: {base.architecture} vs {expert.architecture} ({where})")
+    if base.vocab_size != expert.vocab_size:
+        raise UserError(f"vocabulary size differs: {base.vocab_size} vs {expert.vocab_size} ({where})")
+    for name, meta in base.tensors.items():
+        other = expert.tensors.get(name)
+        if other is None:
+            raise UserError(f"tensor {name} is missing from the expert ({where})")
+        if other.shape != meta.shape:
+            raise UserError(f"tensor {name} has shape {list(meta.shape)} vs {list(other.shape)} ({where})")
+    extra = sorted(set(expert.tensors) - set(base.tensors))
+    if extra:
+        raise UserError(f"tensor {extra[0]} is in the expert but not in the base ({where})")
+    base_vocab, expert_vocab = _tokenizer_vocab(base.path), _tokenizer_vocab(expert.path)
+    if base_vocab is not None and expert_vocab is not None and base_vocab != expert_vocab:
+        raise UserError(f"tokenizer vocabulary differs ({where})")
+
+
+def open_all(base_path: str | Path, experts: dict[str, str]) -> tuple[Checkpoint, dict[str, Checkpoint]]:
+    """Open the base and every expert and check each expert against the base, before any weight is read."""
+    base = open_checkpoint(base_path)
+    opened = {}
+    for name, path in experts.items():
+        opened[name] = open_checkpoint(path)
+        check_compatible(base, opened[name], name)
+    return base, opened
+
+
+def _check_adapter_base(adapter: LoraAdapter, base: Checkpoint, name: str) -> None:
+    """An adapter that names a local base directory must name the recipe's base."""
+    named = adapter.base_model
+    if named and Path(named).is_dir() and Path(named).resolve() != base.path.resolve():
+        raise UserError(
+            f"expert {name!r} ({adapter.path}) is a LoRA adapter trained on {named}, not on the base {base.path}"
+        )
+
+
+def meta_model(
+    base_path: str | Path, trust_remote_code: bool = False, gguf_file: str | None = None
+) -> tuple[torch.nn.Module, object]:
+    """(model, config): the base's architecture on the meta device, from config.json or GGUF metadata."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(base_path)
+    gguf = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **gguf)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, ImportError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        where = path / gguf_file if gguf_file else path / "config.json"
+        raise UserError(f"{where}: cannot build the architecture on the meta device ({first})") from None
+    return model, config
+
+
+def gguf_base(base_path: str | Path, gguf_file: str, trust_remote_code: bool = False) -> Checkpoint:
+    """A GGUF base described without reading its weights: the architecture on the meta device.
+
+    GGUF names its tensors its own way; transformers maps them to the model's names when it loads
+    the file, so the shapes to check experts against are the model's, built from the GGUF's config.
+    """
+    path = Path(base_path)
+    if not (path / gguf_file).is_file():
+        raise UserError(f"model.gguf_file {gguf_file!r} is not a file in {path}")
+    model, config = meta_model(path, trust_remote_code, gguf_file)
+    tensors = {n: TensorMeta(path / gguf_file, tuple(p.shape), "F32") for n, p in model.named_parameters()}
+    described = config.to_dict()
+    described["architectures"] = [type(model).__name__]  # a GGUF config names only its model_type
+    return Checkpoint(path=path, config=described, tensors=tensors)
+
+
+def open_experts(
+    base_path: str | Path,
+    experts: dict[str, str],
+    allow_pickle: bool = False,
+    gguf_file: str | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[Checkpoint, dict[str, Checkpoint], dict[str, LoraAdapter]]:
+    """Open the base and every expert, dense checkpoints and LoRA adapters, and check them against the base.
+
+    Dense experts are checked from their headers; adapters are read (their factors are small) and
+    checked against the base's tensor shapes. A GGUF base is described by its architecture.
+    """
+    if gguf_file is not None:
+        base = gguf_base(base_path, gguf_file, trust_remote_code)
+    else:
+        base = open_checkpoint(base_path, allow_pickle)
+    shapes = {name: meta.shape for name, meta in base.tensors.items()}
+    dense, adapters = {}, {}
+    for name, path in experts.items():
+        if is_adapter(path):
+            adapters[name] = read_adapter(path, shapes, allow_pickle)
+            _check_adapter_base(adapters[name], base, name)
+        else:
+            dense[name] = open_checkpoint(path, allow_pickle)
+            check_compatible(base, dense[name], name)
+    return base, dense, adapters

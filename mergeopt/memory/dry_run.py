@@ -1,0 +1,339 @@
+"""``python -m mergeopt.fit RECIPE --dry-run``: the memory plan, from config files and headers only.
+
+It reads config.json files and safetensors *headers* (names, shapes, dtypes), never a weight, and
+writes nothing, so a 16B recipe can be checked on a login node before it is queued on a GPU. The
+parameter inventory comes from the base's headers or, for a directory that holds only
+config.json, from the architecture instantiated on the meta device (no weights, no download).
+Experts are checked against the base from their headers as the fit does. The plan is for the
+device the recipe resolves to (``auto``: CUDA when visible, else the CPU) and its free memory now,
+per rank of a torchrun job of ``--world-size`` N processes (else ``WORLD_SIZE``, else 1).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from mergeopt import worlds
+from mergeopt.config import Recipe
+from mergeopt.errors import UserError
+from mergeopt.loading.checkpoints import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    Checkpoint,
+    check_compatible,
+    gguf_base,
+    meta_model,
+    open_checkpoint,
+    read_json_object,
+)
+from mergeopt.loading.lora import factor_sizes, is_adapter
+from mergeopt.memory.plan import (
+    FLOAT32,
+    GIB,
+    DeviceMemory,
+    Dims,
+    Inventory,
+    MemoryPlan,
+    check_world_size,
+    plan_memory,
+)
+from mergeopt.merging.stack import DTYPES
+
+# safetensors header dtypes -> bytes per element (the buffer a tensor is read into before the cast)
+HEADER_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+# ----------------------------------------------------------------------------- inventory
+
+
+def _has_safetensors(path: Path) -> bool:
+    return (path / INDEX_FILE).is_file() or (path / SINGLE_FILE).is_file()
+
+
+def _describe(path: str) -> Checkpoint:
+    """config.json plus safetensors headers when present; tensors stay empty for a config-only dir."""
+    directory = Path(path)
+    if _has_safetensors(directory):
+        return open_checkpoint(directory)
+    if not (directory / "config.json").is_file():
+        raise UserError(f"{directory} has no config.json: not a Hugging Face checkpoint directory")
+    return Checkpoint(
+        path=directory, config=read_json_object(directory / "config.json", "config.json"), tensors={}
+    )
+
+
+def _config_dtype_bytes(config: dict) -> int:
+    name = str(config.get("dtype") or config.get("torch_dtype") or "float32").removeprefix("torch.")
+    return DTYPES.get(name, torch.float32).itemsize
+
+
+def meta_inventory(path: str, trust_remote_code: bool) -> Inventory:
+    """Names and shapes of the architecture in config.json, built on the meta device (no weights)."""
+    model, config = meta_model(path, trust_remote_code)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    size = _config_dtype_bytes(config.to_dict())
+    source = f"config.json of {path}: {type(model).__name__} built on the meta device"
+    return Inventory(shapes, dict.fromkeys(shapes, size), source)
+
+
+def header_inventory(base: Checkpoint) -> Inventory:
+    """Names, shapes and on-disk dtypes of the base's tensors, from its safetensors headers."""
+    shapes = {name: meta.shape for name, meta in base.tensors.items()}
+    sizes = {name: HEADER_BYTES.get(meta.dtype.upper(), FLOAT32) for name, meta in base.tensors.items()}
+    files = len({meta.file for meta in base.tensors.values()})
+    return Inventory(shapes, sizes, f"safetensors headers of {base.path}, {files} file{'s' * (files > 1)}")
+
+
+def _check_experts(base: Checkpoint, experts: dict[str, Checkpoint]) -> None:
+    """Headers-only compatibility checks; with a config-only side, only architecture and vocabulary."""
+    for name, expert in experts.items():
+        if base.tensors and expert.tensors:
+            check_compatible(base, expert, name)
+        else:
+            check_compatible(replace(base, tensors={}), replace(expert, tensors={}), name)
+
+
+def random_inventory(recipe: Recipe) -> tuple[Inventory, Dims]:
+    """A ``random://`` world: shapes from its config.json on the meta device, nothing on disk."""
+    from mergeopt.worlds import random_world
+
+    config = random_world.check_recipe_paths(recipe.model.base, recipe.model.experts)
+    shapes = random_world.config_shapes(config)
+    source = f"{recipe.model.base}: random weights, shapes from config.json on the meta device"
+    inventory = Inventory(shapes, dict.fromkeys(shapes, 0), source)  # no read buffers: drawn in place
+    return inventory, Dims.from_config(config.to_dict(), recipe.model.base)
+
+
+def read_inventory(recipe: Recipe) -> tuple[Inventory, Dims]:
+    """The base's parameters and decoder shapes, from headers and config files only."""
+    from mergeopt.worlds.random_world import is_random
+
+    if is_random(recipe.model.base):
+        return random_inventory(recipe)
+    if recipe.model.gguf_file:
+        base = gguf_base(recipe.model.base, recipe.model.gguf_file, recipe.model.trust_remote_code)
+    else:
+        base = _describe(recipe.model.base)
+    adapters = {n: p for n, p in recipe.model.experts.items() if is_adapter(p)}
+    experts = {name: _describe(path) for name, path in recipe.model.experts.items() if name not in adapters}
+    _check_experts(base, experts)
+    described = [("base", base), *((f"expert {n}", e) for n, e in experts.items())]
+    missing = [what for what, ckpt in described if not ckpt.tensors]
+    notes = (
+        (f"no safetensors for {', '.join(missing)}: the fit itself will need the weights",) if missing else ()
+    )
+    sizes = {name: factor_sizes(path) for name, path in adapters.items()}
+    if adapters and recipe.merge.method == "linear":
+        notes += (
+            f"{len(adapters)} LoRA expert(s) ({', '.join(adapters)}) stay low-rank: their factors, not dense "
+            "rows"
+            + ("" if len(adapters) < len(recipe.model.experts) else "; no parameter is stacked densely"),
+        )
+    elif adapters:
+        notes += (f"merge.method {recipe.merge.method} densifies the LoRA expert(s) ({', '.join(adapters)})",)
+    if base.tensors:
+        inventory = header_inventory(base)
+    else:
+        inventory = meta_inventory(recipe.model.base, recipe.model.trust_remote_code)
+    dims = Dims.from_config(base.config, str(base.path))
+    return replace(inventory, notes=notes, adapters=sizes), dims
+
+
+# ----------------------------------------------------------------------------- device and report
+
+
+def _meminfo() -> dict[str, int]:
+    """/proc/meminfo in bytes (empty where there is none)."""
+    try:
+        lines = Path("/proc/meminfo").read_text(encoding="ascii").splitlines()
+    except OSError:
+        return {}
+    return {line.split(":")[0]: int(line.split()[1]) * 1024 for line in lines if line.endswith("kB")}
+
+
+def device_memory(name: str) -> DeviceMemory:
+    """The device ``recipe.device`` resolves to and its free memory (CUDA: mem_get_info; CPU: RAM)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return DeviceMemory(name, "not visible here (no CUDA)", None, None)
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            return DeviceMemory(name, f"not visible here ({torch.cuda.device_count()} GPUs)", None, None)
+        free, total = torch.cuda.mem_get_info(index)
+        return DeviceMemory(f"cuda:{index}", torch.cuda.get_device_name(index), total, free)
+    if device.type == "cpu":
+        info = _meminfo()
+        total = info.get("MemTotal") or os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return DeviceMemory("cpu", "system RAM", total, info.get("MemAvailable", total))
+    return DeviceMemory(str(device), "memory not known to mergeopt", None, None)
+
+
+def gib(n: int) -> str:
+    return f"{n / GIB:,.2f}"
+
+
+def verdict(plan: MemoryPlan) -> str:
+    """'fits', or how much is missing and which overrides help, each with its saving (one per line)."""
+    mem = plan.memory
+    if plan.fits is None:
+        each = f" on each of {plan.world_size} ranks" if plan.world_size > 1 else ""
+        return (
+            f"not checked: {mem.device} is {mem.description}; the run needs {gib(plan.peak)} GiB there{each}"
+        )
+    if plan.fits:
+        return f"fits ({gib(mem.free - plan.peak)} GiB to spare on {mem.device})"
+    text = f"does not fit: short by {gib(plan.peak - mem.free)} GiB"
+    if not plan.suggestions:
+        return text + "; none of the knobs helps: fewer experts or a larger device"
+    tries = [f"  {override:<50} saves {gib(saved):>8} GiB" for override, saved in plan.suggestions]
+    short = plan.combined_peak - mem.free
+    together = "fits" if short <= 0 else f"still short by {gib(short)} GiB: fewer experts or a larger device"
+    return "\n".join(
+        [f"{text}; try", *tries, f"  all of them: peak {gib(plan.combined_peak)} GiB, {together}"]
+    )
+
+
+def _line(label: str, size: int, indent: str = "  ", width: int = 62) -> str:
+    return f"{indent}{label:<{width - len(indent)}}{gib(size):>10}"
+
+
+def _ranks(plan: MemoryPlan) -> list[str]:
+    """What each rank holds, for a plan over several ranks."""
+    n = plan.world_size
+    if n == 1:
+        return []
+    if plan.shard == "fsdp":
+        return [
+            f"ranks: {n}, model.shard fsdp: each rank holds a block of 1/{n} of the rows of every matrix "
+            "(stacked or not) and every vector whole, and gathers a merged weight whole while its layer runs"
+        ]
+    return [
+        f"ranks: {n}, model.shard none: every rank holds the whole model and stack; only the batches are split"
+    ]
+
+
+def format_plan(plan: MemoryPlan, recipe_path: str, inventory: Inventory) -> str:
+    """The printed plan: inventory, byte rows in GiB, peak against the device, verdict."""
+    mem = plan.memory
+    device = f"{mem.device}: {mem.description}"
+    if mem.free is not None:
+        device += f", {gib(mem.total)} GiB total, {gib(mem.free)} GiB free"
+    per_rank = f", per rank, {plan.world_size} ranks" if plan.world_size > 1 else ""
+    width = max(62, 2 + max(len(r.label) for r in (*plan.held, *plan.phases)) + 2)
+
+    def line(label: str, size: int, indent: str = "  ") -> str:
+        return _line(label, size, indent, width)
+
+    lines = [
+        f"Memory plan for {recipe_path}{per_rank} (dry run: no weights read, nothing written)",
+        f"device{' of each rank' if plan.world_size > 1 else ''}: {device}",
+        *_ranks(plan),
+        f"parameters: {plan.parameters:,} in {plan.tensors} tensors ({inventory.source})",
+        f"stacked: {plan.stacked_parameters:,} in {plan.stacked_tensors} tensors x {plan.num_experts} experts "
+        f"(upper bound: every parameter not excluded; {plan.excluded_tensors} tensors excluded)",
+        f"batches: {plan.batch}",
+        *(f"note: {n}" for n in inventory.notes),
+        "",
+        f"{'GiB' + (' per rank' if per_rank else ''):>{width + 10}}",
+        "held for the whole run",
+        *(line(r.label, r.bytes) for r in plan.held),
+        "plus the largest of these phases (estimates)",
+        *(line(r.label, r.bytes) for r in plan.phases),
+        line("peak" + (" per rank" if per_rank else ""), plan.peak, ""),
+    ]
+    if mem.free is not None:
+        lines.append(line(f"free on {mem.device}", mem.free, ""))
+    return "\n".join([*lines, "", f"verdict: {verdict(plan)}"])
+
+
+def _world_path(path: str, recipe: Recipe) -> str:
+    """A tiny:// or smollm2:// checkpoint path inside the cache; a missing world is refused, not built."""
+    name = worlds.scheme_of(path)
+    if name is None:
+        return path
+    root = worlds.world_dir(name, recipe.world.cache_dir, recipe.world.seed)
+    if not (root / worlds.MARKER).is_file():
+        raise UserError(
+            f"{path}: the {name} world is not built yet and a dry run builds nothing (run once without --dry-run)"
+        )
+    return str(root / path.partition("://")[2])
+
+
+def _resolve_checkpoints(recipe: Recipe) -> Recipe:
+    """The recipe with its checkpoint paths resolved (dev sets are not read by a dry run)."""
+    base = _world_path(recipe.model.base, recipe)
+    experts = {name: _world_path(path, recipe) for name, path in recipe.model.experts.items()}
+    model = recipe.model.model_copy(update={"base": base, "experts": experts})
+    return recipe.model_copy(update={"model": model})
+
+
+def world_size(given: int | None) -> int:
+    """The ranks to plan for: ``--world-size`` if given, else ``WORLD_SIZE`` (torchrun's), else 1."""
+    if given is not None:
+        if given < 1:
+            raise UserError(f"--world-size must be at least 1, not {given}")
+        return given
+    value = os.environ.get("WORLD_SIZE", "").strip()
+    if not value:
+        return 1
+    try:
+        size = int(value)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise UserError(f"WORLD_SIZE={value!r} in the environment is not a number of processes (1 or more)")
+    return size
+
+
+def dry_run(recipe: Recipe, recipe_path: str, ranks: int | None = None) -> str:
+    """Everything ``--dry-run`` prints; reads config.json files and safetensors headers only. The
+    plan is per rank of ``ranks`` processes (:func:`world_size`)."""
+    size = world_size(ranks)
+    check_world_size(recipe, size)  # before anything is read
+    resolved = _resolve_checkpoints(recipe)
+    inventory, dims = read_inventory(resolved)
+    plan = plan_memory(resolved, inventory, dims, device_memory(resolved.device), size)
+    text = format_plan(plan, recipe_path, inventory)
+    if isinstance(resolved.model.device_map, str):
+        text += "\n\n" + "\n".join(placement_lines(resolved, plan))
+    return text
+
+
+def placement_lines(recipe: Recipe, plan: MemoryPlan) -> list[str]:
+    """How ``model.device_map`` would spread the model and its stack over the GPUs, per GPU."""
+    from mergeopt.memory import placement
+
+    strategy = recipe.model.device_map
+    activations = max((r.bytes for r in plan.phases), default=0)
+    head = (
+        f"placement over GPUs (model.device_map: {strategy}; the rows above are for one device; "
+        f"each GPU keeps its share of the {gib(activations)} GiB phase free)"
+    )
+    model, _ = meta_model(recipe.model.base, recipe.model.trust_remote_code, recipe.model.gguf_file)
+    k, dtype = len(recipe.model.experts), recipe.model.stack_dtype
+    try:
+        device_map = placement.plan_device_map(
+            model, strategy, k, dtype, recipe.model.max_memory, activations
+        )
+    except UserError as err:
+        return [head, f"  {err}"]
+    factor = placement.cost_factor(k, dtype)
+    per_device: dict[int, list] = {}
+    for module in device_map:
+        per_device.setdefault(device_map[module], []).append(module)
+    sizes = {name: p.numel() for name, p in model.named_parameters()}
+    lines = [head]
+    for device, modules in per_device.items():
+        held = sum(n for name, n in sizes.items() if any(name.startswith(m + ".") for m in modules))
+        shown = modules if len(modules) <= 3 else [modules[0], "...", modules[-1]]
+        lines.append(
+            _line(f"cuda:{device}: {len(modules)} modules ({', '.join(shown)})", int(held * 4 * factor))
+        )
+    return lines

@@ -1,0 +1,163 @@
+"""LoRA experts merged without a dense ΔW: a rank-(Σ r_i) update computed inside the forward pass.
+
+For a Linear weight W0 adapted by LoRA experts i (factors A_i: r_i × in, B_i: out × r_i, scaling
+s_i) the merge at mixture w is W0 + λ Σ_i w_i s_i B_i A_i. Applied to an input x this is
+
+    x W0ᵀ + ((x A_catᵀ) ⊙ c(w)) B_catᵀ,   A_cat = [A_1; …; A_K],  B_cat = [B_1 … B_K],
+    c(w)_j = λ · w_owner(j) · s_owner(j)   for each of the Σ r_i rank columns j,
+
+so the merged weight is never formed: per step the extra work is two thin matmuls per adapted
+module, and the memory is the factors, Σ_i r_i (in + out) numbers per module instead of K·in·out.
+The update is a forward hook on the Linear module; the mixture reaches it through a
+non-persistent buffer (``mergeopt_mix``) that :func:`torch.func.functional_call` replaces with the
+w being optimized, so gradients reach w exactly as on the dense path, and ``model.generate``
+(metrics) sees the value last copied into the buffer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from mergeopt.loading.lora import LoraAdapter
+
+MIX_BUFFER = "mergeopt_mix"
+
+
+@dataclass
+class LowRankFactors:
+    """The stacked factors of one adapted Linear weight."""
+
+    a: torch.Tensor  # (R, in), R = Σ_i r_i over the experts adapting this module
+    b: torch.Tensor  # (out, R)
+    owner: torch.Tensor  # (R,) long: the expert each rank column belongs to
+    scaling: torch.Tensor  # (R,) float32: that expert's s_i
+    # a sharded stack (mergeopt.merging.sharded_merge.shard_lowrank): ``a`` and ``b`` hold this rank's block
+    # of ⌈rows/N⌉ rows, and (rows of a, rows of b) are the whole factors' row counts
+    whole_rows: tuple[int, int] | None = None
+
+    def whole(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) in ``dtype``: gathered from the ranks' blocks when sharded (autograd saves a
+        recipe to gather them again for the backward, not the tensors: mergeopt.merging.layer_merge)."""
+        if self.whole_rows is None:
+            return self.a.to(dtype), self.b.to(dtype)
+        from mergeopt.merging.sharded_merge import gathered_for_backward
+
+        return (
+            gathered_for_backward(self.a, self.whole_rows[0], dtype),
+            gathered_for_backward(self.b, self.whole_rows[1], dtype),
+        )
+
+    def coefficients(self, weights: torch.Tensor, scale: float) -> torch.Tensor:
+        """c_j = λ w_owner(j) s_owner(j), in w's precision (at least float32)."""
+        dtype = torch.promote_types(weights.dtype, self.scaling.dtype)
+        return scale * weights.to(dtype)[self.owner] * self.scaling.to(dtype)
+
+    def delta(self, weights: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """The dense λ Σ_i w_i s_i B_i A_i (checks only: the forward never forms it)."""
+        c = self.coefficients(weights, scale)
+        return (self.b.float() * c) @ self.a.float()
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.a, self.b, self.owner, self.scaling))
+
+
+@dataclass
+class LowRankStack:
+    """LoRA experts as factors, attached to the modules of one model by forward hooks."""
+
+    expert_names: list[str]
+    modules: dict[str, LowRankFactors]  # module name ('model.layers.0.self_attn.q_proj') -> factors
+    scale: float = 1.0
+    handles: list = field(default_factory=list)
+    model: torch.nn.Module | None = None  # the model attached to
+
+    def nbytes(self) -> int:
+        return sum(f.nbytes() for f in self.modules.values())
+
+    def mix_names(self) -> list[str]:
+        """The buffer names functional_call must be given w under."""
+        return [f"{name}.{MIX_BUFFER}" for name in self.modules]
+
+    def attach(self, model: torch.nn.Module) -> None:
+        """Register the mixture buffer and the low-rank forward hook on every adapted module."""
+        self.model = model
+        for name, factors in self.modules.items():
+            module = model.get_submodule(name)
+            if not isinstance(module, torch.nn.Linear):
+                raise TypeError(f"{name} is a {type(module).__name__}, not a Linear layer")
+            mix = torch.zeros(len(self.expert_names), dtype=torch.float32, device=module.weight.device)
+            module.register_buffer(MIX_BUFFER, mix, persistent=False)
+            self.handles.append(module.register_forward_hook(_hook(factors, self.scale)))
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def params(self, weights: torch.Tensor, write_buffers: bool = False) -> dict[str, torch.Tensor]:
+        """{buffer name: w} for functional_call; with ``write_buffers`` w is also copied into the
+        attached model's buffers, for plain forward calls (``model.generate``)."""
+        if write_buffers:
+            with torch.no_grad():
+                for name in self.modules:
+                    getattr(self.model.get_submodule(name), MIX_BUFFER).copy_(weights.detach())
+        return {name: weights for name in self.mix_names()}
+
+    def current_weights(self) -> torch.Tensor:
+        """The mixture last written into the buffers (after mixup, if any)."""
+        first = next(iter(self.modules))
+        return getattr(self.model.get_submodule(first), MIX_BUFFER).detach().clone()
+
+    def materialize(self, weights: torch.Tensor) -> None:
+        """Add the dense update at w to the attached model's weights and remove the hooks: for writing
+        the merged model out (the only place a dense ΔW is ever formed, one module at a time)."""
+        with torch.no_grad():
+            for name, factors in self.modules.items():
+                weight = self.model.get_submodule(name).weight
+                weight.add_(factors.delta(weights.to(factors.scaling.device), self.scale).to(weight.dtype))
+        self.detach()
+
+
+def _hook(factors: LowRankFactors, scale: float):
+    def add_low_rank(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        weights = getattr(module, MIX_BUFFER)
+        c = factors.coefficients(weights.to(factors.scaling.device), scale).to(x.dtype)
+        a, b = factors.whole(x.dtype)
+        return output + F.linear(F.linear(x, a) * c, b)
+
+    return add_low_rank
+
+
+def build_lowrank_stack(
+    expert_names: Sequence[str],
+    adapters: Mapping[str, LoraAdapter],
+    device: torch.device | str | Callable[[str], torch.device],
+    dtype: torch.dtype = torch.float32,
+    scale: float = 1.0,
+) -> LowRankStack:
+    """Stack the factors of the LoRA experts (a subset of ``expert_names``), module by module.
+
+    Experts may adapt different modules and use different ranks: each module stacks the experts
+    that adapt it, and an expert that does not adapt a module contributes nothing there (its
+    weight is the base's, as the dense path sees it). ``device`` is one device, or a function from
+    a parameter name to the device it lives on (a model spread over several GPUs keeps each
+    module's factors beside its weight).
+    """
+    device_of = device if callable(device) else (lambda _name: device)
+    index = {name: i for i, name in enumerate(expert_names)}
+    targets = sorted({t for adapter in adapters.values() for t in adapter.factors})
+    modules = {}
+    for target in targets:
+        parts = [(index[n], a.factors[target]) for n, a in adapters.items() if target in a.factors]
+        device = device_of(target)
+        a = torch.cat([f.a for _, f in parts]).to(device=device, dtype=dtype)
+        b = torch.cat([f.b for _, f in parts], dim=1).to(device=device, dtype=dtype)
+        owner = torch.cat([torch.full((f.rank,), i, dtype=torch.long) for i, f in parts]).to(device)
+        scaling = torch.cat([torch.full((f.rank,), f.scaling, dtype=torch.float32) for _, f in parts])
+        modules[target.removesuffix(".weight")] = LowRankFactors(a, b, owner, scaling.to(device))
+    return LowRankStack(list(expert_names), modules, scale)

@@ -1,0 +1,237 @@
+"""Dev sets: JSONL records, tokenised with the base's tokenizer, with the tokens that count marked.
+
+A record is ``{"text": ...}`` (every token is scored), ``{"prompt": ..., "completion": ...}`` (only
+completion tokens are scored, as in supervised fine-tuning) or a multiple-choice question
+``{"prompt": ..., "choices": [...], "answer": i}`` (for the loss, the prompt followed by the right
+choice, with only the choice scored; :mod:`mergeopt.objectives.metrics` scores every choice). Each dev set is
+split once, with the recipe's seed, into a part the weights are fitted on and a held-out part for
+early stopping. Every example keeps the record it came from, so a metric that needs the raw text
+(generation, choices) sees exactly the same split as the loss.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergeopt.errors import UserError
+from mergeopt.runtime.distributed import rank_and_size, shard
+
+
+@dataclass(frozen=True)
+class Example:
+    input_ids: torch.Tensor  # (L,) int64
+    scored: torch.Tensor  # (L,) bool: token t is a target (predicted from tokens < t)
+    record: dict[str, Any] | None = field(default=None, compare=False)  # the JSONL record it came from
+
+
+@dataclass
+class DevSet:
+    name: str
+    weight: float
+    fit: list[Example]
+    heldout: list[Example]
+
+    @property
+    def all(self) -> list[Example]:
+        return self.fit + self.heldout
+
+
+def read_jsonl(path: str | Path, what: str = "dev set") -> list[dict[str, Any]]:
+    """Parse and validate a JSONL dev set (or training set: ``what``); errors name the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist")
+    records = []
+    with path.open("rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{path}:{lineno}: not UTF-8 text (is this a JSONL file?)") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{path}:{lineno}: a record must be a JSON object")
+            records.append(_validated(record, f"{path}:{lineno}"))
+    if not records:
+        raise UserError(f"{what} {path} is empty")
+    return records
+
+
+def _validated(record: dict, where: str) -> dict[str, Any]:
+    """The record's known fields, checked; ``where`` is 'file:line' for the error message."""
+    if "text" in record:
+        keys: tuple[str, ...] = ("text",)
+    elif "prompt" in record and "choices" in record:
+        keys = ("prompt", "choices", "answer")
+    elif "prompt" in record and "completion" in record:
+        keys = ("prompt", "completion")
+    else:
+        raise UserError(
+            f"{where}: a record needs 'text', or 'prompt' and 'completion', or 'prompt', 'choices' and 'answer'"
+        )
+    if keys[1:2] == ("choices",):
+        _check_choices(record, where)
+    else:
+        for key in keys:
+            if not isinstance(record[key], str):
+                raise UserError(f"{where}: {key!r} must be a string")
+        if not record[keys[-1]]:
+            raise UserError(f"{where}: {keys[-1]!r} is empty, nothing to score")
+    return {k: record[k] for k in keys}
+
+
+def _check_choices(record: dict, where: str) -> None:
+    if not isinstance(record["prompt"], str):
+        raise UserError(f"{where}: 'prompt' must be a string")
+    choices = record["choices"]
+    if not isinstance(choices, list) or len(choices) < 2:
+        raise UserError(f"{where}: 'choices' must be a list of at least 2 strings")
+    for i, choice in enumerate(choices):
+        if not isinstance(choice, str) or not choice:
+            raise UserError(f"{where}: choice {i} must be a non-empty string")
+    if "answer" not in record:
+        raise UserError(f"{where}: a record with 'choices' needs 'answer' (the index of the right choice)")
+    answer = record["answer"]
+    if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
+        raise UserError(f"{where}: 'answer' must be an index into 'choices' (0 to {len(choices) - 1})")
+
+
+def tokenize(record: dict[str, Any], tokenizer, max_length: int) -> Example | None:
+    """Tokenise one record; None when truncation left no scored token.
+
+    A multiple-choice record is scored like a prompt/completion record whose completion is the right
+    choice: the loss rewards the answer, not the wrong options.
+    """
+    if "text" in record:
+        ids = tokenizer(record["text"])["input_ids"]
+        scored = [False] + [True] * (len(ids) - 1)
+    else:
+        answer = record["choices"][record["answer"]] if "choices" in record else record["completion"]
+        prompt = tokenizer(record["prompt"])["input_ids"]
+        completion = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        ids = prompt + completion
+        scored = [False] * len(prompt) + [True] * len(completion)
+        scored[0] = False
+    ids, scored = ids[:max_length], scored[:max_length]
+    if not any(scored):
+        return None
+    return Example(torch.tensor(ids, dtype=torch.long), torch.tensor(scored, dtype=torch.bool), record)
+
+
+def load_dev_set(
+    name: str,
+    path: str | Path,
+    weight: float,
+    tokenizer,
+    max_length: int,
+    heldout_fraction: float,
+    seed: int,
+    max_examples: int | None = None,
+) -> DevSet:
+    """Read, tokenise and split one dev set.
+
+    A record that truncation leaves without a scored token is dropped for every term, metrics
+    included, so all terms of a dev set are scored on the same examples.
+    """
+    records = read_jsonl(path)
+    if max_examples is not None:
+        records = records[:max_examples]
+    examples = [ex for ex in (tokenize(r, tokenizer, max_length) for r in records) if ex is not None]
+    if not examples:
+        raise UserError(f"dev set {path}: every example was truncated away at max_length={max_length}")
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(examples), generator=generator).tolist()
+    n_heldout = round(heldout_fraction * len(examples))
+    if heldout_fraction > 0 and (n_heldout == 0 or n_heldout == len(examples)):
+        raise UserError(
+            f"dev set {path} has {len(examples)} usable examples, too few to hold out "
+            f"{heldout_fraction:.0%} for early stopping (set data.heldout_fraction=0 or add examples)"
+        )
+    heldout = [examples[i] for i in order[:n_heldout]]
+    fit = [examples[i] for i in order[n_heldout:]]
+    return DevSet(name=name, weight=weight, fit=fit, heldout=heldout)
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, L)
+    attention_mask: torch.Tensor  # (B, L)
+    scored: torch.Tensor  # (B, L) bool
+    set_index: torch.Tensor  # (B,) which dev set each row came from
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(
+            *(
+                t.to(device, non_blocking=True)
+                for t in (self.input_ids, self.attention_mask, self.scored, self.set_index)
+            )
+        )
+
+
+def collate(items: Sequence[tuple[int, Example]], pad_id: int) -> Batch:
+    """Right-pad a list of (dev set index, example) into one batch."""
+    length = max(ex.input_ids.numel() for _, ex in items)
+    n = len(items)
+    input_ids = torch.full((n, length), pad_id, dtype=torch.long)
+    attention = torch.zeros((n, length), dtype=torch.long)
+    scored = torch.zeros((n, length), dtype=torch.bool)
+    for row, (_, ex) in enumerate(items):
+        size = ex.input_ids.numel()
+        input_ids[row, :size] = ex.input_ids
+        attention[row, :size] = 1
+        scored[row, :size] = ex.scored
+    set_index = torch.tensor([i for i, _ in items], dtype=torch.long)
+    return Batch(input_ids, attention, scored, set_index)
+
+
+def training_batches(
+    sets: Sequence[DevSet], set_ids: Sequence[int], batch_size: int, pad_id: int, seed: int
+) -> Iterator[Batch]:
+    """Endless batches with ``batch_size`` examples from each targeted set, reshuffled every epoch."""
+    generator = torch.Generator().manual_seed(seed)
+    cursors = {i: (0, torch.randperm(len(sets[i].fit), generator=generator).tolist()) for i in set_ids}
+    while True:
+        items = []
+        for i in set_ids:
+            pos, order = cursors[i]
+            for _ in range(batch_size):
+                if pos == len(order):
+                    pos, order = 0, torch.randperm(len(sets[i].fit), generator=generator).tolist()
+                items.append((i, sets[i].fit[order[pos]]))
+                pos += 1
+            cursors[i] = (pos, order)
+        yield rank_batch(items, pad_id)  # under torchrun: this rank's share of the batch
+
+
+def evaluation_batches(sets: Sequence[DevSet], part: str, batch_size: int, pad_id: int) -> Iterator[Batch]:
+    """Every example of every set once, in order (``part``: 'fit', 'heldout' or 'all').
+
+    Under torchrun the examples are taken ``batch_size`` × world size at a time and each rank gets
+    every world-size-th of them (the caller sums over the ranks), so every rank runs the same
+    number of batches, as a sharded stack needs (its layers gather across the ranks).
+    """
+    items = [(i, ex) for i, s in enumerate(sets) for ex in getattr(s, part)]
+    items.sort(key=lambda item: item[1].input_ids.numel())  # similar lengths together: less padding
+    step = batch_size * rank_and_size()[1]
+    for start in range(0, len(items), step):
+        yield rank_batch(items[start : start + step], pad_id)
+
+
+def rank_batch(items: Sequence[tuple[int, Example]], pad_id: int) -> Batch:
+    """This rank's share of ``items`` as one batch; a rank whose share is empty gets one padding
+    token that scores nothing, so it still runs the forward pass the other ranks run."""
+    mine = shard(items)
+    if not mine:
+        mine = [(0, Example(torch.tensor([pad_id]), torch.tensor([False])))]
+    return collate(mine, pad_id)

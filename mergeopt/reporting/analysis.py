@@ -1,0 +1,263 @@
+"""Open a run directory and draw what it found: the public API behind notebooks/analysis.ipynb and report.md.
+
+A run directory is the contract between a fit and everything after it: mixture.json (the answer,
+written last, so its presence with ``status: complete`` means the run finished), recipe.yaml,
+trace.csv (gradient) or evaluations.csv (zero-order search), and, with a rank check,
+rank_report.json and rank_pairs.csv. Notebooks and reports should read runs through
+:func:`open_run` rather than parse those files themselves, so a change of layout breaks here,
+in one tested place, and not in every user's notebook.
+
+Figures: :func:`plot_losses` (the loss curve, or the search's values), :func:`plot_simplex` (the
+weights' path on the simplex: a ternary plot for K = 3, the regular-polygon projection for
+K > 3, a segment for K = 2), :func:`plot_proxy_vs_truth` (the merged proxy against the trained
+grid); tables: :func:`mixture_table`, :func:`rank_table`. Every plot takes an optional matplotlib
+``ax`` and returns it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from mergeopt.errors import UserError
+from mergeopt.loading.checkpoints import read_json_object
+from mergeopt.reporting.mixture_file import read_finished_mixture
+
+RANK_PAIRS = "rank_pairs.csv"
+
+
+@dataclass
+class Run:
+    """Everything a run directory holds; absent parts are None."""
+
+    path: Path
+    mixture: dict | None
+    recipe: dict | None
+    trace: pd.DataFrame | None  # gradient strategy: one row per step
+    evaluations: pd.DataFrame | None  # zero-order strategies: one row per real evaluation
+    rank: dict | None  # rank_report.json
+    rank_pairs: pd.DataFrame | None  # rank_pairs.csv: per grid mixture, proxy and true scores
+
+    @property
+    def expert_names(self) -> list[str]:
+        if self.mixture is not None:
+            return list(self.mixture["weights"])
+        frame = self.rank_pairs if self.rank_pairs is not None else pd.DataFrame()
+        return [c[2:] for c in frame.columns if c.startswith("w_")]
+
+    @property
+    def weights(self) -> pd.Series:
+        """The recommended mixture, one weight per expert."""
+        if self.mixture is None:
+            raise UserError(f"{self.path}: no mixture.json (the fit has not finished)")
+        return pd.Series(self.mixture["weights"], name="weight")
+
+    @property
+    def strategy(self) -> str | None:
+        return None if self.mixture is None else self.mixture.get("strategy")
+
+    def weight_path(self) -> np.ndarray:
+        """The mixtures the fit visited, in order (steps, or evaluations), as rows."""
+        frame = self.trace if self.trace is not None else self.evaluations
+        if frame is None:
+            return np.empty((0, len(self.expert_names)))
+        return frame[[f"w_{n}" for n in self.expert_names]].to_numpy(dtype=np.float64)
+
+
+def _read_csv(path: Path) -> pd.DataFrame | None:
+    if not path.is_file():
+        return None
+    try:
+        return pd.read_csv(path)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: cannot read it as CSV ({err})") from None
+
+
+def load_run(path: str | Path, mixture: dict | None = None) -> Run:
+    """Whatever the directory holds, finished or not (``mixture`` overrides mixture.json)."""
+    root = Path(path)
+    if not root.is_dir():
+        raise UserError(f"run directory {root} does not exist")
+    if mixture is None and (root / "mixture.json").is_file():
+        mixture = read_json_object(root / "mixture.json", "the mixture")
+    recipe = None
+    if (root / "recipe.yaml").is_file():
+        recipe = yaml.safe_load((root / "recipe.yaml").read_text(encoding="utf-8"))
+    rank = (
+        read_json_object(root / "rank_report.json", "the rank report")
+        if (root / "rank_report.json").is_file()
+        else None
+    )
+    return Run(
+        root,
+        mixture,
+        recipe,
+        _read_csv(root / "trace.csv"),
+        _read_csv(root / "evaluations.csv"),
+        rank,
+        _read_csv(root / RANK_PAIRS),
+    )
+
+
+def open_run(path: str | Path) -> Run:
+    """A finished run: its directory must hold a mixture.json whose status is ``complete``."""
+    root = Path(path)
+    if not root.is_dir():
+        raise UserError(f"run directory {root} does not exist")
+    return load_run(root, read_finished_mixture(root / "mixture.json"))
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def mixture_table(run: Run) -> pd.DataFrame:
+    """The fitted mixture beside the uniform one and each expert: weights and dev / held-out losses."""
+    m = run.mixture
+    if m is None:
+        raise UserError(f"{run.path}: no mixture.json")
+    names = run.expert_names
+    k = len(names)
+    rows = {
+        "fitted": [*(m["weights"][n] for n in names), m["dev_loss"], m["heldout_loss"]],
+        "uniform": [*([1.0 / k] * k), m["uniform_dev_loss"], m["uniform_heldout_loss"]],
+    }
+    for i, n in enumerate(names):
+        one_hot = [float(i == j) for j in range(k)]
+        rows[f"{n} only"] = [*one_hot, m["expert_dev_loss"][n], m["expert_heldout_loss"][n]]
+    columns = [*(f"w_{n}" for n in names), "dev_loss", "heldout_loss"]
+    return pd.DataFrame.from_dict(rows, orient="index", columns=columns).astype(float)
+
+
+def rank_table(run: Run) -> pd.DataFrame:
+    """One row per ranked metric: Spearman and Kendall with intervals, pairwise accuracy, top-1, regret."""
+    if run.rank is None:
+        raise UserError(
+            f"{run.path}: no rank_report.json (set rank.grid in the recipe, or run `mergeopt rank`)"
+        )
+    rows = {}
+    for name, s in run.rank["metrics"].items():
+        low, high = s.get("spearman_ci") or (None, None)
+        rows[name] = {
+            "spearman": s["spearman"],
+            "spearman_low": low,
+            "spearman_high": high,
+            "kendall": s["kendall"],
+            "pairwise_accuracy": s["pairwise_accuracy"],
+            "top1_hit": s["top1_hit"],
+            "regret": s["regret"],
+        }
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _axes(ax, size=(6, 4)):
+    if ax is not None:
+        return ax
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=size)[1]
+
+
+def plot_losses(run: Run, ax=None):
+    """Gradient: the dev loss per step and the held-out loss at each evaluation. Zero-order: each
+    evaluation's objective value and the best so far."""
+    ax = _axes(ax)
+    if run.trace is not None:
+        t = run.trace
+        ax.plot(t["step"], t["loss"], lw=1, alpha=0.6, label="dev loss (training batches)")
+        held = t.dropna(subset=["heldout_loss"])
+        ax.plot(held["step"], held["heldout_loss"], "o-", ms=3, label="held-out dev loss")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("mean token cross-entropy")
+    elif run.evaluations is not None:
+        e = run.evaluations
+        ax.plot(e["index"], e["value"], ".", alpha=0.6, label="evaluation")
+        ax.plot(e["index"], e["value"].cummin(), "-", label="best so far")
+        ax.set_xlabel("evaluation")
+        ax.set_ylabel("objective value (lower is better)")
+    else:
+        raise UserError(f"{run.path}: neither trace.csv nor evaluations.csv")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return ax
+
+
+def simplex_vertices(k: int) -> np.ndarray:
+    """2-D positions of the K corners: a segment (K = 2), an equilateral triangle (K = 3), a regular K-gon."""
+    if k == 2:
+        return np.array([[0.0, 0.0], [1.0, 0.0]])
+    if k == 3:
+        return np.array([[0.0, 0.0], [1.0, 0.0], [0.5, math.sqrt(3) / 2]])
+    angles = math.pi / 2 + 2 * math.pi * np.arange(k) / k
+    return np.stack([np.cos(angles), np.sin(angles)], axis=1)
+
+
+def simplex_coordinates(weights: np.ndarray) -> np.ndarray:
+    """Mixtures (rows on the simplex) to 2-D points: Σ_i w_i v_i with v_i the corners.
+
+    For K = 3 this is the ternary plot (exact); for K > 3 a projection in which each corner is a
+    single expert and the centre is the uniform mixture (different mixtures can share a point).
+    """
+    weights = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+    return weights @ simplex_vertices(weights.shape[1])
+
+
+def plot_simplex(run: Run, ax=None):
+    """The path of the weights on the simplex, from the first mixture to the recommended one."""
+    ax = _axes(ax, (5, 5))
+    names = run.expert_names
+    corners = simplex_vertices(len(names))
+    outline = np.vstack([corners, corners[:1]]) if len(names) > 2 else corners
+    ax.plot(outline[:, 0], outline[:, 1], color="grey", lw=1)
+    centre = corners.mean(axis=0)
+    for corner, name in zip(corners, names):  # each label just outside its corner
+        away = corner - centre
+        away = 10 * away / max(float(np.linalg.norm(away)), 1e-12)
+        ax.annotate(
+            name, corner, textcoords="offset points", xytext=away, ha="center", va="center", fontsize=9
+        )
+    if run.rank_pairs is not None:  # the trained grid, for orientation
+        grid = simplex_coordinates(run.rank_pairs[[f"w_{n}" for n in names]].to_numpy())
+        ax.scatter(grid[:, 0], grid[:, 1], s=12, color="lightgrey", label="grid mixtures", zorder=1)
+    points = simplex_coordinates(run.weight_path()) if len(run.weight_path()) else np.empty((0, 2))
+    if run.trace is not None and len(points):
+        ax.plot(points[:, 0], points[:, 1], "-", lw=1.5, color="tab:blue", label="weights during the fit")
+        ax.scatter(*points[0], marker="s", color="tab:blue", zorder=3, label="start")
+    elif len(points):
+        values = run.evaluations["value"].to_numpy()
+        shown = ax.scatter(points[:, 0], points[:, 1], c=values, cmap="viridis_r", s=14, zorder=2)
+        ax.figure.colorbar(shown, ax=ax, label="objective value", shrink=0.7)
+    if run.mixture is not None:
+        final = simplex_coordinates(run.weights[names].to_numpy())[0]
+        ax.scatter(*final, marker="*", s=180, color="tab:red", zorder=4, label="recommended")
+    ax.set_aspect("equal")
+    ax.axis("off")
+    title = "weights on the simplex" + ("" if len(names) == 3 else f" (projection of {len(names)} experts)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, -0.15), ncol=2)
+    return ax
+
+
+def plot_proxy_vs_truth(run: Run, metric: str = "target", ax=None):
+    """The merged proxy's score against the trained run's, one point per grid mixture."""
+    if run.rank_pairs is None or run.rank is None:
+        raise UserError(f"{run.path}: no rank check ({RANK_PAIRS} and rank_report.json)")
+    if f"proxy_{metric}" not in run.rank_pairs.columns:
+        known = sorted(c[6:] for c in run.rank_pairs.columns if c.startswith("proxy_"))
+        raise UserError(f"metric {metric!r} was not ranked; known: {', '.join(known)}")
+    ax = _axes(ax, (5, 4))
+    x, y = run.rank_pairs[f"proxy_{metric}"], run.rank_pairs[f"truth_{metric}"]
+    ax.scatter(x, y, s=18)
+    s = run.rank["metrics"][metric]
+    ax.set_title(f"{metric}: Spearman {s['spearman']:.3f}, Kendall {s['kendall']:.3f}", fontsize=10)
+    ax.set_xlabel("merged proxy")
+    ax.set_ylabel("trained on the mixture")
+    ax.grid(alpha=0.3)
+    return ax

@@ -1,0 +1,115 @@
+"""report.md in the run directory: the answer, its evidence and the figures, to look at instead of read.
+
+A fit ends with a mixture.json that only a program enjoys. The report puts on one page what a
+person checks before trusting it: the recommended mixture beside the uniform one and every single
+expert, how the search got there (the loss curve or the search's values, and the weights' path on
+the simplex), and, with a rank check, how well the merged proxy ordered the trained grid. It is
+Markdown with relative links to PNGs in the same directory, so it renders on GitHub, in JupyterLab
+and in VS Code, and travels with the directory. Built only from the run directory's files (through
+:mod:`mergeopt.reporting.analysis`), so ``python -m mergeopt.rank`` can rewrite it after adding a rank check.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mergeopt.reporting.analysis import Run, load_run, mixture_table, plot_simplex, rank_table
+from mergeopt.runtime.files import save_figure_atomic, write_text_atomic
+
+REPORT = "report.md"
+SIMPLEX = "simplex.png"
+
+
+def _markdown(frame, digits: int = 4) -> str:
+    """A DataFrame as a Markdown table (no tabulate dependency)."""
+    header = ["", *map(str, frame.columns)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, row in frame.iterrows():
+        cells = [
+            "" if v is None or v != v else f"{v:.{digits}f}" if isinstance(v, float) else str(v) for v in row
+        ]
+        lines.append("| " + " | ".join([str(label), *cells]) + " |")
+    return "\n".join(lines)
+
+
+def _mixture_section(run: Run) -> list[str]:
+    m = run.mixture
+    table = mixture_table(run)
+    fitted = table.loc["fitted"]
+    best_single = table.drop(index=["fitted", "uniform"])["heldout_loss"].min()
+    lines = [
+        "## Recommended mixture",
+        "",
+        f"Strategy **{m['strategy']}**, merge **{m['method']['name']}**, target **{m['target']}**, "
+        f"seed {m['seed']}, {m['processes']} process(es) on {m['device']}.",
+        "",
+        _markdown(table),
+        "",
+    ]
+    if fitted["heldout_loss"] == fitted["heldout_loss"]:  # not NaN: the dev sets hold something out
+        lines += [
+            f"Held-out dev loss: fitted {fitted['heldout_loss']:.4f}, uniform "
+            f"{table.loc['uniform', 'heldout_loss']:.4f}, best single expert {best_single:.4f}.",
+            "",
+        ]
+    return lines
+
+
+def _search_section(run: Run) -> list[str]:
+    lines = ["## How the fit got there", ""]
+    for figure, caption in (
+        ("loss_curve.png", "dev loss and weights per optimizer step"),
+        ("search_curve.png", "objective value per evaluation and the weights evaluated"),
+    ):
+        if (run.path / figure).is_file():
+            lines += [f"![{caption}]({figure})", ""]
+    if (run.path / SIMPLEX).is_file():
+        lines += [f"![weights on the simplex]({SIMPLEX})", ""]
+    return lines
+
+
+def _rank_section(run: Run) -> list[str]:
+    table = rank_table(run)
+    lines = [
+        "## Does the merged proxy rank mixtures like training does?",
+        "",
+        f"{run.rank['n_mixtures']} trained mixtures from `{run.rank['grid']}`; intervals are seeded bootstrap "
+        f"{run.rank['options']['confidence']:.0%} percentiles; regret is normalised to [0, 1].",
+        "",
+        _markdown(table, 3),
+        "",
+    ]
+    fitted = run.rank.get("fitted_mixture")
+    if fitted:
+        lines += [
+            f"Fitted mixture: nearest grid row {fitted['row']} (distance {fitted['distance']:.3f}), "
+            f"normalised regret {fitted['regret']:.3f}.",
+            "",
+        ]
+    if (run.path / "rank_scatter.png").is_file():
+        lines += ["![proxy against truth](rank_scatter.png)", ""]
+    return lines
+
+
+def write_report(directory: str | Path, mixture: dict | None = None) -> Path:
+    """Write simplex.png (when the run has weights) and report.md into ``directory``; returns the report."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    run = load_run(directory, mixture)
+    if run.mixture is not None or run.rank_pairs is not None:
+        fig, ax = plt.subplots(figsize=(5.5, 5.5))
+        try:
+            plot_simplex(run, ax)
+            fig.tight_layout()
+            save_figure_atomic(fig, run.path / SIMPLEX)
+        finally:
+            plt.close(fig)
+    lines = [f"# mergeopt run: {run.path.name}", ""]
+    if run.mixture is not None:
+        lines += _mixture_section(run) + _search_section(run)
+    if run.rank is not None:
+        lines += _rank_section(run)
+    return write_text_atomic(run.path / REPORT, "\n".join(lines).rstrip() + "\n")

@@ -1,0 +1,1 @@
+"""Runtime: torchrun ranks, resumable run state, atomic files, deterministic mode."""

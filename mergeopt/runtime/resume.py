@@ -1,0 +1,204 @@
+"""Checkpoints of a fit in progress, so a preempted or killed run continues where it stopped.
+
+Fits on large models take hours on shared clusters. What a fit must not lose is small: for the
+gradient strategy the K logits, Adam's state, the step, the early-stopping bookkeeping and the
+trace; for the zero-order strategies the log of real evaluations, each of which may have cost
+minutes. ``RUN/checkpoint/`` holds them:
+
+* ``meta.json``: the resolved recipe the checkpoint belongs to (a run whose recipe changed is
+  refused, naming the first key that differs, instead of silently mixing two runs);
+* ``gradient.pt``: the gradient strategy's state, rewritten atomically every
+  ``optim.checkpoint_every`` steps (``torch.save``; read back with ``weights_only=True``, so
+  loading it can execute nothing);
+* ``evaluations.jsonl``: one line per real evaluation, appended and fsynced as it happens. On
+  resume the strategy runs again from its seed and the logged scores answer its requests in order
+  (:class:`mergeopt.search.evaluator.Evaluator` replays them), so it takes the same decisions and
+  writes the same evaluation log without evaluating anything twice; a torn last line from a kill
+  is dropped.
+
+SIGINT and SIGTERM do not kill a fit: :func:`interruptible` turns them into a flag that the loops
+check between steps or evaluations; the state is saved and :class:`Interrupted` ends the run with
+a message saying how to continue. A second signal stops at once (the last checkpoint remains).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import yaml
+
+from mergeopt.errors import UserError
+from mergeopt.runtime.files import write_bytes_atomic, write_json_atomic
+
+CHECKPOINT_DIR = "checkpoint"
+META = "meta.json"
+GRADIENT_STATE = "gradient.pt"
+EVALUATIONS = "evaluations.jsonl"
+SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; the state is saved. ``exit_code`` follows the shell's 128 + N."""
+
+    def __init__(self, signum: int, where: str):
+        self.signum, self.where = signum, where
+        self.exit_code = SIGNAL_EXIT.get(signum, 130)
+        super().__init__(f"{signal.Signals(signum).name} at {where}")
+
+
+_pending: list[int] = []  # signals received inside interruptible(), oldest first
+
+
+def pending_interrupt() -> bool:
+    return bool(_pending)
+
+
+def pending_signal() -> int | None:
+    """The first signal received (None when none has)."""
+    return _pending[0] if _pending else None
+
+
+def check_interrupt(where: str) -> None:
+    """Raise :class:`Interrupted` if a signal arrived; loops call this where state is consistent."""
+    if _pending:
+        raise Interrupted(_pending[0], where)
+
+
+@contextmanager
+def interruptible() -> Iterator[None]:
+    """SIGINT/SIGTERM set a flag inside the block (the main thread only); a second one interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():  # handlers are main-thread only
+        yield
+        return
+
+    def handler(signum, _frame):
+        if _pending:  # the second signal: stop now
+            raise KeyboardInterrupt
+        _pending.append(signum)
+
+    previous = {s: signal.signal(s, handler) for s in SIGNAL_EXIT}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        _pending.clear()
+
+
+def _first_difference(a, b, prefix: str = "") -> str | None:
+    """The dotted key of the first difference between two nested mappings (None if equal)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in list(a) + [k for k in b if k not in a]:
+            if key not in a or key not in b:
+                return f"{prefix}{key}"
+            found = _first_difference(a[key], b[key], f"{prefix}{key}.")
+            if found:
+                return found
+        return None
+    return None if a == b else prefix.rstrip(".") or "(the recipe)"
+
+
+class RunState:
+    """The checkpoint directory of one run (RUN/checkpoint), tied to its resolved recipe."""
+
+    def __init__(self, output_dir: str | Path, recipe_tree: dict):
+        self.dir = Path(output_dir) / CHECKPOINT_DIR
+        # where the run writes is not part of what it computes
+        self.recipe = {k: v for k, v in recipe_tree.items() if k != "output_dir"}
+        self._on_first_write = None  # set by start_lazily: runs before the first byte is written
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def exists(self) -> bool:
+        return (self.dir / META).is_file()
+
+    def check_matches(self) -> None:
+        """Refuse a checkpoint written by a different recipe, naming the first key that differs."""
+        try:
+            saved = json.loads((self.dir / META).read_text(encoding="utf-8"))["recipe"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UserError(
+                f"{self.dir / META}: unreadable checkpoint; delete {self.dir} or pass --restart"
+            ) from None
+        key = _first_difference(saved, self.recipe)
+        if key is not None:
+            raise UserError(
+                f"{self.dir} belongs to a run with another recipe ({key} differs); "
+                "rerun with that recipe, pass --restart to start over, or use another output_dir"
+            )
+
+    def start(self) -> None:
+        """A fresh checkpoint for this recipe (whatever was there is removed)."""
+        self.clear()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.dir / META, {"recipe": self.recipe})
+
+    def start_lazily(self, before=None) -> None:
+        """Start fresh at the first save, after calling ``before``: a run that stops on a user error
+        before saving anything leaves the output directory as it found it."""
+        self._on_first_write = before or (lambda: None)
+
+    def _ensure_started(self) -> None:
+        if self._on_first_write is not None:
+            before, self._on_first_write = self._on_first_write, None
+            before()
+            self.start()
+
+    def clear(self) -> None:
+        """Remove the checkpoint directory, with any temporary file a kill left mid-save."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    # -- gradient state -------------------------------------------------------------------------
+    def save_gradient(self, state: dict) -> None:
+        import io
+
+        self._ensure_started()
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        write_bytes_atomic(self.dir / GRADIENT_STATE, buffer.getvalue())
+
+    def load_gradient(self) -> dict | None:
+        path = self.dir / GRADIENT_STATE
+        if not path.is_file():
+            return None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # a corrupt file: say which, do not guess
+            raise UserError(f"{path}: unreadable checkpoint ({type(err).__name__}); pass --restart") from None
+
+    # -- evaluation log -------------------------------------------------------------------------
+    def append_evaluation(self, entry: dict) -> None:
+        """Append one real evaluation and fsync: after a kill, every logged line is complete but the last."""
+        self._ensure_started()
+        line = json.dumps(entry, allow_nan=False) + "\n"
+        with open(self.dir / EVALUATIONS, "a", encoding="utf-8") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def read_evaluations(self) -> list[dict]:
+        path = self.dir / EVALUATIONS
+        if not path.is_file():
+            return []
+        entries, lines = [], path.read_text(encoding="utf-8").splitlines()
+        for line in lines:
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError:  # the line a kill tore; nothing after it was written
+                break
+        if len(entries) < len(lines):  # drop the torn line before anything is appended after it
+            text = "".join(json.dumps(e, allow_nan=False) + "\n" for e in entries)
+            write_bytes_atomic(path, text.encode("utf-8"))
+        return entries
+
+
+def recipe_tree(recipe) -> dict:
+    """The resolved recipe as plain data (what meta.json stores and compares)."""
+    return yaml.safe_load(yaml.safe_dump(recipe.model_dump(mode="json")))

@@ -1,0 +1,97 @@
+"""Run a zero-order strategy on a loaded problem: scorer, utility, evaluator, search, scores to report.
+
+The strategies in :mod:`mergeopt.search` see only a black box ``w -> scores``; this module builds
+that box from the recipe (the merged model scored on the ``fit`` part of the dev sets), folds the
+scores into one utility, scores the K experts first when the utility is normalised over them, and
+afterwards scores the chosen, uniform and single-expert mixtures on both dev parts for the report.
+Every evaluation goes through one cache, so a mixture the search already scored costs nothing here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from mergeopt.config import Recipe
+from mergeopt.errors import UserError
+from mergeopt.objectives.metrics import Utility
+from mergeopt.objectives.scoring import make_scorer, objective_terms
+from mergeopt.search import STRATEGIES, Evaluator, SearchResult
+
+
+def make_evaluator(problem, recipe: Recipe, progress: bool, checkpoint=None) -> tuple[Evaluator, Utility]:
+    """The evaluator of the recipe's utility on the fit part, experts scored first when normalising.
+
+    With a :class:`mergeopt.runtime.resume.RunState` every real evaluation is journaled (by rank 0) and a
+    resumed run's journal answers the strategy's first requests.
+    """
+    from mergeopt.runtime.distributed import is_main
+
+    terms = objective_terms(recipe)
+    utility = Utility(terms, recipe.objective.normalize)
+    names = problem.stack.expert_names
+    evaluator = Evaluator(
+        names,
+        make_scorer(problem, recipe, "fit"),
+        utility,
+        budget=recipe.search.budget,
+        key=json.dumps(problem.stack.method, sort_keys=True),
+        progress=progress,
+        journal=checkpoint.append_evaluation if checkpoint is not None and is_main() else None,
+        replay=checkpoint.read_evaluations() if checkpoint is not None else (),
+        together=recipe.model.shard == "fsdp",  # a sharded stack: every rank scores each mixture
+    )
+    if utility.needs_reference:
+        if recipe.search.budget is not None and recipe.search.budget < len(names):
+            raise UserError(
+                f"search.budget {recipe.search.budget} cannot even score the {len(names)} experts that "
+                "objective.normalize 'experts' needs"
+            )
+        evaluator.prefetch(np.eye(len(names)), "expert")
+        utility.set_reference([evaluator.scores(row, "expert") for row in np.eye(len(names))])
+    return evaluator, utility
+
+
+def run_search(
+    problem, recipe: Recipe, progress: bool = True, checkpoint=None
+) -> tuple[SearchResult, Evaluator, Utility]:
+    evaluator, utility = make_evaluator(problem, recipe, progress, checkpoint)
+    strategy = STRATEGIES[recipe.search.strategy]
+    return strategy(evaluator, recipe.search, recipe.seed, progress), evaluator, utility
+
+
+def report_scores(
+    problem, recipe: Recipe, evaluator: Evaluator, chosen: np.ndarray
+) -> dict[str, dict[str, dict[str, float] | None]]:
+    """Term scores of the chosen mixture, the uniform one and each expert, on the fit and held-out parts.
+
+    Fit-part scores come from the evaluator's cache when the search already made them (reporting
+    does not count against the search budget); held-out scores are new evaluations, None when the
+    dev sets hold nothing out.
+    """
+    names = problem.stack.expert_names
+    k = len(names)
+    points = {"fitted": chosen, "uniform": np.full(k, 1.0 / k)}
+    points.update({f"{n} only": row for n, row in zip(names, np.eye(k))})
+    fit_score = make_scorer(problem, recipe, "fit")
+    has_heldout = all(len(s.heldout) > 0 for s in problem.sets)
+    held_score = make_scorer(problem, recipe, "heldout") if has_heldout else None
+    out = {}
+    for label, w in points.items():
+        key = evaluator.cache_key(w)
+        fit = dict(evaluator.cache[key]) if key in evaluator.cache else fit_score(w)
+        out[label] = {"fit": fit, "heldout": held_score(w) if held_score else None}
+    return out
+
+
+def utility_of(utility: Callable, scores: dict | None) -> float | None:
+    return None if scores is None else float(utility(scores))
+
+
+def evaluation_columns(names: Sequence[str], rows: Sequence[dict]) -> list[str]:
+    """The evaluations.csv columns: index, phase, weights, every score, value, seconds."""
+    fixed = ["index", "phase", *(f"w_{n}" for n in names)]
+    scores = [c for c in (rows[0] if rows else {}) if c not in fixed and c not in ("value", "seconds")]
+    return [*fixed, *scores, "value", "seconds"]

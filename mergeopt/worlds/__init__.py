@@ -1,0 +1,98 @@
+"""Built-in worlds, named in recipes by paths like ``tiny://base`` or ``smollm2://dev/code.jsonl``.
+
+A world is a base checkpoint, training and dev data (and, for the tiny world, experts) made on this
+machine from nothing but installed packages. It is built on first use into a staging directory,
+renamed into the cache (``world.cache_dir``, else ``$MERGEOPT_CACHE``, else ``~/.cache/mergeopt``)
+and marked finished by its ``world.json``, so an interrupted build is never mistaken for a world.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mergeopt.config import Recipe, recipe_from_dict
+
+MARKER = "world.json"
+
+
+def _registry() -> dict[str, Any]:  # name -> module (or class) with WORLD_VERSION and build_into
+    from mergeopt.worlds import smollm2, toy
+
+    return {"tiny": toy, "tiny-large": toy.LargeWorld, "smollm2": smollm2}
+
+
+def scheme_of(path: str) -> str | None:
+    name, sep, _ = path.partition("://")
+    return name if sep and name in _registry() else None
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    root = cache_dir or os.environ.get("MERGEOPT_CACHE") or Path.home() / ".cache" / "mergeopt"
+    return Path(root).expanduser()
+
+
+def world_dir(name: str, cache_dir: str | None = None, seed: int = 0) -> Path:
+    return cache_root(cache_dir) / f"{name}-v{_registry()[name].WORLD_VERSION}-seed{seed}"
+
+
+def ensure(
+    name: str, cache_dir: str | None = None, seed: int = 0, log: Callable[[str], None] = print
+) -> Path:
+    """The cached world, built first if missing."""
+    target = world_dir(name, cache_dir, seed)
+    if (target / MARKER).is_file():
+        return target
+    if target.exists():  # a leftover without its marker is not a world
+        shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    staging = Path(tempfile.mkdtemp(prefix=f".building-{name}-", dir=target.parent))
+    try:
+        meta = _registry()[name].build_into(staging, seed, log)
+        meta.update(
+            world=name,
+            version=_registry()[name].WORLD_VERSION,
+            seed=seed,
+            build_seconds=round(time.perf_counter() - start, 1),
+        )
+        (staging / MARKER).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        try:
+            staging.rename(target)
+        except OSError:  # another process finished first; its world is identical
+            if not (target / MARKER).is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log(f"{name} world: built in {time.perf_counter() - start:.0f} s at {target}")
+    return target
+
+
+def resolve_recipe(recipe: Recipe, log: Callable[[str], None] = print) -> tuple[Recipe, dict[str, Path]]:
+    """Replace every world path (base, experts, dev and training data) by its place in the cache."""
+    tree = recipe.model_dump()
+    roots: dict[str, Path] = {}
+
+    def resolve(path: str) -> str:
+        name = scheme_of(path)
+        if name is None:
+            return path
+        if name not in roots:
+            roots[name] = ensure(name, recipe.world.cache_dir, recipe.world.seed, log)
+        return str(roots[name] / path.partition("://")[2])
+
+    tree["model"]["base"] = resolve(tree["model"]["base"])
+    tree["model"]["experts"] = {k: resolve(v) for k, v in tree["model"]["experts"].items()}
+    for dev in tree["data"]["dev"]:
+        dev["path"] = resolve(dev["path"])
+    if tree.get("train"):
+        tree["train"]["data"] = {k: resolve(v) for k, v in tree["train"]["data"].items()}
+    if not roots:
+        return recipe, roots
+    return recipe_from_dict(tree), roots

@@ -1,0 +1,400 @@
+"""Train small worlds for real: ``python -m mergeopt.train RECIPE [key=value ...] [--quiet] [--debug]``.
+
+The merged proxy is only worth what its ranking of mixtures is worth, and that can only be measured
+against models really trained on each mixture. From one base this trains (a) one expert per domain
+(into the directories the recipe names under ``model.experts``) and (b) one ground-truth run per
+mixture of ``train.mixtures``, every run with the same token budget, hyperparameters and seed, so
+the mixture is the only thing that differs. Mixture runs draw the domain of every example from w
+(a seeded sampler, like ``datasets.interleave_datasets`` with probabilities w). Each finished run
+leaves ``run.json`` (written last) and is never retrained; a run whose recipe changed is an error.
+The grid table ``train.output_dir/grid.csv`` has one row per mixture: ``run``, one ``w_<expert>``
+column per expert, one ``loss_<dev set>`` column per dev set, one ``score_<label>`` column per
+non-loss objective term (exact match, choice accuracy, custom), and ``tokens``. Losses and scores
+are measured on every record of the dev sets, read as fit reads them, and recomputed from the saved
+checkpoints on every call: a term added to the recipe later fills its column without retraining, and
+the score columns of terms a later recipe does not name are carried over, not dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import shutil
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from mergeopt.config import Recipe, TrainSection, load_recipe
+from mergeopt.errors import UserError, run_cli
+from mergeopt.loading.problem import resolve_device
+from mergeopt.objectives.data import Batch, Example, collate, evaluation_batches, read_jsonl, tokenize
+from mergeopt.objectives.loss import per_set_loss_sums
+from mergeopt.objectives.term_scores import (
+    load_custom,
+    load_dev_sets,
+    metric_terms,
+    score_column,
+    score_terms,
+)
+from mergeopt.runtime import determinism
+from mergeopt.runtime.files import write_csv_atomic, write_json_atomic
+from mergeopt.runtime.resume import Interrupted, check_interrupt, interruptible, pending_interrupt
+from mergeopt.search.mixtures import mixture_set
+from mergeopt.worlds import resolve_recipe
+
+RUN_MARKER = "run.json"
+
+
+def load_examples(path: str, tokenizer, max_length: int) -> list[Example]:
+    examples = [
+        ex
+        for ex in (tokenize(r, tokenizer, max_length) for r in read_jsonl(path, "training set"))
+        if ex is not None
+    ]
+    if not examples:
+        raise UserError(f"training set {path}: every example was truncated away at max_length={max_length}")
+    return examples
+
+
+def mixture_examples(
+    domains: Sequence[list[Example]], weights: Sequence[float], seed: int
+) -> Iterator[Example]:
+    """Endless examples whose domain is drawn from ``weights``; each domain reshuffled every epoch."""
+    generator = torch.Generator().manual_seed(seed)
+    probs = torch.tensor(weights, dtype=torch.float64)
+    cursors = [[0, torch.randperm(len(d), generator=generator).tolist()] for d in domains]
+    while True:
+        i = int(torch.multinomial(probs, 1, generator=generator))
+        pos, order = cursors[i]
+        if pos == len(order):
+            pos, order = 0, torch.randperm(len(domains[i]), generator=generator).tolist()
+        cursors[i] = [pos + 1, order]
+        yield domains[i][order[pos]]
+
+
+def token_batches(examples: Iterator[Example], batch_tokens: int, pad_id: int) -> Iterator[Batch]:
+    """Batches filled with examples until they hold ``batch_tokens`` tokens: equal budget per step."""
+    while True:
+        items, tokens = [], 0
+        while tokens < batch_tokens:
+            ex = next(examples)
+            items.append((0, ex))
+            tokens += ex.input_ids.numel()
+        yield collate(items, pad_id)
+
+
+def _fingerprint(recipe: Recipe) -> str:
+    """What makes two runs comparable: base, data, budget, optimizer, method, seed."""
+    train = recipe.train.model_dump(mode="json")
+    train.pop("mixtures")
+    train.pop("output_dir")
+    train.pop("checkpoint_every")  # how often progress is saved does not change the run
+    payload = {"base": recipe.model.base, "seed": recipe.seed, "train": train}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _finished(path: Path, fingerprint: str, weights: dict[str, float]) -> bool:
+    """True for a finished run of this recipe and mixture; an error for a run of another one."""
+    marker = path / RUN_MARKER
+    if not marker.is_file():
+        return False
+    info = json.loads(marker.read_text())
+    if info.get("fingerprint") != fingerprint:
+        raise UserError(
+            f"{path} was trained with a different recipe (base, data, budget or optimizer changed); "
+            "delete it or choose another train.output_dir / model.experts path"
+        )
+    trained = info.get("weights", {})
+    if set(trained) != set(weights) or any(abs(trained[n] - weights[n]) > 1e-9 for n in weights):
+        raise UserError(
+            f"{path} holds a run of mixture {trained}, not {weights} (train.mixtures changed); "
+            "delete it or choose another train.output_dir"
+        )
+    return True
+
+
+def train_one(
+    recipe: Recipe,
+    weights: dict[str, float],
+    domains: dict[str, list[Example]],
+    out: Path,
+    tokenizer,
+    device: torch.device,
+    progress: bool = True,
+) -> dict:
+    """Fine-tune the base on mixture ``weights`` for the recipe's budget and save it to ``out``."""
+    from transformers import AutoModelForCausalLM
+
+    cfg: TrainSection = recipe.train
+    torch.manual_seed(recipe.seed)
+    model = AutoModelForCausalLM.from_pretrained(recipe.model.base, dtype=torch.float32).to(device)
+    if cfg.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=list(cfg.lora.target_modules),
+            use_rslora=cfg.lora.use_rslora,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+    model.train()
+    names = list(domains)
+    stream = mixture_examples([domains[n] for n in names], [weights[n] for n in names], recipe.seed)
+    batches = token_batches(stream, cfg.batch_tokens, tokenizer.pad_token_id or 0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    tokens, losses, start = 0, [], 0
+    identity = {"fingerprint": _fingerprint(recipe), "weights": weights}
+    saved = _load_step_checkpoint(_checkpoint_dir(out), identity, model, optimizer)
+    if saved is not None:  # resume: the exact state after step saved["step"] - 1
+        start, tokens, losses = saved["step"], saved["tokens"], saved["losses"]
+        for _ in range(start):  # the example stream is seeded: skip what was used
+            next(batches)
+    bar = tqdm(range(start, cfg.steps), desc=out.name, unit="step", leave=False, disable=not progress)
+    for step in bar:
+        batch = next(batches).to(device)
+        sums, counts = per_set_loss_sums(model, {}, batch, 1)
+        loss = sums.sum() / counts.sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for group in optimizer.param_groups:  # linear decay to 0
+            group["lr"] = cfg.lr * (1 - step / cfg.steps)
+        optimizer.step()
+        tokens += int(batch.attention_mask.sum())
+        losses.append(float(loss.detach()))
+        if not math.isfinite(losses[-1]):
+            raise UserError(f"training {out.name} diverged (loss {losses[-1]}); lower train.lr")
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+        done = step + 1
+        if done < cfg.steps and (done % cfg.checkpoint_every == 0 or pending_interrupt()):
+            state = {**identity, "step": done, "tokens": tokens, "losses": losses}
+            _save_step_checkpoint(_checkpoint_dir(out), state, model, optimizer)
+        check_interrupt(f"{out.name} step {done}")
+    model.eval()
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    if cfg.method == "lora":
+        model.save_pretrained(staging / "adapter")
+        model = model.merge_and_unload()  # the dense merged expert, loadable by fit
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    info = {
+        "weights": weights,
+        "steps": cfg.steps,
+        "tokens": tokens,
+        "method": cfg.method,
+        "final_train_loss": sum(losses[-10:]) / len(losses[-10:]),
+        "fingerprint": _fingerprint(recipe),
+    }
+    write_json_atomic(staging / RUN_MARKER, info)
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    shutil.rmtree(_checkpoint_dir(out), ignore_errors=True)  # finished: run.json is the record
+    return info
+
+
+def _checkpoint_dir(out: Path) -> Path:
+    return out.with_name(f".{out.name}.checkpoint")
+
+
+def _save_step_checkpoint(path: Path, state: dict, model: torch.nn.Module, optimizer) -> None:
+    """The trainable weights (safetensors), AdamW's state, the RNG and the counters, swapped in whole.
+
+    Written into a fresh directory and renamed over the previous checkpoint, so a kill leaves one
+    complete checkpoint or the other.
+    """
+    from safetensors.torch import save_file
+
+    staging = path.with_name(path.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(trainable, str(staging / "trainable.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, staging / "optimizer.pt")
+    write_json_atomic(staging / "state.json", state)
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        path.rename(old)
+    staging.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_step_checkpoint(path: Path, identity: dict, model: torch.nn.Module, optimizer) -> dict | None:
+    """Restore a step checkpoint of this very run (recipe fingerprint and mixture); None if there is none."""
+    if not path.is_dir() and path.with_name(path.name + ".old").is_dir():
+        path.with_name(path.name + ".old").rename(path)  # killed between the two renames
+    if not (path / "state.json").is_file():
+        return None
+    from safetensors.torch import load_file
+
+    state = json.loads((path / "state.json").read_text())
+    if state.get("fingerprint") != identity["fingerprint"] or state.get("weights") != identity["weights"]:
+        shutil.rmtree(path)  # another recipe's or mixture's partial run: worthless here
+        return None
+    trainable = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in trainable.items():
+            params[name].copy_(value.to(params[name].device))
+    extra = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(extra["optimizer"])
+    torch.set_rng_state(extra["rng"])
+    return state
+
+
+def load_run(path: Path, device: torch.device) -> torch.nn.Module:
+    """A finished run's saved (dense) checkpoint, in eval mode: what every grid column is measured on."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+
+
+@torch.no_grad()
+def dev_losses(
+    model: torch.nn.Module, recipe: Recipe, sets, pad_id: int, device: torch.device
+) -> list[float]:
+    """Mean token loss of each dev set (every record, fit and held-out parts) for a loaded run."""
+    sums = torch.zeros(len(sets), dtype=torch.float64)
+    counts = torch.zeros(len(sets), dtype=torch.float64)
+    for batch in evaluation_batches(sets, "all", recipe.optim.eval_batch_size, pad_id):
+        s, c = per_set_loss_sums(model, {}, batch.to(device), len(sets))
+        sums += s.double().cpu()
+        counts += c.double().cpu()
+    return (sums / counts).tolist()
+
+
+def train(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = print) -> Path:
+    """Train every missing run, evaluate every grid run on the dev sets (losses, metric terms), write grid.csv."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if recipe.train is None:
+        raise UserError("the recipe has no train section: nothing to train")
+    hf_logging.disable_progress_bar()
+    determinism.apply(recipe.deterministic)  # before anything runs on the GPU
+    resolved, _ = resolve_recipe(recipe, log)
+    cfg = resolved.train
+    device = resolve_device(resolved.device)
+    tokenizer = AutoTokenizer.from_pretrained(resolved.model.base)
+    names = resolved.expert_names
+    domains = {n: load_examples(cfg.data[n], tokenizer, cfg.max_length) for n in names}
+    sets = load_dev_sets(resolved, tokenizer)  # the records rank's proxy is scored on
+    terms = metric_terms(resolved)
+    custom = load_custom(terms)  # a bad import path fails before any training
+    mixtures = mixture_set(cfg.mixtures, names, resolved.seed)
+    fingerprint = _fingerprint(resolved)
+
+    runs: list[tuple[dict[str, float], Path]] = []
+    for name in names:  # experts = the one-hot mixtures
+        runs.append(({n: float(n == name) for n in names}, Path(resolved.model.experts[name])))
+    out_dir = Path(cfg.output_dir)
+    grid_runs = []
+    for i, w in enumerate(mixtures):
+        vertex = [n for n in names if w[n] == 1.0]
+        path = Path(resolved.model.experts[vertex[0]]) if vertex else out_dir / "mixtures" / f"{i:03d}"
+        if not vertex:
+            runs.append((w, path))
+        grid_runs.append((w, path))
+
+    todo = [(w, p) for w, p in runs if not _finished(p, fingerprint, w)]
+    log(
+        f"{len(runs)} runs ({len(names)} experts, {len(runs) - len(names)} mixtures): "
+        f"{len(runs) - len(todo)} finished, {len(todo)} to train ({cfg.method}, {cfg.steps} steps x "
+        f"{cfg.batch_tokens} tokens)"
+    )
+    for w, path in tqdm(todo, desc="training runs", unit="run", disable=not progress):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        train_one(resolved, w, domains, path, tokenizer, device, progress)
+
+    pad_id = tokenizer.pad_token_id or 0
+    rows = []
+    for i, (w, path) in enumerate(tqdm(grid_runs, desc="evaluating runs", unit="run", disable=not progress)):
+        model = load_run(path, device)
+        losses = dev_losses(model, resolved, sets, pad_id, device)
+        scores = score_terms(model, tokenizer, sets, terms, custom, resolved.optim.eval_batch_size, device)
+        info = json.loads((path / RUN_MARKER).read_text())
+        row = {"run": i, "path": str(path), **{f"w_{n}": w[n] for n in names}}
+        row.update({f"loss_{s.name}": v for s, v in zip(sets, losses)})
+        row.update({score_column(t): scores[t.label] for t in terms})
+        row["tokens"] = info["tokens"]
+        rows.append(row)
+    columns = [
+        "run",
+        "path",
+        *(f"w_{n}" for n in names),
+        *(f"loss_{s.name}" for s in sets),
+        *(score_column(t) for t in terms),
+        "tokens",
+    ]
+    kept = _kept_score_columns(out_dir / "grid.csv", rows, columns)
+    columns[-1:-1] = kept
+    grid = write_csv_atomic(out_dir / "grid.csv", rows, columns)
+    log(f"wrote {grid} ({len(rows)} mixtures)")
+    return grid
+
+
+def _kept_score_columns(path: Path, rows: list[dict], columns: Sequence[str]) -> list[str]:
+    """Score columns of an earlier grid.csv that this recipe does not recompute, carried over.
+
+    Finished runs are never retrained, so a score measured on one (say exact match, by a recipe
+    that named the term) stays true; rerunning train with a recipe without that term must not drop
+    it. Rows are matched on the run's path; a column is kept only if every row has its value.
+    """
+    if not path.is_file():
+        return []
+    import pandas as pd
+
+    try:
+        old = pd.read_csv(path)
+    except (OSError, ValueError):
+        return []
+    extra = [c for c in old.columns if c.startswith("score_") and c not in columns]
+    if not extra or "path" not in old.columns or old["path"].duplicated().any():
+        return []
+    by_path = old.set_index("path")
+    kept = [
+        c
+        for c in extra
+        if all(r["path"] in by_path.index and pd.notna(by_path.at[r["path"], c]) for r in rows)
+    ]
+    for row in rows:
+        row.update({c: float(by_path.at[row["path"], c]) for c in kept})
+    return kept
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m mergeopt.train",
+        description="Train one expert per domain and ground-truth runs on a set of mixtures.",
+    )
+    parser.add_argument("recipe")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    args = parser.parse_intermixed_args(argv)  # options may come after the overrides
+    recipe = load_recipe(args.recipe, args.overrides)
+    try:
+        with interruptible():
+            train(recipe, progress=not args.quiet, log=(lambda _m: None) if args.quiet else print)
+    except Interrupted as stop:
+        print(
+            f"mergeopt: interrupted ({stop}); finished runs are kept and the run in progress is "
+            "checkpointed. Rerun the same command to continue.",
+            file=sys.stderr,
+        )
+        return stop.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))
