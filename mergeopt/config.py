@@ -46,12 +46,13 @@ class ModelSection(_Strict):
     stack_dtype: Literal["float32", "bfloat16", "float16", "int8"] = Field(
         default="float32",
         description="Storage dtype of the stack: anchor and differences (int8: differences with one "
-        "absmax scale per expert and row, dequantised per layer; the anchor in the compute dtype).",
+        "absmax scale per expert and row, dequantised per layer; the anchor in the compute dtype). "
+        "The merge arithmetic is float32.",
     )
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto",
         description="Dtype of the forward and backward (merge arithmetic and the gradient to w stay "
-        "float32); auto: bfloat16 on a GPU that has it, float32 elsewhere.",
+        "float32); auto: bfloat16 on a GPU that has it, float32 elsewhere. float16 is refused on the CPU.",
     )
     eval_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto",
@@ -65,7 +66,8 @@ class ModelSection(_Strict):
     )
     gguf_file: str | None = Field(
         default=None,
-        description="A GGUF file inside model.base to load the base from (transformers dequantizes it).",
+        description="A GGUF file inside model.base to load the base from (transformers dequantizes it); "
+        "the experts are checked against the architecture it describes.",
     )
     allow_pickle: bool = Field(
         default=False,
@@ -85,9 +87,10 @@ class ModelSection(_Strict):
     )
     shard: Literal["none", "fsdp"] = Field(
         default="none",
-        description="Under torchrun, fsdp keeps 1/N of the rows of every stacked matrix on each rank "
-        "(FSDP2's Shard(0) layout) and gathers each merged weight as its layer runs; none: every rank "
-        "holds the whole stack.",
+        description="Under torchrun, fsdp keeps 1/N of the rows of every matrix (the stack, LoRA factors, "
+        "unmerged matrices) on each rank (FSDP2's Shard(0) layout), reads only those rows from the "
+        "checkpoints and gathers each merged weight as its layer runs; none: every rank holds the "
+        "whole stack.",
     )
 
     @field_validator("experts")
@@ -113,9 +116,9 @@ class ModelSection(_Strict):
 class DevSet(_Strict):
     """One JSONL dev set; its weight is its share of the target loss."""
 
-    name: str
-    path: str
-    weight: float = Field(default=1.0, ge=0.0)
+    name: str = Field(description="The set's name, used in reports, data.target and objective.terms[].dev.")
+    path: str = Field(description="JSONL file of text, prompt/completion, or prompt/choices/answer records.")
+    weight: float = Field(default=1.0, ge=0.0, description="The set's weight in a loss over all sets.")
 
     @field_validator("name")
     @classmethod
@@ -124,13 +127,20 @@ class DevSet(_Strict):
 
 
 class DataSection(_Strict):
+    """The dev sets the mixture is fitted on, and how they are read and split."""
+
     dev: tuple[DevSet, ...] = Field(min_length=1, description="Dev sets, one per domain you care about.")
     target: str = Field(
         default="all", description="'all': the weighted average over dev sets; or the name of one dev set."
     )
-    max_length: int = Field(default=256, gt=1, description="Tokens per example; longer ones are cut.")
+    max_length: int = Field(
+        default=256, gt=1, description="Tokens per example; longer examples are cut on the right."
+    )
     heldout_fraction: float = Field(
-        default=0.2, ge=0.0, lt=1.0, description="Share of each dev set held out for early stopping."
+        default=0.2,
+        ge=0.0,
+        lt=1.0,
+        description="Share of each dev set held out for early stopping (0 disables early stopping).",
     )
     max_examples: int | None = Field(default=None, gt=0, description="Cap on examples read per dev set.")
 
@@ -162,29 +172,34 @@ class WeightsSection(_Strict):
 class OptimSection(_Strict):
     """Adam on the logits z, with early stopping on the held-out part of the dev sets."""
 
-    lr: float = Field(default=0.1, gt=0.0)
+    lr: float = Field(default=0.1, gt=0.0, description="Adam learning rate on the logits z.")
     steps: int = Field(default=200, ge=0, description="Maximum optimizer steps.")
-    batch_size: int = Field(default=8, gt=0, description="Examples per dev set per micro-batch.")
+    batch_size: int = Field(default=8, gt=0, description="Examples per targeted dev set in each micro-batch.")
     grad_accum: int = Field(default=1, gt=0, description="Micro-batches per optimizer step.")
     eval_every: int = Field(default=10, gt=0, description="Steps between held-out evaluations.")
     patience: int = Field(default=5, gt=0, description="Evaluations without improvement before stopping.")
     min_delta: float = Field(default=1e-4, ge=0.0, description="Smallest held-out gain that counts.")
-    eval_batch_size: int = Field(default=32, gt=0)
+    eval_batch_size: int = Field(
+        default=32, gt=0, description="Batch size of the held-out and final evaluations."
+    )
     checkpoint_every: int = Field(
         default=10,
         gt=0,
-        description="Steps between saves of the gradient state (RUN/checkpoint); resume continues.",
+        description="Steps between saves of the gradient state to output_dir/checkpoint/ (also saved on "
+        "SIGINT and SIGTERM); rerunning the same command continues from it.",
     )
     activation_checkpointing: bool = Field(
         default=False,
         description="Recompute each decoder layer (its merge included) in the backward instead of "
-        "keeping its activations: about one more forward per step, a fraction of the memory.",
+        "keeping its activations: about one more forward per step, a fraction of the memory. The layers "
+        "are those the model's _no_split_modules names.",
     )
     loss_chunk_tokens: int = Field(
         default=1024,
         gt=0,
         description="Tokens whose logits exist at once when computing the loss (the (B, L, V) float32 "
-        "logits are never formed whole).",
+        "logits are never formed whole). A model whose logits the chunked path cannot reproduce (checked "
+        "on a probe at load) falls back to whole logits.",
     )
 
 
@@ -228,10 +243,13 @@ class ObjectiveTerm(_Strict):
     higher_is_better: bool = Field(default=True, description="custom, lm_eval: direction of the score.")
     max_new_tokens: int = Field(default=32, gt=0, description="exact_match: greedy tokens generated.")
     stop: tuple[str, ...] = Field(
-        default=("\n",), description="exact_match: the generation is cut at the first of these strings."
+        default=("\n",),
+        description="exact_match: the generation is cut at the first of these strings (lm-eval's "
+        "until); [] for none.",
     )
     length_normalize: bool = Field(
-        default=False, description="choice_accuracy: score options by log-likelihood per character."
+        default=False,
+        description="choice_accuracy: score options by log-likelihood per character (lm-eval's acc_norm).",
     )
     task: str | None = Field(default=None, description="lm_eval: the task name.")
     include_path: str | None = Field(
@@ -271,7 +289,9 @@ class ObjectiveTerm(_Strict):
 class ObjectiveSection(_Strict):
     """What the search maximizes. No terms: minimize the dev loss of data.target (differentiable)."""
 
-    terms: tuple[ObjectiveTerm, ...] = Field(default=(), description="Scores combined into the utility.")
+    terms: tuple[ObjectiveTerm, ...] = Field(
+        default=(), description="Scores combined into the utility; empty: the loss of data.target."
+    )
     normalize: Literal["none", "experts"] = Field(
         default="none",
         description="experts: min-max each term over the K single experts before averaging (MergeMix).",
@@ -279,10 +299,14 @@ class ObjectiveSection(_Strict):
 
 
 class GridSearch(_Strict):
+    """search.strategy grid: every mixture of a simplex lattice."""
+
     divisions: int = Field(default=10, gt=0, description="grid: lattice step 1/divisions (10: step 0.1).")
 
 
 class DirichletSearch(_Strict):
+    """search.strategy dirichlet: the best of N seeded Dirichlet draws."""
+
     alpha: float = Field(
         default=1.0, gt=0.0, description="dirichlet: concentration; Beta(α, α) for K = 2 (M³)."
     )
@@ -290,19 +314,25 @@ class DirichletSearch(_Strict):
 
 
 class CmaesSearch(_Strict):
+    """search.strategy cmaes: CMA-ES on the logits z, w = softmax(z)."""
+
     sigma: float = Field(default=1.0, gt=0.0, description="cmaes: initial step size on the logits.")
     population: int | None = Field(
-        default=None, gt=1, description="cmaes: population; library default if null."
+        default=None, gt=1, description="cmaes: population; null: the library's 4 + ⌊3 ln K⌋."
     )
 
 
 class SpsaSearch(_Strict):
+    """search.strategy spsa: simultaneous-perturbation stochastic approximation on the logits."""
+
     lr: float = Field(default=1.0, gt=0.0, description="spsa: gain a in a_k = a / (k + 1 + A)^0.602.")
     perturbation: float = Field(default=0.3, gt=0.0, description="spsa: c in c_k = c / (k + 1)^0.101.")
     stability: float = Field(default=5.0, ge=0.0, description="spsa: A.")
 
 
 class SurrogateSearch(_Strict):
+    """search.strategy surrogate (MergeMix): LightGBM fitted on real evaluations, its best verified."""
+
     seeds: int = Field(default=40, gt=1, description="surrogate: evaluated Dirichlet mixtures to fit on.")
     alpha: float = Field(
         default=1.0, gt=0.0, description="surrogate: Dirichlet concentration of seeds and candidates."
@@ -324,7 +354,8 @@ class SearchSection(_Strict):
     budget: int | None = Field(
         default=None,
         gt=0,
-        description="Most full dev-set evaluations (zero-order); null: the strategy's own count.",
+        description="Most full dev-set evaluations of a zero-order strategy, the experts' included; "
+        "null: the strategy's own count. The gradient strategy's budget is optim.steps.",
     )
     grid: GridSearch = GridSearch()
     dirichlet: DirichletSearch = DirichletSearch()
@@ -337,28 +368,37 @@ class WorldSection(_Strict):
     """Where built-in worlds (paths written ``tiny://...``, ``smollm2://...``) are built and cached."""
 
     cache_dir: str | None = Field(default=None, description="Default: $MERGEOPT_CACHE or ~/.cache/mergeopt.")
-    seed: int = 0
+    seed: int = Field(default=0, description="Seed of the built-in worlds.")
 
 
 class LoraSection(_Strict):
     """LoRA adapters for train.method = lora (peft.LoraConfig fields)."""
 
-    r: int = Field(default=8, gt=0)
-    alpha: float = Field(default=16.0, gt=0)
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    target_modules: tuple[str, ...] = Field(
-        default=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), min_length=1
+    r: int = Field(default=8, gt=0, description="LoRA rank.")
+    alpha: float = Field(
+        default=16.0, gt=0, description="LoRA alpha: scaling alpha / r, or alpha / √r with use_rslora."
     )
-    use_rslora: bool = False
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="LoRA dropout.")
+    target_modules: tuple[str, ...] = Field(
+        default=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        min_length=1,
+        description="Modules that get adapters: every attention and MLP projection by default.",
+    )
+    use_rslora: bool = Field(default=False, description="Rank-stabilised scaling, alpha / √r.")
 
 
 class MixtureSetSection(_Strict):
     """Which ground-truth mixtures to train: a simplex lattice, Dirichlet samples, or a list."""
 
-    kind: Literal["lattice", "dirichlet", "list"] = "lattice"
+    kind: Literal["lattice", "dirichlet", "list"] = Field(
+        default="lattice",
+        description="lattice (every w_i a multiple of 1/divisions), dirichlet (seeded samples) or list.",
+    )
     divisions: int = Field(default=2, gt=0, description="lattice: step 1/divisions on each weight.")
     interior_only: bool = Field(default=False, description="lattice: keep only points with every weight > 0.")
-    alpha: float = Field(default=1.0, gt=0.0, description="dirichlet: concentration (symmetric).")
+    alpha: float = Field(
+        default=1.0, gt=0.0, description="dirichlet: symmetric concentration; Beta(α, α) for two experts."
+    )
     count: int = Field(default=10, gt=0, description="dirichlet: number of samples.")
     weights: tuple[dict[str, float], ...] = Field(default=(), description="list: explicit mixtures.")
 
@@ -367,13 +407,25 @@ class TrainSection(_Strict):
     """Small-world training: one expert per domain and ground-truth runs on mixtures, same budget."""
 
     data: dict[str, str] = Field(description="Expert name -> training JSONL; the names of model.experts.")
-    output_dir: str = Field(default="runs/train", description="Mixture runs and grid.csv go here.")
-    method: Literal["full", "lora"] = "full"
+    output_dir: str = Field(
+        default="runs/train",
+        description="Mixture runs (mixtures/NNN) and grid.csv go here; experts go to model.experts.",
+    )
+    method: Literal["full", "lora"] = Field(
+        default="full",
+        description="full fine-tuning, or lora (the adapter saved under adapter/, the merged dense "
+        "model beside it).",
+    )
     lora: LoraSection = LoraSection()
-    steps: int = Field(default=200, gt=0)
-    batch_tokens: int = Field(default=512, gt=0, description="Tokens per optimizer step (every run).")
-    lr: float = Field(default=1e-3, gt=0.0)
-    max_length: int = Field(default=256, gt=1)
+    steps: int = Field(default=200, gt=0, description="Optimizer steps of every run.")
+    batch_tokens: int = Field(
+        default=512,
+        gt=0,
+        description="Tokens per step: batches are filled with examples up to this many, so every run "
+        "sees the same budget.",
+    )
+    lr: float = Field(default=1e-3, gt=0.0, description="AdamW learning rate, decayed linearly to 0.")
+    max_length: int = Field(default=256, gt=1, description="Tokens per training example.")
     checkpoint_every: int = Field(
         default=50,
         gt=0,
@@ -386,21 +438,33 @@ class RankSection(_Strict):
     """Rank checks of the merged proxy against ground-truth runs (a grid table from mergeopt.worlds.train)."""
 
     grid: str | None = Field(
-        default=None, description="grid.csv; fit checks the proxy against it after fitting."
+        default=None,
+        description="A grid table of trained mixtures (mergeopt train's grid.csv); fit then ranks its proxy "
+        "against it.",
     )
     k: int = Field(default=3, gt=0, description="top-k size.")
     bootstrap: int = Field(default=1000, ge=0, description="bootstrap resamples for the intervals.")
 
 
 class Recipe(_Strict):
-    seed: int = 0
-    output_dir: str = "runs/default"
+    """A whole run: the checkpoints, the dev sets, what is scored, how it is searched, and where it goes."""
+
+    seed: int = Field(
+        default=0, description="Seeds the dev-set split, the batch order and every random draw."
+    )
+    output_dir: str = Field(
+        default="runs/default",
+        description="The run directory (relative paths are relative to the working directory).",
+    )
     device: str = Field(
-        default="auto", description="'auto' (cuda when available, else cpu), 'cpu', 'cuda:1'..."
+        default="auto",
+        description="auto (cuda when available, else cpu), cpu, cuda, cuda:N; under torchrun cuda gives each "
+        "rank its LOCAL_RANK's GPU. mps is refused: it lacks the float64 of the logits' and losses' sums.",
     )
     deterministic: bool = Field(
         default=False,
-        description="torch's deterministic algorithms and a fixed cuBLAS workspace: bit-identical GPU runs, slower.",
+        description="torch's deterministic algorithms and CUBLAS_WORKSPACE_CONFIG=:4096:8 (fit and train): "
+        "bit-identical runs on one GPU, slower.",
     )
     model: ModelSection
     data: DataSection
