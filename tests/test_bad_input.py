@@ -1,4 +1,4 @@
-"""The bad-input matrix: every row of docs/bad_input.md is one test here.
+"""The bad-input matrix: every row of docs/reference/bad-input.md is one test here.
 
 Each row is a user's mistake fed to a real command (fit, merge, rank, transfer, export, train). The
 command must exit with code 2, print exactly one line on stderr that names the culprit, write
@@ -27,7 +27,7 @@ from mergeopt.export.__main__ import main as export_main
 from mergeopt.worlds import train
 from tests.conftest import REPO, recipe_tree, run_module, write_jsonl
 
-DOC = REPO / "docs" / "bad_input.md"
+DOC = REPO / "docs" / "reference" / "bad-input.md"
 MAINS = {
     "fit": fit.main,
     "merge": merge.main,
@@ -529,7 +529,7 @@ def test_debug_shows_the_traceback_and_a_subprocess_shows_none(row, random_world
 
 
 @pytest.mark.skipif(
-    not os.environ.get("MERGEOPT_WRITE_DOCS"), reason="regenerates docs/bad_input.md on request"
+    not os.environ.get("MERGEOPT_WRITE_DOCS"), reason="regenerates docs/reference/bad-input.md on request"
 )
 def test_write_the_documented_table(random_world, tmp_path_factory, capsys):
     """MERGEOPT_WRITE_DOCS=1 pytest tests/test_bad_input.py -k documented_table: the table with real messages."""

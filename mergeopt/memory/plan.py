@@ -450,7 +450,7 @@ def evaluation_bytes(
     3 intermediate-sized tensors per token, the boolean and float padding masks per sequence); one
     parameter's merge (merged while it runs); an evaluation wider than the compute dtype reads each
     parameter that is not stacked as a cast copy (the largest, ``unstacked_largest`` elements).
-    Generation (exact_match) holds a merged copy of the stacked parameters instead (see the README).
+    Generation (exact_match) holds a merged copy of the stacked parameters instead (see docs/guides/memory.md).
     A sharded stack (``gathers``) adds the gathered weights: a merged weight beside the rank's block,
     the output layer's (read in ``evaluate`` bytes, cast when it is not merged) beside the loss
     chunk and, before it, its gathering (:attr:`Gathers.head`), the largest matrix not stacked (and

@@ -1,0 +1,238 @@
+"""The docs: generated pages cover everything they document, the nav and the README hold together.
+
+The site is built by ``mkdocs build --strict`` in .ci/run (it fails on a broken link or anchor);
+these tests check the generators' output (docs/scripts/pages.py) without building it, against
+independent walks of what each page documents: the recipe schema, the parser tree, the JSON
+Schemas and benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import sys
+import typing
+from pathlib import Path
+
+import pydantic
+import pytest
+import yaml
+
+from mergeopt.cli import HANDLERS, build_parser
+from mergeopt.config import Recipe
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs"
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def _load_pages():
+    spec = importlib.util.spec_from_file_location("mergeopt_docs_pages", DOCS / "scripts" / "pages.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+pages = _load_pages()
+
+
+@pytest.fixture(scope="module")
+def generated() -> dict[str, str | bytes]:
+    return pages.all_pages()
+
+
+def _table_rows(markdown: str) -> dict[str, list[str]]:
+    """First cell (a `code` key) -> the row's cells, for every table row of a page."""
+    rows = {}
+    for line in markdown.splitlines():
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+        if cells and re.fullmatch(r"`[^`]+`", cells[0]):
+            rows[cells[0].strip("`")] = cells
+    return rows
+
+
+# ----------------------------------------------------------------------------- recipe keys
+
+
+def _is_model(ann) -> bool:
+    return isinstance(ann, type) and issubclass(ann, pydantic.BaseModel)
+
+
+def _schema_fields(model: type[pydantic.BaseModel], prefix: str = "") -> list[tuple[str, object]]:
+    """(dotted key, FieldInfo) of every key of the schema: sections walked into, a list of items
+    (``data.dev``) listed and then the keys of one item (``data.dev[].name``)."""
+    keys = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        optional = [a for a in typing.get_args(ann) if a is not type(None)]
+        if len(optional) == 1 and _is_model(optional[0]):  # Section | None
+            ann = optional[0]
+        items = typing.get_args(ann)
+        if _is_model(ann):
+            keys += _schema_fields(ann, f"{prefix}{name}.")
+        elif len(items) == 2 and items[1] is Ellipsis and _is_model(items[0]):
+            keys.append((prefix + name, field))
+            keys += _schema_fields(items[0], f"{prefix}{name}[].")
+        else:
+            keys.append((prefix + name, field))
+    return keys
+
+
+def test_every_recipe_key_has_a_description():
+    missing = [key for key, field in _schema_fields(Recipe) if not (field.description or "").strip()]
+    assert not missing, f"recipe keys without a description in mergeopt/config.py: {missing}"
+
+
+def test_recipe_reference_lists_every_key_with_its_type_default_and_description():
+    rows = _table_rows(pages.recipe_page())
+    keys = _schema_fields(Recipe)
+    assert len(keys) > 90
+    for key, field in keys:
+        assert key in rows, f"the recipe reference misses {key}"
+        _, type_cell, default_cell, meaning = rows[key]
+        assert type_cell and meaning, key
+        assert meaning == pages._cell(field.description), key
+        if field.is_required():
+            assert default_cell == "*required*", key
+    # defaults as YAML spells them
+    optim = Recipe.model_fields["optim"].default
+    for name in ("lr", "steps", "batch_size", "eval_every", "patience", "min_delta", "eval_batch_size"):
+        assert rows[f"optim.{name}"][2] == f"`{getattr(optim, name)}`", name
+    assert rows["model.exclude"][2] == "`[]`" and rows["model.gguf_file"][2] == "`null`"
+    assert rows["deterministic"][2] == "`false`" and rows["objective.terms[].stop"][2] == '`["\\n"]`'
+    assert "`bfloat16`" in rows["model.stack_dtype"][1] and rows["optim.lr"][1] == "float, > 0.0"
+
+
+def test_a_key_without_a_description_shows_as_an_empty_cell():
+    class Section(pydantic.BaseModel):
+        documented: int = pydantic.Field(default=1, description="Has words.")
+        bare: int = 2
+
+    class Top(pydantic.BaseModel):
+        section: Section = Section()
+
+    rows = _table_rows(pages.recipe_page(Top))
+    assert rows["section.documented"][3] == "Has words." and rows["section.bare"][3] == ""
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_reference_lists_every_verb_and_option():
+    page = pages.cli_page()
+    verbs = next(a for a in build_parser()._actions if hasattr(a, "choices") and a.choices).choices
+    assert set(verbs) == set(HANDLERS)
+    for name, parser in verbs.items():
+        section = page.split(f"## `mergeopt {name}`", 1)[1].split("\n## ", 1)[0]
+        assert f"usage: mergeopt {name}" in section, name
+        for action in parser._actions:
+            for option in action.option_strings:
+                if option not in ("-h", "--help"):
+                    assert f"`{option}" in section, f"mergeopt {name} {option}"
+            if not action.option_strings:
+                assert (action.metavar or action.dest) in section, f"mergeopt {name} {action.dest}"
+        assert "```bash\nmergeopt " + name in section, f"the example of mergeopt {name}"
+
+
+# ----------------------------------------------------------------------------- run files
+
+
+def test_run_file_page_lists_every_key_of_every_schema():
+    page = pages.schemas_page()
+    schemas = sorted((DOCS / "reference" / "schemas").glob("*.schema.json"))
+    assert [p.name for p in schemas] == [
+        "mixture.schema.json",
+        "rank_report.schema.json",
+        "transfer_report.schema.json",
+    ]
+    for path in schemas:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+        name = path.name.removesuffix(".schema.json") + ".json"
+        section = page.split(f"## `{name}`", 1)[1].split("\n## ", 1)[0]
+        assert f"(schemas/{path.name})" in section
+        for key in schema["properties"]:
+            assert f"| `{key}` |" in section, f"{name}: {key}"
+        for definition, body in schema.get("$defs", {}).items():
+            assert f"### `{definition}`" in section
+            for key in body["properties"]:
+                assert f"| `{key}` |" in section, f"{name}: {definition}.{key}"
+
+
+def test_schema_types_read_as_types():
+    nullable_map = {
+        "anyOf": [{"type": "object", "additionalProperties": {"type": "number"}}, {"type": "null"}]
+    }
+    assert pages.schema_type(nullable_map) == "object of number or null"
+    assert pages.schema_type({"type": "array", "items": {"$ref": "#/$defs/RankStatistics"}}) == (
+        "array of RankStatistics"
+    )
+
+
+# ----------------------------------------------------------------------------- benchmarks
+
+
+def test_every_result_file_is_in_the_benchmarks_section(generated):
+    summary = generated["benchmarks/SUMMARY.md"]
+    results = [p for p in sorted(RESULTS.rglob("*")) if p.is_file()]
+    assert len([p for p in results if p.suffix == ".md"]) >= 12
+    for path in results:
+        rel = path.relative_to(RESULTS).as_posix()
+        page = generated[f"benchmarks/{rel}"]
+        if path.suffix != ".md":
+            assert page == path.read_bytes(), rel
+            continue
+        assert f"]({pages._link(rel)})" in summary, rel
+        body = path.read_text(encoding="utf-8")
+        if body.startswith("# "):
+            body = body.split("\n", 1)[1]
+        assert body.strip() in page, f"{rel} is not shown verbatim"
+        assert f"`benchmarks/results/{rel}`" in page
+
+
+def test_generated_pages_link_only_to_pages_and_files_that_exist(generated):
+    handwritten = {p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*") if p.is_file()}
+    known = handwritten | set(generated)
+    for path, content in generated.items():
+        if isinstance(content, bytes):
+            continue
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", content):
+            if target.startswith(("http://", "https://")):
+                continue
+            resolved = (Path(path).parent / pages.urllib.parse.unquote(target)).as_posix()
+            parts = []
+            for part in resolved.split("/"):
+                parts = parts[:-1] if part == ".." else [*parts, part]
+            assert "/".join(parts) in known, f"{path} links to {target}"
+
+
+# ----------------------------------------------------------------------------- nav and README
+
+
+def _nav_paths(node) -> list[str]:
+    if isinstance(node, str):
+        return [node]
+    if isinstance(node, list):
+        return [p for item in node for p in _nav_paths(item)]
+    if isinstance(node, dict):
+        return [p for value in node.values() for p in _nav_paths(value)]
+    return []
+
+
+def test_the_nav_lists_every_page_and_only_pages_that_exist(generated):
+    config = yaml.safe_load((REPO / "mkdocs.yml").read_text(encoding="utf-8"))
+    nav = _nav_paths(config["nav"])
+    written = {
+        p.relative_to(DOCS).as_posix()
+        for p in DOCS.rglob("*.md")
+        if "scripts" not in p.relative_to(DOCS).parts
+    }
+    pages_ = written | {p for p in generated if p.endswith(".md") and not p.endswith("SUMMARY.md")}
+    for entry in nav:
+        if entry.endswith("/"):  # a section whose nav literate-nav reads from its SUMMARY.md
+            assert f"{entry}SUMMARY.md" in generated, entry
+        else:
+            assert entry in pages_, f"mkdocs.yml names {entry}, which is neither written nor generated"
+    covered = {p for p in pages_ if p in nav or any(e.endswith("/") and p.startswith(e) for e in nav)}
+    assert pages_ - covered == set(), "pages missing from the nav"
