@@ -146,34 +146,3 @@ def test_recipe_is_frozen(tmp_path):
     recipe = load_recipe(write(tmp_path, MINIMAL))
     with pytest.raises(pydantic.ValidationError):
         recipe.optim.lr = 1.0
-
-
-def _is_model(ann) -> bool:
-    return isinstance(ann, type) and issubclass(ann, pydantic.BaseModel)
-
-
-def _schema_keys(model: type[pydantic.BaseModel], prefix: str = "") -> list[str]:
-    keys = []
-    for name, field in model.model_fields.items():
-        ann = field.annotation
-        optional = [a for a in getattr(ann, "__args__", ()) if a is not type(None)]
-        if len(optional) == 1:  # X | None: document the keys of X
-            ann = optional[0]
-        items = getattr(ann, "__args__", ())
-        if _is_model(ann):
-            keys += _schema_keys(ann, f"{prefix}{name}.")
-        elif len(items) == 2 and items[1] is Ellipsis and _is_model(items[0]):
-            keys.append(prefix + name)  # tuple[Model, ...]: the list, then the keys of one item
-            keys += _schema_keys(items[0], f"{prefix}{name}[].")
-        else:
-            keys.append(prefix + name)
-    return keys
-
-
-def test_readme_recipe_reference_lists_every_key_with_its_default():
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    for key in _schema_keys(Recipe):
-        assert f"| `{key}` |" in readme, f"README recipe reference misses {key}"
-    defaults = Recipe.model_fields["optim"].default
-    for name in ("lr", "steps", "batch_size", "eval_every", "patience", "min_delta", "eval_batch_size"):
-        assert f"| `optim.{name}` | `{getattr(defaults, name)}` |" in readme, name

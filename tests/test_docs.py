@@ -236,3 +236,18 @@ def test_the_nav_lists_every_page_and_only_pages_that_exist(generated):
             assert entry in pages_, f"mkdocs.yml names {entry}, which is neither written nor generated"
     covered = {p for p in pages_ if p in nav or any(e.endswith("/") and p.startswith(e) for e in nav)}
     assert pages_ - covered == set(), "pages missing from the nav"
+
+
+def test_readme_is_short_links_resolve_and_matches_ci():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert len(readme.splitlines()) <= 200
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", readme):
+        if not target.startswith(("http://", "https://")):
+            assert (REPO / target).exists(), f"README links to {target}, which does not exist"
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
+    blocks = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.S)
+    install, tests = blocks[0], blocks[1]
+    assert install.startswith("python3 -m venv .venv") and "pip install -e '.[dev]'" in install
+    assert tests == ". .venv/bin/activate && python -m pytest -q -n auto"
+    assert ci.rstrip().endswith("\npython -m pytest -q -n auto")
+    assert ci.index("ruff format --check .") < ci.index("mkdocs build --strict\n") < ci.index("pytest")
