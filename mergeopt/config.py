@@ -446,6 +446,49 @@ class RankSection(_Strict):
     bootstrap: int = Field(default=1000, ge=0, description="bootstrap resamples for the intervals.")
 
 
+class LoggingSection(_Strict):
+    """Experiment trackers that receive the fit's curves as it runs (mergeopt.reporting.tracking)."""
+
+    backends: tuple[Literal["tensorboard", "mlflow", "wandb"], ...] = Field(
+        default=(),
+        description="Trackers to write to, several at once allowed: tensorboard, mlflow, wandb; "
+        "none: nothing is logged (trace.csv / evaluations.csv are written either way).",
+    )
+    dir: str | None = Field(
+        default=None,
+        description="Where the trackers write (tensorboard/, mlflow.db, wandb/); default <output_dir>/logs.",
+    )
+    project: str = Field(
+        default="mergeopt", description="The MLflow experiment and the W&B project the run is logged in."
+    )
+    run_name: str | None = Field(
+        default=None, description="The run's name in the trackers; default: the last folder of output_dir."
+    )
+    mlflow_tracking_uri: str | None = Field(
+        default=None,
+        description="MLflow's store; default a local SQLite file, sqlite:///<dir>/mlflow.db, its "
+        "artifacts beside it. A server URI (http://...) sends the run over the network.",
+    )
+    wandb_mode: Literal["offline", "online"] = Field(
+        default="offline",
+        description="offline: W&B writes <dir>/wandb for a later `wandb sync`, no network; online: "
+        "uploads as it runs (needs `wandb login`).",
+    )
+
+    @field_validator("backends", mode="before")
+    @classmethod
+    def _one_name_is_a_list(cls, backends: Any) -> Any:
+        return (backends,) if isinstance(backends, str) else backends  # logging.backends=mlflow
+
+    @field_validator("backends")
+    @classmethod
+    def _once_each(cls, backends: tuple[str, ...]) -> tuple[str, ...]:
+        dupes = sorted({b for b in backends if backends.count(b) > 1})
+        if dupes:
+            raise ValueError(f"names a backend twice: {', '.join(dupes)}")
+        return backends
+
+
 class Recipe(_Strict):
     """A whole run: the checkpoints, the dev sets, what is scored, how it is searched, and where it goes."""
 
@@ -476,6 +519,7 @@ class Recipe(_Strict):
     world: WorldSection = WorldSection()
     train: TrainSection | None = None
     rank: RankSection = RankSection()
+    logging: LoggingSection = LoggingSection()
 
     @field_validator("device")
     @classmethod
