@@ -14,7 +14,9 @@ minutes. ``RUN/checkpoint/`` holds them:
   resume the strategy runs again from its seed and the logged scores answer its requests in order
   (:class:`mergeopt.search.evaluator.Evaluator` replays them), so it takes the same decisions and
   writes the same evaluation log without evaluating anything twice; a torn last line from a kill
-  is dropped.
+  is dropped;
+* ``tracking.json``: the run ids of the experiment trackers (logging.backends), so a resumed fit
+  logs into the same MLflow and W&B runs (:mod:`mergeopt.reporting.tracking`).
 
 SIGINT and SIGTERM do not kill a fit: :func:`interruptible` turns them into a flag that the loops
 check between steps or evaluations; the state is saved and :class:`Interrupted` ends the run with
@@ -42,6 +44,7 @@ CHECKPOINT_DIR = "checkpoint"
 META = "meta.json"
 GRADIENT_STATE = "gradient.pt"
 EVALUATIONS = "evaluations.jsonl"
+TRACKING = "tracking.json"
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
@@ -111,8 +114,8 @@ class RunState:
 
     def __init__(self, output_dir: str | Path, recipe_tree: dict):
         self.dir = Path(output_dir) / CHECKPOINT_DIR
-        # where the run writes is not part of what it computes
-        self.recipe = {k: v for k, v in recipe_tree.items() if k != "output_dir"}
+        # where the run writes, and which trackers watch it, are not part of what it computes
+        self.recipe = {k: v for k, v in recipe_tree.items() if k not in ("output_dir", "logging")}
         self._on_first_write = None  # set by start_lazily: runs before the first byte is written
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -197,6 +200,20 @@ class RunState:
             text = "".join(json.dumps(e, allow_nan=False) + "\n" for e in entries)
             write_bytes_atomic(path, text.encode("utf-8"))
         return entries
+
+    # -- experiment trackers --------------------------------------------------------------------
+    def save_tracking(self, run_ids: dict) -> None:
+        """The trackers' run ids (backend -> id), written when they open, so a resume reuses them."""
+        self._ensure_started()
+        write_json_atomic(self.dir / TRACKING, run_ids)
+
+    def load_tracking(self) -> dict:
+        """The run ids a previous attempt of this run saved ({} when none, or unreadable: new runs)."""
+        try:
+            ids = json.loads((self.dir / TRACKING).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return ids if isinstance(ids, dict) else {}
 
 
 def recipe_tree(recipe) -> dict:
