@@ -16,7 +16,7 @@ import math
 import signal
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -76,6 +76,7 @@ class Evaluator:
         journal: Callable[[dict], None] | None = None,
         replay: Sequence[dict] = (),
         together: bool = False,
+        observe: Callable[[dict], None] | None = None,
     ):
         self.names = tuple(names)
         self.score_fn = score
@@ -89,6 +90,9 @@ class Evaluator:
         self._bar = None
         self._strategy_cap: int | None = None
         self.journal = journal  # called with each real evaluation as it happens (the checkpoint)
+        # called before the journal with each new (not replayed) evaluation's row, as rows() makes
+        # it, its value left out while the value function waits for the experts (experiment trackers)
+        self.observe = observe
         self._replay = list(replay)  # a resumed run's logged evaluations, answered in order
         self.replayed = 0
         # torchrun with a sharded stack: every rank takes part in scoring each mixture (its layers
@@ -207,6 +211,11 @@ class Evaluator:
         self.cache[key] = scores
         entry = {"phase": phase, "w": w, "scores": scores, "seconds": seconds, "process": process}
         self._log.append(entry)
+        if fresh and self.observe is not None:
+            row = self._row(len(self._log) - 1, entry)
+            with suppress(RuntimeError):  # normalised over the experts, not all scored yet
+                row["value"] = float(self.value_fn(scores))
+            self.observe(row)
         if fresh and self.journal is not None:
             self.journal({**entry, "w": w.tolist()})
 
@@ -304,13 +313,17 @@ class Evaluator:
         """One row per real evaluation, values from the current value function: the trace."""
         rows = []
         for i, entry in enumerate(self._log):
-            row = {"index": i, "phase": entry["phase"]}
-            row.update({f"w_{n}": float(v) for n, v in zip(self.names, entry["w"])})
-            row.update(entry["scores"])
+            row = self._row(i, entry)
             row["value"] = self.value(entry["scores"])
             row["seconds"] = entry["seconds"]
             rows.append(row)
         return rows
+
+    def _row(self, index: int, entry: dict) -> dict:
+        row = {"index": index, "phase": entry["phase"]}
+        row.update({f"w_{n}": float(v) for n, v in zip(self.names, entry["w"])})
+        row.update(entry["scores"])
+        return row
 
     def result(self, info: dict | None = None) -> SearchResult:
         w, value, scores = self.best()

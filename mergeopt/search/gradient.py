@@ -8,7 +8,7 @@ and stops after ``patience`` evaluations without a gain of at least ``min_delta`
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -48,9 +48,11 @@ def fit_gradient(
     progress: bool = True,
     checkpoint: RunState | None = None,
     loss_chunk: int | None = None,
+    on_step: Callable[[dict], None] | None = None,
 ) -> GradientResult:
     """Adam on z from ``init_logits``; with ``checkpoint`` the state is saved every
-    ``optim.checkpoint_every`` steps and on SIGINT/SIGTERM, and a saved state is resumed from."""
+    ``optim.checkpoint_every`` steps and on SIGINT/SIGTERM, and a saved state is resumed from.
+    ``on_step`` sees each trace row as it is made (experiment trackers), from the resumed step on."""
     names = stack.expert_names
     targeted = [i for i, a in enumerate(set_weights.tolist()) if a > 0]
     has_heldout = all(len(sets[i].heldout) > 0 for i in targeted)
@@ -106,6 +108,8 @@ def fit_gradient(
                     stopped_early = True
         if t == optim.steps or stopped_early:
             trace.append(row)
+            if on_step is not None:
+                on_step(row)
             break
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
@@ -119,6 +123,8 @@ def fit_gradient(
         optimizer.step()
         row["loss"] = step_loss
         trace.append(row)
+        if on_step is not None:
+            on_step(row)
         if (t + 1) % optim.checkpoint_every == 0 or pending_interrupt():
             save(t + 1)
         check_interrupt(f"step {t + 1}")

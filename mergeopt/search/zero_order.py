@@ -21,11 +21,14 @@ from mergeopt.objectives.scoring import make_scorer, objective_terms
 from mergeopt.search import STRATEGIES, Evaluator, SearchResult
 
 
-def make_evaluator(problem, recipe: Recipe, progress: bool, checkpoint=None) -> tuple[Evaluator, Utility]:
+def make_evaluator(
+    problem, recipe: Recipe, progress: bool, checkpoint=None, observe=None
+) -> tuple[Evaluator, Utility]:
     """The evaluator of the recipe's utility on the fit part, experts scored first when normalising.
 
     With a :class:`mergeopt.runtime.resume.RunState` every real evaluation is journaled (by rank 0) and a
-    resumed run's journal answers the strategy's first requests.
+    resumed run's journal answers the strategy's first requests. ``observe`` sees each new
+    evaluation's row (:class:`mergeopt.search.evaluator.Evaluator`).
     """
     from mergeopt.runtime.distributed import is_main
 
@@ -42,6 +45,7 @@ def make_evaluator(problem, recipe: Recipe, progress: bool, checkpoint=None) -> 
         journal=checkpoint.append_evaluation if checkpoint is not None and is_main() else None,
         replay=checkpoint.read_evaluations() if checkpoint is not None else (),
         together=recipe.model.shard == "fsdp",  # a sharded stack: every rank scores each mixture
+        observe=observe,
     )
     if utility.needs_reference:
         if recipe.search.budget is not None and recipe.search.budget < len(names):
@@ -55,9 +59,9 @@ def make_evaluator(problem, recipe: Recipe, progress: bool, checkpoint=None) -> 
 
 
 def run_search(
-    problem, recipe: Recipe, progress: bool = True, checkpoint=None
+    problem, recipe: Recipe, progress: bool = True, checkpoint=None, observe=None
 ) -> tuple[SearchResult, Evaluator, Utility]:
-    evaluator, utility = make_evaluator(problem, recipe, progress, checkpoint)
+    evaluator, utility = make_evaluator(problem, recipe, progress, checkpoint, observe)
     strategy = STRATEGIES[recipe.search.strategy]
     return strategy(evaluator, recipe.search, recipe.seed, progress), evaluator, utility
 
