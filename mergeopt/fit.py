@@ -24,6 +24,7 @@ from mergeopt.loading.problem import Problem, load_problem, resolve_device
 from mergeopt.merging.weights import as_mapping, initial_logits
 from mergeopt.objectives.loss import evaluate_sums, target_loss
 from mergeopt.objectives.scoring import objective_terms
+from mergeopt.reporting import tracking
 from mergeopt.reporting.report import plot_loss_curve, plot_search_curve, summary
 from mergeopt.runtime import determinism, distributed
 from mergeopt.runtime.files import write_csv_atomic, write_json_atomic, write_text_atomic
@@ -115,6 +116,7 @@ def fit(
 
 
 def _fit(recipe: Recipe, progress: bool, log: Callable[[str], None], resume: str) -> dict:
+    tracking.check_installed(recipe.logging)  # a missing tracker library is said before any work
     determinism.apply(recipe.deterministic)  # before anything runs on the GPU
     torch.manual_seed(recipe.seed)
     distributed.init_from_env(resolve_device(recipe.device))
@@ -133,7 +135,10 @@ def _fit(recipe: Recipe, progress: bool, log: Callable[[str], None], resume: str
     else:  # the previous run's outputs are replaced when this run first saves its state
         checkpoint.start_lazily(lambda: _replace_previous_run(Path(recipe.output_dir), log))
     try:
-        return _search_and_write(recipe, resolved, problem, checkpoint, progress, log, world_roots)
+        with tracking.tracked(recipe, checkpoint, resuming, log) as tracker:
+            return _search_and_write(
+                recipe, resolved, problem, checkpoint, progress, log, world_roots, tracker
+            )
     except UserError:
         if not resuming and distributed.is_main():  # a user error writes nothing: undo this run's state
             checkpoint.clear()
@@ -143,7 +148,7 @@ def _fit(recipe: Recipe, progress: bool, log: Callable[[str], None], resume: str
         raise
 
 
-def _search_and_write(recipe, resolved, problem, checkpoint, progress, log, world_roots) -> dict:
+def _search_and_write(recipe, resolved, problem, checkpoint, progress, log, world_roots, tracker) -> dict:
     """The search, the closing evaluations and the run directory, once the problem is loaded."""
     names = problem.stack.expert_names
     stack = problem.stack
@@ -174,6 +179,7 @@ def _search_and_write(recipe, resolved, problem, checkpoint, progress, log, worl
             progress=progress,
             checkpoint=checkpoint,
             loss_chunk=problem.loss_chunk,
+            on_step=tracker.step,
         )
         chosen, trace = result.weights, result.trace
         search_info = {
@@ -184,7 +190,7 @@ def _search_and_write(recipe, resolved, problem, checkpoint, progress, log, worl
     else:
         from mergeopt.search.zero_order import report_scores, run_search, utility_of
 
-        found, evaluator, utility = run_search(problem, resolved, progress, checkpoint)
+        found, evaluator, utility = run_search(problem, resolved, progress, checkpoint, tracker.evaluation)
         evaluator_processes = distributed.process_rank_and_size()[1]
         chosen, trace = torch.tensor(found.weights, dtype=torch.float64), found.log
         scores = report_scores(problem, resolved, evaluator, found.weights)
@@ -277,6 +283,7 @@ def _search_and_write(recipe, resolved, problem, checkpoint, progress, log, worl
             write_rank_outputs(report, pairs, recipe.output_dir, grid)
     if distributed.is_main():  # under torchrun every rank holds the same result; rank 0 writes it
         write_outputs(recipe, mixture, trace, names)
+        tracker.finish(mixture)
         checkpoint.clear()  # finished: mixture.json is the record now
     return mixture
 
