@@ -1,13 +1,15 @@
-"""User-facing errors and the command-line wrapper that turns them into one line and exit code 2.
+"""User-facing errors and interrupts, and the one handler that turns them into a line and an exit code.
 
 A user's mistake (a bad recipe key, a missing file, mismatched checkpoints, a malformed dev set)
 must read as one sentence that names the culprit, not as a traceback from deep inside torch.
 Library code raises :class:`UserError`; :func:`run_cli` prints it and exits with code 2, and shows
-the traceback only under ``--debug``.
+the traceback only under ``--debug``. A SIGINT or SIGTERM that a run caught and saved its state for
+arrives as :class:`Interrupted`, and exits with the shell's 128 + N after saying how to continue.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -22,8 +24,27 @@ class UserError(Exception):
         return " ".join(str(self.args[0] if self.args else "").split())
 
 
+SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; the state is saved. ``exit_code`` follows the shell's 128 + N.
+
+    The command that caught it sets ``hint`` (how to continue) and ``silent`` (a non-zero rank
+    under torchrun says nothing, so the message is printed once).
+    """
+
+    def __init__(self, signum: int, where: str):
+        self.signum, self.where = signum, where
+        self.exit_code = SIGNAL_EXIT.get(signum, 130)
+        self.hint = "Rerun the same command to continue."
+        self.silent = False
+        super().__init__(f"{signal.Signals(signum).name} at {where}")
+
+
 def run_cli(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | None = None) -> int:
-    """Run a ``main(argv)`` entry point; map :class:`UserError` to one line on stderr and exit code 2."""
+    """Run a ``main(argv)`` entry point: a :class:`UserError` is one line on stderr and exit code 2, an
+    interrupt is a line and 128 + N; the traceback of a user error shows only with ``--debug``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
@@ -33,6 +54,10 @@ def run_cli(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | N
             traceback.print_exc()
         print(f"mergeopt: error: {err}", file=sys.stderr)
         return USER_ERROR_EXIT_CODE
+    except Interrupted as stop:
+        if not stop.silent:
+            print(f"mergeopt: interrupted ({stop}); {stop.hint}", file=sys.stderr)
+        return stop.exit_code
     except KeyboardInterrupt:
         print("mergeopt: interrupted", file=sys.stderr)
         return 130

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -18,17 +17,20 @@ import torch
 
 import mergeopt
 from mergeopt import worlds
+from mergeopt.cli import alias, run_command
 from mergeopt.config import Recipe, load_recipe, recipe_to_yaml
-from mergeopt.errors import UserError, run_cli
+from mergeopt.errors import Interrupted, UserError
 from mergeopt.loading.problem import Problem, load_problem, resolve_device
 from mergeopt.merging.weights import as_mapping, initial_logits
+from mergeopt.objectives.data import has_heldout
 from mergeopt.objectives.loss import evaluate_sums, target_loss
 from mergeopt.objectives.scoring import objective_terms
 from mergeopt.reporting import tracking
 from mergeopt.reporting.report import plot_loss_curve, plot_search_curve, summary
+from mergeopt.run_files import SCHEMA_VERSION, MixtureFile
 from mergeopt.runtime import determinism, distributed
 from mergeopt.runtime.files import write_csv_atomic, write_json_atomic, write_text_atomic
-from mergeopt.runtime.resume import CHECKPOINT_DIR, Interrupted, RunState, interruptible, recipe_tree
+from mergeopt.runtime.resume import CHECKPOINT_DIR, RunState, interruptible, recipe_tree
 from mergeopt.search import fit_gradient
 
 GRADIENT_FILES = ("mixture.json", "trace.csv", "recipe.yaml", "loss_curve.png", "simplex.png", "report.md")
@@ -70,7 +72,7 @@ def _losses(problem: Problem, weights: torch.Tensor, batch_size: int) -> dict:
         "per_set": {s.name: float(v) for s, v in zip(problem.sets, all_means)},
         "heldout": None,
     }
-    if all(c > 0 for c, a in zip(held_c.tolist(), problem.set_weights.tolist()) if a > 0):
+    if has_heldout(problem.sets, problem.set_weights.tolist()):
         out["heldout"] = float(target_loss(held_s / held_c.clamp_min(1), ones, problem.set_weights))
     return out
 
@@ -164,14 +166,13 @@ def _search_and_write(recipe, resolved, problem, checkpoint, progress, log, worl
     )
     search = resolved.search
     if search.strategy == "gradient":
-        z0 = initial_logits(names, resolved.weights.init, resolved.weights.temperature)
+        z0 = initial_logits(names, resolved.weights.init)
         result = fit_gradient(
             problem.model,
             stack,
             problem.sets,
             problem.set_weights,
             resolved.optim,
-            resolved.weights.temperature,
             z0,
             resolved.seed,
             problem.pad_id,
@@ -213,6 +214,7 @@ def _search_and_write(recipe, resolved, problem, checkpoint, progress, log, worl
     singles = {n: _losses(problem, torch.eye(len(names))[i], batch) for i, n in enumerate(names)}
     weights = as_mapping(names, chosen.double() / chosen.double().sum())
     mixture = {
+        "schema_version": SCHEMA_VERSION,  # mergeopt.run_files.MixtureFile
         "status": "complete",
         "weights": weights,
         "target": resolved.data.target,
@@ -258,7 +260,6 @@ def _search_and_write(recipe, resolved, problem, checkpoint, progress, log, worl
         "mergeopt_version": mergeopt.__version__,
     }  # no timings: the same recipe and seed give a byte-identical mixture.json
     if search.strategy == "gradient":
-        mixture["temperature"] = resolved.weights.temperature
         mixture["logits"] = as_mapping(names, result.logits)
     else:
         mixture["objective"]["scores"] = scores
@@ -290,6 +291,7 @@ def _search_and_write(recipe, resolved, problem, checkpoint, progress, log, worl
 
 def write_outputs(recipe: Recipe, mixture: dict, trace: Sequence[dict], names: Sequence[str]) -> Path:
     """Write the run directory; mixture.json goes last, so its presence means the run finished."""
+    record = MixtureFile.model_validate(mixture).to_json()  # the schema is checked before anything is written
     out = Path(recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "recipe.yaml", recipe_to_yaml(recipe))
@@ -306,50 +308,19 @@ def write_outputs(recipe: Recipe, mixture: dict, trace: Sequence[dict], names: S
     from mergeopt.reporting.run_report import write_report
 
     write_report(out, mixture)  # simplex.png and report.md, from the files above and the mixture
-    write_json_atomic(out / "mixture.json", mixture)
+    write_json_atomic(out / "mixture.json", record)
     return out
 
 
-def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m mergeopt.fit",
-        description="Fit data-mixture weights by optimizing a merge of per-domain experts.",
-        epilog="Example: python -m mergeopt.fit recipes/tiny.yaml optim.lr=0.1 output_dir=/tmp/run",
-    )
-    parser.add_argument("recipe", help="recipe YAML (see recipes/)")
-    parser.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.steps=50"
-    )
-    parser.add_argument("--quiet", action="store_true", help="no progress bars or progress messages")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the checkpoint in output_dir (an error if there is none)",
-    )
-    parser.add_argument(
-        "--restart", action="store_true", help="ignore a checkpoint in output_dir and start over"
-    )
-    parser.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="print the memory plan from config.json and safetensors headers (no weights read, nothing written)",
-    )
-    parser.add_argument(
-        "--world-size",
-        type=int,
-        metavar="N",
-        help="with --dry-run: plan per rank for a torchrun job of N processes (default: WORLD_SIZE, else 1)",
-    )
-    args = parser.parse_intermixed_args(argv)  # options may come after the overrides
+def run(args: argparse.Namespace) -> int:
+    """``mergeopt fit``: the parsed command line (:mod:`mergeopt.cli`) to a run directory."""
     if args.world_size is not None and not args.dry_run:
         raise UserError("--world-size plans a --dry-run; a fit takes its world size from torchrun")
-    recipe = load_recipe(args.recipe, args.overrides)
     if args.dry_run:
-        from mergeopt.memory.dry_run import dry_run
+        from mergeopt.memory.dry_run import run as plan
 
-        print(dry_run(recipe, args.recipe, args.world_size))
-        return 0
+        return plan(args)
+    recipe = load_recipe(args.recipe, args.overrides)
     if args.resume and args.restart:
         raise UserError("--resume and --restart contradict each other")
     log = (lambda _msg: None) if args.quiet else print
@@ -357,17 +328,21 @@ def main(argv: Sequence[str]) -> int:
     try:
         mixture = fit(recipe, progress=not args.quiet, log=log, resume=mode)
     except Interrupted as stop:
-        if distributed.is_main():
-            print(
-                f"mergeopt: interrupted ({stop}); the state is saved in {Path(recipe.output_dir) / CHECKPOINT_DIR}. "
-                f"Rerun the same command to continue (or add --resume).",
-                file=sys.stderr,
-            )
-        return stop.exit_code
-    if distributed.is_main():
+        stop.hint = (
+            f"the state is saved in {Path(recipe.output_dir) / CHECKPOINT_DIR}. "
+            "Rerun the same command to continue (or add --resume)."
+        )
+        stop.silent = not distributed.is_main()
+        raise
+    if distributed.is_main():  # the answer, printed under --quiet too
         print(summary(mixture, recipe.output_dir, output_files(recipe)))
     return 0
 
 
+def main(argv: Sequence[str]) -> int:
+    """``mergeopt fit`` from Python: ``main(["recipes/tiny.yaml", "optim.steps=5"])``."""
+    return run_command("fit", argv)
+
+
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    alias("fit")

@@ -1,7 +1,6 @@
-"""``python -m mergeopt.rank``: an alias of ``mergeopt rank`` (the code lives in :mod:`mergeopt.evaluation.rank`)."""
+"""``python -m mergeopt.rank``: an alias of ``mergeopt rank``."""
+
+from mergeopt.cli import alias
 
 if __name__ == "__main__":
-    from mergeopt.errors import run_cli
-    from mergeopt.evaluation.rank import main
-
-    raise SystemExit(run_cli(main))
+    alias("rank")

@@ -1,7 +1,6 @@
-"""``python -m mergeopt.train``: an alias of ``mergeopt train`` (the code lives in :mod:`mergeopt.worlds.train`)."""
+"""``python -m mergeopt.train``: an alias of ``mergeopt train``."""
+
+from mergeopt.cli import alias
 
 if __name__ == "__main__":
-    from mergeopt.errors import run_cli
-    from mergeopt.worlds.train import main
-
-    raise SystemExit(run_cli(main))
+    alias("train")

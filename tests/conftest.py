@@ -120,16 +120,24 @@ def smollm2_world(tmp_path_factory) -> Path:
 REPO = Path(__file__).parent.parent
 
 
-def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
-    """``python -m mergeopt.<module> ARGS`` from the repository root, as a user would run it."""
+def run_module(module: str, *args: str, fault: str | None = None) -> subprocess.CompletedProcess:
+    """``python -m mergeopt.<module> ARGS`` from the repository root, as a user would run it.
+
+    ``fault`` (e.g. ``"sigkill@step:3"``) makes the run signal itself at that point
+    (:mod:`mergeopt.runtime.faults`), so a test interrupts it at a named moment, not after a sleep.
+    """
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    env.pop("MERGEOPT_FAULT", None)
+    if fault is not None:
+        env["MERGEOPT_FAULT"] = fault
     return subprocess.run(
         [sys.executable, "-m", f"mergeopt.{module}", *args],
         capture_output=True,
         text=True,
         cwd=REPO,
-        env={
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-        },
+        env=env,
         timeout=600,
     )

@@ -23,7 +23,7 @@ from mergeopt import fit
 from mergeopt.errors import run_cli
 from mergeopt.evaluation import rank, transfer
 from mergeopt.export import merge
-from mergeopt.export.__main__ import main as export_main
+from mergeopt.export.command import main as export_main
 from mergeopt.worlds import train
 from tests.conftest import REPO, recipe_tree, run_module, write_jsonl
 

@@ -16,20 +16,17 @@ Run them with ``python -m pytest -m cuda`` (benchmarks/gpu_check.py does).
 
 from __future__ import annotations
 
-import signal
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from mergeopt.config import recipe_from_dict
 from mergeopt.fit import fit
-from mergeopt.runtime.resume import GRADIENT_STATE
 from tests.conftest import recipe_tree, run_module
 from tests.test_lora_experts import _fit as _lora_fit
 from tests.test_lora_experts import lora_world  # noqa: F401  (the fixture, shared)
 from tests.test_merge_cli import MERGES, WEIGHTS, as_arg, merge, write_recipe
-from tests.test_resume import GRADIENT, _interrupt_after_first_checkpoint, _mixture, _recipe
+from tests.test_resume import GRADIENT, _mixture, _recipe
 
 pytestmark = [
     pytest.mark.cuda,
@@ -92,8 +89,8 @@ def test_fit_on_cuda_resumed_after_sigterm_ends_where_the_whole_run_ends(random_
     cuda = {"device": "cuda", "deterministic": True, "model": FLOAT32, **SHORTER}
     out = tmp_path / "stopped"
     recipe = _recipe(random_world, tmp_path, out, **cuda)
-    stopped = _interrupt_after_first_checkpoint(recipe, out, GRADIENT_STATE, signal.SIGTERM, 5, 0.1)
-    stderr = stopped.stderr.read()
+    stopped = run_module("fit", recipe, "--quiet", fault="sigterm@step:5")
+    stderr = stopped.stderr
     assert stopped.returncode == 143, stderr
     assert "Rerun the same command to continue" in stderr and "Traceback" not in stderr
     assert not (out / "mixture.json").exists()

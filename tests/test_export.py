@@ -29,7 +29,7 @@ from mergekit.merge_methods import registry
 from safetensors.torch import load_file
 
 from mergeopt.errors import run_cli
-from mergeopt.export.__main__ import main
+from mergeopt.export.command import main
 from mergeopt.export.formats import FORMATS
 from mergeopt.export.formats.open_instruct import fraction_string
 from mergeopt.export.shares import apportion, make_plan

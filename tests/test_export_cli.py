@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mergeopt.errors import run_cli
-from mergeopt.export.__main__ import main
+from mergeopt.export.command import main
 from mergeopt.worlds import toy
 from tests.conftest import run_module
 

@@ -2,30 +2,24 @@
 
 Gradient strategy: bit-identical mixture.json and trace.csv on CPU. Zero-order strategies: the same
 evaluation log (the replayed evaluations keep their logged seconds; the new ones are timed anew,
-so the ``seconds`` column is left out of the comparison). Each fit runs as a real subprocess that is
-killed at a random moment after its first checkpoint, then rerun with the same command.
+so the ``seconds`` column is left out of the comparison). Each fit runs as a real subprocess that
+signals itself at a named step or evaluation (``MERGEOPT_FAULT``, :mod:`mergeopt.runtime.faults`),
+then is rerun with the same command: no test waits for a clock, so none races one.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import random
 import signal
-import subprocess
-import sys
-import time
 
 import pandas as pd
 import pytest
 import yaml
 
 from mergeopt.runtime.resume import CHECKPOINT_DIR, EVALUATIONS, GRADIENT_STATE, RunState
-from tests.conftest import REPO, recipe_tree, run_module
+from tests.conftest import recipe_tree, run_module
 
-GRADIENT = {
-    "optim": {"steps": 800, "batch_size": 4, "eval_every": 10, "patience": 100, "checkpoint_every": 2}
-}
+GRADIENT = {"optim": {"steps": 40, "batch_size": 4, "eval_every": 10, "patience": 100, "checkpoint_every": 2}}
 SEARCHES = {
     "grid": {"strategy": "grid", "grid": {"divisions": 4}},
     "cmaes": {"strategy": "cmaes", "budget": 24},
@@ -48,54 +42,29 @@ def _recipe(world, tmp_path, out, **sections) -> str:
     return str(path)
 
 
-def _start(recipe: str, *extra: str) -> subprocess.Popen:
-    # the same environment as run_module (thread counts change float summation order)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "mergeopt.fit", recipe, "--quiet", *extra],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _interrupt_after_first_checkpoint(
-    recipe, out, marker: str, sig: int, seed: int, latest: float = 0.4
-) -> subprocess.Popen:
-    """Start a fit, wait for its first checkpoint, send ``sig`` at a random moment up to ``latest`` s after it."""
-    process = _start(recipe)
-    deadline = time.monotonic() + 240
-    while not (out / CHECKPOINT_DIR / marker).is_file():
-        assert process.poll() is None, f"the fit ended before its first checkpoint: {process.communicate()}"
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    time.sleep(random.Random(seed).uniform(0.0, latest))
-    if process.poll() is None:
-        process.send_signal(sig)
-    process.wait(timeout=240)
-    return process
-
-
 def _mixture(out) -> dict:
     return json.loads((out / "mixture.json").read_text())
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_gradient_fit_resumed_after_kill_9_is_bit_identical(random_world, tmp_path, seed):
-    whole = tmp_path / "whole"
-    assert run_module("fit", _recipe(random_world, tmp_path, whole, **GRADIENT), "--quiet").returncode == 0
+@pytest.fixture(scope="module")
+def whole_gradient(random_world, tmp_path_factory):
+    """The uninterrupted gradient fit every interrupted one is compared with, run once per module."""
+    root = tmp_path_factory.mktemp("whole")
+    result = run_module("fit", _recipe(random_world, root, root / "whole", **GRADIENT), "--quiet")
+    assert result.returncode == 0, result.stderr
+    return root / "whole"
+
+
+@pytest.mark.parametrize("step", [5, 12])  # after step 4's checkpoint; just before step 12's
+def test_gradient_fit_resumed_after_kill_9_is_bit_identical(random_world, whole_gradient, tmp_path, step):
+    whole = whole_gradient
     out = tmp_path / "killed"
     recipe = _recipe(random_world, tmp_path, out, **GRADIENT)
-    killed = _interrupt_after_first_checkpoint(recipe, out, GRADIENT_STATE, signal.SIGKILL, seed, latest=0.1)
-    assert (
-        killed.returncode == -signal.SIGKILL
-    )  # killed mid-run: 800 steps take seconds, the kill lands ≤ 0.1 s after step 2
+    killed = run_module("fit", recipe, "--quiet", fault=f"sigkill@step:{step}")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not (out / "mixture.json").exists()  # a killed run never looks finished
+    saved = RunState(out, {}).load_gradient()
+    assert saved["next_step"] == (step - 1) // 2 * 2  # the last checkpoint before the kill
     resumed = run_module("fit", recipe, "--quiet")
     assert resumed.returncode == 0, resumed.stderr
     assert (out / "mixture.json").read_bytes() == (whole / "mixture.json").read_bytes()
@@ -105,21 +74,17 @@ def test_gradient_fit_resumed_after_kill_9_is_bit_identical(random_world, tmp_pa
 
 @pytest.mark.parametrize("strategy", sorted(SEARCHES))
 def test_zero_order_fit_resumed_after_kill_9_has_the_same_log(random_world, tmp_path, strategy):
-    # a 50 ms custom term beside the loss: every evaluation takes long enough to be killed inside
-    slow = {
-        "kind": "custom",
-        "dev": "arith",
-        "function": "tests.slow_metric:slow_weight_mean",
-        "weight": 0.01,
-    }
-    search = {"search": SEARCHES[strategy], "objective": {"terms": [{"kind": "loss", "dev": "all"}, slow]}}
+    # a custom term beside the loss: its scores are journaled and replayed too
+    term = {"kind": "custom", "dev": "arith", "function": "tests.weight_metric:weight_mean", "weight": 0.01}
+    search = {"search": SEARCHES[strategy], "objective": {"terms": [{"kind": "loss", "dev": "all"}, term]}}
     whole = tmp_path / "whole"
     assert run_module("fit", _recipe(random_world, tmp_path, whole, **search), "--quiet").returncode == 0
     out = tmp_path / "killed"
     recipe = _recipe(random_world, tmp_path, out, **search)
-    killed = _interrupt_after_first_checkpoint(recipe, out, EVALUATIONS, signal.SIGKILL, 3, latest=0.2)
-    assert killed.returncode == -signal.SIGKILL
+    killed = run_module("fit", recipe, "--quiet", fault="sigkill@evaluation:7")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
     logged = len((out / CHECKPOINT_DIR / EVALUATIONS).read_text().splitlines())
+    assert logged == 6  # killed as the 7th evaluation began: the six before it are journaled
     resumed = run_module("fit", recipe, "--quiet")
     assert resumed.returncode == 0, resumed.stderr
     a = pd.read_csv(whole / "evaluations.csv").drop(columns="seconds")
@@ -130,26 +95,25 @@ def test_zero_order_fit_resumed_after_kill_9_has_the_same_log(random_world, tmp_
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_sigterm_and_sigint_save_and_say_how_to_resume(random_world, tmp_path, sig, code):
+def test_sigterm_and_sigint_save_and_say_how_to_resume(random_world, whole_gradient, tmp_path, sig, code):
     out = tmp_path / "run"
     recipe = _recipe(random_world, tmp_path, out, **GRADIENT)
-    stopped = _interrupt_after_first_checkpoint(recipe, out, GRADIENT_STATE, sig, 5, latest=0.1)
-    stderr = stopped.stderr.read()
+    stopped = run_module("fit", recipe, "--quiet", fault=f"{signal.Signals(sig).name.lower()}@step:5")
+    stderr = stopped.stderr
     assert stopped.returncode == code, stderr
+    assert f"{signal.Signals(sig).name} at step 5" in stderr  # saved at the step the signal arrived in
     assert "Rerun the same command to continue" in stderr and "Traceback" not in stderr
     assert len(stderr.strip().splitlines()) == 1
     assert (out / CHECKPOINT_DIR / GRADIENT_STATE).is_file() and not (out / "mixture.json").exists()
     again = run_module("fit", recipe, "--resume", "--quiet")
     assert again.returncode == 0, again.stderr
-    whole = tmp_path / "whole"
-    assert run_module("fit", _recipe(random_world, tmp_path, whole, **GRADIENT), "--quiet").returncode == 0
-    assert (out / "mixture.json").read_bytes() == (whole / "mixture.json").read_bytes()
+    assert (out / "mixture.json").read_bytes() == (whole_gradient / "mixture.json").read_bytes()
 
 
 def test_checkpoint_of_another_recipe_is_refused(random_world, tmp_path):
     out = tmp_path / "run"
     recipe = _recipe(random_world, tmp_path, out, **GRADIENT)
-    killed = _interrupt_after_first_checkpoint(recipe, out, GRADIENT_STATE, signal.SIGKILL, 7)
+    killed = run_module("fit", recipe, "--quiet", fault="sigkill@step:7")
     assert killed.returncode == -signal.SIGKILL
     changed = run_module("fit", recipe, "optim.lr=0.05", "--quiet")
     assert changed.returncode == 2
@@ -199,7 +163,7 @@ def test_train_resumed_after_kill_9_saves_the_same_models(random_world, tmp_path
 
     def recipe(root):
         tree = train_tree(random_world, root)
-        tree["train"].update(steps=120, checkpoint_every=3)
+        tree["train"].update(steps=30, checkpoint_every=3)
         tree["train"]["mixtures"] = {"kind": "list", "weights": [{"alpha": 0.5, "beta": 0.5, "gamma": 0.0}]}
         path = root / "recipe.yaml"
         path.write_text(yaml.safe_dump(tree))
@@ -209,19 +173,13 @@ def test_train_resumed_after_kill_9_saves_the_same_models(random_world, tmp_path
     (tmp_path / "killed").mkdir()
     whole = run_module("train", recipe(tmp_path / "whole"), "--quiet")
     assert whole.returncode == 0, whole.stderr
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-    }
     path = recipe(tmp_path / "killed")
-    process = subprocess.Popen([sys.executable, "-m", "mergeopt.train", path, "--quiet"], cwd=REPO, env=env)
-    checkpoint = tmp_path / "killed" / "experts" / ".beta.checkpoint" / "state.json"
-    deadline = time.monotonic() + 240
-    while not checkpoint.is_file():  # inside the second expert's run
-        assert process.poll() is None and time.monotonic() < deadline
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait(timeout=60) == -signal.SIGKILL
+    killed = run_module(
+        "train", path, "--quiet", fault="sigkill@train.beta:7"
+    )  # inside the second expert's run
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    state = json.loads((tmp_path / "killed" / "experts" / ".beta.checkpoint" / "state.json").read_text())
+    assert state["step"] == 6  # resumed from beta's last checkpoint, not from its start
     assert not (tmp_path / "killed" / "experts" / "beta" / "run.json").exists()
     resumed = run_module("train", path, "--quiet")
     assert resumed.returncode == 0, resumed.stderr
@@ -237,21 +195,16 @@ def test_train_resumed_after_kill_9_saves_the_same_models(random_world, tmp_path
 
 
 def test_sigterm_inside_a_search_batch_keeps_every_finished_evaluation(random_world, tmp_path):
-    slow = {
-        "kind": "custom",
-        "dev": "arith",
-        "function": "tests.slow_metric:slow_weight_mean",
-        "weight": 0.01,
-    }
-    sections = {"search": SEARCHES["grid"], "objective": {"terms": [{"kind": "loss", "dev": "all"}, slow]}}
+    term = {"kind": "custom", "dev": "arith", "function": "tests.weight_metric:weight_mean", "weight": 0.01}
+    sections = {"search": SEARCHES["grid"], "objective": {"terms": [{"kind": "loss", "dev": "all"}, term]}}
     out = tmp_path / "run"
     recipe = _recipe(random_world, tmp_path, out, **sections)
-    stopped = _interrupt_after_first_checkpoint(recipe, out, EVALUATIONS, signal.SIGTERM, 11, latest=0.2)
-    stderr = stopped.stderr.read()
+    stopped = run_module("fit", recipe, "--quiet", fault="sigterm@evaluation:6")
+    stderr = stopped.stderr
     assert stopped.returncode == 143, stderr
-    assert "SIGTERM at evaluation" in stderr and "Rerun the same command to continue" in stderr
+    assert "SIGTERM at evaluation 6" in stderr and "Rerun the same command to continue" in stderr
     logged = len((out / CHECKPOINT_DIR / EVALUATIONS).read_text().splitlines())
-    assert 1 <= logged < 15  # the grid's 15 mixtures are one batch: its finished part was kept
+    assert logged == 6  # the grid's 15 mixtures are one batch: the part finished when it stopped was kept
     assert run_module("fit", recipe, "--quiet").returncode == 0
     whole = tmp_path / "whole"
     assert run_module("fit", _recipe(random_world, tmp_path, whole, **sections), "--quiet").returncode == 0
@@ -285,3 +238,24 @@ def test_ranks_that_disagree_on_the_checkpoint_are_refused_in_one_line(random_wo
         fit._checkpoint(recipe, "auto")
     monkeypatch.setattr(distributed, "all_gather_objects", lambda value: [value, value])
     assert fit._checkpoint(recipe, "auto")[1] is True  # every rank sees it: resumed
+
+
+def test_a_fault_names_a_signal_a_point_and_a_number(monkeypatch):
+    import os
+
+    from mergeopt.errors import UserError
+    from mergeopt.runtime import faults
+
+    assert faults.parse("sigkill@step:3") == (signal.SIGKILL, "step", 3)
+    assert faults.parse("sigint@train.beta:7") == (signal.SIGINT, "train.beta", 7)
+    for bad in ("kill@step:3", "sigkill@step", "sigkill step:3", "sigstop@step:1"):
+        with pytest.raises(UserError, match=f"MERGEOPT_FAULT={bad!r} is not SIGNAL@POINT:N"):
+            faults.parse(bad)
+    sent = []
+    monkeypatch.setattr(os, "kill", lambda pid, signum: sent.append((pid, signum)))
+    monkeypatch.delenv("MERGEOPT_FAULT", raising=False)
+    faults.reached("step", 3)  # unset: nothing
+    monkeypatch.setenv("MERGEOPT_FAULT", "sigterm@evaluation:2")
+    for point, index in [("evaluation", 1), ("step", 2), ("evaluation", 3), ("evaluation", 2)]:
+        faults.reached(point, index)
+    assert sent == [(os.getpid(), signal.SIGTERM)]  # only at the named point, to this process

@@ -21,6 +21,8 @@ from typing import Literal
 from mergeopt.errors import UserError
 from mergeopt.export.token_stats import DomainStats
 
+DEFAULT_MAX_EPOCHS = 4.0  # `mergeopt export --max-epochs`: a budget may repeat a dataset this often
+
 Unit = Literal["tokens", "samples"]
 
 

@@ -11,6 +11,7 @@ per rank of a torchrun job of ``--world-size`` N processes (else ``WORLD_SIZE``,
 
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 from mergeopt import worlds
-from mergeopt.config import Recipe
+from mergeopt.config import Recipe, load_recipe
 from mergeopt.errors import UserError
 from mergeopt.loading.checkpoints import (
     INDEX_FILE,
@@ -337,3 +338,9 @@ def placement_lines(recipe: Recipe, plan: MemoryPlan) -> list[str]:
             _line(f"cuda:{device}: {len(modules)} modules ({', '.join(shown)})", int(held * 4 * factor))
         )
     return lines
+
+
+def run(args: argparse.Namespace) -> int:
+    """``mergeopt plan`` (and ``mergeopt fit --dry-run``): print the plan; nothing is written."""
+    print(dry_run(load_recipe(args.recipe, args.overrides), args.recipe, args.world_size))
+    return 0

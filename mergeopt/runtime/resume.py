@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from mergeopt.errors import UserError
+from mergeopt.errors import SIGNAL_EXIT, Interrupted, UserError
 from mergeopt.runtime.files import write_bytes_atomic, write_json_atomic
 
 CHECKPOINT_DIR = "checkpoint"
@@ -45,18 +45,6 @@ META = "meta.json"
 GRADIENT_STATE = "gradient.pt"
 EVALUATIONS = "evaluations.jsonl"
 TRACKING = "tracking.json"
-SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
-
-
-class Interrupted(Exception):
-    """SIGINT or SIGTERM arrived; the state is saved. ``exit_code`` follows the shell's 128 + N."""
-
-    def __init__(self, signum: int, where: str):
-        self.signum, self.where = signum, where
-        self.exit_code = SIGNAL_EXIT.get(signum, 130)
-        super().__init__(f"{signal.Signals(signum).name} at {where}")
-
-
 _pending: list[int] = []  # signals received inside interruptible(), oldest first
 
 

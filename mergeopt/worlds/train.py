@@ -22,15 +22,15 @@ import hashlib
 import json
 import math
 import shutil
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from mergeopt.cli import run_command
 from mergeopt.config import Recipe, TrainSection, load_recipe
-from mergeopt.errors import UserError, run_cli
+from mergeopt.errors import Interrupted, UserError
 from mergeopt.loading.problem import resolve_device
 from mergeopt.objectives.data import Batch, Example, collate, evaluation_batches, read_jsonl, tokenize
 from mergeopt.objectives.loss import per_set_loss_sums
@@ -41,9 +41,9 @@ from mergeopt.objectives.term_scores import (
     score_column,
     score_terms,
 )
-from mergeopt.runtime import determinism
+from mergeopt.runtime import determinism, faults
 from mergeopt.runtime.files import write_csv_atomic, write_json_atomic
-from mergeopt.runtime.resume import Interrupted, check_interrupt, interruptible, pending_interrupt
+from mergeopt.runtime.resume import check_interrupt, interruptible, pending_interrupt
 from mergeopt.search.mixtures import mixture_set
 from mergeopt.worlds import resolve_recipe
 
@@ -174,6 +174,7 @@ def train_one(
             raise UserError(f"training {out.name} diverged (loss {losses[-1]}); lower train.lr")
         bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
         done = step + 1
+        faults.reached(f"train.{out.name}", done)  # tests only (MERGEOPT_FAULT)
         if done < cfg.steps and (done % cfg.checkpoint_every == 0 or pending_interrupt()):
             state = {**identity, "step": done, "tokens": tokens, "losses": losses}
             _save_step_checkpoint(_checkpoint_dir(out), state, model, optimizer)
@@ -372,29 +373,18 @@ def _kept_score_columns(path: Path, rows: list[dict], columns: Sequence[str]) ->
     return kept
 
 
-def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m mergeopt.train",
-        description="Train one expert per domain and ground-truth runs on a set of mixtures.",
-    )
-    parser.add_argument("recipe")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars or messages")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
-    args = parser.parse_intermixed_args(argv)  # options may come after the overrides
+def run(args: argparse.Namespace) -> int:
+    """``mergeopt train``: the parsed command line (:mod:`mergeopt.cli`)."""
     recipe = load_recipe(args.recipe, args.overrides)
     try:
         with interruptible():
             train(recipe, progress=not args.quiet, log=(lambda _m: None) if args.quiet else print)
     except Interrupted as stop:
-        print(
-            f"mergeopt: interrupted ({stop}); finished runs are kept and the run in progress is "
-            "checkpointed. Rerun the same command to continue.",
-            file=sys.stderr,
-        )
-        return stop.exit_code
+        stop.hint = "finished runs are kept and the run in progress is checkpointed. Rerun the same command to continue."
+        raise
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+def main(argv: Sequence[str]) -> int:
+    """``mergeopt train`` from Python, with its command-line arguments."""
+    return run_command("train", argv)

@@ -1,0 +1,303 @@
+# PYTHON_ARGCOMPLETE_OK
+"""``mergeopt``: one command with verbs, the way users of tune, lm-eval and llamafactory-cli expect.
+
+Every verb's options are declared here, in one place, so the options the verbs share (a recipe
+with ``key=value`` overrides, ``--out``, ``--quiet``, ``--debug``) are spelt and explained once,
+``mergeopt --help`` answers without importing torch, and the reference in the docs is generated
+from this parser tree. The work itself lives in each verb's module (``HANDLERS``), imported only
+when that verb runs. Errors and interrupts are handled in one place (:func:`mergeopt.errors.run_cli`):
+a user's mistake is one line and exit code 2, an interrupt exits with 128 + the signal.
+
+``python -m mergeopt.fit RECIPE`` and the other ``python -m`` forms are aliases of these verbs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+
+import mergeopt
+from mergeopt.errors import UserError, run_cli
+
+# verb -> "module:function" that takes the parsed namespace and returns the exit code
+HANDLERS = {
+    "fit": "mergeopt.fit:run",
+    "plan": "mergeopt.memory.dry_run:run",
+    "train": "mergeopt.worlds.train:run",
+    "rank": "mergeopt.evaluation.rank:run",
+    "merge": "mergeopt.export.merge:run",
+    "export": "mergeopt.export.command:run",
+    "transfer": "mergeopt.evaluation.transfer:run",
+}
+HELP = {
+    "fit": "fit the mixture weights of a recipe's experts and write the run directory",
+    "plan": "the per-rank memory plan of a fit, from config files and headers only (no weights read)",
+    "train": "train a world's experts and ground-truth mixture runs for real (small worlds)",
+    "rank": "how the proxy ranks mixtures against real runs (a recipe and its grid, or two tables)",
+    "merge": "write the merge of a recipe's experts at one mixture as a Hugging Face checkpoint",
+    "export": "write a fitted mixture as a training framework's data-mixture config",
+    "transfer": "how a ranking of mixtures at one scale carries to another",
+}
+OUT_KEYS = {"fit": "output_dir", "train": "train.output_dir"}  # the recipe key --out sets
+MERGE_DTYPES = (
+    "float32",
+    "bfloat16",
+    "float16",
+)  # mergeopt.export.merge.OUT_DTYPES (a test keeps them equal)
+EXAMPLES = {
+    "fit": "mergeopt fit recipes/tiny.yaml optim.lr=0.1 --out /tmp/run",
+    "plan": "mergeopt plan recipes/70b.yaml --world-size 8",
+    "train": "mergeopt train recipes/tiny_grid.yaml",
+    "rank": "mergeopt rank --proxy mix_1m.csv+loss_1m.csv --truth mix_60m.csv+loss_60m.csv",
+    "merge": "mergeopt merge recipes/tiny.yaml --mixture runs/tiny/mixture.json --out merged",
+    "export": "mergeopt export runs/tiny/mixture.json --to llamafactory",
+    "transfer": "mergeopt transfer small.csv large.csv --metrics loss",
+}
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    """Options every verb takes."""
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or progress messages")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a user error")
+
+
+def _recipe(parser: argparse.ArgumentParser, optional: bool = False, what: str = "recipe YAML") -> None:
+    """A recipe and its ``key=value`` overrides (options may come after the overrides)."""
+    parser.add_argument("recipe", nargs="?" if optional else None, help=f"{what} (see recipes/)")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted recipe overrides, e.g. optim.steps=50"
+    )
+
+
+def _out(parser: argparse.ArgumentParser, what: str, **kwargs) -> None:
+    parser.add_argument("--out", metavar="DIR", help=what, **kwargs)
+
+
+def _world_size(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--world-size",
+        type=int,
+        metavar="N",
+        help="plan per rank for a torchrun job of N processes (default: WORLD_SIZE, else 1)",
+    )
+
+
+def _tables(parser: argparse.ArgumentParser, both: str) -> None:
+    """The options of the table-reading verbs (rank's table mode, transfer)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--mixture-prefix", help="weight columns start with this (default: w_, then train_)")
+    group.add_argument("--mixture-columns", help="comma-separated weight columns")
+    parser.add_argument(
+        "--metrics", help=f"comma-separated metric columns (default: numeric columns in {both})"
+    )
+    parser.add_argument(
+        "--higher-is-better", default="", help="comma-separated metrics where higher is better"
+    )
+    parser.add_argument("--k", type=int, default=3, help="top-k size (default 3)")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not positive")
+    return value
+
+
+def _fit(p: argparse.ArgumentParser) -> None:
+    _recipe(p)
+    _out(p, "the run directory (the same as output_dir=DIR)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the checkpoint in output_dir (an error if there is none)",
+    )
+    p.add_argument("--restart", action="store_true", help="ignore a checkpoint in output_dir and start over")
+    p.add_argument("--dry-run", action="store_true", help="print the memory plan instead (= mergeopt plan)")
+    _world_size(p)
+
+
+def _plan(p: argparse.ArgumentParser) -> None:
+    _recipe(p)
+    _world_size(p)
+
+
+def _train(p: argparse.ArgumentParser) -> None:
+    _recipe(p)
+    _out(p, "where the experts and runs are written (the same as train.output_dir=DIR)")
+
+
+def _rank(p: argparse.ArgumentParser) -> None:
+    _recipe(p, optional=True, what="grid mode: a fit recipe whose merged proxy is ranked on --grid")
+    p.add_argument(
+        "--grid", help="grid mode: grid.csv from `mergeopt train` (default: the recipe's rank.grid)"
+    )
+    p.add_argument("--mixture", help="grid mode: a mixture.json whose regret to report (default: the run's)")
+    p.add_argument("--proxy", help="table mode: proxy scores, TABLE.csv or MIXTURES.csv+METRICS.csv")
+    p.add_argument("--truth", help="table mode: true scores, TABLE.csv or MIXTURES.csv+METRICS.csv")
+    _tables(p, "both")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    _out(p, "output directory (default: the recipe's output_dir in grid mode, else rank_out/)")
+
+
+def _merge(p: argparse.ArgumentParser) -> None:
+    _recipe(p, what="the recipe the mixture was fitted with")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--weights", help="name=weight for every expert, comma-separated, e.g. a=0.3,b=0.7")
+    source.add_argument("--mixture", help="a mixture.json written by `mergeopt fit`")
+    _out(p, "checkpoint directory to write (must be new or empty)", required=True)
+    p.add_argument(
+        "--dtype",
+        choices=MERGE_DTYPES,
+        help="dtype of the written weights (default: the base's, else float32)",
+    )
+    p.add_argument("--normalize", action="store_true", help="rescale the weights to sum to 1")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+
+
+def _export(p: argparse.ArgumentParser) -> None:
+    from mergeopt.export.formats import FORMATS
+    from mergeopt.export.shares import DEFAULT_MAX_EPOCHS
+
+    formats = "Formats: " + ", ".join(f"{f.name} ({f.meaning})" for f in FORMATS.values())
+    p.epilog = f"{p.epilog} {formats}" if p.epilog else formats
+    p.add_argument("mixture", help="a fit's mixture.json (or its run directory)")
+    p.add_argument("--to", required=True, help=f"format: {', '.join(FORMATS)}, or all (with --out DIR)")
+    p.add_argument(
+        "--datasets",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="NAME=PATH",
+        help="each expert's training data (JSONL, JSON, CSV, parquet, arrow, save_to_disk dir); "
+        "default: the recipe's train.data",
+    )
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--budget-tokens", type=_positive_int, metavar="N", help="training tokens in all")
+    budget.add_argument("--budget-samples", type=_positive_int, metavar="N", help="training samples in all")
+    p.add_argument(
+        "--weights-are",
+        choices=("tokens", "samples"),
+        default="tokens",
+        help="what the fitted weights are shares of (default: tokens)",
+    )
+    p.add_argument("--tokenizer", help="tokenizer to count with (default: the run's base)")
+    p.add_argument(
+        "--max-epochs",
+        type=float,
+        default=DEFAULT_MAX_EPOCHS,
+        help=f"refuse a budget that repeats a dataset more often (default {DEFAULT_MAX_EPOCHS:g})",
+    )
+    p.add_argument("--seed", type=int, help="shuffling seed written into configs (default: the fit's)")
+    _out(p, "output file, or directory (one file per format with --to all); default: stdout")
+
+
+def _transfer(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "tables",
+        nargs="+",
+        metavar="TABLE",
+        help="SMALL LARGE (or LARGE alone with --surrogate-fit): TABLE.csv or MIXTURES.csv+METRICS.csv",
+    )
+    p.add_argument(
+        "--surrogate-fit",
+        metavar="TRAIN",
+        help="fit one LightGBM per metric on this small-scale table and rank LARGE (and SMALL) with it",
+    )
+    _tables(p, "all")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap and LightGBM seed (default 0)")
+    p.add_argument("--rounds", type=int, help="surrogate: LightGBM boosting rounds (default 300)")
+    p.add_argument("--learning-rate", type=float, help="surrogate: LightGBM learning rate (default 0.05)")
+    p.add_argument("--num-leaves", type=int, help="surrogate: LightGBM leaves per tree (default 8)")
+    p.add_argument(
+        "--min-child-samples", type=int, help="surrogate: LightGBM min samples per leaf (default 3)"
+    )
+    _out(p, "output directory (default: transfer_out/)", default="transfer_out")
+
+
+ADDERS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
+    "fit": _fit,
+    "plan": _plan,
+    "train": _train,
+    "rank": _rank,
+    "merge": _merge,
+    "export": _export,
+    "transfer": _transfer,
+}
+
+
+def command_parser(name: str, prog: str | None = None) -> argparse.ArgumentParser:
+    """The parser of one verb (``prog`` names it as the user typed it, e.g. ``python -m mergeopt.fit``)."""
+    parser = argparse.ArgumentParser(
+        prog=prog or f"mergeopt {name}",
+        description=HELP[name][0].upper() + HELP[name][1:] + ".",
+        epilog=f"Example: {EXAMPLES[name]}",
+    )
+    ADDERS[name](parser)
+    _common(parser)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole tree: ``mergeopt VERB ...`` (for ``--help``, completion and the generated reference)."""
+    root = argparse.ArgumentParser(
+        prog="mergeopt",
+        description="Choose a fine-tuning data mixture by optimizing the weights of a merge of per-domain experts.",
+        epilog="Run `mergeopt VERB --help` for a verb's options. Docs: docs/ (mkdocs serve).",
+    )
+    root.add_argument("--version", action="version", version=f"mergeopt {mergeopt.__version__}")
+    verbs = root.add_subparsers(dest="command", metavar="VERB", required=True)
+    for name, adder in ADDERS.items():
+        sub = verbs.add_parser(
+            name, help=HELP[name], description=HELP[name][0].upper() + HELP[name][1:] + "."
+        )
+        sub.epilog = f"Example: {EXAMPLES[name]}"
+        adder(sub)
+        _common(sub)
+    return root
+
+
+def parse(name: str, argv: Sequence[str], prog: str | None = None) -> argparse.Namespace:
+    """Parse one verb's arguments; options may come after the recipe's overrides."""
+    args = command_parser(name, prog).parse_intermixed_args(list(argv))
+    args.command = name
+    key = OUT_KEYS.get(name)
+    if key is not None and args.out is not None:  # --out is a recipe key, stated once
+        if any(o.startswith(f"{key}=") for o in args.overrides):
+            raise UserError(f"--out and a {key}= override both name where {name} writes: give one")
+        args.overrides = [*args.overrides, f"{key}={args.out}"]
+    return args
+
+
+def run_command(name: str, argv: Sequence[str], prog: str | None = None) -> int:
+    """Parse and run one verb; a :class:`UserError` propagates (``main`` turns it into one line)."""
+    module, _, function = HANDLERS[name].partition(":")
+    handler = getattr(importlib.import_module(module), function)
+    return int(handler(parse(name, argv, prog)) or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``mergeopt VERB ...``: the console script. Returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    root = build_parser()
+    try:
+        import argcomplete  # optional: `pip install argcomplete`, then see the docs' CLI page
+
+        argcomplete.autocomplete(root)
+    except ImportError:
+        pass
+    if not argv or argv[0] not in HANDLERS:  # --help, --version, nothing, or an unknown verb
+        root.parse_args(argv)  # prints and exits (an unknown verb: exit code 2)
+        return 2
+    return run_cli(lambda rest: run_command(argv[0], rest), argv[1:])
+
+
+def alias(name: str) -> None:
+    """``python -m mergeopt.NAME ...``: the same as ``mergeopt NAME ...``."""
+    sys.exit(run_cli(lambda rest: run_command(name, rest, prog=f"python -m mergeopt.{name}"), sys.argv[1:]))

@@ -1,0 +1,138 @@
+"""``python -m mergeopt.export MIXTURE.json --to FORMAT``: a fitted mixture as a trainer's config.
+
+A fit ends with weights; training on them happens elsewhere. This command writes them in the
+terms of each framework (see ``--to``), converting token shares to per-sample probabilities with
+each domain's mean tokens per sample when ``--datasets`` are given, and turning a budget into
+absolute counts, refusing one that would repeat a dataset more than ``--max-epochs`` times. Every
+input is checked, and every format rendered, before anything is written; a problem is one line on
+stderr and exit code 2. Output goes to stdout, to ``--out FILE``, or with ``--to all`` one file
+per format into ``--out DIR``. Examples:
+
+    python -m mergeopt.export runs/tiny/mixture.json --to llamafactory
+    python -m mergeopt.export runs/tiny/mixture.json --to hf-datasets --datasets arith=a.jsonl \\
+        reverse=r.jsonl brackets=b.jsonl markov=m.jsonl --budget-tokens 2000000 --out mix.py
+    python -m mergeopt.export runs/tiny --to all --datasets ... --out exports/
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from mergeopt.cli import run_command
+from mergeopt.errors import UserError
+from mergeopt.export.formats import FORMATS, Context, Format
+from mergeopt.export.mixture_input import (
+    missing_datasets,
+    parse_datasets,
+    read_mixture,
+    read_run_recipe,
+    recipe_datasets,
+    resolve_world_path,
+)
+from mergeopt.export.shares import check_repetition, make_plan
+from mergeopt.export.token_stats import load_tokenizer, measure_all
+from mergeopt.runtime.files import write_text_atomic
+
+
+def choose_formats(name: str) -> list[Format]:
+    if name == "all":
+        return list(FORMATS.values())
+    if name not in FORMATS:
+        raise UserError(f"unknown --to format {name!r}; known: {', '.join(FORMATS)}, all")
+    return [FORMATS[name]]
+
+
+def _tokenizer(args, recipe, recipe_error, mixture):
+    if args.tokenizer:
+        return load_tokenizer(args.tokenizer)
+    if recipe_error is not None:
+        raise recipe_error
+    if recipe is None:
+        raise UserError(
+            f"counting tokens needs a tokenizer: pass --tokenizer PATH (no recipe.yaml beside {mixture.path})"
+        )
+    base = resolve_world_path(recipe.model.base, mixture, recipe)
+    return load_tokenizer(base, recipe.model.gguf_file, recipe.model.trust_remote_code)
+
+
+def build(args) -> tuple[dict[Format, str], list[str]]:
+    """Check the inputs and render every chosen format: (texts, lines for stderr). Writes nothing."""
+    formats = choose_formats(args.to)
+    if args.to == "all" and not args.out:
+        raise UserError("--to all writes one file per format: pass --out DIR")
+    if args.max_epochs < 1:
+        raise UserError(f"--max-epochs must be at least 1, got {args.max_epochs:g}")
+    mixture = read_mixture(args.mixture)
+    try:
+        recipe, recipe_error = read_run_recipe(mixture), None
+    except UserError as err:  # only fatal where the recipe is needed (tokenizer, mergekit, train.data)
+        recipe, recipe_error = None, err
+    given = parse_datasets(args.datasets, mixture) if args.datasets else recipe_datasets(recipe, mixture)
+    missing = missing_datasets(given, mixture)
+    needs_paths = [f.name for f in formats if f.needs_paths]
+    if missing and needs_paths:
+        raise UserError(
+            f"--to {needs_paths[0]} names each domain's data, but --datasets gives none for expert "
+            f"{missing[0]!r}: pass --datasets {missing[0]}=PATH (every expert with a positive weight)"
+        )
+    if missing and given:
+        raise UserError(
+            f"--datasets gives no dataset for expert {missing[0]!r}: give one for every expert with a "
+            "positive weight (or none: equal sample lengths are then assumed)"
+        )
+    datasets = {n: given[n].resolve() for n in mixture.positive if n in given}
+    budget = args.budget_tokens is not None or args.budget_samples is not None
+    converts = [f for f in formats if f.unit is not None and f.unit != args.weights_are]
+    measure = bool(datasets) and (budget or bool(converts) or any(f.needs_sizes for f in formats))
+    stats = measure_all(datasets, _tokenizer(args, recipe, recipe_error, mixture)) if measure else None
+    plan = make_plan(mixture.weights, args.weights_are, stats, args.budget_tokens, args.budget_samples)
+    messages = [f"warning: {line}" for line in check_repetition(plan, args.max_epochs, datasets)]
+    if stats is None and converts:
+        other = "sample" if args.weights_are == "tokens" else "token"
+        messages.insert(
+            0,
+            f"note: no datasets measured, so the fitted {args.weights_are[:-1]} shares are used as "
+            f"{other} shares (equal sample lengths assumed); pass --datasets to measure them",
+        )
+    if args.budget_tokens is not None and plan.counts is None and any(f.unit == "samples" for f in formats):
+        messages.append("note: without datasets a token budget gives no sample counts")
+    seed = mixture.seed if args.seed is None else args.seed
+    ctx = Context(mixture, plan, datasets, recipe, seed, args.weights_are, recipe_error=recipe_error)
+    texts = {f: f.render(ctx) for f in formats}
+    messages += [f"note: {line}" for line in ctx.notes]
+    return texts, messages
+
+
+def write(texts: dict[Format, str], out: str | None, many: bool) -> list[Path]:
+    if out is None:
+        for text in texts.values():
+            sys.stdout.write(text)
+        return []
+    target = Path(out)
+    if many:
+        if target.exists() and not target.is_dir():
+            raise UserError(f"--out {target} exists and is not a directory")
+        return [write_text_atomic(target / f.filename, text) for f, text in texts.items()]
+    ((fmt, text),) = texts.items()
+    if target.is_dir():
+        target = target / fmt.filename
+    return [write_text_atomic(target, text)]
+
+
+def run(args: argparse.Namespace) -> int:
+    """``mergeopt export``: the parsed command line (:mod:`mergeopt.cli`)."""
+    texts, messages = build(args)
+    for line in messages:
+        print(f"mergeopt: {line}", file=sys.stderr)
+    written = write(texts, args.out, args.to == "all")
+    if written:
+        print(f"Wrote {', '.join(str(p) for p in written)}")
+    return 0
+
+
+def main(argv: Sequence[str]) -> int:
+    """``mergeopt export`` from Python, with its command-line arguments."""
+    return run_command("export", argv)

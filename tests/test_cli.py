@@ -1,0 +1,172 @@
+"""The `mergeopt` console script: one parser tree, shared options, aliases, one error handler.
+
+Compared against: the handlers each verb names (they exist and take the parsed namespace), the
+`python -m` aliases' output (the same as the verb's), and the exit codes a shell expects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import signal
+import subprocess
+import sys
+from importlib.metadata import entry_points
+
+import pytest
+import tomllib
+
+import mergeopt
+from mergeopt import cli
+from mergeopt.errors import Interrupted, UserError, run_cli
+from tests.conftest import REPO
+
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+ALIASES = ["fit", "rank", "merge", "train", "transfer", "export"]
+
+
+def _run(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, cwd=REPO, env=ENV, timeout=120, **kwargs
+    )
+
+
+def test_the_console_script_is_declared_and_points_at_cli_main():
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"mergeopt": "mergeopt.cli:main"}
+    installed = {e.name: e.value for e in entry_points(group="console_scripts") if e.name == "mergeopt"}
+    assert installed == {"mergeopt": "mergeopt.cli:main"}
+
+
+def test_version_and_help_answer_without_importing_torch():
+    code = (
+        "import sys; from mergeopt.cli import main\n"
+        "try:\n    main(['--version'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+        "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+        "assert 'torch' not in sys.modules, 'the parser tree imported torch'\n"
+    )
+    done = _run("-c", code)
+    assert done.returncode == 0, done.stderr
+    assert f"mergeopt {mergeopt.__version__}" in done.stdout
+    for verb in cli.HANDLERS:
+        assert f"    {verb} " in done.stdout
+
+
+@pytest.mark.parametrize("verb", list(cli.HANDLERS))
+def test_every_verb_has_a_handler_taking_the_namespace_and_the_shared_options(verb):
+    module, _, function = cli.HANDLERS[verb].partition(":")
+    handler = getattr(importlib.import_module(module), function)
+    assert callable(handler)
+    options = {o for a in cli.command_parser(verb)._actions for o in a.option_strings}
+    assert {"--quiet", "--debug", "--help"} <= options
+    tree = cli.build_parser()
+    sub = next(a for a in tree._actions if isinstance(a, argparse._SubParsersAction)).choices[verb]
+    assert {o for a in sub._actions for o in a.option_strings} == options  # the tree and the verb agree
+    for parser in (cli.command_parser(verb), sub):  # every help ends with its example
+        assert f"Example: {cli.EXAMPLES[verb]}" in " ".join(parser.format_help().split())
+
+
+def test_the_tree_lists_exactly_the_handled_verbs():
+    tree = cli.build_parser()
+    sub = next(a for a in tree._actions if isinstance(a, argparse._SubParsersAction))
+    assert list(sub.choices) == list(cli.HANDLERS) == list(cli.HELP) == list(cli.EXAMPLES)
+
+
+def test_out_is_the_recipe_key_of_fit_and_train_and_both_at_once_is_refused():
+    args = cli.parse("fit", ["r.yaml", "optim.lr=0.1", "--out", "/tmp/x", "--quiet"])
+    assert args.overrides == ["optim.lr=0.1", "output_dir=/tmp/x"] and args.quiet
+    args = cli.parse("train", ["r.yaml", "--out", "runs"])
+    assert args.overrides == ["train.output_dir=runs"]
+    with pytest.raises(UserError, match="--out and a output_dir= override both name where fit writes"):
+        cli.parse("fit", ["r.yaml", "output_dir=a", "--out", "b"])
+
+
+def test_options_may_follow_the_overrides():
+    args = cli.parse("plan", ["r.yaml", "a.b=1", "--world-size", "8", "c=2"])
+    assert (args.recipe, args.overrides, args.world_size) == ("r.yaml", ["a.b=1", "c=2"], 8)
+
+
+def test_merge_dtypes_are_the_writers():
+    from mergeopt.export.merge import OUT_DTYPES
+
+    assert cli.MERGE_DTYPES == OUT_DTYPES
+
+
+def test_plan_verb_equals_fit_dry_run(tmp_path, capsys):
+    from transformers import LlamaConfig
+
+    LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=512
+    ).save_pretrained(tmp_path)  # a config.json alone: the plan reads no weights
+    experts = [f"model.experts.{e}={tmp_path}" for e in ("math", "code", "chat", "multilingual")]
+    argv = [str(REPO / "recipes" / "8b.yaml"), f"model.base={tmp_path}", *experts, "--world-size", "2"]
+    assert cli.main(["plan", *argv]) == 0
+    plan = capsys.readouterr().out
+    assert cli.main(["fit", *argv, "--dry-run"]) == 0
+    assert capsys.readouterr().out == plan and "per rank, 2 ranks" in plan
+
+
+def test_a_user_error_is_one_line_and_exit_2_through_the_console_script(tmp_path):
+    done = _run("-m", "mergeopt", "fit", str(tmp_path / "missing.yaml"), "--quiet")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"mergeopt: error: recipe {tmp_path / 'missing.yaml'} does not exist"
+    ]
+    debug = _run("-m", "mergeopt", "fit", str(tmp_path / "missing.yaml"), "--debug")
+    assert debug.returncode == 2 and "Traceback" in debug.stderr
+
+
+def test_an_unknown_verb_or_option_exits_2():
+    assert _run("-m", "mergeopt", "fitt").returncode == 2
+    assert _run("-m", "mergeopt", "fit", "r.yaml", "--no-such-option").returncode == 2
+
+
+@pytest.mark.parametrize("verb", ALIASES)
+def test_python_m_aliases_are_the_verbs(verb):
+    alias = _run("-m", f"mergeopt.{verb}", "--help")
+    verb_help = _run("-m", "mergeopt", verb, "--help")
+    assert alias.returncode == verb_help.returncode == 0
+    words = alias.stdout.replace(f"python -m mergeopt.{verb}", f"mergeopt {verb}").split()
+    assert words == verb_help.stdout.split()  # the same help, wrapped to another prog's width
+
+
+def test_an_interrupt_exits_128_plus_the_signal_with_the_commands_hint(capsys):
+    def stopped(_argv):
+        stop = Interrupted(signal.SIGTERM, "step 3")
+        stop.hint = "the state is saved in out/. Rerun to continue."
+        raise stop
+
+    assert run_cli(stopped, []) == 143
+    assert capsys.readouterr().err == (
+        "mergeopt: interrupted (SIGTERM at step 3); the state is saved in out/. Rerun to continue.\n"
+    )
+
+    def silent(_argv):  # a non-zero rank under torchrun: the exit code, no second message
+        stop = Interrupted(signal.SIGINT, "step 1")
+        stop.silent = True
+        raise stop
+
+    assert run_cli(silent, []) == 130 and capsys.readouterr().err == ""
+
+
+def test_shell_completion_completes_verbs_and_options(tmp_path):
+    pytest.importorskip("argcomplete")
+    out = tmp_path / "completions"
+    env = {
+        **ENV,
+        "_ARGCOMPLETE": "1",
+        "_ARGCOMPLETE_STDOUT_FILENAME": str(out),
+        "COMP_TYPE": "9",
+        "_ARGCOMPLETE_IFS": "\n",
+    }
+    for line, expected in [
+        ("mergeopt tr", {"train", "transfer"}),
+        ("mergeopt fit --re", {"--resume", "--restart"}),
+    ]:
+        env.update(COMP_LINE=line, COMP_POINT=str(len(line)))
+        done = subprocess.run(
+            [sys.executable, "-m", "mergeopt"], env=env, cwd=REPO, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        assert set(out.read_text().split()) == expected
