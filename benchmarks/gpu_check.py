@@ -171,7 +171,7 @@ def _fit_stage(recipe, device, length: int, zero_order: bool, results: dict, sav
 
     def fit_step() -> None:
         adam.zero_grad(set_to_none=True)
-        dev_loss(model, stack, z, 1.0, batch, set_weights, CHUNK).backward()
+        dev_loss(model, stack, z, batch, set_weights, CHUNK).backward()
         adam.step()
 
     results["fit"] = _measure(fit_step, device)

@@ -113,7 +113,7 @@ def build_fit(checkpointed: bool):
 
     def step():
         adam.zero_grad(set_to_none=True)
-        dev_loss(model, stack, z, 1.0, data, torch.ones(1), 1024).backward()
+        dev_loss(model, stack, z, data, torch.ones(1), 1024).backward()
         adam.step()
 
     return step, stack.nbytes()

@@ -104,7 +104,7 @@ def measure(variant: str, base_dir: str, experts: dict[str, str], steps: int) ->
     for step in range(WARMUP + steps):
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        loss = dev_loss(model, stack, z, 1.0, batch, torch.ones(1), 1024)
+        loss = dev_loss(model, stack, z, batch, torch.ones(1), 1024)
         loss.backward()
         optimizer.step()
         if device.type == "cuda":

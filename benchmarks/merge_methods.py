@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         recipe, _ = worlds.resolve_recipe(load_recipe(RECIPE, overrides), lambda _m: None)
         problem = load_problem(recipe, progress=False)
         names = problem.stack.expert_names
-        z0 = initial_logits(names, recipe.weights.init, recipe.weights.temperature)
+        z0 = initial_logits(names, recipe.weights.init)
         torch.manual_seed(recipe.seed)
         fitted = fit_gradient(
             problem.model,
@@ -70,7 +70,6 @@ def main(argv: list[str] | None = None) -> None:
             problem.sets,
             problem.set_weights,
             recipe.optim,
-            recipe.weights.temperature,
             z0,
             recipe.seed,
             problem.pad_id,

@@ -82,7 +82,7 @@ def _step(model, stack, batch, device):
         torch.cuda.reset_peak_memory_stats(device)
     reset_traffic()
     start = time.perf_counter()
-    loss = dev_loss(model, stack, z, 1.0, batch, torch.ones(1), 2048)
+    loss = dev_loss(model, stack, z, batch, torch.ones(1), 2048)
     loss.backward()
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -136,7 +136,7 @@ def fit_step(problem):
     def step() -> float:
         adam.zero_grad(set_to_none=True)
         batch = next(batches).to(problem.device)
-        loss = dev_loss(problem.model, problem.stack, z, 1.0, batch, problem.set_weights, problem.loss_chunk)
+        loss = dev_loss(problem.model, problem.stack, z, batch, problem.set_weights, problem.loss_chunk)
         loss.backward()
         total = float(all_reduce_sum(loss.detach().clone()))
         all_reduce_sum(z.grad)

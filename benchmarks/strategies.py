@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     label = f"gradient (Adam lr {optim.lr}, batch {optim.batch_size}/set)"
     runs[label] = []
     for seed in seeds:
-        z0 = initial_logits(names, recipe.weights.init, recipe.weights.temperature)
+        z0 = initial_logits(names, recipe.weights.init)
         start = time.perf_counter()
         result = fit_gradient(
             problem.model,
@@ -175,7 +175,6 @@ def main(argv: list[str] | None = None) -> None:
             problem.sets,
             problem.set_weights,
             optim,
-            recipe.weights.temperature,
             z0,
             seed,
             problem.pad_id,

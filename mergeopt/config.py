@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mergeopt.errors import UserError
+from mergeopt.merging.simplex import mixture_problem
 
 
 class _Strict(BaseModel):
@@ -113,7 +114,7 @@ class ModelSection(_Strict):
         return patterns
 
 
-class DevSet(_Strict):
+class DevSetSpec(_Strict):
     """One JSONL dev set; its weight is its share of the target loss."""
 
     name: str = Field(description="The set's name, used in reports, data.target and objective.terms[].dev.")
@@ -129,7 +130,7 @@ class DevSet(_Strict):
 class DataSection(_Strict):
     """The dev sets the mixture is fitted on, and how they are read and split."""
 
-    dev: tuple[DevSet, ...] = Field(min_length=1, description="Dev sets, one per domain you care about.")
+    dev: tuple[DevSetSpec, ...] = Field(min_length=1, description="Dev sets, one per domain you care about.")
     target: str = Field(
         default="all", description="'all': the weighted average over dev sets; or the name of one dev set."
     )
@@ -161,12 +162,24 @@ class DataSection(_Strict):
 
 
 class WeightsSection(_Strict):
-    """w = softmax(z / temperature): z are free logits, so w always stays on the simplex."""
+    """Where the search starts on the simplex (the gradient strategy's w = softmax(z) keeps it there)."""
 
-    temperature: float = Field(default=1.0, gt=0.0)
     init: dict[str, float] | None = Field(
-        default=None, description="Starting mixture {expert: w}; uniform when absent."
+        default=None,
+        description="Starting mixture {expert: w}, uniform when absent. Every strategy starts from it: "
+        "the gradient's and SPSA's first point, CMA-ES's initial mean; grid, dirichlet and surrogate "
+        "evaluate it first, so no search returns a mixture its objective scores worse.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "temperature" in data:
+            raise ValueError(
+                "weights.temperature was removed: under Adam, a fit with temperature T is the fit with "
+                "T = 1 and optim.lr divided by T; set optim.lr instead"
+            )
+        return data
 
 
 class OptimSection(_Strict):
@@ -541,8 +554,8 @@ class Recipe(_Strict):
         experts = set(self.model.experts)
         if set(init) != experts:
             raise ValueError(f"weights.init names {sorted(init)} but the experts are {sorted(experts)}")
-        if any(v < 0 for v in init.values()) or abs(sum(init.values()) - 1.0) > 1e-6:
-            raise ValueError(f"weights.init must be non-negative and sum to 1, got {init}")
+        if (problem := mixture_problem(init)) is not None:
+            raise ValueError(f"weights.init is not a mixture: {problem}")
         return self
 
     @model_validator(mode="after")
@@ -557,8 +570,8 @@ class Recipe(_Strict):
         for i, mixture in enumerate(self.train.mixtures.weights):
             if set(mixture) != experts:
                 raise ValueError(f"train.mixtures.weights[{i}] names {sorted(mixture)}, not the experts")
-            if any(v < 0 for v in mixture.values()) or abs(sum(mixture.values()) - 1) > 1e-6:
-                raise ValueError(f"train.mixtures.weights[{i}] is not on the simplex: {mixture}")
+            if (problem := mixture_problem(mixture)) is not None:
+                raise ValueError(f"train.mixtures.weights[{i}] is not a mixture: {problem}")
         if self.train.mixtures.kind == "list" and not self.train.mixtures.weights:
             raise ValueError("train.mixtures.kind is 'list' but train.mixtures.weights is empty")
         return self
@@ -647,16 +660,31 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
 
 
 def _apply_override(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    node = tree
+    """Set ``dotted`` in the YAML tree; a number indexes a list (``data.dev.0.name``), as the
+    validation errors spell list items."""
+    node: Any = tree
     parts = dotted.split(".")
-    for part in parts[:-1]:
-        child = node.get(part)
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[:depth]) or "the recipe"
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise UserError(
+                    f"override {dotted}: {where} is a list of {len(node)} item(s); "
+                    f"index it with 0 to {len(node) - 1}, not {part!r}"
+                )
+            index: Any = int(part)
+        elif isinstance(node, dict):
+            index = part
+        else:
+            raise UserError(f"override {dotted}: {where} is not a section, cannot set a key under it")
+        if last:
+            node[index] = value
+            return
+        child = node[index] if isinstance(node, list) else node.get(part)
         if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise UserError(f"override {dotted}: {part!r} is not a section, cannot set a key under it")
+            child = node[index] = {}
         node = child
-    node[parts[-1]] = value
 
 
 def _describe(error: dict[str, Any]) -> tuple[str, str]:

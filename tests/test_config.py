@@ -43,9 +43,17 @@ def test_shipped_recipes_include_tiny_and_8b():
 def test_defaults_live_in_the_schema(tmp_path):
     recipe = load_recipe(write(tmp_path, MINIMAL))
     assert recipe.optim.lr == Recipe.model_fields["optim"].default.lr
-    assert recipe.weights.temperature == 1.0 and recipe.weights.init is None
+    assert recipe.weights.init is None
     assert recipe.data.target == "all" and recipe.model.stack_dtype == "float32"
     assert recipe.model.trust_remote_code is False
+
+
+def test_the_removed_temperature_says_what_to_set_instead(tmp_path):
+    path = write(tmp_path, MINIMAL + "weights:\n  temperature: 0.5\n")
+    with pytest.raises(
+        UserError, match=r"r\.yaml: weights: weights\.temperature was removed: .* set optim\.lr instead"
+    ):
+        load_recipe(path)
 
 
 def test_unknown_key_names_key_and_file(tmp_path):
@@ -95,6 +103,26 @@ def test_overrides_are_typed_and_applied(tmp_path):
     assert recipe.output_dir == "/tmp/run"
     assert recipe.model.exclude == ("norm", "embed_tokens")
     assert recipe.weights.init == {"math": 0.3, "code": 0.7}
+
+
+def test_overrides_index_lists_as_errors_name_their_items(tmp_path):
+    path = write(tmp_path, MINIMAL.replace("jsonl}\n", "jsonl}\n    - {name: code, path: /dev/code.jsonl}\n"))
+    recipe = load_recipe(path, ["data.dev.1.weight=3", "data.dev.0.path=/elsewhere/math.jsonl"])
+    assert [(d.name, d.path, d.weight) for d in recipe.data.dev] == [
+        ("math", "/elsewhere/math.jsonl", 1.0),
+        ("code", "/dev/code.jsonl", 3.0),
+    ]
+    # the key a validation error names is the key an override sets
+    with pytest.raises(UserError, match=r"data\.dev\.1\.weight: Input should be greater than or equal to 0"):
+        load_recipe(path, ["data.dev.1.weight=-1"])
+    with pytest.raises(UserError, match=r"data\.dev is a list of 2 item\(s\); index it with 0 to 1, not '2'"):
+        load_recipe(path, ["data.dev.2.weight=1"])
+    with pytest.raises(
+        UserError, match=r"data\.dev is a list of 2 item\(s\); index it with 0 to 1, not 'math'"
+    ):
+        load_recipe(path, ["data.dev.math.weight=1"])
+    with pytest.raises(UserError, match=r"override optim\.lr\.x: optim\.lr is not a section"):
+        load_recipe(path, ["optim.lr=0.1", "optim.lr.x=1"])
 
 
 def test_unknown_override_says_it_came_from_the_command_line(tmp_path):

@@ -55,7 +55,7 @@ def _batch(device):
 
 def _loss_and_grad(model, stack, device):
     z = torch.tensor([0.2, -0.1, 0.3], dtype=torch.float64, device=device, requires_grad=True)
-    loss = dev_loss(model, stack, z, 1.0, _batch(device), torch.ones(1), 128)
+    loss = dev_loss(model, stack, z, _batch(device), torch.ones(1), 128)
     loss.backward()
     return float(loss), z.grad.cpu()
 

@@ -217,3 +217,16 @@ def test_records_stay_with_their_examples_through_the_split(tmp_path, tokenizer)
     kept = [json.dumps(ex.record, sort_keys=True) for ex in dev.all]
     assert sorted(kept) == sorted(json.dumps(r, sort_keys=True) for r in records[:-1])
     assert {json.dumps(ex.record) for ex in dev.fit}.isdisjoint(json.dumps(ex.record) for ex in dev.heldout)
+
+
+def test_has_heldout_counts_only_the_sets_that_count():
+    """The one definition of "the dev sets hold examples out" (early stopping, held-out losses and scores)."""
+    from mergeopt.objectives.data import DevSet, has_heldout
+
+    example = object()
+    both = DevSet("a", 1.0, [example], [example])
+    none_out = DevSet("b", 1.0, [example], [])
+    assert has_heldout([both, both]) and not has_heldout([both, none_out])
+    assert has_heldout([both, none_out], [1.0, 0.0])  # b has weight 0: it does not count
+    assert not has_heldout([both, none_out], [0.5, 0.5])
+    assert has_heldout([], [])  # nothing counts: vacuously true, as before

@@ -36,7 +36,6 @@ def run(problem, z0=None, **optim):
         sets,
         torch.tensor([1.0, 1.0]),
         OptimSection(**optim),
-        1.0,
         z0,
         seed=0,
         pad_id=0,
@@ -51,8 +50,7 @@ def test_step_loss_is_the_mean_over_accumulated_micro_batches(problem):
     stream = training_batches(sets, [0, 1], 2, 0, seed=0)
     z0 = torch.zeros(3, dtype=torch.float64)
     expected = (
-        sum(float(dev_loss(model, stack, z0, 1.0, next(stream), torch.tensor([1.0, 1.0]))) for _ in range(3))
-        / 3
+        sum(float(dev_loss(model, stack, z0, next(stream), torch.tensor([1.0, 1.0]))) for _ in range(3)) / 3
     )
     assert result.trace[0]["loss"] == pytest.approx(expected, rel=1e-6)
 

@@ -29,12 +29,11 @@ def problem64(random_world):
     return base, stack, collate(items, pad_id=0)
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.5])
-def test_gradient_matches_central_finite_differences(problem64, temperature):
+def test_gradient_matches_central_finite_differences(problem64):
     model, stack, batch = problem64
     set_weights = torch.tensor([0.7, 0.3], dtype=torch.float64)
     z = torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64, requires_grad=True)
-    loss = dev_loss(model, stack, z, temperature, batch, set_weights)
+    loss = dev_loss(model, stack, z, batch, set_weights)
     (grad,) = torch.autograd.grad(loss, z)
 
     eps = 1e-3
@@ -43,8 +42,8 @@ def test_gradient_matches_central_finite_differences(problem64, temperature):
         for i in range(3):
             step = torch.zeros(3, dtype=torch.float64)
             step[i] = eps
-            up = dev_loss(model, stack, z + step, temperature, batch, set_weights)
-            down = dev_loss(model, stack, z - step, temperature, batch, set_weights)
+            up = dev_loss(model, stack, z + step, batch, set_weights)
+            down = dev_loss(model, stack, z - step, batch, set_weights)
             numeric[i] = (up - down) / (2 * eps)
     assert grad.abs().max() > 1e-6, "gradient vanished: the check would be vacuous"
     torch.testing.assert_close(grad, numeric, rtol=1e-3, atol=1e-6)
@@ -53,7 +52,7 @@ def test_gradient_matches_central_finite_differences(problem64, temperature):
 def test_only_the_logits_receive_gradient(problem64):
     model, stack, batch = problem64
     z = torch.zeros(3, dtype=torch.float64, requires_grad=True)
-    dev_loss(model, stack, z, 1.0, batch, torch.ones(2, dtype=torch.float64)).backward()
+    dev_loss(model, stack, z, batch, torch.ones(2, dtype=torch.float64)).backward()
     assert z.grad is not None and torch.isfinite(z.grad).all()
     assert all(p.grad is None and not p.requires_grad for p in model.parameters())
     assert all(t.grad is None and not t.requires_grad for t in stack.deltas.values())
@@ -63,12 +62,12 @@ def test_target_weights_select_the_domain(problem64):
     """With a_s = (1, 0) the loss is the first set's mean token loss alone."""
     model, stack, batch = problem64
     z = torch.zeros(3, dtype=torch.float64)
-    only_first = dev_loss(model, stack, z, 1.0, batch, torch.tensor([1.0, 0.0]))
+    only_first = dev_loss(model, stack, z, batch, torch.tensor([1.0, 0.0]))
     rows = batch.set_index == 0
     from mergeopt.objectives.data import Batch
 
     first = Batch(
         batch.input_ids[rows], batch.attention_mask[rows], batch.scored[rows], batch.set_index[rows]
     )
-    alone = dev_loss(model, stack, z, 1.0, first, torch.tensor([1.0, 0.0]))
+    alone = dev_loss(model, stack, z, first, torch.tensor([1.0, 0.0]))
     torch.testing.assert_close(only_first, alone, atol=1e-10, rtol=0)

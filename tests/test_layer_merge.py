@@ -259,7 +259,6 @@ def test_fitted_weights_equal_a_reference_adam_loop_on_the_whole_model_merge():
         sets,
         set_weights,
         optim,
-        1.0,
         z0,
         0,
         0,

@@ -295,7 +295,7 @@ BAD_MIXTURES = {
     "other names": (lambda t: _mixture_file(t, {"alpha": 0.5, "beta": 0.5, "code": 0.0}), "names 'code'"),
     "missing file": (lambda t: str(t / "nowhere.json"), "does not exist"),
     "malformed": (_bad_json, "not valid JSON (line 1"),
-    "no weights": (lambda t: _mixture_file(t, None), "has no 'weights'"),
+    "no weights": (lambda t: _mixture_file(t, None), "weights: Input should be a valid dictionary"),
     "unfinished": (lambda t: _mixture_file(t, WEIGHTS, status="running"), "did not finish"),
     "other method": (
         lambda t: _mixture_file(t, WEIGHTS, method={"name": "ties", "scale": 1.0}),

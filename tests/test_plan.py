@@ -402,7 +402,7 @@ def test_training_step_estimate_bounds_the_live_bytes(
     z = torch.zeros(4, dtype=torch.float64, requires_grad=True)
     known = [*model.parameters(), *model.buffers(), *_stacked_tensors(stack), z]
     with LiveBytes(known) as step:
-        dev_loss(model, stack, z, 1.0, data, torch.ones(1), 64).backward()
+        dev_loss(model, stack, z, data, torch.ones(1), 64).backward()
     largest = max(t.numel() for t in stack.anchor.values())
     layer = sum(t.numel() for n, t in stack.anchor.items() if ".layers.0." in n)
     compute_bytes = DTYPES[compute].itemsize
@@ -433,7 +433,7 @@ def test_saved_activations_equal_what_autograd_saves(compute):
     z = torch.zeros(4, dtype=torch.float64, requires_grad=True)
     layer_merge._pack = pack
     try:
-        dev_loss(model, stack, z, 1.0, data, torch.ones(1), None)
+        dev_loss(model, stack, z, data, torch.ones(1), None)
     finally:
         layer_merge._pack = original
     log_softmax = 4 * 300 * batch * (length - 1)
@@ -944,7 +944,7 @@ def _measure_rank(case, rank: int, size: int) -> dict:
         (checkpointing.enable if c else checkpointing.disable)(model)
         z = torch.zeros(4, dtype=torch.float64, requires_grad=True)
         with RankBytes([*known, z]) as step:
-            dev_loss(model, stack, z, 1.0, share, torch.ones(1), 64).backward()
+            dev_loss(model, stack, z, share, torch.ones(1), 64).backward()
         got[f"training {c}"] = step.peak
     checkpointing.disable(model)
     examples = (

@@ -24,9 +24,9 @@ from mergeopt.config import load_recipe
 from mergeopt.errors import UserError, run_cli
 from mergeopt.evaluation.proxy import read_grid
 from mergeopt.export import shares
-from mergeopt.export.__main__ import main as export_main
+from mergeopt.export.command import main as export_main
 from mergeopt.objectives.data import read_jsonl
-from mergeopt.reporting.mixture_file import read_finished_mixture
+from mergeopt.run_files import read_finished_mixture
 
 FAST = settings(
     max_examples=int(os.environ.get("HYPOTHESIS_EXAMPLES", "60")),
@@ -63,20 +63,20 @@ def _simplex(draw_weights: list[float]) -> list[float]:
 @given(
     lr=st.floats(min_value=1e-6, max_value=10, allow_nan=False),
     steps=st.integers(min_value=0, max_value=10**6),
-    temperature=st.floats(min_value=1e-3, max_value=100),
+    min_delta=st.floats(min_value=0.0, max_value=100),
     exclude=st.lists(st.from_regex(r"[a-z_]{1,8}", fullmatch=True), max_size=3),
 )
-def test_valid_overrides_are_read_back_exactly(tmp_path_factory, lr, steps, temperature, exclude):
+def test_valid_overrides_are_read_back_exactly(tmp_path_factory, lr, steps, min_delta, exclude):
     path = _recipe_file(tmp_path_factory.mktemp("r"), BASE_RECIPE)
     overrides = [
         f"optim.lr={lr!r}",
         f"optim.steps={steps}",
-        f"weights.temperature={temperature!r}",
+        f"optim.min_delta={min_delta!r}",
         f"model.exclude={json.dumps(exclude)}",
     ]
     recipe = load_recipe(path, overrides)
     assert (recipe.optim.lr, recipe.optim.steps) == (lr, steps)
-    assert recipe.weights.temperature == temperature and list(recipe.model.exclude) == exclude
+    assert recipe.optim.min_delta == min_delta and list(recipe.model.exclude) == exclude
 
 
 @FAST

@@ -108,6 +108,33 @@ def test_top_k_hand_example():
     assert (up["top1_hit"], up["topk_hit"], up["topk_overlap"]) == (True, True, 0.5)
 
 
+@pytest.mark.parametrize("seed, confidence", [(0, 0.95), (7, 0.9), (11, 0.5)])
+def test_bootstrap_intervals_equal_scipy_stats_bootstrap(seed, confidence):
+    """Our percentile bootstrap is scipy.stats.bootstrap(paired, percentile) draw for draw: the same
+    generator, the same resampled indices, the same interval (scipy would return NaN where a
+    resample is constant; ours skips it, which never happens with 30 distinct values)."""
+    proxy, truth = correlated(seed, n=30, noise=0.8)
+    ours = rank_statistics(proxy, truth, n_bootstrap=400, seed=seed, confidence=confidence)
+    assert ours["bootstrap_used"] == 400
+    statistics = {
+        "spearman_ci": lambda p, t: stats.spearmanr(p, t)[0],
+        "kendall_ci": lambda p, t: stats.kendalltau(p, t)[0],
+    }
+    for key, statistic in statistics.items():
+        result = stats.bootstrap(
+            (proxy, truth),
+            statistic,
+            paired=True,
+            vectorized=False,
+            n_resamples=400,
+            method="percentile",
+            confidence_level=confidence,
+            rng=np.random.default_rng(seed),
+        )
+        interval = [result.confidence_interval.low, result.confidence_interval.high]
+        assert ours[key] == pytest.approx(interval, abs=1e-12), key
+
+
 def test_bootstrap_intervals_are_seeded_and_contain_the_estimate():
     proxy, truth = correlated(5, n=50, noise=0.8)
     a = rank_statistics(proxy, truth, n_bootstrap=300, seed=0)

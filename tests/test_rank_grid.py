@@ -35,24 +35,14 @@ def grid_table(**changes) -> pd.DataFrame:
     return table
 
 
-@pytest.mark.parametrize(
-    "changes, message",
-    [
-        ({"w_delta": [0.0, 0.0, 0.0]}, "column w_delta names an expert the recipe does not have"),
-        ({"w_gamma": None}, "no weight column w_gamma"),
-        ({"w_gamma": [0.0, 0.1, 0.5]}, "row 3 weights sum to 1.100000"),
-        ({"loss_markov": None}, "no column loss_markov with the true loss of dev set 'markov'"),
-        ({"loss_arith": [1.0, None, 2.0]}, "must be a number in every row, row 2 is not"),
-    ],
-)
-def rank_cli(tmp_path, tree: dict, table: pd.DataFrame) -> subprocess.CompletedProcess:
+def rank_cli(tmp_path, tree: dict, table: pd.DataFrame, *extra: str) -> subprocess.CompletedProcess:
     """``python -m mergeopt.rank RECIPE --grid GRID.csv`` on a written recipe and grid table."""
     grid = tmp_path / "grid.csv"
     table.to_csv(grid, index=False)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(tree))
     return subprocess.run(
-        [sys.executable, "-m", "mergeopt.rank", str(recipe), "--grid", str(grid), "--quiet"],
+        [sys.executable, "-m", "mergeopt.rank", str(recipe), "--grid", str(grid), "--quiet", *extra],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -105,6 +95,28 @@ def test_grid_without_a_metric_terms_scores(random_world, tmp_path, changes, mes
         search={"strategy": "grid"},
     )
     result = rank_cli(tmp_path, tree, grid_table(**changes))
+    assert_one_line_error(result, message)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"weights": {"alpha": 0.5,', "not valid JSON (line 1"),
+        ('{"status": "running", "weights": {"alpha": 1.0}}', "the fit did not finish"),
+        (
+            '{"status": "complete", "weights": {"alpha": 0.5, "delta": 0.5}}',
+            "its weights name ['alpha', 'delta']",
+        ),
+        (None, "does not exist"),
+    ],
+)
+def test_a_damaged_or_foreign_mixture_is_one_line(random_world, tmp_path, content, message):
+    mixture = tmp_path / "mixture.json"
+    if content is not None:
+        mixture.write_text(content)
+    tree = recipe_tree(random_world, tmp_path / "out")
+    result = rank_cli(tmp_path, tree, grid_table(), "--mixture", str(mixture))
     assert_one_line_error(result, message)
     assert not (tmp_path / "out").exists()
 

@@ -448,7 +448,7 @@ def test_nan_or_infinite_score_is_a_user_error_naming_score_and_mixture(bad):
 
 def test_mixture_off_the_simplex_is_refused():
     evaluator, score = quadratic(3)
-    for w in ([0.5, 0.6, -0.1], [0.5, 0.5, 1e-8], [0.5, 0.5]):
+    for w in ([0.5, 0.6, -0.1], [0.5, 0.5, 1e-5], [0.5, 0.5]):  # 1e-5: beyond SIMPLEX_TOLERANCE
         with pytest.raises(ValueError):
             evaluator(np.array(w), "bad")
     assert score.calls == []
@@ -470,3 +470,54 @@ def test_prefetch_scores_a_batch_once_in_order_within_the_budget():
     assert evaluator(np.array([1.0, 0.0])) == 1.0 and len(calls) == 3  # cache hit afterwards
     with pytest.raises(BudgetExhausted):
         evaluator(np.array([0.25, 0.75]))
+
+
+# -- weights.init: every strategy starts from it ------------------------------------------------
+
+START = np.array([0.7, 0.2, 0.1])
+
+
+@pytest.mark.parametrize("strategy", ["grid", "dirichlet", "surrogate"])
+def test_sampling_strategies_evaluate_the_start_first_and_never_return_worse(strategy):
+    evaluator, score = quadratic(3)
+    spec = search(
+        strategy, grid={"divisions": 3}, dirichlet={"samples": 5}, surrogate={"seeds": 5, "verify": 2}
+    )
+    result = STRATEGIES[strategy](evaluator, spec, 0, False, START)
+    assert result.log[0]["phase"] == "start"
+    np.testing.assert_array_equal(score.calls[0], START)  # scored first, exactly
+    assert result.value <= total(score(START))
+    # the start is an extra evaluation; the points drawn are the same (the surrogate then also
+    # fits on the start, so its verified picks may differ)
+    plain, _ = quadratic(3)
+    without = STRATEGIES[strategy](plain, spec, 0, False)
+    drawn = [r for r in trace(result)[1:] if r["phase"] != "verify"]
+    assert drawn == [{**r, "index": r["index"] + 1} for r in trace(without) if r["phase"] != "verify"]
+
+
+def test_the_start_on_the_grid_costs_nothing_extra():
+    evaluator, score = quadratic(3)
+    on_lattice = np.array([2 / 3, 1 / 3, 0.0])
+    result = STRATEGIES["grid"](evaluator, search("grid", grid={"divisions": 3}), 0, False, on_lattice)
+    assert result.evaluations == len(simplex_lattice(names(3), 3)) == score.distinct() == len(score.calls)
+
+
+@pytest.mark.parametrize("strategy", ["cmaes", "spsa"])
+def test_logit_strategies_start_at_the_logits_of_the_start(strategy):
+    """With a small step (sigma, perturbation) the first proposals lie at the start."""
+    evaluator, score = quadratic(3)
+    spec = search(strategy, budget=4, cmaes={"sigma": 1e-6}, spsa={"perturbation": 1e-6})
+    STRATEGIES[strategy](evaluator, spec, 0, False, START)
+    np.testing.assert_allclose(score.calls[0], START, atol=1e-5, rtol=0)
+    uniform, score_u = quadratic(3)
+    STRATEGIES[strategy](uniform, spec, 0, False)
+    np.testing.assert_allclose(score_u.calls[0], np.full(3, 1 / 3), atol=1e-5, rtol=0)
+    assert not np.allclose(START, 1 / 3, atol=1e-2)  # so the two starts are told apart
+
+
+def test_spsa_stops_when_its_pairs_bring_nothing_new():
+    """A perturbation below the cache's rounding makes every pair a cache hit: SPSA must stop
+    (it once looped forever waiting for its budget to be used)."""
+    evaluator, score = quadratic(3)
+    result = STRATEGIES["spsa"](evaluator, search("spsa", budget=20, spsa={"perturbation": 1e-15}), 0, False)
+    assert result.info["stopped"] == "no new mixtures" and len(score.calls) < 20

@@ -59,7 +59,7 @@ def _share(batch, rank: int, size: int):
 def _step(model, stack, batch, checkpointed: bool):
     (checkpointing.enable if checkpointed else checkpointing.disable)(model)
     z = LOGITS.clone().requires_grad_(True)
-    loss = dev_loss(model, stack, z, 1.0, batch, SET_WEIGHTS, 5)
+    loss = dev_loss(model, stack, z, batch, SET_WEIGHTS, 5)
     loss.backward()
     return loss.detach(), z.grad
 
@@ -81,7 +81,7 @@ def _worker(rank: int, size: int, port: int, arch: str, dtype: str, out: str) ->
             dist.all_reduce(grad)
             results[str(checkpointed)] = {"loss": float(loss), "grad": grad.tolist()}
         with torch.no_grad():  # evaluation: no autograd, the merged rows gathered all the same
-            loss = dev_loss(model, stack, LOGITS.clone(), 1.0, batch, SET_WEIGHTS, 5)
+            loss = dev_loss(model, stack, LOGITS.clone(), batch, SET_WEIGHTS, 5)
             dist.all_reduce(loss)
             results["evaluation"] = float(loss)
         gathered = [None] * size

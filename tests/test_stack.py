@@ -206,3 +206,20 @@ def test_tied_embeddings_merge_once_and_reproduce_each_expert(tmp_path):
             got = functional_call(model, stack.mix_params(torch.eye(2)[i]), (ids,)).logits
             want = load(paths[name])(input_ids=ids).logits
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_the_model_at_w_exists_only_inside_at(loaded):
+    """Inside ``stack.at(w)`` a plain forward is the merge at w; after it, NaN: no code can rely
+    on whatever was merged last."""
+    model, stack = loaded
+    w, ids = torch.tensor([0.2, 0.5, 0.3]), batch_ids()
+    with torch.no_grad():
+        reference = functional_call(model, stack.mix_params(w), (ids,)).logits
+        with stack.at(w) as merged:
+            inside = merged(ids).logits
+        after = model(ids).logits
+    torch.testing.assert_close(inside, reference, atol=1e-5, rtol=0)
+    assert torch.isnan(after).all()
+    stack.write_mixture(w)  # the explicit setter still works (mergeopt merge writes the model out)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference, atol=1e-5, rtol=0)

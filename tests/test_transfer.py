@@ -98,6 +98,18 @@ def write_hand_tables(tmp: Path) -> tuple[str, str]:
     return str(tmp / "small.csv"), str(tmp / "large.csv")
 
 
+def test_selected_metrics_do_not_report_the_others_as_missing(tmp_path, capsys):
+    small, large = write_hand_tables(tmp_path)
+    report, _ = transfer_tables(small, large, metrics=["loss"], n_bootstrap=0)
+    assert report["metrics"] == ["loss"] and report["skipped_metrics"] == {}
+    assert main([small, large, "--metrics", "loss", "--out", str(tmp_path / "out")]) == 0
+    assert "Not compared" not in capsys.readouterr().out
+    assert "not compared" not in (tmp_path / "out" / "transfer_report.md").read_text()
+    # without --metrics, a column only one table has is still named
+    assert main([small, large, "--out", str(tmp_path / "all")]) == 0
+    assert "Not compared (not in every table): LARGE's ['extra']" in capsys.readouterr().out
+
+
 def test_hand_table_pairs_shared_mixtures_and_regret_by_hand(tmp_path):
     small, large = write_hand_tables(tmp_path)
     report, pairs = transfer_tables(small, large, higher_is_better=["acc"], k=2, n_bootstrap=0)
@@ -201,7 +213,10 @@ def test_cli_surrogate_outputs_match_the_function(tmp_path, regmix_surrogate):
     assert result.returncode == 0, result.stderr
     assert all((out / name).stat().st_size > 0 for name in ("transfer_report.md", "transfer_scatter.png"))
     report = json.loads((out / "transfer_report.json").read_text())
-    assert report == json_safe(regmix_surrogate[0])  # another process, the same report
+    assert report == {
+        "schema_version": 1,
+        **json_safe(regmix_surrogate[0]),
+    }  # another process, the same report
     lines = result.stdout.splitlines()
     assert lines[0].startswith("| metric | SMALL→LARGE ρ [CI] | τ | regret | surrogate→LARGE ρ [CI]")
     assert sum(line.startswith("| ") for line in lines) == 2 + 14

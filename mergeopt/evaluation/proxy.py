@@ -18,12 +18,12 @@ from tqdm.auto import tqdm
 
 from mergeopt.config import ObjectiveTerm, Recipe
 from mergeopt.errors import UserError
+from mergeopt.evaluation.tables import WEIGHT_SUM_TOLERANCE
 from mergeopt.objectives.loss import evaluate_sums
 from mergeopt.objectives.term_scores import load_custom, metric_terms, score_column, score_terms
 
 WEIGHT_PREFIX = "w_"
 LOSS_PREFIX = "loss_"
-SIMPLEX_TOLERANCE = 1e-3
 
 
 def _first_bad_row(values: pd.Series) -> int | None:
@@ -55,11 +55,11 @@ def read_grid(path: str | Path, expert_names: Sequence[str]) -> pd.DataFrame:
         if bad is not None:
             raise UserError(f"{path}: column {column} must be a number in every row, row {bad} is not")
     sums = weights.sum(axis=1)
-    bad = ((sums - 1).abs() > SIMPLEX_TOLERANCE) | (weights < 0).any(axis=1)
+    bad = ((sums - 1).abs() > WEIGHT_SUM_TOLERANCE) | (weights < 0).any(axis=1)
     if bad.any():
         row = int(bad.idxmax())
         raise UserError(
-            f"{path}: row {row + 2} weights sum to {sums[row]:.6f}, not 1 (±{SIMPLEX_TOLERANCE}), or are negative"
+            f"{path}: row {row + 2} weights sum to {sums[row]:.6f}, not 1 (±{WEIGHT_SUM_TOLERANCE:g}), or are negative"
         )
     if table.empty:
         raise UserError(f"{path}: the grid table has no rows")

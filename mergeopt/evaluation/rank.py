@@ -23,9 +23,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from mergeopt.errors import UserError, run_cli
+from mergeopt.cli import run_command
+from mergeopt.errors import UserError
 from mergeopt.evaluation.rank_stats import mixture_regret, rank_statistics
 from mergeopt.evaluation.tables import rank_tables
+from mergeopt.run_files import SCHEMA_VERSION, RankReport, read_finished_mixture
 from mergeopt.runtime.files import save_figure_atomic, write_csv_atomic, write_json_atomic, write_text_atomic
 
 MAX_SCATTER_PANELS = 9  # metrics drawn in rank_scatter.png, plus the mean
@@ -114,7 +116,8 @@ def write_outputs(
     write_csv_atomic(out / "rank_pairs.csv", frame.to_dict("records"), list(frame.columns))
     plot_scatter(pairs, report, out / "rank_scatter.png")
     write_text_atomic(out / "rank_report.md", markdown_table(report) + "\n")
-    write_json_atomic(out / "rank_report.json", json_safe(report))
+    record = RankReport.model_validate({"schema_version": SCHEMA_VERSION, **json_safe(report)}).to_json()
+    write_json_atomic(out / "rank_report.json", record)
     return out
 
 
@@ -187,7 +190,6 @@ def rank_grid(
 
 
 def _grid_main(args) -> int:
-    import json
 
     from mergeopt.config import load_recipe
     from mergeopt.evaluation.proxy import check_truth, read_grid
@@ -201,10 +203,14 @@ def _grid_main(args) -> int:
     check_truth(read_grid(grid, recipe.expert_names), recipe, grid)
     mixture_path = Path(args.mixture) if args.mixture else Path(recipe.output_dir) / "mixture.json"
     mixture = None
-    if mixture_path.is_file():
-        mixture = json.loads(mixture_path.read_text())
-    elif args.mixture:
-        raise UserError(f"mixture {mixture_path} does not exist")
+    if mixture_path.is_file() or args.mixture:  # the run's own is optional, a named one is not
+        mixture = read_finished_mixture(mixture_path)
+        if set(mixture.names) != set(recipe.expert_names):
+            raise UserError(
+                f"{mixture_path}: its weights name {sorted(mixture.names)} but the recipe's experts "
+                f"are {sorted(recipe.expert_names)}"
+            )
+        mixture = mixture.to_json()
     resolved, _ = resolve_recipe(recipe, (lambda _m: None) if args.quiet else print)
     report, pairs, proxy = rank_grid(resolved, grid, mixture=mixture, progress=not args.quiet)
     weights = read_grid(grid, recipe.expert_names)[[f"w_{n}" for n in recipe.expert_names]]
@@ -227,40 +233,8 @@ def comma_list(text: str | None) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()] if text else []
 
 
-def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m mergeopt.rank",
-        description="Compare how a proxy and the truth rank data mixtures (table mode: --proxy and --truth).",
-        epilog="Example: python -m mergeopt.rank --proxy mix_1m.csv+loss_1m.csv --truth mix_60m.csv+loss_60m.csv",
-    )
-    parser.add_argument(
-        "recipe", nargs="?", help="grid mode: a fit recipe whose merged proxy is ranked on --grid"
-    )
-    parser.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="grid mode: dotted recipe overrides"
-    )
-    parser.add_argument(
-        "--grid", help="grid mode: grid.csv from mergeopt.worlds.train (default: the recipe's rank.grid)"
-    )
-    parser.add_argument(
-        "--mixture", help="grid mode: a mixture.json whose regret to report (default: the run's)"
-    )
-    parser.add_argument("--quiet", action="store_true", help="grid mode: no progress bars")
-    parser.add_argument("--proxy", help="proxy scores: TABLE.csv or MIXTURES.csv+METRICS.csv")
-    parser.add_argument("--truth", help="true scores: TABLE.csv or MIXTURES.csv+METRICS.csv")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--mixture-prefix", help="weight columns start with this (default: w_, then train_)")
-    group.add_argument("--mixture-columns", help="comma-separated weight columns")
-    parser.add_argument("--metrics", help="comma-separated metric columns (default: numeric columns in both)")
-    parser.add_argument(
-        "--higher-is-better", default="", help="comma-separated metrics where higher is better"
-    )
-    parser.add_argument("--k", type=int, default=3, help="top-k size (default 3)")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
-    parser.add_argument("--out", help="output directory (default: rank_out/, or the recipe's output_dir)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
-    args = parser.parse_intermixed_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """``mergeopt rank``: grid mode with a recipe, table mode with ``--proxy`` and ``--truth``."""
     if args.recipe is not None:
         return _grid_main(args)
     if not args.proxy or not args.truth:
@@ -282,5 +256,6 @@ def main(argv: Sequence[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+def main(argv: Sequence[str]) -> int:
+    """``mergeopt rank`` from Python, with its command-line arguments."""
+    return run_command("rank", argv)

@@ -73,7 +73,11 @@ def _top_k(scores_low: np.ndarray, k: int) -> np.ndarray:
 
 
 def _bootstrap(proxy, truth, n_bootstrap: int, seed: int, confidence: float) -> dict:
-    """Percentile intervals over mixtures resampled with replacement; constant resamples are skipped."""
+    """Percentile intervals over mixtures resampled with replacement; constant resamples are skipped.
+
+    Draw for draw this is ``scipy.stats.bootstrap(paired=True, method="percentile")`` with the same
+    generator (tests/test_rank.py compares them); kept by hand only to skip constant resamples,
+    where scipy's statistic would be NaN."""
     rng = np.random.default_rng(seed)
     n = len(proxy)
     rho, tau = [], []

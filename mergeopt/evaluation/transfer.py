@@ -38,7 +38,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from mergeopt.errors import UserError, run_cli
+from mergeopt.cli import run_command
+from mergeopt.errors import UserError
 from mergeopt.evaluation.rank import MAX_SCATTER_PANELS, comma_list, format_number, json_safe
 from mergeopt.evaluation.rank_stats import rank_statistics
 from mergeopt.evaluation.tables import (
@@ -51,6 +52,7 @@ from mergeopt.evaluation.tables import (
     row_label,
     shared_mixtures,
 )
+from mergeopt.run_files import SCHEMA_VERSION, TransferReport
 from mergeopt.runtime.files import save_figure_atomic, write_json_atomic, write_text_atomic
 
 OUTPUT_FILES = ("transfer_report.json", "transfer_report.md", "transfer_scatter.png")
@@ -112,7 +114,8 @@ def compared_metrics(
 ) -> tuple[list[str], dict[str, list[str]]]:
     """Metrics every table has: those requested (each must be in every table) or all shared numeric ones.
 
-    Returns the metrics and, per table, the numeric columns left out because another table lacks them.
+    Returns the metrics and, per table, the numeric columns left out because another table lacks them
+    (none when metrics are requested: the rest were not selected, and are not reported as missing).
     """
     exclude = set(cols) | {"index"}
     group = list(tables.values())
@@ -122,6 +125,8 @@ def compared_metrics(
         names = [m for m in names if m in found]
     if not names:
         raise UserError(f"{', '.join(t.spec for t in group)} share no numeric metric columns")
+    if requested:  # the user chose: the other columns were not selected, not missing anywhere
+        return names, {}
     skipped = {
         t.role: left
         for t in group
@@ -529,52 +534,16 @@ def write_outputs(report: dict, pairs: Mapping, out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     plot_transfer(pairs, report, out / "transfer_scatter.png")
     write_text_atomic(out / "transfer_report.md", markdown_report(report) + "\n")
-    write_json_atomic(out / "transfer_report.json", json_safe(report))
+    record = TransferReport.model_validate({"schema_version": SCHEMA_VERSION, **json_safe(report)}).to_json()
+    write_json_atomic(out / "transfer_report.json", record)
     return out
 
 
 # ---------------------------------------------------------------- command line
 
 
-def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m mergeopt.transfer",
-        description="How a ranking of data mixtures at one scale carries to another.",
-        epilog="Example: python -m mergeopt.transfer mix_1m.csv+loss_1m.csv mix_60m.csv+loss_60m.csv "
-        "--surrogate-fit train_mix_1m.csv+train_loss_1m.csv",
-    )
-    parser.add_argument(
-        "tables",
-        nargs="+",
-        metavar="TABLE",
-        help="SMALL LARGE (or LARGE alone with --surrogate-fit): TABLE.csv or MIXTURES.csv+METRICS.csv",
-    )
-    parser.add_argument(
-        "--surrogate-fit",
-        metavar="TRAIN",
-        help="fit one LightGBM per metric on this small-scale table and rank LARGE (and SMALL) with it",
-    )
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--mixture-prefix", help="weight columns start with this (default: w_, then train_)")
-    group.add_argument("--mixture-columns", help="comma-separated weight columns")
-    parser.add_argument("--metrics", help="comma-separated metric columns (default: numeric columns in all)")
-    parser.add_argument(
-        "--higher-is-better", default="", help="comma-separated metrics where higher is better"
-    )
-    parser.add_argument("--k", type=int, default=3, help="top-k size (default 3)")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap and LightGBM seed (default 0)")
-    parser.add_argument("--rounds", type=int, help="surrogate: LightGBM boosting rounds (default 300)")
-    parser.add_argument(
-        "--learning-rate", type=float, help="surrogate: LightGBM learning rate (default 0.05)"
-    )
-    parser.add_argument("--num-leaves", type=int, help="surrogate: LightGBM leaves per tree (default 8)")
-    parser.add_argument(
-        "--min-child-samples", type=int, help="surrogate: LightGBM min samples per leaf (default 3)"
-    )
-    parser.add_argument("--out", default="transfer_out", help="output directory (default: transfer_out/)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
-    args = parser.parse_intermixed_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """``mergeopt transfer``: the parsed command line (:mod:`mergeopt.cli`)."""
     if len(args.tables) > 2 or (len(args.tables) == 1 and not args.surrogate_fit):
         raise UserError(
             f"expected SMALL LARGE, or LARGE with --surrogate-fit TRAIN; got {len(args.tables)} table(s)"
@@ -611,5 +580,6 @@ def main(argv: Sequence[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+def main(argv: Sequence[str]) -> int:
+    """``mergeopt transfer`` from Python, with its command-line arguments."""
+    return run_command("transfer", argv)

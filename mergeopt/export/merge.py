@@ -35,16 +35,17 @@ import yaml
 
 import mergeopt
 from mergeopt import worlds
+from mergeopt.cli import run_command
 from mergeopt.config import Recipe, load_recipe
-from mergeopt.errors import UserError, run_cli
+from mergeopt.errors import UserError
 from mergeopt.loading.checkpoints import gguf_base, open_checkpoint
 from mergeopt.merging.layer_merge import make_permanent
 from mergeopt.merging.methods import get_method
+from mergeopt.merging.simplex import mixture_problem
 from mergeopt.merging.stack import DTYPES, describe
-from mergeopt.reporting.mixture_file import read_finished_mixture
+from mergeopt.run_files import MixtureFile, read_finished_mixture
 
 MANIFEST = "mergeopt_merge.json"
-SUM_TOLERANCE = 1e-6
 OUT_DTYPES = ("float32", "bfloat16", "float16")
 MAX_SHARD_SIZE = "5GB"
 # the merge fields of mixture.json's "method" record, and the recipe key that sets each
@@ -94,34 +95,25 @@ def check_mixture(
         raise UserError(
             f"{source} gives no weight for expert {missing[0]!r} (every expert needs one, 0 allowed)"
         )
-    for name in experts:
-        value = weights[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise UserError(f"{source}: the weight of {name!r} is {value!r}, not a finite number")
-        if value < 0:
-            raise UserError(f"{source}: the weight of {name!r} is negative ({value})")
-    total = math.fsum(float(weights[n]) for n in experts)
+    ordered = {n: weights[n] for n in experts}
+    problem = mixture_problem(ordered)
+    total = math.fsum(float(v) for v in ordered.values()) if problem is None or "sum" in problem else 0.0
     if normalize and total > 0:
-        return {n: float(weights[n]) / total for n in experts}
-    if abs(total - 1.0) > SUM_TOLERANCE:
-        hint = "" if normalize else "; pass --normalize to rescale them"
-        raise UserError(f"{source}: the weights sum to {total:.9g}, not 1 (within {SUM_TOLERANCE:g}){hint}")
-    return {n: float(weights[n]) for n in experts}
+        return {n: float(v) / total for n, v in ordered.items()}
+    if problem is not None:
+        hint = "; pass --normalize to rescale them" if "sum" in problem and not normalize else ""
+        raise UserError(f"{source}: {problem}{hint}")
+    return {n: float(v) for n, v in ordered.items()}
 
 
-def read_mixture(path: Path) -> dict:
-    """A finished fit's mixture.json, checked for the fields a merge needs."""
-    return read_finished_mixture(path)
-
-
-def check_same_merge(mixture: dict, path: Path, recipe: Recipe) -> None:
+def check_same_merge(mixture: MixtureFile, path: Path, recipe: Recipe) -> None:
     """Refuse to write a merge other than the one fit scored at this mixture.
 
     mixture.json records the merge (method, options, seed, mixup draw); the run's recipe.yaml beside
     it records the exclusions and the stack dtype; the expert order fixes DARE's masks and the mixup
     draw. Runs from before merge methods existed record no method: they were linear at scale 1.
     """
-    fitted = json.loads(json.dumps(mixture.get("method") or {"name": "linear", "scale": 1.0}))
+    fitted = json.loads(json.dumps(mixture.method or {"name": "linear", "scale": 1.0}))
     ours = json.loads(json.dumps(describe(recipe.merge, len(recipe.expert_names), recipe.seed)))
     for key in [*ours, *(k for k in fitted if k not in ours)]:
         if fitted.get(key) != ours.get(key):
@@ -136,9 +128,9 @@ def check_same_merge(mixture: dict, path: Path, recipe: Recipe) -> None:
                 "make the recipe match so the written model is the one fit scored"
             )
     order_matters = get_method(recipe.merge.method).random or recipe.merge.mixup_alpha is not None
-    if order_matters and list(mixture["weights"]) != recipe.expert_names:
+    if order_matters and mixture.names != recipe.expert_names:
         raise UserError(
-            f"{path} lists the experts as {', '.join(mixture['weights'])} but the recipe as "
+            f"{path} lists the experts as {', '.join(mixture.names)} but the recipe as "
             f"{', '.join(recipe.expert_names)}; the order sets DARE's masks and the mixup draw, so list "
             "model.experts in the fitted order"
         )
@@ -305,34 +297,15 @@ def _format(weights: Mapping[str, float]) -> str:
     return ", ".join(f"{n} {w:.4f}" for n, w in weights.items())
 
 
-def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m mergeopt.merge",
-        description="Write the merge of a recipe's experts at one mixture as a Hugging Face checkpoint.",
-        epilog="Example: python -m mergeopt.merge recipes/tiny.yaml --mixture runs/tiny/mixture.json --out merged",
-    )
-    parser.add_argument("recipe", help="the recipe the mixture was fitted with")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted recipe overrides")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--weights", help="name=weight for every expert, comma-separated, e.g. a=0.3,b=0.7")
-    source.add_argument("--mixture", help="a mixture.json written by mergeopt.fit")
-    parser.add_argument("--out", required=True, help="checkpoint directory to write (must be new or empty)")
-    parser.add_argument(
-        "--dtype", choices=OUT_DTYPES, help="dtype of the written weights (default: the base's, else float32)"
-    )
-    parser.add_argument("--normalize", action="store_true", help="rescale the weights to sum to 1")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    parser.add_argument("--max-shard-size", default=MAX_SHARD_SIZE, help=argparse.SUPPRESS)
-    parser.add_argument("--quiet", action="store_true", help="no progress bars or messages")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
-    args = parser.parse_intermixed_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """``mergeopt merge``: the parsed command line (:mod:`mergeopt.cli`)."""
     recipe = load_recipe(args.recipe, args.overrides)
     log = (lambda _msg: None) if args.quiet else print
     shard_size = _shard_size(args.max_shard_size)
     if args.mixture is not None:
         mixture_path = Path(args.mixture)
-        mixture = read_mixture(mixture_path)
-        weights = check_mixture(mixture["weights"], recipe.expert_names, str(mixture_path), args.normalize)
+        mixture = read_finished_mixture(mixture_path)
+        weights = check_mixture(mixture.weights, recipe.expert_names, str(mixture_path), args.normalize)
         check_same_merge(mixture, mixture_path, recipe)
     else:
         weights = check_mixture(parse_weights(args.weights), recipe.expert_names, "--weights", args.normalize)
@@ -349,5 +322,6 @@ def main(argv: Sequence[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+def main(argv: Sequence[str]) -> int:
+    """``mergeopt merge`` from Python, with its command-line arguments."""
+    return run_command("merge", argv)

@@ -9,16 +9,13 @@ never builds a world. Each problem is a :class:`~mergeopt.errors.UserError` nami
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mergeopt.errors import UserError
-from mergeopt.reporting.mixture_file import read_finished_mixture
-
-SUM_TOLERANCE = 1e-6
+from mergeopt.run_files import read_finished_mixture
 
 
 @dataclass(frozen=True)
@@ -48,30 +45,14 @@ def read_mixture(path: str | Path) -> Mixture:
     if path.is_dir():
         path = path / "mixture.json"
     data = read_finished_mixture(path)
-    weights = data["weights"]
-    method = data.get("method") or {"name": "linear", "scale": 1.0}
-    worlds = data.get("worlds") or {}
     return Mixture(
         path=path,
-        weights=check_weights(weights, str(path)),
-        method=method,
-        seed=int(data.get("seed", 0)),
-        strategy=data.get("strategy"),
-        worlds={str(k): str(v) for k, v in worlds.items()} if isinstance(worlds, dict) else {},
+        weights=dict(data.weights),
+        method=data.method or {"name": "linear", "scale": 1.0},  # runs from before merge methods
+        seed=data.seed if data.seed is not None else 0,
+        strategy=data.strategy,
+        worlds=dict(data.worlds or {}),
     )
-
-
-def check_weights(weights: Mapping[str, Any], source: str) -> dict[str, float]:
-    """Finite, non-negative weights summing to 1 within SUM_TOLERANCE, in their given order."""
-    for name, value in weights.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise UserError(f"{source}: the weight of {name!r} is {value!r}, not a finite number")
-        if value < 0:
-            raise UserError(f"{source}: the weight of {name!r} is negative ({value})")
-    total = math.fsum(float(v) for v in weights.values())
-    if abs(total - 1.0) > SUM_TOLERANCE:
-        raise UserError(f"{source}: the weights sum to {total:.9g}, not 1 (within {SUM_TOLERANCE:g})")
-    return {str(n): float(v) for n, v in weights.items()}
 
 
 # ----------------------------------------------------------------------------- the run's recipe

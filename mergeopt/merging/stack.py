@@ -22,6 +22,7 @@ common value (θ0 when no expert changed it).
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -170,13 +171,23 @@ class TaskVectorStack:
         """The model as the merge at w for plain ``model(...)`` calls (generation, metrics, lm-eval):
         the mixture written into its buffers and each merged weight formed once for the block
         (a merged copy of the stacked parameters while it lasts). A sharded stack forms (gathers)
-        each weight at every read instead: its ranks cannot hold a merged copy of the model."""
+        each weight at every read instead: its ranks cannot hold a merged copy of the model.
+
+        "The model at w" exists only inside this block: on leaving it the mixture buffers are set
+        to NaN, so code that calls the model afterwards gets NaN, not whatever was merged last."""
         self.write_mixture(weights)
-        if self.shard is not None:
-            yield self.model
-            return
-        with materialized():
-            yield self.model
+        try:
+            if self.shard is not None:
+                yield self.model
+            else:
+                with materialized():
+                    yield self.model
+        finally:
+            self.forget_mixture()
+
+    def forget_mixture(self) -> None:
+        """No mixture: NaN in every mixture buffer, until the next :meth:`at` or :meth:`write_mixture`."""
+        write_mixture(self.model, torch.full((self.num_experts,), math.nan))
 
     def write_mixture(self, weights: torch.Tensor) -> None:
         """Set the model's mixture buffers to w for plain ``model(...)`` calls (metrics, lm-eval)."""

@@ -42,6 +42,13 @@ class DevSet:
         return self.fit + self.heldout
 
 
+def has_heldout(sets: Sequence[DevSet], set_weights: Sequence[float] | None = None) -> bool:
+    """Whether every dev set that counts holds examples out: all of them, or with ``set_weights``
+    those of positive weight. Held-out losses, early stopping and held-out scores exist only then."""
+    weights = [1.0] * len(sets) if set_weights is None else [float(a) for a in set_weights]
+    return all(len(s.heldout) > 0 for s, a in zip(sets, weights, strict=True) if a > 0)
+
+
 def read_jsonl(path: str | Path, what: str = "dev set") -> list[dict[str, Any]]:
     """Parse and validate a JSONL dev set (or training set: ``what``); errors name the file and the line."""
     path = Path(path)

@@ -78,13 +78,12 @@ def dev_loss(
     model: torch.nn.Module,
     stack: TaskVectorStack,
     logits: torch.Tensor,
-    temperature: float,
     batch: Batch,
     set_weights: torch.Tensor,
     loss_chunk: int | None = None,
 ) -> torch.Tensor:
     """Target loss on one batch as a function of the mixture logits z (differentiable in z)."""
-    params = stack.mix_params(weights_from_logits(logits, temperature))
+    params = stack.mix_params(weights_from_logits(logits))
     sums, counts = per_set_loss_sums(model, params, batch, len(set_weights), loss_chunk)
     # under torchrun: divide this rank's sums by the whole batch's counts, so the ranks' losses
     # (and their gradients) add up to the whole batch's

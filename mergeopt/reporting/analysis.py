@@ -25,8 +25,7 @@ import pandas as pd
 import yaml
 
 from mergeopt.errors import UserError
-from mergeopt.loading.checkpoints import read_json_object
-from mergeopt.reporting.mixture_file import read_finished_mixture
+from mergeopt.run_files import MixtureFile, RankReport, read_finished_mixture, read_run_file
 
 RANK_PAIRS = "rank_pairs.csv"
 
@@ -84,15 +83,11 @@ def load_run(path: str | Path, mixture: dict | None = None) -> Run:
     if not root.is_dir():
         raise UserError(f"run directory {root} does not exist")
     if mixture is None and (root / "mixture.json").is_file():
-        mixture = read_json_object(root / "mixture.json", "the mixture")
+        mixture = read_run_file(MixtureFile, root).to_json()
     recipe = None
     if (root / "recipe.yaml").is_file():
         recipe = yaml.safe_load((root / "recipe.yaml").read_text(encoding="utf-8"))
-    rank = (
-        read_json_object(root / "rank_report.json", "the rank report")
-        if (root / "rank_report.json").is_file()
-        else None
-    )
+    rank = read_run_file(RankReport, root).to_json() if (root / "rank_report.json").is_file() else None
     return Run(
         root,
         mixture,
@@ -109,7 +104,7 @@ def open_run(path: str | Path) -> Run:
     root = Path(path)
     if not root.is_dir():
         raise UserError(f"run directory {root} does not exist")
-    return load_run(root, read_finished_mixture(root / "mixture.json"))
+    return load_run(root, read_finished_mixture(root).to_json())
 
 
 # ----------------------------------------------------------------------------- tables

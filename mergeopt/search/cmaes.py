@@ -2,7 +2,8 @@
 
 CMA-ES is the standard derivative-free optimiser for a few continuous variables and a budget of
 tens to hundreds of evaluations, and a maintained library (CyberAgent's ``cmaes``) gets its many
-details right. The search starts at z = 0 (the uniform mixture) with the recipe's sigma; a
+details right. The search starts at the logits of ``weights.init`` (z = 0, the uniform mixture,
+without one) with the recipe's sigma; a
 generation cut short by the budget is never told to the optimiser. A proposal whose w is already
 cached costs nothing, so generations that bring nothing new (a collapsed search) end the run.
 """
@@ -14,21 +15,28 @@ from cmaes import CMA
 from scipy.special import softmax
 
 from mergeopt.config import SearchSection
+from mergeopt.merging.weights import logits_of
 from mergeopt.search.evaluator import BudgetExhausted, Evaluator, SearchResult
 
 DEFAULT_BUDGET = 100
 STALE_GENERATIONS = 10  # generations in a row without a new real evaluation end the search
 
 
-def optimizer(k: int, sigma: float, population: int | None, seed: int) -> CMA:
-    """The CMA instance the strategy runs: mean 0 on the logits (the uniform mixture)."""
+def optimizer(
+    k: int, sigma: float, population: int | None, seed: int, start: np.ndarray | None = None
+) -> CMA:
+    """The CMA instance the strategy runs: its mean on the logits is the start (0: the uniform mixture)."""
     extra = {} if population is None else {"population_size": population}
-    return CMA(mean=np.zeros(k), sigma=sigma, seed=seed, **extra)
+    mean = np.zeros(k) if start is None else logits_of(start)
+    return CMA(mean=mean, sigma=sigma, seed=seed, **extra)
 
 
-def run(evaluator: Evaluator, search: SearchSection, seed: int, progress: bool) -> SearchResult:
+def run(
+    evaluator: Evaluator, search: SearchSection, seed: int, progress: bool, start: np.ndarray | None = None
+) -> SearchResult:
+    """``start`` (``weights.init``) is the initial mean; uniform (z = 0) without one."""
     spec = search.cmaes
-    opt = optimizer(len(evaluator.names), spec.sigma, spec.population, seed)
+    opt = optimizer(len(evaluator.names), spec.sigma, spec.population, seed, start)
     generation, stale, reason = 0, 0, "budget"
     with evaluator.running("cma-es search", search.budget, DEFAULT_BUDGET, progress):
         while True:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from mergeopt.config import SearchSection
-from mergeopt.search.evaluator import BudgetExhausted, Evaluator, SearchResult
+from mergeopt.search.evaluator import BudgetExhausted, Evaluator, SearchResult, with_start
 
 
 def draw_mixtures(rng: np.random.Generator, k: int, alpha: float, count: int) -> np.ndarray:
@@ -22,19 +22,21 @@ def draw_mixtures(rng: np.random.Generator, k: int, alpha: float, count: int) ->
     return rng.dirichlet(np.full(k, alpha), size=count)
 
 
-def run(evaluator: Evaluator, search: SearchSection, seed: int, progress: bool) -> SearchResult:
+def run(
+    evaluator: Evaluator, search: SearchSection, seed: int, progress: bool, start: np.ndarray | None = None
+) -> SearchResult:
+    """``start`` (``weights.init``) is evaluated before the draws."""
     spec = search.dirichlet
     draws = draw_mixtures(np.random.default_rng(seed), len(evaluator.names), spec.alpha, spec.samples)
-    stopped = False
-    with evaluator.running("dirichlet search", search.budget, spec.samples, progress):
-        evaluator.prefetch(draws, "sample")  # one batch: torchrun ranks split it
-        for i, w in enumerate(draws):
+    points, phases = with_start(start, draws, "sample")
+    stopped, drawn = False, len(draws)
+    with evaluator.running("dirichlet search", search.budget, len(points), progress):
+        evaluator.prefetch(points, phases)  # one batch: torchrun ranks split it
+        for i, (w, phase) in enumerate(zip(points, phases)):
             try:
-                evaluator(w, "sample")
+                evaluator(w, phase)
             except BudgetExhausted:
-                stopped, drawn = True, i
+                stopped, drawn = True, max(i - (start is not None), 0)
                 break
-        else:
-            drawn = len(draws)
     info = {"strategy": "dirichlet", "samples_evaluated": drawn, "stopped_by_budget": stopped}
     return evaluator.result(info)

@@ -22,15 +22,15 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
-from mergeopt.errors import UserError
-from mergeopt.runtime import distributed
-from mergeopt.runtime.resume import Interrupted, check_interrupt, pending_interrupt, pending_signal
+from mergeopt.errors import Interrupted, UserError
+from mergeopt.merging.simplex import SIMPLEX_TOLERANCE
+from mergeopt.runtime import distributed, faults
+from mergeopt.runtime.resume import check_interrupt, pending_interrupt, pending_signal
 
 ScoreFn = Callable[[np.ndarray], Mapping[str, float]]
 ValueFn = Callable[[Mapping[str, float]], float]
 
 ROUND_DECIMALS = 12  # two mixtures equal to 12 decimals are one mixture for the cache
-SIMPLEX_TOLERANCE = 1e-9
 RESERVED_COLUMNS = ("index", "phase", "value", "seconds")
 ALL_PROCESSES = -1  # an evaluation whose data every rank shared
 
@@ -53,6 +53,20 @@ class SearchResult:
 
     def mixture(self) -> dict[str, float]:
         return {name: float(v) for name, v in zip(self.names, self.weights)}
+
+
+def with_start(
+    start: np.ndarray | None, points: Sequence[np.ndarray], phase: str
+) -> tuple[list[np.ndarray], list[str]]:
+    """``points`` with ``weights.init`` first (logged as phase "start"), and each point's phase.
+
+    Strategies that sample or enumerate mixtures evaluate the start too, so no search returns a
+    mixture its own objective scores worse than the one the user started from.
+    """
+    points = list(points)
+    if start is None:
+        return points, [phase] * len(points)
+    return [np.asarray(start, dtype=np.float64), *points], ["start", *[phase] * len(points)]
 
 
 class Evaluator:
@@ -122,6 +136,10 @@ class Evaluator:
     def is_cached(self, w: np.ndarray) -> bool:
         return self.cache_key(w) in self.cache
 
+    def uncached(self, points: Sequence[np.ndarray]) -> int:
+        """How many distinct mixtures among ``points`` a real evaluation is still needed for."""
+        return len({self.cache_key(w) for w in points} - set(self.cache))
+
     def scores(self, w: np.ndarray, phase: str) -> dict[str, float]:
         """The per-term scores at w: from the cache, or one real evaluation logged under ``phase``."""
         w = self._check_simplex(w)
@@ -136,6 +154,7 @@ class Evaluator:
             if replayed is not None:
                 scores, seconds, process = replayed
             else:
+                faults.reached("evaluation", self.evaluations + 1)  # tests only (MERGEOPT_FAULT)
                 check_interrupt(f"evaluation {self.evaluations + 1}")
                 start = time.perf_counter()
                 scores = self._checked(self.score_fn(w.copy()), w)
@@ -242,6 +261,7 @@ class Evaluator:
             return
         for first in range(0, len(todo), size):
             chunk = todo[first : first + size]
+            faults.reached("evaluation", self.evaluations + 1)  # tests only (MERGEOPT_FAULT)
             mine = None
             if rank < len(chunk):
                 start = time.perf_counter()
@@ -272,6 +292,7 @@ class Evaluator:
         signal arrived: all record rank 0's scores (a generation could round differently on
         another rank) and all stop at the same mixture."""
         for w in todo:
+            faults.reached("evaluation", self.evaluations + 1)  # tests only (MERGEOPT_FAULT)
             start = time.perf_counter()
             scores = self._checked(dict(self.score_fn(w.copy())), w)
             gathered = distributed.all_gather_objects((scores, pending_interrupt()))
@@ -369,7 +390,9 @@ class Evaluator:
         if w.shape != (len(self.names),):
             raise ValueError(f"a mixture needs {len(self.names)} weights, got shape {w.shape}")
         if not (np.all(w >= 0) and abs(float(w.sum()) - 1.0) <= SIMPLEX_TOLERANCE):
-            raise ValueError(f"mixture {w.tolist()} is not on the simplex (w ≥ 0, Σw = 1 ± 1e-9)")
+            raise ValueError(
+                f"mixture {w.tolist()} is not on the simplex (w ≥ 0, Σw = 1 ± {SIMPLEX_TOLERANCE:g})"
+            )
         return w
 
     def _checked(self, scores: Mapping[str, float], w: np.ndarray) -> dict[str, float]:

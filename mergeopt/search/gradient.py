@@ -17,8 +17,9 @@ from tqdm.auto import tqdm
 from mergeopt.config import OptimSection
 from mergeopt.merging.stack import TaskVectorStack
 from mergeopt.merging.weights import weights_from_logits
-from mergeopt.objectives.data import DevSet, training_batches
+from mergeopt.objectives.data import DevSet, has_heldout, training_batches
 from mergeopt.objectives.loss import dev_loss, evaluate, target_loss
+from mergeopt.runtime import faults
 from mergeopt.runtime.distributed import all_reduce_sum, is_main
 from mergeopt.runtime.resume import RunState, check_interrupt, pending_interrupt
 
@@ -40,7 +41,6 @@ def fit_gradient(
     sets: Sequence[DevSet],
     set_weights: torch.Tensor,
     optim: OptimSection,
-    temperature: float,
     init_logits: torch.Tensor,
     seed: int,
     pad_id: int,
@@ -55,7 +55,7 @@ def fit_gradient(
     ``on_step`` sees each trace row as it is made (experiment trackers), from the resumed step on."""
     names = stack.expert_names
     targeted = [i for i, a in enumerate(set_weights.tolist()) if a > 0]
-    has_heldout = all(len(sets[i].heldout) > 0 for i in targeted)
+    held_out = has_heldout(sets, set_weights.tolist())
     z = init_logits.detach().to(device=device, dtype=torch.float64).clone().requires_grad_(True)
     optimizer = torch.optim.Adam([z], lr=optim.lr)
     batches = training_batches(sets, targeted, optim.batch_size, pad_id, seed)
@@ -91,10 +91,10 @@ def fit_gradient(
         disable=not (progress and is_main()),
     )
     for t in range(start, optim.steps + 1):
-        w = weights_from_logits(z.detach(), temperature)
+        w = weights_from_logits(z.detach())
         row: dict = {"step": t, "loss": math.nan, "heldout_loss": math.nan}
         row.update({f"w_{n}": v for n, v in zip(names, w.tolist())})
-        if has_heldout and (t % optim.eval_every == 0 or t == optim.steps):
+        if held_out and (t % optim.eval_every == 0 or t == optim.steps):
             per_set = evaluate(
                 model, stack, w, sets, "heldout", optim.eval_batch_size, pad_id, device, loss_chunk
             )
@@ -115,7 +115,7 @@ def fit_gradient(
         step_loss = 0.0
         for _ in range(optim.grad_accum):
             batch = next(batches).to(device)
-            loss = dev_loss(model, stack, z, temperature, batch, set_weights, loss_chunk)
+            loss = dev_loss(model, stack, z, batch, set_weights, loss_chunk)
             loss = loss / optim.grad_accum
             loss.backward()
             step_loss += float(all_reduce_sum(loss.detach().clone()))
@@ -125,21 +125,22 @@ def fit_gradient(
         trace.append(row)
         if on_step is not None:
             on_step(row)
+        faults.reached("step", t + 1)  # tests only: MERGEOPT_FAULT=sigkill@step:N
         if (t + 1) % optim.checkpoint_every == 0 or pending_interrupt():
             save(t + 1)
         check_interrupt(f"step {t + 1}")
         bar.update(1)
         postfix = {"loss": f"{step_loss:.4f}"}
-        if has_heldout and best_loss < math.inf:
+        if held_out and best_loss < math.inf:
             postfix["best_heldout"] = f"{best_loss:.4f}"
         postfix.update({name: f"{v:.3f}" for name, v in zip(names, w.tolist())})
         bar.set_postfix(postfix, refresh=False)
     bar.close()
 
-    if not has_heldout:
+    if not held_out:
         best_z, best_step, best_loss = z.detach().clone(), trace[-1]["step"], None
     return GradientResult(
-        weights=weights_from_logits(best_z, temperature).cpu(),
+        weights=weights_from_logits(best_z).cpu(),
         logits=best_z.cpu(),
         best_step=best_step,
         steps_run=trace[-1]["step"],

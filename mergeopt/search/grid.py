@@ -11,7 +11,7 @@ import numpy as np
 
 from mergeopt.config import SearchSection
 from mergeopt.errors import UserError
-from mergeopt.search.evaluator import Evaluator, SearchResult
+from mergeopt.search.evaluator import Evaluator, SearchResult, with_start
 from mergeopt.search.mixtures import simplex_lattice
 
 
@@ -20,18 +20,23 @@ def lattice(names: tuple[str, ...], divisions: int) -> np.ndarray:
     return np.array([[p[n] for n in names] for p in simplex_lattice(names, divisions)], dtype=np.float64)
 
 
-def run(evaluator: Evaluator, search: SearchSection, seed: int, progress: bool) -> SearchResult:
+def run(
+    evaluator: Evaluator, search: SearchSection, seed: int, progress: bool, start: np.ndarray | None = None
+) -> SearchResult:
+    """``start`` (``weights.init``) is evaluated first, on the lattice or not."""
     divisions = search.grid.divisions
-    points = lattice(evaluator.names, divisions)
-    new = sum(not evaluator.is_cached(w) for w in points)
+    points, phases = with_start(start, lattice(evaluator.names, divisions), "grid")
+    new = evaluator.uncached(points)
     with evaluator.running("grid search", search.budget, new, progress) as remaining:
         if remaining is not None and new > remaining:
             raise UserError(
-                f"search.grid.divisions={divisions} over {len(evaluator.names)} experts is {len(points)} "
-                f"mixtures ({new} not yet evaluated) but the budget leaves {remaining} evaluations; "
+                f"search.grid.divisions={divisions} over {len(evaluator.names)} experts is "
+                f"{len(points) - (start is not None)} mixtures{' and the start' if start is not None else ''} "
+                f"({new} not yet evaluated) but the budget leaves {remaining} evaluations; "
                 "raise search.budget or lower search.grid.divisions (a truncated grid is biased)"
             )
-        evaluator.prefetch(points, "grid")  # one batch: torchrun ranks split it
-        for w in points:
-            evaluator(w, "grid")
-    return evaluator.result({"strategy": "grid", "points": len(points), "new_evaluations": new})
+        evaluator.prefetch(points, phases)  # one batch: torchrun ranks split it
+        for w, phase in zip(points, phases):
+            evaluator(w, phase)
+    info = {"strategy": "grid", "points": len(points) - (start is not None), "new_evaluations": new}
+    return evaluator.result(info)

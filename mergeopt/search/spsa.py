@@ -14,10 +14,12 @@ import numpy as np
 from scipy.special import softmax
 
 from mergeopt.config import SearchSection
+from mergeopt.merging.weights import logits_of
 from mergeopt.search.evaluator import BudgetExhausted, Evaluator, SearchResult
 
 DEFAULT_BUDGET = 100
 ALPHA, GAMMA = 0.602, 0.101  # Spall's recommended gain exponents
+STALE_ITERATIONS = 10  # iterations in a row without a new real evaluation end the search
 
 
 def gains(k: int, a: float, c: float, stability: float) -> tuple[float, float]:
@@ -38,14 +40,22 @@ def perturbation(rng: np.random.Generator, k: int) -> np.ndarray:
             return delta
 
 
-def run(evaluator: Evaluator, search: SearchSection, seed: int, progress: bool) -> SearchResult:
+def run(
+    evaluator: Evaluator, search: SearchSection, seed: int, progress: bool, start: np.ndarray | None = None
+) -> SearchResult:
+    """``start`` (``weights.init``) is the first iterate; uniform (z = 0) without one."""
     spec = search.spsa
     rng = np.random.default_rng(seed)
-    z = np.zeros(len(evaluator.names))
+    z = np.zeros(len(evaluator.names)) if start is None else logits_of(start)
     iterations, stopped = 0, "budget"
     with evaluator.running("spsa search", search.budget, DEFAULT_BUDGET, progress):
         try:
+            stale = 0
             while evaluator.remaining >= 3:  # a pair, then the final iterate
+                if stale >= STALE_ITERATIONS:  # pairs that are all cache hits never use the budget up
+                    stopped = "no new mixtures"
+                    break
+                before = evaluator.evaluations
                 a_k, c_k = gains(iterations, spec.lr, spec.perturbation, spec.stability)
                 delta = perturbation(rng, len(z))
                 pair = [softmax(z + c_k * delta), softmax(z - c_k * delta)]
@@ -54,6 +64,7 @@ def run(evaluator: Evaluator, search: SearchSection, seed: int, progress: bool) 
                 minus = evaluator(softmax(z - c_k * delta), f"spsa {iterations} -")
                 z = z - a_k * (plus - minus) / (2.0 * c_k * delta)
                 iterations += 1
+                stale = stale + 1 if evaluator.evaluations == before else 0
             evaluator(softmax(z), "spsa final")
         except BudgetExhausted:
             stopped = "budget (mid-iteration)"

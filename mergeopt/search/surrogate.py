@@ -20,7 +20,7 @@ import numpy as np
 from mergeopt.config import SearchSection, SurrogateSearch
 from mergeopt.errors import UserError
 from mergeopt.search.dirichlet import draw_mixtures
-from mergeopt.search.evaluator import BudgetExhausted, Evaluator, SearchResult, ValueFn
+from mergeopt.search.evaluator import BudgetExhausted, Evaluator, SearchResult, ValueFn, with_start
 
 
 @dataclass
@@ -77,22 +77,26 @@ def predicted_values(predictions: Mapping[str, np.ndarray], value: ValueFn) -> n
     return np.array([float(value(dict(zip(names, row)))) for row in columns.tolist()])
 
 
-def run(evaluator: Evaluator, search: SearchSection, seed: int, progress: bool) -> SearchResult:
+def run(
+    evaluator: Evaluator, search: SearchSection, seed: int, progress: bool, start: np.ndarray | None = None
+) -> SearchResult:
+    """``start`` (``weights.init``) is evaluated with the seeds and fitted on like them."""
     spec = search.surrogate
-    needed = spec.seeds + spec.verify
+    needed = spec.seeds + spec.verify + (start is not None)
     rng = np.random.default_rng(seed)
     k = len(evaluator.names)
     with evaluator.running("surrogate search", search.budget, needed, progress) as remaining:
         if remaining is not None and remaining < needed:
             raise UserError(
                 f"search.budget leaves {remaining} evaluations ({evaluator.evaluations} made before) "
-                f"but the surrogate needs search.surrogate.seeds + verify = "
-                f"{spec.seeds} + {spec.verify} = {needed}"
+                f"but the surrogate needs search.surrogate.seeds + verify"
+                f"{' + the start (weights.init)' if start is not None else ''} = {spec.seeds} + {spec.verify}"
+                f"{' + 1' if start is not None else ''} = {needed}"
             )
-        seeds = draw_mixtures(rng, k, spec.alpha, spec.seeds)
-        evaluator.prefetch(seeds, "seed")  # one batch: torchrun ranks split it
-        for w in seeds:
-            evaluator(w, "seed")
+        seeds, phases = with_start(start, draw_mixtures(rng, k, spec.alpha, spec.seeds), "seed")
+        evaluator.prefetch(seeds, phases)  # one batch: torchrun ranks split it
+        for w, phase in zip(seeds, phases):
+            evaluator(w, phase)
         seen = evaluator.seen()  # the seeds and whatever was evaluated before (e.g. the K experts)
         fit_w = np.stack([w for w, _ in seen])
         names = sorted(set.intersection(*(set(s) for _, s in seen)))

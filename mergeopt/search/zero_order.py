@@ -16,6 +16,8 @@ import numpy as np
 
 from mergeopt.config import Recipe
 from mergeopt.errors import UserError
+from mergeopt.merging.weights import start_weights
+from mergeopt.objectives.data import has_heldout
 from mergeopt.objectives.metrics import Utility
 from mergeopt.objectives.scoring import make_scorer, objective_terms
 from mergeopt.search import STRATEGIES, Evaluator, SearchResult
@@ -63,7 +65,9 @@ def run_search(
 ) -> tuple[SearchResult, Evaluator, Utility]:
     evaluator, utility = make_evaluator(problem, recipe, progress, checkpoint, observe)
     strategy = STRATEGIES[recipe.search.strategy]
-    return strategy(evaluator, recipe.search, recipe.seed, progress), evaluator, utility
+    init = recipe.weights.init
+    start = None if init is None else start_weights(problem.stack.expert_names, init)
+    return strategy(evaluator, recipe.search, recipe.seed, progress, start), evaluator, utility
 
 
 def report_scores(
@@ -80,8 +84,8 @@ def report_scores(
     points = {"fitted": chosen, "uniform": np.full(k, 1.0 / k)}
     points.update({f"{n} only": row for n, row in zip(names, np.eye(k))})
     fit_score = make_scorer(problem, recipe, "fit")
-    has_heldout = all(len(s.heldout) > 0 for s in problem.sets)
-    held_score = make_scorer(problem, recipe, "heldout") if has_heldout else None
+    held_out = has_heldout(problem.sets)
+    held_score = make_scorer(problem, recipe, "heldout") if held_out else None
     out = {}
     for label, w in points.items():
         key = evaluator.cache_key(w)

@@ -1,0 +1,28 @@
+"""What a mixture is: one weight per expert, each finite and non-negative, summing to 1.
+
+Recipes (``weights.init``, ``train.mixtures``), ``mergeopt merge --weights``, mixture.json and the
+search's own candidates are all checked against this one definition and this one tolerance, so a
+mixture accepted in one place is accepted in every other. Pure Python: the recipe schema uses it.
+(Score tables made elsewhere, often rounded to three decimals, have their own looser tolerance:
+:data:`mergeopt.evaluation.tables.WEIGHT_SUM_TOLERANCE`.)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+SIMPLEX_TOLERANCE = 1e-6  # |Σ w − 1| allowed
+
+
+def mixture_problem(weights: Mapping[str, object]) -> str | None:
+    """Why ``weights`` is not a mixture, in words that name the weight, or None when it is one."""
+    for name, value in weights.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"the weight of {name!r} is {value!r}, not a finite number"
+        if value < 0:
+            return f"the weight of {name!r} is negative ({value})"
+    total = math.fsum(float(v) for v in weights.values())
+    if abs(total - 1.0) > SIMPLEX_TOLERANCE:
+        return f"the weights sum to {total:.9g}, not 1 (within {SIMPLEX_TOLERANCE:g})"
+    return None

@@ -1,0 +1,256 @@
+"""The files a run leaves behind, one pydantic model each: mixture.json, rank_report.json, transfer_report.json.
+
+A run directory is a contract between the command that writes it and everything that reads it
+later: ``mergeopt merge`` and ``mergeopt export`` read mixture.json, the report and the analysis
+notebook read all three, and so do users' own scripts. So each file has one model here that the
+writer validates through before it writes and every reader validates through after it reads, and a
+``schema_version``. A file from a newer mergeopt (a larger ``schema_version``) is refused in one
+line rather than misread; files written before versioning are read as version 1. The JSON Schemas
+in the docs are generated from these models (``python -m mergeopt.run_files DIR``), so they cannot
+drift from what is written.
+
+Readers are tolerant within a version: keys an older 0.x release wrote and later dropped (e.g.
+``temperature``) are kept aside as extras, not refused. Writers are not: a test checks that a fresh
+run's files have no extra keys.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+import mergeopt
+from mergeopt.errors import UserError
+from mergeopt.merging.simplex import mixture_problem
+
+SCHEMA_VERSION = 1
+
+
+class _RunFile(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    FILE: ClassVar[str]
+    schema_version: int = Field(
+        default=SCHEMA_VERSION, description="The file format's version; readers refuse a newer one."
+    )
+
+    def to_json(self) -> dict[str, Any]:
+        """What the writer puts on disk: the fields it set, in declaration order, then any extras."""
+        return self.model_dump(exclude_unset=True)
+
+
+class RankStatistics(BaseModel):
+    """How one proxy score ranks the mixtures that one true score ranks (``rank_statistics``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n: int = Field(description="Mixtures compared.")
+    higher_is_better: bool
+    spearman: float | None = Field(description="Spearman's rho (null when undefined: a constant score).")
+    kendall: float | None = Field(description="Kendall's tau-b.")
+    spearman_ci: list[float | None] = Field(description="Percentile bootstrap interval [low, high].")
+    kendall_ci: list[float | None]
+    bootstrap_used: int = Field(description="Resamples used (constant ones are skipped).")
+    pairwise_accuracy: float | None = Field(
+        description="Share of mixture pairs ordered as the truth orders them."
+    )
+    k: int
+    top1_hit: bool = Field(description="The proxy's favourite is a true best.")
+    topk_hit: bool = Field(description="A true best is among the proxy's k favourites.")
+    topk_overlap: float = Field(description="Share of the proxy's top k in the truth's top k.")
+    regret: float | None = Field(description="True score lost by the proxy's pick, over the true range.")
+    proxy_best_row: int
+    true_best_row: int
+
+
+class TransferStatistics(RankStatistics):
+    """:class:`RankStatistics` plus where the proxy's favourite lands among the true scores."""
+
+    regret_raw: float | None = Field(
+        description="True score lost by the proxy's pick, in the metric's units."
+    )
+    choice_rank: int = Field(description="The pick's place among the true scores (1 = best).")
+    choice: str = Field(description="The proxy's pick (a row label).")
+    best: str = Field(description="The truly best mixture (a row label).")
+    choice_true_score: float | None
+    best_true_score: float | None
+
+
+class MixtureFile(_RunFile):
+    """mixture.json: the recommended mixture and the evidence for it, written last by ``mergeopt fit``."""
+
+    FILE: ClassVar[str] = "mixture.json"
+
+    status: str = Field(description="'complete' once the fit has finished (written last).")
+    weights: dict[str, float] = Field(description="The recommended mixture {expert: w}, on the simplex.")
+    target: str | None = Field(default=None, description="data.target: the dev set(s) the loss targets.")
+    dev_loss: float | None = Field(default=None, description="Target dev loss of the merge at the weights.")
+    heldout_loss: float | None = Field(default=None, description="The same on the held-out parts.")
+    uniform_dev_loss: float | None = None
+    uniform_heldout_loss: float | None = None
+    expert_dev_loss: dict[str, float | None] | None = Field(
+        default=None, description="Each expert alone (w one-hot)."
+    )
+    expert_heldout_loss: dict[str, float | None] | None = None
+    per_set_dev_loss: dict[str, dict[str, float | None]] | None = Field(
+        default=None, description="Per dev set: the fitted mixture, the uniform one and each expert."
+    )
+    strategy: str | None = Field(default=None, description="search.strategy.")
+    search: dict[str, Any] | None = Field(
+        default=None, description="What the search did (strategy-specific)."
+    )
+    method: dict[str, Any] | None = Field(
+        default=None, description="The merge and its options (seed and mixup draw when random)."
+    )
+    objective: dict[str, Any] | None = Field(
+        default=None, description="The terms, their normalisation and (zero-order) the scores."
+    )
+    seed: int | None = None
+    device: str | None = None
+    processes: int | None = Field(default=None, description="torchrun processes (1 without torchrun).")
+    shard: str | None = Field(default=None, description="model.shard: none, or fsdp.")
+    stack: dict[str, Any] | None = Field(default=None, description="Stack size and dtypes.")
+    worlds: dict[str, str] | None = Field(
+        default=None, description="Built-in worlds used: name -> cache dir."
+    )
+    mergeopt_version: str | None = None
+    logits: dict[str, float] | None = Field(
+        default=None, description="Gradient strategy: the fitted logits z."
+    )
+    rank: dict[str, Any] | None = Field(
+        default=None, description="With rank.grid: the rank check against trained mixtures."
+    )
+
+    @field_validator("weights")
+    @classmethod
+    def _on_the_simplex(cls, weights: dict[str, float]) -> dict[str, float]:
+        if not weights:
+            raise ValueError("no experts")
+        problem = mixture_problem(weights)
+        if problem is not None:
+            raise ValueError(problem)
+        return weights
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.weights)
+
+
+class RankReport(_RunFile):
+    """rank_report.json: how the proxy ranks mixtures against real runs (``mergeopt rank``, or fit's rank.grid)."""
+
+    FILE: ClassVar[str] = "rank_report.json"
+
+    grid: str | None = Field(default=None, description="Grid mode: the grid table of trained mixtures.")
+    target: str | None = None
+    proxy: str | None = Field(default=None, description="Table mode: the proxy table.")
+    truth: str | None = Field(default=None, description="Table mode: the truth table.")
+    mixture_columns: list[str] | None = Field(
+        default=None, description="Table mode: the weight columns joined on."
+    )
+    overall: str | None = Field(default=None, description="The metric the headline numbers are about.")
+    n_mixtures: int | dict[str, int | None] | None = None
+    options: dict[str, Any] = Field(description="k, n_bootstrap, seed, confidence.")
+    metrics: dict[str, RankStatistics] = Field(description="One entry per compared metric.")
+    fitted_mixture: dict[str, Any] | None = Field(
+        default=None, description="Grid mode: the fitted mixture's nearest grid point and its regret."
+    )
+    note: str | None = None
+
+
+class TransferComparison(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    proxy: str
+    truth: str
+    what: str
+    n: int
+    metrics: dict[str, TransferStatistics]
+
+
+class TransferReport(_RunFile):
+    """transfer_report.json: how a ranking of mixtures at one scale carries to another (``mergeopt transfer``)."""
+
+    FILE: ClassVar[str] = "transfer_report.json"
+
+    small: str | None
+    large: str
+    surrogate_fit: str | None
+    mixture_columns: list[str]
+    n_mixtures: dict[str, int | None]
+    metrics: list[str]
+    higher_is_better: list[str]
+    skipped_metrics: dict[str, list[str]]
+    aggregate: str | None
+    options: dict[str, Any]
+    surrogate: dict[str, Any] | None
+    comparisons: dict[str, TransferComparison]
+
+
+RUN_FILES: tuple[type[_RunFile], ...] = (MixtureFile, RankReport, TransferReport)
+T = TypeVar("T", bound=_RunFile)
+
+
+def validated(model: type[T], data: dict[str, Any], path: str | Path) -> T:
+    """``data`` as ``model`` (the writer's check before writing, the reader's after reading)."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        msg = "required key is missing" if first["type"] == "missing" else first["msg"]
+        raise UserError(f"{path}: {loc + ': ' if loc else ''}{msg.removeprefix('Value error, ')}") from None
+
+
+def read_run_file(model: type[T], path: str | Path) -> T:
+    """Read ``path`` (a run directory means its ``model.FILE``): one line for every way it can be wrong."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / model.FILE
+    if not path.is_file():
+        raise UserError(f"{model.FILE.removesuffix('.json').replace('_', ' ')} file {path} does not exist")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 text file") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a {model.FILE} must be a JSON object")
+    version = data.get("schema_version", 1)  # files from before versioning are version 1
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise UserError(f"{path}: schema_version {version!r} is not a positive whole number")
+    if version > SCHEMA_VERSION:
+        raise UserError(
+            f"{path}: schema_version {version} is newer than mergeopt {mergeopt.__version__} reads "
+            f"(up to {SCHEMA_VERSION}); upgrade mergeopt to read it"
+        )
+    return validated(model, data, path)
+
+
+def read_finished_mixture(path: str | Path) -> MixtureFile:
+    """A finished fit's mixture.json: the one check every command that consumes one makes."""
+    mixture = read_run_file(MixtureFile, path)
+    if mixture.status != "complete":
+        where = Path(path) / MixtureFile.FILE if Path(path).is_dir() else path
+        raise UserError(
+            f"{where}: the fit did not finish (status {mixture.status!r}, not 'complete'); "
+            "use a finished fit's mixture.json"
+        )
+    return mixture
+
+
+def json_schemas() -> dict[str, dict]:
+    """{file name: its JSON Schema}: what the docs publish."""
+    return {model.FILE: model.model_json_schema() for model in RUN_FILES}
+
+
+if __name__ == "__main__":  # python -m mergeopt.run_files DIR: write the JSON Schemas the docs publish
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
+    out.mkdir(parents=True, exist_ok=True)
+    for name, schema in json_schemas().items():
+        (out / name.replace(".json", ".schema.json")).write_text(json.dumps(schema, indent=2) + "\n")
