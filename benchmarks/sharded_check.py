@@ -35,12 +35,13 @@ import torch.distributed as dist
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mergeopt import checkpointing, random_world  # noqa: E402
 from mergeopt.loading.sharded_load import RandomBase, empty_model  # noqa: E402
+from mergeopt.memory import checkpointing  # noqa: E402
 from mergeopt.merging.sharded_merge import TRAFFIC, reset_traffic  # noqa: E402
 from mergeopt.merging.stack import build_stack  # noqa: E402
 from mergeopt.objectives.data import Batch  # noqa: E402
 from mergeopt.objectives.loss import dev_loss  # noqa: E402
+from mergeopt.worlds import random_world  # noqa: E402
 
 CONFIG = f"random://{(REPO / 'tests/data/configs/llama-100m.json').relative_to(REPO)}"
 K, BATCH, LENGTH, SEED = 4, 4, 256, 0

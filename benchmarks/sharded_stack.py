@@ -153,9 +153,10 @@ def rank_case(args) -> None:
     import torch.distributed as dist
     import transformers.models.llama.modeling_llama  # noqa: F401
 
-    from mergeopt import checkpointing, sharded_load  # noqa: F401
     from mergeopt.config import recipe_from_dict
+    from mergeopt.loading import sharded_load  # noqa: F401
     from mergeopt.loading.problem import load_problem
+    from mergeopt.memory import checkpointing  # noqa: F401
     from mergeopt.merging.sharded_merge import TRAFFIC, reset_traffic
     from mergeopt.runtime.distributed import all_gather_objects, process_rank_and_size
 
