@@ -41,7 +41,7 @@ from mergeopt.errors import UserError
 from mergeopt.loading.checkpoints import gguf_base, open_checkpoint
 from mergeopt.merging.layer_merge import make_permanent
 from mergeopt.merging.methods import get_method
-from mergeopt.merging.simplex import mixture_problem
+from mergeopt.merging.simplex import sum_problem, weight_problem
 from mergeopt.merging.stack import DTYPES, describe
 from mergeopt.run_files import MixtureFile, read_finished_mixture
 
@@ -96,12 +96,13 @@ def check_mixture(
             f"{source} gives no weight for expert {missing[0]!r} (every expert needs one, 0 allowed)"
         )
     ordered = {n: weights[n] for n in experts}
-    problem = mixture_problem(ordered)
-    total = math.fsum(float(v) for v in ordered.values()) if problem is None or "sum" in problem else 0.0
+    if (problem := weight_problem(ordered)) is not None:
+        raise UserError(f"{source}: {problem}")
+    total = math.fsum(float(v) for v in ordered.values())
     if normalize and total > 0:
         return {n: float(v) / total for n, v in ordered.items()}
-    if problem is not None:
-        hint = "; pass --normalize to rescale them" if "sum" in problem and not normalize else ""
+    if (problem := sum_problem(ordered)) is not None:
+        hint = "" if normalize else "; pass --normalize to rescale them"
         raise UserError(f"{source}: {problem}{hint}")
     return {n: float(v) for n, v in ordered.items()}
 

@@ -15,14 +15,24 @@ from collections.abc import Mapping
 SIMPLEX_TOLERANCE = 1e-6  # |Σ w − 1| allowed
 
 
-def mixture_problem(weights: Mapping[str, object]) -> str | None:
-    """Why ``weights`` is not a mixture, in words that name the weight, or None when it is one."""
+def weight_problem(weights: Mapping[str, object]) -> str | None:
+    """Why one of ``weights`` cannot be a mixture weight (not a finite number, or negative), or None."""
     for name, value in weights.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             return f"the weight of {name!r} is {value!r}, not a finite number"
         if value < 0:
             return f"the weight of {name!r} is negative ({value})"
+    return None
+
+
+def sum_problem(weights: Mapping[str, object]) -> str | None:
+    """Why valid weights do not sum to 1 (within SIMPLEX_TOLERANCE), or None."""
     total = math.fsum(float(v) for v in weights.values())
     if abs(total - 1.0) > SIMPLEX_TOLERANCE:
         return f"the weights sum to {total:.9g}, not 1 (within {SIMPLEX_TOLERANCE:g})"
     return None
+
+
+def mixture_problem(weights: Mapping[str, object]) -> str | None:
+    """Why ``weights`` is not a mixture, in words that name the weight, or None when it is one."""
+    return weight_problem(weights) or sum_problem(weights)
