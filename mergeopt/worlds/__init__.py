@@ -4,6 +4,8 @@ A world is a base checkpoint, training and dev data (and, for the tiny world, ex
 machine from nothing but installed packages. It is built on first use into a staging directory,
 renamed into the cache (``world.cache_dir``, else ``$MERGEOPT_CACHE``, else ``~/.cache/mergeopt``)
 and marked finished by its ``world.json``, so an interrupted build is never mistaken for a world.
+Concurrent builders of one world (two fits started together, test workers, torchrun ranks on one
+machine) take a file lock beside it, so the world is built once and the others wait for it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock, Timeout
 
 from mergeopt.config import Recipe, recipe_from_dict
 
@@ -49,9 +53,24 @@ def ensure(
     target = world_dir(name, cache_dir, seed)
     if (target / MARKER).is_file():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(target) + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log(f"{name} world: another process is building it at {target}; waiting for it")
+        lock.acquire()
+    try:
+        if (target / MARKER).is_file():  # another process built it while this one waited
+            return target
+        return _build(name, target, seed, log)
+    finally:
+        lock.release()
+
+
+def _build(name: str, target: Path, seed: int, log: Callable[[str], None]) -> Path:
     if target.exists():  # a leftover without its marker is not a world
         shutil.rmtree(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     staging = Path(tempfile.mkdtemp(prefix=f".building-{name}-", dir=target.parent))
     try:
