@@ -33,6 +33,7 @@ from mergeopt.config import load_recipe
 from mergeopt.evaluation.rank import rank_grid
 from mergeopt.loading.problem import load_problem
 from mergeopt.merging.weights import as_mapping, initial_logits
+from mergeopt.objectives.objective import Objective
 from mergeopt.search import fit_gradient
 
 RECIPE = "recipes/tiny_grid.yaml"
@@ -60,7 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = {}
     for label, overrides in CONFIGS.items():
         recipe, _ = worlds.resolve_recipe(load_recipe(RECIPE, overrides), lambda _m: None)
-        problem = load_problem(recipe, progress=False)
+        objective = Objective.from_recipe(recipe)
+        problem = load_problem(recipe, progress=False, objective=objective)
         names = problem.stack.expert_names
         z0 = initial_logits(names, recipe.weights.init)
         torch.manual_seed(recipe.seed)
@@ -77,7 +79,9 @@ def main(argv: list[str] | None = None) -> None:
             progress=False,
         )
         mixture = {"weights": as_mapping(names, fitted.weights.double() / fitted.weights.double().sum())}
-        report, _, _ = rank_grid(recipe, recipe.rank.grid, problem, mixture, progress=False)
+        report, _, _ = rank_grid(
+            problem, objective, recipe.rank.grid, recipe.rank, recipe.seed, mixture, progress=False
+        )
         target = report["metrics"]["target"]
         rows[label] = {
             "spearman": target["spearman"],

@@ -81,6 +81,7 @@ from mergeopt.config import load_recipe
 from mergeopt.evaluation.proxy import proxy_losses, read_grid
 from mergeopt.fit import fit
 from mergeopt.loading.problem import load_problem
+from mergeopt.objectives.objective import Objective
 from mergeopt.worlds import resolve_recipe
 
 VARIANTS = {
@@ -221,13 +222,14 @@ def _run_variant(name: str, spec: dict, overrides: list[str], table, work: Path,
     recipe = load_recipe(spec["recipe"], overrides)
     resolved, _ = resolve_recipe(recipe, log=lambda _m: None)
     start = time.perf_counter()
-    problem = load_problem(resolved, progress=False)
+    objective = Objective.from_recipe(resolved)
+    problem = load_problem(resolved, progress=False, objective=objective)
     load_s = time.perf_counter() - start
     a = problem.set_weights.double().numpy()
     a = a / a.sum()
     loss_columns = [f"loss_{d.name}" for d in resolved.data.dev]
     start = time.perf_counter()
-    proxy = proxy_losses(problem, table, resolved.optim.eval_batch_size, progress=not quiet)
+    proxy = proxy_losses(problem, objective, table, progress=not quiet)
     proxy_s = time.perf_counter() - start
     target = proxy[loss_columns].to_numpy() @ a
     stack = problem.stack

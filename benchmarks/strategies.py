@@ -52,6 +52,7 @@ from mergeopt.evaluation.proxy import read_grid
 from mergeopt.evaluation.rank_stats import mixture_regret
 from mergeopt.loading.problem import load_problem
 from mergeopt.merging.weights import initial_logits
+from mergeopt.objectives.objective import Objective
 from mergeopt.objectives.scoring import make_scorer
 from mergeopt.search import STRATEGIES, Evaluator, fit_gradient
 from mergeopt.search.grid import lattice
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     recipe, _ = worlds.resolve_recipe(base, lambda _m: None)
     problem = load_problem(recipe, progress=False)
     names = problem.stack.expert_names
-    score = make_scorer(problem, recipe, "fit")
+    score = make_scorer(problem, Objective.from_recipe(recipe), "fit")
     cache: dict = {}  # shared by the measurements only; every strategy run gets its own
 
     def f(w: np.ndarray) -> float:

@@ -142,6 +142,11 @@ def _rank(p: argparse.ArgumentParser) -> None:
     p.add_argument("--truth", help="table mode: true scores, TABLE.csv or MIXTURES.csv+METRICS.csv")
     _tables(p, "both")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="grid mode: ignore the proxy evaluations an interrupted run saved in OUT/rank_checkpoint",
+    )
     _out(p, "output directory (default: the recipe's output_dir in grid mode, else rank_out/)")
 
 

@@ -19,18 +19,25 @@ import mergeopt
 from mergeopt import worlds
 from mergeopt.cli import alias, run_command
 from mergeopt.config import Recipe, load_recipe, recipe_to_yaml
-from mergeopt.errors import Interrupted, UserError
+from mergeopt.errors import UserError
 from mergeopt.loading.problem import Problem, load_problem, resolve_device
-from mergeopt.merging.weights import as_mapping, initial_logits
+from mergeopt.merging.weights import as_mapping, initial_logits, start_weights
 from mergeopt.objectives.data import has_heldout
 from mergeopt.objectives.loss import evaluate_sums, target_loss
-from mergeopt.objectives.scoring import objective_terms
+from mergeopt.objectives.objective import Objective
 from mergeopt.reporting import tracking
 from mergeopt.reporting.report import plot_loss_curve, plot_search_curve, summary
 from mergeopt.run_files import SCHEMA_VERSION, MixtureFile
 from mergeopt.runtime import determinism, distributed
 from mergeopt.runtime.files import write_csv_atomic, write_json_atomic, write_text_atomic
-from mergeopt.runtime.resume import CHECKPOINT_DIR, RunState, interruptible, recipe_tree
+from mergeopt.runtime.resume import (
+    CHECKPOINT_DIR,
+    RunState,
+    interruptible,
+    open_state,
+    recipe_tree,
+    saying_where_saved,
+)
 from mergeopt.search import fit_gradient
 
 GRADIENT_FILES = ("mixture.json", "trace.csv", "recipe.yaml", "loss_curve.png", "simplex.png", "report.md")
@@ -79,22 +86,7 @@ def _losses(problem: Problem, weights: torch.Tensor, batch_size: int) -> dict:
 
 def _checkpoint(recipe: Recipe, resume: str) -> tuple[RunState, bool]:
     """The run's checkpoint and whether this run resumes it (``resume``: auto, require or restart)."""
-    checkpoint = RunState(recipe.output_dir, recipe_tree(recipe))
-    if resume not in ("auto", "require", "restart"):
-        raise ValueError(f"resume must be auto, require or restart, not {resume!r}")
-    found = distributed.all_gather_objects(resume != "restart" and checkpoint.exists())
-    if any(found) and not all(found):  # ranks on other nodes see another output_dir
-        missing = ", ".join(str(r) for r, seen in enumerate(found) if not seen)
-        raise UserError(
-            f"{checkpoint.dir}: the checkpoint is seen by some ranks and not by rank(s) {missing}: "
-            "under torchrun over several nodes, output_dir must be on a filesystem every node mounts"
-        )
-    if not found[0]:
-        if resume == "require":
-            raise UserError(f"--resume: {checkpoint.dir} holds no checkpoint to resume")
-        return checkpoint, False
-    checkpoint.check_matches()
-    return checkpoint, True
+    return open_state(recipe.output_dir, recipe_tree(recipe), resume)
 
 
 def _replace_previous_run(output_dir: Path, log: Callable[[str], None]) -> None:
@@ -126,12 +118,13 @@ def _fit(recipe: Recipe, progress: bool, log: Callable[[str], None], resume: str
         log, progress = (lambda _m: None), False
     with distributed.main_first():  # one rank builds a world into the cache, the others reuse it
         resolved, world_roots = worlds.resolve_recipe(recipe, log)
+    objective = Objective.from_recipe(resolved)  # the one reading of the recipe's objective
     if resolved.rank.grid is not None:  # a bad grid table is reported before any work
         from mergeopt.evaluation.proxy import check_truth, read_grid
 
-        check_truth(read_grid(resolved.rank.grid, resolved.expert_names), resolved, resolved.rank.grid)
+        check_truth(read_grid(resolved.rank.grid, resolved.expert_names), objective, resolved.rank.grid)
     checkpoint, resuming = _checkpoint(recipe, resume)  # a mismatched checkpoint is refused before loading
-    problem = load_problem(resolved, progress)
+    problem = load_problem(resolved, progress, objective)
     if resuming:
         log(f"resuming from {checkpoint.dir}")
     else:  # the previous run's outputs are replaced when this run first saves its state
@@ -139,7 +132,7 @@ def _fit(recipe: Recipe, progress: bool, log: Callable[[str], None], resume: str
     try:
         with tracking.tracked(recipe, checkpoint, resuming, log) as tracker:
             return _search_and_write(
-                recipe, resolved, problem, checkpoint, progress, log, world_roots, tracker
+                recipe, resolved, objective, problem, checkpoint, progress, log, world_roots, tracker
             )
     except UserError:
         if not resuming and distributed.is_main():  # a user error writes nothing: undo this run's state
@@ -150,7 +143,9 @@ def _fit(recipe: Recipe, progress: bool, log: Callable[[str], None], resume: str
         raise
 
 
-def _search_and_write(recipe, resolved, problem, checkpoint, progress, log, world_roots, tracker) -> dict:
+def _search_and_write(
+    recipe, resolved, objective, problem, checkpoint, progress, log, world_roots, tracker
+) -> dict:
     """The search, the closing evaluations and the run directory, once the problem is loaded."""
     names = problem.stack.expert_names
     stack = problem.stack
@@ -191,10 +186,21 @@ def _search_and_write(recipe, resolved, problem, checkpoint, progress, log, worl
     else:
         from mergeopt.search.zero_order import report_scores, run_search, utility_of
 
-        found, evaluator, utility = run_search(problem, resolved, progress, checkpoint, tracker.evaluation)
+        init = resolved.weights.init
+        found, evaluator, utility = run_search(
+            problem,
+            objective,
+            search,
+            resolved.seed,
+            None if init is None else start_weights(names, init),
+            progress,
+            checkpoint,
+            tracker.evaluation,
+            together=resolved.model.shard == "fsdp",  # a sharded stack: every rank scores each mixture
+        )
         evaluator_processes = distributed.process_rank_and_size()[1]
         chosen, trace = torch.tensor(found.weights, dtype=torch.float64), found.log
-        scores = report_scores(problem, resolved, evaluator, found.weights)
+        scores = report_scores(problem, objective, evaluator, found.weights)
         search_info = {
             "evaluations": found.evaluations,
             "budget": search.budget,
@@ -208,7 +214,7 @@ def _search_and_write(recipe, resolved, problem, checkpoint, progress, log, worl
             **{k: v for k, v in found.info.items() if k != "strategy"},
         }
 
-    batch = resolved.optim.eval_batch_size
+    batch = objective.batch_size
     fitted = _losses(problem, chosen, batch)
     uniform = _losses(problem, torch.full((len(names),), 1.0 / len(names)), batch)
     singles = {n: _losses(problem, torch.eye(len(names))[i], batch) for i, n in enumerate(names)}
@@ -233,10 +239,8 @@ def _search_and_write(recipe, resolved, problem, checkpoint, progress, log, worl
         "search": search_info,
         "method": stack.method,
         "objective": {
-            "terms": [
-                t.model_dump(exclude_none=True) | {"label": t.label} for t in objective_terms(resolved)
-            ],
-            "normalize": resolved.objective.normalize,
+            "terms": [t.model_dump(exclude_none=True) | {"label": t.label} for t in objective.terms],
+            "normalize": objective.normalize,
         },
         "seed": resolved.seed,
         "device": str(problem.device),
@@ -269,7 +273,17 @@ def _search_and_write(recipe, resolved, problem, checkpoint, progress, log, worl
         from mergeopt.evaluation.rank import rank_grid
         from mergeopt.evaluation.rank import write_outputs as write_rank_outputs
 
-        report, pairs, _ = rank_grid(resolved, resolved.rank.grid, problem, mixture, progress)
+        report, pairs, _ = rank_grid(
+            problem,
+            objective,
+            resolved.rank.grid,
+            resolved.rank,
+            resolved.seed,
+            mixture,
+            progress,
+            checkpoint,  # the grid's evaluations are journaled beside the search's
+            together=resolved.model.shard == "fsdp",
+        )
         target = report["metrics"]["target"]
         mixture["rank"] = {
             "grid": resolved.rank.grid,
@@ -325,15 +339,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--resume and --restart contradict each other")
     log = (lambda _msg: None) if args.quiet else print
     mode = "require" if args.resume else "restart" if args.restart else "auto"
-    try:
+    state = Path(recipe.output_dir) / CHECKPOINT_DIR
+    with saying_where_saved(state, "Rerun the same command to continue (or add --resume)."):
         mixture = fit(recipe, progress=not args.quiet, log=log, resume=mode)
-    except Interrupted as stop:
-        stop.hint = (
-            f"the state is saved in {Path(recipe.output_dir) / CHECKPOINT_DIR}. "
-            "Rerun the same command to continue (or add --resume)."
-        )
-        stop.silent = not distributed.is_main()
-        raise
     if distributed.is_main():  # the answer, printed under --quiet too
         print(summary(mixture, recipe.output_dir, output_files(recipe)))
     return 0

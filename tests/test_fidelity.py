@@ -51,14 +51,18 @@ def test_merged_proxy_ranks_the_trained_mixtures(fidelity_run):
 def test_at_the_grid_vertices_proxy_and_truth_are_the_same_expert(fidelity_run, tiny_world):
     """w = e_i merges to expert i, and the grid's row for e_i is that very expert: equal losses."""
     tree, tmp, _ = fidelity_run
+    from dataclasses import replace
+
     from mergeopt.evaluation.proxy import proxy_losses, read_grid
     from mergeopt.loading.problem import load_problem
+    from mergeopt.objectives.objective import Objective
 
     recipe, _ = resolve_recipe(recipe_from_dict(tree), log=lambda _m: None)
     grid = read_grid(tmp / "grid" / "grid.csv", recipe.expert_names)
     vertices = grid[(grid[[f"w_{n}" for n in recipe.expert_names]] == 1.0).any(axis=1)]
     assert len(vertices) == 4
-    proxy = proxy_losses(load_problem(recipe, progress=False), vertices, 128, progress=False)
+    objective = replace(Objective.from_recipe(recipe), batch_size=128)
+    proxy = proxy_losses(load_problem(recipe, progress=False), objective, vertices, progress=False)
     for column in proxy.columns:
         pd.testing.assert_series_equal(proxy[column], vertices[column], atol=1e-5, rtol=0, check_names=False)
 

@@ -21,7 +21,8 @@ from mergeopt.fit import fit
 from mergeopt.loading.problem import load_problem
 from mergeopt.objectives import metrics
 from mergeopt.objectives.loss import evaluate, target_loss
-from mergeopt.objectives.scoring import loss_set_weights, make_scorer
+from mergeopt.objectives.objective import Objective
+from mergeopt.objectives.scoring import make_scorer
 from tests.conftest import recipe_tree, run_module
 
 ZERO_ORDER = {
@@ -121,11 +122,12 @@ def test_loss_terms_give_the_gradient_strategy_their_set_weights(random_world, t
     tree = recipe_tree(random_world, tmp_path / "run", objective={"terms": terms})
     tree["data"]["dev"][1]["weight"] = 3.0  # markov: data weight 3 -> 'all' is (1·arith + 3·markov)/4
     recipe = recipe_from_dict(tree)
-    a = loss_set_weights(recipe)
+    objective = Objective.from_recipe(recipe)
+    a = objective.loss_set_weights()
     torch.testing.assert_close(a, torch.tensor([3.0 + 0.25, 0.75]))
     # the gradient objective Σ a_s L_s / Σ a equals the utility the zero-order strategies use
     problem = load_problem(recipe, progress=False)
-    scores = make_scorer(problem, recipe, "fit")(np.array([0.2, 0.3, 0.5]))
+    scores = make_scorer(problem, objective, "fit")(np.array([0.2, 0.3, 0.5]))
     utility = metrics.Utility(recipe.objective.terms)
     macro = (3.0 * scores["loss:arith"] + scores["loss:all"]) / 4.0
     assert utility(scores) == pytest.approx(macro, rel=1e-12)  # the value to minimize: the loss itself

@@ -19,8 +19,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mergeopt.config import recipe_from_dict
 from mergeopt.evaluation.rank import rank_grid
+from mergeopt.loading.problem import load_problem
 from mergeopt.objectives import metrics
 from mergeopt.objectives.data import read_jsonl
+from mergeopt.objectives.objective import Objective
 from mergeopt.worlds import resolve_recipe
 from mergeopt.worlds.train import RUN_MARKER, train
 
@@ -130,7 +132,11 @@ def test_resuming_with_a_new_term_fills_its_column_without_retraining(grids):
 @pytest.fixture(scope="module")
 def ranked(grids):
     recipe, _ = resolve_recipe(recipe_from_dict(grids["tree"]), log=lambda _m: None)
-    report, pairs, proxy = rank_grid(recipe, grids["grid"], progress=False)
+    objective = Objective.from_recipe(recipe)
+    problem = load_problem(recipe, progress=False, objective=objective)
+    report, pairs, proxy = rank_grid(
+        problem, objective, grids["grid"], recipe.rank, recipe.seed, progress=False
+    )
     return report, pairs, proxy, pd.read_csv(grids["grid"])
 
 

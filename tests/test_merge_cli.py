@@ -162,7 +162,8 @@ def test_tiny_world_checkpoint_scores_what_fit_scored(tiny_world, tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
-    sets = load_dev_sets(resolve_recipe(recipe, lambda _m: None)[0], tokenizer)
+    resolved = resolve_recipe(recipe, lambda _m: None)[0]
+    sets = load_dev_sets(resolved.data, resolved.seed, tokenizer)
     sums, counts = torch.zeros(len(sets), dtype=torch.float64), torch.zeros(len(sets), dtype=torch.float64)
     with torch.no_grad():
         for batch in evaluation_batches(sets, "all", 128, tokenizer.pad_token_id):

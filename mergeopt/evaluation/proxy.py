@@ -1,29 +1,37 @@
 """The merged proxy on a grid of mixtures: dev losses and metric scores of θ(w) for every row of a grid table.
 
 Ranking checks compare these numbers with models really trained on each mixture (``grid.csv`` from
-``mergeopt.worlds.train``, or any table with one ``w_<expert>`` column per expert). Nothing is written to
-disk: the model is evaluated at each mixture, each layer merging as it runs. Metric terms
+``mergeopt.worlds.train``, or any table with one ``w_<expert>`` column per expert). No merged model is
+written: the model is evaluated at each mixture, each layer merging as it runs. Metric terms
 (``score_<label>`` columns) are scored by :func:`mergeopt.objectives.term_scores.score_terms`, the very code
-that scored the trained runs, on the same records.
+that scored the trained runs, on the same records. The mixtures go through the searches' Evaluator
+(cache, torchrun, journal for resume): :func:`proxy_grid`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
-from mergeopt.config import ObjectiveTerm, Recipe
 from mergeopt.errors import UserError
 from mergeopt.evaluation.tables import WEIGHT_SUM_TOLERANCE
-from mergeopt.objectives.loss import evaluate_sums
-from mergeopt.objectives.term_scores import load_custom, metric_terms, score_column, score_terms
+from mergeopt.objectives.objective import Objective
+from mergeopt.objectives.scoring import metric_scores, set_losses
+from mergeopt.objectives.term_scores import load_custom, score_column
+from mergeopt.runtime.distributed import is_main
+from mergeopt.runtime.resume import PROXY_EVALUATIONS
+from mergeopt.search.evaluator import Evaluator
 
 WEIGHT_PREFIX = "w_"
 LOSS_PREFIX = "loss_"
+PHASE = "proxy"  # the phase of the grid's evaluations in the journal
 
 
 def _first_bad_row(values: pd.Series) -> int | None:
@@ -72,10 +80,10 @@ def grid_weights(table: pd.DataFrame, expert_names: Sequence[str]) -> torch.Tens
     return w / w.sum(dim=1, keepdim=True)
 
 
-def truth_columns(recipe: Recipe) -> dict[str, str]:
+def truth_columns(objective: Objective) -> dict[str, str]:
     """Metric name in the rank report -> grid column holding its truth: dev sets, then metric terms."""
-    columns = {d.name: f"{LOSS_PREFIX}{d.name}" for d in recipe.data.dev}
-    for term in metric_terms(recipe):
+    columns = {name: f"{LOSS_PREFIX}{name}" for name in objective.dev_names}
+    for term in objective.metric_terms:
         if term.label in columns or term.label == "target":
             raise UserError(
                 f"objective term {term.label!r} has the name of a dev set or of the target; "
@@ -85,9 +93,9 @@ def truth_columns(recipe: Recipe) -> dict[str, str]:
     return columns
 
 
-def check_truth(table: pd.DataFrame, recipe: Recipe, path: str | Path) -> None:
-    """Every truth the recipe asks for is a column of numbers; called before any model is loaded."""
-    for name, column in truth_columns(recipe).items():
+def check_truth(table: pd.DataFrame, objective: Objective, path: str | Path) -> None:
+    """Every truth the objective asks for is a column of numbers; called before any model is loaded."""
+    for name, column in truth_columns(objective).items():
         is_loss = column.startswith(LOSS_PREFIX)
         if column not in table.columns:
             if is_loss:
@@ -104,47 +112,62 @@ def check_truth(table: pd.DataFrame, recipe: Recipe, path: str | Path) -> None:
             )
 
 
+def grid_scorer(problem, objective: Objective) -> Callable[[np.ndarray], dict[str, float]]:
+    """``score(w) -> {loss_<dev set>: mean token loss, score_<label>: score}`` on the whole dev sets."""
+    custom = load_custom(objective.metric_terms)
+    loss_columns = [f"{LOSS_PREFIX}{s.name}" for s in problem.sets]
+
+    def score(weights: np.ndarray) -> dict[str, float]:
+        w = torch.as_tensor(weights, dtype=torch.float64)
+        row = dict(zip(loss_columns, set_losses(problem, objective, w, "all").tolist()))
+        scores = metric_scores(problem, objective, w, "all", custom)
+        row.update({score_column(t): scores[t.label] for t in objective.metric_terms})
+        return row
+
+    return score
+
+
 def proxy_grid(
     problem,
+    objective: Objective,
     table: pd.DataFrame,
-    batch_size: int,
-    terms: Sequence[ObjectiveTerm] = (),
     progress: bool = True,
+    checkpoint=None,
+    together: bool = False,
 ) -> pd.DataFrame:
     """Per grid mixture: every dev set's mean token loss and every metric term's score, on the whole sets.
 
     The columns are named as in grid.csv (``loss_<dev set>``, ``score_<label>``) so they pair with
-    the truth by name. Scores need ``problem.tokenizer``.
+    the truth by name. Scores need ``problem.tokenizer``. The mixtures are scored through an
+    :class:`mergeopt.search.evaluator.Evaluator`, as every search's are: each distinct mixture once,
+    under torchrun dealt out over the ranks (``together``: a sharded stack, every rank scores each
+    one), and with a :class:`mergeopt.runtime.resume.RunState` journaled as they finish
+    (``proxy_evaluations.jsonl``), so a rerun after an interruption replays the finished rows.
     """
     names = problem.stack.expert_names
-    custom = load_custom(terms)
+    a = problem.set_weights.double().numpy()
+    a = a / a.sum()
     loss_columns = [f"{LOSS_PREFIX}{s.name}" for s in problem.sets]
-    rows = []
-    for w in tqdm(grid_weights(table, names), desc="proxy on grid", unit="mixture", disable=not progress):
-        sums, counts = evaluate_sums(
-            problem.model,
-            problem.stack,
-            w,
-            problem.sets,
-            "all",
-            batch_size,
-            problem.pad_id,
-            problem.device,
-            problem.loss_chunk,
-        )
-        row = dict(zip(loss_columns, (sums / counts.clamp_min(1)).tolist()))
-        scores = {}
-        if terms:
-            with problem.stack.at(w.to(problem.device)) as merged:
-                scores = score_terms(
-                    merged, problem.tokenizer, problem.sets, terms, custom, batch_size, problem.device
-                )
-        row.update({score_column(t): scores[t.label] for t in terms})
-        rows.append(row)
-    columns = [*loss_columns, *(score_column(t) for t in terms)]
+    evaluator = Evaluator(
+        names,
+        grid_scorer(problem, objective),
+        lambda scores: float(np.dot(a, [scores[c] for c in loss_columns])),  # the target: the bar's best
+        key=json.dumps(problem.stack.method, sort_keys=True),
+        progress=progress,
+        journal=partial(checkpoint.append_evaluation, journal=PROXY_EVALUATIONS)
+        if checkpoint is not None and is_main()
+        else None,
+        replay=checkpoint.read_evaluations(PROXY_EVALUATIONS) if checkpoint is not None else (),
+        together=together,
+    )
+    weights = list(grid_weights(table, names).numpy())
+    with evaluator.running("proxy on grid", None, evaluator.uncached(weights)):
+        evaluator.prefetch(weights, PHASE)
+    rows = [evaluator.scores(w, PHASE) for w in weights]
+    columns = [*loss_columns, *(score_column(t) for t in objective.metric_terms)]
     return pd.DataFrame(rows, columns=columns, index=table.index)
 
 
-def proxy_losses(problem, table: pd.DataFrame, batch_size: int, progress: bool = True) -> pd.DataFrame:
+def proxy_losses(problem, objective: Objective, table: pd.DataFrame, progress: bool = True) -> pd.DataFrame:
     """Mean token loss of every dev set at every grid mixture, evaluated on the whole dev sets."""
-    return proxy_grid(problem, table, batch_size, progress=progress)
+    return proxy_grid(problem, replace(objective, terms=()), table, progress=progress)

@@ -24,11 +24,15 @@ from pathlib import Path
 import pandas as pd
 
 from mergeopt.cli import run_command
+from mergeopt.config import RankSection
 from mergeopt.errors import UserError
 from mergeopt.evaluation.rank_stats import mixture_regret, rank_statistics
 from mergeopt.evaluation.tables import rank_tables
+from mergeopt.objectives.objective import Objective
 from mergeopt.run_files import SCHEMA_VERSION, RankReport, read_finished_mixture
+from mergeopt.runtime import distributed
 from mergeopt.runtime.files import save_figure_atomic, write_csv_atomic, write_json_atomic, write_text_atomic
+from mergeopt.runtime.resume import RANK_CHECKPOINT_DIR, interruptible, saying_where_saved
 
 MAX_SCATTER_PANELS = 9  # metrics drawn in rank_scatter.png, plus the mean
 OUTPUT_FILES = ("rank_report.json", "rank_report.md", "rank_scatter.png", "rank_pairs.csv")
@@ -133,48 +137,49 @@ def json_safe(value):
 
 
 def rank_grid(
-    recipe,
+    problem,
+    objective: Objective,
     grid_path: str | Path,
-    problem=None,
+    rank: RankSection,
+    seed: int,
     mixture: dict | None = None,
     progress: bool = True,
+    checkpoint=None,
+    together: bool = False,
 ) -> tuple[dict, dict, pd.DataFrame]:
     """Evaluate the merged proxy at every grid mixture and score it against the grid's true values.
 
-    The metrics are each dev set's loss, each non-loss objective term of the recipe (its
-    ``score_<label>`` column, oriented by :func:`mergeopt.objectives.metrics.higher_is_better`), and the
-    target loss. ``recipe`` has its ``tiny://`` paths resolved. ``problem`` (from
-    :func:`mergeopt.loading.problem.load_problem`) is loaded when not given. ``mixture`` (a mixture.json) adds
-    the regret of the fitted mixture at its nearest grid point, on the target. Returns the report,
-    the paired scores and the proxy's losses and scores.
+    The metrics are each dev set's loss, each non-loss objective term (its ``score_<label>``
+    column, oriented by :func:`mergeopt.objectives.metrics.higher_is_better`), and the target loss.
+    ``problem`` comes from :func:`mergeopt.loading.problem.load_problem`; ``rank`` holds k and the
+    bootstrap resamples, ``seed`` is the recipe's. ``mixture`` (a mixture.json) adds the regret of
+    the fitted mixture at its nearest grid point, on the target. ``checkpoint`` and ``together``
+    go to :func:`mergeopt.evaluation.proxy.proxy_grid` (resume, a sharded stack). Returns the
+    report, the paired scores and the proxy's losses and scores.
     """
     from mergeopt.evaluation.proxy import check_truth, proxy_grid, read_grid, truth_columns
-    from mergeopt.loading.problem import load_problem
     from mergeopt.objectives.metrics import higher_is_better
-    from mergeopt.objectives.term_scores import metric_terms
 
-    table = read_grid(grid_path, recipe.expert_names)
-    check_truth(table, recipe, grid_path)
-    if problem is None:
-        problem = load_problem(recipe, progress)
-    terms = metric_terms(recipe)
-    proxy = proxy_grid(problem, table, recipe.optim.eval_batch_size, terms, progress)
+    names = problem.stack.expert_names
+    table = read_grid(grid_path, names)
+    check_truth(table, objective, grid_path)
+    proxy = proxy_grid(problem, objective, table, progress, checkpoint, together)
     a = problem.set_weights.double().numpy()
     a = a / a.sum()
-    columns = truth_columns(recipe)
+    columns = truth_columns(objective)
     pairs = {name: (proxy[c].to_numpy(), table[c].to_numpy()) for name, c in columns.items()}
-    losses = [columns[d.name] for d in recipe.data.dev]
+    losses = [columns[name] for name in objective.dev_names]
     pairs["target"] = (proxy[losses].to_numpy() @ a, table[losses].to_numpy() @ a)
-    higher = {t.label: higher_is_better(t) for t in terms}
+    higher = {t.label: higher_is_better(t) for t in objective.metric_terms}
     options = {
-        "k": recipe.rank.k,
-        "n_bootstrap": recipe.rank.bootstrap,
-        "seed": recipe.seed,
+        "k": rank.k,
+        "n_bootstrap": rank.bootstrap,
+        "seed": seed,
         "confidence": 0.95,
     }
     report = {
         "grid": str(grid_path),
-        "target": recipe.data.target,
+        "target": objective.target,
         "overall": "target",
         "n_mixtures": len(table),
         "options": options,
@@ -184,23 +189,39 @@ def rank_grid(
         },
     }
     if mixture is not None:
-        weight_columns = table[[f"w_{n}" for n in recipe.expert_names]]
+        weight_columns = table[[f"w_{n}" for n in names]]
         report["fitted_mixture"] = mixture_regret(mixture["weights"], weight_columns, pairs["target"][1])
     return report, pairs, proxy
 
 
 def _grid_main(args) -> int:
-
     from mergeopt.config import load_recipe
-    from mergeopt.evaluation.proxy import check_truth, read_grid
-    from mergeopt.worlds import resolve_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    out = Path(args.out or recipe.output_dir)
+    with saying_where_saved(out / RANK_CHECKPOINT_DIR), interruptible():
+        return _grid_run(args, recipe, out)
+
+
+def _grid_run(args, recipe, out: Path) -> int:
+    """Grid mode: the merged proxy on the grid's mixtures, journaled in ``OUT/rank_checkpoint``.
+
+    As a fit keeps its state in ``output_dir/checkpoint``, grid mode keeps the proxy's evaluations
+    in its output directory (its own ``rank_checkpoint/``, so a fit's checkpoint there is never
+    touched) until the report is written; a rerun of the same command replays them and evaluates
+    only the rows left. Under torchrun the ranks share the grid's mixtures; rank 0 writes.
+    """
+    from mergeopt.evaluation.proxy import check_truth, read_grid
+    from mergeopt.loading.problem import load_problem, resolve_device
+    from mergeopt.runtime.resume import open_state, recipe_tree
+    from mergeopt.worlds import resolve_recipe
+
     grid = args.grid or recipe.rank.grid
     if grid is None:
         raise UserError("no grid table: pass --grid GRID.csv or set rank.grid in the recipe")
+    objective = Objective.from_recipe(recipe)  # world paths do not change the objective
     # a bad table is reported before anything is built or loaded
-    check_truth(read_grid(grid, recipe.expert_names), recipe, grid)
+    check_truth(read_grid(grid, recipe.expert_names), objective, grid)
     mixture_path = Path(args.mixture) if args.mixture else Path(recipe.output_dir) / "mixture.json"
     mixture = None
     if mixture_path.is_file() or args.mixture:  # the run's own is optional, a named one is not
@@ -211,10 +232,41 @@ def _grid_main(args) -> int:
                 f"are {sorted(recipe.expert_names)}"
             )
         mixture = mixture.to_json()
-    resolved, _ = resolve_recipe(recipe, (lambda _m: None) if args.quiet else print)
-    report, pairs, proxy = rank_grid(resolved, grid, mixture=mixture, progress=not args.quiet)
+    distributed.init_from_env(resolve_device(recipe.device))
+    quiet = args.quiet or not distributed.is_main()
+    with distributed.main_first():  # one rank builds a world into the cache, the others reuse it
+        resolved, _ = resolve_recipe(recipe, (lambda _m: None) if quiet else print)
+    # the proxy's evaluations depend on the recipe, not on how the rank statistics are drawn
+    tree = {k: v for k, v in recipe_tree(recipe).items() if k != "rank"}
+    checkpoint, resuming = open_state(out, tree, "restart" if args.restart else "auto", RANK_CHECKPOINT_DIR)
+    if resuming and not quiet:
+        print(f"resuming from {checkpoint.dir}")
+    elif not resuming:
+        checkpoint.start_lazily()  # created at the first journaled evaluation, a --restart's old one removed
+    try:
+        problem = load_problem(resolved, not quiet, objective)
+        report, pairs, proxy = rank_grid(
+            problem,
+            objective,
+            grid,
+            resolved.rank,
+            resolved.seed,
+            mixture,
+            not quiet,
+            checkpoint,
+            together=resolved.model.shard == "fsdp",
+        )
+    except UserError:
+        if not resuming and distributed.is_main():  # a user error leaves no state behind
+            checkpoint.clear()
+            if out.is_dir() and not any(out.iterdir()):
+                out.rmdir()
+        raise
+    if not distributed.is_main():
+        return 0
     weights = read_grid(grid, recipe.expert_names)[[f"w_{n}" for n in recipe.expert_names]]
-    out = write_outputs(report, pairs, args.out or recipe.output_dir, weights)
+    write_outputs(report, pairs, out, weights)
+    checkpoint.clear()  # the report is the record now
     from mergeopt.reporting.run_report import write_report
 
     write_report(out)

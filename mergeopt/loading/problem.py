@@ -28,7 +28,7 @@ from mergeopt.merging.stack import (
 )
 from mergeopt.objectives.data import DevSet
 from mergeopt.objectives.head_loss import check_head
-from mergeopt.objectives.scoring import loss_set_weights, objective_terms
+from mergeopt.objectives.objective import Objective
 from mergeopt.objectives.term_scores import load_dev_sets
 from mergeopt.runtime import distributed
 
@@ -360,29 +360,30 @@ def _sharded(recipe: Recipe, stack: TaskVectorStack) -> None:
         shard_lowrank(stack.lowrank, *distributed.process_rank_and_size())
 
 
-def load_problem(recipe: Recipe, progress: bool = True) -> Problem:
-    """Check checkpoints and dev sets first (cheap), then load θ0 and stack the experts."""
+def load_problem(recipe: Recipe, progress: bool = True, objective: Objective | None = None) -> Problem:
+    """Check checkpoints and dev sets first (cheap), then load θ0 and stack the experts.
+
+    ``objective`` is the caller's :meth:`Objective.from_recipe` of this recipe (made here if not given).
+    """
+    if objective is None:
+        objective = Objective.from_recipe(recipe)
     check_shard(recipe)
     device = distributed.local_device(resolve_device(recipe.device))
     from mergeopt.worlds.random_world import is_random
 
     if is_random(recipe.model.base):
-        if any(t.kind != "loss" for t in objective_terms(recipe)):
+        if not objective.losses_only:
             raise UserError("a random:// world has no text: its objective can only be dev losses")
         model, stack, config = _random_world(recipe, device, progress, _shard(recipe))
         sets = _random_dev_sets(recipe, config.get_text_config().vocab_size)
-        weights = loss_set_weights(recipe)
+        weights = objective.loss_set_weights()
         chunk = _loss_chunk(recipe, model, print if progress else (lambda _m: None))
         return Problem(model, stack, sets, weights, 0, input_device(model), None, chunk)
     experts, tokenizer = _open_checked(recipe)
-    data = recipe.data
-    sets = load_dev_sets(recipe, tokenizer)
-    if all(t.kind == "loss" for t in objective_terms(recipe)):
-        set_weights = loss_set_weights(recipe)  # the loss the gradient strategy descends
-    else:  # metrics: the dev loss is still reported, weighted as data.target says
-        set_weights = torch.tensor(
-            [d.weight if data.target in ("all", d.name) else 0.0 for d in data.dev], dtype=torch.float32
-        )
+    sets = load_dev_sets(recipe.data, recipe.seed, tokenizer, objective.metric_terms)
+    # losses only: the loss the gradient strategy descends; with metrics, the dev loss still
+    # reported, weighted as data.target says
+    set_weights = objective.reported_set_weights()
     pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
     model, stack = _stack_experts(recipe, experts, device, progress, _shard(recipe))
     _sharded(recipe, stack)

@@ -40,7 +40,7 @@ from mergeopt.config import Recipe
 from mergeopt.errors import UserError
 from mergeopt.loading.lora import FactorSizes
 from mergeopt.merging.stack import DTYPES
-from mergeopt.objectives.scoring import loss_set_weights, objective_terms
+from mergeopt.objectives.objective import Objective
 
 GIB = 2**30
 FLOAT32 = 4
@@ -484,7 +484,7 @@ def eval_itemsize(recipe: Recipe) -> int:
 
 def _training_batch(recipe: Recipe) -> int:
     """Examples per micro-batch: optim.batch_size from each dev set the loss puts weight on."""
-    targeted = int((loss_set_weights(recipe) > 0).sum())
+    targeted = int((Objective.from_recipe(recipe).loss_set_weights() > 0).sum())
     return recipe.optim.batch_size * targeted
 
 
@@ -518,7 +518,7 @@ def check_shard_recipe(recipe: Recipe) -> None:
             "model.shard fsdp reads each rank's rows of the base from safetensors, and a GGUF base "
             "(model.gguf_file) is read whole: convert it to safetensors, or set model.shard=none"
         )
-    if any(t.kind == "lm_eval" for t in objective_terms(recipe)):
+    if any(t.kind == "lm_eval" for t in Objective.from_recipe(recipe).terms):
         raise UserError(
             "model.shard fsdp does not run lm-eval-harness terms (lm-eval would split its requests "
             "over the ranks on its own): use model.shard=none for them"

@@ -3,7 +3,7 @@
 A rank check is only fair if the truth (a model trained on mixture w) and the proxy (the merge at
 w) are scored the same way. Both sides therefore read their dev sets with :func:`load_dev_sets`,
 which reads them exactly as :func:`mergeopt.loading.problem.load_problem` does (same truncation, cap, split
-and order), and score every non-loss term of the recipe with :func:`score_terms` on *all* records
+and order), and score every non-loss term of the objective with :func:`score_terms` on *all* records
 of the term's set, with a model that already holds the weights to score. Losses are not terms
 here: grid.csv has one ``loss_<dev set>`` column per dev set already.
 """
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mergeopt.config import ObjectiveTerm, Recipe
+from mergeopt.config import DataSection, ObjectiveTerm
 from mergeopt.errors import UserError
 from mergeopt.objectives import metrics
 from mergeopt.objectives.data import DevSet, load_dev_set
@@ -22,11 +22,6 @@ from mergeopt.objectives.metrics import MetricFn
 from mergeopt.runtime.distributed import all_reduce_sum, shard
 
 SCORE_PREFIX = "score_"
-
-
-def metric_terms(recipe: Recipe) -> tuple[ObjectiveTerm, ...]:
-    """The recipe's non-loss terms: the ones grid.csv holds a ``score_<label>`` column for."""
-    return tuple(t for t in recipe.objective.terms if t.kind != "loss")
 
 
 def score_column(term: ObjectiveTerm) -> str:
@@ -65,14 +60,16 @@ def check_term_records(sets: Sequence[DevSet], terms: Sequence[ObjectiveTerm]) -
                 )
 
 
-def load_dev_sets(recipe: Recipe, tokenizer) -> list[DevSet]:
+def load_dev_sets(
+    data: DataSection, seed: int, tokenizer, terms: Sequence[ObjectiveTerm] = ()
+) -> list[DevSet]:
     """The dev sets as fit's problem loads them, so the truth is scored on the proxy's records, in its order.
 
-    Each metric term's records are checked to suit it (:func:`check_term_records`). Records in the
-    same order make the batches of both sides identical, so at a vertex of the
-    simplex (where the merge is the expert) the two scores agree to rounding, not just in law.
+    ``seed`` is the recipe's (it draws the held-out split). Each metric term's records are checked
+    to suit it (:func:`check_term_records`). Records in the same order make the batches of both
+    sides identical, so at a vertex of the simplex (where the merge is the expert) the two scores
+    agree to rounding, not just in law.
     """
-    data = recipe.data
     sets = [
         load_dev_set(
             d.name,
@@ -81,12 +78,12 @@ def load_dev_sets(recipe: Recipe, tokenizer) -> list[DevSet]:
             tokenizer,
             data.max_length,
             data.heldout_fraction,
-            recipe.seed,
+            seed,
             data.max_examples,
         )
         for d in data.dev
     ]
-    check_term_records(sets, metric_terms(recipe))
+    check_term_records(sets, terms)
     return sets
 
 

@@ -15,6 +15,9 @@ minutes. ``RUN/checkpoint/`` holds them:
   (:class:`mergeopt.search.evaluator.Evaluator` replays them), so it takes the same decisions and
   writes the same evaluation log without evaluating anything twice; a torn last line from a kill
   is dropped;
+* ``proxy_evaluations.jsonl``: with ``rank.grid`` set, the rank check's evaluations of the merged
+  proxy at each grid mixture, journaled and replayed the same way. ``mergeopt rank`` in grid mode
+  keeps the same journal in ``OUT/rank_checkpoint/``, its own directory;
 * ``tracking.json``: the run ids of the experiment trackers (logging.backends), so a resumed fit
   logs into the same MLflow and W&B runs (:mod:`mergeopt.reporting.tracking`).
 
@@ -38,12 +41,15 @@ import torch
 import yaml
 
 from mergeopt.errors import SIGNAL_EXIT, Interrupted, UserError
+from mergeopt.runtime import distributed
 from mergeopt.runtime.files import write_bytes_atomic, write_json_atomic
 
 CHECKPOINT_DIR = "checkpoint"
 META = "meta.json"
 GRADIENT_STATE = "gradient.pt"
 EVALUATIONS = "evaluations.jsonl"
+PROXY_EVALUATIONS = "proxy_evaluations.jsonl"  # the rank check's grid (mergeopt.evaluation.proxy)
+RANK_CHECKPOINT_DIR = "rank_checkpoint"  # `mergeopt rank RECIPE`'s own state, beside a fit's
 TRACKING = "tracking.json"
 _pending: list[int] = []  # signals received inside interruptible(), oldest first
 
@@ -84,6 +90,20 @@ def interruptible() -> Iterator[None]:
         _pending.clear()
 
 
+@contextmanager
+def saying_where_saved(
+    directory: Path, advice: str = "Rerun the same command to continue."
+) -> Iterator[None]:
+    """An :class:`Interrupted` raised inside says where the state is saved and how to go on
+    (rank 0 only, under torchrun)."""
+    try:
+        yield
+    except Interrupted as stop:
+        stop.hint = f"the state is saved in {directory}. {advice}"
+        stop.silent = not distributed.is_main()
+        raise
+
+
 def _first_difference(a, b, prefix: str = "") -> str | None:
     """The dotted key of the first difference between two nested mappings (None if equal)."""
     if isinstance(a, dict) and isinstance(b, dict):
@@ -98,10 +118,14 @@ def _first_difference(a, b, prefix: str = "") -> str | None:
 
 
 class RunState:
-    """The checkpoint directory of one run (RUN/checkpoint), tied to its resolved recipe."""
+    """The checkpoint directory of one run (RUN/checkpoint), tied to its resolved recipe.
 
-    def __init__(self, output_dir: str | Path, recipe_tree: dict):
-        self.dir = Path(output_dir) / CHECKPOINT_DIR
+    ``name`` is the directory's name: ``checkpoint`` for a fit, ``rank_checkpoint`` for
+    ``mergeopt rank`` in grid mode, so neither touches the other's state in a shared output_dir.
+    """
+
+    def __init__(self, output_dir: str | Path, recipe_tree: dict, name: str = CHECKPOINT_DIR):
+        self.dir = Path(output_dir) / name
         # where the run writes, and which trackers watch it, are not part of what it computes
         self.recipe = {k: v for k, v in recipe_tree.items() if k not in ("output_dir", "logging")}
         self._on_first_write = None  # set by start_lazily: runs before the first byte is written
@@ -133,8 +157,14 @@ class RunState:
 
     def start_lazily(self, before=None) -> None:
         """Start fresh at the first save, after calling ``before``: a run that stops on a user error
-        before saving anything leaves the output directory as it found it."""
+        before saving anything leaves the output directory as it found it. Until then the state
+        reads as empty, so a ``--restart`` never reads what the old run left there."""
         self._on_first_write = before or (lambda: None)
+
+    @property
+    def _fresh(self) -> bool:
+        """Started lazily and not saved yet: whatever is on disk belongs to an earlier run."""
+        return self._on_first_write is not None
 
     def _ensure_started(self) -> None:
         if self._on_first_write is not None:
@@ -157,7 +187,7 @@ class RunState:
 
     def load_gradient(self) -> dict | None:
         path = self.dir / GRADIENT_STATE
-        if not path.is_file():
+        if self._fresh or not path.is_file():
             return None
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -165,18 +195,22 @@ class RunState:
             raise UserError(f"{path}: unreadable checkpoint ({type(err).__name__}); pass --restart") from None
 
     # -- evaluation log -------------------------------------------------------------------------
-    def append_evaluation(self, entry: dict) -> None:
-        """Append one real evaluation and fsync: after a kill, every logged line is complete but the last."""
+    def append_evaluation(self, entry: dict, journal: str = EVALUATIONS) -> None:
+        """Append one real evaluation and fsync: after a kill, every logged line is complete but the last.
+
+        ``journal`` names the log: the search's (``evaluations.jsonl``) or the rank check's grid
+        (``proxy_evaluations.jsonl``).
+        """
         self._ensure_started()
         line = json.dumps(entry, allow_nan=False) + "\n"
-        with open(self.dir / EVALUATIONS, "a", encoding="utf-8") as handle:
+        with open(self.dir / journal, "a", encoding="utf-8") as handle:
             handle.write(line)
             handle.flush()
             os.fsync(handle.fileno())
 
-    def read_evaluations(self) -> list[dict]:
-        path = self.dir / EVALUATIONS
-        if not path.is_file():
+    def read_evaluations(self, journal: str = EVALUATIONS) -> list[dict]:
+        path = self.dir / journal
+        if self._fresh or not path.is_file():
             return []
         entries, lines = [], path.read_text(encoding="utf-8").splitlines()
         for line in lines:
@@ -197,11 +231,36 @@ class RunState:
 
     def load_tracking(self) -> dict:
         """The run ids a previous attempt of this run saved ({} when none, or unreadable: new runs)."""
+        if self._fresh:
+            return {}
         try:
             ids = json.loads((self.dir / TRACKING).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return {}
         return ids if isinstance(ids, dict) else {}
+
+
+def open_state(
+    output_dir: str | Path, tree: dict, resume: str, name: str = CHECKPOINT_DIR
+) -> tuple[RunState, bool]:
+    """The run's state in ``output_dir/name`` and whether this run resumes it (``resume``: auto,
+    require or restart). Under torchrun every rank must see the same answer."""
+    checkpoint = RunState(output_dir, tree, name)
+    if resume not in ("auto", "require", "restart"):
+        raise ValueError(f"resume must be auto, require or restart, not {resume!r}")
+    found = distributed.all_gather_objects(resume != "restart" and checkpoint.exists())
+    if any(found) and not all(found):  # ranks on other nodes see another output_dir
+        missing = ", ".join(str(r) for r, seen in enumerate(found) if not seen)
+        raise UserError(
+            f"{checkpoint.dir}: the checkpoint is seen by some ranks and not by rank(s) {missing}: "
+            "under torchrun over several nodes, output_dir must be on a filesystem every node mounts"
+        )
+    if not found[0]:
+        if resume == "require":
+            raise UserError(f"--resume: {checkpoint.dir} holds no checkpoint to resume")
+        return checkpoint, False
+    checkpoint.check_matches()
+    return checkpoint, True
 
 
 def recipe_tree(recipe) -> dict:

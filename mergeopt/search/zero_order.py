@@ -1,7 +1,7 @@
 """Run a zero-order strategy on a loaded problem: scorer, utility, evaluator, search, scores to report.
 
 The strategies in :mod:`mergeopt.search` see only a black box ``w -> scores``; this module builds
-that box from the recipe (the merged model scored on the ``fit`` part of the dev sets), folds the
+that box from the run's :class:`mergeopt.objectives.objective.Objective` (the merged model scored on the ``fit`` part of the dev sets), folds the
 scores into one utility, scores the K experts first when the utility is normalised over them, and
 afterwards scores the chosen, uniform and single-expert mixtures on both dev parts for the report.
 Every evaluation goes through one cache, so a mixture the search already scored costs nothing here.
@@ -14,45 +14,51 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from mergeopt.config import Recipe
+from mergeopt.config import SearchSection
 from mergeopt.errors import UserError
-from mergeopt.merging.weights import start_weights
 from mergeopt.objectives.data import has_heldout
 from mergeopt.objectives.metrics import Utility
-from mergeopt.objectives.scoring import make_scorer, objective_terms
+from mergeopt.objectives.objective import Objective
+from mergeopt.objectives.scoring import make_scorer
 from mergeopt.search import STRATEGIES, Evaluator, SearchResult
 
 
 def make_evaluator(
-    problem, recipe: Recipe, progress: bool, checkpoint=None, observe=None
+    problem,
+    objective: Objective,
+    search: SearchSection,
+    progress: bool,
+    checkpoint=None,
+    observe=None,
+    together: bool = False,
 ) -> tuple[Evaluator, Utility]:
-    """The evaluator of the recipe's utility on the fit part, experts scored first when normalising.
+    """The evaluator of the objective's utility on the fit part, experts scored first when normalising.
 
     With a :class:`mergeopt.runtime.resume.RunState` every real evaluation is journaled (by rank 0) and a
     resumed run's journal answers the strategy's first requests. ``observe`` sees each new
-    evaluation's row (:class:`mergeopt.search.evaluator.Evaluator`).
+    evaluation's row (:class:`mergeopt.search.evaluator.Evaluator`). ``together``: a sharded stack
+    (``model.shard: fsdp``), every rank scores each mixture.
     """
     from mergeopt.runtime.distributed import is_main
 
-    terms = objective_terms(recipe)
-    utility = Utility(terms, recipe.objective.normalize)
+    utility = Utility(objective.terms, objective.normalize)
     names = problem.stack.expert_names
     evaluator = Evaluator(
         names,
-        make_scorer(problem, recipe, "fit"),
+        make_scorer(problem, objective, "fit"),
         utility,
-        budget=recipe.search.budget,
+        budget=search.budget,
         key=json.dumps(problem.stack.method, sort_keys=True),
         progress=progress,
         journal=checkpoint.append_evaluation if checkpoint is not None and is_main() else None,
         replay=checkpoint.read_evaluations() if checkpoint is not None else (),
-        together=recipe.model.shard == "fsdp",  # a sharded stack: every rank scores each mixture
+        together=together,
         observe=observe,
     )
     if utility.needs_reference:
-        if recipe.search.budget is not None and recipe.search.budget < len(names):
+        if search.budget is not None and search.budget < len(names):
             raise UserError(
-                f"search.budget {recipe.search.budget} cannot even score the {len(names)} experts that "
+                f"search.budget {search.budget} cannot even score the {len(names)} experts that "
                 "objective.normalize 'experts' needs"
             )
         evaluator.prefetch(np.eye(len(names)), "expert")
@@ -61,17 +67,24 @@ def make_evaluator(
 
 
 def run_search(
-    problem, recipe: Recipe, progress: bool = True, checkpoint=None, observe=None
+    problem,
+    objective: Objective,
+    search: SearchSection,
+    seed: int,
+    start: np.ndarray | None = None,
+    progress: bool = True,
+    checkpoint=None,
+    observe=None,
+    together: bool = False,
 ) -> tuple[SearchResult, Evaluator, Utility]:
-    evaluator, utility = make_evaluator(problem, recipe, progress, checkpoint, observe)
-    strategy = STRATEGIES[recipe.search.strategy]
-    init = recipe.weights.init
-    start = None if init is None else start_weights(problem.stack.expert_names, init)
-    return strategy(evaluator, recipe.search, recipe.seed, progress, start), evaluator, utility
+    """``search.strategy`` from ``start`` (``weights.init``; None: the strategy's own start)."""
+    evaluator, utility = make_evaluator(problem, objective, search, progress, checkpoint, observe, together)
+    strategy = STRATEGIES[search.strategy]
+    return strategy(evaluator, search, seed, progress, start), evaluator, utility
 
 
 def report_scores(
-    problem, recipe: Recipe, evaluator: Evaluator, chosen: np.ndarray
+    problem, objective: Objective, evaluator: Evaluator, chosen: np.ndarray
 ) -> dict[str, dict[str, dict[str, float] | None]]:
     """Term scores of the chosen mixture, the uniform one and each expert, on the fit and held-out parts.
 
@@ -83,9 +96,9 @@ def report_scores(
     k = len(names)
     points = {"fitted": chosen, "uniform": np.full(k, 1.0 / k)}
     points.update({f"{n} only": row for n, row in zip(names, np.eye(k))})
-    fit_score = make_scorer(problem, recipe, "fit")
+    fit_score = make_scorer(problem, objective, "fit")
     held_out = has_heldout(problem.sets)
-    held_score = make_scorer(problem, recipe, "heldout") if held_out else None
+    held_score = make_scorer(problem, objective, "heldout") if held_out else None
     out = {}
     for label, w in points.items():
         key = evaluator.cache_key(w)

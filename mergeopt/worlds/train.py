@@ -34,10 +34,10 @@ from mergeopt.errors import Interrupted, UserError
 from mergeopt.loading.problem import resolve_device
 from mergeopt.objectives.data import Batch, Example, collate, evaluation_batches, read_jsonl, tokenize
 from mergeopt.objectives.loss import per_set_loss_sums
+from mergeopt.objectives.objective import Objective
 from mergeopt.objectives.term_scores import (
     load_custom,
     load_dev_sets,
-    metric_terms,
     score_column,
     score_terms,
 )
@@ -289,8 +289,9 @@ def train(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = pr
     tokenizer = AutoTokenizer.from_pretrained(resolved.model.base)
     names = resolved.expert_names
     domains = {n: load_examples(cfg.data[n], tokenizer, cfg.max_length) for n in names}
-    sets = load_dev_sets(resolved, tokenizer)  # the records rank's proxy is scored on
-    terms = metric_terms(resolved)
+    terms = Objective.from_recipe(resolved).metric_terms
+    # the records rank's proxy is scored on
+    sets = load_dev_sets(resolved.data, resolved.seed, tokenizer, terms)
     custom = load_custom(terms)  # a bad import path fails before any training
     mixtures = mixture_set(cfg.mixtures, names, resolved.seed)
     fingerprint = _fingerprint(resolved)
