@@ -26,14 +26,19 @@ thousandths of the stack.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Partial, Shard
 from torch.nn.utils import parametrize
 
 from mergeopt.merging.layer_merge import MIX_BUFFER, MergedParameter, attach, tag_source
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+# torch.distributed.tensor (DTensor) is imported where a sharded stack first gathers, not here:
+# importing it costs about a second (sympy), which every command and torchrun rank would pay
 
 # bytes this process has moved through the stack's collectives since the last reset: what a step
 # costs in communication, measured against its minimum (one merged copy of each matrix per use)
@@ -76,6 +81,8 @@ def _mesh(group, device: torch.device) -> DeviceMesh:
     key = (group, device.type)
     mesh = _MESHES.get(key)
     if mesh is None:
+        from torch.distributed.device_mesh import DeviceMesh
+
         mesh = _MESHES[key] = DeviceMesh.from_group(group, device.type)
     return mesh
 
@@ -84,6 +91,8 @@ def gather_rows(local: torch.Tensor, rows: int, group=None) -> torch.Tensor:
     """The ranks' blocks of rows (each ``local`` zero-padded to ⌈rows/N⌉ rows) as the whole
     tensor of ``rows`` rows; differentiable: its backward reduce-scatters the whole gradient and
     hands each rank the rows it keeps (zero for the padding)."""
+    from torch.distributed.tensor import DTensor, Partial, Shard
+
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     start, stop, per = block_range(rows, rank, size)
     shape = torch.Size((rows, *local.shape[1:]))

@@ -10,13 +10,17 @@ cached costs nothing, so generations that bring nothing new (a collapsed search)
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-from cmaes import CMA
 from scipy.special import softmax
 
 from mergeopt.config import SearchSection
 from mergeopt.merging.weights import logits_of
 from mergeopt.search.evaluator import BudgetExhausted, Evaluator, SearchResult
+
+if TYPE_CHECKING:  # the library is imported when a search runs, not when the CLI starts
+    from cmaes import CMA
 
 DEFAULT_BUDGET = 100
 STALE_GENERATIONS = 10  # generations in a row without a new real evaluation end the search
@@ -26,6 +30,8 @@ def optimizer(
     k: int, sigma: float, population: int | None, seed: int, start: np.ndarray | None = None
 ) -> CMA:
     """The CMA instance the strategy runs: its mean on the logits is the start (0: the uniform mixture)."""
+    from cmaes import CMA
+
     extra = {} if population is None else {"population_size": population}
     mean = np.zeros(k) if start is None else logits_of(start)
     return CMA(mean=mean, sigma=sigma, seed=seed, **extra)

@@ -13,14 +13,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import lightgbm
 import numpy as np
 
 from mergeopt.config import SearchSection, SurrogateSearch
 from mergeopt.errors import UserError
 from mergeopt.search.dirichlet import draw_mixtures
 from mergeopt.search.evaluator import BudgetExhausted, Evaluator, SearchResult, ValueFn, with_start
+
+if TYPE_CHECKING:  # lightgbm is imported when a surrogate is fitted, not when the CLI starts
+    import lightgbm
 
 
 @dataclass
@@ -57,6 +60,8 @@ def fit_surrogate(
     The native ``lightgbm.train`` with LGBMRegressor's defaults: the sklearn wrapper would add a
     scikit-learn dependency for nothing.
     """
+    import lightgbm
+
     weights = np.asarray(weights, dtype=np.float64)
     models = {}
     for name, y in targets.items():
