@@ -117,6 +117,12 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
 
 def build_into(root: Path, seed: int = 0, log: Callable[[str], None] = print) -> dict:
     """Convert the GGUF base to safetensors and write train/dev JSONL for the three domains."""
+    convert_base(root / "base", log)
+    return write_data(root, seed, log)
+
+
+def convert_base(target: Path, log: Callable[[str], None] = print) -> None:
+    """The offline GGUF base, dequantised by transformers, saved as a float32 safetensors checkpoint."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -131,9 +137,12 @@ def build_into(root: Path, seed: int = 0, log: Callable[[str], None] = print) ->
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(dequantized.state_dict())
-    model.save_pretrained(root / "base")
-    tokenizer.save_pretrained(root / "base")
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
 
+
+def write_data(root: Path, seed: int = 0, log: Callable[[str], None] = print) -> dict:
+    """train/ and dev/ JSONL for the three domains, a function of ``seed`` alone; the world's metadata."""
     rng = random.Random(seed)
     total = N_TRAIN + N_DEV
     prose, prose_source = _prose_paragraphs(rng, total)
@@ -146,4 +155,4 @@ def build_into(root: Path, seed: int = 0, log: Callable[[str], None] = print) ->
         _write_jsonl(root / "train" / f"{domain}.jsonl", records[domain][:N_TRAIN])
         _write_jsonl(root / "dev" / f"{domain}.jsonl", records[domain][N_TRAIN:])
     log(f"smollm2 world: {N_TRAIN} training and {N_DEV} dev examples per domain ({', '.join(DOMAINS)})")
-    return {"domains": list(DOMAINS), "base": name, "prose_source": prose_source}
+    return {"domains": list(DOMAINS), "base": gguf_location()[1], "prose_source": prose_source}
