@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -103,18 +105,46 @@ def recipe_tree(world: dict, output_dir: Path, **sections) -> dict:
     return tree
 
 
+def _session_cache(tmp_path_factory) -> str:
+    """The test session's private world cache, one for all pytest-xdist workers.
+
+    Every worker asks :func:`mergeopt.worlds.ensure` for the world; its file lock lets the first
+    build it while the others wait, so a world is built once per session, not once per worker.
+    """
+    if os.environ.get("MERGEOPT_TEST_CACHE"):
+        return os.environ["MERGEOPT_TEST_CACHE"]
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker's base is a child of the session's
+        root = root.parent
+    return str(root / "world-cache")
+
+
+def _world(name: str, tmp_path_factory) -> Path:
+    """The finished world in the user's cache if there is one, else built into the session's cache.
+
+    The README's first command (the main job on the tiny world) builds the tiny world into the
+    user's cache (``$MERGEOPT_CACHE``, else ``~/.cache/mergeopt``), and a world is a deterministic
+    function of its version and seed, so the tests read that one rather than spend minutes building
+    it again; they never write into the user's cache. ``MERGEOPT_TEST_CACHE`` names a cache to use
+    instead (it is built there when missing).
+    """
+    if not os.environ.get("MERGEOPT_TEST_CACHE"):
+        built = worlds.world_dir(name, seed=0)
+        if (built / worlds.MARKER).is_file():
+            return built
+    return worlds.ensure(name, _session_cache(tmp_path_factory), seed=0, log=lambda _m: None)
+
+
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory) -> Path:
-    """The real tiny world (pretrained base, trained experts), built once into a private cache."""
-    cache = os.environ.get("MERGEOPT_TEST_CACHE") or str(tmp_path_factory.mktemp("cache"))
-    return worlds.ensure("tiny", cache, seed=0, log=lambda _m: None)
+    """The real tiny world (pretrained base, trained experts)."""
+    return _world("tiny", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def smollm2_world(tmp_path_factory) -> Path:
-    """The SmolLM2 world (base converted from the offline GGUF, data), built once per session."""
-    cache = os.environ.get("MERGEOPT_TEST_CACHE") or str(tmp_path_factory.mktemp("smollm2_cache"))
-    return worlds.ensure("smollm2", cache, seed=0, log=lambda _m: None)
+    """The SmolLM2 world (base converted from the offline GGUF, data)."""
+    return _world("smollm2", tmp_path_factory)
 
 
 REPO = Path(__file__).parent.parent
@@ -131,6 +161,9 @@ def run_module(module: str, *args: str, fault: str | None = None) -> subprocess.
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     }
     env.pop("MERGEOPT_FAULT", None)
+    # the child computes with this process's thread count, so its numbers are bit for bit those of
+    # run_in_process here (CPU kernels may split a reduction by thread)
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
     if fault is not None:
         env["MERGEOPT_FAULT"] = fault
     return subprocess.run(
@@ -141,3 +174,33 @@ def run_module(module: str, *args: str, fault: str | None = None) -> subprocess.
         env=env,
         timeout=600,
     )
+
+
+@contextlib.contextmanager
+def _working_directory(path: Path):
+    """contextlib.chdir, which Python 3.10 lacks."""
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+def run_in_process(module: str, *args: str) -> subprocess.CompletedProcess:
+    """``mergeopt <module> ARGS`` in this process, from the repository root, with what
+    :func:`run_module` returns.
+
+    A new interpreter costs seconds of imports; a test needs one only for what a process alone can
+    show: a run that signals itself (``fault``), or what a user sees from a fresh interpreter.
+    Uninterrupted runs and resumed ones go through here, through the same ``mergeopt.cli.main``.
+    """
+    from mergeopt.cli import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with _working_directory(REPO), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            code = main([module, *args])
+        except SystemExit as exit_:  # argparse's own errors
+            code = exit_.code if isinstance(exit_.code, int) else 1
+    return subprocess.CompletedProcess([module, *args], code, stdout.getvalue(), stderr.getvalue())

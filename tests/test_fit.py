@@ -13,14 +13,14 @@ import yaml
 from mergeopt import fit as fit_module
 from mergeopt.config import load_recipe, recipe_from_dict
 from mergeopt.fit import fit
-from tests.conftest import recipe_tree, run_module, save_checkpoint, tiny_config
+from tests.conftest import recipe_tree, run_in_process, save_checkpoint, tiny_config
 
 REPO = Path(__file__).parent.parent
 TINY = REPO / "recipes" / "tiny.yaml"
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return run_module("fit", *args)
+    return run_in_process("fit", *args)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from mergeopt.objectives import metrics
 from mergeopt.objectives.loss import evaluate, target_loss
 from mergeopt.objectives.objective import Objective
 from mergeopt.objectives.scoring import make_scorer
-from tests.conftest import recipe_tree, run_module
+from tests.conftest import recipe_tree, run_in_process
 
 ZERO_ORDER = {
     "grid": {"strategy": "grid", "grid": {"divisions": 3}},
@@ -176,7 +176,7 @@ def _cli(random_world, tmp_path, *overrides, recipe_extra=None):
     tree = recipe_tree(random_world, tmp_path / "out", **(recipe_extra or {}))
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(tree))
-    return run_module("fit", str(path), *overrides, "--quiet")
+    return run_in_process("fit", str(path), *overrides, "--quiet")
 
 
 BAD_INPUT = {
@@ -244,7 +244,7 @@ def test_a_metric_returning_nan_is_named(random_world, tmp_path, monkeypatch):
             return float("nan")
     """)
     )
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # run_module adds the repository in front
+    monkeypatch.syspath_prepend(str(tmp_path))
     overrides = [
         "search.strategy=dirichlet",
         "search.dirichlet.samples=3",

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 from mergeopt.config import recipe_from_dict
 from mergeopt.fit import fit
 from mergeopt.loading.problem import load_problem
-from tests.conftest import EXPERTS, recipe_tree, run_module, save_checkpoint
+from tests.conftest import EXPERTS, recipe_tree, run_in_process, save_checkpoint
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -91,7 +91,7 @@ def test_written_merge_of_lora_experts_has_the_in_memory_logits(lora_world, tmp_
     tree["model"]["experts"] = lora_world["adapters"]
     recipe_path = tmp_path / "recipe.yaml"
     recipe_path.write_text(yaml.safe_dump(tree))
-    result = run_module(
+    result = run_in_process(
         "merge", str(recipe_path), "--weights", "alpha=0.5,beta=0.3,gamma=0.2", "--out", str(tmp_path / "m")
     )
     assert result.returncode == 0, result.stderr
@@ -110,7 +110,7 @@ def _cli(lora_world, tmp_path, experts, *overrides):
     tree["model"]["experts"] = experts
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(tree))
-    return run_module("fit", str(path), *overrides, "--quiet")
+    return run_in_process("fit", str(path), *overrides, "--quiet")
 
 
 def _one_line(result, culprit, tmp_path):

@@ -31,7 +31,7 @@ from mergeopt.loading.checkpoints import open_checkpoint
 from mergeopt.loading.problem import load_merge
 from mergeopt.merging.stack import describe
 from mergeopt.worlds import resolve_recipe
-from tests.conftest import EXPERTS, recipe_tree, run_module, save_checkpoint
+from tests.conftest import EXPERTS, recipe_tree, run_in_process, run_module, save_checkpoint
 
 REPO = Path(__file__).parent.parent
 TINY = REPO / "recipes" / "tiny.yaml"
@@ -151,7 +151,7 @@ def test_tiny_world_checkpoint_scores_what_fit_scored(tiny_world, tmp_path):
     recipe = load_recipe(TINY, overrides)
     mixture = fit(recipe, progress=False, log=lambda _m: None)
     out = tmp_path / "merged"
-    result = run_module(
+    result = run_in_process(
         "merge", str(TINY), *overrides, "--mixture", str(tmp_path / "run" / "mixture.json"), "--out", str(out)
     )
     assert result.returncode == 0, result.stderr

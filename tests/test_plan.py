@@ -37,7 +37,7 @@ from mergeopt.memory import checkpointing, dry_run, plan
 from mergeopt.merging.stack import DTYPES, build_stack
 from mergeopt.objectives.data import DevSet, Example, collate
 from mergeopt.objectives.loss import dev_loss, evaluate_sums
-from tests.conftest import REPO, perturbed, run_module
+from tests.conftest import REPO, perturbed, run_in_process
 
 LLAMA_8B = dict(
     vocab_size=128256,
@@ -550,7 +550,9 @@ def test_dry_run_reads_no_weights_and_writes_nothing(tiny_world, tmp_path, monke
 def test_8b_recipe_dry_run_from_config_json_alone(config_8b, tmp_path):
     path, _ = config_8b
     overrides = [f"model.base={path}", *(f"model.experts.{e}={path}" for e in EXPERTS_8B)]
-    result = run_module("fit", "recipes/8b.yaml", *overrides, f"output_dir={tmp_path / 'out'}", "--dry-run")
+    result = run_in_process(
+        "fit", "recipes/8b.yaml", *overrides, f"output_dir={tmp_path / 'out'}", "--dry-run"
+    )
     assert result.returncode == 0, result.stderr
     assert "parameters: 8,030,261,248 in 291 tensors (config.json of" in result.stdout
     assert "stacked: 6,979,321,856 in 224 tensors x 4 experts" in result.stdout
@@ -810,7 +812,7 @@ def test_sharded_stacking_holds_a_block_or_one_whole_tensor(config_8b, method):
 def test_random_8b_recipe_plans_per_rank_from_the_command_line():
     """A random:// world of Llama-3.1-8B's shapes planned for 4 ranks: no weights anywhere."""
     experts = "{" + ", ".join(f"{e}: '{CONFIG_8B}'" for e in EXPERTS_8B) + "}"
-    result = run_module(
+    result = run_in_process(
         "fit",
         "recipes/8b.yaml",
         f"model.base={CONFIG_8B}",
@@ -835,7 +837,7 @@ def test_random_8b_recipe_plans_per_rank_from_the_command_line():
 def test_70b_recipe_dry_run_from_config_json_alone(config_70b, tmp_path):
     path, _ = config_70b
     overrides = [f"model.base={path}", *(f"model.experts.{e}={path}" for e in EXPERTS_8B)]
-    result = run_module(
+    result = run_in_process(
         "fit",
         "recipes/70b.yaml",
         *overrides,

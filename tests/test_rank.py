@@ -18,7 +18,7 @@ from mergeopt.errors import UserError
 from mergeopt.evaluation.rank import json_safe
 from mergeopt.evaluation.rank_stats import mixture_regret, pairwise_accuracy, rank_statistics
 from mergeopt.evaluation.tables import load_table
-from tests.conftest import run_module
+from tests.conftest import run_in_process
 
 REPO = Path(__file__).parent.parent
 REGMIX = REPO / "tests" / "data" / "regmix"
@@ -27,7 +27,7 @@ TRUTH = f"{REGMIX / 'test_mixture_60m.csv'}+{REGMIX / 'test_pile_loss_60m.csv'}"
 
 
 def run_rank(*args: str) -> subprocess.CompletedProcess:
-    return run_module("rank", *args)
+    return run_in_process("rank", *args)
 
 
 def correlated(seed: int, n: int = 40, noise: float = 0.5, ties: bool = False):

@@ -4,7 +4,9 @@ Gradient strategy: bit-identical mixture.json and trace.csv on CPU. Zero-order s
 evaluation log (the replayed evaluations keep their logged seconds; the new ones are timed anew,
 so the ``seconds`` column is left out of the comparison). Each fit runs as a real subprocess that
 signals itself at a named step or evaluation (``MERGEOPT_FAULT``, :mod:`mergeopt.runtime.faults`),
-then is rerun with the same command: no test waits for a clock, so none races one.
+then is rerun with the same command: no test waits for a clock, so none races one. Only the run that
+is interrupted needs a process of its own; the uninterrupted and resumed runs go through the same
+``mergeopt`` entry point in the test's process (``run_in_process``), with the same thread count.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import pytest
 import yaml
 
 from mergeopt.runtime.resume import CHECKPOINT_DIR, EVALUATIONS, GRADIENT_STATE, RunState
-from tests.conftest import recipe_tree, run_module
+from tests.conftest import recipe_tree, run_in_process, run_module
 
 GRADIENT = {"optim": {"steps": 40, "batch_size": 4, "eval_every": 10, "patience": 100, "checkpoint_every": 2}}
 SEARCHES = {
@@ -50,7 +52,7 @@ def _mixture(out) -> dict:
 def whole_gradient(random_world, tmp_path_factory):
     """The uninterrupted gradient fit every interrupted one is compared with, run once per module."""
     root = tmp_path_factory.mktemp("whole")
-    result = run_module("fit", _recipe(random_world, root, root / "whole", **GRADIENT), "--quiet")
+    result = run_in_process("fit", _recipe(random_world, root, root / "whole", **GRADIENT), "--quiet")
     assert result.returncode == 0, result.stderr
     return root / "whole"
 
@@ -65,7 +67,7 @@ def test_gradient_fit_resumed_after_kill_9_is_bit_identical(random_world, whole_
     assert not (out / "mixture.json").exists()  # a killed run never looks finished
     saved = RunState(out, {}).load_gradient()
     assert saved["next_step"] == (step - 1) // 2 * 2  # the last checkpoint before the kill
-    resumed = run_module("fit", recipe, "--quiet")
+    resumed = run_in_process("fit", recipe, "--quiet")
     assert resumed.returncode == 0, resumed.stderr
     assert (out / "mixture.json").read_bytes() == (whole / "mixture.json").read_bytes()
     assert (out / "trace.csv").read_bytes() == (whole / "trace.csv").read_bytes()
@@ -78,14 +80,14 @@ def test_zero_order_fit_resumed_after_kill_9_has_the_same_log(random_world, tmp_
     term = {"kind": "custom", "dev": "arith", "function": "tests.weight_metric:weight_mean", "weight": 0.01}
     search = {"search": SEARCHES[strategy], "objective": {"terms": [{"kind": "loss", "dev": "all"}, term]}}
     whole = tmp_path / "whole"
-    assert run_module("fit", _recipe(random_world, tmp_path, whole, **search), "--quiet").returncode == 0
+    assert run_in_process("fit", _recipe(random_world, tmp_path, whole, **search), "--quiet").returncode == 0
     out = tmp_path / "killed"
     recipe = _recipe(random_world, tmp_path, out, **search)
     killed = run_module("fit", recipe, "--quiet", fault="sigkill@evaluation:7")
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     logged = len((out / CHECKPOINT_DIR / EVALUATIONS).read_text().splitlines())
     assert logged == 6  # killed as the 7th evaluation began: the six before it are journaled
-    resumed = run_module("fit", recipe, "--quiet")
+    resumed = run_in_process("fit", recipe, "--quiet")
     assert resumed.returncode == 0, resumed.stderr
     a = pd.read_csv(whole / "evaluations.csv").drop(columns="seconds")
     b = pd.read_csv(out / "evaluations.csv").drop(columns="seconds")
@@ -105,7 +107,7 @@ def test_sigterm_and_sigint_save_and_say_how_to_resume(random_world, whole_gradi
     assert "Rerun the same command to continue" in stderr and "Traceback" not in stderr
     assert len(stderr.strip().splitlines()) == 1
     assert (out / CHECKPOINT_DIR / GRADIENT_STATE).is_file() and not (out / "mixture.json").exists()
-    again = run_module("fit", recipe, "--resume", "--quiet")
+    again = run_in_process("fit", recipe, "--resume", "--quiet")
     assert again.returncode == 0, again.stderr
     assert (out / "mixture.json").read_bytes() == (whole_gradient / "mixture.json").read_bytes()
 
@@ -115,19 +117,19 @@ def test_checkpoint_of_another_recipe_is_refused(random_world, tmp_path):
     recipe = _recipe(random_world, tmp_path, out, **GRADIENT)
     killed = run_module("fit", recipe, "--quiet", fault="sigkill@step:7")
     assert killed.returncode == -signal.SIGKILL
-    changed = run_module("fit", recipe, "optim.lr=0.05", "--quiet")
+    changed = run_in_process("fit", recipe, "optim.lr=0.05", "--quiet")
     assert changed.returncode == 2
     assert changed.stderr.strip().splitlines() == [
         f"mergeopt: error: {out / CHECKPOINT_DIR} belongs to a run with another recipe (optim.lr differs); "
         "rerun with that recipe, pass --restart to start over, or use another output_dir"
     ]
     assert not (out / "mixture.json").exists()
-    assert run_module("fit", recipe, "optim.lr=0.05", "--restart", "--quiet").returncode == 0
+    assert run_in_process("fit", recipe, "optim.lr=0.05", "--restart", "--quiet").returncode == 0
 
 
 def test_resume_without_a_checkpoint_is_one_line(random_world, tmp_path):
     out = tmp_path / "run"
-    result = run_module("fit", _recipe(random_world, tmp_path, out, **GRADIENT), "--resume", "--quiet")
+    result = run_in_process("fit", _recipe(random_world, tmp_path, out, **GRADIENT), "--resume", "--quiet")
     assert result.returncode == 2
     assert (
         result.stderr.strip()
@@ -138,8 +140,8 @@ def test_resume_without_a_checkpoint_is_one_line(random_world, tmp_path):
 
 def test_same_recipe_and_seed_give_the_same_mixture_json(random_world, tmp_path):
     first, second = tmp_path / "a", tmp_path / "b"
-    for out in (first, second):
-        result = run_module("fit", _recipe(random_world, tmp_path, out, search=SEARCHES["cmaes"]), "--quiet")
+    for out, run in ((first, run_module), (second, run_in_process)):  # a new process, and this one
+        result = run("fit", _recipe(random_world, tmp_path, out, search=SEARCHES["cmaes"]), "--quiet")
         assert result.returncode == 0, result.stderr
     assert (first / "mixture.json").read_bytes() == (second / "mixture.json").read_bytes()
 
@@ -171,7 +173,7 @@ def test_train_resumed_after_kill_9_saves_the_same_models(random_world, tmp_path
 
     (tmp_path / "whole").mkdir()
     (tmp_path / "killed").mkdir()
-    whole = run_module("train", recipe(tmp_path / "whole"), "--quiet")
+    whole = run_in_process("train", recipe(tmp_path / "whole"), "--quiet")
     assert whole.returncode == 0, whole.stderr
     path = recipe(tmp_path / "killed")
     killed = run_module(
@@ -181,7 +183,7 @@ def test_train_resumed_after_kill_9_saves_the_same_models(random_world, tmp_path
     state = json.loads((tmp_path / "killed" / "experts" / ".beta.checkpoint" / "state.json").read_text())
     assert state["step"] == 6  # resumed from beta's last checkpoint, not from its start
     assert not (tmp_path / "killed" / "experts" / "beta" / "run.json").exists()
-    resumed = run_module("train", path, "--quiet")
+    resumed = run_in_process("train", path, "--quiet")
     assert resumed.returncode == 0, resumed.stderr
     for run in ("experts/alpha", "experts/beta", "experts/gamma", "grid/mixtures/000"):
         a = load_file(str(tmp_path / "whole" / run / "model.safetensors"))
@@ -205,9 +207,11 @@ def test_sigterm_inside_a_search_batch_keeps_every_finished_evaluation(random_wo
     assert "SIGTERM at evaluation 6" in stderr and "Rerun the same command to continue" in stderr
     logged = len((out / CHECKPOINT_DIR / EVALUATIONS).read_text().splitlines())
     assert logged == 6  # the grid's 15 mixtures are one batch: the part finished when it stopped was kept
-    assert run_module("fit", recipe, "--quiet").returncode == 0
+    assert run_in_process("fit", recipe, "--quiet").returncode == 0
     whole = tmp_path / "whole"
-    assert run_module("fit", _recipe(random_world, tmp_path, whole, **sections), "--quiet").returncode == 0
+    assert (
+        run_in_process("fit", _recipe(random_world, tmp_path, whole, **sections), "--quiet").returncode == 0
+    )
     a = pd.read_csv(whole / "evaluations.csv").drop(columns="seconds")
     b = pd.read_csv(out / "evaluations.csv").drop(columns="seconds")
     pd.testing.assert_frame_equal(a, b, check_exact=True)

@@ -30,7 +30,7 @@ from mergeopt.fit import fit
 from mergeopt.fit import main as fit_main
 from mergeopt.reporting import tracking
 from mergeopt.runtime.resume import RunState
-from tests.conftest import EXPERTS, recipe_tree, run_module
+from tests.conftest import EXPERTS, recipe_tree, run_in_process, run_module
 
 OPTIM = {"steps": 6, "batch_size": 4, "eval_every": 2, "eval_batch_size": 16, "patience": 100}
 TERMS = [{"kind": "loss", "dev": "all"}, {"kind": "loss", "dev": "arith"}]  # two series, labels with a ':'
@@ -291,7 +291,7 @@ def _stopped_and_resumed(world, tmp_path, backends, fault: str, **sections) -> P
     recipe = _recipe_file(world, tmp_path, out, backends, **sections)
     stopped = run_module("fit", recipe, "--quiet", fault=fault)
     assert stopped.returncode in (-signal.SIGKILL, 143), stopped.stderr
-    resumed = run_module("fit", recipe, "--quiet")
+    resumed = run_in_process("fit", recipe, "--quiet")
     assert resumed.returncode == 0, resumed.stderr
     return out
 

@@ -17,7 +17,7 @@ from mergeopt.errors import run_cli
 from mergeopt.evaluation.rank import json_safe
 from mergeopt.evaluation.rank_stats import rank_statistics
 from mergeopt.evaluation.transfer import main, short_names, transfer_tables
-from tests.conftest import run_module
+from tests.conftest import run_in_process, run_module
 from tests.test_search_strategies import PUBLISHED
 
 REGMIX = Path(__file__).parent / "data" / "regmix"
@@ -207,7 +207,7 @@ def test_surrogate_report_is_deterministic(regmix_surrogate):
 
 def test_cli_surrogate_outputs_match_the_function(tmp_path, regmix_surrogate):
     out = tmp_path / "out"
-    result = run_module(
+    result = run_in_process(
         "transfer", SMALL, LARGE, "--surrogate-fit", TRAIN, "--bootstrap", "20", "--out", str(out)
     )
     assert result.returncode == 0, result.stderr
