@@ -5,7 +5,7 @@
 direct ``evaluate_sums`` loop and the metric function called on the merge; ``mergeopt rank`` and a
 fit's rank check killed mid-grid (``MERGEOPT_FAULT``) and rerun replay the finished rows (the rerun
 carries a fault at an evaluation number it only reaches if it scores those rows again) and write
-what an uninterrupted run writes; two gloo processes write one process's table.
+what an uninterrupted run (in this process) writes; two gloo processes write one process's table.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from mergeopt.runtime.resume import (
     RANK_CHECKPOINT_DIR,
     RunState,
 )
-from tests.conftest import REPO, recipe_tree, run_module
+from tests.conftest import REPO, recipe_tree, run_in_process, run_module
 from tests.test_grid_metrics import completion_nll
 
 NLL = {
@@ -62,6 +62,7 @@ def test_the_evaluator_path_equals_a_direct_evaluate_sums_loop(random_world, tmp
     tree = recipe_tree(
         random_world, tmp_path / "out", objective={"terms": TERMS}, search={"strategy": "grid"}
     )
+    tree["data"]["max_examples"] = 8  # both sides score the same 8 records of each set
     recipe = recipe_from_dict(tree)
     objective = Objective.from_recipe(recipe)
     problem = load_problem(recipe, progress=False, objective=objective)
@@ -93,18 +94,27 @@ def _write(world: dict, tmp_path) -> tuple[str, str]:
     return str(recipe), str(grid)
 
 
-def _rank(recipe: str, grid: str, out, fault: str | None = None) -> subprocess.CompletedProcess:
+def _rank(recipe: str, grid: str, out, fault: str) -> subprocess.CompletedProcess:
+    """A rank run in its own process that signals itself at ``fault`` (if it gets that far)."""
     return run_module("rank", recipe, "--grid", grid, "--out", str(out), "--quiet", fault=fault)
+
+
+@pytest.fixture(scope="module")
+def ranked_once(random_world, tmp_path_factory):
+    """The grid recipe and table, and one uninterrupted single-process rank of them (in this process)."""
+    tmp = tmp_path_factory.mktemp("ranked_once")
+    recipe, grid = _write(random_world, tmp)
+    whole = run_in_process("rank", recipe, "--grid", grid, "--out", str(tmp / "whole"), "--quiet")
+    assert whole.returncode == 0, whole.stderr
+    return recipe, grid, tmp / "whole"
 
 
 def _journal(path) -> int:
     return len(path.read_text().splitlines())
 
 
-def test_rank_killed_mid_grid_resumes_without_scoring_a_finished_row_again(random_world, tmp_path):
-    recipe, grid = _write(random_world, tmp_path)
-    whole = _rank(recipe, grid, tmp_path / "whole")
-    assert whole.returncode == 0, whole.stderr
+def test_rank_killed_mid_grid_resumes_without_scoring_a_finished_row_again(ranked_once, tmp_path):
+    recipe, grid, whole = ranked_once
     out = tmp_path / "killed"
     killed = _rank(recipe, grid, out, fault="sigkill@evaluation:5")
     assert killed.returncode == -signal.SIGKILL, killed.stderr
@@ -114,7 +124,7 @@ def test_rank_killed_mid_grid_resumes_without_scoring_a_finished_row_again(rando
     resumed = _rank(recipe, grid, out, fault="sigkill@evaluation:2")
     assert resumed.returncode == 0, resumed.stderr
     for name in ("rank_report.json", "rank_pairs.csv"):
-        assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+        assert (out / name).read_bytes() == (whole / name).read_bytes(), name
     assert not (out / RANK_CHECKPOINT_DIR).exists()  # finished: the report is the record
 
 
@@ -127,7 +137,7 @@ def test_a_fits_rank_check_killed_mid_grid_resumes_from_the_fits_checkpoint(rand
     paths = {run: tmp_path / f"{run}.yaml" for run in trees}
     for run, tree in trees.items():
         paths[run].write_text(yaml.safe_dump(tree))
-    assert run_module("fit", str(paths["whole"]), "--quiet").returncode == 0
+    assert run_in_process("fit", str(paths["whole"]), "--quiet").returncode == 0
     out = tmp_path / "killed"
     killed = run_module("fit", str(paths["killed"]), "--quiet", fault="sigkill@evaluation:4")
     assert killed.returncode == -signal.SIGKILL, killed.stderr
@@ -157,10 +167,8 @@ def test_a_restart_reads_nothing_the_old_run_left(tmp_path):
     assert json.loads((new.dir / "meta.json").read_text()) == {"recipe": {"seed": 1}}
 
 
-def test_two_gloo_processes_write_one_process_table(random_world, tmp_path):
-    recipe, grid = _write(random_world, tmp_path)
-    single = _rank(recipe, grid, tmp_path / "one")
-    assert single.returncode == 0, single.stderr
+def test_two_gloo_processes_write_one_process_table(ranked_once, tmp_path):
+    recipe, grid, one = ranked_once
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     env.pop("MERGEOPT_FAULT", None)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -168,7 +176,7 @@ def test_two_gloo_processes_write_one_process_table(random_world, tmp_path):
     double = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
     assert double.returncode == 0, double.stderr[-3000:]
     assert double.stdout.count("Wrote rank_report.json") == 1  # rank 0 writes and prints
-    one = pd.read_csv(tmp_path / "one" / "rank_pairs.csv")
+    one = pd.read_csv(one / "rank_pairs.csv")
     two = pd.read_csv(tmp_path / "two" / "rank_pairs.csv")
     assert one["proxy_nll"].nunique() > 1
     pd.testing.assert_frame_equal(one, two, rtol=1e-6)
