@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -23,6 +21,7 @@ from mergeopt.config import recipe_from_dict
 from mergeopt.fit import fit
 from mergeopt.worlds import resolve_recipe
 from mergeopt.worlds.train import train
+from tests.conftest import run_in_process
 
 REPO = Path(__file__).parent.parent
 
@@ -101,13 +100,7 @@ def test_rank_cli_reports_the_same_numbers(fidelity_run):
     recipe_file = tmp / "recipe.yaml"
     recipe_file.write_text(yaml.safe_dump(tree))
     out = tmp / "rank_cli"
-    result = subprocess.run(
-        [sys.executable, "-m", "mergeopt.rank", str(recipe_file), "--out", str(out), "--quiet"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=600,
-    )
+    result = run_in_process("rank", str(recipe_file), "--out", str(out), "--quiet")
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "rank_report.json").read_text())
     assert report["metrics"]["target"]["spearman"] == pytest.approx(mixture["rank"]["spearman"], abs=1e-12)
