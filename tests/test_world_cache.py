@@ -3,39 +3,57 @@
 from __future__ import annotations
 
 import threading
-import time
 
 from mergeopt import worlds
 
 
 class _SlowWorld:
-    """A world whose build takes a moment and counts how often it ran."""
+    """A world whose build waits until it is told to finish, and counts how often it ran."""
 
     WORLD_VERSION = 1
     builds = 0
+    building = threading.Event()  # set while a build runs
+    finish = threading.Event()  # the build returns once this is set
 
     @classmethod
     def build_into(cls, path, seed, log):
         cls.builds += 1
-        time.sleep(0.5)
+        cls.building.set()
+        assert cls.finish.wait(timeout=60), "the second builder never said it was waiting"
         (path / "weights.txt").write_text(f"seed {seed}\n")
         return {}
 
+    @classmethod
+    def reset(cls, finished: bool) -> None:
+        cls.builds = 0
+        cls.building.clear()
+        cls.finish.clear()
+        if finished:
+            cls.finish.set()
+
 
 def test_two_builders_at_once_build_the_world_once(tmp_path, monkeypatch):
-    _SlowWorld.builds = 0
+    """The second builder arrives while the first builds (no sleeps: the first build waits for the
+    second's "waiting" line), waits on the lock, then finds the finished world."""
+    _SlowWorld.reset(finished=False)
     monkeypatch.setattr(worlds, "_registry", lambda: {"slow": _SlowWorld})
     results, messages = [], []
 
-    def build():
-        results.append(worlds.ensure("slow", str(tmp_path), seed=3, log=messages.append))
+    def log(message: str) -> None:
+        messages.append(message)
+        if "another process is building it" in message:
+            _SlowWorld.finish.set()  # the second is waiting: let the first finish
 
-    threads = [threading.Thread(target=build) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-        time.sleep(0.1)  # the second starts while the first holds the lock
-    for thread in threads:
-        thread.join()
+    def build():
+        results.append(worlds.ensure("slow", str(tmp_path), seed=3, log=log))
+
+    first = threading.Thread(target=build)
+    first.start()
+    assert _SlowWorld.building.wait(timeout=60)
+    second = threading.Thread(target=build)
+    second.start()
+    for thread in (first, second):
+        thread.join(timeout=120)
     assert _SlowWorld.builds == 1
     assert results[0] == results[1] == worlds.world_dir("slow", str(tmp_path), seed=3)
     assert (results[0] / "weights.txt").read_text() == "seed 3\n"
@@ -44,7 +62,7 @@ def test_two_builders_at_once_build_the_world_once(tmp_path, monkeypatch):
 
 
 def test_a_leftover_without_its_marker_is_built_again(tmp_path, monkeypatch):
-    _SlowWorld.builds = 0
+    _SlowWorld.reset(finished=True)
     monkeypatch.setattr(worlds, "_registry", lambda: {"slow": _SlowWorld})
     leftover = worlds.world_dir("slow", str(tmp_path), seed=0)
     leftover.mkdir(parents=True)
