@@ -281,10 +281,14 @@ def parse(name: str, argv: Sequence[str], prog: str | None = None) -> argparse.N
 
 
 def run_command(name: str, argv: Sequence[str], prog: str | None = None) -> int:
-    """Parse and run one verb; a :class:`UserError` propagates (``main`` turns it into one line)."""
+    """Parse and run one verb; a :class:`UserError` propagates (``main`` turns it into one line).
+
+    The arguments are parsed before the verb's module is imported, so ``--help`` and a mistyped
+    option answer at once, without the seconds torch takes to import.
+    """
+    args = parse(name, argv, prog)
     module, _, function = HANDLERS[name].partition(":")
-    handler = getattr(importlib.import_module(module), function)
-    return int(handler(parse(name, argv, prog)) or 0)
+    return int(getattr(importlib.import_module(module), function)(args) or 0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,7 +20,13 @@ from mergeopt.worlds import toy
 
 hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+# One torch thread per test process; pytest-xdist (-n auto) gives each core a process. Two workers
+# with two threads each on two cores ran the suite 1.4 times slower (each worker's threads wait for
+# cores the other holds), and a child forked from a process that computed with several OpenMP
+# threads hangs in its first parallel region (libgomp is not fork-safe): see run_forked.
+torch.set_num_threads(1)
 
 EXPERTS = ("alpha", "beta", "gamma")
 
@@ -176,6 +182,62 @@ def run_module(module: str, *args: str, fault: str | None = None) -> subprocess.
     )
 
 
+def _forked_command(module: str, args: tuple, fault: str | None, stdout: str, stderr: str) -> None:
+    """The child of :func:`run_forked`: the command's output into two files, its exit code out."""
+    os.environ.pop("MERGEOPT_FAULT", None)
+    if fault is not None:
+        os.environ["MERGEOPT_FAULT"] = fault
+    with open(stdout, "w", buffering=1) as out, open(stderr, "w", buffering=1) as err:
+        os.dup2(out.fileno(), 1)  # what C code and tqdm write to the descriptors too
+        os.dup2(err.fileno(), 2)
+        sys.stdout, sys.stderr = out, err  # line-buffered: a SIGKILL loses no finished line
+        from mergeopt.cli import main
+
+        os.chdir(REPO)
+        try:
+            code = main([module, *args])
+        except SystemExit as exit_:  # argparse's own errors
+            code = exit_.code if isinstance(exit_.code, int) else 1
+        sys.exit(code)
+
+
+def run_forked(module: str, *args: str, fault: str | None = None) -> subprocess.CompletedProcess:
+    """``mergeopt <module> ARGS`` in a forked child of this process, with what :func:`run_module` returns.
+
+    For a run that must be a process of its own (it signals itself at ``fault``, e.g.
+    ``"sigkill@step:3"``, see :mod:`mergeopt.runtime.faults`; or it sets process-wide state such as
+    torch's deterministic flags) but need not be a new interpreter: a forked child has torch and
+    transformers imported already (a new interpreter spends about 6 s of CPU on them) and computes
+    with this process's one thread, so its numbers are bit for bit those of :func:`run_in_process`.
+    A killed child's return code is minus the signal's number, as with ``subprocess``.
+    """
+    import multiprocessing
+    import tempfile
+
+    if torch.get_num_threads() != 1:
+        raise RuntimeError(
+            f"run_forked from a process with {torch.get_num_threads()} torch threads: the child would "
+            "hang in OpenMP (libgomp is not fork-safe); compute with one thread, as tests.conftest sets"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        stdout, stderr = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
+        child = multiprocessing.get_context("fork").Process(
+            target=_forked_command, args=(module, args, fault, stdout, stderr)
+        )
+        child.start()
+        child.join(timeout=600)
+        if child.exitcode is None:
+            child.kill()
+            child.join()
+            raise TimeoutError(f"mergeopt {module} {' '.join(args)} ran for more than 600 s")
+        return subprocess.CompletedProcess(
+            [module, *args],
+            child.exitcode,
+            Path(stdout).read_text(encoding="utf-8"),
+            Path(stderr).read_text(encoding="utf-8"),
+        )
+
+
 @contextlib.contextmanager
 def _working_directory(path: Path):
     """contextlib.chdir, which Python 3.10 lacks."""
@@ -187,13 +249,26 @@ def _working_directory(path: Path):
         os.chdir(before)
 
 
+def fork_ranks(worker, args: tuple, nprocs: int) -> None:
+    """``worker(rank, *args)`` in ``nprocs`` forked processes, as ``torch.multiprocessing.spawn`` runs it.
+
+    Forked, not spawned: a spawned process imports torch, transformers and the test module again
+    (about 6 s of CPU each); a forked one has them. A worker sets its thread count before its first
+    op and makes its own process group (the test's process has none).
+    """
+    import torch.multiprocessing as mp
+
+    mp.start_processes(worker, args=args, nprocs=nprocs, start_method="fork")
+
+
 def run_in_process(module: str, *args: str) -> subprocess.CompletedProcess:
     """``mergeopt <module> ARGS`` in this process, from the repository root, with what
     :func:`run_module` returns.
 
-    A new interpreter costs seconds of imports; a test needs one only for what a process alone can
-    show: a run that signals itself (``fault``), or what a user sees from a fresh interpreter.
-    Uninterrupted runs and resumed ones go through here, through the same ``mergeopt.cli.main``.
+    A new interpreter costs seconds of imports; a test needs a process only for a run that signals
+    itself (:func:`run_forked`) and a new interpreter only for what a user sees from one
+    (:func:`run_module`). Uninterrupted runs and resumed ones go through here, through the same
+    ``mergeopt.cli.main``.
     """
     from mergeopt.cli import main
 

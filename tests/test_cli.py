@@ -44,6 +44,10 @@ def test_version_and_help_answer_without_importing_torch():
         "import sys; from mergeopt.cli import main\n"
         "try:\n    main(['--version'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
         "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+        "for verb in ('fit', 'rank', 'transfer'):  # a verb's help, and a mistyped option\n"
+        "    for argv in ([verb, '--help'], [verb, 'r.yaml', '--no-such-option']):\n"
+        "        try:\n            code = main(argv)\n        except SystemExit as e:\n            code = e.code\n"
+        "        assert code == (0 if '--help' in argv else 2), (argv, code)\n"
         "assert 'torch' not in sys.modules, 'the parser tree imported torch'\n"
     )
     done = _run("-c", code)

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from mergeopt.runtime import determinism
-from tests.conftest import recipe_tree, run_module
+from tests.conftest import recipe_tree, run_forked, run_module
 
 
 @pytest.fixture
@@ -40,7 +40,9 @@ def _fit(world, out, device: str, deterministic: bool):
     tree = recipe_tree(world, out, device=device, deterministic=deterministic)
     path = out.parent / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(tree))
-    run = run_module("fit", str(path), "--quiet")
+    # its own process, so deterministic mode ends with it (forked on the CPU: torch is imported; a new
+    # interpreter on CUDA, where a forked child cannot use the GPU)
+    run = (run_forked if device == "cpu" else run_module)("fit", str(path), "--quiet")
     assert run.returncode == 0, run.stderr[-3000:]
     return (out / "mixture.json").read_bytes()
 

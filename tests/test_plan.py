@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
@@ -37,7 +36,7 @@ from mergeopt.memory import checkpointing, dry_run, plan
 from mergeopt.merging.stack import DTYPES, build_stack
 from mergeopt.objectives.data import DevSet, Example, collate
 from mergeopt.objectives.loss import dev_loss, evaluate_sums
-from tests.conftest import REPO, perturbed, run_in_process
+from tests.conftest import REPO, fork_ranks, perturbed, run_in_process
 
 LLAMA_8B = dict(
     vocab_size=128256,
@@ -988,18 +987,14 @@ def _rank_worker(rank: int, ports: tuple[int, int], out: str) -> None:
 
 @pytest.fixture(scope="module")
 def rank_peaks(tmp_path_factory) -> dict[int, list[list[dict]]]:
-    """{world size: [rank: [case: measured]]}, from 3 gloo processes.
-
-    Forked, not spawned: a spawned process imports torch, transformers and this module again
-    (about 6 s of CPU each, 20 s for three on two cores); a forked one has them. Each sets one
-    thread before its first op and makes its own process group (this one has none)."""
+    """{world size: [rank: [case: measured]]}, from 3 gloo processes (forked: tests.conftest.fork_ranks)."""
     from tests.test_sharded_merge import _free_port
 
     assert not dist.is_initialized()
     out = tmp_path_factory.mktemp("ranks")
     ports = (_free_port(), _free_port())
     assert ports[0] != ports[1]
-    mp.start_processes(_rank_worker, args=(ports, str(out)), nprocs=max(RANK_SIZES), start_method="fork")
+    fork_ranks(_rank_worker, args=(ports, str(out)), nprocs=max(RANK_SIZES))
     return {size: json.loads((out / f"{size}.json").read_text()) for size in RANK_SIZES}
 
 

@@ -34,7 +34,7 @@ from mergeopt.runtime.resume import (
     RANK_CHECKPOINT_DIR,
     RunState,
 )
-from tests.conftest import REPO, recipe_tree, run_in_process, run_module
+from tests.conftest import REPO, recipe_tree, run_forked, run_in_process
 from tests.test_grid_metrics import completion_nll
 
 NLL = {
@@ -95,8 +95,8 @@ def _write(world: dict, tmp_path) -> tuple[str, str]:
 
 
 def _rank(recipe: str, grid: str, out, fault: str) -> subprocess.CompletedProcess:
-    """A rank run in its own process that signals itself at ``fault`` (if it gets that far)."""
-    return run_module("rank", recipe, "--grid", grid, "--out", str(out), "--quiet", fault=fault)
+    """A rank run in a forked process that signals itself at ``fault`` (if it gets that far)."""
+    return run_forked("rank", recipe, "--grid", grid, "--out", str(out), "--quiet", fault=fault)
 
 
 @pytest.fixture(scope="module")
@@ -139,11 +139,11 @@ def test_a_fits_rank_check_killed_mid_grid_resumes_from_the_fits_checkpoint(rand
         paths[run].write_text(yaml.safe_dump(tree))
     assert run_in_process("fit", str(paths["whole"]), "--quiet").returncode == 0
     out = tmp_path / "killed"
-    killed = run_module("fit", str(paths["killed"]), "--quiet", fault="sigkill@evaluation:4")
+    killed = run_forked("fit", str(paths["killed"]), "--quiet", fault="sigkill@evaluation:4")
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert _journal(out / CHECKPOINT_DIR / PROXY_EVALUATIONS) == 3
     assert not (out / CHECKPOINT_DIR / EVALUATIONS).exists()  # the search's journal is another file
-    resumed = run_module("fit", str(paths["killed"]), "--quiet", fault="sigkill@evaluation:2")
+    resumed = run_forked("fit", str(paths["killed"]), "--quiet", fault="sigkill@evaluation:2")
     assert resumed.returncode == 0, resumed.stderr
     assert (out / "mixture.json").read_bytes() == (tmp_path / "whole" / "mixture.json").read_bytes()
     assert (out / "rank_pairs.csv").read_bytes() == (tmp_path / "whole" / "rank_pairs.csv").read_bytes()

@@ -1,20 +1,18 @@
 """rank RECIPE --grid: bad grid tables are one-line errors (exit 2) found before any model is loaded,
-including a grid that lacks the score column of one of the recipe's metric objective terms."""
+including a grid that lacks the score column of one of the recipe's metric objective terms.
+
+The command runs in the test's process (``run_in_process``: the same ``mergeopt.cli.main`` and its
+error handler); tests/test_bad_input.py shows what a fresh interpreter prints for such errors."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import recipe_tree
-
-REPO = Path(__file__).parent.parent
+from tests.conftest import recipe_tree, run_in_process
 
 
 def grid_table(**changes) -> pd.DataFrame:
@@ -36,19 +34,12 @@ def grid_table(**changes) -> pd.DataFrame:
 
 
 def rank_cli(tmp_path, tree: dict, table: pd.DataFrame, *extra: str) -> subprocess.CompletedProcess:
-    """``python -m mergeopt.rank RECIPE --grid GRID.csv`` on a written recipe and grid table."""
+    """``mergeopt rank RECIPE --grid GRID.csv`` on a written recipe and grid table."""
     grid = tmp_path / "grid.csv"
     table.to_csv(grid, index=False)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(tree))
-    return subprocess.run(
-        [sys.executable, "-m", "mergeopt.rank", str(recipe), "--grid", str(grid), "--quiet", *extra],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        timeout=300,
-    )
+    return run_in_process("rank", str(recipe), "--grid", str(grid), "--quiet", *extra)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> None:
@@ -124,12 +115,5 @@ def test_a_damaged_or_foreign_mixture_is_one_line(random_world, tmp_path, conten
 def test_missing_grid(random_world, tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(recipe_tree(random_world, tmp_path / "out")))
-    result = subprocess.run(
-        [sys.executable, "-m", "mergeopt.rank", str(recipe)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        timeout=300,
-    )
+    result = run_in_process("rank", str(recipe))
     assert result.returncode == 2 and "no grid table" in result.stderr

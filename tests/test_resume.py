@@ -2,11 +2,12 @@
 
 Gradient strategy: bit-identical mixture.json and trace.csv on CPU. Zero-order strategies: the same
 evaluation log (the replayed evaluations keep their logged seconds; the new ones are timed anew,
-so the ``seconds`` column is left out of the comparison). Each fit runs as a real subprocess that
-signals itself at a named step or evaluation (``MERGEOPT_FAULT``, :mod:`mergeopt.runtime.faults`),
-then is rerun with the same command: no test waits for a clock, so none races one. Only the run that
-is interrupted needs a process of its own; the uninterrupted and resumed runs go through the same
-``mergeopt`` entry point in the test's process (``run_in_process``), with the same thread count.
+so the ``seconds`` column is left out of the comparison). Each interrupted fit runs in a process of
+its own that signals itself at a named step or evaluation (``MERGEOPT_FAULT``,
+:mod:`mergeopt.runtime.faults`), then is rerun with the same command: no test waits for a clock, so
+none races one. That process is forked from the test's (``run_forked``: torch is imported already);
+the uninterrupted and resumed runs go through the same ``mergeopt`` entry point in the test's process
+(``run_in_process``), with the same single thread.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pytest
 import yaml
 
 from mergeopt.runtime.resume import CHECKPOINT_DIR, EVALUATIONS, GRADIENT_STATE, RunState
-from tests.conftest import recipe_tree, run_in_process, run_module
+from tests.conftest import recipe_tree, run_forked, run_in_process, run_module
 
 GRADIENT = {"optim": {"steps": 40, "batch_size": 4, "eval_every": 10, "patience": 100, "checkpoint_every": 2}}
 SEARCHES = {
@@ -62,7 +63,7 @@ def test_gradient_fit_resumed_after_kill_9_is_bit_identical(random_world, whole_
     whole = whole_gradient
     out = tmp_path / "killed"
     recipe = _recipe(random_world, tmp_path, out, **GRADIENT)
-    killed = run_module("fit", recipe, "--quiet", fault=f"sigkill@step:{step}")
+    killed = run_forked("fit", recipe, "--quiet", fault=f"sigkill@step:{step}")
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not (out / "mixture.json").exists()  # a killed run never looks finished
     saved = RunState(out, {}).load_gradient()
@@ -83,7 +84,7 @@ def test_zero_order_fit_resumed_after_kill_9_has_the_same_log(random_world, tmp_
     assert run_in_process("fit", _recipe(random_world, tmp_path, whole, **search), "--quiet").returncode == 0
     out = tmp_path / "killed"
     recipe = _recipe(random_world, tmp_path, out, **search)
-    killed = run_module("fit", recipe, "--quiet", fault="sigkill@evaluation:7")
+    killed = run_forked("fit", recipe, "--quiet", fault="sigkill@evaluation:7")
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     logged = len((out / CHECKPOINT_DIR / EVALUATIONS).read_text().splitlines())
     assert logged == 6  # killed as the 7th evaluation began: the six before it are journaled
@@ -100,7 +101,7 @@ def test_zero_order_fit_resumed_after_kill_9_has_the_same_log(random_world, tmp_
 def test_sigterm_and_sigint_save_and_say_how_to_resume(random_world, whole_gradient, tmp_path, sig, code):
     out = tmp_path / "run"
     recipe = _recipe(random_world, tmp_path, out, **GRADIENT)
-    stopped = run_module("fit", recipe, "--quiet", fault=f"{signal.Signals(sig).name.lower()}@step:5")
+    stopped = run_forked("fit", recipe, "--quiet", fault=f"{signal.Signals(sig).name.lower()}@step:5")
     stderr = stopped.stderr
     assert stopped.returncode == code, stderr
     assert f"{signal.Signals(sig).name} at step 5" in stderr  # saved at the step the signal arrived in
@@ -115,7 +116,7 @@ def test_sigterm_and_sigint_save_and_say_how_to_resume(random_world, whole_gradi
 def test_checkpoint_of_another_recipe_is_refused(random_world, tmp_path):
     out = tmp_path / "run"
     recipe = _recipe(random_world, tmp_path, out, **GRADIENT)
-    killed = run_module("fit", recipe, "--quiet", fault="sigkill@step:7")
+    killed = run_forked("fit", recipe, "--quiet", fault="sigkill@step:7")
     assert killed.returncode == -signal.SIGKILL
     changed = run_in_process("fit", recipe, "optim.lr=0.05", "--quiet")
     assert changed.returncode == 2
@@ -176,7 +177,7 @@ def test_train_resumed_after_kill_9_saves_the_same_models(random_world, tmp_path
     whole = run_in_process("train", recipe(tmp_path / "whole"), "--quiet")
     assert whole.returncode == 0, whole.stderr
     path = recipe(tmp_path / "killed")
-    killed = run_module(
+    killed = run_forked(
         "train", path, "--quiet", fault="sigkill@train.beta:7"
     )  # inside the second expert's run
     assert killed.returncode == -signal.SIGKILL, killed.stderr
@@ -201,7 +202,7 @@ def test_sigterm_inside_a_search_batch_keeps_every_finished_evaluation(random_wo
     sections = {"search": SEARCHES["grid"], "objective": {"terms": [{"kind": "loss", "dev": "all"}, term]}}
     out = tmp_path / "run"
     recipe = _recipe(random_world, tmp_path, out, **sections)
-    stopped = run_module("fit", recipe, "--quiet", fault="sigterm@evaluation:6")
+    stopped = run_forked("fit", recipe, "--quiet", fault="sigterm@evaluation:6")
     stderr = stopped.stderr
     assert stopped.returncode == 143, stderr
     assert "SIGTERM at evaluation 6" in stderr and "Rerun the same command to continue" in stderr

@@ -15,7 +15,6 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.utils import parametrize
 
 from mergeopt.memory import checkpointing
@@ -28,6 +27,7 @@ from mergeopt.merging.sharded_merge import (
 )
 from mergeopt.merging.stack import build_stack
 from mergeopt.objectives.loss import dev_loss
+from tests.conftest import fork_ranks
 from tests.test_layer_merge import padded_batch, perturbed_experts, tiny_model
 
 LOGITS = torch.tensor([0.3, -0.4, 0.2], dtype=torch.float64)
@@ -104,7 +104,7 @@ def test_sharded_ranks_give_the_single_process_loss_and_gradient(arch, dtype, si
     batch = padded_batch()
     want = {str(c): _step(model, stack, batch, c) for c in (False, True)}
     out = tmp_path / "ranks.json"
-    mp.spawn(_worker, args=(size, _free_port(), arch, dtype, str(out)), nprocs=size)
+    fork_ranks(_worker, args=(size, _free_port(), arch, dtype, str(out)), nprocs=size)
     ranks = json.loads(out.read_text())
     for checkpointed, (loss, grad) in want.items():
         for r in ranks:
@@ -235,7 +235,7 @@ def test_each_rank_reads_only_its_rows_of_every_matrix(tmp_path, dtype, size):
     for i, name in enumerate("abc"):
         save_checkpoint(perturbed(base, 100 + i), tmp_path / name)
     out = tmp_path / "ranks.json"
-    mp.spawn(_stacking_worker, args=(size, _free_port(), str(tmp_path), dtype, str(out)), nprocs=size)
+    fork_ranks(_stacking_worker, args=(size, _free_port(), str(tmp_path), dtype, str(out)), nprocs=size)
     ranks = json.loads(out.read_text())
     assert all(r["same"] for r in ranks)
     for rank, r in enumerate(ranks):
@@ -329,7 +329,7 @@ def test_a_sharded_load_reads_rows_of_the_base_and_of_every_expert(tmp_path, met
     )
     loss, grad = _step(model, stack, padded_batch(), True)
     out = tmp_path / "ranks.json"
-    mp.spawn(_loading_worker, args=(size, _free_port(), str(tmp_path), method, str(out)), nprocs=size)
+    fork_ranks(_loading_worker, args=(size, _free_port(), str(tmp_path), method, str(out)), nprocs=size)
     ranks = json.loads(out.read_text())
     shapes = {n: list(p.shape) for n, p in base.named_parameters()}
     matrices = {n for n, s in shapes.items() if len(s) >= 2}
@@ -419,7 +419,7 @@ def test_lora_factors_sharded_give_the_single_process_loss_and_gradient(tmp_path
     want = {str(c): _step(model, stack, _lora_batch(model.config.vocab_size), c) for c in (False, True)}
     size = 3
     out = tmp_path / "ranks.json"
-    mp.spawn(_lora_worker, args=(size, _free_port(), str(tmp_path), str(out)), nprocs=size)
+    fork_ranks(_lora_worker, args=(size, _free_port(), str(tmp_path), str(out)), nprocs=size)
     ranks = json.loads(out.read_text())
     whole = {n: (f.a.shape[0], f.b.shape[0]) for n, f in stack.lowrank.modules.items()}
     for r in ranks:

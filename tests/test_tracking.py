@@ -30,7 +30,7 @@ from mergeopt.fit import fit
 from mergeopt.fit import main as fit_main
 from mergeopt.reporting import tracking
 from mergeopt.runtime.resume import RunState
-from tests.conftest import EXPERTS, recipe_tree, run_in_process, run_module
+from tests.conftest import EXPERTS, recipe_tree, run_forked, run_in_process
 
 OPTIM = {"steps": 6, "batch_size": 4, "eval_every": 2, "eval_batch_size": 16, "patience": 100}
 TERMS = [{"kind": "loss", "dev": "all"}, {"kind": "loss", "dev": "arith"}]  # two series, labels with a ':'
@@ -283,13 +283,13 @@ RESUMABLE = {"optim": {**OPTIM, "steps": 8, "checkpoint_every": 2}}
 
 
 def _stopped_and_resumed(world, tmp_path, backends, fault: str, **sections) -> Path:
-    """A fit that stops at ``fault`` (a subprocess), then the same command again, to the end."""
+    """A fit that stops at ``fault`` (a forked process), then the same command again, to the end."""
     pytest.importorskip("mergeopt.runtime.faults")  # MERGEOPT_FAULT: the named stopping points
     for backend in backends:
         pytest.importorskip(tracking.PACKAGES[backend])
     out = tmp_path / "run"
     recipe = _recipe_file(world, tmp_path, out, backends, **sections)
-    stopped = run_module("fit", recipe, "--quiet", fault=fault)
+    stopped = run_forked("fit", recipe, "--quiet", fault=fault)
     assert stopped.returncode in (-signal.SIGKILL, 143), stopped.stderr
     resumed = run_in_process("fit", recipe, "--quiet")
     assert resumed.returncode == 0, resumed.stderr
