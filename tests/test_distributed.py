@@ -100,17 +100,39 @@ def test_two_processes_find_the_mixture_one_process_finds(single_runs, tmp_path,
     assert double.stdout.count("Recommended mixture") == 1
 
 
-@pytest.mark.parametrize("processes", [2, 4])
-@pytest.mark.parametrize("search", ["gradient", "grid"])
-def test_a_sharded_stack_finds_the_mixture_one_process_finds(single_runs, tmp_path, search, processes):
+SHARDED = ("model.shard=fsdp", "optim.checkpoint_every=2")  # a checkpoint at step 2 for the kill test
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(single_runs, tmp_path_factory):
+    """torchrun fits with model.shard=fsdp of the single_runs recipes (made on first use): what the
+    sharded tests compare with one process, and the uninterrupted run a killed one must resume to."""
+    made = {}
+
+    def run(name: str, processes: int):
+        if (name, processes) not in made:
+            path, _ = single_runs(name)
+            out = tmp_path_factory.mktemp(f"sharded-{name}-{processes}") / "sharded"
+            made[name, processes] = _torchrun(path, f"output_dir={out}", *SHARDED, processes=processes), out
+        return made[name, processes]
+
+    return run
+
+
+@pytest.mark.parametrize(
+    "search, processes",
+    # 4 ranks: blocks of rows that 4 does not divide; the zero-order path is the same for any count
+    [("gradient", 2), ("gradient", 4), ("grid", 2)],
+)
+def test_a_sharded_stack_finds_the_mixture_one_process_finds(single_runs, sharded_runs, search, processes):
     """model.shard=fsdp: each rank holds a block of rows of every matrix, the ranks gather each
     merged weight and score every batch (and, for grid search, every candidate) together."""
-    path, one_dir = single_runs(search)
+    _, one_dir = single_runs(search)
+    sharded, out = sharded_runs(search, processes)
     search = SEARCHES[search]
-    sharded = _torchrun(path, f"output_dir={tmp_path / 'sharded'}", "model.shard=fsdp", processes=processes)
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     one = json.loads((one_dir / "mixture.json").read_text())
-    many = json.loads((tmp_path / "sharded" / "mixture.json").read_text())
+    many = json.loads((out / "mixture.json").read_text())
     assert (one["shard"], many["shard"], many["processes"]) == ("none", "fsdp", processes)
     # rank 0's stack: a block of rows of each matrix (the tiny model's vectors stay whole)
     assert many["stack"]["bytes"] < one["stack"]["bytes"] / processes * 1.15
@@ -123,7 +145,7 @@ def test_a_sharded_stack_finds_the_mixture_one_process_finds(single_runs, tmp_pa
         evaluations = many["search"]["evaluations"]
         assert many["search"]["evaluations_per_process"] == [evaluations] * processes
         log_one = pd.read_csv(one_dir / "evaluations.csv").drop(columns="seconds")
-        log_many = pd.read_csv(tmp_path / "sharded" / "evaluations.csv").drop(columns="seconds")
+        log_many = pd.read_csv(out / "evaluations.csv").drop(columns="seconds")
         pd.testing.assert_frame_equal(
             log_one.drop(columns="process", errors="ignore"),
             log_many.drop(columns="process", errors="ignore"),
@@ -131,28 +153,23 @@ def test_a_sharded_stack_finds_the_mixture_one_process_finds(single_runs, tmp_pa
         )
 
 
-def test_a_sharded_fit_killed_under_torchrun_resumes_to_the_same_mixture(random_world, tmp_path):
-    """Every rank killed with SIGKILL at step 5 (``MERGEOPT_FAULT``, after step 4's checkpoint);
+def test_a_sharded_fit_killed_under_torchrun_resumes_to_the_same_mixture(single_runs, sharded_runs, tmp_path):
+    """Every rank killed with SIGKILL at step 3 (``MERGEOPT_FAULT``, after step 2's checkpoint);
     the same command again resumes from it and writes the mixture.json of an uninterrupted sharded run."""
     from mergeopt.runtime.resume import RunState
 
-    optim = {"steps": 40, "batch_size": 4, "eval_every": 10, "patience": 100, "checkpoint_every": 2}
-    paths = {}
-    for run in ("whole", "killed"):
-        tree = recipe_tree(random_world, tmp_path / run, optim=optim)
-        tree["model"]["shard"] = "fsdp"
-        paths[run] = tmp_path / f"{run}.yaml"
-        paths[run].write_text(yaml.safe_dump(tree))
-    whole = _torchrun(paths["whole"])
+    path, _ = single_runs("gradient")
+    whole, whole_dir = sharded_runs("gradient", 2)
     assert whole.returncode == 0, whole.stderr[-3000:]
     out = tmp_path / "killed"
-    killed = _torchrun(paths["killed"], fault="sigkill@step:5")
+    killed = _torchrun(path, f"output_dir={out}", *SHARDED, fault="sigkill@step:3")
     assert killed.returncode != 0 and "SIGKILL" in killed.stderr, killed.stderr[-3000:]
     assert not (out / "mixture.json").exists()
-    assert RunState(out, {}).load_gradient()["next_step"] == 4
-    resumed = _torchrun(paths["killed"], "--resume")  # --resume: an error without a checkpoint
+    assert RunState(out, {}).load_gradient()["next_step"] == 2
+    # --resume: an error without a checkpoint
+    resumed = _torchrun(path, f"output_dir={out}", *SHARDED, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert (out / "mixture.json").read_bytes() == (tmp_path / "whole" / "mixture.json").read_bytes()
+    assert (out / "mixture.json").read_bytes() == (whole_dir / "mixture.json").read_bytes()
 
 
 def test_a_sharded_stack_scores_metric_terms_as_one_process_does(random_world, tmp_path):

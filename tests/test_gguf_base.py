@@ -7,6 +7,8 @@ and losses as a fit on the converted checkpoint, with the same two safetensors e
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -15,7 +17,7 @@ from mergeopt.config import recipe_from_dict
 from mergeopt.errors import UserError
 from mergeopt.fit import fit
 from mergeopt.worlds import smollm2
-from tests.conftest import perturbed
+from tests.conftest import perturbed, tiny_config
 
 
 def _tree(base: dict, experts: dict, dev: str, out) -> dict:
@@ -67,3 +69,24 @@ def test_missing_gguf_file_is_named(smollm2_world, tmp_path):
     with pytest.raises(UserError, match="model.gguf_file 'nope.gguf' is not a file in"):
         fit(recipe_from_dict(tree), progress=False, log=lambda _m: None)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_base_config_is_parsed_once_per_file_version(tmp_path, monkeypatch):
+    """A GGUF's metadata takes seconds to parse and a fit needs the config for the checks, the meta
+    model and the weights: it is parsed once per version of the file, and each caller gets a copy."""
+    from transformers import AutoConfig
+
+    from mergeopt.loading import checkpoints
+
+    tiny_config().save_pretrained(tmp_path)
+    parsed = []
+    real = AutoConfig.from_pretrained
+    monkeypatch.setattr(AutoConfig, "from_pretrained", lambda *a, **k: parsed.append(a) or real(*a, **k))
+    first = checkpoints.base_config(tmp_path)
+    model, second = checkpoints.meta_model(tmp_path)
+    assert len(parsed) == 1 and first is not second and first.to_dict() == second.to_dict()
+    second.hidden_size = 1  # a caller's change stays its own
+    assert checkpoints.base_config(tmp_path).hidden_size == first.hidden_size
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}, indent=3))
+    assert checkpoints.base_config(tmp_path).num_hidden_layers == 1 and len(parsed) == 2

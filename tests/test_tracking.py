@@ -339,6 +339,25 @@ def test_a_resumed_search_logs_no_replayed_evaluation_again(random_world, tmp_pa
     assert _steps(second, "value") == list(range(3, len(pd.read_csv(out / "evaluations.csv"))))
 
 
+def test_a_resumed_attempt_started_in_the_second_of_the_first_sorts_after_it(tmp_path):
+    """TensorBoard reads a run's event files in name order, and a name starts with its second: a
+    resumed attempt's file must sort after the first attempt's, or the first's later steps would
+    hide the resumed ones. The file of an attempt made in this very second is there already."""
+    pytest.importorskip("tensorboard")
+    import socket
+    import time
+
+    folder = tmp_path / "tensorboard" / "run"
+    folder.mkdir(parents=True)
+    first = folder / f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.999999.0"
+    first.write_bytes(b"")
+    board = tracking._TensorBoard(tmp_path, "run", "seed: 0\n")
+    board.log({"loss": 1.0}, step=3)
+    board.close("finished")
+    names = sorted(f.name for f in folder.iterdir())
+    assert len(names) == 2 and names[0] == first.name
+
+
 # ----------------------------------------------------------------------------- no tracker, no library, rank > 0
 
 

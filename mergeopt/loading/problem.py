@@ -95,8 +95,11 @@ def _open_checked(recipe: Recipe) -> tuple[Experts, object]:
 
 def _weights_source(recipe: Recipe) -> dict:
     """from_pretrained's arguments for where the base's weights come from: safetensors, pickle, GGUF."""
-    if recipe.model.gguf_file:
-        return {"gguf_file": recipe.model.gguf_file}
+    if recipe.model.gguf_file:  # with the config the checks parsed: a GGUF's metadata takes seconds
+        from mergeopt.loading.checkpoints import base_config
+
+        config = base_config(recipe.model.base, recipe.model.trust_remote_code, recipe.model.gguf_file)
+        return {"gguf_file": recipe.model.gguf_file, "config": config}
     return {"use_safetensors": None if recipe.model.allow_pickle else True}
 
 

@@ -104,6 +104,22 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, str]:
 # ----------------------------------------------------------------------------- backends
 
 
+def _after_earlier_event_files(folder: Path) -> None:
+    """Wait, if need be, until a new event file sorts after the ones in ``folder``.
+
+    TensorBoard reads a run's event files in name order, and a name starts with the second it was
+    made in (then host, pid). A resumed attempt's file must come after the interrupted one's, or its
+    purge_step would hide nothing and the first attempt's later steps would hide the resumed ones:
+    an attempt resumed within the second its predecessor started needs this wait (at most 1 s)."""
+    stamps = [int(m[1]) for f in folder.glob("events.out.tfevents.*") if (m := _EVENT_STAMP.match(f.name))]
+    wait = max(stamps) + 1 - time.time() if stamps else 0.0
+    if 0 < wait <= 2:  # not for a clock that went back further than that
+        time.sleep(wait)
+
+
+_EVENT_STAMP = re.compile(r"events\.out\.tfevents\.(\d+)\.")
+
+
 class _TensorBoard:
     """torch's SummaryWriter; created at the first step logged, with that step as purge_step."""
 
@@ -123,6 +139,7 @@ class _TensorBoard:
 
     def _open(self, purge_step: int | None):
         if self._writer is None:
+            _after_earlier_event_files(self.dir)
             self._writer = self._writer_class(str(self.dir), purge_step=purge_step)
             self._writer.add_text("recipe", f"```yaml\n{self._recipe_text}```", purge_step or 0)
         return self._writer
