@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
             progress=False,
         )
         mixture = {"weights": as_mapping(names, fitted.weights.double() / fitted.weights.double().sum())}
-        report, _, _ = rank_grid(
+        report, _, _, _ = rank_grid(
             problem, objective, recipe.rank.grid, recipe.rank, recipe.seed, mixture, progress=False
         )
         target = report["metrics"]["target"]

@@ -273,7 +273,7 @@ def _search_and_write(
         from mergeopt.evaluation.rank import rank_grid
         from mergeopt.evaluation.rank import write_outputs as write_rank_outputs
 
-        report, pairs, _ = rank_grid(
+        report, pairs, _, baselines = rank_grid(
             problem,
             objective,
             resolved.rank.grid,
@@ -290,12 +290,16 @@ def _search_and_write(
             "n_mixtures": report["n_mixtures"],
             **{key: target[key] for key in ("spearman", "kendall", "pairwise_accuracy", "regret")},
             "fitted_regret": report["fitted_mixture"]["regret"],
+            "baselines": {  # the same numbers for what a team gets without the proxy
+                name: {key: stats["target"][key] for key in ("spearman", "regret")}
+                for name, stats in report["baselines"].items()
+            },
         }
         if distributed.is_main():
             from mergeopt.evaluation.proxy import read_grid
 
             grid = read_grid(resolved.rank.grid, names)[[f"w_{n}" for n in names]]
-            write_rank_outputs(report, pairs, recipe.output_dir, grid)
+            write_rank_outputs(report, pairs, recipe.output_dir, grid, baselines)
     if distributed.is_main():  # under torchrun every rank holds the same result; rank 0 writes it
         write_outputs(recipe, mixture, trace, names)
         tracker.finish(mixture)

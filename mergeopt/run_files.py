@@ -159,6 +159,14 @@ class RankReport(_RunFile):
     fitted_mixture: dict[str, Any] | None = Field(
         default=None, description="Grid mode: the fitted mixture's nearest grid point and its regret."
     )
+    baselines: dict[str, dict[str, RankStatistics]] | None = Field(
+        default=None,
+        description="Grid mode: the same statistics for each baseline (interpolation of the experts' "
+        "scores; LightGBM and the mixing law, each leave-one-out on the grid's runs), per metric.",
+    )
+    baselines_skipped: dict[str, str] | None = Field(
+        default=None, description="Grid mode: baselines the grid is too small for, and why."
+    )
     note: str | None = None
 
 

@@ -134,7 +134,7 @@ def ranked(grids):
     recipe, _ = resolve_recipe(recipe_from_dict(grids["tree"]), log=lambda _m: None)
     objective = Objective.from_recipe(recipe)
     problem = load_problem(recipe, progress=False, objective=objective)
-    report, pairs, proxy = rank_grid(
+    report, pairs, proxy, _ = rank_grid(
         problem, objective, grids["grid"], recipe.rank, recipe.seed, progress=False
     )
     return report, pairs, proxy, pd.read_csv(grids["grid"])

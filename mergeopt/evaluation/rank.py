@@ -21,11 +21,13 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from mergeopt.cli import run_command
 from mergeopt.config import RankSection
 from mergeopt.errors import UserError
+from mergeopt.evaluation.baselines import LABELS, NEEDS, baseline_predictions
 from mergeopt.evaluation.rank_stats import mixture_regret, rank_statistics
 from mergeopt.evaluation.tables import rank_tables
 from mergeopt.objectives.objective import Objective
@@ -69,8 +71,45 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_scatter(pairs: Mapping[str, tuple], report: dict, path: str | Path) -> Path:
-    """Proxy against true score, one panel per metric (the first nine) plus the mean."""
+def baseline_table(report: dict) -> str:
+    """The proxy beside the baselines on the headline metric, then every metric's Spearman for each."""
+    overall = report.get("overall", "mean")
+    k = report["options"]["k"]
+    predictors = {"proxy": report["metrics"], **report["baselines"]}
+    lines = [
+        f"Against the baselines ({overall}; the regressions predict each run from the n - 1 others):",
+        "",
+        f"| predictor | needs | Spearman [{report['options']['confidence']:.0%} CI] | Kendall [CI] | "
+        f"pairwise acc | top-1 | top-{k} | regret |",
+        "| --- | --- | --- | --- | ---: | :---: | :---: | ---: |",
+    ]
+    for name, metrics in predictors.items():
+        s = metrics[overall]
+        rho = f"{format_number(s['spearman'])} [{format_number(s['spearman_ci'][0])}, {format_number(s['spearman_ci'][1])}]"
+        tau = f"{format_number(s['kendall'])} [{format_number(s['kendall_ci'][0])}, {format_number(s['kendall_ci'][1])}]"
+        lines.append(
+            f"| {LABELS[name]} | {NEEDS[name]} | {rho} | {tau} | {format_number(s['pairwise_accuracy'])} | "
+            f"{'yes' if s['top1_hit'] else 'no'} | {'yes' if s['topk_hit'] else 'no'} | {format_number(s['regret'])} |"
+        )
+    lines += ["", "Spearman of each predictor, every metric:", ""]
+    lines.append("| metric | " + " | ".join(LABELS[name] for name in predictors) + " |")
+    lines.append("| --- |" + " ---: |" * len(predictors))
+    for metric in report["metrics"]:
+        cells = [format_number(p[metric]["spearman"]) for p in predictors.values()]
+        lines.append(f"| {f'**{metric}**' if metric == overall else metric} | " + " | ".join(cells) + " |")
+    for name, why in report.get("baselines_skipped", {}).items():
+        lines += ["", f"{LABELS[name]}: not computed ({why})."]
+    return "\n".join(lines)
+
+
+def plot_scatter(
+    pairs: Mapping[str, tuple],
+    report: dict,
+    path: str | Path,
+    baselines: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+) -> Path:
+    """Proxy against true score, one panel per metric (the first nine) plus the mean; then each
+    baseline's predictions against the true score of the headline metric, side by side."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -78,18 +117,24 @@ def plot_scatter(pairs: Mapping[str, tuple], report: dict, path: str | Path) -> 
 
     overall = report.get("overall", "mean")
     names = [m for m in pairs if m != overall][:MAX_SCATTER_PANELS] + ([overall] if overall in pairs else [])
-    ncols = math.ceil(math.sqrt(len(names)))
-    nrows = math.ceil(len(names) / ncols)
+    panels = [(name, "proxy", pairs[name][0], report["metrics"][name]) for name in names]
+    if baselines and overall in pairs:
+        panels += [
+            (overall, b, predicted[overall], report["baselines"][b][overall])
+            for b, predicted in baselines.items()
+        ]
+    ncols = math.ceil(math.sqrt(len(panels)))
+    nrows = math.ceil(len(panels) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 3.0 * nrows), squeeze=False)
-    for ax, name in zip(axes.flat, names):
-        proxy, truth = pairs[name]
-        ax.scatter(truth, proxy, s=6, alpha=0.6)
-        ax.set_title(f"{name}\nρ = {format_number(report['metrics'][name]['spearman'])}", fontsize=8)
+    for ax, (name, predictor, predicted, stats) in zip(axes.flat, panels):
+        ax.scatter(pairs[name][1], predicted, s=6, alpha=0.6, color="C0" if predictor == "proxy" else "C1")
+        title = name if predictor == "proxy" else f"{name}: {LABELS[predictor]}"
+        ax.set_title(f"{title}\nρ = {format_number(stats['spearman'])}", fontsize=8)
         ax.set_xlabel("true score", fontsize=7)
-        ax.set_ylabel("proxy score", fontsize=7)
+        ax.set_ylabel("proxy score" if predictor == "proxy" else "predicted score", fontsize=7)
         ax.tick_params(labelsize=6)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(names) :]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
     shown = len([m for m in names if m != overall])
     total = len([m for m in pairs if m != overall])
@@ -102,24 +147,37 @@ def plot_scatter(pairs: Mapping[str, tuple], report: dict, path: str | Path) -> 
         plt.close(fig)
 
 
-def pairs_frame(pairs: Mapping[str, tuple], weights: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per mixture: its weights (when known), then ``proxy_<metric>``, ``truth_<metric>``."""
+def pairs_frame(
+    pairs: Mapping[str, tuple],
+    weights: pd.DataFrame | None = None,
+    baselines: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+) -> pd.DataFrame:
+    """One row per mixture: its weights (when known), then ``proxy_<metric>``, ``truth_<metric>``,
+    then each baseline's prediction, ``<baseline>_<metric>``."""
     columns = {} if weights is None else {c: weights[c].to_numpy() for c in weights.columns}
     for name, (proxy, truth) in pairs.items():
         columns[f"proxy_{name}"], columns[f"truth_{name}"] = proxy, truth
+    for baseline, predicted in (baselines or {}).items():
+        for name in pairs:
+            columns[f"{baseline}_{name}"] = predicted[name]
     return pd.DataFrame(columns)
 
 
 def write_outputs(
-    report: dict, pairs: Mapping[str, tuple], out: str | Path, weights: pd.DataFrame | None = None
+    report: dict,
+    pairs: Mapping[str, tuple],
+    out: str | Path,
+    weights: pd.DataFrame | None = None,
+    baselines: Mapping[str, Mapping[str, np.ndarray]] | None = None,
 ) -> Path:
     """rank_report.{json,md}, rank_scatter.png and rank_pairs.csv (the scores behind the figure)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    frame = pairs_frame(pairs, weights)
+    frame = pairs_frame(pairs, weights, baselines)
     write_csv_atomic(out / "rank_pairs.csv", frame.to_dict("records"), list(frame.columns))
-    plot_scatter(pairs, report, out / "rank_scatter.png")
-    write_text_atomic(out / "rank_report.md", markdown_table(report) + "\n")
+    plot_scatter(pairs, report, out / "rank_scatter.png", baselines)
+    text = markdown_table(report) + ("\n\n" + baseline_table(report) if "baselines" in report else "")
+    write_text_atomic(out / "rank_report.md", text + "\n")
     record = RankReport.model_validate({"schema_version": SCHEMA_VERSION, **json_safe(report)}).to_json()
     write_json_atomic(out / "rank_report.json", record)
     return out
@@ -146,8 +204,9 @@ def rank_grid(
     progress: bool = True,
     checkpoint=None,
     together: bool = False,
-) -> tuple[dict, dict, pd.DataFrame]:
-    """Evaluate the merged proxy at every grid mixture and score it against the grid's true values.
+) -> tuple[dict, dict, pd.DataFrame, dict]:
+    """Evaluate the merged proxy at every grid mixture and score it, and the baselines of
+    :mod:`mergeopt.evaluation.baselines`, against the grid's true values.
 
     The metrics are each dev set's loss, each non-loss objective term (its ``score_<label>``
     column, oriented by :func:`mergeopt.objectives.metrics.higher_is_better`), and the target loss.
@@ -155,7 +214,7 @@ def rank_grid(
     bootstrap resamples, ``seed`` is the recipe's. ``mixture`` (a mixture.json) adds the regret of
     the fitted mixture at its nearest grid point, on the target. ``checkpoint`` and ``together``
     go to :func:`mergeopt.evaluation.proxy.proxy_grid` (resume, a sharded stack). Returns the
-    report, the paired scores and the proxy's losses and scores.
+    report, the paired scores, the proxy's losses and scores, and each baseline's predicted scores.
     """
     from mergeopt.evaluation.proxy import check_truth, proxy_grid, read_grid, truth_columns
     from mergeopt.objectives.metrics import higher_is_better
@@ -163,13 +222,22 @@ def rank_grid(
     names = problem.stack.expert_names
     table = read_grid(grid_path, names)
     check_truth(table, objective, grid_path)
-    proxy = proxy_grid(problem, objective, table, progress, checkpoint, together)
+    # the grid's mixtures, then the experts themselves (the interpolation baseline's scores; a grid
+    # that has its vertices scores each once: the Evaluator caches by mixture)
+    weight_columns = [f"w_{n}" for n in names]
+    vertices = pd.DataFrame(np.eye(len(names)), columns=weight_columns)
+    scored = pd.concat([table[weight_columns], vertices], ignore_index=True)
+    evaluated = proxy_grid(problem, objective, scored, progress, checkpoint, together)
+    proxy = evaluated.iloc[: len(table)].set_axis(table.index)
+    experts = evaluated.iloc[len(table) :]
     a = problem.set_weights.double().numpy()
     a = a / a.sum()
     columns = truth_columns(objective)
     pairs = {name: (proxy[c].to_numpy(), table[c].to_numpy()) for name, c in columns.items()}
+    expert_scores = {name: experts[c].to_numpy() for name, c in columns.items()}
     losses = [columns[name] for name in objective.dev_names]
     pairs["target"] = (proxy[losses].to_numpy() @ a, table[losses].to_numpy() @ a)
+    expert_scores["target"] = experts[losses].to_numpy() @ a
     higher = {t.label: higher_is_better(t) for t in objective.metric_terms}
     options = {
         "k": rank.k,
@@ -188,10 +256,32 @@ def rank_grid(
             for name, pair in pairs.items()
         },
     }
+    predictions, left_out = baseline_predictions(
+        table[weight_columns].to_numpy(),
+        {name: truth for name, (_, truth) in pairs.items()},
+        expert_scores,
+        seed,
+    )
+    report["baselines"] = {
+        baseline: {
+            name: rank_statistics(
+                predicted[name],
+                pairs[name][1],
+                name=name,
+                higher_is_better=higher.get(name, False),
+                **options,
+            )
+            for name in pairs
+        }
+        for baseline, predicted in predictions.items()
+    }
+    if left_out:
+        report["baselines_skipped"] = left_out
     if mixture is not None:
-        weight_columns = table[[f"w_{n}" for n in names]]
-        report["fitted_mixture"] = mixture_regret(mixture["weights"], weight_columns, pairs["target"][1])
-    return report, pairs, proxy
+        report["fitted_mixture"] = mixture_regret(
+            mixture["weights"], table[weight_columns], pairs["target"][1]
+        )
+    return report, pairs, proxy, predictions
 
 
 def _grid_main(args) -> int:
@@ -245,7 +335,7 @@ def _grid_run(args, recipe, out: Path) -> int:
         checkpoint.start_lazily()  # created at the first journaled evaluation, a --restart's old one removed
     try:
         problem = load_problem(resolved, not quiet, objective)
-        report, pairs, proxy = rank_grid(
+        report, pairs, _, baselines = rank_grid(
             problem,
             objective,
             grid,
@@ -265,12 +355,14 @@ def _grid_run(args, recipe, out: Path) -> int:
     if not distributed.is_main():
         return 0
     weights = read_grid(grid, recipe.expert_names)[[f"w_{n}" for n in recipe.expert_names]]
-    write_outputs(report, pairs, out, weights)
+    write_outputs(report, pairs, out, weights, baselines)
     checkpoint.clear()  # the report is the record now
     from mergeopt.reporting.run_report import write_report
 
     write_report(out)
     print(markdown_table(report))
+    if "baselines" in report:
+        print("\n" + baseline_table(report))
     if "fitted_mixture" in report:
         fitted = report["fitted_mixture"]
         print(

@@ -1,0 +1,135 @@
+"""What the merged proxy is measured against in every rank report: a free baseline and two that use real runs.
+
+A proxy earns its cost only if it ranks mixtures better than what a team gets without it:
+
+* ``interpolation``: each mixture's score predicted as Σ_i w_i · s(θ_i), the straight line between
+  the experts' own scores. It costs nothing beyond the K experts the proxy needs anyway, and it is
+  what "mix the experts' numbers" amounts to.
+* ``lightgbm_loo``: RegMix's regression (LightGBM on the mixture weights), fitted on the other
+  n - 1 real runs of the grid and asked for the held-out one (leave-one-out), with the booster the
+  surrogate strategy fits (:func:`mergeopt.search.surrogate.fit_surrogate`, its default settings).
+* ``mixing_law_loo``: the Data Mixing Laws form s(w) = c + k · exp(Σ_j t_j w_j) (Ye et al., 2024),
+  fitted by scipy's least squares on the other n - 1 runs, leave-one-out.
+
+The two regressions see n - 1 real runs per prediction: they say what the grid's runs alone could
+tell, which the proxy must beat to be worth its K experts, and how far (issue 16's calibration joins
+the two). Each returns one predicted score per grid mixture, scored by the same rank statistics as
+the proxy.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping
+
+import numpy as np
+
+NAMES = ("interpolation", "lightgbm_loo", "mixing_law_loo")
+LABELS = {
+    "proxy": "merged proxy",
+    "interpolation": "interpolation Σ w_i s(θ_i)",
+    "lightgbm_loo": "LightGBM, leave-one-out",
+    "mixing_law_loo": "mixing law c + k·exp(t·w), leave-one-out",
+}
+NEEDS = {
+    "proxy": "the K experts",
+    "interpolation": "the K experts",
+    "lightgbm_loo": "n - 1 real runs",
+    "mixing_law_loo": "n - 1 real runs",
+}
+
+
+def interpolation(weights: np.ndarray, expert_scores: np.ndarray) -> np.ndarray:
+    """Σ_i w_i s(θ_i) for each mixture (rows of ``weights``, n × K) from the K experts' scores."""
+    weights = np.asarray(weights, dtype=np.float64)
+    expert_scores = np.asarray(expert_scores, dtype=np.float64)
+    if expert_scores.shape != (weights.shape[1],):
+        raise ValueError(f"{expert_scores.shape[0]} expert scores for {weights.shape[1]} experts")
+    return weights @ expert_scores
+
+
+def lightgbm_loo(weights: np.ndarray, truth: np.ndarray, seed: int) -> np.ndarray:
+    """Each run's score predicted by LightGBM fitted on the other runs (the surrogate's settings)."""
+    from mergeopt.config import SurrogateSearch
+    from mergeopt.search.surrogate import fit_surrogate
+
+    weights, truth = np.asarray(weights, dtype=np.float64), np.asarray(truth, dtype=np.float64)
+    predicted = np.empty(len(truth))
+    params = SurrogateSearch()
+    for i in range(len(truth)):
+        keep = np.arange(len(truth)) != i
+        model = fit_surrogate(weights[keep], {"s": truth[keep]}, params, seed)
+        predicted[i] = model.predict(weights[i])["s"][0]
+    return predicted
+
+
+def _mixing_law_start(weights: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """(c, k, t) to start from: c one score range below every score, t from a line through log(y - c)."""
+    c = float(y.min()) - max(float(np.ptp(y)), 1e-6)
+    design = np.column_stack([np.ones(len(y)), weights])
+    coef, *_ = np.linalg.lstsq(design, np.log(y - c), rcond=None)
+    return np.concatenate([[c, math.exp(coef[0])], coef[1:]])
+
+
+def fit_mixing_law(weights: np.ndarray, y: np.ndarray):
+    """The least-squares c + k·exp(t·w) through (weights, y); returns the fitted function of w.
+
+    Started from a line through log(y - c) with c below every score; the signs of t let a score fall
+    or rise with each weight, and the least squares may cross k = 0 where a score is concave in w.
+    """
+    from scipy.optimize import least_squares
+
+    weights, y = np.asarray(weights, dtype=np.float64), np.asarray(y, dtype=np.float64)
+
+    def predict(params: np.ndarray, w: np.ndarray) -> np.ndarray:
+        return params[0] + params[1] * np.exp(np.clip(w @ params[2:], -50.0, 50.0))
+
+    start = _mixing_law_start(weights, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        fitted = least_squares(lambda p: predict(p, weights) - y, start, method="trf", max_nfev=2000)
+    params = fitted.x
+    return lambda w: predict(params, np.atleast_2d(np.asarray(w, dtype=np.float64)))
+
+
+def mixing_law_loo(weights: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Each run's score predicted by the mixing law fitted on the other runs."""
+    weights, truth = np.asarray(weights, dtype=np.float64), np.asarray(truth, dtype=np.float64)
+    predicted = np.empty(len(truth))
+    for i in range(len(truth)):
+        keep = np.arange(len(truth)) != i
+        predicted[i] = fit_mixing_law(weights[keep], truth[keep])(weights[i])[0]
+    return predicted
+
+
+def skipped(n: int, k: int) -> dict[str, str]:
+    """The baselines a grid of ``n`` runs over ``k`` experts cannot support, with the reason."""
+    out = {}
+    if n - 1 < k + 2:
+        out["mixing_law_loo"] = f"{n - 1} runs per fit, fewer than its {k + 2} parameters"
+    if n - 1 < 2:
+        out["lightgbm_loo"] = f"{n - 1} run per fit"
+    return out
+
+
+def baseline_predictions(
+    weights: np.ndarray,
+    truths: Mapping[str, np.ndarray],
+    expert_scores: Mapping[str, np.ndarray],
+    seed: int,
+) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, str]]:
+    """({baseline: {metric: predicted score per grid row}}, {baseline: why it was skipped}).
+
+    ``truths`` and ``expert_scores`` are keyed by metric: the grid's true scores (n per metric) and
+    the K experts' own scores (the proxy at each one-hot mixture).
+    """
+    weights = np.asarray(weights, dtype=np.float64)
+    left_out = skipped(len(weights), weights.shape[1])
+    predictions: dict[str, dict[str, np.ndarray]] = {}
+    predictions["interpolation"] = {m: interpolation(weights, expert_scores[m]) for m in truths}
+    if "lightgbm_loo" not in left_out:
+        predictions["lightgbm_loo"] = {m: lightgbm_loo(weights, y, seed) for m, y in truths.items()}
+    if "mixing_law_loo" not in left_out:
+        predictions["mixing_law_loo"] = {m: mixing_law_loo(weights, y) for m, y in truths.items()}
+    return predictions, left_out

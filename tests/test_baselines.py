@@ -1,0 +1,136 @@
+"""The baselines every grid rank report sets beside the merged proxy (mergeopt.evaluation.baselines).
+
+Checked against numbers worked out independently: the interpolation against Σ w_i s(θ_i) and, on
+the committed tiny grid, against the target Spearman its issue quotes (0.233); the leave-one-out
+regressions never see the run they predict; the mixing law recovers a law it is fitted to and
+agrees with scipy's curve_fit; and a rank run's report, Markdown and rank_pairs.csv agree with
+scipy.stats on the predictions they write.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.stats
+
+from mergeopt.evaluation import baselines
+from tests.conftest import REPO, run_in_process
+from tests.test_proxy_evaluator import _write
+
+TINY_GRID = REPO / "benchmarks" / "results" / "tiny_grid" / "grid.csv"
+TINY_EXPERTS = ["arith", "reverse", "brackets", "markov"]
+
+
+def _tiny_grid():
+    grid = pd.read_csv(TINY_GRID)
+    weights = grid[[f"w_{n}" for n in TINY_EXPERTS]].to_numpy()
+    target = grid[[f"loss_{n}" for n in TINY_EXPERTS]].to_numpy().mean(axis=1)
+    return weights, target
+
+
+def test_interpolation_is_the_weighted_sum_of_the_experts_scores():
+    weights = np.array([[1.0, 0.0, 0.0], [0.2, 0.5, 0.3], [0.0, 0.0, 1.0]])
+    scores = np.array([2.0, 3.0, 5.0])
+    expected = [2.0, 0.2 * 2.0 + 0.5 * 3.0 + 0.3 * 5.0, 5.0]
+    np.testing.assert_allclose(baselines.interpolation(weights, scores), expected, rtol=0, atol=1e-12)
+
+
+def test_on_the_tiny_grid_interpolation_ranks_as_its_issue_measured():
+    """Issue 16: the free baseline ranks the tiny grid's truth at a target Spearman of 0.233 (the
+    experts' own losses are the grid's vertex rows: `mergeopt train`'s experts are those runs)."""
+    weights, target = _tiny_grid()
+    vertices = np.array([target[weights[:, i] == 1.0][0] for i in range(len(TINY_EXPERTS))])
+    rho = scipy.stats.spearmanr(baselines.interpolation(weights, vertices), target).statistic
+    assert rho == pytest.approx(0.233, abs=5e-4)
+
+
+def test_lightgbm_loo_never_sees_the_run_it_predicts_and_repeats_for_a_seed():
+    weights, target = _tiny_grid()
+    predicted = baselines.lightgbm_loo(weights, target, seed=0)
+    assert np.array_equal(predicted, baselines.lightgbm_loo(weights, target, seed=0))
+    changed = target.copy()
+    changed[7] += 10.0  # a run's own truth does not reach its prediction ...
+    moved = baselines.lightgbm_loo(weights, changed, seed=0)
+    assert moved[7] == predicted[7]
+    assert not np.allclose(np.delete(moved, 7), np.delete(predicted, 7))  # ... but reaches the others'
+    assert np.ptp(predicted) > 0  # not a constant: the booster splits on 19 runs
+
+
+def test_the_mixing_law_recovers_a_law_and_agrees_with_curve_fit():
+    rng = np.random.default_rng(0)
+    weights = rng.dirichlet(np.ones(3), size=30)
+    c, k, t = 1.5, 0.8, np.array([-1.0, 0.5, -2.0])
+    y = c + k * np.exp(weights @ t)
+    fitted = baselines.fit_mixing_law(weights, y)
+    fresh = rng.dirichlet(np.ones(3), size=5)
+    np.testing.assert_allclose(fitted(fresh), c + k * np.exp(fresh @ t), rtol=1e-6)
+    np.testing.assert_allclose(baselines.mixing_law_loo(weights, y), y, rtol=1e-6)
+    # on noisy scores: the same least squares as scipy's curve_fit from the same start
+    noisy = y + rng.normal(0, 0.01, size=len(y))
+    start = baselines._mixing_law_start(weights, noisy)
+
+    def law(w, c, k, *t):
+        return c + k * np.exp(np.asarray(w).T @ np.array(t))
+
+    params, _ = scipy.optimize.curve_fit(law, weights.T, noisy, p0=start, maxfev=20000)
+    np.testing.assert_allclose(
+        baselines.fit_mixing_law(weights, noisy)(weights), law(weights.T, *params), rtol=1e-5
+    )
+
+
+def test_a_grid_too_small_for_a_baseline_says_so():
+    assert baselines.skipped(20, 4) == {}
+    assert baselines.skipped(6, 4) == {"mixing_law_loo": "5 runs per fit, fewer than its 6 parameters"}
+    assert set(baselines.skipped(2, 3)) == {"mixing_law_loo", "lightgbm_loo"}
+
+
+def test_a_rank_report_sets_every_baseline_beside_the_proxy(random_world, tmp_path):
+    recipe, grid = _write(random_world, tmp_path)
+    out = tmp_path / "rank"
+    result = run_in_process("rank", recipe, "--grid", grid, "--out", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "rank_report.json").read_text())
+    pairs = pd.read_csv(out / "rank_pairs.csv")
+    table = pd.read_csv(grid)
+    assert set(report["baselines"]) == set(baselines.NAMES) and "baselines_skipped" not in report
+    weights = table[["w_alpha", "w_beta", "w_gamma"]].to_numpy()
+    vertex = [int(np.flatnonzero((weights == np.eye(3)[i]).all(axis=1))[0]) for i in range(3)]
+    for metric in report["metrics"]:
+        truth = pairs[f"truth_{metric}"]
+        # the interpolation of the proxy's own scores at the experts (the grid's vertex rows here)
+        expected = weights @ pairs[f"proxy_{metric}"].to_numpy()[vertex]
+        np.testing.assert_allclose(pairs[f"interpolation_{metric}"], expected, rtol=1e-12)
+        for name in baselines.NAMES:
+            stats = report["baselines"][name][metric]
+            predicted = pairs[f"{name}_{metric}"]
+            if np.ptp(predicted) > 0:
+                assert stats["spearman"] == pytest.approx(scipy.stats.spearmanr(predicted, truth).statistic)
+                assert stats["kendall"] == pytest.approx(scipy.stats.kendalltau(predicted, truth).statistic)
+    for name in baselines.NAMES:  # every baseline's comparison above was made, on the target at least
+        assert np.ptp(pairs[f"{name}_target"]) > 0, name
+    loo = baselines.lightgbm_loo(weights, pairs["truth_target"].to_numpy(), seed=0)
+    np.testing.assert_allclose(pairs["lightgbm_loo_target"], loo, rtol=1e-12)
+    text = (out / "rank_report.md").read_text()
+    assert "Against the baselines (target" in text and "| interpolation Σ w_i s(θ_i) |" in text
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| mixing law c + k·exp(t·w)")]
+    assert len(rows) == 1  # printed once, as the Markdown has it
+
+
+def test_a_small_grid_reports_the_baselines_it_can(random_world, tmp_path):
+    from tests.conftest import recipe_tree
+    from tests.test_rank_grid import grid_table, rank_cli
+
+    result = rank_cli(
+        tmp_path, recipe_tree(random_world, tmp_path / "out"), grid_table(), "--out", str(tmp_path / "r")
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "r" / "rank_report.json").read_text())
+    assert set(report["baselines"]) == {"interpolation", "lightgbm_loo"}
+    assert report["baselines_skipped"] == {"mixing_law_loo": "2 runs per fit, fewer than its 5 parameters"}
+    assert (
+        "not computed (2 runs per fit, fewer than its 5 parameters)"
+        in (tmp_path / "r" / "rank_report.md").read_text()
+    )
