@@ -34,6 +34,28 @@ def check_name(name: str, what: str) -> str:
     return name
 
 
+def _says_test(name: str) -> bool:
+    """'test' as a whole word: gsm8k_test, test-00000-of-00001, Math.Test; not contest, latest, testing."""
+    return "test" in re.split(r"[^a-z0-9]+", name.lower())
+
+
+def says_test_split(name: str, path: str) -> str | None:
+    """Where a dev set says it is a test split, or None: the word 'test' in its name or its file's stem,
+    or a folder named 'test' holding the file (a dataset's split folder, mmlu/test/x.jsonl).
+
+    The folder must be named 'test' exactly: a folder such as ``tests`` or ``test_run0`` (pytest's
+    temporary folders) is where files live, not what they hold.
+    """
+    file = Path(path)
+    if _says_test(name):
+        return f"its name {name!r}"
+    if _says_test(file.stem):
+        return f"its file name {file.name!r}"
+    if file.parent.name.lower() == "test":
+        return f"its folder {file.parent.name!r}"
+    return None
+
+
 class ModelSection(_Strict):
     """The base checkpoint and one expert per domain, all fine-tuned from that base."""
 
@@ -522,6 +544,13 @@ class Recipe(_Strict):
         description="torch's deterministic algorithms and CUBLAS_WORKSPACE_CONFIG=:4096:8 (fit and train): "
         "bit-identical runs on one GPU, slower.",
     )
+    allow_test_split: bool = Field(
+        default=False,
+        description="Fit on a benchmark's test split: an lm_eval term whose task is scored on its "
+        "test_split, or a dev set whose name, file name or folder says 'test' (gsm8k_test.jsonl, "
+        "mmlu/test/). Refused by default, as mergekit-evolve refuses it: a mixture tuned on a test set "
+        "reports a score it will not get.",
+    )
     model: ModelSection
     data: DataSection
     weights: WeightsSection = WeightsSection()
@@ -613,6 +642,19 @@ class Recipe(_Strict):
                 f"search.budget {s.budget} is smaller than the surrogate's seeds + verify "
                 f"({s.surrogate.seeds} + {s.surrogate.verify})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _no_test_split_dev_sets(self) -> Recipe:
+        if self.allow_test_split:
+            return self
+        for d in self.data.dev:
+            if (where := says_test_split(d.name, d.path)) is not None:
+                raise ValueError(
+                    f"dev set {d.name!r} ({d.path}) looks like a benchmark's test split ({where}); a "
+                    "mixture tuned on it reports a score it will not get. Fit on a validation split, or "
+                    "set allow_test_split: true"
+                )
         return self
 
     @property

@@ -111,6 +111,12 @@ def fit(
 
 def _fit(recipe: Recipe, progress: bool, log: Callable[[str], None], resume: str) -> dict:
     tracking.check_installed(recipe.logging)  # a missing tracker library is said before any work
+    if not recipe.allow_test_split:  # before a world is built or a model loaded
+        for term in recipe.objective.terms:
+            if term.kind == "lm_eval":
+                from mergeopt.objectives.lm_eval_term import check_test_split
+
+                check_test_split(term)
     determinism.apply(recipe.deterministic)  # before anything runs on the GPU
     torch.manual_seed(recipe.seed)
     distributed.init_from_env(resolve_device(recipe.device))

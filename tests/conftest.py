@@ -279,3 +279,57 @@ def run_in_process(module: str, *args: str) -> subprocess.CompletedProcess:
         except SystemExit as exit_:  # argparse's own errors
             code = exit_.code if isinstance(exit_.code, int) else 1
     return subprocess.CompletedProcess([module, *args], code, stdout.getvalue(), stderr.getvalue())
+
+
+LM_EVAL_EXPERTS = ("arith", "markov")
+
+
+def lm_eval_tree(tiny_world: Path, output_dir: Path, term: dict, divisions: int) -> dict:
+    """A grid fit of the tiny world's arith and markov experts on one lm_eval term (``term``'s keys)."""
+    return {
+        "seed": 0,
+        "output_dir": str(output_dir),
+        "device": "cpu",
+        "model": {
+            "base": str(tiny_world / "base"),
+            "experts": {n: str(tiny_world / "experts" / n) for n in LM_EVAL_EXPERTS},
+        },
+        "data": {
+            "dev": [{"name": "arith", "path": str(tiny_world / "dev" / "arith.jsonl")}],
+            "max_length": 64,
+        },
+        "objective": {"terms": [{"kind": "lm_eval", **term}]},
+        "search": {"strategy": "grid", "grid": {"divisions": divisions}},
+    }
+
+
+def lm_eval_expert_scores(tiny_world: Path, term) -> dict[str, float]:
+    """lm-eval's number for ``term`` on each expert's own checkpoint (what a fit reports at a vertex)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mergeopt.objectives.lm_eval_term import lm_eval_score
+
+    scores = {}
+    for name in LM_EVAL_EXPERTS:
+        path = tiny_world / "experts" / name
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        scores[name] = lm_eval_score(term, model, AutoTokenizer.from_pretrained(path), 32, "cpu")
+    return scores
+
+
+def lm_eval_task_yaml(name: str, data_files: dict[str, Path]) -> str:
+    """A local lm-eval loglikelihood task over prompt/completion JSONL files, one per split; its
+    ``acc`` is whether the completion is the greedy continuation."""
+    lines = [f"task: {name}", "dataset_path: json", "dataset_kwargs:", "  data_files:"]
+    lines += [f"    {split}: {path}" for split, path in data_files.items()]
+    lines += [f"{split}_split: {split}" for split in data_files]
+    lines += [
+        "output_type: loglikelihood",
+        'doc_to_text: "{{prompt}}"',
+        'doc_to_target: "{{completion}}"',
+        "metric_list:",
+        "  - metric: acc",
+        "    aggregation: mean",
+        "    higher_is_better: true",
+    ]
+    return "\n".join(lines) + "\n"

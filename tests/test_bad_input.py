@@ -146,6 +146,22 @@ def _dev(world, tmp, lines: str | None, records=None) -> list[str]:
     return [_recipe(world, tmp, edit)]
 
 
+def _test_split_task(world, tmp) -> list[str]:
+    """A recipe whose lm_eval term's local task is scored on its test split (the YAML alone is read)."""
+    (tmp / "tasks").mkdir()
+    (tmp / "tasks" / "gsm8k_local.yaml").write_text(
+        "task: gsm8k_local\ndataset_path: json\ndataset_kwargs: {data_files: {test: gsm8k.jsonl}}\n"
+        "test_split: test\noutput_type: loglikelihood\n"
+    )
+
+    def edit(tree):
+        term = {"kind": "lm_eval", "task": "gsm8k_local", "include_path": str(tmp / "tasks")}
+        tree["objective"] = {"terms": [term]}
+        tree["search"] = {"strategy": "grid"}
+
+    return [_recipe(world, tmp, edit)]
+
+
 def _finished_run(world, tmp, change: Callable[[dict], None] | None = None) -> Path:
     """A mixture.json as fit writes it (weights over the world's experts), edited by ``change``."""
     run = tmp / "run"
@@ -372,6 +388,20 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         lambda w, t: _dev(w, t, None, [{"question": "1+1"}] * 4),
         "dev.jsonl:1",
     ),
+    "dev set that is a test split": (
+        "dev set",
+        "fit",
+        lambda w, t: [
+            _recipe(w, t, lambda tr: tr["data"]["dev"][0].update(path=str(t / "gsm8k_test.jsonl")))
+        ],
+        "gsm8k_test.jsonl) looks like a benchmark's test split (its file name",
+    ),
+    "lm-eval task scored on its test split": (
+        "objective",
+        "fit",
+        _test_split_task,
+        "task 'gsm8k_local' is scored on its test split 'test'",
+    ),
     # grid tables
     "grid without a mixture column": (
         "grid table",
@@ -486,6 +516,9 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
 }
 
 
+NEEDS_LM_EVAL = {"lm-eval task scored on its test split"}  # the extra [lm-eval] reads the task
+
+
 def _doc_rows() -> list[str]:
     rows = []
     for line in DOC.read_text(encoding="utf-8").splitlines():
@@ -503,6 +536,8 @@ def test_the_documented_table_lists_every_row():
 @pytest.mark.parametrize("row", list(MATRIX))
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(row, random_world, tmp_path, capsys):
     _, command, build, culprit = MATRIX[row]
+    if row in NEEDS_LM_EVAL:
+        pytest.importorskip("lm_eval")
     argv = build(random_world, tmp_path)
     capsys.readouterr()
     code = run_cli(

@@ -21,6 +21,7 @@ from mergeopt.errors import UserError
 from mergeopt.fit import fit
 from mergeopt.objectives import metrics
 from mergeopt.objectives.lm_eval_term import lm_eval_score
+from tests.conftest import lm_eval_expert_scores, lm_eval_task_yaml, lm_eval_tree
 
 pytest.importorskip("lm_eval")
 
@@ -30,26 +31,9 @@ TASK = "mergeopt_tiny_arith"
 @pytest.fixture(scope="module")
 def task_dir(tiny_world, tmp_path_factory):
     root = tmp_path_factory.mktemp("lm_eval_tasks")
-    (root / "arith.yaml").write_text(
-        "\n".join(
-            [
-                f"task: {TASK}",
-                "dataset_path: json",
-                "dataset_kwargs:",
-                "  data_files:",
-                f"    test: {tiny_world / 'dev' / 'arith.jsonl'}",
-                "test_split: test",
-                "output_type: loglikelihood",
-                'doc_to_text: "{{prompt}}"',
-                'doc_to_target: "{{completion}}"',
-                "metric_list:",
-                "  - metric: acc",
-                "    aggregation: mean",
-                "    higher_is_better: true",
-            ]
-        )
-        + "\n"
-    )
+    # on validation data: fit refuses a task scored on its test split
+    dev = tiny_world / "dev" / "arith.jsonl"
+    (root / "arith.yaml").write_text(lm_eval_task_yaml(TASK, {"validation": dev}))
     return root
 
 
@@ -71,32 +55,12 @@ def test_lm_eval_greedy_accuracy_equals_mergeopts_exact_match(tiny_world, task_d
 
 
 def test_fit_scores_the_in_memory_merge_with_lm_eval(tiny_world, task_dir, tmp_path):
-    tree = {
-        "seed": 0,
-        "output_dir": str(tmp_path / "run"),
-        "device": "cpu",
-        "model": {
-            "base": str(tiny_world / "base"),
-            "experts": {n: str(tiny_world / "experts" / n) for n in ("arith", "markov")},
-        },
-        "data": {
-            "dev": [{"name": "arith", "path": str(tiny_world / "dev" / "arith.jsonl")}],
-            "max_length": 64,
-        },
-        "objective": {
-            "terms": [{"kind": "lm_eval", "task": TASK, "include_path": str(task_dir), "limit": 64}]
-        },
-        "search": {"strategy": "grid", "grid": {"divisions": 2}},
-    }
+    term = {"task": TASK, "include_path": str(task_dir), "limit": 64}
+    tree = lm_eval_tree(tiny_world, tmp_path / "run", term, divisions=2)
     mixture = fit(recipe_from_dict(tree), progress=False, log=lambda _m: None)
     scores = mixture["objective"]["scores"]
     label = f"lm_eval:{TASK}"
-    for name in ("arith", "markov"):
-        path = tiny_world / "experts" / name
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        expected = lm_eval_score(
-            _term(task_dir, limit=64), model, AutoTokenizer.from_pretrained(path), 32, "cpu"
-        )
+    for name, expected in lm_eval_expert_scores(tiny_world, _term(task_dir, limit=64)).items():
         assert scores[f"{name} only"]["fit"][label] == pytest.approx(expected, abs=1e-12)
     assert scores["fitted"]["fit"][label] == max(s["fit"][label] for s in scores.values())
 

@@ -53,6 +53,72 @@ def check_task(term: ObjectiveTerm) -> None:
         raise UserError(f"objective term {term.label!r}: no lm-eval task {term.task!r} {where}")
 
 
+def scored_splits(term: ObjectiveTerm) -> list[tuple[str, str, str]]:
+    """``(task, kind, split)`` for every task lm-eval runs for the term: kind ``test`` when the
+    task's config has a ``test_split`` (lm-eval's ``eval_docs`` then scores it), else ``validation``.
+
+    Read from the task YAMLs (includes, group and tag members and their overrides resolved) without
+    building a task: building one loads its dataset. A task whose config names neither split (a
+    Python-defined task that chooses in code) is left out.
+    """
+    check_task(term)
+    return _splits(term.task, _task_manager(term.include_path).task_index, {})
+
+
+def _config(entry) -> dict:
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    return dict(load_yaml(entry.yaml_path, resolve_func=False) if entry.yaml_path else entry.cfg or {})
+
+
+def _splits(name: str, index: dict, overrides: dict, cfg: dict | None = None) -> list[tuple[str, str, str]]:
+    from lm_eval.tasks._factory import GROUP_FIELD_NAMES
+    from lm_eval.tasks._index import Kind
+
+    entry = index.get(name)
+    if cfg is None and entry is not None and entry.kind == Kind.TAG:
+        return [s for task in sorted(entry.tags) for s in _splits(task, index, overrides)]
+    if cfg is None:
+        cfg = _config(entry) if entry is not None else {}
+    if (entry is not None and entry.kind == Kind.GROUP) or "group" in cfg:
+        inherited = {**{k: v for k, v in cfg.items() if k not in GROUP_FIELD_NAMES}, **overrides}
+        found = []
+        for item in cfg.get("task") or []:
+            if isinstance(item, str):
+                found += _splits(item, index, inherited)
+            elif "group" in item and item["group"] in index:
+                found += _splits(item["group"], index, {**inherited, **_without(item, "group")})
+            elif "group" in item:
+                found += _splits(item["group"], index, inherited, cfg=item)
+            else:
+                member = {**inherited, **item}
+                known = item["task"] in index
+                found += _splits(item["task"], index, member, cfg=None if known else member)
+        return found
+    task = {**cfg, **overrides}
+    for kind in ("test", "validation"):
+        if task.get(f"{kind}_split") is not None:
+            return [(name, kind, str(task[f"{kind}_split"]))]
+    return []
+
+
+def _without(item: dict, key: str) -> dict:
+    return {k: v for k, v in item.items() if k != key}
+
+
+def check_test_split(term: ObjectiveTerm) -> None:
+    """Refuse a term whose task lm-eval scores on its test split (before any model is loaded)."""
+    for task, kind, split in scored_splits(term):
+        if kind == "test":
+            within = f" (in {term.task!r})" if task != term.task else ""
+            raise UserError(
+                f"objective term {term.label!r}: task {task!r}{within} is scored on its test split "
+                f"{split!r}; a mixture tuned on it reports a score it will not get. Point the task at "
+                "validation data (a local task YAML with validation_split and no test_split, via "
+                "include_path) or set allow_test_split: true"
+            )
+
+
 def lm_eval_score(
     term: ObjectiveTerm, model: torch.nn.Module, tokenizer, batch_size: int, device: torch.device | str
 ) -> float:
