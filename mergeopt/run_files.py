@@ -162,7 +162,8 @@ class RankReport(_RunFile):
     baselines: dict[str, dict[str, RankStatistics]] | None = Field(
         default=None,
         description="Grid mode: the same statistics for each baseline (interpolation of the experts' "
-        "scores; LightGBM and the mixing law, each leave-one-out on the grid's runs), per metric.",
+        "scores; LightGBM and the mixing law, each leave-one-out on the grid's runs), per metric; "
+        "bootstrap intervals for the target only.",
     )
     baselines_skipped: dict[str, str] | None = Field(
         default=None, description="Grid mode: baselines the grid is too small for, and why."
