@@ -49,19 +49,25 @@ def interpolation(weights: np.ndarray, expert_scores: np.ndarray) -> np.ndarray:
     return weights @ expert_scores
 
 
+def _leave_one_out(weights: np.ndarray, truth: np.ndarray, fit) -> np.ndarray:
+    """Each run's score predicted by ``fit(weights, truth)`` (which returns a function of w) on the others."""
+    weights, truth = np.asarray(weights, dtype=np.float64), np.asarray(truth, dtype=np.float64)
+    predicted = np.empty(len(truth))
+    for i in range(len(truth)):
+        keep = np.arange(len(truth)) != i
+        predicted[i] = fit(weights[keep], truth[keep])(weights[i : i + 1])[0]
+    return predicted
+
+
 def lightgbm_loo(weights: np.ndarray, truth: np.ndarray, seed: int) -> np.ndarray:
     """Each run's score predicted by LightGBM fitted on the other runs (the surrogate's settings)."""
     from mergeopt.config import SurrogateSearch
     from mergeopt.search.surrogate import fit_surrogate
 
-    weights, truth = np.asarray(weights, dtype=np.float64), np.asarray(truth, dtype=np.float64)
-    predicted = np.empty(len(truth))
-    params = SurrogateSearch()
-    for i in range(len(truth)):
-        keep = np.arange(len(truth)) != i
-        model = fit_surrogate(weights[keep], {"s": truth[keep]}, params, seed)
-        predicted[i] = model.predict(weights[i])["s"][0]
-    return predicted
+    def fit(w: np.ndarray, y: np.ndarray):
+        return lambda x: fit_surrogate(w, {"s": y}, SurrogateSearch(), seed).predict(x)["s"]
+
+    return _leave_one_out(weights, truth, fit)
 
 
 def _mixing_law_start(weights: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -95,12 +101,7 @@ def fit_mixing_law(weights: np.ndarray, y: np.ndarray):
 
 def mixing_law_loo(weights: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """Each run's score predicted by the mixing law fitted on the other runs."""
-    weights, truth = np.asarray(weights, dtype=np.float64), np.asarray(truth, dtype=np.float64)
-    predicted = np.empty(len(truth))
-    for i in range(len(truth)):
-        keep = np.arange(len(truth)) != i
-        predicted[i] = fit_mixing_law(weights[keep], truth[keep])(weights[i])[0]
-    return predicted
+    return _leave_one_out(weights, truth, fit_mixing_law)
 
 
 def skipped(n: int, k: int) -> dict[str, str]:
