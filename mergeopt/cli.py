@@ -27,6 +27,7 @@ HANDLERS = {
     "plan": "mergeopt.memory.dry_run:run",
     "train": "mergeopt.worlds.train:run",
     "rank": "mergeopt.evaluation.rank:run",
+    "calibrate": "mergeopt.evaluation.calibrate:run",
     "merge": "mergeopt.export.merge:run",
     "export": "mergeopt.export.command:run",
     "transfer": "mergeopt.evaluation.transfer:run",
@@ -36,6 +37,7 @@ HELP = {
     "plan": "the per-rank memory plan of a fit, from config files and headers only (no weights read)",
     "train": "train a world's experts and ground-truth mixture runs for real (small worlds)",
     "rank": "how the proxy ranks mixtures against real runs (a recipe and its grid, or two tables)",
+    "calibrate": "correct the proxy with the real runs so far: calibrated pick and the mixture to train next",
     "merge": "write the merge of a recipe's experts at one mixture as a Hugging Face checkpoint",
     "export": "write a fitted mixture as a training framework's data-mixture config",
     "transfer": "how a ranking of mixtures at one scale carries to another",
@@ -51,6 +53,7 @@ EXAMPLES = {
     "plan": "mergeopt plan recipes/70b.yaml --world-size 8",
     "train": "mergeopt train recipes/tiny_grid.yaml",
     "rank": "mergeopt rank --proxy mix_1m.csv+loss_1m.csv --truth mix_60m.csv+loss_60m.csv",
+    "calibrate": "mergeopt calibrate recipes/tiny_grid.yaml --grid runs/tiny-grid/grid.csv",
     "merge": "mergeopt merge recipes/tiny.yaml --mixture runs/tiny/mixture.json --out merged",
     "export": "mergeopt export runs/tiny/mixture.json --to llamafactory",
     "transfer": "mergeopt transfer small.csv large.csv --metrics loss",
@@ -150,6 +153,19 @@ def _rank(p: argparse.ArgumentParser) -> None:
     _out(p, "output directory (default: the recipe's output_dir in grid mode, else rank_out/)")
 
 
+def _calibrate(p: argparse.ArgumentParser) -> None:
+    _recipe(p, what="the fit recipe whose merged proxy is calibrated")
+    p.add_argument(
+        "--grid", help="grid.csv of the real runs so far (default: calibrate.grid, else rank.grid)"
+    )
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="ignore the proxy evaluations kept in OUT/calibrate_checkpoint and evaluate again",
+    )
+    _out(p, "output directory (default: the recipe's output_dir/calibration)")
+
+
 def _merge(p: argparse.ArgumentParser) -> None:
     _recipe(p, what="the recipe the mixture was fitted with")
     source = p.add_mutually_exclusive_group(required=True)
@@ -231,6 +247,7 @@ ADDERS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "plan": _plan,
     "train": _train,
     "rank": _rank,
+    "calibrate": _calibrate,
     "merge": _merge,
     "export": _export,
     "transfer": _transfer,

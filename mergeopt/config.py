@@ -481,6 +481,48 @@ class RankSection(_Strict):
     bootstrap: int = Field(default=1000, ge=0, description="bootstrap resamples for the intervals.")
 
 
+class CalibrateSection(_Strict):
+    """``mergeopt calibrate``: the proxy corrected by real runs, and the mixture to train next."""
+
+    grid: str | None = Field(
+        default=None,
+        description="grid.csv of the real runs so far (one w_<expert> column per expert, the truth "
+        "columns of rank.grid); default: rank.grid. Append a row per new run and rerun to continue.",
+    )
+    metric: str = Field(
+        default="target",
+        description="What to optimise: 'target' (the targeted dev sets' weighted loss), a dev set's "
+        "name, or an objective term's label (its score_<label> column; its direction is the term's).",
+    )
+    candidates: int = Field(
+        default=128,
+        gt=0,
+        description="Dirichlet mixtures the proxy scores besides the runs, the experts and the fit's "
+        "mixture: what the ranking, the pick and the proposals choose among. Each is one evaluation "
+        "of the merged model on the whole dev sets (journaled: a rerun evaluates only new ones).",
+    )
+    alpha: float = Field(default=1.0, gt=0.0, description="Dirichlet concentration of the candidates.")
+    batch: int = Field(
+        default=1,
+        gt=0,
+        description="Mixtures proposed to train next, for runs in parallel (each further one assumes "
+        "the previous came out as predicted, so a batch spreads out).",
+    )
+    exploration: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="ξ of expected improvement, in the proxy's spreads: larger explores more.",
+    )
+    use_proxy: bool = Field(
+        default=True,
+        description="false: regression over w on the runs alone (the same model without the proxy), "
+        "to see what the proxy adds.",
+    )
+    samples: int = Field(
+        default=2000, ge=0, description="Posterior draws for each candidate's probability of being best."
+    )
+
+
 class LoggingSection(_Strict):
     """Experiment trackers that receive the fit's curves as it runs (mergeopt.reporting.tracking)."""
 
@@ -561,6 +603,7 @@ class Recipe(_Strict):
     world: WorldSection = WorldSection()
     train: TrainSection | None = None
     rank: RankSection = RankSection()
+    calibrate: CalibrateSection = CalibrateSection()
     logging: LoggingSection = LoggingSection()
 
     @field_validator("device")

@@ -124,6 +124,11 @@ class MixtureFile(_RunFile):
     rank: dict[str, Any] | None = Field(
         default=None, description="With rank.grid: the rank check against trained mixtures."
     )
+    calibration: dict[str, Any] | None = Field(
+        default=None,
+        description="Written by `mergeopt calibrate` (strategy 'calibrate'): role 'pick' or 'next', the "
+        "grid and the number of real runs it was calibrated on, and the calibrated prediction.",
+    )
 
     @field_validator("weights")
     @classmethod
@@ -171,6 +176,54 @@ class RankReport(_RunFile):
     note: str | None = None
 
 
+class CalibratedMixture(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    weights: dict[str, float]
+    source: str = Field(description="run (a grid row), expert, fit (the fit's mixture) or dirichlet.")
+    predicted: float = Field(description="Calibrated posterior mean of the metric.")
+    proxy: float = Field(description="The merged proxy's value of the metric.")
+
+
+class CalibrationPick(CalibratedMixture):
+    candidate: int = Field(description="Row of the candidate in calibrated_ranking.csv's 'candidate'.")
+    interval: list[float] = Field(description="95% posterior interval of its true value.")
+    prob_best: float | None = Field(description="Posterior probability that it is the best candidate.")
+    truth: float | None = Field(description="Its true value when it is one of the runs.")
+
+
+class CalibrationProposal(CalibratedMixture):
+    expected_improvement: float | None = Field(
+        description="Expected improvement over the best run when proposed (null: no run yet, the proxy's pick)."
+    )
+    sd: float = Field(description="Posterior sd of its true value.")
+
+
+class CalibrationReport(_RunFile):
+    """calibration.json: the proxy calibrated on real runs (``mergeopt calibrate``)."""
+
+    FILE: ClassVar[str] = "calibration.json"
+
+    grid: str = Field(description="The grid table of real runs.")
+    metric: str = Field(description="calibrate.metric: target, a dev set or an objective term.")
+    higher_is_better: bool
+    use_proxy: bool = Field(description="false: regression on the runs alone, without the proxy.")
+    options: dict[str, Any] = Field(description="The calibrate section and the seed.")
+    out: str = Field(description="Where the outputs were written.")
+    runs: int = Field(description="Real runs the model was fitted to.")
+    candidates: int = Field(description="Mixtures scored by the proxy (runs, experts, fit, Dirichlet).")
+    model: dict[str, float] = Field(
+        description="MAP hyper-parameters (in the proxy's spreads), the standardisation and the "
+        "log marginal likelihood (mergeopt.evaluation.calibration)."
+    )
+    proxy_slope: dict[str, float] = Field(
+        description="Posterior mean and sd of the proxy's slope b: how far its differences are trusted."
+    )
+    pick: CalibrationPick = Field(description="The candidate with the best calibrated value.")
+    best_run: dict[str, Any] | None = Field(description="The best of the runs so far (grid row, 0-based).")
+    proposals: list[CalibrationProposal] = Field(description="What to train next, in order.")
+
+
 class TransferComparison(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -200,7 +253,7 @@ class TransferReport(_RunFile):
     comparisons: dict[str, TransferComparison]
 
 
-RUN_FILES: tuple[type[_RunFile], ...] = (MixtureFile, RankReport, TransferReport)
+RUN_FILES: tuple[type[_RunFile], ...] = (MixtureFile, RankReport, CalibrationReport, TransferReport)
 T = TypeVar("T", bound=_RunFile)
 
 

@@ -21,17 +21,19 @@ from safetensors.torch import load_file, save_file
 
 from mergeopt import fit
 from mergeopt.errors import run_cli
-from mergeopt.evaluation import rank, transfer
+from mergeopt.evaluation import calibrate, rank, transfer
 from mergeopt.export import merge
 from mergeopt.export.command import main as export_main
 from mergeopt.worlds import train
 from tests.conftest import REPO, recipe_tree, run_module, write_jsonl
 
 DOC = REPO / "docs" / "reference" / "bad-input.md"
+QUIET = ("fit", "merge", "rank", "calibrate", "train")  # the commands that take --quiet
 MAINS = {
     "fit": fit.main,
     "merge": merge.main,
     "rank": rank.main,
+    "calibrate": calibrate.main,
     "transfer": transfer.main,
     "export": export_main,
     "train": train.main,
@@ -191,6 +193,31 @@ def _grid(world, tmp, change: Callable[[list[dict]], None]) -> list[str]:
 
     pd.DataFrame(rows).to_csv(tmp / "grid.csv", index=False)
     return [_recipe(world, tmp), "--grid", str(tmp / "grid.csv")]
+
+
+def _calibration_grid(world, tmp, edit=None, run_fingerprint: str | None = None) -> list[str]:
+    """A grid of three runs for ``mergeopt calibrate``; with ``run_fingerprint``, the recipe's
+    experts and the grid's runs each carry a ``mergeopt train`` run.json, with other fingerprints."""
+    args = _grid(world, tmp, lambda rows: None)
+    experts = dict(world["experts"])
+    if run_fingerprint is not None:
+        for name, path in world["experts"].items():
+            experts[name] = str(shutil.copytree(path, tmp / "experts" / name))
+            (tmp / "experts" / name / "run.json").write_text(json.dumps({"fingerprint": "0123abcd"}))
+        run = tmp / "runs" / "mixtures" / "001"
+        run.mkdir(parents=True)
+        (run / "run.json").write_text(json.dumps({"fingerprint": run_fingerprint}))
+        import pandas as pd
+
+        table = pd.read_csv(tmp / "grid.csv")
+        table.insert(0, "path", str(run))
+        table.to_csv(tmp / "grid.csv", index=False)
+
+    def change(tree):
+        tree["model"]["experts"] = experts
+        (edit or (lambda _: None))(tree)
+
+    return [_recipe(world, tmp, change), *args[1:]]
 
 
 def _two_tables(tmp, small: dict, large: dict) -> list[str]:
@@ -421,6 +448,18 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         lambda w, t: _grid(w, t, lambda rows: rows[0].update(w_alpha=0.7)),
         "sum",
     ),
+    "calibration metric unknown": (
+        "recipe value",
+        "calibrate",
+        lambda w, t: _calibration_grid(w, t, lambda tr: tr.update(calibrate={"metric": "accuracy"})),
+        "calibrate.metric: 'accuracy' is not 'target', a dev set or an objective term",
+    ),
+    "calibration grid of another recipe's runs": (
+        "grid table",
+        "calibrate",
+        lambda w, t: _calibration_grid(w, t, run_fingerprint="ffff0000"),
+        "was trained by another recipe (fingerprint ffff0000)",
+    ),
     # mixtures
     "merge weights off the simplex": (
         "mixture",
@@ -540,9 +579,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(row, random_world, tmp_
         pytest.importorskip("lm_eval")
     argv = build(random_world, tmp_path)
     capsys.readouterr()
-    code = run_cli(
-        MAINS[command], [*argv, "--quiet"] if command in ("fit", "merge", "rank", "train") else argv
-    )
+    code = run_cli(MAINS[command], [*argv, "--quiet"] if command in QUIET else argv)
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert code == 2, err
@@ -583,7 +620,7 @@ def test_write_the_documented_table(random_world, tmp_path_factory, capsys):
         tmp = tmp_path_factory.mktemp("doc")
         argv = build(random_world, tmp)
         capsys.readouterr()
-        run_cli(MAINS[command], [*argv, "--quiet"] if command in ("fit", "merge", "rank", "train") else argv)
+        run_cli(MAINS[command], [*argv, "--quiet"] if command in QUIET else argv)
         message = capsys.readouterr().err.strip()
         message = message.replace(str(tmp) + "/", "").replace(str(random_world["root"]) + "/", "")
         message = message.replace(str(REPO) + "/", "").replace("|", "\\|")

@@ -50,6 +50,7 @@ GRADIENT_STATE = "gradient.pt"
 EVALUATIONS = "evaluations.jsonl"
 PROXY_EVALUATIONS = "proxy_evaluations.jsonl"  # the rank check's grid (mergeopt.evaluation.proxy)
 RANK_CHECKPOINT_DIR = "rank_checkpoint"  # `mergeopt rank RECIPE`'s own state, beside a fit's
+CALIBRATE_CHECKPOINT_DIR = "calibrate_checkpoint"  # the proxy's evaluations, kept for the next round
 TRACKING = "tracking.json"
 _pending: list[int] = []  # signals received inside interruptible(), oldest first
 

@@ -1,0 +1,512 @@
+"""``mergeopt calibrate RECIPE``: correct the merged proxy with the real runs so far, and say what to train next.
+
+The loop a team runs with a few training runs to spend:
+
+1. ``mergeopt calibrate recipe.yaml --grid runs.csv`` scores the merged proxy at the runs' mixtures,
+   the experts, the fit's mixture (when ``output_dir/mixture.json`` exists) and
+   ``calibrate.candidates`` Dirichlet mixtures, fits :mod:`mergeopt.evaluation.calibration` (a GP with
+   the proxy as prior mean) to the runs, and writes the calibrated ranking, the pick with its 95%
+   interval, and the mixture(s) to train next (by expected improvement);
+2. train ``OUT/next-1`` (``mergeopt export OUT/next-1 --to FORMAT`` writes its training config);
+3. append the run's row to the grid (its ``w_<expert>`` and truth columns) and rerun: the proxy's
+   evaluations are journaled in ``OUT/calibrate_checkpoint``, so only new mixtures are evaluated.
+
+With no run yet, the calibrated ranking is the proxy's and the first proposal is the proxy's pick.
+Outputs in OUT (default ``output_dir/calibration``): calibration.json (typed:
+:class:`mergeopt.run_files.CalibrationReport`), calibration.md, calibrated_ranking.csv,
+calibration.png, and ``pick/`` and ``next-<i>/`` (each a mixture.json with the recipe beside it, what
+``mergeopt export`` and ``mergeopt merge`` read).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mergeopt.cli import run_command
+from mergeopt.errors import UserError
+from mergeopt.evaluation import calibration
+from mergeopt.evaluation.proxy import WEIGHT_PREFIX
+from mergeopt.objectives.objective import Objective
+from mergeopt.runtime import distributed
+from mergeopt.runtime.resume import (
+    CALIBRATE_CHECKPOINT_DIR,
+    PROXY_EVALUATIONS,
+    interruptible,
+    saying_where_saved,
+)
+from mergeopt.search.evaluator import ROUND_DECIMALS
+
+OUTPUT_FILES = ("calibration.json", "calibration.md", "calibrated_ranking.csv", "calibration.png")
+SHOWN = 10  # candidates in calibration.md's ranking
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def metric_of(objective: Objective, metric: str) -> tuple[str | None, bool]:
+    """(the grid/proxy column of ``metric`` or None for the target, whether higher is better)."""
+    from mergeopt.evaluation.proxy import truth_columns
+    from mergeopt.objectives.metrics import higher_is_better
+
+    if metric == "target":
+        return None, False
+    columns = truth_columns(objective)
+    if metric not in columns:
+        raise UserError(
+            f"calibrate.metric: {metric!r} is not 'target', a dev set or an objective term "
+            f"(known: target, {', '.join(columns)})"
+        )
+    terms = {t.label: t for t in objective.metric_terms}
+    return columns[metric], higher_is_better(terms[metric]) if metric in terms else False
+
+
+def metric_values(frame: pd.DataFrame, column: str | None, set_weights: np.ndarray) -> np.ndarray:
+    """The metric's values in a table of losses and scores (the target: the sets' weighted loss)."""
+    if column is not None:
+        return frame[column].to_numpy(dtype=float)
+    losses = [c for c in frame.columns if c.startswith("loss_")]
+    return frame[losses].to_numpy(dtype=float) @ set_weights
+
+
+def check_provenance(table: pd.DataFrame, grid: str | Path, experts: dict[str, str]) -> None:
+    """A grid from ``mergeopt train`` whose runs were trained by another recipe than these experts.
+
+    Each run ``mergeopt train`` writes carries ``run.json`` with its training recipe's fingerprint
+    (base, data, budget, optimiser, seed). When the grid's runs and the recipe's experts both have
+    one and no fingerprint is shared, the runs are another recipe's: the calibration would correct
+    this proxy with the truth of different experts. Grids made elsewhere are not checked.
+    """
+    from mergeopt.worlds.train import RUN_MARKER
+
+    def fingerprint(path: Path) -> str | None:
+        try:
+            return json.loads((path / RUN_MARKER).read_text()).get("fingerprint")
+        except (OSError, ValueError, AttributeError):
+            return None
+
+    ours = {name: fingerprint(Path(path)) for name, path in experts.items()}
+    ours = {name: f for name, f in ours.items() if f}
+    if not ours or "path" not in table.columns:
+        return
+    for row, path in table["path"].items():
+        theirs = fingerprint(Path(str(path)))
+        if theirs and theirs not in ours.values():
+            name, mine = next(iter(ours.items()))
+            raise UserError(
+                f"{grid}: row {row + 2} ({path}) was trained by another recipe (fingerprint {theirs}) "
+                f"than the recipe's experts (model.experts.{name}: {mine}); calibrate with a grid of "
+                "runs trained alongside these experts"
+            )
+
+
+def candidate_table(
+    names: Sequence[str],
+    runs: pd.DataFrame,
+    fitted: dict[str, float] | None,
+    count: int,
+    alpha: float,
+    seed: int,
+) -> pd.DataFrame:
+    """The mixtures scored by the proxy: the runs (first, in grid order), the experts, the fit's
+    mixture and ``count`` seeded Dirichlet(alpha) draws; a mixture already listed is not repeated."""
+    from mergeopt.search.mixtures import dirichlet_samples
+
+    columns = [f"{WEIGHT_PREFIX}{n}" for n in names]
+    rows = [(list(w), "run") for w in runs[columns].to_numpy(dtype=float)]
+    extra = [(list(w), "expert") for w in np.eye(len(names))]
+    if fitted is not None:
+        extra.append(([fitted[n] for n in names], "fit"))
+    extra += [([d[n] for n in names], "dirichlet") for d in dirichlet_samples(names, alpha, count, seed)]
+    seen = {tuple(np.round(w, 12)) for w, _ in rows}
+    for w, source in extra:
+        key = tuple(np.round(w, 12))
+        if key not in seen:
+            seen.add(key)
+            rows.append((w, source))
+    frame = pd.DataFrame([w for w, _ in rows], columns=columns)
+    frame["source"] = [source for _, source in rows]
+    return frame
+
+
+def _keys(frame: pd.DataFrame, names: Sequence[str]) -> list[tuple]:
+    """Each row's mixture as the Evaluator's cache rounds it."""
+    weights = frame[[f"{WEIGHT_PREFIX}{n}" for n in names]].to_numpy(dtype=float)
+    return [tuple(row) for row in np.round(weights, ROUND_DECIMALS)]
+
+
+def evaluation_order(candidates: pd.DataFrame, journaled: Sequence[Sequence[float]], names) -> pd.DataFrame:
+    """The mixtures to score, the journal's first and in its order (each replayed, at no cost), then
+    every candidate not in it: the journal replays in order, and a new round's candidates (a run
+    appended, another ``calibrate.candidates``) differ from the last round's."""
+    columns = [f"{WEIGHT_PREFIX}{n}" for n in names]
+    rows = pd.concat(
+        [
+            pd.DataFrame(np.asarray(journaled, dtype=float).reshape(-1, len(columns)), columns=columns),
+            candidates[columns],
+        ],
+        ignore_index=True,
+    )
+    return rows[~pd.Series(_keys(rows, names)).duplicated().to_numpy()].reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------- the decision
+
+
+def calibrate(
+    weights: np.ndarray,
+    proxy: np.ndarray,
+    runs: Sequence[int],
+    truth: np.ndarray,
+    spec,
+    seed: int,
+    higher_is_better: bool = False,
+) -> tuple[calibration.Posterior, calibration.Decision]:
+    """Fit the calibration to ``truth`` at the candidates ``runs`` and decide over all candidates.
+
+    Scores where higher is better are negated for the model (which minimises) and stay negated in
+    the returned objects; :func:`report` turns them back.
+    """
+    sign = -1.0 if higher_is_better else 1.0
+    runs = list(runs)
+    posterior = calibration.fit(
+        weights[runs], sign * np.asarray(truth, dtype=float), sign * proxy[runs], sign * proxy, spec.use_proxy
+    )
+    decision = calibration.decide(
+        posterior, weights, sign * proxy, runs, spec.batch, spec.exploration, spec.samples, seed
+    )
+    return posterior, decision
+
+
+def report(
+    names: Sequence[str],
+    candidates: pd.DataFrame,
+    proxy: np.ndarray,
+    truth: np.ndarray,
+    posterior: calibration.Posterior,
+    decision: calibration.Decision,
+    meta: dict,
+) -> tuple[dict, pd.DataFrame]:
+    """calibration.json's content and the ranking table, in the metric's own direction."""
+    sign = -1.0 if meta["higher_is_better"] else 1.0
+    n_runs = len(truth)
+    mean = sign * decision.mean
+    observed = np.full(len(candidates), np.nan)
+    observed[:n_runs] = truth
+    order = np.argsort(decision.mean, kind="stable")
+    ranking = candidates[[f"{WEIGHT_PREFIX}{n}" for n in names]].copy()
+    ranking.insert(0, "source", candidates["source"])
+    ranking["proxy"] = proxy
+    ranking["calibrated"] = mean
+    ranking["sd"] = decision.sd
+    ranking["prob_best"] = decision.prob_best
+    ranking["truth"] = observed
+    ranking = ranking.iloc[order].reset_index(names="candidate")
+    ranking.insert(0, "rank", np.arange(1, len(ranking) + 1))
+
+    def mixture(i: int) -> dict[str, float]:
+        row = candidates.iloc[i]
+        return {n: float(row[f"{WEIGHT_PREFIX}{n}"]) for n in names}
+
+    low, high = sorted(sign * np.asarray(decision.interval))
+    pick = decision.pick
+    best_run = int(np.argmax(truth) if meta["higher_is_better"] else np.argmin(truth)) if n_runs else None
+    slope, slope_sd = posterior.slope
+    content = {
+        **meta,
+        "runs": n_runs,
+        "candidates": len(candidates),
+        "model": {
+            "amplitude": posterior.hyper.amplitude,
+            "lengthscale": posterior.hyper.lengthscale,
+            "noise": posterior.hyper.noise,
+            "slope_prior_sd": posterior.hyper.slope_sd,
+            "level_prior_sd": posterior.hyper.level_sd,
+            "center": posterior.center,
+            "scale": posterior.scale,
+            "log_marginal_likelihood": posterior.log_marginal_likelihood(),
+        },
+        "proxy_slope": {"mean": slope, "sd": slope_sd},
+        "pick": {
+            "candidate": int(pick),
+            "weights": mixture(pick),
+            "source": str(candidates["source"].iloc[pick]),
+            "predicted": float(mean[pick]),
+            "interval": [float(low), float(high)],
+            "prob_best": _finite_or_none(decision.prob_best[pick]),
+            "proxy": float(proxy[pick]),
+            "truth": float(truth[pick]) if pick < n_runs else None,
+        },
+        "best_run": None
+        if best_run is None
+        else {"row": best_run, "weights": mixture(best_run), "truth": float(truth[best_run])},
+        "proposals": [
+            {
+                "weights": mixture(i),
+                "source": str(candidates["source"].iloc[i]),
+                "expected_improvement": _finite_or_none(gain),
+                "predicted": float(mean[i]),
+                "sd": float(decision.sd[i]),
+                "proxy": float(proxy[i]),
+            }
+            for i, gain in zip(decision.proposals, decision.improvement)
+        ],
+    }
+    return content, ranking
+
+
+def _finite_or_none(value: float) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def markdown(content: dict, ranking: pd.DataFrame, names: Sequence[str]) -> str:
+    arrow = "higher is better" if content["higher_is_better"] else "lower is better"
+    pick = content["pick"]
+    slope = content["proxy_slope"]
+    lines = [
+        f"# Calibration: {content['metric']} ({arrow})",
+        "",
+        f"{content['runs']} real run(s) from `{content['grid']}`; {content['candidates']} candidate mixtures "
+        f"scored by the merged proxy{'' if content['use_proxy'] else ' (not used: regression on the runs alone)'}.",
+        "",
+        f"- **Pick**: {_weights(pick['weights'])}: {content['metric']} {pick['predicted']:.4f} "
+        f"[95% {pick['interval'][0]:.4f}, {pick['interval'][1]:.4f}]"
+        + (f", P(best) {pick['prob_best']:.2f}" if pick["prob_best"] is not None else "")
+        + (f", a run: true {pick['truth']:.4f}" if pick["truth"] is not None else ""),
+    ]
+    if content["best_run"] is not None:
+        best = content["best_run"]
+        lines.append(
+            f"- Best run so far: grid row {best['row'] + 2}, {_weights(best['weights'])}: {best['truth']:.4f}"
+        )
+    if content["use_proxy"]:
+        lines.append(
+            f"- Trust in the proxy (its slope; 1 = its differences are the truth's, 0 = ignored): "
+            f"{slope['mean']:.2f} ± {slope['sd']:.2f}"
+        )
+    lines += ["", "## Train next", ""]
+    for i, p in enumerate(content["proposals"], 1):
+        gain = p["expected_improvement"]
+        why = "the proxy's pick (no run yet)" if gain is None else f"expected improvement {gain:.4f}"
+        lines.append(
+            f"{i}. {_weights(p['weights'])}: predicted {p['predicted']:.4f} ± {p['sd']:.4f}, {why}; "
+            f"`mergeopt export {content['out']}/next-{i} --to FORMAT`"
+        )
+    lines += [
+        "",
+        "Then append each run's row to the grid (its w_ and truth columns) and rerun `mergeopt calibrate`.",
+        "",
+        f"## Calibrated ranking (top {min(SHOWN, len(ranking))} of {len(ranking)})",
+        "",
+        "| rank | " + " | ".join(names) + " | proxy | calibrated [95%] | P(best) | true | source |",
+        "| ---: |" + " ---: |" * len(names) + " ---: | --- | ---: | ---: | --- |",
+    ]
+    for _, row in ranking.head(SHOWN).iterrows():
+        cells = [f"{row[f'{WEIGHT_PREFIX}{n}']:.3f}" for n in names]
+        half = 1.96 * row["sd"]
+        prob = "n/a" if np.isnan(row["prob_best"]) else f"{row['prob_best']:.2f}"
+        true = "" if np.isnan(row["truth"]) else f"{row['truth']:.4f}"
+        lines.append(
+            f"| {row['rank']} | " + " | ".join(cells) + f" | {row['proxy']:.4f} | {row['calibrated']:.4f} "
+            f"[{row['calibrated'] - half:.4f}, {row['calibrated'] + half:.4f}] | {prob} | {true} | {row['source']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _weights(weights: dict[str, float]) -> str:
+    return ", ".join(f"{n} {w:.3f}" for n, w in weights.items())
+
+
+def plot(ranking: pd.DataFrame, content: dict, path: Path) -> Path:
+    """Left: each candidate's calibrated value against its proxy value, the runs' truth beside it.
+    Right: the top candidates' calibrated values with 95% intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from mergeopt.runtime.files import save_figure_atomic
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    runs = ranking["truth"].notna()
+    left.scatter(ranking["proxy"], ranking["calibrated"], s=8, alpha=0.5, label="candidates (calibrated)")
+    left.scatter(ranking["proxy"][runs], ranking["truth"][runs], s=24, color="C3", label="runs (true)")
+    pick = ranking[ranking["candidate"] == content["pick"]["candidate"]].iloc[0]
+    left.scatter([pick["proxy"]], [pick["calibrated"]], marker="*", s=160, color="C2", label="pick")
+    left.set_xlabel(f"merged proxy: {content['metric']}")
+    left.set_ylabel(f"calibrated / true: {content['metric']}")
+    left.legend(fontsize=7)
+    left.grid(alpha=0.3)
+    top = ranking.head(SHOWN)
+    y = np.arange(len(top))[::-1]
+    right.errorbar(top["calibrated"], y, xerr=1.96 * top["sd"], fmt="o", ms=4, capsize=2)
+    right.scatter(top["truth"], y, color="C3", s=20, zorder=3)
+    right.set_yticks(y)
+    right.set_yticklabels([f"#{r} ({s})" for r, s in zip(top["rank"], top["source"])], fontsize=7)
+    right.set_xlabel(f"calibrated {content['metric']}, 95% interval (red: a run's truth)")
+    right.grid(alpha=0.3)
+    fig.suptitle(f"mergeopt calibrate: {content['runs']} run(s)", fontsize=10)
+    fig.tight_layout()
+    try:
+        return save_figure_atomic(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def mixture_record(weights: dict[str, float], role: str, entry: dict, content: dict, base: dict) -> dict:
+    """A mixture.json for the pick or a proposal, so ``mergeopt export`` and ``mergeopt merge`` read it."""
+    from mergeopt.run_files import SCHEMA_VERSION
+
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "status": "complete",
+        "weights": weights,
+        **base,
+        "strategy": "calibrate",
+        "calibration": {
+            "role": role,
+            "grid": content["grid"],
+            "metric": content["metric"],
+            "runs": content["runs"],
+            **{k: v for k, v in entry.items() if k != "weights"},
+        },
+    }
+
+
+def write_outputs(out: Path, content: dict, ranking: pd.DataFrame, names: Sequence[str], recipe, base: dict):
+    """Every file checked (the typed models) before the first is written; the JSON goes last."""
+    from mergeopt.config import recipe_to_yaml
+    from mergeopt.run_files import SCHEMA_VERSION, CalibrationReport, MixtureFile
+    from mergeopt.runtime.files import write_csv_atomic, write_json_atomic, write_text_atomic
+
+    record = CalibrationReport.model_validate({"schema_version": SCHEMA_VERSION, **content}).to_json()
+    mixtures = {"pick": mixture_record(content["pick"]["weights"], "pick", content["pick"], content, base)}
+    for i, proposal in enumerate(content["proposals"], 1):
+        mixtures[f"next-{i}"] = mixture_record(proposal["weights"], "next", proposal, content, base)
+    mixtures = {name: MixtureFile.model_validate(m).to_json() for name, m in mixtures.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("next-*"):  # an earlier round's proposals
+        if stale.is_dir() and stale.name not in mixtures:
+            for f in ("mixture.json", "recipe.yaml"):
+                (stale / f).unlink(missing_ok=True)
+    text = recipe_to_yaml(recipe)
+    for name, data in mixtures.items():
+        (out / name).mkdir(exist_ok=True)
+        write_text_atomic(out / name / "recipe.yaml", text)
+        write_json_atomic(out / name / "mixture.json", data)
+    write_csv_atomic(out / "calibrated_ranking.csv", ranking.to_dict("records"), list(ranking.columns))
+    write_text_atomic(out / "calibration.md", markdown(content, ranking, names))
+    plot(ranking, content, out / "calibration.png")
+    write_json_atomic(out / "calibration.json", record)
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def _main(args: argparse.Namespace) -> int:
+    from mergeopt.config import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    out = Path(args.out) if args.out else Path(recipe.output_dir) / "calibration"
+    with saying_where_saved(out / CALIBRATE_CHECKPOINT_DIR), interruptible():
+        return _run(args, recipe, out)
+
+
+def _run(args: argparse.Namespace, recipe, out: Path) -> int:
+    from mergeopt.evaluation.proxy import check_truth, proxy_grid, read_grid
+    from mergeopt.loading.problem import load_problem, resolve_device
+    from mergeopt.run_files import read_finished_mixture
+    from mergeopt.runtime.resume import open_state, recipe_tree
+    from mergeopt.worlds import resolve_recipe
+
+    spec = recipe.calibrate
+    grid = args.grid or spec.grid or recipe.rank.grid
+    if grid is None:
+        raise UserError("no grid of real runs: pass --grid GRID.csv or set calibrate.grid (or rank.grid)")
+    names = recipe.expert_names
+    objective = Objective.from_recipe(recipe)
+    column, higher = metric_of(objective, spec.metric)
+    table = read_grid(grid, names)  # every input checked before a model is loaded
+    check_truth(table, objective, grid)
+    check_provenance(table, grid, recipe.model.experts)
+    fitted = None
+    fit_path = Path(recipe.output_dir) / "mixture.json"
+    if fit_path.is_file():
+        mixture = read_finished_mixture(fit_path)
+        if set(mixture.names) == set(names):
+            fitted = dict(mixture.weights)
+
+    distributed.init_from_env(resolve_device(recipe.device))
+    quiet = args.quiet or not distributed.is_main()
+    with distributed.main_first():
+        resolved, world_roots = resolve_recipe(recipe, (lambda _m: None) if quiet else print)
+    # the proxy's evaluations depend on the model and the data, not on what is done with them
+    tree = {k: v for k, v in recipe_tree(recipe).items() if k not in ("rank", "calibrate", "logging")}
+    checkpoint, resuming = open_state(
+        out, tree, "restart" if args.restart else "auto", CALIBRATE_CHECKPOINT_DIR
+    )
+    if resuming and not quiet:
+        print(f"reusing the proxy's evaluations in {checkpoint.dir}")
+    elif not resuming:
+        checkpoint.start_lazily()
+    candidates = candidate_table(names, table, fitted, spec.candidates, spec.alpha, resolved.seed)
+    journaled = [e["w"] for e in checkpoint.read_evaluations(PROXY_EVALUATIONS)] if resuming else []
+    evaluated = evaluation_order(candidates, journaled, names)
+    try:
+        problem = load_problem(resolved, not quiet, objective)
+        scored = proxy_grid(
+            problem, objective, evaluated, not quiet, checkpoint, together=resolved.model.shard == "fsdp"
+        )
+    except UserError:
+        if not resuming and distributed.is_main():
+            checkpoint.clear()
+            if out.is_dir() and not any(out.iterdir()):
+                out.rmdir()
+        raise
+    if not distributed.is_main():
+        return 0
+    a = problem.set_weights.double().numpy()
+    a = a / a.sum()
+    scores = scored.set_axis(_keys(evaluated, names)).loc[_keys(candidates, names)]
+    proxy = metric_values(scores, column, a)
+    truth = metric_values(table, column, a)
+    weights = candidates[[f"{WEIGHT_PREFIX}{n}" for n in names]].to_numpy(dtype=float)
+    posterior, decision = calibrate(weights, proxy, range(len(table)), truth, spec, resolved.seed, higher)
+    meta = {
+        "grid": str(grid),
+        "metric": spec.metric,
+        "higher_is_better": higher,
+        "use_proxy": spec.use_proxy,
+        "options": spec.model_dump(mode="json") | {"seed": resolved.seed},
+        "out": str(out),
+    }
+    content, ranking = report(names, candidates, proxy, truth, posterior, decision, meta)
+    base = {
+        "target": resolved.data.target,
+        "method": problem.stack.method,
+        "seed": resolved.seed,
+        "worlds": {name: str(root) for name, root in world_roots.items()},
+    }
+    write_outputs(out, content, ranking, names, recipe, base)
+    print(markdown(content, ranking, names))
+    print(f"Wrote {', '.join(OUTPUT_FILES)}, pick/ and next-*/ to {out}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return _main(args)
+
+
+def main(argv: Sequence[str]) -> int:
+    """``mergeopt calibrate`` from Python, with its command-line arguments."""
+    return run_command("calibrate", argv)

@@ -1,0 +1,125 @@
+"""``mergeopt calibrate`` on a small random world: what it writes, and that its numbers are the
+reference paths' numbers.
+
+- The proxy's values at the runs' mixtures equal ``mergeopt rank``'s proxy on the same grid.
+- The calibrated ranking, pick and proposals equal mergeopt.evaluation.calibration's own fit and
+  decision on those values; for a higher-is-better metric the pick maximises.
+- The pick and the proposals are mixture.json files that ``mergeopt export`` reads.
+- A second round with a run appended evaluates only the new mixture (the journal is reused).
+Bad inputs (unknown metric, a grid of another recipe's runs) are rows of tests/test_bad_input.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from mergeopt.config import CalibrateSection
+from mergeopt.evaluation import calibration
+from mergeopt.evaluation.calibrate import calibrate
+from mergeopt.export.mixture_input import read_mixture
+from mergeopt.run_files import CalibrationReport
+from tests.conftest import recipe_tree, run_in_process
+
+SPEC = {"candidates": 5, "samples": 200, "batch": 2}
+
+
+def _grid(rows: int = 3) -> pd.DataFrame:
+    weights = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.2, 0.3, 0.5], [0.0, 0.4, 0.6]][:rows]
+    table = pd.DataFrame(weights, columns=["w_alpha", "w_beta", "w_gamma"])
+    table["loss_arith"] = [3.1, 2.9, 2.7, 2.8][:rows]
+    table["loss_markov"] = [3.3, 3.0, 3.2, 2.95][:rows]
+    return table
+
+
+def _run(world, tmp_path, table: pd.DataFrame, *extra: str, **calibrate_spec):
+    grid = tmp_path / "grid.csv"
+    table.to_csv(grid, index=False)
+    tree = recipe_tree(world, tmp_path / "fit", calibrate={**SPEC, **calibrate_spec})
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tree))
+    out = tmp_path / "cal"
+    result = run_in_process(
+        "calibrate", str(recipe), "--grid", str(grid), "--out", str(out), "--quiet", *extra
+    )
+    assert result.returncode == 0, result.stderr
+    return recipe, grid, out
+
+
+@pytest.fixture(scope="module")
+def first_round(random_world, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("calibrate")
+    recipe, grid, out = _run(random_world, tmp, _grid())
+    return tmp, recipe, grid, out
+
+
+def test_writes_the_report_the_ranking_and_exportable_mixtures(first_round):
+    _, _, _, out = first_round
+    report = CalibrationReport.model_validate_json((out / "calibration.json").read_text())
+    assert report.runs == 3 and len(report.proposals) == 2
+    for name in ("calibration.md", "calibrated_ranking.csv", "calibration.png"):
+        assert (out / name).is_file()
+    for folder in ("pick", "next-1", "next-2"):
+        mixture = read_mixture(out / folder)
+        assert mixture.strategy == "calibrate" and (out / folder / "recipe.yaml").is_file()
+    assert read_mixture(out / "pick").weights == pytest.approx(report.pick.weights)
+    # the proposals are new mixtures: never one of the runs
+    runs = {tuple(np.round(r, 9)) for r in _grid()[["w_alpha", "w_beta", "w_gamma"]].to_numpy()}
+    for proposal in report.proposals:
+        assert tuple(np.round(list(proposal.weights.values()), 9)) not in runs
+
+
+def test_proxy_at_the_runs_equals_the_rank_checks_proxy(first_round, random_world):
+    tmp, recipe, grid, out = first_round
+    ranking = pd.read_csv(out / "calibrated_ranking.csv")
+    ours = ranking[ranking["source"] == "run"].sort_values("candidate")["proxy"].to_numpy()
+    result = run_in_process("rank", str(recipe), "--grid", str(grid), "--out", str(tmp / "rank"), "--quiet")
+    assert result.returncode == 0, result.stderr
+    reference = pd.read_csv(tmp / "rank" / "rank_pairs.csv")["proxy_target"].to_numpy()
+    np.testing.assert_allclose(ours, reference, rtol=1e-12)
+
+
+def test_decision_equals_the_models_own(first_round):
+    _, _, _, out = first_round
+    ranking = pd.read_csv(out / "calibrated_ranking.csv").sort_values("candidate")
+    report = json.loads((out / "calibration.json").read_text())
+    weights = ranking[["w_alpha", "w_beta", "w_gamma"]].to_numpy()
+    proxy = ranking["proxy"].to_numpy()
+    truth = _grid()[["loss_arith", "loss_markov"]].to_numpy().mean(axis=1)
+    posterior = calibration.fit(weights[:3], truth, proxy[:3], proxy)
+    decision = calibration.decide(posterior, weights, proxy, range(3), batch=2, samples=200, seed=0)
+    np.testing.assert_allclose(ranking["calibrated"], decision.mean, rtol=1e-12)
+    assert report["pick"]["candidate"] == decision.pick
+    assert [list(p["weights"].values()) for p in report["proposals"]] == [
+        list(weights[i]) for i in decision.proposals
+    ]
+    assert report["proxy_slope"]["mean"] == pytest.approx(posterior.slope[0], rel=1e-12)
+
+
+def test_a_higher_is_better_metric_is_maximised():
+    rng = np.random.default_rng(0)
+    weights = rng.dirichlet(np.ones(3), size=12)
+    score = weights[:, 0] - weights[:, 2]  # an accuracy: best at alpha
+    spec = CalibrateSection(batch=1, samples=0)
+    _, up = calibrate(weights, score, range(4), score[:4], spec, seed=0, higher_is_better=True)
+    assert up.pick == int(np.argmax(score))
+    _, down = calibrate(weights, -score, range(4), -score[:4], spec, seed=0)
+    assert down.pick == up.pick and down.proposals == up.proposals
+
+
+def test_the_next_round_evaluates_only_the_new_run(first_round, random_world):
+    tmp, recipe, grid, out = first_round
+    journal = out / "calibrate_checkpoint" / "proxy_evaluations.jsonl"
+    before = journal.read_text().splitlines()
+    table = _grid(4)  # the fourth row: a new run came in
+    table.to_csv(grid, index=False)
+    result = run_in_process("calibrate", str(recipe), "--grid", str(grid), "--out", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    after = journal.read_text().splitlines()
+    assert after[: len(before)] == before and len(after) == len(before) + 1
+    report = json.loads((out / "calibration.json").read_text())
+    assert report["runs"] == 4
