@@ -181,4 +181,4 @@ def test_violation_names_the_weight_and_its_limit():
     feasible = FeasibleSet.build(["a", "b"], {"a": (0.0, 0.3)}, caps={"b": 0.8})
     assert feasible.violation({"a": 0.2, "b": 0.8}) is None
     assert "'a' is 0.4, outside [0, 0.3]" in feasible.violation({"a": 0.4, "b": 0.6})
-    assert "capped by repetition at 0.8" in feasible.violation([0.1, 0.9])
+    assert "outside [0, 0.8] (the upper limit is its repetition cap)" in feasible.violation([0.1, 0.9])

@@ -120,8 +120,8 @@ class FeasibleSet:
         values = [weights[n] for n in self.names] if isinstance(weights, Mapping) else list(weights)
         for name, w, lo, hi, why in zip(self.names, values, self.lower, self.upper, self.upper_from):
             if not lo - SIMPLEX_TOLERANCE <= w <= hi + SIMPLEX_TOLERANCE:
-                what = {"pinned": "pinned at", "cap": "capped by repetition at"}.get(why, "bounded by")
-                return f"the weight of {name!r} is {w:.6g}, outside [{lo:g}, {hi:g}] ({what} {hi:g})"
+                what = {"pinned": " (pinned)", "cap": " (the upper limit is its repetition cap)"}.get(why, "")
+                return f"the weight of {name!r} is {w:.6g}, outside [{lo:g}, {hi:g}]{what}"
         return None
 
     def contains(self, w: Sequence[float]) -> bool:
@@ -141,8 +141,13 @@ class FeasibleSet:
         return np.asarray(self.upper, dtype=np.float64)
 
     # -- projections -----------------------------------------------------------------------------
+    def _nonempty(self) -> None:
+        if (problem := self.problem()) is not None:  # callers check first; this is a bug, not input
+            raise ValueError(f"cannot project onto an empty set: {problem}")
+
     def project(self, v: np.ndarray) -> np.ndarray:
         """Euclidean projection onto the feasible set, row by row: argmin ||w − v||², exact."""
+        self._nonempty()
         v = np.asarray(v, dtype=np.float64)
         rows = np.atleast_2d(v)
         t = _solve(rows, np.ones_like(rows), self._lo, self._hi)
@@ -151,6 +156,7 @@ class FeasibleSet:
 
     def softmax(self, z: np.ndarray) -> np.ndarray:
         """The feasible softmax: the KL projection of softmax(z) onto the set, clip(c·e^z, lo, hi)."""
+        self._nonempty()
         z = np.asarray(z, dtype=np.float64)
         rows = np.atleast_2d(z)
         scaled = np.maximum(np.exp(rows - rows.max(axis=1, keepdims=True)), TINY)
