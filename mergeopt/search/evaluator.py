@@ -331,7 +331,8 @@ class Evaluator:
 
     # -- results ------------------------------------------------------------------------------
     def best(self) -> tuple[np.ndarray, float, dict[str, float]]:
-        """The best mixture answered so far under the current value function (first one on ties)."""
+        """The best mixture answered so far under the current value function (first one on ties);
+        under constraints the best feasible one."""
         best = None
         for w, scores in self._seen.values():
             if self.feasible is not None and not self.feasible.contains(w):
