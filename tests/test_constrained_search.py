@@ -221,3 +221,26 @@ def test_export_honours_the_recorded_repetition_cap(random_world, tmp_path, caps
     assert f"repeats source 'beta' (1,500 tokens recorded in mixture.json) {beta_epochs:.3g} times" in (
         capsys.readouterr().err
     )
+
+
+def test_counted_caps_that_leave_no_mixture_are_one_line_and_write_nothing(tiny_world, tmp_path, capsys):
+    from mergeopt.errors import run_cli
+    from mergeopt.fit import main as fit_main
+
+    data = {n: f"tiny://train/{n}.jsonl" for n in ("arith", "reverse", "brackets", "markov")}
+    argv = [
+        str(REPO / "recipes" / "tiny.yaml"),
+        f"output_dir={tmp_path / 'out'}",
+        f"world.cache_dir={tiny_world.parent}",
+        "weights.max_epochs=1",
+        "weights.token_budget=10000000",  # every source's cap is a few thousandths
+        "train.data=" + json.dumps(data),
+        "--quiet",
+    ]
+    assert run_cli(fit_main, argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(lines) == 1 and "weights: no mixture meets the constraints: the upper bounds sum to" in lines[0]
+    )
+    assert "arith 0.0017725 (cap)" in lines[0]
+    assert not (tmp_path / "out").exists()
