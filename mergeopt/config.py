@@ -8,6 +8,7 @@ before any model is loaded. Overrides use dotted keys, as in torchtune:
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +18,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mergeopt.errors import UserError
-from mergeopt.merging.simplex import mixture_problem
+from mergeopt.merging.constraints import FeasibleSet, repetition_caps
+from mergeopt.merging.simplex import SIMPLEX_TOLERANCE, mixture_problem
 
 
 class _Strict(BaseModel):
@@ -184,14 +186,86 @@ class DataSection(_Strict):
 
 
 class WeightsSection(_Strict):
-    """Where the search starts on the simplex (the gradient strategy's w = softmax(z) keeps it there)."""
+    """Where the search starts on the simplex, and the constraints every mixture it returns meets
+    (mergeopt.merging.constraints: bounds, pins and repetition caps make one box on the simplex)."""
 
     init: dict[str, float] | None = Field(
         default=None,
-        description="Starting mixture {expert: w}, uniform when absent. Every strategy starts from it: "
+        description="Starting mixture {expert: w}, uniform when absent (with constraints: the most "
+        "uniform feasible mixture). Every strategy starts from it: "
         "the gradient's and SPSA's first point, CMA-ES's initial mean; grid, dirichlet and surrogate "
         "evaluate it first, so no search returns a mixture its objective scores worse.",
     )
+    bounds: dict[str, tuple[float, float]] = Field(
+        default_factory=dict,
+        description="Per-expert bounds {expert: [lo, hi]} on its weight, 0 <= lo <= hi <= 1; experts "
+        "not named are free in [0, 1]. Every strategy returns a mixture within them.",
+    )
+    pinned: dict[str, float] = Field(
+        default_factory=dict,
+        description="Weights fixed in advance {expert: w}, each in [0, 1]; the other experts share "
+        "1 - the pinned sum.",
+    )
+    max_epochs: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="Repetition cap R: no training source may be repeated more than R epochs in "
+        "weights.token_budget tokens, i.e. w_i <= R * T_i / token_budget for source i of T_i tokens "
+        "(Olmix caps at 5). Needs token_budget, and each source's tokens: weights.tokens, or counted "
+        "from train.data with the base's tokenizer before the fit loads its model.",
+    )
+    token_budget: int | None = Field(
+        default=None, gt=0, description="With max_epochs: the training run's budget B in tokens."
+    )
+    tokens: dict[str, int] | None = Field(
+        default=None,
+        description="With max_epochs: training tokens T_i of each expert's source {expert: T_i}; "
+        "experts not named are counted from train.data.",
+    )
+
+    @field_validator("bounds")
+    @classmethod
+    def _bounds_in_unit_interval(cls, bounds: dict[str, tuple[float, float]]) -> dict:
+        for name, (lo, hi) in bounds.items():
+            if not (math.isfinite(lo) and math.isfinite(hi) and 0.0 <= lo <= hi <= 1.0):
+                raise ValueError(f"{name!r} has bounds [{lo:g}, {hi:g}]; they need 0 <= lo <= hi <= 1")
+        return bounds
+
+    @field_validator("pinned")
+    @classmethod
+    def _pins_in_unit_interval(cls, pinned: dict[str, float]) -> dict[str, float]:
+        for name, value in pinned.items():
+            if not math.isfinite(value) or value > 1.0:
+                raise ValueError(f"{name!r} is pinned at {value:g}, above 1 (a weight is in [0, 1])")
+            if value < 0.0:
+                raise ValueError(f"{name!r} is pinned at {value:g}, below 0 (a weight is in [0, 1])")
+        if math.fsum(pinned.values()) > 1.0 + SIMPLEX_TOLERANCE:
+            raise ValueError(f"the pinned weights sum to {math.fsum(pinned.values()):g}, above 1")
+        return pinned
+
+    @field_validator("tokens")
+    @classmethod
+    def _positive_tokens(cls, tokens: dict[str, int] | None) -> dict[str, int] | None:
+        for name, count in (tokens or {}).items():
+            if count <= 0:
+                raise ValueError(f"{name!r} has {count} tokens; a source has at least 1")
+        return tokens
+
+    @model_validator(mode="after")
+    def _cap_parts_together(self) -> WeightsSection:
+        if self.max_epochs is not None and self.token_budget is None:
+            raise ValueError("weights.max_epochs caps repetition within weights.token_budget: set it too")
+        if self.max_epochs is None:
+            for key in ("token_budget", "tokens"):
+                if getattr(self, key) is not None:
+                    raise ValueError(
+                        f"weights.{key} is only used by a repetition cap: set weights.max_epochs"
+                    )
+        return self
+
+    @property
+    def constrained(self) -> bool:
+        return bool(self.bounds or self.pinned or self.max_epochs is not None)
 
     @model_validator(mode="before")
     @classmethod
@@ -628,6 +702,33 @@ class Recipe(_Strict):
             raise ValueError(f"weights.init names {sorted(init)} but the experts are {sorted(experts)}")
         if (problem := mixture_problem(init)) is not None:
             raise ValueError(f"weights.init is not a mixture: {problem}")
+        return self
+
+    @model_validator(mode="after")
+    def _constraints_are_feasible(self) -> Recipe:
+        """Names, pins within bounds and Σlo ≤ 1 ≤ Σhi, checked here when every cap is known
+        (token counts from train.data are checked once counted, before anything is written)."""
+        w = self.weights
+        experts = self.expert_names
+        for key in ("bounds", "pinned", "tokens"):
+            unknown = sorted(set(getattr(w, key) or {}) - set(experts))
+            if unknown:
+                raise ValueError(
+                    f"weights.{key} names {unknown[0]!r}, which is not an expert ({', '.join(experts)})"
+                )
+        uncounted = [n for n in experts if n not in (w.tokens or {})]
+        if w.max_epochs is not None and uncounted and self.train is None:
+            raise ValueError(
+                f"weights.max_epochs needs each source's tokens, but none are given for {uncounted[0]!r}: "
+                "set weights.tokens or train.data"
+            )
+        known = w.max_epochs is not None and not uncounted
+        caps = repetition_caps(w.max_epochs, w.token_budget, w.tokens) if known else None
+        feasible = FeasibleSet.build(experts, w.bounds, w.pinned, caps)
+        if (problem := feasible.problem()) is not None:
+            raise ValueError(f"weights: no mixture meets the constraints: {problem}")
+        if w.init is not None and (outside := feasible.violation(w.init)) is not None:
+            raise ValueError(f"weights.init breaks the constraints: {outside}")
         return self
 
     @model_validator(mode="after")

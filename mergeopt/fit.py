@@ -20,6 +20,7 @@ from mergeopt import worlds
 from mergeopt.cli import alias, run_command
 from mergeopt.config import Recipe, load_recipe, recipe_to_yaml
 from mergeopt.errors import UserError
+from mergeopt.loading.feasible import constraints_record, feasible_set, source_tokens
 from mergeopt.loading.problem import Problem, load_problem, resolve_device
 from mergeopt.merging.weights import as_mapping, initial_logits, start_weights
 from mergeopt.objectives.data import has_heldout
@@ -129,6 +130,9 @@ def _fit(recipe: Recipe, progress: bool, log: Callable[[str], None], resume: str
         from mergeopt.evaluation.proxy import check_truth, read_grid
 
         check_truth(read_grid(resolved.rank.grid, resolved.expert_names), objective, resolved.rank.grid)
+    tokens = source_tokens(resolved, log)  # repetition caps' token counts (None without a cap)
+    feasible = feasible_set(resolved, tokens) if resolved.weights.constrained else None
+    record = None if feasible is None else constraints_record(resolved, feasible, tokens)
     checkpoint, resuming = _checkpoint(recipe, resume)  # a mismatched checkpoint is refused before loading
     problem = load_problem(resolved, progress, objective)
     if resuming:
@@ -138,7 +142,17 @@ def _fit(recipe: Recipe, progress: bool, log: Callable[[str], None], resume: str
     try:
         with tracking.tracked(recipe, checkpoint, resuming, log) as tracker:
             return _search_and_write(
-                recipe, resolved, objective, problem, checkpoint, progress, log, world_roots, tracker
+                recipe,
+                resolved,
+                objective,
+                problem,
+                checkpoint,
+                progress,
+                log,
+                world_roots,
+                tracker,
+                feasible,
+                record,
             )
     except UserError:
         if not resuming and distributed.is_main():  # a user error writes nothing: undo this run's state
@@ -150,10 +164,15 @@ def _fit(recipe: Recipe, progress: bool, log: Callable[[str], None], resume: str
 
 
 def _search_and_write(
-    recipe, resolved, objective, problem, checkpoint, progress, log, world_roots, tracker
+    recipe, resolved, objective, problem, checkpoint, progress, log, world_roots, tracker, feasible, record
 ) -> dict:
-    """The search, the closing evaluations and the run directory, once the problem is loaded."""
+    """The search, the closing evaluations and the run directory, once the problem is loaded.
+
+    ``feasible``: the recipe's constraints (None: none), ``record`` their mixture.json entry; a
+    set that is the whole simplex is searched exactly as without constraints.
+    """
     names = problem.stack.expert_names
+    searched = None if feasible is None or feasible.trivial else feasible
     stack = problem.stack
     log(
         f"stacked {len(stack.deltas)} tensors ({stack.num_stacked_parameters():,} parameters x {len(names)} experts, "
@@ -168,6 +187,8 @@ def _search_and_write(
     search = resolved.search
     if search.strategy == "gradient":
         z0 = initial_logits(names, resolved.weights.init)
+        if searched is not None:  # uniform, or init, onto the feasible set's logits
+            z0 = torch.from_numpy(searched.project_logits(z0.numpy()))
         result = fit_gradient(
             problem.model,
             stack,
@@ -182,8 +203,11 @@ def _search_and_write(
             checkpoint=checkpoint,
             loss_chunk=problem.loss_chunk,
             on_step=tracker.step,
+            feasible=searched,
         )
         chosen, trace = result.weights, result.trace
+        if searched is not None:  # exact bounds: a weight pinned at 0 is 1e-300 in softmax(z)
+            chosen = torch.from_numpy(searched.project(chosen.double().numpy()))
         search_info = {
             "steps": result.steps_run,
             "best_step": result.best_step,
@@ -203,6 +227,7 @@ def _search_and_write(
             checkpoint,
             tracker.evaluation,
             together=resolved.model.shard == "fsdp",  # a sharded stack: every rank scores each mixture
+            feasible=searched,
         )
         evaluator_processes = distributed.process_rank_and_size()[1]
         chosen, trace = torch.tensor(found.weights, dtype=torch.float64), found.log
@@ -229,6 +254,7 @@ def _search_and_write(
         "schema_version": SCHEMA_VERSION,  # mergeopt.run_files.MixtureFile
         "status": "complete",
         "weights": weights,
+        **({} if record is None else {"constraints": record}),
         "target": resolved.data.target,
         "dev_loss": fitted["dev"],
         "heldout_loss": fitted["heldout"],

@@ -21,10 +21,11 @@ import sys
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 import mergeopt
 from mergeopt.errors import UserError
+from mergeopt.merging.constraints import FeasibleSet
 from mergeopt.merging.simplex import mixture_problem
 
 SCHEMA_VERSION = 1
@@ -80,6 +81,42 @@ class TransferStatistics(RankStatistics):
     best_true_score: float | None
 
 
+class MixtureConstraints(BaseModel):
+    """The constraints a fit's mixture meets (the recipe's weights.bounds, pinned and max_epochs).
+
+    ``lower`` and ``upper`` are the box they make, what every reader checks the weights (and an
+    export its shares) against; the rest says where each limit came from.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    lower: dict[str, float] = Field(description="Each expert's least weight (its bound or pin).")
+    upper: dict[str, float] = Field(
+        description="Each expert's greatest weight: the least of its bound, pin and repetition cap."
+    )
+    upper_from: dict[str, str] = Field(
+        description="What set each upper limit: bound, pinned, cap, or '' (none: 1)."
+    )
+    bounds: dict[str, list[float]] = Field(description="weights.bounds as the recipe gave them.")
+    pinned: dict[str, float] = Field(description="weights.pinned as the recipe gave them.")
+    max_epochs: float | None = Field(default=None, description="weights.max_epochs: the repetition cap R.")
+    token_budget: int | None = Field(
+        default=None, description="weights.token_budget: the budget B in tokens."
+    )
+    tokens: dict[str, int] | None = Field(
+        default=None, description="Training tokens T_i of each source (given or counted); cap R·T_i/B."
+    )
+
+    def feasible_set(self) -> FeasibleSet:
+        names = tuple(self.lower)
+        return FeasibleSet(
+            names,
+            tuple(self.lower[n] for n in names),
+            tuple(self.upper[n] for n in names),
+            tuple(self.upper_from.get(n, "") for n in names),
+        )
+
+
 class MixtureFile(_RunFile):
     """mixture.json: the recommended mixture and the evidence for it, written last by ``mergeopt fit``."""
 
@@ -87,6 +124,9 @@ class MixtureFile(_RunFile):
 
     status: str = Field(description="'complete' once the fit has finished (written last).")
     weights: dict[str, float] = Field(description="The recommended mixture {expert: w}, on the simplex.")
+    constraints: MixtureConstraints | None = Field(
+        default=None, description="The constraints the weights meet; absent when the recipe set none."
+    )
     target: str | None = Field(default=None, description="data.target: the dev set(s) the loss targets.")
     dev_loss: float | None = Field(default=None, description="Target dev loss of the merge at the weights.")
     heldout_loss: float | None = Field(default=None, description="The same on the held-out parts.")
@@ -139,6 +179,18 @@ class MixtureFile(_RunFile):
         if problem is not None:
             raise ValueError(problem)
         return weights
+
+    @model_validator(mode="after")
+    def _within_constraints(self) -> MixtureFile:
+        if self.constraints is None:
+            return self
+        if set(self.constraints.lower) != set(self.weights):
+            raise ValueError(
+                f"constraints name {sorted(self.constraints.lower)} but the weights {sorted(self.weights)}"
+            )
+        if (outside := self.constraints.feasible_set().violation(self.weights)) is not None:
+            raise ValueError(f"the weights break the recorded constraints: {outside}")
+        return self
 
     @property
     def names(self) -> list[str]:

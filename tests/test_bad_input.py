@@ -182,6 +182,21 @@ def _finished_run(world, tmp, change: Callable[[dict], None] | None = None) -> P
     return run
 
 
+def _recorded(upper: dict | None = None, max_epochs: float | None = None) -> dict:
+    """mixture.json's constraints for the weights _finished_run writes (alpha 0.5, beta 0.3, gamma 0.2)."""
+    names = ("alpha", "beta", "gamma")
+    record = {
+        "lower": dict.fromkeys(names, 0.0),
+        "upper": {**dict.fromkeys(names, 1.0), **(upper or {})},
+        "upper_from": {n: "bound" if n in (upper or {}) else "" for n in names},
+        "bounds": {n: [0.0, hi] for n, hi in (upper or {}).items()},
+        "pinned": {},
+    }
+    if max_epochs is not None:
+        record.update(max_epochs=max_epochs, token_budget=2000, tokens=dict.fromkeys(names, 1000))
+    return record
+
+
 def _grid(world, tmp, change: Callable[[list[dict]], None]) -> list[str]:
     rows = [
         {"w_alpha": 1.0, "w_beta": 0.0, "w_gamma": 0.0, "loss_arith": 3.0, "loss_markov": 3.1},
@@ -299,6 +314,29 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         "fit",
         lambda w, t: [_recipe(w, t), "weights.init={alpha: 0.5, beta: 0.3, gamma: 0.1}"],
         "weights.init",
+    ),
+    "bounds that leave no feasible mixture": (
+        "recipe",
+        "fit",
+        lambda w, t: [_recipe(w, t), "weights.bounds={alpha: [0, 0.2], beta: [0, 0.2], gamma: [0.1, 0.5]}"],
+        "the upper bounds sum to 0.9, below 1",
+    ),
+    "pinned weight above 1": (
+        "recipe",
+        "fit",
+        lambda w, t: [_recipe(w, t), "weights.pinned={alpha: 1.5}"],
+        "'alpha' is pinned at 1.5, above 1",
+    ),
+    "repetition caps that leave no feasible mixture": (
+        "recipe",
+        "fit",
+        lambda w, t: [
+            _recipe(w, t),
+            "weights.max_epochs=1",
+            "weights.token_budget=1000",
+            "weights.tokens={alpha: 100, beta: 200, gamma: 300}",
+        ],
+        "the upper bounds sum to 0.6, below 1 (alpha 0.1 (cap)",
     ),
     "device without CUDA": (
         "recipe",
@@ -503,6 +541,32 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
             str(t / "out"),
         ],
         "alpha",
+    ),
+    "export weights outside the recorded constraints": (
+        "export",
+        "export",
+        lambda w, t: [
+            str(_finished_run(w, t, lambda m: m.update(constraints=_recorded(upper={"alpha": 0.4})))),
+            "--to",
+            "doremi",
+            "--out",
+            str(t / "out"),
+        ],
+        "the weight of 'alpha' is 0.5, outside [0, 0.4]",
+    ),
+    "export budget beyond the fit's repetition cap": (
+        "export",
+        "export",
+        lambda w, t: [
+            str(_finished_run(w, t, lambda m: m.update(constraints=_recorded(max_epochs=2.0)))),
+            "--to",
+            "doremi",
+            "--budget-tokens",
+            "100000",
+            "--out",
+            str(t / "out"),
+        ],
+        "repeats source 'alpha' (1,000 tokens recorded in mixture.json) 50 times, above the fit's weights.max_epochs 2",
     ),
     "export unknown dataset name": (
         "export",

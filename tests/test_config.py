@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pydantic
@@ -174,3 +175,50 @@ def test_recipe_is_frozen(tmp_path):
     recipe = load_recipe(write(tmp_path, MINIMAL))
     with pytest.raises(pydantic.ValidationError):
         recipe.optim.lr = 1.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["weights.bounds={physics: [0, 0.5]}"],
+            "weights.bounds names 'physics', which is not an expert (math, code)",
+        ),
+        (["weights.bounds={math: [0.6, 0.2]}"], "'math' has bounds [0.6, 0.2]; they need 0 <= lo <= hi <= 1"),
+        (["weights.pinned={math: -0.1}"], "'math' is pinned at -0.1, below 0"),
+        (["weights.pinned={math: 0.7, code: 0.6}"], "the pinned weights sum to 1.3, above 1"),
+        (
+            ["weights.pinned={math: 0.7}", "weights.bounds={math: [0, 0.5]}"],
+            "weights.pinned 'math' is 0.7, outside",
+        ),
+        (
+            ["weights.bounds={math: [0.7, 1], code: [0.4, 1]}"],
+            "the lower bounds and pins sum to 1.1, above 1",
+        ),
+        (["weights.bounds={math: [0, 0.3]}", "weights.init={math: 0.5, code: 0.5}"], "weights.init breaks"),
+        (["weights.max_epochs=5"], "weights.max_epochs caps repetition within weights.token_budget"),
+        (["weights.token_budget=1000"], "weights.token_budget is only used by a repetition cap"),
+        (
+            ["weights.max_epochs=5", "weights.token_budget=10", "weights.tokens={math: 3}"],
+            "none are given for 'code'",
+        ),
+    ],
+)
+def test_constraints_are_checked_at_load_naming_the_culprit(tmp_path, overrides, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_recipe(write(tmp_path, MINIMAL), overrides)
+
+
+def test_a_feasible_constrained_recipe_loads_and_round_trips(tmp_path):
+    overrides = [
+        "weights.bounds={math: [0.2, 0.8]}",
+        "weights.pinned={code: 0.3}",
+        "weights.max_epochs=4",
+        "weights.token_budget=1000",
+        "weights.tokens={math: 200, code: 100}",  # math's cap: 4 · 200 / 1000 = 0.8
+    ]
+    recipe = load_recipe(write(tmp_path, MINIMAL), overrides)
+    assert recipe.weights.constrained and recipe.weights.bounds == {"math": (0.2, 0.8)}
+    again = load_recipe(write(tmp_path, recipe_to_yaml(recipe), "again.yaml"))
+    assert again == recipe
+    assert not load_recipe(write(tmp_path, MINIMAL)).weights.constrained

@@ -3,7 +3,8 @@
 A fit ends with weights; training on them happens elsewhere. This command writes them in the
 terms of each framework (see ``--to``), converting token shares to per-sample probabilities with
 each domain's mean tokens per sample when ``--datasets`` are given, and turning a budget into
-absolute counts, refusing one that would repeat a dataset more than ``--max-epochs`` times. Every
+absolute counts, refusing one that would repeat a dataset more than ``--max-epochs`` times, or a
+source more than the fit's own repetition cap (``weights.max_epochs`` in mixture.json). Every
 input is checked, and every format rendered, before anything is written; a problem is one line on
 stderr and exit code 2. Output goes to stdout, to ``--out FILE``, or with ``--to all`` one file
 per format into ``--out DIR``. Examples:
@@ -32,7 +33,7 @@ from mergeopt.export.mixture_input import (
     recipe_datasets,
     resolve_world_path,
 )
-from mergeopt.export.shares import check_repetition, make_plan
+from mergeopt.export.shares import check_recorded_cap, check_repetition, make_plan
 from mergeopt.export.token_stats import load_tokenizer, measure_all
 from mergeopt.runtime.files import write_text_atomic
 
@@ -89,6 +90,7 @@ def build(args) -> tuple[dict[Format, str], list[str]]:
     measure = bool(datasets) and (budget or bool(converts) or any(f.needs_sizes for f in formats))
     stats = measure_all(datasets, _tokenizer(args, recipe, recipe_error, mixture)) if measure else None
     plan = make_plan(mixture.weights, args.weights_are, stats, args.budget_tokens, args.budget_samples)
+    check_recorded_cap(plan, mixture.constraints, datasets)
     messages = [f"warning: {line}" for line in check_repetition(plan, args.max_epochs, datasets)]
     if stats is None and converts:
         other = "sample" if args.weights_are == "tokens" else "token"

@@ -1,7 +1,8 @@
 """What an export starts from: a finished fit's mixture.json, its recipe.yaml, and ``--datasets``.
 
 Every exporter trusts these inputs, so they are checked once, here, before anything is measured or
-written: the weights are finite, non-negative and sum to 1 (within 1e-6); the fit finished; each
+written: the weights are finite, non-negative and sum to 1 (within 1e-6), and meet the constraints
+the fit recorded (bounds, pins, repetition caps); the fit finished; each
 ``--datasets name=path`` names an expert of the mixture and an existing file. World paths in the
 recipe (``tiny://base``) are resolved through the ``worlds`` record mixture.json keeps, so an export
 never builds a world. Each problem is a :class:`~mergeopt.errors.UserError` naming the culprit.
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mergeopt.errors import UserError
-from mergeopt.run_files import read_finished_mixture
+from mergeopt.run_files import MixtureConstraints, read_finished_mixture
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class Mixture:
     seed: int
     strategy: str | None
     worlds: dict[str, str] = field(default_factory=dict)
+    constraints: MixtureConstraints | None = None  # the fit's; the weights meet them (checked on reading)
 
     @property
     def names(self) -> list[str]:
@@ -52,6 +54,7 @@ def read_mixture(path: str | Path) -> Mixture:
         seed=data.seed if data.seed is not None else 0,
         strategy=data.strategy,
         worlds=dict(data.worlds or {}),
+        constraints=data.constraints,
     )
 
 

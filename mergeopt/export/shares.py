@@ -145,6 +145,28 @@ def check_repetition(plan: Plan, max_epochs: float, paths: Mapping[str, object])
     return [f"the budget repeats datasets beyond one epoch: {factors}"]
 
 
+def check_recorded_cap(plan: Plan, constraints, paths: Mapping[str, object]) -> None:
+    """Refuse a budget that repeats a source more often than the fit's ``weights.max_epochs`` allows.
+
+    The fit capped w_i at R·T_i / B for its own budget B; an export with another budget, or with
+    data other than the counted sources, can break the cap the mixture was chosen under. Each
+    source's tokens are the measured dataset's when ``--datasets`` are measured, else the counts
+    the fit recorded. ``constraints`` is mixture.json's record (None: the fit had none).
+    """
+    if constraints is None or constraints.max_epochs is None or plan.tokens is None:
+        return
+    recorded = constraints.tokens or {}
+    available = {n: plan.stats[n].tokens if plan.stats is not None else recorded.get(n) for n in plan.names}
+    epochs = {n: plan.tokens[n] / t for n, t in available.items() if t}
+    worst = max(epochs, key=epochs.get, default=None)
+    if worst is not None and epochs[worst] > constraints.max_epochs * (1 + 1e-9):
+        source = paths.get(worst) or f"{available[worst]:,} tokens recorded in mixture.json"
+        raise UserError(
+            f"the budget repeats source {worst!r} ({source}) {epochs[worst]:.3g} times, above the fit's "
+            f"weights.max_epochs {constraints.max_epochs:g}; lower the budget or refit with this one"
+        )
+
+
 def format_number(value: float) -> str:
     """A float as its shortest exact repr (what YAML and JSON writers also use)."""
     return repr(float(value))

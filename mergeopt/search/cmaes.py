@@ -6,6 +6,8 @@ details right. The search starts at the logits of ``weights.init`` (z = 0, the u
 without one) with the recipe's sigma; a
 generation cut short by the budget is never told to the optimiser. A proposal whose w is already
 cached costs nothing, so generations that bring nothing new (a collapsed search) end the run.
+Under constraints a proposal's mixture is the feasible softmax of its logits (the KL projection of
+softmax(z) onto the feasible set, :meth:`mergeopt.merging.constraints.FeasibleSet.softmax`).
 """
 
 from __future__ import annotations
@@ -13,11 +15,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
-from scipy.special import softmax
 
 from mergeopt.config import SearchSection
 from mergeopt.merging.weights import logits_of
-from mergeopt.search.evaluator import BudgetExhausted, Evaluator, SearchResult
+from mergeopt.search.evaluator import BudgetExhausted, Evaluator, SearchResult, mixture_of_logits
 
 if TYPE_CHECKING:  # the library is imported when a search runs, not when the CLI starts
     from cmaes import CMA
@@ -42,6 +43,7 @@ def run(
 ) -> SearchResult:
     """``start`` (``weights.init``) is the initial mean; uniform (z = 0) without one."""
     spec = search.cmaes
+    softmax = mixture_of_logits(evaluator.feasible)
     opt = optimizer(len(evaluator.names), spec.sigma, spec.population, seed, start)
     generation, stale, reason = 0, 0, "budget"
     with evaluator.running("cma-es search", search.budget, DEFAULT_BUDGET, progress):

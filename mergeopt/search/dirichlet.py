@@ -4,6 +4,7 @@ Mixup Model Merge (M³, arXiv 2502.15434) merges two models with λ ~ Beta(α, �
 λ on the dev set; its reference code draws unseeded. Here every draw comes from
 ``np.random.default_rng(seed)``, and K > 2 experts draw from Dirichlet(α·1_K), the same draws as
 mixtures.dirichlet_samples. Random search is the honest baseline for the model-based strategies.
+Under constraints the draws are conditioned on the feasible set (``FeasibleSet.sample``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from mergeopt.config import SearchSection
+from mergeopt.merging.constraints import FeasibleSet
 from mergeopt.search.evaluator import BudgetExhausted, Evaluator, SearchResult, with_start
 
 
@@ -22,12 +24,22 @@ def draw_mixtures(rng: np.random.Generator, k: int, alpha: float, count: int) ->
     return rng.dirichlet(np.full(k, alpha), size=count)
 
 
+def draw_feasible(
+    rng: np.random.Generator, k: int, alpha: float, count: int, feasible: FeasibleSet | None
+) -> np.ndarray:
+    """:func:`draw_mixtures`, or under constraints Dirichlet draws conditioned on the feasible set."""
+    if feasible is None:
+        return draw_mixtures(rng, k, alpha, count)
+    return feasible.sample(rng, alpha, count)
+
+
 def run(
     evaluator: Evaluator, search: SearchSection, seed: int, progress: bool, start: np.ndarray | None = None
 ) -> SearchResult:
     """``start`` (``weights.init``) is evaluated before the draws."""
     spec = search.dirichlet
-    draws = draw_mixtures(np.random.default_rng(seed), len(evaluator.names), spec.alpha, spec.samples)
+    rng, k = np.random.default_rng(seed), len(evaluator.names)
+    draws = draw_feasible(rng, k, spec.alpha, spec.samples, evaluator.feasible)
     points, phases = with_start(start, draws, "sample")
     stopped, drawn = False, len(draws)
     with evaluator.running("dirichlet search", search.budget, len(points), progress):

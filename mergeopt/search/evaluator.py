@@ -23,6 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mergeopt.errors import Interrupted, UserError
+from mergeopt.merging.constraints import FeasibleSet
 from mergeopt.merging.simplex import SIMPLEX_TOLERANCE
 from mergeopt.runtime import distributed, faults
 from mergeopt.runtime.resume import check_interrupt, pending_interrupt, pending_signal
@@ -69,6 +70,16 @@ def with_start(
     return [np.asarray(start, dtype=np.float64), *points], ["start", *[phase] * len(points)]
 
 
+def mixture_of_logits(feasible: FeasibleSet | None) -> Callable[[np.ndarray], np.ndarray]:
+    """How a logit strategy (CMA-ES, SPSA) turns logits into a mixture: softmax, or under
+    constraints the feasible softmax (the same function when the set is the whole simplex)."""
+    if feasible is None:
+        from scipy.special import softmax
+
+        return softmax
+    return feasible.softmax
+
+
 class Evaluator:
     """Scores mixtures through a cache keyed by (key, w rounded to 12 decimals), within a budget.
 
@@ -91,8 +102,12 @@ class Evaluator:
         replay: Sequence[dict] = (),
         together: bool = False,
         observe: Callable[[dict], None] | None = None,
+        feasible: FeasibleSet | None = None,
     ):
         self.names = tuple(names)
+        # the recipe's constraints (None: the whole simplex): strategies draw their candidates from
+        # it, and the result is the best feasible mixture (the experts a normalisation scores are not)
+        self.feasible = feasible
         self.score_fn = score
         self.value_fn = value
         self.budget = budget
@@ -316,14 +331,17 @@ class Evaluator:
 
     # -- results ------------------------------------------------------------------------------
     def best(self) -> tuple[np.ndarray, float, dict[str, float]]:
-        """The best mixture answered so far under the current value function (first one on ties)."""
-        if not self._seen:
-            raise RuntimeError("no mixture has been evaluated yet")
+        """The best mixture answered so far under the current value function (first one on ties);
+        under constraints the best feasible one."""
         best = None
         for w, scores in self._seen.values():
+            if self.feasible is not None and not self.feasible.contains(w):
+                continue  # e.g. an expert scored for a normalisation, outside the bounds
             value = self.value(scores)
             if best is None or value < best[1]:
                 best = (w.copy(), value, dict(scores))
+        if best is None:
+            raise RuntimeError(f"no {'feasible ' if self._seen else ''}mixture has been evaluated yet")
         return best
 
     def seen(self) -> list[tuple[np.ndarray, dict[str, float]]]:
@@ -382,7 +400,8 @@ class Evaluator:
         if self._bar is None or self._bar.disable:
             return
         self._bar.update(1)
-        self._bar.set_postfix(best=f"{self.best()[1]:.5g}", refresh=False)
+        with suppress(RuntimeError):  # nothing feasible scored yet (the experts of a normalisation)
+            self._bar.set_postfix(best=f"{self.best()[1]:.5g}", refresh=False)
 
     # -- checks -------------------------------------------------------------------------------
     def _check_simplex(self, w: np.ndarray) -> np.ndarray:

@@ -2,7 +2,10 @@
 
 Row t of the trace holds w_t, the training loss at w_t and, on evaluation steps, the held-out loss
 at w_t; the update to w_{t+1} comes after. Early stopping keeps the w with the best held-out loss
-and stops after ``patience`` evaluations without a gain of at least ``min_delta``.
+and stops after ``patience`` evaluations without a gain of at least ``min_delta``. Under
+constraints (``feasible``) each Adam step is followed by the KL projection of the logits onto the
+feasible set, so every w the model is evaluated at is feasible (why this projection:
+:mod:`mergeopt.merging.constraints`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mergeopt.config import OptimSection
+from mergeopt.merging.constraints import FeasibleSet
 from mergeopt.merging.stack import TaskVectorStack
 from mergeopt.merging.weights import weights_from_logits
 from mergeopt.objectives.data import DevSet, has_heldout, training_batches
@@ -49,6 +53,7 @@ def fit_gradient(
     checkpoint: RunState | None = None,
     loss_chunk: int | None = None,
     on_step: Callable[[dict], None] | None = None,
+    feasible: FeasibleSet | None = None,
 ) -> GradientResult:
     """Adam on z from ``init_logits``; with ``checkpoint`` the state is saved every
     ``optim.checkpoint_every`` steps and on SIGINT/SIGTERM, and a saved state is resumed from.
@@ -121,6 +126,9 @@ def fit_gradient(
             step_loss += float(all_reduce_sum(loss.detach().clone()))
         all_reduce_sum(z.grad)  # torchrun: the ranks' shares of the gradient add up to the batch's
         optimizer.step()
+        if feasible is not None:  # back onto the feasible set's logits (logsumexp(z) = 0)
+            with torch.no_grad():
+                z.copy_(torch.from_numpy(feasible.project_logits(z.detach().cpu().numpy())))
         row["loss"] = step_loss
         trace.append(row)
         if on_step is not None:

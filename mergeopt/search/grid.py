@@ -2,7 +2,8 @@
 
 The exhaustive baseline every cleverer strategy is measured against. It refuses to run when the
 lattice does not fit in the budget: a grid cut short covers only the first corner of the simplex
-in lattice order, a biased answer that looks like a complete one.
+in lattice order, a biased answer that looks like a complete one. Under constraints the lattice
+is that of the feasible set (:meth:`mergeopt.merging.constraints.FeasibleSet.lattice`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ def run(
 ) -> SearchResult:
     """``start`` (``weights.init``) is evaluated first, on the lattice or not."""
     divisions = search.grid.divisions
-    points, phases = with_start(start, lattice(evaluator.names, divisions), "grid")
+    feasible = evaluator.feasible  # constraints: the lattice of the feasible set instead
+    grid = lattice(evaluator.names, divisions) if feasible is None else feasible.lattice(divisions)
+    points, phases = with_start(start, grid, "grid")
     new = evaluator.uncached(points)
     with evaluator.running("grid search", search.budget, new, progress) as remaining:
         if remaining is not None and new > remaining:

@@ -5,17 +5,18 @@ K is: z ± c_k Δ with Δ a seeded Rademacher vector, ĝ = (f(z + c_k Δ) − f(
 z ← z − a_k ĝ, with Spall's gains a_k = a / (k + 1 + A)^0.602 and c_k = c / (k + 1)^0.101. It is
 the cheapest zero-order method that still follows a gradient. The iterate itself is not a point
 SPSA evaluates, so the final iterate gets one evaluation of its own, and the result is the best
-mixture really evaluated.
+mixture really evaluated. Under constraints mixtures are the feasible softmax of the logits and the
+iterate is projected back after each step, as the gradient strategy's is
+(:mod:`mergeopt.merging.constraints`).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import softmax
 
 from mergeopt.config import SearchSection
 from mergeopt.merging.weights import logits_of
-from mergeopt.search.evaluator import BudgetExhausted, Evaluator, SearchResult
+from mergeopt.search.evaluator import BudgetExhausted, Evaluator, SearchResult, mixture_of_logits
 
 DEFAULT_BUDGET = 100
 ALPHA, GAMMA = 0.602, 0.101  # Spall's recommended gain exponents
@@ -45,8 +46,11 @@ def run(
 ) -> SearchResult:
     """``start`` (``weights.init``) is the first iterate; uniform (z = 0) without one."""
     spec = search.spsa
+    softmax = mixture_of_logits(evaluator.feasible)
     rng = np.random.default_rng(seed)
     z = np.zeros(len(evaluator.names)) if start is None else logits_of(start)
+    if evaluator.feasible is not None:
+        z = evaluator.feasible.project_logits(z)
     iterations, stopped = 0, "budget"
     with evaluator.running("spsa search", search.budget, DEFAULT_BUDGET, progress):
         try:
@@ -63,6 +67,8 @@ def run(
                 plus = evaluator(softmax(z + c_k * delta), f"spsa {iterations} +")
                 minus = evaluator(softmax(z - c_k * delta), f"spsa {iterations} -")
                 z = z - a_k * (plus - minus) / (2.0 * c_k * delta)
+                if evaluator.feasible is not None:  # the iterate stays on the feasible set's logits
+                    z = evaluator.feasible.project_logits(z)
                 iterations += 1
                 stale = stale + 1 if evaluator.evaluations == before else 0
             evaluator(softmax(z), "spsa final")

@@ -19,7 +19,7 @@ import numpy as np
 
 from mergeopt.config import SearchSection, SurrogateSearch
 from mergeopt.errors import UserError
-from mergeopt.search.dirichlet import draw_mixtures
+from mergeopt.search.dirichlet import draw_feasible
 from mergeopt.search.evaluator import BudgetExhausted, Evaluator, SearchResult, ValueFn, with_start
 
 if TYPE_CHECKING:  # lightgbm is imported when a surrogate is fitted, not when the CLI starts
@@ -98,7 +98,8 @@ def run(
                 f"{' + the start (weights.init)' if start is not None else ''} = {spec.seeds} + {spec.verify}"
                 f"{' + 1' if start is not None else ''} = {needed}"
             )
-        seeds, phases = with_start(start, draw_mixtures(rng, k, spec.alpha, spec.seeds), "seed")
+        feasible = evaluator.feasible  # constraints: seeds and candidates drawn from the feasible set
+        seeds, phases = with_start(start, draw_feasible(rng, k, spec.alpha, spec.seeds, feasible), "seed")
         evaluator.prefetch(seeds, phases)  # one batch: torchrun ranks split it
         for w, phase in zip(seeds, phases):
             evaluator(w, phase)
@@ -107,7 +108,7 @@ def run(
         names = sorted(set.intersection(*(set(s) for _, s in seen)))
         targets = {n: np.array([s[n] for _, s in seen]) for n in names}
         surrogate = fit_surrogate(fit_w, targets, spec, seed)
-        candidates = draw_mixtures(rng, k, spec.alpha, spec.candidates)
+        candidates = draw_feasible(rng, k, spec.alpha, spec.candidates, feasible)
         predicted = predicted_values(surrogate.predict(candidates), evaluator.value)
         verified = []
         to_verify, keys = [], set()  # the best predictions not evaluated yet, duplicates once

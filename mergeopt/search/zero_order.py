@@ -16,6 +16,7 @@ import numpy as np
 
 from mergeopt.config import SearchSection
 from mergeopt.errors import UserError
+from mergeopt.merging.constraints import FeasibleSet
 from mergeopt.objectives.data import has_heldout
 from mergeopt.objectives.metrics import Utility
 from mergeopt.objectives.objective import Objective
@@ -31,6 +32,7 @@ def make_evaluator(
     checkpoint=None,
     observe=None,
     together: bool = False,
+    feasible: FeasibleSet | None = None,
 ) -> tuple[Evaluator, Utility]:
     """The evaluator of the objective's utility on the fit part, experts scored first when normalising.
 
@@ -54,6 +56,7 @@ def make_evaluator(
         replay=checkpoint.read_evaluations() if checkpoint is not None else (),
         together=together,
         observe=observe,
+        feasible=feasible,
     )
     if utility.needs_reference:
         if search.budget is not None and search.budget < len(names):
@@ -76,9 +79,13 @@ def run_search(
     checkpoint=None,
     observe=None,
     together: bool = False,
+    feasible: FeasibleSet | None = None,
 ) -> tuple[SearchResult, Evaluator, Utility]:
-    """``search.strategy`` from ``start`` (``weights.init``; None: the strategy's own start)."""
-    evaluator, utility = make_evaluator(problem, objective, search, progress, checkpoint, observe, together)
+    """``search.strategy`` from ``start`` (``weights.init``; None: the strategy's own start), within
+    ``feasible`` (the recipe's constraints; None: the whole simplex)."""
+    evaluator, utility = make_evaluator(
+        problem, objective, search, progress, checkpoint, observe, together, feasible
+    )
     strategy = STRATEGIES[search.strategy]
     return strategy(evaluator, search, seed, progress, start), evaluator, utility
 

@@ -1,0 +1,65 @@
+"""A recipe's mixture constraints as one :class:`~mergeopt.merging.constraints.FeasibleSet`.
+
+Bounds and pins are in the recipe. A repetition cap needs each source's training tokens: those
+``weights.tokens`` gives, the others counted from ``train.data`` with the base's tokenizer, the
+way ``mergeopt export`` counts them (:mod:`mergeopt.export.token_stats`), so a cap the fit honours
+is the cap the export checks. The recipe schema has already checked everything it could see; what
+only the counts reveal (caps that leave no mixture) is refused here, before the model is loaded
+and before anything is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from mergeopt.config import Recipe
+from mergeopt.errors import UserError
+from mergeopt.merging.constraints import FeasibleSet, repetition_caps
+
+
+def source_tokens(recipe: Recipe, log: Callable[[str], None] = print) -> dict[str, int] | None:
+    """T_i of every expert's training source (None without a repetition cap)."""
+    w = recipe.weights
+    if w.max_epochs is None:
+        return None
+    tokens = dict(w.tokens or {})
+    uncounted = [n for n in recipe.expert_names if n not in tokens]
+    if uncounted:
+        from mergeopt.export.token_stats import load_tokenizer, measure
+
+        assert recipe.train is not None  # the schema refuses a cap with neither
+        tokenizer = load_tokenizer(recipe.model.base, recipe.model.gguf_file, recipe.model.trust_remote_code)
+        for name in uncounted:
+            path = Path(recipe.train.data[name])
+            if not path.exists():
+                raise UserError(f"train.data {name!r}: {path} does not exist (its tokens cap weights)")
+            tokens[name] = measure(path, tokenizer).tokens
+        counted = ", ".join(f"{n} {tokens[n]:,}" for n in uncounted)
+        log(f"training tokens for weights.max_epochs, counted from train.data: {counted}")
+    return {n: tokens[n] for n in recipe.expert_names}
+
+
+def feasible_set(recipe: Recipe, tokens: dict[str, int] | None) -> FeasibleSet:
+    """The box the recipe's bounds, pins and caps leave; a UserError when no mixture fits in it."""
+    w = recipe.weights
+    caps = repetition_caps(w.max_epochs, w.token_budget, tokens) if tokens is not None else None
+    feasible = FeasibleSet.build(recipe.expert_names, w.bounds, w.pinned, caps)
+    if (problem := feasible.problem()) is not None:
+        raise UserError(f"weights: no mixture meets the constraints: {problem}")
+    return feasible
+
+
+def constraints_record(recipe: Recipe, feasible: FeasibleSet, tokens: dict[str, int] | None) -> dict:
+    """mixture.json's ``constraints`` (:class:`mergeopt.run_files.MixtureConstraints`)."""
+    w = recipe.weights
+    return {
+        "lower": dict(zip(feasible.names, feasible.lower)),
+        "upper": dict(zip(feasible.names, feasible.upper)),
+        "upper_from": dict(zip(feasible.names, feasible.upper_from)),
+        "bounds": {n: list(b) for n, b in w.bounds.items()},
+        "pinned": dict(w.pinned),
+        "max_epochs": w.max_epochs,
+        "token_budget": w.token_budget,
+        "tokens": tokens,
+    }
