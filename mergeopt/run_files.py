@@ -216,7 +216,7 @@ class SignConflicts(_Strict):
     rate: float | None = Field(description="conflicting / contested (null: nothing contested).")
     per_layer: list[float | None] = Field(description="The rate within each layer (``layers``' order).")
     pairwise: list[list[float | None]] = Field(
-        description="[i][j]: among entries non-zero in both τ_i and τ_j, the share of opposite signs."
+        description="Row i, column j: among entries non-zero in both τ_i and τ_j, the share of opposite signs."
     )
 
 
@@ -234,9 +234,9 @@ class TaskVectorDiagnostics(_Strict):
         description="Per expert, ‖τ_i‖ / ‖θ0‖ within each layer (``layers``' order)."
     )
     cosine: list[list[float | None]] = Field(
-        description="[i][j]: cos(τ_i, τ_j), experts in ``experts``' order."
+        description="Row i, column j: cos(τ_i, τ_j), experts in ``experts``' order."
     )
-    cosine_per_layer: list[list[list[float | None]]] = Field(description="[layer][i][j]: the same per layer.")
+    cosine_per_layer: list[list[list[float | None]]] = Field(description="One such matrix per layer.")
     sign_conflicts: SignConflicts
 
 
@@ -256,7 +256,7 @@ class LossDiagnostics(_Strict):
 class EdgeDiagnostics(_Strict):
     """Dev loss along the segment between two experts, w = (1 − t) e_i + t e_j."""
 
-    experts: list[str] = Field(description="[i, j]: t = 0 is expert i, t = 1 expert j.")
+    experts: list[str] = Field(description="Two experts: t = 0 is the first, t = 1 the second.")
     t: list[float]
     target: list[float] = Field(description="The target dev loss at each t.")
     per_set: dict[str, list[float]] = Field(description="Each dev set's loss at each t.")

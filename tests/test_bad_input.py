@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from mergeopt import fit
 from mergeopt.errors import run_cli
-from mergeopt.evaluation import rank, transfer
+from mergeopt.evaluation import diagnose, rank, transfer
 from mergeopt.export import merge
 from mergeopt.export.command import main as export_main
 from mergeopt.worlds import train
@@ -35,6 +35,7 @@ MAINS = {
     "transfer": transfer.main,
     "export": export_main,
     "train": train.main,
+    "diagnose": diagnose.main,
 }
 
 
@@ -506,6 +507,25 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         ),
         "mixture column",
     ),
+    # diagnostics
+    "diagnose recipe missing": (
+        "recipe",
+        "diagnose",
+        lambda w, t: [str(t / "nope.yaml"), "--out", str(t / "out")],
+        "nope.yaml does not exist",
+    ),
+    "diagnose too few points": (
+        "option",
+        "diagnose",
+        lambda w, t: [_recipe(w, t), "--points", "2", "--out", str(t / "out")],
+        "--points 2",
+    ),
+    "diagnose sharded stack": (
+        "recipe",
+        "diagnose",
+        lambda w, t: [_recipe(w, t), "model.shard=fsdp", "--out", str(t / "out")],
+        "model.shard=none",
+    ),
     # training
     "train data missing": (
         "training set",
@@ -516,6 +536,7 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
 }
 
 
+QUIET = ("fit", "merge", "rank", "train", "diagnose")  # the commands that take --quiet
 NEEDS_LM_EVAL = {"lm-eval task scored on its test split"}  # the extra [lm-eval] reads the task
 
 
@@ -540,9 +561,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(row, random_world, tmp_
         pytest.importorskip("lm_eval")
     argv = build(random_world, tmp_path)
     capsys.readouterr()
-    code = run_cli(
-        MAINS[command], [*argv, "--quiet"] if command in ("fit", "merge", "rank", "train") else argv
-    )
+    code = run_cli(MAINS[command], [*argv, "--quiet"] if command in QUIET else argv)
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert code == 2, err
@@ -583,7 +602,7 @@ def test_write_the_documented_table(random_world, tmp_path_factory, capsys):
         tmp = tmp_path_factory.mktemp("doc")
         argv = build(random_world, tmp)
         capsys.readouterr()
-        run_cli(MAINS[command], [*argv, "--quiet"] if command in ("fit", "merge", "rank", "train") else argv)
+        run_cli(MAINS[command], [*argv, "--quiet"] if command in QUIET else argv)
         message = capsys.readouterr().err.strip()
         message = message.replace(str(tmp) + "/", "").replace(str(random_world["root"]) + "/", "")
         message = message.replace(str(REPO) + "/", "").replace("|", "\\|")

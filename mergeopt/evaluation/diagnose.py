@@ -326,6 +326,7 @@ def run(args: argparse.Namespace) -> int:
     """``mergeopt diagnose``: diagnose.json, diagnose.md and plots in --out (default: output_dir)."""
     from mergeopt.config import load_recipe
     from mergeopt.reporting.diagnostics import write_diagnostics
+    from mergeopt.reporting.run_report import write_report
 
     recipe = load_recipe(args.recipe, args.overrides)
     check_points(args.points)
@@ -334,11 +335,12 @@ def run(args: argparse.Namespace) -> int:
     record = diagnose(problem, objective, resolved, args.points, progress=not args.quiet)
     out = Path(args.out or recipe.output_dir)
     files = write_diagnostics(record, out)
+    write_report(out)  # report.md gains its Diagnostics section (and keeps a fit's, if there is one)
     for flag in record.flags:
         print(f"flag {flag.kind}: {flag.message}")
     if not record.flags:
         print("no flags: nothing in these experts is known to degrade the proxy")
-    print(f"Wrote {', '.join(files)} to {out}")
+    print(f"Wrote {', '.join(files)}, report.md to {out}")
     return 0
 
 

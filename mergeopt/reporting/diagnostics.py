@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mergeopt.reporting.run_report import REPORT, markdown_table, write_report
+from mergeopt.reporting.report import markdown_table
 from mergeopt.run_files import DiagnoseFile
 from mergeopt.runtime.files import save_figure_atomic, write_json_atomic, write_text_atomic
 
@@ -169,7 +169,8 @@ def plot_edges(record: DiagnoseFile, ax):
 
 
 def write_diagnostics(record: DiagnoseFile, directory: str | Path) -> tuple[str, ...]:
-    """diagnose.json, diagnose.md and the figures into ``directory``, then report.md; returns the names."""
+    """diagnose.json, diagnose.md and the figures into ``directory``; returns their names (the
+    caller rewrites report.md, :func:`mergeopt.reporting.run_report.write_report`, which reads them)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -191,5 +192,4 @@ def write_diagnostics(record: DiagnoseFile, directory: str | Path) -> tuple[str,
             plt.close(fig)
     write_text_atomic(out / MARKDOWN, markdown(record))
     write_json_atomic(out / DiagnoseFile.FILE, record.to_json())
-    write_report(out)
-    return (*FILES, REPORT)
+    return FILES

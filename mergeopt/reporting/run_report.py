@@ -15,22 +15,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from mergeopt.reporting.analysis import Run, load_run, mixture_table, plot_simplex, rank_table
+from mergeopt.reporting.diagnostics import report_section
+from mergeopt.reporting.report import markdown_table
+from mergeopt.run_files import DiagnoseFile
 from mergeopt.runtime.files import save_figure_atomic, write_text_atomic
 
 REPORT = "report.md"
 SIMPLEX = "simplex.png"
-
-
-def markdown_table(frame, digits: int = 4) -> str:
-    """A DataFrame as a Markdown table (no tabulate dependency)."""
-    header = ["", *map(str, frame.columns)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for label, row in frame.iterrows():
-        cells = [
-            "" if v is None or v != v else f"{v:.{digits}f}" if isinstance(v, float) else str(v) for v in row
-        ]
-        lines.append("| " + " | ".join([str(label), *cells]) + " |")
-    return "\n".join(lines)
 
 
 def _mixture_section(run: Run) -> list[str]:
@@ -114,8 +105,5 @@ def write_report(directory: str | Path, mixture: dict | None = None) -> Path:
     if run.rank is not None:
         lines += _rank_section(run)
     if run.diagnose is not None:
-        from mergeopt.reporting.diagnostics import report_section
-        from mergeopt.run_files import DiagnoseFile
-
         lines += report_section(DiagnoseFile.model_validate(run.diagnose), run.path)
     return write_text_atomic(run.path / REPORT, "\n".join(lines).rstrip() + "\n")
