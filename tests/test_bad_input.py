@@ -526,6 +526,12 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         lambda w, t: [_recipe(w, t), "model.shard=fsdp", "--out", str(t / "out")],
         "model.shard=none",
     ),
+    "diagnose dev set named target": (
+        "dev set",
+        "diagnose",
+        lambda w, t: [_recipe(w, t, lambda tree: tree["data"]["dev"][0].update(name="target"))],
+        "'target'",
+    ),
     # training
     "train data missing": (
         "training set",

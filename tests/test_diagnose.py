@@ -363,3 +363,22 @@ def test_the_cli_on_the_tiny_world_writes_the_files_and_the_report_section(tiny_
     report = (out / "report.md").read_text()
     assert "## Diagnostics" in report and "(diagnose.md)" in report
     assert "Wrote diagnose.json" in done.stdout
+
+
+def test_a_fit_directory_keeps_its_report_and_gains_the_diagnostics(random_world, tmp_path):
+    import yaml
+
+    from mergeopt.config import load_recipe
+    from mergeopt.fit import fit
+
+    out = tmp_path / "fit"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        yaml.safe_dump(recipe_tree(random_world, out, search={"strategy": "grid", "grid": {"divisions": 2}}))
+    )
+    fit(load_recipe(recipe), progress=False, log=lambda _m: None)
+    assert "## Diagnostics" not in (out / "report.md").read_text()
+    assert diag.main([str(recipe), "--points", "3", "--quiet"]) == 0  # into output_dir: the fit's
+    report = (out / "report.md").read_text()
+    assert "## Recommended mixture" in report and "## Diagnostics" in report
+    assert read_run_file(DiagnoseFile, out).experts == list(random_world["experts"])

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from itertools import combinations
@@ -267,8 +268,6 @@ def diagnose(problem, objective, recipe: Recipe, points: int = 5, progress: bool
 
     check_points(points)
     names = problem.stack.expert_names[:-1]
-    if TARGET in {s.name for s in problem.sets}:
-        raise UserError(f"dev set {TARGET!r} has the name diagnose gives the target loss: rename the dev set")
     stats = task_vector_stats(problem.stack, recipe.merge.density)
     ts, base, experts, edge_rows = _losses(problem, objective, points, progress)
     edges = [_edge(names, i, j, ts, rows) for (i, j), rows in edge_rows.items()]
@@ -280,7 +279,7 @@ def diagnose(problem, objective, recipe: Recipe, points: int = 5, progress: bool
         "schema_version": SCHEMA_VERSION,
         "experts": list(names),
         "dev_sets": [s.name for s in problem.sets],
-        "target": str(recipe.data.target) if recipe.data.target is not None else None,
+        "target": recipe.data.target,
         "method": problem.stack.method,
         "stack_dtype": recipe.model.stack_dtype,
         "points": points,
@@ -304,6 +303,10 @@ def load_diagnosed(recipe: Recipe, progress: bool = False, log=print):
 
     if recipe.model.shard != "none":
         raise UserError("diagnose reads the whole stack in one process: set model.shard=none")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("diagnose runs in one process: start it without torchrun")
+    if TARGET in {d.name for d in recipe.data.dev}:
+        raise UserError(f"dev set {TARGET!r} has the name diagnose gives the target loss: rename the dev set")
     resolved, _ = worlds.resolve_recipe(recipe, log)
     objective = Objective.from_recipe(resolved)
     return resolved, load_problem(resolved, progress, objective, base_expert=BASE_EXPERT), objective
