@@ -31,6 +31,7 @@ HANDLERS = {
     "merge": "mergeopt.export.merge:run",
     "export": "mergeopt.export.command:run",
     "transfer": "mergeopt.evaluation.transfer:run",
+    "diagnose": "mergeopt.evaluation.diagnose:run",
 }
 HELP = {
     "fit": "fit the mixture weights of a recipe's experts and write the run directory",
@@ -41,6 +42,7 @@ HELP = {
     "merge": "write the merge of a recipe's experts at one mixture as a Hugging Face checkpoint",
     "export": "write a fitted mixture as a training framework's data-mixture config",
     "transfer": "how a ranking of mixtures at one scale carries to another",
+    "diagnose": "the experts' task vectors, the loss between them, and flags where the proxy may degrade",
 }
 OUT_KEYS = {"fit": "output_dir", "train": "train.output_dir"}  # the recipe key --out sets
 MERGE_DTYPES = (
@@ -57,6 +59,7 @@ EXAMPLES = {
     "merge": "mergeopt merge recipes/tiny.yaml --mixture runs/tiny/mixture.json --out merged",
     "export": "mergeopt export runs/tiny/mixture.json --to llamafactory",
     "transfer": "mergeopt transfer small.csv large.csv --metrics loss",
+    "diagnose": "mergeopt diagnose recipes/tiny.yaml --points 7 --out runs/tiny",
 }
 
 
@@ -242,6 +245,18 @@ def _transfer(p: argparse.ArgumentParser) -> None:
     _out(p, "output directory (default: transfer_out/)", default="transfer_out")
 
 
+def _diagnose(p: argparse.ArgumentParser) -> None:
+    _recipe(p)
+    _out(p, "where diagnose.json, diagnose.md and the plots go (default: the recipe's output_dir)")
+    p.add_argument(
+        "--points",
+        type=_positive_int,
+        default=5,
+        metavar="N",
+        help="points on each edge between two experts, both experts included (default 5, at least 3)",
+    )
+
+
 ADDERS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "fit": _fit,
     "plan": _plan,
@@ -251,6 +266,7 @@ ADDERS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "merge": _merge,
     "export": _export,
     "transfer": _transfer,
+    "diagnose": _diagnose,
 }
 
 

@@ -1,6 +1,6 @@
 """The bad-input matrix: every row of docs/reference/bad-input.md is one test here.
 
-Each row is a user's mistake fed to a real command (fit, merge, rank, transfer, export, train). The
+Each row is a user's mistake fed to a real command (fit, merge, rank, calibrate, transfer, export, train, diagnose). The
 command must exit with code 2, print exactly one line on stderr that names the culprit, write
 nothing (the output path does not appear), and show a traceback only under ``--debug``. The
 matrix and the documented table are checked to list the same rows.
@@ -21,14 +21,13 @@ from safetensors.torch import load_file, save_file
 
 from mergeopt import fit
 from mergeopt.errors import run_cli
-from mergeopt.evaluation import calibrate, rank, transfer
+from mergeopt.evaluation import calibrate, diagnose, rank, transfer
 from mergeopt.export import merge
 from mergeopt.export.command import main as export_main
 from mergeopt.worlds import train
 from tests.conftest import REPO, recipe_tree, run_module, write_jsonl
 
 DOC = REPO / "docs" / "reference" / "bad-input.md"
-QUIET = ("fit", "merge", "rank", "calibrate", "train")  # the commands that take --quiet
 MAINS = {
     "fit": fit.main,
     "merge": merge.main,
@@ -37,6 +36,7 @@ MAINS = {
     "transfer": transfer.main,
     "export": export_main,
     "train": train.main,
+    "diagnose": diagnose.main,
 }
 
 
@@ -609,6 +609,31 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         ),
         "mixture column",
     ),
+    # diagnostics
+    "diagnose recipe missing": (
+        "recipe",
+        "diagnose",
+        lambda w, t: [str(t / "nope.yaml"), "--out", str(t / "out")],
+        "nope.yaml does not exist",
+    ),
+    "diagnose too few points": (
+        "option",
+        "diagnose",
+        lambda w, t: [_recipe(w, t), "--points", "2", "--out", str(t / "out")],
+        "--points 2",
+    ),
+    "diagnose sharded stack": (
+        "recipe",
+        "diagnose",
+        lambda w, t: [_recipe(w, t), "model.shard=fsdp", "--out", str(t / "out")],
+        "model.shard=none",
+    ),
+    "diagnose dev set named target": (
+        "dev set",
+        "diagnose",
+        lambda w, t: [_recipe(w, t, lambda tree: tree["data"]["dev"][0].update(name="target"))],
+        "'target'",
+    ),
     # training
     "train data missing": (
         "training set",
@@ -619,6 +644,7 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
 }
 
 
+QUIET = ("fit", "merge", "rank", "calibrate", "train", "diagnose")  # the commands that take --quiet
 NEEDS_LM_EVAL = {"lm-eval task scored on its test split"}  # the extra [lm-eval] reads the task
 
 

@@ -143,6 +143,8 @@ def test_run_file_page_lists_every_key_of_every_schema():
     page = pages.schemas_page()
     schemas = sorted((DOCS / "reference" / "schemas").glob("*.schema.json"))
     assert [p.name for p in schemas] == [
+        "calibration.schema.json",
+        "diagnose.schema.json",
         "mixture.schema.json",
         "rank_report.schema.json",
         "transfer_report.schema.json",

@@ -1,6 +1,6 @@
-"""The typed run files: mixture.json, rank_report.json and transfer_report.json.
+"""The typed run files: mixture.json, rank_report.json, calibration.json, transfer_report.json and diagnose.json.
 
-Compared against: what the writers really write (a fresh fit, rank and transfer run validate with
+Compared against: what the writers really write (a fresh fit, rank, calibrate, transfer and diagnose run validate with
 no extra keys, and read back equal), the schema_version rules (missing means 1, newer is refused in
 one line), and the JSON Schemas published in docs/ (equal to the models', so they cannot drift).
 """
@@ -15,6 +15,8 @@ import yaml
 
 from mergeopt.config import load_recipe
 from mergeopt.errors import UserError, run_cli
+from mergeopt.evaluation.calibrate import main as calibrate_main
+from mergeopt.evaluation.diagnose import main as diagnose_main
 from mergeopt.evaluation.rank import main as rank_main
 from mergeopt.evaluation.transfer import main as transfer_main
 from mergeopt.export.command import main as export_main
@@ -47,10 +49,17 @@ def written(random_world, tmp_path_factory) -> dict[str, Path]:
     assert transfer_main([small, large, "--out", str(root / "transfer"), "--bootstrap", "50"]) == 0
     rank = ["--proxy", SMALL, "--truth", LARGE, "--metrics", "metric/the_pile_arxiv_val_loss"]
     assert rank_main([*rank, "--out", str(root / "rank"), "--bootstrap", "50"]) == 0
+    assert diagnose_main([str(recipe), "--points", "3", "--out", str(root / "diagnose"), "--quiet"]) == 0
+    grid = root / "grid.csv"
+    grid.write_text("w_alpha,w_beta,w_gamma,loss_arith,loss_markov\n1,0,0,3.0,3.2\n0.5,0.5,0,2.9,3.0\n")
+    calibrate = [str(recipe), "calibrate.candidates=3", "calibrate.samples=50", "--grid", str(grid)]
+    assert calibrate_main([*calibrate, "--out", str(root / "calibration"), "--quiet"]) == 0
     return {
+        "calibration.json": root / "calibration" / "calibration.json",
         "mixture.json": root / "fit" / "mixture.json",
         "rank_report.json": root / "rank" / "rank_report.json",
         "transfer_report.json": root / "transfer" / "transfer_report.json",
+        "diagnose.json": root / "diagnose" / "diagnose.json",
     }
 
 

@@ -127,6 +127,34 @@ def grid_scorer(problem, objective: Objective) -> Callable[[np.ndarray], dict[st
     return score
 
 
+def target_loss_of(problem) -> Callable[[dict[str, float]], float]:
+    """``value(scores)``: the target dev loss Σ_s a_s loss_s / Σ_s a_s from a row of :func:`grid_scorer`."""
+    a = problem.set_weights.double().numpy()
+    a = a / a.sum()
+    loss_columns = [f"{LOSS_PREFIX}{s.name}" for s in problem.sets]
+    return lambda scores: float(np.dot(a, [scores[c] for c in loss_columns]))
+
+
+def proxy_evaluator(
+    problem, objective: Objective, progress: bool = True, checkpoint=None, together: bool = False
+) -> Evaluator:
+    """The Evaluator the proxy's mixtures go through: :func:`grid_scorer`'s scores, valued by the
+    target dev loss (what the progress bar shows as best), cached per mixture and, with a
+    ``checkpoint``, journaled in ``proxy_evaluations.jsonl`` (see :func:`proxy_grid`)."""
+    return Evaluator(
+        problem.stack.expert_names,
+        grid_scorer(problem, objective),
+        target_loss_of(problem),
+        key=json.dumps(problem.stack.method, sort_keys=True),
+        progress=progress,
+        journal=partial(checkpoint.append_evaluation, journal=PROXY_EVALUATIONS)
+        if checkpoint is not None and is_main()
+        else None,
+        replay=checkpoint.read_evaluations(PROXY_EVALUATIONS) if checkpoint is not None else (),
+        together=together,
+    )
+
+
 def proxy_grid(
     problem,
     objective: Objective,
@@ -145,21 +173,8 @@ def proxy_grid(
     (``proxy_evaluations.jsonl``), so a rerun after an interruption replays the finished rows.
     """
     names = problem.stack.expert_names
-    a = problem.set_weights.double().numpy()
-    a = a / a.sum()
+    evaluator = proxy_evaluator(problem, objective, progress, checkpoint, together)
     loss_columns = [f"{LOSS_PREFIX}{s.name}" for s in problem.sets]
-    evaluator = Evaluator(
-        names,
-        grid_scorer(problem, objective),
-        lambda scores: float(np.dot(a, [scores[c] for c in loss_columns])),  # the target: the bar's best
-        key=json.dumps(problem.stack.method, sort_keys=True),
-        progress=progress,
-        journal=partial(checkpoint.append_evaluation, journal=PROXY_EVALUATIONS)
-        if checkpoint is not None and is_main()
-        else None,
-        replay=checkpoint.read_evaluations(PROXY_EVALUATIONS) if checkpoint is not None else (),
-        together=together,
-    )
     weights = list(grid_weights(table, names).numpy())
     with evaluator.running("proxy on grid", None, evaluator.uncached(weights)):
         evaluator.prefetch(weights, PHASE)

@@ -132,9 +132,11 @@ def _stack_experts(
     device: torch.device,
     progress: bool,
     shard: tuple[int, int] | None = None,
+    base_expert: str | None = None,
 ) -> tuple[torch.nn.Module, TaskVectorStack]:
     """Load θ0 in the compute dtype and stack the experts as the recipe's model and merge sections
-    say; the stacked parameters of the model then read the merge (θ0 is not kept for them).
+    say; the stacked parameters of the model then read the merge (θ0 is not kept for them, unless
+    ``base_expert`` stacks it as one more expert: see :func:`mergeopt.merging.stack.build_expert_stack`).
 
     ``shard`` (rank, world size; ``model.shard: fsdp``): the model is built empty and each rank
     reads only its rows of θ0 and of every expert (:mod:`mergeopt.loading.sharded_load`).
@@ -160,6 +162,7 @@ def _stack_experts(
         shard=shard,
         base=base,
         device=device,
+        base_expert=base_expert,
     )
     stack.eval_dtype = eval_dtype
     for ckpt in (experts.base, *experts.dense.values()):
@@ -282,7 +285,13 @@ def load_merge(
     return model, stack, tokenizer, input_device(model)
 
 
-def _random_world(recipe: Recipe, device: torch.device, progress: bool, shard: tuple[int, int] | None):
+def _random_world(
+    recipe: Recipe,
+    device: torch.device,
+    progress: bool,
+    shard: tuple[int, int] | None,
+    base_expert: str | None = None,
+):
     """(model, stack, config) for a ``random://`` base: θ0 built from seeds on the device, experts
     drawn tensor by tensor while they are stacked; nothing is read from or written to disk."""
     from mergeopt.worlds import random_world
@@ -311,6 +320,7 @@ def _random_world(recipe: Recipe, device: torch.device, progress: bool, shard: t
         shard=shard,
         base=base,
         device=device,
+        base_expert=base_expert,
     )
     stack.eval_dtype = eval_dtype
     if recipe.optim.activation_checkpointing:
@@ -363,10 +373,17 @@ def _sharded(recipe: Recipe, stack: TaskVectorStack) -> None:
         shard_lowrank(stack.lowrank, *distributed.process_rank_and_size())
 
 
-def load_problem(recipe: Recipe, progress: bool = True, objective: Objective | None = None) -> Problem:
+def load_problem(
+    recipe: Recipe,
+    progress: bool = True,
+    objective: Objective | None = None,
+    base_expert: str | None = None,
+) -> Problem:
     """Check checkpoints and dev sets first (cheap), then load θ0 and stack the experts.
 
     ``objective`` is the caller's :meth:`Objective.from_recipe` of this recipe (made here if not given).
+    ``base_expert`` stacks θ0 as one more expert of that name, last (``mergeopt diagnose``, which
+    scores the base and reads the task vectors back from the stack).
     """
     if objective is None:
         objective = Objective.from_recipe(recipe)
@@ -377,7 +394,7 @@ def load_problem(recipe: Recipe, progress: bool = True, objective: Objective | N
     if is_random(recipe.model.base):
         if not objective.losses_only:
             raise UserError("a random:// world has no text: its objective can only be dev losses")
-        model, stack, config = _random_world(recipe, device, progress, _shard(recipe))
+        model, stack, config = _random_world(recipe, device, progress, _shard(recipe), base_expert)
         sets = _random_dev_sets(recipe, config.get_text_config().vocab_size)
         weights = objective.loss_set_weights()
         chunk = _loss_chunk(recipe, model, print if progress else (lambda _m: None))
@@ -388,7 +405,7 @@ def load_problem(recipe: Recipe, progress: bool = True, objective: Objective | N
     # reported, weighted as data.target says
     set_weights = objective.reported_set_weights()
     pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
-    model, stack = _stack_experts(recipe, experts, device, progress, _shard(recipe))
+    model, stack = _stack_experts(recipe, experts, device, progress, _shard(recipe), base_expert)
     _sharded(recipe, stack)
     chunk = _loss_chunk(recipe, model, print if progress else (lambda _m: None))
     return Problem(model, stack, sets, set_weights, pad_id, input_device(model), tokenizer, chunk)

@@ -529,6 +529,7 @@ def build_expert_stack(
     shard: tuple[int, int] | None = None,
     base: BaseSource | None = None,
     device: torch.device | None = None,
+    base_expert: str | None = None,
 ) -> TaskVectorStack:
     """The stack for any mix of dense experts and LoRA adapters, in the recipe's expert order.
 
@@ -536,8 +537,21 @@ def build_expert_stack(
     holds only what dense experts change) and their update λ Σ w_i s_i B_i A_i is added in the
     forward pass by :mod:`mergeopt.merging.lowrank`. TIES and DARE need each expert's task vector, so there
     a LoRA expert is densified parameter by parameter (θ0 + s·B·A), costing what a dense expert costs.
+
+    ``base_expert`` (``mergeopt diagnose``): θ0 itself is stacked as one more expert of that name,
+    last, so the merge at its one-hot is the base model and τ_i = δ_i − δ_base is read back from the
+    stack. Last, so every other expert's rows, DARE draws and mixup coefficients are the ones the
+    stack without it has; its task vector is zero, which TIES's trim, sign election and disjoint
+    mean ignore. Its view keeps the model's θ0 tensors alive until the stack is built (one more
+    copy of the model while stacking).
     """
     merge = merge or MergeSection()
+    recipe_names = list(names)
+    if base_expert is not None:
+        if base_expert in names:
+            raise UserError(f"expert name {base_expert!r} is reserved for the base model: rename the expert")
+        names = [*names, base_expert]
+        dense = {**dense, base_expert: _BaseView(model, base, device)}
     lowrank_path = bool(adapters) and merge.method == "linear"
     if adapters and not lowrank_path:
         log(f"merge.method {merge.method} needs dense task vectors: LoRA experts are densified per parameter")
@@ -563,6 +577,10 @@ def build_expert_stack(
         base=base,
         device=device,
     )
+    if base_expert is not None:  # the recipe's merge, as its experts alone describe and draw it
+        stack.method = describe(merge, len(recipe_names), seed)
+        if stack.mixup is not None:  # c(w) unchanged while the base's weight is 0; c(e_base) = e_base
+            stack.mixup = torch.tensor([*stack.method["mixup_lambda"], 1.0], dtype=torch.float64)
     if lowrank_path:
         patterns = [re.compile(p) for p in exclude]
         kept = {

@@ -3,7 +3,7 @@
 A run directory is the contract between a fit and everything after it: mixture.json (the answer,
 written last, so its presence with ``status: complete`` means the run finished), recipe.yaml,
 trace.csv (gradient) or evaluations.csv (zero-order search), and, with a rank check,
-rank_report.json and rank_pairs.csv. Notebooks and reports should read runs through
+rank_report.json and rank_pairs.csv; after ``mergeopt diagnose``, diagnose.json. Notebooks and reports should read runs through
 :func:`open_run` rather than parse those files themselves, so a change of layout breaks here,
 in one tested place, and not in every user's notebook.
 
@@ -25,7 +25,7 @@ import pandas as pd
 import yaml
 
 from mergeopt.errors import UserError
-from mergeopt.run_files import MixtureFile, RankReport, read_finished_mixture, read_run_file
+from mergeopt.run_files import DiagnoseFile, MixtureFile, RankReport, read_finished_mixture, read_run_file
 
 RANK_PAIRS = "rank_pairs.csv"
 
@@ -41,6 +41,7 @@ class Run:
     evaluations: pd.DataFrame | None  # zero-order strategies: one row per real evaluation
     rank: dict | None  # rank_report.json
     rank_pairs: pd.DataFrame | None  # rank_pairs.csv: per grid mixture, proxy and true scores
+    diagnose: dict | None = None  # diagnose.json (mergeopt diagnose)
 
     @property
     def expert_names(self) -> list[str]:
@@ -88,6 +89,7 @@ def load_run(path: str | Path, mixture: dict | None = None) -> Run:
     if (root / "recipe.yaml").is_file():
         recipe = yaml.safe_load((root / "recipe.yaml").read_text(encoding="utf-8"))
     rank = read_run_file(RankReport, root).to_json() if (root / "rank_report.json").is_file() else None
+    diagnose = read_run_file(DiagnoseFile, root).to_json() if (root / DiagnoseFile.FILE).is_file() else None
     return Run(
         root,
         mixture,
@@ -96,6 +98,7 @@ def load_run(path: str | Path, mixture: dict | None = None) -> Run:
         _read_csv(root / "evaluations.csv"),
         rank,
         _read_csv(root / RANK_PAIRS),
+        diagnose,
     )
 
 

@@ -1,4 +1,4 @@
-"""What a person looks at after a run: the loss-curve figure and the closing terminal summary."""
+"""What a person looks at after a run: the loss-curve figure, the closing terminal summary, Markdown tables."""
 
 from __future__ import annotations
 
@@ -155,4 +155,16 @@ def summary(mixture: Mapping, output_dir: str | Path, files: Sequence[str]) -> s
             f"regret of the fitted mixture (nearest grid point) {r['fitted_regret']:.3f}",
         ]
     lines += ["", f"Wrote {', '.join(files)} to {output_dir}"]
+    return "\n".join(lines)
+
+
+def markdown_table(frame, digits: int = 4) -> str:
+    """A DataFrame as a Markdown table (no tabulate dependency)."""
+    header = ["", *map(str, frame.columns)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, row in frame.iterrows():
+        cells = [
+            "" if v is None or v != v else f"{v:.{digits}f}" if isinstance(v, float) else str(v) for v in row
+        ]
+        lines.append("| " + " | ".join([str(label), *cells]) + " |")
     return "\n".join(lines)

@@ -3,7 +3,8 @@
 A fit ends with a mixture.json that only a program enjoys. The report puts on one page what a
 person checks before trusting it: the recommended mixture beside the uniform one and every single
 expert, how the search got there (the loss curve or the search's values, and the weights' path on
-the simplex), and, with a rank check, how well the merged proxy ordered the trained grid. It is
+the simplex), with a rank check, how well the merged proxy ordered the trained grid, and after
+``mergeopt diagnose``, the experts' diagnostics and the flags raised on them. It is
 Markdown with relative links to PNGs in the same directory, so it renders on GitHub, in JupyterLab
 and in VS Code, and travels with the directory. Built only from the run directory's files (through
 :mod:`mergeopt.reporting.analysis`), so ``python -m mergeopt.rank`` can rewrite it after adding a rank check.
@@ -14,22 +15,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from mergeopt.reporting.analysis import Run, load_run, mixture_table, plot_simplex, rank_table
+from mergeopt.reporting.diagnostics import report_section
+from mergeopt.reporting.report import markdown_table
+from mergeopt.run_files import DiagnoseFile
 from mergeopt.runtime.files import save_figure_atomic, write_text_atomic
 
 REPORT = "report.md"
 SIMPLEX = "simplex.png"
-
-
-def _markdown(frame, digits: int = 4) -> str:
-    """A DataFrame as a Markdown table (no tabulate dependency)."""
-    header = ["", *map(str, frame.columns)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for label, row in frame.iterrows():
-        cells = [
-            "" if v is None or v != v else f"{v:.{digits}f}" if isinstance(v, float) else str(v) for v in row
-        ]
-        lines.append("| " + " | ".join([str(label), *cells]) + " |")
-    return "\n".join(lines)
 
 
 def _mixture_section(run: Run) -> list[str]:
@@ -43,7 +35,7 @@ def _mixture_section(run: Run) -> list[str]:
         f"Strategy **{m['strategy']}**, merge **{m['method']['name']}**, target **{m['target']}**, "
         f"seed {m['seed']}, {m['processes']} process(es) on {m['device']}.",
         "",
-        _markdown(table),
+        markdown_table(table),
         "",
     ]
     if fitted["heldout_loss"] == fitted["heldout_loss"]:  # not NaN: the dev sets hold something out
@@ -76,7 +68,7 @@ def _rank_section(run: Run) -> list[str]:
         f"{run.rank['n_mixtures']} trained mixtures from `{run.rank['grid']}`; intervals are seeded bootstrap "
         f"{run.rank['options']['confidence']:.0%} percentiles; regret is normalised to [0, 1].",
         "",
-        _markdown(table, 3),
+        markdown_table(table, 3),
         "",
     ]
     fitted = run.rank.get("fitted_mixture")
@@ -112,4 +104,6 @@ def write_report(directory: str | Path, mixture: dict | None = None) -> Path:
         lines += _mixture_section(run) + _search_section(run)
     if run.rank is not None:
         lines += _rank_section(run)
+    if run.diagnose is not None:
+        lines += report_section(DiagnoseFile.model_validate(run.diagnose), run.path)
     return write_text_atomic(run.path / REPORT, "\n".join(lines).rstrip() + "\n")
