@@ -123,3 +123,26 @@ def test_the_next_round_evaluates_only_the_new_run(first_round, random_world):
     assert after[: len(before)] == before and len(after) == len(before) + 1
     report = json.loads((out / "calibration.json").read_text())
     assert report["runs"] == 4
+
+
+def test_constraints_bound_the_pick_and_the_proposals(random_world, tmp_path):
+    def run(tree):
+        tree["weights"] = {"bounds": {"alpha": [0.0, 0.3]}, "pinned": {"gamma": 0.2}}
+
+    grid = tmp_path / "grid.csv"
+    _grid().to_csv(grid, index=False)  # runs outside the box still inform the model
+    tree = recipe_tree(random_world, tmp_path / "fit", calibrate={**SPEC, "batch": 3})
+    run(tree)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tree))
+    out = tmp_path / "cal"
+    result = run_in_process("calibrate", str(recipe), "--grid", str(grid), "--out", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "calibration.json").read_text())
+    for mixture in [report["pick"], *report["proposals"]]:
+        assert mixture["weights"]["alpha"] <= 0.3 + 1e-9
+        assert mixture["weights"]["gamma"] == pytest.approx(0.2, abs=1e-9)
+    ranking = pd.read_csv(out / "calibrated_ranking.csv")
+    assert set(ranking.loc[~ranking["allowed"], "source"]) <= {"run"}
+    recorded = json.loads((out / "next-1" / "mixture.json").read_text())["constraints"]
+    assert recorded["upper"]["alpha"] == 0.3 and recorded["lower"]["gamma"] == 0.2

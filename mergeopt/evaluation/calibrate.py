@@ -113,9 +113,15 @@ def candidate_table(
     count: int,
     alpha: float,
     seed: int,
+    feasible=None,
 ) -> pd.DataFrame:
     """The mixtures scored by the proxy: the runs (first, in grid order), the experts, the fit's
-    mixture and ``count`` seeded Dirichlet(alpha) draws; a mixture already listed is not repeated."""
+    mixture and ``count`` seeded Dirichlet(alpha) draws; a mixture already listed is not repeated.
+
+    With a :class:`~mergeopt.merging.constraints.FeasibleSet` the draws are its own (a Dirichlet
+    within the box), experts outside it are left out, and the ``allowed`` column marks the
+    candidates the pick and the proposals may be (the runs inform the model wherever they are).
+    """
     from mergeopt.search.mixtures import dirichlet_samples
 
     columns = [f"{WEIGHT_PREFIX}{n}" for n in names]
@@ -123,15 +129,23 @@ def candidate_table(
     extra = [(list(w), "expert") for w in np.eye(len(names))]
     if fitted is not None:
         extra.append(([fitted[n] for n in names], "fit"))
-    extra += [([d[n] for n in names], "dirichlet") for d in dirichlet_samples(names, alpha, count, seed)]
-    seen = {tuple(np.round(w, 12)) for w, _ in rows}
+    if feasible is None or feasible.trivial:
+        draws = [[d[n] for n in names] for d in dirichlet_samples(names, alpha, count, seed)]
+    else:
+        draws = feasible.sample(np.random.default_rng(seed), alpha, count).tolist()
+    extra += [(w, "dirichlet") for w in draws]
+    inside = (lambda w: True) if feasible is None else feasible.contains
+    seen = {tuple(np.round(w, ROUND_DECIMALS)) for w, _ in rows}
     for w, source in extra:
-        key = tuple(np.round(w, 12))
-        if key not in seen:
+        key = tuple(np.round(w, ROUND_DECIMALS))
+        if key not in seen and inside(w):
             seen.add(key)
             rows.append((w, source))
     frame = pd.DataFrame([w for w, _ in rows], columns=columns)
     frame["source"] = [source for _, source in rows]
+    frame["allowed"] = [bool(inside(w)) for w, _ in rows]
+    if not frame["allowed"].any():
+        raise UserError("calibrate: no candidate mixture meets the recipe's weights constraints")
     return frame
 
 
@@ -167,6 +181,7 @@ def calibrate(
     spec,
     seed: int,
     higher_is_better: bool = False,
+    allowed: np.ndarray | None = None,
 ) -> tuple[calibration.Posterior, calibration.Decision]:
     """Fit the calibration to ``truth`` at the candidates ``runs`` and decide over all candidates.
 
@@ -179,7 +194,7 @@ def calibrate(
         weights[runs], sign * np.asarray(truth, dtype=float), sign * proxy[runs], sign * proxy, spec.use_proxy
     )
     decision = calibration.decide(
-        posterior, weights, sign * proxy, runs, spec.batch, spec.exploration, spec.samples, seed
+        posterior, weights, sign * proxy, runs, spec.batch, spec.exploration, spec.samples, seed, allowed
     )
     return posterior, decision
 
@@ -202,6 +217,7 @@ def report(
     order = np.argsort(decision.mean, kind="stable")
     ranking = candidates[[f"{WEIGHT_PREFIX}{n}" for n in names]].copy()
     ranking.insert(0, "source", candidates["source"])
+    ranking["allowed"] = candidates["allowed"]
     ranking["proxy"] = proxy
     ranking["calibrated"] = mean
     ranking["sd"] = decision.sd
@@ -439,6 +455,13 @@ def _run(args: argparse.Namespace, recipe, out: Path) -> int:
     table = read_grid(grid, names)  # every input checked before a model is loaded
     check_truth(table, objective, grid)
     check_provenance(table, grid, recipe.model.experts)
+    feasible = record = None
+    if recipe.weights.constrained:  # bounds, pins, repetition caps: checked before a model is loaded
+        from mergeopt.loading.feasible import constraints_record, feasible_set, source_tokens
+
+        tokens = source_tokens(recipe, (lambda _m: None) if args.quiet else print)
+        feasible = feasible_set(recipe, tokens)
+        record = constraints_record(recipe, feasible, tokens)
     fitted = None
     fit_path = Path(recipe.output_dir) / "mixture.json"
     if fit_path.is_file():
@@ -459,7 +482,7 @@ def _run(args: argparse.Namespace, recipe, out: Path) -> int:
         print(f"reusing the proxy's evaluations in {checkpoint.dir}")
     elif not resuming:
         checkpoint.start_lazily()
-    candidates = candidate_table(names, table, fitted, spec.candidates, spec.alpha, resolved.seed)
+    candidates = candidate_table(names, table, fitted, spec.candidates, spec.alpha, resolved.seed, feasible)
     journaled = [e["w"] for e in checkpoint.read_evaluations(PROXY_EVALUATIONS)] if resuming else []
     evaluated = evaluation_order(candidates, journaled, names)
     try:
@@ -481,7 +504,16 @@ def _run(args: argparse.Namespace, recipe, out: Path) -> int:
     proxy = metric_values(scores, column, a)
     truth = metric_values(table, column, a)
     weights = candidates[[f"{WEIGHT_PREFIX}{n}" for n in names]].to_numpy(dtype=float)
-    posterior, decision = calibrate(weights, proxy, range(len(table)), truth, spec, resolved.seed, higher)
+    posterior, decision = calibrate(
+        weights,
+        proxy,
+        range(len(table)),
+        truth,
+        spec,
+        resolved.seed,
+        higher,
+        candidates["allowed"].to_numpy(),
+    )
     meta = {
         "grid": str(grid),
         "metric": spec.metric,
@@ -496,6 +528,7 @@ def _run(args: argparse.Namespace, recipe, out: Path) -> int:
         "method": problem.stack.method,
         "seed": resolved.seed,
         "worlds": {name: str(root) for name, root in world_roots.items()},
+        **({"constraints": record} if record is not None else {}),
     }
     write_outputs(out, content, ranking, names, recipe, base)
     print(markdown(content, ranking, names))

@@ -267,6 +267,7 @@ def decide(
     xi: float = 0.0,
     samples: int = 2000,
     seed: int = 0,
+    allowed: np.ndarray | None = None,
 ) -> Decision:
     """The calibrated ranking of ``candidates``, its pick with an interval, and ``batch`` proposals.
 
@@ -274,15 +275,18 @@ def decide(
     the expected improvement over the best posterior mean among the runs (with no run yet: the
     lowest posterior mean, i.e. the proxy's pick); each further one assumes the previous proposals
     came out at their posterior mean (the kriging believer), so a batch spreads out.
-    ``prob_best`` comes from ``samples`` seeded draws of the joint posterior.
+    ``prob_best`` comes from ``samples`` seeded draws of the joint posterior. ``allowed`` (a mask)
+    limits the pick and the proposals to some candidates, e.g. those within the recipe's
+    constraints; the others still inform the model as runs.
     """
     candidates = np.asarray(candidates, dtype=float)
     candidate_proxy = np.asarray(candidate_proxy, dtype=float)
     ran = np.zeros(len(candidates), dtype=bool)
     ran[list(observed)] = True
+    allowed = np.ones(len(candidates), dtype=bool) if allowed is None else np.asarray(allowed, dtype=bool)
     mean, cov = posterior.predict(candidates, candidate_proxy, full_cov=True)
     sd = np.sqrt(np.maximum(np.diag(cov), 0.0))
-    pick = _pick(mean, ran, posterior.scale)
+    pick = _pick(np.where(allowed, mean, np.inf), ran, posterior.scale)
     half = stats.norm.ppf(0.975) * sd[pick]
     prob_best = np.full(len(mean), np.nan)
     if samples:
@@ -294,15 +298,15 @@ def decide(
     improvement: list[float] = []
     believed = posterior
     chosen = ran.copy()
-    for _ in range(min(batch, int((~chosen).sum()))):
+    for _ in range(min(batch, int((~chosen & allowed).sum()))):
         m, s = believed.predict(candidates, candidate_proxy)
         if chosen.any():
             gain = expected_improvement(m, s, float(m[chosen].min()), xi * posterior.scale)
-            gain[chosen] = -np.inf
+            gain[chosen | ~allowed] = -np.inf
             index = int(np.argmax(gain))
             improvement.append(float(gain[index]))
         else:
-            index = _pick(m, chosen, posterior.scale)
+            index = _pick(np.where(allowed, m, np.inf), chosen, posterior.scale)
             improvement.append(float("nan"))
         proposals.append(index)
         chosen[index] = True
