@@ -99,7 +99,9 @@ def run(
                 f"{' + 1' if start is not None else ''} = {needed}"
             )
         feasible = evaluator.feasible  # constraints: seeds and candidates drawn from the feasible set
-        seeds, phases = with_start(start, draw_feasible(rng, k, spec.alpha, spec.seeds, feasible), "seed")
+        seeds, phases = with_start(
+            start, draw_feasible(rng, k, spec.alpha, spec.seeds, feasible, evaluator.groups), "seed"
+        )
         evaluator.prefetch(seeds, phases)  # one batch: torchrun ranks split it
         for w, phase in zip(seeds, phases):
             evaluator(w, phase)
@@ -108,7 +110,7 @@ def run(
         names = sorted(set.intersection(*(set(s) for _, s in seen)))
         targets = {n: np.array([s[n] for _, s in seen]) for n in names}
         surrogate = fit_surrogate(fit_w, targets, spec, seed)
-        candidates = draw_feasible(rng, k, spec.alpha, spec.candidates, feasible)
+        candidates = draw_feasible(rng, k, spec.alpha, spec.candidates, feasible, evaluator.groups)
         predicted = predicted_values(surrogate.predict(candidates), evaluator.value)
         verified = []
         to_verify, keys = [], set()  # the best predictions not evaluated yet, duplicates once
