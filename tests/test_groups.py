@@ -182,6 +182,21 @@ def test_a_grouped_fit_reports_consistent_levels_everywhere(strategy, random_wor
     assert share in (tmp_path / "m.yaml").read_text()
 
 
+def test_groups_compose_with_constraints_under_the_grid(random_world, tmp_path):
+    """The grid's candidates come from the feasible set; the groups only describe the mixture found."""
+    tree = recipe_tree(
+        random_world,
+        tmp_path,
+        search={"strategy": "grid", "grid": {"divisions": 4}},
+        weights={"groups": PAIRED, "bounds": {"gamma": [0.0, 0.3]}},
+    )
+    mixture = fit(recipe_from_dict(tree), progress=False, log=lambda _m: None)
+    w, record = mixture["weights"], mixture["groups"]
+    assert w["gamma"] <= 0.3 + 1e-12 and mixture["constraints"]["upper_from"]["gamma"] == "bound"
+    assert record["ab"]["share"] == pytest.approx(w["alpha"] + w["gamma"], rel=1e-14)
+    MixtureFile.model_validate(json.loads((tmp_path / "mixture.json").read_text()))
+
+
 def test_every_export_states_both_levels(tmp_path):
     root = tmp_path
     toy.build_tokenizer().save_pretrained(root / "tokenizer")
