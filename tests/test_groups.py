@@ -271,3 +271,16 @@ def test_a_grouped_gradient_fit_resumed_after_kill_9_is_bit_identical(random_wor
     assert resumed.returncode == 0, resumed.stderr
     for name in ("mixture.json", "trace.csv"):
         assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+
+
+def test_calibrates_mixture_files_carry_both_levels():
+    from mergeopt.evaluation.calibrate import mixture_record
+
+    groups = Groups.build(["alpha", "beta", "gamma"], PAIRED)
+    weights = {"alpha": 0.2, "beta": 0.5, "gamma": 0.3}
+    content = {"grid": "grid.csv", "metric": "loss", "runs": 4}
+    record = mixture_record(weights, "pick", {"weights": weights}, content, {"seed": 0}, groups)
+    checked = MixtureFile.model_validate(record)
+    assert checked.groups["ab"].share == pytest.approx(0.5) and checked.groups["ab"].within[
+        "gamma"
+    ] == pytest.approx(0.6)

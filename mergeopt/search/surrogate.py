@@ -5,7 +5,8 @@ per score on them (RegMix showed LightGBM ranks data mixtures well), scores a la
 fresh Dirichlet sample with the surrogates, and evaluates the best few predictions for real. The
 result is the best *real* evaluation, never a prediction. Every score gets its own regressor and
 the predictions are combined by the current value function, so a min-max normalisation applies to
-the surrogate exactly as to real scores. :func:`fit_surrogate` is the fit/predict part alone, for
+the surrogate exactly as to real scores. Seeds and candidates are drawn as the dirichlet strategy
+draws (conditioned on the constraints, or hierarchical with ``weights.groups``). :func:`fit_surrogate` is the fit/predict part alone, for
 transfer checks that fit on tables of runs (e.g. RegMix's).
 """
 
