@@ -22,6 +22,7 @@ from mergeopt.config import Recipe, load_recipe, recipe_to_yaml
 from mergeopt.errors import UserError
 from mergeopt.loading.feasible import constraints_record, feasible_set, source_tokens
 from mergeopt.loading.problem import Problem, load_problem, resolve_device
+from mergeopt.merging.groups import groups_of
 from mergeopt.merging.weights import as_mapping, initial_logits, start_weights
 from mergeopt.objectives.data import has_heldout
 from mergeopt.objectives.loss import evaluate_sums, target_loss
@@ -173,6 +174,7 @@ def _search_and_write(
     """
     names = problem.stack.expert_names
     searched = None if feasible is None or feasible.trivial else feasible
+    groups = groups_of(names, resolved.weights.groups)  # None: a flat mixture
     stack = problem.stack
     log(
         f"stacked {len(stack.deltas)} tensors ({stack.num_stacked_parameters():,} parameters x {len(names)} experts, "
@@ -186,7 +188,11 @@ def _search_and_write(
     )
     search = resolved.search
     if search.strategy == "gradient":
-        z0 = initial_logits(names, resolved.weights.init)
+        init = resolved.weights.init
+        if groups is None:
+            z0 = initial_logits(names, init)
+        else:  # both levels of the hierarchy
+            z0 = groups.initial_logits(None if init is None else torch.from_numpy(start_weights(names, init)))
         if searched is not None:  # uniform, or init, onto the feasible set's logits
             z0 = torch.from_numpy(searched.project_logits(z0.numpy()))
         result = fit_gradient(
@@ -204,8 +210,9 @@ def _search_and_write(
             loss_chunk=problem.loss_chunk,
             on_step=tracker.step,
             feasible=searched,
+            groups=groups,
         )
-        chosen, trace = result.weights, result.trace
+        chosen, trace, fitted_z = result.weights, result.trace, result.logits
         if searched is not None:  # exact bounds: a weight pinned at 0 is 1e-300 in softmax(z)
             chosen = torch.from_numpy(searched.project(chosen.double().numpy()))
         search_info = {
@@ -228,9 +235,10 @@ def _search_and_write(
             tracker.evaluation,
             together=resolved.model.shard == "fsdp",  # a sharded stack: every rank scores each mixture
             feasible=searched,
+            groups=groups,
         )
         evaluator_processes = distributed.process_rank_and_size()[1]
-        chosen, trace = torch.tensor(found.weights, dtype=torch.float64), found.log
+        chosen, trace, fitted_z = torch.tensor(found.weights, dtype=torch.float64), found.log, None
         scores = report_scores(problem, objective, evaluator, found.weights)
         search_info = {
             "evaluations": found.evaluations,
@@ -255,6 +263,7 @@ def _search_and_write(
         "status": "complete",
         "weights": weights,
         **({} if record is None else {"constraints": record}),
+        **({} if groups is None else {"groups": groups.record(list(weights.values()), fitted_z)}),
         "target": resolved.data.target,
         "dev_loss": fitted["dev"],
         "heldout_loss": fitted["heldout"],
@@ -296,7 +305,8 @@ def _search_and_write(
         "mergeopt_version": mergeopt.__version__,
     }  # no timings: the same recipe and seed give a byte-identical mixture.json
     if search.strategy == "gradient":
-        mixture["logits"] = as_mapping(names, result.logits)
+        flat = fitted_z if groups is None else groups.flat_logits(fitted_z)
+        mixture["logits"] = as_mapping(names, flat)  # per expert, softmax(logits) = weights
     else:
         mixture["objective"]["scores"] = scores
     if not all(math.isfinite(v) for v in weights.values()):

@@ -18,6 +18,7 @@ run's files have no extra keys.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
@@ -27,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 import mergeopt
 from mergeopt.errors import UserError
 from mergeopt.merging.constraints import FeasibleSet
-from mergeopt.merging.simplex import mixture_problem
+from mergeopt.merging.simplex import SIMPLEX_TOLERANCE, mixture_problem
 
 SCHEMA_VERSION = 1
 
@@ -118,6 +119,26 @@ class MixtureConstraints(BaseModel):
         )
 
 
+class MixtureGroup(BaseModel):
+    """One group of a hierarchical mixture (``weights.groups``): its share and its experts' shares within it.
+
+    Both levels are recomputed from the weights (share = the sum of its experts' weights, share
+    within = weight / share), so w_i = share × within_i; readers check that they agree with the weights.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    share: float = Field(description="The group's share of the mixture: the sum of its experts' weights.")
+    within: dict[str, float | None] = Field(
+        description="Each of the group's experts: its share within the group (weight / share); null "
+        "when the group's share is 0, where none is defined."
+    )
+    logit: float | None = Field(default=None, description="Gradient strategy: the fitted group logit.")
+    within_logits: dict[str, float] | None = Field(
+        default=None, description="Gradient strategy: the fitted logits within the group, per expert."
+    )
+
+
 class MixtureFile(_RunFile):
     """mixture.json: the recommended mixture and the evidence for it, written last by ``mergeopt fit``."""
 
@@ -127,6 +148,11 @@ class MixtureFile(_RunFile):
     weights: dict[str, float] = Field(description="The recommended mixture {expert: w}, on the simplex.")
     constraints: MixtureConstraints | None = Field(
         default=None, description="The constraints the weights meet; absent when the recipe set none."
+    )
+    groups: dict[str, MixtureGroup] | None = Field(
+        default=None,
+        description="A hierarchical mixture (weights.groups): each group's share and its experts' shares "
+        "within it (experts no group named are groups of their own); absent for a flat mixture.",
     )
     target: str | None = Field(default=None, description="data.target: the dev set(s) the loss targets.")
     dev_loss: float | None = Field(default=None, description="Target dev loss of the merge at the weights.")
@@ -191,6 +217,27 @@ class MixtureFile(_RunFile):
             )
         if (outside := self.constraints.feasible_set().violation(self.weights)) is not None:
             raise ValueError(f"the weights break the recorded constraints: {outside}")
+        return self
+
+    @model_validator(mode="after")
+    def _groups_agree_with_weights(self) -> MixtureFile:
+        if self.groups is None:
+            return self
+        members = [n for g in self.groups.values() for n in g.within]
+        if sorted(members) != sorted(self.weights):
+            raise ValueError(f"groups hold {sorted(members)} but the weights name {sorted(self.weights)}")
+        for label, group in self.groups.items():
+            total = math.fsum(self.weights[n] for n in group.within)
+            if abs(group.share - total) > SIMPLEX_TOLERANCE:
+                raise ValueError(
+                    f"group {label!r} has share {group.share:.9g} but its weights sum to {total:.9g}"
+                )
+            for name, within in group.within.items():
+                if within is not None and abs(group.share * within - self.weights[name]) > SIMPLEX_TOLERANCE:
+                    raise ValueError(
+                        f"group {label!r}: share {group.share:.9g} x {name!r}'s share within {within:.9g} "
+                        f"is not its weight {self.weights[name]:.9g}"
+                    )
         return self
 
     @property

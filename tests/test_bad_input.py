@@ -321,6 +321,28 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         lambda w, t: [_recipe(w, t), "weights.bounds={alpha: [0, 0.2], beta: [0, 0.2], gamma: [0.1, 0.5]}"],
         "the upper bounds sum to 0.9, below 1",
     ),
+    "group naming an unknown expert": (
+        "recipe",
+        "fit",
+        lambda w, t: [_recipe(w, t), "weights.groups={ab: [alpha, delta]}"],
+        "weights.groups 'ab' names 'delta', which is not an expert",
+    ),
+    "expert in two groups": (
+        "recipe",
+        "fit",
+        lambda w, t: [_recipe(w, t), "weights.groups={ab: [alpha, beta], bc: [beta, gamma]}"],
+        "expert 'beta' is in both 'ab' and 'bc'",
+    ),
+    "groups with bounds under the gradient strategy": (
+        "recipe",
+        "fit",
+        lambda w, t: [
+            _recipe(w, t),
+            "weights.groups={ab: [alpha, beta]}",
+            "weights.bounds={gamma: [0, 0.5]}",
+        ],
+        "weights.groups with weights.bounds is not supported yet by search.strategy 'gradient'",
+    ),
     "pinned weight above 1": (
         "recipe",
         "fit",

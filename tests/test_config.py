@@ -222,3 +222,49 @@ def test_a_feasible_constrained_recipe_loads_and_round_trips(tmp_path):
     again = load_recipe(write(tmp_path, recipe_to_yaml(recipe), "again.yaml"))
     assert again == recipe
     assert not load_recipe(write(tmp_path, MINIMAL)).weights.constrained
+
+
+FOUR = "model.experts={python: /c/py, js: /c/js, gsm: /c/gsm, algebra: /c/alg}"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["weights.groups={code: [python, ruby]}"],
+            "weights.groups 'code' names 'ruby', which is not an expert (python, js, gsm, algebra)",
+        ),
+        (
+            ["weights.groups={code: [python, js], scripts: [js]}"],
+            "expert 'js' is in both 'code' and 'scripts'; an expert belongs to one group",
+        ),
+        (["weights.groups={code: [python, python]}"], "expert 'python' is in 'code' twice"),
+        (["weights.groups={code: []}"], "group 'code' is empty; a group holds at least one expert"),
+        (["weights.groups={gsm: [python, js]}"], "weights.groups 'gsm' is also an expert's name but holds"),
+        (["weights.groups={../up: [python]}"], "weights.groups name '../up' may only use"),
+        (
+            ["weights.groups={code: [python, js]}", "weights.bounds={gsm: [0, 0.5]}"],
+            "weights.groups with weights.bounds is not supported yet by search.strategy 'gradient'",
+        ),
+        (
+            ["weights.groups={code: [python, js]}", "weights.pinned={gsm: 0.1}", "search.strategy=dirichlet"],
+            "weights.groups with weights.pinned is not supported yet by search.strategy 'dirichlet'",
+        ),
+    ],
+)
+def test_groups_are_checked_at_load_naming_the_culprit(tmp_path, overrides, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_recipe(write(tmp_path, MINIMAL), [FOUR, *overrides])
+
+
+def test_groups_load_round_trip_and_compose_with_constraints_where_supported(tmp_path):
+    groups = "weights.groups={code: [python, js], gsm: [gsm]}"  # a singleton may carry its expert's name
+    recipe = load_recipe(write(tmp_path, MINIMAL), [FOUR, groups])
+    assert recipe.weights.groups == {"code": ["python", "js"], "gsm": ["gsm"]}
+    assert load_recipe(write(tmp_path, recipe_to_yaml(recipe), "again.yaml")) == recipe
+    for strategy in ("grid", "cmaes", "spsa"):  # candidates from the feasible set; groups only reported
+        bounded = load_recipe(
+            write(tmp_path, MINIMAL),
+            [FOUR, groups, "weights.bounds={gsm: [0, 0.5]}", f"search.strategy={strategy}"],
+        )
+        assert bounded.weights.constrained and bounded.weights.groups

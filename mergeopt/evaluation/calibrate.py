@@ -379,14 +379,18 @@ def plot(ranking: pd.DataFrame, content: dict, path: Path) -> Path:
         plt.close(fig)
 
 
-def mixture_record(weights: dict[str, float], role: str, entry: dict, content: dict, base: dict) -> dict:
-    """A mixture.json for the pick or a proposal, so ``mergeopt export`` and ``mergeopt merge`` read it."""
+def mixture_record(
+    weights: dict[str, float], role: str, entry: dict, content: dict, base: dict, groups=None
+) -> dict:
+    """A mixture.json for the pick or a proposal, so ``mergeopt export`` and ``mergeopt merge`` read it;
+    with the recipe's ``groups`` (:class:`mergeopt.merging.groups.Groups`) both levels of the weights."""
     from mergeopt.run_files import SCHEMA_VERSION
 
     return {
         "schema_version": SCHEMA_VERSION,
         "status": "complete",
         "weights": weights,
+        **({} if groups is None else {"groups": groups.record([weights[n] for n in groups.names])}),
         **base,
         "strategy": "calibrate",
         "calibration": {
@@ -402,13 +406,16 @@ def mixture_record(weights: dict[str, float], role: str, entry: dict, content: d
 def write_outputs(out: Path, content: dict, ranking: pd.DataFrame, names: Sequence[str], recipe, base: dict):
     """Every file checked (the typed models) before the first is written; the JSON goes last."""
     from mergeopt.config import recipe_to_yaml
+    from mergeopt.merging.groups import groups_of
     from mergeopt.run_files import SCHEMA_VERSION, CalibrationReport, MixtureFile
     from mergeopt.runtime.files import write_csv_atomic, write_json_atomic, write_text_atomic
 
     record = CalibrationReport.model_validate({"schema_version": SCHEMA_VERSION, **content}).to_json()
-    mixtures = {"pick": mixture_record(content["pick"]["weights"], "pick", content["pick"], content, base)}
+    groups = groups_of(names, recipe.weights.groups)
+    pick = content["pick"]
+    mixtures = {"pick": mixture_record(pick["weights"], "pick", pick, content, base, groups)}
     for i, proposal in enumerate(content["proposals"], 1):
-        mixtures[f"next-{i}"] = mixture_record(proposal["weights"], "next", proposal, content, base)
+        mixtures[f"next-{i}"] = mixture_record(proposal["weights"], "next", proposal, content, base, groups)
     mixtures = {name: MixtureFile.model_validate(m).to_json() for name, m in mixtures.items()}
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("next-*"):  # an earlier round's proposals

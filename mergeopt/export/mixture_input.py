@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mergeopt.errors import UserError
-from mergeopt.run_files import MixtureConstraints, read_finished_mixture
+from mergeopt.run_files import MixtureConstraints, MixtureGroup, read_finished_mixture
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class Mixture:
     strategy: str | None
     worlds: dict[str, str] = field(default_factory=dict)
     constraints: MixtureConstraints | None = None  # the fit's; the weights meet them (checked on reading)
+    groups: dict[str, MixtureGroup] | None = None  # a hierarchical mixture's two levels (checked on reading)
 
     @property
     def names(self) -> list[str]:
@@ -55,7 +56,18 @@ def read_mixture(path: str | Path) -> Mixture:
         strategy=data.strategy,
         worlds=dict(data.worlds or {}),
         constraints=data.constraints,
+        groups=data.groups,
     )
+
+
+def describe_groups(groups: dict[str, MixtureGroup]) -> str:
+    """Both levels of a hierarchical mixture in one line, as every export's header states them:
+    ``code 0.6 (python 0.5, js 0.5); math 0.4 (gsm 0.75, algebra 0.25)``."""
+    parts = []
+    for label, group in groups.items():
+        within = ", ".join(f"{n} {'-' if c is None else f'{c:.6g}'}" for n, c in group.within.items())
+        parts.append(f"{label} {group.share:.6g} ({within})")
+    return "; ".join(parts)
 
 
 # ----------------------------------------------------------------------------- the run's recipe

@@ -10,7 +10,7 @@ weight the sets however the recipe says.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch.func import functional_call
@@ -81,9 +81,11 @@ def dev_loss(
     batch: Batch,
     set_weights: torch.Tensor,
     loss_chunk: int | None = None,
+    to_weights: Callable[[torch.Tensor], torch.Tensor] = weights_from_logits,
 ) -> torch.Tensor:
-    """Target loss on one batch as a function of the mixture logits z (differentiable in z)."""
-    params = stack.mix_params(weights_from_logits(logits))
+    """Target loss on one batch as a function of the mixture logits z (differentiable in z);
+    ``to_weights`` maps z to w (softmax, or a hierarchical mixture's two levels)."""
+    params = stack.mix_params(to_weights(logits))
     sums, counts = per_set_loss_sums(model, params, batch, len(set_weights), loss_chunk)
     # under torchrun: divide this rank's sums by the whole batch's counts, so the ranks' losses
     # (and their gradients) add up to the whole batch's

@@ -10,7 +10,7 @@ in one tested place, and not in every user's notebook.
 Figures: :func:`plot_losses` (the loss curve, or the search's values), :func:`plot_simplex` (the
 weights' path on the simplex: a ternary plot for K = 3, the regular-polygon projection for
 K > 3, a segment for K = 2), :func:`plot_proxy_vs_truth` (the merged proxy against the trained
-grid); tables: :func:`mixture_table`, :func:`rank_table`. Every plot takes an optional matplotlib
+grid); tables: :func:`mixture_table`, :func:`group_table`, :func:`rank_table`. Every plot takes an optional matplotlib
 ``ax`` and returns it.
 """
 
@@ -129,6 +129,22 @@ def mixture_table(run: Run) -> pd.DataFrame:
         rows[f"{n} only"] = [*one_hot, m["expert_dev_loss"][n], m["expert_heldout_loss"][n]]
     columns = [*(f"w_{n}" for n in names), "dev_loss", "heldout_loss"]
     return pd.DataFrame.from_dict(rows, orient="index", columns=columns).astype(float)
+
+
+def group_table(run: Run) -> pd.DataFrame | None:
+    """A hierarchical mixture's two levels, one row per expert (group, group share, share within the
+    group, weight = share × share within); None for a flat mixture."""
+    m = run.mixture
+    if m is None or not m.get("groups"):
+        return None
+    rows = {
+        name: [label, group["share"], within, m["weights"][name]]
+        for label, group in m["groups"].items()
+        for name, within in group["within"].items()
+    }
+    return pd.DataFrame.from_dict(
+        rows, orient="index", columns=["group", "group_share", "within_group", "weight"]
+    )
 
 
 def rank_table(run: Run) -> pd.DataFrame:

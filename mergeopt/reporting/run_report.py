@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mergeopt.reporting.analysis import Run, load_run, mixture_table, plot_simplex, rank_table
+from mergeopt.reporting.analysis import Run, group_table, load_run, mixture_table, plot_simplex, rank_table
 from mergeopt.reporting.diagnostics import report_section
 from mergeopt.reporting.report import markdown_table
 from mergeopt.run_files import DiagnoseFile
@@ -42,6 +42,17 @@ def _mixture_section(run: Run) -> list[str]:
         lines += [
             f"Held-out dev loss: fitted {fitted['heldout_loss']:.4f}, uniform "
             f"{table.loc['uniform', 'heldout_loss']:.4f}, best single expert {best_single:.4f}.",
+            "",
+        ]
+    groups = group_table(run)
+    if groups is not None:
+        lines += [
+            "### Both levels of the hierarchical mixture",
+            "",
+            "Each expert's weight is its group's share times its share within the group "
+            "(`weights.groups`; an expert no group names is a group of its own).",
+            "",
+            markdown_table(groups),
             "",
         ]
     return lines

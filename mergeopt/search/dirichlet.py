@@ -4,7 +4,11 @@ Mixup Model Merge (M³, arXiv 2502.15434) merges two models with λ ~ Beta(α, �
 λ on the dev set; its reference code draws unseeded. Here every draw comes from
 ``np.random.default_rng(seed)``, and K > 2 experts draw from Dirichlet(α·1_K), the same draws as
 mixtures.dirichlet_samples. Random search is the honest baseline for the model-based strategies.
-Under constraints the draws are conditioned on the feasible set (``FeasibleSet.sample``).
+Under constraints the draws are conditioned on the feasible set (``FeasibleSet.sample``). For a
+hierarchical mixture (``weights.groups``) a draw is a Dirichlet(α) over the groups times a
+Dirichlet(α) within each group of several experts (:func:`draw_hierarchical`): each domain gets the
+same prior mass however many experts it holds, where a flat Dirichlet(α·1_K) gives a domain of n of
+the K experts a mean share n/K. With singleton groups the draws are the flat ones, number for number.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import numpy as np
 
 from mergeopt.config import SearchSection
 from mergeopt.merging.constraints import FeasibleSet
+from mergeopt.merging.groups import Groups
 from mergeopt.search.evaluator import BudgetExhausted, Evaluator, SearchResult, with_start
 
 
@@ -24,10 +29,37 @@ def draw_mixtures(rng: np.random.Generator, k: int, alpha: float, count: int) ->
     return rng.dirichlet(np.full(k, alpha), size=count)
 
 
+def draw_hierarchical(rng: np.random.Generator, groups: Groups, alpha: float, count: int) -> np.ndarray:
+    """``count`` mixtures: group shares from :func:`draw_mixtures` over the groups, times shares
+    within each group of several experts from :func:`draw_mixtures` over its experts (in the
+    groups' order); a singleton's share within is 1 and draws nothing."""
+    shares = (
+        draw_mixtures(rng, len(groups.labels), alpha, count)
+        if len(groups.labels) > 1
+        else np.ones((count, 1))
+    )
+    index = np.asarray(groups.index)
+    within = np.ones((count, len(groups.names)))
+    for g in range(len(groups.labels)):
+        members = np.flatnonzero(index == g)
+        if len(members) > 1:
+            within[:, members] = draw_mixtures(rng, len(members), alpha, count)
+    return shares[:, index] * within
+
+
 def draw_feasible(
-    rng: np.random.Generator, k: int, alpha: float, count: int, feasible: FeasibleSet | None
+    rng: np.random.Generator,
+    k: int,
+    alpha: float,
+    count: int,
+    feasible: FeasibleSet | None,
+    groups: Groups | None = None,
 ) -> np.ndarray:
-    """:func:`draw_mixtures`, or under constraints Dirichlet draws conditioned on the feasible set."""
+    """:func:`draw_mixtures`; under constraints Dirichlet draws conditioned on the feasible set; with
+    groups (never with constraints: the recipe schema refuses both) :func:`draw_hierarchical`."""
+    if groups is not None:
+        assert feasible is None, "the recipe schema refuses groups with constraints for Dirichlet draws"
+        return draw_hierarchical(rng, groups, alpha, count)
     if feasible is None:
         return draw_mixtures(rng, k, alpha, count)
     return feasible.sample(rng, alpha, count)
@@ -39,7 +71,7 @@ def run(
     """``start`` (``weights.init``) is evaluated before the draws."""
     spec = search.dirichlet
     rng, k = np.random.default_rng(seed), len(evaluator.names)
-    draws = draw_feasible(rng, k, spec.alpha, spec.samples, evaluator.feasible)
+    draws = draw_feasible(rng, k, spec.alpha, spec.samples, evaluator.feasible, evaluator.groups)
     points, phases = with_start(start, draws, "sample")
     stopped, drawn = False, len(draws)
     with evaluator.running("dirichlet search", search.budget, len(points), progress):

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from mergeopt.errors import Interrupted, UserError
 from mergeopt.merging.constraints import FeasibleSet
+from mergeopt.merging.groups import Groups
 from mergeopt.merging.simplex import SIMPLEX_TOLERANCE
 from mergeopt.runtime import distributed, faults
 from mergeopt.runtime.resume import check_interrupt, pending_interrupt, pending_signal
@@ -103,11 +104,13 @@ class Evaluator:
         together: bool = False,
         observe: Callable[[dict], None] | None = None,
         feasible: FeasibleSet | None = None,
+        groups: Groups | None = None,
     ):
         self.names = tuple(names)
         # the recipe's constraints (None: the whole simplex): strategies draw their candidates from
         # it, and the result is the best feasible mixture (the experts a normalisation scores are not)
         self.feasible = feasible
+        self.groups = groups  # a hierarchical mixture's groups: the Dirichlet strategies draw by them
         self.score_fn = score
         self.value_fn = value
         self.budget = budget

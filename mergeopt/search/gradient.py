@@ -5,7 +5,9 @@ at w_t; the update to w_{t+1} comes after. Early stopping keeps the w with the b
 and stops after ``patience`` evaluations without a gain of at least ``min_delta``. Under
 constraints (``feasible``) each Adam step is followed by the KL projection of the logits onto the
 feasible set, so every w the model is evaluated at is feasible (why this projection:
-:mod:`mergeopt.merging.constraints`).
+:mod:`mergeopt.merging.constraints`). A hierarchical mixture (``groups``) steps on its two levels of
+logits instead, z = [group logits, logits within the groups] (:mod:`mergeopt.merging.groups`); the
+loop, its checkpoints and its early stopping are the same.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from tqdm.auto import tqdm
 
 from mergeopt.config import OptimSection
 from mergeopt.merging.constraints import FeasibleSet
+from mergeopt.merging.groups import Groups
 from mergeopt.merging.stack import TaskVectorStack
 from mergeopt.merging.weights import weights_from_logits
 from mergeopt.objectives.data import DevSet, has_heldout, training_batches
@@ -54,11 +57,15 @@ def fit_gradient(
     loss_chunk: int | None = None,
     on_step: Callable[[dict], None] | None = None,
     feasible: FeasibleSet | None = None,
+    groups: Groups | None = None,
 ) -> GradientResult:
     """Adam on z from ``init_logits``; with ``checkpoint`` the state is saved every
     ``optim.checkpoint_every`` steps and on SIGINT/SIGTERM, and a saved state is resumed from.
-    ``on_step`` sees each trace row as it is made (experiment trackers), from the resumed step on."""
+    ``on_step`` sees each trace row as it is made (experiment trackers), from the resumed step on.
+    With ``groups`` z holds both levels of the hierarchy (``groups.size`` logits)."""
+    assert feasible is None or groups is None, "the recipe schema refuses groups with constraints here"
     names = stack.expert_names
+    to_weights = weights_from_logits if groups is None else groups.weights
     targeted = [i for i, a in enumerate(set_weights.tolist()) if a > 0]
     held_out = has_heldout(sets, set_weights.tolist())
     z = init_logits.detach().to(device=device, dtype=torch.float64).clone().requires_grad_(True)
@@ -96,7 +103,7 @@ def fit_gradient(
         disable=not (progress and is_main()),
     )
     for t in range(start, optim.steps + 1):
-        w = weights_from_logits(z.detach())
+        w = to_weights(z.detach())
         row: dict = {"step": t, "loss": math.nan, "heldout_loss": math.nan}
         row.update({f"w_{n}": v for n, v in zip(names, w.tolist())})
         if held_out and (t % optim.eval_every == 0 or t == optim.steps):
@@ -120,7 +127,7 @@ def fit_gradient(
         step_loss = 0.0
         for _ in range(optim.grad_accum):
             batch = next(batches).to(device)
-            loss = dev_loss(model, stack, z, batch, set_weights, loss_chunk)
+            loss = dev_loss(model, stack, z, batch, set_weights, loss_chunk, to_weights)
             loss = loss / optim.grad_accum
             loss.backward()
             step_loss += float(all_reduce_sum(loss.detach().clone()))
@@ -148,7 +155,7 @@ def fit_gradient(
     if not held_out:
         best_z, best_step, best_loss = z.detach().clone(), trace[-1]["step"], None
     return GradientResult(
-        weights=weights_from_logits(best_z).cpu(),
+        weights=to_weights(best_z).cpu(),
         logits=best_z.cpu(),
         best_step=best_step,
         steps_run=trace[-1]["step"],

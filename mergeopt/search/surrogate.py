@@ -5,7 +5,8 @@ per score on them (RegMix showed LightGBM ranks data mixtures well), scores a la
 fresh Dirichlet sample with the surrogates, and evaluates the best few predictions for real. The
 result is the best *real* evaluation, never a prediction. Every score gets its own regressor and
 the predictions are combined by the current value function, so a min-max normalisation applies to
-the surrogate exactly as to real scores. :func:`fit_surrogate` is the fit/predict part alone, for
+the surrogate exactly as to real scores. Seeds and candidates are drawn as the dirichlet strategy
+draws (conditioned on the constraints, or hierarchical with ``weights.groups``). :func:`fit_surrogate` is the fit/predict part alone, for
 transfer checks that fit on tables of runs (e.g. RegMix's).
 """
 
@@ -99,7 +100,9 @@ def run(
                 f"{' + 1' if start is not None else ''} = {needed}"
             )
         feasible = evaluator.feasible  # constraints: seeds and candidates drawn from the feasible set
-        seeds, phases = with_start(start, draw_feasible(rng, k, spec.alpha, spec.seeds, feasible), "seed")
+        seeds, phases = with_start(
+            start, draw_feasible(rng, k, spec.alpha, spec.seeds, feasible, evaluator.groups), "seed"
+        )
         evaluator.prefetch(seeds, phases)  # one batch: torchrun ranks split it
         for w, phase in zip(seeds, phases):
             evaluator(w, phase)
@@ -108,7 +111,7 @@ def run(
         names = sorted(set.intersection(*(set(s) for _, s in seen)))
         targets = {n: np.array([s[n] for _, s in seen]) for n in names}
         surrogate = fit_surrogate(fit_w, targets, spec, seed)
-        candidates = draw_feasible(rng, k, spec.alpha, spec.candidates, feasible)
+        candidates = draw_feasible(rng, k, spec.alpha, spec.candidates, feasible, evaluator.groups)
         predicted = predicted_values(surrogate.predict(candidates), evaluator.value)
         verified = []
         to_verify, keys = [], set()  # the best predictions not evaluated yet, duplicates once

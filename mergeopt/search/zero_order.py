@@ -17,6 +17,7 @@ import numpy as np
 from mergeopt.config import SearchSection
 from mergeopt.errors import UserError
 from mergeopt.merging.constraints import FeasibleSet
+from mergeopt.merging.groups import Groups
 from mergeopt.objectives.data import has_heldout
 from mergeopt.objectives.metrics import Utility
 from mergeopt.objectives.objective import Objective
@@ -33,6 +34,7 @@ def make_evaluator(
     observe=None,
     together: bool = False,
     feasible: FeasibleSet | None = None,
+    groups: Groups | None = None,
 ) -> tuple[Evaluator, Utility]:
     """The evaluator of the objective's utility on the fit part, experts scored first when normalising.
 
@@ -57,6 +59,7 @@ def make_evaluator(
         together=together,
         observe=observe,
         feasible=feasible,
+        groups=groups,
     )
     if utility.needs_reference:
         if search.budget is not None and search.budget < len(names):
@@ -80,11 +83,13 @@ def run_search(
     observe=None,
     together: bool = False,
     feasible: FeasibleSet | None = None,
+    groups: Groups | None = None,
 ) -> tuple[SearchResult, Evaluator, Utility]:
     """``search.strategy`` from ``start`` (``weights.init``; None: the strategy's own start), within
-    ``feasible`` (the recipe's constraints; None: the whole simplex)."""
+    ``feasible`` (the recipe's constraints; None: the whole simplex), drawing by ``groups`` (a
+    hierarchical mixture's; None: flat)."""
     evaluator, utility = make_evaluator(
-        problem, objective, search, progress, checkpoint, observe, together, feasible
+        problem, objective, search, progress, checkpoint, observe, together, feasible, groups
     )
     strategy = STRATEGIES[search.strategy]
     return strategy(evaluator, search, seed, progress, start), evaluator, utility

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mergeopt.export.mixture_input import Mixture
+from mergeopt.export.mixture_input import Mixture, describe_groups
 from mergeopt.export.shares import Plan, Unit
 
 
@@ -38,6 +38,11 @@ class Context:
             + " shares, as fitted): "
             + ", ".join(f"{n} {self.mixture.weights[n]:.6g}" for n in self.mixture.names),
         ]
+        if self.mixture.groups is not None:  # the flat weights above stay what the trainer reads
+            lines.append(
+                "groups (share of the mixture, then shares within the group, as fitted): "
+                + describe_groups(self.mixture.groups)
+            )
         if fmt.unit is not None and fmt.unit != self.weights_are:
             if plan.stats is not None:
                 means = ", ".join(f"{n} {plan.stats[n].mean_tokens:.4g}" for n in plan.names)

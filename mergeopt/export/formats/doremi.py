@@ -5,8 +5,8 @@ Followed: sangmichaelxie/doremi (scripts writing ``configs/<run>.json`` as
 and the data loader reading ``json.load(f)["train_domain_weights"]``, normalizing them). DoReMi
 samples domains for packed fixed-length sequences, so the weights are token shares: mergeopt
 writes the fitted token shares under both keys, as DoReMi's own scripts do. Domains of weight 0
-are kept (DoReMi expects every domain it knows). A ``mergeopt`` key records the source; readers
-that take only the two weight keys ignore it.
+are kept (DoReMi expects every domain it knows). A ``mergeopt`` key records the source (and a
+hierarchical mixture's two levels); readers that take only the two weight keys ignore it.
 """
 
 from __future__ import annotations
@@ -27,6 +27,10 @@ def render(ctx: Context) -> str:
             "meaning": FORMAT.meaning,
         },
     }
+    if ctx.mixture.groups is not None:  # JSON has no comments: the two levels go in the metadata
+        document["mergeopt"]["groups"] = {
+            label: {"share": g.share, "within": dict(g.within)} for label, g in ctx.mixture.groups.items()
+        }
     return json.dumps(document, indent=2) + "\n"
 
 
