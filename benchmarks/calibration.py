@@ -11,6 +11,8 @@ Methods, each with the same n runs budget:
 - **calibrated**: :mod:`mergeopt.evaluation.calibration` (proxy as the GP's prior mean), the first
   run at the proxy's pick and every next one by expected improvement; recommends the lowest
   posterior mean. What ``mergeopt calibrate`` does.
+- **calibrated, best run**: the same runs, recommending the best of them (what a team that only
+  trusts trained models would ship).
 - **proxy alone**: the proxy's pick, whatever n (the runs are not used).
 - **proxy top-n**: train the proxy's n favourites, recommend the best of them.
 - **regression**: the same GP without the proxy term, on its own runs (a random first one, then
@@ -42,9 +44,18 @@ RUNS = 6
 SEEDS = 20
 SUBSET = 0.8
 WEAK_RHO = 0.5
-METHODS = ("calibrated", "proxy", "proxy_top_n", "regression", "regression_same_runs", "random")
+METHODS = (
+    "calibrated",
+    "calibrated_best_run",
+    "proxy",
+    "proxy_top_n",
+    "regression",
+    "regression_same_runs",
+    "random",
+)
 LABELS = {
     "calibrated": "calibrated proxy",
+    "calibrated_best_run": "calibrated proxy's runs, best run",
     "proxy": "proxy alone",
     "proxy_top_n": "proxy top-n, best run",
     "regression": "regression (GP, own runs)",
@@ -101,6 +112,7 @@ def simulate(weights, truth, proxy, rng: np.random.Generator) -> dict[str, list[
     random_runs = list(rng.permutation(len(truth))[:RUNS])
     chosen = {
         "calibrated": picks,
+        "calibrated_best_run": best_of(truth, runs),
         "proxy": [int(order[0])] * RUNS,
         "proxy_top_n": best_of(truth, list(order[:RUNS])),
         "regression": regression,
@@ -121,19 +133,33 @@ def weak_proxy(truth, proxy, rng: np.random.Generator) -> np.ndarray:
     return proxy + (low + high) / 2 * z
 
 
+def _mean_and_interval(values: np.ndarray) -> tuple[list[float], list[list[float]]]:
+    """Mean over seeds (axis 0) and its 95% percentile-bootstrap interval (2,000 seeded resamples)."""
+    rng = np.random.default_rng(0)
+    boot = values[rng.integers(len(values), size=(2000, len(values)))].mean(axis=1)
+    return values.mean(axis=0).round(4).tolist(), np.percentile(boot, [2.5, 97.5], axis=0).round(4).T.tolist()
+
+
 def summarise(per_seed: list[dict[str, list[float]]]) -> dict:
     out = {}
     for method in METHODS:
         values = np.array([seed[method] for seed in per_seed])  # (seeds, RUNS)
-        mean = values.mean(axis=0)
-        # 95% interval of the mean over seeds (percentile bootstrap, seeded)
-        rng = np.random.default_rng(0)
-        boot = values[rng.integers(len(values), size=(2000, len(values)))].mean(axis=1)
+        mean, ci = _mean_and_interval(values)
         out[method] = {
-            "mean": mean.round(4).tolist(),
-            "ci": np.percentile(boot, [2.5, 97.5], axis=0).round(4).T.tolist(),
+            "mean": mean,
+            "ci": ci,
             "share_within_0.02": (values <= 0.02).mean(axis=0).round(3).tolist(),
         }
+    return out
+
+
+def paired(per_seed: list[dict[str, list[float]]]) -> dict:
+    """Calibrated minus each regression, seed by seed (negative: the calibration is better)."""
+    calibrated = np.array([seed["calibrated"] for seed in per_seed])
+    out = {}
+    for other in ("regression", "regression_same_runs"):
+        mean, ci = _mean_and_interval(calibrated - np.array([seed[other] for seed in per_seed]))
+        out[other] = {"mean_difference": mean, "ci": ci}
     return out
 
 
@@ -148,7 +174,12 @@ def measure(weights, truth, proxy, proxies=None) -> dict:
         rhos.append(stats.spearmanr(p, truth).statistic)
         rows = np.sort(rng.choice(len(truth), size=int(round(SUBSET * len(truth))), replace=False))
         per_seed.append(simulate(weights[rows], truth[rows], p[rows], rng))
-    result = {"runs": len(truth), "proxy_spearman": float(np.mean(rhos)), "seeds": summarise(per_seed)}
+    result = {
+        "runs": len(truth),
+        "proxy_spearman": float(np.mean(rhos)),
+        "seeds": summarise(per_seed),
+        "calibrated_minus": paired(per_seed),
+    }
     if full is not None:
         result["full_grid"] = full
     return result
@@ -173,6 +204,16 @@ def markdown(results: dict) -> str:
             s = result["seeds"][method]
             cells = [f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, (lo, hi) in zip(s["mean"], s["ci"])]
             lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            "Calibrated minus regression, paired by seed (negative: the calibration is better):",
+            "",
+        ]
+        lines.append("| against | " + " | ".join(f"n = {n}" for n in range(1, RUNS + 1)) + " |")
+        lines.append("| --- |" + " ---: |" * RUNS)
+        for other, d in result["calibrated_minus"].items():
+            cells = [f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]" for m, (lo, hi) in zip(d["mean_difference"], d["ci"])]
+            lines.append(f"| {LABELS[other]} | " + " | ".join(cells) + " |")
         if "full_grid" in result:
             lines += ["", "The full grid (one candidate set, deterministic):", ""]
             lines.append("| method | " + " | ".join(f"n = {n}" for n in range(1, RUNS + 1)) + " |")
@@ -184,6 +225,32 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(results: dict, path: Path) -> None:
+    """Mean regret after n runs with its interval, one panel per world, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.6), sharey=True)
+    n = np.arange(1, RUNS + 1)
+    for ax, (name, result) in zip(np.atleast_1d(axes), results.items()):
+        for i, method in enumerate(METHODS):
+            s = result["seeds"][method]
+            lo, hi = np.array(s["ci"]).T
+            ax.plot(n, s["mean"], marker="o", ms=3, color=f"C{i}", label=LABELS[method])
+            ax.fill_between(n, lo, hi, color=f"C{i}", alpha=0.12)
+        ax.axhline(0.02, color="grey", ls=":", lw=1)
+        ax.set_title(f"{name} (proxy ρ {result['proxy_spearman']:.2f})", fontsize=9)
+        ax.set_xlabel("real runs n")
+        ax.grid(alpha=0.3)
+    np.atleast_1d(axes)[0].set_ylabel("normalised regret of the recommendation")
+    np.atleast_1d(axes)[-1].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     results = {}
     for world, folder in WORLDS.items():
@@ -193,6 +260,7 @@ def main() -> None:
     results["tiny, weak proxy"] = measure(weights, truth, proxy, lambda rng: weak_proxy(truth, proxy, rng))
     (RESULTS / "calibration.json").write_text(json.dumps(results, indent=2) + "\n")
     (RESULTS / "calibration.md").write_text(markdown(results))
+    plot(results, RESULTS / "calibration.png")
     print(markdown(results))
 
 
