@@ -617,6 +617,12 @@ class CalibrateSection(_Strict):
         ge=0.0,
         description="ξ of expected improvement, in the proxy's spreads: larger explores more.",
     )
+    pick: Literal["cautious", "mean"] = Field(
+        default="cautious",
+        description="How the pick is chosen: 'cautious', the lowest posterior 84th percentile "
+        "(mean + 1 sd: an untrained mixture must beat the best run by more than its uncertainty), "
+        "or 'mean', the lowest posterior mean.",
+    )
     use_proxy: bool = Field(
         default=True,
         description="false: regression over w on the runs alone (the same model without the proxy), "

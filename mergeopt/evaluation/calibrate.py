@@ -194,7 +194,16 @@ def calibrate(
         weights[runs], sign * np.asarray(truth, dtype=float), sign * proxy[runs], sign * proxy, spec.use_proxy
     )
     decision = calibration.decide(
-        posterior, weights, sign * proxy, runs, spec.batch, spec.exploration, spec.samples, seed, allowed
+        posterior,
+        weights,
+        sign * proxy,
+        runs,
+        spec.batch,
+        spec.exploration,
+        spec.samples,
+        seed,
+        allowed,
+        caution=1.0 if spec.pick == "cautious" else 0.0,
     )
     return posterior, decision
 

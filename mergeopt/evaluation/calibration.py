@@ -244,7 +244,7 @@ class Decision:
 
     mean: np.ndarray
     sd: np.ndarray
-    pick: int  # lowest posterior mean
+    pick: int  # lowest mean + caution · sd
     interval: tuple[float, float]  # 95% posterior interval of the pick's true score
     prob_best: np.ndarray  # posterior probability that each candidate is the best one
     proposals: list[int]  # what to train next, in order (batch by the kriging believer)
@@ -268,6 +268,7 @@ def decide(
     samples: int = 2000,
     seed: int = 0,
     allowed: np.ndarray | None = None,
+    caution: float = 1.0,
 ) -> Decision:
     """The calibrated ranking of ``candidates``, its pick with an interval, and ``batch`` proposals.
 
@@ -278,6 +279,12 @@ def decide(
     ``prob_best`` comes from ``samples`` seeded draws of the joint posterior. ``allowed`` (a mask)
     limits the pick and the proposals to some candidates, e.g. those within the recipe's
     constraints; the others still inform the model as runs.
+
+    The pick minimises ``mean + caution · sd``: with ``caution`` 1 (the default) the posterior's
+    84th percentile, so a mixture nobody has trained must be predicted better than the best run by
+    more than its extra uncertainty to be recommended over it; 0 picks the lowest mean. In the
+    calibration benchmark the cautious pick is never worse than the lowest mean and better with a
+    weak proxy, whose favourites the model still half-trusts after a few runs.
     """
     candidates = np.asarray(candidates, dtype=float)
     candidate_proxy = np.asarray(candidate_proxy, dtype=float)
@@ -286,7 +293,7 @@ def decide(
     allowed = np.ones(len(candidates), dtype=bool) if allowed is None else np.asarray(allowed, dtype=bool)
     mean, cov = posterior.predict(candidates, candidate_proxy, full_cov=True)
     sd = np.sqrt(np.maximum(np.diag(cov), 0.0))
-    pick = _pick(np.where(allowed, mean, np.inf), ran, posterior.scale)
+    pick = _pick(np.where(allowed, mean + caution * sd, np.inf), ran, posterior.scale)
     half = stats.norm.ppf(0.975) * sd[pick]
     prob_best = np.full(len(mean), np.nan)
     if samples:
