@@ -136,3 +136,18 @@ def test_runs_are_interpolated_up_to_the_noise():
     noise = posterior.hyper.noise * posterior.scale
     assert np.abs(mean - truth[runs]).max() < 3 * noise + 1e-6
     assert (sd <= noise + 1e-9).all()  # a run's own value is known up to the noise
+
+
+def test_the_cautious_pick_prefers_what_is_known():
+    rng = np.random.default_rng(7)
+    w = _simplex(rng, 30)
+    proxy = _smooth(w)
+    runs = [0, 1, 2]
+    truth = proxy[runs] + np.array([0.5, -0.4, 0.3])  # what the proxy misses: uncertain elsewhere
+    posterior = cal.fit(w[runs], truth, proxy[runs], proxy)
+    boldest = cal.decide(posterior, w, proxy, runs, batch=0, samples=0, caution=0.0)
+    assert boldest.pick == int(np.argmin(boldest.mean))
+    cautious = cal.decide(posterior, w, proxy, runs, batch=0, samples=0, caution=1.0)
+    assert cautious.pick == int(np.argmin(cautious.mean + cautious.sd))
+    wary = cal.decide(posterior, w, proxy, runs, batch=0, samples=0, caution=1e6)
+    assert wary.pick in runs  # only the runs are known to within their noise
