@@ -55,7 +55,7 @@ EXAMPLES = {
     "plan": "mergeopt plan recipes/70b.yaml --world-size 8",
     "train": "mergeopt train recipes/tiny_grid.yaml",
     "rank": "mergeopt rank --proxy mix_1m.csv+loss_1m.csv --truth mix_60m.csv+loss_60m.csv",
-    "calibrate": "mergeopt calibrate recipes/tiny_grid.yaml --grid runs/tiny-grid/grid.csv",
+    "calibrate": "mergeopt calibrate recipes/tiny_grid.yaml --grid runs.csv",
     "merge": "mergeopt merge recipes/tiny.yaml --mixture runs/tiny/mixture.json --out merged",
     "export": "mergeopt export runs/tiny/mixture.json --to llamafactory",
     "transfer": "mergeopt transfer small.csv large.csv --metrics loss",
@@ -282,12 +282,23 @@ def command_parser(name: str, prog: str | None = None) -> argparse.ArgumentParse
     return parser
 
 
+class _VerbListFormatter(argparse.HelpFormatter):
+    """The root help with each verb's line beside its name: argparse sizes the name column from the
+    root's own options (8 characters here), so a longer verb (``calibrate``) would wrap."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog)
+        # the column argparse would choose if the verbs counted: indent 4 + the longest name
+        self._action_max_length = max(self._action_max_length, 4 + max(map(len, HANDLERS)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole tree: ``mergeopt VERB ...`` (for ``--help``, completion and the generated reference)."""
     root = argparse.ArgumentParser(
         prog="mergeopt",
         description="Choose a fine-tuning data mixture by optimizing the weights of a merge of per-domain experts.",
         epilog="Run `mergeopt VERB --help` for a verb's options. Docs: docs/ (mkdocs serve).",
+        formatter_class=_VerbListFormatter,
     )
     root.add_argument("--version", action="version", version=f"mergeopt {mergeopt.__version__}")
     verbs = root.add_subparsers(dest="command", metavar="VERB", required=True)
