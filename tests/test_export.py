@@ -267,6 +267,24 @@ def test_trl_entries_load_and_concatenate_to_the_counts(world, tmp_path):
             assert counts == make_plan(WEIGHTS, "tokens", stats).no_repeat_counts()
 
 
+def test_trl_own_parser_and_loader_read_the_export_as_the_counts(world, tmp_path):
+    """The file goes through TRL itself: ``TrlParser`` reads it as a ``DatasetMixtureConfig`` (what
+    ``trl sft --config FILE`` does) and ``get_dataset`` builds the mixture the trainer sees."""
+    utils = pytest.importorskip("trl.scripts.utils")
+    stats = {n: DomainStats(SIZES[n], int(SIZES[n] * _mean_tokens(n))) for n in WEIGHTS}
+    for extra, expected in (
+        ((), make_plan(WEIGHTS, "tokens", stats).no_repeat_counts()),
+        (("--budget-samples", "6000"), make_plan(WEIGHTS, "tokens", stats, budget_samples=6000).counts),
+    ):
+        path = tmp_path / f"trl-{len(extra)}.yaml"
+        path.write_text(export(world, "trl", tmp_path, *extra))
+        (mixture_config,) = utils.TrlParser((utils.DatasetMixtureConfig,)).parse_args_and_config(
+            ["--config", str(path)]
+        )
+        train = utils.get_dataset(mixture_config)["train"]
+        assert {n: train["domain"].count(n) for n in WEIGHTS} == expected
+
+
 # ---------------------------------------------------------------- the other formats, key by key
 
 

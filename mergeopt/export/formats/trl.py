@@ -2,8 +2,9 @@
 
 Followed: huggingface/trl trl/scripts/utils.py (commit 0167b7df): ``DatasetConfig(path, name,
 data_dir, data_files, split="train", columns)`` passes its fields to ``datasets.load_dataset``, and
-``get_dataset`` concatenates the loaded datasets (``concatenate_datasets``) — a TRL mixture has no
-weight field, so the mixture is said through the sizes: each entry's ``split`` is a slice
+``get_dataset`` concatenates the loaded datasets (``concatenate_datasets``). TRL 1.16 added a
+``fraction`` per entry (target shares, never oversampling), which cannot say a budget that repeats a
+dataset and older releases reject, so the mixture is said through the sizes: each entry's ``split`` is a slice
 ``train[:N]`` of N samples (the ``datasets`` split-slicing syntax), and a dataset the budget needs
 more than once is listed once per full pass plus a slice. The trainer shuffles the concatenation.
 Without a budget the counts are the largest mixture in the fitted sample shares that repeats no
