@@ -332,6 +332,77 @@ def test_megatron_prefix_from_bin_file(world, tmp_path):
     assert "has no .bin/.idx" not in text
 
 
+MEGATRON_BLEND = """
+import json, sys, warnings
+warnings.filterwarnings("ignore")
+import numpy as np, torch, torch.distributed as dist
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+from megatron.core.datasets.utils import get_blend_from_list
+
+words, prefixes, root, samples = json.loads(sys.argv[1])
+rng = np.random.default_rng(0)
+for prefix in prefixes:  # tiny indexed datasets, as tools/preprocess_data.py writes them
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
+    for _ in range(200):
+        builder.add_item(torch.tensor(rng.integers(1, 50, size=int(rng.integers(5, 30))), dtype=torch.int32))
+        builder.end_document()
+    builder.finalize(prefix + ".idx")
+dist.init_process_group("gloo", init_method="file://" + root + "/pg", rank=0, world_size=1)
+
+
+class Tokenizer:  # what GPTDataset reads of a tokenizer
+    eod = 0
+    pad = 0
+    vocab_size = 64
+    unique_identifiers = {"class": "Tokenizer"}
+
+
+config = GPTDatasetConfig(
+    random_seed=0, sequence_length=16, blend=get_blend_from_list(words), split="100,0,0",
+    tokenizer=Tokenizer(), reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+    path_to_cache=root + "/cache",
+)
+train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [samples, 0, 0], lambda: True, config).build()
+index = np.asarray(train.dataset_index[:samples])
+print(json.dumps(np.bincount(index, minlength=len(prefixes)).tolist()))
+"""
+
+
+def test_megatron_core_blends_the_export_in_its_token_shares(world, tmp_path):
+    """The ``--data-path`` words go through Megatron-core itself: ``get_blend_from_list`` parses
+    them, ``BlendedMegatronDatasetBuilder`` builds the blend over tiny indexed datasets, and the
+    share of sequences drawn from each equals the fitted token shares (Megatron draws fixed-length
+    sequences, so sequences are tokens). Run in a child process: Megatron needs a process group."""
+    pytest.importorskip("megatron.core.datasets.blended_megatron_dataset_builder")
+    import subprocess
+    import sys
+
+    prefixes = [str(tmp_path / f"{n}_text_document") for n in WEIGHTS]
+    run = write_run(tmp_path / "run", WEIGHTS)
+    out = tmp_path / "megatron.txt"
+    args = ["--datasets", *(f"{n}={p}.bin" for n, p in zip(WEIGHTS, prefixes))]
+    for prefix in prefixes:  # the export checks that the prefix names an indexed dataset
+        for suffix in (".bin", ".idx"):
+            Path(f"{prefix}{suffix}").write_bytes(b"")
+    assert run_cli(main, [str(run), "--to", "megatron", "--out", str(out), *args]) == 0
+    line = next(ln for ln in out.read_text().splitlines() if ln.startswith("--data-path"))
+    words = line.split()[1:]
+    samples = 4000
+    child = subprocess.run(
+        [sys.executable, "-c", MEGATRON_BLEND, json.dumps([words, prefixes, str(tmp_path), samples])],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert child.returncode == 0, child.stderr[-2000:]
+    counts = json.loads(child.stdout.strip().splitlines()[-1])
+    for name, count in zip(WEIGHTS, counts):
+        # Megatron's blending index is deterministic: each share within one sample of the weight
+        assert abs(count - WEIGHTS[name] * samples) <= 1, (name, count)
+
+
 def test_nemo_data_prefix(world, tmp_path):
     config = yaml_body(export(world, "nemo", tmp_path))
     flat = config["model"]["data"]["data_prefix"]
