@@ -67,12 +67,17 @@ def metric_of(objective: Objective, metric: str) -> tuple[str | None, bool]:
     return columns[metric], higher_is_better(terms[metric]) if metric in terms else False
 
 
-def metric_values(frame: pd.DataFrame, column: str | None, set_weights: np.ndarray) -> np.ndarray:
-    """The metric's values in a table of losses and scores (the target: the sets' weighted loss)."""
+def metric_values(
+    frame: pd.DataFrame, column: str | None, dev_names: Sequence[str], set_weights: np.ndarray
+) -> np.ndarray:
+    """The metric's values in a table of losses and scores; the target is the dev sets' losses
+    (``loss_<name>``, in ``dev_names``' order, whatever the table's column order) weighted as in
+    the rank check."""
+    from mergeopt.evaluation.proxy import LOSS_PREFIX
+
     if column is not None:
         return frame[column].to_numpy(dtype=float)
-    losses = [c for c in frame.columns if c.startswith("loss_")]
-    return frame[losses].to_numpy(dtype=float) @ set_weights
+    return frame[[f"{LOSS_PREFIX}{name}" for name in dev_names]].to_numpy(dtype=float) @ set_weights
 
 
 def check_provenance(table: pd.DataFrame, grid: str | Path, experts: dict[str, str]) -> None:
@@ -517,8 +522,8 @@ def _run(args: argparse.Namespace, recipe, out: Path) -> int:
     a = problem.set_weights.double().numpy()
     a = a / a.sum()
     scores = scored.set_axis(_keys(evaluated, names)).loc[_keys(candidates, names)]
-    proxy = metric_values(scores, column, a)
-    truth = metric_values(table, column, a)
+    proxy = metric_values(scores, column, objective.dev_names, a)
+    truth = metric_values(table, column, objective.dev_names, a)
     weights = candidates[[f"{WEIGHT_PREFIX}{n}" for n in names]].to_numpy(dtype=float)
     posterior, decision = calibrate(
         weights,
