@@ -42,6 +42,13 @@ class Interrupted(Exception):
         super().__init__(f"{signal.Signals(signum).name} at {where}")
 
 
+def _say(line: str) -> None:
+    """Write one line to stderr in a single write, newline included: ``print`` writes the text and
+    the newline separately, so under torchrun the ranks' lines ran into each other on a shared pipe."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def run_cli(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | None = None) -> int:
     """Run a ``main(argv)`` entry point: a :class:`UserError` is one line on stderr and exit code 2, an
     interrupt is a line and 128 + N; the traceback of a user error shows only with ``--debug``."""
@@ -52,12 +59,12 @@ def run_cli(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | N
     except UserError as err:
         if debug:
             traceback.print_exc()
-        print(f"mergeopt: error: {err}", file=sys.stderr)
+        _say(f"mergeopt: error: {err}")
         return USER_ERROR_EXIT_CODE
     except Interrupted as stop:
         if not stop.silent:
-            print(f"mergeopt: interrupted ({stop}); {stop.hint}", file=sys.stderr)
+            _say(f"mergeopt: interrupted ({stop}); {stop.hint}")
         return stop.exit_code
     except KeyboardInterrupt:
-        print("mergeopt: interrupted", file=sys.stderr)
+        _say("mergeopt: interrupted")
         return 130

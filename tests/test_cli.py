@@ -159,6 +159,27 @@ def test_an_interrupt_exits_128_plus_the_signal_with_the_commands_hint(capsys):
     assert run_cli(silent, []) == 130 and capsys.readouterr().err == ""
 
 
+def test_the_error_line_is_one_write_with_its_newline(monkeypatch):
+    """Under torchrun the ranks share one stderr pipe: ``print`` wrote the text and the newline
+    separately, and CI caught two ranks' refusals run together on one line."""
+    writes: list[str] = []
+
+    class Recorder:
+        def write(self, text):
+            writes.append(text)
+            return len(text)
+
+        def flush(self):
+            pass
+
+    def refuse(_argv):
+        raise UserError("optim.batch_size: must be positive")
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    assert run_cli(refuse, []) == 2
+    assert writes == ["mergeopt: error: optim.batch_size: must be positive\n"]
+
+
 def test_shell_completion_completes_verbs_and_options(tmp_path):
     pytest.importorskip("argcomplete")
     out = tmp_path / "completions"
