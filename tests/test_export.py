@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from pathlib import Path
 
 import datasets
@@ -37,78 +36,22 @@ from mergeopt.export.token_stats import DomainStats, measure
 from mergeopt.objectives.data import tokenize
 from mergeopt.worlds import toy
 from tests.conftest import recipe_tree
-
-# token shares as fitted; every record of a domain has a known character length (+1 for BOS)
-WEIGHTS = {"a": 0.2, "b": 0.5, "c": 0.3}
-SIZES = {"a": 1500, "b": 1200, "c": 2400}
-LENGTHS = {"a": (4, 8), "b": (20, 30), "c": (9, 11)}  # alternating prompt+completion characters
-
-
-def _records(name: str, size: int, rng: random.Random) -> list[dict]:
-    out = []
-    for i in range(size):
-        total = LENGTHS[name][i % 2]
-        split = rng.randint(1, total - 1)
-        text = "".join(rng.choice("abcdefgh") for _ in range(total))
-        out.append({"prompt": text[:split], "completion": text[split:], "domain": name, "index": i})
-    return out
-
-
-def _mean_tokens(name: str) -> float:
-    return 1 + sum(LENGTHS[name]) / 2  # BOS + characters; sizes are even
+from tests.export_world import (
+    SIZES,
+    WEIGHTS,
+    build_world,
+    expected_sample_shares,
+    export,
+    mean_tokens,
+    measured_stats,
+    write_run,
+    yaml_body,
+)
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict:
-    """Three JSONL domains, a character-level tokenizer, and a mixture.json of WEIGHTS."""
-    root = tmp_path_factory.mktemp("export")
-    tokenizer_dir = root / "tokenizer"
-    toy.build_tokenizer().save_pretrained(tokenizer_dir)
-    rng = random.Random(0)
-    paths = {}
-    for name, size in SIZES.items():
-        paths[name] = root / f"{name}.jsonl"
-        paths[name].write_text("".join(json.dumps(r) + "\n" for r in _records(name, size, rng)))
-    mixture = write_run(root / "run", WEIGHTS)
-    return {"root": root, "tokenizer": str(tokenizer_dir), "paths": paths, "mixture": mixture}
-
-
-def write_run(
-    root: Path, weights: dict, method: dict | None = None, recipe: dict | None = None, **extra
-) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    mixture = {
-        "status": "complete",
-        "weights": weights,
-        "strategy": "gradient",
-        "method": method or {"name": "linear", "scale": 1.0},
-        "seed": 0,
-        **extra,
-    }
-    (root / "mixture.json").write_text(json.dumps(mixture))
-    if recipe is not None:
-        (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    return root / "mixture.json"
-
-
-def export(world: dict, fmt: str, tmp_path: Path, *extra: str, datasets: bool = True) -> str:
-    """Run the CLI in process; return the written file's text."""
-    out = tmp_path / f"out-{fmt}"
-    args = [str(world["mixture"]), "--to", fmt, "--tokenizer", world["tokenizer"], "--out", str(out)]
-    if datasets:
-        args += ["--datasets", *(f"{n}={p}" for n, p in world["paths"].items())]
-    assert run_cli(main, [*args, *extra]) == 0
-    return out.read_text()
-
-
-def expected_sample_shares() -> dict[str, float]:
-    raw = {n: WEIGHTS[n] / _mean_tokens(n) for n in WEIGHTS}
-    total = sum(raw.values())
-    return {n: v / total for n, v in raw.items()}
-
-
-def yaml_body(text: str):
-    return yaml.safe_load(text)
+    return build_world(tmp_path_factory.mktemp("export"))
 
 
 # ---------------------------------------------------------------- numbers
@@ -121,7 +64,7 @@ def test_token_counts_equal_data_tokenize(world):
         records = [json.loads(line) for line in path.read_text().splitlines()]
         by_data_py = sum(tokenize(r, tokenizer, 10**9).input_ids.numel() for r in records)
         assert stats == DomainStats(samples=SIZES[name], tokens=by_data_py)
-        assert stats.mean_tokens == _mean_tokens(name)
+        assert stats.mean_tokens == mean_tokens(name)
 
 
 def test_text_and_choice_records_count_like_data_py(tmp_path):
@@ -137,7 +80,7 @@ def test_text_and_choice_records_count_like_data_py(tmp_path):
 
 
 def test_share_conversion_is_exact_both_ways():
-    stats = {n: DomainStats(SIZES[n], int(SIZES[n] * _mean_tokens(n))) for n in WEIGHTS}
+    stats = measured_stats()
     plan = make_plan(WEIGHTS, "tokens", stats)
     assert plan.token_shares == WEIGHTS  # the fitted weights, untouched
     for n, p in expected_sample_shares().items():
@@ -150,11 +93,11 @@ def test_share_conversion_is_exact_both_ways():
 
 
 def test_budgets_counts_and_repetition():
-    stats = {n: DomainStats(SIZES[n], int(SIZES[n] * _mean_tokens(n))) for n in WEIGHTS}
+    stats = measured_stats()
     plan = make_plan(WEIGHTS, "tokens", stats, budget_tokens=100_000)
     for n in WEIGHTS:
         assert plan.tokens[n] == pytest.approx(WEIGHTS[n] * 100_000, rel=1e-15)
-        assert plan.samples[n] == pytest.approx(WEIGHTS[n] * 100_000 / _mean_tokens(n), rel=1e-15)
+        assert plan.samples[n] == pytest.approx(WEIGHTS[n] * 100_000 / mean_tokens(n), rel=1e-15)
         assert plan.repetition[n] == pytest.approx(plan.samples[n] / SIZES[n], rel=1e-15)
         assert abs(plan.counts[n] - plan.samples[n]) < 1
     assert sum(plan.counts.values()) == round(sum(plan.samples.values()))
@@ -179,7 +122,7 @@ def test_open_instruct_fraction_reads_back_as_the_count(pair):
 
 
 def test_no_repeat_counts_never_exceed_a_dataset():
-    stats = {n: DomainStats(SIZES[n], int(SIZES[n] * _mean_tokens(n))) for n in WEIGHTS}
+    stats = measured_stats()
     plan = make_plan(WEIGHTS, "tokens", stats)
     counts = plan.no_repeat_counts()
     assert all(counts[n] <= SIZES[n] for n in WEIGHTS)
@@ -260,7 +203,7 @@ def test_trl_entries_load_and_concatenate_to_the_counts(world, tmp_path):
             )
         mixture = datasets.concatenate_datasets(parts)  # what TRL's get_dataset does
         counts = {n: mixture["domain"].count(n) for n in WEIGHTS}
-        stats = {n: DomainStats(SIZES[n], int(SIZES[n] * _mean_tokens(n))) for n in WEIGHTS}
+        stats = measured_stats()
         if extra:
             assert counts == make_plan(WEIGHTS, "tokens", stats, budget_samples=6000).counts
         else:
@@ -271,7 +214,7 @@ def test_trl_own_parser_and_loader_read_the_export_as_the_counts(world, tmp_path
     """The file goes through TRL itself: ``TrlParser`` reads it as a ``DatasetMixtureConfig`` (what
     ``trl sft --config FILE`` does) and ``get_dataset`` builds the mixture the trainer sees."""
     utils = pytest.importorskip("trl.scripts.utils")
-    stats = {n: DomainStats(SIZES[n], int(SIZES[n] * _mean_tokens(n))) for n in WEIGHTS}
+    stats = measured_stats()
     for extra, expected in (
         ((), make_plan(WEIGHTS, "tokens", stats).no_repeat_counts()),
         (("--budget-samples", "6000"), make_plan(WEIGHTS, "tokens", stats, budget_samples=6000).counts),
@@ -434,7 +377,7 @@ def _open_instruct_counts(mixer: list[str], sizes: dict[str, int]) -> dict[str, 
 
 
 def test_open_instruct_fractions_and_counts(world, tmp_path):
-    stats = {n: DomainStats(SIZES[n], int(SIZES[n] * _mean_tokens(n))) for n in WEIGHTS}
+    stats = measured_stats()
     config = yaml_body(export(world, "open-instruct", tmp_path))
     assert set(config) == {"dataset_mixer_list", "dataset_mixer_list_splits"}
     mixer = config["dataset_mixer_list"]
@@ -459,7 +402,7 @@ def test_olmo_core_source_mixture(world, tmp_path):
     assert np.allclose(sum(s["target_ratio"] for s in sources), 1.0)  # SourceMixtureList.validate
     assert config["requested_tokens"] == 120000
     for s in sources:  # SourceMixtureDatasetConfig.build's check, with the tokens mergeopt counted
-        available = int(SIZES[s["source_name"]] * _mean_tokens(s["source_name"]))
+        available = int(SIZES[s["source_name"]] * mean_tokens(s["source_name"]))
         assert 0 < s["target_ratio"] <= 1 and s["max_repetition_ratio"] >= 1
         assert int(available * s["max_repetition_ratio"]) >= int(120000 * s["target_ratio"])
     assert any(s["max_repetition_ratio"] > 1 for s in sources)
@@ -495,7 +438,7 @@ def test_weights_given_as_sample_shares(world, tmp_path):
     flat = yaml_body(export(world, "nemo", tmp_path, "--weights-are", "samples"))["model"]["data"][
         "data_prefix"
     ]
-    raw = {n: WEIGHTS[n] * _mean_tokens(n) for n in WEIGHTS}  # t_i = p_i m_i / sum_j p_j m_j
+    raw = {n: WEIGHTS[n] * mean_tokens(n) for n in WEIGHTS}  # t_i = p_i m_i / sum_j p_j m_j
     assert flat[0::2] == pytest.approx([raw[n] / sum(raw.values()) for n in WEIGHTS], abs=1e-15)
 
 

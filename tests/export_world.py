@@ -1,0 +1,92 @@
+"""The export tests' world: three JSONL domains of known lengths, a character-level tokenizer, a
+mixture.json, and the CLI run in process. Shared by every ``tests/test_export*.py`` module, so that
+each framework's proof reads the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import yaml
+
+from mergeopt.errors import run_cli
+from mergeopt.export.command import main
+from mergeopt.export.token_stats import DomainStats
+from mergeopt.worlds import toy
+
+# token shares as fitted; every record of a domain has a known character length (+1 for BOS)
+WEIGHTS = {"a": 0.2, "b": 0.5, "c": 0.3}
+SIZES = {"a": 1500, "b": 1200, "c": 2400}
+LENGTHS = {"a": (4, 8), "b": (20, 30), "c": (9, 11)}  # alternating prompt+completion characters
+
+
+def records(name: str, size: int, rng: random.Random) -> list[dict]:
+    out = []
+    for i in range(size):
+        total = LENGTHS[name][i % 2]
+        split = rng.randint(1, total - 1)
+        text = "".join(rng.choice("abcdefgh") for _ in range(total))
+        out.append({"prompt": text[:split], "completion": text[split:], "domain": name, "index": i})
+    return out
+
+
+def mean_tokens(name: str) -> float:
+    return 1 + sum(LENGTHS[name]) / 2  # BOS + characters; sizes are even
+
+
+def build_world(root: Path) -> dict:
+    """Three JSONL domains, a character-level tokenizer, and a mixture.json of WEIGHTS under ``root``."""
+    tokenizer_dir = root / "tokenizer"
+    toy.build_tokenizer().save_pretrained(tokenizer_dir)
+    rng = random.Random(0)
+    paths = {}
+    for name, size in SIZES.items():
+        paths[name] = root / f"{name}.jsonl"
+        paths[name].write_text("".join(json.dumps(r) + "\n" for r in records(name, size, rng)))
+    mixture = write_run(root / "run", WEIGHTS)
+    return {"root": root, "tokenizer": str(tokenizer_dir), "paths": paths, "mixture": mixture}
+
+
+def write_run(
+    root: Path, weights: dict, method: dict | None = None, recipe: dict | None = None, **extra
+) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    mixture = {
+        "status": "complete",
+        "weights": weights,
+        "strategy": "gradient",
+        "method": method or {"name": "linear", "scale": 1.0},
+        "seed": 0,
+        **extra,
+    }
+    (root / "mixture.json").write_text(json.dumps(mixture))
+    if recipe is not None:
+        (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return root / "mixture.json"
+
+
+def export(world: dict, fmt: str, tmp_path: Path, *extra: str, datasets: bool = True) -> str:
+    """Run the CLI in process; return the written file's text."""
+    out = tmp_path / f"out-{fmt}"
+    args = [str(world["mixture"]), "--to", fmt, "--tokenizer", world["tokenizer"], "--out", str(out)]
+    if datasets:
+        args += ["--datasets", *(f"{n}={p}" for n, p in world["paths"].items())]
+    assert run_cli(main, [*args, *extra]) == 0
+    return out.read_text()
+
+
+def expected_sample_shares() -> dict[str, float]:
+    raw = {n: WEIGHTS[n] / mean_tokens(n) for n in WEIGHTS}
+    total = sum(raw.values())
+    return {n: v / total for n, v in raw.items()}
+
+
+def yaml_body(text: str):
+    return yaml.safe_load(text)
+
+
+def measured_stats() -> dict[str, DomainStats]:
+    """What ``mergeopt export`` measures of the world's datasets, known by hand."""
+    return {n: DomainStats(SIZES[n], int(SIZES[n] * mean_tokens(n))) for n in WEIGHTS}
