@@ -33,7 +33,7 @@ from mergeopt.export.mixture_input import (
     recipe_datasets,
     resolve_world_path,
 )
-from mergeopt.export.shares import check_recorded_cap, check_repetition, make_plan
+from mergeopt.export.shares import budget_epochs, check_recorded_cap, check_repetition, make_plan
 from mergeopt.export.token_stats import load_tokenizer, measure_all
 from mergeopt.runtime.files import write_text_atomic
 
@@ -91,7 +91,8 @@ def build(args) -> tuple[dict[Format, str], list[str]]:
     stats = measure_all(datasets, _tokenizer(args, recipe, recipe_error, mixture)) if measure else None
     plan = make_plan(mixture.weights, args.weights_are, stats, args.budget_tokens, args.budget_samples)
     check_recorded_cap(plan, mixture.constraints, datasets)
-    messages = [f"warning: {line}" for line in check_repetition(plan, args.max_epochs, datasets)]
+    epochs = budget_epochs(plan, datasets, mixture.constraints)
+    messages = [f"warning: {line}" for line in check_repetition(epochs, args.max_epochs)]
     if stats is None and converts:
         other = "sample" if args.weights_are == "tokens" else "token"
         messages.insert(
@@ -102,7 +103,9 @@ def build(args) -> tuple[dict[Format, str], list[str]]:
     if args.budget_tokens is not None and plan.counts is None and any(f.unit == "samples" for f in formats):
         messages.append("note: without datasets a token budget gives no sample counts")
     seed = mixture.seed if args.seed is None else args.seed
-    ctx = Context(mixture, plan, datasets, recipe, seed, args.weights_are, recipe_error=recipe_error)
+    ctx = Context(
+        mixture, plan, datasets, recipe, seed, args.weights_are, recipe_error=recipe_error, epochs=epochs
+    )
     texts = {f: f.render(ctx) for f in formats}
     messages += [f"note: {line}" for line in ctx.notes]
     return texts, messages

@@ -124,24 +124,51 @@ def make_plan(
     return plan
 
 
-def check_repetition(plan: Plan, max_epochs: float, paths: Mapping[str, object]) -> list[str]:
+@dataclass(frozen=True)
+class Epochs:
+    """Epochs over each source that the budget needs, and what the sources' sizes came from."""
+
+    per_source: dict[str, float]
+    measured: bool  # True: the --datasets measured; False: the token counts mixture.json recorded
+    sizes: dict[str, str]  # name -> what its size is, for messages (a path, or "N tokens recorded")
+
+
+def budget_epochs(plan: Plan, paths: Mapping[str, object], constraints=None) -> Epochs | None:
+    """The budget's epochs over each source: from the measured datasets, else from the token counts
+    the fit recorded (``weights.tokens`` or counted from train.data); None without a budget or sizes.
+
+    Tokens needed / tokens available equals samples needed / samples available, so both agree.
+    """
+    if plan.repetition is not None:
+        return Epochs(dict(plan.repetition), True, {n: str(paths.get(n)) for n in plan.names})
+    recorded = (constraints.tokens if constraints is not None else None) or {}
+    if plan.tokens is None or not all(recorded.get(n) for n in plan.names):
+        return None
+    return Epochs(
+        {n: plan.tokens[n] / recorded[n] for n in plan.names},
+        False,
+        {n: f"{recorded[n]:,} tokens recorded in mixture.json" for n in plan.names},
+    )
+
+
+def check_repetition(epochs: Epochs | None, max_epochs: float) -> list[str]:
     """Refuse a budget that repeats a dataset more than ``max_epochs`` times; describe the repeats.
 
     Returns one warning line (empty list if no dataset is repeated).
     """
-    repetition = plan.repetition
-    if repetition is None:
+    if epochs is None:
         return []
-    worst = max(plan.names, key=lambda n: repetition[n])
-    if repetition[worst] > max_epochs:
+    per = epochs.per_source
+    worst = max(per, key=lambda n: per[n])
+    if per[worst] > max_epochs:
         raise UserError(
-            f"the budget repeats dataset {worst!r} ({paths.get(worst)}) {repetition[worst]:.3g} times, "
+            f"the budget repeats dataset {worst!r} ({epochs.sizes[worst]}) {per[worst]:.3g} times, "
             f"above --max-epochs {max_epochs:g}; lower the budget, add data, or raise --max-epochs"
         )
-    repeated = [n for n in plan.names if repetition[n] > 1.0]
+    repeated = [n for n in per if per[n] > 1.0]
     if not repeated:
         return []
-    factors = ", ".join(f"{n} {repetition[n]:.3g}x" for n in repeated)
+    factors = ", ".join(f"{n} {per[n]:.3g}x" for n in repeated)
     return [f"the budget repeats datasets beyond one epoch: {factors}"]
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from mergeopt.export.mixture_input import Mixture, describe_groups
-from mergeopt.export.shares import Plan, Unit
+from mergeopt.export.shares import Epochs, Plan, Unit
 
 
 @dataclass
@@ -26,6 +26,15 @@ class Context:
     weights_are: Unit = "tokens"
     notes: list[str] = field(default_factory=list)
     recipe_error: Exception | None = None  # why recipe.yaml could not be read, if it could not
+    epochs: Epochs | None = None  # the budget's epochs over each source, when the sizes are known
+
+    def epochs_line(self) -> str | None:
+        """One line every data format carries under a budget: the epochs over each source."""
+        if self.epochs is None:
+            return None
+        where = "measured datasets" if self.epochs.measured else "token counts recorded in mixture.json"
+        values = ", ".join(f"{n} {e:.4g}" for n, e in self.epochs.per_source.items())
+        return f"epochs over each source under the budget ({where}): {values}"
 
     def header(self, fmt: Format, comment: str = "#") -> str:
         """Comment lines: where the numbers come from and what they mean."""
@@ -51,6 +60,9 @@ class Context:
                 lines.append(f"no datasets measured: {fmt.unit[:-1]} shares equal the fitted shares")
         if plan.budget is not None:
             lines.append(f"budget: {plan.budget} {plan.budget_unit}")
+            epochs = self.epochs_line()
+            if epochs is not None and fmt.unit is not None:  # a data format (not the merge)
+                lines.append(epochs)
         return "\n".join(f"{comment} {line}" for line in lines)
 
 

@@ -6,7 +6,7 @@ and the data loader reading ``json.load(f)["train_domain_weights"]``, normalizin
 samples domains for packed fixed-length sequences, so the weights are token shares: mergeopt
 writes the fitted token shares under both keys, as DoReMi's own scripts do. Domains of weight 0
 are kept (DoReMi expects every domain it knows). A ``mergeopt`` key records the source (and a
-hierarchical mixture's two levels); readers that take only the two weight keys ignore it.
+hierarchical mixture's two levels, and a budget's epochs over each source); readers that take only the two weight keys ignore it.
 """
 
 from __future__ import annotations
@@ -27,6 +27,11 @@ def render(ctx: Context) -> str:
             "meaning": FORMAT.meaning,
         },
     }
+    if ctx.epochs is not None:  # a budget: the epochs over each source, as every format says
+        document["mergeopt"]["epochs"] = {
+            "per_source": ctx.epochs.per_source,
+            "from": "measured datasets" if ctx.epochs.measured else "token counts recorded in mixture.json",
+        }
     if ctx.mixture.groups is not None:  # JSON has no comments: the two levels go in the metadata
         document["mergeopt"]["groups"] = {
             label: {"share": g.share, "within": dict(g.within)} for label, g in ctx.mixture.groups.items()
