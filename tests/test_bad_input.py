@@ -620,6 +620,22 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         ],
         "--max-epochs",
     ),
+    "export a source too small for whole samples": (
+        "export",
+        "export",
+        lambda w, t: [
+            str(
+                _finished_run(w, t, lambda m: m["weights"].update(alpha=0.9999, beta=0.00005, gamma=0.00005))
+            ),
+            "--to",
+            "trl",
+            "--datasets",
+            *(f"{n}={w['dev']['arith']}" for n in ("alpha", "beta", "gamma")),
+            "--out",
+            str(t / "out"),
+        ],
+        "--to trl takes whole samples, and source 'beta'",
+    ),
     # transfer
     "transfer tables share no mixture column": (
         "grid table",

@@ -5,11 +5,13 @@ Kept apart from the registry in ``__init__`` so that format modules import this,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mergeopt.errors import UserError
 from mergeopt.export.mixture_input import Mixture, describe_groups
 from mergeopt.export.shares import Epochs, Plan, Unit
 
@@ -35,6 +37,26 @@ class Context:
         where = "measured datasets" if self.epochs.measured else "token counts recorded in mixture.json"
         values = ", ".join(f"{n} {e:.4g}" for n, e in self.epochs.per_source.items())
         return f"epochs over each source under the budget ({where}): {values}"
+
+    def whole_samples(self, fmt: Format) -> dict[str, int]:
+        """The integer samples of each source that a format of counts writes: the budget's counts,
+        else the largest mixture that repeats no dataset (needs measured sizes).
+
+        A positive weight that rounds to no sample at all would vanish from the trainer's data
+        without a word (an empty slice, a count or fraction of 0), so it is refused, naming the
+        format, the source and the budget that gives it one sample.
+        """
+        plan = self.plan
+        counts = plan.counts if plan.counts is not None else plan.no_repeat_counts()
+        for name in plan.names:
+            if counts[name] == 0:
+                share = plan.sample_shares[name]
+                raise UserError(
+                    f"--to {fmt.name} takes whole samples, and source {name!r} (sample share {share:.3g}) "
+                    f"gets none of the {sum(counts.values()):,} samples; a --budget-samples of "
+                    f"{math.ceil(1 / share):,} or more gives it at least one"
+                )
+        return counts
 
     def header(self, fmt: Format, comment: str = "#") -> str:
         """Comment lines: where the numbers come from and what they mean."""

@@ -51,7 +51,7 @@ def render_python(ctx: Context) -> str:
     ]
     if plan.counts is not None:
         parts.append("# samples of each dataset under the budget (repeated past its end if need be)")
-        parts.append(f"COUNTS = {_dict_literal(plan.counts)}")
+        parts.append(f"COUNTS = {_dict_literal(ctx.whole_samples(PYTHON))}")
     parts += [
         f"SEED = {ctx.seed}",
         "",
@@ -99,7 +99,7 @@ def render_yaml(ctx: Context) -> str:
         "stopping_strategy": "first_exhausted",
     }
     if plan.counts is not None:
-        config["counts"] = dict(plan.counts)
+        config["counts"] = ctx.whole_samples(YAML)
     usage = [
         "# Use: parts = [load_dataset(s['loader'], data_files=s['data_files'], split='train')",
         "#       (load_from_disk(s['path']) for loader 'disk') for s in sources];",

@@ -22,9 +22,9 @@ from mergeopt.export.formats.base import Context, Format
 def values(ctx: Context) -> dict[str, str]:
     """name -> the string open-instruct parses: a count ('123') or a fraction ('0.5', '1.0')."""
     plan = ctx.plan
+    counts = ctx.whole_samples(FORMAT)
     if plan.counts is not None:
-        return {n: str(int(plan.counts[n])) for n in plan.names}
-    counts = plan.no_repeat_counts()
+        return {n: str(int(counts[n])) for n in plan.names}
     return {n: fraction_string(counts[n], plan.stats[n].samples) for n in plan.names}
 
 

@@ -22,7 +22,7 @@ from mergeopt.export.token_stats import source_of
 
 def entries(ctx: Context) -> list[dict]:
     plan = ctx.plan
-    counts = plan.counts if plan.counts is not None else plan.no_repeat_counts()
+    counts = ctx.whole_samples(FORMAT)
     out = []
     for name in plan.names:
         source = source_of(ctx.datasets[name])
@@ -39,7 +39,7 @@ def entries(ctx: Context) -> list[dict]:
 
 def render(ctx: Context) -> str:
     plan = ctx.plan
-    counts = plan.counts if plan.counts is not None else plan.no_repeat_counts()
+    counts = ctx.whole_samples(FORMAT)
     summary = ", ".join(f"{n} {counts[n]}" for n in plan.names)
     lines = [ctx.header(FORMAT), f"# samples per dataset: {summary}"]
     return "\n".join(lines) + "\n" + yaml.safe_dump({"datasets": entries(ctx)}, sort_keys=False)
