@@ -112,3 +112,46 @@ def test_a_layout_the_format_cannot_read_is_refused(world, tmp_path, capsys, fmt
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and fmt in err[0] and "'a'" in err[0] and str(bad) in err[0] and says in err[0]
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- text records
+
+
+class CharEncoder:
+    """What torchtune's ``text_completion_dataset`` needs of a tokenizer: ``encode`` and ``max_seq_len``."""
+
+    max_seq_len = None
+
+    def encode(self, text: str, add_bos: bool = True, add_eos: bool = True) -> list[int]:
+        return [1] * add_bos + [ord(ch) for ch in text] + [2] * add_eos
+
+
+def test_text_records_go_to_each_frameworks_text_builder(world, tmp_path):
+    """``text`` datasets: torchtune's text_completion_dataset and axolotl's ``type: completion``,
+    the same counts (the texts are the world's prompt + completion, so the lengths are kept)."""
+    config = pytest.importorskip("torchtune.config")
+    schema = pytest.importorskip("axolotl.utils.schemas.config")
+    from omegaconf import OmegaConf
+    from torchtune.datasets import ConcatDataset
+
+    text_world = {**world, "paths": {}}
+    for name, path in world["paths"].items():
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        text_world["paths"][name] = tmp_path / f"{name}-text.jsonl"
+        text_world["paths"][name].write_text(
+            "".join(json.dumps({"text": r["prompt"] + r["completion"], "domain": name}) + "\n" for r in rows)
+        )
+    domain_of = {2 + length: name for name, lengths in LENGTHS.items() for length in lengths}  # BOS, EOS
+    tune = yaml_body(export(text_world, "torchtune", tmp_path, *BUDGET))
+    assert {e["_component_"] for e in tune["dataset"]} == {"torchtune.datasets.text_completion_dataset"}
+    mixture = ConcatDataset(
+        datasets=[config.instantiate(OmegaConf.create(e), CharEncoder()) for e in tune["dataset"]]
+    )
+    counts = dict.fromkeys(WEIGHTS, 0)
+    for i in range(len(mixture)):
+        counts[domain_of[len(mixture[i]["tokens"])]] += 1
+    assert counts == expected(BUDGET)
+    axo = yaml_body(export(text_world, "axolotl", tmp_path, *BUDGET))
+    cfg = schema.AxolotlInputConfig(base_model=world["tokenizer"], learning_rate=1e-5, **axo)
+    assert {d.type for d in cfg.datasets} == {"completion"}  # reads the ``text`` field by default
+    assert [d.split for d in cfg.datasets] == [e["split"] for e in tune["dataset"]]
