@@ -15,6 +15,7 @@ from mergeopt.export.formats.base import Context, Format
 
 def _registry() -> dict[str, Format]:
     from mergeopt.export.formats import (
+        axolotl,
         doremi,
         hf_datasets,
         llamafactory,
@@ -23,6 +24,7 @@ def _registry() -> dict[str, Format]:
         mergekit,
         olmo_core,
         open_instruct,
+        torchtune,
         trl,
     )
 
@@ -36,6 +38,8 @@ def _registry() -> dict[str, Format]:
         open_instruct.FORMAT,
         olmo_core.FORMAT,
         trl.FORMAT,
+        axolotl.FORMAT,
+        torchtune.FORMAT,
         doremi.FORMAT,
         mergekit.FORMAT,
     ]

@@ -1,0 +1,70 @@
+"""axolotl: a ``datasets:`` list, one entry per pass over a dataset, cut to its count by ``split``.
+
+Followed: axolotl-ai-cloud/axolotl at 067b021c (the same files in the 0.19.0 release).
+src/axolotl/utils/schemas/datasets.py (``SFTDataset``) has no per-dataset weight, ratio or count:
+``shards``/``shards_idx`` keep 1/N of a dataset, not N samples. src/axolotl/utils/data/sft.py
+(``_load_raw_datasets``) loads every entry in order and src/axolotl/utils/data/shared.py
+``merge_datasets`` concatenates them (``concatenate_datasets``), then shuffles the whole
+(``shuffle_merged_datasets``, default true); entries are not deduplicated, only rows are, and only
+with ``dataset_exact_deduplication`` (default off, written ``false`` here: it would drop a repeat).
+``load_dataset_with_config`` loads a local file with ``load_dataset(ds_type, data_files=path,
+split=split)`` and keeps a slice such as ``train[:500]``, so the mixture is said through the sizes
+(see :mod:`mergeopt.export.formats.sliced`). A ``save_to_disk`` directory is given with its arrow
+files as ``data_files`` (a directory without them is read by ``load_from_disk``, which ignores the
+slice). ``prompt``/``completion`` records use a user-defined ``type`` (the prompt is the
+instruction, the completion the output; ``train_on_inputs`` decides the prompt's loss), ``text``
+records ``type: completion``. axolotl drops or truncates samples beyond ``sequence_len``, which
+the counts cannot foresee.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import yaml
+
+from mergeopt.export.formats import sliced
+from mergeopt.export.formats.base import Context, Format
+from mergeopt.export.token_stats import source_of
+
+TYPES = {
+    "prompt_completion": {
+        "field_instruction": "prompt",
+        "field_output": "completion",
+        "format": "{instruction}",
+        "no_input_format": "{instruction}",
+    },
+    "text": "completion",
+}
+
+
+def entries(ctx: Context) -> list[dict]:
+    out = []
+    for name in ctx.plan.names:
+        path = ctx.datasets[name]
+        kind = TYPES[sliced.layout(FORMAT.name, name, path)]
+        source = source_of(path)
+        base = {"path": str(source.path), "ds_type": "arrow" if source.loader == "disk" else source.loader}
+        if source.loader == "disk":
+            base["data_files"] = list(source.data_files)
+        base["type"] = kind
+        # a fresh dict per entry: yaml writes shared ones as anchors and aliases
+        out += [{**copy.deepcopy(base), "split": split} for split in sliced.splits(ctx, name)]
+    return out
+
+
+def render(ctx: Context) -> str:
+    config = {"datasets": entries(ctx), "dataset_exact_deduplication": False}
+    body = yaml.safe_dump(config, sort_keys=False)
+    return "\n".join([ctx.header(FORMAT), sliced.summary(ctx)]) + "\n" + body
+
+
+FORMAT = Format(
+    name="axolotl",
+    filename="axolotl_datasets.yaml",
+    unit="samples",
+    needs_paths=True,
+    meaning="split train[:N]: N samples of that dataset; axolotl concatenates the entries: the mixture.",
+    render=render,
+    needs_sizes=True,
+)

@@ -1,0 +1,56 @@
+"""What the per-source-count formats (axolotl, torchtune) share: the counts, the split slices, the layout.
+
+Neither framework weighs its datasets: each concatenates the entries of a list, every entry loaded
+with ``datasets.load_dataset(..., split=...)``. So a mixture is said through the sizes, as for TRL:
+an entry's ``split`` is ``train[:N]`` (the ``datasets`` split-slicing syntax: the first N samples),
+and a dataset the budget needs more than once is listed once per full pass (``split: train``) plus
+a slice. Without a budget the counts are the largest mixture in the fitted sample shares that
+repeats no dataset; with one they are the budget's counts.
+
+Both also read fixed columns per dataset, so a renderer has to know the record layout. mergeopt
+reads three (:func:`mergeopt.objectives.data._validated`): ``text``, ``prompt``/``completion``, and
+multiple-choice ``prompt``/``choices``/``answer``; a multiple-choice dataset (its completion is
+``choices[answer]``, which no builder reads) or one that mixes layouts is refused, naming it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+from mergeopt.errors import UserError
+from mergeopt.export.formats.base import Context
+from mergeopt.export.token_stats import load, source_of
+
+Layout = Literal["text", "prompt_completion"]
+
+
+def counts(ctx: Context) -> dict[str, int]:
+    plan = ctx.plan
+    return plan.counts if plan.counts is not None else plan.no_repeat_counts()
+
+
+def splits(ctx: Context, name: str) -> list[str]:
+    """One split per entry of ``name``: ``train`` per full pass over it, then ``train[:rest]``."""
+    full, rest = divmod(counts(ctx)[name], ctx.plan.stats[name].samples)
+    return ["train"] * full + ([f"train[:{rest}]"] if rest else [])
+
+
+def summary(ctx: Context) -> str:
+    return "# samples per dataset: " + ", ".join(f"{n} {c}" for n, c in counts(ctx).items())
+
+
+def layout(fmt: str, name: str, path: Path) -> Layout:
+    """The dataset's layout, from its column names; a UserError naming ``fmt`` and the dataset otherwise."""
+    with tempfile.TemporaryDirectory(prefix="mergeopt-export-") as cache:
+        columns = set(load(source_of(path), cache).column_names)
+    where = f"{fmt}: dataset {name!r} ({path})"
+    if "choices" in columns:
+        raise UserError(
+            f"{where} holds multiple-choice records (prompt/choices/answer); {fmt} reads no "
+            "choices[answer] column: write them as prompt/completion"
+        )
+    if "text" in columns and "prompt" in columns:
+        raise UserError(f"{where} mixes 'text' and 'prompt' records; {fmt} reads one layout per dataset")
+    return "text" if "text" in columns else "prompt_completion"

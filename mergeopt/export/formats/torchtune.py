@@ -1,0 +1,66 @@
+"""torchtune: a recipe config's ``dataset:`` list, one builder entry per pass, cut to its count by ``split``.
+
+Followed: pytorch/torchtune at bd2a0fc7 (the same in the 0.6.1 release): a recipe's ``_setup_data``
+(recipes/full_finetune_single_device.py and the other finetune recipes) instantiates each entry of a
+``dataset:`` list with the tokenizer and wraps them in ``torchtune.datasets.ConcatDataset``
+(torchtune/datasets/_concat.py), which only concatenates: no weights, no deduplication; the
+recipe's sampler shuffles the whole. torchtune has no per-dataset weight or count, so the mixture is
+said through the sizes (see :mod:`mergeopt.export.formats.sliced`): the builders pass ``source``,
+``data_files`` and ``split`` to ``datasets.load_dataset`` (torchtune/datasets/_sft.py,
+_text_completion.py), so ``split: train[:N]`` keeps N samples. ``prompt``/``completion`` records go
+to ``instruct_dataset`` with ``column_map: {input: prompt, output: completion}``, ``text`` records
+to ``text_completion_dataset`` with ``column: text``. A ``save_to_disk`` directory is read as its
+arrow files (``source: arrow``).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import yaml
+
+from mergeopt.export.formats import sliced
+from mergeopt.export.formats.base import Context, Format
+from mergeopt.export.token_stats import source_of
+
+BUILDERS = {
+    "prompt_completion": {
+        "_component_": "torchtune.datasets.instruct_dataset",
+        "column_map": {"input": "prompt", "output": "completion"},
+    },
+    "text": {"_component_": "torchtune.datasets.text_completion_dataset", "column": "text"},
+}
+
+
+def entries(ctx: Context) -> list[dict]:
+    out = []
+    for name in ctx.plan.names:
+        path = ctx.datasets[name]
+        builder = BUILDERS[sliced.layout(FORMAT.name, name, path)]
+        source = source_of(path)
+        files = list(source.data_files)
+        base = {
+            "_component_": builder["_component_"],
+            "source": "arrow" if source.loader == "disk" else source.loader,
+            "data_files": files[0] if len(files) == 1 else files,
+            **{k: v for k, v in builder.items() if k != "_component_"},
+        }
+        # a fresh dict per entry: yaml writes shared ones as anchors and aliases
+        out += [{**copy.deepcopy(base), "split": split} for split in sliced.splits(ctx, name)]
+    return out
+
+
+def render(ctx: Context) -> str:
+    body = yaml.safe_dump({"dataset": entries(ctx)}, sort_keys=False)
+    return "\n".join([ctx.header(FORMAT), sliced.summary(ctx)]) + "\n" + body
+
+
+FORMAT = Format(
+    name="torchtune",
+    filename="torchtune_dataset.yaml",
+    unit="samples",
+    needs_paths=True,
+    meaning="split train[:N]: N samples of that dataset; ConcatDataset of the entries is the mixture.",
+    render=render,
+    needs_sizes=True,
+)

@@ -1,0 +1,157 @@
+"""export to axolotl and torchtune: each file read back by the framework's own code, as sample counts.
+
+Neither framework weighs datasets, so both exports say the mixture as per-dataset counts
+(``split: train[:N]``, a dataset listed once per full pass). torchtune's ``config.instantiate``
+builds each entry of the ``dataset:`` list with a tiny character tokenizer and its
+``ConcatDataset`` joins them, as a recipe's ``_setup_data`` does; axolotl's own config model
+(``AxolotlInputConfig``) validates the file and its ``load_dataset_with_config`` and
+``merge_datasets`` load and concatenate the entries, as its SFT loader does. Each sample's domain is
+counted and must equal the exported counts, with and without a budget. The world's domains have
+disjoint record lengths (a: 4 or 8 characters, b: 20 or 30, c: 9 or 11), so torchtune's token
+counts tell each sample's domain.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mergeopt.errors import run_cli
+from mergeopt.export.command import main
+from mergeopt.export.shares import make_plan
+from tests.export_world import LENGTHS, WEIGHTS, build_world, export, measured_stats, yaml_body
+
+BUDGET = ("--budget-samples", "6000")  # repeats a and b: entries listed once per full pass
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    return build_world(tmp_path_factory.mktemp("export"))
+
+
+def expected(extra: tuple[str, ...]) -> dict[str, int]:
+    stats = measured_stats()
+    if extra:
+        return make_plan(WEIGHTS, "tokens", stats, budget_samples=int(extra[1])).counts
+    return make_plan(WEIGHTS, "tokens", stats).no_repeat_counts()
+
+
+# ---------------------------------------------------------------- torchtune
+
+
+class CharTokenizer:
+    """What torchtune's ``instruct_dataset`` needs of a model transform: messages -> tokens and mask."""
+
+    max_seq_len = None
+
+    def __call__(self, sample: dict, inference: bool = False) -> dict:
+        tokens = [ord(ch) for message in sample["messages"] for ch in message.text_content]
+        return {**sample, "tokens": tokens, "mask": [False] * len(tokens)}
+
+
+def test_torchtune_instantiates_the_export_to_the_counts(world, tmp_path):
+    config = pytest.importorskip("torchtune.config")
+    from omegaconf import OmegaConf
+    from torchtune.datasets import ConcatDataset
+
+    domain_of = {length: name for name, lengths in LENGTHS.items() for length in lengths}
+    for extra in ((), BUDGET):
+        path = tmp_path / f"torchtune-{len(extra)}.yaml"
+        path.write_text(export(world, "torchtune", tmp_path, *extra))
+        cfg = OmegaConf.load(path)  # what the recipe reads: ``dataset`` is a ListConfig
+        parts = [config.instantiate(entry, CharTokenizer()) for entry in cfg.dataset]
+        mixture = ConcatDataset(datasets=parts)
+        counts = dict.fromkeys(WEIGHTS, 0)
+        for i in range(len(mixture)):
+            counts[domain_of[len(mixture[i]["tokens"])]] += 1
+        assert counts == expected(extra)
+
+
+# ---------------------------------------------------------------- axolotl
+
+
+def test_axolotl_schema_and_loader_read_the_export_as_the_counts(world, tmp_path):
+    schema = pytest.importorskip("axolotl.utils.schemas.config")
+    shared = pytest.importorskip("axolotl.utils.data.shared")
+    from axolotl.utils.dict import DictDefault
+
+    for extra in ((), BUDGET):
+        exported = yaml_body(export(world, "axolotl", tmp_path, *extra))
+        cfg = schema.AxolotlInputConfig(base_model=world["tokenizer"], learning_rate=1e-5, **exported)
+        assert len(cfg.datasets) == len(exported["datasets"])
+        assert cfg.dataset_exact_deduplication is False
+        loaded = [
+            shared.load_dataset_with_config(DictDefault(entry.model_dump()), use_auth_token=False)
+            for entry in cfg.datasets
+        ]
+        mixture = shared.merge_datasets(loaded, DictDefault(cfg.model_dump()))
+        assert {n: mixture["domain"].count(n) for n in WEIGHTS} == expected(extra)
+
+
+# ---------------------------------------------------------------- what neither can take
+
+
+@pytest.mark.parametrize("fmt", ["axolotl", "torchtune"])
+@pytest.mark.parametrize(
+    "record,says",
+    [
+        ({"prompt": "q", "choices": ["x", "y"], "answer": 1}, "multiple-choice"),
+        ({"text": "abc"}, "mixes 'text' and 'prompt'"),
+    ],
+)
+def test_a_layout_the_format_cannot_read_is_refused(world, tmp_path, capsys, fmt, record, says):
+    bad = tmp_path / "a.jsonl"
+    rows = [record, {"prompt": "p", "completion": "c"}] if "text" in record else [record] * 2
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    paths = {**world["paths"], "a": bad}
+    out = tmp_path / "out.yaml"
+    argv = [str(world["mixture"]), "--to", fmt, "--tokenizer", world["tokenizer"], "--out", str(out)]
+    argv += ["--datasets", *(f"{n}={p}" for n, p in paths.items())]
+    assert run_cli(main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fmt in err[0] and "'a'" in err[0] and str(bad) in err[0] and says in err[0]
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------- text records
+
+
+class CharEncoder:
+    """What torchtune's ``text_completion_dataset`` needs of a tokenizer: ``encode`` and ``max_seq_len``."""
+
+    max_seq_len = None
+
+    def encode(self, text: str, add_bos: bool = True, add_eos: bool = True) -> list[int]:
+        return [1] * add_bos + [ord(ch) for ch in text] + [2] * add_eos
+
+
+def test_text_records_go_to_each_frameworks_text_builder(world, tmp_path):
+    """``text`` datasets: torchtune's text_completion_dataset and axolotl's ``type: completion``,
+    the same counts (the texts are the world's prompt + completion, so the lengths are kept)."""
+    config = pytest.importorskip("torchtune.config")
+    schema = pytest.importorskip("axolotl.utils.schemas.config")
+    from omegaconf import OmegaConf
+    from torchtune.datasets import ConcatDataset
+
+    text_world = {**world, "paths": {}}
+    for name, path in world["paths"].items():
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        text_world["paths"][name] = tmp_path / f"{name}-text.jsonl"
+        text_world["paths"][name].write_text(
+            "".join(json.dumps({"text": r["prompt"] + r["completion"], "domain": name}) + "\n" for r in rows)
+        )
+    domain_of = {2 + length: name for name, lengths in LENGTHS.items() for length in lengths}  # BOS, EOS
+    tune = yaml_body(export(text_world, "torchtune", tmp_path, *BUDGET))
+    assert {e["_component_"] for e in tune["dataset"]} == {"torchtune.datasets.text_completion_dataset"}
+    mixture = ConcatDataset(
+        datasets=[config.instantiate(OmegaConf.create(e), CharEncoder()) for e in tune["dataset"]]
+    )
+    counts = dict.fromkeys(WEIGHTS, 0)
+    for i in range(len(mixture)):
+        counts[domain_of[len(mixture[i]["tokens"])]] += 1
+    assert counts == expected(BUDGET)
+    axo = yaml_body(export(text_world, "axolotl", tmp_path, *BUDGET))
+    cfg = schema.AxolotlInputConfig(base_model=world["tokenizer"], learning_rate=1e-5, **axo)
+    assert {d.type for d in cfg.datasets} == {"completion"}  # reads the ``text`` field by default
+    assert [d.split for d in cfg.datasets] == [e["split"] for e in tune["dataset"]]
