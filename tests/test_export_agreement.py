@@ -43,10 +43,11 @@ def _python_literal(code: str, name: str):
     raise AssertionError(f"{name} is not assigned in the snippet")
 
 
-def _trl_counts(text: str) -> dict[str, int]:
+def _sliced_counts(entries: list[dict], path_key: str) -> dict[str, int]:
+    """Counts of a list of entries cut by ``split: train[:N]`` (TRL, axolotl, torchtune)."""
     counts: dict[str, int] = {}
-    for entry in _body(text)["datasets"]:
-        name = Path(entry["data_files"]).stem
+    for entry in entries:
+        name = Path(entry[path_key]).stem
         cut = re.fullmatch(r"train(?:\[:(\d+)\])?", entry["split"])
         counts[name] = counts.get(name, 0) + (int(cut.group(1)) if cut.group(1) else SIZES[name])
     return counts
@@ -90,7 +91,9 @@ READERS = {
     ),
     "open-instruct": ("counts", _open_instruct_counts),
     "olmo-core": ("tokens", _olmo_tokens),
-    "trl": ("counts", _trl_counts),
+    "trl": ("counts", lambda t: _sliced_counts(_body(t)["datasets"], "data_files")),
+    "axolotl": ("counts", lambda t: _sliced_counts(_body(t)["datasets"], "path")),
+    "torchtune": ("counts", lambda t: _sliced_counts(_body(t)["dataset"], "data_files")),
     "doremi": ("token shares", lambda t: json.loads(t)["train_domain_weights"]),
 }
 

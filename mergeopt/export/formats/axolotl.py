@@ -49,14 +49,14 @@ def entries(ctx: Context) -> list[dict]:
             base["data_files"] = list(source.data_files)
         base["type"] = kind
         # a fresh dict per entry: yaml writes shared ones as anchors and aliases
-        out += [{**copy.deepcopy(base), "split": split} for split in sliced.splits(ctx, name)]
+        out += [{**copy.deepcopy(base), "split": split} for split in sliced.splits(ctx, FORMAT, name)]
     return out
 
 
 def render(ctx: Context) -> str:
     config = {"datasets": entries(ctx), "dataset_exact_deduplication": False}
     body = yaml.safe_dump(config, sort_keys=False)
-    return "\n".join([ctx.header(FORMAT), sliced.summary(ctx)]) + "\n" + body
+    return "\n".join([ctx.header(FORMAT), sliced.summary(ctx, FORMAT)]) + "\n" + body
 
 
 FORMAT = Format(

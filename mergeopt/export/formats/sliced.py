@@ -20,25 +20,20 @@ from pathlib import Path
 from typing import Literal
 
 from mergeopt.errors import UserError
-from mergeopt.export.formats.base import Context
+from mergeopt.export.formats.base import Context, Format
 from mergeopt.export.token_stats import load, source_of
 
 Layout = Literal["text", "prompt_completion"]
 
 
-def counts(ctx: Context) -> dict[str, int]:
-    plan = ctx.plan
-    return plan.counts if plan.counts is not None else plan.no_repeat_counts()
-
-
-def splits(ctx: Context, name: str) -> list[str]:
+def splits(ctx: Context, fmt: Format, name: str) -> list[str]:
     """One split per entry of ``name``: ``train`` per full pass over it, then ``train[:rest]``."""
-    full, rest = divmod(counts(ctx)[name], ctx.plan.stats[name].samples)
+    full, rest = divmod(ctx.whole_samples(fmt)[name], ctx.plan.stats[name].samples)
     return ["train"] * full + ([f"train[:{rest}]"] if rest else [])
 
 
-def summary(ctx: Context) -> str:
-    return "# samples per dataset: " + ", ".join(f"{n} {c}" for n, c in counts(ctx).items())
+def summary(ctx: Context, fmt: Format) -> str:
+    return "# samples per dataset: " + ", ".join(f"{n} {c}" for n, c in ctx.whole_samples(fmt).items())
 
 
 def layout(fmt: str, name: str, path: Path) -> Layout:

@@ -46,13 +46,13 @@ def entries(ctx: Context) -> list[dict]:
             **{k: v for k, v in builder.items() if k != "_component_"},
         }
         # a fresh dict per entry: yaml writes shared ones as anchors and aliases
-        out += [{**copy.deepcopy(base), "split": split} for split in sliced.splits(ctx, name)]
+        out += [{**copy.deepcopy(base), "split": split} for split in sliced.splits(ctx, FORMAT, name)]
     return out
 
 
 def render(ctx: Context) -> str:
     body = yaml.safe_dump({"dataset": entries(ctx)}, sort_keys=False)
-    return "\n".join([ctx.header(FORMAT), sliced.summary(ctx)]) + "\n" + body
+    return "\n".join([ctx.header(FORMAT), sliced.summary(ctx, FORMAT)]) + "\n" + body
 
 
 FORMAT = Format(
