@@ -11,17 +11,36 @@ passes each ``train_loader.dataset.streams`` entry to ``Stream``. A stream's uni
 prompt/response for finetuning), so mergeopt writes sample shares as ``proportion``; with a budget
 it writes the exact sample counts as ``choose`` (streaming derives ``repeat`` = choose / stream
 size). ``local`` is the path given to ``--datasets``: point it at the MDS directory of that domain.
+Streaming refuses two streams with one ``local`` directory (streaming/base/shared/prefix.py,
+``_check_self``: "Reused local directory"), so two domains given the same path are refused here.
+Checked against mosaicml-streaming 0.13.0 and llm-foundry's llmfoundry/data/text_data.py
+(``build_text_dataloader``: ``Stream(**stream)`` for each value of ``streams``).
 """
 
 from __future__ import annotations
 
 import yaml
 
+from mergeopt.errors import UserError
 from mergeopt.export.formats.base import Context, Format
+
+
+def _check_locals(ctx: Context) -> None:
+    """One ``local`` directory per stream, as streaming requires (it raises "Reused local directory")."""
+    seen: dict[str, str] = {}
+    for name in ctx.plan.names:
+        local = str(ctx.datasets[name])
+        if local in seen:
+            raise UserError(
+                f"--to llm-foundry: streams {seen[local]!r} and {name!r} have the same local {local}, "
+                "which streaming refuses (Reused local directory): give each domain its own MDS directory"
+            )
+        seen[local] = name
 
 
 def render(ctx: Context) -> str:
     plan = ctx.plan
+    _check_locals(ctx)
     streams = {}
     for name in plan.names:
         stream: dict = {"local": str(ctx.datasets[name])}

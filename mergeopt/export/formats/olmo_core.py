@@ -11,6 +11,11 @@ pre-tokenized numpy files, so target_ratio is a token share: mergeopt writes the
 shares. With a budget it sets ``requested_tokens`` and each ``max_repetition_ratio`` to what the
 budget needs (at least 1), measured with the run's tokenizer; ``global_batch_size`` is the
 trainer's to set. ``paths`` are what ``--datasets`` gave: point them at the tokenized .npy files.
+Those are raw token arrays, not ``np.save`` files: OLMo-core counts ``file size // itemsize`` tokens
+and reads them with ``np.memmap(path, dtype)`` at offset 0 (src/olmo_core/data/utils.py), so a file
+with a NumPy header would have its header read as tokens; such a path is refused here. Checked
+against ai2-olmo-core 3.0.0, whose ``build(npdtype=, sequence_length=)`` then rounds each source to
+whole ``sequence_length`` instances filling ``ceil(requested_tokens / global_batch_size)`` batches.
 """
 
 from __future__ import annotations
@@ -19,11 +24,28 @@ import math
 
 import yaml
 
+from mergeopt.errors import UserError
 from mergeopt.export.formats.base import Context, Format
+
+NPY_MAGIC = b"\x93NUMPY"  # what np.save writes first
+
+
+def _check_token_files(ctx: Context) -> None:
+    """Refuse an ``np.save`` file: OLMo-core would read its header as tokens."""
+    for name in ctx.plan.names:
+        path = ctx.datasets[name]
+        if path.is_file():
+            with path.open("rb") as handle:
+                if handle.read(len(NPY_MAGIC)) == NPY_MAGIC:
+                    raise UserError(
+                        f"--to olmo-core: source {name!r}: {path} is an np.save file, but OLMo-core reads "
+                        "raw token arrays (np.memmap, no header): write the ids with ndarray.tofile"
+                    )
 
 
 def render(ctx: Context) -> str:
     plan = ctx.plan
+    _check_token_files(ctx)
     repetition = plan.repetition or {}
     sources = []
     for name in plan.names:
