@@ -348,9 +348,13 @@ def test_megatron_core_blends_the_export_in_its_token_shares(world, tmp_path):
 
 def test_nemo_data_prefix(world, tmp_path):
     config = yaml_body(export(world, "nemo", tmp_path))
+    assert set(config["model"]["data"]) == {"data_prefix", "train_ds"}  # pretraining, fine-tuning
     flat = config["model"]["data"]["data_prefix"]
     assert flat[0::2] == list(WEIGHTS.values())
     assert flat[1::2] == [str(world["paths"][n]) for n in WEIGHTS]
+    train_ds = config["model"]["data"]["train_ds"]
+    assert set(train_ds) == {"file_names", "concat_sampling_probabilities"}
+    assert train_ds["file_names"] == [str(world["paths"][n]) for n in WEIGHTS]
 
 
 def test_llm_foundry_streams(world, tmp_path):

@@ -1,11 +1,14 @@
 """LLaMA-Factory: the ``dataset``, ``mix_strategy`` and ``interleave_probs`` keys of a training YAML.
 
-Followed: hiyouga/LLaMA-Factory src/llamafactory/hparams/data_args.py (commit 072bfe29):
-``mix_strategy: Literal["concat", "interleave_under", "interleave_over"]``; ``interleave_probs`` is a
-comma-separated string of probabilities, one per name in ``dataset`` (also comma-separated), and is
-refused with ``concat``. Its data loader hands them to ``datasets.interleave_datasets`` with
-``stopping_strategy="first_exhausted"`` for ``interleave_under`` and ``"all_exhausted"`` for
-``interleave_over``, so they are per-sample probabilities: mergeopt writes the sample shares.
+Followed: hiyouga/LLaMA-Factory src/llamafactory/hparams/data_args.py (commit 072bfe29, and the
+same file in llamafactory 0.9.5 from PyPI): ``mix_strategy`` is one of ``concat``,
+``interleave_under``, ``interleave_over`` (0.9.5 adds ``interleave_once``); ``interleave_probs`` is a
+comma-separated string of probabilities, one per name in ``dataset`` (also comma-separated; each
+item is stripped of spaces, so a name with a comma or edge spaces cannot be said), and is refused
+with ``concat``. ``merge_dataset`` in src/llamafactory/data/data_utils.py hands them to
+``datasets.interleave_datasets`` with ``stopping_strategy="first_exhausted"`` for
+``interleave_under`` and ``"all_exhausted"`` for ``interleave_over``, so they are per-sample
+probabilities: mergeopt writes the sample shares.
 ``dataset`` names entries of ``dataset_dir/dataset_info.json``; mergeopt uses the expert names.
 """
 
@@ -15,6 +18,7 @@ import json
 
 import yaml
 
+from mergeopt.errors import UserError
 from mergeopt.export.formats.base import Context, Format
 from mergeopt.export.shares import format_number
 
@@ -29,6 +33,12 @@ def strategy(ctx: Context) -> str:
 
 def render(ctx: Context) -> str:
     plan = ctx.plan
+    for name in plan.names:  # DataArguments splits ``dataset`` on ',' and strips each name
+        if "," in name or name != name.strip():
+            raise UserError(
+                f"llamafactory: dataset name {name!r} cannot be written in its comma-separated "
+                "`dataset` key (a comma or edge spaces): rename that expert"
+            )
     lines = [ctx.header(FORMAT)]
     lines.append("# Register each name in dataset_dir/dataset_info.json, e.g.")
     for name in plan.names:

@@ -10,6 +10,19 @@ The blended dataset draws fixed-length sequences of ``seq_length`` tokens in pro
 weights, so the weights are token shares: mergeopt writes the fitted token shares. Each path must be
 the prefix of an indexed dataset (``PREFIX.bin``/``PREFIX.idx`` from tools/preprocess_data.py); a
 ``.bin`` or ``.idx`` given to ``--datasets`` is cut to its prefix.
+
+NeMo: nemo-toolkit 3.0.0 (the current release) is speech and audio only and reads no LLM data
+mixture; its README points to v2.7 as the last release with more modalities, and NeMo's LLM training
+moved to Megatron-Bridge. The file therefore holds the two forms NeMo's LLM releases read, labelled:
+``model.data.data_prefix`` (pretraining; nemo-toolkit 2.7.3's ``nemo.collections.llm.gpt.data.
+PreTrainingDataModule(paths=...)`` takes the same flattened list and hands it to megatron-core's
+``get_blend_from_list``), in token shares; and ``model.data.train_ds.file_names`` with
+``concat_sampling_probabilities`` (fine-tuning; NVIDIA/NeMo examples/nlp/language_modeling/tuning/
+conf/megatron_gpt_finetuning_config.yaml and nemo/collections/nlp/models/language_modeling/
+megatron_gpt_sft_model.py at commit 8cfedd72: a list as long as ``file_names``, handed to
+``BlendableDataset``, which draws whole JSONL records by the normalized weights), in sample shares.
+The nlp collection is gone from nemo-toolkit 2.7.3, whose ``FineTuningDataModule`` reads one
+dataset and blends none.
 """
 
 from __future__ import annotations
@@ -52,11 +65,37 @@ def render_megatron(ctx: Context) -> str:
 
 
 def render_nemo(ctx: Context) -> str:
+    """Both forms in one ``model.data`` tree: a NeMo user takes the key their script reads."""
     flat: list = []
     for weight, path in _pairs(ctx):
         flat += [weight, path]
-    body = yaml.safe_dump({"model": {"data": {"data_prefix": flat}}}, sort_keys=False)
-    return "\n".join([ctx.header(NEMO), *_notes(ctx)]) + "\n" + body
+    names = ctx.plan.names
+    train_ds = {
+        "file_names": [str(ctx.datasets[n]) for n in names],
+        "concat_sampling_probabilities": [ctx.plan.sample_shares[n] for n in names],
+    }
+    lines = [
+        ctx.header(NEMO),
+        *_notes(ctx),
+        "# Pretraining (token shares): data_prefix, the [weight, prefix, ...] list of",
+        "#   megatron_gpt_config.yaml, or paths= of NeMo 2's llm.PreTrainingDataModule (to nemo-toolkit 2.7).",
+        "# Fine-tuning (sample shares): train_ds of megatron_gpt_finetuning_config.yaml (NeMo 1's nlp",
+        "#   collection): JSONL files; for prompt/completion records set prompt_template",
+        "#   '{prompt} {completion}' and label_key 'completion'.",
+        "# nemo-toolkit 3.0 reads no LLM data mixture; NeMo's LLM training moved to Megatron-Bridge.",
+    ]
+    if ctx.plan.stats is None and ctx.weights_are == "tokens":
+        # the export measures sample lengths only for a budget or a samples-unit format
+        note = "nemo: sample lengths not measured, so concat_sampling_probabilities equal the token shares"
+        ctx.notes.append(note)
+        lines.append(f"# {note} (pass --budget-tokens to measure them)")
+    lines += [
+        f"# {n}: {path} is not .jsonl: train_ds.file_names wants the JSONL file"
+        for n, path in zip(names, train_ds["file_names"])
+        if Path(path).suffix != ".jsonl"
+    ]
+    body = yaml.safe_dump({"model": {"data": {"data_prefix": flat, "train_ds": train_ds}}}, sort_keys=False)
+    return "\n".join(lines) + "\n" + body
 
 
 _MEANING = "weights: each dataset's share of training tokens (Megatron normalizes them to sum 1)."
@@ -73,6 +112,7 @@ NEMO = Format(
     filename="nemo_data.yaml",
     unit="tokens",
     needs_paths=True,
-    meaning=_MEANING,
+    meaning="data_prefix: each dataset's share of training tokens; concat_sampling_probabilities: "
+    "each dataset's share of training samples (records).",
     render=render_nemo,
 )

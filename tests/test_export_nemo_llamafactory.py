@@ -1,0 +1,196 @@
+"""export --to nemo / llamafactory, read by the frameworks' own code where it runs here.
+
+LLaMA-Factory 0.9.5 (``pip install --no-deps``) parses the export with its own ``DataArguments`` and
+mixes the world's JSONL datasets with its own ``merge_dataset``, in a child process: its import
+checks transformers' version (``DISABLE_VERSION_CHECK=1``, its documented switch) and imports
+torchaudio for audio templates this path never uses (stubbed in the child only).
+
+NeMo: nemo-toolkit 3.0.0 has no LLM data path, and 2.7.3 (the last with one) does not import beside
+this project's transformers 5, so the two NeMo forms go through the megatron-core code NeMo hands
+them to: ``data_prefix`` through ``get_blend_from_list`` and ``BlendedMegatronDatasetBuilder`` (what
+nemo-toolkit 2.7.3's ``PreTrainingDataModule(paths=...)`` calls), and ``concat_sampling_probabilities``
+through ``build_blending_indices`` (the routine NeMo 1's ``BlendableDataset`` runs from its own copy of
+Megatron's helpers) after NeMo 1's own checks on it (a list as long as ``file_names``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mergeopt.errors import run_cli
+from mergeopt.export.command import main
+from mergeopt.export.shares import make_plan
+from tests.export_world import (
+    WEIGHTS,
+    build_world,
+    expected_sample_shares,
+    export,
+    measured_stats,
+    write_run,
+    yaml_body,
+)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    return build_world(tmp_path_factory.mktemp("export"))
+
+
+def _within_4_se(counts: dict[str, int], expected: dict[str, float]) -> None:
+    n = sum(counts.values())
+    for name, p in expected.items():
+        assert abs(counts[name] / n - p) <= 4 * math.sqrt(p * (1 - p) / n), (name, counts, expected)
+
+
+# ---------------------------------------------------------------- LLaMA-Factory
+
+LLAMAFACTORY_MIX = """
+import importlib.machinery, json, sys, types
+audio = types.ModuleType("torchaudio")  # imported by its multimodal templates, unused here
+audio.__spec__ = importlib.machinery.ModuleSpec("torchaudio", None)
+sys.modules["torchaudio"] = audio
+import datasets
+from transformers import HfArgumentParser
+from llamafactory.data.data_utils import merge_dataset
+from llamafactory.hparams.data_args import DataArguments
+
+config, paths = json.loads(sys.argv[1])
+(args,) = HfArgumentParser(DataArguments).parse_dict(config)
+parts = [datasets.load_dataset("json", data_files=paths[n], split="train") for n in args.dataset]
+mixed = merge_dataset(parts, args, seed=0)
+print(json.dumps([args.dataset, args.interleave_probs, list(mixed["domain"])]))
+"""
+
+
+def _llamafactory_mix(config: dict, paths: dict) -> tuple[list, list, dict[str, int]]:
+    env = {**os.environ, "DISABLE_VERSION_CHECK": "1"}
+    arg = json.dumps([config, {n: str(p) for n, p in paths.items()}])
+    child = subprocess.run(
+        [sys.executable, "-c", LLAMAFACTORY_MIX, arg], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert child.returncode == 0, child.stderr[-2000:]
+    names, probs, domains = json.loads(child.stdout.strip().splitlines()[-1])
+    return names, probs, {n: domains.count(n) for n in WEIGHTS}
+
+
+def test_llamafactory_own_parser_and_merge_draw_the_sample_shares(world, tmp_path):
+    """``interleave_under`` stops when the first dataset runs out (``first_exhausted``); every
+    domain's share of the drawn samples is within 4 standard errors of its sample share."""
+    pytest.importorskip("llamafactory")
+    config = yaml_body(export(world, "llamafactory", tmp_path))
+    names, probs, counts = _llamafactory_mix(config, world["paths"])
+    assert names == list(WEIGHTS)
+    assert probs == pytest.approx(list(expected_sample_shares().values()), abs=1e-15)
+    _within_4_se(counts, expected_sample_shares())
+    # first_exhausted: the domain with the fewest samples per unit of probability runs out
+    assert counts["a"] == measured_stats()["a"].samples
+
+
+def test_llamafactory_interleave_over_keeps_the_shares_past_the_budget(world, tmp_path):
+    """With a budget that repeats datasets, ``interleave_over`` (``all_exhausted``) draws until every
+    dataset was seen once, which is more than the budget: the shares hold, and the budget is kept by
+    stopping training there (the comment the export writes)."""
+    pytest.importorskip("llamafactory")
+    text = export(world, "llamafactory", tmp_path, "--budget-samples", "6000")
+    assert "The budget is 6000 samples" in text
+    config = yaml_body(text)
+    assert config["mix_strategy"] == "interleave_over"
+    _, _, counts = _llamafactory_mix(config, world["paths"])
+    _within_4_se(counts, expected_sample_shares())
+    assert sum(counts.values()) > 6000
+    assert all(counts[n] >= s.samples for n, s in measured_stats().items())  # all seen once
+
+
+def test_llamafactory_refuses_a_name_with_a_comma(world, tmp_path, capsys):
+    run = write_run(tmp_path / "run", {"a,x": 0.4, "b": 0.6})
+    out = tmp_path / "llamafactory.yaml"
+    argv = [str(run), "--to", "llamafactory", "--out", str(out), "--datasets"]
+    argv += [f"a,x={world['paths']['a']}", f"b={world['paths']['b']}", "--tokenizer", world["tokenizer"]]
+    assert run_cli(main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "llamafactory" in err[0] and "'a,x'" in err[0]
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------- NeMo
+
+
+def test_nemo_writes_both_forms_in_their_units(world, tmp_path):
+    data = yaml_body(export(world, "nemo", tmp_path, "--budget-tokens", "50000"))["model"]["data"]
+    assert data["data_prefix"][0::2] == list(WEIGHTS.values())  # token shares, as fitted
+    train_ds = data["train_ds"]
+    assert train_ds["file_names"] == [str(world["paths"][n]) for n in WEIGHTS]
+    probs = train_ds["concat_sampling_probabilities"]
+    assert probs == pytest.approx(list(expected_sample_shares().values()), abs=1e-15)
+
+
+def test_nemo_without_measured_lengths_says_so(world, tmp_path, capsys):
+    text = export(world, "nemo", tmp_path)
+    assert "concat_sampling_probabilities equal the token shares" in text
+    assert yaml_body(text)["model"]["data"]["train_ds"]["concat_sampling_probabilities"] == list(
+        WEIGHTS.values()
+    )
+    assert "concat_sampling_probabilities equal the token shares" in capsys.readouterr().err
+
+
+def test_nemo1_sft_blend_draws_the_sample_shares(world, tmp_path):
+    """NeMo 1's checks on ``train_ds`` (megatron_gpt_sft_model.py: a ListConfig as long as
+    ``file_names``), then its blending: weights normalized, samples assigned by
+    ``build_blending_indices``; each domain's share of the samples is its sample share (the index
+    is deterministic: within one sample)."""
+    helpers = pytest.importorskip("megatron.core.datasets.helpers")
+    omegaconf = pytest.importorskip("omegaconf")
+    import numpy as np
+
+    text = export(world, "nemo", tmp_path, "--budget-tokens", "50000")
+    train_ds = omegaconf.OmegaConf.create(yaml_body(text))["model"]["data"]["train_ds"]
+    assert isinstance(train_ds.file_names, omegaconf.ListConfig)
+    assert isinstance(train_ds.concat_sampling_probabilities, omegaconf.ListConfig)
+    assert len(train_ds.concat_sampling_probabilities) == len(train_ds.file_names)
+    weights = np.array(list(train_ds.concat_sampling_probabilities), dtype=np.float64)
+    weights /= weights.sum()  # as BlendableDataset does
+    size = 5000
+    dataset_index = np.zeros(size, dtype=np.int16)
+    sample_index = np.zeros(size, dtype=np.int64)
+    helpers.build_blending_indices(dataset_index, sample_index, weights, len(weights), size, False)
+    counts = np.bincount(dataset_index, minlength=len(weights))
+    for name, count in zip(WEIGHTS, counts):
+        assert abs(count - expected_sample_shares()[name] * size) <= 1, (name, count)
+
+
+def test_nemo_pretraining_blend_draws_the_token_shares(world, tmp_path):
+    """``data_prefix`` read as NeMo 2's ``PreTrainingDataModule(paths=...)`` reads it: megatron-core's
+    ``get_blend_from_list`` and ``BlendedMegatronDatasetBuilder`` over tiny indexed datasets; the
+    share of fixed-length sequences from each prefix is the token share (within one sequence)."""
+    pytest.importorskip("megatron.core.datasets.blended_megatron_dataset_builder")
+    from tests.test_export import MEGATRON_BLEND
+
+    prefixes = [str(tmp_path / f"{n}_text_document") for n in WEIGHTS]
+    for prefix in prefixes:  # the export checks that each prefix names an indexed dataset
+        for suffix in (".bin", ".idx"):
+            Path(f"{prefix}{suffix}").write_bytes(b"")
+    run = write_run(tmp_path / "run", WEIGHTS)
+    out = tmp_path / "nemo.yaml"
+    args = ["--datasets", *(f"{n}={p}.bin" for n, p in zip(WEIGHTS, prefixes))]
+    assert run_cli(main, [str(run), "--to", "nemo", "--out", str(out), *args]) == 0
+    flat = yaml_body(out.read_text())["model"]["data"]["data_prefix"]
+    assert flat[1::2] == prefixes
+    samples = 4000
+    child = subprocess.run(
+        [sys.executable, "-c", MEGATRON_BLEND, json.dumps([flat, prefixes, str(tmp_path), samples])],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert child.returncode == 0, child.stderr[-2000:]
+    counts = json.loads(child.stdout.strip().splitlines()[-1])
+    plan = make_plan(WEIGHTS, "tokens", None)
+    for name, count in zip(WEIGHTS, counts):
+        assert abs(count - plan.token_shares[name] * samples) <= 1, (name, count)
