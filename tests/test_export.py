@@ -348,10 +348,15 @@ def test_megatron_core_blends_the_export_in_its_token_shares(world, tmp_path):
 
 def test_nemo_data_prefix(world, tmp_path):
     config = yaml_body(export(world, "nemo", tmp_path))
-    assert set(config["model"]["data"]) == {"data_prefix", "train_ds"}  # pretraining, fine-tuning
+    assert set(config["model"]["data"]) == {"data_prefix"}  # pretraining; fine-tuning is nemo-sft
     flat = config["model"]["data"]["data_prefix"]
     assert flat[0::2] == list(WEIGHTS.values())
     assert flat[1::2] == [str(world["paths"][n]) for n in WEIGHTS]
+
+
+def test_nemo_sft_train_ds(world, tmp_path):
+    config = yaml_body(export(world, "nemo-sft", tmp_path))
+    assert set(config["model"]["data"]) == {"train_ds"}
     train_ds = config["model"]["data"]["train_ds"]
     assert set(train_ds) == {"file_names", "concat_sampling_probabilities"}
     assert train_ds["file_names"] == [str(world["paths"][n]) for n in WEIGHTS]
@@ -419,21 +424,22 @@ def test_doremi_domain_weights(world, tmp_path):
 
 def test_zero_weight_domain_needs_no_dataset(tmp_path, world):
     run = write_run(tmp_path / "run", {"a": 0.4, "b": 0.6, "c": 0.0})
-    out = tmp_path / "nemo.yaml"
-    argv = [str(run), "--to", "nemo", "--out", str(out), "--datasets"]
+    out = tmp_path / "megatron.txt"
+    argv = [str(run), "--to", "megatron", "--out", str(out), "--datasets"]
     argv += [f"a={world['paths']['a']}", f"b={world['paths']['b']}"]
     assert run_cli(main, argv) == 0
-    assert yaml_body(out.read_text())["model"]["data"]["data_prefix"][0::2] == [0.4, 0.6]
+    line = out.read_text().splitlines()[-1]
+    assert line == f"--data-path 0.4 {world['paths']['a']} 0.6 {world['paths']['b']}"
 
 
 def test_datasets_default_to_the_recipe_train_data(world, tmp_path):
     fake = {"base": "/x/base", "experts": {n: f"/x/{n}" for n in WEIGHTS}, "dev": {"d": "/x/d.jsonl"}}
     train = {"data": {n: str(p) for n, p in world["paths"].items()}}
     run = write_run(tmp_path / "run", WEIGHTS, recipe=recipe_tree(fake, tmp_path / "run", train=train))
-    out = tmp_path / "nemo.yaml"
-    assert run_cli(main, [str(run), "--to", "nemo", "--out", str(out)]) == 0
-    flat = yaml_body(out.read_text())["model"]["data"]["data_prefix"]
-    assert flat[1::2] == [str(world["paths"][n]) for n in WEIGHTS]
+    out = tmp_path / "megatron.txt"  # token shares: nothing to measure, so no tokenizer is needed
+    assert run_cli(main, [str(run), "--to", "megatron", "--out", str(out)]) == 0
+    words = out.read_text().splitlines()[-1].split()
+    assert words[2::2] == [str(world["paths"][n]) for n in WEIGHTS]
 
 
 def test_weights_given_as_sample_shares(world, tmp_path):

@@ -72,6 +72,11 @@ def _pairs(flat: list) -> dict[str, float]:
     return {Path(str(p)).stem: float(w) for w, p in zip(flat[0::2], flat[1::2])}
 
 
+def _nemo_sft(train_ds: dict) -> dict[str, float]:
+    names = [Path(p).stem for p in train_ds["file_names"]]
+    return dict(zip(names, train_ds["concat_sampling_probabilities"]))
+
+
 # format -> (what its numbers are, how its framework reads them out of the file)
 READERS = {
     "llamafactory": (
@@ -85,6 +90,7 @@ READERS = {
         lambda t: _pairs(next(ln for ln in t.splitlines() if ln[0] != "#").split()[1:]),
     ),
     "nemo": ("token shares", lambda t: _pairs(_body(t)["model"]["data"]["data_prefix"])),
+    "nemo-sft": ("sample shares", lambda t: _nemo_sft(_body(t)["model"]["data"]["train_ds"])),
     "llm-foundry": (
         "counts",
         lambda t: {n: s["choose"] for n, s in _body(t)["train_loader"]["dataset"]["streams"].items()},

@@ -78,7 +78,7 @@ def test_missing_mixture(tmp_path, capsys):
 
 
 def test_unknown_format(tmp_path, capsys):
-    fails(capsys, tmp_path, [str(run(tmp_path)), "--to", "axolotl"], "unknown --to format 'axolotl'")
+    fails(capsys, tmp_path, [str(run(tmp_path)), "--to", "fairseq"], "unknown --to format 'fairseq'")
 
 
 def test_unknown_dataset_name(tmp_path, capsys, files):
@@ -145,7 +145,8 @@ def test_stdout_by_default_and_no_traceback_in_a_real_process(tmp_path):
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.strip().splitlines() == [
         "mergeopt: error: unknown --to format 'nope'; known: llamafactory, hf-datasets, hf-datasets-yaml, "
-        "megatron, nemo, llm-foundry, open-instruct, olmo-core, trl, doremi, mergekit, all"
+        "megatron, nemo, nemo-sft, llm-foundry, open-instruct, olmo-core, trl, axolotl, torchtune, doremi, "
+        "mergekit, all"
     ]
     debug = run_module("export", str(mixture), "--to", "nope", "--debug")
     assert debug.returncode == 2 and "Traceback" in debug.stderr

@@ -122,22 +122,17 @@ def test_llamafactory_refuses_a_name_with_a_comma(world, tmp_path, capsys):
 # ---------------------------------------------------------------- NeMo
 
 
-def test_nemo_writes_both_forms_in_their_units(world, tmp_path):
+def test_nemo_forms_are_in_their_units(world, tmp_path):
+    """Pretraining (``nemo``) in token shares as fitted; fine-tuning (``nemo-sft``) in sample shares,
+    the lengths measured even without a budget."""
     data = yaml_body(export(world, "nemo", tmp_path, "--budget-tokens", "50000"))["model"]["data"]
-    assert data["data_prefix"][0::2] == list(WEIGHTS.values())  # token shares, as fitted
-    train_ds = data["train_ds"]
+    assert data["data_prefix"][0::2] == list(WEIGHTS.values())
+    text = export(world, "nemo-sft", tmp_path)
+    train_ds = yaml_body(text)["model"]["data"]["train_ds"]
     assert train_ds["file_names"] == [str(world["paths"][n]) for n in WEIGHTS]
     probs = train_ds["concat_sampling_probabilities"]
     assert probs == pytest.approx(list(expected_sample_shares().values()), abs=1e-15)
-
-
-def test_nemo_without_measured_lengths_says_so(world, tmp_path, capsys):
-    text = export(world, "nemo", tmp_path)
-    assert "concat_sampling_probabilities equal the token shares" in text
-    assert yaml_body(text)["model"]["data"]["train_ds"]["concat_sampling_probabilities"] == list(
-        WEIGHTS.values()
-    )
-    assert "concat_sampling_probabilities equal the token shares" in capsys.readouterr().err
+    assert "# sample shares use the measured mean tokens per sample: a 7, b 26, c 11" in text
 
 
 def test_nemo1_sft_blend_draws_the_sample_shares(world, tmp_path):
@@ -149,7 +144,7 @@ def test_nemo1_sft_blend_draws_the_sample_shares(world, tmp_path):
     omegaconf = pytest.importorskip("omegaconf")
     import numpy as np
 
-    text = export(world, "nemo", tmp_path, "--budget-tokens", "50000")
+    text = export(world, "nemo-sft", tmp_path, "--budget-tokens", "50000")
     train_ds = omegaconf.OmegaConf.create(yaml_body(text))["model"]["data"]["train_ds"]
     assert isinstance(train_ds.file_names, omegaconf.ListConfig)
     assert isinstance(train_ds.concat_sampling_probabilities, omegaconf.ListConfig)

@@ -34,6 +34,7 @@ def _registry() -> dict[str, Format]:
         hf_datasets.YAML,
         megatron.MEGATRON,
         megatron.NEMO,
+        megatron.NEMO_SFT,
         llm_foundry.FORMAT,
         open_instruct.FORMAT,
         olmo_core.FORMAT,

@@ -1,4 +1,4 @@
-"""Megatron-LM ``--data-path`` and NeMo ``model.data.data_prefix``: weight-prefix pairs.
+"""Megatron-LM ``--data-path`` and NeMo's ``data_prefix`` (weight-prefix pairs) and ``train_ds`` blend.
 
 Followed: NVIDIA/Megatron-LM megatron/core/datasets/utils.py (commit 00caa53a)
 ``get_blend_from_list`` (a flattened list ``["30", "path/to/dataset_1_prefix", "70",
@@ -13,10 +13,11 @@ the prefix of an indexed dataset (``PREFIX.bin``/``PREFIX.idx`` from tools/prepr
 
 NeMo: nemo-toolkit 3.0.0 (the current release) is speech and audio only and reads no LLM data
 mixture; its README points to v2.7 as the last release with more modalities, and NeMo's LLM training
-moved to Megatron-Bridge. The file therefore holds the two forms NeMo's LLM releases read, labelled:
+moved to Megatron-Bridge. mergeopt therefore writes the two forms NeMo's LLM releases read, as two
+formats (their data differ: indexed datasets for one, JSONL files for the other): ``nemo``,
 ``model.data.data_prefix`` (pretraining; nemo-toolkit 2.7.3's ``nemo.collections.llm.gpt.data.
 PreTrainingDataModule(paths=...)`` takes the same flattened list and hands it to megatron-core's
-``get_blend_from_list``), in token shares; and ``model.data.train_ds.file_names`` with
+``get_blend_from_list``), in token shares; and ``nemo-sft``, ``model.data.train_ds.file_names`` with
 ``concat_sampling_probabilities`` (fine-tuning; NVIDIA/NeMo examples/nlp/language_modeling/tuning/
 conf/megatron_gpt_finetuning_config.yaml and nemo/collections/nlp/models/language_modeling/
 megatron_gpt_sft_model.py at commit 8cfedd72: a list as long as ``file_names``, handed to
@@ -64,37 +65,46 @@ def render_megatron(ctx: Context) -> str:
     return "\n".join([ctx.header(MEGATRON), *_notes(ctx), " ".join(words)]) + "\n"
 
 
+_NEMO_RELEASES = [
+    "# nemo-toolkit 3.0 reads no LLM data mixture (speech and audio only); NeMo's LLM training moved",
+    "#   to Megatron-Bridge. These keys are what the NeMo releases with LLMs read (to 2.7).",
+]
+
+
 def render_nemo(ctx: Context) -> str:
-    """Both forms in one ``model.data`` tree: a NeMo user takes the key their script reads."""
+    """Pretraining: ``model.data.data_prefix``, the same pairs as Megatron's ``--data-path``."""
     flat: list = []
     for weight, path in _pairs(ctx):
         flat += [weight, path]
+    lines = [
+        ctx.header(NEMO),
+        *_notes(ctx),
+        "# data_prefix of megatron_gpt_config.yaml, or paths= of NeMo 2's llm.PreTrainingDataModule.",
+        *_NEMO_RELEASES,
+    ]
+    body = yaml.safe_dump({"model": {"data": {"data_prefix": flat}}}, sort_keys=False)
+    return "\n".join(lines) + "\n" + body
+
+
+def render_nemo_sft(ctx: Context) -> str:
+    """Fine-tuning: ``model.data.train_ds`` JSONL ``file_names`` and per-record probabilities."""
     names = ctx.plan.names
     train_ds = {
         "file_names": [str(ctx.datasets[n]) for n in names],
         "concat_sampling_probabilities": [ctx.plan.sample_shares[n] for n in names],
     }
     lines = [
-        ctx.header(NEMO),
-        *_notes(ctx),
-        "# Pretraining (token shares): data_prefix, the [weight, prefix, ...] list of",
-        "#   megatron_gpt_config.yaml, or paths= of NeMo 2's llm.PreTrainingDataModule (to nemo-toolkit 2.7).",
-        "# Fine-tuning (sample shares): train_ds of megatron_gpt_finetuning_config.yaml (NeMo 1's nlp",
-        "#   collection): JSONL files; for prompt/completion records set prompt_template",
-        "#   '{prompt} {completion}' and label_key 'completion'.",
-        "# nemo-toolkit 3.0 reads no LLM data mixture; NeMo's LLM training moved to Megatron-Bridge.",
+        ctx.header(NEMO_SFT),
+        "# train_ds of megatron_gpt_finetuning_config.yaml (NeMo 1's nlp collection): JSONL files; for",
+        "#   prompt/completion records set prompt_template '{prompt} {completion}' and label_key 'completion'.",
+        *_NEMO_RELEASES,
     ]
-    if ctx.plan.stats is None and ctx.weights_are == "tokens":
-        # the export measures sample lengths only for a budget or a samples-unit format
-        note = "nemo: sample lengths not measured, so concat_sampling_probabilities equal the token shares"
-        ctx.notes.append(note)
-        lines.append(f"# {note} (pass --budget-tokens to measure them)")
     lines += [
         f"# {n}: {path} is not .jsonl: train_ds.file_names wants the JSONL file"
         for n, path in zip(names, train_ds["file_names"])
         if Path(path).suffix != ".jsonl"
     ]
-    body = yaml.safe_dump({"model": {"data": {"data_prefix": flat, "train_ds": train_ds}}}, sort_keys=False)
+    body = yaml.safe_dump({"model": {"data": {"train_ds": train_ds}}}, sort_keys=False)
     return "\n".join(lines) + "\n" + body
 
 
@@ -112,7 +122,14 @@ NEMO = Format(
     filename="nemo_data.yaml",
     unit="tokens",
     needs_paths=True,
-    meaning="data_prefix: each dataset's share of training tokens; concat_sampling_probabilities: "
-    "each dataset's share of training samples (records).",
+    meaning="data_prefix: each dataset's share of training tokens (pretraining; normalized to sum 1).",
     render=render_nemo,
+)
+NEMO_SFT = Format(
+    name="nemo-sft",
+    filename="nemo_sft_data.yaml",
+    unit="samples",
+    needs_paths=True,
+    meaning="concat_sampling_probabilities: each JSONL file's share of the records drawn (fine-tuning).",
+    render=render_nemo_sft,
 )
