@@ -14,6 +14,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -233,6 +234,32 @@ def _calibration_grid(world, tmp, edit=None, run_fingerprint: str | None = None)
         (edit or (lambda _: None))(tree)
 
     return [_recipe(world, tmp, change), *args[1:]]
+
+
+def _export_to(world, tmp, fmt: str, paths: dict[str, str], change=None) -> list[str]:
+    """``mergeopt export`` of _finished_run's mixture to ``fmt`` with one dataset per expert."""
+    run = _finished_run(world, tmp, change)
+    return [
+        str(run),
+        "--to",
+        fmt,
+        "--datasets",
+        *(f"{n}={p}" for n, p in paths.items()),
+        "--out",
+        str(tmp / "out"),
+    ]
+
+
+def _np_save_file(tmp) -> str:
+    path = tmp / "tokens.npy"
+    np.save(path, np.arange(100, dtype=np.uint16))  # a header OLMo-core would read as tokens
+    return str(path)
+
+
+def _multiple_choice(tmp) -> str:
+    path = tmp / "choice.jsonl"
+    write_jsonl(path, [{"prompt": "2+2=", "choices": ["3", "4"], "answer": 1}] * 4)
+    return str(path)
 
 
 def _two_tables(tmp, small: dict, large: dict) -> list[str]:
@@ -635,6 +662,45 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
             str(t / "out"),
         ],
         "--to trl takes whole samples, and source 'beta'",
+    ),
+    "export llamafactory name with a comma": (
+        "export",
+        "export",
+        lambda w, t: [
+            str(_finished_run(w, t, lambda m: m.update(weights={"alpha,x": 0.5, "beta": 0.3, "gamma": 0.2}))),
+            "--to",
+            "llamafactory",
+            "--out",
+            str(t / "out"),
+        ],
+        "'alpha,x'",
+    ),
+    "export llm-foundry streams over one directory": (
+        "export",
+        "export",
+        lambda w, t: _export_to(
+            w, t, "llm-foundry", dict.fromkeys(("alpha", "beta", "gamma"), w["dev"]["arith"])
+        ),
+        "Reused local directory",
+    ),
+    "export olmo-core np.save file": (
+        "export",
+        "export",
+        lambda w, t: _export_to(
+            w, t, "olmo-core", dict.fromkeys(("alpha", "beta", "gamma"), _np_save_file(t))
+        ),
+        "is an np.save file",
+    ),
+    "export axolotl multiple-choice records": (
+        "export",
+        "export",
+        lambda w, t: _export_to(
+            w,
+            t,
+            "axolotl",
+            {"alpha": _multiple_choice(t), "beta": w["dev"]["arith"], "gamma": w["dev"]["arith"]},
+        ),
+        "multiple-choice",
     ),
     # transfer
     "transfer tables share no mixture column": (

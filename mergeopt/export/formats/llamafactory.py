@@ -36,8 +36,8 @@ def render(ctx: Context) -> str:
     for name in plan.names:  # DataArguments splits ``dataset`` on ',' and strips each name
         if "," in name or name != name.strip():
             raise UserError(
-                f"llamafactory: dataset name {name!r} cannot be written in its comma-separated "
-                "`dataset` key (a comma or edge spaces): rename that expert"
+                f"--to llamafactory: expert {name!r} cannot be a name in LLaMA-Factory's dataset key, "
+                "which is split on commas and stripped of spaces: rename that expert"
             )
     lines = [ctx.header(FORMAT)]
     lines.append("# Register each name in dataset_dir/dataset_info.json, e.g.")

@@ -40,7 +40,7 @@ def layout(fmt: str, name: str, path: Path) -> Layout:
     """The dataset's layout, from its column names; a UserError naming ``fmt`` and the dataset otherwise."""
     with tempfile.TemporaryDirectory(prefix="mergeopt-export-") as cache:
         columns = set(load(source_of(path), cache).column_names)
-    where = f"{fmt}: dataset {name!r} ({path})"
+    where = f"--to {fmt}: dataset {name!r} ({path})"
     if "choices" in columns:
         raise UserError(
             f"{where} holds multiple-choice records (prompt/choices/answer); {fmt} reads no "
