@@ -1,0 +1,67 @@
+"""Files mergeopt writes get the mode ``open()`` would give them: 0666 less the umask.
+
+The atomic writer creates a temporary file with ``mkstemp`` (mode 0600) and renames it into place;
+without a chmod every mixture.json, report and checkpoint was private whatever the umask, so a
+merged model.safetensors or a run was unreadable by the rest of a team on a shared cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mergeopt.errors import run_cli
+from mergeopt.export import merge
+from mergeopt.fit import main as fit_main
+from mergeopt.runtime.files import current_umask, make_staging_dir, write_json_atomic, write_text_atomic
+from tests.conftest import recipe_tree
+
+
+@contextmanager
+def umask(mask: int) -> Iterator[None]:
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.parametrize(("mask", "expected"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_writes_follow_the_umask_as_open_does(tmp_path, mask, expected):
+    with umask(mask):
+        assert current_umask() == mask
+        atomic = write_text_atomic(tmp_path / "a.txt", "x")
+        write_json_atomic(tmp_path / "b.json", {"a": 1})
+        with open(tmp_path / "plain.txt", "w") as handle:
+            handle.write("x")
+        staging = make_staging_dir(tmp_path, ".stage-")
+    assert mode(atomic) == mode(tmp_path / "b.json") == mode(tmp_path / "plain.txt") == expected
+    assert mode(staging) == 0o777 & ~mask
+
+
+@pytest.mark.parametrize(("mask", "expected"), [(0o022, 0o644), (0o077, 0o600)])
+def test_a_fit_and_a_merge_write_files_the_umask_allows(random_world, tmp_path, capsys, mask, expected):
+    run = tmp_path / "run"
+    recipe = tmp_path / "recipe.yaml"
+    tree = recipe_tree(random_world, run)
+    tree["optim"].update(steps=2, eval_every=1, checkpoint_every=1)
+    recipe.write_text(yaml.safe_dump(tree))
+    merged = tmp_path / "merged"
+    with umask(mask):
+        assert run_cli(fit_main, [str(recipe), "--quiet"]) == 0
+        args = [str(recipe), "--mixture", str(run / "mixture.json"), "--out", str(merged), "--quiet"]
+        assert run_cli(merge.main, args) == 0
+    written = [p for p in [*run.rglob("*"), *merged.rglob("*")] if p.is_file()]
+    assert run / "mixture.json" in written and merged / "model.safetensors" in written
+    assert {p.name: oct(mode(p)) for p in written} == {p.name: oct(expected) for p in written}
+    assert mode(merged) == 0o777 & ~mask
