@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 import mergeopt
+from mergeopt import inputs
 from mergeopt.errors import UserError, run_cli
 
 # verb -> "module:function" that takes the parsed namespace and returns the exit code
@@ -63,6 +64,14 @@ EXAMPLES = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors as the tool's others: one line ``mergeopt: error: ...``, exit code 2
+    (argparse's own prints the usage, 4 to 9 lines, under another prefix). Help is unchanged."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     """Options every verb takes."""
     parser.add_argument("--quiet", action="store_true", help="no progress bars or progress messages")
@@ -84,7 +93,7 @@ def _out(parser: argparse.ArgumentParser, what: str, **kwargs) -> None:
 def _world_size(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--world-size",
-        type=int,
+        type=_positive_int,
         metavar="N",
         help="plan per rank for a torchrun job of N processes (default: WORLD_SIZE, else 1)",
     )
@@ -101,17 +110,52 @@ def _tables(parser: argparse.ArgumentParser, both: str) -> None:
     parser.add_argument(
         "--higher-is-better", default="", help="comma-separated metrics where higher is better"
     )
-    parser.add_argument("--k", type=int, default=3, help="top-k size (default 3)")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    parser.add_argument("--k", type=_positive_int, default=3, help="top-k size (default 3)")
+    parser.add_argument("--bootstrap", type=_count, default=1000, help="bootstrap resamples (default 1000)")
 
 
-def _positive_int(text: str) -> int:
+def _whole(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not positive")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not positive" if minimum == 1 else f"{text!r} is below {minimum}"
+        )
+    return value
+
+
+def _positive_int(text: str) -> int:
+    return _whole(text, 1)
+
+
+def _count(text: str) -> int:
+    return _whole(text, 0)
+
+
+def _at_least_two(text: str) -> int:
+    return _whole(text, 2)
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= inputs.MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a seed (a whole number from 0 to 2^63 - 1)")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """A finite number above 0 (``float`` alone takes nan and inf, which pass every ``>`` test)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number above 0")
     return value
 
 
@@ -147,7 +191,7 @@ def _rank(p: argparse.ArgumentParser) -> None:
     p.add_argument("--proxy", help="table mode: proxy scores, TABLE.csv or MIXTURES.csv+METRICS.csv")
     p.add_argument("--truth", help="table mode: true scores, TABLE.csv or MIXTURES.csv+METRICS.csv")
     _tables(p, "both")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="bootstrap seed (default 0)")
     p.add_argument(
         "--restart",
         action="store_true",
@@ -214,11 +258,11 @@ def _export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", help="tokenizer to count with (default: the run's base)")
     p.add_argument(
         "--max-epochs",
-        type=float,
+        type=_positive_float,
         default=DEFAULT_MAX_EPOCHS,
         help=f"refuse a budget that repeats a dataset more often (default {DEFAULT_MAX_EPOCHS:g})",
     )
-    p.add_argument("--seed", type=int, help="shuffling seed written into configs (default: the fit's)")
+    p.add_argument("--seed", type=_seed, help="shuffling seed written into configs (default: the fit's)")
     _out(p, "output file, or directory (one file per format with --to all); default: stdout")
 
 
@@ -235,12 +279,14 @@ def _transfer(p: argparse.ArgumentParser) -> None:
         help="fit one LightGBM per metric on this small-scale table and rank LARGE (and SMALL) with it",
     )
     _tables(p, "all")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap and LightGBM seed (default 0)")
-    p.add_argument("--rounds", type=int, help="surrogate: LightGBM boosting rounds (default 300)")
-    p.add_argument("--learning-rate", type=float, help="surrogate: LightGBM learning rate (default 0.05)")
-    p.add_argument("--num-leaves", type=int, help="surrogate: LightGBM leaves per tree (default 8)")
+    p.add_argument("--seed", type=_seed, default=0, help="bootstrap and LightGBM seed (default 0)")
+    p.add_argument("--rounds", type=_positive_int, help="surrogate: LightGBM boosting rounds (default 300)")
     p.add_argument(
-        "--min-child-samples", type=int, help="surrogate: LightGBM min samples per leaf (default 3)"
+        "--learning-rate", type=_positive_float, help="surrogate: LightGBM learning rate (default 0.05)"
+    )
+    p.add_argument("--num-leaves", type=_at_least_two, help="surrogate: LightGBM leaves per tree (default 8)")
+    p.add_argument(
+        "--min-child-samples", type=_count, help="surrogate: LightGBM min samples per leaf (default 3)"
     )
     _out(p, "output directory (default: transfer_out/)", default="transfer_out")
 
@@ -272,7 +318,7 @@ ADDERS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
 
 def command_parser(name: str, prog: str | None = None) -> argparse.ArgumentParser:
     """The parser of one verb (``prog`` names it as the user typed it, e.g. ``python -m mergeopt.fit``)."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=prog or f"mergeopt {name}",
         description=HELP[name][0].upper() + HELP[name][1:] + ".",
         epilog=f"Example: {EXAMPLES[name]}",
@@ -294,7 +340,7 @@ class _VerbListFormatter(argparse.HelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole tree: ``mergeopt VERB ...`` (for ``--help``, completion and the generated reference)."""
-    root = argparse.ArgumentParser(
+    root = Parser(
         prog="mergeopt",
         description="Choose a fine-tuning data mixture by optimizing the weights of a merge of per-domain experts.",
         epilog="Run `mergeopt VERB --help` for a verb's options. Docs: docs/ (mkdocs serve).",
@@ -346,8 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:
         pass
     if not argv or argv[0] not in HANDLERS:  # --help, --version, nothing, or an unknown verb
-        root.parse_args(argv)  # prints and exits (an unknown verb: exit code 2)
-        return 2
+        return run_cli(lambda rest: root.parse_args(rest) and 2, argv)  # help exits 0, the rest is one line
     return run_cli(lambda rest: run_command(argv[0], rest), argv[1:])
 
 

@@ -18,12 +18,18 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mergeopt.errors import UserError
+from mergeopt.inputs import existing_file
 from mergeopt.merging.constraints import FeasibleSet, repetition_caps
 from mergeopt.merging.simplex import SIMPLEX_TOLERANCE, mixture_problem
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # allow_inf_nan=False: NaN passes every comparison test (abs(nan - 1) > tol is false) and inf
+    # passes every `gt=0`, so every float of a recipe, nested ones too, must be a finite number
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
+
+
+MAX_SEED = 2**63 - 1  # mergeopt.inputs.MAX_SEED: what numpy, torch and random all accept
 
 
 def check_name(name: str, what: str) -> str:
@@ -507,7 +513,7 @@ class WorldSection(_Strict):
     """Where built-in worlds (paths written ``tiny://...``, ``smollm2://...``) are built and cached."""
 
     cache_dir: str | None = Field(default=None, description="Default: $MERGEOPT_CACHE or ~/.cache/mergeopt.")
-    seed: int = Field(default=0, description="Seed of the built-in worlds.")
+    seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Seed of the built-in worlds.")
 
 
 class LoraSection(_Strict):
@@ -680,7 +686,10 @@ class Recipe(_Strict):
     """A whole run: the checkpoints, the dev sets, what is scored, how it is searched, and where it goes."""
 
     seed: int = Field(
-        default=0, description="Seeds the dev-set split, the batch order and every random draw."
+        default=0,
+        ge=0,
+        le=MAX_SEED,
+        description="Seeds the dev-set split, the batch order and every random draw.",
     )
     output_dir: str = Field(
         default="runs/default",
@@ -962,9 +971,7 @@ def recipe_from_dict(
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     """Read a recipe YAML (safe loader, no duplicate keys), apply ``key=value`` overrides, validate."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"recipe {path} does not exist")
+    path = existing_file(path, "recipe")
     try:
         tree = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except UnicodeDecodeError:

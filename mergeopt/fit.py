@@ -20,6 +20,7 @@ from mergeopt import worlds
 from mergeopt.cli import alias, run_command
 from mergeopt.config import Recipe, load_recipe, recipe_to_yaml
 from mergeopt.errors import UserError
+from mergeopt.inputs import writable_dir
 from mergeopt.loading.feasible import constraints_record, feasible_set, source_tokens
 from mergeopt.loading.problem import Problem, load_problem, resolve_device
 from mergeopt.merging.groups import groups_of
@@ -383,6 +384,7 @@ def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     if args.resume and args.restart:
         raise UserError("--resume and --restart contradict each other")
+    writable_dir(recipe.output_dir, "output_dir")  # before the fit, not after it
     log = (lambda _msg: None) if args.quiet else print
     mode = "require" if args.resume else "restart" if args.restart else "auto"
     state = Path(recipe.output_dir) / CHECKPOINT_DIR

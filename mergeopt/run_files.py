@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 import mergeopt
 from mergeopt.errors import UserError
+from mergeopt.inputs import existing_file
 from mergeopt.merging.constraints import FeasibleSet
 from mergeopt.merging.simplex import SIMPLEX_TOLERANCE, mixture_problem
 
@@ -476,8 +477,7 @@ def read_run_file(model: type[T], path: str | Path) -> T:
     path = Path(path)
     if path.is_dir():
         path = path / model.FILE
-    if not path.is_file():
-        raise UserError(f"{model.FILE.removesuffix('.json').replace('_', ' ')} file {path} does not exist")
+    existing_file(path, f"{model.FILE.removesuffix('.json').replace('_', ' ')} file")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:

@@ -26,6 +26,7 @@ from mergeopt.evaluation import calibrate, diagnose, rank, transfer
 from mergeopt.export import merge
 from mergeopt.export.command import main as export_main
 from mergeopt.worlds import train
+from tests import malformed
 from tests.conftest import REPO, recipe_tree, run_module, write_jsonl
 
 DOC = REPO / "docs" / "reference" / "bad-input.md"
@@ -278,6 +279,12 @@ def _train_recipe(world, tmp, edit) -> list[str]:
         edit(tree)
 
     return [_recipe(world, tmp, change)]
+
+
+def _damaged_json(tmp) -> str:
+    path = tmp / "damaged.json"
+    path.write_text('{"status": "complete", "weights": {"alpha": 0.5,')
+    return str(path)
 
 
 def _del(tree, *keys):
@@ -701,6 +708,234 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
             {"alpha": _multiple_choice(t), "beta": w["dev"]["arith"], "gamma": w["dev"]["arith"]},
         ),
         "multiple-choice",
+    ),
+    # issue 18: checks up front (output paths, numbers, seeds, files that must parse, argparse)
+    "fit output_dir is a file": (
+        "output",
+        "fit",
+        lambda w, t: [_recipe(w, t), f"output_dir={malformed.a_file(t)}"],
+        "a-file is a file, not a directory",
+    ),
+    "train output_dir is a file": (
+        "output",
+        "train",
+        lambda w, t: _train_recipe(w, t, lambda tr: tr["train"].update(output_dir=malformed.a_file(t))),
+        "train.output_dir",
+    ),
+    "merge --out cannot be created": (
+        "output",
+        "merge",
+        lambda w, t: [
+            _recipe(w, t),
+            "--weights",
+            "alpha=0.5,beta=0.3,gamma=0.2",
+            "--out",
+            malformed.UNCREATABLE,
+        ],
+        "cannot be created",
+    ),
+    "rank --out is a file": (
+        "output",
+        "rank",
+        lambda w, t: [*_grid(w, t, lambda rows: None), "--out", malformed.a_file(t)],
+        "a-file is a file, not a directory",
+    ),
+    "calibrate --out cannot be created": (
+        "output",
+        "calibrate",
+        lambda w, t: [*_calibration_grid(w, t), "--out", malformed.UNCREATABLE],
+        "cannot be created",
+    ),
+    "export --out cannot be created": (
+        "output",
+        "export",
+        lambda w, t: [str(_finished_run(w, t)), "--to", "doremi", "--out", malformed.UNCREATABLE],
+        "cannot be created",
+    ),
+    "transfer --out is a file": (
+        "output",
+        "transfer",
+        lambda w, t: [
+            *_two_tables(t, *[{"w_a": [1.0, 0.0, 0.5], "w_b": [0.0, 1.0, 0.5], "loss": [1.0, 2.0, 1.5]}] * 2)[
+                :2
+            ],
+            "--out",
+            malformed.a_file(t),
+        ],
+        "a-file is a file, not a directory",
+    ),
+    "diagnose --out is a file": (
+        "output",
+        "diagnose",
+        lambda w, t: [_recipe(w, t), "--out", malformed.a_file(t)],
+        "a-file is a file, not a directory",
+    ),
+    "world cache is a file": (
+        "output",
+        "fit",
+        lambda w, t: [_recipe(w, t), f"world.cache_dir={malformed.a_file(t)}", "model.base=tiny://base"],
+        "a-file is a file, not a directory",
+    ),
+    "infinite learning rate": (
+        "recipe",
+        "fit",
+        lambda w, t: [_recipe(w, t), "optim.lr=.inf"],
+        "optim.lr: Input should be a finite number",
+    ),
+    "NaN in a train mixture list": (
+        "recipe",
+        "train",
+        lambda w, t: _train_recipe(
+            w,
+            t,
+            lambda tr: tr["train"].update(
+                mixtures={"kind": "list", "weights": [{"alpha": float("nan"), "beta": 0.5, "gamma": 0.5}]}
+            ),
+        ),
+        "train.mixtures.weights.0.alpha: Input should be a finite number",
+    ),
+    "recipe seed out of range": (
+        "recipe",
+        "fit",
+        lambda w, t: [_recipe(w, t), f"seed={2**63}"],
+        "seed: Input should be less than or equal to 9223372036854775807",
+    ),
+    "export --max-epochs nan": (
+        "option",
+        "export",
+        lambda w, t: [
+            str(_finished_run(w, t)),
+            "--to",
+            "doremi",
+            "--max-epochs",
+            "nan",
+            "--out",
+            str(t / "out"),
+        ],
+        "argument --max-epochs: 'nan' is not a finite number above 0",
+    ),
+    "transfer seed out of range": (
+        "option",
+        "transfer",
+        lambda w, t: [*_two_tables(t, {"w_a": [1.0]}, {"w_a": [1.0]}), "--seed", "-1"],
+        "argument --seed: '-1' is not a seed",
+    ),
+    "unknown option": (
+        "option",
+        "fit",
+        lambda w, t: [_recipe(w, t), "--no-such-option"],
+        "unrecognized arguments: --no-such-option (see mergeopt fit --help)",
+    ),
+    "recipe is a directory": (
+        "recipe",
+        "fit",
+        lambda w, t: [str(t)],
+        "is a directory, not a file",
+    ),
+    "expert is a file": (
+        "checkpoint",
+        "fit",
+        lambda w, t: _with_expert(w, t, malformed.a_file(t)),
+        "a-file is a file, not a directory",
+    ),
+    "dev set is a directory": (
+        "dev set",
+        "fit",
+        lambda w, t: [_recipe(w, t, lambda tree: tree["data"]["dev"][0].update(path=malformed.a_dir(t)))],
+        "is a directory, not a file",
+    ),
+    "base config.json disagrees with its weights": (
+        "checkpoint",
+        "fit",
+        lambda w, t: [_recipe(w, t), f"model.base={malformed.config_disagreeing(w, t)}"],
+        "wide-base/config.json disagrees with the base's weights",
+    ),
+    "base model.safetensors truncated, --dry-run": (
+        "checkpoint",
+        "fit",
+        lambda w, t: [
+            _recipe(w, t),
+            f"model.base={malformed.truncated(malformed.copy_of(w['base'], t, 'cut'), 'model.safetensors')}",
+            "--dry-run",
+        ],
+        "not a readable safetensors file",
+    ),
+    "adapter config a JSON list": (
+        "adapter",
+        "fit",
+        lambda w, t: _with_expert(w, t, malformed.adapter_with(t, w, lambda c: [c])),
+        "adapter_config.json must hold a JSON object, not list",
+    ),
+    "adapter rank_pattern 0": (
+        "adapter",
+        "fit",
+        lambda w, t: _with_expert(
+            w, t, malformed.adapter_with(t, w, lambda c: {**c, "rank_pattern": {"q_proj": 0}})
+        ),
+        "rank_pattern['q_proj'] is 0, not a positive whole number",
+    ),
+    "adapter pattern key not a regex": (
+        "adapter",
+        "fit",
+        lambda w, t: _with_expert(
+            w, t, malformed.adapter_with(t, w, lambda c: {**c, "alpha_pattern": {"q_proj(": 4}})
+        ),
+        "alpha_pattern key 'q_proj(' is not a valid regex",
+    ),
+    "adapter alpha_pattern not a number": (
+        "adapter",
+        "fit",
+        lambda w, t: _with_expert(
+            w, t, malformed.adapter_with(t, w, lambda c: {**c, "alpha_pattern": {"q_proj": "big"}})
+        ),
+        "alpha_pattern['q_proj'] is 'big', not a positive number",
+    ),
+    "adapter safetensors truncated, --dry-run": (
+        "adapter",
+        "fit",
+        lambda w, t: [
+            *_with_expert(w, t, malformed.truncated(_adapter(w, t), "adapter_model.safetensors")),
+            "--dry-run",
+        ],
+        "not a readable safetensors file",
+    ),
+    "adapter safetensors truncated": (
+        "adapter",
+        "fit",
+        lambda w, t: _with_expert(w, t, malformed.truncated(_adapter(w, t), "adapter_model.safetensors")),
+        "not a readable safetensors file",
+    ),
+    "rank --mixture not valid JSON": (
+        "mixture",
+        "rank",
+        lambda w, t: [
+            *_grid(w, t, lambda rows: None),
+            "--mixture",
+            _damaged_json(t),
+            "--out",
+            str(t / "out"),
+        ],
+        "not valid JSON",
+    ),
+    "rank --mixture with a NaN weight": (
+        "mixture",
+        "rank",
+        lambda w, t: [
+            *_grid(w, t, lambda rows: None),
+            "--mixture",
+            str(_finished_run(w, t, lambda m: m["weights"].update(alpha=float("nan")))),
+            "--out",
+            str(t / "out"),
+        ],
+        "alpha",
+    ),
+    "LoRA target_modules match nothing": (
+        "recipe",
+        "train",
+        lambda w, t: _train_recipe(
+            w, t, lambda tr: tr["train"].update(method="lora", lora={"target_modules": ["nope_proj"]})
+        ),
+        "train.lora.target_modules 'nope_proj' matches no module of the base",
     ),
     # transfer
     "transfer tables share no mixture column": (

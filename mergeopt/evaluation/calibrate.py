@@ -33,6 +33,7 @@ from mergeopt.cli import run_command
 from mergeopt.errors import UserError
 from mergeopt.evaluation import calibration
 from mergeopt.evaluation.proxy import WEIGHT_PREFIX
+from mergeopt.inputs import writable_dir
 from mergeopt.objectives.objective import Objective
 from mergeopt.runtime import distributed
 from mergeopt.runtime.resume import (
@@ -455,6 +456,7 @@ def _main(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     out = Path(args.out) if args.out else Path(recipe.output_dir) / "calibration"
+    writable_dir(out, "--out" if args.out else "output_dir/calibration")
     with saying_where_saved(out / CALIBRATE_CHECKPOINT_DIR), interruptible():
         return _run(args, recipe, out)
 

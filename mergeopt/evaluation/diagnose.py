@@ -33,6 +33,7 @@ import numpy as np
 import mergeopt
 from mergeopt.config import Recipe
 from mergeopt.errors import UserError
+from mergeopt.inputs import writable_dir
 from mergeopt.run_files import SCHEMA_VERSION, DiagnoseFile
 
 TARGET = "target"  # the key of the target dev loss beside the dev sets' names
@@ -333,6 +334,7 @@ def run(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     check_points(args.points)
+    writable_dir(args.out or recipe.output_dir, "--out" if args.out else "output_dir")
     log = (lambda _m: None) if args.quiet else print
     resolved, problem, objective = load_diagnosed(recipe, not args.quiet, log)
     record = diagnose(problem, objective, resolved, args.points, progress=not args.quiet)

@@ -22,6 +22,7 @@ import torch
 
 from mergeopt.errors import UserError
 from mergeopt.evaluation.tables import WEIGHT_SUM_TOLERANCE
+from mergeopt.inputs import existing_file
 from mergeopt.objectives.objective import Objective
 from mergeopt.objectives.scoring import metric_scores, set_losses
 from mergeopt.objectives.term_scores import load_custom, score_column
@@ -43,9 +44,7 @@ def _first_bad_row(values: pd.Series) -> int | None:
 
 def read_grid(path: str | Path, expert_names: Sequence[str]) -> pd.DataFrame:
     """Read and check a grid table: one weight column per expert, rows on the simplex."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"grid table {path} does not exist")
+    path = existing_file(path, "grid table")
     try:
         table = pd.read_csv(path)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as err:

@@ -30,6 +30,7 @@ from mergeopt.errors import UserError
 from mergeopt.evaluation.baselines import LABELS, NEEDS, baseline_predictions
 from mergeopt.evaluation.rank_stats import mixture_regret, rank_statistics
 from mergeopt.evaluation.tables import rank_tables
+from mergeopt.inputs import writable_dir
 from mergeopt.objectives.objective import Objective
 from mergeopt.run_files import SCHEMA_VERSION, RankReport, read_finished_mixture
 from mergeopt.runtime import distributed
@@ -290,7 +291,7 @@ def _grid_main(args) -> int:
     from mergeopt.config import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    out = Path(args.out or recipe.output_dir)
+    out = writable_dir(args.out or recipe.output_dir, "--out" if args.out else "output_dir")
     with saying_where_saved(out / RANK_CHECKPOINT_DIR), interruptible():
         return _grid_run(args, recipe, out)
 
@@ -385,6 +386,7 @@ def run(args: argparse.Namespace) -> int:
         return _grid_main(args)
     if not args.proxy or not args.truth:
         raise UserError("table mode needs both --proxy and --truth")
+    writable_dir(args.out or "rank_out", "--out")
     report, pairs = rank_tables(
         args.proxy,
         args.truth,

@@ -52,6 +52,7 @@ from mergeopt.evaluation.tables import (
     row_label,
     shared_mixtures,
 )
+from mergeopt.inputs import writable_dir
 from mergeopt.run_files import SCHEMA_VERSION, TransferReport
 from mergeopt.runtime.files import save_figure_atomic, write_json_atomic, write_text_atomic
 
@@ -549,6 +550,7 @@ def run(args: argparse.Namespace) -> int:
             f"expected SMALL LARGE, or LARGE with --surrogate-fit TRAIN; got {len(args.tables)} table(s)"
         )
     small, large = args.tables if len(args.tables) == 2 else (None, args.tables[0])
+    writable_dir(args.out, "--out")
     surrogate = {name: getattr(args, name) for name in SURROGATE_OPTIONS}
     if not args.surrogate_fit and any(v is not None for v in surrogate.values()):
         raise UserError(

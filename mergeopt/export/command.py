@@ -35,6 +35,7 @@ from mergeopt.export.mixture_input import (
 )
 from mergeopt.export.shares import budget_epochs, check_recorded_cap, check_repetition, make_plan
 from mergeopt.export.token_stats import load_tokenizer, measure_all
+from mergeopt.inputs import writable_dir, writable_file
 from mergeopt.runtime.files import write_text_atomic
 
 
@@ -129,6 +130,11 @@ def write(texts: dict[Format, str], out: str | None, many: bool) -> list[Path]:
 
 def run(args: argparse.Namespace) -> int:
     """``mergeopt export``: the parsed command line (:mod:`mergeopt.cli`)."""
+    if args.out is not None:  # before the tokens are counted
+        if args.to == "all" or Path(args.out).is_dir():
+            writable_dir(args.out, "--out")
+        else:
+            writable_file(args.out, "--out")
     texts, messages = build(args)
     for line in messages:
         print(f"mergeopt: {line}", file=sys.stderr)

@@ -38,12 +38,14 @@ from mergeopt import worlds
 from mergeopt.cli import run_command
 from mergeopt.config import Recipe, load_recipe
 from mergeopt.errors import UserError
+from mergeopt.inputs import writable_dir
 from mergeopt.loading.checkpoints import gguf_base, open_checkpoint
 from mergeopt.merging.layer_merge import make_permanent
 from mergeopt.merging.methods import get_method
 from mergeopt.merging.simplex import sum_problem, weight_problem
 from mergeopt.merging.stack import DTYPES, describe
 from mergeopt.run_files import MixtureFile, read_finished_mixture
+from mergeopt.runtime.files import file_mode
 
 MANIFEST = "mergeopt_merge.json"
 OUT_DTYPES = ("float32", "bfloat16", "float16")
@@ -229,6 +231,9 @@ def write_checkpoint(
         tokenizer.save_pretrained(staging)
         # the directory is renamed into place whole, so its files need no atomic writes of their own
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        for written in staging.rglob("*"):  # transformers writes model.safetensors 0600 whatever the umask
+            if written.is_file():
+                written.chmod(file_mode())
         _move_into_place(staging, out, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -312,6 +317,7 @@ def run(args: argparse.Namespace) -> int:
         weights = check_mixture(parse_weights(args.weights), recipe.expert_names, "--weights", args.normalize)
     out = Path(args.out)
     check_out(out, args.overwrite)
+    writable_dir(out, "--out")
     resolved, _ = worlds.resolve_recipe(recipe, log)
     model = resolved.model
     inputs = [model.base, *model.experts.values(), args.recipe, *([args.mixture] if args.mixture else [])]

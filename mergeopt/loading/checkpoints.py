@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 
 from mergeopt.errors import UserError
+from mergeopt.inputs import existing_dir, safetensors_header
 from mergeopt.loading.lora import LoraAdapter, is_adapter, read_adapter
 
 SINGLE_FILE = "model.safetensors"
@@ -99,16 +100,7 @@ def read_json_object(path: Path, what: str) -> dict:
 
 
 def _header(file: Path) -> dict[str, TensorMeta]:
-    try:
-        with safe_open(str(file), framework="pt", device="cpu") as handle:
-            metas = {}
-            for name in handle.keys():
-                sliced = handle.get_slice(name)
-                metas[name] = TensorMeta(file, tuple(sliced.get_shape()), str(sliced.get_dtype()))
-            return metas
-    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(f"{file}: not a readable safetensors file ({first})") from None
+    return {name: TensorMeta(file, shape, dtype) for name, (shape, dtype) in safetensors_header(file).items()}
 
 
 def _open_pickled(path: Path, config: dict) -> Checkpoint:
@@ -137,9 +129,7 @@ def _open_pickled(path: Path, config: dict) -> Checkpoint:
 
 def open_checkpoint(path: str | Path, allow_pickle: bool = False) -> Checkpoint:
     """Describe a checkpoint directory from config.json and its (possibly sharded) safetensors headers."""
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"checkpoint directory {path} does not exist")
+    path = existing_dir(path, "checkpoint directory")
     config_file = path / "config.json"
     if not config_file.is_file():
         raise UserError(f"{path} has no config.json: not a Hugging Face checkpoint directory")
@@ -212,6 +202,26 @@ def check_compatible(base: Checkpoint, expert: Checkpoint, expert_name: str) -> 
     base_vocab, expert_vocab = _tokenizer_vocab(base.path), _tokenizer_vocab(expert.path)
     if base_vocab is not None and expert_vocab is not None and base_vocab != expert_vocab:
         raise UserError(f"tokenizer vocabulary differs ({where})")
+
+
+def check_config_matches_weights(checkpoint: Checkpoint, what: str, trust_remote_code: bool = False) -> None:
+    """The architecture ``config.json`` describes has the shapes of the checkpoint's own tensors.
+
+    transformers would build the model from config.json, find every tensor the wrong size and fail
+    with a report of many lines; the mismatch is the checkpoint's, named here in one line. Compared
+    on the meta device (no weights read), over the tensors both name.
+    """
+    if not checkpoint.tensors:
+        return
+    model, _ = meta_model(checkpoint.path, trust_remote_code)
+    for name, parameter in model.named_parameters():
+        meta = checkpoint.tensors.get(name)
+        if meta is not None and tuple(meta.shape) != tuple(parameter.shape):
+            raise UserError(
+                f"{checkpoint.path / 'config.json'} disagrees with the {what}'s weights: it describes "
+                f"{name} as {list(parameter.shape)}, but {meta.file.name} holds {list(meta.shape)} "
+                "(is config.json from another model?)"
+            )
 
 
 def open_all(base_path: str | Path, experts: dict[str, str]) -> tuple[Checkpoint, dict[str, Checkpoint]]:
@@ -306,6 +316,7 @@ def open_experts(
         base = gguf_base(base_path, gguf_file, trust_remote_code)
     else:
         base = open_checkpoint(base_path, allow_pickle)
+        check_config_matches_weights(base, "base", trust_remote_code)
     shapes = {name: meta.shape for name, meta in base.tensors.items()}
     dense, adapters = {}, {}
     for name, path in experts.items():

@@ -11,10 +11,10 @@ and before anything is written.
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 from mergeopt.config import Recipe
 from mergeopt.errors import UserError
+from mergeopt.inputs import existing
 from mergeopt.merging.constraints import FeasibleSet, repetition_caps
 
 
@@ -31,9 +31,7 @@ def source_tokens(recipe: Recipe, log: Callable[[str], None] = print) -> dict[st
         assert recipe.train is not None  # the schema refuses a cap with neither
         tokenizer = load_tokenizer(recipe.model.base, recipe.model.gguf_file, recipe.model.trust_remote_code)
         for name in uncounted:
-            path = Path(recipe.train.data[name])
-            if not path.exists():
-                raise UserError(f"train.data {name!r}: {path} does not exist (its tokens cap weights)")
+            path = existing(recipe.train.data[name], f"train.data {name!r}:")
             tokens[name] = measure(path, tokenizer).tokens
         counted = ", ".join(f"{n} {tokens[n]:,}" for n in uncounted)
         log(f"training tokens for weights.max_epochs, counted from train.data: {counted}")

@@ -15,7 +15,6 @@ Not supported (each a one-line error): DoRA, trained biases, ``modules_to_save``
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -26,6 +25,7 @@ import torch
 from safetensors import safe_open
 
 from mergeopt.errors import UserError
+from mergeopt.inputs import json_file, lora_patterns, safetensors_header
 
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
@@ -83,11 +83,10 @@ def scaling_for(config: Mapping, module: str) -> tuple[int, float]:
     return r, alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
-def _read_config(path: Path) -> dict:
-    try:
-        config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path / CONFIG_FILE}: not valid JSON ({err.msg})") from None
+def read_adapter_config(path: Path) -> dict:
+    """An adapter's adapter_config.json, checked: a LoRA adapter of a kind mergeopt reads, its rank,
+    alpha and per-module patterns numbers PEFT would accept."""
+    config = json_file(path / CONFIG_FILE, "LoRA adapter config")
     unsupported = {
         "use_dora": "DoRA adapters",
         "fan_in_fan_out": "fan_in_fan_out adapters (Conv1D models)",
@@ -101,13 +100,18 @@ def _read_config(path: Path) -> dict:
     if config.get("bias", "none") != "none":
         raise UserError(f"{path}: adapters with trained biases (bias: {config['bias']!r}) are not supported")
     for key in ("r", "lora_alpha"):
-        if not isinstance(config.get(key), (int, float)) or config[key] <= 0:
-            raise UserError(f"{path / CONFIG_FILE}: {key} must be a positive number, got {config.get(key)!r}")
+        value = config.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise UserError(f"{path / CONFIG_FILE}: {key} must be a positive number, got {value!r}")
+    if not isinstance(config["r"], int):
+        raise UserError(f"{path / CONFIG_FILE}: r must be a whole number, got {config['r']!r}")
+    lora_patterns(config, str(path / CONFIG_FILE))
     return config
 
 
 def _read_tensors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     if (path / SAFETENSORS_FILE).is_file():
+        safetensors_header(path / SAFETENSORS_FILE)  # a truncated or damaged file: one line
         with safe_open(str(path / SAFETENSORS_FILE), framework="pt") as handle:
             return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
     if (path / PICKLE_FILE).is_file():
@@ -125,7 +129,7 @@ def read_adapter(
 ) -> LoraAdapter:
     """Read a PEFT LoRA adapter directory and check every factor against the base's parameter shapes."""
     path = Path(path)
-    config = _read_config(path)
+    config = read_adapter_config(path)
     tensors = _read_tensors(path, allow_pickle)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
@@ -177,18 +181,15 @@ def factor_sizes(path: str | Path) -> FactorSizes:
     if not file.is_file():
         raise UserError(f"{path}: no {SAFETENSORS_FILE} next to {CONFIG_FILE}")
     numel = rank_sum = stored = 0
-    a_shapes: dict[str, list[int]] = {}
+    a_shapes: dict[str, tuple[int, ...]] = {}
     outs: dict[str, int] = {}
-    with safe_open(str(file), framework="pt") as handle:
-        for key in handle.keys():  # noqa: SIM118
-            sliced = handle.get_slice(key)
-            shape = sliced.get_shape()
-            numel += math.prod(shape)
-            stored += math.prod(shape) * (2 if sliced.get_dtype() in ("BF16", "F16") else 4)
-            if "lora_A" in key and len(shape) == 2:
-                rank_sum += shape[0]
-                a_shapes[key.partition(".lora_A")[0]] = shape
-            elif "lora_B" in key and len(shape) == 2:
-                outs[key.partition(".lora_B")[0]] = shape[0]
+    for key, (shape, dtype) in safetensors_header(file).items():
+        numel += math.prod(shape)
+        stored += math.prod(shape) * (2 if dtype in ("BF16", "F16") else 4)
+        if "lora_A" in key and len(shape) == 2:
+            rank_sum += shape[0]
+            a_shapes[key.partition(".lora_A")[0]] = shape
+        elif "lora_B" in key and len(shape) == 2:
+            outs[key.partition(".lora_B")[0]] = shape[0]
     modules = {m: (a[0], a[1], outs[m]) for m, a in a_shapes.items() if m in outs}
     return FactorSizes(numel, rank_sum, stored, modules)

@@ -26,12 +26,13 @@ from mergeopt.loading.checkpoints import (
     SINGLE_FILE,
     Checkpoint,
     check_compatible,
+    check_config_matches_weights,
     gguf_base,
     meta_model,
     open_checkpoint,
     read_json_object,
 )
-from mergeopt.loading.lora import factor_sizes, is_adapter
+from mergeopt.loading.lora import factor_sizes, is_adapter, read_adapter_config
 from mergeopt.memory.plan import (
     FLOAT32,
     GIB,
@@ -127,6 +128,10 @@ def read_inventory(recipe: Recipe) -> tuple[Inventory, Dims]:
     notes = (
         (f"no safetensors for {', '.join(missing)}: the fit itself will need the weights",) if missing else ()
     )
+    if base.tensors and not recipe.model.gguf_file:
+        check_config_matches_weights(base, "base", recipe.model.trust_remote_code)
+    for path in adapters.values():
+        read_adapter_config(Path(path))  # one line for a malformed adapter_config.json, as in the fit
     sizes = {name: factor_sizes(path) for name, path in adapters.items()}
     if adapters and recipe.merge.method == "linear":
         notes += (

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from mergeopt.errors import UserError
+from mergeopt.inputs import existing_file
 from mergeopt.runtime.distributed import rank_and_size, shard
 
 
@@ -51,9 +52,7 @@ def has_heldout(sets: Sequence[DevSet], set_weights: Sequence[float] | None = No
 
 def read_jsonl(path: str | Path, what: str = "dev set") -> list[dict[str, Any]]:
     """Parse and validate a JSONL dev set (or training set: ``what``); errors name the file and the line."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{what} {path} does not exist")
+    path = existing_file(path, what)
     records = []
     with path.open("rb") as handle:
         for lineno, raw in enumerate(handle, start=1):

@@ -25,6 +25,7 @@ import pandas as pd
 import yaml
 
 from mergeopt.errors import UserError
+from mergeopt.inputs import existing_dir
 from mergeopt.run_files import DiagnoseFile, MixtureFile, RankReport, read_finished_mixture, read_run_file
 
 RANK_PAIRS = "rank_pairs.csv"
@@ -80,9 +81,7 @@ def _read_csv(path: Path) -> pd.DataFrame | None:
 
 def load_run(path: str | Path, mixture: dict | None = None) -> Run:
     """Whatever the directory holds, finished or not (``mixture`` overrides mixture.json)."""
-    root = Path(path)
-    if not root.is_dir():
-        raise UserError(f"run directory {root} does not exist")
+    root = existing_dir(path, "run directory")
     if mixture is None and (root / "mixture.json").is_file():
         mixture = read_run_file(MixtureFile, root).to_json()
     recipe = None
@@ -104,9 +103,7 @@ def load_run(path: str | Path, mixture: dict | None = None) -> Run:
 
 def open_run(path: str | Path) -> Run:
     """A finished run: its directory must hold a mixture.json whose status is ``complete``."""
-    root = Path(path)
-    if not root.is_dir():
-        raise UserError(f"run directory {root} does not exist")
+    root = existing_dir(path, "run directory")
     return load_run(root, read_finished_mixture(root).to_json())
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +21,8 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from mergeopt.config import Recipe, recipe_from_dict
+from mergeopt.inputs import writable_dir
+from mergeopt.runtime.files import make_staging_dir
 
 MARKER = "world.json"
 
@@ -42,6 +43,13 @@ def cache_root(cache_dir: str | None = None) -> Path:
     return Path(root).expanduser()
 
 
+def _cache_source(cache_dir: str | None) -> str:
+    """Where the cache's place was set, as the user would look for it."""
+    if cache_dir:
+        return "world.cache_dir"
+    return "MERGEOPT_CACHE" if os.environ.get("MERGEOPT_CACHE") else "the world cache"
+
+
 def world_dir(name: str, cache_dir: str | None = None, seed: int = 0) -> Path:
     return cache_root(cache_dir) / f"{name}-v{_registry()[name].WORLD_VERSION}-seed{seed}"
 
@@ -53,6 +61,7 @@ def ensure(
     target = world_dir(name, cache_dir, seed)
     if (target / MARKER).is_file():
         return target
+    writable_dir(target.parent, _cache_source(cache_dir))  # a file or a read-only place: one line
     target.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(target) + ".lock")
     try:
@@ -72,7 +81,7 @@ def _build(name: str, target: Path, seed: int, log: Callable[[str], None]) -> Pa
     if target.exists():  # a leftover without its marker is not a world
         shutil.rmtree(target)
     start = time.perf_counter()
-    staging = Path(tempfile.mkdtemp(prefix=f".building-{name}-", dir=target.parent))
+    staging = make_staging_dir(target.parent, f".building-{name}-")
     try:
         meta = _registry()[name].build_into(staging, seed, log)
         meta.update(

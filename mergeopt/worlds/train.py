@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from mergeopt.cli import run_command
 from mergeopt.config import Recipe, TrainSection, load_recipe
 from mergeopt.errors import Interrupted, UserError
+from mergeopt.inputs import lora_targets, writable_dir
 from mergeopt.loading.problem import resolve_device
 from mergeopt.objectives.data import Batch, Example, collate, evaluation_batches, read_jsonl, tokenize
 from mergeopt.objectives.loss import per_set_loss_sums
@@ -116,6 +117,15 @@ def _finished(path: Path, fingerprint: str, weights: dict[str, float]) -> bool:
             "delete it or choose another train.output_dir"
         )
     return True
+
+
+def check_lora_targets(recipe: Recipe) -> None:
+    """Every train.lora.target_modules entry names a module of the base (built on the meta device)."""
+    from mergeopt.loading.checkpoints import meta_model
+
+    model, _ = meta_model(recipe.model.base, recipe.model.trust_remote_code)
+    names = [name for name, _ in model.named_modules()]
+    lora_targets(recipe.train.lora.target_modules, names, "train.lora.target_modules")
 
 
 def train_one(
@@ -285,6 +295,8 @@ def train(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = pr
     determinism.apply(recipe.deterministic)  # before anything runs on the GPU
     resolved, _ = resolve_recipe(recipe, log)
     cfg = resolved.train
+    if cfg.method == "lora":  # before any run trains, not as peft's exception in the first one
+        check_lora_targets(resolved)
     device = resolve_device(resolved.device)
     tokenizer = AutoTokenizer.from_pretrained(resolved.model.base)
     names = resolved.expert_names
@@ -377,6 +389,11 @@ def _kept_score_columns(path: Path, rows: list[dict], columns: Sequence[str]) ->
 def run(args: argparse.Namespace) -> int:
     """``mergeopt train``: the parsed command line (:mod:`mergeopt.cli`)."""
     recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.train is not None:  # train() says in one line when the section is missing
+        writable_dir(recipe.train.output_dir, "train.output_dir")
+        for name, path in recipe.model.experts.items():  # each trained expert is written here
+            if "://" not in path:
+                writable_dir(path, f"model.experts.{name}")
     try:
         with interruptible():
             train(recipe, progress=not args.quiet, log=(lambda _m: None) if args.quiet else print)
