@@ -110,32 +110,18 @@ def _tables(parser: argparse.ArgumentParser, both: str) -> None:
     parser.add_argument(
         "--higher-is-better", default="", help="comma-separated metrics where higher is better"
     )
-    parser.add_argument("--k", type=_positive_int, default=3, help="top-k size (default 3)")
-    parser.add_argument("--bootstrap", type=_count, default=1000, help="bootstrap resamples (default 1000)")
+    parser.add_argument("--k", type=int, default=3, help="top-k size (default 3)")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
 
 
-def _whole(text: str, minimum: int) -> int:
+def _positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < minimum:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not positive" if minimum == 1 else f"{text!r} is below {minimum}"
-        )
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not positive")
     return value
-
-
-def _positive_int(text: str) -> int:
-    return _whole(text, 1)
-
-
-def _count(text: str) -> int:
-    return _whole(text, 0)
-
-
-def _at_least_two(text: str) -> int:
-    return _whole(text, 2)
 
 
 def _seed(text: str) -> int:
@@ -280,13 +266,13 @@ def _transfer(p: argparse.ArgumentParser) -> None:
     )
     _tables(p, "all")
     p.add_argument("--seed", type=_seed, default=0, help="bootstrap and LightGBM seed (default 0)")
-    p.add_argument("--rounds", type=_positive_int, help="surrogate: LightGBM boosting rounds (default 300)")
+    p.add_argument("--rounds", type=int, help="surrogate: LightGBM boosting rounds (default 300)")
     p.add_argument(
         "--learning-rate", type=_positive_float, help="surrogate: LightGBM learning rate (default 0.05)"
     )
-    p.add_argument("--num-leaves", type=_at_least_two, help="surrogate: LightGBM leaves per tree (default 8)")
+    p.add_argument("--num-leaves", type=int, help="surrogate: LightGBM leaves per tree (default 8)")
     p.add_argument(
-        "--min-child-samples", type=_count, help="surrogate: LightGBM min samples per leaf (default 3)"
+        "--min-child-samples", type=int, help="surrogate: LightGBM min samples per leaf (default 3)"
     )
     _out(p, "output directory (default: transfer_out/)", default="transfer_out")
 

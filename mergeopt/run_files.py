@@ -229,12 +229,15 @@ class MixtureFile(_RunFile):
             raise ValueError(f"groups hold {sorted(members)} but the weights name {sorted(self.weights)}")
         for label, group in self.groups.items():
             total = math.fsum(self.weights[n] for n in group.within)
-            if abs(group.share - total) > SIMPLEX_TOLERANCE:
+            if not abs(group.share - total) <= SIMPLEX_TOLERANCE:  # NaN fails too
                 raise ValueError(
                     f"group {label!r} has share {group.share:.9g} but its weights sum to {total:.9g}"
                 )
             for name, within in group.within.items():
-                if within is not None and abs(group.share * within - self.weights[name]) > SIMPLEX_TOLERANCE:
+                if (
+                    within is not None
+                    and not abs(group.share * within - self.weights[name]) <= SIMPLEX_TOLERANCE
+                ):
                     raise ValueError(
                         f"group {label!r}: share {group.share:.9g} x {name!r}'s share within {within:.9g} "
                         f"is not its weight {self.weights[name]:.9g}"

@@ -62,7 +62,7 @@ def read_grid(path: str | Path, expert_names: Sequence[str]) -> pd.DataFrame:
         if bad is not None:
             raise UserError(f"{path}: column {column} must be a number in every row, row {bad} is not")
     sums = weights.sum(axis=1)
-    bad = ((sums - 1).abs() > WEIGHT_SUM_TOLERANCE) | (weights < 0).any(axis=1)
+    bad = ~((sums - 1).abs() <= WEIGHT_SUM_TOLERANCE) | (weights < 0).any(axis=1)  # NaN and inf fail
     if bad.any():
         row = int(bad.idxmax())
         raise UserError(

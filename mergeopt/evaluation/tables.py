@@ -99,7 +99,7 @@ def check_weights(frame: pd.DataFrame, columns: Sequence[str], source: str) -> n
                 f"{source}: {row_label(frame, int(bad[0]))}: mixture column {col} is not a number"
             )
     weights = frame[list(columns)].to_numpy(dtype=np.float64)
-    off = np.flatnonzero(np.abs(weights.sum(axis=1) - 1) > WEIGHT_SUM_TOLERANCE)
+    off = np.flatnonzero(~(np.abs(weights.sum(axis=1) - 1) <= WEIGHT_SUM_TOLERANCE))  # inf - inf is NaN
     if off.size:
         i = int(off[0])
         raise UserError(

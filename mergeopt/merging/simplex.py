@@ -28,7 +28,7 @@ def weight_problem(weights: Mapping[str, object]) -> str | None:
 def sum_problem(weights: Mapping[str, object]) -> str | None:
     """Why valid weights do not sum to 1 (within SIMPLEX_TOLERANCE), or None."""
     total = math.fsum(float(v) for v in weights.values())
-    if abs(total - 1.0) > SIMPLEX_TOLERANCE:
+    if not abs(total - 1.0) <= SIMPLEX_TOLERANCE:  # `>` would let NaN through
         return f"the weights sum to {total:.9g}, not 1 (within {SIMPLEX_TOLERANCE:g})"
     return None
 

@@ -111,7 +111,7 @@ def _finished(path: Path, fingerprint: str, weights: dict[str, float]) -> bool:
             "delete it or choose another train.output_dir / model.experts path"
         )
     trained = info.get("weights", {})
-    if set(trained) != set(weights) or any(abs(trained[n] - weights[n]) > 1e-9 for n in weights):
+    if set(trained) != set(weights) or any(not abs(trained[n] - weights[n]) <= 1e-9 for n in weights):
         raise UserError(
             f"{path} holds a run of mixture {trained}, not {weights} (train.mixtures changed); "
             "delete it or choose another train.output_dir"
