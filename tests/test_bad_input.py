@@ -64,6 +64,39 @@ def _expert_copy(world, tmp: Path, change: Callable[[dict], None], name: str = "
     return str(dst)
 
 
+_RANK_PROXY = (
+    str(Path(__file__).parent / "data" / "regmix" / "test_mixture_1m.csv")
+    + "+"
+    + str(Path(__file__).parent / "data" / "regmix" / "test_pile_loss_1m.csv")
+)
+_RANK_TRUTH = (
+    str(Path(__file__).parent / "data" / "regmix" / "test_mixture_60m.csv")
+    + "+"
+    + str(Path(__file__).parent / "data" / "regmix" / "test_pile_loss_60m.csv")
+)
+
+
+def _checkpoint_then_changed_dev(world, tmp: Path) -> list[str]:
+    """A fit's checkpoint in tmp/run, then one of the dev files it read edited."""
+    from mergeopt.config import load_recipe
+    from mergeopt.runtime.fingerprint import input_fingerprints
+    from mergeopt.runtime.resume import RunState
+    from mergeopt.runtime.resume import recipe_tree as resolved_tree
+
+    dev = tmp / "arith.jsonl"
+    shutil.copy(world["dev"]["arith"], dev)
+
+    def edit(tree):
+        tree["output_dir"] = str(tmp / "run")
+        tree["data"]["dev"][0]["path"] = str(dev)
+
+    path = _recipe(world, tmp, edit)
+    recipe = load_recipe(path)
+    RunState(tmp / "run", resolved_tree(recipe), inputs=input_fingerprints(recipe)).start()
+    dev.write_text(dev.read_text() + '{"text": "1+1=2"}\n')
+    return [path]
+
+
 def _with_expert(world, tmp, path: str, extra: str = "") -> list[str]:
     return [_recipe(world, tmp), f"model.experts.alpha={path}", *([extra] if extra else [])]
 
@@ -701,6 +734,31 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
             {"alpha": _multiple_choice(t), "beta": w["dev"]["arith"], "gamma": w["dev"]["arith"]},
         ),
         "multiple-choice",
+    ),
+    # issue 18: run directories (owned, published whole)
+    "output_dir empty": (
+        "output directory",
+        "fit",
+        lambda w, t: [_recipe(w, t), "output_dir="],
+        "output_dir is empty",
+    ),
+    "output_dir is the current directory": (
+        "output directory",
+        "fit",
+        lambda w, t: [_recipe(w, t), "output_dir=."],
+        "is the current directory",
+    ),
+    "rank --out a parent of the current directory": (
+        "output directory",
+        "rank",
+        lambda w, t: ["--proxy", _RANK_PROXY, "--truth", _RANK_TRUTH, "--bootstrap", "0", "--out", ".."],
+        "is a parent of the current directory",
+    ),
+    "fit resumed after its dev file changed": (
+        "checkpoint",
+        "fit",
+        lambda w, t: _checkpoint_then_changed_dev(w, t),
+        "arith.jsonl changed since",
     ),
     # transfer
     "transfer tables share no mixture column": (
