@@ -64,16 +64,7 @@ def _expert_copy(world, tmp: Path, change: Callable[[dict], None], name: str = "
     return str(dst)
 
 
-_RANK_PROXY = (
-    str(Path(__file__).parent / "data" / "regmix" / "test_mixture_1m.csv")
-    + "+"
-    + str(Path(__file__).parent / "data" / "regmix" / "test_pile_loss_1m.csv")
-)
-_RANK_TRUTH = (
-    str(Path(__file__).parent / "data" / "regmix" / "test_mixture_60m.csv")
-    + "+"
-    + str(Path(__file__).parent / "data" / "regmix" / "test_pile_loss_60m.csv")
-)
+_TABLE = {"w_a": [1.0, 0.0, 0.5, 0.2], "w_b": [0.0, 1.0, 0.5, 0.8], "loss": [1.0, 2.0, 1.4, 1.9]}
 
 
 def _checkpoint_then_changed_dev(world, tmp: Path) -> list[str]:
@@ -748,10 +739,10 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         lambda w, t: [_recipe(w, t), "output_dir=."],
         "is the current directory",
     ),
-    "rank --out a parent of the current directory": (
+    "transfer --out a parent of the current directory": (
         "output directory",
-        "rank",
-        lambda w, t: ["--proxy", _RANK_PROXY, "--truth", _RANK_TRUTH, "--bootstrap", "0", "--out", ".."],
+        "transfer",
+        lambda w, t: [*_two_tables(t, _TABLE, _TABLE)[:2], "--bootstrap", "0", "--out", ".."],
         "is a parent of the current directory",
     ),
     "fit resumed after its dev file changed": (
