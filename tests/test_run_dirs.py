@@ -326,3 +326,20 @@ def test_train_leaves_no_directory_before_it_saves_and_never_replaces_a_users(ra
     assert refused.returncode == 2
     assert f"{mine} exists and is not a finished mergeopt train run" in refused.stderr
     assert (mine / "weights.bin").read_text() == "a user's model"
+
+
+def test_rank_that_crashes_after_its_first_files_leaves_nothing(random_world, tmp_path, monkeypatch):
+    """The class of "rank writes five files, then crashes before report.md": any failure between
+    the first output and the last publishes none of them."""
+    from mergeopt.reporting import run_report
+    from tests.test_rank_grid import grid_table, rank_cli
+
+    def crash(*_args, **_kwargs):
+        raise RuntimeError("crashed while writing report.md")
+
+    monkeypatch.setattr(run_report, "write_report", crash)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="crashed while writing report.md"):  # a bug's traceback
+        rank_cli(tmp_path, recipe_tree(random_world, out), grid_table())
+    # no output, only the journal a rerun replays (rank_checkpoint/, what the resume guide promises)
+    assert sorted(p.name for p in out.iterdir()) == ["rank_checkpoint"] and _leftovers(out) == []
