@@ -33,6 +33,7 @@ from mergeopt.reporting.report import plot_loss_curve, plot_search_curve, summar
 from mergeopt.run_files import SCHEMA_VERSION, MixtureFile
 from mergeopt.runtime import determinism, distributed
 from mergeopt.runtime.files import write_csv_atomic, write_json_atomic, write_text_atomic
+from mergeopt.runtime.fingerprint import input_fingerprints
 from mergeopt.runtime.resume import (
     CHECKPOINT_DIR,
     RunState,
@@ -41,6 +42,7 @@ from mergeopt.runtime.resume import (
     recipe_tree,
     saying_where_saved,
 )
+from mergeopt.runtime.rundir import Staging, owned, staged
 from mergeopt.search import fit_gradient
 
 GRADIENT_FILES = ("mixture.json", "trace.csv", "recipe.yaml", "loss_curve.png", "simplex.png", "report.md")
@@ -87,16 +89,25 @@ def _losses(problem: Problem, weights: torch.Tensor, batch_size: int) -> dict:
     return out
 
 
-def _checkpoint(recipe: Recipe, resume: str) -> tuple[RunState, bool]:
-    """The run's checkpoint and whether this run resumes it (``resume``: auto, require or restart)."""
-    return open_state(recipe.output_dir, recipe_tree(recipe), resume)
+def _checkpoint(recipe: Recipe, resume: str, resolved: Recipe | None = None) -> tuple[RunState, bool]:
+    """The run's checkpoint and whether this run resumes it (``resume``: auto, require or restart);
+    it records what the run reads (``resolved``: world paths resolved), and refuses to resume on
+    inputs that changed."""
+    inputs = input_fingerprints(resolved or recipe)
+    return open_state(recipe.output_dir, recipe_tree(recipe), resume, inputs=inputs)
 
 
-def _replace_previous_run(output_dir: Path, log: Callable[[str], None]) -> None:
-    """A new run: the previous run's finish marker goes first, so the directory never looks finished."""
-    if (output_dir / "mixture.json").is_file():
-        log(f"replacing the finished run in {output_dir}")
-        (output_dir / "mixture.json").unlink()
+def owned_files(recipe: Recipe) -> tuple[str, ...]:
+    """What a fit replaces in its output_dir: its outputs, either strategy's, and its checkpoint.
+
+    Another command's files there (diagnose's, a later ``mergeopt rank``'s) are kept.
+    """
+    files = (*GRADIENT_FILES, *SEARCH_FILES, CHECKPOINT_DIR)
+    if recipe.rank.grid is not None:
+        from mergeopt.evaluation.rank import OUTPUT_FILES as RANK_FILES
+
+        files = (*files, *RANK_FILES)
+    return files
 
 
 def fit(
@@ -108,7 +119,7 @@ def fit(
     ``require`` insists on one, ``restart`` ignores it). SIGINT/SIGTERM save the state and raise
     :class:`mergeopt.runtime.resume.Interrupted`.
     """
-    with interruptible():
+    with interruptible(), owned(recipe.output_dir, "fit", "output_dir"):
         return _fit(recipe, progress, log, resume)
 
 
@@ -135,12 +146,13 @@ def _fit(recipe: Recipe, progress: bool, log: Callable[[str], None], resume: str
     tokens = source_tokens(resolved, log)  # repetition caps' token counts (None without a cap)
     feasible = feasible_set(resolved, tokens) if resolved.weights.constrained else None
     record = None if feasible is None else constraints_record(resolved, feasible, tokens)
-    checkpoint, resuming = _checkpoint(recipe, resume)  # a mismatched checkpoint is refused before loading
+    # a mismatched checkpoint is refused before loading
+    checkpoint, resuming = _checkpoint(recipe, resume, resolved)
     problem = load_problem(resolved, progress, objective)
     if resuming:
         log(f"resuming from {checkpoint.dir}")
-    else:  # the previous run's outputs are replaced when this run first saves its state
-        checkpoint.start_lazily(lambda: _replace_previous_run(Path(recipe.output_dir), log))
+    else:  # a previous run's outputs stay until this run's replace them, all at once
+        checkpoint.start_lazily()
     try:
         with tracking.tracked(recipe, checkpoint, resuming, log) as tracker:
             return _search_and_write(
@@ -338,37 +350,51 @@ def _search_and_write(
                 for name, stats in report["baselines"].items()
             },
         }
-        if distributed.is_main():
-            from mergeopt.evaluation.proxy import read_grid
-
-            grid = read_grid(resolved.rank.grid, names)[[f"w_{n}" for n in names]]
-            write_rank_outputs(report, pairs, recipe.output_dir, grid, baselines)
     if distributed.is_main():  # under torchrun every rank holds the same result; rank 0 writes it
-        write_outputs(recipe, mixture, trace, names)
-        tracker.finish(mixture)
-        checkpoint.clear()  # finished: mixture.json is the record now
+        # staged, then published in one swap that also drops the checkpoint: a kill before it
+        # leaves the previous outputs and the checkpoint to resume from, after it the new outputs
+        with staged(recipe.output_dir, owned_files(resolved)) as staging:
+            if resolved.rank.grid is not None:
+                from mergeopt.evaluation.proxy import read_grid
+
+                grid = read_grid(resolved.rank.grid, names)[[f"w_{n}" for n in names]]
+                write_rank_outputs(report, pairs, staging.path, grid, baselines)
+            write_outputs(recipe, mixture, trace, names, staging)
+            tracker.finish(mixture)
+        checkpoint.clear()  # finished: mixture.json is the record now (a no-op: the swap dropped it)
     return mixture
 
 
-def write_outputs(recipe: Recipe, mixture: dict, trace: Sequence[dict], names: Sequence[str]) -> Path:
-    """Write the run directory; mixture.json goes last, so its presence means the run finished."""
+def write_outputs(
+    recipe: Recipe,
+    mixture: dict,
+    trace: Sequence[dict],
+    names: Sequence[str],
+    staging: Staging | None = None,
+) -> Path:
+    """Write the run's files into ``staging`` (published by the caller), or publish them at once."""
     record = MixtureFile.model_validate(mixture).to_json()  # the schema is checked before anything is written
-    out = Path(recipe.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if staging is None:
+        with staged(recipe.output_dir, owned_files(recipe)) as staging:
+            write_outputs(recipe, mixture, trace, names, staging)
+        return Path(recipe.output_dir)
+    run_name = Path(recipe.output_dir).name
+    out = staging.path
     write_text_atomic(out / "recipe.yaml", recipe_to_yaml(recipe))
     if mixture["strategy"] == "gradient":
         columns = ["step", "loss", "heldout_loss", *(f"w_{n}" for n in names)]
         write_csv_atomic(out / "trace.csv", trace, columns)
-        plot_loss_curve(trace, names, out / "loss_curve.png", title=f"mergeopt fit: {out.name}")
+        plot_loss_curve(trace, names, out / "loss_curve.png", title=f"mergeopt fit: {run_name}")
     else:
         from mergeopt.search.zero_order import evaluation_columns
 
         write_csv_atomic(out / "evaluations.csv", trace, evaluation_columns(names, trace))
-        title = f"mergeopt fit ({mixture['strategy']}): {out.name}"
+        title = f"mergeopt fit ({mixture['strategy']}): {run_name}"
         plot_search_curve(trace, names, out / "search_curve.png", "objective value (lower is better)", title)
     from mergeopt.reporting.run_report import write_report
 
-    write_report(out, mixture)  # simplex.png and report.md, from the files above and the mixture
+    staging.carry_over()  # report.md also sums up the other commands' files in the directory
+    write_report(out, mixture, run_name)  # simplex.png and report.md, from the files above and the mixture
     write_json_atomic(out / "mixture.json", record)
     return out
 

@@ -65,6 +65,30 @@ def _expert_copy(world, tmp: Path, change: Callable[[dict], None], name: str = "
     return str(dst)
 
 
+_TABLE = {"w_a": [1.0, 0.0, 0.5, 0.2], "w_b": [0.0, 1.0, 0.5, 0.8], "loss": [1.0, 2.0, 1.4, 1.9]}
+
+
+def _checkpoint_then_changed_dev(world, tmp: Path) -> list[str]:
+    """A fit's checkpoint in tmp/run, then one of the dev files it read edited."""
+    from mergeopt.config import load_recipe
+    from mergeopt.runtime.fingerprint import input_fingerprints
+    from mergeopt.runtime.resume import RunState
+    from mergeopt.runtime.resume import recipe_tree as resolved_tree
+
+    dev = tmp / "arith.jsonl"
+    shutil.copy(world["dev"]["arith"], dev)
+
+    def edit(tree):
+        tree["output_dir"] = str(tmp / "run")
+        tree["data"]["dev"][0]["path"] = str(dev)
+
+    path = _recipe(world, tmp, edit)
+    recipe = load_recipe(path)
+    RunState(tmp / "run", resolved_tree(recipe), inputs=input_fingerprints(recipe)).start()
+    dev.write_text(dev.read_text() + '{"text": "1+1=2"}\n')
+    return [path]
+
+
 def _with_expert(world, tmp, path: str, extra: str = "") -> list[str]:
     return [_recipe(world, tmp), f"model.experts.alpha={path}", *([extra] if extra else [])]
 
@@ -936,6 +960,31 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
             w, t, lambda tr: tr["train"].update(method="lora", lora={"target_modules": ["nope_proj"]})
         ),
         "train.lora.target_modules 'nope_proj' matches no module of the base",
+    ),
+    # issue 18: run directories (owned, published whole)
+    "output_dir empty": (
+        "output directory",
+        "fit",
+        lambda w, t: [_recipe(w, t), "output_dir="],
+        "output_dir is empty",
+    ),
+    "output_dir is the current directory": (
+        "output directory",
+        "fit",
+        lambda w, t: [_recipe(w, t), "output_dir=."],
+        "is the current directory",
+    ),
+    "transfer --out a parent of the current directory": (
+        "output directory",
+        "transfer",
+        lambda w, t: [*_two_tables(t, _TABLE, _TABLE)[:2], "--bootstrap", "0", "--out", ".."],
+        "is a parent of the current directory",
+    ),
+    "fit resumed after its dev file changed": (
+        "checkpoint",
+        "fit",
+        lambda w, t: _checkpoint_then_changed_dev(w, t),
+        "arith.jsonl changed since",
     ),
     # transfer
     "transfer tables share no mixture column": (

@@ -253,7 +253,7 @@ def test_a_fault_names_a_signal_a_point_and_a_number(monkeypatch):
 
     assert faults.parse("sigkill@step:3") == (signal.SIGKILL, "step", 3)
     assert faults.parse("sigint@train.beta:7") == (signal.SIGINT, "train.beta", 7)
-    for bad in ("kill@step:3", "sigkill@step", "sigkill step:3", "sigstop@step:1"):
+    for bad in ("kill@step:3", "sigkill@step", "sigkill step:3", "sighup@step:1"):
         with pytest.raises(UserError, match=f"MERGEOPT_FAULT={bad!r} is not SIGNAL@POINT:N"):
             faults.parse(bad)
     sent = []

@@ -419,7 +419,11 @@ def mixture_record(
 
 
 def write_outputs(out: Path, content: dict, ranking: pd.DataFrame, names: Sequence[str], recipe, base: dict):
-    """Every file checked (the typed models) before the first is written; the JSON goes last."""
+    """Every file checked (the typed models) before the first is written; the JSON goes last.
+
+    ``out`` is a staging directory the caller publishes (:mod:`mergeopt.runtime.rundir`): an
+    earlier round's pick/ and next-*/ are replaced whole, never left beside this round's.
+    """
     from mergeopt.config import recipe_to_yaml
     from mergeopt.merging.groups import groups_of
     from mergeopt.run_files import SCHEMA_VERSION, CalibrationReport, MixtureFile
@@ -432,11 +436,6 @@ def write_outputs(out: Path, content: dict, ranking: pd.DataFrame, names: Sequen
     for i, proposal in enumerate(content["proposals"], 1):
         mixtures[f"next-{i}"] = mixture_record(proposal["weights"], "next", proposal, content, base, groups)
     mixtures = {name: MixtureFile.model_validate(m).to_json() for name, m in mixtures.items()}
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("next-*"):  # an earlier round's proposals
-        if stale.is_dir() and stale.name not in mixtures:
-            for f in ("mixture.json", "recipe.yaml"):
-                (stale / f).unlink(missing_ok=True)
     text = recipe_to_yaml(recipe)
     for name, data in mixtures.items():
         (out / name).mkdir(exist_ok=True)
@@ -453,11 +452,17 @@ def write_outputs(out: Path, content: dict, ranking: pd.DataFrame, names: Sequen
 
 def _main(args: argparse.Namespace) -> int:
     from mergeopt.config import load_recipe
+    from mergeopt.runtime.rundir import check_output_dir, owned
 
     recipe = load_recipe(args.recipe, args.overrides)
-    out = Path(args.out) if args.out else Path(recipe.output_dir) / "calibration"
+    what = "--out" if args.out is not None else "output_dir"
+    out = (
+        Path(args.out)
+        if args.out is not None
+        else Path(check_output_dir(recipe.output_dir, what)) / "calibration"
+    )
     writable_dir(out, "--out" if args.out else "output_dir/calibration")
-    with saying_where_saved(out / CALIBRATE_CHECKPOINT_DIR), interruptible():
+    with saying_where_saved(out / CALIBRATE_CHECKPOINT_DIR), interruptible(), owned(out, "calibrate", what):
         return _run(args, recipe, out)
 
 
@@ -465,7 +470,9 @@ def _run(args: argparse.Namespace, recipe, out: Path) -> int:
     from mergeopt.evaluation.proxy import check_truth, proxy_grid, read_grid
     from mergeopt.loading.problem import load_problem, resolve_device
     from mergeopt.run_files import read_finished_mixture
+    from mergeopt.runtime.fingerprint import input_fingerprints
     from mergeopt.runtime.resume import open_state, recipe_tree
+    from mergeopt.runtime.rundir import staged
     from mergeopt.worlds import resolve_recipe
 
     spec = recipe.calibrate
@@ -499,7 +506,11 @@ def _run(args: argparse.Namespace, recipe, out: Path) -> int:
     # the proxy's evaluations depend on the model and the data, not on what is done with them
     tree = {k: v for k, v in recipe_tree(recipe).items() if k not in ("rank", "calibrate", "logging")}
     checkpoint, resuming = open_state(
-        out, tree, "restart" if args.restart else "auto", CALIBRATE_CHECKPOINT_DIR
+        out,
+        tree,
+        "restart" if args.restart else "auto",
+        CALIBRATE_CHECKPOINT_DIR,
+        input_fingerprints(resolved),
     )
     if resuming and not quiet:
         print(f"reusing the proxy's evaluations in {checkpoint.dir}")
@@ -553,7 +564,9 @@ def _run(args: argparse.Namespace, recipe, out: Path) -> int:
         "worlds": {name: str(root) for name, root in world_roots.items()},
         **({"constraints": record} if record is not None else {}),
     }
-    write_outputs(out, content, ranking, names, recipe, base)
+    # the proxy's journal (calibrate_checkpoint/) stays for the next round: it is not replaced
+    with staged(out, (*OUTPUT_FILES, "pick", "next-*")) as staging:
+        write_outputs(staging.path, content, ranking, names, recipe, base)
     print(markdown(content, ranking, names))
     print(f"Wrote {', '.join(OUTPUT_FILES)}, pick/ and next-*/ to {out}")
     return 0

@@ -329,18 +329,23 @@ def diagnose_recipe(
 def run(args: argparse.Namespace) -> int:
     """``mergeopt diagnose``: diagnose.json, diagnose.md and plots in --out (default: output_dir)."""
     from mergeopt.config import load_recipe
-    from mergeopt.reporting.diagnostics import write_diagnostics
+    from mergeopt.reporting.diagnostics import FILES, write_diagnostics
     from mergeopt.reporting.run_report import write_report
+    from mergeopt.runtime.rundir import owned, staged
 
     recipe = load_recipe(args.recipe, args.overrides)
     check_points(args.points)
     writable_dir(args.out or recipe.output_dir, "--out" if args.out else "output_dir")
     log = (lambda _m: None) if args.quiet else print
-    resolved, problem, objective = load_diagnosed(recipe, not args.quiet, log)
-    record = diagnose(problem, objective, resolved, args.points, progress=not args.quiet)
-    out = Path(args.out or recipe.output_dir)
-    files = write_diagnostics(record, out)
-    write_report(out)  # report.md gains its Diagnostics section (and keeps a fit's, if there is one)
+    what = "--out" if args.out is not None else "output_dir"
+    with owned(args.out if args.out is not None else recipe.output_dir, "diagnose", what) as out:
+        resolved, problem, objective = load_diagnosed(recipe, not args.quiet, log)
+        record = diagnose(problem, objective, resolved, args.points, progress=not args.quiet)
+        # published in one swap; a fit's or rank's files in the directory are kept
+        with staged(out, (*FILES, "report.md", "simplex.png")) as staging:
+            files = write_diagnostics(record, staging.path)
+            staging.carry_over()  # report.md gains its Diagnostics section and keeps a fit's
+            write_report(staging.path, name=out.name)
     for flag in record.flags:
         print(f"flag {flag.kind}: {flag.message}")
     if not record.flags:

@@ -35,7 +35,9 @@ from mergeopt.objectives.objective import Objective
 from mergeopt.run_files import SCHEMA_VERSION, RankReport, read_finished_mixture
 from mergeopt.runtime import distributed
 from mergeopt.runtime.files import save_figure_atomic, write_csv_atomic, write_json_atomic, write_text_atomic
+from mergeopt.runtime.fingerprint import input_fingerprints
 from mergeopt.runtime.resume import RANK_CHECKPOINT_DIR, interruptible, saying_where_saved
+from mergeopt.runtime.rundir import owned, staged
 
 MAX_SCATTER_PANELS = 9  # metrics drawn in rank_scatter.png, plus the mean
 OUTPUT_FILES = ("rank_report.json", "rank_report.md", "rank_scatter.png", "rank_pairs.csv")
@@ -171,16 +173,19 @@ def write_outputs(
     weights: pd.DataFrame | None = None,
     baselines: Mapping[str, Mapping[str, np.ndarray]] | None = None,
 ) -> Path:
-    """rank_report.{json,md}, rank_scatter.png and rank_pairs.csv (the scores behind the figure)."""
+    """rank_report.{json,md}, rank_scatter.png and rank_pairs.csv (the scores behind the figure).
+
+    ``out`` is written as it is: a staging directory (:mod:`mergeopt.runtime.rundir`) the caller
+    publishes. Every file is checked and drawn in memory first, so a bad value fails before any.
+    """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    record = RankReport.model_validate({"schema_version": SCHEMA_VERSION, **json_safe(report)}).to_json()
+    write_json_atomic(out / "rank_report.json", record)
     frame = pairs_frame(pairs, weights, baselines)
     write_csv_atomic(out / "rank_pairs.csv", frame.to_dict("records"), list(frame.columns))
     plot_scatter(pairs, report, out / "rank_scatter.png", baselines)
     text = markdown_table(report) + ("\n\n" + baseline_table(report) if "baselines" in report else "")
     write_text_atomic(out / "rank_report.md", text + "\n")
-    record = RankReport.model_validate({"schema_version": SCHEMA_VERSION, **json_safe(report)}).to_json()
-    write_json_atomic(out / "rank_report.json", record)
     return out
 
 
@@ -291,8 +296,9 @@ def _grid_main(args) -> int:
     from mergeopt.config import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    out = writable_dir(args.out or recipe.output_dir, "--out" if args.out else "output_dir")
-    with saying_where_saved(out / RANK_CHECKPOINT_DIR), interruptible():
+    what = "--out" if args.out is not None else "output_dir"
+    out = writable_dir(args.out if args.out is not None else recipe.output_dir, what)
+    with saying_where_saved(out / RANK_CHECKPOINT_DIR), interruptible(), owned(out, "rank", what):
         return _grid_run(args, recipe, out)
 
 
@@ -331,7 +337,9 @@ def _grid_run(args, recipe, out: Path) -> int:
         resolved, _ = resolve_recipe(recipe, (lambda _m: None) if quiet else print)
     # the proxy's evaluations depend on the recipe, not on how the rank statistics are drawn
     tree = {k: v for k, v in recipe_tree(recipe).items() if k != "rank"}
-    checkpoint, resuming = open_state(out, tree, "restart" if args.restart else "auto", RANK_CHECKPOINT_DIR)
+    mode = "restart" if args.restart else "auto"
+    inputs = input_fingerprints(resolved)
+    checkpoint, resuming = open_state(out, tree, mode, RANK_CHECKPOINT_DIR, inputs)
     if resuming and not quiet:
         print(f"resuming from {checkpoint.dir}")
     elif not resuming:
@@ -358,11 +366,14 @@ def _grid_run(args, recipe, out: Path) -> int:
     if not distributed.is_main():
         return 0
     weights = read_grid(grid, recipe.expert_names)[[f"w_{n}" for n in recipe.expert_names]]
-    write_outputs(report, pairs, out, weights, baselines)
-    checkpoint.clear()  # the report is the record now
     from mergeopt.reporting.run_report import write_report
 
-    write_report(out)
+    # published in one swap that also drops rank_checkpoint/; a fit's files beside are kept
+    with staged(out, (*OUTPUT_FILES, "report.md", "simplex.png", RANK_CHECKPOINT_DIR)) as staging:
+        write_outputs(report, pairs, staging.path, weights, baselines)
+        staging.carry_over()  # report.md sums up the fit's files too
+        write_report(staging.path, name=out.name)
+    checkpoint.clear()  # the report is the record now (a no-op: the swap dropped it)
     print(markdown_table(report))
     if "baselines" in report:
         print("\n" + baseline_table(report))
@@ -398,7 +409,9 @@ def run(args: argparse.Namespace) -> int:
         n_bootstrap=args.bootstrap,
         seed=args.seed,
     )
-    out = write_outputs(report, pairs, args.out or "rank_out")
+    with owned(args.out if args.out is not None else "rank_out", "rank", "--out") as out:
+        with staged(out, OUTPUT_FILES) as staging:
+            write_outputs(report, pairs, staging.path)
     print(markdown_table(report))
     print(f"\nWrote {', '.join(OUTPUT_FILES)} to {out}")
     return 0

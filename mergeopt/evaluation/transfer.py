@@ -55,6 +55,7 @@ from mergeopt.evaluation.tables import (
 from mergeopt.inputs import writable_dir
 from mergeopt.run_files import SCHEMA_VERSION, TransferReport
 from mergeopt.runtime.files import save_figure_atomic, write_json_atomic, write_text_atomic
+from mergeopt.runtime.rundir import owned, staged
 
 OUTPUT_FILES = ("transfer_report.json", "transfer_report.md", "transfer_scatter.png")
 COMPARISONS = {  # key: (proxy, truth, what it measures)
@@ -531,6 +532,7 @@ def plot_transfer(pairs: Mapping[str, Mapping[str, tuple]], report: dict, path: 
 
 
 def write_outputs(report: dict, pairs: Mapping, out: str | Path) -> Path:
+    """The report's files into ``out`` (a staging directory the caller publishes)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plot_transfer(pairs, report, out / "transfer_scatter.png")
@@ -569,7 +571,8 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         surrogate_options=surrogate,
     )
-    out = write_outputs(report, pairs, args.out)
+    with owned(args.out, "transfer", "--out") as out, staged(out, OUTPUT_FILES) as staging:
+        write_outputs(report, pairs, staging.path)
     note = _display(report)[1]
     print(summary_table(report))
     print("\n" + (f"{note} " if note else "") + "Regret: normalised, at the truth's scale.")

@@ -37,6 +37,7 @@ from mergeopt.export.shares import budget_epochs, check_recorded_cap, check_repe
 from mergeopt.export.token_stats import load_tokenizer, measure_all
 from mergeopt.inputs import writable_dir, writable_file
 from mergeopt.runtime.files import write_text_atomic
+from mergeopt.runtime.rundir import owned, staged
 
 
 def choose_formats(name: str) -> list[Format]:
@@ -118,10 +119,14 @@ def write(texts: dict[Format, str], out: str | None, many: bool) -> list[Path]:
             sys.stdout.write(text)
         return []
     target = Path(out)
-    if many:
+    if many:  # one file per format, published together (mergeopt.runtime.rundir); others in DIR kept
         if target.exists() and not target.is_dir():
             raise UserError(f"--out {target} exists and is not a directory")
-        return [write_text_atomic(target / f.filename, text) for f, text in texts.items()]
+        names = [f.filename for f in texts]
+        with owned(target, "export", "--out") as target, staged(target, names) as staging:
+            for f, text in texts.items():
+                write_text_atomic(staging.path / f.filename, text)
+        return [target / name for name in names]
     ((fmt, text),) = texts.items()
     if target.is_dir():
         target = target / fmt.filename

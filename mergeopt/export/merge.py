@@ -8,8 +8,9 @@ fit scored; a mixture.json whose recorded merge differs from the recipe's is ref
 
 DIR receives config.json, the weights as safetensors (sharded above 5 GB, with
 model.safetensors.index.json), the base's tokenizer, and ``mergeopt_merge.json`` saying where the
-checkpoint came from. Everything is written into a hidden sibling directory that is renamed to DIR
-at the end, so a failure leaves nothing at DIR (and, with ``--overwrite``, the old DIR intact).
+checkpoint came from. Everything is written into a hidden sibling directory that is swapped with DIR
+at the end (:mod:`mergeopt.runtime.rundir`), so a failure leaves nothing at DIR (and, with
+``--overwrite``, the old DIR intact).
 
     python -m mergeopt.merge recipes/tiny.yaml --mixture runs/tiny/mixture.json --out merged/tiny
     python -m mergeopt.merge recipes/tiny.yaml --weights arith=0.1,reverse=0.5,brackets=0.3,markov=0.1 \\
@@ -21,11 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,6 +43,7 @@ from mergeopt.merging.simplex import sum_problem, weight_problem
 from mergeopt.merging.stack import DTYPES, describe
 from mergeopt.run_files import MixtureFile, read_finished_mixture
 from mergeopt.runtime.files import file_mode
+from mergeopt.runtime.rundir import owned, staged
 
 MANIFEST = "mergeopt_merge.json"
 OUT_DTYPES = ("float32", "bfloat16", "float16")
@@ -192,24 +190,6 @@ def _shard_size(text: str) -> int | str:
     return int(text) if text.isdigit() else text
 
 
-def _move_into_place(staging: Path, out: Path, overwrite: bool) -> None:
-    """Rename the finished staging directory to ``out``; an old ``out`` is removed only afterwards."""
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-    if not out.exists():
-        os.rename(staging, out)
-        return
-    check_out(out, overwrite)  # it appeared while we were merging
-    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-    os.rename(out, old)
-    try:
-        os.rename(staging, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def write_checkpoint(
     model: torch.nn.Module,
     tokenizer,
@@ -220,24 +200,21 @@ def write_checkpoint(
     max_shard_size: int | str = MAX_SHARD_SIZE,
 ) -> Path:
     """Save the model (cast to ``dtype``) and tokenizer as an HF checkpoint, all or nothing."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the shipped directory private
+    if out.is_dir() and any(out.iterdir()):
+        check_out(out, overwrite)  # it appeared while we were merging
+    # written into a hidden sibling and swapped in whole (mergeopt.runtime.rundir): the old DIR's
+    # files are all replaced, none carried over
+    with staged(out, ("*", ".*")) as staging:
         model.to(DTYPES[dtype])
-        model.save_pretrained(staging, max_shard_size=max_shard_size)
-        tokenizer.save_pretrained(staging)
+        model.save_pretrained(staging.path, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(staging.path)
         # the directory is renamed into place whole, so its files need no atomic writes of their own
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        for written in staging.rglob("*"):  # transformers writes model.safetensors 0600 whatever the umask
+        (staging.path / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        for written in staging.path.rglob(
+            "*"
+        ):  # transformers writes model.safetensors 0600 whatever the umask
             if written.is_file():
                 written.chmod(file_mode())
-        _move_into_place(staging, out, overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 
@@ -315,17 +292,17 @@ def run(args: argparse.Namespace) -> int:
         check_same_merge(mixture, mixture_path, recipe)
     else:
         weights = check_mixture(parse_weights(args.weights), recipe.expert_names, "--weights", args.normalize)
-    out = Path(args.out)
-    check_out(out, args.overwrite)
-    writable_dir(out, "--out")
-    resolved, _ = worlds.resolve_recipe(recipe, log)
-    model = resolved.model
-    inputs = [model.base, *model.experts.values(), args.recipe, *([args.mixture] if args.mixture else [])]
-    check_out(out, args.overwrite, inputs)
-    provenance = {"recipe": args.recipe, "overrides": list(args.overrides), "mixture": args.mixture}
-    materialize(
-        resolved, weights, out, args.dtype, args.overwrite, shard_size, provenance, not args.quiet, log
-    )
+    writable_dir(Path(args.out), "--out")
+    with owned(args.out, "merge", "--out") as out:
+        check_out(out, args.overwrite)
+        resolved, _ = worlds.resolve_recipe(recipe, log)
+        model = resolved.model
+        inputs = [model.base, *model.experts.values(), args.recipe, *([args.mixture] if args.mixture else [])]
+        check_out(out, args.overwrite, inputs)
+        provenance = {"recipe": args.recipe, "overrides": list(args.overrides), "mixture": args.mixture}
+        materialize(
+            resolved, weights, out, args.dtype, args.overwrite, shard_size, provenance, not args.quiet, log
+        )
     return 0
 
 

@@ -94,8 +94,12 @@ def _rank_section(run: Run) -> list[str]:
     return lines
 
 
-def write_report(directory: str | Path, mixture: dict | None = None) -> Path:
-    """Write simplex.png (when the run has weights) and report.md into ``directory``; returns the report."""
+def write_report(directory: str | Path, mixture: dict | None = None, name: str | None = None) -> Path:
+    """Write simplex.png (when the run has weights) and report.md into ``directory``; returns the report.
+
+    ``name``: the run's name in the title when ``directory`` is a staging directory
+    (:mod:`mergeopt.runtime.rundir`), not the run directory itself.
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -110,7 +114,7 @@ def write_report(directory: str | Path, mixture: dict | None = None) -> Path:
             save_figure_atomic(fig, run.path / SIMPLEX)
         finally:
             plt.close(fig)
-    lines = [f"# mergeopt run: {run.path.name}", ""]
+    lines = [f"# mergeopt run: {name or run.path.name}", ""]
     if run.mixture is not None:
         lines += _mixture_section(run) + _search_section(run)
     if run.rank is not None:

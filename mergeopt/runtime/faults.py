@@ -8,6 +8,8 @@ tests name the moment instead, in the environment of the process they start:
                                            (before that step's checkpoint, if one is due)
     MERGEOPT_FAULT=sigterm@evaluation:5    a zero-order search, as its 5th evaluation starts
     MERGEOPT_FAULT=sigint@train.beta:7     `mergeopt train`, run "beta", at the end of step 7
+    MERGEOPT_FAULT=sigstop@step:3          stops there, holding what it holds (a test's second
+                                           process meets its lock), until SIGCONT or SIGKILL
 
 The process sends itself the signal with ``os.kill``: SIGKILL ends it on the spot, as ``kill -9``
 does; SIGTERM and SIGINT go through the same handler a real signal does (:mod:`mergeopt.runtime.resume`).
@@ -24,7 +26,12 @@ import signal
 from mergeopt.errors import UserError
 
 VARIABLE = "MERGEOPT_FAULT"
-SIGNALS = {"sigkill": signal.SIGKILL, "sigterm": signal.SIGTERM, "sigint": signal.SIGINT}
+SIGNALS = {
+    "sigkill": signal.SIGKILL,
+    "sigterm": signal.SIGTERM,
+    "sigint": signal.SIGINT,
+    "sigstop": signal.SIGSTOP,
+}
 _SPEC = re.compile(r"(?P<signal>sig[a-z]+)@(?P<point>[A-Za-z0-9_.\-]+):(?P<index>\d+)")
 
 

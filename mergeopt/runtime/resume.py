@@ -6,7 +6,9 @@ trace; for the zero-order strategies the log of real evaluations, each of which 
 minutes. ``RUN/checkpoint/`` holds them:
 
 * ``meta.json``: the resolved recipe the checkpoint belongs to (a run whose recipe changed is
-  refused, naming the first key that differs, instead of silently mixing two runs);
+  refused, naming the first key that differs, instead of silently mixing two runs) and a
+  fingerprint of every input it read (:mod:`mergeopt.runtime.fingerprint`: a dev set edited or an
+  expert retrained since is refused too, naming the first changed file);
 * ``gradient.pt``: the gradient strategy's state, rewritten atomically every
   ``optim.checkpoint_every`` steps (``torch.save``; read back with ``weights_only=True``, so
   loading it can execute nothing);
@@ -43,6 +45,7 @@ import yaml
 from mergeopt.errors import SIGNAL_EXIT, Interrupted, UserError
 from mergeopt.runtime import distributed
 from mergeopt.runtime.files import write_bytes_atomic, write_json_atomic
+from mergeopt.runtime.fingerprint import first_changed
 
 CHECKPOINT_DIR = "checkpoint"
 META = "meta.json"
@@ -125,8 +128,15 @@ class RunState:
     ``mergeopt rank`` in grid mode, so neither touches the other's state in a shared output_dir.
     """
 
-    def __init__(self, output_dir: str | Path, recipe_tree: dict, name: str = CHECKPOINT_DIR):
+    def __init__(
+        self,
+        output_dir: str | Path,
+        recipe_tree: dict,
+        name: str = CHECKPOINT_DIR,
+        inputs: dict[str, str] | None = None,
+    ):
         self.dir = Path(output_dir) / name
+        self.inputs = inputs  # {path: digest} of what the run reads (None: not checked)
         # where the run writes, and which trackers watch it, are not part of what it computes
         self.recipe = {k: v for k, v in recipe_tree.items() if k not in ("output_dir", "logging")}
         self._on_first_write = None  # set by start_lazily: runs before the first byte is written
@@ -138,7 +148,8 @@ class RunState:
     def check_matches(self) -> None:
         """Refuse a checkpoint written by a different recipe, naming the first key that differs."""
         try:
-            saved = json.loads((self.dir / META).read_text(encoding="utf-8"))["recipe"]
+            meta = json.loads((self.dir / META).read_text(encoding="utf-8"))
+            saved, saved_inputs = meta["recipe"], meta.get("inputs") or {}
         except (OSError, ValueError, KeyError, TypeError):
             raise UserError(
                 f"{self.dir / META}: unreadable checkpoint; delete {self.dir} or pass --restart"
@@ -149,12 +160,19 @@ class RunState:
                 f"{self.dir} belongs to a run with another recipe ({key} differs); "
                 "rerun with that recipe, pass --restart to start over, or use another output_dir"
             )
+        changed = first_changed(saved_inputs) if self.inputs is not None else None
+        if changed is not None:
+            raise UserError(
+                f"{self.dir} belongs to a run that read other data: {changed} changed since; "
+                "restore it, pass --restart to start over on the new data, or use another output_dir"
+            )
 
     def start(self) -> None:
         """A fresh checkpoint for this recipe (whatever was there is removed)."""
         self.clear()
         self.dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.dir / META, {"recipe": self.recipe})
+        meta = {"recipe": self.recipe, **({} if self.inputs is None else {"inputs": self.inputs})}
+        write_json_atomic(self.dir / META, meta)
 
     def start_lazily(self, before=None) -> None:
         """Start fresh at the first save, after calling ``before``: a run that stops on a user error
@@ -242,11 +260,17 @@ class RunState:
 
 
 def open_state(
-    output_dir: str | Path, tree: dict, resume: str, name: str = CHECKPOINT_DIR
+    output_dir: str | Path,
+    tree: dict,
+    resume: str,
+    name: str = CHECKPOINT_DIR,
+    inputs: dict[str, str] | None = None,
 ) -> tuple[RunState, bool]:
     """The run's state in ``output_dir/name`` and whether this run resumes it (``resume``: auto,
-    require or restart). Under torchrun every rank must see the same answer."""
-    checkpoint = RunState(output_dir, tree, name)
+    require or restart). ``inputs``: the fingerprints of what it reads
+    (:func:`mergeopt.runtime.fingerprint.input_fingerprints`). Under torchrun every rank must see
+    the same answer."""
+    checkpoint = RunState(output_dir, tree, name, inputs)
     if resume not in ("auto", "require", "restart"):
         raise ValueError(f"resume must be auto, require or restart, not {resume!r}")
     found = distributed.all_gather_objects(resume != "restart" and checkpoint.exists())

@@ -45,6 +45,7 @@ from mergeopt.objectives.term_scores import (
 from mergeopt.runtime import determinism, faults
 from mergeopt.runtime.files import write_csv_atomic, write_json_atomic
 from mergeopt.runtime.resume import check_interrupt, interruptible, pending_interrupt
+from mergeopt.runtime.rundir import owned, staged
 from mergeopt.search.mixtures import mixture_set
 from mergeopt.worlds import resolve_recipe
 
@@ -190,8 +191,15 @@ def train_one(
             _save_step_checkpoint(_checkpoint_dir(out), state, model, optimizer)
         check_interrupt(f"{out.name} step {done}")
     model.eval()
-    staging = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
+    with staged(out, ("*", ".*")) as staging:  # published whole, run.json inside (mergeopt.runtime.rundir)
+        info = _save_run(recipe, model, tokenizer, weights, tokens, losses, staging.path)
+    shutil.rmtree(_checkpoint_dir(out), ignore_errors=True)  # finished: run.json is the record
+    return info
+
+
+def _save_run(recipe, model, tokenizer, weights, tokens, losses, staging: Path) -> dict:
+    """The trained model (dense; LoRA's adapter too), its tokenizer and run.json, into ``staging``."""
+    cfg = recipe.train
     if cfg.method == "lora":
         model.save_pretrained(staging / "adapter")
         model = model.merge_and_unload()  # the dense merged expert, loadable by fit
@@ -206,10 +214,6 @@ def train_one(
         "fingerprint": _fingerprint(recipe),
     }
     write_json_atomic(staging / RUN_MARKER, info)
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
-    shutil.rmtree(_checkpoint_dir(out), ignore_errors=True)  # finished: run.json is the record
     return info
 
 
@@ -321,13 +325,19 @@ def train(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = pr
         grid_runs.append((w, path))
 
     todo = [(w, p) for w, p in runs if not _finished(p, fingerprint, w)]
+    for _, path in todo:  # a run is published over its path whole: never over a user's directory
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise UserError(
+                f"{path} exists and is not a finished mergeopt train run (it has no {RUN_MARKER}); "
+                "move it away or name another directory: training would replace it"
+            )
     log(
         f"{len(runs)} runs ({len(names)} experts, {len(runs) - len(names)} mixtures): "
         f"{len(runs) - len(todo)} finished, {len(todo)} to train ({cfg.method}, {cfg.steps} steps x "
         f"{cfg.batch_tokens} tokens)"
     )
+    # no directory is made before something is saved into it: a run stopped early leaves none
     for w, path in tqdm(todo, desc="training runs", unit="run", disable=not progress):
-        path.parent.mkdir(parents=True, exist_ok=True)
         train_one(resolved, w, domains, path, tokenizer, device, progress)
 
     pad_id = tokenizer.pad_token_id or 0
@@ -389,13 +399,14 @@ def _kept_score_columns(path: Path, rows: list[dict], columns: Sequence[str]) ->
 def run(args: argparse.Namespace) -> int:
     """``mergeopt train``: the parsed command line (:mod:`mergeopt.cli`)."""
     recipe = load_recipe(args.recipe, args.overrides)
-    if recipe.train is not None:  # train() says in one line when the section is missing
-        writable_dir(recipe.train.output_dir, "train.output_dir")
-        for name, path in recipe.model.experts.items():  # each trained expert is written here
-            if "://" not in path:
-                writable_dir(path, f"model.experts.{name}")
+    if recipe.train is None:
+        raise UserError("the recipe has no train section: nothing to train")
+    writable_dir(recipe.train.output_dir, "train.output_dir")
+    for name, path in recipe.model.experts.items():  # each trained expert is written here
+        if "://" not in path:
+            writable_dir(path, f"model.experts.{name}")
     try:
-        with interruptible():
+        with interruptible(), owned(recipe.train.output_dir, "train", "train.output_dir"):
             train(recipe, progress=not args.quiet, log=(lambda _m: None) if args.quiet else print)
     except Interrupted as stop:
         stop.hint = "finished runs are kept and the run in progress is checkpointed. Rerun the same command to continue."

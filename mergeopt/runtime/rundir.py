@@ -1,0 +1,273 @@
+"""Run directories: one writer at a time, and outputs that appear all together or not at all.
+
+Every command that writes into a directory (fit's output_dir, ``--out`` of rank, calibrate,
+diagnose, transfer, merge and ``export --to all``, train's output_dir) goes through this module:
+
+* :func:`check_output_dir` refuses a directory that is no place for outputs: an empty name, the
+  current directory or one above it, the home directory, a filesystem root. Publishing replaces
+  the directory whole, so any of those would put unrelated files at stake.
+* :func:`owned` holds an OS lock (``flock``) on ``PARENT/.NAME.lock`` while the command runs, with
+  the holder's pid and command written in it: a second process asking for the same directory gets
+  one line naming that pid. The kernel drops the lock when its process dies, so a ``kill -9`` never
+  blocks the rerun. The lock file is removed on release. Under torchrun rank 0 alone holds it (the
+  other ranks write nothing). ``filelock`` truncates its file on every attempt and never removes it,
+  so it could keep neither the pid nor the directory clean; hence plain ``fcntl``.
+* :class:`Staging` is a hidden sibling ``.NAME.staging-PID`` the command writes its outputs into.
+  :meth:`Staging.publish` first hard-links in whatever the directory holds that the command does
+  not own (another command's outputs, a tracker's logs), then swaps it for the directory in one
+  ``renameat2(RENAME_EXCHANGE)`` (two renames where the kernel lacks it). A kill before the swap
+  leaves the previous directory as it was; after it, the complete new one. The next owner removes
+  any staging a kill left, and puts back a directory a kill caught between the two fallback renames.
+
+Every file in a staging directory must be written by replacing it (:mod:`mergeopt.runtime.files`),
+never appended to in place: a hard-linked file is shared with the published directory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import fnmatch
+import os
+import shutil
+import stat
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from mergeopt.errors import UserError
+from mergeopt.runtime import faults
+
+LOCK_SUFFIX = ".lock"
+STAGING = ".staging-"
+REPLACED = ".replaced-"
+
+
+# ----------------------------------------------------------------------------- where outputs may go
+
+
+def check_output_dir(raw: str | os.PathLike, what: str) -> Path:
+    """``raw`` as a Path, or a one-line refusal of a directory that must never be replaced whole."""
+    text = os.fspath(raw)
+    if not text.strip():
+        raise UserError(f"{what} is empty: name a directory for the outputs (e.g. runs/NAME)")
+    path = Path(text).expanduser()
+    here, full = Path.cwd().resolve(), path.resolve()
+    if full == here or full in here.parents:
+        where = "the current directory" if full == here else f"a parent of the current directory ({full})"
+        raise UserError(
+            f"{what} {text!r} is {where}: name a directory of its own for the outputs (e.g. runs/NAME)"
+        )
+    if full == Path.home().resolve() or full.parent == full:
+        raise UserError(f"{what} {text!r} is {full}: name a directory of its own for the outputs")
+    return path
+
+
+# ----------------------------------------------------------------------------- the lock
+
+
+def _lock_path(out: Path) -> Path:
+    return out.parent / f".{out.name}{LOCK_SUFFIX}"
+
+
+def _writes_run_dirs() -> bool:
+    """Rank 0 under torchrun (before or after the process group is joined), or a lone process."""
+    from mergeopt.runtime import distributed
+
+    rank, size = distributed.process_rank_and_size()
+    return rank == 0 if size > 1 else int(os.environ.get("RANK", "0")) == 0
+
+
+def _acquire(lock: Path) -> int | None:
+    """An fd holding the flock on ``lock``, or None when another process holds it."""
+    import fcntl
+
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:  # the holder before us may have removed the file as we opened it: lock the live one
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def _holder(lock: Path) -> str:
+    try:
+        pid, _, command = lock.read_text(encoding="utf-8").strip().partition(" ")
+    except OSError:
+        pid = command = ""
+    if not pid.isdigit():
+        return "another process (starting up)"
+    return f"mergeopt {command or '?'} (pid {pid})"
+
+
+@contextmanager
+def owned(out: str | os.PathLike, command: str, what: str = "the output directory") -> Iterator[Path]:
+    """Hold ``out`` for ``command`` (refused in one line while another process holds it)."""
+    out = check_output_dir(out, what)
+    if not _writes_run_dirs():
+        yield out
+        return
+    made = _make_parents(out.parent)
+    lock = _lock_path(out)
+    fd = _acquire(lock)
+    if fd is None:
+        raise UserError(
+            f"{out} is in use by {_holder(lock)}: wait for it to end, or choose another output directory"
+        )
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {command}\n".encode())
+        recover(out)
+        yield out
+    finally:
+        lock.unlink(missing_ok=True)  # while still held: the next owner checks the inode it locked
+        os.close(fd)
+        for directory in reversed(made):  # parents this command created and left empty
+            try:
+                directory.rmdir()
+            except OSError:
+                break
+
+
+def _make_parents(directory: Path) -> list[Path]:
+    """mkdir -p, returning the directories it created (outermost first)."""
+    missing = []
+    while not directory.exists() and directory.parent != directory:
+        missing.append(directory)
+        directory = directory.parent
+    for d in reversed(missing):
+        d.mkdir(exist_ok=True)
+    return list(reversed(missing))
+
+
+def recover(out: Path) -> None:
+    """Undo what a killed publish left beside ``out`` (call with the lock held)."""
+    if not out.parent.is_dir():
+        return
+    for entry in out.parent.iterdir():
+        if entry.name.startswith(f".{out.name}{STAGING}"):
+            shutil.rmtree(entry, ignore_errors=True)  # a killed command's unpublished outputs
+        elif entry.name.startswith(f".{out.name}{REPLACED}"):
+            if not out.exists():
+                os.rename(entry, out)  # killed between the fallback's two renames: the old one back
+            else:
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- staging and publishing
+
+
+class Staging:
+    """A hidden sibling of ``out`` that becomes ``out`` in one swap.
+
+    ``owns`` are the names (``fnmatch`` patterns) of ``out``'s entries this command writes or
+    makes obsolete: those are dropped, everything else in ``out`` is kept.
+    """
+
+    def __init__(self, out: str | os.PathLike, owns: Iterable[str] = ()):
+        self.out = Path(out)
+        self.owns = tuple(owns)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.path = self.out.parent / f".{self.out.name}{STAGING}{os.getpid()}"
+        shutil.rmtree(self.path, ignore_errors=True)
+        self.path.mkdir()
+
+    def _owned(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.owns)
+
+    def carry_over(self) -> None:
+        """Hard-link ``out``'s entries that this command does not own into the staging directory.
+
+        Called by :meth:`publish`; call it earlier when what is written reads them (report.md
+        summarises every command's outputs). Entries linked before are linked again, fresh.
+        """
+        if not self.out.is_dir():
+            return
+        for entry in self.out.iterdir():
+            if self._owned(entry.name):
+                continue
+            target = self.path / entry.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif target.exists() or target.is_symlink():
+                target.unlink()
+            _link_tree(entry, target)
+
+    def publish(self) -> Path:
+        """Make the staging directory ``out``, with what it does not own carried over."""
+        self.carry_over()
+        faults.reached("publish", 1)  # tests only: killed with every output staged, none published
+        if not self.out.exists():
+            os.rename(self.path, self.out)
+            return self.out
+        if not self.out.is_dir():
+            raise UserError(f"{self.out} exists and is not a directory")
+        if _exchange(self.path, self.out):
+            shutil.rmtree(self.path, ignore_errors=True)  # the previous directory, now aside
+            return self.out
+        aside = self.out.parent / f".{self.out.name}{REPLACED}{os.getpid()}"
+        os.rename(self.out, aside)
+        faults.reached("publish", 2)  # tests only: the fallback killed between its two renames
+        try:
+            os.rename(self.path, self.out)
+        except BaseException:
+            os.rename(aside, self.out)
+            raise
+        shutil.rmtree(aside, ignore_errors=True)
+        return self.out
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+@contextmanager
+def staged(out: str | os.PathLike, owns: Iterable[str] = ()) -> Iterator[Staging]:
+    """A :class:`Staging` published when the block ends normally, discarded when it raises."""
+    staging = Staging(out, owns)
+    try:
+        yield staging
+        staging.publish()
+    finally:
+        staging.discard()  # a no-op once published
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    """``cp -al``: directories made, files hard-linked (copied where links are not supported)."""
+    mode = source.lstat().st_mode
+    if stat.S_ISLNK(mode):
+        os.symlink(os.readlink(source), target)
+    elif stat.S_ISDIR(mode):
+        target.mkdir()
+        shutil.copystat(source, target)
+        for child in source.iterdir():
+            _link_tree(child, target / child.name)
+    else:
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copy2(source, target)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories atomically (Linux renameat2); False where the system cannot."""
+    if os.environ.get("MERGEOPT_NO_RENAME_EXCHANGE"):  # tests of the fallback
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    result = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    return result == 0

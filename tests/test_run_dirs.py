@@ -1,0 +1,345 @@
+"""Run directories are owned and published whole (mergeopt.runtime.rundir, mergeopt.runtime.fingerprint).
+
+* a second process into a directory in use is refused in one line naming the first's pid, and a
+  killed holder (kill -9) never blocks the rerun;
+* an empty output_dir, ``.`` or a parent of the current directory is refused, and nothing in the
+  current directory is touched;
+* a checkpoint remembers what its run read: a resume after a dev file changed is refused, naming it;
+* every command's outputs appear together: killed at any point (``MERGEOPT_FAULT``, a seeded step
+  or the moment before its outputs are published), a directory holds either its previous state or
+  the complete new one, and a killed fit still resumes;
+* ``mergeopt train`` makes no directory before it saves something into it, and never replaces a
+  directory that is not one of its runs.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mergeopt.errors import UserError
+from mergeopt.runtime.resume import CHECKPOINT_DIR
+from tests.conftest import REPO, recipe_tree, run_forked, run_in_process
+from tests.test_export import WEIGHTS, write_run
+
+GRADIENT = {"steps": 12, "batch_size": 4, "eval_every": 4, "patience": 100, "checkpoint_every": 2}
+REGMIX = REPO / "tests" / "data" / "regmix"
+PROXY = f"{REGMIX / 'test_mixture_1m.csv'}+{REGMIX / 'test_pile_loss_1m.csv'}"
+TRUTH = f"{REGMIX / 'test_mixture_60m.csv'}+{REGMIX / 'test_pile_loss_60m.csv'}"
+
+
+def _recipe(world, tmp_path: Path, out: Path, name: str = "recipe.yaml", **optim) -> str:
+    tree = recipe_tree(world, out)
+    tree["optim"] = {**GRADIENT, **optim}
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(tree))
+    return str(path)
+
+
+def _state(directory: Path, skip: tuple[str, ...] = (CHECKPOINT_DIR,)) -> dict[str, bytes]:
+    """Every file under ``directory`` and its bytes (the resumable checkpoint left out)."""
+    if not directory.exists():
+        return {}
+    return {
+        p.relative_to(directory).as_posix(): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.relative_to(directory).parts[0] not in skip
+    }
+
+
+def _leftovers(directory: Path) -> list[str]:
+    """Hidden staging, lock or swapped-out directories beside ``directory``."""
+    return sorted(p.name for p in directory.parent.iterdir() if p.name.startswith(f".{directory.name}."))
+
+
+# ----------------------------------------------------------------------------- the lock
+
+
+def test_a_second_process_into_a_directory_in_use_is_refused_naming_the_first_pid(random_world, tmp_path):
+    out = tmp_path / "run"
+    first = _recipe(random_world, tmp_path, out, "first.yaml", lr=0.1)
+    second = _recipe(random_world, tmp_path, out, "second.yaml", lr=0.3)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MERGEOPT_FAULT": "sigstop@step:5", "OMP_NUM_THREADS": "1"}
+    holder = subprocess.Popen(
+        [sys.executable, "-m", "mergeopt.fit", first, "--quiet"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _, status = os.waitpid(holder.pid, os.WUNTRACED)  # stopped at step 5, the directory locked
+        assert os.WIFSTOPPED(status)
+        refused = run_in_process("fit", second, "--quiet")
+        assert refused.returncode == 2
+        assert refused.stderr.strip().splitlines() == [
+            f"mergeopt: error: {out} is in use by mergeopt fit (pid {holder.pid}): wait for it to end, "
+            "or choose another output directory"
+        ]
+        # every command that writes there is refused the same way
+        diagnosed = run_in_process("diagnose", second, "--points", "3", "--quiet")
+        assert diagnosed.returncode == 2 and f"(pid {holder.pid})" in diagnosed.stderr
+    finally:
+        holder.kill()  # kill -9: the kernel drops its lock
+        holder.wait()
+    assert not (out / "mixture.json").exists()
+    resumed = run_in_process("fit", first)  # the stale lock file does not block
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stdout
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["optim"]["lr"] == 0.1
+    assert _leftovers(out) == []  # the lock file goes with its holder
+
+
+def test_the_lock_is_held_by_rank_0_only(tmp_path, monkeypatch):
+    from mergeopt.runtime import rundir
+
+    monkeypatch.setenv("RANK", "1")
+    with rundir.owned(tmp_path / "out", "fit"):
+        assert _leftovers(tmp_path / "out") == []
+    monkeypatch.setenv("RANK", "0")
+    with rundir.owned(tmp_path / "out", "fit"):
+        assert _leftovers(tmp_path / "out") == [".out.lock"]
+        with pytest.raises(UserError, match=rf"in use by mergeopt fit \(pid {os.getpid()}\)"):
+            with rundir.owned(tmp_path / "out", "rank"):
+                pass
+    assert _leftovers(tmp_path / "out") == []
+
+
+# ----------------------------------------------------------------------------- where outputs may go
+
+
+@pytest.mark.parametrize("value, says", [("", "output_dir is empty"), (".", "is the current directory")])
+def test_an_empty_or_current_output_dir_is_refused_and_touches_nothing(
+    random_world, tmp_path, monkeypatch, value, says
+):
+    here = tmp_path / "here"
+    here.mkdir()
+    (here / "mixture.json").write_text("{}")
+    recipe = _recipe(random_world, tmp_path, tmp_path / "unused")
+    monkeypatch.chdir(here)
+    from mergeopt import fit
+    from mergeopt.errors import run_cli
+
+    code = run_cli(fit.main, [recipe, f"output_dir={value}", "--quiet"])
+    assert code == 2
+    assert sorted(p.name for p in here.iterdir()) == ["mixture.json"]
+    assert (here / "mixture.json").read_text() == "{}"
+    from mergeopt.runtime import rundir
+
+    with pytest.raises(UserError, match=says):
+        rundir.check_output_dir(value, "output_dir")
+
+
+def test_a_parent_of_the_current_directory_or_home_is_refused(tmp_path, monkeypatch):
+    from mergeopt.runtime import rundir
+
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "a" / "b")
+    with pytest.raises(UserError, match="a parent of the current directory"):
+        rundir.check_output_dir("..", "--out")
+    with pytest.raises(UserError, match="name a directory of its own"):
+        rundir.check_output_dir("~", "--out")
+    assert rundir.check_output_dir("runs/x", "--out") == Path("runs/x")
+
+
+# ----------------------------------------------------------------------------- what a checkpoint read
+
+
+def test_a_resume_after_a_dev_file_changed_is_refused_naming_it(random_world, tmp_path):
+    world = {**random_world, "dev": dict(random_world["dev"])}
+    dev = tmp_path / "arith.jsonl"
+    shutil.copy(world["dev"]["arith"], dev)
+    world["dev"]["arith"] = str(dev)
+    out = tmp_path / "run"
+    recipe = _recipe(world, tmp_path, out)
+    killed = run_forked("fit", recipe, "--quiet", fault="sigkill@step:5")
+    assert killed.returncode == -signal.SIGKILL
+    original = dev.read_bytes()
+    dev.write_bytes(original.replace(b"1", b"2", 1))  # same size: one digit changed
+    refused = run_in_process("fit", recipe, "--quiet")
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [
+        f"mergeopt: error: {out / CHECKPOINT_DIR} belongs to a run that read other data: {dev} changed "
+        "since; restore it, pass --restart to start over on the new data, or use another output_dir"
+    ]
+    dev.write_bytes(original)
+    resumed = run_in_process("fit", recipe)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stdout
+
+
+def test_a_retrained_expert_of_the_same_shapes_changes_its_fingerprint(random_world, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from mergeopt.runtime.fingerprint import digest
+
+    expert = tmp_path / "alpha"
+    shutil.copytree(random_world["experts"]["alpha"], expert)
+    before = digest(expert)
+    tensors = load_file(str(expert / "model.safetensors"))
+    for value in tensors.values():
+        value.add_(1e-3)
+    save_file(tensors, str(expert / "model.safetensors"), metadata={"format": "pt"})
+    assert digest(expert) != before
+
+
+# ----------------------------------------------------------------------------- nothing half-written
+
+
+def test_a_fit_killed_anywhere_leaves_the_previous_run_or_the_new_one(random_world, tmp_path):
+    out = tmp_path / "run"
+    previous = _recipe(random_world, tmp_path, out, "previous.yaml", lr=0.3)
+    assert run_in_process("fit", previous, "--quiet").returncode == 0
+    before = _state(out)
+    assert "mixture.json" in before
+    recipe = _recipe(random_world, tmp_path, out, "new.yaml", lr=0.1)
+    step = random.Random(18).randint(1, GRADIENT["steps"])
+    for fault in (f"sigkill@step:{step}", "sigkill@publish:1"):
+        killed = run_forked("fit", recipe, "--quiet", fault=fault)
+        assert killed.returncode == -signal.SIGKILL, (fault, killed.stderr)
+        assert _state(out) == before, fault  # the previous run, whole
+        assert (out / CHECKPOINT_DIR).is_dir()  # and the new one's state to resume from
+    resumed = run_in_process("fit", recipe)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stdout
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["optim"]["lr"] == 0.1
+    assert not (out / CHECKPOINT_DIR).exists() and _leftovers(out) == []
+    assert set(_state(out)) == set(before)  # the same files, all of the new run
+
+
+def test_a_kill_between_the_fallback_renames_is_undone_by_the_next_owner(tmp_path, monkeypatch):
+    from mergeopt.runtime import rundir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    monkeypatch.setenv("MERGEOPT_NO_RENAME_EXCHANGE", "1")
+    monkeypatch.setattr(rundir.faults, "reached", _raise_at("publish", 2))
+    with pytest.raises(KeyboardInterrupt), rundir.owned(out, "test"):
+        with rundir.staged(out, ("*",)) as staging:
+            (staging.path / "new.txt").write_text("new")
+    # what a kill at that moment leaves: the old directory aside (the test's exception ran no cleanup
+    # of it), no directory at out
+    assert not out.exists() and any(".replaced-" in n for n in _leftovers(out))
+    with rundir.owned(out, "test"):
+        assert _state(out) == {"old.txt": b"old"}
+    assert _leftovers(out) == []
+
+
+def _raise_at(point: str, index: int):
+    def reached(at: str, n: int) -> None:
+        if (at, n) == (point, index):
+            raise KeyboardInterrupt
+
+    return reached
+
+
+def test_publishing_keeps_what_the_command_does_not_own(tmp_path):
+    from mergeopt.runtime import rundir
+
+    out = tmp_path / "out"
+    (out / "checkpoint").mkdir(parents=True)
+    (out / "checkpoint" / "meta.json").write_text("{}")
+    (out / "diagnose.json").write_text("theirs")
+    (out / "trace.csv").write_text("old")
+    with rundir.staged(out, ("trace.csv", "mixture.json", "checkpoint")) as staging:
+        (staging.path / "mixture.json").write_text("new")
+    assert _state(out, skip=()) == {"diagnose.json": b"theirs", "mixture.json": b"new"}
+
+
+def _export_inputs(root: Path) -> dict:
+    """A tokenizer and one small JSONL per expert: what ``export --to all`` measures."""
+    import json
+
+    from mergeopt.worlds import toy
+
+    toy.build_tokenizer().save_pretrained(root / "tokenizer")
+    paths = {}
+    for name in WEIGHTS:
+        paths[name] = root / f"{name}.jsonl"
+        paths[name].write_text(
+            "".join(json.dumps({"prompt": f"{name}{i}", "completion": "xy"}) + "\n" for i in range(10))
+        )
+    return {"tokenizer": str(root / "tokenizer"), "paths": paths}
+
+
+@pytest.mark.parametrize("command", ["rank", "transfer", "export"])
+def test_table_commands_killed_before_publishing_leave_the_previous_outputs(tmp_path, command):
+    out = tmp_path / "out"
+    if command == "rank":
+        argv = ["--proxy", PROXY, "--truth", TRUTH, "--bootstrap", "20", "--out", str(out)]
+    elif command == "transfer":
+        argv = [PROXY, TRUTH, "--bootstrap", "20", "--out", str(out)]
+    else:  # every format, as tests/test_export.py writes them
+        files = _export_inputs(tmp_path)
+        run = write_run(tmp_path / "run", WEIGHTS)
+        fake = {"base": "/x/base", "experts": {n: f"/x/{n}" for n in WEIGHTS}, "dev": {"d": "/x/d.jsonl"}}
+        (tmp_path / "run" / "recipe.yaml").write_text(yaml.safe_dump(recipe_tree(fake, tmp_path / "run")))
+        argv = [str(run), "--to", "all", "--out", str(out), "--tokenizer", files["tokenizer"], "--datasets"]
+        argv += [f"{n}={p}" for n, p in files["paths"].items()]
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's")
+    first = run_in_process(command, *argv)
+    assert first.returncode == 0, first.stderr
+    before = _state(out)
+    assert len(before) > 2 and before["notes.txt"] == b"the user's"
+    for name in before:  # make the rerun's outputs tell from the first's
+        if name != "notes.txt":
+            (out / name).write_bytes(b"previous")
+    before = _state(out)
+    killed = run_forked(command, *argv, fault="sigkill@publish:1")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert _state(out) == before
+    again = run_in_process(command, *argv)
+    assert again.returncode == 0, again.stderr
+    after = _state(out)
+    assert set(after) == set(before) and after["notes.txt"] == b"the user's"
+    assert all(after[n] != b"previous" for n in after if n != "notes.txt")
+    assert _leftovers(out) == []
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def test_train_leaves_no_directory_before_it_saves_and_never_replaces_a_users(random_world, tmp_path):
+    from tests.test_train import train_tree
+
+    tree = train_tree(random_world, tmp_path)
+    tree["train"]["checkpoint_every"] = 100  # no step checkpoint before the kill
+    recipe = tmp_path / "train.yaml"
+    recipe.write_text(yaml.safe_dump(tree))
+    killed = run_forked("train", str(recipe), "--quiet", fault="sigkill@train.alpha:1")
+    assert killed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "experts").exists()  # nothing saved, so no directory made
+    mine = Path(tree["model"]["experts"]["beta"])
+    mine.mkdir(parents=True)
+    (mine / "weights.bin").write_text("a user's model")
+    refused = run_in_process("train", str(recipe), "--quiet")
+    assert refused.returncode == 2
+    assert f"{mine} exists and is not a finished mergeopt train run" in refused.stderr
+    assert (mine / "weights.bin").read_text() == "a user's model"
+
+
+def test_rank_that_crashes_after_its_first_files_leaves_nothing(random_world, tmp_path, monkeypatch):
+    """The class of "rank writes five files, then crashes before report.md": any failure between
+    the first output and the last publishes none of them."""
+    from mergeopt.reporting import run_report
+    from tests.test_rank_grid import grid_table, rank_cli
+
+    def crash(*_args, **_kwargs):
+        raise RuntimeError("crashed while writing report.md")
+
+    monkeypatch.setattr(run_report, "write_report", crash)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="crashed while writing report.md"):  # a bug's traceback
+        rank_cli(tmp_path, recipe_tree(random_world, out), grid_table())
+    # no output, only the journal a rerun replays (rank_checkpoint/, what the resume guide promises)
+    assert sorted(p.name for p in out.iterdir()) == ["rank_checkpoint"] and _leftovers(out) == []
