@@ -287,6 +287,11 @@ def _multiple_choice(tmp) -> str:
     return str(path)
 
 
+def _mkdir(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
 def _two_tables(tmp, small: dict, large: dict) -> list[str]:
     import pandas as pd
 
@@ -853,7 +858,7 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
     "recipe is a directory": (
         "recipe",
         "fit",
-        lambda w, t: [str(t)],
+        lambda w, t: [str(_mkdir(t / "recipes"))],
         "is a directory, not a file",
     ),
     "expert is a file": (
