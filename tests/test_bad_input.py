@@ -280,6 +280,26 @@ def _train_recipe(world, tmp, edit) -> list[str]:
     return [_recipe(world, tmp, change)]
 
 
+def _rank_tables(tmp, proxy: dict, truth: dict, *extra: str) -> list[str]:
+    """``mergeopt rank`` in table mode on two small CSVs."""
+    import pandas as pd
+
+    pd.DataFrame(proxy).to_csv(tmp / "proxy.csv", index=False)
+    pd.DataFrame(truth).to_csv(tmp / "truth.csv", index=False)
+    return [
+        "--proxy",
+        str(tmp / "proxy.csv"),
+        "--truth",
+        str(tmp / "truth.csv"),
+        *extra,
+        "--out",
+        str(tmp / "out"),
+    ]
+
+
+RANK_TABLE = {"run": [0, 1, 2], "w_a": [1.0, 0.5, 0.0], "w_b": [0.0, 0.5, 1.0], "loss": [1.0, 2.0, 3.0]}
+
+
 def _del(tree, *keys):
     for k in keys[:-1]:
         tree = tree[k]
@@ -701,6 +721,80 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
             {"alpha": _multiple_choice(t), "beta": w["dev"]["arith"], "gamma": w["dev"]["arith"]},
         ),
         "multiple-choice",
+    ),
+    # issue 18: degenerate inputs
+    "merge overflows the output dtype": (
+        "mixture",
+        "merge",
+        lambda w, t: [
+            _recipe(w, t),
+            "merge.scale=1e7",
+            "--weights",
+            "alpha=0.5,beta=0.3,gamma=0.2",
+            "--dtype",
+            "float16",
+            "--out",
+            str(t / "out"),
+        ],
+        "overflows float16",
+    ),
+    "grid rows all one mixture": (
+        "grid table",
+        "rank",
+        lambda w, t: _grid(w, t, lambda rows: [r.update(w_alpha=1.0, w_beta=0.0, w_gamma=0.0) for r in rows]),
+        "all 3 row(s) hold the same mixture",
+    ),
+    "rank tables rows all one mixture": (
+        "grid table",
+        "rank",
+        lambda w, t: _rank_tables(
+            t,
+            {"w_a": [0.5] * 3, "w_b": [0.5] * 3, "loss": [1.0, 2.0, 3.0]},
+            {"w_a": [0.5], "w_b": [0.5], "loss": [1.0]},
+        ),
+        "hold the same mixture",
+    ),
+    "rank tables metric is bookkeeping": (
+        "option",
+        "rank",
+        lambda w, t: _rank_tables(t, RANK_TABLE, RANK_TABLE, "--metrics", "loss,run"),
+        "--metrics run: run is a bookkeeping column, not a metric",
+    ),
+    "rank tables metric is a weight": (
+        "option",
+        "rank",
+        lambda w, t: _rank_tables(t, RANK_TABLE, RANK_TABLE, "--metrics", "w_b"),
+        "--metrics w_b: w_b is a mixture weight, not a metric",
+    ),
+    "transfer tables rows all one mixture": (
+        "grid table",
+        "transfer",
+        lambda w, t: _two_tables(
+            t,
+            {"w_a": [0.5, 0.5], "w_b": [0.5, 0.5], "loss": [1.0, 2.0]},
+            {"w_a": [1.0, 0.0], "w_b": [0.0, 1.0], "loss": [1.0, 2.0]},
+        ),
+        "hold the same mixture",
+    ),
+    "train mixture with NaN": (
+        "recipe value",
+        "train",
+        lambda w, t: _train_recipe(
+            w,
+            t,
+            lambda tr: tr["train"].update(
+                mixtures={"kind": "list", "weights": [{"alpha": float("nan"), "beta": 0.5, "gamma": 0.5}]}
+            ),
+        ),
+        "train.mixtures.weights[0] is not a mixture",
+    ),
+    "train mixtures that repeat": (
+        "recipe value",
+        "train",
+        lambda w, t: _train_recipe(
+            w, t, lambda tr: tr["train"].update(mixtures={"kind": "dirichlet", "alpha": 1e300, "count": 3})
+        ),
+        "mixture 1 is the same as mixture 0",
     ),
     # transfer
     "transfer tables share no mixture column": (
