@@ -41,6 +41,16 @@ class BudgetExhausted(Exception):
     """A new real evaluation was asked for with no budget left; strategies stop on it."""
 
 
+class NonFiniteScore(UserError):
+    """A real evaluation gave a NaN or infinite score. A fit's search stops on it and keeps the best
+    finite mixture (:func:`mergeopt.search.zero_order.run_search`); anywhere else it is a user error.
+    ``record`` is what mixture.json says about it."""
+
+    def __init__(self, message: str, record: dict):
+        super().__init__(message)
+        self.record = record
+
+
 @dataclass
 class SearchResult:
     """The best really evaluated mixture of a search, with the log of every real evaluation."""
@@ -425,6 +435,12 @@ class Evaluator:
                 raise ValueError(f"score name {name!r} collides with a trace column")
             value = float(raw)
             if not math.isfinite(value):
-                raise UserError(f"score {name!r} is {value} at w = ({mixture})")
+                record = {
+                    "evaluation": self.evaluations + 1,
+                    "score": str(name),
+                    "value": str(value),
+                    "weights": {n: float(v) for n, v in zip(self.names, w)},
+                }
+                raise NonFiniteScore(f"score {name!r} is {value} at w = ({mixture})", record)
             checked[str(name)] = value
         return checked
