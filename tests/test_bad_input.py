@@ -723,6 +723,24 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         "multiple-choice",
     ),
     # issue 18: degenerate inputs
+    "max_length above the base's positions": (
+        "recipe value",
+        "fit",
+        lambda w, t: [_recipe(w, t), "data.max_length=100000"],
+        "data.max_length=100000 is above the base's position limit (max_position_embeddings 64",
+    ),
+    "dry-run max_length above the base's positions": (
+        "recipe value",
+        "fit",
+        lambda w, t: [_recipe(w, t), "data.max_length=100000", "--dry-run"],
+        "data.max_length=100000 is above the base's position limit (max_position_embeddings 64",
+    ),
+    "train max_length above the base's positions": (
+        "recipe value",
+        "train",
+        lambda w, t: _train_recipe(w, t, lambda tr: tr["train"].update(max_length=1000)),
+        "train.max_length=1000 is above the base's position limit (max_position_embeddings 64",
+    ),
     "merge overflows the output dtype": (
         "mixture",
         "merge",

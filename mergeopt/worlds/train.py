@@ -31,6 +31,8 @@ from tqdm.auto import tqdm
 from mergeopt.cli import run_command
 from mergeopt.config import Recipe, TrainSection, load_recipe
 from mergeopt.errors import Interrupted, UserError
+from mergeopt.loading.checkpoints import read_json_object
+from mergeopt.loading.positions import check_max_length
 from mergeopt.loading.problem import resolve_device
 from mergeopt.objectives.data import Batch, Example, collate, evaluation_batches, read_jsonl, tokenize
 from mergeopt.objectives.loss import per_set_loss_sums
@@ -286,6 +288,10 @@ def train(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = pr
     resolved, _ = resolve_recipe(recipe, log)
     cfg = resolved.train
     device = resolve_device(resolved.device)
+    config_file = Path(resolved.model.base) / "config.json"
+    if config_file.is_file():  # a base without one is reported by its tokenizer's loading, next
+        lengths = {"train.max_length": cfg.max_length, "data.max_length": resolved.data.max_length}
+        check_max_length(read_json_object(config_file, "config.json"), lengths, resolved.model.base)
     tokenizer = AutoTokenizer.from_pretrained(resolved.model.base)
     names = resolved.expert_names
     domains = {n: load_examples(cfg.data[n], tokenizer, cfg.max_length) for n in names}
