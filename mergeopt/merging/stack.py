@@ -53,6 +53,7 @@ from mergeopt.merging.lowrank import LowRankStack, build_lowrank_stack
 from mergeopt.merging.methods import MergeFn, MergeMethod, get_method, merge_linear, mixup
 from mergeopt.merging.methods.dare import parameter_generator
 from mergeopt.merging.sharded_merge import ShardedMergedParameter, block_range, keep_block, padded
+from mergeopt.runtime.resume import check_interrupt_alone
 
 DTYPES = {
     "float32": torch.float32,
@@ -345,6 +346,7 @@ def build_stack(
         stack.mixup = torch.tensor(stack.method["mixup_lambda"], dtype=torch.float64)
     parameter_names = [n for n, _ in model.named_parameters()]  # names only: θ0 is freed as we go
     for pname in tqdm(parameter_names, desc="stacking experts", unit="tensor", disable=not progress):
+        check_interrupt_alone("stacking the experts")  # minutes on a large model: stop within a tensor
         param = model.get_parameter(pname)
         param.requires_grad_(False)
         where = device if param.is_meta else param.device

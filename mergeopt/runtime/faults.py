@@ -8,6 +8,7 @@ tests name the moment instead, in the environment of the process they start:
                                            (before that step's checkpoint, if one is due)
     MERGEOPT_FAULT=sigterm@evaluation:5    a zero-order search, as its 5th evaluation starts
     MERGEOPT_FAULT=sigint@train.beta:7     `mergeopt train`, run "beta", at the end of step 7
+    MERGEOPT_FAULT=sigint@world:2          a tiny world's build, at the end of a training step 2
 
 The process sends itself the signal with ``os.kill``: SIGKILL ends it on the spot, as ``kill -9``
 does; SIGTERM and SIGINT go through the same handler a real signal does (:mod:`mergeopt.runtime.resume`).

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mergeopt.config import OptimSection
-from mergeopt.errors import UserError
+from mergeopt.errors import Interrupted, UserError
 from mergeopt.merging.constraints import FeasibleSet
 from mergeopt.merging.groups import Groups
 from mergeopt.merging.stack import TaskVectorStack
@@ -118,9 +118,14 @@ def fit_gradient(
         row: dict = {"step": t, "loss": math.nan, "heldout_loss": math.nan}
         row.update({f"w_{n}": v for n, v in zip(names, w.tolist())})
         if held_out and (t % optim.eval_every == 0 or t == optim.steps):
-            per_set = evaluate(
-                model, stack, w, sets, "heldout", optim.eval_batch_size, pad_id, device, loss_chunk
-            )
+            try:
+                per_set = evaluate(
+                    model, stack, w, sets, "heldout", optim.eval_batch_size, pad_id, device, loss_chunk
+                )
+            except Interrupted:  # Ctrl-C inside the evaluation: the state before it is step t's
+                if t > start:  # step `start` is already saved (or is the start: nothing to resume)
+                    save(t)
+                raise
             heldout = float(target_loss(per_set, torch.ones_like(per_set), set_weights.cpu()))
             row["heldout_loss"] = heldout
             if not math.isfinite(heldout):

@@ -270,6 +270,7 @@ def dev_losses(
     sums = torch.zeros(len(sets), dtype=torch.float64)
     counts = torch.zeros(len(sets), dtype=torch.float64)
     for batch in evaluation_batches(sets, "all", recipe.optim.eval_batch_size, pad_id):
+        check_interrupt("evaluating a run")
         s, c = per_set_loss_sums(model, {}, batch.to(device), len(sets))
         sums += s.double().cpu()
         counts += c.double().cpu()
@@ -321,12 +322,14 @@ def train(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = pr
         f"{cfg.batch_tokens} tokens)"
     )
     for w, path in tqdm(todo, desc="training runs", unit="run", disable=not progress):
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # no mkdir here: the run's directories appear with its first checkpoint, so a run stopped
+        # before it has one leaves no empty experts/ or mixtures/ behind
         train_one(resolved, w, domains, path, tokenizer, device, progress)
 
     pad_id = tokenizer.pad_token_id or 0
     rows = []
     for i, (w, path) in enumerate(tqdm(grid_runs, desc="evaluating runs", unit="run", disable=not progress)):
+        check_interrupt(f"evaluating run {path.name}")  # nothing is written until grid.csv
         model = load_run(path, device)
         losses = dev_losses(model, resolved, sets, pad_id, device)
         scores = score_terms(model, tokenizer, sets, terms, custom, resolved.optim.eval_batch_size, device)
