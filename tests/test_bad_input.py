@@ -273,7 +273,13 @@ def _two_tables(tmp, small: dict, large: dict) -> list[str]:
 def _train_recipe(world, tmp, edit) -> list[str]:
     def change(tree):
         data = {n: world["dev"]["arith"] for n in ("alpha", "beta", "gamma")}
-        tree["train"] = {"data": data, "output_dir": str(tmp / "out"), "steps": 2, "batch_tokens": 64}
+        tree["train"] = {
+            "data": data,
+            "output_dir": str(tmp / "out"),
+            "steps": 2,
+            "batch_tokens": 64,
+            "max_length": 48,  # the random world's base has 64 positions
+        }
         tree["model"]["experts"] = {n: str(tmp / "out" / n) for n in ("alpha", "beta", "gamma")}
         edit(tree)
 
@@ -740,6 +746,43 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         "train",
         lambda w, t: _train_recipe(w, t, lambda tr: tr["train"].update(max_length=1000)),
         "train.max_length=1000 is above the base's position limit (max_position_embeddings 64",
+    ),
+    "expert equal to the base": (
+        "checkpoint",
+        "fit",
+        lambda w, t: _with_expert(w, t, w["base"]),
+        "expert 'alpha' equals the base model in every merged parameter",
+    ),
+    "expert equal to the base (TIES)": (
+        "checkpoint",
+        "fit",
+        lambda w, t: _with_expert(w, t, w["base"], "merge.method=ties"),
+        "expert 'alpha' equals the base model in every merged parameter",
+    ),
+    "one expert under two names": (
+        "checkpoint",
+        "fit",
+        lambda w, t: [_recipe(w, t), f"model.experts.beta={w['experts']['alpha']}"],
+        "experts 'alpha' and 'beta' are identical in every merged parameter",
+    ),
+    "two experts with identical tensors": (
+        "checkpoint",
+        "merge",
+        lambda w, t: [
+            _recipe(w, t),
+            f"model.experts.gamma={shutil.copytree(w['experts']['beta'], t / 'copy')}",
+            "--weights",
+            "alpha=0.5,beta=0.3,gamma=0.2",
+            "--out",
+            str(t / "out"),
+        ],
+        "experts 'beta' and 'gamma' are identical in every merged parameter",
+    ),
+    "untrained LoRA adapter": (
+        "adapter",
+        "fit",
+        lambda w, t: _with_expert(w, t, _adapter(w, t)),
+        "expert 'alpha' equals the base model in every merged parameter",
     ),
     "merge overflows the output dtype": (
         "mixture",
