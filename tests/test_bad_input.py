@@ -784,6 +784,24 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         lambda w, t: _with_expert(w, t, _adapter(w, t)),
         "expert 'alpha' equals the base model in every merged parameter",
     ),
+    "dev set of unknown tokens": (
+        "dev set",
+        "fit",
+        lambda w, t: _dev(w, t, None, [{"text": "приветмиркакдела"}] * 8),
+        "100% of its scored tokens are the unknown token '<unk>'",
+    ),
+    "training set of unknown tokens": (
+        "training set",
+        "train",
+        lambda w, t: _train_recipe(
+            w,
+            t,
+            lambda tr: tr["train"]["data"].update(
+                alpha=str(write_jsonl(t / "unk.jsonl", [{"text": "日本語のテキスト"}] * 4))
+            ),
+        ),
+        "unk.jsonl: 100% of its scored tokens are the unknown token '<unk>'",
+    ),
     "merge overflows the output dtype": (
         "mixture",
         "merge",

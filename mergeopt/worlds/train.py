@@ -34,7 +34,15 @@ from mergeopt.errors import Interrupted, UserError
 from mergeopt.loading.checkpoints import read_json_object
 from mergeopt.loading.positions import check_max_length
 from mergeopt.loading.problem import resolve_device
-from mergeopt.objectives.data import Batch, Example, collate, evaluation_batches, read_jsonl, tokenize
+from mergeopt.objectives.data import (
+    Batch,
+    Example,
+    check_known_tokens,
+    collate,
+    evaluation_batches,
+    read_jsonl,
+    tokenize,
+)
 from mergeopt.objectives.loss import per_set_loss_sums
 from mergeopt.objectives.objective import Objective
 from mergeopt.objectives.term_scores import (
@@ -60,6 +68,7 @@ def load_examples(path: str, tokenizer, max_length: int) -> list[Example]:
     ]
     if not examples:
         raise UserError(f"training set {path}: every example was truncated away at max_length={max_length}")
+    check_known_tokens(examples, tokenizer, f"training set {path}")
     return examples
 
 
