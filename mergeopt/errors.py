@@ -49,6 +49,12 @@ def _say(line: str) -> None:
     sys.stderr.flush()
 
 
+def warn(message: str) -> None:
+    """One ``mergeopt: warning: ...`` line on stderr: the run goes on (or has finished), but the user
+    must hear about something degenerate in it."""
+    _say("mergeopt: warning: " + " ".join(message.split()))
+
+
 def run_cli(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | None = None) -> int:
     """Run a ``main(argv)`` entry point: a :class:`UserError` is one line on stderr and exit code 2, an
     interrupt is a line and 128 + N; the traceback of a user error shows only with ``--debug``."""

@@ -19,7 +19,7 @@ import mergeopt
 from mergeopt import worlds
 from mergeopt.cli import alias, run_command
 from mergeopt.config import Recipe, load_recipe, recipe_to_yaml
-from mergeopt.errors import UserError
+from mergeopt.errors import UserError, warn
 from mergeopt.inputs import writable_dir
 from mergeopt.loading.feasible import constraints_record, feasible_set, source_tokens
 from mergeopt.loading.problem import Problem, load_problem, resolve_device
@@ -232,6 +232,7 @@ def _search_and_write(
             "steps": result.steps_run,
             "best_step": result.best_step,
             "stopped_early": result.stopped_early,
+            **({} if result.non_finite is None else {"non_finite": result.non_finite}),
         }
     else:
         from mergeopt.search.zero_order import report_scores, run_search, utility_of
@@ -418,7 +419,25 @@ def run(args: argparse.Namespace) -> int:
         mixture = fit(recipe, progress=not args.quiet, log=log, resume=mode)
     if distributed.is_main():  # the answer, printed under --quiet too
         print(summary(mixture, recipe.output_dir, output_files(recipe)))
+        if (stop := mixture["search"].get("non_finite")) is not None:
+            warn(non_finite_line(mixture, stop))
     return 0
+
+
+def non_finite_line(mixture: dict, stop: dict) -> str:
+    """Why a fit stopped early on a NaN or Inf, and which mixture it kept instead."""
+    search = mixture["search"]
+    if mixture["strategy"] == "gradient":
+        return (
+            f"the fit stopped at step {stop['step']}: the {stop['quantity']} is {stop['value']}; "
+            f"mixture.json holds the best finite mixture (step {search['best_step']}). "
+            "Lower optim.lr, or check the experts and model.compute_dtype"
+        )
+    return (
+        f"the search stopped at evaluation {stop['evaluation']}: score {stop['score']!r} is {stop['value']} "
+        f"there; mixture.json holds the best of the {search['evaluations']} finite evaluations before it. "
+        "Check the experts, merge.scale and model.compute_dtype"
+    )
 
 
 def main(argv: Sequence[str]) -> int:

@@ -292,6 +292,26 @@ def _mkdir(path: Path) -> Path:
     return path
 
 
+def _rank_tables(tmp, proxy: dict, truth: dict, *extra: str) -> list[str]:
+    """``mergeopt rank`` in table mode on two small CSVs."""
+    import pandas as pd
+
+    pd.DataFrame(proxy).to_csv(tmp / "proxy.csv", index=False)
+    pd.DataFrame(truth).to_csv(tmp / "truth.csv", index=False)
+    return [
+        "--proxy",
+        str(tmp / "proxy.csv"),
+        "--truth",
+        str(tmp / "truth.csv"),
+        *extra,
+        "--out",
+        str(tmp / "out"),
+    ]
+
+
+RANK_TABLE = {"run": [0, 1, 2], "w_a": [1.0, 0.5, 0.0], "w_b": [0.0, 0.5, 1.0], "loss": [1.0, 2.0, 3.0]}
+
+
 def _two_tables(tmp, small: dict, large: dict) -> list[str]:
     import pandas as pd
 
@@ -303,7 +323,13 @@ def _two_tables(tmp, small: dict, large: dict) -> list[str]:
 def _train_recipe(world, tmp, edit) -> list[str]:
     def change(tree):
         data = {n: world["dev"]["arith"] for n in ("alpha", "beta", "gamma")}
-        tree["train"] = {"data": data, "output_dir": str(tmp / "out"), "steps": 2, "batch_tokens": 64}
+        tree["train"] = {
+            "data": data,
+            "output_dir": str(tmp / "out"),
+            "steps": 2,
+            "batch_tokens": 64,
+            "max_length": 48,  # the random world's base has 64 positions
+        }
         tree["model"]["experts"] = {n: str(tmp / "out" / n) for n in ("alpha", "beta", "gamma")}
         edit(tree)
 
@@ -990,6 +1016,153 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         "fit",
         lambda w, t: _checkpoint_then_changed_dev(w, t),
         "arith.jsonl changed since",
+    ),
+    # issue 18: degenerate inputs
+    "max_length above the base's positions": (
+        "recipe value",
+        "fit",
+        lambda w, t: [_recipe(w, t), "data.max_length=100000"],
+        "data.max_length=100000 is above the base's position limit (max_position_embeddings 64",
+    ),
+    "dry-run max_length above the base's positions": (
+        "recipe value",
+        "fit",
+        lambda w, t: [_recipe(w, t), "data.max_length=100000", "--dry-run"],
+        "data.max_length=100000 is above the base's position limit (max_position_embeddings 64",
+    ),
+    "train max_length above the base's positions": (
+        "recipe value",
+        "train",
+        lambda w, t: _train_recipe(w, t, lambda tr: tr["train"].update(max_length=1000)),
+        "train.max_length=1000 is above the base's position limit (max_position_embeddings 64",
+    ),
+    "expert equal to the base": (
+        "checkpoint",
+        "fit",
+        lambda w, t: _with_expert(w, t, w["base"]),
+        "expert 'alpha' equals the base model in every merged parameter",
+    ),
+    "expert equal to the base (TIES)": (
+        "checkpoint",
+        "fit",
+        lambda w, t: _with_expert(w, t, w["base"], "merge.method=ties"),
+        "expert 'alpha' equals the base model in every merged parameter",
+    ),
+    "one expert under two names": (
+        "checkpoint",
+        "fit",
+        lambda w, t: [_recipe(w, t), f"model.experts.beta={w['experts']['alpha']}"],
+        "experts 'alpha' and 'beta' are identical in every merged parameter",
+    ),
+    "two experts with identical tensors": (
+        "checkpoint",
+        "merge",
+        lambda w, t: [
+            _recipe(w, t),
+            f"model.experts.gamma={shutil.copytree(w['experts']['beta'], t / 'copy')}",
+            "--weights",
+            "alpha=0.5,beta=0.3,gamma=0.2",
+            "--out",
+            str(t / "out"),
+        ],
+        "experts 'beta' and 'gamma' are identical in every merged parameter",
+    ),
+    "untrained LoRA adapter": (
+        "adapter",
+        "fit",
+        lambda w, t: _with_expert(w, t, _adapter(w, t)),
+        "expert 'alpha' equals the base model in every merged parameter",
+    ),
+    "dev set of unknown tokens": (
+        "dev set",
+        "fit",
+        lambda w, t: _dev(w, t, None, [{"text": "приветмиркакдела"}] * 8),
+        "100% of its scored tokens are the unknown token '<unk>'",
+    ),
+    "training set of unknown tokens": (
+        "training set",
+        "train",
+        lambda w, t: _train_recipe(
+            w,
+            t,
+            lambda tr: tr["train"]["data"].update(
+                alpha=str(write_jsonl(t / "unk.jsonl", [{"text": "日本語のテキスト"}] * 4))
+            ),
+        ),
+        "unk.jsonl: 100% of its scored tokens are the unknown token '<unk>'",
+    ),
+    "merge overflows the output dtype": (
+        "mixture",
+        "merge",
+        lambda w, t: [
+            _recipe(w, t),
+            "merge.scale=1e7",
+            "--weights",
+            "alpha=0.5,beta=0.3,gamma=0.2",
+            "--dtype",
+            "float16",
+            "--out",
+            str(t / "out"),
+        ],
+        "overflows float16",
+    ),
+    "grid rows all one mixture": (
+        "grid table",
+        "rank",
+        lambda w, t: _grid(w, t, lambda rows: [r.update(w_alpha=1.0, w_beta=0.0, w_gamma=0.0) for r in rows]),
+        "all 3 row(s) hold the same mixture",
+    ),
+    "rank tables rows all one mixture": (
+        "grid table",
+        "rank",
+        lambda w, t: _rank_tables(
+            t,
+            {"w_a": [0.5] * 3, "w_b": [0.5] * 3, "loss": [1.0, 2.0, 3.0]},
+            {"w_a": [0.5], "w_b": [0.5], "loss": [1.0]},
+        ),
+        "hold the same mixture",
+    ),
+    "rank tables metric is bookkeeping": (
+        "option",
+        "rank",
+        lambda w, t: _rank_tables(t, RANK_TABLE, RANK_TABLE, "--metrics", "loss,run"),
+        "--metrics run: run is a bookkeeping column, not a metric",
+    ),
+    "rank tables metric is a weight": (
+        "option",
+        "rank",
+        lambda w, t: _rank_tables(t, RANK_TABLE, RANK_TABLE, "--metrics", "w_b"),
+        "--metrics w_b: w_b is a mixture weight, not a metric",
+    ),
+    "transfer tables rows all one mixture": (
+        "grid table",
+        "transfer",
+        lambda w, t: _two_tables(
+            t,
+            {"w_a": [0.5, 0.5], "w_b": [0.5, 0.5], "loss": [1.0, 2.0]},
+            {"w_a": [1.0, 0.0], "w_b": [0.0, 1.0], "loss": [1.0, 2.0]},
+        ),
+        "hold the same mixture",
+    ),
+    "train mixture with NaN": (
+        "recipe value",
+        "train",
+        lambda w, t: _train_recipe(
+            w,
+            t,
+            lambda tr: tr["train"].update(
+                mixtures={"kind": "list", "weights": [{"alpha": float("nan"), "beta": 0.5, "gamma": 0.5}]}
+            ),
+        ),
+        "train.mixtures.weights[0] is not a mixture",
+    ),
+    "train mixtures that repeat": (
+        "recipe value",
+        "train",
+        lambda w, t: _train_recipe(
+            w, t, lambda tr: tr["train"].update(mixtures={"kind": "dirichlet", "alpha": 1e300, "count": 3})
+        ),
+        "mixture 1 is the same as mixture 0",
     ),
     # transfer
     "transfer tables share no mixture column": (

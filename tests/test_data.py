@@ -230,3 +230,19 @@ def test_has_heldout_counts_only_the_sets_that_count():
     assert has_heldout([both, none_out], [1.0, 0.0])  # b has weight 0: it does not count
     assert not has_heldout([both, none_out], [0.5, 0.5])
     assert has_heldout([], [])  # nothing counts: vacuously true, as before
+
+
+def test_a_dev_set_partly_of_unknown_tokens_is_loaded_with_one_warning(tmp_path, capsys):
+    """From 10% of the scored tokens <unk> on, one warning line; from 50% on, a refusal (bad-input matrix)."""
+    from mergeopt.objectives.data import load_dev_set
+    from mergeopt.worlds import toy
+
+    records = [{"prompt": "1+1=", "completion": "2 é"}] * 4  # 3 scored tokens, one of them <unk>
+    path = tmp_path / "dev.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    capsys.readouterr()
+    dev = load_dev_set("d", path, 1.0, toy.build_tokenizer(), 48, 0.0, 0)
+    assert len(dev.fit) == 4
+    assert capsys.readouterr().err.splitlines() == [
+        f"mergeopt: warning: dev set {path}: 33% of its scored tokens are the unknown token '<unk>'"
+    ]

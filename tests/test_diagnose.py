@@ -322,12 +322,16 @@ def test_losses_are_the_proxy_paths_and_the_base_is_theta0(random_world, tmp_pat
         assert edge.per_set[s][0] == record.losses.experts[names[0]][s]
         assert edge.per_set[s][1] == pytest.approx(mid.loc[0, f"loss_{s}"], rel=1e-6)
         assert edge.per_set[s][2] == record.losses.experts[names[1]][s]
-    # θ0: the proxy of a recipe whose first "expert" is the base, at that expert's one-hot
-    tree["model"]["experts"] = {"base": random_world["base"], names[0]: random_world["experts"][names[0]]}
-    as_expert = load_problem(recipe_from_dict(tree), False, objective)
-    base = proxy_losses(as_expert, objective, _one_hot_grid(["base", names[0]]), progress=False)
-    for s in record.dev_sets:
-        assert record.losses.base[s] == pytest.approx(base.loc[0, f"loss_{s}"], rel=1e-6)
+    # θ0: the base model itself, loaded alone and scored on the whole dev sets (a recipe naming the
+    # base as an expert is refused: an expert equal to the base has no data to weigh)
+    from transformers import AutoModelForCausalLM
+
+    from mergeopt.worlds.train import dev_losses
+
+    base_model = AutoModelForCausalLM.from_pretrained(random_world["base"], dtype=torch.float32).eval()
+    base = dev_losses(base_model, recipe, plain.sets, plain.pad_id, torch.device("cpu"))
+    for s, loss in zip(record.dev_sets, base):
+        assert record.losses.base[s] == pytest.approx(loss, rel=1e-6)
     assert len(record.edges) == 3 and record.points == 3
     DiagnoseFile.model_validate(json.loads(json.dumps(record.to_json())))  # JSON without NaN
 

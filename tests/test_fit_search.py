@@ -255,3 +255,54 @@ def test_a_metric_returning_nan_is_named(random_world, tmp_path, monkeypatch):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "'mine'" in lines[0] and "nan" in lines[0], result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_score_turning_nan_mid_search_keeps_the_best_finite_mixture(random_world, tmp_path, monkeypatch):
+    """A NaN score (the merged model's loss at the third mixture) stops the search; the fit finishes on
+    the best mixture scored before it, mixture.json says where it stopped, and one warning line says so
+    (exit 0: the outputs are complete)."""
+    from mergeopt.search import zero_order
+
+    calls = []  # every scorer's calls: only the third evaluation of the run is NaN
+
+    def nan_at_the_third(problem, objective, part):
+        score = nan_at_the_third.__wrapped__(problem, objective, part)
+
+        def scores(w):
+            calls.append(1)
+            out = dict(score(w))
+            return {k: math.nan for k in out} if len(calls) == 3 else out
+
+        return scores
+
+    nan_at_the_third.__wrapped__ = zero_order.make_scorer
+    monkeypatch.setattr(zero_order, "make_scorer", nan_at_the_third)
+    result = _cli(random_world, tmp_path, "search.strategy=grid", "search.grid.divisions=2")
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mergeopt: warning: the search stopped at evaluation 3"), (
+        lines
+    )
+    mixture = json.loads((tmp_path / "out" / "mixture.json").read_text())
+    stop = mixture["search"]["non_finite"]
+    assert (stop["evaluation"], stop["score"], stop["value"]) == (3, "loss:all", "nan")
+    rows = _rows(tmp_path / "out")
+    assert len(rows) == 2 and mixture["search"]["evaluations"] == 2
+    best = min(rows, key=lambda r: float(r["value"]))
+    assert [mixture["weights"][n] for n in mixture["weights"]] == [
+        float(best[f"w_{n}"]) for n in mixture["weights"]
+    ]
+
+
+def test_a_diverging_gradient_fit_keeps_the_best_finite_mixture(random_world, tmp_path):
+    result = _cli(random_world, tmp_path, "optim.lr=1e308")
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines == [
+        "mergeopt: warning: the fit stopped at step 1: the mixture logits is nan; mixture.json holds the best "
+        "finite mixture (step 0). Lower optim.lr, or check the experts and model.compute_dtype"
+    ]
+    mixture = json.loads((tmp_path / "out" / "mixture.json").read_text())
+    assert mixture["search"]["non_finite"] == {"step": 1, "quantity": "mixture logits", "value": "nan"}
+    assert mixture["weights"] == pytest.approx(dict.fromkeys(mixture["weights"], 1 / 3))
+    assert not (tmp_path / "out" / "checkpoint").exists()

@@ -88,3 +88,46 @@ def test_no_heldout_keeps_the_last_weights(problem, random_world):
     assert not result.stopped_early and result.best_heldout_loss is None and result.steps_run == 4
     last = result.trace[-1]
     assert [last[f"w_{n}"] for n in stack.expert_names] == pytest.approx(result.weights.tolist(), abs=1e-12)
+
+
+def test_logits_that_overflow_stop_the_fit_at_the_best_finite_mixture(problem):
+    # Adam's first step of lr 1e308 leaves float64 (w_1 would be NaN): the fit keeps w_0
+    result = run(problem, lr=1e308, steps=10, eval_every=1, patience=100)
+    assert result.non_finite == {"step": 1, "quantity": "mixture logits", "value": "nan"}
+    assert result.steps_run == 0 and result.best_step == 0
+    torch.testing.assert_close(result.weights, torch.full((3,), 1 / 3, dtype=torch.float64))
+    evaluated = [r for r in result.trace if r["heldout_loss"] == r["heldout_loss"]]
+    assert result.best_heldout_loss == min(r["heldout_loss"] for r in evaluated)
+
+
+def test_a_nan_loss_stops_the_fit_and_keeps_the_last_finite_step(problem, random_world, monkeypatch):
+    from mergeopt.search import gradient
+
+    model, stack, _ = problem
+    tokenizer = toy.build_tokenizer()
+    sets = [load_dev_set(n, p, 1.0, tokenizer, 48, 0.0, 0) for n, p in random_world["dev"].items()]
+    calls = []
+
+    def nan_from_the_third(*args, **kwargs):  # the loss at w_2 is NaN
+        calls.append(1)
+        loss = dev_loss(*args, **kwargs)
+        return loss * float("nan") if len(calls) >= 3 else loss
+
+    monkeypatch.setattr(gradient, "dev_loss", nan_from_the_third)
+    result = run((model, stack, sets), steps=6, lr=0.3)
+    assert result.non_finite == {"step": 2, "quantity": "training loss", "value": "nan"}
+    assert result.best_step == 1 and result.steps_run == 2
+    row = result.trace[1]
+    assert [row[f"w_{n}"] for n in stack.expert_names] == pytest.approx(result.weights.tolist(), abs=1e-12)
+
+
+def test_a_nan_loss_at_the_start_is_refused(problem, random_world, monkeypatch):
+    from mergeopt.errors import UserError
+    from mergeopt.search import gradient
+
+    model, stack, _ = problem
+    tokenizer = toy.build_tokenizer()
+    sets = [load_dev_set(n, p, 1.0, tokenizer, 48, 0.0, 0) for n, p in random_world["dev"].items()]
+    monkeypatch.setattr(gradient, "dev_loss", lambda *a, **k: dev_loss(*a, **k) * float("nan"))
+    with pytest.raises(UserError, match="training loss is nan at step 0, before any finite step"):
+        run((model, stack, sets), steps=3)

@@ -316,3 +316,24 @@ def test_cli_user_errors_are_one_line_exit_2(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("mergeopt: error: "), (args, result.stderr)
         assert message in lines[0], (message, lines[0])
     assert not (tmp_path / "out").exists()
+
+
+def test_table_mode_ranks_no_bookkeeping_or_weight_column(tmp_path):
+    """run, tokens, seed and a weight column not chosen as a mixture column are not metrics."""
+    from mergeopt.evaluation.tables import rank_tables
+
+    table = {
+        "run": [0, 1, 2, 3],
+        "w_a": [1.0, 0.6, 0.3, 0.0],
+        "w_b": [0.0, 0.4, 0.7, 1.0],
+        "tokens": [100, 200, 300, 400],
+        "seed": [0, 0, 0, 0],
+        "loss": [3.0, 2.0, 2.5, 1.0],
+    }
+    for name in ("proxy", "truth"):
+        pd.DataFrame(table).to_csv(tmp_path / f"{name}.csv", index=False)
+    proxy, truth = str(tmp_path / "proxy.csv"), str(tmp_path / "truth.csv")
+    report, _ = rank_tables(proxy, truth, n_bootstrap=0)
+    assert list(report["metrics"]) == ["loss", "mean"]
+    report, _ = rank_tables(proxy, truth, mixture_cols=["w_a", "w_b"], n_bootstrap=0)
+    assert list(report["metrics"]) == ["loss", "mean"]

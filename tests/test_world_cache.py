@@ -71,3 +71,29 @@ def test_a_leftover_without_its_marker_is_built_again(tmp_path, monkeypatch):
     assert _SlowWorld.builds == 1
     assert (path / "weights.txt").read_text() == "seed 0\n"
     assert (path / worlds.MARKER).is_file()
+
+
+def test_ctrl_c_during_a_world_build_stops_it_and_leaves_nothing(tmp_path):
+    """SIGINT at step 2 of the tiny world's pretraining (the process signals itself there, through the
+    real handler): the fit stops at that step, not after the build, exits 130 with one line saying
+    nothing was saved, and leaves no world, no staging directory, no output directory, no checkpoint."""
+    from tests.conftest import REPO, run_forked
+
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    result = run_forked(
+        "fit",
+        str(REPO / "recipes" / "tiny.yaml"),
+        f"output_dir={out}",
+        f"world.cache_dir={cache}",
+        "device=cpu",
+        "--quiet",
+        fault="sigint@world:2",
+    )
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "mergeopt: interrupted (SIGINT at the world build, step 2); nothing was saved yet. "
+        "Rerun the same command to start again."
+    )
+    assert not out.exists()
+    left = sorted(p.name for p in cache.iterdir()) if cache.exists() else []
+    assert [name for name in left if not name.endswith(".lock")] == [], left

@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from mergeopt.errors import UserError
-from mergeopt.evaluation.tables import WEIGHT_SUM_TOLERANCE
+from mergeopt.evaluation.tables import WEIGHT_SUM_TOLERANCE, check_mixtures_vary
 from mergeopt.inputs import existing_file
 from mergeopt.objectives.objective import Objective
 from mergeopt.objectives.scoring import metric_scores, set_losses
@@ -70,6 +70,7 @@ def read_grid(path: str | Path, expert_names: Sequence[str]) -> pd.DataFrame:
         )
     if table.empty:
         raise UserError(f"{path}: the grid table has no rows")
+    check_mixtures_vary(weights.to_numpy(dtype=float), str(path))
     return table
 
 

@@ -18,6 +18,9 @@ from mergeopt.errors import UserError
 from mergeopt.evaluation.rank_stats import rank_statistics
 
 DEFAULT_PREFIXES = ("w_", "train_")  # ours, then RegMix's train_the_pile_*
+# columns mergeopt train (and RegMix's tables) write beside the metrics that are not metrics: a run's
+# number, its path, its token count, its seed. Ranked as metrics they would pass for findings.
+BOOKKEEPING_COLUMNS = frozenset({"index", "run", "path", "tokens", "steps", "seed"})
 WEIGHT_DECIMALS = 6  # rows are matched on weights rounded to 1e-6
 # RegMix publishes weights rounded to 3 decimals over 17 domains: row sums drift by up to 0.003 in
 # its test tables and 0.004 in its train table, so 1e-3 would reject real data; 5e-3 still catches
@@ -105,7 +108,19 @@ def check_weights(frame: pd.DataFrame, columns: Sequence[str], source: str) -> n
         raise UserError(
             f"{source}: {row_label(frame, i)}: weights sum to {weights[i].sum():.6g}, not 1 (±{WEIGHT_SUM_TOLERANCE:g})"
         )
+    check_mixtures_vary(weights, source)
     return weights
+
+
+def check_mixtures_vary(weights: np.ndarray, source: str) -> None:
+    """Refuse a table whose rows are all one mixture (rounded to 1e-6): a ranking or a fit over the
+    mixtures needs at least two of them, and one mixture repeated only ranks its runs' noise."""
+    distinct = len({tuple(row.tolist()) for row in np.round(weights, WEIGHT_DECIMALS)})
+    if len(weights) and distinct < 2:
+        raise UserError(
+            f"{source}: all {len(weights)} row(s) hold the same mixture; ranking mixtures needs at least "
+            "two different ones"
+        )
 
 
 def match_rows(
@@ -155,10 +170,37 @@ def shared_mixtures(
     return rows[:, 0], rows[:, 1]
 
 
-def metric_columns(proxy: pd.DataFrame, truth: pd.DataFrame, exclude: set, requested, sources) -> list[str]:
-    """Metrics paired by name: those requested, or every numeric column both tables share."""
-    exclude = exclude | {"index"} | {c for c in proxy.columns if str(c).startswith("Unnamed:")}
+def weight_prefixes(cols: Sequence[str], prefix: str | None, named: Sequence[str] | None) -> list[str]:
+    """The prefix that found the weight columns (``w_``, ``train_``, ``--mixture-prefix``): every
+    column with it is a weight, even one not chosen. None when the columns were named one by one."""
+    if named:
+        return []
+    return [p for p in ([prefix] if prefix else DEFAULT_PREFIXES) if any(c.startswith(p) for c in cols)][:1]
+
+
+def not_a_metric(column: str, weights: set, prefixes: Sequence[str] = ()) -> str | None:
+    """Why ``column`` is no metric (a weight or bookkeeping column), or None when it may be one."""
+    if column in weights or any(column.startswith(p) for p in prefixes):
+        return "a mixture weight"
+    if column in BOOKKEEPING_COLUMNS or column.startswith("Unnamed:"):
+        return "a bookkeeping column"
+    return None
+
+
+def metric_columns(
+    proxy: pd.DataFrame,
+    truth: pd.DataFrame,
+    exclude: set,
+    requested,
+    sources,
+    prefixes: Sequence[str] = (),
+) -> list[str]:
+    """Metrics paired by name: those requested, or every numeric column both tables share that is
+    neither a weight (``exclude``, or a column with a mixture prefix) nor bookkeeping (run, tokens...)."""
     if requested:
+        for m in requested:
+            if (why := not_a_metric(str(m), exclude, prefixes)) is not None:
+                raise UserError(f"--metrics {m}: {m} is {why}, not a metric")
         for frame, source in zip((proxy, truth), sources):
             missing = [m for m in requested if m not in frame.columns]
             if missing:
@@ -171,7 +213,7 @@ def metric_columns(proxy: pd.DataFrame, truth: pd.DataFrame, exclude: set, reque
         str(c)
         for c in proxy.columns
         if c in truth.columns
-        and c not in exclude
+        and not_a_metric(str(c), exclude, prefixes) is None
         and pd.api.types.is_numeric_dtype(proxy[c])
         and pd.api.types.is_numeric_dtype(truth[c])
     ]
@@ -212,7 +254,8 @@ def rank_tables(
     rows = match_rows(
         check_weights(proxy, cols, proxy_src), check_weights(truth, cols, truth_src), proxy, proxy_src
     )
-    names = metric_columns(proxy, truth, set(cols), metrics, (proxy_spec, truth_spec))
+    prefixes = weight_prefixes(cols, mixture_prefix, mixture_cols)
+    names = metric_columns(proxy, truth, set(cols), metrics, (proxy_spec, truth_spec), prefixes)
     unknown = sorted(set(higher_is_better) - set(names))
     if unknown or "mean" in names:
         raise UserError(

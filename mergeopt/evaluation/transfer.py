@@ -49,8 +49,10 @@ from mergeopt.evaluation.tables import (
     metric_columns,
     metric_values,
     mixture_columns,
+    not_a_metric,
     row_label,
     shared_mixtures,
+    weight_prefixes,
 )
 from mergeopt.inputs import writable_dir
 from mergeopt.run_files import SCHEMA_VERSION, TransferReport
@@ -103,27 +105,35 @@ def load_scale_tables(specs: Mapping[str, str], prefix: str | None, columns: Seq
     return tables, cols
 
 
-def _numeric_columns(frame: pd.DataFrame, exclude: set) -> list[str]:
+def _numeric_columns(frame: pd.DataFrame, exclude: set, prefixes: Sequence[str]) -> list[str]:
     return [
         str(c)
         for c in frame.columns
-        if c not in exclude and not str(c).startswith("Unnamed:") and pd.api.types.is_numeric_dtype(frame[c])
+        if not_a_metric(str(c), exclude, prefixes) is None and pd.api.types.is_numeric_dtype(frame[c])
     ]
 
 
 def compared_metrics(
-    tables: Mapping[str, ScaleTable], cols: Sequence[str], requested: Sequence[str] | None
+    tables: Mapping[str, ScaleTable],
+    cols: Sequence[str],
+    requested: Sequence[str] | None,
+    prefixes: Sequence[str] = (),
 ) -> tuple[list[str], dict[str, list[str]]]:
     """Metrics every table has: those requested (each must be in every table) or all shared numeric ones.
 
     Returns the metrics and, per table, the numeric columns left out because another table lacks them
     (none when metrics are requested: the rest were not selected, and are not reported as missing).
     """
-    exclude = set(cols) | {"index"}
+    exclude = set(cols)
     group = list(tables.values())
-    names = metric_columns(group[0].frame, group[1].frame, exclude, requested, (group[0].spec, group[1].spec))
+    first = group[0]
+    names = metric_columns(
+        first.frame, group[1].frame, exclude, requested, (first.spec, group[1].spec), prefixes
+    )
     for other in group[2:]:
-        found = metric_columns(group[0].frame, other.frame, exclude, requested, (group[0].spec, other.spec))
+        found = metric_columns(
+            first.frame, other.frame, exclude, requested, (first.spec, other.spec), prefixes
+        )
         names = [m for m in names if m in found]
     if not names:
         raise UserError(f"{', '.join(t.spec for t in group)} share no numeric metric columns")
@@ -132,7 +142,7 @@ def compared_metrics(
     skipped = {
         t.role: left
         for t in group
-        if (left := [c for c in _numeric_columns(t.frame, exclude) if c not in names])
+        if (left := [c for c in _numeric_columns(t.frame, exclude, prefixes) if c not in names])
     }
     return names, skipped
 
@@ -264,7 +274,8 @@ def transfer_tables(
         {r: s for r, s in specs.items() if s is not None}, mixture_prefix, mixture_cols
     )
     settings = surrogate_settings(surrogate_options or {}) if surrogate_fit is not None else None
-    names, skipped = compared_metrics(tables, cols, metrics)
+    prefixes = weight_prefixes(cols, mixture_prefix, mixture_cols)
+    names, skipped = compared_metrics(tables, cols, metrics, prefixes)
     unknown = sorted(set(higher_is_better) - set(names))
     if unknown:
         raise UserError(f"--higher-is-better names {unknown}, not a compared metric")

@@ -221,6 +221,26 @@ def write_checkpoint(
 # ----------------------------------------------------------------------------- the merge
 
 
+def check_representable(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Refuse a merge whose values are not finite once cast to ``dtype``, naming the first tensor.
+
+    A merge far off the experts (``merge.scale=1e6``) can exceed a narrow dtype's range (float16
+    stops at 65504): the cast would write Inf, and every forward pass of the shipped model would
+    give NaN. Checked one tensor at a time, before anything is written; a refusal, not a warning,
+    because nobody wants a checkpoint that cannot run.
+    """
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if not tensor.is_floating_point() or torch.isfinite(tensor.to(dtype)).all():
+                continue
+            short = str(dtype).removeprefix("torch.")
+            where = f"overflows {short}" if torch.isfinite(tensor).all() else "is not finite"
+            raise UserError(
+                f"the merged tensor {name} {where} (largest magnitude {float(tensor.abs().max()):.4g}): "
+                "lower merge.scale or write a wider --dtype"
+            )
+
+
 def materialize(
     recipe: Recipe,
     weights: Mapping[str, float],
@@ -267,6 +287,7 @@ def materialize(
         **(provenance or {}),
         "mergeopt_version": mergeopt.__version__,
     }
+    check_representable(model, DTYPES[dtype])
     write_checkpoint(model, tokenizer, manifest, out, dtype, overwrite, max_shard_size)
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     shards = len(list(out.glob("*.safetensors")))

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mergeopt.errors import UserError
+from mergeopt.runtime.resume import check_interrupt
 
 LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 BATCH = 1000  # records tokenised per call
@@ -119,6 +120,7 @@ def measure(path: Path, tokenizer) -> DomainStats:
         dataset = load(source, cache)
         samples, tokens = 0, 0
         for records in _rows(dataset, source.path):
+            check_interrupt(f"counting the tokens of {path}")  # inside a fit: Ctrl-C within a chunk
             samples += len(records)
             tokens += count_tokens(records, tokenizer)
     if samples == 0:

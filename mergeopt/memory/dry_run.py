@@ -33,6 +33,7 @@ from mergeopt.loading.checkpoints import (
     read_json_object,
 )
 from mergeopt.loading.lora import factor_sizes, is_adapter, read_adapter_config
+from mergeopt.loading.positions import check_max_length
 from mergeopt.memory.plan import (
     FLOAT32,
     GIB,
@@ -104,6 +105,7 @@ def random_inventory(recipe: Recipe) -> tuple[Inventory, Dims]:
     from mergeopt.worlds import random_world
 
     config = random_world.check_recipe_paths(recipe.model.base, recipe.model.experts)
+    check_max_length(config.to_dict(), {"data.max_length": recipe.data.max_length}, recipe.model.base)
     shapes = random_world.config_shapes(config)
     source = f"{recipe.model.base}: random weights, shapes from config.json on the meta device"
     inventory = Inventory(shapes, dict.fromkeys(shapes, 0), source)  # no read buffers: drawn in place
@@ -120,6 +122,7 @@ def read_inventory(recipe: Recipe) -> tuple[Inventory, Dims]:
         base = gguf_base(recipe.model.base, recipe.model.gguf_file, recipe.model.trust_remote_code)
     else:
         base = _describe(recipe.model.base)
+    check_max_length(base.config, {"data.max_length": recipe.data.max_length}, str(base.path))
     adapters = {n: p for n, p in recipe.model.experts.items() if is_adapter(p)}
     experts = {name: _describe(path) for name, path in recipe.model.experts.items() if name not in adapters}
     _check_experts(base, experts)

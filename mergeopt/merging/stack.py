@@ -52,7 +52,9 @@ from mergeopt.merging.layer_merge import (
 from mergeopt.merging.lowrank import LowRankStack, build_lowrank_stack
 from mergeopt.merging.methods import MergeFn, MergeMethod, get_method, merge_linear, mixup
 from mergeopt.merging.methods.dare import parameter_generator
+from mergeopt.merging.sameness import Sameness, check_lowrank_adapters
 from mergeopt.merging.sharded_merge import ShardedMergedParameter, block_range, keep_block, padded
+from mergeopt.runtime.resume import check_interrupt_alone
 
 DTYPES = {
     "float32": torch.float32,
@@ -241,16 +243,18 @@ def _excluded(name: str, patterns: Sequence[re.Pattern]) -> bool:
 
 
 def _differences(
-    base: torch.Tensor, experts: Mapping, name: str, dtype: torch.dtype, block=None
+    base: torch.Tensor, experts: Mapping, name: str, dtype: torch.dtype, block=None, sameness=None
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Linear merge at scale 1: anchor θ_1 and rows θ_i − θ_1, without θ0 (``block``: rows of a
-    sharded stack, see :func:`_read`)."""
+    sharded stack, see :func:`_read`); ``sameness`` sees each value and the rows."""
     anchor = None
     # differences written row by row into one preallocated tensor: no K-long list of temporaries
     rows = torch.empty((len(experts) - 1, *base.shape), dtype=dtype, device=base.device)
     differ = False
     for k, (ename, expert) in enumerate(experts.items()):
         value = _read(expert, ename, name, base, block)
+        if sameness is not None and sameness.base_candidate(k):
+            sameness.see_value(k, value, base)
         if anchor is None:
             anchor = value
             continue
@@ -258,6 +262,8 @@ def _differences(
         differ = differ or bool(difference.any())
         rows[k - 1].copy_(difference)
         del value, difference
+    if sameness is not None:
+        sameness.see_differences(rows)
     return anchor, rows, differ
 
 
@@ -269,11 +275,15 @@ def _prepared(
     method: MergeMethod,
     options: dict[str, Any],
     scale: float,
+    sameness=None,
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Any other method: τ' = prepare(θ_i − θ0), anchor θ0 + λ τ'_1 and rows λ (τ'_i − τ'_1)."""
+    """Any other method: τ' = prepare(θ_i − θ0), anchor θ0 + λ τ'_1 and rows λ (τ'_i − τ'_1);
+    ``sameness`` sees the task vectors before they are prepared."""
     tau = torch.empty((len(experts), *base.shape), dtype=base.dtype, device=base.device)
     for k, (ename, expert) in enumerate(experts.items()):
         torch.sub(_read(expert, ename, name, base), base, out=tau[k])
+    if sameness is not None:
+        sameness.see_task_vectors(tau)
     prepared = method.prepare(tau, **options)
     del tau
     anchor = base + scale * prepared[0]
@@ -306,9 +316,13 @@ def build_stack(
     shard: tuple[int, int] | None = None,
     base: BaseSource | None = None,
     device: torch.device | None = None,
+    not_compared: Sequence[str] = (),
 ) -> TaskVectorStack:
     """Read each expert tensor lazily, stack anchor and differences on the parameter's device, and
     make the model's parameter read the merge (its θ0 tensor is dropped).
+
+    An expert equal to the base, or two equal experts, are refused once every tensor is read
+    (:mod:`mergeopt.merging.sameness`; ``not_compared``: experts left out of that check).
 
     ``shard`` (rank, world size): every matrix is kept as this rank's block of rows
     (:mod:`mergeopt.merging.sharded_merge`), stacked or not; vectors stay whole. With a linear merge at
@@ -343,8 +357,11 @@ def build_stack(
     stack.shard = shard
     if merge.mixup_alpha is not None:
         stack.mixup = torch.tensor(stack.method["mixup_lambda"], dtype=torch.float64)
+    sameness = Sameness(names, not_compared)
+    collective = None  # a sharded stack: where its ranks combine what they found equal
     parameter_names = [n for n, _ in model.named_parameters()]  # names only: θ0 is freed as we go
     for pname in tqdm(parameter_names, desc="stacking experts", unit="tensor", disable=not progress):
+        check_interrupt_alone("stacking the experts")  # minutes on a large model: stop within a tensor
         param = model.get_parameter(pname)
         param.requires_grad_(False)
         where = device if param.is_meta else param.device
@@ -357,18 +374,32 @@ def build_stack(
                 fill(model, pname, base.whole(pname, param, where))
             continue
         if blocks and anchor_form:
+            collective = where
             _stack_block(
-                stack, model, pname, param, experts, shard, dtype, rows_dtype, anchor_dtype, base, where
+                stack,
+                model,
+                pname,
+                param,
+                experts,
+                shard,
+                dtype,
+                rows_dtype,
+                anchor_dtype,
+                base,
+                where,
+                sameness,
             )
             continue
         theta0 = base.whole(pname, param, where) if param.is_meta else param.detach()
         theta0 = theta0.to(torch.promote_types(param.dtype, torch.float32))  # θ0, read first
         if anchor_form:
-            anchor, rows, differ = _differences(theta0, experts, pname, rows_dtype)
+            anchor, rows, differ = _differences(theta0, experts, pname, rows_dtype, sameness=sameness)
         else:
             if method.random:
                 options["generator"] = parameter_generator(seed, pname)
-            anchor, rows, differ = _prepared(theta0, experts, pname, rows_dtype, method, options, merge.scale)
+            anchor, rows, differ = _prepared(
+                theta0, experts, pname, rows_dtype, method, options, merge.scale, sameness
+            )
         if blocks:  # prepared whole (TIES, DARE, a scale): every rank the same; keep this rank's rows
             _keep_prepared_block(
                 stack, model, pname, param, theta0, anchor, rows, differ, shard, dtype, anchor_dtype
@@ -390,6 +421,7 @@ def build_stack(
         raise UserError(
             "the experts do not differ in any merged parameter (after exclusions): nothing to merge"
         )
+    sameness.check(collective)
     return stack
 
 
@@ -417,6 +449,7 @@ def _stack_block(
     anchor_dtype: torch.dtype,
     base: BaseSource | None,
     device: torch.device,
+    sameness: Sameness | None = None,
 ) -> None:
     """One matrix of a sharded stack (linear merge at scale 1): this rank's block of ⌈R/N⌉ rows
     (zero-padded), θ0's and each expert's read alone."""
@@ -424,7 +457,9 @@ def _stack_block(
     start, stop, per = block_range(total, *shard)
     theta0 = base.rows(pname, start, stop, param, device) if param.is_meta else param.detach()[start:stop]
     theta0 = theta0.to(torch.promote_types(param.dtype, torch.float32))
-    anchor, rows, differ = _differences(theta0, experts, pname, rows_dtype, (start, stop, param.shape))
+    anchor, rows, differ = _differences(
+        theta0, experts, pname, rows_dtype, (start, stop, param.shape), sameness
+    )
     flags = torch.tensor([float(differ), float(not torch.equal(anchor, theta0))], device=device)
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # the ranks agree on what this parameter is
     if not flags[0]:  # every expert equal here: not stacked, θ0 or the one shared value
@@ -576,6 +611,8 @@ def build_expert_stack(
         shard=shard,
         base=base,
         device=device,
+        # their dense view is θ0 itself; a low-rank adapter is compared by its factors, below
+        not_compared=[*(adapters if lowrank_path else ()), *([base_expert] if base_expert else ())],
     )
     if base_expert is not None:  # the recipe's merge, as its experts alone describe and draw it
         stack.method = describe(merge, len(recipe_names), seed)
@@ -589,6 +626,7 @@ def build_expert_stack(
             )
             for n, a in adapters.items()
         }
+        check_lowrank_adapters(kept)  # the dense stack did not compare them (their view is θ0)
         factors_dtype = anchor_dtype_for(dtype, stack.compute_dtype)  # int8 is for dense differences only
         stack.lowrank = build_lowrank_stack(
             list(names), kept, lambda t: parameter_device(model, t), factors_dtype, merge.scale

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from mergeopt.errors import UserError
+from mergeopt.errors import UserError, warn
 from mergeopt.inputs import existing_file
 from mergeopt.runtime.distributed import rank_and_size, shard
 
@@ -135,6 +135,34 @@ def tokenize(record: dict[str, Any], tokenizer, max_length: int) -> Example | No
     return Example(torch.tensor(ids, dtype=torch.long), torch.tensor(scored, dtype=torch.bool), record)
 
 
+UNKNOWN_REFUSED = 0.5  # a set whose scored tokens are this share <unk> or more measures nothing
+UNKNOWN_WARNED = 0.1  # from this share on, the loss is partly "predict <unk>": said, not refused
+
+
+def check_known_tokens(examples: Sequence[Example], tokenizer, what: str) -> None:
+    """Refuse a set whose scored tokens are mostly the tokenizer's unknown token; warn when many are.
+
+    Text the tokenizer cannot represent (another script, a binary file read as text, the wrong
+    tokenizer) becomes ``<unk>``: the loss then rewards predicting ``<unk>``, the same for every
+    mixture, and the fit ranks noise. A tokenizer without an unknown token (byte-level BPE) can
+    represent any text and is not checked.
+    """
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return
+    scored = sum(int(ex.scored.sum()) for ex in examples)
+    unknown = sum(int((ex.input_ids[ex.scored] == unk).sum()) for ex in examples)
+    share = unknown / scored if scored else 0.0
+    if share >= UNKNOWN_REFUSED:
+        raise UserError(
+            f"{what}: {share:.0%} of its scored tokens are the unknown token {tokenizer.unk_token!r} "
+            "(text this tokenizer cannot represent: another script, or the wrong file?); "
+            "the loss would measure nothing"
+        )
+    if share >= UNKNOWN_WARNED:
+        warn(f"{what}: {share:.0%} of its scored tokens are the unknown token {tokenizer.unk_token!r}")
+
+
 def load_dev_set(
     name: str,
     path: str | Path,
@@ -156,6 +184,7 @@ def load_dev_set(
     examples = [ex for ex in (tokenize(r, tokenizer, max_length) for r in records) if ex is not None]
     if not examples:
         raise UserError(f"dev set {path}: every example was truncated away at max_length={max_length}")
+    check_known_tokens(examples, tokenizer, f"dev set {path}")
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(examples), generator=generator).tolist()
     n_heldout = round(heldout_fraction * len(examples))

@@ -22,6 +22,7 @@ from mergeopt.merging.weights import weights_from_logits
 from mergeopt.objectives.data import Batch, DevSet, evaluation_batches
 from mergeopt.objectives.head_loss import IGNORE_INDEX, full_logits_losses, token_losses
 from mergeopt.runtime.distributed import all_reduce_sum
+from mergeopt.runtime.resume import check_interrupt_alone
 
 
 class _TokenLosses(torch.nn.Module):
@@ -115,6 +116,7 @@ def evaluate_sums(
     counts = torch.zeros(len(sets), device=device, dtype=torch.float64)
     with evaluating_in(model, stack.eval_dtype):  # float32 by default: see mergeopt.merging.eval_dtype
         for batch in evaluation_batches(sets, part, batch_size, pad_id):
+            check_interrupt_alone("an evaluation")  # a big dev set takes minutes: Ctrl-C within a batch
             s, c = per_set_loss_sums(model, params, batch.to(device), len(sets), loss_chunk)
             sums += s
             counts += c

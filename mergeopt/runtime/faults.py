@@ -10,6 +10,7 @@ tests name the moment instead, in the environment of the process they start:
     MERGEOPT_FAULT=sigint@train.beta:7     `mergeopt train`, run "beta", at the end of step 7
     MERGEOPT_FAULT=sigstop@step:3          stops there, holding what it holds (a test's second
                                            process meets its lock), until SIGCONT or SIGKILL
+    MERGEOPT_FAULT=sigint@world:2          a tiny world's build, at the end of a training step 2
 
 The process sends itself the signal with ``os.kill``: SIGKILL ends it on the spot, as ``kill -9``
 does; SIGTERM and SIGINT go through the same handler a real signal does (:mod:`mergeopt.runtime.resume`).

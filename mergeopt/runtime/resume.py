@@ -73,6 +73,14 @@ def check_interrupt(where: str) -> None:
         raise Interrupted(_pending[0], where)
 
 
+def check_interrupt_alone(where: str) -> None:
+    """:func:`check_interrupt` in a single process: long loops inside one step (stacking, one
+    evaluation's batches) stop within a second. Under torchrun the ranks must stop together, at the
+    points where they already agree (between steps and evaluations), so there it does nothing."""
+    if distributed.rank_and_size()[1] == 1:
+        check_interrupt(where)
+
+
 @contextmanager
 def interruptible() -> Iterator[None]:
     """SIGINT/SIGTERM set a flag inside the block (the main thread only); a second one interrupts at once."""
@@ -103,7 +111,10 @@ def saying_where_saved(
     try:
         yield
     except Interrupted as stop:
-        stop.hint = f"the state is saved in {directory}. {advice}"
+        if Path(directory).is_dir():
+            stop.hint = f"the state is saved in {directory}. {advice}"
+        else:  # stopped before it had anything worth resuming (a world build, loading, stacking)
+            stop.hint = "nothing was saved yet. Rerun the same command to start again."
         stop.silent = not distributed.is_main()
         raise
 

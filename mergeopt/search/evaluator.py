@@ -41,6 +41,16 @@ class BudgetExhausted(Exception):
     """A new real evaluation was asked for with no budget left; strategies stop on it."""
 
 
+class NonFiniteScore(UserError):
+    """A real evaluation gave a NaN or infinite score. A fit's search stops on it and keeps the best
+    finite mixture (:func:`mergeopt.search.zero_order.run_search`); anywhere else it is a user error.
+    ``record`` is what mixture.json says about it."""
+
+    def __init__(self, message: str, record: dict):
+        super().__init__(message)
+        self.record = record
+
+
 @dataclass
 class SearchResult:
     """The best really evaluated mixture of a search, with the log of every real evaluation."""
@@ -175,7 +185,7 @@ class Evaluator:
                 faults.reached("evaluation", self.evaluations + 1)  # tests only (MERGEOPT_FAULT)
                 check_interrupt(f"evaluation {self.evaluations + 1}")
                 start = time.perf_counter()
-                scores = self._checked(self.score_fn(w.copy()), w)
+                scores = self._checked(self._score(w), w)
                 seconds = time.perf_counter() - start
                 # one evaluation outside a batch: under torchrun every rank scores a share of its data
                 process = ALL_PROCESSES if distributed.rank_and_size()[1] > 1 else 0
@@ -285,7 +295,7 @@ class Evaluator:
                 start = time.perf_counter()
                 try:
                     with distributed.this_rank_only():
-                        mine = ("ok", dict(self.score_fn(chunk[rank].copy())), time.perf_counter() - start)
+                        mine = ("ok", dict(self._score(chunk[rank])), time.perf_counter() - start)
                 except Exception as err:  # re-raised on every rank below, so none waits forever
                     if size == 1:
                         raise
@@ -317,6 +327,14 @@ class Evaluator:
             yield w, gathered[0][0], time.perf_counter() - start, ALL_PROCESSES
             if any(flag for _, flag in gathered):
                 raise Interrupted(pending_signal() or signal.SIGTERM, f"evaluation {self.evaluations}")
+
+    def _score(self, w: np.ndarray) -> Mapping[str, float]:
+        """One real evaluation; a signal that stops it halfway (its batches check, in a single
+        process) is reported as this evaluation's number, and nothing of it is recorded."""
+        try:
+            return self.score_fn(w.copy())
+        except Interrupted as stop:
+            raise Interrupted(stop.signum, f"evaluation {self.evaluations + 1}") from None
 
     def __call__(self, w: np.ndarray, phase: str = "") -> float:
         """The value (lower is better) at w under the current value function."""
@@ -425,6 +443,12 @@ class Evaluator:
                 raise ValueError(f"score name {name!r} collides with a trace column")
             value = float(raw)
             if not math.isfinite(value):
-                raise UserError(f"score {name!r} is {value} at w = ({mixture})")
+                record = {
+                    "evaluation": self.evaluations + 1,
+                    "score": str(name),
+                    "value": str(value),
+                    "weights": {n: float(v) for n, v in zip(self.names, w)},
+                }
+                raise NonFiniteScore(f"score {name!r} is {value} at w = ({mixture})", record)
             checked[str(name)] = value
         return checked

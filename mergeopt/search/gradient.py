@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mergeopt.config import OptimSection
+from mergeopt.errors import Interrupted, UserError
 from mergeopt.merging.constraints import FeasibleSet
 from mergeopt.merging.groups import Groups
 from mergeopt.merging.stack import TaskVectorStack
@@ -40,6 +41,13 @@ class GradientResult:
     stopped_early: bool
     best_heldout_loss: float | None
     trace: list[dict] = field(default_factory=list)
+    # the fit stopped because a number went non-finite: {"step", "quantity", "value"} (None: it did not)
+    non_finite: dict | None = None
+
+
+def _non_finite(step: int, quantity: str, value: float) -> dict:
+    """What stopped a diverging fit, as mixture.json records it (JSON has no NaN: the value is text)."""
+    return {"step": step, "quantity": quantity, "value": str(value)}
 
 
 def fit_gradient(
@@ -74,6 +82,9 @@ def fit_gradient(
 
     best_loss, best_z, best_step = math.inf, z.detach().clone(), 0
     stale_evals, stopped_early, trace, start = 0, False, [], 0
+    # a non-finite loss, gradient or held-out loss stops the fit (Adam would only spread the NaN
+    # into z, and every later w would be NaN): the result is the best w whose losses were finite
+    non_finite, finite_z, finite_step = None, None, None
     saved = checkpoint.load_gradient() if checkpoint is not None else None
     if saved is not None:  # resume: the exact state after step saved["next_step"] - 1
         with torch.no_grad():
@@ -107,18 +118,25 @@ def fit_gradient(
         row: dict = {"step": t, "loss": math.nan, "heldout_loss": math.nan}
         row.update({f"w_{n}": v for n, v in zip(names, w.tolist())})
         if held_out and (t % optim.eval_every == 0 or t == optim.steps):
-            per_set = evaluate(
-                model, stack, w, sets, "heldout", optim.eval_batch_size, pad_id, device, loss_chunk
-            )
+            try:
+                per_set = evaluate(
+                    model, stack, w, sets, "heldout", optim.eval_batch_size, pad_id, device, loss_chunk
+                )
+            except Interrupted:  # Ctrl-C inside the evaluation: the state before it is step t's
+                if t > start:  # step `start` is already saved (or is the start: nothing to resume)
+                    save(t)
+                raise
             heldout = float(target_loss(per_set, torch.ones_like(per_set), set_weights.cpu()))
             row["heldout_loss"] = heldout
-            if heldout < best_loss - optim.min_delta:
+            if not math.isfinite(heldout):
+                non_finite = _non_finite(t, "held-out loss", heldout)
+            elif heldout < best_loss - optim.min_delta:
                 best_loss, best_z, best_step, stale_evals = heldout, z.detach().clone(), t, 0
             else:
                 stale_evals += 1
                 if stale_evals >= optim.patience:
                     stopped_early = True
-        if t == optim.steps or stopped_early:
+        if t == optim.steps or stopped_early or non_finite is not None:
             trace.append(row)
             if on_step is not None:
                 on_step(row)
@@ -132,14 +150,28 @@ def fit_gradient(
             loss.backward()
             step_loss += float(all_reduce_sum(loss.detach().clone()))
         all_reduce_sum(z.grad)  # torchrun: the ranks' shares of the gradient add up to the batch's
+        row["loss"] = step_loss
+        if not math.isfinite(step_loss) or not torch.isfinite(z.grad).all():
+            bad = ("training loss", step_loss) if not math.isfinite(step_loss) else ("gradient", math.nan)
+            non_finite = _non_finite(t, *bad)
+            trace.append(row)
+            if on_step is not None:
+                on_step(row)
+            break
+        finite_z, finite_step = z.detach().clone(), t  # w_t's loss and gradient are finite
         optimizer.step()
+        if not torch.isfinite(z).all():  # an infinite step (optim.lr huge): w_{t+1} is undefined
+            non_finite = _non_finite(t + 1, "mixture logits", math.nan)
+            with torch.no_grad():
+                z.copy_(finite_z)
         if feasible is not None:  # back onto the feasible set's logits (logsumexp(z) = 0)
             with torch.no_grad():
                 z.copy_(torch.from_numpy(feasible.project_logits(z.detach().cpu().numpy())))
-        row["loss"] = step_loss
         trace.append(row)
         if on_step is not None:
             on_step(row)
+        if non_finite is not None:
+            break
         faults.reached("step", t + 1)  # tests only: MERGEOPT_FAULT=sigkill@step:N
         if (t + 1) % optim.checkpoint_every == 0 or pending_interrupt():
             save(t + 1)
@@ -152,7 +184,16 @@ def fit_gradient(
         bar.set_postfix(postfix, refresh=False)
     bar.close()
 
-    if not held_out:
+    if non_finite is not None and (not held_out or best_loss == math.inf):
+        if finite_z is None:  # not one w with finite losses: there is nothing to keep
+            raise UserError(
+                f"the {non_finite['quantity']} is {non_finite['value']} at step {non_finite['step']}, "
+                "before any finite step: the merged model gives no finite loss at the starting mixture "
+                "(check the experts, merge.scale and model.compute_dtype)"
+            )
+        best_z, best_step = finite_z, finite_step  # the last w whose training loss was finite
+        best_loss = None
+    elif not held_out:
         best_z, best_step, best_loss = z.detach().clone(), trace[-1]["step"], None
     return GradientResult(
         weights=to_weights(best_z).cpu(),
@@ -162,4 +203,5 @@ def fit_gradient(
         stopped_early=stopped_early,
         best_heldout_loss=best_loss,
         trace=trace,
+        non_finite=non_finite,
     )

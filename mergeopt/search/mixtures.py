@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from mergeopt.config import MixtureSetSection
+from mergeopt.errors import UserError
 
 
 def simplex_lattice(
@@ -35,11 +36,25 @@ def dirichlet_samples(names: Sequence[str], alpha: float, count: int, seed: int)
 
 
 def mixture_set(spec: MixtureSetSection, names: Sequence[str], seed: int) -> list[dict[str, float]]:
+    """The set ``spec`` names; refused when two of its mixtures are the same (rounded to 1e-6): the
+    second run would spend a whole training budget on a row the grid already has, and a set whose
+    rows are all one mixture (a list repeating itself, a huge Dirichlet alpha) ranks nothing."""
     if spec.kind == "lattice":
-        return simplex_lattice(names, spec.divisions, spec.interior_only)
-    if spec.kind == "dirichlet":
-        return dirichlet_samples(names, spec.alpha, spec.count, seed)
-    return [{name: float(m[name]) for name in names} for m in spec.weights]
+        mixtures = simplex_lattice(names, spec.divisions, spec.interior_only)
+    elif spec.kind == "dirichlet":
+        mixtures = dirichlet_samples(names, spec.alpha, spec.count, seed)
+    else:
+        mixtures = [{name: float(m[name]) for name in names} for m in spec.weights]
+    seen: dict[tuple, int] = {}
+    for i, w in enumerate(mixtures):
+        key = tuple(round(w[n], 6) for n in names)
+        if key in seen:
+            raise UserError(
+                f"train.mixtures ({spec.kind}): mixture {i} is the same as mixture {seen[key]} "
+                f"({mixture_id(w, names)}); every run must train a different mixture"
+            )
+        seen[key] = i
+    return mixtures
 
 
 def mixture_id(weights: dict[str, float], names: Sequence[str]) -> str:

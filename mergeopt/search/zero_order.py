@@ -23,6 +23,7 @@ from mergeopt.objectives.metrics import Utility
 from mergeopt.objectives.objective import Objective
 from mergeopt.objectives.scoring import make_scorer
 from mergeopt.search import STRATEGIES, Evaluator, SearchResult
+from mergeopt.search.evaluator import NonFiniteScore
 
 
 def make_evaluator(
@@ -92,7 +93,15 @@ def run_search(
         problem, objective, search, progress, checkpoint, observe, together, feasible, groups
     )
     strategy = STRATEGIES[search.strategy]
-    return strategy(evaluator, search, seed, progress, start), evaluator, utility
+    try:
+        return strategy(evaluator, search, seed, progress, start), evaluator, utility
+    except NonFiniteScore as stop:  # the search ends there; what it scored before still counts
+        try:
+            result = evaluator.result({"strategy": search.strategy})
+        except RuntimeError:  # nothing (feasible) was scored before it: there is nothing to keep
+            raise stop from None
+        result.info["non_finite"] = stop.record
+        return result, evaluator, utility
 
 
 def report_scores(

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 
 from mergeopt.objectives.data import Example, collate, tokenize
+from mergeopt.runtime import faults
+from mergeopt.runtime.resume import check_interrupt
 
 WORLD_VERSION = 1
 DOMAINS = ("arith", "reverse", "brackets", "markov")
@@ -141,6 +143,8 @@ def train_on(
         for group in optimizer.param_groups:  # linear decay: experts stay close to the base
             group["lr"] = lr * (1 - step / steps)
         optimizer.step()
+        faults.reached("world", step + 1)  # tests only (MERGEOPT_FAULT=sigint@world:N)
+        check_interrupt(f"the world build, step {step + 1}")  # Ctrl-C: the staging is removed
     model.eval()
     return float(loss.detach())
 

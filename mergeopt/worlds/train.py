@@ -32,8 +32,18 @@ from mergeopt.cli import run_command
 from mergeopt.config import Recipe, TrainSection, load_recipe
 from mergeopt.errors import Interrupted, UserError
 from mergeopt.inputs import lora_targets, writable_dir
+from mergeopt.loading.checkpoints import read_json_object
+from mergeopt.loading.positions import check_max_length
 from mergeopt.loading.problem import resolve_device
-from mergeopt.objectives.data import Batch, Example, collate, evaluation_batches, read_jsonl, tokenize
+from mergeopt.objectives.data import (
+    Batch,
+    Example,
+    check_known_tokens,
+    collate,
+    evaluation_batches,
+    read_jsonl,
+    tokenize,
+)
 from mergeopt.objectives.loss import per_set_loss_sums
 from mergeopt.objectives.objective import Objective
 from mergeopt.objectives.term_scores import (
@@ -60,6 +70,7 @@ def load_examples(path: str, tokenizer, max_length: int) -> list[Example]:
     ]
     if not examples:
         raise UserError(f"training set {path}: every example was truncated away at max_length={max_length}")
+    check_known_tokens(examples, tokenizer, f"training set {path}")
     return examples
 
 
@@ -282,6 +293,7 @@ def dev_losses(
     sums = torch.zeros(len(sets), dtype=torch.float64)
     counts = torch.zeros(len(sets), dtype=torch.float64)
     for batch in evaluation_batches(sets, "all", recipe.optim.eval_batch_size, pad_id):
+        check_interrupt("evaluating a run")
         s, c = per_set_loss_sums(model, {}, batch.to(device), len(sets))
         sums += s.double().cpu()
         counts += c.double().cpu()
@@ -302,6 +314,10 @@ def train(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = pr
     if cfg.method == "lora":  # before any run trains, not as peft's exception in the first one
         check_lora_targets(resolved)
     device = resolve_device(resolved.device)
+    config_file = Path(resolved.model.base) / "config.json"
+    if config_file.is_file():  # a base without one is reported by its tokenizer's loading, next
+        lengths = {"train.max_length": cfg.max_length, "data.max_length": resolved.data.max_length}
+        check_max_length(read_json_object(config_file, "config.json"), lengths, resolved.model.base)
     tokenizer = AutoTokenizer.from_pretrained(resolved.model.base)
     names = resolved.expert_names
     domains = {n: load_examples(cfg.data[n], tokenizer, cfg.max_length) for n in names}
@@ -343,6 +359,7 @@ def train(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = pr
     pad_id = tokenizer.pad_token_id or 0
     rows = []
     for i, (w, path) in enumerate(tqdm(grid_runs, desc="evaluating runs", unit="run", disable=not progress)):
+        check_interrupt(f"evaluating run {path.name}")  # nothing is written until grid.csv
         model = load_run(path, device)
         losses = dev_losses(model, resolved, sets, pad_id, device)
         scores = score_terms(model, tokenizer, sets, terms, custom, resolved.optim.eval_batch_size, device)
