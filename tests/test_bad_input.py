@@ -1144,18 +1144,6 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         ),
         "hold the same mixture",
     ),
-    "train mixture with NaN": (
-        "recipe value",
-        "train",
-        lambda w, t: _train_recipe(
-            w,
-            t,
-            lambda tr: tr["train"].update(
-                mixtures={"kind": "list", "weights": [{"alpha": float("nan"), "beta": 0.5, "gamma": 0.5}]}
-            ),
-        ),
-        "train.mixtures.weights[0] is not a mixture",
-    ),
     "train mixtures that repeat": (
         "recipe value",
         "train",

@@ -38,9 +38,9 @@ def _tree(base: dict, experts: dict, dev: str, out) -> dict:
 
 def test_gguf_base_fits_like_its_safetensors_conversion(smollm2_world, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(smollm2_world / "base", dtype=torch.float32)
-    noisy = perturbed(base, seed=7, scale=0.01)
-    noisy.save_pretrained(tmp_path / "noisy")
-    experts = {"same": str(smollm2_world / "base"), "noisy": str(tmp_path / "noisy")}
+    for name, seed in (("noisy", 7), ("other", 3)):  # an expert equal to the base is refused
+        perturbed(base, seed=seed, scale=0.01).save_pretrained(tmp_path / name)
+    experts = {"noisy": str(tmp_path / "noisy"), "other": str(tmp_path / "other")}
     dev = str(smollm2_world / "dev" / "math.jsonl")
     folder, name = smollm2.gguf_location()
     from_gguf = fit(

@@ -92,7 +92,8 @@ def test_the_package_is_laid_out_along_a_run():
     packages = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
     assert packages == SUBPACKAGES
     top = sorted(p.stem for p in PACKAGE.glob("*.py"))
-    # the CLI and its python -m aliases, the recipe and run-file schemas, errors, and the fit itself
+    # the CLI and its python -m aliases, the recipe and run-file schemas, errors and the up-front
+    # checks of what a user hands a command (inputs), and the fit itself
     assert top == [
         "__init__",
         "__main__",
@@ -100,6 +101,7 @@ def test_the_package_is_laid_out_along_a_run():
         "config",
         "errors",
         "fit",
+        "inputs",
         "merge",
         "rank",
         "run_files",

@@ -148,7 +148,13 @@ def test_any_bytes_are_records_or_a_user_error(tmp_path_factory, payload):
 
 @FAST
 @given(
-    rows=st.lists(st.tuples(st.floats(0, 1), st.floats(0.01, 10, allow_nan=False)), min_size=1, max_size=10)
+    # valid: one run, or runs of at least two mixtures (rounded to 1e-6; one mixture repeated is refused)
+    rows=st.lists(
+        st.tuples(st.floats(0, 1), st.floats(0.01, 10, allow_nan=False)),
+        min_size=1,
+        max_size=10,
+        unique_by=lambda r: round(r[0], 6),
+    )
 )
 def test_valid_grid_tables_are_read_back_exactly(tmp_path_factory, rows):
     frame = pd.DataFrame(

@@ -116,7 +116,7 @@ def check_mixtures_vary(weights: np.ndarray, source: str) -> None:
     """Refuse a table whose rows are all one mixture (rounded to 1e-6): a ranking or a fit over the
     mixtures needs at least two of them, and one mixture repeated only ranks its runs' noise."""
     distinct = len({tuple(row.tolist()) for row in np.round(weights, WEIGHT_DECIMALS)})
-    if len(weights) and distinct < 2:
+    if len(weights) > 1 and distinct < 2:  # one row is one run, which calibrate takes
         raise UserError(
             f"{source}: all {len(weights)} row(s) hold the same mixture; ranking mixtures needs at least "
             "two different ones"

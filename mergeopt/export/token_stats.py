@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from mergeopt.errors import UserError
-from mergeopt.runtime.resume import check_interrupt
 
 LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 BATCH = 1000  # records tokenised per call
@@ -115,6 +114,10 @@ def count_tokens(records: list[dict[str, Any]], tokenizer) -> int:
 
 def measure(path: Path, tokenizer) -> DomainStats:
     """Samples and tokens of one dataset (read into a throw-away cache)."""
+    # imported here: the resume module imports torch, which `mergeopt --help` (that lists the
+    # export formats, whose registry imports this module) must answer without
+    from mergeopt.runtime.resume import check_interrupt
+
     source = source_of(path)
     with tempfile.TemporaryDirectory(prefix="mergeopt-export-") as cache:
         dataset = load(source, cache)
