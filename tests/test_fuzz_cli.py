@@ -1,0 +1,508 @@
+"""A fuzzer at the command line (issue 18, point 7): every command ends in one of two outcomes.
+
+Hypothesis builds argv lists for fit (``--dry-run`` and short real fits), plan, merge, export,
+rank (table mode), transfer and diagnose from a grammar of valid pieces and corruptions (wrong
+types, NaN, inf, negative and huge numbers, empty strings, unknown keys and options, duplicated
+options, malformed overrides, paths that are files, directories, missing, or under /proc) and runs
+each through the real entry point in this process. The run must either
+
+- exit 0 with the command's complete outputs where it was told to write them, or
+- exit 2 with exactly one stderr line ``mergeopt: error: ...``, no traceback, and nothing written
+  (the example's directory, the command's working directory, is byte for byte as it was).
+
+Anything else (another exit code, an exception, several lines, a half-written output) fails, and
+hypothesis shrinks the argv. The examples are derandomized and few, so the module is
+deterministic and runs in well under a minute on one core; ``HYPOTHESIS_EXAMPLES`` scales them
+(60 is the default size), and ``FUZZ_LOG=FILE`` appends each example's exit code, message and argv.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from functools import partial
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mergeopt.cli import run_command
+from mergeopt.errors import run_cli
+from tests.conftest import _working_directory, recipe_tree
+from tests.test_bad_input import _finished_run
+
+SCALE = float(os.environ.get("HYPOTHESIS_EXAMPLES", "60")) / 60
+
+
+def _budget(examples: int) -> settings:
+    return settings(
+        max_examples=max(1, round(examples * SCALE)), deadline=None, derandomize=True, database=None
+    )
+
+
+# ----------------------------------------------------------------------------- the grammar's pieces
+
+BAD_NUMBERS = (
+    "nan", ".nan", "inf", "-inf", ".inf", "-1", "0", "-0.0", "1e400", "1e308", "1e-320",
+    "9223372036854775808", "99999999999999999999", "abc", "", "[1]", "{}", "null", "true", "0x10",
+)  # fmt: skip
+MALFORMED_OVERRIDES = (
+    "key=", "a.b.c=[", "=1", "optim.steps", "optim..steps=2", "optim.steps.x=1", "bogus=1",
+    "optim.bogus=1", "model.experts.delta=/nonexistent/delta", "data.dev=", "model.base=",
+    "weights.init={alpha: .nan, beta: 0.5, gamma: 0.5}", "output_dir=", "output_dir=.",
+    "seed=9223372036854775808", "seed=-1", "device=tpu", "device=cuda:7", "data.max_length=1000000000",
+    "optim.lr=.inf", "optim.lr=.nan", "merge.scale=1e400",
+)  # fmt: skip
+UNKNOWN_OPTIONS = ("--bogus", "--out-dir=x", "-x", "--", "--outt", "--k=1=2")
+# where the output goes: each kind is made inside the example's directory (or names /proc)
+GOOD_OUTS = ("@OUT:missing", "@OUT:empty_dir", "@OUT:nested")
+BAD_OUTS = ("@OUT:file", "@OUT:dir", "@OUT:proc", "@OUT:under_file")
+
+
+class Grammar:
+    """One example's choices: every slot takes a valid piece except the corrupted ones.
+
+    About half the examples are valid throughout (they must succeed, or be refused in one line);
+    the others corrupt one or two named slots, so each corruption meets an otherwise valid command
+    and reaches the check it is meant for. Hypothesis shrinks towards the valid argv.
+    """
+
+    def __init__(self, draw, *slots: str):
+        self.draw = draw
+        some = st.frozensets(st.sampled_from(slots), min_size=1, max_size=2)
+        self.bad = draw(st.one_of(st.just(frozenset()), some))
+
+    def __call__(self, slot: str, good, bad):
+        return self.draw(st.sampled_from(list(bad if slot in self.bad else good)))
+
+    def __contains__(self, slot: str) -> bool:
+        return slot in self.bad
+
+    def overrides(self, keys: list[tuple[str, list[str]]]) -> list[str]:
+        """Up to two valid ``key=value`` overrides; corrupted, a bad value or a malformed override."""
+        draw = self.draw
+        chosen = draw(st.lists(st.sampled_from(keys), max_size=2))
+        args = [f"{key}={draw(st.sampled_from(values))}" for key, values in chosen]
+        if "override" in self:
+            key = draw(st.sampled_from(keys))[0]
+            bad = st.one_of(numbers.map(lambda v: f"{key}={v}"), st.sampled_from(MALFORMED_OVERRIDES))
+            args.insert(draw(st.integers(0, len(args))), draw(bad))
+        return args
+
+    def junk(self) -> list[list[str]]:
+        """Corrupted: an unknown option."""
+        return [[self.draw(st.sampled_from(UNKNOWN_OPTIONS))]] if "option" in self else []
+
+    def out(self, option: str = "--out") -> list[list[str]]:
+        """--out somewhere valid (or, corrupted, a file, a full directory, /proc...); sometimes twice."""
+        outs = [[option, self("out", GOOD_OUTS, BAD_OUTS)]]
+        if "dup" in self:
+            outs.append([option, self.draw(st.sampled_from(GOOD_OUTS + BAD_OUTS))])
+        return outs
+
+    def order(self, args: list[str], options: list[list[str]]) -> list[str]:
+        """Options (each a flag with its value) in a drawn order after the positionals."""
+        return args + [t for opt in self.draw(st.permutations(options)) for t in opt]
+
+
+numbers = st.sampled_from(BAD_NUMBERS)
+
+
+def _materialize(token: str, tmp: Path, index: int) -> str:
+    if not token.startswith("@OUT:"):
+        return token
+    kind = token.removeprefix("@OUT:")
+    out = tmp / f"out{index}"  # a duplicated option's two paths are two places
+    if kind == "file":
+        out.write_text("something the user keeps\n")
+    elif kind == "dir":
+        out.mkdir()
+        (out / "keep.txt").write_text("the user's file\n")
+    elif kind == "empty_dir":
+        out.mkdir()
+    elif kind == "proc":
+        return "/proc/1/nonexistent/out"
+    elif kind == "under_file":
+        (tmp / f"blocker{index}").write_text("a file\n")
+        return str(tmp / f"blocker{index}" / "out")
+    elif kind == "nested":
+        return str(tmp / f"a{index}" / "b" / "out")
+    return str(out)
+
+
+def _snapshot(root: Path) -> dict[str, tuple]:
+    """Every path under root with its kind and, for a file, its size and content stamp: what 'nothing
+    written' compares. A directory's own mtime is left out: a lock or staging entry made and removed
+    inside it leaves its content as it was."""
+    seen = {}
+    for path in sorted(root.rglob("*")):
+        stat = path.lstat()
+        seen[str(path.relative_to(root))] = ("dir",) if path.is_dir() else (stat.st_size, stat.st_mtime_ns)
+    return seen
+
+
+def _effective_out(argv: list[str], option: str = "--out", key: str | None = None) -> str | None:
+    """Where the command was told to write: the last --out (argparse keeps the last), else key=."""
+    out = None
+    for i, arg in enumerate(argv):
+        if arg == option and i + 1 < len(argv):
+            out = argv[i + 1]
+        elif arg.startswith(option + "="):
+            out = arg.split("=", 1)[1]
+    if out is None and key is not None:
+        for arg in argv:
+            if arg.startswith(key + "="):
+                out = arg.split("=", 1)[1]
+    return out
+
+
+def check_two_outcomes(verb: str, tokens: list[str], base: Path, complete) -> None:
+    """Run ``mergeopt VERB`` on the materialized tokens in a fresh directory; assert the two outcomes.
+
+    ``complete(argv, tmp, before)`` checks the outputs of a run that exited 0 (asserting inside).
+    """
+    tmp = Path(tempfile.mkdtemp(dir=base))
+    argv = [_materialize(t, tmp, i) for i, t in enumerate(tokens)]
+    before = _snapshot(tmp)
+    out, err = io.StringIO(), io.StringIO()
+    with _working_directory(tmp), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = run_cli(partial(run_command, verb), argv)
+    stderr = err.getvalue()
+    assert "Traceback" not in stderr, stderr
+    OUTCOMES.setdefault(verb, set()).add(code)
+    if os.environ.get("FUZZ_LOG"):
+        with open(os.environ["FUZZ_LOG"], "a") as log:
+            log.write(f"{verb} {code} {stderr.strip()[:150]!r} {argv}\n")
+    if code == 0:
+        complete(argv, tmp, before)
+    else:
+        lines = stderr.strip().splitlines()
+        assert code == 2, f"exit {code}: {stderr}"
+        assert len(lines) == 1 and lines[0].startswith("mergeopt: error: "), stderr
+        assert _snapshot(tmp) == before, f"exit 2 yet {tmp} changed: {lines[0]}"
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+OUTCOMES: dict[str, set[int]] = {}  # the exit codes each command's examples reached
+
+
+def _files(directory: Path, *names: str) -> None:
+    missing = [n for n in names if not (directory / n).is_file()]
+    assert not missing, f"{directory} lacks {missing}"
+
+
+# ----------------------------------------------------------------------------- the world the examples use
+
+
+@pytest.fixture(scope="module")
+def fuzz(random_world, tmp_path_factory) -> dict:
+    """Valid inputs for every command, written once: recipes, a finished run, tables, datasets."""
+    root = tmp_path_factory.mktemp("fuzz")
+    tree = recipe_tree(random_world, root / "unused-out")
+    tree["optim"].update(steps=2, eval_every=1)
+    recipe = root / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tree))
+    (root / "list.yaml").write_text("- a\n- b\n")
+    (root / "garbage.yaml").write_text("model: [unclosed\n")
+    (root / "empty.yaml").write_text("")
+    run = _finished_run(random_world, root)  # a fit's mixture.json and recipe.yaml
+    mixture = json.loads((run / "mixture.json").read_text())
+    (root / "damaged.json").write_text('{"status": "complete", "weights": {"alpha": 0.5,')
+    (root / "nan.json").write_text(
+        json.dumps({**mixture, "weights": {"alpha": float("nan"), "beta": 0.5, "gamma": 0.5}})
+    )
+    table = {"run": [0, 1, 2, 3], "w_a": [1.0, 0.5, 0.0, 0.2], "w_b": [0.0, 0.5, 1.0, 0.8]}
+    pd.DataFrame({**table, "loss": [1.0, 2.0, 3.0, 2.5]}).to_csv(root / "proxy.csv", index=False)
+    pd.DataFrame({**table, "loss": [1.1, 1.9, 3.2, 2.4]}).to_csv(root / "truth.csv", index=False)
+    pd.DataFrame({**table, "loss": [1.0, float("nan"), 3.0, 2.5]}).to_csv(root / "nan.csv", index=False)
+    (root / "header.csv").write_text("run,w_a,w_b,loss\n")
+    paths = {
+        "recipe": str(recipe),
+        "run": str(run),
+        "mixture": str(run / "mixture.json"),
+        "world": random_world,
+        "root": root,
+    }
+    # each kind of broken recipe file or path
+    names = ("list.yaml", "garbage.yaml", "empty.yaml", "missing.yaml")
+    paths["bad_recipes"] = [str(root / n) for n in names] + [str(root), "/proc/self/status", ""]
+    return paths
+
+
+def _recipe_args(g: Grammar, fuzz, keys: list[tuple[str, list[str]]]) -> list[str]:
+    return [g("recipe", [fuzz["recipe"]], fuzz["bad_recipes"]), *g.overrides(keys)]
+
+
+def _check(verb: str, complete, examples: int):
+    """A test body: hypothesis draws argv from ``grammar(fuzz)``, each checked for the two outcomes."""
+
+    def test(fuzz, tmp_path_factory, grammar):
+        base = tmp_path_factory.mktemp(verb)
+
+        @_budget(examples)
+        @given(argv=grammar(fuzz))
+        def run(argv):
+            check_two_outcomes(verb, argv, base, complete)
+
+        run()
+
+    return test
+
+
+# ----------------------------------------------------------------------------- fit and plan
+
+FIT_OVERRIDES = [
+    ("optim.steps", ["1", "2"]),
+    ("optim.lr", ["0.1", "0.05"]),
+    ("optim.batch_size", ["2", "4"]),
+    ("optim.eval_every", ["1", "2"]),
+    ("seed", ["0", "7", "9223372036854775807"]),
+    ("data.max_length", ["16", "48"]),
+    ("merge.scale", ["1.0", "0.5"]),
+    ("weights.init", ["{alpha: 0.2, beta: 0.3, gamma: 0.5}"]),
+]
+
+
+@st.composite
+def fit_argv(draw, fuzz, dry_run: bool) -> list[str]:
+    g = Grammar(draw, "recipe", "override", "out", "dup", "option", "resume", *(["world"] if dry_run else []))
+    options = [["--quiet"], *g.out(), *g.junk()]
+    if dry_run:
+        options.append(["--dry-run"])
+        if draw(st.booleans()) or "world" in g:
+            options.append(["--world-size", g("world", ["1", "2", "8"], BAD_NUMBERS)])
+    options.append(g("resume", [[], ["--restart"]], [["--resume"], ["--resume", "--restart"]]))
+    return g.order(_recipe_args(g, fuzz, FIT_OVERRIDES), options)
+
+
+def _fit_complete(argv: list[str], tmp: Path, before: dict) -> None:
+    if "--dry-run" in argv:
+        assert _snapshot(tmp) == before, "a dry run wrote files"
+        return
+    out = Path(tmp, _effective_out(argv, key="output_dir"))
+    _files(out, "mixture.json", "trace.csv", "recipe.yaml", "report.md", "loss_curve.png", "simplex.png")
+    assert json.loads((out / "mixture.json").read_text())["status"] == "complete"
+
+
+def test_fit_dry_run_prints_or_says_one_line(fuzz, tmp_path_factory):
+    _check("fit", _fit_complete, 25)(fuzz, tmp_path_factory, partial(fit_argv, dry_run=True))
+
+
+def test_fit_writes_a_complete_run_or_one_line(fuzz, tmp_path_factory):
+    _check("fit", _fit_complete, 15)(fuzz, tmp_path_factory, partial(fit_argv, dry_run=False))
+
+
+@st.composite
+def plan_argv(draw, fuzz) -> list[str]:
+    g = Grammar(draw, "recipe", "override", "world", "dup", "option")
+    options = [["--quiet"], *g.junk(), ["--world-size", g("world", ["1", "4"], BAD_NUMBERS)]]
+    if "dup" in g:
+        options.append(["--world-size", draw(st.sampled_from(["2", "nan"]))])
+    return g.order(_recipe_args(g, fuzz, FIT_OVERRIDES), options)
+
+
+def test_plan_prints_or_says_one_line(fuzz, tmp_path_factory):
+    _check("plan", lambda argv, tmp, before: None, 20)(fuzz, tmp_path_factory, plan_argv)
+
+
+# ----------------------------------------------------------------------------- merge
+
+GOOD_WEIGHTS = ("alpha=0.3,beta=0.3,gamma=0.4", "alpha=0.5,beta=0.5,gamma=0.0")
+BAD_WEIGHTS = (
+    "alpha=nan,beta=0.5,gamma=0.5", "alpha=1", "alpha=0.3,beta=0.3,delta=0.4", "alpha=-1,beta=1,gamma=1",
+    "", "alpha=,beta=1,gamma=0", "alpha=inf,beta=0,gamma=0", "alpha=0.2,beta=0.2,gamma=0.2", "alpha=1,alpha=0",
+)  # fmt: skip
+
+
+@st.composite
+def merge_argv(draw, fuzz) -> list[str]:
+    g = Grammar(draw, "recipe", "override", "source", "dtype", "shard", "out", "dup", "option", "flags")
+    root = fuzz["root"]
+    sources = [["--weights", w] for w in GOOD_WEIGHTS] + [
+        ["--mixture", fuzz["mixture"]],
+        ["--mixture", fuzz["run"]],
+    ]
+    broken = [["--weights", w] for w in BAD_WEIGHTS] + [
+        ["--mixture", str(p)] for p in (root / "damaged.json", root / "nan.json", "/nonexistent.json", "")
+    ]
+    broken += [["--weights", GOOD_WEIGHTS[0], "--mixture", fuzz["mixture"]], []]  # both, neither
+    options = [["--quiet"], *g.out(), *g.junk(), g("source", sources, broken)]
+    if draw(st.booleans()) or "dtype" in g:
+        options.append(["--dtype", g("dtype", ["float32", "bfloat16", "float16"], ["int8", "", "float64"])])
+    if draw(st.booleans()) or "shard" in g:
+        options.append(
+            ["--max-shard-size", g("shard", ["5GB", "20KB", "100000"], ["0", "-1", "abc", "nan", ""])]
+        )
+    options.append(g("flags", [[], ["--normalize"]], [["--overwrite"], ["--normalize", "--overwrite"]]))
+    keys = [("merge.scale", ["1.0", "0.5"]), ("seed", ["0"])]
+    return g.order(_recipe_args(g, fuzz, keys), options)
+
+
+def _merge_complete(argv: list[str], tmp: Path, before: dict) -> None:
+    out = Path(tmp, _effective_out(argv))
+    _files(out, "config.json")
+    assert list(out.glob("*.safetensors")), f"{out} holds no weights"
+
+
+def test_merge_writes_a_checkpoint_or_one_line(fuzz, tmp_path_factory):
+    _check("merge", _merge_complete, 15)(fuzz, tmp_path_factory, merge_argv)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+@st.composite
+def export_argv(draw, fuzz) -> list[str]:
+    g = Grammar(draw, "mixture", "to", "datasets", "budget", "epochs", "seed", "are", "out", "dup", "option")
+    root, dev = fuzz["root"], fuzz["world"]["dev"]["arith"]
+    mixture = g(
+        "mixture",
+        [fuzz["mixture"], fuzz["run"]],
+        [str(root / "damaged.json"), str(root / "nan.json"), str(root / "missing.json"), "", fuzz["recipe"]],
+    )
+    fmt = g("to", ["llamafactory", "trl", "hf-datasets", "megatron", "mergekit"], ["bogus", "", "all"])
+    every = [f"{n}={dev}" for n in ("alpha", "beta", "gamma")]
+    datasets = g(
+        "datasets",
+        [every],
+        [every[:2], [*every[:2], "gamma=/nonexistent.jsonl"], [*every[:2], f"gamma={root}"],
+         [*every[:2], "gamma="], ["alpha", "beta", "gamma"], [*every, f"delta={dev}"], [*every, every[0]]],
+    )  # fmt: skip
+    options = [["--to", fmt], ["--datasets", *datasets], *g.out(), *g.junk(), ["--quiet"]]
+    if draw(st.booleans()) or "budget" in g:
+        flag = draw(st.sampled_from(["--budget-tokens", "--budget-samples"]))
+        options.append([flag, g("budget", ["2000", "50"], BAD_NUMBERS)])
+    for slot, flag, good in (("epochs", "--max-epochs", ["4", "100"]), ("seed", "--seed", ["0", "3"])):
+        if draw(st.booleans()) or slot in g:
+            options.append([flag, g(slot, good, BAD_NUMBERS)])
+    if draw(st.booleans()) or "are" in g:
+        options.append(["--weights-are", g("are", ["tokens", "samples"], ["bytes", ""])])
+    return g.order([mixture], options)
+
+
+def _export_complete(argv: list[str], tmp: Path, before: dict) -> None:
+    out = Path(tmp, _effective_out(argv))
+    if out.is_dir():  # the format's own file name inside it (--to all: one per format)
+        written = [p for p in out.iterdir() if str(p.relative_to(tmp)) not in before]
+        assert written and all(p.is_file() and p.stat().st_size > 0 for p in written), f"{out}: {written}"
+    else:
+        assert out.is_file() and out.stat().st_size > 0, f"{out} is not a written file"
+
+
+def test_export_writes_its_file_or_one_line(fuzz, tmp_path_factory):
+    _check("export", _export_complete, 30)(fuzz, tmp_path_factory, export_argv)
+
+
+# ----------------------------------------------------------------------------- rank (table mode) and transfer
+
+
+def _bad_tables(fuzz) -> list[str]:
+    root = fuzz["root"]
+    return [str(root / n) for n in ("nan.csv", "header.csv", "missing.csv")] + [
+        str(root), "", fuzz["recipe"], "/proc/self/status"
+    ]  # fmt: skip
+
+
+def _table_options(g: Grammar) -> list[list[str]]:
+    """The options rank's table mode and transfer share."""
+    draw = g.draw
+    options = [*g.out(), *g.junk(), ["--bootstrap", g("bootstrap", ["10", "20"], BAD_NUMBERS)]]
+    for slot, flag, good in (("k", "--k", ["1", "2"]), ("seed", "--seed", ["0", "5"])):
+        if draw(st.booleans()) or slot in g:
+            options.append([flag, g(slot, good, BAD_NUMBERS)])
+    if draw(st.booleans()) or "metrics" in g:
+        options.append(["--metrics", g("metrics", ["loss"], ["run", "w_a", "bogus", "", "loss,loss"])])
+    if draw(st.booleans()) or "higher" in g:
+        options.append(["--higher-is-better", g("higher", ["loss"], ["bogus", "", "w_a"])])
+    if draw(st.booleans()) or "columns" in g:
+        columns = g("columns", [["--mixture-columns", "w_a,w_b"], ["--mixture-prefix", "w_"]],
+                    [["--mixture-columns", c] for c in ("w_a", "loss", "", "bogus,w_a", "w_a,w_a")]
+                    + [["--mixture-prefix", p] for p in ("", "zz_")]
+                    + [["--mixture-prefix", "w_", "--mixture-columns", "w_a,w_b"]])  # fmt: skip
+        options.append(columns)
+    return options
+
+
+TABLE_SLOTS = ("bootstrap", "k", "seed", "metrics", "higher", "columns", "out", "dup", "option")
+
+
+@st.composite
+def rank_argv(draw, fuzz) -> list[str]:
+    g = Grammar(draw, "proxy", "truth", "grid", *TABLE_SLOTS)
+    good = [str(fuzz["root"] / "proxy.csv"), str(fuzz["root"] / "truth.csv")]
+    options = [
+        ["--proxy", g("proxy", good, _bad_tables(fuzz))],
+        ["--truth", g("truth", good, _bad_tables(fuzz))],
+    ]
+    options += [["--quiet"], *_table_options(g)]
+    if "grid" in g:  # a grid-mode option in table mode
+        options.append(
+            draw(st.sampled_from([["--grid", good[0]], ["--mixture", fuzz["mixture"]], ["--restart"]]))
+        )
+    return g.order([], options)
+
+
+def _rank_complete(argv: list[str], tmp: Path, before: dict) -> None:
+    out = Path(tmp, _effective_out(argv))
+    _files(out, "rank_report.json", "rank_report.md", "rank_scatter.png", "rank_pairs.csv")
+
+
+def test_rank_tables_report_or_one_line(fuzz, tmp_path_factory):
+    _check("rank", _rank_complete, 25)(fuzz, tmp_path_factory, rank_argv)
+
+
+@st.composite
+def transfer_argv(draw, fuzz) -> list[str]:
+    g = Grammar(draw, "tables", *TABLE_SLOTS)
+    good = [str(fuzz["root"] / "proxy.csv"), str(fuzz["root"] / "truth.csv")]
+    bad = st.lists(st.sampled_from(good + _bad_tables(fuzz)), min_size=1, max_size=3)
+    tables = draw(bad) if "tables" in g else [draw(st.sampled_from(good)), draw(st.sampled_from(good))]
+    return g.order(tables, _table_options(g))
+
+
+def _transfer_complete(argv: list[str], tmp: Path, before: dict) -> None:
+    out = Path(tmp, _effective_out(argv))
+    _files(out, "transfer_report.json", "transfer_report.md", "transfer_scatter.png")
+
+
+def test_transfer_reports_or_one_line(fuzz, tmp_path_factory):
+    _check("transfer", _transfer_complete, 20)(fuzz, tmp_path_factory, transfer_argv)
+
+
+# ----------------------------------------------------------------------------- diagnose
+
+
+@st.composite
+def diagnose_argv(draw, fuzz) -> list[str]:
+    g = Grammar(draw, "recipe", "override", "points", "out", "dup", "option")
+    options = [
+        ["--quiet"],
+        *g.out(),
+        *g.junk(),
+        ["--points", g("points", ["3"], ["2", "0", "-1", "nan", "abc", "", "1e400"])],
+    ]
+    keys = [("data.max_length", ["16", "32"]), ("optim.eval_batch_size", ["8", "16"])]
+    return g.order(_recipe_args(g, fuzz, keys), options)
+
+
+def _diagnose_complete(argv: list[str], tmp: Path, before: dict) -> None:
+    _files(Path(tmp, _effective_out(argv)), "diagnose.json", "diagnose.md", "report.md")
+
+
+def test_diagnose_reports_or_one_line(fuzz, tmp_path_factory):
+    _check("diagnose", _diagnose_complete, 10)(fuzz, tmp_path_factory, diagnose_argv)
+
+
+def test_the_grammar_reaches_both_outcomes():
+    """The fuzzer is not vacuous: every command above both succeeded and refused at least once."""
+    if SCALE < 1 or len(OUTCOMES) < 7:
+        pytest.skip("runs after the whole module at full size")
+    for verb, codes in OUTCOMES.items():
+        assert codes == {0, 2}, f"{verb}: exit codes {sorted(codes)}"
