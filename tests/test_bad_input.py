@@ -1152,6 +1152,21 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         ),
         "mixture 1 is the same as mixture 0",
     ),
+    # issue 18: the command-line fuzzer (tests/test_fuzz_cli.py)
+    "merge shard size zero": (
+        "option",
+        "merge",
+        lambda w, t: [
+            _recipe(w, t),
+            "--weights",
+            "alpha=0.3,beta=0.3,gamma=0.4",
+            "--max-shard-size",
+            "0",
+            "--out",
+            str(t / "out"),
+        ],
+        "--max-shard-size '0' is zero",
+    ),
     # transfer
     "transfer tables share no mixture column": (
         "grid table",

@@ -30,7 +30,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from mergeopt.cli import run_command
@@ -163,7 +163,7 @@ def _effective_out(argv: list[str], option: str = "--out", key: str | None = Non
     return out
 
 
-def check_two_outcomes(verb: str, tokens: list[str], base: Path, complete) -> None:
+def check_two_outcomes(verb: str, tokens: list[str], base: Path, complete, must_refuse: bool = False) -> None:
     """Run ``mergeopt VERB`` on the materialized tokens in a fresh directory; assert the two outcomes.
 
     ``complete(argv, tmp, before)`` checks the outputs of a run that exited 0 (asserting inside).
@@ -180,7 +180,7 @@ def check_two_outcomes(verb: str, tokens: list[str], base: Path, complete) -> No
     if os.environ.get("FUZZ_LOG"):
         with open(os.environ["FUZZ_LOG"], "a") as log:
             log.write(f"{verb} {code} {stderr.strip()[:150]!r} {argv}\n")
-    if code == 0:
+    if code == 0 and not must_refuse:
         complete(argv, tmp, before)
     else:
         lines = stderr.strip().splitlines()
@@ -240,18 +240,21 @@ def _recipe_args(g: Grammar, fuzz, keys: list[tuple[str, list[str]]]) -> list[st
     return [g("recipe", [fuzz["recipe"]], fuzz["bad_recipes"]), *g.overrides(keys)]
 
 
-def _check(verb: str, complete, examples: int):
-    """A test body: hypothesis draws argv from ``grammar(fuzz)``, each checked for the two outcomes."""
+def _check(verb: str, complete, examples: int, found: tuple[list[str], ...] = ()):
+    """A test body: hypothesis draws argv from ``grammar(fuzz)``, each checked for the two outcomes;
+    ``found`` are the shrunk argv of nonsense the fuzzer saw accepted, tried first every time and
+    required to be refused."""
 
     def test(fuzz, tmp_path_factory, grammar):
         base = tmp_path_factory.mktemp(verb)
+        refused = [[fuzz.get(t, t) for t in argv] for argv in found]
 
-        @_budget(examples)
-        @given(argv=grammar(fuzz))
         def run(argv):
-            check_two_outcomes(verb, argv, base, complete)
+            check_two_outcomes(verb, argv, base, complete, must_refuse=argv in refused)
 
-        run()
+        for argv in refused:
+            run = example(argv=argv)(run)
+        _budget(examples)(given(argv=grammar(fuzz))(run))()
 
     return test
 
@@ -351,8 +354,13 @@ def _merge_complete(argv: list[str], tmp: Path, before: dict) -> None:
     assert list(out.glob("*.safetensors")), f"{out} holds no weights"
 
 
+# found by this fuzzer: a zero shard size was accepted (transformers then writes a file per tensor);
+# mergeopt/export/merge.py refuses it now
+MERGE_FOUND = (["recipe", "--weights", GOOD_WEIGHTS[0], "--max-shard-size", "0", "--out", "@OUT:missing"],)
+
+
 def test_merge_writes_a_checkpoint_or_one_line(fuzz, tmp_path_factory):
-    _check("merge", _merge_complete, 15)(fuzz, tmp_path_factory, merge_argv)
+    _check("merge", _merge_complete, 15, MERGE_FOUND)(fuzz, tmp_path_factory, merge_argv)
 
 
 # ----------------------------------------------------------------------------- export

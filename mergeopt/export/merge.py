@@ -185,8 +185,11 @@ def output_dtype(choice: str | None, base_config: Mapping[str, Any]) -> str:
 
 
 def _shard_size(text: str) -> int | str:
-    if not re.fullmatch(r"\d+([KMGT]i?B)?", text):
+    match = re.fullmatch(r"(\d+)([KMGT]i?B)?", text)
+    if not match:
         raise UserError(f"--max-shard-size {text!r} is not a size like 5GB, 200MB or 100000")
+    if int(match.group(1)) == 0:  # transformers would write one file per tensor
+        raise UserError(f"--max-shard-size {text!r} is zero; give a size above 0, like 5GB")
     return int(text) if text.isdigit() else text
 
 
