@@ -230,10 +230,36 @@ def fuzz(random_world, tmp_path_factory) -> dict:
         "world": random_world,
         "root": root,
     }
+    calibrating = {**tree, "calibrate": {"candidates": 5, "samples": 200, "batch": 2}}
+    paths["calibrate_recipe"] = str(root / "calibrate.yaml")
+    Path(paths["calibrate_recipe"]).write_text(yaml.safe_dump(calibrating))
+    paths["grids"] = _grids(root)
     # each kind of broken recipe file or path
     names = ("list.yaml", "garbage.yaml", "empty.yaml", "missing.yaml")
     paths["bad_recipes"] = [str(root / n) for n in names] + [str(root), "/proc/self/status", ""]
     paths["bad_recipes"] += _mutated_recipes(tree, random_world, root)
+    return paths
+
+
+def _grids(root: Path) -> dict[str, str]:
+    """grid.csv tables of real runs for calibrate: a valid one and broken ones."""
+    weights = {"w_alpha": [1.0, 0.5, 0.2], "w_beta": [0.0, 0.5, 0.3], "w_gamma": [0.0, 0.0, 0.5]}
+    losses = {"loss_arith": [3.1, 2.9, 2.7], "loss_markov": [3.3, 3.0, 3.2]}
+    tables = {
+        "good": {**weights, **losses},
+        "nan-loss": {**weights, **losses, "loss_arith": [3.1, float("nan"), 2.7]},
+        "nan-weight": {**weights, **losses, "w_alpha": [float("nan"), 0.5, 0.2]},
+        "one-mixture": {**{k: [v[0]] * 3 for k, v in weights.items()}, **losses},
+        "unknown-expert": {**weights, "w_delta": [0.0, 0.0, 0.0], **losses},
+        "no-losses": weights,
+        "off-simplex": {**weights, **losses, "w_alpha": [2.0, 0.5, 0.2]},
+    }
+    paths = {}
+    for name, table in tables.items():
+        paths[name] = str(root / f"grid-{name}.csv")
+        pd.DataFrame(table).to_csv(paths[name], index=False)
+    (root / "grid-header.csv").write_text("w_alpha,w_beta,w_gamma,loss_arith\n")
+    paths["header"] = str(root / "grid-header.csv")
     return paths
 
 
@@ -576,9 +602,50 @@ def test_every_recipe_mutation_meets_every_recipe_command(verb, fuzz, tmp_path_f
         check_two_outcomes(verb, [recipe, *rest], base, complete)
 
 
+# ----------------------------------------------------------------------------- calibrate
+
+
+@st.composite
+def calibrate_argv(draw, fuzz) -> list[str]:
+    g = Grammar(draw, "recipe", "override", "grid", "out", "dup", "option", "restart")
+    recipe = g("recipe", [fuzz["calibrate_recipe"]], fuzz["bad_recipes"])
+    grids = fuzz["grids"]
+    bad_grids = [p for name, p in grids.items() if name != "good"] + [
+        str(fuzz["root"]),
+        "",
+        "/proc/self/status",
+    ]
+    options = [["--quiet"], ["--grid", g("grid", [grids["good"]], bad_grids)], *g.out(), *g.junk()]
+    options.append(g("restart", [[], ["--restart"]], [["--restart", "--restart"]]))
+    keys = [
+        ("calibrate.candidates", ["4", "6"]),
+        ("calibrate.samples", ["100", "200"]),
+        ("calibrate.batch", ["1", "2"]),
+    ]
+    return g.order([recipe, *g.overrides(keys)], options)
+
+
+def _calibrate_complete(argv: list[str], tmp: Path, before: dict) -> None:
+    out = Path(tmp, _effective_out(argv))
+    _files(out, "calibration.json", "calibration.md", "calibrated_ranking.csv", "calibration.png")
+    _files(out / "pick", "mixture.json", "recipe.yaml")
+
+
+def test_calibrate_reports_or_one_line(fuzz, tmp_path_factory):
+    _check("calibrate", _calibrate_complete, 10)(fuzz, tmp_path_factory, calibrate_argv)
+
+
+def test_every_broken_grid_meets_calibrate(fuzz, tmp_path_factory):
+    """Table-driven beside the fuzzer: each broken grid.csv with an otherwise valid calibrate."""
+    base = tmp_path_factory.mktemp("grids")
+    for grid in fuzz["grids"].values():
+        argv = [fuzz["calibrate_recipe"], "--quiet", "--grid", grid, "--out", "@OUT:missing"]
+        check_two_outcomes("calibrate", argv, base, _calibrate_complete)
+
+
 def test_the_grammar_reaches_both_outcomes():
     """The fuzzer is not vacuous: every command above both succeeded and refused at least once."""
-    if SCALE < 1 or len(OUTCOMES) < 7:
+    if SCALE < 1 or len(OUTCOMES) < 8:
         pytest.skip("runs after the whole module at full size")
     for verb, codes in OUTCOMES.items():
         assert codes == {0, 2}, f"{verb}: exit codes {sorted(codes)}"
