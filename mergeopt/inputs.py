@@ -51,9 +51,16 @@ def _refuse(path: Path, what: str, wanted: str) -> UserError:
     return UserError(f"{what} {path} is {found}, not {wanted}")
 
 
+def _given(path: str | os.PathLike, what: str) -> Path:
+    """``path`` as a Path; an empty one is refused (``Path("")`` is ".", the current directory)."""
+    if not os.fspath(path).strip():
+        raise UserError(f"{what} is empty: give a path")
+    return Path(path)
+
+
 def existing_file(path: str | os.PathLike, what: str) -> Path:
     """``path``, which must be a file (a directory there is said to be one)."""
-    path = Path(path)
+    path = _given(path, what)
     if not path.is_file():
         raise _refuse(path, what, "a file")
     return path
@@ -61,7 +68,7 @@ def existing_file(path: str | os.PathLike, what: str) -> Path:
 
 def existing_dir(path: str | os.PathLike, what: str) -> Path:
     """``path``, which must be a directory (a file there is said to be one)."""
-    path = Path(path)
+    path = _given(path, what)
     if not path.is_dir():
         raise _refuse(path, what, "a directory")
     return path
@@ -69,7 +76,7 @@ def existing_dir(path: str | os.PathLike, what: str) -> Path:
 
 def existing(path: str | os.PathLike, what: str) -> Path:
     """``path``, a file or a directory (for inputs that take either)."""
-    path = Path(path)
+    path = _given(path, what)
     if not (path.is_file() or path.is_dir()):
         raise _refuse(path, what, "a file or a directory")
     return path

@@ -34,6 +34,12 @@ def test_a_path_of_the_wrong_kind_is_named_as_such(tmp_path):
     assert inputs.existing(tmp_path / "d", "x") == inputs.existing_dir(tmp_path / "d", "x")
 
 
+@pytest.mark.parametrize("check", [inputs.existing_file, inputs.existing_dir, inputs.existing])
+def test_an_empty_path_is_refused_not_read_as_the_current_directory(check):
+    with pytest.raises(UserError, match=r"^recipe is empty: give a path$"):
+        check("", "recipe")
+
+
 def test_an_output_directory_is_checked_without_leaving_anything(tmp_path):
     (tmp_path / "f").write_text("x")
     assert inputs.writable_dir(tmp_path / "new" / "deeper", "--out") == tmp_path / "new" / "deeper"
