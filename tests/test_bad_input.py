@@ -1030,6 +1030,12 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         lambda w, t: [_recipe(w, t), "data.max_length=100000", "--dry-run"],
         "data.max_length=100000 is above the base's position limit (max_position_embeddings 64",
     ),
+    "default max_length above the base's positions": (
+        "recipe value",
+        "fit",
+        lambda w, t: [_recipe(w, t, lambda tree: tree["data"].pop("max_length"))],
+        "data.max_length defaults to 256, which is above the base's position limit (max_position_embeddings 64",
+    ),
     "train max_length above the base's positions": (
         "recipe value",
         "train",

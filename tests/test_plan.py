@@ -561,6 +561,28 @@ def test_8b_recipe_dry_run_from_config_json_alone(config_8b, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_8b_dry_run_warns_of_what_the_fit_would_refuse(config_8b, tmp_path):
+    """recipes/8b.yaml's placeholder dev paths and an output_dir under a file: the plan is still
+    printed (exit 0: planning before the data is in place is what --dry-run is for), and each input
+    the fit would refuse is one warning line naming it; nothing is written."""
+    path, _ = config_8b
+    (tmp_path / "file").write_text("a file")
+    overrides = [f"model.base={path}", *(f"model.experts.{e}={path}" for e in EXPERTS_8B)]
+    result = run_in_process(
+        "fit", "recipes/8b.yaml", *overrides, f"output_dir={tmp_path / 'file' / 'out'}", "--dry-run"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "\nverdict: " in result.stdout
+    lines = result.stderr.splitlines()
+    prefix = "mergeopt: warning: the fit would refuse this recipe: "
+    assert lines == [
+        *(f"{prefix}dev set {e!r} /path/to/dev/{e}.jsonl does not exist" for e in EXPERTS_8B),
+        f"{prefix}output_dir {tmp_path / 'file' / 'out'} cannot be created: {tmp_path / 'file'} is a file, "
+        "not a directory",
+    ], result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
 @pytest.mark.parametrize("what", ["no_config", "unknown_architecture", "world_not_built"])
 def test_user_errors_are_one_line(what, tmp_path, capsys):
     base = tmp_path / "base"

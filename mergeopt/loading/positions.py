@@ -29,15 +29,28 @@ def position_limit(config: Mapping) -> tuple[str, int] | None:
     return None
 
 
-def check_max_length(config: Mapping, lengths: Mapping[str, int], where: str) -> None:
-    """Refuse any of ``lengths`` (recipe key -> tokens) above the limit of ``config`` (read from ``where``)."""
+def _length(recipe, key: str) -> tuple[int, bool]:
+    """The value of a recipe key such as ``data.max_length``, and whether the user left it at its default."""
+    section, field = key.split(".")
+    part = getattr(recipe, section)
+    return getattr(part, field), field not in part.model_fields_set
+
+
+def check_max_length(
+    config: Mapping, recipe, where: str, keys: tuple[str, ...] = ("data.max_length",)
+) -> None:
+    """Refuse any of the recipe's ``keys`` (lengths in tokens) above the limit of ``config`` (read
+    from ``where``). A length the user never set is refused too, not capped: capping would drop or
+    cut examples the user did not choose to lose, so the line says it is the default and what to set."""
     limit = position_limit(config)
     if limit is None:
         return
     key, value = limit
-    for name, length in lengths.items():
+    for name in keys:
+        length, defaulted = _length(recipe, name)
         if length > value:
+            said = f"{name} defaults to {length}, which is" if defaulted else f"{name}={length} is"
             raise UserError(
-                f"{name}={length} is above the base's position limit ({key} {value} in the config of {where}): "
+                f"{said} above the base's position limit ({key} {value} in the config of {where}): "
                 f"sequences that long cannot be scored by this model; set {name} to {value} or less"
             )

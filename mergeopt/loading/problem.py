@@ -396,13 +396,13 @@ def load_problem(
         if not objective.losses_only:
             raise UserError("a random:// world has no text: its objective can only be dev losses")
         model, stack, config = _random_world(recipe, device, progress, _shard(recipe), base_expert)
-        check_max_length(config.to_dict(), {"data.max_length": recipe.data.max_length}, recipe.model.base)
+        check_max_length(config.to_dict(), recipe, recipe.model.base)
         sets = _random_dev_sets(recipe, config.get_text_config().vocab_size)
         weights = objective.loss_set_weights()
         chunk = _loss_chunk(recipe, model, print if progress else (lambda _m: None))
         return Problem(model, stack, sets, weights, 0, input_device(model), None, chunk)
     experts, tokenizer = _open_checked(recipe)
-    check_max_length(experts.base.config, {"data.max_length": recipe.data.max_length}, recipe.model.base)
+    check_max_length(experts.base.config, recipe, recipe.model.base)
     sets = load_dev_sets(recipe.data, recipe.seed, tokenizer, objective.metric_terms)
     # losses only: the loss the gradient strategy descends; with metrics, the dev loss still
     # reported, weighted as data.target says

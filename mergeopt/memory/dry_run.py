@@ -20,7 +20,8 @@ import torch
 
 from mergeopt import worlds
 from mergeopt.config import Recipe, load_recipe
-from mergeopt.errors import UserError
+from mergeopt.errors import UserError, warn
+from mergeopt.inputs import existing_file, writable_dir
 from mergeopt.loading.checkpoints import (
     INDEX_FILE,
     SINGLE_FILE,
@@ -105,7 +106,7 @@ def random_inventory(recipe: Recipe) -> tuple[Inventory, Dims]:
     from mergeopt.worlds import random_world
 
     config = random_world.check_recipe_paths(recipe.model.base, recipe.model.experts)
-    check_max_length(config.to_dict(), {"data.max_length": recipe.data.max_length}, recipe.model.base)
+    check_max_length(config.to_dict(), recipe, recipe.model.base)
     shapes = random_world.config_shapes(config)
     source = f"{recipe.model.base}: random weights, shapes from config.json on the meta device"
     inventory = Inventory(shapes, dict.fromkeys(shapes, 0), source)  # no read buffers: drawn in place
@@ -122,7 +123,7 @@ def read_inventory(recipe: Recipe) -> tuple[Inventory, Dims]:
         base = gguf_base(recipe.model.base, recipe.model.gguf_file, recipe.model.trust_remote_code)
     else:
         base = _describe(recipe.model.base)
-    check_max_length(base.config, {"data.max_length": recipe.data.max_length}, str(base.path))
+    check_max_length(base.config, recipe, str(base.path))
     adapters = {n: p for n, p in recipe.model.experts.items() if is_adapter(p)}
     experts = {name: _describe(path) for name, path in recipe.model.experts.items() if name not in adapters}
     _check_experts(base, experts)
@@ -283,6 +284,30 @@ def _resolve_checkpoints(recipe: Recipe) -> Recipe:
     return recipe.model_copy(update={"model": model})
 
 
+def refused_inputs(recipe: Recipe) -> list[str]:
+    """What the fit of this recipe would refuse before any work, that the plan itself does not need:
+    the dev sets (and rank.grid) that are not files, an output_dir that cannot be written.
+
+    A plan is often made before the data is in place (recipes/8b.yaml's placeholders), so these are
+    warnings under the plan, not errors: the plan still answers the memory question, and the user
+    hears now, not an hour of loading later, what the fit will say."""
+    from mergeopt.worlds.random_world import is_random
+
+    checks = [
+        (existing_file, d.path, f"dev set {d.name!r}") for d in recipe.data.dev if not is_random(d.path)
+    ]
+    if recipe.rank.grid is not None:
+        checks.append((existing_file, recipe.rank.grid, "rank.grid"))
+    checks.append((writable_dir, recipe.output_dir, "output_dir"))
+    problems = []
+    for check, path, what in checks:
+        try:
+            check(_world_path(path, recipe), what)
+        except UserError as err:
+            problems.append(str(err))
+    return problems
+
+
 def world_size(given: int | None) -> int:
     """The ranks to plan for: ``--world-size`` if given, else ``WORLD_SIZE`` (torchrun's), else 1."""
     if given is not None:
@@ -350,5 +375,8 @@ def placement_lines(recipe: Recipe, plan: MemoryPlan) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """``mergeopt plan`` (and ``mergeopt fit --dry-run``): print the plan; nothing is written."""
-    print(dry_run(load_recipe(args.recipe, args.overrides), args.recipe, args.world_size))
+    recipe = load_recipe(args.recipe, args.overrides)
+    print(dry_run(recipe, args.recipe, args.world_size))
+    for problem in refused_inputs(recipe):
+        warn(f"the fit would refuse this recipe: {problem}")
     return 0

@@ -104,7 +104,7 @@ def _build(name: str, target: Path, seed: int, log: Callable[[str], None]) -> Pa
 
 def resolve_recipe(recipe: Recipe, log: Callable[[str], None] = print) -> tuple[Recipe, dict[str, Path]]:
     """Replace every world path (base, experts, dev and training data) by its place in the cache."""
-    tree = recipe.model_dump()
+    tree = recipe.model_dump(exclude_unset=True)  # what the user left at a default stays so
     roots: dict[str, Path] = {}
 
     def resolve(path: str) -> str:

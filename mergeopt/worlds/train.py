@@ -316,8 +316,8 @@ def train(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = pr
     device = resolve_device(resolved.device)
     config_file = Path(resolved.model.base) / "config.json"
     if config_file.is_file():  # a base without one is reported by its tokenizer's loading, next
-        lengths = {"train.max_length": cfg.max_length, "data.max_length": resolved.data.max_length}
-        check_max_length(read_json_object(config_file, "config.json"), lengths, resolved.model.base)
+        config = read_json_object(config_file, "config.json")
+        check_max_length(config, resolved, resolved.model.base, ("train.max_length", "data.max_length"))
     tokenizer = AutoTokenizer.from_pretrained(resolved.model.base)
     names = resolved.expert_names
     domains = {n: load_examples(cfg.data[n], tokenizer, cfg.max_length) for n in names}
