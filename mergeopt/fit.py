@@ -89,6 +89,17 @@ def _losses(problem: Problem, weights: torch.Tensor, batch_size: int) -> dict:
     return out
 
 
+def _nulled(numbers: dict) -> bool:
+    """Replace, in place, every non-finite float in ``numbers`` (nested dicts) by None; whether any was."""
+    found = False
+    for key, value in numbers.items():
+        if isinstance(value, dict):
+            found |= _nulled(value)
+        elif isinstance(value, float) and not math.isfinite(value):
+            numbers[key], found = None, True
+    return found
+
+
 def _checkpoint(recipe: Recipe, resume: str, resolved: Recipe | None = None) -> tuple[RunState, bool]:
     """The run's checkpoint and whether this run resumes it (``resume``: auto, require or restart);
     it records what the run reads (``resolved``: world paths resolved), and refuses to resume on
@@ -254,11 +265,14 @@ def _search_and_write(
         evaluator_processes = distributed.process_rank_and_size()[1]
         chosen, trace, fitted_z = torch.tensor(found.weights, dtype=torch.float64), found.log, None
         scores = report_scores(problem, objective, evaluator, found.weights)
+        heldout_value = utility_of(utility, scores["fitted"]["heldout"])
         search_info = {
             "evaluations": found.evaluations,
             "budget": search.budget,
             "value": found.value,
-            "heldout_value": utility_of(utility, scores["fitted"]["heldout"]),
+            "heldout_value": None
+            if heldout_value is None or not math.isfinite(heldout_value)
+            else heldout_value,
             # under torchrun the ranks split the candidates, or (a sharded stack) score each together
             "scoring": "together"
             if evaluator.together
@@ -271,6 +285,14 @@ def _search_and_write(
     fitted = _losses(problem, chosen, batch)
     uniform = _losses(problem, torch.full((len(names),), 1.0 / len(names)), batch)
     singles = {n: _losses(problem, torch.eye(len(names))[i], batch) for i, n in enumerate(names)}
+    closing = {"fitted": fitted, "uniform": uniform, **{f"{n} only": singles[n] for n in names}}
+    not_finite = [  # JSON has no NaN: such a number is recorded as null, and the user warned
+        label
+        for label in closing
+        if _nulled(closing[label]) | (search.strategy != "gradient" and _nulled(scores[label]))
+    ]
+    if not_finite:
+        search_info["non_finite_closing"] = not_finite
     weights = as_mapping(names, chosen.double() / chosen.double().sum())
     mixture = {
         "schema_version": SCHEMA_VERSION,  # mergeopt.run_files.MixtureFile
@@ -421,7 +443,23 @@ def run(args: argparse.Namespace) -> int:
         print(summary(mixture, recipe.output_dir, output_files(recipe)))
         if (stop := mixture["search"].get("non_finite")) is not None:
             warn(non_finite_line(mixture, stop))
+        if labels := mixture["search"].get("non_finite_closing"):
+            warn(non_finite_closing_line(labels))
     return 0
+
+
+def non_finite_closing_line(labels: Sequence[str]) -> str:
+    """Which closing evaluations (the fitted mixture, the uniform one, an expert alone) were NaN or Inf."""
+    said = [
+        f"the {label} mixture"
+        if label in ("fitted", "uniform")
+        else f"expert {label.removesuffix(' only')} alone"
+        for label in labels
+    ]
+    return (
+        f"the closing evaluation of {', '.join(said)} is not finite (NaN or Inf); mixture.json records null "
+        "there. Check the experts, merge.scale and model.compute_dtype"
+    )
 
 
 def non_finite_line(mixture: dict, stop: dict) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 import textwrap
 
 import numpy as np
@@ -306,3 +307,54 @@ def test_a_diverging_gradient_fit_keeps_the_best_finite_mixture(random_world, tm
     assert mixture["search"]["non_finite"] == {"step": 1, "quantity": "mixture logits", "value": "nan"}
     assert mixture["weights"] == pytest.approx(dict.fromkeys(mixture["weights"], 1 / 3))
     assert not (tmp_path / "out" / "checkpoint").exists()
+
+
+def _poisoned(value):
+    """``value`` (a number or a nested dict of them) with every float made NaN."""
+    if isinstance(value, dict):
+        return {k: _poisoned(v) for k, v in value.items()}
+    return math.nan if isinstance(value, float) else value
+
+
+def test_a_nan_in_a_closing_score_is_recorded_as_null_with_a_warning(random_world, tmp_path, monkeypatch):
+    """The search itself never meets the NaN (the uniform mixture is not on a 2-division grid of
+    three experts, and a gradient fit only scores it in closing), but the closing evaluations score
+    the uniform mixture: its NaN losses and scores become null in mixture.json (JSON has no NaN),
+    one warning line names them, and the run completes with its outputs."""
+    from mergeopt import fit as fit_module
+    from mergeopt.search import zero_order
+
+    real_scorer, real_losses = zero_order.make_scorer, fit_module._losses
+
+    def uniform(w) -> bool:
+        return bool(np.allclose(np.asarray(w, dtype=np.float64), 1 / len(w)))
+
+    def scorer(problem, objective, part):
+        score = real_scorer(problem, objective, part)
+        return lambda w: _poisoned(dict(score(w))) if uniform(w) else score(w)
+
+    def losses(problem, weights, batch_size):
+        out = real_losses(problem, weights, batch_size)
+        return _poisoned(out) if uniform(weights.double().numpy()) else out
+
+    monkeypatch.setattr(zero_order, "make_scorer", scorer)
+    monkeypatch.setattr(fit_module, "_losses", losses)
+    for strategy in (["search.strategy=grid", "search.grid.divisions=2"], ["optim.steps=2"]):
+        shutil.rmtree(tmp_path / "out", ignore_errors=True)
+        result = _cli(random_world, tmp_path, *strategy)
+        assert result.returncode == 0, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, lines
+        assert lines[0].startswith(
+            "mergeopt: warning: the closing evaluation of the uniform mixture is not finite"
+        )
+        mixture = json.loads((tmp_path / "out" / "mixture.json").read_text())
+        assert mixture["uniform_dev_loss"] is None and mixture["uniform_heldout_loss"] is None
+        assert mixture["dev_loss"] is not None and None not in mixture["expert_dev_loss"].values()
+        assert set(mixture["per_set_dev_loss"]["uniform"].values()) == {None}
+        if "scores" in mixture["objective"]:
+            assert mixture["objective"]["scores"]["uniform"]["fit"] == {"loss:all": None}
+            assert mixture["objective"]["scores"]["fitted"]["fit"]["loss:all"] is not None
+        table = [line for line in result.stdout.splitlines() if "uniform mixture" in line]
+        assert len(table) == 1 and "not finite" in table[0], result.stdout
+        assert "nan" not in (tmp_path / "out" / "report.md").read_text().lower()

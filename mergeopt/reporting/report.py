@@ -132,7 +132,9 @@ def summary(mixture: Mapping, output_dir: str | Path, files: Sequence[str]) -> s
         f"  {'dev loss (target)':<{width}}  {'all dev':>9}" + (f"  {'held-out':>9}" if has_heldout else ""),
     ]
 
-    def row(label: str, dev: float, held: float | None, ref: float | None) -> str:
+    def row(label: str, dev: float | None, held: float | None, ref: float | None) -> str:
+        if dev is None:  # recorded as null: NaN or Inf in the closing evaluation
+            return f"  {label:<{width}}  {'not finite':>9}"
         delta = "" if ref is None else f"   {dev - ref:+.4f} vs fitted"
         held_txt = f"  {held:9.4f}" if has_heldout and held is not None else ""
         return f"  {label:<{width}}  {dev:9.4f}{held_txt}{delta}"

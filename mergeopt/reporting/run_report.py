@@ -24,6 +24,11 @@ REPORT = "report.md"
 SIMPLEX = "simplex.png"
 
 
+def _loss(value: float) -> str:
+    """A loss to four places; NaN here is a closing evaluation mixture.json recorded as null."""
+    return "not finite" if value != value else f"{value:.4f}"
+
+
 def _mixture_section(run: Run) -> list[str]:
     m = run.mixture
     table = mixture_table(run)
@@ -41,7 +46,7 @@ def _mixture_section(run: Run) -> list[str]:
     if fitted["heldout_loss"] == fitted["heldout_loss"]:  # not NaN: the dev sets hold something out
         lines += [
             f"Held-out dev loss: fitted {fitted['heldout_loss']:.4f}, uniform "
-            f"{table.loc['uniform', 'heldout_loss']:.4f}, best single expert {best_single:.4f}.",
+            f"{_loss(table.loc['uniform', 'heldout_loss'])}, best single expert {_loss(best_single)}.",
             "",
         ]
     groups = group_table(run)
