@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 from mergeopt import worlds
 
@@ -97,3 +98,68 @@ def test_ctrl_c_during_a_world_build_stops_it_and_leaves_nothing(tmp_path):
     assert not out.exists()
     left = sorted(p.name for p in cache.iterdir()) if cache.exists() else []
     assert [name for name in left if not name.endswith(".lock")] == [], left
+
+
+def test_ctrl_c_while_waiting_for_another_builder_stops_the_wait(tmp_path, monkeypatch):
+    """A SIGINT while this process waits for another's build (the flag interruptible() sets) ends
+    the wait, instead of being held until the other build finishes; the other build is unharmed."""
+    import os
+    import signal
+
+    import pytest
+
+    from mergeopt.errors import Interrupted
+    from mergeopt.runtime.resume import interruptible
+
+    _SlowWorld.reset(finished=False)
+    monkeypatch.setattr(worlds, "_registry", lambda: {"slow": _SlowWorld})
+    first = threading.Thread(target=lambda: worlds.ensure("slow", str(tmp_path), log=lambda _m: None))
+    first.start()
+    assert _SlowWorld.building.wait(timeout=60)
+
+    def log(message: str) -> None:
+        if "another process is building it" in message:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while waiting
+
+    try:
+        with pytest.raises(Interrupted, match="the wait for another process's slow world build"):
+            with interruptible():
+                worlds.ensure("slow", str(tmp_path), log=log)
+        assert first.is_alive()  # still building: the wait did not outlast it
+    finally:
+        _SlowWorld.finish.set()
+        first.join(timeout=60)
+    assert (worlds.world_dir("slow", str(tmp_path)) / worlds.MARKER).is_file()
+
+
+def test_ctrl_c_during_the_gguf_conversion_stops_it_at_once_and_leaves_nothing(tmp_path, monkeypatch):
+    """The SmolLM2 world's GGUF conversion is one library call of most of a minute with no loop of
+    ours in it: a SIGINT inside it raises there (the fake conversion below signals itself, then
+    would run on for two seconds), and the world's staging directory is removed."""
+    import os
+    import signal
+
+    import pytest
+    import transformers
+
+    from mergeopt.errors import Interrupted
+    from mergeopt.runtime.resume import interruptible
+    from mergeopt.worlds import smollm2
+
+    ticks = []
+
+    def converting(*_args, **_kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(200):
+            time.sleep(0.01)
+            ticks.append(1)
+        raise AssertionError("the conversion ran to its end: the interrupt waited for it")
+
+    monkeypatch.setattr(smollm2, "gguf_location", lambda: (tmp_path, "model.gguf"))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", converting)
+    cache = tmp_path / "cache"
+    with pytest.raises(Interrupted, match="converting the GGUF base"):
+        with interruptible():
+            worlds.ensure("smollm2", str(cache), log=lambda _m: None)
+    assert len(ticks) <= 1  # raised within the sleep it interrupted
+    assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []

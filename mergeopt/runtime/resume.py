@@ -103,6 +103,31 @@ def interruptible() -> Iterator[None]:
 
 
 @contextmanager
+def interrupts_at_once(where: str) -> Iterator[None]:
+    """Inside, SIGINT/SIGTERM raise :class:`Interrupted` at once instead of setting the flag.
+
+    For one long library call that has no loop of ours to check the flag in (transformers
+    dequantising a GGUF file takes most of a minute) and whose partial work is thrown away anyway
+    (it writes into a staging directory): waiting for it to return would ignore Ctrl-C for that long.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    check_interrupt(where)  # a signal that came before the block
+
+    def handler(signum, _frame):
+        _pending.append(signum)
+        raise Interrupted(signum, where)
+
+    previous = {s: signal.signal(s, handler) for s in SIGNAL_EXIT}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@contextmanager
 def saying_where_saved(
     directory: Path, advice: str = "Rerun the same command to continue."
 ) -> Iterator[None]:

@@ -68,13 +68,27 @@ def ensure(
         lock.acquire(timeout=0)
     except Timeout:
         log(f"{name} world: another process is building it at {target}; waiting for it")
-        lock.acquire()
+        _wait_for(lock, name)
     try:
         if (target / MARKER).is_file():  # another process built it while this one waited
             return target
         return _build(name, target, seed, log)
     finally:
         lock.release()
+
+
+def _wait_for(lock: FileLock, name: str) -> None:
+    """Acquire ``lock``, checking for Ctrl-C twice a second: a blocking acquire would hold a SIGINT
+    (a flag inside :func:`~mergeopt.runtime.resume.interruptible`) until the other build finished."""
+    from mergeopt.runtime.resume import check_interrupt
+
+    while True:
+        check_interrupt(f"the wait for another process's {name} world build")
+        try:
+            lock.acquire(timeout=0.5)
+            return
+        except Timeout:
+            continue
 
 
 def _build(name: str, target: Path, seed: int, log: Callable[[str], None]) -> Path:

@@ -128,10 +128,13 @@ def convert_base(target: Path, log: Callable[[str], None] = print) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    from mergeopt.runtime.resume import interrupts_at_once
+
     folder, name = gguf_location()
     log(f"smollm2 world: converting {name} to a safetensors checkpoint")
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    dequantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    with interrupts_at_once("the world build, converting the GGUF base"):  # most of a minute
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        dequantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     config = dequantized.config
     if hasattr(config, "quantization_config"):  # the weights are plain float32 now
         del config.quantization_config
