@@ -82,24 +82,35 @@ def check_interrupt_alone(where: str) -> None:
 
 
 @contextmanager
-def interruptible() -> Iterator[None]:
-    """SIGINT/SIGTERM set a flag inside the block (the main thread only); a second one interrupts at once."""
-    if threading.current_thread() is not threading.main_thread():  # handlers are main-thread only
+def _handling(handler) -> Iterator[None]:
+    """``handler`` for SIGINT and SIGTERM inside the block, the previous handlers restored after.
+    Signal handlers belong to the main thread: elsewhere the block runs with the handlers as they are."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def handler(signum, _frame):
-        if _pending:  # the second signal: stop now
-            raise KeyboardInterrupt
-        _pending.append(signum)
-
     previous = {s: signal.signal(s, handler) for s in SIGNAL_EXIT}
     try:
         yield
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-        _pending.clear()
+
+
+@contextmanager
+def interruptible() -> Iterator[None]:
+    """SIGINT/SIGTERM set a flag inside the block (the main thread only); a second one interrupts at once."""
+
+    def handler(signum, _frame):
+        if _pending:  # the second signal: stop now
+            raise KeyboardInterrupt
+        _pending.append(signum)
+
+    try:
+        with _handling(handler):
+            yield
+    finally:
+        if threading.current_thread() is threading.main_thread():  # the flag is the main thread's
+            _pending.clear()
 
 
 @contextmanager
@@ -110,21 +121,14 @@ def interrupts_at_once(where: str) -> Iterator[None]:
     dequantising a GGUF file takes most of a minute) and whose partial work is thrown away anyway
     (it writes into a staging directory): waiting for it to return would ignore Ctrl-C for that long.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
     check_interrupt(where)  # a signal that came before the block
 
     def handler(signum, _frame):
         _pending.append(signum)
         raise Interrupted(signum, where)
 
-    previous = {s: signal.signal(s, handler) for s in SIGNAL_EXIT}
-    try:
+    with _handling(handler):
         yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 @contextmanager
