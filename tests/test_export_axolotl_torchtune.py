@@ -155,3 +155,30 @@ def test_text_records_go_to_each_frameworks_text_builder(world, tmp_path):
     cfg = schema.AxolotlInputConfig(base_model=world["tokenizer"], learning_rate=1e-5, **axo)
     assert {d.type for d in cfg.datasets} == {"completion"}  # reads the ``text`` field by default
     assert [d.split for d in cfg.datasets] == [e["split"] for e in tune["dataset"]]
+
+
+@pytest.mark.parametrize("fmt", ["axolotl", "torchtune"])
+def test_each_dataset_is_read_once_for_its_counts_and_its_layout(world, tmp_path, monkeypatch, fmt):
+    """The layout (columns) comes from the read that measured the dataset, not a second load."""
+    from mergeopt.export import token_stats
+
+    loads = []
+    real = token_stats.load
+
+    def counted(source, cache=None):
+        loads.append(source.path)
+        return real(source, cache)
+
+    monkeypatch.setattr(token_stats, "load", counted)
+    export(world, fmt, tmp_path)
+    assert sorted(loads) == sorted(p.resolve() for p in world["paths"].values())
+
+
+def test_a_dataset_rewritten_since_its_columns_were_read_is_read_again(tmp_path):
+    from mergeopt.export import token_stats
+
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n")
+    assert token_stats.columns(token_stats.source_of(path)) == {"prompt", "completion"}
+    path.write_text(json.dumps({"text": "a longer text"}) + "\n")  # another size
+    assert token_stats.columns(token_stats.source_of(path)) == {"text"}

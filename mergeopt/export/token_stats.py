@@ -84,6 +84,25 @@ def load(source: Source, cache_dir: str | None = None):
         raise UserError(f"{source.path}: cannot be read as {source.loader} data ({err})") from None
 
 
+_COLUMNS: dict[tuple, frozenset[str]] = {}  # a source's column names, by its files' identity
+
+
+def _identity(source: Source) -> tuple:
+    """``source`` with its files' sizes and modification times: a file rewritten is a new source."""
+    files = [Path(f) for f in source.data_files] or [source.path]
+    return (source, *((f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+def columns(source: Source) -> frozenset[str]:
+    """The dataset's column names: remembered from :func:`measure` in this process, else read once.
+    (Formats that need the layout, axolotl and torchtune, ask after the datasets were measured.)"""
+    key = _identity(source)
+    if key not in _COLUMNS:
+        with tempfile.TemporaryDirectory(prefix="mergeopt-export-") as cache:
+            _COLUMNS[key] = frozenset(load(source, cache).column_names)
+    return _COLUMNS[key]
+
+
 def _rows(dataset, path: Path) -> Iterator[list[dict[str, Any]]]:
     from mergeopt.objectives.data import _validated
 
@@ -121,6 +140,7 @@ def measure(path: Path, tokenizer) -> DomainStats:
     source = source_of(path)
     with tempfile.TemporaryDirectory(prefix="mergeopt-export-") as cache:
         dataset = load(source, cache)
+        _COLUMNS[_identity(source)] = frozenset(dataset.column_names)
         samples, tokens = 0, 0
         for records in _rows(dataset, source.path):
             check_interrupt(f"counting the tokens of {path}")  # inside a fit: Ctrl-C within a chunk

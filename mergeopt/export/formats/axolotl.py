@@ -19,13 +19,11 @@ the counts cannot foresee.
 
 from __future__ import annotations
 
-import copy
-
 import yaml
 
 from mergeopt.export.formats import sliced
 from mergeopt.export.formats.base import Context, Format
-from mergeopt.export.token_stats import source_of
+from mergeopt.export.token_stats import Source
 
 TYPES = {
     "prompt_completion": {
@@ -38,23 +36,16 @@ TYPES = {
 }
 
 
-def entries(ctx: Context) -> list[dict]:
-    out = []
-    for name in ctx.plan.names:
-        path = ctx.datasets[name]
-        kind = TYPES[sliced.layout(FORMAT.name, name, path)]
-        source = source_of(path)
-        base = {"path": str(source.path), "ds_type": "arrow" if source.loader == "disk" else source.loader}
-        if source.loader == "disk":
-            base["data_files"] = list(source.data_files)
-        base["type"] = kind
-        # a fresh dict per entry: yaml writes shared ones as anchors and aliases
-        out += [{**copy.deepcopy(base), "split": split} for split in sliced.splits(ctx, FORMAT, name)]
-    return out
+def entry(layout: sliced.Layout, source: Source) -> dict:
+    """One dataset's entry (without its split): where axolotl loads it from and the prompt type."""
+    out = {"path": str(source.path), "ds_type": "arrow" if source.loader == "disk" else source.loader}
+    if source.loader == "disk":
+        out["data_files"] = list(source.data_files)
+    return {**out, "type": TYPES[layout]}
 
 
 def render(ctx: Context) -> str:
-    config = {"datasets": entries(ctx), "dataset_exact_deduplication": False}
+    config = {"datasets": sliced.entries(ctx, FORMAT, entry), "dataset_exact_deduplication": False}
     body = yaml.safe_dump(config, sort_keys=False)
     return "\n".join([ctx.header(FORMAT), sliced.summary(ctx, FORMAT)]) + "\n" + body
 

@@ -15,13 +15,15 @@ multiple-choice ``prompt``/``choices``/``answer``; a multiple-choice dataset (it
 
 from __future__ import annotations
 
-import tempfile
+import copy
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
 from mergeopt.errors import UserError
+from mergeopt.export import token_stats
 from mergeopt.export.formats.base import Context, Format
-from mergeopt.export.token_stats import load, source_of
+from mergeopt.export.token_stats import Source, source_of
 
 Layout = Literal["text", "prompt_completion"]
 
@@ -36,10 +38,20 @@ def summary(ctx: Context, fmt: Format) -> str:
     return "# samples per dataset: " + ", ".join(f"{n} {c}" for n, c in ctx.whole_samples(fmt).items())
 
 
+def entries(ctx: Context, fmt: Format, entry: Callable[[Layout, Source], dict]) -> list[dict]:
+    """The ``datasets`` list: per dataset, ``entry(layout, source)`` once per split of :func:`splits`."""
+    out = []
+    for name in ctx.plan.names:
+        path = ctx.datasets[name]
+        base = entry(layout(fmt.name, name, path), source_of(path))
+        # a fresh dict per entry: yaml writes shared ones as anchors and aliases
+        out += [{**copy.deepcopy(base), "split": split} for split in splits(ctx, fmt, name)]
+    return out
+
+
 def layout(fmt: str, name: str, path: Path) -> Layout:
     """The dataset's layout, from its column names; a UserError naming ``fmt`` and the dataset otherwise."""
-    with tempfile.TemporaryDirectory(prefix="mergeopt-export-") as cache:
-        columns = set(load(source_of(path), cache).column_names)
+    columns = token_stats.columns(source_of(path))
     where = f"--to {fmt}: dataset {name!r} ({path})"
     if "choices" in columns:
         raise UserError(

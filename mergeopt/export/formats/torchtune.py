@@ -15,13 +15,11 @@ arrow files (``source: arrow``).
 
 from __future__ import annotations
 
-import copy
-
 import yaml
 
 from mergeopt.export.formats import sliced
 from mergeopt.export.formats.base import Context, Format
-from mergeopt.export.token_stats import source_of
+from mergeopt.export.token_stats import Source
 
 BUILDERS = {
     "prompt_completion": {
@@ -32,26 +30,20 @@ BUILDERS = {
 }
 
 
-def entries(ctx: Context) -> list[dict]:
-    out = []
-    for name in ctx.plan.names:
-        path = ctx.datasets[name]
-        builder = BUILDERS[sliced.layout(FORMAT.name, name, path)]
-        source = source_of(path)
-        files = list(source.data_files)
-        base = {
-            "_component_": builder["_component_"],
-            "source": "arrow" if source.loader == "disk" else source.loader,
-            "data_files": files[0] if len(files) == 1 else files,
-            **{k: v for k, v in builder.items() if k != "_component_"},
-        }
-        # a fresh dict per entry: yaml writes shared ones as anchors and aliases
-        out += [{**copy.deepcopy(base), "split": split} for split in sliced.splits(ctx, FORMAT, name)]
-    return out
+def entry(layout: sliced.Layout, source: Source) -> dict:
+    """One dataset's entry (without its split): the builder, its source files and its columns."""
+    builder = BUILDERS[layout]
+    files = list(source.data_files)
+    return {
+        "_component_": builder["_component_"],
+        "source": "arrow" if source.loader == "disk" else source.loader,
+        "data_files": files[0] if len(files) == 1 else files,
+        **{k: v for k, v in builder.items() if k != "_component_"},
+    }
 
 
 def render(ctx: Context) -> str:
-    body = yaml.safe_dump({"dataset": entries(ctx)}, sort_keys=False)
+    body = yaml.safe_dump({"dataset": sliced.entries(ctx, FORMAT, entry)}, sort_keys=False)
     return "\n".join([ctx.header(FORMAT), sliced.summary(ctx, FORMAT)]) + "\n" + body
 
 
