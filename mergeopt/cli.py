@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 from collections.abc import Callable, Sequence
 
@@ -356,6 +357,19 @@ def parse(name: str, argv: Sequence[str], prog: str | None = None) -> argparse.N
     return args
 
 
+# Loggers of libraries imported on the way that warn about nothing mergeopt uses: torchao (which
+# peft imports when it is installed, as the export frameworks need) reports each of its compiled
+# kernels built for another Python, and torch's pytree its deprecations of torchao's enums; four
+# lines of noise in the README's first command. Errors still show.
+FOREIGN_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
+def quiet_foreign_loggers() -> None:
+    """Raise the libraries' loggers in FOREIGN_LOGGERS to ERROR (the command line only, not on import)."""
+    for name in FOREIGN_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def run_command(name: str, argv: Sequence[str], prog: str | None = None) -> int:
     """Parse and run one verb; a :class:`UserError` propagates (``main`` turns it into one line).
 
@@ -363,6 +377,7 @@ def run_command(name: str, argv: Sequence[str], prog: str | None = None) -> int:
     option answer at once, without the seconds torch takes to import.
     """
     args = parse(name, argv, prog)
+    quiet_foreign_loggers()
     module, _, function = HANDLERS[name].partition(":")
     return int(getattr(importlib.import_module(module), function)(args) or 0)
 

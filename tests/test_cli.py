@@ -200,3 +200,14 @@ def test_shell_completion_completes_verbs_and_options(tmp_path):
         )
         assert done.returncode == 0, done.stderr
         assert set(out.read_text().split()) == expected
+
+
+def test_importing_peft_with_torchao_installed_is_silent_under_the_command_line():
+    """peft imports torchao when it is installed (the export frameworks need it), and torchao then
+    logs one warning per compiled kernel built for another Python; the command line raises those
+    libraries' loggers to ERROR before a verb runs, so none of it reaches the user."""
+    pytest.importorskip("peft")
+    pytest.importorskip("torchao")
+    code = "from mergeopt.cli import quiet_foreign_loggers; quiet_foreign_loggers(); import peft"
+    quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout == "", quiet.stderr
