@@ -1,9 +1,12 @@
-"""The built-in worlds' cache: one builder at a time, an unfinished build never taken for a world."""
+"""The built-in worlds' cache (one builder at a time, an unfinished build never taken for a world) and
+Ctrl-C inside the long calls of a build or a load (honoured at the signal, not when the call returns)."""
 
 from __future__ import annotations
 
 import threading
 import time
+
+import torch
 
 from mergeopt import worlds
 
@@ -163,3 +166,36 @@ def test_ctrl_c_during_the_gguf_conversion_stops_it_at_once_and_leaves_nothing(t
             worlds.ensure("smollm2", str(cache), log=lambda _m: None)
     assert len(ticks) <= 1  # raised within the sleep it interrupted
     assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_ctrl_c_while_the_base_model_loads_stops_the_load(tmp_path, monkeypatch):
+    """Loading a large base is one transformers call of minutes: inside a fit (interruptible) a
+    SIGINT raises there, not after the load returns."""
+    import os
+    import signal
+
+    import pytest
+    import transformers
+
+    from mergeopt.config import recipe_from_dict
+    from mergeopt.errors import Interrupted
+    from mergeopt.loading import problem
+    from mergeopt.runtime.resume import interruptible
+    from tests.conftest import recipe_tree
+
+    ticks = []
+
+    def loading(*_args, **_kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(200):
+            time.sleep(0.01)
+            ticks.append(1)
+        raise AssertionError("the load ran to its end: the interrupt waited for it")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", loading)
+    experts = {n: str(tmp_path / n) for n in ("a", "b")}
+    world = {"base": str(tmp_path), "experts": experts, "dev": {"a": str(tmp_path / "a.jsonl")}}
+    recipe = recipe_from_dict(recipe_tree(world, tmp_path / "out"))
+    with pytest.raises(Interrupted, match="loading the base model"), interruptible():
+        problem._loaded_base(recipe, torch.float32, torch.device("cpu"), progress=False)
+    assert len(ticks) <= 1

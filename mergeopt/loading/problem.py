@@ -32,6 +32,7 @@ from mergeopt.objectives.head_loss import check_head
 from mergeopt.objectives.objective import Objective
 from mergeopt.objectives.term_scores import load_dev_sets
 from mergeopt.runtime import distributed
+from mergeopt.runtime.resume import interrupts_at_once
 
 
 def resolve_device(name: str) -> torch.device:
@@ -184,13 +185,14 @@ def _loaded_base(
     else:
         on_gpu = {"device_map": {"": device}} if device.type == "cuda" else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            recipe.model.base,
-            dtype=compute_dtype,
-            trust_remote_code=recipe.model.trust_remote_code,
-            **_weights_source(recipe),
-            **on_gpu,
-        )
+        with interrupts_at_once("loading the base model"):  # minutes for a large model, nothing written
+            model = AutoModelForCausalLM.from_pretrained(
+                recipe.model.base,
+                dtype=compute_dtype,
+                trust_remote_code=recipe.model.trust_remote_code,
+                **_weights_source(recipe),
+                **on_gpu,
+            )
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot load the base model from {recipe.model.base}: {first}") from None
