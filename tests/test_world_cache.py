@@ -139,8 +139,6 @@ def test_ctrl_c_during_the_gguf_conversion_stops_it_at_once_and_leaves_nothing(t
     """The SmolLM2 world's GGUF conversion is one library call of most of a minute with no loop of
     ours in it: a SIGINT inside it raises there (the fake conversion below signals itself, then
     would run on for two seconds), and the world's staging directory is removed."""
-    import os
-    import signal
 
     import pytest
     import transformers
@@ -149,14 +147,8 @@ def test_ctrl_c_during_the_gguf_conversion_stops_it_at_once_and_leaves_nothing(t
     from mergeopt.runtime.resume import interruptible
     from mergeopt.worlds import smollm2
 
-    ticks = []
-
-    def converting(*_args, **_kwargs):
-        os.kill(os.getpid(), signal.SIGINT)
-        for _ in range(200):
-            time.sleep(0.01)
-            ticks.append(1)
-        raise AssertionError("the conversion ran to its end: the interrupt waited for it")
+    ticks: list[int] = []
+    converting = _ctrl_c_then_two_seconds(ticks)
 
     monkeypatch.setattr(smollm2, "gguf_location", lambda: (tmp_path, "model.gguf"))
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", converting)
@@ -171,8 +163,6 @@ def test_ctrl_c_during_the_gguf_conversion_stops_it_at_once_and_leaves_nothing(t
 def test_ctrl_c_while_the_base_model_loads_stops_the_load(tmp_path, monkeypatch):
     """Loading a large base is one transformers call of minutes: inside a fit (interruptible) a
     SIGINT raises there, not after the load returns."""
-    import os
-    import signal
 
     import pytest
     import transformers
@@ -183,14 +173,8 @@ def test_ctrl_c_while_the_base_model_loads_stops_the_load(tmp_path, monkeypatch)
     from mergeopt.runtime.resume import interruptible
     from tests.conftest import recipe_tree
 
-    ticks = []
-
-    def loading(*_args, **_kwargs):
-        os.kill(os.getpid(), signal.SIGINT)
-        for _ in range(200):
-            time.sleep(0.01)
-            ticks.append(1)
-        raise AssertionError("the load ran to its end: the interrupt waited for it")
+    ticks: list[int] = []
+    loading = _ctrl_c_then_two_seconds(ticks)
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", loading)
     experts = {n: str(tmp_path / n) for n in ("a", "b")}
@@ -199,3 +183,19 @@ def test_ctrl_c_while_the_base_model_loads_stops_the_load(tmp_path, monkeypatch)
     with pytest.raises(Interrupted, match="loading the base model"), interruptible():
         problem._loaded_base(recipe, torch.float32, torch.device("cpu"), progress=False)
     assert len(ticks) <= 1
+
+
+def _ctrl_c_then_two_seconds(ticks: list[int]):
+    """A stand-in for a long library call: it sends this process SIGINT, then runs on for two
+    seconds in 10 ms sleeps (one tick each) unless the signal stops it."""
+    import os
+    import signal
+
+    def call(*_args, **_kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(200):
+            time.sleep(0.01)
+            ticks.append(1)
+        raise AssertionError("the call ran to its end: the interrupt waited for it")
+
+    return call
