@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import mergeopt
 from mergeopt import inputs
@@ -379,7 +381,28 @@ def run_command(name: str, argv: Sequence[str], prog: str | None = None) -> int:
     args = parse(name, argv, prog)
     quiet_foreign_loggers()
     module, _, function = HANDLERS[name].partition(":")
-    return int(getattr(importlib.import_module(module), function)(args) or 0)
+    with _no_bars(getattr(args, "quiet", False)):
+        return int(getattr(importlib.import_module(module), function)(args) or 0)
+
+
+@contextmanager
+def _no_bars(quiet: bool) -> Iterator[None]:
+    """Under ``--quiet``, no library's tqdm bar either: some (transformers converting a GGUF file)
+    ignore Hugging Face's own switch. tqdm reads ``TQDM_*`` variables as its defaults when it is
+    first imported, which in a command-line process comes after this (only the standard library is
+    imported before a verb's module); an explicit ``disable=`` still wins. Restored after the command."""
+    if not quiet:
+        yield
+        return
+    previous = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = previous
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -211,3 +211,28 @@ def test_importing_peft_with_torchao_installed_is_silent_under_the_command_line(
     code = "from mergeopt.cli import quiet_foreign_loggers; quiet_foreign_loggers(); import peft"
     quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout == "", quiet.stderr
+
+
+def _bar(_args) -> int:
+    """A verb's stand-in that draws a library-style tqdm bar (no ``disable=`` of its own)."""
+    from tqdm.auto import tqdm
+
+    for _ in tqdm(range(3), desc="a library's bar"):
+        pass
+    return 0
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_quiet_silences_library_progress_bars(quiet):
+    """A library's bar (no ``disable=`` of its own, as transformers' GGUF conversion draws it) is
+    silent under --quiet and drawn without it, in a command-line process."""
+    argv = ["recipe.yaml", *(["--quiet"] if quiet else [])]
+    code = (
+        "import sys; from mergeopt import cli; cli.HANDLERS['plan'] = 'tests.test_cli:_bar'; "
+        f"sys.exit(cli.run_command('plan', {argv!r}))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("TQDM_DISABLE", None)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    assert ("a library's bar" in done.stderr) is not quiet, done.stderr
