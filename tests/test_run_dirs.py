@@ -28,6 +28,7 @@ import pytest
 import yaml
 
 from mergeopt.errors import UserError
+from mergeopt.evaluation.calibrate import CALIBRATE_CHECKPOINT_DIR
 from mergeopt.runtime.resume import CHECKPOINT_DIR
 from tests.conftest import REPO, recipe_tree, run_forked, run_in_process, stopped_at
 from tests.test_export import WEIGHTS, write_run
@@ -356,38 +357,87 @@ def _export_inputs(root: Path) -> dict:
     return {"tokenizer": str(root / "tokenizer"), "paths": paths}
 
 
-@pytest.mark.parametrize("command", ["rank", "transfer", "export"])
-def test_table_commands_killed_before_publishing_leave_the_previous_outputs(tmp_path, command):
-    out = tmp_path / "out"
+# the evaluations each command scores (calibrate: 3 runs and 7 candidates; diagnose: θ0, 3 experts,
+# 3 edge midpoints), and what makes a rerun score them again rather than replay its journal
+EVALUATIONS = {"calibrate": (10, ["--restart"]), "diagnose": (7, [])}
+
+
+def _command_argv(command: str, tmp_path: Path, out: Path, request) -> list[str]:
+    """A few seconds' run of ``command`` into ``out``."""
     if command == "rank":
-        argv = ["--proxy", PROXY, "--truth", TRUTH, "--bootstrap", "20", "--out", str(out)]
-    elif command == "transfer":
-        argv = [PROXY, TRUTH, "--bootstrap", "20", "--out", str(out)]
-    else:  # every format, as tests/test_export.py writes them
+        return ["--proxy", PROXY, "--truth", TRUTH, "--bootstrap", "20", "--out", str(out)]
+    if command == "transfer":
+        return [PROXY, TRUTH, "--bootstrap", "20", "--out", str(out)]
+    if command == "export":  # every format, as tests/test_export.py writes them
         files = _export_inputs(tmp_path)
         run = write_run(tmp_path / "run", WEIGHTS)
         fake = {"base": "/x/base", "experts": {n: f"/x/{n}" for n in WEIGHTS}, "dev": {"d": "/x/d.jsonl"}}
         (tmp_path / "run" / "recipe.yaml").write_text(yaml.safe_dump(recipe_tree(fake, tmp_path / "run")))
         argv = [str(run), "--to", "all", "--out", str(out), "--tokenizer", files["tokenizer"], "--datasets"]
-        argv += [f"{n}={p}" for n, p in files["paths"].items()]
+        return argv + [f"{n}={p}" for n, p in files["paths"].items()]
+    from tests.test_calibrate import SPEC, _grid
+
+    world = request.getfixturevalue("random_world")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(recipe_tree(world, tmp_path / "fit", calibrate=SPEC)))
+    if command == "calibrate":
+        _grid().to_csv(tmp_path / "grid.csv", index=False)
+        return [str(recipe), "--grid", str(tmp_path / "grid.csv"), "--out", str(out), "--quiet"]
+    return [str(recipe), "--points", "3", "--out", str(out), "--quiet"]  # diagnose
+
+
+@pytest.mark.parametrize("command", ["rank", "transfer", "export", "calibrate", "diagnose"])
+def test_commands_killed_before_publishing_leave_the_previous_outputs(tmp_path, command, request):
+    out = tmp_path / "out"
+    argv = _command_argv(command, tmp_path, out, request)
     out.mkdir()
     (out / "notes.txt").write_text("the user's")
     first = run_in_process(command, *argv)
     assert first.returncode == 0, first.stderr
-    before = _state(out)
+    journals = (CHECKPOINT_DIR, CALIBRATE_CHECKPOINT_DIR)  # kept for the next round: not outputs
+    before = _state(out, journals)
     assert len(before) > 2 and before["notes.txt"] == b"the user's"
     for name in before:  # make the rerun's outputs tell from the first's
         if name != "notes.txt":
             (out / name).write_bytes(b"previous")
-    before = _state(out)
-    killed = run_forked(command, *argv, fault="sigkill@publish:1")
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    assert _state(out) == before
+    before = _state(out, journals)
+    faults = ["sigkill@publish:1"]
+    if command in EVALUATIONS:  # and first at a seeded evaluation, scored again (not replayed)
+        count, rescore = EVALUATIONS[command]
+        faults.insert(0, f"sigkill@evaluation:{random.Random(18).randint(1, count)}")
+    for fault in faults:
+        extra = rescore if fault.startswith("sigkill@evaluation") else []
+        killed = run_forked(command, *argv, *extra, fault=fault)
+        assert killed.returncode == -signal.SIGKILL, (fault, killed.stderr)
+        assert _state(out, journals) == before, fault
     again = run_in_process(command, *argv)
     assert again.returncode == 0, again.stderr
-    after = _state(out)
+    after = _state(out, journals)
     assert set(after) == set(before) and after["notes.txt"] == b"the user's"
     assert all(after[n] != b"previous" for n in after if n != "notes.txt")
+    assert _leftovers(out) == []
+
+
+def test_a_merge_killed_before_publishing_leaves_the_previous_checkpoint(random_world, tmp_path):
+    from tests.test_merge_cli import WEIGHTS as MERGED
+    from tests.test_merge_cli import as_arg, write_recipe
+
+    recipe = write_recipe(tmp_path, random_world)
+    out = tmp_path / "merged"
+    first = run_in_process("merge", str(recipe), "--weights", as_arg(MERGED), "--out", str(out), "--quiet")
+    assert first.returncode == 0, first.stderr
+    before = _state(out, skip=())
+    assert "model.safetensors" in before
+    other = {"alpha": 0.6, "beta": 0.1, "gamma": 0.3}
+    argv = [str(recipe), "--weights", as_arg(other), "--out", str(out), "--overwrite", "--quiet"]
+    killed = run_forked("merge", *argv, fault="sigkill@publish:1")  # merge has no earlier fault point
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert _state(out, skip=()) == before
+    again = run_in_process("merge", *argv)
+    assert again.returncode == 0, again.stderr
+    after = _state(out, skip=())
+    assert set(after) == set(before) and after["model.safetensors"] != before["model.safetensors"]
+    assert json.loads(after["mergeopt_merge.json"])["weights"] == other
     assert _leftovers(out) == []
 
 
