@@ -239,6 +239,32 @@ def run_forked(module: str, *args: str, fault: str | None = None) -> subprocess.
 
 
 @contextlib.contextmanager
+def stopped_at(module: str, *args: str, fault: str):
+    """``mergeopt <module> ARGS`` forked and stopped at ``fault`` (``sigstop@POINT:N``); yields its pid.
+
+    The stopped child holds what it holds there (its directories' locks), so a test can start a
+    second command against it; on leaving, the child is killed with SIGKILL, as ``kill -9`` would,
+    and the kernel drops its locks. Forked, as :func:`run_forked` is, for the same reasons.
+    """
+    import multiprocessing
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
+        child = multiprocessing.get_context("fork").Process(
+            target=_forked_command, args=(module, args, fault, out, err)
+        )
+        child.start()
+        try:
+            _, status = os.waitpid(child.pid, os.WUNTRACED)
+            assert os.WIFSTOPPED(status), Path(err).read_text(encoding="utf-8")
+            yield child.pid
+        finally:
+            child.kill()
+            child.join()
+
+
+@contextlib.contextmanager
 def _working_directory(path: Path):
     """contextlib.chdir, which Python 3.10 lacks."""
     before = os.getcwd()

@@ -5,29 +5,32 @@
 * an empty output_dir, ``.`` or a parent of the current directory is refused, and nothing in the
   current directory is touched;
 * a checkpoint remembers what its run read: a resume after a dev file changed is refused, naming it;
+  so is a train's, after a training set changed, and a finished train run is not reused as if it
+  had been trained on the new data;
 * every command's outputs appear together: killed at any point (``MERGEOPT_FAULT``, a seeded step
-  or the moment before its outputs are published), a directory holds either its previous state or
-  the complete new one, and a killed fit still resumes;
-* ``mergeopt train`` makes no directory before it saves something into it, and never replaces a
+  or evaluation, or the moment before its outputs are published), a directory holds either its
+  previous state or the complete new one, and a killed fit or train still resumes;
+* ``mergeopt train`` holds every directory it writes (train.output_dir and each expert's, wherever
+  it lies), makes no run directory before it saves something into it, and never replaces a
   directory that is not one of its runs.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from mergeopt.errors import UserError
+from mergeopt.evaluation.calibrate import CALIBRATE_CHECKPOINT_DIR
 from mergeopt.runtime.resume import CHECKPOINT_DIR
-from tests.conftest import REPO, recipe_tree, run_forked, run_in_process
+from tests.conftest import REPO, recipe_tree, run_forked, run_in_process, stopped_at
 from tests.test_export import WEIGHTS, write_run
 
 GRADIENT = {"steps": 12, "batch_size": 4, "eval_every": 4, "patience": 100, "checkpoint_every": 2}
@@ -60,6 +63,42 @@ def _leftovers(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.parent.iterdir() if p.name.startswith(f".{directory.name}."))
 
 
+def _refused(command: str, *argv: str) -> list[str]:
+    """The stderr lines of ``mergeopt COMMAND ARGV --quiet``, which must exit 2."""
+    result = run_in_process(command, *argv, "--quiet")
+    assert result.returncode == 2, result.stderr
+    return result.stderr.strip().splitlines()
+
+
+def _change_a_digit(path: Path) -> bytes:
+    """Change one digit of ``path``, keeping its size (only its contents tell); returns the original."""
+    original = path.read_bytes()
+    path.write_bytes(original.replace(b"1", b"2", 1))
+    assert path.read_bytes() != original
+    return original
+
+
+def _visible(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` and its bytes, hidden ones (checkpoints, staging, locks) left out."""
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    }
+
+
+def _train_recipe(world, tmp_path: Path, name: str = "train.yaml", **train) -> tuple[str, dict]:
+    """A train of the three experts alone (the one mixture is a vertex), 4 steps, a checkpoint every 2."""
+    from tests.test_train import train_tree
+
+    tree = train_tree(world, tmp_path)
+    vertex = {"alpha": 1.0, "beta": 0.0, "gamma": 0.0}
+    tree["train"].update(steps=4, checkpoint_every=2, mixtures={"kind": "list", "weights": [vertex]}, **train)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(tree))
+    return str(path), tree
+
+
 # ----------------------------------------------------------------------------- the lock
 
 
@@ -67,29 +106,15 @@ def test_a_second_process_into_a_directory_in_use_is_refused_naming_the_first_pi
     out = tmp_path / "run"
     first = _recipe(random_world, tmp_path, out, "first.yaml", lr=0.1)
     second = _recipe(random_world, tmp_path, out, "second.yaml", lr=0.3)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MERGEOPT_FAULT": "sigstop@step:5", "OMP_NUM_THREADS": "1"}
-    holder = subprocess.Popen(
-        [sys.executable, "-m", "mergeopt.fit", first, "--quiet"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        _, status = os.waitpid(holder.pid, os.WUNTRACED)  # stopped at step 5, the directory locked
-        assert os.WIFSTOPPED(status)
-        refused = run_in_process("fit", second, "--quiet")
-        assert refused.returncode == 2
-        assert refused.stderr.strip().splitlines() == [
-            f"mergeopt: error: {out} is in use by mergeopt fit (pid {holder.pid}): wait for it to end, "
+    # stopped at step 5, the directory locked; killed with -9 after (the kernel drops its lock)
+    with stopped_at("fit", first, "--quiet", fault="sigstop@step:5") as pid:
+        assert _refused("fit", second) == [
+            f"mergeopt: error: {out} is in use by mergeopt fit (pid {pid}): wait for it to end, "
             "or choose another output directory"
         ]
         # every command that writes there is refused the same way
         diagnosed = run_in_process("diagnose", second, "--points", "3", "--quiet")
-        assert diagnosed.returncode == 2 and f"(pid {holder.pid})" in diagnosed.stderr
-    finally:
-        holder.kill()  # kill -9: the kernel drops its lock
-        holder.wait()
+        assert diagnosed.returncode == 2 and f"(pid {pid})" in diagnosed.stderr
     assert not (out / "mixture.json").exists()
     resumed = run_in_process("fit", first)  # the stale lock file does not block
     assert resumed.returncode == 0, resumed.stderr
@@ -111,6 +136,39 @@ def test_the_lock_is_held_by_rank_0_only(tmp_path, monkeypatch):
             with rundir.owned(tmp_path / "out", "rank"):
                 pass
     assert _leftovers(tmp_path / "out") == []
+
+
+def test_several_directories_are_taken_in_one_order_and_each_once(tmp_path):
+    from mergeopt.runtime import rundir
+
+    with rundir.owned(tmp_path / "a", "fit"):
+        # "a" sorts first whatever the order asked: refused there, before "z" is ever taken
+        with pytest.raises(UserError, match=rf"{tmp_path / 'a'} is in use by mergeopt fit"):
+            with rundir.owned_all({"z": tmp_path / "z", "a": tmp_path / "a"}, "train"):
+                pass
+        assert _leftovers(tmp_path / "z") == []
+    same = {"one": tmp_path / "b", "two": tmp_path / "x" / ".." / "b"}  # one directory, two names
+    with rundir.owned_all(same, "train"):
+        assert _leftovers(tmp_path / "b") == [".b.lock"]
+    assert _leftovers(tmp_path / "b") == []
+
+
+def test_a_second_train_onto_an_expert_in_use_is_refused_naming_the_first_pid(random_world, tmp_path):
+    """The experts lie outside train.output_dir: another output_dir does not make them free."""
+    first, tree = _train_recipe(random_world, tmp_path)
+    tree["train"]["output_dir"] = str(tmp_path / "other")
+    second = tmp_path / "second.yaml"
+    second.write_text(yaml.safe_dump(tree))
+    alpha = tmp_path / "experts" / "alpha"
+    with stopped_at("train", first, "--quiet", fault="sigstop@train.alpha:1") as pid:
+        assert _refused("train", str(second)) == [
+            f"mergeopt: error: {alpha} is in use by mergeopt train (pid {pid}): wait for it to end, "
+            "or choose another output directory"
+        ]
+        assert not (tmp_path / "other").exists() and not alpha.exists()
+    done = run_in_process("train", str(second), "--quiet")  # the killed holder's locks block nothing
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (tmp_path / "experts").iterdir()) == ["alpha", "beta", "gamma"]
 
 
 # ----------------------------------------------------------------------------- where outputs may go
@@ -162,11 +220,8 @@ def test_a_resume_after_a_dev_file_changed_is_refused_naming_it(random_world, tm
     recipe = _recipe(world, tmp_path, out)
     killed = run_forked("fit", recipe, "--quiet", fault="sigkill@step:5")
     assert killed.returncode == -signal.SIGKILL
-    original = dev.read_bytes()
-    dev.write_bytes(original.replace(b"1", b"2", 1))  # same size: one digit changed
-    refused = run_in_process("fit", recipe, "--quiet")
-    assert refused.returncode == 2
-    assert refused.stderr.strip().splitlines() == [
+    original = _change_a_digit(dev)
+    assert _refused("fit", recipe) == [
         f"mergeopt: error: {out / CHECKPOINT_DIR} belongs to a run that read other data: {dev} changed "
         "since; restore it, pass --restart to start over on the new data, or use another output_dir"
     ]
@@ -174,6 +229,37 @@ def test_a_resume_after_a_dev_file_changed_is_refused_naming_it(random_world, tm
     resumed = run_in_process("fit", recipe)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stdout
+
+
+def test_a_train_after_a_training_set_changed_is_refused_naming_it(random_world, tmp_path):
+    recipe, tree = _train_recipe(random_world, tmp_path)
+    checkpoint = tmp_path / "experts" / ".alpha.checkpoint"
+    killed = run_forked("train", recipe, "--quiet", fault="sigkill@train.alpha:3")  # step 2 saved
+    assert killed.returncode == -signal.SIGKILL
+    assert json.loads((checkpoint / "state.json").read_text())["step"] == 2
+    data = Path(tree["train"]["data"]["alpha"])
+    original = _change_a_digit(data)
+    assert _refused("train", recipe) == [
+        f"mergeopt: error: {checkpoint} belongs to a run that read other data: {data} changed since; "
+        "restore it, or delete that directory to start the run over on the new data"
+    ]
+    assert json.loads((checkpoint / "state.json").read_text())["step"] == 2  # kept, not restarted
+    data.write_bytes(original)
+    done = run_in_process("train", recipe, "--quiet")
+    assert done.returncode == 0, done.stderr
+    finished = _visible(tmp_path)
+    # a finished run is not reused as if trained on new data, whichever set changed: every run's
+    # seeded stream shuffles every domain, so beta's set is alpha's input too
+    other = Path(tree["train"]["data"]["beta"])
+    other.write_bytes(other.read_bytes() + other.read_bytes().splitlines(keepends=True)[0])
+    assert _refused("train", recipe) == [
+        f"mergeopt: error: {tmp_path / 'experts' / 'alpha'} was trained on other data: {other} changed "
+        "since; restore it, or delete every run (model.experts, train.output_dir/mixtures) to retrain "
+        "them on the new data"
+    ]
+    assert {n: b for n, b in _visible(tmp_path).items() if n != other.name} == {
+        n: b for n, b in finished.items() if n != other.name
+    }
 
 
 def test_a_retrained_expert_of_the_same_shapes_changes_its_fingerprint(random_world, tmp_path):
@@ -271,45 +357,114 @@ def _export_inputs(root: Path) -> dict:
     return {"tokenizer": str(root / "tokenizer"), "paths": paths}
 
 
-@pytest.mark.parametrize("command", ["rank", "transfer", "export"])
-def test_table_commands_killed_before_publishing_leave_the_previous_outputs(tmp_path, command):
-    out = tmp_path / "out"
+# the evaluations each command scores (calibrate: 3 runs and 7 candidates; diagnose: θ0, 3 experts,
+# 3 edge midpoints), and what makes a rerun score them again rather than replay its journal
+EVALUATIONS = {"calibrate": (10, ["--restart"]), "diagnose": (7, [])}
+
+
+def _command_argv(command: str, tmp_path: Path, out: Path, request) -> list[str]:
+    """A few seconds' run of ``command`` into ``out``."""
     if command == "rank":
-        argv = ["--proxy", PROXY, "--truth", TRUTH, "--bootstrap", "20", "--out", str(out)]
-    elif command == "transfer":
-        argv = [PROXY, TRUTH, "--bootstrap", "20", "--out", str(out)]
-    else:  # every format, as tests/test_export.py writes them
+        return ["--proxy", PROXY, "--truth", TRUTH, "--bootstrap", "20", "--out", str(out)]
+    if command == "transfer":
+        return [PROXY, TRUTH, "--bootstrap", "20", "--out", str(out)]
+    if command == "export":  # every format, as tests/test_export.py writes them
         files = _export_inputs(tmp_path)
         run = write_run(tmp_path / "run", WEIGHTS)
         fake = {"base": "/x/base", "experts": {n: f"/x/{n}" for n in WEIGHTS}, "dev": {"d": "/x/d.jsonl"}}
         (tmp_path / "run" / "recipe.yaml").write_text(yaml.safe_dump(recipe_tree(fake, tmp_path / "run")))
         argv = [str(run), "--to", "all", "--out", str(out), "--tokenizer", files["tokenizer"], "--datasets"]
-        argv += [f"{n}={p}" for n, p in files["paths"].items()]
+        return argv + [f"{n}={p}" for n, p in files["paths"].items()]
+    from tests.test_calibrate import SPEC, _grid
+
+    world = request.getfixturevalue("random_world")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(recipe_tree(world, tmp_path / "fit", calibrate=SPEC)))
+    if command == "calibrate":
+        _grid().to_csv(tmp_path / "grid.csv", index=False)
+        return [str(recipe), "--grid", str(tmp_path / "grid.csv"), "--out", str(out), "--quiet"]
+    return [str(recipe), "--points", "3", "--out", str(out), "--quiet"]  # diagnose
+
+
+@pytest.mark.parametrize("command", ["rank", "transfer", "export", "calibrate", "diagnose"])
+def test_commands_killed_before_publishing_leave_the_previous_outputs(tmp_path, command, request):
+    out = tmp_path / "out"
+    argv = _command_argv(command, tmp_path, out, request)
     out.mkdir()
     (out / "notes.txt").write_text("the user's")
     first = run_in_process(command, *argv)
     assert first.returncode == 0, first.stderr
-    before = _state(out)
+    journals = (CHECKPOINT_DIR, CALIBRATE_CHECKPOINT_DIR)  # kept for the next round: not outputs
+    before = _state(out, journals)
     assert len(before) > 2 and before["notes.txt"] == b"the user's"
     for name in before:  # make the rerun's outputs tell from the first's
         if name != "notes.txt":
             (out / name).write_bytes(b"previous")
-    before = _state(out)
-    killed = run_forked(command, *argv, fault="sigkill@publish:1")
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    assert _state(out) == before
+    before = _state(out, journals)
+    faults = ["sigkill@publish:1"]
+    if command in EVALUATIONS:  # and first at a seeded evaluation, scored again (not replayed)
+        count, rescore = EVALUATIONS[command]
+        faults.insert(0, f"sigkill@evaluation:{random.Random(18).randint(1, count)}")
+    for fault in faults:
+        extra = rescore if fault.startswith("sigkill@evaluation") else []
+        killed = run_forked(command, *argv, *extra, fault=fault)
+        assert killed.returncode == -signal.SIGKILL, (fault, killed.stderr)
+        assert _state(out, journals) == before, fault
     again = run_in_process(command, *argv)
     assert again.returncode == 0, again.stderr
-    after = _state(out)
+    after = _state(out, journals)
     assert set(after) == set(before) and after["notes.txt"] == b"the user's"
     assert all(after[n] != b"previous" for n in after if n != "notes.txt")
+    assert _leftovers(out) == []
+
+
+def test_a_merge_killed_before_publishing_leaves_the_previous_checkpoint(random_world, tmp_path):
+    from tests.test_merge_cli import WEIGHTS as MERGED
+    from tests.test_merge_cli import as_arg, write_recipe
+
+    recipe = write_recipe(tmp_path, random_world)
+    out = tmp_path / "merged"
+    first = run_in_process("merge", str(recipe), "--weights", as_arg(MERGED), "--out", str(out), "--quiet")
+    assert first.returncode == 0, first.stderr
+    before = _state(out, skip=())
+    assert "model.safetensors" in before
+    other = {"alpha": 0.6, "beta": 0.1, "gamma": 0.3}
+    argv = [str(recipe), "--weights", as_arg(other), "--out", str(out), "--overwrite", "--quiet"]
+    killed = run_forked("merge", *argv, fault="sigkill@publish:1")  # merge has no earlier fault point
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert _state(out, skip=()) == before
+    again = run_in_process("merge", *argv)
+    assert again.returncode == 0, again.stderr
+    after = _state(out, skip=())
+    assert set(after) == set(before) and after["model.safetensors"] != before["model.safetensors"]
+    assert json.loads(after["mergeopt_merge.json"])["weights"] == other
     assert _leftovers(out) == []
 
 
 # ----------------------------------------------------------------------------- train
 
 
-def test_train_leaves_no_directory_before_it_saves_and_never_replaces_a_users(random_world, tmp_path):
+def test_a_train_killed_anywhere_leaves_its_finished_runs_and_a_rerun_trains_the_same(random_world, tmp_path):
+    recipe, _ = _train_recipe(random_world, tmp_path)
+    assert run_in_process("train", recipe, "--quiet").returncode == 0
+    whole = _visible(tmp_path)
+    alpha = tmp_path / "experts" / "alpha"
+    shutil.rmtree(alpha)  # the one run to train again
+    before = _visible(tmp_path)
+    step = random.Random(18).randint(1, 4)
+    for fault in (f"sigkill@train.alpha:{step}", "sigkill@publish:1"):  # the publish of alpha's run
+        killed = run_forked("train", recipe, "--quiet", fault=fault)
+        assert killed.returncode == -signal.SIGKILL, (fault, killed.stderr)
+        assert _visible(tmp_path) == before, fault  # no half run, the others and grid.csv untouched
+    assert any(p.name.startswith(".alpha.staging-") for p in alpha.parent.iterdir())
+    again = run_in_process("train", recipe, "--quiet")
+    assert again.returncode == 0, again.stderr
+    assert _visible(tmp_path) == whole  # the same run, bit for bit, and the same grid
+    assert [p.name for p in alpha.parent.iterdir() if p.name.startswith(".")] == []
+    assert _leftovers(tmp_path / "grid") == []
+
+
+def test_train_leaves_no_run_directory_before_it_saves_and_never_replaces_a_users(random_world, tmp_path):
     from tests.test_train import train_tree
 
     tree = train_tree(random_world, tmp_path)
@@ -318,7 +473,10 @@ def test_train_leaves_no_directory_before_it_saves_and_never_replaces_a_users(ra
     recipe.write_text(yaml.safe_dump(tree))
     killed = run_forked("train", str(recipe), "--quiet", fault="sigkill@train.alpha:1")
     assert killed.returncode == -signal.SIGKILL
-    assert not (tmp_path / "experts").exists()  # nothing saved, so no directory made
+    experts = tmp_path / "experts"
+    # nothing saved, so no run directory made: only the killed holder's locks on the experts'
+    # directories, which the kernel dropped with it and the next train removes
+    assert sorted(p.name for p in experts.iterdir()) == [".alpha.lock", ".beta.lock", ".gamma.lock"]
     mine = Path(tree["model"]["experts"]["beta"])
     mine.mkdir(parents=True)
     (mine / "weights.bin").write_text("a user's model")
@@ -326,6 +484,7 @@ def test_train_leaves_no_directory_before_it_saves_and_never_replaces_a_users(ra
     assert refused.returncode == 2
     assert f"{mine} exists and is not a finished mergeopt train run" in refused.stderr
     assert (mine / "weights.bin").read_text() == "a user's model"
+    assert sorted(p.name for p in experts.iterdir()) == ["beta"]
 
 
 def test_rank_that_crashes_after_its_first_files_leaves_nothing(random_world, tmp_path, monkeypatch):

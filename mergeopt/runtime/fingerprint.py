@@ -74,22 +74,32 @@ def digest(path: str | Path) -> str | None:
     return _sha(p.encode() for p in parts)
 
 
+def fingerprints(paths: Iterable[str | Path]) -> dict[str, str]:
+    """{path: digest} of each local path of ``paths``, once each, in their order."""
+    found = {}
+    for path in dict.fromkeys(str(p) for p in paths):
+        value = digest(path)
+        if value is not None:
+            found[path] = value
+    return found
+
+
 def input_fingerprints(recipe) -> dict[str, str]:
     """{path: digest} of every local file a run of ``recipe`` (world paths resolved) reads."""
     paths = [recipe.model.base, *recipe.model.experts.values(), *(d.path for d in recipe.data.dev)]
     if recipe.train is not None:
         paths += list(recipe.train.data.values())
-    found = {}
-    for path in dict.fromkeys(paths):  # once each, in the recipe's order
-        value = digest(path)
-        if value is not None:
-            found[str(path)] = value
-    return found
+    return fingerprints(paths)
 
 
-def first_changed(saved: Mapping[str, str]) -> str | None:
-    """The first recorded input whose digest differs now (or that is gone); None when all match."""
+def first_changed(saved: Mapping[str, str], now: Mapping[str, str] | None = None) -> str | None:
+    """The first recorded input whose digest differs now (or that is gone); None when all match.
+
+    ``now``: digests already taken this run (a command that checks many records against the same
+    inputs hashes each once); a path it lacks is hashed here.
+    """
     for path, value in saved.items():
-        if digest(path) != value:
+        current = now[path] if now is not None and path in now else digest(path)
+        if current != value:
             return path
     return None

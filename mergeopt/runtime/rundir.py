@@ -8,7 +8,8 @@ diagnose, transfer, merge and ``export --to all``, train's output_dir) goes thro
   the directory whole, so any of those would put unrelated files at stake.
 * :func:`owned` holds an OS lock (``flock``) on ``PARENT/.NAME.lock`` while the command runs, with
   the holder's pid and command written in it: a second process asking for the same directory gets
-  one line naming that pid. The kernel drops the lock when its process dies, so a ``kill -9`` never
+  one line naming that pid (:func:`owned_all` holds several, train's output_dir and each expert's
+  directory, in a fixed order). The kernel drops the lock when its process dies, so a ``kill -9`` never
   blocks the rerun. The lock file is removed on release. Under torchrun rank 0 alone holds it (the
   other ranks write nothing). ``filelock`` truncates its file on every attempt and never removes it,
   so it could keep neither the pid nor the directory clean; hence plain ``fcntl``.
@@ -31,8 +32,8 @@ import fnmatch
 import os
 import shutil
 import stat
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from mergeopt.errors import UserError
@@ -134,6 +135,24 @@ def owned(out: str | os.PathLike, command: str, what: str = "the output director
                 directory.rmdir()
             except OSError:
                 break
+
+
+@contextmanager
+def owned_all(outs: Mapping[str, str | os.PathLike], command: str) -> Iterator[dict[str, Path]]:
+    """Hold several directories (``{what: path}``) for one command, each as :func:`owned` holds one.
+
+    They are taken in one fixed order, by absolute path, so two commands that want overlapping sets
+    meet first on the first directory they share: one gets every lock and the other is refused,
+    never both refused holding half the locks each. A directory named twice is held once.
+    """
+    checked = {what: check_output_dir(path, what) for what, path in outs.items()}
+    first: dict[Path, str] = {}
+    for what, path in checked.items():
+        first.setdefault(path.resolve(), what)
+    with ExitStack() as held:
+        for full in sorted(first, key=str):
+            held.enter_context(owned(checked[first[full]], command, first[full]))
+        yield checked
 
 
 def _make_parents(directory: Path) -> list[Path]:

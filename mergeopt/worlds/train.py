@@ -7,6 +7,12 @@ mixture of ``train.mixtures``, every run with the same token budget, hyperparame
 the mixture is the only thing that differs. Mixture runs draw the domain of every example from w
 (a seeded sampler, like ``datasets.interleave_datasets`` with probabilities w). Each finished run
 leaves ``run.json`` (written last) and is never retrained; a run whose recipe changed is an error.
+A run also records a digest of what it read (the base and every training set,
+:mod:`mergeopt.runtime.fingerprint`); when one has changed since, a rerun is refused in one line
+naming the file, for a finished run and for the step checkpoint of one in progress alike. Retraining
+instead would silently replace hours of runs (and experts a fit may have read) for what is often an
+accidental edit, and would leave a grid of runs trained on two versions of the data; the refusal
+lets the user restore the file or delete the runs to retrain them on purpose.
 The grid table ``train.output_dir/grid.csv`` has one row per mixture: ``run``, one ``w_<expert>``
 column per expert, one ``loss_<dev set>`` column per dev set, one ``score_<label>`` column per
 non-loss objective term (exact match, choice accuracy, custom), and ``tokens``. Losses and scores
@@ -54,8 +60,9 @@ from mergeopt.objectives.term_scores import (
 )
 from mergeopt.runtime import determinism, faults
 from mergeopt.runtime.files import write_csv_atomic, write_json_atomic
+from mergeopt.runtime.fingerprint import fingerprints, first_changed
 from mergeopt.runtime.resume import check_interrupt, interruptible, pending_interrupt
-from mergeopt.runtime.rundir import owned, staged
+from mergeopt.runtime.rundir import owned_all, recover, staged
 from mergeopt.search.mixtures import mixture_set
 from mergeopt.worlds import resolve_recipe
 
@@ -111,8 +118,23 @@ def _fingerprint(recipe: Recipe) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _finished(path: Path, fingerprint: str, weights: dict[str, float]) -> bool:
-    """True for a finished run of this recipe and mixture; an error for a run of another one."""
+def _inputs(recipe: Recipe) -> dict[str, str]:
+    """The digests of what every run of ``recipe`` reads: the base and every training set.
+
+    Every set counts for every run, not only for the runs that draw from it: the seeded stream
+    shuffles each domain (:func:`mixture_examples`), so one set's size moves every run's examples.
+    """
+    return fingerprints([recipe.model.base, *recipe.train.data.values()])
+
+
+def _identity(recipe: Recipe, weights: dict[str, float], inputs: dict[str, str]) -> dict:
+    """What a run's step checkpoint and run.json record of it: recipe, mixture and inputs."""
+    return {"fingerprint": _fingerprint(recipe), "weights": weights, "inputs": inputs}
+
+
+def _finished(path: Path, identity: dict) -> bool:
+    """True for a finished run of this recipe, mixture and data; an error for a run of another one."""
+    fingerprint, weights = identity["fingerprint"], identity["weights"]
     marker = path / RUN_MARKER
     if not marker.is_file():
         return False
@@ -128,7 +150,23 @@ def _finished(path: Path, fingerprint: str, weights: dict[str, float]) -> bool:
             f"{path} holds a run of mixture {trained}, not {weights} (train.mixtures changed); "
             "delete it or choose another train.output_dir"
         )
+    _check_inputs(
+        info,
+        identity,
+        f"{path} was trained on other data",
+        "delete every run (model.experts, train.output_dir/mixtures) to retrain them on the new data",
+    )
     return True
+
+
+def _check_inputs(record: dict, identity: dict, what: str, remedy: str) -> None:
+    """Refuse a run.json or step checkpoint ``record`` whose inputs changed since, naming the first.
+
+    A record without ``inputs`` (written before runs recorded them) is not checked.
+    """
+    changed = first_changed(record.get("inputs") or {}, identity["inputs"])
+    if changed is not None:
+        raise UserError(f"{what}: {changed} changed since; restore it, or {remedy}")
 
 
 def check_lora_targets(recipe: Recipe) -> None:
@@ -148,8 +186,12 @@ def train_one(
     tokenizer,
     device: torch.device,
     progress: bool = True,
+    inputs: dict[str, str] | None = None,
 ) -> dict:
-    """Fine-tune the base on mixture ``weights`` for the recipe's budget and save it to ``out``."""
+    """Fine-tune the base on mixture ``weights`` for the recipe's budget and save it to ``out``.
+
+    ``inputs``: the digests of what it reads (:func:`_inputs`), when the caller has taken them.
+    """
     from transformers import AutoModelForCausalLM
 
     cfg: TrainSection = recipe.train
@@ -174,7 +216,7 @@ def train_one(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     tokens, losses, start = 0, [], 0
-    identity = {"fingerprint": _fingerprint(recipe), "weights": weights}
+    identity = _identity(recipe, weights, _inputs(recipe) if inputs is None else inputs)
     saved = _load_step_checkpoint(_checkpoint_dir(out), identity, model, optimizer)
     if saved is not None:  # resume: the exact state after step saved["step"] - 1
         start, tokens, losses = saved["step"], saved["tokens"], saved["losses"]
@@ -203,12 +245,12 @@ def train_one(
         check_interrupt(f"{out.name} step {done}")
     model.eval()
     with staged(out, ("*", ".*")) as staging:  # published whole, run.json inside (mergeopt.runtime.rundir)
-        info = _save_run(recipe, model, tokenizer, weights, tokens, losses, staging.path)
+        info = _save_run(recipe, model, tokenizer, identity, tokens, losses, staging.path)
     shutil.rmtree(_checkpoint_dir(out), ignore_errors=True)  # finished: run.json is the record
     return info
 
 
-def _save_run(recipe, model, tokenizer, weights, tokens, losses, staging: Path) -> dict:
+def _save_run(recipe, model, tokenizer, identity: dict, tokens, losses, staging: Path) -> dict:
     """The trained model (dense; LoRA's adapter too), its tokenizer and run.json, into ``staging``."""
     cfg = recipe.train
     if cfg.method == "lora":
@@ -217,12 +259,13 @@ def _save_run(recipe, model, tokenizer, weights, tokens, losses, staging: Path) 
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     info = {
-        "weights": weights,
+        "weights": identity["weights"],
         "steps": cfg.steps,
         "tokens": tokens,
         "method": cfg.method,
         "final_train_loss": sum(losses[-10:]) / len(losses[-10:]),
-        "fingerprint": _fingerprint(recipe),
+        "fingerprint": identity["fingerprint"],
+        "inputs": identity["inputs"],
     }
     write_json_atomic(staging / RUN_MARKER, info)
     return info
@@ -255,18 +298,33 @@ def _save_step_checkpoint(path: Path, state: dict, model: torch.nn.Module, optim
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_step_checkpoint(path: Path, identity: dict, model: torch.nn.Module, optimizer) -> dict | None:
-    """Restore a step checkpoint of this very run (recipe fingerprint and mixture); None if there is none."""
+def _step_checkpoint_state(path: Path, identity: dict) -> dict | None:
+    """The state.json of a step checkpoint of this very run; None if there is none.
+
+    Another recipe's or mixture's partial run is worthless here and is removed. One of this run
+    whose inputs changed since is refused, naming the first changed file: continuing it would mix
+    steps on the old data with steps on the new.
+    """
     if not path.is_dir() and path.with_name(path.name + ".old").is_dir():
         path.with_name(path.name + ".old").rename(path)  # killed between the two renames
     if not (path / "state.json").is_file():
         return None
-    from safetensors.torch import load_file
-
     state = json.loads((path / "state.json").read_text())
     if state.get("fingerprint") != identity["fingerprint"] or state.get("weights") != identity["weights"]:
-        shutil.rmtree(path)  # another recipe's or mixture's partial run: worthless here
+        shutil.rmtree(path)
         return None
+    what = f"{path} belongs to a run that read other data"
+    _check_inputs(state, identity, what, "delete that directory to start the run over on the new data")
+    return state
+
+
+def _load_step_checkpoint(path: Path, identity: dict, model: torch.nn.Module, optimizer) -> dict | None:
+    """Restore a step checkpoint of this very run (:func:`_step_checkpoint_state`); None if there is none."""
+    state = _step_checkpoint_state(path, identity)
+    if state is None:
+        return None
+    from safetensors.torch import load_file
+
     trainable = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -300,13 +358,29 @@ def dev_losses(
     return (sums / counts).tolist()
 
 
+def written_dirs(recipe: Recipe) -> dict[str, str]:
+    """The directories a train writes, by the recipe key naming each: train.output_dir (grid.csv
+    and the mixture runs) and every expert's run directory, wherever it lies (world paths aside)."""
+    experts = {f"model.experts.{n}": p for n, p in recipe.model.experts.items() if "://" not in p}
+    return {"train.output_dir": recipe.train.output_dir, **experts}
+
+
 def train(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = print) -> Path:
-    """Train every missing run, evaluate every grid run on the dev sets (losses, metric terms), write grid.csv."""
+    """Train every missing run, evaluate every grid run on the dev sets (losses, metric terms), write grid.csv.
+
+    Every directory it writes is held for it (:func:`written_dirs`, :func:`mergeopt.runtime.rundir.owned_all`):
+    a second train into the same output_dir or onto the same expert is refused, naming this one's pid.
+    """
+    if recipe.train is None:
+        raise UserError("the recipe has no train section: nothing to train")
+    with owned_all(written_dirs(recipe), "train"):
+        return _train(recipe, progress, log)
+
+
+def _train(recipe: Recipe, progress: bool, log: Callable[[str], None]) -> Path:
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    if recipe.train is None:
-        raise UserError("the recipe has no train section: nothing to train")
     hf_logging.disable_progress_bar()
     determinism.apply(recipe.deterministic)  # before anything runs on the GPU
     resolved, _ = resolve_recipe(recipe, log)
@@ -326,7 +400,7 @@ def train(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = pr
     sets = load_dev_sets(resolved.data, resolved.seed, tokenizer, terms)
     custom = load_custom(terms)  # a bad import path fails before any training
     mixtures = mixture_set(cfg.mixtures, names, resolved.seed)
-    fingerprint = _fingerprint(resolved)
+    inputs = _inputs(resolved)
 
     runs: list[tuple[dict[str, float], Path]] = []
     for name in names:  # experts = the one-hot mixtures
@@ -340,13 +414,16 @@ def train(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = pr
             runs.append((w, path))
         grid_runs.append((w, path))
 
-    todo = [(w, p) for w, p in runs if not _finished(p, fingerprint, w)]
-    for _, path in todo:  # a run is published over its path whole: never over a user's directory
+    for _, path in runs:  # what a kill while publishing a run left beside it (the caller holds it)
+        recover(path)
+    todo = [(w, p) for w, p in runs if not _finished(p, _identity(resolved, w, inputs))]
+    for w, path in todo:  # a run is published over its path whole: never over a user's directory
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise UserError(
                 f"{path} exists and is not a finished mergeopt train run (it has no {RUN_MARKER}); "
                 "move it away or name another directory: training would replace it"
             )
+        _step_checkpoint_state(_checkpoint_dir(path), _identity(resolved, w, inputs))  # before any work
     log(
         f"{len(runs)} runs ({len(names)} experts, {len(runs) - len(names)} mixtures): "
         f"{len(runs) - len(todo)} finished, {len(todo)} to train ({cfg.method}, {cfg.steps} steps x "
@@ -354,7 +431,7 @@ def train(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = pr
     )
     # no directory is made before something is saved into it: a run stopped early leaves none
     for w, path in tqdm(todo, desc="training runs", unit="run", disable=not progress):
-        train_one(resolved, w, domains, path, tokenizer, device, progress)
+        train_one(resolved, w, domains, path, tokenizer, device, progress, inputs)
 
     pad_id = tokenizer.pad_token_id or 0
     rows = []
@@ -418,12 +495,10 @@ def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     if recipe.train is None:
         raise UserError("the recipe has no train section: nothing to train")
-    writable_dir(recipe.train.output_dir, "train.output_dir")
-    for name, path in recipe.model.experts.items():  # each trained expert is written here
-        if "://" not in path:
-            writable_dir(path, f"model.experts.{name}")
+    for what, path in written_dirs(recipe).items():  # each trained expert is written into its own
+        writable_dir(path, what)
     try:
-        with interruptible(), owned(recipe.train.output_dir, "train", "train.output_dir"):
+        with interruptible():
             train(recipe, progress=not args.quiet, log=(lambda _m: None) if args.quiet else print)
     except Interrupted as stop:
         stop.hint = "finished runs are kept and the run in progress is checkpointed. Rerun the same command to continue."
