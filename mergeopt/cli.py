@@ -363,6 +363,7 @@ def run_command(name: str, argv: Sequence[str], prog: str | None = None) -> int:
     option answer at once, without the seconds torch takes to import.
     """
     args = parse(name, argv, prog)
+    inputs.environment()  # torchrun's variables and MERGEOPT_FAULT, before any work
     module, _, function = HANDLERS[name].partition(":")
     return int(getattr(importlib.import_module(module), function)(args) or 0)
 

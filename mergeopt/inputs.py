@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mergeopt.errors import UserError
+from mergeopt.runtime import faults
 
 MAX_SEED = 2**63 - 1  # what numpy, torch and Python's random all accept
 
@@ -223,3 +224,48 @@ def lora_targets(targets: Iterable[str], module_names: Iterable[str], what: str)
             raise UserError(
                 f"{what} {target!r} matches no module of the base (its modules end in: {', '.join(leaves)})"
             )
+
+
+# ----------------------------------------------------------------------------- the environment
+
+# torchrun's variables: name -> (the value of a lone process, the least valid value, what it is)
+TORCHRUN = {
+    "WORLD_SIZE": (1, 1, "a number of processes (1 or more)"),
+    "RANK": (0, 0, "a process rank (0 or more)"),
+    "LOCAL_RANK": (0, 0, "a process rank (0 or more)"),
+}
+
+
+def torchrun_variable(name: str, environ: Mapping[str, str] = os.environ) -> int:
+    """``WORLD_SIZE``, ``RANK`` or ``LOCAL_RANK`` as a whole number; unset or empty, a lone
+    process's value. Every reader goes through here: ``int(os.environ[...])`` made garbage a
+    traceback in one command and ignored it in the next."""
+    lone, least, meaning = TORCHRUN[name]
+    raw = environ.get(name, "")
+    if not raw.strip():
+        return lone
+    try:
+        value = int(raw)
+    except ValueError:
+        value = least - 1
+    if value < least:
+        raise UserError(f"{name}={raw!r} in the environment is not {meaning}")
+    return value
+
+
+def environment(environ: Mapping[str, str] = os.environ) -> None:
+    """The variables every command may read, checked before it starts: torchrun's (whole numbers,
+    each rank below ``WORLD_SIZE``) and ``MERGEOPT_FAULT``. Checked where they are read, a garbage
+    value was a traceback after the work had begun, or (a fault spec) only once a loop reached its
+    first fault point."""
+    size = torchrun_variable("WORLD_SIZE", environ)
+    for name in ("RANK", "LOCAL_RANK"):
+        rank = torchrun_variable(name, environ)
+        if rank >= size:
+            raise UserError(
+                f"{name}={rank} in the environment is not below WORLD_SIZE={size}: a process rank "
+                "runs from 0 to WORLD_SIZE - 1 (torchrun sets both; unset them to run one process)"
+            )
+    spec = environ.get(faults.VARIABLE)
+    if spec:
+        faults.parse(spec)
