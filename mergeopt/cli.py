@@ -177,12 +177,15 @@ def _rank(p: argparse.ArgumentParser) -> None:
     p.add_argument("--proxy", help="table mode: proxy scores, TABLE.csv or MIXTURES.csv+METRICS.csv")
     p.add_argument("--truth", help="table mode: true scores, TABLE.csv or MIXTURES.csv+METRICS.csv")
     _tables(p, "both")
-    p.add_argument("--seed", type=_seed, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="table mode: bootstrap seed (default 0)")
     p.add_argument(
         "--restart",
         action="store_true",
         help="grid mode: ignore the proxy evaluations an interrupted run saved in OUT/rank_checkpoint",
     )
+    # unset, not the table defaults, so that rank can refuse a table option in grid mode (where the
+    # recipe's rank.k, rank.bootstrap and seed apply) instead of ignoring it
+    p.set_defaults(k=None, bootstrap=None, higher_is_better=None, seed=None)
     _out(p, "output directory (default: the recipe's output_dir in grid mode, else rank_out/)")
 
 

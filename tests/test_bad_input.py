@@ -1167,6 +1167,18 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         ],
         "--max-shard-size '0' is zero",
     ),
+    "rank table option in grid mode": (
+        "option",
+        "rank",
+        lambda w, t: [*_grid(w, t, lambda rows: None), "--k", "2"],
+        "--k: table-mode option(s) given with a recipe (grid mode)",
+    ),
+    "rank grid option in table mode": (
+        "option",
+        "rank",
+        lambda w, t: _rank_tables(t, RANK_TABLE, RANK_TABLE, "--grid", str(t / "proxy.csv")),
+        "--grid: grid-mode option(s) given without a recipe",
+    ),
     # transfer
     "transfer tables share no mixture column": (
         "grid table",
