@@ -120,6 +120,17 @@ def writable_file(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
+def distinct_dirs(named: Mapping[str, str | os.PathLike]) -> None:
+    """Directories a command writes whole, one per name: two names for one place (``a/b`` and
+    ``a/./b``, or a link to it) would have the second output replace the first."""
+    seen: dict[Path, str] = {}
+    for what, path in named.items():
+        full = Path(path).expanduser().resolve()
+        if full in seen:
+            raise UserError(f"{seen[full]} and {what} are the same directory {path}: each needs its own")
+        seen[full] = what
+
+
 # ----------------------------------------------------------------------------- numbers
 
 

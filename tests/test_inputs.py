@@ -55,6 +55,17 @@ def test_an_output_directory_is_checked_without_leaving_anything(tmp_path):
     assert "cannot be created" in _message(lambda: inputs.writable_file(UNCREATABLE + "/x.yaml", "--out"))
 
 
+def test_two_names_for_one_output_directory_are_refused(tmp_path):
+    """``train`` published expert beta whole over expert alpha when both named one directory."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+    inputs.distinct_dirs({"x": tmp_path / "a", "y": tmp_path / "b", "z": tmp_path / "a" / "b"})
+    for other in (tmp_path / "link", tmp_path / "." / "a", tmp_path / "b" / ".." / "a"):
+        assert _message(lambda other=other: inputs.distinct_dirs({"x": tmp_path / "a", "y": other})) == (
+            f"x and y are the same directory {other}: each needs its own"
+        )
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes through permission bits")
 def test_a_read_only_directory_is_refused(tmp_path):
     (tmp_path / "ro").mkdir(mode=0o555)

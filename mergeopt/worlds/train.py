@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from mergeopt.cli import run_command
 from mergeopt.config import Recipe, TrainSection, load_recipe
 from mergeopt.errors import Interrupted, UserError
-from mergeopt.inputs import lora_targets, writable_dir
+from mergeopt.inputs import distinct_dirs, lora_targets, writable_dir
 from mergeopt.loading.checkpoints import read_json_object
 from mergeopt.loading.positions import check_max_length
 from mergeopt.loading.problem import resolve_device
@@ -55,7 +55,7 @@ from mergeopt.objectives.term_scores import (
 from mergeopt.runtime import determinism, faults
 from mergeopt.runtime.files import write_csv_atomic, write_json_atomic
 from mergeopt.runtime.resume import check_interrupt, interruptible, pending_interrupt
-from mergeopt.runtime.rundir import owned, staged
+from mergeopt.runtime.rundir import check_output_dir, owned, staged
 from mergeopt.search.mixtures import mixture_set
 from mergeopt.worlds import resolve_recipe
 
@@ -202,10 +202,22 @@ def train_one(
             _save_step_checkpoint(_checkpoint_dir(out), state, model, optimizer)
         check_interrupt(f"{out.name} step {done}")
     model.eval()
+    _check_trained(model, next(batches).to(device), out.name)
     with staged(out, ("*", ".*")) as staging:  # published whole, run.json inside (mergeopt.runtime.rundir)
         info = _save_run(recipe, model, tokenizer, weights, tokens, losses, staging.path)
     shutil.rmtree(_checkpoint_dir(out), ignore_errors=True)  # finished: run.json is the record
     return info
+
+
+@torch.no_grad()
+def _check_trained(model: torch.nn.Module, batch: Batch, name: str) -> None:
+    """The trained model scores a finite loss on a training batch. The loop checks each step's loss,
+    which is taken before that step's update: a last update that overflowed the weights
+    (train.lr=1e308) was saved as a finished run, and its NaN dev losses written into grid.csv."""
+    sums, counts = per_set_loss_sums(model, {}, batch, 1)
+    loss = float(sums.sum() / counts.sum())
+    if not math.isfinite(loss):
+        raise UserError(f"training {name} diverged (loss {loss} after its last step); lower train.lr")
 
 
 def _save_run(recipe, model, tokenizer, weights, tokens, losses, staging: Path) -> dict:
@@ -419,9 +431,13 @@ def run(args: argparse.Namespace) -> int:
     if recipe.train is None:
         raise UserError("the recipe has no train section: nothing to train")
     writable_dir(recipe.train.output_dir, "train.output_dir")
-    for name, path in recipe.model.experts.items():  # each trained expert is written here
+    # each trained expert is published whole into its directory: one of its own
+    outputs = {"train.output_dir": recipe.train.output_dir}
+    for name, path in recipe.model.experts.items():
         if "://" not in path:
+            outputs[f"model.experts.{name}"] = check_output_dir(path, f"model.experts.{name}")
             writable_dir(path, f"model.experts.{name}")
+    distinct_dirs(outputs)
     try:
         with interruptible(), owned(recipe.train.output_dir, "train", "train.output_dir"):
             train(recipe, progress=not args.quiet, log=(lambda _m: None) if args.quiet else print)
