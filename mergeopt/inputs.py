@@ -52,10 +52,10 @@ def _refuse(path: Path, what: str, wanted: str) -> UserError:
     return UserError(f"{what} {path} is {found}, not {wanted}")
 
 
-def _given(path: str | os.PathLike, what: str) -> Path:
+def _given(path: str | os.PathLike, what: str, wanted: str = "give a path") -> Path:
     """``path`` as a Path; an empty one is refused (``Path("")`` is ".", the current directory)."""
     if not os.fspath(path).strip():
-        raise UserError(f"{what} is empty: give a path")
+        raise UserError(f"{what} is empty: {wanted}")
     return Path(path)
 
 
@@ -96,8 +96,9 @@ def writable_dir(path: str | os.PathLike, what: str) -> Path:
     The check creates and at once removes one hidden entry in the directory, or in the nearest
     directory above it that exists, which is where the command would create it: permission bits
     alone cannot tell (root may write anywhere but not into ``/proc``, or onto a read-only mount).
+    An empty path is refused: ``Path("")`` is the current directory, where it would write.
     """
-    path = Path(path)
+    path = _given(path, what, "name a directory for the outputs (e.g. runs/NAME)")
     probe = _nearest_existing(path)
     if not probe.is_dir():
         if probe == path:
@@ -113,7 +114,7 @@ def writable_dir(path: str | os.PathLike, what: str) -> Path:
 
 def writable_file(path: str | os.PathLike, what: str) -> Path:
     """``path``, a file the command can write (replace, or create in a directory it can create)."""
-    path = Path(path)
+    path = _given(path, what, "name a file to write")
     if path.exists() and not path.is_file():
         raise _refuse(path, what, "a file")
     writable_dir(path.parent, f"{what} {path}: the directory")

@@ -34,10 +34,19 @@ def test_a_path_of_the_wrong_kind_is_named_as_such(tmp_path):
     assert inputs.existing(tmp_path / "d", "x") == inputs.existing_dir(tmp_path / "d", "x")
 
 
-@pytest.mark.parametrize("check", [inputs.existing_file, inputs.existing_dir, inputs.existing])
-def test_an_empty_path_is_refused_not_read_as_the_current_directory(check):
-    with pytest.raises(UserError, match=r"^recipe is empty: give a path$"):
-        check("", "recipe")
+@pytest.mark.parametrize(
+    "check, wanted",
+    [
+        (inputs.existing_file, "give a path"),
+        (inputs.existing_dir, "give a path"),
+        (inputs.existing, "give a path"),
+        (inputs.writable_dir, "name a directory for the outputs (e.g. runs/NAME)"),
+        (inputs.writable_file, "name a file to write"),
+    ],
+)
+def test_an_empty_path_is_refused_not_read_as_the_current_directory(check, wanted):
+    """Also where a command writes: ``export --out ''`` wrote its file into the current directory."""
+    assert _message(lambda: check("", "recipe")) == f"recipe is empty: {wanted}"
 
 
 def test_an_output_directory_is_checked_without_leaving_anything(tmp_path):
