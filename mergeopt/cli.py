@@ -180,12 +180,15 @@ def _rank(p: argparse.ArgumentParser) -> None:
     p.add_argument("--proxy", help="table mode: proxy scores, TABLE.csv or MIXTURES.csv+METRICS.csv")
     p.add_argument("--truth", help="table mode: true scores, TABLE.csv or MIXTURES.csv+METRICS.csv")
     _tables(p, "both")
-    p.add_argument("--seed", type=_seed, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="table mode: bootstrap seed (default 0)")
     p.add_argument(
         "--restart",
         action="store_true",
         help="grid mode: ignore the proxy evaluations an interrupted run saved in OUT/rank_checkpoint",
     )
+    # unset, not the table defaults, so that rank can refuse a table option in grid mode (where the
+    # recipe's rank.k, rank.bootstrap and seed apply) instead of ignoring it
+    p.set_defaults(k=None, bootstrap=None, higher_is_better=None, seed=None)
     _out(p, "output directory (default: the recipe's output_dir in grid mode, else rank_out/)")
 
 
@@ -380,6 +383,7 @@ def run_command(name: str, argv: Sequence[str], prog: str | None = None) -> int:
     """
     args = parse(name, argv, prog)
     quiet_foreign_loggers()
+    inputs.environment()  # torchrun's variables and MERGEOPT_FAULT, before any work
     module, _, function = HANDLERS[name].partition(":")
     with _no_bars(getattr(args, "quiet", False)):
         return int(getattr(importlib.import_module(module), function)(args) or 0)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mergeopt.errors import UserError
+from mergeopt.runtime import faults
 
 MAX_SEED = 2**63 - 1  # what numpy, torch and Python's random all accept
 
@@ -51,10 +52,10 @@ def _refuse(path: Path, what: str, wanted: str) -> UserError:
     return UserError(f"{what} {path} is {found}, not {wanted}")
 
 
-def _given(path: str | os.PathLike, what: str) -> Path:
+def _given(path: str | os.PathLike, what: str, wanted: str = "give a path") -> Path:
     """``path`` as a Path; an empty one is refused (``Path("")`` is ".", the current directory)."""
     if not os.fspath(path).strip():
-        raise UserError(f"{what} is empty: give a path")
+        raise UserError(f"{what} is empty: {wanted}")
     return Path(path)
 
 
@@ -95,8 +96,9 @@ def writable_dir(path: str | os.PathLike, what: str) -> Path:
     The check creates and at once removes one hidden entry in the directory, or in the nearest
     directory above it that exists, which is where the command would create it: permission bits
     alone cannot tell (root may write anywhere but not into ``/proc``, or onto a read-only mount).
+    An empty path is refused: ``Path("")`` is the current directory, where it would write.
     """
-    path = Path(path)
+    path = _given(path, what, "name a directory for the outputs (e.g. runs/NAME)")
     probe = _nearest_existing(path)
     if not probe.is_dir():
         if probe == path:
@@ -112,11 +114,22 @@ def writable_dir(path: str | os.PathLike, what: str) -> Path:
 
 def writable_file(path: str | os.PathLike, what: str) -> Path:
     """``path``, a file the command can write (replace, or create in a directory it can create)."""
-    path = Path(path)
+    path = _given(path, what, "name a file to write")
     if path.exists() and not path.is_file():
         raise _refuse(path, what, "a file")
     writable_dir(path.parent, f"{what} {path}: the directory")
     return path
+
+
+def distinct_dirs(named: Mapping[str, str | os.PathLike]) -> None:
+    """Directories a command writes whole, one per name: two names for one place (``a/b`` and
+    ``a/./b``, or a link to it) would have the second output replace the first."""
+    seen: dict[Path, str] = {}
+    for what, path in named.items():
+        full = Path(path).expanduser().resolve()
+        if full in seen:
+            raise UserError(f"{seen[full]} and {what} are the same directory {path}: each needs its own")
+        seen[full] = what
 
 
 # ----------------------------------------------------------------------------- numbers
@@ -223,3 +236,48 @@ def lora_targets(targets: Iterable[str], module_names: Iterable[str], what: str)
             raise UserError(
                 f"{what} {target!r} matches no module of the base (its modules end in: {', '.join(leaves)})"
             )
+
+
+# ----------------------------------------------------------------------------- the environment
+
+# torchrun's variables: name -> (the value of a lone process, the least valid value, what it is)
+TORCHRUN = {
+    "WORLD_SIZE": (1, 1, "a number of processes (1 or more)"),
+    "RANK": (0, 0, "a process rank (0 or more)"),
+    "LOCAL_RANK": (0, 0, "a process rank (0 or more)"),
+}
+
+
+def torchrun_variable(name: str, environ: Mapping[str, str] = os.environ) -> int:
+    """``WORLD_SIZE``, ``RANK`` or ``LOCAL_RANK`` as a whole number; unset or empty, a lone
+    process's value. Every reader goes through here: ``int(os.environ[...])`` made garbage a
+    traceback in one command and ignored it in the next."""
+    lone, least, meaning = TORCHRUN[name]
+    raw = environ.get(name, "")
+    if not raw.strip():
+        return lone
+    try:
+        value = int(raw)
+    except ValueError:
+        value = least - 1
+    if value < least:
+        raise UserError(f"{name}={raw!r} in the environment is not {meaning}")
+    return value
+
+
+def environment(environ: Mapping[str, str] = os.environ) -> None:
+    """The variables every command may read, checked before it starts: torchrun's (whole numbers,
+    each rank below ``WORLD_SIZE``) and ``MERGEOPT_FAULT``. Checked where they are read, a garbage
+    value was a traceback after the work had begun, or (a fault spec) only once a loop reached its
+    first fault point."""
+    size = torchrun_variable("WORLD_SIZE", environ)
+    for name in ("RANK", "LOCAL_RANK"):
+        rank = torchrun_variable(name, environ)
+        if rank >= size:
+            raise UserError(
+                f"{name}={rank} in the environment is not below WORLD_SIZE={size}: a process rank "
+                "runs from 0 to WORLD_SIZE - 1 (torchrun sets both; unset them to run one process)"
+            )
+    spec = environ.get(faults.VARIABLE)
+    if spec:
+        faults.parse(spec)

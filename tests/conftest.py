@@ -275,6 +275,26 @@ def _working_directory(path: Path):
         os.chdir(before)
 
 
+@contextlib.contextmanager
+def environment(changes: dict[str, str | None]):
+    """The process's environment with ``changes`` (None removes a variable), restored after: for a
+    run in this process that reads variables monkeypatch cannot scope (inside a hypothesis test)."""
+    saved = {name: os.environ.get(name) for name in changes}
+    try:
+        _set_environment(changes)
+        yield
+    finally:
+        _set_environment(saved)
+
+
+def _set_environment(values: dict[str, str | None]) -> None:
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 def fork_ranks(worker, args: tuple, nprocs: int) -> None:
     """``worker(rank, *args)`` in ``nprocs`` forked processes, as ``torch.multiprocessing.spawn`` runs it.
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ from mergeopt.config import load_recipe
 from mergeopt.errors import UserError
 from mergeopt.fit import fit
 from mergeopt.reporting import analysis
-from tests.conftest import REPO
+from tests.conftest import REPO, environment
 
 GRID = REPO / "tests" / "data" / "tiny_grid" / "grid.csv"
 NOTEBOOK = REPO / "notebooks" / "analysis.ipynb"
@@ -143,18 +142,10 @@ def test_notebook_runs_on_a_run_directory(which, ranked_run, search_run):
         "PYTHONPATH": str(REPO),
         "MPLBACKEND": "module://matplotlib_inline.backend_inline",
     }
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with environment(env):
         nbclient.NotebookClient(
             notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}
         ).execute()
-    finally:
-        for key, value in old.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     images = sum("image/png" in o.get("data", {}) for o in outputs)

@@ -1173,6 +1173,32 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         ],
         "--max-shard-size '0' is zero",
     ),
+    "rank table option in grid mode": (
+        "option",
+        "rank",
+        lambda w, t: [*_grid(w, t, lambda rows: None), "--k", "2"],
+        "--k: table-mode option(s) given with a recipe (grid mode)",
+    ),
+    "rank grid option in table mode": (
+        "option",
+        "rank",
+        lambda w, t: _rank_tables(t, RANK_TABLE, RANK_TABLE, "--grid", str(t / "proxy.csv")),
+        "--grid: grid-mode option(s) given without a recipe",
+    ),
+    "train run diverged by its last step": (
+        "recipe value",
+        "train",
+        lambda w, t: _train_recipe(w, t, lambda tr: tr["train"].update(lr=1e308, steps=1)),
+        "training alpha diverged (loss nan after its last step); lower train.lr",
+    ),
+    "train experts in one directory": (
+        "recipe",
+        "train",
+        lambda w, t: _train_recipe(
+            w, t, lambda tr: tr["model"]["experts"].update(beta=tr["model"]["experts"]["alpha"] + "/.")
+        ),
+        "model.experts.alpha and model.experts.beta are the same directory",
+    ),
     # transfer
     "transfer tables share no mixture column": (
         "grid table",

@@ -9,7 +9,7 @@ import pytest
 
 from mergeopt import cli, inputs, worlds
 from mergeopt.errors import UserError, run_cli
-from tests.conftest import run_module
+from tests.conftest import REPO, run_module
 from tests.malformed import UNCREATABLE
 
 
@@ -34,10 +34,19 @@ def test_a_path_of_the_wrong_kind_is_named_as_such(tmp_path):
     assert inputs.existing(tmp_path / "d", "x") == inputs.existing_dir(tmp_path / "d", "x")
 
 
-@pytest.mark.parametrize("check", [inputs.existing_file, inputs.existing_dir, inputs.existing])
-def test_an_empty_path_is_refused_not_read_as_the_current_directory(check):
-    with pytest.raises(UserError, match=r"^recipe is empty: give a path$"):
-        check("", "recipe")
+@pytest.mark.parametrize(
+    "check, wanted",
+    [
+        (inputs.existing_file, "give a path"),
+        (inputs.existing_dir, "give a path"),
+        (inputs.existing, "give a path"),
+        (inputs.writable_dir, "name a directory for the outputs (e.g. runs/NAME)"),
+        (inputs.writable_file, "name a file to write"),
+    ],
+)
+def test_an_empty_path_is_refused_not_read_as_the_current_directory(check, wanted):
+    """Also where a command writes: ``export --out ''`` wrote its file into the current directory."""
+    assert _message(lambda: check("", "recipe")) == f"recipe is empty: {wanted}"
 
 
 def test_an_output_directory_is_checked_without_leaving_anything(tmp_path):
@@ -53,6 +62,17 @@ def test_an_output_directory_is_checked_without_leaving_anything(tmp_path):
     assert "cannot be created in /proc" in _message(lambda: inputs.writable_dir(UNCREATABLE, "--out"))
     assert "is a directory, not a file" in _message(lambda: inputs.writable_file(tmp_path, "--out"))
     assert "cannot be created" in _message(lambda: inputs.writable_file(UNCREATABLE + "/x.yaml", "--out"))
+
+
+def test_two_names_for_one_output_directory_are_refused(tmp_path):
+    """``train`` published expert beta whole over expert alpha when both named one directory."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+    inputs.distinct_dirs({"x": tmp_path / "a", "y": tmp_path / "b", "z": tmp_path / "a" / "b"})
+    for other in (tmp_path / "link", tmp_path / "." / "a", tmp_path / "b" / ".." / "a"):
+        assert _message(lambda other=other: inputs.distinct_dirs({"x": tmp_path / "a", "y": other})) == (
+            f"x and y are the same directory {other}: each needs its own"
+        )
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes through permission bits")
@@ -179,6 +199,89 @@ def test_a_world_cache_that_is_a_file_is_one_line(tmp_path, monkeypatch):
     )
     assert "world.cache_dir" in _message(lambda: worlds.ensure("tiny", str(tmp_path / "cache"), log=print))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+
+def test_a_plan_says_the_world_cache_is_a_file_not_that_it_would_build_there(tmp_path, monkeypatch):
+    """A dry run builds no world: it said 'run once without --dry-run to build it', which would only
+    have met the same file."""
+    (tmp_path / "cache").write_text("x")
+    monkeypatch.setenv("MERGEOPT_CACHE", str(tmp_path / "cache"))
+    message = _message(lambda: cli.run_command("plan", [str(REPO / "recipes" / "tiny.yaml")]))
+    assert message == f"MERGEOPT_CACHE {tmp_path / 'cache'} is a file, not a directory"
+    monkeypatch.setenv("MERGEOPT_CACHE", str(tmp_path / "empty"))
+    message = _message(lambda: cli.run_command("plan", [str(REPO / "recipes" / "tiny.yaml")]))
+    assert message.endswith(f"build it into {tmp_path / 'empty' / worlds.world_dir('tiny', '').name})")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+
+# ----------------------------------------------------------------------------- the environment
+
+
+@pytest.mark.parametrize(
+    "environ, message",
+    [
+        (
+            {"WORLD_SIZE": "abc"},
+            "WORLD_SIZE='abc' in the environment is not a number of processes (1 or more)",
+        ),
+        ({"WORLD_SIZE": "0"}, "WORLD_SIZE='0' in the environment is not a number of processes (1 or more)"),
+        ({"WORLD_SIZE": "1.5"}, "WORLD_SIZE='1.5' in the environment is not a number of processes"),
+        ({"RANK": "x"}, "RANK='x' in the environment is not a process rank (0 or more)"),
+        ({"LOCAL_RANK": "-1"}, "LOCAL_RANK='-1' in the environment is not a process rank (0 or more)"),
+        ({"RANK": "1"}, "RANK=1 in the environment is not below WORLD_SIZE=1: a process rank runs from 0"),
+        ({"WORLD_SIZE": "2", "LOCAL_RANK": "2"}, "LOCAL_RANK=2 in the environment is not below WORLD_SIZE=2"),
+        ({"MERGEOPT_FAULT": "sigkill@step"}, "MERGEOPT_FAULT='sigkill@step' is not SIGNAL@POINT:N"),
+        ({"MERGEOPT_FAULT": " "}, "MERGEOPT_FAULT=' ' is not SIGNAL@POINT:N"),
+    ],
+)
+def test_the_environment_is_checked_before_any_work(environ, message):
+    assert _message(lambda: inputs.environment(environ)).startswith(message)
+
+
+def test_torchrun_s_variables_unset_or_empty_are_one_process():
+    """``WORLD_SIZE=`` was one process to a plan and ``int('')``, a traceback, to a fit."""
+    inputs.environment({})
+    inputs.environment({"WORLD_SIZE": "", "RANK": " ", "LOCAL_RANK": "", "MERGEOPT_FAULT": ""})
+    inputs.environment({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1", "MERGEOPT_FAULT": "sigint@step:2"})
+    assert [inputs.torchrun_variable(n, {n: ""}) for n in ("WORLD_SIZE", "RANK", "LOCAL_RANK")] == [1, 0, 0]
+    assert inputs.torchrun_variable("WORLD_SIZE", {"WORLD_SIZE": " 8 "}) == 8
+
+
+@pytest.mark.parametrize(
+    "verb, argv",
+    [
+        ("merge", ["nope.yaml", "--weights", "a=1", "--out", "OUT"]),
+        ("fit", ["nope.yaml", "--out", "OUT"]),
+        ("train", ["nope.yaml", "--out", "OUT"]),
+        ("export", ["nope.json", "--to", "trl", "--out", "OUT"]),
+        ("rank", ["--proxy", "p.csv", "--truth", "t.csv", "--out", "OUT"]),
+    ],
+)
+def test_every_command_checks_the_environment_first(verb, argv, tmp_path, monkeypatch, capsys):
+    """merge and export ignored WORLD_SIZE=abc; fit and diagnose read it with int() once their work
+    had begun, a traceback."""
+    monkeypatch.setenv("WORLD_SIZE", "abc")
+    argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    assert run_cli(lambda rest: cli.run_command(verb, rest), argv) == 2
+    assert capsys.readouterr().err == (
+        "mergeopt: error: WORLD_SIZE='abc' in the environment is not a number of processes (1 or more)\n"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_process_group_without_its_rendezvous_is_one_line():
+    """WORLD_SIZE=2 outside torchrun was torch's ValueError from inside init_process_group."""
+    from mergeopt.runtime.distributed import check_rendezvous
+
+    assert _message(lambda: check_rendezvous(2, {"WORLD_SIZE": "2", "RANK": "0"})).startswith(
+        "WORLD_SIZE=2 in the environment says this is one of 2 processes, but MASTER_ADDR, MASTER_PORT "
+        "are not set: start it with torchrun --nproc_per_node=2"
+    )
+    rendezvous = {"MASTER_ADDR": "localhost", "MASTER_PORT": "http", "RANK": "1"}
+    assert _message(lambda: check_rendezvous(2, rendezvous)) == (
+        "MASTER_PORT='http' in the environment is not a port (1 to 65535)"
+    )
+    check_rendezvous(2, {**rendezvous, "MASTER_PORT": "29500"})
 
 
 # ----------------------------------------------------------------------------- tolerance tests and NaN

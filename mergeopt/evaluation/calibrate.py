@@ -457,11 +457,11 @@ def _main(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     what = "--out" if args.out is not None else "output_dir"
     out = (
-        Path(args.out)
+        check_output_dir(args.out, what)
         if args.out is not None
         else Path(check_output_dir(recipe.output_dir, what)) / "calibration"
     )
-    writable_dir(out, "--out" if args.out else "output_dir/calibration")
+    writable_dir(out, "--out" if args.out is not None else "output_dir/calibration")
     with saying_where_saved(out / CALIBRATE_CHECKPOINT_DIR), interruptible(), owned(out, "calibrate", what):
         return _run(args, recipe, out)
 

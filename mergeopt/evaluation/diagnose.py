@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from itertools import combinations
@@ -33,7 +32,7 @@ import numpy as np
 import mergeopt
 from mergeopt.config import Recipe
 from mergeopt.errors import UserError
-from mergeopt.inputs import writable_dir
+from mergeopt.inputs import torchrun_variable, writable_dir
 from mergeopt.run_files import SCHEMA_VERSION, DiagnoseFile
 
 TARGET = "target"  # the key of the target dev loss beside the dev sets' names
@@ -304,7 +303,7 @@ def load_diagnosed(recipe: Recipe, progress: bool = False, log=print):
 
     if recipe.model.shard != "none":
         raise UserError("diagnose reads the whole stack in one process: set model.shard=none")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if torchrun_variable("WORLD_SIZE") > 1:
         raise UserError("diagnose runs in one process: start it without torchrun")
     if TARGET in {d.name for d in recipe.data.dev}:
         raise UserError(f"dev set {TARGET!r} has the name diagnose gives the target loss: rename the dev set")

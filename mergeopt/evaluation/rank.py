@@ -387,16 +387,55 @@ def _grid_run(args, recipe, out: Path) -> int:
     return 0
 
 
+# each mode's own options: given in the other mode they were ignored without a word (grid mode ranks
+# with the recipe's rank.k, rank.bootstrap and seed, whatever --k said)
+TABLE_OPTIONS = {
+    "proxy": "--proxy",
+    "truth": "--truth",
+    "mixture_prefix": "--mixture-prefix",
+    "mixture_columns": "--mixture-columns",
+    "metrics": "--metrics",
+    "higher_is_better": "--higher-is-better",
+    "k": "--k",
+    "bootstrap": "--bootstrap",
+    "seed": "--seed",
+}
+GRID_OPTIONS = {"grid": "--grid", "mixture": "--mixture", "restart": "--restart"}
+TABLE_DEFAULTS = {"k": 3, "bootstrap": 1000, "seed": 0, "higher_is_better": ""}
+
+
+def check_mode_options(args: argparse.Namespace) -> None:
+    """A table-mode option with a recipe (grid mode), or a grid-mode option without one, is refused."""
+    grid = args.recipe is not None
+    options = TABLE_OPTIONS if grid else GRID_OPTIONS
+    given = [flag for dest, flag in options.items() if getattr(args, dest) not in (None, False)]
+    if not given:
+        return
+    if grid:
+        raise UserError(
+            f"{', '.join(given)}: table-mode option(s) given with a recipe (grid mode), which ranks with the "
+            "recipe's rank.k, rank.bootstrap and seed (override them: rank.k=5); drop the recipe for table mode"
+        )
+    raise UserError(
+        f"{', '.join(given)}: grid-mode option(s) given without a recipe; table mode ranks --proxy "
+        "against --truth (mergeopt rank RECIPE --grid GRID.csv is grid mode)"
+    )
+
+
 def comma_list(text: str | None) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()] if text else []
 
 
 def run(args: argparse.Namespace) -> int:
     """``mergeopt rank``: grid mode with a recipe, table mode with ``--proxy`` and ``--truth``."""
+    check_mode_options(args)
     if args.recipe is not None:
         return _grid_main(args)
     if not args.proxy or not args.truth:
         raise UserError("table mode needs both --proxy and --truth")
+    for key, value in TABLE_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     writable_dir(args.out or "rank_out", "--out")
     report, pairs = rank_tables(
         args.proxy,

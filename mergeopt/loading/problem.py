@@ -7,7 +7,6 @@ A built-in world's paths (``tiny://``) are resolved before; ``random://`` draws 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,6 +14,7 @@ import torch
 
 from mergeopt.config import Recipe
 from mergeopt.errors import UserError
+from mergeopt.inputs import torchrun_variable
 from mergeopt.loading.checkpoints import Checkpoint, open_experts
 from mergeopt.loading.lora import LoraAdapter
 from mergeopt.loading.positions import check_max_length
@@ -353,7 +353,7 @@ def check_shard(recipe: Recipe) -> None:
     if recipe.model.shard == "none":
         return
     check_shard_recipe(recipe)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = torchrun_variable("WORLD_SIZE")
     if world_size < 2:
         raise UserError(
             "model.shard fsdp shards the stack over the processes of a torchrun job: start it with "

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from mergeopt import worlds
+from mergeopt import inputs, worlds
 from mergeopt.config import Recipe, load_recipe
 from mergeopt.errors import UserError, warn
 from mergeopt.inputs import existing_file, writable_dir
@@ -270,8 +270,12 @@ def _world_path(path: str, recipe: Recipe) -> str:
         return path
     root = worlds.world_dir(name, recipe.world.cache_dir, recipe.world.seed)
     if not (root / worlds.MARKER).is_file():
+        # a cache that is a file, or cannot be written, is said as the run would say it, not as a
+        # world the run would build there
+        inputs.writable_dir(root.parent, worlds.cache_source(recipe.world.cache_dir))
         raise UserError(
-            f"{path}: the {name} world is not built yet and a dry run builds nothing (run once without --dry-run)"
+            f"{path}: the {name} world is not built yet and a dry run builds nothing (run once without "
+            f"--dry-run to build it into {root})"
         )
     return str(root / path.partition("://")[2])
 
@@ -314,16 +318,7 @@ def world_size(given: int | None) -> int:
         if given < 1:
             raise UserError(f"--world-size must be at least 1, not {given}")
         return given
-    value = os.environ.get("WORLD_SIZE", "").strip()
-    if not value:
-        return 1
-    try:
-        size = int(value)
-    except ValueError:
-        size = 0
-    if size < 1:
-        raise UserError(f"WORLD_SIZE={value!r} in the environment is not a number of processes (1 or more)")
-    return size
+    return inputs.torchrun_variable("WORLD_SIZE")
 
 
 def dry_run(recipe: Recipe, recipe_path: str, ranks: int | None = None) -> str:

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from mergeopt.errors import UserError
+from mergeopt.inputs import torchrun_variable
 
 T = TypeVar("T")
 
@@ -30,11 +31,33 @@ _this_rank_only = False  # set by this_rank_only(): collectives become no-ops, s
 
 def init_from_env(device: torch.device) -> None:
     """Join the process group torchrun describes (gloo on CPU, nccl on CUDA); no-op for one process."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+    size = torchrun_variable("WORLD_SIZE")
+    if size <= 1 or dist.is_initialized():
         return
+    check_rendezvous(size)
     if device.type == "cuda":
         torch.cuda.set_device(local_device(device))  # nccl's object collectives use the current GPU
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def check_rendezvous(size: int, environ=os.environ) -> None:
+    """WORLD_SIZE above 1 joins a process group at MASTER_ADDR:MASTER_PORT as RANK (torchrun sets all
+    four); one of them missing, or a port that is no port, is one line here, not torch's ValueError
+    from inside ``init_process_group``."""
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT", "RANK") if not environ.get(name, "").strip()]
+    if missing:
+        raise UserError(
+            f"WORLD_SIZE={size} in the environment says this is one of {size} processes, but "
+            f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: start it with "
+            f"torchrun --nproc_per_node={size} (which sets them all), or unset WORLD_SIZE"
+        )
+    port = environ["MASTER_PORT"]
+    try:
+        number = int(port)
+    except ValueError:
+        number = 0
+    if not 0 < number < 65536:
+        raise UserError(f"MASTER_PORT={port!r} in the environment is not a port (1 to 65535)")
 
 
 def process_rank_and_size() -> tuple[int, int]:
@@ -98,14 +121,14 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 def local_device(device: torch.device) -> torch.device:
     """Under torchrun on GPUs each rank uses the GPU of its LOCAL_RANK; an explicit index
     (``cuda:1``) would put every rank on that one GPU, so it is refused in one line."""
-    if device.type != "cuda" or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if device.type != "cuda" or torchrun_variable("WORLD_SIZE") <= 1:
         return device
     if device.index is not None:
         raise UserError(
             f"device {device} under torchrun would put every rank on that one GPU: use device=cuda "
             "(each rank takes the GPU of its LOCAL_RANK; CUDA_VISIBLE_DEVICES picks the GPUs)"
         )
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cuda", torchrun_variable("LOCAL_RANK"))
 
 
 @contextmanager

@@ -37,6 +37,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from mergeopt.errors import UserError
+from mergeopt.inputs import torchrun_variable
 from mergeopt.runtime import faults
 
 LOCK_SUFFIX = ".lock"
@@ -76,7 +77,7 @@ def _writes_run_dirs() -> bool:
     from mergeopt.runtime import distributed
 
     rank, size = distributed.process_rank_and_size()
-    return rank == 0 if size > 1 else int(os.environ.get("RANK", "0")) == 0
+    return rank == 0 if size > 1 else torchrun_variable("RANK") == 0
 
 
 def _acquire(lock: Path) -> int | None:

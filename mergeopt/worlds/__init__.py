@@ -43,7 +43,7 @@ def cache_root(cache_dir: str | None = None) -> Path:
     return Path(root).expanduser()
 
 
-def _cache_source(cache_dir: str | None) -> str:
+def cache_source(cache_dir: str | None) -> str:
     """Where the cache's place was set, as the user would look for it."""
     if cache_dir:
         return "world.cache_dir"
@@ -61,7 +61,7 @@ def ensure(
     target = world_dir(name, cache_dir, seed)
     if (target / MARKER).is_file():
         return target
-    writable_dir(target.parent, _cache_source(cache_dir))  # a file or a read-only place: one line
+    writable_dir(target.parent, cache_source(cache_dir))  # a file or a read-only place: one line
     target.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(target) + ".lock")
     try:

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from mergeopt.cli import run_command
 from mergeopt.config import Recipe, TrainSection, load_recipe
 from mergeopt.errors import Interrupted, UserError
-from mergeopt.inputs import lora_targets, writable_dir
+from mergeopt.inputs import distinct_dirs, lora_targets, writable_dir
 from mergeopt.loading.checkpoints import read_json_object
 from mergeopt.loading.positions import check_max_length
 from mergeopt.loading.problem import resolve_device
@@ -62,7 +62,7 @@ from mergeopt.runtime import determinism, faults
 from mergeopt.runtime.files import write_csv_atomic, write_json_atomic
 from mergeopt.runtime.fingerprint import fingerprints, first_changed
 from mergeopt.runtime.resume import check_interrupt, interruptible, pending_interrupt
-from mergeopt.runtime.rundir import owned_all, recover, staged
+from mergeopt.runtime.rundir import check_output_dir, owned_all, recover, staged
 from mergeopt.search.mixtures import mixture_set
 from mergeopt.worlds import resolve_recipe
 
@@ -244,10 +244,22 @@ def train_one(
             _save_step_checkpoint(_checkpoint_dir(out), state, model, optimizer)
         check_interrupt(f"{out.name} step {done}")
     model.eval()
+    _check_trained(model, next(batches).to(device), out.name)
     with staged(out, ("*", ".*")) as staging:  # published whole, run.json inside (mergeopt.runtime.rundir)
         info = _save_run(recipe, model, tokenizer, identity, tokens, losses, staging.path)
     shutil.rmtree(_checkpoint_dir(out), ignore_errors=True)  # finished: run.json is the record
     return info
+
+
+@torch.no_grad()
+def _check_trained(model: torch.nn.Module, batch: Batch, name: str) -> None:
+    """The trained model scores a finite loss on a training batch. The loop checks each step's loss,
+    which is taken before that step's update: a last update that overflowed the weights
+    (train.lr=1e308) was saved as a finished run, and its NaN dev losses written into grid.csv."""
+    sums, counts = per_set_loss_sums(model, {}, batch, 1)
+    loss = float(sums.sum() / counts.sum())
+    if not math.isfinite(loss):
+        raise UserError(f"training {name} diverged (loss {loss} after its last step); lower train.lr")
 
 
 def _save_run(recipe, model, tokenizer, identity: dict, tokens, losses, staging: Path) -> dict:
@@ -495,8 +507,10 @@ def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     if recipe.train is None:
         raise UserError("the recipe has no train section: nothing to train")
-    for what, path in written_dirs(recipe).items():  # each trained expert is written into its own
+    outputs = written_dirs(recipe)
+    for what, path in outputs.items():  # each trained expert is published whole into its own
         writable_dir(path, what)
+    distinct_dirs({what: check_output_dir(path, what) for what, path in outputs.items()})
     try:
         with interruptible():
             train(recipe, progress=not args.quiet, log=(lambda _m: None) if args.quiet else print)
