@@ -363,9 +363,11 @@ def lm_eval_expert_scores(tiny_world: Path, term) -> dict[str, float]:
     return scores
 
 
-def lm_eval_task_yaml(name: str, data_files: dict[str, Path]) -> str:
+def lm_eval_task_yaml(name: str, data_files: dict[str, Path], metric: str = "acc") -> str:
     """A local lm-eval loglikelihood task over prompt/completion JSONL files, one per split; its
-    ``acc`` is whether the completion is the greedy continuation."""
+    ``acc`` is whether the completion is the greedy continuation, its ``perplexity`` exp of minus
+    the mean log-likelihood of the completions."""
+    aggregation, higher = {"acc": ("mean", "true"), "perplexity": ("perplexity", "false")}[metric]
     lines = [f"task: {name}", "dataset_path: json", "dataset_kwargs:", "  data_files:"]
     lines += [f"    {split}: {path}" for split, path in data_files.items()]
     lines += [f"{split}_split: {split}" for split in data_files]
@@ -374,7 +376,32 @@ def lm_eval_task_yaml(name: str, data_files: dict[str, Path]) -> str:
         'doc_to_text: "{{prompt}}"',
         'doc_to_target: "{{completion}}"',
         "metric_list:",
-        "  - metric: acc",
+        f"  - metric: {metric}",
+        f"    aggregation: {aggregation}",
+        f"    higher_is_better: {higher}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def lm_eval_generation_yaml(name: str, validation: Path, max_gen_toks: int) -> str:
+    """A local lm-eval generate_until task over prompt/completion JSONL: greedy generation cut at the
+    first '.', scored by exact match against the completion without its closing '.'."""
+    lines = [
+        f"task: {name}",
+        "dataset_path: json",
+        "dataset_kwargs:",
+        "  data_files:",
+        f"    validation: {validation}",
+        "validation_split: validation",
+        "output_type: generate_until",
+        'doc_to_text: "{{prompt}}"',
+        "doc_to_target: \"{{completion.rstrip('.')}}\"",
+        "generation_kwargs:",
+        '  until: ["."]',
+        f"  max_gen_toks: {max_gen_toks}",
+        "  do_sample: false",
+        "metric_list:",
+        "  - metric: exact_match",
         "    aggregation: mean",
         "    higher_is_better: true",
     ]

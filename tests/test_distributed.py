@@ -207,6 +207,61 @@ def test_a_sharded_stack_scores_metric_terms_as_one_process_does(random_world, t
     pd.testing.assert_frame_equal(log_one, log_many, rtol=1e-6)
 
 
+LM_EVAL_TASKS = ("mergeopt_tiny_arith_ppl", "mergeopt_tiny_arith_gen")
+
+
+@pytest.fixture(scope="module")
+def lm_eval_runs(tiny_world, tmp_path_factory):
+    """A grid fit on two lm-eval terms (a loglikelihood task's perplexity, a generation task's exact
+    match) in one process, the reference of the torchrun runs below (made on first use)."""
+    pytest.importorskip("lm_eval")
+    from tests.conftest import lm_eval_generation_yaml, lm_eval_task_yaml, lm_eval_tree
+
+    root = tmp_path_factory.mktemp("lm_eval_torchrun")
+    dev = tiny_world / "dev" / "arith.jsonl"
+    tasks = root / "tasks"
+    tasks.mkdir()
+    (tasks / "ppl.yaml").write_text(lm_eval_task_yaml(LM_EVAL_TASKS[0], {"validation": dev}, "perplexity"))
+    (tasks / "gen.yaml").write_text(lm_eval_generation_yaml(LM_EVAL_TASKS[1], dev, max_gen_toks=4))
+    tree = lm_eval_tree(tiny_world, root / "one", {"task": LM_EVAL_TASKS[0]}, divisions=2)
+    tree["objective"]["terms"] = [
+        {"kind": "lm_eval", "task": task, "include_path": str(tasks), "limit": 24, **metric}
+        for task, metric in zip(
+            LM_EVAL_TASKS, [{"metric": "perplexity", "higher_is_better": False}, {"metric": "exact_match"}]
+        )
+    ]
+    path = root / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    single = run_in_process("fit", str(path), "--quiet")
+    assert single.returncode == 0, single.stderr
+    return path, root / "one"
+
+
+@pytest.mark.parametrize("shard", ["none", "fsdp"])
+def test_lm_eval_terms_under_torchrun_score_as_one_process_does(lm_eval_runs, tmp_path, shard):
+    """lm-eval-harness terms under torchrun: with the candidates split over the ranks, every rank
+    gets lm-eval's number for its own (lm-eval returns results only where LOCAL_RANK is 0); with a
+    sharded stack, every rank runs the whole task on each candidate, generation kept in step. The
+    evaluation log equals a single process's, and the scores move with w."""
+    path, one_dir = lm_eval_runs
+    job = _torchrun(path, f"output_dir={tmp_path / 'two'}", f"model.shard={shard}")
+    assert job.returncode == 0, job.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "mixture.json").read_text())
+    assert (two["processes"], two["shard"]) == (2, shard)
+    assert two["search"]["scoring"] == ("together" if shard == "fsdp" else "split")
+    if shard == "none":
+        assert min(two["search"]["evaluations_per_process"]) >= 1  # rank 1 scored candidates itself
+    log_one = pd.read_csv(one_dir / "evaluations.csv").drop(columns=["seconds", "process"], errors="ignore")
+    log_two = pd.read_csv(tmp_path / "two" / "evaluations.csv").drop(
+        columns=["seconds", "process"], errors="ignore"
+    )
+    labels = [f"lm_eval:{task}" for task in LM_EVAL_TASKS]
+    assert set(labels) <= set(log_one.columns)
+    assert log_one[labels[0]].nunique() == len(log_one)  # perplexity moves with w: a real comparison
+    assert log_one[labels[1]].max() > log_one[labels[1]].min()  # the arith expert answers, markov not
+    pd.testing.assert_frame_equal(log_one, log_two, rtol=1e-6)
+
+
 def test_a_sharded_run_whose_micro_batch_does_not_split_is_refused_in_one_line(random_world, tmp_path):
     """Under torchrun, before anything is loaded: the ranks refuse with the same one line, the job
     fails, and nothing is written."""

@@ -10,6 +10,7 @@ expert's checkpoint.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import pytest
@@ -63,6 +64,21 @@ def test_fit_scores_the_in_memory_merge_with_lm_eval(tiny_world, task_dir, tmp_p
     for name, expected in lm_eval_expert_scores(tiny_world, _term(task_dir, limit=64)).items():
         assert scores[f"{name} only"]["fit"][label] == pytest.approx(expected, abs=1e-12)
     assert scores["fitted"]["fit"][label] == max(s["fit"][label] for s in scores.values())
+
+
+def test_every_torchrun_rank_gets_lm_evals_number(tiny_world, task_dir, monkeypatch):
+    """lm-eval returns results only where LOCAL_RANK is 0; a torchrun rank scoring its own
+    candidate gets the number all the same, and LOCAL_RANK is restored after the call."""
+    path = tiny_world / "experts" / "arith"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    term = _term(task_dir, limit=16)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    expected = lm_eval_score(term, model, tokenizer, 32, "cpu")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert lm_eval_score(term, model, tokenizer, 32, "cpu") == expected
+    assert os.environ["LOCAL_RANK"] == "1"
+    assert expected > 0.3  # the arith expert adds: not a vacuous zero
 
 
 def test_unknown_task_and_metric_are_named(tiny_world, task_dir):

@@ -518,11 +518,6 @@ def check_shard_recipe(recipe: Recipe) -> None:
             "model.shard fsdp reads each rank's rows of the base from safetensors, and a GGUF base "
             "(model.gguf_file) is read whole: convert it to safetensors, or set model.shard=none"
         )
-    if any(t.kind == "lm_eval" for t in Objective.from_recipe(recipe).terms):
-        raise UserError(
-            "model.shard fsdp does not run lm-eval-harness terms (lm-eval would split its requests "
-            "over the ranks on its own): use model.shard=none for them"
-        )
 
 
 def check_world_size(recipe: Recipe, world_size: int) -> None:

@@ -7,17 +7,28 @@ and no checkpoint. The task index is built once per process. Local tasks (a YAML
 ``dataset_path: json`` over your files) come from ``include_path``; the task's own split is
 scored, so fit and held-out parts of the dev sets do not apply to these terms. lm-eval seeds
 Python, numpy and torch's global generators at every evaluation (its ``simple_evaluate`` does).
+
+Under torchrun each process scores its own candidates, or, with a sharded stack
+(``model.shard: fsdp``), every rank scores each candidate together. lm-eval is told it is one
+process either way (a model object makes ``HFLM`` rank 0 of 1), so it never splits requests over
+the ranks: with a sharded stack every rank runs the whole task, the same forward passes in the
+same order, which is what keeps the ranks' weight gathers in step (lm-eval runs tensor-parallel
+models the same way). Generation is kept in step by ``generate(synced_gpus=True)`` too, as
+:func:`mergeopt.objectives.metrics.greedy_continuations` does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import os
 
 import torch
 
 from mergeopt.config import ObjectiveTerm
 from mergeopt.errors import UserError
+from mergeopt.merging.sharded_merge import is_sharded
 
 
 def _lm_eval():
@@ -119,21 +130,62 @@ def check_test_split(term: ObjectiveTerm) -> None:
             )
 
 
+@functools.cache
+def _model_class(HFLM):
+    """lm-eval's ``HFLM``, with generation kept in step over the ranks of a sharded stack."""
+
+    class MergedModelLM(HFLM):
+        synced_generation = False  # set per instance: the model reads weights gathered from the ranks
+
+        def _model_generate(self, context, max_length, stop, **generation_kwargs):
+            if self.synced_generation:
+                generation_kwargs["synced_gpus"] = True
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)
+
+    return MergedModelLM
+
+
+@contextlib.contextmanager
+def _results_here():
+    """lm-eval's ``simple_evaluate`` returns its results only in the process whose ``LOCAL_RANK``
+    is 0 (unset counts as 0): it takes any other torchrun rank for a copy of a tensor-parallel
+    evaluation whose results rank 0 reports. mergeopt's ranks evaluate for themselves (their own
+    candidates, or all of them the same candidate with a sharded stack), and each needs its number,
+    so ``LOCAL_RANK`` reads 0 for the call and is restored after it."""
+    saved = os.environ.get("LOCAL_RANK")
+    if saved in (None, "0"):
+        yield
+        return
+    os.environ["LOCAL_RANK"] = "0"
+    try:
+        yield
+    finally:
+        os.environ["LOCAL_RANK"] = saved
+
+
 def lm_eval_score(
     term: ObjectiveTerm, model: torch.nn.Module, tokenizer, batch_size: int, device: torch.device | str
 ) -> float:
     """The term's metric for ``model`` as it is now (holding the merge at w) on the term's task."""
     lm_eval, HFLM, _ = _lm_eval()
     check_task(term)
-    wrapper = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
-    results = lm_eval.simple_evaluate(
-        model=wrapper,
-        tasks=[term.task],
-        task_manager=_task_manager(term.include_path),
-        limit=term.limit,
-        log_samples=False,
-        verbosity="ERROR",
-    )["results"][term.task]
+    wrapper = _model_class(HFLM)(
+        pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device)
+    )
+    wrapper.synced_generation = is_sharded(model)
+    with _results_here():
+        results = lm_eval.simple_evaluate(
+            model=wrapper,
+            tasks=[term.task],
+            task_manager=_task_manager(term.include_path),
+            limit=term.limit,
+            # the point estimate is the objective; a bootstrap of its stderr (lm-eval's default:
+            # 100,000 resamples in a pool of processes, for perplexity and other non-mean metrics)
+            # would cost more than the evaluation and fork every torchrun rank
+            bootstrap_iters=0,
+            log_samples=False,
+            verbosity="ERROR",
+        )["results"][term.task]
     name = result_key(term.metric)
     if name not in results:
         known = sorted(k for k in results if "," in k and "_stderr" not in k)
