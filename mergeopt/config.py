@@ -236,8 +236,10 @@ class WeightsSection(_Strict):
         "of their own, named after the expert. The gradient strategy learns both levels "
         "(softmax over group logits times softmax within each group; it starts with every group "
         "equal); dirichlet and surrogate draw a Dirichlet over the groups times one within each; "
-        "mixture.json, report.md and the exports report both levels. Not yet combined with bounds, "
-        "pins or caps under the gradient, dirichlet and surrogate strategies.",
+        "mixture.json, report.md and the exports report both levels. With bounds, pins or caps, "
+        "dirichlet and surrogate share out what the lower bounds and pins leave by the same "
+        "hierarchical draw, conditioned on the box; not yet combined with them under the gradient "
+        "strategy.",
     )
 
     @field_validator("groups")
@@ -792,11 +794,11 @@ class Recipe(_Strict):
                 raise ValueError(
                     f"weights.groups {label!r} is also an expert's name but holds {members}: rename the group"
                 )
-        if w.groups and w.constrained and self.search.strategy in ("gradient", "dirichlet", "surrogate"):
+        if w.groups and w.constrained and self.search.strategy == "gradient":
             key = next(k for k in ("bounds", "pinned", "max_epochs") if getattr(w, k))
             raise ValueError(
                 f"weights.groups with weights.{key} is not supported yet by search.strategy "
-                f"{self.search.strategy!r} (grid, cmaes and spsa support it)"
+                "'gradient' (grid, dirichlet, cmaes, spsa and surrogate support it)"
             )
         return self
 

@@ -217,8 +217,10 @@ def _search_and_write(
             z0 = initial_logits(names, init)
         else:  # both levels of the hierarchy
             z0 = groups.initial_logits(None if init is None else torch.from_numpy(start_weights(names, init)))
-        if searched is not None:  # uniform, or init, onto the feasible set's logits
+        if searched is not None and groups is None:  # uniform, or init, onto the feasible set's logits
             z0 = torch.from_numpy(searched.project_logits(z0.numpy()))
+        elif searched is not None:  # both levels' logits of the feasible point
+            z0 = groups.project_logits(z0, searched)
         result = fit_gradient(
             problem.model,
             stack,

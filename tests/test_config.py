@@ -246,15 +246,27 @@ FOUR = "model.experts={python: /c/py, js: /c/js, gsm: /c/gsm, algebra: /c/alg}"
             ["weights.groups={code: [python, js]}", "weights.bounds={gsm: [0, 0.5]}"],
             "weights.groups with weights.bounds is not supported yet by search.strategy 'gradient'",
         ),
-        (
-            ["weights.groups={code: [python, js]}", "weights.pinned={gsm: 0.1}", "search.strategy=dirichlet"],
-            "weights.groups with weights.pinned is not supported yet by search.strategy 'dirichlet'",
+        (  # dirichlet combines groups with pins, but not with pins that leave no mixture
+            [
+                "weights.groups={code: [python, js]}",
+                "weights.pinned={gsm: 0.6}",
+                "weights.bounds={python: [0.5, 1]}",
+                "search.strategy=dirichlet",
+            ],
+            "weights: no mixture meets the constraints: the lower bounds and pins sum to 1.1, above 1",
         ),
     ],
 )
 def test_groups_are_checked_at_load_naming_the_culprit(tmp_path, overrides, message):
     with pytest.raises(UserError, match=re.escape(message)):
         load_recipe(write(tmp_path, MINIMAL), [FOUR, *overrides])
+
+
+@pytest.mark.parametrize("strategy", ["dirichlet", "surrogate", "grid", "cmaes", "spsa"])
+def test_groups_load_with_constraints_under_every_zero_order_strategy(tmp_path, strategy):
+    overrides = ["weights.groups={code: [python, js]}", "weights.pinned={gsm: 0.1}"]
+    recipe = load_recipe(write(tmp_path, MINIMAL), [FOUR, *overrides, f"search.strategy={strategy}"])
+    assert recipe.weights.groups == {"code": ["python", "js"]} and recipe.weights.pinned == {"gsm": 0.1}
 
 
 def test_groups_load_round_trip_and_compose_with_constraints_where_supported(tmp_path):

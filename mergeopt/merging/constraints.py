@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +53,7 @@ from mergeopt.merging.simplex import SIMPLEX_TOLERANCE
 
 TINY = 1e-300  # the smallest weight a logit stands for: log(0) would be -inf, which JSON cannot hold
 SAMPLING_ROUNDS = 50  # rounds of Dirichlet draws before the remaining samples are projections
+BOUND_TOLERANCE = 1e-12  # a weight this close to its bound is at it (the step's logits round-trip)
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,32 @@ class FeasibleSet:
         """Logits z' with softmax(z') = self.softmax(z) and logsumexp(z') = 0 (weights floored at 1e-300)."""
         return np.log(np.maximum(self.softmax(z), TINY))
 
+    def held_gradient(self, w: np.ndarray, g: np.ndarray) -> np.ndarray:
+        """∂L/∂w with the push of every expert the step must hold at its bound replaced by τ.
+
+        d = clip(τ − g, ·) with Σd = 0, 0 ≤ d_i at a lower bound, d_i ≤ 0 at an upper bound and
+        d_i = 0 when pinned, is the Euclidean projection of −g onto the set's tangent cone at w (τ
+        exact: a monotone piecewise-linear equation, as :func:`_solve`). An expert whose d_i is
+        clipped to 0 is held; its entry becomes τ, the free experts' common value at a KKT point.
+        At the constrained optimum every entry is then τ and the logits' gradient is 0. Why a
+        hierarchical step needs it: :mod:`mergeopt.search.gradient`."""
+        w, g = np.asarray(w, dtype=np.float64), np.asarray(g, dtype=np.float64)
+        at_lo, at_hi = w <= self._lo + BOUND_TOLERANCE, w >= self._hi - BOUND_TOLERANCE
+        moving = ~(at_lo & at_hi)
+        if not moving.any():
+            return np.zeros_like(g)
+        lo = np.where(at_lo & moving, 0.0, -np.inf)  # the tangent cone's limits on d
+        hi = np.where(at_hi & moving, 0.0, np.inf)
+        knots = np.unique(g[moving])  # φ(τ) = Σ clip(τ − g_i) is linear between these
+        phi = np.array([np.clip(t - g[moving], lo[moving], hi[moving]).sum() for t in knots])
+        k = int(np.searchsorted(phi, 0.0, side="left"))  # φ(min g) ≤ 0 ≤ φ(max g)
+        if k == 0 or phi[k] == phi[k - 1]:
+            tau = knots[max(k - 1, 0)]
+        else:
+            tau = knots[k - 1] - phi[k - 1] * (knots[k] - knots[k - 1]) / (phi[k] - phi[k - 1])
+        held = ~moving | (at_lo & (tau - g <= 0.0)) | (at_hi & (tau - g >= 0.0))
+        return np.where(held, tau, g)
+
     def centre(self) -> np.ndarray:
         """The most uniform feasible mixture (both projections of the uniform one): a start."""
         k = len(self.names)
@@ -197,16 +224,31 @@ class FeasibleSet:
         _, first = np.unique(np.round(points, 12), axis=0, return_index=True)
         return points[np.sort(first)]
 
-    def sample(self, rng: np.random.Generator, alpha: float, count: int) -> np.ndarray:
+    @property
+    def free(self) -> tuple[int, ...]:
+        """The experts with room between their bounds (not pinned), in order: what a draw shares out."""
+        return tuple(int(i) for i in self._free)
+
+    def sample(
+        self,
+        rng: np.random.Generator,
+        alpha: float,
+        count: int,
+        shares: Callable[[np.random.Generator, int], np.ndarray] | None = None,
+    ) -> np.ndarray:
         """``count`` draws of Dirichlet(α) over the free experts, mapped onto the lower-bounded
         simplex and kept when within the upper bounds (a Dirichlet conditioned on the box), in
-        rounds; if ``SAMPLING_ROUNDS`` rounds keep too few, the rest are projected draws."""
+        rounds; if ``SAMPLING_ROUNDS`` rounds keep too few, the rest are projected draws.
+        ``shares(rng, n)``: n rows of shares over the free experts drawn otherwise (a hierarchical
+        draw, :func:`mergeopt.search.dirichlet.draw_feasible`), conditioned the same way."""
         free = len(self._free)
         if free <= 1:
             return np.tile(self.project(self._lo), (count, 1))
+        if shares is None:
+            shares = lambda rng, n: rng.dirichlet(np.full(free, alpha), size=n)  # noqa: E731
         kept, rejected = [], []
         for _ in range(SAMPLING_ROUNDS):
-            draws = self._from_free(rng.dirichlet(np.full(free, alpha), size=count))
+            draws = self._from_free(shares(rng, count))
             inside = np.all(draws <= self._hi + SIMPLEX_TOLERANCE, axis=1)
             kept.extend(draws[inside])
             rejected.extend(draws[~inside])

@@ -9,9 +9,13 @@ hierarchical mixture (``weights.groups``) a draw is a Dirichlet(α) over the gro
 Dirichlet(α) within each group of several experts (:func:`draw_hierarchical`): each domain gets the
 same prior mass however many experts it holds, where a flat Dirichlet(α·1_K) gives a domain of n of
 the K experts a mean share n/K. With singleton groups the draws are the flat ones, number for number.
+Groups under constraints: the hierarchical draw over the free experts, conditioned on the box like
+the flat one (:func:`draw_feasible`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 
@@ -29,22 +33,25 @@ def draw_mixtures(rng: np.random.Generator, k: int, alpha: float, count: int) ->
     return rng.dirichlet(np.full(k, alpha), size=count)
 
 
-def draw_hierarchical(rng: np.random.Generator, groups: Groups, alpha: float, count: int) -> np.ndarray:
-    """``count`` mixtures: group shares from :func:`draw_mixtures` over the groups, times shares
-    within each group of several experts from :func:`draw_mixtures` over its experts (in the
+def draw_hierarchical(
+    rng: np.random.Generator, groups: Groups, alpha: float, count: int, level: Callable = draw_mixtures
+) -> np.ndarray:
+    """``count`` mixtures: group shares from ``level`` (:func:`draw_mixtures`) over the groups,
+    times shares within each group of several experts from ``level`` over its experts (in the
     groups' order); a singleton's share within is 1 and draws nothing."""
-    shares = (
-        draw_mixtures(rng, len(groups.labels), alpha, count)
-        if len(groups.labels) > 1
-        else np.ones((count, 1))
-    )
+    shares = level(rng, len(groups.labels), alpha, count) if len(groups.labels) > 1 else np.ones((count, 1))
     index = np.asarray(groups.index)
     within = np.ones((count, len(groups.names)))
     for g in range(len(groups.labels)):
         members = np.flatnonzero(index == g)
         if len(members) > 1:
-            within[:, members] = draw_mixtures(rng, len(members), alpha, count)
+            within[:, members] = level(rng, len(members), alpha, count)
     return shares[:, index] * within
+
+
+def _dirichlet(rng: np.random.Generator, k: int, alpha: float, count: int) -> np.ndarray:
+    """Dirichlet(α·1_k) for every k, as FeasibleSet.sample draws its flat shares (no Beta for k = 2)."""
+    return rng.dirichlet(np.full(k, alpha), size=count)
 
 
 def draw_feasible(
@@ -55,14 +62,22 @@ def draw_feasible(
     feasible: FeasibleSet | None,
     groups: Groups | None = None,
 ) -> np.ndarray:
-    """:func:`draw_mixtures`; under constraints Dirichlet draws conditioned on the feasible set; with
-    groups (never with constraints: the recipe schema refuses both) :func:`draw_hierarchical`."""
-    if groups is not None:
-        assert feasible is None, "the recipe schema refuses groups with constraints for Dirichlet draws"
-        return draw_hierarchical(rng, groups, alpha, count)
+    """:func:`draw_mixtures`, or :func:`draw_hierarchical` with groups; under constraints the same
+    draws over the free experts conditioned on the feasible set (:meth:`FeasibleSet.sample`): the
+    hierarchy shares out what the lower bounds and pins leave (groups restricted to the free
+    experts), and with singleton groups the draws are the flat constrained ones, number for number."""
     if feasible is None:
-        return draw_mixtures(rng, k, alpha, count)
-    return feasible.sample(rng, alpha, count)
+        return (
+            draw_mixtures(rng, k, alpha, count)
+            if groups is None
+            else draw_hierarchical(rng, groups, alpha, count)
+        )
+    if groups is None:
+        return feasible.sample(rng, alpha, count)
+    free = groups.restrict(feasible.free)
+    return feasible.sample(
+        rng, alpha, count, lambda rng, n: draw_hierarchical(rng, free, alpha, n, level=_dirichlet)
+    )
 
 
 def run(
