@@ -238,8 +238,8 @@ class WeightsSection(_Strict):
         "equal); dirichlet and surrogate draw a Dirichlet over the groups times one within each; "
         "mixture.json, report.md and the exports report both levels. With bounds, pins or caps, "
         "dirichlet and surrogate share out what the lower bounds and pins leave by the same "
-        "hierarchical draw, conditioned on the box; not yet combined with them under the gradient "
-        "strategy.",
+        "hierarchical draw, conditioned on the box, and the gradient strategy steps on the "
+        "experts' logits (one level) from the hierarchy's start.",
     )
 
     @field_validator("groups")
@@ -781,8 +781,7 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _groups_name_experts(self) -> Recipe:
         """Groups hold known experts; a label is not another expert's name (mixture.json, report.md
-        and the exports list groups and experts side by side); constraints are refused where the
-        search cannot honour them and the hierarchy at once (docs: Hierarchical mixtures)."""
+        and the exports list groups and experts side by side)."""
         w, experts = self.weights, self.expert_names
         for label, members in w.groups.items():
             unknown = [m for m in members if m not in experts]
@@ -794,12 +793,6 @@ class Recipe(_Strict):
                 raise ValueError(
                     f"weights.groups {label!r} is also an expert's name but holds {members}: rename the group"
                 )
-        if w.groups and w.constrained and self.search.strategy == "gradient":
-            key = next(k for k in ("bounds", "pinned", "max_epochs") if getattr(w, k))
-            raise ValueError(
-                f"weights.groups with weights.{key} is not supported yet by search.strategy "
-                "'gradient' (grid, dirichlet, cmaes, spsa and surrogate support it)"
-            )
         return self
 
     @model_validator(mode="after")

@@ -217,10 +217,11 @@ def _search_and_write(
             z0 = initial_logits(names, init)
         else:  # both levels of the hierarchy
             z0 = groups.initial_logits(None if init is None else torch.from_numpy(start_weights(names, init)))
-        if searched is not None and groups is None:  # uniform, or init, onto the feasible set's logits
+        stepped = groups  # the logits Adam steps on: both levels, or flat under constraints
+        if searched is not None:  # uniform, init or the hierarchy's start, onto the feasible set's logits
+            if groups is not None:  # a held expert would still move its group's logit (search.gradient)
+                z0, stepped = torch.log(groups.weights(z0)), None
             z0 = torch.from_numpy(searched.project_logits(z0.numpy()))
-        elif searched is not None:  # both levels' logits of the feasible point
-            z0 = groups.project_logits(z0, searched)
         result = fit_gradient(
             problem.model,
             stack,
@@ -236,9 +237,10 @@ def _search_and_write(
             loss_chunk=problem.loss_chunk,
             on_step=tracker.step,
             feasible=searched,
-            groups=groups,
+            groups=stepped,
         )
         chosen, trace, fitted_z = result.weights, result.trace, result.logits
+        stepped_levels = stepped is not None  # mixture.json: the logits that were stepped on
         if searched is not None:  # exact bounds: a weight pinned at 0 is 1e-300 in softmax(z)
             chosen = torch.from_numpy(searched.project(chosen.double().numpy()))
         search_info = {
@@ -266,6 +268,7 @@ def _search_and_write(
         )
         evaluator_processes = distributed.process_rank_and_size()[1]
         chosen, trace, fitted_z = torch.tensor(found.weights, dtype=torch.float64), found.log, None
+        stepped_levels = False
         scores = report_scores(problem, objective, evaluator, found.weights)
         heldout_value = utility_of(utility, scores["fitted"]["heldout"])
         search_info = {
@@ -301,7 +304,11 @@ def _search_and_write(
         "status": "complete",
         "weights": weights,
         **({} if record is None else {"constraints": record}),
-        **({} if groups is None else {"groups": groups.record(list(weights.values()), fitted_z)}),
+        **(
+            {}
+            if groups is None
+            else {"groups": groups.record(list(weights.values()), fitted_z if stepped_levels else None)}
+        ),
         "target": resolved.data.target,
         "dev_loss": fitted["dev"],
         "heldout_loss": fitted["heldout"],
@@ -343,7 +350,7 @@ def _search_and_write(
         "mergeopt_version": mergeopt.__version__,
     }  # no timings: the same recipe and seed give a byte-identical mixture.json
     if search.strategy == "gradient":
-        flat = fitted_z if groups is None else groups.flat_logits(fitted_z)
+        flat = groups.flat_logits(fitted_z) if stepped_levels else fitted_z
         mixture["logits"] = as_mapping(names, flat)  # per expert, softmax(logits) = weights
     else:
         mixture["objective"]["scores"] = scores

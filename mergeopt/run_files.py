@@ -23,7 +23,15 @@ import sys
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 import mergeopt
 from mergeopt.errors import UserError
@@ -134,9 +142,15 @@ class MixtureGroup(BaseModel):
         description="Each of the group's experts: its share within the group (weight / share); null "
         "when the group's share is 0, where none is defined."
     )
-    logit: float | None = Field(default=None, description="Gradient strategy: the fitted group logit.")
+    logit: float | None = Field(
+        default=None,
+        description="Gradient strategy without bounds, pins or caps: the fitted group logit (under "
+        "constraints the fit steps on the experts' logits, mixture.json's logits).",
+    )
     within_logits: dict[str, float] | None = Field(
-        default=None, description="Gradient strategy: the fitted logits within the group, per expert."
+        default=None,
+        description="Gradient strategy without bounds, pins or caps: the fitted logits within the "
+        "group, per expert.",
     )
 
 
@@ -146,7 +160,10 @@ class MixtureFile(_RunFile):
     FILE: ClassVar[str] = "mixture.json"
 
     status: str = Field(description="'complete' once the fit has finished (written last).")
-    weights: dict[str, float] = Field(description="The recommended mixture {expert: w}, on the simplex.")
+    # strict: a weight written as a string ("0.5") or a boolean is a malformed file, not a number
+    weights: dict[str, StrictFloat] = Field(
+        description="The recommended mixture {expert: w}, on the simplex."
+    )
     constraints: MixtureConstraints | None = Field(
         default=None, description="The constraints the weights meet; absent when the recipe set none."
     )

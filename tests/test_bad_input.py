@@ -422,16 +422,6 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         lambda w, t: [_recipe(w, t), "weights.groups={ab: [alpha, beta], bc: [beta, gamma]}"],
         "expert 'beta' is in both 'ab' and 'bc'",
     ),
-    "groups with bounds under the gradient strategy": (
-        "recipe",
-        "fit",
-        lambda w, t: [
-            _recipe(w, t),
-            "weights.groups={ab: [alpha, beta]}",
-            "weights.bounds={gamma: [0, 0.5]}",
-        ],
-        "weights.groups with weights.bounds is not supported yet by search.strategy 'gradient'",
-    ),
     "pinned weight above 1": (
         "recipe",
         "fit",

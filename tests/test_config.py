@@ -242,11 +242,7 @@ FOUR = "model.experts={python: /c/py, js: /c/js, gsm: /c/gsm, algebra: /c/alg}"
         (["weights.groups={code: []}"], "group 'code' is empty; a group holds at least one expert"),
         (["weights.groups={gsm: [python, js]}"], "weights.groups 'gsm' is also an expert's name but holds"),
         (["weights.groups={../up: [python]}"], "weights.groups name '../up' may only use"),
-        (
-            ["weights.groups={code: [python, js]}", "weights.bounds={gsm: [0, 0.5]}"],
-            "weights.groups with weights.bounds is not supported yet by search.strategy 'gradient'",
-        ),
-        (  # dirichlet combines groups with pins, but not with pins that leave no mixture
+        (  # groups combine with pins, but not with pins that leave no mixture
             [
                 "weights.groups={code: [python, js]}",
                 "weights.pinned={gsm: 0.6}",
@@ -262,19 +258,19 @@ def test_groups_are_checked_at_load_naming_the_culprit(tmp_path, overrides, mess
         load_recipe(write(tmp_path, MINIMAL), [FOUR, *overrides])
 
 
-@pytest.mark.parametrize("strategy", ["dirichlet", "surrogate", "grid", "cmaes", "spsa"])
-def test_groups_load_with_constraints_under_every_zero_order_strategy(tmp_path, strategy):
+@pytest.mark.parametrize("strategy", ["gradient", "dirichlet", "surrogate", "grid", "cmaes", "spsa"])
+def test_groups_load_with_constraints_under_every_strategy(tmp_path, strategy):
     overrides = ["weights.groups={code: [python, js]}", "weights.pinned={gsm: 0.1}"]
     recipe = load_recipe(write(tmp_path, MINIMAL), [FOUR, *overrides, f"search.strategy={strategy}"])
     assert recipe.weights.groups == {"code": ["python", "js"]} and recipe.weights.pinned == {"gsm": 0.1}
 
 
-def test_groups_load_round_trip_and_compose_with_constraints_where_supported(tmp_path):
+def test_groups_load_round_trip_and_compose_with_constraints(tmp_path):
     groups = "weights.groups={code: [python, js], gsm: [gsm]}"  # a singleton may carry its expert's name
     recipe = load_recipe(write(tmp_path, MINIMAL), [FOUR, groups])
     assert recipe.weights.groups == {"code": ["python", "js"], "gsm": ["gsm"]}
     assert load_recipe(write(tmp_path, recipe_to_yaml(recipe), "again.yaml")) == recipe
-    for strategy in ("grid", "cmaes", "spsa"):  # candidates from the feasible set; groups only reported
+    for strategy in ("grid", "cmaes", "spsa"):
         bounded = load_recipe(
             write(tmp_path, MINIMAL),
             [FOUR, groups, "weights.bounds={gsm: [0, 0.5]}", f"search.strategy={strategy}"],

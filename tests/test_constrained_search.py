@@ -140,23 +140,44 @@ def loaded(random_world, tmp_path_factory):
 
 
 BOX3 = FeasibleSet.build(["alpha", "beta", "gamma"], {"alpha": (0.1, 0.8)}, {"gamma": 0.0}, {"beta": 0.3})
+CAPPED = FeasibleSet.build(["alpha", "beta", "gamma"], {"beta": (0.0, 0.3)})  # two free experts beside it
 
 
-def test_the_gradient_step_is_adam_then_the_kl_projection(loaded):
+@pytest.mark.parametrize(
+    ("box", "start", "held"),
+    [(BOX3, [0.0, 0.0, 0.0], False), (CAPPED, [0.0, 2.0, 0.0], True), (CAPPED, [0.0, -2.0, 0.0], False)],
+)
+def test_the_gradient_step_is_adam_then_the_kl_projection(loaded, box, start, held):
+    """One step by hand: ∂L/∂w, the held experts' pushes released (FeasibleSet.held_gradient),
+    through softmax to the logits, Adam, the KL projection; against the w the fit's trace records
+    after its first step. From the second start beta sits at its cap and its gradient pushes it
+    up: the release changes that step (checked), so the test compares the release itself."""
     p = loaded
-    z0 = torch.from_numpy(BOX3.project_logits(np.zeros(3)))
+    z0 = torch.from_numpy(box.project_logits(np.array(start)))
     optim = OptimSection(steps=1, batch_size=4, eval_every=1)
     run = fit_gradient(
-        p.model, p.stack, p.sets, p.set_weights, optim, z0, 0, p.pad_id, p.device, False, feasible=BOX3
+        p.model, p.stack, p.sets, p.set_weights, optim, z0, 0, p.pad_id, p.device, False, feasible=box
     )
-    z = z0.clone().requires_grad_(True)
-    adam = torch.optim.Adam([z], lr=optim.lr)
     batch = next(training_batches(p.sets, [0, 1], optim.batch_size, p.pad_id, 0))
-    dev_loss(p.model, p.stack, z, batch, p.set_weights).backward()
-    adam.step()
-    expected = BOX3.project_logits(z.detach().numpy())
-    np.testing.assert_allclose(run.logits.numpy(), expected, rtol=1e-12, atol=1e-12)
-    assert BOX3.contains(torch.softmax(run.logits, 0).numpy())
+    expected = {}
+    for release in (False, True):
+        z = z0.clone().requires_grad_(True)
+        w = torch.softmax(z, dim=0)
+        leaf = w.detach().requires_grad_(True)
+        dev_loss(p.model, p.stack, leaf, batch, p.set_weights, to_weights=lambda v: v).backward()
+        g = leaf.grad.numpy()
+        if release:
+            g = box.held_gradient(w.detach().numpy(), g)
+        (z.grad,) = torch.autograd.grad(w, z, torch.from_numpy(g))
+        adam = torch.optim.Adam([z], lr=optim.lr)
+        adam.step()
+        expected[release] = box.project_logits(z.detach().numpy())
+    after = {key: torch.softmax(torch.from_numpy(z), 0).numpy() for key, z in expected.items()}
+    assert run.trace[-1]["step"] == 1
+    stepped = np.array([run.trace[-1][f"w_{n}"] for n in box.names])
+    np.testing.assert_allclose(stepped, after[True], rtol=1e-12, atol=1e-15)
+    assert box.contains(stepped)
+    assert (np.abs(after[True] - after[False]).max() > 1e-3) == held
 
 
 def test_gradient_at_projected_logits_matches_finite_differences(loaded):

@@ -5,7 +5,9 @@ What is compared with what:
 - the feasible softmax against scipy's SLSQP minimising KL(w || softmax(z)) over the box, and
   against softmax itself on the whole simplex;
 - Adam on the logits followed by the KL projection (the gradient strategy's step) against scipy's
-  constrained optimum of a quadratic, with bounds, a pin and a cap binding;
+  constrained optimum of a quadratic, with bounds, a pin and a cap binding; on a problem where
+  every free logit's gradient has one sign, plain Adam stays at its start and Adam with the held
+  experts released (FeasibleSet.held_gradient) reaches the optimum, a fixed point of that gradient;
 - the constrained lattice and Dirichlet samples against their definitions (every point feasible,
   the plain lattice and plain Dirichlet draws when nothing binds);
 - the messages: each infeasible box names its culprit.
@@ -96,29 +98,76 @@ def test_projected_logits_have_logsumexp_zero_and_give_the_feasible_softmax():
     assert np.isfinite(projected).all()  # a pin at 0 is a weight of 1e-300, JSON-writable
 
 
+def projected_adam(
+    feasible: FeasibleSet, target, scale, steps: int, lr: float = 0.05, release: bool = True
+) -> np.ndarray:
+    """The gradient strategy's loop on the quadratic Σ scale·(w − target)²: Adam on the logits, the
+    held experts' pushes released (FeasibleSet.held_gradient), then the KL projection."""
+    z = torch.tensor(feasible.project_logits(np.zeros(len(target))), requires_grad=True)
+    adam = torch.optim.Adam([z], lr=lr)
+    for _ in range(steps):
+        adam.zero_grad()
+        w = torch.softmax(z, dim=0)
+        g = 2 * scale * (w.detach().numpy() - target)  # ∂L/∂w
+        if release:
+            g = feasible.held_gradient(w.detach().numpy(), g)
+        (z.grad,) = torch.autograd.grad(w, z, torch.from_numpy(g))
+        adam.step()
+        with torch.no_grad():
+            z.copy_(torch.from_numpy(feasible.project_logits(z.detach().numpy())))
+    return torch.softmax(z, dim=0).detach().numpy()
+
+
+def quadratic_optimum(feasible: FeasibleSet, target, scale) -> np.ndarray:
+    return scipy_min(
+        lambda x: float((scale * (x - target) ** 2).sum()), feasible, jac=lambda x: 2 * scale * (x - target)
+    )
+
+
 def test_projected_adam_on_the_logits_reaches_the_constrained_optimum():
     """The gradient strategy's step: the KL projection makes the constrained optimum a fixed point."""
     names = ["a", "b", "c", "d"]
     feasible = FeasibleSet.build(names, {"a": (0.0, 0.25), "b": (0.3, 1.0)}, {"d": 0.1}, caps={"c": 0.6})
     target = np.array([0.6, 0.05, 0.3, 0.05])  # a wants more than 0.25, b less than 0.3
     scale = np.array([1.0, 2.0, 0.5, 1.0])
-    expected = scipy_min(
-        lambda x: float((scale * (x - target) ** 2).sum()), feasible, jac=lambda x: 2 * scale * (x - target)
-    )
-    z = torch.tensor(feasible.project_logits(np.zeros(4)), requires_grad=True)
-    adam = torch.optim.Adam([z], lr=0.05)
-    for _ in range(1500):
-        adam.zero_grad()
-        w = torch.softmax(z, dim=0)
-        loss = (torch.tensor(scale) * (w - torch.tensor(target)) ** 2).sum()
-        loss.backward()
-        adam.step()
-        with torch.no_grad():
-            z.copy_(torch.from_numpy(feasible.project_logits(z.detach().numpy())))
-    w = torch.softmax(z, dim=0).detach().numpy()
+    w = projected_adam(feasible, target, scale, 1500)
     assert feasible.contains(w)
-    np.testing.assert_allclose(w, expected, atol=2e-3)
+    np.testing.assert_allclose(w, quadratic_optimum(feasible, target, scale), atol=2e-3)
     assert w[0] == pytest.approx(0.25, abs=1e-12) and w[3] == pytest.approx(0.1, abs=1e-12)
+
+
+# b1 wants more than its bound, c is pinned, a1 has a floor, a2 a cap: from the projected uniform
+# start every free expert's logit gradient has the same sign, so unreleased Adam moves the free
+# logits by one common amount, which the KL projection undoes
+STALL = FeasibleSet.build(
+    ("a1", "b1", "a2", "b2", "c"), {"b1": (0.0, 0.15), "a1": (0.05, 1.0)}, {"c": 0.1}, caps={"a2": 0.5}
+)
+STALL_TARGET, STALL_SCALE = np.array([0.05, 0.5, 0.2, 0.2, 0.05]), np.array([1.0, 2.0, 0.5, 1.0, 1.0])
+
+
+def test_released_held_experts_let_adam_reach_the_optimum_where_it_stalled():
+    optimum = quadratic_optimum(STALL, STALL_TARGET, STALL_SCALE)
+    stalled = projected_adam(STALL, STALL_TARGET, STALL_SCALE, 3000, release=False)
+    np.testing.assert_allclose(stalled, STALL.project(STALL.centre()), atol=1e-6)  # never left its start
+    assert np.abs(stalled - optimum).max() > 0.1
+    released = projected_adam(STALL, STALL_TARGET, STALL_SCALE, 3000)
+    assert STALL.contains(released) and released[1] == pytest.approx(0.15, abs=1e-12)
+    np.testing.assert_allclose(released, optimum, atol=1e-4)
+
+
+def test_the_constrained_optimum_is_a_fixed_point_of_the_released_gradient():
+    """At scipy's optimum the logits' gradient is 0 once held experts are released; without, b1
+    (held at its bound) still pushes the free experts."""
+    optimum = STALL.project(quadratic_optimum(STALL, STALL_TARGET, STALL_SCALE))
+    z = torch.tensor(STALL.project_logits(np.log(optimum)), requires_grad=True)
+    w = torch.softmax(z, dim=0)
+    np.testing.assert_allclose(w.detach().numpy(), optimum, atol=1e-12)
+    g = 2 * STALL_SCALE * (optimum - STALL_TARGET)
+    (released,) = torch.autograd.grad(
+        w, z, torch.from_numpy(STALL.held_gradient(optimum, g)), retain_graph=True
+    )
+    (plain,) = torch.autograd.grad(w, z, torch.from_numpy(g))
+    assert released.abs().max() < 1e-6 and plain.abs().max() > 1e-2
 
 
 def test_lattice_is_the_plain_lattice_on_the_whole_simplex():

@@ -7,11 +7,10 @@ What is compared with what:
   feasible, pins held, the same seed the same draws);
 - dirichlet and surrogate on a quadratic black box with groups and the box: every mixture they
   evaluate feasible, the pin held;
-- the gradient pieces: Groups.project_logits with singleton groups against FeasibleSet.project_logits
-  bit for bit; at scipy's constrained optimum of a quadratic the held-expert gradient of the logits
-  is 0 while the plain one is not; projected Adam with it against scipy's optimum;
 - a dirichlet fit with groups, bounds and a pin on the random world: mixture.json within the box,
-  both levels reported, and a second run byte-identical.
+  both levels reported, and a second run byte-identical;
+- a gradient fit with groups, bounds and a pin: the flat constrained fit started at the hierarchy's
+  start (every group equal), number for number, both levels reported.
 """
 
 from __future__ import annotations
@@ -19,9 +18,8 @@ from __future__ import annotations
 import csv
 
 import numpy as np
+import pandas as pd
 import pytest
-import torch
-from scipy.optimize import minimize
 
 from mergeopt.config import SearchSection, recipe_from_dict
 from mergeopt.fit import fit
@@ -35,7 +33,6 @@ NAMES = ("a1", "b1", "a2", "b2", "c")
 SPEC = {"A": ["a1", "a2"], "B": ["b1", "b2"]}  # c alone
 BOX = FeasibleSet.build(NAMES, {"b1": (0.0, 0.15), "a1": (0.05, 1.0)}, {"c": 0.1}, caps={"a2": 0.5})
 TARGET = np.array([0.05, 0.5, 0.2, 0.2, 0.05])  # b1 wants more than its bound 0.15
-SCALE = np.array([1.0, 2.0, 0.5, 1.0, 1.0])
 
 
 # ----------------------------------------------------------------------------- the draws
@@ -94,70 +91,6 @@ def test_grouped_strategies_evaluate_only_feasible_mixtures(strategy):
     assert result.weights[4] == pytest.approx(0.1, abs=1e-12)
 
 
-# ----------------------------------------------------------------------------- the gradient pieces
-
-
-def scipy_optimum() -> np.ndarray:
-    return minimize(
-        lambda x: float((SCALE * (x - TARGET) ** 2).sum()),
-        BOX.centre(),
-        jac=lambda x: 2 * SCALE * (x - TARGET),
-        method="SLSQP",
-        bounds=list(zip(BOX.lower, BOX.upper)),
-        constraints=[{"type": "eq", "fun": lambda x: x.sum() - 1.0, "jac": lambda x: np.ones_like(x)}],
-        options={"ftol": 1e-15, "maxiter": 1000},
-    ).x
-
-
-def test_singleton_project_logits_are_the_flat_ones_bit_for_bit():
-    groups = Groups.build(NAMES, {})
-    z = torch.randn(groups.size, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    z[5:] = 0.0  # a singleton's logit within is 0 (its share within is 1)
-    projected = groups.project_logits(z, BOX)
-    assert torch.equal(projected[:5], torch.from_numpy(BOX.project_logits(z[:5].numpy())))
-    assert torch.equal(projected[5:], torch.zeros(5, dtype=torch.float64))
-
-
-def _logit_gradient(groups: Groups, z: torch.Tensor, held: bool) -> torch.Tensor:
-    z = z.clone().requires_grad_(True)
-    w = groups.weights(z)
-    g = 2 * torch.tensor(SCALE) * (w.detach() - torch.tensor(TARGET))
-    if held:
-        g = torch.from_numpy(BOX.held_gradient(w.detach().numpy(), g.numpy()))
-    (grad,) = torch.autograd.grad(w, z, g)
-    return grad
-
-
-def test_the_constrained_optimum_is_a_fixed_point_only_with_held_experts_released():
-    groups = Groups.build(NAMES, SPEC)
-    optimum = BOX.project(scipy_optimum())
-    z = groups.project_logits(groups.initial_logits(torch.from_numpy(optimum)), BOX)
-    np.testing.assert_allclose(groups.weights(z).numpy(), optimum, atol=1e-12)
-    assert _logit_gradient(groups, z, held=True).abs().max() < 1e-6
-    # b1 held at its bound still pushes its group and its sibling without the release
-    assert _logit_gradient(groups, z, held=False).abs().max() > 1e-2
-
-
-def test_projected_adam_on_both_levels_reaches_scipys_constrained_optimum():
-    """Adam on (u, v) with the held experts' pushes removed, then both levels reset to the KL
-    projection's: within 2e-2 of scipy's optimum. Adam circles the optimum at about 5e-3 (open,
-    see mergeopt.search.gradient); without the release the iterate stalls 0.17 away."""
-    groups = Groups.build(NAMES, SPEC)
-    z = groups.project_logits(torch.zeros(groups.size, dtype=torch.float64), BOX).requires_grad_(True)
-    adam = torch.optim.Adam([z], lr=0.01)
-    for _ in range(1500):
-        adam.zero_grad()
-        z.grad = _logit_gradient(groups, z.detach(), held=True)
-        adam.step()
-        with torch.no_grad():
-            z.copy_(groups.project_logits(z.detach(), BOX))
-    w = groups.weights(z.detach()).numpy()
-    assert (
-        BOX.contains(w) and w[1] == pytest.approx(0.15, abs=1e-12) and w[4] == pytest.approx(0.1, abs=1e-12)
-    )
-    np.testing.assert_allclose(w, scipy_optimum(), atol=2e-2)
-
-
 # ----------------------------------------------------------------------------- through fit
 
 
@@ -179,3 +112,32 @@ def test_a_constrained_grouped_dirichlet_fit_is_feasible_reported_and_determinis
     assert (tmp_path / "one" / "mixture.json").read_text().replace("/one", "/two") == (
         tmp_path / "two" / "mixture.json"
     ).read_text()
+
+
+def test_a_constrained_grouped_gradient_fit_is_the_flat_fit_from_the_hierarchys_start(random_world, tmp_path):
+    """Under bounds (pins and caps alike) the gradient strategy steps on the experts' logits, starting where the
+    hierarchy starts (every group the same share, every expert the same share within its group):
+    the flat constrained fit given that start as weights.init, number for number."""
+    constraints = {"bounds": {"gamma": [0.0, 0.3], "beta": [0.1, 0.6]}}
+    optim = {"steps": 8, "batch_size": 4, "eval_every": 2, "eval_batch_size": 16}
+    grouped = recipe_tree(
+        random_world,
+        tmp_path / "grouped",
+        weights={**constraints, "groups": {"ab": ["alpha", "gamma"]}},
+        optim=optim,
+    )
+    start = {"alpha": 0.25, "beta": 0.5, "gamma": 0.25}  # groups ab and beta equal, alpha = gamma
+    flat = recipe_tree(random_world, tmp_path / "flat", weights={**constraints, "init": start}, optim=optim)
+    box = FeasibleSet.build(["alpha", "beta", "gamma"], {"gamma": (0.0, 0.3), "beta": (0.1, 0.6)})
+    one = fit(recipe_from_dict(grouped), progress=False, log=lambda _m: None)
+    two = fit(recipe_from_dict(flat), progress=False, log=lambda _m: None)
+    assert one["weights"] == pytest.approx(two["weights"], rel=1e-12, abs=1e-15)
+    assert one["logits"] == pytest.approx(two["logits"], rel=1e-12, abs=1e-12)
+    assert box.violation(one["weights"]) is None
+    trace_one, trace_two = (pd.read_csv(tmp_path / run / "trace.csv") for run in ("grouped", "flat"))
+    pd.testing.assert_frame_equal(trace_one, trace_two, rtol=1e-12)  # the start: log and exp round trip
+    w, record = one["weights"], one["groups"]
+    assert record["ab"]["share"] == pytest.approx(w["alpha"] + w["gamma"], rel=1e-14)
+    assert record["ab"]["within"]["gamma"] == pytest.approx(w["gamma"] / (w["alpha"] + w["gamma"]), rel=1e-14)
+    assert "logit" not in record["ab"]  # the fit stepped on the experts' logits, which mixture.json holds
+    assert trace_one["w_alpha"].nunique() > 2  # the fit moved: not a comparison of two starts

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mergeopt.merging.constraints import TINY, FeasibleSet
 from mergeopt.merging.weights import MIN_WEIGHT
 
 
@@ -111,18 +110,6 @@ class Groups:
         e = torch.exp(v - peak[idx])
         total = torch.zeros(n_groups, dtype=torch.float64, device=z.device).index_add(0, idx, e)
         return u[idx] + (v - peak[idx]) - torch.log(total)[idx]
-
-    def project_logits(self, z: torch.Tensor, feasible: FeasibleSet) -> torch.Tensor:
-        """The two levels' logits of the KL projection of self.weights(z) onto ``feasible``:
-        u_g = log s_g, v_i = log c_i (each level's logsumexp 0, as FeasibleSet.project_logits;
-        shares floored at 1e-300), c uniform in a group of share 0. With singleton groups u is
-        FeasibleSet.project_logits of the flat logits and v stays 0, bit for bit."""
-        w = feasible.softmax(self.flat_logits(z.detach()).cpu().numpy())
-        s, within = self.shares(w)
-        counts = np.bincount(self.index, minlength=len(self.labels))
-        within = np.where(np.isnan(within), 1.0 / counts[np.asarray(self.index)], within)
-        u, v = np.log(np.maximum(s, TINY)), np.log(np.maximum(within, TINY))
-        return torch.from_numpy(np.concatenate([u, v])).to(z.device)
 
     def restrict(self, positions: Sequence[int]) -> Groups:
         """The partition of the experts at ``positions`` (e.g. the free ones), groups left empty

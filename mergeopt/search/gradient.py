@@ -9,14 +9,17 @@ feasible set, so every w the model is evaluated at is feasible (why this project
 logits instead, z = [group logits, logits within the groups] (:mod:`mergeopt.merging.groups`); the
 loop, its checkpoints and its early stopping are the same.
 
-Groups with constraints (reachable from fit_gradient, refused by the recipe schema for now): after
-each step w(u, v) is KL-projected and (u, v) reset to the projected point's two levels
-(:meth:`Groups.project_logits`). That alone is not enough: with two levels, an expert held at a bound
-pushes its whole group (through u_g) and its siblings, and those moves are not a common factor on the
-free experts, so the KL projection does not undo them and the iterate settles far from the
-constrained optimum (0.17 off on tests/test_groups_constraints.py's quadratic). So the step uses
-Jᵀĝ, ĝ = :meth:`FeasibleSet.held_gradient`: a held expert's push removed; the optimum's gradient is
-then exactly 0, a fixed point. Open: Adam circles that point (about 5e-3 on the same quadratic).
+Under constraints the step drops the pushes of the experts held at a bound
+(:meth:`FeasibleSet.held_gradient`): their entries of ∂L/∂w become the free experts' common value
+before the gradient reaches the logits. Without that, Adam could stall: it scales each logit's step
+to about the learning rate, so when every free expert's logit gradient has the same sign (the held
+experts taking the other) all free logits move by the same amount, a common factor on their weights
+that the KL projection undoes, and w never leaves its start (tests/test_constraints.py has such a
+problem: 0.1 from scipy's optimum after 1,500 steps). Released, the free logits' gradients sum to
+zero, so the free experts trade weight among themselves, and at the constrained optimum the gradient
+is exactly 0. A hierarchical mixture under constraints steps on the flat logits from the hierarchy's
+start (:func:`mergeopt.fit`): on two levels a held expert still moves its group's logit, and Adam
+circles the optimum rather than settling on it.
 """
 
 from __future__ import annotations
@@ -88,13 +91,6 @@ def _release_held(
     z.grad.sub_(correction)
 
 
-def _project(z: torch.Tensor, feasible: FeasibleSet, groups: Groups | None) -> torch.Tensor:
-    """z's KL projection onto the feasible set, as logits (both levels' with groups)."""
-    if groups is not None:
-        return groups.project_logits(z, feasible)
-    return torch.from_numpy(feasible.project_logits(z.cpu().numpy())).to(z.device)
-
-
 def fit_gradient(
     model: torch.nn.Module,
     stack: TaskVectorStack,
@@ -115,11 +111,13 @@ def fit_gradient(
     """Adam on z from ``init_logits``; with ``checkpoint`` the state is saved every
     ``optim.checkpoint_every`` steps and on SIGINT/SIGTERM, and a saved state is resumed from.
     ``on_step`` sees each trace row as it is made (experiment trackers), from the resumed step on.
-    With ``groups`` z holds both levels of the hierarchy (``groups.size`` logits)."""
+    With ``groups`` z holds both levels of the hierarchy (``groups.size`` logits); groups with
+    ``feasible`` are searched on the flat logits (module docstring)."""
+    assert feasible is None or groups is None, "fit searches groups under constraints on flat logits"
     names = stack.expert_names
     to_weights = weights_from_logits if groups is None else groups.weights
     w_grad = torch.zeros(len(names), dtype=torch.float64, device=device)  # ∂L/∂w of a step (constraints)
-    step_weights = to_weights if feasible is None or groups is None else _tracking(to_weights, w_grad)
+    step_weights = to_weights if feasible is None else _tracking(to_weights, w_grad)
     targeted = [i for i, a in enumerate(set_weights.tolist()) if a > 0]
     held_out = has_heldout(sets, set_weights.tolist())
     z = init_logits.detach().to(device=device, dtype=torch.float64).clone().requires_grad_(True)
@@ -197,7 +195,7 @@ def fit_gradient(
             loss.backward()
             step_loss += float(all_reduce_sum(loss.detach().clone()))
         all_reduce_sum(z.grad)  # torchrun: the ranks' shares of the gradient add up to the batch's
-        if feasible is not None and groups is not None:  # held experts push nothing (docstring)
+        if feasible is not None:  # held experts push nothing (module docstring)
             _release_held(z, to_weights, feasible, w, all_reduce_sum(w_grad))
         row["loss"] = step_loss
         if not math.isfinite(step_loss) or not torch.isfinite(z.grad).all():
@@ -215,7 +213,7 @@ def fit_gradient(
                 z.copy_(finite_z)
         if feasible is not None:  # back onto the feasible set's logits (logsumexp(z) = 0)
             with torch.no_grad():
-                z.copy_(_project(z.detach(), feasible, groups))
+                z.copy_(torch.from_numpy(feasible.project_logits(z.detach().cpu().numpy())).to(z.device))
         trace.append(row)
         if on_step is not None:
             on_step(row)
