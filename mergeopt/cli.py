@@ -235,8 +235,8 @@ def _export(p: argparse.ArgumentParser) -> None:
         action="extend",
         default=[],
         metavar="NAME=PATH",
-        help="each expert's training data (JSONL, JSON, CSV, parquet, arrow, save_to_disk dir); "
-        "default: the recipe's train.data",
+        help="each expert's training data (JSONL, JSON, CSV, parquet, arrow, save_to_disk dir, MDS dir, "
+        "Megatron PREFIX of .bin/.idx, OLMo .npy token file or 'DIR/*.npy'); default: the recipe's train.data",
     )
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--budget-tokens", type=_positive_int, metavar="N", help="training tokens in all")
@@ -248,6 +248,18 @@ def _export(p: argparse.ArgumentParser) -> None:
         help="what the fitted weights are shares of (default: tokens)",
     )
     p.add_argument("--tokenizer", help="tokenizer to count with (default: the run's base)")
+    p.add_argument(
+        "--token-dtype",
+        metavar="DTYPE",
+        help="dtype of stored token ids: OLMo .npy files (default: the smallest unsigned that holds the "
+        "tokenizer's vocabulary) and MDS bytes columns (default: int64, llm-foundry's)",
+    )
+    p.add_argument(
+        "--eos-id",
+        type=int,
+        metavar="ID",
+        help="EOS id ending each document of OLMo .npy files (default: the tokenizer's)",
+    )
     p.add_argument(
         "--max-epochs",
         type=_positive_float,

@@ -281,6 +281,24 @@ def _np_save_file(tmp) -> str:
     return str(path)
 
 
+def _lonely_bin(tmp) -> str:
+    path = tmp / "tokens.bin"
+    path.write_bytes(bytes(16))  # a Megatron .bin without its tokens.idx
+    return str(path)
+
+
+def _corrupt_mds(tmp) -> str:
+    path = _mkdir(tmp / "mds")
+    (path / "index.json").write_text('{"version": 2, "shards": ')  # cut short
+    return str(path)
+
+
+def _empty_tokens(tmp) -> str:
+    path = tmp / "empty.npy"
+    path.write_bytes(b"")
+    return str(path)
+
+
 def _multiple_choice(tmp) -> str:
     path = tmp / "choice.jsonl"
     write_jsonl(path, [{"prompt": "2+2=", "choices": ["3", "4"], "answer": 1}] * 4)
@@ -742,6 +760,52 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
             w, t, "olmo-core", dict.fromkeys(("alpha", "beta", "gamma"), _np_save_file(t))
         ),
         "is an np.save file",
+    ),
+    "export Megatron .bin without its .idx": (
+        "export",
+        "export",
+        lambda w, t: [
+            *_export_to(w, t, "megatron", dict.fromkeys(("alpha", "beta", "gamma"), _lonely_bin(t))),
+            "--budget-tokens",
+            "1000",
+        ],
+        "tokens.idx, which is missing",
+    ),
+    "export MDS directory with a corrupt index.json": (
+        "export",
+        "export",
+        lambda w, t: [
+            *_export_to(w, t, "megatron", dict.fromkeys(("alpha", "beta", "gamma"), _corrupt_mds(t))),
+            "--budget-tokens",
+            "1000",
+        ],
+        "index.json: not a readable MDS index",
+    ),
+    "export unknown --token-dtype": (
+        "option",
+        "export",
+        lambda w, t: [
+            *_export_to(w, t, "olmo-core", dict.fromkeys(("alpha", "beta", "gamma"), _empty_tokens(t))),
+            "--budget-tokens",
+            "1000",
+            "--token-dtype",
+            "float32",
+        ],
+        "--token-dtype float32: token ids are stored as one of uint8, uint16",
+    ),
+    "export empty OLMo token file": (
+        "export",
+        "export",
+        lambda w, t: [
+            *_export_to(w, t, "olmo-core", dict.fromkeys(("alpha", "beta", "gamma"), _empty_tokens(t))),
+            "--budget-tokens",
+            "1000",
+            "--token-dtype",
+            "uint16",
+            "--eos-id",
+            "2",
+        ],
+        "empty.npy: the dataset is empty",
     ),
     "export axolotl multiple-choice records": (
         "export",

@@ -2,7 +2,8 @@
 
 A fit ends with weights; training on them happens elsewhere. This command writes them in the
 terms of each framework (see ``--to``), converting token shares to per-sample probabilities with
-each domain's mean tokens per sample when ``--datasets`` are given, and turning a budget into
+each domain's mean tokens per sample when ``--datasets`` are given (records, or the token files
+a trainer reads: MDS, Megatron indexed datasets, OLMo ``.npy``), and turning a budget into
 absolute counts, refusing one that would repeat a dataset more than ``--max-epochs`` times, or a
 source more than the fit's own repetition cap (``weights.max_epochs`` in mixture.json). Every
 input is checked, and every format rendered, before anything is written; a problem is one line on
@@ -34,7 +35,8 @@ from mergeopt.export.mixture_input import (
     resolve_world_path,
 )
 from mergeopt.export.shares import budget_epochs, check_recorded_cap, check_repetition, make_plan
-from mergeopt.export.token_stats import load_tokenizer, measure_all
+from mergeopt.export.token_files import TokenFiles
+from mergeopt.export.token_stats import LazyTokenizer, load_tokenizer, measure_all
 from mergeopt.inputs import writable_dir, writable_file
 from mergeopt.runtime.files import write_text_atomic
 from mergeopt.runtime.rundir import owned, staged
@@ -64,6 +66,7 @@ def _tokenizer(args, recipe, recipe_error, mixture):
 def build(args) -> tuple[dict[Format, str], list[str]]:
     """Check the inputs and render every chosen format: (texts, lines for stderr). Writes nothing."""
     formats = choose_formats(args.to)
+    TokenFiles(args.token_dtype, args.eos_id)  # a bad --token-dtype is refused before anything is read
     if args.to == "all" and not args.out:
         raise UserError("--to all writes one file per format: pass --out DIR")
     if args.max_epochs < 1:
@@ -90,7 +93,12 @@ def build(args) -> tuple[dict[Format, str], list[str]]:
     budget = args.budget_tokens is not None or args.budget_samples is not None
     converts = [f for f in formats if f.unit is not None and f.unit != args.weights_are]
     measure = bool(datasets) and (budget or bool(converts) or any(f.needs_sizes for f in formats))
-    stats = measure_all(datasets, _tokenizer(args, recipe, recipe_error, mixture)) if measure else None
+    if measure:  # the tokenizer is loaded only if some dataset is text (stored ids need none)
+        tokenizer = LazyTokenizer(lambda: _tokenizer(args, recipe, recipe_error, mixture))
+        token_files = TokenFiles(args.token_dtype, args.eos_id)
+        stats = measure_all(datasets, tokenizer, token_files)
+    else:
+        stats = None
     plan = make_plan(mixture.weights, args.weights_are, stats, args.budget_tokens, args.budget_samples)
     check_recorded_cap(plan, mixture.constraints, datasets)
     epochs = budget_epochs(plan, datasets, mixture.constraints)

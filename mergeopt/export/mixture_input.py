@@ -10,6 +10,7 @@ never builds a world. Each problem is a :class:`~mergeopt.errors.UserError` nami
 
 from __future__ import annotations
 
+import glob
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,7 +114,8 @@ def resolve_world_path(path: str, mixture: Mixture, recipe=None) -> str:
 def parse_datasets(items: Sequence[str], mixture: Mixture) -> dict[str, Path]:
     """``["arith=a.jsonl", ...]`` -> {expert: path}; every name an expert, every path present.
 
-    A path also counts as present when it is a Megatron prefix (``PATH.bin`` and ``PATH.idx``).
+    A path also counts as present when it is a Megatron prefix (``PATH.bin`` and ``PATH.idx``) or a
+    glob that matches a file.
     """
     datasets: dict[str, Path] = {}
     for item in items:
@@ -128,10 +130,15 @@ def parse_datasets(items: Sequence[str], mixture: Mixture) -> dict[str, Path]:
         if name in datasets:
             raise UserError(f"--datasets names {name!r} twice")
         path = Path(raw).expanduser()
-        if not (path.exists() or is_megatron_prefix(path)):
+        if not (path.exists() or is_megatron_prefix(path) or _glob_matches(path)):
             raise UserError(f"--datasets {name}: {path} does not exist")
         datasets[name] = path
     return datasets
+
+
+def _glob_matches(path: Path) -> bool:
+    """A glob of OLMo token files (``'DIR/*.npy'``) that matches a file: OLMo-core expands it too."""
+    return "*" in str(path) and any(Path(f).is_file() for f in glob.iglob(str(path)))
 
 
 def is_megatron_prefix(path: Path) -> bool:

@@ -8,12 +8,14 @@ parquet, arrow, or a directory written by ``save_to_disk``) and each record is c
 :mod:`mergeopt.objectives.data` reads it: ``text`` is every token of the text, ``prompt``/``completion`` the
 prompt's tokens (special tokens included) plus the completion's (none added), a multiple-choice
 record the prompt plus the right choice. Nothing is truncated: a trainer's own cut-off is its own.
+Data already in a trainer's own format (MDS, Megatron indexed, OLMo token files) is measured by
+:mod:`mergeopt.export.token_files`, as stored; the tokenizer is loaded only when text is counted.
 """
 
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,7 +59,8 @@ def source_of(path: Path) -> Source:
             train = path / "train"
             return Source(train, "disk", tuple(str(f) for f in sorted(train.glob("*.arrow"))))
         raise UserError(
-            f"{path}: a directory that is not a saved dataset (no state.json or dataset_dict.json)"
+            f"{path}: a directory that is neither a saved dataset (state.json, dataset_dict.json) "
+            "nor an MDS directory (index.json); for OLMo token files give a glob, 'DIR/*.npy'"
         )
     suffix = path.suffix.lower()
     if suffix not in LOADERS:
@@ -131,12 +134,36 @@ def count_tokens(records: list[dict[str, Any]], tokenizer) -> int:
     return total
 
 
-def measure(path: Path, tokenizer) -> DomainStats:
-    """Samples and tokens of one dataset (read into a throw-away cache)."""
+class LazyTokenizer:
+    """A tokenizer loaded on first use: stored token ids need none, so none is demanded for them."""
+
+    def __init__(self, load: Callable[[], Any]):
+        self._load, self._tokenizer = load, None
+
+    def __call__(self):
+        if self._tokenizer is None:
+            self._tokenizer = self._load()
+        return self._tokenizer
+
+
+def measure(path: Path, tokenizer, token_files=None) -> DomainStats:
+    """Samples and tokens of one dataset (read into a throw-away cache).
+
+    ``tokenizer`` is a tokenizer or a :class:`LazyTokenizer`; ``token_files`` a
+    :class:`~mergeopt.export.token_files.TokenFiles` (how stored ids are read; default: from the
+    tokenizer, or as the files say).
+    """
     # imported here: the resume module imports torch, which `mergeopt --help` (that lists the
     # export formats, whose registry imports this module) must answer without
+    from mergeopt.export import token_files as stored
     from mergeopt.runtime.resume import check_interrupt
 
+    given = tokenizer
+    lazy = given if isinstance(given, LazyTokenizer) else LazyTokenizer(lambda: given)
+    kind = stored.kind_of(Path(path))
+    if kind is not None:
+        return stored.measure(kind, Path(path), lazy, token_files or stored.TokenFiles())
+    tokenizer = lazy()
     source = source_of(path)
     with tempfile.TemporaryDirectory(prefix="mergeopt-export-") as cache:
         dataset = load(source, cache)
@@ -153,8 +180,8 @@ def measure(path: Path, tokenizer) -> DomainStats:
     return DomainStats(samples=samples, tokens=tokens)
 
 
-def measure_all(datasets: Mapping[str, Path], tokenizer) -> dict[str, DomainStats]:
-    return {name: measure(path, tokenizer) for name, path in datasets.items()}
+def measure_all(datasets: Mapping[str, Path], tokenizer, token_files=None) -> dict[str, DomainStats]:
+    return {name: measure(path, tokenizer, token_files) for name, path in datasets.items()}
 
 
 def load_tokenizer(path: str, gguf_file: str | None = None, trust_remote_code: bool = False):

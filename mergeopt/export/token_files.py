@@ -1,0 +1,285 @@
+"""Samples and tokens of data already in a trainer's own format: MDS, Megatron indexed datasets, OLMo token files.
+
+The export's sample shares, counts, epochs and repetition refusal are only as true as the sizes
+they divide by, so they must come from the files the trainer will read, not from a JSONL copy.
+Which format a ``--datasets`` path is in follows from the path itself:
+
+- an **MDS directory** (MosaicML streaming, what llm-foundry's streams read): a directory with
+  ``index.json``. Read with streaming's own shard readers (``reader_from_json``, as its
+  ``LocalDataset`` does), one sample at a time; pickled columns are refused (streaming calls them
+  unsafe). A ``tokens`` or ``input_ids`` column is token ids, counted as stored: an ndarray or list
+  has its length, bytes are ids of ``--token-dtype`` (default int64, llm-foundry's
+  ``token_encoding_type``). Otherwise the samples are records (``text``, ``prompt``/``completion``,
+  multiple choice), tokenised exactly as :mod:`mergeopt.export.token_stats` counts JSONL.
+- a **Megatron indexed dataset**: ``PREFIX`` with ``PREFIX.bin`` and ``PREFIX.idx`` (or either file).
+  Read with megatron-core's ``IndexedDataset``, whose index is memory-mapped: samples are documents
+  (``document_indices``), tokens the sum of the sequence lengths; a ``.bin`` whose size disagrees
+  with its index is refused.
+- **OLMo token files**: a ``.npy`` file or a glob of them (``'dir/*.npy'``, quoted; OLMo-core expands
+  globs in ``paths`` the same way, sorted): raw token-id arrays with every document ended by the
+  EOS id, as the Dolma toolkit writes them. Tokens are ``file size // itemsize`` (what OLMo-core
+  counts), documents the EOS ids, counted over a ``np.memmap`` in chunks: OLMo-core's own
+  ``iter_document_indices`` builds a mask of the whole array, a byte per token. The file says
+  neither its dtype nor its EOS id, so they come from ``--token-dtype`` and ``--eos-id``, else from
+  the tokenizer (its EOS id; the smallest unsigned dtype that holds its vocabulary, OLMo-core's
+  ``NumpyDatasetConfig.get_dtype`` rule). A file that does not end with that EOS id (a wrong dtype
+  or id reads it so), an ``np.save`` file, or a size that is not whole tokens is refused.
+
+No tokenizer is loaded for stored ids. The libraries are optional: without one, a single line
+says what to pip install. Nothing is loaded whole into memory.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import sys
+import types
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mergeopt.errors import UserError
+from mergeopt.export.token_stats import BATCH, DomainStats, count_tokens
+
+TOKEN_DTYPES = ("uint8", "uint16", "uint32", "uint64", "int32", "int64")  # --token-dtype
+MDS_TOKEN_COLUMNS = ("tokens", "input_ids")  # llm-foundry's pretraining and fine-tuning ids
+MDS_BYTES_DTYPE = "int64"  # llm-foundry's default token_encoding_type for a bytes column
+NPY_MAGIC = b"\x93NUMPY"  # what np.save writes first
+CHUNK = 1 << 24  # tokens compared with the EOS id at a time
+
+
+@dataclass(frozen=True)
+class TokenFiles:
+    """How stored token ids are read where the files do not say (``--token-dtype``, ``--eos-id``)."""
+
+    dtype: str | None = None
+    eos_id: int | None = None
+
+    def __post_init__(self):
+        if self.dtype is not None and self.dtype not in TOKEN_DTYPES:
+            raise UserError(
+                f"--token-dtype {self.dtype}: token ids are stored as one of {', '.join(TOKEN_DTYPES)}"
+            )
+        if self.eos_id is not None and self.eos_id < 0:
+            raise UserError(f"--eos-id {self.eos_id}: a token id is not negative")
+
+
+def kind_of(path: Path) -> str | None:
+    """'mds', 'megatron' or 'olmo' for data in a trainer's own format; None for records (JSONL ...)."""
+    if "*" in str(path) or path.suffix == ".npy":
+        return "olmo"
+    if path.is_dir() and (path / "index.json").is_file():
+        return "mds"
+    if path.suffix in (".bin", ".idx") or (Path(f"{path}.bin").is_file() and Path(f"{path}.idx").is_file()):
+        return "megatron"
+    return None
+
+
+def measure(kind: str, path: Path, tokenizer: Callable[[], Any], options: TokenFiles) -> DomainStats:
+    """Samples and tokens of ``path`` in format ``kind``; ``tokenizer()`` is called only for text."""
+    if kind == "mds":
+        samples, tokens = _mds(path, tokenizer, options)
+    elif kind == "megatron":
+        samples, tokens = _megatron(path)
+    else:
+        samples, tokens = _olmo(path, tokenizer, options)
+    if samples == 0:
+        raise UserError(f"{path}: the dataset is empty")
+    if tokens == 0:
+        raise UserError(f"{path}: every record tokenises to nothing")
+    return DomainStats(samples=samples, tokens=tokens)
+
+
+# ----------------------------------------------------------------------------- MDS (streaming)
+
+
+def _streaming_format():
+    """streaming's shard readers. Its package imports its vision datasets, which need torchvision
+    (a dependency of a full install); mergeopt reads no image, so without torchvision an empty
+    ``streaming.vision`` stands in for them."""
+    try:
+        from streaming.base import format as mds
+    except ModuleNotFoundError as err:
+        if err.name != "torchvision":
+            raise UserError(
+                f"reading an MDS directory needs MosaicML streaming ({err.name} is missing): "
+                "pip install mosaicml-streaming"
+            ) from None
+        sys.modules.setdefault("streaming.vision", types.ModuleType("streaming.vision"))
+        from streaming.base import format as mds
+    return mds
+
+
+def _shards(path: Path) -> list:
+    try:
+        index = json.loads((path / "index.json").read_text())
+        infos = index["shards"] if isinstance(index, dict) else None
+        assert isinstance(infos, list), "no list of shards"
+    except (OSError, ValueError, KeyError, AssertionError) as err:
+        detail = " ".join(str(err).split())[:200] or type(err).__name__
+        raise UserError(f"{path / 'index.json'}: not a readable MDS index ({detail})") from None
+    mds = _streaming_format()
+    try:
+        shards = [mds.reader_from_json(str(path), "", info) for info in infos]
+        for shard in shards:
+            shard.validate(allow_unsafe_types=False)
+    except Exception as err:  # not JSON, not streaming's index, or an unsafe (pickled) column
+        detail = " ".join(str(err).split())[:200] or type(err).__name__
+        raise UserError(f"{path / 'index.json'}: not a readable MDS index ({detail})") from None
+    return shards
+
+
+def _samples(path: Path, shards: list) -> Iterator[dict[str, Any]]:
+    from mergeopt.runtime.resume import check_interrupt
+
+    for shard in shards:
+        raw = path / shard.file_pairs[0][0].basename
+        if not raw.is_file():
+            raise UserError(f"{path}: shard {raw.name} is missing (a compressed shard: decompress it first)")
+        for i, sample in enumerate(shard):
+            if i % BATCH == 0:
+                check_interrupt(f"counting the tokens of {path}")
+            yield sample
+
+
+def _stored_ids(value, where: str, dtype: np.dtype) -> int:
+    if isinstance(value, bytes):
+        if len(value) % dtype.itemsize:
+            raise UserError(
+                f"{where}: {len(value)} bytes are not whole {dtype.name} token ids (set --token-dtype)"
+            )
+        return len(value) // dtype.itemsize
+    if isinstance(value, np.ndarray | list | tuple):
+        return len(value)
+    raise UserError(f"{where}: token ids must be bytes, an ndarray or a list, not {type(value).__name__}")
+
+
+def _mds(path: Path, tokenizer: Callable[[], Any], options: TokenFiles) -> tuple[int, int]:
+    from mergeopt.objectives.data import _validated
+
+    shards = _shards(path)
+    names = set(shards[0].column_names) if shards else set()
+    column = next((c for c in MDS_TOKEN_COLUMNS if c in names), None)
+    dtype = np.dtype(options.dtype or MDS_BYTES_DTYPE)
+    samples, tokens, batch = 0, 0, []
+    for sample in _samples(path, shards):
+        samples += 1
+        where = f"{path}: sample {samples}"
+        if column is not None:
+            tokens += _stored_ids(sample.get(column), where, dtype)
+            continue
+        batch.append(_validated({k: v for k, v in sample.items() if v is not None}, where))
+        if len(batch) == BATCH:
+            tokens += count_tokens(batch, tokenizer())
+            batch = []
+    if batch:
+        tokens += count_tokens(batch, tokenizer())
+    return samples, tokens
+
+
+# ----------------------------------------------------------------------------- Megatron
+
+
+def _megatron(path: Path) -> tuple[int, int]:
+    prefix = Path(str(path)[: -len(path.suffix)]) if path.suffix in (".bin", ".idx") else path
+    for suffix in (".bin", ".idx"):
+        if not Path(f"{prefix}{suffix}").is_file():
+            raise UserError(f"{path}: a Megatron indexed dataset needs {prefix}{suffix}, which is missing")
+    try:
+        with warnings.catch_warnings():  # megatron.core warns that Transformer Engine is absent
+            warnings.simplefilter("ignore")
+            from megatron.core.datasets.indexed_dataset import IndexedDataset
+    except ModuleNotFoundError as err:
+        raise UserError(
+            f"reading a Megatron indexed dataset needs megatron-core ({err.name} is missing): "
+            "pip install megatron-core"
+        ) from None
+    try:
+        dataset = IndexedDataset(str(prefix), mmap=True)
+        index = dataset.index
+        tokens = int(index.sequence_lengths.sum(dtype=np.int64))
+        documents = max(len(index.document_indices) - 1, 0)
+        expected = tokens * index.dtype_size
+    except Exception as err:  # a bad header or version, an index shorter than its counts
+        detail = " ".join(str(err).split())[:200] or type(err).__name__
+        raise UserError(f"{prefix}.idx: not a readable Megatron index ({detail})") from None
+    size = Path(f"{prefix}.bin").stat().st_size
+    if size != expected:
+        raise UserError(
+            f"{prefix}.bin holds {size:,} bytes, but its .idx lists {tokens:,} tokens ({expected:,} bytes)"
+        )
+    return documents, tokens
+
+
+# ----------------------------------------------------------------------------- OLMo token files
+
+
+def _olmo_files(path: Path) -> list[Path]:
+    if "*" not in str(path):
+        return [path]
+    files = [Path(f) for f in sorted(glob.glob(str(path))) if Path(f).is_file()]
+    if not files:
+        raise UserError(f"{path}: the glob matches no file")
+    return files
+
+
+def _olmo_layout(path: Path, tokenizer: Callable[[], Any], options: TokenFiles) -> tuple[np.dtype, int]:
+    """The dtype and EOS id of OLMo token files: the flags, else the tokenizer's, never a guess."""
+    if options.dtype is not None and options.eos_id is not None:
+        return np.dtype(options.dtype), options.eos_id
+    try:
+        tok = tokenizer()
+    except UserError:
+        tok = None
+    if tok is None:
+        raise UserError(
+            f"{path}: OLMo token files do not say their dtype or EOS id: pass --token-dtype and "
+            "--eos-id, or --tokenizer (its EOS id, and the smallest dtype that holds its vocabulary)"
+        )
+    eos = options.eos_id if options.eos_id is not None else tok.eos_token_id
+    if eos is None:
+        raise UserError(f"{path}: the tokenizer has no EOS token to split OLMo token files on: pass --eos-id")
+    if options.dtype is not None:
+        return np.dtype(options.dtype), int(eos)
+    top = len(tok) - 1  # OLMo-core's NumpyDatasetConfig.get_dtype: the smallest that holds every id
+    dtype = next(np.dtype(d) for d in TOKEN_DTYPES[:4] if top <= np.iinfo(d).max)
+    return dtype, int(eos)
+
+
+def _olmo(path: Path, tokenizer: Callable[[], Any], options: TokenFiles) -> tuple[int, int]:
+    from mergeopt.runtime.resume import check_interrupt
+
+    files = _olmo_files(path)
+    dtype, eos = _olmo_layout(path, tokenizer, options)
+    documents, tokens = 0, 0
+    for file in files:
+        if not file.is_file():
+            raise UserError(f"{file}: no such token file")
+        size = file.stat().st_size
+        with file.open("rb") as handle:
+            if handle.read(len(NPY_MAGIC)) == NPY_MAGIC:
+                raise UserError(
+                    f"{file} is an np.save file, but OLMo-core reads raw token arrays (np.memmap, no "
+                    "header): write the ids with ndarray.tofile"
+                )
+        if size % dtype.itemsize:
+            raise UserError(f"{file}: {size:,} bytes are not whole {dtype.name} tokens (check --token-dtype)")
+        if size == 0:
+            continue
+        ids = np.memmap(file, dtype=dtype, mode="r")
+        if int(ids[-1]) != eos:
+            raise UserError(
+                f"{file}: read as {dtype.name}, it does not end with the EOS id {eos} that ends every "
+                "document (check --token-dtype and --eos-id)"
+            )
+        for start in range(0, len(ids), CHUNK):
+            check_interrupt(f"counting the documents of {file}")
+            documents += int(np.count_nonzero(ids[start : start + CHUNK] == eos))
+        tokens += len(ids)
+        del ids
+    return documents, tokens
