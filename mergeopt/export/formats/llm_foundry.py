@@ -10,7 +10,8 @@ proportion`` samples per stream; the docs page "Mixing Datasets"
 passes each ``train_loader.dataset.streams`` entry to ``Stream``. A stream's unit is one sample (one
 prompt/response for finetuning), so mergeopt writes sample shares as ``proportion``; with a budget
 it writes the exact sample counts as ``choose`` (streaming derives ``repeat`` = choose / stream
-size). ``local`` is the path given to ``--datasets``: point it at the MDS directory of that domain.
+size). ``local`` is the path given to ``--datasets``: point it at the MDS directory of that domain,
+which is then what the counts are measured from (:mod:`mergeopt.export.token_files`).
 Streaming refuses two streams with one ``local`` directory (streaming/base/shared/prefix.py,
 ``_check_self``: "Reused local directory"), so two domains given the same path are refused here.
 Checked against mosaicml-streaming 0.13.0 and llm-foundry's llmfoundry/data/text_data.py

@@ -9,7 +9,8 @@ weight2 prefix2"; NVIDIA/NeMo examples/nlp/language_modeling/conf/megatron_gpt_c
 The blended dataset draws fixed-length sequences of ``seq_length`` tokens in proportion to the
 weights, so the weights are token shares: mergeopt writes the fitted token shares. Each path must be
 the prefix of an indexed dataset (``PREFIX.bin``/``PREFIX.idx`` from tools/preprocess_data.py); a
-``.bin`` or ``.idx`` given to ``--datasets`` is cut to its prefix.
+``.bin`` or ``.idx`` given to ``--datasets`` is cut to its prefix. Under a budget the indexed
+dataset itself is measured (:mod:`mergeopt.export.token_files`: documents, summed sequence lengths).
 
 NeMo: nemo-toolkit 3.0.0 (the current release) is speech and audio only and reads no LLM data
 mixture; its README points to v2.7 as the last release with more modalities, and NeMo's LLM training

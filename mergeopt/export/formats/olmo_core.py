@@ -9,8 +9,9 @@ max_source_fraction=1.0)`` requires 0 < target_ratio <= 1 and max_repetition_rat
 ``tokens_available * max_source_fraction * max_repetition_ratio``. OLMo-core counts tokens of its
 pre-tokenized numpy files, so target_ratio is a token share: mergeopt writes the fitted token
 shares. With a budget it sets ``requested_tokens`` and each ``max_repetition_ratio`` to what the
-budget needs (at least 1), measured with the run's tokenizer; ``global_batch_size`` is the
-trainer's to set. ``paths`` are what ``--datasets`` gave: point them at the tokenized .npy files.
+budget needs (at least 1), measured from ``--datasets``: the token files themselves
+(:mod:`mergeopt.export.token_files`, OLMo-core's own count, EOS included), or records counted with
+the run's tokenizer; ``global_batch_size`` is the trainer's to set. ``paths`` are what ``--datasets`` gave: point them at the tokenized .npy files.
 Those are raw token arrays, not ``np.save`` files: OLMo-core counts ``file size // itemsize`` tokens
 and reads them with ``np.memmap(path, dtype)`` at offset 0 (src/olmo_core/data/utils.py), so a file
 with a NumPy header would have its header read as tokens; such a path is refused here. Checked
