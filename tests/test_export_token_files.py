@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -318,3 +319,13 @@ def test_bad_token_files_are_refused_in_one_line(world, megatron, olmo, tmp_path
     ]
     for fmt, paths, options, says in cases:
         assert says in _refused(world, bad, capsys, fmt, paths, *options)
+
+
+def test_a_missing_reader_library_is_one_line_naming_the_package(
+    world, mds, megatron, tmp_path, capsys, monkeypatch
+):
+    """Without megatron-core, or without streaming, the export says which package to pip install."""
+    monkeypatch.setitem(sys.modules, "megatron.core.datasets.indexed_dataset", None)  # import fails
+    assert "pip install megatron-core" in _refused(world, tmp_path, capsys, "megatron", megatron)
+    monkeypatch.setitem(sys.modules, "streaming.base", None)
+    assert "pip install mosaicml-streaming" in _refused(world, tmp_path, capsys, "megatron", mds["ndarray"])
