@@ -14,6 +14,7 @@ import importlib.util
 import json
 import re
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,17 @@ from mergeopt.worlds import toy
 from tests.export_world import SIZES, WEIGHTS, build_world, export, measured_stats, yaml_body
 
 EOS = 2  # the toy tokenizer's
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_torchvision_needed():
+    """streaming's package imports its vision datasets, hence torchvision, which the test
+    environment's no-deps install of streaming lacks (requirements/export-frameworks.txt) and no MDS
+    read needs: an empty streaming.vision stands in for it while this module's tests run."""
+    with pytest.MonkeyPatch.context() as patch:
+        if importlib.util.find_spec("torchvision") is None:
+            patch.setitem(sys.modules, "streaming.vision", types.ModuleType("streaming.vision"))
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +78,7 @@ def _export(world, fmt: str, tmp_path: Path, paths: dict, *extra: str) -> str:
 
 
 def _streaming():
-    """streaming's package (through mergeopt's import, which stands in for torchvision's datasets)."""
+    """streaming's package, or a skip when it is not installed."""
     if importlib.util.find_spec("streaming") is None:
         pytest.skip("mosaicml-streaming is not installed")
     _streaming_format()

@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import glob
 import json
-import sys
-import types
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -99,19 +97,15 @@ def measure(kind: str, path: Path, tokenizer: Callable[[], Any], options: TokenF
 
 
 def _streaming_format():
-    """streaming's shard readers. Its package imports its vision datasets, which need torchvision
-    (a dependency of a full install); mergeopt reads no image, so without torchvision an empty
-    ``streaming.vision`` stands in for them."""
+    """streaming's shard readers; a missing package, or one installed without its dependencies
+    (its package imports its vision datasets, hence torchvision), is one line."""
     try:
         from streaming.base import format as mds
     except ModuleNotFoundError as err:
-        if err.name != "torchvision":
-            raise UserError(
-                f"reading an MDS directory needs MosaicML streaming ({err.name} is missing): "
-                "pip install mosaicml-streaming"
-            ) from None
-        sys.modules.setdefault("streaming.vision", types.ModuleType("streaming.vision"))
-        from streaming.base import format as mds
+        raise UserError(
+            f"reading an MDS directory needs MosaicML streaming with its dependencies ({err.name} "
+            "is missing): pip install mosaicml-streaming"
+        ) from None
     return mds
 
 
