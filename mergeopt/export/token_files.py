@@ -42,7 +42,8 @@ from typing import Any
 import numpy as np
 
 from mergeopt.errors import UserError
-from mergeopt.export.token_stats import BATCH, DomainStats, count_tokens
+
+BATCH = 1000  # records tokenised per call and samples between Ctrl-C checks
 
 TOKEN_DTYPES = ("uint8", "uint16", "uint32", "uint64", "int32", "int64")  # --token-dtype
 MDS_TOKEN_COLUMNS = ("tokens", "input_ids")  # llm-foundry's pretraining and fine-tuning ids
@@ -78,10 +79,19 @@ def kind_of(path: Path) -> str | None:
     return None
 
 
-def measure(kind: str, path: Path, tokenizer: Callable[[], Any], options: TokenFiles) -> DomainStats:
-    """Samples and tokens of ``path`` in format ``kind``; ``tokenizer()`` is called only for text."""
+def measure(
+    kind: str,
+    path: Path,
+    tokenizer: Callable[[], Any],
+    options: TokenFiles,
+    count_text: Callable[[list[dict[str, Any]]], int],
+) -> tuple[int, int]:
+    """(samples, tokens) of ``path`` in format ``kind``. ``tokenizer()`` is called only where the
+    files say it is needed; ``count_text(records)`` counts the tokens of records holding text as
+    :mod:`mergeopt.export.token_stats` counts JSONL (which calls this module: the dependency runs
+    one way)."""
     if kind == "mds":
-        samples, tokens = _mds(path, tokenizer, options)
+        samples, tokens = _mds(path, options, count_text)
     elif kind == "megatron":
         samples, tokens = _megatron(path)
     else:
@@ -90,7 +100,7 @@ def measure(kind: str, path: Path, tokenizer: Callable[[], Any], options: TokenF
         raise UserError(f"{path}: the dataset is empty")
     if tokens == 0:
         raise UserError(f"{path}: every record tokenises to nothing")
-    return DomainStats(samples=samples, tokens=tokens)
+    return samples, tokens
 
 
 # ----------------------------------------------------------------------------- MDS (streaming)
@@ -153,7 +163,9 @@ def _stored_ids(value, where: str, dtype: np.dtype) -> int:
     raise UserError(f"{where}: token ids must be bytes, an ndarray or a list, not {type(value).__name__}")
 
 
-def _mds(path: Path, tokenizer: Callable[[], Any], options: TokenFiles) -> tuple[int, int]:
+def _mds(
+    path: Path, options: TokenFiles, count_text: Callable[[list[dict[str, Any]]], int]
+) -> tuple[int, int]:
     from mergeopt.objectives.data import _validated
 
     shards = _shards(path)
@@ -169,10 +181,10 @@ def _mds(path: Path, tokenizer: Callable[[], Any], options: TokenFiles) -> tuple
             continue
         batch.append(_validated({k: v for k, v in sample.items() if v is not None}, where))
         if len(batch) == BATCH:
-            tokens += count_tokens(batch, tokenizer())
+            tokens += count_text(batch)
             batch = []
     if batch:
-        tokens += count_tokens(batch, tokenizer())
+        tokens += count_text(batch)
     return samples, tokens
 
 

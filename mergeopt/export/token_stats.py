@@ -162,7 +162,11 @@ def measure(path: Path, tokenizer, token_files=None) -> DomainStats:
     lazy = given if isinstance(given, LazyTokenizer) else LazyTokenizer(lambda: given)
     kind = stored.kind_of(Path(path))
     if kind is not None:
-        return stored.measure(kind, Path(path), lazy, token_files or stored.TokenFiles())
+        options = token_files or stored.TokenFiles()
+        samples, tokens = stored.measure(
+            kind, Path(path), lazy, options, lambda records: count_tokens(records, lazy())
+        )
+        return DomainStats(samples=samples, tokens=tokens)
     tokenizer = lazy()
     source = source_of(path)
     with tempfile.TemporaryDirectory(prefix="mergeopt-export-") as cache:
