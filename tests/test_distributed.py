@@ -6,11 +6,13 @@ gradient, so the run must match a single-process run up to float summation order
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -172,10 +174,29 @@ def test_a_sharded_fit_killed_under_torchrun_resumes_to_the_same_mixture(single_
     assert (out / "mixture.json").read_bytes() == (whole_dir / "mixture.json").read_bytes()
 
 
+LM_EVAL_TASKS = ("mergeopt_arith_ppl", "mergeopt_arith_gen")
+
+
+def _lm_eval_terms(dev: str, tasks: Path) -> list[dict]:
+    """A loglikelihood task's perplexity and a generation task's exact match over ``dev`` (local
+    lm-eval tasks written into ``tasks``)."""
+    from tests.conftest import lm_eval_generation_yaml, lm_eval_task_yaml
+
+    tasks.mkdir()
+    (tasks / "ppl.yaml").write_text(lm_eval_task_yaml(LM_EVAL_TASKS[0], {"validation": dev}, "perplexity"))
+    (tasks / "gen.yaml").write_text(lm_eval_generation_yaml(LM_EVAL_TASKS[1], dev, max_gen_toks=3))
+    common = {"kind": "lm_eval", "include_path": str(tasks), "limit": 8}
+    return [
+        {**common, "task": LM_EVAL_TASKS[0], "metric": "perplexity", "higher_is_better": False},
+        {**common, "task": LM_EVAL_TASKS[1], "metric": "exact_match"},
+    ]
+
+
 def test_a_sharded_stack_scores_metric_terms_as_one_process_does(random_world, tmp_path):
-    """Generation (exact match) and a user's metric function under model.shard=fsdp: every rank
-    runs each forward pass of every record (generate's synced_gpus keeps them in step), and the
-    grid's scores equal a single process's."""
+    """Generation (exact match), a user's metric function and lm-eval-harness tasks under
+    model.shard=fsdp: every rank runs each forward pass of every record (generate's synced_gpus
+    keeps them in step; lm-eval, handed the model as one process's, runs its whole task on every
+    rank), and the grid's scores equal a single process's."""
     terms = [
         {"kind": "exact_match", "dev": "arith", "max_new_tokens": 4},
         {
@@ -186,6 +207,8 @@ def test_a_sharded_stack_scores_metric_terms_as_one_process_does(random_world, t
             "higher_is_better": False,
         },
     ]
+    if importlib.util.find_spec("lm_eval") is not None:  # the [lm-eval] extra, in '.[dev]'
+        terms += _lm_eval_terms(random_world["dev"]["arith"], tmp_path / "tasks")
     search = {"strategy": "grid", "grid": {"divisions": 2}}
     tree = recipe_tree(random_world, tmp_path / "one", search=search, objective={"terms": terms})
     path = tmp_path / "recipe.yaml"
@@ -202,64 +225,11 @@ def test_a_sharded_stack_scores_metric_terms_as_one_process_does(random_world, t
     log_many = pd.read_csv(tmp_path / "sharded" / "evaluations.csv").drop(
         columns=["seconds", "process"], errors="ignore"
     )
-    assert {"exact_match:arith", "nll"} <= set(log_one.columns)
-    assert log_one["nll"].nunique() == len(log_one)  # the metric moves with w: a real comparison
+    moving = ["nll"] + [f"lm_eval:{LM_EVAL_TASKS[0]}"] * (len(terms) > 2)
+    assert {"exact_match:arith", *moving} <= set(log_one.columns)
+    for column in moving:  # the metric moves with w: a real comparison
+        assert log_one[column].nunique() == len(log_one), column
     pd.testing.assert_frame_equal(log_one, log_many, rtol=1e-6)
-
-
-LM_EVAL_TASKS = ("mergeopt_tiny_arith_ppl", "mergeopt_tiny_arith_gen")
-
-
-@pytest.fixture(scope="module")
-def lm_eval_runs(tiny_world, tmp_path_factory):
-    """A grid fit on two lm-eval terms (a loglikelihood task's perplexity, a generation task's exact
-    match) in one process, the reference of the torchrun runs below (made on first use)."""
-    pytest.importorskip("lm_eval")
-    from tests.conftest import lm_eval_generation_yaml, lm_eval_task_yaml, lm_eval_tree
-
-    root = tmp_path_factory.mktemp("lm_eval_torchrun")
-    dev = tiny_world / "dev" / "arith.jsonl"
-    tasks = root / "tasks"
-    tasks.mkdir()
-    (tasks / "ppl.yaml").write_text(lm_eval_task_yaml(LM_EVAL_TASKS[0], {"validation": dev}, "perplexity"))
-    (tasks / "gen.yaml").write_text(lm_eval_generation_yaml(LM_EVAL_TASKS[1], dev, max_gen_toks=4))
-    tree = lm_eval_tree(tiny_world, root / "one", {"task": LM_EVAL_TASKS[0]}, divisions=2)
-    tree["objective"]["terms"] = [
-        {"kind": "lm_eval", "task": task, "include_path": str(tasks), "limit": 24, **metric}
-        for task, metric in zip(
-            LM_EVAL_TASKS, [{"metric": "perplexity", "higher_is_better": False}, {"metric": "exact_match"}]
-        )
-    ]
-    path = root / "recipe.yaml"
-    path.write_text(yaml.safe_dump(tree))
-    single = run_in_process("fit", str(path), "--quiet")
-    assert single.returncode == 0, single.stderr
-    return path, root / "one"
-
-
-@pytest.mark.parametrize("shard", ["none", "fsdp"])
-def test_lm_eval_terms_under_torchrun_score_as_one_process_does(lm_eval_runs, tmp_path, shard):
-    """lm-eval-harness terms under torchrun: with the candidates split over the ranks, every rank
-    gets lm-eval's number for its own (lm-eval returns results only where LOCAL_RANK is 0); with a
-    sharded stack, every rank runs the whole task on each candidate, generation kept in step. The
-    evaluation log equals a single process's, and the scores move with w."""
-    path, one_dir = lm_eval_runs
-    job = _torchrun(path, f"output_dir={tmp_path / 'two'}", f"model.shard={shard}")
-    assert job.returncode == 0, job.stderr[-3000:]
-    two = json.loads((tmp_path / "two" / "mixture.json").read_text())
-    assert (two["processes"], two["shard"]) == (2, shard)
-    assert two["search"]["scoring"] == ("together" if shard == "fsdp" else "split")
-    if shard == "none":
-        assert min(two["search"]["evaluations_per_process"]) >= 1  # rank 1 scored candidates itself
-    log_one = pd.read_csv(one_dir / "evaluations.csv").drop(columns=["seconds", "process"], errors="ignore")
-    log_two = pd.read_csv(tmp_path / "two" / "evaluations.csv").drop(
-        columns=["seconds", "process"], errors="ignore"
-    )
-    labels = [f"lm_eval:{task}" for task in LM_EVAL_TASKS]
-    assert set(labels) <= set(log_one.columns)
-    assert log_one[labels[0]].nunique() == len(log_one)  # perplexity moves with w: a real comparison
-    assert log_one[labels[1]].max() > log_one[labels[1]].min()  # the arith expert answers, markov not
-    pd.testing.assert_frame_equal(log_one, log_two, rtol=1e-6)
 
 
 def test_a_sharded_run_whose_micro_batch_does_not_split_is_refused_in_one_line(random_world, tmp_path):

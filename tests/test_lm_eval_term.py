@@ -81,6 +81,39 @@ def test_every_torchrun_rank_gets_lm_evals_number(tiny_world, task_dir, monkeypa
     assert expected > 0.3  # the arith expert adds: not a vacuous zero
 
 
+def test_lm_evals_number_without_its_run_metadata(tiny_world, task_dir, monkeypatch):
+    """simple_evaluate collects the environment (torch's collect_env: `pip list` and more, about
+    1.5 s a call) beside its results; mergeopt's call skips it and gets lm-eval's own number, and
+    lm-eval's collectors are back in place after the call."""
+    import lm_eval
+    import lm_eval.evaluator
+    import torch.utils.collect_env as collect_env
+    from lm_eval.models.huggingface import HFLM
+
+    from mergeopt.objectives.lm_eval_term import _task_manager
+
+    collected = []
+    monkeypatch.setattr(collect_env, "get_pretty_env_info", lambda: collected.append(1) or "")
+    originals = (lm_eval.evaluator.add_env_info, lm_eval.evaluator.get_git_commit_hash)
+    path = tiny_world / "experts" / "arith"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ours = lm_eval_score(_term(task_dir, limit=16), model, tokenizer, 32, "cpu")
+    assert collected == []
+    assert (lm_eval.evaluator.add_env_info, lm_eval.evaluator.get_git_commit_hash) == originals
+    theirs = lm_eval.simple_evaluate(
+        model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=32, device="cpu"),
+        tasks=[TASK],
+        task_manager=_task_manager(str(task_dir)),
+        limit=16,
+        bootstrap_iters=0,
+        log_samples=False,
+        verbosity="ERROR",
+    )
+    assert collected == [1]  # lm-eval's own call collects it: the check above can fail
+    assert theirs["results"][TASK]["acc,none"] == ours and ours > 0.3
+
+
 def test_unknown_task_and_metric_are_named(tiny_world, task_dir):
     path = tiny_world / "experts" / "arith"
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import logging
 import os
 
@@ -163,6 +164,28 @@ def _results_here():
         os.environ["LOCAL_RANK"] = saved
 
 
+# what lm-eval's simple_evaluate records beside its results on every call: the environment (torch's
+# collect_env, which runs `pip list` and other programs, about 1.5 s, 94% of a call on the tiny world)
+# and the git commit (a `git describe`); a fit reads one metric per candidate and discards them
+RUN_METADATA = {"add_env_info": lambda results: None, "get_git_commit_hash": lambda: None}
+
+
+@contextlib.contextmanager
+def _without_run_metadata():
+    """simple_evaluate with the collectors of :data:`RUN_METADATA` standing down (its results are
+    unchanged: they are written into a separate ``config`` entry), restored after the call. lm-eval
+    offers no option for it; a version without these names is left as it is."""
+    evaluator = importlib.import_module("lm_eval.evaluator")
+    saved = {name: getattr(evaluator, name) for name in RUN_METADATA if hasattr(evaluator, name)}
+    for name in saved:
+        setattr(evaluator, name, RUN_METADATA[name])
+    try:
+        yield
+    finally:
+        for name, original in saved.items():
+            setattr(evaluator, name, original)
+
+
 def lm_eval_score(
     term: ObjectiveTerm, model: torch.nn.Module, tokenizer, batch_size: int, device: torch.device | str
 ) -> float:
@@ -173,7 +196,7 @@ def lm_eval_score(
         pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device)
     )
     wrapper.synced_generation = is_sharded(model)
-    with _results_here():
+    with _results_here(), _without_run_metadata():
         results = lm_eval.simple_evaluate(
             model=wrapper,
             tasks=[term.task],
