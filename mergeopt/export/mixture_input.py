@@ -145,6 +145,12 @@ def is_megatron_prefix(path: Path) -> bool:
     return Path(f"{path}.bin").is_file() and Path(f"{path}.idx").is_file()
 
 
+def megatron_prefix(path: Path) -> str:
+    """The prefix of a Megatron indexed dataset: a ``.bin`` or ``.idx`` path cut to it, else itself."""
+    text = str(path)
+    return text[: -len(path.suffix)] if path.suffix in (".bin", ".idx") else text
+
+
 def recipe_datasets(recipe, mixture: Mixture) -> dict[str, Path]:
     """The run's own training data (recipe ``train.data``) when the recipe has it, all of it present.
 

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from mergeopt.errors import UserError
+from mergeopt.export.mixture_input import is_megatron_prefix, megatron_prefix
 
 BATCH = 1000  # records tokenised per call and samples between Ctrl-C checks
 
@@ -74,7 +75,7 @@ def kind_of(path: Path) -> str | None:
         return "olmo"
     if path.is_dir() and (path / "index.json").is_file():
         return "mds"
-    if path.suffix in (".bin", ".idx") or (Path(f"{path}.bin").is_file() and Path(f"{path}.idx").is_file()):
+    if path.suffix in (".bin", ".idx") or is_megatron_prefix(path):
         return "megatron"
     return None
 
@@ -192,7 +193,7 @@ def _mds(
 
 
 def _megatron(path: Path) -> tuple[int, int]:
-    prefix = Path(str(path)[: -len(path.suffix)]) if path.suffix in (".bin", ".idx") else path
+    prefix = megatron_prefix(path)
     for suffix in (".bin", ".idx"):
         if not Path(f"{prefix}{suffix}").is_file():
             raise UserError(f"{path}: a Megatron indexed dataset needs {prefix}{suffix}, which is missing")

@@ -165,8 +165,8 @@ def _results_here():
 
 
 # what lm-eval's simple_evaluate records beside its results on every call: the environment (torch's
-# collect_env, which runs `pip list` and other programs, about 1.5 s, 94% of a call on the tiny world)
-# and the git commit (a `git describe`); a fit reads one metric per candidate and discards them
+# collect_env, which runs `pip list` and other programs: on a small model, most of the call) and the
+# git commit (a `git describe`); a fit reads one metric per candidate and discards them
 RUN_METADATA = {"add_env_info": lambda results: None, "get_git_commit_hash": lambda: None}
 
 

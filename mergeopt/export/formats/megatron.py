@@ -35,11 +35,8 @@ from pathlib import Path
 import yaml
 
 from mergeopt.export.formats.base import Context, Format
-
-
-def prefix(path: Path) -> str:
-    text = str(path)
-    return text[: -len(path.suffix)] if path.suffix in (".bin", ".idx") else text
+from mergeopt.export.mixture_input import is_megatron_prefix
+from mergeopt.export.mixture_input import megatron_prefix as prefix
 
 
 def _pairs(ctx: Context) -> list[tuple[float, str]]:
@@ -50,7 +47,7 @@ def _notes(ctx: Context) -> list[str]:
     lines = []
     for name in ctx.plan.names:
         path = prefix(ctx.datasets[name])
-        if not (Path(f"{path}.bin").is_file() and Path(f"{path}.idx").is_file()):
+        if not is_megatron_prefix(Path(path)):
             lines.append(f"# {name}: {path} has no .bin/.idx: write the prefix of its preprocessed dataset")
     if ctx.plan.total_tokens is not None:
         lines.append(
