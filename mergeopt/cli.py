@@ -244,8 +244,8 @@ def _export(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--weights-are",
         choices=("tokens", "samples"),
-        default="tokens",
-        help="what the fitted weights are shares of (default: tokens)",
+        help="what the fitted weights are shares of (default: the unit mixture.json records, the "
+        "recipe's weights.unit; tokens for a file that records none)",
     )
     p.add_argument("--tokenizer", help="tokenizer to count with (default: the run's base)")
     p.add_argument(

@@ -195,6 +195,16 @@ class WeightsSection(_Strict):
     """Where the search starts on the simplex, and the constraints every mixture it returns meets
     (mergeopt.merging.constraints: bounds, pins and repetition caps make one box on the simplex)."""
 
+    unit: Literal["tokens", "samples"] = Field(
+        default="tokens",
+        description="What a mixture weight is a share of: training tokens (tokens, as pretraining "
+        "frameworks blend and as RegMix's and MergeMix's runs are mixed) or training samples "
+        "(samples, as interleave_datasets' probabilities). mergeopt train draws each example's domain "
+        "so that its runs train on these shares (tokens: domain i is drawn with probability "
+        "proportional to w_i over its mean tokens per example); mixture.json records it, and "
+        "mergeopt export reads its weights in this unit. The grid runs a fit is ranked against must "
+        "be mixed in the same unit. A repetition cap (max_epochs) needs tokens.",
+    )
     init: dict[str, float] | None = Field(
         default=None,
         description="Starting mixture {expert: w}, uniform when absent (with constraints: the most "
@@ -291,6 +301,11 @@ class WeightsSection(_Strict):
 
     @model_validator(mode="after")
     def _cap_parts_together(self) -> WeightsSection:
+        if self.max_epochs is not None and self.unit == "samples":
+            raise ValueError(
+                "weights.max_epochs caps token shares (w_i <= R * T_i / token_budget); with "
+                "weights.unit: samples it is not supported yet: cap the samples with weights.bounds"
+            )
         if self.max_epochs is not None and self.token_budget is None:
             raise ValueError("weights.max_epochs caps repetition within weights.token_budget: set it too")
         if self.max_epochs is None:

@@ -303,6 +303,7 @@ def _search_and_write(
         "schema_version": SCHEMA_VERSION,  # mergeopt.run_files.MixtureFile
         "status": "complete",
         "weights": weights,
+        "unit": resolved.weights.unit,
         **({} if record is None else {"constraints": record}),
         **(
             {}

@@ -164,6 +164,12 @@ class MixtureFile(_RunFile):
     weights: dict[str, StrictFloat] = Field(
         description="The recommended mixture {expert: w}, on the simplex."
     )
+    unit: Literal["tokens", "samples"] | None = Field(
+        default=None,
+        description="weights.unit: what each weight is a share of, training tokens or samples; "
+        "mergeopt export reads the weights in it. Absent in files from before it was recorded, which "
+        "export reads as tokens.",
+    )
     constraints: MixtureConstraints | None = Field(
         default=None, description="The constraints the weights meet; absent when the recipe set none."
     )

@@ -457,6 +457,19 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         ],
         "the upper bounds sum to 0.6, below 1 (alpha 0.1 (cap)",
     ),
+    "repetition cap on sample shares": (
+        "recipe",
+        "fit",
+        lambda w, t: [
+            _recipe(w, t),
+            "weights.unit=samples",
+            "weights.max_epochs=1",
+            "weights.token_budget=1000",
+            "weights.tokens={alpha: 100, beta: 200, gamma: 300}",
+        ],
+        "weights.max_epochs caps token shares (w_i <= R * T_i / token_budget); with weights.unit: "
+        "samples it is not supported yet",
+    ),
     "device without CUDA": (
         "recipe",
         "fit",
@@ -686,6 +699,21 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
             str(t / "out"),
         ],
         "repeats source 'alpha' (1,000 tokens recorded in mixture.json) 50 times, above the fit's weights.max_epochs 2",
+    ),
+    "export --weights-are against the unit mixture.json records": (
+        "export",
+        "export",
+        lambda w, t: [
+            str(_finished_run(w, t, lambda m: m.update(unit="samples"))),
+            "--to",
+            "doremi",
+            "--weights-are",
+            "tokens",
+            "--out",
+            str(t / "out"),
+        ],
+        "records its weights as sample shares (weights.unit: samples), so --weights-are tokens would "
+        "misread them",
     ),
     "export unknown dataset name": (
         "export",

@@ -452,6 +452,38 @@ def test_weights_given_as_sample_shares(world, tmp_path):
     assert flat[0::2] == pytest.approx([raw[n] / sum(raw.values()) for n in WEIGHTS], abs=1e-15)
 
 
+def _export_run(run, fmt: str, world: dict, out, *extra: str) -> int:
+    argv = [str(run), "--to", fmt, "--tokenizer", world["tokenizer"], "--out", str(out)]
+    return run_cli(main, [*argv, "--datasets", *(f"{n}={p}" for n, p in world["paths"].items()), *extra])
+
+
+def test_the_unit_mixture_json_records_is_read_without_a_flag(world, tmp_path):
+    """A fit with weights.unit: samples records it; the export reads the weights as sample shares,
+    exactly as --weights-are samples does on a file that records no unit."""
+    flagged = yaml_body(export(world, "nemo", tmp_path, "--weights-are", "samples"))
+    recorded = write_run(tmp_path / "samples-run", WEIGHTS, unit="samples")
+    for extra in ((), ("--weights-are", "samples")):  # the flag may repeat the recorded unit
+        out = tmp_path / f"recorded{len(extra)}.yaml"
+        assert _export_run(recorded, "nemo", world, out, *extra) == 0
+        assert yaml_body(out.read_text()) == flagged
+    tokens = write_run(tmp_path / "tokens-run", WEIGHTS, unit="tokens")
+    assert _export_run(tokens, "nemo", world, tmp_path / "tokens.yaml") == 0
+    assert yaml_body((tmp_path / "tokens.yaml").read_text()) == yaml_body(export(world, "nemo", tmp_path))
+    assert yaml_body((tmp_path / "tokens.yaml").read_text()) != flagged
+
+
+def test_a_flag_that_contradicts_the_recorded_unit_is_refused(world, tmp_path, capsys):
+    recorded = write_run(tmp_path / "samples-run", WEIGHTS, unit="samples")
+    out = tmp_path / "nemo.yaml"
+    assert _export_run(recorded, "nemo", world, out, "--weights-are", "tokens") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"mergeopt: error: {recorded} records its weights as sample shares (weights.unit: samples), so "
+        "--weights-are tokens would misread them: drop --weights-are"
+    ]
+    assert not out.exists()
+
+
 def test_to_all_writes_one_file_per_format(world, tmp_path):
     run = write_run(tmp_path / "run", WEIGHTS)
     fake = {"base": "/x/base", "experts": {n: f"/x/{n}" for n in WEIGHTS}, "dev": {"d": "/x/d.jsonl"}}

@@ -190,6 +190,10 @@ def test_train_resumed_after_kill_9_saves_the_same_models(random_world, tmp_path
         a = load_file(str(tmp_path / "whole" / run / "model.safetensors"))
         b = load_file(str(tmp_path / "killed" / run / "model.safetensors"))
         assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a), run
+        records = [json.loads((tmp_path / r / run / "run.json").read_text()) for r in ("whole", "killed")]
+        # the tokens each domain trained on count the steps before the kill too (replayed on resuming)
+        whole_run, killed_run = ((r["tokens"], r["domain_tokens"]) for r in records)
+        assert whole_run == killed_run, run
     grids = [
         pd.read_csv(tmp_path / r / "grid" / "grid.csv").drop(columns="path") for r in ("whole", "killed")
     ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -14,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from mergeopt.config import recipe_from_dict
 from mergeopt.errors import UserError
 from mergeopt.worlds import toy
-from mergeopt.worlds.train import RUN_MARKER, train
+from mergeopt.worlds.train import RUN_MARKER, _drawn_differently, train
 from tests.conftest import recipe_tree, write_jsonl
 
 DOMAINS = {"alpha": "arith", "beta": "reverse", "gamma": "markov"}
@@ -103,6 +104,42 @@ def test_a_changed_mixture_set_does_not_reuse_old_runs(trained):
     }
     with pytest.raises(UserError, match="holds a run of mixture"):
         train(recipe_from_dict(changed), progress=False, log=lambda _m: None)
+
+
+def test_run_json_records_the_unit_and_the_tokens_each_domain_trained_on(trained):
+    table = pd.read_csv(trained[2])
+    for path, *weights in table[["path", "w_alpha", "w_beta", "w_gamma"]].itertuples(index=False):
+        info = json.loads((Path(path) / RUN_MARKER).read_text())
+        assert info["unit"] == "tokens"  # the default weights.unit
+        held = info["domain_tokens"]
+        assert sum(held.values()) == info["tokens"]
+        # a domain trained on exactly when it has weight: 4 steps of 96 tokens draw every one of them
+        assert [held[n] > 0 for n in DOMAINS] == [w > 0 for w in weights]
+
+
+def test_a_changed_unit_keeps_the_experts_and_refuses_the_mixtures(trained):
+    tree, tmp, _ = trained
+    changed = json.loads(json.dumps(tree))
+    changed["weights"] = {"unit": "samples"}
+    with pytest.raises(UserError, match="in token shares, and weights.unit is samples") as err:
+        train(recipe_from_dict(changed), progress=False, log=lambda _m: None)
+    assert str(tmp / "grid" / "mixtures") in str(err.value)  # the experts, checked first, passed
+
+
+@pytest.mark.parametrize(
+    "record, unit, differs",
+    [
+        ({}, "samples", False),  # runs from before weights.unit drew sample shares
+        ({}, "tokens", True),
+        ({"unit": "tokens"}, "tokens", False),
+        ({"unit": "samples"}, "tokens", True),
+    ],
+)
+def test_a_mixture_drawn_in_another_unit_is_another_run(record, unit, differs):
+    mixed = {"weights": {"a": 0.5, "b": 0.5}, "unit": unit}
+    assert _drawn_differently(record, mixed) is differs
+    one_hot = {"weights": {"a": 1.0, "b": 0.0}, "unit": unit}
+    assert _drawn_differently(record, one_hot) is False  # an expert is the same run in either unit
 
 
 def test_expert_is_trained_on_its_own_domain_only(trained):

@@ -558,6 +558,7 @@ def _run(args: argparse.Namespace, recipe, out: Path) -> int:
     }
     content, ranking = report(names, candidates, proxy, truth, posterior, decision, meta)
     base = {
+        "unit": resolved.weights.unit,  # the grid's runs were mixed in it, and so is every proposal
         "target": resolved.data.target,
         "method": problem.stack.method,
         "seed": resolved.seed,

@@ -72,6 +72,7 @@ def build(args) -> tuple[dict[Format, str], list[str]]:
     if args.max_epochs < 1:
         raise UserError(f"--max-epochs must be at least 1, got {args.max_epochs:g}")
     mixture = read_mixture(args.mixture)
+    weights_are = mixture.weights_are(args.weights_are)
     try:
         recipe, recipe_error = read_run_recipe(mixture), None
     except UserError as err:  # only fatal where the recipe is needed (tokenizer, mergekit, train.data)
@@ -91,7 +92,7 @@ def build(args) -> tuple[dict[Format, str], list[str]]:
         )
     datasets = {n: given[n].resolve() for n in mixture.positive if n in given}
     budget = args.budget_tokens is not None or args.budget_samples is not None
-    converts = [f for f in formats if f.unit is not None and f.unit != args.weights_are]
+    converts = [f for f in formats if f.unit is not None and f.unit != weights_are]
     measure = bool(datasets) and (budget or bool(converts) or any(f.needs_sizes for f in formats))
     if measure:  # the tokenizer is loaded only if some dataset is text (stored ids need none)
         tokenizer = LazyTokenizer(lambda: _tokenizer(args, recipe, recipe_error, mixture))
@@ -99,22 +100,22 @@ def build(args) -> tuple[dict[Format, str], list[str]]:
         stats = measure_all(datasets, tokenizer, token_files)
     else:
         stats = None
-    plan = make_plan(mixture.weights, args.weights_are, stats, args.budget_tokens, args.budget_samples)
+    plan = make_plan(mixture.weights, weights_are, stats, args.budget_tokens, args.budget_samples)
     check_recorded_cap(plan, mixture.constraints, datasets)
     epochs = budget_epochs(plan, datasets, mixture.constraints)
     messages = [f"warning: {line}" for line in check_repetition(epochs, args.max_epochs)]
     if stats is None and converts:
-        other = "sample" if args.weights_are == "tokens" else "token"
+        other = "sample" if weights_are == "tokens" else "token"
         messages.insert(
             0,
-            f"note: no datasets measured, so the fitted {args.weights_are[:-1]} shares are used as "
+            f"note: no datasets measured, so the fitted {weights_are[:-1]} shares are used as "
             f"{other} shares (equal sample lengths assumed); pass --datasets to measure them",
         )
     if args.budget_tokens is not None and plan.counts is None and any(f.unit == "samples" for f in formats):
         messages.append("note: without datasets a token budget gives no sample counts")
     seed = mixture.seed if args.seed is None else args.seed
     ctx = Context(
-        mixture, plan, datasets, recipe, seed, args.weights_are, recipe_error=recipe_error, epochs=epochs
+        mixture, plan, datasets, recipe, seed, weights_are, recipe_error=recipe_error, epochs=epochs
     )
     texts = {f: f.render(ctx) for f in formats}
     messages += [f"note: {line}" for line in ctx.notes]

@@ -32,6 +32,17 @@ class Mixture:
     worlds: dict[str, str] = field(default_factory=dict)
     constraints: MixtureConstraints | None = None  # the fit's; the weights meet them (checked on reading)
     groups: dict[str, MixtureGroup] | None = None  # a hierarchical mixture's two levels (checked on reading)
+    unit: str | None = None  # weights.unit as the fit recorded it; None in files from before it was
+
+    def weights_are(self, flag: str | None) -> str:
+        """The unit to read the weights in: the one the fit recorded, which ``--weights-are`` may
+        repeat but not contradict; ``--weights-are``, then tokens, for a file that records none."""
+        if flag is not None and self.unit is not None and flag != self.unit:
+            raise UserError(
+                f"{self.path} records its weights as {self.unit[:-1]} shares (weights.unit: {self.unit}), "
+                f"so --weights-are {flag} would misread them: drop --weights-are"
+            )
+        return self.unit or flag or "tokens"
 
     @property
     def names(self) -> list[str]:
@@ -58,6 +69,7 @@ def read_mixture(path: str | Path) -> Mixture:
         worlds=dict(data.worlds or {}),
         constraints=data.constraints,
         groups=data.groups,
+        unit=data.unit,
     )
 
 

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from mergeopt.cli import run_command
 from mergeopt.config import Recipe, TrainSection, load_recipe
 from mergeopt.errors import Interrupted, UserError
+from mergeopt.export.shares import convert
 from mergeopt.inputs import distinct_dirs, lora_targets, writable_dir
 from mergeopt.loading.checkpoints import read_json_object
 from mergeopt.loading.positions import check_max_length
@@ -67,6 +68,7 @@ from mergeopt.search.mixtures import mixture_set
 from mergeopt.worlds import resolve_recipe
 
 RUN_MARKER = "run.json"
+LEGACY_UNIT = "samples"  # how runs drew their mixtures before weights.unit existed
 
 
 def load_examples(path: str, tokenizer, max_length: int) -> list[Example]:
@@ -81,12 +83,27 @@ def load_examples(path: str, tokenizer, max_length: int) -> list[Example]:
     return examples
 
 
+def draw_probabilities(weights: Sequence[float], domains: Sequence[list[Example]], unit: str) -> list[float]:
+    """The probability of drawing each domain's next example, so the run trains on ``weights`` in ``unit``.
+
+    samples: the weights themselves. tokens: w_i divided by domain i's mean tokens per example,
+    renormalised (:func:`mergeopt.export.shares.convert`, the conversion ``mergeopt export`` writes),
+    so domain i's expected share of the trained tokens is w_i. A one-hot mixture is the same in both.
+    """
+    if unit == "samples":
+        return [float(w) for w in weights]
+    lengths = {str(i): sum(ex.input_ids.numel() for ex in d) / len(d) for i, d in enumerate(domains)}
+    shares = {str(i): float(w) for i, w in enumerate(weights)}
+    return list(convert(shares, lengths, "samples").values())
+
+
 def mixture_examples(
-    domains: Sequence[list[Example]], weights: Sequence[float], seed: int
-) -> Iterator[Example]:
-    """Endless examples whose domain is drawn from ``weights``; each domain reshuffled every epoch."""
+    domains: Sequence[list[Example]], probabilities: Sequence[float], seed: int
+) -> Iterator[tuple[int, Example]]:
+    """Endless (domain, example) pairs, the domain drawn from ``probabilities``; each domain reshuffled
+    every epoch."""
     generator = torch.Generator().manual_seed(seed)
-    probs = torch.tensor(weights, dtype=torch.float64)
+    probs = torch.tensor(probabilities, dtype=torch.float64)
     cursors = [[0, torch.randperm(len(d), generator=generator).tolist()] for d in domains]
     while True:
         i = int(torch.multinomial(probs, 1, generator=generator))
@@ -94,18 +111,25 @@ def mixture_examples(
         if pos == len(order):
             pos, order = 0, torch.randperm(len(domains[i]), generator=generator).tolist()
         cursors[i] = [pos + 1, order]
-        yield domains[i][order[pos]]
+        yield i, domains[i][order[pos]]
 
 
-def token_batches(examples: Iterator[Example], batch_tokens: int, pad_id: int) -> Iterator[Batch]:
-    """Batches filled with examples until they hold ``batch_tokens`` tokens: equal budget per step."""
+def token_batches(
+    examples: Iterator[tuple[int, Example]], batch_tokens: int, pad_id: int, n_domains: int
+) -> Iterator[tuple[Batch, list[int]]]:
+    """Batches filled with examples until they hold ``batch_tokens`` tokens: equal budget per step.
+
+    Each comes with the tokens it holds of every domain, which run.json totals: the shares a run
+    really trained on.
+    """
     while True:
-        items, tokens = [], 0
+        items, tokens, per_domain = [], 0, [0] * n_domains
         while tokens < batch_tokens:
-            ex = next(examples)
+            i, ex = next(examples)
             items.append((0, ex))
             tokens += ex.input_ids.numel()
-        yield collate(items, pad_id)
+            per_domain[i] += ex.input_ids.numel()
+        yield collate(items, pad_id), per_domain
 
 
 def _fingerprint(recipe: Recipe) -> str:
@@ -128,8 +152,23 @@ def _inputs(recipe: Recipe) -> dict[str, str]:
 
 
 def _identity(recipe: Recipe, weights: dict[str, float], inputs: dict[str, str]) -> dict:
-    """What a run's step checkpoint and run.json record of it: recipe, mixture and inputs."""
-    return {"fingerprint": _fingerprint(recipe), "weights": weights, "inputs": inputs}
+    """What a run's step checkpoint and run.json record of it: recipe, mixture, its unit and inputs."""
+    return {
+        "fingerprint": _fingerprint(recipe),
+        "weights": weights,
+        "unit": recipe.weights.unit,
+        "inputs": inputs,
+    }
+
+
+def _drawn_differently(record: dict, identity: dict) -> bool:
+    """True when ``record``'s mixture was drawn in another unit than ``identity``'s would draw it.
+
+    Only a mixture of two domains or more depends on the unit. Records from before the unit was
+    recorded drew sample shares, the only unit there was.
+    """
+    mixed = sum(w > 0 for w in identity["weights"].values()) > 1
+    return mixed and record.get("unit", LEGACY_UNIT) != identity["unit"]
 
 
 def _finished(path: Path, identity: dict) -> bool:
@@ -149,6 +188,13 @@ def _finished(path: Path, identity: dict) -> bool:
         raise UserError(
             f"{path} holds a run of mixture {trained}, not {weights} (train.mixtures changed); "
             "delete it or choose another train.output_dir"
+        )
+    if _drawn_differently(info, identity):
+        trained_unit = info.get("unit", LEGACY_UNIT)
+        raise UserError(
+            f"{path} holds a run of mixture {trained} in {trained_unit[:-1]} shares, and weights.unit "
+            f"is {identity['unit']}: set weights.unit: {trained_unit} to rank against it, or delete "
+            "it to retrain"
         )
     _check_inputs(
         info,
@@ -211,8 +257,11 @@ def train_one(
         model = get_peft_model(model, lora)
     model.train()
     names = list(domains)
-    stream = mixture_examples([domains[n] for n in names], [weights[n] for n in names], recipe.seed)
-    batches = token_batches(stream, cfg.batch_tokens, tokenizer.pad_token_id or 0)
+    sets = [domains[n] for n in names]
+    probabilities = draw_probabilities([weights[n] for n in names], sets, recipe.weights.unit)
+    stream = mixture_examples(sets, probabilities, recipe.seed)
+    batches = token_batches(stream, cfg.batch_tokens, tokenizer.pad_token_id or 0, len(names))
+    domain_tokens = [0] * len(names)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     tokens, losses, start = 0, [], 0
@@ -221,10 +270,12 @@ def train_one(
     if saved is not None:  # resume: the exact state after step saved["step"] - 1
         start, tokens, losses = saved["step"], saved["tokens"], saved["losses"]
         for _ in range(start):  # the example stream is seeded: skip what was used
-            next(batches)
+            domain_tokens = [a + b for a, b in zip(domain_tokens, next(batches)[1])]
     bar = tqdm(range(start, cfg.steps), desc=out.name, unit="step", leave=False, disable=not progress)
     for step in bar:
-        batch = next(batches).to(device)
+        batch, held = next(batches)
+        batch = batch.to(device)
+        domain_tokens = [a + b for a, b in zip(domain_tokens, held)]
         sums, counts = per_set_loss_sums(model, {}, batch, 1)
         loss = sums.sum() / counts.sum()
         optimizer.zero_grad(set_to_none=True)
@@ -244,9 +295,10 @@ def train_one(
             _save_step_checkpoint(_checkpoint_dir(out), state, model, optimizer)
         check_interrupt(f"{out.name} step {done}")
     model.eval()
-    _check_trained(model, next(batches).to(device), out.name)
+    _check_trained(model, next(batches)[0].to(device), out.name)
+    trained = dict(zip(names, domain_tokens))
     with staged(out, ("*", ".*")) as staging:  # published whole, run.json inside (mergeopt.runtime.rundir)
-        info = _save_run(recipe, model, tokenizer, identity, tokens, losses, staging.path)
+        info = _save_run(recipe, model, tokenizer, identity, tokens, trained, losses, staging.path)
     shutil.rmtree(_checkpoint_dir(out), ignore_errors=True)  # finished: run.json is the record
     return info
 
@@ -262,7 +314,7 @@ def _check_trained(model: torch.nn.Module, batch: Batch, name: str) -> None:
         raise UserError(f"training {name} diverged (loss {loss} after its last step); lower train.lr")
 
 
-def _save_run(recipe, model, tokenizer, identity: dict, tokens, losses, staging: Path) -> dict:
+def _save_run(recipe, model, tokenizer, identity: dict, tokens, domain_tokens, losses, staging: Path) -> dict:
     """The trained model (dense; LoRA's adapter too), its tokenizer and run.json, into ``staging``."""
     cfg = recipe.train
     if cfg.method == "lora":
@@ -272,8 +324,10 @@ def _save_run(recipe, model, tokenizer, identity: dict, tokens, losses, staging:
     tokenizer.save_pretrained(staging)
     info = {
         "weights": identity["weights"],
+        "unit": identity["unit"],
         "steps": cfg.steps,
         "tokens": tokens,
+        "domain_tokens": domain_tokens,  # the tokens each domain's examples held: the shares trained
         "method": cfg.method,
         "final_train_loss": sum(losses[-10:]) / len(losses[-10:]),
         "fingerprint": identity["fingerprint"],
@@ -322,7 +376,10 @@ def _step_checkpoint_state(path: Path, identity: dict) -> dict | None:
     if not (path / "state.json").is_file():
         return None
     state = json.loads((path / "state.json").read_text())
-    if state.get("fingerprint") != identity["fingerprint"] or state.get("weights") != identity["weights"]:
+    other_run = (
+        state.get("fingerprint") != identity["fingerprint"] or state.get("weights") != identity["weights"]
+    )
+    if other_run or _drawn_differently(state, identity):
         shutil.rmtree(path)
         return None
     what = f"{path} belongs to a run that read other data"
