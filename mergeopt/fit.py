@@ -151,9 +151,11 @@ def _fit(recipe: Recipe, progress: bool, log: Callable[[str], None], resume: str
         resolved, world_roots = worlds.resolve_recipe(recipe, log)
     objective = Objective.from_recipe(resolved)  # the one reading of the recipe's objective
     if resolved.rank.grid is not None:  # a bad grid table is reported before any work
-        from mergeopt.evaluation.proxy import check_truth, read_grid
+        from mergeopt.evaluation.proxy import check_grid_unit, check_truth, read_grid
 
-        check_truth(read_grid(resolved.rank.grid, resolved.expert_names), objective, resolved.rank.grid)
+        table = read_grid(resolved.rank.grid, resolved.expert_names)
+        check_truth(table, objective, resolved.rank.grid)
+        check_grid_unit(table, resolved.rank.grid, resolved.weights.unit)
     tokens = source_tokens(resolved, log)  # repetition caps' token counts (None without a cap)
     feasible = feasible_set(resolved, tokens) if resolved.weights.constrained else None
     record = None if feasible is None else constraints_record(resolved, feasible, tokens)

@@ -10,10 +10,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM
 
+from mergeopt.cli import main
 from mergeopt.config import recipe_from_dict
 from mergeopt.errors import UserError
+from mergeopt.evaluation.proxy import check_grid_unit
 from mergeopt.worlds import toy
 from mergeopt.worlds.train import RUN_MARKER, _drawn_differently, train
 from tests.conftest import recipe_tree, write_jsonl
@@ -124,6 +127,26 @@ def test_a_changed_unit_keeps_the_experts_and_refuses_the_mixtures(trained):
     with pytest.raises(UserError, match="in token shares, and weights.unit is samples") as err:
         train(recipe_from_dict(changed), progress=False, log=lambda _m: None)
     assert str(tmp / "grid" / "mixtures") in str(err.value)  # the experts, checked first, passed
+
+
+def test_a_grid_mixed_in_another_unit_is_refused_before_ranking(trained, tmp_path, capsys):
+    tree, tmp, grid = trained
+    table = pd.read_csv(grid)
+    check_grid_unit(table, grid, "tokens")  # the unit its runs were trained in
+    with pytest.raises(UserError, match=r"was mixed in token shares, and weights.unit is samples"):
+        check_grid_unit(table, grid, "samples")
+    vertices = table[(table[["w_alpha", "w_beta", "w_gamma"]] == 1.0).any(axis=1)]
+    check_grid_unit(vertices.reset_index(drop=True), grid, "samples")  # an expert is either unit's
+    check_grid_unit(table.drop(columns="path"), grid, "samples")  # a grid made elsewhere: unchecked
+
+    ranked = json.loads(json.dumps(tree)) | {"rank": {"grid": str(grid)}, "weights": {"unit": "samples"}}
+    ranked["output_dir"] = str(tmp_path / "ranked")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(ranked))
+    assert main(["rank", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was mixed in token shares, and weights.unit is samples" in err[0]
+    assert not (tmp_path / "ranked").exists()
 
 
 @pytest.mark.parametrize(

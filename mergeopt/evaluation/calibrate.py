@@ -467,7 +467,7 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, recipe, out: Path) -> int:
-    from mergeopt.evaluation.proxy import check_truth, proxy_grid, read_grid
+    from mergeopt.evaluation.proxy import check_grid_unit, check_truth, proxy_grid, read_grid
     from mergeopt.loading.problem import load_problem, resolve_device
     from mergeopt.run_files import read_finished_mixture
     from mergeopt.runtime.fingerprint import input_fingerprints
@@ -485,6 +485,7 @@ def _run(args: argparse.Namespace, recipe, out: Path) -> int:
     table = read_grid(grid, names)  # every input checked before a model is loaded
     check_truth(table, objective, grid)
     check_provenance(table, grid, recipe.model.experts)
+    check_grid_unit(table, grid, recipe.weights.unit)
     feasible = record = None
     if recipe.weights.constrained:  # bounds, pins, repetition caps: checked before a model is loaded
         from mergeopt.loading.feasible import constraints_record, feasible_set, source_tokens

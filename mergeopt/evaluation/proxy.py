@@ -93,6 +93,33 @@ def truth_columns(objective: Objective) -> dict[str, str]:
     return columns
 
 
+def check_grid_unit(table: pd.DataFrame, path: str | Path, unit: str) -> None:
+    """Refuse a grid whose runs drew their mixtures in another unit than the recipe's weights.unit.
+
+    The grid's weights and the fit's are then numbers of two different mixtures (token shares and
+    sample shares differ wherever the domains' examples differ in length), and the ranking would
+    compare each proxy mixture with another mixture's run. Only the runs ``mergeopt train`` wrote
+    can tell (their ``run.json``, found through the ``path`` column); one that draws a single domain
+    is the same in either unit, and grids made elsewhere are not checked.
+    """
+    from mergeopt.worlds.train import LEGACY_UNIT, RUN_MARKER
+
+    if "path" not in table.columns:
+        return
+    for row, run in table["path"].items():
+        try:
+            info = json.loads((Path(str(run)) / RUN_MARKER).read_text())
+            mixed = sum(float(w) > 0 for w in info["weights"].values()) > 1
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue  # no run.json at hand (or not mergeopt train's): nothing to check
+        drawn = info.get("unit", LEGACY_UNIT)
+        if mixed and drawn != unit:
+            raise UserError(
+                f"{path}: row {row + 2}'s run {run} was mixed in {drawn[:-1]} shares, and weights.unit is "
+                f"{unit}: set weights.unit: {drawn}, or rank against runs mixed in {unit[:-1]} shares"
+            )
+
+
 def check_truth(table: pd.DataFrame, objective: Objective, path: str | Path) -> None:
     """Every truth the objective asks for is a column of numbers; called before any model is loaded."""
     for name, column in truth_columns(objective).items():

@@ -310,7 +310,7 @@ def _grid_run(args, recipe, out: Path) -> int:
     touched) until the report is written; a rerun of the same command replays them and evaluates
     only the rows left. Under torchrun the ranks share the grid's mixtures; rank 0 writes.
     """
-    from mergeopt.evaluation.proxy import check_truth, read_grid
+    from mergeopt.evaluation.proxy import check_grid_unit, check_truth, read_grid
     from mergeopt.loading.problem import load_problem, resolve_device
     from mergeopt.runtime.resume import open_state, recipe_tree
     from mergeopt.worlds import resolve_recipe
@@ -320,7 +320,9 @@ def _grid_run(args, recipe, out: Path) -> int:
         raise UserError("no grid table: pass --grid GRID.csv or set rank.grid in the recipe")
     objective = Objective.from_recipe(recipe)  # world paths do not change the objective
     # a bad table is reported before anything is built or loaded
-    check_truth(read_grid(grid, recipe.expert_names), objective, grid)
+    table = read_grid(grid, recipe.expert_names)
+    check_truth(table, objective, grid)
+    check_grid_unit(table, grid, recipe.weights.unit)
     mixture_path = Path(args.mixture) if args.mixture else Path(recipe.output_dir) / "mixture.json"
     mixture = None
     if mixture_path.is_file() or args.mixture:  # the run's own is optional, a named one is not
