@@ -56,7 +56,9 @@ def test_cli_writes_every_output(tiny_run):
     # the saved recipe is the resolved one: it reloads to the recipe the run used
     saved = load_recipe(out / "recipe.yaml")
     assert saved.output_dir == str(out) and saved.optim == load_recipe(TINY).optim
-    assert "Recommended mixture" in result.stdout and "uniform mixture" in result.stdout
+    assert mixture["unit"] == "tokens"  # recipes/tiny.yaml sets no weights.unit: the default
+    assert "Recommended mixture in token shares" in result.stdout and "uniform mixture" in result.stdout
+    assert "The weights are shares of training tokens" in (out / "report.md").read_text()
 
 
 def test_fitted_mixture_beats_uniform_and_every_single_expert(tiny_run):

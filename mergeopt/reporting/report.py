@@ -122,7 +122,9 @@ def summary(mixture: Mapping, output_dir: str | Path, files: Sequence[str]) -> s
     else:
         labels = ", ".join(t["label"] for t in mixture["objective"]["terms"])
         how = f"objective: {labels}, {mixture['strategy']} search, {search['evaluations']} evaluations"
-    lines = ["", f"Recommended mixture ({how})", ""]
+    unit = mixture.get("unit")  # absent in files from before it was recorded
+    shares = f" in {unit[:-1]} shares" if unit else ""
+    lines = ["", f"Recommended mixture{shares} ({how})", ""]
     lines.append(f"  {'expert':<{width}}  {'weight':>7}")
     for name, w in sorted(weights.items(), key=lambda kv: -kv[1]):
         lines.append(f"  {name:<{width}}  {w:7.4f}  {_bar(w)}")

@@ -38,7 +38,8 @@ def _mixture_section(run: Run) -> list[str]:
         "## Recommended mixture",
         "",
         f"Strategy **{m['strategy']}**, merge **{m['method']['name']}**, target **{m['target']}**, "
-        f"seed {m['seed']}, {m['processes']} process(es) on {m['device']}.",
+        f"seed {m['seed']}, {m['processes']} process(es) on {m['device']}."
+        + (f" The weights are shares of training {m['unit']} (`weights.unit`)." if m.get("unit") else ""),
         "",
         markdown_table(table),
         "",
