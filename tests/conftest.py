@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -406,3 +408,14 @@ def lm_eval_generation_yaml(name: str, validation: Path, max_gen_toks: int) -> s
         "    higher_is_better: true",
     ]
     return "\n".join(lines) + "\n"
+
+
+@contextlib.contextmanager
+def streaming_without_torchvision():
+    """streaming's package imports its vision datasets, hence torchvision, which the test
+    environment's no-deps install of streaming lacks (requirements/export-frameworks.txt) and no MDS
+    read needs: an empty streaming.vision stands in for it while the block runs."""
+    with pytest.MonkeyPatch.context() as patch:
+        if importlib.util.find_spec("torchvision") is None:
+            patch.setitem(sys.modules, "streaming.vision", types.ModuleType("streaming.vision"))
+        yield

@@ -8,6 +8,7 @@ matrix and the documented table are checked to list the same rows.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -27,7 +28,7 @@ from mergeopt.export import merge
 from mergeopt.export.command import main as export_main
 from mergeopt.worlds import train
 from tests import malformed
-from tests.conftest import REPO, recipe_tree, run_module, write_jsonl
+from tests.conftest import REPO, recipe_tree, run_module, streaming_without_torchvision, write_jsonl
 
 DOC = REPO / "docs" / "reference" / "bad-input.md"
 MAINS = {
@@ -291,6 +292,36 @@ def _corrupt_mds(tmp) -> str:
     path = _mkdir(tmp / "mds")
     (path / "index.json").write_text('{"version": 2, "shards": ')  # cut short
     return str(path)
+
+
+def _corrupt_zstd_mds(tmp, name: str) -> str:
+    """An MDS directory whose one shard is only compressed (as ``MDSWriter(compression="zstd")``
+    leaves it), and not zstd data at all."""
+    path = _mkdir(tmp / name)
+    files = {"raw_data": ("shard.00000.mds", 100), "zip_data": ("shard.00000.mds.zstd", 9)}
+    shard = {
+        "column_encodings": ["str"],
+        "column_names": ["text"],
+        "column_sizes": [None],
+        "compression": "zstd",
+        "format": "mds",
+        "hashes": [],
+        "samples": 1,
+        "size_limit": 1 << 26,
+        "version": 2,
+        **{key: {"basename": base, "bytes": size, "hashes": {}} for key, (base, size) in files.items()},
+    }
+    (path / "index.json").write_text(json.dumps({"version": 2, "shards": [shard]}))
+    (path / "shard.00000.mds.zstd").write_bytes(b"not zstd!")
+    return str(path)
+
+
+def _split_root(tmp, name: str) -> str:
+    """llm-foundry's convert-script layout, ROOT/train and ROOT/val, each with an index.json."""
+    for split in ("train", "val"):
+        (tmp / name / split).mkdir(parents=True)
+        (tmp / name / split / "index.json").write_text('{"version": 2, "shards": []}')
+    return str(tmp / name)
 
 
 def _empty_tokens(tmp) -> str:
@@ -808,6 +839,22 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
             "1000",
         ],
         "index.json: not a readable MDS index",
+    ),
+    "export MDS directory with a corrupt zstd shard": (
+        "export",
+        "export",
+        lambda w, t: _export_to(
+            w, t, "llm-foundry", {n: _corrupt_zstd_mds(t, n) for n in ("alpha", "beta", "gamma")}
+        ),
+        "shard.00000.mds.zstd: not a readable zstd shard",
+    ),
+    "export MDS root of several splits": (
+        "export",
+        "export",
+        lambda w, t: _export_to(
+            w, t, "llm-foundry", {n: _split_root(t, n) for n in ("alpha", "beta", "gamma")}
+        ),
+        "no index.json but 2 MDS splits (train, val)",
     ),
     "export unknown --token-dtype": (
         "option",
@@ -1329,6 +1376,7 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
 
 QUIET = ("fit", "merge", "rank", "calibrate", "train", "diagnose")  # the commands that take --quiet
 NEEDS_LM_EVAL = {"lm-eval task scored on its test split"}  # the extra [lm-eval] reads the task
+NEEDS_STREAMING = {"export MDS directory with a corrupt zstd shard"}  # decompressed by streaming
 
 
 def _doc_rows() -> list[str]:
@@ -1350,9 +1398,12 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(row, random_world, tmp_
     _, command, build, culprit = MATRIX[row]
     if row in NEEDS_LM_EVAL:
         pytest.importorskip("lm_eval")
+    if row in NEEDS_STREAMING and importlib.util.find_spec("streaming") is None:
+        pytest.skip("mosaicml-streaming is not installed")
     argv = build(random_world, tmp_path)
     capsys.readouterr()
-    code = run_cli(MAINS[command], [*argv, "--quiet"] if command in QUIET else argv)
+    with streaming_without_torchvision():
+        code = run_cli(MAINS[command], [*argv, "--quiet"] if command in QUIET else argv)
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert code == 2, err
@@ -1393,7 +1444,8 @@ def test_write_the_documented_table(random_world, tmp_path_factory, capsys):
         tmp = tmp_path_factory.mktemp("doc")
         argv = build(random_world, tmp)
         capsys.readouterr()
-        run_cli(MAINS[command], [*argv, "--quiet"] if command in QUIET else argv)
+        with streaming_without_torchvision():
+            run_cli(MAINS[command], [*argv, "--quiet"] if command in QUIET else argv)
         message = capsys.readouterr().err.strip()
         message = message.replace(str(tmp) + "/", "").replace(str(random_world["root"]) + "/", "")
         message = message.replace(str(REPO) + "/", "").replace("|", "\\|")

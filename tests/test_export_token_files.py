@@ -13,8 +13,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import shutil
+import subprocess
 import sys
-import types
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,7 @@ from mergeopt.export.shares import make_plan
 from mergeopt.export.token_files import TokenFiles, _streaming_format
 from mergeopt.export.token_stats import DomainStats, measure
 from mergeopt.worlds import toy
+from tests.conftest import streaming_without_torchvision
 from tests.export_world import SIZES, WEIGHTS, build_world, export, measured_stats, yaml_body
 
 EOS = 2  # the toy tokenizer's
@@ -33,12 +36,7 @@ EOS = 2  # the toy tokenizer's
 
 @pytest.fixture(scope="module", autouse=True)
 def _no_torchvision_needed():
-    """streaming's package imports its vision datasets, hence torchvision, which the test
-    environment's no-deps install of streaming lacks (requirements/export-frameworks.txt) and no MDS
-    read needs: an empty streaming.vision stands in for it while this module's tests run."""
-    with pytest.MonkeyPatch.context() as patch:
-        if importlib.util.find_spec("torchvision") is None:
-            patch.setitem(sys.modules, "streaming.vision", types.ModuleType("streaming.vision"))
+    with streaming_without_torchvision():  # while this module's tests run
         yield
 
 
@@ -87,8 +85,8 @@ def _streaming():
     return streaming
 
 
-def _write_mds(directory: Path, columns: dict, rows) -> None:
-    with _streaming().MDSWriter(out=str(directory), columns=columns) as writer:
+def _write_mds(directory: Path, columns: dict, rows, **options) -> None:
+    with _streaming().MDSWriter(out=str(directory), columns=columns, **options) as writer:
         for row in rows:
             writer.write(row)
 
@@ -164,6 +162,196 @@ def test_llm_foundry_export_over_mds_gives_the_jsonl_counts_and_epochs(world, md
 
 def _streams(text: str) -> dict:
     return yaml_body(text)["train_loader"]["dataset"]["streams"]
+
+
+# ---------------------------------------------------------------- MDS: compressed shards, splits, merged indexes
+
+STREAMING_READS = """
+import json, sys, types
+sys.modules.setdefault("streaming.vision", types.ModuleType("streaming.vision"))  # no torchvision
+from streaming import Stream, StreamingDataset
+from streaming.base.util import clean_stale_shared_memory
+
+clean_stale_shared_memory()
+out = []
+for entry in json.loads(sys.argv[1]):  # one stream each, as llm-foundry hands it to Stream
+    dataset = StreamingDataset(streams=[Stream(**entry)], batch_size=1, shuffle=False)
+    samples = [dataset[i] for i in range(len(dataset))]
+    out.append([len(samples), sum(len(s["tokens"]) for s in samples if "tokens" in s)])
+    del dataset
+clean_stale_shared_memory()
+print(json.dumps(out))
+"""
+
+
+def _streaming_reads(streams: list[dict]) -> list[DomainStats]:
+    """(samples, stored ids) of each stream as streaming's ``StreamingDataset`` reads it, offline
+    (no remote): a child process, as streaming keeps shared memory per process. Streaming
+    decompresses a compressed shard into ``local`` itself, so give it a copy."""
+    child = subprocess.run(
+        [sys.executable, "-c", STREAMING_READS, json.dumps(streams)], capture_output=True, text=True
+    )
+    assert child.returncode == 0, child.stderr[-2000:]
+    return [DomainStats(*x) for x in json.loads(child.stdout.strip().splitlines()[-1])]
+
+
+def _compressions() -> list[str]:
+    """Every compression streaming's ``MDSWriter`` offers, once each (br, bz2, gz, snappy, zstd)."""
+    from streaming.base.compression import get_compressions
+
+    return sorted({algo.split(":")[0] for algo in get_compressions()})
+
+
+def _write_ids(directory: Path, ids: list[list[int]], **options) -> None:
+    rows = ({"tokens": np.array(i, np.int32)} for i in ids)
+    _write_mds(directory, {"tokens": "ndarray:int32"}, rows, size_limit=1 << 14, **options)
+
+
+@pytest.fixture(scope="module")
+def compressed(world, tokenizer, tmp_path_factory) -> dict[str, dict[str, Path]]:
+    """Each domain's ids written with each of streaming's compressions (16 KB shards, so several
+    per domain, only their compressed files on disk), and its text records with zstd."""
+    _streaming()
+    root = tmp_path_factory.mktemp("mds-compressed")
+    out: dict[str, dict[str, Path]] = {}
+    for name, jsonl in world["paths"].items():
+        ids = _ids(jsonl, tokenizer)
+        for algo in _compressions():
+            out.setdefault(algo, {})[name] = root / algo / name
+            _write_ids(out[algo][name], ids, compression=algo)
+        records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+        out.setdefault("zstd text", {})[name] = root / "text" / name
+        rows = ({"prompt": r["prompt"], "completion": r["completion"]} for r in records)
+        columns = {"prompt": "str", "completion": "str"}
+        _write_mds(out["zstd text"][name], columns, rows, size_limit=1 << 14, compression="zstd")
+    return out
+
+
+@pytest.fixture(scope="module")
+def read_by_streaming(compressed, tmp_path_factory) -> dict[Path, DomainStats]:
+    """Copies of the compressed id directories, each read by streaming's ``StreamingDataset``
+    (offline: it decompresses each shard into the directory, beside its compressed file), and what
+    it counted in each."""
+    root = tmp_path_factory.mktemp("mds-read-by-streaming")
+    copies = []
+    for algo in _compressions():  # the ids: streaming's reading of text has no tokens to count
+        for name, directory in compressed[algo].items():
+            copies.append(root / algo / name)
+            shutil.copytree(directory, copies[-1])
+    return dict(zip(copies, _streaming_reads([{"local": str(c)} for c in copies]), strict=True))
+
+
+def _files(directory: Path) -> dict[str, int]:
+    return {str(f.relative_to(directory)): f.stat().st_size for f in directory.rglob("*") if f.is_file()}
+
+
+def test_compressed_mds_measures_as_the_jsonl_and_as_streaming_reads_it(
+    compressed, read_by_streaming, tokenizer, tmp_path, monkeypatch
+):
+    """Every compression: samples and tokens equal the JSONL path's and, for the ids, streaming's
+    own ``StreamingDataset``. mergeopt leaves the dataset as it was, and decompresses one shard at
+    a time into a temporary directory that is gone before the next shard is decompressed and after
+    the count."""
+    compression = pytest.importorskip("streaming.base.compression")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    decompress, alive = compression.decompress, []
+
+    def watched(algo, data):
+        alive.append(len(list(scratch.glob("mergeopt-mds-*"))))
+        return decompress(algo, data)
+
+    monkeypatch.setattr(compression, "decompress", watched)
+    shards = 0
+    for kind, directories in compressed.items():
+        for name, directory in directories.items():
+            before = _files(directory)
+            assert not any(f.endswith(".mds") for f in before), before  # only compressed shards
+            assert measure(directory, tokenizer) == measured_stats()[name], (kind, name)
+            assert _files(directory) == before and not list(scratch.iterdir()), (kind, name)
+            shards += len(json.loads((directory / "index.json").read_text())["shards"])
+    assert len(alive) == shards > 3 * len(compressed) * len(WEIGHTS) and set(alive) == {0}
+    assert read_by_streaming == {copy: measured_stats()[copy.name] for copy in read_by_streaming}
+
+
+def test_a_raw_shard_beside_its_compressed_one_is_read_raw(read_by_streaming, tmp_path):
+    """Where streaming left both (its decompressed copy, ``keep_zip``), the raw shards are what is
+    counted: with every compressed file overwritten by garbage, the counts are still the JSONL's."""
+    (read,) = [d for d in read_by_streaming if d.parent.name == "zstd" and d.name == "b"]
+    directory = tmp_path / "both"
+    shutil.copytree(read, directory)
+    zipped = list(directory.glob("*.mds.zstd"))
+    assert zipped and all(z.with_suffix("").is_file() for z in zipped)
+    for z in zipped:
+        z.write_bytes(b"not zstd")
+    assert measure(directory, None) == measured_stats()["b"]
+
+
+@pytest.fixture(scope="module")
+def splits(world, tokenizer, tmp_path_factory) -> dict[str, Path]:
+    """llm-foundry's layout, ``ROOT/train`` and ``ROOT/val`` (zstd shards): ``one`` holds a's ids in
+    train only; ``two`` b's in train and c's in val; ``merged`` c's in train and a's in val, with
+    a root index.json from streaming's ``merge_index`` (basenames ``train/shard.00000.mds.zstd``)."""
+    _streaming()
+    from streaming.base.util import merge_index
+
+    root = tmp_path_factory.mktemp("mds-splits")
+    ids = {name: _ids(jsonl, tokenizer) for name, jsonl in world["paths"].items()}
+    layout = {"one": {"train": "a"}, "two": {"train": "b", "val": "c"}, "merged": {"train": "c", "val": "a"}}
+    for dataset, parts in layout.items():
+        for split, name in parts.items():
+            _write_ids(root / dataset / split, ids[name], compression="zstd")
+    merge_index(str(root / "merged"), keep_local=True)
+    return {dataset: root / dataset for dataset in layout}
+
+
+def _plus(*names: str) -> DomainStats:
+    return DomainStats(*(sum(getattr(measured_stats()[n], f) for n in names) for f in ("samples", "tokens")))
+
+
+def test_mds_splits_and_merged_indexes_measure_as_streaming_reads_them(splits, tmp_path):
+    """A split directory is its split; a root of one split is that split (streaming's
+    ``Stream(local=ROOT, split=train)``); a merged root is every shard its index lists (train and
+    val, as ``Stream(local=ROOT)`` reads it). Each count equals the JSONL's and streaming's own."""
+    merged = json.loads((splits["merged"] / "index.json").read_text())["shards"]
+    assert {info["zip_data"]["basename"].split("/")[0] for info in merged} == {"train", "val"}
+    cases = [  # (--datasets path, the stream that reads it, the JSONL domains it holds)
+        (splits["one"], {"split": "train"}, ("a",)),
+        (splits["two"] / "train", {}, ("b",)),
+        (splits["two"] / "val", {}, ("c",)),
+        (splits["merged"], {}, ("c", "a")),
+        (splits["merged"] / "val", {}, ("a",)),
+    ]
+    for path, _, names in cases:
+        assert measure(path, None) == _plus(*names), path
+    copy = tmp_path / "copy"
+    shutil.copytree(splits["one"].parent, copy)
+    local = [{"local": str(copy / p.relative_to(splits["one"].parent)), **s} for p, s, _ in cases]
+    assert _streaming_reads(local) == [_plus(*names) for _, _, names in cases]
+
+
+def test_llm_foundry_streams_over_split_roots_read_what_was_measured(world, splits, tmp_path):
+    """``--budget-tokens`` over a root of one split, a named split and a merged root: each stream
+    names the split where the path is a split root, the header says to set no dataset-level split
+    for the others, ``choose`` is the plan's for the measured sizes, and streaming's ``Stream`` over
+    each written entry (its weight left out) reads the samples that were measured."""
+    paths = {"a": splits["one"], "b": splits["two"] / "train", "c": splits["merged"]}
+    text = _export(world, "llm-foundry", tmp_path, paths, "--budget-tokens", "120000")
+    streams = _streams(text)
+    assert streams["a"]["split"] == "train" and "split" not in streams["b"] and "split" not in streams["c"]
+    assert "leave train_loader.dataset.split unset" in text and "not an MDS directory" not in text
+    sizes = {"a": _plus("a"), "b": _plus("b"), "c": _plus("c", "a")}
+    assert {n: s["choose"] for n, s in streams.items()} == make_plan(
+        WEIGHTS, "tokens", sizes, budget_tokens=120000
+    ).counts
+    root, copy = splits["one"].parent.resolve(), tmp_path / "copy"
+    shutil.copytree(root, copy)
+    entries = []
+    for stream in streams.values():
+        del stream["choose"]
+        entries.append({**stream, "local": str(copy / Path(stream["local"]).relative_to(root))})
+    assert _streaming_reads(entries) == [sizes[n] for n in streams]
 
 
 # ---------------------------------------------------------------- Megatron indexed datasets
@@ -331,6 +519,49 @@ def test_bad_token_files_are_refused_in_one_line(world, megatron, olmo, tmp_path
     ]
     for fmt, paths, options, says in cases:
         assert says in _refused(world, bad, capsys, fmt, paths, *options)
+
+
+def test_bad_mds_directories_are_refused_in_one_line(world, mds, compressed, splits, tmp_path, capsys):
+    """A corrupt zstd shard, a compression streaming does not know, a shard that decompresses to
+    another size than index.json lists, a shard neither raw nor compressed, shards in streaming's
+    json format (not MDS), a raw shard cut short, and a root of two splits: each one line naming
+    the shard, the index or the splits."""
+    from streaming.base.compression import compress
+
+    bad = {}
+    for case in ("corrupt", "unknown", "resized", "missing"):
+        bad[case] = tmp_path / case
+        shutil.copytree(compressed["zstd"]["a"], bad[case])
+    shard = bad["corrupt"] / "shard.00001.mds.zstd"
+    shard.write_bytes(shard.read_bytes()[:-9])
+    index = json.loads((bad["unknown"] / "index.json").read_text())
+    for info in index["shards"]:
+        info["compression"] = "lz4"
+    (bad["unknown"] / "index.json").write_text(json.dumps(index))
+    (bad["resized"] / "shard.00000.mds.zstd").write_bytes(compress("zstd", b"ten bytes."))
+    (bad["missing"] / "shard.00000.mds.zstd").unlink()
+    bad["json"] = tmp_path / "json"  # streaming's json format: a data and a metadata file per shard
+    with _streaming().JSONWriter(out=str(bad["json"]), columns={"text": "str"}, compression="zstd") as writer:
+        writer.write({"text": "abc"})
+    bad["short"] = tmp_path / "short"
+    shutil.copytree(mds["ndarray"]["a"], bad["short"])
+    raw = bad["short"] / "shard.00000.mds"
+    size = raw.stat().st_size
+    raw.write_bytes(raw.read_bytes()[:-4])
+    cases = {  # the dataset given for domain a: what the line says
+        "corrupt": "shard.00001.mds.zstd: not a readable zstd shard (Decompression error",
+        "unknown": "shard.00000.mds.zstd: not a readable lz4 shard (lz4 is not a supported compression",
+        "resized": "shard.00000.mds.zstd: decompresses to 10 bytes, but index.json lists",
+        "missing": "shard shard.00000.mds is missing (nor its compressed shard.00000.mds.zstd)",
+        "json": "index.json: shards in streaming's json format, not MDS",
+        "short": f"shard.00000.mds: {size - 4:,} bytes, but index.json lists {size:,} for this shard",
+    }
+    for case, says in cases.items():
+        line = _refused(world, tmp_path, capsys, "llm-foundry", {**mds["ndarray"], "a": bad[case]})
+        assert says in line and str(bad[case]) in line, (case, line)
+    line = _refused(world, tmp_path, capsys, "llm-foundry", {**mds["ndarray"], "a": splits["two"]})
+    assert f"{splits['two']} has no index.json but 2 MDS splits (train, val)" in line
+    assert str(splits["two"] / "train") in line
 
 
 def test_a_missing_reader_library_is_one_line_naming_the_package(

@@ -163,6 +163,40 @@ def megatron_prefix(path: Path) -> str:
     return text[: -len(path.suffix)] if path.suffix in (".bin", ".idx") else text
 
 
+MDS_INDEX = "index.json"  # what makes a directory an MDS dataset (streaming's get_index_basename)
+
+
+def mds_splits(path: Path) -> list[str]:
+    """The subfolders of ``path`` that are MDS datasets: the splits llm-foundry's convert scripts
+    write (``ROOT/train``, ``ROOT/val``), or the partitions of a parallel ``MDSWriter``."""
+    if not path.is_dir():
+        return []
+    return sorted(child.name for child in path.iterdir() if (child / MDS_INDEX).is_file())
+
+
+def is_mds(path: Path) -> bool:
+    """An MDS directory (it holds index.json), or a root of MDS splits."""
+    return path.is_dir() and ((path / MDS_INDEX).is_file() or bool(mds_splits(path)))
+
+
+def mds_split(path: Path) -> str | None:
+    """The ``split`` a streaming ``Stream(local=path, split=...)`` needs to read the MDS data at
+    ``path``, as llm-foundry's streams name it: None where ``path`` holds index.json itself (a
+    merged index included) or is no MDS data, else its only split subfolder. A root with several
+    splits is refused: which one training reads is the user's choice, made by naming it."""
+    if not path.is_dir() or (path / MDS_INDEX).is_file():
+        return None
+    splits = mds_splits(path)
+    if len(splits) > 1:
+        shown = ", ".join(splits[:6]) + (f" and {len(splits) - 6} more" if len(splits) > 6 else "")
+        example = path / ("train" if "train" in splits else splits[0])
+        raise UserError(
+            f"{path} has no {MDS_INDEX} but {len(splits)} MDS splits ({shown}): give the one training "
+            f"reads (such as {example}), or merge them into one index with streaming's merge_index"
+        )
+    return splits[0] if splits else None
+
+
 def recipe_datasets(recipe, mixture: Mixture) -> dict[str, Path]:
     """The run's own training data (recipe ``train.data``) when the recipe has it, all of it present.
 

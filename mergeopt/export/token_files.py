@@ -7,10 +7,26 @@ Which format a ``--datasets`` path is in follows from the path itself:
 - an **MDS directory** (MosaicML streaming, what llm-foundry's streams read): a directory with
   ``index.json``. Read with streaming's own shard readers (``reader_from_json``, as its
   ``LocalDataset`` does), one sample at a time; pickled columns are refused (streaming calls them
-  unsafe). A ``tokens`` or ``input_ids`` column is token ids, counted as stored: an ndarray or list
-  has its length, bytes are ids of ``--token-dtype`` (default int64, llm-foundry's
+  unsafe), as are shards of streaming's json and csv formats, which llm-foundry does not read. A
+  ``tokens`` or ``input_ids`` column is token ids, counted as stored: an ndarray or list has its
+  length, bytes are ids of ``--token-dtype`` (default int64, llm-foundry's
   ``token_encoding_type``). Otherwise the samples are records (``text``, ``prompt``/``completion``,
   multiple choice), tokenised exactly as :mod:`mergeopt.export.token_stats` counts JSONL.
+  **Compressed shards.** A shard present only compressed (``MDSWriter(compression=...)`` writes
+  ``shard.00000.mds.zstd``) is decompressed with streaming's ``compression.decompress``, as its
+  ``Stream.prepare_shard`` does into its cache, but into a temporary directory removed after that
+  shard: one shard at a time, the dataset left as it was. A raw shard beside its compressed one is
+  read as it is. A shard whose file (raw, or decompressed) is not the size index.json lists is
+  refused.
+  **Splits.** llm-foundry's convert scripts write ``ROOT/train/index.json`` and
+  ``ROOT/val/index.json``, and its streams read them as ``local: ROOT, split: train``. So
+  ``--datasets name=ROOT/train`` measures that split (the stream's ``local`` is then that
+  directory), and ``name=ROOT`` with no index.json of its own but exactly one split subfolder
+  measures that one (the stream says ``split``); a ROOT with several splits is refused, naming
+  them, because which split training reads is the user's choice
+  (:func:`~mergeopt.export.mixture_input.mds_split`). A ROOT with its own index.json is what that
+  index lists, as streaming reads it without a split: a ``merge_index`` root lists every
+  subfolder's shards under basenames like ``train/shard.00000.mds``.
 - a **Megatron indexed dataset**: ``PREFIX`` with ``PREFIX.bin`` and ``PREFIX.idx`` (or either file).
   Read with megatron-core's ``IndexedDataset``, whose index is memory-mapped: samples are documents
   (``document_indices``), tokens the sum of the sequence lengths; a ``.bin`` whose size disagrees
@@ -26,15 +42,18 @@ Which format a ``--datasets`` path is in follows from the path itself:
   or id reads it so), an ``np.save`` file, or a size that is not whole tokens is refused.
 
 No tokenizer is loaded for stored ids. The libraries are optional: without one, a single line
-says what to pip install. Nothing is loaded whole into memory.
+says what to pip install. Nothing is loaded whole into memory (a compressed MDS shard is
+decompressed whole, as streaming does, but one shard at a time).
 """
 
 from __future__ import annotations
 
 import glob
 import json
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +61,7 @@ from typing import Any
 import numpy as np
 
 from mergeopt.errors import UserError
-from mergeopt.export.mixture_input import is_megatron_prefix, megatron_prefix
+from mergeopt.export.mixture_input import MDS_INDEX, is_mds, is_megatron_prefix, mds_split, megatron_prefix
 
 BATCH = 1000  # records tokenised per call and samples between Ctrl-C checks
 
@@ -51,6 +70,7 @@ MDS_TOKEN_COLUMNS = ("tokens", "input_ids")  # llm-foundry's pretraining and fin
 MDS_BYTES_DTYPE = "int64"  # llm-foundry's default token_encoding_type for a bytes column
 NPY_MAGIC = b"\x93NUMPY"  # what np.save writes first
 CHUNK = 1 << 24  # tokens compared with the EOS id at a time
+DECOMPRESSED = "shard.mds"  # a compressed shard's raw file, in its temporary directory
 
 
 @dataclass(frozen=True)
@@ -73,7 +93,7 @@ def kind_of(path: Path) -> str | None:
     """'mds', 'megatron' or 'olmo' for data in a trainer's own format; None for records (JSONL ...)."""
     if "*" in str(path) or path.suffix == ".npy":
         return "olmo"
-    if path.is_dir() and (path / "index.json").is_file():
+    if is_mds(path):
         return "mds"
     if path.suffix in (".bin", ".idx") or is_megatron_prefix(path):
         return "megatron"
@@ -120,36 +140,79 @@ def _streaming_format():
     return mds
 
 
-def _shards(path: Path) -> list:
+def _unreadable_index(path: Path, err: Exception) -> UserError:
+    detail = " ".join(str(err).split())[:200] or type(err).__name__
+    return UserError(f"{path / MDS_INDEX}: not a readable MDS index ({detail})")
+
+
+def _shards(path: Path) -> list[tuple[Any, dict]]:
+    """Each shard's reader and its entry in index.json (a compressed shard's reader is made anew
+    over its decompressed file)."""
     try:
-        index = json.loads((path / "index.json").read_text())
+        index = json.loads((path / MDS_INDEX).read_text())
         infos = index["shards"] if isinstance(index, dict) else None
         assert isinstance(infos, list), "no list of shards"
     except (OSError, ValueError, KeyError, AssertionError) as err:
-        detail = " ".join(str(err).split())[:200] or type(err).__name__
-        raise UserError(f"{path / 'index.json'}: not a readable MDS index ({detail})") from None
+        raise _unreadable_index(path, err) from None
+    other = {info.get("format") for info in infos if isinstance(info, dict)} - {"mds", None}
+    if other:  # streaming's json and csv shards: llm-foundry's text datasets read MDS
+        raise UserError(
+            f"{path / MDS_INDEX}: shards in streaming's {', '.join(sorted(map(str, other)))} format, not MDS"
+        )
     mds = _streaming_format()
     try:
-        shards = [mds.reader_from_json(str(path), "", info) for info in infos]
-        for shard in shards:
+        shards = [(mds.reader_from_json(str(path), "", info), info) for info in infos]
+        for shard, _ in shards:
             shard.validate(allow_unsafe_types=False)
     except Exception as err:  # not JSON, not streaming's index, or an unsafe (pickled) column
-        detail = " ".join(str(err).split())[:200] or type(err).__name__
-        raise UserError(f"{path / 'index.json'}: not a readable MDS index ({detail})") from None
+        raise _unreadable_index(path, err) from None
     return shards
 
 
-def _samples(path: Path, shards: list) -> Iterator[dict[str, Any]]:
+@contextmanager
+def _readable(path: Path, shard, info: dict) -> Iterator[Any]:
+    """``shard``'s reader over a raw file: its own, else its compressed file decompressed with
+    streaming's ``decompress`` into a temporary directory, removed when the shard is read."""
+    raw_info, zip_info = shard.file_pairs[0]
+    raw = path / raw_info.basename
+    if raw.is_file():
+        size = raw.stat().st_size
+        if size != raw_info.bytes:  # a copy cut short: streaming would read past its end
+            raise UserError(f"{raw}: {size:,} bytes, but index.json lists {raw_info.bytes:,} for this shard")
+        yield shard
+        return
+    zipped = path / zip_info.basename if zip_info is not None else None
+    if zipped is None or not zipped.is_file():
+        also = f" (nor its compressed {zip_info.basename})" if zip_info is not None else ""
+        raise UserError(f"{path}: shard {raw_info.basename} is missing{also}")
+    from streaming.base.compression import decompress
+
+    try:
+        data = decompress(shard.compression, zipped.read_bytes())
+    except Exception as err:  # corrupt or cut short, or a compression streaming does not know
+        detail = " ".join(str(err).split())[:200] or type(err).__name__
+        raise UserError(f"{zipped}: not a readable {shard.compression} shard ({detail})") from None
+    if len(data) != raw_info.bytes:
+        raise UserError(
+            f"{zipped}: decompresses to {len(data):,} bytes, but index.json lists {raw_info.bytes:,} "
+            "for its shard"
+        )
+    with tempfile.TemporaryDirectory(prefix="mergeopt-mds-") as tmp:
+        Path(tmp, DECOMPRESSED).write_bytes(data)
+        del data
+        raw_data = {**info["raw_data"], "basename": DECOMPRESSED}
+        yield _streaming_format().reader_from_json(tmp, "", {**info, "raw_data": raw_data})
+
+
+def _samples(path: Path, shards: list[tuple[Any, dict]]) -> Iterator[dict[str, Any]]:
     from mergeopt.runtime.resume import check_interrupt
 
-    for shard in shards:
-        raw = path / shard.file_pairs[0][0].basename
-        if not raw.is_file():
-            raise UserError(f"{path}: shard {raw.name} is missing (a compressed shard: decompress it first)")
-        for i, sample in enumerate(shard):
-            if i % BATCH == 0:
-                check_interrupt(f"counting the tokens of {path}")
-            yield sample
+    for shard, info in shards:
+        with _readable(path, shard, info) as reader:
+            for i, sample in enumerate(reader):
+                if i % BATCH == 0:
+                    check_interrupt(f"counting the tokens of {path}")
+                yield sample
 
 
 def _stored_ids(value, where: str, dtype: np.dtype) -> int:
@@ -169,8 +232,10 @@ def _mds(
 ) -> tuple[int, int]:
     from mergeopt.objectives.data import _validated
 
+    split = mds_split(path)  # a root of one split is read as the stream reads it, local/split
+    path = path / split if split else path
     shards = _shards(path)
-    names = set(shards[0].column_names) if shards else set()
+    names = set(shards[0][0].column_names) if shards else set()
     column = next((c for c in MDS_TOKEN_COLUMNS if c in names), None)
     dtype = np.dtype(options.dtype or MDS_BYTES_DTYPE)
     samples, tokens, batch = 0, 0, []
