@@ -191,6 +191,9 @@ class DataSection(_Strict):
         return self
 
 
+CAP_KEYS = {"tokens": ("token_budget", "tokens"), "samples": ("sample_budget", "samples")}  # by weights.unit
+
+
 class WeightsSection(_Strict):
     """Where the search starts on the simplex, and the constraints every mixture it returns meets
     (mergeopt.merging.constraints: bounds, pins and repetition caps make one box on the simplex)."""
@@ -203,7 +206,8 @@ class WeightsSection(_Strict):
         "so that its runs train on these shares (tokens: domain i is drawn with probability "
         "proportional to w_i over its mean tokens per example); mixture.json records it, and "
         "mergeopt export reads its weights in this unit. The grid runs a fit is ranked against must "
-        "be mixed in the same unit. A repetition cap (max_epochs) needs tokens.",
+        "be mixed in the same unit, and a repetition cap (max_epochs) counts its budget and sources "
+        "in it.",
     )
     init: dict[str, float] | None = Field(
         default=None,
@@ -226,17 +230,29 @@ class WeightsSection(_Strict):
         default=None,
         gt=0.0,
         description="Repetition cap R: no training source may be repeated more than R epochs in "
-        "weights.token_budget tokens, i.e. w_i <= R * T_i / token_budget for source i of T_i tokens "
-        "(Olmix caps at 5). Needs token_budget, and each source's tokens: weights.tokens, or counted "
-        "from train.data with the base's tokenizer before the fit loads its model.",
+        "the training run's budget, counted in weights.unit. In tokens: w_i <= R * T_i / token_budget "
+        "for source i of T_i tokens; in samples: w_i <= R * N_i / sample_budget for source i of N_i "
+        "samples (Olmix caps at 5). Needs the budget, and each source's size: weights.tokens "
+        "(weights.samples), or counted from train.data as mergeopt export counts it (with the base's "
+        "tokenizer) before the fit loads its model.",
     )
     token_budget: int | None = Field(
-        default=None, gt=0, description="With max_epochs: the training run's budget B in tokens."
+        default=None, gt=0, description="With max_epochs in tokens: the training run's budget B in tokens."
     )
     tokens: dict[str, int] | None = Field(
         default=None,
-        description="With max_epochs: training tokens T_i of each expert's source {expert: T_i}; "
-        "experts not named are counted from train.data.",
+        description="With max_epochs in tokens: training tokens T_i of each expert's source "
+        "{expert: T_i}; experts not named are counted from train.data.",
+    )
+    sample_budget: int | None = Field(
+        default=None,
+        gt=0,
+        description="With max_epochs and weights.unit: samples: the training run's budget S in samples.",
+    )
+    samples: dict[str, int] | None = Field(
+        default=None,
+        description="With max_epochs and weights.unit: samples: training samples N_i of each expert's "
+        "source {expert: N_i}; experts not named are counted from train.data.",
     )
 
     groups: dict[str, list[str]] = Field(
@@ -291,30 +307,47 @@ class WeightsSection(_Strict):
             raise ValueError(f"the pinned weights sum to {math.fsum(pinned.values()):g}, above 1")
         return pinned
 
-    @field_validator("tokens")
+    @field_validator("tokens", "samples")
     @classmethod
-    def _positive_tokens(cls, tokens: dict[str, int] | None) -> dict[str, int] | None:
-        for name, count in (tokens or {}).items():
+    def _positive_sizes(cls, sizes: dict[str, int] | None, info) -> dict[str, int] | None:
+        for name, count in (sizes or {}).items():
             if count <= 0:
-                raise ValueError(f"{name!r} has {count} tokens; a source has at least 1")
-        return tokens
+                raise ValueError(f"{name!r} has {count} {info.field_name}; a source has at least 1")
+        return sizes
 
     @model_validator(mode="after")
     def _cap_parts_together(self) -> WeightsSection:
-        if self.max_epochs is not None and self.unit == "samples":
-            raise ValueError(
-                "weights.max_epochs caps token shares (w_i <= R * T_i / token_budget); with "
-                "weights.unit: samples it is not supported yet: cap the samples with weights.bounds"
-            )
-        if self.max_epochs is not None and self.token_budget is None:
-            raise ValueError("weights.max_epochs caps repetition within weights.token_budget: set it too")
         if self.max_epochs is None:
-            for key in ("token_budget", "tokens"):
+            for key in ("token_budget", "tokens", "sample_budget", "samples"):
                 if getattr(self, key) is not None:
                     raise ValueError(
                         f"weights.{key} is only used by a repetition cap: set weights.max_epochs"
                     )
+            return self
+        budget, sizes = CAP_KEYS[self.unit]
+        if getattr(self, budget) is None:
+            raise ValueError(
+                f"weights.max_epochs caps repetition within weights.{budget} ({self.unit}, weights.unit): "
+                "set it too"
+            )
+        for unit, keys in CAP_KEYS.items():
+            for key in keys:
+                if unit != self.unit and getattr(self, key) is not None:
+                    raise ValueError(
+                        f"weights.{key} counts {unit}, but the cap counts {self.unit} (weights.unit): "
+                        f"set weights.{budget} and weights.{sizes} instead"
+                    )
         return self
+
+    @property
+    def cap_budget(self) -> int | None:
+        """The repetition cap's budget in weights.unit (None without a cap)."""
+        return self.token_budget if self.unit == "tokens" else self.sample_budget
+
+    @property
+    def source_sizes(self) -> dict[str, int]:
+        """The sources' sizes the recipe gives, in weights.unit (weights.tokens or weights.samples)."""
+        return dict((self.tokens if self.unit == "tokens" else self.samples) or {})
 
     @property
     def constrained(self) -> bool:
@@ -772,20 +805,20 @@ class Recipe(_Strict):
         (token counts from train.data are checked once counted, before anything is written)."""
         w = self.weights
         experts = self.expert_names
-        for key in ("bounds", "pinned", "tokens"):
+        for key in ("bounds", "pinned", "tokens", "samples"):
             unknown = sorted(set(getattr(w, key) or {}) - set(experts))
             if unknown:
                 raise ValueError(
                     f"weights.{key} names {unknown[0]!r}, which is not an expert ({', '.join(experts)})"
                 )
-        uncounted = [n for n in experts if n not in (w.tokens or {})]
+        uncounted = [n for n in experts if n not in w.source_sizes]
         if w.max_epochs is not None and uncounted and self.train is None:
             raise ValueError(
-                f"weights.max_epochs needs each source's tokens, but none are given for {uncounted[0]!r}: "
-                "set weights.tokens or train.data"
+                f"weights.max_epochs needs each source's {w.unit}, but none are given for {uncounted[0]!r}: "
+                f"set weights.{w.unit} or train.data"
             )
         known = w.max_epochs is not None and not uncounted
-        caps = repetition_caps(w.max_epochs, w.token_budget, w.tokens) if known else None
+        caps = repetition_caps(w.max_epochs, w.cap_budget, w.source_sizes) if known else None
         feasible = FeasibleSet.build(experts, w.bounds, w.pinned, caps)
         if (problem := feasible.problem()) is not None:
             raise ValueError(f"weights: no mixture meets the constraints: {problem}")

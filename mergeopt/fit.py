@@ -21,7 +21,7 @@ from mergeopt.cli import alias, run_command
 from mergeopt.config import Recipe, load_recipe, recipe_to_yaml
 from mergeopt.errors import UserError, warn
 from mergeopt.inputs import writable_dir
-from mergeopt.loading.feasible import constraints_record, feasible_set, source_tokens
+from mergeopt.loading.feasible import constraints_record, feasible_set, source_sizes
 from mergeopt.loading.problem import Problem, load_problem, resolve_device
 from mergeopt.merging.groups import groups_of
 from mergeopt.merging.weights import as_mapping, initial_logits, start_weights
@@ -156,9 +156,9 @@ def _fit(recipe: Recipe, progress: bool, log: Callable[[str], None], resume: str
         table = read_grid(resolved.rank.grid, resolved.expert_names)
         check_truth(table, objective, resolved.rank.grid)
         check_grid_unit(table, resolved.rank.grid, resolved.weights.unit)
-    tokens = source_tokens(resolved, log)  # repetition caps' token counts (None without a cap)
-    feasible = feasible_set(resolved, tokens) if resolved.weights.constrained else None
-    record = None if feasible is None else constraints_record(resolved, feasible, tokens)
+    sizes = source_sizes(resolved, log)  # repetition caps' source sizes in weights.unit (None without a cap)
+    feasible = feasible_set(resolved, sizes) if resolved.weights.constrained else None
+    record = None if feasible is None else constraints_record(resolved, feasible, sizes)
     # a mismatched checkpoint is refused before loading
     checkpoint, resuming = _checkpoint(recipe, resume, resolved)
     problem = load_problem(resolved, progress, objective)

@@ -117,6 +117,21 @@ class MixtureConstraints(BaseModel):
     tokens: dict[str, int] | None = Field(
         default=None, description="Training tokens T_i of each source (given or counted); cap R·T_i/B."
     )
+    sample_budget: int | None = Field(
+        default=None, description="weights.sample_budget: the budget S in samples (weights.unit: samples)."
+    )
+    samples: dict[str, int] | None = Field(
+        default=None, description="Training samples N_i of each source (given or counted); cap R·N_i/S."
+    )
+
+    @property
+    def cap_unit(self) -> str:
+        """What the repetition cap counts: samples where the fit recorded a sample budget, else tokens."""
+        return "samples" if self.sample_budget is not None else "tokens"
+
+    def source_sizes(self) -> dict[str, int]:
+        """Each source's size as the fit recorded it, in the cap's unit (empty without a cap)."""
+        return dict((self.samples if self.cap_unit == "samples" else self.tokens) or {})
 
     def feasible_set(self) -> FeasibleSet:
         names = tuple(self.lower)

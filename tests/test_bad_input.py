@@ -488,18 +488,17 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         ],
         "the upper bounds sum to 0.6, below 1 (alpha 0.1 (cap)",
     ),
-    "repetition cap on sample shares": (
+    "repetition cap counted in the other unit": (
         "recipe",
         "fit",
         lambda w, t: [
             _recipe(w, t),
             "weights.unit=samples",
             "weights.max_epochs=1",
-            "weights.token_budget=1000",
+            "weights.sample_budget=1000",
             "weights.tokens={alpha: 100, beta: 200, gamma: 300}",
         ],
-        "weights.max_epochs caps token shares (w_i <= R * T_i / token_budget); with weights.unit: "
-        "samples it is not supported yet",
+        "weights.tokens counts tokens, but the cap counts samples (weights.unit)",
     ),
     "device without CUDA": (
         "recipe",

@@ -198,6 +198,43 @@ def test_recipe_is_frozen(tmp_path):
         (["weights.bounds={math: [0, 0.3]}", "weights.init={math: 0.5, code: 0.5}"], "weights.init breaks"),
         (["weights.max_epochs=5"], "weights.max_epochs caps repetition within weights.token_budget"),
         (["weights.token_budget=1000"], "weights.token_budget is only used by a repetition cap"),
+        (["weights.samples={math: 3}"], "weights.samples is only used by a repetition cap"),
+        (
+            ["weights.unit=samples", "weights.max_epochs=5", "weights.token_budget=1000"],
+            "weights.max_epochs caps repetition within weights.sample_budget (samples, weights.unit)",
+        ),
+        (
+            [
+                "weights.unit=samples",
+                "weights.max_epochs=5",
+                "weights.sample_budget=10",
+                "weights.tokens={math: 3}",
+            ],
+            "weights.tokens counts tokens, but the cap counts samples (weights.unit): set "
+            "weights.sample_budget and weights.samples instead",
+        ),
+        (
+            ["weights.max_epochs=5", "weights.token_budget=10", "weights.samples={math: 3}"],
+            "weights.samples counts samples, but the cap counts tokens (weights.unit)",
+        ),
+        (
+            [
+                "weights.unit=samples",
+                "weights.max_epochs=5",
+                "weights.sample_budget=10",
+                "weights.samples={math: 0}",
+            ],
+            "'math' has 0 samples; a source has at least 1",
+        ),
+        (
+            [
+                "weights.unit=samples",
+                "weights.max_epochs=5",
+                "weights.sample_budget=10",
+                "weights.samples={math: 3}",
+            ],
+            "weights.max_epochs needs each source's samples, but none are given for 'code'",
+        ),
         (
             ["weights.max_epochs=5", "weights.token_budget=10", "weights.tokens={math: 3}"],
             "none are given for 'code'",
@@ -207,6 +244,23 @@ def test_recipe_is_frozen(tmp_path):
 def test_constraints_are_checked_at_load_naming_the_culprit(tmp_path, overrides, message):
     with pytest.raises(UserError, match=re.escape(message)):
         load_recipe(write(tmp_path, MINIMAL), overrides)
+
+
+def test_a_cap_in_samples_bounds_each_share_by_its_samples(tmp_path):
+    overrides = [
+        "weights.unit=samples",
+        "weights.max_epochs=4",
+        "weights.sample_budget=1000",
+        "weights.samples={math: 200, code: 100}",  # caps 4 · 200 / 1000 = 0.8 and 0.4: w_code >= 0.2
+        "weights.init={math: 0.9, code: 0.1}",  # above math's cap
+    ]
+    with pytest.raises(UserError, match=re.escape("weights.init breaks the constraints")):
+        load_recipe(write(tmp_path, MINIMAL), overrides)
+    recipe = load_recipe(write(tmp_path, MINIMAL), overrides[:-1])
+    w = recipe.weights
+    assert (w.cap_budget, w.source_sizes) == (1000, {"math": 200, "code": 100})
+    again = load_recipe(write(tmp_path, recipe_to_yaml(recipe), "again.yaml"))
+    assert again.weights == w
 
 
 def test_a_feasible_constrained_recipe_loads_and_round_trips(tmp_path):

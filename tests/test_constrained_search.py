@@ -200,7 +200,15 @@ def test_gradient_at_projected_logits_matches_finite_differences(loaded):
 # ----------------------------------------------------------------------------- caps from train.data
 
 
-def test_caps_counted_from_train_data_equal_token_stats_counts(tiny_world, tmp_path):
+# a cap in each unit: the budget, markov's size given, the others counted (2,000 samples each)
+CAPS = {
+    "tokens": ["weights.token_budget=150000", "weights.tokens={markov: 60000}"],
+    "samples": ["weights.unit=samples", "weights.sample_budget=8000", "weights.samples={markov: 1000}"],
+}
+
+
+@pytest.mark.parametrize("unit", ["tokens", "samples"])
+def test_caps_counted_from_train_data_equal_token_stats_counts(tiny_world, tmp_path, unit):
     from mergeopt.config import load_recipe
 
     data = {n: f"tiny://train/{n}.jsonl" for n in ("arith", "reverse", "brackets", "markov")}
@@ -211,18 +219,20 @@ def test_caps_counted_from_train_data_equal_token_stats_counts(tiny_world, tmp_p
         "optim.steps=2",
         "data.max_examples=8",
         "weights.max_epochs=2",
-        "weights.token_budget=150000",
-        "weights.tokens={markov: 60000}",
+        *CAPS[unit],
         "train.data=" + json.dumps(data),
     ]
     mixture = fit(load_recipe(REPO / "recipes" / "tiny.yaml", overrides), progress=False, log=lambda _m: None)
     record = mixture["constraints"]
+    budget, given = (150_000, 60_000) if unit == "tokens" else (8_000, 1_000)
+    assert mixture["unit"] == unit and record[unit]["markov"] == given
+    assert record[{"tokens": "samples", "samples": "tokens"}[unit]] is None  # one unit's counts
     tokenizer = load_tokenizer(str(tiny_world / "base"))
     for name in ("arith", "reverse", "brackets"):
-        tokens = measure(tiny_world / "train" / f"{name}.jsonl", tokenizer).tokens
-        assert record["tokens"][name] == tokens
-        assert record["upper"][name] == pytest.approx(min(1.0, 2 * tokens / 150_000), rel=1e-12)
-    assert record["tokens"]["markov"] == 60000
+        size = getattr(measure(tiny_world / "train" / f"{name}.jsonl", tokenizer), unit)
+        assert record[unit][name] == size
+        assert record["upper"][name] == pytest.approx(min(1.0, 2 * size / budget), rel=1e-12)
+    assert record["upper"]["markov"] == pytest.approx(2 * given / budget, rel=1e-12)
     assert (
         FeasibleSet.build(list(record["upper"]), caps=record["upper"]).violation(mixture["weights"]) is None
     )

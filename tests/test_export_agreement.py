@@ -148,21 +148,25 @@ def test_every_format_carries_the_same_shares_counts_and_epochs(world, tmp_path)
         assert _epochs_said(fmt.name, text) == pytest.approx(epochs, rel=1e-3), fmt.name
 
 
-def test_without_datasets_the_epochs_come_from_the_fits_recorded_tokens(tmp_path, capsys):
-    """A fit with a repetition cap records each source's tokens: a token budget alone then states
-    the epochs in every data format, and refuses one above --max-epochs, naming the source."""
-    tokens = {"a": 10_000, "b": 40_000, "c": 30_000}
-    constraints = {
+def _capped(budget_key: str, budget: int, sizes_key: str, sizes: dict[str, int]) -> dict:
+    """mixture.json's constraints for a cap R = 10 that binds nowhere (R·size/budget >= 1.67)."""
+    return {
         "lower": dict.fromkeys(WEIGHTS, 0.0),
-        "upper": dict.fromkeys(WEIGHTS, 1.0),  # R·T_i/B is at least 1.67: no cap binds
+        "upper": dict.fromkeys(WEIGHTS, 1.0),
         "upper_from": dict.fromkeys(WEIGHTS, ""),
         "bounds": {},
         "pinned": {},
         "max_epochs": 10.0,
-        "token_budget": 60_000,
-        "tokens": tokens,
+        budget_key: budget,
+        sizes_key: sizes,
     }
-    run = write_run(tmp_path / "run", WEIGHTS, constraints=constraints)
+
+
+def test_without_datasets_the_epochs_come_from_the_fits_recorded_tokens(tmp_path, capsys):
+    """A fit with a repetition cap records each source's tokens: a token budget alone then states
+    the epochs in every data format, and refuses one above --max-epochs, naming the source."""
+    tokens = {"a": 10_000, "b": 40_000, "c": 30_000}
+    run = write_run(tmp_path / "run", WEIGHTS, constraints=_capped("token_budget", 60_000, "tokens", tokens))
     out = tmp_path / "doremi.json"
     assert run_cli(main, [str(run), "--to", "doremi", "--budget-tokens", "60000", "--out", str(out)]) == 0
     said = json.loads(out.read_text())["mergeopt"]["epochs"]
@@ -177,5 +181,39 @@ def test_without_datasets_the_epochs_come_from_the_fits_recorded_tokens(tmp_path
     assert err == [
         "mergeopt: error: the budget repeats dataset 'a' (10,000 tokens recorded in mixture.json) 5 times, "
         "above --max-epochs 4; lower the budget, add data, or raise --max-epochs"
+    ]
+    assert not refused.exists()
+
+
+def test_a_cap_in_samples_gives_the_epochs_from_the_recorded_samples(tmp_path, capsys):
+    """Under weights.unit: samples the fit records each source's samples: a sample budget alone
+    states the epochs from them, and one that breaks the fit's cap is refused, naming the source."""
+    samples = {"a": 1_000, "b": 4_000, "c": 3_000}
+    constraints = _capped("sample_budget", 6_000, "samples", samples)
+    run = write_run(tmp_path / "run", WEIGHTS, constraints=constraints, unit="samples")
+    out = tmp_path / "doremi.json"
+    assert run_cli(main, [str(run), "--to", "doremi", "--budget-samples", "6000", "--out", str(out)]) == 0
+    said = json.loads(out.read_text())["mergeopt"]["epochs"]
+    assert said["from"] == "sample counts recorded in mixture.json"
+    assert said["per_source"] == pytest.approx({n: WEIGHTS[n] * 6_000 / samples[n] for n in WEIGHTS})
+    assert "the budget repeats datasets beyond one epoch: a 1.2x" in capsys.readouterr().err
+
+    refused = tmp_path / "refused.json"
+    argv = [
+        str(run),
+        "--to",
+        "doremi",
+        "--budget-samples",
+        "60000",
+        "--max-epochs",
+        "20",
+        "--out",
+        str(refused),
+    ]
+    assert run_cli(main, argv) == 2  # a: 12,000 of 1,000 samples, 12 epochs > the fit's cap of 10
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "mergeopt: error: the budget repeats source 'a' (1,000 samples recorded in mixture.json) 12 times, "
+        "above the fit's weights.max_epochs 10; lower the budget or refit with this one"
     ]
     assert not refused.exists()

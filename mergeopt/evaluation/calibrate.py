@@ -488,11 +488,11 @@ def _run(args: argparse.Namespace, recipe, out: Path) -> int:
     check_grid_unit(table, grid, recipe.weights.unit)
     feasible = record = None
     if recipe.weights.constrained:  # bounds, pins, repetition caps: checked before a model is loaded
-        from mergeopt.loading.feasible import constraints_record, feasible_set, source_tokens
+        from mergeopt.loading.feasible import constraints_record, feasible_set, source_sizes
 
-        tokens = source_tokens(recipe, (lambda _m: None) if args.quiet else print)
-        feasible = feasible_set(recipe, tokens)
-        record = constraints_record(recipe, feasible, tokens)
+        sizes = source_sizes(recipe, (lambda _m: None) if args.quiet else print)
+        feasible = feasible_set(recipe, sizes)
+        record = constraints_record(recipe, feasible, sizes)
     fitted = None
     fit_path = Path(recipe.output_dir) / "mixture.json"
     if fit_path.is_file():

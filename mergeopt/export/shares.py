@@ -129,25 +129,43 @@ class Epochs:
     """Epochs over each source that the budget needs, and what the sources' sizes came from."""
 
     per_source: dict[str, float]
-    measured: bool  # True: the --datasets measured; False: the token counts mixture.json recorded
+    measured: bool  # True: the --datasets measured; False: the counts mixture.json recorded
     sizes: dict[str, str]  # name -> what its size is, for messages (a path, or "N tokens recorded")
+    recorded_unit: str = "tokens"  # what the counts mixture.json recorded count (not measured)
+
+    @property
+    def source(self) -> str:
+        """Where the sizes came from, as every format states it."""
+        if self.measured:
+            return "measured datasets"
+        return f"{self.recorded_unit[:-1]} counts recorded in mixture.json"
+
+
+def _needed(plan: Plan, unit: str) -> dict[str, float] | None:
+    """What the budget takes of each source, in ``unit`` (None where the plan cannot say)."""
+    return plan.tokens if unit == "tokens" else plan.samples
 
 
 def budget_epochs(plan: Plan, paths: Mapping[str, object], constraints=None) -> Epochs | None:
-    """The budget's epochs over each source: from the measured datasets, else from the token counts
-    the fit recorded (``weights.tokens`` or counted from train.data); None without a budget or sizes.
+    """The budget's epochs over each source: from the measured datasets, else from the sizes the fit
+    recorded (tokens, or samples under weights.unit: samples; given or counted from train.data);
+    None without a budget or sizes.
 
     Tokens needed / tokens available equals samples needed / samples available, so both agree.
     """
     if plan.repetition is not None:
         return Epochs(dict(plan.repetition), True, {n: str(paths.get(n)) for n in plan.names})
-    recorded = (constraints.tokens if constraints is not None else None) or {}
-    if plan.tokens is None or not all(recorded.get(n) for n in plan.names):
+    if constraints is None:
+        return None
+    unit, recorded = constraints.cap_unit, constraints.source_sizes()
+    needed = _needed(plan, unit)
+    if needed is None or not all(recorded.get(n) for n in plan.names):
         return None
     return Epochs(
-        {n: plan.tokens[n] / recorded[n] for n in plan.names},
+        {n: needed[n] / recorded[n] for n in plan.names},
         False,
-        {n: f"{recorded[n]:,} tokens recorded in mixture.json" for n in plan.names},
+        {n: f"{recorded[n]:,} {unit} recorded in mixture.json" for n in plan.names},
+        unit,
     )
 
 
@@ -175,19 +193,24 @@ def check_repetition(epochs: Epochs | None, max_epochs: float) -> list[str]:
 def check_recorded_cap(plan: Plan, constraints, paths: Mapping[str, object]) -> None:
     """Refuse a budget that repeats a source more often than the fit's ``weights.max_epochs`` allows.
 
-    The fit capped w_i at R·T_i / B for its own budget B; an export with another budget, or with
-    data other than the counted sources, can break the cap the mixture was chosen under. Each
-    source's tokens are the measured dataset's when ``--datasets`` are measured, else the counts
-    the fit recorded. ``constraints`` is mixture.json's record (None: the fit had none).
+    The fit capped w_i at R·T_i / B for its own budget B (in tokens, or in samples under
+    weights.unit: samples); an export with another budget, or with data other than the counted
+    sources, can break the cap the mixture was chosen under. Each source's size is the measured
+    dataset's when ``--datasets`` are measured, else the count the fit recorded. ``constraints`` is
+    mixture.json's record (None: the fit had none).
     """
-    if constraints is None or constraints.max_epochs is None or plan.tokens is None:
+    if constraints is None or constraints.max_epochs is None:
         return
-    recorded = constraints.tokens or {}
-    available = {n: plan.stats[n].tokens if plan.stats is not None else recorded.get(n) for n in plan.names}
-    epochs = {n: plan.tokens[n] / t for n, t in available.items() if t}
+    unit, recorded = constraints.cap_unit, constraints.source_sizes()
+    needed = _needed(plan, unit)
+    if needed is None:
+        return
+    measured = plan.stats is not None
+    available = {n: (getattr(plan.stats[n], unit) if measured else recorded.get(n)) for n in plan.names}
+    epochs = {n: needed[n] / t for n, t in available.items() if t}
     worst = max(epochs, key=epochs.get, default=None)
     if worst is not None and epochs[worst] > constraints.max_epochs * (1 + 1e-9):
-        source = paths.get(worst) or f"{available[worst]:,} tokens recorded in mixture.json"
+        source = paths.get(worst) or f"{available[worst]:,} {unit} recorded in mixture.json"
         raise UserError(
             f"the budget repeats source {worst!r} ({source}) {epochs[worst]:.3g} times, above the fit's "
             f"weights.max_epochs {constraints.max_epochs:g}; lower the budget or refit with this one"

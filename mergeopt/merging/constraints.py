@@ -3,7 +3,8 @@
 A recipe can bound each expert's weight (``weights.bounds``), pin some weights
 (``weights.pinned``: lo = hi = the pin, the others share what is left) and cap repetition
 (``weights.max_epochs`` R with a ``weights.token_budget`` B: source i's T training tokens can be
-seen at most R times, so w_i ≤ R·T_i / B). All three become one box, the intersection of the
+seen at most R times, so w_i ≤ R·T_i / B; in samples, with ``weights.sample_budget``, the same with
+each source's samples). All three become one box, the intersection of the
 bounds, the pins and the caps, intersected with the simplex. Every strategy searches that set and
 every consumer (mixture.json, the exports) checks against it, so this module is the only place
 that knows what "feasible" means.
@@ -258,9 +259,10 @@ class FeasibleSet:
         return np.array([*kept, *self.project(np.array(rejected[:missing]))])
 
 
-def repetition_caps(max_epochs: float, token_budget: int, tokens: Mapping[str, int]) -> dict[str, float]:
-    """w_i ≤ R·T_i / B: a source of T_i tokens is repeated at most R times in a budget of B tokens."""
-    return {name: max_epochs * t / token_budget for name, t in tokens.items()}
+def repetition_caps(max_epochs: float, budget: int, sizes: Mapping[str, int]) -> dict[str, float]:
+    """w_i ≤ R·T_i / B: a source of T_i tokens (samples) is repeated at most R times in a budget of
+    B tokens (samples), w being shares of the same unit."""
+    return {name: max_epochs * t / budget for name, t in sizes.items()}
 
 
 def _solve(a: np.ndarray, b: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:

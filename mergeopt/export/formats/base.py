@@ -34,9 +34,8 @@ class Context:
         """One line every data format carries under a budget: the epochs over each source."""
         if self.epochs is None:
             return None
-        where = "measured datasets" if self.epochs.measured else "token counts recorded in mixture.json"
         values = ", ".join(f"{n} {e:.4g}" for n, e in self.epochs.per_source.items())
-        return f"epochs over each source under the budget ({where}): {values}"
+        return f"epochs over each source under the budget ({self.epochs.source}): {values}"
 
     def whole_samples(self, fmt: Format) -> dict[str, int]:
         """The integer samples of each source that a format of counts writes: the budget's counts,

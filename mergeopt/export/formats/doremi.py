@@ -30,7 +30,7 @@ def render(ctx: Context) -> str:
     if ctx.epochs is not None:  # a budget: the epochs over each source, as every format says
         document["mergeopt"]["epochs"] = {
             "per_source": ctx.epochs.per_source,
-            "from": "measured datasets" if ctx.epochs.measured else "token counts recorded in mixture.json",
+            "from": ctx.epochs.source,
         }
     if ctx.mixture.groups is not None:  # JSON has no comments: the two levels go in the metadata
         document["mergeopt"]["groups"] = {
