@@ -108,14 +108,24 @@ def test_top_k_hand_example():
     assert (up["top1_hit"], up["topk_hit"], up["topk_overlap"]) == (True, True, 0.5)
 
 
-@pytest.mark.parametrize("seed, confidence", [(0, 0.95), (7, 0.9), (11, 0.5)])
-def test_bootstrap_intervals_equal_scipy_stats_bootstrap(seed, confidence):
+@pytest.mark.parametrize(
+    "seed, confidence, n, ties",
+    [
+        (0, 0.95, 30, False),
+        (7, 0.9, 31, False),
+        (11, 0.5, 30, False),
+        (3, 0.95, 40, True),  # tau-b and average ranks over tied values
+        (5, 0.9, 300, True),  # past PAIRWISE_MAX: Kendall's tau per resample by scipy
+    ],
+)
+def test_bootstrap_intervals_equal_scipy_stats_bootstrap(seed, confidence, n, ties):
     """Our percentile bootstrap is scipy.stats.bootstrap(paired, percentile) draw for draw: the same
     generator, the same resampled indices, the same interval (scipy would return NaN where a
-    resample is constant; ours skips it, which never happens with 30 distinct values)."""
-    proxy, truth = correlated(seed, n=30, noise=0.8)
-    ours = rank_statistics(proxy, truth, n_bootstrap=400, seed=seed, confidence=confidence)
-    assert ours["bootstrap_used"] == 400
+    resample is constant; ours skips it, which never happens with this many distinct values)."""
+    proxy, truth = correlated(seed, n=n, noise=0.8, ties=ties)
+    resamples = 400 if n < 100 else 60
+    ours = rank_statistics(proxy, truth, n_bootstrap=resamples, seed=seed, confidence=confidence)
+    assert ours["bootstrap_used"] == resamples
     statistics = {
         "spearman_ci": lambda p, t: stats.spearmanr(p, t)[0],
         "kendall_ci": lambda p, t: stats.kendalltau(p, t)[0],
@@ -126,7 +136,7 @@ def test_bootstrap_intervals_equal_scipy_stats_bootstrap(seed, confidence):
             statistic,
             paired=True,
             vectorized=False,
-            n_resamples=400,
+            n_resamples=resamples,
             method="percentile",
             confidence_level=confidence,
             rng=np.random.default_rng(seed),
