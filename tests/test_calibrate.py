@@ -66,6 +66,7 @@ def test_writes_the_report_the_ranking_and_exportable_mixtures(first_round):
     for folder in ("pick", "next-1", "next-2"):
         mixture = read_mixture(out / folder)
         assert mixture.strategy == "calibrate" and (out / folder / "recipe.yaml").is_file()
+        assert mixture.unit == "tokens"  # the recipe's weights.unit: the export reads the weights in it
     assert read_mixture(out / "pick").weights == pytest.approx(report.pick.weights)
     # the proposals are new mixtures: never one of the runs
     runs = {tuple(np.round(r, 9)) for r in _grid()[["w_alpha", "w_beta", "w_gamma"]].to_numpy()}

@@ -496,7 +496,7 @@ def _train(recipe: Recipe, progress: bool, log: Callable[[str], None]) -> Path:
     log(
         f"{len(runs)} runs ({len(names)} experts, {len(runs) - len(names)} mixtures): "
         f"{len(runs) - len(todo)} finished, {len(todo)} to train ({cfg.method}, {cfg.steps} steps x "
-        f"{cfg.batch_tokens} tokens)"
+        f"{cfg.batch_tokens} tokens; mixtures drawn as {resolved.weights.unit[:-1]} shares)"
     )
     # no directory is made before something is saved into it: a run stopped early leaves none
     for w, path in tqdm(todo, desc="training runs", unit="run", disable=not progress):
