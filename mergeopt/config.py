@@ -201,7 +201,7 @@ class WeightsSection(_Strict):
     unit: Literal["tokens", "samples"] = Field(
         default="tokens",
         description="What a mixture weight is a share of: training tokens (tokens, as pretraining "
-        "frameworks blend and as RegMix's and MergeMix's runs are mixed) or training samples "
+        "frameworks blend and as RegMix's runs are mixed) or training samples "
         "(samples, as interleave_datasets' probabilities). mergeopt train draws each example's domain "
         "so that its runs train on these shares (tokens: domain i is drawn with probability "
         "proportional to w_i over its mean tokens per example); mixture.json records it, and "
