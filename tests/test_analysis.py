@@ -38,7 +38,9 @@ def _tiny_fit(tiny_world, out: Path, *overrides: str) -> Path:
 
 @pytest.fixture(scope="module")
 def ranked_run(tiny_world, tmp_path_factory):
-    return _tiny_fit(tiny_world, tmp_path_factory.mktemp("ranked"), f"rank.grid={GRID}", "rank.bootstrap=50")
+    # the grid's runs drew sample shares (recipes/tiny_grid.yaml): ranked in the same unit
+    out = tmp_path_factory.mktemp("ranked")
+    return _tiny_fit(tiny_world, out, f"rank.grid={GRID}", "rank.bootstrap=50", "weights.unit=samples")
 
 
 @pytest.fixture(scope="module")
