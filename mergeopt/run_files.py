@@ -124,6 +124,13 @@ class MixtureConstraints(BaseModel):
         default=None, description="Training samples N_i of each source (given or counted); cap R·N_i/S."
     )
 
+    @model_validator(mode="after")
+    def _one_unit(self) -> MixtureConstraints:
+        counted = [k for k in ("token_budget", "tokens", "sample_budget", "samples") if getattr(self, k)]
+        if {"token_budget", "tokens"} & set(counted) and {"sample_budget", "samples"} & set(counted):
+            raise ValueError(f"a repetition cap counts tokens or samples, not both ({', '.join(counted)})")
+        return self
+
     @property
     def cap_unit(self) -> str:
         """What the repetition cap counts: samples where the fit recorded a sample budget, else tokens."""
@@ -256,6 +263,12 @@ class MixtureFile(_RunFile):
             )
         if (outside := self.constraints.feasible_set().violation(self.weights)) is not None:
             raise ValueError(f"the weights break the recorded constraints: {outside}")
+        capped = self.constraints.max_epochs is not None
+        if capped and self.unit is not None and self.constraints.cap_unit != self.unit:
+            raise ValueError(
+                f"the repetition cap counts {self.constraints.cap_unit} but the weights are "
+                f"{self.unit[:-1]} shares (unit {self.unit})"
+            )
         return self
 
     @model_validator(mode="after")

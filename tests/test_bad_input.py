@@ -745,6 +745,20 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         "records its weights as sample shares (weights.unit: samples), so --weights-are tokens would "
         "misread them",
     ),
+    "export mixture.json whose cap counts another unit than its weights": (
+        "export",
+        "export",
+        lambda w, t: [
+            str(
+                _finished_run(w, t, lambda m: m.update(unit="samples", constraints=_recorded(max_epochs=2.0)))
+            ),
+            "--to",
+            "doremi",
+            "--out",
+            str(t / "out"),
+        ],
+        "the repetition cap counts tokens but the weights are sample shares (unit samples)",
+    ),
     "export unknown dataset name": (
         "export",
         "export",

@@ -24,6 +24,7 @@ from mergeopt.fit import fit
 from mergeopt.run_files import (
     RUN_FILES,
     SCHEMA_VERSION,
+    MixtureConstraints,
     MixtureFile,
     RankReport,
     TransferReport,
@@ -146,3 +147,20 @@ def test_the_published_json_schemas_are_the_models():
         published = SCHEMAS / name.replace(".json", ".schema.json")
         assert published.is_file(), f"{published} is missing: regenerate it"
         assert json.loads(published.read_text()) == schema, f"{published} is stale: regenerate it"
+
+
+def test_a_recorded_cap_counts_one_unit():
+    record = {
+        "lower": {"a": 0.0, "b": 0.0},
+        "upper": {"a": 1.0, "b": 1.0},
+        "upper_from": {"a": "", "b": ""},
+        "bounds": {},
+        "pinned": {},
+        "max_epochs": 2.0,
+    }
+    tokens = MixtureConstraints.model_validate(record | {"token_budget": 10, "tokens": {"a": 5, "b": 5}})
+    samples = MixtureConstraints.model_validate(record | {"sample_budget": 4, "samples": {"a": 2, "b": 2}})
+    assert (tokens.cap_unit, tokens.source_sizes()) == ("tokens", {"a": 5, "b": 5})
+    assert (samples.cap_unit, samples.source_sizes()) == ("samples", {"a": 2, "b": 2})
+    with pytest.raises(ValueError, match="a repetition cap counts tokens or samples, not both"):
+        MixtureConstraints.model_validate(record | {"token_budget": 10, "samples": {"a": 2, "b": 2}})
