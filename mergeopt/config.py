@@ -342,12 +342,12 @@ class WeightsSection(_Strict):
     @property
     def cap_budget(self) -> int | None:
         """The repetition cap's budget in weights.unit (None without a cap)."""
-        return self.token_budget if self.unit == "tokens" else self.sample_budget
+        return getattr(self, CAP_KEYS[self.unit][0])
 
     @property
     def source_sizes(self) -> dict[str, int]:
         """The sources' sizes the recipe gives, in weights.unit (weights.tokens or weights.samples)."""
-        return dict((self.tokens if self.unit == "tokens" else self.samples) or {})
+        return dict(getattr(self, CAP_KEYS[self.unit][1]) or {})
 
     @property
     def constrained(self) -> bool:

@@ -102,18 +102,17 @@ def check_grid_unit(table: pd.DataFrame, path: str | Path, unit: str) -> None:
     can tell (their ``run.json``, found through the ``path`` column); one that draws a single domain
     is the same in either unit, and grids made elsewhere are not checked.
     """
-    from mergeopt.worlds.train import LEGACY_UNIT, RUN_MARKER
+    from mergeopt.worlds.train import RUN_MARKER, drawn_unit
 
     if "path" not in table.columns:
         return
     for row, run in table["path"].items():
         try:
             info = json.loads((Path(str(run)) / RUN_MARKER).read_text())
-            mixed = sum(float(w) > 0 for w in info["weights"].values()) > 1
+            drawn = drawn_unit(info["weights"], info)
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue  # no run.json at hand (or not mergeopt train's): nothing to check
-        drawn = info.get("unit", LEGACY_UNIT)
-        if mixed and drawn != unit:
+        if drawn is not None and drawn != unit:
             raise UserError(
                 f"{path}: row {row + 2}'s run {run} was mixed in {drawn[:-1]} shares, and weights.unit is "
                 f"{unit}: set weights.unit: {drawn}, or rank against runs mixed in {unit[:-1]} shares"

@@ -161,14 +161,19 @@ def _identity(recipe: Recipe, weights: dict[str, float], inputs: dict[str, str])
     }
 
 
-def _drawn_differently(record: dict, identity: dict) -> bool:
-    """True when ``record``'s mixture was drawn in another unit than ``identity``'s would draw it.
+def drawn_unit(weights: dict[str, float], record: dict) -> str | None:
+    """The unit a run of mixture ``weights`` that ``record`` (run.json or a step checkpoint's state)
+    describes drew its examples in; None for a single domain, which is the same run in either unit.
+    Records from before the unit was recorded drew sample shares, the only unit there was."""
+    if sum(float(w) > 0 for w in weights.values()) <= 1:
+        return None
+    return record.get("unit", LEGACY_UNIT)
 
-    Only a mixture of two domains or more depends on the unit. Records from before the unit was
-    recorded drew sample shares, the only unit there was.
-    """
-    mixed = sum(w > 0 for w in identity["weights"].values()) > 1
-    return mixed and record.get("unit", LEGACY_UNIT) != identity["unit"]
+
+def _drawn_differently(record: dict, identity: dict) -> bool:
+    """True when ``record``'s mixture was drawn in another unit than ``identity``'s would draw it."""
+    drawn = drawn_unit(identity["weights"], record)
+    return drawn is not None and drawn != identity["unit"]
 
 
 def _finished(path: Path, identity: dict) -> bool:
@@ -190,7 +195,7 @@ def _finished(path: Path, identity: dict) -> bool:
             "delete it or choose another train.output_dir"
         )
     if _drawn_differently(info, identity):
-        trained_unit = info.get("unit", LEGACY_UNIT)
+        trained_unit = drawn_unit(weights, info)
         raise UserError(
             f"{path} holds a run of mixture {trained} in {trained_unit[:-1]} shares, and weights.unit "
             f"is {identity['unit']}: set weights.unit: {trained_unit} to rank against it, or delete "
