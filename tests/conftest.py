@@ -12,6 +12,14 @@ import sys
 import types
 from pathlib import Path
 
+# OpenMP threads that find no work sleep instead of spinning. libgomp reads this once, when torch
+# loads it, so it is set before torch's import. A run with two threads (test_fidelity's training,
+# at the committed table's thread count) beside a busy process took 2.6 times as long as alone with
+# spinning threads (each parallel region waits for a thread whose core the other process holds) and
+# 1.25 times with sleeping ones, with bit-identical losses (measured once, on 2 cores): how threads
+# wait is no arithmetic.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -71,6 +79,25 @@ def perturbed(model: LlamaForCausalLM, seed: int, scale: float = 0.02) -> LlamaF
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_temp_dir(tmp_path_factory):
+    """TMPDIR of this test process and of every process it starts: a directory under pytest's base
+    temp, which pytest prunes (it keeps the last three sessions'). What libraries leave in the
+    temporary directory stays there instead of in /tmp: torchrun's agent a torchelastic_* directory
+    per job, streaming's StreamingDataset two lock files per dataset, neither ever removed."""
+    import tempfile
+
+    path = tmp_path_factory.mktemp("tmp")
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(path)
+    tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+    try:
+        yield path
+    finally:
+        _set_environment({"TMPDIR": before})
+        tempfile.tempdir = None
 
 
 @pytest.fixture(scope="session")
@@ -237,6 +264,72 @@ def run_forked(module: str, *args: str, fault: str | None = None) -> subprocess.
             child.exitcode,
             Path(stdout).read_text(encoding="utf-8"),
             Path(stderr).read_text(encoding="utf-8"),
+        )
+
+
+def _forked_rank(module: str, args: tuple, rank: int, size: int, port: int, out: str, err: str) -> None:
+    """One rank of :func:`run_ranks`: the variables torchrun gives a worker, then the command."""
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "GROUP_RANK": "0",
+            "WORLD_SIZE": str(size),
+            "LOCAL_WORLD_SIZE": str(size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",  # what torchrun sets for several workers per machine
+        }
+    )
+    _forked_command(module, args, None, out, err)
+
+
+def run_ranks(module: str, *args: str, processes: int) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=PROCESSES -m mergeopt.<module> ARGS``, its workers
+    forked from this process: what :func:`run_module` returns, every rank's output concatenated in
+    rank order, and the first non-zero exit code of a rank (0 when all succeed).
+
+    A worker gets the environment torchrun's agent gives it (RANK, LOCAL_RANK, WORLD_SIZE,
+    MASTER_ADDR, MASTER_PORT, one OpenMP thread) and joins the gloo group with
+    ``init_process_group`` as under torchrun; what differs is that it has torch and transformers
+    imported already (torchrun's agent and each new worker interpreter spend about 10 s on imports
+    on 2 cores, most of a small fit's time). So this runs the tests of what the ranks compute; the
+    tests of torchrun's own part (its agent's signals on a failing or killed rank, the c10d
+    rendezvous of several agents) start the real ``torch.distributed.run``.
+    """
+    import multiprocessing
+    import socket
+    import tempfile
+
+    if torch.get_num_threads() != 1:
+        raise RuntimeError("run_ranks from a process with several torch threads: see run_forked")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        files = [(os.path.join(tmp, f"{r}.out"), os.path.join(tmp, f"{r}.err")) for r in range(processes)]
+        fork = multiprocessing.get_context("fork")
+        ranks = [
+            fork.Process(target=_forked_rank, args=(module, args, r, processes, port, *files[r]))
+            for r in range(processes)
+        ]
+        for rank in ranks:
+            rank.start()
+        for rank in ranks:
+            rank.join(timeout=600)
+        if any(rank.exitcode is None for rank in ranks):
+            for rank in ranks:
+                rank.kill()
+                rank.join()
+            raise TimeoutError(
+                f"mergeopt {module} {' '.join(args)} on {processes} ranks ran for more than 600 s"
+            )
+        codes = [rank.exitcode for rank in ranks]
+        return subprocess.CompletedProcess(
+            [module, *args],
+            next((code for code in codes if code != 0), 0),
+            "".join(Path(out).read_text(encoding="utf-8") for out, _ in files),
+            "".join(Path(err).read_text(encoding="utf-8") for _, err in files),
         )
 
 

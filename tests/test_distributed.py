@@ -2,6 +2,11 @@
 
 Each rank scores half of every batch and the ranks add up token-loss sums, counts and the K-vector
 gradient, so the run must match a single-process run up to float summation order (≤ 1e-6 on w).
+
+The ranks of the comparisons are forked with torchrun's environment (tests.conftest.run_ranks: a
+new interpreter per rank spends most of a small fit's time on imports); what is torchrun's own part
+(its agent after a rank fails or is killed, a resume under it, the c10d rendezvous of two agents)
+runs under the real ``torch.distributed.run``.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import REPO, recipe_tree, run_in_process
+from tests.conftest import REPO, recipe_tree, run_in_process, run_ranks
 
 
 def _torchrun(recipe_path, *overrides, processes: int = 2, fault: str | None = None):
@@ -80,7 +85,7 @@ def single_runs(random_world, tmp_path_factory):
 def test_two_processes_find_the_mixture_one_process_finds(single_runs, tmp_path, name):
     path, one_dir = single_runs(name)
     search = SEARCHES[name]
-    double = _torchrun(path, f"output_dir={tmp_path / 'two'}")
+    double = run_ranks("fit", str(path), f"output_dir={tmp_path / 'two'}", "--quiet", processes=2)
     assert double.returncode == 0, double.stderr[-3000:]
     one = json.loads((one_dir / "mixture.json").read_text())
     two = json.loads((tmp_path / "two" / "mixture.json").read_text())
@@ -115,7 +120,8 @@ def sharded_runs(single_runs, tmp_path_factory):
         if (name, processes) not in made:
             path, _ = single_runs(name)
             out = tmp_path_factory.mktemp(f"sharded-{name}-{processes}") / "sharded"
-            made[name, processes] = _torchrun(path, f"output_dir={out}", *SHARDED, processes=processes), out
+            job = run_ranks("fit", str(path), f"output_dir={out}", *SHARDED, "--quiet", processes=processes)
+            made[name, processes] = job, out
         return made[name, processes]
 
     return run
@@ -215,7 +221,9 @@ def test_a_sharded_stack_scores_metric_terms_as_one_process_does(random_world, t
     path.write_text(yaml.safe_dump(tree))
     single = run_in_process("fit", str(path), "--quiet")
     assert single.returncode == 0, single.stderr
-    sharded = _torchrun(path, f"output_dir={tmp_path / 'sharded'}", "model.shard=fsdp")
+    sharded = run_ranks(
+        "fit", str(path), f"output_dir={tmp_path / 'sharded'}", "model.shard=fsdp", "--quiet", processes=2
+    )
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     many = json.loads((tmp_path / "sharded" / "mixture.json").read_text())
     assert (many["shard"], many["search"]["scoring"]) == ("fsdp", "together")

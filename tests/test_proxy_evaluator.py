@@ -11,10 +11,8 @@ what an uninterrupted run (in this process) writes; two gloo processes write one
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -34,7 +32,7 @@ from mergeopt.runtime.resume import (
     RANK_CHECKPOINT_DIR,
     RunState,
 )
-from tests.conftest import REPO, recipe_tree, run_forked, run_in_process
+from tests.conftest import recipe_tree, run_forked, run_in_process, run_ranks
 from tests.test_grid_metrics import completion_nll
 
 NLL = {
@@ -169,11 +167,7 @@ def test_a_restart_reads_nothing_the_old_run_left(tmp_path):
 
 def test_two_gloo_processes_write_one_process_table(ranked_once, tmp_path):
     recipe, grid, one = ranked_once
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    env.pop("MERGEOPT_FAULT", None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    command += ["-m", "mergeopt.rank", recipe, "--grid", grid, "--out", str(tmp_path / "two"), "--quiet"]
-    double = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    double = run_ranks("rank", recipe, "--grid", grid, "--out", str(tmp_path / "two"), "--quiet", processes=2)
     assert double.returncode == 0, double.stderr[-3000:]
     assert double.stdout.count("Wrote rank_report.json") == 1  # rank 0 writes and prints
     one = pd.read_csv(one / "rank_pairs.csv")
