@@ -81,6 +81,31 @@ def test_the_mixing_law_recovers_a_law_and_agrees_with_curve_fit():
     )
 
 
+def test_the_mixing_laws_jacobian_matches_finite_differences():
+    """The Jacobian the least squares is given, against central differences of the law itself, at
+    a point where some rows' t·w lie beyond the clip (their t-columns are 0) and the rest inside."""
+    rng = np.random.default_rng(1)
+    weights = rng.dirichlet(np.ones(4), size=12)
+    params = np.array([0.7, -1.3, 80.0, -2.0, 30.0, 1.5])
+    exponent = weights @ params[2:]
+    assert (np.abs(exponent) > baselines.EXPONENT_CLIP).any() and (np.abs(exponent) < 40).any()
+    analytic = baselines.mixing_law_jacobian(params, weights)
+    step = 1e-6
+    numeric = np.column_stack(
+        [
+            (
+                baselines._mixing_law(params + step * e, weights)
+                - baselines._mixing_law(params - step * e, weights)
+            )
+            / (2 * step)
+            for e in np.eye(len(params))
+        ]
+    )
+    np.testing.assert_allclose(analytic, numeric, rtol=1e-6, atol=1e-6 * np.abs(numeric).max())
+    clipped = np.abs(exponent) > baselines.EXPONENT_CLIP
+    assert (analytic[clipped, 2:] == 0).all() and (analytic[~clipped, 2:] != 0).all()
+
+
 def test_a_grid_too_small_for_a_baseline_says_so():
     assert baselines.skipped(20, 4) == {}
     assert baselines.skipped(6, 4) == {"mixing_law_loo": "5 runs per fit, fewer than its 6 parameters"}

@@ -78,6 +78,28 @@ def _mixing_law_start(weights: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.concatenate([[c, math.exp(coef[0])], coef[1:]])
 
 
+EXPONENT_CLIP = 50.0  # t·w is clipped to ±50 so that exp never overflows while the fit wanders
+
+
+def _mixing_law(params: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """c + k·exp(t·w) for each row of ``w``, with params = (c, k, t_1, …, t_K)."""
+    return params[0] + params[1] * np.exp(np.clip(w @ params[2:], -EXPONENT_CLIP, EXPONENT_CLIP))
+
+
+def mixing_law_jacobian(params: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """∂/∂(c, k, t) of :func:`_mixing_law` at each row of ``w`` (n × (K + 2)): 1, exp(t·w) and
+    k·exp(t·w)·w_j, with 0 for t where t·w is clipped (the clipped law does not move with t there).
+
+    Given to the least squares in place of finite differences, which cost K + 2 evaluations of the
+    law per iteration: the leave-one-out took 1.8 times less time on the tiny grid and 2.6 times
+    less on 64 RegMix runs over 17 domains, its predictions within 4e-5 of the finite differences'
+    and ranked alike (benchmarks/results/baselines.md)."""
+    exponent = w @ params[2:]
+    scale = np.exp(np.clip(exponent, -EXPONENT_CLIP, EXPONENT_CLIP))
+    inside = np.abs(exponent) < EXPONENT_CLIP
+    return np.column_stack([np.ones(len(w)), scale, (params[1] * scale * inside)[:, None] * w])
+
+
 def fit_mixing_law(weights: np.ndarray, y: np.ndarray):
     """The least-squares c + k·exp(t·w) through (weights, y); returns the fitted function of w.
 
@@ -87,16 +109,18 @@ def fit_mixing_law(weights: np.ndarray, y: np.ndarray):
     from scipy.optimize import least_squares
 
     weights, y = np.asarray(weights, dtype=np.float64), np.asarray(y, dtype=np.float64)
-
-    def predict(params: np.ndarray, w: np.ndarray) -> np.ndarray:
-        return params[0] + params[1] * np.exp(np.clip(w @ params[2:], -50.0, 50.0))
-
     start = _mixing_law_start(weights, y)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        fitted = least_squares(lambda p: predict(p, weights) - y, start, method="trf", max_nfev=2000)
+        fitted = least_squares(
+            lambda p: _mixing_law(p, weights) - y,
+            start,
+            jac=lambda p: mixing_law_jacobian(p, weights),
+            method="trf",
+            max_nfev=2000,
+        )
     params = fitted.x
-    return lambda w: predict(params, np.atleast_2d(np.asarray(w, dtype=np.float64)))
+    return lambda w: _mixing_law(params, np.atleast_2d(np.asarray(w, dtype=np.float64)))
 
 
 def mixing_law_loo(weights: np.ndarray, truth: np.ndarray) -> np.ndarray:
