@@ -106,6 +106,23 @@ def test_the_mixing_laws_jacobian_matches_finite_differences():
     assert (analytic[clipped, 2:] == 0).all() and (analytic[~clipped, 2:] != 0).all()
 
 
+def test_the_leave_one_out_fits_show_a_bar_to_their_total(capsys):
+    """One step per fit: each regression fits once per run and metric (here 2 × 2 × 8), and the
+    bar's predictions are those made without it."""
+    rng = np.random.default_rng(0)
+    weights = rng.dirichlet(np.ones(3), size=8)
+    truths = {m: 1.0 + weights @ rng.normal(size=3) for m in ("a", "b")}
+    experts = {m: rng.normal(size=3) for m in truths}
+    shown, _ = baselines.baseline_predictions(weights, truths, experts, seed=0, progress=True)
+    bar = capsys.readouterr().err
+    assert "baselines, leave-one-out" in bar and "32/32" in bar
+    quiet, _ = baselines.baseline_predictions(weights, truths, experts, seed=0)
+    assert capsys.readouterr().err == ""
+    for name in baselines.NAMES:
+        for m in truths:
+            np.testing.assert_array_equal(shown[name][m], quiet[name][m])
+
+
 def test_a_grid_too_small_for_a_baseline_says_so():
     assert baselines.skipped(20, 4) == {}
     assert baselines.skipped(6, 4) == {"mixing_law_loo": "5 runs per fit, fewer than its 6 parameters"}

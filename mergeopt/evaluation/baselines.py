@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -49,17 +49,24 @@ def interpolation(weights: np.ndarray, expert_scores: np.ndarray) -> np.ndarray:
     return weights @ expert_scores
 
 
-def _leave_one_out(weights: np.ndarray, truth: np.ndarray, fit) -> np.ndarray:
-    """Each run's score predicted by ``fit(weights, truth)`` (which returns a function of w) on the others."""
+def _leave_one_out(
+    weights: np.ndarray, truth: np.ndarray, fit, fitted: Callable[[], object] | None = None
+) -> np.ndarray:
+    """Each run's score predicted by ``fit(weights, truth)`` (which returns a function of w) on the
+    others; ``fitted()`` is called after each fit (a progress bar's update)."""
     weights, truth = np.asarray(weights, dtype=np.float64), np.asarray(truth, dtype=np.float64)
     predicted = np.empty(len(truth))
     for i in range(len(truth)):
         keep = np.arange(len(truth)) != i
         predicted[i] = fit(weights[keep], truth[keep])(weights[i : i + 1])[0]
+        if fitted is not None:
+            fitted()
     return predicted
 
 
-def lightgbm_loo(weights: np.ndarray, truth: np.ndarray, seed: int) -> np.ndarray:
+def lightgbm_loo(
+    weights: np.ndarray, truth: np.ndarray, seed: int, fitted: Callable[[], object] | None = None
+) -> np.ndarray:
     """Each run's score predicted by LightGBM fitted on the other runs (the surrogate's settings)."""
     from mergeopt.config import SurrogateSearch
     from mergeopt.search.surrogate import fit_surrogate
@@ -67,7 +74,7 @@ def lightgbm_loo(weights: np.ndarray, truth: np.ndarray, seed: int) -> np.ndarra
     def fit(w: np.ndarray, y: np.ndarray):
         return lambda x: fit_surrogate(w, {"s": y}, SurrogateSearch(), seed).predict(x)["s"]
 
-    return _leave_one_out(weights, truth, fit)
+    return _leave_one_out(weights, truth, fit, fitted)
 
 
 def _mixing_law_start(weights: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -123,9 +130,11 @@ def fit_mixing_law(weights: np.ndarray, y: np.ndarray):
     return lambda w: _mixing_law(params, np.atleast_2d(np.asarray(w, dtype=np.float64)))
 
 
-def mixing_law_loo(weights: np.ndarray, truth: np.ndarray) -> np.ndarray:
+def mixing_law_loo(
+    weights: np.ndarray, truth: np.ndarray, fitted: Callable[[], object] | None = None
+) -> np.ndarray:
     """Each run's score predicted by the mixing law fitted on the other runs."""
-    return _leave_one_out(weights, truth, fit_mixing_law)
+    return _leave_one_out(weights, truth, fit_mixing_law, fitted)
 
 
 def skipped(n: int, k: int) -> dict[str, str]:
@@ -143,18 +152,31 @@ def baseline_predictions(
     truths: Mapping[str, np.ndarray],
     expert_scores: Mapping[str, np.ndarray],
     seed: int,
+    progress: bool = False,
 ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, str]]:
     """({baseline: {metric: predicted score per grid row}}, {baseline: why it was skipped}).
 
     ``truths`` and ``expert_scores`` are keyed by metric: the grid's true scores (n per metric) and
-    the K experts' own scores (the proxy at each one-hot mixture).
+    the K experts' own scores (the proxy at each one-hot mixture). ``progress`` shows a bar over the
+    regressions' fits (one per run and metric each: minutes on a large grid).
     """
+    from tqdm.auto import tqdm
+
     weights = np.asarray(weights, dtype=np.float64)
     left_out = skipped(len(weights), weights.shape[1])
     predictions: dict[str, dict[str, np.ndarray]] = {}
     predictions["interpolation"] = {m: interpolation(weights, expert_scores[m]) for m in truths}
-    if "lightgbm_loo" not in left_out:
-        predictions["lightgbm_loo"] = {m: lightgbm_loo(weights, y, seed) for m, y in truths.items()}
-    if "mixing_law_loo" not in left_out:
-        predictions["mixing_law_loo"] = {m: mixing_law_loo(weights, y) for m, y in truths.items()}
+    regressions = [name for name in ("lightgbm_loo", "mixing_law_loo") if name not in left_out]
+    total = len(regressions) * len(truths) * len(weights)
+    with tqdm(
+        total=total, desc="baselines, leave-one-out", unit="fit", disable=not progress or not total
+    ) as bar:
+        if "lightgbm_loo" in regressions:
+            predictions["lightgbm_loo"] = {
+                m: lightgbm_loo(weights, y, seed, bar.update) for m, y in truths.items()
+            }
+        if "mixing_law_loo" in regressions:
+            predictions["mixing_law_loo"] = {
+                m: mixing_law_loo(weights, y, bar.update) for m, y in truths.items()
+            }
     return predictions, left_out

@@ -267,6 +267,7 @@ def rank_grid(
         {name: truth for name, (_, truth) in pairs.items()},
         expert_scores,
         seed,
+        progress,
     )
     # bootstrap intervals for the headline metric only (the table that shows them): four predictors'
     # resamples on every metric would make the baselines cost more than the proxy's whole report
