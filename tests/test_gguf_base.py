@@ -29,10 +29,11 @@ def _tree(base: dict, experts: dict, dev: str, out) -> dict:
         "data": {
             "dev": [{"name": "math", "path": dev}],
             "max_length": 32,
-            "max_examples": 6,
+            "max_examples": 4,
             "heldout_fraction": 0.5,
         },
-        "optim": {"steps": 2, "batch_size": 2, "eval_every": 1, "eval_batch_size": 6},
+        # one step from uniform weights: the fitted w and every loss depend on both bases' logits
+        "optim": {"steps": 1, "batch_size": 2, "eval_every": 1, "eval_batch_size": 4},
     }
 
 
