@@ -287,7 +287,9 @@ def _forked_rank(module: str, args: tuple, rank: int, size: int, port: int, out:
 def run_ranks(module: str, *args: str, processes: int) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node=PROCESSES -m mergeopt.<module> ARGS``, its workers
     forked from this process: what :func:`run_module` returns, every rank's output concatenated in
-    rank order, and the first non-zero exit code of a rank (0 when all succeed).
+    rank order, and the first non-zero exit code of a rank (0 when all succeed). As torchrun's
+    agent does, the first rank to fail ends the others (SIGKILL here), so a rank that raised never
+    leaves the rest waiting in a collective.
 
     A worker gets the environment torchrun's agent gives it (RANK, LOCAL_RANK, WORLD_SIZE,
     MASTER_ADDR, MASTER_PORT, one OpenMP thread) and joins the gloo group with
@@ -298,8 +300,10 @@ def run_ranks(module: str, *args: str, processes: int) -> subprocess.CompletedPr
     rendezvous of several agents) start the real ``torch.distributed.run``.
     """
     import multiprocessing
+    import multiprocessing.connection
     import socket
     import tempfile
+    import time
 
     if torch.get_num_threads() != 1:
         raise RuntimeError("run_ranks from a process with several torch threads: see run_forked")
@@ -315,19 +319,25 @@ def run_ranks(module: str, *args: str, processes: int) -> subprocess.CompletedPr
         ]
         for rank in ranks:
             rank.start()
+        deadline = time.monotonic() + 600
+        failed = None  # as torchrun's agent: the first rank to fail ends the others
+        while failed is None and any(rank.exitcode is None for rank in ranks):
+            running = [rank.sentinel for rank in ranks if rank.exitcode is None]
+            if not multiprocessing.connection.wait(running, timeout=max(0.0, deadline - time.monotonic())):
+                break
+            failed = next((rank.exitcode for rank in ranks if rank.exitcode not in (None, 0)), None)
+        timed_out = failed is None and any(rank.exitcode is None for rank in ranks)
         for rank in ranks:
-            rank.join(timeout=600)
-        if any(rank.exitcode is None for rank in ranks):
-            for rank in ranks:
+            if rank.exitcode is None:
                 rank.kill()
-                rank.join()
+            rank.join()
+        if timed_out:
             raise TimeoutError(
                 f"mergeopt {module} {' '.join(args)} on {processes} ranks ran for more than 600 s"
             )
-        codes = [rank.exitcode for rank in ranks]
         return subprocess.CompletedProcess(
             [module, *args],
-            next((code for code in codes if code != 0), 0),
+            failed or 0,
             "".join(Path(out).read_text(encoding="utf-8") for out, _ in files),
             "".join(Path(err).read_text(encoding="utf-8") for _, err in files),
         )
