@@ -300,7 +300,6 @@ def run_ranks(module: str, *args: str, processes: int) -> subprocess.CompletedPr
     rendezvous of several agents) start the real ``torch.distributed.run``.
     """
     import multiprocessing
-    import multiprocessing.connection
     import socket
     import tempfile
     import time
@@ -319,14 +318,18 @@ def run_ranks(module: str, *args: str, processes: int) -> subprocess.CompletedPr
         ]
         for rank in ranks:
             rank.start()
+        # as torchrun's agent does, the ranks' exit codes are polled and the first to fail ends the
+        # others. Polled (waitpid), not waited on through the ranks' sentinel pipes: a process a
+        # rank started can hold a sentinel's write end past the rank's exit (a suite run once
+        # waited the full 600 s that way for ranks that had finished)
         deadline = time.monotonic() + 600
-        failed = None  # as torchrun's agent: the first rank to fail ends the others
-        while failed is None and any(rank.exitcode is None for rank in ranks):
-            running = [rank.sentinel for rank in ranks if rank.exitcode is None]
-            if not multiprocessing.connection.wait(running, timeout=max(0.0, deadline - time.monotonic())):
+        while True:
+            codes = [rank.exitcode for rank in ranks]
+            failed = next((code for code in codes if code not in (None, 0)), None)
+            if failed is not None or None not in codes or time.monotonic() > deadline:
                 break
-            failed = next((rank.exitcode for rank in ranks if rank.exitcode not in (None, 0)), None)
-        timed_out = failed is None and any(rank.exitcode is None for rank in ranks)
+            time.sleep(0.05)
+        timed_out = failed is None and None in codes
         for rank in ranks:
             if rank.exitcode is None:
                 rank.kill()
