@@ -326,7 +326,9 @@ class RankReport(_RunFile):
         "bootstrap intervals for the target only.",
     )
     baselines_skipped: dict[str, str] | None = Field(
-        default=None, description="Grid mode: baselines the grid is too small for, and why."
+        default=None,
+        description="Grid mode: baselines not computed, and why (the grid is too small for them, or "
+        "rank.baselines leaves them out).",
     )
     note: str | None = None
 

@@ -176,3 +176,36 @@ def test_a_small_grid_reports_the_baselines_it_can(random_world, tmp_path):
         "not computed (2 runs per fit, fewer than its 5 parameters)"
         in (tmp_path / "r" / "rank_report.md").read_text()
     )
+
+
+def test_rank_baselines_leaves_the_regressions_out(random_world, tmp_path):
+    """rank.baselines=[interpolation]: the regressions are not fitted, the report says why, and the
+    interpolation is the one every report computes."""
+    recipe, grid = _write(random_world, tmp_path)
+    out = tmp_path / "rank"
+    result = run_in_process(
+        "rank", recipe, "rank.baselines=[interpolation]", "--grid", grid, "--out", str(out), "--quiet"
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "rank_report.json").read_text())
+    assert set(report["baselines"]) == {"interpolation"}
+    left_out = "left out by rank.baselines"
+    assert report["baselines_skipped"] == {"lightgbm_loo": left_out, "mixing_law_loo": left_out}
+    pairs = pd.read_csv(out / "rank_pairs.csv")
+    assert not [c for c in pairs.columns if c.startswith(("lightgbm_loo_", "mixing_law_loo_"))]
+    weights = pd.read_csv(grid)[["w_alpha", "w_beta", "w_gamma"]].to_numpy()
+    vertex = [int(np.flatnonzero((weights == np.eye(3)[i]).all(axis=1))[0]) for i in range(3)]
+    expected = weights @ pairs["proxy_target"].to_numpy()[vertex]
+    np.testing.assert_allclose(pairs["interpolation_target"], expected, rtol=1e-12)
+    assert f"not computed ({left_out})" in (out / "rank_report.md").read_text()
+
+
+def test_rank_baselines_names_only_known_baselines_once():
+    from mergeopt.config import RankSection
+
+    assert RankSection().baselines == baselines.NAMES  # every baseline unless the recipe says otherwise
+    assert RankSection(baselines=[]).baselines == ()
+    with pytest.raises(ValueError, match="mixing_law_loo listed more than once"):
+        RankSection(baselines=["mixing_law_loo", "interpolation", "mixing_law_loo"])
+    with pytest.raises(ValueError, match="lightgbm"):
+        RankSection(baselines=["lightgbm"])

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -153,19 +153,23 @@ def baseline_predictions(
     expert_scores: Mapping[str, np.ndarray],
     seed: int,
     progress: bool = False,
+    asked: Sequence[str] = NAMES,
 ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, str]]:
     """({baseline: {metric: predicted score per grid row}}, {baseline: why it was skipped}).
 
     ``truths`` and ``expert_scores`` are keyed by metric: the grid's true scores (n per metric) and
-    the K experts' own scores (the proxy at each one-hot mixture). ``progress`` shows a bar over the
-    regressions' fits (one per run and metric each: minutes on a large grid).
+    the K experts' own scores (the proxy at each one-hot mixture). ``asked`` names the baselines to
+    compute (the recipe's rank.baselines); the others are skipped, saying so. ``progress`` shows a
+    bar over the regressions' fits (one per run and metric each: minutes on a large grid).
     """
     from tqdm.auto import tqdm
 
     weights = np.asarray(weights, dtype=np.float64)
-    left_out = skipped(len(weights), weights.shape[1])
+    left_out = {name: why for name, why in skipped(len(weights), weights.shape[1]).items() if name in asked}
+    left_out.update({name: "left out by rank.baselines" for name in NAMES if name not in asked})
     predictions: dict[str, dict[str, np.ndarray]] = {}
-    predictions["interpolation"] = {m: interpolation(weights, expert_scores[m]) for m in truths}
+    if "interpolation" not in left_out:
+        predictions["interpolation"] = {m: interpolation(weights, expert_scores[m]) for m in truths}
     regressions = [name for name in ("lightgbm_loo", "mixing_law_loo") if name not in left_out]
     total = len(regressions) * len(truths) * len(weights)
     with tqdm(

@@ -268,6 +268,7 @@ def rank_grid(
         expert_scores,
         seed,
         progress,
+        rank.baselines,
     )
     # bootstrap intervals for the headline metric only (the table that shows them): four predictors'
     # resamples on every metric would make the baselines cost more than the proxy's whole report
