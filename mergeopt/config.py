@@ -629,6 +629,14 @@ class TrainSection(_Strict):
     mixtures: MixtureSetSection = MixtureSetSection()
 
 
+def _named_once(names: tuple[str, ...], what: str) -> tuple[str, ...]:
+    """``names`` as given, or the one-line error of a list that names ``what`` twice."""
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ValueError(f"names {what} twice: {', '.join(twice)}")
+    return names
+
+
 class RankSection(_Strict):
     """Rank checks of the merged proxy against ground-truth runs (a grid table from mergeopt.worlds.train)."""
 
@@ -650,10 +658,7 @@ class RankSection(_Strict):
     @field_validator("baselines")
     @classmethod
     def _each_once(cls, names: tuple[str, ...]) -> tuple[str, ...]:
-        twice = sorted({name for name in names if names.count(name) > 1})
-        if twice:
-            raise ValueError(f"{', '.join(twice)} listed more than once")
-        return names
+        return _named_once(names, "a baseline")
 
 
 class CalibrateSection(_Strict):
@@ -741,10 +746,7 @@ class LoggingSection(_Strict):
     @field_validator("backends")
     @classmethod
     def _once_each(cls, backends: tuple[str, ...]) -> tuple[str, ...]:
-        dupes = sorted({b for b in backends if backends.count(b) > 1})
-        if dupes:
-            raise ValueError(f"names a backend twice: {', '.join(dupes)}")
-        return backends
+        return _named_once(backends, "a backend")
 
 
 class Recipe(_Strict):

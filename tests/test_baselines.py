@@ -205,7 +205,7 @@ def test_rank_baselines_names_only_known_baselines_once():
 
     assert RankSection().baselines == baselines.NAMES  # every baseline unless the recipe says otherwise
     assert RankSection(baselines=[]).baselines == ()
-    with pytest.raises(ValueError, match="mixing_law_loo listed more than once"):
+    with pytest.raises(ValueError, match="names a baseline twice: mixing_law_loo"):
         RankSection(baselines=["mixing_law_loo", "interpolation", "mixing_law_loo"])
     with pytest.raises(ValueError, match="lightgbm"):
         RankSection(baselines=["lightgbm"])
