@@ -319,9 +319,9 @@ def run_ranks(module: str, *args: str, processes: int) -> subprocess.CompletedPr
         for rank in ranks:
             rank.start()
         # as torchrun's agent does, the ranks' exit codes are polled and the first to fail ends the
-        # others. Polled (waitpid), not waited on through the ranks' sentinel pipes: a process a
-        # rank started can hold a sentinel's write end past the rank's exit (a suite run once
-        # waited the full 600 s that way for ranks that had finished)
+        # others. Polled (waitpid), not waited on through the ranks' sentinel pipes: in one suite
+        # run a sentinel never signalled the exit of a rank that had finished (some other process
+        # held its pipe's write end; which one was not found) and the test waited its full 600 s
         deadline = time.monotonic() + 600
         while True:
             codes = [rank.exitcode for rank in ranks]
