@@ -137,7 +137,9 @@ def _other_vocab(world, tmp):
     return _with_expert(world, tmp, str(dst))
 
 
-def _adapter(world, tmp, rename: tuple[str, str] | None = None, **config_changes) -> str:
+def _adapter(
+    world, tmp, rename: tuple[str, str] | None = None, resized: bool = False, **config_changes
+) -> str:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -152,6 +154,11 @@ def _adapter(world, tmp, rename: tuple[str, str] | None = None, **config_changes
     if rename:  # factors for a module the base does not have
         tensors = load_file(str(dst / "adapter_model.safetensors"))
         tensors = {k.replace(*rename): v for k, v in tensors.items()}
+        save_file(tensors, str(dst / "adapter_model.safetensors"))
+    if resized:  # a saved lm_head for 8 added tokens (modules_to_save after resize_token_embeddings)
+        tensors = load_file(str(dst / "adapter_model.safetensors"))
+        head = base.get_output_embeddings().weight
+        tensors["base_model.model.lm_head.weight"] = torch.zeros(head.shape[0] + 8, head.shape[1])
         save_file(tensors, str(dst / "adapter_model.safetensors"))
     return str(dst)
 
@@ -581,11 +588,11 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
     "pickle without allow_pickle": ("checkpoint", "fit", _pickled, "allow_pickle"),
     # adapters
     "adapter of another base": ("adapter", "fit", _adapter_other_base, "is a LoRA adapter trained on"),
-    "DoRA adapter": (
+    "adapter for a resized vocabulary": (
         "adapter",
         "fit",
-        lambda w, t: _with_expert(w, t, _adapter(w, t, use_dora=True)),
-        "DoRA",
+        lambda w, t: _with_expert(w, t, _adapter(w, t, resized=True, modules_to_save=["lm_head"])),
+        "needs the base resized",
     ),
     "adapter module not in the base": (
         "adapter",

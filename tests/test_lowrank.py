@@ -30,8 +30,19 @@ LORA = {
 TOKENS = torch.randint(4, 50, (3, 12), generator=torch.Generator().manual_seed(0))
 
 
-def make_world(root):
-    """A base, three PEFT LoRA experts saved under ``root`` and read back, and their dense merges."""
+# the same experts with what PEFT adds to LoRA: DoRA, a saved lm_head, an adapted embedding (their
+# parameters stacked densely, the rest kept low-rank)
+DENSE_UPDATES = {
+    "alpha": dict(LORA["alpha"], use_dora=True),
+    "beta": dict(LORA["beta"], modules_to_save=["lm_head"]),
+    "gamma": dict(LORA["gamma"], target_modules=[*LORA["gamma"]["target_modules"], "embed_tokens"]),
+}
+
+
+def make_world(root, lora=None):
+    """A base, three PEFT LoRA experts saved under ``root`` and read back, and their dense merges
+    (``lora``: the experts' configs, :data:`LORA` by default)."""
+    lora = lora or LORA
     torch.manual_seed(0)
     base = LlamaForCausalLM(tiny_config()).eval()
     adapters, dense, peft_models = {}, {}, {}
@@ -39,8 +50,12 @@ def make_world(root):
     for i, name in enumerate(NAMES):
         torch.manual_seed(10 + i)
         peft_model = get_peft_model(
-            copy.deepcopy(base), LoraConfig(init_lora_weights=False, **LORA[name])
+            copy.deepcopy(base), LoraConfig(init_lora_weights=False, **lora[name])
         ).eval()
+        with torch.no_grad():  # DoRA magnitudes and a saved lm_head start at the base's values: move them
+            for p_name, p in peft_model.named_parameters():
+                if "magnitude" in p_name or "modules_to_save" in p_name:
+                    p.add_(0.05 * torch.randn_like(p))
         peft_model.save_pretrained(root / name)
         peft_models[name] = peft_model
         adapters[name] = read_adapter(root / name, shapes)

@@ -363,7 +363,8 @@ def _lora_batch(vocab: int):
 
 
 def _lora_problem(root):
-    """The base and LoRA experts of tests/test_lowrank.py (seeded), the experts read back from root."""
+    """The base and LoRA experts of tests/test_lowrank.py (seeded), the experts read back from root
+    (plain LoRA, or with dense updates: what they set densely is stacked in blocks of rows too)."""
     from transformers import LlamaForCausalLM
 
     from mergeopt.loading.lora import read_adapter
@@ -408,14 +409,17 @@ def _lora_worker(rank: int, size: int, port: int, root: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_lora_factors_sharded_give_the_single_process_loss_and_gradient(tmp_path):
+@pytest.mark.parametrize("kind", ["lora", "dense-updates"])
+def test_lora_factors_sharded_give_the_single_process_loss_and_gradient(tmp_path, kind):
     """LoRA experts kept low-rank under a sharded stack: each rank keeps ⌈rows/N⌉ rows of every
-    A and B, the ranks gather them when their module runs; loss and ∂L/∂z equal one process's."""
-    from tests.test_lowrank import make_world
+    A and B, the ranks gather them when their module runs; loss and ∂L/∂z equal one process's.
+    ``dense-updates``: with DoRA, a saved lm_head and an adapted embedding, stacked densely."""
+    from tests.test_lowrank import DENSE_UPDATES, make_world
 
-    make_world(tmp_path)  # saves the three PEFT adapters under tmp_path
+    make_world(tmp_path, DENSE_UPDATES if kind == "dense-updates" else None)  # saves the PEFT adapters
     model, build = _lora_problem(tmp_path)
     stack = build(model)
+    assert bool(stack.deltas) == (kind == "dense-updates")  # DoRA modules, lm_head, embedding: dense rows
     want = {str(c): _step(model, stack, _lora_batch(model.config.vocab_size), c) for c in (False, True)}
     size = 3
     out = tmp_path / "ranks.json"

@@ -8,9 +8,21 @@ per module instead of K·in·out. This module reads an adapter directory as PEFT
 parameter it adapts and checks the shapes against the base, so a mismatched adapter fails before
 anything is loaded. The dense delta s·B·A is available for checks and for the dense path.
 
-Not supported (each a one-line error): DoRA, trained biases, ``modules_to_save``, embedding LoRA,
-``fan_in_fan_out`` (Conv1D models). Pickled ``adapter_model.bin`` files are read only with
-``allow_pickle`` (then ``torch.load(weights_only=True)``).
+What an adapter changes other than by s·B·A on a linear layer is read as a :class:`DenseUpdate` of
+one base parameter, the expert's value of it as a function of θ0, exactly as PEFT's
+``merge_and_unload`` forms it:
+
+- DoRA (``use_dora``): W' = m / ‖W + s·B·A‖ · (W + s·B·A), the norm over each output row of a
+  linear layer (over each column of an embedding), m the saved ``lora_magnitude_vector``;
+- embedding LoRA: E' = E + s·(B·A)ᵀ from ``lora_embedding_A`` / ``lora_embedding_B``, over the
+  ``base_layer.weight`` PEFT saves beside them;
+- ``modules_to_save`` and trained biases (``bias: all | lora_only``): the adapter's own copies;
+- ``lora_bias``: b' = b + s·b_B.
+
+These parameters are stacked densely (``mergeopt.merging.stack``); the rest stays low-rank.
+Not supported (each a one-line error): ``fan_in_fan_out`` (Conv1D models), adapter types other
+than LoRA. Pickled ``adapter_model.bin`` files are read only with ``allow_pickle`` (then
+``torch.load(weights_only=True)``).
 """
 
 from __future__ import annotations
@@ -32,6 +44,11 @@ SAFETENSORS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 PREFIX = "base_model.model."
 FACTOR = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
+# what PEFT saves besides linear factors: DoRA magnitudes, embedding factors, a LoRA bias, and the
+# embedding's own weight under ``base_layer`` (PEFT saves it when an embedding is adapted)
+MAGNITUDE = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
+EMBEDDING = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<which>[AB])(?:\.[^.]+)?$")
+LORA_BIAS = re.compile(r"^(?P<module>.+)\.lora_B(?:\.[^.]+)?\.bias$")
 
 
 @dataclass(frozen=True)
@@ -51,17 +68,64 @@ class LoraFactors:
         return self.scaling * (self.b.to(dtype) @ self.a.to(dtype))
 
 
+@dataclass(frozen=True)
+class DenseUpdate:
+    """How an adapter sets one base parameter other than by a low-rank sum: the expert's value is
+    ``start`` (the adapter's own copy, or θ0), plus ``delta`` (s·B·A made dense, or a LoRA bias
+    s·b), then with DoRA rescaled to the norms ``magnitude`` along ``norm_dim`` (1: each output row
+    of a linear weight; 0: each column of an embedding)."""
+
+    start: torch.Tensor | None = None
+    delta: LoraFactors | torch.Tensor | None = None
+    magnitude: torch.Tensor | None = None
+    norm_dim: int = 1
+
+    def value(self, theta0: torch.Tensor) -> torch.Tensor:
+        """The expert's tensor, in θ0's dtype (formed in float32 at least)."""
+        dtype = torch.promote_types(theta0.dtype, torch.float32)
+        weight = (theta0 if self.start is None else self.start.to(theta0.device)).to(dtype)
+        if isinstance(self.delta, LoraFactors):
+            weight = weight + self.delta.delta(dtype).to(weight.device)
+        elif self.delta is not None:
+            weight = weight + self.delta.to(device=weight.device, dtype=dtype)
+        if self.magnitude is not None:
+            norm = torch.linalg.vector_norm(weight, dim=self.norm_dim, keepdim=True)
+            shape = (-1, 1) if self.norm_dim == 1 else (1, -1)
+            weight = self.magnitude.to(device=weight.device, dtype=dtype).view(shape) / norm * weight
+        return weight.to(theta0.dtype)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """What the update is made of, to compare two adapters."""
+        parts = [self.start, self.magnitude, torch.tensor(float(self.norm_dim))]
+        if isinstance(self.delta, LoraFactors):
+            parts += [self.delta.a, self.delta.b, torch.tensor(self.delta.scaling)]
+        else:
+            parts.append(self.delta)
+        return [t for t in parts if t is not None]
+
+
 @dataclass
 class LoraAdapter:
     path: Path
     config: dict
     factors: dict[
         str, LoraFactors
-    ]  # base parameter name ('model.layers.0.self_attn.q_proj.weight') -> factors
+    ]  # base parameter name ('model.layers.0.self_attn.q_proj.weight') -> factors kept low-rank
+    # base parameter name -> its update when not a low-rank sum on a linear layer (DoRA, embedding
+    # LoRA, modules_to_save, trained biases): stacked densely
+    dense: dict[str, DenseUpdate] = field(default_factory=dict)
 
     @property
     def base_model(self) -> str | None:
         return self.config.get("base_model_name_or_path")
+
+    def expert_value(self, name: str, theta0: torch.Tensor) -> torch.Tensor:
+        """The expert's whole value of base parameter ``name`` (θ0 where the adapter leaves it)."""
+        value = theta0.clone() if name not in self.dense else self.dense[name].value(theta0)
+        factors = self.factors.get(name)
+        if factors is not None:
+            value += factors.delta(value.dtype).to(value.device)
+        return value
 
 
 def is_adapter(path: str | Path) -> bool:
@@ -87,18 +151,15 @@ def read_adapter_config(path: Path) -> dict:
     """An adapter's adapter_config.json, checked: a LoRA adapter of a kind mergeopt reads, its rank,
     alpha and per-module patterns numbers PEFT would accept."""
     config = json_file(path / CONFIG_FILE, "LoRA adapter config")
-    unsupported = {
-        "use_dora": "DoRA adapters",
-        "fan_in_fan_out": "fan_in_fan_out adapters (Conv1D models)",
-        "modules_to_save": "adapters with modules_to_save",
-    }
     if config.get("peft_type", "LORA") != "LORA":
         raise UserError(f"{path}: a {config.get('peft_type')} adapter; only LoRA adapters are supported")
-    for key, what in unsupported.items():
-        if config.get(key):
-            raise UserError(f"{path}: {what} are not supported ({key} is set in {CONFIG_FILE})")
-    if config.get("bias", "none") != "none":
-        raise UserError(f"{path}: adapters with trained biases (bias: {config['bias']!r}) are not supported")
+    if config.get("fan_in_fan_out"):
+        raise UserError(
+            f"{path}: fan_in_fan_out adapters (Conv1D models) are not supported "
+            f"(fan_in_fan_out is set in {CONFIG_FILE})"
+        )
+    if config.get("bias", "none") not in ("none", "all", "lora_only"):
+        raise UserError(f"{path / CONFIG_FILE}: bias must be none, all or lora_only, got {config['bias']!r}")
     for key in ("r", "lora_alpha"):
         value = config.get(key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
@@ -124,72 +185,168 @@ def _read_tensors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     raise UserError(f"{path}: no {SAFETENSORS_FILE} next to {CONFIG_FILE}")
 
 
+def _sorted_tensors(path: Path, tensors: Mapping[str, torch.Tensor], base_shapes) -> dict[str, dict]:
+    """The adapter's tensors by kind: linear and embedding factor pairs, DoRA magnitudes and LoRA
+    biases by module, and the adapter's own copies of base parameters (modules_to_save, trained
+    biases, an adapted embedding's ``base_layer.weight``) by the base parameter they replace."""
+    kinds: dict[str, dict] = {"linear": {}, "embedding": {}, "magnitude": {}, "bias": {}, "copy": {}}
+    for key, tensor in tensors.items():
+        name = key.removeprefix(PREFIX)
+        if match := FACTOR.match(name):
+            kinds["linear"].setdefault(match["module"], {})[match["which"]] = tensor
+        elif match := EMBEDDING.match(name):
+            kinds["embedding"].setdefault(match["module"], {})[match["which"]] = tensor
+        elif match := MAGNITUDE.match(name):
+            kinds["magnitude"][match["module"]] = tensor
+        elif match := LORA_BIAS.match(name):
+            kinds["bias"][match["module"]] = tensor
+        else:
+            target = name.replace(".base_layer.", ".")
+            if target not in base_shapes:
+                raise UserError(
+                    f"{path}: unexpected tensor {key} in a LoRA adapter (the base has no {target})"
+                )
+            if tuple(tensor.shape) != tuple(base_shapes[target]):
+                raise UserError(
+                    f"{path}: {key} is {list(tensor.shape)} but the base's {target} is "
+                    f"{list(base_shapes[target])} (an adapter trained with a resized vocabulary needs the "
+                    "base resized the same way)"
+                )
+            kinds["copy"][target] = tensor
+        if not torch.isfinite(tensor).all():
+            raise UserError(f"{path}: tensor {key} of the adapter contains NaN or Inf")
+    return kinds
+
+
+def _pair(path: Path, module: str, ab: Mapping[str, torch.Tensor], prefix: str) -> tuple:
+    if set(ab) != {"A", "B"}:
+        raise UserError(f"{path}: module {module} has {prefix}{next(iter(ab))} but not its pair")
+    return ab["A"], ab["B"]
+
+
 def read_adapter(
     path: str | Path, base_shapes: Mapping[str, Sequence[int]], allow_pickle: bool = False
 ) -> LoraAdapter:
-    """Read a PEFT LoRA adapter directory and check every factor against the base's parameter shapes."""
+    """Read a PEFT LoRA adapter directory and check every tensor against the base's parameter shapes.
+
+    Linear factors stay :class:`LoraFactors`; DoRA modules, embedding factors, LoRA biases and the
+    adapter's own copies of base parameters become :class:`DenseUpdate` s (see the module's docstring).
+    """
     path = Path(path)
     config = read_adapter_config(path)
-    tensors = _read_tensors(path, allow_pickle)
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        name = key.removeprefix(PREFIX)
-        match = FACTOR.match(name)
-        if match is None:
-            if "lora_embedding" in name:
-                raise UserError(f"{path}: embedding LoRA ({key}) is not supported")
-            raise UserError(f"{path}: unexpected tensor {key} in a LoRA adapter")
-        pairs.setdefault(match["module"], {})[match["which"]] = tensor
-    if not pairs:
+    kinds = _sorted_tensors(path, _read_tensors(path, allow_pickle), base_shapes)
+    if not (kinds["linear"] or kinds["embedding"] or kinds["copy"]):
         raise UserError(f"{path}: the adapter holds no LoRA factors")
-    factors = {}
-    for module, ab in sorted(pairs.items()):
-        if set(ab) != {"A", "B"}:
-            raise UserError(f"{path}: module {module} has lora_{next(iter(ab))} but not its pair")
-        a, b = ab["A"], ab["B"]
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise UserError(f"{path}: the LoRA factors of {module} contain NaN or Inf")
+    factors: dict[str, LoraFactors] = {}
+    dense: dict[str, DenseUpdate] = {}
+    magnitudes, copies = dict(kinds["magnitude"]), dict(kinds["copy"])
+    for module, ab in sorted(kinds["linear"].items()):
+        a, b = _pair(path, module, ab, "lora_")
         target = f"{module}.weight"
         if target not in base_shapes:
             raise UserError(f"{path}: adapts {module}, but the base has no parameter {target}")
+        if len(base_shapes[target]) != 2:
+            raise UserError(f"{path}: adapts {module}, whose {target} is not a matrix (convolution LoRA)")
         out_features, in_features = base_shapes[target]
         r, scaling = scaling_for(config, module)
-        if a.shape != (r, in_features) or b.shape != (out_features, r):
-            raise UserError(
-                f"{path}: {module} has lora_A {list(a.shape)} and lora_B {list(b.shape)}, but the base's "
-                f"{target} is {[out_features, in_features]} and the adapter's rank there is {r}"
-            )
-        factors[target] = LoraFactors(a, b, scaling)
-    return LoraAdapter(path, config, factors)
+        _check_pair(path, module, ("lora_A", a, (r, in_features)), ("lora_B", b, (out_features, r)), target)
+        lora = LoraFactors(a, b, scaling)
+        magnitude = magnitudes.pop(module, None)
+        if magnitude is not None or target in copies:  # DoRA, or over the adapter's own copy: dense
+            _check_magnitude(path, module, magnitude, out_features)
+            dense[target] = DenseUpdate(copies.pop(target, None), lora, magnitude, norm_dim=1)
+        else:
+            factors[target] = lora
+        bias = kinds["bias"].pop(module, None)
+        if bias is not None:
+            if f"{module}.bias" not in base_shapes:
+                raise UserError(
+                    f"{path}: {module} has a LoRA bias (lora_bias), but the base's {module} has none"
+                )
+            if tuple(bias.shape) != (out_features,):
+                raise UserError(f"{path}: {module}'s LoRA bias is {list(bias.shape)}, not [{out_features}]")
+            dense[f"{module}.bias"] = DenseUpdate(copies.pop(f"{module}.bias", None), scaling * bias)
+    for module, ab in sorted(kinds["embedding"].items()):
+        a, b = _pair(path, module, ab, "lora_embedding_")
+        target = f"{module}.weight"
+        if target not in base_shapes or len(base_shapes[target]) != 2:
+            raise UserError(f"{path}: adapts the embedding {module}, but the base has no matrix {target}")
+        rows, width = base_shapes[target]
+        r, scaling = scaling_for(config, module)
+        _check_pair(
+            path, module, ("lora_embedding_A", a, (r, rows)), ("lora_embedding_B", b, (width, r)), target
+        )
+        magnitude = magnitudes.pop(module, None)
+        _check_magnitude(path, module, magnitude, width)
+        # E' = E + s·(B·A)ᵀ = E + s·Aᵀ·Bᵀ: factors b = Aᵀ (rows × r) and a = Bᵀ (r × width)
+        lora = LoraFactors(b.T.contiguous(), a.T.contiguous(), scaling)
+        dense[target] = DenseUpdate(copies.pop(target, None), lora, magnitude, norm_dim=0)
+    for what, left in (("lora_magnitude_vector", magnitudes), ("LoRA bias", kinds["bias"])):
+        if left:
+            raise UserError(f"{path}: {what} of {min(left)} without LoRA factors for that module")
+    dense.update({target: DenseUpdate(start=value) for target, value in copies.items()})
+    return LoraAdapter(path, config, factors, dict(sorted(dense.items())))
+
+
+def _check_pair(path: Path, module: str, a: tuple, b: tuple, target: str) -> None:
+    """Each factor as (its name, the tensor, the shape the base and the module's rank call for)."""
+    (a_name, a_value, a_shape), (b_name, b_value, b_shape) = a, b
+    if tuple(a_value.shape) != a_shape or tuple(b_value.shape) != b_shape:
+        whole = [b_shape[0], a_shape[1]] if a_name == "lora_A" else [a_shape[1], b_shape[0]]
+        raise UserError(
+            f"{path}: {module} has {a_name} {list(a_value.shape)} and {b_name} {list(b_value.shape)}, but the "
+            f"base's {target} is {whole} and the adapter's rank there is {a_shape[0]}"
+        )
+
+
+def _check_magnitude(path: Path, module: str, magnitude: torch.Tensor | None, size: int) -> None:
+    if magnitude is not None and tuple(magnitude.shape) != (size,):
+        raise UserError(f"{path}: {module}'s lora_magnitude_vector is {list(magnitude.shape)}, not [{size}]")
 
 
 @dataclass(frozen=True)
 class FactorSizes:
     """An adapter's factors as a memory plan needs them, from its safetensors header only."""
 
-    numel: int  # elements of every A and B factor
-    rank_sum: int  # Σ over adapted modules of the module's rank: the low-rank activations' width
+    numel: int  # elements of the A and B factors kept low-rank
+    rank_sum: int  # Σ over modules kept low-rank of the module's rank: the low-rank activations' width
     file_bytes: int  # as stored on disk
-    # (rank, in, out) of each adapted module, by its key less ``.lora_A.weight``: what a sharded
+    # (rank, in, out) of each module kept low-rank, by its key less ``.lora_A.weight``: what a sharded
     # plan needs to count blocks of rows of the stacked A (R × in) and B (out × R)
     modules: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    # base parameters the adapter sets densely (DoRA, embedding LoRA, LoRA biases, its own copies):
+    # they are stacked like a dense expert's (:class:`DenseUpdate`)
+    dense: tuple[str, ...] = ()
 
 
 def factor_sizes(path: str | Path) -> FactorSizes:
-    """Sizes of an adapter's factors, read from its safetensors header (no weights)."""
+    """Sizes of an adapter's factors, read from its safetensors header (no weights), sorted as
+    :func:`read_adapter` sorts the tensors."""
     file = Path(path) / SAFETENSORS_FILE
     if not file.is_file():
         raise UserError(f"{path}: no {SAFETENSORS_FILE} next to {CONFIG_FILE}")
-    numel = rank_sum = stored = 0
-    a_shapes: dict[str, tuple[int, ...]] = {}
-    outs: dict[str, int] = {}
+    stored = 0
+    factors: dict[str, dict[str, tuple[int, ...]]] = {}
+    dense: set[str] = set()
+    magnitudes: set[str] = set()
     for key, (shape, dtype) in safetensors_header(file).items():
-        numel += math.prod(shape)
         stored += math.prod(shape) * (2 if dtype in ("BF16", "F16") else 4)
-        if "lora_A" in key and len(shape) == 2:
-            rank_sum += shape[0]
-            a_shapes[key.partition(".lora_A")[0]] = shape
-        elif "lora_B" in key and len(shape) == 2:
-            outs[key.partition(".lora_B")[0]] = shape[0]
-    modules = {m: (a[0], a[1], outs[m]) for m, a in a_shapes.items() if m in outs}
-    return FactorSizes(numel, rank_sum, stored, modules)
+        name = key.removeprefix(PREFIX)
+        if match := FACTOR.match(name):
+            if len(shape) == 2:
+                factors.setdefault(match["module"], {})[match["which"]] = tuple(shape)
+        elif match := (EMBEDDING.match(name) or MAGNITUDE.match(name)):
+            (magnitudes if MAGNITUDE.match(name) else dense).add(f"{match['module']}.weight")
+        elif match := LORA_BIAS.match(name):
+            dense.add(f"{match['module']}.bias")
+        else:
+            dense.add(name.replace(".base_layer.", "."))
+    dense |= magnitudes
+    modules = {
+        PREFIX + module: (ab["A"][0], ab["A"][1], ab["B"][0])
+        for module, ab in factors.items()
+        if {"A", "B"} <= set(ab) and f"{module}.weight" not in dense
+    }
+    numel = sum(r * (i + o) for r, i, o in modules.values())
+    rank_sum = sum(r for r, _, _ in modules.values())
+    return FactorSizes(numel, rank_sum, stored, modules, tuple(sorted(dense)))

@@ -138,10 +138,19 @@ def read_inventory(recipe: Recipe) -> tuple[Inventory, Dims]:
         read_adapter_config(Path(path))  # one line for a malformed adapter_config.json, as in the fit
     sizes = {name: factor_sizes(path) for name, path in adapters.items()}
     if adapters and recipe.merge.method == "linear":
+        updated = sorted({n for s in sizes.values() for n in s.dense})
+        if len(adapters) < len(recipe.model.experts):
+            dense_rows = ""
+        elif updated:
+            dense_rows = (
+                f"; {len(updated)} parameter(s) they set densely (DoRA, embedding LoRA, modules_to_save, "
+                "biases) are stacked as dense rows"
+            )
+        else:
+            dense_rows = "; no parameter is stacked densely"
         notes += (
             f"{len(adapters)} LoRA expert(s) ({', '.join(adapters)}) stay low-rank: their factors, not dense "
-            "rows"
-            + ("" if len(adapters) < len(recipe.model.experts) else "; no parameter is stacked densely"),
+            "rows" + dense_rows,
         )
     elif adapters:
         notes += (f"merge.method {recipe.merge.method} densifies the LoRA expert(s) ({', '.join(adapters)})",)

@@ -620,8 +620,9 @@ def _plan(
     lowrank = (
         bool(adapters) and recipe.merge.method == "linear"
     )  # adapters stay factors (mergeopt.merging.stack)
-    if lowrank and len(adapters) == k:  # every expert's dense weights are θ0: nothing is stacked densely
-        stacked = []
+    if lowrank and len(adapters) == k:  # every expert's dense weights are θ0 but for its dense updates
+        updated = {n for a in adapters.values() for n in a.dense}
+        stacked = [n for n in names if n in updated and not _excluded(n, patterns)]
     else:
         stacked = [n for n in names if not _excluded(n, patterns)]
     kept = set(stacked)

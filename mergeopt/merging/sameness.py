@@ -89,13 +89,19 @@ def identical(first: str, second: str) -> UserError:
     )
 
 
-def check_lowrank_adapters(adapters: Mapping[str, LoraAdapter]) -> None:
+def check_lowrank_adapters(
+    adapters: Mapping[str, LoraAdapter], dense_changed: Mapping[str, bool] | None = None
+) -> None:
     """The same refusals for LoRA experts kept low-rank, from their factors (small): an adapter whose
-    every update s·B·A is zero (B is zero-initialised: an adapter saved before training), or two
-    adapters with the same factors."""
+    every update s·B·A is zero (B is zero-initialised: an adapter saved before training) and whose
+    dense updates (DoRA, embeddings, its own copies) leave θ0 as it was (``dense_changed``: whether
+    any of them changed a merged parameter, as the stacking pass saw it), or two adapters with the
+    same factors and the same dense updates."""
+    dense_changed = dense_changed or {}
     seen: list[str] = []
     for name, adapter in adapters.items():
-        if not any(f.scaling != 0 and f.b.any() and f.a.any() for f in adapter.factors.values()):
+        lowrank = any(f.scaling != 0 and f.b.any() and f.a.any() for f in adapter.factors.values())
+        if not lowrank and not dense_changed.get(name, False):
             raise equal_to_base(name)
         for other in seen:
             if _same_factors(adapters[other], adapter):
@@ -104,9 +110,14 @@ def check_lowrank_adapters(adapters: Mapping[str, LoraAdapter]) -> None:
 
 
 def _same_factors(a: LoraAdapter, b: LoraAdapter) -> bool:
-    if a.factors.keys() != b.factors.keys():
+    if a.factors.keys() != b.factors.keys() or a.dense.keys() != b.dense.keys():
         return False
-    return all(
+    same_dense = all(
+        len(x := a.dense[t].tensors()) == len(y := b.dense[t].tensors())
+        and all(u.shape == v.shape and torch.equal(u, v) for u, v in zip(x, y))
+        for t in a.dense
+    )
+    return same_dense and all(
         f.scaling == g.scaling
         and f.a.shape == g.a.shape
         and f.b.shape == g.b.shape

@@ -535,17 +535,35 @@ class _BaseView(Mapping):
 
 
 class _DenseAdapterView(_BaseView):
-    """A LoRA expert as dense weights θ0 + s·B·A, formed one parameter at a time (TIES/DARE need τ)."""
+    """A LoRA expert as dense weights θ0 + s·B·A (and its dense updates: DoRA, embeddings, copies),
+    formed one parameter at a time (TIES/DARE need τ)."""
 
     def __init__(self, model: torch.nn.Module, adapter: LoraAdapter, base=None, device=None):
         super().__init__(model, base, device)
         self._adapter = adapter
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        value = super().__getitem__(name)
-        factors = self._adapter.factors.get(name)
-        if factors is not None:
-            value += factors.delta(value.dtype).to(value.device)
+        return self._adapter.expert_value(name, super().__getitem__(name))
+
+
+class _AdapterDenseUpdatesView(_BaseView):
+    """A LoRA expert kept low-rank, as the dense stack sees it: θ0, but for the parameters its
+    adapter sets densely (:class:`mergeopt.loading.lora.DenseUpdate`). ``changed`` collects the
+    parameters where that differs from θ0 (the sameness check's view of them)."""
+
+    def __init__(self, model: torch.nn.Module, adapter: LoraAdapter, base=None, device=None):
+        super().__init__(model, base, device)
+        self._adapter = adapter
+        self.changed: set[str] = set()
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        theta0 = super().__getitem__(name)
+        update = self._adapter.dense.get(name)
+        if update is None:
+            return theta0
+        value = update.value(theta0)
+        if not torch.equal(value, theta0):
+            self.changed.add(name)
         return value
 
 
@@ -595,7 +613,7 @@ def build_expert_stack(
         if name in dense:
             views[name] = dense[name]
         elif lowrank_path:
-            views[name] = _BaseView(model, base, device)
+            views[name] = _AdapterDenseUpdatesView(model, adapters[name], base, device)
         else:
             views[name] = _DenseAdapterView(model, adapters[name], base, device)
     stack = build_stack(
@@ -622,11 +640,15 @@ def build_expert_stack(
         patterns = [re.compile(p) for p in exclude]
         kept = {
             n: LoraAdapter(
-                a.path, a.config, {t: f for t, f in a.factors.items() if not _excluded(t, patterns)}
+                a.path,
+                a.config,
+                {t: f for t, f in a.factors.items() if not _excluded(t, patterns)},
+                {t: u for t, u in a.dense.items() if not _excluded(t, patterns)},
             )
             for n, a in adapters.items()
         }
-        check_lowrank_adapters(kept)  # the dense stack did not compare them (their view is θ0)
+        # the dense stack did not compare them (their view is θ0 but for their dense updates)
+        check_lowrank_adapters(kept, {n: bool(views[n].changed) for n in adapters})
         factors_dtype = anchor_dtype_for(dtype, stack.compute_dtype)  # int8 is for dense differences only
         stack.lowrank = build_lowrank_stack(
             list(names), kept, lambda t: parameter_device(model, t), factors_dtype, merge.scale

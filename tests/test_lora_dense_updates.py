@@ -1,0 +1,211 @@
+"""What a LoRA adapter changes besides s·B·A on a linear layer: DoRA, embedding LoRA, modules_to_save,
+trained biases and LoRA biases, each against PEFT's own ``merge_and_unload`` of the same adapter.
+
+Reference: PEFT merges the adapter into the base; :meth:`LoraAdapter.expert_value` must give the
+same tensor for every base parameter, and exactly the parameters PEFT changes must be the ones the
+adapter declares (factors kept low-rank, or dense updates). End to end, a fit over adapters with
+these features (low-rank where it can be, the rest stacked densely) must find what a fit over the
+merged checkpoints finds, the merge at a one-hot must be that expert's model, and the dry-run plan
+must count the dense rows the stack holds.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+from mergeopt.config import recipe_from_dict
+from mergeopt.errors import UserError
+from mergeopt.loading.lora import factor_sizes, read_adapter
+from mergeopt.loading.problem import load_problem
+from tests.conftest import EXPERTS, recipe_tree, save_checkpoint, tiny_config
+from tests.test_layer_merge import tiny_model
+from tests.test_lora_experts import _close, _fit
+
+KINDS = {
+    "dora": ("llama", dict(use_dora=True, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "dora-rslora-patterns": (
+        "llama",
+        dict(use_dora=True, use_rslora=True, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2}),
+    ),
+    "modules_to_save": ("llama", dict(target_modules=["q_proj"], modules_to_save=["lm_head"])),
+    "embedding": ("llama", dict(target_modules=["embed_tokens", "q_proj"])),
+    "embedding-dora": ("llama", dict(target_modules=["embed_tokens", "o_proj"], use_dora=True)),
+    "bias-all": ("qwen2", dict(target_modules=["q_proj"], bias="all")),
+    "bias-lora_only": ("qwen2", dict(target_modules=["q_proj", "k_proj"], bias="lora_only")),
+    "lora_bias": ("qwen2", dict(target_modules=["q_proj", "v_proj"], lora_bias=True)),
+}
+
+
+def _trained_adapter(base, path, seed: int, scale: float = 0.1, **lora):
+    """``base`` with a PEFT adapter whose every trainable tensor is moved off its initial value (as
+    training would: DoRA magnitudes, embedding factors, saved modules and biases too), saved to
+    ``path``; returns PEFT's merge of it."""
+    torch.manual_seed(seed)
+    model = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **lora)
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn_like(p))
+    model.save_pretrained(path)
+    return model.merge_and_unload()
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_expert_values_equal_peft_merge_and_unload(kind, tmp_path):
+    arch, lora = KINDS[kind]
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(tiny_config()).eval() if arch == "llama" else tiny_model("qwen2")  # q/k/v biases
+    merged = dict(_trained_adapter(base, tmp_path / "adapter", 1, **lora).named_parameters())
+    shapes = {n: tuple(p.shape) for n, p in base.named_parameters()}
+    adapter = read_adapter(tmp_path / "adapter", shapes)
+    changed = {n for n, p in base.named_parameters() if not torch.equal(p, merged[n])}
+    assert adapter.dense, "every kind here sets some parameter densely"
+    assert set(adapter.factors) | set(adapter.dense) == changed
+    assert not set(adapter.factors) & set(adapter.dense)
+    for name, param in base.named_parameters():
+        torch.testing.assert_close(
+            adapter.expert_value(name, param.detach()), merged[name].detach(), atol=1e-6, rtol=1e-6
+        )
+    sizes = factor_sizes(tmp_path / "adapter")  # the plan's reading of the header agrees
+    assert set(sizes.dense) == set(adapter.dense)
+    assert sizes.rank_sum == sum(f.rank for f in adapter.factors.values())
+    assert sizes.numel == sum(f.a.numel() + f.b.numel() for f in adapter.factors.values())
+    if kind.startswith("dora"):  # a DoRA module is not low-rank: it is stacked densely
+        assert not any("q_proj" in n or "v_proj" in n for n in adapter.factors)
+
+
+def test_an_adapter_for_a_resized_vocabulary_is_refused(tmp_path):
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(tiny_config()).eval()
+    _trained_adapter(base, tmp_path / "adapter", 1, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    shapes = {n: tuple(p.shape) for n, p in base.named_parameters()}
+    shapes["lm_head.weight"] = (shapes["lm_head.weight"][0] - 2, shapes["lm_head.weight"][1])
+    with pytest.raises(
+        UserError, match=r"lm_head.weight is \[\d+, 32\] but the base's lm_head.weight.*resized"
+    ):
+        read_adapter(tmp_path / "adapter", shapes)
+
+
+def test_a_magnitude_without_factors_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(tiny_config()).eval()
+    _trained_adapter(base, tmp_path / "adapter", 1, target_modules=["q_proj"], use_dora=True)
+    file = tmp_path / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(file)
+    save_file({k: v for k, v in tensors.items() if "layers.1" not in k or "magnitude" in k}, file)
+    shapes = {n: tuple(p.shape) for n, p in base.named_parameters()}
+    with pytest.raises(UserError, match="lora_magnitude_vector of model.layers.1.self_attn.q_proj without"):
+        read_adapter(tmp_path / "adapter", shapes)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+# one adapter per expert, each with a different mix of features over plain LoRA
+WORLD_KINDS = {
+    "alpha": dict(target_modules=["q_proj", "v_proj"], use_dora=True, modules_to_save=["lm_head"]),
+    "beta": dict(target_modules=["embed_tokens", "q_proj", "down_proj"]),
+    "gamma": dict(target_modules=["q_proj", "up_proj"], modules_to_save=["lm_head"]),
+}
+
+
+@pytest.fixture(scope="module")
+def updates_world(random_world, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora_dense_updates")
+    base = AutoModelForCausalLM.from_pretrained(random_world["base"], dtype=torch.float32).eval()
+    adapters, dense = {}, {}
+    for i, name in enumerate(EXPERTS):
+        merged = _trained_adapter(base, root / f"{name}-adapter", 300 + i, scale=0.02, **WORLD_KINDS[name])
+        config_file = root / f"{name}-adapter" / "adapter_config.json"
+        config = json.loads(config_file.read_text())
+        config["base_model_name_or_path"] = random_world["base"]
+        config_file.write_text(json.dumps(config))
+        adapters[name] = str(root / f"{name}-adapter")
+        dense[name] = str(save_checkpoint(merged, root / f"{name}-dense"))
+    return {"world": random_world, "adapters": adapters, "dense": dense}
+
+
+def _recipe(world, experts, out):
+    tree = recipe_tree(world["world"], out)
+    tree["model"]["experts"] = experts
+    return recipe_from_dict(tree)
+
+
+def test_fit_over_adapters_with_dense_updates_finds_the_merged_fit(updates_world, tmp_path):
+    low = _fit(updates_world, updates_world["adapters"], tmp_path / "low")
+    full = _fit(updates_world, updates_world["dense"], tmp_path / "dense")
+    _close(low, full, 1e-4)
+    # dense rows: alpha's DoRA q and v in two layers, beta's embedding, the lm_head copies; low-rank:
+    # q (beta and gamma), down (beta) and up (gamma) in two layers
+    assert low["stack"]["tensors"] == 2 * 2 + 1 + 1 and low["stack"]["lowrank_modules"] == 3 * 2
+
+
+def test_ties_densifies_adapters_with_dense_updates(updates_world, tmp_path):
+    merge = {"method": "ties", "density": 0.5, "scale": 2.0}
+    _close(
+        _fit(updates_world, updates_world["adapters"], tmp_path / "low", merge=merge),
+        _fit(updates_world, updates_world["dense"], tmp_path / "dense", merge=merge),
+        1e-4,
+    )
+
+
+def test_one_hot_merge_is_the_expert_peft_merges(updates_world, tmp_path):
+    problem = load_problem(_recipe(updates_world, updates_world["adapters"], tmp_path / "o"), progress=False)
+    tokens = torch.randint(4, 30, (2, 10), generator=torch.Generator().manual_seed(0))
+    for i, name in enumerate(EXPERTS):
+        expert = AutoModelForCausalLM.from_pretrained(
+            updates_world["dense"][name], dtype=torch.float32
+        ).eval()
+        with torch.no_grad(), problem.stack.at(torch.eye(len(EXPERTS))[i]) as merged:
+            torch.testing.assert_close(
+                merged(input_ids=tokens).logits, expert(input_ids=tokens).logits, atol=1e-5, rtol=1e-5
+            )
+
+
+def test_dry_run_counts_the_dense_rows(updates_world, tmp_path):
+    from mergeopt.memory import dry_run, plan
+
+    recipe = _recipe(updates_world, updates_world["adapters"], tmp_path / "out")
+    inventory, dims = dry_run.read_inventory(recipe)
+    p = plan.plan_memory(recipe, inventory, dims, plan.DeviceMemory("cpu", "test", 2**40, 2**40))
+    stack = load_problem(recipe, progress=False).stack
+    assert p.row("LoRA factors of") == stack.lowrank.nbytes()
+    assert p.row("stack anchor") + p.row("stack differences") == stack.nbytes() - stack.lowrank.nbytes()
+    assert p.stacked_parameters == stack.num_stacked_parameters() > 0
+    assert any("stacked as dense rows" in note for note in inventory.notes)
+
+
+def test_untrained_dora_adapter_is_refused_as_the_base(updates_world, tmp_path):
+    """DoRA starts at B = 0 and m = ‖W0‖ per row: the expert is θ0, though its magnitudes are saved."""
+    base = AutoModelForCausalLM.from_pretrained(updates_world["world"]["base"], dtype=torch.float32).eval()
+    untrained = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    untrained.save_pretrained(tmp_path / "untrained")
+    experts = dict(updates_world["adapters"], gamma=str(tmp_path / "untrained"))
+    with pytest.raises(UserError, match="expert 'gamma' equals the base model"):
+        load_problem(_recipe(updates_world, experts, tmp_path / "out"), progress=False)
+
+
+def test_adapters_differing_only_in_a_saved_module_are_not_identical(updates_world, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    twin = tmp_path / "twin"
+    shutil.copytree(updates_world["adapters"]["gamma"], twin)
+    experts = dict(updates_world["adapters"], beta=str(twin))
+    with pytest.raises(UserError, match="experts 'beta' and 'gamma' are identical"):
+        load_problem(_recipe(updates_world, experts, tmp_path / "out"), progress=False)
+    file = twin / "adapter_model.safetensors"
+    tensors = load_file(file)
+    tensors["base_model.model.lm_head.weight"] = tensors["base_model.model.lm_head.weight"] * 1.01
+    save_file(tensors, file)
+    load_problem(_recipe(updates_world, experts, tmp_path / "out"), progress=False)  # not refused
