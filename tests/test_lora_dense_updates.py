@@ -36,9 +36,16 @@ KINDS = {
     "modules_to_save": ("llama", dict(target_modules=["q_proj"], modules_to_save=["lm_head"])),
     "embedding": ("llama", dict(target_modules=["embed_tokens", "q_proj"])),
     "embedding-dora": ("llama", dict(target_modules=["embed_tokens", "o_proj"], use_dora=True)),
+    # Qwen2's q, k and v carry biases (Llama's linear layers have none)
     "bias-all": ("qwen2", dict(target_modules=["q_proj"], bias="all")),
     "bias-lora_only": ("qwen2", dict(target_modules=["q_proj", "k_proj"], bias="lora_only")),
     "lora_bias": ("qwen2", dict(target_modules=["q_proj", "v_proj"], lora_bias=True)),
+    # GPT-2's Conv1D weights are in × out: PEFT sets fan_in_fan_out and transposes B·A
+    "fan_in_fan_out": ("gpt2", dict(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, bias="all")),
+    "fan_in_fan_out-dora": (
+        "gpt2",
+        dict(target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, use_dora=True),
+    ),
 }
 
 
@@ -62,7 +69,7 @@ def _trained_adapter(base, path, seed: int, scale: float = 0.1, **lora):
 def test_expert_values_equal_peft_merge_and_unload(kind, tmp_path):
     arch, lora = KINDS[kind]
     torch.manual_seed(0)
-    base = LlamaForCausalLM(tiny_config()).eval() if arch == "llama" else tiny_model("qwen2")  # q/k/v biases
+    base = LlamaForCausalLM(tiny_config()).eval() if arch == "llama" else tiny_model(arch)
     merged = dict(_trained_adapter(base, tmp_path / "adapter", 1, **lora).named_parameters())
     shapes = {n: tuple(p.shape) for n, p in base.named_parameters()}
     adapter = read_adapter(tmp_path / "adapter", shapes)
@@ -209,3 +216,38 @@ def test_adapters_differing_only_in_a_saved_module_are_not_identical(updates_wor
     tensors["base_model.model.lm_head.weight"] = tensors["base_model.model.lm_head.weight"] * 1.01
     save_file(tensors, file)
     load_problem(_recipe(updates_world, experts, tmp_path / "out"), progress=False)  # not refused
+
+
+@pytest.mark.parametrize("w", [[1.0, 0.0, 0.0], [0.2, 0.5, 0.3]])
+def test_gpt2_adapters_merge_as_their_peft_merges(tmp_path, w):
+    """Conv1D LoRA (fan_in_fan_out, plain and DoRA) stacked densely: the merge at w equals the merge
+    of PEFT's merged experts, at a one-hot too (GPT-2 is the architecture whose weights are in × out)."""
+    from torch.func import functional_call
+
+    from mergeopt.merging.stack import build_expert_stack, build_stack
+
+    base = tiny_model("gpt2")
+    shapes = {n: tuple(p.shape) for n, p in base.named_parameters()}
+    kinds = [
+        dict(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True),
+        dict(target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, use_dora=True),
+        dict(target_modules=["c_fc"], fan_in_fan_out=True, bias="all"),
+    ]
+    adapters, dense = {}, {}
+    for i, kind in enumerate(kinds):
+        merged = _trained_adapter(base, tmp_path / f"e{i}", 40 + i, scale=0.05, **kind)
+        adapters[f"e{i}"] = read_adapter(tmp_path / f"e{i}", shapes)
+        dense[f"e{i}"] = {k: v.detach().clone() for k, v in merged.state_dict().items()}
+    tokens = torch.randint(3, 40, (2, 9), generator=torch.Generator().manual_seed(0))
+    weights = torch.tensor(w)
+    logits = []
+    for model, build in (
+        (copy.deepcopy(base), lambda m: build_expert_stack(m, list(adapters), {}, adapters, progress=False)),
+        (copy.deepcopy(base), lambda m: build_stack(m, dense, progress=False)),
+    ):
+        stack = build(model)
+        params = stack.mix_params(weights)
+        logits.append(functional_call(model, params, args=(), kwargs={"input_ids": tokens}).logits)
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        assert not torch.allclose(logits[1], base(input_ids=tokens).logits, atol=1e-3)  # the experts moved it

@@ -17,11 +17,11 @@ one base parameter, the expert's value of it as a function of θ0, exactly as PE
 - embedding LoRA: E' = E + s·(B·A)ᵀ from ``lora_embedding_A`` / ``lora_embedding_B``, over the
   ``base_layer.weight`` PEFT saves beside them;
 - ``modules_to_save`` and trained biases (``bias: all | lora_only``): the adapter's own copies;
-- ``lora_bias``: b' = b + s·b_B.
+- ``lora_bias``: b' = b + s·b_B;
+- ``fan_in_fan_out`` (GPT-2's Conv1D, whose weight is in × out): W' = W + s·(B·A)ᵀ.
 
 These parameters are stacked densely (``mergeopt.merging.stack``); the rest stays low-rank.
-Not supported (each a one-line error): ``fan_in_fan_out`` (Conv1D models), adapter types other
-than LoRA. Pickled ``adapter_model.bin`` files are read only with ``allow_pickle`` (then
+Not supported (a one-line error): adapter types other than LoRA. Pickled ``adapter_model.bin`` files are read only with ``allow_pickle`` (then
 ``torch.load(weights_only=True)``).
 """
 
@@ -153,11 +153,6 @@ def read_adapter_config(path: Path) -> dict:
     config = json_file(path / CONFIG_FILE, "LoRA adapter config")
     if config.get("peft_type", "LORA") != "LORA":
         raise UserError(f"{path}: a {config.get('peft_type')} adapter; only LoRA adapters are supported")
-    if config.get("fan_in_fan_out"):
-        raise UserError(
-            f"{path}: fan_in_fan_out adapters (Conv1D models) are not supported "
-            f"(fan_in_fan_out is set in {CONFIG_FILE})"
-        )
     if config.get("bias", "none") not in ("none", "all", "lora_only"):
         raise UserError(f"{path / CONFIG_FILE}: bias must be none, all or lora_only, got {config['bias']!r}")
     for key in ("r", "lora_alpha"):
@@ -247,16 +242,31 @@ def read_adapter(
             raise UserError(f"{path}: adapts {module}, but the base has no parameter {target}")
         if len(base_shapes[target]) != 2:
             raise UserError(f"{path}: adapts {module}, whose {target} is not a matrix (convolution LoRA)")
-        out_features, in_features = base_shapes[target]
+        transposed = bool(config.get("fan_in_fan_out"))  # a Conv1D weight (GPT-2) is in × out
+        out_features, in_features = base_shapes[target][:: -1 if transposed else 1]
         r, scaling = scaling_for(config, module)
-        _check_pair(path, module, ("lora_A", a, (r, in_features)), ("lora_B", b, (out_features, r)), target)
-        lora = LoraFactors(a, b, scaling)
+        _check_pair(
+            path,
+            module,
+            ("lora_A", a, (r, in_features)),
+            ("lora_B", b, (out_features, r)),
+            target,
+            base_shapes[target],
+        )
         magnitude = magnitudes.pop(module, None)
-        if magnitude is not None or target in copies:  # DoRA, or over the adapter's own copy: dense
+        if magnitude is not None or target in copies or transposed:  # DoRA, a copy, Conv1D: dense
             _check_magnitude(path, module, magnitude, out_features)
-            dense[target] = DenseUpdate(copies.pop(target, None), lora, magnitude, norm_dim=1)
+            # a Conv1D's ΔW = s·(B·A)ᵀ = s·Aᵀ·Bᵀ, and DoRA's norms run over its columns
+            lora = (
+                LoraFactors(b.T.contiguous(), a.T.contiguous(), scaling)
+                if transposed
+                else LoraFactors(a, b, scaling)
+            )
+            dense[target] = DenseUpdate(
+                copies.pop(target, None), lora, magnitude, norm_dim=0 if transposed else 1
+            )
         else:
-            factors[target] = lora
+            factors[target] = LoraFactors(a, b, scaling)
         bias = kinds["bias"].pop(module, None)
         if bias is not None:
             if f"{module}.bias" not in base_shapes:
@@ -274,7 +284,12 @@ def read_adapter(
         rows, width = base_shapes[target]
         r, scaling = scaling_for(config, module)
         _check_pair(
-            path, module, ("lora_embedding_A", a, (r, rows)), ("lora_embedding_B", b, (width, r)), target
+            path,
+            module,
+            ("lora_embedding_A", a, (r, rows)),
+            ("lora_embedding_B", b, (width, r)),
+            target,
+            base_shapes[target],
         )
         magnitude = magnitudes.pop(module, None)
         _check_magnitude(path, module, magnitude, width)
@@ -288,14 +303,14 @@ def read_adapter(
     return LoraAdapter(path, config, factors, dict(sorted(dense.items())))
 
 
-def _check_pair(path: Path, module: str, a: tuple, b: tuple, target: str) -> None:
-    """Each factor as (its name, the tensor, the shape the base and the module's rank call for)."""
+def _check_pair(path: Path, module: str, a: tuple, b: tuple, target: str, whole: Sequence[int]) -> None:
+    """Each factor as (its name, the tensor, the shape the base's ``whole`` and the module's rank
+    call for)."""
     (a_name, a_value, a_shape), (b_name, b_value, b_shape) = a, b
     if tuple(a_value.shape) != a_shape or tuple(b_value.shape) != b_shape:
-        whole = [b_shape[0], a_shape[1]] if a_name == "lora_A" else [a_shape[1], b_shape[0]]
         raise UserError(
             f"{path}: {module} has {a_name} {list(a_value.shape)} and {b_name} {list(b_value.shape)}, but the "
-            f"base's {target} is {whole} and the adapter's rank there is {a_shape[0]}"
+            f"base's {target} is {list(whole)} and the adapter's rank there is {a_shape[0]}"
         )
 
 
@@ -326,6 +341,7 @@ def factor_sizes(path: str | Path) -> FactorSizes:
     if not file.is_file():
         raise UserError(f"{path}: no {SAFETENSORS_FILE} next to {CONFIG_FILE}")
     stored = 0
+    transposed = bool(json_file(Path(path) / CONFIG_FILE, "LoRA adapter config").get("fan_in_fan_out"))
     factors: dict[str, dict[str, tuple[int, ...]]] = {}
     dense: set[str] = set()
     magnitudes: set[str] = set()
@@ -345,8 +361,10 @@ def factor_sizes(path: str | Path) -> FactorSizes:
     modules = {
         PREFIX + module: (ab["A"][0], ab["A"][1], ab["B"][0])
         for module, ab in factors.items()
-        if {"A", "B"} <= set(ab) and f"{module}.weight" not in dense
+        if {"A", "B"} <= set(ab) and f"{module}.weight" not in dense and not transposed
     }
+    if transposed:  # Conv1D modules are stacked densely (:func:`read_adapter`)
+        dense |= {f"{module}.weight" for module, ab in factors.items() if {"A", "B"} <= set(ab)}
     numel = sum(r * (i + o) for r, i, o in modules.values())
     rank_sum = sum(r for r, _, _ in modules.values())
     return FactorSizes(numel, rank_sum, stored, modules, tuple(sorted(dense)))
