@@ -85,6 +85,8 @@ def test_adapter_for_another_base_is_refused(tmp_path):
         ),
         ("bias", "some", "bias must be none, all or lora_only"),
         ("peft_type", "IA3", "only LoRA adapters"),
+        ("layer_replication", [[0, 2], [1, 2]], "layer replication .* is not supported"),
+        ("alora_invocation_tokens", [5, 6], "activated LoRA .* is not supported"),
         ("r", 0, "r must be a positive number"),
     ],
 )

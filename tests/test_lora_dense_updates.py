@@ -40,6 +40,8 @@ KINDS = {
     "bias-all": ("qwen2", dict(target_modules=["q_proj"], bias="all")),
     "bias-lora_only": ("qwen2", dict(target_modules=["q_proj", "k_proj"], bias="lora_only")),
     "lora_bias": ("qwen2", dict(target_modules=["q_proj", "v_proj"], lora_bias=True)),
+    "trainable-tokens": ("llama", dict(target_modules=["q_proj"], trainable_token_indices=[3, 5, 7])),
+    "trainable-tokens-tied": ("llama-tied", dict(target_modules=["v_proj"], trainable_token_indices=[4, 9])),
     # GPT-2's Conv1D weights are in × out: PEFT sets fan_in_fan_out and transposes B·A
     "fan_in_fan_out": ("gpt2", dict(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, bias="all")),
     "fan_in_fan_out-dora": (
@@ -69,7 +71,10 @@ def _trained_adapter(base, path, seed: int, scale: float = 0.1, **lora):
 def test_expert_values_equal_peft_merge_and_unload(kind, tmp_path):
     arch, lora = KINDS[kind]
     torch.manual_seed(0)
-    base = LlamaForCausalLM(tiny_config()).eval() if arch == "llama" else tiny_model(arch)
+    if arch.startswith("llama"):
+        base = LlamaForCausalLM(tiny_config(tie_word_embeddings=arch == "llama-tied")).eval()
+    else:
+        base = tiny_model(arch)
     merged = dict(_trained_adapter(base, tmp_path / "adapter", 1, **lora).named_parameters())
     shapes = {n: tuple(p.shape) for n, p in base.named_parameters()}
     adapter = read_adapter(tmp_path / "adapter", shapes)
@@ -98,6 +103,28 @@ def test_an_adapter_for_a_resized_vocabulary_is_refused(tmp_path):
     with pytest.raises(
         UserError, match=r"lm_head.weight is \[\d+, 32\] but the base's lm_head.weight.*resized"
     ):
+        read_adapter(tmp_path / "adapter", shapes)
+
+
+@pytest.mark.parametrize(
+    ("indices", "message"),
+    [
+        ([3, 5, 999], "lists token 999, beyond the base's 54 rows"),
+        ([3, 5], r"trainable tokens are \[3, 32\], but trainable_token_indices lists 2 token"),
+        ({"lm_head": [3, 5, 7]}, "gives no list of token ids for model.embed_tokens"),
+    ],
+)
+def test_trainable_token_indices_that_do_not_fit_are_named(tmp_path, indices, message):
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(tiny_config()).eval()
+    _trained_adapter(
+        base, tmp_path / "adapter", 1, target_modules=["q_proj"], trainable_token_indices=[3, 5, 7]
+    )
+    config_file = tmp_path / "adapter" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "trainable_token_indices": indices}))
+    shapes = {n: tuple(p.shape) for n, p in base.named_parameters()}
+    with pytest.raises(UserError, match=message):
         read_adapter(tmp_path / "adapter", shapes)
 
 

@@ -18,10 +18,12 @@ one base parameter, the expert's value of it as a function of θ0, exactly as PE
   ``base_layer.weight`` PEFT saves beside them;
 - ``modules_to_save`` and trained biases (``bias: all | lora_only``): the adapter's own copies;
 - ``lora_bias``: b' = b + s·b_B;
-- ``fan_in_fan_out`` (GPT-2's Conv1D, whose weight is in × out): W' = W + s·(B·A)ᵀ.
+- ``fan_in_fan_out`` (GPT-2's Conv1D, whose weight is in × out): W' = W + s·(B·A)ᵀ;
+- ``trainable_token_indices``: the embedding rows of those tokens replaced by the saved ones.
 
 These parameters are stacked densely (``mergeopt.merging.stack``); the rest stays low-rank.
-Not supported (a one-line error): adapter types other than LoRA. Pickled ``adapter_model.bin`` files are read only with ``allow_pickle`` (then
+Not supported (a one-line error): adapter types other than LoRA, and the options that change the
+model beyond its weights (:data:`CHANGES_THE_MODEL`). Pickled ``adapter_model.bin`` files are read only with ``allow_pickle`` (then
 ``torch.load(weights_only=True)``).
 """
 
@@ -49,6 +51,17 @@ FACTOR = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$
 MAGNITUDE = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
 EMBEDDING = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<which>[AB])(?:\.[^.]+)?$")
 LORA_BIAS = re.compile(r"^(?P<module>.+)\.lora_B(?:\.[^.]+)?\.bias$")
+TOKENS = re.compile(r"^(?P<module>.+)\.token_adapter\.trainable_tokens_delta(?:\.[^.]+)?$")
+# adapter_config.json keys that change the model beyond its weights (its depth, when the adapter
+# acts, how inputs are pooled, which parameters of a module are adapted): refused, named
+CHANGES_THE_MODEL = {
+    "layer_replication": "layer replication (it changes the model's depth)",
+    "alora_invocation_tokens": "activated LoRA (it acts only after its invocation tokens)",
+    "use_qalora": "QA-LoRA (its factors act on pooled inputs)",
+    "target_parameters": "LoRA on parameters (target_parameters)",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora)",
+    "arrow_config": "Arrow routing between adapters (arrow_config)",
+}
 
 
 @dataclass(frozen=True)
@@ -79,11 +92,16 @@ class DenseUpdate:
     delta: LoraFactors | torch.Tensor | None = None
     magnitude: torch.Tensor | None = None
     norm_dim: int = 1
+    # trainable tokens: (their ids, their rows), written over ``start``'s rows
+    rows: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def value(self, theta0: torch.Tensor) -> torch.Tensor:
         """The expert's tensor, in θ0's dtype (formed in float32 at least)."""
         dtype = torch.promote_types(theta0.dtype, torch.float32)
         weight = (theta0 if self.start is None else self.start.to(theta0.device)).to(dtype)
+        if self.rows is not None:
+            ids, values = self.rows
+            weight = weight.index_copy(0, ids.to(weight.device), values.to(device=weight.device, dtype=dtype))
         if isinstance(self.delta, LoraFactors):
             weight = weight + self.delta.delta(dtype).to(weight.device)
         elif self.delta is not None:
@@ -96,7 +114,7 @@ class DenseUpdate:
 
     def tensors(self) -> list[torch.Tensor]:
         """What the update is made of, to compare two adapters."""
-        parts = [self.start, self.magnitude, torch.tensor(float(self.norm_dim))]
+        parts = [self.start, self.magnitude, torch.tensor(float(self.norm_dim)), *(self.rows or ())]
         if isinstance(self.delta, LoraFactors):
             parts += [self.delta.a, self.delta.b, torch.tensor(self.delta.scaling)]
         else:
@@ -153,6 +171,9 @@ def read_adapter_config(path: Path) -> dict:
     config = json_file(path / CONFIG_FILE, "LoRA adapter config")
     if config.get("peft_type", "LORA") != "LORA":
         raise UserError(f"{path}: a {config.get('peft_type')} adapter; only LoRA adapters are supported")
+    for key, what in CHANGES_THE_MODEL.items():
+        if config.get(key):
+            raise UserError(f"{path}: {what} is not supported ({key} is set in {CONFIG_FILE})")
     if config.get("bias", "none") not in ("none", "all", "lora_only"):
         raise UserError(f"{path / CONFIG_FILE}: bias must be none, all or lora_only, got {config['bias']!r}")
     for key in ("r", "lora_alpha"):
@@ -184,7 +205,14 @@ def _sorted_tensors(path: Path, tensors: Mapping[str, torch.Tensor], base_shapes
     """The adapter's tensors by kind: linear and embedding factor pairs, DoRA magnitudes and LoRA
     biases by module, and the adapter's own copies of base parameters (modules_to_save, trained
     biases, an adapted embedding's ``base_layer.weight``) by the base parameter they replace."""
-    kinds: dict[str, dict] = {"linear": {}, "embedding": {}, "magnitude": {}, "bias": {}, "copy": {}}
+    kinds: dict[str, dict] = {
+        "linear": {},
+        "embedding": {},
+        "magnitude": {},
+        "bias": {},
+        "tokens": {},
+        "copy": {},
+    }
     for key, tensor in tensors.items():
         name = key.removeprefix(PREFIX)
         if match := FACTOR.match(name):
@@ -195,6 +223,8 @@ def _sorted_tensors(path: Path, tensors: Mapping[str, torch.Tensor], base_shapes
             kinds["magnitude"][match["module"]] = tensor
         elif match := LORA_BIAS.match(name):
             kinds["bias"][match["module"]] = tensor
+        elif match := TOKENS.match(name):
+            kinds["tokens"][match["module"]] = tensor
         else:
             target = name.replace(".base_layer.", ".")
             if target not in base_shapes:
@@ -230,7 +260,7 @@ def read_adapter(
     path = Path(path)
     config = read_adapter_config(path)
     kinds = _sorted_tensors(path, _read_tensors(path, allow_pickle), base_shapes)
-    if not (kinds["linear"] or kinds["embedding"] or kinds["copy"]):
+    if not (kinds["linear"] or kinds["embedding"] or kinds["copy"] or kinds["tokens"]):
         raise UserError(f"{path}: the adapter holds no LoRA factors")
     factors: dict[str, LoraFactors] = {}
     dense: dict[str, DenseUpdate] = {}
@@ -296,6 +326,16 @@ def read_adapter(
         # E' = E + s·(B·A)ᵀ = E + s·Aᵀ·Bᵀ: factors b = Aᵀ (rows × r) and a = Bᵀ (r × width)
         lora = LoraFactors(b.T.contiguous(), a.T.contiguous(), scaling)
         dense[target] = DenseUpdate(copies.pop(target, None), lora, magnitude, norm_dim=0)
+    for module, values in sorted(kinds["tokens"].items()):
+        target = f"{module}.weight"
+        if target in dense:
+            raise UserError(
+                f"{path}: {module} has trainable tokens and LoRA factors; mergeopt reads one or the other"
+            )
+        if target not in base_shapes or len(base_shapes[target]) != 2:
+            raise UserError(f"{path}: trainable tokens for {module}, but the base has no matrix {target}")
+        ids = _token_ids(path, config, module, values, base_shapes[target])
+        dense[target] = DenseUpdate(copies.pop(target, None), rows=(ids, values))
     for what, left in (("lora_magnitude_vector", magnitudes), ("LoRA bias", kinds["bias"])):
         if left:
             raise UserError(f"{path}: {what} of {min(left)} without LoRA factors for that module")
@@ -312,6 +352,31 @@ def _check_pair(path: Path, module: str, a: tuple, b: tuple, target: str, whole:
             f"{path}: {module} has {a_name} {list(a_value.shape)} and {b_name} {list(b_value.shape)}, but the "
             f"base's {target} is {list(whole)} and the adapter's rank there is {a_shape[0]}"
         )
+
+
+def _token_ids(
+    path: Path, config: Mapping, module: str, values: torch.Tensor, shape: Sequence[int]
+) -> torch.Tensor:
+    """The token ids whose rows ``values`` are, from ``trainable_token_indices``: a list (the input
+    embedding's) or {module name: list}, matched as PEFT matches it (the name or its last parts)."""
+    indices = config.get("trainable_token_indices")
+    if isinstance(indices, Mapping):
+        indices = next((v for k, v in indices.items() if module == k or module.endswith(f".{k}")), None)
+    if not isinstance(indices, list) or not all(type(i) is int for i in indices):
+        raise UserError(
+            f"{path / CONFIG_FILE}: trainable_token_indices gives no list of token ids for {module}"
+        )
+    if len(indices) != values.shape[0] or values.dim() != 2 or values.shape[1] != shape[1]:
+        raise UserError(
+            f"{path}: {module}'s trainable tokens are {list(values.shape)}, but trainable_token_indices "
+            f"lists {len(indices)} token(s) of the base's width {shape[1]}"
+        )
+    if indices and not 0 <= min(indices) <= max(indices) < shape[0]:
+        raise UserError(
+            f"{path / CONFIG_FILE}: trainable_token_indices lists token {max(indices)}, "
+            f"beyond the base's {shape[0]} rows of {module} (resize the base's vocabulary)"
+        )
+    return torch.tensor(indices, dtype=torch.long)
 
 
 def _check_magnitude(path: Path, module: str, magnitude: torch.Tensor | None, size: int) -> None:
@@ -355,6 +420,8 @@ def factor_sizes(path: str | Path) -> FactorSizes:
             (magnitudes if MAGNITUDE.match(name) else dense).add(f"{match['module']}.weight")
         elif match := LORA_BIAS.match(name):
             dense.add(f"{match['module']}.bias")
+        elif match := TOKENS.match(name):
+            dense.add(f"{match['module']}.weight")
         else:
             dense.add(name.replace(".base_layer.", "."))
     dense |= magnitudes
