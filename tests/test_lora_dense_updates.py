@@ -86,7 +86,8 @@ def test_expert_values_equal_peft_merge_and_unload(kind, tmp_path):
         torch.testing.assert_close(
             adapter.expert_value(name, param.detach()), merged[name].detach(), atol=1e-6, rtol=1e-6
         )
-    sizes = factor_sizes(tmp_path / "adapter")  # the plan's reading of the header agrees
+    # the plan's reading of the header agrees
+    sizes = factor_sizes(tmp_path / "adapter", bool(lora.get("fan_in_fan_out")))
     assert set(sizes.dense) == set(adapter.dense)
     assert sizes.rank_sum == sum(f.rank for f in adapter.factors.values())
     assert sizes.numel == sum(f.a.numel() + f.b.numel() for f in adapter.factors.values())

@@ -399,14 +399,15 @@ class FactorSizes:
     dense: tuple[str, ...] = ()
 
 
-def factor_sizes(path: str | Path) -> FactorSizes:
+def factor_sizes(path: str | Path, fan_in_fan_out: bool = False) -> FactorSizes:
     """Sizes of an adapter's factors, read from its safetensors header (no weights), sorted as
-    :func:`read_adapter` sorts the tensors."""
+    :func:`read_adapter` sorts the tensors (``fan_in_fan_out``: its adapter_config.json's, whose
+    modules are all stacked densely)."""
     file = Path(path) / SAFETENSORS_FILE
     if not file.is_file():
         raise UserError(f"{path}: no {SAFETENSORS_FILE} next to {CONFIG_FILE}")
     stored = 0
-    transposed = bool(json_file(Path(path) / CONFIG_FILE, "LoRA adapter config").get("fan_in_fan_out"))
+    transposed = fan_in_fan_out
     factors: dict[str, dict[str, tuple[int, ...]]] = {}
     dense: set[str] = set()
     magnitudes: set[str] = set()

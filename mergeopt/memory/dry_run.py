@@ -134,9 +134,11 @@ def read_inventory(recipe: Recipe) -> tuple[Inventory, Dims]:
     )
     if base.tensors and not recipe.model.gguf_file:
         check_config_matches_weights(base, "base", recipe.model.trust_remote_code)
-    for path in adapters.values():
-        read_adapter_config(Path(path))  # one line for a malformed adapter_config.json, as in the fit
-    sizes = {name: factor_sizes(path) for name, path in adapters.items()}
+    # one line for a malformed adapter_config.json, as in the fit
+    configs = {name: read_adapter_config(Path(path)) for name, path in adapters.items()}
+    sizes = {
+        name: factor_sizes(path, bool(configs[name].get("fan_in_fan_out"))) for name, path in adapters.items()
+    }
     if adapters and recipe.merge.method == "linear":
         updated = sorted({n for s in sizes.values() for n in s.dense})
         if len(adapters) < len(recipe.model.experts):
