@@ -13,12 +13,19 @@ Jacobian, against the same least squares from the same start with scipy's finite
 (K + 2 more evaluations of the law per iteration), timed in this one run on the tiny grid's target
 and on the first 64 of RegMix's 1M-parameter runs (17 domains, tests/data/regmix), with the largest
 relative difference of their predictions and the Spearman of each against the truth.
+
+Last, the leave-one-out fits of both regressions as a rank report makes them
+(:func:`mergeopt.evaluation.baselines.baseline_predictions`), in this process and in a pool of
+processes (``rank.workers``), on the tiny grid's five metrics and on RegMix's first 64 runs with
+two and with eight of its validation losses: seconds, the ratio, and whether the predictions are
+identical (they must be). The default pool threshold (``POOL_MIN_WORK``) comes from these rows.
 Writes benchmarks/results/baselines.{json,md}.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 import warnings
 from pathlib import Path
@@ -110,6 +117,49 @@ def mixing_law_cost() -> dict:
     return out
 
 
+def _timed_predictions(weights, truths, workers):
+    experts = {m: np.ones(weights.shape[1]) for m in truths}  # interpolation: not what is timed
+    start = time.perf_counter()
+    predicted, _ = baselines.baseline_predictions(weights, truths, experts, 0, workers=workers)
+    return predicted, time.perf_counter() - start
+
+
+def pool_cost() -> dict:
+    """Both regressions' leave-one-out fits in this process and in a pool of every usable CPU."""
+    grid = pd.read_csv(RESULTS / "tiny_grid" / "grid.csv")
+    names = [c[2:] for c in grid.columns if c.startswith("w_")]
+    tiny = {f"loss_{n}": grid[f"loss_{n}"].to_numpy(float) for n in names}
+    tiny["target"] = np.mean(list(tiny.values()), axis=0)
+    mixtures = pd.read_csv(REGMIX / "train_mixture_1m.csv").iloc[:REGMIX_RUNS, 1:].to_numpy(float)
+    losses = pd.read_csv(REGMIX / "train_pile_loss_1m.csv").iloc[:REGMIX_RUNS]
+    regmix = {c: losses[c].to_numpy(float) for c in losses.columns[1:]}
+    cases = {
+        "tiny grid, 5 metrics (20 runs, 4 experts)": (grid[[f"w_{n}" for n in names]].to_numpy(float), tiny),
+        f"RegMix 1M, 2 metrics ({REGMIX_RUNS} runs, 17 domains)": (mixtures, dict(list(regmix.items())[:2])),
+        f"RegMix 1M, 8 metrics ({REGMIX_RUNS} runs, 17 domains)": (mixtures, dict(list(regmix.items())[:8])),
+    }
+    workers = baselines.usable_cpus()
+    out = {}
+    for case, (weights, truths) in cases.items():
+        serial, serial_s = _timed_predictions(weights, truths, 1)
+        pooled, pooled_s = _timed_predictions(weights, truths, workers)
+        fits = 2 * len(weights) * len(truths)
+        out[case] = {
+            "fits": fits,
+            "work": fits * weights.size,  # fits x runs x experts: what the default compares
+            "workers": workers,
+            "serial_s": serial_s,
+            "pool_s": pooled_s,
+            "speedup": serial_s / pooled_s,
+            "identical": all(
+                np.array_equal(serial[b][m], pooled[b][m])
+                for b in ("lightgbm_loo", "mixing_law_loo")
+                for m in truths
+            ),
+        }
+    return out
+
+
 def markdown(results: dict) -> str:
     lines = [
         "# The merged proxy against the baselines on the committed grids",
@@ -120,7 +170,7 @@ def markdown(results: dict) -> str:
         "| --- | --- | --- | ---: | ---: |",
     ]
     for world, result in results.items():
-        if world == "mixing_law_cost":
+        if world in ("mixing_law_cost", "pool_cost"):
             continue
         for name, s in result["target"].items():
             ci = ", ".join(f"{v:.3f}" for v in s["spearman_ci"])
@@ -142,12 +192,28 @@ def markdown(results: dict) -> str:
             f"| {case} | {c['jacobian_s']:.1f} s | {c['finite_differences_s']:.1f} s | {c['speedup']:.1f}× | "
             f"{c['max_relative_difference']:.1e} | {c['spearman_jacobian']:.4f} / {c['spearman_finite_differences']:.4f} |"
         )
+    lines += [
+        "",
+        "## Both regressions' leave-one-out fits in a pool of processes (rank.workers)",
+        "",
+        f"As a rank report makes them, in this process and in a pool; {os.cpu_count()} CPUs, timed in one run.",
+        "",
+        "| case | fits | fits x runs x experts | mergeopt's default | in this process | in a pool | speed-up | identical |",
+        "| --- | ---: | ---: | --- | ---: | ---: | ---: | --- |",
+    ]
+    for case, c in results["pool_cost"].items():
+        lines.append(
+            f"| {case} | {c['fits']} | {c['work']:,} | "
+            f"{'a pool' if c['work'] >= baselines.POOL_MIN_WORK else 'this process'} | {c['serial_s']:.1f} s | "
+            f"{c['pool_s']:.1f} s ({c['workers']} workers) | {c['speedup']:.2f}× | {'yes' if c['identical'] else 'NO'} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     results = {world: measure(folder) for world, folder in GRIDS.items()}
     results["mixing_law_cost"] = mixing_law_cost()
+    results["pool_cost"] = pool_cost()
     (RESULTS / "baselines.json").write_text(json.dumps(results, indent=2) + "\n")
     (RESULTS / "baselines.md").write_text(markdown(results))
     print(markdown(results))

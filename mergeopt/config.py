@@ -651,8 +651,18 @@ class RankSection(_Strict):
         default=("interpolation", "lightgbm_loo", "mixing_law_loo"),
         description="What a grid rank report sets beside the proxy: interpolation of the experts' scores "
         "(free), and LightGBM and the mixing law, each fitted once per run and per metric leaving that run "
-        "out (the mixing law took about 27 s per metric on 64 runs over 17 domains on 2 CPU cores). Leave "
+        "out (the mixing law took 18 to 27 s per metric on 64 runs over 17 domains on 2 CPU cores). Leave "
         "the regressions out on a large grid with many metrics; [] for none.",
+    )
+
+    workers: int | None = Field(
+        default=None,
+        gt=0,
+        description="Processes for the baselines' leave-one-out fits (the same predictions with any number; "
+        "a script that calls mergeopt needs `if __name__ == '__main__':`, as for any Python process pool). "
+        "Default: every CPU this process may use once the fits are long (fits x runs x experts at least "
+        "100,000: RegMix's 64 runs over 17 domains, 1.8 to 2.1x faster on 2 CPUs), one below that "
+        "(the tiny grid's report), where starting the pool costs more than it saves.",
     )
 
     @field_validator("baselines")

@@ -132,7 +132,8 @@ def test_a_grid_too_small_for_a_baseline_says_so():
 def test_a_rank_report_sets_every_baseline_beside_the_proxy(random_world, tmp_path):
     recipe, grid = _write(random_world, tmp_path)
     out = tmp_path / "rank"
-    result = run_in_process("rank", recipe, "--grid", grid, "--out", str(out), "--quiet")
+    # in a pool of two workers (rank.workers): the predictions are those fitted here, below
+    result = run_in_process("rank", recipe, "rank.workers=2", "--grid", grid, "--out", str(out), "--quiet")
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "rank_report.json").read_text())
     pairs = pd.read_csv(out / "rank_pairs.csv")
@@ -155,6 +156,8 @@ def test_a_rank_report_sets_every_baseline_beside_the_proxy(random_world, tmp_pa
         assert np.ptp(pairs[f"{name}_target"]) > 0, name
     loo = baselines.lightgbm_loo(weights, pairs["truth_target"].to_numpy(), seed=0)
     np.testing.assert_allclose(pairs["lightgbm_loo_target"], loo, rtol=1e-12)
+    law = baselines.mixing_law_loo(weights, pairs["truth_target"].to_numpy())
+    np.testing.assert_allclose(pairs["mixing_law_loo_target"], law, rtol=1e-12)
     text = (out / "rank_report.md").read_text()
     assert "Against the baselines (target" in text and "| interpolation Σ w_i s(θ_i) |" in text
     rows = [line for line in result.stdout.splitlines() if line.startswith("| mixing law c + k·exp(t·w)")]
@@ -209,3 +212,64 @@ def test_rank_baselines_names_only_known_baselines_once():
         RankSection(baselines=["mixing_law_loo", "interpolation", "mixing_law_loo"])
     with pytest.raises(ValueError, match="lightgbm"):
         RankSection(baselines=["lightgbm"])
+
+
+def _small_problem(runs: int = 12):
+    rng = np.random.default_rng(1)
+    weights = rng.dirichlet(np.ones(3), size=runs)
+    truths = {m: 2.0 + np.exp(weights @ rng.normal(size=3)) for m in ("a", "b")}
+    return weights, truths, {m: rng.normal(size=3) for m in truths}
+
+
+def test_the_pool_predicts_what_one_process_predicts_bit_for_bit():
+    """rank.workers: the leave-one-out fits in two worker processes (from a fork server) give the
+    very predictions of the fits made here, in the same order of baselines."""
+    weights, truths, experts = _small_problem()
+    here, _ = baselines.baseline_predictions(weights, truths, experts, seed=3, workers=1)
+    pooled, _ = baselines.baseline_predictions(weights, truths, experts, seed=3, workers=2)
+    assert list(pooled) == list(here) == list(baselines.NAMES)
+    for name in baselines.NAMES:
+        for m in truths:
+            np.testing.assert_array_equal(pooled[name][m], here[name][m])
+
+
+def test_how_many_workers(monkeypatch):
+    import sys
+    import types
+
+    monkeypatch.setattr(baselines, "usable_cpus", lambda: 8)
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))  # a notebook: no file
+    # the tiny grid's report (200 fits x 20 runs x 4 experts) is too little work to pay for a pool
+    assert baselines.loo_workers(None, 200, 20, 4) == 1
+    assert baselines.loo_workers(None, 256, 64, 17) == 8  # RegMix's, two metrics
+    assert baselines.loo_workers(3, 10, 5, 2) == 3 and baselines.loo_workers(30, 10, 5, 2) == 10  # asked for
+    script = types.ModuleType("__main__")
+    script.__file__ = "/home/me/choose.py"  # a user's script: it may lack the __main__ guard
+    monkeypatch.setitem(sys.modules, "__main__", script)
+    assert baselines.loo_workers(None, 256, 64, 17) == 1 and baselines.loo_workers(4, 256, 64, 17) == 4
+    script.__file__ = "/venv/bin/mergeopt"  # mergeopt's own command
+    assert baselines.loo_workers(None, 256, 64, 17) == 8
+
+
+def test_a_pool_whose_workers_die_is_one_line(monkeypatch):
+    from concurrent.futures.process import BrokenProcessPool
+
+    from mergeopt.errors import UserError
+
+    class Broken:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def submit(self, *args, **kwargs):
+            raise BrokenProcessPool("a worker died")
+
+    monkeypatch.setattr(baselines, "ProcessPoolExecutor", Broken)
+    weights, truths, experts = _small_problem()
+    with pytest.raises(UserError, match="set rank.workers: 1 to fit them in this process"):
+        baselines.baseline_predictions(weights, truths, experts, seed=0, workers=2)

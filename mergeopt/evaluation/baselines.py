@@ -15,15 +15,27 @@ The two regressions see n - 1 real runs per prediction: they say what the grid's
 tell, which the proxy must beat to be worth its K experts, and how far (issue 16's calibration joins
 the two). Each returns one predicted score per grid mixture, scored by the same rank statistics as
 the proxy.
+
+Their fits (one per run, per metric, per regression) are independent, so on a large grid they run
+in a pool of processes (``rank.workers``): the same predictions, bit for bit, since every fit is
+the same single-threaded computation wherever it runs.
 """
 
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
+import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 
 import numpy as np
+
+from mergeopt.errors import UserError
 
 NAMES = ("interpolation", "lightgbm_loo", "mixing_law_loo")
 LABELS = {
@@ -50,22 +62,32 @@ def interpolation(weights: np.ndarray, expert_scores: np.ndarray) -> np.ndarray:
 
 
 def _leave_one_out(
-    weights: np.ndarray, truth: np.ndarray, fit, fitted: Callable[[], object] | None = None
+    weights: np.ndarray,
+    truth: np.ndarray,
+    fit,
+    fitted: Callable[[], object] | None = None,
+    rows: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Each run's score predicted by ``fit(weights, truth)`` (which returns a function of w) on the
-    others; ``fitted()`` is called after each fit (a progress bar's update)."""
+    others; ``fitted()`` is called after each fit (a progress bar's update). ``rows``: only those
+    runs' predictions (a pool's share of the runs)."""
     weights, truth = np.asarray(weights, dtype=np.float64), np.asarray(truth, dtype=np.float64)
-    predicted = np.empty(len(truth))
-    for i in range(len(truth)):
+    rows = range(len(truth)) if rows is None else rows
+    predicted = np.empty(len(rows))
+    for j, i in enumerate(rows):
         keep = np.arange(len(truth)) != i
-        predicted[i] = fit(weights[keep], truth[keep])(weights[i : i + 1])[0]
+        predicted[j] = fit(weights[keep], truth[keep])(weights[i : i + 1])[0]
         if fitted is not None:
             fitted()
     return predicted
 
 
 def lightgbm_loo(
-    weights: np.ndarray, truth: np.ndarray, seed: int, fitted: Callable[[], object] | None = None
+    weights: np.ndarray,
+    truth: np.ndarray,
+    seed: int,
+    fitted: Callable[[], object] | None = None,
+    rows: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Each run's score predicted by LightGBM fitted on the other runs (the surrogate's settings)."""
     from mergeopt.config import SurrogateSearch
@@ -74,7 +96,7 @@ def lightgbm_loo(
     def fit(w: np.ndarray, y: np.ndarray):
         return lambda x: fit_surrogate(w, {"s": y}, SurrogateSearch(), seed).predict(x)["s"]
 
-    return _leave_one_out(weights, truth, fit, fitted)
+    return _leave_one_out(weights, truth, fit, fitted, rows)
 
 
 def _mixing_law_start(weights: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -98,7 +120,7 @@ def mixing_law_jacobian(params: np.ndarray, w: np.ndarray) -> np.ndarray:
     k·exp(t·w)·w_j, with 0 for t where t·w is clipped (the clipped law does not move with t there).
 
     Given to the least squares in place of finite differences, which cost K + 2 evaluations of the
-    law per iteration: the leave-one-out took 1.8 times less time on the tiny grid and 2.6 times
+    law per iteration: the leave-one-out took 1.6 to 1.8 times less time on the tiny grid and 2.3 to 2.6 times
     less on 64 RegMix runs over 17 domains, its predictions within 4e-5 of the finite differences'
     and ranked alike (benchmarks/results/baselines.md)."""
     exponent = w @ params[2:]
@@ -131,10 +153,103 @@ def fit_mixing_law(weights: np.ndarray, y: np.ndarray):
 
 
 def mixing_law_loo(
-    weights: np.ndarray, truth: np.ndarray, fitted: Callable[[], object] | None = None
+    weights: np.ndarray,
+    truth: np.ndarray,
+    fitted: Callable[[], object] | None = None,
+    rows: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Each run's score predicted by the mixing law fitted on the other runs."""
-    return _leave_one_out(weights, truth, fit_mixing_law, fitted)
+    return _leave_one_out(weights, truth, fit_mixing_law, fitted, rows)
+
+
+def _loo_share(name: str, weights: np.ndarray, truth: np.ndarray, seed: int, rows: list[int]) -> np.ndarray:
+    """One pool task: regression ``name``'s leave-one-out predictions of ``rows``."""
+    if name == "lightgbm_loo":
+        return lightgbm_loo(weights, truth, seed, rows=rows)
+    return mixing_law_loo(weights, truth, rows=rows)
+
+
+# A pool's start (a fork server importing scipy, LightGBM and mergeopt's search, about 3 s) pays once
+# the fits are long enough: each costs about what its runs x experts cost. Measured on 2 CPUs
+# (benchmarks/results/baselines.md): the tiny grid's report, 200 fits x 20 runs x 4 experts =
+# 16,000, took 5.0 s here and 0.68x as long in a pool (0.85x in an earlier run); RegMix's 256 fits x
+# 64 runs x 17 domains = 278,528 ran 2.1x faster in one (1.5x earlier), 1,024 fits 1.8x (2.0x).
+POOL_MIN_WORK = 100_000
+# what each worker needs, imported once by the fork server rather than by every worker
+PRELOAD = ["mergeopt.evaluation.baselines", "mergeopt.search.surrogate", "scipy.optimize", "lightgbm"]
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the OS tells it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def _main_is_safe() -> bool:
+    """Whether new worker processes can start here without running the caller's script again: a
+    worker imports the main module (Python's spawn and forkserver do), which is harmless for
+    mergeopt's own command, a notebook or the REPL, but reruns a script without
+    ``if __name__ == "__main__":``."""
+    main = sys.modules.get("__main__")
+    if main is None or getattr(main, "__file__", None) is None:
+        return True
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name.startswith("mergeopt"):
+        return True
+    return Path(main.__file__).name == "mergeopt"
+
+
+def loo_workers(requested: int | None, fits: int, runs: int, experts: int) -> int:
+    """Processes for ``fits`` leave-one-out fits on ``runs`` runs of ``experts`` weights each:
+    ``requested`` (``rank.workers``), or by default the usable CPUs once fits x runs x experts
+    reaches :data:`POOL_MIN_WORK` and workers can start safely (:func:`_main_is_safe`), else one."""
+    if requested is not None:
+        return max(1, min(requested, fits))
+    if fits * runs * experts < POOL_MIN_WORK or not _main_is_safe():
+        return 1
+    return min(usable_cpus(), fits)
+
+
+def _pooled(
+    jobs: list[tuple[str, str]],
+    weights: np.ndarray,
+    truths: Mapping[str, np.ndarray],
+    seed: int,
+    workers: int,
+    bar,
+) -> dict[tuple[str, str], np.ndarray]:
+    """Every (regression, metric) job's predictions, its runs split into shares over ``workers``
+    processes. They come from a fork server (spawned elsewhere), never forked from this process:
+    LightGBM's OpenMP runtime hangs in a child forked after the parent used it.
+    """
+    n = len(weights)
+    per = max(1, math.ceil(len(jobs) * n / (4 * workers)))  # about four shares per worker
+    shares = [(job, list(range(start, min(start + per, n)))) for job in jobs for start in range(0, n, per)]
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(PRELOAD)
+    else:
+        context = multiprocessing.get_context("spawn")
+    out = {job: np.empty(n) for job in jobs}
+    try:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            futures = {
+                pool.submit(_loo_share, name, weights, truths[metric], seed, rows): ((name, metric), rows)
+                for (name, metric), rows in shares
+            }
+            for future in as_completed(futures):
+                job, rows = futures[future]
+                out[job][rows] = future.result()
+                bar.update(len(rows))
+    except BrokenProcessPool as err:
+        raise UserError(
+            "the baselines' leave-one-out workers stopped before their fits were done (killed, or a "
+            'script that calls mergeopt without `if __name__ == "__main__":`); set rank.workers: 1 to '
+            "fit them in this process"
+        ) from err
+    return out
 
 
 def skipped(n: int, k: int) -> dict[str, str]:
@@ -154,6 +269,7 @@ def baseline_predictions(
     seed: int,
     progress: bool = False,
     asked: Sequence[str] = NAMES,
+    workers: int | None = None,
 ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, str]]:
     """({baseline: {metric: predicted score per grid row}}, {baseline: why it was skipped}).
 
@@ -161,6 +277,8 @@ def baseline_predictions(
     the K experts' own scores (the proxy at each one-hot mixture). ``asked`` names the baselines to
     compute (the recipe's rank.baselines); the others are skipped, saying so. ``progress`` shows a
     bar over the regressions' fits (one per run and metric each: minutes on a large grid).
+    ``workers`` (``rank.workers``): processes for those fits (:func:`loo_workers`); the predictions
+    are the same with any number.
     """
     from tqdm.auto import tqdm
 
@@ -172,9 +290,16 @@ def baseline_predictions(
         predictions["interpolation"] = {m: interpolation(weights, expert_scores[m]) for m in truths}
     regressions = [name for name in ("lightgbm_loo", "mixing_law_loo") if name not in left_out]
     total = len(regressions) * len(truths) * len(weights)
+    workers = loo_workers(workers, total, *weights.shape) if total else 1
     with tqdm(
         total=total, desc="baselines, leave-one-out", unit="fit", disable=not progress or not total
     ) as bar:
+        if workers > 1:
+            jobs = [(name, metric) for name in regressions for metric in truths]
+            pooled = _pooled(jobs, weights, truths, seed, workers, bar)
+            for (name, metric), predicted in pooled.items():
+                predictions.setdefault(name, {})[metric] = predicted
+            return predictions, left_out
         if "lightgbm_loo" in regressions:
             predictions["lightgbm_loo"] = {
                 m: lightgbm_loo(weights, y, seed, bar.update) for m, y in truths.items()

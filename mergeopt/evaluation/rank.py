@@ -269,6 +269,7 @@ def rank_grid(
         seed,
         progress,
         rank.baselines,
+        rank.workers,
     )
     # bootstrap intervals for the headline metric only (the table that shows them): four predictors'
     # resamples on every metric would make the baselines cost more than the proxy's whole report
