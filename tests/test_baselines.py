@@ -233,6 +233,16 @@ def test_the_pool_predicts_what_one_process_predicts_bit_for_bit():
             np.testing.assert_array_equal(pooled[name][m], here[name][m])
 
 
+def test_ranks_on_a_node_share_its_cpus(monkeypatch):
+    monkeypatch.setattr(baselines.os, "sched_getaffinity", lambda _pid: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert baselines.usable_cpus() == 16
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun --nproc_per_node=8
+    assert baselines.usable_cpus() == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    assert baselines.usable_cpus() == 1
+
+
 def test_how_many_workers(monkeypatch):
     import sys
     import types

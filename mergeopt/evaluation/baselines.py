@@ -180,11 +180,17 @@ PRELOAD = ["mergeopt.evaluation.baselines", "mergeopt.search.surrogate", "scipy.
 
 
 def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity where the OS tells it)."""
+    """The CPUs this process may run on (its affinity where the OS tells it), shared with the other
+    ranks on its node under torchrun (``LOCAL_WORLD_SIZE``): each rank makes the same fits."""
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    try:
+        ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        ranks = 1
+    return max(1, cpus // ranks)
 
 
 def _main_is_safe() -> bool:
