@@ -23,8 +23,8 @@ one base parameter, the expert's value of it as a function of θ0, exactly as PE
 
 These parameters are stacked densely (``mergeopt.merging.stack``); the rest stays low-rank.
 Not supported (a one-line error): adapter types other than LoRA, and the options that change the
-model beyond its weights (:data:`CHANGES_THE_MODEL`). Pickled ``adapter_model.bin`` files are read only with ``allow_pickle`` (then
-``torch.load(weights_only=True)``).
+model beyond its weights (:data:`CHANGES_THE_MODEL`). Pickled ``adapter_model.bin`` files are
+read only with ``allow_pickle`` (then ``torch.load(weights_only=True)``).
 """
 
 from __future__ import annotations
