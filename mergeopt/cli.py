@@ -219,6 +219,12 @@ def _merge(p: argparse.ArgumentParser) -> None:
     p.add_argument("--normalize", action="store_true", help="rescale the weights to sum to 1")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+    p.add_argument(
+        "--as-adapter",
+        action="store_true",
+        help="write the merge as one PEFT LoRA adapter over the base (every expert a plain LoRA "
+        "adapter, linear merge): rank Σ r_i per module, megabytes instead of the model",
+    )
 
 
 def _export(p: argparse.ArgumentParser) -> None:

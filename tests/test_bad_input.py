@@ -1322,6 +1322,19 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         ],
         "--max-shard-size '0' is zero",
     ),
+    "merge as an adapter of dense experts": (
+        "option",
+        "merge",
+        lambda w, t: [
+            _recipe(w, t),
+            "--weights",
+            "alpha=0.3,beta=0.3,gamma=0.4",
+            "--as-adapter",
+            "--out",
+            str(t / "out"),
+        ],
+        "--as-adapter needs every expert to be a LoRA adapter",
+    ),
     "rank table option in grid mode": (
         "option",
         "rank",

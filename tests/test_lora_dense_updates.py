@@ -279,3 +279,15 @@ def test_gpt2_adapters_merge_as_their_peft_merges(tmp_path, w):
     torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         assert not torch.allclose(logits[1], base(input_ids=tokens).logits, atol=1e-3)  # the experts moved it
+
+
+def test_merge_as_adapter_refuses_dense_updates(updates_world, tmp_path):
+    """DoRA, an adapted embedding and saved lm_heads change parameters no LoRA factor can carry:
+    --as-adapter says so in one line and writes nothing."""
+    from tests.test_lora_experts import merge_as_adapter
+
+    result, _ = merge_as_adapter(updates_world["world"], tmp_path, updates_world["adapters"], "--quiet")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--as-adapter: the merge changes 6 parameter(s) densely" in lines[0], lines
+    assert not (tmp_path / "out").exists()

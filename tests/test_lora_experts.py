@@ -181,3 +181,56 @@ def test_dry_run_plans_lora_experts_exactly(lora_world, tmp_path, dtype, mixed):
     assert result.returncode == 0, result.stderr
     assert f"{2 if mixed else 3} LoRA expert(s)" in result.stdout
     assert "LoRA factors of" in result.stdout and not (tmp_path / "out").exists()
+
+
+def merge_as_adapter(world, tmp_path, experts, *flags, merge=None):
+    """``mergeopt merge --as-adapter`` at (0.5, 0.3, 0.2) over ``experts``: (the result, its recipe tree)."""
+    tree = recipe_tree(world, tmp_path / "run")
+    tree["model"]["experts"] = experts
+    if merge:
+        tree["merge"] = merge
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(tree))
+    weights = "alpha=0.5,beta=0.3,gamma=0.2"
+    out = str(tmp_path / "out")
+    return run_in_process(
+        "merge", str(recipe_path), "--weights", weights, "--out", out, "--as-adapter", *flags
+    ), tree
+
+
+def test_merge_as_adapter_is_the_merge_peft_loads(lora_world, tmp_path):
+    """--as-adapter: one LoRA adapter of rank Σ r_i per module, B scaled by λ w_i s_i; PEFT loads
+    it over the base and gives the logits of the merge fit scores."""
+    from peft import PeftModel
+
+    result, tree = merge_as_adapter(
+        lora_world["world"], tmp_path, lora_world["adapters"], "--dtype", "float32"
+    )
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "out"
+    written = {p.name for p in out.iterdir()}
+    assert written == {"adapter_config.json", "adapter_model.safetensors", "mergeopt_merge.json"}
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["rank_pattern"]["model.layers.0.self_attn.q_proj"] == 2 + 4 + 6  # the experts' ranks
+    base = AutoModelForCausalLM.from_pretrained(lora_world["world"]["base"], dtype=torch.float32).eval()
+    loaded = PeftModel.from_pretrained(base, str(out)).eval()
+    problem = load_problem(recipe_from_dict(tree), progress=False)
+    tokens = torch.randint(4, 50, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), problem.stack.at(torch.tensor([0.5, 0.3, 0.2])) as merged:
+        torch.testing.assert_close(
+            loaded(input_ids=tokens).logits, merged(input_ids=tokens).logits, atol=1e-5, rtol=1e-5
+        )
+
+
+@pytest.mark.parametrize("case", ["dense expert", "ties"])
+def test_merge_as_adapter_refuses_what_no_adapter_carries(lora_world, tmp_path, case):
+    experts = dict(lora_world["adapters"])
+    if case == "dense expert":
+        experts["alpha"] = lora_world["dense"]["alpha"]
+    merge = {"method": "ties", "density": 0.5} if case == "ties" else None
+    result, _ = merge_as_adapter(lora_world["world"], tmp_path, experts, merge=merge)
+    _one_line(
+        result,
+        "'alpha' is a dense checkpoint" if case == "dense expert" else "needs merge.method linear",
+        tmp_path,
+    )

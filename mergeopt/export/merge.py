@@ -8,7 +8,11 @@ fit scored; a mixture.json whose recorded merge differs from the recipe's is ref
 
 DIR receives config.json, the weights as safetensors (sharded above 5 GB, with
 model.safetensors.index.json), the base's tokenizer, and ``mergeopt_merge.json`` saying where the
-checkpoint came from. Everything is written into a hidden sibling directory that is swapped with DIR
+checkpoint came from. With ``--as-adapter`` (every expert a plain LoRA adapter, linear merge) DIR
+is instead one PEFT LoRA adapter over the base: per module the experts' factors side by side,
+A = [A_1; …; A_K] and B = [c_1 B_1 … c_K B_K] with c_i = λ w_i s_i, so its rank there is Σ r_i and
+its scaling 1 (what PEFT's ``add_weighted_adapter(combination_type="cat")`` builds), which PEFT,
+vLLM and lm-eval's ``peft=`` load as they load any adapter. Everything is written into a hidden sibling directory that is swapped with DIR
 at the end (:mod:`mergeopt.runtime.rundir`), so a failure leaves nothing at DIR (and, with
 ``--overwrite``, the old DIR intact).
 
@@ -46,6 +50,7 @@ from mergeopt.runtime.files import file_mode
 from mergeopt.runtime.rundir import owned, staged
 
 MANIFEST = "mergeopt_merge.json"
+PEFT_PREFIX = "base_model.model."  # PEFT's key prefix in adapter_model.safetensors
 OUT_DTYPES = ("float32", "bfloat16", "float16")
 MAX_SHARD_SIZE = "5GB"
 # the merge fields of mixture.json's "method" record, and the recipe key that sets each
@@ -254,12 +259,16 @@ def materialize(
     provenance: Mapping[str, Any] | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    as_adapter: bool = False,
 ) -> dict:
     """Merge at ``weights`` (on the simplex, every expert named) and write DIR; returns the manifest.
 
     ``recipe`` has its world paths resolved. The model holds θ(w) in the compute dtype after the
     merge (merged in float32, parameter by parameter) and is cast to ``dtype`` only for writing.
+    ``as_adapter``: DIR is one LoRA adapter instead (see the module's docstring).
     """
+    if as_adapter:
+        check_adapter_merge(recipe)
     from mergeopt.loading.problem import load_merge
 
     base = (
@@ -272,13 +281,37 @@ def materialize(
     w = torch.tensor([weights[n] for n in stack.expert_names], dtype=torch.float64)
     log(f"merging {stack.num_experts} experts ({stack.method['name']}) at " + _format(weights))
     stack.write_mixture(w)
+    if as_adapter:
+        tensors, ranks = adapter_tensors(stack, stack.lowrank.current_weights(), DTYPES[dtype])
+        config = adapter_config(recipe, ranks)
+        manifest = _manifest(recipe, weights, stack.method, dtype, provenance)
+        write_adapter(tensors, config, manifest, out, overwrite)
+        size = (out / "adapter_model.safetensors").stat().st_size
+        log(
+            f"wrote {out}: a LoRA adapter over {recipe.model.base}, {len(ranks)} modules of rank "
+            f"{min(ranks.values())}-{max(ranks.values())}, {size / 2**20:,.1f} MiB in {dtype}, {MANIFEST}"
+        )
+        return manifest
     with torch.no_grad():
         make_permanent(model)  # each merged parameter's value at w, as a plain tensor, one at a time
         if stack.lowrank is not None:  # LoRA experts: their update at w, now added to the weights
             stack.lowrank.materialize(stack.lowrank.current_weights())
     method = stack.method
     del stack  # the model holds θ(w) now; the stack's K − 1 copies would only raise the peak while saving
-    manifest = {
+    manifest = _manifest(recipe, weights, method, dtype, provenance)
+    check_representable(model, DTYPES[dtype])
+    write_checkpoint(model, tokenizer, manifest, out, dtype, overwrite, max_shard_size)
+    size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    shards = len(list(out.glob("*.safetensors")))
+    log(
+        f"wrote {out}: {shards} safetensors file(s), {size / 2**20:,.1f} MiB in {dtype}, tokenizer, {MANIFEST}"
+    )
+    return manifest
+
+
+def _manifest(recipe: Recipe, weights, method: dict, dtype: str, provenance) -> dict:
+    """mergeopt_merge.json: where the written merge came from."""
+    return {
         "weights": dict(weights),
         "method": method,
         "dtype": dtype,
@@ -290,14 +323,82 @@ def materialize(
         **(provenance or {}),
         "mergeopt_version": mergeopt.__version__,
     }
-    check_representable(model, DTYPES[dtype])
-    write_checkpoint(model, tokenizer, manifest, out, dtype, overwrite, max_shard_size)
-    size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-    shards = len(list(out.glob("*.safetensors")))
-    log(
-        f"wrote {out}: {shards} safetensors file(s), {size / 2**20:,.1f} MiB in {dtype}, tokenizer, {MANIFEST}"
-    )
-    return manifest
+
+
+def check_adapter_merge(recipe: Recipe) -> None:
+    """``--as-adapter`` before anything is loaded: a linear merge of LoRA adapters only."""
+    from mergeopt.loading.lora import is_adapter
+
+    if recipe.merge.method != "linear":
+        raise UserError(
+            f"--as-adapter needs merge.method linear: {recipe.merge.method} makes the adapters dense "
+            "(write the checkpoint without --as-adapter)"
+        )
+    dense = [name for name, path in recipe.model.experts.items() if not is_adapter(path)]
+    if dense:
+        raise UserError(
+            f"--as-adapter needs every expert to be a LoRA adapter; {', '.join(map(repr, dense))} "
+            "is a dense checkpoint (write the checkpoint without --as-adapter)"
+        )
+
+
+def adapter_tensors(stack, weights: torch.Tensor, dtype: torch.dtype) -> tuple[dict, dict[str, int]]:
+    """The merge at ``weights`` as one LoRA adapter: its tensors under PEFT's names and each module's
+    rank. Refused when the merge also changes a parameter densely (DoRA, embedding LoRA,
+    modules_to_save, trained biases, trainable tokens), which no LoRA factor can carry."""
+    dense = [*stack.deltas, *stack.shared]
+    if dense or stack.lowrank is None or not stack.lowrank.modules:
+        raise UserError(
+            f"--as-adapter: the merge changes {len(dense)} parameter(s) densely ({dense[0] if dense else 'none'}"
+            f"{', …' if len(dense) > 1 else ''}; DoRA, embedding LoRA, modules_to_save, trained biases or "
+            "trainable tokens), which a LoRA adapter cannot carry: write the checkpoint without --as-adapter"
+        )
+    tensors, ranks = {}, {}
+    for module, factors in stack.lowrank.modules.items():
+        c = factors.coefficients(weights.to(factors.scaling.device), stack.lowrank.scale)
+        a, b = factors.whole(torch.float32)
+        tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a.to(dtype).contiguous().cpu()
+        tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = (b * c.float()).to(dtype).contiguous().cpu()
+        ranks[module] = a.shape[0]
+    return tensors, ranks
+
+
+def adapter_config(recipe: Recipe, ranks: Mapping[str, int]) -> dict:
+    """adapter_config.json of the merged adapter: each module's rank Σ r_i and α = rank (scaling 1:
+    the coefficients are in B), its full name as target and pattern key (PEFT matches both)."""
+    largest = max(ranks.values())
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": recipe.model.base,
+        "r": largest,
+        "lora_alpha": largest,
+        "rank_pattern": dict(ranks),
+        "alpha_pattern": dict(ranks),
+        "target_modules": sorted(ranks),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "use_rslora": False,
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+    }
+
+
+def write_adapter(tensors: dict, config: dict, manifest: dict, out: Path, overwrite: bool = False) -> Path:
+    """adapter_config.json, adapter_model.safetensors and the manifest, all or nothing."""
+    from safetensors.torch import save_file
+
+    if out.is_dir() and any(out.iterdir()):
+        check_out(out, overwrite)
+    with staged(out, ("*", ".*")) as staging:
+        save_file(tensors, str(staging.path / "adapter_model.safetensors"))
+        (staging.path / "adapter_config.json").write_text(
+            json.dumps(config, indent=2) + "\n", encoding="utf-8"
+        )
+        (staging.path / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        for written in staging.path.iterdir():
+            written.chmod(file_mode())
+    return out
 
 
 def _format(weights: Mapping[str, float]) -> str:
@@ -324,8 +425,19 @@ def run(args: argparse.Namespace) -> int:
         inputs = [model.base, *model.experts.values(), args.recipe, *([args.mixture] if args.mixture else [])]
         check_out(out, args.overwrite, inputs)
         provenance = {"recipe": args.recipe, "overrides": list(args.overrides), "mixture": args.mixture}
+        if args.as_adapter:
+            check_adapter_merge(resolved)  # before any weight is read
         materialize(
-            resolved, weights, out, args.dtype, args.overwrite, shard_size, provenance, not args.quiet, log
+            resolved,
+            weights,
+            out,
+            args.dtype,
+            args.overwrite,
+            shard_size,
+            provenance,
+            not args.quiet,
+            log,
+            args.as_adapter,
         )
     return 0
 
