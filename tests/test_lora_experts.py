@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from mergeopt.config import recipe_from_dict
 from mergeopt.fit import fit
+from mergeopt.loading.lora import read_adapter
 from mergeopt.loading.problem import load_problem
 from tests.conftest import EXPERTS, recipe_tree, run_in_process, save_checkpoint
 
@@ -213,6 +214,7 @@ def test_merge_as_adapter_is_the_merge_peft_loads(lora_world, tmp_path):
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["rank_pattern"]["model.layers.0.self_attn.q_proj"] == 2 + 4 + 6  # the experts' ranks
     base = AutoModelForCausalLM.from_pretrained(lora_world["world"]["base"], dtype=torch.float32).eval()
+    shapes = {n: tuple(p.shape) for n, p in base.named_parameters()}
     loaded = PeftModel.from_pretrained(base, str(out)).eval()
     problem = load_problem(recipe_from_dict(tree), progress=False)
     tokens = torch.randint(4, 50, (2, 10), generator=torch.Generator().manual_seed(0))
@@ -220,6 +222,10 @@ def test_merge_as_adapter_is_the_merge_peft_loads(lora_world, tmp_path):
         torch.testing.assert_close(
             loaded(input_ids=tokens).logits, merged(input_ids=tokens).logits, atol=1e-5, rtol=1e-5
         )
+    # and mergeopt reads it back as an expert: rank Σ r_i, scaling 1
+    again = read_adapter(out, shapes)
+    q = again.factors["model.layers.0.self_attn.q_proj.weight"]
+    assert (q.rank, q.scaling) == (12, 1.0)
 
 
 @pytest.mark.parametrize("case", ["dense expert", "ties"])

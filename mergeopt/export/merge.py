@@ -12,9 +12,9 @@ checkpoint came from. With ``--as-adapter`` (every expert a plain LoRA adapter, 
 is instead one PEFT LoRA adapter over the base: per module the experts' factors side by side,
 A = [A_1; …; A_K] and B = [c_1 B_1 … c_K B_K] with c_i = λ w_i s_i, so its rank there is Σ r_i and
 its scaling 1 (what PEFT's ``add_weighted_adapter(combination_type="cat")`` builds), which PEFT,
-vLLM and lm-eval's ``peft=`` load as they load any adapter. Everything is written into a hidden sibling directory that is swapped with DIR
-at the end (:mod:`mergeopt.runtime.rundir`), so a failure leaves nothing at DIR (and, with
-``--overwrite``, the old DIR intact).
+vLLM and lm-eval's ``peft=`` load as they load any adapter. Everything is written into a hidden
+sibling directory that is swapped with DIR at the end (:mod:`mergeopt.runtime.rundir`), so a
+failure leaves nothing at DIR (and, with ``--overwrite``, the old DIR intact).
 
     python -m mergeopt.merge recipes/tiny.yaml --mixture runs/tiny/mixture.json --out merged/tiny
     python -m mergeopt.merge recipes/tiny.yaml --weights arith=0.1,reverse=0.5,brackets=0.3,markov=0.1 \\
