@@ -264,7 +264,7 @@ def read_adapter(
         raise UserError(f"{path}: the adapter holds no LoRA factors")
     factors: dict[str, LoraFactors] = {}
     dense: dict[str, DenseUpdate] = {}
-    magnitudes, copies = dict(kinds["magnitude"]), dict(kinds["copy"])
+    magnitudes, copies = kinds["magnitude"], kinds["copy"]  # popped as they are used
     for module, ab in sorted(kinds["linear"].items()):
         a, b = _pair(path, module, ab, "lora_")
         target = f"{module}.weight"
