@@ -26,26 +26,33 @@ from tests.conftest import EXPERTS, recipe_tree, run_in_process, save_checkpoint
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-@pytest.fixture(scope="module")
-def lora_world(random_world, tmp_path_factory):
-    root = tmp_path_factory.mktemp("lora_world")
+def save_experts(random_world, root, targets, tame=0.05, **save) -> tuple[dict, dict]:
+    """Three trained PEFT LoRA experts of the world's base on ``targets``, saved under ``root`` with
+    ``save`` (save_pretrained's options), and PEFT's merge of each: ({name: adapter}, {name: dense})."""
     base = AutoModelForCausalLM.from_pretrained(random_world["base"], dtype=torch.float32).eval()
     adapters, dense = {}, {}
     for i, name in enumerate(EXPERTS):
         torch.manual_seed(200 + i)
-        config = LoraConfig(r=2 + 2 * i, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
+        config = LoraConfig(r=2 + 2 * i, lora_alpha=8, target_modules=targets, init_lora_weights=False)
         peft_model = get_peft_model(copy.deepcopy(base), config)
         with torch.no_grad():  # PEFT's random init is large for a tiny model: tame it
             for p_name, p in peft_model.named_parameters():
                 if "lora_B" in p_name:
-                    p.mul_(0.05)
-        peft_model.save_pretrained(root / f"{name}-adapter")
+                    p.mul_(tame)
+        peft_model.save_pretrained(root / f"{name}-adapter", **save)
         cfg_file = root / f"{name}-adapter" / "adapter_config.json"
         cfg = json.loads(cfg_file.read_text())
         cfg["base_model_name_or_path"] = random_world["base"]
         cfg_file.write_text(json.dumps(cfg))
         adapters[name] = str(root / f"{name}-adapter")
         dense[name] = str(save_checkpoint(peft_model.merge_and_unload(), root / f"{name}-dense"))
+    return adapters, dense
+
+
+@pytest.fixture(scope="module")
+def lora_world(random_world, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora_world")
+    adapters, dense = save_experts(random_world, root, TARGETS)
     return {"world": random_world, "adapters": adapters, "dense": dense, "root": root}
 
 
@@ -78,6 +85,19 @@ def test_mixed_dense_and_lora_experts(lora_world, tmp_path):
         _fit(lora_world, lora_world["dense"], tmp_path / "d"),
         1e-4,
     )
+
+
+def test_a_lora_on_the_output_layer_reaches_the_chunked_loss(random_world, tmp_path):
+    """``lm_head`` adapted by LoRA and saved without the layer's own weight stays low-rank, and the
+    chunked loss, which reads the output weight instead of calling the layer, adds its update: the
+    fit must find what the fit over PEFT's merged checkpoints finds (it missed the update once)."""
+    adapters, dense = save_experts(
+        random_world, tmp_path, ["q_proj", "lm_head"], tame=0.5, save_embedding_layers=False
+    )
+    world = {"world": random_world}
+    low = _fit(world, adapters, tmp_path / "low")
+    assert low["stack"]["tensors"] == 0 and low["stack"]["lowrank_modules"] == 3  # 2 q_proj + lm_head
+    _close(low, _fit(world, dense, tmp_path / "dense"), 1e-5)
 
 
 def test_ties_densifies_adapters_and_matches_dense_experts(lora_world, tmp_path):

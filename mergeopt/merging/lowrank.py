@@ -25,6 +25,9 @@ import torch.nn.functional as F
 from mergeopt.loading.lora import LoraAdapter
 
 MIX_BUFFER = "mergeopt_mix"
+# set on each adapted module while attached: (its factors, λ), for code that reads the module's
+# weight instead of calling it (the chunked loss reads the output layer's weight: :func:`update_terms`)
+FACTORS_ATTRIBUTE = "_mergeopt_lowrank"
 
 
 @dataclass
@@ -55,6 +58,14 @@ class LowRankFactors:
         """c_j = λ w_owner(j) s_owner(j), in w's precision (at least float32)."""
         dtype = torch.promote_types(weights.dtype, self.scaling.dtype)
         return scale * weights.to(dtype)[self.owner] * self.scaling.to(dtype)
+
+    def terms(
+        self, x: torch.Tensor, weights: torch.Tensor, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(u, B) with the update's output ``F.linear(u, B)`` for input x: u = (x Aᵀ) ⊙ c(w), (…, R)."""
+        c = self.coefficients(weights.to(self.scaling.device), scale).to(x.dtype)
+        a, b = self.whole(x.dtype)
+        return F.linear(x, a) * c, b
 
     def delta(self, weights: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         """The dense λ Σ_i w_i s_i B_i A_i (checks only: the forward never forms it)."""
@@ -91,12 +102,17 @@ class LowRankStack:
                 raise TypeError(f"{name} is a {type(module).__name__}, not a Linear layer")
             mix = torch.zeros(len(self.expert_names), dtype=torch.float32, device=module.weight.device)
             module.register_buffer(MIX_BUFFER, mix, persistent=False)
+            setattr(module, FACTORS_ATTRIBUTE, (factors, self.scale))
             self.handles.append(module.register_forward_hook(_hook(factors, self.scale)))
 
     def detach(self) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        for name in self.modules if self.model is not None else ():
+            module = self.model.get_submodule(name)
+            if hasattr(module, FACTORS_ATTRIBUTE):
+                delattr(module, FACTORS_ATTRIBUTE)
 
     def params(self, weights: torch.Tensor, write_buffers: bool = False) -> dict[str, torch.Tensor]:
         """{buffer name: w} for functional_call; with ``write_buffers`` w is also copied into the
@@ -124,13 +140,21 @@ class LowRankStack:
 
 def _hook(factors: LowRankFactors, scale: float):
     def add_low_rank(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        x = args[0]
-        weights = getattr(module, MIX_BUFFER)
-        c = factors.coefficients(weights.to(factors.scaling.device), scale).to(x.dtype)
-        a, b = factors.whole(x.dtype)
-        return output + F.linear(F.linear(x, a) * c, b)
+        return output + F.linear(*factors.terms(args[0], getattr(module, MIX_BUFFER), scale))
 
     return add_low_rank
+
+
+def update_terms(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(u, B) such that ``module(x)`` is ``F.linear(x, W, b) + F.linear(u, B)`` at the mixture in its
+    buffer, or None when no LoRA expert adapts ``module``. Code that applies a module's weight itself
+    instead of calling the module, which skips the forward hook, must add this term: the chunked
+    loss does for the output layer (a LoRA on ``lm_head``)."""
+    entry = getattr(module, FACTORS_ATTRIBUTE, None)
+    if entry is None:
+        return None
+    factors, scale = entry
+    return factors.terms(x, getattr(module, MIX_BUFFER), scale)
 
 
 def build_lowrank_stack(

@@ -10,6 +10,10 @@ linear cross-entropy; it is written here because Liger's kernels need Triton on 
 runs on CPU too, and the output layer's weight must go through the per-layer merge's recompute
 (:mod:`mergeopt.merging.layer_merge`).
 
+A LoRA expert that adapts the output layer and is kept low-rank (:mod:`mergeopt.merging.lowrank`)
+changes the logits by u Bᵀ, u = (h Aᵀ) ⊙ c(w): the output layer's forward hook adds it when the
+module is called, and since this path reads the weight instead, it carries (u, B) beside (h, W).
+
 Architectures that transform the logits are covered by the post-processing their configs
 declare: Gemma's ``final_logit_softcapping``, Cohere's ``logit_scale`` and Granite's
 ``logits_scaling``. :func:`check_head` compares the chunked path with the model's own logits on a
@@ -22,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from mergeopt.merging.lowrank import update_terms
 
 IGNORE_INDEX = -100
 
@@ -43,9 +49,19 @@ class Head:
         softcap = getattr(text, "final_logit_softcapping", None)
         return cls(scale=scale, softcap=float(softcap) if softcap else None)
 
-    def logits(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """Float32 logits of a chunk, as the model computes them (matmul in the compute dtype)."""
-        y = F.linear(hidden, weight, bias).float()
+    def logits(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        low: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Float32 logits of a chunk, as the model computes them (matmul in the compute dtype);
+        ``low`` = (u, B) adds a low-rank update's u Bᵀ."""
+        y = F.linear(hidden, weight, bias)
+        if low is not None:
+            y = y + F.linear(*low)
+        y = y.float()
         if self.scale != 1.0:
             y = y * self.scale
         if self.softcap is not None:
@@ -63,15 +79,15 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, head: Head, chunk: int):
+    def forward(ctx, hidden, weight, bias, targets, head: Head, chunk: int, low_hidden=None, low_weight=None):
         n = hidden.shape[0]
         losses = torch.zeros(n, dtype=torch.float32, device=hidden.device)
         lse = torch.zeros(n, dtype=torch.float32, device=hidden.device)
-        keep_last = any(ctx.needs_input_grad[:3])
+        keep_last = any(ctx.needs_input_grad[:3]) or any(ctx.needs_input_grad[6:])
         ctx.last = None
         for start in range(0, n, chunk):
             rows = slice(start, min(start + chunk, n))
-            logits = head.logits(hidden[rows], weight, bias)
+            logits = head.logits(hidden[rows], weight, bias, _low(low_hidden, low_weight, rows))
             lse[rows] = torch.logsumexp(logits, dim=-1)
             t = targets[rows]
             keep = t != IGNORE_INDEX
@@ -80,18 +96,23 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             if keep_last and rows.stop == n:
                 ctx.last = (rows, _logit_gradient(logits, lse[rows], t, head))
             del logits
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, low_hidden, low_weight)
         ctx.head, ctx.chunk = head, chunk
         return losses
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_losses):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        hidden, weight, bias, targets, lse, low_hidden, low_weight = ctx.saved_tensors
         head, chunk = ctx.head, ctx.chunk
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        need_low, need_low_weight = (
+            ctx.needs_input_grad[6:8] if len(ctx.needs_input_grad) > 6 else (False, False)
+        )
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        grad_low = torch.zeros_like(low_hidden) if need_low else None
         grad_weight = None  # float32, formed by the first chunk's product and accumulated into
+        grad_low_weight = None
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
         n = hidden.shape[0]
         last, ctx.last = ctx.last, None
@@ -104,24 +125,42 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             if last is not None and rows == last[0]:
                 d, last = last[1], None
             else:
-                d = _logit_gradient(head.logits(h, weight, bias), lse[rows], t, head)
+                low = _low(low_hidden, low_weight, rows)
+                d = _logit_gradient(head.logits(h, weight, bias, low), lse[rows], t, head)
             g = torch.where(t != IGNORE_INDEX, grad_losses[rows].float(), torch.zeros_like(lse[rows]))
             d *= g[:, None]
             if need_hidden:
                 grad_hidden[rows] = (d.to(weight.dtype) @ weight).to(hidden.dtype)
+            if need_low:
+                grad_low[rows] = (d.to(low_weight.dtype) @ low_weight).to(low_hidden.dtype)
             if need_weight:
-                if grad_weight is None:
-                    grad_weight = d.t() @ h.float()
-                else:
-                    grad_weight.addmm_(d.t(), h.float())
+                grad_weight = _accumulate(grad_weight, d, h)
+            if need_low_weight:
+                grad_low_weight = _accumulate(grad_low_weight, d, low_hidden[rows])
             if need_bias:
                 grad_bias += d.sum(dim=0)
             del d
-        if need_weight:  # no tokens (a rank's empty share of a batch): a zero gradient
+        # no tokens (a rank's empty share of a batch): zero gradients
+        if need_weight:
             grad_weight = torch.zeros_like(weight) if grad_weight is None else grad_weight.to(weight.dtype)
+        if need_low_weight:
+            grad_low_weight = (
+                torch.zeros_like(low_weight)
+                if grad_low_weight is None
+                else grad_low_weight.to(low_weight.dtype)
+            )
         if need_bias:
             grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, grad_low, grad_low_weight
+
+
+def _low(low_hidden, low_weight, rows: slice) -> tuple[torch.Tensor, torch.Tensor] | None:
+    return None if low_hidden is None else (low_hidden[rows], low_weight)
+
+
+def _accumulate(total: torch.Tensor | None, d: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """total + dᵀ h in float32 (formed by the first chunk's product)."""
+    return d.t() @ h.float() if total is None else total.addmm_(d.t(), h.float())
 
 
 def _logit_gradient(
@@ -159,8 +198,9 @@ def token_losses(
     hidden = hidden_states(model, input_ids, attention_mask)[:, :-1]
     output = model.get_output_embeddings()
     flat = hidden.reshape(-1, hidden.shape[-1])
+    low = update_terms(output, flat)  # a LoRA expert's low-rank update of the output layer
     losses = ChunkedCrossEntropy.apply(
-        flat, output.weight, output.bias, targets.reshape(-1), Head.of(model.config), chunk
+        flat, output.weight, output.bias, targets.reshape(-1), Head.of(model.config), chunk, *(low or ())
     )
     return losses.view(targets.shape)
 
