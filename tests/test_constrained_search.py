@@ -175,7 +175,9 @@ def test_the_gradient_step_is_adam_then_the_kl_projection(loaded, box, start, he
     after = {key: torch.softmax(torch.from_numpy(z), 0).numpy() for key, z in expected.items()}
     assert run.trace[-1]["step"] == 1
     stepped = np.array([run.trace[-1][f"w_{n}"] for n in box.names])
-    np.testing.assert_allclose(stepped, after[True], rtol=1e-12, atol=1e-15)
+    # to 1e-9, not bit for bit: the float32 gradient's last bits depend on the CPU's kernels (an
+    # AVX-512 + AMX Xeon gave 8e-12), and the effect under test is > 1e-3 (below)
+    np.testing.assert_allclose(stepped, after[True], rtol=1e-9, atol=1e-15)
     assert box.contains(stepped)
     assert (np.abs(after[True] - after[False]).max() > 1e-3) == held
 
