@@ -34,6 +34,8 @@ KINDS = {
         dict(use_dora=True, use_rslora=True, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2}),
     ),
     "modules_to_save": ("llama", dict(target_modules=["q_proj"], modules_to_save=["lm_head"])),
+    # PEFT saves lm_head's own weight beside its factors: the factors stay low-rank over that copy
+    "lm_head-lora": ("llama", dict(target_modules=["q_proj", "lm_head"])),
     "embedding": ("llama", dict(target_modules=["embed_tokens", "q_proj"])),
     "embedding-dora": ("llama", dict(target_modules=["embed_tokens", "o_proj"], use_dora=True)),
     # Qwen2's q, k and v carry biases (Llama's linear layers have none)
@@ -79,16 +81,18 @@ def test_expert_values_equal_peft_merge_and_unload(kind, tmp_path):
     shapes = {n: tuple(p.shape) for n, p in base.named_parameters()}
     adapter = read_adapter(tmp_path / "adapter", shapes)
     changed = {n for n, p in base.named_parameters() if not torch.equal(p, merged[n])}
-    assert adapter.dense, "every kind here sets some parameter densely"
+    assert adapter.dense, "every kind here sets some parameter densely (or saves one)"
     assert set(adapter.factors) | set(adapter.dense) == changed
-    assert not set(adapter.factors) & set(adapter.dense)
+    copies = set(adapter.factors) & set(adapter.dense)  # a low-rank module's saved weight, nothing else
+    assert all(adapter.dense[n].delta is None and adapter.dense[n].magnitude is None for n in copies)
+    assert copies == ({"lm_head.weight"} if kind == "lm_head-lora" else set())
     for name, param in base.named_parameters():
         torch.testing.assert_close(
             adapter.expert_value(name, param.detach()), merged[name].detach(), atol=1e-6, rtol=1e-6
         )
     # the plan's reading of the header agrees
     sizes = factor_sizes(tmp_path / "adapter", bool(lora.get("fan_in_fan_out")))
-    assert set(sizes.dense) == set(adapter.dense)
+    assert set(sizes.dense) == set(adapter.dense) - copies and set(sizes.copies) == copies
     assert sizes.rank_sum == sum(f.rank for f in adapter.factors.values())
     assert sizes.numel == sum(f.a.numel() + f.b.numel() for f in adapter.factors.values())
     if kind.startswith("dora"):  # a DoRA module is not low-rank: it is stacked densely

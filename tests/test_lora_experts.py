@@ -87,17 +87,61 @@ def test_mixed_dense_and_lora_experts(lora_world, tmp_path):
     )
 
 
-def test_a_lora_on_the_output_layer_reaches_the_chunked_loss(random_world, tmp_path):
-    """``lm_head`` adapted by LoRA and saved without the layer's own weight stays low-rank, and the
-    chunked loss, which reads the output weight instead of calling the layer, adds its update: the
-    fit must find what the fit over PEFT's merged checkpoints finds (it missed the update once)."""
+@pytest.mark.parametrize("saved", [False, True], ids=["factors", "factors+weight"])
+def test_a_lora_on_the_output_layer_stays_low_rank_and_reaches_the_chunked_loss(
+    random_world, tmp_path, saved
+):
+    """``lm_head`` adapted by LoRA stays low-rank, whether the adapter holds the layer's own weight
+    too (PEFT's default: ``save_embedding_layers``, θ0 here, so no dense row) or not. The chunked
+    loss, which reads the output weight instead of calling the layer, adds its update: the fit must
+    find what the fit over PEFT's merged checkpoints finds (it missed the update once), and the plan
+    must count what the stack holds."""
+    from mergeopt.memory import dry_run, plan
+
     adapters, dense = save_experts(
-        random_world, tmp_path, ["q_proj", "lm_head"], tame=0.5, save_embedding_layers=False
+        random_world, tmp_path, ["q_proj", "lm_head"], tame=0.5, save_embedding_layers=saved
     )
     world = {"world": random_world}
     low = _fit(world, adapters, tmp_path / "low")
     assert low["stack"]["tensors"] == 0 and low["stack"]["lowrank_modules"] == 3  # 2 q_proj + lm_head
     _close(low, _fit(world, dense, tmp_path / "dense"), 1e-5)
+    tree = recipe_tree(random_world, tmp_path / "plan")
+    tree["model"]["experts"] = adapters
+    recipe = recipe_from_dict(tree)
+    p = plan.plan_memory(recipe, *dry_run.read_inventory(recipe), plan.DeviceMemory("cpu", "t", 2**40, 2**40))
+    stack = load_problem(recipe, progress=False).stack
+    assert p.row("LoRA factors of") == stack.lowrank.nbytes() and p.stacked_parameters == 0
+
+
+def test_a_saved_output_weight_that_is_not_the_base_is_stacked(random_world, tmp_path):
+    """A saved ``lm_head`` weight that differs from θ0 is the expert's starting point: the stack
+    holds its dense rows (with the factors low-rank over it), the one-hot merge is that copy plus
+    s·B·A, and the plan, which compares the copy with the base, counts the rows."""
+    from safetensors.torch import load_file, save_file
+
+    from mergeopt.memory import dry_run, plan
+
+    adapters, _ = save_experts(random_world, tmp_path, ["q_proj", "lm_head"], tame=0.5)
+    file = tmp_path / "beta-adapter" / "adapter_model.safetensors"
+    tensors = load_file(file)
+    key = "base_model.model.lm_head.base_layer.weight"
+    tensors[key] = tensors[key] * 1.01
+    save_file(tensors, file)
+    tree = recipe_tree(random_world, tmp_path / "plan")
+    tree["model"]["experts"] = adapters
+    recipe = recipe_from_dict(tree)
+    p = plan.plan_memory(recipe, *dry_run.read_inventory(recipe), plan.DeviceMemory("cpu", "t", 2**40, 2**40))
+    problem = load_problem(recipe, progress=False)
+    stack = problem.stack
+    assert list(stack.deltas) == ["lm_head.weight"] and p.stacked_parameters == stack.num_stacked_parameters()
+    assert p.row("stack anchor") + p.row("stack differences") == stack.nbytes() - stack.lowrank.nbytes()
+    base = AutoModelForCausalLM.from_pretrained(random_world["base"], dtype=torch.float32)
+    adapter = read_adapter(adapters["beta"], {n: tuple(t.shape) for n, t in base.named_parameters()})
+    with torch.no_grad(), stack.at(torch.tensor([0.0, 1.0, 0.0])) as merged:
+        head = merged.get_output_embeddings()
+        x = torch.randn(3, head.in_features, generator=torch.Generator().manual_seed(0))
+        want = x @ (tensors[key] + adapter.factors["lm_head.weight"].delta(torch.float32)).T
+        torch.testing.assert_close(head(x), want, atol=1e-5, rtol=1e-5)
 
 
 def test_ties_densifies_adapters_and_matches_dense_experts(lora_world, tmp_path):

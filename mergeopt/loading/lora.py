@@ -21,7 +21,11 @@ one base parameter, the expert's value of it as a function of θ0, exactly as PE
 - ``fan_in_fan_out`` (GPT-2's Conv1D, whose weight is in × out): W' = W + s·(B·A)ᵀ;
 - ``trainable_token_indices``: the embedding rows of those tokens replaced by the saved ones.
 
-These parameters are stacked densely (``mergeopt.merging.stack``); the rest stays low-rank.
+These parameters are stacked densely (``mergeopt.merging.stack``); the rest stays low-rank. A
+linear layer's own weight, which PEFT saves beside its factors when the layer is an output
+embedding (``save_embedding_layers``: a LoRA on ``lm_head``), is a DenseUpdate too, with the
+factors kept low-rank: it is θ0 in practice, and the stack holds dense rows for it only where it
+is not.
 Not supported (a one-line error): adapter types other than LoRA, and the options that change the
 model beyond its weights (:data:`CHANGES_THE_MODEL`). Pickled ``adapter_model.bin`` files are
 read only with ``allow_pickle`` (then ``torch.load(weights_only=True)``).
@@ -284,7 +288,7 @@ def read_adapter(
             base_shapes[target],
         )
         magnitude = magnitudes.pop(module, None)
-        if magnitude is not None or target in copies or transposed:  # DoRA, a copy, Conv1D: dense
+        if magnitude is not None or transposed:  # DoRA, Conv1D: dense
             _check_magnitude(path, module, magnitude, out_features)
             # a Conv1D's ΔW = s·(B·A)ᵀ = s·Aᵀ·Bᵀ, and DoRA's norms run over its columns
             lora = (
@@ -297,6 +301,8 @@ def read_adapter(
             )
         else:
             factors[target] = LoraFactors(a, b, scaling)
+            if target in copies:  # the layer's own weight, saved beside the factors: θ0 + s·B·A over it
+                dense[target] = DenseUpdate(copies.pop(target))
         bias = kinds["bias"].pop(module, None)
         if bias is not None:
             if f"{module}.bias" not in base_shapes:
@@ -397,6 +403,21 @@ class FactorSizes:
     # base parameters the adapter sets densely (DoRA, embedding LoRA, LoRA biases, its own copies):
     # they are stacked like a dense expert's (:class:`DenseUpdate`)
     dense: tuple[str, ...] = ()
+    # weights of low-rank modules the adapter saves a copy of (PEFT's save_embedding_layers, for a
+    # LoRA on lm_head): dense rows only where the copy is not θ0, which the plan finds by comparing
+    copies: tuple[str, ...] = ()
+
+
+def saved_copy(path: str | Path, name: str) -> torch.Tensor:
+    """The adapter's own copy of base parameter ``name`` (saved as ``….base_layer.weight`` or under
+    the parameter's own name), read alone from its safetensors file."""
+    module, _, leaf = name.rpartition(".")
+    keys = (f"{PREFIX}{module}.base_layer.{leaf}", f"{PREFIX}{name}")
+    with safe_open(str(Path(path) / SAFETENSORS_FILE), framework="pt") as handle:
+        key = next((k for k in keys if k in handle.keys()), None)  # noqa: SIM118
+        if key is None:
+            raise UserError(f"{path}: no saved copy of {name} in {SAFETENSORS_FILE}")
+        return handle.get_tensor(key)
 
 
 def factor_sizes(path: str | Path, fan_in_fan_out: bool = False) -> FactorSizes:
@@ -426,13 +447,12 @@ def factor_sizes(path: str | Path, fan_in_fan_out: bool = False) -> FactorSizes:
         else:
             dense.add(name.replace(".base_layer.", "."))
     dense |= magnitudes
-    modules = {
-        PREFIX + module: (ab["A"][0], ab["A"][1], ab["B"][0])
-        for module, ab in factors.items()
-        if {"A", "B"} <= set(ab) and f"{module}.weight" not in dense and not transposed
-    }
+    pairs = [module for module, ab in factors.items() if {"A", "B"} <= set(ab)]
     if transposed:  # Conv1D modules are stacked densely (:func:`read_adapter`)
-        dense |= {f"{module}.weight" for module, ab in factors.items() if {"A", "B"} <= set(ab)}
+        dense |= {f"{module}.weight" for module in pairs}
+    low = [] if transposed else [m for m in pairs if f"{m}.weight" not in magnitudes]
+    copies = {f"{m}.weight" for m in low} & dense  # a low-rank module's own weight, saved beside it
+    modules = {PREFIX + m: (factors[m]["A"][0], factors[m]["A"][1], factors[m]["B"][0]) for m in low}
     numel = sum(r * (i + o) for r, i, o in modules.values())
     rank_sum = sum(r for r, _, _ in modules.values())
-    return FactorSizes(numel, rank_sum, stored, modules, tuple(sorted(dense)))
+    return FactorSizes(numel, rank_sum, stored, modules, tuple(sorted(dense - copies)), tuple(sorted(copies)))

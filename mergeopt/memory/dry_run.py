@@ -33,7 +33,7 @@ from mergeopt.loading.checkpoints import (
     open_checkpoint,
     read_json_object,
 )
-from mergeopt.loading.lora import factor_sizes, is_adapter, read_adapter_config
+from mergeopt.loading.lora import FactorSizes, factor_sizes, is_adapter, read_adapter_config, saved_copy
 from mergeopt.loading.positions import check_max_length
 from mergeopt.memory.plan import (
     FLOAT32,
@@ -113,6 +113,19 @@ def random_inventory(recipe: Recipe) -> tuple[Inventory, Dims]:
     return inventory, Dims.from_config(config.to_dict(), recipe.model.base)
 
 
+def _copies_resolved(sizes: FactorSizes, path: str, base: Checkpoint) -> FactorSizes:
+    """The adapter's saved weights of low-rank modules (PEFT's ``save_embedding_layers`` copy of
+    ``lm_head``) planned as dense rows only where they differ from θ0, as the fit stacks them: each
+    is compared with the base's tensor, read alone (without the base's weights: planned as dense)."""
+    differ = [
+        name
+        for name in sizes.copies
+        if name not in base.tensors
+        or not torch.equal(saved_copy(path, name).float(), base.read(name).float())
+    ]
+    return replace(sizes, dense=tuple(sorted({*sizes.dense, *differ})), copies=())
+
+
 def read_inventory(recipe: Recipe) -> tuple[Inventory, Dims]:
     """The base's parameters and decoder shapes, from headers and config files only."""
     from mergeopt.worlds.random_world import is_random
@@ -137,7 +150,8 @@ def read_inventory(recipe: Recipe) -> tuple[Inventory, Dims]:
     # one line for a malformed adapter_config.json, as in the fit
     configs = {name: read_adapter_config(Path(path)) for name, path in adapters.items()}
     sizes = {
-        name: factor_sizes(path, bool(configs[name].get("fan_in_fan_out"))) for name, path in adapters.items()
+        name: _copies_resolved(factor_sizes(path, bool(configs[name].get("fan_in_fan_out"))), path, base)
+        for name, path in adapters.items()
     }
     if adapters and recipe.merge.method == "linear":
         updated = sorted({n for s in sizes.values() for n in s.dense})
