@@ -85,11 +85,15 @@ def test_expert_values_equal_peft_merge_and_unload(kind, tmp_path):
     assert set(adapter.factors) | set(adapter.dense) == changed
     copies = set(adapter.factors) & set(adapter.dense)  # a low-rank module's saved weight, nothing else
     assert all(adapter.dense[n].delta is None and adapter.dense[n].magnitude is None for n in copies)
-    assert copies == ({"lm_head.weight"} if kind == "lm_head-lora" else set())
+    saved = {"lm_head-lora": {"lm_head.weight"}, "embedding": {"model.embed_tokens.weight"}}
+    assert copies == saved.get(kind, set())
     for name, param in base.named_parameters():
         torch.testing.assert_close(
             adapter.expert_value(name, param.detach()), merged[name].detach(), atol=1e-6, rtol=1e-6
         )
+    for name in copies:  # read twice (TIES reads each view more than once): the copy is not updated
+        first = adapter.expert_value(name, dict(base.named_parameters())[name].detach())
+        assert torch.equal(adapter.expert_value(name, dict(base.named_parameters())[name].detach()), first)
     # the plan's reading of the header agrees
     sizes = factor_sizes(tmp_path / "adapter", bool(lora.get("fan_in_fan_out")))
     assert set(sizes.dense) == set(adapter.dense) - copies and set(sizes.copies) == copies
@@ -183,9 +187,9 @@ def test_fit_over_adapters_with_dense_updates_finds_the_merged_fit(updates_world
     low = _fit(updates_world, updates_world["adapters"], tmp_path / "low")
     full = _fit(updates_world, updates_world["dense"], tmp_path / "dense")
     _close(low, full, 1e-4)
-    # dense rows: alpha's DoRA q and v in two layers, beta's embedding, the lm_head copies; low-rank:
-    # q (beta and gamma), down (beta) and up (gamma) in two layers
-    assert low["stack"]["tensors"] == 2 * 2 + 1 + 1 and low["stack"]["lowrank_modules"] == 3 * 2
+    # dense rows: alpha's DoRA q and v in two layers, the lm_head copies; low-rank: q (beta and
+    # gamma), down (beta) and up (gamma) in two layers, and beta's embedding (its saved weight is θ0)
+    assert low["stack"]["tensors"] == 2 * 2 + 1 and low["stack"]["lowrank_modules"] == 3 * 2 + 1
 
 
 def test_ties_densifies_adapters_with_dense_updates(updates_world, tmp_path):
@@ -210,14 +214,20 @@ def test_one_hot_merge_is_the_expert_peft_merges(updates_world, tmp_path):
             )
 
 
-def test_dry_run_counts_the_dense_rows(updates_world, tmp_path):
+@pytest.mark.parametrize("exclude", [[], ["embed_tokens"]], ids=["all", "no-embedding"])
+def test_dry_run_counts_the_dense_rows(updates_world, tmp_path, exclude):
+    """The plan's rows are the stack's bytes: dense rows, and LoRA factors (the embedding's too,
+    unless ``model.exclude`` leaves it out of the merge)."""
     from mergeopt.memory import dry_run, plan
 
-    recipe = _recipe(updates_world, updates_world["adapters"], tmp_path / "out")
+    tree = recipe_tree(updates_world["world"], tmp_path / "out")
+    tree["model"].update(experts=updates_world["adapters"], exclude=exclude)
+    recipe = recipe_from_dict(tree)
     inventory, dims = dry_run.read_inventory(recipe)
     p = plan.plan_memory(recipe, inventory, dims, plan.DeviceMemory("cpu", "test", 2**40, 2**40))
     stack = load_problem(recipe, progress=False).stack
     assert p.row("LoRA factors of") == stack.lowrank.nbytes()
+    assert ("model.embed_tokens" in stack.lowrank.modules) == (not exclude)
     assert p.row("stack anchor") + p.row("stack differences") == stack.nbytes() - stack.lowrank.nbytes()
     assert p.stacked_parameters == stack.num_stacked_parameters() > 0
     assert any("stacked as dense rows" in note for note in inventory.notes)
@@ -286,12 +296,12 @@ def test_gpt2_adapters_merge_as_their_peft_merges(tmp_path, w):
 
 
 def test_merge_as_adapter_refuses_dense_updates(updates_world, tmp_path):
-    """DoRA, an adapted embedding and saved lm_heads change parameters no LoRA factor can carry:
+    """DoRA and saved lm_heads change parameters no LoRA factor can carry:
     --as-adapter says so in one line and writes nothing."""
     from tests.test_lora_experts import merge_as_adapter
 
     result, _ = merge_as_adapter(updates_world["world"], tmp_path, updates_world["adapters"], "--quiet")
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "--as-adapter: the merge changes 6 parameter(s) densely" in lines[0], lines
+    assert len(lines) == 1 and "--as-adapter: the merge changes 5 parameter(s) densely" in lines[0], lines
     assert not (tmp_path / "out").exists()

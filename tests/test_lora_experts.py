@@ -263,20 +263,24 @@ def merge_as_adapter(world, tmp_path, experts, *flags, merge=None):
     ), tree
 
 
-def test_merge_as_adapter_is_the_merge_peft_loads(lora_world, tmp_path):
-    """--as-adapter: one LoRA adapter of rank Σ r_i per module, B scaled by λ w_i s_i; PEFT loads
-    it over the base and gives the logits of the merge fit scores."""
+@pytest.mark.parametrize("targets", ["linear", "embedding+lm_head"])
+def test_merge_as_adapter_is_the_merge_peft_loads(lora_world, tmp_path, targets):
+    """--as-adapter: one LoRA adapter of rank Σ r_i per module, B scaled by λ w_i s_i (an
+    embedding's factors written as PEFT's lora_embedding_A / _B); PEFT loads it over the base and
+    gives the logits of the merge fit scores."""
     from peft import PeftModel
 
-    result, tree = merge_as_adapter(
-        lora_world["world"], tmp_path, lora_world["adapters"], "--dtype", "float32"
-    )
+    experts = lora_world["adapters"]
+    if targets != "linear":  # PEFT saves both layers' own weights too (θ0): nothing dense
+        experts = save_experts(lora_world["world"], tmp_path / "e", [*TARGETS, "embed_tokens", "lm_head"])[0]
+    result, tree = merge_as_adapter(lora_world["world"], tmp_path, experts, "--dtype", "float32")
     assert result.returncode == 0, result.stderr
     out = tmp_path / "out"
     written = {p.name for p in out.iterdir()}
     assert written == {"adapter_config.json", "adapter_model.safetensors", "mergeopt_merge.json"}
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["rank_pattern"]["model.layers.0.self_attn.q_proj"] == 2 + 4 + 6  # the experts' ranks
+    assert ("model.embed_tokens" in config["target_modules"]) == (targets != "linear")
     base = AutoModelForCausalLM.from_pretrained(lora_world["world"]["base"], dtype=torch.float32).eval()
     shapes = {n: tuple(p.shape) for n, p in base.named_parameters()}
     loaded = PeftModel.from_pretrained(base, str(out)).eval()

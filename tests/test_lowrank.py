@@ -17,7 +17,7 @@ from transformers import LlamaForCausalLM
 
 from mergeopt.loading.lora import read_adapter
 from mergeopt.merging.lowrank import build_lowrank_stack
-from mergeopt.merging.stack import build_stack
+from mergeopt.merging.stack import build_expert_stack, build_stack
 from tests.conftest import tiny_config
 
 NAMES = ("alpha", "beta", "gamma")
@@ -39,12 +39,12 @@ DENSE_UPDATES = {
 }
 
 
-def make_world(root, lora=None):
-    """A base, three PEFT LoRA experts saved under ``root`` and read back, and their dense merges
-    (``lora``: the experts' configs, :data:`LORA` by default)."""
+def make_world(root, lora=None, base=None):
+    """A base (``base``, or a tiny Llama), three PEFT LoRA experts saved under ``root`` and read
+    back, and their dense merges (``lora``: the experts' configs, :data:`LORA` by default)."""
     lora = lora or LORA
     torch.manual_seed(0)
-    base = LlamaForCausalLM(tiny_config()).eval()
+    base = base if base is not None else LlamaForCausalLM(tiny_config()).eval()
     adapters, dense, peft_models = {}, {}, {}
     shapes = {n: tuple(p.shape) for n, p in base.named_parameters()}
     for i, name in enumerate(NAMES):
@@ -179,8 +179,76 @@ def test_lora_and_mixed_experts_take_the_per_layer_step(world, dense_names):
     """The fit's step (chunked loss, with and without checkpointed layers) over LoRA experts kept
     low-rank, alone or beside a dense expert, against the whole-model merge of the same experts
     made dense by PEFT through the model's own logits: loss and ∂L/∂z."""
+    stack = _per_layer_step_matches(world, dense_names)
+    assert len(stack.lowrank.modules) > 0 and bool(stack.deltas) == bool(dense_names)
+
+
+# embedding LoRA on every expert, over a model whose output layer is tied to the embedding
+EMBEDDINGS = {n: dict(LORA[n], target_modules=[*LORA[n]["target_modules"], "embed_tokens"]) for n in NAMES}
+
+
+@pytest.mark.parametrize("dense_names", [(), ("alpha",)], ids=["lora", "lora+dense"])
+def test_tied_embedding_lora_stays_low_rank_in_the_per_layer_step(tmp_path, dense_names):
+    """SmolLM2 and Gemma tie lm_head to the input embedding, and PEFT's merge of an embedding LoRA
+    changes the shared weight, so both layers. Kept low-rank, the embedding adds its factors' rows
+    and the tied output layer the same factors' update, through the model's logits and through
+    the chunked loss (which reads lm_head's weight): loss and ∂L/∂z as the step above checks. Beside
+    a dense expert the shared weight is stacked too, and both layers read its merge and the update."""
+    base = LlamaForCausalLM(tiny_config(tie_word_embeddings=True)).eval()
+    stack = _per_layer_step_matches(make_world(tmp_path, EMBEDDINGS, base), dense_names)
+    assert stack.lowrank.tied == {"lm_head": "model.embed_tokens"}
+    assert "model.embed_tokens" in stack.lowrank.modules
+    assert ("model.embed_tokens.weight" in stack.deltas) == bool(dense_names)
+    if dense_names:
+        return
+    # a PEFT adapter of the embedding would change the input's rows only: --as-adapter refuses
+    from mergeopt.errors import UserError
+    from mergeopt.export.merge import adapter_tensors
+
+    with pytest.raises(UserError, match="model.embed_tokens is adapted and lm_head is tied to it"):
+        adapter_tensors(stack, torch.tensor([0.2, 0.3, 0.5]), torch.float32)
+
+
+def test_scaled_embedding_lora_stays_low_rank(tmp_path):
+    """Gemma 3's embedding module multiplies its rows by √width (and its lm_head is tied): the
+    low-rank rows are scaled as the merged weight's would be, so the logits at w are those of the
+    whole-model merge of PEFT's merged experts."""
+    import transformers
+
+    config = transformers.Gemma3TextConfig(
+        vocab_size=tiny_config().vocab_size,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+    )
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    base = transformers.Gemma3ForCausalLM(config).eval()
+    assert type(base.get_input_embeddings()) is not torch.nn.Embedding  # the scaled one
+    _, adapters, dense, _ = make_world(tmp_path, EMBEDDINGS, base)
+    lowrank_model, reference_model = copy.deepcopy(base), copy.deepcopy(base)
+    stack = build_expert_stack(lowrank_model, list(NAMES), {}, adapters, progress=False)
+    reference = build_stack(reference_model, dense, progress=False)
+    assert stack.lowrank.tied and not stack.deltas
+    w = torch.tensor([0.5, 0.2, 0.3])
+    with torch.no_grad():
+        got = functional_call(
+            lowrank_model, stack.mix_params(w), args=(), kwargs={"input_ids": TOKENS}
+        ).logits
+        want = functional_call(
+            reference_model, reference.mix_params(w), args=(), kwargs={"input_ids": TOKENS}
+        )
+        torch.testing.assert_close(got, want.logits, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(got, base(input_ids=TOKENS).logits, atol=1e-3)  # the experts moved it
+
+
+def _per_layer_step_matches(world, dense_names):
+    """The stack of the world's experts (``dense_names`` dense, the rest LoRA) after checking its
+    step against the whole-model merge of PEFT's merged experts."""
     from mergeopt.memory import checkpointing
-    from mergeopt.merging.stack import build_expert_stack
     from tests.test_layer_merge import loss_and_grad, padded_batch, per_layer_loss, reference_loss
 
     base, adapters, dense, _ = world
@@ -194,7 +262,6 @@ def test_lora_and_mixed_experts_take_the_per_layer_step(world, dense_names):
         {n: a for n, a in adapters.items() if n not in dense_names},
         progress=False,
     )
-    assert len(stack.lowrank.modules) > 0 and bool(stack.deltas) == bool(dense_names)
     batch = padded_batch()
     batch.input_ids.remainder_(base.config.vocab_size - 3).add_(3)  # that world's ids, this vocabulary
     logits = torch.tensor([0.3, -0.4, 0.2], dtype=torch.float64)
@@ -208,3 +275,5 @@ def test_lora_and_mixed_experts_take_the_per_layer_step(world, dense_names):
         # PEFT merged the dense references in float32: their rounding bounds the agreement
         assert got_loss == pytest.approx(want_loss, rel=1e-6), (chunk, checkpointed)
         torch.testing.assert_close(got_grad, want_grad, atol=1e-7, rtol=1e-4, msg=f"{chunk} {checkpointed}")
+    checkpointing.disable(model)
+    return stack

@@ -344,21 +344,34 @@ def check_adapter_merge(recipe: Recipe) -> None:
 
 def adapter_tensors(stack, weights: torch.Tensor, dtype: torch.dtype) -> tuple[dict, dict[str, int]]:
     """The merge at ``weights`` as one LoRA adapter: its tensors under PEFT's names and each module's
-    rank. Refused when the merge also changes a parameter densely (DoRA, embedding LoRA,
-    modules_to_save, trained biases, trainable tokens), which no LoRA factor can carry."""
+    rank. Refused when the merge also changes a parameter densely (DoRA, modules_to_save, trained
+    biases, trainable tokens), which no LoRA factor can carry, or adapts an embedding its output
+    layer is tied to (a PEFT adapter changes only the input's)."""
     dense = [*stack.deltas, *stack.shared]
     if dense or stack.lowrank is None or not stack.lowrank.modules:
         raise UserError(
             f"--as-adapter: the merge changes {len(dense)} parameter(s) densely ({dense[0] if dense else 'none'}"
-            f"{', …' if len(dense) > 1 else ''}; DoRA, embedding LoRA, modules_to_save, trained biases or "
-            "trainable tokens), which a LoRA adapter cannot carry: write the checkpoint without --as-adapter"
+            f"{', …' if len(dense) > 1 else ''}; DoRA, modules_to_save, trained biases or trainable "
+            "tokens), which a LoRA adapter cannot carry: write the checkpoint without --as-adapter"
+        )
+    if stack.lowrank.tied:
+        output, embedding = next(iter(stack.lowrank.tied.items()))
+        raise UserError(
+            f"--as-adapter: {embedding} is adapted and {output} is tied to it; PEFT applies an embedding "
+            "adapter to the input only, the merge to both: write the checkpoint without --as-adapter"
         )
     tensors, ranks = {}, {}
     for module, factors in stack.lowrank.modules.items():
         c = factors.coefficients(weights.to(factors.scaling.device), stack.lowrank.scale)
         a, b = factors.whole(torch.float32)
-        tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a.to(dtype).contiguous().cpu()
-        tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = (b * c.float()).to(dtype).contiguous().cpu()
+        a, b = a.to(dtype).contiguous().cpu(), (b * c.float()).to(dtype).contiguous().cpu()
+        if isinstance(stack.model.get_submodule(module), torch.nn.Embedding):
+            # PEFT's embedding factors are the transposes: ΔE = (B_peft A_peft)ᵀ = b·a
+            tensors[f"{PEFT_PREFIX}{module}.lora_embedding_A"] = b.T.contiguous()
+            tensors[f"{PEFT_PREFIX}{module}.lora_embedding_B"] = a.T.contiguous()
+        else:
+            tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a
+            tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b
         ranks[module] = a.shape[0]
     return tensors, ranks
 

@@ -14,18 +14,18 @@ one base parameter, the expert's value of it as a function of θ0, exactly as PE
 
 - DoRA (``use_dora``): W' = m / ‖W + s·B·A‖ · (W + s·B·A), the norm over each output row of a
   linear layer (over each column of an embedding), m the saved ``lora_magnitude_vector``;
-- embedding LoRA: E' = E + s·(B·A)ᵀ from ``lora_embedding_A`` / ``lora_embedding_B``, over the
-  ``base_layer.weight`` PEFT saves beside them;
+- DoRA on an embedding, whose LoRA is E' = E + s·(B·A)ᵀ (``lora_embedding_A`` / ``_B``);
 - ``modules_to_save`` and trained biases (``bias: all | lora_only``): the adapter's own copies;
 - ``lora_bias``: b' = b + s·b_B;
 - ``fan_in_fan_out`` (GPT-2's Conv1D, whose weight is in × out): W' = W + s·(B·A)ᵀ;
 - ``trainable_token_indices``: the embedding rows of those tokens replaced by the saved ones.
 
-These parameters are stacked densely (``mergeopt.merging.stack``); the rest stays low-rank. A
-linear layer's own weight, which PEFT saves beside its factors when the layer is an output
-embedding (``save_embedding_layers``: a LoRA on ``lm_head``), is a DenseUpdate too, with the
-factors kept low-rank: it is θ0 in practice, and the stack holds dense rows for it only where it
-is not.
+These parameters are stacked densely (``mergeopt.merging.stack``); the rest stays low-rank,
+embedding LoRA included (its factors are kept as Aᵀ and Bᵀ, a linear weight's layout). The
+layer's own weight, which PEFT saves beside the factors of an embedding or an output layer
+(``save_embedding_layers``: a LoRA on ``embed_tokens`` or ``lm_head``), is a DenseUpdate too, with
+the factors kept low-rank: it is θ0 in practice, and the stack holds dense rows for it only where
+it is not.
 Not supported (a one-line error): adapter types other than LoRA, and the options that change the
 model beyond its weights (:data:`CHANGES_THE_MODEL`). Pickled ``adapter_model.bin`` files are
 read only with ``allow_pickle`` (then ``torch.load(weights_only=True)``).
@@ -133,8 +133,8 @@ class LoraAdapter:
     factors: dict[
         str, LoraFactors
     ]  # base parameter name ('model.layers.0.self_attn.q_proj.weight') -> factors kept low-rank
-    # base parameter name -> its update when not a low-rank sum on a linear layer (DoRA, embedding
-    # LoRA, modules_to_save, trained biases): stacked densely
+    # base parameter name -> its update when not a low-rank sum (DoRA, modules_to_save, trained
+    # biases, the layer's own saved weight): stacked densely where it is not θ0
     dense: dict[str, DenseUpdate] = field(default_factory=dict)
 
     @property
@@ -145,8 +145,8 @@ class LoraAdapter:
         """The expert's whole value of base parameter ``name`` (θ0 where the adapter leaves it)."""
         value = theta0.clone() if name not in self.dense else self.dense[name].value(theta0)
         factors = self.factors.get(name)
-        if factors is not None:
-            value += factors.delta(value.dtype).to(value.device)
+        if factors is not None:  # out of place: a dense update's value may be the adapter's own copy
+            value = value + factors.delta(value.dtype).to(value.device)
         return value
 
 
@@ -258,7 +258,7 @@ def read_adapter(
 ) -> LoraAdapter:
     """Read a PEFT LoRA adapter directory and check every tensor against the base's parameter shapes.
 
-    Linear factors stay :class:`LoraFactors`; DoRA modules, embedding factors, LoRA biases and the
+    Linear and embedding factors stay :class:`LoraFactors`; DoRA modules, LoRA biases and the
     adapter's own copies of base parameters become :class:`DenseUpdate` s (see the module's docstring).
     """
     path = Path(path)
@@ -329,12 +329,18 @@ def read_adapter(
         )
         magnitude = magnitudes.pop(module, None)
         _check_magnitude(path, module, magnitude, width)
-        # E' = E + s·(B·A)ᵀ = E + s·Aᵀ·Bᵀ: factors b = Aᵀ (rows × r) and a = Bᵀ (r × width)
+        # E' = E + s·(B·A)ᵀ = E + s·Aᵀ·Bᵀ: factors b = Aᵀ (rows × r) and a = Bᵀ (r × width), the
+        # layout of a linear weight's (out × in), so the stacked factors serve an embedding too
         lora = LoraFactors(b.T.contiguous(), a.T.contiguous(), scaling)
-        dense[target] = DenseUpdate(copies.pop(target, None), lora, magnitude, norm_dim=0)
+        if magnitude is not None:  # DoRA: dense
+            dense[target] = DenseUpdate(copies.pop(target, None), lora, magnitude, norm_dim=0)
+        else:
+            factors[target] = lora
+            if target in copies:  # the embedding's own weight, which PEFT saves beside its factors
+                dense[target] = DenseUpdate(copies.pop(target))
     for module, values in sorted(kinds["tokens"].items()):
         target = f"{module}.weight"
-        if target in dense:
+        if target in dense or target in factors:
             raise UserError(
                 f"{path}: {module} has trainable tokens and LoRA factors; mergeopt reads one or the other"
             )
@@ -400,11 +406,11 @@ class FactorSizes:
     # (rank, in, out) of each module kept low-rank, by its key less ``.lora_A.weight``: what a sharded
     # plan needs to count blocks of rows of the stacked A (R × in) and B (out × R)
     modules: dict[str, tuple[int, int, int]] = field(default_factory=dict)
-    # base parameters the adapter sets densely (DoRA, embedding LoRA, LoRA biases, its own copies):
+    # base parameters the adapter sets densely (DoRA, LoRA biases, its own copies, trainable tokens):
     # they are stacked like a dense expert's (:class:`DenseUpdate`)
     dense: tuple[str, ...] = ()
     # weights of low-rank modules the adapter saves a copy of (PEFT's save_embedding_layers, for a
-    # LoRA on lm_head): dense rows only where the copy is not θ0, which the plan finds by comparing
+    # LoRA on embed_tokens or lm_head): dense rows only where the copy is not θ0 (the plan compares)
     copies: tuple[str, ...] = ()
 
 
@@ -432,14 +438,18 @@ def factor_sizes(path: str | Path, fan_in_fan_out: bool = False) -> FactorSizes:
     factors: dict[str, dict[str, tuple[int, ...]]] = {}
     dense: set[str] = set()
     magnitudes: set[str] = set()
+    embeddings: dict[str, dict[str, tuple[int, ...]]] = {}
     for key, (shape, dtype) in safetensors_header(file).items():
         stored += math.prod(shape) * (2 if dtype in ("BF16", "F16") else 4)
         name = key.removeprefix(PREFIX)
         if match := FACTOR.match(name):
             if len(shape) == 2:
                 factors.setdefault(match["module"], {})[match["which"]] = tuple(shape)
-        elif match := (EMBEDDING.match(name) or MAGNITUDE.match(name)):
-            (magnitudes if MAGNITUDE.match(name) else dense).add(f"{match['module']}.weight")
+        elif match := EMBEDDING.match(name):  # lora_embedding_A is r × rows, B width × r
+            if len(shape) == 2:
+                embeddings.setdefault(match["module"], {})[match["which"]] = tuple(shape)
+        elif match := MAGNITUDE.match(name):
+            magnitudes.add(f"{match['module']}.weight")
         elif match := LORA_BIAS.match(name):
             dense.add(f"{match['module']}.bias")
         elif match := TOKENS.match(name):
@@ -451,8 +461,16 @@ def factor_sizes(path: str | Path, fan_in_fan_out: bool = False) -> FactorSizes:
     if transposed:  # Conv1D modules are stacked densely (:func:`read_adapter`)
         dense |= {f"{module}.weight" for module in pairs}
     low = [] if transposed else [m for m in pairs if f"{m}.weight" not in magnitudes]
-    copies = {f"{m}.weight" for m in low} & dense  # a low-rank module's own weight, saved beside it
+    # an embedding's factors are stacked as a linear weight's: A's role (r × width) is played by Bᵀ
+    embedded = [m for m, ab in embeddings.items() if {"A", "B"} <= set(ab)]
+    dense |= {f"{m}.weight" for m in embedded if f"{m}.weight" in magnitudes}
+    low_embedded = [m for m in embedded if f"{m}.weight" not in magnitudes]
+    copies = {f"{m}.weight" for m in (*low, *low_embedded)} & dense  # a low-rank module's own weight
     modules = {PREFIX + m: (factors[m]["A"][0], factors[m]["A"][1], factors[m]["B"][0]) for m in low}
+    modules |= {
+        PREFIX + m: (embeddings[m]["A"][0], embeddings[m]["B"][0], embeddings[m]["A"][1])
+        for m in low_embedded
+    }
     numel = sum(r * (i + o) for r, i, o in modules.values())
     rank_sum = sum(r for r, _, _ in modules.values())
     return FactorSizes(numel, rank_sum, stored, modules, tuple(sorted(dense - copies)), tuple(sorted(copies)))

@@ -159,7 +159,7 @@ def read_inventory(recipe: Recipe) -> tuple[Inventory, Dims]:
             dense_rows = ""
         elif updated:
             dense_rows = (
-                f"; {len(updated)} parameter(s) they set densely (DoRA, embedding LoRA, modules_to_save, "
+                f"; {len(updated)} parameter(s) they set densely (DoRA, modules_to_save, "
                 "biases) are stacked as dense rows"
             )
         else:

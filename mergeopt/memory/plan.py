@@ -38,7 +38,7 @@ from dataclasses import dataclass, field, replace
 
 from mergeopt.config import Recipe
 from mergeopt.errors import UserError
-from mergeopt.loading.lora import FactorSizes
+from mergeopt.loading.lora import PREFIX, FactorSizes
 from mergeopt.merging.stack import DTYPES
 from mergeopt.objectives.objective import Objective
 
@@ -596,6 +596,18 @@ def _lora_modules(adapters: dict[str, FactorSizes]) -> dict[str, tuple[int, int,
     return modules
 
 
+def _not_excluded(sizes: FactorSizes, patterns: Sequence[re.Pattern]) -> FactorSizes:
+    """An adapter's low-rank modules less those ``model.exclude`` leaves out of the merge (as the
+    stack leaves out their factors: e.g. ``embed_tokens`` in the 8B recipe)."""
+    modules = {
+        m: v for m, v in sizes.modules.items() if not _excluded(f"{m.removeprefix(PREFIX)}.weight", patterns)
+    }
+    if len(modules) == len(sizes.modules):
+        return sizes
+    numel = sum(r * (i + o) for r, i, o in modules.values())
+    return replace(sizes, modules=modules, numel=numel, rank_sum=sum(r for r, _, _ in modules.values()))
+
+
 def _factor_elements(adapters: dict[str, FactorSizes], shards: int) -> int:
     """Elements of the LoRA factors kept low-rank, on one rank: per module the stacked A and B
     (:func:`_lora_modules`), each a block of ⌈rows/N⌉ rows when sharded."""
@@ -616,7 +628,7 @@ def _plan(
     sharded = shards > 1
     patterns = [re.compile(p) for p in recipe.model.exclude]
     names = list(inventory.shapes)
-    adapters = inventory.adapters
+    adapters = {name: _not_excluded(sizes, patterns) for name, sizes in inventory.adapters.items()}
     lowrank = (
         bool(adapters) and recipe.merge.method == "linear"
     )  # adapters stay factors (mergeopt.merging.stack)

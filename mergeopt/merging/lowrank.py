@@ -8,7 +8,11 @@ s_i) the merge at mixture w is W0 + λ Σ_i w_i s_i B_i A_i. Applied to an input
 
 so the merged weight is never formed: per step the extra work is two thin matmuls per adapted
 module, and the memory is the factors, Σ_i r_i (in + out) numbers per module instead of K·in·out.
-The update is a forward hook on the Linear module; the mixture reaches it through a
+An adapted embedding (PEFT's ``lora_embedding_A`` / ``_B``, whose update is s·(B·A)ᵀ) is held in
+the same layout, its factors being Bᵀ and Aᵀ: the hook adds the rows (B_cat[ids] ⊙ c(w)) A_cat of
+the looked-up tokens, and an output layer tied to that embedding (SmolLM2, Gemma) adds the Linear
+update of the same factors, as the merged shared weight would. The update is a forward hook on the
+module; the mixture reaches it through a
 non-persistent buffer (``mergeopt_mix``) that :func:`torch.func.functional_call` replaces with the
 w being optimized, so gradients reach w exactly as on the dense path, and ``model.generate``
 (metrics) sees the value last copied into the buffer.
@@ -21,7 +25,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
+from mergeopt.errors import UserError
 from mergeopt.loading.lora import LoraAdapter
 
 MIX_BUFFER = "mergeopt_mix"
@@ -63,9 +69,13 @@ class LowRankFactors:
         self, x: torch.Tensor, weights: torch.Tensor, scale: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(u, B) with the update's output ``F.linear(u, B)`` for input x: u = (x Aᵀ) ⊙ c(w), (…, R)."""
-        c = self.coefficients(weights.to(self.scaling.device), scale).to(x.dtype)
+        a, b = self.whole_like(x)
+        return F.linear(x, a) * self.coefficients(weights.to(self.scaling.device), scale).to(a), b
+
+    def whole_like(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) in x's dtype on x's device (a tied output layer may sit on another GPU)."""
         a, b = self.whole(x.dtype)
-        return F.linear(x, a) * c, b
+        return (a, b) if a.device == x.device else (a.to(x.device), b.to(x.device))
 
     def delta(self, weights: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         """The dense λ Σ_i w_i s_i B_i A_i (checks only: the forward never forms it)."""
@@ -85,31 +95,52 @@ class LowRankStack:
     scale: float = 1.0
     handles: list = field(default_factory=list)
     model: torch.nn.Module | None = None  # the model attached to
+    # an output layer whose weight is an adapted embedding's (tied) -> that embedding: it reads the
+    # same factors, so the merge changes both, as PEFT's merge_and_unload of the shared weight does
+    tied: dict[str, str] = field(default_factory=dict)
 
     def nbytes(self) -> int:
         return sum(f.nbytes() for f in self.modules.values())
 
+    def _readers(self) -> list[str]:
+        """Every module holding a mixture buffer: the adapted ones and the tied output layer."""
+        return [*self.modules, *self.tied]
+
     def mix_names(self) -> list[str]:
         """The buffer names functional_call must be given w under."""
-        return [f"{name}.{MIX_BUFFER}" for name in self.modules]
+        return [f"{name}.{MIX_BUFFER}" for name in self._readers()]
 
     def attach(self, model: torch.nn.Module) -> None:
-        """Register the mixture buffer and the low-rank forward hook on every adapted module."""
+        """Register the mixture buffer and the low-rank forward hook on every adapted module: a
+        Linear layer adds ((x Aᵀ) ⊙ c) Bᵀ to its output, an embedding the rows (B[ids] ⊙ c) A of
+        its factors (B = A_peftᵀ, A = B_peftᵀ), and an output layer tied to an adapted embedding
+        adds the Linear update of the embedding's factors."""
         self.model = model
         for name, factors in self.modules.items():
             module = model.get_submodule(name)
-            if not isinstance(module, torch.nn.Linear):
-                raise TypeError(f"{name} is a {type(module).__name__}, not a Linear layer")
-            mix = torch.zeros(len(self.expert_names), dtype=torch.float32, device=module.weight.device)
-            module.register_buffer(MIX_BUFFER, mix, persistent=False)
-            setattr(module, FACTORS_ATTRIBUTE, (factors, self.scale))
-            self.handles.append(module.register_forward_hook(_hook(factors, self.scale)))
+            if isinstance(module, torch.nn.Embedding):
+                hook = _rows_hook(factors, self.scale, _row_scale(name, module))
+                output = _tied_output(model, module)
+                if output is not None:
+                    self.tied[output[0]] = name
+                    self._add(output[1], factors, _hook(factors, self.scale))
+            elif isinstance(module, torch.nn.Linear):
+                hook = _hook(factors, self.scale)
+            else:
+                raise TypeError(f"{name} is a {type(module).__name__}, not a Linear or Embedding layer")
+            self._add(module, factors, hook)
+
+    def _add(self, module: torch.nn.Module, factors: LowRankFactors, hook) -> None:
+        mix = torch.zeros(len(self.expert_names), dtype=torch.float32, device=factors.scaling.device)
+        module.register_buffer(MIX_BUFFER, mix, persistent=False)
+        setattr(module, FACTORS_ATTRIBUTE, (factors, self.scale))
+        self.handles.append(module.register_forward_hook(hook))
 
     def detach(self) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
-        for name in self.modules if self.model is not None else ():
+        for name in self._readers() if self.model is not None else ():
             module = self.model.get_submodule(name)
             if hasattr(module, FACTORS_ATTRIBUTE):
                 delattr(module, FACTORS_ATTRIBUTE)
@@ -119,7 +150,7 @@ class LowRankStack:
         attached model's buffers, for plain forward calls (``model.generate``)."""
         if write_buffers:
             with torch.no_grad():
-                for name in self.modules:
+                for name in self._readers():
                     getattr(self.model.get_submodule(name), MIX_BUFFER).copy_(weights.detach())
         return {name: weights for name in self.mix_names()}
 
@@ -143,6 +174,50 @@ def _hook(factors: LowRankFactors, scale: float):
         return output + F.linear(*factors.terms(args[0], getattr(module, MIX_BUFFER), scale))
 
     return add_low_rank
+
+
+def _rows_hook(factors: LowRankFactors, scale: float, row_scale: float):
+    def add_low_rank_rows(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        c = factors.coefficients(getattr(module, MIX_BUFFER).to(factors.scaling.device), scale)
+        a, b = factors.whole_like(output)
+        rows = F.linear(F.embedding(args[0].to(b.device), b) * c.to(a), a.t())
+        return output + (rows * row_scale if row_scale != 1.0 else rows)
+
+    return add_low_rank_rows
+
+
+def _row_scale(name: str, module: torch.nn.Embedding) -> float:
+    """What an embedding multiplies the rows of its weight by (1 for nn.Embedding; Gemma 3's scaled
+    embedding: √width), read from a probe of its first rows, so that the low-rank rows added to its
+    output are scaled as the merged weight's rows would be. Anything else is refused."""
+    if type(module).forward is torch.nn.Embedding.forward:
+        return 1.0
+    ids = torch.arange(min(8, module.num_embeddings), device=module.weight.device)
+    with torch.no_grad():
+        out, rows = module(ids).float(), F.embedding(ids, module.weight).float()
+    scale = float((out * rows).sum() / (rows * rows).sum().clamp_min(1e-30))
+    if not torch.allclose(out, rows * scale, rtol=1e-2, atol=1e-6):
+        raise UserError(
+            f"{name} ({type(module).__name__}) returns more than scaled rows of its weight, so a LoRA "
+            "expert's update of it cannot be added low-rank: use merge.method ties or dare, which make it dense"
+        )
+    return scale
+
+
+def _weight_source(module: torch.nn.Module):
+    """The object a module's weight is read from: its parameter, or its merge (a stacked weight)."""
+    if parametrize.is_parametrized(module, "weight"):
+        return module.parametrizations.weight[0]
+    return module.weight
+
+
+def _tied_output(model: torch.nn.Module, embedding: torch.nn.Module) -> tuple[str, torch.nn.Module] | None:
+    """(name, module) of the output layer when it reads ``embedding``'s weight (tied embeddings)."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if output is None or output is embedding or _weight_source(output) is not _weight_source(embedding):
+        return None
+    name = next(n for n, m in model.named_modules() if m is output)
+    return name, output
 
 
 def update_terms(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
