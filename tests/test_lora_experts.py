@@ -151,9 +151,17 @@ def test_ties_densifies_adapters_and_matches_dense_experts(lora_world, tmp_path)
     _close(low, full, 1e-4)
 
 
-def test_written_merge_of_lora_experts_has_the_in_memory_logits(lora_world, tmp_path):
+@pytest.mark.parametrize("targets", ["linear", "embedding+lm_head"])
+def test_written_merge_of_lora_experts_has_the_in_memory_logits(lora_world, tmp_path, targets):
+    """``mergeopt merge`` over LoRA experts (kept low-rank, the update made dense only to write it)
+    writes the checkpoint whose logits are the merge of PEFT's merged experts at w."""
+    adapters, dense = lora_world["adapters"], lora_world["dense"]
+    if targets != "linear":
+        adapters, dense = save_experts(
+            lora_world["world"], tmp_path / "e", [*TARGETS, "embed_tokens", "lm_head"]
+        )
     tree = recipe_tree(lora_world["world"], tmp_path / "run")
-    tree["model"]["experts"] = lora_world["adapters"]
+    tree["model"]["experts"] = adapters
     recipe_path = tmp_path / "recipe.yaml"
     recipe_path.write_text(yaml.safe_dump(tree))
     result = run_in_process(
@@ -161,7 +169,7 @@ def test_written_merge_of_lora_experts_has_the_in_memory_logits(lora_world, tmp_
     )
     assert result.returncode == 0, result.stderr
     written = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
-    tree["model"]["experts"] = lora_world["dense"]
+    tree["model"]["experts"] = dense
     problem = load_problem(recipe_from_dict(tree), progress=False)
     tokens = torch.randint(4, 50, (2, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), problem.stack.at(torch.tensor([0.5, 0.3, 0.2])) as merged:
