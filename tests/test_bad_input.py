@@ -163,6 +163,21 @@ def _adapter(
     return str(dst)
 
 
+def _adapter_of_a_tied_head(world, tmp):
+    """The base re-saved with its output layer tied to the embedding, and a LoRA on that layer."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(world["base"])
+    config.tie_word_embeddings = True
+    base = AutoModelForCausalLM.from_config(config)
+    base.save_pretrained(tmp / "tied-base")
+    shutil.copy(Path(world["base"]) / "tokenizer.json", tmp / "tied-base")
+    peft_model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "lm_head"]))
+    peft_model.save_pretrained(tmp / "adapter")
+    return [*_with_expert(world, tmp, str(tmp / "adapter")), f"model.base={tmp / 'tied-base'}"]
+
+
 def _adapter_other_base(world, tmp):
     other = tmp / "other-base"
     shutil.copytree(world["base"], other)
@@ -593,6 +608,12 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         "fit",
         lambda w, t: _with_expert(w, t, _adapter(w, t, resized=True, modules_to_save=["lm_head"])),
         "needs the base resized",
+    ),
+    "adapter of a tied output layer": (
+        "adapter",
+        "fit",
+        _adapter_of_a_tied_head,
+        "adapts lm_head, whose weight the base ties to its input embedding",
     ),
     "adapter module not in the base": (
         "adapter",

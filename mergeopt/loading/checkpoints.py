@@ -28,6 +28,7 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_FILE = "pytorch_model.bin"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
+OUTPUT_WEIGHT = "lm_head.weight"  # the output layer of Hugging Face's *ForCausalLM models
 
 
 @dataclass(frozen=True)
@@ -318,10 +319,14 @@ def open_experts(
         base = open_checkpoint(base_path, allow_pickle)
         check_config_matches_weights(base, "base", trust_remote_code)
     shapes = {name: meta.shape for name, meta in base.tensors.items()}
+    # a tied output layer is not in the file (Hugging Face's default is to tie)
+    text = base.config.get("text_config") or base.config
+    tie = text.get("tie_word_embeddings", base.config.get("tie_word_embeddings", True))
+    tied = {OUTPUT_WEIGHT} if shapes and tie and OUTPUT_WEIGHT not in shapes else set()
     dense, adapters = {}, {}
     for name, path in experts.items():
         if is_adapter(path):
-            adapters[name] = read_adapter(path, shapes, allow_pickle)
+            adapters[name] = read_adapter(path, shapes, allow_pickle, tied)
             _check_adapter_base(adapters[name], base, name)
         else:
             dense[name] = open_checkpoint(path, allow_pickle)

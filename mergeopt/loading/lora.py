@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -205,7 +205,22 @@ def _read_tensors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     raise UserError(f"{path}: no {SAFETENSORS_FILE} next to {CONFIG_FILE}")
 
 
-def _sorted_tensors(path: Path, tensors: Mapping[str, torch.Tensor], base_shapes) -> dict[str, dict]:
+def _check_untied(path: Path, name: str, tied: Collection[str]) -> None:
+    """An adapter of an output layer whose weight the base ties to its input embedding is two
+    experts at once: PEFT's adapter changes the output layer alone, its merge the shared weight."""
+    if name in tied:
+        module = name.removesuffix(".weight")
+        raise UserError(
+            f"{path}: adapts {module}, whose weight the base ties to its input embedding "
+            "(tie_word_embeddings): PEFT applies the adapter to that layer alone but merges it into the "
+            "weight both layers share, so the expert is ambiguous; merge it into a dense checkpoint "
+            f"(merge_and_unload) if that is what you serve, or train it without {module} in target_modules"
+        )
+
+
+def _sorted_tensors(
+    path: Path, tensors: Mapping[str, torch.Tensor], base_shapes, tied: Collection[str] = ()
+) -> dict[str, dict]:
     """The adapter's tensors by kind: linear and embedding factor pairs, DoRA magnitudes and LoRA
     biases by module, and the adapter's own copies of base parameters (modules_to_save, trained
     biases, an adapted embedding's ``base_layer.weight``) by the base parameter they replace."""
@@ -231,6 +246,7 @@ def _sorted_tensors(path: Path, tensors: Mapping[str, torch.Tensor], base_shapes
             kinds["tokens"][match["module"]] = tensor
         else:
             target = name.replace(".base_layer.", ".")
+            _check_untied(path, target, tied)
             if target not in base_shapes:
                 raise UserError(
                     f"{path}: unexpected tensor {key} in a LoRA adapter (the base has no {target})"
@@ -254,16 +270,20 @@ def _pair(path: Path, module: str, ab: Mapping[str, torch.Tensor], prefix: str) 
 
 
 def read_adapter(
-    path: str | Path, base_shapes: Mapping[str, Sequence[int]], allow_pickle: bool = False
+    path: str | Path,
+    base_shapes: Mapping[str, Sequence[int]],
+    allow_pickle: bool = False,
+    tied: Collection[str] = (),
 ) -> LoraAdapter:
-    """Read a PEFT LoRA adapter directory and check every tensor against the base's parameter shapes.
+    """Read a PEFT LoRA adapter directory and check every tensor against the base's parameter shapes
+    (``tied``: parameters the base ties to another, absent from its file, e.g. ``lm_head.weight``).
 
     Linear and embedding factors stay :class:`LoraFactors`; DoRA modules, LoRA biases and the
     adapter's own copies of base parameters become :class:`DenseUpdate` s (see the module's docstring).
     """
     path = Path(path)
     config = read_adapter_config(path)
-    kinds = _sorted_tensors(path, _read_tensors(path, allow_pickle), base_shapes)
+    kinds = _sorted_tensors(path, _read_tensors(path, allow_pickle), base_shapes, tied)
     if not (kinds["linear"] or kinds["embedding"] or kinds["copy"] or kinds["tokens"]):
         raise UserError(f"{path}: the adapter holds no LoRA factors")
     factors: dict[str, LoraFactors] = {}
@@ -272,6 +292,7 @@ def read_adapter(
     for module, ab in sorted(kinds["linear"].items()):
         a, b = _pair(path, module, ab, "lora_")
         target = f"{module}.weight"
+        _check_untied(path, target, tied)
         if target not in base_shapes:
             raise UserError(f"{path}: adapts {module}, but the base has no parameter {target}")
         if len(base_shapes[target]) != 2:
