@@ -222,8 +222,8 @@ def _merge(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--as-adapter",
         action="store_true",
-        help="write the merge as one PEFT LoRA adapter over the base (every expert a plain LoRA "
-        "adapter, linear merge): rank Σ r_i per module, megabytes instead of the model",
+        help="write the merge as one PEFT LoRA adapter over the base (every expert a LoRA adapter, "
+        "linear merge): rank Σ r_i per module, modules changed densely saved whole (modules_to_save)",
     )
 
 

@@ -295,13 +295,62 @@ def test_gpt2_adapters_merge_as_their_peft_merges(tmp_path, w):
         assert not torch.allclose(logits[1], base(input_ids=tokens).logits, atol=1e-3)  # the experts moved it
 
 
-def test_merge_as_adapter_refuses_dense_updates(updates_world, tmp_path):
-    """DoRA and saved lm_heads change parameters no LoRA factor can carry:
-    --as-adapter says so in one line and writes nothing."""
+def test_merge_as_adapter_saves_dense_updates_whole(updates_world, tmp_path):
+    """DoRA and saved lm_heads change parameters no LoRA factor can carry: --as-adapter writes those
+    modules whole (``modules_to_save``: the merged DoRA q and v with the other experts' low-rank
+    update folded in, the merged lm_head), the rest as factors; PEFT loads it with the logits of
+    the merge fit scores, and mergeopt reads it back."""
+    from peft import PeftModel
+
     from tests.test_lora_experts import merge_as_adapter
 
-    result, _ = merge_as_adapter(updates_world["world"], tmp_path, updates_world["adapters"], "--quiet")
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "--as-adapter: the merge changes 5 parameter(s) densely" in lines[0], lines
-    assert not (tmp_path / "out").exists()
+    result, tree = merge_as_adapter(
+        updates_world["world"], tmp_path, updates_world["adapters"], "--dtype", "float32"
+    )
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "out"
+    config = json.loads((out / "adapter_config.json").read_text())
+    dora = [f"model.layers.{i}.self_attn.{m}_proj" for i in (0, 1) for m in "qv"]
+    assert config["modules_to_save"] == sorted([*dora, "lm_head"])
+    assert "model.embed_tokens" in config["target_modules"] and not set(dora) & set(config["target_modules"])
+    base = AutoModelForCausalLM.from_pretrained(updates_world["world"]["base"], dtype=torch.float32).eval()
+    shapes = {n: tuple(p.shape) for n, p in base.named_parameters()}
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(out)).eval()
+    problem = load_problem(recipe_from_dict(tree), progress=False)
+    tokens = torch.randint(4, 30, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), problem.stack.at(torch.tensor([0.5, 0.3, 0.2])) as merged:
+        want = merged(input_ids=tokens).logits
+        torch.testing.assert_close(loaded(input_ids=tokens).logits, want, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(want, base(input_ids=tokens).logits, atol=1e-3)
+    again = read_adapter(out, shapes)
+    assert set(again.dense) == {f"{m}.weight" for m in config["modules_to_save"]}
+
+
+@pytest.mark.parametrize(
+    ("tied", "lora", "message"),
+    [
+        (
+            True,
+            dict(target_modules=["q_proj"], trainable_token_indices=[3, 5]),
+            "model.embed_tokens, whose weight lm_head",
+        ),
+        (False, dict(target_modules=["q_proj"], use_dora=True), "nothing of the merge stays low-rank"),
+    ],
+    ids=["tied-embedding-saved-whole", "all-dense"],
+)
+def test_merge_as_adapter_refuses_what_peft_cannot_load_as_merged(tmp_path, tied, lora, message):
+    """A module saved whole whose weight another shares (PEFT would copy one of the two) and a merge
+    with no factor left are refused in one line."""
+    from mergeopt.export.adapter import adapter_tensors
+    from mergeopt.merging.stack import build_expert_stack
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(tiny_config(tie_word_embeddings=tied)).eval()
+    shapes = {n: tuple(p.shape) for n, p in base.named_parameters()}
+    adapters = {}
+    for i, name in enumerate(EXPERTS):
+        _trained_adapter(base, tmp_path / name, 50 + i, **lora)
+        adapters[name] = read_adapter(tmp_path / name, shapes)
+    stack = build_expert_stack(copy.deepcopy(base), list(EXPERTS), {}, adapters, progress=False)
+    with pytest.raises(UserError, match=message):
+        adapter_tensors(stack, torch.tensor([0.2, 0.3, 0.5]), torch.float32)

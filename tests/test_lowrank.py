@@ -203,7 +203,7 @@ def test_tied_embedding_lora_stays_low_rank_in_the_per_layer_step(tmp_path, dens
         return
     # a PEFT adapter of the embedding would change the input's rows only: --as-adapter refuses
     from mergeopt.errors import UserError
-    from mergeopt.export.merge import adapter_tensors
+    from mergeopt.export.adapter import adapter_tensors
 
     with pytest.raises(UserError, match="model.embed_tokens is adapted and lm_head is tied to it"):
         adapter_tensors(stack, torch.tensor([0.2, 0.3, 0.5]), torch.float32)

@@ -8,11 +8,12 @@ fit scored; a mixture.json whose recorded merge differs from the recipe's is ref
 
 DIR receives config.json, the weights as safetensors (sharded above 5 GB, with
 model.safetensors.index.json), the base's tokenizer, and ``mergeopt_merge.json`` saying where the
-checkpoint came from. With ``--as-adapter`` (every expert a plain LoRA adapter, linear merge) DIR
+checkpoint came from. With ``--as-adapter`` (every expert a LoRA adapter, linear merge) DIR
 is instead one PEFT LoRA adapter over the base: per module the experts' factors side by side,
 A = [A_1; …; A_K] and B = [c_1 B_1 … c_K B_K] with c_i = λ w_i s_i, so its rank there is Σ r_i and
 its scaling 1 (what PEFT's ``add_weighted_adapter(combination_type="cat")`` builds), which PEFT,
-vLLM and lm-eval's ``peft=`` load as they load any adapter. Everything is written into a hidden
+vLLM and lm-eval's ``peft=`` load as they load any adapter; a module the merge changes densely
+(DoRA, modules_to_save, trained biases, trainable tokens) is saved whole, as ``modules_to_save``. Everything is written into a hidden
 sibling directory that is swapped with DIR at the end (:mod:`mergeopt.runtime.rundir`), so a
 failure leaves nothing at DIR (and, with ``--overwrite``, the old DIR intact).
 
@@ -39,6 +40,7 @@ from mergeopt import worlds
 from mergeopt.cli import run_command
 from mergeopt.config import Recipe, load_recipe
 from mergeopt.errors import UserError
+from mergeopt.export.adapter import adapter_config, adapter_tensors, check_adapter_merge
 from mergeopt.inputs import writable_dir
 from mergeopt.loading.checkpoints import gguf_base, open_checkpoint
 from mergeopt.merging.layer_merge import make_permanent
@@ -50,7 +52,6 @@ from mergeopt.runtime.files import file_mode
 from mergeopt.runtime.rundir import owned, staged
 
 MANIFEST = "mergeopt_merge.json"
-PEFT_PREFIX = "base_model.model."  # PEFT's key prefix in adapter_model.safetensors
 OUT_DTYPES = ("float32", "bfloat16", "float16")
 MAX_SHARD_SIZE = "5GB"
 # the merge fields of mixture.json's "method" record, and the recipe key that sets each
@@ -282,14 +283,16 @@ def materialize(
     log(f"merging {stack.num_experts} experts ({stack.method['name']}) at " + _format(weights))
     stack.write_mixture(w)
     if as_adapter:
-        tensors, ranks = adapter_tensors(stack, stack.lowrank.current_weights(), DTYPES[dtype])
-        config = adapter_config(recipe, ranks)
+        current = stack.lowrank.current_weights() if stack.lowrank is not None else w.float()
+        tensors, ranks, saved = adapter_tensors(stack, current, DTYPES[dtype])
+        config = adapter_config(recipe, ranks, saved)
         manifest = _manifest(recipe, weights, stack.method, dtype, provenance)
         write_adapter(tensors, config, manifest, out, overwrite)
         size = (out / "adapter_model.safetensors").stat().st_size
+        whole = f" and {len(saved)} saved whole (modules_to_save)" if saved else ""
         log(
             f"wrote {out}: a LoRA adapter over {recipe.model.base}, {len(ranks)} modules of rank "
-            f"{min(ranks.values())}-{max(ranks.values())}, {size / 2**20:,.1f} MiB in {dtype}, {MANIFEST}"
+            f"{min(ranks.values())}-{max(ranks.values())}{whole}, {size / 2**20:,.1f} MiB in {dtype}, {MANIFEST}"
         )
         return manifest
     with torch.no_grad():
@@ -322,78 +325,6 @@ def _manifest(recipe: Recipe, weights, method: dict, dtype: str, provenance) -> 
         "seed": recipe.seed,
         **(provenance or {}),
         "mergeopt_version": mergeopt.__version__,
-    }
-
-
-def check_adapter_merge(recipe: Recipe) -> None:
-    """``--as-adapter`` before anything is loaded: a linear merge of LoRA adapters only."""
-    from mergeopt.loading.lora import is_adapter
-
-    if recipe.merge.method != "linear":
-        raise UserError(
-            f"--as-adapter needs merge.method linear: {recipe.merge.method} makes the adapters dense "
-            "(write the checkpoint without --as-adapter)"
-        )
-    dense = [name for name, path in recipe.model.experts.items() if not is_adapter(path)]
-    if dense:
-        raise UserError(
-            f"--as-adapter needs every expert to be a LoRA adapter; {', '.join(map(repr, dense))} "
-            "is a dense checkpoint (write the checkpoint without --as-adapter)"
-        )
-
-
-def adapter_tensors(stack, weights: torch.Tensor, dtype: torch.dtype) -> tuple[dict, dict[str, int]]:
-    """The merge at ``weights`` as one LoRA adapter: its tensors under PEFT's names and each module's
-    rank. Refused when the merge also changes a parameter densely (DoRA, modules_to_save, trained
-    biases, trainable tokens), which no LoRA factor can carry, or adapts an embedding its output
-    layer is tied to (a PEFT adapter changes only the input's)."""
-    dense = [*stack.deltas, *stack.shared]
-    if dense or stack.lowrank is None or not stack.lowrank.modules:
-        raise UserError(
-            f"--as-adapter: the merge changes {len(dense)} parameter(s) densely ({dense[0] if dense else 'none'}"
-            f"{', …' if len(dense) > 1 else ''}; DoRA, modules_to_save, trained biases or trainable "
-            "tokens), which a LoRA adapter cannot carry: write the checkpoint without --as-adapter"
-        )
-    if stack.lowrank.tied:
-        output, embedding = next(iter(stack.lowrank.tied.items()))
-        raise UserError(
-            f"--as-adapter: {embedding} is adapted and {output} is tied to it; PEFT applies an embedding "
-            "adapter to the input only, the merge to both: write the checkpoint without --as-adapter"
-        )
-    tensors, ranks = {}, {}
-    for module, factors in stack.lowrank.modules.items():
-        c = factors.coefficients(weights.to(factors.scaling.device), stack.lowrank.scale)
-        a, b = factors.whole(torch.float32)
-        a, b = a.to(dtype).contiguous().cpu(), (b * c.float()).to(dtype).contiguous().cpu()
-        if isinstance(stack.model.get_submodule(module), torch.nn.Embedding):
-            # PEFT's embedding factors are the transposes: ΔE = (B_peft A_peft)ᵀ = b·a
-            tensors[f"{PEFT_PREFIX}{module}.lora_embedding_A"] = b.T.contiguous()
-            tensors[f"{PEFT_PREFIX}{module}.lora_embedding_B"] = a.T.contiguous()
-        else:
-            tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a
-            tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b
-        ranks[module] = a.shape[0]
-    return tensors, ranks
-
-
-def adapter_config(recipe: Recipe, ranks: Mapping[str, int]) -> dict:
-    """adapter_config.json of the merged adapter: each module's rank Σ r_i and α = rank (scaling 1:
-    the coefficients are in B), its full name as target and pattern key (PEFT matches both)."""
-    largest = max(ranks.values())
-    return {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": recipe.model.base,
-        "r": largest,
-        "lora_alpha": largest,
-        "rank_pattern": dict(ranks),
-        "alpha_pattern": dict(ranks),
-        "target_modules": sorted(ranks),
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "use_rslora": False,
-        "fan_in_fan_out": False,
-        "inference_mode": True,
     }
 
 

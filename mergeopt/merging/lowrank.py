@@ -204,7 +204,7 @@ def _row_scale(name: str, module: torch.nn.Embedding) -> float:
     return scale
 
 
-def _weight_source(module: torch.nn.Module):
+def weight_source(module: torch.nn.Module):
     """The object a module's weight is read from: its parameter, or its merge (a stacked weight)."""
     if parametrize.is_parametrized(module, "weight"):
         return module.parametrizations.weight[0]
@@ -214,7 +214,7 @@ def _weight_source(module: torch.nn.Module):
 def _tied_output(model: torch.nn.Module, embedding: torch.nn.Module) -> tuple[str, torch.nn.Module] | None:
     """(name, module) of the output layer when it reads ``embedding``'s weight (tied embeddings)."""
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if output is None or output is embedding or _weight_source(output) is not _weight_source(embedding):
+    if output is None or output is embedding or weight_source(output) is not weight_source(embedding):
         return None
     name = next(n for n, m in model.named_modules() if m is output)
     return name, output

@@ -1,0 +1,132 @@
+"""The merge of LoRA experts written as one PEFT LoRA adapter (``mergeopt merge --as-adapter``).
+
+With a linear merge of LoRA experts the merged model is the base plus a low-rank update, so it
+can ship as an adapter of megabytes instead of a checkpoint of gigabytes: per module the experts'
+factors side by side, A = [A_1; …; A_K] and B = [c_1 B_1 … c_K B_K] with c_i = λ w_i s_i (rank
+Σ r_i, scaling 1: what PEFT's ``add_weighted_adapter(combination_type="cat")`` builds). What an
+adapter changes densely (DoRA, modules_to_save, trained biases, trainable tokens) goes in as
+``modules_to_save``: the module's merged parameters, whole. :mod:`mergeopt.export.merge` writes
+it, as it writes a checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from mergeopt.config import Recipe
+from mergeopt.errors import UserError
+from mergeopt.loading.lora import PREFIX as PEFT_PREFIX  # PEFT's key prefix in adapter files
+
+
+def check_adapter_merge(recipe: Recipe) -> None:
+    """``--as-adapter`` before anything is loaded: a linear merge of LoRA adapters only."""
+    from mergeopt.loading.lora import is_adapter
+
+    if recipe.merge.method != "linear":
+        raise UserError(
+            f"--as-adapter needs merge.method linear: {recipe.merge.method} makes the adapters dense "
+            "(write the checkpoint without --as-adapter)"
+        )
+    dense = [name for name, path in recipe.model.experts.items() if not is_adapter(path)]
+    if dense:
+        raise UserError(
+            f"--as-adapter needs every expert to be a LoRA adapter; {', '.join(map(repr, dense))} "
+            "is a dense checkpoint (write the checkpoint without --as-adapter)"
+        )
+
+
+def adapter_tensors(
+    stack, weights: torch.Tensor, dtype: torch.dtype
+) -> tuple[dict, dict[str, int], list[str]]:
+    """The merge at ``weights`` as one LoRA adapter: its tensors under PEFT's names, each low-rank
+    module's rank, and the modules saved whole. A module whose merge changes a parameter densely
+    (DoRA, modules_to_save, trained biases, trainable tokens, a saved weight that is not θ0) goes in
+    as a ``modules_to_save`` copy of its merged parameters, its LoRA update at w folded in.
+    Refused: an adapted embedding its output layer is tied to (a PEFT adapter changes only the
+    input's), a module saved whole whose weight another module shares, and a merge with nothing
+    left low-rank."""
+    from torch.nn.utils import parametrize
+
+    from mergeopt.merging.lowrank import weight_source
+
+    lowrank = stack.lowrank
+    if lowrank is not None and lowrank.tied:
+        output, embedding = next(iter(lowrank.tied.items()))
+        raise UserError(
+            f"--as-adapter: {embedding} is adapted and {output} is tied to it; PEFT applies an embedding "
+            "adapter to the input only, the merge to both: write the checkpoint without --as-adapter"
+        )
+    model = stack.model
+    saved = sorted({name.rpartition(".")[0] for name in [*stack.deltas, *stack.shared]})
+    sources = {}
+    for name, module in model.named_modules():  # (reading .weight would merge a stacked one)
+        if "weight" in module._parameters or parametrize.is_parametrized(module, "weight"):
+            sources.setdefault(id(weight_source(module)), []).append(name)
+    for module in saved:
+        others = [n for n in sources.get(id(weight_source(model.get_submodule(module))), []) if n != module]
+        if others:
+            raise UserError(
+                f"--as-adapter: the merge changes {module}, whose weight {others[0]} shares (tied), and a PEFT "
+                "adapter would save one copy of it: write the checkpoint without --as-adapter"
+            )
+    factors = {} if lowrank is None else {m: f for m, f in lowrank.modules.items() if m not in saved}
+    if not factors:
+        raise UserError(
+            "--as-adapter: nothing of the merge stays low-rank (every adapted module is also changed "
+            "densely): write the checkpoint without --as-adapter"
+        )
+    tensors, ranks = {}, {}
+    for module, f in factors.items():
+        c = f.coefficients(weights.to(f.scaling.device), lowrank.scale)
+        a, b = f.whole(torch.float32)
+        a, b = a.to(dtype).contiguous().cpu(), (b * c.float()).to(dtype).contiguous().cpu()
+        if isinstance(model.get_submodule(module), torch.nn.Embedding):
+            # PEFT's embedding factors are the transposes: ΔE = (B_peft A_peft)ᵀ = b·a
+            tensors[f"{PEFT_PREFIX}{module}.lora_embedding_A"] = b.T.contiguous()
+            tensors[f"{PEFT_PREFIX}{module}.lora_embedding_B"] = a.T.contiguous()
+        else:
+            tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a
+            tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b
+        ranks[module] = a.shape[0]
+    with torch.no_grad():
+        for module in saved:
+            for name, value in _merged_parameters(model.get_submodule(module)).items():
+                if name == "weight" and lowrank is not None and module in lowrank.modules:
+                    f = lowrank.modules[module]
+                    value = value.float() + f.delta(weights.to(f.scaling.device), lowrank.scale).to(
+                        value.device
+                    )
+                tensors[f"{PEFT_PREFIX}{module}.{name}"] = value.to(dtype).contiguous().cpu()
+    return tensors, ranks, saved
+
+
+def _merged_parameters(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A module's own parameters by name, a stacked one read as its merge at the written mixture."""
+    names = {n for n, _ in module.named_parameters(recurse=False)}
+    names |= set(getattr(module, "parametrizations", {}))  # stacked: their merge, formed when read
+    return {name: getattr(module, name).detach() for name in sorted(names)}
+
+
+def adapter_config(recipe: Recipe, ranks: Mapping[str, int], saved: Sequence[str] = ()) -> dict:
+    """adapter_config.json of the merged adapter: each module's rank Σ r_i and α = rank (scaling 1:
+    the coefficients are in B), its full name as target and pattern key (PEFT matches both), and
+    the modules saved whole (``modules_to_save``)."""
+    largest = max(ranks.values())
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": recipe.model.base,
+        "r": largest,
+        "lora_alpha": largest,
+        "rank_pattern": dict(ranks),
+        "alpha_pattern": dict(ranks),
+        "target_modules": sorted(ranks),
+        "modules_to_save": list(saved) or None,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "use_rslora": False,
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+    }
