@@ -159,7 +159,9 @@ def _world(name: str, tmp_path_factory) -> Path:
 
     The README's first command (the main job on the tiny world) builds the tiny world into the
     user's cache (``$MERGEOPT_CACHE``, else ``~/.cache/mergeopt``), and a world is a deterministic
-    function of its version and seed, so the tests read that one rather than spend minutes building
+    function of its version and seed on one CPU model (built with
+    :data:`mergeopt.worlds.BUILD_THREADS` threads, whatever the caller's), so the tests read that
+    one rather than spend minutes building
     it again; they never write into the user's cache. ``MERGEOPT_TEST_CACHE`` names a cache to use
     instead (it is built there when missing).
     """

@@ -9,7 +9,8 @@ rows, then ranks the proxy against the committed table.
 
 Training is chaotic enough that the thread count shows in the third decimal of a loss (a CPU kernel
 splits its reductions by thread), so the test trains with the 2 torch threads the committed table
-was trained with, whatever the test process's own count. The CPU's kernels show as much: torch's
+was trained with, whatever the test process's own count (and the world itself is built with
+:data:`mergeopt.worlds.BUILD_THREADS`, whoever builds it). The CPU's kernels show as much: torch's
 vectorised kernels follow the CPU's capability (AVX2, AVX-512) and MKL's matrix products its vendor,
 and from the tiny world's pretraining on the runs differ by a tenth in loss. Two AVX-512 Xeons of
 different generations differ as well. So the rows a machine must reproduce bit for bit are keyed by

@@ -198,3 +198,29 @@ def _ctrl_c_then_more_work(ticks: list[int]):
         raise AssertionError("the call ran to its end: the interrupt waited for it")
 
     return call
+
+
+class _ThreadsWorld:
+    """A world whose build records the torch threads it ran with."""
+
+    WORLD_VERSION = 1
+    seen: list[int] = []
+
+    @classmethod
+    def build_into(cls, path, seed, log):
+        cls.seen.append(torch.get_num_threads())
+        (path / "weights.txt").write_text(f"seed {seed}\n")
+        return {}
+
+
+def test_a_world_is_built_with_the_same_threads_whoever_builds_it(tmp_path, monkeypatch):
+    """CPU kernels split reductions by thread, and a world's training amplifies the last bits: a
+    one-thread test worker and a CLI run with every core must build the same world, so the build
+    runs with BUILD_THREADS and the caller's count comes back after it."""
+    monkeypatch.setattr(worlds, "_registry", lambda: {"threads": _ThreadsWorld})
+    _ThreadsWorld.seen.clear()
+    before = torch.get_num_threads()
+    worlds.ensure("threads", str(tmp_path / "cache"), log=lambda _m: None)
+    assert _ThreadsWorld.seen == [worlds.BUILD_THREADS] and torch.get_num_threads() == before
+    marker = (worlds.world_dir("threads", str(tmp_path / "cache")) / worlds.MARKER).read_text()
+    assert f'"threads": {worlds.BUILD_THREADS}' in marker

@@ -25,6 +25,11 @@ from mergeopt.inputs import writable_dir
 from mergeopt.runtime.files import make_staging_dir
 
 MARKER = "world.json"
+# torch threads a world is built with, whatever the caller's: CPU kernels split their reductions by
+# thread, so a world built with the machine's core count (a CLI run) and one built in a one-thread
+# test worker differed in the last bits, and its training amplifies them (tiny world: dev losses
+# 0.01-0.4 apart on one CPU). The worlds the committed tables were trained on were built with 2.
+BUILD_THREADS = 2
 
 
 def _registry() -> dict[str, Any]:  # name -> module (or class) with WORLD_VERSION and build_into
@@ -96,12 +101,20 @@ def _build(name: str, target: Path, seed: int, log: Callable[[str], None]) -> Pa
         shutil.rmtree(target)
     start = time.perf_counter()
     staging = make_staging_dir(target.parent, f".building-{name}-")
+    import torch
+
+    threads = torch.get_num_threads()
     try:
-        meta = _registry()[name].build_into(staging, seed, log)
+        torch.set_num_threads(BUILD_THREADS)
+        try:
+            meta = _registry()[name].build_into(staging, seed, log)
+        finally:
+            torch.set_num_threads(threads)
         meta.update(
             world=name,
             version=_registry()[name].WORLD_VERSION,
             seed=seed,
+            threads=BUILD_THREADS,
             build_seconds=round(time.perf_counter() - start, 1),
         )
         (staging / MARKER).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
