@@ -79,11 +79,13 @@ def test_a_leftover_without_its_marker_is_built_again(tmp_path, monkeypatch):
 def test_ctrl_c_during_a_world_build_stops_it_and_leaves_nothing(tmp_path):
     """SIGINT at step 2 of the tiny world's pretraining (the process signals itself there, through the
     real handler): the fit stops at that step, not after the build, exits 130 with one line saying
-    nothing was saved, and leaves no world, no staging directory, no output directory, no checkpoint."""
-    from tests.conftest import REPO, run_forked
+    nothing was saved, and leaves no world, no staging directory, no output directory, no checkpoint.
+    A new interpreter, not a fork of this one: the build runs with BUILD_THREADS torch threads, and
+    OpenMP hangs starting threads in a forked child of a process that ran it with several."""
+    from tests.conftest import REPO, run_module
 
     cache, out = tmp_path / "cache", tmp_path / "out"
-    result = run_forked(
+    result = run_module(
         "fit",
         str(REPO / "recipes" / "tiny.yaml"),
         f"output_dir={out}",
