@@ -286,6 +286,16 @@ def _forked_rank(module: str, args: tuple, rank: int, size: int, port: int, out:
     _forked_command(module, args, None, out, err)
 
 
+def _rank_context():
+    """The forkserver the ranks of :func:`run_ranks` are forked from (one per test worker, started at
+    first use; its imports are this module's, which set one torch thread, and the command's)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["tests.conftest", "mergeopt.cli", "transformers", "peft"])
+    return context
+
+
 def run_ranks(module: str, *args: str, processes: int) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node=PROCESSES -m mergeopt.<module> ARGS``, its workers
     forked from this process: what :func:`run_module` returns, every rank's output concatenated in
@@ -300,8 +310,13 @@ def run_ranks(module: str, *args: str, processes: int) -> subprocess.CompletedPr
     on 2 cores, most of a small fit's time). So this runs the tests of what the ranks compute; the
     tests of torchrun's own part (its agent's signals on a failing or killed rank, the c10d
     rendezvous of several agents) start the real ``torch.distributed.run``.
+
+    The ranks are forked from a forkserver (:func:`_rank_context`), not from this process: a
+    test worker has run other tests' libraries, and a rank forked from one that had run lm-eval
+    in-process once died of SIGSEGV inside lm-eval's generation (threads of a library, copied by
+    fork without the threads themselves). The server is a new interpreter that imports torch,
+    transformers and mergeopt once per worker and runs nothing else.
     """
-    import multiprocessing
     import socket
     import tempfile
     import time
@@ -313,9 +328,9 @@ def run_ranks(module: str, *args: str, processes: int) -> subprocess.CompletedPr
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
         files = [(os.path.join(tmp, f"{r}.out"), os.path.join(tmp, f"{r}.err")) for r in range(processes)]
-        fork = multiprocessing.get_context("fork")
+        context = _rank_context()
         ranks = [
-            fork.Process(target=_forked_rank, args=(module, args, r, processes, port, *files[r]))
+            context.Process(target=_forked_rank, args=(module, args, r, processes, port, *files[r]))
             for r in range(processes)
         ]
         for rank in ranks:
