@@ -316,9 +316,11 @@ def test_an_explicit_gpu_index_under_torchrun_is_refused_in_one_line(monkeypatch
 
 def test_forked_ranks_report_a_failing_command_as_torchrun_would(tmp_path):
     """tests.conftest.run_ranks, the launcher of this module's comparisons: a command every rank
-    refuses comes back with its exit code and each rank's one line, and nothing is written."""
+    refuses comes back with its exit code and the one line of each rank that got to say it (as
+    torchrun's agent does, the first rank to fail ends the others, so a slower rank may be ended
+    first), and nothing is written."""
     job = run_ranks("fit", str(tmp_path / "missing.yaml"), f"output_dir={tmp_path / 'out'}", processes=2)
     assert job.returncode == 2
     said = [line for line in job.stderr.splitlines() if line.startswith("mergeopt: error")]
-    assert len(said) == 2 and said[0] == said[1] and "missing.yaml" in said[0], job.stderr
+    assert 1 <= len(said) <= 2 and len(set(said)) == 1 and "missing.yaml" in said[0], job.stderr
     assert not (tmp_path / "out").exists()
