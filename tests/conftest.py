@@ -358,9 +358,14 @@ def run_ranks(module: str, *args: str, processes: int) -> subprocess.CompletedPr
         return subprocess.CompletedProcess(
             [module, *args],
             failed or 0,
-            "".join(Path(out).read_text(encoding="utf-8") for out, _ in files),
-            "".join(Path(err).read_text(encoding="utf-8") for _, err in files),
+            "".join(_written(out) for out, _ in files),
+            "".join(_written(err) for _, err in files),
         )
+
+
+def _written(path: str) -> str:
+    """What a rank wrote to ``path``: nothing when it was ended before it opened the file."""
+    return Path(path).read_text(encoding="utf-8") if os.path.exists(path) else ""
 
 
 @contextlib.contextmanager
