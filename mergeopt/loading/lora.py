@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -434,6 +434,11 @@ class FactorSizes:
     # LoRA on embed_tokens or lm_head): dense rows only where the copy is not θ0 (the plan compares)
     copies: tuple[str, ...] = ()
 
+    def keeping(self, modules: dict[str, tuple[int, int, int]]) -> FactorSizes:
+        """These sizes with ``modules`` kept low-rank: the element count and rank sum follow them."""
+        numel = sum(r * (i + o) for r, i, o in modules.values())
+        return replace(self, modules=modules, numel=numel, rank_sum=sum(r for r, _, _ in modules.values()))
+
 
 def saved_copy(path: str | Path, name: str) -> torch.Tensor:
     """The adapter's own copy of base parameter ``name`` (saved as ``….base_layer.weight`` or under
@@ -492,6 +497,5 @@ def factor_sizes(path: str | Path, fan_in_fan_out: bool = False) -> FactorSizes:
         PREFIX + m: (embeddings[m]["A"][0], embeddings[m]["B"][0], embeddings[m]["A"][1])
         for m in low_embedded
     }
-    numel = sum(r * (i + o) for r, i, o in modules.values())
-    rank_sum = sum(r for r, _, _ in modules.values())
-    return FactorSizes(numel, rank_sum, stored, modules, tuple(sorted(dense - copies)), tuple(sorted(copies)))
+    sizes = FactorSizes(0, 0, stored, dense=tuple(sorted(dense - copies)), copies=tuple(sorted(copies)))
+    return sizes.keeping(modules)

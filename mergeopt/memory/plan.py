@@ -602,10 +602,7 @@ def _not_excluded(sizes: FactorSizes, patterns: Sequence[re.Pattern]) -> FactorS
     modules = {
         m: v for m, v in sizes.modules.items() if not _excluded(f"{m.removeprefix(PREFIX)}.weight", patterns)
     }
-    if len(modules) == len(sizes.modules):
-        return sizes
-    numel = sum(r * (i + o) for r, i, o in modules.values())
-    return replace(sizes, modules=modules, numel=numel, rank_sum=sum(r for r, _, _ in modules.values()))
+    return sizes if len(modules) == len(sizes.modules) else sizes.keeping(modules)
 
 
 def _factor_elements(adapters: dict[str, FactorSizes], shards: int) -> int:
