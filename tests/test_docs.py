@@ -82,7 +82,7 @@ def _schema_fields(model: type[pydantic.BaseModel], prefix: str = "") -> list[tu
 
 def test_every_recipe_key_has_a_description():
     missing = [key for key, field in _schema_fields(Recipe) if not (field.description or "").strip()]
-    assert not missing, f"recipe keys without a description in mergeopt/config.py: {missing}"
+    assert not missing, f"recipe keys without a description in mergeopt/config/: {missing}"
 
 
 def test_recipe_reference_lists_every_key_with_its_type_default_and_description():

@@ -13,6 +13,7 @@ from tests.conftest import REPO
 
 PACKAGE = REPO / "mergeopt"
 SUBPACKAGES = {
+    "config",
     "loading",
     "merging",
     "memory",
@@ -92,13 +93,12 @@ def test_the_package_is_laid_out_along_a_run():
     packages = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
     assert packages == SUBPACKAGES
     top = sorted(p.stem for p in PACKAGE.glob("*.py"))
-    # the CLI and its python -m aliases, the recipe and run-file schemas, errors and the up-front
+    # the CLI and its python -m aliases, the run-file schemas (the recipe's is config/), errors and the up-front
     # checks of what a user hands a command (inputs), and the fit itself
     assert top == [
         "__init__",
         "__main__",
         "cli",
-        "config",
         "errors",
         "fit",
         "inputs",

@@ -165,7 +165,7 @@ RECIPE_INTRO = """\
 # Recipe keys
 
 A recipe is one YAML file that describes a whole run. Every key, its type and its default live in
-one typed, frozen schema, `mergeopt/config.py`; this page is generated from it when the docs are
+one typed, frozen schema, `mergeopt/config/`; this page is generated from it when the docs are
 built, so it lists exactly what the code accepts. Unknown keys and wrong types are errors that name
 the key and the file (see [Bad input](bad-input.md)).
 

@@ -1,0 +1,58 @@
+"""What every recipe section shares: strict, frozen, finite fields, and the checks on names.
+
+A typo in a key, a NaN or an infinity anywhere in a recipe is refused before any model is loaded,
+because every section derives from :class:`Section`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Section(BaseModel):
+    # allow_inf_nan=False: NaN passes every comparison test (abs(nan - 1) > tol is false) and inf
+    # passes every `gt=0`, so every float of a recipe, nested ones too, must be a finite number
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
+
+
+def check_name(name: str, what: str) -> str:
+    """Names become CSV columns, config keys and file names: no separators, no '..' (nothing can
+    escape the output directory through a name)."""
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*", name) or ".." in name:
+        raise ValueError(
+            f"{what} {name!r} may only use letters, digits, '_', '.', '-' (not starting with '.', no '..')"
+        )
+    return name
+
+
+def _says_test(name: str) -> bool:
+    """'test' as a whole word: gsm8k_test, test-00000-of-00001, Math.Test; not contest, latest, testing."""
+    return "test" in re.split(r"[^a-z0-9]+", name.lower())
+
+
+def says_test_split(name: str, path: str) -> str | None:
+    """Where a dev set says it is a test split, or None: the word 'test' in its name or its file's stem,
+    or a folder named 'test' holding the file (a dataset's split folder, mmlu/test/x.jsonl).
+
+    The folder must be named 'test' exactly: a folder such as ``tests`` or ``test_run0`` (pytest's
+    temporary folders) is where files live, not what they hold.
+    """
+    file = Path(path)
+    if _says_test(name):
+        return f"its name {name!r}"
+    if _says_test(file.stem):
+        return f"its file name {file.name!r}"
+    if file.parent.name.lower() == "test":
+        return f"its folder {file.parent.name!r}"
+    return None
+
+
+def named_once(names: tuple[str, ...], what: str) -> tuple[str, ...]:
+    """``names`` as given, or the one-line error of a list that names ``what`` twice."""
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ValueError(f"names {what} twice: {', '.join(twice)}")
+    return names

@@ -1,0 +1,135 @@
+"""Recipes from YAML: a safe loader that refuses duplicate keys, dotted ``key=value`` overrides, and
+validation errors turned into one line that names the file and the key.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from mergeopt.config.recipe import Recipe
+from mergeopt.errors import UserError
+from mergeopt.inputs import existing_file
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses duplicate keys instead of silently keeping the last one."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """``["optim.lr=0.1", "output_dir=/tmp/x"]`` -> ``{"optim.lr": 0.1, "output_dir": "/tmp/x"}``.
+
+    Values are read as YAML scalars or flow collections, so ``true``, ``3``, ``[a, b]`` and
+    ``{math: 0.5, code: 0.5}`` get their natural types.
+    """
+    parsed: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_\-]+)*", key):
+            raise UserError(f"override {item!r} is not of the form key.sub=value")
+        try:
+            parsed[key] = yaml.load(raw, Loader=_UniqueKeyLoader) if raw != "" else ""
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise UserError(f"override {item!r}: value is not valid YAML ({problem})") from None
+    return parsed
+
+
+def _apply_override(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``dotted`` in the YAML tree; a number indexes a list (``data.dev.0.name``), as the
+    validation errors spell list items."""
+    node: Any = tree
+    parts = dotted.split(".")
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[:depth]) or "the recipe"
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise UserError(
+                    f"override {dotted}: {where} is a list of {len(node)} item(s); "
+                    f"index it with 0 to {len(node) - 1}, not {part!r}"
+                )
+            index: Any = int(part)
+        elif isinstance(node, dict):
+            index = part
+        else:
+            raise UserError(f"override {dotted}: {where} is not a section, cannot set a key under it")
+        if last:
+            node[index] = value
+            return
+        child = node[index] if isinstance(node, list) else node.get(part)
+        if child is None:
+            child = node[index] = {}
+        node = child
+
+
+def _describe(error: dict[str, Any]) -> tuple[str, str]:
+    loc = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return loc, "unknown key"
+    if error["type"] == "missing":
+        return loc, "required key is missing"
+    msg = error["msg"].removeprefix("Value error, ")
+    return loc, msg
+
+
+def recipe_from_dict(
+    tree: dict[str, Any], source: str = "<recipe>", overridden: Sequence[str] = ()
+) -> Recipe:
+    """Validate a nested dict; the error names the source and the first offending key."""
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as err:
+        loc, msg = _describe(err.errors()[0])
+        where = f"{source}: {loc}" if loc else source
+        origin = (
+            " (set on the command line)"
+            if any(loc == k or loc.startswith(k + ".") for k in overridden)
+            else ""
+        )
+        raise UserError(f"{where}: {msg}{origin}") from None
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Read a recipe YAML (safe loader, no duplicate keys), apply ``key=value`` overrides, validate."""
+    path = existing_file(path, "recipe")
+    try:
+        tree = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text (is this a YAML recipe?)") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(err, "problem", None) or str(err)
+        raise UserError(f"{where}: not valid YAML ({problem})") from None
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise UserError(f"{path}: a recipe must be a mapping of keys, got {type(tree).__name__}")
+    parsed = parse_overrides(overrides)
+    for key, value in parsed.items():
+        _apply_override(tree, key, value)
+    return recipe_from_dict(tree, str(path), list(parsed))
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """The fully resolved recipe (every default spelled out), loadable again with load_recipe."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,84 @@
+"""The objective section: what the search maximises, as terms combined into one utility."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from mergeopt.config.base import Section
+
+
+class ObjectiveTerm(Section):
+    """One score of the merged model; several terms combine into one utility (a weighted macro-average)."""
+
+    kind: Literal["loss", "exact_match", "choice_accuracy", "custom", "lm_eval"] = Field(
+        description="loss (differentiable), exact_match (greedy generation), choice_accuracy (log-likelihood "
+        "of options), custom, lm_eval (an lm-eval-harness task)."
+    )
+    dev: str = Field(
+        default="all",
+        description="Dev set it is scored on ('all' only for loss; lm_eval uses its task's data).",
+    )
+    weight: float = Field(default=1.0, gt=0.0, description="Share of this term in the utility.")
+    name: str | None = Field(default=None, description="Column name in logs; default '<kind>:<dev>'.")
+    function: str | None = Field(
+        default=None, description="custom: 'package.module:function' called with (model, tokenizer, records)."
+    )
+    higher_is_better: bool = Field(default=True, description="custom, lm_eval: direction of the score.")
+    max_new_tokens: int = Field(default=32, gt=0, description="exact_match: greedy tokens generated.")
+    stop: tuple[str, ...] = Field(
+        default=("\n",),
+        description="exact_match: the generation is cut at the first of these strings (lm-eval's "
+        "until); [] for none.",
+    )
+    length_normalize: bool = Field(
+        default=False,
+        description="choice_accuracy: score options by log-likelihood per character (lm-eval's acc_norm).",
+    )
+    task: str | None = Field(default=None, description="lm_eval: the task name.")
+    include_path: str | None = Field(
+        default=None,
+        description="lm_eval: a directory of task YAMLs (local tasks); null: lm-eval's own tasks.",
+    )
+    metric: str = Field(
+        default="acc", description="lm_eval: the result key, e.g. 'acc' or 'exact_match,strict-match'."
+    )
+    limit: int | None = Field(default=None, gt=0, description="lm_eval: score only the first N documents.")
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        return f"lm_eval:{self.task}" if self.kind == "lm_eval" else f"{self.kind}:{self.dev}"
+
+    @model_validator(mode="after")
+    def _fields_fit_kind(self) -> ObjectiveTerm:
+        if self.kind == "custom":
+            if not self.function or not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", self.function):
+                raise ValueError("a custom term needs function: 'package.module:function'")
+        elif self.function is not None:
+            raise ValueError(f"function is only for kind 'custom', not {self.kind!r}")
+        if self.kind == "lm_eval":
+            if not self.task:
+                raise ValueError("an lm_eval term needs task: <lm-eval task name>")
+            if self.dev != "all":
+                raise ValueError("an lm_eval term is scored on its task's own data: leave dev unset")
+        elif self.task is not None or self.include_path is not None:
+            raise ValueError(f"task and include_path are only for kind 'lm_eval', not {self.kind!r}")
+        elif self.kind != "loss" and self.dev == "all":
+            raise ValueError(f"a {self.kind} term must name one dev set (dev: <name>)")
+        return self
+
+
+class ObjectiveSection(Section):
+    """What the search maximizes. No terms: minimize the dev loss of data.target (differentiable)."""
+
+    terms: tuple[ObjectiveTerm, ...] = Field(
+        default=(), description="Scores combined into the utility; empty: the loss of data.target."
+    )
+    normalize: Literal["none", "experts"] = Field(
+        default="none",
+        description="experts: min-max each term over the K single experts before averaging (MergeMix).",
+    )
