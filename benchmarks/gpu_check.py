@@ -413,11 +413,12 @@ def cuda_tests(check: Check, record: dict) -> None:
 def planned(check: Check, config: Path, length: int) -> dict:
     """The dry-run plan of the same recipe: the held bytes, the training-step row, the model size."""
     from mergeopt.memory import dry_run, plan
+    from mergeopt.memory.sizes import DeviceMemory
 
     recipe = recipe_for(config, check.device, length, check.dtype)
     inventory, dims = dry_run.read_inventory(recipe)
     free, total = _free_bytes(check.device)
-    memory = plan.DeviceMemory(check.device, check.report["gpu"], total, free)
+    memory = DeviceMemory(check.device, check.report["gpu"], total, free)
     p = plan.plan_memory(recipe, inventory, dims, memory)
     held = sum(r.bytes for r in p.held)
     step = p.row("training step")

@@ -165,9 +165,10 @@ def timings(repeats: int, checkpointed: bool) -> dict:
 def planned_peaks() -> list[dict]:
     from mergeopt.config import load_recipe
     from mergeopt.memory import dry_run, plan
+    from mergeopt.memory.sizes import DeviceMemory
 
     rows = []
-    card = plan.DeviceMemory("cuda:0", "one 80 GB GPU", 80 * 2**30, 80 * 2**30)
+    card = DeviceMemory("cuda:0", "one 80 GB GPU", 80 * 2**30, 80 * 2**30)
     for k in (4, 8):
         for dtype in ("bfloat16", "int8"):
             path = f"random://{CONFIG_8B}"

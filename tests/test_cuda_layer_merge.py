@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from mergeopt.memory import checkpointing, plan
+from mergeopt.memory import checkpointing, phases
+from mergeopt.memory.sizes import Dims
 from mergeopt.merging.stack import build_stack
 from mergeopt.objectives.data import Example, collate
 from mergeopt.objectives.loss import dev_loss
@@ -83,9 +84,9 @@ def test_bfloat16_int8_step_is_close_and_within_the_plan(tmp_path):
     from tests.test_plan import small_recipe
 
     r = small_recipe("int8", "bfloat16", 96, activation_checkpointing=True, loss_chunk_tokens=128)
-    dims = plan.Dims.from_config(config.to_dict(), "tiny")
+    dims = Dims.from_config(config.to_dict(), "tiny")
     largest = max(t.numel() for t in stack.anchor.values())
     layer = sum(t.numel() for n, t in stack.anchor.items() if ".layers.0." in n)
     r = r.model_copy(update={"data": r.data.model_copy(update={"max_length": 96})})
-    estimate = plan.training_bytes(r, dims, 4, largest, 3, 2, layer, True)
+    estimate = phases.training_bytes(r, dims, 4, largest, 3, 2, layer, True)
     assert peak <= 1.25 * estimate, (peak, estimate)

@@ -219,12 +219,13 @@ def test_dry_run_counts_the_dense_rows(updates_world, tmp_path, exclude):
     """The plan's rows are the stack's bytes: dense rows, and LoRA factors (the embedding's too,
     unless ``model.exclude`` leaves it out of the merge)."""
     from mergeopt.memory import dry_run, plan
+    from mergeopt.memory.sizes import DeviceMemory
 
     tree = recipe_tree(updates_world["world"], tmp_path / "out")
     tree["model"].update(experts=updates_world["adapters"], exclude=exclude)
     recipe = recipe_from_dict(tree)
     inventory, dims = dry_run.read_inventory(recipe)
-    p = plan.plan_memory(recipe, inventory, dims, plan.DeviceMemory("cpu", "test", 2**40, 2**40))
+    p = plan.plan_memory(recipe, inventory, dims, DeviceMemory("cpu", "test", 2**40, 2**40))
     stack = load_problem(recipe, progress=False).stack
     assert p.row("LoRA factors of") == stack.lowrank.nbytes()
     assert ("model.embed_tokens" in stack.lowrank.modules) == (not exclude)

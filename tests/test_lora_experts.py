@@ -97,6 +97,7 @@ def test_a_lora_on_the_output_layer_stays_low_rank_and_reaches_the_chunked_loss(
     find what the fit over PEFT's merged checkpoints finds (it missed the update once), and the plan
     must count what the stack holds."""
     from mergeopt.memory import dry_run, plan
+    from mergeopt.memory.sizes import DeviceMemory
 
     adapters, dense = save_experts(
         random_world, tmp_path, ["q_proj", "lm_head"], tame=0.5, save_embedding_layers=saved
@@ -108,7 +109,7 @@ def test_a_lora_on_the_output_layer_stays_low_rank_and_reaches_the_chunked_loss(
     tree = recipe_tree(random_world, tmp_path / "plan")
     tree["model"]["experts"] = adapters
     recipe = recipe_from_dict(tree)
-    p = plan.plan_memory(recipe, *dry_run.read_inventory(recipe), plan.DeviceMemory("cpu", "t", 2**40, 2**40))
+    p = plan.plan_memory(recipe, *dry_run.read_inventory(recipe), DeviceMemory("cpu", "t", 2**40, 2**40))
     stack = load_problem(recipe, progress=False).stack
     assert p.row("LoRA factors of") == stack.lowrank.nbytes() and p.stacked_parameters == 0
 
@@ -120,6 +121,7 @@ def test_a_saved_output_weight_that_is_not_the_base_is_stacked(random_world, tmp
     from safetensors.torch import load_file, save_file
 
     from mergeopt.memory import dry_run, plan
+    from mergeopt.memory.sizes import DeviceMemory
 
     adapters, _ = save_experts(random_world, tmp_path, ["q_proj", "lm_head"], tame=0.5)
     file = tmp_path / "beta-adapter" / "adapter_model.safetensors"
@@ -130,7 +132,7 @@ def test_a_saved_output_weight_that_is_not_the_base_is_stacked(random_world, tmp
     tree = recipe_tree(random_world, tmp_path / "plan")
     tree["model"]["experts"] = adapters
     recipe = recipe_from_dict(tree)
-    p = plan.plan_memory(recipe, *dry_run.read_inventory(recipe), plan.DeviceMemory("cpu", "t", 2**40, 2**40))
+    p = plan.plan_memory(recipe, *dry_run.read_inventory(recipe), DeviceMemory("cpu", "t", 2**40, 2**40))
     problem = load_problem(recipe, progress=False)
     stack = problem.stack
     assert list(stack.deltas) == ["lm_head.weight"] and p.stacked_parameters == stack.num_stacked_parameters()
@@ -228,6 +230,7 @@ def test_pickled_checkpoints_need_allow_pickle(lora_world, tmp_path):
 def test_dry_run_plans_lora_experts_exactly(lora_world, tmp_path, dtype, mixed):
     """The plan's stack rows equal the bytes of the stack a fit builds, factors and dense rows."""
     from mergeopt.memory import dry_run, plan
+    from mergeopt.memory.sizes import DeviceMemory
 
     experts = dict(lora_world["adapters"])
     if mixed:
@@ -236,7 +239,7 @@ def test_dry_run_plans_lora_experts_exactly(lora_world, tmp_path, dtype, mixed):
     tree["model"].update(experts=experts, stack_dtype=dtype)
     recipe = recipe_from_dict(tree)
     inventory, dims = dry_run.read_inventory(recipe)
-    memory = plan.DeviceMemory("cpu", "test", 2**40, 2**40)
+    memory = DeviceMemory("cpu", "test", 2**40, 2**40)
     p = plan.plan_memory(recipe, inventory, dims, memory)
     problem = load_problem(recipe, progress=False)
     stack = problem.stack

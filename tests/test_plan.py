@@ -32,7 +32,9 @@ from mergeopt.config import MergeSection, load_recipe, recipe_from_dict
 from mergeopt.errors import UserError, run_cli
 from mergeopt.loading import checkpoints
 from mergeopt.loading.checkpoints import open_all
-from mergeopt.memory import checkpointing, dry_run, plan
+from mergeopt.memory import checkpointing, dry_run, phases, plan
+from mergeopt.memory.ranks import check_shard_division
+from mergeopt.memory.sizes import DeviceMemory, Dims, Inventory, MemoryPlan
 from mergeopt.merging.stack import DTYPES, build_stack
 from mergeopt.objectives.data import DevSet, Example, collate
 from mergeopt.objectives.loss import dev_loss, evaluate_sums
@@ -50,7 +52,7 @@ LLAMA_8B = dict(
     rope_theta=500000,
 )
 EXPERTS_8B = ("math", "code", "chat", "multilingual")
-ROOMY = plan.DeviceMemory("cpu", "test device", 2**50, 2**50)
+ROOMY = DeviceMemory("cpu", "test device", 2**50, 2**50)
 
 
 def recipe(base: str, experts: dict[str, str], **model) -> object:
@@ -98,7 +100,7 @@ def test_8b_rows_equal_the_meta_model_tensor_sizes(config_8b, dtype, exclude):
     assert p.row("stack anchor") == size * s
     assert p.row("stack differences") == 3 * s * size
     assert p.row("optimizer") == 4 * 8 * 4
-    assert dims == plan.Dims(4096, 14336, 32, 32, 8, 128, 128256)
+    assert dims == Dims(4096, 14336, 32, 32, 8, 128, 128256)
     assert "no safetensors for base" in inventory.notes[0]
 
 
@@ -115,7 +117,7 @@ def test_each_suggested_override_saves_what_the_verdict_says(config_8b):
     ]
     r = load_recipe(REPO / "recipes" / "8b.yaml", overrides)
     inventory, dims = dry_run.read_inventory(r)
-    card = plan.DeviceMemory("cuda:0", "an 80 GB card", 80 * 2**30, 79 * 2**30)
+    card = DeviceMemory("cuda:0", "an 80 GB card", 80 * 2**30, 79 * 2**30)
     short = plan.plan_memory(r, inventory, dims, card)
     roomy = plan.plan_memory(r, inventory, dims, ROOMY)
     assert roomy.fits and not roomy.suggestions and short.peak == roomy.peak and short.fits is False
@@ -335,7 +337,7 @@ def small_problem(
     merge = MergeSection(method=method, scale=1.0 if method == "linear" else 2.0)
     with (LiveBytes if shard is None else RankBytes)(known) as build:
         stack = build_stack(model, experts, exclude, DTYPES[dtype], progress=False, merge=merge, shard=shard)
-    dims = plan.Dims.from_config(config.to_dict(), "test")
+    dims = Dims.from_config(config.to_dict(), "test")
     return model, stack, dims, build.peak
 
 
@@ -405,7 +407,7 @@ def test_training_step_estimate_bounds_the_live_bytes(
     largest = max(t.numel() for t in stack.anchor.values())
     layer = sum(t.numel() for n, t in stack.anchor.items() if ".layers.0." in n)
     compute_bytes = DTYPES[compute].itemsize
-    estimate = plan.training_bytes(r, dims, batch, largest, 4, compute_bytes, layer, True)
+    estimate = phases.training_bytes(r, dims, batch, largest, 4, compute_bytes, layer, True)
     assert_bound(estimate, step.peak, 0.05, over)
 
 
@@ -437,7 +439,7 @@ def test_saved_activations_equal_what_autograd_saves(compute):
         layer_merge._pack = original
     log_softmax = 4 * 300 * batch * (length - 1)
     c = DTYPES[compute].itemsize
-    expected = plan.saved_activation_bytes(dims, batch, length, c) + log_softmax
+    expected = phases.saved_activation_bytes(dims, batch, length, c) + log_softmax
     assert sum(saved.values()) == pytest.approx(expected, rel=0.01 if compute == "float32" else 0.1)
 
 
@@ -469,7 +471,7 @@ def test_evaluation_estimate_bounds_the_live_bytes(vocab, hidden, intermediate, 
         evaluate_sums(model, stack, w, sets, "fit", batch, 0, torch.device("cpu"), 64)
     largest = max(t.numel() for t in stack.anchor.values())
     c, e = DTYPES[compute].itemsize, DTYPES[evaluate].itemsize
-    estimate = plan.evaluation_bytes(r, dims, largest, 4, c, evaluate=e)
+    estimate = phases.evaluation_bytes(r, dims, largest, 4, c, evaluate=e)
     assert_bound(estimate, evaluation.peak, 0.15, 0.15)
 
 
@@ -489,7 +491,7 @@ def test_stacking_estimate_bounds_the_live_bytes(method, dtype):
     r = r.model_copy(update={"merge": MergeSection(method=method, scale=1.0 if method == "linear" else 2.0)})
     largest = max(t.numel() for t in stack.anchor.values())
     # in-memory experts: no read buffer (source_bytes 0); the plan adds the transient to the whole stack
-    assert_bound(stack.nbytes() + plan.stacking_bytes(r, 4, largest, 0), peak, 0.01, 0.15)
+    assert_bound(stack.nbytes() + phases.stacking_bytes(r, 4, largest, 0), peak, 0.01, 0.15)
 
 
 # ----------------------------------------------------------------------------- the CLI
@@ -607,7 +609,7 @@ def test_user_errors_are_one_line(what, tmp_path, capsys):
 # ----------------------------------------------------------------------------- the flagship recipe
 
 CONFIG_8B = "random://" + str(REPO / "tests" / "data" / "configs" / "llama-3.1-8b.json")
-GPU_80GB = plan.DeviceMemory("cuda:0", "an 80 GB card", 80 * 2**30, 79 * 2**30)
+GPU_80GB = DeviceMemory("cuda:0", "an 80 GB card", 80 * 2**30, 79 * 2**30)
 
 
 def _8b_plan(num_experts: int, stack_dtype: str):
@@ -652,7 +654,7 @@ LLAMA_70B = dict(
 STACKED_70B = 80 * (2 * 8192**2 + 2 * 1024 * 8192 + 3 * 8192 * 28672)
 PARAMETERS_70B = STACKED_70B + 2 * 128256 * 8192 + (2 * 80 + 1) * 8192  # + embeddings, output, norms
 EXCLUDED = ("embed_tokens", "lm_head", "norm")  # what recipes/8b.yaml and recipes/70b.yaml keep at θ0
-GPU_24GB = plan.DeviceMemory("cuda:0", "a 24 GB consumer card", 24 * 2**30, 23 * 2**30 + 2**29)
+GPU_24GB = DeviceMemory("cuda:0", "a 24 GB consumer card", 24 * 2**30, 23 * 2**30 + 2**29)
 
 
 @pytest.fixture(scope="module")
@@ -694,7 +696,7 @@ def test_70b_four_bfloat16_experts_fit_8_ranks_of_80_gb_sharded_and_not_whole(co
     assert r.model.shard == "fsdp" and r.model.stack_dtype == "bfloat16"
     assert r.optim.activation_checkpointing and r.search.strategy == "gradient"
     inventory, dims = dry_run.read_inventory(r)
-    assert dims == plan.Dims(8192, 28672, 80, 64, 8, 128, 128256)
+    assert dims == Dims(8192, 28672, 80, 64, 8, 128, 128256)
     sharded = plan.plan_memory(r, inventory, dims, GPU_80GB, 8)
     assert sharded.parameters == sum(math.prod(s) for s in shapes.values()) == PARAMETERS_70B
     assert sharded.stacked_parameters == STACKED_70B
@@ -902,7 +904,7 @@ def test_check_shard_division_names_the_numbers_and_a_batch_size_that_splits(con
     overrides = [f"model.base={path}", *(f"model.experts.{e}={path}" for e in EXPERTS_8B), "model.shard=fsdp"]
     r = load_recipe(REPO / "recipes" / "8b.yaml", [*overrides, "optim.batch_size=6"])  # 24 examples
     with pytest.raises(UserError) as err:
-        plan.check_shard_division(r, 16)
+        check_shard_division(r, 16)
     message = str(err.value)
     assert "\n" not in message
     assert (
@@ -910,10 +912,8 @@ def test_check_shard_division_names_the_numbers_and_a_batch_size_that_splits(con
         in message
     )
     assert "optim.batch_size=8: 2 per rank" in message  # 8 × 4 = 32 = 2 × 16
-    plan.check_shard_division(r, 8)  # 24 = 3 × 8
-    plan.check_shard_division(
-        r.model_copy(update={"model": r.model.model_copy(update={"shard": "none"})}), 16
-    )
+    check_shard_division(r, 8)  # 24 = 3 × 8
+    check_shard_division(r.model_copy(update={"model": r.model.model_copy(update={"shard": "none"})}), 16)
 
 
 # ----------------------------------------------------------------------------- per rank, measured
@@ -1020,12 +1020,12 @@ def rank_peaks(tmp_path_factory) -> dict[int, list[list[dict]]]:
     return {size: json.loads((out / f"{size}.json").read_text()) for size in RANK_SIZES}
 
 
-def rank_plan(case, size: int, checkpointed: bool = False, evaluate: str = "float32") -> plan.MemoryPlan:
+def rank_plan(case, size: int, checkpointed: bool = False, evaluate: str = "float32") -> MemoryPlan:
     """The dry run's plan for one of ``size`` ranks of ``case``, from the model's meta shapes."""
     vocab, hidden, intermediate, dtype, compute, batch, length, *_, exclude = case
     fields = small_fields(vocab, hidden, intermediate)
     shapes = meta_shapes(fields)
-    inventory = plan.Inventory(shapes, dict.fromkeys(shapes, 0), "meta")  # in-memory experts: no read buffer
+    inventory = Inventory(shapes, dict.fromkeys(shapes, 0), "meta")  # in-memory experts: no read buffer
     r = small_recipe(
         dtype,
         compute,
@@ -1036,7 +1036,7 @@ def rank_plan(case, size: int, checkpointed: bool = False, evaluate: str = "floa
     )
     model = {"shard": "fsdp", "eval_dtype": evaluate, "exclude": exclude}
     r = r.model_copy(update={"model": r.model.model_copy(update=model)})
-    dims = plan.Dims.from_config(LlamaConfig(**fields).to_dict(), "test")
+    dims = Dims.from_config(LlamaConfig(**fields).to_dict(), "test")
     return plan.plan_memory(r, inventory, dims, ROOMY, size)
 
 

@@ -251,7 +251,8 @@ def _device_map(recipe: Recipe, progress: bool) -> dict:
         return placement.check_explicit_map(recipe.model.device_map)
     from mergeopt.loading.checkpoints import meta_model
     from mergeopt.memory.dry_run import read_inventory
-    from mergeopt.memory.plan import DeviceMemory, plan_memory
+    from mergeopt.memory.plan import plan_memory
+    from mergeopt.memory.sizes import DeviceMemory
 
     inventory, dims = read_inventory(recipe)
     plan = plan_memory(recipe, inventory, dims, DeviceMemory("gpu", "per GPU", None, None))
@@ -348,7 +349,7 @@ def _random_dev_sets(recipe: Recipe, vocab: int) -> list[DevSet]:
 
 def check_shard(recipe: Recipe) -> None:
     """``model.shard: fsdp`` refused in one line where it cannot run (before anything is loaded)."""
-    from mergeopt.memory.plan import check_shard_division, check_shard_recipe
+    from mergeopt.memory.ranks import check_shard_division, check_shard_recipe
 
     if recipe.model.shard == "none":
         return

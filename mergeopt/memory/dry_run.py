@@ -35,16 +35,9 @@ from mergeopt.loading.checkpoints import (
 )
 from mergeopt.loading.lora import FactorSizes, factor_sizes, is_adapter, read_adapter_config, saved_copy
 from mergeopt.loading.positions import check_max_length
-from mergeopt.memory.plan import (
-    FLOAT32,
-    GIB,
-    DeviceMemory,
-    Dims,
-    Inventory,
-    MemoryPlan,
-    check_world_size,
-    plan_memory,
-)
+from mergeopt.memory.plan import plan_memory
+from mergeopt.memory.ranks import check_world_size
+from mergeopt.memory.sizes import FLOAT32, GIB, DeviceMemory, Dims, Inventory, MemoryPlan
 from mergeopt.merging.stack import DTYPES
 
 # safetensors header dtypes -> bytes per element (the buffer a tensor is read into before the cast)

@@ -1,0 +1,322 @@
+"""The transient phases of a fit, in bytes: stacking, a training micro-step, an evaluation batch.
+
+Each is an estimate written from what the code keeps alive in that phase (see
+:mod:`mergeopt.memory.rows` for the whole memory model), checked in tests/test_plan.py against
+the live tensor bytes of real steps on small Llamas and of sharded steps on gloo ranks.
+"""
+
+from __future__ import annotations
+
+from mergeopt.config import Recipe
+from mergeopt.memory.sizes import (
+    FLOAT32,
+    Dims,
+    Gathers,
+)
+from mergeopt.merging.stack import DTYPES
+from mergeopt.objectives.objective import Objective
+
+
+def compute_itemsize(recipe: Recipe, device: str) -> int:
+    """Bytes per element of ``model.compute_dtype`` on the planned device (auto: bfloat16 on CUDA)."""
+    name = recipe.model.compute_dtype
+    if name == "auto":
+        name = "bfloat16" if device.startswith("cuda") else "float32"
+    return DTYPES[name].itemsize
+
+
+def anchor_itemsize(recipe: Recipe, compute: int) -> int:
+    """The anchor is stored in the stack dtype; an int8 stack keeps it in the compute dtype."""
+    return compute if recipe.model.stack_dtype == "int8" else DTYPES[recipe.model.stack_dtype].itemsize
+
+
+def stacking_bytes(
+    recipe: Recipe, num_experts: int, numel: int, source_bytes: int, compute: int = 4, short: bool = False
+) -> int:
+    """Temporaries while one tensor of ``numel`` elements is stacked (build_stack's largest moment).
+
+    Per element, measured on this code: the anchor form (linear, scale 1) holds the parameter's θ0
+    upcast to float32 (none when it is float32 already), one expert tensor in float32, its
+    difference and the boolean masks of its checks (11 bytes), plus the buffer it was read into in
+    its on-disk dtype, and the anchor's cast to its storage dtype; an int8 stack first holds the
+    K − 1 float32 differences and their quantisation temporaries (7(K − 1) + 1, measured). Other merges hold the K task vectors in float32 (4K)
+    plus what their prepare makes (TIES: trimmed copy, signs, mask, products, 9K + 4; DARE: a drop
+    mask, 12) and, for a narrower stack dtype, the float32 differences before the cast (4(K − 1)).
+
+    ``short``: a rank's block of a sharded matrix whose rows do not divide over the ranks (linear
+    merge): it is padded to ⌈R/N⌉ rows by copying its float32 anchor and its differences (float32
+    for int8, else in the stack dtype), both held twice for a moment, less the tensor's share of
+    the finished stack, which the plan counts already (measured on 3 gloo ranks).
+    """
+    method, k = recipe.merge.method, num_experts
+    upcast = 0 if compute == FLOAT32 else FLOAT32
+    anchor = anchor_itemsize(recipe, compute)
+    upcast += anchor if anchor != FLOAT32 else 0  # the anchor's cast to its storage dtype
+    int8 = 7 * (k - 1) + 1 if recipe.model.stack_dtype == "int8" else 0
+    if method == "linear" and recipe.merge.scale == 1.0:
+        temporaries = 11 + source_bytes + upcast + int8
+        if short:
+            stored = DTYPES[recipe.model.stack_dtype].itemsize
+            rows = FLOAT32 if recipe.model.stack_dtype == "int8" else stored
+            temporaries = max(temporaries, 2 * (FLOAT32 + rows * (k - 1)) - anchor - stored * (k - 1))
+        return numel * temporaries
+    extra = {"linear": 0, "dare_linear": 12}.get(method, 9 * k + 4)
+    cast = 4 * (k - 1) if recipe.model.stack_dtype != "float32" else 0
+    return numel * (4 * k + extra + cast + source_bytes + upcast + int8)
+
+
+def norm_bytes(compute: int) -> int:
+    """Bytes an RMSNorm saves per hidden unit, measured: float32 keeps input, normalised value and
+    output (12); in 16 bits the float32 copy of the input, the normalised value and its cast (10)."""
+    return 12 if compute == FLOAT32 else 10
+
+
+def layer_activation_bytes(dims: Dims, batch: int, length: int, compute: int) -> int:
+    """Bytes one decoder layer's forward saves for backward, for ``batch`` right-padded sequences.
+
+    Per token: each of the two RMSNorms keeps :func:`norm_bytes` per hidden unit and a reciprocal
+    RMS; attention keeps q and its output (2·heads·head_dim), k and v repeated to every
+    head (2·heads·head_dim: with padding, transformers' SDPA path repeats grouped kv heads) and a
+    log-sum-exp per head; the gated MLP keeps gate, its activation, up and their product
+    (4·intermediate). Per sequence, SDPA keeps the padding mask (length²), in the compute dtype.
+    """
+    d, tokens = dims, batch * length
+    norms = 2 * (norm_bytes(compute) * d.hidden + FLOAT32)
+    matmuls = compute * (4 * d.heads * d.head_dim + 4 * d.intermediate) + FLOAT32 * d.heads
+    return tokens * (norms + matmuls) + compute * batch * length * length
+
+
+def saved_activation_bytes(dims: Dims, batch: int, length: int, compute: int = FLOAT32) -> int:
+    """Bytes a Llama forward saves for backward: every layer's (:func:`layer_activation_bytes`),
+    then the final norm, rotary cos/sin and the token ids (int64, inputs and shifted targets)."""
+    d, tokens = dims, batch * length
+    final = tokens * (norm_bytes(compute) * d.hidden + FLOAT32)
+    rotary = 2 * compute * length * d.head_dim
+    ids = 8 * tokens + 8 * batch * (length - 1)
+    return d.layers * layer_activation_bytes(dims, batch, length, compute) + final + rotary + ids
+
+
+def logits_bytes(dims: Dims, batch: int, length: int) -> int:
+    """Whole logits (a model whose logits the chunked loss cannot reproduce): the float32 logits,
+    their shifted copy and log-softmax, three (B, L, V) tensors at once."""
+    return FLOAT32 * dims.vocab * batch * (3 * length - 2)
+
+
+def head_bytes(
+    recipe: Recipe,
+    dims: Dims,
+    batch: int,
+    length: int,
+    compute: int,
+    merged_head: bool,
+    gathers: Gathers | None = None,
+) -> int:
+    """The chunked loss's largest moment, beside the hidden states' copy and gradient. In the
+    forward: the output layer's weight (formed by the merge, when it is merged), one chunk's float32
+    logits and one temporary beside them (log-sum-exp's, or the soft-cap's factor). In the
+    backward: one chunk's ∂loss/∂logits (the last chunk's kept from the forward, the others formed
+    again in place over their logits), the weight formed again and its float32 gradient, contracted
+    with the differences right after. Whichever is larger.
+
+    Sharded (``gathers``): the whole weight is gathered while the loss runs, merged or not (one not
+    merged is the gathered weight beside the chunks). The gathering itself (:attr:`Gathers.head`)
+    comes before the forward's first chunk, and again at the start of the backward beside the last
+    chunk's ∂loss/∂logits; the rank's merged block is gone by the time the chunks run."""
+    chunk = min(recipe.optim.loss_chunk_tokens, batch * (length - 1))
+    weight = dims.vocab * dims.hidden
+    logits = FLOAT32 * chunk * dims.vocab
+    cast = compute if compute != FLOAT32 else 0
+    forward = 2 * logits + (compute * weight if merged_head else 0)
+    backward = logits + ((compute + FLOAT32 + cast) * weight if merged_head else 0)
+    if gathers is not None:
+        if not merged_head:  # the weight gathered from the rank's block of it
+            forward += compute * weight
+            backward += compute * weight
+        forward = max(forward, compute * gathers.head)
+        backward = max(backward, logits + compute * gathers.head)
+    return 2 * compute * batch * length * dims.hidden + max(forward, backward)
+
+
+def _blocks(recipe: Recipe, largest: int, compute: int) -> tuple[bool, int]:
+    """Whether the merge kernel takes its one-``addmv`` form (a float32 stack), and the elements of
+    its working block (a chunk of the parameter: :data:`mergeopt.merging.layer_merge.CHUNK` elements across
+    the K − 1 differences for ``addmv``, per expert for the narrow form)."""
+    from mergeopt.merging.layer_merge import CHUNK
+
+    k1 = len(recipe.model.experts) - 1
+    same = recipe.model.stack_dtype == "float32" and anchor_itemsize(recipe, compute) == FLOAT32
+    return same, min(largest, CHUNK // max(1, k1) if same else CHUNK)
+
+
+def _kernel_bytes(recipe: Recipe, largest: int, compute: int) -> int:
+    """The merge kernel's temporaries: none when the result is float32 (it merges into the result),
+    else one float32 block that is cast into it."""
+    _, block = _blocks(recipe, largest, compute)
+    return 0 if compute == FLOAT32 else FLOAT32 * block
+
+
+def _contraction_bytes(recipe: Recipe, largest: int, compute: int) -> int:
+    """⟨∂L/∂W, δ_i⟩'s temporaries: the gradient's block upcast to float32 (a narrower compute
+    dtype) and, for narrow differences, their product with it."""
+    same, block = _blocks(recipe, largest, compute)
+    return FLOAT32 * block * ((compute != FLOAT32) + (not same))
+
+
+def merge_bytes(
+    recipe: Recipe, num_experts: int, largest: int, compute: int, gathers: Gathers | None = None
+) -> int:
+    """One parameter's per-layer merge in flight in a training step, at its largest moment: formed
+    (its value and the kernel's temporaries), used (its value and its gradient, in the compute
+    dtype, while the module's backward runs) or contracted (the gradient and the contraction's
+    temporaries).
+
+    Sharded (``gathers``, DTensor's collectives: :mod:`mergeopt.merging.sharded_merge`): the rank merges its
+    block (the kernel's temporaries over the block); the all-gather fills a buffer of N blocks
+    beside it, whose rows are the weight (a rank short of ⌈R/N⌉ rows pads a copy of its block
+    first); the weight is used beside its gradient; the reduce-scatter leaves the rank its block of
+    the gradient (with padding rows, from a padded copy of the whole gradient and of its last
+    block); the contraction reads that block after the whole gradient is gone (measured on 2 and 3
+    gloo ranks, tests/test_plan.py)."""
+    del num_experts  # the kernel's temporaries do not grow with K
+    if gathers is not None:
+        block, full = gathers.block, gathers.padded
+        short = block if full != largest else 0  # a rank's block padded to ⌈R/N⌉ rows by a copy
+        return max(
+            compute * block + _kernel_bytes(recipe, block, compute),
+            compute * (block + full + short),
+            compute * (full + largest),
+            compute * (largest + block + (full + short if short else 0)),
+            compute * block + _contraction_bytes(recipe, block, compute),
+        )
+    return max(
+        compute * largest + _kernel_bytes(recipe, largest, compute),
+        2 * compute * largest,
+        compute * largest + _contraction_bytes(recipe, largest, compute),
+    )
+
+
+def training_bytes(
+    recipe: Recipe,
+    dims: Dims,
+    batch: int,
+    largest: int,
+    num_experts: int,
+    compute: int = FLOAT32,
+    layer_params: int = 0,
+    merged_head: bool = True,
+    rank_sum: int = 0,
+    gathers: Gathers | None = None,
+) -> int:
+    """The peak of one micro-step of the gradient strategy (forward, then backward), for ``batch``
+    examples (a rank's share under torchrun).
+
+    Without activation checkpointing every layer's saved activations are held when the backward
+    starts. With it, only each layer's input (tokens × hidden) is held, and the backward runs one
+    layer at a time again: that layer's activations (less the MLP output projection's input, which
+    that projection's backward, the first, has released by the layer's largest moment) plus its
+    merged weights (``layer_params`` elements in the compute dtype) are added. Within a layer's backward, a parameter's merge is in
+    flight (:func:`merge_bytes`) beside one activation gradient (the module's input gradient), and
+    the MLP's gated product is differentiated (two activation gradients) when no merge is. On top:
+    the chunked loss's backward and the attention mask the model builds (length² booleans per
+    sequence). LoRA
+    experts kept low-rank add, per adapted module, the rank-Σr activations x·Aᵀ and their
+    reweighted copy (``rank_sum`` is Σr summed over modules and experts).
+
+    A sharded stack (``gathers``) gathers the merged weights whole (:func:`merge_bytes`), the output
+    layer's beside the loss, and the matrices not stacked while their modules run: with
+    checkpointing the recomputed layer's among its weights, without it the largest one beside an
+    activation gradient.
+    """
+    d, length = dims, recipe.data.max_length
+    tokens = batch * length
+    mask = batch * length * length
+    lowrank = 2 * compute * tokens * rank_sum
+    head = head_bytes(recipe, d, batch, length, compute, merged_head, gathers)
+    gradient = compute * tokens * d.intermediate  # the largest activation gradient
+    merge = merge_bytes(recipe, num_experts, largest, compute, gathers)
+    unstacked = compute * gathers.unstacked if gathers else 0
+    backward = max(2 * gradient, gradient + merge, gradient + unstacked)
+    if recipe.optim.activation_checkpointing:
+        one_layer = layer_activation_bytes(d, batch, length, compute)
+        outside = saved_activation_bytes(d, batch, length, compute) - d.layers * one_layer
+        saved = d.layers * compute * tokens * d.hidden + outside  # each layer's input
+        # the layer being recomputed: its activations, its merged weights (one of them counted by
+        # the merge in flight), its backward. Its largest moments come after the backward of the
+        # MLP's output projection, which runs first and releases that module's input (the gated
+        # product, one intermediate-sized activation) before its weight's contraction
+        released = compute * tokens * d.intermediate
+        backward_peak = max(2 * gradient, gradient + merge - compute * largest)
+        gathered = compute * gathers.layer if gathers else 0
+        layer = one_layer - released + compute * layer_params + gathered + backward_peak
+    else:
+        saved = saved_activation_bytes(d, batch, length, compute)
+        layer = backward
+    return saved + mask + lowrank + max(head, layer)
+
+
+def merge_evaluation_bytes(recipe: Recipe, largest: int, compute: int, gathers: Gathers | None = None) -> int:
+    """One parameter merged without autograd: its value and the kernel's float32 temporaries;
+    sharded, the rank's block merged, then gathered whole beside it (:func:`merge_bytes`)."""
+    if gathers is not None:
+        block, full = gathers.block, gathers.padded
+        short = block if full != largest else 0
+        return max(compute * block + _kernel_bytes(recipe, block, compute), compute * (block + full + short))
+    return compute * largest + _kernel_bytes(recipe, largest, compute)
+
+
+def evaluation_bytes(
+    recipe: Recipe,
+    dims: Dims,
+    largest: int,
+    num_experts: int,
+    compute: int = FLOAT32,
+    merged_head: bool = True,
+    evaluate: int | None = None,
+    unstacked_largest: int = 0,
+    gathers: Gathers | None = None,
+) -> int:
+    """One no-grad evaluation batch of ``optim.eval_batch_size`` sequences of ``data.max_length``,
+    run in ``evaluate`` bytes per element (``model.eval_dtype``; None: the compute dtype).
+
+    The residual stream (tokens × hidden) plus the largest of: one chunk of the loss (its float32
+    logits and the log-sum-exp temporary) with the output layer's weight as the loss reads it
+    (formed by the merge, or cast from the compute dtype); a layer's working set (4 hidden-sized and
+    3 intermediate-sized tensors per token, the boolean and float padding masks per sequence); one
+    parameter's merge (merged while it runs); an evaluation wider than the compute dtype reads each
+    parameter that is not stacked as a cast copy (the largest, ``unstacked_largest`` elements).
+    Generation (exact_match) holds a merged copy of the stacked parameters instead (see docs/guides/memory.md).
+    A sharded stack (``gathers``) adds the gathered weights: a merged weight beside the rank's block,
+    the output layer's (read in ``evaluate`` bytes, cast when it is not merged) beside the loss
+    chunk and, before it, its gathering (:attr:`Gathers.head`), the largest matrix not stacked (and
+    its cast copy).
+    """
+    e = compute if evaluate is None else evaluate
+    cast = e != compute
+    batch, length = recipe.optim.eval_batch_size, recipe.data.max_length
+    tokens = batch * length
+    chunk = min(recipe.optim.loss_chunk_tokens, tokens)
+    head = 2 * FLOAT32 * chunk * dims.vocab + (e * dims.vocab * dims.hidden if merged_head or cast else 0)
+    layer = e * tokens * (4 * dims.hidden + 3 * dims.intermediate) + 5 * batch * length * length
+    merge = merge_evaluation_bytes(recipe, largest, e, gathers)
+    copy = e * unstacked_largest if cast else 0
+    if gathers is not None:
+        weight = dims.vocab * dims.hidden
+        if not merged_head and not cast:  # the gathered weight, read as it is
+            head += e * weight
+        # gathered in the dtype it is formed in: a merge's is ``evaluate``'s, a block's its own
+        gathering = e * gathers.head if merged_head else compute * gathers.head + (e * weight if cast else 0)
+        head = max(head, gathering)
+        copy = compute * gathers.unstacked_any + (e * gathers.unstacked_any if cast else 0)
+    return e * tokens * dims.hidden + max(head, layer, merge, copy)
+
+
+def eval_itemsize(recipe: Recipe) -> int:
+    """Bytes per element of ``model.eval_dtype`` (auto: float32, on every device)."""
+    name = recipe.model.eval_dtype
+    return FLOAT32 if name == "auto" else DTYPES[name].itemsize
+
+
+def training_batch(recipe: Recipe) -> int:
+    """Examples per micro-batch: optim.batch_size from each dev set the loss puts weight on."""
+    targeted = int((Objective.from_recipe(recipe).loss_set_weights() > 0).sum())
+    return recipe.optim.batch_size * targeted

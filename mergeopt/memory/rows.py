@@ -1,0 +1,297 @@
+"""The memory model of a fit: the byte rows a recipe holds, per rank, from parameter shapes.
+
+What a fit holds, in bytes (P parameters, S of them stacked, K experts; see :mod:`mergeopt.merging.stack`):
+
+* for the whole run: the parameters that are not stacked in the compute dtype (c(P − S)); the
+  stack's anchor (S, in ``model.stack_dtype``; the compute dtype for int8) and its K − 1
+  differences (int8: one byte each plus a float32 scale per expert and row); θ0 of the stacked
+  parameters is not kept, and no merged copy exists (each layer merges as it runs,
+  :mod:`mergeopt.merging.layer_merge`); Adam keeps 4 float64 numbers per logit (32K);
+* on top, one phase at a time (the plan takes the largest): stacking (temporaries of the largest
+  tensor), a training micro-step of the gradient strategy (activations in the compute dtype, all
+  layers' or, with activation checkpointing, their inputs and one layer's; the chunked loss; one
+  layer's merge in flight), an evaluation batch (no grad).
+
+Under torchrun (N ranks) the plan is per rank. With ``model.shard: fsdp``
+(:mod:`mergeopt.merging.sharded_merge`) every matrix, stacked or not, is held as a block of ⌈R/N⌉ of its R
+rows (anchor, differences, int8 scales, LoRA factors alike) and vectors whole; a layer gathers each
+merged weight whole while it runs, and the backward reduce-scatters its gradient to the rank's
+rows (:func:`~mergeopt.memory.phases.merge_bytes`, :class:`~mergeopt.memory.sizes.Gathers`). The training micro-batch is split over the ranks
+(:func:`~mergeopt.memory.ranks.check_shard_division`), each rank evaluates ``optim.eval_batch_size`` sequences per step.
+The held rows are exact; the phases' gathers are checked, like the single-process phases, against
+the live bytes of each rank of sharded steps (2 and 3 gloo processes, tests/test_plan.py).
+
+Everything here is arithmetic on shapes, so it runs for a 16B model on a laptop; where the shapes
+come from (safetensors headers or config.json) is :mod:`mergeopt.memory.dry_run`'s job. Which parameters
+are equal in every expert cannot be known without reading weights, so every parameter that
+``model.exclude`` keeps counts as stacked: an upper bound. The phases are estimates written from
+what this code and a Llama decoder keep alive, checked in tests/test_plan.py against the live
+tensor bytes of real steps on small Llamas (see :func:`~mergeopt.memory.phases.training_bytes`, :func:`~mergeopt.memory.phases.evaluation_bytes`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from mergeopt.config import Recipe
+from mergeopt.loading.lora import PREFIX, FactorSizes
+from mergeopt.memory.phases import (
+    anchor_itemsize,
+    compute_itemsize,
+    eval_itemsize,
+    evaluation_bytes,
+    stacking_bytes,
+    training_batch,
+    training_bytes,
+)
+from mergeopt.memory.sizes import (
+    FLOAT32,
+    DeviceMemory,
+    Dims,
+    Gathers,
+    Inventory,
+    MemoryPlan,
+    Row,
+    block_rows,
+    local_numel,
+)
+from mergeopt.merging.stack import DTYPES
+
+
+def excluded(name: str, patterns: Sequence[re.Pattern]) -> bool:
+    return any(p.search(name) for p in patterns)  # as build_stack: re.search over the name
+
+
+LAYER_INDEX = re.compile(r"\.(\d+)\.")
+OUTPUT_LAYER = re.compile(r"(^|\.)(lm_head|embed_out|output)\.weight$")
+
+
+def _largest_layer(names: Sequence[str], inventory: Inventory) -> int:
+    """Elements of the stacked parameters of the largest decoder layer (numbered modules)."""
+    layers: dict[str, int] = {}
+    for name in names:
+        match = LAYER_INDEX.search(name)
+        if match:
+            layers[match.group(1)] = layers.get(match.group(1), 0) + inventory.numel(name)
+    return max(layers.values(), default=0)
+
+
+def _output_layer_merged(stacked: Sequence[str], inventory: Inventory) -> bool:
+    """Whether the output layer reads the merge: stacked itself, or tied to a stacked embedding."""
+    if any(OUTPUT_LAYER.search(n) for n in inventory.shapes):
+        return any(OUTPUT_LAYER.search(n) for n in stacked)
+    return any("emb" in n or "wte" in n for n in stacked)
+
+
+def _rows(inventory: Inventory, names: Sequence[str], shards: int = 1) -> int:
+    """Rows of the int8 scales: the first dimension of each tensor (one for a vector); sharded over
+    ``shards`` ranks, a rank's block of ⌈R/N⌉ of them."""
+    return sum(
+        block_rows(inventory.shapes[n][0], shards) if len(inventory.shapes[n]) >= 2 else 1 for n in names
+    )
+
+
+def _lora_modules(adapters: dict[str, FactorSizes]) -> dict[str, tuple[int, int, int]]:
+    """(R, in, out) of each module the LoRA experts adapt, R = Σ of their ranks there: the stacked
+    A is R × in, the stacked B out × R (:class:`mergeopt.merging.lowrank.LowRankFactors`)."""
+    modules: dict[str, tuple[int, int, int]] = {}
+    for a in adapters.values():
+        for module, (r, inputs, outputs) in a.modules.items():
+            total = modules.get(module, (0, inputs, outputs))[0]
+            modules[module] = (total + r, inputs, outputs)
+    return modules
+
+
+def _notexcluded(sizes: FactorSizes, patterns: Sequence[re.Pattern]) -> FactorSizes:
+    """An adapter's low-rank modules less those ``model.exclude`` leaves out of the merge (as the
+    stack leaves out their factors: e.g. ``embed_tokens`` in the 8B recipe)."""
+    modules = {
+        m: v for m, v in sizes.modules.items() if not excluded(f"{m.removeprefix(PREFIX)}.weight", patterns)
+    }
+    return sizes if len(modules) == len(sizes.modules) else sizes.keeping(modules)
+
+
+def _factor_elements(adapters: dict[str, FactorSizes], shards: int) -> int:
+    """Elements of the LoRA factors kept low-rank, on one rank: per module the stacked A and B
+    (:func:`_lora_modules`), each a block of ⌈rows/N⌉ rows when sharded."""
+    if shards == 1:
+        return sum(a.numel for a in adapters.values())
+    # an adapter whose modules were not read (no header shapes): its elements split evenly
+    rest = sum(block_rows(a.numel, shards) for a in adapters.values() if not a.modules)
+    modules = _lora_modules(adapters).values()
+    return rest + sum(block_rows(r, shards) * i + block_rows(o, shards) * r for r, i, o in modules)
+
+
+def plan_rows(
+    recipe: Recipe, inventory: Inventory, dims: Dims, memory: DeviceMemory, world_size: int = 1
+) -> MemoryPlan:
+    """Byte rows from the inventory, per rank; no suggestions (they re-plan with changed recipes)."""
+    k = len(recipe.model.experts)
+    shards = world_size if recipe.model.shard == "fsdp" else 1  # ranks the matrices are split over
+    sharded = shards > 1
+    patterns = [re.compile(p) for p in recipe.model.exclude]
+    names = list(inventory.shapes)
+    adapters = {name: _notexcluded(sizes, patterns) for name, sizes in inventory.adapters.items()}
+    lowrank = (
+        bool(adapters) and recipe.merge.method == "linear"
+    )  # adapters stay factors (mergeopt.merging.stack)
+    if lowrank and len(adapters) == k:  # every expert's dense weights are θ0 but for its dense updates
+        updated = {n for a in adapters.values() for n in a.dense}
+        stacked = [n for n in names if n in updated and not excluded(n, patterns)]
+    else:
+        stacked = [n for n in names if not excluded(n, patterns)]
+    kept = set(stacked)
+    unstacked = [n for n in names if n not in kept]
+
+    def local(name: str) -> int:  # elements this rank keeps of a parameter
+        return local_numel(inventory.shapes[name], shards)
+
+    def matrix(name: str) -> bool:
+        return len(inventory.shapes[name]) >= 2
+
+    params = sum(inventory.numel(n) for n in names)
+    s = sum(inventory.numel(n) for n in stacked)
+    s_local = sum(local(n) for n in stacked)
+    largest = max((inventory.numel(n) for n in stacked), default=0)
+    dtype = recipe.model.stack_dtype
+    compute = compute_itemsize(recipe, memory.device)
+    compute_name = next(n for n in ("float32", "bfloat16") if DTYPES[n].itemsize == compute)
+    if recipe.model.compute_dtype == "float16":
+        compute_name = "float16"
+    anchor = anchor_itemsize(recipe, compute)
+    anchor_name = compute_name if dtype == "int8" else dtype
+    rank_sum = sum(a.rank_sum for a in adapters.values()) if lowrank else 0
+    factor_dtype = DTYPES[anchor_name]
+    # A and B in the stack's float dtype, plus per rank column its expert (int64) and scaling (float32)
+    factors = (
+        _factor_elements(adapters, shards) * factor_dtype.itemsize + rank_sum * (8 + 4) if lowrank else 0
+    )
+    scales = (k - 1) * _rows(inventory, stacked, shards) * FLOAT32 if dtype == "int8" else 0
+    differences = (k - 1) * s_local * DTYPES[dtype].itemsize + scales
+    rows = ""
+    if sharded:
+        rows = f", sharded: 1/{shards} of the rows per rank"
+        rows += " (vectors whole)" if any(not matrix(n) for n in stacked) else ""
+    held = (
+        Row(
+            f"model parameters not stacked, {compute_name}"
+            + (": vectors whole, matrices sharded" if sharded else ""),
+            compute * sum(local(n) for n in unstacked),
+        ),
+        Row(f"stack anchor θ_1, {anchor_name}{rows}", anchor * s_local),
+        Row(
+            f"stack differences, {k - 1} x {dtype}" + (" with per-row scales" if scales else "") + rows,
+            differences,
+        ),
+        *(
+            [
+                Row(
+                    f"LoRA factors of {len(adapters)} expert(s), {anchor_name}, kept low-rank"
+                    + (f", sharded: 1/{shards} of the rows per rank" if sharded else ""),
+                    factors,
+                )
+            ]
+            if lowrank
+            else []
+        ),
+        Row(
+            f"optimizer: Adam on {k} float64 logits" + (", whole on every rank" if world_size > 1 else ""),
+            4 * 8 * k,
+        ),
+    )
+    biggest = max(stacked, key=inventory.numel, default=None)
+    source = inventory.source_bytes[biggest] if biggest else FLOAT32
+    merged_head = _output_layer_merged(stacked, inventory)
+    gathers = None
+    if sharded:
+        block = local(biggest) if biggest else 0
+        # gathered whole while their module runs: matrices not stacked, and LoRA factors (A and B)
+        gathered = {n: inventory.numel(n) for n in unstacked if matrix(n)}
+        if lowrank:
+            gathered.update({m: r * (i + o) for m, (r, i, o) in _lora_modules(adapters).items()})
+        in_layers = {n: size for n, size in gathered.items() if LAYER_INDEX.search(n)}
+        layers: dict[str, int] = {}
+        for n, size in in_layers.items():
+            index = LAYER_INDEX.search(n).group(1)
+            layers[index] = layers.get(index, 0) + size
+        # gathering the output layer: the rank's merged block (when merged), the all-gather buffer
+        # and, when the rows do not divide, a short block's padded copy
+        head_block = block_rows(dims.vocab, shards) * dims.hidden
+        head = head_block * (shards + merged_head + (dims.vocab % shards != 0))
+        gathers = Gathers(
+            block=block,
+            padded=block * shards if biggest and matrix(biggest) else block,
+            head=head,
+            layer=max(layers.values(), default=0),
+            unstacked=max(in_layers.values(), default=0),
+            unstacked_any=max(gathered.values(), default=0),
+        )
+    if sharded and recipe.merge.method == "linear" and recipe.merge.scale == 1.0:
+        # each rank reads and stacks its block of rows of every matrix alone (mergeopt.merging.stack)
+        label = "stacking: temporaries of the largest tensor's block of rows"
+        stacking_elements = max((local(n) for n in stacked), default=0)
+    elif sharded:  # other merges prepare one whole tensor at a time and keep its block
+        label = f"stacking: temporaries of the largest tensor ({recipe.merge.method}: prepared whole)"
+        stacking_elements = largest
+    else:
+        label, stacking_elements = "stacking: temporaries of the largest tensor", largest
+    stacking = stacking_bytes(recipe, k, stacking_elements, source, compute)
+    if sharded:  # blocks short of ⌈R/N⌉ rows are padded by copying them (measured on 3 gloo ranks)
+        short = [local(n) for n in stacked if matrix(n) and inventory.shapes[n][0] % shards]
+        if short and recipe.merge.method == "linear" and recipe.merge.scale == 1.0:
+            stacking = max(stacking, stacking_bytes(recipe, k, max(short), source, compute, short=True))
+        # a matrix model.exclude keeps at θ0: its padded block is copied once more into the one kept
+        kept = [
+            local(n) for n in names if excluded(n, patterns) and matrix(n) and inventory.shapes[n][0] % shards
+        ]
+        stacking = max(stacking, compute * max(kept, default=0))
+    if sharded and lowrank:  # the LoRA factors are read whole once, then cut to the rank's rows
+        stacking += _factor_elements(adapters, 1) * factor_dtype.itemsize - (factors - rank_sum * (8 + 4))
+        label += "; LoRA factors whole"
+    phases = [Row(label, stacking)]
+    batch = f"evaluation batch {recipe.optim.eval_batch_size} x {recipe.data.max_length} tokens"
+    batch += " per rank" if world_size > 1 else ""
+    if recipe.search.strategy == "gradient":
+        train = training_batch(recipe)
+        share = block_rows(
+            train, world_size
+        )  # each rank takes every N-th example (mergeopt.runtime.distributed)
+        step = training_bytes(
+            recipe,
+            dims,
+            share,
+            largest,
+            k,
+            compute,
+            _largest_layer(stacked, inventory),
+            merged_head,
+            rank_sum,
+            gathers,
+        )
+        how = "checkpointed" if recipe.optim.activation_checkpointing else "every activation kept"
+        phases.append(Row(f"training step, {compute_name}, {how}", step))
+        if world_size > 1:
+            micro = f"micro-batch {train} x {recipe.data.max_length} tokens over {world_size} ranks, {share} per rank"
+        else:
+            micro = f"micro-batch {train} x {recipe.data.max_length} tokens"
+        batch = f"{micro}; {batch}"
+    evaluate = eval_itemsize(recipe)
+    evaluate_name = "float32" if recipe.model.eval_dtype == "auto" else recipe.model.eval_dtype
+    widest = max((inventory.numel(n) for n in unstacked), default=0)
+    evaluation = evaluation_bytes(recipe, dims, largest, k, compute, merged_head, evaluate, widest, gathers)
+    phases.append(Row(f"evaluation batch, no grad, {evaluate_name}", evaluation))
+    return MemoryPlan(
+        memory,
+        k,
+        params,
+        len(names),
+        s,
+        len(stacked),
+        len(names) - len(stacked),
+        held,
+        tuple(phases),
+        batch,
+        world_size=world_size,
+        shard=recipe.model.shard,
+    )

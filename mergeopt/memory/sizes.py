@@ -1,0 +1,150 @@
+"""What a memory plan is made of and what it is: the model's shapes (:class:`Dims`, :class:`Inventory`),
+the device (:class:`DeviceMemory`), the plan's byte rows (:class:`MemoryPlan`), and the rows of one
+rank's block under ``model.shard: fsdp`` (:func:`block_rows`, :func:`local_numel`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from mergeopt.errors import UserError
+from mergeopt.loading.lora import FactorSizes
+
+GIB = 2**30
+FLOAT32 = 4
+# regexes a user can add to model.exclude to keep the (usually largest) embedding tensors at θ0
+EMBEDDING_PATTERNS = ("embed_tokens", "lm_head", "wte", "embed_in", "embed_out")
+
+
+def block_rows(rows: int, world_size: int) -> int:
+    """⌈rows / N⌉: the rows of each rank's block, padding included (:func:`mergeopt.merging.sharded_merge.block_range`)."""
+    return -(-rows // world_size)
+
+
+def local_numel(shape: Sequence[int], world_size: int) -> int:
+    """Elements one of ``world_size`` ranks keeps of a tensor of ``shape`` under ``model.shard: fsdp``:
+    a block of ⌈R/N⌉ rows of a matrix (R = shape[0]), a vector whole."""
+    if len(shape) < 2:
+        return math.prod(shape)
+    return block_rows(shape[0], world_size) * math.prod(shape[1:])
+
+
+@dataclass(frozen=True)
+class Gathers:
+    """What a sharded stack (``model.shard: fsdp``) forms whole on each rank while a layer runs, in
+    elements: the largest stacked matrix's block (⌈R/N⌉ rows) and its all-gather buffer (N blocks,
+    padding rows included); what gathering the output layer holds at once (``head``: the rank's
+    merged block of it when it is stacked, the all-gather buffer and, with padding rows, the padded
+    copy of a rank's short block; :func:`~mergeopt.memory.phases.head_bytes`); what else is gathered whole while its module
+    runs, the matrices not stacked and the LoRA factors kept low-rank (a module's A and B): in the
+    largest decoder layer (``layer``, their sum, and ``unstacked``, the largest), and the largest
+    anywhere (``unstacked_any``)."""
+
+    block: int
+    padded: int
+    head: int = 0
+    layer: int = 0
+    unstacked: int = 0
+    unstacked_any: int = 0
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The decoder shapes the activation estimate needs, read from config.json."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+    @classmethod
+    def from_config(cls, config: dict, where: str) -> Dims:
+        """Llama-style keys (GPT-2 aliases accepted); a multimodal config's text_config if present."""
+        cfg = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+
+        def pick(*keys: str, default: int | None = None) -> int:
+            for key in keys:
+                if isinstance(cfg.get(key), int):
+                    return cfg[key]
+            if default is None:
+                raise UserError(f"{where}: config.json has no {keys[0]}: cannot estimate activations")
+            return default
+
+        hidden = pick("hidden_size", "n_embd", "d_model")
+        heads = pick("num_attention_heads", "n_head")
+        return cls(
+            hidden=hidden,
+            intermediate=pick("intermediate_size", "n_inner", default=4 * hidden),
+            layers=pick("num_hidden_layers", "n_layer", "num_layers"),
+            heads=heads,
+            kv_heads=pick("num_key_value_heads", default=heads),
+            head_dim=pick("head_dim", default=hidden // heads),
+            vocab=pick("vocab_size"),
+        )
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """Every parameter of the base: shape and the bytes per element it is stored with on disk."""
+
+    shapes: dict[str, tuple[int, ...]]
+    source_bytes: dict[str, int]
+    source: str  # where the shapes came from, for the printed plan
+    notes: tuple[str, ...] = ()
+    adapters: dict[str, FactorSizes] = field(default_factory=dict)  # LoRA experts, from their headers
+
+    def numel(self, name: str) -> int:
+        return math.prod(self.shapes[name])
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    """The device a recipe resolves to, and its memory (None where it cannot be known here)."""
+
+    device: str
+    description: str
+    total: int | None
+    free: int | None
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Byte rows held for the whole run, the transient phases (one at a time) and the verdict."""
+
+    memory: DeviceMemory
+    num_experts: int
+    parameters: int
+    tensors: int
+    stacked_parameters: int
+    stacked_tensors: int
+    excluded_tensors: int
+    held: tuple[Row, ...]
+    phases: tuple[Row, ...]
+    batch: str  # the batch shapes the phases assume, in words
+    suggestions: tuple[tuple[str, int], ...] = field(default=())  # (override, bytes saved)
+    combined_peak: int | None = None  # the peak with every suggestion applied
+    world_size: int = 1  # the ranks of a torchrun job; the rows are per rank
+    shard: str = "none"  # model.shard: fsdp splits the matrices' rows over the ranks
+
+    def row(self, label_start: str) -> int:
+        """Bytes of the first row (held or phase) whose label starts with ``label_start``."""
+        return next(r.bytes for r in (*self.held, *self.phases) if r.label.startswith(label_start))
+
+    @property
+    def peak(self) -> int:
+        return sum(r.bytes for r in self.held) + max((r.bytes for r in self.phases), default=0)
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.memory.free is None else self.peak <= self.memory.free
