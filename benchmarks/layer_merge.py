@@ -97,7 +97,7 @@ def build_plain(checkpointed: bool):
 
 def build_fit(checkpointed: bool):
     from mergeopt.memory import checkpointing
-    from mergeopt.merging.stack import build_stack
+    from mergeopt.merging.stacking import build_stack
     from mergeopt.objectives.loss import dev_loss
     from mergeopt.worlds import random_world
 

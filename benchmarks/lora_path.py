@@ -84,7 +84,7 @@ def measure(variant: str, base_dir: str, experts: dict[str, str], steps: int) ->
     from transformers import AutoModelForCausalLM
 
     from mergeopt.loading.checkpoints import open_experts
-    from mergeopt.merging.stack import build_expert_stack
+    from mergeopt.merging.mixed_experts import build_expert_stack
     from mergeopt.objectives.data import Example, collate
     from mergeopt.objectives.loss import dev_loss
 

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from mergeopt import worlds
     from mergeopt.loading.checkpoints import open_experts
-    from mergeopt.merging.stack import build_expert_stack
+    from mergeopt.merging.mixed_experts import build_expert_stack
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

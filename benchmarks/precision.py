@@ -76,7 +76,7 @@ import torch
 from scipy.stats import spearmanr
 
 import mergeopt
-import mergeopt.merging.stack
+import mergeopt.merging.stacking
 from mergeopt.config import load_recipe
 from mergeopt.evaluation.proxy import proxy_losses, read_grid
 from mergeopt.fit import fit
@@ -128,12 +128,12 @@ def quantization_levels(levels: int | None):
     if levels is None:
         yield
         return
-    original = mergeopt.merging.stack.quantize_rows
-    mergeopt.merging.stack.quantize_rows = functools.partial(original, levels=levels)
+    original = mergeopt.merging.stacking.quantize_rows
+    mergeopt.merging.stacking.quantize_rows = functools.partial(original, levels=levels)
     try:
         yield
     finally:
-        mergeopt.merging.stack.quantize_rows = original
+        mergeopt.merging.stacking.quantize_rows = original
 
 
 def world_specs(args) -> dict[str, dict]:
@@ -199,17 +199,17 @@ def grouped_differences(enabled: bool):
     if not enabled:
         yield
         return
-    original = mergeopt.merging.stack._differences
+    original = mergeopt.merging.stacking._differences
 
     def rounded(*args, **kwargs):
         anchor, rows, differ = original(*args, **kwargs)
         return anchor, grouped_4bit(rows), differ
 
-    mergeopt.merging.stack._differences = rounded
+    mergeopt.merging.stacking._differences = rounded
     try:
         yield
     finally:
-        mergeopt.merging.stack._differences = original
+        mergeopt.merging.stacking._differences = original
 
 
 def run_variant(name: str, spec: dict, overrides: list[str], table, work: Path, quiet: bool) -> dict:

@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 from mergeopt.loading.sharded_load import RandomBase, empty_model  # noqa: E402
 from mergeopt.memory import checkpointing  # noqa: E402
 from mergeopt.merging.sharded_merge import TRAFFIC, reset_traffic  # noqa: E402
-from mergeopt.merging.stack import build_stack  # noqa: E402
+from mergeopt.merging.stacking import build_stack  # noqa: E402
 from mergeopt.objectives.data import Batch  # noqa: E402
 from mergeopt.objectives.loss import dev_loss  # noqa: E402
 from mergeopt.worlds import random_world  # noqa: E402

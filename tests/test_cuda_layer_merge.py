@@ -10,7 +10,7 @@ import torch
 
 from mergeopt.memory import checkpointing, phases
 from mergeopt.memory.sizes import Dims
-from mergeopt.merging.stack import build_stack
+from mergeopt.merging.stacking import build_stack
 from mergeopt.objectives.data import Example, collate
 from mergeopt.objectives.loss import dev_loss
 from mergeopt.worlds import random_world

@@ -25,7 +25,7 @@ from mergeopt.evaluation.proxy import proxy_losses
 from mergeopt.loading.lora import LoraAdapter, LoraFactors
 from mergeopt.loading.problem import load_problem
 from mergeopt.merging.methods import get_method
-from mergeopt.merging.stack import build_expert_stack
+from mergeopt.merging.mixed_experts import build_expert_stack
 from mergeopt.merging.task_vectors import BASE_EXPERT, layer_of, sign_counts, task_vector_stats
 from mergeopt.objectives.objective import Objective
 from mergeopt.run_files import DiagnoseFile, read_run_file

@@ -18,7 +18,8 @@ from torch.nn.utils import parametrize
 
 from mergeopt.merging.eval_dtype import CastTo, evaluating_in
 from mergeopt.merging.layer_merge import MergedParameter
-from mergeopt.merging.stack import build_expert_stack, build_stack
+from mergeopt.merging.mixed_experts import build_expert_stack
+from mergeopt.merging.stacking import build_stack
 from mergeopt.objectives.data import DevSet, Example
 from mergeopt.objectives.loss import evaluate_sums
 from tests.test_layer_merge import VOCAB, perturbed_experts, tiny_model

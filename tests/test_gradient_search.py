@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from mergeopt.config import OptimSection
 from mergeopt.loading.checkpoints import open_all
-from mergeopt.merging.stack import build_stack
+from mergeopt.merging.stacking import build_stack
 from mergeopt.merging.weights import initial_logits
 from mergeopt.objectives.data import load_dev_set, training_batches
 from mergeopt.objectives.loss import dev_loss

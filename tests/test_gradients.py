@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from mergeopt.merging.stack import build_stack
+from mergeopt.merging.stacking import build_stack
 from mergeopt.objectives.data import collate, load_dev_set
 from mergeopt.objectives.loss import dev_loss
 from mergeopt.worlds import toy

@@ -20,7 +20,7 @@ from torch.func import functional_call
 
 from mergeopt.config import MergeSection, OptimSection
 from mergeopt.memory import checkpointing
-from mergeopt.merging.stack import build_stack
+from mergeopt.merging.stacking import build_stack
 from mergeopt.objectives.data import Batch, DevSet, Example
 from mergeopt.objectives.head_loss import full_logits_losses
 from mergeopt.objectives.loss import per_set_loss_sums, target_loss

@@ -267,7 +267,8 @@ def test_gpt2_adapters_merge_as_their_peft_merges(tmp_path, w):
     of PEFT's merged experts, at a one-hot too (GPT-2 is the architecture whose weights are in × out)."""
     from torch.func import functional_call
 
-    from mergeopt.merging.stack import build_expert_stack, build_stack
+    from mergeopt.merging.mixed_experts import build_expert_stack
+    from mergeopt.merging.stacking import build_stack
 
     base = tiny_model("gpt2")
     shapes = {n: tuple(p.shape) for n, p in base.named_parameters()}
@@ -343,7 +344,7 @@ def test_merge_as_adapter_refuses_what_peft_cannot_load_as_merged(tmp_path, tied
     """A module saved whole whose weight another shares (PEFT would copy one of the two) and a merge
     with no factor left are refused in one line."""
     from mergeopt.export.adapter import adapter_tensors
-    from mergeopt.merging.stack import build_expert_stack
+    from mergeopt.merging.mixed_experts import build_expert_stack
 
     torch.manual_seed(0)
     base = LlamaForCausalLM(tiny_config(tie_word_embeddings=tied)).eval()

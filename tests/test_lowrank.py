@@ -17,7 +17,8 @@ from transformers import LlamaForCausalLM
 
 from mergeopt.loading.lora import read_adapter
 from mergeopt.merging.lowrank import build_lowrank_stack
-from mergeopt.merging.stack import build_expert_stack, build_stack
+from mergeopt.merging.mixed_experts import build_expert_stack
+from mergeopt.merging.stacking import build_stack
 from tests.conftest import tiny_config
 
 NAMES = ("alpha", "beta", "gamma")

@@ -17,7 +17,7 @@ from mergeopt.config import MergeSection
 from mergeopt.errors import UserError
 from mergeopt.merging.methods import METHODS, get_method, mixup
 from mergeopt.merging.methods.dare import parameter_generator
-from mergeopt.merging.stack import build_stack
+from mergeopt.merging.stacking import build_stack
 from tests.conftest import perturbed, tiny_config
 
 SHAPES = [(11,), (6, 5), (3, 4, 5)]

@@ -35,7 +35,8 @@ from mergeopt.loading.checkpoints import open_all
 from mergeopt.memory import checkpointing, dry_run, phases, plan
 from mergeopt.memory.ranks import check_shard_division
 from mergeopt.memory.sizes import DeviceMemory, Dims, Inventory, MemoryPlan
-from mergeopt.merging.stack import DTYPES, build_stack
+from mergeopt.merging.stack import DTYPES
+from mergeopt.merging.stacking import build_stack
 from mergeopt.objectives.data import DevSet, Example, collate
 from mergeopt.objectives.loss import dev_loss, evaluate_sums
 from tests.conftest import REPO, fork_ranks, perturbed, run_in_process

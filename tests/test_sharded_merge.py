@@ -25,7 +25,7 @@ from mergeopt.merging.sharded_merge import (
     shard_rows,
     shard_stack,
 )
-from mergeopt.merging.stack import build_stack
+from mergeopt.merging.stacking import build_stack
 from mergeopt.objectives.loss import dev_loss
 from tests.conftest import fork_ranks
 from tests.test_layer_merge import padded_batch, perturbed_experts, tiny_model
@@ -368,7 +368,7 @@ def _lora_problem(root):
     from transformers import LlamaForCausalLM
 
     from mergeopt.loading.lora import read_adapter
-    from mergeopt.merging.stack import build_expert_stack
+    from mergeopt.merging.mixed_experts import build_expert_stack
     from tests.conftest import tiny_config
     from tests.test_lowrank import NAMES
 

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from mergeopt.errors import UserError
 from mergeopt.loading.checkpoints import open_all
 from mergeopt.merging.methods.linear import merge_linear
-from mergeopt.merging.stack import build_stack
+from mergeopt.merging.stacking import build_stack
 
 
 def load(path):

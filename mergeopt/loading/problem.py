@@ -20,13 +20,8 @@ from mergeopt.loading.lora import LoraAdapter
 from mergeopt.loading.positions import check_max_length
 from mergeopt.memory import checkpointing
 from mergeopt.memory.placement import input_device
-from mergeopt.merging.stack import (
-    DTYPES,
-    TaskVectorStack,
-    build_expert_stack,
-    compute_dtype_for,
-    eval_dtype_for,
-)
+from mergeopt.merging.mixed_experts import build_expert_stack
+from mergeopt.merging.stack import DTYPES, TaskVectorStack, compute_dtype_for, eval_dtype_for
 from mergeopt.objectives.data import DevSet
 from mergeopt.objectives.head_loss import check_head
 from mergeopt.objectives.objective import Objective
@@ -138,7 +133,7 @@ def _stack_experts(
 ) -> tuple[torch.nn.Module, TaskVectorStack]:
     """Load θ0 in the compute dtype and stack the experts as the recipe's model and merge sections
     say; the stacked parameters of the model then read the merge (θ0 is not kept for them, unless
-    ``base_expert`` stacks it as one more expert: see :func:`mergeopt.merging.stack.build_expert_stack`).
+    ``base_expert`` stacks it as one more expert: see :func:`mergeopt.merging.mixed_experts.build_expert_stack`).
 
     ``shard`` (rank, world size; ``model.shard: fsdp``): the model is built empty and each rank
     reads only its rows of θ0 and of every expert (:mod:`mergeopt.loading.sharded_load`).

@@ -6,7 +6,7 @@ Llama-3.1-70B in bfloat16, more than any GPU. So the model is built as accelerat
 (parameters on the meta device, buffers such as rotary frequencies computed for real), and each
 parameter is filled from a :class:`BaseSource` as the stack is built: a matrix as this rank's
 block of rows (safetensors ``get_slice``: only those bytes are read), a vector whole. The experts
-are read the same way (:func:`mergeopt.merging.stack.build_stack`).
+are read the same way (:func:`mergeopt.merging.stacking.build_stack`).
 
 A base source is the base checkpoint's safetensors, or a ``random://`` world's seeded θ0, which
 is drawn one tensor at a time and cut to the rank's rows.

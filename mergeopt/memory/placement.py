@@ -1,7 +1,7 @@
 """Spread a model larger than one GPU over the local GPUs, each layer's stack beside its layer.
 
 A fit holds far more than the model on each device: every stacked parameter brings its float32
-anchor and K − 1 differences (:mod:`mergeopt.merging.stack`), which :func:`mergeopt.merging.stack.build_stack`
+anchor and K − 1 differences (:mod:`mergeopt.merging.stack`), which :func:`mergeopt.merging.stacking.build_stack`
 allocates on the parameter's own device. So the device map must be planned with those bytes, not
 with the model's: accelerate's ``infer_auto_device_map`` places the model's float32 weights within
 each GPU's budget divided by the per-parameter cost factor (base + anchor + differences, over the

@@ -7,7 +7,7 @@ directory under two names, or identical tensors) make the mixture unidentifiable
 total weight merges to the same model, so the reported shares are arbitrary. Either way the
 mixture.json would look like a finding and mean nothing.
 
-The check rides on the stacking pass (:func:`mergeopt.merging.stack.build_stack`), which reads every
+The check rides on the stacking pass (:func:`mergeopt.merging.stacking.build_stack`), which reads every
 merged tensor of every expert anyway: a candidate is dropped at its first difference, so after the
 first tensor or two there is usually nothing left to compare. Under a sharded stack each rank sees a
 block of rows and the ranks combine their findings once, at the end. Parameters the recipe excludes

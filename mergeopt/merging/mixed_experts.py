@@ -1,0 +1,180 @@
+"""Dense experts and LoRA adapters in one stack (:func:`build_expert_stack`), in the recipe's order.
+
+With a linear merge a LoRA expert stays low-rank: the dense stack sees it as θ0 but for what its
+adapter sets densely, and its factors go to :mod:`mergeopt.merging.lowrank`. TIES and DARE need
+task vectors, so there an adapter is densified parameter by parameter. ``mergeopt diagnose``
+stacks the base itself as one more expert.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from mergeopt.config import MergeSection
+from mergeopt.errors import UserError
+from mergeopt.loading.checkpoints import Checkpoint
+from mergeopt.loading.lora import LoraAdapter
+from mergeopt.loading.sharded_load import BaseSource
+from mergeopt.merging.layer_merge import (
+    parameter_device,
+)
+from mergeopt.merging.lowrank import build_lowrank_stack
+from mergeopt.merging.sameness import check_lowrank_adapters
+from mergeopt.merging.stack import TaskVectorStack, anchor_dtype_for, describe
+from mergeopt.merging.stacking import build_stack, excluded
+
+
+class _BaseView(Mapping):
+    """A LoRA expert's dense weights on the low-rank path: θ0 everywhere (its update is low-rank).
+
+    Values are copies: the model's parameters become merge buffers and are overwritten later. A
+    parameter still on the meta device (a sharded load) is read from ``base`` onto ``device``.
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, base: BaseSource | None = None, device: torch.device | None = None
+    ):
+        self._params = dict(model.named_parameters())
+        self._base, self._device = base, device
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        param = self._params[name]
+        if param.is_meta:
+            return self._base.whole(name, param, self._device)
+        return param.detach().clone()
+
+    def __iter__(self):
+        return iter(self._params)
+
+    def __len__(self) -> int:
+        return len(self._params)
+
+
+class _DenseAdapterView(_BaseView):
+    """A LoRA expert as dense weights θ0 + s·B·A (and its dense updates: DoRA, embeddings, copies),
+    formed one parameter at a time (TIES/DARE need τ)."""
+
+    def __init__(self, model: torch.nn.Module, adapter: LoraAdapter, base=None, device=None):
+        super().__init__(model, base, device)
+        self._adapter = adapter
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._adapter.expert_value(name, super().__getitem__(name))
+
+
+class _AdapterDenseUpdatesView(_BaseView):
+    """A LoRA expert kept low-rank, as the dense stack sees it: θ0, but for the parameters its
+    adapter sets densely (:class:`mergeopt.loading.lora.DenseUpdate`). ``changed`` collects the
+    parameters where that differs from θ0 (the sameness check's view of them)."""
+
+    def __init__(self, model: torch.nn.Module, adapter: LoraAdapter, base=None, device=None):
+        super().__init__(model, base, device)
+        self._adapter = adapter
+        self.changed: set[str] = set()
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        theta0 = super().__getitem__(name)
+        update = self._adapter.dense.get(name)
+        if update is None:
+            return theta0
+        value = update.value(theta0)
+        if not torch.equal(value, theta0):
+            self.changed.add(name)
+        return value
+
+
+def build_expert_stack(
+    model: torch.nn.Module,
+    names: Sequence[str],
+    dense: Mapping[str, Checkpoint | Mapping[str, torch.Tensor]],
+    adapters: Mapping[str, LoraAdapter],
+    exclude: Sequence[str] = (),
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+    merge: MergeSection | None = None,
+    seed: int = 0,
+    log=print,
+    compute_dtype: torch.dtype | None = None,
+    shard: tuple[int, int] | None = None,
+    base: BaseSource | None = None,
+    device: torch.device | None = None,
+    base_expert: str | None = None,
+) -> TaskVectorStack:
+    """The stack for any mix of dense experts and LoRA adapters, in the recipe's expert order.
+
+    With a linear merge LoRA experts stay low-rank: their dense weights are θ0 (so the dense stack
+    holds only what dense experts change) and their update λ Σ w_i s_i B_i A_i is added in the
+    forward pass by :mod:`mergeopt.merging.lowrank`. TIES and DARE need each expert's task vector, so there
+    a LoRA expert is densified parameter by parameter (θ0 + s·B·A), costing what a dense expert costs.
+
+    ``base_expert`` (``mergeopt diagnose``): θ0 itself is stacked as one more expert of that name,
+    last, so the merge at its one-hot is the base model and τ_i = δ_i − δ_base is read back from the
+    stack. Last, so every other expert's rows, DARE draws and mixup coefficients are the ones the
+    stack without it has; its task vector is zero, which TIES's trim, sign election and disjoint
+    mean ignore. Its view keeps the model's θ0 tensors alive until the stack is built (one more
+    copy of the model while stacking).
+    """
+    merge = merge or MergeSection()
+    recipe_names = list(names)
+    if base_expert is not None:
+        if base_expert in names:
+            raise UserError(f"expert name {base_expert!r} is reserved for the base model: rename the expert")
+        names = [*names, base_expert]
+        dense = {**dense, base_expert: _BaseView(model, base, device)}
+    lowrank_path = bool(adapters) and merge.method == "linear"
+    if adapters and not lowrank_path:
+        log(f"merge.method {merge.method} needs dense task vectors: LoRA experts are densified per parameter")
+    views = {}
+    for name in names:
+        if name in dense:
+            views[name] = dense[name]
+        elif lowrank_path:
+            views[name] = _AdapterDenseUpdatesView(model, adapters[name], base, device)
+        else:
+            views[name] = _DenseAdapterView(model, adapters[name], base, device)
+    stack = build_stack(
+        model,
+        views,
+        exclude,
+        dtype,
+        progress,
+        merge,
+        seed,
+        allow_empty=lowrank_path,
+        compute_dtype=compute_dtype,
+        shard=shard,
+        base=base,
+        device=device,
+        # their dense view is θ0 itself; a low-rank adapter is compared by its factors, below
+        not_compared=[*(adapters if lowrank_path else ()), *([base_expert] if base_expert else ())],
+    )
+    if base_expert is not None:  # the recipe's merge, as its experts alone describe and draw it
+        stack.method = describe(merge, len(recipe_names), seed)
+        if stack.mixup is not None:  # c(w) unchanged while the base's weight is 0; c(e_base) = e_base
+            stack.mixup = torch.tensor([*stack.method["mixup_lambda"], 1.0], dtype=torch.float64)
+    if lowrank_path:
+        patterns = [re.compile(p) for p in exclude]
+        kept = {
+            n: LoraAdapter(
+                a.path,
+                a.config,
+                {t: f for t, f in a.factors.items() if not excluded(t, patterns)},
+                {t: u for t, u in a.dense.items() if not excluded(t, patterns)},
+            )
+            for n, a in adapters.items()
+        }
+        # the dense stack did not compare them (their view is θ0 but for their dense updates)
+        check_lowrank_adapters(kept, {n: bool(views[n].changed) for n in adapters})
+        factors_dtype = anchor_dtype_for(dtype, stack.compute_dtype)  # int8 is for dense differences only
+        stack.lowrank = build_lowrank_stack(
+            list(names), kept, lambda t: parameter_device(model, t), factors_dtype, merge.scale
+        )
+        stack.lowrank.attach(model)
+        if not stack.deltas and not stack.lowrank.modules:
+            raise UserError(
+                "the experts do not differ in any merged parameter (after exclusions): nothing to merge"
+            )
+    return stack

@@ -1,0 +1,332 @@
+"""Building the stack (:func:`build_stack`): each expert read tensor by tensor into anchor and differences.
+
+One parameter is processed at a time, so the temporaries are K float32 copies of one tensor, never
+of the model: each expert tensor is read lazily from safetensors (or from an in-memory state dict),
+checked against the base, and either stacked (the parameter becomes a merge-aware
+parametrization), kept as the one value every expert agrees on, or left at θ0 when the recipe
+excludes it. Under ``model.shard: fsdp`` each rank reads and keeps only its block of rows.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from mergeopt.config import MergeSection
+from mergeopt.errors import UserError
+from mergeopt.loading.checkpoints import Checkpoint
+from mergeopt.loading.sharded_load import BaseSource, fill
+from mergeopt.merging.layer_merge import (
+    MergedParameter,
+    attach,
+    quantize_rows,
+)
+from mergeopt.merging.methods import MergeMethod, get_method
+from mergeopt.merging.methods.dare import parameter_generator
+from mergeopt.merging.sameness import Sameness
+from mergeopt.merging.sharded_merge import ShardedMergedParameter, block_range, keep_block, padded
+from mergeopt.merging.stack import TaskVectorStack, anchor_dtype_for, describe
+from mergeopt.runtime.resume import check_interrupt_alone
+
+
+def _read(
+    expert: Checkpoint | Mapping[str, torch.Tensor],
+    expert_name: str,
+    name: str,
+    like: torch.Tensor,
+    rows: tuple[int, int, torch.Size] | None = None,
+) -> torch.Tensor:
+    """One expert tensor, checked against the base's shape, on ``like``'s device and dtype.
+
+    ``rows`` (start, stop, the base's whole shape): only rows [start, stop) of it, and from a
+    checkpoint only those bytes are read (a sharded stack's block).
+    """
+    whole = like.shape if rows is None else rows[2]
+    if isinstance(expert, Checkpoint):
+        if name not in expert.tensors:
+            raise UserError(
+                f"parameter {name} of the base model is not in expert {expert_name!r} ({expert.path})"
+            )
+        shape = torch.Size(expert.tensors[name].shape)
+        if shape == whole:
+            value = expert.read(name) if rows is None else expert.read_rows(name, rows[0], rows[1])
+        else:
+            value = torch.empty(shape, device="meta")
+    elif name not in expert:
+        raise UserError(f"parameter {name} of the base model is not in expert {expert_name!r}")
+    else:
+        value = expert[name]
+        shape = value.shape
+        if rows is not None and shape == whole:
+            value = value[rows[0] : rows[1]]
+    if shape != whole:
+        raise UserError(
+            f"tensor {name} has shape {list(whole)} in the base but {list(shape)} in expert {expert_name!r}"
+        )
+    value = value.to(device=like.device, dtype=like.dtype)
+    if not torch.isfinite(value).all():
+        raise UserError(f"tensor {name} of expert {expert_name!r} contains NaN or Inf")
+    return value
+
+
+def excluded(name: str, patterns: Sequence[re.Pattern]) -> bool:
+    return any(p.search(name) for p in patterns)
+
+
+def _differences(
+    base: torch.Tensor, experts: Mapping, name: str, dtype: torch.dtype, block=None, sameness=None
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Linear merge at scale 1: anchor θ_1 and rows θ_i − θ_1, without θ0 (``block``: rows of a
+    sharded stack, see :func:`_read`); ``sameness`` sees each value and the rows."""
+    anchor = None
+    # differences written row by row into one preallocated tensor: no K-long list of temporaries
+    rows = torch.empty((len(experts) - 1, *base.shape), dtype=dtype, device=base.device)
+    differ = False
+    for k, (ename, expert) in enumerate(experts.items()):
+        value = _read(expert, ename, name, base, block)
+        if sameness is not None and sameness.base_candidate(k):
+            sameness.see_value(k, value, base)
+        if anchor is None:
+            anchor = value
+            continue
+        difference = value - anchor  # not in place: ``value`` may be the caller's own tensor
+        differ = differ or bool(difference.any())
+        rows[k - 1].copy_(difference)
+        del value, difference
+    if sameness is not None:
+        sameness.see_differences(rows)
+    return anchor, rows, differ
+
+
+def _prepared(
+    base: torch.Tensor,
+    experts: Mapping,
+    name: str,
+    dtype: torch.dtype,
+    method: MergeMethod,
+    options: dict[str, Any],
+    scale: float,
+    sameness=None,
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Any other method: τ' = prepare(θ_i − θ0), anchor θ0 + λ τ'_1 and rows λ (τ'_i − τ'_1);
+    ``sameness`` sees the task vectors before they are prepared."""
+    tau = torch.empty((len(experts), *base.shape), dtype=base.dtype, device=base.device)
+    for k, (ename, expert) in enumerate(experts.items()):
+        torch.sub(_read(expert, ename, name, base), base, out=tau[k])
+    if sameness is not None:
+        sameness.see_task_vectors(tau)
+    prepared = method.prepare(tau, **options)
+    del tau
+    anchor = base + scale * prepared[0]
+    rows = (prepared[1:] - prepared[0]).mul_(scale)
+    return anchor, rows.to(dtype), bool(rows.any())
+
+
+def build_stack(
+    model: torch.nn.Module,
+    experts: Mapping[str, Checkpoint | Mapping[str, torch.Tensor]],
+    exclude: Sequence[str] = (),
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+    merge: MergeSection | None = None,
+    seed: int = 0,
+    allow_empty: bool = False,
+    compute_dtype: torch.dtype | None = None,
+    shard: tuple[int, int] | None = None,
+    base: BaseSource | None = None,
+    device: torch.device | None = None,
+    not_compared: Sequence[str] = (),
+) -> TaskVectorStack:
+    """Read each expert tensor lazily, stack anchor and differences on the parameter's device, and
+    make the model's parameter read the merge (its θ0 tensor is dropped).
+
+    An expert equal to the base, or two equal experts, are refused once every tensor is read
+    (:mod:`mergeopt.merging.sameness`; ``not_compared``: experts left out of that check).
+
+    ``shard`` (rank, world size): every matrix is kept as this rank's block of rows
+    (:mod:`mergeopt.merging.sharded_merge`), stacked or not; vectors stay whole. With a linear merge at
+    scale 1 each block is read alone from each expert; other methods prepare one whole tensor at a
+    time and keep its block. Every rank must call this together, since whether a parameter differs
+    at all is agreed across the ranks. ``base`` gives θ0 of the parameters that are still on the
+    meta device (:mod:`mergeopt.loading.sharded_load`: no rank loads the base whole), made on ``device``.
+
+    An expert is a :class:`Checkpoint` (read tensor by tensor from safetensors) or an in-memory
+    state dict (tests, benchmarks, notebooks). ``model`` holds θ0 (it was loaded from the base
+    checkpoint); it is frozen here, so only the mixture logits ever require grad. ``dtype`` stores
+    the differences (``torch.int8``: quantised per row); ``compute_dtype`` (default: the model's
+    own) is what merged weights are formed in. ``merge`` (the recipe's merge section; None: linear)
+    picks the method; ``seed`` (the recipe's) seeds DARE's masks, per parameter from (seed, name),
+    and the mixup draw. One parameter is processed at a time, so the temporaries are K float32
+    copies of one tensor, never of the model.
+    """
+    merge = merge or MergeSection()
+    method = get_method(merge.method)
+    options = method.options(merge)
+    anchor_form = method.name == "linear" and merge.scale == 1.0
+    patterns = [re.compile(p) for p in exclude]
+    names = list(experts)
+    if compute_dtype is None:
+        compute_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    anchor_dtype = anchor_dtype_for(dtype, compute_dtype)
+    rows_dtype = torch.float32 if dtype == torch.int8 else dtype
+    stack = TaskVectorStack(
+        expert_names=names, anchor={}, deltas={}, model=model, compute_dtype=compute_dtype
+    )
+    stack.method = describe(merge, len(names), seed)
+    stack.shard = shard
+    if merge.mixup_alpha is not None:
+        stack.mixup = torch.tensor(stack.method["mixup_lambda"], dtype=torch.float64)
+    sameness = Sameness(names, not_compared)
+    collective = None  # a sharded stack: where its ranks combine what they found equal
+    parameter_names = [n for n, _ in model.named_parameters()]  # names only: θ0 is freed as we go
+    for pname in tqdm(parameter_names, desc="stacking experts", unit="tensor", disable=not progress):
+        check_interrupt_alone("stacking the experts")  # minutes on a large model: stop within a tensor
+        param = model.get_parameter(pname)
+        param.requires_grad_(False)
+        where = device if param.is_meta else param.device
+        blocks = shard is not None and param.dim() >= 2  # this rank keeps a block of its rows
+        if excluded(pname, patterns):
+            stack.excluded.append(pname)
+            if blocks:
+                _keep_theta0_block(stack, model, pname, param, shard, base, where)
+            elif param.is_meta:
+                fill(model, pname, base.whole(pname, param, where))
+            continue
+        if blocks and anchor_form:
+            collective = where
+            _stack_block(
+                stack,
+                model,
+                pname,
+                param,
+                experts,
+                shard,
+                dtype,
+                rows_dtype,
+                anchor_dtype,
+                base,
+                where,
+                sameness,
+            )
+            continue
+        theta0 = base.whole(pname, param, where) if param.is_meta else param.detach()
+        theta0 = theta0.to(torch.promote_types(param.dtype, torch.float32))  # θ0, read first
+        if anchor_form:
+            anchor, rows, differ = _differences(theta0, experts, pname, rows_dtype, sameness=sameness)
+        else:
+            if method.random:
+                options["generator"] = parameter_generator(seed, pname)
+            anchor, rows, differ = _prepared(
+                theta0, experts, pname, rows_dtype, method, options, merge.scale, sameness
+            )
+        if blocks:  # prepared whole (TIES, DARE, a scale): every rank the same; keep this rank's rows
+            _keep_prepared_block(
+                stack, model, pname, param, theta0, anchor, rows, differ, shard, dtype, anchor_dtype
+            )
+            continue
+        if not differ:  # the merge does not depend on w: no need to stack it
+            unchanged = torch.equal(anchor, theta0)
+            (stack.unchanged if unchanged else stack.shared).append(pname)
+            if param.is_meta:  # a sharded load: the vector is made here, whole
+                fill(model, pname, anchor.to(param.dtype))
+            elif not unchanged:
+                param.data.copy_(anchor)
+            continue
+        del param, theta0
+        anchor, rows, scales = _store(stack, pname, anchor, rows, dtype, anchor_dtype)
+        merge_module = MergedParameter(pname, rows, scales, len(names), compute_dtype)
+        attach(model, pname, anchor, merge_module)
+    if not stack.deltas and not allow_empty:
+        raise UserError(
+            "the experts do not differ in any merged parameter (after exclusions): nothing to merge"
+        )
+    sameness.check(collective)
+    return stack
+
+
+def _store(stack: TaskVectorStack, pname: str, anchor, rows, dtype, anchor_dtype):
+    """Record one parameter's anchor (in its storage dtype) and differences (int8: quantised per
+    row) in the stack; returns them as stored, with the scales (None unless int8)."""
+    scales = None
+    if dtype == torch.int8:
+        rows, scales = quantize_rows(rows)
+        stack.scales[pname] = scales
+    stack.anchor[pname] = anchor = anchor.to(anchor_dtype)
+    stack.deltas[pname] = rows
+    return anchor, rows, scales
+
+
+def _stack_block(
+    stack: TaskVectorStack,
+    model: torch.nn.Module,
+    pname: str,
+    param: torch.nn.Parameter,
+    experts: Mapping,
+    shard: tuple[int, int],
+    dtype: torch.dtype,
+    rows_dtype: torch.dtype,
+    anchor_dtype: torch.dtype,
+    base: BaseSource | None,
+    device: torch.device,
+    sameness: Sameness | None = None,
+) -> None:
+    """One matrix of a sharded stack (linear merge at scale 1): this rank's block of ⌈R/N⌉ rows
+    (zero-padded), θ0's and each expert's read alone."""
+    total = param.shape[0]
+    start, stop, per = block_range(total, *shard)
+    theta0 = base.rows(pname, start, stop, param, device) if param.is_meta else param.detach()[start:stop]
+    theta0 = theta0.to(torch.promote_types(param.dtype, torch.float32))
+    anchor, rows, differ = _differences(
+        theta0, experts, pname, rows_dtype, (start, stop, param.shape), sameness
+    )
+    flags = torch.tensor([float(differ), float(not torch.equal(anchor, theta0))], device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # the ranks agree on what this parameter is
+    if not flags[0]:  # every expert equal here: not stacked, θ0 or the one shared value
+        (stack.shared if flags[1] else stack.unchanged).append(pname)
+        keep_block(model, pname, padded(anchor.to(param.dtype), per), param.shape, stack.compute_dtype)
+        return
+    del theta0
+    anchor, rows = padded(anchor, per), padded(rows, per, dim=1)
+    block, rows, scales = _store(stack, pname, anchor, rows, dtype, anchor_dtype)
+    merge = ShardedMergedParameter(
+        pname, rows, scales, len(stack.expert_names), stack.compute_dtype, param.shape
+    )
+    del param  # the caller's reference to θ0 is the last; attach drops the model's
+    attach(model, pname, block, merge)
+
+
+def _keep_prepared_block(
+    stack, model, pname, param, theta0, anchor, rows, differ, shard, dtype, anchor_dtype
+):
+    """A matrix merged by another method (prepared whole, the same on every rank): this rank's
+    block of the anchor and of the differences, or of the unmerged value."""
+    start, stop, per = block_range(param.shape[0], *shard)
+    if not differ:
+        (stack.unchanged if torch.equal(anchor, theta0) else stack.shared).append(pname)
+        keep_block(
+            model,
+            pname,
+            padded(anchor[start:stop].to(param.dtype), per).clone(),
+            param.shape,
+            stack.compute_dtype,
+        )
+        return
+    anchor = padded(anchor[start:stop], per).clone()
+    rows = padded(rows[:, start:stop], per, dim=1).clone()
+    block, rows, scales = _store(stack, pname, anchor, rows, dtype, anchor_dtype)
+    merge = ShardedMergedParameter(
+        pname, rows, scales, len(stack.expert_names), stack.compute_dtype, param.shape
+    )
+    attach(model, pname, block, merge)
+
+
+def _keep_theta0_block(stack, model, pname, param, shard, base, device) -> None:
+    """An excluded matrix under sharding: this rank's block of θ0's rows, gathered when read."""
+    start, stop, per = block_range(param.shape[0], *shard)
+    theta0 = base.rows(pname, start, stop, param, device) if param.is_meta else param.detach()[start:stop]
+    keep_block(model, pname, padded(theta0.to(param.dtype), per).clone(), param.shape, stack.compute_dtype)
