@@ -274,7 +274,7 @@ def test_a_grouped_gradient_fit_resumed_after_kill_9_is_bit_identical(random_wor
 
 
 def test_calibrates_mixture_files_carry_both_levels():
-    from mergeopt.evaluation.calibrate import mixture_record
+    from mergeopt.evaluation.calibration_report import mixture_record
 
     groups = Groups.build(["alpha", "beta", "gamma"], PAIRED)
     weights = {"alpha": 0.2, "beta": 0.5, "gamma": 0.3}

@@ -16,7 +16,8 @@ from scipy import stats
 from mergeopt.errors import run_cli
 from mergeopt.evaluation.rank import json_safe
 from mergeopt.evaluation.rank_stats import rank_statistics
-from mergeopt.evaluation.transfer import main, short_names, transfer_tables
+from mergeopt.evaluation.transfer import main, transfer_tables
+from mergeopt.evaluation.transfer_report import short_names
 from tests.conftest import run_in_process, run_module
 from tests.test_search_strategies import PUBLISHED
 
