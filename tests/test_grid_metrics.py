@@ -24,7 +24,8 @@ from mergeopt.objectives import metrics
 from mergeopt.objectives.data import read_jsonl
 from mergeopt.objectives.objective import Objective
 from mergeopt.worlds import resolve_recipe
-from mergeopt.worlds.train import RUN_MARKER, train
+from mergeopt.worlds.run_records import RUN_MARKER
+from mergeopt.worlds.train import train
 
 EXPERTS = ("arith", "reverse")
 MAX_EXAMPLES = 48

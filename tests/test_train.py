@@ -18,7 +18,8 @@ from mergeopt.config import recipe_from_dict
 from mergeopt.errors import UserError
 from mergeopt.evaluation.proxy import check_grid_unit
 from mergeopt.worlds import toy
-from mergeopt.worlds.train import RUN_MARKER, _drawn_differently, train
+from mergeopt.worlds.run_records import RUN_MARKER, drawn_differently
+from mergeopt.worlds.train import train
 from tests.conftest import recipe_tree, write_jsonl
 
 DOMAINS = {"alpha": "arith", "beta": "reverse", "gamma": "markov"}
@@ -160,9 +161,9 @@ def test_a_grid_mixed_in_another_unit_is_refused_before_ranking(trained, tmp_pat
 )
 def test_a_mixture_drawn_in_another_unit_is_another_run(record, unit, differs):
     mixed = {"weights": {"a": 0.5, "b": 0.5}, "unit": unit}
-    assert _drawn_differently(record, mixed) is differs
+    assert drawn_differently(record, mixed) is differs
     one_hot = {"weights": {"a": 1.0, "b": 0.0}, "unit": unit}
-    assert _drawn_differently(record, one_hot) is False  # an expert is the same run in either unit
+    assert drawn_differently(record, one_hot) is False  # an expert is the same run in either unit
 
 
 def test_expert_is_trained_on_its_own_domain_only(trained):

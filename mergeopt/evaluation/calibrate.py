@@ -86,7 +86,7 @@ def check_provenance(table: pd.DataFrame, grid: str | Path, experts: dict[str, s
     one and no fingerprint is shared, the runs are another recipe's: the calibration would correct
     this proxy with the truth of different experts. Grids made elsewhere are not checked.
     """
-    from mergeopt.worlds.train import RUN_MARKER
+    from mergeopt.worlds.run_records import RUN_MARKER
 
     def fingerprint(path: Path) -> str | None:
         try:

@@ -102,7 +102,7 @@ def check_grid_unit(table: pd.DataFrame, path: str | Path, unit: str) -> None:
     can tell (their ``run.json``, found through the ``path`` column); one that draws a single domain
     is the same in either unit, and grids made elsewhere are not checked.
     """
-    from mergeopt.worlds.train import RUN_MARKER, drawn_unit
+    from mergeopt.worlds.run_records import RUN_MARKER, drawn_unit
 
     if "path" not in table.columns:
         return

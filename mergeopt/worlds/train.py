@@ -24,7 +24,6 @@ the score columns of terms a later recipe does not name are carried over, not dr
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import shutil
@@ -61,14 +60,20 @@ from mergeopt.objectives.term_scores import (
 )
 from mergeopt.runtime import determinism, faults
 from mergeopt.runtime.files import write_csv_atomic, write_json_atomic
-from mergeopt.runtime.fingerprint import fingerprints, first_changed
 from mergeopt.runtime.resume import check_interrupt, interruptible, pending_interrupt
 from mergeopt.runtime.rundir import check_output_dir, owned_all, recover, staged
 from mergeopt.search.mixtures import mixture_set
 from mergeopt.worlds import resolve_recipe
-
-RUN_MARKER = "run.json"
-LEGACY_UNIT = "samples"  # how runs drew their mixtures before weights.unit existed
+from mergeopt.worlds.run_records import (
+    RUN_MARKER,
+    finished,
+    input_digests,
+    load_step_checkpoint,
+    run_identity,
+    save_step_checkpoint,
+    step_checkpoint_dir,
+    step_checkpoint_state,
+)
 
 
 def load_examples(path: str, tokenizer, max_length: int) -> list[Example]:
@@ -132,94 +137,6 @@ def token_batches(
         yield collate(items, pad_id), per_domain
 
 
-def _fingerprint(recipe: Recipe) -> str:
-    """What makes two runs comparable: base, data, budget, optimizer, method, seed."""
-    train = recipe.train.model_dump(mode="json")
-    train.pop("mixtures")
-    train.pop("output_dir")
-    train.pop("checkpoint_every")  # how often progress is saved does not change the run
-    payload = {"base": recipe.model.base, "seed": recipe.seed, "train": train}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _inputs(recipe: Recipe) -> dict[str, str]:
-    """The digests of what every run of ``recipe`` reads: the base and every training set.
-
-    Every set counts for every run, not only for the runs that draw from it: the seeded stream
-    shuffles each domain (:func:`mixture_examples`), so one set's size moves every run's examples.
-    """
-    return fingerprints([recipe.model.base, *recipe.train.data.values()])
-
-
-def _identity(recipe: Recipe, weights: dict[str, float], inputs: dict[str, str]) -> dict:
-    """What a run's step checkpoint and run.json record of it: recipe, mixture, its unit and inputs."""
-    return {
-        "fingerprint": _fingerprint(recipe),
-        "weights": weights,
-        "unit": recipe.weights.unit,
-        "inputs": inputs,
-    }
-
-
-def drawn_unit(weights: dict[str, float], record: dict) -> str | None:
-    """The unit a run of mixture ``weights`` that ``record`` (run.json or a step checkpoint's state)
-    describes drew its examples in; None for a single domain, which is the same run in either unit.
-    Records from before the unit was recorded drew sample shares, the only unit there was."""
-    if sum(float(w) > 0 for w in weights.values()) <= 1:
-        return None
-    return record.get("unit", LEGACY_UNIT)
-
-
-def _drawn_differently(record: dict, identity: dict) -> bool:
-    """True when ``record``'s mixture was drawn in another unit than ``identity``'s would draw it."""
-    drawn = drawn_unit(identity["weights"], record)
-    return drawn is not None and drawn != identity["unit"]
-
-
-def _finished(path: Path, identity: dict) -> bool:
-    """True for a finished run of this recipe, mixture and data; an error for a run of another one."""
-    fingerprint, weights = identity["fingerprint"], identity["weights"]
-    marker = path / RUN_MARKER
-    if not marker.is_file():
-        return False
-    info = json.loads(marker.read_text())
-    if info.get("fingerprint") != fingerprint:
-        raise UserError(
-            f"{path} was trained with a different recipe (base, data, budget or optimizer changed); "
-            "delete it or choose another train.output_dir / model.experts path"
-        )
-    trained = info.get("weights", {})
-    if set(trained) != set(weights) or any(not abs(trained[n] - weights[n]) <= 1e-9 for n in weights):
-        raise UserError(
-            f"{path} holds a run of mixture {trained}, not {weights} (train.mixtures changed); "
-            "delete it or choose another train.output_dir"
-        )
-    if _drawn_differently(info, identity):
-        trained_unit = drawn_unit(weights, info)
-        raise UserError(
-            f"{path} holds a run of mixture {trained} in {trained_unit[:-1]} shares, and weights.unit "
-            f"is {identity['unit']}: set weights.unit: {trained_unit} to rank against it, or delete "
-            "it to retrain"
-        )
-    _check_inputs(
-        info,
-        identity,
-        f"{path} was trained on other data",
-        "delete every run (model.experts, train.output_dir/mixtures) to retrain them on the new data",
-    )
-    return True
-
-
-def _check_inputs(record: dict, identity: dict, what: str, remedy: str) -> None:
-    """Refuse a run.json or step checkpoint ``record`` whose inputs changed since, naming the first.
-
-    A record without ``inputs`` (written before runs recorded them) is not checked.
-    """
-    changed = first_changed(record.get("inputs") or {}, identity["inputs"])
-    if changed is not None:
-        raise UserError(f"{what}: {changed} changed since; restore it, or {remedy}")
-
-
 def check_lora_targets(recipe: Recipe) -> None:
     """Every train.lora.target_modules entry names a module of the base (built on the meta device)."""
     from mergeopt.loading.checkpoints import meta_model
@@ -241,7 +158,7 @@ def train_one(
 ) -> dict:
     """Fine-tune the base on mixture ``weights`` for the recipe's budget and save it to ``out``.
 
-    ``inputs``: the digests of what it reads (:func:`_inputs`), when the caller has taken them.
+    ``inputs``: the digests of what it reads (:func:`input_digests`), when the caller has taken them.
     """
     from transformers import AutoModelForCausalLM
 
@@ -270,8 +187,8 @@ def train_one(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     tokens, losses, start = 0, [], 0
-    identity = _identity(recipe, weights, _inputs(recipe) if inputs is None else inputs)
-    saved = _load_step_checkpoint(_checkpoint_dir(out), identity, model, optimizer)
+    identity = run_identity(recipe, weights, input_digests(recipe) if inputs is None else inputs)
+    saved = load_step_checkpoint(step_checkpoint_dir(out), identity, model, optimizer)
     if saved is not None:  # resume: the exact state after step saved["step"] - 1
         start, tokens, losses = saved["step"], saved["tokens"], saved["losses"]
         for _ in range(start):  # the example stream is seeded: skip what was used
@@ -297,14 +214,14 @@ def train_one(
         faults.reached(f"train.{out.name}", done)  # tests only (MERGEOPT_FAULT)
         if done < cfg.steps and (done % cfg.checkpoint_every == 0 or pending_interrupt()):
             state = {**identity, "step": done, "tokens": tokens, "losses": losses}
-            _save_step_checkpoint(_checkpoint_dir(out), state, model, optimizer)
+            save_step_checkpoint(step_checkpoint_dir(out), state, model, optimizer)
         check_interrupt(f"{out.name} step {done}")
     model.eval()
     _check_trained(model, next(batches)[0].to(device), out.name)
     trained = dict(zip(names, domain_tokens))
     with staged(out, ("*", ".*")) as staging:  # published whole, run.json inside (mergeopt.runtime.rundir)
         info = _save_run(recipe, model, tokenizer, identity, tokens, trained, losses, staging.path)
-    shutil.rmtree(_checkpoint_dir(out), ignore_errors=True)  # finished: run.json is the record
+    shutil.rmtree(step_checkpoint_dir(out), ignore_errors=True)  # finished: run.json is the record
     return info
 
 
@@ -340,74 +257,6 @@ def _save_run(recipe, model, tokenizer, identity: dict, tokens, domain_tokens, l
     }
     write_json_atomic(staging / RUN_MARKER, info)
     return info
-
-
-def _checkpoint_dir(out: Path) -> Path:
-    return out.with_name(f".{out.name}.checkpoint")
-
-
-def _save_step_checkpoint(path: Path, state: dict, model: torch.nn.Module, optimizer) -> None:
-    """The trainable weights (safetensors), AdamW's state, the RNG and the counters, swapped in whole.
-
-    Written into a fresh directory and renamed over the previous checkpoint, so a kill leaves one
-    complete checkpoint or the other.
-    """
-    from safetensors.torch import save_file
-
-    staging = path.with_name(path.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    save_file(trainable, str(staging / "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, staging / "optimizer.pt")
-    write_json_atomic(staging / "state.json", state)
-    old = path.with_name(path.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
-        path.rename(old)
-    staging.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _step_checkpoint_state(path: Path, identity: dict) -> dict | None:
-    """The state.json of a step checkpoint of this very run; None if there is none.
-
-    Another recipe's or mixture's partial run is worthless here and is removed. One of this run
-    whose inputs changed since is refused, naming the first changed file: continuing it would mix
-    steps on the old data with steps on the new.
-    """
-    if not path.is_dir() and path.with_name(path.name + ".old").is_dir():
-        path.with_name(path.name + ".old").rename(path)  # killed between the two renames
-    if not (path / "state.json").is_file():
-        return None
-    state = json.loads((path / "state.json").read_text())
-    other_run = (
-        state.get("fingerprint") != identity["fingerprint"] or state.get("weights") != identity["weights"]
-    )
-    if other_run or _drawn_differently(state, identity):
-        shutil.rmtree(path)
-        return None
-    what = f"{path} belongs to a run that read other data"
-    _check_inputs(state, identity, what, "delete that directory to start the run over on the new data")
-    return state
-
-
-def _load_step_checkpoint(path: Path, identity: dict, model: torch.nn.Module, optimizer) -> dict | None:
-    """Restore a step checkpoint of this very run (:func:`_step_checkpoint_state`); None if there is none."""
-    state = _step_checkpoint_state(path, identity)
-    if state is None:
-        return None
-    from safetensors.torch import load_file
-
-    trainable = load_file(str(path / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in trainable.items():
-            params[name].copy_(value.to(params[name].device))
-    extra = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(extra["optimizer"])
-    torch.set_rng_state(extra["rng"])
-    return state
 
 
 def load_run(path: Path, device: torch.device) -> torch.nn.Module:
@@ -474,7 +323,7 @@ def _train(recipe: Recipe, progress: bool, log: Callable[[str], None]) -> Path:
     sets = load_dev_sets(resolved.data, resolved.seed, tokenizer, terms)
     custom = load_custom(terms)  # a bad import path fails before any training
     mixtures = mixture_set(cfg.mixtures, names, resolved.seed)
-    inputs = _inputs(resolved)
+    inputs = input_digests(resolved)
 
     runs: list[tuple[dict[str, float], Path]] = []
     for name in names:  # experts = the one-hot mixtures
@@ -490,14 +339,14 @@ def _train(recipe: Recipe, progress: bool, log: Callable[[str], None]) -> Path:
 
     for _, path in runs:  # what a kill while publishing a run left beside it (the caller holds it)
         recover(path)
-    todo = [(w, p) for w, p in runs if not _finished(p, _identity(resolved, w, inputs))]
+    todo = [(w, p) for w, p in runs if not finished(p, run_identity(resolved, w, inputs))]
     for w, path in todo:  # a run is published over its path whole: never over a user's directory
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise UserError(
                 f"{path} exists and is not a finished mergeopt train run (it has no {RUN_MARKER}); "
                 "move it away or name another directory: training would replace it"
             )
-        _step_checkpoint_state(_checkpoint_dir(path), _identity(resolved, w, inputs))  # before any work
+        step_checkpoint_state(step_checkpoint_dir(path), run_identity(resolved, w, inputs))  # before any work
     log(
         f"{len(runs)} runs ({len(names)} experts, {len(runs) - len(names)} mixtures): "
         f"{len(runs) - len(todo)} finished, {len(todo)} to train ({cfg.method}, {cfg.steps} steps x "

@@ -1,0 +1,178 @@
+"""What a training run records of itself, and how a rerun checks it: run.json (written last, so a
+finished run is never retrained), the step checkpoint of a run in progress, and the identity both
+carry (the recipe's fingerprint, the mixture, its unit and digests of every input). A rerun whose
+recipe, mixture, unit or data changed is refused in one line rather than silently retrained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from mergeopt.config import Recipe
+from mergeopt.errors import UserError
+from mergeopt.runtime.files import write_json_atomic
+from mergeopt.runtime.fingerprint import fingerprints, first_changed
+
+RUN_MARKER = "run.json"
+LEGACY_UNIT = "samples"  # how runs drew their mixtures before weights.unit existed
+
+
+def recipe_fingerprint(recipe: Recipe) -> str:
+    """What makes two runs comparable: base, data, budget, optimizer, method, seed."""
+    train = recipe.train.model_dump(mode="json")
+    train.pop("mixtures")
+    train.pop("output_dir")
+    train.pop("checkpoint_every")  # how often progress is saved does not change the run
+    payload = {"base": recipe.model.base, "seed": recipe.seed, "train": train}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def input_digests(recipe: Recipe) -> dict[str, str]:
+    """The digests of what every run of ``recipe`` reads: the base and every training set.
+
+    Every set counts for every run, not only for the runs that draw from it: the seeded stream
+    shuffles each domain (:func:`mixture_examples`), so one set's size moves every run's examples.
+    """
+    return fingerprints([recipe.model.base, *recipe.train.data.values()])
+
+
+def run_identity(recipe: Recipe, weights: dict[str, float], inputs: dict[str, str]) -> dict:
+    """What a run's step checkpoint and run.json record of it: recipe, mixture, its unit and inputs."""
+    return {
+        "fingerprint": recipe_fingerprint(recipe),
+        "weights": weights,
+        "unit": recipe.weights.unit,
+        "inputs": inputs,
+    }
+
+
+def drawn_unit(weights: dict[str, float], record: dict) -> str | None:
+    """The unit a run of mixture ``weights`` that ``record`` (run.json or a step checkpoint's state)
+    describes drew its examples in; None for a single domain, which is the same run in either unit.
+    Records from before the unit was recorded drew sample shares, the only unit there was."""
+    if sum(float(w) > 0 for w in weights.values()) <= 1:
+        return None
+    return record.get("unit", LEGACY_UNIT)
+
+
+def drawn_differently(record: dict, identity: dict) -> bool:
+    """True when ``record``'s mixture was drawn in another unit than ``identity``'s would draw it."""
+    drawn = drawn_unit(identity["weights"], record)
+    return drawn is not None and drawn != identity["unit"]
+
+
+def finished(path: Path, identity: dict) -> bool:
+    """True for a finished run of this recipe, mixture and data; an error for a run of another one."""
+    fingerprint, weights = identity["fingerprint"], identity["weights"]
+    marker = path / RUN_MARKER
+    if not marker.is_file():
+        return False
+    info = json.loads(marker.read_text())
+    if info.get("fingerprint") != fingerprint:
+        raise UserError(
+            f"{path} was trained with a different recipe (base, data, budget or optimizer changed); "
+            "delete it or choose another train.output_dir / model.experts path"
+        )
+    trained = info.get("weights", {})
+    if set(trained) != set(weights) or any(not abs(trained[n] - weights[n]) <= 1e-9 for n in weights):
+        raise UserError(
+            f"{path} holds a run of mixture {trained}, not {weights} (train.mixtures changed); "
+            "delete it or choose another train.output_dir"
+        )
+    if drawn_differently(info, identity):
+        trained_unit = drawn_unit(weights, info)
+        raise UserError(
+            f"{path} holds a run of mixture {trained} in {trained_unit[:-1]} shares, and weights.unit "
+            f"is {identity['unit']}: set weights.unit: {trained_unit} to rank against it, or delete "
+            "it to retrain"
+        )
+    check_inputs(
+        info,
+        identity,
+        f"{path} was trained on other data",
+        "delete every run (model.experts, train.output_dir/mixtures) to retrain them on the new data",
+    )
+    return True
+
+
+def check_inputs(record: dict, identity: dict, what: str, remedy: str) -> None:
+    """Refuse a run.json or step checkpoint ``record`` whose inputs changed since, naming the first.
+
+    A record without ``inputs`` (written before runs recorded them) is not checked.
+    """
+    changed = first_changed(record.get("inputs") or {}, identity["inputs"])
+    if changed is not None:
+        raise UserError(f"{what}: {changed} changed since; restore it, or {remedy}")
+
+
+def step_checkpoint_dir(out: Path) -> Path:
+    return out.with_name(f".{out.name}.checkpoint")
+
+
+def save_step_checkpoint(path: Path, state: dict, model: torch.nn.Module, optimizer) -> None:
+    """The trainable weights (safetensors), AdamW's state, the RNG and the counters, swapped in whole.
+
+    Written into a fresh directory and renamed over the previous checkpoint, so a kill leaves one
+    complete checkpoint or the other.
+    """
+    from safetensors.torch import save_file
+
+    staging = path.with_name(path.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(trainable, str(staging / "trainable.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, staging / "optimizer.pt")
+    write_json_atomic(staging / "state.json", state)
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        path.rename(old)
+    staging.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def step_checkpoint_state(path: Path, identity: dict) -> dict | None:
+    """The state.json of a step checkpoint of this very run; None if there is none.
+
+    Another recipe's or mixture's partial run is worthless here and is removed. One of this run
+    whose inputs changed since is refused, naming the first changed file: continuing it would mix
+    steps on the old data with steps on the new.
+    """
+    if not path.is_dir() and path.with_name(path.name + ".old").is_dir():
+        path.with_name(path.name + ".old").rename(path)  # killed between the two renames
+    if not (path / "state.json").is_file():
+        return None
+    state = json.loads((path / "state.json").read_text())
+    other_run = (
+        state.get("fingerprint") != identity["fingerprint"] or state.get("weights") != identity["weights"]
+    )
+    if other_run or drawn_differently(state, identity):
+        shutil.rmtree(path)
+        return None
+    what = f"{path} belongs to a run that read other data"
+    check_inputs(state, identity, what, "delete that directory to start the run over on the new data")
+    return state
+
+
+def load_step_checkpoint(path: Path, identity: dict, model: torch.nn.Module, optimizer) -> dict | None:
+    """Restore a step checkpoint of this very run (:func:`step_checkpoint_state`); None if there is none."""
+    state = step_checkpoint_state(path, identity)
+    if state is None:
+        return None
+    from safetensors.torch import load_file
+
+    trainable = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in trainable.items():
+            params[name].copy_(value.to(params[name].device))
+    extra = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(extra["optimizer"])
+    torch.set_rng_state(extra["rng"])
+    return state
