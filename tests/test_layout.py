@@ -24,6 +24,7 @@ SUBPACKAGES = {
     "worlds",
     "runtime",
     "reporting",
+    "run_files",
 }
 
 
@@ -93,7 +94,7 @@ def test_the_package_is_laid_out_along_a_run():
     packages = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
     assert packages == SUBPACKAGES
     top = sorted(p.stem for p in PACKAGE.glob("*.py"))
-    # the CLI and its python -m aliases, the run-file schemas (the recipe's is config/), errors and the up-front
+    # the CLI and its python -m aliases, errors and the up-front
     # checks of what a user hands a command (inputs), and the fit itself
     assert top == [
         "__init__",
@@ -104,7 +105,6 @@ def test_the_package_is_laid_out_along_a_run():
         "inputs",
         "merge",
         "rank",
-        "run_files",
         "train",
         "transfer",
     ]

@@ -368,7 +368,7 @@ def _properties_table(schema: dict[str, Any]) -> list[str]:
 SCHEMAS_INTRO = """\
 # Run-file schemas
 
-The JSON files a run leaves behind are each one pydantic model in `mergeopt/run_files.py`: the
+The JSON files a run leaves behind are each one pydantic model in `mergeopt/run_files/`: the
 writer validates through it before writing, every reader after reading, and each file carries a
 `schema_version`. A file from a newer mergeopt (a larger `schema_version`) is refused in one line
 rather than misread; files written before versioning are read as version 1. Readers keep keys an
