@@ -21,7 +21,8 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from mergeopt.config import recipe_from_dict
 from mergeopt.errors import UserError
-from mergeopt.loading.lora import factor_sizes, read_adapter
+from mergeopt.loading.lora import read_adapter
+from mergeopt.loading.lora_sizes import factor_sizes
 from mergeopt.loading.problem import load_problem
 from tests.conftest import EXPERTS, recipe_tree, save_checkpoint, tiny_config
 from tests.test_layer_merge import tiny_model

@@ -778,7 +778,7 @@ def test_per_rank_rows_are_the_blocks_of_rows_of_every_tensor(config_8b, config_
 def test_sharded_lora_factors_are_blocks_of_their_rows(tmp_path, config_8b):
     """LoRA experts kept low-rank: per module the stacked A (Σr × in) and B (out × Σr) are held as
     blocks of ⌈rows/N⌉ rows, the owner and scaling of every rank column whole."""
-    from mergeopt.loading.lora import factor_sizes
+    from mergeopt.loading.lora_sizes import factor_sizes
 
     path, _ = config_8b
     modules = {

@@ -33,7 +33,8 @@ from mergeopt.loading.checkpoints import (
     open_checkpoint,
     read_json_object,
 )
-from mergeopt.loading.lora import FactorSizes, factor_sizes, is_adapter, read_adapter_config, saved_copy
+from mergeopt.loading.lora import is_adapter, read_adapter_config
+from mergeopt.loading.lora_sizes import FactorSizes, factor_sizes, saved_copy
 from mergeopt.loading.positions import check_max_length
 from mergeopt.memory.plan import plan_memory
 from mergeopt.memory.ranks import check_world_size

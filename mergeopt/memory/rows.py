@@ -35,7 +35,8 @@ import re
 from collections.abc import Sequence
 
 from mergeopt.config import Recipe
-from mergeopt.loading.lora import PREFIX, FactorSizes
+from mergeopt.loading.lora import PREFIX
+from mergeopt.loading.lora_sizes import FactorSizes
 from mergeopt.memory.phases import (
     anchor_itemsize,
     compute_itemsize,

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from mergeopt.errors import UserError
-from mergeopt.loading.lora import FactorSizes
+from mergeopt.loading.lora_sizes import FactorSizes
 
 GIB = 2**30
 FLOAT32 = 4
