@@ -24,7 +24,7 @@ from mergeopt.inputs import writable_dir
 from mergeopt.loading.feasible import constraints_record, feasible_set, source_sizes
 from mergeopt.loading.problem import Problem, load_problem, resolve_device
 from mergeopt.merging.groups import groups_of
-from mergeopt.merging.weights import as_mapping, initial_logits, start_weights
+from mergeopt.merging.weights import as_mapping
 from mergeopt.objectives.data import has_heldout
 from mergeopt.objectives.loss import evaluate_sums, target_loss
 from mergeopt.objectives.objective import Objective
@@ -43,7 +43,7 @@ from mergeopt.runtime.resume import (
     saying_where_saved,
 )
 from mergeopt.runtime.rundir import Staging, owned, staged
-from mergeopt.search import fit_gradient
+from mergeopt.search.strategy import SearchOutcome, run_strategy
 
 GRADIENT_FILES = ("mixture.json", "trace.csv", "recipe.yaml", "loss_curve.png", "simplex.png", "report.md")
 SEARCH_FILES = (
@@ -201,8 +201,35 @@ def _search_and_write(
     names = problem.stack.expert_names
     searched = None if feasible is None or feasible.trivial else feasible
     groups = groups_of(names, resolved.weights.groups)  # None: a flat mixture
-    stack = problem.stack
-    log(
+    log(_stack_line(problem))
+    found = run_strategy(
+        resolved, problem, objective, checkpoint, progress, searched, groups, tracker.step, tracker.evaluation
+    )
+    mixture = _mixture_record(resolved, objective, problem, found, groups, record, world_roots)
+    rank_outputs = None
+    if resolved.rank.grid is not None:
+        rank_outputs = _rank_on_grid(resolved, objective, problem, mixture, progress, checkpoint)
+    if distributed.is_main():  # under torchrun every rank holds the same result; rank 0 writes it
+        # staged, then published in one swap that also drops the checkpoint: a kill before it
+        # leaves the previous outputs and the checkpoint to resume from, after it the new outputs
+        with staged(recipe.output_dir, owned_files(resolved)) as staging:
+            if rank_outputs is not None:
+                from mergeopt.evaluation.proxy import read_grid
+                from mergeopt.evaluation.rank import write_outputs as write_rank_outputs
+
+                report, pairs, baselines = rank_outputs
+                grid = read_grid(resolved.rank.grid, names)[[f"w_{n}" for n in names]]
+                write_rank_outputs(report, pairs, staging.path, grid, baselines)
+            write_outputs(recipe, mixture, found.trace, names, staging)
+            tracker.finish(mixture)
+        checkpoint.clear()  # finished: mixture.json is the record now (a no-op: the swap dropped it)
+    return mixture
+
+
+def _stack_line(problem: Problem) -> str:
+    """What was stacked, where, in one log line."""
+    stack, names = problem.stack, problem.stack.expert_names
+    return (
         f"stacked {len(stack.deltas)} tensors ({stack.num_stacked_parameters():,} parameters x {len(names)} experts, "
         f"{stack.nbytes() / 2**20:,.1f} MiB) on {problem.device}; "
         f"{len(stack.excluded)} excluded, {len(stack.unchanged) + len(stack.shared)} equal in every expert"
@@ -212,94 +239,26 @@ def _search_and_write(
             else ""
         )
     )
-    search = resolved.search
-    if search.strategy == "gradient":
-        init = resolved.weights.init
-        if groups is None:
-            z0 = initial_logits(names, init)
-        else:  # both levels of the hierarchy
-            z0 = groups.initial_logits(None if init is None else torch.from_numpy(start_weights(names, init)))
-        stepped = groups  # the logits Adam steps on: both levels, or flat under constraints
-        if searched is not None:  # uniform, init or the hierarchy's start, onto the feasible set's logits
-            if groups is not None:  # a held expert would still move its group's logit (search.gradient)
-                z0, stepped = torch.log(groups.weights(z0)), None
-            z0 = torch.from_numpy(searched.project_logits(z0.numpy()))
-        result = fit_gradient(
-            problem.model,
-            stack,
-            problem.sets,
-            problem.set_weights,
-            resolved.optim,
-            z0,
-            resolved.seed,
-            problem.pad_id,
-            problem.device,
-            progress=progress,
-            checkpoint=checkpoint,
-            loss_chunk=problem.loss_chunk,
-            on_step=tracker.step,
-            feasible=searched,
-            groups=stepped,
-        )
-        chosen, trace, fitted_z = result.weights, result.trace, result.logits
-        stepped_levels = stepped is not None  # mixture.json: the logits that were stepped on
-        if searched is not None:  # exact bounds: a weight pinned at 0 is 1e-300 in softmax(z)
-            chosen = torch.from_numpy(searched.project(chosen.double().numpy()))
-        search_info = {
-            "steps": result.steps_run,
-            "best_step": result.best_step,
-            "stopped_early": result.stopped_early,
-            **({} if result.non_finite is None else {"non_finite": result.non_finite}),
-        }
-    else:
-        from mergeopt.search.zero_order import report_scores, run_search, utility_of
 
-        init = resolved.weights.init
-        found, evaluator, utility = run_search(
-            problem,
-            objective,
-            search,
-            resolved.seed,
-            None if init is None else start_weights(names, init),
-            progress,
-            checkpoint,
-            tracker.evaluation,
-            together=resolved.model.shard == "fsdp",  # a sharded stack: every rank scores each mixture
-            feasible=searched,
-            groups=groups,
-        )
-        evaluator_processes = distributed.process_rank_and_size()[1]
-        chosen, trace, fitted_z = torch.tensor(found.weights, dtype=torch.float64), found.log, None
-        stepped_levels = False
-        scores = report_scores(problem, objective, evaluator, found.weights)
-        heldout_value = utility_of(utility, scores["fitted"]["heldout"])
-        search_info = {
-            "evaluations": found.evaluations,
-            "budget": search.budget,
-            "value": found.value,
-            "heldout_value": None
-            if heldout_value is None or not math.isfinite(heldout_value)
-            else heldout_value,
-            # under torchrun the ranks split the candidates, or (a sharded stack) score each together
-            "scoring": "together"
-            if evaluator.together
-            else ("split" if evaluator_processes > 1 else "single"),
-            "evaluations_per_process": evaluator.per_process(evaluator_processes),
-            **{k: v for k, v in found.info.items() if k != "strategy"},
-        }
 
+def _mixture_record(resolved, objective, problem, found: SearchOutcome, groups, record, world_roots) -> dict:
+    """mixture.json's content: the chosen weights, the closing evaluations (the fitted mixture, the
+    uniform one, each expert alone) and what produced them."""
+    names, stack, search = problem.stack.expert_names, problem.stack, resolved.search
     batch = objective.batch_size
-    fitted = _losses(problem, chosen, batch)
+    fitted = _losses(problem, found.weights, batch)
     uniform = _losses(problem, torch.full((len(names),), 1.0 / len(names)), batch)
     singles = {n: _losses(problem, torch.eye(len(names))[i], batch) for i, n in enumerate(names)}
     closing = {"fitted": fitted, "uniform": uniform, **{f"{n} only": singles[n] for n in names}}
     not_finite = [  # JSON has no NaN: such a number is recorded as null, and the user warned
         label
         for label in closing
-        if _nulled(closing[label]) | (search.strategy != "gradient" and _nulled(scores[label]))
+        if _nulled(closing[label]) | (search.strategy != "gradient" and _nulled(found.scores[label]))
     ]
+    search_info = found.info
     if not_finite:
         search_info["non_finite_closing"] = not_finite
+    chosen = found.weights
     weights = as_mapping(names, chosen.double() / chosen.double().sum())
     mixture = {
         "schema_version": SCHEMA_VERSION,  # mergeopt.run_files.MixtureFile
@@ -310,7 +269,11 @@ def _search_and_write(
         **(
             {}
             if groups is None
-            else {"groups": groups.record(list(weights.values()), fitted_z if stepped_levels else None)}
+            else {
+                "groups": groups.record(
+                    list(weights.values()), found.logits if found.stepped_levels else None
+                )
+            }
         ),
         "target": resolved.data.target,
         "dev_loss": fitted["dev"],
@@ -353,51 +316,43 @@ def _search_and_write(
         "mergeopt_version": mergeopt.__version__,
     }  # no timings: the same recipe and seed give a byte-identical mixture.json
     if search.strategy == "gradient":
-        flat = groups.flat_logits(fitted_z) if stepped_levels else fitted_z
+        flat = groups.flat_logits(found.logits) if found.stepped_levels else found.logits
         mixture["logits"] = as_mapping(names, flat)  # per expert, softmax(logits) = weights
     else:
-        mixture["objective"]["scores"] = scores
+        mixture["objective"]["scores"] = found.scores
     if not all(math.isfinite(v) for v in weights.values()):
         raise RuntimeError(f"fit produced non-finite weights {weights}")
-    if resolved.rank.grid is not None:
-        from mergeopt.evaluation.rank import rank_grid
-        from mergeopt.evaluation.rank import write_outputs as write_rank_outputs
-
-        report, pairs, _, baselines = rank_grid(
-            problem,
-            objective,
-            resolved.rank.grid,
-            resolved.rank,
-            resolved.seed,
-            mixture,
-            progress,
-            checkpoint,  # the grid's evaluations are journaled beside the search's
-            together=resolved.model.shard == "fsdp",
-        )
-        target = report["metrics"]["target"]
-        mixture["rank"] = {
-            "grid": resolved.rank.grid,
-            "n_mixtures": report["n_mixtures"],
-            **{key: target[key] for key in ("spearman", "kendall", "pairwise_accuracy", "regret")},
-            "fitted_regret": report["fitted_mixture"]["regret"],
-            "baselines": {  # the same numbers for what a team gets without the proxy
-                name: {key: stats["target"][key] for key in ("spearman", "regret")}
-                for name, stats in report["baselines"].items()
-            },
-        }
-    if distributed.is_main():  # under torchrun every rank holds the same result; rank 0 writes it
-        # staged, then published in one swap that also drops the checkpoint: a kill before it
-        # leaves the previous outputs and the checkpoint to resume from, after it the new outputs
-        with staged(recipe.output_dir, owned_files(resolved)) as staging:
-            if resolved.rank.grid is not None:
-                from mergeopt.evaluation.proxy import read_grid
-
-                grid = read_grid(resolved.rank.grid, names)[[f"w_{n}" for n in names]]
-                write_rank_outputs(report, pairs, staging.path, grid, baselines)
-            write_outputs(recipe, mixture, trace, names, staging)
-            tracker.finish(mixture)
-        checkpoint.clear()  # finished: mixture.json is the record now (a no-op: the swap dropped it)
     return mixture
+
+
+def _rank_on_grid(resolved, objective, problem, mixture, progress, checkpoint) -> tuple:
+    """rank.grid: the proxy ranked against the grid's real runs; adds mixture.json's ``rank`` entry
+    and returns what rank_report.json and its plots are written from."""
+    from mergeopt.evaluation.rank import rank_grid
+
+    report, pairs, _, baselines = rank_grid(
+        problem,
+        objective,
+        resolved.rank.grid,
+        resolved.rank,
+        resolved.seed,
+        mixture,
+        progress,
+        checkpoint,  # the grid's evaluations are journaled beside the search's
+        together=resolved.model.shard == "fsdp",
+    )
+    target = report["metrics"]["target"]
+    mixture["rank"] = {
+        "grid": resolved.rank.grid,
+        "n_mixtures": report["n_mixtures"],
+        **{key: target[key] for key in ("spearman", "kendall", "pairwise_accuracy", "regret")},
+        "fitted_regret": report["fitted_mixture"]["regret"],
+        "baselines": {  # the same numbers for what a team gets without the proxy
+            name: {key: stats["target"][key] for key in ("spearman", "regret")}
+            for name, stats in report["baselines"].items()
+        },
+    }
+    return report, pairs, baselines
 
 
 def write_outputs(
