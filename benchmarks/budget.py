@@ -54,7 +54,8 @@ from mergeopt.config import Recipe, load_recipe
 from mergeopt.evaluation import baselines
 from mergeopt.evaluation.baselines import LABELS
 from mergeopt.evaluation.diagnose import diagnose_recipe
-from mergeopt.evaluation.rank import rank_grid, write_outputs
+from mergeopt.evaluation.rank import rank_grid
+from mergeopt.evaluation.rank_report import write_outputs
 from mergeopt.evaluation.rank_stats import rank_statistics
 from mergeopt.loading.problem import load_problem
 from mergeopt.objectives.objective import Objective

@@ -60,7 +60,7 @@ def output_files(recipe: Recipe) -> tuple[str, ...]:
     """The files a finished run directory holds (rank adds its own when rank.grid is set)."""
     files = GRADIENT_FILES if recipe.search.strategy == "gradient" else SEARCH_FILES
     if recipe.rank.grid is not None:
-        from mergeopt.evaluation.rank import OUTPUT_FILES as RANK_FILES
+        from mergeopt.evaluation.rank_report import OUTPUT_FILES as RANK_FILES
 
         files = (*files, *RANK_FILES)
     return files
@@ -115,7 +115,7 @@ def owned_files(recipe: Recipe) -> tuple[str, ...]:
     """
     files = (*GRADIENT_FILES, *SEARCH_FILES, CHECKPOINT_DIR)
     if recipe.rank.grid is not None:
-        from mergeopt.evaluation.rank import OUTPUT_FILES as RANK_FILES
+        from mergeopt.evaluation.rank_report import OUTPUT_FILES as RANK_FILES
 
         files = (*files, *RANK_FILES)
     return files
@@ -215,7 +215,7 @@ def _search_and_write(
         with staged(recipe.output_dir, owned_files(resolved)) as staging:
             if rank_outputs is not None:
                 from mergeopt.evaluation.proxy import read_grid
-                from mergeopt.evaluation.rank import write_outputs as write_rank_outputs
+                from mergeopt.evaluation.rank_report import write_outputs as write_rank_outputs
 
                 report, pairs, baselines = rank_outputs
                 grid = read_grid(resolved.rank.grid, names)[[f"w_{n}" for n in names]]

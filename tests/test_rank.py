@@ -15,7 +15,7 @@ import pytest
 from scipy import stats
 
 from mergeopt.errors import UserError
-from mergeopt.evaluation.rank import json_safe
+from mergeopt.evaluation.rank_report import json_safe
 from mergeopt.evaluation.rank_stats import mixture_regret, pairwise_accuracy, rank_statistics
 from mergeopt.evaluation.tables import load_table
 from tests.conftest import run_in_process

@@ -14,7 +14,7 @@ import pytest
 from scipy import stats
 
 from mergeopt.errors import run_cli
-from mergeopt.evaluation.rank import json_safe
+from mergeopt.evaluation.rank_report import json_safe
 from mergeopt.evaluation.rank_stats import rank_statistics
 from mergeopt.evaluation.transfer import main, transfer_tables
 from mergeopt.evaluation.transfer_report import short_names

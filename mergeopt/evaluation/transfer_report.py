@@ -9,7 +9,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from mergeopt.evaluation.rank import MAX_SCATTER_PANELS, format_number, json_safe
+from mergeopt.evaluation.rank_report import MAX_SCATTER_PANELS, format_number, json_safe
 from mergeopt.run_files import SCHEMA_VERSION, TransferReport
 from mergeopt.runtime.files import save_figure_atomic, write_json_atomic, write_text_atomic
 
