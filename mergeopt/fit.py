@@ -203,7 +203,19 @@ def _search_and_write(
     groups = groups_of(names, resolved.weights.groups)  # None: a flat mixture
     log(_stack_line(problem))
     found = run_strategy(
-        resolved, problem, objective, checkpoint, progress, searched, groups, tracker.step, tracker.evaluation
+        problem,
+        objective,
+        resolved.search,
+        resolved.optim,
+        resolved.weights.init,
+        resolved.seed,
+        checkpoint,
+        progress,
+        together=resolved.model.shard == "fsdp",  # a sharded stack: every rank scores each mixture
+        feasible=searched,
+        groups=groups,
+        on_step=tracker.step,
+        on_evaluation=tracker.evaluation,
     )
     mixture = _mixture_record(resolved, objective, problem, found, groups, record, world_roots)
     rank_outputs = None

@@ -23,6 +23,7 @@ BELOW_THE_COMMANDS = [
     "objectives/term_scores.py",
     "evaluation/proxy.py",
     "search/zero_order.py",
+    "search/strategy.py",
 ]
 WORLD = {
     "base": "b",

@@ -9,7 +9,7 @@ directory) reads a :class:`SearchOutcome` and never asks which strategy ran.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -20,7 +20,7 @@ from mergeopt.runtime import distributed
 from mergeopt.search.gradient import fit_gradient
 
 if TYPE_CHECKING:
-    from mergeopt.config import Recipe
+    from mergeopt.config import OptimSection, SearchSection
     from mergeopt.loading.problem import Problem
     from mergeopt.merging.constraints import FeasibleSet
     from mergeopt.merging.groups import Groups
@@ -41,27 +41,47 @@ class SearchOutcome:
 
 
 def run_strategy(
-    resolved: Recipe,
     problem: Problem,
     objective: Objective,
+    search: SearchSection,
+    optim: OptimSection,
+    init: Mapping[str, float] | None,
+    seed: int,
     checkpoint: RunState,
     progress: bool,
-    searched: FeasibleSet | None,
+    *,
+    together: bool,
+    feasible: FeasibleSet | None,
     groups: Groups | None,
     on_step: Callable,
     on_evaluation: Callable,
 ) -> SearchOutcome:
-    """``resolved.search.strategy`` on ``problem``: ``searched`` is the feasible set (None: the whole
-    simplex), ``groups`` the hierarchy (None: flat), ``on_step`` and ``on_evaluation`` the tracker's."""
-    if resolved.search.strategy == "gradient":
-        return _gradient(resolved, problem, checkpoint, progress, searched, groups, on_step)
-    return _zero_order(resolved, problem, objective, checkpoint, progress, searched, groups, on_evaluation)
+    """``search.strategy`` on ``problem`` from ``init`` (``weights.init``; None: uniform).
+
+    ``together``: every rank scores each candidate (a sharded stack); ``feasible``: the constraints
+    (None: the whole simplex); ``groups``: the hierarchy (None: flat); ``on_step`` and
+    ``on_evaluation``: the tracker's.
+    """
+    if search.strategy == "gradient":
+        return _gradient(problem, optim, init, seed, checkpoint, progress, feasible, groups, on_step)
+    return _zero_order(
+        problem,
+        objective,
+        search,
+        init,
+        seed,
+        checkpoint,
+        progress,
+        together,
+        feasible,
+        groups,
+        on_evaluation,
+    )
 
 
-def _gradient(resolved, problem, checkpoint, progress, searched, groups, on_step) -> SearchOutcome:
+def _gradient(problem, optim, init, seed, checkpoint, progress, searched, groups, on_step) -> SearchOutcome:
     """The gradient strategy from the recipe's start (the hierarchy's, or projected onto ``searched``)."""
     names = problem.stack.expert_names
-    init = resolved.weights.init
     if groups is None:
         z0 = initial_logits(names, init)
     else:  # both levels of the hierarchy
@@ -76,9 +96,9 @@ def _gradient(resolved, problem, checkpoint, progress, searched, groups, on_step
         problem.stack,
         problem.sets,
         problem.set_weights,
-        resolved.optim,
+        optim,
         z0,
-        resolved.seed,
+        seed,
         problem.pad_id,
         problem.device,
         progress=progress,
@@ -102,24 +122,22 @@ def _gradient(resolved, problem, checkpoint, progress, searched, groups, on_step
 
 
 def _zero_order(
-    resolved, problem, objective, checkpoint, progress, searched, groups, on_evaluation
+    problem, objective, search, init, seed, checkpoint, progress, together, searched, groups, on_evaluation
 ) -> SearchOutcome:
     """A zero-order strategy, and every objective term scored at the closing mixtures."""
     from mergeopt.search.zero_order import report_scores, run_search, utility_of
 
     names = problem.stack.expert_names
-    search = resolved.search
-    init = resolved.weights.init
     found, evaluator, utility = run_search(
         problem,
         objective,
         search,
-        resolved.seed,
+        seed,
         None if init is None else start_weights(names, init),
         progress,
         checkpoint,
         on_evaluation,
-        together=resolved.model.shard == "fsdp",  # a sharded stack: every rank scores each mixture
+        together=together,
         feasible=searched,
         groups=groups,
     )
