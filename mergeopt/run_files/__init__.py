@@ -1,9 +1,9 @@
 """The files a run leaves behind, one pydantic model each: mixture.json, rank_report.json,
-transfer_report.json, diagnose.json.
+calibration.json, transfer_report.json, diagnose.json.
 
 A run directory is a contract between the command that writes it and everything that reads it
 later: ``mergeopt merge`` and ``mergeopt export`` read mixture.json, the report and the analysis
-notebook read all three, and so do users' own scripts. So each file has one model here that the
+notebook read them all, and so do users' own scripts. So each file has one model here that the
 writer validates through before it writes and every reader validates through after it reads, and a
 ``schema_version``. A file from a newer mergeopt (a larger ``schema_version``) is refused in one
 line rather than misread; files written before versioning are read as version 1. The JSON Schemas
