@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mergeopt import fit as fit_module
 from mergeopt.config import load_recipe, recipe_from_dict
 from mergeopt.fit import fit
+from mergeopt.reporting.fit_outputs import GRADIENT_FILES
 from tests.conftest import recipe_tree, run_in_process, save_checkpoint, tiny_config
 
 REPO = Path(__file__).parent.parent
@@ -33,8 +33,8 @@ def tiny_run(tiny_world, tmp_path_factory):
 
 def test_cli_writes_every_output(tiny_run):
     out, result = tiny_run
-    assert {p.name for p in out.iterdir()} == set(fit_module.GRADIENT_FILES)
-    assert set(fit_module.GRADIENT_FILES) == {
+    assert {p.name for p in out.iterdir()} == set(GRADIENT_FILES)
+    assert set(GRADIENT_FILES) == {
         "mixture.json",
         "trace.csv",
         "recipe.yaml",
