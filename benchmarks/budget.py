@@ -208,7 +208,7 @@ def expert_epochs(scratch: Path, steps: int) -> dict[str, float]:
     """Passes each expert made over its training set: the tokens it trained on over the set's tokens."""
     from transformers import AutoTokenizer
 
-    from mergeopt.worlds.train import load_examples
+    from mergeopt.worlds.training_data import load_examples
 
     recipe, _ = worlds.resolve_recipe(recipe_for(steps, scratch), lambda _m: None)
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.base)

@@ -13,7 +13,7 @@ import torch
 from mergeopt.config import MixtureSetSection
 from mergeopt.objectives.data import Example
 from mergeopt.search.mixtures import dirichlet_samples, mixture_set, simplex_lattice
-from mergeopt.worlds.train import draw_probabilities, mixture_examples, token_batches
+from mergeopt.worlds.training_data import draw_probabilities, mixture_examples, token_batches
 
 NAMES = ["a", "b", "c", "d"]
 

@@ -36,7 +36,8 @@ def input_digests(recipe: Recipe) -> dict[str, str]:
     """The digests of what every run of ``recipe`` reads: the base and every training set.
 
     Every set counts for every run, not only for the runs that draw from it: the seeded stream
-    shuffles each domain (:func:`mixture_examples`), so one set's size moves every run's examples.
+    shuffles each domain (:func:`mergeopt.worlds.training_data.mixture_examples`), so one set's
+    size moves every run's examples.
     """
     return fingerprints([recipe.model.base, *recipe.train.data.values()])
 

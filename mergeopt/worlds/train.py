@@ -27,7 +27,7 @@ import argparse
 import json
 import math
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -36,20 +36,11 @@ from tqdm.auto import tqdm
 from mergeopt.cli import run_command
 from mergeopt.config import Recipe, TrainSection, load_recipe
 from mergeopt.errors import Interrupted, UserError
-from mergeopt.export.shares import convert
 from mergeopt.inputs import distinct_dirs, lora_targets, writable_dir
 from mergeopt.loading.checkpoints import read_json_object
 from mergeopt.loading.positions import check_max_length
 from mergeopt.loading.problem import resolve_device
-from mergeopt.objectives.data import (
-    Batch,
-    Example,
-    check_known_tokens,
-    collate,
-    evaluation_batches,
-    read_jsonl,
-    tokenize,
-)
+from mergeopt.objectives.data import Batch, Example, evaluation_batches
 from mergeopt.objectives.loss import per_set_loss_sums
 from mergeopt.objectives.objective import Objective
 from mergeopt.objectives.term_scores import (
@@ -74,67 +65,7 @@ from mergeopt.worlds.run_records import (
     step_checkpoint_dir,
     step_checkpoint_state,
 )
-
-
-def load_examples(path: str, tokenizer, max_length: int) -> list[Example]:
-    examples = [
-        ex
-        for ex in (tokenize(r, tokenizer, max_length) for r in read_jsonl(path, "training set"))
-        if ex is not None
-    ]
-    if not examples:
-        raise UserError(f"training set {path}: every example was truncated away at max_length={max_length}")
-    check_known_tokens(examples, tokenizer, f"training set {path}")
-    return examples
-
-
-def draw_probabilities(weights: Sequence[float], domains: Sequence[list[Example]], unit: str) -> list[float]:
-    """The probability of drawing each domain's next example, so the run trains on ``weights`` in ``unit``.
-
-    samples: the weights themselves. tokens: w_i divided by domain i's mean tokens per example,
-    renormalised (:func:`mergeopt.export.shares.convert`, the conversion ``mergeopt export`` writes),
-    so domain i's expected share of the trained tokens is w_i. A one-hot mixture is the same in both.
-    """
-    if unit == "samples":
-        return [float(w) for w in weights]
-    lengths = {str(i): sum(ex.input_ids.numel() for ex in d) / len(d) for i, d in enumerate(domains)}
-    shares = {str(i): float(w) for i, w in enumerate(weights)}
-    return list(convert(shares, lengths, "samples").values())
-
-
-def mixture_examples(
-    domains: Sequence[list[Example]], probabilities: Sequence[float], seed: int
-) -> Iterator[tuple[int, Example]]:
-    """Endless (domain, example) pairs, the domain drawn from ``probabilities``; each domain reshuffled
-    every epoch."""
-    generator = torch.Generator().manual_seed(seed)
-    probs = torch.tensor(probabilities, dtype=torch.float64)
-    cursors = [[0, torch.randperm(len(d), generator=generator).tolist()] for d in domains]
-    while True:
-        i = int(torch.multinomial(probs, 1, generator=generator))
-        pos, order = cursors[i]
-        if pos == len(order):
-            pos, order = 0, torch.randperm(len(domains[i]), generator=generator).tolist()
-        cursors[i] = [pos + 1, order]
-        yield i, domains[i][order[pos]]
-
-
-def token_batches(
-    examples: Iterator[tuple[int, Example]], batch_tokens: int, pad_id: int, n_domains: int
-) -> Iterator[tuple[Batch, list[int]]]:
-    """Batches filled with examples until they hold ``batch_tokens`` tokens: equal budget per step.
-
-    Each comes with the tokens it holds of every domain, which run.json totals: the shares a run
-    really trained on.
-    """
-    while True:
-        items, tokens, per_domain = [], 0, [0] * n_domains
-        while tokens < batch_tokens:
-            i, ex = next(examples)
-            items.append((0, ex))
-            tokens += ex.input_ids.numel()
-            per_domain[i] += ex.input_ids.numel()
-        yield collate(items, pad_id), per_domain
+from mergeopt.worlds.training_data import draw_probabilities, load_examples, mixture_examples, token_batches
 
 
 def check_lora_targets(recipe: Recipe) -> None:
