@@ -584,7 +584,19 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         "checkpoint",
         "fit",
         lambda w, t: [_recipe(w, t), f"model.base={t / 'nobase'}"],
-        "nobase",
+        "model.base: checkpoint directory ",  # the recipe key first, then the path
+    ),
+    "expert directory missing": (
+        "checkpoint",
+        "fit",
+        lambda w, t: _with_expert(w, t, str(t / "noexpert")),
+        "model.experts.alpha: checkpoint directory ",
+    ),
+    "expert directory missing, --dry-run": (
+        "checkpoint",
+        "fit",
+        lambda w, t: [*_with_expert(w, t, str(t / "noexpert")), "--dry-run"],
+        "model.experts.alpha: checkpoint directory ",  # the plan says what the fit says
     ),
     "tensor shape differs": (
         "checkpoint",

@@ -599,7 +599,7 @@ def test_user_errors_are_one_line(what, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1, err
     expected = {
-        "no_config": f"{base} has no config.json",
+        "no_config": f"model.base: {base} has no config.json",
         "unknown_architecture": "cannot build the architecture on the meta device",
         "world_not_built": "tiny://experts/arith: the tiny world is not built yet and a dry run builds nothing",
     }[what]

@@ -275,7 +275,7 @@ def materialize(
     base = (
         gguf_base(recipe.model.base, recipe.model.gguf_file)
         if recipe.model.gguf_file
-        else open_checkpoint(recipe.model.base, recipe.model.allow_pickle)
+        else open_checkpoint(recipe.model.base, recipe.model.allow_pickle, role="model.base")
     )
     dtype = output_dtype(dtype, base.config)
     model, stack, tokenizer, _ = load_merge(recipe, progress)

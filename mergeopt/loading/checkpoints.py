@@ -128,12 +128,23 @@ def _open_pickled(path: Path, config: dict) -> Checkpoint:
     return Checkpoint(path=path, config=config, tensors=tensors, _loaded=loaded)
 
 
-def open_checkpoint(path: str | Path, allow_pickle: bool = False) -> Checkpoint:
-    """Describe a checkpoint directory from config.json and its (possibly sharded) safetensors headers."""
-    path = existing_dir(path, "checkpoint directory")
+def _labelled(role: str | None, message: str) -> str:
+    """``message`` after the recipe key it is about, when there is one."""
+    return message if role is None else f"{role}: {message}"
+
+
+def open_checkpoint(path: str | Path, allow_pickle: bool = False, role: str | None = None) -> Checkpoint:
+    """Describe a checkpoint directory from config.json and its (possibly sharded) safetensors headers.
+
+    ``role``: the recipe key that names it (``model.base``, ``model.experts.math``), said first in
+    the refusal of a path that is missing or not a checkpoint, so the user knows which line to fix.
+    """
+    path = existing_dir(path, _labelled(role, "checkpoint directory"))
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise UserError(f"{path} has no config.json: not a Hugging Face checkpoint directory")
+        raise UserError(
+            _labelled(role, f"{path} has no config.json: not a Hugging Face checkpoint directory")
+        )
     config = read_json_object(config_file, "config.json")
 
     index_file = path / INDEX_FILE
@@ -227,10 +238,10 @@ def check_config_matches_weights(checkpoint: Checkpoint, what: str, trust_remote
 
 def open_all(base_path: str | Path, experts: dict[str, str]) -> tuple[Checkpoint, dict[str, Checkpoint]]:
     """Open the base and every expert and check each expert against the base, before any weight is read."""
-    base = open_checkpoint(base_path)
+    base = open_checkpoint(base_path, role="model.base")
     opened = {}
     for name, path in experts.items():
-        opened[name] = open_checkpoint(path)
+        opened[name] = open_checkpoint(path, role=f"model.experts.{name}")
         check_compatible(base, opened[name], name)
     return base, opened
 
@@ -316,7 +327,7 @@ def open_experts(
     if gguf_file is not None:
         base = gguf_base(base_path, gguf_file, trust_remote_code)
     else:
-        base = open_checkpoint(base_path, allow_pickle)
+        base = open_checkpoint(base_path, allow_pickle, role="model.base")
         check_config_matches_weights(base, "base", trust_remote_code)
     shapes = {name: meta.shape for name, meta in base.tensors.items()}
     # a tied output layer is not in the file (Hugging Face's default is to tie)
@@ -329,6 +340,6 @@ def open_experts(
             adapters[name] = read_adapter(path, shapes, allow_pickle, tied)
             _check_adapter_base(adapters[name], base, name)
         else:
-            dense[name] = open_checkpoint(path, allow_pickle)
+            dense[name] = open_checkpoint(path, allow_pickle, role=f"model.experts.{name}")
             check_compatible(base, dense[name], name)
     return base, dense, adapters

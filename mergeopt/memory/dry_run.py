@@ -21,7 +21,7 @@ import torch
 from mergeopt import inputs, worlds
 from mergeopt.config import Recipe, load_recipe
 from mergeopt.errors import UserError, warn
-from mergeopt.inputs import existing_file, writable_dir
+from mergeopt.inputs import existing_dir, existing_file, writable_dir
 from mergeopt.loading.checkpoints import (
     INDEX_FILE,
     SINGLE_FILE,
@@ -52,13 +52,15 @@ def _has_safetensors(path: Path) -> bool:
     return (path / INDEX_FILE).is_file() or (path / SINGLE_FILE).is_file()
 
 
-def _describe(path: str) -> Checkpoint:
-    """config.json plus safetensors headers when present; tensors stay empty for a config-only dir."""
-    directory = Path(path)
+def _describe(path: str, role: str) -> Checkpoint:
+    """config.json plus safetensors headers when present; tensors stay empty for a config-only dir.
+
+    ``role``: the recipe key naming it, said first when it is refused (as the fit says it)."""
+    directory = existing_dir(path, f"{role}: checkpoint directory")
     if _has_safetensors(directory):
-        return open_checkpoint(directory)
+        return open_checkpoint(directory, role=role)
     if not (directory / "config.json").is_file():
-        raise UserError(f"{directory} has no config.json: not a Hugging Face checkpoint directory")
+        raise UserError(f"{role}: {directory} has no config.json: not a Hugging Face checkpoint directory")
     return Checkpoint(
         path=directory, config=read_json_object(directory / "config.json", "config.json"), tensors={}
     )
@@ -129,10 +131,14 @@ def read_inventory(recipe: Recipe) -> tuple[Inventory, Dims]:
     if recipe.model.gguf_file:
         base = gguf_base(recipe.model.base, recipe.model.gguf_file, recipe.model.trust_remote_code)
     else:
-        base = _describe(recipe.model.base)
+        base = _describe(recipe.model.base, "model.base")
     check_max_length(base.config, recipe, str(base.path))
     adapters = {n: p for n, p in recipe.model.experts.items() if is_adapter(p)}
-    experts = {name: _describe(path) for name, path in recipe.model.experts.items() if name not in adapters}
+    experts = {
+        name: _describe(path, f"model.experts.{name}")
+        for name, path in recipe.model.experts.items()
+        if name not in adapters
+    }
     _check_experts(base, experts)
     described = [("base", base), *((f"expert {n}", e) for n, e in experts.items())]
     missing = [what for what, ckpt in described if not ckpt.tensors]
