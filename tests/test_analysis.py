@@ -20,7 +20,7 @@ from mergeopt.config import load_recipe
 from mergeopt.errors import UserError
 from mergeopt.fit import fit
 from mergeopt.reporting import analysis
-from tests.conftest import REPO, environment
+from tests.conftest import REPO, environment, repo_pythonpath
 
 GRID = REPO / "tests" / "data" / "tiny_grid" / "grid.csv"
 NOTEBOOK = REPO / "notebooks" / "analysis.ipynb"
@@ -141,7 +141,7 @@ def test_notebook_runs_on_a_run_directory(which, ranked_run, search_run):
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     env = {
         "MERGEOPT_RUN": str(run_dir),
-        "PYTHONPATH": str(REPO),
+        "PYTHONPATH": repo_pythonpath(),
         "MPLBACKEND": "module://matplotlib_inline.backend_inline",
     }
     with environment(env):

@@ -20,9 +20,9 @@ import tomllib
 import mergeopt
 from mergeopt import cli
 from mergeopt.errors import Interrupted, UserError, run_cli
-from tests.conftest import REPO
+from tests.conftest import REPO, repo_pythonpath
 
-ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+ENV = {**os.environ, "PYTHONPATH": repo_pythonpath()}
 ALIASES = ["fit", "rank", "merge", "train", "transfer", "export"]
 
 
@@ -231,7 +231,7 @@ def test_quiet_silences_library_progress_bars(quiet):
         "import sys; from mergeopt import cli; cli.HANDLERS['plan'] = 'tests.test_cli:_bar'; "
         f"sys.exit(cli.run_command('plan', {argv!r}))"
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": repo_pythonpath()}
     env.pop("TQDM_DISABLE", None)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr

@@ -23,11 +23,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import REPO, recipe_tree, run_in_process, run_ranks
+from tests.conftest import REPO, recipe_tree, repo_pythonpath, run_in_process, run_ranks
 
 
 def _torchrun(recipe_path, *overrides, processes: int = 2, fault: str | None = None):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": repo_pythonpath(), "OMP_NUM_THREADS": "1"}
     env.pop("MERGEOPT_FAULT", None)
     if fault is not None:  # every rank signals itself at that point (mergeopt.runtime.faults)
         env["MERGEOPT_FAULT"] = fault
@@ -270,7 +270,7 @@ def test_two_torchrun_agents_joined_by_c10d_rendezvous_fit_as_one_process(single
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": repo_pythonpath(), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1"]
     command += ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=mergeopt-test"]
     command += [

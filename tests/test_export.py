@@ -22,9 +22,6 @@ import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from mergekit.config import MergeConfiguration
-from mergekit.merge import MergeOptions, run_merge
-from mergekit.merge_methods import registry
 from safetensors.torch import load_file
 
 from mergeopt.errors import run_cli
@@ -498,6 +495,12 @@ def test_to_all_writes_one_file_per_format(world, tmp_path):
 # ---------------------------------------------------------------- mergekit (its own config model)
 
 
+def _merge_configuration():
+    """mergekit's own config model; the test skips where mergekit (a dev dependency, not one of
+    mergeopt's) is absent, so the rest of this module still runs there, e.g. on the GPU machine."""
+    return pytest.importorskip("mergekit.config").MergeConfiguration
+
+
 def _mergekit_yaml(tmp_path: Path, random_world: dict, method: dict, **model) -> dict:
     names = list(random_world["experts"])
     weights = dict(zip(names, (0.2, 0.5, 0.3)))
@@ -522,6 +525,8 @@ def _mergekit_yaml(tmp_path: Path, random_world: dict, method: dict, **model) ->
     ],
 )
 def test_mergekit_yaml_validates_with_mergekit(tmp_path, random_world, method, mergekit_name):
+    MergeConfiguration = _merge_configuration()
+    registry = pytest.importorskip("mergekit.merge_methods").registry
     tree = _mergekit_yaml(tmp_path, random_world, method)
     config = MergeConfiguration.model_validate(tree)
     assert config.merge_method == mergekit_name
@@ -543,12 +548,14 @@ def test_mergekit_yaml_validates_with_mergekit(tmp_path, random_world, method, m
 
 def test_mergekit_linear_merge_equals_mergeopts(tmp_path, random_world):
     """mergekit's own run_merge of the export = θ0 + λ Σ w_i τ_i (merge.scale λ = 1.3)."""
+    MergeConfiguration = _merge_configuration()
+    merge = pytest.importorskip("mergekit.merge")
     tree = _mergekit_yaml(tmp_path, random_world, {"name": "linear", "scale": 1.3})
     out = tmp_path / "merged"
-    run_merge(
+    merge.run_merge(
         MergeConfiguration.model_validate(tree),
         str(out),
-        MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False),
+        merge.MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False),
     )
     merged = load_file(out / "model.safetensors")
     base = load_file(Path(random_world["base"]) / "model.safetensors")
@@ -562,7 +569,7 @@ def test_mergekit_exclusions_and_mixup(tmp_path, random_world):
     lam = [0.5, 0.25, 0.25]
     method = {"name": "linear", "scale": 1.0, "mixup_alpha": 1.0, "mixup_lambda": lam, "seed": 0}
     tree = _mergekit_yaml(tmp_path, random_world, method, exclude=["embed_tokens", "model.norm"])
-    MergeConfiguration.model_validate(tree)
+    _merge_configuration().model_validate(tree)
     scaled = [w * x for w, x in zip((0.2, 0.5, 0.3), lam)]
     for entry, s in zip(tree["models"], scaled):
         weight = entry["parameters"]["weight"]
@@ -598,6 +605,6 @@ def test_mergekit_lora_expert_is_base_plus_adapter(tmp_path, random_world):
     (adapter / "adapter_config.json").write_text("{}")
     world = {**random_world, "experts": {**random_world["experts"], "gamma": str(adapter)}}
     tree = _mergekit_yaml(tmp_path, world, {"name": "linear", "scale": 1.0})
-    config = MergeConfiguration.model_validate(tree)
+    config = _merge_configuration().model_validate(tree)
     lora = config.models[2].model
     assert str(lora.model.path) == random_world["base"] and str(lora.lora.path) == str(adapter)
