@@ -404,7 +404,12 @@ def run_command(name: str, argv: Sequence[str], prog: str | None = None) -> int:
     inputs.environment()  # torchrun's variables and MERGEOPT_FAULT, before any work
     module, _, function = HANDLERS[name].partition(":")
     with _no_bars(getattr(args, "quiet", False)):
-        return int(getattr(importlib.import_module(module), function)(args) or 0)
+        code = int(getattr(importlib.import_module(module), function)(args) or 0)
+    # a verb that joined a torchrun group ends it now, not at the interpreter's exit. Not after an
+    # error: ranks may still wait in a collective, which nccl's teardown would wait on too
+    if "mergeopt.runtime.distributed" in sys.modules:
+        sys.modules["mergeopt.runtime.distributed"].leave()
+    return code
 
 
 @contextmanager

@@ -324,3 +324,56 @@ def test_forked_ranks_report_a_failing_command_as_torchrun_would(tmp_path):
     said = [line for line in job.stderr.splitlines() if line.startswith("mergeopt: error")]
     assert 1 <= len(said) <= 2 and len(set(said)) == 1 and "missing.yaml" in said[0], job.stderr
     assert not (tmp_path / "out").exists()
+
+
+def _one_process_group(init, backend: str = "gloo") -> None:
+    """A real gloo group of one process (an in-memory store), standing in for torchrun's rendezvous;
+    ``init``: torch's own ``init_process_group``."""
+    import torch.distributed as dist
+
+    init(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def _torchrun_env(monkeypatch) -> None:
+    for name, value in {
+        "WORLD_SIZE": "2",
+        "RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29500",
+    }.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_a_verb_that_joined_the_process_group_ends_it_and_leaves_the_callers_alone(monkeypatch):
+    """The group init_from_env created is destroyed when the verb returns (torch asks for it before
+    exit; one left to the interpreter's exit aborted a rank of a two-node run), through the CLI's
+    run_command; a group the caller made itself (an in-process caller, a test) stays."""
+    import torch
+    import torch.distributed as dist
+
+    from mergeopt import cli
+    from mergeopt.runtime import distributed
+
+    joined = []
+
+    def verb(_args):
+        distributed.init_from_env(torch.device("cpu"))
+        joined.append(dist.is_initialized())
+        return 0
+
+    _torchrun_env(monkeypatch)
+    init = dist.init_process_group
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: _one_process_group(init, backend))
+    monkeypatch.setitem(cli.HANDLERS, "plan", f"{__name__}:_verb")
+    monkeypatch.setitem(globals(), "_verb", verb)
+    try:
+        assert cli.run_command("plan", ["recipe.yaml"]) == 0
+        assert joined == [True] and not dist.is_initialized()  # joined, then ended
+        _one_process_group(init)  # the caller's own group
+        assert cli.run_command("plan", ["recipe.yaml"]) == 0
+        assert joined == [True, True] and dist.is_initialized()  # kept: init_from_env did not make it
+        distributed.leave()
+        assert dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -27,10 +27,12 @@ from mergeopt.inputs import torchrun_variable
 T = TypeVar("T")
 
 _this_rank_only = False  # set by this_rank_only(): collectives become no-ops, shards the whole input
+_joined = False  # set by init_from_env() when it created the process group, which leave() ends
 
 
 def init_from_env(device: torch.device) -> None:
     """Join the process group torchrun describes (gloo on CPU, nccl on CUDA); no-op for one process."""
+    global _joined
     size = torchrun_variable("WORLD_SIZE")
     if size <= 1 or dist.is_initialized():
         return
@@ -38,6 +40,22 @@ def init_from_env(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(local_device(device))  # nccl's object collectives use the current GPU
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    _joined = True
+
+
+def leave() -> None:
+    """End the process group :func:`init_from_env` created; a group made by the caller is left alone.
+
+    Why: torch asks every process to destroy its process group before it exits. One left to the
+    interpreter's exit has its communication threads torn down under it: a rank of a two-node
+    torchrun fit was seen to abort there (SIGABRT, "terminate called without an active exception")
+    after the fit had finished, which fails the whole job. The CLI calls this after every verb
+    that succeeds.
+    """
+    global _joined
+    if _joined and dist.is_initialized():
+        dist.destroy_process_group()
+    _joined = False
 
 
 def check_rendezvous(size: int, environ=os.environ) -> None:
