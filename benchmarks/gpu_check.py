@@ -11,6 +11,10 @@ by default, on one H100/H200):
 
     python benchmarks/gpu_check.py [--out benchmarks/results/gpu] [--budget-s 360]
 
+On a GPU machine that reaches no package registry, run ``bash benchmarks/gpu_session.sh``
+instead: it installs what the machine lacks from wheels carried in ``.whl/``
+(``benchmarks/gpu_wheels.sh``), then runs this script.
+
 It writes ``<out>/<gpu name>.json`` and ``.md`` (spaces in the name → ``_``). The parts:
 
 1. ``cuda_tests``: ``python -m pytest -m cuda`` (the CUDA-marked tests: tests/test_cuda_paths.py,
@@ -388,7 +392,10 @@ def cuda_tests(check: Check, record: dict) -> None:
     xml = check.out / f"{check.stem}-pytest.xml"
     check.out.mkdir(parents=True, exist_ok=True)
     targets = ["tests/test_cuda_paths.py"] if check.args.smoke else []  # smoke: collection only
+    # a test module that cannot be imported there (a dev-only library the GPU machine lacks) is
+    # reported as an error, and the CUDA tests of every other module still run
     cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-v", "-p", "no:cacheprovider"]
+    cmd += ["--continue-on-collection-errors"]
     cmd += [f"--junitxml={xml}", "-rfE", *targets]
     if xml.exists():
         xml.unlink()

@@ -58,3 +58,24 @@ def test_without_cuda_it_refuses_in_one_line(tmp_path):
     assert run.returncode == 2
     assert run.stderr.strip() == "gpu_check needs a CUDA GPU"
     assert not list(tmp_path.iterdir())
+
+
+def test_every_dependency_reaches_the_gpu_machine():
+    """benchmarks/gpu_session.sh installs nothing from a registry (the GPU machine reaches none): each
+    of mergeopt's dependencies is in the machine's image (named in benchmarks/gpu_wheels.txt) or
+    pinned there to travel as a wheel. A new dependency fails here until someone decides which."""
+    import re
+
+    import tomllib
+
+    def name(requirement: str) -> str:
+        return re.split(r"[<>=!~\[; ]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+    needed = {
+        name(r) for r in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    }
+    lines = (REPO / "benchmarks" / "gpu_wheels.txt").read_text().splitlines()
+    pinned = {name(line) for line in lines if line.strip() and not line.startswith("#")}
+    image = {name(n) for line in lines if line.startswith("# image:") for n in line.split(":", 1)[1].split()}
+    assert needed - pinned - image == set()
+    assert all("==" in line for line in lines if line.strip() and not line.startswith("#"))  # exact pins

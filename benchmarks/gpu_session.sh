@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The one command a session with a GPU machine runs there: set up mergeopt without a registry, say
+# what the machine is, then benchmarks/gpu_check.py (6 minutes by default).
+#
+# Why a script: the GPU machine reaches no package registry, so `pip install -e .` cannot fetch
+# mergeopt's dependencies (nor setuptools for an isolated build). Its image holds torch and most of
+# them; the rest travel as wheels in .whl/ (benchmarks/gpu_wheels.sh, run beforehand where the
+# registry is reachable), installed into /tmp/site and put first on PYTHONPATH. mergeopt itself is
+# installed editable without build isolation, or, if that fails, read from the checkout
+# (PYTHONPATH), which is all gpu_check.py and the tests need.
+#
+#   here:  bash benchmarks/gpu_wheels.sh
+#   there: bash benchmarks/gpu_session.sh       (the device tool: carry [".whl"], timeout_s 540)
+#
+# The report goes to $OUT/gpu (what the device tool brings back) or, without $OUT,
+# benchmarks/results/gpu; commit it there. BUDGET_S overrides gpu_check's 360 s; GPU_CHECK_ARGS adds
+# arguments (``--device cpu --smoke`` rehearses the whole session on a CPU machine).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-benchmarks/results}/gpu"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+started=$(date +%s)
+log="$out/setup.log"
+pip_offline=(python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir)
+if compgen -G ".whl/*.whl" > /dev/null; then
+  # into python3's own environment; where that is read-only, beside it, first on PYTHONPATH
+  if ! "${pip_offline[@]}" .whl/*.whl > "$log" 2>&1; then
+    "${pip_offline[@]}" --upgrade --target /tmp/site .whl/*.whl >> "$log" 2>&1 ||
+      { echo "gpu_session: the carried wheels did not install (see setup.log)" >&2; exit 3; }
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+    echo "gpu_session: the carried wheels are in /tmp/site (python3's environment is read-only)"
+  fi
+else
+  echo "gpu_session: no .whl/ here; run benchmarks/gpu_wheels.sh first and carry .whl" >&2
+fi
+if ! "${pip_offline[@]}" --no-build-isolation -e . >> "$log" 2>&1; then
+  echo "gpu_session: the editable install failed (see setup.log); mergeopt is read from the checkout"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+python3 - << 'PY' || { echo "gpu_session: mergeopt does not import; see above" >&2; exit 3; }
+import importlib, sys
+import torch
+names = ("mergeopt", "transformers", "tokenizers", "safetensors", "accelerate", "peft", "pydantic", "scipy")
+versions = {n: getattr(importlib.import_module(n), "__version__", "?") for n in names}
+print(f"python {sys.version.split()[0]}; torch {torch.__version__} (CUDA {torch.version.cuda}, "
+      f"available: {torch.cuda.is_available()}); " + ", ".join(f"{n} {v}" for n, v in versions.items()))
+PY
+echo "gpu_session: set up in $(( $(date +%s) - started )) s"
+# shellcheck disable=SC2086  # GPU_CHECK_ARGS is a list of words
+python3 benchmarks/gpu_check.py --out "$out" --budget-s "${BUDGET_S:-360}" ${GPU_CHECK_ARGS:-}
+code=$?
+echo "gpu_session: finished in $(( $(date +%s) - started )) s (gpu_check exit $code); report in $out"
+exit $code
