@@ -34,6 +34,10 @@ It writes ``<out>/<gpu name>.json`` and ``.md`` (spaces in the name → ``_``). 
 4. ``torchrun_nccl``: ``torch.distributed.run --standalone --nproc_per_node=1
    benchmarks/sharded_check.py --device cuda``: the sharded stack's collectives through nccl.
 
+``--parts torchrun_nccl`` (a comma-separated list) runs those parts again, after a fix, and keeps
+the other parts' records from the report already in ``--out``, each marked with when it ran;
+``zero_order`` reads what a fit-step part of the same run measured.
+
 Before each part its memory is estimated (the plan; the model's size) against
 ``torch.cuda.mem_get_info()``: what cannot fit is skipped and the report says so. Without CUDA the
 script exits 2 with one line. ``--device cpu --smoke`` runs every part on tiny shapes on the CPU (a
@@ -66,6 +70,7 @@ K, SEED, REPEATS = 4, 0, 3
 SETS, PER_SET, LENGTH, CHUNK = 4, 2, 1024, 1024  # recipes/8b.yaml: 4 dev sets x 2 = 8 x 1,024 tokens
 SMOKE_LENGTH = 32
 MEMORY_TOLERANCE, TIME_GOAL = 0.10, 1.15
+PARTS = ("cuda_tests", "fit_step_8b", "fit_step_smollm2", "zero_order", "torchrun_nccl")
 # each part's share of the budget (its subprocess's timeout; never more than what is left)
 SHARES = {"cuda_tests": 0.45, "8b": 0.25, "smollm2": 0.10, "torchrun_nccl": 0.20}
 TINY = {  # the smoke run's shapes: a small Llama, fast on a CPU
@@ -303,6 +308,27 @@ class Check:
             "total_s": 0.0,
             "parts": [],
         }
+        self.selected = tuple(args.parts)
+        self.earlier: dict[str, dict] = {}
+        if self.selected != PARTS:  # a rerun of some parts: the others are kept from the last report
+            self.earlier = self._earlier_parts(name)
+            self.report["parts"] = sorted(self.earlier.values(), key=lambda p: PARTS.index(p["part"]))
+            self.report["rerun"] = list(self.selected)
+
+    def _earlier_parts(self, name: str) -> dict[str, dict]:
+        """The last report's records of the parts this run does not repeat, each saying when it ran."""
+        path = self.out / f"{self.stem}.json"
+        if not path.is_file():
+            return {}
+        earlier = json.loads(path.read_text())
+        if earlier.get("gpu") != name or earlier.get("smoke") != self.args.smoke:
+            return {}
+        ran = f"{earlier.get('date_utc')} UTC at {earlier.get('commit')}"
+        return {
+            p["part"]: {**p, "ran": p.get("ran", ran)}
+            for p in earlier.get("parts", [])
+            if p.get("part") in PARTS and p["part"] not in self.selected
+        }
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -311,6 +337,8 @@ class Check:
         return min(SHARES[share] * self.args.budget_s, self.left() - 5)
 
     def part(self, name: str, goal: str, run) -> dict:
+        if name not in self.selected:  # --parts: the earlier report's record stays
+            return self.earlier.get(name) or {"part": name, "result": "not run", "numbers": {}}
         record = {"part": name, "result": "error", "numbers": {}, "goal": goal, "met": None}
         start = time.monotonic()
         try:
@@ -319,7 +347,8 @@ class Check:
             record["result"] = "error"
             record["error"] = _last_line(traceback.format_exc()) or repr(err)
         record["seconds"] = round(time.monotonic() - start, 2)
-        self.report["parts"].append(record)
+        self.report["parts"] = [p for p in self.report["parts"] if p["part"] != name] + [record]
+        self.report["parts"].sort(key=lambda p: PARTS.index(p["part"]))
         self.write()
         print(f"{name}: {record['result']} ({record['seconds']:.0f} s)", flush=True)
         return record
@@ -332,13 +361,16 @@ class Check:
 
 
 def _commit() -> str:
+    """The checkout's commit; GPU_CHECK_COMMIT where there is no git history (a copied working tree,
+    as on the GPU machine), else "?"."""
     try:
         run = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
         )
-        return run.stdout.strip() or "?"
+        found = run.stdout.strip() if run.returncode == 0 else ""
     except OSError:
-        return "?"
+        found = ""
+    return found or os.environ.get("GPU_CHECK_COMMIT", "").strip() or "?"
 
 
 def _free_bytes(device: str) -> tuple[int | None, int | None]:
@@ -530,7 +562,7 @@ def step_part(check: Check, record: dict, shape: str, config: Path, length: int,
 def zero_order_part(record: dict, measured: dict | None, shape: str | None) -> None:
     if not measured or "candidate" not in measured:
         record["result"] = "skipped"
-        record["note"] = "no shape ran it (see the fit-step parts)"
+        record["note"] = "no fit-step part of this run measured a candidate (see those parts)"
         return
     numbers = {"shape": shape, "eval_dtype": measured.get("eval_dtype")}
     numbers["candidate_s"] = measured["candidate"]["median_s"]
@@ -603,6 +635,7 @@ def markdown(report: dict) -> str:
         f"torch {report['torch']}, CUDA {report['cuda']}; {report['date_utc']} UTC; commit {report['commit']}; "
         f"{report['total_s']:.0f} s of a {report['budget_s']:.0f} s budget"
         + ("; smoke run (tiny shapes on the CPU)" if report["smoke"] else "")
+        + (f"; this run repeated {', '.join(report['rerun'])} only" if report.get("rerun") else "")
         + ". Produced by `benchmarks/gpu_check.py`.",
         "",
         "| part | result | numbers | goal | met? | seconds |",
@@ -612,6 +645,7 @@ def markdown(report: dict) -> str:
         numbers = "; ".join(f"{k} {_fmt(v)}" for k, v in p["numbers"].items() if v is not None)
         result = p["result"] + (f": {p['note']}" if p.get("note") else "")
         result += f" ({p['error']})" if p.get("error") else ""
+        result += f" [an earlier run: {p['ran']}]" if p.get("ran") else ""
         met = {True: "yes", False: "no", None: "—"}[p["met"]]
         lines.append(
             f"| {p['part']} | {result.replace('|', '/')} | {numbers.replace('|', '/')} | {p['goal']} | {met} | "
@@ -638,6 +672,7 @@ def run_parts(check: Check, tiny: Path | None) -> None:
 
         check.part(f"fit_step_{shape}", memory_goal, run)
     ran = next(((s, m) for s, m in measured.items() if m and "candidate" in m), (None, None))
+    # (zero_order reads the fit_step parts' measurements: --parts zero_order alone finds none)
     check.part(
         "zero_order",
         "measured (no goal): candidate merge + forward / plain forward",
@@ -654,6 +689,12 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, default=360.0, help="seconds for every part together")
     parser.add_argument("--device", default="cuda", help="cuda (the check) or cpu (with --smoke)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, every part, under a minute")
+    parser.add_argument(
+        "--parts",
+        type=lambda text: [part.strip() for part in text.split(",") if part.strip()],
+        default=list(PARTS),
+        help="comma-separated parts to run again (default: all); the report keeps the others' last records",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, default=LENGTH, help=argparse.SUPPRESS)
@@ -672,6 +713,9 @@ def main(argv=None) -> int:
         return 2
     if args.device == "cpu" and not args.smoke:
         parser.error("--device cpu runs the smoke check only: add --smoke")
+    if unknown := [part for part in args.parts if part not in PARTS]:
+        parser.error(f"--parts: unknown part {unknown[0]!r}; the parts are {', '.join(PARTS)}")
+    args.parts = [part for part in PARTS if part in args.parts]  # in the order they run
     if args.smoke:  # tiny shapes: more threads only contend (the machine may be shared)
         torch.set_num_threads(1)
         os.environ["OMP_NUM_THREADS"] = "1"
@@ -687,7 +731,9 @@ def main(argv=None) -> int:
         finally:
             check.write()
     print(f"wrote {check.out / check.stem}.json and .md")
-    bad = [p["part"] for p in check.report["parts"] if p["result"] not in ("ok", "skipped")]
+    bad = [  # this run's parts (a rerun's kept records do not count)
+        p["part"] for p in check.report["parts"] if p["result"] not in ("ok", "skipped") and "ran" not in p
+    ]
     return 1 if bad else 0
 
 

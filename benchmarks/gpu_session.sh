@@ -10,17 +10,27 @@
 # (PYTHONPATH), which is all gpu_check.py and the tests need.
 #
 #   here:  bash benchmarks/gpu_wheels.sh
-#   there: bash benchmarks/gpu_session.sh       (the device tool: carry [".whl"], timeout_s 540)
+#   there: GPU_CHECK_COMMIT=<commit> bash benchmarks/gpu_session.sh
+#          (the device tool: carry [".whl"]; the copied tree has no .git, so the report names the
+#          commit it was given, written into the command here: git rev-parse --short HEAD)
 #
 # The report goes to $OUT/gpu (what the device tool brings back) or, without $OUT,
 # benchmarks/results/gpu; commit it there. BUDGET_S overrides gpu_check's 360 s; GPU_CHECK_ARGS adds
-# arguments (``--device cpu --smoke`` rehearses the whole session on a CPU machine).
+# arguments: ``--device cpu --smoke`` rehearses the whole session on a CPU machine, and
+# ``--parts PART,...`` runs some parts again after a fix, keeping the committed report's other records.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results}/gpu"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 started=$(date +%s)
+case " ${GPU_CHECK_ARGS:-} " in
+  *" --parts "* | *" --parts="*) # a rerun of some parts: the committed report holds the others' records
+    if [ -d benchmarks/results/gpu ] && [ "$out" != benchmarks/results/gpu ]; then
+      cp -n benchmarks/results/gpu/*.json benchmarks/results/gpu/*.md "$out"/ 2> /dev/null
+    fi
+    ;;
+esac
 log="$out/setup.log"
 pip_offline=(python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir)
 if compgen -G ".whl/*.whl" > /dev/null; then

@@ -52,6 +52,27 @@ def test_smoke_run_writes_every_part(tmp_path):
     assert all(f"| {p} |" in markdown for p in PARTS)
 
 
+def test_a_rerun_of_some_parts_keeps_the_other_records_of_the_report(tmp_path):
+    """--parts runs those parts again (a GPU session's second try, after a fix) and keeps the report's
+    records of the others, each saying when it ran; an unknown part is refused."""
+    first = _run("--device", "cpu", "--smoke", "--out", str(tmp_path), "--parts", "torchrun_nccl")
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    before = json.loads((tmp_path / "cpu.json").read_text())
+    assert [p["part"] for p in before["parts"]] == ["torchrun_nccl"] and before["rerun"] == ["torchrun_nccl"]
+    second = _run("--device", "cpu", "--smoke", "--out", str(tmp_path), "--parts", "cuda_tests")
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
+    after = json.loads((tmp_path / "cpu.json").read_text())
+    parts = {p["part"]: p for p in after["parts"]}
+    assert list(parts) == ["cuda_tests", "torchrun_nccl"]  # in the order the parts run
+    kept = parts["torchrun_nccl"]
+    assert kept.pop("ran") == f"{before['date_utc']} UTC at {before['commit']}"
+    assert kept == before["parts"][0]
+    assert parts["cuda_tests"]["result"] == "ok" and "ran" not in parts["cuda_tests"]
+    assert "[an earlier run: " in (tmp_path / "cpu.md").read_text()
+    wrong = _run("--device", "cpu", "--smoke", "--out", str(tmp_path), "--parts", "cuda_test")
+    assert wrong.returncode == 2 and "--parts: unknown part 'cuda_test'" in wrong.stderr
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="refuses only where there is no CUDA GPU")
 def test_without_cuda_it_refuses_in_one_line(tmp_path):
     run = _run("--out", str(tmp_path))
