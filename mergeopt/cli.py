@@ -102,6 +102,16 @@ def _world_size(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _device_memory(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device-memory",
+        type=_positive_float,
+        metavar="GIB",
+        help="plan for a device of this many GiB, all free (e.g. 79 for an 80 GB GPU), "
+        "not for this machine's (default: the device the recipe resolves to, as it is now)",
+    )
+
+
 def _tables(parser: argparse.ArgumentParser, both: str) -> None:
     """The options of the table-reading verbs (rank's table mode, transfer)."""
     group = parser.add_mutually_exclusive_group()
@@ -159,11 +169,13 @@ def _fit(p: argparse.ArgumentParser) -> None:
     p.add_argument("--restart", action="store_true", help="ignore a checkpoint in output_dir and start over")
     p.add_argument("--dry-run", action="store_true", help="print the memory plan instead (= mergeopt plan)")
     _world_size(p)
+    _device_memory(p)
 
 
 def _plan(p: argparse.ArgumentParser) -> None:
     _recipe(p)
     _world_size(p)
+    _device_memory(p)
 
 
 def _train(p: argparse.ArgumentParser) -> None:

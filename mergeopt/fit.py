@@ -344,6 +344,8 @@ def run(args: argparse.Namespace) -> int:
     """``mergeopt fit``: the parsed command line (:mod:`mergeopt.cli`) to a run directory."""
     if args.world_size is not None and not args.dry_run:
         raise UserError("--world-size plans a --dry-run; a fit takes its world size from torchrun")
+    if args.device_memory is not None and not args.dry_run:
+        raise UserError("--device-memory plans a --dry-run; a fit uses the memory its device has")
     if args.dry_run:
         from mergeopt.memory.dry_run import run as plan
 

@@ -564,6 +564,12 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         lambda w, t: [_recipe(w, t), "model.shard=fsdp", "--dry-run", "--world-size", "3"],
         "model.shard fsdp over 3 ranks: a micro-batch of 8 examples (optim.batch_size 4 × 2 dev sets)",
     ),
+    "--device-memory without --dry-run": (
+        "recipe",
+        "fit",
+        lambda w, t: [_recipe(w, t), "--device-memory", "80"],
+        "--device-memory plans a --dry-run; a fit uses the memory its device has",
+    ),
     "evaluation dtype the device cannot run": (
         "recipe",
         "fit",

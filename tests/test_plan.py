@@ -640,6 +640,28 @@ def test_8b_with_eight_int8_experts_plans_within_80_gib():
     assert p.row("stack differences") < 7 * p.stacked_parameters * 1.01
 
 
+def test_device_memory_plans_for_a_gpu_that_is_not_here(capsys):
+    """``mergeopt plan --device-memory GIB`` checks the plan against a device of that size, all free,
+    as if it were here: the verdict and the suggestions are the plan's against such a device."""
+    experts = ",".join(f"{name}: '{CONFIG_8B}'" for name in ("a", "b", "c", "d"))
+    args = [str(REPO / "recipes" / "8b.yaml"), f"model.base={CONFIG_8B}", f"model.experts={{{experts}}}"]
+    r = load_recipe(REPO / "recipes" / "8b.yaml", args[1:])
+    inventory, dims = dry_run.read_inventory(r)
+    for gib, fits in ((79, True), (40, False)):
+        code = run_cli(fit.main, [*args, "--dry-run", "--device-memory", str(gib)])
+        out = capsys.readouterr().out
+        assert code == 0
+        given = DeviceMemory.given("cuda", gib)  # device: auto plans for a GPU
+        assert given.total == given.free == gib * 2**30
+        expected = plan.plan_memory(r, inventory, dims, given)
+        assert expected.fits is fits
+        assert f"verdict: {dry_run.verdict(expected)}" in out
+        assert f"device: cuda: as given by --device-memory, {gib}.00 GiB total" in out
+    assert "does not fit: short by" in out and "model.stack_dtype=int8" in out  # 40 GiB: suggestions
+    assert run_cli(fit.main, [*args, "--device-memory", "79"]) == 2  # a plan's option, not a fit's
+    assert "--device-memory plans a --dry-run" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- per rank (model.shard)
 
 LLAMA_70B = dict(

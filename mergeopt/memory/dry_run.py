@@ -346,14 +346,21 @@ def world_size(given: int | None) -> int:
     return inputs.torchrun_variable("WORLD_SIZE")
 
 
-def dry_run(recipe: Recipe, recipe_path: str, ranks: int | None = None) -> str:
+def dry_run(
+    recipe: Recipe, recipe_path: str, ranks: int | None = None, memory_gib: float | None = None
+) -> str:
     """Everything ``--dry-run`` prints; reads config.json files and safetensors headers only. The
-    plan is per rank of ``ranks`` processes (:func:`world_size`)."""
+    plan is per rank of ``ranks`` processes (:func:`world_size`), against the device the recipe
+    resolves to, or one of ``memory_gib`` GiB (``--device-memory``)."""
     size = world_size(ranks)
     check_world_size(recipe, size)  # before anything is read
     resolved = _resolve_checkpoints(recipe)
     inventory, dims = read_inventory(resolved)
-    plan = plan_memory(resolved, inventory, dims, device_memory(resolved.device), size)
+    if memory_gib is None:
+        memory = device_memory(resolved.device)
+    else:  # auto names the GPU the user plans for
+        memory = DeviceMemory.given("cuda" if resolved.device == "auto" else resolved.device, memory_gib)
+    plan = plan_memory(resolved, inventory, dims, memory, size)
     text = format_plan(plan, recipe_path, inventory)
     if isinstance(resolved.model.device_map, str):
         text += "\n\n" + "\n".join(placement_lines(resolved, plan))
@@ -396,7 +403,7 @@ def placement_lines(recipe: Recipe, plan: MemoryPlan) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     """``mergeopt plan`` (and ``mergeopt fit --dry-run``): print the plan; nothing is written."""
     recipe = load_recipe(args.recipe, args.overrides)
-    print(dry_run(recipe, args.recipe, args.world_size))
+    print(dry_run(recipe, args.recipe, args.world_size, getattr(args, "device_memory", None)))
     for problem in refused_inputs(recipe):
         warn(f"the fit would refuse this recipe: {problem}")
     return 0

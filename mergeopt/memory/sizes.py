@@ -111,6 +111,13 @@ class DeviceMemory:
     total: int | None
     free: int | None
 
+    @classmethod
+    def given(cls, device: str, gib: float) -> DeviceMemory:
+        """A device of ``gib`` GiB, all of it free, as a user names it (``--device-memory``): the plan
+        for a GPU that is not on the machine planning (a login node, a laptop, a larger card)."""
+        size = int(gib * GIB)
+        return cls(device, "as given by --device-memory", size, size)
+
 
 @dataclass(frozen=True)
 class Row:
