@@ -46,11 +46,11 @@ def init_from_env(device: torch.device) -> None:
 def leave() -> None:
     """End the process group :func:`init_from_env` created; a group made by the caller is left alone.
 
-    Why: torch asks every process to destroy its process group before it exits. One left to the
-    interpreter's exit has its communication threads torn down under it: a rank of a two-node
-    torchrun fit was seen to abort there (SIGABRT, "terminate called without an active exception")
-    after the fit had finished, which fails the whole job. The CLI calls this after every verb
-    that succeeds.
+    Why: torch asks every process to destroy its process group before it exits, rather than leave
+    its communication threads to the interpreter's exit. A rank of a two-node torchrun fit once
+    aborted at exit (SIGABRT, "terminate called without an active exception") after its fit had
+    finished, which fails the whole job; that this was the cause is likely, not established. The
+    CLI calls this after every verb that succeeds.
     """
     global _joined
     if _joined and dist.is_initialized():
