@@ -21,7 +21,7 @@ import torch
 from mergeopt import inputs, worlds
 from mergeopt.config import Recipe, load_recipe
 from mergeopt.errors import UserError, warn
-from mergeopt.inputs import existing_dir, existing_file, writable_dir
+from mergeopt.inputs import existing_file, writable_dir
 from mergeopt.loading.checkpoints import (
     INDEX_FILE,
     SINGLE_FILE,
@@ -56,11 +56,11 @@ def _describe(path: str, role: str) -> Checkpoint:
     """config.json plus safetensors headers when present; tensors stay empty for a config-only dir.
 
     ``role``: the recipe key naming it, said first when it is refused (as the fit says it)."""
-    directory = existing_dir(path, f"{role}: checkpoint directory")
-    if _has_safetensors(directory):
-        return open_checkpoint(directory, role=role)
-    if not (directory / "config.json").is_file():
-        raise UserError(f"{role}: {directory} has no config.json: not a Hugging Face checkpoint directory")
+    directory = Path(path)
+    if _has_safetensors(directory) or not (directory / "config.json").is_file():
+        return open_checkpoint(
+            directory, role=role
+        )  # refuses a missing directory or config.json as the fit does
     return Checkpoint(
         path=directory, config=read_json_object(directory / "config.json", "config.json"), tensors={}
     )
