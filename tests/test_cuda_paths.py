@@ -4,7 +4,7 @@ Issue 14 asks the CUDA-marked tests to cover, on the random tiny world (tests/co
 
 * the tiny fit on CUDA against the CPU fit, for every merge method (float32 compute: the fitted w
   within 1e-3, the losses within 1e-4 relative), and the default bfloat16 compute close to it;
-* the LoRA low-rank path (adapters kept as factors) on CUDA against the CPU;
+* the LoRA low-rank path (adapters kept as factors, DoRA's too) on CUDA against the CPU;
 * a fit resumed after SIGTERM on CUDA ends where the uninterrupted CUDA fit ends;
 * ``mergeopt.export.merge`` run on CUDA writes the checkpoint the CPU writes.
 
@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from mergeopt.config import recipe_from_dict
 from mergeopt.fit import fit
 from tests.conftest import recipe_tree, run_module
+from tests.test_lora_dense_updates import updates_world  # noqa: F401  (the fixture, shared)
 from tests.test_lora_experts import _fit as _lora_fit
 from tests.test_lora_experts import lora_world  # noqa: F401  (the fixture, shared)
 from tests.test_merge_cli import MERGES, WEIGHTS, as_arg, merge, write_recipe
@@ -81,6 +82,16 @@ def test_lowrank_lora_fit_on_cuda_finds_the_cpu_fit(lora_world, tmp_path):  # no
     gpu = _lora_fit(lora_world, adapters, tmp_path / "gpu", model=FLOAT32, device="cuda")
     assert gpu["stack"]["lowrank_modules"] == cpu["stack"]["lowrank_modules"] == 14
     assert gpu["stack"]["tensors"] == 0  # kept low-rank on the GPU too
+    _close(gpu, cpu)
+
+
+def test_dora_adapters_fit_on_cuda_find_the_cpu_fit(updates_world, tmp_path):  # noqa: F811
+    """DoRA layers kept low-rank (their row gains computed beside θ0 on the GPU), a saved lm_head
+    and an adapted embedding."""
+    adapters = updates_world["adapters"]
+    cpu = _lora_fit(updates_world, adapters, tmp_path / "cpu")
+    gpu = _lora_fit(updates_world, adapters, tmp_path / "gpu", model=FLOAT32, device="cuda")
+    assert gpu["stack"] == cpu["stack"]
     _close(gpu, cpu)
 
 

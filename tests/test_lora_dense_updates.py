@@ -188,9 +188,10 @@ def test_fit_over_adapters_with_dense_updates_finds_the_merged_fit(updates_world
     low = _fit(updates_world, updates_world["adapters"], tmp_path / "low")
     full = _fit(updates_world, updates_world["dense"], tmp_path / "dense")
     _close(low, full, 1e-4)
-    # dense rows: alpha's DoRA q and v in two layers, the lm_head copies; low-rank: q (beta and
-    # gamma), down (beta) and up (gamma) in two layers, and beta's embedding (its saved weight is θ0)
-    assert low["stack"]["tensors"] == 2 * 2 + 1 and low["stack"]["lowrank_modules"] == 3 * 2 + 1
+    # dense rows: the lm_head copies; low-rank: q (alpha's DoRA, beta and gamma), v (alpha's DoRA,
+    # mergeopt.merging.dora), down (beta) and up (gamma) in two layers, and beta's embedding (its
+    # saved weight is θ0)
+    assert low["stack"]["tensors"] == 1 and low["stack"]["lowrank_modules"] == 4 * 2 + 1
 
 
 def test_ties_densifies_adapters_with_dense_updates(updates_world, tmp_path):
@@ -233,6 +234,18 @@ def test_dry_run_counts_the_dense_rows(updates_world, tmp_path, exclude):
     assert p.row("stack anchor") + p.row("stack differences") == stack.nbytes() - stack.lowrank.nbytes()
     assert p.stacked_parameters == stack.num_stacked_parameters() > 0
     assert any("stacked as dense rows" in note for note in inventory.notes)
+    # alpha's DoRA q and v in both layers: factors and row gains, no dense rows
+    dora = {f"model.layers.{i}.self_attn.{m}_proj" for i in (0, 1) for m in "qv"}
+    assert {m for m, f in stack.lowrank.modules.items() if f.gain is not None} == dora
+    assert any("DoRA updates of 4 linear weight(s) stay low-rank" in note for note in inventory.notes)
+    # sharded, DoRA is stacked densely (mergeopt.merging.dora): 4 more stacked matrices, per rank
+    tree["model"]["shard"] = "fsdp"
+    sharded = plan.plan_memory(
+        recipe_from_dict(tree), inventory, dims, DeviceMemory("cpu", "test", 2**40, 2**40), world_size=2
+    )
+    assert sharded.stacked_parameters == p.stacked_parameters + sum(
+        stack.model.get_parameter(f"{m}.weight").numel() for m in dora
+    )
 
 
 def test_untrained_dora_adapter_is_refused_as_the_base(updates_world, tmp_path):

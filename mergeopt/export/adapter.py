@@ -59,7 +59,9 @@ def adapter_tensors(
             "adapter to the input only, the merge to both: write the checkpoint without --as-adapter"
         )
     model = stack.model
-    saved = sorted({name.rpartition(".")[0] for name in [*stack.deltas, *stack.shared]})
+    saved = {name.rpartition(".")[0] for name in [*stack.deltas, *stack.shared]}
+    # a DoRA expert kept low-rank scales its layer's rows (mergeopt.merging.dora): no LoRA update
+    saved = sorted(saved | {m for m, f in (lowrank.modules.items() if lowrank else ()) if f.gain is not None})
     sources = {}
     for name, module in model.named_modules():  # (reading .weight would merge a stacked one)
         if "weight" in module._parameters or parametrize.is_parametrized(module, "weight"):
@@ -94,10 +96,7 @@ def adapter_tensors(
         for module in saved:
             for name, value in _merged_parameters(model.get_submodule(module)).items():
                 if name == "weight" and lowrank is not None and module in lowrank.modules:
-                    f = lowrank.modules[module]
-                    value = value.float() + f.delta(weights.to(f.scaling.device), lowrank.scale).to(
-                        value.device
-                    )
+                    value = lowrank.modules[module].merged(value, weights, lowrank.scale)
                 tensors[f"{PEFT_PREFIX}{module}.{name}"] = value.to(dtype).contiguous().cpu()
     return tensors, ranks, saved
 

@@ -10,6 +10,7 @@ what the stack will hold.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -46,11 +47,40 @@ class FactorSizes:
     # weights of low-rank modules the adapter saves a copy of (PEFT's save_embedding_layers, for a
     # LoRA on embed_tokens or lm_head): dense rows only where the copy is not θ0 (the plan compares)
     copies: tuple[str, ...] = ()
+    # (rank, in, out) of its DoRA linear modules (in ``dense`` until :meth:`with_dora` keeps them
+    # low-rank, as mergeopt.merging.dora does where the merged layer's weight is θ0)
+    dora: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    gains: tuple[str, ...] = ()  # the DoRA modules kept low-rank: one float32 gain per output row
 
     def keeping(self, modules: dict[str, tuple[int, int, int]]) -> FactorSizes:
         """These sizes with ``modules`` kept low-rank: the element count and rank sum follow them."""
         numel = sum(r * (i + o) for r, i, o in modules.values())
         return replace(self, modules=modules, numel=numel, rank_sum=sum(r for r, _, _ in modules.values()))
+
+    def with_dora(self, targets: set[str]) -> FactorSizes:
+        """These sizes with the DoRA modules whose weights are in ``targets`` kept low-rank."""
+        moved = {m: v for m, v in self.dora.items() if f"{m.removeprefix(PREFIX)}.weight" in targets}
+        if not moved:
+            return self
+        left = tuple(n for n in self.dense if f"{PREFIX}{n.removesuffix('.weight')}" not in moved)
+        return replace(self, dense=left, gains=tuple(sorted(moved))).keeping({**self.modules, **moved})
+
+    def gain_bytes(self) -> int:
+        """Its gains as the stack holds them: float32 per output row, and the expert's index (int64)."""
+        return sum(self.modules[m][2] * 4 + 8 for m in self.gains)
+
+
+def low_rank_dora(adapters: dict[str, FactorSizes], keep: Callable[[str], bool]) -> set[str]:
+    """The weights whose DoRA updates stay low-rank in a stack of these adapters alone (the
+    planning twin of :func:`mergeopt.merging.dora.low_rank_targets`): every adapter that sets the
+    weight densely does so by DoRA, and ``keep`` (not excluded, not the output layer) holds."""
+
+    def weights(a: FactorSizes) -> set[str]:
+        return {f"{m.removeprefix(PREFIX)}.weight" for m in a.dora}
+
+    dora = set().union(*(weights(a) for a in adapters.values()))
+    other = set().union(*({n for n in a.dense if n not in weights(a)} for a in adapters.values()))
+    return {t for t in dora - other if keep(t)}
 
 
 def saved_copy(path: str | Path, name: str) -> torch.Tensor:
@@ -106,9 +136,21 @@ def factor_sizes(path: str | Path, fan_in_fan_out: bool = False) -> FactorSizes:
     low_embedded = [m for m in embedded if f"{m}.weight" not in magnitudes]
     copies = {f"{m}.weight" for m in (*low, *low_embedded)} & dense  # a low-rank module's own weight
     modules = {PREFIX + m: (factors[m]["A"][0], factors[m]["A"][1], factors[m]["B"][0]) for m in low}
+    # a DoRA linear module's factors, kept low-rank where the stack allows (FactorSizes.with_dora)
+    dora = (
+        {}
+        if transposed
+        else {
+            PREFIX + m: (factors[m]["A"][0], factors[m]["A"][1], factors[m]["B"][0])
+            for m in pairs
+            if f"{m}.weight" in magnitudes
+        }
+    )
     modules |= {
         PREFIX + m: (embeddings[m]["A"][0], embeddings[m]["B"][0], embeddings[m]["A"][1])
         for m in low_embedded
     }
-    sizes = FactorSizes(0, 0, stored, dense=tuple(sorted(dense - copies)), copies=tuple(sorted(copies)))
+    sizes = FactorSizes(
+        0, 0, stored, dense=tuple(sorted(dense - copies)), copies=tuple(sorted(copies)), dora=dora
+    )
     return sizes.keeping(modules)

@@ -38,6 +38,7 @@ from mergeopt.loading.lora_sizes import FactorSizes, factor_sizes, saved_copy
 from mergeopt.loading.positions import check_max_length
 from mergeopt.memory.plan import plan_memory
 from mergeopt.memory.ranks import check_world_size
+from mergeopt.memory.rows import dora_kept_low_rank
 from mergeopt.memory.sizes import FLOAT32, GIB, DeviceMemory, Dims, Inventory, MemoryPlan
 from mergeopt.merging.stack import DTYPES
 
@@ -154,7 +155,8 @@ def read_inventory(recipe: Recipe) -> tuple[Inventory, Dims]:
         for name, path in adapters.items()
     }
     if adapters and recipe.merge.method == "linear":
-        updated = sorted({n for s in sizes.values() for n in s.dense})
+        dora = dora_kept_low_rank(recipe, sizes)
+        updated = sorted({n for s in sizes.values() for n in s.dense} - dora)
         if len(adapters) < len(recipe.model.experts):
             dense_rows = ""
         elif updated:
@@ -164,6 +166,8 @@ def read_inventory(recipe: Recipe) -> tuple[Inventory, Dims]:
             )
         else:
             dense_rows = "; no parameter is stacked densely"
+        if dora:
+            dense_rows += f"; their DoRA updates of {len(dora)} linear weight(s) stay low-rank (row gains)"
         notes += (
             f"{len(adapters)} LoRA expert(s) ({', '.join(adapters)}) stay low-rank: their factors, not dense "
             "rows" + dense_rows,

@@ -206,6 +206,7 @@ def training_bytes(
     merged_head: bool = True,
     rank_sum: int = 0,
     gathers: Gathers | None = None,
+    gain_rows: int = 0,
 ) -> int:
     """The peak of one micro-step of the gradient strategy (forward, then backward), for ``batch``
     examples (a rank's share under torchrun).
@@ -220,7 +221,9 @@ def training_bytes(
     the chunked loss's backward and the attention mask the model builds (length² booleans per
     sequence). LoRA
     experts kept low-rank add, per adapted module, the rank-Σr activations x·Aᵀ and their
-    reweighted copy (``rank_sum`` is Σr summed over modules and experts).
+    reweighted copy (``rank_sum`` is Σr summed over modules and experts), and each DoRA layer kept
+    low-rank its output x W0ᵀ, saved for its row gain's gradient (``gain_rows``: Σ of those layers'
+    output widths).
 
     A sharded stack (``gathers``) gathers the merged weights whole (:func:`merge_bytes`), the output
     layer's beside the loss, and the matrices not stacked while their modules run: with
@@ -230,7 +233,7 @@ def training_bytes(
     d, length = dims, recipe.data.max_length
     tokens = batch * length
     mask = batch * length * length
-    lowrank = 2 * compute * tokens * rank_sum
+    lowrank = compute * tokens * (2 * rank_sum + gain_rows)
     head = head_bytes(recipe, d, batch, length, compute, merged_head, gathers)
     gradient = compute * tokens * d.intermediate  # the largest activation gradient
     merge = merge_bytes(recipe, num_experts, largest, compute, gathers)

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 
 from mergeopt.config import Recipe
 from mergeopt.loading.lora import PREFIX
-from mergeopt.loading.lora_sizes import FactorSizes
+from mergeopt.loading.lora_sizes import FactorSizes, low_rank_dora
 from mergeopt.memory.phases import (
     anchor_itemsize,
     compute_itemsize,
@@ -104,6 +104,20 @@ def _lora_modules(adapters: dict[str, FactorSizes]) -> dict[str, tuple[int, int,
     return modules
 
 
+def dora_kept_low_rank(recipe: Recipe, adapters: dict[str, FactorSizes]) -> set[str]:
+    """The weights whose DoRA updates the fit keeps low-rank (:mod:`mergeopt.merging.dora`): with a
+    linear merge of LoRA experts alone, unsharded, where no adapter sets the weight otherwise, but
+    for the output layer and what ``model.exclude`` leaves out."""
+    if (
+        recipe.merge.method != "linear"
+        or len(adapters) < len(recipe.model.experts)
+        or recipe.model.shard == "fsdp"
+    ):
+        return set()
+    patterns = [re.compile(p) for p in recipe.model.exclude]
+    return low_rank_dora(adapters, lambda t: not excluded(t, patterns) and not OUTPUT_LAYER.search(t))
+
+
 def _notexcluded(sizes: FactorSizes, patterns: Sequence[re.Pattern]) -> FactorSizes:
     """An adapter's low-rank modules less those ``model.exclude`` leaves out of the merge (as the
     stack leaves out their factors: e.g. ``embed_tokens`` in the 8B recipe)."""
@@ -137,6 +151,8 @@ def plan_rows(
     lowrank = (
         bool(adapters) and recipe.merge.method == "linear"
     )  # adapters stay factors (mergeopt.merging.stack)
+    dora = dora_kept_low_rank(recipe, adapters)
+    adapters = {name: sizes.with_dora(dora) for name, sizes in adapters.items()}
     if lowrank and len(adapters) == k:  # every expert's dense weights are θ0 but for its dense updates
         updated = {n for a in adapters.values() for n in a.dense}
         stacked = [n for n in names if n in updated and not excluded(n, patterns)]
@@ -164,9 +180,14 @@ def plan_rows(
     anchor_name = compute_name if dtype == "int8" else dtype
     rank_sum = sum(a.rank_sum for a in adapters.values()) if lowrank else 0
     factor_dtype = DTYPES[anchor_name]
-    # A and B in the stack's float dtype, plus per rank column its expert (int64) and scaling (float32)
+    # A and B in the stack's float dtype, plus per rank column its expert (int64) and scaling (float32),
+    # and the DoRA experts' row gains
     factors = (
-        _factor_elements(adapters, shards) * factor_dtype.itemsize + rank_sum * (8 + 4) if lowrank else 0
+        _factor_elements(adapters, shards) * factor_dtype.itemsize
+        + rank_sum * (8 + 4)
+        + sum(a.gain_bytes() for a in adapters.values())
+        if lowrank
+        else 0
     )
     scales = (k - 1) * _rows(inventory, stacked, shards) * FLOAT32 if dtype == "int8" else 0
     differences = (k - 1) * s_local * DTYPES[dtype].itemsize + scales
@@ -269,6 +290,7 @@ def plan_rows(
             merged_head,
             rank_sum,
             gathers,
+            sum({m: a.modules[m][2] for a in adapters.values() for m in a.gains}.values()),
         )
         how = "checkpointed" if recipe.optim.activation_checkpointing else "every activation kept"
         phases.append(Row(f"training step, {compute_name}, {how}", step))

@@ -16,6 +16,12 @@ module; the mixture reaches it through a
 non-persistent buffer (``mergeopt_mix``) that :func:`torch.func.functional_call` replaces with the
 w being optimized, so gradients reach w exactly as on the dense path, and ``model.generate``
 (metrics) sees the value last copied into the buffer.
+
+A DoRA expert of a Linear layer (:mod:`mergeopt.merging.dora`) rescales each output row o of
+W0 + s_i B_i A_i to its magnitude: W_i = g_i ⊙ (W0 + s_i B_i A_i), g_i = m_i / ‖W0 + s_i B_i A_i‖_o.
+Its task vector (g_i − 1) ⊙ W0 + s_i (g_i ⊙ B_i) A_i is a row scaling of W0 plus a low-rank term,
+so it stays low-rank too: its B is stored as g_i ⊙ B_i, and the layer's output x W0ᵀ is scaled by
+1 + λ Σ_i w_i (g_i − 1) (its ``gain``), one multiply per output, exact as the dense merge.
 """
 
 from __future__ import annotations
@@ -47,6 +53,10 @@ class LowRankFactors:
     # a sharded stack (mergeopt.merging.sharded_merge.shard_lowrank): ``a`` and ``b`` hold this rank's block
     # of ⌈rows/N⌉ rows, and (rows of a, rows of b) are the whole factors' row counts
     whole_rows: tuple[int, int] | None = None
+    # DoRA experts of this layer: (D, out) float32 g_d − 1 per output row, and (D,) the expert each is
+    # (their B columns hold g_d ⊙ B_d already); None without DoRA experts here
+    gain: torch.Tensor | None = None
+    gain_owner: torch.Tensor | None = None
 
     def whole(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) in ``dtype``: gathered from the ranks' blocks when sharded (autograd saves a
@@ -82,8 +92,27 @@ class LowRankFactors:
         c = self.coefficients(weights, scale)
         return (self.b.float() * c) @ self.a.float()
 
+    def row_gain(self, weights: torch.Tensor, scale: float) -> torch.Tensor | None:
+        """λ Σ_d w_owner(d) (g_d − 1), (out,) in float32 at least: what the DoRA experts add to the
+        scale of each output row of x W0ᵀ; None without DoRA experts."""
+        if self.gain is None:
+            return None
+        dtype = torch.promote_types(weights.dtype, self.gain.dtype)
+        return scale * (
+            weights.to(device=self.gain.device, dtype=dtype)[self.gain_owner] @ self.gain.to(dtype)
+        )
+
+    def merged(self, weight: torch.Tensor, weights: torch.Tensor, scale: float) -> torch.Tensor:
+        """θ0's ``weight`` (out × in) merged at w: (1 + gain) ⊙ W0 + λ Σ_i w_i s_i B_i A_i, in float32."""
+        merged = weight.float()
+        gain = self.row_gain(weights, scale)
+        if gain is not None:
+            merged = merged * (1 + gain.float().to(merged.device)).unsqueeze(1)
+        return merged + self.delta(weights.to(self.scaling.device), scale).to(merged.device)
+
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.a, self.b, self.owner, self.scaling))
+        parts = (self.a, self.b, self.owner, self.scaling, self.gain, self.gain_owner)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
 
 @dataclass
@@ -165,13 +194,25 @@ class LowRankStack:
         with torch.no_grad():
             for name, factors in self.modules.items():
                 weight = self.model.get_submodule(name).weight
-                weight.add_(factors.delta(weights.to(factors.scaling.device), self.scale).to(weight.dtype))
+                if factors.gain is None:
+                    weight.add_(
+                        factors.delta(weights.to(factors.scaling.device), self.scale).to(weight.dtype)
+                    )
+                else:
+                    weight.copy_(factors.merged(weight, weights, self.scale).to(weight))
         self.detach()
 
 
 def _hook(factors: LowRankFactors, scale: float):
     def add_low_rank(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        return output + F.linear(*factors.terms(args[0], getattr(module, MIX_BUFFER), scale))
+        weights = getattr(module, MIX_BUFFER)
+        merged = output + F.linear(*factors.terms(args[0], weights, scale))
+        gain = factors.row_gain(weights, scale)
+        if gain is None:
+            return merged
+        # x W0ᵀ is the layer's output less its bias: a DoRA layer's weight is θ0 (mergeopt.merging.dora)
+        plain = output if module.bias is None else output - module.bias
+        return merged + plain * gain.to(device=output.device, dtype=output.dtype)
 
     return add_low_rank
 
@@ -229,6 +270,8 @@ def update_terms(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
     if entry is None:
         return None
     factors, scale = entry
+    if factors.gain is not None:  # mergeopt.merging.dora keeps a DoRA output layer dense
+        raise TypeError("a DoRA expert's row gain on a layer whose weight is read directly")
     return factors.terms(x, getattr(module, MIX_BUFFER), scale)
 
 
@@ -238,6 +281,7 @@ def build_lowrank_stack(
     device: torch.device | str | Callable[[str], torch.device],
     dtype: torch.dtype = torch.float32,
     scale: float = 1.0,
+    gains: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
 ) -> LowRankStack:
     """Stack the factors of the LoRA experts (a subset of ``expert_names``), module by module.
 
@@ -245,7 +289,8 @@ def build_lowrank_stack(
     that adapt it, and an expert that does not adapt a module contributes nothing there (its
     weight is the base's, as the dense path sees it). ``device`` is one device, or a function from
     a parameter name to the device it lives on (a model spread over several GPUs keeps each
-    module's factors beside its weight).
+    module's factors beside its weight). ``gains``: {expert: {parameter: g − 1}} of DoRA experts
+    (:func:`mergeopt.merging.dora.split_dora`), whose factors there hold g ⊙ B already.
     """
     device_of = device if callable(device) else (lambda _name: device)
     index = {name: i for i, name in enumerate(expert_names)}
@@ -258,5 +303,10 @@ def build_lowrank_stack(
         b = torch.cat([f.b for _, f in parts], dim=1).to(device=device, dtype=dtype)
         owner = torch.cat([torch.full((f.rank,), i, dtype=torch.long) for i, f in parts]).to(device)
         scaling = torch.cat([torch.full((f.rank,), f.scaling, dtype=torch.float32) for _, f in parts])
-        modules[target.removesuffix(".weight")] = LowRankFactors(a, b, owner, scaling.to(device))
+        factors = LowRankFactors(a, b, owner, scaling.to(device))
+        dora = [(index[n], g[target]) for n, g in (gains or {}).items() if target in g]
+        if dora:
+            factors.gain = torch.stack([g for _, g in dora]).to(device=device, dtype=torch.float32)
+            factors.gain_owner = torch.tensor([i for i, _ in dora], dtype=torch.long, device=device)
+        modules[target.removesuffix(".weight")] = factors
     return LowRankStack(list(expert_names), modules, scale)

@@ -1,7 +1,8 @@
 """Dense experts and LoRA adapters in one stack (:func:`build_expert_stack`), in the recipe's order.
 
 With a linear merge a LoRA expert stays low-rank: the dense stack sees it as θ0 but for what its
-adapter sets densely, and its factors go to :mod:`mergeopt.merging.lowrank`. TIES and DARE need
+adapter sets densely, and its factors go to :mod:`mergeopt.merging.lowrank` (its DoRA layers too,
+where :mod:`mergeopt.merging.dora` can keep them low-rank). TIES and DARE need
 task vectors, so there an adapter is densified parameter by parameter. ``mergeopt diagnose``
 stacks the base itself as one more expert.
 """
@@ -18,6 +19,7 @@ from mergeopt.errors import UserError
 from mergeopt.loading.checkpoints import Checkpoint
 from mergeopt.loading.lora import LoraAdapter
 from mergeopt.loading.sharded_load import BaseSource
+from mergeopt.merging.dora import split_dora
 from mergeopt.merging.layer_merge import (
     parameter_device,
 )
@@ -127,12 +129,19 @@ def build_expert_stack(
     lowrank_path = bool(adapters) and merge.method == "linear"
     if adapters and not lowrank_path:
         log(f"merge.method {merge.method} needs dense task vectors: LoRA experts are densified per parameter")
+    # DoRA updates of linear layers stay low-rank where the layer's merged weight is θ0 itself
+    lowrank_adapters, gains, dora_changed = adapters, {}, {}
+    if lowrank_path and not dense and shard is None:
+        lowrank_adapters, gains, dora_changed = split_dora(model, adapters, exclude)
+        if gains:
+            kept_low = sorted({t for g in gains.values() for t in g})
+            log(f"DoRA: {len(kept_low)} layer(s) of the LoRA experts stay low-rank (factors and row gains)")
     views = {}
     for name in names:
         if name in dense:
             views[name] = dense[name]
         elif lowrank_path:
-            views[name] = _AdapterDenseUpdatesView(model, adapters[name], base, device)
+            views[name] = _AdapterDenseUpdatesView(model, lowrank_adapters[name], base, device)
         else:
             views[name] = _DenseAdapterView(model, adapters[name], base, device)
     stack = build_stack(
@@ -157,20 +166,27 @@ def build_expert_stack(
             stack.mixup = torch.tensor([*stack.method["mixup_lambda"], 1.0], dtype=torch.float64)
     if lowrank_path:
         patterns = [re.compile(p) for p in exclude]
-        kept = {
-            n: LoraAdapter(
+
+        def kept(a: LoraAdapter) -> LoraAdapter:
+            return LoraAdapter(
                 a.path,
                 a.config,
                 {t: f for t, f in a.factors.items() if not excluded(t, patterns)},
                 {t: u for t, u in a.dense.items() if not excluded(t, patterns)},
             )
-            for n, a in adapters.items()
-        }
-        # the dense stack did not compare them (their view is θ0 but for their dense updates)
-        check_lowrank_adapters(kept, {n: bool(views[n].changed) for n in adapters})
+
+        # the dense stack did not compare them (their view is θ0 but for their dense updates); the
+        # adapters as read are compared, DoRA updates included
+        changed = {n: bool(views[n].changed) or dora_changed.get(n, False) for n in adapters}
+        check_lowrank_adapters({n: kept(a) for n, a in adapters.items()}, changed)
         factors_dtype = anchor_dtype_for(dtype, stack.compute_dtype)  # int8 is for dense differences only
         stack.lowrank = build_lowrank_stack(
-            list(names), kept, lambda t: parameter_device(model, t), factors_dtype, merge.scale
+            list(names),
+            {n: kept(a) for n, a in lowrank_adapters.items()},
+            lambda t: parameter_device(model, t),
+            factors_dtype,
+            merge.scale,
+            gains,
         )
         stack.lowrank.attach(model)
         if not stack.deltas and not stack.lowrank.modules:
