@@ -238,14 +238,18 @@ def test_dry_run_counts_the_dense_rows(updates_world, tmp_path, exclude):
     dora = {f"model.layers.{i}.self_attn.{m}_proj" for i in (0, 1) for m in "qv"}
     assert {m for m, f in stack.lowrank.modules.items() if f.gain is not None} == dora
     assert any("DoRA updates of 4 linear weight(s) stay low-rank" in note for note in inventory.notes)
-    # sharded, DoRA is stacked densely (mergeopt.merging.dora): 4 more stacked matrices, per rank
+    # sharded, DoRA stays low-rank too: its factors in blocks of rows, its gains whole on each rank
     tree["model"]["shard"] = "fsdp"
     sharded = plan.plan_memory(
         recipe_from_dict(tree), inventory, dims, DeviceMemory("cpu", "test", 2**40, 2**40), world_size=2
     )
-    assert sharded.stacked_parameters == p.stacked_parameters + sum(
-        stack.model.get_parameter(f"{m}.weight").numel() for m in dora
+    assert sharded.stacked_parameters == p.stacked_parameters
+    gains = sum(
+        f.gain.numel() * 4 + f.gain_owner.numel() * 8
+        for f in stack.lowrank.modules.values()
+        if f.gain is not None
     )
+    assert gains < sharded.row("LoRA factors of") < p.row("LoRA factors of")
 
 
 def test_untrained_dora_adapter_is_refused_as_the_base(updates_world, tmp_path):

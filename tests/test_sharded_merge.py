@@ -413,26 +413,22 @@ def _lora_worker(rank: int, size: int, port: int, root: str, out: str) -> None:
 def test_lora_factors_sharded_give_the_single_process_loss_and_gradient(tmp_path, kind):
     """LoRA experts kept low-rank under a sharded stack: each rank keeps ⌈rows/N⌉ rows of every
     A and B, the ranks gather them when their module runs; loss and ∂L/∂z equal one process's.
-    ``dense-updates``: with DoRA, a saved lm_head and an adapted embedding, stacked densely (one
-    process keeps the DoRA layers low-rank instead, mergeopt.merging.dora: the same numbers)."""
-    from mergeopt.loading.lora import read_adapter
-    from tests.test_lowrank import DENSE_UPDATES, NAMES, make_world
+    ``dense-updates``: with DoRA (kept low-rank, its gains computed per block of rows and gathered:
+    mergeopt.merging.dora), a saved lm_head and an adapted embedding (stacked densely)."""
+    from tests.test_lowrank import DENSE_UPDATES, make_world
 
     make_world(tmp_path, DENSE_UPDATES if kind == "dense-updates" else None)  # saves the PEFT adapters
     model, build = _lora_problem(tmp_path)
-    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}  # before the stack replaces them
     stack = build(model)
-    assert bool(stack.deltas) == (kind == "dense-updates")  # DoRA modules, lm_head, embedding: dense rows
+    assert bool(stack.deltas) == (kind == "dense-updates")  # lm_head, embedding: dense rows
+    gains = {n for n, f in stack.lowrank.modules.items() if f.gain is not None}
+    assert bool(gains) == (kind == "dense-updates")  # alpha's DoRA q, v and down
     want = {str(c): _step(model, stack, _lora_batch(model.config.vocab_size), c) for c in (False, True)}
     size = 3
     out = tmp_path / "ranks.json"
     fork_ranks(_lora_worker, args=(size, _free_port(), str(tmp_path), str(out)), nprocs=size)
     ranks = json.loads(out.read_text())
-    whole = {}  # (rows of A, rows of B) of each module's stacked factors, DoRA's left dense
-    for adapter in (read_adapter(tmp_path / n, shapes) for n in NAMES):
-        for target, f in adapter.factors.items():
-            rank_sum, rows = whole.get(target.removesuffix(".weight"), (0, f.b.shape[0]))
-            whole[target.removesuffix(".weight")] = (rank_sum + f.rank, rows)
+    whole = {n: (f.a.shape[0], f.b.shape[0]) for n, f in stack.lowrank.modules.items()}
     for r in ranks:
         for checkpointed, (loss, grad) in want.items():
             assert r[checkpointed]["loss"] == pytest.approx(float(loss), rel=1e-6)

@@ -106,13 +106,9 @@ def _lora_modules(adapters: dict[str, FactorSizes]) -> dict[str, tuple[int, int,
 
 def dora_kept_low_rank(recipe: Recipe, adapters: dict[str, FactorSizes]) -> set[str]:
     """The weights whose DoRA updates the fit keeps low-rank (:mod:`mergeopt.merging.dora`): with a
-    linear merge of LoRA experts alone, unsharded, where no adapter sets the weight otherwise, but
-    for the output layer and what ``model.exclude`` leaves out."""
-    if (
-        recipe.merge.method != "linear"
-        or len(adapters) < len(recipe.model.experts)
-        or recipe.model.shard == "fsdp"
-    ):
+    linear merge of LoRA experts alone, where no adapter sets the weight otherwise, but for the
+    output layer and what ``model.exclude`` leaves out. Sharded, their gains stay whole."""
+    if recipe.merge.method != "linear" or len(adapters) < len(recipe.model.experts):
         return set()
     patterns = [re.compile(p) for p in recipe.model.exclude]
     return low_rank_dora(adapters, lambda t: not excluded(t, patterns) and not OUTPUT_LAYER.search(t))
@@ -182,12 +178,9 @@ def plan_rows(
     factor_dtype = DTYPES[anchor_name]
     # A and B in the stack's float dtype, plus per rank column its expert (int64) and scaling (float32),
     # and the DoRA experts' row gains
+    factor_blocks = _factor_elements(adapters, shards) * factor_dtype.itemsize if lowrank else 0
     factors = (
-        _factor_elements(adapters, shards) * factor_dtype.itemsize
-        + rank_sum * (8 + 4)
-        + sum(a.gain_bytes() for a in adapters.values())
-        if lowrank
-        else 0
+        factor_blocks + rank_sum * (8 + 4) + sum(a.gain_bytes() for a in adapters.values()) if lowrank else 0
     )
     scales = (k - 1) * _rows(inventory, stacked, shards) * FLOAT32 if dtype == "int8" else 0
     differences = (k - 1) * s_local * DTYPES[dtype].itemsize + scales
@@ -269,8 +262,16 @@ def plan_rows(
         ]
         stacking = max(stacking, compute * max(kept, default=0))
     if sharded and lowrank:  # the LoRA factors are read whole once, then cut to the rank's rows
-        stacking += _factor_elements(adapters, 1) * factor_dtype.itemsize - (factors - rank_sum * (8 + 4))
+        stacking += _factor_elements(adapters, 1) * factor_dtype.itemsize - factor_blocks
         label += "; LoRA factors whole"
+    dora_layers = [f"{m.removeprefix(PREFIX)}.weight" for a in adapters.values() for m in a.gains]
+    if dora_layers:  # a DoRA layer's row norms: θ0's rows read, then in float32, s·B·A and their sum
+        dora = max(local(n) for n in dora_layers) * (compute + 3 * FLOAT32)
+        if dora > stacking:
+            label, stacking = (
+                "stacking: the row norms of the largest DoRA layer (its rows of θ0 + s·B·A)",
+                dora,
+            )
     phases = [Row(label, stacking)]
     batch = f"evaluation batch {recipe.optim.eval_batch_size} x {recipe.data.max_length} tokens"
     batch += " per rank" if world_size > 1 else ""

@@ -131,8 +131,8 @@ def build_expert_stack(
         log(f"merge.method {merge.method} needs dense task vectors: LoRA experts are densified per parameter")
     # DoRA updates of linear layers stay low-rank where the layer's merged weight is θ0 itself
     lowrank_adapters, gains, dora_changed = adapters, {}, {}
-    if lowrank_path and not dense and shard is None:
-        lowrank_adapters, gains, dora_changed = split_dora(model, adapters, exclude)
+    if lowrank_path and not dense:
+        lowrank_adapters, gains, dora_changed = split_dora(model, adapters, exclude, shard, base, device)
         if gains:
             kept_low = sorted({t for g in gains.values() for t in g})
             log(f"DoRA: {len(kept_low)} layer(s) of the LoRA experts stay low-rank (factors and row gains)")

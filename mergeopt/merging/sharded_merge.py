@@ -194,9 +194,7 @@ def gathered_for_backward(block: torch.Tensor, rows: int, dtype: torch.dtype, gr
 def shard_lowrank(lowrank, rank: int, size: int) -> None:
     """Keep this rank's block of rows of every LoRA factor: A's rank rows and B's output rows.
     The factors are read whole once (they are small: Σ r_i (in + out) per module) and cut here."""
-    for factors in lowrank.modules.values():
-        if factors.gain is not None:  # mergeopt.merging.dora keeps DoRA experts dense when sharded
-            raise TypeError("a DoRA expert's row gain in a sharded low-rank stack")
+    for factors in lowrank.modules.values():  # DoRA's gains (one per output row) stay whole
         factors.whole_rows = (factors.a.shape[0], factors.b.shape[0])
         factors.a = shard_rows(factors.a, rank, size)
         factors.b = shard_rows(factors.b, rank, size)
