@@ -233,6 +233,7 @@ def test_dry_run_counts_the_dense_rows(updates_world, tmp_path, exclude):
     assert ("model.embed_tokens" in stack.lowrank.modules) == (not exclude)
     assert p.row("stack anchor") + p.row("stack differences") == stack.nbytes() - stack.lowrank.nbytes()
     assert p.stacked_parameters == stack.num_stacked_parameters() > 0
+    assert p.adapters_only and p.excluded_tensors == len(exclude)  # model.embed_tokens.weight, or none
     assert any("stacked as dense rows" in note for note in inventory.notes)
     # alpha's DoRA q and v in both layers: factors and row gains, no dense rows
     dora = {f"model.layers.{i}.self_attn.{m}_proj" for i in (0, 1) for m in "qv"}

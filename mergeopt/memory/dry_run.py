@@ -276,7 +276,12 @@ def format_plan(plan: MemoryPlan, recipe_path: str, inventory: Inventory) -> str
         *_ranks(plan),
         f"parameters: {plan.parameters:,} in {plan.tensors} tensors ({inventory.source})",
         f"stacked: {plan.stacked_parameters:,} in {plan.stacked_tensors} tensors x {plan.num_experts} experts "
-        f"(upper bound: every parameter not excluded; {plan.excluded_tensors} tensors excluded)",
+        + (
+            "(LoRA experts alone: what their adapters set densely"
+            if plan.adapters_only
+            else "(upper bound: every parameter not excluded"
+        )
+        + f"; {plan.excluded_tensors} tensors excluded)",
         f"batches: {plan.batch}",
         *(f"note: {n}" for n in inventory.notes),
         "",

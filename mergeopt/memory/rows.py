@@ -312,10 +312,11 @@ def plan_rows(
         len(names),
         s,
         len(stacked),
-        len(names) - len(stacked),
+        sum(excluded(n, patterns) for n in names),
         held,
         tuple(phases),
         batch,
         world_size=world_size,
         shard=recipe.model.shard,
+        adapters_only=lowrank and len(adapters) == k,
     )

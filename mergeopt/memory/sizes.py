@@ -143,6 +143,8 @@ class MemoryPlan:
     combined_peak: int | None = None  # the peak with every suggestion applied
     world_size: int = 1  # the ranks of a torchrun job; the rows are per rank
     shard: str = "none"  # model.shard: fsdp splits the matrices' rows over the ranks
+    # LoRA experts alone under a linear merge: only what their adapters set densely is stacked
+    adapters_only: bool = False
 
     def row(self, label_start: str) -> int:
         """Bytes of the first row (held or phase) whose label starts with ``label_start``."""
