@@ -182,24 +182,30 @@ def test_an_output_layer_and_a_dense_expert_keep_dora_dense(tmp_path):
 
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("checkpointed", [False, True], ids=["kept", "checkpointed"])
-def test_training_step_estimate_bounds_the_live_bytes_of_low_rank_experts(tmp_path, dora, checkpointed):
-    """The plan's training step for LoRA (and DoRA) experts kept low-rank against the peak of live
-    tensor bytes of dev_loss + backward: never below it. It is an upper bound, not a tight one: it
-    counts every layer's low-rank activations even when the layers are checkpointed (measured 1.27x
-    to 1.50x on this model)."""
+@pytest.mark.parametrize("compute", ["float32", "bfloat16"])
+def test_training_step_plan_of_low_rank_experts_bounds_the_live_bytes(tmp_path, dora, checkpointed, compute):
+    """``mergeopt plan``'s training step for LoRA (and DoRA) experts alone, read from the adapters'
+    headers, against the peak of live tensor bytes of dev_loss + backward on the same model:
+    between 1% below and 15% above, as for dense experts (measured 1.01x to 1.12x). No layer weight
+    is merged, so nothing is kept for a weight's gradient (frozen layers); checkpointed, one layer's
+    low-rank activations at a time; with bfloat16 compute the float32 factors' bfloat16 copies are
+    kept for the backward."""
+    import json
+
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig
 
     from mergeopt.loading.lora import read_adapter
-    from mergeopt.memory import checkpointing, phases
-    from mergeopt.memory.sizes import Dims
+    from mergeopt.memory import checkpointing, dry_run, plan
+    from mergeopt.merging.stack import DTYPES
     from mergeopt.objectives.loss import dev_loss
-    from tests.test_plan import LiveBytes, padded_batch, small_fields, small_recipe
+    from tests.test_plan import ROOMY, LiveBytes, padded_batch, recipe, small_fields
 
     vocab, batch, length = 100, 4, 60
     config = LlamaConfig(**small_fields(vocab, 256, 704), attn_implementation="sdpa")
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(tmp_path / "base")
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     adapters = {}
@@ -207,8 +213,37 @@ def test_training_step_estimate_bounds_the_live_bytes_of_low_rank_experts(tmp_pa
         torch.manual_seed(k)
         lora = LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False, use_dora=dora)
         get_peft_model(copy.deepcopy(model), lora).save_pretrained(tmp_path / f"e{k}")
+        config_file = tmp_path / f"e{k}" / "adapter_config.json"
+        config_file.write_text(
+            json.dumps({**json.loads(config_file.read_text()), "base_model_name_or_path": ""})
+        )
         adapters[f"e{k}"] = read_adapter(tmp_path / f"e{k}", shapes)
-    stack = build_expert_stack(model, list(adapters), {}, adapters, progress=False, log=lambda _m: None)
+    r = recipe(str(tmp_path / "base"), {n: str(tmp_path / n) for n in adapters}, compute_dtype=compute)
+    r = r.model_copy(
+        update={
+            "data": r.data.model_copy(update={"max_length": length}),
+            "optim": r.optim.model_copy(
+                update={
+                    "loss_chunk_tokens": 64,
+                    "batch_size": batch,
+                    "activation_checkpointing": checkpointed,
+                }
+            ),
+        }
+    )
+    inventory, dims = dry_run.read_inventory(r)
+    planned = plan.plan_memory(r, inventory, dims, ROOMY).row("training step")
+
+    model.to(DTYPES[compute])  # the fit loads the base in the compute dtype
+    stack = build_expert_stack(
+        model,
+        list(adapters),
+        {},
+        adapters,
+        progress=False,
+        log=lambda _m: None,
+        compute_dtype=DTYPES[compute],
+    )
     factors = stack.lowrank.modules.values()
     assert not stack.deltas and all((f.gain is not None) == dora for f in factors)
     if checkpointed:
@@ -217,12 +252,7 @@ def test_training_step_estimate_bounds_the_live_bytes_of_low_rank_experts(tmp_pa
     held = [t for f in factors for t in (f.a, f.b, f.owner, f.scaling, f.gain, f.gain_owner) if t is not None]
     with LiveBytes([*model.parameters(), *model.buffers(), *held, z]) as step:
         dev_loss(model, stack, z, padded_batch(batch, length, vocab), torch.ones(1), 64).backward()
-    rank_sum = sum(f.a.shape[0] for f in factors)
-    gain_rows = sum(f.b.shape[0] for f in factors if f.gain is not None)
-    r = small_recipe("float32", "float32", length, activation_checkpointing=checkpointed)
-    dims = Dims.from_config(config.to_dict(), "test")
-    estimate = phases.training_bytes(r, dims, batch, 0, 4, 4, 0, False, rank_sum, None, gain_rows)
-    assert step.peak * 0.99 <= estimate <= step.peak * 1.6, (estimate, step.peak, estimate / step.peak)
+    assert step.peak * 0.99 <= planned <= step.peak * 1.15, (planned, step.peak, planned / step.peak)
 
 
 def test_a_sharded_fit_of_dora_adapters_finds_the_mixture_one_process_finds(updates_world, tmp_path):  # noqa: F811

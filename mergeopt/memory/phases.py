@@ -71,7 +71,7 @@ def norm_bytes(compute: int) -> int:
     return 12 if compute == FLOAT32 else 10
 
 
-def layer_activation_bytes(dims: Dims, batch: int, length: int, compute: int) -> int:
+def layer_activation_bytes(dims: Dims, batch: int, length: int, compute: int, frozen: bool = False) -> int:
     """Bytes one decoder layer's forward saves for backward, for ``batch`` right-padded sequences.
 
     Per token: each of the two RMSNorms keeps :func:`norm_bytes` per hidden unit and a reciprocal
@@ -79,21 +79,29 @@ def layer_activation_bytes(dims: Dims, batch: int, length: int, compute: int) ->
     head (2·heads·head_dim: with padding, transformers' SDPA path repeats grouped kv heads) and a
     log-sum-exp per head; the gated MLP keeps gate, its activation, up and their product
     (4·intermediate). Per sequence, SDPA keeps the padding mask (length²), in the compute dtype.
+
+    ``frozen``: no weight of the layer is merged (LoRA experts alone, kept low-rank), so nothing
+    is kept for a weight's gradient: a norm keeps its float32 input alone (not its output, the
+    projections' input), and the MLP not the product, the down projection's input.
     """
     d, tokens = dims, batch * length
-    norms = 2 * (norm_bytes(compute) * d.hidden + FLOAT32)
-    matmuls = compute * (4 * d.heads * d.head_dim + 4 * d.intermediate) + FLOAT32 * d.heads
+    norm = FLOAT32 if frozen else norm_bytes(compute)
+    norms = 2 * (norm * d.hidden + FLOAT32)
+    mlp = (3 if frozen else 4) * d.intermediate
+    matmuls = compute * (4 * d.heads * d.head_dim + mlp) + FLOAT32 * d.heads
     return tokens * (norms + matmuls) + compute * batch * length * length
 
 
-def saved_activation_bytes(dims: Dims, batch: int, length: int, compute: int = FLOAT32) -> int:
+def saved_activation_bytes(
+    dims: Dims, batch: int, length: int, compute: int = FLOAT32, frozen: bool = False
+) -> int:
     """Bytes a Llama forward saves for backward: every layer's (:func:`layer_activation_bytes`),
     then the final norm, rotary cos/sin and the token ids (int64, inputs and shifted targets)."""
     d, tokens = dims, batch * length
     final = tokens * (norm_bytes(compute) * d.hidden + FLOAT32)
     rotary = 2 * compute * length * d.head_dim
     ids = 8 * tokens + 8 * batch * (length - 1)
-    return d.layers * layer_activation_bytes(dims, batch, length, compute) + final + rotary + ids
+    return d.layers * layer_activation_bytes(dims, batch, length, compute, frozen) + final + rotary + ids
 
 
 def logits_bytes(dims: Dims, batch: int, length: int) -> int:
@@ -207,6 +215,9 @@ def training_bytes(
     rank_sum: int = 0,
     gathers: Gathers | None = None,
     gain_rows: int = 0,
+    frozen: bool = False,
+    lowrank_by_layer: tuple[int, int] | None = None,
+    factor_copies: tuple[int, int] = (0, 0),
 ) -> int:
     """The peak of one micro-step of the gradient strategy (forward, then backward), for ``batch``
     examples (a rank's share under torchrun).
@@ -220,10 +231,17 @@ def training_bytes(
     the MLP's gated product is differentiated (two activation gradients) when no merge is. On top:
     the chunked loss's backward and the attention mask the model builds (length² booleans per
     sequence). LoRA
-    experts kept low-rank add, per adapted module, the rank-Σr activations x·Aᵀ and their
-    reweighted copy (``rank_sum`` is Σr summed over modules and experts), and each DoRA layer kept
-    low-rank its output x W0ᵀ, saved for its row gain's gradient (``gain_rows``: Σ of those layers'
-    output widths).
+    experts kept low-rank add, per adapted module, the rank-Σr activations x·Aᵀ, kept for the
+    gradient of their coefficients c(w) (``rank_sum`` is Σr summed over modules and experts; the
+    factors need no gradient, so nothing else is kept), and each DoRA layer kept low-rank its
+    output x W0ᵀ, kept for its row gain's gradient (``gain_rows``: Σ of those layers' output
+    widths), plus the (tokens × out) product its backward reduces to the gain's gradient (out at
+    most the MLP's width). Checkpointed, a decoder layer's share of those is held only while the layer is
+    recomputed: ``lowrank_by_layer`` (per token, the largest layer's and what is outside the
+    layers) replaces the total (None: every layer's is counted). ``factor_copies``: elements of the
+    factors cast to the compute dtype at each forward and kept for the backward (all of them;
+    checkpointed, the largest layer's and those outside the layers). ``frozen``: no decoder layer's weight is merged
+    (:func:`layer_activation_bytes`).
 
     A sharded stack (``gathers``) gathers the merged weights whole (:func:`merge_bytes`), the output
     layer's beside the loss, and the matrices not stacked while their modules run: with
@@ -233,26 +251,31 @@ def training_bytes(
     d, length = dims, recipe.data.max_length
     tokens = batch * length
     mask = batch * length * length
-    lowrank = compute * tokens * (2 * rank_sum + gain_rows)
+    lowrank = compute * tokens * (rank_sum + gain_rows)
+    if recipe.optim.activation_checkpointing and lowrank_by_layer is not None:
+        lowrank = compute * tokens * sum(lowrank_by_layer)
+    if gain_rows:  # a DoRA layer's backward forms ∂L/∂y ⊙ x W0ᵀ (tokens × out) to sum it to ∂L/∂g
+        lowrank += compute * tokens * d.intermediate
+    lowrank += compute * factor_copies[1 if recipe.optim.activation_checkpointing else 0]
     head = head_bytes(recipe, d, batch, length, compute, merged_head, gathers)
     gradient = compute * tokens * d.intermediate  # the largest activation gradient
     merge = merge_bytes(recipe, num_experts, largest, compute, gathers)
     unstacked = compute * gathers.unstacked if gathers else 0
     backward = max(2 * gradient, gradient + merge, gradient + unstacked)
     if recipe.optim.activation_checkpointing:
-        one_layer = layer_activation_bytes(d, batch, length, compute)
-        outside = saved_activation_bytes(d, batch, length, compute) - d.layers * one_layer
+        one_layer = layer_activation_bytes(d, batch, length, compute, frozen)
+        outside = saved_activation_bytes(d, batch, length, compute, frozen) - d.layers * one_layer
         saved = d.layers * compute * tokens * d.hidden + outside  # each layer's input
         # the layer being recomputed: its activations, its merged weights (one of them counted by
         # the merge in flight), its backward. Its largest moments come after the backward of the
         # MLP's output projection, which runs first and releases that module's input (the gated
         # product, one intermediate-sized activation) before its weight's contraction
-        released = compute * tokens * d.intermediate
+        released = 0 if frozen else compute * tokens * d.intermediate  # frozen: never kept
         backward_peak = max(2 * gradient, gradient + merge - compute * largest)
         gathered = compute * gathers.layer if gathers else 0
         layer = one_layer - released + compute * layer_params + gathered + backward_peak
     else:
-        saved = saved_activation_bytes(d, batch, length, compute)
+        saved = saved_activation_bytes(d, batch, length, compute, frozen)
         layer = backward
     return saved + mask + lowrank + max(head, layer)
 

@@ -114,6 +114,35 @@ def dora_kept_low_rank(recipe: Recipe, adapters: dict[str, FactorSizes]) -> set[
     return low_rank_dora(adapters, lambda t: not excluded(t, patterns) and not OUTPUT_LAYER.search(t))
 
 
+def _by_layer(sizes: dict[str, int]) -> tuple[int, int]:
+    """(the largest decoder layer's, the rest's) sum of per-module ``sizes`` (numbered modules are
+    in a decoder layer; an adapted output layer or embedding is not)."""
+    layers: dict[str, int] = {}
+    outside = 0
+    for module, size in sizes.items():
+        if match := LAYER_INDEX.search(module):
+            layers[match.group(1)] = layers.get(match.group(1), 0) + size
+        else:
+            outside += size
+    return max(layers.values(), default=0), outside
+
+
+def _lowrank_by_layer(adapters: dict[str, FactorSizes], gain_rows: dict[str, int]) -> tuple[int, int]:
+    """Per token, the low-rank activations (Σr, and the output widths of DoRA layers) of the
+    largest decoder layer, which a checkpointed layer's recompute holds, and of the modules outside
+    the decoder layers, which are held throughout."""
+    return _by_layer({m: r + gain_rows.get(m, 0) for m, (r, _, _) in _lora_modules(adapters).items()})
+
+
+def _factor_copies(adapters: dict[str, FactorSizes]) -> tuple[int, int]:
+    """Elements of the factors' copies in the compute dtype (a stack in another dtype casts A and B
+    at each forward, and the backward keeps the copies): all of them, and the largest layer's plus
+    those outside the layers (checkpointed)."""
+    sizes = {m: r * (i + o) for m, (r, i, o) in _lora_modules(adapters).items()}
+    largest, outside = _by_layer(sizes)
+    return sum(sizes.values()), largest + outside
+
+
 def _notexcluded(sizes: FactorSizes, patterns: Sequence[re.Pattern]) -> FactorSizes:
     """An adapter's low-rank modules less those ``model.exclude`` leaves out of the merge (as the
     stack leaves out their factors: e.g. ``embed_tokens`` in the 8B recipe)."""
@@ -275,6 +304,7 @@ def plan_rows(
     phases = [Row(label, stacking)]
     batch = f"evaluation batch {recipe.optim.eval_batch_size} x {recipe.data.max_length} tokens"
     batch += " per rank" if world_size > 1 else ""
+    gain_rows = {m: a.modules[m][2] for a in adapters.values() for m in a.gains}  # DoRA: out per layer
     if recipe.search.strategy == "gradient":
         train = training_batch(recipe)
         share = block_rows(
@@ -291,7 +321,14 @@ def plan_rows(
             merged_head,
             rank_sum,
             gathers,
-            sum({m: a.modules[m][2] for a in adapters.values() for m in a.gains}.values()),
+            sum(gain_rows.values()),
+            # LoRA experts alone, nothing of the decoder layers stacked: no layer weight is merged
+            frozen=lowrank and len(adapters) == k and not any(LAYER_INDEX.search(n) for n in stacked),
+            lowrank_by_layer=_lowrank_by_layer(adapters, gain_rows) if lowrank else (0, 0),
+            # sharded factors are gathered again for the backward, not kept
+            factor_copies=_factor_copies(adapters)
+            if lowrank and not sharded and anchor_name != compute_name
+            else (0, 0),
         )
         how = "checkpointed" if recipe.optim.activation_checkpointing else "every activation kept"
         phases.append(Row(f"training step, {compute_name}, {how}", step))
