@@ -180,45 +180,52 @@ def test_an_output_layer_and_a_dense_expert_keep_dora_dense(tmp_path):
         )
 
 
-@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("kind", ["lora", "dora", "mixed"])
 @pytest.mark.parametrize("checkpointed", [False, True], ids=["kept", "checkpointed"])
 @pytest.mark.parametrize("compute", ["float32", "bfloat16"])
-def test_training_step_plan_of_low_rank_experts_bounds_the_live_bytes(tmp_path, dora, checkpointed, compute):
-    """``mergeopt plan``'s training step for LoRA (and DoRA) experts alone, read from the adapters'
-    headers, against the peak of live tensor bytes of dev_loss + backward on the same model:
-    between 1% below and 15% above, as for dense experts (measured 1.01x to 1.12x). No layer weight
-    is merged, so nothing is kept for a weight's gradient (frozen layers); checkpointed, one layer's
-    low-rank activations at a time; with bfloat16 compute the float32 factors' bfloat16 copies are
-    kept for the backward."""
+def test_training_step_plan_of_low_rank_experts_bounds_the_live_bytes(tmp_path, kind, checkpointed, compute):
+    """``mergeopt plan``'s training step for LoRA (and DoRA) experts, read from the checkpoints'
+    and adapters' headers, against the peak of live tensor bytes of dev_loss + backward on the same
+    model: between 1% below and 15% above, as for dense experts alone (measured 1.01x to 1.12x).
+    With adapters alone no layer weight is merged, so nothing is kept for a weight's gradient
+    (frozen layers); ``mixed`` (two dense experts, two adapters) merges them, and the low-rank
+    branch's input gradient comes beside each projection's own backward, counted whole: 1.01x to
+    1.04x in float32, 1.13x to 1.18x in bfloat16, where it overlaps more of the merge. Checkpointed, one
+    layer's low-rank activations at a time; with bfloat16 compute the float32 factors' bfloat16
+    copies are kept for the backward."""
     import json
 
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig
 
-    from mergeopt.loading.lora import read_adapter
+    from mergeopt.loading.checkpoints import open_experts
     from mergeopt.memory import checkpointing, dry_run, plan
     from mergeopt.merging.stack import DTYPES
     from mergeopt.objectives.loss import dev_loss
-    from tests.test_plan import ROOMY, LiveBytes, padded_batch, recipe, small_fields
+    from tests.conftest import perturbed
+    from tests.test_plan import ROOMY, LiveBytes, _stacked_tensors, padded_batch, recipe, small_fields
 
     vocab, batch, length = 100, 4, 60
     config = LlamaConfig(**small_fields(vocab, 256, 704), attn_implementation="sdpa")
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(tmp_path / "base")
-    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    adapters = {}
     for k in range(4):
+        if kind == "mixed" and k < 2:  # a dense expert: the whole model, perturbed
+            perturbed(model, 100 + k).save_pretrained(tmp_path / f"e{k}")
+            continue
         torch.manual_seed(k)
-        lora = LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False, use_dora=dora)
+        lora = LoraConfig(
+            r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False, use_dora=kind == "dora"
+        )
         get_peft_model(copy.deepcopy(model), lora).save_pretrained(tmp_path / f"e{k}")
         config_file = tmp_path / f"e{k}" / "adapter_config.json"
         config_file.write_text(
             json.dumps({**json.loads(config_file.read_text()), "base_model_name_or_path": ""})
         )
-        adapters[f"e{k}"] = read_adapter(tmp_path / f"e{k}", shapes)
-    r = recipe(str(tmp_path / "base"), {n: str(tmp_path / n) for n in adapters}, compute_dtype=compute)
+    experts = {f"e{k}": str(tmp_path / f"e{k}") for k in range(4)}
+    r = recipe(str(tmp_path / "base"), experts, compute_dtype=compute)
     r = r.model_copy(
         update={
             "data": r.data.model_copy(update={"max_length": length}),
@@ -235,24 +242,28 @@ def test_training_step_plan_of_low_rank_experts_bounds_the_live_bytes(tmp_path, 
     planned = plan.plan_memory(r, inventory, dims, ROOMY).row("training step")
 
     model.to(DTYPES[compute])  # the fit loads the base in the compute dtype
+    _, dense, adapters = open_experts(str(tmp_path / "base"), experts)
     stack = build_expert_stack(
         model,
-        list(adapters),
-        {},
+        list(experts),
+        dense,
         adapters,
         progress=False,
         log=lambda _m: None,
         compute_dtype=DTYPES[compute],
     )
     factors = stack.lowrank.modules.values()
-    assert not stack.deltas and all((f.gain is not None) == dora for f in factors)
+    assert bool(stack.deltas) == (kind == "mixed")
+    assert all((f.gain is not None) == (kind == "dora") for f in factors)
     if checkpointed:
         checkpointing.enable(model)
     z = torch.zeros(4, dtype=torch.float64, requires_grad=True)
     held = [t for f in factors for t in (f.a, f.b, f.owner, f.scaling, f.gain, f.gain_owner) if t is not None]
-    with LiveBytes([*model.parameters(), *model.buffers(), *held, z]) as step:
+    known = [*model.parameters(), *model.buffers(), *_stacked_tensors(stack), *held, z]
+    with LiveBytes(known) as step:
         dev_loss(model, stack, z, padded_batch(batch, length, vocab), torch.ones(1), 64).backward()
-    assert step.peak * 0.99 <= planned <= step.peak * 1.15, (planned, step.peak, planned / step.peak)
+    above = 0.20 if kind == "mixed" else 0.15  # mixed, bfloat16: measured 1.18x (an upper bound)
+    assert step.peak * 0.99 <= planned <= step.peak * (1 + above), (planned, step.peak, planned / step.peak)
 
 
 def test_a_sharded_fit_of_dora_adapters_finds_the_mixture_one_process_finds(updates_world, tmp_path):  # noqa: F811

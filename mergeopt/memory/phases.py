@@ -236,7 +236,8 @@ def training_bytes(
     factors need no gradient, so nothing else is kept), and each DoRA layer kept low-rank its
     output x W0ᵀ, kept for its row gain's gradient (``gain_rows``: Σ of those layers' output
     widths), plus the (tokens × out) product its backward reduces to the gain's gradient (out at
-    most the MLP's width). Checkpointed, a decoder layer's share of those is held only while the layer is
+    most the MLP's width); where layer weights are merged, the low-rank branch's input gradient
+    beside the projection's own backward (tokens × in). Checkpointed, a decoder layer's share of those is held only while the layer is
     recomputed: ``lowrank_by_layer`` (per token, the largest layer's and what is outside the
     layers) replaces the total (None: every layer's is counted). ``factor_copies``: elements of the
     factors cast to the compute dtype at each forward and kept for the backward (all of them;
@@ -255,6 +256,9 @@ def training_bytes(
     if recipe.optim.activation_checkpointing and lowrank_by_layer is not None:
         lowrank = compute * tokens * sum(lowrank_by_layer)
     if gain_rows:  # a DoRA layer's backward forms ∂L/∂y ⊙ x W0ᵀ (tokens × out) to sum it to ∂L/∂g
+        lowrank += compute * tokens * d.intermediate
+    if rank_sum and not frozen:  # beside a merged projection's backward (its input gradient and its
+        # weight's contraction), the low-rank branch's input gradient (tokens × in, in ≤ the MLP's width)
         lowrank += compute * tokens * d.intermediate
     lowrank += compute * factor_copies[1 if recipe.optim.activation_checkpointing else 0]
     head = head_bytes(recipe, d, batch, length, compute, merged_head, gathers)
