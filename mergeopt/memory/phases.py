@@ -230,18 +230,20 @@ def training_bytes(
     flight (:func:`merge_bytes`) beside one activation gradient (the module's input gradient), and
     the MLP's gated product is differentiated (two activation gradients) when no merge is. On top:
     the chunked loss's backward and the attention mask the model builds (length² booleans per
-    sequence). LoRA
-    experts kept low-rank add, per adapted module, the rank-Σr activations x·Aᵀ, kept for the
+    sequence).
+
+    LoRA experts kept low-rank add, per adapted module, the rank-Σr activations x·Aᵀ, kept for the
     gradient of their coefficients c(w) (``rank_sum`` is Σr summed over modules and experts; the
-    factors need no gradient, so nothing else is kept), and each DoRA layer kept low-rank its
+    factors need no gradient, so nothing else is kept). Each DoRA layer kept low-rank adds its
     output x W0ᵀ, kept for its row gain's gradient (``gain_rows``: Σ of those layers' output
-    widths), plus the (tokens × out) product its backward reduces to the gain's gradient (out at
-    most the MLP's width); where layer weights are merged, the low-rank branch's input gradient
-    beside the projection's own backward (tokens × in). Checkpointed, a decoder layer's share of those is held only while the layer is
-    recomputed: ``lowrank_by_layer`` (per token, the largest layer's and what is outside the
-    layers) replaces the total (None: every layer's is counted). ``factor_copies``: elements of the
-    factors cast to the compute dtype at each forward and kept for the backward (all of them;
-    checkpointed, the largest layer's and those outside the layers). ``frozen``: no decoder layer's weight is merged
+    widths), and the (tokens × out) product its backward reduces to the gain's gradient (out at
+    most the MLP's width). Where layer weights are merged, the low-rank branch's input gradient
+    (tokens × in) comes beside the projection's own backward. Checkpointed, a decoder layer's
+    share of those is held only while the layer is recomputed: ``lowrank_by_layer`` (per token,
+    the largest layer's and what is outside the layers) replaces the total (None: every layer's
+    is counted). ``factor_copies``: elements of the factors cast to the compute dtype at each
+    forward and kept for the backward (all of them; checkpointed, the largest layer's and those
+    outside the layers). ``frozen``: no decoder layer's weight is merged
     (:func:`layer_activation_bytes`).
 
     A sharded stack (``gathers``) gathers the merged weights whole (:func:`merge_bytes`), the output

@@ -176,9 +176,10 @@ def plan_rows(
     lowrank = (
         bool(adapters) and recipe.merge.method == "linear"
     )  # adapters stay factors (mergeopt.merging.stack)
+    alone = lowrank and len(adapters) == k  # every expert's dense weights are θ0 but for its dense updates
     dora = dora_kept_low_rank(recipe, adapters)
     adapters = {name: sizes.with_dora(dora) for name, sizes in adapters.items()}
-    if lowrank and len(adapters) == k:  # every expert's dense weights are θ0 but for its dense updates
+    if alone:
         updated = {n for a in adapters.values() for n in a.dense}
         stacked = [n for n in names if n in updated and not excluded(n, patterns)]
     else:
@@ -323,7 +324,7 @@ def plan_rows(
             gathers,
             sum(gain_rows.values()),
             # LoRA experts alone, nothing of the decoder layers stacked: no layer weight is merged
-            frozen=lowrank and len(adapters) == k and not any(LAYER_INDEX.search(n) for n in stacked),
+            frozen=alone and not any(LAYER_INDEX.search(n) for n in stacked),
             lowrank_by_layer=_lowrank_by_layer(adapters, gain_rows) if lowrank else (0, 0),
             # sharded factors are gathered again for the backward, not kept
             factor_copies=_factor_copies(adapters)
@@ -355,5 +356,5 @@ def plan_rows(
         batch,
         world_size=world_size,
         shard=recipe.model.shard,
-        adapters_only=lowrank and len(adapters) == k,
+        adapters_only=alone,
     )

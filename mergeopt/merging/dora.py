@@ -27,6 +27,7 @@ import re
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.distributed as dist
 
 from mergeopt.loading.lora import DenseUpdate, LoraAdapter, LoraFactors
 from mergeopt.loading.sharded_load import BaseSource
@@ -84,8 +85,6 @@ def _gathered(
     all-gather of this rank's blocks side by side, each padded to ⌈rows/N⌉ rows."""
     if shard is None or not blocks:
         return blocks
-    import torch.distributed as dist
-
     per = [-(-w // shard[1]) for w in widths]
     mine = torch.cat([padded(b, p) for b, p in zip(blocks, per)])
     everyone = [torch.empty_like(mine) for _ in range(shard[1])]
