@@ -186,11 +186,11 @@ def test_an_output_layer_and_a_dense_expert_keep_dora_dense(tmp_path):
 def test_training_step_plan_of_low_rank_experts_bounds_the_live_bytes(tmp_path, kind, checkpointed, compute):
     """``mergeopt plan``'s training step for LoRA (and DoRA) experts, read from the checkpoints'
     and adapters' headers, against the peak of live tensor bytes of dev_loss + backward on the same
-    model: between 1% below and 15% above, as for dense experts alone (measured 1.01x to 1.12x).
+    model: between 1% below and 15% above, as for dense experts alone (measured 1.00x to 1.11x).
     With adapters alone no layer weight is merged, so nothing is kept for a weight's gradient
     (frozen layers); ``mixed`` (two dense experts, two adapters) merges them, and the low-rank
     branch's input gradient comes beside each projection's own backward, counted whole: 1.01x to
-    1.04x in float32, 1.13x to 1.18x in bfloat16, where it overlaps more of the merge. Checkpointed, one
+    1.04x in float32, 1.07x to 1.10x in bfloat16, where it overlaps more of the merge. Checkpointed, one
     layer's low-rank activations at a time; with bfloat16 compute the float32 factors' bfloat16
     copies are kept for the backward."""
     import json
@@ -262,8 +262,7 @@ def test_training_step_plan_of_low_rank_experts_bounds_the_live_bytes(tmp_path, 
     known = [*model.parameters(), *model.buffers(), *_stacked_tensors(stack), *held, z]
     with LiveBytes(known) as step:
         dev_loss(model, stack, z, padded_batch(batch, length, vocab), torch.ones(1), 64).backward()
-    above = 0.20 if kind == "mixed" else 0.15  # mixed, bfloat16: measured 1.18x (an upper bound)
-    assert step.peak * 0.99 <= planned <= step.peak * (1 + above), (planned, step.peak, planned / step.peak)
+    assert step.peak * 0.99 <= planned <= step.peak * 1.15, (planned, step.peak, planned / step.peak)
 
 
 def test_a_sharded_fit_of_dora_adapters_finds_the_mixture_one_process_finds(updates_world, tmp_path):  # noqa: F811

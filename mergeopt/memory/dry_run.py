@@ -36,6 +36,7 @@ from mergeopt.loading.checkpoints import (
 from mergeopt.loading.lora import is_adapter, read_adapter_config
 from mergeopt.loading.lora_sizes import FactorSizes, factor_sizes, saved_copy
 from mergeopt.loading.positions import check_max_length
+from mergeopt.memory.layer_profiles import not_profiled_note
 from mergeopt.memory.plan import plan_memory
 from mergeopt.memory.ranks import check_world_size
 from mergeopt.memory.rows import dora_kept_low_rank
@@ -98,6 +99,11 @@ def _check_experts(base: Checkpoint, experts: dict[str, Checkpoint]) -> None:
             check_compatible(replace(base, tensors={}), replace(expert, tensors={}), name)
 
 
+def _profile_notes(dims: Dims) -> tuple[str, ...]:
+    note = not_profiled_note(dims.model_type)
+    return (note,) if note else ()
+
+
 def random_inventory(recipe: Recipe) -> tuple[Inventory, Dims]:
     """A ``random://`` world: shapes from its config.json on the meta device, nothing on disk."""
     from mergeopt.worlds import random_world
@@ -106,8 +112,10 @@ def random_inventory(recipe: Recipe) -> tuple[Inventory, Dims]:
     check_max_length(config.to_dict(), recipe, recipe.model.base)
     shapes = random_world.config_shapes(config)
     source = f"{recipe.model.base}: random weights, shapes from config.json on the meta device"
-    inventory = Inventory(shapes, dict.fromkeys(shapes, 0), source)  # no read buffers: drawn in place
-    return inventory, Dims.from_config(config.to_dict(), recipe.model.base)
+    dims = Dims.from_config(config.to_dict(), recipe.model.base)
+    # no read buffers: drawn in place
+    inventory = Inventory(shapes, dict.fromkeys(shapes, 0), source, notes=_profile_notes(dims))
+    return inventory, dims
 
 
 def _copies_resolved(sizes: FactorSizes, path: str, base: Checkpoint) -> FactorSizes:
@@ -179,6 +187,7 @@ def read_inventory(recipe: Recipe) -> tuple[Inventory, Dims]:
     else:
         inventory = meta_inventory(recipe.model.base, recipe.model.trust_remote_code)
     dims = Dims.from_config(base.config, str(base.path))
+    notes += _profile_notes(dims)
     return replace(inventory, notes=notes, adapters=sizes), dims
 
 

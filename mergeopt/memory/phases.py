@@ -65,41 +65,48 @@ def stacking_bytes(
     return numel * (4 * k + extra + cast + source_bytes + upcast + int8)
 
 
-def norm_bytes(compute: int) -> int:
-    """Bytes an RMSNorm saves per hidden unit, measured: float32 keeps input, normalised value and
-    output (12); in 16 bits the float32 copy of the input, the normalised value and its cast (10)."""
-    return 12 if compute == FLOAT32 else 10
-
-
 def layer_activation_bytes(dims: Dims, batch: int, length: int, compute: int, frozen: bool = False) -> int:
-    """Bytes one decoder layer's forward saves for backward, for ``batch`` right-padded sequences.
+    """Bytes one decoder layer's forward saves for backward, for ``batch`` right-padded sequences,
+    as its architecture's profile (:class:`~mergeopt.memory.layer_profiles.LayerProfile`) says.
 
-    Per token: each of the two RMSNorms keeps :func:`norm_bytes` per hidden unit and a reciprocal
-    RMS; attention keeps q and its output (2·heads·head_dim), k and v repeated to every
-    head (2·heads·head_dim: with padding, transformers' SDPA path repeats grouped kv heads) and a
-    log-sum-exp per head; the gated MLP keeps gate, its activation, up and their product
-    (4·intermediate). Per sequence, SDPA keeps the padding mask (length²), in the compute dtype.
+    Per token: the input each sublayer's projections read (a pre-norm's output, or the residual
+    stream where there is none), each norm's own saved tensors (:meth:`LayerProfile.norm_bytes`:
+    Llama's pre-norms 12 bytes per hidden unit in float32 with their output, 8 in 16 bits), q and k
+    norms where the model has them; attention keeps q and its output (2·heads·head_dim), k and v
+    repeated to every head (2·heads·head_dim: with padding, transformers' SDPA path repeats grouped
+    kv heads) and a log-sum-exp per head; the gated MLP keeps gate, its activation, up and their
+    product (4·intermediate). Per sequence, SDPA keeps the padding mask (length²), in the compute
+    dtype; eager attention instead keeps every head's attention weights (length² each,
+    :meth:`LayerProfile.attention_weight_bytes`) and no log-sum-exp.
 
     ``frozen``: no weight of the layer is merged (LoRA experts alone, kept low-rank), so nothing
     is kept for a weight's gradient: a norm keeps its float32 input alone (not its output, the
     projections' input), and the MLP not the product, the down projection's input.
     """
-    d, tokens = dims, batch * length
-    norm = FLOAT32 if frozen else norm_bytes(compute)
-    norms = 2 * (norm * d.hidden + FLOAT32)
+    d, p, tokens = dims, dims.profile, batch * length
+    inputs = 0 if frozen else 2 * compute * d.hidden
+    norms = (p.pre_norms + p.post_norms) * p.norm_bytes(d.hidden, 1, compute, frozen)
+    norms += p.qk_norm_bytes(d.heads, d.kv_heads, d.head_dim, compute, frozen)
     mlp = (3 if frozen else 4) * d.intermediate
-    matmuls = compute * (4 * d.heads * d.head_dim + mlp) + FLOAT32 * d.heads
-    return tokens * (norms + matmuls) + compute * batch * length * length
+    attention = (3 if frozen and p.eager else 4) * d.heads * d.head_dim
+    if p.attention_output_copies > 1 and not frozen:
+        attention += (p.attention_output_copies - 1) * d.heads * d.head_dim
+    lse = 0 if p.eager else FLOAT32 * d.heads
+    per_sequence = (p.attention_weight_bytes(compute) * d.heads if p.eager else compute) * length * length
+    weights = p.norm_weight_bytes(d.hidden, d.heads, d.kv_heads, d.head_dim)
+    return tokens * (inputs + norms + compute * (attention + mlp) + lse) + batch * per_sequence + weights
 
 
 def saved_activation_bytes(
     dims: Dims, batch: int, length: int, compute: int = FLOAT32, frozen: bool = False
 ) -> int:
-    """Bytes a Llama forward saves for backward: every layer's (:func:`layer_activation_bytes`),
-    then the final norm, rotary cos/sin and the token ids (int64, inputs and shifted targets)."""
+    """Bytes a decoder forward saves for backward: every layer's (:func:`layer_activation_bytes`),
+    then the final norm with its output (the output layer's input), rotary cos/sin and the token
+    ids (int64, inputs and shifted targets)."""
     d, tokens = dims, batch * length
-    final = tokens * (norm_bytes(compute) * d.hidden + FLOAT32)
-    rotary = 2 * compute * length * d.head_dim
+    final = tokens * (d.profile.norm_bytes(d.hidden, 1, compute) + compute * d.hidden)
+    final += FLOAT32 * d.hidden if d.profile.offset_weight else 0
+    rotary = 2 * (FLOAT32 if d.profile.rope_float32 else compute) * length * d.head_dim
     ids = 8 * tokens + 8 * batch * (length - 1)
     return d.layers * layer_activation_bytes(dims, batch, length, compute, frozen) + final + rotary + ids
 

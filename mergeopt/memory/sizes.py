@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from mergeopt.errors import UserError
 from mergeopt.loading.lora_sizes import FactorSizes
+from mergeopt.memory.layer_profiles import LLAMA, LayerProfile, profile_for
 
 GIB = 2**30
 FLOAT32 = 4
@@ -61,6 +62,8 @@ class Dims:
     kv_heads: int
     head_dim: int
     vocab: int
+    model_type: str = "llama"
+    profile: LayerProfile = LLAMA  # what a layer keeps beyond its shapes (mergeopt.memory.layer_profiles)
 
     @classmethod
     def from_config(cls, config: dict, where: str) -> Dims:
@@ -85,6 +88,8 @@ class Dims:
             kv_heads=pick("num_key_value_heads", default=heads),
             head_dim=pick("head_dim", default=hidden // heads),
             vocab=pick("vocab_size"),
+            model_type=str(cfg.get("model_type", "")),
+            profile=profile_for(cfg),
         )
 
 

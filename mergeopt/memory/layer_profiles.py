@@ -1,0 +1,112 @@
+"""What a decoder layer of each architecture keeps for the backward, beyond its shapes.
+
+The activation estimate (:mod:`mergeopt.memory.phases`) is written per tensor autograd saves, and
+the architectures users fine-tune differ in exactly those tensors: where an RMSNorm applies its
+weight (Llama casts the normalised value back to the compute dtype first, Gemma and OLMo2 multiply
+in float32 and so keep the float32 value), how many norms a layer has and whether a projection reads
+their output (Gemma2's post-norms, OLMo2's norms after each sublayer), per-head or whole-width norms
+of q and k (Qwen3, Gemma3, OLMo2), and eager attention, which keeps every head's attention weights
+(Gemma2: transformers has no SDPA path for its soft-capping). A profile names those differences, read
+from config.json's ``model_type``; each is checked against what autograd saves in
+tests/test_layer_profiles.py. A model type not profiled is planned as a Llama layer and the plan says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+FLOAT32 = 4
+
+
+@dataclass(frozen=True)
+class LayerProfile:
+    """The activation-relevant structure of one decoder layer.
+
+    ``norm_weight_float32``: the RMSNorm multiplies its weight in float32 and casts after (Gemma,
+    OLMo2), so it keeps the float32 normalised value rather than its cast. ``pre_norms``: norms whose
+    output the projections read (Llama: 2); the sublayers without one read the residual stream.
+    ``post_norms``: norms on a sublayer's output, added to the residual stream. ``qk_norm``: ``head``
+    (over head_dim, per head) or ``full`` (over every head at once) norms of q and k. ``eager``:
+    transformers' default attention for the model is eager (attention weights kept per head).
+    ``offset_weight``: the norm scales by 1 + weight, formed in float32 and kept (Gemma).
+    ``attention_output_copies``: 2 where the attention output is kept by SDPA and copied again for
+    the output projection (Phi3). ``rope_float32``: cos and sin are kept in float32.
+    """
+
+    norm_weight_float32: bool = False
+    offset_weight: bool = False
+    pre_norms: int = 2
+    post_norms: int = 0
+    qk_norm: str | None = None
+    eager: bool = False
+    attention_softcap: bool = False
+    attention_output_copies: int = 1
+    rope_float32: bool = False
+
+    def norm_bytes(self, elements: int, rows: int, compute: int, frozen: bool = False) -> int:
+        """Bytes one RMSNorm over ``elements`` per token (``rows`` norms of them) keeps, its output
+        not counted: the float32 input (in float32 the input itself), the normalised value as the
+        weight's product reads it (float32, or cast to the compute dtype) and a reciprocal RMS per
+        row. ``frozen``: no weight gradient, so only the input and the reciprocal RMS."""
+        weighted = 0 if frozen else (FLOAT32 if self.norm_weight_float32 else compute)
+        return elements * (FLOAT32 + weighted) + FLOAT32 * rows
+
+    def qk_norm_bytes(self, heads: int, kv_heads: int, head_dim: int, compute: int, frozen: bool) -> int:
+        """Per token, the norms of q and k (neither output is kept: rotary embedding needs neither)."""
+        if self.qk_norm == "head":
+            return self.norm_bytes((heads + kv_heads) * head_dim, heads + kv_heads, compute, frozen)
+        if self.qk_norm == "full":
+            return self.norm_bytes(heads * head_dim, 1, compute, frozen) + self.norm_bytes(
+                kv_heads * head_dim, 1, compute, frozen
+            )
+        return 0
+
+    def norm_weight_bytes(self, hidden: int, heads: int, kv_heads: int, head_dim: int) -> int:
+        """Per layer (not per token): the float32 1 + weight of each norm, where the norm forms it."""
+        if not self.offset_weight:
+            return 0
+        qk = {"head": 2 * head_dim, "full": (heads + kv_heads) * head_dim}.get(self.qk_norm or "", 0)
+        return FLOAT32 * ((self.pre_norms + self.post_norms) * hidden + qk)
+
+    def attention_weight_bytes(self, compute: int) -> int:
+        """Eager attention, per head and (query, key) pair: the float32 softmax output, its cast to
+        the compute dtype that the product with v reads, and the soft-cap's tanh output."""
+        if not self.eager:
+            return 0
+        return FLOAT32 + (compute if compute != FLOAT32 else 0) + (compute if self.attention_softcap else 0)
+
+
+LLAMA = LayerProfile()
+_GEMMA_NORMS = dict(norm_weight_float32=True, offset_weight=True)
+PROFILES = {
+    "llama": LLAMA,
+    "mistral": LLAMA,
+    "qwen2": LLAMA,
+    "qwen3": LayerProfile(qk_norm="head"),
+    "gemma": LayerProfile(**_GEMMA_NORMS),
+    "gemma2": LayerProfile(**_GEMMA_NORMS, post_norms=2, eager=True),
+    "gemma3_text": LayerProfile(**_GEMMA_NORMS, post_norms=2, qk_norm="head"),
+    "phi3": LayerProfile(attention_output_copies=2),
+    "olmo2": LayerProfile(
+        norm_weight_float32=True, pre_norms=0, post_norms=2, qk_norm="full", rope_float32=True
+    ),
+}
+
+
+def profile_for(config: dict) -> LayerProfile:
+    """The profile of a config.json (a multimodal config's text part already picked). A model type
+    not in :data:`PROFILES` gets Llama's (:func:`not_profiled_note`)."""
+    profile = PROFILES.get(str(config.get("model_type", "")), LLAMA)
+    if profile.eager and config.get("attn_logit_softcapping") is not None:
+        return replace(profile, attention_softcap=True)
+    return profile
+
+
+def not_profiled_note(model_type: str) -> str | None:
+    """The plan's note for a model type whose layer is estimated as Llama's (None: profiled)."""
+    if model_type in PROFILES:
+        return None
+    return (
+        f"activations: model type {model_type or '(none)'} is not profiled; its layers are estimated "
+        f"as Llama's (profiled: {', '.join(sorted(PROFILES))})"
+    )

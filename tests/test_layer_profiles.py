@@ -1,0 +1,173 @@
+"""The activation estimate per architecture (mergeopt.memory.layer_profiles) against what autograd
+saves, for every architecture family the plan profiles: whole forwards of the fit's per-layer merge
+path (float32 and bfloat16), and one decoder layer's share with no weight gradient (LoRA experts
+alone), measured as the difference between a 2-layer and a 1-layer model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from mergeopt.memory import phases
+from mergeopt.memory.layer_profiles import LLAMA, PROFILES, not_profiled_note, profile_for
+from mergeopt.memory.sizes import Dims
+from mergeopt.merging import layer_merge
+from mergeopt.merging.stack import DTYPES
+from mergeopt.merging.stacking import build_stack
+from mergeopt.objectives.loss import dev_loss
+from tests.test_plan import _stacked_tensors, padded_batch
+
+VOCAB, BATCH, LENGTH = 300, 3, 40
+# config class, model class, fields beyond the shared small shapes
+ARCHITECTURES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),  # q/k/v biases
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),  # per-head q/k norms
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {}),  # float32 norm weight
+    "gemma2": (  # post-norms, eager attention with soft-capping
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        dict(final_logit_softcapping=3.0, attn_logit_softcapping=5.0),
+    ),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {}),  # post-norms, per-head q/k norms
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(pad_token_id=0)),  # fused qkv and gate_up
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),  # norms after each sublayer, whole-width q/k norms
+}
+
+
+def tiny(arch: str, layers: int = 2) -> torch.nn.Module:
+    """A random model of ``arch``, with the attention transformers picks by default (as the fit's
+    from_pretrained does): SDPA, or eager where the model has no SDPA path (Gemma2)."""
+    config_name, model_name, extra = ARCHITECTURES[arch]
+    config = getattr(transformers, config_name)(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=64,
+        **extra,
+    )
+    torch.manual_seed(0)
+    return getattr(transformers, model_name)(config).eval()
+
+
+def _saved_bytes(run, skip: list[torch.Tensor]) -> int:
+    """Bytes of the distinct storages autograd saves for the backward while ``run()`` runs,
+    parameters and stacked tensors left out."""
+    known = {t.untyped_storage().data_ptr() for t in skip}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        key = t.untyped_storage().data_ptr()
+        if key not in known:
+            saved[key] = t.untyped_storage().nbytes()
+        return t
+
+    original = layer_merge._pack  # the per-layer merge packs its own saved tensors
+
+    def merge_pack(t):
+        packed = original(t)
+        if isinstance(packed, torch.Tensor):
+            pack(t)
+        return packed
+
+    layer_merge._pack = merge_pack
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            run()
+    finally:
+        layer_merge._pack = original
+    return sum(saved.values())
+
+
+def test_every_architecture_family_of_the_layer_merge_matrix_is_profiled():
+    """The architectures the per-layer merge is tested on (tests/test_layer_merge.py) are profiled,
+    GPT-2 aside (Conv1D and LayerNorm: estimated as Llama's, and the plan says so)."""
+    from tests.test_layer_merge import ARCHITECTURES as MERGED
+
+    assert set(MERGED) - {"gpt2"} <= set(PROFILES)
+    assert set(ARCHITECTURES) == set(PROFILES)
+    assert not_profiled_note("llama") is None
+    note = not_profiled_note("gpt2")
+    assert note is not None and "gpt2 is not profiled" in note
+    assert profile_for({"model_type": "gpt2"}) is LLAMA
+
+
+@pytest.mark.parametrize("compute", ["float32", "bfloat16"])
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_saved_activations_of_each_architecture_equal_what_autograd_saves(arch, compute):
+    """dev_loss with the chunked loss over four stacked experts: what autograd keeps (the per-layer
+    merge's saved inputs included) equals saved_activation_bytes for the model's profile, within
+    0.1%."""
+    model = tiny(arch)
+    generator = torch.Generator().manual_seed(1)
+    experts = {
+        f"e{k}": {
+            n: (t + 0.01 * torch.randn(t.shape, generator=generator)).to(torch.bfloat16)
+            for n, t in model.state_dict().items()
+        }
+        for k in range(4)
+    }
+    model.to(DTYPES[compute])
+    stack = build_stack(model, experts, (), DTYPES[compute], progress=False)
+    dims = Dims.from_config(model.config.to_dict(), arch)
+    assert dims.profile is PROFILES[arch] or dims.profile.attention_softcap  # Gemma2's, soft-capped
+    z = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    data = padded_batch(BATCH, LENGTH, VOCAB)
+    params = [*model.parameters(), *model.buffers(), *_stacked_tensors(stack), z]
+    measured = _saved_bytes(lambda: dev_loss(model, stack, z, data, torch.ones(1), 16), params)
+    expected = phases.saved_activation_bytes(dims, BATCH, LENGTH, DTYPES[compute].itemsize)
+    assert measured == pytest.approx(expected, rel=0.001), (measured, expected, expected / measured)
+
+
+@pytest.mark.parametrize("compute", ["float32", "bfloat16"])
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_one_frozen_layer_keeps_what_the_profile_says(arch, compute):
+    """No weight gradient (LoRA experts alone: no layer weight merged): one decoder layer's saved
+    bytes, the 2-layer model's less the 1-layer model's, equal layer_activation_bytes(frozen)."""
+    dtype = DTYPES[compute]
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, VOCAB, (BATCH, LENGTH), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, LENGTH - 7 :] = 0  # right padding, as the dev sets are batched
+
+    def layer_bytes(layers: int) -> int:
+        model = tiny(arch, layers).to(dtype)
+        model.requires_grad_(False)
+        embedded = model.get_input_embeddings()(ids).detach().requires_grad_()
+        weights = [*model.parameters(), *model.buffers()]
+        return _saved_bytes(lambda: model.model(inputs_embeds=embedded, attention_mask=mask), weights)
+
+    measured = layer_bytes(2) - layer_bytes(1)
+    dims = Dims.from_config(tiny(arch, 1).config.to_dict(), arch)
+    expected = phases.layer_activation_bytes(dims, BATCH, LENGTH, dtype.itemsize, frozen=True)
+    assert measured == expected, (measured, expected)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen3"])
+def test_the_plan_notes_a_model_type_it_has_no_profile_for(tmp_path, arch):
+    """`mergeopt plan` on config-only directories: a GPT-2 base is planned as a Llama layer and the
+    plan's notes say so in one line; a profiled type (Qwen3) gets no note and its own profile."""
+    from mergeopt.memory import dry_run
+    from tests.test_plan import recipe
+
+    if arch == "gpt2":
+        config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    else:
+        config = tiny(arch).config
+    config.save_pretrained(tmp_path / "base")
+    noted = arch == "gpt2"
+    base = str(tmp_path / "base")
+    inventory, dims = dry_run.read_inventory(recipe(base, {"a": base, "b": base}))
+    notes = [n for n in inventory.notes if n.startswith("activations:")]
+    assert len(notes) == int(noted), inventory.notes
+    if noted:
+        assert f"model type {config.model_type} is not profiled" in notes[0]
+        assert dims.profile is LLAMA
+    else:
+        assert dims.profile is PROFILES["qwen3"]
