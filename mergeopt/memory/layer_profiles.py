@@ -31,6 +31,8 @@ class LayerProfile:
     ``offset_weight``: the norm scales by 1 + weight, formed in float32 and kept (Gemma).
     ``attention_output_copies``: 2 where the attention output is kept by SDPA and copied again for
     the output projection (Phi3). ``rope_float32``: cos and sin are kept in float32.
+    ``mask_kinds``: the attention masks the model builds per sequence (Gemma2's alternating sliding
+    and full layers: 2); eager attention adds them as float masks in the compute dtype.
     """
 
     norm_weight_float32: bool = False
@@ -42,6 +44,7 @@ class LayerProfile:
     attention_softcap: bool = False
     attention_output_copies: int = 1
     rope_float32: bool = False
+    mask_kinds: int = 1
 
     def norm_bytes(self, elements: int, rows: int, compute: int, frozen: bool = False) -> int:
         """Bytes one RMSNorm over ``elements`` per token (``rows`` norms of them) keeps, its output
@@ -75,6 +78,25 @@ class LayerProfile:
             return 0
         return FLOAT32 + (compute if compute != FLOAT32 else 0) + (compute if self.attention_softcap else 0)
 
+    def attention_backward_bytes(self, compute: int) -> int:
+        """Eager attention's backward, per head and (query, key) pair, beyond what the forward kept:
+        the weights' gradient in float32 and the softmax's input gradient, once the product with v
+        has released the cast weights."""
+        if not self.eager:
+            return 0
+        return 2 * FLOAT32 - (compute if compute != FLOAT32 else 0)
+
+    def eager_scores_bytes(self, compute: int) -> int:
+        """Eager attention without autograd, per head and (query, key) pair, at the softmax: its input
+        upcast to float32 (when it is not float32 already) and its float32 output, beside the scores
+        in the compute dtype."""
+        return 2 * FLOAT32 + (compute if compute != FLOAT32 else 0)
+
+    def mask_bytes(self, length: int, compute: int) -> int:
+        """Per sequence, the attention masks held through the step: SDPA's boolean mask, or eager
+        attention's float masks in the compute dtype, one per kind of layer."""
+        return length * length * (compute * self.mask_kinds if self.eager else 1)
+
 
 LLAMA = LayerProfile()
 _GEMMA_NORMS = dict(norm_weight_float32=True, offset_weight=True)
@@ -98,8 +120,9 @@ def profile_for(config: dict) -> LayerProfile:
     not in :data:`PROFILES` gets Llama's (:func:`not_profiled_note`)."""
     profile = PROFILES.get(str(config.get("model_type", "")), LLAMA)
     if profile.eager and config.get("attn_logit_softcapping") is not None:
-        return replace(profile, attention_softcap=True)
-    return profile
+        profile = replace(profile, attention_softcap=True)
+    kinds = len(set(config.get("layer_types") or ())) or 1
+    return replace(profile, mask_kinds=kinds) if kinds != profile.mask_kinds else profile
 
 
 def not_profiled_note(model_type: str) -> str | None:

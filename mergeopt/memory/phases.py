@@ -67,34 +67,43 @@ def stacking_bytes(
 
 def layer_activation_bytes(dims: Dims, batch: int, length: int, compute: int, frozen: bool = False) -> int:
     """Bytes one decoder layer's forward saves for backward, for ``batch`` right-padded sequences,
-    as its architecture's profile (:class:`~mergeopt.memory.layer_profiles.LayerProfile`) says.
-
-    Per token: the input each sublayer's projections read (a pre-norm's output, or the residual
-    stream where there is none), each norm's own saved tensors (:meth:`LayerProfile.norm_bytes`:
-    Llama's pre-norms 12 bytes per hidden unit in float32 with their output, 8 in 16 bits), q and k
-    norms where the model has them; attention keeps q and its output (2·heads·head_dim), k and v
-    repeated to every head (2·heads·head_dim: with padding, transformers' SDPA path repeats grouped
-    kv heads) and a log-sum-exp per head; the gated MLP keeps gate, its activation, up and their
-    product (4·intermediate). Per sequence, SDPA keeps the padding mask (length²), in the compute
-    dtype; eager attention instead keeps every head's attention weights (length² each,
-    :meth:`LayerProfile.attention_weight_bytes`) and no log-sum-exp.
+    as its architecture's profile (:class:`~mergeopt.memory.layer_profiles.LayerProfile`) says:
+    its attention sublayer's (:func:`attention_sublayer_bytes`), then per token the MLP's input
+    (a pre-norm's output, or the residual stream where there is none), the other norms' own saved
+    tensors, and the gated MLP's gate, its activation, up and their product (4·intermediate).
 
     ``frozen``: no weight of the layer is merged (LoRA experts alone, kept low-rank), so nothing
     is kept for a weight's gradient: a norm keeps its float32 input alone (not its output, the
     projections' input), and the MLP not the product, the down projection's input.
     """
     d, p, tokens = dims, dims.profile, batch * length
-    inputs = 0 if frozen else 2 * compute * d.hidden
-    norms = (p.pre_norms + p.post_norms) * p.norm_bytes(d.hidden, 1, compute, frozen)
-    norms += p.qk_norm_bytes(d.heads, d.kv_heads, d.head_dim, compute, frozen)
-    mlp = (3 if frozen else 4) * d.intermediate
+    norms = (p.pre_norms + p.post_norms - min(p.pre_norms, 1)) * p.norm_bytes(d.hidden, 1, compute, frozen)
+    mlp = (0 if frozen else compute * d.hidden) + compute * (3 if frozen else 4) * d.intermediate
+    weights = p.norm_weight_bytes(d.hidden, d.heads, d.kv_heads, d.head_dim)
+    return attention_sublayer_bytes(dims, batch, length, compute, frozen) + tokens * (norms + mlp) + weights
+
+
+def attention_sublayer_bytes(dims: Dims, batch: int, length: int, compute: int, frozen: bool = False) -> int:
+    """What a layer keeps up to its attention's output projection: per token the first pre-norm's
+    own saved tensors (:meth:`LayerProfile.norm_bytes`: Llama's 12 bytes per hidden unit in float32
+    with its output, 8 in 16 bits) and its output as the projections' input (or the residual
+    stream where there is no pre-norm), q and k norms where the model has them; q and its output
+    (2·heads·head_dim), k and v repeated to every head (2·heads·head_dim: with padding,
+    transformers' SDPA path repeats grouped kv heads) and a log-sum-exp per head. Per sequence,
+    SDPA keeps the padding mask (length²), in the compute dtype; eager attention instead keeps every
+    head's attention weights (length² each, :meth:`LayerProfile.attention_weight_bytes`) and no
+    log-sum-exp. Eager attention's backward runs once the rest of the layer's backward has
+    released everything else (:func:`training_bytes`)."""
+    d, p, tokens = dims, dims.profile, batch * length
+    norm = p.norm_bytes(d.hidden, 1, compute, frozen) if p.pre_norms else 0
+    norm += p.qk_norm_bytes(d.heads, d.kv_heads, d.head_dim, compute, frozen)
     attention = (3 if frozen and p.eager else 4) * d.heads * d.head_dim
     if p.attention_output_copies > 1 and not frozen:
         attention += (p.attention_output_copies - 1) * d.heads * d.head_dim
+    inputs = 0 if frozen else d.hidden
     lse = 0 if p.eager else FLOAT32 * d.heads
     per_sequence = (p.attention_weight_bytes(compute) * d.heads if p.eager else compute) * length * length
-    weights = p.norm_weight_bytes(d.hidden, d.heads, d.kv_heads, d.head_dim)
-    return tokens * (inputs + norms + compute * (attention + mlp) + lse) + batch * per_sequence + weights
+    return tokens * (norm + compute * (inputs + attention) + lse) + batch * per_sequence
 
 
 def saved_activation_bytes(
@@ -260,7 +269,7 @@ def training_bytes(
     """
     d, length = dims, recipe.data.max_length
     tokens = batch * length
-    mask = batch * length * length
+    mask = batch * d.profile.mask_bytes(length, compute)
     lowrank = compute * tokens * (rank_sum + gain_rows)
     if recipe.optim.activation_checkpointing and lowrank_by_layer is not None:
         lowrank = compute * tokens * sum(lowrank_by_layer)
@@ -275,6 +284,11 @@ def training_bytes(
     merge = merge_bytes(recipe, num_experts, largest, compute, gathers)
     unstacked = compute * gathers.unstacked if gathers else 0
     backward = max(2 * gradient, gradient + merge, gradient + unstacked)
+    # eager attention's backward: what the layer kept after its attention is released by then
+    attention = batch * length * length * d.heads * d.profile.attention_backward_bytes(compute)
+    after_attention = layer_activation_bytes(d, batch, length, compute, frozen) - attention_sublayer_bytes(
+        d, batch, length, compute, frozen
+    )
     if recipe.optim.activation_checkpointing:
         one_layer = layer_activation_bytes(d, batch, length, compute, frozen)
         outside = saved_activation_bytes(d, batch, length, compute, frozen) - d.layers * one_layer
@@ -286,10 +300,11 @@ def training_bytes(
         released = 0 if frozen else compute * tokens * d.intermediate  # frozen: never kept
         backward_peak = max(2 * gradient, gradient + merge - compute * largest)
         gathered = compute * gathers.layer if gathers else 0
+        backward_peak = max(backward_peak, attention + gradient - after_attention + released)
         layer = one_layer - released + compute * layer_params + gathered + backward_peak
     else:
         saved = saved_activation_bytes(d, batch, length, compute, frozen)
-        layer = backward
+        layer = max(backward, attention + gradient - after_attention)
     return saved + mask + lowrank + max(head, layer)
 
 
@@ -335,7 +350,16 @@ def evaluation_bytes(
     tokens = batch * length
     chunk = min(recipe.optim.loss_chunk_tokens, tokens)
     head = 2 * FLOAT32 * chunk * dims.vocab + (e * dims.vocab * dims.hidden if merged_head or cast else 0)
-    layer = e * tokens * (4 * dims.hidden + 3 * dims.intermediate) + 5 * batch * length * length
+    layer = e * tokens * (4 * dims.hidden + 3 * dims.intermediate)
+    if dims.profile.eager:
+        # the float masks, held through the forward; the layer holds the attention weights it
+        # returns through its MLP, and the attention's softmax meets every head's scores
+        pairs, masks = batch * length * length, e * dims.profile.mask_kinds
+        scores = pairs * (dims.heads * dims.profile.eager_scores_bytes(e) + masks)
+        qkv = e * tokens * (dims.hidden + 3 * dims.heads * dims.head_dim)
+        layer = max(layer + pairs * (dims.heads * e + masks), scores + qkv)
+    else:
+        layer += 5 * batch * length * length  # SDPA's boolean and float padding masks
     merge = merge_evaluation_bytes(recipe, largest, e, gathers)
     copy = e * unstacked_largest if cast else 0
     if gathers is not None:
