@@ -87,9 +87,9 @@ class LayerProfile:
         return 2 * FLOAT32 - (compute if compute != FLOAT32 else 0)
 
     def eager_scores_bytes(self, compute: int) -> int:
-        """Eager attention without autograd, per head and (query, key) pair, at the softmax: its input
-        upcast to float32 (when it is not float32 already) and its float32 output, beside the scores
-        in the compute dtype."""
+        """Eager attention without autograd, per head and (query, key) pair, at the softmax: the
+        scores in the compute dtype, the softmax's float32 output and, when the scores are not
+        float32, their float32 upcast."""
         return 2 * FLOAT32 + (compute if compute != FLOAT32 else 0)
 
     def mask_bytes(self, length: int, compute: int) -> int:
