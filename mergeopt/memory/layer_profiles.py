@@ -8,7 +8,8 @@ their output (Gemma2's post-norms, OLMo2's norms after each sublayer), per-head 
 of q and k (Qwen3, Gemma3, OLMo2), and eager attention, which keeps every head's attention weights
 (Gemma2: transformers has no SDPA path for its soft-capping). A profile names those differences, read
 from config.json's ``model_type``; each is checked against what autograd saves in
-tests/test_layer_profiles.py. A model type not profiled is planned as a Llama layer and the plan says so.
+tests/test_layer_profiles.py (measured with transformers 5.25: a release that changes a model's
+forward shows there first). A model type not profiled is planned as a Llama layer and the plan says so.
 """
 
 from __future__ import annotations
