@@ -176,6 +176,11 @@ def _plan(p: argparse.ArgumentParser) -> None:
     _recipe(p)
     _world_size(p)
     _device_memory(p)
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the plan as one JSON document (rows in bytes, peak, fits, suggestions) instead of the table",
+    )
 
 
 def _train(p: argparse.ArgumentParser) -> None:

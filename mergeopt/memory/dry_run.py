@@ -364,12 +364,13 @@ def world_size(given: int | None) -> int:
     return inputs.torchrun_variable("WORLD_SIZE")
 
 
-def dry_run(
-    recipe: Recipe, recipe_path: str, ranks: int | None = None, memory_gib: float | None = None
-) -> str:
-    """Everything ``--dry-run`` prints; reads config.json files and safetensors headers only. The
-    plan is per rank of ``ranks`` processes (:func:`world_size`), against the device the recipe
-    resolves to, or one of ``memory_gib`` GiB (``--device-memory``)."""
+def make_plan(
+    recipe: Recipe, ranks: int | None = None, memory_gib: float | None = None
+) -> tuple[MemoryPlan, Inventory, list[str]]:
+    """The plan, the inventory it was made from and, with ``model.device_map``, the placement's
+    lines; reads config.json files and safetensors headers only. The plan is per rank of ``ranks``
+    processes (:func:`world_size`), against the device the recipe resolves to, or one of
+    ``memory_gib`` GiB (``--device-memory``)."""
     size = world_size(ranks)
     check_world_size(recipe, size)  # before anything is read
     resolved = _resolve_checkpoints(recipe)
@@ -379,10 +380,17 @@ def dry_run(
     else:  # auto names the GPU the user plans for
         memory = DeviceMemory.given("cuda" if resolved.device == "auto" else resolved.device, memory_gib)
     plan = plan_memory(resolved, inventory, dims, memory, size)
+    placement = placement_lines(resolved, plan) if isinstance(resolved.model.device_map, str) else []
+    return plan, inventory, placement
+
+
+def dry_run(
+    recipe: Recipe, recipe_path: str, ranks: int | None = None, memory_gib: float | None = None
+) -> str:
+    """Everything ``--dry-run`` prints (:func:`make_plan`, :func:`format_plan`)."""
+    plan, inventory, placement = make_plan(recipe, ranks, memory_gib)
     text = format_plan(plan, recipe_path, inventory)
-    if isinstance(resolved.model.device_map, str):
-        text += "\n\n" + "\n".join(placement_lines(resolved, plan))
-    return text
+    return text + ("\n\n" + "\n".join(placement) if placement else "")
 
 
 def placement_lines(recipe: Recipe, plan: MemoryPlan) -> list[str]:
@@ -419,9 +427,21 @@ def placement_lines(recipe: Recipe, plan: MemoryPlan) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``mergeopt plan`` (and ``mergeopt fit --dry-run``): print the plan; nothing is written."""
+    """``mergeopt plan`` (and ``mergeopt fit --dry-run``): print the plan, or with ``--json`` its
+    document (:mod:`mergeopt.memory.plan_document`); nothing is written."""
     recipe = load_recipe(args.recipe, args.overrides)
-    print(dry_run(recipe, args.recipe, args.world_size, getattr(args, "device_memory", None)))
+    memory_gib = getattr(args, "device_memory", None)
+    if getattr(args, "json", False):
+        from mergeopt.memory.plan_document import plan_document
+
+        plan, inventory, placement = make_plan(recipe, args.world_size, memory_gib)
+        print(
+            plan_document(plan, args.recipe, list(args.overrides), inventory, placement).model_dump_json(
+                indent=2
+            )
+        )
+    else:
+        print(dry_run(recipe, args.recipe, args.world_size, memory_gib))
     for problem in refused_inputs(recipe):
         warn(f"the fit would refuse this recipe: {problem}")
     return 0
