@@ -23,6 +23,7 @@ from mergeopt.errors import UserError, warn
 from mergeopt.inputs import writable_dir
 from mergeopt.loading.feasible import constraints_record, feasible_set, source_sizes
 from mergeopt.loading.problem import Problem, load_problem, resolve_device
+from mergeopt.memory import measured
 from mergeopt.merging.groups import groups_of
 from mergeopt.merging.weights import as_mapping
 from mergeopt.objectives.data import has_heldout
@@ -118,6 +119,7 @@ def _fit(recipe: Recipe, progress: bool, log: Callable[[str], None], resume: str
     determinism.apply(recipe.deterministic)  # before anything runs on the GPU
     torch.manual_seed(recipe.seed)
     distributed.init_from_env(resolve_device(recipe.device))
+    measured.reset(distributed.local_device(resolve_device(recipe.device)))  # this fit's peak, on CUDA
     if not distributed.is_main():
         log, progress = (lambda _m: None), False
     with distributed.main_first():  # one rank builds a world into the cache, the others reuse it
@@ -194,6 +196,9 @@ def _search_and_write(
     rank_outputs = None
     if resolved.rank.grid is not None:
         rank_outputs = _rank_on_grid(resolved, objective, problem, mixture, progress, checkpoint)
+    memory = measured.peak_report(resolved, problem.model, problem.device)  # every rank: a collective
+    if memory is not None:
+        log(memory[0])
     if distributed.is_main():  # under torchrun every rank holds the same result; rank 0 writes it
         # staged, then published in one swap that also drops the checkpoint: a kill before it
         # leaves the previous outputs and the checkpoint to resume from, after it the new outputs
@@ -206,7 +211,7 @@ def _search_and_write(
                 grid = read_grid(resolved.rank.grid, names)[[f"w_{n}" for n in names]]
                 write_rank_outputs(report, pairs, staging.path, grid, baselines)
             write_outputs(recipe, mixture, found.trace, names, staging)
-            tracker.finish(mixture)
+            tracker.finish(mixture, memory[1] if memory is not None else {})
         checkpoint.clear()  # finished: mixture.json is the record now (a no-op: the swap dropped it)
     return mixture
 

@@ -130,3 +130,22 @@ def test_merge_on_cuda_writes_the_cpu_checkpoint(random_world, tmp_path, method)
     for name, tensor in written["cpu"].items():
         assert written["cuda"][name].dtype == tensor.dtype == torch.float32
         torch.testing.assert_close(written["cuda"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_fit_on_cuda_says_its_peak_against_the_plan(random_world, tmp_path):
+    """mergeopt.memory.measured: one line with torch.cuda.max_memory_allocated and the plan's peak
+    (the tiny world's tensors are a few MiB, so CUDA's own workspaces weigh in: no ratio is asserted;
+    benchmarks/gpu_check.py compares them at 8B shapes)."""
+    import re
+
+    lines: list[str] = []
+    tree = recipe_tree(random_world, tmp_path / "gpu", device="cuda")
+    fit(recipe_from_dict(tree), progress=False, log=lines.append)
+    (line,) = [line for line in lines if line.startswith("memory:")]
+    match = re.fullmatch(
+        r"memory: peak ([\d.,]+) GiB allocated \(cuda:\d, torch.cuda.max_memory_allocated\); "
+        r"the plan said ([\d.,]+) GiB per rank \(([\d.]+)x\)",
+        line,
+    )
+    assert match, line
+    assert float(match.group(3)) > 0

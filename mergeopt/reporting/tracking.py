@@ -329,11 +329,13 @@ class Tracker:
                 metrics[f"score/{key}"] = value
         self._log(metrics, int(row["index"]))
 
-    def finish(self, mixture: dict) -> None:
-        """The recommended mixture and the run's closing numbers, as summary values."""
+    def finish(self, mixture: dict, extra: Mapping[str, float] | None = None) -> None:
+        """The recommended mixture and the run's closing numbers, as summary values, with ``extra``
+        ones (the measured peak of GPU memory, :mod:`mergeopt.memory.measured`)."""
         if not self.backends:
             return
         summary = {f"mixture/{n}": w for n, w in mixture["weights"].items()}
+        summary.update(extra or {})
         keys = ("dev_loss", "heldout_loss", "uniform_dev_loss", "uniform_heldout_loss")
         summary.update({f"final/{k}": mixture[k] for k in keys})
         summary.update({f"final/expert_dev_loss/{n}": v for n, v in mixture["expert_dev_loss"].items()})
