@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from mergeopt.config import Recipe
-from mergeopt.errors import UserError
+from mergeopt.errors import UserError, warn
 from mergeopt.memory.sizes import GIB, DeviceMemory
 from mergeopt.runtime import distributed
 
@@ -33,7 +33,8 @@ def cuda_devices(model: torch.nn.Module) -> list[torch.device]:
 
 def planned_peak(recipe: Recipe, device: torch.device, world_size: int) -> int | None:
     """The plan's per-rank peak for the recipe as resolved (worlds built, paths real), on ``device``;
-    None where the plan cannot be made from its inputs."""
+    None where the plan cannot be made from its inputs. It comes after the fit's work, so a failure
+    here is a warning, not the fit's end."""
     from mergeopt.memory.dry_run import read_inventory
     from mergeopt.memory.plan import plan_memory
 
@@ -42,6 +43,9 @@ def planned_peak(recipe: Recipe, device: torch.device, world_size: int) -> int |
         unknown = DeviceMemory(str(device), "this run's", None, None)
         return plan_memory(recipe, inventory, dims, unknown, world_size).peak
     except UserError:
+        return None
+    except Exception as err:  # a report's failure is not the fit's
+        warn(f"the memory plan for the closing memory line failed ({type(err).__name__}: {err})")
         return None
 
 
