@@ -170,12 +170,17 @@ def _fit(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the memory plan instead (= mergeopt plan)")
     _world_size(p)
     _device_memory(p)
+    _plan_json(p)
 
 
 def _plan(p: argparse.ArgumentParser) -> None:
     _recipe(p)
     _world_size(p)
     _device_memory(p)
+    _plan_json(p)
+
+
+def _plan_json(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--json",
         action="store_true",

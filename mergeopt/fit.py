@@ -351,6 +351,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--world-size plans a --dry-run; a fit takes its world size from torchrun")
     if args.device_memory is not None and not args.dry_run:
         raise UserError("--device-memory plans a --dry-run; a fit uses the memory its device has")
+    if args.json and not args.dry_run:
+        raise UserError("--json prints the plan of a --dry-run; a fit's result is output_dir/mixture.json")
     if args.dry_run:
         from mergeopt.memory.dry_run import run as plan
 

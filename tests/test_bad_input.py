@@ -570,6 +570,12 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         lambda w, t: [_recipe(w, t), "--device-memory", "80"],
         "--device-memory plans a --dry-run; a fit uses the memory its device has",
     ),
+    "--json without --dry-run": (
+        "recipe",
+        "fit",
+        lambda w, t: [_recipe(w, t), "--json"],
+        "--json prints the plan of a --dry-run; a fit's result is output_dir/mixture.json",
+    ),
     "evaluation dtype the device cannot run": (
         "recipe",
         "fit",

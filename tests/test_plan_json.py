@@ -82,3 +82,12 @@ def test_stdout_is_the_document_alone_and_a_mistake_is_one_line(llama_8b, tmp_pa
     bad = run_in_process("plan", "recipes/8b.yaml", *llama_8b, "model.stack_dtype=int3", "--json")
     assert bad.returncode == 2 and bad.stdout == ""
     assert len(bad.stderr.strip().splitlines()) == 1 and "model.stack_dtype" in bad.stderr
+
+
+def test_fit_dry_run_json_is_mergeopt_plan_json(llama_8b):
+    """`mergeopt fit --dry-run --json` prints the document `mergeopt plan --json` prints."""
+    via_fit = run_in_process(
+        "fit", "recipes/8b.yaml", *llama_8b, "--dry-run", "--json", "--device-memory", "79"
+    )
+    assert via_fit.returncode == 0, via_fit.stderr
+    assert json.loads(via_fit.stdout) == _plan_json(*llama_8b, "--device-memory", "79")[0]
