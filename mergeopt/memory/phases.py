@@ -262,6 +262,10 @@ def training_bytes(
     outside the layers). ``frozen``: no decoder layer's weight is merged
     (:func:`layer_activation_bytes`).
 
+    Eager attention (Gemma2) adds its backward's moment: the attention sublayer's kept tensors
+    beside the float32 gradients of the attention weights
+    (:meth:`~mergeopt.memory.layer_profiles.LayerProfile.attention_backward_bytes`).
+
     A sharded stack (``gathers``) gathers the merged weights whole (:func:`merge_bytes`), the output
     layer's beside the loss, and the matrices not stacked while their modules run: with
     checkpointing the recomputed layer's among its weights, without it the largest one beside an
@@ -284,13 +288,13 @@ def training_bytes(
     merge = merge_bytes(recipe, num_experts, largest, compute, gathers)
     unstacked = compute * gathers.unstacked if gathers else 0
     backward = max(2 * gradient, gradient + merge, gradient + unstacked)
-    # eager attention's backward: what the layer kept after its attention is released by then
-    attention = batch * length * length * d.heads * d.profile.attention_backward_bytes(compute)
-    after_attention = layer_activation_bytes(d, batch, length, compute, frozen) - attention_sublayer_bytes(
-        d, batch, length, compute, frozen
-    )
+    one_layer = layer_activation_bytes(d, batch, length, compute, frozen)
+    # eager attention's backward, once the rest of the layer's backward has released what the
+    # layer kept after its attention (zero under SDPA)
+    after_attention = one_layer - attention_sublayer_bytes(d, batch, length, compute, frozen)
+    eager = batch * length * length * d.heads * d.profile.attention_backward_bytes(compute)
+    attention = eager + gradient - after_attention
     if recipe.optim.activation_checkpointing:
-        one_layer = layer_activation_bytes(d, batch, length, compute, frozen)
         outside = saved_activation_bytes(d, batch, length, compute, frozen) - d.layers * one_layer
         saved = d.layers * compute * tokens * d.hidden + outside  # each layer's input
         # the layer being recomputed: its activations, its merged weights (one of them counted by
@@ -300,11 +304,11 @@ def training_bytes(
         released = 0 if frozen else compute * tokens * d.intermediate  # frozen: never kept
         backward_peak = max(2 * gradient, gradient + merge - compute * largest)
         gathered = compute * gathers.layer if gathers else 0
-        backward_peak = max(backward_peak, attention + gradient - after_attention + released)
+        backward_peak = max(backward_peak, attention + released)
         layer = one_layer - released + compute * layer_params + gathered + backward_peak
     else:
         saved = saved_activation_bytes(d, batch, length, compute, frozen)
-        layer = max(backward, attention + gradient - after_attention)
+        layer = max(backward, attention)
     return saved + mask + lowrank + max(head, layer)
 
 
