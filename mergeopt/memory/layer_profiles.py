@@ -19,6 +19,11 @@ from dataclasses import dataclass, replace
 FLOAT32 = 4
 
 
+def _cast(compute: int) -> int:
+    """Bytes of a float32 tensor's cast to the compute dtype (none when that is float32)."""
+    return 0 if compute == FLOAT32 else compute
+
+
 @dataclass(frozen=True)
 class LayerProfile:
     """The activation-relevant structure of one decoder layer.
@@ -77,7 +82,7 @@ class LayerProfile:
         the compute dtype that the product with v reads, and the soft-cap's tanh output."""
         if not self.eager:
             return 0
-        return FLOAT32 + (compute if compute != FLOAT32 else 0) + (compute if self.attention_softcap else 0)
+        return FLOAT32 + _cast(compute) + (compute if self.attention_softcap else 0)
 
     def attention_backward_bytes(self, compute: int) -> int:
         """Eager attention's backward, per head and (query, key) pair, beyond what the forward kept:
@@ -85,13 +90,13 @@ class LayerProfile:
         has released the cast weights."""
         if not self.eager:
             return 0
-        return 2 * FLOAT32 - (compute if compute != FLOAT32 else 0)
+        return 2 * FLOAT32 - _cast(compute)
 
     def eager_scores_bytes(self, compute: int) -> int:
         """Eager attention without autograd, per head and (query, key) pair, at the softmax: the
         scores in the compute dtype, the softmax's float32 output and, when the scores are not
         float32, their float32 upcast."""
-        return 2 * FLOAT32 + (compute if compute != FLOAT32 else 0)
+        return 2 * FLOAT32 + _cast(compute)
 
     def mask_bytes(self, length: int, compute: int) -> int:
         """Per sequence, the attention masks held through the step: SDPA's boolean mask, or eager

@@ -54,14 +54,14 @@ def peak_report(
 ) -> tuple[str, dict[str, float]] | None:
     """One log line and the tracker's values: the largest ``max_memory_allocated`` over this
     process's GPUs and, under torchrun, over the ranks, against the planned peak per rank. None off
-    CUDA. Every rank calls it (the ranks' peaks are gathered)."""
+    CUDA. Every rank calls it (the ranks' peaks are gathered); rank 0, which logs, plans."""
     if device.type != "cuda":
         return None
     devices = cuda_devices(model) or [device]
     peaks = distributed.all_gather_objects(max(torch.cuda.max_memory_allocated(d) for d in devices))
     measured = max(peaks)
     ranks = len(peaks)
-    planned = planned_peak(recipe, device, ranks)
+    planned = planned_peak(recipe, device, ranks) if distributed.is_main() else None  # rank 0 says it
     where = f"over {ranks} ranks" if ranks > 1 else ", ".join(str(d) for d in devices)
     line = f"memory: peak {measured / GIB:,.2f} GiB allocated ({where}, torch.cuda.max_memory_allocated)"
     metrics = {"memory/peak_allocated_gib": measured / GIB}

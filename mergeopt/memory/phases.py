@@ -76,11 +76,17 @@ def layer_activation_bytes(dims: Dims, batch: int, length: int, compute: int, fr
     is kept for a weight's gradient: a norm keeps its float32 input alone (not its output, the
     projections' input), and the MLP not the product, the down projection's input.
     """
+    attention = attention_sublayer_bytes(dims, batch, length, compute, frozen)
+    return attention + after_attention_bytes(dims, batch, length, compute, frozen)
+
+
+def after_attention_bytes(dims: Dims, batch: int, length: int, compute: int, frozen: bool = False) -> int:
+    """What a layer keeps after its attention (:func:`layer_activation_bytes`): the norms other
+    than the first pre-norm, the MLP's input and its four tensors, and the norms' float32 weights."""
     d, p, tokens = dims, dims.profile, batch * length
     norms = (p.pre_norms + p.post_norms - min(p.pre_norms, 1)) * p.norm_bytes(d.hidden, 1, compute, frozen)
     mlp = (0 if frozen else compute * d.hidden) + compute * (3 if frozen else 4) * d.intermediate
-    weights = p.norm_weight_bytes(d.hidden, d.heads, d.kv_heads, d.head_dim)
-    return attention_sublayer_bytes(dims, batch, length, compute, frozen) + tokens * (norms + mlp) + weights
+    return tokens * (norms + mlp) + p.norm_weight_bytes(d.hidden, d.heads, d.kv_heads, d.head_dim)
 
 
 def attention_sublayer_bytes(dims: Dims, batch: int, length: int, compute: int, frozen: bool = False) -> int:
@@ -291,9 +297,8 @@ def training_bytes(
     one_layer = layer_activation_bytes(d, batch, length, compute, frozen)
     # eager attention's backward, once the rest of the layer's backward has released what the
     # layer kept after its attention (zero under SDPA)
-    after_attention = one_layer - attention_sublayer_bytes(d, batch, length, compute, frozen)
     eager = batch * length * length * d.heads * d.profile.attention_backward_bytes(compute)
-    attention = eager + gradient - after_attention
+    attention = eager + gradient - after_attention_bytes(d, batch, length, compute, frozen)
     if recipe.optim.activation_checkpointing:
         outside = saved_activation_bytes(d, batch, length, compute, frozen) - d.layers * one_layer
         saved = d.layers * compute * tokens * d.hidden + outside  # each layer's input
