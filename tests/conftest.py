@@ -41,22 +41,24 @@ torch.set_num_threads(1)
 EXPERTS = ("alpha", "beta", "gamma")
 
 
+# the shapes and special tokens of the tiny random checkpoints, over the toy tokenizer's vocabulary
+TINY_SHAPES = dict(
+    vocab_size=len(toy.SPECIAL) + len(toy.CHARS),
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+
 def tiny_config(**overrides) -> LlamaConfig:
-    cfg = dict(
-        vocab_size=len(toy.SPECIAL) + len(toy.CHARS),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    cfg.update(overrides)
-    return LlamaConfig(**cfg)
+    return LlamaConfig(**{**TINY_SHAPES, **overrides})
 
 
 def save_checkpoint(model: torch.nn.Module, path: Path, **kwargs) -> Path:

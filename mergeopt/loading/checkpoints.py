@@ -22,6 +22,7 @@ from safetensors import safe_open
 
 from mergeopt.errors import UserError
 from mergeopt.inputs import existing_dir, safetensors_header
+from mergeopt.loading.conversions import read_converted, under_model_names
 from mergeopt.loading.lora import LoraAdapter, is_adapter, read_adapter
 
 SINGLE_FILE = "model.safetensors"
@@ -47,6 +48,11 @@ class Checkpoint:
     tensors: dict[str, TensorMeta]
     _handles: dict[Path, object] = field(default_factory=dict, repr=False)
     _loaded: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # pickled checkpoints
+    # names transformers converts on load (mergeopt.loading.conversions): the conversion of each
+    # model parameter, the checkpoint as stored, and the last conversion's tensors
+    _conversions: dict | None = field(default=None, repr=False)
+    _stored: Checkpoint | None = field(default=None, repr=False)
+    _last_converted: tuple | None = field(default=None, repr=False)
 
     @property
     def architecture(self) -> str:
@@ -65,6 +71,10 @@ class Checkpoint:
         meta = self.tensors.get(name)
         if meta is None:
             raise UserError(f"tensor {name} is not in checkpoint {self.path}")
+        if self._conversions is not None and name in self._conversions:
+            return read_converted(self, name).to(device)
+        if self._stored is not None:
+            return self._stored.read(name, device)
         if self._loaded is not None:
             return self._loaded[name].to(device)
         return self._handle(meta).get_tensor(name).to(device)
@@ -74,6 +84,10 @@ class Checkpoint:
         meta = self.tensors.get(name)
         if meta is None:
             raise UserError(f"tensor {name} is not in checkpoint {self.path}")
+        if self._conversions is not None and name in self._conversions:  # formed whole, then cut
+            return read_converted(self, name)[start:stop].clone()
+        if self._stored is not None:
+            return self._stored.read_rows(name, start, stop)
         if self._loaded is not None:
             return self._loaded[name][start:stop].clone()
         return self._handle(meta).get_slice(name)[start:stop]
@@ -87,6 +101,9 @@ class Checkpoint:
 
     def close(self) -> None:
         self._handles.clear()
+        self._last_converted = None
+        if self._stored is not None:
+            self._stored.close()
 
 
 def read_json_object(path: Path, what: str) -> dict:
@@ -216,7 +233,9 @@ def check_compatible(base: Checkpoint, expert: Checkpoint, expert_name: str) -> 
         raise UserError(f"tokenizer vocabulary differs ({where})")
 
 
-def check_config_matches_weights(checkpoint: Checkpoint, what: str, trust_remote_code: bool = False) -> None:
+def check_config_matches_weights(
+    checkpoint: Checkpoint, what: str, trust_remote_code: bool = False, model: torch.nn.Module | None = None
+) -> None:
     """The architecture ``config.json`` describes has the shapes of the checkpoint's own tensors.
 
     transformers would build the model from config.json, find every tensor the wrong size and fail
@@ -225,7 +244,8 @@ def check_config_matches_weights(checkpoint: Checkpoint, what: str, trust_remote
     """
     if not checkpoint.tensors:
         return
-    model, _ = meta_model(checkpoint.path, trust_remote_code)
+    if model is None:
+        model, _ = meta_model(checkpoint.path, trust_remote_code)
     for name, parameter in model.named_parameters():
         meta = checkpoint.tensors.get(name)
         if meta is not None and tuple(meta.shape) != tuple(parameter.shape):
@@ -322,13 +342,19 @@ def open_experts(
     """Open the base and every expert, dense checkpoints and LoRA adapters, and check them against the base.
 
     Dense experts are checked from their headers; adapters are read (their factors are small) and
-    checked against the base's tensor shapes. A GGUF base is described by its architecture.
+    checked against the base's tensor shapes. A GGUF base is described by its architecture. The
+    base and the dense experts are returned under the model's parameter names, where transformers
+    converts the checkpoint's on load (a mixture-of-experts' fused expert weights:
+    :mod:`mergeopt.loading.conversions`).
     """
+    model = None
     if gguf_file is not None:
         base = gguf_base(base_path, gguf_file, trust_remote_code)
     else:
         base = open_checkpoint(base_path, allow_pickle, role="model.base")
-        check_config_matches_weights(base, "base", trust_remote_code)
+        if base.tensors:
+            model, _ = meta_model(base.path, trust_remote_code)
+        check_config_matches_weights(base, "base", trust_remote_code, model)
     shapes = {name: meta.shape for name, meta in base.tensors.items()}
     # a tied output layer is not in the file (Hugging Face's default is to tie)
     text = base.config.get("text_config") or base.config
@@ -342,4 +368,7 @@ def open_experts(
         else:
             dense[name] = open_checkpoint(path, allow_pickle, role=f"model.experts.{name}")
             check_compatible(base, dense[name], name)
+    if model is not None:
+        base = under_model_names(base, model)
+        dense = {name: under_model_names(expert, model) for name, expert in dense.items()}
     return base, dense, adapters

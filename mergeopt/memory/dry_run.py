@@ -33,6 +33,7 @@ from mergeopt.loading.checkpoints import (
     open_checkpoint,
     read_json_object,
 )
+from mergeopt.loading.conversions import under_model_names
 from mergeopt.loading.lora import is_adapter, read_adapter_config
 from mergeopt.loading.lora_sizes import FactorSizes, factor_sizes, saved_copy
 from mergeopt.loading.positions import check_max_length
@@ -155,7 +156,9 @@ def read_inventory(recipe: Recipe) -> tuple[Inventory, Dims]:
         (f"no safetensors for {', '.join(missing)}: the fit itself will need the weights",) if missing else ()
     )
     if base.tensors and not recipe.model.gguf_file:
-        check_config_matches_weights(base, "base", recipe.model.trust_remote_code)
+        model, _ = meta_model(recipe.model.base, recipe.model.trust_remote_code)
+        check_config_matches_weights(base, "base", recipe.model.trust_remote_code, model)
+        base = under_model_names(base, model)  # the model's names and shapes (fused experts)
     # one line for a malformed adapter_config.json, as in the fit
     configs = {name: read_adapter_config(Path(path)) for name, path in adapters.items()}
     sizes = {
