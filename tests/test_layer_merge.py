@@ -6,12 +6,17 @@ per-layer merge), its own logits and ``F.cross_entropy``. New path: the model wh
 parameters merge when their module runs, w handed to the mixture buffers, the chunked loss, with
 and without activation checkpointing. Loss and ∂L/∂z must agree to 1e-6 in float32, and ∂L/∂z must
 match central finite differences. The fitted w of the gradient strategy must equal a reference
-Adam loop on the whole-model merge.
+Adam loop on the whole-model merge. Mixture-of-experts models (Mixtral, Qwen3-MoE) hold each
+projection of their experts as one fused (experts, out, in) parameter, merged as one tensor; their
+top-k routing makes the loss a step function where a token changes experts, so their finite
+differences are taken where no token does.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -45,10 +50,23 @@ ARCHITECTURES = {
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(num_key_value_heads=2, pad_token_id=0)),  # fused qkv
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(num_key_value_heads=2)),  # post-norms
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict()),  # Conv1D, learned positions, tied
+    # mixture-of-experts: top-2 routing over fused (experts, out, in) weights, one 3-D parameter each
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_key_value_heads=2, num_local_experts=4)),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(
+            num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24
+        ),
+    ),
 }
+MOE = ("mixtral", "qwen3_moe")
+ROUTER_GAIN = 20.0  # see tiny_model
 
 
-def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
+def tiny_model(arch: str, seed: int = 0, experts_implementation: str | None = None) -> torch.nn.Module:
+    """``experts_implementation`` (mixture-of-experts only): transformers' default is ``grouped_mm``,
+    one read of each fused expert weight; ``eager`` loops over the experts, reading it once each."""
     config_name, model_name, extra = ARCHITECTURES[arch]
     if arch == "gpt2":
         config = transformers.GPT2Config(
@@ -57,16 +75,49 @@ def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
     else:
         config = getattr(transformers, config_name)(**SMALL, max_position_embeddings=32, **extra)
     config._attn_implementation = "eager"
+    if experts_implementation is not None:
+        config._experts_implementation = experts_implementation
     torch.manual_seed(seed)
-    return getattr(transformers, model_name)(config).eval()
+    model = getattr(transformers, model_name)(config).eval()
+    with (
+        torch.no_grad()
+    ):  # a decisive router, as trained ones are: wide margins between its top-k and the rest
+        for router in routers(model):
+            router.weight.mul_(ROUTER_GAIN)
+    return model
+
+
+def routers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """A mixture-of-experts model's top-k routers (none in a dense model)."""
+    return [m for m in model.modules() if type(m).__name__.endswith("TopKRouter")]
+
+
+@contextmanager
+def routing_recorded(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """The experts each router picks for each token, in call order, while the block runs."""
+    picked: list[torch.Tensor] = []
+    hooks = [r.register_forward_hook(lambda m, i, out: picked.append(out[2].clone())) for r in routers(model)]
+    try:
+        yield picked
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def perturbed_experts(model: torch.nn.Module, count: int = 3, scale: float = 0.05) -> dict[str, dict]:
+    """Each parameter plus seeded noise; a router's (mixture-of-experts) at a tenth of the scale,
+    as fine-tuning moves a router little, so that most tokens keep their experts across the
+    mixtures a test visits (a token that changes experts is a step in the loss)."""
     gen = torch.Generator().manual_seed(7)
     names = [n for n, _ in model.named_parameters()]
     params = dict(model.named_parameters())
+    gates = {f"{n}.weight" for n, m in model.named_modules() if m in routers(model)}
     return {
-        f"e{i}": {n: params[n].detach() + scale * torch.randn(params[n].shape, generator=gen) for n in names}
+        f"e{i}": {
+            n: params[n].detach()
+            + scale * (0.1 if n in gates else 1.0) * torch.randn(params[n].shape, generator=gen)
+            for n in names
+        }
         for i in range(count)
     }
 
@@ -142,26 +193,43 @@ def test_per_layer_path_equals_the_whole_model_merge(arch):
         assert abs(got_loss - want_loss) <= 1e-6 * max(1.0, abs(want_loss)), (chunk, checkpointed)
         torch.testing.assert_close(got_grad, want_grad, atol=1e-6, rtol=1e-5, msg=f"{chunk} {checkpointed}")
     checkpointing.disable(base)
-    # central finite differences of the per-layer loss in float64 logits. The loss (about 4) is
-    # formed in float32: its rounding (~5e-7) over a step of 2·eps is the differences' noise, so a
-    # step of 1e-3 leaves a few 1e-4 of noise, as large as some gradients; at 1e-2 a few 1e-5,
-    # and the truncation error (eps² times the third derivative, / 6) smaller still
-    eps = 1e-2
-    with torch.no_grad():
-        fd = torch.stack(
-            [
-                (
-                    per_layer_loss(base, stack, torch.softmax(logits + eps * e, 0), batch, 5)
-                    - per_layer_loss(base, stack, torch.softmax(logits - eps * e, 0), batch, 5)
-                )
-                / (2 * eps)
-                for e in torch.eye(3, dtype=torch.float64)
+    torch.testing.assert_close(
+        want_grad, finite_differences(base, stack, logits, batch), atol=1e-4, rtol=1e-2
+    )
+
+
+def finite_differences(base, stack, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Central finite differences of the per-layer loss in the logits z, one coordinate at a time.
+
+    The loss (about 4) is formed in float32: its rounding (~5e-7) over a step of 2·eps is the
+    differences' noise, so a step of 1e-3 leaves a few 1e-4 of noise, as large as some gradients;
+    at 1e-2 a few 1e-5, and the truncation error (eps² times the third derivative, / 6) smaller
+    still. A mixture-of-experts loss is smooth only while every token keeps its experts (top-k
+    routing is a step function of w), so a coordinate whose ±1e-2 points route a token elsewhere
+    is taken at the largest of 5e-3, 2.5e-3 with the same routing as at z (the noise grows as
+    1/eps; the caller's tolerance covers 2.5e-3). Dense models route nothing: always 1e-2."""
+
+    def loss_and_routing(z):
+        with torch.no_grad(), routing_recorded(base) as picked:
+            return float(per_layer_loss(base, stack, torch.softmax(z, 0), batch, 5)), picked
+
+    _, centre = loss_and_routing(logits)
+    fd = []
+    for e in torch.eye(len(logits), dtype=torch.float64):
+        for eps in (1e-2, 5e-3, 2.5e-3):
+            (up, up_routes), (down, down_routes) = (loss_and_routing(logits + s * eps * e) for s in (1, -1))
+            same = [
+                torch.equal(a, c) and torch.equal(b, c) for a, b, c in zip(up_routes, down_routes, centre)
             ]
-        ).double()
-    torch.testing.assert_close(want_grad, fd, atol=1e-4, rtol=1e-2)
+            if all(same) and len(up_routes) == len(centre):
+                fd.append((up - down) / (2 * eps))
+                break
+        else:
+            raise AssertionError("every step of the finite differences changes a token's experts")
+    return torch.tensor(fd, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2", "mixtral"])
 def test_one_hot_weights_reproduce_each_expert(arch):
     base = tiny_model(arch)
     experts = perturbed_experts(base)
@@ -197,10 +265,13 @@ def test_every_merge_method_takes_the_per_layer_path(merge):
     torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.int8, torch.bfloat16])
-def test_compressed_stacks_merge_per_layer_as_their_reference(dtype):
-    """An int8 (or bfloat16) stack: the per-layer path equals the whole-model merge of the same stack."""
-    base, plain, stack = _built("qwen2", dtype=dtype)
+@pytest.mark.parametrize(
+    "arch,dtype", [("qwen2", torch.int8), ("qwen2", torch.bfloat16), ("mixtral", torch.int8)]
+)
+def test_compressed_stacks_merge_per_layer_as_their_reference(arch, dtype):
+    """An int8 (or bfloat16) stack: the per-layer path equals the whole-model merge of the same
+    stack (Mixtral: fused expert weights with one scale per expert and output channel)."""
+    base, plain, stack = _built(arch, dtype=dtype)
     if dtype == torch.int8:
         assert all(d.dtype == torch.int8 for d in stack.deltas.values()) and stack.scales
     batch = padded_batch(2)
@@ -227,6 +298,12 @@ def test_int8_differences_stay_close_to_float32(levels):
     torch.testing.assert_close(scale, deltas.abs().amax(dim=2) / levels)
     assert ((back - deltas).abs() <= scale[..., None] / 2 + 1e-7).all()
     assert torch.equal(back[1, 5], torch.zeros(24))
+    fused = torch.randn(2, 4, 6, 5, generator=gen)  # (experts, out, in) mixture-of-experts weights
+    fused[0, 1] *= 100.0  # one expert of the MoE layer moved far more: its rows alone get wide steps
+    qf, sf = quantize_rows(fused, levels=levels)
+    assert sf.shape == (2, 24)  # one scale per (expert, output channel), not per expert
+    torch.testing.assert_close(sf, fused.abs().amax(dim=3).reshape(2, 24) / levels)
+    assert ((dequantize_rows(qf, sf) - fused).abs() <= sf.reshape(2, 4, 6, 1) / 2 + 1e-6).all()
     vector = torch.randn(2, 17, generator=gen)  # 1-D parameters: one scale per expert
     q1, s1 = quantize_rows(vector)
     assert s1.shape == (2, 1)
@@ -322,3 +399,33 @@ def test_no_merged_copy_of_the_model_is_saved_for_the_backward(monkeypatch):
     assert not any(getattr(t, layer_merge.SOURCE_ATTRIBUTE, None) is not None for t in kept)
     loss.backward()  # the recipes merge again in the backward
     assert w.grad is None and loss.grad_fn is not None
+
+
+@pytest.mark.parametrize("arch", MOE)
+def test_mixture_of_experts_merges_each_fused_weight_once_per_forward(arch, monkeypatch):
+    """transformers' default experts implementation (grouped_mm) reads each fused (experts, out, in)
+    weight once, so a forward merges each stacked tensor once: scoring a candidate costs one forward
+    and one merge, as for a dense model. Its eager and batched_mm implementations give the same loss
+    and ∂L/∂z (eager reads the weight once per routed expert, so it merges it that many times)."""
+    from mergeopt.merging import layer_merge
+
+    merges = []
+    original = layer_merge.merge_value
+    monkeypatch.setattr(layer_merge, "merge_value", lambda *a, **k: merges.append(1) or original(*a, **k))
+    batch, logits = padded_batch(), torch.tensor([0.3, -0.4, 0.2], dtype=torch.float64)
+    results = {}
+    for implementation in ("grouped_mm", "eager", "batched_mm"):
+        base = tiny_model(arch, experts_implementation=implementation)
+        stack = build_stack(base, perturbed_experts(base), progress=False)
+        merges.clear()
+        with torch.no_grad():
+            per_layer_loss(base, stack, torch.softmax(logits, 0), batch, 5)
+        if implementation == "grouped_mm":
+            assert len(merges) == len(stack.anchor) and any(a.dim() == 3 for a in stack.anchor.values())
+        results[implementation] = loss_and_grad(
+            lambda w, m=base, s=stack: per_layer_loss(m, s, w, batch, 5), logits
+        )
+    for implementation in ("eager", "batched_mm"):
+        loss, grad = results[implementation]
+        assert abs(loss - results["grouped_mm"][0]) <= 1e-6 * abs(loss)
+        torch.testing.assert_close(grad, results["grouped_mm"][1], atol=1e-6, rtol=1e-5)

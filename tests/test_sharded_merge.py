@@ -96,8 +96,10 @@ def _worker(rank: int, size: int, port: int, arch: str, dtype: str, out: str) ->
 @pytest.mark.parametrize(
     "arch,dtype,size",
     # Llama is covered end to end by tests/test_distributed.py
-    [("gemma2", "int8", 2), ("gpt2", "float32", 3)],
-    ids=["gemma2-int8-2", "gpt2-3"],
+    # Mixtral over 3 ranks: fused (experts, out, in) weights of 4 experts in blocks of 2, 2 and 0
+    # (padded), with int8 scales per (expert, output channel)
+    [("gemma2", "int8", 2), ("gpt2", "float32", 3), ("mixtral", "int8", 3)],
+    ids=["gemma2-int8-2", "gpt2-3", "mixtral-int8-3"],
 )
 def test_sharded_ranks_give_the_single_process_loss_and_gradient(arch, dtype, size, tmp_path):
     model, stack = _problem(arch, getattr(torch, dtype))
@@ -150,7 +152,8 @@ def test_sharded_ranks_give_the_single_process_loss_and_gradient(arch, dtype, si
     for r in ranks:
         assert r["whole_bytes"] == stack.nbytes()
         assert r["rank_bytes"] == expected
-    assert expected < stack.nbytes() / size * 1.3
+    # within 1.3x of an even share; 1.5x where fused experts split 2, 2, 0 over 3 ranks
+    assert expected < stack.nbytes() / size * (1.5 if arch == "mixtral" else 1.3)
 
 
 def test_shard_rows_pads_the_last_block():

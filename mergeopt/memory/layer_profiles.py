@@ -39,6 +39,10 @@ class LayerProfile:
     the output projection (Phi3). ``rope_float32``: cos and sin are kept in float32.
     ``mask_kinds``: the attention masks the model builds per sequence (Gemma2's alternating sliding
     and full layers: 2); eager attention adds them as float masks in the compute dtype.
+    ``moe``: the MLP is a mixture of experts run by transformers' grouped_mm (:meth:`moe_mlp_bytes`);
+    ``router_renorm``: its top-k routing weights are renormalised to sum to one (Mixtral always,
+    Qwen3-MoE where ``norm_topk_prob``); ``routing_weights_float32``: they stay float32 (Mixtral;
+    Qwen3-MoE casts them to the compute dtype).
     """
 
     norm_weight_float32: bool = False
@@ -51,6 +55,9 @@ class LayerProfile:
     attention_output_copies: int = 1
     rope_float32: bool = False
     mask_kinds: int = 1
+    moe: bool = False
+    router_renorm: bool = False
+    routing_weights_float32: bool = False
 
     def norm_bytes(self, elements: int, rows: int, compute: int, frozen: bool = False) -> int:
         """Bytes one RMSNorm over ``elements`` per token (``rows`` norms of them) keeps, its output
@@ -98,6 +105,25 @@ class LayerProfile:
         float32, their float32 upcast."""
         return 2 * FLOAT32 + _cast(compute)
 
+    def moe_mlp_bytes(
+        self, hidden: int, experts: int, top_k: int, expert_width: int, compute: int, frozen: bool
+    ) -> int:
+        """Per token, what a mixture-of-experts MLP keeps beyond its input: the router's float32
+        probabilities over every expert and its top-k indices (int64), the renormalisation's sum and
+        weights (float32), the three int64 indices per routed copy that sort the copies by expert
+        and back, the routing weight of each copy, and per copy (top_k of them per token) what a
+        dense MLP keeps plus the copy of the token the experts read and the expert's output that
+        the routing weight multiplies: 2·hidden + 4·width. ``frozen`` (no expert weight merged):
+        neither the token copies nor the down projection's input are kept."""
+        router = FLOAT32 * experts + 8 * top_k + (FLOAT32 * (1 + top_k) if self.router_renorm else 0)
+        weight = FLOAT32 if self.routing_weights_float32 else compute
+        per_copy = (
+            3 * 8
+            + weight
+            + compute * ((hidden + 3 * expert_width) if frozen else (2 * hidden + 4 * expert_width))
+        )
+        return router + top_k * per_copy
+
     def mask_bytes(self, length: int, compute: int) -> int:
         """Per sequence, the attention masks held through the step: SDPA's boolean mask, or eager
         attention's float masks in the compute dtype, one per kind of layer."""
@@ -118,6 +144,8 @@ PROFILES = {
     "olmo2": LayerProfile(
         norm_weight_float32=True, pre_norms=0, post_norms=2, qk_norm="full", rope_float32=True
     ),
+    "mixtral": LayerProfile(moe=True, router_renorm=True, routing_weights_float32=True),
+    "qwen3_moe": LayerProfile(qk_norm="head", moe=True),
 }
 
 
@@ -127,6 +155,8 @@ def profile_for(config: dict) -> LayerProfile:
     profile = PROFILES.get(str(config.get("model_type", "")), LLAMA)
     if profile.eager and config.get("attn_logit_softcapping") is not None:
         profile = replace(profile, attention_softcap=True)
+    if profile.moe and config.get("norm_topk_prob"):
+        profile = replace(profile, router_renorm=True)
     kinds = len(set(config.get("layer_types") or ())) or 1
     return replace(profile, mask_kinds=kinds) if kinds != profile.mask_kinds else profile
 

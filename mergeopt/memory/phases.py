@@ -86,7 +86,13 @@ def after_attention_bytes(dims: Dims, batch: int, length: int, compute: int, fro
     d, p, tokens = dims, dims.profile, batch * length
     norms = (p.pre_norms + p.post_norms - min(p.pre_norms, 1)) * p.norm_bytes(d.hidden, 1, compute, frozen)
     mlp = (0 if frozen else compute * d.hidden) + compute * (3 if frozen else 4) * d.intermediate
-    return tokens * (norms + mlp) + p.norm_weight_bytes(d.hidden, d.heads, d.kv_heads, d.head_dim)
+    per_layer = p.norm_weight_bytes(d.hidden, d.heads, d.kv_heads, d.head_dim)
+    if p.moe:  # the router reads the MLP's input; grouped_mm keeps its int32 offsets per expert
+        mlp = (0 if frozen else compute * d.hidden) + p.moe_mlp_bytes(
+            d.hidden, d.experts, d.top_k, d.expert_intermediate, compute, frozen
+        )
+        per_layer += 4 * d.experts
+    return tokens * (norms + mlp) + per_layer
 
 
 def attention_sublayer_bytes(dims: Dims, batch: int, length: int, compute: int, frozen: bool = False) -> int:
@@ -290,10 +296,21 @@ def training_bytes(
         lowrank += compute * tokens * d.intermediate
     lowrank += compute * factor_copies[1 if recipe.optim.activation_checkpointing else 0]
     head = head_bytes(recipe, d, batch, length, compute, merged_head, gathers)
-    gradient = compute * tokens * d.intermediate  # the largest activation gradient
+    gradient = compute * tokens * d.mlp_gradient_width  # the largest activation gradient
     merge = merge_bytes(recipe, num_experts, largest, compute, gathers)
     unstacked = compute * gathers.unstacked if gathers else 0
-    backward = max(2 * gradient, gradient + merge, gradient + unstacked)
+    # a mixture of experts' backward meets its two widest moments after releasing some of what its
+    # routed copies kept: the gate and up gradients joined into the fused projection's, once the
+    # down projection's input and output are gone; the fused weight's contraction, once the gate's
+    # and up's activations and the fused projection's output gradient are gone too (the token
+    # copies the projection read stay, beside their gradient)
+    joined_release = fused_release = 0
+    if d.profile.moe and not frozen:
+        copies = tokens * d.top_k
+        joined_release = compute * copies * (d.expert_intermediate + d.hidden)
+        fused_release = compute * copies * (4 * d.expert_intermediate + d.hidden) + gradient
+        fused_release -= compute * copies * d.hidden
+    backward = max(2 * gradient - joined_release, gradient + merge - fused_release, gradient + unstacked)
     one_layer = layer_activation_bytes(d, batch, length, compute, frozen)
     # eager attention's backward, once the rest of the layer's backward has released what the
     # layer kept after its attention (zero under SDPA)
@@ -306,8 +323,12 @@ def training_bytes(
         # the merge in flight), its backward. Its largest moments come after the backward of the
         # MLP's output projection, which runs first and releases that module's input (the gated
         # product, one intermediate-sized activation) before its weight's contraction
-        released = 0 if frozen else compute * tokens * d.intermediate  # frozen: never kept
-        backward_peak = max(2 * gradient, gradient + merge - compute * largest)
+        released = 0 if frozen else compute * tokens * d.mlp_down_input  # frozen: never kept
+        if d.profile.moe and not frozen:  # the down projection's input is released already
+            joined_release, fused_release = joined_release - released, fused_release - released
+        backward_peak = max(
+            2 * gradient - joined_release, gradient + merge - compute * largest - fused_release
+        )
         gathered = compute * gathers.layer if gathers else 0
         backward_peak = max(backward_peak, attention + released)
         layer = one_layer - released + compute * layer_params + gathered + backward_peak
@@ -360,6 +381,14 @@ def evaluation_bytes(
     chunk = min(recipe.optim.loss_chunk_tokens, tokens)
     head = 2 * FLOAT32 * chunk * dims.vocab + (e * dims.vocab * dims.hidden if merged_head or cast else 0)
     layer = e * tokens * (4 * dims.hidden + 3 * dims.intermediate)
+    if dims.profile.moe:
+        # grouped_mm reads a fused expert weight whole (merged: the largest stacked tensor at most,
+        # its kernel's temporaries gone) while the routed copies' working set is alive: the token
+        # copies, the fused projection's output, the gate's activation and its product with up
+        copies = tokens * dims.top_k
+        layer = e * (
+            tokens * 4 * dims.hidden + copies * (dims.hidden + 4 * dims.expert_intermediate) + largest
+        )
     if dims.profile.eager:
         # the float masks, held through the forward; the layer holds the attention weights it
         # returns through its MLP, and the attention's softmax meets every head's scores

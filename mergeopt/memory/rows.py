@@ -31,6 +31,7 @@ tensor bytes of real steps on small Llamas (see :func:`~mergeopt.memory.phases.t
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 
@@ -86,11 +87,16 @@ def _output_layer_merged(stacked: Sequence[str], inventory: Inventory) -> bool:
 
 
 def _rows(inventory: Inventory, names: Sequence[str], shards: int = 1) -> int:
-    """Rows of the int8 scales: the first dimension of each tensor (one for a vector); sharded over
-    ``shards`` ranks, a rank's block of ⌈R/N⌉ of them."""
-    return sum(
-        block_rows(inventory.shapes[n][0], shards) if len(inventory.shapes[n]) >= 2 else 1 for n in names
-    )
+    """Rows of the int8 scales: every index of a tensor but the last (one for a vector; experts ×
+    outputs for a mixture-of-experts' fused weight); sharded over ``shards`` ranks, those of a
+    rank's block of ⌈R/N⌉ of its first dimension."""
+
+    def rows(shape: tuple[int, ...]) -> int:
+        if len(shape) < 2:
+            return 1
+        return block_rows(shape[0], shards) * math.prod(shape[1:-1])
+
+    return sum(rows(inventory.shapes[n]) for n in names)
 
 
 def _lora_modules(adapters: dict[str, FactorSizes]) -> dict[str, tuple[int, int, int]]:

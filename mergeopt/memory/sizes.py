@@ -64,6 +64,24 @@ class Dims:
     vocab: int
     model_type: str = "llama"
     profile: LayerProfile = LLAMA  # what a layer keeps beyond its shapes (mergeopt.memory.layer_profiles)
+    experts: int = 0  # a mixture-of-experts MLP: routed experts, experts per token, each one's width
+    top_k: int = 0
+    expert_intermediate: int = 0
+
+    @property
+    def mlp_gradient_width(self) -> int:
+        """Per token, the widest activation gradient of the MLP's backward: the gated projection's
+        input gradient (intermediate); a mixture of experts', for each of its top-k copies the
+        fused gate and up projections' output (2 × the expert's width)."""
+        if self.profile.moe:
+            return 2 * self.top_k * self.expert_intermediate
+        return self.intermediate
+
+    @property
+    def mlp_down_input(self) -> int:
+        """Per token, the elements of the MLP output projection's input (top-k copies for a
+        mixture of experts)."""
+        return self.top_k * self.expert_intermediate if self.profile.moe else self.intermediate
 
     @classmethod
     def from_config(cls, config: dict, where: str) -> Dims:
@@ -80,9 +98,11 @@ class Dims:
 
         hidden = pick("hidden_size", "n_embd", "d_model")
         heads = pick("num_attention_heads", "n_head")
+        intermediate = pick("intermediate_size", "n_inner", default=4 * hidden)
+        experts = pick("num_local_experts", "num_experts", default=0)
         return cls(
             hidden=hidden,
-            intermediate=pick("intermediate_size", "n_inner", default=4 * hidden),
+            intermediate=intermediate,
             layers=pick("num_hidden_layers", "n_layer", "num_layers"),
             heads=heads,
             kv_heads=pick("num_key_value_heads", default=heads),
@@ -90,6 +110,9 @@ class Dims:
             vocab=pick("vocab_size"),
             model_type=str(cfg.get("model_type", "")),
             profile=profile_for(cfg),
+            experts=experts,
+            top_k=pick("num_experts_per_tok", default=0) if experts else 0,
+            expert_intermediate=pick("moe_intermediate_size", default=intermediate) if experts else 0,
         )
 
 

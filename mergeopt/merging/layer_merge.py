@@ -24,6 +24,7 @@ decoder layers' own forward is recomputed, and the merge with it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,8 +43,9 @@ SOURCE_ATTRIBUTE = "_mergeopt_merge_source"
 def quantize_rows(deltas: torch.Tensor, levels: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 with one absmax scale per (expert, row): ``deltas ≈ q · scale[..., None]``.
 
-    Rows are the first dimension of each expert's tensor (output channels of a Linear weight,
-    tokens of an embedding); a 1-D tensor is one row. Task vectors span a narrow range, so a
+    Rows are every index of each expert's tensor but the last (output channels of a Linear weight,
+    tokens of an embedding, (expert, output channel) of a mixture-of-experts' fused weight); a 1-D
+    tensor is one row. Task vectors span a narrow range, so a
     per-row scale keeps the merge close (TVQ, arXiv 2503.06921); mergeopt measures it. ``levels``
     is the largest |q|: 127 for int8; 7 gives 4-bit values (benchmarks/precision.py measures what
     an int4 stack would cost with them).
@@ -62,7 +64,10 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def _num_rows(shape: torch.Size | tuple[int, ...]) -> int:
-    return shape[0] if len(shape) >= 2 else 1
+    """Rows of a tensor as the merge and the int8 scales see it: every index but the last (a
+    Linear weight's output channels; a mixture-of-experts' fused (experts, out, in) weight has
+    experts × out of them, not one per expert); a vector is one row."""
+    return math.prod(shape[:-1]) if len(shape) >= 2 else 1
 
 
 # ----------------------------------------------------------------------------- the kernel

@@ -226,7 +226,9 @@ def shard_stack(model: torch.nn.Module, stack, group=None) -> None:
             continue
         block = torch.nn.Parameter(shard_rows(anchor.detach(), rank, size), requires_grad=False)
         deltas = shard_rows(merge.deltas, rank, size, dim=1)
-        scales = shard_rows(merge.scales, rank, size, dim=1) if merge.scales is not None else None
+        scales = (
+            _shard_scales(merge.scales, anchor.shape[0], rank, size) if merge.scales is not None else None
+        )
         sharded = ShardedMergedParameter(
             merge.name, deltas, scales, merge.deltas.shape[0] + 1, merge.compute_dtype, anchor.shape, group
         )
@@ -239,6 +241,14 @@ def shard_stack(model: torch.nn.Module, stack, group=None) -> None:
         stack.deltas[merge.name] = deltas
         if scales is not None:
             stack.scales[merge.name] = scales
+
+
+def _shard_scales(scales: torch.Tensor, rows: int, rank: int, size: int) -> torch.Tensor:
+    """Rank's int8 scales, (K − 1, rows of its block): a matrix is sharded along its first
+    dimension, and a tensor of more than two (a mixture-of-experts' fused weight) has one scale
+    per (expert, output channel), so the scales are sharded as that first dimension is."""
+    per_row = scales.reshape(scales.shape[0], rows, -1)
+    return shard_rows(per_row, rank, size, dim=1).reshape(scales.shape[0], -1)
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
