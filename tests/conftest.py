@@ -69,7 +69,7 @@ def save_checkpoint(model: torch.nn.Module, path: Path, **kwargs) -> Path:
 
 def perturbed(model: LlamaForCausalLM, seed: int, scale: float = 0.02) -> LlamaForCausalLM:
     """A copy of ``model`` with seeded noise on every parameter: an 'expert' without training."""
-    expert = LlamaForCausalLM(model.config)
+    expert = type(model)(model.config)
     expert.load_state_dict(model.state_dict())
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -103,8 +103,13 @@ def test_each_expert_is_read_as_from_pretrained_holds_it(moe_world):
     for name, parameter in params.items():
         assert expert.tensors[name].shape == tuple(parameter.shape), name
         assert torch.equal(expert.read(name), parameter.detach()), name
+    reads = []
+    stored_read = expert._stored.read
+    expert._stored.read = lambda n, device="cpu": reads.append(n) or stored_read(n, device)
     block = expert.read_rows(fused, 1, 3)  # experts 1 and 2 of the fused weight
     assert torch.equal(block, params[fused].detach()[1:3])
+    # a sharded stack's block reads those experts' tensors alone (gate and up of each)
+    assert len(reads) == 4 and all(".experts.1." in n or ".experts.2." in n for n in reads), reads
 
 
 def test_a_dense_architecture_is_read_as_stored(random_world):

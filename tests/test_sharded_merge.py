@@ -189,20 +189,21 @@ def _stacking_worker(rank: int, size: int, port: int, root: str, dtype: str, out
     """Stack from checkpoints twice: whole then sharded, and each rank reading only its rows."""
     from pathlib import Path
 
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from mergeopt.loading.checkpoints import open_checkpoint
+    from mergeopt.loading.checkpoints import open_checkpoint, under_model_names
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
     try:
         torch.set_num_threads(1)
         root = Path(root)
         reads = _recording_reads()
-        experts = {n: open_checkpoint(root / n) for n in ("a", "b", "c")}
+        names = AutoModelForCausalLM.from_pretrained(root / "base")  # the model's names (fused experts)
+        experts = {n: under_model_names(open_checkpoint(root / n), names) for n in ("a", "b", "c")}
         stacks = {}
         for how in ("whole", "while stacking"):
             reads.clear()
-            model = LlamaForCausalLM.from_pretrained(root / "base").eval()
+            model = AutoModelForCausalLM.from_pretrained(root / "base").eval()
             shard = (rank, size) if how == "while stacking" else None
             stack = build_stack(model, experts, ("norm",), getattr(torch, dtype), False, shard=shard)
             if how == "whole":
@@ -224,16 +225,27 @@ def _stacking_worker(rank: int, size: int, port: int, root: str, dtype: str, out
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("dtype,size", [("int8", 3)])  # padded blocks and per-row scales
-def test_each_rank_reads_only_its_rows_of_every_matrix(tmp_path, dtype, size):
+@pytest.mark.parametrize(
+    "arch,dtype,size",
+    # padded blocks and per-row scales; Mixtral's 4 experts over 3 ranks: blocks of 2, 2 and 0
+    # experts of each fused weight, read from those experts' own tensors of the checkpoint
+    [("llama", "int8", 3), ("mixtral", "int8", 3)],
+)
+def test_each_rank_reads_only_its_rows_of_every_matrix(tmp_path, arch, dtype, size):
     """Stacking while sharded gives each rank exactly the block sharding a whole stack gives it,
-    and it reads from each expert's safetensors only that block of each matrix."""
-    from transformers import LlamaForCausalLM
+    and it reads from each expert's safetensors only that block of each matrix (of a fused
+    mixture-of-experts weight, only the tensors of the experts in its block)."""
+    import re
 
-    from tests.conftest import perturbed, save_checkpoint, tiny_config
+    from transformers import LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    from tests.conftest import TINY_SHAPES, perturbed, save_checkpoint, tiny_config
 
     torch.manual_seed(0)
-    base = LlamaForCausalLM(tiny_config()).eval()
+    if arch == "mixtral":
+        base = MixtralForCausalLM(MixtralConfig(**TINY_SHAPES, num_local_experts=4)).eval()
+    else:
+        base = LlamaForCausalLM(tiny_config()).eval()
     save_checkpoint(base, tmp_path / "base")
     for i, name in enumerate("abc"):
         save_checkpoint(perturbed(base, 100 + i), tmp_path / name)
@@ -243,13 +255,20 @@ def test_each_rank_reads_only_its_rows_of_every_matrix(tmp_path, dtype, size):
     assert all(r["same"] for r in ranks)
     for rank, r in enumerate(ranks):
         for name, start, stop in r["reads"]:
+            if name not in r["shapes"]:  # a stored tensor of a converted one
+                assert start is None or "block_sparse_moe.gate" in name, name  # renamed: its rows
+                if start is not None:
+                    continue
+                expert = int(re.search(r"\.experts\.(\d+)\.", name).group(1))  # read whole
+                assert rank * 2 <= expert < rank * 2 + 2, (rank, name)  # ⌈4/3⌉ = 2 experts a rank
+                continue
             shape = r["shapes"][name]
             assert len(shape) < 2 or start is not None, f"rank {rank} read all of {name}"
             if start is not None:
                 per = -(-shape[0] // size)
                 assert (start, stop) == (min(rank * per, shape[0]), min((rank + 1) * per, shape[0]))
         matrices = {n for n, s in r["shapes"].items() if len(s) >= 2 and "norm" not in n}
-        assert {n for n, start, _ in r["reads"] if start is not None} == matrices
+        assert {n for n, start, _ in r["reads"] if start is not None and n in r["shapes"]} == matrices
 
 
 def _loading_worker(rank: int, size: int, port: int, root: str, method: str, out: str) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ from safetensors import safe_open
 
 from mergeopt.errors import UserError
 from mergeopt.inputs import existing_dir, safetensors_header
-from mergeopt.loading.conversions import read_converted, under_model_names
+from mergeopt.loading.conversions import plan_conversions, read_converted, read_converted_rows
 from mergeopt.loading.lora import LoraAdapter, is_adapter, read_adapter
 
 SINGLE_FILE = "model.safetensors"
@@ -84,8 +84,8 @@ class Checkpoint:
         meta = self.tensors.get(name)
         if meta is None:
             raise UserError(f"tensor {name} is not in checkpoint {self.path}")
-        if self._conversions is not None and name in self._conversions:  # formed whole, then cut
-            return read_converted(self, name)[start:stop].clone()
+        if self._conversions is not None and name in self._conversions:
+            return read_converted_rows(self, name, start, stop)
         if self._stored is not None:
             return self._stored.read_rows(name, start, stop)
         if self._loaded is not None:
@@ -192,6 +192,21 @@ def open_checkpoint(path: str | Path, allow_pickle: bool = False, role: str | No
             )
         raise UserError(f"{path} has no {SINGLE_FILE} or {INDEX_FILE}")
     return Checkpoint(path=path, config=config, tensors=tensors)
+
+
+def under_model_names(checkpoint: Checkpoint, model: torch.nn.Module) -> Checkpoint:
+    """``checkpoint`` as the model's parameters: converted names with the model's shapes, the
+    other tensors as stored. The checkpoint itself when nothing is converted."""
+    conversions = plan_conversions(model, checkpoint.tensors)
+    if not conversions:
+        return checkpoint
+    converted_sources = {name for c in conversions.values() for name, _ in c.sources}
+    tensors = {n: m for n, m in checkpoint.tensors.items() if n not in converted_sources}
+    shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    for target, conversion in conversions.items():
+        first = checkpoint.tensors[conversion.sources[0][0]]
+        tensors[target] = TensorMeta(first.file, shapes[target], first.dtype)
+    return replace(checkpoint, tensors=tensors, _handles={}, _conversions=conversions, _stored=checkpoint)
 
 
 def _tokenizer_vocab(path: Path) -> dict | None:

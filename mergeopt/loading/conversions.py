@@ -7,8 +7,10 @@ parameter (``model.layers.0.mlp.experts.gate_up_proj``), which ``from_pretrained
 loads, following the model's checkpoint conversion mapping. mergeopt reads the experts tensor by
 tensor from their safetensors, by the model's parameter names, so it applies that same mapping,
 read from transformers (``get_model_conversion_mapping``, the function PEFT uses for the same
-purpose), rather than a copy of it: a checkpoint is presented under the model's names and shapes,
-and reading a converted name reads its sources and runs transformers' conversion on them alone.
+purpose), rather than a copy of it: :func:`mergeopt.loading.checkpoints.under_model_names` presents
+a checkpoint under the model's names and shapes, and reading a converted name reads its sources
+and runs transformers' conversion on them alone (a block of a fused weight's experts, on those
+experts' tensors alone).
 
 A transformers release without conversions (4.x) holds every weight as it is stored: then, and for
 every architecture without a mapping, the checkpoint is used as it is.
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -44,6 +46,10 @@ class Conversion:
         for name, pattern in self.sources:
             converter.add_tensor(self.first_target, name, pattern, read(name))
         return converter.convert(self.first_target)
+
+
+# safetensors header dtypes (a pickled checkpoint records torch's names)
+_STORED_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 def _transformers_api():
@@ -95,21 +101,50 @@ def plan_conversions(model: torch.nn.Module, names: Iterable[str]) -> dict[str, 
     return conversions
 
 
-def under_model_names(checkpoint, model: torch.nn.Module):
-    """``checkpoint`` as the model's parameters: converted names with the model's shapes, the
-    other tensors as stored. The checkpoint itself when nothing is converted."""
-    conversions = plan_conversions(model, checkpoint.tensors)
-    if not conversions:
-        return checkpoint
-    from mergeopt.loading.checkpoints import TensorMeta
+def _expert_block(conversion: Conversion, rows: int, start: int, stop: int) -> Conversion | None:
+    """The conversion of rows [start, stop) alone, where the first dimension is the experts: the
+    converter stacks one source per expert along it (``MergeModulelist(dim=0)``), then at most
+    joins the projections along another dimension, so those rows are formed from those experts'
+    sources alone (a sharded stack's block reads only them). None for any other conversion."""
+    operations = getattr(conversion.converter, "operations", None) or []
+    kinds = [type(op).__name__ for op in operations]
+    if not kinds or kinds[0] != "MergeModulelist" or getattr(operations[0], "dim", None) != 0:
+        return None
+    if any(k != "Concatenate" or getattr(op, "dim", 0) == 0 for k, op in zip(kinds[1:], operations[1:])):
+        return None
+    per_pattern: dict[str, list[tuple[str, str]]] = {}
+    for source in conversion.sources:
+        per_pattern.setdefault(source[1], []).append(source)
+    if any(len(sources) != rows for sources in per_pattern.values()):
+        return None
+    block = [s for sources in per_pattern.values() for s in sources[start:stop]]
+    return Conversion(conversion.converter, block, conversion.first_target)
 
-    converted_sources = {name for c in conversions.values() for name, _ in c.sources}
-    tensors = {n: m for n, m in checkpoint.tensors.items() if n not in converted_sources}
-    shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
-    for target, conversion in conversions.items():
-        first = checkpoint.tensors[conversion.sources[0][0]]
-        tensors[target] = TensorMeta(first.file, shapes[target], first.dtype)
-    return replace(checkpoint, tensors=tensors, _handles={}, _conversions=conversions, _stored=checkpoint)
+
+def read_converted_rows(checkpoint, name: str, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of a converted parameter: of a renamed one, those rows of the stored
+    tensor; of a mixture of experts' fused weight, from those experts' tensors alone; of any other
+    conversion, cut from the whole."""
+    conversion = checkpoint._conversions[name]
+    if conversion.converter is None:  # renamed only: those rows of the stored tensor
+        return checkpoint._stored.read_rows(conversion.sources[0][0], start, stop)
+    meta = checkpoint.tensors[name]
+    shape = meta.shape
+    if stop <= start:  # a rank past the last expert: an empty block, nothing read
+        dtype = _STORED_DTYPES.get(meta.dtype) or getattr(torch, meta.dtype.lower(), torch.float32)
+        return torch.empty((0, *shape[1:]), dtype=dtype)
+    block = _expert_block(conversion, shape[0], start, stop)
+    if block is None:
+        return read_converted(checkpoint, name)[start:stop].clone()
+    tensor = block.convert(checkpoint._stored.read).get(name)
+    tensor = tensor[0] if isinstance(tensor, list) else tensor
+    expected = (stop - start, *shape[1:])
+    if tensor is None or tuple(tensor.shape) != expected:
+        raise UserError(
+            f"{checkpoint.path}: converting experts {start} to {stop - 1} of {name} gave "
+            f"{'nothing' if tensor is None else list(tensor.shape)}, not {list(expected)}"
+        )
+    return tensor
 
 
 def read_converted(checkpoint, name: str) -> torch.Tensor:

@@ -32,8 +32,8 @@ from mergeopt.loading.checkpoints import (
     meta_model,
     open_checkpoint,
     read_json_object,
+    under_model_names,
 )
-from mergeopt.loading.conversions import under_model_names
 from mergeopt.loading.lora import is_adapter, read_adapter_config
 from mergeopt.loading.lora_sizes import FactorSizes, factor_sizes, saved_copy
 from mergeopt.loading.positions import check_max_length
