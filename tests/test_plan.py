@@ -699,10 +699,10 @@ def per_rank(shapes: dict, names, ranks: int) -> tuple[int, int]:
     elements = scale_rows = 0
     for name in names:
         shape = shapes[name]
-        if len(shape) >= 2:
+        if len(shape) >= 2:  # a fused (experts, out, in) weight: a scale per expert and output
             rows = -(-shape[0] // ranks)
             elements += rows * math.prod(shape[1:])
-            scale_rows += rows
+            scale_rows += rows * math.prod(shape[1:-1])
         else:
             elements += math.prod(shape)
             scale_rows += 1
@@ -747,6 +747,40 @@ def test_8b_four_int8_experts_fit_2_consumer_gpus_of_24_gb_and_not_one(config_8b
     one = load_recipe(REPO / "recipes" / "8b.yaml", [*overrides, "model.stack_dtype=int8"])
     alone = plan.plan_memory(one, inventory, dims, GPU_24GB, 1)
     assert alone.fits is False and alone.peak > 30 * 10**9, dry_run.gib(alone.peak)
+
+
+@pytest.mark.parametrize(
+    "name,ranks,overrides,fits",
+    [
+        ("mixtral-8x7b", 8, (), True),  # 51 GiB per rank
+        ("mixtral-8x7b", 4, (), False),  # 95 GiB
+        ("mixtral-8x7b", 4, ("model.stack_dtype=int8",), True),  # 63 GiB
+        ("qwen3-30b-a3b", 4, (), True),  # 59 GiB
+        ("qwen3-30b-a3b", 1, ("model.stack_dtype=int8", "model.shard=none"), False),  # 155 GiB
+    ],
+)
+def test_mixture_of_experts_models_plan_per_rank(tmp_path, name, ranks, overrides, fits):
+    """recipes/70b.yaml with four experts of Mixtral-8x7B's or Qwen3-30B-A3B's shapes (their
+    published config.json, tests/data/configs) on GPUs of 80 GB: the fused (experts, out, in)
+    weights are stacked and sharded by their first dimension as every matrix, int8 scales per
+    expert and output channel; which layouts fit."""
+    (tmp_path / "config.json").write_text((REPO / "tests" / "data" / "configs" / f"{name}.json").read_text())
+    experts = [f"model.experts.{e}={tmp_path}" for e in EXPERTS_8B]
+    r = load_recipe(REPO / "recipes" / "70b.yaml", [f"model.base={tmp_path}", *experts, *overrides])
+    inventory, dims = dry_run.read_inventory(r)
+    assert dims.profile.moe and dims.top_k == (2 if name.startswith("mixtral") else 8)
+    assert not any(n.startswith("note: activations") for n in inventory.notes)
+    fused = [n for n, shape in inventory.shapes.items() if len(shape) == 3]
+    assert len(fused) == 2 * dims.layers  # gate_up_proj and down_proj of every layer
+    p = plan.plan_memory(r, inventory, dims, GPU_80GB, ranks)
+    stacked = [n for n in inventory.shapes if not any(x in n for x in EXCLUDED)]
+    elements, scale_rows = per_rank(inventory.shapes, stacked, ranks)
+    int8 = r.model.stack_dtype == "int8"
+    assert p.row("stack anchor θ_1") == 2 * elements
+    assert p.row("stack differences") == 3 * elements * (1 if int8 else 2) + (
+        3 * scale_rows * 4 if int8 else 0
+    )
+    assert p.fits is fits, dry_run.gib(p.peak)
 
 
 @pytest.mark.parametrize(
