@@ -201,3 +201,42 @@ def test_a_checkpoint_short_of_an_expert_is_one_line(moe_world, tmp_path):
     with pytest.raises(UserError, match=f"tensor {stored} is missing from the expert"):
         open_experts(moe_world["base"], {**moe_world["experts"], "alpha": str(broken)})
     assert json.loads((broken / "config.json").read_text())["model_type"] == moe_world["arch"]
+
+
+def test_lora_experts_on_the_attention_of_a_mixture_of_experts(moe_world, tmp_path):
+    """PEFT LoRA adapters on the attention of a mixture-of-experts base, beside a dense expert:
+    each one-hot mixture gives PEFT's own model's logits (the adapter) or the expert's. A router
+    or fused expert weight adapted by LoRA is PEFT's target_parameters, refused in one line."""
+    import peft
+
+    adapters = {}
+    for i, name in enumerate(("alpha", "beta")):
+        torch.manual_seed(10 + i)
+        model = transformers.AutoModelForCausalLM.from_pretrained(moe_world["base"]).eval()
+        config = peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+        )
+        peft.get_peft_model(model, config).save_pretrained(tmp_path / name)
+        adapters[name] = str(tmp_path / name)
+    world = {**moe_world, "experts": {**adapters, "gamma": moe_world["experts"]["gamma"]}}
+    model, stack, _, _ = load_merge(_recipe(world, tmp_path), progress=False)
+    ids = torch.randint(3, VOCAB, (2, 11), generator=torch.Generator().manual_seed(2))
+    for i, name in enumerate(stack.expert_names):
+        reference = transformers.AutoModelForCausalLM.from_pretrained(moe_world["base"]).eval()
+        if name in adapters:
+            reference = peft.PeftModel.from_pretrained(reference, adapters[name]).eval()
+        else:
+            reference = transformers.AutoModelForCausalLM.from_pretrained(world["experts"][name]).eval()
+        with torch.no_grad():
+            want = reference(ids).logits
+            got = functional_call(model, stack.mix_params(torch.eye(3)[i]), (ids,)).logits
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0, msg=name)
+    from mergeopt.errors import UserError
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(moe_world["base"])
+    routed = peft.LoraConfig(r=4, target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj"])
+    peft.get_peft_model(base, routed).save_pretrained(tmp_path / "experts-lora")
+    with pytest.raises(UserError, match="target_parameters"):
+        open_experts(
+            moe_world["base"], {"alpha": str(tmp_path / "experts-lora"), "gamma": world["experts"]["gamma"]}
+        )
