@@ -205,8 +205,10 @@ def reference_norm(base: torch.Tensor) -> float:
 
 
 def low_rank_norm(left: torch.Tensor, right: torch.Tensor) -> float:
-    """‖L Rᵀ‖_F from the two thin factors: √Σ (LᵀL) ⊙ (RᵀR), without forming L Rᵀ."""
-    return math.sqrt(float(((left.T @ left) * (right.T @ right)).sum()))
+    """‖L Rᵀ‖_F from the two thin factors: √Σ (LᵀL) ⊙ (RᵀR), without forming L Rᵀ (a batch of
+    factors, (B, rows, r) and (B, columns, r): the norm of the whole batch of products)."""
+    gram = left.transpose(-1, -2) @ left
+    return math.sqrt(float((gram * (right.transpose(-1, -2) @ right)).sum()))
 
 
 def draw_task_vector(
@@ -219,24 +221,31 @@ def draw_task_vector(
 ) -> torch.Tensor:
     """A float32 task vector with ‖τ‖_F ≈ rel_scale · reference.
 
-    1-D (and 0-D) tensors get dense noise only. Matrices (any tensor of 2 or more dims, seen as
-    (shape[0], rest)) get dense noise with (1 − LOW_RANK_ENERGY) of the squared norm plus a rank-r
-    product L Rᵀ with the rest. Draw order: noise, L, R.
+    1-D (and 0-D) tensors get dense noise only. Matrices (2-D tensors, and tensors of more dims
+    seen as (shape[0], rest)) get dense noise with (1 − LOW_RANK_ENERGY) of the squared norm plus a
+    rank-r product L Rᵀ with the rest. A mixture of experts' fused (experts, out, in) weight is a
+    batch of matrices, one per expert, each fine-tuned as a dense model's: a rank-r product per
+    expert. Draw order: noise, L, R.
     """
     target = rel_scale * reference
     tau = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
     if tau.dim() < 2:
         return tau.mul_(target / max(float(torch.linalg.vector_norm(tau)), 1e-30))
-    matrix = tau.view(shape[0], -1)
-    rows, columns = matrix.shape
+    fused = tau.dim() == 3
+    matrix = tau if fused else tau.view(shape[0], -1)
+    rows, columns = matrix.shape[-2:]
     rank = min(rank, rows, columns)
     noise_norm = target * math.sqrt(1 - LOW_RANK_ENERGY)
     matrix.mul_(noise_norm / max(float(torch.linalg.vector_norm(matrix)), 1e-30))
     if rank > 0 and LOW_RANK_ENERGY > 0:
-        left = torch.randn(rows, rank, generator=generator, device=device, dtype=torch.float32)
-        right = torch.randn(columns, rank, generator=generator, device=device, dtype=torch.float32)
-        low_norm = target * math.sqrt(LOW_RANK_ENERGY)
-        matrix.addmm_(left, right.T, alpha=low_norm / max(low_rank_norm(left, right), 1e-30))
+        batch = matrix.shape[:-2]
+        left = torch.randn(*batch, rows, rank, generator=generator, device=device, dtype=torch.float32)
+        right = torch.randn(*batch, columns, rank, generator=generator, device=device, dtype=torch.float32)
+        alpha = target * math.sqrt(LOW_RANK_ENERGY) / max(low_rank_norm(left, right), 1e-30)
+        if fused:
+            matrix.baddbmm_(left, right.transpose(-1, -2), alpha=alpha)
+        else:
+            matrix.addmm_(left, right.T, alpha=alpha)
     return tau
 
 
