@@ -6,7 +6,8 @@ per-layer merge), its own logits and ``F.cross_entropy``. New path: the model wh
 parameters merge when their module runs, w handed to the mixture buffers, the chunked loss, with
 and without activation checkpointing. Loss and ∂L/∂z must agree to 1e-6 in float32, and ∂L/∂z must
 match central finite differences. The fitted w of the gradient strategy must equal a reference
-Adam loop on the whole-model merge. Mixture-of-experts models (Mixtral, Qwen3-MoE) hold each
+Adam loop on the whole-model merge. Mixture-of-experts models (Mixtral, Qwen3-MoE, Qwen2-MoE with
+its shared expert, OLMoE, GPT-OSS with biased experts) hold each
 projection of their experts as one fused (experts, out, in) parameter, merged as one tensor; their
 top-k routing makes the loss a step function where a token changes experts, so their finite
 differences are taken where no token does.
@@ -59,9 +60,39 @@ ARCHITECTURES = {
             num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24
         ),
     ),
+    "qwen2_moe": (  # a shared expert beside the routed ones, with its own sigmoid gate
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        dict(
+            num_key_value_heads=2,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=40,
+        ),
+    ),
+    "olmoe": (
+        "OlmoeConfig",
+        "OlmoeForCausalLM",
+        dict(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2),
+    ),
+    "gpt_oss": (  # biased, interleaved gate and up, clamped SwiGLU; attention sinks
+        "GptOssConfig",
+        "GptOssForCausalLM",
+        dict(
+            num_key_value_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            head_dim=8,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+    ),
 }
-MOE = ("mixtral", "qwen3_moe")
-ROUTER_GAIN = 20.0  # see tiny_model
+MOE = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "gpt_oss")
+# a decisive router, as trained ones are (see tiny_model); per model, chosen so that the finite
+# differences' steps keep every token's experts, which finite_differences checks
+ROUTER_GAIN = {"qwen2_moe": 5.0}
+DEFAULT_ROUTER_GAIN = 20.0
 
 
 def tiny_model(arch: str, seed: int = 0, experts_implementation: str | None = None) -> torch.nn.Module:
@@ -83,7 +114,7 @@ def tiny_model(arch: str, seed: int = 0, experts_implementation: str | None = No
         torch.no_grad()
     ):  # a decisive router, as trained ones are: wide margins between its top-k and the rest
         for router in routers(model):
-            router.weight.mul_(ROUTER_GAIN)
+            router.weight.mul_(ROUTER_GAIN.get(arch, DEFAULT_ROUTER_GAIN))
     return model
 
 
@@ -111,7 +142,9 @@ def perturbed_experts(model: torch.nn.Module, count: int = 3, scale: float = 0.0
     gen = torch.Generator().manual_seed(7)
     names = [n for n, _ in model.named_parameters()]
     params = dict(model.named_parameters())
-    gates = {f"{n}.weight" for n, m in model.named_modules() if m in routers(model)}
+    gates = {
+        f"{n}.{p}" for n, m in model.named_modules() if m in routers(model) for p, _ in m.named_parameters()
+    }
     return {
         f"e{i}": {
             n: params[n].detach()
@@ -404,14 +437,14 @@ def test_no_merged_copy_of_the_model_is_saved_for_the_backward(monkeypatch):
 @pytest.mark.parametrize("arch", MOE)
 def test_mixture_of_experts_merges_each_fused_weight_once_per_forward(arch, monkeypatch):
     """transformers' default experts implementation (grouped_mm) reads each fused (experts, out, in)
-    weight once, so a forward merges each stacked tensor once: scoring a candidate costs one forward
-    and one merge, as for a dense model. Its eager and batched_mm implementations give the same loss
+    weight once, so a forward merges it once: scoring a candidate costs one forward and one merge
+    of each weight, as for a dense model. Its eager and batched_mm implementations give the same loss
     and ∂L/∂z (eager reads the weight once per routed expert, so it merges it that many times)."""
     from mergeopt.merging import layer_merge
 
-    merges = []
+    merges = []  # the anchor of each merge formed
     original = layer_merge.merge_value
-    monkeypatch.setattr(layer_merge, "merge_value", lambda *a, **k: merges.append(1) or original(*a, **k))
+    monkeypatch.setattr(layer_merge, "merge_value", lambda *a, **k: merges.append(a[1]) or original(*a, **k))
     batch, logits = padded_batch(), torch.tensor([0.3, -0.4, 0.2], dtype=torch.float64)
     results = {}
     for implementation in ("grouped_mm", "eager", "batched_mm"):
@@ -421,7 +454,8 @@ def test_mixture_of_experts_merges_each_fused_weight_once_per_forward(arch, monk
         with torch.no_grad():
             per_layer_loss(base, stack, torch.softmax(logits, 0), batch, 5)
         if implementation == "grouped_mm":
-            assert len(merges) == len(stack.anchor) and any(a.dim() == 3 for a in stack.anchor.values())
+            fused = [a for a in stack.anchor.values() if a.dim() == 3]
+            assert fused and all(sum(m.data_ptr() == a.data_ptr() for m in merges) == 1 for a in fused)
         results[implementation] = loss_and_grad(
             lambda w, m=base, s=stack: per_layer_loss(m, s, w, batch, 5), logits
         )

@@ -42,6 +42,15 @@ ARCHITECTURES = {
         "Qwen3MoeForCausalLM",
         dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True),
     ),
+    # a shared expert beside the routed ones (Qwen2-MoE); whole-width q/k norms (OLMoE)
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        dict(
+            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, shared_expert_intermediate_size=96
+        ),
+    ),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=8, num_experts_per_tok=2)),
 }
 
 
@@ -95,15 +104,21 @@ def _saved_bytes(run, skip: list[torch.Tensor]) -> int:
 
 def test_every_architecture_family_of_the_layer_merge_matrix_is_profiled():
     """The architectures the per-layer merge is tested on (tests/test_layer_merge.py) are profiled,
-    GPT-2 aside (Conv1D and LayerNorm: estimated as Llama's, and the plan says so)."""
+    GPT-2 aside (Conv1D and LayerNorm: estimated as Llama's, and the plan says so) and GPT-OSS
+    (attention sinks, a clamped SwiGLU with biases: estimated as a mixture of experts of Mixtral's
+    kind, measured 0.67x to 0.68x of what autograd saves here, and the plan says so)."""
+    from mergeopt.memory.layer_profiles import ROUTED
     from tests.test_layer_merge import ARCHITECTURES as MERGED
 
-    assert set(MERGED) - {"gpt2"} <= set(PROFILES)
+    assert set(MERGED) - {"gpt2", "gpt_oss"} <= set(PROFILES)
     assert set(ARCHITECTURES) == set(PROFILES)
     assert not_profiled_note("llama") is None
     note = not_profiled_note("gpt2")
-    assert note is not None and "gpt2 is not profiled" in note
+    assert note is not None and "gpt2 is not profiled" in note and "Llama's" in note
     assert profile_for({"model_type": "gpt2"}) is LLAMA
+    note = not_profiled_note("gpt_oss", routed=True)
+    assert note is not None and "gpt_oss is not profiled" in note and "mixture of experts" in note
+    assert profile_for({"model_type": "gpt_oss", "num_local_experts": 32}) is ROUTED
 
 
 @pytest.mark.parametrize("compute", ["float32", "bfloat16"])
@@ -223,7 +238,7 @@ def test_evaluation_plan_of_eager_attention_bounds_the_live_bytes(compute, batch
 
 
 @pytest.mark.parametrize("compute", ["float32", "bfloat16"])
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe"])
 def test_evaluation_plan_of_a_mixture_of_experts_bounds_the_live_bytes(arch, compute):
     """A mixture of experts' no-grad evaluation batch: grouped_mm reads each fused expert weight
     whole, merged, while the routed copies' working set is alive (4 x 60 tokens, where the SDPA

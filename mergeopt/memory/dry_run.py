@@ -101,7 +101,7 @@ def _check_experts(base: Checkpoint, experts: dict[str, Checkpoint]) -> None:
 
 
 def _profile_notes(dims: Dims) -> tuple[str, ...]:
-    note = not_profiled_note(dims.model_type)
+    note = not_profiled_note(dims.model_type, dims.profile.moe)
     return (note,) if note else ()
 
 

@@ -42,7 +42,8 @@ class LayerProfile:
     ``moe``: the MLP is a mixture of experts run by transformers' grouped_mm (:meth:`moe_mlp_bytes`);
     ``router_renorm``: its top-k routing weights are renormalised to sum to one (Mixtral always,
     Qwen3-MoE where ``norm_topk_prob``); ``routing_weights_float32``: they stay float32 (Mixtral;
-    Qwen3-MoE casts them to the compute dtype).
+    Qwen3-MoE casts them to the compute dtype); ``shared_expert``: a dense MLP beside the routed
+    experts, scaled by a sigmoid gate (Qwen2-MoE).
     """
 
     norm_weight_float32: bool = False
@@ -58,6 +59,7 @@ class LayerProfile:
     moe: bool = False
     router_renorm: bool = False
     routing_weights_float32: bool = False
+    shared_expert: bool = False
 
     def norm_bytes(self, elements: int, rows: int, compute: int, frozen: bool = False) -> int:
         """Bytes one RMSNorm over ``elements`` per token (``rows`` norms of them) keeps, its output
@@ -124,6 +126,13 @@ class LayerProfile:
         )
         return router + top_k * per_copy
 
+    def shared_expert_bytes(self, hidden: int, width: int, compute: int, frozen: bool) -> int:
+        """Per token, a shared expert's dense MLP of ``width`` (as a Llama MLP's, its input the
+        routed experts' own) and its gate: the sigmoid's output and the MLP output it scales."""
+        if not self.shared_expert:
+            return 0
+        return compute * ((3 if frozen else 4) * width + hidden + 1)
+
     def mask_bytes(self, length: int, compute: int) -> int:
         """Per sequence, the attention masks held through the step: SDPA's boolean mask, or eager
         attention's float masks in the compute dtype, one per kind of layer."""
@@ -131,6 +140,7 @@ class LayerProfile:
 
 
 LLAMA = LayerProfile()
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")  # config.json's routed experts
 _GEMMA_NORMS = dict(norm_weight_float32=True, offset_weight=True)
 PROFILES = {
     "llama": LLAMA,
@@ -146,13 +156,17 @@ PROFILES = {
     ),
     "mixtral": LayerProfile(moe=True, router_renorm=True, routing_weights_float32=True),
     "qwen3_moe": LayerProfile(qk_norm="head", moe=True),
+    "qwen2_moe": LayerProfile(moe=True, shared_expert=True),
+    "olmoe": LayerProfile(qk_norm="full", moe=True),
 }
+# a mixture of experts of a type not profiled: its MLP planned as a routed one (Mixtral's kind)
+ROUTED = LayerProfile(moe=True)
 
 
 def profile_for(config: dict) -> LayerProfile:
     """The profile of a config.json (a multimodal config's text part already picked). A model type
     not in :data:`PROFILES` gets Llama's (:func:`not_profiled_note`)."""
-    profile = PROFILES.get(str(config.get("model_type", "")), LLAMA)
+    profile = PROFILES.get(str(config.get("model_type", "")), ROUTED if routes(config) else LLAMA)
     if profile.eager and config.get("attn_logit_softcapping") is not None:
         profile = replace(profile, attention_softcap=True)
     if profile.moe and config.get("norm_topk_prob"):
@@ -161,11 +175,18 @@ def profile_for(config: dict) -> LayerProfile:
     return replace(profile, mask_kinds=kinds) if kinds != profile.mask_kinds else profile
 
 
-def not_profiled_note(model_type: str) -> str | None:
-    """The plan's note for a model type whose layer is estimated as Llama's (None: profiled)."""
+def routes(config: dict) -> bool:
+    """Whether config.json names routed experts (a mixture of experts)."""
+    return any(isinstance(config.get(k), int) and config[k] > 0 for k in EXPERT_COUNT_KEYS)
+
+
+def not_profiled_note(model_type: str, routed: bool = False) -> str | None:
+    """The plan's note for a model type whose layer is estimated as Llama's, or as a Mixtral-style
+    mixture of experts where the config names routed experts (None: profiled)."""
     if model_type in PROFILES:
         return None
+    kind = "a mixture of experts of Mixtral's kind" if routed else "Llama's"
     return (
         f"activations: model type {model_type or '(none)'} is not profiled; its layers are estimated "
-        f"as Llama's (profiled: {', '.join(sorted(PROFILES))})"
+        f"as {kind} (profiled: {', '.join(sorted(PROFILES))})"
     )

@@ -91,6 +91,7 @@ def after_attention_bytes(dims: Dims, batch: int, length: int, compute: int, fro
         mlp = (0 if frozen else compute * d.hidden) + p.moe_mlp_bytes(
             d.hidden, d.experts, d.top_k, d.expert_intermediate, compute, frozen
         )
+        mlp += p.shared_expert_bytes(d.hidden, d.shared_intermediate, compute, frozen)
         per_layer += 4 * d.experts
     return tokens * (norms + mlp) + per_layer
 
@@ -386,9 +387,11 @@ def evaluation_bytes(
         # its kernel's temporaries gone) while the routed copies' working set is alive: the token
         # copies, the fused projection's output, the gate's activation and its product with up
         copies = tokens * dims.top_k
-        layer = e * (
-            tokens * 4 * dims.hidden + copies * (dims.hidden + 4 * dims.expert_intermediate) + largest
-        )
+        routed = copies * (dims.hidden + 4 * dims.expert_intermediate)
+        layer = e * (tokens * 4 * dims.hidden + routed + largest)
+        if dims.shared_intermediate:  # a shared expert runs first, as a dense MLP; its output stays
+            shared = e * tokens * (4 * dims.hidden + 3 * dims.shared_intermediate)
+            layer = max(layer + e * tokens * dims.hidden, shared)
     if dims.profile.eager:
         # the float masks, held through the forward; the layer holds the attention weights it
         # returns through its MLP, and the attention's softmax meets every head's scores

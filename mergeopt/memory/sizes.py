@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from mergeopt.errors import UserError
 from mergeopt.loading.lora_sizes import FactorSizes
-from mergeopt.memory.layer_profiles import LLAMA, LayerProfile, profile_for
+from mergeopt.memory.layer_profiles import EXPERT_COUNT_KEYS, LLAMA, LayerProfile, profile_for
 
 GIB = 2**30
 FLOAT32 = 4
@@ -67,6 +67,7 @@ class Dims:
     experts: int = 0  # a mixture-of-experts MLP: routed experts, experts per token, each one's width
     top_k: int = 0
     expert_intermediate: int = 0
+    shared_intermediate: int = 0  # a shared expert's width (Qwen2-MoE)
 
     @property
     def mlp_gradient_width(self) -> int:
@@ -74,7 +75,7 @@ class Dims:
         input gradient (intermediate); a mixture of experts', for each of its top-k copies the
         fused gate and up projections' output (2 × the expert's width)."""
         if self.profile.moe:
-            return 2 * self.top_k * self.expert_intermediate
+            return max(2 * self.top_k * self.expert_intermediate, self.shared_intermediate)
         return self.intermediate
 
     @property
@@ -99,7 +100,7 @@ class Dims:
         hidden = pick("hidden_size", "n_embd", "d_model")
         heads = pick("num_attention_heads", "n_head")
         intermediate = pick("intermediate_size", "n_inner", default=4 * hidden)
-        experts = pick("num_local_experts", "num_experts", default=0)
+        experts = pick(*EXPERT_COUNT_KEYS, default=0)
         return cls(
             hidden=hidden,
             intermediate=intermediate,
@@ -113,6 +114,7 @@ class Dims:
             experts=experts,
             top_k=pick("num_experts_per_tok", default=0) if experts else 0,
             expert_intermediate=pick("moe_intermediate_size", default=intermediate) if experts else 0,
+            shared_intermediate=pick("shared_expert_intermediate_size", default=0) if experts else 0,
         )
 
 
