@@ -1,6 +1,6 @@
 """Mixture-of-experts checkpoints, stored one tensor per expert, read under the model's fused names.
 
-transformers 5 holds Mixtral's and Qwen3-MoE's expert weights fused, (experts, out, in) per
+transformers 5 holds Mixtral's, Qwen2-MoE's, Qwen3-MoE's and OLMoE's expert weights fused, (experts, out, in) per
 projection, and converts the checkpoints' per-expert tensors as it loads them; ``save_pretrained``
 writes them back per expert. The truth here is transformers itself: every tensor mergeopt reads
 from an expert checkpoint equals that parameter of ``from_pretrained`` of the same directory,
@@ -37,6 +37,14 @@ MOE = {
         "Qwen3MoeForCausalLM",
         dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, head_dim=8, norm_topk_prob=True),
     ),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        dict(
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=40
+        ),
+    ),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2)),
 }
 # what each architecture's checkpoints store per expert, and the fused parameter it becomes
 STORED = {
@@ -45,6 +53,8 @@ STORED = {
         "model.layers.0.mlp.experts.gate_up_proj",
     ),
     "qwen3_moe": ("model.layers.0.mlp.experts.3.gate_proj.weight", "model.layers.0.mlp.experts.gate_up_proj"),
+    "qwen2_moe": ("model.layers.0.mlp.experts.3.gate_proj.weight", "model.layers.0.mlp.experts.gate_up_proj"),
+    "olmoe": ("model.layers.0.mlp.experts.3.gate_proj.weight", "model.layers.0.mlp.experts.gate_up_proj"),
 }
 
 
