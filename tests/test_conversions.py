@@ -2,11 +2,11 @@
 
 transformers 5 holds Mixtral's, Qwen2-MoE's, Qwen3-MoE's and OLMoE's expert weights fused,
 (experts, out, in) per projection, and converts the checkpoints' per-expert tensors as it loads
-them; ``save_pretrained``
-writes them back per expert. The truth here is transformers itself: every tensor mergeopt reads
-from an expert checkpoint equals that parameter of ``from_pretrained`` of the same directory,
-exactly; a fit's merge at one-hot weights gives each expert's own logits; a written merge loads
-back with the in-memory merge's logits; and the memory plan counts the model's tensors.
+them; ``save_pretrained`` writes them back per expert. The truth here is transformers itself:
+every tensor mergeopt reads from an expert checkpoint equals that parameter of ``from_pretrained``
+of the same directory, exactly; a fit's merge at one-hot weights gives each expert's own logits; a
+written merge loads back with the in-memory merge's logits; and the memory plan counts the
+model's tensors.
 """
 
 from __future__ import annotations
