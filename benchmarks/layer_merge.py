@@ -4,6 +4,10 @@ Run (from the repository root, on a quiet machine; about 10 minutes on 2 CPU cor
 
     python benchmarks/layer_merge.py [--repeats 5] [--out benchmarks/results/layer_merge]
 
+``--config`` measures another architecture's random model the same way (its config.json), without
+the 8B plans and the peer: ``--config tests/data/configs/mixtral-140m.json --out
+benchmarks/results/layer_merge_moe`` for a mixture of experts (fused expert weights, grouped_mm).
+
 What it measures, on a random ``random://tests/data/configs/llama-100m.json`` Llama (P = 124.7M,
 untied embeddings) with K = 4 random experts (mergeopt's ``random://`` world: base plus low-rank
 plus noise task vectors at 1e-3 of each weight's norm), float32, one batch of 8 x 128 seeded random
@@ -50,7 +54,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "tests" / "data" / "configs" / "llama-100m.json"
+DEFAULT_CONFIG = REPO / "tests" / "data" / "configs" / "llama-100m.json"
+CONFIG = DEFAULT_CONFIG  # --config replaces it (in this process and the cases it spawns)
 CONFIG_8B = REPO / "tests" / "data" / "configs" / "llama-3.1-8b.json"
 PREVIOUS_8B_PEAK_GIB = 204  # the planner's peak for recipes/8b.yaml before the per-layer merge
 K, BATCH, LENGTH = 4, 8, 128
@@ -143,7 +148,8 @@ def memory_case(case: str, checkpointed: bool) -> dict:
 
 
 def spawn(case: str, checkpointed: bool) -> dict:
-    args = [sys.executable, __file__, "--case", case] + (["--checkpointing"] if checkpointed else [])
+    args = [sys.executable, __file__, "--case", case, "--config", str(CONFIG)]
+    args += ["--checkpointing"] if checkpointed else []
     out = subprocess.run(args, capture_output=True, text=True, check=True, cwd=REPO)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -198,12 +204,16 @@ def main() -> None:
     parser.add_argument("--peer-python", default="/work/fb-venv/bin/python")
     parser.add_argument("--case", choices=list(BUILDERS), help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="the random model's config.json")
     parser.add_argument(
         "--plan-only",
         action="store_true",
         help="recompute the planned 8B peaks (arithmetic) into the stored results; measure nothing",
     )
     args = parser.parse_args()
+    global CONFIG
+    CONFIG = Path(args.config).resolve()
+    default = CONFIG == DEFAULT_CONFIG
     if args.case:
         print(json.dumps(memory_case(args.case, args.checkpointing)))
         return
@@ -233,9 +243,9 @@ def main() -> None:
             "time": time_,
             "time_ratio": time_["fit"]["median_s"] / time_["plain"]["median_s"],
         }
-    result["planned_8b"] = planned_peaks()
+    result["planned_8b"] = planned_peaks() if default else None
     result["planned_at"] = _planned_at()
-    result["peer"] = peer(args.peer_python)
+    result["peer"] = peer(args.peer_python) if default else None
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     out.with_suffix(".md").write_text(report(result))
@@ -265,17 +275,20 @@ def report(result: dict) -> str:
             f"{m['plain']['step_peak_mib']:,.0f} | {m['fit']['stack_mib']:,.0f} | {m['fit']['step_peak_mib']:,.0f} | "
             f"{v['memory_ratio']:.3f} |"
         )
-    lines += [
-        "",
-        "Planned peaks for Llama-3.1-8B shapes on one GPU (recipes/8b.yaml), before: "
-        f"{PREVIOUS_8B_PEAK_GIB} GiB for four bfloat16 experts"
-        + (f" (planned {result['planned_at']})." if result.get("planned_at") else "."),
-        "",
-        "| experts | stack dtype | planned peak GiB |",
-        "| ---: | --- | ---: |",
-    ]
-    lines += [f"| {r['experts']} | {r['stack_dtype']} | {r['peak_gib']:.1f} |" for r in result["planned_8b"]]
-    p = result["peer"]
+    if result.get("planned_8b"):
+        lines += [
+            "",
+            "Planned peaks for Llama-3.1-8B shapes on one GPU (recipes/8b.yaml), before: "
+            f"{PREVIOUS_8B_PEAK_GIB} GiB for four bfloat16 experts"
+            + (f" (planned {result['planned_at']})." if result.get("planned_at") else "."),
+            "",
+            "| experts | stack dtype | planned peak GiB |",
+            "| ---: | --- | ---: |",
+        ]
+        lines += [
+            f"| {r['experts']} | {r['stack_dtype']} | {r['peak_gib']:.1f} |" for r in result["planned_8b"]
+        ]
+    p = result.get("peer")
     if p:
         plain, fb = p["plain"], p["fusionbench"]
         ours = result["variants"]["no checkpointing"]

@@ -419,6 +419,10 @@ RERUN = {
     "tiny_grid": "mergeopt train recipes/tiny_grid.yaml && mergeopt fit recipes/tiny_grid.yaml",
     "tiny_grid_metrics": "the exact-match commands of [Rank checks]({docs}guides/rank-checks.md#the-tiny-world)",
     "smollm2": "mergeopt train recipes/smollm2.yaml && mergeopt fit recipes/smollm2.yaml",
+    "layer_merge_moe": (
+        "python benchmarks/layer_merge.py --config tests/data/configs/mixtral-140m.json "
+        "--out benchmarks/results/layer_merge_moe"
+    ),
 }
 # result files without a report of their own, shown with the report they belong to
 COMPANIONS = {"layer_merge.md": ("peer_fusionbench.json",)}
