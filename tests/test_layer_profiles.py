@@ -5,6 +5,8 @@ alone), measured as the difference between a 2-layer and a 1-layer model."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import transformers
@@ -51,6 +53,13 @@ ARCHITECTURES = {
         ),
     ),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=8, num_experts_per_tok=2)),
+    # eager attention with sinks over sliding and full layers, float32 norm weights, biased
+    # experts with a clamped SwiGLU, a softmax over the top-k router logits (GPT-OSS)
+    "gpt_oss": (
+        "GptOssConfig",
+        "GptOssForCausalLM",
+        dict(num_local_experts=8, num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"]),
+    ),
 }
 
 
@@ -58,6 +67,8 @@ def tiny(arch: str, layers: int = 2) -> torch.nn.Module:
     """A random model of ``arch``, with the attention transformers picks by default (as the fit's
     from_pretrained does): SDPA, or eager where the model has no SDPA path (Gemma2)."""
     config_name, model_name, extra = ARCHITECTURES[arch]
+    if "layer_types" in extra:  # one kind of layer per layer
+        extra = {**extra, "layer_types": extra["layer_types"][:layers]}
     config = getattr(transformers, config_name)(
         vocab_size=VOCAB,
         hidden_size=64,
@@ -104,21 +115,21 @@ def _saved_bytes(run, skip: list[torch.Tensor]) -> int:
 
 def test_every_architecture_family_of_the_layer_merge_matrix_is_profiled():
     """The architectures the per-layer merge is tested on (tests/test_layer_merge.py) are profiled,
-    GPT-2 aside (Conv1D and LayerNorm: estimated as Llama's, and the plan says so) and GPT-OSS
-    (attention sinks, a clamped SwiGLU with biases: estimated as a mixture of experts of Mixtral's
-    kind, measured 0.67x to 0.68x of what autograd saves here, and the plan says so)."""
+    GPT-2 aside (Conv1D and LayerNorm: estimated as Llama's, and the plan says so). A type not
+    profiled whose config names routed experts (DeepSeek-V3's) is estimated as a mixture of experts
+    of Mixtral's kind, and the plan says so."""
     from mergeopt.memory.layer_profiles import ROUTED
     from tests.test_layer_merge import ARCHITECTURES as MERGED
 
-    assert set(MERGED) - {"gpt2", "gpt_oss"} <= set(PROFILES)
+    assert set(MERGED) - {"gpt2"} <= set(PROFILES)
     assert set(ARCHITECTURES) == set(PROFILES)
     assert not_profiled_note("llama") is None
     note = not_profiled_note("gpt2")
     assert note is not None and "gpt2 is not profiled" in note and "Llama's" in note
     assert profile_for({"model_type": "gpt2"}) is LLAMA
-    note = not_profiled_note("gpt_oss", routed=True)
-    assert note is not None and "gpt_oss is not profiled" in note and "mixture of experts" in note
-    assert profile_for({"model_type": "gpt_oss", "num_local_experts": 32}) is ROUTED
+    note = not_profiled_note("deepseek_v3", routed=True)
+    assert note is not None and "deepseek_v3 is not profiled" in note and "mixture of experts" in note
+    assert profile_for({"model_type": "deepseek_v3", "n_routed_experts": 256}) is ROUTED
 
 
 @pytest.mark.parametrize("compute", ["float32", "bfloat16"])
@@ -128,8 +139,11 @@ def test_saved_activations_of_each_architecture_equal_what_autograd_saves(arch, 
     merge's saved inputs included) equals saved_activation_bytes for the model's profile, within
     0.1%."""
     model, stack, dims = _stacked(arch, compute)
-    # Gemma2 soft-capped, Qwen3-MoE renormalising (norm_topk_prob): set from the config
-    assert dims.profile is PROFILES[arch] or dims.profile.attention_softcap or dims.profile.router_renorm
+    # as profiled, with what the config sets: Gemma2's soft-capping, Qwen3-MoE's renormalisation
+    # (norm_topk_prob), GPT-OSS's two kinds of layer
+    profiled = PROFILES[arch]
+    config_set = dict(attention_softcap=profiled.attention_softcap, router_renorm=profiled.router_renorm)
+    assert replace(dims.profile, **config_set, mask_kinds=profiled.mask_kinds) == profiled
     z = torch.zeros(4, dtype=torch.float64, requires_grad=True)
     data = padded_batch(BATCH, LENGTH, VOCAB)
     params = [*model.parameters(), *model.buffers(), *_stacked_tensors(stack), z]
@@ -238,7 +252,7 @@ def test_evaluation_plan_of_eager_attention_bounds_the_live_bytes(compute, batch
 
 
 @pytest.mark.parametrize("compute", ["float32", "bfloat16"])
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "gpt_oss"])
 def test_evaluation_plan_of_a_mixture_of_experts_bounds_the_live_bytes(arch, compute):
     """A mixture of experts' no-grad evaluation batch: grouped_mm reads each fused expert weight
     whole, merged, while the routed copies' working set is alive (4 x 60 tokens, where the SDPA

@@ -6,10 +6,13 @@ weight (Llama casts the normalised value back to the compute dtype first, Gemma 
 in float32 and so keep the float32 value), how many norms a layer has and whether a projection reads
 their output (Gemma2's post-norms, OLMo2's norms after each sublayer), per-head or whole-width norms
 of q and k (Qwen3, Gemma3, OLMo2), and eager attention, which keeps every head's attention weights
-(Gemma2: transformers has no SDPA path for its soft-capping). A profile names those differences, read
-from config.json's ``model_type``; each is checked against what autograd saves in
-tests/test_layer_profiles.py (measured with transformers 5.25: a release that changes a model's
-forward shows there first). A model type not profiled is planned as a Llama layer and the plan says so.
+(Gemma2: transformers has no SDPA path for its soft-capping; GPT-OSS, whose attention has sinks), and
+a mixture of experts in place of the MLP (Mixtral, Qwen2-MoE with a shared expert, Qwen3-MoE, OLMoE,
+GPT-OSS): the router's tensors and, per routed copy of a token, what transformers' grouped_mm keeps. A
+profile names those differences, read from config.json's ``model_type``; each is checked against what
+autograd saves in tests/test_layer_profiles.py (measured with transformers 5.25: a release that
+changes a model's forward shows there first). A model type not profiled is planned as a Llama layer,
+or as a mixture of experts of Mixtral's kind where its config names routed experts, and the plan says so.
 """
 
 from __future__ import annotations
@@ -43,7 +46,10 @@ class LayerProfile:
     ``router_renorm``: its top-k routing weights are renormalised to sum to one (Mixtral always,
     Qwen3-MoE where ``norm_topk_prob``); ``routing_weights_float32``: they stay float32 (Mixtral;
     Qwen3-MoE casts them to the compute dtype); ``shared_expert``: a dense MLP beside the routed
-    experts, scaled by a sigmoid gate (Qwen2-MoE).
+    experts, scaled by a sigmoid gate (Qwen2-MoE). ``attention_sinks``: eager attention with a
+    learned sink logit per head, its softmax in the compute dtype over the keys and the sink, the
+    router's softmax over the top-k logits alone, biased experts (GPT-OSS); ``clamped_swiglu``: the
+    experts' activation clamps gate and up and scales the gate inside its sigmoid (GPT-OSS).
     """
 
     norm_weight_float32: bool = False
@@ -60,6 +66,8 @@ class LayerProfile:
     router_renorm: bool = False
     routing_weights_float32: bool = False
     shared_expert: bool = False
+    attention_sinks: bool = False
+    clamped_swiglu: bool = False
 
     def norm_bytes(self, elements: int, rows: int, compute: int, frozen: bool = False) -> int:
         """Bytes one RMSNorm over ``elements`` per token (``rows`` norms of them) keeps, its output
@@ -88,10 +96,18 @@ class LayerProfile:
 
     def attention_weight_bytes(self, compute: int) -> int:
         """Eager attention, per head and (query, key) pair: the float32 softmax output, its cast to
-        the compute dtype that the product with v reads, and the soft-cap's tanh output."""
+        the compute dtype that the product with v reads, and the soft-cap's tanh output; with
+        sinks, the softmax output in the compute dtype (its sink column: :meth:`sink_row_bytes`)."""
         if not self.eager:
             return 0
+        if self.attention_sinks:
+            return compute
         return FLOAT32 + _cast(compute) + (compute if self.attention_softcap else 0)
+
+    def sink_row_bytes(self, compute: int) -> int:
+        """Per head and query, what attention sinks add: the softmax's sink column and the int64
+        index of the row's maximum (subtracted before the softmax)."""
+        return compute + 8 if self.attention_sinks else 0
 
     def attention_backward_bytes(self, compute: int) -> int:
         """Eager attention's backward, per head and (query, key) pair, beyond what the forward kept:
@@ -99,12 +115,16 @@ class LayerProfile:
         has released the cast weights."""
         if not self.eager:
             return 0
+        if self.attention_sinks:
+            return 2 * compute
         return 2 * FLOAT32 - _cast(compute)
 
     def eager_scores_bytes(self, compute: int) -> int:
         """Eager attention without autograd, per head and (query, key) pair, at the softmax: the
         scores in the compute dtype, the softmax's float32 output and, when the scores are not
         float32, their float32 upcast."""
+        if self.attention_sinks:  # the logits with the sink column, less their maximum, the softmax
+            return 3 * compute
         return 2 * FLOAT32 + _cast(compute)
 
     def moe_mlp_bytes(
@@ -118,11 +138,14 @@ class LayerProfile:
         the routing weight multiplies: 2·hidden + 4·width. ``frozen`` (no expert weight merged):
         neither the token copies nor the down projection's input are kept."""
         router = FLOAT32 * experts + 8 * top_k + (FLOAT32 * (1 + top_k) if self.router_renorm else 0)
+        if self.attention_sinks:  # GPT-OSS: top-k of the logits, a softmax over those k alone
+            router = 8 * top_k + compute * top_k
         weight = FLOAT32 if self.routing_weights_float32 else compute
+        width = (7 if self.clamped_swiglu else 4) * expert_width
         per_copy = (
-            3 * 8
+            (4 if self.attention_sinks and not frozen else 3) * 8  # GPT-OSS gathers its experts' biases too
             + weight
-            + compute * ((hidden + 3 * expert_width) if frozen else (2 * hidden + 4 * expert_width))
+            + compute * ((hidden + width - expert_width) if frozen else (2 * hidden + width))
         )
         return router + top_k * per_copy
 
@@ -158,6 +181,9 @@ PROFILES = {
     "qwen3_moe": LayerProfile(qk_norm="head", moe=True),
     "qwen2_moe": LayerProfile(moe=True, shared_expert=True),
     "olmoe": LayerProfile(qk_norm="full", moe=True),
+    "gpt_oss": LayerProfile(
+        norm_weight_float32=True, eager=True, attention_sinks=True, moe=True, clamped_swiglu=True
+    ),
 }
 # a mixture of experts of a type not profiled: its MLP planned as a routed one (Mixtral's kind)
 ROUTED = LayerProfile(moe=True)

@@ -116,6 +116,7 @@ def attention_sublayer_bytes(dims: Dims, batch: int, length: int, compute: int, 
     inputs = 0 if frozen else d.hidden
     lse = 0 if p.eager else FLOAT32 * d.heads
     per_sequence = (p.attention_weight_bytes(compute) * d.heads if p.eager else compute) * length * length
+    per_sequence += p.sink_row_bytes(compute) * d.heads * length
     return tokens * (norm + compute * (inputs + attention) + lse) + batch * per_sequence
 
 
@@ -311,7 +312,13 @@ def training_bytes(
         joined_release = compute * copies * (d.expert_intermediate + d.hidden)
         fused_release = compute * copies * (4 * d.expert_intermediate + d.hidden) + gradient
         fused_release -= compute * copies * d.hidden
-    backward = max(2 * gradient - joined_release, gradient + merge - fused_release, gradient + unstacked)
+    # GPT-OSS interleaves gate and up: each half's gradient is formed at the fused width before the
+    # two are added, one fused-width gradient more when every layer's activations are kept (when
+    # checkpointed, the recomputed layer has released enough of its own by then: measured)
+    interleaved = gradient if d.profile.clamped_swiglu and not frozen else 0
+    backward = max(
+        2 * gradient + interleaved - joined_release, gradient + merge - fused_release, gradient + unstacked
+    )
     one_layer = layer_activation_bytes(d, batch, length, compute, frozen)
     # eager attention's backward, once the rest of the layer's backward has released what the
     # layer kept after its attention (zero under SDPA)
@@ -387,7 +394,9 @@ def evaluation_bytes(
         # its kernel's temporaries gone) while the routed copies' working set is alive: the token
         # copies, the fused projection's output, the gate's activation and its product with up
         copies = tokens * dims.top_k
-        routed = copies * (dims.hidden + 4 * dims.expert_intermediate)
+        # GPT-OSS: its clamped SwiGLU's five activations and the gathered gate-and-up biases
+        width = (9 if dims.profile.clamped_swiglu else 4) * dims.expert_intermediate
+        routed = copies * (dims.hidden + width)
         layer = e * (tokens * 4 * dims.hidden + routed + largest)
         if dims.shared_intermediate:  # a shared expert runs first, as a dense MLP; its output stays
             shared = e * tokens * (4 * dims.hidden + 3 * dims.shared_intermediate)
