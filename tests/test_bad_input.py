@@ -137,6 +137,20 @@ def _other_vocab(world, tmp):
     return _with_expert(world, tmp, str(dst))
 
 
+def _quantized(world, tmp):
+    """Expert alpha as a quantized checkpoint: config.json's quantization_config and packed uint8
+    blocks beside the weights (as GPT-OSS's published MXFP4 checkpoints hold its experts)."""
+    dst = tmp / "quantized"
+    shutil.copytree(world["experts"]["alpha"], dst)
+    config = json.loads((dst / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4"}
+    (dst / "config.json").write_text(json.dumps(config))
+    tensors = load_file(str(dst / "model.safetensors"))
+    tensors["model.layers.0.mlp.down_proj.weight_blocks"] = torch.zeros(4, 2, dtype=torch.uint8)
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return _with_expert(world, tmp, str(dst))
+
+
 def _adapter(
     world, tmp, rename: tuple[str, str] | None = None, resized: bool = False, **config_changes
 ) -> str:
@@ -617,6 +631,7 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         "model.layers.0.mlp.up_proj.weight has shape",
     ),
     "vocabulary differs": ("checkpoint", "fit", _other_vocab, "vocab"),
+    "expert is a quantized checkpoint": ("checkpoint", "fit", _quantized, "holds mxfp4-quantized weights"),
     "shard missing": ("checkpoint", "fit", _missing_shard, "model-00002-of-00002.safetensors"),
     "NaN in an expert": (
         "checkpoint",

@@ -111,3 +111,16 @@ def test_unreadable_checkpoints(tmp_path, what):
     }[what]
     with pytest.raises(UserError, match=expected):
         open_checkpoint(path)
+
+
+def test_a_dequantized_copy_that_kept_its_quantization_config_is_read(random_world, tmp_path):
+    """config.json's quantization_config alone does not refuse a checkpoint: a dequantized copy may
+    keep the entry while every tensor is a float. Packed (non-float) tensors beside it do (the
+    bad-input row "expert is a quantized checkpoint")."""
+    dst = tmp_path / "dequantized"
+    shutil.copytree(random_world["experts"]["alpha"], dst)
+    config = json.loads((dst / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "dequantize": True}
+    (dst / "config.json").write_text(json.dumps(config))
+    opened = open_checkpoint(dst)
+    assert set(opened.tensors) == set(open_checkpoint(random_world["experts"]["alpha"]).tensors)

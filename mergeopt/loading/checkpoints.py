@@ -191,7 +191,32 @@ def open_checkpoint(path: str | Path, allow_pickle: bool = False, role: str | No
                 "torch.load(weights_only=True)"
             )
         raise UserError(f"{path} has no {SINGLE_FILE} or {INDEX_FILE}")
+    method = _quantization(config, tensors)
+    if method is not None:
+        raise UserError(
+            _labelled(
+                role,
+                f"{path} holds {method}-quantized weights (config.json's quantization_config): mergeopt "
+                "merges unquantized weights; give it a bfloat16 or float32 copy (loaded dequantized "
+                "by transformers, then save_pretrained)",
+            )
+        )
     return Checkpoint(path=path, config=config, tensors=tensors)
+
+
+# safetensors dtypes of unquantized weights
+FLOAT_DTYPES = frozenset({"F64", "F32", "BF16", "F16"})
+
+
+def _quantization(config: dict, tensors: dict[str, TensorMeta]) -> str | None:
+    """The quantization method of a checkpoint whose config.json says it is quantized and whose
+    tensors are (packed integers, float8, ...); None for a dequantized copy that kept the entry."""
+    quantization = config.get("quantization_config")
+    if not isinstance(quantization, dict):
+        return None
+    if all(meta.dtype.upper() in FLOAT_DTYPES for meta in tensors.values()):
+        return None
+    return str(quantization.get("quant_method") or "quantized")
 
 
 def under_model_names(checkpoint: Checkpoint, model: torch.nn.Module) -> Checkpoint:
