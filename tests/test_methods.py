@@ -358,3 +358,28 @@ def test_dare_masks_on_cuda_equal_the_cpu_masks():
     on_gpu = drop(tau.cuda(), 0.3, parameter_generator(7, "w"))
     assert on_gpu.device.type == "cuda"
     assert torch.equal(on_gpu.cpu(), on_cpu)
+
+
+def test_a_fused_expert_weight_is_trimmed_one_expert_matrix_at_a_time():
+    """A mixture of experts' fused (experts, out, in) weight under TIES: each expert's matrix is
+    trimmed and its signs elected on its own, as PEFT (and mergekit) merge the per-expert tensors
+    its checkpoints store: one-hot and mixed weights against peft's ties on each slice, and not
+    the fused tensor trimmed as one across its experts."""
+    from tests.test_layer_merge import perturbed_experts, tiny_model
+
+    model = tiny_model("mixtral")
+    experts = perturbed_experts(model)
+    fused = "model.layers.0.mlp.experts.gate_up_proj"
+    theta0 = model.get_parameter(fused).detach().clone()
+    experts[next(iter(experts))][fused][1] *= 10.0  # one expert matrix of the first expert moved far more
+    stack = build_stack(
+        model, experts, progress=False, merge=MergeSection(method="ties", density=0.3), seed=0
+    )
+    tau = torch.stack([experts[e][fused] - theta0 for e in stack.expert_names])
+    for w in (torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.2, 0.5, 0.3])):
+        per_matrix = [merge_utils.ties(list(tau[:, e]), w, 0.3, "total") for e in range(tau.shape[1])]
+        torch.testing.assert_close(
+            stack.merged(w)[fused], theta0 + torch.stack(per_matrix), atol=1e-6, rtol=0
+        )
+        across = theta0 + merge_utils.ties(list(tau), w, 0.3, "total")
+        assert not torch.allclose(stack.merged(w)[fused], across, atol=1e-6)

@@ -78,6 +78,14 @@ def excluded(name: str, patterns: Sequence[re.Pattern]) -> bool:
     return any(p.search(name) for p in patterns)
 
 
+def fused_experts(model: torch.nn.Module, name: str, param: torch.Tensor) -> bool:
+    """Whether parameter ``name`` is a mixture of experts' fused (experts, out, in) weight: 3-D, of
+    a module transformers runs as fused experts (its experts-implementation attributes,
+    ``has_gate`` and ``is_transposed``)."""
+    module = model.get_submodule(name.rpartition(".")[0])
+    return param.dim() == 3 and hasattr(module, "has_gate") and hasattr(module, "is_transposed")
+
+
 def _differences(
     base: torch.Tensor, experts: Mapping, name: str, dtype: torch.dtype, block=None, sameness=None
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -112,15 +120,21 @@ def _prepared(
     options: dict[str, Any],
     scale: float,
     sameness=None,
+    per_expert: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Any other method: τ' = prepare(θ_i − θ0), anchor θ0 + λ τ'_1 and rows λ (τ'_i − τ'_1);
-    ``sameness`` sees the task vectors before they are prepared."""
+    ``sameness`` sees the task vectors before they are prepared. ``per_expert``: a mixture of
+    experts' fused (experts, out, in) weight, prepared one expert's matrix at a time, as PEFT and
+    mergekit prepare the per-expert tensors its checkpoints store (TIES trims each on its own)."""
     tau = torch.empty((len(experts), *base.shape), dtype=base.dtype, device=base.device)
     for k, (ename, expert) in enumerate(experts.items()):
         torch.sub(_read(expert, ename, name, base), base, out=tau[k])
     if sameness is not None:
         sameness.see_task_vectors(tau)
-    prepared = method.prepare(tau, **options)
+    if per_expert:
+        prepared = torch.stack([method.prepare(tau[:, e], **options) for e in range(tau.shape[1])], dim=1)
+    else:
+        prepared = method.prepare(tau, **options)
     del tau
     anchor = base + scale * prepared[0]
     rows = (prepared[1:] - prepared[0]).mul_(scale)
@@ -222,7 +236,15 @@ def build_stack(
             if method.random:
                 options["generator"] = parameter_generator(seed, pname)
             anchor, rows, differ = _prepared(
-                theta0, experts, pname, rows_dtype, method, options, merge.scale, sameness
+                theta0,
+                experts,
+                pname,
+                rows_dtype,
+                method,
+                options,
+                merge.scale,
+                sameness,
+                per_expert=fused_experts(model, pname, param),
             )
         if blocks:  # prepared whole (TIES, DARE, a scale): every rank the same; keep this rank's rows
             _keep_prepared_block(
