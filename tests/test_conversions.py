@@ -251,3 +251,33 @@ def test_lora_experts_on_the_attention_of_a_mixture_of_experts(moe_world, tmp_pa
         open_experts(
             moe_world["base"], {"alpha": str(tmp_path / "experts-lora"), "gamma": world["experts"]["gamma"]}
         )
+
+
+def test_an_expert_saved_fused_beside_a_base_saved_per_expert(moe_world, tmp_path):
+    """An expert written as the model holds it (its fused state dict, as a training loop's own
+    save may write it) beside checkpoints stored one tensor per expert: compared and read under
+    the model's names, its one-hot mixture gives its own logits."""
+    from safetensors.torch import save_file
+
+    source = Path(moe_world["experts"]["gamma"])
+    fused_dir = tmp_path / "fused"
+    fused_dir.mkdir()
+    for f in source.iterdir():
+        if f.name != "model.safetensors":
+            (fused_dir / f.name).write_bytes(f.read_bytes())
+    model = transformers.AutoModelForCausalLM.from_pretrained(source).eval()
+    state = {n: p.detach().contiguous() for n, p in model.named_parameters()}
+    save_file(state, str(fused_dir / "model.safetensors"), metadata={"format": "pt"})
+    _, fused = STORED[moe_world["arch"]]
+    assert fused in _stored_names(str(fused_dir))
+    world = {**moe_world, "experts": {**moe_world["experts"], "gamma": str(fused_dir)}}
+    from mergeopt.memory.dry_run import read_inventory
+
+    inventory, _ = read_inventory(_recipe(world, tmp_path))  # `mergeopt plan` compares it so too
+    assert fused in inventory.shapes
+    merged, stack, _, _ = load_merge(_recipe(world, tmp_path), progress=False)
+    ids = torch.randint(3, VOCAB, (2, 11), generator=torch.Generator().manual_seed(3))
+    i = stack.expert_names.index("gamma")
+    with torch.no_grad():
+        got = functional_call(merged, stack.mix_params(torch.eye(3)[i]), (ids,)).logits
+        torch.testing.assert_close(got, model(ids).logits, atol=1e-5, rtol=0)

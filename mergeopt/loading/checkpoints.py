@@ -219,6 +219,26 @@ def _quantization(config: dict, tensors: dict[str, TensorMeta]) -> str | None:
     return str(quantization.get("quant_method") or "quantized")
 
 
+def stored_differently(base: Checkpoint, expert: Checkpoint, model: torch.nn.Module | None) -> bool:
+    """Whether one of the two stores, under the model's own name, a parameter the other stores
+    another way (fused experts against one tensor per expert, as a training loop's own save may
+    write them), rather than one merely lacking a tensor."""
+    if model is None or set(base.tensors) == set(expert.tensors):
+        return False
+    params = {name for name, _ in model.named_parameters()}
+    return bool((set(base.tensors) ^ set(expert.tensors)) & params)
+
+
+def check_compatible_as_stored(
+    base: Checkpoint, expert: Checkpoint, expert_name: str, model: torch.nn.Module | None
+) -> None:
+    """:func:`check_compatible` on the tensors as stored, or, where the two are stored differently
+    (:func:`stored_differently`), as ``model`` holds them."""
+    if stored_differently(base, expert, model):
+        base, expert = under_model_names(base, model), under_model_names(expert, model)
+    check_compatible(base, expert, expert_name)
+
+
 def under_model_names(checkpoint: Checkpoint, model: torch.nn.Module) -> Checkpoint:
     """``checkpoint`` as the model's parameters: converted names with the model's shapes, the
     other tensors as stored. The checkpoint itself when nothing is converted."""
@@ -407,7 +427,7 @@ def open_experts(
             _check_adapter_base(adapters[name], base, name)
         else:
             dense[name] = open_checkpoint(path, allow_pickle, role=f"model.experts.{name}")
-            check_compatible(base, dense[name], name)
+            check_compatible_as_stored(base, dense[name], name, model)
     if model is not None:
         base = under_model_names(base, model)
         dense = {name: under_model_names(expert, model) for name, expert in dense.items()}

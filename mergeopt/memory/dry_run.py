@@ -27,6 +27,7 @@ from mergeopt.loading.checkpoints import (
     SINGLE_FILE,
     Checkpoint,
     check_compatible,
+    check_compatible_as_stored,
     check_config_matches_weights,
     gguf_base,
     meta_model,
@@ -91,11 +92,13 @@ def header_inventory(base: Checkpoint) -> Inventory:
     return Inventory(shapes, sizes, f"safetensors headers of {base.path}, {files} file{'s' * (files > 1)}")
 
 
-def _check_experts(base: Checkpoint, experts: dict[str, Checkpoint]) -> None:
-    """Headers-only compatibility checks; with a config-only side, only architecture and vocabulary."""
+def _check_experts(base: Checkpoint, experts: dict[str, Checkpoint], model=None) -> None:
+    """Headers-only compatibility checks; with a config-only side, only architecture and vocabulary.
+    An expert stored another way than the base (fused experts against one tensor per expert) is
+    compared as ``model`` holds them, as the fit compares it."""
     for name, expert in experts.items():
         if base.tensors and expert.tensors:
-            check_compatible(base, expert, name)
+            check_compatible_as_stored(base, expert, name, model)
         else:
             check_compatible(replace(base, tensors={}), replace(expert, tensors={}), name)
 
@@ -149,14 +152,16 @@ def read_inventory(recipe: Recipe) -> tuple[Inventory, Dims]:
         for name, path in recipe.model.experts.items()
         if name not in adapters
     }
-    _check_experts(base, experts)
+    model = None
+    if base.tensors and not recipe.model.gguf_file:
+        model, _ = meta_model(recipe.model.base, recipe.model.trust_remote_code)
+    _check_experts(base, experts, model)
     described = [("base", base), *((f"expert {n}", e) for n, e in experts.items())]
     missing = [what for what, ckpt in described if not ckpt.tensors]
     notes = (
         (f"no safetensors for {', '.join(missing)}: the fit itself will need the weights",) if missing else ()
     )
-    if base.tensors and not recipe.model.gguf_file:
-        model, _ = meta_model(recipe.model.base, recipe.model.trust_remote_code)
+    if model is not None:
         check_config_matches_weights(base, "base", recipe.model.trust_remote_code, model)
         base = under_model_names(base, model)  # the model's names and shapes (fused experts)
     # one line for a malformed adapter_config.json, as in the fit
