@@ -281,3 +281,23 @@ def test_an_expert_saved_fused_beside_a_base_saved_per_expert(moe_world, tmp_pat
     with torch.no_grad():
         got = functional_call(merged, stack.mix_params(torch.eye(3)[i]), (ids,)).logits
         torch.testing.assert_close(got, model(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_a_conversion_that_cannot_be_formed_is_one_line(moe_world):
+    """Expert tensors transformers cannot join (one expert's stored with another shape than its
+    header promised the base's): a one-line error naming the fused parameter, not a traceback."""
+    from mergeopt.errors import UserError
+    from mergeopt.loading.conversions import Conversion
+
+    stored, fused = STORED[moe_world["arch"]]
+    _, dense, _ = open_experts(moe_world["base"], moe_world["experts"])
+    conversion = dense["alpha"]._conversions[fused]
+    shapes = {n: dense["alpha"]._stored.tensors[n].shape for n, _ in conversion.sources}
+
+    def read(name):  # the first expert's tensor a row short
+        value = torch.zeros(shapes[name])
+        return value[:-1] if name == conversion.sources[0][0] else value
+
+    broken = Conversion(conversion.converter, conversion.sources, conversion.first_target)
+    with pytest.raises(UserError, match=f"cannot form {fused}"):
+        broken.convert(read)

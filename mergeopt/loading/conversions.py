@@ -45,7 +45,14 @@ class Conversion:
         converter = copy.deepcopy(self.converter)  # collects tensors: one copy per conversion
         for name, pattern in self.sources:
             converter.add_tensor(self.first_target, name, pattern, read(name))
-        return converter.convert(self.first_target)
+        try:
+            return converter.convert(self.first_target)
+        except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(
+                f"cannot form {self.first_target} from {self.sources[0][0]} and the other tensors "
+                f"transformers' conversion mapping joins into it ({first})"
+            ) from None
 
 
 # safetensors header dtypes (a pickled checkpoint records torch's names)
