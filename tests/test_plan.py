@@ -756,7 +756,7 @@ def test_8b_four_int8_experts_fit_2_consumer_gpus_of_24_gb_and_not_one(config_8b
         ("mixtral-8x7b", 4, (), False),  # 95 GiB
         ("mixtral-8x7b", 4, ("model.stack_dtype=int8",), True),  # 63 GiB
         ("qwen3-30b-a3b", 4, (), True),  # 59 GiB
-        ("qwen3-30b-a3b", 1, ("model.stack_dtype=int8", "model.shard=none"), False),  # 155 GiB
+        ("qwen3-30b-a3b", 1, ("model.stack_dtype=int8", "model.shard=none"), False),  # 145 GiB
     ],
 )
 def test_mixture_of_experts_models_plan_per_rank(tmp_path, name, ranks, overrides, fits):

@@ -31,7 +31,13 @@ def anchor_itemsize(recipe: Recipe, compute: int) -> int:
 
 
 def stacking_bytes(
-    recipe: Recipe, num_experts: int, numel: int, source_bytes: int, compute: int = 4, short: bool = False
+    recipe: Recipe,
+    num_experts: int,
+    numel: int,
+    source_bytes: int,
+    compute: int = 4,
+    short: bool = False,
+    block: int | None = None,
 ) -> int:
     """Temporaries while one tensor of ``numel`` elements is stacked (build_stack's largest moment).
 
@@ -47,6 +53,12 @@ def stacking_bytes(
     merge): it is padded to ⌈R/N⌉ rows by copying its float32 anchor and its differences (float32
     for int8, else in the stack dtype), both held twice for a moment, less the tensor's share of
     the finished stack, which the plan counts already (measured on 3 gloo ranks).
+
+    ``block`` (a large matrix stacked a block of rows at a time in one process,
+    :func:`mergeopt.merging.stacking.in_blocks`): those temporaries over the block's elements alone,
+    with the block's float32 anchor and its differences before they are copied into the stacked
+    tensors, plus the whole anchor where it is held wider than it is stored (a float32 parameter
+    under a bfloat16 stack).
     """
     method, k = recipe.merge.method, num_experts
     upcast = 0 if compute == FLOAT32 else FLOAT32
@@ -55,6 +67,12 @@ def stacking_bytes(
     int8 = 7 * (k - 1) + 1 if recipe.model.stack_dtype == "int8" else 0
     if method == "linear" and recipe.merge.scale == 1.0:
         temporaries = 11 + source_bytes + upcast + int8
+        if block is not None:
+            # per block element also the block's anchor (float32) and differences as stored (int8:
+            # quantised), before they are copied into the stacked tensors
+            rows = (k - 1) * DTYPES[recipe.model.stack_dtype].itemsize
+            held = max(anchor, compute)  # the wider of the anchor's storage and the parameter's dtype
+            return numel * (held if held != anchor else 0) + block * (temporaries + FLOAT32 + rows)
         if short:
             stored = DTYPES[recipe.model.stack_dtype].itemsize
             rows = FLOAT32 if recipe.model.stack_dtype == "int8" else stored

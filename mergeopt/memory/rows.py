@@ -59,6 +59,7 @@ from mergeopt.memory.sizes import (
     local_numel,
 )
 from mergeopt.merging.stack import DTYPES
+from mergeopt.merging.stacking import STACK_BLOCK
 
 
 def excluded(name: str, patterns: Sequence[re.Pattern]) -> bool:
@@ -84,6 +85,16 @@ def _output_layer_merged(stacked: Sequence[str], inventory: Inventory) -> bool:
     if any(OUTPUT_LAYER.search(n) for n in inventory.shapes):
         return any(OUTPUT_LAYER.search(n) for n in stacked)
     return any("emb" in n or "wte" in n for n in stacked)
+
+
+def _stacked_in_blocks(recipe: Recipe, inventory: Inventory, stacked: Sequence[str]) -> list[str]:
+    """The matrices one process stacks a block of rows at a time (linear merge at scale 1, dense
+    experts read from checkpoints: :func:`mergeopt.merging.stacking.in_blocks`)."""
+    if recipe.merge.method != "linear" or recipe.merge.scale != 1.0 or inventory.adapters:
+        return []
+    if any(str(path).startswith("random://") for path in recipe.model.experts.values()):
+        return []  # a random:// expert makes each tensor whole
+    return [n for n in stacked if len(inventory.shapes[n]) >= 2 and inventory.numel(n) > STACK_BLOCK]
 
 
 def _rows(inventory: Inventory, names: Sequence[str], shards: int = 1) -> int:
@@ -287,7 +298,19 @@ def plan_rows(
         stacking_elements = largest
     else:
         label, stacking_elements = "stacking: temporaries of the largest tensor", largest
+    blocked = [] if sharded else _stacked_in_blocks(recipe, inventory, stacked)
+    if blocked:  # stacked a block of rows at a time; the rest whole
+        stacking_elements = max((inventory.numel(n) for n in stacked if n not in blocked), default=0)
     stacking = stacking_bytes(recipe, k, stacking_elements, source, compute)
+    for name in blocked:
+        shape = inventory.shapes[name]
+        per_index = math.prod(shape[1:])
+        block = min(math.prod(shape), max(1, STACK_BLOCK // per_index) * per_index)
+        in_blocks = stacking_bytes(
+            recipe, k, math.prod(shape), inventory.source_bytes[name], compute, block=block
+        )
+        if in_blocks > stacking:
+            stacking, label = in_blocks, "stacking: temporaries of the largest tensor, in blocks of rows"
     if sharded:  # blocks short of ⌈R/N⌉ rows are padded by copying them (measured on 3 gloo ranks)
         short = [local(n) for n in stacked if matrix(n) and inventory.shapes[n][0] % shards]
         if short and recipe.merge.method == "linear" and recipe.merge.scale == 1.0:

@@ -23,6 +23,7 @@ from mergeopt.loading.checkpoints import Checkpoint
 from mergeopt.loading.sharded_load import BaseSource, fill
 from mergeopt.merging.layer_merge import (
     MergedParameter,
+    _num_rows,
     attach,
     quantize_rows,
 )
@@ -228,6 +229,11 @@ def build_stack(
                 sameness,
             )
             continue
+        if anchor_form and in_blocks(param, experts):
+            _stack_in_blocks(
+                stack, model, pname, param, experts, dtype, rows_dtype, anchor_dtype, base, sameness
+            )
+            continue
         theta0 = base.whole(pname, param, where) if param.is_meta else param.detach()
         theta0 = theta0.to(torch.promote_types(param.dtype, torch.float32))  # θ0, read first
         if anchor_form:
@@ -269,6 +275,81 @@ def build_stack(
         )
     sameness.check(collective)
     return stack
+
+
+# a matrix of more elements than this (a mixture of experts' fused weight, an untied vocabulary)
+# is stacked in blocks of rows of at most about this many elements, its float32 temporaries with them
+STACK_BLOCK = 1 << 26
+
+
+def in_blocks(param: torch.Tensor, experts: Mapping) -> bool:
+    """Whether ``param`` is stacked in blocks of rows (linear merge at scale 1, one process): a
+    matrix of more than :data:`STACK_BLOCK` elements whose experts can hand over rows (checkpoints,
+    read by rows, or tensors in memory; a ``random://`` expert makes its tensor whole each time)."""
+    return (
+        param.dim() >= 2
+        and param.numel() > STACK_BLOCK
+        and all(isinstance(e, (Checkpoint, dict)) for e in experts.values())
+    )
+
+
+def _stack_in_blocks(
+    stack: TaskVectorStack,
+    model: torch.nn.Module,
+    pname: str,
+    param: torch.nn.Parameter,
+    experts: Mapping,
+    dtype: torch.dtype,
+    rows_dtype: torch.dtype,
+    anchor_dtype: torch.dtype,
+    base: BaseSource | None,
+    sameness: Sameness,
+) -> None:
+    """One large matrix of a whole stack (:func:`in_blocks`), a block of rows at a time: θ0's and
+    each expert's rows read alone, their differences written into the stacked tensors (int8:
+    quantised per row as they come, the same scales as a whole tensor's) and the anchor kept in
+    the wider of its storage dtype and the parameter's (exact for a value every expert shares).
+    The same stack as :func:`_differences` on the whole tensor, with the float32 temporaries of
+    one block."""
+    total, where = param.shape[0], param.device
+    step = max(1, STACK_BLOCK // max(1, param.numel() // total))
+    held = torch.promote_types(anchor_dtype, param.dtype)
+    anchor = torch.empty(param.shape, dtype=held, device=where)
+    rows = torch.empty((len(stack.expert_names) - 1, *param.shape), dtype=dtype, device=where)
+    scales = (
+        torch.empty((rows.shape[0], _num_rows(param.shape)), device=where) if dtype == torch.int8 else None
+    )
+    per_index = _num_rows(param.shape) // total  # scale rows per index of the first dimension
+    differ, unchanged = False, True
+    for start in range(0, total, step):
+        stop = min(total, start + step)
+        theta0 = base.rows(pname, start, stop, param, where) if param.is_meta else param.detach()[start:stop]
+        theta0 = theta0.to(torch.promote_types(param.dtype, torch.float32))
+        block_anchor, block_rows, block_differ = _differences(
+            theta0, experts, pname, rows_dtype, (start, stop, param.shape), sameness
+        )
+        differ = differ or block_differ
+        unchanged = unchanged and torch.equal(block_anchor, theta0)
+        anchor[start:stop] = block_anchor
+        if scales is not None:
+            block_rows, block_scales = quantize_rows(block_rows)
+            scales[:, start * per_index : stop * per_index] = block_scales
+        rows[:, start:stop] = block_rows
+        del theta0, block_anchor, block_rows
+    if not differ:  # the merge does not depend on w: not stacked
+        (stack.unchanged if unchanged else stack.shared).append(pname)
+        if param.is_meta:
+            fill(model, pname, anchor.to(param.dtype))
+        elif not unchanged:
+            param.data.copy_(anchor)
+        return
+    del param
+    stack.anchor[pname] = anchor = anchor.to(anchor_dtype)
+    stack.deltas[pname] = rows
+    if scales is not None:
+        stack.scales[pname] = scales
+    merge = MergedParameter(pname, rows, scales, len(stack.expert_names), stack.compute_dtype)
+    attach(model, pname, anchor, merge)
 
 
 def _store(stack: TaskVectorStack, pname: str, anchor, rows, dtype, anchor_dtype):
