@@ -7,7 +7,7 @@ parameters merge when their module runs, w handed to the mixture buffers, the ch
 and without activation checkpointing. Loss and ∂L/∂z must agree to 1e-6 in float32, and ∂L/∂z must
 match central finite differences. The fitted w of the gradient strategy must equal a reference
 Adam loop on the whole-model merge. Mixture-of-experts models (Mixtral, Qwen3-MoE, Qwen2-MoE with
-its shared expert, OLMoE, GPT-OSS with biased experts) hold each
+its shared expert, OLMoE, GPT-OSS with biased experts, DeepSeek-V3 with latent attention) hold each
 projection of their experts as one fused (experts, out, in) parameter, merged as one tensor; their
 top-k routing makes the loss a step function where a token changes experts, so their finite
 differences are taken where no token does.
@@ -87,8 +87,27 @@ ARCHITECTURES = {
             layer_types=["sliding_attention", "full_attention"],
         ),
     ),
+    "deepseek_v3": (  # latent attention (MLA), grouped sigmoid routing, a shared expert, a dense first layer
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        dict(
+            num_key_value_heads=4,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=24,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            n_group=1,
+            topk_group=1,
+            q_lora_rank=16,
+            kv_lora_rank=16,
+            qk_rope_head_dim=4,
+            qk_nope_head_dim=4,
+            v_head_dim=8,
+        ),
+    ),
 }
-MOE = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "gpt_oss")
+MOE = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "gpt_oss", "deepseek_v3")
 # a decisive router, as trained ones are (see tiny_model); per model, chosen so that the finite
 # differences' steps keep every token's experts, which finite_differences checks
 ROUTER_GAIN = {"qwen2_moe": 5.0}
@@ -120,14 +139,18 @@ def tiny_model(arch: str, seed: int = 0, experts_implementation: str | None = No
 
 def routers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """A mixture-of-experts model's top-k routers (none in a dense model)."""
-    return [m for m in model.modules() if type(m).__name__.endswith("TopKRouter")]
+    return [m for m in model.modules() if type(m).__name__.lower().endswith("topkrouter")]
 
 
 @contextmanager
 def routing_recorded(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
     """The experts each router picks for each token, in call order, while the block runs."""
     picked: list[torch.Tensor] = []
-    hooks = [r.register_forward_hook(lambda m, i, out: picked.append(out[2].clone())) for r in routers(model)]
+
+    def record(module, inputs, out):  # the set of experts per token (DeepSeek-V3's top-k is unsorted)
+        picked.append(out[2].sort(dim=-1).values)
+
+    hooks = [r.register_forward_hook(record) for r in routers(model)]
     try:
         yield picked
     finally:

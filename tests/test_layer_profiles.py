@@ -115,13 +115,14 @@ def _saved_bytes(run, skip: list[torch.Tensor]) -> int:
 
 def test_every_architecture_family_of_the_layer_merge_matrix_is_profiled():
     """The architectures the per-layer merge is tested on (tests/test_layer_merge.py) are profiled,
-    GPT-2 aside (Conv1D and LayerNorm: estimated as Llama's, and the plan says so). A type not
-    profiled whose config names routed experts (DeepSeek-V3's) is estimated as a mixture of experts
-    of Mixtral's kind, and the plan says so."""
+    but GPT-2 (Conv1D and LayerNorm: estimated as Llama's, and the plan says so) and DeepSeek-V3
+    (latent attention, grouped sigmoid routing, shared experts): a type not profiled whose config
+    names routed experts is estimated as a mixture of experts of Mixtral's kind, and the plan says
+    so (DeepSeek-V3's saved activations: 0.65x to 0.68x of autograd's on a small one)."""
     from mergeopt.memory.layer_profiles import ROUTED
     from tests.test_layer_merge import ARCHITECTURES as MERGED
 
-    assert set(MERGED) - {"gpt2"} <= set(PROFILES)
+    assert set(MERGED) - {"gpt2", "deepseek_v3"} <= set(PROFILES)
     assert set(ARCHITECTURES) == set(PROFILES)
     assert not_profiled_note("llama") is None
     note = not_profiled_note("gpt2")
