@@ -81,25 +81,30 @@ def test_float32_step_on_cuda_equals_the_cpu_step(tmp_path):
     torch.testing.assert_close(gpu[1], cpu[1], atol=1e-5, rtol=1e-3)
 
 
-def test_bfloat16_int8_step_is_close_and_within_the_plan(tmp_path):
-    reference = _loss_and_grad(*_problem(tmp_path, "cpu", torch.float32)[:2], "cpu")
-    model, stack, config = _problem(tmp_path, "cuda", torch.bfloat16, torch.int8)
+def _bfloat16_int8_step(tmp_path, shapes=TINY):
+    """A checkpointed bfloat16 step on CUDA with an int8 stack: (loss, ∂L/∂z, the measured peak of
+    the step, the plan's training step, the model's dims)."""
+    model, stack, config = _problem(tmp_path, "cuda", torch.bfloat16, torch.int8, shapes=shapes)
     checkpointing.enable(model)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = torch.cuda.memory_allocated()
     loss, grad = _loss_and_grad(model, stack, "cuda")
     peak = torch.cuda.max_memory_allocated() - start
-    assert abs(loss - reference[0]) < 0.05
-    torch.testing.assert_close(grad, reference[1], atol=5e-3, rtol=0.2)
     from tests.test_plan import small_recipe
 
     r = small_recipe("int8", "bfloat16", 96, activation_checkpointing=True, loss_chunk_tokens=128)
     dims = Dims.from_config(config.to_dict(), "tiny")
     largest = max(t.numel() for t in stack.anchor.values())
     layer = sum(t.numel() for n, t in stack.anchor.items() if ".layers.0." in n)
-    r = r.model_copy(update={"data": r.data.model_copy(update={"max_length": 96})})
-    estimate = phases.training_bytes(r, dims, 4, largest, 3, 2, layer, True)
+    return loss, grad, peak, phases.training_bytes(r, dims, 4, largest, 3, 2, layer, True), dims
+
+
+def test_bfloat16_int8_step_is_close_and_within_the_plan(tmp_path):
+    reference = _loss_and_grad(*_problem(tmp_path, "cpu", torch.float32)[:2], "cpu")
+    loss, grad, peak, estimate, _ = _bfloat16_int8_step(tmp_path)
+    assert abs(loss - reference[0]) < 0.05
+    torch.testing.assert_close(grad, reference[1], atol=5e-3, rtol=0.2)
     assert peak <= 1.25 * estimate, (peak, estimate)
 
 
@@ -116,21 +121,8 @@ def test_mixture_of_experts_steps_on_cuda_as_on_the_cpu_and_within_the_plan(tmp_
     assert abs(gpu[0] - reference[0]) < 1e-3
     # ∂L/∂z is about 1e-5 here (random:// task vectors are 1e-3 of each weight): relative bounds
     torch.testing.assert_close(gpu[1], reference[1], atol=1e-7, rtol=2e-2)
-    model, stack, config = _problem(tmp_path, "cuda", torch.bfloat16, torch.int8, shapes=TINY_MOE)
-    checkpointing.enable(model)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    start = torch.cuda.memory_allocated()
-    loss, grad = _loss_and_grad(model, stack, "cuda")
-    peak = torch.cuda.max_memory_allocated() - start
+    loss, grad, peak, estimate, dims = _bfloat16_int8_step(tmp_path, TINY_MOE)
+    assert dims.profile.moe
     assert abs(loss - reference[0]) < 0.05
     torch.testing.assert_close(grad, reference[1], atol=3e-6, rtol=0.2)  # CPU: within 0.8e-6
-    from tests.test_plan import small_recipe
-
-    r = small_recipe("int8", "bfloat16", 96, activation_checkpointing=True, loss_chunk_tokens=128)
-    dims = Dims.from_config(config.to_dict(), "tiny")
-    assert dims.profile.moe
-    largest = max(t.numel() for t in stack.anchor.values())
-    layer = sum(t.numel() for n, t in stack.anchor.items() if ".layers.0." in n)
-    estimate = phases.training_bytes(r, dims, 4, largest, 3, 2, layer, True)
     assert peak <= 1.25 * estimate, (peak, estimate)
