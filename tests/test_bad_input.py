@@ -662,6 +662,12 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         ),
         "nope_proj",
     ),
+    "adapter target_parameters naming nothing": (
+        "adapter",
+        "fit",
+        lambda w, t: _with_expert(w, t, _adapter(w, t, target_parameters=["mlp.nope_proj"])),
+        "target_parameters ['mlp.nope_proj'] names no parameter of the base",
+    ),
     # dev sets
     "dev set missing": (
         "dev set",

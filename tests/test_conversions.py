@@ -216,8 +216,8 @@ def test_a_checkpoint_short_of_an_expert_is_one_line(moe_world, tmp_path):
 
 def test_lora_experts_on_the_attention_of_a_mixture_of_experts(moe_world, tmp_path):
     """PEFT LoRA adapters on the attention of a mixture-of-experts base, beside a dense expert:
-    each one-hot mixture gives PEFT's own model's logits (the adapter) or the expert's. A router
-    or fused expert weight adapted by LoRA is PEFT's target_parameters, refused in one line."""
+    each one-hot mixture gives PEFT's own model's logits (the adapter) or the expert's. LoRA on the
+    fused experts and routers (PEFT's target_parameters): tests/test_lora_parameters.py."""
     import peft
 
     adapters = {}
@@ -242,15 +242,6 @@ def test_lora_experts_on_the_attention_of_a_mixture_of_experts(moe_world, tmp_pa
             want = reference(ids).logits
             got = functional_call(model, stack.mix_params(torch.eye(3)[i]), (ids,)).logits
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0, msg=name)
-    from mergeopt.errors import UserError
-
-    base = transformers.AutoModelForCausalLM.from_pretrained(moe_world["base"])
-    routed = peft.LoraConfig(r=4, target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj"])
-    peft.get_peft_model(base, routed).save_pretrained(tmp_path / "experts-lora")
-    with pytest.raises(UserError, match="target_parameters"):
-        open_experts(
-            moe_world["base"], {"alpha": str(tmp_path / "experts-lora"), "gamma": world["experts"]["gamma"]}
-        )
 
 
 def test_an_expert_saved_fused_beside_a_base_saved_per_expert(moe_world, tmp_path):

@@ -4,8 +4,8 @@ With a linear merge of LoRA experts the merged model is the base plus a low-rank
 can ship as an adapter of megabytes instead of a checkpoint of gigabytes: per module the experts'
 factors side by side, A = [A_1; …; A_K] and B = [c_1 B_1 … c_K B_K] with c_i = λ w_i s_i (rank
 Σ r_i, scaling 1: what PEFT's ``add_weighted_adapter(combination_type="cat")`` builds). What an
-adapter changes densely (DoRA, modules_to_save, trained biases, trainable tokens) goes in as
-``modules_to_save``: the module's merged parameters, whole. :mod:`mergeopt.export.merge` writes
+adapter changes densely (DoRA, modules_to_save, trained biases, trainable tokens, a LoRA of a
+mixture-of-experts' fused expert weights) goes in as ``modules_to_save``: the module's merged parameters, whole. :mod:`mergeopt.export.merge` writes
 it, as it writes a checkpoint.
 """
 
@@ -62,11 +62,17 @@ def adapter_tensors(
     saved = {name.rpartition(".")[0] for name in [*stack.deltas, *stack.shared]}
     # a DoRA expert kept low-rank scales its layer's rows (mergeopt.merging.dora): no LoRA update
     saved = sorted(saved | {m for m, f in (lowrank.modules.items() if lowrank else ()) if f.gain is not None})
+
+    def has_weight(module: torch.nn.Module) -> bool:  # (reading .weight would merge a stacked one)
+        return "weight" in module._parameters or parametrize.is_parametrized(module, "weight")
+
     sources = {}
-    for name, module in model.named_modules():  # (reading .weight would merge a stacked one)
-        if "weight" in module._parameters or parametrize.is_parametrized(module, "weight"):
+    for name, module in model.named_modules():
+        if has_weight(module):
             sources.setdefault(id(weight_source(module)), []).append(name)
     for module in saved:
+        if not has_weight(model.get_submodule(module)):  # a mixture-of-experts' fused experts
+            continue
         others = [n for n in sources.get(id(weight_source(model.get_submodule(module))), []) if n != module]
         if others:
             raise UserError(

@@ -423,7 +423,7 @@ def open_experts(
     dense, adapters = {}, {}
     for name, path in experts.items():
         if is_adapter(path):
-            adapters[name] = read_adapter(path, shapes, allow_pickle, tied)
+            adapters[name] = read_adapter(path, shapes, allow_pickle, tied, model)
             _check_adapter_base(adapters[name], base, name)
         else:
             dense[name] = open_checkpoint(path, allow_pickle, role=f"model.experts.{name}")

@@ -20,6 +20,9 @@ one base parameter, the expert's value of it as a function of θ0, exactly as PE
 - ``fan_in_fan_out`` (GPT-2's Conv1D, whose weight is in × out): W' = W + s·(B·A)ᵀ;
 - ``trainable_token_indices``: the embedding rows of those tokens replaced by the saved ones.
 
+- ``target_parameters`` (a LoRA of a parameter, not a module: a mixture-of-experts' fused expert
+  weights, a router's weight), and adapters PEFT converts to it: :mod:`mergeopt.loading.lora_parameters`.
+
 These parameters are stacked densely (``mergeopt.merging.stacking``); the rest stays low-rank,
 embedding LoRA included (its factors are kept as Aᵀ and Bᵀ, a linear weight's layout). The
 layer's own weight, which PEFT saves beside the factors of an embedding or an output layer
@@ -45,6 +48,11 @@ from safetensors import safe_open
 
 from mergeopt.errors import UserError
 from mergeopt.inputs import json_file, lora_patterns, safetensors_header
+from mergeopt.loading.lora_parameters import (
+    peft_converted,
+    per_expert_factors,
+    resolved_parameters,
+)
 
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
@@ -63,7 +71,6 @@ CHANGES_THE_MODEL = {
     "layer_replication": "layer replication (it changes the model's depth)",
     "alora_invocation_tokens": "activated LoRA (it acts only after its invocation tokens)",
     "use_qalora": "QA-LoRA (its factors act on pooled inputs)",
-    "target_parameters": "LoRA on parameters (target_parameters)",
     "use_bdlora": "block-diagonal LoRA (use_bdlora)",
     "arrow_config": "Arrow routing between adapters (arrow_config)",
 }
@@ -71,7 +78,8 @@ CHANGES_THE_MODEL = {
 
 @dataclass(frozen=True)
 class LoraFactors:
-    """One adapted module: ΔW = scaling · b @ a."""
+    """One adapted module: ΔW = scaling · b @ a (batched over a fused parameter's experts: a is
+    (experts, r, in), b (experts, out, r); :mod:`mergeopt.loading.lora_parameters`)."""
 
     a: torch.Tensor  # (r, in)
     b: torch.Tensor  # (out, r)
@@ -79,10 +87,10 @@ class LoraFactors:
 
     @property
     def rank(self) -> int:
-        return self.a.shape[0]
+        return self.a.shape[-2]
 
     def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The dense ΔW (out × in), for checks and for the dense path only."""
+        """The dense ΔW (out × in, or experts × out × in), for checks and for the dense path only."""
         return self.scaling * (self.b.to(dtype) @ self.a.to(dtype))
 
 
@@ -220,12 +228,18 @@ def _check_untied(path: Path, name: str, tied: Collection[str]) -> None:
 
 
 def _sorted_tensors(
-    path: Path, tensors: Mapping[str, torch.Tensor], base_shapes, tied: Collection[str] = ()
+    path: Path,
+    tensors: Mapping[str, torch.Tensor],
+    base_shapes,
+    tied: Collection[str] = (),
+    wrapped: Collection[str] = (),
 ) -> dict[str, dict]:
-    """The adapter's tensors by kind: linear and embedding factor pairs, DoRA magnitudes and LoRA
-    biases by module, and the adapter's own copies of base parameters (modules_to_save, trained
-    biases, an adapted embedding's ``base_layer.weight``) by the base parameter they replace."""
+    """The adapter's tensors by kind: linear and embedding factor pairs, factor pairs of adapted
+    parameters (``wrapped``: their wrappers' keys), DoRA magnitudes and LoRA biases by module, and the
+    adapter's own copies of base parameters (modules_to_save, trained biases, an adapted
+    embedding's ``base_layer.weight``) by the base parameter they replace."""
     kinds: dict[str, dict] = {
+        "parameter": {},
         "linear": {},
         "embedding": {},
         "magnitude": {},
@@ -235,7 +249,9 @@ def _sorted_tensors(
     }
     for key, tensor in tensors.items():
         name = key.removeprefix(PREFIX)
-        if match := FACTOR.match(name):
+        if (match := FACTOR.match(name)) and match["module"] in wrapped:
+            kinds["parameter"].setdefault(match["module"], {})[match["which"]] = tensor
+        elif match := FACTOR.match(name):
             kinds["linear"].setdefault(match["module"], {})[match["which"]] = tensor
         elif match := EMBEDDING.match(name):
             kinds["embedding"].setdefault(match["module"], {})[match["which"]] = tensor
@@ -275,21 +291,44 @@ def read_adapter(
     base_shapes: Mapping[str, Sequence[int]],
     allow_pickle: bool = False,
     tied: Collection[str] = (),
+    model: torch.nn.Module | None = None,
 ) -> LoraAdapter:
     """Read a PEFT LoRA adapter directory and check every tensor against the base's parameter shapes
     (``tied``: parameters the base ties to another, absent from its file, e.g. ``lm_head.weight``).
 
-    Linear and embedding factors stay :class:`LoraFactors`; DoRA modules, LoRA biases and the
-    adapter's own copies of base parameters become :class:`DenseUpdate` s (see the module's docstring).
+    Linear and embedding factors stay :class:`LoraFactors`; DoRA modules, LoRA biases, adapted
+    parameters (``target_parameters``) and the adapter's own copies of base parameters become
+    :class:`DenseUpdate` s (see the module's docstring). ``model``, the base's architecture (on the
+    meta device), resolves adapted parameters and converts adapters of per-expert modules as PEFT
+    does (:mod:`mergeopt.loading.lora_parameters`); without it such adapters are refused.
     """
     path = Path(path)
     config = read_adapter_config(path)
-    kinds = _sorted_tensors(path, _read_tensors(path, allow_pickle), base_shapes, tied)
-    if not (kinds["linear"] or kinds["embedding"] or kinds["copy"] or kinds["tokens"]):
+    tensors = _read_tensors(path, allow_pickle)
+    if model is not None:
+        config, tensors = peft_converted(path, config, tensors, model)
+    wrapped = resolved_parameters(path, config, model)
+    kinds = _sorted_tensors(path, tensors, base_shapes, tied, wrapped)
+    if not any(kinds[k] for k in ("parameter", "linear", "embedding", "copy", "tokens")):
         raise UserError(f"{path}: the adapter holds no LoRA factors")
     factors: dict[str, LoraFactors] = {}
     dense: dict[str, DenseUpdate] = {}
     magnitudes, copies = kinds["magnitude"], kinds["copy"]  # popped as they are used
+    for key, ab in sorted(kinds["parameter"].items()):
+        target = wrapped[key]
+        a, b = _pair(path, key, ab, "lora_")
+        r, scaling = scaling_for(config, target.name)
+        in_features, out_features = target.in_out
+        _check_pair(
+            path,
+            key,
+            ("lora_A", a, (r * target.experts, in_features)),
+            ("lora_B", b, (out_features, r * target.experts)),
+            target.name,
+            target.shape,
+            rank=r,
+        )
+        dense[target.name] = DenseUpdate(None, LoraFactors(*per_expert_factors(a, b, target), scaling))
     for module, ab in sorted(kinds["linear"].items()):
         a, b = _pair(path, module, ab, "lora_")
         target = f"{module}.weight"
@@ -377,14 +416,16 @@ def read_adapter(
     return LoraAdapter(path, config, factors, dict(sorted(dense.items())))
 
 
-def _check_pair(path: Path, module: str, a: tuple, b: tuple, target: str, whole: Sequence[int]) -> None:
+def _check_pair(
+    path: Path, module: str, a: tuple, b: tuple, target: str, whole: Sequence[int], rank: int | None = None
+) -> None:
     """Each factor as (its name, the tensor, the shape the base's ``whole`` and the module's rank
     call for)."""
     (a_name, a_value, a_shape), (b_name, b_value, b_shape) = a, b
     if tuple(a_value.shape) != a_shape or tuple(b_value.shape) != b_shape:
         raise UserError(
             f"{path}: {module} has {a_name} {list(a_value.shape)} and {b_name} {list(b_value.shape)}, but the "
-            f"base's {target} is {list(whole)} and the adapter's rank there is {a_shape[0]}"
+            f"base's {target} is {list(whole)} and the adapter's rank there is {rank or a_shape[0]}"
         )
 
 

@@ -29,6 +29,7 @@ from mergeopt.loading.lora import (
     SAFETENSORS_FILE,
     TOKENS,
 )
+from mergeopt.loading.lora_parameters import needs_conversion, peft_converted, resolved_parameters
 
 
 @dataclass(frozen=True)
@@ -95,23 +96,49 @@ def saved_copy(path: str | Path, name: str) -> torch.Tensor:
         return handle.get_tensor(key)
 
 
-def factor_sizes(path: str | Path, fan_in_fan_out: bool = False) -> FactorSizes:
+def _header(file: Path, config: dict, model: torch.nn.Module | None) -> tuple[dict, dict]:
+    """(config, {key: (shape, dtype)}) of an adapter as the fit reads it: from the header alone, but
+    for an adapter of per-expert modules that PEFT converts to fused experts, which is read whole and
+    converted (its factors are small) so that the plan sees what the fit stacks."""
+    header = safetensors_header(file)
+    if model is None or not needs_conversion(header, model, config):
+        return config, header
+    with safe_open(str(file), framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    config, tensors = peft_converted(file.parent, config, tensors, model)
+    return config, {key: (list(t.shape), str(t.dtype)) for key, t in tensors.items()}
+
+
+def factor_sizes(
+    path: str | Path,
+    fan_in_fan_out: bool = False,
+    model: torch.nn.Module | None = None,
+    config: dict | None = None,
+) -> FactorSizes:
     """Sizes of an adapter's factors, read from its safetensors header (no weights), sorted as
     :func:`read_adapter` sorts the tensors (``fan_in_fan_out``: its adapter_config.json's, whose
-    modules are all stacked densely)."""
+    modules are all stacked densely). ``model`` (the base's architecture on the meta device) and
+    ``config`` (its adapter_config.json) resolve LoRA on parameters (``target_parameters``, also as
+    PEFT converts per-expert modules to it): those parameters are stacked densely."""
     file = Path(path) / SAFETENSORS_FILE
     if not file.is_file():
         raise UserError(f"{path}: no {SAFETENSORS_FILE} next to {CONFIG_FILE}")
-    stored = 0
+    stored = sum(
+        math.prod(shape) * (2 if dtype in ("BF16", "F16") else 4)
+        for shape, dtype in safetensors_header(file).values()
+    )
+    config, header = _header(file, dict(config or {}), model)
+    wrapped = resolved_parameters(Path(path), config, model) if config else {}
     transposed = fan_in_fan_out
     factors: dict[str, dict[str, tuple[int, ...]]] = {}
     dense: set[str] = set()
     magnitudes: set[str] = set()
     embeddings: dict[str, dict[str, tuple[int, ...]]] = {}
-    for key, (shape, dtype) in safetensors_header(file).items():
-        stored += math.prod(shape) * (2 if dtype in ("BF16", "F16") else 4)
+    for key, (shape, _) in header.items():
         name = key.removeprefix(PREFIX)
-        if match := FACTOR.match(name):
+        if (match := FACTOR.match(name)) and match["module"] in wrapped:
+            dense.add(wrapped[match["module"]].name)  # LoRA on a parameter: dense rows
+        elif match := FACTOR.match(name):
             if len(shape) == 2:
                 factors.setdefault(match["module"], {})[match["which"]] = tuple(shape)
         elif match := EMBEDDING.match(name):  # lora_embedding_A is r × rows, B width × r

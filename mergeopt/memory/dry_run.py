@@ -167,7 +167,9 @@ def read_inventory(recipe: Recipe) -> tuple[Inventory, Dims]:
     # one line for a malformed adapter_config.json, as in the fit
     configs = {name: read_adapter_config(Path(path)) for name, path in adapters.items()}
     sizes = {
-        name: _copies_resolved(factor_sizes(path, bool(configs[name].get("fan_in_fan_out"))), path, base)
+        name: _copies_resolved(
+            factor_sizes(path, bool(configs[name].get("fan_in_fan_out")), model, configs[name]), path, base
+        )
         for name, path in adapters.items()
     }
     if adapters and recipe.merge.method == "linear":
@@ -178,7 +180,7 @@ def read_inventory(recipe: Recipe) -> tuple[Inventory, Dims]:
         elif updated:
             dense_rows = (
                 f"; {len(updated)} parameter(s) they set densely (DoRA, modules_to_save, "
-                "biases) are stacked as dense rows"
+                "biases, target_parameters) are stacked as dense rows"
             )
         else:
             dense_rows = "; no parameter is stacked densely"
