@@ -18,6 +18,12 @@ Target: memory ≤ 0.25x the dense path. Run from the repository root (a few min
 
     python benchmarks/lora_path.py [--steps 5] [--out benchmarks/results/lora_path.md]
 
+``--moe`` takes a random mixture of experts instead (tests/data/configs/mixtral-140m.json, seeded
+weights): LoRA experts of rank 16 on the attention and on every layer's fused expert weights
+(PEFT's ``target_parameters``), kept as factors and merged as each layer reads them
+(mergeopt.merging.lowrank_parameters), against the same experts merged by PEFT and stacked
+densely; it writes benchmarks/results/lora_moe_path.md.
+
 ``--dora`` makes the experts DoRA adapters (``use_dora``, magnitudes moved off their initial norms
 as training moves them) and writes benchmarks/results/dora_path.md: DoRA layers kept low-rank with
 row gains (mergeopt.merging.dora) against the same experts merged by PEFT and stacked densely,
@@ -45,6 +51,11 @@ NUM_EXPERTS = 4
 RANK = 16
 ALPHA = 32
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MOE_CONFIG = Path(__file__).resolve().parent.parent / "tests" / "data" / "configs" / "mixtral-140m.json"
+MOE_TARGETS = {
+    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "target_parameters": ["gate_up_proj", "down_proj"],
+}
 BATCH, SEQ_LEN = 8, 128
 WARMUP = 2
 SEED = 0
@@ -59,18 +70,30 @@ def read_status(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def make_experts(base_dir: Path, root: Path, dora: bool = False) -> dict[str, dict[str, str]]:
+def moe_base(root: Path) -> str:
+    """The random mixture of experts (seeded weights from its config.json), saved as a checkpoint."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(SEED)
+    config = AutoConfig.for_model(**json.loads(MOE_CONFIG.read_text()))
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(root / "base")
+    return str(root / "base")
+
+
+def make_experts(
+    base_dir: Path, root: Path, dora: bool = False, moe: bool = False
+) -> dict[str, dict[str, str]]:
     """K seeded random LoRA (or DoRA) adapters over the base, and their dense merges, written to ``root``."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     paths: dict[str, dict[str, str]] = {"lora": {}, "dense": {}}
+    targets = MOE_TARGETS if moe else {"target_modules": TARGETS}
     for k in range(NUM_EXPERTS):
         torch.manual_seed(SEED + k)
-        config = LoraConfig(
-            r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, init_lora_weights=False, use_dora=dora
-        )
+        config = LoraConfig(r=RANK, lora_alpha=ALPHA, init_lora_weights=False, use_dora=dora, **targets)
         model = get_peft_model(copy.deepcopy(base), config)
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -103,7 +126,8 @@ def measure(variant: str, base_dir: str, experts: dict[str, str], steps: int) ->
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(device).eval()
     _, dense, adapters = open_experts(base_dir, experts)
     stack = build_expert_stack(model, list(experts), dense, adapters, progress=False, log=lambda _m: None)
-    tokens = torch.randint(100, 40000, (BATCH, SEQ_LEN), generator=torch.Generator().manual_seed(SEED))
+    high = min(40000, model.config.vocab_size)  # SmolLM2's 49k vocabulary; the random Mixtral's 32k
+    tokens = torch.randint(100, high, (BATCH, SEQ_LEN), generator=torch.Generator().manual_seed(SEED))
     scored = torch.ones(SEQ_LEN, dtype=torch.bool)
     scored[0] = False  # every token after the first is a target
     batch = collate([(0, Example(t, scored)) for t in tokens], pad_id=0).to(device)
@@ -129,6 +153,7 @@ def measure(variant: str, base_dir: str, experts: dict[str, str], steps: int) ->
         "peak_bytes": peak,
         "parameters": sum(p.numel() for p in model.parameters()),
         "lowrank_modules": len(stack.lowrank.modules) if stack.lowrank is not None else 0,
+        "lowrank_parameters": len(stack.lowrank.parameters) if stack.lowrank is not None else 0,
         "dense_tensors": len(stack.deltas),
     }
 
@@ -138,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--out", help="default: benchmarks/results/lora_path.md (dora_path.md with --dora)")
     parser.add_argument("--dora", action="store_true", help="DoRA experts instead of plain LoRA")
+    parser.add_argument("--moe", action="store_true", help="a random Mixtral, LoRA on its fused experts")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -148,10 +174,10 @@ def main(argv: list[str] | None = None) -> None:
     from mergeopt import worlds
 
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-    base_dir = str(worlds.ensure("smollm2", None, 0) / "base")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        paths = make_experts(Path(base_dir), Path(tmp), args.dora)
+        base_dir = moe_base(Path(tmp)) if args.moe else str(worlds.ensure("smollm2", None, 0) / "base")
+        paths = make_experts(Path(base_dir), Path(tmp), args.dora, args.moe)
         for variant in ("dense", "lora"):
             spec = json.dumps({"base": base_dir, "experts": paths[variant]})
             out = subprocess.run(
@@ -170,21 +196,31 @@ def main(argv: list[str] | None = None) -> None:
             )
             results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
             print(variant, {k: v for k, v in results[variant].items() if k != "step_seconds"}, flush=True)
-    out = args.out or f"benchmarks/results/{'dora' if args.dora else 'lora'}_path.md"
-    write_report(out, results, started, args.steps, args.dora)
+    kind = "dora" if args.dora else "lora_moe" if args.moe else "lora"
+    out = args.out or f"benchmarks/results/{kind}_path.md"
+    write_report(out, results, started, args.steps, args.dora, args.moe)
 
 
-def write_report(out: str, results: dict, started: str, steps: int, dora: bool = False) -> None:
+def write_report(
+    out: str, results: dict, started: str, steps: int, dora: bool = False, moe: bool = False
+) -> None:
     dense, lora = results["dense"], results["lora"]
     peak_ratio = lora["peak_bytes"] / dense["peak_bytes"]
     stack_ratio = lora["stack_bytes"] / dense["stack_bytes"]
     time_ratio = lora["median_step_seconds"] / dense["median_step_seconds"]
     mib = 2**20
     kind = "DoRA" if dora else "LoRA"
+    setting = (
+        "a random Mixtral of 8 experts, 8 layers, hidden 512 (tests/data/configs/mixtral-140m.json), K = 4, "
+        "r = 16 on the attention and on every layer's fused expert weights (target_parameters)"
+        if moe
+        else "SmolLM2-135M, K = 4, r = 16 on every linear layer"
+    )
+    flags = " --dora" if dora else " --moe" if moe else ""
     lines = [
-        f"# {kind} experts kept low-rank vs made dense (SmolLM2-135M, K = 4, r = 16 on every linear layer)",
+        f"# {kind} experts kept low-rank vs made dense ({setting})",
         "",
-        f"Generated by `python benchmarks/lora_path.py --steps {steps}{' --dora' if dora else ''}` on {started} UTC "
+        f"Generated by `python benchmarks/lora_path.py --steps {steps}{flags}` on {started} UTC "
         f"({platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads). One optimizer step of the gradient strategy on 8 x 128 tokens; "
         f"median of {steps} steps after {WARMUP} warm-up steps; each variant in its own process.",
@@ -197,7 +233,8 @@ def write_report(out: str, results: dict, started: str, steps: int, dora: bool =
         f"| step time (s) | {dense['median_step_seconds']:.3f} | {lora['median_step_seconds']:.3f} | {time_ratio:.3f} |",
         "",
         f"Dense path: {dense['dense_tensors']} stacked tensors; low-rank path: {lora['lowrank_modules']} adapted "
-        f"modules, {lora['dense_tensors']} stacked tensors. Model: {dense['parameters']:,} parameters.",
+        f"modules, {lora.get('lowrank_parameters', 0)} whole parameters merged from their factors, "
+        f"{lora['dense_tensors']} stacked tensors. Model: {dense['parameters']:,} parameters.",
         "",
         f"**Target: memory ≤ {MEMORY_TARGET}x the dense path.** Stack memory: {stack_ratio:.3f}x "
         f"({'met' if stack_ratio <= MEMORY_TARGET else 'not met'}). Whole-process peak, which also holds the "

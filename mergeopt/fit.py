@@ -225,6 +225,11 @@ def _stack_line(problem: Problem) -> str:
         f"{len(stack.excluded)} excluded, {len(stack.unchanged) + len(stack.shared)} equal in every expert"
         + (
             f"; {len(stack.lowrank.modules)} modules with LoRA experts kept low-rank"
+            + (
+                f", and {len(stack.lowrank.parameters)} whole parameters (fused expert weights, routers)"
+                if stack.lowrank.parameters
+                else ""
+            )
             if stack.lowrank is not None
             else ""
         )
@@ -296,6 +301,8 @@ def _mixture_record(resolved, objective, problem, found: SearchOutcome, groups, 
             "unchanged": len(stack.unchanged),
             "shared": len(stack.shared),
             "lowrank_modules": len(stack.lowrank.modules) if stack.lowrank is not None else 0,
+            # LoRA of whole parameters (a mixture of experts' fused expert weights) kept low-rank
+            "lowrank_parameters": len(stack.lowrank.parameters) if stack.lowrank is not None else 0,
             "dtypes": {  # storage, fit steps, loss evaluations (mergeopt.merging.eval_dtype)
                 "stack": resolved.model.stack_dtype,
                 "compute": str(stack.compute_dtype).removeprefix("torch."),

@@ -198,12 +198,8 @@ def test_training_step_plan_of_low_rank_experts_bounds_the_live_bytes(tmp_path, 
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig
 
-    from mergeopt.loading.checkpoints import open_experts
-    from mergeopt.memory import checkpointing, dry_run, plan
-    from mergeopt.merging.stack import DTYPES
-    from mergeopt.objectives.loss import dev_loss
     from tests.conftest import perturbed
-    from tests.test_plan import ROOMY, LiveBytes, _stacked_tensors, padded_batch, recipe, small_fields
+    from tests.test_plan import planned_and_live_step, small_fields
 
     vocab, batch, length = 100, 4, 60
     config = LlamaConfig(**small_fields(vocab, 256, 704), attn_implementation="sdpa")
@@ -225,44 +221,13 @@ def test_training_step_plan_of_low_rank_experts_bounds_the_live_bytes(tmp_path, 
             json.dumps({**json.loads(config_file.read_text()), "base_model_name_or_path": ""})
         )
     experts = {f"e{k}": str(tmp_path / f"e{k}") for k in range(4)}
-    r = recipe(str(tmp_path / "base"), experts, compute_dtype=compute)
-    r = r.model_copy(
-        update={
-            "data": r.data.model_copy(update={"max_length": length}),
-            "optim": r.optim.model_copy(
-                update={
-                    "loss_chunk_tokens": 64,
-                    "batch_size": batch,
-                    "activation_checkpointing": checkpointed,
-                }
-            ),
-        }
-    )
-    inventory, dims = dry_run.read_inventory(r)
-    planned = plan.plan_memory(r, inventory, dims, ROOMY).row("training step")
-
-    model.to(DTYPES[compute])  # the fit loads the base in the compute dtype
-    _, dense, adapters = open_experts(str(tmp_path / "base"), experts)
-    stack = build_expert_stack(
-        model,
-        list(experts),
-        dense,
-        adapters,
-        progress=False,
-        log=lambda _m: None,
-        compute_dtype=DTYPES[compute],
+    planned, peak, stack = planned_and_live_step(
+        model, str(tmp_path / "base"), experts, compute, checkpointed, batch, length, vocab
     )
     factors = stack.lowrank.modules.values()
     assert bool(stack.deltas) == (kind == "mixed")
     assert all((f.gain is not None) == (kind == "dora") for f in factors)
-    if checkpointed:
-        checkpointing.enable(model)
-    z = torch.zeros(4, dtype=torch.float64, requires_grad=True)
-    held = [t for f in factors for t in (f.a, f.b, f.owner, f.scaling, f.gain, f.gain_owner) if t is not None]
-    known = [*model.parameters(), *model.buffers(), *_stacked_tensors(stack), *held, z]
-    with LiveBytes(known) as step:
-        dev_loss(model, stack, z, padded_batch(batch, length, vocab), torch.ones(1), 64).backward()
-    assert step.peak * 0.99 <= planned <= step.peak * 1.15, (planned, step.peak, planned / step.peak)
+    assert peak * 0.99 <= planned <= peak * 1.15, (planned, peak, planned / peak)
 
 
 def test_a_sharded_fit_of_dora_adapters_finds_the_mixture_one_process_finds(updates_world, tmp_path):  # noqa: F811

@@ -430,12 +430,11 @@ def test_fitted_weights_equal_a_reference_adam_loop_on_the_whole_model_merge():
     assert result.steps_run == optim.steps
 
 
-def test_no_merged_copy_of_the_model_is_saved_for_the_backward(monkeypatch):
-    """Autograd keeps a recipe, not the tensor, for every merged weight a module saves: counted by
-    wrapping the per-layer merge's own saved-tensor hook during one forward."""
+def counting_recipes(monkeypatch) -> tuple[list, list]:
+    """(the recipes, the tensors) the per-layer merge's saved-tensor hook stores from now on: it is
+    wrapped to count them."""
     from mergeopt.merging import layer_merge
 
-    base, _, stack = _built("llama")
     recipes, kept = [], []
     original = layer_merge._pack
 
@@ -445,6 +444,16 @@ def test_no_merged_copy_of_the_model_is_saved_for_the_backward(monkeypatch):
         return packed
 
     monkeypatch.setattr(layer_merge, "_pack", counting_pack)
+    return recipes, kept
+
+
+def test_no_merged_copy_of_the_model_is_saved_for_the_backward(monkeypatch):
+    """Autograd keeps a recipe, not the tensor, for every merged weight a module saves: counted by
+    wrapping the per-layer merge's own saved-tensor hook during one forward."""
+    from mergeopt.merging import layer_merge
+
+    base, _, stack = _built("llama")
+    recipes, kept = counting_recipes(monkeypatch)
     w = torch.softmax(torch.tensor([0.3, -0.1, 0.2], dtype=torch.float64, requires_grad=True), 0)
     loss = per_layer_loss(base, stack, w, padded_batch(), None)
     merged_bytes = sum(r.source.anchor.numel() * 4 for r in recipes)

@@ -12,6 +12,7 @@ logits, and at a mixed w the logits of θ0 + Σ w_i (θ_i − θ0) over the expe
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from mergeopt.loading.checkpoints import open_experts
 from mergeopt.loading.lora_parameters import WrappedParameter, per_expert_factors, wrapped_parameters
 from mergeopt.loading.problem import load_merge
 from mergeopt.worlds import resolve_recipe, toy
-from tests.conftest import recipe_tree, save_checkpoint, write_jsonl
+from tests.conftest import REPO, recipe_tree, save_checkpoint, write_jsonl
 from tests.test_conversions import MOE, SHARED, VOCAB
 
 ARCHITECTURES = {
@@ -98,9 +99,9 @@ def world(request, tmp_path_factory) -> dict:
     return {"arch": arch, "root": root, "base": str(root / "base"), "experts": experts, "dev": dev}
 
 
-def _recipe(world: dict, tmp_path: Path, **merge):
+def _recipe(world: dict, tmp_path: Path, **model):
     tree = recipe_tree(world, tmp_path / "run")
-    tree.setdefault("merge", {}).update(merge)
+    tree["model"].update(model)
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(tree))
     recipe, _ = resolve_recipe(load_recipe(path), lambda _m: None)
@@ -261,8 +262,9 @@ def test_adapters_of_per_expert_modules_are_converted_as_peft_does(arch, tmp_pat
     from mergeopt.memory.dry_run import read_inventory
 
     inventory, _ = read_inventory(_recipe(world, tmp_path))  # the plan converts them too
-    for sizes in inventory.adapters.values():
-        assert set(sizes.dense) == set(stack.anchor)
+    for sizes in inventory.adapters.values():  # both fused weights of each layer, kept low-rank
+        assert set(sizes.parameters) == set(stack.lowrank.parameters)
+        assert len(sizes.parameters) == 2 * SHARED["num_hidden_layers"]
         assert all(m.endswith("q_proj") for m in sizes.modules)
     # an adapter of gate_proj without up_proj cannot be fused: PEFT refuses, in one line here
     half = {k: v for k, v in list(V4_MODULES[arch].items())[:1]}
@@ -286,21 +288,31 @@ def test_target_parameters_naming_nothing_is_one_line(tmp_path):
         open_experts(str(tmp_path / "base"), {"a": str(tmp_path / "lora"), "b": str(tmp_path / "lora")})
 
 
-def test_the_plan_counts_them_as_dense_rows(world, tmp_path):
-    """The memory plan (from headers): the adapted fused weights and routers are dense rows, as the
-    fit stacks them, and only q_proj stays low-rank; with the adapters alone, the plan's dense
-    parameters are exactly the fit's stacked ones."""
-    from mergeopt.memory.dry_run import read_inventory
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("mixed", [False, True], ids=["lora", "lora+dense"])
+def test_the_plan_holds_what_the_fit_stacks(world, tmp_path, dtype, mixed):
+    """The memory plan, from headers: with the LoRA experts alone, their updates of the fused
+    weights and routers stay factors, and the plan's factor row is the bytes of the fit's low-rank
+    stack, with no dense row; beside a dense expert they are dense rows, as the fit stacks them."""
+    from mergeopt.memory import dry_run, plan
+    from mergeopt.memory.sizes import DeviceMemory
 
-    adapters = {n: p for n, p in world["experts"].items() if n != "gamma"}
-    recipe = _recipe({**world, "experts": adapters}, tmp_path)
-    inventory, _ = read_inventory(recipe)
+    experts = world["experts"] if mixed else {n: p for n, p in world["experts"].items() if n != "gamma"}
+    recipe = _recipe({**world, "experts": experts}, tmp_path, stack_dtype=dtype)
+    inventory, dims = dry_run.read_inventory(recipe)
+    p = plan.plan_memory(recipe, inventory, dims, DeviceMemory("cpu", "test", 2**40, 2**40))
     _, stack, _, _ = load_merge(recipe, progress=False)
+    targets = {n for n in inventory.shapes if n.endswith(("gate_up_proj", "down_proj", "gate.weight"))}
+    targets = {n for n in targets if any(n.endswith(t) for t in TARGETS[world["arch"]])}
+    assert len(targets) == len(TARGETS[world["arch"]]) * SHARED["num_hidden_layers"]
     for sizes in inventory.adapters.values():
-        assert set(sizes.dense) == set(stack.anchor)
-        assert all(m.endswith("q_proj") for m in sizes.modules)
-    assert all(n.endswith(("gate_up_proj", "down_proj", "gate.weight")) for n in stack.anchor)
-    assert len(stack.anchor) == len(TARGETS[world["arch"]]) * SHARED["num_hidden_layers"]
+        assert set(sizes.parameters) == targets and all(m.endswith("q_proj") for m in sizes.modules)
+    assert p.row("LoRA factors of") == stack.lowrank.nbytes()
+    if mixed:
+        assert targets <= set(stack.anchor) and not stack.lowrank.parameters
+    else:
+        assert set(stack.lowrank.parameters) == targets and not stack.anchor
+        assert p.row("stack anchor") + p.row("stack differences") == 0
 
 
 def test_merge_as_adapter_saves_the_fused_experts_whole(world, tmp_path):
@@ -330,3 +342,258 @@ def test_merge_as_adapter_saves_the_fused_experts_whole(world, tmp_path):
     with torch.no_grad(), problem.stack.at(torch.tensor([0.5, 0.3, 0.2])) as merged:
         want = merged(input_ids=ids).logits
         torch.testing.assert_close(loaded(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
+
+
+def _batch():
+    """Two dev sets' padded batch over this vocabulary (tests/test_layer_merge.py's layout)."""
+    from mergeopt.objectives.data import Batch
+
+    ids = torch.randint(3, VOCAB, (3, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    scored = mask.bool().clone()
+    scored[:, :3] = False
+    return Batch(input_ids=ids, attention_mask=mask, scored=scored, set_index=torch.tensor([0, 1, 1]))
+
+
+def _adapters_only(world: dict) -> dict:
+    return {**world, "experts": {n: p for n, p in world["experts"].items() if n != "gamma"}}
+
+
+def _stacks(world: dict, tmp_path: Path, monkeypatch, **model):
+    """(model, stack) with the fused weights' LoRA kept low-rank, and with it as dense rows (the
+    path a stack with dense experts takes), for the same adapters."""
+    from mergeopt.merging import mixed_experts
+
+    recipe = _recipe(_adapters_only(world), tmp_path, **model)
+    low = load_merge(recipe, progress=False)[:2]
+    assert low[1].lowrank.parameters and not low[1].anchor
+    with monkeypatch.context() as patched:
+        patched.setattr(mixed_experts, "split_parameter_lora", lambda adapters, exclude: (dict(adapters), []))
+        dense = load_merge(recipe, progress=False)[:2]
+    assert set(dense[1].anchor) == set(low[1].lowrank.parameters)
+    return low, dense
+
+
+@pytest.mark.parametrize(
+    "checkpointed,compute",
+    [(False, "float32"), (True, "float32"), (True, "bfloat16")],
+    ids=["kept", "checkpointed", "bf16"],
+)
+def test_the_low_rank_merge_equals_the_dense_rows(world, tmp_path, monkeypatch, checkpointed, compute):
+    """Loss and ∂L/∂z of the fused weights merged from the LoRA factors against the same adapters
+    stacked as dense rows (the per-layer merge, itself checked against finite differences in
+    tests/test_layer_merge.py), with and without activation checkpointing; in bfloat16 both merge
+    in float32 and round once, to the same weights but where float32 sums differ in their last bit."""
+    from mergeopt.memory import checkpointing
+    from tests.test_layer_merge import loss_and_grad, per_layer_loss
+
+    logits = torch.tensor([0.4, -0.3], dtype=torch.float64)
+    results = []
+    for model, stack in _stacks(world, tmp_path, monkeypatch, compute_dtype=compute):
+        (checkpointing.enable if checkpointed else checkpointing.disable)(model)
+        results.append(
+            loss_and_grad(lambda w, m=model, s=stack: per_layer_loss(m, s, w, _batch(), 5), logits)
+        )
+    (low_loss, low_grad), (dense_loss, dense_grad) = results
+    if compute == "bfloat16":  # measured: losses within 6e-5, gradients within 4% of the largest
+        assert low_loss == pytest.approx(dense_loss, rel=1e-3)
+        torch.testing.assert_close(low_grad, dense_grad, rtol=0.05, atol=1e-4)
+    else:
+        assert low_loss == pytest.approx(dense_loss, rel=1e-6)
+        torch.testing.assert_close(low_grad, dense_grad, rtol=1e-5, atol=1e-9)
+    assert low_grad.abs().max() > 1e-4  # the adapters move the loss
+
+
+def test_no_merged_copy_of_the_experts_is_saved_for_the_backward(world, tmp_path, monkeypatch):
+    """Autograd keeps a recipe, not the tensor, for every fused weight merged from the factors."""
+    from mergeopt.merging import layer_merge
+    from tests.test_layer_merge import counting_recipes, per_layer_loss
+
+    (model, stack), _ = _stacks(world, tmp_path, monkeypatch)
+    recipes, kept = counting_recipes(monkeypatch)
+    w = torch.softmax(torch.tensor([0.3, -0.1], dtype=torch.float64, requires_grad=True), 0)
+    loss = per_layer_loss(model, stack, w, _batch(), None)
+    fused = {n for n, f in stack.lowrank.parameters.items() if len(f.shape) == 3}
+    assert fused <= {r.source.parametrization.name for r in recipes}
+    assert not any(getattr(t, layer_merge.SOURCE_ATTRIBUTE, None) is not None for t in kept)
+    loss.backward()  # the recipes merge again in the backward
+
+
+def test_the_written_merge_loads_back_with_the_in_memory_logits(world, tmp_path, monkeypatch):
+    """``mergeopt merge`` writes the fused weights merged from the factors; transformers reads them
+    back to the merge the fit scores, which equals the dense rows' merge."""
+    from mergeopt.errors import run_cli
+    from mergeopt.export import merge as merge_cli
+
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(recipe_tree(_adapters_only(world), tmp_path / "run")))
+    out = tmp_path / "merged"
+    argv = [str(recipe_path), "--weights", "alpha=0.7,beta=0.3", "--out", str(out), "--quiet"]
+    assert run_cli(merge_cli.main, argv) == 0
+    written = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.randint(3, VOCAB, (2, 11), generator=torch.Generator().manual_seed(1))
+    w = torch.tensor([0.7, 0.3], dtype=torch.float64)
+    for model, stack in _stacks(world, tmp_path, monkeypatch):
+        with torch.no_grad():
+            got = functional_call(model, stack.mix_params(w), (ids,)).logits
+        torch.testing.assert_close(written(ids).logits, got, atol=1e-5, rtol=0)
+
+
+def test_a_fit_of_lora_experts_of_the_fused_experts(world, tmp_path):
+    """``mergeopt fit`` end to end on adapters of the fused experts alone: the gradient strategy
+    runs through the factors' merge, and mixture.json says what stayed low-rank."""
+    from tests.conftest import run_in_process
+
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(recipe_tree(_adapters_only(world), tmp_path / "run")))
+    result = run_in_process("fit", str(recipe_path), "--quiet")
+    assert result.returncode == 0, result.stderr
+    mixture = json.loads((tmp_path / "run" / "mixture.json").read_text())
+    layers = SHARED["num_hidden_layers"]
+    assert mixture["stack"]["lowrank_parameters"] == len(TARGETS[world["arch"]]) * layers
+    assert mixture["stack"]["lowrank_modules"] == layers and mixture["stack"]["tensors"] == 0
+    assert sum(mixture["weights"].values()) == pytest.approx(1.0)
+
+
+def _header_only_adapter(
+    directory: Path, base: Path, tensors: dict[str, tuple[int, ...]], config: dict
+) -> str:
+    """A LoRA adapter whose safetensors file has these bfloat16 tensors' header and zero data, the
+    data a sparse file (no disk): the plan reads headers alone."""
+    directory.mkdir()
+    header, offset = {}, 0
+    for name, shape in tensors.items():
+        size = 2 * int(torch.tensor(shape).prod())
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(directory / "adapter_model.safetensors", "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        f.truncate(8 + len(text) + offset)
+    (directory / "adapter_config.json").write_text(
+        json.dumps({**config, "base_model_name_or_path": str(base)})
+    )
+    return str(directory)
+
+
+def test_qwen3_moe_with_four_lora_experts_of_its_experts_plans_on_one_gpu(tmp_path):
+    """Qwen3-30B-A3B's shapes (its published config.json) with four rank-16 LoRA experts of every
+    expert projection (PEFT's target_parameters) and of the attention: the stack is their factors,
+    1.2 GiB each, where dense rows would be four copies of the experts (29.0B parameters each,
+    216 GiB in bfloat16); the fit plans to fit one 80 GB GPU."""
+    from mergeopt.memory import dry_run, plan
+    from tests.test_plan import EXCLUDED, EXPERTS_8B, GPU_80GB
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(
+        (REPO / "tests" / "data" / "configs" / "qwen3-30b-a3b.json").read_text()
+    )
+    config = json.loads((base / "config.json").read_text())
+    hidden, width, experts = config["hidden_size"], config["moe_intermediate_size"], config["num_experts"]
+    heads, kv, head = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
+    r, layers = 16, config["num_hidden_layers"]
+    tensors = {}
+    for i in range(layers):
+        prefix = f"base_model.model.model.layers.{i}"
+        for module, (n_in, n_out) in {
+            "q_proj": (hidden, heads * head),
+            "k_proj": (hidden, kv * head),
+            "v_proj": (hidden, kv * head),
+            "o_proj": (heads * head, hidden),
+        }.items():
+            tensors[f"{prefix}.self_attn.{module}.lora_A.weight"] = (r, n_in)
+            tensors[f"{prefix}.self_attn.{module}.lora_B.weight"] = (n_out, r)
+        # gate_up_proj (experts, 2·width, hidden) inside, down_proj (experts, hidden, width) outside
+        tensors[f"{prefix}.mlp.experts.base_layer.lora_A.weight"] = (r * experts, hidden)
+        tensors[f"{prefix}.mlp.experts.base_layer.lora_B.weight"] = (2 * width, r * experts)
+        tensors[f"{prefix}.mlp.experts.lora_A.weight"] = (r * experts, width)
+        tensors[f"{prefix}.mlp.experts.lora_B.weight"] = (hidden, r * experts)
+    lora = {
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": 32,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    }
+    paths = {e: _header_only_adapter(tmp_path / e, base, tensors, lora) for e in EXPERTS_8B}
+    recipe = load_recipe(
+        REPO / "recipes" / "moe.yaml",
+        [f"model.base={base}", *(f"model.experts.{e}={p}" for e, p in paths.items()), "model.shard=none"],
+    )
+    inventory, dims = dry_run.read_inventory(recipe)
+    p = plan.plan_memory(recipe, inventory, dims, GPU_80GB, 1)
+    factors = sum(math.prod(shape) for shape in tensors.values())
+    per_rank_column = 4 * r * (8 + 4) * (4 * layers + 2 * layers)  # each column's expert and scaling
+    assert p.row("LoRA factors of") == 4 * 2 * factors + per_rank_column
+    assert 4 * 2 * factors / 2**30 == pytest.approx(4.79, abs=0.01)  # 1.2 GiB per expert
+    assert p.row("stack anchor") + p.row("stack differences") == 0
+    fused = [n for n, shape in inventory.shapes.items() if len(shape) == 3]
+    dense_rows = 4 * 2 * sum(math.prod(inventory.shapes[n]) for n in fused)  # anchor + 3 differences
+    assert dense_rows / 2**30 == pytest.approx(216, abs=1)
+    assert not any(x in n for n in fused for x in EXCLUDED)
+    assert p.fits, dry_run.gib(p.peak)
+    assert p.peak < 80 * 10**9
+
+
+def _checkpointed_step(world: dict, tmp_path: Path, device: str) -> tuple[float, torch.Tensor]:
+    """(loss, ∂L/∂z) of one checkpointed float32 step of the adapters alone on ``device``."""
+    from mergeopt.config import recipe_from_dict
+    from mergeopt.memory import checkpointing
+    from mergeopt.objectives.loss import dev_loss
+
+    tree = recipe_tree(_adapters_only(world), tmp_path)
+    tree["device"] = device
+    model, stack, _, _ = load_merge(recipe_from_dict(tree), progress=False)
+    assert stack.lowrank.parameters
+    checkpointing.enable(model)
+    z = torch.tensor([0.4, -0.3], dtype=torch.float64, device=device, requires_grad=True)
+    loss = dev_loss(model, stack, z, _batch().to(device), torch.tensor([1.0, 2.0]), 5)
+    loss.backward()
+    return float(loss.detach()), z.grad.cpu()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_low_rank_merge_on_cuda_equals_the_cpu(world, tmp_path):
+    """The fused weights merged from the factors on a GPU (its grouped_mm and batched matmuls) give
+    the CPU's loss and ∂L/∂z in float32, checkpointed."""
+    results = {device: _checkpointed_step(world, tmp_path / device, device) for device in ("cpu", "cuda")}
+    assert results["cuda"][0] == pytest.approx(results["cpu"][0], rel=1e-4)
+    torch.testing.assert_close(results["cuda"][1], results["cpu"][1], atol=1e-5, rtol=1e-3)
+
+
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["kept", "checkpointed"])
+@pytest.mark.parametrize("compute", ["float32", "bfloat16"])
+def test_training_step_plan_of_fused_lora_bounds_the_live_bytes(tmp_path, checkpointed, compute):
+    """``mergeopt plan``'s training step for LoRA experts of a Mixtral's fused experts (and
+    attention), from headers, against the peak of live tensor bytes of dev_loss + backward on the
+    same model: each layer's fused weights are formed from θ0 and the factors as the per-layer
+    merge forms a dense stack's, so the plan counts them as merged weights. Measured 1.05x to 1.06x
+    in float32 and bfloat16, but 1.16x for bfloat16 checkpointed, where the same adapters stacked as
+    dense rows measure 1.18x: on this small model the step's peak is the forming of the largest
+    fused weight (a float32 block beside its bfloat16 value), which the checkpointed plan counts
+    beside a layer's backward. So the bound here is 1% below to 20% above."""
+    from tests.test_plan import planned_and_live_step, small_fields
+
+    vocab, batch, length = 100, 4, 60
+    config = transformers.MixtralConfig(
+        **small_fields(vocab, 256, 512),
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(config).eval()
+    save_checkpoint(model, tmp_path / "base")
+    experts = {
+        f"e{k}": _adapter(str(tmp_path / "base"), tmp_path / f"e{k}", k, ["gate_up_proj", "down_proj"])
+        for k in range(4)
+    }
+    planned, peak, stack = planned_and_live_step(
+        model, str(tmp_path / "base"), experts, compute, checkpointed, batch, length, vocab
+    )
+    assert stack.lowrank.parameters and not stack.deltas
+    assert peak * 0.99 <= planned <= peak * 1.20, (planned, peak, planned / peak)

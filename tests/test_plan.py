@@ -371,6 +371,71 @@ def _stacked_tensors(stack):
     return [*stack.anchor.values(), *stack.deltas.values(), *stack.scales.values()]
 
 
+def planned_and_live_step(
+    model,
+    base: str,
+    experts: dict[str, str],
+    compute: str,
+    checkpointed: bool,
+    batch: int,
+    length: int,
+    vocab: int,
+):
+    """(the plan's training step read from the checkpoints' and adapters' headers, the peak of live
+    tensor bytes of dev_loss + backward on ``model`` stacked with ``experts`` as the fit stacks them,
+    the stack) for a recipe of batch × length tokens, the loss 64 tokens at a time."""
+    from mergeopt.loading.checkpoints import open_experts
+    from mergeopt.memory import checkpointing, dry_run, plan
+    from mergeopt.merging.mixed_experts import build_expert_stack
+    from mergeopt.merging.stack import DTYPES
+    from mergeopt.objectives.loss import dev_loss
+
+    r = recipe(base, experts, compute_dtype=compute)
+    r = r.model_copy(
+        update={
+            "data": r.data.model_copy(update={"max_length": length}),
+            "optim": r.optim.model_copy(
+                update={
+                    "loss_chunk_tokens": 64,
+                    "batch_size": batch,
+                    "activation_checkpointing": checkpointed,
+                }
+            ),
+        }
+    )
+    inventory, dims = dry_run.read_inventory(r)
+    planned = plan.plan_memory(r, inventory, dims, ROOMY).row("training step")
+    model.to(DTYPES[compute])  # the fit loads the base in the compute dtype
+    _, dense, adapters = open_experts(base, experts)
+    stack = build_expert_stack(
+        model,
+        list(experts),
+        dense,
+        adapters,
+        progress=False,
+        log=lambda _m: None,
+        compute_dtype=DTYPES[compute],
+    )
+    if checkpointed:
+        checkpointing.enable(model)
+    z = torch.zeros(len(experts), dtype=torch.float64, requires_grad=True)
+    held = []
+    if stack.lowrank is not None:
+        parts = [*stack.lowrank.modules.values(), *stack.lowrank.parameters.values()]
+        for f in parts:
+            held += [f.a, f.b, f.owner, f.scaling, getattr(f, "gain", None), getattr(f, "gain_owner", None)]
+    known = [
+        *model.parameters(),
+        *model.buffers(),
+        *_stacked_tensors(stack),
+        *(t for t in held if t is not None),
+        z,
+    ]
+    with LiveBytes(known) as step:
+        dev_loss(model, stack, z, padded_batch(batch, length, vocab), torch.ones(1), 64).backward()
+    return planned, step.peak, stack
+
+
 def small_recipe(dtype: str, compute: str, length: int, **optim):
     r = recipe("b", {"x": "x", "y": "y", "z": "z", "w": "w"}, stack_dtype=dtype, compute_dtype=compute)
     return r.model_copy(

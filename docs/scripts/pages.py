@@ -419,6 +419,8 @@ RERUN = {
     "tiny_grid": "mergeopt train recipes/tiny_grid.yaml && mergeopt fit recipes/tiny_grid.yaml",
     "tiny_grid_metrics": "the exact-match commands of [Rank checks]({docs}guides/rank-checks.md#the-tiny-world)",
     "smollm2": "mergeopt train recipes/smollm2.yaml && mergeopt fit recipes/smollm2.yaml",
+    "dora_path": "python benchmarks/lora_path.py --dora",
+    "lora_moe_path": "python benchmarks/lora_path.py --moe",
     "layer_merge_moe": (
         "python benchmarks/layer_merge.py --config tests/data/configs/mixtral-140m.json "
         "--out benchmarks/results/layer_merge_moe"

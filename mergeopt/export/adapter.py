@@ -59,7 +59,9 @@ def adapter_tensors(
             "adapter to the input only, the merge to both: write the checkpoint without --as-adapter"
         )
     model = stack.model
-    saved = {name.rpartition(".")[0] for name in [*stack.deltas, *stack.shared]}
+    # a LoRA of a whole parameter kept low-rank (fused experts) has no module-level LoRA to write
+    whole = lowrank.parameters if lowrank is not None else {}
+    saved = {name.rpartition(".")[0] for name in [*stack.deltas, *stack.shared, *whole]}
     # a DoRA expert kept low-rank scales its layer's rows (mergeopt.merging.dora): no LoRA update
     saved = sorted(saved | {m for m, f in (lowrank.modules.items() if lowrank else ()) if f.gain is not None})
 

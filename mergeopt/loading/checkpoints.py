@@ -407,9 +407,10 @@ def open_experts(
     converts the checkpoint's on load (a mixture-of-experts' fused expert weights:
     :mod:`mergeopt.loading.conversions`).
     """
-    model = None
+    model = architecture = None
     if gguf_file is not None:
         base = gguf_base(base_path, gguf_file, trust_remote_code)
+        architecture, _ = meta_model(base_path, trust_remote_code, gguf_file)  # adapters' target_parameters
     else:
         base = open_checkpoint(base_path, allow_pickle, role="model.base")
         if base.tensors:
@@ -423,7 +424,7 @@ def open_experts(
     dense, adapters = {}, {}
     for name, path in experts.items():
         if is_adapter(path):
-            adapters[name] = read_adapter(path, shapes, allow_pickle, tied, model)
+            adapters[name] = read_adapter(path, shapes, allow_pickle, tied, model or architecture)
             _check_adapter_base(adapters[name], base, name)
         else:
             dense[name] = open_checkpoint(path, allow_pickle, role=f"model.experts.{name}")

@@ -107,6 +107,8 @@ class DenseUpdate:
     norm_dim: int = 1
     # trainable tokens: (their ids, their rows), written over ``start``'s rows
     rows: tuple[torch.Tensor, torch.Tensor] | None = None
+    # a LoRA of the parameter itself (target_parameters): ``delta`` is s·b@a in its own layout
+    parameter: bool = False
 
     def value(self, theta0: torch.Tensor) -> torch.Tensor:
         """The expert's tensor, in θ0's dtype (formed in float32 at least)."""
@@ -328,7 +330,8 @@ def read_adapter(
             target.shape,
             rank=r,
         )
-        dense[target.name] = DenseUpdate(None, LoraFactors(*per_expert_factors(a, b, target), scaling))
+        lora = LoraFactors(*per_expert_factors(a, b, target), scaling)
+        dense[target.name] = DenseUpdate(None, lora, parameter=True)
     for module, ab in sorted(kinds["linear"].items()):
         a, b = _pair(path, module, ab, "lora_")
         target = f"{module}.weight"

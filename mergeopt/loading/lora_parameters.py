@@ -20,9 +20,10 @@ the first registered innermost, so ``mlp.experts.base_layer.lora_A.weight`` is g
 ``mlp.experts.lora_A.weight`` down_proj's. :func:`wrapped_parameters` resolves that nesting from the
 model's own parameter order, as PEFT's ``_inject_parameters`` walks it.
 
-These updates are held as dense rows of the stack (a :class:`~mergeopt.loading.lora.DenseUpdate`
-whose factors are batched over the experts): a LoRA of fused experts costs what a dense expert's
-expert weights cost. Keeping them low-rank inside the fused experts' kernels is not done yet.
+Each update is read as a :class:`~mergeopt.loading.lora.DenseUpdate` marked ``parameter``, whose
+factors are batched over the experts. With LoRA experts alone (and no sharded stack) the fit keeps
+them as factors and merges each parameter as its layer reads it
+(:mod:`mergeopt.merging.lowrank_parameters`); otherwise they are stacked as dense rows.
 """
 
 from __future__ import annotations
@@ -102,8 +103,8 @@ def resolved_parameters(
         return {}
     if model is None:
         raise UserError(
-            f"{path}: LoRA on parameters (target_parameters) needs the base's architecture, which a "
-            "GGUF base does not give mergeopt: use the base's safetensors checkpoint"
+            f"{path}: LoRA on parameters (target_parameters) needs the base's architecture, and none "
+            "was built from the base's config"
         )
     wrapped = wrapped_parameters(config, model)
     if not wrapped:

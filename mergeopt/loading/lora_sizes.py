@@ -52,6 +52,10 @@ class FactorSizes:
     # low-rank, as mergeopt.merging.dora does where the merged layer's weight is θ0)
     dora: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     gains: tuple[str, ...] = ()  # the DoRA modules kept low-rank: one float32 gain per output row
+    # LoRA of whole parameters (target_parameters), by parameter name (also in ``dense``): (elements
+    # of their factors, rank r); a fit of LoRA experts alone keeps them low-rank where every adapter
+    # setting the parameter sets it so (mergeopt.merging.lowrank_parameters)
+    parameters: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def keeping(self, modules: dict[str, tuple[int, int, int]]) -> FactorSizes:
         """These sizes with ``modules`` kept low-rank: the element count and rank sum follow them."""
@@ -134,10 +138,16 @@ def factor_sizes(
     dense: set[str] = set()
     magnitudes: set[str] = set()
     embeddings: dict[str, dict[str, tuple[int, ...]]] = {}
+    parameters: dict[str, tuple[int, int]] = {}
     for key, (shape, _) in header.items():
         name = key.removeprefix(PREFIX)
         if (match := FACTOR.match(name)) and match["module"] in wrapped:
-            dense.add(wrapped[match["module"]].name)  # LoRA on a parameter: dense rows
+            target = wrapped[match["module"]]
+            dense.add(target.name)  # LoRA on a parameter: dense rows, or kept low-rank (see above)
+            elements, r = parameters.get(target.name, (0, 0))
+            if match["which"] == "A":  # r·E × in
+                r = shape[0] // target.experts
+            parameters[target.name] = (elements + math.prod(shape), r)
         elif match := FACTOR.match(name):
             if len(shape) == 2:
                 factors.setdefault(match["module"], {})[match["which"]] = tuple(shape)
@@ -178,6 +188,12 @@ def factor_sizes(
         for m in low_embedded
     }
     sizes = FactorSizes(
-        0, 0, stored, dense=tuple(sorted(dense - copies)), copies=tuple(sorted(copies)), dora=dora
+        0,
+        0,
+        stored,
+        dense=tuple(sorted(dense - copies)),
+        copies=tuple(sorted(copies)),
+        dora=dora,
+        parameters=parameters,
     )
     return sizes.keeping(modules)

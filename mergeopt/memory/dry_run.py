@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -41,7 +42,7 @@ from mergeopt.loading.positions import check_max_length
 from mergeopt.memory.layer_profiles import not_profiled_note
 from mergeopt.memory.plan import plan_memory
 from mergeopt.memory.ranks import check_world_size
-from mergeopt.memory.rows import dora_kept_low_rank
+from mergeopt.memory.rows import dora_kept_low_rank, parameters_kept_low_rank
 from mergeopt.memory.sizes import FLOAT32, GIB, DeviceMemory, Dims, Inventory, MemoryPlan
 from mergeopt.merging.stack import DTYPES
 
@@ -152,18 +153,21 @@ def read_inventory(recipe: Recipe) -> tuple[Inventory, Dims]:
         for name, path in recipe.model.experts.items()
         if name not in adapters
     }
-    model = None
-    if base.tensors and not recipe.model.gguf_file:
-        model, _ = meta_model(recipe.model.base, recipe.model.trust_remote_code)
-    _check_experts(base, experts, model)
+    # the architecture on the meta device: checkpoints under its names, adapters' target_parameters
+    model, _ = meta_model(recipe.model.base, recipe.model.trust_remote_code, recipe.model.gguf_file)
+    if not base.tensors or recipe.model.gguf_file:  # nothing stored to convert or compare
+        stored_as = None
+    else:
+        stored_as = model
+    _check_experts(base, experts, stored_as)
     described = [("base", base), *((f"expert {n}", e) for n, e in experts.items())]
     missing = [what for what, ckpt in described if not ckpt.tensors]
     notes = (
         (f"no safetensors for {', '.join(missing)}: the fit itself will need the weights",) if missing else ()
     )
-    if model is not None:
-        check_config_matches_weights(base, "base", recipe.model.trust_remote_code, model)
-        base = under_model_names(base, model)  # the model's names and shapes (fused experts)
+    if stored_as is not None:
+        check_config_matches_weights(base, "base", recipe.model.trust_remote_code, stored_as)
+        base = under_model_names(base, stored_as)  # the model's names and shapes (fused experts)
     # one line for a malformed adapter_config.json, as in the fit
     configs = {name: read_adapter_config(Path(path)) for name, path in adapters.items()}
     sizes = {
@@ -174,7 +178,9 @@ def read_inventory(recipe: Recipe) -> tuple[Inventory, Dims]:
     }
     if adapters and recipe.merge.method == "linear":
         dora = dora_kept_low_rank(recipe, sizes)
-        updated = sorted({n for s in sizes.values() for n in s.dense} - dora)
+        patterns = [re.compile(p) for p in recipe.model.exclude]
+        whole = parameters_kept_low_rank(recipe, sizes, patterns, recipe.model.shard == "fsdp")
+        updated = sorted({n for s in sizes.values() for n in s.dense} - dora - whole)
         if len(adapters) < len(recipe.model.experts):
             dense_rows = ""
         elif updated:
@@ -186,6 +192,11 @@ def read_inventory(recipe: Recipe) -> tuple[Inventory, Dims]:
             dense_rows = "; no parameter is stacked densely"
         if dora:
             dense_rows += f"; their DoRA updates of {len(dora)} linear weight(s) stay low-rank (row gains)"
+        if whole:
+            dense_rows += (
+                f"; their LoRA of {len(whole)} whole parameter(s) (fused expert weights, routers) stays "
+                "low-rank, merged as each layer reads it"
+            )
         notes += (
             f"{len(adapters)} LoRA expert(s) ({', '.join(adapters)}) stay low-rank: their factors, not dense "
             "rows" + dense_rows,

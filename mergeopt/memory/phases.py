@@ -211,15 +211,26 @@ def _kernel_bytes(recipe: Recipe, largest: int, compute: int) -> int:
     return 0 if compute == FLOAT32 else FLOAT32 * block
 
 
-def _contraction_bytes(recipe: Recipe, largest: int, compute: int) -> int:
+def _contraction_bytes(recipe: Recipe, largest: int, compute: int, from_factors: bool = False) -> int:
     """⟨∂L/∂W, δ_i⟩'s temporaries: the gradient's block upcast to float32 (a narrower compute
-    dtype) and, for narrow differences, their product with it."""
+    dtype) and, for narrow differences, their product with it. A weight merged from LoRA factors
+    (``from_factors``, :mod:`mergeopt.merging.lowrank_parameters`) projects the upcast block onto
+    the factors, whose products are rank-sized: the upcast alone."""
+    from mergeopt.merging.layer_merge import CHUNK
+
+    if from_factors:
+        return FLOAT32 * min(largest, CHUNK) * (compute != FLOAT32)
     same, block = _blocks(recipe, largest, compute)
     return FLOAT32 * block * ((compute != FLOAT32) + (not same))
 
 
 def merge_bytes(
-    recipe: Recipe, num_experts: int, largest: int, compute: int, gathers: Gathers | None = None
+    recipe: Recipe,
+    num_experts: int,
+    largest: int,
+    compute: int,
+    gathers: Gathers | None = None,
+    from_factors: bool = False,
 ) -> int:
     """One parameter's per-layer merge in flight in a training step, at its largest moment: formed
     (its value and the kernel's temporaries), used (its value and its gradient, in the compute
@@ -247,7 +258,7 @@ def merge_bytes(
     return max(
         compute * largest + _kernel_bytes(recipe, largest, compute),
         2 * compute * largest,
-        compute * largest + _contraction_bytes(recipe, largest, compute),
+        compute * largest + _contraction_bytes(recipe, largest, compute, from_factors),
     )
 
 
@@ -266,6 +277,7 @@ def training_bytes(
     frozen: bool = False,
     lowrank_by_layer: tuple[int, int] | None = None,
     factor_copies: tuple[int, int] = (0, 0),
+    from_factors: bool = False,
 ) -> int:
     """The peak of one micro-step of the gradient strategy (forward, then backward), for ``batch``
     examples (a rank's share under torchrun).
@@ -292,7 +304,8 @@ def training_bytes(
     is counted). ``factor_copies``: elements of the factors cast to the compute dtype at each
     forward and kept for the backward (all of them; checkpointed, the largest layer's and those
     outside the layers). ``frozen``: no decoder layer's weight is merged
-    (:func:`layer_activation_bytes`).
+    (:func:`layer_activation_bytes`). ``from_factors``: the layers' merged weights are formed from
+    LoRA factors (a mixture of experts' fused experts: :func:`merge_bytes`).
 
     Eager attention (Gemma2) adds its backward's moment: the attention sublayer's kept tensors
     beside the float32 gradients of the attention weights
@@ -317,7 +330,7 @@ def training_bytes(
     lowrank += compute * factor_copies[1 if recipe.optim.activation_checkpointing else 0]
     head = head_bytes(recipe, d, batch, length, compute, merged_head, gathers)
     gradient = compute * tokens * d.mlp_gradient_width  # the largest activation gradient
-    merge = merge_bytes(recipe, num_experts, largest, compute, gathers)
+    merge = merge_bytes(recipe, num_experts, largest, compute, gathers, from_factors)
     unstacked = compute * gathers.unstacked if gathers else 0
     # a mixture of experts' backward meets its two widest moments after releasing some of what its
     # routed copies kept: the gate and up gradients joined into the fused projection's, once the

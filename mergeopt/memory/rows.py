@@ -131,6 +131,22 @@ def dora_kept_low_rank(recipe: Recipe, adapters: dict[str, FactorSizes]) -> set[
     return low_rank_dora(adapters, lambda t: not excluded(t, patterns) and not OUTPUT_LAYER.search(t))
 
 
+def parameters_kept_low_rank(
+    recipe: Recipe, adapters: dict[str, FactorSizes], patterns: Sequence[re.Pattern], sharded: bool
+) -> set[str]:
+    """The whole parameters whose LoRA updates the fit keeps low-rank
+    (:func:`mergeopt.merging.lowrank_parameters.split_parameter_lora`): with a linear merge of
+    LoRA experts alone, on one process or ``model.device_map`` (not sharded), each parameter every
+    adapter setting it sets by a LoRA of the parameter alone, and ``model.exclude`` keeps."""
+    if sharded or recipe.merge.method != "linear" or len(adapters) < len(recipe.model.experts):
+        return set()
+    setting: dict[str, list[bool]] = {}
+    for a in adapters.values():
+        for name in a.dense:
+            setting.setdefault(name, []).append(name in a.parameters)
+    return {n for n, found in setting.items() if all(found) and not excluded(n, patterns)}
+
+
 def _by_layer(sizes: dict[str, int]) -> tuple[int, int]:
     """(the largest decoder layer's, the rest's) sum of per-module ``sizes`` (numbered modules are
     in a decoder layer; an adapted output layer or embedding is not)."""
@@ -196,8 +212,10 @@ def plan_rows(
     alone = lowrank and len(adapters) == k  # every expert's dense weights are θ0 but for its dense updates
     dora = dora_kept_low_rank(recipe, adapters)
     adapters = {name: sizes.with_dora(dora) for name, sizes in adapters.items()}
+    # LoRA of whole parameters (fused experts) kept as factors, merged as their layer reads them
+    low_params = parameters_kept_low_rank(recipe, adapters, patterns, sharded)
     if alone:
-        updated = {n for a in adapters.values() for n in a.dense}
+        updated = {n for a in adapters.values() for n in a.dense} - low_params
         stacked = [n for n in names if n in updated and not excluded(n, patterns)]
     else:
         stacked = [n for n in names if not excluded(n, patterns)]
@@ -226,8 +244,20 @@ def plan_rows(
     # A and B in the stack's float dtype, plus per rank column its expert (int64) and scaling (float32),
     # and the DoRA experts' row gains
     factor_blocks = _factor_elements(adapters, shards) * factor_dtype.itemsize if lowrank else 0
+    # the factors of whole parameters kept low-rank, and per rank column its expert and scaling
+    parameter_factors = sum(
+        elements * factor_dtype.itemsize + r * (8 + 4)
+        for a in adapters.values()
+        for name, (elements, r) in a.parameters.items()
+        if name in low_params
+    )
     factors = (
-        factor_blocks + rank_sum * (8 + 4) + sum(a.gain_bytes() for a in adapters.values()) if lowrank else 0
+        factor_blocks
+        + rank_sum * (8 + 4)
+        + sum(a.gain_bytes() for a in adapters.values())
+        + parameter_factors
+        if lowrank
+        else 0
     )
     scales = (k - 1) * _rows(inventory, stacked, shards) * FLOAT32 if dtype == "int8" else 0
     differences = (k - 1) * s_local * DTYPES[dtype].itemsize + scales
@@ -335,6 +365,9 @@ def plan_rows(
     batch = f"evaluation batch {recipe.optim.eval_batch_size} x {recipe.data.max_length} tokens"
     batch += " per rank" if world_size > 1 else ""
     gain_rows = {m: a.modules[m][2] for a in adapters.values() for m in a.gains}  # DoRA: out per layer
+    # what the per-layer merge forms: the stacked parameters and the whole parameters kept low-rank
+    merged = [*stacked, *sorted(low_params)]
+    largest_merged = max((inventory.numel(n) for n in merged), default=0)
     if recipe.search.strategy == "gradient":
         train = training_batch(recipe)
         share = block_rows(
@@ -344,21 +377,23 @@ def plan_rows(
             recipe,
             dims,
             share,
-            largest,
+            largest_merged,
             k,
             compute,
-            _largest_layer(stacked, inventory),
+            _largest_layer(merged, inventory),
             merged_head,
             rank_sum,
             gathers,
             sum(gain_rows.values()),
             # LoRA experts alone, nothing of the decoder layers stacked: no layer weight is merged
-            frozen=alone and not any(LAYER_INDEX.search(n) for n in stacked),
+            frozen=alone and not any(LAYER_INDEX.search(n) for n in merged),
             lowrank_by_layer=_lowrank_by_layer(adapters, gain_rows) if lowrank else (0, 0),
             # sharded factors are gathered again for the backward, not kept
             factor_copies=_factor_copies(adapters)
             if lowrank and not sharded and anchor_name != compute_name
             else (0, 0),
+            # the layers' merged weights formed from factors alone (fused experts' LoRA)
+            from_factors=bool(low_params) and not any(LAYER_INDEX.search(n) for n in stacked),
         )
         how = "checkpointed" if recipe.optim.activation_checkpointing else "every activation kept"
         phases.append(Row(f"training step, {compute_name}, {how}", step))
@@ -370,7 +405,9 @@ def plan_rows(
     evaluate = eval_itemsize(recipe)
     evaluate_name = "float32" if recipe.model.eval_dtype == "auto" else recipe.model.eval_dtype
     widest = max((inventory.numel(n) for n in unstacked), default=0)
-    evaluation = evaluation_bytes(recipe, dims, largest, k, compute, merged_head, evaluate, widest, gathers)
+    evaluation = evaluation_bytes(
+        recipe, dims, largest_merged, k, compute, merged_head, evaluate, widest, gathers
+    )
     phases.append(Row(f"evaluation batch, no grad, {evaluate_name}", evaluation))
     return MemoryPlan(
         memory,

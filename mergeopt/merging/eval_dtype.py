@@ -26,11 +26,13 @@ import torch
 from torch.nn.utils import parametrize
 
 from mergeopt.merging.layer_merge import MergedParameter
+from mergeopt.merging.lowrank_parameters import LowRankMergedParameter
 from mergeopt.merging.sharded_merge import ShardedWeight
 
-# parametrizations that form a weight in their own ``compute_dtype``: the merge, and a sharded
-# matrix that is not merged (gathered from the ranks' rows)
-FORMED = (MergedParameter, ShardedWeight)
+# parametrizations that form a weight in their own ``compute_dtype``: the merge (of a dense stack, or
+# of LoRA experts' factors of a whole parameter), and a sharded matrix that is not merged (gathered
+# from the ranks' rows)
+FORMED = (MergedParameter, LowRankMergedParameter, ShardedWeight)
 
 
 class CastTo(torch.nn.Module):

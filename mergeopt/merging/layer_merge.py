@@ -169,6 +169,8 @@ class MergedParameter(torch.nn.Module):
     reweighted c(w)), replaced by functional_call.
     """
 
+    forms_merge = True  # its value is the merge at the mixture in its buffer (see make_permanent)
+
     def __init__(
         self,
         name: str,
@@ -202,15 +204,17 @@ class MergedParameter(torch.nn.Module):
         if not torch.is_grad_enabled() or not rest.requires_grad:
             return self.value(anchor, rest)
         merged = self.merge(anchor, rest)
-        tag_source(merged, _Source(self, anchor, rest.detach().clone()))
+        tag_source(merged, MergeRecipe(self, anchor, rest.detach().clone()))
         return merged
 
 
 @dataclass(frozen=True)
-class _Source:
-    """How to form one merged tensor again, for the backward (see :func:`recompute_merged`)."""
+class MergeRecipe:
+    """How to form one merged tensor again, for the backward (see :func:`recompute_merged`): a
+    parametrization's ``value(anchor, coefficients)`` without autograd (the dense merge's, or that
+    of :mod:`mergeopt.merging.lowrank_parameters`)."""
 
-    parametrization: MergedParameter
+    parametrization: torch.nn.Module
     anchor: torch.Tensor
     rest: torch.Tensor
 
@@ -221,7 +225,7 @@ class _Source:
 
 @dataclass(frozen=True)
 class _Recompute:
-    source: _Source
+    source: MergeRecipe
     view: tuple | None  # (size, stride, storage offset) when a view of the merged tensor was saved
 
 
@@ -328,7 +332,8 @@ def materialized() -> Iterator[None]:
 
 
 def make_permanent(model: torch.nn.Module) -> None:
-    """Replace every merged parametrization by its value at the mixture in its buffers, as a plain
+    """Replace every merged parametrization (``forms_merge``: the per-layer merge's, and
+    :mod:`mergeopt.merging.lowrank_parameters`') by its value at the mixture in its buffers, as a plain
     parameter (mergeopt.export.merge writes the model out after this). Ties stay ties: one tensor per
     merged parameter, however many modules hold it."""
     values: dict[int, torch.nn.Parameter] = {}
@@ -337,7 +342,7 @@ def make_permanent(model: torch.nn.Module) -> None:
             continue
         for attr in list(module.parametrizations.keys()):
             merge = module.parametrizations[attr][0]
-            if not isinstance(merge, MergedParameter):
+            if not getattr(merge, "forms_merge", False):
                 continue
             if id(merge) not in values:
                 with torch.no_grad():

@@ -127,9 +127,12 @@ class LowRankStack:
     # an output layer whose weight is an adapted embedding's (tied) -> that embedding: it reads the
     # same factors, so the merge changes both, as PEFT's merge_and_unload of the shared weight does
     tied: dict[str, str] = field(default_factory=dict)
+    # parameters the experts adapt by a LoRA of the parameter itself (a mixture of experts' fused
+    # expert weights), merged by a parametrization when read (mergeopt.merging.lowrank_parameters)
+    parameters: dict = field(default_factory=dict)
 
     def nbytes(self) -> int:
-        return sum(f.nbytes() for f in self.modules.values())
+        return sum(f.nbytes() for f in [*self.modules.values(), *self.parameters.values()])
 
     def _readers(self) -> list[str]:
         """Every module holding a mixture buffer: the adapted ones and the tied output layer."""
@@ -137,7 +140,11 @@ class LowRankStack:
 
     def mix_names(self) -> list[str]:
         """The buffer names functional_call must be given w under."""
-        return [f"{name}.{MIX_BUFFER}" for name in self._readers()]
+        names = [f"{name}.{MIX_BUFFER}" for name in self._readers()]
+        for parameter in self.parameters:
+            module, _, attr = parameter.rpartition(".")
+            names.append(f"{module}.parametrizations.{attr}.0.{MIX_BUFFER}")
+        return names
 
     def attach(self, model: torch.nn.Module) -> None:
         """Register the mixture buffer and the low-rank forward hook on every adapted module: a
@@ -179,14 +186,14 @@ class LowRankStack:
         attached model's buffers, for plain forward calls (``model.generate``)."""
         if write_buffers:
             with torch.no_grad():
-                for name in self._readers():
-                    getattr(self.model.get_submodule(name), MIX_BUFFER).copy_(weights.detach())
+                for name in self.mix_names():
+                    self.model.get_buffer(name).copy_(weights.detach())
         return {name: weights for name in self.mix_names()}
 
     def current_weights(self) -> torch.Tensor:
         """The mixture last written into the buffers (after mixup, if any)."""
-        first = next(iter(self.modules))
-        return getattr(self.model.get_submodule(first), MIX_BUFFER).detach().clone()
+        name = next(iter(self.mix_names()))
+        return self.model.get_buffer(name).detach().clone()
 
     def materialize(self, weights: torch.Tensor) -> None:
         """Add the dense update at w to the attached model's weights and remove the hooks: for writing

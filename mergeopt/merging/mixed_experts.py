@@ -24,6 +24,11 @@ from mergeopt.merging.layer_merge import (
     parameter_device,
 )
 from mergeopt.merging.lowrank import build_lowrank_stack
+from mergeopt.merging.lowrank_parameters import (
+    attach_parameters,
+    build_parameter_factors,
+    split_parameter_lora,
+)
 from mergeopt.merging.sameness import check_lowrank_adapters
 from mergeopt.merging.stack import TaskVectorStack, anchor_dtype_for, describe
 from mergeopt.merging.stacking import build_stack, excluded
@@ -130,12 +135,19 @@ def build_expert_stack(
     if adapters and not lowrank_path:
         log(f"merge.method {merge.method} needs dense task vectors: LoRA experts are densified per parameter")
     # DoRA updates of linear layers stay low-rank where the layer's merged weight is θ0 itself
-    lowrank_adapters, gains, dora_changed = adapters, {}, {}
+    lowrank_adapters, gains, dora_changed, parameter_targets = adapters, {}, {}, []
     if lowrank_path and not dense:
         lowrank_adapters, gains, dora_changed = split_dora(model, adapters, exclude, shard, base, device)
         if gains:
             kept_low = sorted({t for g in gains.values() for t in g})
             log(f"DoRA: {len(kept_low)} layer(s) of the LoRA experts stay low-rank (factors and row gains)")
+        if shard is None:  # a sharded stack keeps them as dense rows, sharded like the rest
+            lowrank_adapters, parameter_targets = split_parameter_lora(lowrank_adapters, exclude)
+        if parameter_targets:
+            log(
+                f"{len(parameter_targets)} parameter(s) the LoRA experts adapt whole (target_parameters: "
+                "fused expert weights, routers) stay low-rank, merged as their layer reads them"
+            )
     views = {}
     for name in names:
         if name in dense:
@@ -177,7 +189,12 @@ def build_expert_stack(
 
         # the dense stack did not compare them (their view is θ0 but for their dense updates); the
         # adapters as read are compared, DoRA updates included
-        changed = {n: bool(views[n].changed) or dora_changed.get(n, False) for n in adapters}
+        changed = {
+            n: bool(views[n].changed)
+            or dora_changed.get(n, False)
+            or _changes_any(adapters[n], parameter_targets)
+            for n in adapters
+        }
         check_lowrank_adapters({n: kept(a) for n, a in adapters.items()}, changed)
         factors_dtype = anchor_dtype_for(dtype, stack.compute_dtype)  # int8 is for dense differences only
         stack.lowrank = build_lowrank_stack(
@@ -189,8 +206,36 @@ def build_expert_stack(
             gains,
         )
         stack.lowrank.attach(model)
-        if not stack.deltas and not stack.lowrank.modules:
+        if parameter_targets:
+            theta0 = _BaseView(model, base, device)
+            stack.lowrank.parameters = build_parameter_factors(
+                list(names),
+                {n: kept(a) for n, a in adapters.items()},
+                parameter_targets,
+                {t: tuple(model.get_parameter(t).shape) for t in parameter_targets},
+                lambda t: parameter_device(model, t),
+                factors_dtype,
+            )
+            attach_parameters(
+                model,
+                stack.lowrank.parameters,
+                merge.scale,
+                len(names),
+                stack.compute_dtype,
+                lambda t: theta0[t] if model.get_parameter(t).is_meta else model.get_parameter(t).detach(),
+            )
+        if not stack.deltas and not stack.lowrank.modules and not stack.lowrank.parameters:
             raise UserError(
                 "the experts do not differ in any merged parameter (after exclusions): nothing to merge"
             )
     return stack
+
+
+def _changes_any(adapter: LoraAdapter, targets: Sequence[str]) -> bool:
+    """Whether the adapter's LoRA of any of these parameters is nonzero (the stacking pass no longer
+    sees them: they stay low-rank)."""
+    return any(
+        (f := adapter.dense[t].delta).scaling != 0 and bool(f.a.any()) and bool(f.b.any())
+        for t in targets
+        if t in adapter.dense
+    )
