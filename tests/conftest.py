@@ -22,6 +22,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 import torch
+import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
@@ -302,6 +303,32 @@ def _rank_context():
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["tests.conftest", "mergeopt.cli", "transformers", "peft"])
     return context
+
+
+def fit_one_and_sharded(tree: dict, tmp_path: Path, processes: int = 3) -> tuple[dict, dict, Path]:
+    """(mixture.json of the recipe ``tree`` fitted by one process, of the same with
+    ``model.shard=fsdp`` over ``processes`` ranks, the recipe's path): both runs must succeed and
+    find the same mixture (1e-6) and held-out loss."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    single = run_in_process("fit", str(path), "--quiet")
+    assert single.returncode == 0, single.stderr[-3000:]
+    sharded = run_ranks(
+        "fit",
+        str(path),
+        f"output_dir={tmp_path / 'many'}",
+        "model.shard=fsdp",
+        "--quiet",
+        processes=processes,
+    )
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    one = json.loads((Path(tree["output_dir"]) / "mixture.json").read_text())
+    many = json.loads((tmp_path / "many" / "mixture.json").read_text())
+    for name, w in one["weights"].items():
+        assert many["weights"][name] == pytest.approx(w, abs=1e-6)
+    assert many["dev_loss"] == pytest.approx(one["dev_loss"], rel=1e-6)
+    return one, many, path
 
 
 def run_ranks(module: str, *args: str, processes: int) -> subprocess.CompletedProcess:

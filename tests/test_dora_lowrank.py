@@ -234,26 +234,11 @@ def test_a_sharded_fit_of_dora_adapters_finds_the_mixture_one_process_finds(upda
     """model.shard=fsdp over 3 ranks with DoRA kept low-rank: each rank reads its rows of θ0 (an
     empty model filled from the base's safetensors), computes those rows' gains and the ranks
     gather them; the fit equals the single process's."""
-    import json
-
-    import yaml
-
-    from tests.conftest import recipe_tree, run_in_process, run_ranks
+    from tests.conftest import fit_one_and_sharded, recipe_tree
 
     tree = recipe_tree(updates_world["world"], tmp_path / "one")
     tree["model"]["experts"] = updates_world["adapters"]
     tree.setdefault("optim", {})["batch_size"] = 6  # 12 examples a micro-batch: 4 per rank
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(tree))
-    single = run_in_process("fit", str(path), "--quiet")
-    assert single.returncode == 0, single.stderr[-3000:]
-    sharded = run_ranks(
-        "fit", str(path), f"output_dir={tmp_path / 'many'}", "model.shard=fsdp", "--quiet", processes=3
-    )
-    assert sharded.returncode == 0, sharded.stderr[-3000:]
-    one, many = (json.loads((tmp_path / d / "mixture.json").read_text()) for d in ("one", "many"))
+    one, many, _ = fit_one_and_sharded(tree, tmp_path)
     assert one["stack"]["lowrank_modules"] == many["stack"]["lowrank_modules"] == 9  # 4 of them DoRA
     assert many["stack"]["tensors"] == one["stack"]["tensors"] == 1  # lm_head's copies
-    for name, w in one["weights"].items():
-        assert many["weights"][name] == pytest.approx(w, abs=1e-6)
-    assert many["dev_loss"] == pytest.approx(one["dev_loss"], rel=1e-6)

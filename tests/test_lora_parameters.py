@@ -597,3 +597,39 @@ def test_training_step_plan_of_fused_lora_bounds_the_live_bytes(tmp_path, checkp
     )
     assert stack.lowrank.parameters and not stack.deltas
     assert peak * 0.99 <= planned <= peak * 1.20, (planned, peak, planned / peak)
+
+
+def _one_and_three_ranks(world: dict, tmp_path: Path, search: dict | None = None) -> tuple[dict, dict, Path]:
+    """(mixture.json of one process, of model.shard=fsdp over 3 ranks, the recipe) for the adapters."""
+    from tests.conftest import fit_one_and_sharded
+
+    tree = recipe_tree(_adapters_only(world), tmp_path / "one")
+    tree["optim"]["batch_size"] = 6  # 12 examples a micro-batch: 4 per rank
+    if search:
+        tree["search"] = search
+    return fit_one_and_sharded(tree, tmp_path)
+
+
+def test_a_sharded_fit_finds_the_mixture_one_process_finds(world, tmp_path):
+    """model.shard=fsdp over 3 ranks (a fused weight's 4 experts in blocks of 2, 2 and 0): each
+    rank keeps its block of θ0's experts and of the factors, merges it and the ranks gather the
+    merged weight; the fit equals the single process's (for Mixtral a grid search too, whose
+    candidates the ranks score together as one sharded model), and each rank's factors are its
+    block, as the plan holds them."""
+    from mergeopt.memory import dry_run, plan
+    from mergeopt.memory.sizes import DeviceMemory
+
+    one, many, path = _one_and_three_ranks(world, tmp_path / "gradient")
+    layers = SHARED["num_hidden_layers"]
+    assert one["stack"]["lowrank_parameters"] == many["stack"]["lowrank_parameters"]
+    assert many["stack"]["lowrank_parameters"] == len(TARGETS[world["arch"]]) * layers
+    assert many["stack"]["tensors"] == one["stack"]["tensors"] == 0
+    # rank 0's stack (its blocks) is what the plan holds per rank of 3
+    recipe = load_recipe(path, ["model.shard=fsdp"])
+    inventory, dims = dry_run.read_inventory(recipe)
+    p = plan.plan_memory(recipe, inventory, dims, DeviceMemory("cpu", "test", 2**40, 2**40), 3)
+    assert p.row("LoRA factors of") == many["stack"]["bytes"]
+    # rank 0 keeps 2 of the 4 experts (and a third of q_proj's factors, a router's A whole)
+    assert many["stack"]["bytes"] < one["stack"]["bytes"] * 0.55
+    if world["arch"] == "mixtral":
+        _one_and_three_ranks(world, tmp_path / "grid", {"strategy": "grid", "grid": {"divisions": 4}})

@@ -179,7 +179,7 @@ def read_inventory(recipe: Recipe) -> tuple[Inventory, Dims]:
     if adapters and recipe.merge.method == "linear":
         dora = dora_kept_low_rank(recipe, sizes)
         patterns = [re.compile(p) for p in recipe.model.exclude]
-        whole = parameters_kept_low_rank(recipe, sizes, patterns, recipe.model.shard == "fsdp")
+        whole = parameters_kept_low_rank(recipe, sizes, patterns)
         updated = sorted({n for s in sizes.values() for n in s.dense} - dora - whole)
         if len(adapters) < len(recipe.model.experts):
             dense_rows = ""

@@ -132,19 +132,30 @@ def dora_kept_low_rank(recipe: Recipe, adapters: dict[str, FactorSizes]) -> set[
 
 
 def parameters_kept_low_rank(
-    recipe: Recipe, adapters: dict[str, FactorSizes], patterns: Sequence[re.Pattern], sharded: bool
+    recipe: Recipe, adapters: dict[str, FactorSizes], patterns: Sequence[re.Pattern]
 ) -> set[str]:
     """The whole parameters whose LoRA updates the fit keeps low-rank
     (:func:`mergeopt.merging.lowrank_parameters.split_parameter_lora`): with a linear merge of
-    LoRA experts alone, on one process or ``model.device_map`` (not sharded), each parameter every
-    adapter setting it sets by a LoRA of the parameter alone, and ``model.exclude`` keeps."""
-    if sharded or recipe.merge.method != "linear" or len(adapters) < len(recipe.model.experts):
+    LoRA experts alone, each parameter every adapter setting it sets by a LoRA of the parameter
+    alone, and ``model.exclude`` keeps."""
+    if recipe.merge.method != "linear" or len(adapters) < len(recipe.model.experts):
         return set()
     setting: dict[str, list[bool]] = {}
     for a in adapters.values():
         for name in a.dense:
             setting.setdefault(name, []).append(name in a.parameters)
     return {n for n, found in setting.items() if all(found) and not excluded(n, patterns)}
+
+
+def _parameter_factor_elements(shape: tuple[int, ...], elements: int, r: int, shards: int) -> int:
+    """Elements one rank keeps of an adapter's factors of a whole parameter (``elements`` in all, of
+    rank r): a fused (experts, out, in) weight's block of ⌈E/N⌉ experts of both, a matrix's A
+    whole (r × in) and its block of B's rows."""
+    if shards == 1:
+        return elements
+    if len(shape) == 3:
+        return block_rows(shape[0], shards) * r * (shape[1] + shape[2])
+    return r * shape[1] + block_rows(shape[0], shards) * r
 
 
 def _by_layer(sizes: dict[str, int]) -> tuple[int, int]:
@@ -213,7 +224,7 @@ def plan_rows(
     dora = dora_kept_low_rank(recipe, adapters)
     adapters = {name: sizes.with_dora(dora) for name, sizes in adapters.items()}
     # LoRA of whole parameters (fused experts) kept as factors, merged as their layer reads them
-    low_params = parameters_kept_low_rank(recipe, adapters, patterns, sharded)
+    low_params = parameters_kept_low_rank(recipe, adapters, patterns)
     if alone:
         updated = {n for a in adapters.values() for n in a.dense} - low_params
         stacked = [n for n in names if n in updated and not excluded(n, patterns)]
@@ -244,9 +255,11 @@ def plan_rows(
     # A and B in the stack's float dtype, plus per rank column its expert (int64) and scaling (float32),
     # and the DoRA experts' row gains
     factor_blocks = _factor_elements(adapters, shards) * factor_dtype.itemsize if lowrank else 0
-    # the factors of whole parameters kept low-rank, and per rank column its expert and scaling
+    # the factors of whole parameters kept low-rank, and per rank column its expert and scaling;
+    # sharded, a rank's block of them (mergeopt.merging.sharded_merge.shard_parameter_factors)
     parameter_factors = sum(
-        elements * factor_dtype.itemsize + r * (8 + 4)
+        _parameter_factor_elements(inventory.shapes[name], elements, r, shards) * factor_dtype.itemsize
+        + r * 12
         for a in adapters.values()
         for name, (elements, r) in a.parameters.items()
         if name in low_params

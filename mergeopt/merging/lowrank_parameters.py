@@ -21,8 +21,10 @@ autograd saves a recipe instead of the merged weight, so no merged copy of the e
 θ0 stays the model's own tensor (the parametrization's ``original``); the factors and c(w)'s
 bookkeeping are buffers; the mixture arrives through the ``mergeopt_mix`` buffer that
 ``functional_call`` replaces, as everywhere. Used where the LoRA experts are the only experts
-(:func:`split_parameter_lora`); with dense experts, or a stack sharded over ranks, such updates
-stay dense rows.
+(:func:`split_parameter_lora`); beside dense experts such updates stay dense rows. Under
+``model.shard: fsdp`` each rank keeps its block of the experts (θ0's and the factors'), merges it
+and the ranks gather the merged weight
+(:class:`mergeopt.merging.sharded_merge.ShardedLowRankMergedParameter`).
 """
 
 from __future__ import annotations
@@ -193,11 +195,15 @@ class LowRankMergedParameter(torch.nn.Module):
         """The merged weight at ``coefficients``, without autograd."""
         return merged_value(anchor, self.factors, coefficients, self.compute_dtype)
 
+    def merge(self, anchor: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+        """The merged weight, differentiable in ``coefficients`` (its backward contracts ∂L/∂c)."""
+        return _ParameterMerge.apply(coefficients, anchor, self.factors, self.compute_dtype)
+
     def forward(self, anchor: torch.Tensor) -> torch.Tensor:
         c = self.coefficients()
         if not torch.is_grad_enabled() or not c.requires_grad:
             return self.value(anchor, c)
-        merged = _ParameterMerge.apply(c, anchor, self.factors, self.compute_dtype)
+        merged = self.merge(anchor, c)
         tag_source(merged, MergeRecipe(self, anchor, c.detach().clone()))
         return merged
 

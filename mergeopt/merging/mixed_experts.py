@@ -30,6 +30,7 @@ from mergeopt.merging.lowrank_parameters import (
     split_parameter_lora,
 )
 from mergeopt.merging.sameness import check_lowrank_adapters
+from mergeopt.merging.sharded_merge import shard_parameter_lora
 from mergeopt.merging.stack import TaskVectorStack, anchor_dtype_for, describe
 from mergeopt.merging.stacking import build_stack, excluded
 
@@ -126,6 +127,7 @@ def build_expert_stack(
     """
     merge = merge or MergeSection()
     recipe_names = list(names)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}  # before any is stacked
     if base_expert is not None:
         if base_expert in names:
             raise UserError(f"expert name {base_expert!r} is reserved for the base model: rename the expert")
@@ -141,8 +143,7 @@ def build_expert_stack(
         if gains:
             kept_low = sorted({t for g in gains.values() for t in g})
             log(f"DoRA: {len(kept_low)} layer(s) of the LoRA experts stay low-rank (factors and row gains)")
-        if shard is None:  # a sharded stack keeps them as dense rows, sharded like the rest
-            lowrank_adapters, parameter_targets = split_parameter_lora(lowrank_adapters, exclude)
+        lowrank_adapters, parameter_targets = split_parameter_lora(lowrank_adapters, exclude)
         if parameter_targets:
             log(
                 f"{len(parameter_targets)} parameter(s) the LoRA experts adapt whole (target_parameters: "
@@ -212,18 +213,24 @@ def build_expert_stack(
                 list(names),
                 {n: kept(a) for n, a in adapters.items()},
                 parameter_targets,
-                {t: tuple(model.get_parameter(t).shape) for t in parameter_targets},
+                {t: shapes[t] for t in parameter_targets},
                 lambda t: parameter_device(model, t),
                 factors_dtype,
             )
-            attach_parameters(
-                model,
-                stack.lowrank.parameters,
-                merge.scale,
-                len(names),
-                stack.compute_dtype,
-                lambda t: theta0[t] if model.get_parameter(t).is_meta else model.get_parameter(t).detach(),
-            )
+            if shard is None:
+                attach_parameters(
+                    model,
+                    stack.lowrank.parameters,
+                    merge.scale,
+                    len(names),
+                    stack.compute_dtype,
+                    lambda t: (
+                        theta0[t] if model.get_parameter(t).is_meta else model.get_parameter(t).detach()
+                    ),
+                )
+            else:  # the sharded stacking kept θ0's block of each (the experts' dense view is θ0)
+                shard_parameter_lora(model, stack.lowrank, stack.compute_dtype)
+                stack.unchanged = [n for n in stack.unchanged if n not in stack.lowrank.parameters]
         if not stack.deltas and not stack.lowrank.modules and not stack.lowrank.parameters:
             raise UserError(
                 "the experts do not differ in any merged parameter (after exclusions): nothing to merge"

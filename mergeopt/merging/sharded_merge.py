@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch.nn.utils import parametrize
 
 from mergeopt.merging.layer_merge import MIX_BUFFER, MergedParameter, attach, tag_source
+from mergeopt.merging.lowrank_parameters import LowRankMergedParameter, ParameterFactors
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -133,6 +134,53 @@ class ShardedMergedParameter(MergedParameter):
     def merge(self, anchor: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
         """This rank's merged rows (their backward contracts ⟨∂L/∂W, δ_i⟩ over them), gathered."""
         return gather_rows(super().merge(anchor, rest), self.shape[0], self.group)
+
+
+class ShardedLowRankMergedParameter(LowRankMergedParameter):
+    """A :class:`~mergeopt.merging.lowrank_parameters.LowRankMergedParameter` over this rank's
+    block of a whole parameter's rows (a fused weight's experts): θ0's block is the ``original``,
+    the factors hold the block's; the value is the whole merged weight, gathered. The backward
+    reduce-scatters ∂L/∂W, and the rank contracts its block into its part of ∂L/∂c."""
+
+    def __init__(self, name, factors, scale, num_experts, compute_dtype, shape, group=None):
+        super().__init__(name, factors, scale, num_experts, compute_dtype)
+        self.shape = tuple(shape)
+        self.group = group
+
+    def value(self, anchor: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+        return gather_rows(super().value(anchor, coefficients), self.shape[0], self.group)
+
+    def merge(self, anchor: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+        return gather_rows(super().merge(anchor, coefficients), self.shape[0], self.group)
+
+
+def shard_parameter_factors(factors: ParameterFactors, rank: int, size: int) -> ParameterFactors:
+    """This rank's block of a whole parameter's factors, as its rows are sharded: a fused
+    (experts, out, in) weight's by expert (both factors), a matrix's by output row (B's rows; A,
+    (R × in), stays whole)."""
+    if len(factors.shape) == 3:
+        a, b = shard_rows(factors.a, rank, size), shard_rows(factors.b, rank, size)
+    else:
+        a, b = factors.a, shard_rows(factors.b, rank, size, dim=1)
+    return ParameterFactors(a, b, factors.owner, factors.scaling, factors.shape)
+
+
+def shard_parameter_lora(model: torch.nn.Module, lowrank, compute_dtype, group=None) -> None:
+    """Turn each whole parameter the LoRA experts adapt (``lowrank.parameters``), which the sharded
+    stacking kept as θ0's block of rows (:class:`ShardedWeight`: the experts' dense view of it is
+    θ0), into the merge of that block and this rank's block of the factors, gathered."""
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    for name, whole in list(lowrank.parameters.items()):
+        factors = shard_parameter_factors(whole, rank, size)
+        module_name, _, attr = name.rpartition(".")
+        plist = model.get_submodule(module_name).parametrizations[attr]
+        if not isinstance(plist[0], ShardedWeight):
+            raise TypeError(f"{name} is not a block of θ0's rows ({type(plist[0]).__name__})")
+        k = len(lowrank.expert_names)
+        plist[0] = ShardedLowRankMergedParameter(
+            name, factors, lowrank.scale, k, compute_dtype, whole.shape, group
+        )
+        lowrank.parameters[name] = factors
 
 
 class ShardedWeight(torch.nn.Module):
@@ -254,4 +302,5 @@ def _shard_scales(scales: torch.Tensor, rows: int, rank: int, size: int) -> torc
 def is_sharded(model: torch.nn.Module) -> bool:
     """Whether ``model`` reads weights gathered from the ranks: then every rank must run each of
     its forward passes (generation keeps the ranks in step, ``synced_gpus``)."""
-    return any(isinstance(m, (ShardedMergedParameter, ShardedWeight)) for m in model.modules())
+    sharded = (ShardedMergedParameter, ShardedWeight, ShardedLowRankMergedParameter)
+    return any(isinstance(m, sharded) for m in model.modules())
