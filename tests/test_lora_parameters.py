@@ -453,6 +453,9 @@ def test_a_fit_of_lora_experts_of_the_fused_experts(world, tmp_path):
     layers = SHARED["num_hidden_layers"]
     assert mixture["stack"]["lowrank_parameters"] == len(TARGETS[world["arch"]]) * layers
     assert mixture["stack"]["lowrank_modules"] == layers and mixture["stack"]["tensors"] == 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(world["base"])
+    others = len(list(model.parameters())) - mixture["stack"]["lowrank_parameters"]
+    assert mixture["stack"]["unchanged"] == others  # the adapted ones are merged, not unchanged
     assert sum(mixture["weights"].values()) == pytest.approx(1.0)
 
 

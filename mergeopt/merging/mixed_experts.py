@@ -230,7 +230,8 @@ def build_expert_stack(
                 )
             else:  # the sharded stacking kept θ0's block of each (the experts' dense view is θ0)
                 shard_parameter_lora(model, stack.lowrank, stack.compute_dtype)
-                stack.unchanged = [n for n in stack.unchanged if n not in stack.lowrank.parameters]
+            # the dense view saw θ0 in every expert there; they are merged from the factors
+            stack.unchanged = [n for n in stack.unchanged if n not in stack.lowrank.parameters]
         if not stack.deltas and not stack.lowrank.modules and not stack.lowrank.parameters:
             raise UserError(
                 "the experts do not differ in any merged parameter (after exclusions): nothing to merge"
