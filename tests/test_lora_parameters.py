@@ -32,9 +32,12 @@ from mergeopt.loading.problem import load_merge
 from mergeopt.worlds import resolve_recipe, toy
 from tests.conftest import REPO, recipe_tree, save_checkpoint, write_jsonl
 from tests.test_conversions import MOE, SHARED, VOCAB
+from tests.test_layer_merge import ARCHITECTURES as LAYER_MERGE_ARCHITECTURES
 
 ARCHITECTURES = {
-    **{arch: MOE[arch] for arch in ("mixtral", "qwen3_moe")},
+    **MOE,  # Mixtral, Qwen3-MoE, Qwen2-MoE (a shared expert beside), OLMoE
+    # latent attention (no q_proj when q_lora_rank is set), a shared expert, a dense first layer
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", LAYER_MERGE_ARCHITECTURES["deepseek_v3"][2]),
     # experts stored (experts, in, out) (is_transposed), biased, gate and up interleaved
     "gpt_oss": (
         "GptOssConfig",
@@ -47,25 +50,29 @@ ARCHITECTURES = {
 TARGETS = {
     "mixtral": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"],
     "qwen3_moe": ["gate_up_proj", "down_proj"],
+    "qwen2_moe": ["gate_up_proj", "down_proj"],  # not the shared expert's down_proj.weight
+    "olmoe": ["experts.gate_up_proj", "experts.down_proj"],
     "gpt_oss": ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"],
+    "deepseek_v3": ["mlp.experts.gate_up_proj"],
 }
+ATTENTION = {"deepseek_v3": "o_proj"}  # the module each adapter also adapts (a Linear: low-rank)
 
 
 def _model(arch: str, seed: int) -> torch.nn.Module:
     config_name, model_name, extra = ARCHITECTURES[arch]
     torch.manual_seed(seed)
-    return getattr(transformers, model_name)(getattr(transformers, config_name)(**SHARED, **extra)).eval()
+    return getattr(transformers, model_name)(getattr(transformers, config_name)(**{**SHARED, **extra})).eval()
 
 
-def _adapter(base: str, directory: Path, seed: int, targets: list[str]) -> str:
-    """A LoRA of the attention's q_proj and of ``targets``, random (init_lora_weights=False), saved
-    by PEFT."""
+def _adapter(base: str, directory: Path, seed: int, targets: list[str], attention: str = "q_proj") -> str:
+    """A LoRA of the attention's ``attention`` projection and of ``targets``, random
+    (init_lora_weights=False), saved by PEFT."""
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_pretrained(base).eval()
     config = peft.LoraConfig(
         r=2,
         lora_alpha=6,
-        target_modules=["q_proj"],
+        target_modules=[attention],
         target_parameters=targets,
         init_lora_weights=False,
     )
@@ -86,17 +93,40 @@ def world(request, tmp_path_factory) -> dict:
     with torch.no_grad():
         for p in dense.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=generator))
+    attention = ATTENTION.get(arch, "q_proj")
     experts = {
-        "alpha": _adapter(str(root / "base"), root / "alpha", 10, TARGETS[arch]),
-        "beta": _adapter(str(root / "base"), root / "beta", 11, TARGETS[arch]),
+        "alpha": _adapter(str(root / "base"), root / "alpha", 10, TARGETS[arch], attention),
+        "beta": _adapter(str(root / "base"), root / "beta", 11, TARGETS[arch], attention),
         "gamma": str(save_checkpoint(dense, root / "gamma")),
+    }
+    served = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(root / "base"), experts["alpha"]
+    )
+    wrapped = {  # what PEFT adapts: parameters (its ParamWrappers) and Linear modules
+        f"{n.removeprefix('base_model.model.').replace('.base_layer', '')}.{m.parameter_name}"
+        for n, m in served.named_modules()
+        if isinstance(m, peft.tuners.lora.layer.ParamWrapper)
+    }
+    modules = {
+        n.removeprefix("base_model.model.")
+        for n, m in served.named_modules()
+        if isinstance(m, peft.tuners.lora.layer.Linear)
     }
     samplers, rng = toy.domain_samplers(0), random.Random(0)
     dev = {
         d: str(write_jsonl(root / f"{d}.jsonl", [samplers[d](rng) for _ in range(12)]))
         for d in ("arith", "markov")
     }
-    return {"arch": arch, "root": root, "base": str(root / "base"), "experts": experts, "dev": dev}
+    return {
+        "arch": arch,
+        "root": root,
+        "base": str(root / "base"),
+        "experts": experts,
+        "dev": dev,
+        "attention": attention,
+        "wrapped": wrapped,
+        "modules": modules,
+    }
 
 
 def _recipe(world: dict, tmp_path: Path, **model):
@@ -130,7 +160,7 @@ def test_each_update_is_peft_get_delta_weight(world):
     config = json.loads((Path(path) / "adapter_config.json").read_text())
     resolved = wrapped_parameters(config, _model(world["arch"], 0))
     assert set(resolved) == set(wrappers)
-    assert len(resolved) == 2 * (3 if world["arch"] == "mixtral" else 2)
+    assert {t.name for t in resolved.values()} == world["wrapped"]
     for key, target in resolved.items():
         wrapper = wrappers[key]
         from mergeopt.loading.lora_parameters import BASE_LAYER
@@ -302,11 +332,10 @@ def test_the_plan_holds_what_the_fit_stacks(world, tmp_path, dtype, mixed):
     inventory, dims = dry_run.read_inventory(recipe)
     p = plan.plan_memory(recipe, inventory, dims, DeviceMemory("cpu", "test", 2**40, 2**40))
     _, stack, _, _ = load_merge(recipe, progress=False)
-    targets = {n for n in inventory.shapes if n.endswith(("gate_up_proj", "down_proj", "gate.weight"))}
-    targets = {n for n in targets if any(n.endswith(t) for t in TARGETS[world["arch"]])}
-    assert len(targets) == len(TARGETS[world["arch"]]) * SHARED["num_hidden_layers"]
+    targets = world["wrapped"]
     for sizes in inventory.adapters.values():
-        assert set(sizes.parameters) == targets and all(m.endswith("q_proj") for m in sizes.modules)
+        assert set(sizes.parameters) == targets
+        assert all(m.endswith(world["attention"]) for m in sizes.modules)
     assert p.row("LoRA factors of") == stack.lowrank.nbytes()
     if mixed:
         assert targets <= set(stack.anchor) and not stack.lowrank.parameters
@@ -324,17 +353,15 @@ def test_merge_as_adapter_saves_the_fused_experts_whole(world, tmp_path):
     from tests.test_lora_experts import merge_as_adapter
 
     experts = {n: p for n, p in world["experts"].items() if n != "gamma"}
-    experts["gamma"] = _adapter(world["base"], tmp_path / "gamma", 12, TARGETS[world["arch"]])
+    experts["gamma"] = _adapter(
+        world["base"], tmp_path / "gamma", 12, TARGETS[world["arch"]], world["attention"]
+    )
     result, tree = merge_as_adapter(world, tmp_path, experts, "--dtype", "float32")
     assert result.returncode == 0, result.stderr
     out = tmp_path / "out"
     config = json.loads((out / "adapter_config.json").read_text())
-    layers = range(SHARED["num_hidden_layers"])
-    whole = {f"model.layers.{i}.mlp.experts" for i in layers}
-    if world["arch"] == "mixtral":
-        whole |= {f"model.layers.{i}.mlp.gate" for i in layers}
-    assert set(config["modules_to_save"]) == whole
-    assert set(config["target_modules"]) == {f"model.layers.{i}.self_attn.q_proj" for i in layers}
+    assert set(config["modules_to_save"]) == {n.rpartition(".")[0] for n in world["wrapped"]}
+    assert set(config["target_modules"]) == world["modules"]
     base = transformers.AutoModelForCausalLM.from_pretrained(world["base"]).eval()
     loaded = peft.PeftModel.from_pretrained(base, str(out)).eval()
     problem = load_problem(recipe_from_dict(tree), progress=False)
@@ -450,9 +477,8 @@ def test_a_fit_of_lora_experts_of_the_fused_experts(world, tmp_path):
     result = run_in_process("fit", str(recipe_path), "--quiet")
     assert result.returncode == 0, result.stderr
     mixture = json.loads((tmp_path / "run" / "mixture.json").read_text())
-    layers = SHARED["num_hidden_layers"]
-    assert mixture["stack"]["lowrank_parameters"] == len(TARGETS[world["arch"]]) * layers
-    assert mixture["stack"]["lowrank_modules"] == layers and mixture["stack"]["tensors"] == 0
+    assert mixture["stack"]["lowrank_parameters"] == len(world["wrapped"])
+    assert mixture["stack"]["lowrank_modules"] == len(world["modules"]) and mixture["stack"]["tensors"] == 0
     model = transformers.AutoModelForCausalLM.from_pretrained(world["base"])
     others = len(list(model.parameters())) - mixture["stack"]["lowrank_parameters"]
     assert mixture["stack"]["unchanged"] == others  # the adapted ones are merged, not unchanged
@@ -623,9 +649,7 @@ def test_a_sharded_fit_finds_the_mixture_one_process_finds(world, tmp_path):
     from mergeopt.memory.sizes import DeviceMemory
 
     one, many, path = _one_and_three_ranks(world, tmp_path / "gradient")
-    layers = SHARED["num_hidden_layers"]
-    assert one["stack"]["lowrank_parameters"] == many["stack"]["lowrank_parameters"]
-    assert many["stack"]["lowrank_parameters"] == len(TARGETS[world["arch"]]) * layers
+    assert one["stack"]["lowrank_parameters"] == many["stack"]["lowrank_parameters"] == len(world["wrapped"])
     assert many["stack"]["tensors"] == one["stack"]["tensors"] == 0
     # rank 0's stack (its blocks) is what the plan holds per rank of 3
     recipe = load_recipe(path, ["model.shard=fsdp"])
