@@ -321,9 +321,9 @@ def test_target_parameters_naming_nothing_is_one_line(tmp_path):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("mixed", [False, True], ids=["lora", "lora+dense"])
 def test_the_plan_holds_what_the_fit_stacks(world, tmp_path, dtype, mixed):
-    """The memory plan, from headers: with the LoRA experts alone, their updates of the fused
-    weights and routers stay factors, and the plan's factor row is the bytes of the fit's low-rank
-    stack, with no dense row; beside a dense expert they are dense rows, as the fit stacks them."""
+    """The memory plan, from headers: the LoRA experts' updates of the fused weights and routers
+    stay factors, and the plan's factor row is the bytes of the fit's low-rank stack: alone with
+    no dense row, beside a dense expert on top of the dense rows its weights need."""
     from mergeopt.memory import dry_run, plan
     from mergeopt.memory.sizes import DeviceMemory
 
@@ -337,8 +337,9 @@ def test_the_plan_holds_what_the_fit_stacks(world, tmp_path, dtype, mixed):
         assert set(sizes.parameters) == targets
         assert all(m.endswith(world["attention"]) for m in sizes.modules)
     assert p.row("LoRA factors of") == stack.lowrank.nbytes()
-    if mixed:
-        assert targets <= set(stack.anchor) and not stack.lowrank.parameters
+    assert set(stack.lowrank.parameters) == targets
+    if mixed:  # the dense expert's rows, the adapters' factors added to their merge
+        assert targets <= set(stack.anchor)
     else:
         assert set(stack.lowrank.parameters) == targets and not stack.anchor
         assert p.row("stack anchor") + p.row("stack differences") == 0
@@ -387,37 +388,45 @@ def _adapters_only(world: dict) -> dict:
     return {**world, "experts": {n: p for n, p in world["experts"].items() if n != "gamma"}}
 
 
-def _stacks(world: dict, tmp_path: Path, monkeypatch, **model):
-    """(model, stack) with the fused weights' LoRA kept low-rank, and with it as dense rows (the
-    path a stack with dense experts takes), for the same adapters."""
+def _stacks(world: dict, tmp_path: Path, monkeypatch, mixed: bool = False, **model):
+    """(model, stack) with the fused weights' LoRA kept as factors, and with it as dense rows (the
+    adapters' updates made dense, as a dense expert's weights), for the same adapters; ``mixed``:
+    beside the dense expert, whose rows the factors' update is added to."""
     from mergeopt.merging import mixed_experts
 
-    recipe = _recipe(_adapters_only(world), tmp_path, **model)
+    recipe = _recipe(world if mixed else _adapters_only(world), tmp_path, **model)
     low = load_merge(recipe, progress=False)[:2]
-    assert low[1].lowrank.parameters and not low[1].anchor
+    assert set(low[1].lowrank.parameters) == world["wrapped"]
+    assert bool(low[1].anchor) == mixed
     with monkeypatch.context() as patched:
         patched.setattr(mixed_experts, "split_parameter_lora", lambda adapters, exclude: (dict(adapters), []))
         dense = load_merge(recipe, progress=False)[:2]
-    assert set(dense[1].anchor) == set(low[1].lowrank.parameters)
+    assert not dense[1].lowrank.parameters and world["wrapped"] <= set(dense[1].anchor)
     return low, dense
 
 
 @pytest.mark.parametrize(
-    "checkpointed,compute",
-    [(False, "float32"), (True, "float32"), (True, "bfloat16")],
-    ids=["kept", "checkpointed", "bf16"],
+    "checkpointed,compute,mixed",
+    [
+        (False, "float32", False),
+        (True, "float32", False),
+        (True, "bfloat16", False),
+        (False, "float32", True),
+    ],
+    ids=["kept", "checkpointed", "bf16", "beside-dense"],
 )
-def test_the_low_rank_merge_equals_the_dense_rows(world, tmp_path, monkeypatch, checkpointed, compute):
+def test_the_low_rank_merge_equals_the_dense_rows(world, tmp_path, monkeypatch, checkpointed, compute, mixed):
     """Loss and ∂L/∂z of the fused weights merged from the LoRA factors against the same adapters
     stacked as dense rows (the per-layer merge, itself checked against finite differences in
-    tests/test_layer_merge.py), with and without activation checkpointing; in bfloat16 both merge
-    in float32 and round once, to the same weights but where float32 sums differ in their last bit."""
+    tests/test_layer_merge.py), with and without activation checkpointing, and beside a dense
+    expert (the factors' update added to its merge); in bfloat16 both merge in float32 and round
+    once, to the same weights but where float32 sums differ in their last bit."""
     from mergeopt.memory import checkpointing
     from tests.test_layer_merge import loss_and_grad, per_layer_loss
 
-    logits = torch.tensor([0.4, -0.3], dtype=torch.float64)
+    logits = torch.tensor([0.4, -0.3, 0.1] if mixed else [0.4, -0.3], dtype=torch.float64)
     results = []
-    for model, stack in _stacks(world, tmp_path, monkeypatch, compute_dtype=compute):
+    for model, stack in _stacks(world, tmp_path, monkeypatch, mixed, compute_dtype=compute):
         (checkpointing.enable if checkpointed else checkpointing.disable)(model)
         results.append(
             loss_and_grad(lambda w, m=model, s=stack: per_layer_loss(m, s, w, _batch(), 5), logits)
@@ -628,11 +637,14 @@ def test_training_step_plan_of_fused_lora_bounds_the_live_bytes(tmp_path, checkp
     assert peak * 0.99 <= planned <= peak * 1.20, (planned, peak, planned / peak)
 
 
-def _one_and_three_ranks(world: dict, tmp_path: Path, search: dict | None = None) -> tuple[dict, dict, Path]:
-    """(mixture.json of one process, of model.shard=fsdp over 3 ranks, the recipe) for the adapters."""
+def _one_and_three_ranks(
+    world: dict, tmp_path: Path, search: dict | None = None, mixed: bool = False
+) -> tuple[dict, dict, Path]:
+    """(mixture.json of one process, of model.shard=fsdp over 3 ranks, the recipe) for the adapters
+    (``mixed``: and the dense expert)."""
     from tests.conftest import fit_one_and_sharded
 
-    tree = recipe_tree(_adapters_only(world), tmp_path / "one")
+    tree = recipe_tree(world if mixed else _adapters_only(world), tmp_path / "one")
     tree["optim"]["batch_size"] = 6  # 12 examples a micro-batch: 4 per rank
     if search:
         tree["search"] = search
@@ -643,8 +655,8 @@ def test_a_sharded_fit_finds_the_mixture_one_process_finds(world, tmp_path):
     """model.shard=fsdp over 3 ranks (a fused weight's 4 experts in blocks of 2, 2 and 0): each
     rank keeps its block of θ0's experts and of the factors, merges it and the ranks gather the
     merged weight; the fit equals the single process's (for Mixtral a grid search too, whose
-    candidates the ranks score together as one sharded model), and each rank's factors are its
-    block, as the plan holds them."""
+    candidates the ranks score together as one sharded model, and a fit beside a dense expert),
+    and each rank's factors are its block, as the plan holds them."""
     from mergeopt.memory import dry_run, plan
     from mergeopt.memory.sizes import DeviceMemory
 
@@ -660,3 +672,6 @@ def test_a_sharded_fit_finds_the_mixture_one_process_finds(world, tmp_path):
     assert many["stack"]["bytes"] < one["stack"]["bytes"] * 0.55
     if world["arch"] == "mixtral":
         _one_and_three_ranks(world, tmp_path / "grid", {"strategy": "grid", "grid": {"divisions": 4}})
+        # beside a dense expert: each rank adds its block of the factors' update to its merged rows
+        one, many, _ = _one_and_three_ranks(world, tmp_path / "mixed", mixed=True)
+        assert many["stack"]["lowrank_parameters"] == len(world["wrapped"]) and many["stack"]["tensors"] > 0

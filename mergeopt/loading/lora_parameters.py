@@ -21,9 +21,9 @@ the first registered innermost, so ``mlp.experts.base_layer.lora_A.weight`` is g
 model's own parameter order, as PEFT's ``_inject_parameters`` walks it.
 
 Each update is read as a :class:`~mergeopt.loading.lora.DenseUpdate` marked ``parameter``, whose
-factors are batched over the experts. With LoRA experts alone (and no sharded stack) the fit keeps
-them as factors and merges each parameter as its layer reads it
-(:mod:`mergeopt.merging.lowrank_parameters`); otherwise they are stacked as dense rows.
+factors are batched over the experts. Under a linear merge the fit keeps them as factors and
+merges each parameter as its layer reads it (:mod:`mergeopt.merging.lowrank_parameters`); TIES
+and DARE make them dense, as they make every adapter.
 """
 
 from __future__ import annotations

@@ -135,10 +135,10 @@ def parameters_kept_low_rank(
     recipe: Recipe, adapters: dict[str, FactorSizes], patterns: Sequence[re.Pattern]
 ) -> set[str]:
     """The whole parameters whose LoRA updates the fit keeps low-rank
-    (:func:`mergeopt.merging.lowrank_parameters.split_parameter_lora`): with a linear merge of
-    LoRA experts alone, each parameter every adapter setting it sets by a LoRA of the parameter
-    alone, and ``model.exclude`` keeps."""
-    if recipe.merge.method != "linear" or len(adapters) < len(recipe.model.experts):
+    (:func:`mergeopt.merging.lowrank_parameters.split_parameter_lora`): with a linear merge, each
+    parameter every adapter setting it sets by a LoRA of the parameter alone, and
+    ``model.exclude`` keeps (beside dense experts, their factors come on top of its dense rows)."""
+    if recipe.merge.method != "linear":
         return set()
     setting: dict[str, list[bool]] = {}
     for a in adapters.values():
@@ -379,7 +379,7 @@ def plan_rows(
     batch += " per rank" if world_size > 1 else ""
     gain_rows = {m: a.modules[m][2] for a in adapters.values() for m in a.gains}  # DoRA: out per layer
     # what the per-layer merge forms: the stacked parameters and the whole parameters kept low-rank
-    merged = [*stacked, *sorted(low_params)]
+    merged = list(dict.fromkeys([*stacked, *sorted(low_params)]))
     largest_merged = max((inventory.numel(n) for n in merged), default=0)
     if recipe.search.strategy == "gradient":
         train = training_batch(recipe)

@@ -80,8 +80,41 @@ def _row_chunks(rows: int, columns: int, experts: int) -> Iterator[slice]:
         yield slice(start, min(start + step, rows))
 
 
+def _factor_pieces(factors, start: int, stop: int):
+    """(expert e, its rows [o0, o1), their offset in rows [start, stop)) of a whole parameter's
+    LoRA factors (:class:`mergeopt.merging.lowrank_parameters.ParameterFactors`, b: (E, first, R))
+    that rows [start, stop) of the parameter flattened to (E · first, last) cover."""
+    first = factors.b.shape[1]
+    for e in range(start // first, (stop - 1) // first + 1):
+        o0, o1 = max(start - e * first, 0), min(stop - e * first, first)
+        yield e, o0, o1, e * first + o0 - start
+
+
+def add_factor_rows(target: torch.Tensor, factors, c: torch.Tensor, start: int, stop: int) -> None:
+    """Add rows [start, stop) of the LoRA experts' update Σ_j c_j b_j a_j (a whole parameter's, in
+    its own layout) to ``target`` (those rows, flattened to (rows, last), float32 at least)."""
+    for e, o0, o1, at in _factor_pieces(factors, start, stop):
+        b = factors.b[e, o0:o1].to(target.dtype) * c.to(target.dtype)
+        target[at : at + o1 - o0].addmm_(b, factors.a[e].to(target.dtype))
+
+
+def contract_factor_rows(grad_rows: torch.Tensor, factors, start: int, stop: int) -> torch.Tensor:
+    """∂L/∂c_j over rows [start, stop) of ∂L/∂W: Σ b_j[o] (∂L/∂W[o] · a_j), (R,) in grad's dtype."""
+    total = torch.zeros(factors.a.shape[1], dtype=grad_rows.dtype, device=grad_rows.device)
+    for e, o0, o1, at in _factor_pieces(factors, start, stop):
+        projected = grad_rows[at : at + o1 - o0] @ factors.a[e].to(grad_rows.dtype).t()  # (rows, R)
+        total += (projected * factors.b[e, o0:o1].to(grad_rows.dtype)).sum(dim=0)
+    return total
+
+
 def merge_value(
-    rest: torch.Tensor, anchor: torch.Tensor, deltas: torch.Tensor, scales: torch.Tensor | None, dtype
+    rest: torch.Tensor,
+    anchor: torch.Tensor,
+    deltas: torch.Tensor,
+    scales: torch.Tensor | None,
+    dtype,
+    factors=None,
+    coefficients: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """θ_1 + Σ_{i≥2} w_i δ_i in float32 (or float64 for a float64 anchor), returned in ``dtype``.
 
@@ -90,6 +123,9 @@ def merge_value(
     int8) is accumulated one expert at a time by ``addcmul_``, which reads the narrow values and
     computes in float32 without an upcast copy. With a float32 result the merge is formed in the
     result itself; with a narrower one, in one float32 chunk of the parameter, whatever K is.
+    ``factors`` and ``coefficients`` (c_j): LoRA experts of this whole parameter beside dense ones
+    (their dense view is θ0 here), whose update Σ_j c_j b_j a_j is added to each chunk before it
+    is rounded to ``dtype``.
     """
     acc = torch.promote_types(anchor.dtype, torch.float32)
     k1 = deltas.shape[0]
@@ -110,24 +146,30 @@ def merge_value(
             for i in range(k1):
                 coefficient = w[i] if scales is None else (w[i] * scales[i, r].to(acc))[:, None]
                 target.addcmul_(d[i, r], coefficient)
+        if factors is not None:
+            add_factor_rows(target, factors, coefficients.detach().to(anchor.device), r.start, r.stop)
         if target is not view:
             view.copy_(target)
     return result
 
 
 def contract(
-    grad: torch.Tensor, deltas: torch.Tensor, scales: torch.Tensor | None, acc: torch.dtype
-) -> torch.Tensor:
+    grad: torch.Tensor, deltas: torch.Tensor, scales: torch.Tensor | None, acc: torch.dtype, factors=None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """⟨∂L/∂W, δ_i⟩ for each stored difference, accumulated in ``acc`` (float32 at least). A narrow
-    difference is multiplied with the gradient in ``acc`` as it is read (one product per chunk)."""
+    difference is multiplied with the gradient in ``acc`` as it is read (one product per chunk).
+    With ``factors`` (LoRA experts of this whole parameter), also ∂L/∂c_j from the same chunks."""
     k1 = deltas.shape[0]
     rows = _num_rows(grad.shape)
     g = grad.reshape(rows, -1)
     d = deltas.reshape(k1, rows, -1)
     total = torch.zeros(k1, dtype=acc, device=grad.device)
+    factor_total = None if factors is None else torch.zeros(factors.a.shape[1], dtype=acc, device=grad.device)
     same = deltas.dtype == acc and scales is None
     for r in _row_chunks(rows, g.shape[1], k1 if same else 1):
         gr = g[r].to(acc)
+        if factor_total is not None:
+            factor_total += contract_factor_rows(gr, factors, r.start, r.stop)
         if same:
             total += d[:, r].reshape(k1, -1) @ gr.reshape(-1)
             continue
@@ -138,24 +180,28 @@ def contract(
             else:
                 total[i] += torch.dot(product.sum(dim=1), scales[i, r].to(acc))
             del product
-    return total
+    return total, factor_total
 
 
 class LayerMerge(torch.autograd.Function):
-    """W(w) = θ_1 + Σ_{i≥2} w_i δ_i for one parameter; the backward returns only the K − 1 vector."""
+    """W(w) = θ_1 + Σ_{i≥2} w_i δ_i (+ Σ_j c_j b_j a_j of LoRA experts' ``factors``) for one
+    parameter; the backward returns only the K − 1 vector (and ∂L/∂c)."""
 
     @staticmethod
-    def forward(ctx, rest, anchor, deltas, scales, dtype):
-        ctx.deltas, ctx.scales = deltas, scales  # held by the stack anyway: no saved-tensor copy
+    def forward(ctx, rest, coefficients, anchor, deltas, scales, factors, dtype):
+        ctx.deltas, ctx.scales, ctx.factors = deltas, scales, factors  # held by the stack anyway
         ctx.acc = torch.promote_types(anchor.dtype, torch.float32)
         ctx.rest_dtype = rest.dtype
-        return merge_value(rest, anchor, deltas, scales, dtype)
+        ctx.coefficient_dtype = None if coefficients is None else coefficients.dtype
+        return merge_value(rest, anchor, deltas, scales, dtype, factors, coefficients)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        grad_rest = contract(grad, ctx.deltas, ctx.scales, ctx.acc)
-        return grad_rest.to(ctx.rest_dtype), None, None, None, None
+        grad_rest, grad_c = contract(grad, ctx.deltas, ctx.scales, ctx.acc, ctx.factors)
+        if grad_c is not None:
+            grad_c = grad_c.to(ctx.coefficient_dtype)
+        return grad_rest.to(ctx.rest_dtype), grad_c, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- the parametrization
@@ -187,24 +233,41 @@ class MergedParameter(torch.nn.Module):
         mix = torch.full((num_experts,), 1.0 / num_experts, dtype=torch.float32, device=deltas.device)
         self.register_buffer(MIX_BUFFER, mix, persistent=False)
 
+    # LoRA experts of this whole parameter beside the dense ones (a mixture of experts' fused
+    # weight: mergeopt.merging.lowrank_parameters), their update added to the merge; and λ
+    factors = None
+    scale = 1.0
+
     def coefficients(self) -> torch.Tensor:
         """(w_2 … w_K) on this parameter's device (w_1 is implied by the anchor)."""
         return getattr(self, MIX_BUFFER).to(self.deltas.device)[1:]
 
-    def value(self, anchor: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
-        """The merged weight at coefficients ``rest``, without autograd."""
-        return merge_value(rest, anchor, self.deltas, self.scales, self.compute_dtype)
+    def factor_coefficients(self) -> torch.Tensor | None:
+        """c_j = λ w_owner(j) s_owner(j) of the LoRA experts' factors (None without them)."""
+        if self.factors is None:
+            return None
+        return self.factors.coefficients(getattr(self, MIX_BUFFER), self.scale)
 
-    def merge(self, anchor: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
-        """The merged weight, differentiable in ``rest`` (its backward contracts ⟨∂L/∂W, δ_i⟩)."""
-        return LayerMerge.apply(rest, anchor, self.deltas, self.scales, self.compute_dtype)
+    def value(self, anchor: torch.Tensor, rest: torch.Tensor, coefficients=None) -> torch.Tensor:
+        """The merged weight at coefficients ``rest`` (and the factors' c), without autograd."""
+        factors = self.factors if coefficients is not None else None
+        return merge_value(rest, anchor, self.deltas, self.scales, self.compute_dtype, factors, coefficients)
+
+    def merge(self, anchor: torch.Tensor, rest: torch.Tensor, coefficients=None) -> torch.Tensor:
+        """The merged weight, differentiable in ``rest`` (its backward contracts ⟨∂L/∂W, δ_i⟩) and
+        in the factors' c."""
+        factors = self.factors if coefficients is not None else None
+        return LayerMerge.apply(
+            rest, coefficients, anchor, self.deltas, self.scales, factors, self.compute_dtype
+        )
 
     def forward(self, anchor: torch.Tensor) -> torch.Tensor:
-        rest = self.coefficients()
-        if not torch.is_grad_enabled() or not rest.requires_grad:
-            return self.value(anchor, rest)
-        merged = self.merge(anchor, rest)
-        tag_source(merged, MergeRecipe(self, anchor, rest.detach().clone()))
+        rest, c = self.coefficients(), self.factor_coefficients()
+        if not torch.is_grad_enabled() or not (rest.requires_grad or (c is not None and c.requires_grad)):
+            return self.value(anchor, rest, c)
+        merged = self.merge(anchor, rest, c)
+        kept = None if c is None else c.detach().clone()
+        tag_source(merged, MergeRecipe(self, anchor, rest.detach().clone(), kept))
         return merged
 
 
@@ -217,10 +280,13 @@ class MergeRecipe:
     parametrization: torch.nn.Module
     anchor: torch.Tensor
     rest: torch.Tensor
+    coefficients: torch.Tensor | None = None  # LoRA experts' c beside a dense merge's w
 
     def value(self) -> torch.Tensor:
         with torch.no_grad():
-            return self.parametrization.value(self.anchor, self.rest)
+            if self.coefficients is None:
+                return self.parametrization.value(self.anchor, self.rest)
+            return self.parametrization.value(self.anchor, self.rest, self.coefficients)
 
 
 @dataclass(frozen=True)

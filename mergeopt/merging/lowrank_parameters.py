@@ -20,11 +20,13 @@ autograd saves a recipe instead of the merged weight, so no merged copy of the e
 
 θ0 stays the model's own tensor (the parametrization's ``original``); the factors and c(w)'s
 bookkeeping are buffers; the mixture arrives through the ``mergeopt_mix`` buffer that
-``functional_call`` replaces, as everywhere. Used where the LoRA experts are the only experts
-(:func:`split_parameter_lora`); beside dense experts such updates stay dense rows. Under
-``model.shard: fsdp`` each rank keeps its block of the experts (θ0's and the factors'), merges it
-and the ranks gather the merged weight
-(:class:`mergeopt.merging.sharded_merge.ShardedLowRankMergedParameter`).
+``functional_call`` replaces, as everywhere (:func:`split_parameter_lora` picks the parameters).
+Beside dense experts, whose weights differ there, the dense stack's own per-layer merge carries
+the factors and adds their update to each chunk of the dense merge before it is rounded
+(:func:`mergeopt.merging.layer_merge.merge_value`; on the simplex, Σ_i w_i θ_i with each LoRA
+expert's dense view θ0, plus Σ_j c_j b_j a_j). Under ``model.shard: fsdp`` each rank keeps its
+block of the experts (θ0's or the dense merge's, and the factors'), merges it and the ranks gather
+the merged weight (:class:`mergeopt.merging.sharded_merge.ShardedLowRankMergedParameter`).
 """
 
 from __future__ import annotations

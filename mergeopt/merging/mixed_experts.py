@@ -30,7 +30,7 @@ from mergeopt.merging.lowrank_parameters import (
     split_parameter_lora,
 )
 from mergeopt.merging.sameness import check_lowrank_adapters
-from mergeopt.merging.sharded_merge import shard_parameter_lora
+from mergeopt.merging.sharded_merge import shard_parameter_factors, shard_parameter_lora
 from mergeopt.merging.stack import TaskVectorStack, anchor_dtype_for, describe
 from mergeopt.merging.stacking import build_stack, excluded
 
@@ -143,6 +143,7 @@ def build_expert_stack(
         if gains:
             kept_low = sorted({t for g in gains.values() for t in g})
             log(f"DoRA: {len(kept_low)} layer(s) of the LoRA experts stay low-rank (factors and row gains)")
+    if lowrank_path and base_expert is None:  # (diagnose reads task vectors from dense rows)
         lowrank_adapters, parameter_targets = split_parameter_lora(lowrank_adapters, exclude)
         if parameter_targets:
             log(
@@ -208,7 +209,6 @@ def build_expert_stack(
         )
         stack.lowrank.attach(model)
         if parameter_targets:
-            theta0 = _BaseView(model, base, device)
             stack.lowrank.parameters = build_parameter_factors(
                 list(names),
                 {n: kept(a) for n, a in adapters.items()},
@@ -217,21 +217,7 @@ def build_expert_stack(
                 lambda t: parameter_device(model, t),
                 factors_dtype,
             )
-            if shard is None:
-                attach_parameters(
-                    model,
-                    stack.lowrank.parameters,
-                    merge.scale,
-                    len(names),
-                    stack.compute_dtype,
-                    lambda t: (
-                        theta0[t] if model.get_parameter(t).is_meta else model.get_parameter(t).detach()
-                    ),
-                )
-            else:  # the sharded stacking kept θ0's block of each (the experts' dense view is θ0)
-                shard_parameter_lora(model, stack.lowrank, stack.compute_dtype)
-            # the dense view saw θ0 in every expert there; they are merged from the factors
-            stack.unchanged = [n for n in stack.unchanged if n not in stack.lowrank.parameters]
+            _merge_parameter_factors(model, stack, merge.scale, shard, _BaseView(model, base, device))
         if not stack.deltas and not stack.lowrank.modules and not stack.lowrank.parameters:
             raise UserError(
                 "the experts do not differ in any merged parameter (after exclusions): nothing to merge"
@@ -247,3 +233,34 @@ def _changes_any(adapter: LoraAdapter, targets: Sequence[str]) -> bool:
         for t in targets
         if t in adapter.dense
     )
+
+
+def _merge_parameter_factors(model, stack: TaskVectorStack, scale: float, shard, theta0: Mapping) -> None:
+    """Make each whole parameter the LoRA experts adapt (``stack.lowrank.parameters``) read their
+    update: added to the dense experts' merge where they differ there (the per-layer merge's own
+    parametrization carries the factors; sharded, this rank's block of them), else merged from θ0
+    and the factors alone (:mod:`mergeopt.merging.lowrank_parameters`)."""
+    lowrank = stack.lowrank
+    alone = {}
+    for name, factors in list(lowrank.parameters.items()):
+        if name not in stack.deltas:  # every dense view is θ0 here: unchanged, or θ0's block
+            alone[name] = factors
+            continue
+        if shard is not None:
+            factors = lowrank.parameters[name] = shard_parameter_factors(factors, *shard)
+        module_name, _, attr = name.rpartition(".")
+        merge = model.get_submodule(module_name).parametrizations[attr][0]
+        merge.factors, merge.scale = factors, scale
+    if shard is None:
+        attach_parameters(
+            model,
+            alone,
+            scale,
+            len(stack.expert_names),
+            stack.compute_dtype,
+            lambda t: theta0[t] if model.get_parameter(t).is_meta else model.get_parameter(t).detach(),
+        )
+    else:  # the sharded stacking kept θ0's block of each
+        shard_parameter_lora(model, lowrank, stack.compute_dtype, names=alone)
+    # the dense view saw θ0 in every expert there; they are merged from the factors
+    stack.unchanged = [n for n in stack.unchanged if n not in lowrank.parameters]

@@ -128,12 +128,12 @@ class ShardedMergedParameter(MergedParameter):
         self.shape = tuple(shape)
         self.group = group
 
-    def value(self, anchor: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
-        return gather_rows(super().value(anchor, rest), self.shape[0], self.group)
+    def value(self, anchor: torch.Tensor, rest: torch.Tensor, coefficients=None) -> torch.Tensor:
+        return gather_rows(super().value(anchor, rest, coefficients), self.shape[0], self.group)
 
-    def merge(self, anchor: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+    def merge(self, anchor: torch.Tensor, rest: torch.Tensor, coefficients=None) -> torch.Tensor:
         """This rank's merged rows (their backward contracts ⟨∂L/∂W, δ_i⟩ over them), gathered."""
-        return gather_rows(super().merge(anchor, rest), self.shape[0], self.group)
+        return gather_rows(super().merge(anchor, rest, coefficients), self.shape[0], self.group)
 
 
 class ShardedLowRankMergedParameter(LowRankMergedParameter):
@@ -165,12 +165,15 @@ def shard_parameter_factors(factors: ParameterFactors, rank: int, size: int) -> 
     return ParameterFactors(a, b, factors.owner, factors.scaling, factors.shape)
 
 
-def shard_parameter_lora(model: torch.nn.Module, lowrank, compute_dtype, group=None) -> None:
-    """Turn each whole parameter the LoRA experts adapt (``lowrank.parameters``), which the sharded
-    stacking kept as θ0's block of rows (:class:`ShardedWeight`: the experts' dense view of it is
-    θ0), into the merge of that block and this rank's block of the factors, gathered."""
+def shard_parameter_lora(model: torch.nn.Module, lowrank, compute_dtype, group=None, names=None) -> None:
+    """Turn each whole parameter the LoRA experts adapt (``lowrank.parameters``, or those of
+    ``names``), which the sharded stacking kept as θ0's block of rows (:class:`ShardedWeight`: the
+    experts' dense view of it is θ0), into the merge of that block and this rank's block of the
+    factors, gathered."""
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     for name, whole in list(lowrank.parameters.items()):
+        if names is not None and name not in names:
+            continue
         factors = shard_parameter_factors(whole, rank, size)
         module_name, _, attr = name.rpartition(".")
         plist = model.get_submodule(module_name).parametrizations[attr]

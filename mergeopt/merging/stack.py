@@ -110,12 +110,19 @@ class TaskVectorStack:
             raise ValueError(f"expected {self.num_experts} weights, got shape {tuple(weights.shape)}")
         return mixup.coefficients(weights, self.mixup) if self.mixup is not None else weights
 
+    def _factors(self, name: str):
+        """LoRA experts' factors of stacked parameter ``name`` beside the dense experts, or None."""
+        return None if self.lowrank is None else self.lowrank.parameters.get(name)
+
     def merged_tensor(self, name: str, weights: torch.Tensor) -> torch.Tensor:
-        """One stacked parameter at w (not differentiable): θ_1 + Σ_{i≥2} c_i δ_i, in float32."""
-        rest = self.coefficients(weights)[1:]
+        """One stacked parameter at w (not differentiable): θ_1 + Σ_{i≥2} c_i δ_i, in float32 (with
+        the LoRA experts' update of a whole parameter, where they have one)."""
+        weights = self.coefficients(weights)
         anchor = self.anchor[name]
         dtype = torch.promote_types(anchor.dtype, torch.float32)
-        return merge_value(rest, anchor, self.deltas[name], self.scales.get(name), dtype)
+        factors = self._factors(name)
+        c = None if factors is None else factors.coefficients(weights, self.lowrank.scale)
+        return merge_value(weights[1:], anchor, self.deltas[name], self.scales.get(name), dtype, factors, c)
 
     def merged(self, weights: torch.Tensor, method: MergeFn = merge_linear) -> dict[str, torch.Tensor]:
         """The whole model's merged tensors at w, for ``torch.func.functional_call``: the reference
@@ -143,6 +150,10 @@ class TaskVectorStack:
             value = method(
                 anchor.to(torch.promote_types(anchor.dtype, torch.float32)), delta, rest_on(delta.device)
             )
+            factors = self._factors(name)
+            if factors is not None:  # LoRA experts of this whole parameter beside the dense ones
+                c = factors.coefficients(weights.to(factors.scaling.device), self.lowrank.scale)
+                value = value + factors.delta(c).to(value)
             merged[name] = value.to(self.compute_dtype)
         if self.lowrank is not None:  # the LoRA experts' share, added in the forward pass
             merged.update(self.lowrank.params(weights))
