@@ -675,3 +675,57 @@ def test_a_sharded_fit_finds_the_mixture_one_process_finds(world, tmp_path):
         # beside a dense expert: each rank adds its block of the factors' update to its merged rows
         one, many, _ = _one_and_three_ranks(world, tmp_path / "mixed", mixed=True)
         assert many["stack"]["lowrank_parameters"] == len(world["wrapped"]) and many["stack"]["tensors"] > 0
+
+
+def _random_factors(experts: int, first: int, last: int, rank: int, seed: int = 0):
+    from mergeopt.merging.lowrank_parameters import ParameterFactors
+
+    g = torch.Generator().manual_seed(seed)
+    return ParameterFactors(
+        torch.randn(experts, rank, last, generator=g),
+        torch.randn(experts, first, rank, generator=g),
+        torch.tensor([0, 0, 2, 2, 2][:rank]),
+        torch.tensor([1.5, 1.5, 0.5, 0.5, 0.5][:rank]),
+        (experts, first, last) if experts > 1 else (first, last),
+    )
+
+
+@pytest.mark.parametrize("stored", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("experts", [1, 3], ids=["matrix", "fused"])
+def test_the_kernels_add_and_contract_the_factors_over_any_chunking(monkeypatch, stored, experts):
+    """The dense merge's kernel with factors equals it without them plus Σ_j c_j b_j a_j, and its
+    contraction gives autograd's ∂L/∂c of ⟨G, ΔW(c)⟩, for float32, bfloat16 and int8 stacks, with
+    chunks small enough to cut an expert's rows in two; so do the factors-alone kernels."""
+    from mergeopt.merging import layer_merge, lowrank_parameters
+    from mergeopt.merging.layer_merge import contract, merge_value, quantize_rows
+
+    monkeypatch.setattr(layer_merge, "CHUNK", 40)  # a few rows of 8 columns per chunk, experts cut
+    monkeypatch.setattr(lowrank_parameters, "CHUNK", 40)
+    factors = _random_factors(experts, 5, 8, 5)
+    shape = factors.shape
+    g = torch.Generator().manual_seed(1)
+    anchor = torch.randn(shape, generator=g)
+    deltas = 0.1 * torch.randn((2, *shape), generator=g)
+    scales = None
+    if stored == "int8":
+        deltas, scales = quantize_rows(deltas)
+    else:
+        deltas = deltas.to(getattr(torch, stored))
+    rest = torch.tensor([0.3, 0.2])
+    c = torch.tensor([0.7, -0.2, 0.4, 0.1, 0.9])
+    with_factors = merge_value(rest, anchor, deltas, scales, torch.float32, factors, c)
+    without = merge_value(rest, anchor, deltas, scales, torch.float32)
+    torch.testing.assert_close(with_factors, without + factors.delta(c), atol=1e-5, rtol=1e-5)
+    grad = torch.randn(shape, generator=g)
+    want_rest, _ = contract(grad, deltas, scales, torch.float32)
+    got_rest, got_c = contract(grad, deltas, scales, torch.float32, factors)
+    variable = c.clone().requires_grad_(True)
+    (grad * factors.delta(variable)).sum().backward()
+    torch.testing.assert_close(got_rest, want_rest)
+    torch.testing.assert_close(got_c, variable.grad, atol=1e-5, rtol=1e-5)
+    # the factors alone (mergeopt.merging.lowrank_parameters), in blocks of experts
+    alone = lowrank_parameters.merged_value(anchor, factors, c, torch.float32)
+    torch.testing.assert_close(alone, anchor + factors.delta(c), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        lowrank_parameters.contract(grad, factors), variable.grad, atol=1e-5, rtol=1e-5
+    )
