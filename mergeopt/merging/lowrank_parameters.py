@@ -14,12 +14,14 @@ of the parameter itself (GPT-OSS's (E, in, out) experts hold the transposes). Th
 layer's output (:mod:`mergeopt.merging.lowrank`), the update cannot be applied to activations: the
 merged weight is formed when its module reads it, as the per-layer merge forms a dense stack's
 (:mod:`mergeopt.merging.layer_merge`), one layer at a time, its float32 work a chunk of experts.
-Its backward contracts ∂L/∂c_j = Σ_e b_eᵀ (∂L/∂W_e) a_eᵀ [j, j] chunk by chunk, so ∂L/∂W lives
+Its backward contracts ∂L/∂c_j = Σ_e Σ_{o,i} (∂L/∂W_e)[o, i] b_e[o, j] a_e[j, i] chunk by
+chunk, so ∂L/∂W lives
 only while its layer's backward runs; under :func:`~mergeopt.merging.layer_merge.recompute_merged`
 autograd saves a recipe instead of the merged weight, so no merged copy of the experts is kept.
 
-θ0 stays the model's own tensor (the parametrization's ``original``); the factors and c(w)'s
-bookkeeping are buffers; the mixture arrives through the ``mergeopt_mix`` buffer that
+θ0 stays the model's own tensor (the parametrization's ``original``); the factors are held beside
+it, on its device, as a Linear layer's LoRA factors are; the mixture arrives through the
+``mergeopt_mix`` buffer that
 ``functional_call`` replaces, as everywhere (:func:`split_parameter_lora` picks the parameters).
 Beside dense experts, whose weights differ there, the dense stack's own per-layer merge carries
 the factors and adds their update to each chunk of the dense merge before it is rounded
@@ -77,7 +79,8 @@ def split_parameter_lora(
 
 @dataclass
 class ParameterFactors:
-    """The experts' factors of one parameter: ΔW(c) = λ (b ⊙ c) @ a, batched over its experts."""
+    """The experts' factors of one parameter: ΔW(c) = (b ⊙ c) @ a, batched over its experts, with
+    c_j = λ w_owner(j) s_owner(j) (:meth:`coefficients`)."""
 
     a: torch.Tensor  # (E, R, last)
     b: torch.Tensor  # (E, first, R)
