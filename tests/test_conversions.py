@@ -81,17 +81,15 @@ def moe_world(request, tmp_path_factory) -> dict:
             for p in expert.parameters():
                 p.add_(0.02 * torch.randn(p.shape, generator=generator))
         experts[name] = str(save_checkpoint(expert, root / name))
+    return {"arch": arch, "root": root, "base": str(root / "base"), "experts": experts, "dev": dev_sets(root)}
+
+
+def dev_sets(root: Path, examples: int = 12) -> dict[str, str]:
+    """The toy world's arith and markov dev sets, seeded, written under ``root``."""
     samplers, rng = toy.domain_samplers(0), random.Random(0)
-    dev = {
-        d: write_jsonl(root / f"{d}.jsonl", [samplers[d](rng) for _ in range(12)])
-        for d in ("arith", "markov")
-    }
     return {
-        "arch": arch,
-        "root": root,
-        "base": str(root / "base"),
-        "experts": experts,
-        "dev": {k: str(v) for k, v in dev.items()},
+        d: str(write_jsonl(root / f"{d}.jsonl", [samplers[d](rng) for _ in range(examples)]))
+        for d in ("arith", "markov")
     }
 
 

@@ -30,8 +30,8 @@ from mergeopt.loading.checkpoints import open_experts
 from mergeopt.loading.lora_parameters import WrappedParameter, per_expert_factors, wrapped_parameters
 from mergeopt.loading.problem import load_merge
 from mergeopt.worlds import resolve_recipe, toy
-from tests.conftest import REPO, recipe_tree, save_checkpoint, write_jsonl
-from tests.test_conversions import MOE, SHARED, VOCAB
+from tests.conftest import REPO, perturbed, recipe_tree, save_checkpoint, write_jsonl
+from tests.test_conversions import MOE, SHARED, VOCAB, dev_sets
 from tests.test_layer_merge import ARCHITECTURES as LAYER_MERGE_ARCHITECTURES
 
 ARCHITECTURES = {
@@ -88,11 +88,7 @@ def world(request, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp(f"lora-{arch}")
     base = _model(arch, 0)
     save_checkpoint(base, root / "base")
-    dense = _model(arch, 0)
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in dense.parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=generator))
+    dense = perturbed(base, 7)
     attention = ATTENTION.get(arch, "q_proj")
     experts = {
         "alpha": _adapter(str(root / "base"), root / "alpha", 10, TARGETS[arch], attention),
@@ -112,11 +108,7 @@ def world(request, tmp_path_factory) -> dict:
         for n, m in served.named_modules()
         if isinstance(m, peft.tuners.lora.layer.Linear)
     }
-    samplers, rng = toy.domain_samplers(0), random.Random(0)
-    dev = {
-        d: str(write_jsonl(root / f"{d}.jsonl", [samplers[d](rng) for _ in range(12)]))
-        for d in ("arith", "markov")
-    }
+    dev = dev_sets(root)
     return {
         "arch": arch,
         "root": root,

@@ -76,9 +76,10 @@ def _config_dtype_bytes(config: dict) -> int:
     return DTYPES.get(name, torch.float32).itemsize
 
 
-def meta_inventory(path: str, trust_remote_code: bool) -> Inventory:
-    """Names and shapes of the architecture in config.json, built on the meta device (no weights)."""
-    model, config = meta_model(path, trust_remote_code)
+def meta_inventory(path: str, trust_remote_code: bool, built: tuple | None = None) -> Inventory:
+    """Names and shapes of the architecture in config.json, built on the meta device (no weights);
+    ``built``: (model, config) as :func:`meta_model` returned them already."""
+    model, config = built or meta_model(path, trust_remote_code)
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
     size = _config_dtype_bytes(config.to_dict())
     source = f"config.json of {path}: {type(model).__name__} built on the meta device"
@@ -154,7 +155,8 @@ def read_inventory(recipe: Recipe) -> tuple[Inventory, Dims]:
         if name not in adapters
     }
     # the architecture on the meta device: checkpoints under its names, adapters' target_parameters
-    model, _ = meta_model(recipe.model.base, recipe.model.trust_remote_code, recipe.model.gguf_file)
+    built = meta_model(recipe.model.base, recipe.model.trust_remote_code, recipe.model.gguf_file)
+    model = built[0]
     if not base.tensors or recipe.model.gguf_file:  # nothing stored to convert or compare
         stored_as = None
     else:
@@ -206,7 +208,7 @@ def read_inventory(recipe: Recipe) -> tuple[Inventory, Dims]:
     if base.tensors:
         inventory = header_inventory(base)
     else:
-        inventory = meta_inventory(recipe.model.base, recipe.model.trust_remote_code)
+        inventory = meta_inventory(recipe.model.base, recipe.model.trust_remote_code, built)
     dims = Dims.from_config(base.config, str(base.path))
     notes += _profile_notes(dims)
     return replace(inventory, notes=notes, adapters=sizes), dims
