@@ -242,7 +242,9 @@ def test_scaled_embedding_lora_stays_low_rank(tmp_path):
         want = functional_call(
             reference_model, reference.mix_params(w), args=(), kwargs={"input_ids": TOKENS}
         )
-        torch.testing.assert_close(got, want.logits, atol=1e-5, rtol=1e-5)
+        # float32 rounding of two association orders, (x Aᵀ) Bᵀ against x (W + BA)ᵀ: 1.2e-5 at one
+        # logit of 1944 with an AMD EPYC's AVX2 kernels, within 1e-5 with AVX-512's
+        torch.testing.assert_close(got, want.logits, atol=5e-5, rtol=1e-4)
         assert not torch.allclose(got, base(input_ids=TOKENS).logits, atol=1e-3)  # the experts moved it
 
 
