@@ -106,8 +106,22 @@ ARCHITECTURES = {
             v_head_dim=8,
         ),
     ),
+    # DeepSeek-V3's mixture of experts beside grouped-query attention, rotary over half of each head
+    "glm4_moe": (
+        "Glm4MoeConfig",
+        "Glm4MoeForCausalLM",
+        dict(
+            num_key_value_heads=2,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=24,
+            n_group=2,
+            topk_group=1,
+            use_qk_norm=True,
+        ),
+    ),
 }
-MOE = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "gpt_oss", "deepseek_v3")
+MOE = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "gpt_oss", "deepseek_v3", "glm4_moe")
 # a decisive router, as trained ones are (see tiny_model); per model, chosen so that the finite
 # differences' steps keep every token's experts, which finite_differences checks
 ROUTER_GAIN = {"qwen2_moe": 5.0}

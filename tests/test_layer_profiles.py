@@ -53,6 +53,29 @@ ARCHITECTURES = {
         ),
     ),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=8, num_experts_per_tok=2)),
+    # DeepSeek-V3's mixture of experts (a float32 router of sigmoid scores picking the top-k within
+    # the best groups of experts, float32 routing weights, shared experts without a gate) after a
+    # dense first layer, beside grouped-query attention: GLM-4.5 (rotary embedding over half of
+    # each head), dots.llm1 (per-head q/k norms)
+    "glm4_moe": (
+        "Glm4MoeConfig",
+        "Glm4MoeForCausalLM",
+        dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=24, n_group=2, topk_group=1),
+    ),
+    "dots1": (
+        "Dots1Config",
+        "Dots1ForCausalLM",
+        dict(
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=24,
+            n_shared_experts=2,
+            first_k_dense_replace=1,
+            n_group=4,
+            topk_group=2,
+            norm_topk_prob=True,
+        ),
+    ),
     # eager attention with sinks over sliding and full layers, float32 norm weights, biased
     # experts with a clamped SwiGLU, a softmax over the top-k router logits (GPT-OSS)
     "gpt_oss": (
@@ -86,14 +109,18 @@ def tiny(arch: str, layers: int = 2) -> torch.nn.Module:
 
 def _saved_bytes(run, skip: list[torch.Tensor]) -> int:
     """Bytes of the distinct storages autograd saves for the backward while ``run()`` runs,
-    parameters and stacked tensors left out."""
+    parameters and stacked tensors left out. Each saved tensor is held until the end, so that one
+    released during the forward (a branch without gradient: a grouped router's choice of experts)
+    leaves no address for a later one to take and be counted as the same storage."""
     known = {t.untyped_storage().data_ptr() for t in skip}
     saved: dict[int, int] = {}
+    held: list[torch.Tensor] = []
 
     def pack(t):
         key = t.untyped_storage().data_ptr()
         if key not in known:
             saved[key] = t.untyped_storage().nbytes()
+            held.append(t)
         return t
 
     original = layer_merge._pack  # the per-layer merge packs its own saved tensors
@@ -116,9 +143,10 @@ def _saved_bytes(run, skip: list[torch.Tensor]) -> int:
 def test_every_architecture_family_of_the_layer_merge_matrix_is_profiled():
     """The architectures the per-layer merge is tested on (tests/test_layer_merge.py) are profiled,
     but GPT-2 (Conv1D and LayerNorm: estimated as Llama's, and the plan says so) and DeepSeek-V3
-    (latent attention, grouped sigmoid routing, shared experts): a type not profiled whose config
-    names routed experts is estimated as a mixture of experts of Mixtral's kind, and the plan says
-    so (DeepSeek-V3's saved activations: 0.65x to 0.68x of autograd's on a small one)."""
+    (latent attention): a type not profiled whose config names routed experts is estimated as a
+    mixture of experts of Mixtral's kind, or of DeepSeek-V3's (GLM-4.5's profile) where it names
+    groups of experts, and the plan says so (DeepSeek-V3's saved activations: 0.73x to 0.86x of
+    autograd's on a small one, its latent attention left out)."""
     from mergeopt.memory.layer_profiles import ROUTED
     from tests.test_layer_merge import ARCHITECTURES as MERGED
 
@@ -129,8 +157,15 @@ def test_every_architecture_family_of_the_layer_merge_matrix_is_profiled():
     assert note is not None and "gpt2 is not profiled" in note and "Llama's" in note
     assert profile_for({"model_type": "gpt2"}) is LLAMA
     note = not_profiled_note("deepseek_v3", routed=True)
-    assert note is not None and "deepseek_v3 is not profiled" in note and "mixture of experts" in note
+    assert note is not None and "deepseek_v3 is not profiled" in note and "of Mixtral's kind" in note
     assert profile_for({"model_type": "deepseek_v3", "n_routed_experts": 256}) is ROUTED
+    note = not_profiled_note("deepseek_v3", routed=True, grouped=True)
+    assert note is not None and "of DeepSeek-V3's kind" in note
+    grouped = profile_for(
+        {"model_type": "deepseek_v3", "n_routed_experts": 256, "n_group": 8, "topk_group": 4}
+    )
+    assert grouped.grouped_router and grouped.shared_expert == "plain"
+    assert replace(grouped, attention_output_copies=2) == PROFILES["glm4_moe"]
 
 
 @pytest.mark.parametrize("compute", ["float32", "bfloat16"])
@@ -253,7 +288,9 @@ def test_evaluation_plan_of_eager_attention_bounds_the_live_bytes(compute, batch
 
 
 @pytest.mark.parametrize("compute", ["float32", "bfloat16"])
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "gpt_oss"])
+@pytest.mark.parametrize(
+    "arch", ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "gpt_oss", "glm4_moe", "dots1"]
+)
 def test_evaluation_plan_of_a_mixture_of_experts_bounds_the_live_bytes(arch, compute):
     """A mixture of experts' no-grad evaluation batch: grouped_mm reads each fused expert weight
     whole, merged, while the routed copies' working set is alive (4 x 60 tokens, where the SDPA

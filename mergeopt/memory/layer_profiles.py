@@ -8,11 +8,14 @@ their output (Gemma2's post-norms, OLMo2's norms after each sublayer), per-head 
 of q and k (Qwen3, Gemma3, OLMo2), and eager attention, which keeps every head's attention weights
 (Gemma2: transformers has no SDPA path for its soft-capping; GPT-OSS, whose attention has sinks), and
 a mixture of experts in place of the MLP (Mixtral, Qwen2-MoE with a shared expert, Qwen3-MoE, OLMoE,
-GPT-OSS): the router's tensors and, per routed copy of a token, what transformers' grouped_mm keeps. A
+GPT-OSS, and DeepSeek-V3's kind with dense first layers, a grouped sigmoid router and shared experts:
+GLM-4.5, dots.llm1): the router's tensors and, per routed copy of a token, what transformers'
+grouped_mm keeps. A
 profile names those differences, read from config.json's ``model_type``; each is checked against what
 autograd saves in tests/test_layer_profiles.py (measured with transformers 5.25: a release that
 changes a model's forward shows there first). A model type not profiled is planned as a Llama layer,
-or as a mixture of experts of Mixtral's kind where its config names routed experts, and the plan says so.
+or as a mixture of experts of Mixtral's kind where its config names routed experts (of DeepSeek-V3's
+where it names groups of them), and the plan says so.
 """
 
 from __future__ import annotations
@@ -46,7 +49,9 @@ class LayerProfile:
     ``router_renorm``: its top-k routing weights are renormalised to sum to one (Mixtral always,
     Qwen3-MoE where ``norm_topk_prob``); ``routing_weights_float32``: they stay float32 (Mixtral;
     Qwen3-MoE casts them to the compute dtype); ``shared_expert``: a dense MLP beside the routed
-    experts, scaled by a sigmoid gate (Qwen2-MoE). ``attention_sinks``: eager attention with a
+    experts, ``gated`` (scaled by a sigmoid gate: Qwen2-MoE) or ``plain`` (added as it is: GLM-4.5).
+    ``grouped_router``: DeepSeek-V3's router, which GLM-4.5 and dots.llm1 share: a float32 linear
+    over the MLP's input, sigmoid scores, the top-k experts within the best groups of experts. ``attention_sinks``: eager attention with a
     learned sink logit per head, its softmax in the compute dtype over the keys and the sink, the
     router's softmax over the top-k logits alone, biased experts (GPT-OSS); ``clamped_swiglu``: the
     experts' activation clamps gate and up and scales the gate inside its sigmoid (GPT-OSS).
@@ -65,7 +70,8 @@ class LayerProfile:
     moe: bool = False
     router_renorm: bool = False
     routing_weights_float32: bool = False
-    shared_expert: bool = False
+    shared_expert: str | None = None
+    grouped_router: bool = False
     attention_sinks: bool = False
     clamped_swiglu: bool = False
 
@@ -128,7 +134,14 @@ class LayerProfile:
         return 2 * FLOAT32 + _cast(compute)
 
     def moe_mlp_bytes(
-        self, hidden: int, experts: int, top_k: int, expert_width: int, compute: int, frozen: bool
+        self,
+        hidden: int,
+        experts: int,
+        top_k: int,
+        expert_width: int,
+        compute: int,
+        frozen: bool,
+        groups: tuple[int, int] = (1, 1),
     ) -> int:
         """Per token, what a mixture-of-experts MLP keeps beyond its input: the router's float32
         probabilities over every expert and its top-k indices (int64), the renormalisation's sum and
@@ -136,8 +149,17 @@ class LayerProfile:
         and back, the routing weight of each copy, and per copy (top_k of them per token) what a
         dense MLP keeps plus the copy of the token the experts read and the expert's output that
         the routing weight multiplies: 2·hidden + 4·width. ``frozen`` (no expert weight merged):
-        neither the token copies nor the down projection's input are kept."""
+        neither the token copies nor the down projection's input are kept.
+
+        A grouped router keeps the sigmoid's float32 scores in place of the softmax's
+        probabilities, the int64 indices of each group's two best experts and of the groups it
+        picks, and the boolean mask of the experts in those groups (these three are released when
+        the router returns: the choice has no gradient, but autograd saves them while it runs) and,
+        where the compute dtype is narrower, its float32 copy of the MLP's input."""
         router = FLOAT32 * experts + 8 * top_k + (FLOAT32 * (1 + top_k) if self.router_renorm else 0)
+        if self.grouped_router:
+            router += 16 * groups[0] + 8 * groups[1] + experts
+            router += FLOAT32 * hidden if compute != FLOAT32 and not frozen else 0
         if self.attention_sinks:  # GPT-OSS: top-k of the logits, a softmax over those k alone
             router = 8 * top_k + compute * top_k
         weight = FLOAT32 if self.routing_weights_float32 else compute
@@ -151,10 +173,12 @@ class LayerProfile:
 
     def shared_expert_bytes(self, hidden: int, width: int, compute: int, frozen: bool) -> int:
         """Per token, a shared expert's dense MLP of ``width`` (as a Llama MLP's, its input the
-        routed experts' own) and its gate: the sigmoid's output and the MLP output it scales."""
+        routed experts' own) and, gated, its gate: the sigmoid's output and the MLP output it
+        scales."""
         if not self.shared_expert:
             return 0
-        return compute * ((3 if frozen else 4) * width + hidden + 1)
+        gate = hidden + 1 if self.shared_expert == "gated" else 0
+        return compute * ((3 if frozen else 4) * width + gate)
 
     def mask_bytes(self, length: int, compute: int) -> int:
         """Per sequence, the attention masks held through the step: SDPA's boolean mask, or eager
@@ -165,6 +189,7 @@ class LayerProfile:
 LLAMA = LayerProfile()
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")  # config.json's routed experts
 _GEMMA_NORMS = dict(norm_weight_float32=True, offset_weight=True)
+_GROUPED = LayerProfile(moe=True, grouped_router=True, routing_weights_float32=True, shared_expert="plain")
 PROFILES = {
     "llama": LLAMA,
     "mistral": LLAMA,
@@ -179,24 +204,34 @@ PROFILES = {
     ),
     "mixtral": LayerProfile(moe=True, router_renorm=True, routing_weights_float32=True),
     "qwen3_moe": LayerProfile(qk_norm="head", moe=True),
-    "qwen2_moe": LayerProfile(moe=True, shared_expert=True),
+    "qwen2_moe": LayerProfile(moe=True, shared_expert="gated"),
     "olmoe": LayerProfile(qk_norm="full", moe=True),
+    # DeepSeek-V3's mixture of experts beside grouped-query attention: GLM-4.5 (rotary embedding
+    # over part of each head, joined back to the rest: SDPA's output is then copied for the output
+    # projection; per-head q/k norms where its config says use_qk_norm), dots.llm1 (per-head q/k norms)
+    "glm4_moe": replace(_GROUPED, attention_output_copies=2),
+    "dots1": replace(_GROUPED, qk_norm="head"),
     "gpt_oss": LayerProfile(
         norm_weight_float32=True, eager=True, attention_sinks=True, moe=True, clamped_swiglu=True
     ),
 }
-# a mixture of experts of a type not profiled: its MLP planned as a routed one (Mixtral's kind)
+# a mixture of experts of a type not profiled: its MLP planned as a routed one of Mixtral's kind,
+# or of DeepSeek-V3's where its config names groups of experts (n_group, topk_group)
 ROUTED = LayerProfile(moe=True)
+GROUPED_KEYS = ("n_group", "topk_group")
 
 
 def profile_for(config: dict) -> LayerProfile:
     """The profile of a config.json (a multimodal config's text part already picked). A model type
     not in :data:`PROFILES` gets Llama's (:func:`not_profiled_note`)."""
-    profile = PROFILES.get(str(config.get("model_type", "")), ROUTED if routes(config) else LLAMA)
+    routed = (_GROUPED if grouped(config) else ROUTED) if routes(config) else LLAMA
+    profile = PROFILES.get(str(config.get("model_type", "")), routed)
     if profile.eager and config.get("attn_logit_softcapping") is not None:
         profile = replace(profile, attention_softcap=True)
     if profile.moe and config.get("norm_topk_prob"):
         profile = replace(profile, router_renorm=True)
+    if profile.grouped_router and config.get("use_qk_norm"):  # GLM-4.5's switch
+        profile = replace(profile, qk_norm="head")
     kinds = len(set(config.get("layer_types") or ())) or 1
     return replace(profile, mask_kinds=kinds) if kinds != profile.mask_kinds else profile
 
@@ -206,12 +241,20 @@ def routes(config: dict) -> bool:
     return any(isinstance(config.get(k), int) and config[k] > 0 for k in EXPERT_COUNT_KEYS)
 
 
-def not_profiled_note(model_type: str, routed: bool = False) -> str | None:
-    """The plan's note for a model type whose layer is estimated as Llama's, or as a Mixtral-style
-    mixture of experts where the config names routed experts (None: profiled)."""
+def grouped(config: dict) -> bool:
+    """Whether config.json names groups of routed experts (DeepSeek-V3's router)."""
+    return any(isinstance(config.get(k), int) for k in GROUPED_KEYS)
+
+
+def not_profiled_note(model_type: str, routed: bool = False, grouped: bool = False) -> str | None:
+    """The plan's note for a model type whose layer is estimated as Llama's, or as a mixture of
+    experts of Mixtral's kind (``routed``: the config names routed experts) or of DeepSeek-V3's
+    (``grouped`` too: groups of them) (None: profiled)."""
     if model_type in PROFILES:
         return None
-    kind = "a mixture of experts of Mixtral's kind" if routed else "Llama's"
+    kind = "Llama's"
+    if routed:
+        kind = f"a mixture of experts of {'DeepSeek-V3' if grouped else 'Mixtral'}'s kind"
     return (
         f"activations: model type {model_type or '(none)'} is not profiled; its layers are estimated "
         f"as {kind} (profiled: {', '.join(sorted(PROFILES))})"

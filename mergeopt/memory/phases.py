@@ -107,10 +107,12 @@ def after_attention_bytes(dims: Dims, batch: int, length: int, compute: int, fro
     per_layer = p.norm_weight_bytes(d.hidden, d.heads, d.kv_heads, d.head_dim)
     if p.moe:  # the router reads the MLP's input; grouped_mm keeps its int32 offsets per expert
         mlp = (0 if frozen else compute * d.hidden) + p.moe_mlp_bytes(
-            d.hidden, d.experts, d.top_k, d.expert_intermediate, compute, frozen
+            d.hidden, d.experts, d.top_k, d.expert_intermediate, compute, frozen, d.expert_groups
         )
         mlp += p.shared_expert_bytes(d.hidden, d.shared_intermediate, compute, frozen)
         per_layer += 4 * d.experts
+        if p.grouped_router and compute != FLOAT32:  # the router's weight, cast to float32
+            per_layer += FLOAT32 * d.experts * d.hidden
     return tokens * (norms + mlp) + per_layer
 
 
@@ -141,15 +143,17 @@ def attention_sublayer_bytes(dims: Dims, batch: int, length: int, compute: int, 
 def saved_activation_bytes(
     dims: Dims, batch: int, length: int, compute: int = FLOAT32, frozen: bool = False
 ) -> int:
-    """Bytes a decoder forward saves for backward: every layer's (:func:`layer_activation_bytes`),
-    then the final norm with its output (the output layer's input), rotary cos/sin and the token
-    ids (int64, inputs and shifted targets)."""
+    """Bytes a decoder forward saves for backward: every layer's (:func:`layer_activation_bytes`,
+    per kind of layer: :meth:`~mergeopt.memory.sizes.Dims.layer_kinds`), then the final norm with
+    its output (the output layer's input), rotary cos/sin and the token ids (int64, inputs and
+    shifted targets)."""
     d, tokens = dims, batch * length
     final = tokens * (d.profile.norm_bytes(d.hidden, 1, compute) + compute * d.hidden)
     final += FLOAT32 * d.hidden if d.profile.offset_weight else 0
-    rotary = 2 * (FLOAT32 if d.profile.rope_float32 else compute) * length * d.head_dim
+    rotary = 2 * (FLOAT32 if d.profile.rope_float32 else compute) * length * d.rotary_width
     ids = 8 * tokens + 8 * batch * (length - 1)
-    return d.layers * layer_activation_bytes(dims, batch, length, compute, frozen) + final + rotary + ids
+    layers = sum(n * layer_activation_bytes(k, batch, length, compute, frozen) for k, n in d.layer_kinds())
+    return layers + final + rotary + ids
 
 
 def logits_bytes(dims: Dims, batch: int, length: int) -> int:
@@ -329,51 +333,71 @@ def training_bytes(
         lowrank += compute * tokens * d.intermediate
     lowrank += compute * factor_copies[1 if recipe.optim.activation_checkpointing else 0]
     head = head_bytes(recipe, d, batch, length, compute, merged_head, gathers)
-    gradient = compute * tokens * d.mlp_gradient_width  # the largest activation gradient
     merge = merge_bytes(recipe, num_experts, largest, compute, gathers, from_factors)
     unstacked = compute * gathers.unstacked if gathers else 0
-    # a mixture of experts' backward meets its two widest moments after releasing some of what its
-    # routed copies kept: the gate and up gradients joined into the fused projection's, once the
-    # down projection's input and output are gone; the fused weight's contraction, once the gate's
-    # and up's activations and the fused projection's output gradient are gone too (the token
-    # copies the projection read stay, beside their gradient)
-    joined_release = fused_release = 0
-    if d.profile.moe and not frozen:
-        copies = tokens * d.top_k
-        joined_release = compute * copies * (d.expert_intermediate + d.hidden)
-        fused_release = compute * copies * (4 * d.expert_intermediate + d.hidden) + gradient
-        fused_release -= compute * copies * d.hidden
-    # GPT-OSS interleaves gate and up: each half's gradient is formed at the fused width before the
-    # two are added, one fused-width gradient more when every layer's activations are kept (when
-    # checkpointed, the recomputed layer has released enough of its own by then: measured)
-    interleaved = gradient if d.profile.clamped_swiglu and not frozen else 0
-    backward = max(
-        2 * gradient + interleaved - joined_release, gradient + merge - fused_release, gradient + unstacked
-    )
-    one_layer = layer_activation_bytes(d, batch, length, compute, frozen)
-    # eager attention's backward, once the rest of the layer's backward has released what the
-    # layer kept after its attention (zero under SDPA)
-    eager = batch * length * length * d.heads * d.profile.attention_backward_bytes(compute)
-    attention = eager + gradient - after_attention_bytes(d, batch, length, compute, frozen)
-    if recipe.optim.activation_checkpointing:
-        outside = saved_activation_bytes(d, batch, length, compute, frozen) - d.layers * one_layer
-        saved = d.layers * compute * tokens * d.hidden + outside  # each layer's input
-        # the layer being recomputed: its activations, its merged weights (one of them counted by
-        # the merge in flight), its backward. Its largest moments come after the backward of the
-        # MLP's output projection, which runs first and releases that module's input (the gated
-        # product, one intermediate-sized activation) before its weight's contraction
-        released = 0 if frozen else compute * tokens * d.mlp_down_input  # frozen: never kept
-        if d.profile.moe and not frozen:  # the down projection's input is released already
-            joined_release, fused_release = joined_release - released, fused_release - released
-        backward_peak = max(
-            2 * gradient - joined_release, gradient + merge - compute * largest - fused_release
+    saved = saved_activation_bytes(d, batch, length, compute, frozen)
+    if recipe.optim.activation_checkpointing:  # each layer's input, and what is outside the layers
+        layers = sum(
+            n * layer_activation_bytes(k, batch, length, compute, frozen) for k, n in d.layer_kinds()
         )
-        gathered = compute * gathers.layer if gathers else 0
-        backward_peak = max(backward_peak, attention + released)
-        layer = one_layer - released + compute * layer_params + gathered + backward_peak
-    else:
-        saved = saved_activation_bytes(d, batch, length, compute, frozen)
-        layer = max(backward, attention)
+        saved += d.layers * compute * tokens * d.hidden - layers
+
+    def layer_peak(d: Dims) -> int:
+        """The moment of the backward of one layer of the kind ``d`` (beyond ``saved``)."""
+        gradient = compute * tokens * d.mlp_gradient_width  # the largest activation gradient
+        # a mixture of experts' backward meets its two widest moments after releasing some of what its
+        # routed copies kept: the gate and up gradients joined into the fused projection's, once the
+        # down projection's input and output are gone; the fused weight's contraction, once the gate's
+        # and up's activations and the fused projection's output gradient are gone too (the token
+        # copies the projection read stay, beside their gradient)
+        joined_release = fused_release = 0
+        if d.profile.moe and not frozen:
+            copies = tokens * d.top_k
+            joined_release = compute * copies * (d.expert_intermediate + d.hidden)
+            fused_release = compute * copies * (4 * d.expert_intermediate + d.hidden) + gradient
+            fused_release -= compute * copies * d.hidden
+        # GPT-OSS interleaves gate and up: each half's gradient is formed at the fused width before the
+        # two are added, one fused-width gradient more when every layer's activations are kept (when
+        # checkpointed, the recomputed layer has released enough of its own by then: measured)
+        interleaved = gradient if d.profile.clamped_swiglu and not frozen else 0
+        # the first moment of a mixture of experts' backward: the gradient of its output, put back
+        # in the routed copies' order (the copies' zeros it is put into, the gradient spread over
+        # the copies and the product with the routing weights), in float32 where they are; at an
+        # expert width narrow against the hidden size (GLM-4.5, Qwen3-MoE) the widest
+        reorder = 0
+        if d.profile.moe and not frozen:
+            weighted = FLOAT32 if d.profile.routing_weights_float32 else compute
+            reorder = 3 * weighted * tokens * d.top_k * d.hidden
+        backward = max(
+            2 * gradient + interleaved - joined_release,
+            gradient + merge - fused_release,
+            gradient + unstacked,
+            reorder,
+        )
+        one_layer = layer_activation_bytes(d, batch, length, compute, frozen)
+        # eager attention's backward, once the rest of the layer's backward has released what the
+        # layer kept after its attention (zero under SDPA)
+        eager = batch * length * length * d.heads * d.profile.attention_backward_bytes(compute)
+        attention = eager + gradient - after_attention_bytes(d, batch, length, compute, frozen)
+        if recipe.optim.activation_checkpointing:
+            # the layer being recomputed: its activations, its merged weights (one of them counted by
+            # the merge in flight), its backward. Its largest moments come after the backward of the
+            # MLP's output projection, which runs first and releases that module's input (the gated
+            # product, one intermediate-sized activation) before its weight's contraction
+            released = 0 if frozen else compute * tokens * d.mlp_down_input  # frozen: never kept
+            if d.profile.moe and not frozen:  # the down projection's input is released already
+                joined_release, fused_release = joined_release - released, fused_release - released
+            backward_peak = max(
+                2 * gradient - joined_release, gradient + merge - compute * largest - fused_release
+            )
+            gathered = compute * gathers.layer if gathers else 0
+            backward_peak = max(backward_peak, attention + released, reorder + released)
+            layer = one_layer - released + compute * layer_params + gathered + backward_peak
+        else:
+            layer = max(backward, attention)
+        return layer
+
+    layer = max(layer_peak(kind) for kind, _ in d.layer_kinds())
     return saved + mask + lowrank + max(head, layer)
 
 
@@ -419,28 +443,44 @@ def evaluation_bytes(
     tokens = batch * length
     chunk = min(recipe.optim.loss_chunk_tokens, tokens)
     head = 2 * FLOAT32 * chunk * dims.vocab + (e * dims.vocab * dims.hidden if merged_head or cast else 0)
-    layer = e * tokens * (4 * dims.hidden + 3 * dims.intermediate)
-    if dims.profile.moe:
-        # grouped_mm reads a fused expert weight whole (merged: the largest stacked tensor at most,
-        # its kernel's temporaries gone) while the routed copies' working set is alive: the token
-        # copies, the fused projection's output, the gate's activation and its product with up
-        copies = tokens * dims.top_k
-        # GPT-OSS: its clamped SwiGLU's five activations and the gathered gate-and-up biases
-        width = (9 if dims.profile.clamped_swiglu else 4) * dims.expert_intermediate
-        routed = copies * (dims.hidden + width)
-        layer = e * (tokens * 4 * dims.hidden + routed + largest)
-        if dims.shared_intermediate:  # a shared expert runs first, as a dense MLP; its output stays
-            shared = e * tokens * (4 * dims.hidden + 3 * dims.shared_intermediate)
-            layer = max(layer + e * tokens * dims.hidden, shared)
-    if dims.profile.eager:
-        # the float masks, held through the forward; the layer holds the attention weights it
-        # returns through its MLP, and the attention's softmax meets every head's scores
-        pairs, masks = batch * length * length, e * dims.profile.mask_kinds
-        scores = pairs * (dims.heads * dims.profile.eager_scores_bytes(e) + masks)
-        qkv = e * tokens * (dims.hidden + 3 * dims.heads * dims.head_dim)
-        layer = max(layer + pairs * (dims.heads * e + masks), scores + qkv)
-    else:
-        layer += 5 * batch * length * length  # SDPA's boolean and float padding masks
+
+    def working_set(dims: Dims) -> int:
+        """A layer's working set, for a layer of the kind ``dims``."""
+        layer = e * tokens * (4 * dims.hidden + 3 * dims.intermediate)
+        if dims.profile.moe:
+            # grouped_mm reads a fused expert weight whole (merged: the largest stacked tensor at most,
+            # its kernel's temporaries gone) while the routed copies' working set is alive: the token
+            # copies, the fused projection's output, the gate's activation and its product with up
+            copies = tokens * dims.top_k
+            # GPT-OSS: its clamped SwiGLU's five activations and the gathered gate-and-up biases
+            width = (9 if dims.profile.clamped_swiglu else 4) * dims.expert_intermediate
+            routed = copies * (dims.hidden + width)
+            # then, the down projection done, its output weighted by the routing weights (float32
+            # where they are: the product is float32) and put back in the tokens' order, beside the
+            # token copies, one hidden-sized tensor fewer alive: at an expert width narrow against
+            # the hidden size (GLM-4.5, Qwen3-MoE), this is the larger moment
+            weighted = FLOAT32 if dims.profile.routing_weights_float32 else e
+            reordered = copies * dims.hidden * (2 * e + 2 * weighted) - e * tokens * dims.hidden
+            layer = e * (tokens * 4 * dims.hidden + largest) + max(e * routed, reordered)
+            if dims.shared_intermediate:  # a shared expert, a dense MLP, beside the routed experts'
+                # output: Qwen2-MoE's runs first and its output stays, DeepSeek-V3's kind runs after
+                shared = e * tokens * (4 * dims.hidden + 3 * dims.shared_intermediate)
+                if dims.profile.shared_expert == "gated":
+                    layer = max(layer + e * tokens * dims.hidden, shared)
+                else:
+                    layer = max(layer, shared + e * tokens * dims.hidden)
+        if dims.profile.eager:
+            # the float masks, held through the forward; the layer holds the attention weights it
+            # returns through its MLP, and the attention's softmax meets every head's scores
+            pairs, masks = batch * length * length, e * dims.profile.mask_kinds
+            scores = pairs * (dims.heads * dims.profile.eager_scores_bytes(e) + masks)
+            qkv = e * tokens * (dims.hidden + 3 * dims.heads * dims.head_dim)
+            layer = max(layer + pairs * (dims.heads * e + masks), scores + qkv)
+        else:
+            layer += 5 * batch * length * length  # SDPA's boolean and float padding masks
+        return layer
+
+    layer = max(working_set(kind) for kind, _ in dims.layer_kinds())
     merge = merge_evaluation_bytes(recipe, largest, e, gathers)
     copy = e * unstacked_largest if cast else 0
     if gathers is not None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from mergeopt.errors import UserError
 from mergeopt.loading.lora_sizes import FactorSizes
@@ -67,7 +67,26 @@ class Dims:
     experts: int = 0  # a mixture-of-experts MLP: routed experts, experts per token, each one's width
     top_k: int = 0
     expert_intermediate: int = 0
-    shared_intermediate: int = 0  # a shared expert's width (Qwen2-MoE)
+    shared_intermediate: int = 0  # a shared expert's width (Qwen2-MoE; GLM-4.5's shared experts together)
+    expert_groups: tuple[int, int] = (1, 1)  # a grouped router's groups of experts, and those it picks
+    dense_layers: int = 0  # a mixture of experts' first layers whose MLP is dense (first_k_dense_replace)
+    rotary_dim: int | None = None  # rotary embedding's width per head, where partial (None: head_dim)
+
+    @property
+    def rotary_width(self) -> int:
+        """The width of rotary embedding's cos and sin: head_dim, or its rotated part."""
+        return self.head_dim if self.rotary_dim is None else self.rotary_dim
+
+    def layer_kinds(self) -> tuple[tuple[Dims, int], ...]:
+        """The decoder's kinds of layer with their counts: a mixture of experts whose first
+        layers are dense (GLM-4.5) has those as a dense kind of its own (no routed experts)."""
+        if not self.profile.moe or not self.dense_layers:
+            return ((self, self.layers),)
+        dense = replace(
+            self, profile=replace(self.profile, moe=False, shared_expert=None), experts=0, top_k=0
+        )
+        dense = replace(dense, expert_intermediate=0, shared_intermediate=0, dense_layers=0)
+        return (dense, self.dense_layers), (self, self.layers - self.dense_layers)
 
     @property
     def mlp_gradient_width(self) -> int:
@@ -101,20 +120,32 @@ class Dims:
         heads = pick("num_attention_heads", "n_head")
         intermediate = pick("intermediate_size", "n_inner", default=4 * hidden)
         experts = pick(*EXPERT_COUNT_KEYS, default=0)
+        head_dim = pick("head_dim", default=hidden // heads)
+        rope = cfg.get("rope_parameters") if isinstance(cfg.get("rope_parameters"), dict) else {}
+        partial = cfg.get("partial_rotary_factor", rope.get("partial_rotary_factor"))
+        layers = pick("num_hidden_layers", "n_layer", "num_layers")
+        shared = pick("shared_expert_intermediate_size", default=0)
+        if not shared and isinstance(cfg.get("n_shared_experts"), int):  # DeepSeek-V3's kind
+            shared = cfg["n_shared_experts"] * pick("moe_intermediate_size", default=intermediate)
         return cls(
             hidden=hidden,
             intermediate=intermediate,
-            layers=pick("num_hidden_layers", "n_layer", "num_layers"),
+            layers=layers,
             heads=heads,
             kv_heads=pick("num_key_value_heads", default=heads),
-            head_dim=pick("head_dim", default=hidden // heads),
+            head_dim=head_dim,
             vocab=pick("vocab_size"),
             model_type=str(cfg.get("model_type", "")),
             profile=profile_for(cfg),
             experts=experts,
             top_k=pick("num_experts_per_tok", default=0) if experts else 0,
             expert_intermediate=pick("moe_intermediate_size", default=intermediate) if experts else 0,
-            shared_intermediate=pick("shared_expert_intermediate_size", default=0) if experts else 0,
+            shared_intermediate=shared if experts else 0,
+            expert_groups=(pick("n_group", default=1), pick("topk_group", default=1)) if experts else (1, 1),
+            dense_layers=min(pick("first_k_dense_replace", default=0), layers) if experts else 0,
+            rotary_dim=int(head_dim * partial)
+            if isinstance(partial, (int, float)) and partial != 1
+            else None,
         )
 
 
