@@ -1,6 +1,6 @@
 """Mixture-of-experts checkpoints, stored one tensor per expert, read under the model's fused names.
 
-transformers 5 holds Mixtral's, Qwen2-MoE's, Qwen3-MoE's and OLMoE's expert weights fused,
+transformers 5 holds Mixtral's, Qwen2-MoE's, Qwen3-MoE's, OLMoE's and GLM-4.5's expert weights fused,
 (experts, out, in) per projection, and converts the checkpoints' per-expert tensors as it loads
 them; ``save_pretrained`` writes them back per expert. The truth here is transformers itself:
 every tensor mergeopt reads from an expert checkpoint equals that parameter of ``from_pretrained``
@@ -46,6 +46,13 @@ MOE = {
         ),
     ),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2)),
+    # DeepSeek-V3's kind: a dense first layer, a float32 router with a score-correction buffer,
+    # shared experts
+    "glm4_moe": (
+        "Glm4MoeConfig",
+        "Glm4MoeForCausalLM",
+        dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, first_k_dense_replace=1),
+    ),
 }
 # what each architecture's checkpoints store per expert, and the fused parameter it becomes
 STORED = {
@@ -56,6 +63,7 @@ STORED = {
     "qwen3_moe": ("model.layers.0.mlp.experts.3.gate_proj.weight", "model.layers.0.mlp.experts.gate_up_proj"),
     "qwen2_moe": ("model.layers.0.mlp.experts.3.gate_proj.weight", "model.layers.0.mlp.experts.gate_up_proj"),
     "olmoe": ("model.layers.0.mlp.experts.3.gate_proj.weight", "model.layers.0.mlp.experts.gate_up_proj"),
+    "glm4_moe": ("model.layers.1.mlp.experts.3.gate_proj.weight", "model.layers.1.mlp.experts.gate_up_proj"),
 }
 
 
@@ -93,6 +101,12 @@ def dev_sets(root: Path, examples: int = 12) -> dict[str, str]:
     }
 
 
+def _held(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint of ``model`` holds: its parameters and persistent buffers (GLM-4.5's
+    routers keep a score-correction bias, set by its load balancing, not by gradient)."""
+    return {n: t.detach() for n, t in model.state_dict().items()}
+
+
 def _stored_names(directory: str) -> set[str]:
     with safe_open(str(Path(directory) / "model.safetensors"), "pt") as f:
         return set(f.keys())
@@ -106,12 +120,12 @@ def test_each_expert_is_read_as_from_pretrained_holds_it(moe_world):
     assert stored in _stored_names(moe_world["base"]) and fused not in _stored_names(moe_world["base"])
     base, dense, _ = open_experts(moe_world["base"], moe_world["experts"])
     model = transformers.AutoModelForCausalLM.from_pretrained(moe_world["experts"]["beta"]).eval()
-    params = dict(model.named_parameters())
+    params = _held(model)
     expert = dense["beta"]
     assert set(expert.tensors) == set(params) == set(base.tensors)
     for name, parameter in params.items():
         assert expert.tensors[name].shape == tuple(parameter.shape), name
-        assert torch.equal(expert.read(name), parameter.detach()), name
+        assert torch.equal(expert.read(name), parameter), name
     reads = []
     stored_read = expert._stored.read
     expert._stored.read = lambda n, device="cpu": reads.append(n) or stored_read(n, device)
@@ -187,7 +201,7 @@ def test_the_plan_counts_the_model_tensors(moe_world, tmp_path):
 
     inventory, dims = read_inventory(_recipe(moe_world, tmp_path))
     model = transformers.AutoModelForCausalLM.from_pretrained(moe_world["base"])
-    assert inventory.shapes == {n: tuple(p.shape) for n, p in model.named_parameters()}
+    assert inventory.shapes == {n: tuple(p.shape) for n, p in _held(model).items()}
     assert dims.model_type == moe_world["arch"]
 
 
@@ -255,7 +269,7 @@ def test_an_expert_saved_fused_beside_a_base_saved_per_expert(moe_world, tmp_pat
         if f.name != "model.safetensors":
             (fused_dir / f.name).write_bytes(f.read_bytes())
     model = transformers.AutoModelForCausalLM.from_pretrained(source).eval()
-    state = {n: p.detach().contiguous() for n, p in model.named_parameters()}
+    state = {n: t.contiguous() for n, t in _held(model).items()}
     save_file(state, str(fused_dir / "model.safetensors"), metadata={"format": "pt"})
     _, fused = STORED[moe_world["arch"]]
     assert fused in _stored_names(str(fused_dir))
