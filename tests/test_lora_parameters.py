@@ -35,7 +35,7 @@ from tests.test_conversions import MOE, SHARED, VOCAB, dev_sets
 from tests.test_layer_merge import ARCHITECTURES as LAYER_MERGE_ARCHITECTURES
 
 ARCHITECTURES = {
-    **MOE,  # Mixtral, Qwen3-MoE, Qwen2-MoE (a shared expert beside), OLMoE
+    **MOE,  # Mixtral, Qwen3-MoE, Qwen2-MoE (a shared expert beside), OLMoE, GLM-4.5
     # latent attention (no q_proj when q_lora_rank is set), a shared expert, a dense first layer
     "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", LAYER_MERGE_ARCHITECTURES["deepseek_v3"][2]),
     # experts stored (experts, in, out) (is_transposed), biased, gate and up interleaved
@@ -54,6 +54,7 @@ TARGETS = {
     "olmoe": ["experts.gate_up_proj", "experts.down_proj"],
     "gpt_oss": ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"],
     "deepseek_v3": ["mlp.experts.gate_up_proj"],
+    "glm4_moe": ["experts.gate_up_proj", "experts.down_proj"],  # layer 1's: layer 0 is dense
 }
 ATTENTION = {"deepseek_v3": "o_proj"}  # the module each adapter also adapts (a Linear: low-rank)
 
