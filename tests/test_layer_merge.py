@@ -50,6 +50,16 @@ ARCHITECTURES = {
     ),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(num_key_value_heads=2, pad_token_id=0)),  # fused qkv
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(num_key_value_heads=2)),  # post-norms
+    "olmo3": (  # OLMo2's layer over sliding-window and full layers, rotary parameters per kind
+        "Olmo3Config",
+        "Olmo3ForCausalLM",
+        dict(num_key_value_heads=2, layer_types=["sliding_attention", "full_attention"], sliding_window=4),
+    ),
+    "smollm3": (  # Llama's layer, without rotary embedding in every fourth (here the second)
+        "SmolLM3Config",
+        "SmolLM3ForCausalLM",
+        dict(num_key_value_heads=2, pad_token_id=0, no_rope_layer_interval=2),
+    ),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict()),  # Conv1D, learned positions, tied
     # mixture-of-experts: top-2 routing over fused (experts, out, in) weights, one 3-D parameter each
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_key_value_heads=2, num_local_experts=4)),

@@ -43,6 +43,8 @@ class LayerProfile:
     ``offset_weight``: the norm scales by 1 + weight, formed in float32 and kept (Gemma).
     ``attention_output_copies``: 2 where the attention output is kept by SDPA and copied again for
     the output projection (Phi3). ``rope_float32``: cos and sin are kept in float32.
+    ``rope_per_layer_type``: cos and sin are formed once per kind of layer (Gemma3's and OLMo3's
+    sliding-window and full layers, each kind with its own rotary parameters).
     ``mask_kinds``: the attention masks the model builds per sequence (Gemma2's alternating sliding
     and full layers: 2); eager attention adds them as float masks in the compute dtype.
     ``moe``: the MLP is a mixture of experts run by transformers' grouped_mm (:meth:`moe_mlp_bytes`);
@@ -66,6 +68,7 @@ class LayerProfile:
     attention_softcap: bool = False
     attention_output_copies: int = 1
     rope_float32: bool = False
+    rope_per_layer_type: bool = False
     mask_kinds: int = 1
     moe: bool = False
     router_renorm: bool = False
@@ -189,6 +192,7 @@ class LayerProfile:
 LLAMA = LayerProfile()
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")  # config.json's routed experts
 _GEMMA_NORMS = dict(norm_weight_float32=True, offset_weight=True)
+_OLMO = LayerProfile(norm_weight_float32=True, pre_norms=0, post_norms=2, qk_norm="full", rope_float32=True)
 _GROUPED = LayerProfile(moe=True, grouped_router=True, routing_weights_float32=True, shared_expert="plain")
 PROFILES = {
     "llama": LLAMA,
@@ -197,11 +201,11 @@ PROFILES = {
     "qwen3": LayerProfile(qk_norm="head"),
     "gemma": LayerProfile(**_GEMMA_NORMS),
     "gemma2": LayerProfile(**_GEMMA_NORMS, post_norms=2, eager=True),
-    "gemma3_text": LayerProfile(**_GEMMA_NORMS, post_norms=2, qk_norm="head"),
+    "gemma3_text": LayerProfile(**_GEMMA_NORMS, post_norms=2, qk_norm="head", rope_per_layer_type=True),
     "phi3": LayerProfile(attention_output_copies=2),
-    "olmo2": LayerProfile(
-        norm_weight_float32=True, pre_norms=0, post_norms=2, qk_norm="full", rope_float32=True
-    ),
+    "olmo2": _OLMO,
+    "olmo3": replace(_OLMO, rope_per_layer_type=True),  # OLMo2's layer, over sliding-window and full layers
+    "smollm3": LLAMA,  # Llama's layer; every fourth without rotary embedding (the same tensors kept)
     "mixtral": LayerProfile(moe=True, router_renorm=True, routing_weights_float32=True),
     "qwen3_moe": LayerProfile(qk_norm="head", moe=True),
     "qwen2_moe": LayerProfile(moe=True, shared_expert="gated"),
@@ -210,7 +214,7 @@ PROFILES = {
     # over part of each head, joined back to the rest: SDPA's output is then copied for the output
     # projection; per-head q/k norms where its config says use_qk_norm), dots.llm1 (per-head q/k norms)
     "glm4_moe": replace(_GROUPED, attention_output_copies=2),
-    "dots1": replace(_GROUPED, qk_norm="head"),
+    "dots1": replace(_GROUPED, qk_norm="head", rope_per_layer_type=True),
     "gpt_oss": LayerProfile(
         norm_weight_float32=True, eager=True, attention_sinks=True, moe=True, clamped_swiglu=True
     ),

@@ -145,15 +145,22 @@ def saved_activation_bytes(
 ) -> int:
     """Bytes a decoder forward saves for backward: every layer's (:func:`layer_activation_bytes`,
     per kind of layer: :meth:`~mergeopt.memory.sizes.Dims.layer_kinds`), then the final norm with
-    its output (the output layer's input), rotary cos/sin and the token ids (int64, inputs and
-    shifted targets)."""
+    its output (the output layer's input), rotary cos/sin (a pair per kind of layer where the model
+    forms them so) and the token ids (int64, inputs and shifted targets)."""
     d, tokens = dims, batch * length
     final = tokens * (d.profile.norm_bytes(d.hidden, 1, compute) + compute * d.hidden)
     final += FLOAT32 * d.hidden if d.profile.offset_weight else 0
-    rotary = 2 * (FLOAT32 if d.profile.rope_float32 else compute) * length * d.rotary_width
+    rotary = rotary_bytes(d, length, compute)
     ids = 8 * tokens + 8 * batch * (length - 1)
     layers = sum(n * layer_activation_bytes(k, batch, length, compute, frozen) for k, n in d.layer_kinds())
     return layers + final + rotary + ids
+
+
+def rotary_bytes(dims: Dims, length: int, compute: int) -> int:
+    """Rotary embedding's cos and sin, shared by every sequence: one pair, or one per kind of
+    layer where the model forms them so (OLMo3, Gemma3)."""
+    pair = 2 * (FLOAT32 if dims.profile.rope_float32 else compute) * length * dims.rotary_width
+    return pair * (dims.profile.mask_kinds if dims.profile.rope_per_layer_type else 1)
 
 
 def logits_bytes(dims: Dims, batch: int, length: int) -> int:
