@@ -61,6 +61,32 @@ ARCHITECTURES = {
         dict(num_key_value_heads=2, pad_token_id=0, no_rope_layer_interval=2),
     ),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict()),  # Conv1D, learned positions, tied
+    "gemma4_text": (  # per-layer input embeddings, v norms, wider heads in its full layers, tied
+        "Gemma4TextConfig",
+        "Gemma4ForCausalLM",
+        dict(
+            num_key_value_heads=2,
+            head_dim=8,
+            global_head_dim=16,
+            vocab_size_per_layer_input=VOCAB,
+            hidden_size_per_layer_input=8,
+            layer_types=["sliding_attention", "full_attention"],
+            sliding_window=4,
+        ),
+    ),
+    "qwen3_5_text": (  # gated DeltaNet linear attention beside gated full attention
+        "Qwen3_5TextConfig",
+        "Qwen3_5ForCausalLM",
+        dict(
+            num_key_value_heads=2,
+            head_dim=8,
+            layer_types=["linear_attention", "full_attention"],
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+        ),
+    ),
     # mixture-of-experts: top-2 routing over fused (experts, out, in) weights, one 3-D parameter each
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_key_value_heads=2, num_local_experts=4)),
     "qwen3_moe": (
@@ -257,7 +283,7 @@ def test_per_layer_path_equals_the_whole_model_merge(arch):
     """Loss and ∂L/∂z: chunked loss with and without checkpointing vs the reference, and vs finite differences."""
     base, plain, stack = _built(arch)
     assert stack.deltas, "every parameter was perturbed: all must be stacked"
-    if arch in ("gemma2", "gpt2"):  # tied: the output layer reads the embedding's merge
+    if arch in ("gemma2", "gpt2", "gemma4_text"):  # tied: the output layer reads the embedding's merge
         assert (
             base.get_output_embeddings().parametrizations.weight[0]
             is (base.get_input_embeddings().parametrizations.weight[0])

@@ -153,15 +153,17 @@ def _saved_bytes(run, skip: list[torch.Tensor]) -> int:
 
 def test_every_architecture_family_of_the_layer_merge_matrix_is_profiled():
     """The architectures the per-layer merge is tested on (tests/test_layer_merge.py) are profiled,
-    but GPT-2 (Conv1D and LayerNorm: estimated as Llama's, and the plan says so) and DeepSeek-V3
-    (latent attention): a type not profiled whose config names routed experts is estimated as a
-    mixture of experts of Mixtral's kind, or of DeepSeek-V3's (GLM-4.5's profile) where it names
-    groups of experts, and the plan says so (DeepSeek-V3's saved activations: 0.73x to 0.86x of
-    autograd's on a small one, its latent attention left out)."""
+    but GPT-2 (Conv1D and LayerNorm: estimated as Llama's, and the plan says so), DeepSeek-V3
+    (latent attention), Gemma 4 (per-layer input embeddings, wider heads in its full layers) and
+    Qwen 3.5 (gated DeltaNet linear attention): a type not profiled whose config names routed
+    experts is estimated as a mixture of experts of Mixtral's kind, or of DeepSeek-V3's (GLM-4.5's
+    profile) where it names groups of experts, and the plan says so (saved activations planned at
+    0.73x to 0.86x of autograd's on a small DeepSeek-V3, 0.46x to 0.60x on a small Gemma 4, 0.19x
+    to 0.28x on a small Qwen 3.5: docs/guides/memory.md)."""
     from mergeopt.memory.layer_profiles import ROUTED
     from tests.test_layer_merge import ARCHITECTURES as MERGED
 
-    assert set(MERGED) - {"gpt2", "deepseek_v3"} <= set(PROFILES)
+    assert set(MERGED) - {"gpt2", "deepseek_v3", "gemma4_text", "qwen3_5_text"} <= set(PROFILES)
     assert set(ARCHITECTURES) == set(PROFILES)
     assert not_profiled_note("llama") is None
     note = not_profiled_note("gpt2")
