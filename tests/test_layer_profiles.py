@@ -27,6 +27,13 @@ ARCHITECTURES = {
     "mistral": ("MistralConfig", "MistralForCausalLM", {}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),  # q/k/v biases
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),  # per-head q/k norms
+    # Llama's layer: Ministral 3, Granite (scalar multipliers), Seed-OSS
+    "ministral3": ("Ministral3Config", "Ministral3ForCausalLM", {}),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {}),
+    "seed_oss": ("SeedOssConfig", "SeedOssForCausalLM", {}),
+    # Qwen3's: EXAONE 4 (norms after the sublayers), Hunyuan dense
+    "exaone4": ("Exaone4Config", "Exaone4ForCausalLM", {}),
+    "hunyuan_v1_dense": ("HunYuanDenseV1Config", "HunYuanDenseV1ForCausalLM", {}),
     "gemma": ("GemmaConfig", "GemmaForCausalLM", {}),  # float32 norm weight
     "gemma2": (  # post-norms, eager attention with soft-capping
         "Gemma2Config",

@@ -45,6 +45,8 @@ class LayerProfile:
     the output projection (Phi3). ``rope_float32``: cos and sin are kept in float32.
     ``rope_per_layer_type``: cos and sin are formed once per kind of layer (Gemma3's and OLMo3's
     sliding-window and full layers, each kind with its own rotary parameters).
+    ``query_position_scale``: each layer scales q by a factor per position, which it keeps
+    (Ministral 3's long-context scaling of the attention).
     ``mask_kinds``: the attention masks the model builds per sequence (Gemma2's alternating sliding
     and full layers: 2); eager attention adds them as float masks in the compute dtype.
     ``moe``: the MLP is a mixture of experts run by transformers' grouped_mm (:meth:`moe_mlp_bytes`);
@@ -69,6 +71,7 @@ class LayerProfile:
     attention_output_copies: int = 1
     rope_float32: bool = False
     rope_per_layer_type: bool = False
+    query_position_scale: bool = False
     mask_kinds: int = 1
     moe: bool = False
     router_renorm: bool = False
@@ -197,8 +200,13 @@ _GROUPED = LayerProfile(moe=True, grouped_router=True, routing_weights_float32=T
 PROFILES = {
     "llama": LLAMA,
     "mistral": LLAMA,
+    "ministral3": LayerProfile(query_position_scale=True),
     "qwen2": LLAMA,
+    "granite": LLAMA,  # its scalar multipliers keep nothing more
+    "seed_oss": LLAMA,
     "qwen3": LayerProfile(qk_norm="head"),
+    "exaone4": LayerProfile(qk_norm="head"),  # norms after the sublayers keep what pre-norms keep
+    "hunyuan_v1_dense": LayerProfile(qk_norm="head"),
     "gemma": LayerProfile(**_GEMMA_NORMS),
     "gemma2": LayerProfile(**_GEMMA_NORMS, post_norms=2, eager=True),
     "gemma3_text": LayerProfile(**_GEMMA_NORMS, post_norms=2, qk_norm="head", rope_per_layer_type=True),

@@ -137,7 +137,8 @@ def attention_sublayer_bytes(dims: Dims, batch: int, length: int, compute: int, 
     lse = 0 if p.eager else FLOAT32 * d.heads
     per_sequence = (p.attention_weight_bytes(compute) * d.heads if p.eager else compute) * length * length
     per_sequence += p.sink_row_bytes(compute) * d.heads * length
-    return tokens * (norm + compute * (inputs + attention) + lse) + batch * per_sequence
+    positions = compute * length if p.query_position_scale else 0  # one factor per position
+    return tokens * (norm + compute * (inputs + attention) + lse) + batch * per_sequence + positions
 
 
 def saved_activation_bytes(
