@@ -10,12 +10,11 @@ of q and k (Qwen3, Gemma3, OLMo2), and eager attention, which keeps every head's
 a mixture of experts in place of the MLP (Mixtral, Qwen2-MoE with a shared expert, Qwen3-MoE, OLMoE,
 GPT-OSS, and DeepSeek-V3's kind with dense first layers, a grouped sigmoid router and shared experts:
 GLM-4.5, dots.llm1): the router's tensors and, per routed copy of a token, what transformers'
-grouped_mm keeps. A
-profile names those differences, read from config.json's ``model_type``; each is checked against what
-autograd saves in tests/test_layer_profiles.py (measured with transformers 5.25: a release that
-changes a model's forward shows there first). A model type not profiled is planned as a Llama layer,
-or as a mixture of experts of Mixtral's kind where its config names routed experts (of DeepSeek-V3's
-where it names groups of them), and the plan says so.
+grouped_mm keeps. A profile names those differences, read from config.json's ``model_type``; each
+is checked against what autograd saves in tests/test_layer_profiles.py (measured with transformers
+5.25: a release that changes a model's forward shows there first). A model type not profiled is
+planned as a Llama layer, or as a mixture of experts of Mixtral's kind where its config names
+routed experts (of DeepSeek-V3's where it names groups of them), and the plan says so.
 """
 
 from __future__ import annotations
@@ -55,10 +54,11 @@ class LayerProfile:
     Qwen3-MoE casts them to the compute dtype); ``shared_expert``: a dense MLP beside the routed
     experts, ``gated`` (scaled by a sigmoid gate: Qwen2-MoE) or ``plain`` (added as it is: GLM-4.5).
     ``grouped_router``: DeepSeek-V3's router, which GLM-4.5 and dots.llm1 share: a float32 linear
-    over the MLP's input, sigmoid scores, the top-k experts within the best groups of experts. ``attention_sinks``: eager attention with a
-    learned sink logit per head, its softmax in the compute dtype over the keys and the sink, the
-    router's softmax over the top-k logits alone, biased experts (GPT-OSS); ``clamped_swiglu``: the
-    experts' activation clamps gate and up and scales the gate inside its sigmoid (GPT-OSS).
+    over the MLP's input, sigmoid scores, the top-k experts within the best groups of experts.
+    ``attention_sinks``: eager attention with a learned sink logit per head, its softmax in the
+    compute dtype over the keys and the sink, the router's softmax over the top-k logits alone,
+    biased experts (GPT-OSS); ``clamped_swiglu``: the experts' activation clamps gate and up and
+    scales the gate inside its sigmoid (GPT-OSS).
     """
 
     norm_weight_float32: bool = False
@@ -236,7 +236,7 @@ GROUPED_KEYS = ("n_group", "topk_group")
 def profile_for(config: dict) -> LayerProfile:
     """The profile of a config.json (a multimodal config's text part already picked). A model type
     not in :data:`PROFILES` gets Llama's (:func:`not_profiled_note`)."""
-    routed = (_GROUPED if grouped(config) else ROUTED) if routes(config) else LLAMA
+    routed = (_GROUPED if routes_in_groups(config) else ROUTED) if routes(config) else LLAMA
     profile = PROFILES.get(str(config.get("model_type", "")), routed)
     if profile.eager and config.get("attn_logit_softcapping") is not None:
         profile = replace(profile, attention_softcap=True)
@@ -253,7 +253,7 @@ def routes(config: dict) -> bool:
     return any(isinstance(config.get(k), int) and config[k] > 0 for k in EXPERT_COUNT_KEYS)
 
 
-def grouped(config: dict) -> bool:
+def routes_in_groups(config: dict) -> bool:
     """Whether config.json names groups of routed experts (DeepSeek-V3's router)."""
     return any(isinstance(config.get(k), int) for k in GROUPED_KEYS)
 

@@ -83,9 +83,14 @@ class Dims:
         if not self.profile.moe or not self.dense_layers:
             return ((self, self.layers),)
         dense = replace(
-            self, profile=replace(self.profile, moe=False, shared_expert=None), experts=0, top_k=0
+            self,
+            profile=replace(self.profile, moe=False, shared_expert=None),
+            experts=0,
+            top_k=0,
+            expert_intermediate=0,
+            shared_intermediate=0,
+            dense_layers=0,
         )
-        dense = replace(dense, expert_intermediate=0, shared_intermediate=0, dense_layers=0)
         return (dense, self.dense_layers), (self, self.layers - self.dense_layers)
 
     @property
