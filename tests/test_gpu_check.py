@@ -26,7 +26,10 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_smoke_run_writes_every_part(tmp_path):
+def test_smoke_run_writes_every_part_and_a_rerun_of_some_keeps_the_others(tmp_path):
+    """Every part runs and is reported; then --parts runs some again (a GPU session's second try,
+    after a fix) and keeps the report's records of the others, each saying when it ran; an unknown
+    part is refused. One test: a smoke run takes half a minute on 2 cores."""
     run = _run("--device", "cpu", "--smoke", "--out", str(tmp_path))
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     report = json.loads((tmp_path / "cpu.json").read_text())
@@ -50,24 +53,19 @@ def test_smoke_run_writes_every_part(tmp_path):
     markdown = (tmp_path / "cpu.md").read_text()
     assert "| part | result | numbers | goal | met? |" in markdown
     assert all(f"| {p} |" in markdown for p in PARTS)
+    assert "rerun" not in report and "[an earlier run: " not in markdown
 
-
-def test_a_rerun_of_some_parts_keeps_the_other_records_of_the_report(tmp_path):
-    """--parts runs those parts again (a GPU session's second try, after a fix) and keeps the report's
-    records of the others, each saying when it ran; an unknown part is refused."""
-    first = _run("--device", "cpu", "--smoke", "--out", str(tmp_path), "--parts", "torchrun_nccl")
-    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
-    before = json.loads((tmp_path / "cpu.json").read_text())
-    assert [p["part"] for p in before["parts"]] == ["torchrun_nccl"] and before["rerun"] == ["torchrun_nccl"]
-    second = _run("--device", "cpu", "--smoke", "--out", str(tmp_path), "--parts", "cuda_tests")
-    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
+    again = _run("--device", "cpu", "--smoke", "--out", str(tmp_path), "--parts", "cuda_tests")
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
     after = json.loads((tmp_path / "cpu.json").read_text())
-    parts = {p["part"]: p for p in after["parts"]}
-    assert list(parts) == ["cuda_tests", "torchrun_nccl"]  # in the order the parts run
-    kept = parts["torchrun_nccl"]
-    assert kept.pop("ran") == f"{before['date_utc']} UTC at {before['commit']}"
-    assert kept == before["parts"][0]
-    assert parts["cuda_tests"]["result"] == "ok" and "ran" not in parts["cuda_tests"]
+    assert after["rerun"] == ["cuda_tests"]
+    rerun = {p["part"]: p for p in after["parts"]}
+    assert list(rerun) == PARTS  # in the order the parts run
+    assert rerun["cuda_tests"]["result"] == "ok" and "ran" not in rerun["cuda_tests"]
+    for name in PARTS[1:]:
+        kept = rerun[name]
+        assert kept.pop("ran") == f"{report['date_utc']} UTC at {report['commit']}"
+        assert kept == parts[name]
     assert "[an earlier run: " in (tmp_path / "cpu.md").read_text()
     wrong = _run("--device", "cpu", "--smoke", "--out", str(tmp_path), "--parts", "cuda_test")
     assert wrong.returncode == 2 and "--parts: unknown part 'cuda_test'" in wrong.stderr

@@ -644,6 +644,14 @@ def _one_and_three_ranks(
     return fit_one_and_sharded(tree, tmp_path)
 
 
+# the sharded fit runs 3 ranks per architecture (about 20 s each on 2 cores), so it takes one of
+# each kind of what is sharded: Mixtral (its router adapted too; Qwen3-MoE and OLMoE shard the same
+# fused pair), Qwen2-MoE (a gated shared expert), DeepSeek-V3 (latent attention, shared experts and
+# a dense first layer, as GLM-4.5 has) and GPT-OSS (transposed, biased, gate and up interleaved)
+SHARDED = ["deepseek_v3", "gpt_oss", "mixtral", "qwen2_moe"]
+
+
+@pytest.mark.parametrize("world", SHARDED, indirect=True)
 def test_a_sharded_fit_finds_the_mixture_one_process_finds(world, tmp_path):
     """model.shard=fsdp over 3 ranks (a fused weight's 4 experts in blocks of 2, 2 and 0): each
     rank keeps its block of θ0's experts and of the factors, merges it and the ranks gather the
