@@ -104,13 +104,60 @@ ARCHITECTURES = {
 }
 
 
+# model types not profiled that keep more than what they are planned as (layer_profiles.SHORT_BY)
+_LINEAR_ATTENTION = dict(
+    layer_types=["linear_attention", "full_attention"],
+    linear_num_key_heads=4,
+    linear_key_head_dim=16,
+    linear_num_value_heads=8,
+    linear_value_head_dim=16,
+)
+_QWEN_MOE = dict(
+    num_experts=8, num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=48
+)
+NOT_PROFILED = {
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        dict(
+            num_key_value_heads=4,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=24,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            n_group=2,
+            topk_group=1,
+            q_lora_rank=16,
+            kv_lora_rank=16,
+            qk_nope_head_dim=8,
+            qk_rope_head_dim=16,
+            v_head_dim=8,
+        ),
+    ),
+    "gemma4_text": (
+        "Gemma4TextConfig",
+        "Gemma4ForCausalLM",
+        dict(
+            vocab_size_per_layer_input=VOCAB,
+            hidden_size_per_layer_input=8,
+            global_head_dim=32,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+    ),
+    "qwen3_5_text": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", _LINEAR_ATTENTION),
+    "qwen3_5_moe_text": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", {**_LINEAR_ATTENTION, **_QWEN_MOE}),
+    "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM", {**_LINEAR_ATTENTION, **_QWEN_MOE}),
+}
+
+
 def tiny(arch: str, layers: int = 2) -> torch.nn.Module:
     """A random model of ``arch``, with the attention transformers picks by default (as the fit's
     from_pretrained does): SDPA, or eager where the model has no SDPA path (Gemma2)."""
-    config_name, model_name, extra = ARCHITECTURES[arch]
+    config_name, model_name, extra = {**ARCHITECTURES, **NOT_PROFILED}[arch]
     if "layer_types" in extra:  # one kind of layer per layer
         extra = {**extra, "layer_types": extra["layer_types"][:layers]}
-    config = getattr(transformers, config_name)(
+    shapes = dict(
         vocab_size=VOCAB,
         hidden_size=64,
         intermediate_size=176,
@@ -119,8 +166,8 @@ def tiny(arch: str, layers: int = 2) -> torch.nn.Module:
         num_key_value_heads=2,
         head_dim=16,
         max_position_embeddings=64,
-        **extra,
     )
+    config = getattr(transformers, config_name)(**{**shapes, **extra})
     torch.manual_seed(0)
     return getattr(transformers, model_name)(config).eval()
 
@@ -206,6 +253,27 @@ def test_saved_activations_of_each_architecture_equal_what_autograd_saves(arch, 
     measured = _saved_bytes(lambda: dev_loss(model, stack, z, data, torch.ones(1), 16), params)
     expected = phases.saved_activation_bytes(dims, BATCH, LENGTH, DTYPES[compute].itemsize)
     assert measured == pytest.approx(expected, rel=0.001), (measured, expected, expected / measured)
+
+
+@pytest.mark.parametrize("compute", ["float32", "bfloat16"])
+@pytest.mark.parametrize("arch", list(NOT_PROFILED))
+def test_the_plan_says_how_short_it_falls_for_a_type_it_knows_it_has_not_profiled(arch, compute):
+    """For a model type known to keep more than it is planned as (layer_profiles.SHORT_BY), the
+    plan's note states the saved activations it plans against what autograd saves on a small one,
+    bfloat16 and float32 (measured here, to the note's two decimals), and the room to give them."""
+    from mergeopt.memory.layer_profiles import SHORT_BY
+
+    model, stack, dims = _stacked(arch, compute)
+    z = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    data = padded_batch(BATCH, LENGTH, VOCAB)
+    params = [*model.parameters(), *model.buffers(), *_stacked_tensors(stack), z]
+    measured = _saved_bytes(lambda: dev_loss(model, stack, z, data, torch.ones(1), 16), params)
+    planned = phases.saved_activation_bytes(dims, BATCH, LENGTH, DTYPES[compute].itemsize)
+    low, high = SHORT_BY[arch]
+    assert round(planned / measured, 2) == (low if compute == "bfloat16" else high), planned / measured
+    note = not_profiled_note(arch, dims.profile.moe, dims.profile.grouped_router)
+    assert note is not None and f"plans {low:.2f}x to {high:.2f}x of the activations" in note
+    assert f"give them {1 / low:.1f}x the planned room" in note
 
 
 @pytest.mark.parametrize("compute", ["float32", "bfloat16"])

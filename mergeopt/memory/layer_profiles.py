@@ -258,16 +258,41 @@ def routes_in_groups(config: dict) -> bool:
     return any(isinstance(config.get(k), int) for k in GROUPED_KEYS)
 
 
+# model types known to keep more than the layer they are estimated as: the plan's saved
+# activations against what autograd saves on a small random model of the type, in bfloat16 and in
+# float32 (tests/test_layer_profiles.py measures them). DeepSeek-V3: latent attention, which CPU
+# kernels run as plain attention with every head's float32 weights. Gemma 4: per-layer input
+# embeddings, q/k/v norms, wider heads in its full layers. Qwen 3.5 and Qwen3-Next: gated DeltaNet
+# linear attention, run by PyTorch in chunks of 64 tokens (flash-linear-attention's kernels on a
+# GPU, where installed, keep less).
+SHORT_BY = {
+    "deepseek_v3": (0.73, 0.86),
+    "gemma4_text": (0.46, 0.60),
+    "qwen3_5_text": (0.19, 0.28),
+    "qwen3_5_moe_text": (0.16, 0.24),
+    "qwen3_next": (0.16, 0.24),
+}
+
+
 def not_profiled_note(model_type: str, routed: bool = False, grouped: bool = False) -> str | None:
     """The plan's note for a model type whose layer is estimated as Llama's, or as a mixture of
     experts of Mixtral's kind (``routed``: the config names routed experts) or of DeepSeek-V3's
-    (``grouped`` too: groups of them) (None: profiled)."""
+    (``grouped`` too: groups of them) (None: profiled); for a type of :data:`SHORT_BY`, how far
+    short the estimate falls, and the room to give it."""
     if model_type in PROFILES:
         return None
     kind = "Llama's"
     if routed:
         kind = f"a mixture of experts of {'DeepSeek-V3' if grouped else 'Mixtral'}'s kind"
-    return (
+    note = (
         f"activations: model type {model_type or '(none)'} is not profiled; its layers are estimated "
         f"as {kind} (profiled: {', '.join(sorted(PROFILES))})"
     )
+    if model_type in SHORT_BY:
+        low, high = SHORT_BY[model_type]
+        note += (
+            f"; on a small {model_type} this plans {low:.2f}x to {high:.2f}x of the activations "
+            f"autograd saves: give them {1 / low:.1f}x the planned room, or measure with a short fit "
+            "on the GPU (docs/guides/memory.md)"
+        )
+    return note
