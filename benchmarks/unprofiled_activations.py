@@ -1,0 +1,182 @@
+"""How far the plan's saved activations fall short, at real layer shapes, for the model types it
+knows it has not profiled (``mergeopt.memory.layer_profiles.SHORT_BY``).
+
+Run from the repository root (about 5 minutes on 2 CPU cores, 12 GiB of memory at most):
+
+    python benchmarks/unprofiled_activations.py
+
+The plan's note for such a type states the shortfall measured on a small random model of it
+(tests/test_layer_profiles.py). The shortfall depends on the shapes: Qwen 3.5's linear attention,
+for one, keeps per chunk of 64 tokens 64 × 64 matrices and a recurrent state per value head, whose
+share of a layer's activations changes with the head count and width against the hidden size. So
+this measures it at the shapes of a released model of each type: its config's layer widths (its
+transformers config class's defaults, which follow the named checkpoint) with one layer of each
+kind in the proportion the model has them (Qwen 3.5: three linear-attention layers to one full;
+Gemma 4: its first six layers, five sliding-window and one full, and no layers sharing keys and
+values; DeepSeek-V3: one dense layer and one mixture of experts), a vocabulary of 1,000 and, for
+the mixtures of experts, 64 routed experts (16 for DeepSeek-V3) of the released width and top-k,
+so the weights fit this machine's memory (what a token keeps depends on the experts' width, its
+top-k and, through the router's scores alone, their count).
+
+For each type, in float32 and bfloat16: one sequence of ``--length`` tokens through the model in
+training mode, every weight requiring a gradient (as merged weights do), and the bytes of the
+distinct storages autograd saves for the backward, parameters left out (tests/test_layer_profiles's
+``_saved_bytes``) against ``phases.saved_activation_bytes`` for the model's dims. Results:
+``--out``/unprofiled_activations.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+import transformers
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.precision import environment  # noqa: E402
+from mergeopt.memory import phases  # noqa: E402
+from mergeopt.memory.layer_profiles import SHORT_BY  # noqa: E402
+from mergeopt.memory.sizes import Dims  # noqa: E402
+from tests.test_layer_profiles import _saved_bytes  # noqa: E402
+
+LINEAR = ["linear_attention"] * 3 + ["full_attention"]
+# model type: (checkpoint the config class's defaults follow, config class, model class, changes)
+TYPES = {
+    "deepseek_v3": (
+        "deepseek-ai/DeepSeek-V3",
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        dict(num_hidden_layers=2, first_k_dense_replace=1, n_routed_experts=16, n_group=8, topk_group=4),
+    ),
+    "gemma4_text": (
+        "google/gemma-4-e2b-it",
+        "Gemma4TextConfig",
+        "Gemma4ForCausalLM",
+        dict(num_hidden_layers=6, num_kv_shared_layers=0, vocab_size_per_layer_input=1000),
+    ),
+    "qwen3_5_text": ("Qwen/Qwen3.5-27B", "Qwen3_5TextConfig", "Qwen3_5ForCausalLM", dict(layer_types=LINEAR)),
+    "qwen3_5_moe_text": (
+        "Qwen/Qwen3.5-35B-A3B",
+        "Qwen3_5MoeTextConfig",
+        "Qwen3_5MoeForCausalLM",
+        dict(layer_types=LINEAR, num_experts=64),
+    ),
+    "qwen3_next": (
+        "Qwen/Qwen3-Next-80B-A3B-Instruct",
+        "Qwen3NextConfig",
+        "Qwen3NextForCausalLM",
+        dict(layer_types=LINEAR, num_experts=64),
+    ),
+}
+
+
+def _config(config_name: str, changes: dict):
+    """The config class's defaults with ``changes``; layer_types, where given, sets the layer count,
+    and a default layer_types is cut to the layer count."""
+    changes = {"vocab_size": 1000, **changes}
+    if "layer_types" in changes:
+        changes["num_hidden_layers"] = len(changes["layer_types"])
+    config = getattr(transformers, config_name)(**changes)
+    types = getattr(config, "layer_types", None)
+    if types and len(types) != config.num_hidden_layers:
+        config.layer_types = list(types[: config.num_hidden_layers])
+    return config
+
+
+def _layer_kinds(config) -> list[str]:
+    """Each layer's kind: its layer_types entry, or dense and mixture-of-experts layers."""
+    if getattr(config, "layer_types", None):
+        return list(config.layer_types)
+    dense = getattr(config, "first_k_dense_replace", 0)
+    return ["dense"] * dense + ["mixture of experts"] * (config.num_hidden_layers - dense)
+
+
+def measure(model_type: str, dtype: torch.dtype, length: int) -> dict:
+    """Planned and saved bytes of one sequence through ``model_type``'s layers."""
+    checkpoint, config_name, model_name, changes = TYPES[model_type]
+    config = _config(config_name, changes)
+    torch.manual_seed(0)
+    model = getattr(transformers, model_name)(config).to(dtype).train()
+    assert config.model_type == model_type, config.model_type
+    ids = torch.randint(3, config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
+    started = time.perf_counter()
+    saved = _saved_bytes(
+        lambda: model(input_ids=ids, use_cache=False).logits, [*model.parameters(), *model.buffers()]
+    )
+    dims = Dims.from_config(config.to_dict(), checkpoint)
+    planned = phases.saved_activation_bytes(dims, 1, length, dtype.itemsize)
+    row = {
+        "model_type": model_type,
+        "shapes_of": checkpoint,
+        "dtype": str(dtype).removeprefix("torch."),
+        "layers": _layer_kinds(config),
+        "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+        "length": length,
+        "saved_mib": round(saved / 2**20, 2),
+        "planned_mib": round(planned / 2**20, 2),
+        "ratio": round(planned / saved, 3),
+        "small_model_ratio": SHORT_BY[model_type][0 if dtype == torch.bfloat16 else 1],
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    return row
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        "# The plan against what autograd saves, at real layer shapes, for the unprofiled types",
+        "",
+        f"{report['date_utc']} UTC at {str(report['git_commit'])[:7]}, {report['cpu']}, torch {report['torch']}, transformers "
+        f"{report['transformers']}; one sequence of {report['length']} tokens, on the CPU (its "
+        "kernels: DeepSeek-V3's latent attention as plain attention, Qwen's linear attention in "
+        "PyTorch's chunks).",
+        "",
+        "| model type | shapes of | dtype | layers | parameters (M) | saved (MiB) | planned (MiB) "
+        "| planned / saved | on a small one |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        layers = ", ".join(f"{r['layers'].count(k)} {k}" for k in dict.fromkeys(r["layers"]))
+        lines.append(
+            f"| {r['model_type']} | {r['shapes_of']} | {r['dtype']} | {layers} | {r['parameters_m']} "
+            f"| {r['saved_mib']} | {r['planned_mib']} | {r['ratio']:.2f} | {r['small_model_ratio']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--length", type=int, default=256, help="tokens (4 chunks of Qwen 3.5's 64)")
+    parser.add_argument("--types", nargs="+", choices=sorted(TYPES), default=sorted(TYPES))
+    args = parser.parse_args(argv)
+    rows = []
+    # each measurement in a process of its own, so that one model's memory is given back before
+    # the next is built (a 2-billion-parameter float32 model after another does not fit 24 GiB)
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=spawn, max_tasks_per_child=1) as pool:
+        for model_type in args.types:
+            for dtype in (torch.float32, torch.bfloat16):
+                rows.append(pool.submit(measure, model_type, dtype, args.length).result())
+                print(json.dumps(rows[-1]), flush=True)
+    report = {
+        **environment(sys.argv[1:] if argv is None else argv),
+        "transformers": transformers.__version__,
+        "length": args.length,
+        "rows": rows,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "unprofiled_activations.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "unprofiled_activations.md").write_text(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
