@@ -261,7 +261,7 @@ def test_the_plan_says_how_short_it_falls_for_a_type_it_knows_it_has_not_profile
     """For a model type known to keep more than it is planned as (layer_profiles.SHORT_BY), the
     plan's note states the saved activations it plans against what autograd saves on a small one,
     bfloat16 and float32 (measured here, to the note's two decimals), and the room to give them."""
-    from mergeopt.memory.layer_profiles import SHORT_BY
+    from mergeopt.memory.layer_profiles import AT_REAL_SHAPES, SHORT_BY
 
     model, stack, dims = _stacked(arch, compute)
     z = torch.zeros(4, dtype=torch.float64, requires_grad=True)
@@ -273,7 +273,27 @@ def test_the_plan_says_how_short_it_falls_for_a_type_it_knows_it_has_not_profile
     assert round(planned / measured, 2) == (low if compute == "bfloat16" else high), planned / measured
     note = not_profiled_note(arch, dims.profile.moe, dims.profile.grouped_router)
     assert note is not None and f"plans {low:.2f}x to {high:.2f}x of the activations" in note
-    assert f"give them {1 / low:.1f}x the planned room" in note
+    model, real_low, real_high = AT_REAL_SHAPES[arch]
+    assert f"and {real_low:.2f}x to {real_high:.2f}x at {model}'s layer shapes" in note
+    assert f"give them {1 / min(low, real_low):.1f}x the planned room" in note
+
+
+def test_the_shortfall_at_real_shapes_is_the_committed_benchmarks():
+    """The note's shortfall at a released model's layer shapes is what
+    benchmarks/unprofiled_activations.py measured and committed, for every type the note covers."""
+    import json
+
+    from mergeopt.memory.layer_profiles import AT_REAL_SHAPES, SHORT_BY
+    from tests.conftest import REPO
+
+    report = json.loads((REPO / "benchmarks" / "results" / "unprofiled_activations.json").read_text())
+    measured = {(r["model_type"], r["dtype"]): r["ratio"] for r in report["rows"]}
+    assert set(AT_REAL_SHAPES) == set(SHORT_BY) == {t for t, _ in measured}
+    for model_type, (_, low, high) in AT_REAL_SHAPES.items():
+        assert (low, high) == (
+            round(measured[model_type, "bfloat16"], 2),
+            round(measured[model_type, "float32"], 2),
+        ), model_type
 
 
 @pytest.mark.parametrize("compute", ["float32", "bfloat16"])

@@ -272,13 +272,23 @@ SHORT_BY = {
     "qwen3_5_moe_text": (0.16, 0.24),
     "qwen3_next": (0.16, 0.24),
 }
+# the same at a released model's layer shapes, bfloat16 and float32, on the CPU's kernels
+# (benchmarks/unprofiled_activations.py; its committed results are these numbers)
+AT_REAL_SHAPES = {
+    "deepseek_v3": ("DeepSeek-V3", 0.56, 0.68),
+    "gemma4_text": ("Gemma 4 E2B", 0.55, 0.70),
+    "qwen3_5_text": ("Qwen3.5-27B", 0.42, 0.53),
+    "qwen3_5_moe_text": ("Qwen3.5-35B-A3B", 0.38, 0.48),
+    "qwen3_next": ("Qwen3-Next-80B-A3B", 0.41, 0.51),
+}
 
 
 def not_profiled_note(model_type: str, routed: bool = False, grouped: bool = False) -> str | None:
     """The plan's note for a model type whose layer is estimated as Llama's, or as a mixture of
     experts of Mixtral's kind (``routed``: the config names routed experts) or of DeepSeek-V3's
     (``grouped`` too: groups of them) (None: profiled); for a type of :data:`SHORT_BY`, how far
-    short the estimate falls, and the room to give it."""
+    short the estimate falls on a small model and at a released one's layer shapes, and the room
+    the larger shortfall asks for."""
     if model_type in PROFILES:
         return None
     kind = "Llama's"
@@ -290,9 +300,11 @@ def not_profiled_note(model_type: str, routed: bool = False, grouped: bool = Fal
     )
     if model_type in SHORT_BY:
         low, high = SHORT_BY[model_type]
+        model, real_low, real_high = AT_REAL_SHAPES[model_type]
         note += (
             f"; on a small {model_type} this plans {low:.2f}x to {high:.2f}x of the activations "
-            f"autograd saves: give them {1 / low:.1f}x the planned room, or measure with a short fit "
+            f"autograd saves, and {real_low:.2f}x to {real_high:.2f}x at {model}'s layer shapes: "
+            f"give them {1 / min(low, real_low):.1f}x the planned room, or measure with a short fit "
             "on the GPU (docs/guides/memory.md)"
         )
     return note
