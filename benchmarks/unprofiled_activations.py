@@ -1,7 +1,8 @@
 """How far the plan's saved activations fall short, at real layer shapes, for the model types it
 knows it has not profiled (``mergeopt.memory.layer_profiles.SHORT_BY``).
 
-Run from the repository root (about 5 minutes on 2 CPU cores, 12 GiB of memory at most):
+Run from the repository root (about 10 minutes on 2 CPU cores; the largest model, DeepSeek-V3's two
+layers in float32, holds 6 GiB of weights):
 
     python benchmarks/unprofiled_activations.py
 
