@@ -114,7 +114,7 @@ def measure(model_type: str, dtype: torch.dtype, length: int) -> dict:
     )
     dims = Dims.from_config(config.to_dict(), checkpoint)
     planned = phases.saved_activation_bytes(dims, 1, length, dtype.itemsize)
-    row = {
+    return {
         "model_type": model_type,
         "shapes_of": checkpoint,
         "dtype": str(dtype).removeprefix("torch."),
@@ -127,15 +127,15 @@ def measure(model_type: str, dtype: torch.dtype, length: int) -> dict:
         "small_model_ratio": SHORT_BY[model_type][0 if dtype == torch.bfloat16 else 1],
         "seconds": round(time.perf_counter() - started, 1),
     }
-    return row
 
 
 def markdown(report: dict) -> str:
     lines = [
         "# The plan against what autograd saves, at real layer shapes, for the unprofiled types",
         "",
-        f"{report['date_utc']} UTC at {str(report['git_commit'])[:7]}, {report['cpu']}, torch {report['torch']}, transformers "
-        f"{report['transformers']}; one sequence of {report['length']} tokens, on the CPU (its "
+        f"{report['date_utc']} UTC at {str(report['git_commit'])[:7]}, {report['cpu']}, "
+        f"torch {report['torch']}, transformers {report['transformers']}; "
+        f"one sequence of {report['length']} tokens, on the CPU (its "
         "kernels: DeepSeek-V3's latent attention as plain attention, Qwen's linear attention in "
         "PyTorch's chunks).",
         "",

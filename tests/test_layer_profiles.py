@@ -247,12 +247,18 @@ def test_saved_activations_of_each_architecture_equal_what_autograd_saves(arch, 
     profiled = PROFILES[arch]
     config_set = dict(attention_softcap=profiled.attention_softcap, router_renorm=profiled.router_renorm)
     assert replace(dims.profile, **config_set, mask_kinds=profiled.mask_kinds) == profiled
+    measured, expected = _saved_and_planned(model, stack, dims, compute)
+    assert measured == pytest.approx(expected, rel=0.001), (measured, expected, expected / measured)
+
+
+def _saved_and_planned(model, stack, dims: Dims, compute: str) -> tuple[int, int]:
+    """(what autograd saves in dev_loss with the chunked loss over the stacked experts, what
+    saved_activation_bytes plans for it), BATCH sequences of LENGTH tokens."""
     z = torch.zeros(4, dtype=torch.float64, requires_grad=True)
     data = padded_batch(BATCH, LENGTH, VOCAB)
     params = [*model.parameters(), *model.buffers(), *_stacked_tensors(stack), z]
     measured = _saved_bytes(lambda: dev_loss(model, stack, z, data, torch.ones(1), 16), params)
-    expected = phases.saved_activation_bytes(dims, BATCH, LENGTH, DTYPES[compute].itemsize)
-    assert measured == pytest.approx(expected, rel=0.001), (measured, expected, expected / measured)
+    return measured, phases.saved_activation_bytes(dims, BATCH, LENGTH, DTYPES[compute].itemsize)
 
 
 @pytest.mark.parametrize("compute", ["float32", "bfloat16"])
@@ -264,11 +270,7 @@ def test_the_plan_says_how_short_it_falls_for_a_type_it_knows_it_has_not_profile
     from mergeopt.memory.layer_profiles import AT_REAL_SHAPES, SHORT_BY
 
     model, stack, dims = _stacked(arch, compute)
-    z = torch.zeros(4, dtype=torch.float64, requires_grad=True)
-    data = padded_batch(BATCH, LENGTH, VOCAB)
-    params = [*model.parameters(), *model.buffers(), *_stacked_tensors(stack), z]
-    measured = _saved_bytes(lambda: dev_loss(model, stack, z, data, torch.ones(1), 16), params)
-    planned = phases.saved_activation_bytes(dims, BATCH, LENGTH, DTYPES[compute].itemsize)
+    measured, planned = _saved_and_planned(model, stack, dims, compute)
     low, high = SHORT_BY[arch]
     assert round(planned / measured, 2) == (low if compute == "bfloat16" else high), planned / measured
     note = not_profiled_note(arch, dims.profile.moe, dims.profile.grouped_router)
