@@ -10,7 +10,8 @@ of q and k (Qwen3, Gemma3, OLMo2), and eager attention, which keeps every head's
 a mixture of experts in place of the MLP (Mixtral, Qwen2-MoE with a shared expert, Qwen3-MoE, OLMoE,
 GPT-OSS, and DeepSeek-V3's kind with dense first layers, a grouped sigmoid router and shared experts:
 GLM-4.5, dots.llm1): the router's tensors and, per routed copy of a token, what transformers'
-grouped_mm keeps. A profile names those differences, read from config.json's ``model_type``; each
+grouped_mm keeps; gated attention beside gated DeltaNet linear-attention layers (Qwen 3.5,
+Qwen3.5-MoE, Qwen3-Next: :mod:`mergeopt.memory.linear_attention`). A profile names those differences, read from config.json's ``model_type``; each
 is checked against what autograd saves in tests/test_layer_profiles.py (measured with transformers
 5.25: a release that changes a model's forward shows there first). A model type not profiled is
 planned as a Llama layer, or as a mixture of experts of Mixtral's kind where its config names
@@ -59,6 +60,10 @@ class LayerProfile:
     compute dtype over the keys and the sink, the router's softmax over the top-k logits alone,
     biased experts (GPT-OSS); ``clamped_swiglu``: the experts' activation clamps gate and up and
     scales the gate inside its sigmoid (GPT-OSS).
+    ``gated_attention``: q's projection also gives a gate per head, whose sigmoid scales the
+    attention's output (Qwen 3.5, Qwen3-Next); ``rope_per_sequence``: cos and sin are formed per
+    sequence (Qwen 3.5's multimodal positions). Their gated DeltaNet layers:
+    :mod:`mergeopt.memory.linear_attention`.
     """
 
     norm_weight_float32: bool = False
@@ -80,6 +85,8 @@ class LayerProfile:
     grouped_router: bool = False
     attention_sinks: bool = False
     clamped_swiglu: bool = False
+    gated_attention: bool = False
+    rope_per_sequence: bool = False
 
     def norm_bytes(self, elements: int, rows: int, compute: int, frozen: bool = False) -> int:
         """Bytes one RMSNorm over ``elements`` per token (``rows`` norms of them) keeps, its output
@@ -197,6 +204,7 @@ EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")  # 
 _GEMMA_NORMS = dict(norm_weight_float32=True, offset_weight=True)
 _OLMO = LayerProfile(norm_weight_float32=True, pre_norms=0, post_norms=2, qk_norm="full", rope_float32=True)
 _GROUPED = LayerProfile(moe=True, grouped_router=True, routing_weights_float32=True, shared_expert="plain")
+_QWEN3_5 = LayerProfile(**_GEMMA_NORMS, qk_norm="head", gated_attention=True, rope_per_sequence=True)
 PROFILES = {
     "llama": LLAMA,
     "mistral": LLAMA,
@@ -226,6 +234,13 @@ PROFILES = {
     "gpt_oss": LayerProfile(
         norm_weight_float32=True, eager=True, attention_sinks=True, moe=True, clamped_swiglu=True
     ),
+    # Qwen 3.5: Gemma's norms, per-head q/k norms, gated attention in every fourth layer and gated
+    # DeltaNet linear attention in the others (mergeopt.memory.linear_attention)
+    "qwen3_5_text": _QWEN3_5,
+    # with Qwen2-MoE's mixture of experts (a gated shared expert) in every layer: Qwen3.5-MoE (its
+    # routing weights always renormalised), and Qwen3-Next (its cos and sin shared by every sequence)
+    "qwen3_5_moe_text": replace(_QWEN3_5, moe=True, router_renorm=True, shared_expert="gated"),
+    "qwen3_next": replace(_QWEN3_5, moe=True, shared_expert="gated", rope_per_sequence=False),
 }
 # a mixture of experts of a type not profiled: its MLP planned as a routed one of Mixtral's kind,
 # or of DeepSeek-V3's where its config names groups of experts (n_group, topk_group)
@@ -262,24 +277,16 @@ def routes_in_groups(config: dict) -> bool:
 # activations against what autograd saves on a small random model of the type, in bfloat16 and in
 # float32 (tests/test_layer_profiles.py measures them). DeepSeek-V3: latent attention, which CPU
 # kernels run as plain attention with every head's float32 weights. Gemma 4: per-layer input
-# embeddings, q/k/v norms, wider heads in its full layers. Qwen 3.5 and Qwen3-Next: gated DeltaNet
-# linear attention, run by PyTorch in chunks of 64 tokens (flash-linear-attention's kernels on a
-# GPU, where installed, keep less).
+# embeddings, q/k/v norms, wider heads in its full layers.
 SHORT_BY = {
     "deepseek_v3": (0.73, 0.86),
     "gemma4_text": (0.46, 0.60),
-    "qwen3_5_text": (0.19, 0.28),
-    "qwen3_5_moe_text": (0.16, 0.24),
-    "qwen3_next": (0.16, 0.24),
 }
 # the same at a released model's layer shapes, bfloat16 and float32, on the CPU's kernels
-# (benchmarks/unprofiled_activations.py; its committed results are these numbers)
+# (benchmarks/activations_at_real_shapes.py; its committed results are these numbers)
 AT_REAL_SHAPES = {
     "deepseek_v3": ("DeepSeek-V3", 0.56, 0.68),
     "gemma4_text": ("Gemma 4 E2B", 0.55, 0.70),
-    "qwen3_5_text": ("Qwen3.5-27B", 0.42, 0.53),
-    "qwen3_5_moe_text": ("Qwen3.5-35B-A3B", 0.38, 0.48),
-    "qwen3_next": ("Qwen3-Next-80B-A3B", 0.41, 0.51),
 }
 
 

@@ -7,6 +7,8 @@ the live tensor bytes of real steps on small Llamas and of sharded steps on gloo
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from mergeopt.config import Recipe
 from mergeopt.memory.sizes import (
     FLOAT32,
@@ -104,7 +106,9 @@ def after_attention_bytes(dims: Dims, batch: int, length: int, compute: int, fro
     d, p, tokens = dims, dims.profile, batch * length
     norms = (p.pre_norms + p.post_norms - min(p.pre_norms, 1)) * p.norm_bytes(d.hidden, 1, compute, frozen)
     mlp = (0 if frozen else compute * d.hidden) + compute * (3 if frozen else 4) * d.intermediate
-    per_layer = p.norm_weight_bytes(d.hidden, d.heads, d.kv_heads, d.head_dim)
+    # a gated DeltaNet layer has no q and k norms (nor one float32 weight for its gated norm)
+    normed = replace(p, qk_norm=None) if d.token_mixer == "linear_attention" else p
+    per_layer = normed.norm_weight_bytes(d.hidden, d.heads, d.kv_heads, d.head_dim)
     if p.moe:  # the router reads the MLP's input; grouped_mm keeps its int32 offsets per expert
         mlp = (0 if frozen else compute * d.hidden) + p.moe_mlp_bytes(
             d.hidden, d.experts, d.top_k, d.expert_intermediate, compute, frozen, d.expert_groups
@@ -129,10 +133,15 @@ def attention_sublayer_bytes(dims: Dims, batch: int, length: int, compute: int, 
     released everything else (:func:`training_bytes`)."""
     d, p, tokens = dims, dims.profile, batch * length
     norm = p.norm_bytes(d.hidden, 1, compute, frozen) if p.pre_norms else 0
+    if d.token_mixer == "linear_attention" and d.linear_attention is not None:
+        return tokens * norm + d.linear_attention.saved_bytes(d.hidden, batch, length, compute, frozen)
     norm += p.qk_norm_bytes(d.heads, d.kv_heads, d.head_dim, compute, frozen)
     attention = (3 if frozen and p.eager else 4) * d.heads * d.head_dim
     if p.attention_output_copies > 1 and not frozen:
         attention += (p.attention_output_copies - 1) * d.heads * d.head_dim
+    if p.gated_attention:  # the output's copy, its gate's sigmoid and their product (in float32,
+        # the gate's copy too)
+        attention += ((2 if frozen else 3) + (compute == FLOAT32)) * d.heads * d.head_dim
     inputs = 0 if frozen else d.hidden
     lse = 0 if p.eager else FLOAT32 * d.heads
     per_sequence = (p.attention_weight_bytes(compute) * d.heads if p.eager else compute) * length * length
@@ -151,16 +160,20 @@ def saved_activation_bytes(
     d, tokens = dims, batch * length
     final = tokens * (d.profile.norm_bytes(d.hidden, 1, compute) + compute * d.hidden)
     final += FLOAT32 * d.hidden if d.profile.offset_weight else 0
-    rotary = rotary_bytes(d, length, compute)
+    rotary = rotary_bytes(d, length, compute, batch)
     ids = 8 * tokens + 8 * batch * (length - 1)
     layers = sum(n * layer_activation_bytes(k, batch, length, compute, frozen) for k, n in d.layer_kinds())
     return layers + final + rotary + ids
 
 
-def rotary_bytes(dims: Dims, length: int, compute: int) -> int:
+def rotary_bytes(dims: Dims, length: int, compute: int, batch: int = 1) -> int:
     """Rotary embedding's cos and sin, shared by every sequence: one pair, or one per kind of
-    layer where the model forms them so (OLMo3, Gemma3)."""
+    layer where the model forms them so (OLMo3, Gemma3); one per sequence where the model forms
+    them so (Qwen 3.5)."""
+    if dims.linear_layers == dims.layers:  # no attention layer to read them
+        return 0
     pair = 2 * (FLOAT32 if dims.profile.rope_float32 else compute) * length * dims.rotary_width
+    pair *= batch if dims.profile.rope_per_sequence else 1
     return pair * (dims.profile.mask_kinds if dims.profile.rope_per_layer_type else 1)
 
 
@@ -386,6 +399,8 @@ def training_bytes(
         # eager attention's backward, once the rest of the layer's backward has released what the
         # layer kept after its attention (zero under SDPA)
         eager = batch * length * length * d.heads * d.profile.attention_backward_bytes(compute)
+        if d.token_mixer == "linear_attention" and d.linear_attention is not None:
+            eager = d.linear_attention.backward_bytes(batch, length)  # its chunks' gradients
         attention = eager + gradient - after_attention_bytes(d, batch, length, compute, frozen)
         if recipe.optim.activation_checkpointing:
             # the layer being recomputed: its activations, its merged weights (one of them counted by
@@ -455,6 +470,8 @@ def evaluation_bytes(
     def working_set(dims: Dims) -> int:
         """A layer's working set, for a layer of the kind ``dims``."""
         layer = e * tokens * (4 * dims.hidden + 3 * dims.intermediate)
+        if dims.token_mixer == "linear_attention" and dims.linear_attention is not None:
+            return max(layer, dims.linear_attention.evaluation_bytes(dims.hidden, batch, length, e))
         if dims.profile.moe:
             # grouped_mm reads a fused expert weight whole (merged: the largest stacked tensor at most,
             # its kernel's temporaries gone) while the routed copies' working set is alive: the token

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from mergeopt.errors import UserError
 from mergeopt.loading.lora_sizes import FactorSizes
 from mergeopt.memory.layer_profiles import EXPERT_COUNT_KEYS, LLAMA, LayerProfile, profile_for
+from mergeopt.memory.linear_attention import LinearAttention
 
 GIB = 2**30
 FLOAT32 = 4
@@ -71,6 +72,9 @@ class Dims:
     expert_groups: tuple[int, int] = (1, 1)  # a grouped router's groups of experts, and those it picks
     dense_layers: int = 0  # a mixture of experts' first layers whose MLP is dense (first_k_dense_replace)
     rotary_dim: int | None = None  # rotary embedding's width per head, where partial (None: head_dim)
+    linear_attention: LinearAttention | None = None  # gated DeltaNet layers' shapes (Qwen 3.5)
+    linear_layers: int = 0  # how many layers are gated DeltaNet layers (config.json's layer_types)
+    token_mixer: str = "attention"  # in a kind of layer (layer_kinds): "linear_attention" for those
 
     @property
     def rotary_width(self) -> int:
@@ -79,7 +83,12 @@ class Dims:
 
     def layer_kinds(self) -> tuple[tuple[Dims, int], ...]:
         """The decoder's kinds of layer with their counts: a mixture of experts whose first
-        layers are dense (GLM-4.5) has those as a dense kind of its own (no routed experts)."""
+        layers are dense (GLM-4.5) has those as a dense kind of its own (no routed experts), and
+        gated DeltaNet layers (Qwen 3.5) are a kind of their own beside the attention layers."""
+        if self.linear_layers:
+            full = replace(self, layers=self.layers - self.linear_layers, linear_layers=0)
+            linear = replace(full, layers=self.linear_layers, dense_layers=0, token_mixer="linear_attention")
+            return tuple((k, n) for k, n in ((linear, self.linear_layers), *full.layer_kinds()) if n)
         if not self.profile.moe or not self.dense_layers:
             return ((self, self.layers),)
         dense = replace(
@@ -129,6 +138,8 @@ class Dims:
         rope = cfg.get("rope_parameters") if isinstance(cfg.get("rope_parameters"), dict) else {}
         partial = cfg.get("partial_rotary_factor", rope.get("partial_rotary_factor"))
         layers = pick("num_hidden_layers", "n_layer", "num_layers")
+        linear = LinearAttention.from_config(cfg, where)
+        linear_layers = list(cfg.get("layer_types") or ())[:layers].count("linear_attention") if linear else 0
         shared = pick("shared_expert_intermediate_size", default=0)
         if not shared and isinstance(cfg.get("n_shared_experts"), int):  # DeepSeek-V3's kind
             shared = cfg["n_shared_experts"] * pick("moe_intermediate_size", default=intermediate)
@@ -151,6 +162,8 @@ class Dims:
             rotary_dim=int(head_dim * partial)
             if isinstance(partial, (int, float)) and partial != 1
             else None,
+            linear_attention=linear,
+            linear_layers=linear_layers,
         )
 
 

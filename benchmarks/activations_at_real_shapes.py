@@ -1,16 +1,19 @@
-"""How far the plan's saved activations fall short, at real layer shapes, for the model types it
-knows it has not profiled (``mergeopt.memory.layer_profiles.SHORT_BY``).
+"""The plan's saved activations against autograd's at real layer shapes: how far they fall short
+for the model types the plan knows it has not profiled (``mergeopt.memory.layer_profiles.SHORT_BY``),
+and that they hold for the profiled types whose layers change most with the shapes (Qwen 3.5's,
+Qwen3.5-MoE's and Qwen3-Next's gated DeltaNet linear attention).
 
 Run from the repository root (about 10 minutes on 2 CPU cores; the largest model, DeepSeek-V3's two
 layers in float32, holds 6 GiB of weights):
 
-    python benchmarks/unprofiled_activations.py
+    python benchmarks/activations_at_real_shapes.py
 
-The plan's note for such a type states the shortfall measured on a small random model of it
-(tests/test_layer_profiles.py). The shortfall depends on the shapes: Qwen 3.5's linear attention,
-for one, keeps per chunk of 64 tokens 64 × 64 matrices and a recurrent state per value head, whose
-share of a layer's activations changes with the head count and width against the hidden size. So
-this measures it at the shapes of a released model of each type: its config's layer widths (its
+The plan's note for an unprofiled type states the shortfall measured on a small random model of it
+(tests/test_layer_profiles.py). The shortfall depends on the shapes, and so do the terms of a
+linear-attention layer (``mergeopt.memory.linear_attention``, exact on small models): per chunk of
+64 tokens, 64 × 64 matrices and a recurrent state per value head, whose share of a layer's
+activations changes with the head count and width against the hidden size. So this measures both
+at the shapes of a released model of each type: its config's layer widths (its
 transformers config class's defaults, which follow the named checkpoint) with one layer of each
 kind in the proportion the model has them (Qwen 3.5: three linear-attention layers to one full;
 Gemma 4: its first six layers, five sliding-window and one full, and no layers sharing keys and
@@ -23,7 +26,7 @@ For each type, in float32 and bfloat16: one sequence of ``--length`` tokens thro
 training mode, every weight requiring a gradient (as merged weights do), and the bytes of the
 distinct storages autograd saves for the backward, parameters left out (tests/test_layer_profiles's
 ``_saved_bytes``) against ``phases.saved_activation_bytes`` for the model's dims. Results:
-``--out``/unprofiled_activations.json and .md.
+``--out``/activations_at_real_shapes.json and .md.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.precision import environment  # noqa: E402
 from mergeopt.memory import phases  # noqa: E402
-from mergeopt.memory.layer_profiles import SHORT_BY  # noqa: E402
+from mergeopt.memory.layer_profiles import PROFILES, SHORT_BY  # noqa: E402
 from mergeopt.memory.sizes import Dims  # noqa: E402
 from tests.test_layer_profiles import _saved_bytes  # noqa: E402
 
@@ -124,29 +127,35 @@ def measure(model_type: str, dtype: torch.dtype, length: int) -> dict:
         "saved_mib": round(saved / 2**20, 2),
         "planned_mib": round(planned / 2**20, 2),
         "ratio": round(planned / saved, 3),
-        "small_model_ratio": SHORT_BY[model_type][0 if dtype == torch.bfloat16 else 1],
+        # a profiled type: exact on a small model (tests/test_layer_profiles.py)
+        "small_model_ratio": SHORT_BY[model_type][0 if dtype == torch.bfloat16 else 1]
+        if model_type not in PROFILES
+        else 1.0,
         "seconds": round(time.perf_counter() - started, 1),
     }
 
 
 def markdown(report: dict) -> str:
     lines = [
-        "# The plan against what autograd saves, at real layer shapes, for the unprofiled types",
+        "# The plan against what autograd saves, at real layer shapes",
         "",
         f"{report['date_utc']} UTC at {str(report['git_commit'])[:7]}, {report['cpu']}, "
         f"torch {report['torch']}, transformers {report['transformers']}; "
         f"one sequence of {report['length']} tokens, on the CPU (its "
         "kernels: DeepSeek-V3's latent attention as plain attention, Qwen's linear attention in "
-        "PyTorch's chunks).",
+        "PyTorch's chunks). Profiled: the Qwen types (their linear attention: "
+        "mergeopt.memory.linear_attention); not profiled: DeepSeek-V3, Gemma 4 (the plan's note "
+        "states their shortfall).",
         "",
-        "| model type | shapes of | dtype | layers | parameters (M) | saved (MiB) | planned (MiB) "
-        "| planned / saved | on a small one |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model type | profiled | shapes of | dtype | layers | parameters (M) | saved (MiB) "
+        "| planned (MiB) | planned / saved | on a small one |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         layers = ", ".join(f"{r['layers'].count(k)} {k}" for k in dict.fromkeys(r["layers"]))
         lines.append(
-            f"| {r['model_type']} | {r['shapes_of']} | {r['dtype']} | {layers} | {r['parameters_m']} "
+            f"| {r['model_type']} | {'yes' if r['model_type'] in PROFILES else 'no'} | {r['shapes_of']} "
+            f"| {r['dtype']} | {layers} | {r['parameters_m']} "
             f"| {r['saved_mib']} | {r['planned_mib']} | {r['ratio']:.2f} | {r['small_model_ratio']:.2f} |"
         )
     return "\n".join(lines) + "\n"
@@ -174,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "unprofiled_activations.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "unprofiled_activations.md").write_text(markdown(report))
+    (args.out / "activations_at_real_shapes.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "activations_at_real_shapes.md").write_text(markdown(report))
     return 0
 
 
