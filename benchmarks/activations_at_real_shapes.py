@@ -14,7 +14,8 @@ linear-attention layer (``mergeopt.memory.linear_attention``, exact on small mod
 64 tokens, 64 × 64 matrices and a recurrent state per value head, whose share of a layer's
 activations changes with the head count and width against the hidden size. So this measures both
 at the shapes of a released model of each type: its config's layer widths (its
-transformers config class's defaults, which follow the named checkpoint) with one layer of each
+transformers config class's defaults, which transformers' docs attribute to the named checkpoint;
+no config is downloaded, so they are not checked against it) with one layer of each
 kind in the proportion the model has them (Qwen 3.5: three linear-attention layers to one full;
 Gemma 4: its first six layers, five sliding-window and one full, and no layers sharing keys and
 values; DeepSeek-V3: one dense layer and one mixture of experts), a vocabulary of 1,000 and, for

@@ -288,7 +288,7 @@ def test_the_shortfall_at_real_shapes_is_the_committed_benchmarks():
     """The note's shortfall at a released model's layer shapes is what
     benchmarks/activations_at_real_shapes.py measured and committed, for every type the note
     covers; the linear-attention types it profiles plan what autograd saves at those shapes too
-    (1% over at most: one sequence, whose attention needs no padding mask)."""
+    (2% over at most: one sequence, which needs no padding mask)."""
     import json
 
     from mergeopt.memory.layer_profiles import AT_REAL_SHAPES, SHORT_BY
@@ -298,7 +298,7 @@ def test_the_shortfall_at_real_shapes_is_the_committed_benchmarks():
     measured = {(r["model_type"], r["dtype"]): r["ratio"] for r in report["rows"]}
     profiled = {"qwen3_5_text", "qwen3_5_moe_text", "qwen3_next"}
     assert set(AT_REAL_SHAPES) == set(SHORT_BY) == {t for t, _ in measured} - profiled
-    assert all(1 <= ratio <= 1.01 for (t, _), ratio in measured.items() if t in profiled), measured
+    assert all(1 <= ratio <= 1.02 for (t, _), ratio in measured.items() if t in profiled), measured
     for model_type, (_, low, high) in AT_REAL_SHAPES.items():
         assert (low, high) == (
             round(measured[model_type, "bfloat16"], 2),

@@ -6,6 +6,8 @@ set of an evaluation batch, within 15% either way."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import transformers
@@ -125,3 +127,18 @@ def test_linear_attention_layers_without_their_shapes_are_named():
         UserError, match="base: config.json has linear_attention layers but no linear_value_head_dim"
     ):
         Dims.from_config(config, "base")
+
+
+def test_an_unprofiled_type_with_linear_attention_layers_plans_them_and_says_so():
+    """A model type not profiled whose layer_types name linear_attention (a later Qwen, say): those
+    layers are planned as Qwen 3.5's gated DeltaNet, its attention layers as Llama's, and the
+    plan's note says both."""
+    from mergeopt.memory.dry_run import _profile_notes
+    from mergeopt.memory.layer_profiles import LLAMA
+
+    config = {**transformers.Qwen3_5TextConfig().to_dict(), "model_type": "qwen4_text"}
+    dims = Dims.from_config(config, "base")
+    assert replace(dims.profile, mask_kinds=1) == LLAMA and dims.linear_layers == 24  # two kinds of layer
+    (note,) = _profile_notes(dims)
+    assert "model type qwen4_text is not profiled; its attention layers are estimated as Llama's" in note
+    assert "its linear_attention layers as Qwen 3.5's gated DeltaNet" in note

@@ -106,7 +106,9 @@ def _check_experts(base: Checkpoint, experts: dict[str, Checkpoint], model=None)
 
 
 def _profile_notes(dims: Dims) -> tuple[str, ...]:
-    note = not_profiled_note(dims.model_type, dims.profile.moe, dims.profile.grouped_router)
+    note = not_profiled_note(
+        dims.model_type, dims.profile.moe, dims.profile.grouped_router, linear=dims.linear_layers > 0
+    )
     return (note,) if note else ()
 
 

@@ -5,11 +5,12 @@ transformers runs it, where flash-linear-attention's kernels are not installed (
 as PyTorch code that splits the sequence into chunks of 64 tokens: every chunk's (64 × 64)
 matrices per value head in float32, whatever the compute dtype, and a recurrent state per head
 carried from chunk to chunk. Those, not the projections, are most of what such a layer keeps, so a
-plan that estimated it as an attention layer fell short by more than half (0.42x of the
-activations autograd saves at Qwen3.5-27B's shapes, in bfloat16). Every term below is a tensor
-autograd saves, checked on small random models in tests/test_linear_attention.py (transformers
-5.25). flash-linear-attention's kernels, where a GPU has them, keep less: the plan is then an
-upper bound.
+plan that estimated it as an attention layer fell short by more than half (0.42x of the activations
+autograd saves at the shapes transformers gives Qwen3.5-27B, in bfloat16). Every term of
+:meth:`LinearAttention.saved_bytes` is a tensor autograd saves, checked on small random models in
+tests/test_linear_attention.py (transformers 5.25); the backward's and an evaluation's moments are
+fitted to measured peaks. flash-linear-attention's kernels, where a GPU has them, keep less: the
+plan is then an upper bound.
 """
 
 from __future__ import annotations
@@ -67,9 +68,9 @@ class LinearAttention:
         to its output projection's input, for ``batch`` right-padded sequences of ``length``.
 
         Per token: the padding mask (int64; transformers applies it to a batch with padding, which
-        the plan assumes), the convolution's input and β (the compute dtype), the decay's float32 softplus
-        input and output, and q and k repeated to every value head in float32 with their l2 norms'
-        reciprocals; the convolution's output with its kernel − 1 extra positions; the gated
+        the plan assumes), the convolution's input and β (the compute dtype), the decay's float32
+        softplus input and output, and q and k repeated to every value head in float32 with their
+        l2 norms' reciprocals; the convolution's output with its kernel − 1 extra positions; the gated
         RMSNorm over the output (float32 input, its reciprocal, the normalised value in the compute
         dtype, the gate in float32 and its SiLU, and their product as the output projection reads
         it); the projections' inputs (the masked input, the gated output). Per padded position
@@ -80,12 +81,13 @@ class LinearAttention:
         and it with its decay). Per chunk: the recurrent state each chunk reads and the chunk's
         decay. Per layer: two float32 vectors per value head and the chunk's boolean mask.
 
-        PyTorch's copies depend on the shapes: with one chunk, the last decayed key is read as a
-        view of the whole; in float32 with as many value heads as key heads, v is copied once more
-        (and a fused projection's reordered q, k and v too);
-        in float32 at a length that needs no padding, q and k are copied more (four (value heads ×
-        length × key width) copies, three and one chunk's with repeated heads over more than one
-        sequence; none with one chunk, one sequence or unrepeated heads).
+        PyTorch's copies depend on the shapes (measured, tests/test_linear_attention.py): with one
+        chunk, the last decayed key is read as a view of the whole; in float32 with as many value
+        heads as key heads, v is copied once more (and a fused projection's reordered q, k and v);
+        in float32 at a length that needs no padding, q and k are copied more: with repeated heads
+        over several sequences three (value heads × length × key width) copies and one chunk's of
+        one for every chunk but the last (at least one), otherwise four copies over several chunks
+        and none over one.
 
         ``frozen`` (no weight merged): the projections and the norm's weight keep nothing for a
         weight's gradient."""
@@ -98,8 +100,10 @@ class LinearAttention:
         per_token += 2 * FLOAT32 * hv * (dk + 1) + 8  # q and k's l2 norms, the padding mask
         per_token += hv * dv * (3 * FLOAT32 + (1 + weighted) * compute) + FLOAT32 * hv  # the gated RMSNorm
         per_token += weighted * compute * (hidden + hv * dv)  # the projections' inputs
-        # per padded position and value head, in float32
-        width = 1 + dv + dk + 5 * CHUNK + 2 * dk + 3 + dv + dk + dv + 2 * dk
+        # per padded position and value head, in float32: β, v and k padded; five chunk-wide
+        # matrices; k·β and the scaled q; the cumulative decay and its two exponentials; the new
+        # values and decayed keys of the solve; each chunk's value difference; q and k decayed
+        width = (1 + dv + dk) + 5 * CHUNK + 2 * dk + 3 + (dv + dk) + dv + 2 * dk
         if chunks == 1:  # the last chunk's decayed key, read as a view of the whole
             width -= dk
         if compute == FLOAT32 and hk == hv:  # v's float32 copy is not v itself
@@ -120,12 +124,12 @@ class LinearAttention:
         return kept + convolved + states + per_layer + copies
 
     def backward_bytes(self, batch: int, length: int) -> int:
-        """The chunk algorithm's backward, beyond what its forward kept: about two float32
+        """The chunk algorithm's backward, beyond what its forward kept: about three float32
         gradients per padded position and value head, as wide as the widest of a chunk, a key and a
-        value, less one chunk of one of them (2·padded − 64 positions). Not a tensor count: fitted
+        value, less half a chunk each (3 · (padded − 32) positions). Not a tensor count: fitted
         to the measured peaks of a checkpointed training step (1 to 5 chunks, key widths 16 to 128,
-        float32 and bfloat16: the plan's step within 5% below to 15% above them,
-        tests/test_layer_profiles.py and docs/guides/memory.md)."""
+        float32 and bfloat16: the plan's step within 6% below to 12% above them, checkpointed or
+        not; tests/test_layer_profiles.py and docs/guides/memory.md)."""
         padded = -(-length // CHUNK) * CHUNK
         width = max(CHUNK, self.key_dim, self.value_dim)
         return 3 * FLOAT32 * batch * self.value_heads * width * (padded - CHUNK // 2)
