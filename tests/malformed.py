@@ -48,6 +48,16 @@ def copy_of(source: str | Path, tmp: Path, name: str) -> Path:
     return Path(shutil.copytree(source, tmp / name))
 
 
+def linear_attention_without_shapes(world: dict, tmp: Path) -> str:
+    """A copy of the base whose config.json names gated DeltaNet layers (Qwen 3.5's layer_types)
+    but none of their shapes."""
+    base = copy_of(world["base"], tmp, "linear-base")
+    config = json.loads((base / "config.json").read_text())
+    config["layer_types"] = ["linear_attention"] * config["num_hidden_layers"]
+    (base / "config.json").write_text(json.dumps(config))
+    return str(base)
+
+
 def config_disagreeing(world: dict, tmp: Path) -> str:
     """A copy of the base whose config.json says hidden_size 64 while its tensors have 32."""
     base = copy_of(world["base"], tmp, "wide-base")

@@ -1120,6 +1120,16 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         lambda w, t: [_recipe(w, t), f"model.base={malformed.config_disagreeing(w, t)}"],
         "wide-base/config.json disagrees with the base's weights",
     ),
+    "base config.json: linear attention without its shapes, --dry-run": (
+        "checkpoint",
+        "fit",
+        lambda w, t: [
+            _recipe(w, t),
+            f"model.base={malformed.linear_attention_without_shapes(w, t)}",
+            "--dry-run",
+        ],
+        "config.json has linear_attention layers but no linear_num_key_heads",
+    ),
     "base model.safetensors truncated, --dry-run": (
         "checkpoint",
         "fit",
