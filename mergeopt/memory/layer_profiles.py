@@ -11,9 +11,10 @@ a mixture of experts in place of the MLP (Mixtral, Qwen2-MoE with a shared exper
 GPT-OSS, and DeepSeek-V3's kind with dense first layers, a grouped sigmoid router and shared experts:
 GLM-4.5, dots.llm1): the router's tensors and, per routed copy of a token, what transformers'
 grouped_mm keeps; gated attention beside gated DeltaNet linear-attention layers (Qwen 3.5,
-Qwen3.5-MoE, Qwen3-Next: :mod:`mergeopt.memory.linear_attention`). A profile names those differences, read from config.json's ``model_type``; each
-is checked against what autograd saves in tests/test_layer_profiles.py (measured with transformers
-5.25: a release that changes a model's forward shows there first). A model type not profiled is
+Qwen3.5-MoE, Qwen3-Next: :mod:`mergeopt.memory.linear_attention`). A profile names those
+differences, read from config.json's ``model_type``; each is checked against what autograd saves in
+tests/test_layer_profiles.py (measured with transformers 5.25: a release that changes a model's
+forward shows there first). A model type not profiled is
 planned as a Llama layer, or as a mixture of experts of Mixtral's kind where its config names
 routed experts (of DeepSeek-V3's where it names groups of them), and the plan says so.
 """
@@ -296,9 +297,9 @@ def not_profiled_note(
     """The plan's note for a model type whose layer is estimated as Llama's, or as a mixture of
     experts of Mixtral's kind (``routed``: the config names routed experts) or of DeepSeek-V3's
     (``grouped`` too: groups of them) (None: profiled), its ``linear`` attention layers as Qwen
-    3.5's gated DeltaNet (config.json's layer_types name them); for a type of :data:`SHORT_BY`, how far
-    short the estimate falls on a small model and at a released one's layer shapes, and the room
-    the larger shortfall asks for."""
+    3.5's gated DeltaNet (config.json's layer_types name them); for a type of :data:`SHORT_BY`,
+    how far short the estimate falls on a small model and at a released one's layer shapes, and
+    the room the larger shortfall asks for."""
     if model_type in PROFILES:
         return None
     kind = "Llama's"

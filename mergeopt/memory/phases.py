@@ -130,7 +130,9 @@ def attention_sublayer_bytes(dims: Dims, batch: int, length: int, compute: int, 
     SDPA keeps the padding mask (length²), in the compute dtype; eager attention instead keeps every
     head's attention weights (length² each, :meth:`LayerProfile.attention_weight_bytes`) and no
     log-sum-exp. Eager attention's backward runs once the rest of the layer's backward has
-    released everything else (:func:`training_bytes`)."""
+    released everything else (:func:`training_bytes`). A gated DeltaNet layer (Qwen 3.5) keeps its
+    first norm's tensors and what :meth:`~mergeopt.memory.linear_attention.LinearAttention.saved_bytes`
+    says; gated attention, three attention-output-sized tensors more (four in float32)."""
     d, p, tokens = dims, dims.profile, batch * length
     norm = p.norm_bytes(d.hidden, 1, compute, frozen) if p.pre_norms else 0
     if d.token_mixer == "linear_attention" and d.linear_attention is not None:
@@ -334,7 +336,9 @@ def training_bytes(
 
     Eager attention (Gemma2) adds its backward's moment: the attention sublayer's kept tensors
     beside the float32 gradients of the attention weights
-    (:meth:`~mergeopt.memory.layer_profiles.LayerProfile.attention_backward_bytes`).
+    (:meth:`~mergeopt.memory.layer_profiles.LayerProfile.attention_backward_bytes`); a gated
+    DeltaNet layer (Qwen 3.5) its chunk algorithm's float32 gradients at the same moment
+    (:meth:`~mergeopt.memory.linear_attention.LinearAttention.backward_bytes`).
 
     A sharded stack (``gathers``) gathers the merged weights whole (:func:`merge_bytes`), the output
     layer's beside the loss, and the matrices not stacked while their modules run: with
@@ -397,11 +401,11 @@ def training_bytes(
         )
         one_layer = layer_activation_bytes(d, batch, length, compute, frozen)
         # eager attention's backward, once the rest of the layer's backward has released what the
-        # layer kept after its attention (zero under SDPA)
-        eager = batch * length * length * d.heads * d.profile.attention_backward_bytes(compute)
+        # layer kept after its attention (zero under SDPA), or a gated DeltaNet layer's chunks'
+        mixer = batch * length * length * d.heads * d.profile.attention_backward_bytes(compute)
         if d.token_mixer == "linear_attention" and d.linear_attention is not None:
-            eager = d.linear_attention.backward_bytes(batch, length)  # its chunks' gradients
-        attention = eager + gradient - after_attention_bytes(d, batch, length, compute, frozen)
+            mixer = d.linear_attention.backward_bytes(batch, length)
+        attention = mixer + gradient - after_attention_bytes(d, batch, length, compute, frozen)
         if recipe.optim.activation_checkpointing:
             # the layer being recomputed: its activations, its merged weights (one of them counted by
             # the merge in flight), its backward. Its largest moments come after the backward of the
@@ -454,6 +458,8 @@ def evaluation_bytes(
     3 intermediate-sized tensors per token, the boolean and float padding masks per sequence); one
     parameter's merge (merged while it runs); an evaluation wider than the compute dtype reads each
     parameter that is not stacked as a cast copy (the largest, ``unstacked_largest`` elements).
+    A gated DeltaNet layer's working set is its chunk algorithm's float32 locals
+    (:meth:`~mergeopt.memory.linear_attention.LinearAttention.evaluation_bytes`), where larger.
     Generation (exact_match) holds a merged copy of the stacked parameters instead (see docs/guides/memory.md).
     A sharded stack (``gathers``) adds the gathered weights: a merged weight beside the rank's block,
     the output layer's (read in ``evaluate`` bytes, cast when it is not merged) beside the loss
