@@ -23,6 +23,11 @@ FLOAT32 = 4
 CHUNK = 64  # transformers' torch_chunk_gated_delta_rule
 
 
+def _padded(length: int) -> int:
+    """The length rounded up to whole chunks, as the chunk algorithm pads it."""
+    return -(-length // CHUNK) * CHUNK
+
+
 @dataclass(frozen=True)
 class LinearAttention:
     """A gated DeltaNet layer's shapes, from config.json's ``linear_*`` keys: key heads and their
@@ -93,7 +98,7 @@ class LinearAttention:
         weight's gradient."""
         hk, dk, hv, dv = self.key_heads, self.key_dim, self.value_heads, self.value_dim
         tokens = batch * length
-        padded = -(-length // CHUNK) * CHUNK
+        padded = _padded(length)
         chunks = padded // CHUNK
         weighted = 0 if frozen else 1  # kept only for a weight's gradient
         per_token = compute * self.channels + compute * hv + (1 + weighted) * FLOAT32 * hv
@@ -130,7 +135,7 @@ class LinearAttention:
         to the measured peaks of a checkpointed training step (1 to 5 chunks, key widths 16 to 128,
         float32 and bfloat16: the plan's step within 6% below to 12% above them, checkpointed or
         not; tests/test_layer_profiles.py and docs/guides/memory.md)."""
-        padded = -(-length // CHUNK) * CHUNK
+        padded = _padded(length)
         width = max(CHUNK, self.key_dim, self.value_dim)
         return 3 * FLOAT32 * batch * self.value_heads * width * (padded - CHUNK // 2)
 
@@ -144,7 +149,7 @@ class LinearAttention:
         layer (key and value widths 16 to 128, 1 to 4 chunks, float32 and bfloat16: 12% below to
         14% above them for Qwen 3.5's, 7% below to 13% above for Qwen3-Next's)."""
         dk, hv, dv = self.key_dim, self.value_heads, self.value_dim
-        padded = -(-length // CHUNK) * CHUNK
+        padded = _padded(length)
         chunked = FLOAT32 * batch * hv * (padded * (3 * CHUNK + 5 * dk + 6 * dv) + 4 * dk * dv)
         tokens = batch * length
         fused = self.channels + hv * dv if self.fused_projection else 0

@@ -107,7 +107,7 @@ def after_attention_bytes(dims: Dims, batch: int, length: int, compute: int, fro
     norms = (p.pre_norms + p.post_norms - min(p.pre_norms, 1)) * p.norm_bytes(d.hidden, 1, compute, frozen)
     mlp = (0 if frozen else compute * d.hidden) + compute * (3 if frozen else 4) * d.intermediate
     # a gated DeltaNet layer has no q and k norms (nor one float32 weight for its gated norm)
-    normed = replace(p, qk_norm=None) if d.token_mixer == "linear_attention" else p
+    normed = replace(p, qk_norm=None) if d.linear_mixer else p
     per_layer = normed.norm_weight_bytes(d.hidden, d.heads, d.kv_heads, d.head_dim)
     if p.moe:  # the router reads the MLP's input; grouped_mm keeps its int32 offsets per expert
         mlp = (0 if frozen else compute * d.hidden) + p.moe_mlp_bytes(
@@ -135,8 +135,8 @@ def attention_sublayer_bytes(dims: Dims, batch: int, length: int, compute: int, 
     says; gated attention, three attention-output-sized tensors more (four in float32)."""
     d, p, tokens = dims, dims.profile, batch * length
     norm = p.norm_bytes(d.hidden, 1, compute, frozen) if p.pre_norms else 0
-    if d.token_mixer == "linear_attention" and d.linear_attention is not None:
-        return tokens * norm + d.linear_attention.saved_bytes(d.hidden, batch, length, compute, frozen)
+    if d.linear_mixer:
+        return tokens * norm + d.linear_mixer.saved_bytes(d.hidden, batch, length, compute, frozen)
     norm += p.qk_norm_bytes(d.heads, d.kv_heads, d.head_dim, compute, frozen)
     attention = (3 if frozen and p.eager else 4) * d.heads * d.head_dim
     if p.attention_output_copies > 1 and not frozen:
@@ -403,8 +403,8 @@ def training_bytes(
         # eager attention's backward, once the rest of the layer's backward has released what the
         # layer kept after its attention (zero under SDPA), or a gated DeltaNet layer's chunks'
         mixer = batch * length * length * d.heads * d.profile.attention_backward_bytes(compute)
-        if d.token_mixer == "linear_attention" and d.linear_attention is not None:
-            mixer = d.linear_attention.backward_bytes(batch, length)
+        if d.linear_mixer:
+            mixer = d.linear_mixer.backward_bytes(batch, length)
         attention = mixer + gradient - after_attention_bytes(d, batch, length, compute, frozen)
         if recipe.optim.activation_checkpointing:
             # the layer being recomputed: its activations, its merged weights (one of them counted by
@@ -476,8 +476,8 @@ def evaluation_bytes(
     def working_set(dims: Dims) -> int:
         """A layer's working set, for a layer of the kind ``dims``."""
         layer = e * tokens * (4 * dims.hidden + 3 * dims.intermediate)
-        if dims.token_mixer == "linear_attention" and dims.linear_attention is not None:
-            return max(layer, dims.linear_attention.evaluation_bytes(dims.hidden, batch, length, e))
+        if dims.linear_mixer:
+            return max(layer, dims.linear_mixer.evaluation_bytes(dims.hidden, batch, length, e))
         if dims.profile.moe:
             # grouped_mm reads a fused expert weight whole (merged: the largest stacked tensor at most,
             # its kernel's temporaries gone) while the routed copies' working set is alive: the token

@@ -77,6 +77,11 @@ class Dims:
     token_mixer: str = "attention"  # in a kind of layer (layer_kinds): "linear_attention" for those
 
     @property
+    def linear_mixer(self) -> LinearAttention | None:
+        """This kind of layer's gated DeltaNet shapes, where it is one (:meth:`layer_kinds`)."""
+        return self.linear_attention if self.token_mixer == "linear_attention" else None
+
+    @property
     def rotary_width(self) -> int:
         """The width of rotary embedding's cos and sin: head_dim, or its rotated part."""
         return self.head_dim if self.rotary_dim is None else self.rotary_dim
