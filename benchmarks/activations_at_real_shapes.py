@@ -1,7 +1,8 @@
 """The plan's saved activations against autograd's at real layer shapes: how far they fall short
 for the model types the plan knows it has not profiled (``mergeopt.memory.layer_profiles.SHORT_BY``),
-and that they hold for the profiled types whose layers change most with the shapes (Qwen 3.5's,
-Qwen3.5-MoE's and Qwen3-Next's gated DeltaNet linear attention).
+and that they hold for the profiled types whose layers change most with the shapes (DeepSeek-V3's
+multi-head latent attention; Qwen 3.5's, Qwen3.5-MoE's and Qwen3-Next's gated DeltaNet linear
+attention).
 
 Run from the repository root (about 10 minutes on 2 CPU cores; the largest model, DeepSeek-V3's two
 layers in float32, holds 6 GiB of weights):
@@ -12,7 +13,10 @@ The plan's note for an unprofiled type states the shortfall measured on a small 
 (tests/test_layer_profiles.py). The shortfall depends on the shapes, and so do the terms of a
 linear-attention layer (``mergeopt.memory.linear_attention``, exact on small models): per chunk of
 64 tokens, 64 × 64 matrices and a recurrent state per value head, whose share of a layer's
-activations changes with the head count and width against the hidden size. So this measures both
+activations changes with the head count and width against the hidden size; and those of a latent
+attention layer (``mergeopt.memory.latent_attention``, exact on small models), whose two latents
+and 128 heads, wider for q and k than for v, are narrow and wide against the hidden size. So this
+measures both
 at the shapes of a released model of each type: its config's layer widths (its
 transformers config class's defaults, which transformers' docs attribute to the named checkpoint;
 no config is downloaded, so they are not checked against it) with one layer of each
@@ -26,7 +30,9 @@ top-k and, through the router's scores alone, their count).
 For each type, in float32 and bfloat16: one sequence of ``--length`` tokens through the model in
 training mode, every weight requiring a gradient (as merged weights do), and the bytes of the
 distinct storages autograd saves for the backward, parameters left out (tests/test_layer_profiles's
-``_saved_bytes``) against ``phases.saved_activation_bytes`` for the model's dims. Results:
+``_saved_bytes``) against ``phases.saved_activation_bytes`` for the model's dims as the CPU's
+kernels run them (``Dims.on_device("cpu")``: DeepSeek-V3's attention in SDPA's math kernel, where a
+GPU runs a fused one; tests/test_latent_attention.py checks the GPU's on a GPU). Results:
 ``--out``/activations_at_real_shapes.json and .md.
 """
 
@@ -116,7 +122,7 @@ def measure(model_type: str, dtype: torch.dtype, length: int) -> dict:
     saved = _saved_bytes(
         lambda: model(input_ids=ids, use_cache=False).logits, [*model.parameters(), *model.buffers()]
     )
-    dims = Dims.from_config(config.to_dict(), checkpoint)
+    dims = Dims.from_config(config.to_dict(), checkpoint).on_device("cpu")
     planned = phases.saved_activation_bytes(dims, 1, length, dtype.itemsize)
     return {
         "model_type": model_type,
@@ -143,10 +149,11 @@ def markdown(report: dict) -> str:
         f"{report['date_utc']} UTC at {str(report['git_commit'])[:7]}, {report['cpu']}, "
         f"torch {report['torch']}, transformers {report['transformers']}; "
         f"one sequence of {report['length']} tokens, on the CPU (its "
-        "kernels: DeepSeek-V3's latent attention as plain attention, Qwen's linear attention in "
-        "PyTorch's chunks). Profiled: the Qwen types (their linear attention: "
-        "mergeopt.memory.linear_attention); not profiled: DeepSeek-V3, Gemma 4 (the plan's note "
-        "states their shortfall).",
+        "kernels, as the plan for a CPU plans them: DeepSeek-V3's latent attention in SDPA's math "
+        "kernel, Qwen's linear attention in PyTorch's chunks). Profiled: DeepSeek-V3 (its latent "
+        "attention: mergeopt.memory.latent_attention) and the Qwen types (their linear attention: "
+        "mergeopt.memory.linear_attention); not profiled: Gemma 4 (the plan's note states its "
+        "shortfall).",
         "",
         "| model type | profiled | shapes of | dtype | layers | parameters (M) | saved (MiB) "
         "| planned (MiB) | planned / saved | on a small one |",

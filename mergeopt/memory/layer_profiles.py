@@ -11,7 +11,9 @@ a mixture of experts in place of the MLP (Mixtral, Qwen2-MoE with a shared exper
 GPT-OSS, and DeepSeek-V3's kind with dense first layers, a grouped sigmoid router and shared experts:
 GLM-4.5, dots.llm1): the router's tensors and, per routed copy of a token, what transformers'
 grouped_mm keeps; gated attention beside gated DeltaNet linear-attention layers (Qwen 3.5,
-Qwen3.5-MoE, Qwen3-Next: :mod:`mergeopt.memory.linear_attention`). A profile names those
+Qwen3.5-MoE, Qwen3-Next: :mod:`mergeopt.memory.linear_attention`); multi-head latent attention
+(DeepSeek-V3: :mod:`mergeopt.memory.latent_attention`, read from config.json's widths, not from the
+profile). A profile names those
 differences, read from config.json's ``model_type``; each is checked against what autograd saves in
 tests/test_layer_profiles.py (measured with transformers 5.25: a release that changes a model's
 forward shows there first). A model type not profiled is
@@ -231,6 +233,9 @@ PROFILES = {
     # over part of each head, joined back to the rest: SDPA's output is then copied for the output
     # projection; per-head q/k norms where its config says use_qk_norm), dots.llm1 (per-head q/k norms)
     "glm4_moe": replace(_GROUPED, attention_output_copies=2),
+    # DeepSeek-V3 itself (and Moonlight): its mixture of experts beside multi-head latent attention
+    # (mergeopt.memory.latent_attention, from config.json's kv_lora_rank and head widths)
+    "deepseek_v3": _GROUPED,
     "dots1": replace(_GROUPED, qk_norm="head", rope_per_layer_type=True),
     "gpt_oss": LayerProfile(
         norm_weight_float32=True, eager=True, attention_sinks=True, moe=True, clamped_swiglu=True
@@ -276,17 +281,14 @@ def routes_in_groups(config: dict) -> bool:
 
 # model types known to keep more than the layer they are estimated as: the plan's saved
 # activations against what autograd saves on a small random model of the type, in bfloat16 and in
-# float32 (tests/test_layer_profiles.py measures them). DeepSeek-V3: latent attention, which CPU
-# kernels run as plain attention with every head's float32 weights. Gemma 4: per-layer input
-# embeddings, q/k/v norms, wider heads in its full layers.
+# float32 (tests/test_layer_profiles.py measures them). Gemma 4: per-layer input embeddings,
+# q/k/v norms, wider heads in its full layers.
 SHORT_BY = {
-    "deepseek_v3": (0.73, 0.86),
     "gemma4_text": (0.46, 0.60),
 }
 # the same at a released model's layer shapes, bfloat16 and float32, on the CPU's kernels
 # (benchmarks/activations_at_real_shapes.py; its committed results are these numbers)
 AT_REAL_SHAPES = {
-    "deepseek_v3": ("DeepSeek-V3", 0.56, 0.68),
     "gemma4_text": ("Gemma 4 E2B", 0.55, 0.70),
 }
 

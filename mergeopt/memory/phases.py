@@ -132,11 +132,17 @@ def attention_sublayer_bytes(dims: Dims, batch: int, length: int, compute: int, 
     log-sum-exp. Eager attention's backward runs once the rest of the layer's backward has
     released everything else (:func:`training_bytes`). A gated DeltaNet layer (Qwen 3.5) keeps its
     first norm's tensors and what :meth:`~mergeopt.memory.linear_attention.LinearAttention.saved_bytes`
-    says; gated attention, three attention-output-sized tensors more (four in float32)."""
+    says; gated attention, three attention-output-sized tensors more (four in float32). A latent
+    attention layer (DeepSeek-V3) keeps its first norm's tensors and what
+    :meth:`~mergeopt.memory.latent_attention.LatentAttention.saved_bytes` says, for the kernel the
+    planned device runs (:meth:`~mergeopt.memory.sizes.Dims.on_device`)."""
     d, p, tokens = dims, dims.profile, batch * length
     norm = p.norm_bytes(d.hidden, 1, compute, frozen) if p.pre_norms else 0
     if d.linear_mixer:
         return tokens * norm + d.linear_mixer.saved_bytes(d.hidden, batch, length, compute, frozen)
+    if d.latent_attention:
+        latent = d.latent_attention.saved_bytes(d.hidden, d.heads, batch, length, compute, frozen)
+        return tokens * norm + latent
     norm += p.qk_norm_bytes(d.heads, d.kv_heads, d.head_dim, compute, frozen)
     attention = (3 if frozen and p.eager else 4) * d.heads * d.head_dim
     if p.attention_output_copies > 1 and not frozen:
@@ -338,7 +344,9 @@ def training_bytes(
     beside the float32 gradients of the attention weights
     (:meth:`~mergeopt.memory.layer_profiles.LayerProfile.attention_backward_bytes`); a gated
     DeltaNet layer (Qwen 3.5) its chunk algorithm's float32 gradients at the same moment
-    (:meth:`~mergeopt.memory.linear_attention.LinearAttention.backward_bytes`).
+    (:meth:`~mergeopt.memory.linear_attention.LinearAttention.backward_bytes`), and a latent
+    attention layer (DeepSeek-V3) on a CPU its math kernel's
+    (:meth:`~mergeopt.memory.latent_attention.LatentAttention.backward_bytes`).
 
     A sharded stack (``gathers``) gathers the merged weights whole (:func:`merge_bytes`), the output
     layer's beside the loss, and the matrices not stacked while their modules run: with
@@ -405,6 +413,8 @@ def training_bytes(
         mixer = batch * length * length * d.heads * d.profile.attention_backward_bytes(compute)
         if d.linear_mixer:
             mixer = d.linear_mixer.backward_bytes(batch, length)
+        if d.latent_attention:
+            mixer = d.latent_attention.backward_bytes(d.heads, batch, length)
         attention = mixer + gradient - after_attention_bytes(d, batch, length, compute, frozen)
         if recipe.optim.activation_checkpointing:
             # the layer being recomputed: its activations, its merged weights (one of them counted by
@@ -459,7 +469,9 @@ def evaluation_bytes(
     parameter's merge (merged while it runs); an evaluation wider than the compute dtype reads each
     parameter that is not stacked as a cast copy (the largest, ``unstacked_largest`` elements).
     A gated DeltaNet layer's working set is its chunk algorithm's float32 locals
-    (:meth:`~mergeopt.memory.linear_attention.LinearAttention.evaluation_bytes`), where larger.
+    (:meth:`~mergeopt.memory.linear_attention.LinearAttention.evaluation_bytes`), where larger; a
+    latent attention layer's, its attention's widest moment
+    (:meth:`~mergeopt.memory.latent_attention.LatentAttention.evaluation_bytes`), where larger.
     Generation (exact_match) holds a merged copy of the stacked parameters instead (see docs/guides/memory.md).
     A sharded stack (``gathers``) adds the gathered weights: a merged weight beside the rank's block,
     the output layer's (read in ``evaluate`` bytes, cast when it is not merged) beside the loss
@@ -509,6 +521,9 @@ def evaluation_bytes(
             layer = max(layer + pairs * (dims.heads * e + masks), scores + qkv)
         else:
             layer += 5 * batch * length * length  # SDPA's boolean and float padding masks
+        if dims.latent_attention:  # its attention's moment, the widest heads' tensors alive
+            latent = dims.latent_attention.evaluation_bytes(dims.hidden, dims.heads, batch, length, e)
+            layer = max(layer, latent)
         return layer
 
     layer = max(working_set(kind) for kind, _ in dims.layer_kinds())

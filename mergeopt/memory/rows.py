@@ -245,6 +245,7 @@ def plan_rows(
     largest = max((inventory.numel(n) for n in stacked), default=0)
     dtype = recipe.model.stack_dtype
     compute = compute_itemsize(recipe, memory.device)
+    dims = dims.on_device(memory.device)  # the attention kernels the device runs
     compute_name = next(n for n in ("float32", "bfloat16") if DTYPES[n].itemsize == compute)
     if recipe.model.compute_dtype == "float16":
         compute_name = "float16"

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 
 from mergeopt.errors import UserError
 from mergeopt.loading.lora_sizes import FactorSizes
+from mergeopt.memory.latent_attention import LatentAttention
 from mergeopt.memory.layer_profiles import EXPERT_COUNT_KEYS, LLAMA, LayerProfile, profile_for
 from mergeopt.memory.linear_attention import LinearAttention
 
@@ -75,6 +76,7 @@ class Dims:
     linear_attention: LinearAttention | None = None  # gated DeltaNet layers' shapes (Qwen 3.5)
     linear_layers: int = 0  # how many layers are gated DeltaNet layers (config.json's layer_types)
     token_mixer: str = "attention"  # in a kind of layer (layer_kinds): "linear_attention" for those
+    latent_attention: LatentAttention | None = None  # multi-head latent attention's widths (DeepSeek-V3)
 
     @property
     def linear_mixer(self) -> LinearAttention | None:
@@ -85,6 +87,13 @@ class Dims:
     def rotary_width(self) -> int:
         """The width of rotary embedding's cos and sin: head_dim, or its rotated part."""
         return self.head_dim if self.rotary_dim is None else self.rotary_dim
+
+    def on_device(self, device: str) -> Dims:
+        """The shapes as the attention kernels of ``device`` run them (a latent attention's differ
+        on a CPU: :meth:`~mergeopt.memory.latent_attention.LatentAttention.on_device`)."""
+        if self.latent_attention is None:
+            return self
+        return replace(self, latent_attention=self.latent_attention.on_device(device))
 
     def layer_kinds(self) -> tuple[tuple[Dims, int], ...]:
         """The decoder's kinds of layer with their counts: a mixture of experts whose first
@@ -144,6 +153,10 @@ class Dims:
         partial = cfg.get("partial_rotary_factor", rope.get("partial_rotary_factor"))
         layers = pick("num_hidden_layers", "n_layer", "num_layers")
         linear = LinearAttention.from_config(cfg, where)
+        latent = LatentAttention.from_config(cfg, where)
+        rotary_dim = int(head_dim * partial) if isinstance(partial, (int, float)) and partial != 1 else None
+        if latent is not None:  # rotary embedding over each head's rotated part alone
+            rotary_dim = latent.rope_dim
         linear_layers = list(cfg.get("layer_types") or ())[:layers].count("linear_attention") if linear else 0
         shared = pick("shared_expert_intermediate_size", default=0)
         if not shared and isinstance(cfg.get("n_shared_experts"), int):  # DeepSeek-V3's kind
@@ -164,11 +177,10 @@ class Dims:
             shared_intermediate=shared if experts else 0,
             expert_groups=(pick("n_group", default=1), pick("topk_group", default=1)) if experts else (1, 1),
             dense_layers=min(pick("first_k_dense_replace", default=0), layers) if experts else 0,
-            rotary_dim=int(head_dim * partial)
-            if isinstance(partial, (int, float)) and partial != 1
-            else None,
+            rotary_dim=rotary_dim,
             linear_attention=linear,
             linear_layers=linear_layers,
+            latent_attention=latent,
         )
 
 
