@@ -20,7 +20,8 @@ It writes ``<out>/<gpu name>.json`` and ``.md`` (spaces in the name → ``_``). 
 1. ``cuda_tests``: ``python -m pytest -m cuda`` (the CUDA-marked tests: tests/test_cuda_paths.py,
    tests/test_cuda_layer_merge.py, DARE masks, deterministic fits, LoRA experts of fused
    mixture-of-experts weights in tests/test_lora_parameters.py, the plan's gated DeltaNet layer
-   in tests/test_linear_attention.py); passed / failed / skipped and
+   in tests/test_linear_attention.py and its latent attention layer, run by the GPU's
+   memory-efficient kernel, in tests/test_latent_attention.py); passed / failed / skipped and
    the failing tests' names, from its junit XML.
 2. ``fit_step_8b`` and ``fit_step_smollm2``: one gradient step of the fit on
    ``random://tests/data/configs/llama-3.1-8b.json`` (and SmolLM2-135M) shapes as recipes/8b.yaml

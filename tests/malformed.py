@@ -58,6 +58,16 @@ def linear_attention_without_shapes(world: dict, tmp: Path) -> str:
     return str(base)
 
 
+def latent_attention_without_widths(world: dict, tmp: Path) -> str:
+    """A copy of the base whose config.json names a kv_lora_rank (DeepSeek-V3's latent attention)
+    but none of its heads' widths."""
+    base = copy_of(world["base"], tmp, "latent-base")
+    config = json.loads((base / "config.json").read_text())
+    config["kv_lora_rank"] = 16
+    (base / "config.json").write_text(json.dumps(config))
+    return str(base)
+
+
 def config_disagreeing(world: dict, tmp: Path) -> str:
     """A copy of the base whose config.json says hidden_size 64 while its tensors have 32."""
     base = copy_of(world["base"], tmp, "wide-base")

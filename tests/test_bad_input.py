@@ -1130,6 +1130,16 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         ],
         "config.json has linear_attention layers but no linear_num_key_heads",
     ),
+    "base config.json: latent attention without its widths, --dry-run": (
+        "checkpoint",
+        "fit",
+        lambda w, t: [
+            _recipe(w, t),
+            f"model.base={malformed.latent_attention_without_widths(w, t)}",
+            "--dry-run",
+        ],
+        "config.json has kv_lora_rank (latent attention) but no integer qk_nope_head_dim",
+    ),
     "base model.safetensors truncated, --dry-run": (
         "checkpoint",
         "fit",

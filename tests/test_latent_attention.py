@@ -164,3 +164,16 @@ def test_on_a_gpu_the_plan_matches_what_a_layer_saves(shape, compute):
     planned = phases.layer_activation_bytes(dense, batch, length, dtype.itemsize)
     measured = saved(2) - saved(1)
     assert 0.95 * measured <= planned <= 1.05 * measured, (measured, planned)
+
+
+def test_an_unprofiled_type_with_latent_attention_plans_it_and_says_so():
+    """A model type not profiled whose config names a kv_lora_rank (DeepSeek-V2): its attention is
+    planned as DeepSeek-V3's latent attention, and the plan's note says so."""
+    from mergeopt.memory.dry_run import _profile_notes
+
+    config = {**transformers.DeepseekV3Config().to_dict(), "model_type": "deepseek_v2"}
+    dims = Dims.from_config(config, "base")
+    assert dims.latent_attention is not None and dims.profile.grouped_router
+    (note,) = _profile_notes(dims)
+    assert "model type deepseek_v2 is not profiled" in note and "of DeepSeek-V3's kind" in note
+    assert "of DeepSeek-V3's kind; its latent attention as DeepSeek-V3's (profiled: " in note

@@ -107,7 +107,11 @@ def _check_experts(base: Checkpoint, experts: dict[str, Checkpoint], model=None)
 
 def _profile_notes(dims: Dims) -> tuple[str, ...]:
     note = not_profiled_note(
-        dims.model_type, dims.profile.moe, dims.profile.grouped_router, linear=dims.linear_layers > 0
+        dims.model_type,
+        dims.profile.moe,
+        dims.profile.grouped_router,
+        linear=dims.linear_layers > 0,
+        latent=dims.latent_attention is not None,
     )
     return (note,) if note else ()
 

@@ -294,12 +294,13 @@ AT_REAL_SHAPES = {
 
 
 def not_profiled_note(
-    model_type: str, routed: bool = False, grouped: bool = False, linear: bool = False
+    model_type: str, routed: bool = False, grouped: bool = False, linear: bool = False, latent: bool = False
 ) -> str | None:
     """The plan's note for a model type whose layer is estimated as Llama's, or as a mixture of
     experts of Mixtral's kind (``routed``: the config names routed experts) or of DeepSeek-V3's
     (``grouped`` too: groups of them) (None: profiled), its ``linear`` attention layers as Qwen
-    3.5's gated DeltaNet (config.json's layer_types name them); for a type of :data:`SHORT_BY`,
+    3.5's gated DeltaNet (config.json's layer_types name them), its ``latent`` attention as
+    DeepSeek-V3's (config.json names a kv_lora_rank); for a type of :data:`SHORT_BY`,
     how far short the estimate falls on a small model and at a released one's layer shapes, and
     the room the larger shortfall asks for."""
     if model_type in PROFILES:
@@ -309,6 +310,7 @@ def not_profiled_note(
         kind = f"a mixture of experts of {'DeepSeek-V3' if grouped else 'Mixtral'}'s kind"
     layers = "its attention layers" if linear else "its layers"
     also = "; its linear_attention layers as Qwen 3.5's gated DeltaNet" if linear else ""
+    also += "; its latent attention as DeepSeek-V3's" if latent else ""
     note = (
         f"activations: model type {model_type or '(none)'} is not profiled; {layers} are estimated "
         f"as {kind}{also} (profiled: {', '.join(sorted(PROFILES))})"
