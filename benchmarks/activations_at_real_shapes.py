@@ -1,31 +1,29 @@
-"""The plan's saved activations against autograd's at real layer shapes: how far they fall short
-for the model types the plan knows it has not profiled (``mergeopt.memory.layer_profiles.SHORT_BY``),
-and that they hold for the profiled types whose layers change most with the shapes (DeepSeek-V3's
-multi-head latent attention; Qwen 3.5's, Qwen3.5-MoE's and Qwen3-Next's gated DeltaNet linear
-attention).
+"""The plan's saved activations against autograd's at real layer shapes, for the profiled types
+whose layers change most with the shapes: DeepSeek-V3's multi-head latent attention, Gemma 4's
+layers (per-layer inputs, full-attention heads twice as wide as the sliding-window ones), Qwen
+3.5's, Qwen3.5-MoE's and Qwen3-Next's gated DeltaNet linear attention.
 
 Run from the repository root (about 10 minutes on 2 CPU cores; the largest model, DeepSeek-V3's two
 layers in float32, holds 6 GiB of weights):
 
     python benchmarks/activations_at_real_shapes.py
 
-The plan's note for an unprofiled type states the shortfall measured on a small random model of it
-(tests/test_layer_profiles.py). The shortfall depends on the shapes, and so do the terms of a
-linear-attention layer (``mergeopt.memory.linear_attention``, exact on small models): per chunk of
-64 tokens, 64 × 64 matrices and a recurrent state per value head, whose share of a layer's
-activations changes with the head count and width against the hidden size; and those of a latent
-attention layer (``mergeopt.memory.latent_attention``, exact on small models), whose two latents
-and 128 heads, wider for q and k than for v, are narrow and wide against the hidden size. So this
-measures both
-at the shapes of a released model of each type: its config's layer widths (its
-transformers config class's defaults, which transformers' docs attribute to the named checkpoint;
-no config is downloaded, so they are not checked against it) with one layer of each
-kind in the proportion the model has them (Qwen 3.5: three linear-attention layers to one full;
-Gemma 4: its first six layers, five sliding-window and one full, and no layers sharing keys and
-values; DeepSeek-V3: one dense layer and one mixture of experts), a vocabulary of 1,000 and, for
-the mixtures of experts, 64 routed experts (16 for DeepSeek-V3) of the released width and top-k,
-so the weights fit this machine's memory (what a token keeps depends on the experts' width, its
-top-k and, through the router's scores alone, their count).
+Each profile is exact on small random models (tests/test_layer_profiles.py,
+tests/test_latent_attention.py, tests/test_linear_attention.py, tests/test_layer_shapes.py), but
+its terms weigh differently at real shapes: per chunk of 64 tokens, a linear-attention layer's
+64 × 64 matrices and recurrent state per value head, whose share of a layer's activations changes
+with the head count and width against the hidden size; a latent attention layer's two latents and
+128 heads, wider for q and k than for v, narrow and wide against the hidden size; Gemma 4's float32
+norms over heads 256 and 512 wide. So this measures them at the shapes of a released model of each
+type: its config's layer widths (its transformers config class's defaults, which transformers'
+docs attribute to the named checkpoint; no config is downloaded, so they are not checked against
+it) with one layer of each kind in the proportion the model has them (Qwen 3.5: three
+linear-attention layers to one full; Gemma 4: its first six layers, five sliding-window and one
+full, and no layers sharing keys and values; DeepSeek-V3: one dense layer and one mixture of
+experts), a vocabulary of 1,000 and, for the mixtures of experts, 64 routed experts (16 for
+DeepSeek-V3) of the released width and top-k, so the weights fit this machine's memory (what a
+token keeps depends on the experts' width, its top-k and, through the router's scores alone, their
+count).
 
 For each type, in float32 and bfloat16: one sequence of ``--length`` tokens through the model in
 training mode, every weight requiring a gradient (as merged weights do), and the bytes of the
@@ -54,7 +52,6 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.precision import environment  # noqa: E402
 from mergeopt.memory import phases  # noqa: E402
-from mergeopt.memory.layer_profiles import PROFILES, SHORT_BY  # noqa: E402
 from mergeopt.memory.sizes import Dims  # noqa: E402
 from tests.test_layer_profiles import _saved_bytes  # noqa: E402
 
@@ -134,10 +131,6 @@ def measure(model_type: str, dtype: torch.dtype, length: int) -> dict:
         "saved_mib": round(saved / 2**20, 2),
         "planned_mib": round(planned / 2**20, 2),
         "ratio": round(planned / saved, 3),
-        # a profiled type: exact on a small model (tests/test_layer_profiles.py)
-        "small_model_ratio": SHORT_BY[model_type][0 if dtype == torch.bfloat16 else 1]
-        if model_type not in PROFILES
-        else 1.0,
         "seconds": round(time.perf_counter() - started, 1),
     }
 
@@ -150,21 +143,20 @@ def markdown(report: dict) -> str:
         f"torch {report['torch']}, transformers {report['transformers']}; "
         f"one sequence of {report['length']} tokens, on the CPU (its "
         "kernels, as the plan for a CPU plans them: DeepSeek-V3's latent attention in SDPA's math "
-        "kernel, Qwen's linear attention in PyTorch's chunks). Profiled: DeepSeek-V3 (its latent "
-        "attention: mergeopt.memory.latent_attention) and the Qwen types (their linear attention: "
-        "mergeopt.memory.linear_attention); not profiled: Gemma 4 (the plan's note states its "
-        "shortfall).",
+        "kernel, Qwen's linear attention in PyTorch's chunks). Every type here is profiled: "
+        "DeepSeek-V3's latent attention (mergeopt.memory.latent_attention), Gemma 4's layers "
+        "(mergeopt.memory.layer_shapes), the Qwen types' linear attention "
+        "(mergeopt.memory.linear_attention); each is exact on a small random model.",
         "",
-        "| model type | profiled | shapes of | dtype | layers | parameters (M) | saved (MiB) "
-        "| planned (MiB) | planned / saved | on a small one |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model type | shapes of | dtype | layers | parameters (M) | saved (MiB) | planned (MiB) "
+        "| planned / saved |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         layers = ", ".join(f"{r['layers'].count(k)} {k}" for k in dict.fromkeys(r["layers"]))
         lines.append(
-            f"| {r['model_type']} | {'yes' if r['model_type'] in PROFILES else 'no'} | {r['shapes_of']} "
-            f"| {r['dtype']} | {layers} | {r['parameters_m']} "
-            f"| {r['saved_mib']} | {r['planned_mib']} | {r['ratio']:.2f} | {r['small_model_ratio']:.2f} |"
+            f"| {r['model_type']} | {r['shapes_of']} | {r['dtype']} | {layers} | {r['parameters_m']} "
+            f"| {r['saved_mib']} | {r['planned_mib']} | {r['ratio']:.2f} |"
         )
     return "\n".join(lines) + "\n"
 

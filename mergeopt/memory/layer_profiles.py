@@ -13,7 +13,9 @@ GLM-4.5, dots.llm1): the router's tensors and, per routed copy of a token, what 
 grouped_mm keeps; gated attention beside gated DeltaNet linear-attention layers (Qwen 3.5,
 Qwen3.5-MoE, Qwen3-Next: :mod:`mergeopt.memory.linear_attention`); multi-head latent attention
 (DeepSeek-V3: :mod:`mergeopt.memory.latent_attention`, read from config.json's widths, not from the
-profile). A profile names those
+profile); Gemma 4's norms (float32, two scalars per row, a weight cast per layer), its norm over v,
+its per-layer inputs and its layers of different widths (:mod:`mergeopt.memory.layer_shapes`). A
+profile names those
 differences, read from config.json's ``model_type``; each is checked against what autograd saves in
 tests/test_layer_profiles.py (measured with transformers 5.25: a release that changes a model's
 forward shows there first). A model type not profiled is
@@ -67,6 +69,11 @@ class LayerProfile:
     attention's output (Qwen 3.5, Qwen3-Next); ``rope_per_sequence``: cos and sin are formed per
     sequence (Qwen 3.5's multimodal positions). Their gated DeltaNet layers:
     :mod:`mergeopt.memory.linear_attention`.
+    ``norm_row_scalars``: float32 scalars a norm keeps per row (Gemma 4's: its mean square and
+    the power it raises it to, 2); ``weight_cast``: each norm casts its weight to float32 once per
+    layer, a copy kept where the compute dtype is narrower (Gemma 4); ``v_norm``: a norm without
+    weight over v (Gemma 4); ``per_layer_shapes``: the layers' widths differ from layer to layer
+    (Gemma 4: :mod:`mergeopt.memory.layer_shapes`).
     """
 
     norm_weight_float32: bool = False
@@ -90,6 +97,10 @@ class LayerProfile:
     clamped_swiglu: bool = False
     gated_attention: bool = False
     rope_per_sequence: bool = False
+    norm_row_scalars: int = 1
+    weight_cast: bool = False
+    v_norm: bool = False
+    per_layer_shapes: bool = False
 
     def norm_bytes(self, elements: int, rows: int, compute: int, frozen: bool = False) -> int:
         """Bytes one RMSNorm over ``elements`` per token (``rows`` norms of them) keeps, its output
@@ -97,7 +108,7 @@ class LayerProfile:
         weight's product reads it (float32, or cast to the compute dtype) and a reciprocal RMS per
         row. ``frozen``: no weight gradient, so only the input and the reciprocal RMS."""
         weighted = 0 if frozen else (FLOAT32 if self.norm_weight_float32 else compute)
-        return elements * (FLOAT32 + weighted) + FLOAT32 * rows
+        return elements * (FLOAT32 + weighted) + FLOAT32 * rows * self.norm_row_scalars
 
     def qk_norm_bytes(self, heads: int, kv_heads: int, head_dim: int, compute: int, frozen: bool) -> int:
         """Per token, the norms of q and k (neither output is kept: rotary embedding needs neither)."""
@@ -109,12 +120,18 @@ class LayerProfile:
             )
         return 0
 
-    def norm_weight_bytes(self, hidden: int, heads: int, kv_heads: int, head_dim: int) -> int:
-        """Per layer (not per token): the float32 1 + weight of each norm, where the norm forms it."""
-        if not self.offset_weight:
+    def norm_weight_bytes(
+        self, hidden: int, heads: int, kv_heads: int, head_dim: int, compute: int = FLOAT32, norms: int = 0
+    ) -> int:
+        """Per layer (not per token): the float32 1 + weight of each norm, where the norm forms it,
+        or its float32 cast where the norm casts it and the compute dtype is narrower; ``norms``:
+        hidden-wide norms beyond the profile's pre- and post-norms (Gemma 4's after its per-layer
+        input). A layer without key heads of its own (``kv_heads`` 0) has no k norm."""
+        if not (self.offset_weight or (self.weight_cast and compute != FLOAT32)):
             return 0
-        qk = {"head": 2 * head_dim, "full": (heads + kv_heads) * head_dim}.get(self.qk_norm or "", 0)
-        return FLOAT32 * ((self.pre_norms + self.post_norms) * hidden + qk)
+        k = 1 if kv_heads else 0
+        qk = {"head": (1 + k) * head_dim, "full": (heads + kv_heads) * head_dim}.get(self.qk_norm or "", 0)
+        return FLOAT32 * ((self.pre_norms + self.post_norms + norms) * hidden + qk)
 
     def attention_weight_bytes(self, compute: int) -> int:
         """Eager attention, per head and (query, key) pair: the float32 softmax output, its cast to
@@ -237,6 +254,19 @@ PROFILES = {
     # (mergeopt.memory.latent_attention, from config.json's kv_lora_rank and head widths)
     "deepseek_v3": _GROUPED,
     "dots1": replace(_GROUPED, qk_norm="head", rope_per_layer_type=True),
+    # Gemma 4: norms that multiply their weight, cast to float32, in float32, keeping two float32
+    # scalars per row; per-head q/k norms and a norm without weight over v; cos and sin per kind of
+    # layer, each at its kind's head width (mergeopt.memory.layer_shapes); per-layer inputs
+    "gemma4_text": LayerProfile(
+        norm_weight_float32=True,
+        post_norms=2,
+        qk_norm="head",
+        rope_per_layer_type=True,
+        norm_row_scalars=2,
+        weight_cast=True,
+        v_norm=True,
+        per_layer_shapes=True,
+    ),
     "gpt_oss": LayerProfile(
         norm_weight_float32=True, eager=True, attention_sinks=True, moe=True, clamped_swiglu=True
     ),
@@ -279,18 +309,21 @@ def routes_in_groups(config: dict) -> bool:
     return any(isinstance(config.get(k), int) for k in GROUPED_KEYS)
 
 
-# model types known to keep more than the layer they are estimated as: the plan's saved
-# activations against what autograd saves on a small random model of the type, in bfloat16 and in
-# float32 (tests/test_layer_profiles.py measures them). Gemma 4: per-layer input embeddings,
-# q/k/v norms, wider heads in its full layers.
-SHORT_BY = {
-    "gemma4_text": (0.46, 0.60),
-}
-# the same at a released model's layer shapes, bfloat16 and float32, on the CPU's kernels
-# (benchmarks/activations_at_real_shapes.py; its committed results are these numbers)
-AT_REAL_SHAPES = {
-    "gemma4_text": ("Gemma 4 E2B", 0.55, 0.70),
-}
+# Gemma 4's mixture-of-experts block (enable_moe_block: Gemma 4 26B-A4B), beside its dense MLP, is
+# not profiled: the plan's saved activations against what autograd saves on a small Gemma 4 with
+# it, bfloat16 and float32 (tests/test_layer_shapes.py measures them)
+GEMMA4_MOE_BLOCK_SHORT = (0.67, 0.69)
+
+
+def moe_block_note() -> str:
+    """The plan's note for a Gemma 4 config with a mixture-of-experts block: planned without it."""
+    low, high = GEMMA4_MOE_BLOCK_SHORT
+    return (
+        "activations: Gemma 4's mixture-of-experts block (enable_moe_block) is not profiled; its layers "
+        f"are planned without it, {low:.2f}x to {high:.2f}x of the activations autograd saves on a small "
+        f"one: give them {1 / low:.1f}x the planned room, or measure with a short fit on the GPU "
+        "(docs/guides/memory.md)"
+    )
 
 
 def not_profiled_note(
@@ -300,9 +333,7 @@ def not_profiled_note(
     experts of Mixtral's kind (``routed``: the config names routed experts) or of DeepSeek-V3's
     (``grouped`` too: groups of them) (None: profiled), its ``linear`` attention layers as Qwen
     3.5's gated DeltaNet (config.json's layer_types name them), its ``latent`` attention as
-    DeepSeek-V3's (config.json names a kv_lora_rank); for a type of :data:`SHORT_BY`,
-    how far short the estimate falls on a small model and at a released one's layer shapes, and
-    the room the larger shortfall asks for."""
+    DeepSeek-V3's (config.json names a kv_lora_rank)."""
     if model_type in PROFILES:
         return None
     kind = "Llama's"
@@ -311,17 +342,7 @@ def not_profiled_note(
     layers = "its attention layers" if linear else "its layers"
     also = "; its linear_attention layers as Qwen 3.5's gated DeltaNet" if linear else ""
     also += "; its latent attention as DeepSeek-V3's" if latent else ""
-    note = (
+    return (
         f"activations: model type {model_type or '(none)'} is not profiled; {layers} are estimated "
         f"as {kind}{also} (profiled: {', '.join(sorted(PROFILES))})"
     )
-    if model_type in SHORT_BY:
-        low, high = SHORT_BY[model_type]
-        model, real_low, real_high = AT_REAL_SHAPES[model_type]
-        note += (
-            f"; on a small {model_type} this plans {low:.2f}x to {high:.2f}x of the activations "
-            f"autograd saves, and {real_low:.2f}x to {real_high:.2f}x at {model}'s layer shapes: "
-            f"give them {1 / min(low, real_low):.1f}x the planned room, or measure with a short fit "
-            "on the GPU (docs/guides/memory.md)"
-        )
-    return note

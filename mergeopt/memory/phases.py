@@ -106,9 +106,13 @@ def after_attention_bytes(dims: Dims, batch: int, length: int, compute: int, fro
     d, p, tokens = dims, dims.profile, batch * length
     norms = (p.pre_norms + p.post_norms - min(p.pre_norms, 1)) * p.norm_bytes(d.hidden, 1, compute, frozen)
     mlp = (0 if frozen else compute * d.hidden) + compute * (3 if frozen else 4) * d.intermediate
+    if d.per_layer_input:  # Gemma 4's per-layer input and the norm after it
+        norms += p.norm_bytes(d.hidden, 1, compute, frozen) + per_layer_input_bytes(d, compute, frozen)
     # a gated DeltaNet layer has no q and k norms (nor one float32 weight for its gated norm)
     normed = replace(p, qk_norm=None) if d.linear_mixer else p
-    per_layer = normed.norm_weight_bytes(d.hidden, d.heads, d.kv_heads, d.head_dim)
+    own_kv = 0 if d.kv_shared else d.kv_heads
+    extra = 1 if d.per_layer_input else 0
+    per_layer = normed.norm_weight_bytes(d.hidden, d.heads, own_kv, d.head_dim, compute, extra)
     if p.moe:  # the router reads the MLP's input; grouped_mm keeps its int32 offsets per expert
         mlp = (0 if frozen else compute * d.hidden) + p.moe_mlp_bytes(
             d.hidden, d.experts, d.top_k, d.expert_intermediate, compute, frozen, d.expert_groups
@@ -118,6 +122,28 @@ def after_attention_bytes(dims: Dims, batch: int, length: int, compute: int, fro
         if p.grouped_router and compute != FLOAT32:  # the router's weight, cast to float32
             per_layer += FLOAT32 * d.experts * d.hidden
     return tokens * (norms + mlp) + per_layer
+
+
+def per_layer_input_bytes(dims: Dims, compute: int, frozen: bool = False) -> int:
+    """Per token, what a layer's per-layer input (Gemma 4) keeps beyond its norm: the gate's
+    input (the residual stream) and output, the activation's output and its product with the
+    per-layer input, the projection's input. ``frozen``: neither projection's input."""
+    width = dims.per_layer_input
+    return compute * (2 * width + (0 if frozen else dims.hidden + width))
+
+
+def per_layer_inputs_bytes(dims: Dims, batch: int, length: int, compute: int, frozen: bool = False) -> int:
+    """What a model with per-layer inputs (Gemma 4) keeps before its layers: the projection of the
+    embeddings to every layer's input (its input: in float32, the first layer's norm keeps it
+    already), the norm of each layer's part (a row per token and layer) and the per-layer inputs
+    themselves, one per token and layer, in the compute dtype; the norm's float32 weight."""
+    if not dims.per_layer_input:
+        return 0
+    p, width = dims.profile, dims.layers * dims.per_layer_input
+    projection = compute * dims.hidden if compute != FLOAT32 and not frozen else 0
+    per_token = projection + p.norm_bytes(width, dims.layers, compute, frozen) + compute * width
+    weight = FLOAT32 * dims.per_layer_input if p.weight_cast and compute != FLOAT32 else 0
+    return batch * length * per_token + weight
 
 
 def attention_sublayer_bytes(dims: Dims, batch: int, length: int, compute: int, frozen: bool = False) -> int:
@@ -143,8 +169,16 @@ def attention_sublayer_bytes(dims: Dims, batch: int, length: int, compute: int, 
     if d.latent_attention:
         latent = d.latent_attention.saved_bytes(d.hidden, d.heads, batch, length, compute, frozen)
         return tokens * norm + latent
-    norm += p.qk_norm_bytes(d.heads, d.kv_heads, d.head_dim, compute, frozen)
+    own_kv = 0 if d.kv_shared else d.kv_heads  # a layer reading another's keys has no k norm
+    norm += p.qk_norm_bytes(d.heads, own_kv, d.head_dim, compute, frozen)
+    if p.v_norm and own_kv:  # a norm without weight over v (in float32, where v is k's projection,
+        # its input is the k norm's)
+        norm += p.norm_bytes(own_kv * d.head_dim, own_kv, compute, frozen=True)
+        norm -= FLOAT32 * own_kv * d.head_dim if d.k_eq_v and compute == FLOAT32 else 0
     attention = (3 if frozen and p.eager else 4) * d.heads * d.head_dim
+    if not p.eager and d.kv_heads in (1, d.heads):  # k and v not copied per head: their own (one
+        # key head repeated is a view of it), or, in a layer reading another's, that layer's
+        attention -= 2 * (d.heads if d.kv_shared else d.heads - d.kv_heads) * d.head_dim
     if p.attention_output_copies > 1 and not frozen:
         attention += (p.attention_output_copies - 1) * d.heads * d.head_dim
     if p.gated_attention:  # the output's copy, its gate's sigmoid and their product (in float32,
@@ -167,7 +201,9 @@ def saved_activation_bytes(
     forms them so) and the token ids (int64, inputs and shifted targets)."""
     d, tokens = dims, batch * length
     final = tokens * (d.profile.norm_bytes(d.hidden, 1, compute) + compute * d.hidden)
-    final += FLOAT32 * d.hidden if d.profile.offset_weight else 0
+    cast = d.profile.weight_cast and compute != FLOAT32
+    final += FLOAT32 * d.hidden if d.profile.offset_weight or cast else 0
+    final += per_layer_inputs_bytes(d, batch, length, compute)
     rotary = rotary_bytes(d, length, compute, batch)
     ids = 8 * tokens + 8 * batch * (length - 1)
     layers = sum(n * layer_activation_bytes(k, batch, length, compute, frozen) for k, n in d.layer_kinds())
@@ -182,6 +218,9 @@ def rotary_bytes(dims: Dims, length: int, compute: int, batch: int = 1) -> int:
         return 0
     pair = 2 * (FLOAT32 if dims.profile.rope_float32 else compute) * length * dims.rotary_width
     pair *= batch if dims.profile.rope_per_sequence else 1
+    if dims.layer_shapes and dims.profile.rope_per_layer_type:  # each kind at its own head width
+        widths = {shape.layer_type: shape.head_dim for shape, _ in dims.layer_shapes}
+        return pair // dims.rotary_width * sum(widths.values())
     return pair * (dims.profile.mask_kinds if dims.profile.rope_per_layer_type else 1)
 
 
@@ -527,6 +566,10 @@ def evaluation_bytes(
         return layer
 
     layer = max(working_set(kind) for kind, _ in dims.layer_kinds())
+    if dims.layer_shapes:  # Gemma 4: alive through the layers, the per-layer inputs and the keys
+        # and values each kind of layer stores for the layers that read them
+        stored = {s.layer_type: s.kv_heads * s.head_dim for s, _ in dims.layer_shapes if not s.kv_shared}
+        layer += e * tokens * (dims.layers * dims.per_layer_input + 2 * sum(stored.values()))
     merge = merge_evaluation_bytes(recipe, largest, e, gathers)
     copy = e * unstacked_largest if cast else 0
     if gathers is not None:

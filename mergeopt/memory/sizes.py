@@ -13,6 +13,7 @@ from mergeopt.errors import UserError
 from mergeopt.loading.lora_sizes import FactorSizes
 from mergeopt.memory.latent_attention import LatentAttention
 from mergeopt.memory.layer_profiles import EXPERT_COUNT_KEYS, LLAMA, LayerProfile, profile_for
+from mergeopt.memory.layer_shapes import LayerShape, gemma4_layers
 from mergeopt.memory.linear_attention import LinearAttention
 
 GIB = 2**30
@@ -77,6 +78,11 @@ class Dims:
     linear_layers: int = 0  # how many layers are gated DeltaNet layers (config.json's layer_types)
     token_mixer: str = "attention"  # in a kind of layer (layer_kinds): "linear_attention" for those
     latent_attention: LatentAttention | None = None  # multi-head latent attention's widths (DeepSeek-V3)
+    per_layer_input: int = 0  # Gemma 4's per-layer input width (hidden_size_per_layer_input)
+    layer_shapes: tuple[tuple[LayerShape, int], ...] = ()  # widths per layer where they differ (Gemma 4)
+    kv_shared: bool = False  # in a kind of layer: it reads another layer's keys and values
+    k_eq_v: bool = False  # in a kind of layer: its values are its keys' projection
+    moe_block: bool = False  # Gemma 4's mixture-of-experts block beside its MLP: not planned (a note)
 
     @property
     def linear_mixer(self) -> LinearAttention | None:
@@ -97,8 +103,26 @@ class Dims:
 
     def layer_kinds(self) -> tuple[tuple[Dims, int], ...]:
         """The decoder's kinds of layer with their counts: a mixture of experts whose first
-        layers are dense (GLM-4.5) has those as a dense kind of its own (no routed experts), and
-        gated DeltaNet layers (Qwen 3.5) are a kind of their own beside the attention layers."""
+        layers are dense (GLM-4.5) has those as a dense kind of its own (no routed experts),
+        gated DeltaNet layers (Qwen 3.5) are a kind of their own beside the attention layers, and
+        layers of different widths (Gemma 4: :mod:`~mergeopt.memory.layer_shapes`) one kind per
+        shape."""
+        if self.layer_shapes:
+            return tuple(
+                (
+                    replace(
+                        self,
+                        head_dim=shape.head_dim,
+                        kv_heads=shape.kv_heads,
+                        intermediate=shape.intermediate,
+                        kv_shared=shape.kv_shared,
+                        k_eq_v=shape.k_eq_v,
+                        layer_shapes=(),
+                    ),
+                    n,
+                )
+                for shape, n in self.layer_shapes
+            )
         if self.linear_layers:
             full = replace(self, layers=self.layers - self.linear_layers, linear_layers=0)
             linear = replace(full, layers=self.linear_layers, dense_layers=0, token_mixer="linear_attention")
@@ -161,6 +185,8 @@ class Dims:
         shared = pick("shared_expert_intermediate_size", default=0)
         if not shared and isinstance(cfg.get("n_shared_experts"), int):  # DeepSeek-V3's kind
             shared = cfg["n_shared_experts"] * pick("moe_intermediate_size", default=intermediate)
+        profile = profile_for(cfg)
+        shapes = gemma4_layers(cfg, where) if profile.per_layer_shapes else ()
         return cls(
             hidden=hidden,
             intermediate=intermediate,
@@ -170,7 +196,7 @@ class Dims:
             head_dim=head_dim,
             vocab=pick("vocab_size"),
             model_type=str(cfg.get("model_type", "")),
-            profile=profile_for(cfg),
+            profile=profile,
             experts=experts,
             top_k=pick("num_experts_per_tok", default=0) if experts else 0,
             expert_intermediate=pick("moe_intermediate_size", default=intermediate) if experts else 0,
@@ -181,6 +207,9 @@ class Dims:
             linear_attention=linear,
             linear_layers=linear_layers,
             latent_attention=latent,
+            per_layer_input=pick("hidden_size_per_layer_input", default=0) if profile.per_layer_shapes else 0,
+            layer_shapes=shapes,
+            moe_block=bool(cfg.get("enable_moe_block")) and profile.per_layer_shapes,
         )
 
 
