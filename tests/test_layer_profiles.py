@@ -266,8 +266,9 @@ def _saved_and_planned(model, stack, dims: Dims, compute: str) -> tuple[int, int
 def test_the_profiles_hold_at_real_shapes_in_the_committed_benchmarks():
     """benchmarks/activations_at_real_shapes.py's committed results: for the profiled types whose
     layers change most with the shapes (latent and linear attention, Gemma 4's layers), the plan
-    lies within 1.00x to 1.02x of what autograd saves at a released model's layer shapes on the
-    CPU's kernels (over by the padding mask it always assumes, where one sequence needs none)."""
+    lies within 1.00x to 1.03x of what autograd saves at a released model's layer shapes on the
+    CPU's kernels (over by the padding masks it always assumes, one per layer, where one sequence
+    needs none: Gemma 4's layers of one kind then share theirs)."""
     import json
 
     from tests.conftest import REPO
@@ -276,7 +277,7 @@ def test_the_profiles_hold_at_real_shapes_in_the_committed_benchmarks():
     measured = {(r["model_type"], r["dtype"]): r["ratio"] for r in report["rows"]}
     types = {"deepseek_v3", "gemma4_text", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next"}
     assert {t for t, _ in measured} == types and types <= set(PROFILES)
-    assert all(1 <= ratio <= 1.02 for ratio in measured.values()), measured
+    assert all(1 <= ratio <= 1.03 for ratio in measured.values()), measured
 
 
 # each kind of a model's layers second: Qwen 3.5's gated DeltaNet layer after its attention layer
