@@ -39,7 +39,7 @@ from mergeopt.loading.checkpoints import (
 from mergeopt.loading.lora import is_adapter, read_adapter_config
 from mergeopt.loading.lora_sizes import FactorSizes, factor_sizes, saved_copy
 from mergeopt.loading.positions import check_max_length
-from mergeopt.memory.layer_profiles import moe_block_note, not_profiled_note
+from mergeopt.memory.layer_profiles import not_profiled_note
 from mergeopt.memory.plan import plan_memory
 from mergeopt.memory.ranks import check_world_size
 from mergeopt.memory.rows import dora_kept_low_rank, parameters_kept_low_rank
@@ -113,7 +113,7 @@ def _profile_notes(dims: Dims) -> tuple[str, ...]:
         linear=dims.linear_layers > 0,
         latent=dims.latent_attention is not None,
     )
-    return ((note,) if note else ()) + ((moe_block_note(),) if dims.moe_block else ())
+    return (note,) if note else ()
 
 
 def random_inventory(recipe: Recipe) -> tuple[Inventory, Dims]:

@@ -309,23 +309,6 @@ def routes_in_groups(config: dict) -> bool:
     return any(isinstance(config.get(k), int) for k in GROUPED_KEYS)
 
 
-# Gemma 4's mixture-of-experts block (enable_moe_block: Gemma 4 26B-A4B), beside its dense MLP, is
-# not profiled: the plan's saved activations against what autograd saves on a small Gemma 4 with
-# it, bfloat16 and float32 (tests/test_layer_shapes.py measures them)
-GEMMA4_MOE_BLOCK_SHORT = (0.67, 0.69)
-
-
-def moe_block_note() -> str:
-    """The plan's note for a Gemma 4 config with a mixture-of-experts block: planned without it."""
-    low, high = GEMMA4_MOE_BLOCK_SHORT
-    return (
-        "activations: Gemma 4's mixture-of-experts block (enable_moe_block) is not profiled; its layers "
-        f"are planned without it, {low:.2f}x to {high:.2f}x of the activations autograd saves on a small "
-        f"one: give them {1 / low:.1f}x the planned room, or measure with a short fit on the GPU "
-        "(docs/guides/memory.md)"
-    )
-
-
 def not_profiled_note(
     model_type: str, routed: bool = False, grouped: bool = False, linear: bool = False, latent: bool = False
 ) -> str | None:

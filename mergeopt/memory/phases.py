@@ -108,11 +108,14 @@ def after_attention_bytes(dims: Dims, batch: int, length: int, compute: int, fro
     mlp = (0 if frozen else compute * d.hidden) + compute * (3 if frozen else 4) * d.intermediate
     if d.per_layer_input:  # Gemma 4's per-layer input and the norm after it
         norms += p.norm_bytes(d.hidden, 1, compute, frozen) + per_layer_input_bytes(d, compute, frozen)
+    if d.moe_block:  # and its mixture-of-experts block
+        mlp += moe_block_bytes(d, compute, frozen)
     # a gated DeltaNet layer has no q and k norms (nor one float32 weight for its gated norm)
     normed = replace(p, qk_norm=None) if d.linear_mixer else p
     own_kv = 0 if d.kv_shared else d.kv_heads
-    extra = 1 if d.per_layer_input else 0
+    extra = (1 if d.per_layer_input else 0) + (3 if d.moe_block else 0)
     per_layer = normed.norm_weight_bytes(d.hidden, d.heads, own_kv, d.head_dim, compute, extra)
+    per_layer += 4 * d.experts if d.moe_block else 0  # grouped_mm's int32 offsets per expert
     if p.moe:  # the router reads the MLP's input; grouped_mm keeps its int32 offsets per expert
         mlp = (0 if frozen else compute * d.hidden) + p.moe_mlp_bytes(
             d.hidden, d.experts, d.top_k, d.expert_intermediate, compute, frozen, d.expert_groups
@@ -130,6 +133,28 @@ def per_layer_input_bytes(dims: Dims, compute: int, frozen: bool = False) -> int
     per-layer input, the projection's input. ``frozen``: neither projection's input."""
     width = dims.per_layer_input
     return compute * (2 * width + (0 if frozen else dims.hidden + width))
+
+
+def moe_block_bytes(dims: Dims, compute: int, frozen: bool = False) -> int:
+    """Per token, what Gemma 4's mixture-of-experts block beside its MLP (26B-A4B's kind) keeps:
+    three norms of its own (after the MLP, before and after the experts) and, reading the MLP's
+    input, a norm without weight (its float32 input and row scalars; in float32 the input is the
+    MLP norm's, as is the norm before the experts'), the router (its input scaled, the projection's
+    input, the float32 softmax over the experts, the top-k indices, weights and their sum, the
+    renormalised weights and each expert's gathered scale) and the routed copies as in
+    :meth:`~mergeopt.memory.layer_profiles.LayerProfile.moe_mlp_bytes` (float32 routing weights).
+    ``frozen``: nothing kept for a weight's gradient."""
+    p, h, k, experts = dims.profile, dims.hidden, dims.top_k, dims.experts
+    shared = FLOAT32 * h if compute == FLOAT32 else 0  # the float32 input the MLP's norm keeps
+    norms = 3 * p.norm_bytes(h, 1, compute, frozen) - shared
+    router = p.norm_bytes(h, 1, compute, frozen=True) - shared + (0 if frozen else 2 * compute * h)
+    # the renormalised weights are kept for each expert's scale's gradient
+    router += FLOAT32 * experts + 8 * k + FLOAT32 * (1 + (1 if frozen else 2) * k) + compute * k
+    width = 4 * dims.expert_intermediate
+    per_copy = (
+        3 * 8 + FLOAT32 + compute * ((h + width - dims.expert_intermediate) if frozen else (2 * h + width))
+    )
+    return norms + router + k * per_copy
 
 
 def per_layer_inputs_bytes(dims: Dims, batch: int, length: int, compute: int, frozen: bool = False) -> int:
@@ -529,7 +554,7 @@ def evaluation_bytes(
         layer = e * tokens * (4 * dims.hidden + 3 * dims.intermediate)
         if dims.linear_mixer:
             return max(layer, dims.linear_mixer.evaluation_bytes(dims.hidden, batch, length, e))
-        if dims.profile.moe:
+        if dims.profile.moe or dims.moe_block:
             # grouped_mm reads a fused expert weight whole (merged: the largest stacked tensor at most,
             # its kernel's temporaries gone) while the routed copies' working set is alive: the token
             # copies, the fused projection's output, the gate's activation and its product with up
@@ -538,12 +563,15 @@ def evaluation_bytes(
             width = (9 if dims.profile.clamped_swiglu else 4) * dims.expert_intermediate
             routed = copies * (dims.hidden + width)
             # then, the down projection done, its output weighted by the routing weights (float32
-            # where they are: the product is float32) and put back in the tokens' order, beside the
-            # token copies, one hidden-sized tensor fewer alive: at an expert width narrow against
-            # the hidden size (GLM-4.5, Qwen3-MoE), this is the larger moment
-            weighted = FLOAT32 if dims.profile.routing_weights_float32 else e
+            # where they are: the product is float32; Gemma 4's block's always) and put back in the
+            # tokens' order, beside the token copies, one hidden-sized tensor fewer alive: at an
+            # expert width narrow against the hidden size (GLM-4.5, Qwen3-MoE), this is the larger
+            # moment
+            weighted = FLOAT32 if dims.profile.routing_weights_float32 or dims.moe_block else e
             reordered = copies * dims.hidden * (2 * e + 2 * weighted) - e * tokens * dims.hidden
-            layer = e * (tokens * 4 * dims.hidden + largest) + max(e * routed, reordered)
+            routed_layer = e * (tokens * 4 * dims.hidden + largest) + max(e * routed, reordered)
+            # Gemma 4's block runs after its dense MLP, whose output it holds
+            layer = max(layer, routed_layer + e * tokens * dims.hidden) if dims.moe_block else routed_layer
             if dims.shared_intermediate:  # a shared expert, a dense MLP, beside the routed experts'
                 # output: Qwen2-MoE's runs first and its output stays, DeepSeek-V3's kind runs after
                 shared = e * tokens * (4 * dims.hidden + 3 * dims.shared_intermediate)

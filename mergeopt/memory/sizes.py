@@ -82,7 +82,7 @@ class Dims:
     layer_shapes: tuple[tuple[LayerShape, int], ...] = ()  # widths per layer where they differ (Gemma 4)
     kv_shared: bool = False  # in a kind of layer: it reads another layer's keys and values
     k_eq_v: bool = False  # in a kind of layer: its values are its keys' projection
-    moe_block: bool = False  # Gemma 4's mixture-of-experts block beside its MLP: not planned (a note)
+    moe_block: bool = False  # Gemma 4's mixture-of-experts block beside its dense MLP
 
     @property
     def linear_mixer(self) -> LinearAttention | None:
@@ -198,7 +198,7 @@ class Dims:
             model_type=str(cfg.get("model_type", "")),
             profile=profile,
             experts=experts,
-            top_k=pick("num_experts_per_tok", default=0) if experts else 0,
+            top_k=pick("num_experts_per_tok", "top_k_experts", default=0) if experts else 0,
             expert_intermediate=pick("moe_intermediate_size", default=intermediate) if experts else 0,
             shared_intermediate=shared if experts else 0,
             expert_groups=(pick("n_group", default=1), pick("topk_group", default=1)) if experts else (1, 1),
