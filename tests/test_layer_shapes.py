@@ -101,7 +101,7 @@ def test_the_layers_are_grouped_by_shape():
     key-and-value heads, shared layers with a double-wide MLP and no keys of their own; a saved
     config (per_layer_config keyed "01") and one as released (global_head_dim) read alike."""
     config = _config("shared-double-wide").to_dict()
-    assert dict(gemma4_layers(config, "base")) == {
+    assert dict(gemma4_layers(config, "base", 16, 2, 96)) == {
         LayerShape("sliding_attention", 16, 2, 96): 1,
         LayerShape("full_attention", 32, 2, 96): 1,
         LayerShape("sliding_attention", 16, 2, 192, kv_shared=True): 1,
@@ -109,8 +109,16 @@ def test_the_layers_are_grouped_by_shape():
     }
     released = {k: v for k, v in _config("k-eq-v").to_dict().items() if k != "per_layer_config"}
     released.update(global_head_dim=32, num_global_key_value_heads=1)
-    assert gemma4_layers(released, "base") == gemma4_layers(_config("k-eq-v").to_dict(), "base")
-    assert LayerShape("full_attention", 32, 1, 96, k_eq_v=True) in dict(gemma4_layers(released, "base"))
+    read = gemma4_layers(released, "base", 16, 2, 96)
+    assert read == gemma4_layers(_config("k-eq-v").to_dict(), "base", 16, 2, 96)
+    assert LayerShape("full_attention", 32, 1, 96, k_eq_v=True) in dict(read)
+    # without layer_types, transformers' default: five sliding-window layers to one full
+    default = {**_config("plain", num_hidden_layers=8, layer_types=None).to_dict(), "layer_types": None}
+    kinds = dict(gemma4_layers(default, "base", 16, 2, 96))
+    assert (
+        kinds[LayerShape("full_attention", 32, 2, 96)] == 2
+        and kinds[LayerShape("sliding_attention", 16, 2, 96)] == 6
+    )
 
 
 def test_a_gemma4_config_with_layer_types_not_matching_its_layers_is_named():

@@ -39,20 +39,26 @@ def _int(config: dict, key: str, where: str, default: int | None = None) -> int:
     return value
 
 
-def gemma4_layers(config: dict, where: str) -> tuple[tuple[LayerShape, int], ...]:
-    """Gemma 4's layers grouped by shape, with their counts, from its config.json: ``layer_types``,
-    the full-attention layers' overrides (``per_layer_config``, as transformers writes it, or
-    ``global_head_dim`` and ``num_global_key_value_heads``), ``num_kv_shared_layers``,
+def gemma4_layers(
+    config: dict, where: str, head_dim: int, kv_heads: int, intermediate: int
+) -> tuple[tuple[LayerShape, int], ...]:
+    """Gemma 4's layers grouped by shape, with their counts, from its config.json (``head_dim``,
+    ``kv_heads`` and ``intermediate``: the sliding-window layers', as the plan read them):
+    ``layer_types`` (where absent, transformers' default: five sliding-window layers to one full,
+    the last full), the full-attention layers' overrides (``per_layer_config``, as transformers
+    writes it, or ``global_head_dim`` and ``num_global_key_value_heads``), ``num_kv_shared_layers``,
     ``attention_k_eq_v`` and ``use_double_wide_mlp``."""
     layers = _int(config, "num_hidden_layers", where)
-    types = list(config.get("layer_types") or ())[:layers]
+    types = list(config.get("layer_types") or ())
+    if not types:
+        types = [
+            "full_attention" if (i + 1) % 6 == 0 or i == layers - 1 else "sliding_attention"
+            for i in range(layers)
+        ]
     if len(types) != layers:
         raise UserError(
             f"{where}: config.json's layer_types names {len(types)} layers, not num_hidden_layers={layers}"
         )
-    head_dim = _int(config, "head_dim", where)
-    kv_heads = _int(config, "num_key_value_heads", where)
-    intermediate = _int(config, "intermediate_size", where)
     overrides = config.get("per_layer_config")
     if not isinstance(overrides, dict):  # as released: the full layers' widths by name
         full = {"head_dim": config.get("global_head_dim") or 512}

@@ -186,13 +186,16 @@ class Dims:
         if not shared and isinstance(cfg.get("n_shared_experts"), int):  # DeepSeek-V3's kind
             shared = cfg["n_shared_experts"] * pick("moe_intermediate_size", default=intermediate)
         profile = profile_for(cfg)
-        shapes = gemma4_layers(cfg, where) if profile.per_layer_shapes else ()
+        kv_heads = pick("num_key_value_heads", default=heads)
+        shapes = (
+            gemma4_layers(cfg, where, head_dim, kv_heads, intermediate) if profile.per_layer_shapes else ()
+        )
         return cls(
             hidden=hidden,
             intermediate=intermediate,
             layers=layers,
             heads=heads,
-            kv_heads=pick("num_key_value_heads", default=heads),
+            kv_heads=kv_heads,
             head_dim=head_dim,
             vocab=pick("vocab_size"),
             model_type=str(cfg.get("model_type", "")),
