@@ -69,6 +69,8 @@ class LayerProfile:
     attention's output (Qwen 3.5, Qwen3-Next); ``rope_per_sequence``: cos and sin are formed per
     sequence (Qwen 3.5's multimodal positions). Their gated DeltaNet layers:
     :mod:`mergeopt.memory.linear_attention`.
+    ``fused_qkv``: one projection gives q, k and v, so a v not copied per head (as many key heads
+    as heads, or one) is a view that keeps the projection's whole output (Phi3).
     ``norm_row_scalars``: float32 scalars a norm keeps per row (Gemma 4's: its mean square and
     the power it raises it to, 2); ``weight_cast``: each norm casts its weight to float32 once per
     layer, a copy kept where the compute dtype is narrower (Gemma 4); ``v_norm``: a norm without
@@ -97,6 +99,7 @@ class LayerProfile:
     clamped_swiglu: bool = False
     gated_attention: bool = False
     rope_per_sequence: bool = False
+    fused_qkv: bool = False
     norm_row_scalars: int = 1
     weight_cast: bool = False
     v_norm: bool = False
@@ -238,7 +241,7 @@ PROFILES = {
     "gemma": LayerProfile(**_GEMMA_NORMS),
     "gemma2": LayerProfile(**_GEMMA_NORMS, post_norms=2, eager=True),
     "gemma3_text": LayerProfile(**_GEMMA_NORMS, post_norms=2, qk_norm="head", rope_per_layer_type=True),
-    "phi3": LayerProfile(attention_output_copies=2),
+    "phi3": LayerProfile(attention_output_copies=2, fused_qkv=True),
     "olmo2": _OLMO,
     "olmo3": replace(_OLMO, rope_per_layer_type=True),  # OLMo2's layer, over sliding-window and full layers
     "smollm3": LLAMA,  # Llama's layer; every fourth without rotary embedding (the same tensors kept)

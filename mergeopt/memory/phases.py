@@ -204,6 +204,8 @@ def attention_sublayer_bytes(dims: Dims, batch: int, length: int, compute: int, 
     if not p.eager and d.kv_heads in (1, d.heads):  # k and v not copied per head: their own (one
         # key head repeated is a view of it), or, in a layer reading another's, that layer's
         attention -= 2 * (d.heads if d.kv_shared else d.heads - d.kv_heads) * d.head_dim
+        if p.fused_qkv:  # v, a view of the fused projection's output, keeps all of it
+            attention += (d.heads + d.kv_heads) * d.head_dim
     if p.attention_output_copies > 1 and not frozen:
         attention += (p.attention_output_copies - 1) * d.heads * d.head_dim
     if p.gated_attention:  # the output's copy, its gate's sigmoid and their product (in float32,
