@@ -31,9 +31,8 @@ class LayerShape:
 
 
 def _int(config: dict, key: str, where: str, default: int | None = None) -> int:
-    value = config.get(key, default)
-    if value is None and default is not None:
-        value = default
+    value = config.get(key)
+    value = default if value is None else value
     if not isinstance(value, int) or isinstance(value, bool):
         raise UserError(f"{where}: config.json's {key} must be an integer, not {value!r}")
     return value

@@ -112,9 +112,8 @@ def after_attention_bytes(dims: Dims, batch: int, length: int, compute: int, fro
         mlp += moe_block_bytes(d, compute, frozen)
     # a gated DeltaNet layer has no q and k norms (nor one float32 weight for its gated norm)
     normed = replace(p, qk_norm=None) if d.linear_mixer else p
-    own_kv = 0 if d.kv_shared else d.kv_heads
     extra = (1 if d.per_layer_input else 0) + (3 if d.moe_block else 0)
-    per_layer = normed.norm_weight_bytes(d.hidden, d.heads, own_kv, d.head_dim, compute, extra)
+    per_layer = normed.norm_weight_bytes(d.hidden, d.heads, d.own_kv_heads, d.head_dim, compute, extra)
     per_layer += 4 * d.experts if d.moe_block else 0  # grouped_mm's int32 offsets per expert
     if p.moe:  # the router reads the MLP's input; grouped_mm keeps its int32 offsets per expert
         mlp = (0 if frozen else compute * d.hidden) + p.moe_mlp_bytes(
@@ -194,7 +193,7 @@ def attention_sublayer_bytes(dims: Dims, batch: int, length: int, compute: int, 
     if d.latent_attention:
         latent = d.latent_attention.saved_bytes(d.hidden, d.heads, batch, length, compute, frozen)
         return tokens * norm + latent
-    own_kv = 0 if d.kv_shared else d.kv_heads  # a layer reading another's keys has no k norm
+    own_kv = d.own_kv_heads  # a layer reading another's keys has no k norm
     norm += p.qk_norm_bytes(d.heads, own_kv, d.head_dim, compute, frozen)
     if p.v_norm and own_kv:  # a norm without weight over v (in float32, where v is k's projection,
         # its input is the k norm's)
@@ -243,12 +242,13 @@ def rotary_bytes(dims: Dims, length: int, compute: int, batch: int = 1) -> int:
     them so (Qwen 3.5)."""
     if dims.linear_layers == dims.layers:  # no attention layer to read them
         return 0
-    pair = 2 * (FLOAT32 if dims.profile.rope_float32 else compute) * length * dims.rotary_width
-    pair *= batch if dims.profile.rope_per_sequence else 1
+    per_width = 2 * (FLOAT32 if dims.profile.rope_float32 else compute) * length
+    per_width *= batch if dims.profile.rope_per_sequence else 1
     if dims.layer_shapes and dims.profile.rope_per_layer_type:  # each kind at its own head width
         widths = {shape.layer_type: shape.head_dim for shape, _ in dims.layer_shapes}
-        return pair // dims.rotary_width * sum(widths.values())
-    return pair * (dims.profile.mask_kinds if dims.profile.rope_per_layer_type else 1)
+        return per_width * sum(widths.values())
+    kinds = dims.profile.mask_kinds if dims.profile.rope_per_layer_type else 1
+    return per_width * dims.rotary_width * kinds
 
 
 def logits_bytes(dims: Dims, batch: int, length: int) -> int:

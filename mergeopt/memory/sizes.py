@@ -90,6 +90,12 @@ class Dims:
         return self.linear_attention if self.token_mixer == "linear_attention" else None
 
     @property
+    def own_kv_heads(self) -> int:
+        """Key-and-value heads this kind of layer projects itself (none where it reads another
+        layer's: Gemma 4's kv-shared layers)."""
+        return 0 if self.kv_shared else self.kv_heads
+
+    @property
     def rotary_width(self) -> int:
         """The width of rotary embedding's cos and sin: head_dim, or its rotated part."""
         return self.head_dim if self.rotary_dim is None else self.rotary_dim
