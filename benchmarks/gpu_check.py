@@ -72,6 +72,7 @@ SHAPES = {"8b": CONFIGS / "llama-3.1-8b.json", "smollm2": CONFIGS / "smollm2-135
 K, SEED, REPEATS = 4, 0, 3
 SETS, PER_SET, LENGTH, CHUNK = 4, 2, 1024, 1024  # recipes/8b.yaml: 4 dev sets x 2 = 8 x 1,024 tokens
 SMOKE_LENGTH = 32
+LOG_TAIL = 6000  # characters of a subprocess's stdout and of its stderr kept in <gpu>-parts.log
 MEMORY_TOLERANCE, TIME_GOAL = 0.10, 1.15
 PARTS = ("cuda_tests", "fit_step_8b", "fit_step_smollm2", "zero_order", "torchrun_nccl")
 # each part's share of the budget (its subprocess's timeout; never more than what is left)
@@ -214,6 +215,8 @@ def worker(config: Path, device_name: str, length: int, zero_order: bool, out: P
 
     device = torch.device(device_name)
     if device.type == "cuda":
+        if device.index is None:  # torch.cuda.set_device refuses a CUDA device without an index
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     results: dict = {}
 
@@ -257,6 +260,26 @@ def worker(config: Path, device_name: str, length: int, zero_order: bool, out: P
 def _last_line(text: str) -> str:
     lines = [line for line in (text or "").strip().splitlines() if line.strip()]
     return lines[-1][:500] if lines else ""
+
+
+ERROR_LINE = re.compile(r"^\s*(?:\[[^\]]*\]:?\s*)?([A-Za-z_.]*(?:Error|Exception)\b.*)$")
+
+
+def _error_line(text: str) -> str:
+    """The last ``SomeError: ...`` line of a traceback (torchrun prefixes a rank's lines and ends
+    with its own ChildFailedError, which names no cause), else the last line."""
+    lines = [line for line in (text or "").splitlines() if "ChildFailedError" not in line]  # torchrun's own
+    found = [m.group(1) for m in map(ERROR_LINE.match, lines) if m]
+    return found[-1][:500] if found else _last_line(text)
+
+
+def _log(check: Check, part: str, code, stdout: str, stderr: str) -> None:
+    """Append a subprocess's exit code and the ends of its stdout and stderr to ``<gpu>-parts.log``
+    beside the report: a part's one-line error rarely says enough to fix it after the session."""
+    with open(check.out / f"{check.stem}-parts.log", "a") as log:
+        log.write(f"===== {part}: exit {code}\n")
+        for name, text in (("stdout", stdout), ("stderr", stderr)):
+            log.write(f"--- {name} (last {LOG_TAIL} characters)\n{(text or '')[-LOG_TAIL:]}\n")
 
 
 def _run(cmd: list[str], timeout: float, env: dict | None = None) -> tuple[int | None, str, str, bool]:
@@ -317,6 +340,8 @@ class Check:
             self.earlier = self._earlier_parts(name)
             self.report["parts"] = sorted(self.earlier.values(), key=lambda p: PARTS.index(p["part"]))
             self.report["rerun"] = list(self.selected)
+        else:  # a whole run: the subprocesses' log starts afresh
+            (self.out / f"{self.stem}-parts.log").unlink(missing_ok=True)
 
     def _earlier_parts(self, name: str) -> dict[str, dict]:
         """The last report's records of the parts this run does not repeat, each saying when it ran."""
@@ -435,6 +460,7 @@ def cuda_tests(check: Check, record: dict) -> None:
     if xml.exists():
         xml.unlink()
     code, out, err, timed_out = _run(cmd, check.timeout("cuda_tests"), _env())
+    _log(check, "cuda_tests", code, out, err)
     counts = junit_counts(xml) if xml.exists() and not timed_out else verbose_counts(out)
     record["numbers"] = {**counts, "return_code": code, "junit_xml": str(xml) if xml.exists() else None}
     ran = counts["passed"] + counts["failed"] + counts["errors"]
@@ -493,13 +519,14 @@ def measure_shape(check: Check, shape: str, config: Path, length: int, zero_orde
         ["--zero-order"] if zero_order else []
     )
     code, stdout, stderr, timed_out = _run(cmd, check.timeout(shape), _env())
+    _log(check, f"fit_step_{shape}", code, stdout, stderr)
     measured = json.loads(out.read_text()) if out.exists() else {}
     out.unlink(missing_ok=True)
     error = None
     if timed_out:
         error = f"timed out after {check.timeout(shape):.0f} s"
     elif code != 0:
-        error = _last_line(stderr) or _last_line(stdout) or f"exit code {code}"
+        error = _error_line(stderr) or _last_line(stdout) or f"exit code {code}"
     return {"measured": measured, "error": error}
 
 
@@ -594,6 +621,7 @@ def torchrun_part(check: Check, record: dict, config: Path | None) -> None:
     cmd += ["benchmarks/sharded_check.py", "--device", check.device, "--out", str(out)]
     cmd += ["--config", f"random://{config}"] if config else []
     code, stdout, stderr, timed_out = _run(cmd, check.timeout("torchrun_nccl"), _env())
+    _log(check, "torchrun_nccl", code, stdout, stderr)
     name = "cpu" if check.device == "cpu" else check.report["gpu"]
     path = out / f"sharded_check-{name.replace(' ', '_')}.json"
     numbers = {"return_code": code, "report": str(path) if path.exists() else None}
@@ -617,7 +645,8 @@ def torchrun_part(check: Check, record: dict, config: Path | None) -> None:
         record["result"], record["met"] = "ok", True
     else:
         record["result"], record["met"] = "failed", False
-        record["error"] = _last_line(stdout) if code == 1 else (_last_line(stderr) or _last_line(stdout))
+        # sharded_check says what differed on stdout; a crash leaves its exception in torchrun's stderr
+        record["error"] = _last_line(stdout) or _error_line(stderr) or f"exit code {code}"
 
 
 # ------------------------------------------------------------------------------ report
