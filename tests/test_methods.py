@@ -347,13 +347,35 @@ def test_dare_masks_come_from_a_cpu_generator_seeded_by_name():
     assert not torch.equal(first, drop(tau, 0.3, parameter_generator(7, "v")))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_dare_rescaling_by_a_tensor_is_the_cpu_quotient(dtype):
+    """The GPU's way to divide by the density (by a float tensor, in float32 for half and bfloat16:
+    CUDA multiplies by the reciprocal of a Python number) gives the CPU's quotient bit for bit;
+    here both run on the CPU, where the reciprocal differs from the quotient in many entries."""
+    from mergeopt.merging.methods.dare import divide
+
+    tau = torch.randn(200_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dtype)
+    opmath = torch.float64 if dtype == torch.float64 else torch.float32
+    differs = []
+    for density in (0.3, 0.7):
+        by_number, by_tensor = torch.empty_like(tau), torch.empty_like(tau)
+        divide(tau, density, by_number, by_tensor=False)
+        divide(tau, density, by_tensor, by_tensor=True)
+        assert torch.equal(by_tensor, by_number)
+        assert torch.equal(by_number, tau / density)
+        reciprocal = (tau.to(opmath) * (1 / torch.tensor(density, dtype=opmath))).to(dtype)
+        differs.append(not torch.equal(reciprocal, by_number))  # CUDA's division by a number
+    assert any(differs)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_dare_masks_on_cuda_equal_the_cpu_masks():
-    """A fit on a GPU scores the masks mergeopt.export.merge on a CPU writes."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dare_masks_on_cuda_equal_the_cpu_masks(dtype):
+    """A fit on a GPU scores the masks (and rescaled entries) mergeopt.export.merge on a CPU writes."""
     from mergeopt.merging.methods.dare import drop
 
-    tau = torch.randn(3, 64, 32, generator=torch.Generator().manual_seed(0))
+    tau = torch.randn(3, 64, 32, generator=torch.Generator().manual_seed(0)).to(dtype)
     on_cpu = drop(tau, 0.3, parameter_generator(7, "w"))
     on_gpu = drop(tau.cuda(), 0.3, parameter_generator(7, "w"))
     assert on_gpu.device.type == "cuda"

@@ -44,8 +44,30 @@ def drop(task_vectors: torch.Tensor, density: float, generator: torch.Generator 
     for tau, out in zip(task_vectors, dropped):
         probability = torch.full(tau.shape, density, dtype=tau.dtype, device=where)
         mask = torch.bernoulli(probability, generator=generator).to(tau.device)
-        torch.div(tau * mask, density, out=out)
+        divide(tau * mask, density, out)
     return dropped
+
+
+def divide(numerator: torch.Tensor, density: float, out: torch.Tensor, by_tensor: bool | None = None) -> None:
+    """``out = numerator / density`` with the CPU's quotient on every device.
+
+    The CPU divides (half and bfloat16 in float32, rounded once). CUDA divides by a Python number
+    as a multiplication by its reciprocal, which can differ in the last bit, so a GPU's masks would
+    not be the ones ``mergeopt.export.merge`` writes on a CPU (nor peft's). Divided by a float
+    tensor on the device (``by_tensor``, the default off the CPU), in float32 for half and
+    bfloat16, the GPU computes the CPU's quotient.
+    """
+    if by_tensor is None:
+        by_tensor = numerator.device.type != "cpu"
+    if not by_tensor:
+        torch.div(numerator, density, out=out)
+        return
+    opmath = torch.float64 if numerator.dtype == torch.float64 else torch.float32
+    divisor = torch.tensor(density, dtype=opmath, device=numerator.device)
+    if numerator.dtype == opmath:
+        torch.div(numerator, divisor, out=out)
+    else:
+        out.copy_(numerator.to(opmath).div_(divisor))
 
 
 def prepare_linear(
