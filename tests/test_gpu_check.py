@@ -54,6 +54,8 @@ def test_smoke_run_writes_every_part_and_a_rerun_of_some_keeps_the_others(tmp_pa
     assert "| part | result | numbers | goal | met? |" in markdown
     assert all(f"| {p} |" in markdown for p in PARTS)
     assert "rerun" not in report and "[an earlier run: " not in markdown
+    log = (tmp_path / "cpu-parts.log").read_text()  # the subprocesses' output, for a failure's cause
+    assert "===== cuda_tests: exit 0" in log and "===== torchrun_nccl: exit 0" in log
 
     again = _run("--device", "cpu", "--smoke", "--out", str(tmp_path), "--parts", "cuda_tests")
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
@@ -67,11 +69,32 @@ def test_smoke_run_writes_every_part_and_a_rerun_of_some_keeps_the_others(tmp_pa
         assert kept.pop("ran") == f"{report['date_utc']} UTC at {report['commit']}"
         assert kept == parts[name]
     assert "[an earlier run: " in (tmp_path / "cpu.md").read_text()
+    assert (tmp_path / "cpu-parts.log").read_text().count("===== cuda_tests:") == 2  # a rerun appends
     wrong = _run("--device", "cpu", "--smoke", "--out", str(tmp_path), "--parts", "cuda_test")
     assert wrong.returncode == 2 and "--parts: unknown part 'cuda_test'" in wrong.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="refuses only where there is no CUDA GPU")
+def test_a_crashed_rank_reports_its_exception_not_torchruns():
+    """torchrun prefixes a rank's traceback and ends with its own ChildFailedError: the part's
+    one-line error is the rank's exception (the first GPU session recorded an empty one)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from gpu_check import _error_line
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    stderr = (
+        "[rank0]: Traceback (most recent call last):\n"
+        '[rank0]:   File "benchmarks/sharded_check.py", line 102, in main\n'
+        "[rank0]: ValueError: Expected a torch.device with a specified index\n"
+        "E1204 18:19:05 torch/distributed/elastic/multiprocessing/api.py: failed (exitcode: 1)\n"
+        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n"
+        "============================================================\n"
+    )
+    assert _error_line(stderr) == "ValueError: Expected a torch.device with a specified index"
+    assert _error_line("no exception here\nlast words") == "last words"
+
+
 def test_without_cuda_it_refuses_in_one_line(tmp_path):
     run = _run("--out", str(tmp_path))
     assert run.returncode == 2
