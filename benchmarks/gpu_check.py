@@ -1,7 +1,8 @@
 """The checks a GPU session runs in one command: the CUDA tests, the fit step's memory and time, the
 zero-order candidate's cost, and the sharded path under torchrun with nccl.
 
-Why: no line of mergeopt has run on a GPU yet; a session that has one H100/H200 has it for minutes.
+Why: mergeopt's GPU paths are tested on a GPU only in the rare session lent one H100/H200, for
+minutes (the first, 2026-12-04, ran only the CUDA tests: docs/benchmarks/index.md).
 This script is the one prepared command for it. Every part is timed and recorded even if a later
 part fails (each runs in its own subprocess with a timeout; an error is kept as its last line), and
 the report is rewritten after each part, so the script never stops halfway without a report.
