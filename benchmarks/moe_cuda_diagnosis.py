@@ -9,7 +9,10 @@ experts and of one attention projection, saved and read back) and, on each devic
 
 - ``base``: transformers' own base model, float32, no mergeopt: loss on the test's padded batch;
 - ``merged``: mergeopt's merged model at the test's z, no checkpointing, no gradient: loss;
-- ``step``: the test's checkpointed step: loss and ∂L/∂z;
+- ``materialized``: that merge made plain weights (as ``mergeopt merge`` writes it), run by
+  transformers alone: loss; and the CPU's plain merged weights run on the GPU (``first_weights_on_
+  second_device_loss``): transformers' kernels on the GPU with the CPU's numbers;
+- ``step`` and ``unchecked_step``: the test's step, checkpointed and not: loss and ∂L/∂z;
 - per decoder layer, its output (first tensor), and each router's logits, for ``base`` and
   ``merged``: the largest difference between the devices and how many tokens' top-k experts differ;
 - each fused weight the factors form (mergeopt.merging.lowrank_parameters.merged_value) at the
@@ -81,14 +84,13 @@ class _Taps:
             handle.remove()
 
 
-def _loss(logits: torch.Tensor, batch) -> float:
-    """Mean next-token cross entropy over the scored tokens."""
-    targets = batch.input_ids[:, 1:].to(logits.device)
-    scored = batch.scored[:, 1:].to(logits.device)
-    losses = torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), targets, reduction="none"
-    )
-    return float(losses[scored].mean())
+def _loss(model: torch.nn.Module, batch, device) -> float:
+    """The test's loss of a plain model (no mixture): per dev set, weighted as dev_loss weighs them."""
+    from mergeopt.objectives.loss import per_set_loss_sums, target_loss
+
+    with torch.no_grad():
+        sums, counts = per_set_loss_sums(model, {}, batch.to(device), len(SET_WEIGHTS), LOSS_CHUNK)
+    return float(target_loss(sums, counts, torch.tensor(SET_WEIGHTS)))
 
 
 def _on(world: dict, device: str, tmp: Path) -> dict:
@@ -97,6 +99,7 @@ def _on(world: dict, device: str, tmp: Path) -> dict:
     from mergeopt.config import recipe_from_dict
     from mergeopt.loading.problem import load_merge
     from mergeopt.memory import checkpointing
+    from mergeopt.merging.layer_merge import make_permanent
     from mergeopt.merging.lowrank_parameters import LowRankMergedParameter, merged_value
     from mergeopt.merging.weights import weights_from_logits
     from mergeopt.objectives.loss import dev_loss
@@ -111,12 +114,9 @@ def _on(world: dict, device: str, tmp: Path) -> dict:
         .eval()
     )
     taps = _Taps(base)
-    with torch.no_grad():
-        logits = base(
-            input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)
-        ).logits
+    found["base_loss"] = _loss(base, batch, device)
     taps.close()
-    found["base_loss"], found["base_taps"] = _loss(logits, batch), taps.seen
+    found["base_taps"] = taps.seen
     del base
 
     def merged():
@@ -143,15 +143,38 @@ def _on(world: dict, device: str, tmp: Path) -> dict:
                     value = merged_value(plist.original, p.factors, c, torch.float32)
                     weights[f"{module_name}.{attr}"] = value.detach().cpu()
     found["merged_weights"] = weights
+    # the same merge made plain weights (as mergeopt merge writes it): transformers' forward alone
+    stack.write_mixture(w.double())
+    with torch.no_grad():
+        make_permanent(model)
+        stack.lowrank.materialize(stack.lowrank.current_weights())
+    found["materialized_loss"] = _loss(model, batch, device)
+    found["materialized_state"] = {n: t.detach().cpu() for n, t in model.state_dict().items()}
     del model, stack
 
-    model, stack = merged()
-    checkpointing.enable(model)
-    z = torch.tensor(Z, dtype=torch.float64, device=device, requires_grad=True)
-    loss = dev_loss(model, stack, z, batch.to(device), torch.tensor(SET_WEIGHTS), LOSS_CHUNK)
-    loss.backward()
-    found["step_loss"], found["step_grad"] = float(loss.detach()), z.grad.cpu().tolist()
+    for checkpointed in (True, False):
+        model, stack = merged()
+        if checkpointed:
+            checkpointing.enable(model)
+        z = torch.tensor(Z, dtype=torch.float64, device=device, requires_grad=True)
+        loss = dev_loss(model, stack, z, batch.to(device), torch.tensor(SET_WEIGHTS), LOSS_CHUNK)
+        loss.backward()
+        key = "step" if checkpointed else "unchecked_step"
+        found[f"{key}_loss"], found[f"{key}_grad"] = float(loss.detach()), z.grad.cpu().tolist()
+        del model, stack
     return found
+
+
+def _cross_loss(world: dict, state: dict, device: str) -> float:
+    """Transformers' base model on ``device`` given another device's materialized merged weights."""
+    import transformers
+
+    from tests.test_lora_parameters import _batch
+
+    batch = _batch()
+    model = transformers.AutoModelForCausalLM.from_pretrained(world["base"], dtype=torch.float32).eval()
+    model.load_state_dict(state)
+    return _loss(model.to(device), batch, device)
 
 
 def _compare_taps(a: dict, b: dict, k: int) -> dict:
@@ -183,8 +206,18 @@ def diagnose(arch: str, devices: list[str], root: Path) -> dict:
     k = ARCHITECTURES[arch][2].get("num_experts_per_tok", 2)
     first, second = (_on(world, d, root / f"{i}-{d}") for i, d in enumerate(devices))
     report = {"arch": arch, "devices": devices}
-    for key in ("base_loss", "merged_loss", "step_loss", "step_grad"):
+    for key in ("base_loss", "merged_loss", "materialized_loss", "step_loss", "step_grad"):
         report[key] = [first[key], second[key]]
+    for key in ("unchecked_step_loss", "unchecked_step_grad"):
+        report[key] = [first[key], second[key]]
+    # the first device's merged weights run on the second device, by transformers alone
+    report["first_weights_on_second_device_loss"] = _cross_loss(
+        world, first["materialized_state"], devices[1]
+    )
+    report["materialized_weights_max_abs"] = max(
+        float((first["materialized_state"][n].float() - second["materialized_state"][n].float()).abs().max())
+        for n in first["materialized_state"]
+    )
     report["merged_weights_max_abs"] = {
         n: float((first["merged_weights"][n] - second["merged_weights"][n]).abs().max())
         for n in first["merged_weights"]
