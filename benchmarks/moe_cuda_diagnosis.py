@@ -40,6 +40,7 @@ sys.path.insert(0, str(REPO))
 Z = [0.4, -0.3]  # the test's mixture logits (two LoRA experts)
 SET_WEIGHTS = [1.0, 2.0]
 LOSS_CHUNK = 5
+COMPUTE_DTYPE = "float32"  # --compute-dtype
 
 
 def _world(arch: str, root: Path) -> dict:
@@ -122,6 +123,7 @@ def _on(world: dict, device: str, tmp: Path) -> dict:
     def merged():
         tree = recipe_tree(world, tmp / f"run-{device}-{len(found)}")
         tree["device"] = device
+        tree["model"]["compute_dtype"] = COMPUTE_DTYPE  # auto would be bfloat16 on a GPU
         return load_merge(recipe_from_dict(tree), progress=False)[:2]
 
     model, stack = merged()
@@ -233,7 +235,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="moe_cuda_diagnosis.json")
     parser.add_argument("--archs", default="mixtral,deepseek_v3,qwen3_moe,gpt_oss,glm4_moe")
     parser.add_argument("--devices", default="cpu,cuda")
+    parser.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args(argv)
+    global COMPUTE_DTYPE
+    COMPUTE_DTYPE = args.compute_dtype
     devices = args.devices.split(",")
     reports = []
     with tempfile.TemporaryDirectory() as tmp:
