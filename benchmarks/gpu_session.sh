@@ -66,14 +66,14 @@ python3 benchmarks/gpu_check.py --out "$out" --budget-s "${BUDGET_S:-360}" ${GPU
 code=$?
 if python3 -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
   # while the CUDA test of the LoRA of mixture-of-experts weights fails (first seen 2026-12-04), its
-  # diagnosis runs too (about a minute): where the GPU's merge parts from the CPU's
+  # diagnosis runs too (under a minute; 2 at most): where the GPU's merge parts from the CPU's
   if grep -qs "test_the_low_rank_merge_on_cuda_equals_the_cpu" "$out"/*.json; then
-    timeout 150 python3 benchmarks/moe_cuda_diagnosis.py --out "$out/moe_cuda_diagnosis.json" 2>> "$log" ||
+    timeout 120 python3 benchmarks/moe_cuda_diagnosis.py --out "$out/moe_cuda_diagnosis.json" 2>> "$log" ||
       echo "gpu_session: the diagnosis stopped early (see setup.log)"
   fi
   # DeepSeek-V3's bfloat16 step on the GPU lost 4.0022 against the CPU's 3.9502 (2026-12-04), which
   # neither bfloat16 rounding nor routing near ties explains on the CPU: where its layers part
-  timeout 90 python3 benchmarks/moe_cuda_diagnosis.py --archs deepseek_v3 --compute-dtype bfloat16 \
+  timeout 60 python3 benchmarks/moe_cuda_diagnosis.py --archs deepseek_v3 --compute-dtype bfloat16 \
     --out "$out/moe_cuda_diagnosis_bfloat16.json" 2>> "$log" ||
     echo "gpu_session: the bfloat16 diagnosis stopped early (see setup.log)"
 fi
