@@ -384,13 +384,14 @@ def test_training_step_plan_bounds_the_live_bytes_of_each_architecture(arch, com
     _training_step_ratio_holds(arch, compute, checkpointed)
 
 
-def _training_step_ratio_holds(arch: str, compute: str, checkpointed: bool, **changes) -> None:
+def _training_step_ratio_holds(
+    arch: str, compute: str, checkpointed: bool, bounds=(0.95, 1.15), batch=2, length=128, **changes
+) -> None:
     """The plan's training step of ``arch`` (its config ``changes`` made) lies 5% below to 15%
-    above the live peak of dev_loss + backward over 2 sequences of 128 tokens."""
+    above (``bounds``) the live peak of dev_loss + backward over 2 sequences of 128 tokens."""
     from mergeopt.memory import checkpointing
     from tests.test_plan import LiveBytes, small_recipe
 
-    batch, length = 2, 128
     model, stack, dims = _stacked(arch, compute, **changes)
     if checkpointed:
         checkpointing.enable(model)
@@ -401,7 +402,8 @@ def _training_step_ratio_holds(arch: str, compute: str, checkpointed: bool, **ch
     layer = sum(t.numel() for n, t in stack.anchor.items() if ".layers.0." in n)
     r = small_recipe(compute, compute, length, activation_checkpointing=checkpointed)
     planned = phases.training_bytes(r, dims, batch, largest, 4, DTYPES[compute].itemsize, layer, True)
-    assert step.peak * 0.95 <= planned <= step.peak * 1.15, (planned, step.peak, planned / step.peak)
+    low, high = bounds
+    assert step.peak * low <= planned <= step.peak * high, (planned, step.peak, planned / step.peak)
 
 
 @pytest.mark.parametrize("compute", ["float32", "bfloat16"])
@@ -461,8 +463,19 @@ def test_evaluation_plan_of_gemma4_bounds_the_live_bytes(moe, batch, length, com
 @pytest.mark.parametrize("compute", ["float32", "bfloat16"])
 def test_training_step_plan_bounds_the_live_bytes_of_gemma4_with_experts(compute, checkpointed):
     """Gemma 4 with a mixture-of-experts block beside its MLP: the training step as for every
-    architecture (measured 0.97x to 1.02x at 2 x 128 tokens)."""
+    architecture (measured 1.00x to 1.02x at 2 x 128 tokens)."""
     _training_step_ratio_holds("gemma4_text", compute, checkpointed, **GEMMA4_MOE_BLOCK)
+
+
+@pytest.mark.parametrize("compute", ["float32", "bfloat16"])
+@pytest.mark.parametrize("batch,length", [(2, 128), (4, 60)])
+@pytest.mark.parametrize("moe", [False, True], ids=["mlp", "mlp-and-experts"])
+def test_checkpointed_gemma4_step_plans_its_output_norms_backward(moe, batch, length, compute):
+    """A recomputed Gemma 4 layer's first backward is its output norm's (after the per-layer
+    input), with every activation of the layer alive: the step's peak. Planned, the step is at
+    least that peak and within 5% of it (measured 1.00x to 1.02x; 0.96x to 0.97x before)."""
+    changes = GEMMA4_MOE_BLOCK if moe else {}
+    _training_step_ratio_holds("gemma4_text", compute, True, (0.99, 1.05), batch, length, **changes)
 
 
 def _evaluation_bytes(arch: str, compute: str, batch: int, length: int, **changes) -> tuple[int, int]:

@@ -384,8 +384,9 @@ def training_bytes(
     Without activation checkpointing every layer's saved activations are held when the backward
     starts. With it, only each layer's input (tokens × hidden) is held, and the backward runs one
     layer at a time again: that layer's activations (less the MLP output projection's input, which
-    that projection's backward, the first, has released by the layer's largest moment) plus its
-    merged weights (``layer_params`` elements in the compute dtype) are added. Within a layer's backward, a parameter's merge is in
+    that projection's backward, the first, has released by the layer's largest moment; where the
+    layer ends in a norm, Gemma 4's, that norm's backward comes first and nothing is released yet)
+    plus its merged weights (``layer_params`` elements in the compute dtype) are added. Within a layer's backward, a parameter's merge is in
     flight (:func:`merge_bytes`) beside one activation gradient (the module's input gradient), and
     the MLP's gated product is differentiated (two activation gradients) when no merge is. On top:
     the chunked loss's backward and the attention mask the model builds (length² booleans per
@@ -496,6 +497,9 @@ def training_bytes(
             gathered = compute * gathers.layer if gathers else 0
             backward_peak = max(backward_peak, attention + released, reorder + released)
             layer = one_layer - released + compute * layer_params + gathered + backward_peak
+            # a layer that ends in a norm (Gemma 4): its backward comes first, with nothing released
+            end = d.profile.output_norm_backward_bytes(d.hidden, compute) * tokens
+            layer = max(layer, one_layer + compute * layer_params + gathered + end) if end else layer
         else:
             layer = max(backward, attention)
         return layer
