@@ -379,7 +379,13 @@ class Check:
         self.report["parts"] = [p for p in self.report["parts"] if p["part"] != name] + [record]
         self.report["parts"].sort(key=lambda p: PARTS.index(p["part"]))
         self.write()
-        print(f"{name}: {record['result']} ({record['seconds']:.0f} s)", flush=True)
+        # what went wrong, on the console too: a session reads it while the machine is still warm
+        why = record.get("error") or record.get("note") or ""
+        failing = record["numbers"].get("failing") if isinstance(record.get("numbers"), dict) else None
+        why += f" failing: {', '.join(failing)}" if failing else ""
+        print(
+            f"{name}: {record['result']} ({record['seconds']:.0f} s){': ' + why if why else ''}", flush=True
+        )
         return record
 
     def write(self) -> None:

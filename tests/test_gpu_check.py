@@ -75,14 +75,20 @@ def test_smoke_run_writes_every_part_and_a_rerun_of_some_keeps_the_others(tmp_pa
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="refuses only where there is no CUDA GPU")
+def _gpu_check():
+    """benchmarks/gpu_check.py as a module (benchmarks/ is no package)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return gpu_check
+
+
 def test_a_crashed_rank_reports_its_exception_not_torchruns():
     """torchrun prefixes a rank's traceback and ends with its own ChildFailedError: the part's
     one-line error is the rank's exception (the first GPU session recorded an empty one)."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        from gpu_check import _error_line
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    _error_line = _gpu_check()._error_line
     stderr = (
         "[rank0]: Traceback (most recent call last):\n"
         '[rank0]:   File "benchmarks/sharded_check.py", line 102, in main\n'
@@ -93,6 +99,27 @@ def test_a_crashed_rank_reports_its_exception_not_torchruns():
     )
     assert _error_line(stderr) == "ValueError: Expected a torch.device with a specified index"
     assert _error_line("no exception here\nlast words") == "last words"
+
+
+def test_a_failing_part_says_why_on_the_console(tmp_path, capsys):
+    """A part that fails prints its error and failing tests beside its result, so a GPU session
+    reads the cause in the command's output while the machine is still warm."""
+    import argparse
+
+    gpu_check = _gpu_check()
+    args = argparse.Namespace(smoke=True, out=str(tmp_path), budget_s=60.0, parts=list(gpu_check.PARTS))
+    check = gpu_check.Check(args, "cpu", "cpu")
+
+    def fails(record):
+        record["result"], record["error"] = "failed", "ValueError: boom"
+        record["numbers"] = {"failing": ["tests.test_a::test_b"]}
+
+    check.part("cuda_tests", "every CUDA-marked test passes", fails)
+    check.part("zero_order", "measured", lambda record: record.update(result="ok"))
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "cuda_tests: failed (0 s): ValueError: boom failing: tests.test_a::test_b"
+    assert out[1] == "zero_order: ok (0 s)"
+    assert json.loads((tmp_path / "cpu.json").read_text())["parts"][0]["error"] == "ValueError: boom"
 
 
 def test_without_cuda_it_refuses_in_one_line(tmp_path):
