@@ -381,7 +381,7 @@ class Check:
         self.write()
         # what went wrong, on the console too: a session reads it while the machine is still warm
         why = record.get("error") or record.get("note") or ""
-        failing = record["numbers"].get("failing") if isinstance(record.get("numbers"), dict) else None
+        failing = record["numbers"].get("failing")
         why += f" failing: {', '.join(failing)}" if failing else ""
         print(
             f"{name}: {record['result']} ({record['seconds']:.0f} s){': ' + why if why else ''}", flush=True

@@ -40,7 +40,6 @@ sys.path.insert(0, str(REPO))
 Z = [0.4, -0.3]  # the test's mixture logits (two LoRA experts)
 SET_WEIGHTS = [1.0, 2.0]
 LOSS_CHUNK = 5
-COMPUTE_DTYPE = "float32"  # --compute-dtype
 
 
 def _world(arch: str, root: Path) -> dict:
@@ -69,7 +68,7 @@ class _Taps:
             parts = short.split(".")
             layer = len(parts) == 2 and parts[0] == "layers" and parts[1].isdigit()
             router = parts[-1] in ("gate", "router") and "mlp" in parts and not name.endswith("gate_proj")
-            if layer or (router and not list(module.children())) or (router and hasattr(module, "weight")):
+            if layer or (router and (not list(module.children()) or hasattr(module, "weight"))):
                 self.handles.append(module.register_forward_hook(self._keep(short)))
 
     def _keep(self, name: str):
@@ -94,7 +93,7 @@ def _loss(model: torch.nn.Module, batch, device) -> float:
     return float(target_loss(sums, counts, torch.tensor(SET_WEIGHTS)))
 
 
-def _on(world: dict, device: str, tmp: Path) -> dict:
+def _on(world: dict, device: str, tmp: Path, compute_dtype: str) -> dict:
     import transformers
 
     from mergeopt.config import recipe_from_dict
@@ -123,7 +122,7 @@ def _on(world: dict, device: str, tmp: Path) -> dict:
     def merged():
         tree = recipe_tree(world, tmp / f"run-{device}-{len(found)}")
         tree["device"] = device
-        tree["model"]["compute_dtype"] = COMPUTE_DTYPE  # auto would be bfloat16 on a GPU
+        tree["model"]["compute_dtype"] = compute_dtype  # auto would be bfloat16 on a GPU
         return load_merge(recipe_from_dict(tree), progress=False)[:2]
 
     model, stack = merged()
@@ -200,18 +199,18 @@ def _compare_taps(a: dict, b: dict, k: int) -> dict:
     return out
 
 
-def diagnose(arch: str, devices: list[str], root: Path) -> dict:
+def diagnose(arch: str, devices: list[str], root: Path, compute_dtype: str = "float32") -> dict:
     from tests.test_lora_parameters import ARCHITECTURES
 
     start = time.perf_counter()
     world = _world(arch, root)
     k = ARCHITECTURES[arch][2].get("num_experts_per_tok", 2)
-    first, second = (_on(world, d, root / f"{i}-{d}") for i, d in enumerate(devices))
-    report = {"arch": arch, "devices": devices}
+    first, second = (_on(world, d, root / f"{i}-{d}", compute_dtype) for i, d in enumerate(devices))
+    report = {"arch": arch, "devices": devices, "compute_dtype": compute_dtype}
     for key in ("base_loss", "merged_loss", "materialized_loss", "step_loss", "step_grad"):
         report[key] = [first[key], second[key]]
-    for key in ("unchecked_step_loss", "unchecked_step_grad"):
-        report[key] = [first[key], second[key]]
+        if key.startswith("step"):
+            report[f"unchecked_{key}"] = [first[f"unchecked_{key}"], second[f"unchecked_{key}"]]
     # the first device's merged weights run on the second device, by transformers alone
     report["first_weights_on_second_device_loss"] = _cross_loss(
         world, first["materialized_state"], devices[1]
@@ -237,14 +236,12 @@ def main(argv=None) -> int:
     parser.add_argument("--devices", default="cpu,cuda")
     parser.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args(argv)
-    global COMPUTE_DTYPE
-    COMPUTE_DTYPE = args.compute_dtype
     devices = args.devices.split(",")
     reports = []
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.archs.split(","):
             try:
-                reports.append(diagnose(arch, devices, Path(tmp) / arch))
+                reports.append(diagnose(arch, devices, Path(tmp) / arch, args.compute_dtype))
             except Exception as err:  # the next type still runs
                 reports.append({"arch": arch, "error": f"{type(err).__name__}: {err}"[:800]})
             Path(args.out).write_text(json.dumps(reports, indent=1) + "\n")

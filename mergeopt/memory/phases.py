@@ -499,7 +499,8 @@ def training_bytes(
             layer = one_layer - released + compute * layer_params + gathered + backward_peak
             # a layer that ends in a norm (Gemma 4): its backward comes first, with nothing released
             end = d.profile.output_norm_backward_bytes(d.hidden, compute) * tokens
-            layer = max(layer, one_layer + compute * layer_params + gathered + end) if end else layer
+            if end:
+                layer = max(layer, one_layer + compute * layer_params + gathered + end)
         else:
             layer = max(backward, attention)
         return layer
