@@ -8,6 +8,8 @@ each type it builds the test's world (a tiny random base, two PEFT LoRA adapters
 experts and of one attention projection, saved and read back) and, on each device:
 
 - ``base``: transformers' own base model, float32, no mergeopt: loss on the test's padded batch;
+  with ``--compute-dtype bfloat16``, ``base_compute`` too: that model in bfloat16 (its kernels
+  alone, beside the merge's bfloat16 step);
 - ``merged``: mergeopt's merged model at the test's z, no checkpointing, no gradient: loss;
 - ``materialized``: that merge made plain weights (as ``mergeopt merge`` writes it), run by
   transformers alone: loss; and the CPU's plain merged weights run on the GPU (``first_weights_on_
@@ -117,6 +119,11 @@ def _on(world: dict, device: str, tmp: Path, compute_dtype: str) -> dict:
     found["base_loss"] = _loss(base, batch, device)
     taps.close()
     found["base_taps"] = taps.seen
+    if compute_dtype != "float32":  # transformers' own model in the compute dtype: its kernels alone
+        taps = _Taps(base.to(getattr(torch, compute_dtype)))
+        found["base_compute_loss"] = _loss(base, batch, device)
+        taps.close()
+        found["base_compute_taps"] = taps.seen
     del base
 
     def merged():
@@ -215,15 +222,21 @@ def diagnose(arch: str, devices: list[str], root: Path, compute_dtype: str = "fl
     report["first_weights_on_second_device_loss"] = _cross_loss(
         world, first["materialized_state"], devices[1]
     )
-    report["materialized_weights_max_abs"] = max(
-        float((first["materialized_state"][n].float() - second["materialized_state"][n].float()).abs().max())
-        for n in first["materialized_state"]
-    )
+    ours, theirs = first["materialized_state"], second["materialized_state"]
+    differences = {n: float((ours[n].float() - theirs[n].float()).abs().max()) for n in ours}
+    report["materialized_weights_max_abs"] = max(differences.values())
+    # the tensors that part most (a low-rank Linear's merge, say, beside the fused weights)
+    report["materialized_weights_most_apart"] = dict(sorted(differences.items(), key=lambda kv: -kv[1])[:6])
     report["merged_weights_max_abs"] = {
         n: float((first["merged_weights"][n] - second["merged_weights"][n]).abs().max())
         for n in first["merged_weights"]
     }
     report["base_taps"] = _compare_taps(first["base_taps"], second["base_taps"], k)
+    if "base_compute_loss" in first:
+        report["base_compute_loss"] = [first["base_compute_loss"], second["base_compute_loss"]]
+        report["base_compute_taps"] = _compare_taps(
+            first["base_compute_taps"], second["base_compute_taps"], k
+        )
     report["merged_taps"] = _compare_taps(first["merged_taps"], second["merged_taps"], k)
     report["seconds"] = round(time.perf_counter() - start, 1)
     return report
