@@ -28,7 +28,7 @@ count).
 For each type, in float32 and bfloat16: one sequence of ``--length`` tokens through the model in
 training mode, every weight requiring a gradient (as merged weights do), and the bytes of the
 distinct storages autograd saves for the backward, parameters left out (tests/test_layer_profiles's
-``_saved_bytes``) against ``phases.saved_activation_bytes`` for the model's dims as the CPU's
+``_saved_bytes``) against ``activations.saved_activation_bytes`` for the model's dims as the CPU's
 kernels run them (``Dims.on_device("cpu")``: DeepSeek-V3's attention in SDPA's math kernel, where a
 GPU runs a fused one; tests/test_latent_attention.py checks the GPU's on a GPU). Results:
 ``--out``/activations_at_real_shapes.json and .md.
@@ -51,7 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.precision import environment  # noqa: E402
-from mergeopt.memory import phases  # noqa: E402
+from mergeopt.memory import activations  # noqa: E402
 from mergeopt.memory.sizes import Dims  # noqa: E402
 from tests.test_layer_profiles import _saved_bytes  # noqa: E402
 
@@ -120,7 +120,7 @@ def measure(model_type: str, dtype: torch.dtype, length: int) -> dict:
         lambda: model(input_ids=ids, use_cache=False).logits, [*model.parameters(), *model.buffers()]
     )
     dims = Dims.from_config(config.to_dict(), checkpoint).on_device("cpu")
-    planned = phases.saved_activation_bytes(dims, 1, length, dtype.itemsize)
+    planned = activations.saved_activation_bytes(dims, 1, length, dtype.itemsize)
     return {
         "model_type": model_type,
         "shapes_of": checkpoint,

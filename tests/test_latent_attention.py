@@ -14,7 +14,7 @@ import torch
 import transformers
 
 from mergeopt.errors import UserError
-from mergeopt.memory import phases
+from mergeopt.memory import activations
 from mergeopt.memory.latent_attention import LatentAttention
 from mergeopt.memory.sizes import Dims
 from tests.test_layer_profiles import _saved_bytes
@@ -82,7 +82,7 @@ def test_one_layer_saves_what_the_plan_says(shape, compute, frozen):
     heads, _, _, nope, rope, v, *_ = shape
     assert dims.latent_attention.math_kernel == (nope + rope != v)
     dense = dims.layer_kinds()[0][0]  # the dense layers' kind
-    planned = phases.layer_activation_bytes(dense, batch, length, dtype.itemsize, frozen)
+    planned = activations.layer_activation_bytes(dense, batch, length, dtype.itemsize, frozen)
     assert _layer_bytes(shape, dtype, frozen) == planned
 
 
@@ -161,7 +161,7 @@ def test_on_a_gpu_the_plan_matches_what_a_layer_saves(shape, compute):
 
     dims = Dims.from_config(_config(shape, 2).to_dict(), "base").on_device("cuda")
     dense = dims.layer_kinds()[0][0]  # the dense layers' kind
-    planned = phases.layer_activation_bytes(dense, batch, length, dtype.itemsize)
+    planned = activations.layer_activation_bytes(dense, batch, length, dtype.itemsize)
     measured = saved(2) - saved(1)
     assert 0.95 * measured <= planned <= 1.05 * measured, (measured, planned)
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 
-from mergeopt.memory import phases
+from mergeopt.memory import activations, phases
 from mergeopt.memory.layer_profiles import LLAMA, PROFILES, not_profiled_note, profile_for
 from mergeopt.memory.sizes import Dims
 from mergeopt.merging import layer_merge
@@ -273,7 +273,7 @@ def _saved_and_planned(model, stack, dims: Dims, compute: str) -> tuple[int, int
     data = padded_batch(BATCH, LENGTH, VOCAB)
     params = [*model.parameters(), *model.buffers(), *_stacked_tensors(stack), z]
     measured = _saved_bytes(lambda: dev_loss(model, stack, z, data, torch.ones(1), 16), params)
-    return measured, phases.saved_activation_bytes(dims, BATCH, LENGTH, DTYPES[compute].itemsize)
+    return measured, activations.saved_activation_bytes(dims, BATCH, LENGTH, DTYPES[compute].itemsize)
 
 
 def test_the_profiles_hold_at_real_shapes_in_the_committed_benchmarks():
@@ -322,13 +322,13 @@ def test_one_frozen_layer_keeps_what_the_profile_says(arch, compute):
     def planned(layers: int) -> int:
         dims = Dims.from_config(tiny(arch, layers, kinds).config.to_dict(), arch).on_device("cpu")
         kept = sum(
-            n * phases.layer_activation_bytes(k, BATCH, LENGTH, dtype.itemsize, frozen=True)
+            n * activations.layer_activation_bytes(k, BATCH, LENGTH, dtype.itemsize, frozen=True)
             for k, n in dims.layer_kinds()
         )
         # a second layer of another kind brings its own cos and sin where the model forms them per
         # kind of layer (OLMo3), and its per-layer input where the model has them (Gemma 4)
-        kept += phases.per_layer_inputs_bytes(dims, BATCH, LENGTH, dtype.itemsize, frozen=True)
-        return kept + phases.rotary_bytes(dims, LENGTH, dtype.itemsize, BATCH)
+        kept += activations.per_layer_inputs_bytes(dims, BATCH, LENGTH, dtype.itemsize, frozen=True)
+        return kept + activations.rotary_bytes(dims, LENGTH, dtype.itemsize, BATCH)
 
     assert layer_bytes(2) - layer_bytes(1) == planned(2) - planned(1)
 

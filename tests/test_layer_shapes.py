@@ -12,7 +12,7 @@ import torch
 import transformers
 
 from mergeopt.errors import UserError
-from mergeopt.memory import phases
+from mergeopt.memory import activations
 from mergeopt.memory.layer_shapes import LayerShape, gemma4_layers
 from mergeopt.memory.sizes import FLOAT32, Dims
 from tests.test_layer_profiles import _saved_bytes
@@ -54,13 +54,13 @@ def _planned(dims: Dims, compute: int, frozen: bool) -> int:
     """What the plan says the decoder keeps from its input embeddings to its final norm (no output
     layer reads that norm's output here)."""
     layers = sum(
-        n * phases.layer_activation_bytes(kind, BATCH, LENGTH, compute, frozen)
+        n * activations.layer_activation_bytes(kind, BATCH, LENGTH, compute, frozen)
         for kind, n in dims.layer_kinds()
     )
     final = BATCH * LENGTH * dims.profile.norm_bytes(HIDDEN, 1, compute, frozen)
     final += FLOAT32 * HIDDEN if compute != FLOAT32 else 0  # the norm's weight cast to float32
-    inputs = phases.per_layer_inputs_bytes(dims, BATCH, LENGTH, compute, frozen)
-    return layers + final + inputs + phases.rotary_bytes(dims, LENGTH, compute, BATCH)
+    inputs = activations.per_layer_inputs_bytes(dims, BATCH, LENGTH, compute, frozen)
+    return layers + final + inputs + activations.rotary_bytes(dims, LENGTH, compute, BATCH)
 
 
 def _saved_and_planned(config, compute: str, frozen: bool) -> tuple[int, int]:

@@ -32,7 +32,7 @@ from mergeopt.config import MergeSection, load_recipe, recipe_from_dict
 from mergeopt.errors import UserError, run_cli
 from mergeopt.loading import checkpoints
 from mergeopt.loading.checkpoints import open_all
-from mergeopt.memory import checkpointing, dry_run, phases, plan
+from mergeopt.memory import activations, checkpointing, dry_run, phases, plan
 from mergeopt.memory.ranks import check_shard_division
 from mergeopt.memory.sizes import DeviceMemory, Dims, Inventory, MemoryPlan
 from mergeopt.merging.stack import DTYPES
@@ -505,7 +505,7 @@ def test_saved_activations_equal_what_autograd_saves(compute):
         layer_merge._pack = original
     log_softmax = 4 * 300 * batch * (length - 1)
     c = DTYPES[compute].itemsize
-    expected = phases.saved_activation_bytes(dims, batch, length, c) + log_softmax
+    expected = activations.saved_activation_bytes(dims, batch, length, c) + log_softmax
     assert sum(saved.values()) == pytest.approx(expected, rel=1e-3)
 
 

@@ -86,7 +86,7 @@ class LatentAttention:
         from its two parts, is in that order, and a kernel's output follows q's; a GPU kernel that
         writes its output in the tokens' order would need no copy: the plan is then over by that
         input, a tenth of the layer's attention at DeepSeek-V3's widths). Rotary
-        embedding keeps cos and sin alone, shared by the layers (:func:`~mergeopt.memory.phases.rotary_bytes`).
+        embedding keeps cos and sin alone, shared by the layers (:func:`~mergeopt.memory.activations.rotary_bytes`).
 
         ``frozen`` (no weight merged): the projections keep no input and the norms no normalised
         value, for no weight needs a gradient."""

@@ -1,6 +1,6 @@
 """What a decoder layer of each architecture keeps for the backward, beyond its shapes.
 
-The activation estimate (:mod:`mergeopt.memory.phases`) is written per tensor autograd saves, and
+The activation estimate (:mod:`mergeopt.memory.activations`) is written per tensor autograd saves, and
 the architectures users fine-tune differ in exactly those tensors: where an RMSNorm applies its
 weight (Llama casts the normalised value back to the compute dtype first, Gemma and OLMo2 multiply
 in float32 and so keep the float32 value), how many norms a layer has and whether a projection reads

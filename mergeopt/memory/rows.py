@@ -16,7 +16,7 @@ Under torchrun (N ranks) the plan is per rank. With ``model.shard: fsdp``
 (:mod:`mergeopt.merging.sharded_merge`) every matrix, stacked or not, is held as a block of ⌈R/N⌉ of its R
 rows (anchor, differences, int8 scales, LoRA factors alike) and vectors whole; a layer gathers each
 merged weight whole while it runs, and the backward reduce-scatters its gradient to the rank's
-rows (:func:`~mergeopt.memory.phases.merge_bytes`, :class:`~mergeopt.memory.sizes.Gathers`). The training micro-batch is split over the ranks
+rows (:func:`~mergeopt.memory.merge_moments.merge_bytes`, :class:`~mergeopt.memory.sizes.Gathers`). The training micro-batch is split over the ranks
 (:func:`~mergeopt.memory.ranks.check_shard_division`), each rank evaluates ``optim.eval_batch_size`` sequences per step.
 The held rows are exact; the phases' gathers are checked, like the single-process phases, against
 the live bytes of each rank of sharded steps (2 and 3 gloo processes, tests/test_plan.py).
@@ -38,8 +38,8 @@ from collections.abc import Sequence
 from mergeopt.config import Recipe
 from mergeopt.loading.lora import PREFIX
 from mergeopt.loading.lora_sizes import FactorSizes, low_rank_dora
+from mergeopt.memory.merge_moments import anchor_itemsize
 from mergeopt.memory.phases import (
-    anchor_itemsize,
     compute_itemsize,
     eval_itemsize,
     evaluation_bytes,
