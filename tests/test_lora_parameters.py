@@ -514,7 +514,7 @@ def test_qwen3_moe_with_four_lora_experts_of_its_experts_plans_on_one_gpu(tmp_pa
     expert projection (PEFT's target_parameters) and of the attention: the stack is their factors,
     1.2 GiB each, where dense rows would be four copies of the experts (29.0B parameters each,
     216 GiB in bfloat16); the fit plans to fit one 80 GB GPU."""
-    from mergeopt.memory import dry_run, plan
+    from mergeopt.memory import dry_run, plan, plan_table
     from tests.test_plan import EXCLUDED, EXPERTS_8B, GPU_80GB
 
     base = tmp_path / "base"
@@ -565,7 +565,7 @@ def test_qwen3_moe_with_four_lora_experts_of_its_experts_plans_on_one_gpu(tmp_pa
     dense_rows = 4 * 2 * sum(math.prod(inventory.shapes[n]) for n in fused)  # anchor + 3 differences
     assert dense_rows / 2**30 == pytest.approx(216, abs=1)
     assert not any(x in n for n in fused for x in EXCLUDED)
-    assert p.fits, dry_run.gib(p.peak)
+    assert p.fits, plan_table.gib(p.peak)
     assert p.peak < 80 * 10**9
 
 

@@ -32,7 +32,7 @@ from mergeopt.config import MergeSection, load_recipe, recipe_from_dict
 from mergeopt.errors import UserError, run_cli
 from mergeopt.loading import checkpoints
 from mergeopt.loading.checkpoints import open_all
-from mergeopt.memory import activations, checkpointing, dry_run, phases, plan
+from mergeopt.memory import activations, checkpointing, dry_run, phases, plan, plan_table
 from mergeopt.memory.ranks import check_shard_division
 from mergeopt.memory.sizes import DeviceMemory, Dims, Inventory, MemoryPlan
 from mergeopt.merging.stack import DTYPES
@@ -133,11 +133,13 @@ def test_each_suggested_override_saves_what_the_verdict_says(config_8b):
     for override, saved in short.suggestions:
         changed = load_recipe(REPO / "recipes" / "8b.yaml", [*overrides, *override.split(" ")])
         assert plan.plan_memory(changed, inventory, dims, card).peak == short.peak - saved > 0
-    text = dry_run.verdict(short)
-    assert text.startswith(f"does not fit: short by {dry_run.gib(short.peak - card.free)} GiB; try\n")
+    text = plan_table.verdict(short)
+    assert text.startswith(f"does not fit: short by {plan_table.gib(short.peak - card.free)} GiB; try\n")
     knob, saved = next((k, v) for k, v in short.suggestions if k.startswith("model.stack_dtype="))
-    assert re.search(rf"\n  {knob} +saves +{dry_run.gib(saved)} GiB\n", text), text
-    assert text.splitlines()[-1].startswith(f"  all of them: peak {dry_run.gib(short.combined_peak)} GiB, ")
+    assert re.search(rf"\n  {knob} +saves +{plan_table.gib(saved)} GiB\n", text), text
+    assert text.splitlines()[-1].startswith(
+        f"  all of them: peak {plan_table.gib(short.combined_peak)} GiB, "
+    )
 
 
 def test_zero_order_strategies_plan_no_backward(config_8b):
@@ -623,7 +625,7 @@ def test_8b_recipe_dry_run_from_config_json_alone(config_8b, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "parameters: 8,030,261,248 in 291 tensors (config.json of" in result.stdout
     assert "stacked: 6,979,321,856 in 224 tensors x 4 experts" in result.stdout
-    gib = dry_run.gib(3 * 6_979_321_856 * 2)
+    gib = plan_table.gib(3 * 6_979_321_856 * 2)
     assert re.search(rf"\n  stack differences, 3 x bfloat16 +{gib}\n", result.stdout), result.stdout
     assert "\nverdict: " in result.stdout
     assert not (tmp_path / "out").exists()
@@ -693,14 +695,14 @@ def test_8b_recipe_as_shipped_plans_within_70_gib_on_one_gpu():
     checkpointed layers, chunked loss) on one 80 GB GPU: at most 70 GiB, the stack its largest part."""
     p = _8b_plan(4, "bfloat16")
     assert p.parameters == 8_030_261_248
-    assert p.fits and p.peak <= 70 * 2**30, dry_run.gib(p.peak)
+    assert p.fits and p.peak <= 70 * 2**30, plan_table.gib(p.peak)
     assert p.row("stack differences") == 3 * p.stacked_parameters * 2
     assert max(r.bytes for r in p.phases) < 8 * 2**30
 
 
 def test_8b_with_eight_int8_experts_plans_within_80_gib():
     p = _8b_plan(8, "int8")
-    assert p.fits and p.peak <= 80 * 2**30, dry_run.gib(p.peak)
+    assert p.fits and p.peak <= 80 * 2**30, plan_table.gib(p.peak)
     # one byte per difference plus a float32 scale per expert and row
     assert p.row("stack differences") < 7 * p.stacked_parameters * 1.01
 
@@ -720,7 +722,7 @@ def test_device_memory_plans_for_a_gpu_that_is_not_here(capsys):
         assert given.total == given.free == gib * 2**30
         expected = plan.plan_memory(r, inventory, dims, given)
         assert expected.fits is fits
-        assert f"verdict: {dry_run.verdict(expected)}" in out
+        assert f"verdict: {plan_table.verdict(expected)}" in out
         assert f"device: cuda: as given by --device-memory, {gib}.00 GiB total" in out
     assert "does not fit: short by" in out and "model.stack_dtype=int8" in out  # 40 GiB: suggestions
     assert run_cli(fit.main, [*args, "--device-memory", "79"]) == 2  # a plan's option, not a fit's
@@ -790,7 +792,7 @@ def test_70b_four_bfloat16_experts_fit_8_ranks_of_80_gb_sharded_and_not_whole(co
     assert sharded.stacked_parameters == STACKED_70B
     stack = 4 * 2 * STACKED_70B // 8  # anchor and 3 differences, 2 bytes each, over 8 ranks (all rows divide)
     assert sharded.row("stack anchor") + sharded.row("stack differences") == stack
-    assert sharded.fits and sharded.peak <= GPU_80GB.free, dry_run.gib(sharded.peak)
+    assert sharded.fits and sharded.peak <= GPU_80GB.free, plan_table.gib(sharded.peak)
     assert sharded.batch.startswith("micro-batch 8 x 1024 tokens over 8 ranks, 1 per rank;")
     whole = plan.plan_memory(_recipe_70b(path, "model.shard=none"), inventory, dims, GPU_80GB, 8)
     assert whole.row("stack anchor") + whole.row("stack differences") == 4 * 2 * STACKED_70B
@@ -807,11 +809,11 @@ def test_8b_four_int8_experts_fit_2_consumer_gpus_of_24_gb_and_not_one(config_8b
     r = load_recipe(REPO / "recipes" / "8b.yaml", [*overrides, "model.stack_dtype=int8", "model.shard=fsdp"])
     inventory, dims = dry_run.read_inventory(r)
     two = plan.plan_memory(r, inventory, dims, GPU_24GB, 2)
-    assert two.fits and two.peak <= 24 * 10**9, dry_run.gib(two.peak)
+    assert two.fits and two.peak <= 24 * 10**9, plan_table.gib(two.peak)
     assert two.batch.startswith("micro-batch 8 x 1024 tokens over 2 ranks, 4 per rank;")
     one = load_recipe(REPO / "recipes" / "8b.yaml", [*overrides, "model.stack_dtype=int8"])
     alone = plan.plan_memory(one, inventory, dims, GPU_24GB, 1)
-    assert alone.fits is False and alone.peak > 30 * 10**9, dry_run.gib(alone.peak)
+    assert alone.fits is False and alone.peak > 30 * 10**9, plan_table.gib(alone.peak)
 
 
 @pytest.mark.parametrize(
@@ -850,7 +852,7 @@ def test_mixture_of_experts_models_plan_per_rank(tmp_path, name, ranks, override
     assert p.row("stack differences") == 3 * elements * (1 if int8 else 2) + (
         3 * scale_rows * 4 if int8 else 0
     )
-    assert p.fits is fits, dry_run.gib(p.peak)
+    assert p.fits is fits, plan_table.gib(p.peak)
 
 
 @pytest.mark.parametrize(
@@ -977,7 +979,7 @@ def test_random_8b_recipe_plans_per_rank_from_the_command_line():
     assert out.startswith("Memory plan for recipes/8b.yaml, per rank, 4 ranks (dry run:"), out
     assert "ranks: 4, model.shard fsdp: each rank holds a block of 1/4 of the rows" in out
     assert "micro-batch 8 x 1024 tokens over 4 ranks, 2 per rank" in out
-    anchor = dry_run.gib(2 * 6_979_321_856 // 4)  # every stacked row count of the 8B divides by 4
+    anchor = plan_table.gib(2 * 6_979_321_856 // 4)  # every stacked row count of the 8B divides by 4
     assert re.search(
         rf"\n  stack anchor θ_1, bfloat16, sharded: 1/4 of the rows per rank +{anchor}\n", out
     ), out

@@ -9,7 +9,7 @@ import pytest
 from transformers import LlamaConfig
 
 from mergeopt.config import load_recipe
-from mergeopt.memory import dry_run
+from mergeopt.memory import dry_run, plan_table
 from mergeopt.memory.plan_document import SCHEMA_VERSION, PlanDocument
 from mergeopt.memory.sizes import GIB
 from tests.conftest import REPO, run_in_process
@@ -51,7 +51,7 @@ def test_the_document_holds_the_tables_rows_and_verdict(llama_8b):
     }
     assert doc["notes"] == list(inventory.notes) and doc["suggestions"] == [] and doc["placement"] == []
     table = run_in_process("plan", "recipes/8b.yaml", *llama_8b, "--device-memory", "79").stdout
-    assert f"fits ({dry_run.gib(doc['spare'])} GiB to spare on cuda)" in table
+    assert f"fits ({plan_table.gib(doc['spare'])} GiB to spare on cuda)" in table
 
 
 def test_a_plan_that_does_not_fit_lists_each_override_with_its_saving(llama_8b):

@@ -1,0 +1,130 @@
+"""The plan as ``mergeopt plan`` prints it: the inventory, byte rows in GiB, the verdict, placement.
+
+The numbers are :func:`mergeopt.memory.plan.plan_memory`'s; this module only lays them out for a
+person (``--json`` gives the same rows as a document: :mod:`mergeopt.memory.plan_document`), and,
+under ``model.device_map``, says what each GPU would hold.
+"""
+
+from __future__ import annotations
+
+from mergeopt.config import Recipe
+from mergeopt.errors import UserError
+from mergeopt.loading.checkpoints import meta_model
+from mergeopt.memory.sizes import GIB, Inventory, MemoryPlan
+
+
+def gib(n: int) -> str:
+    """Bytes as GiB, two decimals, thousands separated: the unit of every printed row."""
+    return f"{n / GIB:,.2f}"
+
+
+def verdict(plan: MemoryPlan) -> str:
+    """'fits', or how much is missing and which overrides help, each with its saving (one per line)."""
+    mem = plan.memory
+    if plan.fits is None:
+        each = f" on each of {plan.world_size} ranks" if plan.world_size > 1 else ""
+        return (
+            f"not checked: {mem.device} is {mem.description}; the run needs {gib(plan.peak)} GiB there{each}"
+        )
+    if plan.fits:
+        return f"fits ({gib(mem.free - plan.peak)} GiB to spare on {mem.device})"
+    text = f"does not fit: short by {gib(plan.peak - mem.free)} GiB"
+    if not plan.suggestions:
+        return text + "; none of the knobs helps: fewer experts or a larger device"
+    tries = [f"  {override:<50} saves {gib(saved):>8} GiB" for override, saved in plan.suggestions]
+    short = plan.combined_peak - mem.free
+    together = "fits" if short <= 0 else f"still short by {gib(short)} GiB: fewer experts or a larger device"
+    return "\n".join(
+        [f"{text}; try", *tries, f"  all of them: peak {gib(plan.combined_peak)} GiB, {together}"]
+    )
+
+
+def _line(label: str, size: int, indent: str = "  ", width: int = 62) -> str:
+    return f"{indent}{label:<{width - len(indent)}}{gib(size):>10}"
+
+
+def _ranks(plan: MemoryPlan) -> list[str]:
+    """What each rank holds, for a plan over several ranks."""
+    n = plan.world_size
+    if n == 1:
+        return []
+    if plan.shard == "fsdp":
+        return [
+            f"ranks: {n}, model.shard fsdp: each rank holds a block of 1/{n} of the rows of every matrix "
+            "(stacked or not) and every vector whole, and gathers a merged weight whole while its layer runs"
+        ]
+    return [
+        f"ranks: {n}, model.shard none: every rank holds the whole model and stack; only the batches are split"
+    ]
+
+
+def format_plan(plan: MemoryPlan, recipe_path: str, inventory: Inventory) -> str:
+    """The printed plan: inventory, byte rows in GiB, peak against the device, verdict."""
+    mem = plan.memory
+    device = f"{mem.device}: {mem.description}"
+    if mem.free is not None:
+        device += f", {gib(mem.total)} GiB total, {gib(mem.free)} GiB free"
+    per_rank = f", per rank, {plan.world_size} ranks" if plan.world_size > 1 else ""
+    width = max(62, 2 + max(len(r.label) for r in (*plan.held, *plan.phases)) + 2)
+
+    def line(label: str, size: int, indent: str = "  ") -> str:
+        return _line(label, size, indent, width)
+
+    lines = [
+        f"Memory plan for {recipe_path}{per_rank} (dry run: no weights read, nothing written)",
+        f"device{' of each rank' if plan.world_size > 1 else ''}: {device}",
+        *_ranks(plan),
+        f"parameters: {plan.parameters:,} in {plan.tensors} tensors ({inventory.source})",
+        f"stacked: {plan.stacked_parameters:,} in {plan.stacked_tensors} tensors x {plan.num_experts} experts "
+        + (
+            "(LoRA experts alone: what their adapters set densely"
+            if plan.adapters_only
+            else "(upper bound: every parameter not excluded"
+        )
+        + f"; {plan.excluded_tensors} tensors excluded)",
+        f"batches: {plan.batch}",
+        *(f"note: {n}" for n in inventory.notes),
+        "",
+        f"{'GiB' + (' per rank' if per_rank else ''):>{width + 10}}",
+        "held for the whole run",
+        *(line(r.label, r.bytes) for r in plan.held),
+        "plus the largest of these phases (estimates)",
+        *(line(r.label, r.bytes) for r in plan.phases),
+        line("peak" + (" per rank" if per_rank else ""), plan.peak, ""),
+    ]
+    if mem.free is not None:
+        lines.append(line(f"free on {mem.device}", mem.free, ""))
+    return "\n".join([*lines, "", f"verdict: {verdict(plan)}"])
+
+
+def placement_lines(recipe: Recipe, plan: MemoryPlan) -> list[str]:
+    """How ``model.device_map`` would spread the model and its stack over the GPUs, per GPU."""
+    from mergeopt.memory import placement
+
+    strategy = recipe.model.device_map
+    activations = max((r.bytes for r in plan.phases), default=0)
+    head = (
+        f"placement over GPUs (model.device_map: {strategy}; the rows above are for one device; "
+        f"each GPU keeps its share of the {gib(activations)} GiB phase free)"
+    )
+    model, _ = meta_model(recipe.model.base, recipe.model.trust_remote_code, recipe.model.gguf_file)
+    k, dtype = len(recipe.model.experts), recipe.model.stack_dtype
+    try:
+        device_map = placement.plan_device_map(
+            model, strategy, k, dtype, recipe.model.max_memory, activations
+        )
+    except UserError as err:
+        return [head, f"  {err}"]
+    factor = placement.cost_factor(k, dtype)
+    per_device: dict[int, list] = {}
+    for module in device_map:
+        per_device.setdefault(device_map[module], []).append(module)
+    sizes = {name: p.numel() for name, p in model.named_parameters()}
+    lines = [head]
+    for device, modules in per_device.items():
+        held = sum(n for name, n in sizes.items() if any(name.startswith(m + ".") for m in modules))
+        shown = modules if len(modules) <= 3 else [modules[0], "...", modules[-1]]
+        lines.append(
+            _line(f"cuda:{device}: {len(modules)} modules ({', '.join(shown)})", int(held * 4 * factor))
+        )
+    return lines
