@@ -148,3 +148,27 @@ def test_every_dependency_reaches_the_gpu_machine():
     image = {name(n) for line in lines if line.startswith("# image:") for n in line.split(":", 1)[1].split()}
     assert needed - pinned - image == set()
     assert all("==" in line for line in lines if line.strip() and not line.startswith("#"))  # exact pins
+
+
+def test_moe_diagnosis_rehearsed_on_the_cpu_reproduces_the_committed_reference(tmp_path):
+    """benchmarks/moe_cuda_diagnosis.py, which a GPU session runs for DeepSeek-V3 in bfloat16, run
+    CPU against CPU: the two sides agree exactly (every tap, every merged weight), transformers'
+    own bfloat16 model is reported beside the merge, and the losses and ∂L/∂z are those of the
+    committed CPU reference (benchmarks/results/moe_cpu_reference/bfloat16.json) that the GPU's are
+    read against, so that reference is what the script computes now."""
+    from benchmarks.moe_cuda_diagnosis import diagnose
+
+    report = diagnose("deepseek_v3", ["cpu", "cpu"], tmp_path, "bfloat16")
+    reference = json.loads((REPO / "benchmarks/results/moe_cpu_reference/bfloat16.json").read_text())
+    committed = next(r for r in reference if r["arch"] == "deepseek_v3")
+    for key in ("base_loss", "base_compute_loss", "merged_loss", "materialized_loss", "step_loss"):
+        first, second = report[key]
+        assert first == second, key
+        assert first == pytest.approx(committed[key][0], rel=1e-5), key
+    torch.testing.assert_close(
+        torch.tensor(report["step_grad"]), torch.tensor(committed["step_grad"]), rtol=1e-3, atol=1e-6
+    )
+    assert report["materialized_weights_max_abs"] == 0.0
+    assert set(report["merged_weights_max_abs"].values()) == {0.0}
+    for taps in ("base_taps", "base_compute_taps", "merged_taps"):
+        assert report[taps] and all(entry["max_abs"] == 0.0 for entry in report[taps].values()), taps
