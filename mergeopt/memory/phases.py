@@ -1,7 +1,8 @@
 """The transient phases of a fit, in bytes: stacking, a training micro-step, an evaluation batch.
 
-What a layer's forward saves for backward is :mod:`mergeopt.memory.activations`; this module adds
-the moments around it (the merge, the chunked loss, a layer's backward, a checkpointed recompute).
+What a layer's forward saves for backward is :mod:`mergeopt.memory.activations`, and one merged
+parameter in flight :mod:`mergeopt.memory.merge_moments`; this module places them in a step beside
+the chunked loss, a layer's backward and a checkpointed recompute.
 
 Each is an estimate written from what the code keeps alive in that phase (see
 :mod:`mergeopt.memory.rows` for the whole memory model), checked in tests/test_plan.py against
