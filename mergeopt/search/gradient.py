@@ -25,7 +25,7 @@ circles the optimum rather than settling on it.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -91,6 +91,152 @@ def _release_held(
     z.grad.sub_(correction)
 
 
+class _Fit:
+    """Adam on the logits z, with early stopping on the held-out loss, checkpoints, resume and the
+    stop on a non-finite number: the loop's state and the parts of its step. The losses come as
+    functions (:func:`fit_gradient` says which), so nothing here knows about models or data."""
+
+    def __init__(
+        self,
+        z: torch.Tensor,
+        optim: OptimSection,
+        to_weights: Callable[[torch.Tensor], torch.Tensor],
+        w_grad: torch.Tensor,
+        held_out: bool,
+        checkpoint: RunState | None,
+        feasible: FeasibleSet | None,
+    ):
+        self.z, self.optim, self.to_weights, self.w_grad, self.held_out = (
+            z,
+            optim,
+            to_weights,
+            w_grad,
+            held_out,
+        )
+        self.checkpoint, self.feasible = checkpoint, feasible
+        self.optimizer = torch.optim.Adam([z], lr=optim.lr)
+        self.best_loss, self.best_z, self.best_step = math.inf, z.detach().clone(), 0
+        self.stale_evals, self.stopped_early, self.trace, self.start = 0, False, [], 0
+        # a non-finite loss, gradient or held-out loss stops the fit (Adam would only spread the NaN
+        # into z, and every later w would be NaN): the result is the best w whose losses were finite
+        self.non_finite, self.finite_z, self.finite_step = None, None, None
+
+    def resume(self, batches: Iterator) -> None:
+        """The exact state after step saved["next_step"] - 1, when a state was saved."""
+        saved = self.checkpoint.load_gradient() if self.checkpoint is not None else None
+        if saved is None:
+            return
+        with torch.no_grad():
+            self.z.copy_(saved["z"].to(self.z.device))
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.best_loss, self.best_z = saved["best_loss"], saved["best_z"].to(self.z.device)
+        self.best_step, self.stale_evals = saved["best_step"], saved["stale_evals"]
+        self.trace, self.start = saved["trace"], saved["next_step"]
+        for _ in range(self.start * self.optim.grad_accum):  # the batch stream is seeded: skip what was used
+            next(batches)
+
+    def save(self, next_step: int) -> None:
+        if self.checkpoint is not None and is_main():
+            state = {"z": self.z.detach().cpu(), "optimizer": self.optimizer.state_dict()}
+            state.update(best_loss=self.best_loss, best_z=self.best_z.cpu(), best_step=self.best_step)
+            state.update(stale_evals=self.stale_evals, trace=self.trace, next_step=next_step)
+            self.checkpoint.save_gradient(state)
+
+    def heldout(self, t: int, w: torch.Tensor, heldout_loss: Callable[[torch.Tensor], float]) -> float:
+        """The held-out loss at w_t, and early stopping's verdict on it."""
+        try:
+            heldout = heldout_loss(w)
+        except Interrupted:  # Ctrl-C inside the evaluation: the state before it is step t's
+            if t > self.start:  # step `start` is already saved (or is the start: nothing to resume)
+                self.save(t)
+            raise
+        if not math.isfinite(heldout):
+            self.non_finite = _non_finite(t, "held-out loss", heldout)
+        elif heldout < self.best_loss - self.optim.min_delta:
+            self.best_loss, self.best_z, self.best_step, self.stale_evals = (
+                heldout,
+                self.z.detach().clone(),
+                t,
+                0,
+            )
+        else:
+            self.stale_evals += 1
+            if self.stale_evals >= self.optim.patience:
+                self.stopped_early = True
+        return heldout
+
+    def backward(self, w: torch.Tensor, next_loss: Callable[[torch.Tensor], torch.Tensor]) -> float:
+        """z.grad of the training loss at w_t over ``grad_accum`` micro-batches (``next_loss(z)``:
+        the next one's loss; summed over the ranks under torchrun), and that loss."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.w_grad.zero_()
+        step_loss = 0.0
+        for _ in range(self.optim.grad_accum):
+            loss = next_loss(self.z) / self.optim.grad_accum
+            loss.backward()
+            step_loss += float(all_reduce_sum(loss.detach().clone()))
+        all_reduce_sum(self.z.grad)  # torchrun: the ranks' shares of the gradient add up to the batch's
+        if self.feasible is not None:  # held experts push nothing (module docstring)
+            _release_held(self.z, self.to_weights, self.feasible, w, all_reduce_sum(self.w_grad))
+        return step_loss
+
+    def finite(self, t: int, step_loss: float) -> bool:
+        """Whether step t's loss and gradient are finite (w_t is then the last finite w); if not,
+        what stopped the fit."""
+        if not math.isfinite(step_loss) or not torch.isfinite(self.z.grad).all():
+            bad = ("training loss", step_loss) if not math.isfinite(step_loss) else ("gradient", math.nan)
+            self.non_finite = _non_finite(t, *bad)
+            return False
+        self.finite_z, self.finite_step = self.z.detach().clone(), t
+        return True
+
+    def update(self, t: int) -> None:
+        """Adam's step to z_{t+1}, then back onto the feasible set's logits."""
+        self.optimizer.step()
+        if not torch.isfinite(self.z).all():  # an infinite step (optim.lr huge): w_{t+1} is undefined
+            self.non_finite = _non_finite(t + 1, "mixture logits", math.nan)
+            with torch.no_grad():
+                self.z.copy_(self.finite_z)
+        if self.feasible is not None:  # back onto the feasible set's logits (logsumexp(z) = 0)
+            projected = self.feasible.project_logits(self.z.detach().cpu().numpy())
+            with torch.no_grad():
+                self.z.copy_(torch.from_numpy(projected).to(self.z.device))
+
+    def result(self) -> GradientResult:
+        """The best held-out w; without held-out data the last w, or the last finite one after a
+        non-finite step."""
+        best_z, best_step, best_loss = self.best_z, self.best_step, self.best_loss
+        if self.non_finite is not None and (not self.held_out or best_loss == math.inf):
+            if self.finite_z is None:  # not one w with finite losses: there is nothing to keep
+                raise UserError(
+                    f"the {self.non_finite['quantity']} is {self.non_finite['value']} at step "
+                    f"{self.non_finite['step']}, before any finite step: the merged model gives no finite "
+                    "loss at the starting mixture (check the experts, merge.scale and model.compute_dtype)"
+                )
+            best_z, best_step = self.finite_z, self.finite_step  # the last w whose training loss was finite
+            best_loss = None
+        elif not self.held_out:
+            best_z, best_step, best_loss = self.z.detach().clone(), self.trace[-1]["step"], None
+        return GradientResult(
+            weights=self.to_weights(best_z).cpu(),
+            logits=best_z.cpu(),
+            best_step=best_step,
+            steps_run=self.trace[-1]["step"],
+            stopped_early=self.stopped_early,
+            best_heldout_loss=best_loss,
+            trace=self.trace,
+            non_finite=self.non_finite,
+        )
+
+
+def _postfix(names: Sequence[str], w: torch.Tensor, step_loss: float, best_heldout: float | None) -> dict:
+    """The progress bar's numbers after a step."""
+    postfix = {"loss": f"{step_loss:.4f}"}
+    if best_heldout is not None and best_heldout < math.inf:
+        postfix["best_heldout"] = f"{best_heldout:.4f}"
+    return postfix | {name: f"{v:.3f}" for name, v in zip(names, w.tolist())}
+
+
 def fit_gradient(
     model: torch.nn.Module,
     stack: TaskVectorStack,
@@ -120,135 +266,50 @@ def fit_gradient(
     step_weights = to_weights if feasible is None else _tracking(to_weights, w_grad)
     targeted = [i for i, a in enumerate(set_weights.tolist()) if a > 0]
     held_out = has_heldout(sets, set_weights.tolist())
-    z = init_logits.detach().to(device=device, dtype=torch.float64).clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([z], lr=optim.lr)
     batches = training_batches(sets, targeted, optim.batch_size, pad_id, seed)
 
-    best_loss, best_z, best_step = math.inf, z.detach().clone(), 0
-    stale_evals, stopped_early, trace, start = 0, False, [], 0
-    # a non-finite loss, gradient or held-out loss stops the fit (Adam would only spread the NaN
-    # into z, and every later w would be NaN): the result is the best w whose losses were finite
-    non_finite, finite_z, finite_step = None, None, None
-    saved = checkpoint.load_gradient() if checkpoint is not None else None
-    if saved is not None:  # resume: the exact state after step saved["next_step"] - 1
-        with torch.no_grad():
-            z.copy_(saved["z"].to(device))
-        optimizer.load_state_dict(saved["optimizer"])
-        best_loss, best_z = saved["best_loss"], saved["best_z"].to(device)
-        best_step, stale_evals, trace, start = (
-            saved["best_step"],
-            saved["stale_evals"],
-            saved["trace"],
-            saved["next_step"],
+    def next_loss(z: torch.Tensor) -> torch.Tensor:
+        return dev_loss(model, stack, z, next(batches).to(device), set_weights, loss_chunk, step_weights)
+
+    def heldout_loss(w: torch.Tensor) -> float:
+        per_set = evaluate(
+            model, stack, w, sets, "heldout", optim.eval_batch_size, pad_id, device, loss_chunk
         )
-        for _ in range(start * optim.grad_accum):  # the batch stream is seeded: skip what was used
-            next(batches)
+        return float(target_loss(per_set, torch.ones_like(per_set), set_weights.cpu()))
 
-    def save(next_step: int) -> None:
-        if checkpoint is not None and is_main():
-            state = {"z": z.detach().cpu(), "optimizer": optimizer.state_dict(), "best_loss": best_loss}
-            state.update(best_z=best_z.cpu(), best_step=best_step, stale_evals=stale_evals)
-            checkpoint.save_gradient({**state, "trace": trace, "next_step": next_step})
+    z = init_logits.detach().to(device=device, dtype=torch.float64).clone().requires_grad_(True)
+    fit = _Fit(z, optim, to_weights, w_grad, held_out, checkpoint, feasible)
+    fit.resume(batches)
 
-    bar = tqdm(
-        total=optim.steps,
-        initial=start,
-        desc="fitting mixture",
-        unit="step",
-        disable=not (progress and is_main()),
-    )
-    for t in range(start, optim.steps + 1):
+    def record(row: dict) -> None:
+        fit.trace.append(row)
+        if on_step is not None:
+            on_step(row)
+
+    show = progress and is_main()
+    bar = tqdm(total=optim.steps, initial=fit.start, desc="fitting mixture", unit="step", disable=not show)
+    for t in range(fit.start, optim.steps + 1):
         w = to_weights(z.detach())
         row: dict = {"step": t, "loss": math.nan, "heldout_loss": math.nan}
         row.update({f"w_{n}": v for n, v in zip(names, w.tolist())})
         if held_out and (t % optim.eval_every == 0 or t == optim.steps):
-            try:
-                per_set = evaluate(
-                    model, stack, w, sets, "heldout", optim.eval_batch_size, pad_id, device, loss_chunk
-                )
-            except Interrupted:  # Ctrl-C inside the evaluation: the state before it is step t's
-                if t > start:  # step `start` is already saved (or is the start: nothing to resume)
-                    save(t)
-                raise
-            heldout = float(target_loss(per_set, torch.ones_like(per_set), set_weights.cpu()))
-            row["heldout_loss"] = heldout
-            if not math.isfinite(heldout):
-                non_finite = _non_finite(t, "held-out loss", heldout)
-            elif heldout < best_loss - optim.min_delta:
-                best_loss, best_z, best_step, stale_evals = heldout, z.detach().clone(), t, 0
-            else:
-                stale_evals += 1
-                if stale_evals >= optim.patience:
-                    stopped_early = True
-        if t == optim.steps or stopped_early or non_finite is not None:
-            trace.append(row)
-            if on_step is not None:
-                on_step(row)
+            row["heldout_loss"] = fit.heldout(t, w, heldout_loss)
+        if t == optim.steps or fit.stopped_early or fit.non_finite is not None:
+            record(row)
             break
-        optimizer.zero_grad(set_to_none=True)
-        w_grad.zero_()
-        step_loss = 0.0
-        for _ in range(optim.grad_accum):
-            batch = next(batches).to(device)
-            loss = dev_loss(model, stack, z, batch, set_weights, loss_chunk, step_weights)
-            loss = loss / optim.grad_accum
-            loss.backward()
-            step_loss += float(all_reduce_sum(loss.detach().clone()))
-        all_reduce_sum(z.grad)  # torchrun: the ranks' shares of the gradient add up to the batch's
-        if feasible is not None:  # held experts push nothing (module docstring)
-            _release_held(z, to_weights, feasible, w, all_reduce_sum(w_grad))
-        row["loss"] = step_loss
-        if not math.isfinite(step_loss) or not torch.isfinite(z.grad).all():
-            bad = ("training loss", step_loss) if not math.isfinite(step_loss) else ("gradient", math.nan)
-            non_finite = _non_finite(t, *bad)
-            trace.append(row)
-            if on_step is not None:
-                on_step(row)
+        row["loss"] = step_loss = fit.backward(w, next_loss)
+        if not fit.finite(t, step_loss):
+            record(row)
             break
-        finite_z, finite_step = z.detach().clone(), t  # w_t's loss and gradient are finite
-        optimizer.step()
-        if not torch.isfinite(z).all():  # an infinite step (optim.lr huge): w_{t+1} is undefined
-            non_finite = _non_finite(t + 1, "mixture logits", math.nan)
-            with torch.no_grad():
-                z.copy_(finite_z)
-        if feasible is not None:  # back onto the feasible set's logits (logsumexp(z) = 0)
-            with torch.no_grad():
-                z.copy_(torch.from_numpy(feasible.project_logits(z.detach().cpu().numpy())).to(z.device))
-        trace.append(row)
-        if on_step is not None:
-            on_step(row)
-        if non_finite is not None:
+        fit.update(t)
+        record(row)
+        if fit.non_finite is not None:
             break
         faults.reached("step", t + 1)  # tests only: MERGEOPT_FAULT=sigkill@step:N
         if (t + 1) % optim.checkpoint_every == 0 or pending_interrupt():
-            save(t + 1)
+            fit.save(t + 1)
         check_interrupt(f"step {t + 1}")
         bar.update(1)
-        postfix = {"loss": f"{step_loss:.4f}"}
-        if held_out and best_loss < math.inf:
-            postfix["best_heldout"] = f"{best_loss:.4f}"
-        postfix.update({name: f"{v:.3f}" for name, v in zip(names, w.tolist())})
-        bar.set_postfix(postfix, refresh=False)
+        bar.set_postfix(_postfix(names, w, step_loss, fit.best_loss if held_out else None), refresh=False)
     bar.close()
-
-    if non_finite is not None and (not held_out or best_loss == math.inf):
-        if finite_z is None:  # not one w with finite losses: there is nothing to keep
-            raise UserError(
-                f"the {non_finite['quantity']} is {non_finite['value']} at step {non_finite['step']}, "
-                "before any finite step: the merged model gives no finite loss at the starting mixture "
-                "(check the experts, merge.scale and model.compute_dtype)"
-            )
-        best_z, best_step = finite_z, finite_step  # the last w whose training loss was finite
-        best_loss = None
-    elif not held_out:
-        best_z, best_step, best_loss = z.detach().clone(), trace[-1]["step"], None
-    return GradientResult(
-        weights=to_weights(best_z).cpu(),
-        logits=best_z.cpu(),
-        best_step=best_step,
-        steps_run=trace[-1]["step"],
-        stopped_early=stopped_early,
-        best_heldout_loss=best_loss,
-        trace=trace,
-        non_finite=non_finite,
-    )
+    return fit.result()
