@@ -40,10 +40,10 @@ from mergeopt.loading.lora import is_adapter, read_adapter_config
 from mergeopt.loading.lora_sizes import FactorSizes, factor_sizes, saved_copy
 from mergeopt.loading.positions import check_max_length
 from mergeopt.memory.layer_profiles import not_profiled_note
+from mergeopt.memory.layout import dora_kept_low_rank, parameters_kept_low_rank
 from mergeopt.memory.plan import plan_memory
 from mergeopt.memory.plan_table import format_plan, placement_lines
 from mergeopt.memory.ranks import check_world_size
-from mergeopt.memory.rows import dora_kept_low_rank, parameters_kept_low_rank
 from mergeopt.memory.sizes import FLOAT32, DeviceMemory, Dims, Inventory, MemoryPlan
 from mergeopt.merging.stack import DTYPES
 

@@ -11,8 +11,9 @@ from dataclasses import replace
 
 from mergeopt.config import Recipe
 from mergeopt.errors import UserError
+from mergeopt.memory.layout import excluded
 from mergeopt.memory.ranks import check_world_size
-from mergeopt.memory.rows import excluded, plan_rows
+from mergeopt.memory.rows import plan_rows
 from mergeopt.memory.sizes import (
     EMBEDDING_PATTERNS,
     DeviceMemory,

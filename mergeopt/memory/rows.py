@@ -22,7 +22,8 @@ The held rows are exact; the phases' gathers are checked, like the single-proces
 the live bytes of each rank of sharded steps (2 and 3 gloo processes, tests/test_plan.py).
 
 Everything here is arithmetic on shapes, so it runs for a 16B model on a laptop; where the shapes
-come from (safetensors headers or config.json) is :mod:`mergeopt.memory.dry_run`'s job. Which parameters
+come from (safetensors headers or config.json) is :mod:`mergeopt.memory.dry_run`'s job, and what is
+stacked, kept whole or kept low-rank :mod:`mergeopt.memory.layout`'s. Which parameters
 are equal in every expert cannot be known without reading weights, so every parameter that
 ``model.exclude`` keeps counts as stacked: an upper bound. The phases are estimates written from
 what this code and a Llama decoder keep alive, checked in tests/test_plan.py against the live
@@ -37,7 +38,8 @@ from collections.abc import Sequence
 
 from mergeopt.config import Recipe
 from mergeopt.loading.lora import PREFIX
-from mergeopt.loading.lora_sizes import FactorSizes, low_rank_dora
+from mergeopt.loading.lora_sizes import FactorSizes
+from mergeopt.memory.layout import OUTPUT_LAYER, Layout, excluded, layout_of
 from mergeopt.memory.merge_moments import anchor_itemsize
 from mergeopt.memory.phases import (
     compute_itemsize,
@@ -56,18 +58,11 @@ from mergeopt.memory.sizes import (
     MemoryPlan,
     Row,
     block_rows,
-    local_numel,
 )
 from mergeopt.merging.stack import DTYPES
 from mergeopt.merging.stacking import STACK_BLOCK
 
-
-def excluded(name: str, patterns: Sequence[re.Pattern]) -> bool:
-    return any(p.search(name) for p in patterns)  # as build_stack: re.search over the name
-
-
 LAYER_INDEX = re.compile(r"\.(\d+)\.")
-OUTPUT_LAYER = re.compile(r"(^|\.)(lm_head|embed_out|output)\.weight$")
 
 
 def _largest_layer(names: Sequence[str], inventory: Inventory) -> int:
@@ -121,32 +116,6 @@ def _lora_modules(adapters: dict[str, FactorSizes]) -> dict[str, tuple[int, int,
     return modules
 
 
-def dora_kept_low_rank(recipe: Recipe, adapters: dict[str, FactorSizes]) -> set[str]:
-    """The weights whose DoRA updates the fit keeps low-rank (:mod:`mergeopt.merging.dora`): with a
-    linear merge of LoRA experts alone, where no adapter sets the weight otherwise, but for the
-    output layer and what ``model.exclude`` leaves out. Sharded, their gains stay whole."""
-    if recipe.merge.method != "linear" or len(adapters) < len(recipe.model.experts):
-        return set()
-    patterns = [re.compile(p) for p in recipe.model.exclude]
-    return low_rank_dora(adapters, lambda t: not excluded(t, patterns) and not OUTPUT_LAYER.search(t))
-
-
-def parameters_kept_low_rank(
-    recipe: Recipe, adapters: dict[str, FactorSizes], patterns: Sequence[re.Pattern]
-) -> set[str]:
-    """The whole parameters whose LoRA updates the fit keeps low-rank
-    (:func:`mergeopt.merging.lowrank_parameters.split_parameter_lora`): with a linear merge, each
-    parameter every adapter setting it sets by a LoRA of the parameter alone, and
-    ``model.exclude`` keeps (beside dense experts, their factors come on top of its dense rows)."""
-    if recipe.merge.method != "linear":
-        return set()
-    setting: dict[str, list[bool]] = {}
-    for a in adapters.values():
-        for name in a.dense:
-            setting.setdefault(name, []).append(name in a.parameters)
-    return {n for n, found in setting.items() if all(found) and not excluded(n, patterns)}
-
-
 def _parameter_factor_elements(shape: tuple[int, ...], elements: int, r: int, shards: int) -> int:
     """Elements one rank keeps of an adapter's factors of a whole parameter (``elements`` in all, of
     rank r): a fused (experts, out, in) weight's block of ⌈E/N⌉ experts of both, a matrix's A
@@ -187,15 +156,6 @@ def _factor_copies(adapters: dict[str, FactorSizes]) -> tuple[int, int]:
     return sum(sizes.values()), largest + outside
 
 
-def _notexcluded(sizes: FactorSizes, patterns: Sequence[re.Pattern]) -> FactorSizes:
-    """An adapter's low-rank modules less those ``model.exclude`` leaves out of the merge (as the
-    stack leaves out their factors: e.g. ``embed_tokens`` in the 8B recipe)."""
-    modules = {
-        m: v for m, v in sizes.modules.items() if not excluded(f"{m.removeprefix(PREFIX)}.weight", patterns)
-    }
-    return sizes if len(modules) == len(sizes.modules) else sizes.keeping(modules)
-
-
 def _factor_elements(adapters: dict[str, FactorSizes], shards: int) -> int:
     """Elements of the LoRA factors kept low-rank, on one rank: per module the stacked A and B
     (:func:`_lora_modules`), each a block of ⌈rows/N⌉ rows when sharded."""
@@ -207,132 +167,108 @@ def _factor_elements(adapters: dict[str, FactorSizes], shards: int) -> int:
     return rest + sum(block_rows(r, shards) * i + block_rows(o, shards) * r for r, i, o in modules)
 
 
-def plan_rows(
-    recipe: Recipe, inventory: Inventory, dims: Dims, memory: DeviceMemory, world_size: int = 1
-) -> MemoryPlan:
-    """Byte rows from the inventory, per rank; no suggestions (they re-plan with changed recipes)."""
-    k = len(recipe.model.experts)
-    shards = world_size if recipe.model.shard == "fsdp" else 1  # ranks the matrices are split over
-    sharded = shards > 1
-    patterns = [re.compile(p) for p in recipe.model.exclude]
-    names = list(inventory.shapes)
-    adapters = {name: _notexcluded(sizes, patterns) for name, sizes in inventory.adapters.items()}
-    lowrank = (
-        bool(adapters) and recipe.merge.method == "linear"
-    )  # adapters stay factors (mergeopt.merging.stack)
-    alone = lowrank and len(adapters) == k  # every expert's dense weights are θ0 but for its dense updates
-    dora = dora_kept_low_rank(recipe, adapters)
-    adapters = {name: sizes.with_dora(dora) for name, sizes in adapters.items()}
-    # LoRA of whole parameters (fused experts) kept as factors, merged as their layer reads them
-    low_params = parameters_kept_low_rank(recipe, adapters, patterns)
-    if alone:
-        updated = {n for a in adapters.values() for n in a.dense} - low_params
-        stacked = [n for n in names if n in updated and not excluded(n, patterns)]
-    else:
-        stacked = [n for n in names if not excluded(n, patterns)]
-    kept = set(stacked)
-    unstacked = [n for n in names if n not in kept]
-
-    def local(name: str) -> int:  # elements this rank keeps of a parameter
-        return local_numel(inventory.shapes[name], shards)
-
-    def matrix(name: str) -> bool:
-        return len(inventory.shapes[name]) >= 2
-
-    params = sum(inventory.numel(n) for n in names)
-    s = sum(inventory.numel(n) for n in stacked)
-    s_local = sum(local(n) for n in stacked)
-    largest = max((inventory.numel(n) for n in stacked), default=0)
+def _held_rows(
+    recipe: Recipe, layout: Layout, compute: int, compute_name: str, factor_bytes: int, world_size: int
+) -> tuple[Row, ...]:
+    """What the run holds throughout, per rank: the parameters not stacked, the anchor, the
+    differences (with int8 scales), the LoRA factors kept low-rank (``factor_bytes``: their A and B
+    blocks) and Adam's state."""
+    inventory, stacked, adapters, k = layout.inventory, layout.stacked, layout.adapters, layout.k
     dtype = recipe.model.stack_dtype
-    compute = compute_itemsize(recipe, memory.device)
-    dims = dims.on_device(memory.device)  # the attention kernels the device runs
-    compute_name = next(n for n in ("float32", "bfloat16") if DTYPES[n].itemsize == compute)
-    if recipe.model.compute_dtype == "float16":
-        compute_name = "float16"
-    anchor = anchor_itemsize(recipe, compute)
     anchor_name = compute_name if dtype == "int8" else dtype
-    rank_sum = sum(a.rank_sum for a in adapters.values()) if lowrank else 0
-    factor_dtype = DTYPES[anchor_name]
-    # A and B in the stack's float dtype, plus per rank column its expert (int64) and scaling (float32),
-    # and the DoRA experts' row gains
-    factor_blocks = _factor_elements(adapters, shards) * factor_dtype.itemsize if lowrank else 0
+    s_local = sum(layout.local(n) for n in stacked)
     # the factors of whole parameters kept low-rank, and per rank column its expert and scaling;
     # sharded, a rank's block of them (mergeopt.merging.sharded_merge.shard_parameter_factors)
     parameter_factors = sum(
-        _parameter_factor_elements(inventory.shapes[name], elements, r, shards) * factor_dtype.itemsize
+        _parameter_factor_elements(inventory.shapes[name], elements, r, layout.shards)
+        * DTYPES[anchor_name].itemsize
         + r * 12
         for a in adapters.values()
         for name, (elements, r) in a.parameters.items()
-        if name in low_params
+        if name in layout.low_params
     )
+    # A and B in the stack's float dtype, plus per rank column its expert (int64) and scaling
+    # (float32), and the DoRA experts' row gains
     factors = (
-        factor_blocks
-        + rank_sum * (8 + 4)
+        factor_bytes
+        + layout.rank_sum * (8 + 4)
         + sum(a.gain_bytes() for a in adapters.values())
         + parameter_factors
-        if lowrank
+        if layout.lowrank
         else 0
     )
-    scales = (k - 1) * _rows(inventory, stacked, shards) * FLOAT32 if dtype == "int8" else 0
+    scales = (k - 1) * _rows(inventory, stacked, layout.shards) * FLOAT32 if dtype == "int8" else 0
     differences = (k - 1) * s_local * DTYPES[dtype].itemsize + scales
+    sharded, shards = layout.sharded, layout.shards
     rows = ""
     if sharded:
         rows = f", sharded: 1/{shards} of the rows per rank"
-        rows += " (vectors whole)" if any(not matrix(n) for n in stacked) else ""
-    held = (
+        rows += " (vectors whole)" if any(not layout.matrix(n) for n in stacked) else ""
+    held = [
         Row(
             f"model parameters not stacked, {compute_name}"
             + (": vectors whole, matrices sharded" if sharded else ""),
-            compute * sum(local(n) for n in unstacked),
+            compute * sum(layout.local(n) for n in layout.unstacked),
         ),
-        Row(f"stack anchor θ_1, {anchor_name}{rows}", anchor * s_local),
+        Row(f"stack anchor θ_1, {anchor_name}{rows}", anchor_itemsize(recipe, compute) * s_local),
         Row(
             f"stack differences, {k - 1} x {dtype}" + (" with per-row scales" if scales else "") + rows,
             differences,
         ),
-        *(
-            [
-                Row(
-                    f"LoRA factors of {len(adapters)} expert(s), {anchor_name}, kept low-rank"
-                    + (f", sharded: 1/{shards} of the rows per rank" if sharded else ""),
-                    factors,
-                )
-            ]
-            if lowrank
-            else []
-        ),
+    ]
+    if layout.lowrank:
+        held.append(
+            Row(
+                f"LoRA factors of {len(adapters)} expert(s), {anchor_name}, kept low-rank"
+                + (f", sharded: 1/{shards} of the rows per rank" if sharded else ""),
+                factors,
+            )
+        )
+    held.append(
         Row(
             f"optimizer: Adam on {k} float64 logits" + (", whole on every rank" if world_size > 1 else ""),
             4 * 8 * k,
-        ),
-    )
-    biggest = max(stacked, key=inventory.numel, default=None)
-    source = inventory.source_bytes[biggest] if biggest else FLOAT32
-    merged_head = _output_layer_merged(stacked, inventory)
-    gathers = None
-    if sharded:
-        block = local(biggest) if biggest else 0
-        # gathered whole while their module runs: matrices not stacked, and LoRA factors (A and B)
-        gathered = {n: inventory.numel(n) for n in unstacked if matrix(n)}
-        if lowrank:
-            gathered.update({m: r * (i + o) for m, (r, i, o) in _lora_modules(adapters).items()})
-        in_layers = {n: size for n, size in gathered.items() if LAYER_INDEX.search(n)}
-        layers: dict[str, int] = {}
-        for n, size in in_layers.items():
-            index = LAYER_INDEX.search(n).group(1)
-            layers[index] = layers.get(index, 0) + size
-        # gathering the output layer: the rank's merged block (when merged), the all-gather buffer
-        # and, when the rows do not divide, a short block's padded copy
-        head_block = block_rows(dims.vocab, shards) * dims.hidden
-        head = head_block * (shards + merged_head + (dims.vocab % shards != 0))
-        gathers = Gathers(
-            block=block,
-            padded=block * shards if biggest and matrix(biggest) else block,
-            head=head,
-            layer=max(layers.values(), default=0),
-            unstacked=max(in_layers.values(), default=0),
-            unstacked_any=max(gathered.values(), default=0),
         )
+    )
+    return tuple(held)
+
+
+def _gathers(layout: Layout, dims: Dims, biggest: str | None, merged_head: bool) -> Gathers:
+    """What a sharded step gathers whole (:class:`~mergeopt.memory.sizes.Gathers`)."""
+    inventory = layout.inventory
+    block = layout.local(biggest) if biggest else 0
+    # gathered whole while their module runs: matrices not stacked, and LoRA factors (A and B)
+    gathered = {n: inventory.numel(n) for n in layout.unstacked if layout.matrix(n)}
+    if layout.lowrank:
+        gathered.update({m: r * (i + o) for m, (r, i, o) in _lora_modules(layout.adapters).items()})
+    in_layers = {n: size for n, size in gathered.items() if LAYER_INDEX.search(n)}
+    layers: dict[str, int] = {}
+    for n, size in in_layers.items():
+        index = LAYER_INDEX.search(n).group(1)
+        layers[index] = layers.get(index, 0) + size
+    # gathering the output layer: the rank's merged block (when merged), the all-gather buffer
+    # and, when the rows do not divide, a short block's padded copy
+    shards = layout.shards
+    head_block = block_rows(dims.vocab, shards) * dims.hidden
+    head = head_block * (shards + merged_head + (dims.vocab % shards != 0))
+    return Gathers(
+        block=block,
+        padded=block * shards if biggest and layout.matrix(biggest) else block,
+        head=head,
+        layer=max(layers.values(), default=0),
+        unstacked=max(in_layers.values(), default=0),
+        unstacked_any=max(gathered.values(), default=0),
+    )
+
+
+def _stacking_row(
+    recipe: Recipe, layout: Layout, source: int, compute: int, factor_bytes: int, factor_itemsize: int
+) -> Row:
+    """Stacking's largest moment: the temporaries of the largest tensor (or of its block of rows),
+    of a sharded rank's padded blocks, of the LoRA factors read whole, or of a DoRA layer's norms."""
+    inventory, stacked, k = layout.inventory, layout.stacked, layout.k
+    sharded, local, matrix = layout.sharded, layout.local, layout.matrix
+    largest = max((inventory.numel(n) for n in stacked), default=0)
     if sharded and recipe.merge.method == "linear" and recipe.merge.scale == 1.0:
         # each rank reads and stacks its block of rows of every matrix alone (mergeopt.merging.stack)
         label = "stacking: temporaries of the largest tensor's block of rows"
@@ -356,18 +292,22 @@ def plan_rows(
         if in_blocks > stacking:
             stacking, label = in_blocks, "stacking: temporaries of the largest tensor, in blocks of rows"
     if sharded:  # blocks short of ⌈R/N⌉ rows are padded by copying them (measured on 3 gloo ranks)
+        shards = layout.shards
         short = [local(n) for n in stacked if matrix(n) and inventory.shapes[n][0] % shards]
         if short and recipe.merge.method == "linear" and recipe.merge.scale == 1.0:
             stacking = max(stacking, stacking_bytes(recipe, k, max(short), source, compute, short=True))
         # a matrix model.exclude keeps at θ0: its padded block is copied once more into the one kept
         kept = [
-            local(n) for n in names if excluded(n, patterns) and matrix(n) and inventory.shapes[n][0] % shards
+            local(n)
+            for n in layout.names
+            if excluded(n, layout.patterns) and matrix(n) and inventory.shapes[n][0] % shards
         ]
         stacking = max(stacking, compute * max(kept, default=0))
-    if sharded and lowrank:  # the LoRA factors are read whole once, then cut to the rank's rows
-        stacking += _factor_elements(adapters, 1) * factor_dtype.itemsize - factor_blocks
+    if sharded and layout.lowrank:  # the LoRA factors are read whole once, then cut to the rank's rows
+        stacking += _factor_elements(layout.adapters, 1) * factor_itemsize - factor_bytes
         label += "; LoRA factors whole"
-    dora_layers = [f"{m.removeprefix(PREFIX)}.weight" for a in adapters.values() for m in a.gains]
+    adapters = layout.adapters.values()
+    dora_layers = [f"{m.removeprefix(PREFIX)}.weight" for a in adapters for m in a.gains]
     if dora_layers:  # a DoRA layer's row norms: θ0's rows read, then in float32, s·B·A and their sum
         dora = max(local(n) for n in dora_layers) * (compute + 3 * FLOAT32)
         if dora > stacking:
@@ -375,12 +315,42 @@ def plan_rows(
                 "stacking: the row norms of the largest DoRA layer (its rows of θ0 + s·B·A)",
                 dora,
             )
-    phases = [Row(label, stacking)]
+    return Row(label, stacking)
+
+
+def plan_rows(
+    recipe: Recipe, inventory: Inventory, dims: Dims, memory: DeviceMemory, world_size: int = 1
+) -> MemoryPlan:
+    """Byte rows from the inventory, per rank; no suggestions (they re-plan with changed recipes)."""
+    layout = layout_of(recipe, inventory, world_size)
+    k, stacked, adapters, lowrank, sharded = (
+        layout.k,
+        layout.stacked,
+        layout.adapters,
+        layout.lowrank,
+        layout.sharded,
+    )
+    names = layout.names
+    dtype = recipe.model.stack_dtype
+    compute = compute_itemsize(recipe, memory.device)
+    dims = dims.on_device(memory.device)  # the attention kernels the device runs
+    compute_name = next(n for n in ("float32", "bfloat16") if DTYPES[n].itemsize == compute)
+    if recipe.model.compute_dtype == "float16":
+        compute_name = "float16"
+    anchor_name = compute_name if dtype == "int8" else dtype
+    factor_itemsize = DTYPES[anchor_name].itemsize
+    factor_bytes = _factor_elements(adapters, layout.shards) * factor_itemsize if lowrank else 0
+    held = _held_rows(recipe, layout, compute, compute_name, factor_bytes, world_size)
+    biggest = max(stacked, key=inventory.numel, default=None)
+    source = inventory.source_bytes[biggest] if biggest else FLOAT32
+    merged_head = _output_layer_merged(stacked, inventory)
+    gathers = _gathers(layout, dims, biggest, merged_head) if sharded else None
+    phases = [_stacking_row(recipe, layout, source, compute, factor_bytes, factor_itemsize)]
     batch = f"evaluation batch {recipe.optim.eval_batch_size} x {recipe.data.max_length} tokens"
     batch += " per rank" if world_size > 1 else ""
     gain_rows = {m: a.modules[m][2] for a in adapters.values() for m in a.gains}  # DoRA: out per layer
     # what the per-layer merge forms: the stacked parameters and the whole parameters kept low-rank
-    merged = list(dict.fromkeys([*stacked, *sorted(low_params)]))
+    merged = list(dict.fromkeys([*stacked, *sorted(layout.low_params)]))
     largest_merged = max((inventory.numel(n) for n in merged), default=0)
     if recipe.search.strategy == "gradient":
         train = training_batch(recipe)
@@ -396,18 +366,18 @@ def plan_rows(
             compute,
             _largest_layer(merged, inventory),
             merged_head,
-            rank_sum,
+            layout.rank_sum,
             gathers,
             sum(gain_rows.values()),
             # LoRA experts alone, nothing of the decoder layers stacked: no layer weight is merged
-            frozen=alone and not any(LAYER_INDEX.search(n) for n in merged),
+            frozen=layout.alone and not any(LAYER_INDEX.search(n) for n in merged),
             lowrank_by_layer=_lowrank_by_layer(adapters, gain_rows) if lowrank else (0, 0),
             # sharded factors are gathered again for the backward, not kept
             factor_copies=_factor_copies(adapters)
             if lowrank and not sharded and anchor_name != compute_name
             else (0, 0),
             # the layers' merged weights formed from factors alone (fused experts' LoRA)
-            from_factors=bool(low_params) and not any(LAYER_INDEX.search(n) for n in stacked),
+            from_factors=bool(layout.low_params) and not any(LAYER_INDEX.search(n) for n in stacked),
         )
         how = "checkpointed" if recipe.optim.activation_checkpointing else "every activation kept"
         phases.append(Row(f"training step, {compute_name}, {how}", step))
@@ -418,7 +388,7 @@ def plan_rows(
         batch = f"{micro}; {batch}"
     evaluate = eval_itemsize(recipe)
     evaluate_name = "float32" if recipe.model.eval_dtype == "auto" else recipe.model.eval_dtype
-    widest = max((inventory.numel(n) for n in unstacked), default=0)
+    widest = max((inventory.numel(n) for n in layout.unstacked), default=0)
     evaluation = evaluation_bytes(
         recipe, dims, largest_merged, k, compute, merged_head, evaluate, widest, gathers
     )
@@ -426,15 +396,15 @@ def plan_rows(
     return MemoryPlan(
         memory,
         k,
-        params,
+        sum(inventory.numel(n) for n in names),
         len(names),
-        s,
+        sum(inventory.numel(n) for n in stacked),
         len(stacked),
-        sum(excluded(n, patterns) for n in names),
+        sum(excluded(n, layout.patterns) for n in names),
         held,
         tuple(phases),
         batch,
         world_size=world_size,
         shard=recipe.model.shard,
-        adapters_only=alone,
+        adapters_only=layout.alone,
     )
