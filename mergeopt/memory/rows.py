@@ -168,14 +168,19 @@ def _factor_elements(adapters: dict[str, FactorSizes], shards: int) -> int:
 
 
 def _held_rows(
-    recipe: Recipe, layout: Layout, compute: int, compute_name: str, factor_bytes: int, world_size: int
+    recipe: Recipe,
+    layout: Layout,
+    compute: int,
+    names: tuple[str, str],
+    factor_bytes: int,
+    world_size: int,
 ) -> tuple[Row, ...]:
     """What the run holds throughout, per rank: the parameters not stacked, the anchor, the
     differences (with int8 scales), the LoRA factors kept low-rank (``factor_bytes``: their A and B
     blocks) and Adam's state."""
     inventory, stacked, adapters, k = layout.inventory, layout.stacked, layout.adapters, layout.k
     dtype = recipe.model.stack_dtype
-    anchor_name = compute_name if dtype == "int8" else dtype
+    compute_name, anchor_name = names  # the compute dtype's, and the anchor's and factors'
     s_local = sum(layout.local(n) for n in stacked)
     # the factors of whole parameters kept low-rank, and per rank column its expert and scaling;
     # sharded, a rank's block of them (mergeopt.merging.sharded_merge.shard_parameter_factors)
@@ -323,13 +328,7 @@ def plan_rows(
 ) -> MemoryPlan:
     """Byte rows from the inventory, per rank; no suggestions (they re-plan with changed recipes)."""
     layout = layout_of(recipe, inventory, world_size)
-    k, stacked, adapters, lowrank, sharded = (
-        layout.k,
-        layout.stacked,
-        layout.adapters,
-        layout.lowrank,
-        layout.sharded,
-    )
+    k, stacked, adapters, lowrank = layout.k, layout.stacked, layout.adapters, layout.lowrank
     names = layout.names
     dtype = recipe.model.stack_dtype
     compute = compute_itemsize(recipe, memory.device)
@@ -340,11 +339,11 @@ def plan_rows(
     anchor_name = compute_name if dtype == "int8" else dtype
     factor_itemsize = DTYPES[anchor_name].itemsize
     factor_bytes = _factor_elements(adapters, layout.shards) * factor_itemsize if lowrank else 0
-    held = _held_rows(recipe, layout, compute, compute_name, factor_bytes, world_size)
+    held = _held_rows(recipe, layout, compute, (compute_name, anchor_name), factor_bytes, world_size)
     biggest = max(stacked, key=inventory.numel, default=None)
     source = inventory.source_bytes[biggest] if biggest else FLOAT32
     merged_head = _output_layer_merged(stacked, inventory)
-    gathers = _gathers(layout, dims, biggest, merged_head) if sharded else None
+    gathers = _gathers(layout, dims, biggest, merged_head) if layout.sharded else None
     phases = [_stacking_row(recipe, layout, source, compute, factor_bytes, factor_itemsize)]
     batch = f"evaluation batch {recipe.optim.eval_batch_size} x {recipe.data.max_length} tokens"
     batch += " per rank" if world_size > 1 else ""
@@ -374,7 +373,7 @@ def plan_rows(
             lowrank_by_layer=_lowrank_by_layer(adapters, gain_rows) if lowrank else (0, 0),
             # sharded factors are gathered again for the backward, not kept
             factor_copies=_factor_copies(adapters)
-            if lowrank and not sharded and anchor_name != compute_name
+            if lowrank and not layout.sharded and anchor_name != compute_name
             else (0, 0),
             # the layers' merged weights formed from factors alone (fused experts' LoRA)
             from_factors=bool(layout.low_params) and not any(LAYER_INDEX.search(n) for n in stacked),
