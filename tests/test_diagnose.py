@@ -22,7 +22,7 @@ import torch
 from mergeopt.config import MergeSection, recipe_from_dict
 from mergeopt.evaluation import diagnose as diag
 from mergeopt.evaluation.proxy import proxy_losses
-from mergeopt.loading.lora import LoraAdapter, LoraFactors
+from mergeopt.loading.lora_updates import LoraAdapter, LoraFactors
 from mergeopt.loading.problem import load_problem
 from mergeopt.merging.methods import get_method
 from mergeopt.merging.mixed_experts import build_expert_stack

@@ -23,7 +23,8 @@ from safetensors import safe_open
 from mergeopt.errors import UserError
 from mergeopt.inputs import existing_dir, safetensors_header
 from mergeopt.loading.conversions import plan_conversions, read_converted, read_converted_rows
-from mergeopt.loading.lora import LoraAdapter, is_adapter, read_adapter
+from mergeopt.loading.lora import is_adapter, read_adapter
+from mergeopt.loading.lora_updates import LoraAdapter
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

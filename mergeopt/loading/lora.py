@@ -1,32 +1,18 @@
-"""PEFT LoRA adapters as experts: their factors and scaling, read without forming a dense ΔW.
+"""PEFT LoRA adapters as experts: an adapter directory read and checked against the base.
 
-A LoRA expert is θ0 + s·B·A on each adapted module (A: r × in, B: out × r), with s = α / r, or
-α / √r with rsLoRA, r and α possibly per module (``rank_pattern``, ``alpha_pattern``). Keeping the
-factors is what makes LoRA experts cheap to hold: K experts of rank r cost K·r·(in + out) numbers
-per module instead of K·in·out. This module reads an adapter directory as PEFT writes it
-(``adapter_config.json`` + ``adapter_model.safetensors``), maps every factor to the base
-parameter it adapts and checks the shapes against the base, so a mismatched adapter fails before
-anything is loaded. The dense delta s·B·A is available for checks and for the dense path.
+This module reads an adapter directory as PEFT writes it (``adapter_config.json`` +
+``adapter_model.safetensors``), sorts its tensors by kind, maps every factor to the base parameter
+it adapts, with its scaling (r and α possibly per module: ``rank_pattern``, ``alpha_pattern``), and
+checks every shape against the base, so a mismatched adapter fails before anything is loaded. What
+it returns, factors kept low-rank and dense updates (DoRA, LoRA biases, Conv1D, trainable tokens,
+the adapter's own copies of base parameters), is described in :mod:`mergeopt.loading.lora_updates`;
+adapters of parameters rather than modules (``target_parameters``, and the per-expert modules PEFT
+converts to it) are resolved by :mod:`mergeopt.loading.lora_parameters`.
 
-What an adapter changes other than by s·B·A on a linear layer is read as a :class:`DenseUpdate` of
-one base parameter, the expert's value of it as a function of θ0, exactly as PEFT's
-``merge_and_unload`` forms it:
-
-- DoRA (``use_dora``): W' = m / ‖W + s·B·A‖ · (W + s·B·A), the norm over each output row of a
-  linear layer (over each column of an embedding), m the saved ``lora_magnitude_vector``;
-- DoRA on an embedding, whose LoRA is E' = E + s·(B·A)ᵀ (``lora_embedding_A`` / ``_B``);
-- ``modules_to_save`` and trained biases (``bias: all | lora_only``): the adapter's own copies;
-- ``lora_bias``: b' = b + s·b_B;
-- ``fan_in_fan_out`` (GPT-2's Conv1D, whose weight is in × out): W' = W + s·(B·A)ᵀ;
-- ``trainable_token_indices``: the embedding rows of those tokens replaced by the saved ones.
-
-- ``target_parameters`` (a LoRA of a parameter, not a module: a mixture-of-experts' fused expert
-  weights, a router's weight), and adapters PEFT converts to it: :mod:`mergeopt.loading.lora_parameters`.
-
-These parameters are stacked densely (``mergeopt.merging.stacking``); the rest stays low-rank,
+The dense updates are stacked densely (``mergeopt.merging.stacking``); the rest stays low-rank,
 embedding LoRA included (its factors are kept as Aᵀ and Bᵀ, a linear weight's layout). The
 layer's own weight, which PEFT saves beside the factors of an embedding or an output layer
-(``save_embedding_layers``: a LoRA on ``embed_tokens`` or ``lm_head``), is a DenseUpdate too, with
+(``save_embedding_layers``: a LoRA on ``embed_tokens`` or ``lm_head``), is a dense update too, with
 the factors kept low-rank: it is θ0 in practice, and the stack holds dense rows for it only where
 it is not.
 Not supported (a one-line error): adapter types other than LoRA, and the options that change the
@@ -40,7 +26,6 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -53,6 +38,7 @@ from mergeopt.loading.lora_parameters import (
     per_expert_factors,
     resolved_parameters,
 )
+from mergeopt.loading.lora_updates import DenseUpdate, LoraAdapter, LoraFactors
 
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
@@ -74,91 +60,6 @@ CHANGES_THE_MODEL = {
     "use_bdlora": "block-diagonal LoRA (use_bdlora)",
     "arrow_config": "Arrow routing between adapters (arrow_config)",
 }
-
-
-@dataclass(frozen=True)
-class LoraFactors:
-    """One adapted module: ΔW = scaling · b @ a (batched over a fused parameter's experts: a is
-    (experts, r, in), b (experts, out, r); :mod:`mergeopt.loading.lora_parameters`)."""
-
-    a: torch.Tensor  # (r, in)
-    b: torch.Tensor  # (out, r)
-    scaling: float
-
-    @property
-    def rank(self) -> int:
-        return self.a.shape[-2]
-
-    def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The dense ΔW (out × in, or experts × out × in), for checks and for the dense path only."""
-        return self.scaling * (self.b.to(dtype) @ self.a.to(dtype))
-
-
-@dataclass(frozen=True)
-class DenseUpdate:
-    """How an adapter sets one base parameter other than by a low-rank sum: the expert's value is
-    ``start`` (the adapter's own copy, or θ0), plus ``delta`` (s·B·A made dense, or a LoRA bias
-    s·b), then with DoRA rescaled to the norms ``magnitude`` along ``norm_dim`` (1: each output row
-    of a linear weight; 0: each column of an embedding)."""
-
-    start: torch.Tensor | None = None
-    delta: LoraFactors | torch.Tensor | None = None
-    magnitude: torch.Tensor | None = None
-    norm_dim: int = 1
-    # trainable tokens: (their ids, their rows), written over ``start``'s rows
-    rows: tuple[torch.Tensor, torch.Tensor] | None = None
-    # a LoRA of the parameter itself (target_parameters): ``delta`` is s·b@a in its own layout
-    parameter: bool = False
-
-    def value(self, theta0: torch.Tensor) -> torch.Tensor:
-        """The expert's tensor, in θ0's dtype (formed in float32 at least)."""
-        dtype = torch.promote_types(theta0.dtype, torch.float32)
-        weight = (theta0 if self.start is None else self.start.to(theta0.device)).to(dtype)
-        if self.rows is not None:
-            ids, values = self.rows
-            weight = weight.index_copy(0, ids.to(weight.device), values.to(device=weight.device, dtype=dtype))
-        if isinstance(self.delta, LoraFactors):
-            weight = weight + self.delta.delta(dtype).to(weight.device)
-        elif self.delta is not None:
-            weight = weight + self.delta.to(device=weight.device, dtype=dtype)
-        if self.magnitude is not None:
-            norm = torch.linalg.vector_norm(weight, dim=self.norm_dim, keepdim=True)
-            shape = (-1, 1) if self.norm_dim == 1 else (1, -1)
-            weight = self.magnitude.to(device=weight.device, dtype=dtype).view(shape) / norm * weight
-        return weight.to(theta0.dtype)
-
-    def tensors(self) -> list[torch.Tensor]:
-        """What the update is made of, to compare two adapters."""
-        parts = [self.start, self.magnitude, torch.tensor(float(self.norm_dim)), *(self.rows or ())]
-        if isinstance(self.delta, LoraFactors):
-            parts += [self.delta.a, self.delta.b, torch.tensor(self.delta.scaling)]
-        else:
-            parts.append(self.delta)
-        return [t for t in parts if t is not None]
-
-
-@dataclass
-class LoraAdapter:
-    path: Path
-    config: dict
-    factors: dict[
-        str, LoraFactors
-    ]  # base parameter name ('model.layers.0.self_attn.q_proj.weight') -> factors kept low-rank
-    # base parameter name -> its update when not a low-rank sum (DoRA, modules_to_save, trained
-    # biases, the layer's own saved weight): stacked densely where it is not θ0
-    dense: dict[str, DenseUpdate] = field(default_factory=dict)
-
-    @property
-    def base_model(self) -> str | None:
-        return self.config.get("base_model_name_or_path")
-
-    def expert_value(self, name: str, theta0: torch.Tensor) -> torch.Tensor:
-        """The expert's whole value of base parameter ``name`` (θ0 where the adapter leaves it)."""
-        value = theta0.clone() if name not in self.dense else self.dense[name].value(theta0)
-        factors = self.factors.get(name)
-        if factors is not None:  # out of place: a dense update's value may be the adapter's own copy
-            value = value + factors.delta(value.dtype).to(value.device)
-        return value
 
 
 def is_adapter(path: str | Path) -> bool:
@@ -300,9 +201,10 @@ def read_adapter(
 
     Linear and embedding factors stay :class:`LoraFactors`; DoRA modules, LoRA biases, adapted
     parameters (``target_parameters``) and the adapter's own copies of base parameters become
-    :class:`DenseUpdate` s (see the module's docstring). ``model``, the base's architecture (on the
-    meta device), resolves adapted parameters and converts adapters of per-expert modules as PEFT
-    does (:mod:`mergeopt.loading.lora_parameters`); without it such adapters are refused.
+    :class:`DenseUpdate` s (see :mod:`mergeopt.loading.lora_updates`). ``model``, the base's
+    architecture (on the meta device), resolves adapted parameters and converts adapters of
+    per-expert modules as PEFT does (:mod:`mergeopt.loading.lora_parameters`); without it such
+    adapters are refused.
     """
     path = Path(path)
     config = read_adapter_config(path)
@@ -313,110 +215,159 @@ def read_adapter(
     kinds = _sorted_tensors(path, tensors, base_shapes, tied, wrapped)
     if not any(kinds[k] for k in ("parameter", "linear", "embedding", "copy", "tokens")):
         raise UserError(f"{path}: the adapter holds no LoRA factors")
-    factors: dict[str, LoraFactors] = {}
-    dense: dict[str, DenseUpdate] = {}
-    magnitudes, copies = kinds["magnitude"], kinds["copy"]  # popped as they are used
-    for key, ab in sorted(kinds["parameter"].items()):
-        target = wrapped[key]
-        a, b = _pair(path, key, ab, "lora_")
-        r, scaling = scaling_for(config, target.name)
-        in_features, out_features = target.in_out
-        _check_pair(
+    updates = _Updates(path, config, base_shapes, tied, kinds)
+    updates.of_parameters(wrapped)
+    updates.of_linear_layers()
+    updates.of_embeddings()
+    updates.of_trainable_tokens()
+    return LoraAdapter(path, config, updates.factors, updates.remaining_copies())
+
+
+class _Updates:
+    """An adapter's sorted tensors turned, kind by kind, into the factors kept low-rank and the
+    dense updates, each checked against the base's shapes. The DoRA magnitudes, LoRA biases and
+    saved copies of base parameters are popped as the modules they belong to use them; what is
+    left is either an error (a magnitude or a bias without factors) or a plain copy."""
+
+    def __init__(self, path: Path, config: Mapping, base_shapes, tied: Collection[str], kinds: dict):
+        self.path, self.config, self.base_shapes, self.tied, self.kinds = (
             path,
-            key,
-            ("lora_A", a, (r * target.experts, in_features)),
-            ("lora_B", b, (out_features, r * target.experts)),
-            target.name,
-            target.shape,
-            rank=r,
+            config,
+            base_shapes,
+            tied,
+            kinds,
         )
-        lora = LoraFactors(*per_expert_factors(a, b, target), scaling)
-        dense[target.name] = DenseUpdate(None, lora, parameter=True)
-    for module, ab in sorted(kinds["linear"].items()):
-        a, b = _pair(path, module, ab, "lora_")
-        target = f"{module}.weight"
-        _check_untied(path, target, tied)
-        if target not in base_shapes:
-            raise UserError(f"{path}: adapts {module}, but the base has no parameter {target}")
-        if len(base_shapes[target]) != 2:
-            raise UserError(f"{path}: adapts {module}, whose {target} is not a matrix (convolution LoRA)")
-        transposed = bool(config.get("fan_in_fan_out"))  # a Conv1D weight (GPT-2) is in × out
-        out_features, in_features = base_shapes[target][:: -1 if transposed else 1]
-        r, scaling = scaling_for(config, module)
-        _check_pair(
-            path,
-            module,
-            ("lora_A", a, (r, in_features)),
-            ("lora_B", b, (out_features, r)),
-            target,
-            base_shapes[target],
-        )
-        magnitude = magnitudes.pop(module, None)
-        if magnitude is not None or transposed:  # DoRA, Conv1D: dense
-            _check_magnitude(path, module, magnitude, out_features)
-            # a Conv1D's ΔW = s·(B·A)ᵀ = s·Aᵀ·Bᵀ, and DoRA's norms run over its columns
-            lora = (
-                LoraFactors(b.T.contiguous(), a.T.contiguous(), scaling)
-                if transposed
-                else LoraFactors(a, b, scaling)
+        self.magnitudes, self.copies, self.biases = kinds["magnitude"], kinds["copy"], kinds["bias"]
+        self.factors: dict[str, LoraFactors] = {}
+        self.dense: dict[str, DenseUpdate] = {}
+
+    def of_parameters(self, wrapped: Mapping) -> None:
+        """LoRA of parameters (``target_parameters``): s·B·A in the parameter's layout, per expert
+        of a fused parameter, a dense update."""
+        for key, ab in sorted(self.kinds["parameter"].items()):
+            target = wrapped[key]
+            a, b = _pair(self.path, key, ab, "lora_")
+            r, scaling = scaling_for(self.config, target.name)
+            in_features, out_features = target.in_out
+            _check_pair(
+                self.path,
+                key,
+                ("lora_A", a, (r * target.experts, in_features)),
+                ("lora_B", b, (out_features, r * target.experts)),
+                target.name,
+                target.shape,
+                rank=r,
             )
-            dense[target] = DenseUpdate(
-                copies.pop(target, None), lora, magnitude, norm_dim=0 if transposed else 1
+            lora = LoraFactors(*per_expert_factors(a, b, target), scaling)
+            self.dense[target.name] = DenseUpdate(None, lora, parameter=True)
+
+    def of_linear_layers(self) -> None:
+        """Linear (and Conv1D) factors: kept low-rank, or a dense update with DoRA or a Conv1D's
+        transposed layout; a LoRA bias beside them."""
+        path, base_shapes = self.path, self.base_shapes
+        for module, ab in sorted(self.kinds["linear"].items()):
+            a, b = _pair(path, module, ab, "lora_")
+            target = f"{module}.weight"
+            _check_untied(path, target, self.tied)
+            if target not in base_shapes:
+                raise UserError(f"{path}: adapts {module}, but the base has no parameter {target}")
+            if len(base_shapes[target]) != 2:
+                raise UserError(f"{path}: adapts {module}, whose {target} is not a matrix (convolution LoRA)")
+            transposed = bool(self.config.get("fan_in_fan_out"))  # a Conv1D weight (GPT-2) is in × out
+            out_features, in_features = base_shapes[target][:: -1 if transposed else 1]
+            r, scaling = scaling_for(self.config, module)
+            _check_pair(
+                path,
+                module,
+                ("lora_A", a, (r, in_features)),
+                ("lora_B", b, (out_features, r)),
+                target,
+                base_shapes[target],
             )
-        else:
-            factors[target] = LoraFactors(a, b, scaling)
-            if target in copies:  # the layer's own weight, saved beside the factors: θ0 + s·B·A over it
-                dense[target] = DenseUpdate(copies.pop(target))
-        bias = kinds["bias"].pop(module, None)
-        if bias is not None:
-            if f"{module}.bias" not in base_shapes:
-                raise UserError(
-                    f"{path}: {module} has a LoRA bias (lora_bias), but the base's {module} has none"
+            magnitude = self.magnitudes.pop(module, None)
+            if magnitude is not None or transposed:  # DoRA, Conv1D: dense
+                _check_magnitude(path, module, magnitude, out_features)
+                # a Conv1D's ΔW = s·(B·A)ᵀ = s·Aᵀ·Bᵀ, and DoRA's norms run over its columns
+                lora = (
+                    LoraFactors(b.T.contiguous(), a.T.contiguous(), scaling)
+                    if transposed
+                    else LoraFactors(a, b, scaling)
                 )
-            if tuple(bias.shape) != (out_features,):
-                raise UserError(f"{path}: {module}'s LoRA bias is {list(bias.shape)}, not [{out_features}]")
-            dense[f"{module}.bias"] = DenseUpdate(copies.pop(f"{module}.bias", None), scaling * bias)
-    for module, ab in sorted(kinds["embedding"].items()):
-        a, b = _pair(path, module, ab, "lora_embedding_")
-        target = f"{module}.weight"
-        if target not in base_shapes or len(base_shapes[target]) != 2:
-            raise UserError(f"{path}: adapts the embedding {module}, but the base has no matrix {target}")
-        rows, width = base_shapes[target]
-        r, scaling = scaling_for(config, module)
-        _check_pair(
-            path,
-            module,
-            ("lora_embedding_A", a, (r, rows)),
-            ("lora_embedding_B", b, (width, r)),
-            target,
-            base_shapes[target],
-        )
-        magnitude = magnitudes.pop(module, None)
-        _check_magnitude(path, module, magnitude, width)
-        # E' = E + s·(B·A)ᵀ = E + s·Aᵀ·Bᵀ: factors b = Aᵀ (rows × r) and a = Bᵀ (r × width), the
-        # layout of a linear weight's (out × in), so the stacked factors serve an embedding too
-        lora = LoraFactors(b.T.contiguous(), a.T.contiguous(), scaling)
-        if magnitude is not None:  # DoRA: dense
-            dense[target] = DenseUpdate(copies.pop(target, None), lora, magnitude, norm_dim=0)
-        else:
-            factors[target] = lora
-            if target in copies:  # the embedding's own weight, which PEFT saves beside its factors
-                dense[target] = DenseUpdate(copies.pop(target))
-    for module, values in sorted(kinds["tokens"].items()):
-        target = f"{module}.weight"
-        if target in dense or target in factors:
+                self.dense[target] = DenseUpdate(
+                    self.copies.pop(target, None), lora, magnitude, norm_dim=0 if transposed else 1
+                )
+            else:
+                self._low_rank(target, LoraFactors(a, b, scaling))
+            self._lora_bias(module, out_features, scaling)
+
+    def _low_rank(self, target: str, lora: LoraFactors) -> None:
+        self.factors[target] = lora
+        if target in self.copies:  # the layer's own weight, saved beside the factors: θ0 + s·B·A over it
+            self.dense[target] = DenseUpdate(self.copies.pop(target))
+
+    def _lora_bias(self, module: str, out_features: int, scaling: float) -> None:
+        bias = self.biases.pop(module, None)
+        if bias is None:
+            return
+        if f"{module}.bias" not in self.base_shapes:
             raise UserError(
-                f"{path}: {module} has trainable tokens and LoRA factors; mergeopt reads one or the other"
+                f"{self.path}: {module} has a LoRA bias (lora_bias), but the base's {module} has none"
             )
-        if target not in base_shapes or len(base_shapes[target]) != 2:
-            raise UserError(f"{path}: trainable tokens for {module}, but the base has no matrix {target}")
-        ids = _token_ids(path, config, module, values, base_shapes[target])
-        dense[target] = DenseUpdate(copies.pop(target, None), rows=(ids, values))
-    for what, left in (("lora_magnitude_vector", magnitudes), ("LoRA bias", kinds["bias"])):
-        if left:
-            raise UserError(f"{path}: {what} of {min(left)} without LoRA factors for that module")
-    dense.update({target: DenseUpdate(start=value) for target, value in copies.items()})
-    return LoraAdapter(path, config, factors, dict(sorted(dense.items())))
+        if tuple(bias.shape) != (out_features,):
+            raise UserError(f"{self.path}: {module}'s LoRA bias is {list(bias.shape)}, not [{out_features}]")
+        self.dense[f"{module}.bias"] = DenseUpdate(self.copies.pop(f"{module}.bias", None), scaling * bias)
+
+    def of_embeddings(self) -> None:
+        """Embedding factors, E' = E + s·(B·A)ᵀ: kept low-rank in a linear weight's layout, or a
+        dense update with DoRA."""
+        path, base_shapes = self.path, self.base_shapes
+        for module, ab in sorted(self.kinds["embedding"].items()):
+            a, b = _pair(path, module, ab, "lora_embedding_")
+            target = f"{module}.weight"
+            if target not in base_shapes or len(base_shapes[target]) != 2:
+                raise UserError(f"{path}: adapts the embedding {module}, but the base has no matrix {target}")
+            rows, width = base_shapes[target]
+            r, scaling = scaling_for(self.config, module)
+            _check_pair(
+                path,
+                module,
+                ("lora_embedding_A", a, (r, rows)),
+                ("lora_embedding_B", b, (width, r)),
+                target,
+                base_shapes[target],
+            )
+            magnitude = self.magnitudes.pop(module, None)
+            _check_magnitude(path, module, magnitude, width)
+            # E' = E + s·(B·A)ᵀ = E + s·Aᵀ·Bᵀ: factors b = Aᵀ (rows × r) and a = Bᵀ (r × width), the
+            # layout of a linear weight's (out × in), so the stacked factors serve an embedding too
+            lora = LoraFactors(b.T.contiguous(), a.T.contiguous(), scaling)
+            if magnitude is not None:  # DoRA: dense
+                self.dense[target] = DenseUpdate(self.copies.pop(target, None), lora, magnitude, norm_dim=0)
+            else:
+                self._low_rank(target, lora)
+
+    def of_trainable_tokens(self) -> None:
+        """Trainable tokens: rows of an embedding replaced, a dense update (never beside factors)."""
+        path, base_shapes = self.path, self.base_shapes
+        for module, values in sorted(self.kinds["tokens"].items()):
+            target = f"{module}.weight"
+            if target in self.dense or target in self.factors:
+                raise UserError(
+                    f"{path}: {module} has trainable tokens and LoRA factors; mergeopt reads one or the other"
+                )
+            if target not in base_shapes or len(base_shapes[target]) != 2:
+                raise UserError(f"{path}: trainable tokens for {module}, but the base has no matrix {target}")
+            ids = _token_ids(path, self.config, module, values, base_shapes[target])
+            self.dense[target] = DenseUpdate(self.copies.pop(target, None), rows=(ids, values))
+
+    def remaining_copies(self) -> dict[str, DenseUpdate]:
+        """Every dense update by name, the copies no module used included; a magnitude or bias left
+        over names a module without factors."""
+        for what, left in (("lora_magnitude_vector", self.magnitudes), ("LoRA bias", self.biases)):
+            if left:
+                raise UserError(f"{self.path}: {what} of {min(left)} without LoRA factors for that module")
+        self.dense.update({target: DenseUpdate(start=value) for target, value in self.copies.items()})
+        return dict(sorted(self.dense.items()))
 
 
 def _check_pair(

@@ -20,7 +20,7 @@ the first registered innermost, so ``mlp.experts.base_layer.lora_A.weight`` is g
 ``mlp.experts.lora_A.weight`` down_proj's. :func:`wrapped_parameters` resolves that nesting from the
 model's own parameter order, as PEFT's ``_inject_parameters`` walks it.
 
-Each update is read as a :class:`~mergeopt.loading.lora.DenseUpdate` marked ``parameter``, whose
+Each update is read as a :class:`~mergeopt.loading.lora_updates.DenseUpdate` marked ``parameter``, whose
 factors are batched over the experts. Under a linear merge the fit keeps them as factors and
 merges each parameter as its layer reads it (:mod:`mergeopt.merging.lowrank_parameters`); TIES
 and DARE make them dense, as they make every adapter.

@@ -16,7 +16,7 @@ from mergeopt.config import Recipe
 from mergeopt.errors import UserError
 from mergeopt.inputs import torchrun_variable
 from mergeopt.loading.checkpoints import Checkpoint, open_experts
-from mergeopt.loading.lora import LoraAdapter
+from mergeopt.loading.lora_updates import LoraAdapter
 from mergeopt.loading.positions import check_max_length
 from mergeopt.memory import checkpointing
 from mergeopt.memory.placement import input_device

@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.distributed as dist
 
-from mergeopt.loading.lora import DenseUpdate, LoraAdapter, LoraFactors
+from mergeopt.loading.lora_updates import DenseUpdate, LoraAdapter, LoraFactors
 from mergeopt.loading.sharded_load import BaseSource
 from mergeopt.merging.sharded_merge import block_range, padded
 from mergeopt.merging.stacking import excluded

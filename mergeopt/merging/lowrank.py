@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 from mergeopt.errors import UserError
-from mergeopt.loading.lora import LoraAdapter
+from mergeopt.loading.lora_updates import LoraAdapter
 
 MIX_BUFFER = "mergeopt_mix"
 # set on each adapted module while attached: (its factors, λ), for code that reads the module's

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.utils import parametrize
 
-from mergeopt.loading.lora import DenseUpdate, LoraAdapter, LoraFactors
+from mergeopt.loading.lora_updates import DenseUpdate, LoraAdapter, LoraFactors
 from mergeopt.merging.layer_merge import CHUNK, MIX_BUFFER, MergeRecipe, owners, tag_source
 
 

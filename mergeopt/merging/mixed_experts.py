@@ -17,7 +17,7 @@ import torch
 from mergeopt.config import MergeSection
 from mergeopt.errors import UserError
 from mergeopt.loading.checkpoints import Checkpoint
-from mergeopt.loading.lora import LoraAdapter
+from mergeopt.loading.lora_updates import LoraAdapter
 from mergeopt.loading.sharded_load import BaseSource
 from mergeopt.merging.dora import split_dora
 from mergeopt.merging.layer_merge import (
@@ -75,7 +75,7 @@ class _DenseAdapterView(_BaseView):
 
 class _AdapterDenseUpdatesView(_BaseView):
     """A LoRA expert kept low-rank, as the dense stack sees it: θ0, but for the parameters its
-    adapter sets densely (:class:`mergeopt.loading.lora.DenseUpdate`). ``changed`` collects the
+    adapter sets densely (:class:`mergeopt.loading.lora_updates.DenseUpdate`). ``changed`` collects the
     parameters where that differs from θ0 (the sameness check's view of them)."""
 
     def __init__(self, model: torch.nn.Module, adapter: LoraAdapter, base=None, device=None):

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from mergeopt.errors import UserError
-from mergeopt.loading.lora import LoraAdapter
+from mergeopt.loading.lora_updates import LoraAdapter
 
 
 class Sameness:
