@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -136,26 +137,15 @@ def build_expert_stack(
     lowrank_path = bool(adapters) and merge.method == "linear"
     if adapters and not lowrank_path:
         log(f"merge.method {merge.method} needs dense task vectors: LoRA experts are densified per parameter")
-    # DoRA updates of linear layers stay low-rank where the layer's merged weight is θ0 itself
-    lowrank_adapters, gains, dora_changed, parameter_targets = adapters, {}, {}, []
-    if lowrank_path and not dense:
-        lowrank_adapters, gains, dora_changed = split_dora(model, adapters, exclude, shard, base, device)
-        if gains:
-            kept_low = sorted({t for g in gains.values() for t in g})
-            log(f"DoRA: {len(kept_low)} layer(s) of the LoRA experts stay low-rank (factors and row gains)")
-    if lowrank_path and base_expert is None:  # (diagnose reads task vectors from dense rows)
-        lowrank_adapters, parameter_targets = split_parameter_lora(lowrank_adapters, exclude)
-        if parameter_targets:
-            log(
-                f"{len(parameter_targets)} parameter(s) the LoRA experts adapt whole (target_parameters: "
-                "fused expert weights, routers) stay low-rank, merged as their layer reads them"
-            )
+    low = _LowRank(adapters)
+    if lowrank_path:
+        low = _LowRank.split(model, adapters, bool(dense), exclude, shard, base, device, base_expert, log)
     views = {}
     for name in names:
         if name in dense:
             views[name] = dense[name]
         elif lowrank_path:
-            views[name] = _AdapterDenseUpdatesView(model, lowrank_adapters[name], base, device)
+            views[name] = _AdapterDenseUpdatesView(model, low.adapters[name], base, device)
         else:
             views[name] = _DenseAdapterView(model, adapters[name], base, device)
     stack = build_stack(
@@ -179,6 +169,84 @@ def build_expert_stack(
         if stack.mixup is not None:  # c(w) unchanged while the base's weight is 0; c(e_base) = e_base
             stack.mixup = torch.tensor([*stack.method["mixup_lambda"], 1.0], dtype=torch.float64)
     if lowrank_path:
+        # the dense stack did not compare them (their view is θ0 but for their dense updates); the
+        # adapters as read are compared, DoRA updates included
+        changed = {
+            n: bool(views[n].changed)
+            or low.dora_changed.get(n, False)
+            or _changes_any(adapters[n], low.parameter_targets)
+            for n in adapters
+        }
+        low.attach(model, stack, list(names), adapters, changed, exclude, dtype, merge.scale, shapes)
+        if low.parameter_targets:
+            _merge_parameter_factors(model, stack, merge.scale, shard, _BaseView(model, base, device))
+        if not stack.deltas and not stack.lowrank.modules and not stack.lowrank.parameters:
+            raise UserError(
+                "the experts do not differ in any merged parameter (after exclusions): nothing to merge"
+            )
+    return stack
+
+
+@dataclass
+class _LowRank:
+    """What of the LoRA experts stays low-rank on the linear path: the adapters the dense stack and
+    the low-rank stack read (``adapters``: DoRA layers that can stay low-rank and adapted parameters
+    taken out), DoRA's row gains by expert, which experts' DoRA layers differ from θ0, and the
+    parameters the adapters adapt whole (``target_parameters``), merged from their factors."""
+
+    adapters: Mapping[str, LoraAdapter]
+    gains: dict = field(default_factory=dict)
+    dora_changed: dict[str, bool] = field(default_factory=dict)
+    parameter_targets: list[str] = field(default_factory=list)
+
+    @classmethod
+    def split(
+        cls,
+        model: torch.nn.Module,
+        adapters: Mapping[str, LoraAdapter],
+        any_dense: bool,
+        exclude: Sequence[str],
+        shard: tuple[int, int] | None,
+        base: BaseSource | None,
+        device: torch.device | None,
+        base_expert: str | None,
+        log,
+    ) -> _LowRank:
+        low = cls(adapters)
+        # DoRA updates of linear layers stay low-rank where the layer's merged weight is θ0 itself
+        if not any_dense:
+            low.adapters, low.gains, low.dora_changed = split_dora(
+                model, adapters, exclude, shard, base, device
+            )
+            if low.gains:
+                kept_low = sorted({t for g in low.gains.values() for t in g})
+                log(
+                    f"DoRA: {len(kept_low)} layer(s) of the LoRA experts stay low-rank (factors and row gains)"
+                )
+        if base_expert is None:  # (diagnose reads task vectors from dense rows)
+            low.adapters, low.parameter_targets = split_parameter_lora(low.adapters, exclude)
+            if low.parameter_targets:
+                log(
+                    f"{len(low.parameter_targets)} parameter(s) the LoRA experts adapt whole (target_parameters: "
+                    "fused expert weights, routers) stay low-rank, merged as their layer reads them"
+                )
+        return low
+
+    def attach(
+        self,
+        model: torch.nn.Module,
+        stack: TaskVectorStack,
+        names: list[str],
+        adapters: Mapping[str, LoraAdapter],
+        changed: Mapping[str, bool],
+        exclude: Sequence[str],
+        dtype: torch.dtype,
+        scale: float,
+        shapes: Mapping[str, tuple[int, ...]],
+    ) -> None:
+        """Check the adapters differ (``changed``: by their dense updates), then hand the factors
+        outside ``exclude`` to the stack: modules merged in the forward pass
+        (:mod:`mergeopt.merging.lowrank`), parameters merged as their layer reads them."""
         patterns = [re.compile(p) for p in exclude]
 
         def kept(a: LoraAdapter) -> LoraAdapter:
@@ -189,40 +257,26 @@ def build_expert_stack(
                 {t: u for t, u in a.dense.items() if not excluded(t, patterns)},
             )
 
-        # the dense stack did not compare them (their view is θ0 but for their dense updates); the
-        # adapters as read are compared, DoRA updates included
-        changed = {
-            n: bool(views[n].changed)
-            or dora_changed.get(n, False)
-            or _changes_any(adapters[n], parameter_targets)
-            for n in adapters
-        }
         check_lowrank_adapters({n: kept(a) for n, a in adapters.items()}, changed)
         factors_dtype = anchor_dtype_for(dtype, stack.compute_dtype)  # int8 is for dense differences only
         stack.lowrank = build_lowrank_stack(
-            list(names),
-            {n: kept(a) for n, a in lowrank_adapters.items()},
+            names,
+            {n: kept(a) for n, a in self.adapters.items()},
             lambda t: parameter_device(model, t),
             factors_dtype,
-            merge.scale,
-            gains,
+            scale,
+            self.gains,
         )
         stack.lowrank.attach(model)
-        if parameter_targets:
+        if self.parameter_targets:
             stack.lowrank.parameters = build_parameter_factors(
-                list(names),
+                names,
                 {n: kept(a) for n, a in adapters.items()},
-                parameter_targets,
-                {t: shapes[t] for t in parameter_targets},
+                self.parameter_targets,
+                {t: shapes[t] for t in self.parameter_targets},
                 lambda t: parameter_device(model, t),
                 factors_dtype,
             )
-            _merge_parameter_factors(model, stack, merge.scale, shard, _BaseView(model, base, device))
-        if not stack.deltas and not stack.lowrank.modules and not stack.lowrank.parameters:
-            raise UserError(
-                "the experts do not differ in any merged parameter (after exclusions): nothing to merge"
-            )
-    return stack
 
 
 def _changes_any(adapter: LoraAdapter, targets: Sequence[str]) -> bool:
