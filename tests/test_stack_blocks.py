@@ -23,7 +23,7 @@ def _stacks(model_of, experts, dtype, monkeypatch, block):
     original = stacking._stack_in_blocks
     monkeypatch.setattr(stacking, "STACK_BLOCK", block)
     monkeypatch.setattr(
-        stacking, "_stack_in_blocks", lambda *a, **k: blocked_names.append(a[2]) or original(*a, **k)
+        stacking, "_stack_in_blocks", lambda *a, **k: blocked_names.append(a[1]) or original(*a, **k)
     )
     blocked = build_stack(model_of(), experts, dtype=dtype, progress=False)
     monkeypatch.undo()

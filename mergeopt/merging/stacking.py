@@ -180,15 +180,9 @@ def build_stack(
     copies of one tensor, never of the model.
     """
     merge = merge or MergeSection()
-    method = get_method(merge.method)
-    options = method.options(merge)
-    anchor_form = method.name == "linear" and merge.scale == 1.0
-    patterns = [re.compile(p) for p in exclude]
     names = list(experts)
     if compute_dtype is None:
         compute_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    anchor_dtype = anchor_dtype_for(dtype, compute_dtype)
-    rows_dtype = torch.float32 if dtype == torch.int8 else dtype
     stack = TaskVectorStack(
         expert_names=names, anchor={}, deltas={}, model=model, compute_dtype=compute_dtype
     )
@@ -196,85 +190,121 @@ def build_stack(
     stack.shard = shard
     if merge.mixup_alpha is not None:
         stack.mixup = torch.tensor(stack.method["mixup_lambda"], dtype=torch.float64)
-    sameness = Sameness(names, not_compared)
-    collective = None  # a sharded stack: where its ranks combine what they found equal
+    stacking = _Stacking(
+        stack, experts, merge, seed, dtype, shard, base, device, Sameness(names, not_compared)
+    )
+    patterns = [re.compile(p) for p in exclude]
     parameter_names = [n for n, _ in model.named_parameters()]  # names only: θ0 is freed as we go
     for pname in tqdm(parameter_names, desc="stacking experts", unit="tensor", disable=not progress):
         check_interrupt_alone("stacking the experts")  # minutes on a large model: stop within a tensor
-        param = model.get_parameter(pname)
-        param.requires_grad_(False)
-        where = device if param.is_meta else param.device
-        blocks = shard is not None and param.dim() >= 2  # this rank keeps a block of its rows
-        if excluded(pname, patterns):
-            stack.excluded.append(pname)
-            if blocks:
-                _keep_theta0_block(stack, model, pname, param, shard, base, where)
-            elif param.is_meta:
-                fill(model, pname, base.whole(pname, param, where))
-            continue
-        if blocks and anchor_form:
-            collective = where
-            _stack_block(
-                stack,
-                model,
-                pname,
-                param,
-                experts,
-                shard,
-                dtype,
-                rows_dtype,
-                anchor_dtype,
-                base,
-                where,
-                sameness,
-            )
-            continue
-        if anchor_form and in_blocks(param, experts):
-            _stack_in_blocks(
-                stack, model, pname, param, experts, dtype, rows_dtype, anchor_dtype, base, sameness
-            )
-            continue
-        theta0 = base.whole(pname, param, where) if param.is_meta else param.detach()
-        theta0 = theta0.to(torch.promote_types(param.dtype, torch.float32))  # θ0, read first
-        if anchor_form:
-            anchor, rows, differ = _differences(theta0, experts, pname, rows_dtype, sameness=sameness)
-        else:
-            if method.random:
-                options["generator"] = parameter_generator(seed, pname)
-            anchor, rows, differ = _prepared(
-                theta0,
-                experts,
-                pname,
-                rows_dtype,
-                method,
-                options,
-                merge.scale,
-                sameness,
-                per_expert=fused_experts(model, pname, param),
-            )
-        if blocks:  # prepared whole (TIES, DARE, a scale): every rank the same; keep this rank's rows
-            _keep_prepared_block(
-                stack, model, pname, param, theta0, anchor, rows, differ, shard, dtype, anchor_dtype
-            )
-            continue
-        if not differ:  # the merge does not depend on w: no need to stack it
-            unchanged = torch.equal(anchor, theta0)
-            (stack.unchanged if unchanged else stack.shared).append(pname)
-            if param.is_meta:  # a sharded load: the vector is made here, whole
-                fill(model, pname, anchor.to(param.dtype))
-            elif not unchanged:
-                param.data.copy_(anchor)
-            continue
-        del param, theta0
-        anchor, rows, scales = _store(stack, pname, anchor, rows, dtype, anchor_dtype)
-        merge_module = MergedParameter(pname, rows, scales, len(names), compute_dtype)
-        attach(model, pname, anchor, merge_module)
+        stacking.parameter(pname, excluded(pname, patterns))
     if not stack.deltas and not allow_empty:
         raise UserError(
             "the experts do not differ in any merged parameter (after exclusions): nothing to merge"
         )
-    sameness.check(collective)
+    stacking.sameness.check(stacking.collective)
     return stack
+
+
+class _Stacking:
+    """One :func:`build_stack` pass: what every parameter is stacked with (the experts, the merge
+    method and its options, the storage dtypes, this rank's shard, where θ0 comes from), the
+    sameness check that sees every value, and where a sharded stack's ranks combine what they found
+    equal (``collective``: set by the first block stacked)."""
+
+    def __init__(
+        self,
+        stack: TaskVectorStack,
+        experts: Mapping,
+        merge: MergeSection,
+        seed: int,
+        dtype: torch.dtype,
+        shard: tuple[int, int] | None,
+        base: BaseSource | None,
+        device: torch.device | None,
+        sameness: Sameness,
+    ):
+        self.stack, self.model, self.experts, self.merge, self.seed = stack, stack.model, experts, merge, seed
+        self.method = get_method(merge.method)
+        self.options = self.method.options(merge)
+        self.anchor_form = self.method.name == "linear" and merge.scale == 1.0  # θ_1 and θ_i − θ_1
+        self.dtype = dtype  # the differences as stored (int8: quantised per row, formed in float32)
+        self.rows_dtype = torch.float32 if dtype == torch.int8 else dtype
+        self.anchor_dtype = anchor_dtype_for(dtype, stack.compute_dtype)
+        self.shard, self.base, self.device, self.sameness = shard, base, device, sameness
+        self.collective: torch.device | None = None
+
+    def parameter(self, pname: str, is_excluded: bool) -> None:
+        """Stack one parameter, keep the one value every expert agrees on, or leave it at θ0."""
+        param = self.model.get_parameter(pname)
+        param.requires_grad_(False)
+        where = self.device if param.is_meta else param.device
+        blocks = self.shard is not None and param.dim() >= 2  # this rank keeps a block of its rows
+        if is_excluded:
+            self.stack.excluded.append(pname)
+            if blocks:
+                _keep_theta0_block(self, pname, param, where)
+            elif param.is_meta:
+                fill(self.model, pname, self.base.whole(pname, param, where))
+            return
+        if blocks and self.anchor_form:
+            self.collective = where
+            _stack_block(self, pname, param, where)
+            return
+        if self.anchor_form and in_blocks(param, self.experts):
+            _stack_in_blocks(self, pname, param)
+            return
+        theta0 = self.base.whole(pname, param, where) if param.is_meta else param.detach()
+        theta0 = theta0.to(torch.promote_types(param.dtype, torch.float32))  # θ0, read first
+        anchor, rows, differ = self._merged_rows(pname, param, theta0)
+        if blocks:  # prepared whole (TIES, DARE, a scale): every rank the same; keep this rank's rows
+            _keep_prepared_block(self, pname, param, theta0, anchor, rows, differ)
+            return
+        if not differ:  # the merge does not depend on w: no need to stack it
+            unchanged = torch.equal(anchor, theta0)
+            (self.stack.unchanged if unchanged else self.stack.shared).append(pname)
+            if param.is_meta:  # a sharded load: the vector is made here, whole
+                fill(self.model, pname, anchor.to(param.dtype))
+            elif not unchanged:
+                param.data.copy_(anchor)
+            return
+        del param, theta0  # the last references to θ0: the stacked rows replace it
+        anchor, rows, scales = self.store(pname, anchor, rows)
+        merge_module = MergedParameter(
+            pname, rows, scales, len(self.stack.expert_names), self.stack.compute_dtype
+        )
+        attach(self.model, pname, anchor, merge_module)
+
+    def _merged_rows(
+        self, pname: str, param: torch.Tensor, theta0: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(anchor, differences, whether they differ) of one whole tensor, by the merge method."""
+        if self.anchor_form:
+            return _differences(theta0, self.experts, pname, self.rows_dtype, sameness=self.sameness)
+        if self.method.random:
+            self.options["generator"] = parameter_generator(self.seed, pname)
+        return _prepared(
+            theta0,
+            self.experts,
+            pname,
+            self.rows_dtype,
+            self.method,
+            self.options,
+            self.merge.scale,
+            self.sameness,
+            per_expert=fused_experts(self.model, pname, param),
+        )
+
+    def store(self, pname: str, anchor: torch.Tensor, rows: torch.Tensor):
+        """Record one parameter's anchor (in its storage dtype) and differences (int8: quantised per
+        row) in the stack; returns them as stored, with the scales (None unless int8)."""
+        scales = None
+        if self.dtype == torch.int8:
+            rows, scales = quantize_rows(rows)
+            self.stack.scales[pname] = scales
+        self.stack.anchor[pname] = anchor = anchor.to(self.anchor_dtype)
+        self.stack.deltas[pname] = rows
+        return anchor, rows, scales
 
 
 # a matrix of more elements than this (a mixture of experts' fused weight, an untied vocabulary)
@@ -293,40 +323,32 @@ def in_blocks(param: torch.Tensor, experts: Mapping) -> bool:
     )
 
 
-def _stack_in_blocks(
-    stack: TaskVectorStack,
-    model: torch.nn.Module,
-    pname: str,
-    param: torch.nn.Parameter,
-    experts: Mapping,
-    dtype: torch.dtype,
-    rows_dtype: torch.dtype,
-    anchor_dtype: torch.dtype,
-    base: BaseSource | None,
-    sameness: Sameness,
-) -> None:
+def _stack_in_blocks(s: _Stacking, pname: str, param: torch.nn.Parameter) -> None:
     """One large matrix of a whole stack (:func:`in_blocks`), a block of rows at a time: θ0's and
     each expert's rows read alone, their differences written into the stacked tensors (int8:
     quantised per row as they come, the same scales as a whole tensor's) and the anchor kept in
     the wider of its storage dtype and the parameter's (exact for a value every expert shares).
     The same stack as :func:`_differences` on the whole tensor, with the float32 temporaries of
     one block."""
+    stack, model = s.stack, s.model
     total, where = param.shape[0], param.device
     step = max(1, STACK_BLOCK // max(1, param.numel() // total))
-    held = torch.promote_types(anchor_dtype, param.dtype)
+    held = torch.promote_types(s.anchor_dtype, param.dtype)
     anchor = torch.empty(param.shape, dtype=held, device=where)
-    rows = torch.empty((len(stack.expert_names) - 1, *param.shape), dtype=dtype, device=where)
+    rows = torch.empty((len(stack.expert_names) - 1, *param.shape), dtype=s.dtype, device=where)
     scales = (
-        torch.empty((rows.shape[0], _num_rows(param.shape)), device=where) if dtype == torch.int8 else None
+        torch.empty((rows.shape[0], _num_rows(param.shape)), device=where) if s.dtype == torch.int8 else None
     )
     per_index = _num_rows(param.shape) // total  # scale rows per index of the first dimension
     differ, unchanged = False, True
     for start in range(0, total, step):
         stop = min(total, start + step)
-        theta0 = base.rows(pname, start, stop, param, where) if param.is_meta else param.detach()[start:stop]
+        theta0 = (
+            s.base.rows(pname, start, stop, param, where) if param.is_meta else param.detach()[start:stop]
+        )
         theta0 = theta0.to(torch.promote_types(param.dtype, torch.float32))
         block_anchor, block_rows, block_differ = _differences(
-            theta0, experts, pname, rows_dtype, (start, stop, param.shape), sameness
+            theta0, s.experts, pname, s.rows_dtype, (start, stop, param.shape), s.sameness
         )
         differ = differ or block_differ
         unchanged = unchanged and torch.equal(block_anchor, theta0)
@@ -344,7 +366,7 @@ def _stack_in_blocks(
             param.data.copy_(anchor)
         return
     del param
-    stack.anchor[pname] = anchor = anchor.to(anchor_dtype)
+    stack.anchor[pname] = anchor = anchor.to(s.anchor_dtype)
     stack.deltas[pname] = rows
     if scales is not None:
         stack.scales[pname] = scales
@@ -352,67 +374,41 @@ def _stack_in_blocks(
     attach(model, pname, anchor, merge)
 
 
-def _store(stack: TaskVectorStack, pname: str, anchor, rows, dtype, anchor_dtype):
-    """Record one parameter's anchor (in its storage dtype) and differences (int8: quantised per
-    row) in the stack; returns them as stored, with the scales (None unless int8)."""
-    scales = None
-    if dtype == torch.int8:
-        rows, scales = quantize_rows(rows)
-        stack.scales[pname] = scales
-    stack.anchor[pname] = anchor = anchor.to(anchor_dtype)
-    stack.deltas[pname] = rows
-    return anchor, rows, scales
-
-
-def _stack_block(
-    stack: TaskVectorStack,
-    model: torch.nn.Module,
-    pname: str,
-    param: torch.nn.Parameter,
-    experts: Mapping,
-    shard: tuple[int, int],
-    dtype: torch.dtype,
-    rows_dtype: torch.dtype,
-    anchor_dtype: torch.dtype,
-    base: BaseSource | None,
-    device: torch.device,
-    sameness: Sameness | None = None,
-) -> None:
+def _stack_block(s: _Stacking, pname: str, param: torch.nn.Parameter, device: torch.device) -> None:
     """One matrix of a sharded stack (linear merge at scale 1): this rank's block of ⌈R/N⌉ rows
     (zero-padded), θ0's and each expert's read alone."""
-    total = param.shape[0]
-    start, stop, per = block_range(total, *shard)
-    theta0 = base.rows(pname, start, stop, param, device) if param.is_meta else param.detach()[start:stop]
+    stack = s.stack
+    start, stop, per = block_range(param.shape[0], *s.shard)
+    theta0 = s.base.rows(pname, start, stop, param, device) if param.is_meta else param.detach()[start:stop]
     theta0 = theta0.to(torch.promote_types(param.dtype, torch.float32))
     anchor, rows, differ = _differences(
-        theta0, experts, pname, rows_dtype, (start, stop, param.shape), sameness
+        theta0, s.experts, pname, s.rows_dtype, (start, stop, param.shape), s.sameness
     )
     flags = torch.tensor([float(differ), float(not torch.equal(anchor, theta0))], device=device)
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # the ranks agree on what this parameter is
     if not flags[0]:  # every expert equal here: not stacked, θ0 or the one shared value
         (stack.shared if flags[1] else stack.unchanged).append(pname)
-        keep_block(model, pname, padded(anchor.to(param.dtype), per), param.shape, stack.compute_dtype)
+        keep_block(s.model, pname, padded(anchor.to(param.dtype), per), param.shape, stack.compute_dtype)
         return
     del theta0
     anchor, rows = padded(anchor, per), padded(rows, per, dim=1)
-    block, rows, scales = _store(stack, pname, anchor, rows, dtype, anchor_dtype)
+    block, rows, scales = s.store(pname, anchor, rows)
     merge = ShardedMergedParameter(
         pname, rows, scales, len(stack.expert_names), stack.compute_dtype, param.shape
     )
     del param  # the caller's reference to θ0 is the last; attach drops the model's
-    attach(model, pname, block, merge)
+    attach(s.model, pname, block, merge)
 
 
-def _keep_prepared_block(
-    stack, model, pname, param, theta0, anchor, rows, differ, shard, dtype, anchor_dtype
-):
+def _keep_prepared_block(s: _Stacking, pname, param, theta0, anchor, rows, differ) -> None:
     """A matrix merged by another method (prepared whole, the same on every rank): this rank's
     block of the anchor and of the differences, or of the unmerged value."""
-    start, stop, per = block_range(param.shape[0], *shard)
+    stack = s.stack
+    start, stop, per = block_range(param.shape[0], *s.shard)
     if not differ:
         (stack.unchanged if torch.equal(anchor, theta0) else stack.shared).append(pname)
         keep_block(
-            model,
+            s.model,
             pname,
             padded(anchor[start:stop].to(param.dtype), per).clone(),
             param.shape,
@@ -421,15 +417,17 @@ def _keep_prepared_block(
         return
     anchor = padded(anchor[start:stop], per).clone()
     rows = padded(rows[:, start:stop], per, dim=1).clone()
-    block, rows, scales = _store(stack, pname, anchor, rows, dtype, anchor_dtype)
+    block, rows, scales = s.store(pname, anchor, rows)
     merge = ShardedMergedParameter(
         pname, rows, scales, len(stack.expert_names), stack.compute_dtype, param.shape
     )
-    attach(model, pname, block, merge)
+    attach(s.model, pname, block, merge)
 
 
-def _keep_theta0_block(stack, model, pname, param, shard, base, device) -> None:
+def _keep_theta0_block(s: _Stacking, pname: str, param: torch.nn.Parameter, device) -> None:
     """An excluded matrix under sharding: this rank's block of θ0's rows, gathered when read."""
-    start, stop, per = block_range(param.shape[0], *shard)
-    theta0 = base.rows(pname, start, stop, param, device) if param.is_meta else param.detach()[start:stop]
-    keep_block(model, pname, padded(theta0.to(param.dtype), per).clone(), param.shape, stack.compute_dtype)
+    start, stop, per = block_range(param.shape[0], *s.shard)
+    theta0 = s.base.rows(pname, start, stop, param, device) if param.is_meta else param.detach()[start:stop]
+    keep_block(
+        s.model, pname, padded(theta0.to(param.dtype), per).clone(), param.shape, s.stack.compute_dtype
+    )
