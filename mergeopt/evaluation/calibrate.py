@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +32,7 @@ import pandas as pd
 from mergeopt.cli import run_command
 from mergeopt.errors import UserError
 from mergeopt.evaluation import calibration
-from mergeopt.evaluation.calibration_report import OUTPUT_FILES, markdown, write_outputs
+from mergeopt.evaluation.calibration_report import OUTPUT_FILES, markdown, report, write_outputs
 from mergeopt.evaluation.proxy import WEIGHT_PREFIX
 from mergeopt.inputs import writable_dir
 from mergeopt.objectives.objective import Objective
@@ -211,92 +211,6 @@ def calibrate(
     return posterior, decision
 
 
-def report(
-    names: Sequence[str],
-    candidates: pd.DataFrame,
-    proxy: np.ndarray,
-    truth: np.ndarray,
-    posterior: calibration.Posterior,
-    decision: calibration.Decision,
-    meta: dict,
-) -> tuple[dict, pd.DataFrame]:
-    """calibration.json's content and the ranking table, in the metric's own direction."""
-    sign = -1.0 if meta["higher_is_better"] else 1.0
-    n_runs = len(truth)
-    mean = sign * decision.mean
-    observed = np.full(len(candidates), np.nan)
-    observed[:n_runs] = truth
-    order = np.argsort(decision.mean, kind="stable")
-    ranking = candidates[[f"{WEIGHT_PREFIX}{n}" for n in names]].copy()
-    ranking.insert(0, "source", candidates["source"])
-    ranking["allowed"] = candidates["allowed"]
-    ranking["proxy"] = proxy
-    ranking["calibrated"] = mean
-    ranking["sd"] = decision.sd
-    ranking["prob_best"] = decision.prob_best
-    ranking["truth"] = observed
-    ranking = ranking.iloc[order].reset_index(names="candidate")
-    ranking.insert(0, "rank", np.arange(1, len(ranking) + 1))
-
-    def mixture(i: int) -> dict[str, float]:
-        row = candidates.iloc[i]
-        return {n: float(row[f"{WEIGHT_PREFIX}{n}"]) for n in names}
-
-    low, high = sorted(sign * np.asarray(decision.interval))
-    pick = decision.pick
-    best_run = int(np.argmax(truth) if meta["higher_is_better"] else np.argmin(truth)) if n_runs else None
-    slope, slope_sd = posterior.slope
-    content = {
-        **meta,
-        "runs": n_runs,
-        "candidates": len(candidates),
-        "model": {
-            "amplitude": posterior.hyper.amplitude,
-            "lengthscale": posterior.hyper.lengthscale,
-            "noise": posterior.hyper.noise,
-            "slope_prior_sd": posterior.hyper.slope_sd,
-            "level_prior_sd": posterior.hyper.level_sd,
-            "center": posterior.center,
-            "scale": posterior.scale,
-            "log_marginal_likelihood": posterior.log_marginal_likelihood(),
-        },
-        "proxy_slope": {"mean": slope, "sd": slope_sd},
-        "pick": {
-            "candidate": int(pick),
-            "weights": mixture(pick),
-            "source": str(candidates["source"].iloc[pick]),
-            "predicted": float(mean[pick]),
-            "interval": [float(low), float(high)],
-            "prob_best": _finite_or_none(decision.prob_best[pick]),
-            "proxy": float(proxy[pick]),
-            "truth": float(truth[pick]) if pick < n_runs else None,
-        },
-        "best_run": None
-        if best_run is None
-        else {"row": best_run, "weights": mixture(best_run), "truth": float(truth[best_run])},
-        "proposals": [
-            {
-                "weights": mixture(i),
-                "source": str(candidates["source"].iloc[i]),
-                "expected_improvement": _finite_or_none(gain),
-                "predicted": float(mean[i]),
-                "sd": float(decision.sd[i]),
-                "proxy": float(proxy[i]),
-            }
-            for i, gain in zip(decision.proposals, decision.improvement)
-        ],
-    }
-    return content, ranking
-
-
-def _finite_or_none(value: float) -> float | None:
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
-# ----------------------------------------------------------------------------- the command
-
-
 def _main(args: argparse.Namespace) -> int:
     from mergeopt.config import load_recipe
     from mergeopt.runtime.rundir import check_output_dir, owned
@@ -313,44 +227,61 @@ def _main(args: argparse.Namespace) -> int:
         return _run(args, recipe, out)
 
 
-def _run(args: argparse.Namespace, recipe, out: Path) -> int:
-    from mergeopt.evaluation.proxy import check_grid_unit, check_truth, proxy_grid, read_grid
-    from mergeopt.loading.problem import load_problem, resolve_device
-    from mergeopt.run_files import read_finished_mixture
-    from mergeopt.runtime.fingerprint import input_fingerprints
-    from mergeopt.runtime.resume import open_state, recipe_tree
-    from mergeopt.runtime.rundir import staged
-    from mergeopt.worlds import resolve_recipe
+@dataclass
+class _Grid:
+    """The grid of real runs and what else calibrate reads before a model is loaded, all checked:
+    the metric's column (None: the target) and its direction, the recipe's feasible set and its
+    record (None when unconstrained), and the fit's mixture when output_dir holds a finished one."""
 
-    spec = recipe.calibrate
-    grid = args.grid or spec.grid or recipe.rank.grid
+    path: str | Path
+    table: pd.DataFrame
+    column: str | None
+    higher: bool
+    feasible: object = None
+    record: dict | None = None
+    fitted: dict[str, float] | None = None
+
+
+def _checked_grid(args: argparse.Namespace, recipe, objective: Objective) -> _Grid:
+    from mergeopt.evaluation.proxy import check_grid_unit, check_truth, read_grid
+    from mergeopt.run_files import read_finished_mixture
+
+    grid = args.grid or recipe.calibrate.grid or recipe.rank.grid
     if grid is None:
         raise UserError("no grid of real runs: pass --grid GRID.csv or set calibrate.grid (or rank.grid)")
     names = recipe.expert_names
-    objective = Objective.from_recipe(recipe)
-    column, higher = metric_of(objective, spec.metric)
+    column, higher = metric_of(objective, recipe.calibrate.metric)
     table = read_grid(grid, names)  # every input checked before a model is loaded
     check_truth(table, objective, grid)
     check_provenance(table, grid, recipe.model.experts)
     check_grid_unit(table, grid, recipe.weights.unit)
-    feasible = record = None
+    checked = _Grid(grid, table, column, higher)
     if recipe.weights.constrained:  # bounds, pins, repetition caps: checked before a model is loaded
         from mergeopt.loading.feasible import constraints_record, feasible_set, source_sizes
 
         sizes = source_sizes(recipe, (lambda _m: None) if args.quiet else print)
-        feasible = feasible_set(recipe, sizes)
-        record = constraints_record(recipe, feasible, sizes)
-    fitted = None
+        checked.feasible = feasible_set(recipe, sizes)
+        checked.record = constraints_record(recipe, checked.feasible, sizes)
     fit_path = Path(recipe.output_dir) / "mixture.json"
     if fit_path.is_file():
         mixture = read_finished_mixture(fit_path)
         if set(mixture.names) == set(names):
-            fitted = dict(mixture.weights)
+            checked.fitted = dict(mixture.weights)
+    return checked
 
-    distributed.init_from_env(resolve_device(recipe.device))
-    quiet = args.quiet or not distributed.is_main()
-    with distributed.main_first():
-        resolved, world_roots = resolve_recipe(recipe, (lambda _m: None) if quiet else print)
+
+def _proxy_scores(
+    args: argparse.Namespace, recipe, resolved, out: Path, objective: Objective, grid: _Grid, quiet: bool
+):
+    """(problem, candidates, their proxy scores in the candidates' order): the proxy evaluated at
+    every candidate not yet in the journal (OUT/calibrate_checkpoint), which a failed first run
+    leaves as it found it."""
+    from mergeopt.evaluation.proxy import proxy_grid
+    from mergeopt.loading.problem import load_problem
+    from mergeopt.runtime.fingerprint import input_fingerprints
+    from mergeopt.runtime.resume import open_state, recipe_tree
+
+    spec, names = recipe.calibrate, recipe.expert_names
     # the proxy's evaluations depend on the model and the data, not on what is done with them
     tree = {k: v for k, v in recipe_tree(recipe).items() if k not in ("rank", "calibrate", "logging")}
     checkpoint, resuming = open_state(
@@ -364,7 +295,9 @@ def _run(args: argparse.Namespace, recipe, out: Path) -> int:
         print(f"reusing the proxy's evaluations in {checkpoint.dir}")
     elif not resuming:
         checkpoint.start_lazily()
-    candidates = candidate_table(names, table, fitted, spec.candidates, spec.alpha, resolved.seed, feasible)
+    candidates = candidate_table(
+        names, grid.table, grid.fitted, spec.candidates, spec.alpha, resolved.seed, grid.feasible
+    )
     journaled = [e["w"] for e in checkpoint.read_evaluations(PROXY_EVALUATIONS)] if resuming else []
     evaluated = evaluation_order(candidates, journaled, names)
     try:
@@ -378,28 +311,43 @@ def _run(args: argparse.Namespace, recipe, out: Path) -> int:
             if out.is_dir() and not any(out.iterdir()):
                 out.rmdir()
         raise
+    return problem, candidates, scored.set_axis(_keys(evaluated, names)).loc[_keys(candidates, names)]
+
+
+def _run(args: argparse.Namespace, recipe, out: Path) -> int:
+    from mergeopt.loading.problem import resolve_device
+    from mergeopt.runtime.rundir import staged
+    from mergeopt.worlds import resolve_recipe
+
+    spec, names = recipe.calibrate, recipe.expert_names
+    objective = Objective.from_recipe(recipe)
+    grid = _checked_grid(args, recipe, objective)
+    distributed.init_from_env(resolve_device(recipe.device))
+    quiet = args.quiet or not distributed.is_main()
+    with distributed.main_first():
+        resolved, world_roots = resolve_recipe(recipe, (lambda _m: None) if quiet else print)
+    problem, candidates, scores = _proxy_scores(args, recipe, resolved, out, objective, grid, quiet)
     if not distributed.is_main():
         return 0
     a = problem.set_weights.double().numpy()
     a = a / a.sum()
-    scores = scored.set_axis(_keys(evaluated, names)).loc[_keys(candidates, names)]
-    proxy = metric_values(scores, column, objective.dev_names, a)
-    truth = metric_values(table, column, objective.dev_names, a)
+    proxy = metric_values(scores, grid.column, objective.dev_names, a)
+    truth = metric_values(grid.table, grid.column, objective.dev_names, a)
     weights = candidates[[f"{WEIGHT_PREFIX}{n}" for n in names]].to_numpy(dtype=float)
     posterior, decision = calibrate(
         weights,
         proxy,
-        range(len(table)),
+        range(len(grid.table)),
         truth,
         spec,
         resolved.seed,
-        higher,
+        grid.higher,
         candidates["allowed"].to_numpy(),
     )
     meta = {
-        "grid": str(grid),
+        "grid": str(grid.path),
         "metric": spec.metric,
-        "higher_is_better": higher,
+        "higher_is_better": grid.higher,
         "use_proxy": spec.use_proxy,
         "options": spec.model_dump(mode="json") | {"seed": resolved.seed},
         "out": str(out),
@@ -411,7 +359,7 @@ def _run(args: argparse.Namespace, recipe, out: Path) -> int:
         "method": problem.stack.method,
         "seed": resolved.seed,
         "worlds": {name: str(root) for name, root in world_roots.items()},
-        **({"constraints": record} if record is not None else {}),
+        **({"constraints": grid.record} if grid.record is not None else {}),
     }
     # the proxy's journal (calibrate_checkpoint/) stays for the next round: it is not replaced
     with staged(out, (*OUTPUT_FILES, "pick", "next-*")) as staging:

@@ -1,20 +1,109 @@
-"""What ``mergeopt calibrate`` writes: calibration.md and .json, calibrated_ranking.csv, the plot, and
-a mixture.json (with the recipe beside it) for the pick and each proposal, all checked before the
-first is written.
+"""What ``mergeopt calibrate`` writes: calibration.json's content and the calibrated ranking, formed
+from the posterior and the decision (:func:`report`), calibration.md, calibrated_ranking.csv, the
+plot, and a mixture.json (with the recipe beside it) for the pick and each proposal, all checked
+before the first is written.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from mergeopt.evaluation import calibration
 from mergeopt.evaluation.proxy import WEIGHT_PREFIX
 
 OUTPUT_FILES = ("calibration.json", "calibration.md", "calibrated_ranking.csv", "calibration.png")
 SHOWN = 10  # candidates in calibration.md's ranking
+
+
+def report(
+    names: Sequence[str],
+    candidates: pd.DataFrame,
+    proxy: np.ndarray,
+    truth: np.ndarray,
+    posterior: calibration.Posterior,
+    decision: calibration.Decision,
+    meta: dict,
+) -> tuple[dict, pd.DataFrame]:
+    """calibration.json's content and the ranking table, in the metric's own direction."""
+    sign = -1.0 if meta["higher_is_better"] else 1.0
+    n_runs = len(truth)
+    mean = sign * decision.mean
+    observed = np.full(len(candidates), np.nan)
+    observed[:n_runs] = truth
+    order = np.argsort(decision.mean, kind="stable")
+    ranking = candidates[[f"{WEIGHT_PREFIX}{n}" for n in names]].copy()
+    ranking.insert(0, "source", candidates["source"])
+    ranking["allowed"] = candidates["allowed"]
+    ranking["proxy"] = proxy
+    ranking["calibrated"] = mean
+    ranking["sd"] = decision.sd
+    ranking["prob_best"] = decision.prob_best
+    ranking["truth"] = observed
+    ranking = ranking.iloc[order].reset_index(names="candidate")
+    ranking.insert(0, "rank", np.arange(1, len(ranking) + 1))
+
+    def mixture(i: int) -> dict[str, float]:
+        row = candidates.iloc[i]
+        return {n: float(row[f"{WEIGHT_PREFIX}{n}"]) for n in names}
+
+    low, high = sorted(sign * np.asarray(decision.interval))
+    pick = decision.pick
+    best_run = int(np.argmax(truth) if meta["higher_is_better"] else np.argmin(truth)) if n_runs else None
+    slope, slope_sd = posterior.slope
+    content = {
+        **meta,
+        "runs": n_runs,
+        "candidates": len(candidates),
+        "model": {
+            "amplitude": posterior.hyper.amplitude,
+            "lengthscale": posterior.hyper.lengthscale,
+            "noise": posterior.hyper.noise,
+            "slope_prior_sd": posterior.hyper.slope_sd,
+            "level_prior_sd": posterior.hyper.level_sd,
+            "center": posterior.center,
+            "scale": posterior.scale,
+            "log_marginal_likelihood": posterior.log_marginal_likelihood(),
+        },
+        "proxy_slope": {"mean": slope, "sd": slope_sd},
+        "pick": {
+            "candidate": int(pick),
+            "weights": mixture(pick),
+            "source": str(candidates["source"].iloc[pick]),
+            "predicted": float(mean[pick]),
+            "interval": [float(low), float(high)],
+            "prob_best": _finite_or_none(decision.prob_best[pick]),
+            "proxy": float(proxy[pick]),
+            "truth": float(truth[pick]) if pick < n_runs else None,
+        },
+        "best_run": None
+        if best_run is None
+        else {"row": best_run, "weights": mixture(best_run), "truth": float(truth[best_run])},
+        "proposals": [
+            {
+                "weights": mixture(i),
+                "source": str(candidates["source"].iloc[i]),
+                "expected_improvement": _finite_or_none(gain),
+                "predicted": float(mean[i]),
+                "sd": float(decision.sd[i]),
+                "proxy": float(proxy[i]),
+            }
+            for i, gain in zip(decision.proposals, decision.improvement)
+        ],
+    }
+    return content, ranking
+
+
+def _finite_or_none(value: float) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+# ----------------------------------------------------------------------------- the command
 
 
 def markdown(content: dict, ranking: pd.DataFrame, names: Sequence[str]) -> str:
