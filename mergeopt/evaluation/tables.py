@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -289,3 +290,13 @@ def rank_tables(
         "note": note,
     }
     return report, pairs
+
+
+class ScaleTable(NamedTuple):
+    """One table ``mergeopt transfer`` loaded: its role (SMALL, LARGE or TRAIN), the frame, the spec the
+    user wrote, the weights."""
+
+    role: str
+    frame: pd.DataFrame
+    spec: str
+    weights: np.ndarray

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -40,7 +39,7 @@ from mergeopt.errors import UserError
 from mergeopt.evaluation.rank import comma_list
 from mergeopt.evaluation.rank_stats import rank_statistics
 from mergeopt.evaluation.tables import (
-    WEIGHT_DECIMALS,
+    ScaleTable,
     check_weights,
     load_table,
     metric_columns,
@@ -57,6 +56,12 @@ from mergeopt.evaluation.transfer_report import (
     summary_table,
     write_outputs,
 )
+from mergeopt.evaluation.transfer_surrogate import (
+    SURROGATE_OPTIONS,
+    fit_surrogates,
+    surrogate_settings,
+    surrogate_summary,
+)
 from mergeopt.inputs import writable_dir
 from mergeopt.runtime.rundir import owned, staged
 
@@ -65,21 +70,6 @@ COMPARISONS = {  # key: (proxy, truth, what it measures)
     "surrogate_to_large": ("surrogate", "LARGE", "surrogate predictions rank the large-scale runs"),
     "surrogate_to_small": ("surrogate", "SMALL", "surrogate predictions rank the small-scale runs"),
 }
-SURROGATE_OPTIONS = {  # CLI flag → SurrogateSearch field (its defaults are the defaults here)
-    "rounds": "n_estimators",
-    "learning_rate": "learning_rate",
-    "num_leaves": "num_leaves",
-    "min_child_samples": "min_child_samples",
-}
-
-
-class ScaleTable(NamedTuple):
-    """One loaded table: its role (SMALL, LARGE or TRAIN), the frame, the spec the user wrote, the weights."""
-
-    role: str
-    frame: pd.DataFrame
-    spec: str
-    weights: np.ndarray
 
 
 # ---------------------------------------------------------------- loading and pairing
@@ -151,12 +141,6 @@ def _row_labels(table: ScaleTable, rows: np.ndarray) -> list[str]:
     return [row_label(table.frame, int(i)) for i in rows]
 
 
-def _in_table(weights: np.ndarray, reference: np.ndarray) -> int:
-    """How many rows of ``weights`` are also mixtures of ``reference`` (weights rounded to 1e-6)."""
-    known = {tuple(r.tolist()) for r in np.round(reference, WEIGHT_DECIMALS)}
-    return sum(tuple(r.tolist()) in known for r in np.round(weights, WEIGHT_DECIMALS))
-
-
 # ---------------------------------------------------------------- statistics
 
 
@@ -219,29 +203,6 @@ def compare(
     }
 
 
-def surrogate_settings(overrides: Mapping[str, float | int | None]):
-    """The LightGBM settings: :class:`SurrogateSearch`'s defaults, with the CLI's overrides."""
-    from pydantic import ValidationError
-
-    from mergeopt.config import SurrogateSearch
-
-    given = {SURROGATE_OPTIONS[k]: v for k, v in overrides.items() if v is not None}
-    try:
-        return SurrogateSearch(**given)
-    except ValidationError as err:
-        first = err.errors()[0]
-        flag = next(k for k, f in SURROGATE_OPTIONS.items() if f == first["loc"][0])
-        raise UserError(f"--{flag.replace('_', '-')}: {first['msg']}") from None
-
-
-def fit_surrogates(train: ScaleTable, metrics: Sequence[str], settings, seed: int):
-    """One deterministic LightGBM regressor per metric on TRAIN, fixed rounds (no early stopping)."""
-    from mergeopt.search.surrogate import fit_surrogate
-
-    targets = {m: metric_values(train.frame, m, train.spec) for m in metrics}
-    return fit_surrogate(train.weights, targets, settings, seed)
-
-
 # ---------------------------------------------------------------- the whole check
 
 
@@ -276,46 +237,9 @@ def transfer_tables(
     settings = surrogate_settings(surrogate_options or {}) if surrogate_fit is not None else None
     prefixes = weight_prefixes(cols, mixture_prefix, mixture_cols)
     names, skipped = compared_metrics(tables, cols, metrics, prefixes)
-    unknown = sorted(set(higher_is_better) - set(names))
-    if unknown:
-        raise UserError(f"--higher-is-better names {unknown}, not a compared metric")
-    directions = {m: m in higher_is_better for m in names}
-    aggregate = None if len(names) < 2 else "mean" if len(set(directions.values())) == 1 else "mean_rank"
-    if aggregate in names:
-        raise UserError(f"a metric column is called '{aggregate}', which names the aggregate here; rename it")
-    if aggregate:
-        directions[aggregate] = directions[names[0]] if aggregate == "mean" else False
-    values = {
-        role: {m: metric_values(t.frame, m, t.spec) for m in names}
-        for role, t in tables.items()
-        if role != "TRAIN"
-    }
+    directions, aggregate = _directions(names, higher_is_better)
     options = {"k": k, "n_bootstrap": n_bootstrap, "seed": seed, "confidence": confidence}
-    pairs: dict[str, dict[str, tuple]] = {}
-    large = tables["LARGE"]
-    if "SMALL" in tables:
-        small = tables["SMALL"]
-        rows_small, rows_large = shared_mixtures(
-            (small.weights, large.weights), (small.frame, large.frame), (small.spec, large.spec)
-        )
-        if len(rows_small) < 2:
-            raise UserError(f"{small.spec} and {large.spec} share only 1 mixture; a ranking needs 2")
-        proxy = with_aggregate({m: v[rows_small] for m, v in values["SMALL"].items()}, directions, aggregate)
-        truth = with_aggregate({m: v[rows_large] for m, v in values["LARGE"].items()}, directions, aggregate)
-        pairs["small_to_large"] = {m: (proxy[m], truth[m]) for m in proxy}
-        labels = {"small_to_large": _row_labels(large, rows_large)}
-    else:
-        rows_small = np.zeros(0, dtype=int)
-        labels = {}
-    if settings is not None:
-        train = tables["TRAIN"]
-        surrogate = fit_surrogates(train, names, settings, seed)
-        for key, role in (("surrogate_to_large", "LARGE"), ("surrogate_to_small", "SMALL")):
-            if role in tables:
-                predicted = with_aggregate(surrogate.predict(tables[role].weights), directions, aggregate)
-                truth = with_aggregate(values[role], directions, aggregate)
-                pairs[key] = {m: (predicted[m], truth[m]) for m in predicted}
-                labels[key] = _row_labels(tables[role], np.arange(len(tables[role].frame)))
+    pairs, labels, shared = _paired(tables, names, directions, aggregate, settings, seed)
     comparisons = {
         key: {
             "proxy": COMPARISONS[key][0],
@@ -339,8 +263,8 @@ def transfer_tables(
         "mixture_columns": list(cols),
         "n_mixtures": {
             "small": len(tables["SMALL"].frame) if "SMALL" in tables else None,
-            "large": len(large.frame),
-            "shared": len(rows_small) if "SMALL" in tables else None,
+            "large": len(tables["LARGE"].frame),
+            "shared": shared,
             "train": len(tables["TRAIN"].frame) if "TRAIN" in tables else None,
         },
         "metrics": names,
@@ -348,28 +272,68 @@ def transfer_tables(
         "skipped_metrics": skipped,
         "aggregate": aggregate,
         "options": options,
-        "surrogate": _surrogate_summary(tables, settings, seed),
+        "surrogate": surrogate_summary(tables, settings, seed),
         "comparisons": comparisons,
     }
     return report, pairs
 
 
-def _surrogate_summary(tables: Mapping[str, ScaleTable], settings, seed: int) -> dict | None:
-    if settings is None:
-        return None
-    train = tables["TRAIN"].weights
-    return {
-        "model": "LightGBM regressor per metric on the mixture weights",
-        "rounds": settings.n_estimators,
-        "learning_rate": settings.learning_rate,
-        "num_leaves": settings.num_leaves,
-        "min_child_samples": settings.min_child_samples,
-        "seed": seed,
-        "early_stopping": None,
-        "train_mixtures_in": {
-            role: _in_table(tables[role].weights, train) for role in ("SMALL", "LARGE") if role in tables
-        },
+def _directions(names: Sequence[str], higher_is_better: Sequence[str]) -> tuple[dict[str, bool], str | None]:
+    """(whether higher is better, per metric and for the aggregate; the aggregate's name): with two
+    metrics or more, their mean when they point the same way, else their mean rank."""
+    unknown = sorted(set(higher_is_better) - set(names))
+    if unknown:
+        raise UserError(f"--higher-is-better names {unknown}, not a compared metric")
+    directions = {m: m in higher_is_better for m in names}
+    aggregate = None if len(names) < 2 else "mean" if len(set(directions.values())) == 1 else "mean_rank"
+    if aggregate in names:
+        raise UserError(f"a metric column is called '{aggregate}', which names the aggregate here; rename it")
+    if aggregate:
+        directions[aggregate] = directions[names[0]] if aggregate == "mean" else False
+    return directions, aggregate
+
+
+def _paired(
+    tables: Mapping[str, ScaleTable],
+    names: Sequence[str],
+    directions: Mapping[str, bool],
+    aggregate: str | None,
+    settings,
+    seed: int,
+) -> tuple[dict[str, dict[str, tuple]], dict[str, list[str]], int | None]:
+    """(per comparison, the (proxy, truth) scores per metric; per comparison, its rows' labels; how
+    many mixtures SMALL and LARGE share, None without SMALL): SMALL against LARGE on their shared
+    mixtures, and the surrogate fitted on TRAIN against every row of LARGE and of SMALL."""
+    values = {
+        role: {m: metric_values(t.frame, m, t.spec) for m in names}
+        for role, t in tables.items()
+        if role != "TRAIN"
     }
+    pairs: dict[str, dict[str, tuple]] = {}
+    labels: dict[str, list[str]] = {}
+    shared = None
+    large = tables["LARGE"]
+    if "SMALL" in tables:
+        small = tables["SMALL"]
+        rows_small, rows_large = shared_mixtures(
+            (small.weights, large.weights), (small.frame, large.frame), (small.spec, large.spec)
+        )
+        if len(rows_small) < 2:
+            raise UserError(f"{small.spec} and {large.spec} share only 1 mixture; a ranking needs 2")
+        shared = len(rows_small)
+        proxy = with_aggregate({m: v[rows_small] for m, v in values["SMALL"].items()}, directions, aggregate)
+        truth = with_aggregate({m: v[rows_large] for m, v in values["LARGE"].items()}, directions, aggregate)
+        pairs["small_to_large"] = {m: (proxy[m], truth[m]) for m in proxy}
+        labels["small_to_large"] = _row_labels(large, rows_large)
+    if settings is not None:
+        surrogate = fit_surrogates(tables["TRAIN"], names, settings, seed)
+        for key, role in (("surrogate_to_large", "LARGE"), ("surrogate_to_small", "SMALL")):
+            if role in tables:
+                predicted = with_aggregate(surrogate.predict(tables[role].weights), directions, aggregate)
+                truth = with_aggregate(values[role], directions, aggregate)
+                pairs[key] = {m: (predicted[m], truth[m]) for m in predicted}
+                labels[key] = _row_labels(tables[role], np.arange(len(tables[role].frame)))
+    return pairs, labels, shared
 
 
 # ---------------------------------------------------------------- command line
