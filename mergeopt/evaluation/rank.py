@@ -61,28 +61,16 @@ def rank_grid(
     go to :func:`mergeopt.evaluation.proxy.proxy_grid` (resume, a sharded stack). Returns the
     report, the paired scores, the proxy's losses and scores, and each baseline's predicted scores.
     """
-    from mergeopt.evaluation.proxy import check_truth, proxy_grid, read_grid, truth_columns
+    from mergeopt.evaluation.proxy import check_truth, read_grid
     from mergeopt.objectives.metrics import higher_is_better
 
     names = problem.stack.expert_names
     table = read_grid(grid_path, names)
     check_truth(table, objective, grid_path)
-    # the grid's mixtures, then the experts themselves (the interpolation baseline's scores; a grid
-    # that has its vertices scores each once: the Evaluator caches by mixture)
     weight_columns = [f"w_{n}" for n in names]
-    vertices = pd.DataFrame(np.eye(len(names)), columns=weight_columns)
-    scored = pd.concat([table[weight_columns], vertices], ignore_index=True)
-    evaluated = proxy_grid(problem, objective, scored, progress, checkpoint, together)
-    proxy = evaluated.iloc[: len(table)].set_axis(table.index)
-    experts = evaluated.iloc[len(table) :]
-    a = problem.set_weights.double().numpy()
-    a = a / a.sum()
-    columns = truth_columns(objective)
-    pairs = {name: (proxy[c].to_numpy(), table[c].to_numpy()) for name, c in columns.items()}
-    expert_scores = {name: experts[c].to_numpy() for name, c in columns.items()}
-    losses = [columns[name] for name in objective.dev_names]
-    pairs["target"] = (proxy[losses].to_numpy() @ a, table[losses].to_numpy() @ a)
-    expert_scores["target"] = experts[losses].to_numpy() @ a
+    proxy, pairs, expert_scores = _proxy_pairs(
+        problem, objective, table, weight_columns, progress, checkpoint, together
+    )
     higher = {t.label: higher_is_better(t) for t in objective.metric_terms}
     options = {
         "k": rank.k,
@@ -110,9 +98,47 @@ def rank_grid(
         rank.baselines,
         rank.workers,
     )
-    # bootstrap intervals for the headline metric only (the table that shows them): four predictors'
-    # resamples on every metric would make the baselines cost more than the proxy's whole report
-    report["baselines"] = {
+    report["baselines"] = _baseline_statistics(predictions, pairs, higher, options)
+    if left_out:
+        report["baselines_skipped"] = left_out
+    if mixture is not None:
+        report["fitted_mixture"] = mixture_regret(
+            mixture["weights"], table[weight_columns], pairs["target"][1]
+        )
+    return report, pairs, proxy, predictions
+
+
+def _proxy_pairs(
+    problem, objective: Objective, table: pd.DataFrame, weight_columns, progress, checkpoint, together
+):
+    """(the proxy's scores at the grid's mixtures; per metric, (proxy, truth) at them; per metric,
+    the experts' own scores, for the interpolation baseline), the target as the dev sets' losses
+    weighted by the recipe's set weights."""
+    from mergeopt.evaluation.proxy import proxy_grid, truth_columns
+
+    # the grid's mixtures, then the experts themselves (the interpolation baseline's scores; a grid
+    # that has its vertices scores each once: the Evaluator caches by mixture)
+    vertices = pd.DataFrame(np.eye(len(weight_columns)), columns=weight_columns)
+    scored = pd.concat([table[weight_columns], vertices], ignore_index=True)
+    evaluated = proxy_grid(problem, objective, scored, progress, checkpoint, together)
+    proxy = evaluated.iloc[: len(table)].set_axis(table.index)
+    experts = evaluated.iloc[len(table) :]
+    a = problem.set_weights.double().numpy()
+    a = a / a.sum()
+    columns = truth_columns(objective)
+    pairs = {name: (proxy[c].to_numpy(), table[c].to_numpy()) for name, c in columns.items()}
+    expert_scores = {name: experts[c].to_numpy() for name, c in columns.items()}
+    losses = [columns[name] for name in objective.dev_names]
+    pairs["target"] = (proxy[losses].to_numpy() @ a, table[losses].to_numpy() @ a)
+    expert_scores["target"] = experts[losses].to_numpy() @ a
+    return proxy, pairs, expert_scores
+
+
+def _baseline_statistics(predictions: dict, pairs: dict, higher: dict, options: dict) -> dict:
+    """Each baseline's rank statistics per metric, with bootstrap intervals for the headline metric
+    only (the table that shows them): four predictors' resamples on every metric would make the
+    baselines cost more than the proxy's whole report."""
+    return {
         baseline: {
             name: rank_statistics(
                 predicted[name],
@@ -125,13 +151,6 @@ def rank_grid(
         }
         for baseline, predicted in predictions.items()
     }
-    if left_out:
-        report["baselines_skipped"] = left_out
-    if mixture is not None:
-        report["fitted_mixture"] = mixture_regret(
-            mixture["weights"], table[weight_columns], pairs["target"][1]
-        )
-    return report, pairs, proxy, predictions
 
 
 def _grid_main(args) -> int:
