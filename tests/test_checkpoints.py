@@ -124,3 +124,42 @@ def test_a_dequantized_copy_that_kept_its_quantization_config_is_read(random_wor
     (dst / "config.json").write_text(json.dumps(config))
     opened = open_checkpoint(dst)
     assert set(opened.tensors) == set(open_checkpoint(random_world["experts"]["alpha"]).tensors)
+
+
+def test_a_tensor_only_the_expert_has_is_named(random_world, tmp_path):
+    """An expert with a tensor the base lacks (another head, an extra layer's norm) is not the same
+    model: the first such tensor is named, with both directories."""
+    from safetensors.torch import load_file, save_file
+
+    expert = shutil.copytree(random_world["experts"]["alpha"], tmp_path / "extra")
+    tensors = load_file(expert / "model.safetensors")
+    tensors["model.extra_norm.weight"] = torch.ones(32)
+    save_file(tensors, expert / "model.safetensors", metadata={"format": "pt"})
+    message = (
+        r"tensor model.extra_norm.weight is in the expert but not in the base \(base .* vs expert 'extra'"
+    )
+    with pytest.raises(UserError, match=message):
+        check_compatible(open_checkpoint(random_world["base"]), open_checkpoint(expert), "extra")
+
+
+def test_an_index_that_maps_a_tensor_to_the_wrong_shard_is_named(random_world, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(random_world["experts"]["alpha"], dtype=torch.float32)
+    path = save_checkpoint(model, tmp_path / "sharded", max_shard_size="20KB")
+    index = json.loads((path / INDEX_FILE).read_text())
+    index["weight_map"]["model.not_saved.weight"] = sorted(set(index["weight_map"].values()))[0]
+    (path / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(UserError, match=r"maps model.not_saved.weight to a shard that does not contain it$"):
+        open_checkpoint(path)
+
+
+def test_a_missing_pickle_shard_is_named(tmp_path):
+    """A sharded pickle checkpoint (read only with model.allow_pickle) whose index names a shard that
+    is not there: the shard is named before any is loaded."""
+    path = tmp_path / "pickled"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    torch.save({"a": torch.zeros(1)}, path / "pytorch_model-00001-of-00002.bin")
+    weight_map = {"a": "pytorch_model-00001-of-00002.bin", "b": "pytorch_model-00002-of-00002.bin"}
+    (path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(UserError, match=r"pickle shard pytorch_model-00002-of-00002.bin is missing$"):
+        open_checkpoint(path, allow_pickle=True)

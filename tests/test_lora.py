@@ -131,3 +131,101 @@ def test_nan_factors_and_missing_weights_are_named(tmp_path):
     (path / "adapter_model.safetensors").unlink()
     with pytest.raises(UserError, match="no adapter_model.safetensors"):
         read_adapter(path, _shapes(base))
+
+
+Q = "base_model.model.model.layers.0.self_attn.q_proj"  # an adapted module's keys, as PEFT saves them
+K = "base_model.model.model.layers.0.self_attn.k_proj"  # a module the adapter does not adapt
+
+
+def _drop_b(tensors, shapes):
+    del tensors[f"{Q}.lora_B.weight"]
+
+
+def _no_factors(tensors, shapes):
+    tensors.clear()
+
+
+def _convolution(tensors, shapes):
+    shapes["model.layers.0.self_attn.q_proj.weight"] = (32, 32, 1)
+
+
+def _bias_without_base_bias(tensors, shapes):
+    tensors[f"{Q}.lora_B.bias"] = torch.ones(32)
+
+
+def _bias_of_wrong_width(tensors, shapes):
+    shapes["model.layers.0.self_attn.q_proj.bias"] = (32,)
+    tensors[f"{Q}.lora_B.bias"] = torch.ones(3)
+
+
+def _magnitude_of_wrong_width(tensors, shapes):
+    tensors[f"{Q}.lora_magnitude_vector"] = torch.ones(3)
+
+
+def _magnitude_without_factors(tensors, shapes):
+    tensors[f"{K}.lora_magnitude_vector"] = torch.ones(16)
+
+
+def _embedding_of_no_matrix(tensors, shapes):
+    tensors["base_model.model.model.missing.lora_embedding_A"] = torch.ones(4, 54)
+    tensors["base_model.model.model.missing.lora_embedding_B"] = torch.ones(32, 4)
+
+
+def _tokens_beside_factors(tensors, shapes):
+    tensors[f"{Q}.token_adapter.trainable_tokens_delta"] = torch.ones(2, 32)
+
+
+def _tokens_of_no_matrix(tensors, shapes):
+    tensors["base_model.model.model.missing.token_adapter.trainable_tokens_delta"] = torch.ones(2, 32)
+
+
+def _unexpected_tensor(tensors, shapes):
+    tensors["base_model.model.model.missing.weight"] = torch.ones(3)
+
+
+def _copy_of_wrong_shape(tensors, shapes):
+    tensors["base_model.model.model.norm.weight"] = torch.ones(3)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (_drop_b, r"module model.layers.0.self_attn.q_proj has lora_A but not its pair$"),
+        (_no_factors, r"the adapter holds no LoRA factors$"),
+        (_convolution, r"adapts model.layers.0.self_attn.q_proj, whose .*q_proj.weight is not a matrix"),
+        (_bias_without_base_bias, r"q_proj has a LoRA bias \(lora_bias\), but the base's .*q_proj has none$"),
+        (_bias_of_wrong_width, r"q_proj's LoRA bias is \[3\], not \[32\]$"),
+        (_magnitude_of_wrong_width, r"q_proj's lora_magnitude_vector is \[3\], not \[32\]$"),
+        (
+            _magnitude_without_factors,
+            r"lora_magnitude_vector of model.layers.0.self_attn.k_proj without LoRA",
+        ),
+        (_embedding_of_no_matrix, r"adapts the embedding model.missing, but the base has no matrix"),
+        (_tokens_beside_factors, r"q_proj has trainable tokens and LoRA factors; mergeopt reads one"),
+        (_tokens_of_no_matrix, r"trainable tokens for model.missing, but the base has no matrix"),
+        (_unexpected_tensor, r"unexpected tensor .*missing.weight in a LoRA adapter \(the base has no"),
+        (_copy_of_wrong_shape, r"norm.weight is \[3\] but the base's model.norm.weight is \[32\]"),
+    ],
+)
+def test_damaged_adapter_tensors_are_one_line_errors_naming_the_module(tmp_path, damage, message):
+    """Each way an adapter's tensors can disagree with each other or with the base is refused before
+    anything is stacked, in one line that names the adapter and the module."""
+    from safetensors.torch import load_file, save_file
+
+    base, _, path = _adapter(tmp_path, 0, r=4, lora_alpha=8)
+    shapes = _shapes(base)
+    read_adapter(path, shapes)  # the undamaged adapter reads
+    tensors = load_file(path / "adapter_model.safetensors")
+    damage(tensors, shapes)
+    save_file(tensors, path / "adapter_model.safetensors")
+    with pytest.raises(UserError, match=message) as caught:
+        read_adapter(path, shapes)
+    assert "\n" not in str(caught.value) and str(caught.value).startswith(str(path))
+
+
+def test_a_fractional_rank_is_refused(tmp_path):
+    base, _, path = _adapter(tmp_path, 0, r=4, lora_alpha=8)
+    config = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**config, "r": 4.5}))
+    with pytest.raises(UserError, match=r"adapter_config.json: r must be a whole number, got 4.5$"):
+        read_adapter(path, _shapes(base))

@@ -347,3 +347,61 @@ def test_table_mode_ranks_no_bookkeeping_or_weight_column(tmp_path):
     assert list(report["metrics"]) == ["loss", "mean"]
     report, _ = rank_tables(proxy, truth, mixture_cols=["w_a", "w_b"], n_bootstrap=0)
     assert list(report["metrics"]) == ["loss", "mean"]
+
+
+MIX = "index,w_a,w_b\n1,0.25,0.75\n2,1.0,0.0\n"
+LOSS = "index,loss_a\n2,3.0\n1,1.0\n"
+
+
+@pytest.mark.parametrize(
+    ("files", "spec", "message"),
+    [
+        (
+            {"mix.csv": MIX, "loss.csv": "index,loss_a\n"},
+            "mix.csv+loss.csv",
+            r"loss.csv: the table has no rows$",
+        ),
+        (
+            {"mix.csv": MIX, "loss.csv": LOSS},
+            "mix.csv+loss.csv+",
+            r"as MIXTURES.csv\+METRICS.csv \(two files\)$",
+        ),
+        (
+            {"mix.csv": MIX, "loss.csv": "loss_a\n3.0\n1.0\n"},
+            "mix.csv+loss.csv",
+            r"loss.csv: a split table needs an 'index' column to join on$",
+        ),
+        (
+            {"mix.csv": MIX, "loss.csv": "index,loss_a\n2,3.0\n2,1.0\n"},
+            "mix.csv+loss.csv",
+            r"loss.csv: index 2 appears more than once$",
+        ),
+        (
+            {"mix.csv": MIX, "loss.csv": "index,loss_a\n2,3.0\n7,1.0\n"},
+            "mix.csv+loss.csv",
+            r"mix.csv: row 1 \(index 1\) has no row with that index in the other file$",
+        ),
+        (
+            {"mix.csv": MIX, "loss.csv": "index,w_b,loss_a\n2,0.0,3.0\n1,0.75,1.0\n"},
+            "mix.csv+loss.csv",
+            r"mix.csv\+.*loss.csv: both files have column\(s\) \['w_b'\]$",
+        ),
+    ],
+)
+def test_split_tables_that_cannot_be_joined_are_one_line_errors(tmp_path, files, spec, message):
+    """MIXTURES.csv+METRICS.csv (RegMix's layout) is joined on ``index``; each way the two files
+    cannot be joined row for row is named, with the file, before any ranking."""
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    spec = "+".join(str(tmp_path / p) if p else p for p in spec.split("+"))
+    with pytest.raises(UserError, match=message):
+        load_table(spec)
+
+
+def test_a_metric_column_that_is_not_numeric_is_named(tmp_path):
+    from mergeopt.evaluation.tables import rank_tables
+
+    (tmp_path / "proxy.csv").write_text("w_a,w_b,loss\n0.5,0.5,1.0\n1.0,0.0,2.0\n")
+    (tmp_path / "truth.csv").write_text("w_a,w_b,loss\n0.5,0.5,low\n1.0,0.0,high\n")
+    with pytest.raises(UserError, match=r"truth.csv: metric column loss is not numeric$"):
+        rank_tables(str(tmp_path / "proxy.csv"), str(tmp_path / "truth.csv"), metrics=["loss"])
