@@ -183,3 +183,27 @@ def test_simplex_plot_draws_any_number_of_experts(k, tmp_path):
         star = ax.collections[-1].get_offsets()[0]
         np.testing.assert_allclose(star, analysis.simplex_coordinates(path[-1])[0])
         plt.close("all")
+
+
+def test_proxy_vs_truth_plots_the_rank_pairs_with_their_spearman(ranked_run, search_run):
+    """One point per grid mixture at (proxy, truth) as rank_pairs.csv holds them, titled with the
+    report's Spearman, which is scipy's on those points; a metric not ranked, or a run without a
+    rank check, is a one-line error."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from scipy import stats
+
+    run = analysis.open_run(ranked_run)
+    ax = analysis.plot_proxy_vs_truth(run, "target")
+    points = ax.collections[0].get_offsets()
+    proxy, truth = run.rank_pairs["proxy_target"].to_numpy(), run.rank_pairs["truth_target"].to_numpy()
+    np.testing.assert_array_equal(points[:, 0], proxy)
+    np.testing.assert_array_equal(points[:, 1], truth)
+    spearman = run.rank["metrics"]["target"]["spearman"]
+    assert spearman == pytest.approx(stats.spearmanr(proxy, truth).statistic, abs=1e-12)
+    assert f"Spearman {spearman:.3f}" in ax.get_title()
+    with pytest.raises(UserError, match=r"metric 'accuracy' was not ranked; known: .*target"):
+        analysis.plot_proxy_vs_truth(run, "accuracy")
+    with pytest.raises(UserError, match=r"no rank check"):
+        analysis.plot_proxy_vs_truth(analysis.open_run(search_run))

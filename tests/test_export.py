@@ -24,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from mergeopt.errors import run_cli
+from mergeopt.errors import UserError, run_cli
 from mergeopt.export.command import main
 from mergeopt.export.formats import FORMATS
 from mergeopt.export.formats.open_instruct import fraction_string
@@ -608,3 +608,29 @@ def test_mergekit_lora_expert_is_base_plus_adapter(tmp_path, random_world):
     config = _merge_configuration().model_validate(tree)
     lora = config.models[2].model
     assert str(lora.model.path) == random_world["base"] and str(lora.lora.path) == str(adapter)
+
+
+def test_a_save_to_disk_directory_counts_as_its_jsonl(tmp_path):
+    """A dataset written by ``datasets.save_to_disk``, alone or as a DatasetDict's 'train' split,
+    is counted as the same records in JSONL are; a DatasetDict without 'train' is a one-line error."""
+    import datasets
+
+    tokenizer = toy.build_tokenizer()
+    records = [{"text": "hello world"}, {"text": "ab"}, {"prompt": "2+2=", "completion": "4"}]
+    records = [
+        {"text": r.get("text"), "prompt": r.get("prompt"), "completion": r.get("completion")} for r in records
+    ]
+    path = tmp_path / "records.jsonl"
+    path.write_text(
+        "".join(json.dumps({k: v for k, v in r.items() if v is not None}) + "\n" for r in records)
+    )
+    expected = measure(path, tokenizer)
+    assert expected.samples == 3
+    dataset = datasets.Dataset.from_list(records)
+    dataset.save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": dataset}).save_to_disk(str(tmp_path / "saved_dict"))
+    datasets.DatasetDict({"test": dataset}).save_to_disk(str(tmp_path / "no_train"))
+    assert measure(tmp_path / "saved", tokenizer) == expected
+    assert measure(tmp_path / "saved_dict", tokenizer) == expected
+    with pytest.raises(UserError, match=r"no_train: a saved DatasetDict without a 'train' split$"):
+        measure(tmp_path / "no_train", tokenizer)
