@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from mergeopt.config import recipe_from_dict
+from mergeopt.errors import UserError
 from mergeopt.fit import fit
 from mergeopt.loading.problem import load_problem
 from mergeopt.objectives import metrics
@@ -358,3 +359,44 @@ def test_a_nan_in_a_closing_score_is_recorded_as_null_with_a_warning(random_worl
         table = [line for line in result.stdout.splitlines() if "uniform mixture" in line]
         assert len(table) == 1 and "not finite" in table[0], result.stdout
         assert "nan" not in (tmp_path / "out" / "report.md").read_text().lower()
+
+
+NORMALIZED_TERMS = [{"kind": "loss", "dev": "arith"}, {"kind": "loss", "dev": "markov", "weight": 2.0}]
+
+
+@pytest.mark.parametrize("search", [ZERO_ORDER["grid"], ZERO_ORDER["cmaes"]], ids=["grid", "cmaes"])
+def test_terms_normalized_over_the_experts_pick_the_best_normalized_mixture(search, random_world, tmp_path):
+    """objective.normalize: experts (MergeMix's normalisation) end to end: the K experts are scored
+    first and count against the budget; every row's value is minus the weighted mean of its terms,
+    each min-max normalised over the experts' scores (1: the best expert, 0: the worst), recomputed
+    here from the logged scores; the pick is the row of the least value."""
+    objective = {"terms": NORMALIZED_TERMS, "normalize": "experts"}
+    tree = recipe_tree(random_world, tmp_path / "run", search=search, objective=objective)
+    mixture = fit(recipe_from_dict(tree), progress=False, log=lambda _m: None)
+    rows = _rows(tmp_path / "run")
+    names = list(mixture["weights"])
+    experts = rows[: len(names)]
+    assert [r["phase"] for r in experts] == ["expert"] * len(names)
+    for i, row in enumerate(experts):
+        assert [float(row[f"w_{n}"]) for n in names] == [float(i == j) for j in range(len(names))]
+    if "budget" in search:
+        assert len(rows) <= search["budget"]
+    labels, weights = ["loss:arith", "loss:markov"], [1.0, 2.0]
+    best = {label: min(float(r[label]) for r in experts) for label in labels}
+    worst = {label: max(float(r[label]) for r in experts) for label in labels}
+    for row in rows:
+        normalized = [(worst[x] - float(row[x])) / (worst[x] - best[x]) for x in labels]
+        expected = -sum(w * n for w, n in zip(weights, normalized)) / sum(weights)
+        assert float(row["value"]) == pytest.approx(expected, abs=1e-12)
+    chosen = min(rows, key=lambda r: float(r["value"]))
+    assert mixture["search"]["value"] == pytest.approx(float(chosen["value"]), abs=1e-12)
+    assert [mixture["weights"][n] for n in names] == pytest.approx([float(chosen[f"w_{n}"]) for n in names])
+
+
+def test_a_budget_too_small_to_score_the_experts_is_refused(random_world, tmp_path):
+    objective = {"terms": NORMALIZED_TERMS, "normalize": "experts"}
+    search = {"strategy": "cmaes", "budget": 2}
+    tree = recipe_tree(random_world, tmp_path / "run", search=search, objective=objective)
+    with pytest.raises(UserError, match=r"search.budget 2 cannot even score the 3 experts"):
+        fit(recipe_from_dict(tree), progress=False, log=lambda _m: None)
+    assert not (tmp_path / "run").exists()
