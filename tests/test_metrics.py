@@ -218,6 +218,26 @@ def test_choice_accuracy_with_known_logits(tokenizer):
     assert choice_accuracy(model, tokenizer, records, True, 3, "cpu") == 3 / 4
     with pytest.raises(UserError, match="choice_accuracy needs multiple-choice records; record 0"):
         choice_accuracy(model, tokenizer, [{"prompt": "1", "completion": "a"}], False, 3, "cpu")
+    # an empty option has no token whose log-probability could be summed: named, not scored 0
+    empty = [
+        {"prompt": "1", "choices": ["a", "b"], "answer": 0},
+        {"prompt": "2", "choices": ["a", ""], "answer": 0},
+    ]
+    with pytest.raises(UserError, match=r"choice_accuracy: option 1 of record 1 has no token to score$"):
+        choice_accuracy(model, tokenizer, empty, False, 3, "cpu")
+
+
+def test_a_tokenizer_without_pad_or_eos_is_named(tokenizer):
+    """Batches are right-padded with the pad token, else eos; a tokenizer with neither cannot pad."""
+    import copy
+
+    bare = copy.deepcopy(tokenizer)
+    bare.pad_token, bare.eos_token = None, None
+    assert bare.pad_token_id is None and bare.eos_token_id is None
+    model = stub_model(torch.zeros(VOCAB).expand(VOCAB, VOCAB))
+    records = [{"prompt": "1", "choices": ["a", "b"], "answer": 0}]
+    with pytest.raises(UserError, match=r"the tokenizer has neither a pad token nor an eos token"):
+        choice_accuracy(model, bare, records, False, 3, "cpu")
 
 
 # ----------------------------------------------------------------------------- user metrics
