@@ -1483,6 +1483,47 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         lambda w, t: [_recipe(w, t, lambda tree: tree["data"]["dev"][0].update(name="target"))],
         "'target'",
     ),
+    "diagnose expert named like the base": (
+        "recipe",
+        "diagnose",
+        lambda w, t: [
+            _recipe(
+                w, t, lambda tr: tr["model"]["experts"].update(__theta0__=tr["model"]["experts"].pop("gamma"))
+            )
+        ],
+        "expert name '__theta0__' is reserved for the base model",
+    ),
+    # command lines
+    "fit --resume with --restart": (
+        "command line",
+        "fit",
+        lambda w, t: [_recipe(w, t), "--resume", "--restart"],
+        "--resume and --restart contradict each other",
+    ),
+    "rank table mode without --truth": (
+        "command line",
+        "rank",
+        lambda w, t: _rank_tables(t, RANK_TABLE, RANK_TABLE)[:2] + ["--out", str(t / "out")],
+        "table mode needs both --proxy and --truth",
+    ),
+    "calibrate without a grid": (
+        "command line",
+        "calibrate",
+        lambda w, t: [_recipe(w, t), "--out", str(t / "out")],
+        "no grid of real runs: pass --grid GRID.csv or set calibrate.grid (or rank.grid)",
+    ),
+    "merge weight that is not a number": (
+        "command line",
+        "merge",
+        lambda w, t: [_recipe(w, t), "--weights", "alpha=half,beta=0.5,gamma=0", "--out", str(t / "out")],
+        "--weights: alpha='half' is not a number",
+    ),
+    "transfer metric named like the aggregate": (
+        "score table",
+        "transfer",
+        lambda w, t: _two_tables(t, *[{**RANK_TABLE, "mean": [3.0, 1.0, 2.0]}] * 2),
+        "a metric column is called 'mean', which names the aggregate here; rename it",
+    ),
     # training
     "train data missing": (
         "training set",

@@ -297,3 +297,59 @@ def test_a_random_base_with_a_checkpoint_expert_is_refused(tmp_path):
     recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"experts": experts})})
     with pytest.raises(UserError, match="expert 'c': a random:// base takes random:// experts"):
         load_problem(recipe, progress=False)
+
+
+def _random_tree(tmp_path: Path) -> dict:
+    path = "random://" + str(write_config(tmp_path, TINY_LLAMA))
+    return {
+        "device": "cpu",
+        "output_dir": str(tmp_path / "run"),
+        "model": {"base": path, "experts": {n: path for n in ("a", "b", "c")}},
+        "data": {
+            "dev": [{"name": "x", "path": "random://x"}, {"name": "y", "path": "random://y"}],
+            "max_length": 16,
+        },
+        "optim": {"steps": 2, "batch_size": 2, "eval_batch_size": 8},
+    }
+
+
+def _with_text_dev_set(tree: dict, tmp_path: Path) -> list[str]:
+    (tmp_path / "x.jsonl").write_text('{"text": "hello"}\n')
+    tree["data"]["dev"][0]["path"] = str(tmp_path / "x.jsonl")
+    return ["fit"]
+
+
+def _with_exact_match(tree: dict, tmp_path: Path) -> list[str]:
+    tree["objective"] = {"terms": [{"kind": "exact_match", "dev": "x"}]}
+    tree["search"] = {"strategy": "grid", "grid": {"divisions": 2}}
+    return ["fit"]
+
+
+def _merged(tree: dict, tmp_path: Path) -> list[str]:
+    return ["merge", "--weights", "a=0.5,b=0.5,c=0", "--out", str(tmp_path / "merged")]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (_with_text_dev_set, r"dev set 'x': a random:// base takes random:// dev sets, not .*x.jsonl"),
+        (_with_exact_match, r"a random:// world has no text: its objective can only be dev losses"),
+        (_merged, r"a random:// world has no tokenizer or checkpoint to write: merge real experts"),
+    ],
+)
+def test_what_a_random_world_cannot_do_is_one_line_exit_2(change, message, tmp_path, capsys):
+    """A random:// world has seeded weights and token ids, nothing else: text dev sets, generated
+    answers and a merged checkpoint are refused in one line, with nothing written."""
+    import re
+
+    import yaml
+
+    from mergeopt.cli import main
+
+    tree = _random_tree(tmp_path)
+    verb, *extra = change(tree, tmp_path)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(tree))
+    assert main([verb, str(tmp_path / "recipe.yaml"), *extra, "--quiet"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and re.search(message, lines[0]), lines
+    assert not (tmp_path / "run").exists() and not (tmp_path / "merged").exists()

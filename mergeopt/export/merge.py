@@ -268,9 +268,11 @@ def materialize(
     merge (merged in float32, parameter by parameter) and is cast to ``dtype`` only for writing.
     ``as_adapter``: DIR is one LoRA adapter instead (see the module's docstring).
     """
+    from mergeopt.loading.problem import check_mergeable, load_merge
+
+    check_mergeable(recipe)
     if as_adapter:
         check_adapter_merge(recipe)
-    from mergeopt.loading.problem import load_merge
 
     base = (
         gguf_base(recipe.model.base, recipe.model.gguf_file)

@@ -274,14 +274,20 @@ def load_merge(
     It shares every step with :func:`load_problem`, so a merge written at the fitted w is the
     model fit scored.
     """
-    from mergeopt.worlds.random_world import is_random
-
-    if is_random(recipe.model.base):
-        raise UserError("a random:// world has no tokenizer or checkpoint to write: merge real experts")
+    check_mergeable(recipe)
     device = distributed.local_device(resolve_device(recipe.device))
     experts, tokenizer = _open_checked(recipe)
     model, stack = _stack_experts(recipe, experts, device, progress)
     return model, stack, tokenizer, input_device(model)
+
+
+def check_mergeable(recipe: Recipe) -> None:
+    """A merged checkpoint needs a real base to write: a random:// world has seeded weights and token
+    ids, no tokenizer or config files. Checked before the base is opened as a directory."""
+    from mergeopt.worlds.random_world import is_random
+
+    if is_random(recipe.model.base):
+        raise UserError("a random:// world has no tokenizer or checkpoint to write: merge real experts")
 
 
 def _random_world(
