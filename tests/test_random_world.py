@@ -353,3 +353,21 @@ def test_what_a_random_world_cannot_do_is_one_line_exit_2(change, message, tmp_p
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and re.search(message, lines[0]), lines
     assert not (tmp_path / "run").exists() and not (tmp_path / "merged").exists()
+
+
+def test_a_random_worlds_fit_exports_data_configs_but_not_a_mergekit_merge(tmp_path, capsys):
+    """Its mixture is a mixture like any other: a training framework's config is written; mergekit's
+    needs checkpoints on disk, so that export is refused in one line, with nothing written."""
+    import yaml
+
+    from mergeopt.cli import main
+
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(_random_tree(tmp_path)))
+    assert main(["fit", str(tmp_path / "recipe.yaml"), "--quiet"]) == 0
+    run = str(tmp_path / "run")
+    assert main(["export", run, "--to", "llamafactory", "--out", str(tmp_path / "llamafactory")]) == 0
+    capsys.readouterr()
+    assert main(["export", run, "--to", "mergekit", "--out", str(tmp_path / "mergekit.yaml")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "mergekit merges checkpoints on disk" in lines[0] and "random://" in lines[0]
+    assert not (tmp_path / "mergekit.yaml").exists()

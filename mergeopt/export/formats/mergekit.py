@@ -85,6 +85,13 @@ def render(ctx: Context) -> str:
         )
     if recipe.model.gguf_file:
         raise UserError(f"mergekit cannot read the GGUF base {recipe.model.gguf_file} (model.gguf_file)")
+    from mergeopt.worlds.random_world import is_random  # imports torch: not at module level (--help)
+
+    if is_random(recipe.model.base):
+        raise UserError(
+            f"mergekit merges checkpoints on disk, and {recipe.model.base} is a random:// world "
+            "(seeded weights, no files): export a fit of real experts"
+        )
     odd = [p for p in recipe.model.exclude if not PLAIN_NAME.fullmatch(p)]
     if odd:
         raise UserError(
