@@ -487,7 +487,8 @@ def _refused(world, tmp_path, capsys, fmt: str, paths: dict, *extra: str) -> str
 def test_bad_token_files_are_refused_in_one_line(world, megatron, olmo, tmp_path, capsys):
     """A .bin without its .idx, a .bin its index disagrees with, a corrupt index.json, an unknown
     --token-dtype, an empty token file, a file read with the wrong dtype, no dtype or EOS at all,
-    and an np.save file: each one line naming the culprit."""
+    an np.save file, a negative --eos-id, a glob that matches nothing, a file of part of a token,
+    and a garbled .idx: each one line naming the culprit."""
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "lonely.bin").write_bytes(b"\0" * 8)
@@ -498,6 +499,9 @@ def test_bad_token_files_are_refused_in_one_line(world, megatron, olmo, tmp_path
     (bad / "mds" / "index.json").write_text("{not json")
     (bad / "empty.npy").write_bytes(b"")
     np.save(bad / "saved.npy", np.fromfile(olmo["uint16"]["a"], np.uint16))
+    (bad / "odd.npy").write_bytes(b"\0\0\2")  # a token and a half of uint16
+    (bad / "garbled.idx").write_bytes(b"not an index")
+    (bad / "garbled.bin").write_bytes(b"\0" * 8)
     flags = ("--token-dtype", "uint16", "--eos-id", str(EOS))
     tokenizer = ("--tokenizer", world["tokenizer"])
     b = measured_stats()["b"].tokens  # uint16: two bytes a token, the last one cut off
@@ -516,6 +520,25 @@ def test_bad_token_files_are_refused_in_one_line(world, megatron, olmo, tmp_path
         ("olmo-core", olmo["uint16"], tokenizer, "read as uint8, it does not end with the EOS id 2"),
         ("olmo-core", olmo["uint16"], (), "do not say their dtype or EOS id"),
         ("olmo-core", {**olmo["uint16"], "a": bad / "saved.npy"}, flags, "is an np.save file"),
+        (
+            "olmo-core",
+            olmo["uint16"],
+            ("--token-dtype", "uint16", "--eos-id", "-1"),
+            "--eos-id -1: a token id",
+        ),
+        (
+            "olmo-core",
+            {**olmo["uint16"], "a": bad / "none-*.npy"},
+            flags,
+            "none-*.npy does not exist",
+        ),
+        (
+            "olmo-core",
+            {**olmo["uint16"], "a": bad / "odd.npy"},
+            flags,
+            "odd.npy: 3 bytes are not whole uint16",
+        ),
+        ("megatron", {**megatron, "a": bad / "garbled"}, (), "garbled.idx: not a readable Megatron index"),
     ]
     for fmt, paths, options, says in cases:
         assert says in _refused(world, bad, capsys, fmt, paths, *options)

@@ -405,3 +405,21 @@ def test_a_metric_column_that_is_not_numeric_is_named(tmp_path):
     (tmp_path / "truth.csv").write_text("w_a,w_b,loss\n0.5,0.5,low\n1.0,0.0,high\n")
     with pytest.raises(UserError, match=r"truth.csv: metric column loss is not numeric$"):
         rank_tables(str(tmp_path / "proxy.csv"), str(tmp_path / "truth.csv"), metrics=["loss"])
+
+
+@pytest.mark.parametrize(
+    ("proxy", "truth", "options", "message"),
+    [
+        ([1.0, "low", 3.0], [1.0, 2.0, 3.0], {}, r"loss \(proxy\): scores are not numbers$"),
+        ([[1.0, 2.0], [3.0, 4.0]], [1.0, 2.0], {}, r"loss \(proxy\): expected one score per mixture \(1-D\)"),
+        ([1.0, 2.0, 3.0], [1.0, 2.0], {}, r"loss: proxy has 3 mixtures but truth has 2$"),
+        ([1.0], [2.0], {}, r"loss: rank checks need at least 2 mixtures, got 1$"),
+        ([1.0, 2.0], [2.0, 1.0], {"k": 0}, r"loss: need k ≥ 1, n_bootstrap ≥ 0 and 0 < confidence < 1$"),
+        ([1.0, 2.0], [2.0, 1.0], {"confidence": 1.0}, r"loss: need k ≥ 1"),
+    ],
+)
+def test_rank_statistics_refuse_what_cannot_be_ranked(proxy, truth, options, message):
+    """Scores that are not one number per mixture, tables of different lengths, fewer than two
+    mixtures and meaningless options are refused naming the metric, never ranked as they come."""
+    with pytest.raises(UserError, match=message):
+        rank_statistics(proxy, truth, name="loss", **options)
