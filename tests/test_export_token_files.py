@@ -530,7 +530,7 @@ def test_bad_token_files_are_refused_in_one_line(world, megatron, olmo, tmp_path
             "olmo-core",
             {**olmo["uint16"], "a": bad / "none-*.npy"},
             flags,
-            "none-*.npy does not exist",
+            "none-*.npy: the glob matches no file",
         ),
         (
             "olmo-core",

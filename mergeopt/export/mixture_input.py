@@ -143,6 +143,8 @@ def parse_datasets(items: Sequence[str], mixture: Mixture) -> dict[str, Path]:
             raise UserError(f"--datasets names {name!r} twice")
         path = Path(raw).expanduser()
         if not (path.exists() or is_megatron_prefix(path) or _glob_matches(path)):
+            if "*" in raw:  # OLMo token files: a glob over a directory of .npy files
+                raise UserError(f"--datasets {name}: {path}: the glob matches no file")
             raise UserError(f"--datasets {name}: {path} does not exist")
         datasets[name] = path
     return datasets
