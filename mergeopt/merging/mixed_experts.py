@@ -257,7 +257,8 @@ class _LowRank:
                 {t: u for t, u in a.dense.items() if not excluded(t, patterns)},
             )
 
-        check_lowrank_adapters({n: kept(a) for n, a in adapters.items()}, changed)
+        as_read = {n: kept(a) for n, a in adapters.items()}  # the adapters as read, less exclusions
+        check_lowrank_adapters(as_read, changed)
         factors_dtype = anchor_dtype_for(dtype, stack.compute_dtype)  # int8 is for dense differences only
         stack.lowrank = build_lowrank_stack(
             names,
@@ -271,7 +272,7 @@ class _LowRank:
         if self.parameter_targets:
             stack.lowrank.parameters = build_parameter_factors(
                 names,
-                {n: kept(a) for n, a in adapters.items()},
+                as_read,
                 self.parameter_targets,
                 {t: shapes[t] for t in self.parameter_targets},
                 lambda t: parameter_device(model, t),
