@@ -427,6 +427,10 @@ def _damaged_json(tmp) -> str:
     return str(path)
 
 
+def _merge_to(world, tmp: Path, out: str) -> list[str]:
+    return [_recipe(world, tmp), "--weights", "alpha=0.5,beta=0.3,gamma=0.2", "--out", out]
+
+
 def _del(tree, *keys):
     for k in keys[:-1]:
         tree = tree[k]
@@ -995,14 +999,14 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
     "merge --out cannot be created": (
         "output",
         "merge",
-        lambda w, t: [
-            _recipe(w, t),
-            "--weights",
-            "alpha=0.5,beta=0.3,gamma=0.2",
-            "--out",
-            malformed.UNCREATABLE,
-        ],
+        lambda w, t: _merge_to(w, t, malformed.UNCREATABLE),
         "cannot be created",
+    ),
+    "merge --out is a file": (
+        "output",
+        "merge",
+        lambda w, t: _merge_to(w, t, malformed.a_file(t)),
+        "a-file is a file, not a directory",
     ),
     "rank --out is a file": (
         "output",

@@ -488,7 +488,7 @@ def test_bad_token_files_are_refused_in_one_line(world, megatron, olmo, tmp_path
     """A .bin without its .idx, a .bin its index disagrees with, a corrupt index.json, an unknown
     --token-dtype, an empty token file, a file read with the wrong dtype, no dtype or EOS at all,
     an np.save file, a negative --eos-id, a glob that matches nothing, a file of part of a token,
-    and a garbled .idx: each one line naming the culprit."""
+    a garbled .idx and a tokenizer without an EOS token: each one line naming the culprit."""
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "lonely.bin").write_bytes(b"\0" * 8)
@@ -502,6 +502,9 @@ def test_bad_token_files_are_refused_in_one_line(world, megatron, olmo, tmp_path
     (bad / "odd.npy").write_bytes(b"\0\0\2")  # a token and a half of uint16
     (bad / "garbled.idx").write_bytes(b"not an index")
     (bad / "garbled.bin").write_bytes(b"\0" * 8)
+    no_eos = toy.build_tokenizer()
+    no_eos.eos_token = None
+    no_eos.save_pretrained(bad / "no-eos-tokenizer")
     flags = ("--token-dtype", "uint16", "--eos-id", str(EOS))
     tokenizer = ("--tokenizer", world["tokenizer"])
     b = measured_stats()["b"].tokens  # uint16: two bytes a token, the last one cut off
@@ -519,6 +522,12 @@ def test_bad_token_files_are_refused_in_one_line(world, megatron, olmo, tmp_path
         # uint16 files read as uint8, the dtype the tokenizer's vocabulary gives
         ("olmo-core", olmo["uint16"], tokenizer, "read as uint8, it does not end with the EOS id 2"),
         ("olmo-core", olmo["uint16"], (), "do not say their dtype or EOS id"),
+        (
+            "olmo-core",
+            olmo["uint16"],
+            ("--tokenizer", str(bad / "no-eos-tokenizer")),
+            "the tokenizer has no EOS token to split OLMo token files on: pass --eos-id",
+        ),
         ("olmo-core", {**olmo["uint16"], "a": bad / "saved.npy"}, flags, "is an np.save file"),
         (
             "olmo-core",

@@ -15,6 +15,7 @@ from peft import LoraConfig, get_peft_model
 from torch.func import functional_call
 from transformers import LlamaForCausalLM
 
+from mergeopt.errors import UserError
 from mergeopt.loading.lora import read_adapter
 from mergeopt.merging.lowrank import build_lowrank_stack
 from mergeopt.merging.mixed_experts import build_expert_stack
@@ -203,7 +204,6 @@ def test_tied_embedding_lora_stays_low_rank_in_the_per_layer_step(tmp_path, dens
     if dense_names:
         return
     # a PEFT adapter of the embedding would change the input's rows only: --as-adapter refuses
-    from mergeopt.errors import UserError
     from mergeopt.export.adapter import adapter_tensors
 
     with pytest.raises(UserError, match="model.embed_tokens is adapted and lm_head is tied to it"):
@@ -246,6 +246,37 @@ def test_scaled_embedding_lora_stays_low_rank(tmp_path):
         # logit of 1944 with an AMD EPYC's AVX2 kernels, within 1e-5 with AVX-512's
         torch.testing.assert_close(got, want.logits, atol=5e-5, rtol=1e-4)
         assert not torch.allclose(got, base(input_ids=TOKENS).logits, atol=1e-3)  # the experts moved it
+
+
+class _ShiftedEmbedding(torch.nn.Embedding):
+    """An embedding that adds a constant to its rows: not a scaling of them, so an update of its
+    weight cannot be added as low-rank rows of its output."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids) + 0.5
+
+
+def test_an_embedding_that_is_not_scaled_rows_is_refused_low_rank(tmp_path):
+    """The rows added to an embedding's output are scaled by what the module scales its weight's
+    rows by (1, Gemma 3's √width); a module that does anything else is refused in one line, which
+    names it and the merge methods that make its update dense."""
+    from mergeopt.merging.lowrank import _row_scale
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(tiny_config()).eval()
+    _, adapters, _, _ = make_world(tmp_path, EMBEDDINGS, base)
+    plain = base.get_input_embeddings()
+    assert _row_scale("model.embed_tokens", plain) == 1.0
+    shifted = _ShiftedEmbedding(plain.num_embeddings, plain.embedding_dim)
+    shifted.load_state_dict(plain.state_dict())
+    model = copy.deepcopy(base)
+    model.set_input_embeddings(shifted)
+    with pytest.raises(
+        UserError,
+        match=r"^model.embed_tokens \(_ShiftedEmbedding\) returns more than scaled rows of its weight, so a "
+        "LoRA expert's update of it cannot be added low-rank: use merge.method ties or dare",
+    ):
+        build_expert_stack(model, list(NAMES), {}, adapters, progress=False)
 
 
 def _per_layer_step_matches(world, dense_names):

@@ -358,6 +358,28 @@ def test_existing_out_is_refused(random_world, tmp_path, capsys):
     assert (Path(random_world["experts"]["beta"]) / "model.safetensors").is_file()
 
 
+def test_an_out_that_appears_while_merging_is_not_overwritten(random_world, tmp_path, capsys, monkeypatch):
+    """--out is checked again just before the checkpoint is written: a directory that another job
+    filled while the experts were merged is refused in one line and keeps its files."""
+    import mergeopt.loading.problem as problem
+
+    out = tmp_path / "merged"
+    real_load_merge = problem.load_merge
+
+    def load_then_someone_writes(*args, **kwargs):
+        loaded = real_load_merge(*args, **kwargs)
+        out.mkdir()
+        (out / "theirs.txt").write_text("theirs")
+        return loaded
+
+    monkeypatch.setattr(problem, "load_merge", load_then_someone_writes)
+    recipe = write_recipe(tmp_path, random_world)
+    code = merge(str(recipe), "--weights", as_arg(WEIGHTS), "--out", str(out))
+    assert_one_line_error(code, capsys.readouterr().err, "exists and is not empty (pass --overwrite")
+    assert [p.name for p in out.iterdir()] == ["theirs.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "recipe.yaml"]  # no staging left
+
+
 def test_cli_error_is_one_line_with_exit_code_2(random_world, tmp_path):
     result: subprocess.CompletedProcess = run_module(
         "merge",

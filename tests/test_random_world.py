@@ -329,17 +329,47 @@ def _merged(tree: dict, tmp_path: Path) -> list[str]:
     return ["merge", "--weights", "a=0.5,b=0.5,c=0", "--out", str(tmp_path / "merged")]
 
 
+def _expert_of_another_shape(tree: dict, tmp_path: Path) -> list[str]:
+    (tmp_path / "wide").mkdir()
+    wide = write_config(tmp_path / "wide", {**TINY_LLAMA, "hidden_size": 64})
+    tree["model"]["experts"]["c"] = "random://" + str(wide)
+    return ["fit"]
+
+
+def _architecture_unknown(tree: dict, tmp_path: Path) -> list[str]:
+    (tmp_path / "odd").mkdir()
+    odd = write_config(tmp_path / "odd", {**TINY_LLAMA, "architectures": ["LlamaForTelepathy"]})
+    tree["model"]["base"] = "random://" + str(odd)
+    tree["model"]["experts"] = {n: "random://" + str(odd) for n in ("a", "b", "c")}
+    return ["fit"]
+
+
+def _not_a_causal_lm(tree: dict, tmp_path: Path) -> list[str]:
+    (tmp_path / "vit").mkdir()
+    vit = write_config(tmp_path / "vit", {"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 2})
+    tree["model"]["base"] = "random://" + str(vit)
+    tree["model"]["experts"] = {n: "random://" + str(vit) for n in ("a", "b", "c")}
+    return ["fit"]
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
         (_with_text_dev_set, r"dev set 'x': a random:// base takes random:// dev sets, not .*x.jsonl"),
         (_with_exact_match, r"a random:// world has no text: its objective can only be dev losses"),
         (_merged, r"a random:// world has no tokenizer or checkpoint to write: merge real experts"),
+        (
+            _expert_of_another_shape,
+            r"expert 'c': random://.*wide/config.json is not the architecture of the base",
+        ),
+        (_architecture_unknown, r"architecture 'LlamaForTelepathy' is not a transformers class"),
+        (_not_a_causal_lm, r"transformers has no causal language model for model_type 'vit'"),
     ],
 )
 def test_what_a_random_world_cannot_do_is_one_line_exit_2(change, message, tmp_path, capsys):
     """A random:// world has seeded weights and token ids, nothing else: text dev sets, generated
-    answers and a merged checkpoint are refused in one line, with nothing written."""
+    answers and a merged checkpoint are refused in one line, with nothing written; so are experts
+    of another architecture and configs transformers cannot build a causal LM from."""
     import re
 
     import yaml
