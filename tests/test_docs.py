@@ -253,3 +253,97 @@ def test_readme_is_short_links_resolve_and_matches_ci():
     assert tests == ". .venv/bin/activate && python -m pytest -q -n auto"
     assert ci.rstrip().endswith("\npython -m pytest -q -n auto")
     assert ci.index("ruff format --check .") < ci.index("mkdocs build --strict\n") < ci.index("pytest")
+
+
+# ----------------------------------------------------------------------------- recipe keys in prose
+
+PAGES = [REPO / "README.md", *sorted(DOCS.rglob("*.md"))]
+# dotted names in the docs that start like a recipe section but are something else
+MIXTURE_JSON_KEYS = (  # mixture.json's free-form "search" and "objective" records
+    "search.evaluations_per_process",
+    "search.scoring",
+    "search.non_finite",
+    "search.non_finite_closing",
+    "objective.scores",
+)
+REMOVED_KEYS = ("weights.temperature",)  # the docs say a recipe that still sets it is refused
+NOT_KEYS = re.compile(
+    r"\.(py|json|safetensors|md|yaml)$"  # files: merge.py, model.safetensors
+    r"|^model\.(layers|embed_tokens)\b"  # a model's parameter names
+    r"|^model\.data\."  # NeMo's own config keys (the export guide)
+)
+
+
+def _schema_has(model: type[pydantic.BaseModel], parts: list[str]) -> bool:
+    """Whether a dotted recipe key (list indices as numbers) names a field of ``model``."""
+    if not parts:
+        return True
+    field = model.model_fields.get(parts[0])
+    if field is None:
+        return False
+    rest = parts[1:]
+    while rest and rest[0].isdigit():  # data.dev.0.weight: an item of a list
+        rest = rest[1:]
+    if not rest:
+        return True
+    inner = [field.annotation, *typing.get_args(field.annotation)]
+    inner += [a for t in inner for a in typing.get_args(t)]
+    sections = [t for t in inner if isinstance(t, type) and issubclass(t, pydantic.BaseModel)]
+    return any(_schema_has(section, rest) for section in sections)
+
+
+def test_every_recipe_key_the_docs_name_is_a_key_of_the_recipe():
+    """A key in backticks that starts with a recipe section (`optim.lr`, `model.compute_dtype=...`)
+    is a field of the recipe, so renaming a key without its docs fails here. mixture.json's own
+    keys are checked against what the code writes."""
+    sections = "|".join(Recipe.model_fields)
+    named = re.compile(rf"`((?:{sections})\.[A-Za-z_][A-Za-z0-9_.]*?)\.?(?:[=:][^`]*)?`")
+    unknown, found = [], 0
+    for page in PAGES:
+        for key in named.findall(page.read_text(encoding="utf-8")):
+            if NOT_KEYS.search(key) or key in MIXTURE_JSON_KEYS or key in REMOVED_KEYS:
+                continue
+            found += 1
+            if not _schema_has(Recipe, key.split(".")):
+                unknown.append(f"{page.relative_to(REPO)}: {key}")
+    assert found > 100 and not unknown, unknown
+    source = "\n".join(p.read_text(encoding="utf-8") for p in (REPO / "mergeopt").rglob("*.py"))
+    for key in MIXTURE_JSON_KEYS:
+        assert f'"{key.split(".")[-1]}"' in source, f"mixture.json's {key} is not written by the code"
+    for key in REMOVED_KEYS:
+        assert not _schema_has(Recipe, key.split(".")) and f'"{key.split(".")[-1]}"' in source
+
+
+def _fragment_recipe(fragment: dict) -> dict:
+    """A docs fragment (``weights:``, ``logging:``) inside the least recipe it needs: experts named
+    after those it constrains, and training sets where a repetition cap counts their tokens."""
+    weights = fragment.get("weights") or {}
+    names = {*weights.get("bounds", {}), *weights.get("pinned", {}), *weights.get("tokens", {})}
+    names |= {n for members in (weights.get("groups") or {}).values() for n in members}
+    names = sorted(names) or ["math", "code"]
+    if len(names) < 2:
+        names.append("chat")
+    least = {
+        "model": {"base": "/ckpt/base", "experts": {n: f"/ckpt/{n}" for n in names}},
+        "data": {"dev": [{"name": "dev", "path": "dev.jsonl"}]},
+    }
+    if "max_epochs" in weights:  # the sources' tokens: weights.tokens, the others' from train.data
+        least["train"] = {"data": {n: f"train/{n}.jsonl" for n in names}}
+    return {**least, **fragment}
+
+
+def test_every_recipe_the_docs_show_is_a_valid_recipe():
+    """Each YAML block of the README and the docs whose keys are recipe sections validates as a
+    recipe: whole recipes as they are, fragments inside the least recipe they need."""
+    from mergeopt.config.loading import recipe_from_dict
+
+    shown = 0
+    for page in PAGES:
+        for block in re.findall(r"```ya?ml\n(.*?)\n```", page.read_text(encoding="utf-8"), flags=re.S):
+            tree = yaml.safe_load(block)
+            if not set(tree) <= set(Recipe.model_fields):  # an lm-eval task, a mergekit config
+                assert not set(tree) & {"model", "data", "optim", "search", "weights"}, (page, block)
+                continue
+            recipe_from_dict(tree if "model" in tree else _fragment_recipe(tree), str(page))
+            shown += 1
+    assert shown >= 6
