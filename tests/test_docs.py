@@ -288,6 +288,8 @@ def _schema_has(model: type[pydantic.BaseModel], parts: list[str]) -> bool:
         return True
     inner = [field.annotation, *typing.get_args(field.annotation)]
     inner += [a for t in inner for a in typing.get_args(t)]
+    if len(rest) == 1 and any(typing.get_origin(t) is dict for t in inner):
+        return True  # model.experts.math: a key of a mapping
     sections = [t for t in inner if isinstance(t, type) and issubclass(t, pydantic.BaseModel)]
     return any(_schema_has(section, rest) for section in sections)
 
@@ -347,3 +349,70 @@ def test_every_recipe_the_docs_show_is_a_valid_recipe():
             recipe_from_dict(tree if "model" in tree else _fragment_recipe(tree), str(page))
             shown += 1
     assert shown >= 6
+
+
+# ----------------------------------------------------------------------------- commands in the docs
+
+COMMAND = re.compile(r"(?:^|&&|;|\s)(?:mergeopt |python -m mergeopt\.|-m mergeopt\.)([a-z]+)\b(.*)$")
+
+
+def _shown_commands() -> list[tuple[str, str, str]]:
+    """(page, verb, the rest of the line) of every mergeopt command in the docs' bash blocks."""
+    import shlex
+
+    commands = []
+    for page in PAGES:
+        for block in re.findall(r"```bash\n(.*?)\n```", page.read_text(encoding="utf-8"), flags=re.S):
+            lines = block.replace("\\\n", " ").splitlines()
+            # the block's shell variables (T='objective.terms=[...]'), put in where they are used
+            variables = dict(re.findall(r"^([A-Za-z_]\w*)=(.+)$", "\n".join(lines), flags=re.M))
+            variables = {name: shlex.split(value)[0] for name, value in variables.items()}
+            for line in lines:
+                line = re.sub(r'"?\$(\w+)"?', lambda m, v=variables: shlex.quote(v.get(m[1], m[0])), line)
+                command = re.split(r" # | && | \| | > ", line)[0]  # the command, not what follows
+                match = COMMAND.search(command)
+                if match:
+                    commands.append((str(page.relative_to(REPO)), match.group(1), match.group(2)))
+    return commands
+
+
+def test_every_command_the_docs_show_parses_and_its_overrides_are_recipe_keys():
+    """Each mergeopt command of a bash block parses with that verb's parser (no unknown or missing
+    option), and each key=value override in it names a key of the recipe."""
+    import shlex
+
+    from mergeopt.cli import command_parser
+
+    commands = _shown_commands()
+    assert len(commands) >= 40
+    for page, verb, rest in commands:
+        assert verb in HANDLERS, f"{page}: mergeopt {verb}"
+        argv = []
+        for word in shlex.split(rest):  # "..." stands for an option's values, or for more overrides
+            if word not in ("...", "…"):
+                argv.append(word)
+            elif argv and argv[-1].startswith("--"):
+                argv.append("name=path")
+        args = command_parser(verb).parse_intermixed_args(argv)  # a mistake raises UserError
+        for override in getattr(args, "overrides", None) or []:
+            key = override.split("=", 1)[0]
+            assert _schema_has(Recipe, key.split(".")), f"{page}: mergeopt {verb} {rest}: {key}"
+
+
+def test_every_option_the_docs_name_is_an_option_of_its_verb():
+    """`mergeopt VERB ... --option` in the prose (often a fragment, not a whole command) names an
+    option that verb has."""
+    from mergeopt.cli import command_parser
+
+    options = {
+        verb: {s for action in command_parser(verb)._actions for s in action.option_strings}
+        for verb in HANDLERS
+    }
+    named = 0
+    for page in PAGES:
+        for verb, rest in re.findall(r"`mergeopt ([a-z]+)\b([^`]*)`", page.read_text(encoding="utf-8")):
+            assert verb in HANDLERS, f"{page.name}: mergeopt {verb}"
+            for option in re.findall(r"(?:^|\s)(--[a-z][a-z-]*)", rest):
+                named += 1
+                assert option in options[verb], f"{page.name}: mergeopt {verb} {option}"
+    assert named >= 10
