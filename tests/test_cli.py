@@ -18,7 +18,7 @@ import pytest
 import tomllib
 
 import mergeopt
-from mergeopt import cli
+from mergeopt import cli, cli_options
 from mergeopt.errors import Interrupted, UserError, run_cli
 from tests.conftest import REPO, repo_pythonpath
 
@@ -94,7 +94,7 @@ def test_options_may_follow_the_overrides():
 def test_merge_dtypes_are_the_writers():
     from mergeopt.export.merge import OUT_DTYPES
 
-    assert cli.MERGE_DTYPES == OUT_DTYPES
+    assert cli_options.MERGE_DTYPES == OUT_DTYPES
 
 
 def test_plan_verb_equals_fit_dry_run(tmp_path, capsys, monkeypatch):

@@ -94,12 +94,13 @@ def test_the_package_is_laid_out_along_a_run():
     packages = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
     assert packages == SUBPACKAGES
     top = sorted(p.stem for p in PACKAGE.glob("*.py"))
-    # the CLI and its python -m aliases, errors and the up-front
+    # the CLI (its verbs, and each verb's options) and its python -m aliases, errors and the up-front
     # checks of what a user hands a command (inputs), and the fit itself
     assert top == [
         "__init__",
         "__main__",
         "cli",
+        "cli_options",
         "errors",
         "fit",
         "inputs",
