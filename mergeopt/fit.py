@@ -240,10 +240,7 @@ def _mixture_record(resolved, objective, problem, found: SearchOutcome, groups, 
     """mixture.json's content: the chosen weights, the closing evaluations (the fitted mixture, the
     uniform one, each expert alone) and what produced them."""
     names, stack, search = problem.stack.expert_names, problem.stack, resolved.search
-    batch = objective.batch_size
-    fitted = _losses(problem, found.weights, batch)
-    uniform = _losses(problem, torch.full((len(names),), 1.0 / len(names)), batch)
-    singles = {n: _losses(problem, torch.eye(len(names))[i], batch) for i, n in enumerate(names)}
+    fitted, uniform, singles = _closing_losses(problem, found.weights, objective.batch_size)
     closing = {"fitted": fitted, "uniform": uniform, **{f"{n} only": singles[n] for n in names}}
     not_finite = [  # JSON has no NaN: such a number is recorded as null, and the user warned
         label
@@ -293,22 +290,7 @@ def _mixture_record(resolved, objective, problem, found: SearchOutcome, groups, 
         "device": str(problem.device),
         "processes": distributed.process_rank_and_size()[1],
         "shard": resolved.model.shard,  # fsdp: each rank held 1/N of the stack's matrices
-        "stack": {
-            "tensors": len(stack.deltas),
-            "parameters": stack.num_stacked_parameters(),
-            "bytes": stack.nbytes(),
-            "excluded": len(stack.excluded),
-            "unchanged": len(stack.unchanged),
-            "shared": len(stack.shared),
-            "lowrank_modules": len(stack.lowrank.modules) if stack.lowrank is not None else 0,
-            # LoRA of whole parameters (a mixture of experts' fused expert weights) kept low-rank
-            "lowrank_parameters": len(stack.lowrank.parameters) if stack.lowrank is not None else 0,
-            "dtypes": {  # storage, fit steps, loss evaluations (mergeopt.merging.eval_dtype)
-                "stack": resolved.model.stack_dtype,
-                "compute": str(stack.compute_dtype).removeprefix("torch."),
-                "evaluation": str(stack.eval_dtype or stack.compute_dtype).removeprefix("torch."),
-            },
-        },
+        "stack": _stack_record(stack, resolved.model.stack_dtype),
         "worlds": {name: str(root) for name, root in world_roots.items()},
         "mergeopt_version": mergeopt.__version__,
     }  # no timings: the same recipe and seed give a byte-identical mixture.json
@@ -320,6 +302,37 @@ def _mixture_record(resolved, objective, problem, found: SearchOutcome, groups, 
     if not all(math.isfinite(v) for v in weights.values()):
         raise RuntimeError(f"fit produced non-finite weights {weights}")
     return mixture
+
+
+def _closing_losses(problem, weights: torch.Tensor, batch: int) -> tuple[dict, dict, dict[str, dict]]:
+    """The losses of the fitted mixture, the uniform one and each expert alone, on every dev set:
+    what mixture.json and the summary set the pick against."""
+    names = problem.stack.expert_names
+    fitted = _losses(problem, weights, batch)
+    uniform = _losses(problem, torch.full((len(names),), 1.0 / len(names)), batch)
+    singles = {n: _losses(problem, torch.eye(len(names))[i], batch) for i, n in enumerate(names)}
+    return fitted, uniform, singles
+
+
+def _stack_record(stack, stack_dtype: str) -> dict:
+    """mixture.json's ``stack``: what was stacked, how much of it, in which dtypes."""
+    lowrank = stack.lowrank
+    return {
+        "tensors": len(stack.deltas),
+        "parameters": stack.num_stacked_parameters(),
+        "bytes": stack.nbytes(),
+        "excluded": len(stack.excluded),
+        "unchanged": len(stack.unchanged),
+        "shared": len(stack.shared),
+        "lowrank_modules": len(lowrank.modules) if lowrank is not None else 0,
+        # LoRA of whole parameters (a mixture of experts' fused expert weights) kept low-rank
+        "lowrank_parameters": len(lowrank.parameters) if lowrank is not None else 0,
+        "dtypes": {  # storage, fit steps, loss evaluations (mergeopt.merging.eval_dtype)
+            "stack": stack_dtype,
+            "compute": str(stack.compute_dtype).removeprefix("torch."),
+            "evaluation": str(stack.eval_dtype or stack.compute_dtype).removeprefix("torch."),
+        },
+    }
 
 
 def _rank_on_grid(resolved, objective, problem, mixture, progress, checkpoint) -> tuple:
