@@ -185,15 +185,7 @@ def _grid_run(args, recipe, out: Path) -> int:
     check_truth(table, objective, grid)
     check_grid_unit(table, grid, recipe.weights.unit)
     mixture_path = Path(args.mixture) if args.mixture else Path(recipe.output_dir) / "mixture.json"
-    mixture = None
-    if mixture_path.is_file() or args.mixture:  # the run's own is optional, a named one is not
-        mixture = read_finished_mixture(mixture_path)
-        if set(mixture.names) != set(recipe.expert_names):
-            raise UserError(
-                f"{mixture_path}: its weights name {sorted(mixture.names)} but the recipe's experts "
-                f"are {sorted(recipe.expert_names)}"
-            )
-        mixture = mixture.to_json()
+    mixture = _fitted_mixture(mixture_path, recipe.expert_names, named=bool(args.mixture))
     distributed.init_from_env(resolve_device(recipe.device))
     quiet = args.quiet or not distributed.is_main()
     with distributed.main_first():  # one rank builds a world into the cache, the others reuse it
@@ -237,6 +229,25 @@ def _grid_run(args, recipe, out: Path) -> int:
         staging.carry_over()  # report.md sums up the fit's files too
         write_report(staging.path, name=out.name)
     checkpoint.clear()  # the report is the record now (a no-op: the swap dropped it)
+    _print_summary(report, mixture_path, out)
+    return 0
+
+
+def _fitted_mixture(path: Path, experts: Sequence[str], named: bool) -> dict | None:
+    """The fit's mixture.json whose regret grid mode reports: the run's own if it is there (it is
+    optional), a ``--mixture`` the user named (it must be there), over the recipe's experts."""
+    if not (path.is_file() or named):
+        return None
+    mixture = read_finished_mixture(path)
+    if set(mixture.names) != set(experts):
+        raise UserError(
+            f"{path}: its weights name {sorted(mixture.names)} but the recipe's experts are {sorted(experts)}"
+        )
+    return mixture.to_json()
+
+
+def _print_summary(report: dict, mixture_path: Path, out: Path) -> None:
+    """Grid mode's lines on the terminal: the statistics, the baselines, the fitted mixture's regret."""
     print(markdown_table(report))
     if "baselines" in report:
         print("\n" + baseline_table(report))
@@ -247,7 +258,6 @@ def _grid_run(args, recipe, out: Path) -> int:
             f"{fitted['distance']:.3f}, normalized regret {fitted['regret']:.3f}"
         )
     print(f"\nWrote {', '.join(OUTPUT_FILES)}, report.md to {out}")
-    return 0
 
 
 # each mode's own options: given in the other mode they were ignored without a word (grid mode ranks
