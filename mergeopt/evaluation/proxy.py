@@ -46,7 +46,7 @@ def read_grid(path: str | Path, expert_names: Sequence[str]) -> pd.DataFrame:
     """Read and check a grid table: one weight column per expert, rows on the simplex."""
     path = existing_file(path, "grid table")
     try:
-        table = pd.read_csv(path)
+        table = pd.read_csv(path, float_precision="round_trip")
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as err:
         raise UserError(f"{path}: not a readable CSV table ({str(err).splitlines()[0]})") from None
     weight_columns = [c for c in table.columns if c.startswith(WEIGHT_PREFIX)]

@@ -34,7 +34,7 @@ def _read_csv(path: str) -> pd.DataFrame:
     if not Path(path).is_file():
         raise UserError(f"{path}: no such file")
     try:
-        frame = pd.read_csv(path, index_col=False)
+        frame = pd.read_csv(path, index_col=False, float_precision="round_trip")
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{path}: not a readable CSV table ({first})") from None

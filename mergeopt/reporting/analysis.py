@@ -74,7 +74,7 @@ def _read_csv(path: Path) -> pd.DataFrame | None:
     if not path.is_file():
         return None
     try:
-        return pd.read_csv(path)
+        return pd.read_csv(path, float_precision="round_trip")
     except (OSError, ValueError) as err:
         raise UserError(f"{path}: cannot read it as CSV ({err})") from None
 

@@ -327,7 +327,7 @@ def _kept_score_columns(path: Path, rows: list[dict], columns: Sequence[str]) ->
     import pandas as pd
 
     try:
-        old = pd.read_csv(path)
+        old = pd.read_csv(path, float_precision="round_trip")
     except (OSError, ValueError):
         return []
     extra = [c for c in old.columns if c.startswith("score_") and c not in columns]
