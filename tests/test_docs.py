@@ -416,3 +416,23 @@ def test_every_option_the_docs_name_is_an_option_of_its_verb():
                 named += 1
                 assert option in options[verb], f"{page.name}: mergeopt {verb} {option}"
     assert named >= 10
+
+
+def test_the_dependency_floors_are_the_pins_of_requirements_lowest():
+    """pyproject.toml's lower bounds are the versions requirements/lowest.txt pins (the oldest the
+    suite has run with, docs/development.md), one for one."""
+    import tomllib
+
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
+    floors = dict(
+        re.fullmatch(r"([A-Za-z0-9_.-]+)>=([0-9.]+)", d.split(";")[0].strip()).groups() for d in declared
+    )
+    lines = (REPO / "requirements" / "lowest.txt").read_text(encoding="utf-8").splitlines()
+    pins = dict(line.split("==") for line in lines if line.strip() and not line.startswith("#"))
+
+    def release(version: str) -> list[int]:  # 2.11 is 2.11.0
+        parts = [int(x) for x in version.split(".")]
+        return parts + [0] * (3 - len(parts))
+
+    assert floors.keys() == pins.keys()
+    assert all(release(floors[name]) == release(pins[name]) for name in floors), (floors, pins)
