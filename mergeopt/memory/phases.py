@@ -1,8 +1,9 @@
 """The transient phases of a fit, in bytes: stacking, a training micro-step, an evaluation batch.
 
-What a layer's forward saves for backward is :mod:`mergeopt.memory.activations`, and one merged
+What a layer's forward saves for backward is :mod:`mergeopt.memory.activations`, one layer's
+backward (a checkpointed recompute included) :mod:`mergeopt.memory.layer_backward`, and one merged
 parameter in flight :mod:`mergeopt.memory.merge_moments`; this module places them in a step beside
-the chunked loss, a layer's backward and a checkpointed recompute.
+the chunked loss.
 
 Each is an estimate written from what the code keeps alive in that phase (see
 :mod:`mergeopt.memory.rows` for the whole memory model), checked in tests/test_plan.py against
@@ -12,7 +13,8 @@ the live tensor bytes of real steps on small Llamas and of sharded steps on gloo
 from __future__ import annotations
 
 from mergeopt.config import Recipe
-from mergeopt.memory.activations import after_attention_bytes, layer_activation_bytes, saved_activation_bytes
+from mergeopt.memory.activations import layer_activation_bytes, saved_activation_bytes
+from mergeopt.memory.layer_backward import Step, layer_backward_bytes
 from mergeopt.memory.merge_moments import anchor_itemsize, merge_bytes, merge_evaluation_bytes
 from mergeopt.memory.sizes import (
     FLOAT32,
@@ -147,132 +149,83 @@ def training_bytes(
 
     Without activation checkpointing every layer's saved activations are held when the backward
     starts. With it, only each layer's input (tokens × hidden) is held, and the backward runs one
-    layer at a time again: that layer's activations (less the MLP output projection's input, which
-    that projection's backward, the first, has released by the layer's largest moment; where the
-    layer ends in a norm, Gemma 4's, that norm's backward comes first and nothing is released yet)
-    plus its merged weights (``layer_params`` elements in the compute dtype) are added. Within a
-    layer's backward, a parameter's merge is in flight
-    (:func:`~mergeopt.memory.merge_moments.merge_bytes`) beside one activation gradient (the
-    module's input gradient), and the MLP's gated product is differentiated (two activation gradients) when no merge is. On top:
-    the chunked loss's backward and the attention mask the model builds (length² booleans per
-    sequence).
-
-    LoRA experts kept low-rank add, per adapted module, the rank-Σr activations x·Aᵀ, kept for the
-    gradient of their coefficients c(w) (``rank_sum`` is Σr summed over modules and experts; the
-    factors need no gradient, so nothing else is kept). Each DoRA layer kept low-rank adds its
-    output x W0ᵀ, kept for its row gain's gradient (``gain_rows``: Σ of those layers' output
-    widths), and the (tokens × out) product its backward reduces to the gain's gradient (out at
-    most the MLP's width). Where layer weights are merged, the low-rank branch's input gradient
-    (tokens × in) comes beside the projection's own backward. Checkpointed, a decoder layer's
-    share of those is held only while the layer is recomputed: ``lowrank_by_layer`` (per token,
-    the largest layer's and what is outside the layers) replaces the total (None: every layer's
-    is counted). ``factor_copies``: elements of the factors cast to the compute dtype at each
-    forward and kept for the backward (all of them; checkpointed, the largest layer's and those
-    outside the layers). ``frozen``: no decoder layer's weight is merged
-    (:func:`~mergeopt.memory.activations.layer_activation_bytes`). ``from_factors``: the layers'
+    layer at a time again. Either way one layer's backward comes on top
+    (:func:`~mergeopt.memory.layer_backward.layer_backward_bytes`), beside the chunked loss's
+    backward (:func:`head_bytes`), the attention mask the model builds (length² booleans per
+    sequence) and what LoRA experts kept low-rank add (:func:`_lowrank_bytes`). ``layer_params``: elements of the
+    largest layer's merged weights; ``frozen``: no decoder layer's weight is merged
+    (:func:`~mergeopt.memory.activations.layer_activation_bytes`); ``from_factors``: the layers'
     merged weights are formed from LoRA factors (a mixture of experts' fused experts:
     :func:`~mergeopt.memory.merge_moments.merge_bytes`).
 
-    Eager attention (Gemma2) adds its backward's moment: the attention sublayer's kept tensors
-    beside the float32 gradients of the attention weights
-    (:meth:`~mergeopt.memory.layer_profiles.LayerProfile.attention_backward_bytes`); a gated
-    DeltaNet layer (Qwen 3.5) its chunk algorithm's float32 gradients at the same moment
-    (:meth:`~mergeopt.memory.linear_attention.LinearAttention.backward_bytes`), and a latent
-    attention layer (DeepSeek-V3) on a CPU its math kernel's
-    (:meth:`~mergeopt.memory.latent_attention.LatentAttention.backward_bytes`).
-
     A sharded stack (``gathers``) gathers the merged weights whole
-    (:func:`~mergeopt.memory.merge_moments.merge_bytes`), the output layer's beside the loss, and the matrices not stacked while their modules run: with
-    checkpointing the recomputed layer's among its weights, without it the largest one beside an
-    activation gradient.
+    (:func:`~mergeopt.memory.merge_moments.merge_bytes`), the output layer's beside the loss, and the
+    matrices not stacked while their modules run: with checkpointing the recomputed layer's among its
+    weights, without it the largest one beside an activation gradient.
     """
     d, length = dims, recipe.data.max_length
-    tokens = batch * length
+    checkpointed = recipe.optim.activation_checkpointing
     mask = batch * d.profile.mask_bytes(length, compute)
+    lowrank = _lowrank_bytes(
+        d, batch * length, compute, checkpointed, rank_sum, gain_rows, frozen, lowrank_by_layer, factor_copies
+    )
+    head = head_bytes(recipe, d, batch, length, compute, merged_head, gathers)
+    step = Step(
+        checkpointed,
+        compute,
+        batch,
+        length,
+        frozen,
+        merge=merge_bytes(recipe, num_experts, largest, compute, gathers, from_factors),
+        largest=largest,
+        layer_params=layer_params,
+        unstacked=compute * gathers.unstacked if gathers else 0,
+        gathered=compute * gathers.layer if gathers else 0,
+    )
+    saved = saved_activation_bytes(d, batch, length, compute, frozen)
+    if checkpointed:  # each layer's input, and what is outside the layers
+        layers = sum(
+            n * layer_activation_bytes(k, batch, length, compute, frozen) for k, n in d.layer_kinds()
+        )
+        saved += d.layers * compute * batch * length * d.hidden - layers
+    layer = max(layer_backward_bytes(kind, step) for kind, _ in d.layer_kinds())
+    return saved + mask + lowrank + max(head, layer)
+
+
+def _lowrank_bytes(
+    d: Dims,
+    tokens: int,
+    compute: int,
+    checkpointed: bool,
+    rank_sum: int,
+    gain_rows: int,
+    frozen: bool,
+    lowrank_by_layer: tuple[int, int] | None,
+    factor_copies: tuple[int, int],
+) -> int:
+    """What LoRA experts kept low-rank add to a micro-step.
+
+    Per adapted module, the rank-Σr activations x·Aᵀ, kept for the gradient of their coefficients
+    c(w) (``rank_sum`` is Σr summed over modules and experts; the factors need no gradient, so
+    nothing else is kept). Each DoRA layer kept low-rank adds its output x W0ᵀ, kept for its row
+    gain's gradient (``gain_rows``: Σ of those layers' output widths), and the (tokens × out)
+    product its backward reduces to the gain's gradient (out at most the MLP's width). Where layer
+    weights are merged, the low-rank branch's input gradient (tokens × in) comes beside the
+    projection's own backward. Checkpointed, a decoder layer's share of those is held only while the
+    layer is recomputed: ``lowrank_by_layer`` (per token, the largest layer's and what is outside
+    the layers) replaces the total (None: every layer's is counted). ``factor_copies``: elements of
+    the factors cast to the compute dtype at each forward and kept for the backward (all of them;
+    checkpointed, the largest layer's and those outside the layers).
+    """
     lowrank = compute * tokens * (rank_sum + gain_rows)
-    if recipe.optim.activation_checkpointing and lowrank_by_layer is not None:
+    if checkpointed and lowrank_by_layer is not None:
         lowrank = compute * tokens * sum(lowrank_by_layer)
     if gain_rows:  # a DoRA layer's backward forms ∂L/∂y ⊙ x W0ᵀ (tokens × out) to sum it to ∂L/∂g
         lowrank += compute * tokens * d.intermediate
     if rank_sum and not frozen:  # beside a merged projection's backward (its input gradient and its
         # weight's contraction), the low-rank branch's input gradient (tokens × in, in ≤ the MLP's width)
         lowrank += compute * tokens * d.intermediate
-    lowrank += compute * factor_copies[1 if recipe.optim.activation_checkpointing else 0]
-    head = head_bytes(recipe, d, batch, length, compute, merged_head, gathers)
-    merge = merge_bytes(recipe, num_experts, largest, compute, gathers, from_factors)
-    unstacked = compute * gathers.unstacked if gathers else 0
-    saved = saved_activation_bytes(d, batch, length, compute, frozen)
-    if recipe.optim.activation_checkpointing:  # each layer's input, and what is outside the layers
-        layers = sum(
-            n * layer_activation_bytes(k, batch, length, compute, frozen) for k, n in d.layer_kinds()
-        )
-        saved += d.layers * compute * tokens * d.hidden - layers
-
-    def layer_peak(d: Dims) -> int:
-        """The moment of the backward of one layer of the kind ``d`` (beyond ``saved``)."""
-        gradient = compute * tokens * d.mlp_gradient_width  # the largest activation gradient
-        # a mixture of experts' backward meets its two widest moments after releasing some of what its
-        # routed copies kept: the gate and up gradients joined into the fused projection's, once the
-        # down projection's input and output are gone; the fused weight's contraction, once the gate's
-        # and up's activations and the fused projection's output gradient are gone too (the token
-        # copies the projection read stay, beside their gradient)
-        joined_release = fused_release = 0
-        if d.profile.moe and not frozen:
-            copies = tokens * d.top_k
-            joined_release = compute * copies * (d.expert_intermediate + d.hidden)
-            fused_release = compute * copies * (4 * d.expert_intermediate + d.hidden) + gradient
-            fused_release -= compute * copies * d.hidden
-        # GPT-OSS interleaves gate and up: each half's gradient is formed at the fused width before the
-        # two are added, one fused-width gradient more when every layer's activations are kept (when
-        # checkpointed, the recomputed layer has released enough of its own by then: measured)
-        interleaved = gradient if d.profile.clamped_swiglu and not frozen else 0
-        # the first moment of a mixture of experts' backward: the gradient of its output, put back
-        # in the routed copies' order (the copies' zeros it is put into, the gradient spread over
-        # the copies and the product with the routing weights), in float32 where they are; at an
-        # expert width narrow against the hidden size (GLM-4.5, Qwen3-MoE) the widest
-        reorder = 0
-        if d.profile.moe and not frozen:
-            weighted = FLOAT32 if d.profile.routing_weights_float32 else compute
-            reorder = 3 * weighted * tokens * d.top_k * d.hidden
-        backward = max(
-            2 * gradient + interleaved - joined_release,
-            gradient + merge - fused_release,
-            gradient + unstacked,
-            reorder,
-        )
-        one_layer = layer_activation_bytes(d, batch, length, compute, frozen)
-        # eager attention's backward, once the rest of the layer's backward has released what the
-        # layer kept after its attention (zero under SDPA), or a gated DeltaNet layer's chunks'
-        mixer = batch * length * length * d.heads * d.profile.attention_backward_bytes(compute)
-        if d.linear_mixer:
-            mixer = d.linear_mixer.backward_bytes(batch, length)
-        if d.latent_attention:
-            mixer = d.latent_attention.backward_bytes(d.heads, batch, length)
-        attention = mixer + gradient - after_attention_bytes(d, batch, length, compute, frozen)
-        if recipe.optim.activation_checkpointing:
-            # the layer being recomputed: its activations, its merged weights (one of them counted by
-            # the merge in flight), its backward. Its largest moments come after the backward of the
-            # MLP's output projection, which runs first and releases that module's input (the gated
-            # product, one intermediate-sized activation) before its weight's contraction
-            released = 0 if frozen else compute * tokens * d.mlp_down_input  # frozen: never kept
-            if d.profile.moe and not frozen:  # the down projection's input is released already
-                joined_release, fused_release = joined_release - released, fused_release - released
-            backward_peak = max(
-                2 * gradient - joined_release, gradient + merge - compute * largest - fused_release
-            )
-            gathered = compute * gathers.layer if gathers else 0
-            backward_peak = max(backward_peak, attention + released, reorder + released)
-            layer = one_layer - released + compute * layer_params + gathered + backward_peak
-            # a layer that ends in a norm (Gemma 4): its backward comes first, with nothing released
-            end = d.profile.output_norm_backward_bytes(d.hidden, compute) * tokens
-            if end:
-                layer = max(layer, one_layer + compute * layer_params + gathered + end)
-        else:
-            layer = max(backward, attention)
-        return layer
-
-    layer = max(layer_peak(kind) for kind, _ in d.layer_kinds())
-    return saved + mask + lowrank + max(head, layer)
+    return lowrank + compute * factor_copies[1 if checkpointed else 0]
 
 
 def evaluation_bytes(
@@ -291,14 +244,10 @@ def evaluation_bytes(
 
     The residual stream (tokens × hidden) plus the largest of: one chunk of the loss (its float32
     logits and the log-sum-exp temporary) with the output layer's weight as the loss reads it
-    (formed by the merge, or cast from the compute dtype); a layer's working set (4 hidden-sized and
-    3 intermediate-sized tensors per token, the boolean and float padding masks per sequence); one
-    parameter's merge (merged while it runs); an evaluation wider than the compute dtype reads each
-    parameter that is not stacked as a cast copy (the largest, ``unstacked_largest`` elements).
-    A gated DeltaNet layer's working set is its chunk algorithm's float32 locals
-    (:meth:`~mergeopt.memory.linear_attention.LinearAttention.evaluation_bytes`), where larger; a
-    latent attention layer's, its attention's widest moment
-    (:meth:`~mergeopt.memory.latent_attention.LatentAttention.evaluation_bytes`), where larger.
+    (formed by the merge, or cast from the compute dtype); a layer's working set
+    (:func:`_working_set_bytes`); one parameter's merge (merged while it runs); an evaluation wider
+    than the compute dtype reads each parameter that is not stacked as a cast copy (the largest,
+    ``unstacked_largest`` elements).
     Generation (exact_match) holds a merged copy of the stacked parameters instead (see docs/guides/memory.md).
     A sharded stack (``gathers``) adds the gathered weights: a merged weight beside the rank's block,
     the output layer's (read in ``evaluate`` bytes, cast when it is not merged) beside the loss
@@ -311,52 +260,7 @@ def evaluation_bytes(
     tokens = batch * length
     chunk = min(recipe.optim.loss_chunk_tokens, tokens)
     head = 2 * FLOAT32 * chunk * dims.vocab + (e * dims.vocab * dims.hidden if merged_head or cast else 0)
-
-    def working_set(dims: Dims) -> int:
-        """A layer's working set, for a layer of the kind ``dims``."""
-        layer = e * tokens * (4 * dims.hidden + 3 * dims.intermediate)
-        if dims.linear_mixer:
-            return max(layer, dims.linear_mixer.evaluation_bytes(dims.hidden, batch, length, e))
-        if dims.profile.moe or dims.moe_block:
-            # grouped_mm reads a fused expert weight whole (merged: the largest stacked tensor at most,
-            # its kernel's temporaries gone) while the routed copies' working set is alive: the token
-            # copies, the fused projection's output, the gate's activation and its product with up
-            copies = tokens * dims.top_k
-            # GPT-OSS: its clamped SwiGLU's five activations and the gathered gate-and-up biases
-            width = (9 if dims.profile.clamped_swiglu else 4) * dims.expert_intermediate
-            routed = copies * (dims.hidden + width)
-            # then, the down projection done, its output weighted by the routing weights (float32
-            # where they are: the product is float32; Gemma 4's block's always) and put back in the
-            # tokens' order, beside the token copies, one hidden-sized tensor fewer alive: at an
-            # expert width narrow against the hidden size (GLM-4.5, Qwen3-MoE), this is the larger
-            # moment
-            weighted = FLOAT32 if dims.profile.routing_weights_float32 or dims.moe_block else e
-            reordered = copies * dims.hidden * (2 * e + 2 * weighted) - e * tokens * dims.hidden
-            routed_layer = e * (tokens * 4 * dims.hidden + largest) + max(e * routed, reordered)
-            # Gemma 4's block runs after its dense MLP, whose output it holds
-            layer = max(layer, routed_layer + e * tokens * dims.hidden) if dims.moe_block else routed_layer
-            if dims.shared_intermediate:  # a shared expert, a dense MLP, beside the routed experts'
-                # output: Qwen2-MoE's runs first and its output stays, DeepSeek-V3's kind runs after
-                shared = e * tokens * (4 * dims.hidden + 3 * dims.shared_intermediate)
-                if dims.profile.shared_expert == "gated":
-                    layer = max(layer + e * tokens * dims.hidden, shared)
-                else:
-                    layer = max(layer, shared + e * tokens * dims.hidden)
-        if dims.profile.eager:
-            # the float masks, held through the forward; the layer holds the attention weights it
-            # returns through its MLP, and the attention's softmax meets every head's scores
-            pairs, masks = batch * length * length, e * dims.profile.mask_kinds
-            scores = pairs * (dims.heads * dims.profile.eager_scores_bytes(e) + masks)
-            qkv = e * tokens * (dims.hidden + 3 * dims.heads * dims.head_dim)
-            layer = max(layer + pairs * (dims.heads * e + masks), scores + qkv)
-        else:
-            layer += 5 * batch * length * length  # SDPA's boolean and float padding masks
-        if dims.latent_attention:  # its attention's moment, the widest heads' tensors alive
-            latent = dims.latent_attention.evaluation_bytes(dims.hidden, dims.heads, batch, length, e)
-            layer = max(layer, latent)
-        return layer
-
-    layer = max(working_set(kind) for kind, _ in dims.layer_kinds())
+    layer = max(_working_set_bytes(kind, e, batch, length, largest) for kind, _ in dims.layer_kinds())
     if dims.layer_shapes:  # Gemma 4: alive through the layers, the per-layer inputs and the keys
         # and values each kind of layer stores for the layers that read them
         stored = {s.layer_type: s.kv_heads * s.head_dim for s, _ in dims.layer_shapes if not s.kv_shared}
@@ -372,6 +276,66 @@ def evaluation_bytes(
         head = max(head, gathering)
         copy = compute * gathers.unstacked_any + (e * gathers.unstacked_any if cast else 0)
     return e * tokens * dims.hidden + max(head, layer, merge, copy)
+
+
+def _working_set_bytes(dims: Dims, e: int, batch: int, length: int, largest: int) -> int:
+    """The working set of a layer of the kind ``dims`` evaluated in ``e`` bytes per element: 4
+    hidden-sized and 3 intermediate-sized tensors per token, the boolean and float padding masks per
+    sequence. A gated DeltaNet layer's is its chunk algorithm's float32 locals
+    (:meth:`~mergeopt.memory.linear_attention.LinearAttention.evaluation_bytes`), where larger; a
+    mixture of experts' its routed copies' (:func:`_routed_working_set_bytes`); eager attention's
+    its attention weights and masks; a latent attention layer's, its attention's widest moment
+    (:meth:`~mergeopt.memory.latent_attention.LatentAttention.evaluation_bytes`), where larger."""
+    tokens = batch * length
+    layer = e * tokens * (4 * dims.hidden + 3 * dims.intermediate)
+    if dims.linear_mixer:
+        return max(layer, dims.linear_mixer.evaluation_bytes(dims.hidden, batch, length, e))
+    if dims.profile.moe or dims.moe_block:
+        layer = _routed_working_set_bytes(dims, e, tokens, largest, layer)
+    if dims.profile.eager:
+        # the float masks, held through the forward; the layer holds the attention weights it
+        # returns through its MLP, and the attention's softmax meets every head's scores
+        pairs, masks = batch * length * length, e * dims.profile.mask_kinds
+        scores = pairs * (dims.heads * dims.profile.eager_scores_bytes(e) + masks)
+        qkv = e * tokens * (dims.hidden + 3 * dims.heads * dims.head_dim)
+        layer = max(layer + pairs * (dims.heads * e + masks), scores + qkv)
+    else:
+        layer += 5 * batch * length * length  # SDPA's boolean and float padding masks
+    if dims.latent_attention:  # its attention's moment, the widest heads' tensors alive
+        latent = dims.latent_attention.evaluation_bytes(dims.hidden, dims.heads, batch, length, e)
+        layer = max(layer, latent)
+    return layer
+
+
+def _routed_working_set_bytes(dims: Dims, e: int, tokens: int, largest: int, dense: int) -> int:
+    """A mixture of experts' layer evaluated (``dense``: the working set of a dense layer of its
+    widths, Gemma 4's dense MLP beside its block).
+
+    grouped_mm reads a fused expert weight whole (merged: the largest stacked tensor at most, its
+    kernel's temporaries gone) while the routed copies' working set is alive: the token copies, the
+    fused projection's output, the gate's activation and its product with up. Then, the down
+    projection done, its output is weighted by the routing weights (float32 where they are: the
+    product is float32; Gemma 4's block's always) and put back in the tokens' order, beside the
+    token copies, one hidden-sized tensor fewer alive: at an expert width narrow against the hidden
+    size (GLM-4.5, Qwen3-MoE), this is the larger moment. A shared expert is a dense MLP beside the
+    routed experts' output: Qwen2-MoE's runs first and its output stays, DeepSeek-V3's kind runs
+    after."""
+    copies = tokens * dims.top_k
+    # GPT-OSS: its clamped SwiGLU's five activations and the gathered gate-and-up biases
+    width = (9 if dims.profile.clamped_swiglu else 4) * dims.expert_intermediate
+    routed = copies * (dims.hidden + width)
+    weighted = FLOAT32 if dims.profile.routing_weights_float32 or dims.moe_block else e
+    reordered = copies * dims.hidden * (2 * e + 2 * weighted) - e * tokens * dims.hidden
+    routed_layer = e * (tokens * 4 * dims.hidden + largest) + max(e * routed, reordered)
+    # Gemma 4's block runs after its dense MLP, whose output it holds
+    layer = max(dense, routed_layer + e * tokens * dims.hidden) if dims.moe_block else routed_layer
+    if dims.shared_intermediate:
+        shared = e * tokens * (4 * dims.hidden + 3 * dims.shared_intermediate)
+        if dims.profile.shared_expert == "gated":
+            layer = max(layer + e * tokens * dims.hidden, shared)
+        else:
+            layer = max(layer, shared + e * tokens * dims.hidden)
+    return layer
 
 
 def eval_itemsize(recipe: Recipe) -> int:
