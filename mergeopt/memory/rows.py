@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from mergeopt.config import Recipe
 from mergeopt.loading.lora import PREFIX
@@ -347,43 +348,15 @@ def plan_rows(
     phases = [_stacking_row(recipe, layout, source, compute, factor_bytes, factor_itemsize)]
     batch = f"evaluation batch {recipe.optim.eval_batch_size} x {recipe.data.max_length} tokens"
     batch += " per rank" if world_size > 1 else ""
-    gain_rows = {m: a.modules[m][2] for a in adapters.values() for m in a.gains}  # DoRA: out per layer
     # what the per-layer merge forms: the stacked parameters and the whole parameters kept low-rank
     merged = list(dict.fromkeys([*stacked, *sorted(layout.low_params)]))
     largest_merged = max((inventory.numel(n) for n in merged), default=0)
     if recipe.search.strategy == "gradient":
-        train = training_batch(recipe)
-        share = block_rows(
-            train, world_size
-        )  # each rank takes every N-th example (mergeopt.runtime.distributed)
-        step = training_bytes(
-            recipe,
-            dims,
-            share,
-            largest_merged,
-            k,
-            compute,
-            _largest_layer(merged, inventory),
-            merged_head,
-            layout.rank_sum,
-            gathers,
-            sum(gain_rows.values()),
-            # LoRA experts alone, nothing of the decoder layers stacked: no layer weight is merged
-            frozen=layout.alone and not any(LAYER_INDEX.search(n) for n in merged),
-            lowrank_by_layer=_lowrank_by_layer(adapters, gain_rows) if lowrank else (0, 0),
-            # sharded factors are gathered again for the backward, not kept
-            factor_copies=_factor_copies(adapters)
-            if lowrank and not layout.sharded and anchor_name != compute_name
-            else (0, 0),
-            # the layers' merged weights formed from factors alone (fused experts' LoRA)
-            from_factors=bool(layout.low_params) and not any(LAYER_INDEX.search(n) for n in stacked),
+        step = _StepInputs(
+            layout, inventory, dims, compute, (compute_name, anchor_name), merged_head, gathers
         )
-        how = "checkpointed" if recipe.optim.activation_checkpointing else "every activation kept"
-        phases.append(Row(f"training step, {compute_name}, {how}", step))
-        if world_size > 1:
-            micro = f"micro-batch {train} x {recipe.data.max_length} tokens over {world_size} ranks, {share} per rank"
-        else:
-            micro = f"micro-batch {train} x {recipe.data.max_length} tokens"
+        row, micro = _training_row(recipe, step, merged, world_size)
+        phases.append(row)
         batch = f"{micro}; {batch}"
     evaluate = eval_itemsize(recipe)
     evaluate_name = "float32" if recipe.model.eval_dtype == "auto" else recipe.model.eval_dtype
@@ -407,3 +380,55 @@ def plan_rows(
         shard=recipe.model.shard,
         adapters_only=layout.alone,
     )
+
+
+@dataclass(frozen=True)
+class _StepInputs:
+    """What the training step's row is planned from, beside the recipe."""
+
+    layout: Layout
+    inventory: Inventory
+    dims: Dims  # on the planned device
+    compute: int  # bytes per element of the compute dtype
+    dtype_names: tuple[str, str]  # the compute dtype's name and the anchor's (LoRA factors are held in it)
+    merged_head: bool  # the output layer is stacked, so merged
+    gathers: Gathers | None  # sharded: what a rank gathers whole while a layer runs
+
+
+def _training_row(recipe: Recipe, step: _StepInputs, merged: list[str], world_size: int) -> tuple[Row, str]:
+    """The gradient strategy's micro-step (:func:`~mergeopt.memory.phases.training_bytes`) as a row,
+    and the micro-batch it is planned for (each rank takes every N-th example:
+    mergeopt.runtime.distributed)."""
+    layout, inventory = step.layout, step.inventory
+    adapters, lowrank = layout.adapters, layout.lowrank
+    compute_name, anchor_name = step.dtype_names
+    gain_rows = {m: a.modules[m][2] for a in adapters.values() for m in a.gains}  # DoRA: out per layer
+    train = training_batch(recipe)
+    share = block_rows(train, world_size)
+    planned = training_bytes(
+        recipe,
+        step.dims,
+        share,
+        max((inventory.numel(n) for n in merged), default=0),
+        layout.k,
+        step.compute,
+        _largest_layer(merged, inventory),
+        step.merged_head,
+        layout.rank_sum,
+        step.gathers,
+        sum(gain_rows.values()),
+        # LoRA experts alone, nothing of the decoder layers stacked: no layer weight is merged
+        frozen=layout.alone and not any(LAYER_INDEX.search(n) for n in merged),
+        lowrank_by_layer=_lowrank_by_layer(adapters, gain_rows) if lowrank else (0, 0),
+        # sharded factors are gathered again for the backward, not kept
+        factor_copies=_factor_copies(adapters)
+        if lowrank and not layout.sharded and anchor_name != compute_name
+        else (0, 0),
+        # the layers' merged weights formed from factors alone (fused experts' LoRA)
+        from_factors=bool(layout.low_params) and not any(LAYER_INDEX.search(n) for n in layout.stacked),
+    )
+    how = "checkpointed" if recipe.optim.activation_checkpointing else "every activation kept"
+    micro = f"micro-batch {train} x {recipe.data.max_length} tokens"
+    if world_size > 1:
+        micro += f" over {world_size} ranks, {share} per rank"
+    return Row(f"training step, {compute_name}, {how}", planned), micro
