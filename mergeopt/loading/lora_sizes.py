@@ -133,67 +133,80 @@ def factor_sizes(
     )
     config, header = _header(file, dict(config or {}), model)
     wrapped = resolved_parameters(Path(path), config, model) if config else {}
-    transposed = fan_in_fan_out
-    factors: dict[str, dict[str, tuple[int, ...]]] = {}
-    dense: set[str] = set()
-    magnitudes: set[str] = set()
-    embeddings: dict[str, dict[str, tuple[int, ...]]] = {}
-    parameters: dict[str, tuple[int, int]] = {}
+    tensors = _HeaderTensors()
     for key, (shape, _) in header.items():
-        name = key.removeprefix(PREFIX)
+        tensors.add(key.removeprefix(PREFIX), tuple(shape), wrapped)
+    return tensors.sizes(stored, transposed=fan_in_fan_out)
+
+
+@dataclass
+class _HeaderTensors:
+    """An adapter's tensors sorted by what they are, as :func:`read_adapter` sorts them: shapes only."""
+
+    factors: dict[str, dict[str, tuple[int, ...]]] = field(default_factory=dict)  # a module's A and B
+    embeddings: dict[str, dict[str, tuple[int, ...]]] = field(default_factory=dict)  # an embedding's
+    parameters: dict[str, tuple[int, int]] = field(default_factory=dict)  # LoRA on parameters: elements, r
+    dense: set[str] = field(default_factory=set)  # base parameters the adapter sets densely
+    magnitudes: set[str] = field(default_factory=set)  # DoRA's: the weights whose module has one
+
+    def add(self, name: str, shape: tuple[int, ...], wrapped: dict) -> None:
+        """Sort one tensor (its key less PEFT's prefix); ``wrapped``: LoRA on parameters, by module."""
         if (match := FACTOR.match(name)) and match["module"] in wrapped:
             target = wrapped[match["module"]]
-            dense.add(target.name)  # LoRA on a parameter: dense rows, or kept low-rank (see above)
-            elements, r = parameters.get(target.name, (0, 0))
+            self.dense.add(target.name)  # LoRA on a parameter: dense rows, or kept low-rank (see above)
+            elements, r = self.parameters.get(target.name, (0, 0))
             if match["which"] == "A":  # r·E × in
                 r = shape[0] // target.experts
-            parameters[target.name] = (elements + math.prod(shape), r)
+            self.parameters[target.name] = (elements + math.prod(shape), r)
         elif match := FACTOR.match(name):
             if len(shape) == 2:
-                factors.setdefault(match["module"], {})[match["which"]] = tuple(shape)
+                self.factors.setdefault(match["module"], {})[match["which"]] = shape
         elif match := EMBEDDING.match(name):  # lora_embedding_A is r × rows, B width × r
             if len(shape) == 2:
-                embeddings.setdefault(match["module"], {})[match["which"]] = tuple(shape)
+                self.embeddings.setdefault(match["module"], {})[match["which"]] = shape
         elif match := MAGNITUDE.match(name):
-            magnitudes.add(f"{match['module']}.weight")
+            self.magnitudes.add(f"{match['module']}.weight")
         elif match := LORA_BIAS.match(name):
-            dense.add(f"{match['module']}.bias")
+            self.dense.add(f"{match['module']}.bias")
         elif match := TOKENS.match(name):
-            dense.add(f"{match['module']}.weight")
+            self.dense.add(f"{match['module']}.weight")
         else:
-            dense.add(name.replace(".base_layer.", "."))
-    dense |= magnitudes
-    pairs = [module for module, ab in factors.items() if {"A", "B"} <= set(ab)]
-    if transposed:  # Conv1D modules are stacked densely (:func:`read_adapter`)
-        dense |= {f"{module}.weight" for module in pairs}
-    low = [] if transposed else [m for m in pairs if f"{m}.weight" not in magnitudes]
-    # an embedding's factors are stacked as a linear weight's: A's role (r × width) is played by Bᵀ
-    embedded = [m for m, ab in embeddings.items() if {"A", "B"} <= set(ab)]
-    dense |= {f"{m}.weight" for m in embedded if f"{m}.weight" in magnitudes}
-    low_embedded = [m for m in embedded if f"{m}.weight" not in magnitudes]
-    copies = {f"{m}.weight" for m in (*low, *low_embedded)} & dense  # a low-rank module's own weight
-    modules = {PREFIX + m: (factors[m]["A"][0], factors[m]["A"][1], factors[m]["B"][0]) for m in low}
-    # a DoRA linear module's factors, kept low-rank where the stack allows (FactorSizes.with_dora)
-    dora = (
-        {}
-        if transposed
-        else {
-            PREFIX + m: (factors[m]["A"][0], factors[m]["A"][1], factors[m]["B"][0])
-            for m in pairs
-            if f"{m}.weight" in magnitudes
+            self.dense.add(name.replace(".base_layer.", "."))
+
+    def sizes(self, stored: int, transposed: bool) -> FactorSizes:
+        """What the plan needs (``stored``: the file's bytes; ``transposed``: fan_in_fan_out, Conv1D
+        modules stacked densely, as :func:`read_adapter` does)."""
+        dense, magnitudes = self.dense | self.magnitudes, self.magnitudes
+        pairs = [module for module, ab in self.factors.items() if {"A", "B"} <= set(ab)]
+        if transposed:
+            dense |= {f"{module}.weight" for module in pairs}
+        low = [] if transposed else [m for m in pairs if f"{m}.weight" not in magnitudes]
+        # an embedding's factors are stacked as a linear weight's: A's role (r × width) is played by Bᵀ
+        embedded = [m for m, ab in self.embeddings.items() if {"A", "B"} <= set(ab)]
+        dense |= {f"{m}.weight" for m in embedded if f"{m}.weight" in magnitudes}
+        low_embedded = [m for m in embedded if f"{m}.weight" not in magnitudes]
+        copies = {f"{m}.weight" for m in (*low, *low_embedded)} & dense  # a low-rank module's own weight
+        modules = {PREFIX + m: self._linear(m) for m in low}
+        # a DoRA linear module's factors, kept low-rank where the stack allows (FactorSizes.with_dora)
+        dora = (
+            {} if transposed else {PREFIX + m: self._linear(m) for m in pairs if f"{m}.weight" in magnitudes}
+        )
+        modules |= {
+            PREFIX + m: (self.embeddings[m]["A"][0], self.embeddings[m]["B"][0], self.embeddings[m]["A"][1])
+            for m in low_embedded
         }
-    )
-    modules |= {
-        PREFIX + m: (embeddings[m]["A"][0], embeddings[m]["B"][0], embeddings[m]["A"][1])
-        for m in low_embedded
-    }
-    sizes = FactorSizes(
-        0,
-        0,
-        stored,
-        dense=tuple(sorted(dense - copies)),
-        copies=tuple(sorted(copies)),
-        dora=dora,
-        parameters=parameters,
-    )
-    return sizes.keeping(modules)
+        sizes = FactorSizes(
+            0,
+            0,
+            stored,
+            dense=tuple(sorted(dense - copies)),
+            copies=tuple(sorted(copies)),
+            dora=dora,
+            parameters=self.parameters,
+        )
+        return sizes.keeping(modules)
+
+    def _linear(self, module: str) -> tuple[int, int, int]:
+        """(rank, in, out) of a linear module's factors: A is r × in, B out × r."""
+        ab = self.factors[module]
+        return ab["A"][0], ab["A"][1], ab["B"][0]
