@@ -28,12 +28,16 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from mergeopt.errors import UserError
 from mergeopt.export.formats.base import Context, Format
 from mergeopt.export.mixture_input import resolve_world_path
+
+if TYPE_CHECKING:
+    from mergeopt.config import Recipe
 
 METHODS = {
     "linear": "task_arithmetic",
@@ -76,6 +80,22 @@ def render(ctx: Context) -> str:
         )
     method = ctx.mixture.method
     name = method.get("name", "linear")
+    _check_mergeable(ctx, recipe, name, method)
+    base = resolve_world_path(recipe.model.base, ctx.mixture, recipe)
+    coeffs = coefficients(ctx)
+    config = {
+        "merge_method": METHODS[name],
+        "base_model": base,
+        "models": _models(ctx, recipe, name, method, coeffs, base),
+        "parameters": _shared_parameters(name, method),
+        "dtype": "float32",
+    }
+    lines = [ctx.header(FORMAT), *_comments(ctx, recipe, name, method, coeffs)]
+    return "\n".join(lines) + "\n" + yaml.safe_dump(config, sort_keys=False)
+
+
+def _check_mergeable(ctx: Context, recipe: Recipe, name: str, method: dict) -> None:
+    """Refuse, in one line, what mergekit cannot merge as the fit scored it."""
     if name not in METHODS:
         raise UserError(f"{ctx.mixture.path}: merge method {name!r} has no mergekit equivalent")
     if name in ("ties", "dare_ties") and method.get("majority_sign", "total") != "total":
@@ -98,8 +118,12 @@ def render(ctx: Context) -> str:
             f"model.exclude pattern {odd[0]!r} is a regex; mergekit filters only by substring "
             "(use plain names like 'embed_tokens')"
         )
-    base = resolve_world_path(recipe.model.base, ctx.mixture, recipe)
-    coeffs = coefficients(ctx)
+
+
+def _models(
+    ctx: Context, recipe: Recipe, name: str, method: dict, coeffs: dict[str, float], base: str
+) -> list[dict]:
+    """mergekit's ``models``: each expert's path and its weight (0 on the excluded tensors)."""
     models = []
     for expert in ctx.mixture.names:
         weight: float | list = coeffs[expert]
@@ -111,17 +135,21 @@ def render(ctx: Context) -> str:
         models.append(
             {"model": _model_path(recipe.model.experts[expert], ctx, base), "parameters": parameters}
         )
+    return models
+
+
+def _shared_parameters(name: str, method: dict) -> dict:
+    """mergekit's top-level ``parameters``: no normalisation, λ = merge.scale, DARE's rescaling."""
     shared: dict = {"normalize": False, "lambda": float(method.get("scale", 1.0))}
     if name.startswith("dare"):
         shared["rescale"] = True
-    config = {
-        "merge_method": METHODS[name],
-        "base_model": base,
-        "models": models,
-        "parameters": shared,
-        "dtype": "float32",
-    }
-    lines = [ctx.header(FORMAT)]
+    return shared
+
+
+def _comments(ctx: Context, recipe: Recipe, name: str, method: dict, coeffs: dict[str, float]) -> list[str]:
+    """The config's comments: M3's drawn coefficients, how far mergekit's method is the one the fit
+    scored (also a note for the terminal), and the flags mergekit-yaml needs."""
+    lines = []
     if coeffs != ctx.mixture.weights:
         drawn = ", ".join(f"{n} {c:.6g}" for n, c in coeffs.items())
         lines.append(f"# M3 mixup: the weights are the coefficients w*lambda/sum(w*lambda): {drawn}")
@@ -146,7 +174,7 @@ def render(ctx: Context) -> str:
             )
     if recipe.model.trust_remote_code:
         lines.append("# the recipe trusts remote code: run mergekit-yaml with --trust-remote-code")
-    return "\n".join(lines) + "\n" + yaml.safe_dump(config, sort_keys=False)
+    return lines
 
 
 FORMAT = Format(
