@@ -152,8 +152,8 @@ def training_bytes(
     layer at a time again. Either way one layer's backward comes on top
     (:func:`~mergeopt.memory.layer_backward.layer_backward_bytes`), beside the chunked loss's
     backward (:func:`head_bytes`), the attention mask the model builds (length² booleans per
-    sequence) and what LoRA experts kept low-rank add (:func:`_lowrank_bytes`). ``layer_params``: elements of the
-    largest layer's merged weights; ``frozen``: no decoder layer's weight is merged
+    sequence) and what LoRA experts kept low-rank add (:func:`_lowrank_bytes`). ``layer_params``:
+    elements of the largest layer's merged weights; ``frozen``: no decoder layer's weight is merged
     (:func:`~mergeopt.memory.activations.layer_activation_bytes`); ``from_factors``: the layers'
     merged weights are formed from LoRA factors (a mixture of experts' fused experts:
     :func:`~mergeopt.memory.merge_moments.merge_bytes`).

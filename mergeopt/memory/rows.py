@@ -355,7 +355,7 @@ def plan_rows(
         step = _StepInputs(
             layout, inventory, dims, compute, (compute_name, anchor_name), merged_head, gathers
         )
-        row, micro = _training_row(recipe, step, merged, world_size)
+        row, micro = _training_row(recipe, step, merged, largest_merged, world_size)
         phases.append(row)
         batch = f"{micro}; {batch}"
     evaluate = eval_itemsize(recipe)
@@ -395,10 +395,13 @@ class _StepInputs:
     gathers: Gathers | None  # sharded: what a rank gathers whole while a layer runs
 
 
-def _training_row(recipe: Recipe, step: _StepInputs, merged: list[str], world_size: int) -> tuple[Row, str]:
+def _training_row(
+    recipe: Recipe, step: _StepInputs, merged: list[str], largest_merged: int, world_size: int
+) -> tuple[Row, str]:
     """The gradient strategy's micro-step (:func:`~mergeopt.memory.phases.training_bytes`) as a row,
     and the micro-batch it is planned for (each rank takes every N-th example:
-    mergeopt.runtime.distributed)."""
+    mergeopt.runtime.distributed). ``merged``: what the per-layer merge forms; ``largest_merged``:
+    the elements of the largest of them."""
     layout, inventory = step.layout, step.inventory
     adapters, lowrank = layout.adapters, layout.lowrank
     compute_name, anchor_name = step.dtype_names
@@ -409,7 +412,7 @@ def _training_row(recipe: Recipe, step: _StepInputs, merged: list[str], world_si
         recipe,
         step.dims,
         share,
-        max((inventory.numel(n) for n in merged), default=0),
+        largest_merged,
         layout.k,
         step.compute,
         _largest_layer(merged, inventory),
