@@ -22,6 +22,7 @@ def excluded(name: str, patterns: Sequence[re.Pattern]) -> bool:
 
 
 OUTPUT_LAYER = re.compile(r"(^|\.)(lm_head|embed_out|output)\.weight$")
+LAYER_INDEX = re.compile(r"\.(\d+)\.")  # a decoder layer's number in a parameter's name
 
 
 def dora_kept_low_rank(recipe: Recipe, adapters: dict[str, FactorSizes]) -> set[str]:

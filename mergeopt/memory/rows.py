@@ -33,14 +33,19 @@ tensor bytes of real steps on small Llamas (see :func:`~mergeopt.memory.phases.t
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mergeopt.config import Recipe
 from mergeopt.loading.lora import PREFIX
-from mergeopt.loading.lora_sizes import FactorSizes
-from mergeopt.memory.layout import OUTPUT_LAYER, Layout, excluded, layout_of
+from mergeopt.memory.factor_elements import (
+    factor_copies,
+    factor_elements,
+    lora_modules,
+    lowrank_by_layer,
+    parameter_factor_elements,
+)
+from mergeopt.memory.layout import LAYER_INDEX, OUTPUT_LAYER, Layout, excluded, layout_of
 from mergeopt.memory.merge_moments import anchor_itemsize
 from mergeopt.memory.phases import (
     compute_itemsize,
@@ -62,8 +67,6 @@ from mergeopt.memory.sizes import (
 )
 from mergeopt.merging.stack import DTYPES
 from mergeopt.merging.stacking import STACK_BLOCK
-
-LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
 def _largest_layer(names: Sequence[str], inventory: Inventory) -> int:
@@ -106,68 +109,6 @@ def _rows(inventory: Inventory, names: Sequence[str], shards: int = 1) -> int:
     return sum(rows(inventory.shapes[n]) for n in names)
 
 
-def _lora_modules(adapters: dict[str, FactorSizes]) -> dict[str, tuple[int, int, int]]:
-    """(R, in, out) of each module the LoRA experts adapt, R = Σ of their ranks there: the stacked
-    A is R × in, the stacked B out × R (:class:`mergeopt.merging.lowrank.LowRankFactors`)."""
-    modules: dict[str, tuple[int, int, int]] = {}
-    for a in adapters.values():
-        for module, (r, inputs, outputs) in a.modules.items():
-            total = modules.get(module, (0, inputs, outputs))[0]
-            modules[module] = (total + r, inputs, outputs)
-    return modules
-
-
-def _parameter_factor_elements(shape: tuple[int, ...], elements: int, r: int, shards: int) -> int:
-    """Elements one rank keeps of an adapter's factors of a whole parameter (``elements`` in all, of
-    rank r): a fused (experts, out, in) weight's block of ⌈E/N⌉ experts of both, a matrix's A
-    whole (r × in) and its block of B's rows."""
-    if shards == 1:
-        return elements
-    if len(shape) == 3:
-        return block_rows(shape[0], shards) * r * (shape[1] + shape[2])
-    return r * shape[1] + block_rows(shape[0], shards) * r
-
-
-def _by_layer(sizes: dict[str, int]) -> tuple[int, int]:
-    """(the largest decoder layer's, the rest's) sum of per-module ``sizes`` (numbered modules are
-    in a decoder layer; an adapted output layer or embedding is not)."""
-    layers: dict[str, int] = {}
-    outside = 0
-    for module, size in sizes.items():
-        if match := LAYER_INDEX.search(module):
-            layers[match.group(1)] = layers.get(match.group(1), 0) + size
-        else:
-            outside += size
-    return max(layers.values(), default=0), outside
-
-
-def _lowrank_by_layer(adapters: dict[str, FactorSizes], gain_rows: dict[str, int]) -> tuple[int, int]:
-    """Per token, the low-rank activations (Σr, and the output widths of DoRA layers) of the
-    largest decoder layer, which a checkpointed layer's recompute holds, and of the modules outside
-    the decoder layers, which are held throughout."""
-    return _by_layer({m: r + gain_rows.get(m, 0) for m, (r, _, _) in _lora_modules(adapters).items()})
-
-
-def _factor_copies(adapters: dict[str, FactorSizes]) -> tuple[int, int]:
-    """Elements of the factors' copies in the compute dtype (a stack in another dtype casts A and B
-    at each forward, and the backward keeps the copies): all of them, and the largest layer's plus
-    those outside the layers (checkpointed)."""
-    sizes = {m: r * (i + o) for m, (r, i, o) in _lora_modules(adapters).items()}
-    largest, outside = _by_layer(sizes)
-    return sum(sizes.values()), largest + outside
-
-
-def _factor_elements(adapters: dict[str, FactorSizes], shards: int) -> int:
-    """Elements of the LoRA factors kept low-rank, on one rank: per module the stacked A and B
-    (:func:`_lora_modules`), each a block of ⌈rows/N⌉ rows when sharded."""
-    if shards == 1:
-        return sum(a.numel for a in adapters.values())
-    # an adapter whose modules were not read (no header shapes): its elements split evenly
-    rest = sum(block_rows(a.numel, shards) for a in adapters.values() if not a.modules)
-    modules = _lora_modules(adapters).values()
-    return rest + sum(block_rows(r, shards) * i + block_rows(o, shards) * r for r, i, o in modules)
-
-
 def _held_rows(
     recipe: Recipe,
     layout: Layout,
@@ -186,7 +127,7 @@ def _held_rows(
     # the factors of whole parameters kept low-rank, and per rank column its expert and scaling;
     # sharded, a rank's block of them (mergeopt.merging.sharded_merge.shard_parameter_factors)
     parameter_factors = sum(
-        _parameter_factor_elements(inventory.shapes[name], elements, r, layout.shards)
+        parameter_factor_elements(inventory.shapes[name], elements, r, layout.shards)
         * DTYPES[anchor_name].itemsize
         + r * 12
         for a in adapters.values()
@@ -246,7 +187,7 @@ def _gathers(layout: Layout, dims: Dims, biggest: str | None, merged_head: bool)
     # gathered whole while their module runs: matrices not stacked, and LoRA factors (A and B)
     gathered = {n: inventory.numel(n) for n in layout.unstacked if layout.matrix(n)}
     if layout.lowrank:
-        gathered.update({m: r * (i + o) for m, (r, i, o) in _lora_modules(layout.adapters).items()})
+        gathered.update({m: r * (i + o) for m, (r, i, o) in lora_modules(layout.adapters).items()})
     in_layers = {n: size for n, size in gathered.items() if LAYER_INDEX.search(n)}
     layers: dict[str, int] = {}
     for n, size in in_layers.items():
@@ -310,7 +251,7 @@ def _stacking_row(
         ]
         stacking = max(stacking, compute * max(kept, default=0))
     if sharded and layout.lowrank:  # the LoRA factors are read whole once, then cut to the rank's rows
-        stacking += _factor_elements(layout.adapters, 1) * factor_itemsize - factor_bytes
+        stacking += factor_elements(layout.adapters, 1) * factor_itemsize - factor_bytes
         label += "; LoRA factors whole"
     adapters = layout.adapters.values()
     dora_layers = [f"{m.removeprefix(PREFIX)}.weight" for a in adapters for m in a.gains]
@@ -339,7 +280,7 @@ def plan_rows(
         compute_name = "float16"
     anchor_name = compute_name if dtype == "int8" else dtype
     factor_itemsize = DTYPES[anchor_name].itemsize
-    factor_bytes = _factor_elements(adapters, layout.shards) * factor_itemsize if lowrank else 0
+    factor_bytes = factor_elements(adapters, layout.shards) * factor_itemsize if lowrank else 0
     held = _held_rows(recipe, layout, compute, (compute_name, anchor_name), factor_bytes, world_size)
     biggest = max(stacked, key=inventory.numel, default=None)
     source = inventory.source_bytes[biggest] if biggest else FLOAT32
@@ -422,9 +363,9 @@ def _training_row(
         sum(gain_rows.values()),
         # LoRA experts alone, nothing of the decoder layers stacked: no layer weight is merged
         frozen=layout.alone and not any(LAYER_INDEX.search(n) for n in merged),
-        lowrank_by_layer=_lowrank_by_layer(adapters, gain_rows) if lowrank else (0, 0),
+        lowrank_by_layer=lowrank_by_layer(adapters, gain_rows) if lowrank else (0, 0),
         # sharded factors are gathered again for the backward, not kept
-        factor_copies=_factor_copies(adapters)
+        factor_copies=factor_copies(adapters)
         if lowrank and not layout.sharded and anchor_name != compute_name
         else (0, 0),
         # the layers' merged weights formed from factors alone (fused experts' LoRA)
