@@ -140,14 +140,7 @@ def build_expert_stack(
     low = _LowRank(adapters)
     if lowrank_path:
         low = _LowRank.split(model, adapters, bool(dense), exclude, shard, base, device, base_expert, log)
-    views = {}
-    for name in names:
-        if name in dense:
-            views[name] = dense[name]
-        elif lowrank_path:
-            views[name] = _AdapterDenseUpdatesView(model, low.adapters[name], base, device)
-        else:
-            views[name] = _DenseAdapterView(model, adapters[name], base, device)
+    views = _expert_views(model, names, dense, adapters, low, lowrank_path, base, device)
     stack = build_stack(
         model,
         views,
@@ -164,10 +157,8 @@ def build_expert_stack(
         # their dense view is θ0 itself; a low-rank adapter is compared by its factors, below
         not_compared=[*(adapters if lowrank_path else ()), *([base_expert] if base_expert else ())],
     )
-    if base_expert is not None:  # the recipe's merge, as its experts alone describe and draw it
-        stack.method = describe(merge, len(recipe_names), seed)
-        if stack.mixup is not None:  # c(w) unchanged while the base's weight is 0; c(e_base) = e_base
-            stack.mixup = torch.tensor([*stack.method["mixup_lambda"], 1.0], dtype=torch.float64)
+    if base_expert is not None:
+        _describe_without_base(stack, merge, len(recipe_names), seed)
     if lowrank_path:
         # the dense stack did not compare them (their view is θ0 but for their dense updates); the
         # adapters as read are compared, DoRA updates included
@@ -185,6 +176,37 @@ def build_expert_stack(
                 "the experts do not differ in any merged parameter (after exclusions): nothing to merge"
             )
     return stack
+
+
+def _expert_views(
+    model: torch.nn.Module,
+    names: Sequence[str],
+    dense: Mapping[str, Checkpoint | Mapping[str, torch.Tensor]],
+    adapters: Mapping[str, LoraAdapter],
+    low: _LowRank,
+    lowrank_path: bool,
+    base: BaseSource | None,
+    device: torch.device | None,
+) -> dict[str, Mapping[str, torch.Tensor]]:
+    """Each expert's weights as the dense stack reads them, in ``names``' order: a dense expert's
+    own; a LoRA expert's dense updates over θ0 on the low-rank path, else θ0 + s·B·A."""
+    views = {}
+    for name in names:
+        if name in dense:
+            views[name] = dense[name]
+        elif lowrank_path:
+            views[name] = _AdapterDenseUpdatesView(model, low.adapters[name], base, device)
+        else:
+            views[name] = _DenseAdapterView(model, adapters[name], base, device)
+    return views
+
+
+def _describe_without_base(stack: TaskVectorStack, merge: MergeSection, num_experts: int, seed: int) -> None:
+    """The recipe's merge as its experts alone describe and draw it (``mergeopt diagnose`` stacked
+    the base as one more expert): c(w) is unchanged while the base's weight is 0, c(e_base) = e_base."""
+    stack.method = describe(merge, num_experts, seed)
+    if stack.mixup is not None:
+        stack.mixup = torch.tensor([*stack.method["mixup_lambda"], 1.0], dtype=torch.float64)
 
 
 @dataclass
