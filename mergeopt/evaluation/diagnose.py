@@ -165,41 +165,56 @@ def find_flags(
     thresholds: Mapping[str, float] = THRESHOLDS,
 ) -> list[dict]:
     """The conditions under which the proxy is known or suspected to degrade, one dict per finding."""
+    return [
+        *_norm_outliers(names, relative_norm, thresholds["norm_outlier_ratio"]),
+        *_large_barriers(edges, thresholds["barrier_fraction"]),
+        *_cosine_flags(names, cosine, thresholds["conflicting_cosine"], thresholds["redundant_cosine"]),
+        *_no_gain(improvement),
+    ]
+
+
+def _flag(kind: str, experts: list[str], value: float, threshold: float, message: str) -> dict:
+    return {"kind": kind, "experts": experts, "value": value, "threshold": threshold, "message": message}
+
+
+def _norm_outliers(names: Sequence[str], relative_norm: Sequence[float | None], ratio: float) -> list[dict]:
+    """Experts whose ‖τ‖/‖θ0‖ is ``ratio`` times the other experts' median or more."""
     flags = []
-    ratio = thresholds["norm_outlier_ratio"]
     for i, name in enumerate(names):
         others = [r for j, r in enumerate(relative_norm) if j != i and r is not None]
         if relative_norm[i] is None or not others or np.median(others) <= 0:
             continue
         value = relative_norm[i] / float(np.median(others))
         if value >= ratio:
-            flags.append(
-                {
-                    "kind": "norm_outlier",
-                    "experts": [name],
-                    "value": value,
-                    "threshold": ratio,
-                    "message": f"expert {name}: ‖τ‖/‖θ0‖ is {value:.1f}× the other experts' median; "
-                    "trained longer or at a higher learning rate? Far from θ0 the merge stops being a "
-                    "good proxy (MergeMix: short horizons at a constant learning rate)",
-                }
+            message = (
+                f"expert {name}: ‖τ‖/‖θ0‖ is {value:.1f}× the other experts' median; "
+                "trained longer or at a higher learning rate? Far from θ0 the merge stops being a "
+                "good proxy (MergeMix: short horizons at a constant learning rate)"
             )
-    fraction = thresholds["barrier_fraction"]
+            flags.append(_flag("norm_outlier", [name], value, ratio, message))
+    return flags
+
+
+def _large_barriers(edges: Sequence[dict], fraction: float) -> list[dict]:
+    """Edges whose loss rises above the straight line by ``fraction`` of the experts' mean loss or more."""
+    flags = []
     for edge in edges:
         if edge["relative_barrier"] is not None and edge["relative_barrier"] >= fraction:
             a, b = edge["experts"]
-            flags.append(
-                {
-                    "kind": "large_barrier",
-                    "experts": [a, b],
-                    "value": edge["relative_barrier"],
-                    "threshold": fraction,
-                    "message": f"edge {a}–{b}: the loss rises {edge['barrier']:.4g} above the straight line, "
-                    f"{edge['relative_barrier']:.1%} of the experts' mean loss; the proxy scores the mixtures "
-                    "between them by a merge that is worse than the line, unlike training on them",
-                }
+            message = (
+                f"edge {a}–{b}: the loss rises {edge['barrier']:.4g} above the straight line, "
+                f"{edge['relative_barrier']:.1%} of the experts' mean loss; the proxy scores the mixtures "
+                "between them by a merge that is worse than the line, unlike training on them"
             )
-    low, high = thresholds["conflicting_cosine"], thresholds["redundant_cosine"]
+            flags.append(_flag("large_barrier", [a, b], edge["relative_barrier"], fraction, message))
+    return flags
+
+
+def _cosine_flags(
+    names: Sequence[str], cosine: Sequence[Sequence[float | None]], low: float, high: float
+) -> list[dict]:
+    """Pairs of experts whose task vectors conflict (cosine ≤ ``low``) or are redundant (≥ ``high``)."""
+    flags = []
     for i, j in combinations(range(len(names)), 2):
         c = cosine[i][j]
         if c is not None and c <= low:
@@ -209,27 +224,18 @@ def find_flags(
         else:
             continue
         message = f"experts {names[i]} and {names[j]}: cos(τ_i, τ_j) = {c:.2f}; {why}"
-        flags.append(
-            {
-                "kind": kind,
-                "experts": [names[i], names[j]],
-                "value": c,
-                "threshold": threshold,
-                "message": message,
-            }
-        )
+        flags.append(_flag(kind, [names[i], names[j]], c, threshold, message))
+    return flags
+
+
+def _no_gain(improvement: Mapping[str, Mapping[str, float]]) -> list[dict]:
+    """Experts that improve no dev set over θ0 (the target's own row aside)."""
+    flags = []
     for name, gains in improvement.items():
         sets = {m: v for m, v in gains.items() if m != TARGET}
         if sets and max(sets.values()) <= 0:
-            flags.append(
-                {
-                    "kind": "no_gain",
-                    "experts": [name],
-                    "value": max(sets.values()),
-                    "threshold": 0.0,
-                    "message": f"expert {name} improves no dev set over θ0: is it the expert you meant?",
-                }
-            )
+            message = f"expert {name} improves no dev set over θ0: is it the expert you meant?"
+            flags.append(_flag("no_gain", [name], max(sets.values()), 0.0, message))
     return flags
 
 
