@@ -185,6 +185,19 @@ def read_inventory(recipe: Recipe) -> tuple[Inventory, Dims]:
         )
         for name, path in adapters.items()
     }
+    notes += _adapter_notes(recipe, list(adapters), sizes)
+    if base.tensors:
+        inventory = header_inventory(base)
+    else:
+        inventory = meta_inventory(recipe.model.base, recipe.model.trust_remote_code, built)
+    dims = Dims.from_config(base.config, str(base.path))
+    notes += _profile_notes(dims)
+    return replace(inventory, notes=notes, adapters=sizes), dims
+
+
+def _adapter_notes(recipe: Recipe, adapters: list[str], sizes: dict[str, FactorSizes]) -> tuple[str, ...]:
+    """What the fit does with the LoRA experts, in one note: kept low-rank by a linear merge (and
+    which of their updates are stacked as dense rows or stay low-rank), or densified."""
     if adapters and recipe.merge.method == "linear":
         dora = dora_kept_low_rank(recipe, sizes)
         patterns = [re.compile(p) for p in recipe.model.exclude]
@@ -206,19 +219,13 @@ def read_inventory(recipe: Recipe) -> tuple[Inventory, Dims]:
                 f"; their LoRA of {len(whole)} whole parameter(s) (fused expert weights, routers) stays "
                 "low-rank, merged as each layer reads it"
             )
-        notes += (
+        return (
             f"{len(adapters)} LoRA expert(s) ({', '.join(adapters)}) stay low-rank: their factors, not dense "
             "rows" + dense_rows,
         )
-    elif adapters:
-        notes += (f"merge.method {recipe.merge.method} densifies the LoRA expert(s) ({', '.join(adapters)})",)
-    if base.tensors:
-        inventory = header_inventory(base)
-    else:
-        inventory = meta_inventory(recipe.model.base, recipe.model.trust_remote_code, built)
-    dims = Dims.from_config(base.config, str(base.path))
-    notes += _profile_notes(dims)
-    return replace(inventory, notes=notes, adapters=sizes), dims
+    if adapters:
+        return (f"merge.method {recipe.merge.method} densifies the LoRA expert(s) ({', '.join(adapters)})",)
+    return ()
 
 
 # ----------------------------------------------------------------------------- device and report
