@@ -33,19 +33,7 @@ def report(
     sign = -1.0 if meta["higher_is_better"] else 1.0
     n_runs = len(truth)
     mean = sign * decision.mean
-    observed = np.full(len(candidates), np.nan)
-    observed[:n_runs] = truth
-    order = np.argsort(decision.mean, kind="stable")
-    ranking = candidates[[f"{WEIGHT_PREFIX}{n}" for n in names]].copy()
-    ranking.insert(0, "source", candidates["source"])
-    ranking["allowed"] = candidates["allowed"]
-    ranking["proxy"] = proxy
-    ranking["calibrated"] = mean
-    ranking["sd"] = decision.sd
-    ranking["prob_best"] = decision.prob_best
-    ranking["truth"] = observed
-    ranking = ranking.iloc[order].reset_index(names="candidate")
-    ranking.insert(0, "rank", np.arange(1, len(ranking) + 1))
+    ranking = _ranking(names, candidates, proxy, truth, mean, decision)
 
     def mixture(i: int) -> dict[str, float]:
         row = candidates.iloc[i]
@@ -59,16 +47,7 @@ def report(
         **meta,
         "runs": n_runs,
         "candidates": len(candidates),
-        "model": {
-            "amplitude": posterior.hyper.amplitude,
-            "lengthscale": posterior.hyper.lengthscale,
-            "noise": posterior.hyper.noise,
-            "slope_prior_sd": posterior.hyper.slope_sd,
-            "level_prior_sd": posterior.hyper.level_sd,
-            "center": posterior.center,
-            "scale": posterior.scale,
-            "log_marginal_likelihood": posterior.log_marginal_likelihood(),
-        },
+        "model": _gaussian_process(posterior),
         "proxy_slope": {"mean": slope, "sd": slope_sd},
         "pick": {
             "candidate": int(pick),
@@ -96,6 +75,46 @@ def report(
         ],
     }
     return content, ranking
+
+
+def _ranking(
+    names: Sequence[str],
+    candidates: pd.DataFrame,
+    proxy: np.ndarray,
+    truth: np.ndarray,
+    mean: np.ndarray,
+    decision: calibration.Decision,
+) -> pd.DataFrame:
+    """The candidates from the best calibrated prediction down (``mean``: in the metric's own
+    direction), with the proxy, the posterior and the real runs' results (the first ``len(truth)``)."""
+    observed = np.full(len(candidates), np.nan)
+    observed[: len(truth)] = truth
+    order = np.argsort(decision.mean, kind="stable")
+    ranking = candidates[[f"{WEIGHT_PREFIX}{n}" for n in names]].copy()
+    ranking.insert(0, "source", candidates["source"])
+    ranking["allowed"] = candidates["allowed"]
+    ranking["proxy"] = proxy
+    ranking["calibrated"] = mean
+    ranking["sd"] = decision.sd
+    ranking["prob_best"] = decision.prob_best
+    ranking["truth"] = observed
+    ranking = ranking.iloc[order].reset_index(names="candidate")
+    ranking.insert(0, "rank", np.arange(1, len(ranking) + 1))
+    return ranking
+
+
+def _gaussian_process(posterior: calibration.Posterior) -> dict:
+    """The Gaussian process as fitted: its hyperparameters, the proxy's centring and its evidence."""
+    return {
+        "amplitude": posterior.hyper.amplitude,
+        "lengthscale": posterior.hyper.lengthscale,
+        "noise": posterior.hyper.noise,
+        "slope_prior_sd": posterior.hyper.slope_sd,
+        "level_prior_sd": posterior.hyper.level_sd,
+        "center": posterior.center,
+        "scale": posterior.scale,
+        "log_marginal_likelihood": posterior.log_marginal_likelihood(),
+    }
 
 
 def _finite_or_none(value: float) -> float | None:
