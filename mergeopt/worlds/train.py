@@ -34,13 +34,13 @@ import torch
 from tqdm.auto import tqdm
 
 from mergeopt.cli import run_command
-from mergeopt.config import Recipe, TrainSection, load_recipe
+from mergeopt.config import ObjectiveTerm, Recipe, TrainSection, load_recipe
 from mergeopt.errors import Interrupted, UserError
 from mergeopt.inputs import distinct_dirs, lora_targets, writable_dir
 from mergeopt.loading.checkpoints import read_json_object
 from mergeopt.loading.positions import check_max_length
 from mergeopt.loading.problem import resolve_device
-from mergeopt.objectives.data import Batch, Example, evaluation_batches
+from mergeopt.objectives.data import Batch, DevSet, Example, evaluation_batches
 from mergeopt.objectives.loss import per_set_loss_sums
 from mergeopt.objectives.objective import Objective
 from mergeopt.objectives.term_scores import (
@@ -91,24 +91,9 @@ def train_one(
 
     ``inputs``: the digests of what it reads (:func:`input_digests`), when the caller has taken them.
     """
-    from transformers import AutoModelForCausalLM
-
     cfg: TrainSection = recipe.train
     torch.manual_seed(recipe.seed)
-    model = AutoModelForCausalLM.from_pretrained(recipe.model.base, dtype=torch.float32).to(device)
-    if cfg.method == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        lora = LoraConfig(
-            r=cfg.lora.r,
-            lora_alpha=cfg.lora.alpha,
-            lora_dropout=cfg.lora.dropout,
-            target_modules=list(cfg.lora.target_modules),
-            use_rslora=cfg.lora.use_rslora,
-            task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(model, lora)
-    model.train()
+    model = _trainable_base(recipe, device)
     names = list(domains)
     sets = [domains[n] for n in names]
     probabilities = draw_probabilities([weights[n] for n in names], sets, recipe.weights.unit)
@@ -129,15 +114,8 @@ def train_one(
         batch, held = next(batches)
         batch = batch.to(device)
         domain_tokens = [a + b for a, b in zip(domain_tokens, held)]
-        sums, counts = per_set_loss_sums(model, {}, batch, 1)
-        loss = sums.sum() / counts.sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        for group in optimizer.param_groups:  # linear decay to 0
-            group["lr"] = cfg.lr * (1 - step / cfg.steps)
-        optimizer.step()
+        losses.append(_step(model, optimizer, batch, cfg.lr * (1 - step / cfg.steps)))  # linear decay to 0
         tokens += int(batch.attention_mask.sum())
-        losses.append(float(loss.detach()))
         if not math.isfinite(losses[-1]):
             raise UserError(f"training {out.name} diverged (loss {losses[-1]}); lower train.lr")
         bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
@@ -154,6 +132,40 @@ def train_one(
         info = _save_run(recipe, model, tokenizer, identity, tokens, trained, losses, staging.path)
     shutil.rmtree(step_checkpoint_dir(out), ignore_errors=True)  # finished: run.json is the record
     return info
+
+
+def _trainable_base(recipe: Recipe, device: torch.device) -> torch.nn.Module:
+    """The base in float32 on ``device``, in training mode: whole, or wrapped in the recipe's LoRA (peft)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg: TrainSection = recipe.train
+    model = AutoModelForCausalLM.from_pretrained(recipe.model.base, dtype=torch.float32).to(device)
+    if cfg.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=list(cfg.lora.target_modules),
+            use_rslora=cfg.lora.use_rslora,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+    model.train()
+    return model
+
+
+def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, lr: float) -> float:
+    """One AdamW step at learning rate ``lr`` on the batch's mean token loss; that loss."""
+    sums, counts = per_set_loss_sums(model, {}, batch, 1)
+    loss = sums.sum() / counts.sum()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    return float(loss.detach())
 
 
 @torch.no_grad()
@@ -256,17 +268,8 @@ def _train(recipe: Recipe, progress: bool, log: Callable[[str], None]) -> Path:
     mixtures = mixture_set(cfg.mixtures, names, resolved.seed)
     inputs = input_digests(resolved)
 
-    runs: list[tuple[dict[str, float], Path]] = []
-    for name in names:  # experts = the one-hot mixtures
-        runs.append(({n: float(n == name) for n in names}, Path(resolved.model.experts[name])))
     out_dir = Path(cfg.output_dir)
-    grid_runs = []
-    for i, w in enumerate(mixtures):
-        vertex = [n for n in names if w[n] == 1.0]
-        path = Path(resolved.model.experts[vertex[0]]) if vertex else out_dir / "mixtures" / f"{i:03d}"
-        if not vertex:
-            runs.append((w, path))
-        grid_runs.append((w, path))
+    runs, grid_runs = _planned_runs(resolved, mixtures, out_dir)
 
     for _, path in runs:  # what a kill while publishing a run left beside it (the caller holds it)
         recover(path)
@@ -287,19 +290,7 @@ def _train(recipe: Recipe, progress: bool, log: Callable[[str], None]) -> Path:
     for w, path in tqdm(todo, desc="training runs", unit="run", disable=not progress):
         train_one(resolved, w, domains, path, tokenizer, device, progress, inputs)
 
-    pad_id = tokenizer.pad_token_id or 0
-    rows = []
-    for i, (w, path) in enumerate(tqdm(grid_runs, desc="evaluating runs", unit="run", disable=not progress)):
-        check_interrupt(f"evaluating run {path.name}")  # nothing is written until grid.csv
-        model = load_run(path, device)
-        losses = dev_losses(model, resolved, sets, pad_id, device)
-        scores = score_terms(model, tokenizer, sets, terms, custom, resolved.optim.eval_batch_size, device)
-        info = json.loads((path / RUN_MARKER).read_text())
-        row = {"run": i, "path": str(path), **{f"w_{n}": w[n] for n in names}}
-        row.update({f"loss_{s.name}": v for s, v in zip(sets, losses)})
-        row.update({score_column(t): scores[t.label] for t in terms})
-        row["tokens"] = info["tokens"]
-        rows.append(row)
+    rows = _grid_rows(resolved, grid_runs, sets, terms, custom, tokenizer, device, progress)
     columns = [
         "run",
         "path",
@@ -313,6 +304,52 @@ def _train(recipe: Recipe, progress: bool, log: Callable[[str], None]) -> Path:
     grid = write_csv_atomic(out_dir / "grid.csv", rows, columns)
     log(f"wrote {grid} ({len(rows)} mixtures)")
     return grid
+
+
+def _planned_runs(
+    recipe: Recipe, mixtures: Sequence[dict[str, float]], out_dir: Path
+) -> tuple[list[tuple[dict[str, float], Path]], list[tuple[dict[str, float], Path]]]:
+    """The runs to have trained, (mixture, directory) each: the experts (the one-hot mixtures, at
+    their recipe paths), then the grid's other mixtures under ``out_dir/mixtures``; and the grid's
+    runs in its order, a vertex of the grid being its expert's run."""
+    names = recipe.expert_names
+    runs = [({n: float(n == name) for n in names}, Path(recipe.model.experts[name])) for name in names]
+    grid_runs = []
+    for i, w in enumerate(mixtures):
+        vertex = [n for n in names if w[n] == 1.0]
+        path = Path(recipe.model.experts[vertex[0]]) if vertex else out_dir / "mixtures" / f"{i:03d}"
+        if not vertex:
+            runs.append((w, path))
+        grid_runs.append((w, path))
+    return runs, grid_runs
+
+
+def _grid_rows(
+    recipe: Recipe,
+    grid_runs: Sequence[tuple[dict[str, float], Path]],
+    sets: Sequence[DevSet],
+    terms: Sequence[ObjectiveTerm],
+    custom,
+    tokenizer,
+    device: torch.device,
+    progress: bool,
+) -> list[dict]:
+    """grid.csv's rows: each trained run's mixture, dev losses, metric scores and training tokens."""
+    names = recipe.expert_names
+    pad_id = tokenizer.pad_token_id or 0
+    rows = []
+    for i, (w, path) in enumerate(tqdm(grid_runs, desc="evaluating runs", unit="run", disable=not progress)):
+        check_interrupt(f"evaluating run {path.name}")  # nothing is written until grid.csv
+        model = load_run(path, device)
+        losses = dev_losses(model, recipe, sets, pad_id, device)
+        scores = score_terms(model, tokenizer, sets, terms, custom, recipe.optim.eval_batch_size, device)
+        info = json.loads((path / RUN_MARKER).read_text())
+        row = {"run": i, "path": str(path), **{f"w_{n}": w[n] for n in names}}
+        row.update({f"loss_{s.name}": v for s, v in zip(sets, losses)})
+        row.update({score_column(t): scores[t.label] for t in terms})
+        row["tokens"] = info["tokens"]
+        rows.append(row)
+    return rows
 
 
 def _kept_score_columns(path: Path, rows: list[dict], columns: Sequence[str]) -> list[str]:
