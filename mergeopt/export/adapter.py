@@ -47,10 +47,6 @@ def adapter_tensors(
     Refused: an adapted embedding its output layer is tied to (a PEFT adapter changes only the
     input's), a module saved whole whose weight another module shares, and a merge with nothing
     left low-rank."""
-    from torch.nn.utils import parametrize
-
-    from mergeopt.merging.lowrank import weight_source
-
     lowrank = stack.lowrank
     if lowrank is not None and lowrank.tied:
         output, embedding = next(iter(lowrank.tied.items()))
@@ -59,11 +55,40 @@ def adapter_tensors(
             "adapter to the input only, the merge to both: write the checkpoint without --as-adapter"
         )
     model = stack.model
-    # a LoRA of a whole parameter kept low-rank (fused experts) has no module-level LoRA to write
+    saved = _saved_whole(stack)
+    _refuse_shared_weights(model, saved)
+    factors = {} if lowrank is None else {m: f for m, f in lowrank.modules.items() if m not in saved}
+    if not factors:
+        raise UserError(
+            "--as-adapter: nothing of the merge stays low-rank (every adapted module is also changed "
+            "densely): write the checkpoint without --as-adapter"
+        )
+    tensors, ranks = _lora_tensors(model, factors, weights, lowrank.scale, dtype)
+    with torch.no_grad():
+        for module in saved:
+            for name, value in _merged_parameters(model.get_submodule(module)).items():
+                if name == "weight" and lowrank is not None and module in lowrank.modules:
+                    value = lowrank.modules[module].merged(value, weights, lowrank.scale)
+                tensors[f"{PEFT_PREFIX}{module}.{name}"] = value.to(dtype).contiguous().cpu()
+    return tensors, ranks, saved
+
+
+def _saved_whole(stack) -> list[str]:
+    """The modules the adapter saves whole (``modules_to_save``): those with a parameter the merge
+    changes densely, or whose LoRA is of a whole parameter (fused experts: no module-level LoRA to
+    write), or whose DoRA expert scales the layer's rows (:mod:`mergeopt.merging.dora`)."""
+    lowrank = stack.lowrank
     whole = lowrank.parameters if lowrank is not None else {}
     saved = {name.rpartition(".")[0] for name in [*stack.deltas, *stack.shared, *whole]}
-    # a DoRA expert kept low-rank scales its layer's rows (mergeopt.merging.dora): no LoRA update
-    saved = sorted(saved | {m for m, f in (lowrank.modules.items() if lowrank else ()) if f.gain is not None})
+    return sorted(saved | {m for m, f in (lowrank.modules.items() if lowrank else ()) if f.gain is not None})
+
+
+def _refuse_shared_weights(model: torch.nn.Module, saved: list[str]) -> None:
+    """Refuse a module saved whole whose weight another module shares (tied): a PEFT adapter would
+    save one copy of it."""
+    from torch.nn.utils import parametrize
+
+    from mergeopt.merging.lowrank import weight_source
 
     def has_weight(module: torch.nn.Module) -> bool:  # (reading .weight would merge a stacked one)
         return "weight" in module._parameters or parametrize.is_parametrized(module, "weight")
@@ -81,15 +106,16 @@ def adapter_tensors(
                 f"--as-adapter: the merge changes {module}, whose weight {others[0]} shares (tied), and a PEFT "
                 "adapter would save one copy of it: write the checkpoint without --as-adapter"
             )
-    factors = {} if lowrank is None else {m: f for m, f in lowrank.modules.items() if m not in saved}
-    if not factors:
-        raise UserError(
-            "--as-adapter: nothing of the merge stays low-rank (every adapted module is also changed "
-            "densely): write the checkpoint without --as-adapter"
-        )
+
+
+def _lora_tensors(
+    model: torch.nn.Module, factors: dict, weights: torch.Tensor, scale: float, dtype: torch.dtype
+) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """The low-rank modules' factors at ``weights`` under PEFT's names (B carries each expert's
+    coefficient), and each module's rank."""
     tensors, ranks = {}, {}
     for module, f in factors.items():
-        c = f.coefficients(weights.to(f.scaling.device), lowrank.scale)
+        c = f.coefficients(weights.to(f.scaling.device), scale)
         a, b = f.whole(torch.float32)
         a, b = a.to(dtype).contiguous().cpu(), (b * c.float()).to(dtype).contiguous().cpu()
         if isinstance(model.get_submodule(module), torch.nn.Embedding):
@@ -100,13 +126,7 @@ def adapter_tensors(
             tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a
             tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b
         ranks[module] = a.shape[0]
-    with torch.no_grad():
-        for module in saved:
-            for name, value in _merged_parameters(model.get_submodule(module)).items():
-                if name == "weight" and lowrank is not None and module in lowrank.modules:
-                    value = lowrank.modules[module].merged(value, weights, lowrank.scale)
-                tensors[f"{PEFT_PREFIX}{module}.{name}"] = value.to(dtype).contiguous().cpu()
-    return tensors, ranks, saved
+    return tensors, ranks
 
 
 def _merged_parameters(module: torch.nn.Module) -> dict[str, torch.Tensor]:
