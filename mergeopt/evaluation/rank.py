@@ -173,7 +173,7 @@ def _grid_run(args, recipe, out: Path) -> int:
     """
     from mergeopt.evaluation.proxy import check_grid_unit, check_truth, read_grid
     from mergeopt.loading.problem import load_problem, resolve_device
-    from mergeopt.runtime.resume import open_state, recipe_tree
+    from mergeopt.runtime.resume import recipe_tree
     from mergeopt.worlds import resolve_recipe
 
     grid = args.grid or recipe.rank.grid
@@ -192,13 +192,7 @@ def _grid_run(args, recipe, out: Path) -> int:
         resolved, _ = resolve_recipe(recipe, (lambda _m: None) if quiet else print)
     # the proxy's evaluations depend on the recipe, not on how the rank statistics are drawn
     tree = {k: v for k, v in recipe_tree(recipe).items() if k != "rank"}
-    mode = "restart" if args.restart else "auto"
-    inputs = input_fingerprints(resolved)
-    checkpoint, resuming = open_state(out, tree, mode, RANK_CHECKPOINT_DIR, inputs)
-    if resuming and not quiet:
-        print(f"resuming from {checkpoint.dir}")
-    elif not resuming:
-        checkpoint.start_lazily()  # created at the first journaled evaluation, a --restart's old one removed
+    checkpoint, resuming = _rank_checkpoint(out, tree, input_fingerprints(resolved), args.restart, quiet)
     try:
         problem = load_problem(resolved, not quiet, objective)
         report, pairs, _, baselines = rank_grid(
@@ -221,16 +215,36 @@ def _grid_run(args, recipe, out: Path) -> int:
     if not distributed.is_main():
         return 0
     weights = read_grid(grid, recipe.expert_names)[[f"w_{n}" for n in recipe.expert_names]]
-    from mergeopt.reporting.run_report import write_report
-
-    # published in one swap that also drops rank_checkpoint/; a fit's files beside are kept
-    with staged(out, (*OUTPUT_FILES, "report.md", "simplex.png", RANK_CHECKPOINT_DIR)) as staging:
-        write_outputs(report, pairs, staging.path, weights, baselines)
-        staging.carry_over()  # report.md sums up the fit's files too
-        write_report(staging.path, name=out.name)
+    _publish(out, report, pairs, weights, baselines)
     checkpoint.clear()  # the report is the record now (a no-op: the swap dropped it)
     _print_summary(report, mixture_path, out)
     return 0
+
+
+def _rank_checkpoint(out: Path, tree: dict, inputs: dict, restart: bool, quiet: bool):
+    """The proxy's journal in ``OUT/rank_checkpoint`` and whether it resumes one, keyed by the
+    recipe's ``tree`` and the inputs' fingerprints."""
+    from mergeopt.runtime.resume import open_state
+
+    checkpoint, resuming = open_state(
+        out, tree, "restart" if restart else "auto", RANK_CHECKPOINT_DIR, inputs
+    )
+    if resuming and not quiet:
+        print(f"resuming from {checkpoint.dir}")
+    elif not resuming:
+        checkpoint.start_lazily()  # created at the first journaled evaluation, a --restart's old one removed
+    return checkpoint, resuming
+
+
+def _publish(out: Path, report: dict, pairs: dict, weights: pd.DataFrame, baselines: dict) -> None:
+    """The rank report, its tables and plots, and report.md, published in one swap that also drops
+    rank_checkpoint/; a fit's files beside are kept (report.md sums them up too)."""
+    from mergeopt.reporting.run_report import write_report
+
+    with staged(out, (*OUTPUT_FILES, "report.md", "simplex.png", RANK_CHECKPOINT_DIR)) as staging:
+        write_outputs(report, pairs, staging.path, weights, baselines)
+        staging.carry_over()
+        write_report(staging.path, name=out.name)
 
 
 def _fitted_mixture(path: Path, experts: Sequence[str], named: bool) -> dict | None:
