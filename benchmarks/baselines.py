@@ -71,18 +71,18 @@ def measure(folder: str) -> dict:
 
 def _finite_difference_fit(weights: np.ndarray, y: np.ndarray):
     """The mixing law's least squares as it was before the Jacobian: scipy's 2-point differences."""
-    start = baselines._mixing_law_start(weights, y)
+    start = baselines.mixing_law_start(weights, y)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         fitted = least_squares(
-            lambda p: baselines._mixing_law(p, weights) - y, start, method="trf", max_nfev=2000
+            lambda p: baselines.mixing_law(p, weights) - y, start, method="trf", max_nfev=2000
         )
-    return lambda w: baselines._mixing_law(fitted.x, np.atleast_2d(w))
+    return lambda w: baselines.mixing_law(fitted.x, np.atleast_2d(w))
 
 
 def _timed_loo(weights: np.ndarray, y: np.ndarray, fit) -> tuple[np.ndarray, float]:
     start = time.perf_counter()
-    predicted = baselines._leave_one_out(weights, y, fit)
+    predicted = baselines.leave_one_out(weights, y, fit)
     return predicted, time.perf_counter() - start
 
 

@@ -70,7 +70,7 @@ def test_the_mixing_law_recovers_a_law_and_agrees_with_curve_fit():
     np.testing.assert_allclose(baselines.mixing_law_loo(weights, y), y, rtol=1e-6)
     # on noisy scores: the same least squares as scipy's curve_fit from the same start
     noisy = y + rng.normal(0, 0.01, size=len(y))
-    start = baselines._mixing_law_start(weights, noisy)
+    start = baselines.mixing_law_start(weights, noisy)
 
     def law(w, c, k, *t):
         return c + k * np.exp(np.asarray(w).T @ np.array(t))
@@ -94,8 +94,8 @@ def test_the_mixing_laws_jacobian_matches_finite_differences():
     numeric = np.column_stack(
         [
             (
-                baselines._mixing_law(params + step * e, weights)
-                - baselines._mixing_law(params - step * e, weights)
+                baselines.mixing_law(params + step * e, weights)
+                - baselines.mixing_law(params - step * e, weights)
             )
             / (2 * step)
             for e in np.eye(len(params))

@@ -61,7 +61,7 @@ def interpolation(weights: np.ndarray, expert_scores: np.ndarray) -> np.ndarray:
     return weights @ expert_scores
 
 
-def _leave_one_out(
+def leave_one_out(
     weights: np.ndarray,
     truth: np.ndarray,
     fit,
@@ -96,10 +96,10 @@ def lightgbm_loo(
     def fit(w: np.ndarray, y: np.ndarray):
         return lambda x: fit_surrogate(w, {"s": y}, SurrogateSearch(), seed).predict(x)["s"]
 
-    return _leave_one_out(weights, truth, fit, fitted, rows)
+    return leave_one_out(weights, truth, fit, fitted, rows)
 
 
-def _mixing_law_start(weights: np.ndarray, y: np.ndarray) -> np.ndarray:
+def mixing_law_start(weights: np.ndarray, y: np.ndarray) -> np.ndarray:
     """(c, k, t) to start from: c one score range below every score, t from a line through log(y - c)."""
     c = float(y.min()) - max(float(np.ptp(y)), 1e-6)
     design = np.column_stack([np.ones(len(y)), weights])
@@ -110,13 +110,13 @@ def _mixing_law_start(weights: np.ndarray, y: np.ndarray) -> np.ndarray:
 EXPONENT_CLIP = 50.0  # t·w is clipped to ±50 so that exp never overflows while the fit wanders
 
 
-def _mixing_law(params: np.ndarray, w: np.ndarray) -> np.ndarray:
+def mixing_law(params: np.ndarray, w: np.ndarray) -> np.ndarray:
     """c + k·exp(t·w) for each row of ``w``, with params = (c, k, t_1, …, t_K)."""
     return params[0] + params[1] * np.exp(np.clip(w @ params[2:], -EXPONENT_CLIP, EXPONENT_CLIP))
 
 
 def mixing_law_jacobian(params: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """∂/∂(c, k, t) of :func:`_mixing_law` at each row of ``w`` (n × (K + 2)): 1, exp(t·w) and
+    """∂/∂(c, k, t) of :func:`mixing_law` at each row of ``w`` (n × (K + 2)): 1, exp(t·w) and
     k·exp(t·w)·w_j, with 0 for t where t·w is clipped (the clipped law does not move with t there).
 
     Given to the least squares in place of finite differences, which cost K + 2 evaluations of the
@@ -138,18 +138,18 @@ def fit_mixing_law(weights: np.ndarray, y: np.ndarray):
     from scipy.optimize import least_squares
 
     weights, y = np.asarray(weights, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    start = _mixing_law_start(weights, y)
+    start = mixing_law_start(weights, y)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         fitted = least_squares(
-            lambda p: _mixing_law(p, weights) - y,
+            lambda p: mixing_law(p, weights) - y,
             start,
             jac=lambda p: mixing_law_jacobian(p, weights),
             method="trf",
             max_nfev=2000,
         )
     params = fitted.x
-    return lambda w: _mixing_law(params, np.atleast_2d(np.asarray(w, dtype=np.float64)))
+    return lambda w: mixing_law(params, np.atleast_2d(np.asarray(w, dtype=np.float64)))
 
 
 def mixing_law_loo(
@@ -159,7 +159,7 @@ def mixing_law_loo(
     rows: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Each run's score predicted by the mixing law fitted on the other runs."""
-    return _leave_one_out(weights, truth, fit_mixing_law, fitted, rows)
+    return leave_one_out(weights, truth, fit_mixing_law, fitted, rows)
 
 
 def _loo_share(name: str, weights: np.ndarray, truth: np.ndarray, seed: int, rows: list[int]) -> np.ndarray:
