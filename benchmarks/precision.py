@@ -28,6 +28,9 @@ within 0.02 of float32; int4, if offered, as int8. An int4 stack is not offered
 (``model.stack_dtype`` takes float32, bfloat16, float16, int8); the variant "stack int4 values"
 rounds the differences to 4-bit values (|q| ≤ 7, one absmax scale per expert and row) and keeps
 them in int8 storage, so it measures what a packed int4 stack would cost the proxy.
+The variants mergeopt does not offer (fewer int8 levels, grouped 4-bit values) are built by
+swapping one of the stack builder's public functions (``mergeopt.merging.stacking.quantize_rows``,
+``mergeopt.merging.stacking.linear_differences``) for the variant's run, and restored after it.
 
 ``--variants`` runs a subset (short names, e.g. ``--variants "stack int4 values"``) and adds it
 to the world's stored variants, compared with the stored reference.
@@ -199,17 +202,17 @@ def grouped_differences(enabled: bool):
     if not enabled:
         yield
         return
-    original = mergeopt.merging.stacking._differences
+    original = mergeopt.merging.stacking.linear_differences
 
     def rounded(*args, **kwargs):
         anchor, rows, differ = original(*args, **kwargs)
         return anchor, grouped_4bit(rows), differ
 
-    mergeopt.merging.stacking._differences = rounded
+    mergeopt.merging.stacking.linear_differences = rounded
     try:
         yield
     finally:
-        mergeopt.merging.stacking._differences = original
+        mergeopt.merging.stacking.linear_differences = original
 
 
 def run_variant(name: str, spec: dict, overrides: list[str], table, work: Path, quiet: bool) -> dict:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -21,58 +20,15 @@ from mergeopt.config import MergeSection
 from mergeopt.errors import UserError
 from mergeopt.loading.checkpoints import Checkpoint
 from mergeopt.loading.sharded_load import BaseSource, fill
-from mergeopt.merging.layer_merge import (
-    MergedParameter,
-    _num_rows,
-    attach,
-    quantize_rows,
-)
-from mergeopt.merging.methods import MergeMethod, get_method
+from mergeopt.merging.differences import linear_differences, prepared_differences
+from mergeopt.merging.int8_rows import num_rows, quantize_rows
+from mergeopt.merging.layer_merge import MergedParameter, attach
+from mergeopt.merging.methods import get_method
 from mergeopt.merging.methods.dare import parameter_generator
 from mergeopt.merging.sameness import Sameness
 from mergeopt.merging.sharded_merge import ShardedMergedParameter, block_range, keep_block, padded
 from mergeopt.merging.stack import TaskVectorStack, anchor_dtype_for, describe
 from mergeopt.runtime.resume import check_interrupt_alone
-
-
-def _read(
-    expert: Checkpoint | Mapping[str, torch.Tensor],
-    expert_name: str,
-    name: str,
-    like: torch.Tensor,
-    rows: tuple[int, int, torch.Size] | None = None,
-) -> torch.Tensor:
-    """One expert tensor, checked against the base's shape, on ``like``'s device and dtype.
-
-    ``rows`` (start, stop, the base's whole shape): only rows [start, stop) of it, and from a
-    checkpoint only those bytes are read (a sharded stack's block).
-    """
-    whole = like.shape if rows is None else rows[2]
-    if isinstance(expert, Checkpoint):
-        if name not in expert.tensors:
-            raise UserError(
-                f"parameter {name} of the base model is not in expert {expert_name!r} ({expert.path})"
-            )
-        shape = torch.Size(expert.tensors[name].shape)
-        if shape == whole:
-            value = expert.read(name) if rows is None else expert.read_rows(name, rows[0], rows[1])
-        else:
-            value = torch.empty(shape, device="meta")
-    elif name not in expert:
-        raise UserError(f"parameter {name} of the base model is not in expert {expert_name!r}")
-    else:
-        value = expert[name]
-        shape = value.shape
-        if rows is not None and shape == whole:
-            value = value[rows[0] : rows[1]]
-    if shape != whole:
-        raise UserError(
-            f"tensor {name} has shape {list(whole)} in the base but {list(shape)} in expert {expert_name!r}"
-        )
-    value = value.to(device=like.device, dtype=like.dtype)
-    if not torch.isfinite(value).all():
-        raise UserError(f"tensor {name} of expert {expert_name!r} contains NaN or Inf")
-    return value
 
 
 def excluded(name: str, patterns: Sequence[re.Pattern]) -> bool:
@@ -85,61 +41,6 @@ def fused_experts(model: torch.nn.Module, name: str, param: torch.Tensor) -> boo
     ``has_gate`` and ``is_transposed``)."""
     module = model.get_submodule(name.rpartition(".")[0])
     return param.dim() == 3 and hasattr(module, "has_gate") and hasattr(module, "is_transposed")
-
-
-def _differences(
-    base: torch.Tensor, experts: Mapping, name: str, dtype: torch.dtype, block=None, sameness=None
-) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Linear merge at scale 1: anchor θ_1 and rows θ_i − θ_1, without θ0 (``block``: rows of a
-    sharded stack, see :func:`_read`); ``sameness`` sees each value and the rows."""
-    anchor = None
-    # differences written row by row into one preallocated tensor: no K-long list of temporaries
-    rows = torch.empty((len(experts) - 1, *base.shape), dtype=dtype, device=base.device)
-    differ = False
-    for k, (ename, expert) in enumerate(experts.items()):
-        value = _read(expert, ename, name, base, block)
-        if sameness is not None and sameness.base_candidate(k):
-            sameness.see_value(k, value, base)
-        if anchor is None:
-            anchor = value
-            continue
-        difference = value - anchor  # not in place: ``value`` may be the caller's own tensor
-        differ = differ or bool(difference.any())
-        rows[k - 1].copy_(difference)
-        del value, difference
-    if sameness is not None:
-        sameness.see_differences(rows)
-    return anchor, rows, differ
-
-
-def _prepared(
-    base: torch.Tensor,
-    experts: Mapping,
-    name: str,
-    dtype: torch.dtype,
-    method: MergeMethod,
-    options: dict[str, Any],
-    scale: float,
-    sameness=None,
-    per_expert: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Any other method: τ' = prepare(θ_i − θ0), anchor θ0 + λ τ'_1 and rows λ (τ'_i − τ'_1);
-    ``sameness`` sees the task vectors before they are prepared. ``per_expert``: a mixture of
-    experts' fused (experts, out, in) weight, prepared one expert's matrix at a time, as PEFT and
-    mergekit prepare the per-expert tensors its checkpoints store (TIES trims each on its own)."""
-    tau = torch.empty((len(experts), *base.shape), dtype=base.dtype, device=base.device)
-    for k, (ename, expert) in enumerate(experts.items()):
-        torch.sub(_read(expert, ename, name, base), base, out=tau[k])
-    if sameness is not None:
-        sameness.see_task_vectors(tau)
-    if per_expert:
-        prepared = torch.stack([method.prepare(tau[:, e], **options) for e in range(tau.shape[1])], dim=1)
-    else:
-        prepared = method.prepare(tau, **options)
-    del tau
-    anchor = base + scale * prepared[0]
-    rows = (prepared[1:] - prepared[0]).mul_(scale)
-    return anchor, rows.to(dtype), bool(rows.any())
 
 
 def build_stack(
@@ -280,10 +181,10 @@ class _Stacking:
     ) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """(anchor, differences, whether they differ) of one whole tensor, by the merge method."""
         if self.anchor_form:
-            return _differences(theta0, self.experts, pname, self.rows_dtype, sameness=self.sameness)
+            return linear_differences(theta0, self.experts, pname, self.rows_dtype, sameness=self.sameness)
         if self.method.random:
             self.options["generator"] = parameter_generator(self.seed, pname)
-        return _prepared(
+        return prepared_differences(
             theta0,
             self.experts,
             pname,
@@ -328,7 +229,7 @@ def _stack_in_blocks(s: _Stacking, pname: str, param: torch.nn.Parameter) -> Non
     each expert's rows read alone, their differences written into the stacked tensors (int8:
     quantised per row as they come, the same scales as a whole tensor's) and the anchor kept in
     the wider of its storage dtype and the parameter's (exact for a value every expert shares).
-    The same stack as :func:`_differences` on the whole tensor, with the float32 temporaries of
+    The same stack as :func:`linear_differences` on the whole tensor, with the float32 temporaries of
     one block."""
     stack, model = s.stack, s.model
     total, where = param.shape[0], param.device
@@ -337,9 +238,9 @@ def _stack_in_blocks(s: _Stacking, pname: str, param: torch.nn.Parameter) -> Non
     anchor = torch.empty(param.shape, dtype=held, device=where)
     rows = torch.empty((len(stack.expert_names) - 1, *param.shape), dtype=s.dtype, device=where)
     scales = (
-        torch.empty((rows.shape[0], _num_rows(param.shape)), device=where) if s.dtype == torch.int8 else None
+        torch.empty((rows.shape[0], num_rows(param.shape)), device=where) if s.dtype == torch.int8 else None
     )
-    per_index = _num_rows(param.shape) // total  # scale rows per index of the first dimension
+    per_index = num_rows(param.shape) // total  # scale rows per index of the first dimension
     differ, unchanged = False, True
     for start in range(0, total, step):
         stop = min(total, start + step)
@@ -347,7 +248,7 @@ def _stack_in_blocks(s: _Stacking, pname: str, param: torch.nn.Parameter) -> Non
             s.base.rows(pname, start, stop, param, where) if param.is_meta else param.detach()[start:stop]
         )
         theta0 = theta0.to(torch.promote_types(param.dtype, torch.float32))
-        block_anchor, block_rows, block_differ = _differences(
+        block_anchor, block_rows, block_differ = linear_differences(
             theta0, s.experts, pname, s.rows_dtype, (start, stop, param.shape), s.sameness
         )
         differ = differ or block_differ
@@ -381,7 +282,7 @@ def _stack_block(s: _Stacking, pname: str, param: torch.nn.Parameter, device: to
     start, stop, per = block_range(param.shape[0], *s.shard)
     theta0 = s.base.rows(pname, start, stop, param, device) if param.is_meta else param.detach()[start:stop]
     theta0 = theta0.to(torch.promote_types(param.dtype, torch.float32))
-    anchor, rows, differ = _differences(
+    anchor, rows, differ = linear_differences(
         theta0, s.experts, pname, s.rows_dtype, (start, stop, param.shape), s.sameness
     )
     flags = torch.tensor([float(differ), float(not torch.equal(anchor, theta0))], device=device)
