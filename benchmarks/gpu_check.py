@@ -169,12 +169,12 @@ def _fit_stage(recipe, device, length: int, zero_order: bool, results: dict, sav
     """The fit's step (and the zero-order candidate); its model and stack are freed on return."""
     import torch
 
-    from mergeopt.loading.problem import _random_world
+    from mergeopt.loading.problem import build_random_world
     from mergeopt.merging.eval_dtype import evaluating_in
     from mergeopt.objectives.loss import dev_loss, per_set_loss_sums
 
     start = time.perf_counter()
-    model, stack, config = _random_world(recipe, device, False, None)
+    model, stack, config = build_random_world(recipe, device, False, None)
     _sync(device)
     results["build_fit_s"] = time.perf_counter() - start
     results["stack_bytes"] = stack.nbytes()

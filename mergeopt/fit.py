@@ -21,8 +21,9 @@ from mergeopt.cli import alias, run_command
 from mergeopt.config import Recipe, load_recipe
 from mergeopt.errors import UserError, warn
 from mergeopt.inputs import writable_dir
+from mergeopt.loading.devices import resolve_device
 from mergeopt.loading.feasible import constraints_record, feasible_set, source_sizes
-from mergeopt.loading.problem import Problem, load_problem, resolve_device
+from mergeopt.loading.problem import Problem, load_problem
 from mergeopt.memory import measured
 from mergeopt.merging.groups import groups_of
 from mergeopt.merging.weights import as_mapping

@@ -77,17 +77,17 @@ def test_the_base_config_is_parsed_once_per_file_version(tmp_path, monkeypatch):
     model and the weights: it is parsed once per version of the file, and each caller gets a copy."""
     from transformers import AutoConfig
 
-    from mergeopt.loading import checkpoints
+    from mergeopt.loading import base_model
 
     tiny_config().save_pretrained(tmp_path)
     parsed = []
     real = AutoConfig.from_pretrained
     monkeypatch.setattr(AutoConfig, "from_pretrained", lambda *a, **k: parsed.append(a) or real(*a, **k))
-    first = checkpoints.base_config(tmp_path)
-    model, second = checkpoints.meta_model(tmp_path)
+    first = base_model.base_config(tmp_path)
+    model, second = base_model.meta_model(tmp_path)
     assert len(parsed) == 1 and first is not second and first.to_dict() == second.to_dict()
     second.hidden_size = 1  # a caller's change stays its own
-    assert checkpoints.base_config(tmp_path).hidden_size == first.hidden_size
+    assert base_model.base_config(tmp_path).hidden_size == first.hidden_size
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}, indent=3))
-    assert checkpoints.base_config(tmp_path).num_hidden_layers == 1 and len(parsed) == 2
+    assert base_model.base_config(tmp_path).num_hidden_layers == 1 and len(parsed) == 2

@@ -16,7 +16,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaForCausalLM
 
 from mergeopt.errors import UserError
-from mergeopt.loading.lora import is_adapter, read_adapter
+from mergeopt.loading.lora import read_adapter
+from mergeopt.loading.peft_format import is_adapter
 from tests.conftest import tiny_config
 
 CONFIGS = {

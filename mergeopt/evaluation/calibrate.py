@@ -315,7 +315,7 @@ def _proxy_scores(
 
 
 def _run(args: argparse.Namespace, recipe, out: Path) -> int:
-    from mergeopt.loading.problem import resolve_device
+    from mergeopt.loading.devices import resolve_device
     from mergeopt.runtime.rundir import staged
     from mergeopt.worlds import resolve_recipe
 

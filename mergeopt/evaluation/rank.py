@@ -172,7 +172,8 @@ def _grid_run(args, recipe, out: Path) -> int:
     only the rows left. Under torchrun the ranks share the grid's mixtures; rank 0 writes.
     """
     from mergeopt.evaluation.proxy import check_grid_unit, check_truth, read_grid
-    from mergeopt.loading.problem import load_problem, resolve_device
+    from mergeopt.loading.devices import resolve_device
+    from mergeopt.loading.problem import load_problem
     from mergeopt.runtime.resume import recipe_tree
     from mergeopt.worlds import resolve_recipe
 

@@ -17,12 +17,12 @@ import torch
 
 from mergeopt.config import Recipe
 from mergeopt.errors import UserError
-from mergeopt.loading.lora import PREFIX as PEFT_PREFIX  # PEFT's key prefix in adapter files
+from mergeopt.loading.peft_format import PREFIX as PEFT_PREFIX  # PEFT's key prefix in adapter files
 
 
 def check_adapter_merge(recipe: Recipe) -> None:
     """``--as-adapter`` before anything is loaded: a linear merge of LoRA adapters only."""
-    from mergeopt.loading.lora import is_adapter
+    from mergeopt.loading.peft_format import is_adapter
 
     if recipe.merge.method != "linear":
         raise UserError(

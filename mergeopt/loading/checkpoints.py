@@ -11,8 +11,6 @@ base's tensor shapes and, when the adapter names a local base directory, against
 
 from __future__ import annotations
 
-import copy
-import functools
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,9 +20,11 @@ from safetensors import safe_open
 
 from mergeopt.errors import UserError
 from mergeopt.inputs import existing_dir, safetensors_header
+from mergeopt.loading.base_model import meta_model
 from mergeopt.loading.conversions import plan_conversions, read_converted, read_converted_rows
-from mergeopt.loading.lora import is_adapter, read_adapter
+from mergeopt.loading.lora import read_adapter
 from mergeopt.loading.lora_updates import LoraAdapter
+from mergeopt.loading.peft_format import is_adapter
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -334,47 +334,6 @@ def _check_adapter_base(adapter: LoraAdapter, base: Checkpoint, name: str) -> No
         raise UserError(
             f"expert {name!r} ({adapter.path}) is a LoRA adapter trained on {named}, not on the base {base.path}"
         )
-
-
-@functools.lru_cache(maxsize=4)
-def _parsed_config(path: str, gguf_file: str | None, trust_remote_code: bool, stamp: tuple[int, int]):
-    """The base's config as transformers parses it, once per file version (``stamp``: its mtime and
-    size). Parsing a GGUF's metadata takes seconds (its whole vocabulary is read with it), and a fit
-    needs the config three times: for the checks, the meta model and the weights."""
-    from transformers import AutoConfig
-
-    gguf = {"gguf_file": gguf_file} if gguf_file else {}
-    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **gguf)
-
-
-def base_config(base_path: str | Path, trust_remote_code: bool = False, gguf_file: str | None = None):
-    """A copy of the base's config, from config.json or the GGUF's metadata, parsed once per file."""
-    path = Path(base_path)
-    where = path / gguf_file if gguf_file else path / "config.json"
-    try:
-        stat = where.stat()
-        stamp = (stat.st_mtime_ns, stat.st_size)
-    except OSError:
-        stamp = (0, 0)  # transformers says what is missing
-    return copy.deepcopy(_parsed_config(str(path), gguf_file, trust_remote_code, stamp))
-
-
-def meta_model(
-    base_path: str | Path, trust_remote_code: bool = False, gguf_file: str | None = None
-) -> tuple[torch.nn.Module, object]:
-    """(model, config): the base's architecture on the meta device, from config.json or GGUF metadata."""
-    from transformers import AutoModelForCausalLM
-
-    path = Path(base_path)
-    try:
-        config = base_config(path, trust_remote_code, gguf_file)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError, ImportError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        where = path / gguf_file if gguf_file else path / "config.json"
-        raise UserError(f"{where}: cannot build the architecture on the meta device ({first})") from None
-    return model, config
 
 
 def gguf_base(base_path: str | Path, gguf_file: str, trust_remote_code: bool = False) -> Checkpoint:

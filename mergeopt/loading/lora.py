@@ -16,15 +16,13 @@ layer's own weight, which PEFT saves beside the factors of an embedding or an ou
 the factors kept low-rank: it is θ0 in practice, and the stack holds dense rows for it only where
 it is not.
 Not supported (a one-line error): adapter types other than LoRA, and the options that change the
-model beyond its weights (:data:`CHANGES_THE_MODEL`). Pickled ``adapter_model.bin`` files are
+model beyond its weights (:data:`mergeopt.loading.peft_format.CHANGES_THE_MODEL`). Pickled ``adapter_model.bin`` files are
 read only with ``allow_pickle`` (then ``torch.load(weights_only=True)``). What a memory plan
 reads of an adapter, its header only, is in :mod:`mergeopt.loading.lora_sizes`.
 """
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
@@ -32,74 +30,26 @@ import torch
 from safetensors import safe_open
 
 from mergeopt.errors import UserError
-from mergeopt.inputs import json_file, lora_patterns, safetensors_header
+from mergeopt.inputs import safetensors_header
 from mergeopt.loading.lora_parameters import (
     peft_converted,
     per_expert_factors,
     resolved_parameters,
 )
 from mergeopt.loading.lora_updates import DenseUpdate, LoraAdapter, LoraFactors
-
-CONFIG_FILE = "adapter_config.json"
-SAFETENSORS_FILE = "adapter_model.safetensors"
-PICKLE_FILE = "adapter_model.bin"
-PREFIX = "base_model.model."
-FACTOR = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
-# what PEFT saves besides linear factors: DoRA magnitudes, embedding factors, a LoRA bias, and the
-# embedding's own weight under ``base_layer`` (PEFT saves it when an embedding is adapted)
-MAGNITUDE = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
-EMBEDDING = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<which>[AB])(?:\.[^.]+)?$")
-LORA_BIAS = re.compile(r"^(?P<module>.+)\.lora_B(?:\.[^.]+)?\.bias$")
-TOKENS = re.compile(r"^(?P<module>.+)\.token_adapter\.trainable_tokens_delta(?:\.[^.]+)?$")
-# adapter_config.json keys that change the model beyond its weights (its depth, when the adapter
-# acts, how inputs are pooled, which parameters of a module are adapted): refused, named
-CHANGES_THE_MODEL = {
-    "layer_replication": "layer replication (it changes the model's depth)",
-    "alora_invocation_tokens": "activated LoRA (it acts only after its invocation tokens)",
-    "use_qalora": "QA-LoRA (its factors act on pooled inputs)",
-    "use_bdlora": "block-diagonal LoRA (use_bdlora)",
-    "arrow_config": "Arrow routing between adapters (arrow_config)",
-}
-
-
-def is_adapter(path: str | Path) -> bool:
-    return (Path(path) / CONFIG_FILE).is_file()
-
-
-def _pattern_value(pattern: Mapping[str, float], module: str, default: float) -> float:
-    """PEFT's rule: a pattern key applies to modules named ``key`` or ending in ``.key`` (a regex)."""
-    for key, value in pattern.items():
-        if module == key or re.match(rf".*\.{key}$", module):
-            return value
-    return default
-
-
-def scaling_for(config: Mapping, module: str) -> tuple[int, float]:
-    """(r, s) of one module: s = α / r, or α / √r with rsLoRA."""
-    r = int(_pattern_value(config.get("rank_pattern") or {}, module, config["r"]))
-    alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"]))
-    return r, alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-
-
-def read_adapter_config(path: Path) -> dict:
-    """An adapter's adapter_config.json, checked: a LoRA adapter of a kind mergeopt reads, its rank,
-    alpha and per-module patterns numbers PEFT would accept."""
-    config = json_file(path / CONFIG_FILE, "LoRA adapter config")
-    if config.get("peft_type", "LORA") != "LORA":
-        raise UserError(f"{path}: a {config.get('peft_type')} adapter; only LoRA adapters are supported")
-    for key, what in CHANGES_THE_MODEL.items():
-        if config.get(key):
-            raise UserError(f"{path}: {what} is not supported ({key} is set in {CONFIG_FILE})")
-    if config.get("bias", "none") not in ("none", "all", "lora_only"):
-        raise UserError(f"{path / CONFIG_FILE}: bias must be none, all or lora_only, got {config['bias']!r}")
-    for key in ("r", "lora_alpha"):
-        value = config.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-            raise UserError(f"{path / CONFIG_FILE}: {key} must be a positive number, got {value!r}")
-    if not isinstance(config["r"], int):
-        raise UserError(f"{path / CONFIG_FILE}: r must be a whole number, got {config['r']!r}")
-    lora_patterns(config, str(path / CONFIG_FILE))
-    return config
+from mergeopt.loading.peft_format import (
+    CONFIG_FILE,
+    EMBEDDING,
+    FACTOR,
+    LORA_BIAS,
+    MAGNITUDE,
+    PICKLE_FILE,
+    PREFIX,
+    SAFETENSORS_FILE,
+    TOKENS,
+    read_adapter_config,
+    scaling_for,
+)
 
 
 def _read_tensors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:

@@ -19,7 +19,8 @@ from safetensors import safe_open
 
 from mergeopt.errors import UserError
 from mergeopt.inputs import safetensors_header
-from mergeopt.loading.lora import (
+from mergeopt.loading.lora_parameters import needs_conversion, peft_converted, resolved_parameters
+from mergeopt.loading.peft_format import (
     CONFIG_FILE,
     EMBEDDING,
     FACTOR,
@@ -29,7 +30,6 @@ from mergeopt.loading.lora import (
     SAFETENSORS_FILE,
     TOKENS,
 )
-from mergeopt.loading.lora_parameters import needs_conversion, peft_converted, resolved_parameters
 
 
 @dataclass(frozen=True)

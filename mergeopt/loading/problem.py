@@ -16,29 +16,19 @@ from mergeopt.config import Recipe
 from mergeopt.errors import UserError
 from mergeopt.inputs import torchrun_variable
 from mergeopt.loading.checkpoints import Checkpoint, open_experts
+from mergeopt.loading.devices import check_compute_dtype, check_eval_dtype, resolve_device
 from mergeopt.loading.lora_updates import LoraAdapter
 from mergeopt.loading.positions import check_max_length
 from mergeopt.memory import checkpointing
 from mergeopt.memory.placement import input_device
 from mergeopt.merging.mixed_experts import build_expert_stack
-from mergeopt.merging.stack import DTYPES, TaskVectorStack, compute_dtype_for, eval_dtype_for
+from mergeopt.merging.stack import DTYPES, TaskVectorStack
 from mergeopt.objectives.data import DevSet
 from mergeopt.objectives.head_loss import check_head
 from mergeopt.objectives.objective import Objective
 from mergeopt.objectives.term_scores import load_dev_sets
 from mergeopt.runtime import distributed
 from mergeopt.runtime.resume import interrupts_at_once
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} requested but CUDA is not available here (use device=auto or cpu)")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"device {name!r} requested but only {torch.cuda.device_count()} GPU(s) are visible")
-    return device
 
 
 @dataclass
@@ -93,34 +83,11 @@ def _open_checked(recipe: Recipe) -> tuple[Experts, object]:
 def _weights_source(recipe: Recipe) -> dict:
     """from_pretrained's arguments for where the base's weights come from: safetensors, pickle, GGUF."""
     if recipe.model.gguf_file:  # with the config the checks parsed: a GGUF's metadata takes seconds
-        from mergeopt.loading.checkpoints import base_config
+        from mergeopt.loading.base_model import base_config
 
         config = base_config(recipe.model.base, recipe.model.trust_remote_code, recipe.model.gguf_file)
         return {"gguf_file": recipe.model.gguf_file, "config": config}
     return {"use_safetensors": None if recipe.model.allow_pickle else True}
-
-
-def _check_runnable(key: str, dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """``dtype`` (named by recipe ``key``) refused in one line where the device cannot run it."""
-    if dtype == torch.float16 and device.type == "cpu":
-        raise UserError(f"{key} float16 cannot run on the CPU here: use float32 or bfloat16")
-    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError(
-            f"{key} bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16; use float16 or float32"
-        )
-    return dtype
-
-
-def check_compute_dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
-    """``model.compute_dtype`` resolved for the device, refused in one line where it cannot run."""
-    return _check_runnable(
-        "model.compute_dtype", compute_dtype_for(recipe.model.compute_dtype, device), device
-    )
-
-
-def check_eval_dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
-    """``model.eval_dtype`` resolved (auto: float32), refused in one line where it cannot run."""
-    return _check_runnable("model.eval_dtype", eval_dtype_for(recipe.model.eval_dtype), device)
 
 
 def _stack_experts(
@@ -244,7 +211,7 @@ def _device_map(recipe: Recipe, progress: bool) -> dict:
         )
     if isinstance(recipe.model.device_map, dict):
         return placement.check_explicit_map(recipe.model.device_map)
-    from mergeopt.loading.checkpoints import meta_model
+    from mergeopt.loading.base_model import meta_model
     from mergeopt.memory.dry_run import read_inventory
     from mergeopt.memory.plan import plan_memory
     from mergeopt.memory.sizes import DeviceMemory
@@ -290,7 +257,7 @@ def check_mergeable(recipe: Recipe) -> None:
         raise UserError("a random:// world has no tokenizer or checkpoint to write: merge real experts")
 
 
-def _random_world(
+def build_random_world(
     recipe: Recipe,
     device: torch.device,
     progress: bool,
@@ -399,7 +366,7 @@ def load_problem(
     if is_random(recipe.model.base):
         if not objective.losses_only:
             raise UserError("a random:// world has no text: its objective can only be dev losses")
-        model, stack, config = _random_world(recipe, device, progress, _shard(recipe), base_expert)
+        model, stack, config = build_random_world(recipe, device, progress, _shard(recipe), base_expert)
         check_max_length(config.to_dict(), recipe, recipe.model.base)
         sets = _random_dev_sets(recipe, config.get_text_config().vocab_size)
         weights = objective.loss_set_weights()

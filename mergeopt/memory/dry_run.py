@@ -23,6 +23,7 @@ from mergeopt import inputs, worlds
 from mergeopt.config import Recipe, load_recipe
 from mergeopt.errors import UserError, warn
 from mergeopt.inputs import existing_file, writable_dir
+from mergeopt.loading.base_model import meta_model
 from mergeopt.loading.checkpoints import (
     INDEX_FILE,
     SINGLE_FILE,
@@ -31,13 +32,12 @@ from mergeopt.loading.checkpoints import (
     check_compatible_as_stored,
     check_config_matches_weights,
     gguf_base,
-    meta_model,
     open_checkpoint,
     read_json_object,
     under_model_names,
 )
-from mergeopt.loading.lora import is_adapter, read_adapter_config
 from mergeopt.loading.lora_sizes import FactorSizes, factor_sizes, saved_copy
+from mergeopt.loading.peft_format import is_adapter, read_adapter_config
 from mergeopt.loading.positions import check_max_length
 from mergeopt.memory.layer_profiles import not_profiled_note
 from mergeopt.memory.layout import dora_kept_low_rank, parameters_kept_low_rank

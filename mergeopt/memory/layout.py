@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mergeopt.config import Recipe
-from mergeopt.loading.lora import PREFIX
 from mergeopt.loading.lora_sizes import FactorSizes, low_rank_dora
+from mergeopt.loading.peft_format import PREFIX
 from mergeopt.memory.sizes import Inventory, local_numel
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from mergeopt.config import Recipe
 from mergeopt.errors import UserError
-from mergeopt.loading.checkpoints import meta_model
+from mergeopt.loading.base_model import meta_model
 from mergeopt.memory.sizes import GIB, Inventory, MemoryPlan
 
 

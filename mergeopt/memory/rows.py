@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mergeopt.config import Recipe
-from mergeopt.loading.lora import PREFIX
+from mergeopt.loading.peft_format import PREFIX
 from mergeopt.memory.factor_elements import (
     factor_copies,
     factor_elements,

@@ -38,8 +38,8 @@ from mergeopt.config import ObjectiveTerm, Recipe, TrainSection, load_recipe
 from mergeopt.errors import Interrupted, UserError
 from mergeopt.inputs import distinct_dirs, lora_targets, writable_dir
 from mergeopt.loading.checkpoints import read_json_object
+from mergeopt.loading.devices import resolve_device
 from mergeopt.loading.positions import check_max_length
-from mergeopt.loading.problem import resolve_device
 from mergeopt.objectives.data import Batch, DevSet, Example, evaluation_batches
 from mergeopt.objectives.loss import per_set_loss_sums
 from mergeopt.objectives.objective import Objective
@@ -70,7 +70,7 @@ from mergeopt.worlds.training_data import draw_probabilities, load_examples, mix
 
 def check_lora_targets(recipe: Recipe) -> None:
     """Every train.lora.target_modules entry names a module of the base (built on the meta device)."""
-    from mergeopt.loading.checkpoints import meta_model
+    from mergeopt.loading.base_model import meta_model
 
     model, _ = meta_model(recipe.model.base, recipe.model.trust_remote_code)
     names = [name for name, _ in model.named_modules()]

@@ -1,0 +1,80 @@
+"""PEFT's adapter directory as written on disk: its file names, the keys of its tensors, and its
+adapter_config.json checked (:func:`read_adapter_config`) with each module's rank and scaling
+(:func:`scaling_for`).
+
+Kept apart from the readers (:mod:`mergeopt.loading.lora`) because a memory plan, the exporters and
+the checks need the format without reading a tensor: what a key adapts, where the config lives,
+whether a directory is an adapter at all.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+from mergeopt.errors import UserError
+from mergeopt.inputs import json_file, lora_patterns
+
+CONFIG_FILE = "adapter_config.json"
+SAFETENSORS_FILE = "adapter_model.safetensors"
+PICKLE_FILE = "adapter_model.bin"
+PREFIX = "base_model.model."
+FACTOR = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
+# what PEFT saves besides linear factors: DoRA magnitudes, embedding factors, a LoRA bias, and the
+# embedding's own weight under ``base_layer`` (PEFT saves it when an embedding is adapted)
+MAGNITUDE = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
+EMBEDDING = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<which>[AB])(?:\.[^.]+)?$")
+LORA_BIAS = re.compile(r"^(?P<module>.+)\.lora_B(?:\.[^.]+)?\.bias$")
+TOKENS = re.compile(r"^(?P<module>.+)\.token_adapter\.trainable_tokens_delta(?:\.[^.]+)?$")
+# adapter_config.json keys that change the model beyond its weights (its depth, when the adapter
+# acts, how inputs are pooled, which parameters of a module are adapted): refused, named
+CHANGES_THE_MODEL = {
+    "layer_replication": "layer replication (it changes the model's depth)",
+    "alora_invocation_tokens": "activated LoRA (it acts only after its invocation tokens)",
+    "use_qalora": "QA-LoRA (its factors act on pooled inputs)",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora)",
+    "arrow_config": "Arrow routing between adapters (arrow_config)",
+}
+
+
+def is_adapter(path: str | Path) -> bool:
+    """Whether ``path`` is a PEFT adapter directory (it has adapter_config.json), not a checkpoint."""
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def _pattern_value(pattern: Mapping[str, float], module: str, default: float) -> float:
+    """PEFT's rule: a pattern key applies to modules named ``key`` or ending in ``.key`` (a regex)."""
+    for key, value in pattern.items():
+        if module == key or re.match(rf".*\.{key}$", module):
+            return value
+    return default
+
+
+def scaling_for(config: Mapping, module: str) -> tuple[int, float]:
+    """(r, s) of one module: s = α / r, or α / √r with rsLoRA."""
+    r = int(_pattern_value(config.get("rank_pattern") or {}, module, config["r"]))
+    alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"]))
+    return r, alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def read_adapter_config(path: Path) -> dict:
+    """An adapter's adapter_config.json, checked: a LoRA adapter of a kind mergeopt reads, its rank,
+    alpha and per-module patterns numbers PEFT would accept."""
+    config = json_file(path / CONFIG_FILE, "LoRA adapter config")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise UserError(f"{path}: a {config.get('peft_type')} adapter; only LoRA adapters are supported")
+    for key, what in CHANGES_THE_MODEL.items():
+        if config.get(key):
+            raise UserError(f"{path}: {what} is not supported ({key} is set in {CONFIG_FILE})")
+    if config.get("bias", "none") not in ("none", "all", "lora_only"):
+        raise UserError(f"{path / CONFIG_FILE}: bias must be none, all or lora_only, got {config['bias']!r}")
+    for key in ("r", "lora_alpha"):
+        value = config.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise UserError(f"{path / CONFIG_FILE}: {key} must be a positive number, got {value!r}")
+    if not isinstance(config["r"], int):
+        raise UserError(f"{path / CONFIG_FILE}: r must be a whole number, got {config['r']!r}")
+    lora_patterns(config, str(path / CONFIG_FILE))
+    return config
