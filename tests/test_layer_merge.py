@@ -392,7 +392,7 @@ def test_compressed_stacks_merge_per_layer_as_their_reference(arch, dtype):
 def test_int8_differences_stay_close_to_float32(levels):
     """Per-row int8 differences: each dequantised row within half a quantisation step of the truth,
     the row's largest |δ| exact, and |q| within the levels asked for (7: benchmarks' int4 values)."""
-    from mergeopt.merging.layer_merge import dequantize_rows, quantize_rows
+    from mergeopt.merging.int8_rows import dequantize_rows, quantize_rows
 
     gen = torch.Generator().manual_seed(0)
     deltas = torch.randn(3, 40, 24, generator=gen) * torch.rand(3, 40, 1, generator=gen)

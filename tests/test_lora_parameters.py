@@ -702,7 +702,8 @@ def test_the_kernels_add_and_contract_the_factors_over_any_chunking(monkeypatch,
     contraction gives autograd's ∂L/∂c of ⟨G, ΔW(c)⟩, for float32, bfloat16 and int8 stacks, with
     chunks small enough to cut an expert's rows in two; so do the factors-alone kernels."""
     from mergeopt.merging import layer_merge, lowrank_parameters
-    from mergeopt.merging.layer_merge import contract, merge_value, quantize_rows
+    from mergeopt.merging.int8_rows import quantize_rows
+    from mergeopt.merging.layer_merge import contract, merge_value
 
     monkeypatch.setattr(layer_merge, "CHUNK", 40)  # a few rows of 8 columns per chunk, experts cut
     monkeypatch.setattr(lowrank_parameters, "CHUNK", 40)

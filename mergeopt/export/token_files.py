@@ -230,7 +230,7 @@ def _stored_ids(value, where: str, dtype: np.dtype) -> int:
 def _mds(
     path: Path, options: TokenFiles, count_text: Callable[[list[dict[str, Any]]], int]
 ) -> tuple[int, int]:
-    from mergeopt.objectives.data import _validated
+    from mergeopt.objectives.data import validated_record
 
     split = mds_split(path)  # a root of one split is read as the stream reads it, local/split
     path = path / split if split else path
@@ -245,7 +245,7 @@ def _mds(
         if column is not None:
             tokens += _stored_ids(sample.get(column), where, dtype)
             continue
-        batch.append(_validated({k: v for k, v in sample.items() if v is not None}, where))
+        batch.append(validated_record({k: v for k, v in sample.items() if v is not None}, where))
         if len(batch) == BATCH:
             tokens += count_text(batch)
             batch = []

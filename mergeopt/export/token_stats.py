@@ -107,13 +107,13 @@ def columns(source: Source) -> frozenset[str]:
 
 
 def _rows(dataset, path: Path) -> Iterator[list[dict[str, Any]]]:
-    from mergeopt.objectives.data import _validated
+    from mergeopt.objectives.data import validated_record
 
     for start in range(0, len(dataset), BATCH):
         chunk = dataset[start : start + BATCH]  # columns -> lists
         keys = list(chunk)
         yield [
-            _validated(
+            validated_record(
                 {k: chunk[k][i] for k in keys if chunk[k][i] is not None},
                 f"{path}: record {start + i + 1}",
             )

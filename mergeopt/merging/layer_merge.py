@@ -24,7 +24,6 @@ decoder layers' own forward is recomputed, and the merge with it.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,42 +31,11 @@ from dataclasses import dataclass
 import torch
 from torch.nn.utils import parametrize
 
+from mergeopt.merging.int8_rows import num_rows
+
 MIX_BUFFER = "mergeopt_mix"
 CHUNK = 1 << 24  # float32 elements of a (K − 1, rows, columns) working block: 64 MiB per expert row
 SOURCE_ATTRIBUTE = "_mergeopt_merge_source"
-
-
-# ----------------------------------------------------------------------------- int8 rows
-
-
-def quantize_rows(deltas: torch.Tensor, levels: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 with one absmax scale per (expert, row): ``deltas ≈ q · scale[..., None]``.
-
-    Rows are every index of each expert's tensor but the last (output channels of a Linear weight,
-    tokens of an embedding, (expert, output channel) of a mixture-of-experts' fused weight); a 1-D
-    tensor is one row. Task vectors span a narrow range, so a
-    per-row scale keeps the merge close (TVQ, arXiv 2503.06921); mergeopt measures it. ``levels``
-    is the largest |q|: 127 for int8; 7 gives 4-bit values (benchmarks/precision.py measures what
-    an int4 stack would cost with them).
-    """
-    rows = deltas.reshape(deltas.shape[0], _num_rows(deltas.shape[1:]), -1).float()
-    scale = rows.abs().amax(dim=2) / float(levels)
-    q = torch.round(rows / scale.clamp_min(torch.finfo(torch.float32).tiny)[..., None]).clamp_(
-        -levels, levels
-    )
-    return q.to(torch.int8).reshape(deltas.shape), scale
-
-
-def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    rows = q.reshape(q.shape[0], scale.shape[1], -1).float() * scale[..., None]
-    return rows.reshape(q.shape)
-
-
-def _num_rows(shape: torch.Size | tuple[int, ...]) -> int:
-    """Rows of a tensor as the merge and the int8 scales see it: every index but the last (a
-    Linear weight's output channels; a mixture-of-experts' fused (experts, out, in) weight has
-    experts × out of them, not one per expert); a vector is one row."""
-    return math.prod(shape[:-1]) if len(shape) >= 2 else 1
 
 
 # ----------------------------------------------------------------------------- the kernel
@@ -129,7 +97,7 @@ def merge_value(
     """
     acc = torch.promote_types(anchor.dtype, torch.float32)
     k1 = deltas.shape[0]
-    rows = _num_rows(anchor.shape)
+    rows = num_rows(anchor.shape)
     a = anchor.reshape(rows, -1)
     d = deltas.reshape(k1, rows, -1)
     w = rest.detach().to(device=anchor.device, dtype=acc)
@@ -160,7 +128,7 @@ def contract(
     difference is multiplied with the gradient in ``acc`` as it is read (one product per chunk).
     With ``factors`` (LoRA experts of this whole parameter), also ∂L/∂c_j from the same chunks."""
     k1 = deltas.shape[0]
-    rows = _num_rows(grad.shape)
+    rows = num_rows(grad.shape)
     g = grad.reshape(rows, -1)
     d = deltas.reshape(k1, rows, -1)
     total = torch.zeros(k1, dtype=acc, device=grad.device)

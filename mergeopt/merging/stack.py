@@ -34,8 +34,8 @@ from typing import Any
 import torch
 
 from mergeopt.config import MergeSection
+from mergeopt.merging.int8_rows import dequantize_rows
 from mergeopt.merging.layer_merge import (
-    dequantize_rows,
     materialized,
     merge_value,
     mix_buffer_names,

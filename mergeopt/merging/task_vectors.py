@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from mergeopt.merging.layer_merge import dequantize_rows
+from mergeopt.merging.int8_rows import dequantize_rows
 from mergeopt.merging.methods.ties import trim
 from mergeopt.merging.stack import TaskVectorStack
 

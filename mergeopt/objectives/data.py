@@ -68,14 +68,17 @@ def read_jsonl(path: str | Path, what: str = "dev set") -> list[dict[str, Any]]:
                 raise UserError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
             if not isinstance(record, dict):
                 raise UserError(f"{path}:{lineno}: a record must be a JSON object")
-            records.append(_validated(record, f"{path}:{lineno}"))
+            records.append(validated_record(record, f"{path}:{lineno}"))
     if not records:
         raise UserError(f"{what} {path} is empty")
     return records
 
 
-def _validated(record: dict, where: str) -> dict[str, Any]:
-    """The record's known fields, checked; ``where`` is 'file:line' for the error message."""
+def validated_record(record: dict, where: str) -> dict[str, Any]:
+    """The record's known fields, checked; ``where`` is 'file:line' for the error message.
+
+    The one definition of a record (text, prompt and completion, or a multiple-choice question) for
+    dev sets and for the training data the exporters count, so both refuse the same records alike."""
     if "text" in record:
         keys: tuple[str, ...] = ("text",)
     elif "prompt" in record and "choices" in record:

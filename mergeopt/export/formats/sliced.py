@@ -8,7 +8,7 @@ a slice. Without a budget the counts are the largest mixture in the fitted sampl
 repeats no dataset; with one they are the budget's counts.
 
 Both also read fixed columns per dataset, so a renderer has to know the record layout. mergeopt
-reads three (:func:`mergeopt.objectives.data._validated`): ``text``, ``prompt``/``completion``, and
+reads three (:func:`mergeopt.objectives.data.validated_record`): ``text``, ``prompt``/``completion``, and
 multiple-choice ``prompt``/``choices``/``answer``; a multiple-choice dataset (its completion is
 ``choices[answer]``, which no builder reads) or one that mixes layouts is refused, naming it.
 """
