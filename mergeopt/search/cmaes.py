@@ -18,7 +18,8 @@ import numpy as np
 
 from mergeopt.config import SearchSection
 from mergeopt.merging.weights import logits_of
-from mergeopt.search.evaluator import BudgetExhausted, Evaluator, SearchResult, mixture_of_logits
+from mergeopt.search.candidates import mixture_of_logits
+from mergeopt.search.evaluator import BudgetExhausted, Evaluator, SearchResult
 
 if TYPE_CHECKING:  # the library is imported when a search runs, not when the CLI starts
     from cmaes import CMA

@@ -22,7 +22,8 @@ import numpy as np
 from mergeopt.config import SearchSection
 from mergeopt.merging.constraints import FeasibleSet
 from mergeopt.merging.groups import Groups
-from mergeopt.search.evaluator import BudgetExhausted, Evaluator, SearchResult, with_start
+from mergeopt.search.candidates import with_start
+from mergeopt.search.evaluator import BudgetExhausted, Evaluator, SearchResult
 
 
 def draw_mixtures(rng: np.random.Generator, k: int, alpha: float, count: int) -> np.ndarray:

@@ -67,30 +67,6 @@ class SearchResult:
         return {name: float(v) for name, v in zip(self.names, self.weights)}
 
 
-def with_start(
-    start: np.ndarray | None, points: Sequence[np.ndarray], phase: str
-) -> tuple[list[np.ndarray], list[str]]:
-    """``points`` with ``weights.init`` first (logged as phase "start"), and each point's phase.
-
-    Strategies that sample or enumerate mixtures evaluate the start too, so no search returns a
-    mixture its own objective scores worse than the one the user started from.
-    """
-    points = list(points)
-    if start is None:
-        return points, [phase] * len(points)
-    return [np.asarray(start, dtype=np.float64), *points], ["start", *[phase] * len(points)]
-
-
-def mixture_of_logits(feasible: FeasibleSet | None) -> Callable[[np.ndarray], np.ndarray]:
-    """How a logit strategy (CMA-ES, SPSA) turns logits into a mixture: softmax, or under
-    constraints the feasible softmax (the same function when the set is the whole simplex)."""
-    if feasible is None:
-        from scipy.special import softmax
-
-        return softmax
-    return feasible.softmax
-
-
 class Evaluator:
     """Scores mixtures through a cache keyed by (key, w rounded to 12 decimals), within a budget.
 

@@ -12,7 +12,8 @@ import numpy as np
 
 from mergeopt.config import SearchSection
 from mergeopt.errors import UserError
-from mergeopt.search.evaluator import Evaluator, SearchResult, with_start
+from mergeopt.search.candidates import with_start
+from mergeopt.search.evaluator import Evaluator, SearchResult
 from mergeopt.search.mixtures import simplex_lattice
 
 

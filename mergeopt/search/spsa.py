@@ -16,7 +16,8 @@ import numpy as np
 
 from mergeopt.config import SearchSection
 from mergeopt.merging.weights import logits_of
-from mergeopt.search.evaluator import BudgetExhausted, Evaluator, SearchResult, mixture_of_logits
+from mergeopt.search.candidates import mixture_of_logits
+from mergeopt.search.evaluator import BudgetExhausted, Evaluator, SearchResult
 
 DEFAULT_BUDGET = 100
 ALPHA, GAMMA = 0.602, 0.101  # Spall's recommended gain exponents

@@ -20,8 +20,9 @@ import numpy as np
 
 from mergeopt.config import SearchSection, SurrogateSearch
 from mergeopt.errors import UserError
+from mergeopt.search.candidates import with_start
 from mergeopt.search.dirichlet import draw_feasible
-from mergeopt.search.evaluator import BudgetExhausted, Evaluator, SearchResult, ValueFn, with_start
+from mergeopt.search.evaluator import BudgetExhausted, Evaluator, SearchResult, ValueFn
 
 if TYPE_CHECKING:  # lightgbm is imported when a surrogate is fitted, not when the CLI starts
     import lightgbm
