@@ -111,3 +111,113 @@ def test_the_package_is_laid_out_along_a_run():
     ]
     for name in SUBPACKAGES:
         assert (PACKAGE / name / "__init__.py").read_text().startswith('"""'), f"{name} has no docstring"
+
+
+def _private_uses(source: str) -> list[str]:
+    """Where ``source`` reaches a private name of mergeopt: ``from mergeopt.x import _y``, a private
+    module in the path, or ``m._y`` on a name bound to a mergeopt module (``import mergeopt.x``,
+    ``from mergeopt import x``, ``import mergeopt.x as m``). Dunder names are not private."""
+
+    def private(name: str) -> bool:
+        return name.startswith("_") and not name.startswith("__")
+
+    tree = ast.parse(source)
+    modules, found = set(), []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "mergeopt":
+            if any(private(part) for part in node.module.split(".")):
+                found.append(f"line {node.lineno}: module {node.module}")
+            for alias in node.names:
+                if private(alias.name):
+                    found.append(f"line {node.lineno}: {node.module}.{alias.name}")
+                modules.add(alias.asname or alias.name)  # a module or a name: its attributes count alike
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "mergeopt":
+                    modules.add(alias.asname or alias.name.split(".")[0])
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and private(node.attr):
+            root = node.value
+            while isinstance(root, ast.Attribute):
+                root = root.value
+            if isinstance(root, ast.Name) and root.id in modules:
+                found.append(f"line {node.lineno}: {root.id}…{node.attr}")
+    return found
+
+
+def _user_facing_sources() -> dict[str, str]:
+    """The Python that users read and copy: benchmarks, the notebooks' code cells, the docs' examples."""
+    import json
+    import re
+
+    sources = {
+        str(p.relative_to(REPO)): p.read_text(encoding="utf-8") for p in (REPO / "benchmarks").rglob("*.py")
+    }
+    for notebook in (REPO / "notebooks").rglob("*.ipynb"):
+        cells = json.loads(notebook.read_text(encoding="utf-8"))["cells"]
+        code = ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
+        lines = [
+            line for cell in code for line in cell.splitlines() if not line.lstrip().startswith(("%", "!"))
+        ]
+        sources[str(notebook.relative_to(REPO))] = "\n".join(lines)
+    for page in (REPO / "docs").rglob("*.md"):
+        blocks = re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), flags=re.S)
+        for i, block in enumerate(blocks):
+            sources[f"{page.relative_to(REPO)} (python block {i + 1})"] = block
+    return sources
+
+
+def test_benchmarks_notebooks_and_docs_use_only_public_names():
+    """DESIGN.md: notebooks, benchmarks and docs use the public API only, so that a module's private
+    helpers can be renamed or moved without breaking what users run."""
+    sources = _user_facing_sources()
+    assert any(name.startswith("benchmarks/") for name in sources) and any(".ipynb" in n for n in sources)
+    found = {name: uses for name, source in sources.items() if (uses := _private_uses(source))}
+    assert found == {}
+
+
+def test_no_module_imports_a_private_name_of_another():
+    """A name another module needs is public; ``_name`` is a module's own."""
+    found = {}
+    for name, path in _modules().items():
+        uses = _private_uses(path.read_text(encoding="utf-8"))
+        if uses:
+            found[name] = uses
+    assert found == {}
+
+
+def test_the_private_name_finder_finds_each_form():
+    source = """
+import mergeopt.merging.stacking
+import mergeopt.loading.problem as problem
+from mergeopt.evaluation import baselines
+from mergeopt.loading.problem import _random_world
+from mergeopt._internal import thing
+from mergeopt.evaluation.baselines import leave_one_out
+mergeopt.merging.stacking._differences = None
+problem._shard(None)
+baselines._mixing_law(1, 2)
+leave_one_out.__name__
+other._private
+"""
+    assert _private_uses(source) == [
+        "line 5: mergeopt.loading.problem._random_world",
+        "line 6: module mergeopt._internal",
+        "line 8: mergeopt…_differences",
+        "line 9: problem…_shard",
+        "line 10: baselines…_mixing_law",
+    ]
+
+
+def test_nothing_in_the_package_imports_tests_notebooks_or_benchmarks():
+    outside = {"tests", "notebooks", "benchmarks"}
+    found = {}
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in outside:
+                found.setdefault(name, []).append(node.module)
+            elif isinstance(node, ast.Import):
+                found.setdefault(name, []).extend(
+                    a.name for a in node.names if a.name.split(".")[0] in outside
+                )
+    assert {k: v for k, v in found.items() if v} == {}
