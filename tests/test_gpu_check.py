@@ -5,13 +5,14 @@ CUDA it refuses in one line."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import REPO, repo_pythonpath
 
 PARTS = ["cuda_tests", "fit_step_8b", "fit_step_smollm2", "zero_order", "torchrun_nccl"]
 
@@ -20,6 +21,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "benchmarks/gpu_check.py", *args],
         cwd=REPO,
+        env={**os.environ, "PYTHONPATH": repo_pythonpath()},  # this checkout's mergeopt, in its workers too
         capture_output=True,
         text=True,
         timeout=300,

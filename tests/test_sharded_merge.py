@@ -464,10 +464,11 @@ def test_lora_factors_sharded_give_the_single_process_loss_and_gradient(tmp_path
 def test_the_one_process_gpu_check_runs_here_with_gloo(tmp_path):
     """benchmarks/sharded_check.py (the sharded path's check for a GPU session) on a tiny Llama on
     the CPU: the sharded load and step equal the whole path, and it writes its report."""
+    import os
     import subprocess
     import sys
 
-    from tests.conftest import REPO, tiny_config
+    from tests.conftest import REPO, repo_pythonpath, tiny_config
 
     config = tmp_path / "tiny.json"
     tiny_config(vocab_size=61, max_position_embeddings=512).to_json_file(config)
@@ -475,6 +476,7 @@ def test_the_one_process_gpu_check_runs_here_with_gloo(tmp_path):
         [sys.executable, "benchmarks/sharded_check.py", "--device", "cpu"]
         + ["--config", f"random://{config}", "--out", str(tmp_path)],
         cwd=REPO,
+        env={**os.environ, "PYTHONPATH": repo_pythonpath()},  # this checkout's mergeopt, not an installed one
         capture_output=True,
         text=True,
         timeout=300,
