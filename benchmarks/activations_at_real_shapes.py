@@ -28,7 +28,7 @@ count).
 For each type, in float32 and bfloat16: one sequence of ``--length`` tokens through the model in
 training mode, every weight requiring a gradient (as merged weights do), and the bytes of the
 distinct storages autograd saves for the backward, parameters left out (tests/test_layer_profiles's
-``_saved_bytes``) against ``activations.saved_activation_bytes`` for the model's dims as the CPU's
+``saved_bytes``) against ``activations.saved_activation_bytes`` for the model's dims as the CPU's
 kernels run them (``Dims.on_device("cpu")``: DeepSeek-V3's attention in SDPA's math kernel, where a
 GPU runs a fused one; tests/test_latent_attention.py checks the GPU's on a GPU). Results:
 ``--out``/activations_at_real_shapes.json and .md.
@@ -53,7 +53,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.precision import environment  # noqa: E402
 from mergeopt.memory import activations  # noqa: E402
 from mergeopt.memory.sizes import Dims  # noqa: E402
-from tests.test_layer_profiles import _saved_bytes  # noqa: E402
+from tests.test_layer_profiles import saved_bytes  # noqa: E402
 
 LINEAR = ["linear_attention"] * 3 + ["full_attention"]
 # model type: (checkpoint the config class's defaults follow, config class, model class, changes)
@@ -116,7 +116,7 @@ def measure(model_type: str, dtype: torch.dtype, length: int) -> dict:
     assert config.model_type == model_type, config.model_type
     ids = torch.randint(3, config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
     started = time.perf_counter()
-    saved = _saved_bytes(
+    saved = saved_bytes(
         lambda: model(input_ids=ids, use_cache=False).logits, [*model.parameters(), *model.buffers()]
     )
     dims = Dims.from_config(config.to_dict(), checkpoint).on_device("cpu")

@@ -36,14 +36,14 @@ def main(argv=None) -> int:
     import transformers
 
     from benchmarks.moe_cuda_diagnosis import Z, _loss, _world
-    from tests.test_lora_parameters import _batch
+    from tests.test_lora_parameters import two_set_batch
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--out", default=str(REPO / "benchmarks/results/moe_cpu_reference/deepseek_v3_parts.json")
     )
     args = parser.parse_args(argv)
-    batch, w = _batch(), torch.softmax(torch.tensor(Z), 0)
+    batch, w = two_set_batch(), torch.softmax(torch.tensor(Z), 0)
     report: dict = {"arch": "deepseek_v3", "w": w.tolist(), "peft_merge_loss": {}, "base_loss": {}}
     with tempfile.TemporaryDirectory() as tmp:
         world = _world("deepseek_v3", Path(tmp))

@@ -48,12 +48,12 @@ def _world(arch: str, root: Path) -> dict:
     """tests/test_lora_parameters.py's ``world`` fixture, without its dense expert."""
     from tests.conftest import save_checkpoint
     from tests.test_conversions import dev_sets
-    from tests.test_lora_parameters import ATTENTION, TARGETS, _adapter, _model
+    from tests.test_lora_parameters import ATTENTION, TARGETS, moe_adapter, moe_model
 
-    save_checkpoint(_model(arch, 0), root / "base")
+    save_checkpoint(moe_model(arch, 0), root / "base")
     attention = ATTENTION.get(arch, "q_proj")
     experts = {
-        name: _adapter(str(root / "base"), root / name, seed, TARGETS[arch], attention)
+        name: moe_adapter(str(root / "base"), root / name, seed, TARGETS[arch], attention)
         for name, seed in (("alpha", 10), ("beta", 11))
     }
     return {"arch": arch, "base": str(root / "base"), "experts": experts, "dev": dev_sets(root)}
@@ -106,10 +106,10 @@ def _on(world: dict, device: str, tmp: Path, compute_dtype: str) -> dict:
     from mergeopt.merging.weights import weights_from_logits
     from mergeopt.objectives.loss import dev_loss
     from tests.conftest import recipe_tree
-    from tests.test_lora_parameters import _batch
+    from tests.test_lora_parameters import two_set_batch
 
     found: dict = {}
-    batch = _batch()
+    batch = two_set_batch()
     base = (
         transformers.AutoModelForCausalLM.from_pretrained(world["base"], dtype=torch.float32)
         .to(device)
@@ -177,9 +177,9 @@ def _cross_loss(world: dict, state: dict, device: str) -> float:
     """Transformers' base model on ``device`` given another device's materialized merged weights."""
     import transformers
 
-    from tests.test_lora_parameters import _batch
+    from tests.test_lora_parameters import two_set_batch
 
-    batch = _batch()
+    batch = two_set_batch()
     model = transformers.AutoModelForCausalLM.from_pretrained(world["base"], dtype=torch.float32).eval()
     model.load_state_dict(state)
     return _loss(model.to(device), batch, device)

@@ -17,7 +17,7 @@ from mergeopt.errors import UserError
 from mergeopt.memory import activations
 from mergeopt.memory.latent_attention import LatentAttention
 from mergeopt.memory.sizes import Dims
-from tests.test_layer_profiles import _saved_bytes
+from tests.test_layer_profiles import saved_bytes
 from tests.test_plan import LiveBytes
 
 HIDDEN, VOCAB = 64, 200
@@ -65,7 +65,7 @@ def _layer_bytes(shape: tuple, dtype: torch.dtype, frozen: bool) -> int:
         model.requires_grad_(not frozen)
         embedded = model.get_input_embeddings()(ids).detach().requires_grad_()
         run = lambda: model.model(inputs_embeds=embedded, attention_mask=mask, use_cache=False)  # noqa: E731
-        return _saved_bytes(run, [*model.parameters(), *model.buffers()])
+        return saved_bytes(run, [*model.parameters(), *model.buffers()])
 
     return saved(2) - saved(1)
 
@@ -157,7 +157,7 @@ def test_on_a_gpu_the_plan_matches_what_a_layer_saves(shape, compute):
         model = transformers.DeepseekV3ForCausalLM(_config(shape, layers)).to(dtype).cuda()
         embedded = model.get_input_embeddings()(ids).detach().requires_grad_()
         run = lambda: model.model(inputs_embeds=embedded, attention_mask=mask, use_cache=False)  # noqa: E731
-        return _saved_bytes(run, [*model.parameters(), *model.buffers()])
+        return saved_bytes(run, [*model.parameters(), *model.buffers()])
 
     dims = Dims.from_config(_config(shape, 2).to_dict(), "base").on_device("cuda")
     dense = dims.layer_kinds()[0][0]  # the dense layers' kind

@@ -177,7 +177,7 @@ def tiny(arch: str, layers: int = 2, kinds: list[str] | None = None, **changes) 
     return getattr(transformers, model_name)(config).eval()
 
 
-def _saved_bytes(run, skip: list[torch.Tensor]) -> int:
+def saved_bytes(run, skip: list[torch.Tensor]) -> int:
     """Bytes of the distinct storages autograd saves for the backward while ``run()`` runs,
     parameters and stacked tensors left out. Each saved tensor is held until the end, so that one
     released during the forward (a branch without gradient: a grouped router's choice of experts)
@@ -272,7 +272,7 @@ def _saved_and_planned(model, stack, dims: Dims, compute: str) -> tuple[int, int
     z = torch.zeros(4, dtype=torch.float64, requires_grad=True)
     data = padded_batch(BATCH, LENGTH, VOCAB)
     params = [*model.parameters(), *model.buffers(), *_stacked_tensors(stack), z]
-    measured = _saved_bytes(lambda: dev_loss(model, stack, z, data, torch.ones(1), 16), params)
+    measured = saved_bytes(lambda: dev_loss(model, stack, z, data, torch.ones(1), 16), params)
     return measured, activations.saved_activation_bytes(dims, BATCH, LENGTH, DTYPES[compute].itemsize)
 
 
@@ -317,7 +317,7 @@ def test_one_frozen_layer_keeps_what_the_profile_says(arch, compute):
         embedded = model.get_input_embeddings()(ids).detach().requires_grad_()
         weights = [*model.parameters(), *model.buffers()]
         run = lambda: model.model(inputs_embeds=embedded, attention_mask=mask, use_cache=False)  # noqa: E731
-        return _saved_bytes(run, weights)
+        return saved_bytes(run, weights)
 
     def planned(layers: int) -> int:
         dims = Dims.from_config(tiny(arch, layers, kinds).config.to_dict(), arch).on_device("cpu")

@@ -15,7 +15,7 @@ from mergeopt.errors import UserError
 from mergeopt.memory import activations
 from mergeopt.memory.layer_shapes import LayerShape, gemma4_layers
 from mergeopt.memory.sizes import FLOAT32, Dims
-from tests.test_layer_profiles import _saved_bytes
+from tests.test_layer_profiles import saved_bytes
 
 HIDDEN, VOCAB, BATCH, LENGTH = 64, 200, 3, 40
 KINDS = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
@@ -74,7 +74,7 @@ def _saved_and_planned(config, compute: str, frozen: bool) -> tuple[int, int]:
     mask[-1, LENGTH - 7 :] = 0  # right padding, as the dev sets are batched
     embedded = model.get_input_embeddings()(ids).detach().requires_grad_()
     run = lambda: model.model(inputs_embeds=embedded, attention_mask=mask, use_cache=False)  # noqa: E731
-    measured = _saved_bytes(run, [*model.parameters(), *model.buffers()])
+    measured = saved_bytes(run, [*model.parameters(), *model.buffers()])
     dims = Dims.from_config(config.to_dict(), "base")
     # the per-layer embedding's ids, which transformers recovers from the input embeddings here
     # (three int64 columns of a nonzero's result; the fit passes the ids, which the plan counts)

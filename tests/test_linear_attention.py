@@ -17,7 +17,7 @@ from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextGatedDel
 from mergeopt.errors import UserError
 from mergeopt.memory.linear_attention import LinearAttention
 from mergeopt.memory.sizes import Dims
-from tests.test_layer_profiles import _saved_bytes
+from tests.test_layer_profiles import saved_bytes
 from tests.test_plan import LiveBytes
 
 HIDDEN = 64
@@ -72,7 +72,7 @@ def test_saved_bytes_equal_what_autograd_saves(model_type, shape, compute, froze
     dtype = getattr(torch, compute)
     layer, x, mask, shapes = _layer(model_type, shape, dtype, frozen)
     x.requires_grad_()
-    measured = _saved_bytes(lambda: layer(x, attention_mask=mask), [*layer.parameters(), *layer.buffers()])
+    measured = saved_bytes(lambda: layer(x, attention_mask=mask), [*layer.parameters(), *layer.buffers()])
     batch, length = x.shape[:2]
     assert measured == shapes.saved_bytes(HIDDEN, batch, length, dtype.itemsize, frozen)
 
@@ -158,7 +158,7 @@ def test_on_a_gpu_the_plan_bounds_what_the_layer_saves(model_type, compute):
     dtype = getattr(torch, compute)
     layer, x, mask, shapes = _layer(model_type, SHAPES[2], dtype, frozen=False)
     layer, x, mask = layer.cuda(), x.cuda().requires_grad_(), mask.cuda()
-    measured = _saved_bytes(lambda: layer(x, attention_mask=mask), [*layer.parameters(), *layer.buffers()])
+    measured = saved_bytes(lambda: layer(x, attention_mask=mask), [*layer.parameters(), *layer.buffers()])
     planned = shapes.saved_bytes(HIDDEN, x.shape[0], x.shape[1], dtype.itemsize)
     assert measured <= planned, (measured, planned)
     kernels = any(importlib.util.find_spec(name) for name in ("fla", "causal_conv1d"))

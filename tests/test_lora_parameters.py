@@ -59,13 +59,13 @@ TARGETS = {
 ATTENTION = {"deepseek_v3": "o_proj"}  # the module each adapter also adapts (a Linear: low-rank)
 
 
-def _model(arch: str, seed: int) -> torch.nn.Module:
+def moe_model(arch: str, seed: int) -> torch.nn.Module:
     config_name, model_name, extra = ARCHITECTURES[arch]
     torch.manual_seed(seed)
     return getattr(transformers, model_name)(getattr(transformers, config_name)(**{**SHARED, **extra})).eval()
 
 
-def _adapter(base: str, directory: Path, seed: int, targets: list[str], attention: str = "q_proj") -> str:
+def moe_adapter(base: str, directory: Path, seed: int, targets: list[str], attention: str = "q_proj") -> str:
     """A LoRA of the attention's ``attention`` projection and of ``targets``, random
     (init_lora_weights=False), saved by PEFT."""
     torch.manual_seed(seed)
@@ -87,13 +87,13 @@ def world(request, tmp_path_factory) -> dict:
     and two dev sets."""
     arch = request.param
     root = tmp_path_factory.mktemp(f"lora-{arch}")
-    base = _model(arch, 0)
+    base = moe_model(arch, 0)
     save_checkpoint(base, root / "base")
     dense = perturbed(base, 7)
     attention = ATTENTION.get(arch, "q_proj")
     experts = {
-        "alpha": _adapter(str(root / "base"), root / "alpha", 10, TARGETS[arch], attention),
-        "beta": _adapter(str(root / "base"), root / "beta", 11, TARGETS[arch], attention),
+        "alpha": moe_adapter(str(root / "base"), root / "alpha", 10, TARGETS[arch], attention),
+        "beta": moe_adapter(str(root / "base"), root / "beta", 11, TARGETS[arch], attention),
         "gamma": str(save_checkpoint(dense, root / "gamma")),
     }
     served = peft.PeftModel.from_pretrained(
@@ -151,7 +151,7 @@ def test_each_update_is_peft_get_delta_weight(world):
         if isinstance(module, peft.tuners.lora.layer.ParamWrapper)
     }
     config = json.loads((Path(path) / "adapter_config.json").read_text())
-    resolved = wrapped_parameters(config, _model(world["arch"], 0))
+    resolved = wrapped_parameters(config, moe_model(world["arch"], 0))
     assert set(resolved) == set(wrappers)
     assert {t.name for t in resolved.values()} == world["wrapped"]
     for key, target in resolved.items():
@@ -201,10 +201,10 @@ def test_one_hot_and_mixed_weights_give_peft_and_its_merge(world, tmp_path):
 def test_nesting_follows_peft_for_any_order_and_subset(tmp_path):
     """Which saved key adapts which parameter, for one or both of a module's parameters named in
     either order, against the wrappers PEFT builds."""
-    base = _model("mixtral", 0)
+    base = moe_model("mixtral", 0)
     for targets in (["gate_up_proj"], ["down_proj"], ["down_proj", "gate_up_proj"], ["experts.gate_up_proj"]):
         served = peft.get_peft_model(
-            _model("mixtral", 0), peft.LoraConfig(r=2, target_parameters=targets, target_modules=[])
+            moe_model("mixtral", 0), peft.LoraConfig(r=2, target_parameters=targets, target_modules=[])
         )
         wrappers = {
             name.removeprefix("base_model.model."): f"{name}.{m.parameter_name}"
@@ -263,7 +263,7 @@ V4_MODULES = {
 def test_adapters_of_per_expert_modules_are_converted_as_peft_does(arch, tmp_path):
     """An adapter trained under transformers 4 (a module per expert): PEFT fuses it into
     target_parameters when it loads it; the fit's one-hot mixture gives PEFT's logits."""
-    base = _model(arch, 0)
+    base = moe_model(arch, 0)
     save_checkpoint(base, tmp_path / "base")
     experts = {
         "alpha": _v4_adapter(tmp_path / "alpha", arch, 1, V4_MODULES[arch]),
@@ -298,7 +298,7 @@ def test_adapters_of_per_expert_modules_are_converted_as_peft_does(arch, tmp_pat
 
 
 def test_target_parameters_naming_nothing_is_one_line(tmp_path):
-    base = _model("mixtral", 0)
+    base = moe_model("mixtral", 0)
     save_checkpoint(base, tmp_path / "base")
     served = peft.get_peft_model(
         base, peft.LoraConfig(r=2, target_parameters=["gate_up_proj"], target_modules=[])
@@ -347,7 +347,7 @@ def test_merge_as_adapter_saves_the_fused_experts_whole(world, tmp_path):
     from tests.test_lora_experts import merge_as_adapter
 
     experts = {n: p for n, p in world["experts"].items() if n != "gamma"}
-    experts["gamma"] = _adapter(
+    experts["gamma"] = moe_adapter(
         world["base"], tmp_path / "gamma", 12, TARGETS[world["arch"]], world["attention"]
     )
     result, tree = merge_as_adapter(world, tmp_path, experts, "--dtype", "float32")
@@ -365,7 +365,7 @@ def test_merge_as_adapter_saves_the_fused_experts_whole(world, tmp_path):
         torch.testing.assert_close(loaded(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
 
 
-def _batch():
+def two_set_batch():
     """Two dev sets' padded batch over this vocabulary (tests/test_layer_merge.py's layout)."""
     from mergeopt.objectives.data import Batch
 
@@ -422,7 +422,7 @@ def test_the_low_rank_merge_equals_the_dense_rows(world, tmp_path, monkeypatch, 
     for model, stack in _stacks(world, tmp_path, monkeypatch, mixed, compute_dtype=compute):
         (checkpointing.enable if checkpointed else checkpointing.disable)(model)
         results.append(
-            loss_and_grad(lambda w, m=model, s=stack: per_layer_loss(m, s, w, _batch(), 5), logits)
+            loss_and_grad(lambda w, m=model, s=stack: per_layer_loss(m, s, w, two_set_batch(), 5), logits)
         )
     (low_loss, low_grad), (dense_loss, dense_grad) = results
     if compute == "bfloat16":  # measured: losses within 6e-5, gradients within 4% of the largest
@@ -442,7 +442,7 @@ def test_no_merged_copy_of_the_experts_is_saved_for_the_backward(world, tmp_path
     (model, stack), _ = _stacks(world, tmp_path, monkeypatch)
     recipes, kept = counting_recipes(monkeypatch)
     w = torch.softmax(torch.tensor([0.3, -0.1], dtype=torch.float64, requires_grad=True), 0)
-    loss = per_layer_loss(model, stack, w, _batch(), None)
+    loss = per_layer_loss(model, stack, w, two_set_batch(), None)
     fused = {n for n, f in stack.lowrank.parameters.items() if len(f.shape) == 3}
     assert fused <= {r.source.parametrization.name for r in recipes}
     assert not any(getattr(t, layer_merge.SOURCE_ATTRIBUTE, None) is not None for t in kept)
@@ -583,7 +583,7 @@ def _checkpointed_step(world: dict, tmp_path: Path, device: str) -> tuple[float,
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     checkpointing.enable(model)
     z = torch.tensor([0.4, -0.3], dtype=torch.float64, device=device, requires_grad=True)
-    loss = dev_loss(model, stack, z, _batch().to(device), torch.tensor([1.0, 2.0]), 5)
+    loss = dev_loss(model, stack, z, two_set_batch().to(device), torch.tensor([1.0, 2.0]), 5)
     loss.backward()
     return float(loss.detach()), z.grad.cpu()
 
@@ -624,7 +624,7 @@ def test_training_step_plan_of_fused_lora_bounds_the_live_bytes(tmp_path, checkp
     model = transformers.MixtralForCausalLM(config).eval()
     save_checkpoint(model, tmp_path / "base")
     experts = {
-        f"e{k}": _adapter(str(tmp_path / "base"), tmp_path / f"e{k}", k, ["gate_up_proj", "down_proj"])
+        f"e{k}": moe_adapter(str(tmp_path / "base"), tmp_path / f"e{k}", k, ["gate_up_proj", "down_proj"])
         for k in range(4)
     }
     planned, peak, stack = planned_and_live_step(
