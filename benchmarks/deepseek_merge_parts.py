@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     import peft
     import transformers
 
-    from benchmarks.moe_cuda_diagnosis import Z, _loss, _world
+    from benchmarks.moe_cuda_diagnosis import Z, lora_world, token_loss
     from tests.test_lora_parameters import two_set_batch
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     batch, w = two_set_batch(), torch.softmax(torch.tensor(Z), 0)
     report: dict = {"arch": "deepseek_v3", "w": w.tolist(), "peft_merge_loss": {}, "base_loss": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        world = _world("deepseek_v3", Path(tmp))
+        world = lora_world("deepseek_v3", Path(tmp))
 
         def base(**kwargs) -> torch.nn.Module:
             return transformers.AutoModelForCausalLM.from_pretrained(world["base"], **kwargs).eval()
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
                         state[k] += weight * v
             model.load_state_dict(state)
             report["peft_merge_loss"][label] = {
-                dtype: _loss(model.to(getattr(torch, dtype)), batch, "cpu")
+                dtype: token_loss(model.to(getattr(torch, dtype)), batch, "cpu")
                 for dtype in ("float32", "bfloat16")
             }
             model.float()
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
                     kwargs = {"dtype": getattr(torch, dtype), "attn_implementation": attention}
                     kwargs |= {"device_map": {"": "cpu"}} if mapped else {}
                     key = f"{dtype}, {attention}" + (", device_map" if mapped else "")
-                    report["base_loss"][key] = _loss(base(**kwargs), batch, "cpu")
+                    report["base_loss"][key] = token_loss(base(**kwargs), batch, "cpu")
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     for label, losses in report["peft_merge_loss"].items():
         print(f"{label:>20}: " + ", ".join(f"{d} {v:.5f}" for d, v in losses.items()))

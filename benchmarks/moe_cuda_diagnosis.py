@@ -44,7 +44,7 @@ SET_WEIGHTS = [1.0, 2.0]
 LOSS_CHUNK = 5
 
 
-def _world(arch: str, root: Path) -> dict:
+def lora_world(arch: str, root: Path) -> dict:
     """tests/test_lora_parameters.py's ``world`` fixture, without its dense expert."""
     from tests.conftest import save_checkpoint
     from tests.test_conversions import dev_sets
@@ -86,7 +86,7 @@ class _Taps:
             handle.remove()
 
 
-def _loss(model: torch.nn.Module, batch, device) -> float:
+def token_loss(model: torch.nn.Module, batch, device) -> float:
     """The test's loss of a plain model (no mixture): per dev set, weighted as dev_loss weighs them."""
     from mergeopt.objectives.loss import per_set_loss_sums, target_loss
 
@@ -116,12 +116,12 @@ def _on(world: dict, device: str, tmp: Path, compute_dtype: str) -> dict:
         .eval()
     )
     taps = _Taps(base)
-    found["base_loss"] = _loss(base, batch, device)
+    found["base_loss"] = token_loss(base, batch, device)
     taps.close()
     found["base_taps"] = taps.seen
     if compute_dtype != "float32":  # transformers' own model in the compute dtype: its kernels alone
         taps = _Taps(base.to(getattr(torch, compute_dtype)))
-        found["base_compute_loss"] = _loss(base, batch, device)
+        found["base_compute_loss"] = token_loss(base, batch, device)
         taps.close()
         found["base_compute_taps"] = taps.seen
     del base
@@ -156,7 +156,7 @@ def _on(world: dict, device: str, tmp: Path, compute_dtype: str) -> dict:
     with torch.no_grad():
         make_permanent(model)
         stack.lowrank.materialize(stack.lowrank.current_weights())
-    found["materialized_loss"] = _loss(model, batch, device)
+    found["materialized_loss"] = token_loss(model, batch, device)
     found["materialized_state"] = {n: t.detach().cpu() for n, t in model.state_dict().items()}
     del model, stack
 
@@ -182,7 +182,7 @@ def _cross_loss(world: dict, state: dict, device: str) -> float:
     batch = two_set_batch()
     model = transformers.AutoModelForCausalLM.from_pretrained(world["base"], dtype=torch.float32).eval()
     model.load_state_dict(state)
-    return _loss(model.to(device), batch, device)
+    return token_loss(model.to(device), batch, device)
 
 
 def _compare_taps(a: dict, b: dict, k: int) -> dict:
@@ -210,7 +210,7 @@ def diagnose(arch: str, devices: list[str], root: Path, compute_dtype: str = "fl
     from tests.test_lora_parameters import ARCHITECTURES
 
     start = time.perf_counter()
-    world = _world(arch, root)
+    world = lora_world(arch, root)
     k = ARCHITECTURES[arch][2].get("num_experts_per_tok", 2)
     first, second = (_on(world, d, root / f"{i}-{d}", compute_dtype) for i, d in enumerate(devices))
     report = {"arch": arch, "devices": devices, "compute_dtype": compute_dtype}
