@@ -54,6 +54,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import importlib.metadata
 import json
 import os
 import re
@@ -328,6 +329,7 @@ class Check:
             "smoke": args.smoke,
             "dtype": self.dtype,
             "torch": torch.__version__,
+            "transformers": importlib.metadata.version("transformers"),  # the image's, or the carried one
             "cuda": torch.version.cuda,
             "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
             "commit": _commit(),
@@ -671,7 +673,8 @@ def markdown(report: dict) -> str:
     lines = [
         f"# GPU check: {report['gpu']}",
         "",
-        f"torch {report['torch']}, CUDA {report['cuda']}; {report['date_utc']} UTC; commit {report['commit']}; "
+        f"torch {report['torch']}, transformers {report.get('transformers', '?')}, CUDA {report['cuda']}; "
+        f"{report['date_utc']} UTC; commit {report['commit']}; "
         f"{report['total_s']:.0f} s of a {report['budget_s']:.0f} s budget"
         + ("; smoke run (tiny shapes on the CPU)" if report["smoke"] else "")
         + (f"; this run repeated {', '.join(report['rerun'])} only" if report.get("rerun") else "")

@@ -47,6 +47,19 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 else
   echo "gpu_session: no .whl/ here; run benchmarks/gpu_wheels.sh first and carry .whl" >&2
 fi
+# transformers at pyproject.toml's floor (the image holds 5.17; the memory plan's activation terms
+# are measured against 5.25's modules): beside the image's packages, first on PYTHONPATH, and kept
+# only if it imports there; otherwise the image's transformers runs (the report names its version)
+if compgen -G ".whl/transformers/*.whl" > /dev/null; then
+  if "${pip_offline[@]}" --upgrade --target /tmp/site-transformers .whl/transformers/*.whl >> "$log" 2>&1 &&
+    PYTHONPATH="/tmp/site-transformers${PYTHONPATH:+:$PYTHONPATH}" python3 -c \
+      'import transformers, huggingface_hub; from transformers import AutoModelForCausalLM' >> "$log" 2>&1; then
+    export PYTHONPATH="/tmp/site-transformers${PYTHONPATH:+:$PYTHONPATH}"
+    echo "gpu_session: transformers from the carried wheels (/tmp/site-transformers)"
+  else
+    echo "gpu_session: the carried transformers did not install or import (see setup.log); the image's runs" >&2
+  fi
+fi
 if ! "${pip_offline[@]}" --no-build-isolation -e . >> "$log" 2>&1; then
   echo "gpu_session: the editable install failed (see setup.log); mergeopt is read from the checkout"
 fi

@@ -146,10 +146,19 @@ def test_every_dependency_reaches_the_gpu_machine():
         name(r) for r in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     }
     lines = (REPO / "benchmarks" / "gpu_wheels.txt").read_text().splitlines()
-    pinned = {name(line) for line in lines if line.strip() and not line.startswith("#")}
+    carried = (REPO / "benchmarks" / "gpu_wheels_transformers.txt").read_text().splitlines()
+    pins = [line for line in lines + carried if line.strip() and not line.startswith("#")]
+    pinned = {name(line) for line in pins}
     image = {name(n) for line in lines if line.startswith("# image:") for n in line.split(":", 1)[1].split()}
     assert needed - pinned - image == set()
-    assert all("==" in line for line in lines if line.strip() and not line.startswith("#"))  # exact pins
+    assert all("==" in line for line in pins)  # exact pins
+    # the carried transformers is pyproject's floor, the version the memory plan is measured against
+    floor = next(
+        r
+        for r in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+        if name(r) == "transformers"
+    )
+    assert f"transformers=={floor.split('>=')[1]}.0" in carried
 
 
 def test_moe_diagnosis_rehearsed_on_the_cpu_reproduces_the_committed_reference(tmp_path):
