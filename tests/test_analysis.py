@@ -54,7 +54,9 @@ def test_open_run_reads_what_fit_wrote(ranked_run):
     run = analysis.open_run(ranked_run)
     mixture = json.loads((ranked_run / "mixture.json").read_text())
     assert run.weights.to_dict() == mixture["weights"] and run.strategy == "gradient"
-    trace = pd.read_csv(ranked_run / "trace.csv", float_precision="round_trip")  # pandas 2.2 misreads last digits
+    trace = pd.read_csv(
+        ranked_run / "trace.csv", float_precision="round_trip"
+    )  # pandas 2.2 misreads last digits
     np.testing.assert_array_equal(run.weight_path(), trace[[f"w_{n}" for n in run.expert_names]].to_numpy())
     table = analysis.mixture_table(run)
     assert table.loc["fitted", "heldout_loss"] == mixture["heldout_loss"]
