@@ -10,7 +10,10 @@ experts and of one attention projection, saved and read back) and, on each devic
 - ``base``: transformers' own base model, float32, no mergeopt: loss on the test's padded batch;
   with ``--compute-dtype bfloat16``, ``base_compute`` too: that model in bfloat16 (its kernels
   alone, beside the merge's bfloat16 step);
-- ``merged``: mergeopt's merged model at the test's z, no checkpointing, no gradient: loss;
+- ``base_device_map``: that base loaded as mergeopt loads one on a GPU (``device_map`` {"": device}:
+  built on the meta device, then filled), with every buffer transformers forms (rotary frequencies,
+  DeepSeek-V3's router score correction bias), compared between the devices;
+- ``merged``: mergeopt's merged model at the test's z, no checkpointing, no gradient: loss, and its buffers;
 - ``materialized``: that merge made plain weights (as ``mergeopt merge`` writes it), run by
   transformers alone: loss; and the CPU's plain merged weights run on the GPU (``first_weights_on_
   second_device_loss``): transformers' kernels on the GPU with the CPU's numbers;
@@ -125,6 +128,14 @@ def _on(world: dict, device: str, tmp: Path, compute_dtype: str) -> dict:
         taps.close()
         found["base_compute_taps"] = taps.seen
     del base
+    # loaded as mergeopt loads a base on a GPU (device_map {"": device}: built on the meta device,
+    # then filled), not built on the CPU and moved: a buffer the checkpoint lacks is formed anew there
+    placed = transformers.AutoModelForCausalLM.from_pretrained(
+        world["base"], dtype=torch.float32, device_map={"": device}
+    ).eval()
+    found["base_device_map_loss"] = token_loss(placed, batch, device)
+    found["base_device_map_buffers"] = _buffers(placed)
+    del placed
 
     def merged():
         tree = recipe_tree(world, tmp / f"run-{device}-{len(found)}")
@@ -141,6 +152,7 @@ def _on(world: dict, device: str, tmp: Path, compute_dtype: str) -> dict:
         )
     taps.close()
     found["merged_taps"] = taps.seen
+    found["merged_buffers"] = _buffers(model)
     w = weights_from_logits(z).float()
     weights = {}
     for module_name, module in model.named_modules():
@@ -171,6 +183,30 @@ def _on(world: dict, device: str, tmp: Path, compute_dtype: str) -> dict:
         found[f"{key}_loss"], found[f"{key}_grad"] = float(loss.detach()), z.grad.cpu().tolist()
         del model, stack
     return found
+
+
+def _buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every buffer transformers' modules hold, persistent or not (rotary frequencies, a router's
+    score correction bias), on the CPU; not mergeopt's own (the stack's, the mixture's)."""
+    from mergeopt.merging.layer_merge import MIX_BUFFER
+
+    own = (MIX_BUFFER, "deltas", "scales")
+    return {
+        name: buffer.detach().float().cpu()
+        for name, buffer in model.named_buffers(remove_duplicate=False)
+        if buffer.is_floating_point() and name.rsplit(".", 1)[-1] not in own
+    }
+
+
+def _compare_buffers(a: dict, b: dict) -> dict:
+    """Per buffer, the largest difference between the devices; a buffer one side lacks is named."""
+    out = {}
+    for name in sorted(set(a) | set(b)):
+        if name not in a or name not in b or a[name].shape != b[name].shape:
+            out[name] = "missing or reshaped"
+        else:
+            out[name] = float((a[name] - b[name]).abs().max()) if a[name].numel() else 0.0
+    return out
 
 
 def _cross_loss(world: dict, state: dict, device: str) -> float:
@@ -214,7 +250,14 @@ def diagnose(arch: str, devices: list[str], root: Path, compute_dtype: str = "fl
     k = ARCHITECTURES[arch][2].get("num_experts_per_tok", 2)
     first, second = (_on(world, d, root / f"{i}-{d}", compute_dtype) for i, d in enumerate(devices))
     report = {"arch": arch, "devices": devices, "compute_dtype": compute_dtype}
-    for key in ("base_loss", "merged_loss", "materialized_loss", "step_loss", "step_grad"):
+    for key in (
+        "base_loss",
+        "base_device_map_loss",
+        "merged_loss",
+        "materialized_loss",
+        "step_loss",
+        "step_grad",
+    ):
         report[key] = [first[key], second[key]]
         if key.startswith("step"):
             report[f"unchecked_{key}"] = [first[f"unchecked_{key}"], second[f"unchecked_{key}"]]
@@ -237,6 +280,11 @@ def diagnose(arch: str, devices: list[str], root: Path, compute_dtype: str = "fl
         report["base_compute_taps"] = _compare_taps(
             first["base_compute_taps"], second["base_compute_taps"], k
         )
+    # a buffer formed differently on the two devices (under device_map, say) parts them before any merge
+    report["base_device_map_buffers_max_abs"] = _compare_buffers(
+        first["base_device_map_buffers"], second["base_device_map_buffers"]
+    )
+    report["merged_buffers_max_abs"] = _compare_buffers(first["merged_buffers"], second["merged_buffers"])
     report["merged_taps"] = _compare_taps(first["merged_taps"], second["merged_taps"], k)
     report["seconds"] = round(time.perf_counter() - start, 1)
     return report

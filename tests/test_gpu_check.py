@@ -183,3 +183,13 @@ def test_moe_diagnosis_rehearsed_on_the_cpu_reproduces_the_committed_reference(t
     assert set(report["merged_weights_max_abs"].values()) == {0.0}
     for taps in ("base_taps", "base_compute_taps", "merged_taps"):
         assert report[taps] and all(entry["max_abs"] == 0.0 for entry in report[taps].values()), taps
+    # the base as mergeopt loads it on a GPU (device_map) is the base, and every buffer transformers
+    # forms (DeepSeek-V3's router bias, the rotary frequencies) is compared, none of mergeopt's own
+    assert report["base_device_map_loss"] == [report["base_loss"][0]] * 2
+    for buffers in ("base_device_map_buffers_max_abs", "merged_buffers_max_abs"):
+        assert set(report[buffers]) == {
+            "model.layers.1.mlp.gate.e_score_correction_bias",
+            "model.rotary_emb.inv_freq",
+            "model.rotary_emb.original_inv_freq",
+        }, buffers
+        assert set(report[buffers].values()) == {0.0}, buffers
