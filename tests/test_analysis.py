@@ -20,6 +20,7 @@ from mergeopt.config import load_recipe
 from mergeopt.errors import UserError
 from mergeopt.fit import fit
 from mergeopt.reporting import analysis
+from mergeopt.runtime.exact_csv import read_csv
 from tests.conftest import REPO, environment, repo_pythonpath
 
 GRID = REPO / "tests" / "data" / "tiny_grid" / "grid.csv"
@@ -54,9 +55,7 @@ def test_open_run_reads_what_fit_wrote(ranked_run):
     run = analysis.open_run(ranked_run)
     mixture = json.loads((ranked_run / "mixture.json").read_text())
     assert run.weights.to_dict() == mixture["weights"] and run.strategy == "gradient"
-    trace = pd.read_csv(
-        ranked_run / "trace.csv", float_precision="round_trip"
-    )  # pandas 2.2 misreads last digits
+    trace = read_csv(ranked_run / "trace.csv")  # exact under every pandas
     np.testing.assert_array_equal(run.weight_path(), trace[[f"w_{n}" for n in run.expert_names]].to_numpy())
     table = analysis.mixture_table(run)
     assert table.loc["fitted", "heldout_loss"] == mixture["heldout_loss"]

@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 import scipy.stats
 
 from mergeopt.evaluation import baselines
+from mergeopt.runtime.exact_csv import read_csv
 from tests.conftest import REPO, run_in_process
 from tests.test_proxy_evaluator import _write
 
@@ -25,7 +25,7 @@ TINY_EXPERTS = ["arith", "reverse", "brackets", "markov"]
 
 
 def _tiny_grid():
-    grid = pd.read_csv(TINY_GRID, float_precision="round_trip")
+    grid = read_csv(TINY_GRID)
     weights = grid[[f"w_{n}" for n in TINY_EXPERTS]].to_numpy()
     target = grid[[f"loss_{n}" for n in TINY_EXPERTS]].to_numpy().mean(axis=1)
     return weights, target
@@ -136,8 +136,8 @@ def test_a_rank_report_sets_every_baseline_beside_the_proxy(random_world, tmp_pa
     result = run_in_process("rank", recipe, "rank.workers=2", "--grid", grid, "--out", str(out), "--quiet")
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "rank_report.json").read_text())
-    pairs = pd.read_csv(out / "rank_pairs.csv", float_precision="round_trip")
-    table = pd.read_csv(grid, float_precision="round_trip")
+    pairs = read_csv(out / "rank_pairs.csv")
+    table = read_csv(grid)
     assert set(report["baselines"]) == set(baselines.NAMES) and "baselines_skipped" not in report
     weights = table[["w_alpha", "w_beta", "w_gamma"]].to_numpy()
     vertex = [int(np.flatnonzero((weights == np.eye(3)[i]).all(axis=1))[0]) for i in range(3)]
@@ -194,9 +194,9 @@ def test_rank_baselines_leaves_the_regressions_out(random_world, tmp_path):
     assert set(report["baselines"]) == {"interpolation"}
     left_out = "left out by rank.baselines"
     assert report["baselines_skipped"] == {"lightgbm_loo": left_out, "mixing_law_loo": left_out}
-    pairs = pd.read_csv(out / "rank_pairs.csv", float_precision="round_trip")
+    pairs = read_csv(out / "rank_pairs.csv")
     assert not [c for c in pairs.columns if c.startswith(("lightgbm_loo_", "mixing_law_loo_"))]
-    weights = pd.read_csv(grid, float_precision="round_trip")[["w_alpha", "w_beta", "w_gamma"]].to_numpy()
+    weights = read_csv(grid)[["w_alpha", "w_beta", "w_gamma"]].to_numpy()
     vertex = [int(np.flatnonzero((weights == np.eye(3)[i]).all(axis=1))[0]) for i in range(3)]
     expected = weights @ pairs["proxy_target"].to_numpy()[vertex]
     np.testing.assert_allclose(pairs["interpolation_target"], expected, rtol=1e-12)

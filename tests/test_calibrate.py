@@ -23,6 +23,7 @@ from mergeopt.evaluation import calibration
 from mergeopt.evaluation.calibrate import calibrate
 from mergeopt.export.mixture_input import read_mixture
 from mergeopt.run_files import CalibrationReport
+from mergeopt.runtime.exact_csv import read_csv
 from tests.conftest import recipe_tree, run_in_process
 
 SPEC = {"candidates": 5, "samples": 200, "batch": 2}
@@ -76,21 +77,17 @@ def test_writes_the_report_the_ranking_and_exportable_mixtures(first_round):
 
 def test_proxy_at_the_runs_equals_the_rank_checks_proxy(first_round, random_world):
     tmp, recipe, grid, out = first_round
-    ranking = pd.read_csv(out / "calibrated_ranking.csv", float_precision="round_trip")
+    ranking = read_csv(out / "calibrated_ranking.csv")
     ours = ranking[ranking["source"] == "run"].sort_values("candidate")["proxy"].to_numpy()
     result = run_in_process("rank", str(recipe), "--grid", str(grid), "--out", str(tmp / "rank"), "--quiet")
     assert result.returncode == 0, result.stderr
-    reference = pd.read_csv(tmp / "rank" / "rank_pairs.csv", float_precision="round_trip")[
-        "proxy_target"
-    ].to_numpy()
+    reference = read_csv(tmp / "rank" / "rank_pairs.csv")["proxy_target"].to_numpy()
     np.testing.assert_allclose(ours, reference, rtol=1e-12)
 
 
 def test_decision_equals_the_models_own(first_round):
     _, _, _, out = first_round
-    ranking = pd.read_csv(out / "calibrated_ranking.csv", float_precision="round_trip").sort_values(
-        "candidate"
-    )
+    ranking = read_csv(out / "calibrated_ranking.csv").sort_values("candidate")
     report = json.loads((out / "calibration.json").read_text())
     weights = ranking[["w_alpha", "w_beta", "w_gamma"]].to_numpy()
     proxy = ranking["proxy"].to_numpy()
@@ -147,7 +144,7 @@ def test_constraints_bound_the_pick_and_the_proposals(random_world, tmp_path):
     for mixture in [report["pick"], *report["proposals"]]:
         assert mixture["weights"]["alpha"] <= 0.3 + 1e-9
         assert mixture["weights"]["gamma"] == pytest.approx(0.2, abs=1e-9)
-    ranking = pd.read_csv(out / "calibrated_ranking.csv", float_precision="round_trip")
+    ranking = read_csv(out / "calibrated_ranking.csv")
     assert set(ranking.loc[~ranking["allowed"], "source"]) <= {"run"}
     recorded = json.loads((out / "next-1" / "mixture.json").read_text())["constraints"]
     assert recorded["upper"]["alpha"] == 0.3 and recorded["lower"]["gamma"] == 0.2

@@ -23,6 +23,7 @@ from mergeopt.loading.problem import load_problem
 from mergeopt.objectives import metrics
 from mergeopt.objectives.data import read_jsonl
 from mergeopt.objectives.objective import Objective
+from mergeopt.runtime.exact_csv import read_csv
 from mergeopt.worlds import resolve_recipe
 from mergeopt.worlds.run_records import RUN_MARKER
 from mergeopt.worlds.train import train
@@ -93,7 +94,7 @@ def grids(tiny_world, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("grid_metrics")
     plain = grid_tree(tiny_world, tmp)
     grid = train(recipe_from_dict(plain), progress=False, log=lambda _m: None)
-    before, mtimes = pd.read_csv(grid, float_precision="round_trip"), checkpoint_mtimes(tmp)
+    before, mtimes = read_csv(grid), checkpoint_mtimes(tmp)
     scored = json.loads(json.dumps(plain))
     scored["objective"] = {"terms": TERMS}
     scored["search"] = {"strategy": "grid"}
@@ -106,7 +107,7 @@ def dev_records(tiny_world, name: str) -> list[dict]:
 
 
 def test_grid_scores_equal_the_metrics_of_each_saved_checkpoint(grids, tiny_world):
-    table = pd.read_csv(grids["grid"], float_precision="round_trip")
+    table = read_csv(grids["grid"])
     header = grids["grid"].read_text().splitlines()[0]
     assert header.endswith(f',score_{EM},"score_{NLL}",tokens')  # quoted by the writer, read back by pandas
     assert list(table.columns)[-3:] == [f"score_{EM}", f"score_{NLL}", "tokens"]
@@ -122,7 +123,7 @@ def test_grid_scores_equal_the_metrics_of_each_saved_checkpoint(grids, tiny_worl
 
 
 def test_resuming_with_a_new_term_fills_its_column_without_retraining(grids):
-    before, after = grids["before"], pd.read_csv(grids["grid"], float_precision="round_trip")
+    before, after = grids["before"], read_csv(grids["grid"])
     assert not [c for c in before.columns if c.startswith("score_")]
     assert checkpoint_mtimes(grids["tmp"]) == grids["mtimes"]
     assert len(grids["mtimes"]) == 2 * 3  # run.json and weights of 2 experts + 1 mixture run
@@ -138,7 +139,7 @@ def ranked(grids):
     report, pairs, proxy, _ = rank_grid(
         problem, objective, grids["grid"], recipe.rank, recipe.seed, progress=False
     )
-    return report, pairs, proxy, pd.read_csv(grids["grid"], float_precision="round_trip")
+    return report, pairs, proxy, read_csv(grids["grid"])
 
 
 def test_proxy_scores_at_the_vertices_are_the_experts_truth(ranked):

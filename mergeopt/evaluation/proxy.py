@@ -27,6 +27,7 @@ from mergeopt.objectives.objective import Objective
 from mergeopt.objectives.scoring import metric_scores, set_losses
 from mergeopt.objectives.term_scores import load_custom, score_column
 from mergeopt.runtime.distributed import is_main
+from mergeopt.runtime.exact_csv import read_csv
 from mergeopt.runtime.resume import PROXY_EVALUATIONS
 from mergeopt.search.evaluator import Evaluator
 
@@ -46,7 +47,7 @@ def read_grid(path: str | Path, expert_names: Sequence[str]) -> pd.DataFrame:
     """Read and check a grid table: one weight column per expert, rows on the simplex."""
     path = existing_file(path, "grid table")
     try:
-        table = pd.read_csv(path, float_precision="round_trip")
+        table = read_csv(path)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as err:
         raise UserError(f"{path}: not a readable CSV table ({str(err).splitlines()[0]})") from None
     weight_columns = [c for c in table.columns if c.startswith(WEIGHT_PREFIX)]

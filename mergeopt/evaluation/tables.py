@@ -17,6 +17,7 @@ import pandas as pd
 
 from mergeopt.errors import UserError
 from mergeopt.evaluation.rank_stats import rank_statistics
+from mergeopt.runtime.exact_csv import read_csv
 
 DEFAULT_PREFIXES = ("w_", "train_")  # ours, then RegMix's train_the_pile_*
 # columns mergeopt train (and RegMix's tables) write beside the metrics that are not metrics: a run's
@@ -34,7 +35,7 @@ def _read_csv(path: str) -> pd.DataFrame:
     if not Path(path).is_file():
         raise UserError(f"{path}: no such file")
     try:
-        frame = pd.read_csv(path, index_col=False, float_precision="round_trip")
+        frame = read_csv(path, index_col=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{path}: not a readable CSV table ({first})") from None

@@ -27,6 +27,7 @@ import yaml
 from mergeopt.errors import UserError
 from mergeopt.inputs import existing_dir
 from mergeopt.run_files import DiagnoseFile, MixtureFile, RankReport, read_finished_mixture, read_run_file
+from mergeopt.runtime.exact_csv import read_csv
 
 RANK_PAIRS = "rank_pairs.csv"
 
@@ -74,7 +75,7 @@ def _read_csv(path: Path) -> pd.DataFrame | None:
     if not path.is_file():
         return None
     try:
-        return pd.read_csv(path, float_precision="round_trip")
+        return read_csv(path)
     except (OSError, ValueError) as err:
         raise UserError(f"{path}: cannot read it as CSV ({err})") from None
 

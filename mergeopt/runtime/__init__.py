@@ -1,1 +1,1 @@
-"""Runtime: torchrun ranks, resumable run state, atomic files, deterministic mode."""
+"""Runtime: torchrun ranks, resumable run state, atomic files and exact CSV reads, deterministic mode."""

@@ -50,6 +50,7 @@ from mergeopt.objectives.term_scores import (
     score_terms,
 )
 from mergeopt.runtime import determinism, faults
+from mergeopt.runtime.exact_csv import read_csv
 from mergeopt.runtime.files import write_csv_atomic, write_json_atomic
 from mergeopt.runtime.resume import check_interrupt, interruptible, pending_interrupt
 from mergeopt.runtime.rundir import check_output_dir, owned_all, recover, staged
@@ -364,7 +365,7 @@ def _kept_score_columns(path: Path, rows: list[dict], columns: Sequence[str]) ->
     import pandas as pd
 
     try:
-        old = pd.read_csv(path, float_precision="round_trip")
+        old = read_csv(path)
     except (OSError, ValueError):
         return []
     extra = [c for c in old.columns if c.startswith("score_") and c not in columns]
