@@ -27,6 +27,7 @@ import argparse
 import json
 import math
 import shutil
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -152,7 +153,10 @@ def _trainable_base(recipe: Recipe, device: torch.device) -> torch.nn.Module:
             use_rslora=cfg.lora.use_rslora,
             task_type="CAUSAL_LM",
         )
-        model = get_peft_model(model, lora)
+        # peft reads transformers' deprecated is_gradient_checkpointing: nothing a user can act on
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            model = get_peft_model(model, lora)
     model.train()
     return model
 
