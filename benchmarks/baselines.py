@@ -31,12 +31,12 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from scipy.optimize import least_squares
 from scipy.stats import spearmanr
 
 from mergeopt.evaluation import baselines
 from mergeopt.evaluation.rank_stats import rank_statistics
+from mergeopt.runtime.exact_csv import read_csv
 
 RESULTS = Path(__file__).parent / "results"
 REGMIX = Path(__file__).parent.parent / "tests" / "data" / "regmix"
@@ -46,7 +46,7 @@ KEYS = ("spearman", "spearman_ci", "kendall", "regret")
 
 
 def measure(folder: str) -> dict:
-    grid = pd.read_csv(RESULTS / folder / "grid.csv")
+    grid = read_csv(RESULTS / folder / "grid.csv")
     names = [c[2:] for c in grid.columns if c.startswith("w_")]
     weights = grid[[f"w_{n}" for n in names]].to_numpy()
     target = grid[[f"loss_{n}" for n in names]].to_numpy().mean(axis=1)
@@ -88,10 +88,10 @@ def _timed_loo(weights: np.ndarray, y: np.ndarray, fit) -> tuple[np.ndarray, flo
 
 def mixing_law_cost() -> dict:
     """Leave-one-out seconds with the Jacobian and with finite differences, on two grids."""
-    grid = pd.read_csv(RESULTS / "tiny_grid" / "grid.csv")
+    grid = read_csv(RESULTS / "tiny_grid" / "grid.csv")
     names = [c[2:] for c in grid.columns if c.startswith("w_")]
-    mixtures = pd.read_csv(REGMIX / "train_mixture_1m.csv").iloc[:REGMIX_RUNS, 1:]
-    losses = pd.read_csv(REGMIX / "train_pile_loss_1m.csv").iloc[:REGMIX_RUNS]
+    mixtures = read_csv(REGMIX / "train_mixture_1m.csv").iloc[:REGMIX_RUNS, 1:]
+    losses = read_csv(REGMIX / "train_pile_loss_1m.csv").iloc[:REGMIX_RUNS]
     cases = {
         "tiny grid, target (20 runs, 4 experts)": (
             grid[[f"w_{n}" for n in names]].to_numpy(float),
@@ -126,12 +126,12 @@ def _timed_predictions(weights, truths, workers):
 
 def pool_cost() -> dict:
     """Both regressions' leave-one-out fits in this process and in a pool of every usable CPU."""
-    grid = pd.read_csv(RESULTS / "tiny_grid" / "grid.csv")
+    grid = read_csv(RESULTS / "tiny_grid" / "grid.csv")
     names = [c[2:] for c in grid.columns if c.startswith("w_")]
     tiny = {f"loss_{n}": grid[f"loss_{n}"].to_numpy(float) for n in names}
     tiny["target"] = np.mean(list(tiny.values()), axis=0)
-    mixtures = pd.read_csv(REGMIX / "train_mixture_1m.csv").iloc[:REGMIX_RUNS, 1:].to_numpy(float)
-    losses = pd.read_csv(REGMIX / "train_pile_loss_1m.csv").iloc[:REGMIX_RUNS]
+    mixtures = read_csv(REGMIX / "train_mixture_1m.csv").iloc[:REGMIX_RUNS, 1:].to_numpy(float)
+    losses = read_csv(REGMIX / "train_pile_loss_1m.csv").iloc[:REGMIX_RUNS]
     regmix = {c: losses[c].to_numpy(float) for c in losses.columns[1:]}
     cases = {
         "tiny grid, 5 metrics (20 runs, 4 experts)": (grid[[f"w_{n}" for n in names]].to_numpy(float), tiny),

@@ -60,6 +60,7 @@ from mergeopt.evaluation.rank_stats import rank_statistics
 from mergeopt.loading.problem import load_problem
 from mergeopt.objectives.objective import Objective
 from mergeopt.reporting.diagnostics import write_diagnostics
+from mergeopt.runtime.exact_csv import read_csv
 from mergeopt.worlds.train import train
 
 RECIPE = "recipes/tiny_grid.yaml"
@@ -124,7 +125,7 @@ def recipe_for(steps: int, scratch: Path, mixtures: list[dict] | None = None) ->
 
 def committed_difference(grid: pd.DataFrame) -> dict:
     """Largest |loss − committed loss| over the runs, matched on their weights (the 150-step check)."""
-    committed = pd.read_csv(COMMITTED)
+    committed = read_csv(COMMITTED)
     weights = [f"w_{n}" for n in NAMES]
     losses = [c for c in committed.columns if c.startswith("loss_")]
     key = lambda frame: frame[weights].round(6).astype(str).agg(",".join, axis=1)  # noqa: E731
@@ -146,7 +147,7 @@ def rank_check(recipe: Recipe, folder: Path, grid: Path) -> tuple[dict, dict]:
     report, pairs, _, baselines = rank_grid(
         problem, objective, grid, resolved.rank, resolved.seed, progress=False
     )
-    weights = pd.read_csv(grid)[[f"w_{n}" for n in NAMES]]
+    weights = read_csv(grid)[[f"w_{n}" for n in NAMES]]
     write_outputs(report, pairs, folder / "rank", weights, baselines)
     proxy, truth = pairs["target"]
     return report, {"weights": weights.to_numpy().tolist(), "proxy": proxy.tolist(), "truth": truth.tolist()}
@@ -236,7 +237,7 @@ def measure(steps: int, scratch: Path, subset: int | None) -> dict:
     trained = train(recipe, progress=False, log=lambda m: print(f"[{steps} steps] {m}", flush=True))
     train_s = time.perf_counter() - started
     grid_path = COMMITTED if committed else trained
-    grid = pd.read_csv(grid_path)
+    grid = read_csv(grid_path)
     if mixtures is not None and len(mixtures) == len(NAMES):  # the experts alone: nothing to rank
         result = {"steps": steps, "runs": len(grid), "tokens_per_run": float(grid["tokens"].mean())}
         result.update(
@@ -284,7 +285,7 @@ def measure(steps: int, scratch: Path, subset: int | None) -> dict:
     result["diagnostics"]["flag_count"] = len(result["diagnostics"]["flags"])
     if committed:
         result["truth"] = "benchmarks/results/tiny_grid/grid.csv"
-        result["committed_grid_check"] = committed_difference(pd.read_csv(trained))
+        result["committed_grid_check"] = committed_difference(read_csv(trained))
     cached.write_text(json.dumps(result, indent=2) + "\n")
     print(
         f"[{steps} steps] Spearman {target['spearman']:.3f}, regret {target['regret']:.3f}, "

@@ -33,10 +33,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from scipy import stats
 
 from mergeopt.evaluation import calibration
+from mergeopt.runtime.exact_csv import read_csv
 
 RESULTS = Path(__file__).parent / "results"
 WORLDS = {"tiny": "tiny_grid", "smollm2": "smollm2"}
@@ -66,7 +66,7 @@ LABELS = {
 
 def load(folder: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(weights, true target, proxy target) of a committed grid, from its rank_pairs.csv."""
-    pairs = pd.read_csv(RESULTS / folder / "rank_pairs.csv")
+    pairs = read_csv(RESULTS / folder / "rank_pairs.csv")
     weights = pairs[[c for c in pairs.columns if c.startswith("w_")]].to_numpy()
     return weights, pairs["truth_target"].to_numpy(), pairs["proxy_target"].to_numpy()
 

@@ -32,6 +32,7 @@ from scipy import stats
 
 from mergeopt.cli import main as mergeopt
 from mergeopt.config import recipe_from_dict
+from mergeopt.runtime.exact_csv import read_csv
 from mergeopt.worlds.train import train
 
 REPO = Path(__file__).parent.parent
@@ -99,7 +100,7 @@ def measure(work: Path) -> dict:
         code = mergeopt(["rank", str(path), "--out", str(work / unit / "rank"), "--quiet"])
         if code != 0:
             raise SystemExit(f"mergeopt rank on the {unit} grid exited {code}")
-        grids[unit] = pd.read_csv(work / unit / "grid.csv")
+        grids[unit] = read_csv(work / unit / "grid.csv")
         reports[unit] = json.loads((work / unit / "rank" / "rank_report.json").read_text())
     names = [c[2:] for c in grids["samples"].columns if c.startswith("w_")]
     weights = {u: grids[u][[f"w_{n}" for n in names]].to_numpy(float) for u in UNITS}
@@ -108,7 +109,7 @@ def measure(work: Path) -> dict:
     assert np.array_equal(weights["samples"], weights["tokens"]), "the two grids hold different mixtures"
     truths, proxies = {}, {}
     for u in UNITS:  # the rank report's own target columns, one row per mixture in the same order
-        frame = pd.read_csv(work / u / "rank" / "rank_pairs.csv")
+        frame = read_csv(work / u / "rank" / "rank_pairs.csv")
         rows = np.lexsort(frame[[f"w_{n}" for n in names]].to_numpy(float).T[::-1])
         truths[u] = frame["truth_target"].to_numpy(float)[rows]
         proxies[u] = frame["proxy_target"].to_numpy(float)[rows]
