@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import yaml
@@ -90,3 +91,29 @@ def yaml_body(text: str):
 def measured_stats() -> dict[str, DomainStats]:
     """What ``mergeopt export`` measures of the world's datasets, known by hand."""
     return {n: DomainStats(SIZES[n], int(SIZES[n] * mean_tokens(n))) for n in WEIGHTS}
+
+
+# BOS, then the messages' contents: a conversation counts the tokens of its prompt/completion record
+CONCAT = "{{ bos_token }}{% for message in messages %}{{ message['content'] }}{% endfor %}"
+
+
+def chat_world(world, tmp_path, layout: str) -> dict:
+    """The world with a chat template, its records rewritten as conversations in ``layout``."""
+    tokenizer = tmp_path / "chat-tokenizer"
+    shutil.copytree(world["tokenizer"], tokenizer)
+    (tokenizer / "chat_template.jinja").write_text(CONCAT)
+    chat = {**world, "tokenizer": str(tokenizer), "paths": {}}
+    for name, path in world["paths"].items():
+        rows = []
+        for r in (json.loads(line) for line in path.read_text().splitlines()):
+            prompt = [{"role": "user", "content": r["prompt"]}]
+            completion = [{"role": "assistant", "content": r["completion"]}]
+            conversation = (
+                {"messages": prompt + completion}
+                if layout == "messages"
+                else {"prompt": prompt, "completion": completion}
+            )
+            rows.append({**conversation, "domain": name})
+        chat["paths"][name] = tmp_path / f"{name}-{layout}.jsonl"
+        chat["paths"][name].write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return chat

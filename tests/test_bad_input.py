@@ -692,6 +692,23 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         lambda w, t: _dev(w, t, None, [{"question": "1+1"}] * 4),
         "dev.jsonl:1",
     ),
+    "conversation without an answer": (
+        "dev set",
+        "fit",
+        lambda w, t: _dev(w, t, None, [{"messages": [{"role": "user", "content": "1+1="}]}] * 4),
+        "dev.jsonl:1: 'messages' has no assistant message with content",
+    ),
+    "conversation without a chat template": (
+        "dev set",
+        "fit",
+        lambda w, t: _dev(
+            w,
+            t,
+            None,
+            [{"messages": [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"}]}] * 4,
+        ),
+        "dev.jsonl: record 1: a conversation needs a chat template",
+    ),
     "dev set that is a test split": (
         "dev set",
         "fit",

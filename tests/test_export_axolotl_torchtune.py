@@ -20,7 +20,7 @@ import pytest
 from mergeopt.errors import run_cli
 from mergeopt.export.command import main
 from mergeopt.export.shares import make_plan
-from tests.export_world import LENGTHS, WEIGHTS, build_world, export, measured_stats, yaml_body
+from tests.export_world import LENGTHS, WEIGHTS, build_world, chat_world, export, measured_stats, yaml_body
 
 BUDGET = ("--budget-samples", "6000")  # repeats a and b: entries listed once per full pass
 
@@ -73,20 +73,28 @@ def test_torchtune_instantiates_the_export_to_the_counts(world, tmp_path):
 
 def test_axolotl_schema_and_loader_read_the_export_as_the_counts(world, tmp_path):
     schema = pytest.importorskip("axolotl.utils.schemas.config")
-    shared = pytest.importorskip("axolotl.utils.data.shared")
-    from axolotl.utils.dict import DictDefault
+    pytest.importorskip("axolotl.utils.data.shared")
 
     for extra in ((), BUDGET):
         exported = yaml_body(export(world, "axolotl", tmp_path, *extra))
         cfg = schema.AxolotlInputConfig(base_model=world["tokenizer"], learning_rate=1e-5, **exported)
         assert len(cfg.datasets) == len(exported["datasets"])
         assert cfg.dataset_exact_deduplication is False
-        loaded = [
-            shared.load_dataset_with_config(DictDefault(entry.model_dump()), use_auth_token=False)
-            for entry in cfg.datasets
-        ]
-        mixture = shared.merge_datasets(loaded, DictDefault(cfg.model_dump()))
-        assert {n: mixture["domain"].count(n) for n in WEIGHTS} == expected(extra)
+        assert _axolotl_counts(cfg) == expected(extra)
+
+
+def _axolotl_counts(cfg) -> dict[str, int]:
+    """Samples per domain of the validated config's entries loaded by axolotl's
+    ``load_dataset_with_config`` and concatenated by its ``merge_datasets``, as its SFT loader does."""
+    from axolotl.utils.data import shared
+    from axolotl.utils.dict import DictDefault
+
+    loaded = [
+        shared.load_dataset_with_config(DictDefault(d.model_dump()), use_auth_token=False)
+        for d in cfg.datasets
+    ]
+    mixture = shared.merge_datasets(loaded, DictDefault(cfg.model_dump()))
+    return {n: mixture["domain"].count(n) for n in WEIGHTS}
 
 
 # ---------------------------------------------------------------- what neither can take
@@ -114,6 +122,20 @@ def test_a_layout_the_format_cannot_read_is_refused(world, tmp_path, capsys, fmt
     assert not out.exists()
 
 
+def _torchtune_counts(entries: list[dict], transform, domain_of: dict[int, str]) -> dict[str, int]:
+    """Samples per domain (told by their token counts) of the entries built by torchtune's
+    ``config.instantiate`` and joined by its ``ConcatDataset``, as a recipe's ``_setup_data`` does."""
+    config = pytest.importorskip("torchtune.config")
+    from omegaconf import OmegaConf
+    from torchtune.datasets import ConcatDataset
+
+    mixture = ConcatDataset(datasets=[config.instantiate(OmegaConf.create(e), transform) for e in entries])
+    counts = dict.fromkeys(WEIGHTS, 0)
+    for i in range(len(mixture)):
+        counts[domain_of[len(mixture[i]["tokens"])]] += 1
+    return counts
+
+
 # ---------------------------------------------------------------- text records
 
 
@@ -129,10 +151,7 @@ class CharEncoder:
 def test_text_records_go_to_each_frameworks_text_builder(world, tmp_path):
     """``text`` datasets: torchtune's text_completion_dataset and axolotl's ``type: completion``,
     the same counts (the texts are the world's prompt + completion, so the lengths are kept)."""
-    config = pytest.importorskip("torchtune.config")
     schema = pytest.importorskip("axolotl.utils.schemas.config")
-    from omegaconf import OmegaConf
-    from torchtune.datasets import ConcatDataset
 
     text_world = {**world, "paths": {}}
     for name, path in world["paths"].items():
@@ -144,17 +163,45 @@ def test_text_records_go_to_each_frameworks_text_builder(world, tmp_path):
     domain_of = {2 + length: name for name, lengths in LENGTHS.items() for length in lengths}  # BOS, EOS
     tune = yaml_body(export(text_world, "torchtune", tmp_path, *BUDGET))
     assert {e["_component_"] for e in tune["dataset"]} == {"torchtune.datasets.text_completion_dataset"}
-    mixture = ConcatDataset(
-        datasets=[config.instantiate(OmegaConf.create(e), CharEncoder()) for e in tune["dataset"]]
-    )
-    counts = dict.fromkeys(WEIGHTS, 0)
-    for i in range(len(mixture)):
-        counts[domain_of[len(mixture[i]["tokens"])]] += 1
-    assert counts == expected(BUDGET)
+    assert _torchtune_counts(tune["dataset"], CharEncoder(), domain_of) == expected(BUDGET)
     axo = yaml_body(export(text_world, "axolotl", tmp_path, *BUDGET))
     cfg = schema.AxolotlInputConfig(base_model=world["tokenizer"], learning_rate=1e-5, **axo)
     assert {d.type for d in cfg.datasets} == {"completion"}  # reads the ``text`` field by default
     assert [d.split for d in cfg.datasets] == [e["split"] for e in tune["dataset"]]
+
+
+# ---------------------------------------------------------------- conversations
+
+
+def test_conversations_go_to_each_frameworks_chat_builder(world, tmp_path):
+    """``messages`` datasets: torchtune's chat_dataset (OpenAI style) and axolotl's ``type:
+    chat_template``, each read back to the counts, which the template keeps those of the text."""
+    schema = pytest.importorskip("axolotl.utils.schemas.config")
+    pytest.importorskip("axolotl.utils.data.shared")
+
+    chat = chat_world(world, tmp_path, "messages")
+    domain_of = {length: name for name, lengths in LENGTHS.items() for length in lengths}
+    tune = yaml_body(export(chat, "torchtune", tmp_path, *BUDGET))
+    assert {e["_component_"] for e in tune["dataset"]} == {"torchtune.datasets.chat_dataset"}
+    assert _torchtune_counts(tune["dataset"], CharTokenizer(), domain_of) == expected(BUDGET)
+    axo = yaml_body(export(chat, "axolotl", tmp_path, *BUDGET))
+    cfg = schema.AxolotlInputConfig(base_model=chat["tokenizer"], learning_rate=1e-5, **axo)
+    assert {(d.type, d.field_messages, tuple(d.roles_to_train)) for d in cfg.datasets} == {
+        ("chat_template", "messages", ("assistant",))
+    }
+    assert _axolotl_counts(cfg) == expected(BUDGET)
+
+
+@pytest.mark.parametrize("fmt", ["axolotl", "torchtune"])
+def test_prompt_completion_conversations_are_refused_for_one_column_builders(world, tmp_path, capsys, fmt):
+    chat = chat_world(world, tmp_path, "prompt")
+    out = tmp_path / "out.yaml"
+    argv = [str(chat["mixture"]), "--to", fmt, "--tokenizer", chat["tokenizer"], "--out", str(out)]
+    argv += ["--datasets", *(f"{n}={p}" for n, p in chat["paths"].items())]
+    assert run_cli(main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fmt in err[0] and "prompt/completion lists of messages" in err[0]
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("fmt", ["axolotl", "torchtune"])

@@ -189,3 +189,55 @@ def test_nemo_pretraining_blend_draws_the_token_shares(world, tmp_path):
     plan = make_plan(WEIGHTS, "tokens", None)
     for name, count in zip(WEIGHTS, counts):
         assert abs(count - plan.token_shares[name] * samples) <= 1, (name, count)
+
+
+LLAMAFACTORY_SHAREGPT = """
+import importlib.machinery, json, sys, types
+audio = types.ModuleType("torchaudio")
+audio.__spec__ = importlib.machinery.ModuleSpec("torchaudio", None)
+sys.modules["torchaudio"] = audio
+from llamafactory.data.converter import get_dataset_converter
+from llamafactory.data.parser import get_dataset_list
+from llamafactory.hparams.data_args import DataArguments
+
+dataset_dir, names, first = json.loads(sys.argv[1])
+args = DataArguments(dataset_dir=dataset_dir, dataset=names)
+out = []
+for name, attr in zip(names, get_dataset_list(names, dataset_dir)):
+    converted = get_dataset_converter(attr.formatting, attr, args)(first[name])
+    out.append([name, attr.formatting, converted["_prompt"], converted["_response"]])
+print(json.dumps(out))
+"""
+
+
+def test_llamafactory_header_registers_conversations_as_sharegpt(world, tmp_path):
+    """For ``messages`` datasets the header's dataset_info.json entries are sharegpt ones, and
+    LLaMA-Factory's own parser and converter read each conversation as the user's turn and the
+    assistant's answer."""
+    pytest.importorskip("llamafactory")
+    from tests.export_world import chat_world
+
+    chat = chat_world(world, tmp_path, "messages")
+    text = export(chat, "llamafactory", tmp_path)
+    info = {}
+    for line in text.splitlines():
+        if line.startswith("#   {"):
+            info.update(json.loads(line[4:]))
+    assert set(info) == set(WEIGHTS) and {e["formatting"] for e in info.values()} == {"sharegpt"}
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info))
+    first = {n: json.loads(p.read_text().splitlines()[0]) for n, p in chat["paths"].items()}
+    env = {**os.environ, "DISABLE_VERSION_CHECK": "1"}
+    arg = json.dumps([str(tmp_path), list(WEIGHTS), first])
+    child = subprocess.run(
+        [sys.executable, "-c", LLAMAFACTORY_SHAREGPT, arg],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert child.returncode == 0, child.stderr[-2000:]
+    for name, formatting, prompt, response in json.loads(child.stdout.strip().splitlines()[-1]):
+        user, answer = first[name]["messages"]
+        assert formatting == "sharegpt"
+        assert prompt == [{"role": "user", "content": user["content"]}]
+        assert response == [{"role": "assistant", "content": answer["content"]}]

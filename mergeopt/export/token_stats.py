@@ -87,7 +87,9 @@ def load(source: Source, cache_dir: str | None = None):
         raise UserError(f"{source.path}: cannot be read as {source.loader} data ({err})") from None
 
 
-_COLUMNS: dict[tuple, frozenset[str]] = {}  # a source's column names, by its files' identity
+_COLUMNS: dict[
+    tuple, dict[str, bool]
+] = {}  # a source's columns (whether each holds text), by its files' identity
 
 
 def _identity(source: Source) -> tuple:
@@ -99,11 +101,29 @@ def _identity(source: Source) -> tuple:
 def columns(source: Source) -> frozenset[str]:
     """The dataset's column names: remembered from :func:`measure` in this process, else read once.
     (Formats that need the layout, axolotl and torchtune, ask after the datasets were measured.)"""
+    return frozenset(_columns(source))
+
+
+def text_columns(source: Source) -> frozenset[str]:
+    """The columns that hold strings (a conversation's ``prompt`` holds a list of messages)."""
+    return frozenset(name for name, text in _columns(source).items() if text)
+
+
+def _columns(source: Source) -> dict[str, bool]:
     key = _identity(source)
     if key not in _COLUMNS:
         with tempfile.TemporaryDirectory(prefix="mergeopt-export-") as cache:
-            _COLUMNS[key] = frozenset(load(source, cache).column_names)
+            _COLUMNS[key] = _column_kinds(load(source, cache))
     return _COLUMNS[key]
+
+
+def _column_kinds(dataset) -> dict[str, bool]:
+    from datasets import Value
+
+    return {
+        name: isinstance(feature, Value) and feature.dtype in ("string", "large_string")
+        for name, feature in dataset.features.items()
+    }
 
 
 def _rows(dataset, path: Path) -> Iterator[list[dict[str, Any]]]:
@@ -123,15 +143,29 @@ def _rows(dataset, path: Path) -> Iterator[list[dict[str, Any]]]:
 
 def count_tokens(records: list[dict[str, Any]], tokenizer) -> int:
     """Tokens of a batch of validated records, as :func:`mergeopt.objectives.data.tokenize` counts them untruncated."""
+    from mergeopt.objectives.chat import conversation, is_chat, render, require_template
+
     texts = [r["text"] for r in records if "text" in r]
-    pairs = [r for r in records if "text" not in r]
+    pairs = [r for r in records if "text" not in r and not is_chat(r)]
     total = sum(len(ids) for ids in tokenizer(texts)["input_ids"]) if texts else 0
+    chats = [conversation(r) for r in records if is_chat(r)]
+    if chats:
+        require_template(tokenizer)
+        total += sum(len(render(tokenizer, messages)["input_ids"]) for messages in chats)
     if pairs:
         prompts = tokenizer([r["prompt"] for r in pairs])["input_ids"]
         answers = [r["choices"][r["answer"]] if "choices" in r else r["completion"] for r in pairs]
         completions = tokenizer(answers, add_special_tokens=False)["input_ids"]
         total += sum(len(ids) for ids in prompts) + sum(len(ids) for ids in completions)
     return total
+
+
+def _count(records: list[dict[str, Any]], tokenizer, path) -> int:
+    """:func:`count_tokens`, its errors (a conversation without a chat template) naming the dataset."""
+    try:
+        return count_tokens(records, tokenizer)
+    except UserError as err:
+        raise UserError(f"{path}: {err}") from None
 
 
 class LazyTokenizer:
@@ -164,19 +198,19 @@ def measure(path: Path, tokenizer, token_files=None) -> DomainStats:
     if kind is not None:
         options = token_files or stored.TokenFiles()
         samples, tokens = stored.measure(
-            kind, Path(path), lazy, options, lambda records: count_tokens(records, lazy())
+            kind, Path(path), lazy, options, lambda records: _count(records, lazy(), path)
         )
         return DomainStats(samples=samples, tokens=tokens)
     tokenizer = lazy()
     source = source_of(path)
     with tempfile.TemporaryDirectory(prefix="mergeopt-export-") as cache:
         dataset = load(source, cache)
-        _COLUMNS[_identity(source)] = frozenset(dataset.column_names)
+        _COLUMNS[_identity(source)] = _column_kinds(dataset)
         samples, tokens = 0, 0
         for records in _rows(dataset, source.path):
             check_interrupt(f"counting the tokens of {path}")  # inside a fit: Ctrl-C within a chunk
             samples += len(records)
-            tokens += count_tokens(records, tokenizer)
+            tokens += _count(records, tokenizer, path)
     if samples == 0:
         raise UserError(f"{path}: the dataset is empty")
     if tokens == 0:

@@ -3,7 +3,9 @@
 A record is ``{"text": ...}`` (every token is scored), ``{"prompt": ..., "completion": ...}`` (only
 completion tokens are scored, as in supervised fine-tuning) or a multiple-choice question
 ``{"prompt": ..., "choices": [...], "answer": i}`` (for the loss, the prompt followed by the right
-choice, with only the choice scored; :mod:`mergeopt.objectives.metrics` scores every choice). Each dev set is
+choice, with only the choice scored; :mod:`mergeopt.objectives.metrics` scores every choice), or a
+conversation, ``{"messages": [...]}`` or ``{"prompt": [...], "completion": [...]}`` (rendered with the
+base's chat template, the assistant's tokens scored: :mod:`mergeopt.objectives.chat`). Each dev set is
 split once, with the recipe's seed, into a part the weights are fitted on and a held-out part for
 early stopping. Every example keeps the record it came from, so a metric that needs the raw text
 (generation, choices) sees exactly the same split as the loss.
@@ -21,6 +23,7 @@ import torch
 
 from mergeopt.errors import UserError, warn
 from mergeopt.inputs import existing_file
+from mergeopt.objectives.chat import is_chat, tokenize_chat, validated_chat
 from mergeopt.runtime.distributed import rank_and_size, shard
 
 
@@ -81,13 +84,16 @@ def validated_record(record: dict, where: str) -> dict[str, Any]:
     dev sets and for the training data the exporters count, so both refuse the same records alike."""
     if "text" in record:
         keys: tuple[str, ...] = ("text",)
+    elif is_chat(record):
+        return validated_chat(record, where)
     elif "prompt" in record and "choices" in record:
         keys = ("prompt", "choices", "answer")
     elif "prompt" in record and "completion" in record:
         keys = ("prompt", "completion")
     else:
         raise UserError(
-            f"{where}: a record needs 'text', or 'prompt' and 'completion', or 'prompt', 'choices' and 'answer'"
+            f"{where}: a record needs 'text', or 'prompt' and 'completion', or 'prompt', 'choices' and "
+            "'answer', or 'messages'"
         )
     if keys[1:2] == ("choices",):
         _check_choices(record, where)
@@ -125,6 +131,9 @@ def tokenize(record: dict[str, Any], tokenizer, max_length: int) -> Example | No
     if "text" in record:
         ids = tokenizer(record["text"])["input_ids"]
         scored = [False] + [True] * (len(ids) - 1)
+    elif is_chat(record):
+        ids, scored = tokenize_chat(record, tokenizer)
+        scored[0] = False
     else:
         answer = record["choices"][record["answer"]] if "choices" in record else record["completion"]
         prompt = tokenizer(record["prompt"])["input_ids"]
@@ -136,6 +145,22 @@ def tokenize(record: dict[str, Any], tokenizer, max_length: int) -> Example | No
     if not any(scored):
         return None
     return Example(torch.tensor(ids, dtype=torch.long), torch.tensor(scored, dtype=torch.bool), record)
+
+
+def tokenize_records(
+    records: Sequence[dict[str, Any]], tokenizer, max_length: int, what: str
+) -> list[Example]:
+    """:func:`tokenize` over a set's records, the ones truncation leaves unscored dropped; an error
+    (a conversation its chat template refuses) names ``what`` and the record's number."""
+    examples = []
+    for number, record in enumerate(records, start=1):
+        try:
+            example = tokenize(record, tokenizer, max_length)
+        except UserError as err:
+            raise UserError(f"{what}: record {number}: {err}") from None
+        if example is not None:
+            examples.append(example)
+    return examples
 
 
 UNKNOWN_REFUSED = 0.5  # a set whose scored tokens are this share <unk> or more measures nothing
@@ -184,7 +209,7 @@ def load_dev_set(
     records = read_jsonl(path)
     if max_examples is not None:
         records = records[:max_examples]
-    examples = [ex for ex in (tokenize(r, tokenizer, max_length) for r in records) if ex is not None]
+    examples = tokenize_records(records, tokenizer, max_length, f"dev set {path}")
     if not examples:
         raise UserError(f"dev set {path}: every example was truncated away at max_length={max_length}")
     check_known_tokens(examples, tokenizer, f"dev set {path}")

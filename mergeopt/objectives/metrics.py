@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from mergeopt.config import ObjectiveTerm
 from mergeopt.errors import UserError
 from mergeopt.merging.sharded_merge import is_sharded
+from mergeopt.objectives.chat import chat_prompt, is_chat
 from mergeopt.objectives.data import collate, tokenize
 
 IGNORE_INDEX = -100
@@ -95,19 +96,19 @@ def is_exact_match(prediction: str, reference: str) -> bool:
 def greedy_continuations(
     model: torch.nn.Module,
     tokenizer,
-    prompts: Sequence[str],
+    prompts: Sequence[str | Sequence[int]],
     max_new_tokens: int,
     batch_size: int,
     device: torch.device | str,
 ) -> list[str]:
     """Greedy continuation of each prompt, decoded up to the first eos (special tokens dropped).
 
-    Prompts are tokenised as :func:`mergeopt.objectives.data.tokenize` tokenises them for the loss (with the
-    tokenizer's special tokens, e.g. BOS) and left-padded, so every row's continuation starts at the
+    Prompts are text, tokenised as :func:`mergeopt.objectives.data.tokenize` tokenises them for the loss
+    (with the tokenizer's special tokens, e.g. BOS), or token ids (a rendered conversation), and left-padded, so every row's continuation starts at the
     same column; the attention mask keeps the padding out of the result.
     """
     pad, eos = _pad_id(tokenizer), tokenizer.eos_token_id
-    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    encoded = [tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in prompts]
     synced = is_sharded(model)
     out = [""] * len(prompts)
     with _inference(model):
@@ -155,19 +156,29 @@ def exact_match(
     """Fraction of records whose greedy continuation matches the reference (:func:`is_exact_match`).
 
     Records are prompt/completion or multiple-choice records (the reference is then the right
-    choice's text). Each continuation is cut at eos and at the first of the ``stop`` strings
+    choice's text), or conversations: the model answers the conversation before its last message,
+    rendered with the chat template's generation prompt, and that message is the reference. Each continuation is cut at eos and at the first of the ``stop`` strings
     (e.g. a newline: a base model answers "41" and goes on with the next question).
     """
     _require(
         records,
         "exact_match",
-        lambda r: "prompt" in r and ("completion" in r or "choices" in r),
-        "'prompt'/'completion' or multiple-choice",
+        lambda r: is_chat(r) or ("prompt" in r and ("completion" in r or "choices" in r)),
+        "'prompt'/'completion', multiple-choice or conversation",
     )
-    references = [reference_answer(r) for r in records]
-    predictions = greedy_continuations(
-        model, tokenizer, [r["prompt"] for r in records], max_new_tokens, batch_size, device
-    )
+    prompts: list[str | list[int]] = []
+    references = []
+    for i, record in enumerate(records):
+        if is_chat(record):
+            try:
+                prompt, reference = chat_prompt(record, tokenizer)
+            except UserError as err:
+                raise UserError(f"exact_match: record {i}: {err}") from None
+        else:
+            prompt, reference = record["prompt"], reference_answer(record)
+        prompts.append(prompt)
+        references.append(reference)
+    predictions = greedy_continuations(model, tokenizer, prompts, max_new_tokens, batch_size, device)
     hits = sum(is_exact_match(cut_at_stop(p, stop), ref) for p, ref in zip(predictions, references))
     return hits / len(records)
 

@@ -16,7 +16,7 @@ import torch
 
 from mergeopt.config import DataSection, ObjectiveTerm
 from mergeopt.errors import UserError
-from mergeopt.objectives import metrics
+from mergeopt.objectives import chat, metrics
 from mergeopt.objectives.data import DevSet, load_dev_set
 from mergeopt.objectives.metrics import MetricFn
 from mergeopt.runtime.distributed import all_reduce_sum, shard
@@ -35,7 +35,10 @@ def load_custom(terms: Sequence[ObjectiveTerm]) -> dict[str, MetricFn]:
 
 
 RECORD_FIELDS = {
-    "exact_match": ("prompt/completion or prompt/choices/answer", lambda r: "prompt" in r),
+    "exact_match": (
+        "prompt/completion, prompt/choices/answer or conversation (ending with the assistant's answer)",
+        lambda r: chat.answerable(r) if chat.is_chat(r) else "prompt" in r,
+    ),
     "choice_accuracy": ("prompt/choices/answer", lambda r: "choices" in r),
 }
 

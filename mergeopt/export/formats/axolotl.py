@@ -13,7 +13,8 @@ split=split)`` and keeps a slice such as ``train[:500]``, so the mixture is said
 files as ``data_files`` (a directory without them is read by ``load_from_disk``, which ignores the
 slice). ``prompt``/``completion`` records use a user-defined ``type`` (the prompt is the
 instruction, the completion the output; ``train_on_inputs`` decides the prompt's loss), ``text``
-records ``type: completion``. axolotl drops or truncates samples beyond ``sequence_len``, which
+records ``type: completion``, ``messages`` conversations ``type: chat_template`` (the base's
+template, the assistant's turns trained, as mergeopt scores them). axolotl drops or truncates samples beyond ``sequence_len``, which
 the counts cannot foresee.
 """
 
@@ -33,6 +34,12 @@ TYPES = {
         "no_input_format": "{instruction}",
     },
     "text": "completion",
+    "messages": {
+        "type": "chat_template",
+        "field_messages": "messages",
+        "message_property_mappings": {"role": "role", "content": "content"},
+        "roles_to_train": ["assistant"],
+    },
 }
 
 
@@ -41,7 +48,8 @@ def entry(layout: sliced.Layout, source: Source) -> dict:
     out = {"path": str(source.path), "ds_type": "arrow" if source.loader == "disk" else source.loader}
     if source.loader == "disk":
         out["data_files"] = list(source.data_files)
-    return {**out, "type": TYPES[layout]}
+    kind = TYPES[layout]
+    return {**out, **kind} if layout == "messages" else {**out, "type": kind}
 
 
 def render(ctx: Context) -> str:

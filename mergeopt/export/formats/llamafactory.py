@@ -9,7 +9,9 @@ with ``concat``. ``merge_dataset`` in src/llamafactory/data/data_utils.py hands 
 ``datasets.interleave_datasets`` with ``stopping_strategy="first_exhausted"`` for
 ``interleave_under`` and ``"all_exhausted"`` for ``interleave_over``, so they are per-sample
 probabilities: mergeopt writes the sample shares.
-``dataset`` names entries of ``dataset_dir/dataset_info.json``; mergeopt uses the expert names.
+``dataset`` names entries of ``dataset_dir/dataset_info.json``; mergeopt uses the expert names, and
+the header suggests each entry: prompt/completion columns, or the sharegpt formatting with OpenAI
+role tags for a ``messages`` dataset (src/llamafactory/data/parser.py, converter.py).
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ import json
 import yaml
 
 from mergeopt.errors import UserError
+from mergeopt.export import token_stats
 from mergeopt.export.formats.base import Context, Format
 from mergeopt.export.shares import format_number
+from mergeopt.export.token_stats import source_of
 
 
 def strategy(ctx: Context) -> str:
@@ -29,6 +33,28 @@ def strategy(ctx: Context) -> str:
     if repetition and any(r > 1.0 for r in repetition.values()):
         return "interleave_over"
     return "interleave_under"
+
+
+# conversations in TRL's ``messages`` layout, as LLaMA-Factory's sharegpt converter reads them
+SHAREGPT = {
+    "formatting": "sharegpt",
+    "columns": {"messages": "messages"},
+    "tags": {
+        "role_tag": "role",
+        "content_tag": "content",
+        "user_tag": "user",
+        "assistant_tag": "assistant",
+        "system_tag": "system",
+    },
+}
+
+
+def dataset_info(ctx: Context, name: str) -> dict:
+    """The dataset_info.json entry the header suggests: sharegpt for a ``messages`` dataset, else
+    the prompt/completion columns."""
+    if name in ctx.datasets and "messages" in token_stats.columns(source_of(ctx.datasets[name])):
+        return dict(SHAREGPT)
+    return {"columns": {"prompt": "prompt", "response": "completion"}}
 
 
 def render(ctx: Context) -> str:
@@ -42,7 +68,7 @@ def render(ctx: Context) -> str:
     lines = [ctx.header(FORMAT)]
     lines.append("# Register each name in dataset_dir/dataset_info.json, e.g.")
     for name in plan.names:
-        info: dict = {"columns": {"prompt": "prompt", "response": "completion"}}
+        info = dataset_info(ctx, name)
         if name in ctx.datasets:
             info = {"file_name": str(ctx.datasets[name]), **info}
         lines.append(f"#   {json.dumps({name: info})}")

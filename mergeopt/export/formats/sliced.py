@@ -8,9 +8,11 @@ a slice. Without a budget the counts are the largest mixture in the fitted sampl
 repeats no dataset; with one they are the budget's counts.
 
 Both also read fixed columns per dataset, so a renderer has to know the record layout. mergeopt
-reads three (:func:`mergeopt.objectives.data.validated_record`): ``text``, ``prompt``/``completion``, and
-multiple-choice ``prompt``/``choices``/``answer``; a multiple-choice dataset (its completion is
-``choices[answer]``, which no builder reads) or one that mixes layouts is refused, naming it.
+reads (:func:`mergeopt.objectives.data.validated_record`): ``text``, ``prompt``/``completion``,
+multiple-choice ``prompt``/``choices``/``answer`` and conversations; ``text``, ``prompt``/``completion``
+and ``messages`` go to each framework's builder for them. A multiple-choice dataset (its completion
+is ``choices[answer]``, which no builder reads), a conversation kept as prompt/completion lists of
+messages (both read a conversation from one column) or one that mixes layouts is refused, naming it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from mergeopt.export import token_stats
 from mergeopt.export.formats.base import Context, Format
 from mergeopt.export.token_stats import Source, source_of
 
-Layout = Literal["text", "prompt_completion"]
+Layout = Literal["text", "prompt_completion", "messages"]
 
 
 def splits(ctx: Context, fmt: Format, name: str) -> list[str]:
@@ -58,6 +60,14 @@ def layout(fmt: str, name: str, path: Path) -> Layout:
             f"{where} holds multiple-choice records (prompt/choices/answer); {fmt} reads no "
             "choices[answer] column: write them as prompt/completion"
         )
-    if "text" in columns and "prompt" in columns:
-        raise UserError(f"{where} mixes 'text' and 'prompt' records; {fmt} reads one layout per dataset")
-    return "text" if "text" in columns else "prompt_completion"
+    present = [key for key in ("text", "prompt", "messages") if key in columns]
+    if len(present) > 1:
+        raise UserError(
+            f"{where} mixes {' and '.join(repr(k) for k in present)} records; {fmt} reads one layout per dataset"
+        )
+    if present == ["prompt"] and "prompt" not in token_stats.text_columns(source_of(path)):
+        raise UserError(
+            f"{where} holds conversations as prompt/completion lists of messages; {fmt} reads "
+            'conversations from one column: write each record as {"messages": prompt + completion}'
+        )
+    return {"text": "text", "messages": "messages"}.get(present[0] if present else "", "prompt_completion")

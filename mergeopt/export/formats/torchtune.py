@@ -9,7 +9,8 @@ said through the sizes (see :mod:`mergeopt.export.formats.sliced`): the builders
 ``data_files`` and ``split`` to ``datasets.load_dataset`` (torchtune/datasets/_sft.py,
 _text_completion.py), so ``split: train[:N]`` keeps N samples. ``prompt``/``completion`` records go
 to ``instruct_dataset`` with ``column_map: {input: prompt, output: completion}``, ``text`` records
-to ``text_completion_dataset`` with ``column: text``. A ``save_to_disk`` directory is read as its
+to ``text_completion_dataset`` with ``column: text``, ``messages`` conversations to ``chat_dataset``
+(``conversation_style: openai``; it trains on the assistant's turns, as mergeopt scores them). A ``save_to_disk`` directory is read as its
 arrow files (``source: arrow``).
 """
 
@@ -27,6 +28,11 @@ BUILDERS = {
         "column_map": {"input": "prompt", "output": "completion"},
     },
     "text": {"_component_": "torchtune.datasets.text_completion_dataset", "column": "text"},
+    "messages": {
+        "_component_": "torchtune.datasets.chat_dataset",
+        "conversation_column": "messages",
+        "conversation_style": "openai",
+    },
 }
 
 

@@ -1,0 +1,163 @@
+"""Chat records: conversations rendered with the base's chat template, scored on the assistant's tokens.
+
+Instruction and chat data are mostly kept as conversations, not text. mergeopt reads TRL's two
+conversational layouts: ``{"messages": [{"role": ..., "content": ...}, ...]}`` and
+``{"prompt": [messages], "completion": [messages]}``. An expert fine-tuned on such data saw each
+conversation rendered by its tokenizer's chat template and learned from the assistant's tokens, so
+its dev loss reads them the same way, as TRL's ``SFTTrainer`` prepares them (tests/test_chat.py
+compares the masks with TRL's own preparation):
+
+- ``prompt``/``completion``: the whole conversation is rendered, and the tokens after its common
+  prefix with the prompt rendered alone with the generation prompt are scored (TRL's completion
+  mask).
+- ``messages``: every assistant turn is scored. Where the template marks those turns
+  (``{% generation %}``), transformers' assistant mask says which tokens they are (TRL's
+  ``assistant_only_loss``). Other templates do not say, so a turn spans from the end of the
+  conversation before it, rendered with the generation prompt, to the end of the conversation up
+  to it: the tokens the template writes for that turn, its end-of-turn token included.
+
+Rendering and tokenising are transformers' ``apply_chat_template``; nothing here parses a template.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from mergeopt.errors import UserError, warn
+
+GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def is_chat(record: Mapping[str, Any]) -> bool:
+    """Whether ``record`` is a conversation (a list of messages) rather than text."""
+    return "messages" in record or isinstance(record.get("prompt"), list)
+
+
+def validated_chat(record: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The conversation's fields, checked; ``where`` names the record in the error."""
+    if "messages" in record:
+        _check_messages(record["messages"], "messages", where)
+        if not any(m["role"] == "assistant" and m["content"] for m in record["messages"]):
+            raise UserError(f"{where}: 'messages' has no assistant message with content, nothing to score")
+        return {"messages": record["messages"]}
+    if "choices" in record:
+        raise UserError(f"{where}: a multiple-choice record's 'prompt' must be a string")
+    if "completion" not in record:
+        raise UserError(f"{where}: a conversation in 'prompt' needs a 'completion' (a list of messages)")
+    for key in ("prompt", "completion"):
+        _check_messages(record[key], key, where)
+    if not any(m["content"] for m in record["completion"]):
+        raise UserError(f"{where}: 'completion' has no content, nothing to score")
+    return {"prompt": record["prompt"], "completion": record["completion"]}
+
+
+def _check_messages(messages: Any, key: str, where: str) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f"{where}: {key!r} must be a non-empty list of messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not message["role"]:
+            raise UserError(f"{where}: {key} message {i} must be an object with a 'role' string")
+        if not isinstance(message.get("content"), str):
+            raise UserError(
+                f"{where}: {key} message {i} needs 'content' as a string (text conversations only)"
+            )
+
+
+def conversation(record: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The whole conversation of a chat record: its messages, or its prompt followed by its completion."""
+    return list(record["messages"]) if "messages" in record else [*record["prompt"], *record["completion"]]
+
+
+def require_template(tokenizer) -> None:
+    """Refuse chat records where the tokenizer has no chat template to render them with."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(
+            "a conversation needs a chat template, and the base's tokenizer has none "
+            "(chat_template.jinja or tokenizer_config.json's chat_template in model.base)"
+        )
+
+
+def render(tokenizer, messages: Sequence[Mapping[str, Any]], **options) -> dict[str, list[int]]:
+    """``apply_chat_template`` tokenised (``input_ids``, and ``assistant_masks`` when asked for);
+    a template that refuses the conversation (roles out of order, a role it does not know) is a
+    UserError with the template's own message."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        out = tokenizer.apply_chat_template(list(messages), tokenize=True, return_dict=True, **options)
+    except TemplateError as err:
+        raise UserError(f"the chat template refused the conversation: {err}") from None
+    return {key: list(out[key]) for key in ("input_ids", "assistant_masks") if key in out}
+
+
+def common_prefix_length(ids: Sequence[int], other: Sequence[int]) -> int:
+    """How many leading tokens the two sequences share."""
+    n = 0
+    for a, b in zip(ids, other):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+def tokenize_chat(record: Mapping[str, Any], tokenizer) -> tuple[list[int], list[bool]]:
+    """The token ids of a chat record and which of them are scored (see the module docstring)."""
+    require_template(tokenizer)
+    if "messages" not in record:
+        ids = render(tokenizer, conversation(record))["input_ids"]
+        start = common_prefix_length(
+            render(tokenizer, record["prompt"], add_generation_prompt=True)["input_ids"], ids
+        )
+        return ids, [False] * start + [True] * (len(ids) - start)
+    messages = record["messages"]
+    if GENERATION_TAG.search(tokenizer.get_chat_template()):
+        out = render(tokenizer, messages, return_assistant_tokens_mask=True)
+        return out["input_ids"], [bool(bit) for bit in out["assistant_masks"]]
+    ids = render(tokenizer, messages)["input_ids"]
+    scored = [False] * len(ids)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render(tokenizer, messages[:i], add_generation_prompt=True)["input_ids"] if i else []
+        upto = render(tokenizer, messages[: i + 1])["input_ids"]
+        start, end = common_prefix_length(before, ids), common_prefix_length(upto, ids)
+        if start < len(before) or end < len(upto):
+            _warn_once(tokenizer)
+        scored[start:end] = [True] * max(0, end - start)
+    return ids, scored
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(tokenizer) -> None:
+    template = tokenizer.get_chat_template()
+    if template not in _WARNED:
+        _WARNED.add(template)
+        warn(
+            "the chat template renders the start of a conversation differently alone than within the "
+            "whole (an assistant turn that ends it, or the generation prompt); such a turn is scored "
+            "from or up to where the two renderings part, as TRL does (a template with "
+            "{% generation %} marks says exactly which tokens are the assistant's)"
+        )
+
+
+def answerable(record: Mapping[str, Any]) -> bool:
+    """Whether a chat record can be scored by generation: it ends with an assistant message that
+    follows at least one other message."""
+    messages = conversation(record)
+    return len(messages) >= 2 and messages[-1]["role"] == "assistant"
+
+
+def chat_prompt(record: Mapping[str, Any], tokenizer) -> tuple[list[int], str]:
+    """A chat record as a generation task: the token ids of the conversation before its last
+    message, with the generation prompt, and that last message's content as the reference."""
+    require_template(tokenizer)
+    if not answerable(record):
+        raise UserError(
+            "a conversation scored by generation must end with an assistant message after the prompt"
+        )
+    messages = conversation(record)
+    return render(tokenizer, messages[:-1], add_generation_prompt=True)["input_ids"], messages[-1]["content"]

@@ -1,0 +1,332 @@
+"""Conversations as dev sets: which tokens are scored, against TRL's own preparation, and a fit on
+conversations against the same fit on the text records they render to.
+
+References: TRL's ``SFTTrainer._prepare_dataset`` (its labels: the completion mask for
+prompt/completion conversations, the assistant mask for ``messages`` under ``assistant_only_loss``)
+on SmolLM2-135M-Instruct's own ChatML template; transformers' assistant mask of a template with
+``{% generation %}`` marks; and, end to end, the tiny world with a template that writes BOS and the
+messages' contents, under which a conversation is token for token its prompt/completion record.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import types
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from mergeopt.config import recipe_from_dict
+from mergeopt.errors import UserError
+from mergeopt.export.token_stats import count_tokens, measure
+from mergeopt.fit import fit
+from mergeopt.loading.problem import load_problem
+from mergeopt.objectives import metrics
+from mergeopt.objectives.chat import chat_prompt, conversation, render, tokenize_chat
+from mergeopt.objectives.data import load_dev_set, read_jsonl, tokenize
+from mergeopt.worlds import toy
+from tests.conftest import write_jsonl
+
+# SmolLM2's template with {% generation %} around what each assistant turn adds after its header
+TAGGED_CHATML = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI "
+    "assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>\n' }}"
+    "{% endgeneration %}{% else %}{{ message['content'] + '<|im_end|>\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# the tiny world's: BOS, then the messages' contents, so a conversation renders as its text record
+CONCAT = "{{ bos_token }}{% for message in messages %}{{ message['content'] }}{% endfor %}"
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."}],
+    [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "Name a prime."},
+        {"role": "assistant", "content": "Seven."},
+        {"role": "user", "content": "Another one?"},
+        {"role": "assistant", "content": "Eleven, and then thirteen."},
+    ],
+    [
+        {"role": "user", "content": "def add(a, b):"},
+        {"role": "assistant", "content": "    return a + b"},
+        {"role": "user", "content": "and subtract?"},
+        {"role": "assistant", "content": "def sub(a, b):\n    return a - b"},
+    ],
+]
+
+
+def user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def assistant(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_world):
+    return AutoTokenizer.from_pretrained(smollm2_world / "base")
+
+
+def trl_labels(rows: list[dict], tokenizer, assistant_only: bool, chat_template: str | None = None) -> list:
+    """TRL's SFT preparation of ``rows``: the labels it trains on (-100 where no loss is taken)."""
+    trl = pytest.importorskip("trl")
+    import datasets
+
+    datasets.disable_progress_bars()
+    with warnings.catch_warnings():  # transformers' own deprecation inside TrainingArguments
+        warnings.simplefilter("ignore", FutureWarning)
+        args = trl.SFTConfig(
+            output_dir=tempfile.mkdtemp(),
+            max_length=None,
+            assistant_only_loss=assistant_only,
+            use_cpu=True,
+            bf16=False,
+            report_to=[],
+            dataset_num_proc=None,
+        )
+    trainer = types.SimpleNamespace(
+        chat_template=chat_template, completion_only_loss=True, _tokenizer=tokenizer
+    )
+    prepared = trl.SFTTrainer._prepare_dataset(
+        trainer, datasets.Dataset.from_list(rows), tokenizer, args, False, None, "dev"
+    )
+    return [(row["input_ids"], [label != -100 for label in row["labels"]]) for row in prepared]
+
+
+def ours(record: dict, tokenizer) -> tuple[list[int], list[bool]]:
+    example = tokenize(record, tokenizer, 10_000)
+    return example.input_ids.tolist(), example.scored.tolist()
+
+
+# ----------------------------------------------------------------------------- against TRL
+
+
+def test_prompt_completion_conversations_score_trls_completion_mask(smollm2):
+    rows = [{"prompt": c[:-1], "completion": c[-1:]} for c in CONVERSATIONS]
+    rows.append(
+        {"prompt": [user("Two answers?")], "completion": [assistant("One."), user("and?"), assistant("Two.")]}
+    )
+    for row, reference in zip(rows, trl_labels(rows, smollm2, assistant_only=False), strict=True):
+        assert ours(row, smollm2) == reference
+        ids, scored = reference
+        assert smollm2.decode([i for i, s in zip(ids, scored) if s]).startswith(
+            row["completion"][0]["content"]
+        )
+
+
+def test_messages_score_every_assistant_turn_as_trls_assistant_only_loss(smollm2):
+    """SmolLM2's template has no generation marks: each turn is found from the renderings before and
+    after it, and must be exactly what TRL takes when the same template marks the assistant's part."""
+    rows = [{"messages": c} for c in CONVERSATIONS]
+    references = trl_labels(rows, smollm2, assistant_only=True, chat_template=TAGGED_CHATML)
+    for row, reference in zip(rows, references, strict=True):
+        assert ours(row, smollm2) == reference
+        ids, scored = reference
+        spoken = "".join(m["content"] + "<|im_end|>\n" for m in row["messages"] if m["role"] == "assistant")
+        # what the assistant said (a turn that starts with spaces shares a token with its header's
+        # newline, and that token is scored: TRL counts a token that overlaps the turn)
+        said = smollm2.decode([i for i, s in zip(ids, scored) if s])
+        assert said.split() == spoken.split()
+
+
+def test_a_template_with_generation_marks_is_read_through_transformers_mask(smollm2):
+    tagged = AutoTokenizer.from_pretrained(smollm2.name_or_path)
+    tagged.chat_template = TAGGED_CHATML
+    for messages in CONVERSATIONS:
+        mask = tagged.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
+        ids, scored = tokenize_chat({"messages": messages}, tagged)
+        assert ids == list(mask["input_ids"]) and scored == [bool(b) for b in mask["assistant_masks"]]
+        assert (ids, scored) == tokenize_chat({"messages": messages}, smollm2)  # the same tokens either way
+
+
+def test_a_turn_rendered_differently_when_last_is_scored_to_where_the_renderings_part(smollm2, capsys):
+    late = AutoTokenizer.from_pretrained(smollm2.name_or_path)
+    late.chat_template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] }}"
+        "{% if loop.last and m['role'] == 'assistant' %}{{ ' [end]' }}{% endif %}"
+        "{{ '<|im_end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    messages = CONVERSATIONS[1]
+    ids, scored = tokenize_chat({"messages": messages}, late)
+    text = late.decode([i for i, s in zip(ids, scored) if s])
+    # the first answer, rendered last, says " [end]": scored up to it; the last answer whole
+    assert text == "Seven." + "Eleven, and then thirteen. [end]<|im_end|>\n"
+    tokenize_chat({"messages": messages}, late)
+    err = capsys.readouterr().err
+    assert err.count("renders the start of a conversation differently") == 1
+
+
+# ----------------------------------------------------------------------------- the tiny world
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_world(tiny_world, tmp_path_factory) -> dict:
+    """The tiny world with a chat template, its arith and markov dev sets also as conversations."""
+    root = tmp_path_factory.mktemp("tiny-chat")
+    base = root / "base"
+    shutil.copytree(tiny_world / "base", base)
+    (base / "chat_template.jinja").write_text(CONCAT)
+    dev = {}
+    for name in ("arith", "reverse"):
+        records = read_jsonl(tiny_world / "dev" / f"{name}.jsonl")[:30]
+        layouts = {
+            "text": records,
+            "prompt": [
+                {"prompt": [user(r["prompt"])], "completion": [assistant(r["completion"])]} for r in records
+            ],
+            "messages": [{"messages": [user(r["prompt"]), assistant(r["completion"])]} for r in records],
+        }
+        for layout, rows in layouts.items():
+            dev[name, layout] = root / f"{name}-{layout}.jsonl"
+            write_jsonl(dev[name, layout], rows)
+    return {"world": tiny_world, "base": base, "dev": dev, "root": root}
+
+
+def test_a_conversation_tokenises_as_the_record_it_renders_to(tiny_chat_world):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_world["base"])
+    for layout in ("prompt", "messages"):
+        text = load_dev_set("a", tiny_chat_world["dev"]["arith", "text"], 1.0, tokenizer, 64, 0.25, 0)
+        chat = load_dev_set("a", tiny_chat_world["dev"]["arith", layout], 1.0, tokenizer, 64, 0.25, 0)
+        for part in ("fit", "heldout"):
+            for a, b in zip(getattr(text, part), getattr(chat, part), strict=True):
+                assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.scored, b.scored)
+
+
+def _tree(chat_world: dict, layout: str, out: Path, **sections) -> dict:
+    world = chat_world["world"]
+    return {
+        "seed": 0,
+        "output_dir": str(out),
+        "device": "cpu",
+        "model": {
+            "base": str(chat_world["base"]),
+            "experts": {n: str(world / "experts" / n) for n in ("arith", "reverse", "markov")},
+        },
+        "data": {
+            "dev": [{"name": n, "path": str(chat_world["dev"][n, layout])} for n in ("arith", "reverse")],
+            "max_length": 64,
+        },
+        "optim": {"steps": 6, "batch_size": 8},
+        **sections,
+    }
+
+
+# what a fit found and measured: mixture.json less what names the run (paths, times)
+SAME = (
+    "weights",
+    "dev_loss",
+    "heldout_loss",
+    "per_set_dev_loss",
+    "expert_dev_loss",
+    "objective",
+    "search",
+    "logits",
+)
+
+
+@pytest.mark.parametrize("layout", ["prompt", "messages"])
+def test_a_fit_on_conversations_is_the_fit_on_their_text(tiny_chat_world, tmp_path, layout):
+    """The gradient fit, and a grid scored by exact match (generation from the rendered prompt), on
+    conversations end where the same fits on the prompt/completion records end."""
+    grid = {
+        "objective": {"terms": [{"kind": "exact_match", "dev": "arith", "max_new_tokens": 4}]},
+        "search": {"strategy": "grid", "grid": {"divisions": 2}},
+    }
+    for sections in ({}, grid):
+        text = fit(
+            recipe_from_dict(_tree(tiny_chat_world, "text", tmp_path / "t", **sections)), progress=False
+        )
+        chat = fit(
+            recipe_from_dict(_tree(tiny_chat_world, layout, tmp_path / "c", **sections)), progress=False
+        )
+        assert {k: chat.get(k) for k in SAME} == {k: text.get(k) for k in SAME}
+
+
+def test_exact_match_answers_the_conversation_before_its_last_message(tiny_chat_world):
+    recipe = recipe_from_dict(_tree(tiny_chat_world, "messages", tiny_chat_world["root"] / "run"))
+    problem = load_problem(recipe, progress=False)
+    chats = read_jsonl(tiny_chat_world["dev"]["arith", "messages"])
+    texts = read_jsonl(tiny_chat_world["dev"]["arith", "text"])
+    prompt, reference = chat_prompt(chats[0], problem.tokenizer)
+    assert (
+        prompt == problem.tokenizer(texts[0]["prompt"])["input_ids"] and reference == texts[0]["completion"]
+    )
+    with problem.stack.at(torch.tensor([0.6, 0.2, 0.2])) as merged:
+        on_chats = metrics.exact_match(merged, problem.tokenizer, chats, 4, 8, "cpu")
+        on_texts = metrics.exact_match(merged, problem.tokenizer, texts, 4, 8, "cpu")
+    assert on_chats == on_texts > 0
+
+
+# ----------------------------------------------------------------------------- token counts of exports
+
+
+def test_export_counts_a_conversations_rendered_tokens(smollm2, tmp_path):
+    rows = [{"messages": c} for c in CONVERSATIONS]
+    expected = sum(len(render(smollm2, conversation(r))["input_ids"]) for r in rows)
+    assert count_tokens(rows, smollm2) == expected
+    path = tmp_path / "chat.jsonl"
+    write_jsonl(path, rows)
+    stats = measure(path, smollm2)
+    assert (stats.samples, stats.tokens) == (3, expected)
+
+
+# ----------------------------------------------------------------------------- mistakes
+
+
+@pytest.mark.parametrize(
+    "record,message",
+    [
+        ({"messages": []}, "'messages' must be a non-empty list of messages"),
+        ({"messages": [user("hi")]}, "no assistant message with content"),
+        ({"messages": [{"content": "hi"}]}, "messages message 0 must be an object with a 'role' string"),
+        ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "needs 'content' as a string"),
+        ({"prompt": [user("hi")]}, "needs a 'completion' (a list of messages)"),
+        ({"prompt": [user("hi")], "completion": "yes"}, "'completion' must be a non-empty list of messages"),
+        ({"prompt": [user("hi")], "completion": [assistant("")]}, "'completion' has no content"),
+        ({"prompt": [user("hi")], "choices": ["a", "b"], "answer": 0}, "'prompt' must be a string"),
+    ],
+)
+def test_a_malformed_conversation_names_file_and_line(tmp_path, record, message):
+    path = tmp_path / "dev.jsonl"
+    path.write_text(json.dumps({"messages": [user("q"), assistant("a")]}) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(UserError) as err:
+        read_jsonl(path)
+    assert str(err.value).startswith(f"{path}:2: ") and message in str(err.value)
+
+
+def test_a_conversation_without_a_chat_template_is_refused_naming_the_set(tmp_path):
+    path = tmp_path / "dev.jsonl"
+    write_jsonl(path, [{"messages": [user("1+1="), assistant("2.")]}] * 4)
+    with pytest.raises(UserError, match=rf"dev set {path}: record 1: a conversation needs a chat template"):
+        load_dev_set("a", path, 1.0, toy.build_tokenizer(), 64, 0.25, 0)
+
+
+def test_a_conversation_the_template_refuses_names_the_record(tmp_path):
+    tokenizer = toy.build_tokenizer()
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}{% endfor %}"
+    )
+    path = tmp_path / "dev.jsonl"
+    write_jsonl(
+        path,
+        [
+            {"messages": [user("1+1="), assistant("2.")]},
+            {"messages": [{"role": "system", "content": "x"}, user("1+1="), assistant("2.")]},
+        ],
+    )
+    with pytest.raises(
+        UserError,
+        match=rf"dev set {path}: record 2: the chat template refused the conversation: System role not supported",
+    ):
+        load_dev_set("a", path, 1.0, tokenizer, 64, 0.0, 0)
