@@ -198,6 +198,11 @@ def _adapter_other_base(world, tmp):
     return _with_expert(world, tmp, _adapter(world, tmp, base_model_name_or_path=str(other)))
 
 
+def _empty_dir(path: Path) -> str:
+    path.mkdir()
+    return str(path)
+
+
 def _dev(world, tmp, lines: str | None, records=None) -> list[str]:
     path = tmp / "dev.jsonl"
     if records is not None:
@@ -708,6 +713,18 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
             [{"messages": [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"}]}] * 4,
         ),
         "dev.jsonl: record 1: a conversation needs a chat template",
+    ),
+    "chat template missing": (
+        "dev set",
+        "fit",
+        lambda w, t: [_recipe(w, t, lambda tr: tr["data"].update(chat_template=str(t / "chatml.jinja")))],
+        "data.chat_template: ",
+    ),
+    "chat template directory without one": (
+        "dev set",
+        "fit",
+        lambda w, t: [_recipe(w, t, lambda tr: tr["data"].update(chat_template=_empty_dir(t / "tokenizer")))],
+        "holds no chat template",
     ),
     "dev set that is a test split": (
         "dev set",

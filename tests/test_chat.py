@@ -22,7 +22,8 @@ import torch
 from transformers import AutoTokenizer
 
 from mergeopt.config import recipe_from_dict
-from mergeopt.errors import UserError
+from mergeopt.errors import UserError, run_cli
+from mergeopt.export.command import main as export_main
 from mergeopt.export.token_stats import count_tokens, measure
 from mergeopt.fit import fit
 from mergeopt.loading.problem import load_problem
@@ -169,15 +170,18 @@ def test_a_turn_rendered_differently_when_last_is_scored_to_where_the_renderings
 # ----------------------------------------------------------------------------- the tiny world
 
 
+EXPERTS = ("arith", "reverse", "brackets")  # the tiny world's prompt/completion domains
+
+
 @pytest.fixture(scope="module")
 def tiny_chat_world(tiny_world, tmp_path_factory) -> dict:
-    """The tiny world with a chat template, its arith and markov dev sets also as conversations."""
+    """The tiny world with a chat template, its prompt/completion dev sets also as conversations."""
     root = tmp_path_factory.mktemp("tiny-chat")
     base = root / "base"
     shutil.copytree(tiny_world / "base", base)
     (base / "chat_template.jinja").write_text(CONCAT)
     dev = {}
-    for name in ("arith", "reverse"):
+    for name in EXPERTS:
         records = read_jsonl(tiny_world / "dev" / f"{name}.jsonl")[:30]
         layouts = {
             "text": records,
@@ -210,7 +214,7 @@ def _tree(chat_world: dict, layout: str, out: Path, **sections) -> dict:
         "device": "cpu",
         "model": {
             "base": str(chat_world["base"]),
-            "experts": {n: str(world / "experts" / n) for n in ("arith", "reverse", "markov")},
+            "experts": {n: str(world / "experts" / n) for n in EXPERTS},
         },
         "data": {
             "dev": [{"name": n, "path": str(chat_world["dev"][n, layout])} for n in ("arith", "reverse")],
@@ -330,3 +334,98 @@ def test_a_conversation_the_template_refuses_names_the_record(tmp_path):
         match=rf"dev set {path}: record 2: the chat template refused the conversation: System role not supported",
     ):
         load_dev_set("a", path, 1.0, tokenizer, 64, 0.0, 0)
+
+
+def test_exact_match_refuses_a_conversation_that_does_not_end_with_an_answer(tiny_chat_world, tmp_path):
+    path = tmp_path / "open.jsonl"
+    write_jsonl(path, [{"messages": [user("1+1="), assistant("2."), user("and 2+2?")]}] * 8)
+    tree = _tree(
+        tiny_chat_world,
+        "messages",
+        tmp_path / "run",
+        objective={"terms": [{"kind": "exact_match", "dev": "arith"}]},
+        search={"strategy": "grid", "grid": {"divisions": 2}},
+    )
+    tree["data"]["dev"][0]["path"] = str(path)
+    with pytest.raises(
+        UserError, match=r"exact_match needs .* conversation \(ending with the assistant's answer\)"
+    ):
+        fit(recipe_from_dict(tree), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_grid_runs_train_on_a_conversation_as_on_its_text(tiny_chat_world):
+    """``mergeopt train`` reads its training sets as the dev sets are read: the same tokens, the
+    same scored ones."""
+    from mergeopt.worlds.training_data import load_examples
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_world["base"])
+    text = load_examples(str(tiny_chat_world["dev"]["reverse", "text"]), tokenizer, 64)
+    for layout in ("prompt", "messages"):
+        chat = load_examples(str(tiny_chat_world["dev"]["reverse", layout]), tokenizer, 64)
+        assert [(e.input_ids.tolist(), e.scored.tolist()) for e in chat] == [
+            (e.input_ids.tolist(), e.scored.tolist()) for e in text
+        ]
+
+
+# ----------------------------------------------------------------------------- data.chat_template
+
+
+def _template_sources(root: Path) -> dict[str, Path]:
+    """The same template as data.chat_template can name it: a file, or a tokenizer directory that
+    holds it as chat_template.jinja, as tokenizer_config.json's string, or as its 'default' entry."""
+    root.mkdir(parents=True, exist_ok=True)
+    sources = {"file": root / "template.jinja"}
+    sources["file"].write_text(CONCAT)
+    for kind, config in {
+        "jinja": None,
+        "config": {"chat_template": CONCAT},
+        "named": {
+            "chat_template": [
+                {"name": "tool_use", "template": "{{ 0 }}"},
+                {"name": "default", "template": CONCAT},
+            ]
+        },
+    }.items():
+        sources[kind] = root / kind
+        sources[kind].mkdir()
+        if config is None:
+            (sources[kind] / "chat_template.jinja").write_text(CONCAT)
+        else:
+            (sources[kind] / "tokenizer_config.json").write_text(json.dumps(config))
+    return sources
+
+
+def test_data_chat_template_renders_conversations_for_a_base_without_one(tiny_chat_world, tmp_path):
+    """The tiny world's own base has no template: each way of naming one gives the fit on the text,
+    and the run's export counts the conversations with it."""
+    text = fit(recipe_from_dict(_tree(tiny_chat_world, "text", tmp_path / "t")), progress=False)
+    for kind, source in _template_sources(tmp_path / "templates").items():
+        tree = _tree(tiny_chat_world, "messages", tmp_path / kind)
+        tree["model"]["base"] = str(tiny_chat_world["world"] / "base")
+        tree["data"]["chat_template"] = str(source)
+        chat = fit(recipe_from_dict(tree), progress=False)
+        assert {k: chat.get(k) for k in SAME} == {k: text.get(k) for k in SAME}, kind
+    counts = {}
+    for layout, run in (("text", tmp_path / "t"), ("messages", tmp_path / "file")):
+        datasets = [f"{n}={tiny_chat_world['dev'][n, layout]}" for n in EXPERTS]
+        out = tmp_path / f"export-{layout}.yaml"
+        assert (
+            run_cli(export_main, [str(run), "--to", "trl", "--out", str(out), "--datasets", *datasets]) == 0
+        )
+        counts[layout] = [line for line in out.read_text().splitlines() if "split" in line]
+    assert counts["messages"] == counts["text"] and len(counts["text"]) >= len(EXPERTS)
+
+
+def test_the_chat_template_file_is_an_input_of_the_run(tiny_chat_world, tmp_path):
+    """A template edited between a kill and the rerun is an input that changed: resume refuses it."""
+    from mergeopt.runtime.fingerprint import first_changed, input_fingerprints
+
+    template = tmp_path / "template.jinja"
+    template.write_text(CONCAT)
+    tree = _tree(tiny_chat_world, "messages", tmp_path / "run")
+    tree["data"]["chat_template"] = str(template)
+    saved = input_fingerprints(recipe_from_dict(tree))
+    assert str(template) in saved and first_changed(saved) is None
+    template.write_text(CONCAT + "{{ eos_token }}")
+    assert first_changed(saved) == str(template)

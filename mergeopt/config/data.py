@@ -11,7 +11,9 @@ class DevSetSpec(Section):
     """One JSONL dev set; its weight is its share of the target loss."""
 
     name: str = Field(description="The set's name, used in reports, data.target and objective.terms[].dev.")
-    path: str = Field(description="JSONL file of text, prompt/completion, or prompt/choices/answer records.")
+    path: str = Field(
+        description="JSONL file of text, prompt/completion, prompt/choices/answer or conversation records."
+    )
     weight: float = Field(default=1.0, ge=0.0, description="The set's weight in a loss over all sets.")
 
     @field_validator("name")
@@ -37,6 +39,11 @@ class DataSection(Section):
         description="Share of each dev set held out for early stopping (0 disables early stopping).",
     )
     max_examples: int | None = Field(default=None, gt=0, description="Cap on examples read per dev set.")
+    chat_template: str | None = Field(
+        default=None,
+        description="The chat template conversations are rendered with: a Jinja file, or a directory whose "
+        "tokenizer has one (an expert's, when the base has none); default: the base tokenizer's.",
+    )
 
     @model_validator(mode="after")
     def _names(self) -> DataSection:

@@ -51,8 +51,13 @@ def choose_formats(name: str) -> list[Format]:
 
 
 def _tokenizer(args, recipe, recipe_error, mixture):
+    """The tokenizer the datasets are counted with: ``--tokenizer``, else the run's base; with the
+    run's ``data.chat_template`` where its recipe names one (conversations count as the fit read them)."""
+    from mergeopt.objectives.chat import with_template
+
+    template = recipe.data.chat_template if recipe is not None else None
     if args.tokenizer:
-        return load_tokenizer(args.tokenizer)
+        return with_template(load_tokenizer(args.tokenizer), template)
     if recipe_error is not None:
         raise recipe_error
     if recipe is None:
@@ -60,7 +65,9 @@ def _tokenizer(args, recipe, recipe_error, mixture):
             f"counting tokens needs a tokenizer: pass --tokenizer PATH (no recipe.yaml beside {mixture.path})"
         )
     base = resolve_world_path(recipe.model.base, mixture, recipe)
-    return load_tokenizer(base, recipe.model.gguf_file, recipe.model.trust_remote_code)
+    return with_template(
+        load_tokenizer(base, recipe.model.gguf_file, recipe.model.trust_remote_code), template
+    )
 
 
 def build(args) -> tuple[dict[Format, str], list[str]]:

@@ -23,6 +23,7 @@ from mergeopt.memory import checkpointing
 from mergeopt.memory.placement import input_device
 from mergeopt.merging.mixed_experts import build_expert_stack
 from mergeopt.merging.stack import DTYPES, TaskVectorStack
+from mergeopt.objectives.chat import with_template
 from mergeopt.objectives.data import DevSet
 from mergeopt.objectives.head_loss import check_head
 from mergeopt.objectives.objective import Objective
@@ -75,9 +76,8 @@ def _open_checked(recipe: Recipe) -> tuple[Experts, object]:
     base, dense, adapters = open_experts(
         model.base, model.experts, model.allow_pickle, model.gguf_file, model.trust_remote_code
     )
-    return Experts(base, dense, adapters), _load_tokenizer(
-        model.base, model.trust_remote_code, model.gguf_file
-    )
+    tokenizer = _load_tokenizer(model.base, model.trust_remote_code, model.gguf_file)
+    return Experts(base, dense, adapters), with_template(tokenizer, recipe.data.chat_template)
 
 
 def _weights_source(recipe: Recipe) -> dict:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from mergeopt.errors import UserError, warn
@@ -75,8 +76,43 @@ def require_template(tokenizer) -> None:
     if not getattr(tokenizer, "chat_template", None):
         raise UserError(
             "a conversation needs a chat template, and the base's tokenizer has none "
-            "(chat_template.jinja or tokenizer_config.json's chat_template in model.base)"
+            "(chat_template.jinja or tokenizer_config.json's chat_template in model.base): "
+            "set data.chat_template to a Jinja file or to a directory whose tokenizer has one"
         )
+
+
+def read_template(path: str) -> str:
+    """The template ``data.chat_template`` names: a Jinja file, or a directory whose tokenizer has
+    one (``chat_template.jinja``, else ``tokenizer_config.json``'s ``chat_template``, the one named
+    'default' when it holds several), as TRL's ``chat_template_path`` reads it."""
+    from mergeopt.loading.checkpoints import read_json_object
+
+    where = Path(path)
+    if where.is_file():
+        return where.read_text(encoding="utf-8")
+    if not where.is_dir():
+        raise UserError(f"data.chat_template: {path} does not exist")
+    if (where / "chat_template.jinja").is_file():
+        return (where / "chat_template.jinja").read_text(encoding="utf-8")
+    config = where / "tokenizer_config.json"
+    template = (
+        read_json_object(config, "tokenizer_config.json").get("chat_template") if config.is_file() else None
+    )
+    if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}, ...]
+        template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}.get("default")
+    if not isinstance(template, str) or not template:
+        raise UserError(
+            f"data.chat_template: {path} holds no chat template (chat_template.jinja or "
+            "tokenizer_config.json's chat_template)"
+        )
+    return template
+
+
+def with_template(tokenizer, path: str | None):
+    """``tokenizer``, its chat template replaced by the one ``data.chat_template`` names, if any."""
+    if path is not None:
+        tokenizer.chat_template = read_template(path)
+    return tokenizer
 
 
 def render(tokenizer, messages: Sequence[Mapping[str, Any]], **options) -> dict[str, list[int]]:

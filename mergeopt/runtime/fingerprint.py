@@ -89,6 +89,8 @@ def input_fingerprints(recipe) -> dict[str, str]:
     paths = [recipe.model.base, *recipe.model.experts.values(), *(d.path for d in recipe.data.dev)]
     if recipe.train is not None:
         paths += list(recipe.train.data.values())
+    if recipe.data.chat_template is not None:
+        paths.append(recipe.data.chat_template)
     return fingerprints(paths)
 
 

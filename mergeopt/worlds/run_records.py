@@ -33,13 +33,15 @@ def recipe_fingerprint(recipe: Recipe) -> str:
 
 
 def input_digests(recipe: Recipe) -> dict[str, str]:
-    """The digests of what every run of ``recipe`` reads: the base and every training set.
+    """The digests of what every run of ``recipe`` reads: the base, every training set and the chat
+    template conversations are rendered with, if the recipe names one.
 
     Every set counts for every run, not only for the runs that draw from it: the seeded stream
     shuffles each domain (:func:`mergeopt.worlds.training_data.mixture_examples`), so one set's
     size moves every run's examples.
     """
-    return fingerprints([recipe.model.base, *recipe.train.data.values()])
+    template = [recipe.data.chat_template] if recipe.data.chat_template is not None else []
+    return fingerprints([recipe.model.base, *recipe.train.data.values(), *template])
 
 
 def run_identity(recipe: Recipe, weights: dict[str, float], inputs: dict[str, str]) -> dict:

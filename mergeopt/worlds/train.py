@@ -41,6 +41,7 @@ from mergeopt.inputs import distinct_dirs, lora_targets, writable_dir
 from mergeopt.loading.checkpoints import read_json_object
 from mergeopt.loading.devices import resolve_device
 from mergeopt.loading.positions import check_max_length
+from mergeopt.objectives.chat import with_template
 from mergeopt.objectives.data import Batch, DevSet, Example, evaluation_batches
 from mergeopt.objectives.loss import per_set_loss_sums
 from mergeopt.objectives.objective import Objective
@@ -263,7 +264,7 @@ def _train(recipe: Recipe, progress: bool, log: Callable[[str], None]) -> Path:
     if config_file.is_file():  # a base without one is reported by its tokenizer's loading, next
         config = read_json_object(config_file, "config.json")
         check_max_length(config, resolved, resolved.model.base, ("train.max_length", "data.max_length"))
-    tokenizer = AutoTokenizer.from_pretrained(resolved.model.base)
+    tokenizer = with_template(AutoTokenizer.from_pretrained(resolved.model.base), resolved.data.chat_template)
     names = resolved.expert_names
     domains = {n: load_examples(cfg.data[n], tokenizer, cfg.max_length) for n in names}
     terms = Objective.from_recipe(resolved).metric_terms
