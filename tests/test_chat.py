@@ -429,3 +429,12 @@ def test_the_chat_template_file_is_an_input_of_the_run(tiny_chat_world, tmp_path
     assert str(template) in saved and first_changed(saved) is None
     template.write_text(CONCAT + "{{ eos_token }}")
     assert first_changed(saved) == str(template)
+
+
+def test_a_chat_template_that_is_not_text_is_named(tmp_path):
+    from mergeopt.objectives.chat import read_template
+
+    binary = tmp_path / "template.jinja"
+    binary.write_bytes(b"\xff\xfe\x00{{")
+    with pytest.raises(UserError, match=rf"data.chat_template: {binary} is not UTF-8 text"):
+        read_template(str(binary))

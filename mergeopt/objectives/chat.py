@@ -89,11 +89,11 @@ def read_template(path: str) -> str:
 
     where = Path(path)
     if where.is_file():
-        return where.read_text(encoding="utf-8")
+        return _text(where)
     if not where.is_dir():
         raise UserError(f"data.chat_template: {path} does not exist")
     if (where / "chat_template.jinja").is_file():
-        return (where / "chat_template.jinja").read_text(encoding="utf-8")
+        return _text(where / "chat_template.jinja")
     config = where / "tokenizer_config.json"
     template = (
         read_json_object(config, "tokenizer_config.json").get("chat_template") if config.is_file() else None
@@ -106,6 +106,13 @@ def read_template(path: str) -> str:
             "tokenizer_config.json's chat_template)"
         )
     return template
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"data.chat_template: {path} is not UTF-8 text (is it a Jinja template?)") from None
 
 
 def with_template(tokenizer, path: str | None):
