@@ -1150,7 +1150,7 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         "dev set",
         "fit",
         lambda w, t: [_recipe(w, t, lambda tree: tree["data"]["dev"][0].update(path=malformed.a_dir(t)))],
-        "is a directory, not a file",
+        "is a directory but not a saved dataset",
     ),
     "base config.json disagrees with its weights": (
         "checkpoint",

@@ -15,6 +15,7 @@ from mergeopt.objectives.data import (
     evaluation_batches,
     load_dev_set,
     read_jsonl,
+    read_records,
     tokenize,
     training_batches,
 )
@@ -246,3 +247,85 @@ def test_a_dev_set_partly_of_unknown_tokens_is_loaded_with_one_warning(tmp_path,
     assert capsys.readouterr().err.splitlines() == [
         f"mergeopt: warning: dev set {path}: 33% of its scored tokens are the unknown token '<unk>'"
     ]
+
+
+# ----------------------------------------------------------------------------- data kept by the datasets library
+
+TABLES = {  # a table holds one layout: its columns
+    "text": [{"text": "abc."}, {"text": "12+8=20."}] * 4,
+    "prompt/completion": [
+        {"prompt": "12+8=", "completion": "20."},
+        {"prompt": "rev ab:", "completion": "ba."},
+    ]
+    * 4,
+    "choices": [{"prompt": "1+1=", "choices": ["2.", "3."], "answer": 0}] * 8,
+}
+
+
+def _saved(records: list[dict], tmp_path, kind: str):
+    """``records`` written as the datasets library writes them (one layout per column set)."""
+    import datasets
+
+    data = datasets.Dataset.from_list(records)
+    if kind == "parquet":
+        data.to_parquet(str(tmp_path / "dev.parquet"))
+        return tmp_path / "dev.parquet"
+    if kind == "csv":
+        data.to_csv(str(tmp_path / "dev.csv"), index=False)
+        return tmp_path / "dev.csv"
+    if kind == "json-array":
+        (tmp_path / "dev.json").write_text(json.dumps(records))
+        return tmp_path / "dev.json"
+    data.save_to_disk(str(tmp_path / "saved"))
+    if kind == "disk":
+        return tmp_path / "saved"
+    return next((tmp_path / "saved").glob("*.arrow"))  # kind == "arrow"
+
+
+@pytest.mark.parametrize(
+    "kind,layout",
+    [
+        (kind, layout)
+        for kind in ("parquet", "arrow", "disk", "json-array", "csv")
+        for layout in sorted(TABLES)
+        if (kind, layout) != ("csv", "choices")  # a CSV cell holds no list
+    ],
+)
+def test_a_dev_set_kept_by_the_datasets_library_reads_as_its_jsonl(tmp_path, tokenizer, kind, layout):
+    """The same records, the same examples and split."""
+    records = TABLES[layout]
+    jsonl = write_jsonl(tmp_path / "dev.jsonl", records)
+    assert read_records(_saved(records, tmp_path, kind)) == read_records(jsonl) == records
+    a = load_dev_set("a", jsonl, 1.0, tokenizer, 32, 0.25, 3)
+    b = load_dev_set("a", _saved(records, tmp_path, kind), 1.0, tokenizer, 32, 0.25, 3)
+    for part in ("fit", "heldout"):
+        for x, y in zip(getattr(a, part), getattr(b, part), strict=True):
+            assert torch.equal(x.input_ids, y.input_ids) and torch.equal(x.scored, y.scored)
+
+
+def test_conversations_in_parquet_read_as_in_jsonl(tmp_path):
+    records = [
+        {"messages": [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2."}]},
+        {
+            "messages": [
+                {"role": "system", "content": "s"},
+                {"role": "user", "content": "2+2="},
+                {"role": "assistant", "content": "4."},
+            ]
+        },
+    ]
+    assert read_records(_saved(records, tmp_path, "parquet")) == records
+
+
+def test_a_bad_record_in_a_table_is_named_by_its_number(tmp_path):
+    path = _saved(
+        [{"prompt": "a", "completion": "b"}, {"prompt": "a", "completion": ""}], tmp_path, "parquet"
+    )
+    with pytest.raises(UserError, match=rf"^{re.escape(str(path))}: record 2: 'completion' is empty"):
+        read_records(path)
+
+
+def test_a_directory_that_is_not_a_saved_dataset_is_refused(tmp_path):
+    (tmp_path / "dev").mkdir()
+    with pytest.raises(UserError, match="is a directory but not a saved dataset"):
+        read_records(tmp_path / "dev")

@@ -12,7 +12,8 @@ class DevSetSpec(Section):
 
     name: str = Field(description="The set's name, used in reports, data.target and objective.terms[].dev.")
     path: str = Field(
-        description="JSONL file of text, prompt/completion, prompt/choices/answer or conversation records."
+        description="JSONL file (or parquet, arrow, CSV, JSON array, save_to_disk directory) of text, "
+        "prompt/completion, prompt/choices/answer or conversation records."
     )
     weight: float = Field(default=1.0, ge=0.0, description="The set's weight in a loss over all sets.")
 

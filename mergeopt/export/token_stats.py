@@ -4,10 +4,11 @@ mergeopt's weights are shares of training tokens; most loaders (interleave_datas
 streaming, open-instruct, TRL) draw whole samples. A domain whose samples are twice as long needs
 half the sample probability for the same token share, so the conversion needs each domain's mean
 tokens per sample, measured here. Files are read with the ``datasets`` library (JSONL, JSON, CSV,
-parquet, arrow, or a directory written by ``save_to_disk``) and each record is counted the way
+parquet, arrow, or a directory written by ``save_to_disk``: :mod:`mergeopt.objectives.data_files`,
+which reads dev sets kept that way too) and each record is counted the way
 :mod:`mergeopt.objectives.data` reads it: ``text`` is every token of the text, ``prompt``/``completion`` the
 prompt's tokens (special tokens included) plus the completion's (none added), a multiple-choice
-record the prompt plus the right choice. Nothing is truncated: a trainer's own cut-off is its own.
+record the prompt plus the right choice, a conversation its rendering by the chat template. Nothing is truncated: a trainer's own cut-off is its own.
 Data already in a trainer's own format (MDS, Megatron indexed, OLMo token files) is measured by
 :mod:`mergeopt.export.token_files`, as stored; the tokenizer is loaded only when text is counted.
 """
@@ -21,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from mergeopt.errors import UserError
+from mergeopt.objectives.data_files import LOADERS, Source, load, source_of  # noqa: F401 (the formats read them here)
 
-LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 BATCH = 1000  # records tokenised per call
 
 
@@ -36,55 +37,6 @@ class DomainStats:
     @property
     def mean_tokens(self) -> float:
         return self.tokens / self.samples
-
-
-@dataclass(frozen=True)
-class Source:
-    """How a dataset is loaded: ``load_dataset(loader, data_files=files)``, or ``load_from_disk(path)``."""
-
-    path: Path
-    loader: str  # json | csv | parquet | arrow | disk
-    data_files: tuple[str, ...] = ()
-
-
-def source_of(path: Path) -> Source:
-    """The loader for a path, from its suffix, or from the files ``save_to_disk`` writes."""
-    path = Path(path).resolve()
-    if path.is_dir():
-        if (path / "state.json").is_file():
-            return Source(path, "disk", tuple(str(f) for f in sorted(path.glob("*.arrow"))))
-        if (path / "dataset_dict.json").is_file():
-            if not (path / "train" / "state.json").is_file():
-                raise UserError(f"{path}: a saved DatasetDict without a 'train' split")
-            train = path / "train"
-            return Source(train, "disk", tuple(str(f) for f in sorted(train.glob("*.arrow"))))
-        raise UserError(
-            f"{path}: a directory that is neither a saved dataset (state.json, dataset_dict.json) "
-            "nor an MDS directory (index.json); for OLMo token files give a glob, 'DIR/*.npy'"
-        )
-    suffix = path.suffix.lower()
-    if suffix not in LOADERS:
-        raise UserError(
-            f"{path}: cannot read {suffix or 'a file without a suffix'} data "
-            "(mergeopt reads .jsonl, .json, .csv, .parquet, .arrow or a save_to_disk directory)"
-        )
-    return Source(path, LOADERS[suffix], (str(path),))
-
-
-def load(source: Source, cache_dir: str | None = None):
-    """The dataset as a ``datasets.Dataset`` (one split: 'train')."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    try:
-        if source.loader == "disk":
-            return datasets.load_from_disk(str(source.path))
-        return datasets.load_dataset(
-            source.loader, data_files=list(source.data_files), split="train", cache_dir=cache_dir
-        )
-    except Exception as err:  # a malformed file: say which, in one line
-        raise UserError(f"{source.path}: cannot be read as {source.loader} data ({err})") from None
 
 
 _COLUMNS: dict[

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from mergeopt.errors import UserError, warn
-from mergeopt.inputs import existing_file
+from mergeopt.inputs import existing, existing_file
 from mergeopt.objectives.chat import is_chat, tokenize_chat, validated_chat
 from mergeopt.runtime.distributed import rank_and_size, shard
 
@@ -51,6 +51,48 @@ def has_heldout(sets: Sequence[DevSet], set_weights: Sequence[float] | None = No
     those of positive weight. Held-out losses, early stopping and held-out scores exist only then."""
     weights = [1.0] * len(sets) if set_weights is None else [float(a) for a in set_weights]
     return all(len(s.heldout) > 0 for s, a in zip(sets, weights, strict=True) if a > 0)
+
+
+TABLE_SUFFIXES = (".parquet", ".arrow", ".csv")  # read by the datasets library; anything else is JSONL
+
+
+def read_records(path: str | Path, what: str = "dev set") -> list[dict[str, Any]]:
+    """The validated records of a dev set (or training set: ``what``): JSONL line by line (errors
+    name the line), or parquet, arrow, CSV, a JSON array or a ``save_to_disk`` directory through the
+    ``datasets`` library (errors name the record)."""
+    path = existing(path, what)
+    if path.is_dir():
+        if not ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
+            raise UserError(
+                f"{what} {path} is a directory but not a saved dataset (save_to_disk's state.json or "
+                "dataset_dict.json)"
+            )
+        return _read_table(path, what)
+    if path.suffix.lower() in TABLE_SUFFIXES or (path.suffix.lower() == ".json" and _json_array(path)):
+        return _read_table(path, what)
+    return read_jsonl(path, what)
+
+
+def _json_array(path: Path) -> bool:
+    with path.open("rb") as handle:
+        return handle.read(4096).lstrip()[:1] == b"["
+
+
+def _read_table(path: Path, what: str) -> list[dict[str, Any]]:
+    import tempfile
+
+    from mergeopt.objectives.data_files import load, source_of
+
+    with tempfile.TemporaryDirectory(prefix="mergeopt-data-") as cache:
+        rows = load(source_of(path), cache).to_list()
+    # a column a record lacks is None in its row (a table has every column): leave it out
+    records = [
+        validated_record({k: v for k, v in row.items() if v is not None}, f"{path}: record {number}")
+        for number, row in enumerate(rows, start=1)
+    ]
+    if not records:
+        raise UserError(f"{what} {path} is empty")
+    return records
 
 
 def read_jsonl(path: str | Path, what: str = "dev set") -> list[dict[str, Any]]:
@@ -206,7 +248,7 @@ def load_dev_set(
     A record that truncation leaves without a scored token is dropped for every term, metrics
     included, so all terms of a dev set are scored on the same examples.
     """
-    records = read_jsonl(path)
+    records = read_records(path)
     if max_examples is not None:
         records = records[:max_examples]
     examples = tokenize_records(records, tokenizer, max_length, f"dev set {path}")

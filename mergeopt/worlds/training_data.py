@@ -15,13 +15,20 @@ import torch
 
 from mergeopt.errors import UserError
 from mergeopt.export.shares import convert
-from mergeopt.objectives.data import Batch, Example, check_known_tokens, collate, read_jsonl, tokenize_records
+from mergeopt.objectives.data import (
+    Batch,
+    Example,
+    check_known_tokens,
+    collate,
+    read_records,
+    tokenize_records,
+)
 
 
 def load_examples(path: str, tokenizer, max_length: int) -> list[Example]:
     """A training set's examples, tokenised as the dev sets are; a set that truncation empties is refused."""
     examples = tokenize_records(
-        read_jsonl(path, "training set"), tokenizer, max_length, f"training set {path}"
+        read_records(path, "training set"), tokenizer, max_length, f"training set {path}"
     )
     if not examples:
         raise UserError(f"training set {path}: every example was truncated away at max_length={max_length}")

@@ -1,0 +1,66 @@
+"""Data files read through the ``datasets`` library: dev sets, training sets and the datasets an export measures.
+
+JSONL is what mergeopt's own dev sets are written in, and it is read line by line
+(:func:`mergeopt.objectives.data.read_jsonl`, errors name the line); data kept the way the
+``datasets`` library writes it (parquet, arrow, CSV, a JSON array, a ``save_to_disk`` directory)
+is read here, by that library, so a dev set, a ``mergeopt train`` training set and the dataset an
+export counts are the same rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from mergeopt.errors import UserError
+
+LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+
+
+@dataclass(frozen=True)
+class Source:
+    """How a dataset is loaded: ``load_dataset(loader, data_files=files)``, or ``load_from_disk(path)``."""
+
+    path: Path
+    loader: str  # json | csv | parquet | arrow | disk
+    data_files: tuple[str, ...] = ()
+
+
+def source_of(path: Path) -> Source:
+    """The loader for a path, from its suffix, or from the files ``save_to_disk`` writes."""
+    path = Path(path).resolve()
+    if path.is_dir():
+        if (path / "state.json").is_file():
+            return Source(path, "disk", tuple(str(f) for f in sorted(path.glob("*.arrow"))))
+        if (path / "dataset_dict.json").is_file():
+            if not (path / "train" / "state.json").is_file():
+                raise UserError(f"{path}: a saved DatasetDict without a 'train' split")
+            train = path / "train"
+            return Source(train, "disk", tuple(str(f) for f in sorted(train.glob("*.arrow"))))
+        raise UserError(
+            f"{path}: a directory that is neither a saved dataset (state.json, dataset_dict.json) "
+            "nor an MDS directory (index.json); for OLMo token files give a glob, 'DIR/*.npy'"
+        )
+    suffix = path.suffix.lower()
+    if suffix not in LOADERS:
+        raise UserError(
+            f"{path}: cannot read {suffix or 'a file without a suffix'} data "
+            "(mergeopt reads .jsonl, .json, .csv, .parquet, .arrow or a save_to_disk directory)"
+        )
+    return Source(path, LOADERS[suffix], (str(path),))
+
+
+def load(source: Source, cache_dir: str | None = None):
+    """The dataset as a ``datasets.Dataset`` (one split: 'train')."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    try:
+        if source.loader == "disk":
+            return datasets.load_from_disk(str(source.path))
+        return datasets.load_dataset(
+            source.loader, data_files=list(source.data_files), split="train", cache_dir=cache_dir
+        )
+    except Exception as err:  # a malformed file: say which, in one line
+        raise UserError(f"{source.path}: cannot be read as {source.loader} data ({err})") from None
