@@ -438,3 +438,25 @@ def test_a_chat_template_that_is_not_text_is_named(tmp_path):
     binary.write_bytes(b"\xff\xfe\x00{{")
     with pytest.raises(UserError, match=rf"data.chat_template: {binary} is not UTF-8 text"):
         read_template(str(binary))
+
+
+def test_a_template_that_prints_todays_date_prints_a_fixed_one(tiny_chat_world, capsys):
+    """Llama 3.x's header prints ``date_string``, today's date unless given: the same dev set must
+    read the same tokens on every day, so mergeopt gives 26 Jul 2024 (the templates' own fallback);
+    a template that prints the date some other way is named in one warning."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_world["base"])
+    dated = AutoTokenizer.from_pretrained(tiny_chat_world["base"])
+    dated.chat_template = (
+        "{% if not date_string is defined %}{% set date_string = strftime_now('%d %b %Y') %}{% endif %}"
+        "{{ bos_token }}{{ date_string }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+    record = {"messages": [user("1+1="), assistant("2.")]}
+    ids, scored = tokenize_chat(record, dated)
+    assert ids == tokenizer("26 Jul 20241+1=2.")["input_ids"] and scored == [False] * 16 + [True] * 2
+    assert "today's date" not in capsys.readouterr().err
+    dated.chat_template = (
+        "{{ bos_token }}{{ strftime_now('%Y') }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+    tokenize_chat(record, dated)
+    tokenize_chat(record, dated)
+    assert capsys.readouterr().err.count("the chat template prints today's date") == 1
