@@ -718,7 +718,7 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         "dev set",
         "fit",
         lambda w, t: [_recipe(w, t, lambda tr: tr["data"].update(chat_template=str(t / "chatml.jinja")))],
-        "data.chat_template: ",
+        "chatml.jinja does not exist",
     ),
     "chat template directory without one": (
         "dev set",

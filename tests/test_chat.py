@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import AutoTokenizer
 
 from mergeopt.config import recipe_from_dict
@@ -28,7 +29,7 @@ from mergeopt.export.token_stats import count_tokens, measure
 from mergeopt.fit import fit
 from mergeopt.loading.problem import load_problem
 from mergeopt.objectives import metrics
-from mergeopt.objectives.chat import chat_prompt, conversation, render, tokenize_chat
+from mergeopt.objectives.chat import chat_prompt, tokenize_chat
 from mergeopt.objectives.data import load_dev_set, read_jsonl, tokenize
 from mergeopt.worlds import toy
 from tests.conftest import write_jsonl
@@ -274,14 +275,20 @@ def test_exact_match_answers_the_conversation_before_its_last_message(tiny_chat_
 # ----------------------------------------------------------------------------- token counts of exports
 
 
-def test_export_counts_a_conversations_rendered_tokens(smollm2, tmp_path):
-    rows = [{"messages": c} for c in CONVERSATIONS]
-    expected = sum(len(render(smollm2, conversation(r))["input_ids"]) for r in rows)
-    assert count_tokens(rows, smollm2) == expected
-    path = tmp_path / "chat.jsonl"
-    write_jsonl(path, rows)
-    stats = measure(path, smollm2)
-    assert (stats.samples, stats.tokens) == (3, expected)
+def test_export_counts_a_conversations_rendered_tokens(tmp_path):
+    """Under the BOS-and-contents template the character tokenizer gives one token per character
+    plus BOS: the count is known without rendering."""
+    tokenizer = toy.build_tokenizer()
+    tokenizer.chat_template = CONCAT
+    rows = [
+        {"messages": [user("12+8="), assistant("20.")]},
+        {"prompt": [user("rev ab:")], "completion": [assistant("ba.")]},
+    ]
+    expected = (1 + 5 + 3) + (1 + 7 + 3)
+    assert count_tokens(rows, tokenizer) == expected
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    stats = measure(path, tokenizer)
+    assert (stats.samples, stats.tokens) == (2, expected)
 
 
 # ----------------------------------------------------------------------------- mistakes
@@ -415,6 +422,20 @@ def test_data_chat_template_renders_conversations_for_a_base_without_one(tiny_ch
         )
         counts[layout] = [line for line in out.read_text().splitlines() if "split" in line]
     assert counts["messages"] == counts["text"] and len(counts["text"]) >= len(EXPERTS)
+    # axolotl renders conversations with the tokenizer's template unless told: the run's is written
+    schema = pytest.importorskip("axolotl.utils.schemas.config")
+    datasets = [f"{n}={tiny_chat_world['dev'][n, 'messages']}" for n in EXPERTS]
+    out = tmp_path / "axolotl.yaml"
+    assert (
+        run_cli(
+            export_main,
+            [str(tmp_path / "file"), "--to", "axolotl", "--out", str(out), "--datasets", *datasets],
+        )
+        == 0
+    )
+    config = yaml.safe_load(out.read_text())
+    cfg = schema.AxolotlInputConfig(base_model=str(tiny_chat_world["base"]), learning_rate=1e-5, **config)
+    assert {(d.chat_template, d.chat_template_jinja) for d in cfg.datasets} == {("jinja", CONCAT)}
 
 
 def test_the_chat_template_file_is_an_input_of_the_run(tiny_chat_world, tmp_path):
@@ -460,3 +481,51 @@ def test_a_template_that_prints_todays_date_prints_a_fixed_one(tiny_chat_world, 
     tokenize_chat(record, dated)
     tokenize_chat(record, dated)
     assert capsys.readouterr().err.count("the chat template prints today's date") == 1
+
+
+# ----------------------------------------------------------------------------- TRL's training templates
+
+
+def _trl_template(name: str) -> str:
+    """A chat template as its model ships it, from the copies TRL keeps (trl/chat_templates/)."""
+    trl = pytest.importorskip("trl")
+    return (Path(trl.__file__).parent / "chat_templates" / f"{name}.jinja").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("name", ["qwen3", "llama3", "qwen2_5"])
+def test_messages_under_a_template_trl_keeps_a_training_version_of_score_as_trl(smollm2, name):
+    """Qwen3's template writes an empty think block only into the turn that ends a conversation,
+    so an earlier turn renders differently alone: TRL renders with its training version of the
+    template (marked, prefix-preserving) under assistant_only_loss, and so does mergeopt; every
+    assistant turn is scored, the earlier ones included."""
+    from trl.chat_template_utils import get_training_chat_template
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2.name_or_path)
+    tokenizer.chat_template = _trl_template(name)
+    rows = [{"messages": c} for c in CONVERSATIONS]
+    training = get_training_chat_template(tokenizer)
+    for row, reference in zip(rows, trl_labels(rows, tokenizer, assistant_only=True, chat_template=training)):
+        assert ours(row, tokenizer) == reference
+        ids, scored = reference
+        said = tokenizer.decode([i for i, s in zip(ids, scored) if s])
+        for message in row["messages"]:
+            if message["role"] == "assistant":
+                assert message["content"].strip() in said
+
+
+def test_repetition_caps_count_conversational_training_sets_with_the_recipes_template(
+    tiny_chat_world, tmp_path
+):
+    """weights.max_epochs counts each train.data set's tokens: conversations as data.chat_template
+    renders them, the same counts as the text records they render to."""
+    template = tmp_path / "template.jinja"
+    template.write_text(CONCAT)
+    constraints = {}
+    for layout in ("text", "messages"):
+        tree = _tree(tiny_chat_world, layout, tmp_path / layout)
+        tree["model"]["base"] = str(tiny_chat_world["world"] / "base")  # no template of its own
+        tree["data"]["chat_template"] = str(template)
+        tree["weights"] = {"max_epochs": 2.0, "token_budget": 2000}
+        tree["train"] = {"data": {n: str(tiny_chat_world["dev"][n, layout]) for n in EXPERTS}}
+        constraints[layout] = fit(recipe_from_dict(tree), progress=False)["constraints"]
+    assert constraints["messages"] == constraints["text"] and constraints["text"]["tokens"]["arith"] > 0

@@ -329,3 +329,14 @@ def test_a_directory_that_is_not_a_saved_dataset_is_refused(tmp_path):
     (tmp_path / "dev").mkdir()
     with pytest.raises(UserError, match="is a directory but not a saved dataset"):
         read_records(tmp_path / "dev")
+
+
+def test_csv_cells_are_read_as_the_text_they_hold(tmp_path):
+    """Numbers and the words pandas takes for missing ("NA", "null") are completions like any text."""
+    path = tmp_path / "dev.csv"
+    path.write_text("prompt,completion\n2+2=,4\nIs it known?,NA\nvalue:,null\n")
+    assert read_records(path) == [
+        {"prompt": "2+2=", "completion": "4"},
+        {"prompt": "Is it known?", "completion": "NA"},
+        {"prompt": "value:", "completion": "null"},
+    ]

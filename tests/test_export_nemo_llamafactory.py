@@ -241,3 +241,12 @@ def test_llamafactory_header_registers_conversations_as_sharegpt(world, tmp_path
         assert formatting == "sharegpt"
         assert prompt == [{"role": "user", "content": user["content"]}]
         assert response == [{"role": "assistant", "content": answer["content"]}]
+
+
+def test_llamafactory_header_says_how_to_give_prompt_completion_conversations(world, tmp_path):
+    from tests.export_world import chat_world
+
+    text = export(chat_world(world, tmp_path, "prompt"), "llamafactory", tmp_path)
+    notes = [line for line in text.splitlines() if "prompt/completion lists of messages" in line]
+    assert len(notes) == len(WEIGHTS) and all('{"messages": prompt + completion}' in n for n in notes)
+    assert "formatting" not in text and '"columns"' not in text

@@ -8,7 +8,7 @@ from mergeopt.config.base import Section, check_name
 
 
 class DevSetSpec(Section):
-    """One JSONL dev set; its weight is its share of the target loss."""
+    """One dev set (JSONL, or a table the datasets library reads); its weight is its share of the target loss."""
 
     name: str = Field(description="The set's name, used in reports, data.target and objective.terms[].dev.")
     path: str = Field(
@@ -42,8 +42,8 @@ class DataSection(Section):
     max_examples: int | None = Field(default=None, gt=0, description="Cap on examples read per dev set.")
     chat_template: str | None = Field(
         default=None,
-        description="The chat template conversations are rendered with: a Jinja file, or a directory whose "
-        "tokenizer has one (an expert's, when the base has none); default: the base tokenizer's.",
+        description="The chat template conversations are rendered with, replacing the base tokenizer's: a "
+        "Jinja file, or a directory whose tokenizer has one (an expert's, when the base has none).",
     )
 
     @model_validator(mode="after")

@@ -54,7 +54,9 @@ class MixtureSetSection(Section):
 class TrainSection(Section):
     """Small-world training: one expert per domain and ground-truth runs on mixtures, same budget."""
 
-    data: dict[str, str] = Field(description="Expert name -> training JSONL; the names of model.experts.")
+    data: dict[str, str] = Field(
+        description="Expert name -> training set (JSONL, or a table the datasets library reads); the names of model.experts."
+    )
     output_dir: str = Field(
         default="runs/train",
         description="Mixture runs (mixtures/NNN) and grid.csv go here; experts go to model.experts.",

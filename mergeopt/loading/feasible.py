@@ -28,9 +28,13 @@ def source_sizes(recipe: Recipe, log: Callable[[str], None] = print) -> dict[str
     uncounted = [n for n in recipe.expert_names if n not in sizes]
     if uncounted:
         from mergeopt.export.token_stats import load_tokenizer, measure
+        from mergeopt.objectives.chat import with_template
 
         assert recipe.train is not None  # the schema refuses a cap with neither
-        tokenizer = load_tokenizer(recipe.model.base, recipe.model.gguf_file, recipe.model.trust_remote_code)
+        tokenizer = with_template(
+            load_tokenizer(recipe.model.base, recipe.model.gguf_file, recipe.model.trust_remote_code),
+            recipe.data.chat_template,
+        )
         for name in uncounted:
             path = existing(recipe.train.data[name], f"train.data {name!r}:")
             stats = measure(path, tokenizer)

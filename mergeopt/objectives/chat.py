@@ -10,17 +10,23 @@ compares the masks with TRL's own preparation):
 - ``prompt``/``completion``: the whole conversation is rendered, and the tokens after its common
   prefix with the prompt rendered alone with the generation prompt are scored (TRL's completion
   mask).
-- ``messages``: every assistant turn is scored. Where the template marks those turns
-  (``{% generation %}``), transformers' assistant mask says which tokens they are (TRL's
-  ``assistant_only_loss``). Other templates do not say, so a turn spans from the end of the
-  conversation before it, rendered with the generation prompt, to the end of the conversation up
-  to it: the tokens the template writes for that turn, its end-of-turn token included.
+- ``messages``: every assistant turn is scored, as TRL's ``assistant_only_loss`` scores it (TRL's
+  default for ``messages`` is every token). Where the template marks those turns
+  (``{% generation %}``), transformers' assistant mask says which tokens they are. Where TRL keeps
+  a training version of the template (Llama 3, Qwen 2.5 and 3, Gemma, Phi 3, DeepSeek-V3, GPT-OSS
+  and others: marked, and rendering earlier turns as when they end the conversation), the
+  conversation is rendered with that version, as TRL's ``SFTTrainer`` does. Other templates do
+  not say, so a turn spans from the end of the conversation before it, rendered with the
+  generation prompt, to the end of the conversation up to it: the tokens the template writes for
+  that turn, its end-of-turn token included.
 
 Rendering and tokenising are transformers' ``apply_chat_template``; nothing here parses a template.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -85,8 +91,6 @@ def read_template(path: str) -> str:
     """The template ``data.chat_template`` names: a Jinja file, or a directory whose tokenizer has
     one (``chat_template.jinja``, else ``tokenizer_config.json``'s ``chat_template``, the one named
     'default' when it holds several), as TRL's ``chat_template_path`` reads it."""
-    from mergeopt.loading.checkpoints import read_json_object
-
     where = Path(path)
     if where.is_file():
         return _text(where)
@@ -95,9 +99,7 @@ def read_template(path: str) -> str:
     if (where / "chat_template.jinja").is_file():
         return _text(where / "chat_template.jinja")
     config = where / "tokenizer_config.json"
-    template = (
-        read_json_object(config, "tokenizer_config.json").get("chat_template") if config.is_file() else None
-    )
+    template = _config_template(config) if config.is_file() else None
     if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}, ...]
         template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}.get("default")
     if not isinstance(template, str) or not template:
@@ -110,9 +112,20 @@ def read_template(path: str) -> str:
 
 def _text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise UserError(f"data.chat_template: {path} is not UTF-8 text (is it a Jinja template?)") from None
+    if not text.strip():
+        raise UserError(f"data.chat_template: {path} is empty")
+    return text
+
+
+def _config_template(config: Path):
+    try:
+        data = json.loads(_text(config))
+    except json.JSONDecodeError as err:
+        raise UserError(f"data.chat_template: {config} is not valid JSON ({err.msg})") from None
+    return data.get("chat_template") if isinstance(data, dict) else None
 
 
 def with_template(tokenizer, path: str | None):
@@ -134,7 +147,7 @@ def render(tokenizer, messages: Sequence[Mapping[str, Any]], **options) -> dict[
     it does not know) is a UserError with the template's own message."""
     from jinja2.exceptions import TemplateError
 
-    template = tokenizer.get_chat_template()
+    template = options.get("chat_template") or _template(tokenizer)
     if "strftime_now" in template and "date_string" not in template and template not in _DATED:
         _DATED.add(template)
         warn(
@@ -148,6 +161,14 @@ def render(tokenizer, messages: Sequence[Mapping[str, Any]], **options) -> dict[
     except TemplateError as err:
         raise UserError(f"the chat template refused the conversation: {err}") from None
     return {key: list(out[key]) for key in ("input_ids", "assistant_masks") if key in out}
+
+
+def _template(tokenizer) -> str:
+    """The tokenizer's template (the 'default' one of several named ones)."""
+    try:
+        return tokenizer.get_chat_template()
+    except ValueError as err:  # several named templates, none of them 'default'
+        raise UserError(f"the base's chat template: {' '.join(str(err).split())[:200]}") from None
 
 
 def common_prefix_length(ids: Sequence[int], other: Sequence[int]) -> int:
@@ -170,8 +191,10 @@ def tokenize_chat(record: Mapping[str, Any], tokenizer) -> tuple[list[int], list
         )
         return ids, [False] * start + [True] * (len(ids) - start)
     messages = record["messages"]
-    if GENERATION_TAG.search(tokenizer.get_chat_template()):
-        out = render(tokenizer, messages, return_assistant_tokens_mask=True)
+    template = _template(tokenizer)
+    marked = template if GENERATION_TAG.search(template) else training_template(tokenizer, template)
+    if marked is not None:
+        out = render(tokenizer, messages, return_assistant_tokens_mask=True, chat_template=marked)
         return out["input_ids"], [bool(bit) for bit in out["assistant_masks"]]
     ids = render(tokenizer, messages)["input_ids"]
     scored = [False] * len(ids)
@@ -187,19 +210,40 @@ def tokenize_chat(record: Mapping[str, Any], tokenizer) -> tuple[list[int], list
     return ids, scored
 
 
+_TRAINING: dict[str, str | None] = {}  # TRL's training version of each template seen, by template
+
+
+def training_template(tokenizer, template: str) -> str | None:
+    """TRL's training version of ``template`` (the same conversation with ``{% generation %}``
+    marks, and earlier turns rendered as when they end it), which TRL's SFTTrainer renders with
+    under ``assistant_only_loss``; None for a template TRL has none for. TRL checks the template by
+    rendering with ``tokenizer``."""
+    if template not in _TRAINING:
+        from trl.chat_template_utils import get_training_chat_template
+
+        probe = copy.copy(tokenizer)
+        probe.chat_template = template
+        try:
+            _TRAINING[template] = get_training_chat_template(probe)
+        except ValueError:  # "patching is not supported for this template"
+            _TRAINING[template] = None
+    return _TRAINING[template]
+
+
 _WARNED: set[str] = set()  # templates already warned about, once per process
 _DATED: set[str] = set()
 
 
 def _warn_once(tokenizer) -> None:
-    template = tokenizer.get_chat_template()
+    template = _template(tokenizer)
     if template not in _WARNED:
         _WARNED.add(template)
         warn(
             "the chat template renders the start of a conversation differently alone than within the "
             "whole (an assistant turn that ends it, or the generation prompt); such a turn is scored "
-            "from or up to where the two renderings part, as TRL does (a template with "
-            "{% generation %} marks says exactly which tokens are the assistant's)"
+            "from or up to where the two renderings part (an earlier turn may score nothing): give "
+            "data.chat_template a version of it with {% generation %} marks around what the "
+            "assistant says"
         )
 
 

@@ -59,8 +59,22 @@ def load(source: Source, cache_dir: str | None = None):
     try:
         if source.loader == "disk":
             return datasets.load_from_disk(str(source.path))
+        options = _csv_as_text(source) if source.loader == "csv" else {}
         return datasets.load_dataset(
-            source.loader, data_files=list(source.data_files), split="train", cache_dir=cache_dir
+            source.loader, data_files=list(source.data_files), split="train", cache_dir=cache_dir, **options
         )
     except Exception as err:  # a malformed file: say which, in one line
         raise UserError(f"{source.path}: cannot be read as {source.loader} data ({err})") from None
+
+
+def _csv_as_text(source: Source) -> dict:
+    """Read every CSV cell as the text it holds: pandas would read "4" as a number and "NA", "null"
+    or an empty cell as missing, and a completion is text."""
+    import csv
+
+    import datasets
+
+    with open(source.data_files[0], newline="", encoding="utf-8") as handle:
+        header = next(csv.reader(handle), [])
+    features = datasets.Features({name: datasets.Value("string") for name in header})
+    return {"features": features, "keep_default_na": False}

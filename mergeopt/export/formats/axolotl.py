@@ -14,7 +14,8 @@ files as ``data_files`` (a directory without them is read by ``load_from_disk``,
 slice). ``prompt``/``completion`` records use a user-defined ``type`` (the prompt is the
 instruction, the completion the output; ``train_on_inputs`` decides the prompt's loss), ``text``
 records ``type: completion``, ``messages`` conversations ``type: chat_template`` (the base's
-template, the assistant's turns trained, as mergeopt scores them). axolotl drops or truncates samples beyond ``sequence_len``, which
+template, or the run's ``data.chat_template`` as ``chat_template_jinja``; the assistant's turns
+trained, as mergeopt scores them). axolotl drops or truncates samples beyond ``sequence_len``, which
 the counts cannot foresee.
 """
 
@@ -52,8 +53,21 @@ def entry(layout: sliced.Layout, source: Source) -> dict:
     return {**out, **kind} if layout == "messages" else {**out, "type": kind}
 
 
+def with_recipe_template(ctx: Context, entries: list[dict]) -> list[dict]:
+    """The conversation entries, given the run's ``data.chat_template`` where its recipe names one
+    (``chat_template: jinja``): axolotl renders with the tokenizer's own template otherwise."""
+    path = ctx.recipe.data.chat_template if ctx.recipe is not None else None
+    if path is None:
+        return entries
+    from mergeopt.objectives.chat import read_template
+
+    jinja = {"chat_template": "jinja", "chat_template_jinja": read_template(path)}
+    return [{**e, **jinja} if e.get("type") == "chat_template" else e for e in entries]
+
+
 def render(ctx: Context) -> str:
-    config = {"datasets": sliced.entries(ctx, FORMAT, entry), "dataset_exact_deduplication": False}
+    entries = with_recipe_template(ctx, sliced.entries(ctx, FORMAT, entry))
+    config = {"datasets": entries, "dataset_exact_deduplication": False}
     body = yaml.safe_dump(config, sort_keys=False)
     return "\n".join([ctx.header(FORMAT), sliced.summary(ctx, FORMAT)]) + "\n" + body
 

@@ -49,11 +49,17 @@ SHAREGPT = {
 }
 
 
-def dataset_info(ctx: Context, name: str) -> dict:
-    """The dataset_info.json entry the header suggests: sharegpt for a ``messages`` dataset, else
-    the prompt/completion columns."""
-    if name in ctx.datasets and "messages" in token_stats.columns(source_of(ctx.datasets[name])):
-        return dict(SHAREGPT)
+def dataset_info(ctx: Context, name: str) -> dict | None:
+    """The dataset_info.json entry the header suggests: sharegpt for a ``messages`` dataset, the
+    prompt/completion columns otherwise; None for prompt/completion lists of messages, which
+    LLaMA-Factory cannot read as they are."""
+    if name in ctx.datasets:
+        source = source_of(ctx.datasets[name])
+        columns = token_stats.columns(source)
+        if "messages" in columns:
+            return dict(SHAREGPT)
+        if "prompt" in columns and "prompt" not in token_stats.text_columns(source):
+            return None
     return {"columns": {"prompt": "prompt", "response": "completion"}}
 
 
@@ -69,6 +75,12 @@ def render(ctx: Context) -> str:
     lines.append("# Register each name in dataset_dir/dataset_info.json, e.g.")
     for name in plan.names:
         info = dataset_info(ctx, name)
+        if info is None:
+            lines.append(
+                f"#   {name}: prompt/completion lists of messages; LLaMA-Factory reads a conversation "
+                'from one column: write each record as {"messages": prompt + completion} (sharegpt)'
+            )
+            continue
         if name in ctx.datasets:
             info = {"file_name": str(ctx.datasets[name]), **info}
         lines.append(f"#   {json.dumps({name: info})}")
