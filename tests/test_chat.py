@@ -11,6 +11,7 @@ messages' contents, under which a conversation is token for token its prompt/com
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 import types
@@ -529,3 +530,48 @@ def test_repetition_caps_count_conversational_training_sets_with_the_recipes_tem
         tree["train"] = {"data": {n: str(tiny_chat_world["dev"][n, layout]) for n in EXPERTS}}
         constraints[layout] = fit(recipe_from_dict(tree), progress=False)["constraints"]
     assert constraints["messages"] == constraints["text"] and constraints["text"]["tokens"]["arith"] > 0
+
+
+def test_a_records_template_inputs_reach_the_template_as_in_trl(smollm2):
+    """``chat_template_kwargs`` (Qwen 3's ``enable_thinking``) and ``tools`` go to the template with
+    the record's messages, as TRL passes them: the same tokens and masks as TRL's preparation, in
+    both layouts, and exact match's prompt is rendered with them too."""
+    tokenizer = AutoTokenizer.from_pretrained(smollm2.name_or_path)
+    tokenizer.chat_template = _trl_template("qwen3")
+    from trl.chat_template_utils import get_training_chat_template
+
+    tool = {
+        "type": "function",
+        "function": {"name": "add", "description": "Add two numbers.", "parameters": {}},
+    }
+    extras = {"chat_template_kwargs": {"enable_thinking": False}, "tools": [tool]}
+    conversation = CONVERSATIONS[1]
+    messages = [{"messages": conversation, **extras}]
+    pairs = [{"prompt": conversation[:-1], "completion": conversation[-1:], **extras}]
+    training = get_training_chat_template(tokenizer)
+    assert ours(messages[0], tokenizer) == trl_labels(messages, tokenizer, True, training)[0]
+    assert ours(pairs[0], tokenizer) == trl_labels(pairs, tokenizer, False)[0]
+    assert ours(messages[0], tokenizer) != ours({"messages": conversation}, tokenizer)  # they matter
+    prompt, _ = chat_prompt(messages[0], tokenizer)
+    expected = tokenizer.apply_chat_template(
+        conversation[:-1],
+        add_generation_prompt=True,
+        enable_thinking=False,
+        tools=[tool],
+        date_string="26 Jul 2024",
+    )["input_ids"]
+    assert prompt == list(expected) and tokenizer.decode(prompt).endswith("<think>\n\n</think>\n\n")
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        ({"chat_template_kwargs": ["enable_thinking"]}, "'chat_template_kwargs' must be an object"),
+        ({"tools": {"name": "add"}}, "'tools' must be a list of tool schemas"),
+        ({"tools": "[{"}, "'tools' is a string but not JSON"),
+    ],
+)
+def test_a_records_malformed_template_inputs_are_named(tmp_path, extra, message):
+    path = write_jsonl(tmp_path / "dev.jsonl", [{"messages": [user("q"), assistant("a")], **extra}])
+    with pytest.raises(UserError, match=rf"{path}:1: {re.escape(message)}"):
+        read_jsonl(path)

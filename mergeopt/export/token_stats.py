@@ -95,15 +95,17 @@ def _rows(dataset, path: Path) -> Iterator[list[dict[str, Any]]]:
 
 def count_tokens(records: list[dict[str, Any]], tokenizer) -> int:
     """Tokens of a batch of validated records, as :func:`mergeopt.objectives.data.tokenize` counts them untruncated."""
-    from mergeopt.objectives.chat import conversation, is_chat, render, require_template
+    from mergeopt.objectives.chat import conversation, is_chat, render, require_template, template_options
 
     texts = [r["text"] for r in records if "text" in r]
     pairs = [r for r in records if "text" not in r and not is_chat(r)]
     total = sum(len(ids) for ids in tokenizer(texts)["input_ids"]) if texts else 0
-    chats = [conversation(r) for r in records if is_chat(r)]
+    chats = [r for r in records if is_chat(r)]
     if chats:
         require_template(tokenizer)
-        total += sum(len(render(tokenizer, messages)["input_ids"]) for messages in chats)
+        total += sum(
+            len(render(tokenizer, conversation(r), **template_options(r))["input_ids"]) for r in chats
+        )
     if pairs:
         prompts = tokenizer([r["prompt"] for r in pairs])["input_ids"]
         answers = [r["choices"][r["answer"]] if "choices" in r else r["completion"] for r in pairs]

@@ -2,7 +2,8 @@
 
 Instruction and chat data are mostly kept as conversations, not text. mergeopt reads TRL's two
 conversational layouts: ``{"messages": [{"role": ..., "content": ...}, ...]}`` and
-``{"prompt": [messages], "completion": [messages]}``. An expert fine-tuned on such data saw each
+``{"prompt": [messages], "completion": [messages]}``, with the ``tools`` and ``chat_template_kwargs``
+a record may give its template. An expert fine-tuned on such data saw each
 conversation rendered by its tokenizer's chat template and learned from the assistant's tokens, so
 its dev loss reads them the same way, as TRL's ``SFTTrainer`` prepares them (tests/test_chat.py
 compares the masks with TRL's own preparation):
@@ -44,11 +45,12 @@ def is_chat(record: Mapping[str, Any]) -> bool:
 
 def validated_chat(record: Mapping[str, Any], where: str) -> dict[str, Any]:
     """The conversation's fields, checked; ``where`` names the record in the error."""
+    extras = _template_inputs(record, where)
     if "messages" in record:
         _check_messages(record["messages"], "messages", where)
         if not any(m["role"] == "assistant" and m["content"] for m in record["messages"]):
             raise UserError(f"{where}: 'messages' has no assistant message with content, nothing to score")
-        return {"messages": record["messages"]}
+        return {"messages": record["messages"], **extras}
     if "choices" in record:
         raise UserError(f"{where}: a multiple-choice record's 'prompt' must be a string")
     if "completion" not in record:
@@ -57,7 +59,34 @@ def validated_chat(record: Mapping[str, Any], where: str) -> dict[str, Any]:
         _check_messages(record[key], key, where)
     if not any(m["content"] for m in record["completion"]):
         raise UserError(f"{where}: 'completion' has no content, nothing to score")
-    return {"prompt": record["prompt"], "completion": record["completion"]}
+    return {"prompt": record["prompt"], "completion": record["completion"], **extras}
+
+
+def _template_inputs(record: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """What a record gives its template besides the messages, as TRL reads it: ``tools`` (a list
+    of tool schemas, or that list as a JSON string) and ``chat_template_kwargs`` (e.g. Qwen 3's
+    ``{"enable_thinking": false}``)."""
+    extras = {}
+    if record.get("tools") is not None:
+        tools = record["tools"]
+        if isinstance(tools, str):
+            try:
+                tools = json.loads(tools)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{where}: 'tools' is a string but not JSON ({err.msg})") from None
+        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+            raise UserError(f"{where}: 'tools' must be a list of tool schemas (objects)")
+        extras["tools"] = tools
+    if record.get("chat_template_kwargs") is not None:
+        if not isinstance(record["chat_template_kwargs"], dict):
+            raise UserError(f"{where}: 'chat_template_kwargs' must be an object of template variables")
+        extras["chat_template_kwargs"] = record["chat_template_kwargs"]
+    return extras
+
+
+def template_options(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The record's template inputs as ``apply_chat_template`` takes them."""
+    return {"tools": record.get("tools"), **record.get("chat_template_kwargs", {})}
 
 
 def _check_messages(messages: Any, key: str, where: str) -> None:
@@ -154,10 +183,9 @@ def render(tokenizer, messages: Sequence[Mapping[str, Any]], **options) -> dict[
             "the chat template prints today's date (strftime_now): the dev sets' tokens, and so the "
             "fit, can differ from one day to the next"
         )
+    options = {"date_string": DATE_STRING, **options}  # a record's own date_string wins
     try:
-        out = tokenizer.apply_chat_template(
-            list(messages), tokenize=True, return_dict=True, date_string=DATE_STRING, **options
-        )
+        out = tokenizer.apply_chat_template(list(messages), tokenize=True, return_dict=True, **options)
     except TemplateError as err:
         raise UserError(f"the chat template refused the conversation: {err}") from None
     return {key: list(out[key]) for key in ("input_ids", "assistant_masks") if key in out}
@@ -184,25 +212,28 @@ def common_prefix_length(ids: Sequence[int], other: Sequence[int]) -> int:
 def tokenize_chat(record: Mapping[str, Any], tokenizer) -> tuple[list[int], list[bool]]:
     """The token ids of a chat record and which of them are scored (see the module docstring)."""
     require_template(tokenizer)
+    extra = template_options(record)
     if "messages" not in record:
-        ids = render(tokenizer, conversation(record))["input_ids"]
+        ids = render(tokenizer, conversation(record), **extra)["input_ids"]
         start = common_prefix_length(
-            render(tokenizer, record["prompt"], add_generation_prompt=True)["input_ids"], ids
+            render(tokenizer, record["prompt"], add_generation_prompt=True, **extra)["input_ids"], ids
         )
         return ids, [False] * start + [True] * (len(ids) - start)
     messages = record["messages"]
     template = _template(tokenizer)
     marked = template if GENERATION_TAG.search(template) else training_template(tokenizer, template)
     if marked is not None:
-        out = render(tokenizer, messages, return_assistant_tokens_mask=True, chat_template=marked)
+        out = render(tokenizer, messages, return_assistant_tokens_mask=True, chat_template=marked, **extra)
         return out["input_ids"], [bool(bit) for bit in out["assistant_masks"]]
-    ids = render(tokenizer, messages)["input_ids"]
+    ids = render(tokenizer, messages, **extra)["input_ids"]
     scored = [False] * len(ids)
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = render(tokenizer, messages[:i], add_generation_prompt=True)["input_ids"] if i else []
-        upto = render(tokenizer, messages[: i + 1])["input_ids"]
+        before = (
+            render(tokenizer, messages[:i], add_generation_prompt=True, **extra)["input_ids"] if i else []
+        )
+        upto = render(tokenizer, messages[: i + 1], **extra)["input_ids"]
         start, end = common_prefix_length(before, ids), common_prefix_length(upto, ids)
         if start < len(before) or end < len(upto):
             _warn_once(tokenizer)
@@ -263,4 +294,5 @@ def chat_prompt(record: Mapping[str, Any], tokenizer) -> tuple[list[int], str]:
             "a conversation scored by generation must end with an assistant message after the prompt"
         )
     messages = conversation(record)
-    return render(tokenizer, messages[:-1], add_generation_prompt=True)["input_ids"], messages[-1]["content"]
+    prompt = render(tokenizer, messages[:-1], add_generation_prompt=True, **template_options(record))
+    return prompt["input_ids"], messages[-1]["content"]
