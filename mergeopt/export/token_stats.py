@@ -16,7 +16,7 @@ Data already in a trainer's own format (MDS, Megatron indexed, OLMo token files)
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,21 +78,6 @@ def _column_kinds(dataset) -> dict[str, bool]:
     }
 
 
-def _rows(dataset, path: Path) -> Iterator[list[dict[str, Any]]]:
-    from mergeopt.objectives.data import validated_record
-
-    for start in range(0, len(dataset), BATCH):
-        chunk = dataset[start : start + BATCH]  # columns -> lists
-        keys = list(chunk)
-        yield [
-            validated_record(
-                {k: chunk[k][i] for k in keys if chunk[k][i] is not None},
-                f"{path}: record {start + i + 1}",
-            )
-            for i in range(len(chunk[keys[0]]) if keys else 0)
-        ]
-
-
 def count_tokens(records: list[dict[str, Any]], tokenizer) -> int:
     """Tokens of a batch of validated records, as :func:`mergeopt.objectives.data.tokenize` counts them untruncated."""
     from mergeopt.objectives.chat import conversation, is_chat, render, require_template, template_options
@@ -144,6 +129,7 @@ def measure(path: Path, tokenizer, token_files=None) -> DomainStats:
     # imported here: the resume module imports torch, which `mergeopt --help` (that lists the
     # export formats, whose registry imports this module) must answer without
     from mergeopt.export import token_files as stored
+    from mergeopt.objectives.data import table_records
     from mergeopt.runtime.resume import check_interrupt
 
     given = tokenizer
@@ -161,7 +147,7 @@ def measure(path: Path, tokenizer, token_files=None) -> DomainStats:
         dataset = load(source, cache)
         _COLUMNS[_identity(source)] = _column_kinds(dataset)
         samples, tokens = 0, 0
-        for records in _rows(dataset, source.path):
+        for records in table_records(dataset, source.path, BATCH):
             check_interrupt(f"counting the tokens of {path}")  # inside a fit: Ctrl-C within a chunk
             samples += len(records)
             tokens += _count(records, tokenizer, path)

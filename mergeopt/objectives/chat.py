@@ -177,11 +177,11 @@ def render(tokenizer, messages: Sequence[Mapping[str, Any]], **options) -> dict[
     from jinja2.exceptions import TemplateError
 
     template = options.get("chat_template") or _template(tokenizer)
-    if "strftime_now" in template and "date_string" not in template and template not in _DATED:
-        _DATED.add(template)
-        warn(
+    if "strftime_now" in template and "date_string" not in template:
+        _warn_once(
+            template,
             "the chat template prints today's date (strftime_now): the dev sets' tokens, and so the "
-            "fit, can differ from one day to the next"
+            "fit, can differ from one day to the next",
         )
     options = {"date_string": DATE_STRING, **options}  # a record's own date_string wins
     try:
@@ -236,7 +236,7 @@ def tokenize_chat(record: Mapping[str, Any], tokenizer) -> tuple[list[int], list
         upto = render(tokenizer, messages[: i + 1], **extra)["input_ids"]
         start, end = common_prefix_length(before, ids), common_prefix_length(upto, ids)
         if start < len(before) or end < len(upto):
-            _warn_once(tokenizer)
+            _warn_once(template, PARTED)
         scored[start:end] = [True] * max(0, end - start)
     return ids, scored
 
@@ -261,21 +261,22 @@ def training_template(tokenizer, template: str) -> str | None:
     return _TRAINING[template]
 
 
-_WARNED: set[str] = set()  # templates already warned about, once per process
-_DATED: set[str] = set()
+_WARNED: set[tuple[str, str]] = set()  # (template, warning) already said, once per process
 
 
-def _warn_once(tokenizer) -> None:
-    template = _template(tokenizer)
-    if template not in _WARNED:
-        _WARNED.add(template)
-        warn(
-            "the chat template renders the start of a conversation differently alone than within the "
-            "whole (an assistant turn that ends it, or the generation prompt); such a turn is scored "
-            "from or up to where the two renderings part (an earlier turn may score nothing): give "
-            "data.chat_template a version of it with {% generation %} marks around what the "
-            "assistant says"
-        )
+def _warn_once(template: str, message: str) -> None:
+    if (template, message) not in _WARNED:
+        _WARNED.add((template, message))
+        warn(message)
+
+
+PARTED = (
+    "the chat template renders the start of a conversation differently alone than within the "
+    "whole (an assistant turn that ends it, or the generation prompt); such a turn is scored "
+    "from or up to where the two renderings part (an earlier turn may score nothing): give "
+    "data.chat_template a version of it with {% generation %} marks around what the "
+    "assistant says"
+)
 
 
 def answerable(record: Mapping[str, Any]) -> bool:

@@ -84,15 +84,24 @@ def _read_table(path: Path, what: str) -> list[dict[str, Any]]:
     from mergeopt.objectives.data_files import load, source_of
 
     with tempfile.TemporaryDirectory(prefix="mergeopt-data-") as cache:
-        rows = load(source_of(path), cache).to_list()
-    # a column a record lacks is None in its row (a table has every column): leave it out
-    records = [
-        validated_record({k: v for k, v in row.items() if v is not None}, f"{path}: record {number}")
-        for number, row in enumerate(rows, start=1)
-    ]
+        records = [r for chunk in table_records(load(source_of(path), cache), path) for r in chunk]
     if not records:
         raise UserError(f"{what} {path} is empty")
     return records
+
+
+def table_records(dataset, path: Path, batch: int = 1000) -> Iterator[list[dict[str, Any]]]:
+    """A ``datasets.Dataset``'s rows as validated records, ``batch`` at a time; errors name the
+    record's number. A column a record lacks is None in its row (a table has every column): left out."""
+    for start in range(0, len(dataset), batch):
+        chunk = dataset[start : start + batch]  # columns -> lists
+        keys = list(chunk)
+        yield [
+            validated_record(
+                {k: chunk[k][i] for k in keys if chunk[k][i] is not None}, f"{path}: record {start + i + 1}"
+            )
+            for i in range(len(chunk[keys[0]]) if keys else 0)
+        ]
 
 
 def read_jsonl(path: str | Path, what: str = "dev set") -> list[dict[str, Any]]:
