@@ -36,6 +36,7 @@ from mergeopt.reporting.fit_outputs import (
     non_finite_line,
     output_files,
     owned_files,
+    worse_than_uniform_line,
     write_outputs,
 )
 from mergeopt.reporting.report import summary
@@ -393,6 +394,8 @@ def run(args: argparse.Namespace) -> int:
             warn(non_finite_line(mixture, stop))
         if labels := mixture["search"].get("non_finite_closing"):
             warn(non_finite_closing_line(labels))
+        if "worse_than_uniform" in mixture["search"]:
+            warn(worse_than_uniform_line(mixture))
     return 0
 
 

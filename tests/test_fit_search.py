@@ -25,7 +25,7 @@ from mergeopt.objectives import metrics
 from mergeopt.objectives.loss import evaluate, target_loss
 from mergeopt.objectives.objective import Objective
 from mergeopt.objectives.scoring import make_scorer
-from tests.conftest import recipe_tree, run_in_process
+from tests.conftest import REPO, recipe_tree, run_in_process
 
 ZERO_ORDER = {
     "grid": {"strategy": "grid", "grid": {"divisions": 3}},
@@ -400,3 +400,59 @@ def test_a_budget_too_small_to_score_the_experts_is_refused(random_world, tmp_pa
     with pytest.raises(UserError, match=r"search.budget 2 cannot even score the 3 experts"):
         fit(recipe_from_dict(tree), progress=False, log=lambda _m: None)
     assert not (tmp_path / "run").exists()
+
+
+def _tiny_cli(tiny_world, tmp_path, *overrides):
+    """``mergeopt fit recipes/tiny.yaml`` on the cached tiny world, into tmp_path/out."""
+    import yaml
+
+    tree = yaml.safe_load((REPO / "recipes" / "tiny.yaml").read_text())
+    tree["output_dir"] = str(tmp_path / "out")
+    tree["world"] = {"cache_dir": str(tiny_world.parent)}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return run_in_process("fit", str(path), *overrides, "--quiet")
+
+
+@pytest.mark.parametrize("strategy", ["grid", "cmaes"])
+def test_a_search_that_ends_worse_than_the_uniform_mixture_says_so(strategy, request, tmp_path):
+    """A search that never scored the centre can end worse than the uniform mixture the report scores
+    beside it (the tiny world's 2-division grid of four experts misses the centre; CMA-ES with a
+    budget of 2 draws twice): one warning line and mixture.json say so, with both values. Started
+    from the uniform mixture (``weights.init``), which grid evaluates first, the grid returns it and
+    nothing is said."""
+    if strategy == "grid":
+        world, search = (
+            request.getfixturevalue("tiny_world"),
+            ["search.strategy=grid", "search.grid.divisions=2"],
+        )
+        run = _tiny_cli
+    else:
+        world, run = request.getfixturevalue("random_world"), _cli
+        search = ["search.strategy=cmaes", "search.budget=2", "search.cmaes.sigma=3.0"]
+    result = run(world, tmp_path, *search)
+    assert result.returncode == 0, result.stderr
+    mixture = json.loads((tmp_path / "out" / "mixture.json").read_text())
+    uniform = mixture["objective"]["scores"]["uniform"]["fit"]["loss:all"]
+    rows = _rows(tmp_path / "out")
+    best = min(float(r["value"]) for r in rows)
+    assert best > uniform, "the premise: every mixture the search scored is worse than the uniform one"
+    assert mixture["search"]["worse_than_uniform"] == {"value": best, "uniform_value": uniform}
+    more = "a finer lattice: search.grid.divisions" if strategy == "grid" else "search.budget"
+    start = ", or set weights.init to the uniform mixture, which it then evaluates first" * (
+        strategy == "grid"
+    )
+    assert result.stderr.strip().splitlines() == [
+        f"mergeopt: warning: the {strategy} search's best mixture scores {best:.6g} on the fit part, worse than "
+        f"the uniform mixture's {uniform:.6g}, which the search did not evaluate ({len(rows)} evaluations): "
+        f"search more ({more}){start}"
+    ]
+    if strategy == "grid":
+        shutil.rmtree(tmp_path / "out")
+        names = mixture["weights"]
+        init = "{" + ", ".join(f"{n}: {1 / len(names)!r}" for n in names) + "}"
+        result = run(world, tmp_path, *search, f"weights.init={init}")
+        assert result.returncode == 0 and result.stderr == "", result.stderr
+        again = json.loads((tmp_path / "out" / "mixture.json").read_text())
+        assert "worse_than_uniform" not in again["search"]
+        assert again["weights"] == pytest.approx(dict.fromkeys(names, 1 / len(names)), abs=1e-12)

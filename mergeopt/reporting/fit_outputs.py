@@ -100,6 +100,26 @@ def non_finite_closing_line(labels: Sequence[str]) -> str:
     )
 
 
+MORE_SEARCH = {"grid": "a finer lattice: search.grid.divisions", "dirichlet": "search.dirichlet.samples"}
+
+
+def worse_than_uniform_line(mixture: dict) -> str:
+    """A zero-order search whose best mixture scores worse than the uniform one, which only the report
+    scored (a grid whose lattice misses the centre, a small budget of draws): the user must know."""
+    search, worse = mixture["search"], mixture["search"]["worse_than_uniform"]
+    strategy = mixture["strategy"]
+    start = (
+        ", or set weights.init to the uniform mixture, which it then evaluates first"
+        if strategy in ("grid", "dirichlet", "surrogate")
+        else ""
+    )
+    return (
+        f"the {strategy} search's best mixture scores {worse['value']:.6g} on the fit part, worse than the "
+        f"uniform mixture's {worse['uniform_value']:.6g}, which the search did not evaluate "
+        f"({search['evaluations']} evaluations): search more ({MORE_SEARCH.get(strategy, 'search.budget')}){start}"
+    )
+
+
 def non_finite_line(mixture: dict, stop: dict) -> str:
     """Why a fit stopped early on a NaN or Inf, and which mixture it kept instead."""
     search = mixture["search"]

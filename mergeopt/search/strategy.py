@@ -154,4 +154,15 @@ def _zero_order(
         "evaluations_per_process": evaluator.per_process(evaluator_processes),
         **{k: v for k, v in found.info.items() if k != "strategy"},
     }
+    uniform = utility_of(utility, scores["uniform"]["fit"])  # scored for the report, not by the search
+    feasible_uniform = searched is None or searched.contains([1.0 / len(names)] * len(names))
+    finished = "non_finite" not in found.info  # a search a NaN stopped says so already
+    if (
+        finished
+        and feasible_uniform
+        and uniform is not None
+        and math.isfinite(uniform)
+        and found.value > uniform
+    ):
+        info["worse_than_uniform"] = {"value": found.value, "uniform_value": uniform}
     return SearchOutcome(torch.tensor(found.weights, dtype=torch.float64), found.log, info, scores=scores)
