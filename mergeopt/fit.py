@@ -285,7 +285,7 @@ def _mixture_record(resolved, objective, problem, found: SearchOutcome, groups, 
         "search": search_info,
         "method": stack.method,
         "objective": {
-            "terms": [t.model_dump(exclude_none=True) | {"label": t.label} for t in objective.terms],
+            "terms": [t.record() for t in objective.terms],
             "normalize": objective.normalize,
         },
         "seed": resolved.seed,

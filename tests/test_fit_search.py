@@ -438,6 +438,9 @@ def test_a_search_that_ends_worse_than_the_uniform_mixture_says_so(strategy, req
     best = min(float(r["value"]) for r in rows)
     assert best > uniform, "the premise: every mixture the search scored is worse than the uniform one"
     assert mixture["search"]["worse_than_uniform"] == {"value": best, "uniform_value": uniform}
+    assert mixture["objective"]["terms"] == [
+        {"kind": "loss", "dev": "all", "weight": 1.0, "label": "loss:all"}
+    ]
     more = "a finer lattice: search.grid.divisions" if strategy == "grid" else "search.budget"
     start = ", or set weights.init to the uniform mixture, which it then evaluates first" * (
         strategy == "grid"

@@ -93,3 +93,54 @@ def test_rank_reads_the_recipe_only_in_its_command_entry():
     # the checks see what they look for: the command layer does take the recipe
     fit = ast.parse((PACKAGE / "fit.py").read_text(encoding="utf-8"))
     assert _imports_the_recipe(fit) and "fit" in _functions_taking_a_recipe(fit)
+
+
+def test_mixture_json_records_each_term_with_the_fields_its_kind_reads():
+    """A loss term has no direction and no generation settings; every other kind keeps what it reads."""
+    from mergeopt.config.objective import ObjectiveTerm
+
+    records = [
+        ObjectiveTerm(kind="loss").record(),
+        ObjectiveTerm(kind="exact_match", dev="arith", stop=[]).record(),
+        ObjectiveTerm(kind="choice_accuracy", dev="arith", weight=2.0).record(),
+        ObjectiveTerm(
+            kind="custom", dev="arith", function="m:f", higher_is_better=False, name="lat"
+        ).record(),
+        ObjectiveTerm(kind="lm_eval", task="hellaswag", metric="acc_norm", limit=5).record(),
+    ]
+    assert records == [
+        {"kind": "loss", "dev": "all", "weight": 1.0, "label": "loss:all"},
+        {
+            "kind": "exact_match",
+            "dev": "arith",
+            "weight": 1.0,
+            "max_new_tokens": 32,
+            "stop": (),
+            "label": "exact_match:arith",
+        },
+        {
+            "kind": "choice_accuracy",
+            "dev": "arith",
+            "weight": 2.0,
+            "length_normalize": False,
+            "label": "choice_accuracy:arith",
+        },
+        {
+            "kind": "custom",
+            "dev": "arith",
+            "weight": 1.0,
+            "name": "lat",
+            "function": "m:f",
+            "higher_is_better": False,
+            "label": "lat",
+        },
+        {
+            "kind": "lm_eval",
+            "weight": 1.0,
+            "higher_is_better": True,
+            "task": "hellaswag",
+            "metric": "acc_norm",
+            "limit": 5,
+            "label": "lm_eval:hellaswag",
+        },
+    ]

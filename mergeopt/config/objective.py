@@ -9,6 +9,15 @@ from pydantic import Field, model_validator
 
 from mergeopt.config.base import Section
 
+# the fields each kind reads, beside kind, weight and name (and dev, which lm_eval does not read)
+KIND_FIELDS = {
+    "loss": ("dev",),
+    "exact_match": ("dev", "max_new_tokens", "stop"),
+    "choice_accuracy": ("dev", "length_normalize"),
+    "custom": ("dev", "function", "higher_is_better"),
+    "lm_eval": ("task", "include_path", "metric", "limit", "higher_is_better"),
+}
+
 
 class ObjectiveTerm(Section):
     """One score of the merged model; several terms combine into one utility (a weighted macro-average)."""
@@ -52,6 +61,13 @@ class ObjectiveTerm(Section):
         if self.name:
             return self.name
         return f"lm_eval:{self.task}" if self.kind == "lm_eval" else f"{self.kind}:{self.dev}"
+
+    def record(self) -> dict:
+        """The term as mixture.json keeps it: its label and the fields its kind reads, so that a loss
+        term does not show exact match's generation settings or a direction it does not have."""
+        keep = {"kind", "weight", "name", *KIND_FIELDS[self.kind]}
+        fields = self.model_dump(exclude_none=True)
+        return {k: v for k, v in fields.items() if k in keep} | {"label": self.label}
 
     @model_validator(mode="after")
     def _fields_fit_kind(self) -> ObjectiveTerm:
