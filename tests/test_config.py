@@ -131,6 +131,18 @@ def test_unknown_override_says_it_came_from_the_command_line(tmp_path):
         load_recipe(write(tmp_path, MINIMAL), ["optim.lrr=0.1"])
 
 
+def test_a_section_check_of_an_overridden_key_says_it_came_from_the_command_line(tmp_path):
+    """weights.init is checked by its section, whose error names the key: still the command line's."""
+    path = write(tmp_path, MINIMAL)
+    names = list(load_recipe(path).model.experts)
+    init = "{" + ", ".join(f"{n}: 0.6" for n in names) + "}"
+    with pytest.raises(UserError, match=r"weights\.init is not a mixture: .* \(set on the command line\)$"):
+        load_recipe(path, [f"weights.init={init}"])
+    with pytest.raises(UserError) as err:  # the same error from the file is not the command line's
+        load_recipe(write(tmp_path, MINIMAL + f"weights:\n  init: {init}\n"))
+    assert "command line" not in str(err.value)
+
+
 @pytest.mark.parametrize("bad", ["optim.lr", "=3", "a..b=1"])
 def test_malformed_override(bad):
     with pytest.raises(UserError, match="override"):

@@ -307,15 +307,18 @@ def test_merge_as_adapter_is_the_merge_peft_loads(lora_world, tmp_path, targets)
     assert (q.rank, q.scaling) == (12, 1.0)
 
 
-@pytest.mark.parametrize("case", ["dense expert", "ties"])
+@pytest.mark.parametrize("case", ["dense expert", "dense experts", "ties"])
 def test_merge_as_adapter_refuses_what_no_adapter_carries(lora_world, tmp_path, case):
     experts = dict(lora_world["adapters"])
-    if case == "dense expert":
+    if case.startswith("dense"):
         experts["alpha"] = lora_world["dense"]["alpha"]
+    if case == "dense experts":
+        experts["beta"] = lora_world["dense"]["beta"]
     merge = {"method": "ties", "density": 0.5} if case == "ties" else None
     result, _ = merge_as_adapter(lora_world["world"], tmp_path, experts, merge=merge)
-    _one_line(
-        result,
-        "'alpha' is a dense checkpoint" if case == "dense expert" else "needs merge.method linear",
-        tmp_path,
-    )
+    said = {
+        "dense expert": "'alpha' is a dense checkpoint (",
+        "dense experts": "'alpha', 'beta' are dense checkpoints (",
+        "ties": "needs merge.method linear",
+    }
+    _one_line(result, said[case], tmp_path)

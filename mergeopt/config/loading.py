@@ -91,6 +91,14 @@ def _describe(error: dict[str, Any]) -> tuple[str, str]:
     return loc, msg
 
 
+def _set_by(key: str, loc: str, msg: str) -> bool:
+    """Whether an error at ``loc`` saying ``msg`` is about the overridden ``key``: the key itself or
+    a key inside it, or a section's check (``weights`` for ``weights.init``) that names the key."""
+    return (
+        loc == key or loc.startswith(key + ".") or (key.startswith(f"{loc}." if loc else "") and key in msg)
+    )
+
+
 def recipe_from_dict(
     tree: dict[str, Any], source: str = "<recipe>", overridden: Sequence[str] = ()
 ) -> Recipe:
@@ -100,11 +108,7 @@ def recipe_from_dict(
     except ValidationError as err:
         loc, msg = _describe(err.errors()[0])
         where = f"{source}: {loc}" if loc else source
-        origin = (
-            " (set on the command line)"
-            if any(loc == k or loc.startswith(k + ".") for k in overridden)
-            else ""
-        )
+        origin = " (set on the command line)" if any(_set_by(k, loc, msg) for k in overridden) else ""
         raise UserError(f"{where}: {msg}{origin}") from None
 
 

@@ -33,7 +33,8 @@ def check_adapter_merge(recipe: Recipe) -> None:
     if dense:
         raise UserError(
             f"--as-adapter needs every expert to be a LoRA adapter; {', '.join(map(repr, dense))} "
-            "is a dense checkpoint (write the checkpoint without --as-adapter)"
+            f"{'is a dense checkpoint' if len(dense) == 1 else 'are dense checkpoints'} "
+            "(write the checkpoint without --as-adapter)"
         )
 
 
