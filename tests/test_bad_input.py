@@ -317,6 +317,14 @@ def _export_to(world, tmp, fmt: str, paths: dict[str, str], change=None) -> list
     ]
 
 
+def _broken_jsonl(tmp) -> str:
+    """A dataset whose line 3 is not JSON (the datasets library's log calls it row 2)."""
+    path = tmp / "broken.jsonl"
+    good = json.dumps({"prompt": "1+1=", "completion": "2"})
+    path.write_text(f'{good}\n{good}\n{{"prompt": "2+2=", "completion" "4"}}\n{good}\n')
+    return str(path)
+
+
 def _np_save_file(tmp) -> str:
     path = tmp / "tokens.npy"
     np.save(path, np.arange(100, dtype=np.uint16))  # a header OLMo-core would read as tokens
@@ -751,13 +759,13 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         "grid table",
         "rank",
         lambda w, t: _grid(w, t, lambda rows: rows[1].update(loss_arith=float("nan"))),
-        "loss_arith",
+        "grid.csv line 3: column loss_arith (the true loss of dev set 'arith') is empty or not a finite number",
     ),
     "grid weights off the simplex": (
         "grid table",
         "rank",
         lambda w, t: _grid(w, t, lambda rows: rows[0].update(w_alpha=0.7)),
-        "sum",
+        "grid.csv line 2: weights sum to 0.7, not 1 (±0.005)",
     ),
     "calibration metric unknown": (
         "recipe value",
@@ -769,7 +777,7 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         "grid table",
         "calibrate",
         lambda w, t: _calibration_grid(w, t, run_fingerprint="ffff0000"),
-        "was trained by another recipe (fingerprint ffff0000)",
+        "grid.csv line 2: its run was trained by another recipe (fingerprint ffff0000 in ",
     ),
     # mixtures
     "merge weights off the simplex": (
@@ -899,6 +907,14 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
             str(t / "out"),
         ],
         "--max-epochs",
+    ),
+    "export dataset line not JSON": (
+        "export",
+        "export",
+        lambda w, t: _export_to(
+            w, t, "all", {"alpha": w["dev"]["arith"], "beta": _broken_jsonl(t), "gamma": w["dev"]["arith"]}
+        ),
+        "broken.jsonl:3: not valid JSON (Expecting ':' delimiter)",
     ),
     "export a source too small for whole samples": (
         "export",

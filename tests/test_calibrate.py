@@ -163,3 +163,28 @@ def test_the_grids_column_order_and_extra_columns_do_not_change_the_target(rando
         reports.append(json.loads((out / "calibration.json").read_text()))
     for key in ("pick", "proposals", "proxy_slope", "best_run"):
         assert reports[0][key] == reports[1][key]
+
+
+def test_the_best_run_is_named_by_its_line_in_the_grid_file(random_world, tmp_path):
+    """calibration.md names the best run as the errors name a row: its line in the grid file
+    (header = line 1), here past a blank line that pandas skips (its row 2 is line 5, not 4)."""
+    table = _grid()
+    table["loss_arith"] = [3.1, 2.9, 2.5]
+    table["loss_markov"] = [3.3, 3.0, 2.9]
+    header, *rows = table.to_csv(index=False).splitlines(keepends=True)
+    (tmp_path / "grid.csv").write_text(header + "\n" + "".join(rows))
+    tree = recipe_tree(random_world, tmp_path / "fit", calibrate=SPEC)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(tree))
+    out = tmp_path / "cal"
+    grid = str(tmp_path / "grid.csv")
+    result = run_in_process(
+        "calibrate", str(tmp_path / "recipe.yaml"), "--grid", grid, "--out", str(out), "--quiet"
+    )
+    assert result.returncode == 0, result.stderr
+    best = json.loads((out / "calibration.json").read_text())["best_run"]
+    assert (best["row"], best["line"]) == (2, 5) and best["truth"] == pytest.approx(2.7, abs=1e-12)
+    assert best["weights"] == {"alpha": 0.2, "beta": 0.3, "gamma": 0.5}
+    lines = (out / "calibration.md").read_text().splitlines()
+    assert [line for line in lines if line.startswith("- Best run")] == [
+        "- Best run so far: line 5 of grid.csv, alpha 0.200, beta 0.300, gamma 0.500: 2.7000"
+    ]

@@ -340,3 +340,28 @@ def test_csv_cells_are_read_as_the_text_they_hold(tmp_path):
         {"prompt": "Is it known?", "completion": "NA"},
         {"prompt": "value:", "completion": "null"},
     ]
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"prompt": "p", "completion" "c"}', "not valid JSON (Expecting ':' delimiter)"),
+        ('["a list"]', "a record must be a JSON object"),
+    ],
+)
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_a_jsonl_file_the_datasets_library_cannot_read_is_named_by_its_line(tmp_path, line, message, suffix):
+    """What an export counts goes through the datasets library; a JSON Lines file it cannot read is
+    named by the file and the 1-based line, as a dev set's line is, and the library's log level is
+    as it was before (it is silenced only while it reads)."""
+    import datasets
+
+    from mergeopt.objectives.data_files import load, source_of
+
+    path = tmp_path / f"set{suffix}"
+    path.write_text('{"prompt": "p", "completion": "c"}\n\n' + line + "\n")
+    datasets.logging.set_verbosity_warning()
+    with pytest.raises(UserError) as err:
+        load(source_of(path), str(tmp_path / "cache"))
+    assert str(err.value) == f"{path.resolve()}:3: {message}"
+    assert datasets.logging.get_verbosity() == datasets.logging.WARNING

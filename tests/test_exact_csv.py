@@ -71,3 +71,19 @@ def test_the_package_and_benchmarks_read_csv_only_through_exact_csv():
             if isinstance(node, ast.Attribute) and node.attr == "read_csv":
                 found.append(f"{path.relative_to(REPO)}:{node.lineno}")
     assert not found, found
+
+
+def test_a_rows_line_is_where_pandas_read_it_from(tmp_path):
+    """data_lines: the file line each row pandas reads starts on (header = line 1), past the blank
+    and whitespace-only lines pandas skips and the line breaks of a quoted cell; at_line and line_of
+    are how errors and reports name it."""
+    path = tmp_path / "grid.csv"
+    path.write_text('\n  \nw_a,note\n0.5,plain\n\n1.0,"two\nlines"\n   \n0.0,last\r\n,\n')
+    rows = exact_csv.read_csv(path)
+    assert rows["note"].tolist()[:3] == ["plain", "two\nlines", "last"] and len(rows) == 4
+    assert exact_csv.data_lines(path) == [4, 6, 9, 10]
+    assert [exact_csv.file_line(path, i) for i in range(4)] == [4, 6, 9, 10]
+    assert exact_csv.at_line(path, 2) == f"{path} line 9"
+    assert exact_csv.line_of(path, 9) == "line 9 of grid.csv"
+    # a row the file no longer has (it was rewritten since): the plain case, index + 2
+    assert exact_csv.file_line(path, 7) == 9 and exact_csv.file_line(tmp_path / "gone.csv", 0) == 2

@@ -150,3 +150,25 @@ def test_stdout_by_default_and_no_traceback_in_a_real_process(tmp_path):
     ]
     debug = run_module("export", str(mixture), "--to", "nope", "--debug")
     assert debug.returncode == 2 and "Traceback" in debug.stderr
+
+
+def test_a_malformed_jsonl_line_is_named_by_file_and_line_and_nothing_else(tmp_path, files):
+    """A dataset line that is not JSON: one line naming the file and its 1-based line, the words a
+    dev set's gets (read_jsonl), and no log line of the datasets library (which numbers rows from 0)."""
+    from mergeopt.errors import UserError
+    from mergeopt.objectives.data import read_jsonl
+
+    bad = tmp_path / "broken.jsonl"
+    records = [json.dumps({"prompt": f"b{i}", "completion": "xy"}) for i in range(20)]
+    records[16] = '{"prompt": "b16", "completion" "xy"}'
+    bad.write_text("\n".join(records) + "\n")
+    expected = f"{bad.resolve()}:17: not valid JSON (Expecting ':' delimiter)"
+    out = tmp_path / "exports"
+    argv = [str(run(tmp_path)), "--to", "all", "--out", str(out), "--tokenizer", files["tokenizer"]]
+    done = run_module("export", *argv, *datasets_args(files, b=str(bad)))
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == [f"mergeopt: error: {expected}"]
+    assert not out.exists()
+    with pytest.raises(UserError) as err:  # a dev set's words, for the same file
+        read_jsonl(bad.resolve())
+    assert str(err.value) == expected

@@ -290,12 +290,18 @@ def test_a_process_group_without_its_rendezvous_is_one_line():
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's, on inf - inf
 def test_sum_to_one_tests_refuse_nan_and_inf_minus_inf():
     """``abs(x - 1) > tol`` is false for NaN; each sum-to-one test is written ``not abs(...) <= tol``."""
+    import numpy as np
     import pandas as pd
 
-    from mergeopt.evaluation.tables import check_weights
+    from mergeopt.evaluation.tables import check_mixture_rows, check_weights
     from mergeopt.merging.simplex import sum_problem
 
     assert "sum to nan" in sum_problem({"a": math.nan, "b": 0.5})
-    table = pd.DataFrame({"w_a": ["inf", 0.5], "w_b": ["-inf", 0.5]})
-    with pytest.raises(UserError, match="weights sum to nan"):
+    rows = np.array([[math.inf, -math.inf], [0.5, 0.5]])
+    with pytest.raises(UserError, match=r"^T line 2: weights sum to nan, not 1"):
+        check_mixture_rows(rows, ["w_a", "w_b"], lambda i: f"T line {i + 2}", allow_negative=True)
+    table = pd.DataFrame({"w_a": ["inf", 0.5], "w_b": ["-inf", 0.5]})  # a table refuses them sooner
+    with pytest.raises(
+        UserError, match=r"^T line 2: column w_a \(a mixture weight\) is empty or not a finite"
+    ):
         check_weights(table, ["w_a", "w_b"], "T")

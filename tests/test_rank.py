@@ -309,9 +309,18 @@ def error_cases(tmp: Path) -> list[tuple[list[str], str]]:
         (["--proxy", g, "--truth", str(tmp / "other.csv")], "share no numeric metric columns"),
         (["--proxy", str(tmp / "noweights.csv"), "--truth", g], "no mixture columns"),
         (["--proxy", str(tmp / "malformed.csv"), "--truth", g], "not a readable CSV table"),
-        (["--proxy", str(tmp / "moved.csv"), "--truth", g], "moved.csv: row 2 matches no truth row"),
-        (["--proxy", g, "--truth", str(tmp / "sum.csv")], "sum.csv: row 3: weights sum to 1.1"),
-        (["--proxy", g, "--truth", str(tmp / "nan.csv")], "nan.csv: column loss has 1 empty or NaN"),
+        (
+            ["--proxy", str(tmp / "moved.csv"), "--truth", g],
+            "moved.csv line 3: no truth row has the same weights",
+        ),
+        (
+            ["--proxy", g, "--truth", str(tmp / "sum.csv")],
+            "sum.csv line 4: weights sum to 1.1, not 1 (±0.005)",
+        ),
+        (
+            ["--proxy", g, "--truth", str(tmp / "nan.csv")],
+            "nan.csv line 3: column loss is empty or not a finite number",
+        ),
         (["--proxy", g, "--truth", g, "--higher-is-better", "acc"], "--higher-is-better names ['acc']"),
         (["--proxy", f"{g}+{tmp / 'missing.csv'}", "--truth", g], "missing.csv: no such file"),
         (["recipes/tiny.yaml", "--grid", g], "column w_a names an expert the recipe does not have"),
@@ -374,12 +383,12 @@ LOSS = "index,loss_a\n2,3.0\n1,1.0\n"
         (
             {"mix.csv": MIX, "loss.csv": "index,loss_a\n2,3.0\n2,1.0\n"},
             "mix.csv+loss.csv",
-            r"loss.csv: index 2 appears more than once$",
+            r"loss.csv line 3: index 2 appears more than once, first at \S*loss.csv line 2$",
         ),
         (
             {"mix.csv": MIX, "loss.csv": "index,loss_a\n2,3.0\n7,1.0\n"},
             "mix.csv+loss.csv",
-            r"mix.csv: row 1 \(index 1\) has no row with that index in the other file$",
+            r"mix.csv line 2: index 1 has no row in the other file$",
         ),
         (
             {"mix.csv": MIX, "loss.csv": "index,w_b,loss_a\n2,0.0,3.0\n1,0.75,1.0\n"},

@@ -37,6 +37,7 @@ from mergeopt.evaluation.proxy import WEIGHT_PREFIX
 from mergeopt.inputs import writable_dir
 from mergeopt.objectives.objective import Objective
 from mergeopt.runtime import distributed
+from mergeopt.runtime.exact_csv import at_line
 from mergeopt.runtime.resume import (
     CALIBRATE_CHECKPOINT_DIR,
     PROXY_EVALUATIONS,
@@ -98,12 +99,13 @@ def check_provenance(table: pd.DataFrame, grid: str | Path, experts: dict[str, s
     ours = {name: f for name, f in ours.items() if f}
     if not ours or "path" not in table.columns:
         return
-    for row, path in table["path"].items():
+    for row, path in enumerate(table["path"]):
         theirs = fingerprint(Path(str(path)))
         if theirs and theirs not in ours.values():
             name, mine = next(iter(ours.items()))
             raise UserError(
-                f"{grid}: row {row + 2} ({path}) was trained by another recipe (fingerprint {theirs}) "
+                f"{at_line(grid, row)}: its run was trained by another recipe (fingerprint {theirs} in "
+                f"{Path(str(path)) / RUN_MARKER}) "
                 f"than the recipe's experts (model.experts.{name}: {mine}); calibrate with a grid of "
                 "runs trained alongside these experts"
             )

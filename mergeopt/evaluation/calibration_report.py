@@ -15,6 +15,7 @@ import pandas as pd
 
 from mergeopt.evaluation import calibration
 from mergeopt.evaluation.proxy import WEIGHT_PREFIX
+from mergeopt.runtime.exact_csv import file_line, line_of
 
 OUTPUT_FILES = ("calibration.json", "calibration.md", "calibrated_ranking.csv", "calibration.png")
 SHOWN = 10  # candidates in calibration.md's ranking
@@ -29,7 +30,8 @@ def report(
     decision: calibration.Decision,
     meta: dict,
 ) -> tuple[dict, pd.DataFrame]:
-    """calibration.json's content and the ranking table, in the metric's own direction."""
+    """calibration.json's content and the ranking table, in the metric's own direction. The first
+    ``len(truth)`` candidates are the rows of the grid ``meta["grid"]``, in its order."""
     sign = -1.0 if meta["higher_is_better"] else 1.0
     n_runs = len(truth)
     mean = sign * decision.mean
@@ -61,7 +63,12 @@ def report(
         },
         "best_run": None
         if best_run is None
-        else {"row": best_run, "weights": mixture(best_run), "truth": float(truth[best_run])},
+        else {
+            "row": best_run,
+            "line": file_line(meta["grid"], best_run),
+            "weights": mixture(best_run),
+            "truth": float(truth[best_run]),
+        },
         "proposals": [
             {
                 "weights": mixture(i),
@@ -143,7 +150,8 @@ def markdown(content: dict, ranking: pd.DataFrame, names: Sequence[str]) -> str:
     if content["best_run"] is not None:
         best = content["best_run"]
         lines.append(
-            f"- Best run so far: grid row {best['row'] + 2}, {_weights(best['weights'])}: {best['truth']:.4f}"
+            f"- Best run so far: {line_of(content['grid'], best['line'])}, {_weights(best['weights'])}: "
+            f"{best['truth']:.4f}"
         )
     if content["use_proxy"]:
         lines.append(

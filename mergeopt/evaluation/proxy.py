@@ -21,26 +21,19 @@ import pandas as pd
 import torch
 
 from mergeopt.errors import UserError
-from mergeopt.evaluation.tables import WEIGHT_SUM_TOLERANCE, check_mixtures_vary
+from mergeopt.evaluation.tables import check_mixture_rows, check_mixtures_vary, check_numbers
 from mergeopt.inputs import existing_file
 from mergeopt.objectives.objective import Objective
 from mergeopt.objectives.scoring import metric_scores, set_losses
 from mergeopt.objectives.term_scores import load_custom, score_column
 from mergeopt.runtime.distributed import is_main
-from mergeopt.runtime.exact_csv import read_csv
+from mergeopt.runtime.exact_csv import at_line, read_csv
 from mergeopt.runtime.resume import PROXY_EVALUATIONS
 from mergeopt.search.evaluator import Evaluator
 
 WEIGHT_PREFIX = "w_"
 LOSS_PREFIX = "loss_"
 PHASE = "proxy"  # the phase of the grid's evaluations in the journal
-
-
-def _first_bad_row(values: pd.Series) -> int | None:
-    """The 1-based data row of the first missing, non-numeric or infinite value (None if all are fine)."""
-    numbers = pd.to_numeric(values, errors="coerce")
-    bad = numbers.isna() | ~numbers.abs().lt(float("inf"))
-    return int(bad.to_numpy().nonzero()[0][0]) + 1 if bad.any() else None
 
 
 def read_grid(path: str | Path, expert_names: Sequence[str]) -> pd.DataFrame:
@@ -57,21 +50,14 @@ def read_grid(path: str | Path, expert_names: Sequence[str]) -> pd.DataFrame:
     missing = [n for n in expert_names if f"{WEIGHT_PREFIX}{n}" not in table.columns]
     if missing:
         raise UserError(f"{path}: no weight column w_{missing[0]} for expert {missing[0]!r}")
-    weights = table[[f"{WEIGHT_PREFIX}{n}" for n in expert_names]]
-    for column in weights.columns:
-        bad = _first_bad_row(weights[column])
-        if bad is not None:
-            raise UserError(f"{path}: column {column} must be a number in every row, row {bad} is not")
-    sums = weights.sum(axis=1)
-    bad = ~((sums - 1).abs() <= WEIGHT_SUM_TOLERANCE) | (weights < 0).any(axis=1)  # NaN and inf fail
-    if bad.any():
-        row = int(bad.idxmax())
-        raise UserError(
-            f"{path}: row {row + 2} weights sum to {sums[row]:.6f}, not 1 (±{WEIGHT_SUM_TOLERANCE:g}), or are negative"
-        )
+    columns = [f"{WEIGHT_PREFIX}{n}" for n in expert_names]
+    for column in columns:
+        check_numbers(table, column, lambda i: at_line(path, i), "a mixture weight")
     if table.empty:
         raise UserError(f"{path}: the grid table has no rows")
-    check_mixtures_vary(weights.to_numpy(dtype=float), str(path))
+    weights = table[columns].to_numpy(dtype=float)
+    check_mixture_rows(weights, columns, lambda i: at_line(path, i))
+    check_mixtures_vary(weights, str(path))
     return table
 
 
@@ -107,7 +93,7 @@ def check_grid_unit(table: pd.DataFrame, path: str | Path, unit: str) -> None:
 
     if "path" not in table.columns:
         return
-    for row, run in table["path"].items():
+    for row, run in enumerate(table["path"]):
         try:
             info = json.loads((Path(str(run)) / RUN_MARKER).read_text())
             drawn = drawn_unit(info["weights"], info)
@@ -115,7 +101,7 @@ def check_grid_unit(table: pd.DataFrame, path: str | Path, unit: str) -> None:
             continue  # no run.json at hand (or not mergeopt train's): nothing to check
         if drawn is not None and drawn != unit:
             raise UserError(
-                f"{path}: row {row + 2}'s run {run} was mixed in {drawn[:-1]} shares, and weights.unit is "
+                f"{at_line(path, row)}: its run {run} was mixed in {drawn[:-1]} shares, and weights.unit is "
                 f"{unit}: set weights.unit: {drawn}, or rank against runs mixed in {unit[:-1]} shares"
             )
 
@@ -131,12 +117,8 @@ def check_truth(table: pd.DataFrame, objective: Objective, path: str | Path) -> 
                 f"{path}: no column {column} with the true score of objective term {name!r}; rerun "
                 "python -m mergeopt.train with this recipe, which scores the finished runs without retraining"
             )
-        bad = _first_bad_row(table[column])
-        if bad is not None:
-            what = f"the true loss of dev set {name!r}" if is_loss else f"the true score of {name!r}"
-            raise UserError(
-                f"{path}: column {column} ({what}) must be a number in every row, row {bad} is not"
-            )
+        what = f"the true loss of dev set {name!r}" if is_loss else f"the true score of {name!r}"
+        check_numbers(table, column, lambda i: at_line(path, i), what)
 
 
 def grid_scorer(problem, objective: Objective) -> Callable[[np.ndarray], dict[str, float]]:

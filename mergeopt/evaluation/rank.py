@@ -28,12 +28,13 @@ from mergeopt.config import RankSection
 from mergeopt.errors import UserError
 from mergeopt.evaluation.baselines import baseline_predictions
 from mergeopt.evaluation.rank_report import OUTPUT_FILES, baseline_table, markdown_table, write_outputs
-from mergeopt.evaluation.rank_stats import mixture_regret, rank_statistics
+from mergeopt.evaluation.rank_stats import mixture_regret, nearest_line, rank_statistics
 from mergeopt.evaluation.tables import rank_tables
 from mergeopt.inputs import writable_dir
 from mergeopt.objectives.objective import Objective
 from mergeopt.run_files import read_finished_mixture
 from mergeopt.runtime import distributed
+from mergeopt.runtime.exact_csv import file_line
 from mergeopt.runtime.fingerprint import input_fingerprints
 from mergeopt.runtime.resume import RANK_CHECKPOINT_DIR, interruptible, saying_where_saved
 from mergeopt.runtime.rundir import owned, staged
@@ -102,9 +103,8 @@ def rank_grid(
     if left_out:
         report["baselines_skipped"] = left_out
     if mixture is not None:
-        report["fitted_mixture"] = mixture_regret(
-            mixture["weights"], table[weight_columns], pairs["target"][1]
-        )
+        fitted = mixture_regret(mixture["weights"], table[weight_columns], pairs["target"][1])
+        report["fitted_mixture"] = {**fitted, "line": file_line(grid_path, fitted["row"])}
     return report, pairs, proxy, predictions
 
 
@@ -269,8 +269,8 @@ def _print_summary(report: dict, mixture_path: Path, out: Path) -> None:
     if "fitted_mixture" in report:
         fitted = report["fitted_mixture"]
         print(
-            f"\nfitted mixture ({mixture_path}): nearest grid row {fitted['row']} at distance "
-            f"{fitted['distance']:.3f}, normalized regret {fitted['regret']:.3f}"
+            f"\nfitted mixture ({mixture_path}): nearest grid mixture on {nearest_line(report)} at "
+            f"distance {fitted['distance']:.3f}, normalized regret {fitted['regret']:.3f}"
         )
     print(f"\nWrote {', '.join(OUTPUT_FILES)}, report.md to {out}")
 

@@ -17,6 +17,7 @@ import pandas as pd
 from scipy import stats
 
 from mergeopt.errors import UserError
+from mergeopt.runtime.exact_csv import line_of
 
 
 def _as_vector(values, label: str) -> np.ndarray:
@@ -177,6 +178,13 @@ def rank_statistics(
         "proxy_best_row": int(proxy_top[0]),
         "true_best_row": int(truth_top[0]),
     }
+
+
+def nearest_line(report: dict) -> str:
+    """``"line N of grid.csv"``: the grid mixture nearest the fitted one (a report from before the
+    line was recorded: its row + 2, the line when the grid has no blank lines)."""
+    fitted = report["fitted_mixture"]
+    return line_of(report["grid"], fitted.get("line", fitted["row"] + 2))
 
 
 def mixture_regret(

@@ -17,7 +17,7 @@ import pandas as pd
 
 from mergeopt.errors import UserError
 from mergeopt.evaluation.rank_stats import rank_statistics
-from mergeopt.runtime.exact_csv import read_csv
+from mergeopt.runtime.exact_csv import at_line, read_csv
 
 DEFAULT_PREFIXES = ("w_", "train_")  # ours, then RegMix's train_the_pile_*
 # columns mergeopt train (and RegMix's tables) write beside the metrics that are not metrics: a run's
@@ -47,12 +47,35 @@ def _read_csv(path: str) -> pd.DataFrame:
 
 
 def row_label(frame: pd.DataFrame, i: int) -> str:
+    """A mixture's label in the transfer report (its 1-based data row; errors name the line: :func:`row_at`)."""
     return f"row {i + 1} (index {frame['index'].iloc[i]})" if "index" in frame.columns else f"row {i + 1}"
+
+
+def _split(spec: str) -> list[str] | None:
+    """A split table's two files, ``MIXTURES.csv+METRICS.csv``; None for one CSV."""
+    return None if Path(spec).is_file() or "+" not in spec else spec.split("+")
+
+
+def row_at(spec: str, frame: pd.DataFrame, i: int, column: str | None = None) -> str:
+    """Where row ``i`` of the table :func:`load_table` read from ``spec`` is, for an error:
+    ``"FILE line N"`` (:func:`mergeopt.runtime.exact_csv.at_line`). A split table's rows are its
+    mixture file's, in that order; a ``column`` of its metrics file names that file's line of the
+    row with the same index."""
+    parts = _split(spec)
+    if parts is None:
+        return at_line(spec, i)
+    if column is not None and column != "index":
+        metrics = _read_csv(parts[1])
+        if column in metrics.columns:
+            hits = np.flatnonzero((metrics["index"] == frame["index"].iloc[i]).to_numpy())
+            if hits.size:
+                return at_line(parts[1], int(hits[0]))
+    return at_line(parts[0], i)
 
 
 def load_table(spec: str) -> tuple[pd.DataFrame, str]:
     """One CSV, or ``MIXTURES.csv+METRICS.csv`` joined on ``index``; returns the table and the file holding weights."""
-    if Path(spec).is_file() or "+" not in spec:
+    if _split(spec) is None:
         return _read_csv(spec), spec
     parts = spec.split("+")
     if len(parts) != 2 or not all(parts):
@@ -61,14 +84,21 @@ def load_table(spec: str) -> tuple[pd.DataFrame, str]:
     for path, frame in zip(parts, (mixtures, metrics)):
         if "index" not in frame.columns:
             raise UserError(f"{path}: a split table needs an 'index' column to join on")
-        if frame["index"].duplicated().any():
-            dup = frame["index"][frame["index"].duplicated()].iloc[0]
-            raise UserError(f"{path}: index {dup} appears more than once")
+        repeated = np.flatnonzero(frame["index"].duplicated().to_numpy())
+        if repeated.size:
+            i = int(repeated[0])
+            first = int(np.flatnonzero((frame["index"] == frame["index"].iloc[i]).to_numpy())[0])
+            raise UserError(
+                f"{at_line(path, i)}: index {frame['index'].iloc[i]} appears more than once, first at "
+                f"{at_line(path, first)}"
+            )
     for path, frame, other in ((parts[0], mixtures, metrics), (parts[1], metrics, mixtures)):
         unmatched = ~frame["index"].isin(other["index"])
         if unmatched.any():
             i = int(np.flatnonzero(unmatched)[0])
-            raise UserError(f"{path}: {row_label(frame, i)} has no row with that index in the other file")
+            raise UserError(
+                f"{at_line(path, i)}: index {frame['index'].iloc[i]} has no row in the other file"
+            )
     shared = (set(mixtures.columns) & set(metrics.columns)) - {"index"}
     if shared:
         raise UserError(f"{spec}: both files have column(s) {sorted(shared)}")
@@ -94,22 +124,48 @@ def mixture_columns(
     )
 
 
+def not_numbers(values: pd.Series) -> np.ndarray:
+    """The positions of a column's empty, non-numeric, NaN or infinite cells."""
+    numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
+    return np.flatnonzero(~np.isfinite(numbers))
+
+
+def check_numbers(frame: pd.DataFrame, column: str, where, what: str = "") -> None:
+    """Refuse a column with a cell that is not a finite number, naming its row: ``where(i)`` is the
+    row's place (:func:`mergeopt.runtime.exact_csv.at_line`), ``what`` says what the column holds."""
+    bad = not_numbers(frame[column])
+    if bad.size:
+        more = f" (and {bad.size - 1} more row(s) below)" if bad.size > 1 else ""
+        raise UserError(
+            f"{where(int(bad[0]))}: column {column}{f' ({what})' if what else ''} is empty or not a finite "
+            f"number{more}"
+        )
+
+
+def check_mixture_rows(
+    weights: np.ndarray, columns: Sequence[str], where, allow_negative: bool = False
+) -> None:
+    """Refuse the first row (``where(i)``: its place) whose weights do not sum to 1 (±tolerance)
+    or, unless ``allow_negative``, hold a negative weight."""
+    off = ~(np.abs(weights.sum(axis=1) - 1) <= WEIGHT_SUM_TOLERANCE)  # inf - inf is NaN
+    below = np.zeros(len(weights), dtype=bool) if allow_negative else (weights < 0).any(axis=1)
+    bad = np.flatnonzero(off | below)
+    if bad.size:
+        i = int(bad[0])
+        if below[i]:
+            j = int(np.flatnonzero(weights[i] < 0)[0])
+            raise UserError(f"{where(i)}: weight {columns[j]} is negative ({weights[i, j]:.6g})")
+        raise UserError(
+            f"{where(i)}: weights sum to {weights[i].sum():.6g}, not 1 (±{WEIGHT_SUM_TOLERANCE:g})"
+        )
+
+
 def check_weights(frame: pd.DataFrame, columns: Sequence[str], source: str) -> np.ndarray:
     """The weights as a matrix; every entry a number, every row a mixture (sums to 1)."""
     for col in columns:
-        values = pd.to_numeric(frame[col], errors="coerce")
-        bad = np.flatnonzero(values.isna().to_numpy())
-        if bad.size:
-            raise UserError(
-                f"{source}: {row_label(frame, int(bad[0]))}: mixture column {col} is not a number"
-            )
+        check_numbers(frame, col, lambda i: at_line(source, i), "a mixture weight")
     weights = frame[list(columns)].to_numpy(dtype=np.float64)
-    off = np.flatnonzero(~(np.abs(weights.sum(axis=1) - 1) <= WEIGHT_SUM_TOLERANCE))  # inf - inf is NaN
-    if off.size:
-        i = int(off[0])
-        raise UserError(
-            f"{source}: {row_label(frame, i)}: weights sum to {weights[i].sum():.6g}, not 1 (±{WEIGHT_SUM_TOLERANCE:g})"
-        )
+    check_mixture_rows(weights, list(columns), lambda i: at_line(source, i), allow_negative=True)
     check_mixtures_vary(weights, source)
     return weights
 
@@ -136,8 +192,8 @@ def match_rows(
     for i, row in enumerate(np.round(proxy_w, WEIGHT_DECIMALS)):
         hits = lookup.get(tuple(row.tolist()), [])
         if len(hits) != 1:
-            what = "no truth row" if not hits else f"{len(hits)} truth rows"
-            raise UserError(f"{source}: {row_label(proxy_frame, i)} matches {what} with the same weights")
+            what = "no truth row has" if not hits else f"{len(hits)} truth rows have"
+            raise UserError(f"{at_line(source, i)}: {what} the same weights")
         matched.append(hits[0])
     return np.array(matched, dtype=int)
 
@@ -157,7 +213,7 @@ def shared_mixtures(
             key = tuple(row.tolist())
             if key in seen:
                 raise UserError(
-                    f"{source}: {row_label(frame, i)} has the same weights as {row_label(frame, seen[key])}; "
+                    f"{row_at(source, frame, i)}: the same weights as {row_at(source, frame, seen[key])}; "
                     "average repeated runs of a mixture into one row first"
                 )
             seen[key] = i
@@ -225,13 +281,9 @@ def metric_columns(
 
 
 def metric_values(frame: pd.DataFrame, metric: str, source: str) -> np.ndarray:
-    values = frame[metric].to_numpy(dtype=np.float64)
-    bad = np.flatnonzero(~np.isfinite(values))
-    if bad.size:
-        raise UserError(
-            f"{source}: column {metric} has {bad.size} empty or NaN value(s), first at {row_label(frame, int(bad[0]))}"
-        )
-    return values
+    """A metric column's values; each must be a finite number (an error names the first row that is not)."""
+    check_numbers(frame, metric, lambda i: row_at(source, frame, i, metric))
+    return frame[metric].to_numpy(dtype=np.float64)
 
 
 def rank_tables(

@@ -13,7 +13,6 @@ early stopping. Every example keeps the record it came from, so a metric that ne
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from mergeopt.errors import UserError, warn
 from mergeopt.inputs import existing, existing_file
 from mergeopt.objectives.chat import is_chat, tokenize_chat, validated_chat
+from mergeopt.objectives.data_files import is_json_array, jsonl_records, load, source_of
 from mergeopt.runtime.distributed import rank_and_size, shard
 
 
@@ -68,20 +68,13 @@ def read_records(path: str | Path, what: str = "dev set") -> list[dict[str, Any]
                 "dataset_dict.json)"
             )
         return _read_table(path, what)
-    if path.suffix.lower() in TABLE_SUFFIXES or (path.suffix.lower() == ".json" and _json_array(path)):
+    if path.suffix.lower() in TABLE_SUFFIXES or (path.suffix.lower() == ".json" and is_json_array(path)):
         return _read_table(path, what)
     return read_jsonl(path, what)
 
 
-def _json_array(path: Path) -> bool:
-    with path.open("rb") as handle:
-        return handle.read(4096).lstrip()[:1] == b"["
-
-
 def _read_table(path: Path, what: str) -> list[dict[str, Any]]:
     import tempfile
-
-    from mergeopt.objectives.data_files import load, source_of
 
     with tempfile.TemporaryDirectory(prefix="mergeopt-data-") as cache:
         records = [r for chunk in table_records(load(source_of(path), cache), path) for r in chunk]
@@ -107,22 +100,7 @@ def table_records(dataset, path: Path, batch: int = 1000) -> Iterator[list[dict[
 def read_jsonl(path: str | Path, what: str = "dev set") -> list[dict[str, Any]]:
     """Parse and validate a JSONL dev set (or training set: ``what``); errors name the file and the line."""
     path = existing_file(path, what)
-    records = []
-    with path.open("rb") as handle:
-        for lineno, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise UserError(f"{path}:{lineno}: not UTF-8 text (is this a JSONL file?)") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{path}:{lineno}: a record must be a JSON object")
-            records.append(validated_record(record, f"{path}:{lineno}"))
+    records = [validated_record(record, f"{path}:{lineno}") for lineno, record in jsonl_records(path)]
     if not records:
         raise UserError(f"{what} {path} is empty")
     return records

@@ -90,9 +90,11 @@ def _rank_section(run: Run) -> list[str]:
     ]
     fitted = run.rank.get("fitted_mixture")
     if fitted:
+        from mergeopt.evaluation.rank_stats import nearest_line
+
         lines += [
-            f"Fitted mixture: nearest grid row {fitted['row']} (distance {fitted['distance']:.3f}), "
-            f"normalised regret {fitted['regret']:.3f}.",
+            f"Fitted mixture: nearest grid mixture on {nearest_line(run.rank)} "
+            f"(distance {fitted['distance']:.3f}), normalised regret {fitted['regret']:.3f}.",
             "",
         ]
     if (run.path / "rank_scatter.png").is_file():

@@ -126,7 +126,10 @@ class CalibrationReport(RunFile):
         description="Posterior mean and sd of the proxy's slope b: how far its differences are trusted."
     )
     pick: CalibrationPick = Field(description="The candidate with the best calibrated value.")
-    best_run: dict[str, Any] | None = Field(description="The best of the runs so far (grid row, 0-based).")
+    best_run: dict[str, Any] | None = Field(
+        description="The best of the runs so far: its grid row (0-based) and line (in the grid file, "
+        "header = line 1), weights and truth."
+    )
     proposals: list[CalibrationProposal] = Field(description="What to train next, in order.")
 
 
