@@ -75,9 +75,9 @@ def row_at(spec: str, frame: pd.DataFrame, i: int, column: str | None = None) ->
 
 def load_table(spec: str) -> tuple[pd.DataFrame, str]:
     """One CSV, or ``MIXTURES.csv+METRICS.csv`` joined on ``index``; returns the table and the file holding weights."""
-    if _split(spec) is None:
+    parts = _split(spec)
+    if parts is None:
         return _read_csv(spec), spec
-    parts = spec.split("+")
     if len(parts) != 2 or not all(parts):
         raise UserError(f"{spec}: write a split table as MIXTURES.csv+METRICS.csv (two files)")
     mixtures, metrics = (_read_csv(p) for p in parts)
