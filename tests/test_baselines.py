@@ -81,6 +81,23 @@ def test_the_mixing_law_recovers_a_law_and_agrees_with_curve_fit():
     )
 
 
+def test_the_mixing_law_takes_weights_written_to_six_decimals():
+    """A grid CSV written to six decimals (rows summing to 1 ± 1e-6) once overflowed exp in the
+    start, whose intercept column was then barely independent of the weights: the law fitted on the
+    rounded rows predicts what it predicts on the exact ones."""
+    steps = np.arange(4) / 3
+    exact = np.array([[a, b, 1 - a - b] for a in steps for b in steps if a + b <= 1 + 1e-12])
+    rounded = np.round(exact, 6)
+    assert np.abs(rounded.sum(axis=1) - 1).max() > 1e-7
+    y = 1.5 + 0.8 * np.exp(exact @ np.array([-1.0, 0.5, -2.0]))
+    start = baselines.mixing_law_start(rounded, y)
+    assert np.isfinite(start).all()
+    np.testing.assert_allclose(start, baselines.mixing_law_start(exact, y), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        baselines.mixing_law_loo(rounded, y), baselines.mixing_law_loo(exact, y), rtol=1e-4
+    )
+
+
 def test_the_mixing_laws_jacobian_matches_finite_differences():
     """The Jacobian the least squares is given, against central differences of the law itself, at
     a point where some rows' t·w lie beyond the clip (their t-columns are 0) and the rest inside."""

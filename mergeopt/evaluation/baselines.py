@@ -99,15 +99,23 @@ def lightgbm_loo(
     return leave_one_out(weights, truth, fit, fitted, rows)
 
 
-def mixing_law_start(weights: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """(c, k, t) to start from: c one score range below every score, t from a line through log(y - c)."""
-    c = float(y.min()) - max(float(np.ptp(y)), 1e-6)
-    design = np.column_stack([np.ones(len(y)), weights])
-    coef, *_ = np.linalg.lstsq(design, np.log(y - c), rcond=None)
-    return np.concatenate([[c, math.exp(coef[0])], coef[1:]])
-
-
 EXPONENT_CLIP = 50.0  # t·w is clipped to ±50 so that exp never overflows while the fit wanders
+
+
+def mixing_law_start(weights: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """(c, k, t) to start from: c one score range below every score, t from a line through log(y - c).
+
+    The line is fitted on the rows scaled to sum to 1. Mixture weights sum to 1, so the intercept
+    column equals the sum of the weight columns and the least squares takes the minimum-norm
+    solution; rows written to six decimals sum to 1 ± 1e-6 instead, which made the design barely
+    regular and its intercept about 1e6 (exp overflowed). The exponent is clipped like the law's.
+    """
+    c = float(y.min()) - max(float(np.ptp(y)), 1e-6)
+    on_simplex = weights / weights.sum(axis=1, keepdims=True)
+    design = np.column_stack([np.ones(len(y)), on_simplex])
+    coef, *_ = np.linalg.lstsq(design, np.log(y - c), rcond=None)
+    scale = math.exp(min(max(float(coef[0]), -EXPONENT_CLIP), EXPONENT_CLIP))
+    return np.concatenate([[c, scale], coef[1:]])
 
 
 def mixing_law(params: np.ndarray, w: np.ndarray) -> np.ndarray:
