@@ -90,6 +90,26 @@ def test_unfinished_or_missing_runs_are_one_line_errors(tmp_path, ranked_run):
         analysis.open_run(partial)
 
 
+def test_a_rank_checks_own_directory_opens_and_reports_its_simplex(ranked_run, tmp_path):
+    """``mergeopt rank --out DIR`` without a fit: open_run reads its report (there is no mixture to
+    ask for), and report.md shows the simplex.png written beside it."""
+    import shutil
+
+    from mergeopt.reporting.run_report import write_report
+
+    for name in ("rank_report.json", "rank_pairs.csv", "rank_scatter.png"):
+        shutil.copy(ranked_run / name, tmp_path / name)
+    run = analysis.open_run(tmp_path)
+    assert run.mixture is None and run.expert_names == ["arith", "reverse", "brackets", "markov"]
+    assert analysis.rank_table(run).loc["target", "spearman"] == run.rank["metrics"]["target"]["spearman"]
+    with pytest.raises(UserError, match="no mixture.json"):
+        _ = run.weights
+    report = write_report(tmp_path).read_text()
+    assert (tmp_path / "simplex.png").is_file() and "(simplex.png)" in report
+    assert "(simplex.png)" in (ranked_run / "report.md").read_text()  # a fit's report: once, in its section
+    assert (ranked_run / "report.md").read_text().count("(simplex.png)") == 1
+
+
 def test_simplex_coordinates():
     corners = analysis.simplex_vertices(3)
     np.testing.assert_allclose(analysis.simplex_coordinates(np.eye(3)), corners)

@@ -272,7 +272,7 @@ def _print_summary(report: dict, mixture_path: Path, out: Path) -> None:
             f"\nfitted mixture ({mixture_path}): nearest grid mixture on {nearest_line(report)} at "
             f"distance {fitted['distance']:.3f}, normalized regret {fitted['regret']:.3f}"
         )
-    print(f"\nWrote {', '.join(OUTPUT_FILES)}, report.md to {out}")
+    print(f"\nWrote {', '.join(OUTPUT_FILES)}, simplex.png, report.md to {out}")
 
 
 # each mode's own options: given in the other mode they were ignored without a word (grid mode ranks

@@ -103,8 +103,12 @@ def load_run(path: str | Path, mixture: dict | None = None) -> Run:
 
 
 def open_run(path: str | Path) -> Run:
-    """A finished run: its directory must hold a mixture.json whose status is ``complete``."""
+    """A finished run: a fit's directory whose mixture.json has status ``complete``, or a rank
+    check's own (``mergeopt rank --out DIR`` without a fit), whose rank_report.json is published
+    only once the check is done."""
     root = existing_dir(path, "run directory")
+    if not (root / "mixture.json").exists() and (root / "rank_report.json").is_file():
+        return load_run(root)
     return load_run(root, read_finished_mixture(root).to_json())
 
 

@@ -99,6 +99,8 @@ def _rank_section(run: Run) -> list[str]:
         ]
     if (run.path / "rank_scatter.png").is_file():
         lines += ["![proxy against truth](rank_scatter.png)", ""]
+    if run.mixture is None and (run.path / SIMPLEX).is_file():  # a fit's report shows it in its own section
+        lines += [f"![the grid's mixtures on the simplex]({SIMPLEX})", ""]
     return lines
 
 
