@@ -193,8 +193,10 @@ def _adapter_of_a_tied_head(world, tmp):
 
 
 def _adapter_other_base(world, tmp):
+    """An adapter whose base_model_name_or_path is a local model other than the base: a fine-tune
+    of the same architecture (a copy of the base would be accepted: tests/test_lora_experts.py)."""
     other = tmp / "other-base"
-    shutil.copytree(world["base"], other)
+    shutil.copytree(world["experts"]["alpha"], other)
     return _with_expert(world, tmp, _adapter(world, tmp, base_model_name_or_path=str(other)))
 
 
@@ -659,6 +661,12 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
     "pickle without allow_pickle": ("checkpoint", "fit", _pickled, "allow_pickle"),
     # adapters
     "adapter of another base": ("adapter", "fit", _adapter_other_base, "is a LoRA adapter trained on"),
+    "adapter of another base, planned": (
+        "adapter",
+        "fit",
+        lambda w, t: [*_adapter_other_base(w, t), "--dry-run"],
+        "is a LoRA adapter trained on",  # the plan checks what the fit checks
+    ),
     "adapter for a resized vocabulary": (
         "adapter",
         "fit",

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -207,6 +209,38 @@ def test_adapter_trained_on_another_local_base_is_refused(lora_world, tmp_path):
     assert src != str(other)
     result = _cli(lora_world, tmp_path, dict(lora_world["adapters"], beta=str(other)))
     _one_line(result, "is a LoRA adapter trained on", tmp_path)
+
+
+def test_a_copy_of_the_adapters_base_is_its_base(lora_world, tmp_path):
+    """The base copied to another disk: adapters naming the original are fitted and planned on the
+    copy, with the mixture the original gives; a directory differing in one weight byte or in
+    config.json is not a copy."""
+    from mergeopt.loading.adapter_base import is_copy
+
+    original = Path(lora_world["world"]["base"])
+    copy_ = tmp_path / "base-on-nvme"
+    shutil.copytree(original, copy_)
+    assert is_copy(original, copy_)
+    on_copy = _fit(lora_world, lora_world["adapters"], tmp_path / "copy", {"base": str(copy_)})
+    on_original = _fit(lora_world, lora_world["adapters"], tmp_path / "original")
+    assert on_copy["weights"] == on_original["weights"] and on_copy["dev_loss"] == on_original["dev_loss"]
+    tree = recipe_tree(lora_world["world"], tmp_path / "plan")
+    tree["model"].update(base=str(copy_), experts=lora_world["adapters"])
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(tree))
+    planned = run_in_process("plan", str(tmp_path / "plan.yaml"))
+    assert planned.returncode == 0, planned.stderr
+
+    weights = next(copy_.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 1  # one bit in the middle of the weights
+    weights.write_bytes(bytes(data))
+    assert not is_copy(original, copy_)
+    shutil.copy(original / weights.name, weights)
+    config = json.loads((copy_ / "config.json").read_text())
+    (copy_ / "config.json").write_text(json.dumps(config | {"rms_norm_eps": 1e-3}))
+    assert not is_copy(original, copy_)
+    result = _cli(lora_world, tmp_path, dict(lora_world["adapters"]), f"model.base={copy_}")
+    _one_line(result, "not a copy of it", tmp_path)
 
 
 def test_pickled_checkpoints_need_allow_pickle(lora_world, tmp_path):

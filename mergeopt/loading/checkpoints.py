@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 from mergeopt.errors import UserError
 from mergeopt.inputs import existing_dir, safetensors_header
+from mergeopt.loading.adapter_base import check_adapter_base
 from mergeopt.loading.base_model import meta_model
 from mergeopt.loading.conversions import plan_conversions, read_converted, read_converted_rows
 from mergeopt.loading.lora import read_adapter
@@ -327,15 +328,6 @@ def open_all(base_path: str | Path, experts: dict[str, str]) -> tuple[Checkpoint
     return base, opened
 
 
-def _check_adapter_base(adapter: LoraAdapter, base: Checkpoint, name: str) -> None:
-    """An adapter that names a local base directory must name the recipe's base."""
-    named = adapter.base_model
-    if named and Path(named).is_dir() and Path(named).resolve() != base.path.resolve():
-        raise UserError(
-            f"expert {name!r} ({adapter.path}) is a LoRA adapter trained on {named}, not on the base {base.path}"
-        )
-
-
 def gguf_base(base_path: str | Path, gguf_file: str, trust_remote_code: bool = False) -> Checkpoint:
     """A GGUF base described without reading its weights: the architecture on the meta device.
 
@@ -385,7 +377,7 @@ def open_experts(
     for name, path in experts.items():
         if is_adapter(path):
             adapters[name] = read_adapter(path, shapes, allow_pickle, tied, model or architecture)
-            _check_adapter_base(adapters[name], base, name)
+            check_adapter_base(adapters[name].base_model, Path(path), base.path, name)
         else:
             dense[name] = open_checkpoint(path, allow_pickle, role=f"model.experts.{name}")
             check_compatible_as_stored(base, dense[name], name, model)

@@ -23,6 +23,7 @@ from mergeopt import inputs, worlds
 from mergeopt.config import Recipe, load_recipe
 from mergeopt.errors import UserError, warn
 from mergeopt.inputs import existing_file, writable_dir
+from mergeopt.loading.adapter_base import check_adapter_base
 from mergeopt.loading.base_model import meta_model
 from mergeopt.loading.checkpoints import (
     INDEX_FILE,
@@ -179,6 +180,8 @@ def read_inventory(recipe: Recipe) -> tuple[Inventory, Dims]:
         base = under_model_names(base, stored_as)  # the model's names and shapes (fused experts)
     # one line for a malformed adapter_config.json, as in the fit
     configs = {name: read_adapter_config(Path(path)) for name, path in adapters.items()}
+    for name, path in adapters.items():  # the fit's check, before it reads a weight
+        check_adapter_base(configs[name].get("base_model_name_or_path"), Path(path), base.path, name)
     sizes = {
         name: _copies_resolved(
             factor_sizes(path, bool(configs[name].get("fan_in_fan_out")), model, configs[name]), path, base
