@@ -318,17 +318,12 @@ def _closing_losses(problem, weights: torch.Tensor, batch: int) -> tuple[dict, d
 
 def _stack_record(stack, stack_dtype: str) -> dict:
     """mixture.json's ``stack``: what was stacked, how much of it, in which dtypes."""
-    lowrank = stack.lowrank
+    layout = stack.layout()
     return {
-        "tensors": len(stack.deltas),
+        "tensors": layout.pop("tensors"),
         "parameters": stack.num_stacked_parameters(),
         "bytes": stack.nbytes(),
-        "excluded": len(stack.excluded),
-        "unchanged": len(stack.unchanged),
-        "shared": len(stack.shared),
-        "lowrank_modules": len(lowrank.modules) if lowrank is not None else 0,
-        # LoRA of whole parameters (a mixture of experts' fused expert weights) kept low-rank
-        "lowrank_parameters": len(lowrank.parameters) if lowrank is not None else 0,
+        **layout,
         "dtypes": {  # storage, fit steps, loss evaluations (mergeopt.merging.eval_dtype)
             "stack": stack_dtype,
             "compute": str(stack.compute_dtype).removeprefix("torch."),

@@ -303,6 +303,14 @@ BAD_MIXTURES = {
         "different merge than the recipe describes (merge.method: 'ties' in the mixture, 'linear' in the recipe)",
     ),
     "other exclude": (_run_excluded_norms, "model.exclude ['norm'] but the recipe has []"),
+    # the same names, other checkpoints: fitted on LoRA adapters, the recipe names dense experts
+    "other experts": (
+        lambda t: _mixture_file(
+            t, WEIGHTS, stack={"tensors": 0, "lowrank_modules": 12, "unchanged": 21, "excluded": 0}
+        ),
+        "fitted on other experts than the recipe names (0 stacked tensors, 12 low-rank modules, "
+        "21 unchanged there, 21 stacked tensors, 0 low-rank modules, 0 unchanged here)",
+    ),
 }
 
 

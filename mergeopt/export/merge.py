@@ -4,7 +4,8 @@ fit scores merges in memory and writes none; to evaluate the chosen mixture's me
 tools, or to ship it, it must exist as a Hugging Face checkpoint. This command builds θ(w) with the
 same code as fit (:func:`mergeopt.loading.problem.load_merge`: the recipe's base, experts, exclusions,
 ``stack_dtype``, merge section and seed), so ``--mixture RUN/mixture.json`` writes exactly the model
-fit scored; a mixture.json whose recorded merge differs from the recipe's is refused.
+fit scored; a mixture.json whose recorded merge, or whose stack's layout, differs from the
+recipe's is refused.
 
 DIR receives config.json, the weights as safetensors (sharded above 5 GB, with
 model.safetensors.index.json), the base's tokenizer, and ``mergeopt_merge.json`` saying where the
@@ -29,6 +30,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +144,33 @@ def check_same_merge(mixture: MixtureFile, path: Path, recipe: Recipe) -> None:
             "model.experts in the fitted order"
         )
     _check_run_recipe(path.parent / "recipe.yaml", recipe)
+
+
+@dataclass(frozen=True)
+class FittedStack:
+    """mixture.json's ``stack`` record and where it was read, for :func:`check_same_stack`."""
+
+    source: Path
+    record: Mapping[str, Any]
+
+
+def _describe_layout(layout: Mapping[str, Any]) -> str:
+    return (
+        f"{layout.get('tensors', 0)} stacked tensors, {layout.get('lowrank_modules', 0)} low-rank "
+        f"modules, {layout.get('unchanged', 0)} unchanged"
+    )
+
+
+def check_same_stack(fitted: FittedStack, layout: Mapping[str, int]) -> None:
+    """The recipe's experts stack as the fitted ones did (the tensor counts of mixture.json's
+    ``stack``). Names alone do not say so: a run fitted on dense experts and a recipe naming LoRA
+    adapters under the same names would write a merge the fit never scored."""
+    differ = [k for k, v in layout.items() if k in fitted.record and fitted.record[k] != v]
+    if differ:
+        raise UserError(
+            f"{fitted.source} was fitted on other experts than the recipe names ({_describe_layout(fitted.record)} "
+            f"there, {_describe_layout(layout)} here); merge with the recipe the run was fitted with, its recipe.yaml"
+        )
 
 
 def _check_run_recipe(path: Path, recipe: Recipe) -> None:
@@ -261,12 +290,14 @@ def materialize(
     progress: bool = True,
     log: Callable[[str], None] = print,
     as_adapter: bool = False,
+    fitted: FittedStack | None = None,
 ) -> dict:
     """Merge at ``weights`` (on the simplex, every expert named) and write DIR; returns the manifest.
 
     ``recipe`` has its world paths resolved. The model holds θ(w) in the compute dtype after the
     merge (merged in float32, parameter by parameter) and is cast to ``dtype`` only for writing.
-    ``as_adapter``: DIR is one LoRA adapter instead (see the module's docstring).
+    ``as_adapter``: DIR is one LoRA adapter instead (see the module's docstring). ``fitted``: the
+    stack the mixture was fitted on, refused before anything is written when the recipe's differs.
     """
     from mergeopt.loading.problem import check_mergeable, load_merge
 
@@ -281,6 +312,8 @@ def materialize(
     )
     dtype = output_dtype(dtype, base.config)
     model, stack, tokenizer, _ = load_merge(recipe, progress)
+    if fitted is not None:
+        check_same_stack(fitted, stack.layout())
     w = torch.tensor([weights[n] for n in stack.expert_names], dtype=torch.float64)
     log(f"merging {stack.num_experts} experts ({stack.method['name']}) at " + _format(weights))
     stack.write_mixture(w)
@@ -361,7 +394,9 @@ def run(args: argparse.Namespace) -> int:
         mixture = read_finished_mixture(mixture_path)
         weights = check_mixture(mixture.weights, recipe.expert_names, str(mixture_path), args.normalize)
         check_same_merge(mixture, mixture_path, recipe)
+        fitted = FittedStack(mixture_path, mixture.stack) if mixture.stack else None
     else:
+        fitted = None
         weights = check_mixture(parse_weights(args.weights), recipe.expert_names, "--weights", args.normalize)
     writable_dir(Path(args.out), "--out")
     with owned(args.out, "merge", "--out") as out:
@@ -384,6 +419,7 @@ def run(args: argparse.Namespace) -> int:
             not args.quiet,
             log,
             args.as_adapter,
+            fitted,
         )
     return 0
 

@@ -104,6 +104,20 @@ class TaskVectorStack:
         dense = sum(t.numel() * t.element_size() for t in tensors)
         return dense + (self.lowrank.nbytes() if self.lowrank is not None else 0)
 
+    def layout(self) -> dict[str, int]:
+        """How many tensors went where, independent of dtype and of how many ranks share them:
+        mixture.json's record of what a fit stacked, which a later merge compares with its own."""
+        lowrank = self.lowrank
+        return {
+            "tensors": len(self.deltas),
+            "excluded": len(self.excluded),
+            "unchanged": len(self.unchanged),
+            "shared": len(self.shared),
+            "lowrank_modules": len(lowrank.modules) if lowrank is not None else 0,
+            # LoRA of whole parameters (a mixture of experts' fused expert weights) kept low-rank
+            "lowrank_parameters": len(lowrank.parameters) if lowrank is not None else 0,
+        }
+
     def coefficients(self, weights: torch.Tensor) -> torch.Tensor:
         """w as the merge uses it: reweighted by the mixup draw when there is one."""
         if weights.shape != (self.num_experts,):
