@@ -184,6 +184,27 @@ def json_file(path: str | os.PathLike, what: str, kind: type = dict) -> Any:
     return data
 
 
+# the files a Hugging Face tokenizer is saved as (fast, SentencePiece, byte-level BPE vocabularies)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def tokenizer_error(path: str | os.PathLike, err: Exception, what: str) -> UserError:
+    """One line for a tokenizer transformers cannot load from ``path`` (the ``what``).
+
+    A directory without any tokenizer file is said so: transformers' own message then begins
+    "Couldn't instantiate the backend tokenizer from one of:" and lists the options on the lines
+    after it. Otherwise transformers' message, its lines folded into one.
+    """
+    directory = Path(path)
+    if directory.is_dir() and not any((directory / f).is_file() for f in TOKENIZER_FILES):
+        return UserError(
+            f"{what} {path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save it beside "
+            "the weights, as tokenizer.save_pretrained(DIR) does"
+        )
+    detail = " ".join(str(err).split())[:300] or type(err).__name__
+    return UserError(f"cannot load a tokenizer from {what} {path}: {detail}")
+
+
 def safetensors_header(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], str]]:
     """Name -> (shape, dtype) of every tensor in a safetensors file; a truncated or damaged file is
     one line (safetensors checks that the header's offsets cover the file exactly)."""

@@ -200,6 +200,12 @@ def _adapter_other_base(world, tmp):
     return _with_expert(world, tmp, _adapter(world, tmp, base_model_name_or_path=str(other)))
 
 
+def _base_without_tokenizer(world, tmp):
+    base = tmp / "base-without-tokenizer"
+    shutil.copytree(world["base"], base, ignore=shutil.ignore_patterns("tokenizer*", "*.jinja", "vocab.json"))
+    return [_recipe(world, tmp), f"model.base={base}"]
+
+
 def _empty_dir(path: Path) -> str:
     path.mkdir()
     return str(path)
@@ -660,6 +666,7 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
     ),
     "pickle without allow_pickle": ("checkpoint", "fit", _pickled, "allow_pickle"),
     # adapters
+    "base without a tokenizer": ("checkpoint", "fit", _base_without_tokenizer, "holds no tokenizer (none of"),
     "adapter of another base": ("adapter", "fit", _adapter_other_base, "is a LoRA adapter trained on"),
     "adapter of another base, planned": (
         "adapter",

@@ -14,7 +14,7 @@ import torch
 
 from mergeopt.config import Recipe
 from mergeopt.errors import UserError
-from mergeopt.inputs import torchrun_variable
+from mergeopt.inputs import tokenizer_error, torchrun_variable
 from mergeopt.loading.checkpoints import Checkpoint, open_experts
 from mergeopt.loading.devices import check_compute_dtype, check_eval_dtype, resolve_device
 from mergeopt.loading.lora_updates import LoraAdapter
@@ -62,8 +62,11 @@ def _load_tokenizer(path: str, trust_remote_code: bool, gguf_file: str | None = 
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **gguf)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot load a tokenizer from the base {path}: {first}") from None
+        if gguf_file:  # the tokenizer is inside the GGUF file, not beside it
+            raise UserError(
+                f"cannot load a tokenizer from {path}/{gguf_file}: {' '.join(str(err).split())[:300]}"
+            ) from None
+        raise tokenizer_error(path, err, "the base") from None
 
 
 def _open_checked(recipe: Recipe) -> tuple[Experts, object]:
