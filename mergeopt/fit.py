@@ -221,9 +221,13 @@ def _search_and_write(
 def _stack_line(problem: Problem) -> str:
     """What was stacked, where, in one log line."""
     stack, names = problem.stack, problem.stack.expert_names
+    # model.shard: fsdp keeps 1/N of every matrix on each rank, and the counts are this rank's
+    where = f"on {problem.device}"
+    if stack.shard is not None:
+        where = f"on this rank ({problem.device}), which holds 1/{stack.shard[1]} of each matrix"
     return (
         f"stacked {len(stack.deltas)} tensors ({stack.num_stacked_parameters():,} parameters x {len(names)} experts, "
-        f"{stack.nbytes() / 2**20:,.1f} MiB) on {problem.device}; "
+        f"{stack.nbytes() / 2**20:,.1f} MiB) {where}; "
         f"{len(stack.excluded)} excluded, {len(stack.unchanged) + len(stack.shared)} equal in every expert"
         + (
             f"; {len(stack.lowrank.modules)} modules with LoRA experts kept low-rank"

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from mergeopt.config import load_recipe, recipe_from_dict
@@ -169,3 +170,23 @@ def test_debug_shows_the_traceback(random_world, tmp_path):
 def test_bad_override_on_the_command_line(tmp_path):
     result = run_cli(str(TINY), "optim.lr=fast")
     assert_user_error(result, "optim.lr", "(set on the command line)")
+
+
+def test_the_stack_line_says_when_its_counts_are_one_ranks():
+    """Under model.shard: fsdp each rank holds 1/N of every matrix: the line says its numbers are
+    this rank's, not the model's (they read as half the model's with 2 ranks)."""
+    from types import SimpleNamespace
+
+    from mergeopt.fit import _stack_line
+    from mergeopt.merging.stack import TaskVectorStack
+
+    def line(shard):
+        stack = TaskVectorStack(
+            ["a", "b"], {"w": torch.zeros(4, 8)}, {"w": torch.zeros(1, 4, 8)}, shard=shard
+        )
+        return _stack_line(SimpleNamespace(stack=stack, device=torch.device("cpu")))
+
+    assert line(None).startswith("stacked 1 tensors (32 parameters x 2 experts, 0.0 MiB) on cpu; 0 excluded")
+    assert line((1, 2)).startswith(
+        "stacked 1 tensors (32 parameters x 2 experts, 0.0 MiB) on this rank (cpu), which holds 1/2 of each matrix;"
+    )
