@@ -127,8 +127,36 @@ def test_overrides_index_lists_as_errors_name_their_items(tmp_path):
 
 
 def test_unknown_override_says_it_came_from_the_command_line(tmp_path):
-    with pytest.raises(UserError, match=r"optim\.lrr: unknown key \(set on the command line\)"):
+    with pytest.raises(
+        UserError, match=r"optim\.lrr: unknown key \(did you mean 'lr'\?\) \(set on the command line\)"
+    ):
         load_recipe(write(tmp_path, MINIMAL), ["optim.lrr=0.1"])
+    with pytest.raises(
+        UserError, match=r"modle: unknown key \(did you mean 'model'\?\) \(set on the command line\)"
+    ):
+        load_recipe(write(tmp_path, MINIMAL), ["modle.base=x"])
+
+
+def test_a_misspelt_key_is_the_error_not_the_key_it_left_missing(tmp_path):
+    """``modle:`` for ``model:`` leaves model missing too: the typo is named, with the key it meant,
+    in a section (``model.expert``) and in a list's item (``data.dev.0.pth``) alike."""
+    recipe = MINIMAL.replace("model:", "modle:", 1)
+    with pytest.raises(UserError, match=r"r\.yaml: modle: unknown key \(did you mean 'model'\?\)$"):
+        load_recipe(write(tmp_path, recipe))
+    with pytest.raises(UserError, match=r"r\.yaml: model\.expert: unknown key \(did you mean 'experts'\?\)$"):
+        load_recipe(write(tmp_path, MINIMAL.replace("experts:", "expert:", 1)))
+    with pytest.raises(UserError, match=r"data\.dev\.0\.pth: unknown key \(did you mean 'path'\?\)$"):
+        load_recipe(write(tmp_path, MINIMAL.replace("path:", "pth:", 1)))
+    with pytest.raises(UserError, match=r"optim\.zzz: unknown key$"):  # nothing close: no guess
+        load_recipe(write(tmp_path, MINIMAL + "optim:\n  zzz: 1\n"))
+
+
+def test_a_list_key_given_one_value_says_list(tmp_path):
+    with pytest.raises(
+        UserError,
+        match=r"model\.exclude: should be a list, such as \[a, b\] \(YAML\), got 'lm_head' \(set on the command line\)",
+    ):
+        load_recipe(write(tmp_path, MINIMAL), ["model.exclude=lm_head"])
 
 
 def test_a_section_check_of_an_overridden_key_says_it_came_from_the_command_line(tmp_path):

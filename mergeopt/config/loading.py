@@ -4,13 +4,14 @@ validation errors turned into one line that names the file and the key.
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from mergeopt.config.recipe import Recipe
 from mergeopt.errors import UserError
@@ -81,21 +82,55 @@ def _apply_override(tree: dict[str, Any], dotted: str, value: Any) -> None:
         node = child
 
 
+def _section_model(parts: Sequence[str | int]) -> type[BaseModel] | None:
+    """The recipe section that ``parts`` (an error's location, list indices included) leads to."""
+    section: type[BaseModel] | None = Recipe
+    for part in parts:
+        if isinstance(part, int) or section is None:
+            continue  # a list's item: its section is the list's own
+        field = section.model_fields.get(str(part))
+        section = None if field is None else _first_model(field.annotation)
+    return section
+
+
+def _first_model(annotation: Any) -> type[BaseModel] | None:
+    """The section class inside an annotation (``X | None``, ``list[X]``, ``dict[str, X]``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for inner in get_args(annotation):
+        found = _first_model(inner)
+        if found is not None:
+            return found
+    return None
+
+
+def _unknown_key(loc: tuple) -> str:
+    """'unknown key', with the section's key it is most likely a typo of."""
+    section = _section_model(loc[:-1])
+    keys = [] if section is None else [f.alias or n for n, f in section.model_fields.items()]
+    close = difflib.get_close_matches(str(loc[-1]), keys, n=1, cutoff=0.6)
+    return f"unknown key (did you mean {close[0]!r}?)" if close else "unknown key"
+
+
 def _describe(error: dict[str, Any]) -> tuple[str, str]:
     loc = ".".join(str(p) for p in error["loc"])
     if error["type"] == "extra_forbidden":
-        return loc, "unknown key"
+        return loc, _unknown_key(tuple(error["loc"]))
     if error["type"] == "missing":
         return loc, "required key is missing"
+    if error["type"] in ("tuple_type", "list_type"):  # pydantic says "tuple" of a field users write as a list
+        return loc, f"should be a list, such as [a, b] (YAML), got {error['input']!r}"
     msg = error["msg"].removeprefix("Value error, ")
     return loc, msg
 
 
 def _set_by(key: str, loc: str, msg: str) -> bool:
     """Whether an error at ``loc`` saying ``msg`` is about the overridden ``key``: the key itself or
-    a key inside it, or a section's check (``weights`` for ``weights.init``) that names the key."""
+    a key inside it, a section's check (``weights`` for ``weights.init``) that names the key, or an
+    unknown section the key made (``modle`` for ``modle.base``)."""
+    above = key.startswith(f"{loc}." if loc else "")
     return (
-        loc == key or loc.startswith(key + ".") or (key.startswith(f"{loc}." if loc else "") and key in msg)
+        loc == key or loc.startswith(key + ".") or (above and (key in msg or msg.startswith("unknown key")))
     )
 
 
@@ -106,7 +141,10 @@ def recipe_from_dict(
     try:
         return Recipe.model_validate(tree)
     except ValidationError as err:
-        loc, msg = _describe(err.errors()[0])
+        errors = err.errors()
+        # a misspelt key also leaves the key it meant missing: the typo is the error to show
+        unknown = [e for e in errors if e["type"] == "extra_forbidden"]
+        loc, msg = _describe((unknown or errors)[0])
         where = f"{source}: {loc}" if loc else source
         origin = " (set on the command line)" if any(_set_by(k, loc, msg) for k in overridden) else ""
         raise UserError(f"{where}: {msg}{origin}") from None
