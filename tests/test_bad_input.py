@@ -666,6 +666,12 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
     ),
     "pickle without allow_pickle": ("checkpoint", "fit", _pickled, "allow_pickle"),
     # adapters
+    "base given as a hub name": (
+        "checkpoint",
+        "fit",
+        lambda w, t: [_recipe(w, t), "model.base=HuggingFaceTB/SmolLM2-135M-Instruct"],
+        "it reads as a Hugging Face hub name, but mergeopt downloads nothing: fetch it first (hf download",
+    ),
     "base without a tokenizer": ("checkpoint", "fit", _base_without_tokenizer, "holds no tokenizer (none of"),
     "adapter of another base": ("adapter", "fit", _adapter_other_base, "is a LoRA adapter trained on"),
     "adapter of another base, planned": (

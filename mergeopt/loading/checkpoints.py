@@ -12,6 +12,7 @@ base's tensor shapes and, when the adapter names a local base directory, against
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -147,6 +148,14 @@ def _open_pickled(path: Path, config: dict) -> Checkpoint:
     return Checkpoint(path=path, config=config, tensors=tensors, _loaded=loaded)
 
 
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name, as the hub spells a repository
+
+
+def looks_like_hub_name(path: str | Path) -> bool:
+    """A path that does not exist and reads as ``owner/name``: a hub repository given for a directory."""
+    return HUB_NAME.fullmatch(str(path)) is not None and not Path(path).exists()
+
+
 def _labelled(role: str | None, message: str) -> str:
     """``message`` after the recipe key it is about, when there is one."""
     return message if role is None else f"{role}: {message}"
@@ -158,6 +167,15 @@ def open_checkpoint(path: str | Path, allow_pickle: bool = False, role: str | No
     ``role``: the recipe key that names it (``model.base``, ``model.experts.math``), said first in
     the refusal of a path that is missing or not a checkpoint, so the user knows which line to fix.
     """
+    if looks_like_hub_name(path):
+        raise UserError(
+            _labelled(
+                role,
+                f"checkpoint directory {path} does not exist; it reads as a Hugging Face hub "
+                f"name, but mergeopt downloads nothing: fetch it first (hf download {path} --local-dir DIR) "
+                "and give DIR",
+            )
+        )
     path = existing_dir(path, _labelled(role, "checkpoint directory"))
     config_file = path / "config.json"
     if not config_file.is_file():
