@@ -1370,6 +1370,21 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         lambda w, t: [_recipe(w, t), f"model.experts.beta={w['experts']['alpha']}"],
         "experts 'alpha' and 'beta' are identical in every merged parameter",
     ),
+    "two experts, one checkpoint": (  # no parameter differs at all: the pair is still named
+        "checkpoint",
+        "fit",
+        lambda w, t: [
+            _recipe(w, t),
+            f"model.experts={{alpha: {w['experts']['alpha']}, beta: {w['experts']['alpha']}}}",
+        ],
+        "experts 'alpha' and 'beta' are identical in every merged parameter",
+    ),
+    "every expert the base": (
+        "checkpoint",
+        "fit",
+        lambda w, t: [_recipe(w, t), f"model.experts={{alpha: {w['base']}, beta: {w['base']}}}"],
+        "the experts 'alpha', 'beta' do not differ from the base in any merged parameter",
+    ),
     "two experts with identical tensors": (
         "checkpoint",
         "merge",

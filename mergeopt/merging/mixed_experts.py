@@ -30,7 +30,7 @@ from mergeopt.merging.lowrank_parameters import (
     build_parameter_factors,
     split_parameter_lora,
 )
-from mergeopt.merging.sameness import check_lowrank_adapters
+from mergeopt.merging.sameness import check_lowrank_adapters, nothing_to_merge
 from mergeopt.merging.sharded_merge import shard_parameter_factors, shard_parameter_lora
 from mergeopt.merging.stack import TaskVectorStack, anchor_dtype_for, describe
 from mergeopt.merging.stacking import build_stack, excluded
@@ -172,9 +172,7 @@ def build_expert_stack(
         if low.parameter_targets:
             _merge_parameter_factors(model, stack, merge.scale, shard, _BaseView(model, base, device))
         if not stack.deltas and not stack.lowrank.modules and not stack.lowrank.parameters:
-            raise UserError(
-                "the experts do not differ in any merged parameter (after exclusions): nothing to merge"
-            )
+            raise nothing_to_merge(list(names), bool(stack.shared))
     return stack
 
 

@@ -89,6 +89,23 @@ def identical(first: str, second: str) -> UserError:
     )
 
 
+def nothing_to_merge(names: Sequence[str], shared: bool) -> UserError:
+    """No merged parameter differs between the experts. ``shared``: some differ from the base, so the
+    experts are all one model (named, as :func:`identical` names two); else they are all the base
+    where the recipe lets them be merged."""
+    if shared:
+        if len(names) == 2:
+            return identical(names[0], names[1])
+        return UserError(
+            f"the experts {', '.join(map(repr, names))} are identical in every merged parameter (one "
+            "checkpoint under several names?): every mixture merges to the same model; keep one of them"
+        )
+    return UserError(
+        f"the experts {', '.join(map(repr, names))} do not differ from the base in any merged parameter "
+        "(after model.exclude): nothing to merge"
+    )
+
+
 def check_lowrank_adapters(
     adapters: Mapping[str, LoraAdapter], dense_changed: Mapping[str, bool] | None = None
 ) -> None:

@@ -17,7 +17,6 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from mergeopt.config import MergeSection
-from mergeopt.errors import UserError
 from mergeopt.loading.checkpoints import Checkpoint
 from mergeopt.loading.sharded_load import BaseSource, fill
 from mergeopt.merging.differences import linear_differences, prepared_differences
@@ -25,7 +24,7 @@ from mergeopt.merging.int8_rows import num_rows, quantize_rows
 from mergeopt.merging.layer_merge import MergedParameter, attach
 from mergeopt.merging.methods import get_method
 from mergeopt.merging.methods.dare import parameter_generator
-from mergeopt.merging.sameness import Sameness
+from mergeopt.merging.sameness import Sameness, nothing_to_merge
 from mergeopt.merging.sharded_merge import ShardedMergedParameter, block_range, keep_block, padded
 from mergeopt.merging.stack import TaskVectorStack, anchor_dtype_for, describe
 from mergeopt.runtime.resume import check_interrupt_alone
@@ -100,9 +99,7 @@ def build_stack(
         check_interrupt_alone("stacking the experts")  # minutes on a large model: stop within a tensor
         stacking.parameter(pname, excluded(pname, patterns))
     if not stack.deltas and not allow_empty:
-        raise UserError(
-            "the experts do not differ in any merged parameter (after exclusions): nothing to merge"
-        )
+        raise nothing_to_merge(names, bool(stack.shared))
     stacking.sameness.check(stacking.collective)
     return stack
 
