@@ -39,7 +39,7 @@ def _out(parser: argparse.ArgumentParser, what: str, **kwargs) -> None:
     parser.add_argument("--out", metavar="DIR", help=what, **kwargs)
 
 
-def _world_size(parser: argparse.ArgumentParser) -> None:
+def _world_size(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     parser.add_argument(
         "--world-size",
         type=_positive_int,
@@ -48,7 +48,7 @@ def _world_size(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _device_memory(parser: argparse.ArgumentParser) -> None:
+def _device_memory(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     parser.add_argument(
         "--device-memory",
         type=_positive_float,
@@ -114,9 +114,12 @@ def _fit(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--restart", action="store_true", help="ignore a checkpoint in output_dir and start over")
     p.add_argument("--dry-run", action="store_true", help="print the memory plan instead (= mergeopt plan)")
-    _world_size(p)
-    _device_memory(p)
-    _plan_json(p)
+    plan = p.add_argument_group(
+        "with --dry-run", "the memory plan's options; a fit refuses them without --dry-run"
+    )
+    _world_size(plan)
+    _device_memory(plan)
+    _plan_json(plan)
 
 
 def _plan(p: argparse.ArgumentParser) -> None:
@@ -126,7 +129,7 @@ def _plan(p: argparse.ArgumentParser) -> None:
     _plan_json(p)
 
 
-def _plan_json(p: argparse.ArgumentParser) -> None:
+def _plan_json(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     p.add_argument(
         "--json",
         action="store_true",

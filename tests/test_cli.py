@@ -236,3 +236,16 @@ def test_quiet_silences_library_progress_bars(quiet):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr
     assert ("a library's bar" in done.stderr) is not quiet, done.stderr
+
+
+def test_fits_help_groups_the_plans_options_under_dry_run():
+    """--world-size, --device-memory and --json only shape a --dry-run's plan (a fit refuses them):
+    fit --help lists them under that heading, not beside --resume."""
+    from mergeopt.cli import command_parser
+
+    help_text = command_parser("fit").format_help()
+    options = help_text[help_text.index("\noptions:") :]  # past the usage line, which lists every option
+    before, heading, plan_part = options.partition("with --dry-run:")
+    assert heading and "--resume" in before
+    for option in ("--world-size N", "--device-memory GIB", "--json"):
+        assert option in plan_part and option not in before
