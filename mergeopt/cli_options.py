@@ -10,6 +10,7 @@ module imports neither torch nor a verb's module: ``--help`` answers at once.
 from __future__ import annotations
 
 import argparse
+import textwrap
 from collections.abc import Callable
 
 from mergeopt import inputs
@@ -202,8 +203,16 @@ def _export(p: argparse.ArgumentParser) -> None:
     from mergeopt.export.formats import FORMATS
     from mergeopt.export.shares import DEFAULT_MAX_EPOCHS
 
-    formats = "Formats: " + ", ".join(f"{f.name} ({f.meaning})" for f in FORMATS.values())
-    p.epilog = f"{p.epilog} {formats}" if p.epilog else formats
+    width = max(len(name) for name in FORMATS) + 2
+    formats = "\n".join(
+        textwrap.fill(
+            f.meaning, 79, initial_indent=f"  {f.name:<{width}}", subsequent_indent=" " * (width + 2)
+        )
+        for f in FORMATS.values()
+    )
+    # one format a line, under the example: argparse would run the list and the example together
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = "\n\n".join(filter(None, [p.epilog, f"Formats (--to):\n{formats}"]))
     p.add_argument("mixture", help="a fit's mixture.json (or its run directory)")
     p.add_argument("--to", required=True, help=f"format: {', '.join(FORMATS)}, or all (with --out DIR)")
     p.add_argument(
