@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
@@ -27,7 +29,7 @@ from safetensors.torch import load_file
 from mergeopt.errors import UserError, run_cli
 from mergeopt.export.command import main
 from mergeopt.export.formats import FORMATS
-from mergeopt.export.formats.open_instruct import fraction_string
+from mergeopt.export.formats.open_instruct import fraction_string, fraction_strings
 from mergeopt.export.shares import apportion, make_plan
 from mergeopt.export.token_stats import DomainStats, measure
 from mergeopt.objectives.data import tokenize
@@ -116,6 +118,30 @@ def test_open_instruct_fraction_reads_back_as_the_count(pair):
     text = fraction_string(count, size)
     assert "." in text and float(text) <= 1.0
     assert int(float(text) * size) == count  # open-instruct: int(frac * len(dataset))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.integers(1, 10**9).flatmap(lambda n: st.tuples(st.integers(0, n), st.just(n))),
+        min_size=1,
+        max_size=5,
+    )
+)
+def test_open_instruct_fractions_share_one_number_of_decimals(pairs):
+    counts = {str(i): count for i, (count, _) in enumerate(pairs)}
+    sizes = {str(i): size for i, (_, size) in enumerate(pairs)}
+    texts = fraction_strings(counts, sizes)
+    assert len({len(t.split(".")[1]) for t in texts.values()}) == 1
+    assert all(int(float(texts[n]) * sizes[n]) == counts[n] and float(texts[n]) <= 1.0 for n in counts)
+
+
+def test_open_instruct_fractions_of_a_walkthrough_read_evenly():
+    """190, 233 and 600 of 600 samples: 233/600 has no short decimal that reads back alone at
+    its own length (0.388... rounds down), which once gave '0.38916666666666666' beside '0.317'."""
+    sizes = dict.fromkeys(("code", "prose", "math"), 600)
+    texts = fraction_strings({"code": 190, "prose": 233, "math": 600}, sizes)
+    assert texts == {"code": "0.317", "prose": "0.389", "math": "1.000"}
 
 
 def test_no_repeat_counts_never_exceed_a_dataset():
@@ -388,6 +414,7 @@ def test_open_instruct_fractions_and_counts(world, tmp_path):
     assert set(config) == {"dataset_mixer_list", "dataset_mixer_list_splits"}
     mixer = config["dataset_mixer_list"]
     assert all(isinstance(v, str) and "." in v and float(v) <= 1.0 for v in mixer[1::2])
+    assert mixer[1::2] == ["1.000", "0.841", "0.597"]  # one number of decimals for every dataset
     assert _open_instruct_counts(mixer, SIZES) == make_plan(WEIGHTS, "tokens", stats).no_repeat_counts()
     mixer = yaml_body(export(world, "open-instruct", tmp_path, "--budget-tokens", "50000"))[
         "dataset_mixer_list"
@@ -608,6 +635,41 @@ def test_mergekit_lora_expert_is_base_plus_adapter(tmp_path, random_world):
     config = _merge_configuration().model_validate(tree)
     lora = config.models[2].model
     assert str(lora.model.path) == random_world["base"] and str(lora.lora.path) == str(adapter)
+
+
+def test_mergekit_lora_experts_merge_with_the_headers_command(tmp_path, random_world):
+    """For LoRA experts the header's ``mergekit-yaml`` command passes ``--lora-merge-cache``, and run
+    as written (mergekit's own console script, placeholders filled in) it merges θ0 + Σ w_i τ_i, each
+    adapter's τ its PEFT merge; the same command without the cache fails as the header says."""
+    pytest.importorskip("peft")
+    pytest.importorskip("mergekit.scripts.run_yaml")
+    from tests.test_lora_experts import save_experts
+
+    adapters, dense = save_experts(random_world, tmp_path, ["q_proj", "v_proj"])
+    _mergekit_yaml(tmp_path, {**random_world, "experts": adapters}, {"name": "linear", "scale": 1.0})
+    text = (tmp_path / "mergekit.yaml").read_text()
+    assert f"# {', '.join(adapters)}: PEFT LoRA adapters, written BASE+ADAPTER;" in text
+    (command,) = [
+        line[len("# merge with: ") :] for line in text.splitlines() if line.startswith("# merge with: ")
+    ]
+    assert (
+        command == f"mergekit-yaml {tmp_path / 'mergekit.yaml'} OUTPUT_DIR --lora-merge-cache LORA_CACHE_DIR"
+    )
+    script = str(Path(sys.executable).parent / "mergekit-yaml")
+    filled = command.replace("OUTPUT_DIR", str(tmp_path / "merged")).replace(
+        "LORA_CACHE_DIR", str(tmp_path / "cache")
+    )
+    done = subprocess.run([script, *filled.split()[1:]], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    base = load_file(Path(random_world["base"]) / "model.safetensors")
+    experts = [load_file(Path(dense[n]) / "model.safetensors") for n in adapters]
+    for name, theta0 in base.items():
+        expected = theta0 + sum(w * (e[name] - theta0) for w, e in zip((0.2, 0.5, 0.3), experts))
+        assert (merged[name] - expected).abs().max().item() <= 1e-5, name
+    uncached = [script, str(tmp_path / "mergekit.yaml"), str(tmp_path / "merged2")]
+    failed = subprocess.run(uncached, capture_output=True, text=True, timeout=300)
+    assert failed.returncode != 0 and "Need to specify cache dir to merge adapters" in failed.stderr
 
 
 def test_a_save_to_disk_directory_counts_as_its_jsonl(tmp_path):

@@ -8,6 +8,7 @@ brings it back. A repeated-but-allowed budget exits 0 and warns with each datase
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -107,9 +108,22 @@ def test_unreadable_and_malformed_datasets(tmp_path, capsys, files):
     text.write_text("plain text\n")
     argv = [str(run(tmp_path)), "--to", "hf-datasets", "--tokenizer", files["tokenizer"]]
     fails(capsys, tmp_path, [*argv, *datasets_args(files, b=str(text))], "b.txt: cannot read .txt data")
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n" + json.dumps({"prompt": "q"}) + "\n")
-    fails(capsys, tmp_path, [*argv, *datasets_args(files, b=str(bad))], "bad.jsonl: record 2")
+    bad = tmp_path / "bad.jsonl"  # the second record, on the third line: named by its line
+    bad.write_text(
+        json.dumps({"prompt": "p", "completion": "c"}) + "\n\n" + json.dumps({"prompt": "q"}) + "\n"
+    )
+    line = fails(capsys, tmp_path, [*argv, *datasets_args(files, b=str(bad))], f"{bad.resolve()}:3: ")
+    assert line == f"mergeopt: error: {_dev_set_error(bad.resolve())}"  # fit's words for the same file
+
+
+def _dev_set_error(path: Path) -> str:
+    """What fit says of ``path`` as a dev set (FILE:LINE: ...), the wording an export must share."""
+    from mergeopt.errors import UserError
+    from mergeopt.objectives.data import read_jsonl
+
+    with pytest.raises(UserError) as err:
+        read_jsonl(path)
+    return str(err.value)
 
 
 def test_budget_above_max_epochs(tmp_path, capsys, files):
@@ -131,6 +145,67 @@ def test_budget_within_max_epochs_warns_per_dataset(tmp_path, capsys, files):
 def test_to_all_needs_an_output_directory(tmp_path, capsys, files):
     argv = [str(run(tmp_path)), "--to", "all", *datasets_args(files)]
     fails(capsys, tmp_path, argv, "--out DIR", to_file=False)
+
+
+def test_to_all_without_datasets_is_one_line_naming_the_formats_that_need_them(tmp_path, capsys):
+    """``--to all`` asks for every format, so the refusal says which of them need --datasets (and
+    which do not), alone on stderr: no note about unmeasured datasets before it."""
+    line = fails(capsys, tmp_path, [str(run(tmp_path)), "--to", "all"], "--to all")  # --out DIR: fails' own
+    assert line == (
+        "mergeopt: error: --to all includes formats that name each domain's data (hf-datasets, "
+        "hf-datasets-yaml, megatron, nemo, nemo-sft, llm-foundry, open-instruct, olmo-core, trl, axolotl, "
+        "torchtune), but --datasets gives none for expert 'a': pass --datasets a=PATH (every expert with "
+        "a positive weight), or --to one of llamafactory, doremi, mergekit (they need none)"
+    )
+
+
+def test_a_recipe_given_for_the_mixture_says_what_export_reads(tmp_path, capsys):
+    mixture = run(tmp_path)
+    recipe = mixture.parent / "recipe.yaml"
+    recipe.write_text("model:\n  base: /x/base\n")
+    line = fails(capsys, tmp_path, [str(recipe), "--to", "doremi"], str(recipe))
+    assert line == (
+        f"mergeopt: error: {recipe} is not a mixture.json; mergeopt export takes a fit's run directory "
+        f"or its mixture.json: give {mixture.parent} or {mixture}"
+    )
+    broken = tmp_path / "broken.json"  # a .json file is read as one, and its own fault named
+    broken.write_text("{")
+    fails(capsys, tmp_path, [str(broken), "--to", "doremi"], "broken.json: not valid JSON (line 1")
+
+
+def test_the_header_is_the_command_that_writes_the_file_again(tmp_path, capsys, files):
+    """Each file names the ``mergeopt export`` command and the options that shaped it; run as
+    written (to stdout), that command gives the same file."""
+    mixture = run(tmp_path)
+    out = tmp_path / "trl.yaml"
+    shaping = [
+        "--tokenizer",
+        files["tokenizer"],
+        *datasets_args(files),
+        "--budget-samples",
+        "30",
+        "--seed",
+        "5",
+    ]
+    assert run_cli(main, [str(mixture), "--to", "trl", *shaping, "--out", str(out)]) == 0
+    capsys.readouterr()
+    header = out.read_text().splitlines()[0]
+    paths = " ".join(f"{n}={p}" for n, p in files["paths"].items())
+    command = (
+        f"mergeopt export {mixture} --to trl --datasets {paths} --budget-samples 30 "
+        f"--tokenizer {files['tokenizer']} --seed 5"
+    )
+    assert header == f"# Written by `{command}`."
+    words = shlex.split(command)
+    assert words[:2] == ["mergeopt", "export"] and run_cli(main, words[2:]) == 0
+    assert capsys.readouterr().out == out.read_text()
+
+
+def test_doremi_records_the_command_in_its_metadata(tmp_path, capsys):
+    mixture = run(tmp_path)
+    assert run_cli(main, [str(mixture), "--to", "doremi", "--weights-are", "tokens"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["mergeopt"]["written_by"] == f"mergeopt export {mixture} --to doremi --weights-are tokens"
 
 
 def test_mergekit_needs_the_run_recipe(tmp_path, capsys):

@@ -250,3 +250,95 @@ def test_llamafactory_header_says_how_to_give_prompt_completion_conversations(wo
     notes = [line for line in text.splitlines() if "prompt/completion lists of messages" in line]
     assert len(notes) == len(WEIGHTS) and all('{"messages": prompt + completion}' in n for n in notes)
     assert "formatting" not in text and '"columns"' not in text
+
+
+LLAMAFACTORY_ALIGN = """
+import importlib.machinery, json, os, sys, types
+audio = types.ModuleType("torchaudio")
+audio.__spec__ = importlib.machinery.ModuleSpec("torchaudio", None)
+sys.modules["torchaudio"] = audio
+import datasets
+from transformers import Seq2SeqTrainingArguments
+from llamafactory.data.converter import align_dataset
+from llamafactory.data.parser import get_dataset_list
+from llamafactory.hparams.data_args import DataArguments
+
+dataset_dir, names = json.loads(sys.argv[1])
+args = DataArguments(dataset_dir=dataset_dir, dataset=names)
+training = Seq2SeqTrainingArguments(output_dir=os.path.join(dataset_dir, "out"))
+out = []
+for name, attr in zip(names, get_dataset_list(names, dataset_dir)):
+    files = os.path.join(dataset_dir, attr.dataset_name)  # how its loader joins file_name
+    first = align_dataset(datasets.load_dataset("json", data_files=files, split="train"), attr, args, training)[0]
+    out.append([name, first["_prompt"], first["_response"]])
+print(json.dumps(out))
+"""
+
+
+def _one_layout_each(world, tmp_path) -> dict:
+    """The world with a as text records, b as prompt/completion (as built), c as messages."""
+    from tests.export_world import chat_world
+
+    chat = chat_world(world, tmp_path, "messages")
+    text = tmp_path / "a-text.jsonl"
+    rows = [json.loads(line) for line in world["paths"]["a"].read_text().splitlines()]
+    text.write_text("".join(json.dumps({"text": r["prompt"] + r["completion"]}) + "\n" for r in rows))
+    return {**chat, "paths": {"a": text, "b": world["paths"]["b"], "c": chat["paths"]["c"]}}
+
+
+def test_llamafactory_header_registers_each_layout_with_its_own_columns(world, tmp_path):
+    """Text records are registered as LLaMA-Factory's pretraining sets are (``columns: {prompt:
+    text}``), prompt/completion as prompt/response, messages as sharegpt; LLaMA-Factory's own parser
+    and converter, given the header's entries as dataset_info.json, read each first record whole."""
+    pytest.importorskip("llamafactory")
+    mixed = _one_layout_each(world, tmp_path)
+    text = export(mixed, "llamafactory", tmp_path)
+    info = {}
+    for line in text.splitlines():
+        if line.startswith("#   {"):
+            info.update(json.loads(line[4:]))
+    assert info["a"] == {"file_name": str(mixed["paths"]["a"].resolve()), "columns": {"prompt": "text"}}
+    assert info["b"]["columns"] == {"prompt": "prompt", "response": "completion"}
+    assert info["c"]["formatting"] == "sharegpt"
+    assert "# text records are pretraining data to LLaMA-Factory: train them with stage: pt" in text
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info))
+    env = {**os.environ, "DISABLE_VERSION_CHECK": "1"}
+    child = subprocess.run(
+        [sys.executable, "-c", LLAMAFACTORY_ALIGN, json.dumps([str(tmp_path), list(WEIGHTS)])],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert child.returncode == 0, child.stderr[-2000:]
+    first = {n: json.loads(p.read_text().splitlines()[0]) for n, p in mixed["paths"].items()}
+    user, answer = first["c"]["messages"]
+    assert json.loads(child.stdout.strip().splitlines()[-1]) == [
+        ["a", [{"role": "user", "content": first["a"]["text"]}], []],
+        [
+            "b",
+            [{"role": "user", "content": first["b"]["prompt"]}],
+            [{"role": "assistant", "content": first["b"]["completion"]}],
+        ],
+        [
+            "c",
+            [{"role": "user", "content": user["content"]}],
+            [{"role": "assistant", "content": answer["content"]}],
+        ],
+    ]
+
+
+def test_llamafactory_header_without_datasets_claims_no_columns(world, tmp_path):
+    """Without --datasets the records' layout is unknown: no name gets an entry of guessed columns,
+    and the header gives the entry for each layout instead."""
+    from mergeopt.export.formats.llamafactory import ENTRIES
+
+    lines = export(world, "llamafactory", tmp_path, datasets=False).splitlines()
+    start = lines.index("# Register each name in dataset_dir/dataset_info.json:")
+    assert lines[start + 1] == (
+        "#   a, b, c: no --datasets, so the records' layout is unknown; the entry for each layout "
+        "(file_name: the file's path):"
+    )
+    shown = [json.loads(line.split(": ", 1)[1]) for line in lines[start + 2 : start + 5]]
+    assert shown == [{"a": {"file_name": "PATH", **entry}} for entry in ENTRIES.values()]
+    assert not any(line.startswith("#   {") for line in lines)

@@ -1,4 +1,4 @@
-"""Export a fitted mixture to training frameworks: ``python -m mergeopt.export MIXTURE.json --to FORMAT``.
+"""Export a fitted mixture to training frameworks: ``mergeopt export MIXTURE.json --to FORMAT``.
 
 A fit answers "which mixture"; the answer is only useful once a trainer can read it, and each
 trainer reads mixtures differently (per-sample probabilities, token-share weights, per-dataset

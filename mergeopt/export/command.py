@@ -1,4 +1,4 @@
-"""``python -m mergeopt.export MIXTURE.json --to FORMAT``: a fitted mixture as a trainer's config.
+"""``mergeopt export MIXTURE.json --to FORMAT``: a fitted mixture as a trainer's config.
 
 A fit ends with weights; training on them happens elsewhere. This command writes them in the
 terms of each framework (see ``--to``), converting token shares to per-sample probabilities with
@@ -7,13 +7,14 @@ a trainer reads: MDS, Megatron indexed datasets, OLMo ``.npy``), and turning a b
 absolute counts, refusing one that would repeat a dataset more than ``--max-epochs`` times, or a
 source more than the fit's own repetition cap (``weights.max_epochs`` in mixture.json). Every
 input is checked, and every format rendered, before anything is written; a problem is one line on
-stderr and exit code 2. Output goes to stdout, to ``--out FILE``, or with ``--to all`` one file
-per format into ``--out DIR``. Examples:
+stderr and exit code 2 (``--to all`` without ``--datasets`` too: it names the formats that need
+them). Output goes to stdout, to ``--out FILE``, or with ``--to all`` one file per format into
+``--out DIR``; each file's header repeats the command that writes it again. Examples:
 
-    python -m mergeopt.export runs/tiny/mixture.json --to llamafactory
-    python -m mergeopt.export runs/tiny/mixture.json --to hf-datasets --datasets arith=a.jsonl \\
+    mergeopt export runs/tiny/mixture.json --to llamafactory
+    mergeopt export runs/tiny/mixture.json --to hf-datasets --datasets arith=a.jsonl \\
         reverse=r.jsonl brackets=b.jsonl markov=m.jsonl --budget-tokens 2000000 --out mix.py
-    python -m mergeopt.export runs/tiny --to all --datasets ... --out exports/
+    mergeopt export runs/tiny --to all --datasets ... --out exports/
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 from mergeopt.cli import run_command
 from mergeopt.errors import UserError
 from mergeopt.export.formats import FORMATS, Context, Format
+from mergeopt.export.formats.base import output_path
 from mergeopt.export.mixture_input import (
     missing_datasets,
     parse_datasets,
@@ -88,10 +90,7 @@ def build(args) -> tuple[dict[Format, str], list[str]]:
     missing = missing_datasets(given, mixture)
     needs_paths = [f.name for f in formats if f.needs_paths]
     if missing and needs_paths:
-        raise UserError(
-            f"--to {needs_paths[0]} names each domain's data, but --datasets gives none for expert "
-            f"{missing[0]!r}: pass --datasets {missing[0]}=PATH (every expert with a positive weight)"
-        )
+        raise UserError(_missing_for_paths(args.to, needs_paths, missing[0]))
     if missing and given:
         raise UserError(
             f"--datasets gives no dataset for expert {missing[0]!r}: give one for every expert with a "
@@ -122,11 +121,53 @@ def build(args) -> tuple[dict[Format, str], list[str]]:
         messages.append("note: without datasets a token budget gives no sample counts")
     seed = mixture.seed if args.seed is None else args.seed
     ctx = Context(
-        mixture, plan, datasets, recipe, seed, weights_are, recipe_error=recipe_error, epochs=epochs
+        mixture,
+        plan,
+        datasets,
+        recipe,
+        seed,
+        weights_are,
+        recipe_error=recipe_error,
+        epochs=epochs,
+        options=shaping_options(args),
+        out=args.out,
+        many=args.to == "all",
     )
     texts = {f: f.render(ctx) for f in formats}
     messages += [f"note: {line}" for line in ctx.notes]
     return texts, messages
+
+
+def _missing_for_paths(to: str, needs_paths: list[str], expert: str) -> str:
+    """Why a format that names data files cannot be written without ``expert``'s dataset; for
+    ``--to all``, which formats those are (the user asked for every format, not for one of them)."""
+    fix = f"pass --datasets {expert}=PATH (every expert with a positive weight)"
+    if to != "all":
+        return f"--to {needs_paths[0]} names each domain's data, but --datasets gives none for expert {expert!r}: {fix}"
+    others = [name for name in FORMATS if name not in needs_paths]
+    return (
+        f"--to all includes formats that name each domain's data ({', '.join(needs_paths)}), but "
+        f"--datasets gives none for expert {expert!r}: {fix}, or --to one of {', '.join(others)} (they need none)"
+    )
+
+
+def shaping_options(args: argparse.Namespace) -> list[str]:
+    """The options, as typed, that shaped the numbers of an export: each file's header repeats them
+    in the command that writes it again. ``--out`` and ``--max-epochs`` (which only refuses) are not."""
+    words = ["--datasets", *args.datasets] if args.datasets else []
+    valued = {
+        "--budget-tokens": args.budget_tokens,
+        "--budget-samples": args.budget_samples,
+        "--weights-are": args.weights_are,
+        "--tokenizer": args.tokenizer,
+        "--token-dtype": args.token_dtype,
+        "--eos-id": args.eos_id,
+        "--seed": args.seed,
+    }
+    for option, value in valued.items():
+        if value is not None:
+            words += [option, str(value)]
+    return words
 
 
 def write(texts: dict[Format, str], out: str | None, many: bool) -> list[Path]:
@@ -144,9 +185,7 @@ def write(texts: dict[Format, str], out: str | None, many: bool) -> list[Path]:
                 write_text_atomic(staging.path / f.filename, text)
         return [target / name for name in names]
     ((fmt, text),) = texts.items()
-    if target.is_dir():
-        target = target / fmt.filename
-    return [write_text_atomic(target, text)]
+    return [write_text_atomic(output_path(fmt, out, many), text)]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -157,9 +196,9 @@ def run(args: argparse.Namespace) -> int:
         else:
             writable_file(args.out, "--out")
     texts, messages = build(args)
+    written = write(texts, args.out, args.to == "all")  # an error here comes alone, before any note
     for line in messages:
         print(f"mergeopt: {line}", file=sys.stderr)
-    written = write(texts, args.out, args.to == "all")
     if written:
         print(f"Wrote {', '.join(str(p) for p in written)}")
     return 0

@@ -59,7 +59,12 @@ def read_mixture(path: str | Path) -> Mixture:
     path = Path(path)
     if path.is_dir():
         path = path / "mixture.json"
-    data = read_finished_mixture(path)
+    try:
+        data = read_finished_mixture(path)
+    except UserError:
+        if path.is_file() and path.suffix.lower() != ".json":  # a recipe.yaml, a CSV: not a mixture at all
+            raise UserError(_not_a_mixture(path)) from None
+        raise
     return Mixture(
         path=path,
         weights=dict(data.weights),
@@ -70,6 +75,16 @@ def read_mixture(path: str | Path) -> Mixture:
         constraints=data.constraints,
         groups=data.groups,
         unit=data.unit,
+    )
+
+
+def _not_a_mixture(path: Path) -> str:
+    """What export reads, for a file that is no mixture.json (the run's recipe.yaml, given by
+    mistake, would otherwise be reported as JSON that does not parse), with the one beside it."""
+    beside = path.parent / "mixture.json"
+    hint = f": give {path.parent} or {beside}" if beside.is_file() else ""
+    return (
+        f"{path} is not a mixture.json; mergeopt export takes a fit's run directory or its mixture.json{hint}"
     )
 
 

@@ -9,6 +9,7 @@ which reads dev sets kept that way too) and each record is counted the way
 :mod:`mergeopt.objectives.data` reads it: ``text`` is every token of the text, ``prompt``/``completion`` the
 prompt's tokens (special tokens included) plus the completion's (none added), a multiple-choice
 record the prompt plus the right choice, a conversation its rendering by the chat template. Nothing is truncated: a trainer's own cut-off is its own.
+JSON Lines records are checked line by line, as a dev set's are, so a bad one is named ``FILE:LINE`` alike.
 Data already in a trainer's own format (MDS, Megatron indexed, OLMo token files) is measured by
 :mod:`mergeopt.export.token_files`, as stored; the tokenizer is loaded only when text is counted.
 """
@@ -16,13 +17,20 @@ Data already in a trainer's own format (MDS, Megatron indexed, OLMo token files)
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mergeopt.errors import UserError
-from mergeopt.objectives.data_files import LOADERS, Source, load, source_of  # noqa: F401 (the formats read them here)
+from mergeopt.objectives.data_files import (  # noqa: F401 (the formats read LOADERS and source_of here)
+    LOADERS,
+    Source,
+    is_json_array,
+    jsonl_records,
+    load,
+    source_of,
+)
 
 BATCH = 1000  # records tokenised per call
 
@@ -129,7 +137,6 @@ def measure(path: Path, tokenizer, token_files=None) -> DomainStats:
     # imported here: the resume module imports torch, which `mergeopt --help` (that lists the
     # export formats, whose registry imports this module) must answer without
     from mergeopt.export import token_files as stored
-    from mergeopt.objectives.data import table_records
     from mergeopt.runtime.resume import check_interrupt
 
     given = tokenizer
@@ -147,7 +154,7 @@ def measure(path: Path, tokenizer, token_files=None) -> DomainStats:
         dataset = load(source, cache)
         _COLUMNS[_identity(source)] = _column_kinds(dataset)
         samples, tokens = 0, 0
-        for records in table_records(dataset, source.path, BATCH):
+        for records in record_batches(source, dataset):
             check_interrupt(f"counting the tokens of {path}")  # inside a fit: Ctrl-C within a chunk
             samples += len(records)
             tokens += _count(records, tokenizer, path)
@@ -156,6 +163,31 @@ def measure(path: Path, tokenizer, token_files=None) -> DomainStats:
     if tokens == 0:
         raise UserError(f"{path}: every record tokenises to nothing")
     return DomainStats(samples=samples, tokens=tokens)
+
+
+def record_batches(source: Source, dataset) -> Iterator[list[dict[str, Any]]]:
+    """The dataset's validated records, :data:`BATCH` at a time. JSON Lines are read line by line, as
+    fit reads a dev set (:func:`~mergeopt.objectives.data.read_jsonl`), so a bad record is named
+    ``FILE:LINE`` in both; other files through ``dataset``'s rows (``FILE: record N``)."""
+    from mergeopt.objectives.data import table_records, validated_record
+
+    if not is_json_lines(source):
+        yield from table_records(dataset, source.path, BATCH)
+        return
+    batch: list[dict[str, Any]] = []
+    for name in source.data_files:
+        for lineno, record in jsonl_records(Path(name)):
+            batch.append(validated_record(record, f"{name}:{lineno}"))
+            if len(batch) == BATCH:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
+def is_json_lines(source: Source) -> bool:
+    """Whether every file of a ``json`` source is JSON Lines (not one JSON array)."""
+    return source.loader == "json" and not any(is_json_array(Path(f)) for f in source.data_files)
 
 
 def measure_all(datasets: Mapping[str, Path], tokenizer, token_files=None) -> dict[str, DomainStats]:

@@ -6,7 +6,8 @@ Kept apart from the registry in ``__init__`` so that format modules import this,
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import shlex
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,20 @@ class Context:
     notes: list[str] = field(default_factory=list)
     recipe_error: Exception | None = None  # why recipe.yaml could not be read, if it could not
     epochs: Epochs | None = None  # the budget's epochs over each source, when the sizes are known
+    options: Sequence[str] = ()  # the command-line options that shaped the numbers (--datasets, budget, ...)
+    out: str | None = None  # --out as given (None: stdout)
+    many: bool = False  # --to all: one file per format into --out DIR
+
+    def command(self, fmt: Format) -> str:
+        """The ``mergeopt export`` command that writes this format's file again, with the options
+        that shaped it: the file says how it was made, and a changed dataset can be re-measured."""
+        words = ["mergeopt", "export", str(self.mixture.path), "--to", fmt.name, *self.options]
+        return shlex.join(words)
+
+    def written_to(self, fmt: Format) -> str:
+        """Where this format's file is written, as a command that reads it must name it (its own
+        file name when it goes to stdout: the name ``--to all`` gives it)."""
+        return str(output_path(fmt, self.out, self.many) or fmt.filename)
 
     def epochs_line(self) -> str | None:
         """One line every data format carries under a budget: the epochs over each source."""
@@ -61,7 +76,7 @@ class Context:
         """Comment lines: where the numbers come from and what they mean."""
         plan = self.plan
         lines = [
-            f"Written by `python -m mergeopt.export --to {fmt.name}` from {self.mixture.path}.",
+            f"Written by `{self.command(fmt)}`.",
             fmt.meaning,
             "mixture ("
             + ("token" if self.weights_are == "tokens" else "sample")
@@ -96,3 +111,12 @@ class Format:
     meaning: str  # one line: what the numbers mean
     render: Callable[[Context], str]
     needs_sizes: bool = False  # without a budget it still needs each dataset's size (measured)
+
+
+def output_path(fmt: Format, out: str | None, many: bool) -> Path | None:
+    """The file ``--out`` puts ``fmt`` in: ``DIR/filename`` for ``--to all`` or an existing
+    directory, else ``--out`` itself; None for stdout."""
+    if out is None:
+        return None
+    target = Path(out)
+    return target / fmt.filename if many or target.is_dir() else target

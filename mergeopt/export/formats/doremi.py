@@ -5,8 +5,9 @@ Followed: sangmichaelxie/doremi (scripts writing ``configs/<run>.json`` as
 and the data loader reading ``json.load(f)["train_domain_weights"]``, normalizing them). DoReMi
 samples domains for packed fixed-length sequences, so the weights are token shares: mergeopt
 writes the fitted token shares under both keys, as DoReMi's own scripts do. Domains of weight 0
-are kept (DoReMi expects every domain it knows). A ``mergeopt`` key records the source (and a
-hierarchical mixture's two levels, and a budget's epochs over each source); readers that take only the two weight keys ignore it.
+are kept (DoReMi expects every domain it knows). A ``mergeopt`` key records the source and the
+``mergeopt export`` command that writes the file again (and a hierarchical mixture's two levels,
+and a budget's epochs over each source); readers that take only the two weight keys ignore it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ def render(ctx: Context) -> str:
         "eval_domain_weights": dict(weights),
         "mergeopt": {
             "mixture": str(ctx.mixture.path),
+            "written_by": ctx.command(FORMAT),
             "meaning": FORMAT.meaning,
         },
     }

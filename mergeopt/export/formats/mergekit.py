@@ -20,13 +20,17 @@ and a note says so.
 Refused, with the reason: ``majority_sign: frequency`` (mergekit's TIES has only the summed-value
 election), a GGUF base, exclusion patterns that are not plain names (mergekit filters are
 substrings, not regexes). M³ mixup is folded into the weights (c = w·λ / Σ w·λ, the recorded draw).
-PEFT LoRA experts are written ``BASE+ADAPTER``, which mergekit merges into the base first.
+PEFT LoRA experts are written ``BASE+ADAPTER``, which mergekit merges into the base first, in the
+directory its ``--lora-merge-cache`` names (mergekit/common.py ``ModelReference.merged`` raises
+"Need to specify cache dir to merge adapters" without one): the header's ``mergekit-yaml`` command
+passes it.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -65,9 +69,36 @@ def coefficients(ctx: Context) -> dict[str, float]:
 
 def _model_path(raw: str, ctx: Context, base: str) -> str:
     path = resolve_world_path(raw, ctx.mixture, ctx.recipe)
-    if (Path(path) / "adapter_config.json").is_file():
+    if _is_adapter(path):
         return f"{base}+{path}"  # a PEFT LoRA adapter: mergekit merges it into the base first
     return path
+
+
+def _is_adapter(path: str) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def run_command(ctx: Context, recipe: Recipe) -> list[str]:
+    """The comment lines with the ``mergekit-yaml`` command that merges this file. LoRA experts
+    need ``--lora-merge-cache``: mergekit merges each adapter into the base there first, and
+    without it stops with "Need to specify cache dir to merge adapters"."""
+    words = ["mergekit-yaml", ctx.written_to(FORMAT), "OUTPUT_DIR"]
+    lines = []
+    adapters = [
+        n
+        for n in ctx.mixture.names
+        if _is_adapter(resolve_world_path(recipe.model.experts[n], ctx.mixture, recipe))
+    ]
+    if adapters:
+        words += ["--lora-merge-cache", "LORA_CACHE_DIR"]
+        lines.append(
+            f"# {', '.join(adapters)}: PEFT LoRA adapters, written BASE+ADAPTER; mergekit merges each into the "
+            "base in --lora-merge-cache first (without it: 'Need to specify cache dir to merge adapters')"
+        )
+    if recipe.model.trust_remote_code:
+        words.append("--trust-remote-code")
+        lines.append("# the recipe trusts remote code: so does the command, with --trust-remote-code")
+    return [*lines, f"# merge with: {shlex.join(words)}"]
 
 
 def render(ctx: Context) -> str:
@@ -172,9 +203,7 @@ def _comments(ctx: Context, recipe: Recipe, name: str, method: dict, coeffs: dic
             lines.append(
                 f"# mergeopt's masks came from seed {method['seed']}; mergekit's --random-seed fixes its own"
             )
-    if recipe.model.trust_remote_code:
-        lines.append("# the recipe trusts remote code: run mergekit-yaml with --trust-remote-code")
-    return lines
+    return lines + run_command(ctx, recipe)
 
 
 FORMAT = Format(

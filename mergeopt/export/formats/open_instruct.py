@@ -7,9 +7,10 @@ dataset (``int(frac * len(dataset))`` samples), one without is an integer count 
 dataset's length ("Dataset range exceeds dataset length"), newer ones upsample it
 (``calculate_dataset_range``). The README's Tulu 3 commands use ``--dataset_mixer_list
 allenai/tulu-3-sft-mixture 1.0``. So the numbers are per-dataset, not shares of the mixture:
-without a budget mergeopt writes fractions (at most 1.0, always with a ".") of the largest
-mixture in the fitted sample shares that repeats no dataset; with a budget it writes integer
-sample counts. A local file path is accepted where a hub name is.
+without a budget mergeopt writes fractions (at most 1.0, always with a ".", all with one number of
+decimals: the fewest that reads every count back exactly) of the largest mixture in the fitted
+sample shares that repeats no dataset; with a budget it writes integer sample counts. A local
+file path is accepted where a hub name is.
 """
 
 from __future__ import annotations
@@ -20,27 +21,52 @@ from mergeopt.export.formats.base import Context, Format
 
 
 def values(ctx: Context) -> dict[str, str]:
-    """name -> the string open-instruct parses: a count ('123') or a fraction ('0.5', '1.0')."""
+    """name -> the string open-instruct parses: a count ('123') or a fraction ('0.317', '1.000')."""
     plan = ctx.plan
     counts = ctx.whole_samples(FORMAT)
     if plan.counts is not None:
         return {n: str(int(counts[n])) for n in plan.names}
-    return {n: fraction_string(counts[n], plan.stats[n].samples) for n in plan.names}
+    return fraction_strings(counts, {n: plan.stats[n].samples for n in plan.names})
+
+
+MAX_DECIMALS = 30  # 10**decimals above every size always fits; float parsing is the limit, not this
+
+
+def fraction_strings(counts: dict[str, int], sizes: dict[str, int]) -> dict[str, str]:
+    """Each dataset's fraction with one number of decimals for all, the fewest that turns every one
+    back into its count: a list of fractions that reads evenly ('0.317', '0.389', '1.000'), each
+    exact. 10**decimals > size always fits, so a mixture of small datasets gets few decimals."""
+    for decimals in range(1, MAX_DECIMALS + 1):
+        texts = {n: fraction_at(counts[n], sizes[n], decimals) for n in counts}
+        if all(t is not None for t in texts.values()):
+            return {n: t for n, t in texts.items() if t is not None}
+    raise AssertionError(f"no fraction of {MAX_DECIMALS} decimals gives the counts {counts} of {sizes}")
+
+
+def fraction_at(count: int, size: int, decimals: int) -> str | None:
+    """A fraction with ``decimals`` decimals that open-instruct turns back into ``count`` of ``size``,
+    or None where that many decimals cannot say it.
+
+    It takes ``int(float(text) * size)`` samples, so ``count / size`` itself can fall one short
+    (0.29 * 100 = 28.999...): the smallest fraction at or above it is tried, then the next one up,
+    both below (count + 1) / size. A whole dataset is 1 ('1.000': not above 1.0, so a fraction).
+    """
+    if count >= size:
+        return "1." + "0" * decimals
+    scale = 10**decimals
+    lowest = -(-count * scale // size)  # ceil(count / size * scale), in integers
+    for numerator in (lowest, lowest + 1):
+        if numerator * size >= (count + 1) * scale:
+            break
+        text = f"0.{numerator:0{decimals}d}"
+        if int(float(text) * size) == count:
+            return text
+    return None
 
 
 def fraction_string(count: int, size: int) -> str:
-    """The shortest decimal with a '.' that open-instruct turns back into ``count`` of ``size``.
-
-    It takes ``int(float(text) * size)`` samples, so ``count / size`` itself can fall one short
-    (0.29 * 100 = 28.999...); a few more digits, or the middle of the interval, cannot.
-    """
-    if count >= size:
-        return "1.0"
-    for digits in range(1, 18):
-        text = f"{count / size:.{digits}f}"
-        if int(float(text) * size) == count:
-            return text
-    return f"{(count + 0.5) / size:.17f}".rstrip("0")
+    """One dataset's fraction as :func:`fraction_strings` writes it alone."""
+    return fraction_strings({"": count}, {"": size})[""]
 
 
 def render(ctx: Context) -> str:

@@ -53,21 +53,33 @@ def entries(ctx: Context, fmt: Format, entry: Callable[[Layout, Source], dict]) 
 
 def layout(fmt: str, name: str, path: Path) -> Layout:
     """The dataset's layout, from its column names; a UserError naming ``fmt`` and the dataset otherwise."""
+    found = classify(fmt, path)
+    if found not in LAYOUTS:
+        raise UserError(f"--to {fmt}: dataset {name!r} ({path}) {found}")
+    return found
+
+
+LAYOUTS: tuple[Layout, ...] = ("text", "prompt_completion", "messages")
+
+
+def classify(reader: str, path: Path) -> Layout | str:
+    """The dataset's layout, from its column names, or why ``reader`` (a framework that reads
+    one layout per dataset, from fixed columns) cannot read it: a clause that follows the dataset's
+    name. LLaMA-Factory's hint says the same where axolotl and torchtune refuse."""
     columns = token_stats.columns(source_of(path))
-    where = f"--to {fmt}: dataset {name!r} ({path})"
     if "choices" in columns:
-        raise UserError(
-            f"{where} holds multiple-choice records (prompt/choices/answer); {fmt} reads no "
+        return (
+            f"holds multiple-choice records (prompt/choices/answer); {reader} reads no "
             "choices[answer] column: write them as prompt/completion"
         )
     present = [key for key in ("text", "prompt", "messages") if key in columns]
     if len(present) > 1:
-        raise UserError(
-            f"{where} mixes {' and '.join(repr(k) for k in present)} records; {fmt} reads one layout per dataset"
+        return (
+            f"mixes {' and '.join(repr(k) for k in present)} records; {reader} reads one layout per dataset"
         )
     if present == ["prompt"] and "prompt" not in token_stats.text_columns(source_of(path)):
-        raise UserError(
-            f"{where} holds conversations as prompt/completion lists of messages; {fmt} reads "
+        return (
+            f"holds conversations as prompt/completion lists of messages; {reader} reads "
             'conversations from one column: write each record as {"messages": prompt + completion}'
         )
     return {"text": "text", "messages": "messages"}.get(present[0] if present else "", "prompt_completion")
