@@ -188,21 +188,30 @@ def json_file(path: str | os.PathLike, what: str, kind: type = dict) -> Any:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
-def tokenizer_error(path: str | os.PathLike, err: Exception, what: str) -> UserError:
-    """One line for a tokenizer transformers cannot load from ``path`` (the ``what``).
+def tokenizer_error(
+    path: str | os.PathLike, err: Exception, what: str = "", gguf_file: str | None = None
+) -> UserError:
+    """One line for a tokenizer transformers cannot load from ``path`` (``what``: the recipe's
+    words for it, such as "the base"; ``gguf_file``: the GGUF file that holds it).
 
     A directory without any tokenizer file is said so: transformers' own message then begins
     "Couldn't instantiate the backend tokenizer from one of:" and lists the options on the lines
     after it. Otherwise transformers' message, its lines folded into one.
     """
+    named = f"{what} {path}" if what else str(path)
     directory = Path(path)
-    if directory.is_dir() and not any((directory / f).is_file() for f in TOKENIZER_FILES):
+    if (
+        gguf_file is None
+        and directory.is_dir()
+        and not any((directory / f).is_file() for f in TOKENIZER_FILES)
+    ):
         return UserError(
-            f"{what} {path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save it beside "
+            f"{named} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save it beside "
             "the weights, as tokenizer.save_pretrained(DIR) does"
         )
     detail = " ".join(str(err).split())[:300] or type(err).__name__
-    return UserError(f"cannot load a tokenizer from {what} {path}: {detail}")
+    source = f"{named}/{gguf_file}" if gguf_file else named
+    return UserError(f"cannot load a tokenizer from {source}: {detail}")
 
 
 def safetensors_header(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], str]]:

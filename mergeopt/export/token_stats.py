@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from mergeopt.errors import UserError
+from mergeopt.inputs import tokenizer_error
 from mergeopt.objectives.data_files import (  # noqa: F401 (the formats read LOADERS and source_of here)
     LOADERS,
     Source,
@@ -206,4 +207,4 @@ def load_tokenizer(path: str, gguf_file: str | None = None, trust_remote_code: b
     try:
         return AutoTokenizer.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
-        raise UserError(f"cannot load a tokenizer from {path} ({' '.join(str(err).split())[:200]})") from None
+        raise tokenizer_error(path, err, gguf_file=gguf_file) from None

@@ -62,11 +62,7 @@ def _load_tokenizer(path: str, trust_remote_code: bool, gguf_file: str | None = 
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **gguf)
     except (OSError, ValueError) as err:
-        if gguf_file:  # the tokenizer is inside the GGUF file, not beside it
-            raise UserError(
-                f"cannot load a tokenizer from {path}/{gguf_file}: {' '.join(str(err).split())[:300]}"
-            ) from None
-        raise tokenizer_error(path, err, "the base") from None
+        raise tokenizer_error(path, err, "the base", gguf_file) from None
 
 
 def _open_checked(recipe: Recipe) -> tuple[Experts, object]:

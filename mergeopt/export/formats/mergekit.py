@@ -31,7 +31,6 @@ from __future__ import annotations
 import math
 import re
 import shlex
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
@@ -39,6 +38,7 @@ import yaml
 from mergeopt.errors import UserError
 from mergeopt.export.formats.base import Context, Format
 from mergeopt.export.mixture_input import resolve_world_path
+from mergeopt.loading.peft_format import is_adapter
 
 if TYPE_CHECKING:
     from mergeopt.config import Recipe
@@ -69,13 +69,9 @@ def coefficients(ctx: Context) -> dict[str, float]:
 
 def _model_path(raw: str, ctx: Context, base: str) -> str:
     path = resolve_world_path(raw, ctx.mixture, ctx.recipe)
-    if _is_adapter(path):
+    if is_adapter(path):
         return f"{base}+{path}"  # a PEFT LoRA adapter: mergekit merges it into the base first
     return path
-
-
-def _is_adapter(path: str) -> bool:
-    return (Path(path) / "adapter_config.json").is_file()
 
 
 def run_command(ctx: Context, recipe: Recipe) -> list[str]:
@@ -87,7 +83,7 @@ def run_command(ctx: Context, recipe: Recipe) -> list[str]:
     adapters = [
         n
         for n in ctx.mixture.names
-        if _is_adapter(resolve_world_path(recipe.model.experts[n], ctx.mixture, recipe))
+        if is_adapter(resolve_world_path(recipe.model.experts[n], ctx.mixture, recipe))
     ]
     if adapters:
         words += ["--lora-merge-cache", "LORA_CACHE_DIR"]
