@@ -335,7 +335,7 @@ def test_the_plan_holds_what_the_fit_stacks(world, tmp_path, dtype, mixed):
         assert targets <= set(stack.anchor)
     else:
         assert set(stack.lowrank.parameters) == targets and not stack.anchor
-        assert p.row("stack anchor") + p.row("stack differences") == 0
+        assert not [r.label for r in p.held if r.label.startswith(("stack anchor", "stack differences"))]
 
 
 def test_merge_as_adapter_saves_the_fused_experts_whole(world, tmp_path):
@@ -560,7 +560,7 @@ def test_qwen3_moe_with_four_lora_experts_of_its_experts_plans_on_one_gpu(tmp_pa
     per_rank_column = 4 * r * (8 + 4) * (4 * layers + 2 * layers)  # each column's expert and scaling
     assert p.row("LoRA factors of") == 4 * 2 * factors + per_rank_column
     assert 4 * 2 * factors / 2**30 == pytest.approx(4.79, abs=0.01)  # 1.2 GiB per expert
-    assert p.row("stack anchor") + p.row("stack differences") == 0
+    assert not [r.label for r in p.held if r.label.startswith(("stack anchor", "stack differences"))]
     fused = [n for n, shape in inventory.shapes.items() if len(shape) == 3]
     dense_rows = 4 * 2 * sum(math.prod(inventory.shapes[n]) for n in fused)  # anchor + 3 differences
     assert dense_rows / 2**30 == pytest.approx(216, abs=1)

@@ -157,12 +157,15 @@ def _held_rows(
             + (": vectors whole, matrices sharded" if sharded else ""),
             compute * sum(layout.local(n) for n in layout.unstacked),
         ),
-        Row(f"stack anchor θ_1, {anchor_name}{rows}", anchor_itemsize(recipe, compute) * s_local),
-        Row(
-            f"stack differences, {k - 1} x {dtype}" + (" with per-row scales" if scales else "") + rows,
-            differences,
-        ),
     ]
+    if stacked:  # LoRA experts alone stack nothing densely: no anchor and no difference rows
+        held += [
+            Row(f"stack anchor θ_1, {anchor_name}{rows}", anchor_itemsize(recipe, compute) * s_local),
+            Row(
+                f"stack differences, {k - 1} x {dtype}" + (" with per-row scales" if scales else "") + rows,
+                differences,
+            ),
+        ]
     if layout.lowrank:
         held.append(
             Row(
