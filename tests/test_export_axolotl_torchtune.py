@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 
+import datasets
 import pytest
 
 from mergeopt.errors import run_cli
@@ -205,20 +206,63 @@ def test_prompt_completion_conversations_are_refused_for_one_column_builders(wor
 
 
 @pytest.mark.parametrize("fmt", ["axolotl", "torchtune"])
-def test_each_dataset_is_read_once_for_its_counts_and_its_layout(world, tmp_path, monkeypatch, fmt):
-    """The layout (columns) comes from the read that measured the dataset, not a second load."""
+@pytest.mark.parametrize("suffix", ["jsonl", "parquet"])
+def test_each_dataset_is_read_once_for_its_counts_and_its_layout(world, tmp_path, monkeypatch, fmt, suffix):
+    """The layout (columns) comes from the read that measured the dataset, not a second load; JSON
+    Lines are read line by line alone, never through ``datasets`` (no Arrow copy of a large corpus)."""
     from mergeopt.export import token_stats
+    from mergeopt.objectives import data_files
 
-    loads = []
-    real = token_stats.load
+    if suffix == "parquet":
+        paths = {}
+        for name, path in world["paths"].items():
+            paths[name] = tmp_path / f"{name}.parquet"
+            datasets.Dataset.from_json(str(path), cache_dir=str(tmp_path / "cache")).to_parquet(paths[name])
+        world = {**world, "paths": paths}
+    loads, lines = [], []
+    real_load, real_lines = token_stats.load, data_files.jsonl_records
 
     def counted(source, cache=None):
         loads.append(source.path)
-        return real(source, cache)
+        return real_load(source, cache)
+
+    def counted_lines(path):
+        lines.append(path.resolve())
+        return real_lines(path)
 
     monkeypatch.setattr(token_stats, "load", counted)
+    monkeypatch.setattr(token_stats, "jsonl_records", counted_lines)
     export(world, fmt, tmp_path)
-    assert sorted(loads) == sorted(p.resolve() for p in world["paths"].values())
+    read = sorted(lines if suffix == "jsonl" else loads)
+    assert read == sorted(p.resolve() for p in world["paths"].values())
+    assert not (loads if suffix == "jsonl" else lines)
+
+
+def test_json_lines_columns_are_typed_as_datasets_types_them(tmp_path):
+    """The columns gathered line by line, and whether each holds text, equal ``datasets``' features
+    of the same file: extra columns, numbers, nulls, lists of messages."""
+    from mergeopt.export import token_stats
+
+    records = [
+        {"prompt": "p", "completion": "c", "id": 1, "source": None, "note": None, "tags": ["a"]},
+        {"prompt": "q", "completion": "d", "id": 2, "source": "web", "note": None, "tags": []},
+        {
+            "prompt": [{"role": "user", "content": "hi"}],
+            "completion": [{"role": "assistant", "content": "yo"}],
+        },
+    ]
+    cases = {"pairs": records[:2], "chat": records[2:], "text": [{"text": "t", "n": 0.5}, {"text": "u"}]}
+    for name, rows in cases.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        source = token_stats.source_of(path)
+        expected = token_stats._column_kinds(token_stats.load(source, str(tmp_path / "cache")))
+        token_stats._COLUMNS.clear()
+        assert token_stats._columns(source) == expected, name
+        kinds = token_stats.ColumnKinds()
+        for records_read in token_stats.record_batches(source, None, kinds):
+            assert records_read
+        assert kinds.result() == expected, name
 
 
 def test_a_dataset_rewritten_since_its_columns_were_read_is_read_again(tmp_path):

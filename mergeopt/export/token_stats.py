@@ -9,7 +9,8 @@ which reads dev sets kept that way too) and each record is counted the way
 :mod:`mergeopt.objectives.data` reads it: ``text`` is every token of the text, ``prompt``/``completion`` the
 prompt's tokens (special tokens included) plus the completion's (none added), a multiple-choice
 record the prompt plus the right choice, a conversation its rendering by the chat template. Nothing is truncated: a trainer's own cut-off is its own.
-JSON Lines records are checked line by line, as a dev set's are, so a bad one is named ``FILE:LINE`` alike.
+JSON Lines records are read once, line by line, as a dev set's are, so a bad one is named ``FILE:LINE`` alike
+(and a large corpus is not copied into an Arrow cache first).
 Data already in a trainer's own format (MDS, Megatron indexed, OLMo token files) is measured by
 :mod:`mergeopt.export.token_files`, as stored; the tokenizer is loaded only when text is counted.
 """
@@ -73,9 +74,36 @@ def text_columns(source: Source) -> frozenset[str]:
 def _columns(source: Source) -> dict[str, bool]:
     key = _identity(source)
     if key not in _COLUMNS:
-        with tempfile.TemporaryDirectory(prefix="mergeopt-export-") as cache:
-            _COLUMNS[key] = _column_kinds(load(source, cache))
+        if is_json_lines(source):
+            kinds = ColumnKinds()
+            for name in source.data_files:
+                for _, record in jsonl_records(Path(name)):
+                    kinds.add(record)
+            _COLUMNS[key] = kinds.result()
+        else:
+            with tempfile.TemporaryDirectory(prefix="mergeopt-export-") as cache:
+                _COLUMNS[key] = _column_kinds(load(source, cache))
     return _COLUMNS[key]
+
+
+class ColumnKinds:
+    """The columns of JSON Lines records and whether each holds text, as ``datasets`` would type
+    them (a column of strings and nulls is text, one of nulls alone is not), gathered while the
+    lines are read: a JSON Lines dataset is read once, never copied into an Arrow cache."""
+
+    def __init__(self):
+        self._text: dict[str, bool | None] = {}  # None: only nulls so far
+
+    def add(self, record: dict[str, Any]) -> None:
+        for name, value in record.items():
+            seen = self._text.get(name)
+            if value is None:
+                self._text.setdefault(name, None)
+            elif seen is not False:
+                self._text[name] = isinstance(value, str)
+
+    def result(self) -> dict[str, bool]:
+        return {name: bool(text) for name, text in self._text.items()}
 
 
 def _column_kinds(dataset) -> dict[str, bool]:
@@ -151,14 +179,16 @@ def measure(path: Path, tokenizer, token_files=None) -> DomainStats:
         return DomainStats(samples=samples, tokens=tokens)
     tokenizer = lazy()
     source = source_of(path)
+    samples, tokens = 0, 0
     with tempfile.TemporaryDirectory(prefix="mergeopt-export-") as cache:
-        dataset = load(source, cache)
-        _COLUMNS[_identity(source)] = _column_kinds(dataset)
-        samples, tokens = 0, 0
-        for records in record_batches(source, dataset):
+        lines = is_json_lines(source)  # read line by line, not through datasets' Arrow copy
+        dataset = None if lines else load(source, cache)
+        kinds = ColumnKinds() if lines else None
+        for records in record_batches(source, dataset, kinds):
             check_interrupt(f"counting the tokens of {path}")  # inside a fit: Ctrl-C within a chunk
             samples += len(records)
             tokens += _count(records, tokenizer, path)
+        _COLUMNS[_identity(source)] = kinds.result() if kinds is not None else _column_kinds(dataset)
     if samples == 0:
         raise UserError(f"{path}: the dataset is empty")
     if tokens == 0:
@@ -166,10 +196,13 @@ def measure(path: Path, tokenizer, token_files=None) -> DomainStats:
     return DomainStats(samples=samples, tokens=tokens)
 
 
-def record_batches(source: Source, dataset) -> Iterator[list[dict[str, Any]]]:
+def record_batches(
+    source: Source, dataset, kinds: ColumnKinds | None = None
+) -> Iterator[list[dict[str, Any]]]:
     """The dataset's validated records, :data:`BATCH` at a time. JSON Lines are read line by line, as
     fit reads a dev set (:func:`~mergeopt.objectives.data.read_jsonl`), so a bad record is named
-    ``FILE:LINE`` in both; other files through ``dataset``'s rows (``FILE: record N``)."""
+    ``FILE:LINE`` in both, and their columns noted in ``kinds``; other files through ``dataset``'s
+    rows (``FILE: record N``)."""
     from mergeopt.objectives.data import table_records, validated_record
 
     if not is_json_lines(source):
@@ -178,6 +211,8 @@ def record_batches(source: Source, dataset) -> Iterator[list[dict[str, Any]]]:
     batch: list[dict[str, Any]] = []
     for name in source.data_files:
         for lineno, record in jsonl_records(Path(name)):
+            if kinds is not None:
+                kinds.add(record)
             batch.append(validated_record(record, f"{name}:{lineno}"))
             if len(batch) == BATCH:
                 yield batch
