@@ -259,6 +259,41 @@ def test_a_metric_returning_nan_is_named(random_world, tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_metric_turning_nan_mid_search_keeps_the_best_finite_mixture(random_world, tmp_path, monkeypatch):
+    """A user's metric is treated as a loss would be: its NaN at the third mixture stops the search,
+    which keeps the best mixture scored before it (exit 0, one warning naming the evaluation)."""
+    module = tmp_path / "late_nan_metric_pkg.py"
+    module.write_text(
+        textwrap.dedent("""
+        CALLS = []
+        def score(model, tokenizer, records):
+            CALLS.append(1)
+            return float("nan") if len(CALLS) == 3 else float(len(CALLS))
+    """)
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    overrides = [
+        "search.strategy=dirichlet",
+        "search.dirichlet.samples=5",
+        "objective.terms=[{kind: custom, dev: arith, function: 'late_nan_metric_pkg:score', name: mine}]",
+    ]
+    result = _cli(random_world, tmp_path, *overrides)
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mergeopt: warning: the search stopped at evaluation 3"), (
+        lines
+    )
+    mixture = json.loads((tmp_path / "out" / "mixture.json").read_text())
+    stop = mixture["search"]["non_finite"]
+    assert (stop["evaluation"], stop["score"], stop["value"]) == (3, "mine", "nan")
+    rows = _rows(tmp_path / "out")
+    assert [float(r["mine"]) for r in rows] == [1.0, 2.0]
+    best = max(rows, key=lambda r: float(r["mine"]))  # higher is better: the second mixture
+    assert [mixture["weights"][n] for n in mixture["weights"]] == [
+        float(best[f"w_{n}"]) for n in mixture["weights"]
+    ]
+
+
 def test_a_score_turning_nan_mid_search_keeps_the_best_finite_mixture(random_world, tmp_path, monkeypatch):
     """A NaN score (the merged model's loss at the third mixture) stops the search; the fit finishes on
     the best mixture scored before it, mixture.json says where it stopped, and one warning line says so

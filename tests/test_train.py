@@ -219,3 +219,31 @@ def test_rerunning_without_a_metric_term_keeps_its_scores(trained):
     pd.testing.assert_frame_equal(
         again.drop(columns="score_exact_match:arith"), frame.drop(columns="score_exact_match:arith")
     )
+
+
+def test_a_metric_returning_nan_on_a_run_is_refused_naming_the_run(trained, monkeypatch):
+    """grid.csv is the truth every rank check reads: a NaN score is named with its run, nothing is written."""
+    import sys
+    import types
+
+    tree, _, grid = trained
+    before = grid.read_bytes()
+    module = types.ModuleType("nan_on_the_third_run_pkg")
+    calls = []
+
+    def score(model, tokenizer, records):
+        calls.append(1)
+        return float("nan") if len(calls) == 3 else 0.5
+
+    module.score = score
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    tree = {
+        **tree,
+        "objective": {"terms": [{"kind": "custom", "dev": "arith", "function": f"{module.__name__}:score"}]},
+        "search": {"strategy": "grid"},
+    }
+    with pytest.raises(UserError) as err:
+        train(recipe_from_dict(tree), progress=False, log=lambda _m: None)
+    assert "returned nan on run " in str(err.value) and "not a finite number" in str(err.value)
+    assert "\n" not in str(err.value) and len(calls) == 3
+    assert grid.read_bytes() == before

@@ -271,10 +271,13 @@ def load_metric_function(path: str) -> MetricFn:
 
 
 def call_metric(fn: MetricFn, label: str, model: torch.nn.Module, tokenizer, records: list[dict]) -> float:
-    """``fn(model, tokenizer, records)`` in eval mode without gradients; the result must be a finite number.
+    """``fn(model, tokenizer, records)`` in eval mode without gradients, as a float.
 
-    A bad result is the metric author's to fix, so it is a :class:`UserError` naming the term; an
-    exception raised inside ``fn`` propagates unchanged (its traceback is what the author needs).
+    A result that is not a real number is the metric author's to fix, so it is a :class:`UserError`
+    naming the term; an exception raised inside ``fn`` propagates unchanged (its traceback is what
+    the author needs). A NaN or infinite number is returned as it is, as a loss would be: a search
+    stops on it and keeps the best finite mixture (``search.non_finite``), and rank, calibrate and
+    train refuse it naming the mixture or the run.
     """
     with _inference(model):
         result = fn(model, tokenizer, records)
@@ -282,10 +285,7 @@ def call_metric(fn: MetricFn, label: str, model: torch.nn.Module, tokenizer, rec
         result = result.item()
     if isinstance(result, bool) or not isinstance(result, numbers.Real):
         raise UserError(f"metric {label!r} returned {type(result).__name__}, not a real number")
-    value = float(result)
-    if not math.isfinite(value):
-        raise UserError(f"metric {label!r} returned {value}, not a finite number")
-    return value
+    return float(result)
 
 
 # ----------------------------------------------------------------------------- combining terms

@@ -349,6 +349,9 @@ def _grid_rows(
         model = load_run(path, device)
         losses = dev_losses(model, recipe, sets, pad_id, device)
         scores = score_terms(model, tokenizer, sets, terms, custom, recipe.optim.eval_batch_size, device)
+        for label, value in scores.items():  # grid.csv holds the truth: a NaN there misleads every rank
+            if not math.isfinite(value):
+                raise UserError(f"metric {label!r} returned {value} on run {path}, not a finite number")
         info = json.loads((path / RUN_MARKER).read_text())
         row = {"run": i, "path": str(path), **{f"w_{n}": w[n] for n in names}}
         row.update({f"loss_{s.name}": v for s, v in zip(sets, losses)})
