@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import shutil
+import sys
 import textwrap
 
 import numpy as np
@@ -238,21 +239,25 @@ def test_bad_search_input_is_one_line_exit_2_and_writes_nothing(case, random_wor
     assert not (tmp_path / "out").exists()
 
 
-def test_a_metric_returning_nan_is_named(random_world, tmp_path, monkeypatch):
-    module = tmp_path / "nan_metric_pkg.py"
-    module.write_text(
-        textwrap.dedent("""
-        def score(model, tokenizer, records):
-            return float("nan")
-    """)
-    )
+def _fit_with_metric(random_world, tmp_path, monkeypatch, body: str, samples: int):
+    """A Dirichlet fit of the custom metric ``score`` defined by ``body`` (a module's source), term 'mine'."""
+    (tmp_path / "user_metric_pkg.py").write_text(textwrap.dedent(body))
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "user_metric_pkg", raising=False)
     overrides = [
         "search.strategy=dirichlet",
-        "search.dirichlet.samples=3",
-        "objective.terms=[{kind: custom, dev: arith, function: 'nan_metric_pkg:score', name: mine}]",
+        f"search.dirichlet.samples={samples}",
+        "objective.terms=[{kind: custom, dev: arith, function: 'user_metric_pkg:score', name: mine}]",
     ]
-    result = _cli(random_world, tmp_path, *overrides)
+    return _cli(random_world, tmp_path, *overrides)
+
+
+def test_a_metric_returning_nan_is_named(random_world, tmp_path, monkeypatch):
+    body = """
+        def score(model, tokenizer, records):
+            return float("nan")
+    """
+    result = _fit_with_metric(random_world, tmp_path, monkeypatch, body, samples=3)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "'mine'" in lines[0] and "nan" in lines[0], result.stderr
@@ -262,22 +267,13 @@ def test_a_metric_returning_nan_is_named(random_world, tmp_path, monkeypatch):
 def test_a_metric_turning_nan_mid_search_keeps_the_best_finite_mixture(random_world, tmp_path, monkeypatch):
     """A user's metric is treated as a loss would be: its NaN at the third mixture stops the search,
     which keeps the best mixture scored before it (exit 0, one warning naming the evaluation)."""
-    module = tmp_path / "late_nan_metric_pkg.py"
-    module.write_text(
-        textwrap.dedent("""
+    body = """
         CALLS = []
         def score(model, tokenizer, records):
             CALLS.append(1)
             return float("nan") if len(CALLS) == 3 else float(len(CALLS))
-    """)
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    overrides = [
-        "search.strategy=dirichlet",
-        "search.dirichlet.samples=5",
-        "objective.terms=[{kind: custom, dev: arith, function: 'late_nan_metric_pkg:score', name: mine}]",
-    ]
-    result = _cli(random_world, tmp_path, *overrides)
+    """
+    result = _fit_with_metric(random_world, tmp_path, monkeypatch, body, samples=5)
     assert result.returncode == 0, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("mergeopt: warning: the search stopped at evaluation 3"), (
