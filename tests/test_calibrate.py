@@ -188,3 +188,14 @@ def test_the_best_run_is_named_by_its_line_in_the_grid_file(random_world, tmp_pa
     assert [line for line in lines if line.startswith("- Best run")] == [
         "- Best run so far: line 5 of grid.csv, alpha 0.200, beta 0.300, gamma 0.500: 2.7000"
     ]
+
+
+@pytest.mark.parametrize("seeds", [1, 3])
+def test_one_mixture_run_once_or_with_several_seeds_is_calibrated(random_world, tmp_path, seeds):
+    """Calibrate takes any runs: one run, or several seeds of one mixture (the model has a noise
+    term); only a ranking needs two mixtures. Both give a pick and the runs' count."""
+    table = pd.concat([_grid(2).iloc[[1]]] * seeds, ignore_index=True)
+    table["loss_arith"] = [2.9, 2.95, 2.85][:seeds]
+    _, _, out = _run(random_world, tmp_path, table)
+    report = CalibrationReport.model_validate_json((out / "calibration.json").read_text())
+    assert report.runs == seeds and (out / "pick" / "mixture.json").is_file()

@@ -253,7 +253,7 @@ def _checked_grid(args: argparse.Namespace, recipe, objective: Objective) -> _Gr
         raise UserError("no grid of real runs: pass --grid GRID.csv or set calibrate.grid (or rank.grid)")
     names = recipe.expert_names
     column, higher = metric_of(objective, recipe.calibrate.metric)
-    table = read_grid(grid, names)  # every input checked before a model is loaded
+    table = read_grid(grid, names, ranked=False)  # every input checked before a model is loaded
     check_truth(table, objective, grid)
     check_provenance(table, grid, recipe.model.experts)
     check_grid_unit(table, grid, recipe.weights.unit)

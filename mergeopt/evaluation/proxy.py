@@ -36,8 +36,11 @@ LOSS_PREFIX = "loss_"
 PHASE = "proxy"  # the phase of the grid's evaluations in the journal
 
 
-def read_grid(path: str | Path, expert_names: Sequence[str]) -> pd.DataFrame:
-    """Read and check a grid table: one weight column per expert, rows on the simplex."""
+def read_grid(path: str | Path, expert_names: Sequence[str], ranked: bool = True) -> pd.DataFrame:
+    """Read and check a grid table: one weight column per expert, rows on the simplex.
+
+    ``ranked``: the table's mixtures are ranked, so they must not all be one mixture; calibrate
+    (``ranked=False``) takes any runs, one run or several seeds of one mixture alike."""
     path = existing_file(path, "grid table")
     try:
         table = read_csv(path)
@@ -57,7 +60,8 @@ def read_grid(path: str | Path, expert_names: Sequence[str]) -> pd.DataFrame:
         raise UserError(f"{path}: the grid table has no rows")
     weights = table[columns].to_numpy(dtype=float)
     check_mixture_rows(weights, columns, lambda i: at_line(path, i))
-    check_mixtures_vary(weights, str(path))
+    if ranked:
+        check_mixtures_vary(weights, str(path))
     return table
 
 
