@@ -199,3 +199,23 @@ def test_one_mixture_run_once_or_with_several_seeds_is_calibrated(random_world, 
     _, _, out = _run(random_world, tmp_path, table)
     report = CalibrationReport.model_validate_json((out / "calibration.json").read_text())
     assert report.runs == seeds and (out / "pick" / "mixture.json").is_file()
+
+
+def test_calibration_md_says_when_no_run_is_worth_training(first_round):
+    """An expected improvement below 0.1% of the proxy's spread is no reason to train: the report
+    says the best run is likely the best mixture (and prints such a gain in full, not as 0.0000)."""
+    from mergeopt.evaluation.calibration_report import markdown
+
+    _, _, _, out = first_round
+    content = json.loads((out / "calibration.json").read_text())
+    ranking = read_csv(out / "calibrated_ranking.csv")
+    names = ["alpha", "beta", "gamma"]
+    scale = content["model"]["scale"]
+    verdict = "The best run so far is likely the best mixture"
+    for gain, negligible in ((2.3e-78, True), (0.999e-3 * scale, True), (1.001e-3 * scale, False)):
+        for proposal in content["proposals"]:
+            proposal["expected_improvement"] = gain
+        text = markdown(content, ranking, names)
+        assert (verdict in text) is negligible, gain
+    content["proposals"][0]["expected_improvement"] = 2.3e-78
+    assert "expected improvement 2.3e-78;" in markdown(content, ranking, names)

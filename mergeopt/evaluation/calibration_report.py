@@ -124,6 +124,9 @@ def _gaussian_process(posterior: calibration.Posterior) -> dict:
     }
 
 
+NEGLIGIBLE_GAIN = 1e-3  # an expected improvement below this fraction of the proxy's spread is not worth a run
+
+
 def _finite_or_none(value: float) -> float | None:
     value = float(value)
     return value if math.isfinite(value) else None
@@ -159,9 +162,19 @@ def markdown(content: dict, ranking: pd.DataFrame, names: Sequence[str]) -> str:
             f"{slope['mean']:.2f} ± {slope['sd']:.2f}"
         )
     lines += ["", "## Train next", ""]
+    gains = [p["expected_improvement"] for p in content["proposals"]]
+    scale = content["model"]["scale"]  # the proxy's spread over the candidates, in the metric's units
+    if gains and None not in gains and max(gains) < NEGLIGIBLE_GAIN * scale:
+        lines += [
+            f"No candidate is expected to beat the best run by {NEGLIGIBLE_GAIN:.1%} of the proxy's spread "
+            f"over the candidates ({scale:.4g}); the largest expected improvement is {max(gains):.3g}. "
+            "The best run so far is likely the best mixture; the runs below are the most promising left, "
+            "unlikely to beat it.",
+            "",
+        ]
     for i, p in enumerate(content["proposals"], 1):
         gain = p["expected_improvement"]
-        why = "the proxy's pick (no run yet)" if gain is None else f"expected improvement {gain:.4f}"
+        why = "the proxy's pick (no run yet)" if gain is None else f"expected improvement {gain:.4g}"
         lines.append(
             f"{i}. {_weights(p['weights'])}: predicted {p['predicted']:.4f} ± {p['sd']:.4f}, {why}; "
             f"`mergeopt export {content['out']}/next-{i} --to FORMAT`"
