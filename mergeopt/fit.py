@@ -52,6 +52,7 @@ from mergeopt.runtime.resume import (
     saying_where_saved,
 )
 from mergeopt.runtime.rundir import owned, staged
+from mergeopt.search import grid as grid_search
 from mergeopt.search.strategy import SearchOutcome, run_strategy
 
 
@@ -127,6 +128,7 @@ def _fit(recipe: Recipe, progress: bool, log: Callable[[str], None], resume: str
     with distributed.main_first():  # one rank builds a world into the cache, the others reuse it
         resolved, world_roots = worlds.resolve_recipe(recipe, log)
     objective = Objective.from_recipe(resolved)  # the one reading of the recipe's objective
+    grid_search.check_budget(resolved)  # a lattice larger than the budget, before any model is loaded
     if resolved.rank.grid is not None:  # a bad grid table is reported before any work
         from mergeopt.evaluation.proxy import check_grid_unit, check_truth, read_grid
 

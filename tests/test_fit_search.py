@@ -252,6 +252,26 @@ def _fit_with_metric(random_world, tmp_path, monkeypatch, body: str, samples: in
     return _cli(random_world, tmp_path, *overrides)
 
 
+def test_a_grid_larger_than_the_budget_is_refused_before_any_model_is_loaded(
+    random_world, tmp_path, monkeypatch
+):
+    from mergeopt import fit as fit_module
+
+    def no_loading(*_a, **_k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(fit_module, "load_problem", no_loading)
+    result = _cli(
+        random_world, tmp_path, "search.strategy=grid", "search.budget=5", "search.grid.divisions=3"
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "mergeopt: error: search.grid.divisions=3 over 3 experts is 10 mixtures (10 not yet evaluated) but the "
+        "budget leaves 5 evaluations; raise search.budget or lower search.grid.divisions (a truncated grid is biased)"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_metric_returning_nan_is_named(random_world, tmp_path, monkeypatch):
     body = """
         def score(model, tokenizer, records):

@@ -83,7 +83,7 @@ def test_bad_grid_tables(random_world, tmp_path, changes, message):
         (
             {},
             "no column score_exact_match:arith with the true score of objective term 'exact_match:arith'; "
-            "rerun python -m mergeopt.train",
+            "rerun `mergeopt train`",
         ),
         (
             {"score_exact_match:arith": [0.5, None, 0.25]},

@@ -119,7 +119,7 @@ def check_truth(table: pd.DataFrame, objective: Objective, path: str | Path) -> 
                 raise UserError(f"{path}: no column {column} with the true loss of dev set {name!r}")
             raise UserError(
                 f"{path}: no column {column} with the true score of objective term {name!r}; rerun "
-                "python -m mergeopt.train with this recipe, which scores the finished runs without retraining"
+                "`mergeopt train` with this recipe, which scores the finished runs without retraining"
             )
         what = f"the true loss of dev set {name!r}" if is_loss else f"the true score of {name!r}"
         check_numbers(table, column, lambda i: at_line(path, i), what)

@@ -8,6 +8,8 @@ is that of the feasible set (:meth:`mergeopt.merging.constraints.FeasibleSet.lat
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from mergeopt.config import SearchSection
@@ -22,6 +24,31 @@ def lattice(names: tuple[str, ...], divisions: int) -> np.ndarray:
     return np.array([[p[n] for n in names] for p in simplex_lattice(names, divisions)], dtype=np.float64)
 
 
+def _too_small(divisions: int, k: int, mixtures: str, new: int, remaining: int) -> UserError:
+    return UserError(
+        f"search.grid.divisions={divisions} over {k} experts is {mixtures} ({new} not yet evaluated) but "
+        f"the budget leaves {remaining} evaluations; raise search.budget or lower search.grid.divisions "
+        "(a truncated grid is biased)"
+    )
+
+
+def check_budget(recipe) -> None:
+    """A budget below the plain lattice's size, refused when the recipe is read, before any model is
+    loaded. Constraints and groups change the lattice (and a resumed run's journal what is left):
+    those are checked as the search starts (:func:`run`)."""
+    search, k = recipe.search, len(recipe.expert_names)
+    if (
+        search.strategy != "grid"
+        or search.budget is None
+        or recipe.weights.constrained
+        or recipe.weights.groups
+    ):
+        return
+    points = math.comb(search.grid.divisions + k - 1, k - 1)
+    if points > search.budget:
+        raise _too_small(search.grid.divisions, k, f"{points} mixtures", points, search.budget)
+
+
 def run(
     evaluator: Evaluator, search: SearchSection, seed: int, progress: bool, start: np.ndarray | None = None
 ) -> SearchResult:
@@ -33,12 +60,10 @@ def run(
     new = evaluator.uncached(points)
     with evaluator.running("grid search", search.budget, new, progress) as remaining:
         if remaining is not None and new > remaining:
-            raise UserError(
-                f"search.grid.divisions={divisions} over {len(evaluator.names)} experts is "
-                f"{len(points) - (start is not None)} mixtures{' and the start' if start is not None else ''} "
-                f"({new} not yet evaluated) but the budget leaves {remaining} evaluations; "
-                "raise search.budget or lower search.grid.divisions (a truncated grid is biased)"
+            mixtures = (
+                f"{len(points) - (start is not None)} mixtures{' and the start' if start is not None else ''}"
             )
+            raise _too_small(divisions, len(evaluator.names), mixtures, new, remaining)
         evaluator.prefetch(points, phases)  # one batch: torchrun ranks split it
         for w, phase in zip(points, phases):
             evaluator(w, phase)
