@@ -1139,6 +1139,33 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         ),
         "train.mixtures.weights.0.alpha: Input should be a finite number",
     ),
+    "train mixture without every expert": (
+        "recipe",
+        "train",
+        lambda w, t: _train_recipe(
+            w,
+            t,
+            lambda tr: tr["train"].update(
+                mixtures={"kind": "list", "weights": [{"alpha": 0.5, "beta": 0.5}]}
+            ),
+        ),
+        "train.mixtures.weights[0] lacks ['gamma'] (give every expert, 0 included)",
+    ),
+    "train mixture naming an unknown expert": (
+        "recipe",
+        "train",
+        lambda w, t: _train_recipe(
+            w,
+            t,
+            lambda tr: tr["train"].update(
+                mixtures={
+                    "kind": "list",
+                    "weights": [{"alpha": 0.5, "beta": 0.5, "gamma": 0.0, "delta": 0.0}],
+                }
+            ),
+        ),
+        "train.mixtures.weights[0] names ['delta'], not experts (the experts are ['alpha', 'beta', 'gamma'])",
+    ),
     "recipe seed out of range": (
         "recipe",
         "fit",

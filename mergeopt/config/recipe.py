@@ -148,7 +148,12 @@ class Recipe(Section):
         experts = set(self.model.experts)
         for i, mixture in enumerate(self.train.mixtures.weights):
             if set(mixture) != experts:
-                raise ValueError(f"train.mixtures.weights[{i}] names {sorted(mixture)}, not the experts")
+                missing, unknown = sorted(experts - set(mixture)), sorted(set(mixture) - experts)
+                what = [f"lacks {missing} (give every expert, 0 included)"] if missing else []
+                what += (
+                    [f"names {unknown}, not experts (the experts are {sorted(experts)})"] if unknown else []
+                )
+                raise ValueError(f"train.mixtures.weights[{i}] " + " and ".join(what))
             if (problem := mixture_problem(mixture)) is not None:
                 raise ValueError(f"train.mixtures.weights[{i}] is not a mixture: {problem}")
         if self.train.mixtures.kind == "list" and not self.train.mixtures.weights:
