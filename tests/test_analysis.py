@@ -228,3 +228,29 @@ def test_proxy_vs_truth_plots_the_rank_pairs_with_their_spearman(ranked_run, sea
         analysis.plot_proxy_vs_truth(run, "accuracy")
     with pytest.raises(UserError, match=r"no rank check"):
         analysis.plot_proxy_vs_truth(analysis.open_run(search_run))
+
+
+def test_the_search_curve_numbers_evaluations_as_evaluations_csv_and_plot_losses(
+    search_run, tmp_path, monkeypatch
+):
+    """search_curve.png, evaluations.csv, open_run's plot_losses and the trackers count from 0 alike."""
+    import matplotlib.axes
+
+    from mergeopt.reporting import analysis
+    from mergeopt.reporting.report import plot_search_curve
+
+    drawn = []
+    real_plot = matplotlib.axes.Axes.plot
+
+    def recorded(ax, x, *args, **kwargs):
+        drawn.append(list(x))
+        return real_plot(ax, x, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", recorded)
+    run = analysis.open_run(search_run)
+    rows = run.evaluations.to_dict("records")
+    plot_search_curve(rows, list(run.weights.index), tmp_path / "curve.png", "value")
+    curve = drawn[:]
+    drawn.clear()
+    analysis.plot_losses(run)
+    assert curve[0] == drawn[0] == run.evaluations["index"].tolist() and curve[0][0] == 0

@@ -70,7 +70,8 @@ def plot_search_curve(
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    index = list(range(1, len(rows) + 1))
+    # numbered as evaluations.csv, open_run's plot_losses and the trackers' steps number them
+    index = [int(r["index"]) for r in rows] if all("index" in r for r in rows) else list(range(len(rows)))
     values = [r["value"] for r in rows]
     best_rows, best = [], None
     for r in rows:
@@ -87,7 +88,7 @@ def plot_search_curve(
         ax_v.set_title(title)
     for name in expert_names:
         ax_w.step(index, [b[f"w_{name}"] for b in best_rows], where="post", label=name)
-    xlabel = "evaluation (full pass over the dev sets)"
+    xlabel = "evaluation (evaluations.csv's index; a full pass over the dev sets)"
     return _finish_weights_panel(fig, ax_w, expert_names, xlabel, "best mixture so far", path)
 
 
