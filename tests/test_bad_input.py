@@ -1502,6 +1502,48 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         ),
         "hold the same mixture",
     ),
+    "rank tables text in a metric column": (
+        "score table",
+        "rank",
+        lambda w, t: _rank_tables(t, {**RANK_TABLE, "loss": [1.0, "abc", 3.0]}, RANK_TABLE),
+        "proxy.csv line 3: column loss is empty or not a finite number",
+    ),
+    "rank tables negative weight": (
+        "score table",
+        "rank",
+        lambda w, t: _rank_tables(
+            t, RANK_TABLE, {**RANK_TABLE, "w_a": [1.0, 1.1, 0.0], "w_b": [0.0, -0.1, 1.0]}
+        ),
+        "truth.csv line 3: weight w_b is negative (-0.1)",
+    ),
+    "rank tables repeated mixture": (
+        "score table",
+        "rank",
+        lambda w, t: _rank_tables(
+            t,
+            {"w_a": [1.0, 0.5, 0.0, 0.5], "w_b": [0.0, 0.5, 1.0, 0.5], "loss": [1.0, 2.0, 3.0, 2.5]},
+            RANK_TABLE,
+        ),
+        "proxy.csv line 3; average repeated runs of a mixture into one row first",
+    ),
+    "rank tables two mixtures": (
+        "score table",
+        "rank",
+        lambda w, t: _rank_tables(t, {"w_a": [1.0, 0.5], "w_b": [0.0, 0.5], "loss": [1.0, 2.0]}, RANK_TABLE),
+        "share only 2 mixture(s); the rank statistics need at least 3",
+    ),
+    "transfer tables lack a mixture column": (
+        "score table",
+        "transfer",
+        lambda w, t: _two_tables(t, {k: v for k, v in RANK_TABLE.items() if k != "w_b"}, RANK_TABLE),
+        "small.csv: no mixture column(s) ['w_b'] (present in",
+    ),
+    "transfer tables text in a metric column": (
+        "score table",
+        "transfer",
+        lambda w, t: _two_tables(t, RANK_TABLE, {**RANK_TABLE, "loss": [1.0, 2.0, "abc"]}),
+        "large.csv line 4: column loss is empty or not a finite number",
+    ),
     "train mixtures that repeat": (
         "recipe value",
         "train",

@@ -303,8 +303,42 @@ def error_cases(tmp: Path) -> list[tuple[list[str], str]]:
     (tmp / "moved.csv").write_text("w_a,w_b,loss\n0.5,0.5,1\n0.9,0.1,2\n0.0,1.0,3\n")
     (tmp / "sum.csv").write_text("w_a,w_b,loss\n0.5,0.5,1\n1.0,0.0,2\n0.5,0.6,3\n")
     (tmp / "nan.csv").write_text("w_a,w_b,loss\n0.5,0.5,1\n1.0,0.0,\n0.0,1.0,3\n")
+    # a metric with one text cell is refused as an empty cell is, not dropped with its column
+    (tmp / "text.csv").write_text("w_a,w_b,loss\n0.5,0.5,1\n1.0,0.0,abc\n0.0,1.0,3\n")
+    (tmp / "negative.csv").write_text("w_a,w_b,loss\n0.5,0.5,1\n1.1,-0.1,2\n0.0,1.0,3\n")
+    (tmp / "twice.csv").write_text("w_a,w_b,loss\n0.5,0.5,1\n1.0,0.0,2\n0.0,1.0,3\n1.0,0.0,4\n")
+    (tmp / "three.csv").write_text("w_a,w_b,w_c,loss\n0.5,0.5,0,1\n1.0,0.0,0,2\n0.0,0.5,0.5,3\n")
+    (tmp / "two.csv").write_text("w_a,w_b,loss\n0.5,0.5,1\n1.0,0.0,2\n")
     g = str(good)
     return [
+        (
+            ["--proxy", str(tmp / "text.csv"), "--truth", g],
+            "text.csv line 3: column loss is empty or not a finite number",
+        ),
+        (
+            ["--proxy", g, "--truth", str(tmp / "negative.csv")],
+            "negative.csv line 3: weight w_b is negative (-0.1)",
+        ),
+        (
+            ["--proxy", str(tmp / "twice.csv"), "--truth", g],
+            f"twice.csv line 5: the same weights as {tmp / 'twice.csv'} line 3; average repeated runs",
+        ),
+        (
+            ["--proxy", g, "--truth", str(tmp / "twice.csv")],
+            f"twice.csv line 5: the same weights as {tmp / 'twice.csv'} line 3; average repeated runs",
+        ),
+        (
+            ["--proxy", g, "--truth", str(tmp / "three.csv")],
+            f"good.csv: no mixture column(s) ['w_c'] (present in {tmp / 'three.csv'})",
+        ),
+        (
+            ["--proxy", str(tmp / "three.csv"), "--truth", g],
+            f"good.csv: no mixture column(s) ['w_c'] (present in {tmp / 'three.csv'})",
+        ),
+        (
+            ["--proxy", str(tmp / "two.csv"), "--truth", g],
+            "two.csv and " + g + " share only 2 mixture(s); the rank statistics need at least 3",
+        ),
         (["--proxy", str(tmp / "missing.csv"), "--truth", g], "missing.csv: no such file"),
         (["--proxy", g, "--truth", str(tmp / "other.csv")], "share no numeric metric columns"),
         (["--proxy", str(tmp / "noweights.csv"), "--truth", g], "no mixture columns"),
@@ -408,12 +442,74 @@ def test_split_tables_that_cannot_be_joined_are_one_line_errors(tmp_path, files,
 
 
 def test_a_metric_column_that_is_not_numeric_is_named(tmp_path):
+    """A metric's cell that is not a number is refused naming its line, whether the metric was asked
+    for or found; a column of text only (a run's name) is no metric and is left alone."""
     from mergeopt.evaluation.tables import rank_tables
 
-    (tmp_path / "proxy.csv").write_text("w_a,w_b,loss\n0.5,0.5,1.0\n1.0,0.0,2.0\n")
-    (tmp_path / "truth.csv").write_text("w_a,w_b,loss\n0.5,0.5,low\n1.0,0.0,high\n")
-    with pytest.raises(UserError, match=r"truth.csv: metric column loss is not numeric$"):
-        rank_tables(str(tmp_path / "proxy.csv"), str(tmp_path / "truth.csv"), metrics=["loss"])
+    (tmp_path / "proxy.csv").write_text("w_a,w_b,loss\n0.5,0.5,1.0\n1.0,0.0,2.0\n0.0,1.0,3.0\n")
+    (tmp_path / "truth.csv").write_text("w_a,w_b,loss\n0.5,0.5,low\n1.0,0.0,high\n0.0,1.0,3.0\n")
+    proxy, truth = str(tmp_path / "proxy.csv"), str(tmp_path / "truth.csv")
+    message = r"truth.csv line 2: column loss is empty or not a finite number \(and 1 more row\(s\) below\)$"
+    with pytest.raises(UserError, match=message):
+        rank_tables(proxy, truth, metrics=["loss"])
+    with pytest.raises(UserError, match=message):
+        rank_tables(proxy, truth)
+    (tmp_path / "named.csv").write_text(
+        "name,w_a,w_b,loss,acc\nx,0.5,0.5,1.0,5\ny,1.0,0.0,2.0,abc\nz,0.0,1.0,3.0,4\n"
+    )
+    (tmp_path / "plain.csv").write_text(
+        "name,w_a,w_b,loss,acc\nu,0.5,0.5,1.0,1\nv,1.0,0.0,2.0,2\nw,0.0,1.0,4.0,3\n"
+    )
+    named, plain = str(tmp_path / "named.csv"), str(tmp_path / "plain.csv")
+    with pytest.raises(UserError, match=r"named.csv line 3: column acc is empty or not a finite number$"):
+        rank_tables(named, plain, n_bootstrap=0)  # acc was dropped, and the mean changed without it
+    report, _ = rank_tables(named, plain, metrics=["loss"], n_bootstrap=0)
+    assert list(report["metrics"]) == ["loss", "mean"]
+    report, _ = rank_tables(plain, plain, n_bootstrap=0)
+    assert list(report["metrics"]) == ["loss", "acc", "mean"]  # name: text only, not a metric
+
+
+def test_table_mode_statistics_of_a_constant_metric_are_undefined(tmp_path):
+    """A constant score ranks nothing: Spearman, and the pick's top-1, top-k and regret (a tie-break
+    before), are n/a (null in JSON), and the mean is over the metrics that vary."""
+    from mergeopt.evaluation.rank_report import markdown_table
+    from mergeopt.evaluation.tables import rank_tables
+
+    w = {"w_a": [1.0, 0.75, 0.5, 0.25, 0.0], "w_b": [0.0, 0.25, 0.5, 0.75, 1.0]}
+    pd.DataFrame({**w, "loss": [1.0] * 5, "acc": [5.0, 4.0, 3.0, 1.0, 2.0]}).to_csv(
+        tmp_path / "proxy.csv", index=False
+    )
+    truth = {"loss": [2.0, 1.0, 3.0, 4.0, 5.0], "acc": [5.0, 4.0, 3.0, 2.0, 1.0]}
+    pd.DataFrame({**w, **truth}).to_csv(tmp_path / "truth.csv", index=False)
+    report, pairs = rank_tables(str(tmp_path / "proxy.csv"), str(tmp_path / "truth.csv"), n_bootstrap=20)
+    loss = json_safe(report["metrics"]["loss"])
+    assert loss["spearman"] is None and loss["pairwise_accuracy"] == 0.5
+    assert [loss[k] for k in ("top1_hit", "topk_hit", "topk_overlap", "regret")] == [None] * 4
+    assert pairs["mean"][1].tolist() == truth["acc"]  # the mean leaves the constant loss out
+    assert report["metrics"]["mean"] == rank_statistics(
+        *pairs["acc"], n_bootstrap=20, name="mean", undefined_when_constant=True
+    )
+    assert report["metrics"]["mean"]["regret"] == pytest.approx(1 / 4)
+    table = markdown_table(report)
+    assert "| loss | 5 | n/a [n/a, n/a] | n/a [n/a, n/a] | 0.500 | n/a | n/a | n/a |" in table
+    assert "mean of acc; left out, constant in a table: loss" in table
+    out = tmp_path / "out"
+    result = run_rank(
+        "--proxy",
+        str(tmp_path / "proxy.csv"),
+        "--truth",
+        str(tmp_path / "truth.csv"),
+        "--bootstrap",
+        "0",
+        "--k",
+        "100",
+        "--out",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "rank_report.json").read_text())["metrics"]["loss"]["regret"] is None
+    # --k 100 is clamped to the 5 mixtures: the label says the k used
+    assert "| top-1 | top-5 | regret |" in result.stdout and "top-100" not in result.stdout
 
 
 @pytest.mark.parametrize(

@@ -111,6 +111,46 @@ def test_selected_metrics_do_not_report_the_others_as_missing(tmp_path, capsys):
     assert "Not compared (not in every table): LARGE's ['extra']" in capsys.readouterr().out
 
 
+def test_console_counts_the_shared_mixtures_and_labels_the_k_used(tmp_path, capsys):
+    """4 of the 5 mixtures are shared: the console says so (not only transfer_report.md); --k 100
+    is clamped to those 4, and the labels say top-4."""
+    small, large = write_hand_tables(tmp_path)
+    assert main([small, large, "--k", "100", "--bootstrap", "0", "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "SMALL→LARGE: compared on the 4 mixtures both tables hold (of 5 and 5)." in printed
+    assert "Kendall intervals, top-4 overlap" in printed and "top-100" not in printed
+    md = (tmp_path / "out" / "transfer_report.md").read_text()
+    assert "| top-4 overlap |" in md and "top-100" not in md
+    # two tables that hold the same mixtures print no count
+    assert main([small, small, "--out", str(tmp_path / "out3")]) == 0
+    assert "compared on the" not in capsys.readouterr().out
+
+
+def test_a_constant_metric_has_no_pick_and_stays_out_of_the_aggregate(tmp_path, capsys):
+    """SMALL's loss is constant: its ρ, top-k overlap, regret and pick were n/a, 1 and a tie-break;
+    now all are n/a (null in JSON), and the mean is taken over acc alone."""
+    w = {"w_a": [1.0, 0.75, 0.5, 0.25, 0.0], "w_b": [0.0, 0.25, 0.5, 0.75, 1.0]}
+    pd.DataFrame({**w, "loss": [1.0] * 5, "acc": [1.0, 2.0, 3.0, 5.0, 4.0]}).to_csv(
+        tmp_path / "small.csv", index=False
+    )
+    large = {"loss": [5.0, 1.0, 3.0, 4.0, 2.0], "acc": [1.0, 2.0, 3.0, 4.0, 5.0]}
+    pd.DataFrame({**w, **large}).to_csv(tmp_path / "large.csv", index=False)
+    args = [str(tmp_path / "small.csv"), str(tmp_path / "large.csv"), "--bootstrap", "0"]
+    assert main([*args, "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "| loss | n/a [n/a, n/a] | n/a | n/a |" in printed
+    assert "SMALL→LARGE: the mean leaves out ['loss'], constant in a table" in printed
+    report = json.loads((tmp_path / "out" / "transfer_report.json").read_text())
+    comparison = report["comparisons"]["small_to_large"]
+    loss = comparison["metrics"]["loss"]
+    assert [loss[k] for k in ("spearman", "top1_hit", "topk_overlap", "regret", "regret_raw")] == [None] * 5
+    assert (loss["choice_rank"], loss["choice"], loss["best"]) == (None, None, "row 2")
+    assert comparison["aggregate_left_out"] == ["loss"]
+    assert comparison["metrics"]["mean"] == comparison["metrics"]["acc"]  # the mean of acc alone
+    md = (tmp_path / "out" / "transfer_report.md").read_text()
+    assert "| loss | 5 | n/a [n/a, n/a] | n/a [n/a, n/a] | n/a | n/a | n/a | n/a |" in md
+
+
 def test_hand_table_pairs_shared_mixtures_and_regret_by_hand(tmp_path):
     small, large = write_hand_tables(tmp_path)
     report, pairs = transfer_tables(small, large, higher_is_better=["acc"], k=2, n_bootstrap=0)
@@ -260,6 +300,11 @@ def error_cases(tmp: Path) -> list[tuple[list[str], str]]:
         "sum.csv": "w_a,w_b,loss\n1.0,0.0,1\n0.5,0.6,2\n",
         "noloss.csv": "w_a,w_b,acc\n1.0,0.0,1\n0.5,0.5,2\n",
         "malformed.csv": 'w_a,w_b,loss\n0.5,0.5,1\n1.0,0.0,2,7,8\n"0.1',
+        # one text cell in a metric: refused as an empty cell is, not dropped (nor blamed on LARGE)
+        "text.csv": "w_a,w_b,loss,acc\n1.0,0.0,1,0.1\n0.5,0.5,2,abc\n0.25,0.75,3,0.3\n",
+        "negative.csv": "w_a,w_b,loss\n1.0,0.0,1\n1.1,-0.1,2\n0.5,0.5,3\n",
+        "lacks_b.csv": "w_a,loss\n1.0,1\n0.5,2\n0.25,3\n",
+        "two_shared.csv": "w_a,w_b,loss\n1.0,0.0,1\n0.5,0.5,2\n0.1,0.9,3\n",
     }
     for name, text in files.items():
         (tmp / name).write_text(text)
@@ -268,9 +313,14 @@ def error_cases(tmp: Path) -> list[tuple[list[str], str]]:
         ([small, str(tmp / "missing.csv")], "missing.csv: no such file"),
         ([small, t["prefix.csv"]], "prefix.csv: no mixture columns"),
         ([small, t["regmix_style.csv"]], "lacks ['w_a', 'w_b']; it has extra ['train_a', 'train_b']"),
-        ([small, t["third.csv"]], "third.csv: its mixture columns differ from those of"),
+        ([small, t["third.csv"]], f"small.csv: no mixture column(s) ['w_c'] (present in {t['third.csv']})"),
         ([small, t["elsewhere.csv"]], "share no mixtures (rows are matched on their weights"),
-        ([small, t["one.csv"]], "share only 1 mixture"),
+        ([small, t["one.csv"]], "share only 1 mixture(s); the rank statistics need at least 3"),
+        ([small, t["two_shared.csv"]], "share only 2 mixture(s); the rank statistics need at least 3"),
+        ([t["text.csv"], large], "text.csv line 3: column acc is empty or not a finite number"),
+        ([small, t["negative.csv"]], "negative.csv line 3: weight w_b is negative (-0.1)"),
+        ([t["lacks_b.csv"], large], f"lacks_b.csv: no mixture column(s) ['w_b'] (present in {large})"),
+        ([small, t["lacks_b.csv"]], f"lacks_b.csv: no mixture column(s) ['w_b'] (present in {small})"),
         ([small, t["nan.csv"]], "nan.csv line 3: column loss is empty or not a finite number"),
         ([t["twice.csv"], large], f"twice.csv line 4: the same weights as {t['twice.csv']} line 2"),
         ([small, t["sum.csv"]], "sum.csv line 3: weights sum to 1.1, not 1 (±0.005)"),
@@ -281,7 +331,8 @@ def error_cases(tmp: Path) -> list[tuple[list[str], str]]:
         ([large], "expected SMALL LARGE, or LARGE with --surrogate-fit TRAIN; got 1"),
         ([small, large, "--rounds", "5"], "need --surrogate-fit"),
         ([small, large, "--surrogate-fit", t["nan.csv"]], "nan.csv line 3: column loss is empty or not a"),
-        ([small, large, "--surrogate-fit", t["third.csv"]], "third.csv: its mixture columns differ"),
+        ([small, large, "--surrogate-fit", t["third.csv"]], "small.csv: no mixture column(s) ['w_c']"),
+        ([t["one.csv"], "--surrogate-fit", large], "one.csv: only 2 mixture(s); the rank statistics"),
         ([small, large, "--surrogate-fit", t["noloss.csv"], "--metrics", "loss"], "noloss.csv: no metric"),
         (
             [small, large, "--surrogate-fit", small, "--rounds", "0"],

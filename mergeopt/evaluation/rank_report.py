@@ -29,9 +29,29 @@ def format_number(value: float, digits: int = 3) -> str:
     )
 
 
+def yes_no(value: bool | None) -> str:
+    """A hit: yes, no, or n/a when undefined (a constant score leaves the pick to a tie-break)."""
+    return "n/a" if value is None else "yes" if value else "no"
+
+
+def k_used(statistics) -> int | str:
+    """The k of the top-k the statistics used (``--k`` clamped to the mixtures compared), or "k"
+    when they differ (comparisons over different numbers of mixtures)."""
+    ks = {s["k"] for s in statistics}
+    return ks.pop() if len(ks) == 1 else "k"
+
+
+def top_k_cell(s: dict) -> str:
+    """How many of the proxy's top k are in the true top k, "2/3"; n/a when undefined."""
+    overlap = s["topk_overlap"]
+    if overlap is None or (isinstance(overlap, float) and math.isnan(overlap)):
+        return "n/a"
+    return f"{round(overlap * s['k'])}/{s['k']}"
+
+
 def markdown_table(report: dict) -> str:
     """The readable summary: one row per metric, the mean last."""
-    k = report["options"]["k"]
+    k = k_used(report["metrics"].values())
     overall = report.get("overall", "mean")
     lines = [
         f"| metric | n | Spearman [{report['options']['confidence']:.0%} CI] | Kendall [CI] | pairwise acc | top-1 | top-{k} | regret |",
@@ -40,22 +60,22 @@ def markdown_table(report: dict) -> str:
     for name, s in report["metrics"].items():
         rho = f"{format_number(s['spearman'])} [{format_number(s['spearman_ci'][0])}, {format_number(s['spearman_ci'][1])}]"
         tau = f"{format_number(s['kendall'])} [{format_number(s['kendall_ci'][0])}, {format_number(s['kendall_ci'][1])}]"
-        topk = f"{'yes' if s['topk_hit'] else 'no'} ({round(s['topk_overlap'] * s['k'])}/{s['k']})"
+        topk = "n/a" if s["topk_hit"] is None else f"{yes_no(s['topk_hit'])} ({top_k_cell(s)})"
         arrow = " ↑" if s["higher_is_better"] else ""
         lines.append(
             f"| {f'**{name}**' if name == overall else name}{arrow} | {s['n']} | {rho} | {tau} | "
-            f"{format_number(s['pairwise_accuracy'])} | {'yes' if s['top1_hit'] else 'no'} | {topk} | {format_number(s['regret'])} |"
+            f"{format_number(s['pairwise_accuracy'])} | {yes_no(s['top1_hit'])} | {topk} | {format_number(s['regret'])} |"
         )
     if report.get("note"):
-        lines += ["", report["note"]]
+        lines += ["", *report["note"].splitlines()]
     return "\n".join(lines)
 
 
 def baseline_table(report: dict) -> str:
     """The proxy beside the baselines on the headline metric, then every metric's Spearman for each."""
     overall = report.get("overall", "mean")
-    k = report["options"]["k"]
     predictors = {"proxy": report["metrics"], **report["baselines"]}
+    k = k_used(metrics[overall] for metrics in predictors.values())
     lines = [
         f"Against the baselines ({overall}; the regressions predict each run from the n - 1 others):",
         "",
@@ -69,7 +89,7 @@ def baseline_table(report: dict) -> str:
         tau = f"{format_number(s['kendall'])} [{format_number(s['kendall_ci'][0])}, {format_number(s['kendall_ci'][1])}]"
         lines.append(
             f"| {LABELS[name]} | {NEEDS[name]} | {rho} | {tau} | {format_number(s['pairwise_accuracy'])} | "
-            f"{'yes' if s['top1_hit'] else 'no'} | {'yes' if s['topk_hit'] else 'no'} | {format_number(s['regret'])} |"
+            f"{yes_no(s['top1_hit'])} | {yes_no(s['topk_hit'])} | {format_number(s['regret'])} |"
         )
     lines += ["", "Spearman of each predictor, every metric:", ""]
     lines.append("| metric | " + " | ".join(LABELS[name] for name in predictors) + " |")

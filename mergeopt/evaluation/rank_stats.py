@@ -142,12 +142,16 @@ def rank_statistics(
     seed: int = 0,
     confidence: float = 0.95,
     name: str = "scores",
+    undefined_when_constant: bool = False,
 ) -> dict:
     """How well ``proxy`` ranks the mixtures that ``truth`` scores (one entry per mixture in each).
 
     Correlations are scipy's; every selection statistic is computed on lower-is-better scores, so a
     higher-is-better metric is mirrored once here and nowhere else. ``regret`` is in [0, 1], 0 when
     the proxy's choice is truly best (or every mixture is truly equal), 1 when it is truly worst.
+    With ``undefined_when_constant`` (table mode), a constant proxy or truth makes the selection
+    statistics undefined, as the correlations are: the proxy's pick would be a tie-break, so
+    ``top1_hit`` and ``topk_hit`` are None and ``topk_overlap`` and ``regret`` NaN.
     """
     proxy = _as_vector(proxy, f"{name} (proxy)")
     truth = _as_vector(truth, f"{name} (truth)")
@@ -163,6 +167,7 @@ def rank_statistics(
     degenerate = np.ptp(proxy) == 0 or np.ptp(truth) == 0
     proxy_top, truth_top = _top_k(proxy_low, k), _top_k(truth_low, k)
     best_true = truth_low.min()
+    undefined = degenerate and undefined_when_constant
     return {
         "n": n,
         "higher_is_better": bool(higher_is_better),
@@ -171,13 +176,18 @@ def rank_statistics(
         **_bootstrap(proxy, truth, n_bootstrap, seed, confidence),
         "pairwise_accuracy": pairwise_accuracy(proxy, truth),
         "k": k,
-        "top1_hit": bool(truth_low[proxy_top[0]] == best_true),
-        "topk_hit": bool(np.any(truth_low[proxy_top] == best_true)),
-        "topk_overlap": len(set(proxy_top.tolist()) & set(truth_top.tolist())) / k,
-        "regret": _normalized_regret(truth_low, int(proxy_top[0])),
+        "top1_hit": None if undefined else bool(truth_low[proxy_top[0]] == best_true),
+        "topk_hit": None if undefined else bool(np.any(truth_low[proxy_top] == best_true)),
+        "topk_overlap": math.nan if undefined else len(set(proxy_top.tolist()) & set(truth_top.tolist())) / k,
+        "regret": math.nan if undefined else _normalized_regret(truth_low, int(proxy_top[0])),
         "proxy_best_row": int(proxy_top[0]),
         "true_best_row": int(truth_top[0]),
     }
+
+
+def varies(*scores) -> bool:
+    """Whether every one of the score vectors holds two different values (a constant one ranks nothing)."""
+    return all(np.ptp(np.asarray(v, dtype=np.float64)) > 0 for v in scores)
 
 
 def nearest_line(report: dict) -> str:

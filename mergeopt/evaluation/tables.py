@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from mergeopt.errors import UserError
-from mergeopt.evaluation.rank_stats import rank_statistics
+from mergeopt.evaluation.rank_stats import rank_statistics, varies
 from mergeopt.runtime.exact_csv import at_line, read_csv
 
 DEFAULT_PREFIXES = ("w_", "train_")  # ours, then RegMix's train_the_pile_*
@@ -28,6 +28,9 @@ WEIGHT_DECIMALS = 6  # rows are matched on weights rounded to 1e-6
 # its test tables and 0.004 in its train table, so 1e-3 would reject real data; 5e-3 still catches
 # percentages, a missing column or a metric taken for a weight.
 WEIGHT_SUM_TOLERANCE = 5e-3
+# With 2 mixtures Spearman and Kendall are ±1 and every bootstrap resample is the same pair (or
+# constant): an interval [1, 1] that says nothing. Table mode needs 3 shared mixtures at least.
+MIN_MIXTURES = 3
 
 
 def _read_csv(path: str) -> pd.DataFrame:
@@ -161,11 +164,12 @@ def check_mixture_rows(
 
 
 def check_weights(frame: pd.DataFrame, columns: Sequence[str], source: str) -> np.ndarray:
-    """The weights as a matrix; every entry a number, every row a mixture (sums to 1)."""
+    """The weights as a matrix; every entry a number, every row a mixture (sums to 1, none negative:
+    the same rule as a grid's; no table we know, RegMix's included, has a negative weight)."""
     for col in columns:
         check_numbers(frame, col, lambda i: at_line(source, i), "a mixture weight")
     weights = frame[list(columns)].to_numpy(dtype=np.float64)
-    check_mixture_rows(weights, list(columns), lambda i: at_line(source, i), allow_negative=True)
+    check_mixture_rows(weights, list(columns), lambda i: at_line(source, i))
     check_mixtures_vary(weights, source)
     return weights
 
@@ -178,6 +182,47 @@ def check_mixtures_vary(weights: np.ndarray, source: str) -> None:
         raise UserError(
             f"{source}: all {len(weights)} row(s) hold the same mixture; ranking mixtures needs at least "
             "two different ones"
+        )
+
+
+def same_mixture_columns(cols: Sequence[str], own: Sequence[str], source: str, reference: str) -> None:
+    """Refuse a table whose mixture columns (``own``, in ``source``) are not those of ``reference``
+    (``cols``), before any row's weights are checked: a column one table lacks would otherwise show
+    as weights that do not sum to 1. The table lacking a column is named."""
+    lacks, extra = sorted(set(cols) - set(own)), sorted(set(own) - set(cols))
+    if lacks and not extra:
+        raise UserError(f"{source}: no mixture column(s) {lacks} (present in {reference})")
+    if extra and not lacks:
+        raise UserError(f"{reference}: no mixture column(s) {extra} (present in {source})")
+    if lacks:
+        raise UserError(
+            f"{source}: its mixture columns differ from those of {reference}; it lacks {lacks}; "
+            f"it has extra {extra}"
+        )
+
+
+def check_distinct_mixtures(weights: np.ndarray, frame: pd.DataFrame, spec: str) -> dict[tuple, int]:
+    """Refuse a table holding one mixture twice (weights rounded to 1e-6): ranked as two mixtures,
+    a repeated run would be counted twice. Returns each mixture's row, keyed by its rounded weights."""
+    seen: dict[tuple, int] = {}
+    for i, row in enumerate(np.round(weights, WEIGHT_DECIMALS)):
+        key = tuple(row.tolist())
+        if key in seen:
+            raise UserError(
+                f"{row_at(spec, frame, i)}: the same weights as {row_at(spec, frame, seen[key])}; "
+                "average repeated runs of a mixture into one row first"
+            )
+        seen[key] = i
+    return seen
+
+
+def check_enough_mixtures(n: int, specs: Sequence[str]) -> None:
+    """Refuse fewer than :data:`MIN_MIXTURES` compared mixtures: with 2, every correlation is ±1."""
+    if n < MIN_MIXTURES:
+        where = f"{specs[0]} and {specs[1]} share only" if len(specs) == 2 else f"{specs[0]}: only"
+        raise UserError(
+            f"{where} {n} mixture(s); the rank statistics need at least {MIN_MIXTURES} (with 2, "
+            "Spearman and Kendall are always ±1)"
         )
 
 
@@ -206,19 +251,7 @@ def shared_mixtures(
     Unlike :func:`match_rows`, either table may hold mixtures the other lacks (a large-scale sweep
     usually reruns a few of the small-scale mixtures); a mixture twice in one table is ambiguous.
     """
-    keys = []
-    for w, frame, source in zip(weights, frames, sources):
-        seen: dict[tuple, int] = {}
-        for i, row in enumerate(np.round(w, WEIGHT_DECIMALS)):
-            key = tuple(row.tolist())
-            if key in seen:
-                raise UserError(
-                    f"{row_at(source, frame, i)}: the same weights as {row_at(source, frame, seen[key])}; "
-                    "average repeated runs of a mixture into one row first"
-                )
-            seen[key] = i
-        keys.append(seen)
-    first, second = keys
+    first, second = (check_distinct_mixtures(w, f, s) for w, f, s in zip(weights, frames, sources))
     pairs = [(i, second[key]) for key, i in first.items() if key in second]
     if not pairs:
         raise UserError(
@@ -234,6 +267,15 @@ def weight_prefixes(cols: Sequence[str], prefix: str | None, named: Sequence[str
     if named:
         return []
     return [p for p in ([prefix] if prefix else DEFAULT_PREFIXES) if any(c.startswith(p) for c in cols)][:1]
+
+
+def holds_numbers(values: pd.Series) -> bool:
+    """Whether a column holds numbers: a numeric column, or one with at least one cell that reads as
+    a finite number (a metric with a stray text cell, which :func:`metric_values` then names). A
+    column of text only (a run's name, a note) holds none."""
+    if pd.api.types.is_numeric_dtype(values):
+        return True
+    return bool(np.isfinite(pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)).any())
 
 
 def not_a_metric(column: str, weights: set, prefixes: Sequence[str] = ()) -> str | None:
@@ -253,8 +295,10 @@ def metric_columns(
     sources,
     prefixes: Sequence[str] = (),
 ) -> list[str]:
-    """Metrics paired by name: those requested, or every numeric column both tables share that is
-    neither a weight (``exclude``, or a column with a mixture prefix) nor bookkeeping (run, tokens...)."""
+    """Metrics paired by name: those requested, or every column both tables share that holds numbers
+    in either (:func:`holds_numbers`) and is neither a weight (``exclude``, or a column with a
+    mixture prefix) nor bookkeeping (run, tokens...). A metric's cell that is not a finite number is
+    refused later, naming its line (:func:`metric_values`), never dropped with its column."""
     if requested:
         for m in requested:
             if (why := not_a_metric(str(m), exclude, prefixes)) is not None:
@@ -263,17 +307,13 @@ def metric_columns(
             missing = [m for m in requested if m not in frame.columns]
             if missing:
                 raise UserError(f"{source}: no metric column(s) {missing}")
-            for m in requested:
-                if not pd.api.types.is_numeric_dtype(frame[m]):
-                    raise UserError(f"{source}: metric column {m} is not numeric")
         return list(requested)
     shared = [
         str(c)
         for c in proxy.columns
         if c in truth.columns
         and not_a_metric(str(c), exclude, prefixes) is None
-        and pd.api.types.is_numeric_dtype(proxy[c])
-        and pd.api.types.is_numeric_dtype(truth[c])
+        and (holds_numbers(proxy[c]) or holds_numbers(truth[c]))
     ]
     if not shared:
         raise UserError(f"{sources[0]} and {sources[1]} share no numeric metric columns")
@@ -284,6 +324,14 @@ def metric_values(frame: pd.DataFrame, metric: str, source: str) -> np.ndarray:
     """A metric column's values; each must be a finite number (an error names the first row that is not)."""
     check_numbers(frame, metric, lambda i: row_at(source, frame, i, metric))
     return frame[metric].to_numpy(dtype=np.float64)
+
+
+def aggregate_metrics(pairs: dict, names: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(the metrics an aggregate is taken over, those left out): a metric constant in the proxy or
+    the truth ranks nothing (its statistics are n/a) and would only blur the aggregate, so the
+    aggregate is over the others; over every metric when none varies in both."""
+    over = [m for m in names if varies(*pairs[m])]
+    return (over, [m for m in names if m not in over]) if over else (list(names), [])
 
 
 def rank_tables(
@@ -302,12 +350,19 @@ def rank_tables(
     """Load, join and score two tables; returns the report and the paired scores (for the plot)."""
     (proxy, proxy_src), (truth, truth_src) = load_table(proxy_spec), load_table(truth_spec)
     cols = mixture_columns(proxy, proxy_src, mixture_prefix, mixture_cols)
-    missing = [c for c in cols if c not in truth.columns]
-    if missing:
-        raise UserError(f"{truth_src}: no mixture column(s) {missing} (present in {proxy_src})")
-    rows = match_rows(
-        check_weights(proxy, cols, proxy_src), check_weights(truth, cols, truth_src), proxy, proxy_src
-    )
+    if mixture_cols:
+        missing = [c for c in cols if c not in truth.columns]
+        if missing:
+            raise UserError(f"{truth_src}: no mixture column(s) {missing} (present in {proxy_src})")
+    else:
+        same_mixture_columns(
+            cols, mixture_columns(truth, truth_src, mixture_prefix, None), truth_src, proxy_src
+        )
+    proxy_w, truth_w = check_weights(proxy, cols, proxy_src), check_weights(truth, cols, truth_src)
+    check_distinct_mixtures(proxy_w, proxy, proxy_spec)
+    check_distinct_mixtures(truth_w, truth, truth_spec)
+    rows = match_rows(proxy_w, truth_w, proxy, proxy_src)
+    check_enough_mixtures(len(rows), (proxy_spec, truth_spec))
     prefixes = weight_prefixes(cols, mixture_prefix, mixture_cols)
     names = metric_columns(proxy, truth, set(cols), metrics, (proxy_spec, truth_spec), prefixes)
     unknown = sorted(set(higher_is_better) - set(names))
@@ -323,16 +378,27 @@ def rank_tables(
     directions = {m: m in higher_is_better for m in names}
     options = {"k": k, "n_bootstrap": n_bootstrap, "seed": seed, "confidence": confidence}
     results = {
-        m: rank_statistics(*pairs[m], higher_is_better=directions[m], name=m, **options) for m in names
-    }
-    note = None
-    if len(set(directions.values())) == 1:
-        pairs["mean"] = tuple(np.mean([pairs[m][s] for m in names], axis=0) for s in (0, 1))
-        results["mean"] = rank_statistics(
-            *pairs["mean"], higher_is_better=directions[names[0]], name="mean", **options
+        m: rank_statistics(
+            *pairs[m], higher_is_better=directions[m], name=m, undefined_when_constant=True, **options
         )
+        for m in names
+    }
+    notes = []
+    if len(set(directions.values())) == 1:
+        over, left_out = aggregate_metrics(pairs, names)
+        pairs["mean"] = tuple(np.mean([pairs[m][s] for m in over], axis=0) for s in (0, 1))
+        results["mean"] = rank_statistics(
+            *pairs["mean"],
+            higher_is_better=directions[names[0]],
+            name="mean",
+            undefined_when_constant=True,
+            **options,
+        )
+        if left_out:
+            notes.append(f"mean of {', '.join(over)}; left out, constant in a table: {', '.join(left_out)}")
     else:
-        note = "no mean: the metrics mix lower- and higher-is-better"
+        notes.append("no mean: the metrics mix lower- and higher-is-better")
+    note = "\n".join(notes) or None
     report = {
         "proxy": proxy_spec,
         "truth": truth_spec,

@@ -28,6 +28,7 @@ tables (1M- and 60M-parameter models on the same 256 mixtures; 512 further 1M ru
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -37,21 +38,28 @@ from scipy import stats
 from mergeopt.cli import run_command
 from mergeopt.errors import UserError
 from mergeopt.evaluation.rank import comma_list
-from mergeopt.evaluation.rank_stats import rank_statistics
+from mergeopt.evaluation.rank_report import k_used
+from mergeopt.evaluation.rank_stats import rank_statistics, varies
 from mergeopt.evaluation.tables import (
     ScaleTable,
+    aggregate_metrics,
+    check_distinct_mixtures,
+    check_enough_mixtures,
     check_weights,
+    holds_numbers,
     load_table,
     metric_columns,
     metric_values,
     mixture_columns,
     not_a_metric,
     row_label,
+    same_mixture_columns,
     shared_mixtures,
     weight_prefixes,
 )
 from mergeopt.evaluation.transfer_report import (
     OUTPUT_FILES,
+    context_notes,
     display_names,
     summary_table,
     write_outputs,
@@ -81,17 +89,13 @@ def load_scale_tables(specs: Mapping[str, str], prefix: str | None, columns: Seq
     first_role = next(iter(loaded))
     first_frame, first_source = loaded[first_role]
     cols = mixture_columns(first_frame, first_source, prefix, columns)
-    tables = {}
-    for role, (frame, source) in loaded.items():
-        own = mixture_columns(frame, source, prefix, columns) if role != first_role else cols
-        if set(own) != set(cols):
-            lacks, extra = sorted(set(cols) - set(own)), sorted(set(own) - set(cols))
-            raise UserError(
-                f"{source}: its mixture columns differ from those of {first_source}"
-                + (f"; it lacks {lacks}" if lacks else "")
-                + (f"; it has extra {extra}" if extra else "")
-            )
-        tables[role] = ScaleTable(role, frame, specs[role], check_weights(frame, cols, source))
+    for role, (frame, source) in loaded.items():  # every table's columns first: one a table lacks
+        if role != first_role:  # would otherwise show as weights that do not sum to 1
+            same_mixture_columns(cols, mixture_columns(frame, source, prefix, columns), source, first_source)
+    tables = {
+        role: ScaleTable(role, frame, specs[role], check_weights(frame, cols, source))
+        for role, (frame, source) in loaded.items()
+    }
     return tables, cols
 
 
@@ -99,7 +103,7 @@ def _numeric_columns(frame: pd.DataFrame, exclude: set, prefixes: Sequence[str])
     return [
         str(c)
         for c in frame.columns
-        if not_a_metric(str(c), exclude, prefixes) is None and pd.api.types.is_numeric_dtype(frame[c])
+        if not_a_metric(str(c), exclude, prefixes) is None and holds_numbers(frame[c])
     ]
 
 
@@ -145,16 +149,35 @@ def _row_labels(table: ScaleTable, rows: np.ndarray) -> list[str]:
 
 
 def with_aggregate(
-    scores: Mapping[str, np.ndarray], directions: Mapping[str, bool], aggregate: str | None
+    scores: Mapping[str, np.ndarray],
+    directions: Mapping[str, bool],
+    aggregate: str | None,
+    over: Sequence[str] | None = None,
 ) -> dict[str, np.ndarray]:
-    """The per-metric scores plus the aggregate: mean value, or mean per-metric rank (lower is better)."""
+    """The per-metric scores plus the aggregate over the metrics ``over`` (default: all): mean
+    value, or mean per-metric rank (lower is better)."""
     scores = dict(scores)
+    taken = {m: scores[m] for m in (over if over is not None else list(scores))}
     if aggregate == "mean":
-        scores["mean"] = np.mean(list(scores.values()), axis=0)
+        scores["mean"] = np.mean(list(taken.values()), axis=0)
     elif aggregate == "mean_rank":
-        ranks = [stats.rankdata(-v if directions[m] else v) for m, v in scores.items()]
+        ranks = [stats.rankdata(-v if directions[m] else v) for m, v in taken.items()]
         scores["mean_rank"] = np.mean(ranks, axis=0)
     return scores
+
+
+def paired_with_aggregate(
+    proxy: Mapping[str, np.ndarray],
+    truth: Mapping[str, np.ndarray],
+    directions: Mapping[str, bool],
+    aggregate: str | None,
+) -> tuple[dict[str, tuple], list[str]]:
+    """(per metric and the aggregate, the (proxy, truth) scores; the metrics left out of the
+    aggregate): those constant in the proxy or the truth (:func:`aggregate_metrics`)."""
+    over, left_out = aggregate_metrics({m: (proxy[m], truth[m]) for m in proxy}, list(proxy))
+    p = with_aggregate(proxy, directions, aggregate, over)
+    t = with_aggregate(truth, directions, aggregate, over)
+    return {m: (p[m], t[m]) for m in p}, left_out if aggregate else []
 
 
 def transfer_statistics(
@@ -171,18 +194,22 @@ def transfer_statistics(
     ``regret_raw`` is in the metric's own units (≥ 0, 0 when the favourite is truly best) and
     ``choice_rank`` is its place among the true scores (1 = best; ties share the better place).
     """
-    s = rank_statistics(proxy, truth, higher_is_better=higher_is_better, name=name, **options)
+    s = rank_statistics(
+        proxy, truth, higher_is_better=higher_is_better, name=name, undefined_when_constant=True, **options
+    )
     truth_low = (
         -np.asarray(truth, dtype=np.float64) if higher_is_better else np.asarray(truth, dtype=np.float64)
     )
     chosen, best = s["proxy_best_row"], s["true_best_row"]
+    # a constant score leaves the pick (or the best) to a tie-break: undefined, as the correlations are
+    picked, ranked = varies(proxy), varies(proxy, truth)
     return {
         **s,
-        "regret_raw": float(truth_low[chosen] - truth_low.min()),
-        "choice_rank": int(np.sum(truth_low < truth_low[chosen])) + 1,
-        "choice": labels[chosen],
-        "best": labels[best],
-        "choice_true_score": float(truth[chosen]),
+        "regret_raw": float(truth_low[chosen] - truth_low.min()) if ranked else math.nan,
+        "choice_rank": int(np.sum(truth_low < truth_low[chosen])) + 1 if ranked else None,
+        "choice": labels[chosen] if picked else None,
+        "best": labels[best] if varies(truth) else None,
+        "choice_true_score": float(truth[chosen]) if picked else math.nan,
         "best_true_score": float(truth[best]),
     }
 
@@ -239,7 +266,7 @@ def transfer_tables(
     names, skipped = compared_metrics(tables, cols, metrics, prefixes)
     directions, aggregate = _directions(names, higher_is_better)
     options = {"k": k, "n_bootstrap": n_bootstrap, "seed": seed, "confidence": confidence}
-    pairs, labels, shared = _paired(tables, names, directions, aggregate, settings, seed)
+    pairs, labels, shared, left_out = _paired(tables, names, directions, aggregate, settings, seed)
     comparisons = {
         key: {
             "proxy": COMPARISONS[key][0],
@@ -253,6 +280,7 @@ def transfer_tables(
                 options,
                 labels[key],
             ),
+            "aggregate_left_out": left_out[key],
         }
         for key, pair in pairs.items()
     }
@@ -300,10 +328,11 @@ def _paired(
     aggregate: str | None,
     settings,
     seed: int,
-) -> tuple[dict[str, dict[str, tuple]], dict[str, list[str]], int | None]:
+) -> tuple[dict[str, dict[str, tuple]], dict[str, list[str]], int | None, dict[str, list[str]]]:
     """(per comparison, the (proxy, truth) scores per metric; per comparison, its rows' labels; how
-    many mixtures SMALL and LARGE share, None without SMALL): SMALL against LARGE on their shared
-    mixtures, and the surrogate fitted on TRAIN against every row of LARGE and of SMALL."""
+    many mixtures SMALL and LARGE share, None without SMALL; per comparison, the metrics left out
+    of the aggregate): SMALL against LARGE on their shared mixtures, and the surrogate fitted on
+    TRAIN against every row of LARGE and of SMALL. Each comparison needs 3 mixtures at least."""
     values = {
         role: {m: metric_values(t.frame, m, t.spec) for m in names}
         for role, t in tables.items()
@@ -311,6 +340,7 @@ def _paired(
     }
     pairs: dict[str, dict[str, tuple]] = {}
     labels: dict[str, list[str]] = {}
+    left_out: dict[str, list[str]] = {}
     shared = None
     large = tables["LARGE"]
     if "SMALL" in tables:
@@ -318,22 +348,29 @@ def _paired(
         rows_small, rows_large = shared_mixtures(
             (small.weights, large.weights), (small.frame, large.frame), (small.spec, large.spec)
         )
-        if len(rows_small) < 2:
-            raise UserError(f"{small.spec} and {large.spec} share only 1 mixture; a ranking needs 2")
+        check_enough_mixtures(len(rows_small), (small.spec, large.spec))
         shared = len(rows_small)
-        proxy = with_aggregate({m: v[rows_small] for m, v in values["SMALL"].items()}, directions, aggregate)
-        truth = with_aggregate({m: v[rows_large] for m, v in values["LARGE"].items()}, directions, aggregate)
-        pairs["small_to_large"] = {m: (proxy[m], truth[m]) for m in proxy}
+        pairs["small_to_large"], left_out["small_to_large"] = paired_with_aggregate(
+            {m: v[rows_small] for m, v in values["SMALL"].items()},
+            {m: v[rows_large] for m, v in values["LARGE"].items()},
+            directions,
+            aggregate,
+        )
         labels["small_to_large"] = _row_labels(large, rows_large)
     if settings is not None:
+        for role in ("LARGE", "SMALL"):  # each row is ranked once, and at least 3 of them
+            if role in tables:
+                table = tables[role]
+                check_distinct_mixtures(table.weights, table.frame, table.spec)
+                check_enough_mixtures(len(table.frame), (table.spec,))
         surrogate = fit_surrogates(tables["TRAIN"], names, settings, seed)
         for key, role in (("surrogate_to_large", "LARGE"), ("surrogate_to_small", "SMALL")):
             if role in tables:
-                predicted = with_aggregate(surrogate.predict(tables[role].weights), directions, aggregate)
-                truth = with_aggregate(values[role], directions, aggregate)
-                pairs[key] = {m: (predicted[m], truth[m]) for m in predicted}
+                pairs[key], left_out[key] = paired_with_aggregate(
+                    surrogate.predict(tables[role].weights), values[role], directions, aggregate
+                )
                 labels[key] = _row_labels(tables[role], np.arange(len(tables[role].frame)))
-    return pairs, labels, shared
+    return pairs, labels, shared, left_out
 
 
 # ---------------------------------------------------------------- command line
@@ -370,11 +407,10 @@ def run(args: argparse.Namespace) -> int:
     note = display_names(report)[1]
     print(summary_table(report))
     print("\n" + (f"{note} " if note else "") + "Regret: normalised, at the truth's scale.")
-    for role, left in report["skipped_metrics"].items():
-        print(f"Not compared (not in every table): {role}'s {left}")
-    print(
-        f"Kendall intervals, top-{args.k} overlap, raw regret and the favourites are in transfer_report.md."
-    )
+    for line in context_notes(report):
+        print(line)
+    ks = k_used(s for c in report["comparisons"].values() for s in c["metrics"].values())
+    print(f"Kendall intervals, top-{ks} overlap, raw regret and the favourites are in transfer_report.md.")
     print(f"Wrote {', '.join(OUTPUT_FILES)} to {out}")
     return 0
 

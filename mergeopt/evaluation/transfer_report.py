@@ -9,7 +9,13 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from mergeopt.evaluation.rank_report import MAX_SCATTER_PANELS, format_number, json_safe
+from mergeopt.evaluation.rank_report import (
+    MAX_SCATTER_PANELS,
+    format_number,
+    json_safe,
+    k_used,
+    top_k_cell,
+)
 from mergeopt.run_files import SCHEMA_VERSION, TransferReport
 from mergeopt.runtime.files import save_figure_atomic, write_json_atomic, write_text_atomic
 
@@ -49,8 +55,10 @@ def _interval(s: dict, key: str) -> str:
 
 
 def comparison_table(report: dict, key: str) -> str:
-    """One comparison in full: a row per metric, the aggregate last."""
-    k, shown = report["options"]["k"], display_names(report)[0]
+    """One comparison in full: a row per metric, the aggregate last. Its top-k is the k it used:
+    ``--k`` clamped to the mixtures compared."""
+    shown = display_names(report)[0]
+    k = k_used(report["comparisons"][key]["metrics"].values())
     lines = [
         f"| metric | n | Spearman [{report['options']['confidence']:.0%} CI] | Kendall [CI] | top-{k} overlap "
         "| choice's true rank | regret | regret (norm.) |",
@@ -60,10 +68,43 @@ def comparison_table(report: dict, key: str) -> str:
         arrow = " ↑" if s["higher_is_better"] else ""
         lines.append(
             f"| {shown[name]}{arrow} | {s['n']} | {_interval(s, 'spearman')} | {_interval(s, 'kendall')} | "
-            f"{round(s['topk_overlap'] * s['k'])}/{s['k']} | {s['choice_rank']} | {s['regret_raw']:.4g} | "
-            f"{format_number(s['regret'])} |"
+            f"{top_k_cell(s)} | {s['choice_rank'] if s['choice_rank'] is not None else 'n/a'} | "
+            f"{_raw(s['regret_raw'])} | {format_number(s['regret'])} |"
         )
     return "\n".join(lines)
+
+
+def _raw(value: float | None) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.4g}"
+
+
+def context_notes(report: dict) -> list[str]:
+    """The lines printed under the summary table: the mixtures compared when the tables share only
+    some, the metrics not compared, and those left out of the aggregate."""
+    n, lines = report["n_mixtures"], []
+    if n["shared"] is not None and (n["shared"] < n["small"] or n["shared"] < n["large"]):
+        lines.append(
+            f"SMALL→LARGE: compared on the {n['shared']} mixtures both tables hold (of {n['small']} and "
+            f"{n['large']})."
+        )
+    lines += [
+        f"Not compared (not in every table): {role}'s {left}"
+        for role, left in report["skipped_metrics"].items()
+    ]
+    lines += [
+        f"{pair}: the {report['aggregate']} leaves out {left}, constant in a table (their statistics are n/a)."
+        for pair, left in _left_out_of_aggregate(report)
+    ]
+    return lines
+
+
+def _left_out_of_aggregate(report: dict) -> list[tuple[str, list[str]]]:
+    """(SMALL→LARGE, the metrics) for each comparison whose aggregate leaves constant metrics out."""
+    return [
+        (f"{c['proxy']}→{c['truth']}", c["aggregate_left_out"])
+        for c in report["comparisons"].values()
+        if c.get("aggregate_left_out")
+    ]
 
 
 def summary_table(report: dict) -> str:
@@ -117,6 +158,11 @@ def _context_lines(report: dict) -> list[str]:
         )
     for role, left in report["skipped_metrics"].items():
         lines.append(f"- not compared (only some tables have them): {role}'s {left}")
+    lines += [
+        f"- {pair}: the aggregate leaves out {left}, constant in a table: they rank nothing, and their "
+        "statistics are n/a"
+        for pair, left in _left_out_of_aggregate(report)
+    ]
     o = report["options"]
     lines.append(
         f"- intervals: {o['confidence']:.0%} percentile bootstrap, {o['n_bootstrap']} resamples of mixtures, "

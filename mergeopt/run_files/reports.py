@@ -28,9 +28,11 @@ class RankStatistics(BaseModel):
         description="Share of mixture pairs ordered as the truth orders them."
     )
     k: int
-    top1_hit: bool = Field(description="The proxy's favourite is a true best.")
-    topk_hit: bool = Field(description="A true best is among the proxy's k favourites.")
-    topk_overlap: float = Field(description="Share of the proxy's top k in the truth's top k.")
+    top1_hit: bool | None = Field(
+        description="The proxy's favourite is a true best (null in table mode when a score is constant)."
+    )
+    topk_hit: bool | None = Field(description="A true best is among the proxy's k favourites.")
+    topk_overlap: float | None = Field(description="Share of the proxy's top k in the truth's top k.")
     regret: float | None = Field(description="True score lost by the proxy's pick, over the true range.")
     proxy_best_row: int
     true_best_row: int
@@ -42,9 +44,13 @@ class TransferStatistics(RankStatistics):
     regret_raw: float | None = Field(
         description="True score lost by the proxy's pick, in the metric's units."
     )
-    choice_rank: int = Field(description="The pick's place among the true scores (1 = best).")
-    choice: str = Field(description="The proxy's pick (a row label).")
-    best: str = Field(description="The truly best mixture (a row label).")
+    choice_rank: int | None = Field(
+        description="The pick's place among the true scores (1 = best; null when a score is constant)."
+    )
+    choice: str | None = Field(description="The proxy's pick (a row label; null when the proxy is constant).")
+    best: str | None = Field(
+        description="The truly best mixture (a row label; null when the truth is constant)."
+    )
     choice_true_score: float | None
     best_true_score: float | None
 
@@ -141,6 +147,10 @@ class TransferComparison(BaseModel):
     what: str
     n: int
     metrics: dict[str, TransferStatistics]
+    aggregate_left_out: list[str] = Field(
+        default_factory=list,
+        description="Metrics left out of the aggregate: constant in the proxy or the truth, they rank nothing.",
+    )
 
 
 class TransferReport(RunFile):
