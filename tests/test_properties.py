@@ -148,7 +148,8 @@ def test_any_bytes_are_records_or_a_user_error(tmp_path_factory, payload):
 
 @FAST
 @given(
-    # valid: one run, or runs of at least two mixtures (rounded to 1e-6; one mixture repeated is refused)
+    # valid: for calibrate any runs; for a ranking 3 runs at least, of at least two mixtures (rounded
+    # to 1e-6; one mixture repeated is refused)
     rows=st.lists(
         st.tuples(st.floats(0, 1), st.floats(0.01, 10, allow_nan=False)),
         min_size=1,
@@ -162,8 +163,13 @@ def test_valid_grid_tables_are_read_back_exactly(tmp_path_factory, rows):
     )
     path = tmp_path_factory.mktemp("g") / "grid.csv"
     frame.to_csv(path, index=False)
-    table = read_grid(path, ["a", "b"])
-    np.testing.assert_array_equal(table["loss_x"].to_numpy(), frame["loss_x"].to_numpy())
+    for ranked in (False, True):
+        if ranked and len(rows) < 3:
+            with pytest.raises(UserError, match=f"only {len(rows)} mixture"):
+                read_grid(path, ["a", "b"], ranked=ranked)
+            continue
+        table = read_grid(path, ["a", "b"], ranked=ranked)
+        np.testing.assert_array_equal(table["loss_x"].to_numpy(), frame["loss_x"].to_numpy())
 
 
 @FAST

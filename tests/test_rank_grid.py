@@ -16,7 +16,8 @@ import yaml
 from tests.conftest import recipe_tree, run_in_process
 
 
-def grid_table(**changes) -> pd.DataFrame:
+def grid_table(rows: int = 3, **changes) -> pd.DataFrame:
+    """Three mixtures over alpha, beta and gamma with made-up losses (the first ``rows``), changed."""
     table = pd.DataFrame(
         {
             "w_alpha": [1.0, 0.5, 0.0],
@@ -25,7 +26,7 @@ def grid_table(**changes) -> pd.DataFrame:
             "loss_arith": [1.0, 2.0, 3.0],
             "loss_markov": [2.0, 1.0, 3.0],
         }
-    )
+    ).head(rows)
     for column, values in changes.items():
         if values is None:
             table = table.drop(columns=column)
@@ -64,6 +65,11 @@ def assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> 
             "grid.csv line 3: column w_beta (a mixture weight) is empty or not a finite number",
         ),
         ({"loss_markov": None}, "no column loss_markov with the true loss of dev set 'markov'"),
+        (
+            {"rows": 2},
+            "grid.csv: only 2 mixture(s); the rank statistics need at least 3 (with 2, Spearman and Kendall "
+            "are always ±1)",
+        ),
         (
             {"loss_arith": [1.0, None, float("inf")]},
             "grid.csv line 3: column loss_arith (the true loss of dev set 'arith') is empty or not a finite "

@@ -21,7 +21,12 @@ import pandas as pd
 import torch
 
 from mergeopt.errors import UserError
-from mergeopt.evaluation.tables import check_mixture_rows, check_mixtures_vary, check_numbers
+from mergeopt.evaluation.tables import (
+    check_enough_mixtures,
+    check_mixture_rows,
+    check_mixtures_vary,
+    check_numbers,
+)
 from mergeopt.inputs import existing_file
 from mergeopt.objectives.objective import Objective
 from mergeopt.objectives.scoring import metric_scores, set_losses
@@ -39,8 +44,9 @@ PHASE = "proxy"  # the phase of the grid's evaluations in the journal
 def read_grid(path: str | Path, expert_names: Sequence[str], ranked: bool = True) -> pd.DataFrame:
     """Read and check a grid table: one weight column per expert, rows on the simplex.
 
-    ``ranked``: the table's mixtures are ranked, so they must not all be one mixture; calibrate
-    (``ranked=False``) takes any runs, one run or several seeds of one mixture alike."""
+    ``ranked``: the table's rows are ranked, so they must hold two mixtures at least, in 3 rows at
+    least (several seeds of a mixture are rows of their own); calibrate (``ranked=False``) takes any
+    runs, one run or several seeds of one mixture alike."""
     path = existing_file(path, "grid table")
     try:
         table = read_csv(path)
@@ -60,8 +66,9 @@ def read_grid(path: str | Path, expert_names: Sequence[str], ranked: bool = True
         raise UserError(f"{path}: the grid table has no rows")
     weights = table[columns].to_numpy(dtype=float)
     check_mixture_rows(weights, columns, lambda i: at_line(path, i))
-    if ranked:
+    if ranked:  # 2 rows would rank as ±1 whatever the proxy; repeated runs of a mixture may stay
         check_mixtures_vary(weights, str(path))
+        check_enough_mixtures(len(table), (str(path),))
     return table
 
 
