@@ -212,3 +212,27 @@ def test_the_fitted_mixtures_nearest_grid_mixture_is_named_by_its_line(random_wo
         f"Fitted mixture: nearest grid mixture on line 4 of grid.csv (distance {fitted['distance']:.3f}), "
         f"normalised regret {fitted['regret']:.3f}."
     ]
+
+
+def test_a_score_constant_over_the_grid_has_no_pick_or_regret(random_world, tmp_path):
+    """A metric that is the same in every run (an exact match of 0 everywhere, at this size) ranks
+    nothing: its pick would be a tie-break, so top-1, top-k and regret are null as its correlations
+    are; the target's are numbers."""
+    tree = recipe_tree(
+        random_world,
+        tmp_path / "out",
+        objective={"terms": [{"kind": "exact_match", "dev": "arith"}]},
+        search={"strategy": "grid"},
+    )
+    table = grid_table(**{"score_exact_match:arith": [0.0, 0.0, 0.0]})
+    result = rank_cli(tmp_path, tree, table)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "out" / "rank_report.json").read_text())
+    constant = report["metrics"]["exact_match:arith"]
+    assert constant["spearman"] is None and constant["regret"] is None
+    assert constant["top1_hit"] is None and constant["topk_hit"] is None and constant["topk_overlap"] is None
+    for baseline in report["baselines"].values():
+        assert baseline["exact_match:arith"]["regret"] is None
+    assert isinstance(report["metrics"]["target"]["regret"], float)
+    markdown = (tmp_path / "out" / "rank_report.md").read_text()
+    assert "n/a" in markdown

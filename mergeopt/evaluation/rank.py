@@ -86,7 +86,13 @@ def rank_grid(
         "n_mixtures": len(table),
         "options": options,
         "metrics": {
-            name: rank_statistics(*pair, name=name, higher_is_better=higher.get(name, False), **options)
+            name: rank_statistics(
+                *pair,
+                name=name,
+                higher_is_better=higher.get(name, False),
+                undefined_when_constant=name != "target",  # a score constant over the grid picks by tie-break
+                **options,
+            )
             for name, pair in pairs.items()
         },
     }
@@ -145,6 +151,7 @@ def _baseline_statistics(predictions: dict, pairs: dict, higher: dict, options: 
                 pairs[name][1],
                 name=name,
                 higher_is_better=higher.get(name, False),
+                undefined_when_constant=name != "target",
                 **{**options, "n_bootstrap": options["n_bootstrap"] if name == "target" else 0},
             )
             for name in pairs
