@@ -284,6 +284,26 @@ def test_a_metric_returning_nan_is_named(random_world, tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+def _stopped_at_the_third(result, tmp_path, score: str) -> tuple[dict, list[dict]]:
+    """Checks a fit whose search met a NaN ``score`` at its third evaluation: exit 0, one warning,
+    mixture.json's record of the stop, and its weights those of the best evaluation before it.
+    Returns (mixture.json, evaluations.csv's rows)."""
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mergeopt: warning: the search stopped at evaluation 3"), (
+        lines
+    )
+    mixture = json.loads((tmp_path / "out" / "mixture.json").read_text())
+    stop = mixture["search"]["non_finite"]
+    assert (stop["evaluation"], stop["score"], stop["value"]) == (3, score, "nan")
+    rows = _rows(tmp_path / "out")
+    best = min(rows, key=lambda r: float(r["value"]))
+    assert [mixture["weights"][n] for n in mixture["weights"]] == [
+        float(best[f"w_{n}"]) for n in mixture["weights"]
+    ]
+    return mixture, rows
+
+
 def test_a_metric_turning_nan_mid_search_keeps_the_best_finite_mixture(random_world, tmp_path, monkeypatch):
     """A user's metric is treated as a loss would be: its NaN at the third mixture stops the search,
     which keeps the best mixture scored before it (exit 0, one warning naming the evaluation)."""
@@ -294,15 +314,7 @@ def test_a_metric_turning_nan_mid_search_keeps_the_best_finite_mixture(random_wo
             return float("nan") if len(CALLS) == 3 else float(len(CALLS))
     """
     result = _fit_with_metric(random_world, tmp_path, monkeypatch, body, samples=5)
-    assert result.returncode == 0, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("mergeopt: warning: the search stopped at evaluation 3"), (
-        lines
-    )
-    mixture = json.loads((tmp_path / "out" / "mixture.json").read_text())
-    stop = mixture["search"]["non_finite"]
-    assert (stop["evaluation"], stop["score"], stop["value"]) == (3, "mine", "nan")
-    rows = _rows(tmp_path / "out")
+    mixture, rows = _stopped_at_the_third(result, tmp_path, "mine")
     assert [float(r["mine"]) for r in rows] == [1.0, 2.0]
     best = max(rows, key=lambda r: float(r["mine"]))  # higher is better: the second mixture
     assert [mixture["weights"][n] for n in mixture["weights"]] == [
@@ -331,20 +343,8 @@ def test_a_score_turning_nan_mid_search_keeps_the_best_finite_mixture(random_wor
     nan_at_the_third.__wrapped__ = zero_order.make_scorer
     monkeypatch.setattr(zero_order, "make_scorer", nan_at_the_third)
     result = _cli(random_world, tmp_path, "search.strategy=grid", "search.grid.divisions=2")
-    assert result.returncode == 0, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("mergeopt: warning: the search stopped at evaluation 3"), (
-        lines
-    )
-    mixture = json.loads((tmp_path / "out" / "mixture.json").read_text())
-    stop = mixture["search"]["non_finite"]
-    assert (stop["evaluation"], stop["score"], stop["value"]) == (3, "loss:all", "nan")
-    rows = _rows(tmp_path / "out")
+    mixture, rows = _stopped_at_the_third(result, tmp_path, "loss:all")
     assert len(rows) == 2 and mixture["search"]["evaluations"] == 2
-    best = min(rows, key=lambda r: float(r["value"]))
-    assert [mixture["weights"][n] for n in mixture["weights"]] == [
-        float(best[f"w_{n}"]) for n in mixture["weights"]
-    ]
 
 
 def test_a_diverging_gradient_fit_keeps_the_best_finite_mixture(random_world, tmp_path):
