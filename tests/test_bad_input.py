@@ -200,6 +200,15 @@ def _adapter_other_base(world, tmp):
     return _with_expert(world, tmp, _adapter(world, tmp, base_model_name_or_path=str(other)))
 
 
+def _adapter_other_hub_base(world, tmp):
+    """An adapter naming hub repository acme/base-Instruct, and a base that is a snapshot of
+    acme/base in the Hugging Face cache."""
+    snapshot = tmp / "hub" / "models--acme--base" / "snapshots" / "0123abcd"
+    shutil.copytree(world["base"], snapshot)
+    adapter = _adapter(world, tmp, base_model_name_or_path="acme/base-Instruct")
+    return [*_with_expert(world, tmp, adapter), f"model.base={snapshot}"]
+
+
 def _base_without_tokenizer(world, tmp):
     base = tmp / "base-without-tokenizer"
     shutil.copytree(world["base"], base, ignore=shutil.ignore_patterns("tokenizer*", "*.jinja", "vocab.json"))
@@ -679,6 +688,12 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         "fit",
         lambda w, t: [*_adapter_other_base(w, t), "--dry-run"],
         "is a LoRA adapter trained on",  # the plan checks what the fit checks
+    ),
+    "adapter of another hub base": (
+        "adapter",
+        "fit",
+        _adapter_other_hub_base,
+        "is a LoRA adapter trained on",
     ),
     "adapter for a resized vocabulary": (
         "adapter",

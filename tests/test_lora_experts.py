@@ -243,6 +243,41 @@ def test_a_copy_of_the_adapters_base_is_its_base(lora_world, tmp_path):
     _one_line(result, "not a copy of it", tmp_path)
 
 
+def _named(lora_world, root, named) -> dict:
+    """The world's adapters copied under ``root``, each naming ``named`` as its base."""
+    experts = {}
+    for name, path in lora_world["adapters"].items():
+        shutil.copytree(path, root / name)
+        cfg_file = root / name / "adapter_config.json"
+        cfg_file.write_text(json.dumps(json.loads(cfg_file.read_text()) | {"base_model_name_or_path": named}))
+        experts[name] = str(root / name)
+    return experts
+
+
+def test_a_hub_name_is_checked_against_a_base_in_the_hub_cache(lora_world, tmp_path):
+    """A base given as a snapshot of the Hugging Face cache says which repository it is: adapters
+    naming that repository are planned, adapters naming another (an -Instruct of the same shapes)
+    are refused in one line by plan and fit; outside the cache a hub name is not checked."""
+    snapshot = tmp_path / "hub" / "models--acme--tiny-llama" / "snapshots" / "0123abcd"
+    shutil.copytree(lora_world["world"]["base"], snapshot)
+    right = _named(lora_world, tmp_path / "right", "acme/tiny-llama")
+    wrong = _named(lora_world, tmp_path / "wrong", "acme/tiny-llama-Instruct")
+    for experts, base, ok in ((right, snapshot, True), (wrong, snapshot, False), (wrong, None, True)):
+        tree = recipe_tree(lora_world["world"], tmp_path / "out")
+        tree["model"]["experts"] = experts
+        if base is not None:
+            tree["model"]["base"] = str(base)
+        (tmp_path / "plan.yaml").write_text(yaml.safe_dump(tree))
+        planned = run_in_process("plan", str(tmp_path / "plan.yaml"))
+        if ok:
+            assert planned.returncode == 0, planned.stderr
+        else:
+            culprit = "trained on acme/tiny-llama-Instruct, not on the base"
+            _one_line(planned, culprit, tmp_path)
+            _one_line(_cli(lora_world, tmp_path, wrong, f"model.base={snapshot}"), culprit, tmp_path)
+            assert "a snapshot of acme/tiny-llama in the Hugging Face cache" in planned.stderr
+
+
 def test_pickled_checkpoints_need_allow_pickle(lora_world, tmp_path):
     from safetensors.torch import load_file
 

@@ -5,7 +5,10 @@ another local directory than the recipe's base was trained on another model: mer
 update would be applied to weights it never saw. But teams copy a base to local NVMe or to each
 node's disk, so another path is not proof of another model: a directory whose config.json and
 weight files are the same as the base's (sizes, and bytes sampled at each file's start, middle and
-end) is taken for a copy. Hub names are not checked (nothing is downloaded to compare).
+end) is taken for a copy. A hub name (``owner/name``) is compared only where the base itself says which
+repository it is: a snapshot of the Hugging Face cache (``models--owner--name/snapshots/<revision>``,
+where `hf download` without ``--local-dir`` puts it). Elsewhere it is not checked: nothing is
+downloaded to compare.
 """
 
 from __future__ import annotations
@@ -49,10 +52,27 @@ def is_copy(a: Path, b: Path) -> bool:
     return all(_same_samples(a / name, b / name) for name in files)
 
 
+def cached_repository(directory: Path) -> str | None:
+    """``owner/name`` of a snapshot directory in the Hugging Face cache
+    (``.../models--owner--name/snapshots/<revision>``), else None."""
+    parts = directory.resolve().parts
+    if len(parts) < 3 or parts[-2] != "snapshots" or not parts[-3].startswith("models--"):
+        return None
+    return parts[-3].removeprefix("models--").replace("--", "/")
+
+
 def check_adapter_base(named: str | None, adapter: Path, base: Path, expert: str) -> None:
     """``named`` (the adapter's ``base_model_name_or_path``), when a local directory, must be the
-    recipe's base or a copy of it."""
-    if not named or not Path(named).is_dir():
+    recipe's base or a copy of it; when a hub name, the repository of a base in the hub's cache."""
+    if not named:
+        return
+    if not Path(named).is_dir():
+        repository = cached_repository(base)
+        if repository is not None and named.strip("/").lower() != repository.lower():
+            raise UserError(
+                f"expert {expert!r} ({adapter}) is a LoRA adapter trained on {named}, not on the base "
+                f"{base} (a snapshot of {repository} in the Hugging Face cache)"
+            )
         return
     named_dir = Path(named).resolve()
     if named_dir == base.resolve() or is_copy(named_dir, base.resolve()):
