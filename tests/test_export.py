@@ -262,8 +262,8 @@ def test_llamafactory_keys(world, tmp_path):
     assert config["mix_strategy"] == "interleave_under"
     probs = [float(p) for p in config["interleave_probs"].split(",")]  # DataArguments splits on ','
     assert probs == pytest.approx(list(expected_sample_shares().values()), abs=1e-15)
-    repeated = yaml_body(export(world, "llamafactory", tmp_path, "--budget-samples", "6000"))
-    assert repeated["mix_strategy"] == "interleave_over"  # the budget needs b and c more than once
+    budgeted = yaml_body(export(world, "llamafactory", tmp_path, "--budget-samples", "6000"))
+    assert budgeted == {"dataset": ",".join(WEIGHTS), "mix_strategy": "concat"}  # counts: num_samples
 
 
 def test_llamafactory_without_datasets_notes_equal_lengths(world, tmp_path, capsys):

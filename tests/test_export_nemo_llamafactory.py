@@ -93,19 +93,64 @@ def test_llamafactory_own_parser_and_merge_draw_the_sample_shares(world, tmp_pat
     assert counts["a"] == measured_stats()["a"].samples
 
 
-def test_llamafactory_interleave_over_keeps_the_shares_past_the_budget(world, tmp_path):
-    """With a budget that repeats datasets, ``interleave_over`` (``all_exhausted``) draws until every
-    dataset was seen once, which is more than the budget: the shares hold, and the budget is kept by
-    stopping training there (the comment the export writes)."""
+LLAMAFACTORY_LOAD = """
+import importlib.machinery, json, sys, types
+audio = types.ModuleType("torchaudio")
+audio.__spec__ = importlib.machinery.ModuleSpec("torchaudio", None)
+sys.modules["torchaudio"] = audio
+from transformers import HfArgumentParser, Seq2SeqTrainingArguments
+from llamafactory.data.loader import _get_merged_dataset
+from llamafactory.hparams import DataArguments, ModelArguments
+
+dataset_dir, config, stage = json.loads(sys.argv[1])
+(data_args,) = HfArgumentParser(DataArguments).parse_dict({**config, "dataset_dir": dataset_dir})
+training = Seq2SeqTrainingArguments(output_dir=dataset_dir + "/out", seed=0)
+model_args = ModelArguments(model_name_or_path=dataset_dir)
+mixed = _get_merged_dataset(data_args.dataset, model_args, data_args, training, stage=stage)
+print(json.dumps([list(mixed["_system"]), list(mixed["_prompt"]), list(mixed["_response"])]))
+"""
+
+
+def _header_entries(text: str) -> dict:
+    info = {}
+    for line in text.splitlines():
+        if line.startswith("#   {"):
+            info.update(json.loads(line[4:]))
+    return info
+
+
+def _llamafactory_load(tmp_path, info: dict, config: dict, stage: str) -> tuple[list, list, list]:
+    """LLaMA-Factory's own loader over the header's entries as dataset_info.json, each record's
+    ``domain`` read as its system column to count where it came from: (domains, prompts, responses)."""
+    traced = {n: {**e, "columns": {**e.get("columns", {}), "system": "domain"}} for n, e in info.items()}
+    (tmp_path / "dataset_info.json").write_text(json.dumps(traced))
+    env = {**os.environ, "DISABLE_VERSION_CHECK": "1"}
+    child = subprocess.run(
+        [sys.executable, "-c", LLAMAFACTORY_LOAD, json.dumps([str(tmp_path), config, stage])],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert child.returncode == 0, child.stderr[-2000:]
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def test_llamafactory_budget_is_exact_counts_loaded_by_its_own_loader(world, tmp_path):
+    """A budget that repeats datasets: each dataset_info.json entry's num_samples is the plan's
+    count and ``mix_strategy: concat`` joins them, so LLaMA-Factory's own loader gives exactly the
+    budget's counts (interleaving would draw until the rarest dataset ran out, far past it)."""
     pytest.importorskip("llamafactory")
     text = export(world, "llamafactory", tmp_path, "--budget-samples", "6000")
     assert "The budget is 6000 samples" in text
     config = yaml_body(text)
-    assert config["mix_strategy"] == "interleave_over"
-    _, _, counts = _llamafactory_mix(config, world["paths"])
-    _within_4_se(counts, expected_sample_shares())
-    assert sum(counts.values()) > 6000
-    assert all(counts[n] >= s.samples for n, s in measured_stats().items())  # all seen once
+    assert config == {"dataset": ",".join(WEIGHTS), "mix_strategy": "concat"}
+    info = _header_entries(text)
+    expected = make_plan(WEIGHTS, "tokens", measured_stats(), budget_samples=6000).counts
+    assert {n: e["num_samples"] for n, e in info.items()} == expected
+    assert any(expected[n] > s.samples for n, s in measured_stats().items())  # a dataset repeats
+    domains, _, _ = _llamafactory_load(tmp_path, info, config, "sft")
+    assert {n: domains.count(n) for n in WEIGHTS} == expected
 
 
 def test_llamafactory_refuses_a_name_with_a_comma(world, tmp_path, capsys):
@@ -287,9 +332,10 @@ def _one_layout_each(world, tmp_path) -> dict:
 
 
 def test_llamafactory_header_registers_each_layout_with_its_own_columns(world, tmp_path):
-    """Text records are registered as LLaMA-Factory's pretraining sets are (``columns: {prompt:
-    text}``), prompt/completion as prompt/response, messages as sharegpt; LLaMA-Factory's own parser
-    and converter, given the header's entries as dataset_info.json, read each first record whole."""
+    """Text records beside other layouts are the responses to an empty prompt (one run has one
+    stage, and only sft keeps the others' completions), prompt/completion is prompt/response,
+    messages sharegpt; LLaMA-Factory's own parser and converter, given the header's entries as
+    dataset_info.json, read each first record whole, as records its sft processor keeps."""
     pytest.importorskip("llamafactory")
     mixed = _one_layout_each(world, tmp_path)
     text = export(mixed, "llamafactory", tmp_path)
@@ -297,10 +343,11 @@ def test_llamafactory_header_registers_each_layout_with_its_own_columns(world, t
     for line in text.splitlines():
         if line.startswith("#   {"):
             info.update(json.loads(line[4:]))
-    assert info["a"] == {"file_name": str(mixed["paths"]["a"].resolve()), "columns": {"prompt": "text"}}
+    assert info["a"] == {"file_name": str(mixed["paths"]["a"].resolve()), "columns": {"response": "text"}}
     assert info["b"]["columns"] == {"prompt": "prompt", "response": "completion"}
     assert info["c"]["formatting"] == "sharegpt"
-    assert "# text records are pretraining data to LLaMA-Factory: train them with stage: pt" in text
+    assert "# train with stage: sft; text records are the responses to an empty prompt" in text
+    assert "stage: pt\n" not in text
     (tmp_path / "dataset_info.json").write_text(json.dumps(info))
     env = {**os.environ, "DISABLE_VERSION_CHECK": "1"}
     child = subprocess.run(
@@ -313,8 +360,11 @@ def test_llamafactory_header_registers_each_layout_with_its_own_columns(world, t
     assert child.returncode == 0, child.stderr[-2000:]
     first = {n: json.loads(p.read_text().splitlines()[0]) for n, p in mixed["paths"].items()}
     user, answer = first["c"]["messages"]
-    assert json.loads(child.stdout.strip().splitlines()[-1]) == [
-        ["a", [{"role": "user", "content": first["a"]["text"]}], []],
+    read = json.loads(child.stdout.strip().splitlines()[-1])
+    # processor/supervised.py keeps a record whose prompt has odd length and which has one response
+    assert all(len(prompt) % 2 == 1 and len(response) == 1 for _, prompt, response in read)
+    assert read == [
+        ["a", [{"role": "user", "content": ""}], [{"role": "assistant", "content": first["a"]["text"]}]],
         [
             "b",
             [{"role": "user", "content": first["b"]["prompt"]}],
@@ -326,6 +376,26 @@ def test_llamafactory_header_registers_each_layout_with_its_own_columns(world, t
             [{"role": "assistant", "content": answer["content"]}],
         ],
     ]
+
+
+def test_llamafactory_text_records_alone_are_pretraining_data(world, tmp_path):
+    """Every dataset of text records: LLaMA-Factory's pretraining entries (``columns: {prompt:
+    text}``, stage: pt), whose loader gives each record's text as the prompt its pt processor reads."""
+    pytest.importorskip("llamafactory")
+    paths = {}
+    for name, path in world["paths"].items():
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        paths[name] = tmp_path / f"{name}-text.jsonl"
+        paths[name].write_text(
+            "".join(json.dumps({"text": r["prompt"] + r["completion"], "domain": name}) + "\n" for r in rows)
+        )
+    text = export({**world, "paths": paths}, "llamafactory", tmp_path)
+    assert "# text records are pretraining data to LLaMA-Factory: train them with stage: pt" in text
+    info = _header_entries(text)
+    assert {e["columns"]["prompt"] for e in info.values()} == {"text"}
+    domains, prompts, _ = _llamafactory_load(tmp_path, info, yaml_body(text), "pt")
+    texts = {json.loads(line)["text"] for p in paths.values() for line in p.read_text().splitlines()}
+    assert set(domains) == set(WEIGHTS) and all(p[0]["content"] in texts for p in prompts)
 
 
 def test_llamafactory_header_without_datasets_claims_no_columns(world, tmp_path):
@@ -341,4 +411,14 @@ def test_llamafactory_header_without_datasets_claims_no_columns(world, tmp_path)
     )
     shown = [json.loads(line.split(": ", 1)[1]) for line in lines[start + 2 : start + 5]]
     assert shown == [{"a": {"file_name": "PATH", **entry}} for entry in ENTRIES.values()]
+    label, entry = lines[start + 5].split(": {", 1)
+    assert label == "#     text records beside prompt/completion or messages (one run, stage: sft)"
+    assert json.loads("{" + entry) == {"a": {"file_name": "PATH", "columns": {"response": "text"}}}
+    budget = export(world, "llamafactory", tmp_path, "--budget-samples", "100", datasets=False)
+    counts = make_plan(WEIGHTS, "tokens", None, budget_samples=100).counts
+    assert (
+        '#   and in each entry "num_samples": its count under the budget: '
+        + ", ".join(f"{n} {c}" for n, c in counts.items())
+        in budget.splitlines()
+    )
     assert not any(line.startswith("#   {") for line in lines)

@@ -17,6 +17,18 @@ prompt/completion records map ``prompt`` and ``response``; a ``messages`` datase
 sharegpt formatting with OpenAI role tags. Records it cannot read as they are (multiple choice,
 prompt/completion lists of messages, stored token ids) get a line saying what to write instead, and
 without ``--datasets`` the layout is unknown, so the header lists the entry for each layout.
+
+One run has one ``stage``. Text records beside prompt/completion or messages datasets cannot stay
+pretraining data: ``stage: pt`` keeps only each record's prompt (processor/pretrain.py), so the
+others' completions would be lost, and ``stage: sft`` drops a record without a response
+(processor/supervised.py). So in a mixed export text is registered as the response to an empty
+prompt, ``"columns": {"response": "text"}``, and trained with the others under ``stage: sft``.
+
+With a budget the counts are exact rather than drawn: each dataset_info.json entry's
+``num_samples`` makes the loader (loader.py) take that many records, each once up to the dataset's
+size and then at random again, and ``mix_strategy: concat`` joins them (LLaMA-Factory's own advice
+outside streaming; the trainer shuffles). Interleaving cannot stop at a budget: ``all_exhausted``
+draws until the rarest dataset is used up, which for a small share is many times the budget.
 """
 
 from __future__ import annotations
@@ -30,15 +42,6 @@ from mergeopt.errors import UserError
 from mergeopt.export.formats import sliced
 from mergeopt.export.formats.base import Context, Format
 from mergeopt.export.shares import format_number
-
-
-def strategy(ctx: Context) -> str:
-    """Undersample (no dataset repeated) unless the budget needs a dataset more than once."""
-    repetition = ctx.plan.repetition
-    if repetition and any(r > 1.0 for r in repetition.values()):
-        return "interleave_over"
-    return "interleave_under"
-
 
 # LLaMA-Factory's dataset_info.json entry (without file_name) for each record layout mergeopt reads
 ENTRIES: dict[sliced.Layout, dict] = {
@@ -57,6 +60,8 @@ ENTRIES: dict[sliced.Layout, dict] = {
         },
     },
 }
+# text records in an sft run beside other layouts: the response to an empty prompt
+SFT_TEXT = {"columns": {"response": "text"}}
 LAYOUT_NAMES = {"text": "text records", "prompt_completion": "prompt/completion", "messages": "messages"}
 READER = "LLaMA-Factory"
 
@@ -81,10 +86,34 @@ def dataset_info(ctx: Context, name: str) -> dict | str | None:
     return {"file_name": str(path), **copy.deepcopy(ENTRIES[layout])}
 
 
+def _is_text(info: dict | str | None) -> bool:
+    return isinstance(info, dict) and info.get("columns") == ENTRIES["text"]["columns"]
+
+
+def entries(ctx: Context) -> dict[str, dict | str | None]:
+    """Each name's dataset_info.json entry (see dataset_info), with text records made responses
+    when other layouts share the run (one stage: sft), and each count as ``num_samples`` under a
+    budget."""
+    known = {name: dataset_info(ctx, name) for name in ctx.plan.names}
+    if any(_is_text(info) for info in known.values()) and any(
+        isinstance(info, dict) and not _is_text(info) for info in known.values()
+    ):
+        known = {
+            name: {**info, **copy.deepcopy(SFT_TEXT)} if _is_text(info) else info
+            for name, info in known.items()
+        }
+    if ctx.plan.counts is not None:
+        known = {
+            name: {**info, "num_samples": ctx.plan.counts[name]} if isinstance(info, dict) else info
+            for name, info in known.items()
+        }
+    return known
+
+
 def registration(ctx: Context) -> list[str]:
     """The header's dataset_info.json lines: one entry per name, or with no dataset known the
     entry for each layout, since the columns depend on the records."""
-    known = {name: dataset_info(ctx, name) for name in ctx.plan.names}
+    known = entries(ctx)
     unknown = [name for name, info in known.items() if info is None]
     lines = [
         "# Register each name in dataset_dir/dataset_info.json"
@@ -103,10 +132,20 @@ def registration(ctx: Context) -> list[str]:
         for layout, entry in ENTRIES.items():
             example = {unknown[0]: {"file_name": "PATH", **entry}}
             lines.append(f"#     {LAYOUT_NAMES[layout]}: {json.dumps(example)}")
-    if any(
-        isinstance(info, dict) and info.get("columns") == ENTRIES["text"]["columns"]
-        for info in known.values()
-    ):
+        example = {unknown[0]: {"file_name": "PATH", **SFT_TEXT}}
+        lines.append(
+            f"#     text records beside prompt/completion or messages (one run, stage: sft): {json.dumps(example)}"
+        )
+        if ctx.plan.counts is not None:
+            counts = ", ".join(f"{name} {ctx.plan.counts[name]}" for name in unknown)
+            lines.append(f'#   and in each entry "num_samples": its count under the budget: {counts}')
+    dicts = [info for info in known.values() if isinstance(info, dict)]
+    if any(info.get("columns") == SFT_TEXT["columns"] for info in dicts):
+        lines.append(
+            "# train with stage: sft; text records are the responses to an empty prompt, since one run "
+            "has one stage and stage: pt would keep only the other datasets' prompts"
+        )
+    elif dicts and all(_is_text(info) for info in dicts):
         lines.append("# text records are pretraining data to LLaMA-Factory: train them with stage: pt")
     return lines
 
@@ -120,14 +159,18 @@ def render(ctx: Context) -> str:
                 "which is split on commas and stripped of spaces: rename that expert"
             )
     lines = [ctx.header(FORMAT), *registration(ctx)]
+    config: dict = {"dataset": ",".join(plan.names)}
     if plan.counts is not None:
-        lines.append(f"# The budget is {sum(plan.counts.values())} samples: stop training there (max_steps).")
-    config = {
-        "dataset": ",".join(plan.names),
-        "mix_strategy": strategy(ctx),
+        lines.append(
+            f"# The budget is {sum(plan.counts.values())} samples: each entry's num_samples takes its "
+            "count (every record once up to the dataset's size, then at random again), concat joins "
+            "them, and the trainer shuffles; one epoch (num_train_epochs: 1) trains the budget."
+        )
+        config["mix_strategy"] = "concat"
+    else:
+        config["mix_strategy"] = "interleave_under"  # first_exhausted: no dataset repeated
         # a string (quoted when it would read as a number): DataArguments splits it on ','
-        "interleave_probs": ",".join(format_number(plan.sample_shares[n]) for n in plan.names),
-    }
+        config["interleave_probs"] = ",".join(format_number(plan.sample_shares[n]) for n in plan.names)
     return "\n".join(lines) + "\n" + yaml.safe_dump(config, sort_keys=False)
 
 
@@ -136,6 +179,9 @@ FORMAT = Format(
     filename="llamafactory.yaml",
     unit="samples",
     needs_paths=False,
-    meaning="interleave_probs: the probability that each drawn sample comes from that dataset (sum 1).",
+    meaning=(
+        "interleave_probs: the probability that each drawn sample comes from that dataset (sum 1); "
+        "with a budget, each dataset_info.json entry's num_samples: its count of samples."
+    ),
     render=render,
 )
