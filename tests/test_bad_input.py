@@ -233,20 +233,40 @@ def _dev(world, tmp, lines: str | None, records=None) -> list[str]:
     return [_recipe(world, tmp, edit)]
 
 
-def _test_split_task(world, tmp) -> list[str]:
-    """A recipe whose lm_eval term's local task is scored on its test split (the YAML alone is read)."""
+def _lm_eval_task(world, tmp, task: str, yaml_text: str) -> list[str]:
+    """A recipe whose one objective term is the local lm-eval task ``task``, written from ``yaml_text``."""
     (tmp / "tasks").mkdir()
-    (tmp / "tasks" / "gsm8k_local.yaml").write_text(
-        "task: gsm8k_local\ndataset_path: json\ndataset_kwargs: {data_files: {test: gsm8k.jsonl}}\n"
-        "test_split: test\noutput_type: loglikelihood\n"
-    )
+    (tmp / "tasks" / f"{task}.yaml").write_text(f"task: {task}\n{yaml_text}")
 
     def edit(tree):
-        term = {"kind": "lm_eval", "task": "gsm8k_local", "include_path": str(tmp / "tasks")}
+        term = {"kind": "lm_eval", "task": task, "include_path": str(tmp / "tasks")}
         tree["objective"] = {"terms": [term]}
         tree["search"] = {"strategy": "grid"}
 
     return [_recipe(world, tmp, edit)]
+
+
+def _test_split_task(world, tmp) -> list[str]:
+    """A recipe whose lm_eval term's local task is scored on its test split (the YAML alone is read)."""
+    return _lm_eval_task(
+        world,
+        tmp,
+        "gsm8k_local",
+        "dataset_path: json\ndataset_kwargs: {data_files: {test: gsm8k.jsonl}}\n"
+        "test_split: test\noutput_type: loglikelihood\n",
+    )
+
+
+def _task_without_data(world, tmp) -> list[str]:
+    """A recipe whose lm_eval term's local task reads a data file that is not there."""
+    return _lm_eval_task(
+        world,
+        tmp,
+        "arith_local",
+        f"dataset_path: json\ndataset_kwargs: {{data_files: {{validation: {tmp / 'gone' / 'arith.jsonl'}}}}}\n"
+        "validation_split: validation\noutput_type: loglikelihood\n"
+        "doc_to_text: '{{prompt}}'\ndoc_to_target: '{{completion}}'\n",
+    )
 
 
 def _finished_run(world, tmp, change: Callable[[dict], None] | None = None) -> Path:
@@ -783,6 +803,12 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         "fit",
         _test_split_task,
         "task 'gsm8k_local' is scored on its test split 'test'",
+    ),
+    "lm-eval task whose data file is missing": (
+        "objective",
+        "fit",
+        _task_without_data,
+        "lm-eval task 'arith_local' could not load its data (FileNotFoundError",
     ),
     # grid tables
     "grid without a mixture column": (
@@ -1709,7 +1735,10 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
 
 
 QUIET = ("fit", "merge", "rank", "calibrate", "train", "diagnose")  # the commands that take --quiet
-NEEDS_LM_EVAL = {"lm-eval task scored on its test split"}  # the extra [lm-eval] reads the task
+NEEDS_LM_EVAL = {
+    "lm-eval task scored on its test split",
+    "lm-eval task whose data file is missing",
+}  # the extra [lm-eval] reads the task
 NEEDS_STREAMING = {"export MDS directory with a corrupt zstd shard"}  # decompressed by streaming
 
 

@@ -65,6 +65,28 @@ def check_task(term: ObjectiveTerm) -> None:
         raise UserError(f"objective term {term.label!r}: no lm-eval task {term.task!r} {where}")
 
 
+def check_task_loads(term: ObjectiveTerm) -> None:
+    """The task exists and lm-eval can build it, which loads its dataset: a data file that is not
+    there or a hub dataset out of reach is said in one line before any model is loaded, not at the
+    first evaluation, after the experts are stacked. The dataset is then in datasets' cache."""
+    check_task(term)
+    from lm_eval.tasks import get_task_dict
+
+    try:
+        get_task_dict([term.task], _task_manager(term.include_path))
+    except Exception as error:  # datasets and lm-eval raise many kinds for data they cannot read
+        reason = (str(error).strip().splitlines() or [""])[0]
+        hint = (
+            ""
+            if isinstance(error, FileNotFoundError)
+            else "; a hub dataset needs the network once, then HF_DATASETS_OFFLINE=1 reads datasets' cache"
+        )
+        raise UserError(
+            f"objective term {term.label!r}: lm-eval task {term.task!r} could not load its data "
+            f"({type(error).__name__}: {reason}){hint}"
+        ) from error
+
+
 def scored_splits(term: ObjectiveTerm) -> list[tuple[str, str, str]]:
     """``(task, kind, split)`` for every task lm-eval runs for the term: kind ``test`` when the
     task's config has a ``test_split`` (lm-eval's ``eval_docs`` then scores it), else ``validation``.

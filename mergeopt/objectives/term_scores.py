@@ -45,13 +45,13 @@ RECORD_FIELDS = {
 
 def check_term_records(sets: Sequence[DevSet], terms: Sequence[ObjectiveTerm]) -> None:
     """Refuse a term whose dev set holds records it cannot score (or whose lm-eval task does not
-    exist), before any model is loaded."""
+    exist or cannot load its data), before any model is loaded."""
     by_name = {s.name: s for s in sets}
     for term in terms:
         if term.kind == "lm_eval":
-            from mergeopt.objectives.lm_eval_term import check_task
+            from mergeopt.objectives.lm_eval_term import check_task_loads
 
-            check_task(term)
+            check_task_loads(term)
         if term.kind not in RECORD_FIELDS:
             continue
         needs, suits = RECORD_FIELDS[term.kind]
