@@ -292,6 +292,19 @@ def test_bad_metric_paths_name_the_culprit(metric_module, path, message):
     assert "\n" not in str(err.value)
 
 
+def test_a_metric_module_beside_the_user_is_found_by_the_console_script(tmp_path, monkeypatch):
+    """``mergeopt fit`` (a console script: its sys.path starts at its bin directory, not the current
+    directory) imports ``my_metrics.py`` from the directory it runs in, as ``python -m mergeopt`` does."""
+    (tmp_path / "cwd_metrics_mergeopt.py").write_text(
+        "def score(model, tokenizer, records):\n    return 3.0\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "cwd_metrics_mergeopt", raising=False)
+    fn = load_metric_function("cwd_metrics_mergeopt:score")
+    assert call_metric(fn, "mine", torch.nn.Linear(1, 1), None, []) == 3.0
+
+
 def test_a_metric_result_that_is_not_a_number_names_the_term(metric_module):
     metric = load_metric_function(f"{metric_module}:text")
     with pytest.raises(UserError, match="metric 'quality:arith' returned str"):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import math
 import numbers
+import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -251,11 +252,21 @@ def choice_accuracy(
 # ----------------------------------------------------------------------------- user metrics
 
 
+def _import_from_cwd() -> None:
+    """Put the current directory on ``sys.path`` as ``python -m mergeopt`` does, so ``mergeopt fit``
+    (a console script, whose path starts at its own bin directory) finds ``my_metrics.py`` beside
+    the recipe the user runs from, as the other spelling of the command does."""
+    here = os.getcwd()
+    if "" not in sys.path and here not in sys.path:
+        sys.path.insert(0, here)
+
+
 def load_metric_function(path: str) -> MetricFn:
     """Resolve 'package.module:function' at startup, so a typo fails before any evaluation."""
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
         raise UserError(f"custom metric {path!r}: expected 'package.module:function'")
+    _import_from_cwd()
     try:
         module = importlib.import_module(module_name)
     except Exception as err:  # a user's module may fail to import in any way
