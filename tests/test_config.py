@@ -370,3 +370,39 @@ def test_groups_load_round_trip_and_compose_with_constraints(tmp_path):
             [FOUR, groups, "weights.bounds={gsm: [0, 0.5]}", f"search.strategy={strategy}"],
         )
         assert bounded.weights.constrained and bounded.weights.groups
+
+
+def test_relative_paths_are_anchored_where_they_exist(tmp_path):
+    """A run's recipe.yaml names local paths absolutely: existing relative ones are anchored to the
+    directory the command ran in, output_dir always; hub names, world paths, absolute paths and
+    names that are not paths stay as written."""
+    from mergeopt.config.loading import anchor_paths
+
+    (tmp_path / "ckpt" / "math").mkdir(parents=True)
+    (tmp_path / "dev.jsonl").write_text("{}\n")
+    tree = {
+        "output_dir": "runs/x",
+        "model": {
+            "base": "meta-llama/Llama-3.1-8B",
+            "experts": {"math": "ckpt/math", "code": "tiny://experts/code"},
+        },
+        "data": {"dev": [{"name": "math", "path": "dev.jsonl"}, {"name": "code", "path": "/abs/dev.jsonl"}]},
+        "rank": {"grid": None},
+        "optim": {"lr": 0.1},
+    }
+    anchor_paths(tree, tmp_path)
+    assert tree == {
+        "output_dir": str(tmp_path / "runs" / "x"),
+        "model": {
+            "base": "meta-llama/Llama-3.1-8B",
+            "experts": {"math": str(tmp_path / "ckpt" / "math"), "code": "tiny://experts/code"},
+        },
+        "data": {
+            "dev": [
+                {"name": "math", "path": str(tmp_path / "dev.jsonl")},
+                {"name": "code", "path": "/abs/dev.jsonl"},
+            ]
+        },
+        "rank": {"grid": None},
+        "optim": {"lr": 0.1},
+    }

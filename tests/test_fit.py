@@ -190,3 +190,39 @@ def test_the_stack_line_says_when_its_counts_are_one_ranks():
     assert line((1, 2)).startswith(
         "stacked 1 tensors (32 parameters x 2 experts, 0.0 MiB) on this rank (cpu), which holds 1/2 of each matrix;"
     )
+
+
+def test_the_run_recipe_names_the_files_it_read_from_anywhere(random_world, tmp_path, monkeypatch):
+    """A recipe with paths relative to the directory the fit ran in: the run's recipe.yaml names
+    them absolutely (output_dir too), so merge, export and a rerun read the same files from any
+    directory; mergekit's exported config names experts that exist from elsewhere."""
+    from mergeopt.errors import run_cli as run_command
+    from mergeopt.export.command import main as export_main
+
+    root = Path(random_world["base"]).parent
+    monkeypatch.chdir(root)
+    tree = recipe_tree(random_world, Path("runs") / "relative")
+    tree["model"] = {"base": "base", "experts": {n: Path(p).name for n, p in random_world["experts"].items()}}
+    tree["data"]["dev"] = [{"name": n, "path": Path(p).name} for n, p in random_world["dev"].items()]
+    tree["optim"]["steps"] = 2
+    out = root / "runs" / "relative"
+    try:
+        fit(recipe_from_dict(tree), progress=False, log=lambda _m: None)
+        monkeypatch.chdir(tmp_path)
+        written = yaml.safe_load((out / "recipe.yaml").read_text())
+        assert written["output_dir"] == str(out)
+        assert written["model"]["base"] == str(root / "base")
+        assert all(Path(p).is_absolute() and Path(p).is_dir() for p in written["model"]["experts"].values())
+        assert all(Path(d["path"]).is_file() for d in written["data"]["dev"])
+        assert load_recipe(out / "recipe.yaml").model.base == str(root / "base")
+        config = tmp_path / "mergekit.yaml"
+        assert (
+            run_command(export_main, [str(out / "mixture.json"), "--to", "mergekit", "--out", str(config)])
+            == 0
+        )
+        models = yaml.safe_load(config.read_text())["models"]
+        assert models and all(Path(m["model"]).is_dir() for m in models)
+    finally:
+        import shutil
+
+        shutil.rmtree(root / "runs", ignore_errors=True)  # the world is shared by the module's tests

@@ -5,6 +5,7 @@ validation errors turned into one line that names the file and the key.
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -172,6 +173,69 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     return recipe_from_dict(tree, str(path), list(parsed))
 
 
-def recipe_to_yaml(recipe: Recipe) -> str:
-    """The fully resolved recipe (every default spelled out), loadable again with load_recipe."""
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+def recipe_to_yaml(recipe: Recipe, absolute_paths: bool = False) -> str:
+    """The fully resolved recipe (every default spelled out), loadable again with load_recipe.
+
+    ``absolute_paths``: each relative local path made absolute (:func:`anchor_paths`), as a run
+    directory's recipe.yaml is written."""
+    tree = recipe.model_dump(mode="json")
+    if absolute_paths:
+        anchor_paths(tree)
+    return yaml.safe_dump(tree, sort_keys=False, allow_unicode=True)
+
+
+# the recipe keys that name local files or directories (``*``: every key or item at that level)
+PATH_KEYS = (
+    "output_dir",
+    "model.base",
+    "model.experts.*",
+    "data.dev.*.path",
+    "data.chat_template",
+    "train.data.*",
+    "train.output_dir",
+    "rank.grid",
+    "calibrate.grid",
+    "world.cache_dir",
+    "logging.dir",
+    "objective.terms.*.include_path",
+)
+
+
+def anchor_paths(tree: dict, cwd: Path | None = None) -> None:
+    """Make each relative path of ``tree`` (a dumped recipe) absolute against ``cwd``, in place.
+
+    Recipe paths are relative to the directory a command runs in, but a run directory's
+    recipe.yaml is read later from anywhere: by ``mergeopt export`` (mergekit's config names the
+    experts), ``merge``, ``calibrate``, or a rerun. So it names the files the run read. A path is
+    anchored where it exists (a hub name or a path that was never there is left as written), and
+    output_dir always; ``tiny://`` world paths and absolute paths are kept.
+    """
+    here = Path.cwd() if cwd is None else cwd
+
+    def anchored(value, always: bool):
+        if not isinstance(value, str) or "://" in value or Path(value).is_absolute():
+            return value
+        full = here / value
+        return os.path.abspath(full) if always or full.exists() else value
+
+    def walk(node, keys: list[str], always: bool):
+        if not keys or node is None:
+            return
+        head, rest = keys[0], keys[1:]
+        items = (
+            list(node.items())
+            if isinstance(node, dict)
+            else list(enumerate(node))
+            if isinstance(node, list)
+            else []
+        )
+        for key, value in items:
+            if head != "*" and key != head:
+                continue
+            if rest:
+                walk(value, rest, always)
+            else:
+                node[key] = anchored(value, always)
+
+    for dotted in PATH_KEYS:
+        walk(tree, dotted.split("."), dotted == "output_dir")

@@ -282,7 +282,7 @@ def write_outputs(out: Path, content: dict, ranking: pd.DataFrame, names: Sequen
     for i, proposal in enumerate(content["proposals"], 1):
         mixtures[f"next-{i}"] = mixture_record(proposal["weights"], "next", proposal, content, base, groups)
     mixtures = {name: MixtureFile.model_validate(m).to_json() for name, m in mixtures.items()}
-    text = recipe_to_yaml(recipe)
+    text = recipe_to_yaml(recipe, absolute_paths=True)
     for name, data in mixtures.items():
         (out / name).mkdir(exist_ok=True)
         write_text_atomic(out / name / "recipe.yaml", text)

@@ -67,7 +67,7 @@ def write_outputs(
         return Path(recipe.output_dir)
     run_name = Path(recipe.output_dir).name
     out = staging.path
-    write_text_atomic(out / "recipe.yaml", recipe_to_yaml(recipe))
+    write_text_atomic(out / "recipe.yaml", recipe_to_yaml(recipe, absolute_paths=True))
     if mixture["strategy"] == "gradient":
         columns = ["step", "loss", "heldout_loss", *(f"w_{n}" for n in names)]
         write_csv_atomic(out / "trace.csv", trace, columns)
