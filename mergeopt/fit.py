@@ -14,11 +14,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+import yaml
 
 import mergeopt
 from mergeopt import worlds
 from mergeopt.cli import alias, run_command
-from mergeopt.config import Recipe, load_recipe
+from mergeopt.config import Recipe, load_recipe, recipe_to_yaml
 from mergeopt.errors import UserError, warn
 from mergeopt.inputs import writable_dir
 from mergeopt.loading.devices import resolve_device
@@ -51,7 +52,7 @@ from mergeopt.runtime.resume import (
     recipe_tree,
     saying_where_saved,
 )
-from mergeopt.runtime.rundir import owned, staged
+from mergeopt.runtime.rundir import check_output_dir, owned, staged
 from mergeopt.search import grid as grid_search
 from mergeopt.search.strategy import SearchOutcome, run_strategy
 
@@ -368,6 +369,32 @@ def _rank_on_grid(resolved, objective, problem, mixture, progress, checkpoint) -
     return report, pairs, baselines
 
 
+def check_not_complete(recipe: Recipe, state: Path, mode: str) -> None:
+    """Refuse to fit a recipe again over its own complete run without --restart: a retried job or
+    a recalled command line would spend the whole fit once more and replace the answer (``mergeopt
+    merge`` asks for --overwrite, ``train`` skips finished runs). A fit of another recipe into the
+    directory replaces the run as before (iterating on overrides into one directory), and a
+    checkpoint beside a complete run (an interrupted fit over an older result) is resumed."""
+    out = Path(recipe.output_dir)
+    if not (out / "mixture.json").is_file() or state.is_dir():
+        return
+    if mode == "require":
+        raise UserError(f"--resume: {out} holds a complete run (mixture.json) and no checkpoint to resume")
+    try:
+        saved = yaml.safe_load((out / "recipe.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return  # no readable record of what ran: nothing says it is this recipe's
+    now = yaml.safe_load(recipe_to_yaml(recipe, absolute_paths=True))
+    ignored = ("output_dir", "logging")  # where it writes and who watches: not what it computes
+    if isinstance(saved, dict) and {k: v for k, v in saved.items() if k not in ignored} == {
+        k: v for k, v in now.items() if k not in ignored
+    }:
+        raise UserError(
+            f"{out} already holds this recipe's complete run (mixture.json): pass --restart to fit "
+            "again and replace it, or choose another output_dir"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     """``mergeopt fit``: the parsed command line (:mod:`mergeopt.cli`) to a run directory."""
     if args.world_size is not None and not args.dry_run:
@@ -387,6 +414,9 @@ def run(args: argparse.Namespace) -> int:
     log = (lambda _msg: None) if args.quiet else print
     mode = "require" if args.resume else "restart" if args.restart else "auto"
     state = Path(recipe.output_dir) / CHECKPOINT_DIR
+    if mode != "restart":
+        check_output_dir(recipe.output_dir, "output_dir")  # a bad output_dir is said first
+        check_not_complete(recipe, state, mode)
     with saying_where_saved(state, "Rerun the same command to continue (or add --resume)."):
         mixture = fit(recipe, progress=not args.quiet, log=log, resume=mode)
     if distributed.is_main():  # the answer, printed under --quiet too

@@ -121,11 +121,52 @@ def test_checkpoint_of_another_recipe_is_refused(random_world, tmp_path):
     changed = run_in_process("fit", recipe, "optim.lr=0.05", "--quiet")
     assert changed.returncode == 2
     assert changed.stderr.strip().splitlines() == [
-        f"mergeopt: error: {out / CHECKPOINT_DIR} belongs to a run with another recipe (optim.lr differs); "
+        f"mergeopt: error: {out / CHECKPOINT_DIR} belongs to a run with another recipe (optim.lr differs: "
+        "0.1 in the checkpoint, 0.05 now); "
         "rerun with that recipe, pass --restart to start over, or use another output_dir"
     ]
     assert not (out / "mixture.json").exists()
     assert run_in_process("fit", recipe, "optim.lr=0.05", "--restart", "--quiet").returncode == 0
+
+
+def test_a_list_entry_that_differs_is_named_with_both_values():
+    """A dev set's weight changed: the message names data.dev.0.weight and both values, not data.dev."""
+    from mergeopt.runtime.resume import UNSET, _first_difference
+
+    saved = {"data": {"dev": [{"name": "a", "weight": 1.0}, {"name": "b"}]}, "optim": {"steps": 40}}
+    now = {"data": {"dev": [{"name": "a", "weight": 2.0}, {"name": "b"}]}, "optim": {"steps": 40}}
+    assert _first_difference(saved, now) == ("data.dev.0.weight", 1.0, 2.0)
+    assert _first_difference(saved, saved) is None
+    assert _first_difference({"optim": {}}, {"optim": {"lr": 0.1}}) == ("optim.lr", UNSET, 0.1)
+    longer = {"data": {"dev": [{"name": "a", "weight": 1.0}]}}
+    assert _first_difference(saved, longer)[0] == "data.dev"  # another number of sets: the list
+
+
+def test_a_complete_run_is_not_fitted_again_without_restart(random_world, whole_gradient, tmp_path):
+    """Rerunning a finished fit's command is refused in one line, the result untouched (a retried
+    job would spend the fit again and replace it); --resume says the run is complete; --restart
+    fits again and writes the same mixture; another recipe replaces the run without --restart."""
+    out = tmp_path / "run"
+    recipe = _recipe(random_world, tmp_path, out, **GRADIENT)
+    assert run_in_process("fit", recipe, "--quiet").returncode == 0
+    before = (out / "mixture.json").stat()
+    again = run_in_process("fit", recipe, "--quiet")
+    assert again.returncode == 2
+    assert again.stderr.strip().splitlines() == [
+        f"mergeopt: error: {out} already holds this recipe's complete run (mixture.json): pass "
+        "--restart to fit again and replace it, or choose another output_dir"
+    ]
+    resumed = run_in_process("fit", recipe, "--resume", "--quiet")
+    assert (
+        resumed.returncode == 2 and "holds a complete run (mixture.json) and no checkpoint" in resumed.stderr
+    )
+    after = (out / "mixture.json").stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert run_in_process("fit", recipe, "--restart", "--quiet").returncode == 0
+    assert (out / "mixture.json").read_bytes() == (whole_gradient / "mixture.json").read_bytes()
+    # another recipe into the directory (iterating on overrides) replaces the run, as before
+    assert run_in_process("fit", recipe, "optim.lr=0.05", "--quiet").returncode == 0
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["optim"]["lr"] == 0.05
 
 
 def test_resume_without_a_checkpoint_is_one_line(random_world, tmp_path):

@@ -148,17 +148,35 @@ def saying_where_saved(
         raise
 
 
-def _first_difference(a, b, prefix: str = "") -> str | None:
-    """The dotted key of the first difference between two nested mappings (None if equal)."""
+UNSET = object()
+
+
+def _first_difference(a, b, prefix: str = "") -> tuple[str, object, object] | None:
+    """``(dotted key, value in a, value in b)`` of the first difference between two nested trees
+    of mappings and lists (None if equal); a key one side lacks has the value :data:`UNSET`."""
     if isinstance(a, dict) and isinstance(b, dict):
         for key in list(a) + [k for k in b if k not in a]:
             if key not in a or key not in b:
-                return f"{prefix}{key}"
+                return f"{prefix}{key}", a.get(key, UNSET), b.get(key, UNSET)
             found = _first_difference(a[key], b[key], f"{prefix}{key}.")
             if found:
                 return found
         return None
-    return None if a == b else prefix.rstrip(".") or "(the recipe)"
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            found = _first_difference(x, y, f"{prefix}{i}.")
+            if found:
+                return found
+        return None
+    return None if a == b else (prefix.rstrip(".") or "(the recipe)", a, b)
+
+
+def _shown(value: object) -> str:
+    """A recipe value as the message shows it: unset, or its JSON text cut to a readable length."""
+    if value is UNSET:
+        return "unset"
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class RunState:
@@ -194,11 +212,13 @@ class RunState:
             raise UserError(
                 f"{self.dir / META}: unreadable checkpoint; delete {self.dir} or pass --restart"
             ) from None
-        key = _first_difference(saved, self.recipe)
-        if key is not None:
+        difference = _first_difference(saved, self.recipe)
+        if difference is not None:
+            key, was, now = difference
             raise UserError(
-                f"{self.dir} belongs to a run with another recipe ({key} differs); "
-                "rerun with that recipe, pass --restart to start over, or use another output_dir"
+                f"{self.dir} belongs to a run with another recipe ({key} differs: {_shown(was)} in the "
+                f"checkpoint, {_shown(now)} now); rerun with that recipe, pass --restart to start over, "
+                "or use another output_dir"
             )
         changed = first_changed(saved_inputs) if self.inputs is not None else None
         if changed is not None:
