@@ -49,7 +49,11 @@ HELP = {
     "transfer": "how a ranking of mixtures at one scale carries to another",
     "diagnose": "the experts' task vectors, the loss between them, and flags where the proxy may degrade",
 }
-OUT_KEYS = {"fit": "output_dir", "train": "train.output_dir"}  # the recipe key --out sets
+OUT_KEYS = {
+    "fit": "output_dir",
+    "plan": "output_dir",
+    "train": "train.output_dir",
+}  # the recipe key --out sets
 EXAMPLES = {
     "fit": "mergeopt fit recipes/tiny.yaml optim.lr=0.1 --out /tmp/run",
     "plan": "mergeopt plan recipes/70b.yaml --world-size 8",

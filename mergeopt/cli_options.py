@@ -40,6 +40,13 @@ def _out(parser: argparse.ArgumentParser, what: str, **kwargs) -> None:
     parser.add_argument("--out", metavar="DIR", help=what, **kwargs)
 
 
+def _output_dir(parser: argparse.ArgumentParser) -> None:
+    """fit's ``--out``, which plan takes too (it is ``fit --dry-run``): the recipe's output_dir,
+    added to the overrides by :func:`mergeopt.cli.parse` (``OUT_KEYS``). A plan writes nothing there,
+    but warns of an output_dir the fit could not write, so both must read the same directory."""
+    _out(parser, "the run directory (the same as output_dir=DIR)")
+
+
 def _world_size(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     parser.add_argument(
         "--world-size",
@@ -107,7 +114,7 @@ def _positive_float(text: str) -> float:
 
 def _fit(p: argparse.ArgumentParser) -> None:
     _recipe(p)
-    _out(p, "the run directory (the same as output_dir=DIR)")
+    _output_dir(p)
     p.add_argument(
         "--resume",
         action="store_true",
@@ -125,6 +132,7 @@ def _fit(p: argparse.ArgumentParser) -> None:
 
 def _plan(p: argparse.ArgumentParser) -> None:
     _recipe(p)
+    _output_dir(p)
     _world_size(p)
     _device_memory(p)
     _plan_json(p)

@@ -653,6 +653,26 @@ def test_8b_dry_run_warns_of_what_the_fit_would_refuse(config_8b, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
+def test_plan_takes_fits_out_as_its_output_dir(config_8b, tmp_path):
+    """``plan --out DIR`` is ``fit --dry-run --out DIR``: DIR is the output_dir the plan checks the
+    fit could write (here under a file: one warning naming it), and DIR with an output_dir= override
+    as well is refused in one line; nothing is written."""
+    path, _ = config_8b
+    (tmp_path / "file").write_text("a file")
+    out = tmp_path / "file" / "out"
+    argv = ["recipes/8b.yaml", f"model.base={path}", *(f"model.experts.{e}={path}" for e in EXPERTS_8B)]
+    planned = run_in_process("plan", *argv, "--out", str(out))
+    dry_run = run_in_process("fit", *argv, "--out", str(out), "--dry-run")
+    assert planned.returncode == dry_run.returncode == 0, planned.stderr
+    assert "\nverdict: " in planned.stdout and planned.stderr == dry_run.stderr
+    assert f"output_dir {out} cannot be created: {tmp_path / 'file'} is a file" in planned.stderr
+    both = run_in_process("plan", *argv, f"output_dir={tmp_path / 'a'}", "--out", str(tmp_path / "b"))
+    assert both.returncode == 2
+    assert both.stderr.startswith("mergeopt: error: --out and a output_dir= override both name")
+    assert len(both.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
 @pytest.mark.parametrize("what", ["no_config", "unknown_architecture", "world_not_built"])
 def test_user_errors_are_one_line(what, tmp_path, capsys):
     base = tmp_path / "base"

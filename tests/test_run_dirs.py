@@ -153,6 +153,53 @@ def test_several_directories_are_taken_in_one_order_and_each_once(tmp_path):
     assert _leftovers(tmp_path / "b") == []
 
 
+def _linked(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """``scratch/real`` (holding the user's notes and an old trace), ``link`` to it, ``via/real``
+    through a linked parent: one directory under three names."""
+    real = tmp_path / "scratch" / "real"
+    real.mkdir(parents=True)
+    (real / "notes.txt").write_text("the user's")
+    (real / "trace.csv").write_text("old")
+    (tmp_path / "link").symlink_to(real)
+    (tmp_path / "via").symlink_to(tmp_path / "scratch")
+    return real, tmp_path / "link", tmp_path / "via" / "real"
+
+
+@pytest.mark.parametrize("swap", ["exchange", "fallback"])
+def test_a_linked_output_dir_is_its_target_locked_and_published_there(tmp_path, monkeypatch, swap):
+    """A link to a scratch disk: one lock with its target, the outputs swapped into the target."""
+    from mergeopt.runtime import rundir
+
+    if swap == "fallback":
+        monkeypatch.setenv("MERGEOPT_NO_RENAME_EXCHANGE", "1")
+    real, link, via = _linked(tmp_path)
+    with rundir.owned(link, "fit") as out:
+        assert out == link and _leftovers(real) == [".real.lock"] and _leftovers(link) == []
+        with pytest.raises(UserError, match=rf"^{real} is in use by mergeopt fit \(pid {os.getpid()}\)"):
+            with rundir.owned(real, "rank"):
+                pass
+        with pytest.raises(UserError, match=rf"^{via} \({real}\) is in use by mergeopt fit"):
+            with rundir.owned_all({"expert": via}, "train"):
+                pass
+        with rundir.staged(link, ("trace.csv", "mixture.json")) as staging:
+            (staging.path / "mixture.json").write_text("new")
+    assert link.is_symlink() and link.resolve() == real and real.is_dir() and not real.is_symlink()
+    assert _state(real, skip=()) == {"notes.txt": b"the user's", "mixture.json": b"new"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "scratch", "via"]
+    assert sorted(p.name for p in real.parent.iterdir()) == ["real"]
+
+
+def test_a_fit_through_a_linked_output_dir_writes_into_its_target(random_world, tmp_path):
+    real, link, _ = _linked(tmp_path)
+    recipe = _recipe(random_world, tmp_path, link)
+    done = run_in_process("fit", recipe, "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert link.is_symlink() and link.resolve() == real
+    assert {"notes.txt", "mixture.json", "recipe.yaml"} <= set(_state(real, skip=()))
+    assert (real / "notes.txt").read_text() == "the user's"
+    assert not (real / CHECKPOINT_DIR).exists() and _leftovers(real) == [] and _leftovers(link) == []
+
+
 def test_a_second_train_onto_an_expert_in_use_is_refused_naming_the_first_pid(random_world, tmp_path):
     """The experts lie outside train.output_dir: another output_dir does not make them free."""
     first, tree = _train_recipe(random_world, tmp_path)

@@ -6,6 +6,10 @@ diagnose, transfer, merge and ``export --to all``, train's output_dir) goes thro
 * :func:`check_output_dir` refuses a directory that is no place for outputs: an empty name, the
   current directory or one above it, the home directory, a filesystem root. Publishing replaces
   the directory whole, so any of those would put unrelated files at stake.
+* Every helper acts where the directory really is (:func:`real_dir`): an output directory that is
+  a symbolic link, or lies under one (a link to a fast scratch disk), is its target. A link and its
+  target share one lock, the staging sibling lies beside the target (on its filesystem) and the
+  swap replaces the target: the link stays a link and nothing is left beside it.
 * :func:`owned` holds an OS lock (``flock``) on ``PARENT/.NAME.lock`` while the command runs, with
   the holder's pid and command written in it: a second process asking for the same directory gets
   one line naming that pid (:func:`owned_all` holds several, train's output_dir and each expert's
@@ -54,7 +58,7 @@ def check_output_dir(raw: str | os.PathLike, what: str) -> Path:
     if not text.strip():
         raise UserError(f"{what} is empty: name a directory for the outputs (e.g. runs/NAME)")
     path = Path(text).expanduser()
-    here, full = Path.cwd().resolve(), path.resolve()
+    here, full = Path.cwd().resolve(), real_dir(path, what)
     if full == here or full in here.parents:
         where = "the current directory" if full == here else f"a parent of the current directory ({full})"
         raise UserError(
@@ -63,6 +67,24 @@ def check_output_dir(raw: str | os.PathLike, what: str) -> Path:
     if full == Path.home().resolve() or full.parent == full:
         raise UserError(f"{what} {text!r} is {full}: name a directory of its own for the outputs")
     return path
+
+
+def real_dir(out: str | os.PathLike, what: str = "the output directory") -> Path:
+    """``out`` with every symbolic link on its way followed, absolute.
+
+    The lock, the staging sibling and the swap must act on the real directory: beside a link they
+    would give a link and its target two locks, and the swap would replace the link by a directory
+    (on the link's filesystem), leaving the target's old contents behind.
+    """
+    try:
+        return Path(out).expanduser().resolve()
+    except RuntimeError:  # a loop of links (Python 3.13 resolves it as far as it goes instead)
+        raise UserError(f"{what} {os.fspath(out)!r} is a loop of symbolic links") from None
+
+
+def _named(out: Path, real: Path) -> str:
+    """``out`` as the user wrote it, with its real place when a link leads elsewhere."""
+    return str(out) if Path(os.path.abspath(out)) == real else f"{out} ({real})"
 
 
 # ----------------------------------------------------------------------------- the lock
@@ -111,22 +133,28 @@ def _holder(lock: Path) -> str:
 
 @contextmanager
 def owned(out: str | os.PathLike, command: str, what: str = "the output directory") -> Iterator[Path]:
-    """Hold ``out`` for ``command`` (refused in one line while another process holds it)."""
+    """Hold ``out`` for ``command`` (refused in one line while another process holds it).
+
+    The lock is the real directory's (:func:`real_dir`), so a link to it and the directory itself
+    are one; ``out`` is yielded as given, for messages that name what the user wrote.
+    """
     out = check_output_dir(out, what)
     if not _writes_run_dirs():
         yield out
         return
-    made = _make_parents(out.parent)
-    lock = _lock_path(out)
+    real = real_dir(out, what)
+    made = _make_parents(real.parent)
+    lock = _lock_path(real)
     fd = _acquire(lock)
     if fd is None:
         raise UserError(
-            f"{out} is in use by {_holder(lock)}: wait for it to end, or choose another output directory"
+            f"{_named(out, real)} is in use by {_holder(lock)}: wait for it to end, "
+            "or choose another output directory"
         )
     try:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()} {command}\n".encode())
-        recover(out)
+        recover(real)
         yield out
     finally:
         lock.unlink(missing_ok=True)  # while still held: the next owner checks the inode it locked
@@ -144,12 +172,13 @@ def owned_all(outs: Mapping[str, str | os.PathLike], command: str) -> Iterator[d
 
     They are taken in one fixed order, by absolute path, so two commands that want overlapping sets
     meet first on the first directory they share: one gets every lock and the other is refused,
-    never both refused holding half the locks each. A directory named twice is held once.
+    never both refused holding half the locks each. A directory named twice (or once through a
+    link) is held once.
     """
     checked = {what: check_output_dir(path, what) for what, path in outs.items()}
     first: dict[Path, str] = {}
     for what, path in checked.items():
-        first.setdefault(path.resolve(), what)
+        first.setdefault(real_dir(path, what), what)
     with ExitStack() as held:
         for full in sorted(first, key=str):
             held.enter_context(owned(checked[first[full]], command, first[full]))
@@ -168,7 +197,8 @@ def _make_parents(directory: Path) -> list[Path]:
 
 
 def recover(out: Path) -> None:
-    """Undo what a killed publish left beside ``out`` (call with the lock held)."""
+    """Undo what a killed publish left beside ``out`` (call with the lock held), where it really is."""
+    out = real_dir(out)
     if not out.parent.is_dir():
         return
     for entry in out.parent.iterdir():
@@ -188,11 +218,13 @@ class Staging:
     """A hidden sibling of ``out`` that becomes ``out`` in one swap.
 
     ``owns`` are the names (``fnmatch`` patterns) of ``out``'s entries this command writes or
-    makes obsolete: those are dropped, everything else in ``out`` is kept.
+    makes obsolete: those are dropped, everything else in ``out`` is kept. ``out`` is taken where it
+    really is (:func:`real_dir`): the sibling beside a link's target, on its filesystem, is swapped
+    for the target and the link is left as it was.
     """
 
     def __init__(self, out: str | os.PathLike, owns: Iterable[str] = ()):
-        self.out = Path(out)
+        self.out = real_dir(out)
         self.owns = tuple(owns)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.path = self.out.parent / f".{self.out.name}{STAGING}{os.getpid()}"
