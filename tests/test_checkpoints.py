@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from mergeopt.errors import UserError
@@ -163,3 +164,35 @@ def test_a_missing_pickle_shard_is_named(tmp_path):
     (path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
     with pytest.raises(UserError, match=r"pickle shard pytorch_model-00002-of-00002.bin is missing$"):
         open_checkpoint(path, allow_pickle=True)
+
+
+def test_experts_stored_with_less_precision_than_the_base_are_warned_of(random_world, tmp_path):
+    """A bfloat16 expert over a float32 base: its task vector holds the base's rounding, often larger
+    than a short fine-tune, so fit and plan warn once, naming it; experts in the base's dtype (or a
+    finer one) are not warned of."""
+    from mergeopt.loading.checkpoints import precision_warning, weight_dtype
+    from tests.conftest import recipe_tree, run_in_process
+
+    model = AutoModelForCausalLM.from_pretrained(random_world["experts"]["beta"], dtype=torch.bfloat16)
+    coarse = save_checkpoint(model, tmp_path / "beta-bf16")
+    base = open_checkpoint(random_world["base"])
+    assert weight_dtype(base) == "F32" and weight_dtype(open_checkpoint(coarse)) == "BF16"
+    experts = {"alpha": open_checkpoint(random_world["experts"]["alpha"]), "beta": open_checkpoint(coarse)}
+    assert precision_warning(base, {"alpha": experts["alpha"]}) is None
+    assert "expert beta (BF16) stored with less precision than the base (F32)" in precision_warning(
+        base, experts
+    )
+    assert precision_warning(open_checkpoint(coarse), {"alpha": experts["alpha"]}) is None  # finer is fine
+
+    tree = recipe_tree(random_world, tmp_path / "out")
+    tree["model"]["experts"]["beta"] = str(coarse)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(tree))
+    for command in ("plan", "fit"):
+        result = run_in_process(
+            command, str(tmp_path / "recipe.yaml"), "--quiet" if command == "fit" else "--json"
+        )
+        assert result.returncode == 0, result.stderr
+        warned = [line for line in result.stderr.splitlines() if "less precision" in line]
+        assert len(warned) == 1 and warned[0].startswith("mergeopt: warning: expert beta (BF16)"), (
+            result.stderr
+        )

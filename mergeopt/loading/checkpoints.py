@@ -12,14 +12,16 @@ base's tensor shapes and, when the adapter names a local base directory, against
 from __future__ import annotations
 
 import json
+import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from mergeopt.errors import UserError
+from mergeopt.errors import UserError, warn
 from mergeopt.inputs import existing_dir, safetensors_header
 from mergeopt.loading.adapter_base import check_adapter_base
 from mergeopt.loading.base_model import meta_model
@@ -259,6 +261,43 @@ def check_compatible_as_stored(
     check_compatible(base, expert, expert_name)
 
 
+# significant bits of each float dtype, as safetensors headers and torch name them
+MANTISSA_BITS = {"F64": 52, "float64": 52, "F32": 23, "float32": 23, "F16": 10, "float16": 10}
+MANTISSA_BITS |= {"BF16": 7, "bfloat16": 7}
+
+
+def weight_dtype(checkpoint: Checkpoint) -> str | None:
+    """The float dtype that holds most of ``checkpoint``'s weights (None: none known, e.g. GGUF)."""
+    elements: dict[str, int] = {}
+    for meta in checkpoint.tensors.values():
+        if meta.dtype in MANTISSA_BITS:
+            elements[meta.dtype] = elements.get(meta.dtype, 0) + math.prod(meta.shape)
+    return max(elements, key=elements.__getitem__) if elements else None
+
+
+def precision_warning(base: Checkpoint, dense: Mapping[str, Checkpoint]) -> str | None:
+    """A warning for experts stored with fewer significant bits than the base: θ_i − θ0 then holds
+    the rounding of θ0 to the expert's dtype as well as the fine-tune (a float32 base and bfloat16
+    experts: about 2⁻⁹ of each weight, where a short fine-tune moves it 1e-3 or less)."""
+    kept = weight_dtype(base)
+    if kept is None:
+        return None
+    lower = {}
+    for name, expert in dense.items():
+        dtype = weight_dtype(expert)
+        if dtype is not None and MANTISSA_BITS[dtype] < MANTISSA_BITS[kept]:
+            lower[name] = dtype
+    if not lower:
+        return None
+    named = ", ".join(f"{name} ({dtype})" for name, dtype in lower.items())
+    return (
+        f"expert{'s' * (len(lower) > 1)} {named} stored with less precision than the base ({kept}): "
+        "each task vector θ_i − θ0 then carries the base's rounding to that dtype, which for a short "
+        "fine-tune can be as large as the fine-tune itself; save the experts in the base's dtype, or "
+        "give a copy of the base saved in theirs"
+    )
+
+
 def under_model_names(checkpoint: Checkpoint, model: torch.nn.Module) -> Checkpoint:
     """``checkpoint`` as the model's parameters: converted names with the model's shapes, the
     other tensors as stored. The checkpoint itself when nothing is converted."""
@@ -399,6 +438,8 @@ def open_experts(
         else:
             dense[name] = open_checkpoint(path, allow_pickle, role=f"model.experts.{name}")
             check_compatible_as_stored(base, dense[name], name, model)
+    if (note := precision_warning(base, dense)) is not None:
+        warn(note)
     if model is not None:
         base = under_model_names(base, model)
         dense = {name: under_model_names(expert, model) for name, expert in dense.items()}

@@ -34,6 +34,7 @@ from mergeopt.loading.checkpoints import (
     check_config_matches_weights,
     gguf_base,
     open_checkpoint,
+    precision_warning,
     read_json_object,
     under_model_names,
 )
@@ -105,6 +106,8 @@ def _check_experts(base: Checkpoint, experts: dict[str, Checkpoint], model=None)
             check_compatible_as_stored(base, expert, name, model)
         else:
             check_compatible(replace(base, tensors={}), replace(expert, tensors={}), name)
+    if (note := precision_warning(base, experts)) is not None:  # as the fit warns
+        warn(note)
 
 
 def _profile_notes(dims: Dims) -> tuple[str, ...]:
