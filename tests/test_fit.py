@@ -226,3 +226,31 @@ def test_the_run_recipe_names_the_files_it_read_from_anywhere(random_world, tmp_
         import shutil
 
         shutil.rmtree(root / "runs", ignore_errors=True)  # the world is shared by the module's tests
+
+
+def test_the_summary_says_the_best_step_and_signs_tiny_gaps_plainly():
+    """The weights are the best evaluated step's whether or not the fit stopped early, so the header
+    names that step; a gap below the last printed digit reads +0.0000, never -0.0000; a score table
+    without held-out parts is labelled (fit) alone."""
+    from mergeopt.reporting.report import summary
+
+    terms = [{"kind": "loss", "label": "loss"}, {"kind": "exact_match", "label": "exact_match:a"}]
+    scores = {"fitted mixture": {"fit": {"loss": 1.0, "exact_match:a": 0.5}, "heldout": None}}
+    mixture = {
+        "strategy": "gradient",
+        "target": "all",
+        "unit": "tokens",
+        "weights": {"a": 0.6, "b": 0.4},
+        "search": {"steps": 150, "stopped_early": False, "best_step": 140},
+        "dev_loss": 0.94481,
+        "uniform_dev_loss": 0.944805,
+        "expert_dev_loss": {"a": 1.2, "b": 1.3},
+        "objective": {"terms": terms, "scores": scores},
+    }
+    text = summary(mixture, "runs/x", ["mixture.json"])
+    assert "(target: all, gradient, 150 steps, best at step 140)" in text
+    uniform = next(line for line in text.splitlines() if line.strip().startswith("uniform mixture"))
+    assert uniform.endswith("+0.0000 vs fitted")
+    assert "(fit / held-out)" not in text and "(fit)" in text
+    mixture["search"]["stopped_early"] = True
+    assert "150 steps, early stop, best at step 140)" in summary(mixture, "runs/x", ["mixture.json"])

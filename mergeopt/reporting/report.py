@@ -101,7 +101,8 @@ def _score_table(scores: Mapping, width: int) -> list[str]:
     labels = list(next(iter(scores.values()))["fit"])
     col = max(17, *(len(label) for label in labels))
     lines = [f"  {'objective terms':<{width}}  " + "  ".join(f"{label:>{col}}" for label in labels)]
-    lines.append(f"  {'(fit / held-out)':<{width}}")
+    any_heldout = any(parts["heldout"] for parts in scores.values())
+    lines.append(f"  {'(fit / held-out)' if any_heldout else '(fit)':<{width}}")
     for row, parts in scores.items():
         cells = []
         for label in labels:
@@ -118,8 +119,10 @@ def summary(mixture: Mapping, output_dir: str | Path, files: Sequence[str]) -> s
     width = max(len("uniform mixture"), *(len(n) + 5 for n in weights))
     search = mixture["search"]
     if mixture["strategy"] == "gradient":
-        stop = f", early stop, best at step {search['best_step']}" if search["stopped_early"] else ""
-        how = f"target: {mixture['target']}, gradient, {search['steps']} steps{stop}"
+        # the weights are the best evaluated step's, early stop or not: say which
+        stop = ", early stop" if search["stopped_early"] else ""
+        best = f", best at step {search['best_step']}" if search.get("best_step") is not None else ""
+        how = f"target: {mixture['target']}, gradient, {search['steps']} steps{stop}{best}"
     else:
         labels = ", ".join(t["label"] for t in mixture["objective"]["terms"])
         how = f"objective: {labels}, {mixture['strategy']} search, {search['evaluations']} evaluations"
@@ -138,7 +141,8 @@ def summary(mixture: Mapping, output_dir: str | Path, files: Sequence[str]) -> s
     def row(label: str, dev: float | None, held: float | None, ref: float | None) -> str:
         if dev is None:  # recorded as null: NaN or Inf in the closing evaluation
             return f"  {label:<{width}}  {'not finite':>9}"
-        delta = "" if ref is None else f"   {dev - ref:+.4f} vs fitted"
+        # rounded first, so a gap below the last digit reads +0.0000, not -0.0000
+        delta = "" if ref is None else f"   {round(dev - ref, 4) + 0.0:+.4f} vs fitted"
         held_txt = f"  {held:9.4f}" if has_heldout and held is not None else ""
         return f"  {label:<{width}}  {dev:9.4f}{held_txt}{delta}"
 
