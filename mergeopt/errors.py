@@ -49,6 +49,16 @@ def _say(line: str) -> None:
     sys.stderr.flush()
 
 
+def _close_progress_bars() -> None:
+    """Close the progress bars a stopped command left open: their line has no newline yet, and
+    tqdm would close them at exit, after the last line, which then ran into the bar and was drawn
+    over. Closed first, each bar ends its line and the command's last line stands alone."""
+    tqdm = sys.modules.get("tqdm.std")  # never imported here just to find no bar
+    if tqdm is not None:
+        for bar in list(getattr(tqdm.tqdm, "_instances", ())):
+            bar.close()
+
+
 def warn(message: str) -> None:
     """One ``mergeopt: warning: ...`` line on stderr: the run goes on (or has finished), but the user
     must hear about something degenerate in it."""
@@ -63,14 +73,17 @@ def run_cli(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | N
     try:
         return int(main(argv) or 0)
     except UserError as err:
+        _close_progress_bars()
         if debug:
             traceback.print_exc()
         _say(f"mergeopt: error: {err}")
         return USER_ERROR_EXIT_CODE
     except Interrupted as stop:
+        _close_progress_bars()
         if not stop.silent:
             _say(f"mergeopt: interrupted ({stop}); {stop.hint}")
         return stop.exit_code
     except KeyboardInterrupt:
+        _close_progress_bars()
         _say("mergeopt: interrupted")
         return 130

@@ -159,6 +159,27 @@ def test_an_interrupt_exits_128_plus_the_signal_with_the_commands_hint(capsys):
     assert run_cli(silent, []) == 130 and capsys.readouterr().err == ""
 
 
+@pytest.mark.parametrize(
+    "raised", [Interrupted(signal.SIGTERM, "step 3"), UserError("bad"), KeyboardInterrupt()]
+)
+def test_the_last_line_follows_the_progress_bar_it_stopped(raised, capsys):
+    """A command stopped mid-bar: the bar is closed (its line ended) before the last line, which
+    stands alone at the end, not run into the bar or drawn over by its close at exit."""
+    from tqdm import tqdm
+
+    def stopped(_argv):
+        bar = tqdm(total=10, desc="fit", file=sys.stderr, mininterval=0)
+        bar.update(3)
+        raise raised
+
+    run_cli(stopped, [])
+    err = capsys.readouterr().err
+    assert err.endswith("\n") and err.count("mergeopt: ") == 1
+    last = err.splitlines()[-1]
+    assert last.startswith("mergeopt: ") and "fit:" not in last
+    assert "3/10" in err.rsplit("mergeopt: ", 1)[0]  # the bar came first, ended by its close
+
+
 def test_the_error_line_is_one_write_with_its_newline(monkeypatch):
     """Under torchrun the ranks share one stderr pipe: ``print`` wrote the text and the newline
     separately, and CI caught two ranks' refusals run together on one line."""
