@@ -88,6 +88,10 @@ def test_unfinished_or_missing_runs_are_one_line_errors(tmp_path, ranked_run):
     (partial / "mixture.json").write_text(json.dumps(data))
     with pytest.raises(UserError, match="the fit did not finish \\(status 'running', not 'complete'\\)"):
         analysis.open_run(partial)
+    interrupted = tmp_path / "interrupted"
+    (interrupted / "checkpoint").mkdir(parents=True)  # a fit stopped mid-way: its state, no answer yet
+    with pytest.raises(UserError, match="the fit has not finished .*rerun the fit's command to finish it"):
+        analysis.open_run(interrupted)
 
 
 def test_a_rank_checks_own_directory_opens_and_reports_its_simplex(ranked_run, tmp_path):

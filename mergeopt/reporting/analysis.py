@@ -28,6 +28,7 @@ from mergeopt.errors import UserError
 from mergeopt.inputs import existing_dir
 from mergeopt.run_files import DiagnoseFile, MixtureFile, RankReport, read_finished_mixture, read_run_file
 from mergeopt.runtime.exact_csv import read_csv
+from mergeopt.runtime.resume import CHECKPOINT_DIR
 
 RANK_PAIRS = "rank_pairs.csv"
 
@@ -109,6 +110,11 @@ def open_run(path: str | Path) -> Run:
     root = existing_dir(path, "run directory")
     if not (root / "mixture.json").exists() and (root / "rank_report.json").is_file():
         return load_run(root)
+    if not (root / "mixture.json").exists() and (root / CHECKPOINT_DIR).is_dir():
+        raise UserError(
+            f"{root}: the fit has not finished (its state is in {root / CHECKPOINT_DIR}, no mixture.json "
+            "yet): rerun the fit's command to finish it, then open the run"
+        )
     return load_run(root, read_finished_mixture(root).to_json())
 
 
