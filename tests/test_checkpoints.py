@@ -73,7 +73,16 @@ def test_different_tokenizer_vocabulary_is_refused(random_world, tmp_path):
     vocab = data["model"]["vocab"]
     vocab["Z"] = vocab.pop("z")
     (other / "tokenizer.json").write_text(json.dumps(data))
-    with pytest.raises(UserError, match="tokenizer vocabulary differs"):
+    with pytest.raises(
+        UserError, match="tokenizer vocabulary differs: token id \\d+ is .z. in the base, .Z. in the expert"
+    ):
+        check_compatible(open_checkpoint(random_world["base"]), open_checkpoint(other), "tok")
+    vocab["z"] = vocab.pop("Z")
+    data["added_tokens"].append({"id": 999, "content": "<|im_start|>"})  # a chat token added to one side
+    (other / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(
+        UserError, match="token id 999 is absent in the base, '<\\|im_start\\|>' in the expert"
+    ):
         check_compatible(open_checkpoint(random_world["base"]), open_checkpoint(other), "tok")
 
 

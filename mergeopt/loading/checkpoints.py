@@ -331,6 +331,35 @@ def _tokenizer_vocab(path: Path) -> dict | None:
     return {"vocab": vocab, "added": added}
 
 
+def _tokens_by_id(vocab: dict) -> dict:
+    """id -> token of a :func:`_tokenizer_vocab` (a BPE/WordPiece token -> id map, or a Unigram list
+    of [token, score] pairs), added tokens included."""
+    model = vocab["vocab"]
+    if isinstance(model, dict):
+        tokens = {i: t for t, i in model.items()}
+    elif isinstance(model, list):
+        tokens = {i: (e[0] if isinstance(e, list | tuple) and e else e) for i, e in enumerate(model)}
+    else:
+        tokens = {}
+    tokens.update({i: t for i, t in vocab["added"]})
+    return tokens
+
+
+def _first_token_difference(base: dict, expert: dict) -> str:
+    """``: token id N is 'a' in the base, 'b' in the expert`` at the lowest id where they differ
+    (what to look for in the tokenizers), or nothing when the maps cannot be compared by id."""
+    try:
+        ours, theirs = _tokens_by_id(base), _tokens_by_id(expert)
+    except (TypeError, ValueError):
+        return ""
+    ids = sorted(i for i in set(ours) | set(theirs) if isinstance(i, int))
+    for i in ids:
+        if ours.get(i) != theirs.get(i):
+            shown = ["absent" if i not in side else repr(side[i]) for side in (ours, theirs)]
+            return f": token id {i} is {shown[0]} in the base, {shown[1]} in the expert"
+    return ""
+
+
 def check_compatible(base: Checkpoint, expert: Checkpoint, expert_name: str) -> None:
     """Raise a one-line UserError at the first difference that makes merging meaningless."""
     where = f"base {base.path} vs expert {expert_name!r} {expert.path}"
@@ -349,7 +378,9 @@ def check_compatible(base: Checkpoint, expert: Checkpoint, expert_name: str) -> 
         raise UserError(f"tensor {extra[0]} is in the expert but not in the base ({where})")
     base_vocab, expert_vocab = _tokenizer_vocab(base.path), _tokenizer_vocab(expert.path)
     if base_vocab is not None and expert_vocab is not None and base_vocab != expert_vocab:
-        raise UserError(f"tokenizer vocabulary differs ({where})")
+        raise UserError(
+            f"tokenizer vocabulary differs{_first_token_difference(base_vocab, expert_vocab)} ({where})"
+        )
 
 
 def check_config_matches_weights(
