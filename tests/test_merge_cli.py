@@ -102,6 +102,21 @@ def test_written_checkpoint_gives_the_in_memory_logits(method, random_world, tmp
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]  # no staging left
 
 
+def test_the_manifest_names_its_sources_absolutely(random_world, tmp_path, monkeypatch):
+    """Run from the recipe's directory with relative paths, the manifest still says where the merge
+    came from once the checkpoint is copied elsewhere: recipe, base and experts as absolute paths."""
+    tree = recipe_tree(random_world, tmp_path / "run")
+    root = Path(random_world["base"]).parent
+    tree["model"]["base"] = os.path.relpath(random_world["base"], tmp_path)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(tree))
+    monkeypatch.chdir(tmp_path)
+    assert merge("recipe.yaml", "--weights", as_arg(WEIGHTS), "--out", "merged") == 0
+    info = manifest(tmp_path / "merged")
+    assert info["recipe"] == str(tmp_path / "recipe.yaml") and info["mixture"] is None
+    assert info["base"] == str(root / "base")
+    assert info["experts"] == {n: str(p) for n, p in random_world["experts"].items()}
+
+
 def test_linear_checkpoint_is_the_weighted_sum_of_the_experts(random_world, tmp_path):
     out = tmp_path / "merged"
     assert (

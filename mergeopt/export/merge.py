@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ import mergeopt
 from mergeopt import worlds
 from mergeopt.cli import run_command
 from mergeopt.config import Recipe, load_recipe
+from mergeopt.config.loading import anchor_paths
 from mergeopt.errors import UserError
 from mergeopt.export.adapter import adapter_config, adapter_tensors, check_adapter_merge
 from mergeopt.inputs import writable_dir
@@ -348,13 +350,15 @@ def materialize(
 
 
 def _manifest(recipe: Recipe, weights, method: dict, dtype: str, provenance) -> dict:
-    """mergeopt_merge.json: where the written merge came from."""
+    """mergeopt_merge.json: where the written merge came from (local paths absolute)."""
+    models = {"model": {"base": recipe.model.base, "experts": dict(recipe.model.experts)}}
+    anchor_paths(models)
     return {
         "weights": dict(weights),
         "method": method,
         "dtype": dtype,
-        "base": recipe.model.base,
-        "experts": dict(recipe.model.experts),
+        "base": models["model"]["base"],
+        "experts": models["model"]["experts"],
         "exclude": list(recipe.model.exclude),
         "stack_dtype": recipe.model.stack_dtype,
         "seed": recipe.seed,
@@ -405,7 +409,11 @@ def run(args: argparse.Namespace) -> int:
         model = resolved.model
         inputs = [model.base, *model.experts.values(), args.recipe, *([args.mixture] if args.mixture else [])]
         check_out(out, args.overwrite, inputs)
-        provenance = {"recipe": args.recipe, "overrides": list(args.overrides), "mixture": args.mixture}
+        provenance = {  # absolute: the manifest is read from wherever the merge is copied to
+            "recipe": os.path.abspath(args.recipe),
+            "overrides": list(args.overrides),
+            "mixture": args.mixture and os.path.abspath(args.mixture),
+        }
         if args.as_adapter:
             check_adapter_merge(resolved)  # before any weight is read
         materialize(
