@@ -143,7 +143,8 @@ def _fit(recipe: Recipe, progress: bool, log: Callable[[str], None], resume: str
     checkpoint, resuming = _checkpoint(recipe, resume, resolved)
     problem = load_problem(resolved, progress, objective)
     if resuming:
-        log(f"resuming from {checkpoint.dir}")
+        changed = f", with {', '.join(checkpoint.changed)}" if checkpoint.changed else ""
+        log(f"resuming from {checkpoint.dir}{changed}")
     else:  # a previous run's outputs stay until this run's replace them, all at once
         checkpoint.start_lazily()
     try:

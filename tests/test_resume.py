@@ -129,6 +129,31 @@ def test_checkpoint_of_another_recipe_is_refused(random_world, tmp_path):
     assert run_in_process("fit", recipe, "optim.lr=0.05", "--restart", "--quiet").returncode == 0
 
 
+def test_how_a_run_runs_may_change_on_resume_and_what_it_computes_may_not(
+    random_world, whole_gradient, tmp_path
+):
+    """A job restarted on a smaller machine may lower the evaluation batch, checkpoint activations or
+    save less often: the resume says what changed and ends on the uninterrupted run's weights; a
+    key that changes the numbers (the learning rate) is still refused."""
+    out = tmp_path / "run"
+    recipe = _recipe(random_world, tmp_path, out, **GRADIENT)
+    assert run_forked("fit", recipe, "--quiet", fault="sigkill@step:7").returncode == -signal.SIGKILL
+    refused = run_in_process("fit", recipe, "optim.lr=0.05", "--quiet")
+    assert refused.returncode == 2 and "optim.lr differs" in refused.stderr
+    changes = ["optim.eval_batch_size=3", "optim.activation_checkpointing=true", "optim.checkpoint_every=3"]
+    resumed = run_in_process("fit", recipe, *changes)
+    assert resumed.returncode == 0, resumed.stderr
+    said = next(line for line in resumed.stdout.splitlines() if line.startswith("resuming from"))
+    assert (
+        "optim.eval_batch_size 3 (was 16)" in said
+        and "optim.activation_checkpointing true (was false)" in said
+    )
+    ours, whole = _mixture(out), _mixture(whole_gradient)
+    assert ours["weights"].keys() == whole["weights"].keys()
+    for name, w in whole["weights"].items():
+        assert ours["weights"][name] == pytest.approx(w, abs=1e-6)
+
+
 def test_a_list_entry_that_differs_is_named_with_both_values():
     """A dev set's weight changed: the message names data.dev.0.weight and both values, not data.dev."""
     from mergeopt.runtime.resume import UNSET, _first_difference

@@ -35,7 +35,7 @@ import os
 import shutil
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -150,6 +150,29 @@ def saying_where_saved(
 
 UNSET = object()
 
+# what a resumed run may change: how it runs, not what it computes. A job preempted and restarted
+# on a smaller GPU lowers the evaluation batch or turns on activation checkpointing (recomputation
+# gives the same numbers; another evaluation batch sums the same terms in another order, so the
+# losses may move in their last bits), and may land on another device.
+CHANGEABLE_ON_RESUME = (
+    "device",
+    "optim.eval_batch_size",
+    "optim.activation_checkpointing",
+    "optim.checkpoint_every",
+)
+
+
+def _without(tree: dict, dotted: Sequence[str]) -> dict:
+    """A copy of ``tree`` without the ``dotted`` keys (top-level or one section deep)."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in tree.items()}
+    for key in dotted:
+        head, _, rest = key.partition(".")
+        if rest and isinstance(out.get(head), dict):
+            out[head].pop(rest, None)
+        elif not rest:
+            out.pop(head, None)
+    return out
+
 
 def _first_difference(a, b, prefix: str = "") -> tuple[str, object, object] | None:
     """``(dotted key, value in a, value in b)`` of the first difference between two nested trees
@@ -169,6 +192,14 @@ def _first_difference(a, b, prefix: str = "") -> tuple[str, object, object] | No
                 return found
         return None
     return None if a == b else (prefix.rstrip(".") or "(the recipe)", a, b)
+
+
+def _only(tree: dict, dotted: str) -> dict:
+    """``{dotted: value}`` of ``tree`` (the value :data:`UNSET` where absent), to compare one key."""
+    node = tree
+    for part in dotted.split("."):
+        node = node.get(part, UNSET) if isinstance(node, dict) else UNSET
+    return {dotted: node}
 
 
 def _shown(value: object) -> str:
@@ -198,6 +229,7 @@ class RunState:
         # where the run writes, and which trackers watch it, are not part of what it computes
         self.recipe = {k: v for k, v in recipe_tree.items() if k not in ("output_dir", "logging")}
         self._on_first_write = None  # set by start_lazily: runs before the first byte is written
+        self.changed: list[str] = []  # keys of CHANGEABLE_ON_RESUME this run changed, as "key new (was old)"
 
     # -- lifecycle ------------------------------------------------------------------------------
     def exists(self) -> bool:
@@ -212,7 +244,15 @@ class RunState:
             raise UserError(
                 f"{self.dir / META}: unreadable checkpoint; delete {self.dir} or pass --restart"
             ) from None
-        difference = _first_difference(saved, self.recipe)
+        difference = _first_difference(
+            _without(saved, CHANGEABLE_ON_RESUME), _without(self.recipe, CHANGEABLE_ON_RESUME)
+        )
+        self.changed = [
+            f"{key} {_shown(now)} (was {_shown(was)})"
+            for key in CHANGEABLE_ON_RESUME
+            if (found := _first_difference(_only(saved, key), _only(self.recipe, key))) is not None
+            for _, was, now in [found]
+        ]
         if difference is not None:
             key, was, now = difference
             raise UserError(
