@@ -17,6 +17,7 @@ import signal
 import struct
 import sys
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ from mergeopt.fit import fit
 from mergeopt.fit import main as fit_main
 from mergeopt.reporting import tracking
 from mergeopt.runtime.resume import RunState
-from tests.conftest import EXPERTS, recipe_tree, run_forked, run_in_process
+from tests.conftest import EXPERTS, REPO, recipe_tree, repo_pythonpath, run_forked, run_in_process
 
 OPTIM = {"steps": 6, "batch_size": 4, "eval_every": 2, "eval_batch_size": 16, "patience": 100}
 TERMS = [{"kind": "loss", "dev": "all"}, {"kind": "loss", "dev": "arith"}]  # two series, labels with a ':'
@@ -70,12 +71,17 @@ def _recipe_file(world, tmp_path: Path, out: Path, backends, **sections) -> str:
 # Each returns {metric: [(step, value), ...]} in the order the tracker holds them.
 
 
-def read_tensorboard(out: Path) -> dict[str, list[tuple[int, float]]]:
+def read_board(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """The scalars of one TensorBoard run folder."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(out / "logs" / "tensorboard" / out.name), size_guidance={"scalars": 0})
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
     events.Reload()  # applies purge_step: a resumed run's first attempt is hidden from that step on
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def read_tensorboard(out: Path) -> dict[str, list[tuple[int, float]]]:
+    return read_board(out / "logs" / "tensorboard" / out.name)
 
 
 def read_mlflow(out: Path):
@@ -351,11 +357,177 @@ def test_a_resumed_attempt_started_in_the_second_of_the_first_sorts_after_it(tmp
     folder.mkdir(parents=True)
     first = folder / f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.999999.0"
     first.write_bytes(b"")
-    board = tracking._TensorBoard(tmp_path, "run", "seed: 0\n")
+    board = tracking._TensorBoard(tmp_path, "run", "seed: 0\n", str(tmp_path / "run"), resuming=True)
     board.log({"loss": 1.0}, step=3)
     board.close("finished")
-    names = sorted(f.name for f in folder.iterdir())
+    names = sorted(f.name for f in folder.glob("events.*"))
     assert len(names) == 2 and names[0] == first.name
+
+
+# ----------------------------------------------------------------------------- fits sharing one logging.dir
+
+
+def _shared_tree(world, out: Path, logs: Path, **sections) -> dict:
+    """The recipe of a fit into ``out`` that logs to TensorBoard and MLflow in the shared ``logs``."""
+    tree = _tree(world, out, ["mlflow", "tensorboard"], **sections)
+    tree["logging"]["dir"] = str(logs)
+    return tree
+
+
+def test_two_output_dirs_with_one_run_name_are_two_runs_in_every_tracker(random_world, tmp_path):
+    """sA/run and sB/run both default to the run name "run": the second gets run-2 (its log line
+    says so) in TensorBoard, where one folder would have hidden the first run, and in MLflow; a
+    killed and resumed second fit keeps writing into run-2."""
+    for package in ("tensorboard", "mlflow"):
+        pytest.importorskip(package)
+    logs, first, second = tmp_path / "shared", tmp_path / "sA" / "run", tmp_path / "sB" / "run"
+    lines: list[str] = []
+    fit(recipe_from_dict(_shared_tree(random_world, first, logs)), progress=False, log=lines.append)
+    board = logs / "tensorboard"
+    assert f"logging to tensorboard: {board / 'run'} (tensorboard --logdir {board})" in lines
+    recipe = tmp_path / "second.yaml"
+    recipe.write_text(yaml.safe_dump(_shared_tree(random_world, second, logs, **RESUMABLE)))
+    stopped = run_forked("fit", str(recipe), fault="sigkill@step:5")
+    assert stopped.returncode == -signal.SIGKILL, stopped.stderr
+    said = [line for line in stopped.stdout.splitlines() if line.startswith("logging to tensorboard")]
+    assert said == [
+        f"logging to tensorboard: {board / 'run-2'} (tensorboard --logdir {board}; "
+        f"run there holds the run of {first.resolve()})"
+    ]
+    assert run_in_process("fit", str(recipe), "--quiet").returncode == 0
+    assert sorted(p.name for p in board.iterdir()) == ["run", "run-2"]
+    assert_trace(read_board(board / "run"), first)  # the first run, whole
+    assert_trace(read_board(board / "run-2"), second)  # each step once
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{logs / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("mergeopt").experiment_id])
+    named = {r.info.run_name: r.data.tags["mergeopt.output_dir"] for r in runs}
+    assert named == {"run": str(first.resolve()), "run-2": str(second.resolve())}
+
+
+def _report(results, call: Callable[[], str]) -> None:
+    """What ``call`` returns, or its error's first line, into the parent's queue."""
+    try:
+        results.put(call())
+    except Exception as err:
+        results.put(f"{type(err).__name__}: {err}".splitlines()[0])
+
+
+def _claim_folder(root: str, output_dir: str, start, names) -> None:
+    """One process of the test below: a TensorBoard backend opened as the others open theirs."""
+    start.wait()
+    _report(names, lambda: tracking._TensorBoard(Path(root), "fit", "", output_dir).run_name)
+
+
+def _open_store(root: str, output_dir: str, start, errors) -> None:
+    """One process of the test below: an MLflow run on the shared store, opened and finished ("")."""
+    tree = {
+        "output_dir": output_dir,
+        "model": {"base": "b", "experts": {"a": "x", "b": "y"}},
+        "data": {"dev": [{"name": "d", "path": "p"}]},
+        "logging": {"backends": ["mlflow"], "dir": root},
+    }
+    recipe = recipe_from_dict(tree)
+
+    def opened_and_finished() -> str:
+        tracking._MLflow(Path(root), Path(output_dir).name, recipe, None).close("finished")
+        return ""
+
+    start.wait()
+    _report(errors, opened_and_finished)
+
+
+def _at_once(target, root: Path, count: int) -> list[str]:
+    """``target(root, OUTPUT_DIR, barrier, queue)`` in ``count`` processes released together;
+    what each put in the queue."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")  # mlflow and tensorboard only: no OpenMP in them
+    start, results = context.Barrier(count), context.Queue()
+    children = [
+        context.Process(target=target, args=(str(root), str(root.parent / f"s{i}" / "fit"), start, results))
+        for i in range(count)
+    ]
+    for child in children:
+        child.start()
+    got = [results.get(timeout=300) for _ in children]
+    for child in children:
+        child.join(timeout=60)
+    return got
+
+
+def test_fits_starting_together_on_one_new_mlflow_store_all_log(tmp_path):
+    """A sweep or a Slurm array sharing logging.dir: MLflow creates a new store's tables at the
+    first access, and several processes doing it at once failed ("table ... already exists")."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path / "shared"
+    assert _at_once(_open_store, root, 4) == [""] * 4
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("mergeopt").experiment_id])
+    assert sorted(r.data.tags["mergeopt.output_dir"] for r in runs) == [
+        str(tmp_path / f"s{i}" / "fit") for i in range(4)
+    ]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+def test_fits_starting_together_with_one_run_name_get_a_tensorboard_folder_each(tmp_path):
+    pytest.importorskip("tensorboard")
+    root = tmp_path / "shared"
+    assert sorted(_at_once(_claim_folder, root, 4)) == ["fit", "fit-2", "fit-3", "fit-4"]
+    owners = {(root / "tensorboard" / n / tracking.OWNER).read_text().strip() for n in ("fit", "fit-4")}
+    assert len(owners) == 2  # each folder names the output_dir it belongs to
+
+
+def test_an_unreachable_mlflow_server_is_one_line_and_exit_2_without_the_long_retries(random_world, tmp_path):
+    """MLflow's retries (7, backoff doubling from 2 s) held the fit about 4 minutes before the
+    error. A bound but not listening socket refuses connections; 60 s is a generous bound for a
+    new interpreter that loads the tiny world and fails at its tracker."""
+    import socket
+    import subprocess
+
+    pytest.importorskip("mlflow")
+    pytest.importorskip("tensorboard")
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        out = tmp_path / "run"
+        logging_section = {"mlflow_tracking_uri": uri}
+        recipe = _recipe_file(random_world, tmp_path, out, ["tensorboard", "mlflow"], logging=logging_section)
+        env = {**os.environ, "PYTHONPATH": repo_pythonpath()}
+        for key in tracking.FAIL_FAST:
+            env.pop(key, None)
+        done = subprocess.run(
+            [sys.executable, "-m", "mergeopt.fit", recipe, "--quiet"],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env=env,
+            timeout=60,
+        )
+    assert done.returncode == USER_ERROR_EXIT_CODE
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("mergeopt: error: logging.backends: mlflow could not start") and uri in line
+    assert not out.exists()  # nothing written: not even the TensorBoard folder claimed before
+
+
+def test_the_short_mlflow_retries_are_for_the_first_request_and_only_where_unset(monkeypatch):
+    """The run's later requests keep MLflow's retries (a server busy for a minute loses no step),
+    and a user's own MLFLOW_HTTP_REQUEST_* setting is kept throughout."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "45")
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", raising=False)
+    with tracking._fail_fast():
+        assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "45"
+        assert (
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
+            == tracking.FAIL_FAST["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
+        )
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+    assert "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR" not in os.environ
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "45"
 
 
 # ----------------------------------------------------------------------------- no tracker, no library, rank > 0
