@@ -187,6 +187,13 @@ def _axes(ax, size=(6, 4)):
     return plt.subplots(figsize=size)[1]
 
 
+def _whole_numbers(axis) -> None:
+    """Ticks at whole numbers only: steps and evaluations are counted (a short search gave 2.5)."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
 def plot_losses(run: Run, ax=None):
     """Gradient: the dev loss per step and the held-out loss at each evaluation. Zero-order: each
     evaluation's objective value and the best so far."""
@@ -198,12 +205,14 @@ def plot_losses(run: Run, ax=None):
         ax.plot(held["step"], held["heldout_loss"], "o-", ms=3, label="held-out dev loss")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("mean token cross-entropy")
+        _whole_numbers(ax.xaxis)
     elif run.evaluations is not None:
         e = run.evaluations
         ax.plot(e["index"], e["value"], ".", alpha=0.6, label="evaluation")
         ax.plot(e["index"], e["value"].cummin(), "-", label="best so far")
         ax.set_xlabel("evaluation")
         ax.set_ylabel("objective value (lower is better)")
+        _whole_numbers(ax.xaxis)
     else:
         raise UserError(f"{run.path}: neither trace.csv nor evaluations.csv")
     ax.legend(fontsize=8)
@@ -239,12 +248,20 @@ def plot_simplex(run: Run, ax=None):
     outline = np.vstack([corners, corners[:1]]) if len(names) > 2 else corners
     ax.plot(outline[:, 0], outline[:, 1], color="grey", lw=1)
     centre = corners.mean(axis=0)
-    for corner, name in zip(corners, names):  # each label just outside its corner
+    for corner, name in zip(corners, names):  # each label just outside its corner, away from it
         away = corner - centre
-        away = 10 * away / max(float(np.linalg.norm(away)), 1e-12)
+        away = away / max(float(np.linalg.norm(away)), 1e-12)
         ax.annotate(
-            name, corner, textcoords="offset points", xytext=away, ha="center", va="center", fontsize=9
+            name,
+            corner,
+            textcoords="offset points",
+            xytext=4 * away,
+            ha="left" if away[0] > 0.3 else "right" if away[0] < -0.3 else "center",
+            va="bottom" if away[1] > 0.3 else "top" if away[1] < -0.3 else "center",
+            fontsize=9,
+            annotation_clip=False,
         )
+    ax.margins(0.12)  # room inside the axes for the labels, clear of a colorbar beside them
     if run.rank_pairs is not None:  # the trained grid, for orientation
         grid = simplex_coordinates(run.rank_pairs[[f"w_{n}" for n in names]].to_numpy())
         ax.scatter(grid[:, 0], grid[:, 1], s=12, color="lightgrey", label="grid mixtures", zorder=1)
@@ -255,7 +272,7 @@ def plot_simplex(run: Run, ax=None):
     elif len(points):
         values = run.evaluations["value"].to_numpy()
         shown = ax.scatter(points[:, 0], points[:, 1], c=values, cmap="viridis_r", s=14, zorder=2)
-        ax.figure.colorbar(shown, ax=ax, label="objective value", shrink=0.7)
+        ax.figure.colorbar(shown, ax=ax, label="objective value", shrink=0.7, pad=0.08)
     if run.mixture is not None:
         final = simplex_coordinates(run.weights[names].to_numpy())[0]
         ax.scatter(*final, marker="*", s=180, color="tab:red", zorder=4, label="recommended")

@@ -48,8 +48,10 @@ def plot_loss_curve(
 def _finish_weights_panel(fig, ax_w, expert_names, xlabel: str, ylabel: str, path) -> Path:
     """Label the weights panel and save the figure atomically."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     ax_w.set_ylim(0, 1)
+    ax_w.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps and evaluations are counted
     ax_w.set_xlabel(xlabel)
     ax_w.set_ylabel(ylabel)
     ax_w.legend(fontsize=8, ncol=min(4, len(expert_names)))
