@@ -77,12 +77,16 @@ def _nemo_sft(train_ds: dict) -> dict[str, float]:
     return dict(zip(names, train_ds["concat_sampling_probabilities"]))
 
 
+def _llamafactory_counts(text: str) -> dict[str, int]:
+    assert _body(text)["mix_strategy"] == "concat"
+    entries = [json.loads(line[4:]) for line in text.splitlines() if line.startswith("#   {")]
+    return {name: entry["num_samples"] for one in entries for name, entry in one.items()}
+
+
 # format -> (what its numbers are, how its framework reads them out of the file)
 READERS = {
-    "llamafactory": (
-        "sample shares",
-        lambda t: dict(zip(WEIGHTS, map(float, _body(t)["interleave_probs"].split(",")))),
-    ),
+    # under a budget: each dataset_info.json entry's num_samples (the header's entries), concatenated
+    "llamafactory": ("counts", _llamafactory_counts),
     "hf-datasets": ("counts", lambda t: _python_literal(t, "COUNTS")),
     "hf-datasets-yaml": ("counts", lambda t: _body(t)["counts"]),
     "megatron": (
