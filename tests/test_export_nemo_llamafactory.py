@@ -102,12 +102,14 @@ from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 from llamafactory.data.loader import _get_merged_dataset
 from llamafactory.hparams import DataArguments, ModelArguments
 
-dataset_dir, config, stage = json.loads(sys.argv[1])
-(data_args,) = HfArgumentParser(DataArguments).parse_dict({**config, "dataset_dir": dataset_dir})
-training = Seq2SeqTrainingArguments(output_dir=dataset_dir + "/out", seed=0)
-model_args = ModelArguments(model_name_or_path=dataset_dir)
-mixed = _get_merged_dataset(data_args.dataset, model_args, data_args, training, stage=stage)
-print(json.dumps([list(mixed["_system"]), list(mixed["_prompt"]), list(mixed["_response"])]))
+out = []
+for dataset_dir, config, stage in json.loads(sys.argv[1]):
+    (data_args,) = HfArgumentParser(DataArguments).parse_dict({**config, "dataset_dir": dataset_dir})
+    training = Seq2SeqTrainingArguments(output_dir=dataset_dir + "/out", seed=0)
+    model_args = ModelArguments(model_name_or_path=dataset_dir)
+    mixed = _get_merged_dataset(data_args.dataset, model_args, data_args, training, stage=stage)
+    out.append([list(mixed["_system"]), list(mixed["_prompt"]), list(mixed["_response"])])
+print(json.dumps(out))
 """
 
 
@@ -119,29 +121,34 @@ def _header_entries(text: str) -> dict:
     return info
 
 
-def _llamafactory_load(tmp_path, info: dict, config: dict, stage: str) -> tuple[list, list, list]:
-    """LLaMA-Factory's own loader over the header's entries as dataset_info.json, each record's
-    ``domain`` read as its system column to count where it came from: (domains, prompts, responses)."""
-    traced = {n: {**e, "columns": {**e.get("columns", {}), "system": "domain"}} for n, e in info.items()}
-    (tmp_path / "dataset_info.json").write_text(json.dumps(traced))
+def _llamafactory_load(jobs: list[tuple[Path, dict, dict, str]]) -> list[tuple[list, list, list]]:
+    """LLaMA-Factory's own loader, in one child process (its import takes seconds), for each
+    ``(directory, header entries, config, stage)``: the entries as the directory's
+    dataset_info.json, each record's ``domain`` read as its system column to count where it came
+    from; for each job (domains, prompts, responses)."""
+    for directory, info, _, _ in jobs:
+        traced = {n: {**e, "columns": {**e.get("columns", {}), "system": "domain"}} for n, e in info.items()}
+        (directory / "dataset_info.json").write_text(json.dumps(traced))
     env = {**os.environ, "DISABLE_VERSION_CHECK": "1"}
+    arg = json.dumps([[str(directory), config, stage] for directory, _, config, stage in jobs])
     child = subprocess.run(
-        [sys.executable, "-c", LLAMAFACTORY_LOAD, json.dumps([str(tmp_path), config, stage])],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
+        [sys.executable, "-c", LLAMAFACTORY_LOAD, arg], capture_output=True, text=True, env=env, timeout=300
     )
     assert child.returncode == 0, child.stderr[-2000:]
     return json.loads(child.stdout.strip().splitlines()[-1])
 
 
-def test_llamafactory_budget_is_exact_counts_loaded_by_its_own_loader(world, tmp_path):
+def test_llamafactory_own_loader_gives_the_budget_counts_and_the_pretraining_text(world, tmp_path):
     """A budget that repeats datasets: each dataset_info.json entry's num_samples is the plan's
     count and ``mix_strategy: concat`` joins them, so LLaMA-Factory's own loader gives exactly the
-    budget's counts (interleaving would draw until the rarest dataset ran out, far past it)."""
+    budget's counts (interleaving would draw until the rarest dataset ran out, far past it). Every
+    dataset of text records: its pretraining entries (``columns: {prompt: text}``, stage: pt),
+    whose loader gives each record's text as the prompt its pt processor reads."""
     pytest.importorskip("llamafactory")
-    text = export(world, "llamafactory", tmp_path, "--budget-samples", "6000")
+    budget_dir, text_dir = tmp_path / "budget", tmp_path / "text"
+    budget_dir.mkdir()
+    text_dir.mkdir()
+    text = export(world, "llamafactory", budget_dir, "--budget-samples", "6000")
     assert "The budget is 6000 samples" in text
     config = yaml_body(text)
     assert config == {"dataset": ",".join(WEIGHTS), "mix_strategy": "concat"}
@@ -149,8 +156,25 @@ def test_llamafactory_budget_is_exact_counts_loaded_by_its_own_loader(world, tmp
     expected = make_plan(WEIGHTS, "tokens", measured_stats(), budget_samples=6000).counts
     assert {n: e["num_samples"] for n, e in info.items()} == expected
     assert any(expected[n] > s.samples for n, s in measured_stats().items())  # a dataset repeats
-    domains, _, _ = _llamafactory_load(tmp_path, info, config, "sft")
+
+    paths = {}
+    for name, path in world["paths"].items():
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        paths[name] = text_dir / f"{name}-text.jsonl"
+        paths[name].write_text(
+            "".join(json.dumps({"text": r["prompt"] + r["completion"], "domain": name}) + "\n" for r in rows)
+        )
+    pretraining = export({**world, "paths": paths}, "llamafactory", text_dir)
+    assert "# text records are pretraining data to LLaMA-Factory: train them with stage: pt" in pretraining
+    text_info = _header_entries(pretraining)
+    assert {e["columns"]["prompt"] for e in text_info.values()} == {"text"}
+
+    (domains, _, _), (text_domains, prompts, _) = _llamafactory_load(
+        [(budget_dir, info, config, "sft"), (text_dir, text_info, yaml_body(pretraining), "pt")]
+    )
     assert {n: domains.count(n) for n in WEIGHTS} == expected
+    texts = {json.loads(line)["text"] for p in paths.values() for line in p.read_text().splitlines()}
+    assert set(text_domains) == set(WEIGHTS) and all(p[0]["content"] in texts for p in prompts)
 
 
 def test_llamafactory_refuses_a_name_with_a_comma(world, tmp_path, capsys):
@@ -376,26 +400,6 @@ def test_llamafactory_header_registers_each_layout_with_its_own_columns(world, t
             [{"role": "assistant", "content": answer["content"]}],
         ],
     ]
-
-
-def test_llamafactory_text_records_alone_are_pretraining_data(world, tmp_path):
-    """Every dataset of text records: LLaMA-Factory's pretraining entries (``columns: {prompt:
-    text}``, stage: pt), whose loader gives each record's text as the prompt its pt processor reads."""
-    pytest.importorskip("llamafactory")
-    paths = {}
-    for name, path in world["paths"].items():
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
-        paths[name] = tmp_path / f"{name}-text.jsonl"
-        paths[name].write_text(
-            "".join(json.dumps({"text": r["prompt"] + r["completion"], "domain": name}) + "\n" for r in rows)
-        )
-    text = export({**world, "paths": paths}, "llamafactory", tmp_path)
-    assert "# text records are pretraining data to LLaMA-Factory: train them with stage: pt" in text
-    info = _header_entries(text)
-    assert {e["columns"]["prompt"] for e in info.values()} == {"text"}
-    domains, prompts, _ = _llamafactory_load(tmp_path, info, yaml_body(text), "pt")
-    texts = {json.loads(line)["text"] for p in paths.values() for line in p.read_text().splitlines()}
-    assert set(domains) == set(WEIGHTS) and all(p[0]["content"] in texts for p in prompts)
 
 
 def test_llamafactory_header_without_datasets_claims_no_columns(world, tmp_path):
