@@ -51,6 +51,7 @@ from mergeopt.runtime.resume import (
     open_state,
     recipe_tree,
     saying_where_saved,
+    what_it_computes,
 )
 from mergeopt.runtime.rundir import check_output_dir, owned, staged
 from mergeopt.search import grid as grid_search
@@ -386,10 +387,7 @@ def check_not_complete(recipe: Recipe, state: Path, mode: str) -> None:
     except (OSError, yaml.YAMLError):
         return  # no readable record of what ran: nothing says it is this recipe's
     now = yaml.safe_load(recipe_to_yaml(recipe, absolute_paths=True))
-    ignored = ("output_dir", "logging")  # where it writes and who watches: not what it computes
-    if isinstance(saved, dict) and {k: v for k, v in saved.items() if k not in ignored} == {
-        k: v for k, v in now.items() if k not in ignored
-    }:
+    if isinstance(saved, dict) and what_it_computes(saved) == what_it_computes(now):
         raise UserError(
             f"{out} already holds this recipe's complete run (mixture.json): pass --restart to fit "
             "again and replace it, or choose another output_dir"

@@ -262,8 +262,10 @@ def check_compatible_as_stored(
 
 
 # significant bits of each float dtype, as safetensors headers and torch name them
-MANTISSA_BITS = {"F64": 52, "float64": 52, "F32": 23, "float32": 23, "F16": 10, "float16": 10}
-MANTISSA_BITS |= {"BF16": 7, "bfloat16": 7}
+MANTISSA_BITS = {
+    **{"F64": 52, "float64": 52, "F32": 23, "float32": 23},
+    **{"F16": 10, "float16": 10, "BF16": 7, "bfloat16": 7},
+}
 
 
 def weight_dtype(checkpoint: Checkpoint) -> str | None:

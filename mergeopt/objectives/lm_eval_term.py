@@ -65,15 +65,21 @@ def check_task(term: ObjectiveTerm) -> None:
         raise UserError(f"objective term {term.label!r}: no lm-eval task {term.task!r} {where}")
 
 
+@functools.cache
+def _build_task(task: str, include_path: str | None) -> None:
+    """Build ``task`` once per process (its data loaded): fit, rank and train check it alike."""
+    from lm_eval.tasks import get_task_dict
+
+    get_task_dict([task], _task_manager(include_path))
+
+
 def check_task_loads(term: ObjectiveTerm) -> None:
     """The task exists and lm-eval can build it, which loads its dataset: a data file that is not
     there or a hub dataset out of reach is said in one line before any model is loaded, not at the
     first evaluation, after the experts are stacked. The dataset is then in datasets' cache."""
     check_task(term)
-    from lm_eval.tasks import get_task_dict
-
     try:
-        get_task_dict([term.task], _task_manager(term.include_path))
+        _build_task(term.task, term.include_path)
     except Exception as error:  # datasets and lm-eval raise many kinds for data they cannot read
         reason = (str(error).strip().splitlines() or [""])[0]
         hint = (

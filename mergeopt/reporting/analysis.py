@@ -108,13 +108,14 @@ def open_run(path: str | Path) -> Run:
     check's own (``mergeopt rank --out DIR`` without a fit), whose rank_report.json is published
     only once the check is done."""
     root = existing_dir(path, "run directory")
-    if not (root / "mixture.json").exists() and (root / "rank_report.json").is_file():
-        return load_run(root)
-    if not (root / "mixture.json").exists() and (root / CHECKPOINT_DIR).is_dir():
-        raise UserError(
-            f"{root}: the fit has not finished (its state is in {root / CHECKPOINT_DIR}, no mixture.json "
-            "yet): rerun the fit's command to finish it, then open the run"
-        )
+    if not (root / "mixture.json").exists():
+        if (root / "rank_report.json").is_file():
+            return load_run(root)
+        if (root / CHECKPOINT_DIR).is_dir():
+            raise UserError(
+                f"{root}: the fit has not finished (its state is in {root / CHECKPOINT_DIR}, no "
+                "mixture.json yet): rerun the fit's command to finish it, then open the run"
+            )
     return load_run(root, read_finished_mixture(root).to_json())
 
 

@@ -194,12 +194,18 @@ def _first_difference(a, b, prefix: str = "") -> tuple[str, object, object] | No
     return None if a == b else (prefix.rstrip(".") or "(the recipe)", a, b)
 
 
-def _only(tree: dict, dotted: str) -> dict:
-    """``{dotted: value}`` of ``tree`` (the value :data:`UNSET` where absent), to compare one key."""
+def _value_at(tree: dict, dotted: str) -> object:
+    """The value of ``tree`` at the dotted key, or :data:`UNSET` where absent."""
     node = tree
     for part in dotted.split("."):
         node = node.get(part, UNSET) if isinstance(node, dict) else UNSET
-    return {dotted: node}
+    return node
+
+
+def what_it_computes(tree: dict) -> dict:
+    """A recipe tree without where the run writes and which trackers watch it (``output_dir``,
+    ``logging``): what decides the run's numbers, compared by resume and by a rerun's check."""
+    return {k: v for k, v in tree.items() if k not in ("output_dir", "logging")}
 
 
 def _shown(value: object) -> str:
@@ -226,8 +232,7 @@ class RunState:
     ):
         self.dir = Path(output_dir) / name
         self.inputs = inputs  # {path: digest} of what the run reads (None: not checked)
-        # where the run writes, and which trackers watch it, are not part of what it computes
-        self.recipe = {k: v for k, v in recipe_tree.items() if k not in ("output_dir", "logging")}
+        self.recipe = what_it_computes(recipe_tree)
         self._on_first_write = None  # set by start_lazily: runs before the first byte is written
         self.changed: list[str] = []  # keys of CHANGEABLE_ON_RESUME this run changed, as "key new (was old)"
 
@@ -250,8 +255,7 @@ class RunState:
         self.changed = [
             f"{key} {_shown(now)} (was {_shown(was)})"
             for key in CHANGEABLE_ON_RESUME
-            if (found := _first_difference(_only(saved, key), _only(self.recipe, key))) is not None
-            for _, was, now in [found]
+            if (was := _value_at(saved, key)) != (now := _value_at(self.recipe, key))
         ]
         if difference is not None:
             key, was, now = difference
