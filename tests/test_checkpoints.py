@@ -205,3 +205,26 @@ def test_experts_stored_with_less_precision_than_the_base_are_warned_of(random_w
         assert len(warned) == 1 and warned[0].startswith("mergeopt: warning: expert beta (BF16)"), (
             result.stderr
         )
+
+
+def test_an_exclude_pattern_that_matches_no_parameter_is_warned_of(random_world, tmp_path):
+    """model.exclude=[lm-head] (a typo for lm_head) keeps nothing at θ0: plan and fit warn once,
+    naming the pattern, and go on; patterns that match are not warned of."""
+    from tests.conftest import recipe_tree, run_in_process
+
+    tree = recipe_tree(random_world, tmp_path / "out")
+    tree["model"]["exclude"] = ["embed_tokens", "lm-head", "norm"]
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(tree))
+    for command in ("plan", "fit"):
+        quiet = "--quiet" if command == "fit" else "--json"
+        result = run_in_process(command, str(tmp_path / "recipe.yaml"), quiet)
+        assert result.returncode == 0, result.stderr
+        warned = [line for line in result.stderr.splitlines() if "model.exclude" in line]
+        assert warned == [
+            "mergeopt: warning: model.exclude 'lm-head' matches no parameter of the base (the closest "
+            "name to 'lm-head' is 'lm_head.weight'), so nothing is kept at θ0 for it"
+        ], result.stderr
+    tree["model"]["exclude"] = ["embed_tokens", "norm"]
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(tree))
+    result = run_in_process("plan", str(tmp_path / "recipe.yaml"), "--json")
+    assert result.returncode == 0 and "model.exclude" not in result.stderr, result.stderr

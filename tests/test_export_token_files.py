@@ -28,7 +28,7 @@ from mergeopt.export.shares import make_plan
 from mergeopt.export.token_files import TokenFiles, _streaming_format
 from mergeopt.export.token_stats import DomainStats, measure
 from mergeopt.worlds import toy
-from tests.conftest import streaming_without_torchvision
+from tests.conftest import run_module, streaming_without_torchvision
 from tests.export_world import SIZES, WEIGHTS, build_world, export, measured_stats, yaml_body
 
 EOS = 2  # the toy tokenizer's
@@ -485,7 +485,7 @@ def _refused(world, tmp_path, capsys, fmt: str, paths: dict, *extra: str) -> str
 
 
 def test_bad_token_files_are_refused_in_one_line(world, megatron, olmo, tmp_path, capsys):
-    """A .bin without its .idx, a .bin its index disagrees with, a corrupt index.json, an unknown
+    """A .bin without its .idx (named by the file or by the prefix), a .bin its index disagrees with, a corrupt index.json, an unknown
     --token-dtype, an empty token file, a file read with the wrong dtype, no dtype or EOS at all,
     an np.save file, a negative --eos-id, a glob that matches nothing, a file of part of a token,
     a garbled .idx and a tokenizer without an EOS token: each one line naming the culprit."""
@@ -510,6 +510,8 @@ def test_bad_token_files_are_refused_in_one_line(world, megatron, olmo, tmp_path
     b = measured_stats()["b"].tokens  # uint16: two bytes a token, the last one cut off
     cases = [  # (format, datasets, options, what the line says)
         ("megatron", {**megatron, "a": bad / "lonely.bin"}, (), "lonely.idx, which is missing"),
+        # the prefix, as Megatron's --data-path names a dataset, with one of its two files
+        ("megatron", {**megatron, "a": bad / "lonely"}, (), "lonely.bin: a Megatron indexed dataset needs"),
         (
             "megatron",
             {**megatron, "b": short},
@@ -594,6 +596,20 @@ def test_bad_mds_directories_are_refused_in_one_line(world, mds, compressed, spl
     line = _refused(world, tmp_path, capsys, "llm-foundry", {**mds["ndarray"], "a": splits["two"]})
     assert f"{splits['two']} has no index.json but 2 MDS splits (train, val)" in line
     assert str(splits["two"] / "train") in line
+
+
+def test_the_export_reads_mds_where_streaming_was_installed_without_torchvision(world, mds, tmp_path):
+    """The README installs streaming with --no-deps (its declared torchvision would replace torch),
+    and streaming's package imports its vision datasets: a user's ``mergeopt export`` in a new
+    process, with no stand-in from this module, still reads the MDS directories, and gives the
+    counts the same export gives in this process."""
+    out = tmp_path / "child.yaml"
+    argv = [str(world["mixture"]), "--to", "llm-foundry", "--out", str(out), "--budget-samples", "5000"]
+    datasets = ["--datasets", *(f"{n}={p}" for n, p in mds["ndarray"].items())]
+    child = run_module("export", *argv, *datasets)
+    assert child.returncode == 0, child.stderr[-2000:]
+    here = _export(world, "llm-foundry", tmp_path / "here", mds["ndarray"], "--budget-samples", "5000")
+    assert _streams(out.read_text()) == _streams(here)
 
 
 def test_a_missing_reader_library_is_one_line_naming_the_package(

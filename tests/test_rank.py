@@ -253,6 +253,49 @@ def test_regmix_report_matches_the_function(regmix_run):
     assert len(table.strip().splitlines()) == 2 + 14
 
 
+def test_regmix_pairs_name_each_mixture_and_the_picks(regmix_run):
+    """rank_pairs.csv holds each compared mixture's weights beside its two scores, and the report's
+    proxy_best_row and true_best_row are rows of it."""
+    out, _, report = regmix_run
+    pairs = pd.read_csv(out / "rank_pairs.csv")
+    mixtures = pd.read_csv(REGMIX / "test_mixture_1m.csv").drop(columns="index")
+    mixtures = mixtures.loc[:, ~mixtures.columns.str.startswith("Unnamed")]  # RegMix's trailing comma
+    assert list(pairs.columns[: mixtures.shape[1]]) == report["mixture_columns"] == list(mixtures.columns)
+    np.testing.assert_allclose(pairs[mixtures.columns].to_numpy(), mixtures.to_numpy(), rtol=0, atol=1e-12)
+    mean = report["metrics"]["mean"]
+    assert mean["proxy_best_row"] == pairs["proxy_mean"].idxmin()
+    assert mean["true_best_row"] == pairs["truth_mean"].idxmin()
+
+
+def test_table_mode_compares_the_mixtures_both_tables_hold(tmp_path):
+    """A proxy scores more mixtures than were trained (and a truth table may hold runs the proxy
+    never scored): the statistics are those of the shared mixtures alone, the note says how many
+    each table held, and rank_pairs.csv lists the shared ones."""
+    rng = np.random.default_rng(1)
+    weights = rng.dirichlet(np.ones(3), size=40).round(4)
+    weights[:, 2] = 1 - weights[:, :2].sum(axis=1)
+    loss = rng.uniform(size=40)
+    frame = pd.DataFrame(weights, columns=["w_a", "w_b", "w_c"])
+    frame.assign(loss=loss + 0.2 * rng.normal(size=40)).to_csv(tmp_path / "proxy.csv", index=False)
+    trained = [*range(5, 30), 38]  # 26 of the proxy's 40 mixtures, and 2 the proxy never scored
+    extra = pd.DataFrame([[0.2, 0.2, 0.6], [0.1, 0.3, 0.6]], columns=["w_a", "w_b", "w_c"])
+    truth = pd.concat([frame.iloc[trained].assign(loss=loss[trained]), extra.assign(loss=[0.0, 1.0])])
+    truth.iloc[::-1].to_csv(tmp_path / "truth.csv", index=False)
+    out = tmp_path / "out"
+    args = ["--proxy", str(tmp_path / "proxy.csv"), "--truth", str(tmp_path / "truth.csv")]
+    result = run_rank(*args, "--bootstrap", "20", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "rank_report.json").read_text())
+    note = "compared on the 26 mixtures both tables hold (of 40 in the proxy table and 28 in the truth table)"
+    assert report["n_mixtures"] == 26 and note in report["note"] and note in result.stdout
+    proxy = pd.read_csv(tmp_path / "proxy.csv").iloc[trained]
+    expected = rank_statistics(proxy["loss"], loss[trained], k=3, n_bootstrap=20, seed=0)
+    assert report["metrics"]["loss"] == json_safe(expected)
+    pairs = pd.read_csv(out / "rank_pairs.csv")
+    np.testing.assert_allclose(pairs[["w_a", "w_b", "w_c"]].to_numpy(), weights[trained], atol=1e-12)
+    np.testing.assert_allclose(pairs["truth_loss"].to_numpy(), loss[trained], atol=1e-12)
+
+
 def test_table_mode_joins_shuffled_rows_and_higher_is_better(tmp_path):
     rng = np.random.default_rng(0)
     weights = rng.dirichlet(np.ones(3), size=30).round(4)
@@ -345,8 +388,11 @@ def error_cases(tmp: Path) -> list[tuple[list[str], str]]:
         (["--proxy", str(tmp / "malformed.csv"), "--truth", g], "not a readable CSV table"),
         (
             ["--proxy", str(tmp / "moved.csv"), "--truth", g],
-            "moved.csv line 3: no truth row has the same weights",
+            f"moved.csv and {g} share only 2 mixture(s); the rank statistics need at least 3",
         ),
+        (["--proxy", g, "--truth", g, "--k", "0"], "need --k ≥ 1 and --bootstrap ≥ 0, got 0 and 1000"),
+        (["--proxy", g, "--truth", g, "--bootstrap", "-1"], "need --k ≥ 1 and --bootstrap ≥ 0, got 3 and -1"),
+        (["--proxy", g, "--truth", str(tmp)], f"{tmp} is a directory, not a file"),
         (
             ["--proxy", g, "--truth", str(tmp / "sum.csv")],
             "sum.csv line 4: weights sum to 1.1, not 1 (±0.005)",
@@ -386,9 +432,9 @@ def test_table_mode_ranks_no_bookkeeping_or_weight_column(tmp_path):
     for name in ("proxy", "truth"):
         pd.DataFrame(table).to_csv(tmp_path / f"{name}.csv", index=False)
     proxy, truth = str(tmp_path / "proxy.csv"), str(tmp_path / "truth.csv")
-    report, _ = rank_tables(proxy, truth, n_bootstrap=0)
+    report, *_ = rank_tables(proxy, truth, n_bootstrap=0)
     assert list(report["metrics"]) == ["loss", "mean"]
-    report, _ = rank_tables(proxy, truth, mixture_cols=["w_a", "w_b"], n_bootstrap=0)
+    report, *_ = rank_tables(proxy, truth, mixture_cols=["w_a", "w_b"], n_bootstrap=0)
     assert list(report["metrics"]) == ["loss", "mean"]
 
 
@@ -463,9 +509,9 @@ def test_a_metric_column_that_is_not_numeric_is_named(tmp_path):
     named, plain = str(tmp_path / "named.csv"), str(tmp_path / "plain.csv")
     with pytest.raises(UserError, match=r"named.csv line 3: column acc is empty or not a finite number$"):
         rank_tables(named, plain, n_bootstrap=0)  # acc was dropped, and the mean changed without it
-    report, _ = rank_tables(named, plain, metrics=["loss"], n_bootstrap=0)
+    report, *_ = rank_tables(named, plain, metrics=["loss"], n_bootstrap=0)
     assert list(report["metrics"]) == ["loss", "mean"]
-    report, _ = rank_tables(plain, plain, n_bootstrap=0)
+    report, *_ = rank_tables(plain, plain, n_bootstrap=0)
     assert list(report["metrics"]) == ["loss", "acc", "mean"]  # name: text only, not a metric
 
 
@@ -481,7 +527,7 @@ def test_table_mode_statistics_of_a_constant_metric_are_undefined(tmp_path):
     )
     truth = {"loss": [2.0, 1.0, 3.0, 4.0, 5.0], "acc": [5.0, 4.0, 3.0, 2.0, 1.0]}
     pd.DataFrame({**w, **truth}).to_csv(tmp_path / "truth.csv", index=False)
-    report, pairs = rank_tables(str(tmp_path / "proxy.csv"), str(tmp_path / "truth.csv"), n_bootstrap=20)
+    report, pairs, _ = rank_tables(str(tmp_path / "proxy.csv"), str(tmp_path / "truth.csv"), n_bootstrap=20)
     loss = json_safe(report["metrics"]["loss"])
     assert loss["spearman"] is None and loss["pairwise_accuracy"] == 0.5
     assert [loss[k] for k in ("top1_hit", "topk_hit", "topk_overlap", "regret")] == [None] * 4

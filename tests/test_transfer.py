@@ -235,6 +235,21 @@ def test_surrogate_on_regmix_matches_published_spearman(regmix_surrogate):
     assert rho_60m == pytest.approx(SURROGATE_60M, abs=2e-3)
 
 
+def test_a_surrogate_trained_on_compared_mixtures_says_so_on_the_console(tmp_path):
+    """A training table that holds some of LARGE's mixtures (here 10 of RegMix's 1M test runs added
+    to its 512 training runs) is counted in the report and said under the summary table."""
+    from mergeopt.evaluation.tables import load_table
+    from mergeopt.evaluation.transfer_report import context_notes
+
+    train, small = load_table(TRAIN)[0], load_table(SMALL)[0]
+    pd.concat([train, small.iloc[:10]]).drop(columns="index", errors="ignore").to_csv(tmp_path / "train.csv", index=False)
+    report, _ = transfer_tables(None, LARGE, surrogate_fit=str(tmp_path / "train.csv"), n_bootstrap=0)
+    assert report["surrogate"]["train_mixtures_in"] == {"LARGE": 10}
+    line = "The surrogate's training table holds 10 of LARGE's 256 mixtures: there its scores are fitted"
+    assert any(note.startswith(line) for note in context_notes(report))
+    assert not any("training table holds" in note for note in context_notes(report | {"surrogate": None}))
+
+
 def test_surrogate_report_is_deterministic(regmix_surrogate):
     again, _ = transfer_tables(SMALL, LARGE, surrogate_fit=TRAIN, n_bootstrap=20, seed=0)
     assert json_safe(again) == json_safe(regmix_surrogate[0])

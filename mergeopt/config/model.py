@@ -4,7 +4,9 @@ merge section (how the experts are combined at a mixture w).
 
 from __future__ import annotations
 
+import difflib
 import re
+from collections.abc import Iterable
 from typing import Literal
 
 from pydantic import Field, field_validator
@@ -90,6 +92,24 @@ class ModelSection(Section):
             except re.error as err:
                 raise ValueError(f"pattern {pattern!r} is not a valid regex ({err})") from None
         return patterns
+
+    def unmatched_exclusions(self, names: Iterable[str]) -> str | None:
+        """A warning naming each ``exclude`` pattern that matches none of the base's parameter
+        ``names`` (``re.search``, as the stacking matches): a typo ('lm-head') would otherwise keep
+        nothing at θ0 and merge what the user meant to keep, silently. A tied output layer is no
+        parameter of its own, so its pattern is named too."""
+        names = list(names)
+        unmatched = [p for p in self.exclude if not any(re.search(p, n) for n in names)]
+        if not unmatched or not names:
+            return None
+        which = ", ".join(repr(p) for p in unmatched)
+        matches = "matches" if len(unmatched) == 1 else "match"
+        (closest,) = difflib.get_close_matches(unmatched[0], sorted(names), n=1, cutoff=0)
+        return (
+            f"model.exclude {which} {matches} no parameter of the base (the closest name to "
+            f"{unmatched[0]!r} is {closest!r}), so nothing is kept at θ0 for "
+            f"{'it' if len(unmatched) == 1 else 'them'}"
+        )
 
 
 class MergeSection(Section):

@@ -331,8 +331,10 @@ def run(args: argparse.Namespace) -> int:
     for key, value in TABLE_DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.k < 1 or args.bootstrap < 0:
+        raise UserError(f"need --k ≥ 1 and --bootstrap ≥ 0, got {args.k} and {args.bootstrap}")
     writable_dir(args.out or "rank_out", "--out")
-    report, pairs = rank_tables(
+    report, pairs, weights = rank_tables(
         args.proxy,
         args.truth,
         mixture_prefix=args.mixture_prefix,
@@ -345,7 +347,7 @@ def run(args: argparse.Namespace) -> int:
     )
     with owned(args.out if args.out is not None else "rank_out", "rank", "--out") as out:
         with staged(out, OUTPUT_FILES) as staging:
-            write_outputs(report, pairs, staging.path)
+            write_outputs(report, pairs, staging.path, weights)
     print(markdown_table(report))
     print(f"\nWrote {', '.join(OUTPUT_FILES)} to {out}")
     return 0

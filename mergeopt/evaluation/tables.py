@@ -35,6 +35,8 @@ MIN_MIXTURES = 3
 
 def _read_csv(path: str) -> pd.DataFrame:
     """A CSV with RegMix's quirks handled: a trailing comma makes an unnamed, empty column; drop it."""
+    if Path(path).is_dir():
+        raise UserError(f"{path} is a directory, not a file")
     if not Path(path).is_file():
         raise UserError(f"{path}: no such file")
     try:
@@ -226,30 +228,14 @@ def check_enough_mixtures(n: int, specs: Sequence[str]) -> None:
         )
 
 
-def match_rows(
-    proxy_w: np.ndarray, truth_w: np.ndarray, proxy_frame: pd.DataFrame, source: str
-) -> np.ndarray:
-    """For each proxy row, the one truth row with the same weights (rounded to 1e-6)."""
-    lookup: dict[tuple, list[int]] = {}
-    for j, row in enumerate(np.round(truth_w, WEIGHT_DECIMALS)):
-        lookup.setdefault(tuple(row.tolist()), []).append(j)
-    matched = []
-    for i, row in enumerate(np.round(proxy_w, WEIGHT_DECIMALS)):
-        hits = lookup.get(tuple(row.tolist()), [])
-        if len(hits) != 1:
-            what = "no truth row has" if not hits else f"{len(hits)} truth rows have"
-            raise UserError(f"{at_line(source, i)}: {what} the same weights")
-        matched.append(hits[0])
-    return np.array(matched, dtype=int)
-
-
 def shared_mixtures(
     weights: Sequence[np.ndarray], frames: Sequence[pd.DataFrame], sources: Sequence[str]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Rows of two tables with the same weights (rounded to 1e-6), in the first table's order.
 
-    Unlike :func:`match_rows`, either table may hold mixtures the other lacks (a large-scale sweep
-    usually reruns a few of the small-scale mixtures); a mixture twice in one table is ambiguous.
+    Either table may hold mixtures the other lacks (a large-scale sweep usually reruns a few of the
+    small-scale mixtures; a proxy scores many more mixtures than were trained); a mixture twice in
+    one table is ambiguous.
     """
     first, second = (check_distinct_mixtures(w, f, s) for w, f, s in zip(weights, frames, sources))
     pairs = [(i, second[key]) for key, i in first.items() if key in second]
@@ -346,8 +332,9 @@ def rank_tables(
     n_bootstrap: int = 1000,
     seed: int = 0,
     confidence: float = 0.95,
-) -> tuple[dict, dict]:
-    """Load, join and score two tables; returns the report and the paired scores (for the plot)."""
+) -> tuple[dict, dict, pd.DataFrame]:
+    """Load, join and score two tables on the mixtures both hold; returns the report, the paired
+    scores (for the plot) and the compared mixtures' weights (one row per pair, the proxy table's order)."""
     (proxy, proxy_src), (truth, truth_src) = load_table(proxy_spec), load_table(truth_spec)
     cols = mixture_columns(proxy, proxy_src, mixture_prefix, mixture_cols)
     if mixture_cols:
@@ -359,10 +346,8 @@ def rank_tables(
             cols, mixture_columns(truth, truth_src, mixture_prefix, None), truth_src, proxy_src
         )
     proxy_w, truth_w = check_weights(proxy, cols, proxy_src), check_weights(truth, cols, truth_src)
-    check_distinct_mixtures(proxy_w, proxy, proxy_spec)
-    check_distinct_mixtures(truth_w, truth, truth_spec)
-    rows = match_rows(proxy_w, truth_w, proxy, proxy_src)
-    check_enough_mixtures(len(rows), (proxy_spec, truth_spec))
+    proxy_rows, truth_rows = shared_mixtures([proxy_w, truth_w], [proxy, truth], [proxy_spec, truth_spec])
+    check_enough_mixtures(len(proxy_rows), (proxy_spec, truth_spec))
     prefixes = weight_prefixes(cols, mixture_prefix, mixture_cols)
     names = metric_columns(proxy, truth, set(cols), metrics, (proxy_spec, truth_spec), prefixes)
     unknown = sorted(set(higher_is_better) - set(names))
@@ -373,7 +358,8 @@ def rank_tables(
             else "a metric column is called 'mean', which names the overall target here; rename it"
         )
     pairs = {
-        m: (metric_values(proxy, m, proxy_spec), metric_values(truth, m, truth_spec)[rows]) for m in names
+        m: (metric_values(proxy, m, proxy_spec)[proxy_rows], metric_values(truth, m, truth_spec)[truth_rows])
+        for m in names
     }
     directions = {m: m in higher_is_better for m in names}
     options = {"k": k, "n_bootstrap": n_bootstrap, "seed": seed, "confidence": confidence}
@@ -384,6 +370,11 @@ def rank_tables(
         for m in names
     }
     notes = []
+    if len(proxy_rows) < len(proxy) or len(truth_rows) < len(truth):
+        notes.append(
+            f"compared on the {len(proxy_rows)} mixtures both tables hold (of {len(proxy)} in the proxy "
+            f"table and {len(truth)} in the truth table)"
+        )
     if len(set(directions.values())) == 1:
         over, left_out = aggregate_metrics(pairs, names)
         pairs["mean"] = tuple(np.mean([pairs[m][s] for m in over], axis=0) for s in (0, 1))
@@ -403,12 +394,13 @@ def rank_tables(
         "proxy": proxy_spec,
         "truth": truth_spec,
         "mixture_columns": cols,
-        "n_mixtures": len(rows),
+        "n_mixtures": len(proxy_rows),
         "options": options,
         "metrics": results,
         "note": note,
     }
-    return report, pairs
+    weights = proxy.iloc[proxy_rows][cols].reset_index(drop=True)
+    return report, pairs, weights
 
 
 class ScaleTable(NamedTuple):

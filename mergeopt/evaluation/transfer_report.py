@@ -80,12 +80,21 @@ def _raw(value: float | None) -> str:
 
 def context_notes(report: dict) -> list[str]:
     """The lines printed under the summary table: the mixtures compared when the tables share only
-    some, the metrics not compared, and those left out of the aggregate."""
+    some, the compared mixtures the surrogate was trained on, the metrics not compared, and those
+    left out of the aggregate."""
     n, lines = report["n_mixtures"], []
     if n["shared"] is not None and (n["shared"] < n["small"] or n["shared"] < n["large"]):
         lines.append(
             f"SMALL→LARGE: compared on the {n['shared']} mixtures both tables hold (of {n['small']} and "
             f"{n['large']})."
+        )
+    s = report.get("surrogate")
+    if s is not None and any(s["train_mixtures_in"].values()):
+        held = ", ".join(
+            f"{v} of {role}'s {n[role.lower()]}" for role, v in s["train_mixtures_in"].items() if v
+        )
+        lines.append(
+            f"The surrogate's training table holds {held} mixtures: there its scores are fitted, not predicted."
         )
     lines += [
         f"Not compared (not in every table): {role}'s {left}"

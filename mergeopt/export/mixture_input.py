@@ -160,6 +160,12 @@ def parse_datasets(items: Sequence[str], mixture: Mixture) -> dict[str, Path]:
         if not (path.exists() or is_megatron_prefix(path) or _glob_matches(path)):
             if "*" in raw:  # OLMo token files: a glob over a directory of .npy files
                 raise UserError(f"--datasets {name}: {path}: the glob matches no file")
+            half = [s for s in (".bin", ".idx") if Path(f"{path}{s}").is_file()]
+            if half:  # a Megatron prefix with one of its two files
+                other = ".idx" if half[0] == ".bin" else ".bin"
+                raise UserError(
+                    f"{path}{half[0]}: a Megatron indexed dataset needs {path}{other}, which is missing"
+                )
             raise UserError(f"--datasets {name}: {path} does not exist")
         datasets[name] = path
     return datasets

@@ -49,8 +49,11 @@ decompressed whole, as streaming does, but one shard at a time).
 from __future__ import annotations
 
 import glob
+import importlib.util
 import json
+import sys
 import tempfile
+import types
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -127,15 +130,39 @@ def measure(
 # ----------------------------------------------------------------------------- MDS (streaming)
 
 
-def _streaming_format():
-    """streaming's shard readers; a missing package, or one installed without its dependencies
-    (its package imports its vision datasets, hence torchvision), is one line."""
+@contextmanager
+def _without_vision() -> Iterator[None]:
+    """streaming's package imports its vision datasets, hence torchvision, which no MDS read needs
+    and which the README's ``--no-deps`` install of streaming lacks (its declared torchvision would
+    replace torch). While streaming is first imported without torchvision, an empty
+    ``streaming.vision`` stands in; it is removed after, so an import of streaming.vision itself
+    still fails as it would have."""
+    stand_in = (
+        "streaming" not in sys.modules
+        and "streaming.vision" not in sys.modules
+        and importlib.util.find_spec("torchvision") is None
+    )
+    if stand_in:
+        sys.modules["streaming.vision"] = types.ModuleType("streaming.vision")
     try:
-        from streaming.base import format as mds
+        yield
+    finally:
+        if stand_in:
+            sys.modules.pop("streaming.vision", None)
+
+
+def _streaming_format():
+    """streaming's shard readers (and its decompression); a missing package, or a missing
+    dependency of it, is one line naming what to install."""
+    try:
+        with _without_vision():
+            from streaming.base import compression  # noqa: F401  (read by _readable)
+            from streaming.base import format as mds
     except ModuleNotFoundError as err:
+        package = "mosaicml-streaming" if (err.name or "").split(".")[0] == "streaming" else err.name
         raise UserError(
-            f"reading an MDS directory needs MosaicML streaming with its dependencies ({err.name} "
-            "is missing): pip install mosaicml-streaming"
+            f"reading an MDS directory needs MosaicML streaming and its dependencies ({err.name} "
+            f"is missing): pip install {package}"
         ) from None
     return mds
 

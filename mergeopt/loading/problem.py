@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from mergeopt.config import Recipe
-from mergeopt.errors import UserError
+from mergeopt.errors import UserError, warn
 from mergeopt.inputs import tokenizer_error, torchrun_variable
 from mergeopt.loading.checkpoints import Checkpoint, open_experts
 from mergeopt.loading.devices import check_compute_dtype, check_eval_dtype, resolve_device
@@ -344,6 +344,13 @@ def _sharded(recipe: Recipe, stack: TaskVectorStack) -> None:
         shard_lowrank(stack.lowrank, *distributed.process_rank_and_size())
 
 
+def _warn_unmatched_exclusions(recipe: Recipe, names) -> None:
+    """model.exclude's patterns that match no parameter, warned once (by rank 0), as the plan warns."""
+    if distributed.process_rank_and_size()[0] == 0:
+        if (note := recipe.model.unmatched_exclusions(names)) is not None:
+            warn(note)
+
+
 def load_problem(
     recipe: Recipe,
     progress: bool = True,
@@ -366,12 +373,14 @@ def load_problem(
         if not objective.losses_only:
             raise UserError("a random:// world has no text: its objective can only be dev losses")
         model, stack, config = build_random_world(recipe, device, progress, _shard(recipe), base_expert)
+        _warn_unmatched_exclusions(recipe, (n for n, _ in model.named_parameters()))
         check_max_length(config.to_dict(), recipe, recipe.model.base)
         sets = _random_dev_sets(recipe, config.get_text_config().vocab_size)
         weights = objective.loss_set_weights()
         chunk = _loss_chunk(recipe, model, print if progress else (lambda _m: None))
         return Problem(model, stack, sets, weights, 0, input_device(model), None, chunk)
     experts, tokenizer = _open_checked(recipe)
+    _warn_unmatched_exclusions(recipe, experts.base.tensors)  # from the headers: before minutes of stacking
     check_max_length(experts.base.config, recipe, recipe.model.base)
     sets = load_dev_sets(recipe.data, recipe.seed, tokenizer, objective.metric_terms)
     # losses only: the loss the gradient strategy descends; with metrics, the dev loss still

@@ -335,6 +335,8 @@ def make_plan(
     check_world_size(recipe, size)  # before anything is read
     resolved = _resolve_checkpoints(recipe)
     inventory, dims = read_inventory(resolved)
+    if (note := recipe.model.unmatched_exclusions(inventory.shapes)) is not None:  # as the fit warns
+        warn(note)
     if memory_gib is None:
         memory = device_memory(resolved.device)
     else:  # auto names the GPU the user plans for

@@ -34,12 +34,19 @@ class RankStatistics(BaseModel):
     topk_hit: bool | None = Field(description="A true best is among the proxy's k favourites.")
     topk_overlap: float | None = Field(description="Share of the proxy's top k in the truth's top k.")
     regret: float | None = Field(description="True score lost by the proxy's pick, over the true range.")
-    proxy_best_row: int
-    true_best_row: int
+    proxy_best_row: int = Field(description="The proxy's pick: its row in rank_pairs.csv (0-based).")
+    true_best_row: int = Field(description="A truly best mixture: its row in rank_pairs.csv (0-based).")
 
 
 class TransferStatistics(RankStatistics):
     """:class:`RankStatistics` plus where the proxy's favourite lands among the true scores."""
+
+    proxy_best_row: int = Field(
+        description="The proxy's pick: its place among the compared mixtures (0-based; `choice` names it)."
+    )
+    true_best_row: int = Field(
+        description="A truly best mixture: its place among the compared mixtures (0-based; `best` names it)."
+    )
 
     regret_raw: float | None = Field(
         description="True score lost by the proxy's pick, in the metric's units."
