@@ -242,7 +242,9 @@ def test_a_surrogate_trained_on_compared_mixtures_says_so_on_the_console(tmp_pat
     from mergeopt.evaluation.transfer_report import context_notes
 
     train, small = load_table(TRAIN)[0], load_table(SMALL)[0]
-    pd.concat([train, small.iloc[:10]]).drop(columns="index", errors="ignore").to_csv(tmp_path / "train.csv", index=False)
+    pd.concat([train, small.iloc[:10]]).drop(columns="index", errors="ignore").to_csv(
+        tmp_path / "train.csv", index=False
+    )
     report, _ = transfer_tables(None, LARGE, surrogate_fit=str(tmp_path / "train.csv"), n_bootstrap=0)
     assert report["surrogate"]["train_mixtures_in"] == {"LARGE": 10}
     line = "The surrogate's training table holds 10 of LARGE's 256 mixtures: there its scores are fitted"
