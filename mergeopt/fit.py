@@ -32,14 +32,8 @@ from mergeopt.objectives.data import has_heldout
 from mergeopt.objectives.loss import evaluate_sums, target_loss
 from mergeopt.objectives.objective import Objective
 from mergeopt.reporting import tracking
-from mergeopt.reporting.fit_outputs import (
-    non_finite_closing_line,
-    non_finite_line,
-    output_files,
-    owned_files,
-    worse_than_uniform_line,
-    write_outputs,
-)
+from mergeopt.reporting.fit_outputs import output_files, owned_files, write_outputs
+from mergeopt.reporting.outcome_warnings import warning_lines
 from mergeopt.reporting.report import summary
 from mergeopt.run_files import SCHEMA_VERSION
 from mergeopt.runtime import determinism, distributed
@@ -420,12 +414,8 @@ def run(args: argparse.Namespace) -> int:
         mixture = fit(recipe, progress=not args.quiet, log=log, resume=mode)
     if distributed.is_main():  # the answer, printed under --quiet too
         print(summary(mixture, recipe.output_dir, output_files(recipe)))
-        if (stop := mixture["search"].get("non_finite")) is not None:
-            warn(non_finite_line(mixture, stop))
-        if labels := mixture["search"].get("non_finite_closing"):
-            warn(non_finite_closing_line(labels))
-        if "worse_than_uniform" in mixture["search"]:
-            warn(worse_than_uniform_line(mixture))
+        for line in warning_lines(mixture):
+            warn(line)
     return 0
 
 

@@ -140,6 +140,31 @@ def test_report_links_existing_figures_and_states_the_numbers(ranked_run, search
     assert "search_curve.png" in (search_run / "report.md").read_text()
 
 
+def test_a_metric_fits_report_shows_its_objective_terms(tiny_world, tmp_path):
+    """A zero-order fit of a metric: report.md names the objective (not the loss target it did not
+    optimise) and holds the terms' scores of every mixture, fit / held-out, as mixture.json has them."""
+    run_dir = _tiny_fit(
+        tiny_world,
+        tmp_path / "metric",
+        "search.strategy=dirichlet",
+        "search.dirichlet.samples=3",
+        "objective.terms=[{kind: exact_match, dev: arith}, {kind: loss, dev: reverse, weight: 0.5}]",
+    )
+    mixture = json.loads((run_dir / "mixture.json").read_text())
+    labels = [t["label"] for t in mixture["objective"]["terms"]]
+    report = (run_dir / "report.md").read_text()
+    assert f"objective **{', '.join(labels)}**" in report and "target **" not in report
+    section = report.split("### Objective terms", 1)[1]
+    for row, parts in mixture["objective"]["scores"].items():
+        (line,) = [x for x in section.splitlines() if x.startswith(f"| {row} |")]
+        cells = [c.strip() for c in line.strip("|").split("|")][1:]
+        assert cells == [f"{parts['fit'][t]:.4f} / {parts['heldout'][t]:.4f}" for t in labels], line
+    from mergeopt.reporting.outcome_warnings import warning_lines
+
+    notes = [line for line in report.splitlines() if line.startswith("**Note:** ")]
+    assert notes == [f"**Note:** {w[0].upper()}{w[1:]}." for w in warning_lines(mixture)]  # as printed
+
+
 def test_rank_cli_adds_its_section_to_the_report(ranked_run, tmp_path):
     import shutil
 

@@ -1432,6 +1432,12 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         lambda w, t: _with_expert(w, t, w["base"], "merge.method=ties"),
         "expert 'alpha' equals the base model in every merged parameter",
     ),
+    "TIES density that keeps nothing": (
+        "recipe",
+        "fit",
+        lambda w, t: [_recipe(w, t), "merge.method=ties", "merge.density=1e-9", "search.strategy=grid"],
+        "merge.density=1e-09 keeps less than one entry of even the largest merged tensor",
+    ),
     "one expert under two names": (
         "checkpoint",
         "fit",

@@ -194,6 +194,18 @@ def test_bad_exclude_regex(tmp_path):
         load_recipe(write(tmp_path, MINIMAL), ["model.exclude=['(']"])
 
 
+def test_a_surrogate_that_could_not_split_or_verify_is_refused(tmp_path):
+    """Fewer seeds than two leaves of min_child_samples: LightGBM predicts one value for every
+    candidate, so its picks would be arbitrary; more mixtures to verify than candidates."""
+    path = write(tmp_path, MINIMAL)
+    with pytest.raises(UserError, match=r"search\.surrogate: seeds=5 is fewer than 2 x min_child_samples=3"):
+        load_recipe(path, ["search.surrogate.seeds=5"])
+    assert load_recipe(path, ["search.surrogate.seeds=6"]).search.surrogate.seeds == 6
+    assert load_recipe(path, ["search.surrogate.seeds=4", "search.surrogate.min_child_samples=2"])
+    with pytest.raises(UserError, match=r"verify=10 is more than the 5 candidates it picks from"):
+        load_recipe(path, ["search.surrogate.verify=10", "search.surrogate.candidates=5"])
+
+
 def test_missing_recipe_file(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_recipe(tmp_path / "nope.yaml")

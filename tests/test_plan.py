@@ -137,8 +137,10 @@ def test_each_suggested_override_saves_what_the_verdict_says(config_8b):
     assert text.startswith(f"does not fit: short by {plan_table.gib(short.peak - card.free)} GiB; try\n")
     knob, saved = next((k, v) for k, v in short.suggestions if k.startswith("model.stack_dtype="))
     assert re.search(rf"\n  {knob} +saves +{plan_table.gib(saved)} GiB\n", text), text
-    assert text.splitlines()[-1].startswith(
-        f"  all of them: peak {plan_table.gib(short.combined_peak)} GiB, "
+    *_, together, sharded = text.splitlines()  # the knobs together, then the GPUs that hold it sharded
+    assert together.startswith(f"  all of them: peak {plan_table.gib(short.combined_peak)} GiB, ")
+    assert short.sharded_fit is not None and sharded.startswith(
+        f"  or, as written, model.shard=fsdp over {short.sharded_fit[0]} GPUs under torchrun: "
     )
 
 
@@ -747,6 +749,31 @@ def test_device_memory_plans_for_a_gpu_that_is_not_here(capsys):
     assert "does not fit: short by" in out and "model.stack_dtype=int8" in out  # 40 GiB: suggestions
     assert run_cli(fit.main, [*args, "--device-memory", "79"]) == 2  # a plan's option, not a fit's
     assert "--device-memory plans a --dry-run" in capsys.readouterr().err
+
+
+def test_a_plan_that_does_not_fit_names_the_fewest_gpus_that_hold_it_sharded(capsys):
+    """Eight bfloat16 experts of Llama-3.1-8B on one 80 GB GPU do not fit, knobs or not; the plan
+    names the fewest GPUs over which model.shard=fsdp fits the recipe as written, with the peak per
+    GPU that plan gives (re-planned: the same as --world-size N model.shard=fsdp), and one GPU fewer
+    of RANK_COUNTS does not fit. On the CPU, whose processes share one memory, nothing is named."""
+    p = _8b_plan(8, "bfloat16")
+    assert not p.fits and p.sharded_fit is not None
+    ranks, peak = p.sharded_fit
+    experts = "{" + ", ".join(f"e{i}: '{CONFIG_8B}'" for i in range(8)) + "}"
+    r = load_recipe(REPO / "recipes" / "8b.yaml", [f"model.base={CONFIG_8B}", f"model.experts={experts}"])
+    inventory, dims = dry_run.read_inventory(r)
+    sharded = r.model_copy(update={"model": r.model.model_copy(update={"shard": "fsdp"})})
+    assert plan.plan_memory(sharded, inventory, dims, GPU_80GB, ranks).peak == peak <= GPU_80GB.free
+    fewer = [n for n in plan.RANK_COUNTS if n < ranks]
+    assert all(plan.plan_memory(sharded, inventory, dims, GPU_80GB, n).peak > GPU_80GB.free for n in fewer)
+    assert (ranks, round(peak / 2**30, 2)) == (2, 56.13)
+    assert (
+        f"  or, as written, model.shard=fsdp over 2 GPUs under torchrun: peak {plan_table.gib(peak)} GiB per GPU"
+        in plan_table.verdict(p)
+    )
+    assert "fewer experts or more GPUs" in plan_table.verdict(dataclasses.replace(p, suggestions=()))
+    cpu = DeviceMemory("cpu", "a small machine", GPU_80GB.total, GPU_80GB.free)
+    assert plan.plan_memory(r, inventory, dims, cpu).sharded_fit is None
 
 
 # ----------------------------------------------------------------------------- per rank (model.shard)

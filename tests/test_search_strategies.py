@@ -481,7 +481,7 @@ START = np.array([0.7, 0.2, 0.1])
 def test_sampling_strategies_evaluate_the_start_first_and_never_return_worse(strategy):
     evaluator, score = quadratic(3)
     spec = search(
-        strategy, grid={"divisions": 3}, dirichlet={"samples": 5}, surrogate={"seeds": 5, "verify": 2}
+        strategy, grid={"divisions": 3}, dirichlet={"samples": 5}, surrogate={"seeds": 6, "verify": 2}
     )
     result = STRATEGIES[strategy](evaluator, spec, 0, False, START)
     assert result.log[0]["phase"] == "start"

@@ -84,7 +84,7 @@ class ObjectiveTerm(Section):
         elif self.task is not None or self.include_path is not None:
             raise ValueError(f"task and include_path are only for kind 'lm_eval', not {self.kind!r}")
         elif self.kind != "loss" and self.dev == "all":
-            raise ValueError(f"a {self.kind} term must name one dev set (dev: <name>)")
+            raise ValueError(f"{self.kind} terms must name one dev set each (dev: <name>), not all")
         return self
 
 

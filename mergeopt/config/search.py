@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from mergeopt.config.base import Section
 
@@ -80,7 +80,11 @@ class SpsaSearch(Section):
 class SurrogateSearch(Section):
     """search.strategy surrogate (MergeMix): LightGBM fitted on real evaluations, its best verified."""
 
-    seeds: int = Field(default=40, gt=1, description="surrogate: evaluated Dirichlet mixtures to fit on.")
+    seeds: int = Field(
+        default=40,
+        gt=1,
+        description="surrogate: evaluated Dirichlet mixtures to fit on (at least 2 x min_child_samples, so a tree can split).",
+    )
     alpha: float = Field(
         default=1.0, gt=0.0, description="surrogate: Dirichlet concentration of seeds and candidates."
     )
@@ -90,6 +94,20 @@ class SurrogateSearch(Section):
     learning_rate: float = Field(default=0.05, gt=0.0, description="surrogate: LightGBM learning rate.")
     num_leaves: int = Field(default=8, gt=1, description="surrogate: LightGBM leaves per tree.")
     min_child_samples: int = Field(default=3, gt=0, description="surrogate: LightGBM min samples per leaf.")
+
+    @model_validator(mode="after")
+    def _fits_and_verifies(self) -> SurrogateSearch:
+        if self.seeds < 2 * self.min_child_samples:  # no split leaves both sides their minimum
+            raise ValueError(
+                f"seeds={self.seeds} is fewer than 2 x min_child_samples={self.min_child_samples}: LightGBM "
+                "could split no leaf and would predict every candidate the same; raise seeds or lower "
+                "min_child_samples"
+            )
+        if self.verify > self.candidates:
+            raise ValueError(
+                f"verify={self.verify} is more than the {self.candidates} candidates it picks from"
+            )
+        return self
 
 
 class SearchSection(Section):

@@ -33,7 +33,31 @@ def plan_memory(
     if plan.fits is not False:
         return plan
     saved, combined = suggest(recipe, inventory, dims, memory, world_size)
-    return replace(plan, suggestions=tuple(saved), combined_peak=combined)
+    sharded = ranks_to_fit(recipe, inventory, dims, memory, world_size)
+    return replace(plan, suggestions=tuple(saved), combined_peak=combined, sharded_fit=sharded)
+
+
+RANK_COUNTS = (2, 4, 8, 16, 32, 64)  # GPUs per job worth naming: a node's, then whole nodes of 8
+
+
+def ranks_to_fit(
+    recipe: Recipe, inventory: Inventory, dims: Dims, memory: DeviceMemory, world_size: int = 1
+) -> tuple[int, int] | None:
+    """(ranks, peak per rank): the fewest of :data:`RANK_COUNTS`, above ``world_size``, over which
+    ``model.shard=fsdp`` fits the recipe as written on GPUs of this memory, re-planned per rank;
+    None on a CPU (processes on one machine share its memory), under ``model.device_map``, for a
+    device of unknown memory, or when none up to 64 does. The knobs shrink what one GPU holds;
+    this is the other answer, more GPUs, which the knobs cannot give."""
+    if memory.free is None or recipe.model.device_map is not None or not memory.device.startswith("cuda"):
+        return None
+    sharded = _with(recipe, [("model.shard=fsdp", "model", {"shard": "fsdp"})])
+    for ranks in RANK_COUNTS:
+        if ranks <= world_size or not _runs(sharded, ranks):
+            continue
+        peak = plan_rows(sharded, inventory, dims, memory, ranks).peak
+        if peak <= memory.free:
+            return ranks, peak
+    return None
 
 
 Knob = tuple[str, str, dict]  # (the override to type, recipe section, changed fields)

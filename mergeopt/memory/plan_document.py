@@ -54,6 +54,11 @@ class PlanSuggestion(_Strict):
     saves: int = Field(description="Bytes of peak it saves, re-planned alone.")
 
 
+class PlanShardedFit(_Strict):
+    ranks: int = Field(description="GPUs (torchrun ranks) under model.shard=fsdp.")
+    peak: int = Field(description="Bytes of peak on each of them.")
+
+
 class PlanDocument(_Strict):
     """Everything the printed plan says: the byte rows, the peak, whether it fits the device (None
     where the device's memory cannot be known here) and, when it does not, the overrides that help."""
@@ -79,6 +84,11 @@ class PlanDocument(_Strict):
     spare: int | None = Field(description="free − peak in bytes (negative: short by that much).")
     suggestions: list[PlanSuggestion]
     peak_with_suggestions: int | None = Field(description="The peak with every suggestion applied.")
+    sharded_fit: PlanShardedFit | None = Field(
+        default=None,
+        description="When the plan does not fit a GPU: the fewest GPUs of its memory (2 to 64) over "
+        "which model.shard=fsdp fits the recipe as written, and the peak per GPU there.",
+    )
     placement: list[str] = Field(description="model.device_map's placement per GPU, as printed.")
 
 
@@ -113,5 +123,8 @@ def plan_document(
         spare=None if mem.free is None else mem.free - plan.peak,
         suggestions=[PlanSuggestion(override=o, saves=saved) for o, saved in plan.suggestions],
         peak_with_suggestions=plan.combined_peak,
+        sharded_fit=None
+        if plan.sharded_fit is None
+        else PlanShardedFit(ranks=plan.sharded_fit[0], peak=plan.sharded_fit[1]),
         placement=placement,
     )

@@ -29,14 +29,21 @@ def verdict(plan: MemoryPlan) -> str:
     if plan.fits:
         return f"fits ({gib(mem.free - plan.peak)} GiB to spare on {mem.device})"
     text = f"does not fit: short by {gib(plan.peak - mem.free)} GiB"
+    more = "more GPUs" if plan.sharded_fit is not None else "a larger device"
     if not plan.suggestions:
-        return text + "; none of the knobs helps: fewer experts or a larger device"
-    tries = [f"  {override:<50} saves {gib(saved):>8} GiB" for override, saved in plan.suggestions]
-    short = plan.combined_peak - mem.free
-    together = "fits" if short <= 0 else f"still short by {gib(short)} GiB: fewer experts or a larger device"
-    return "\n".join(
-        [f"{text}; try", *tries, f"  all of them: peak {gib(plan.combined_peak)} GiB, {together}"]
-    )
+        lines = [text + f"; none of the knobs helps: fewer experts or {more}"]
+    else:
+        tries = [f"  {override:<50} saves {gib(saved):>8} GiB" for override, saved in plan.suggestions]
+        short = plan.combined_peak - mem.free
+        together = "fits" if short <= 0 else f"still short by {gib(short)} GiB: fewer experts or {more}"
+        lines = [f"{text}; try", *tries, f"  all of them: peak {gib(plan.combined_peak)} GiB, {together}"]
+    if plan.sharded_fit is not None:
+        ranks, peak = plan.sharded_fit
+        lines.append(
+            f"  or, as written, model.shard=fsdp over {ranks} GPUs under torchrun: peak {gib(peak)} GiB per GPU "
+            f"(plan it with --world-size {ranks} model.shard=fsdp; several GPUs and nodes: docs/guides/multi-gpu.md)"
+        )
+    return "\n".join(lines)
 
 
 def _line(label: str, size: int, indent: str = "  ", width: int = 62) -> str:

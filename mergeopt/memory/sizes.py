@@ -275,6 +275,9 @@ class MemoryPlan:
     batch: str  # the batch shapes the phases assume, in words
     suggestions: tuple[tuple[str, int], ...] = field(default=())  # (override, bytes saved)
     combined_peak: int | None = None  # the peak with every suggestion applied
+    # (ranks, peak per rank): the fewest GPUs like this one over which model.shard=fsdp fits the
+    # recipe as written, when it does not fit as planned
+    sharded_fit: tuple[int, int] | None = None
     world_size: int = 1  # the ranks of a torchrun job; the rows are per rank
     shard: str = "none"  # model.shard: fsdp splits the matrices' rows over the ranks
     # LoRA experts alone under a linear merge: only what their adapters set densely is stacked

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from mergeopt.config import MergeSection
+from mergeopt.errors import UserError
 from mergeopt.loading.checkpoints import Checkpoint
 from mergeopt.loading.sharded_load import BaseSource, fill
 from mergeopt.merging.differences import linear_differences, prepared_differences
@@ -32,6 +33,22 @@ from mergeopt.runtime.resume import check_interrupt_alone
 
 def excluded(name: str, patterns: Sequence[re.Pattern]) -> bool:
     return any(p.search(name) for p in patterns)
+
+
+def check_density(merge: MergeSection, sizes: dict[str, int]) -> None:
+    """A TIES or DARE density that keeps less than one entry of even the largest merged tensor
+    (TIES keeps int(density · n) of n, DARE each with probability density) trims every task vector
+    to nothing: one line naming merge.density, before any expert tensor is read, instead of the sameness
+    check blaming the experts once all of them are."""
+    if merge.method == "linear" or merge.density >= 1 or not sizes:
+        return
+    largest = max(sizes, key=sizes.get)
+    if merge.density * sizes[largest] < 1:
+        raise UserError(
+            f"merge.density={merge.density:g} keeps less than one entry of even the largest merged tensor "
+            f"({largest}, {sizes[largest]:,} entries): every task vector would be trimmed to nothing; "
+            "raise merge.density"
+        )
 
 
 def fused_experts(model: torch.nn.Module, name: str, param: torch.Tensor) -> bool:
@@ -94,6 +111,7 @@ def build_stack(
         stack, experts, merge, seed, dtype, shard, base, device, Sameness(names, not_compared)
     )
     patterns = [re.compile(p) for p in exclude]
+    check_density(merge, {n: p.numel() for n, p in model.named_parameters() if not excluded(n, patterns)})
     parameter_names = [n for n, _ in model.named_parameters()]  # names only: θ0 is freed as we go
     for pname in tqdm(parameter_names, desc="stacking experts", unit="tensor", disable=not progress):
         check_interrupt_alone("stacking the experts")  # minutes on a large model: stop within a tensor

@@ -105,11 +105,15 @@ def _score_table(scores: Mapping, width: int) -> list[str]:
     lines = [f"  {'objective terms':<{width}}  " + "  ".join(f"{label:>{col}}" for label in labels)]
     any_heldout = any(parts["heldout"] for parts in scores.values())
     lines.append(f"  {'(fit / held-out)' if any_heldout else '(fit)':<{width}}")
+
+    def number(value: float | None) -> str:  # null in mixture.json: NaN or Inf in the closing evaluation
+        return "not finite" if value is None or not math.isfinite(value) else f"{value:.4f}"
+
     for row, parts in scores.items():
         cells = []
         for label in labels:
             held = parts["heldout"]
-            cell = f"{parts['fit'][label]:.4f}" + (f" / {held[label]:.4f}" if held else "")
+            cell = number(parts["fit"][label]) + (f" / {number(held[label])}" if held else "")
             cells.append(f"{cell:>{col}}")
         lines.append(f"  {row:<{width}}  " + "  ".join(cells))
     return lines

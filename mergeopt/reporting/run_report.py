@@ -14,8 +14,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
+
 from mergeopt.reporting.analysis import Run, group_table, load_run, mixture_table, plot_simplex, rank_table
 from mergeopt.reporting.diagnostics import report_section
+from mergeopt.reporting.outcome_warnings import warning_lines
 from mergeopt.reporting.report import markdown_table
 from mergeopt.run_files import DiagnoseFile
 from mergeopt.runtime.files import save_figure_atomic, write_text_atomic
@@ -29,18 +32,67 @@ def _loss(value: float) -> str:
     return "not finite" if value != value else f"{value:.4f}"
 
 
+def _score(value: float | None) -> str:
+    """A term's score to four places; null in mixture.json is a NaN or Inf closing evaluation."""
+    return "not finite" if value is None or value != value else f"{value:.4f}"
+
+
+def _metric_terms(m: dict) -> list[str] | None:
+    """The objective's term labels when it has any term besides losses (a zero-order fit of
+    metrics), else None: then the dev losses above are the whole objective."""
+    objective = m.get("objective") or {}
+    if "scores" not in objective or all(t["kind"] == "loss" for t in objective["terms"]):
+        return None
+    return [t["label"] for t in objective["terms"]]
+
+
+def _score_section(m: dict) -> list[str]:
+    """The objective terms of the fitted, uniform and single-expert mixtures, as the summary prints
+    them: what a metric fit optimised, beside the dev losses it did not."""
+    scores = m["objective"]["scores"]
+    labels = list(next(iter(scores.values()))["fit"])
+    held = any(parts["heldout"] for parts in scores.values())
+    rows = {
+        row: {
+            label: _score(parts["fit"][label]) + (f" / {_score(parts['heldout'][label])}" if held else "")
+            for label in labels
+        }
+        for row, parts in scores.items()
+    }
+    return [
+        "### Objective terms",
+        "",
+        "Each term's score on the fit part of its dev set"
+        + (" / on the held-out part" if held else "")
+        + " (`objective.terms`; the search ranked mixtures by their weighted sum on the fit part).",
+        "",
+        markdown_table(pd.DataFrame.from_dict(rows, orient="index")),
+        "",
+    ]
+
+
+def _warning_lines(m: dict) -> list[str]:
+    """The warnings the fit printed on its outcome (a NaN that stopped it, a search that ended worse
+    than the uniform mixture or an expert alone), kept with the run."""
+    lines = warning_lines(m)
+    return [f"**Note:** {line[0].upper()}{line[1:]}." for line in lines] + ([""] if lines else [])
+
+
 def _mixture_section(run: Run) -> list[str]:
     m = run.mixture
     table = mixture_table(run)
     fitted = table.loc["fitted"]
     best_single = table.drop(index=["fitted", "uniform"])["heldout_loss"].min()
+    terms = _metric_terms(m)
+    aim = f"objective **{', '.join(terms)}**" if terms else f"target **{m['target']}**"
     lines = [
         "## Recommended mixture",
         "",
-        f"Strategy **{m['strategy']}**, merge **{m['method']['name']}**, target **{m['target']}**, "
+        f"Strategy **{m['strategy']}**, merge **{m['method']['name']}**, {aim}, "
         f"seed {m['seed']}, {m['processes']} process(es) on {m['device']}."
         + (f" The weights are shares of training {m['unit']} (`weights.unit`)." if m.get("unit") else ""),
         "",
+        *_warning_lines(m),
         markdown_table(table),
         "",
     ]
@@ -50,6 +102,8 @@ def _mixture_section(run: Run) -> list[str]:
             f"{_loss(table.loc['uniform', 'heldout_loss'])}, best single expert {_loss(best_single)}.",
             "",
         ]
+    if terms:
+        lines += _score_section(m)
     groups = group_table(run)
     if groups is not None:
         lines += [

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from mergeopt.merging.weights import initial_logits, start_weights
@@ -121,6 +122,22 @@ def _gradient(problem, optim, init, seed, checkpoint, progress, searched, groups
     return SearchOutcome(chosen, result.trace, info, logits=result.logits, stepped_levels=stepped is not None)
 
 
+def _better_expert(names, scores, utility, searched, value: float) -> dict | None:
+    """The feasible expert alone that scores best on the fit part, when it beats the search's best
+    mixture (which then never evaluated it: a lattice or a few draws can miss the vertices): the
+    answer may be one domain alone, and the user must hear that the search did not find it."""
+    from mergeopt.search.zero_order import utility_of
+
+    best = None
+    for name, row in zip(names, np.eye(len(names))):
+        if searched is not None and not searched.contains(row.tolist()):
+            continue
+        alone = utility_of(utility, scores[f"{name} only"]["fit"])
+        if alone is not None and math.isfinite(alone) and alone < value and (best is None or alone < best[1]):
+            best = (name, alone)
+    return None if best is None else {"expert": best[0], "value": value, "expert_value": best[1]}
+
+
 def _zero_order(
     problem, objective, search, init, seed, checkpoint, progress, together, searched, groups, on_evaluation
 ) -> SearchOutcome:
@@ -165,4 +182,6 @@ def _zero_order(
         and found.value > uniform
     ):
         info["worse_than_uniform"] = {"value": found.value, "uniform_value": uniform}
+    if finished and (better := _better_expert(names, scores, utility, searched, found.value)) is not None:
+        info["worse_than_expert"] = better
     return SearchOutcome(torch.tensor(found.weights, dtype=torch.float64), found.log, info, scores=scores)

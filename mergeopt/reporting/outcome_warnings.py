@@ -1,0 +1,94 @@
+"""The warnings a finished fit gives on its outcome, as one line each: a NaN or Inf that stopped it,
+closing evaluations that were not finite, a zero-order search that ended worse than the uniform
+mixture or than an expert alone (which only the closing evaluations scored).
+
+The command prints them after its summary (``mergeopt: warning: ...``) and report.md keeps them
+under its mixture table, from mixture.json alone, so both say the same words.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def non_finite_closing_line(labels: Sequence[str]) -> str:
+    """Which closing evaluations (the fitted mixture, the uniform one, an expert alone) were NaN or Inf."""
+    said = [
+        f"the {label} mixture"
+        if label in ("fitted", "uniform")
+        else f"expert {label.removesuffix(' only')} alone"
+        for label in labels
+    ]
+    return (
+        f"the closing evaluation of {', '.join(said)} is not finite (NaN or Inf); mixture.json records null "
+        "there. Check the experts, merge.scale and model.compute_dtype"
+    )
+
+
+MORE_SEARCH = {"grid": "a finer lattice: search.grid.divisions", "dirichlet": "search.dirichlet.samples"}
+
+
+def worse_than_uniform_line(mixture: dict) -> str:
+    """A zero-order search whose best mixture scores worse than the uniform one, which only the report
+    scored (a grid whose lattice misses the centre, a small budget of draws): the user must know."""
+    search, worse = mixture["search"], mixture["search"]["worse_than_uniform"]
+    strategy = mixture["strategy"]
+    start = (
+        ", or set weights.init to the uniform mixture, which it then evaluates first"
+        if strategy in ("grid", "dirichlet", "surrogate")
+        else ""
+    )
+    return (
+        f"the {strategy} search's best mixture scores {worse['value']:.6g} on the fit part, worse than the "
+        f"uniform mixture's {worse['uniform_value']:.6g}, which the search did not evaluate "
+        f"({search['evaluations']} evaluations): search more ({MORE_SEARCH.get(strategy, 'search.budget')}){start}"
+    )
+
+
+def worse_than_expert_line(mixture: dict) -> str:
+    """A zero-order search whose best mixture scores worse than one expert alone, which only the
+    report scored: the best mixture may be one domain alone, and the search did not find it."""
+    search, worse = mixture["search"], mixture["search"]["worse_than_expert"]
+    strategy, expert = mixture["strategy"], worse["expert"]
+    start = (
+        f", or set weights.init to {expert} alone, which it then evaluates first"
+        if strategy in ("grid", "dirichlet", "surrogate")
+        else ""
+    )
+    return (
+        f"the {strategy} search's best mixture scores {worse['value']:.6g} on the fit part, worse than expert "
+        f"{expert} alone, which scores {worse['expert_value']:.6g} and which the search did not evaluate "
+        f"({search['evaluations']} evaluations): search more ({MORE_SEARCH.get(strategy, 'search.budget')}){start}"
+    )
+
+
+def warning_lines(mixture: dict) -> list[str]:
+    """Every warning a finished fit gives on its outcome, in the order the command prints them
+    (and report.md keeps them): a NaN that stopped it, closing evaluations that were not finite, a
+    search that ended worse than the uniform mixture or than an expert alone."""
+    search, lines = mixture["search"], []
+    if (stop := search.get("non_finite")) is not None:
+        lines.append(non_finite_line(mixture, stop))
+    if labels := search.get("non_finite_closing"):
+        lines.append(non_finite_closing_line(labels))
+    if "worse_than_uniform" in search:
+        lines.append(worse_than_uniform_line(mixture))
+    if "worse_than_expert" in search:
+        lines.append(worse_than_expert_line(mixture))
+    return lines
+
+
+def non_finite_line(mixture: dict, stop: dict) -> str:
+    """Why a fit stopped early on a NaN or Inf, and which mixture it kept instead."""
+    search = mixture["search"]
+    if mixture["strategy"] == "gradient":
+        return (
+            f"the fit stopped at step {stop['step']}: the {stop['quantity']} is {stop['value']}; "
+            f"mixture.json holds the best finite mixture (step {search['best_step']}). "
+            "Lower optim.lr, or check the experts and model.compute_dtype"
+        )
+    return (
+        f"the search stopped at evaluation {stop['evaluation']}: score {stop['score']!r} is {stop['value']} "
+        f"there; mixture.json holds the best of the {search['evaluations']} finite evaluations before it. "
+        "Check the experts, merge.scale and model.compute_dtype"
+    )
