@@ -28,37 +28,39 @@ def non_finite_closing_line(labels: Sequence[str]) -> str:
 MORE_SEARCH = {"grid": "a finer lattice: search.grid.divisions", "dirichlet": "search.dirichlet.samples"}
 
 
-def worse_than_uniform_line(mixture: dict) -> str:
-    """A zero-order search whose best mixture scores worse than the uniform one, which only the report
-    scored (a grid whose lattice misses the centre, a small budget of draws): the user must know."""
-    search, worse = mixture["search"], mixture["search"]["worse_than_uniform"]
+def _missed(mixture: dict, value: float, than: str, init: str) -> str:
+    """A zero-order search whose best mixture (``value``) scores worse than a mixture only the report
+    scored (``than``: the uniform mixture, an expert alone), which a lattice that misses it or a small
+    budget of draws never evaluated: the user must know, and how to search more."""
     strategy = mixture["strategy"]
     start = (
-        ", or set weights.init to the uniform mixture, which it then evaluates first"
+        f", or set weights.init to {init}, which it then evaluates first"
         if strategy in ("grid", "dirichlet", "surrogate")
         else ""
     )
     return (
-        f"the {strategy} search's best mixture scores {worse['value']:.6g} on the fit part, worse than the "
-        f"uniform mixture's {worse['uniform_value']:.6g}, which the search did not evaluate "
-        f"({search['evaluations']} evaluations): search more ({MORE_SEARCH.get(strategy, 'search.budget')}){start}"
+        f"the {strategy} search's best mixture scores {value:.6g} on the fit part, worse than {than} which the "
+        f"search did not evaluate ({mixture['search']['evaluations']} evaluations): search more "
+        f"({MORE_SEARCH.get(strategy, 'search.budget')}){start}"
+    )
+
+
+def worse_than_uniform_line(mixture: dict) -> str:
+    worse = mixture["search"]["worse_than_uniform"]
+    return _missed(
+        mixture, worse["value"], f"the uniform mixture's {worse['uniform_value']:.6g},", "the uniform mixture"
     )
 
 
 def worse_than_expert_line(mixture: dict) -> str:
-    """A zero-order search whose best mixture scores worse than one expert alone, which only the
-    report scored: the best mixture may be one domain alone, and the search did not find it."""
-    search, worse = mixture["search"], mixture["search"]["worse_than_expert"]
-    strategy, expert = mixture["strategy"], worse["expert"]
-    start = (
-        f", or set weights.init to {expert} alone, which it then evaluates first"
-        if strategy in ("grid", "dirichlet", "surrogate")
-        else ""
-    )
-    return (
-        f"the {strategy} search's best mixture scores {worse['value']:.6g} on the fit part, worse than expert "
-        f"{expert} alone, which scores {worse['expert_value']:.6g} and which the search did not evaluate "
-        f"({search['evaluations']} evaluations): search more ({MORE_SEARCH.get(strategy, 'search.budget')}){start}"
+    """The best mixture may be one domain alone, and the search did not find it."""
+    worse = mixture["search"]["worse_than_expert"]
+    expert = worse["expert"]
+    return _missed(
+        mixture,
+        worse["value"],
+        f"expert {expert} alone, which scores {worse['expert_value']:.6g} and",
+        f"{expert} alone",
     )
 
 

@@ -98,6 +98,12 @@ def _bar(value: float, width: int = 30) -> str:
     return "█" * round(max(0.0, min(1.0, value)) * width)
 
 
+def four_places(value: float | None) -> str:
+    """A loss or score to four places; null in mixture.json (NaN in a table read from it) is a
+    closing evaluation that was NaN or Inf."""
+    return "not finite" if value is None or not math.isfinite(value) else f"{value:.4f}"
+
+
 def _score_table(scores: Mapping, width: int) -> list[str]:
     """Objective terms of the fitted, uniform and single-expert mixtures: fit part / held-out part."""
     labels = list(next(iter(scores.values()))["fit"])
@@ -106,14 +112,11 @@ def _score_table(scores: Mapping, width: int) -> list[str]:
     any_heldout = any(parts["heldout"] for parts in scores.values())
     lines.append(f"  {'(fit / held-out)' if any_heldout else '(fit)':<{width}}")
 
-    def number(value: float | None) -> str:  # null in mixture.json: NaN or Inf in the closing evaluation
-        return "not finite" if value is None or not math.isfinite(value) else f"{value:.4f}"
-
     for row, parts in scores.items():
         cells = []
         for label in labels:
             held = parts["heldout"]
-            cell = number(parts["fit"][label]) + (f" / {number(held[label])}" if held else "")
+            cell = four_places(parts["fit"][label]) + (f" / {four_places(held[label])}" if held else "")
             cells.append(f"{cell:>{col}}")
         lines.append(f"  {row:<{width}}  " + "  ".join(cells))
     return lines

@@ -19,22 +19,12 @@ import pandas as pd
 from mergeopt.reporting.analysis import Run, group_table, load_run, mixture_table, plot_simplex, rank_table
 from mergeopt.reporting.diagnostics import report_section
 from mergeopt.reporting.outcome_warnings import warning_lines
-from mergeopt.reporting.report import markdown_table
+from mergeopt.reporting.report import four_places, markdown_table
 from mergeopt.run_files import DiagnoseFile
 from mergeopt.runtime.files import save_figure_atomic, write_text_atomic
 
 REPORT = "report.md"
 SIMPLEX = "simplex.png"
-
-
-def _loss(value: float) -> str:
-    """A loss to four places; NaN here is a closing evaluation mixture.json recorded as null."""
-    return "not finite" if value != value else f"{value:.4f}"
-
-
-def _score(value: float | None) -> str:
-    """A term's score to four places; null in mixture.json is a NaN or Inf closing evaluation."""
-    return "not finite" if value is None or value != value else f"{value:.4f}"
 
 
 def _metric_terms(m: dict) -> list[str] | None:
@@ -54,7 +44,8 @@ def _score_section(m: dict) -> list[str]:
     held = any(parts["heldout"] for parts in scores.values())
     rows = {
         row: {
-            label: _score(parts["fit"][label]) + (f" / {_score(parts['heldout'][label])}" if held else "")
+            label: four_places(parts["fit"][label])
+            + (f" / {four_places(parts['heldout'][label])}" if held else "")
             for label in labels
         }
         for row, parts in scores.items()
@@ -99,7 +90,7 @@ def _mixture_section(run: Run) -> list[str]:
     if fitted["heldout_loss"] == fitted["heldout_loss"]:  # not NaN: the dev sets hold something out
         lines += [
             f"Held-out dev loss: fitted {fitted['heldout_loss']:.4f}, uniform "
-            f"{_loss(table.loc['uniform', 'heldout_loss'])}, best single expert {_loss(best_single)}.",
+            f"{four_places(table.loc['uniform', 'heldout_loss'])}, best single expert {four_places(best_single)}.",
             "",
         ]
     if terms:
