@@ -59,6 +59,16 @@ def _close_progress_bars() -> None:
             bar.close()
 
 
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null: its reader is gone, and the interpreter's last flush at exit would
+    otherwise print a second error about the same broken pipe (the recipe of Python's signal docs)."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def warn(message: str) -> None:
     """One ``mergeopt: warning: ...`` line on stderr: the run goes on (or has finished), but the user
     must hear about something degenerate in it."""
@@ -67,11 +77,15 @@ def warn(message: str) -> None:
 
 def run_cli(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | None = None) -> int:
     """Run a ``main(argv)`` entry point: a :class:`UserError` is one line on stderr and exit code 2, an
-    interrupt is a line and 128 + N; the traceback of a user error shows only with ``--debug``."""
+    interrupt is a line and 128 + N, a reader that closed stdout (``| head``) 141 without a line; the
+    traceback of a user error shows only with ``--debug``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
         return int(main(argv) or 0)
+    except BrokenPipeError:  # `mergeopt fit ... | head`: the reader left, as SIGPIPE ends a shell tool
+        _quiet_stdout()
+        return 128 + signal.SIGPIPE
     except UserError as err:
         _close_progress_bars()
         if debug:

@@ -126,6 +126,30 @@ def test_a_user_error_is_one_line_and_exit_2_through_the_console_script(tmp_path
     assert debug.returncode == 2 and "Traceback" in debug.stderr
 
 
+def test_a_reader_that_closed_stdout_ends_the_command_with_141_and_no_traceback():
+    """`mergeopt plan ... | head -1`: the reader is gone before the plan is printed. As a shell tool
+    killed by SIGPIPE, the command exits 128 + 13 and says nothing (it used to end in a
+    BrokenPipeError traceback and exit 1)."""
+    config = "random://" + str(REPO / "tests" / "data" / "configs" / "llama-3.1-8b.json")
+    experts = "model.experts={" + ", ".join(f"{e}: '{config}'" for e in "abcd") + "}"
+    read, write = os.pipe()
+    os.close(read)  # every write to stdout now fails with EPIPE (Python ignores SIGPIPE)
+    try:
+        argv = ["-m", "mergeopt", "plan", "recipes/8b.yaml", f"model.base={config}", experts]
+        done = subprocess.run(
+            [sys.executable, *argv, "--device-memory", "79"],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+            env=ENV,
+            timeout=120,
+        )
+    finally:
+        os.close(write)
+    assert done.returncode == 128 + signal.SIGPIPE and done.stderr == "", done.stderr
+
+
 def test_an_unknown_verb_or_option_exits_2():
     assert _run("-m", "mergeopt", "fitt").returncode == 2
     assert _run("-m", "mergeopt", "fit", "r.yaml", "--no-such-option").returncode == 2

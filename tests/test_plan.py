@@ -774,6 +774,14 @@ def test_a_plan_that_does_not_fit_names_the_fewest_gpus_that_hold_it_sharded(cap
     assert "fewer experts or more GPUs" in plan_table.verdict(dataclasses.replace(p, suggestions=()))
     cpu = DeviceMemory("cpu", "a small machine", GPU_80GB.total, GPU_80GB.free)
     assert plan.plan_memory(r, inventory, dims, cpu).sharded_fit is None
+    # planned for 4 ranks that each hold the whole stack, the fewest that hold it sharded are
+    # still 2 (it used to name 8, the first count above the job's); sharded already over 2 ranks
+    # of 40 GB, the answer is more ranks than 2
+    assert plan.plan_memory(r, inventory, dims, GPU_80GB, 4).sharded_fit == (2, peak)
+    small = DeviceMemory("cuda:0", "a 40 GB card", 40 * 2**30, 40 * 2**30)
+    more = plan.plan_memory(sharded, inventory, dims, small, 2)
+    assert not more.fits and more.sharded_fit is not None and more.sharded_fit[0] > 2
+    assert more.sharded_fit == plan.plan_memory(r, inventory, dims, small).sharded_fit
 
 
 # ----------------------------------------------------------------------------- per rank (model.shard)

@@ -43,16 +43,19 @@ RANK_COUNTS = (2, 4, 8, 16, 32, 64)  # GPUs per job worth naming: a node's, then
 def ranks_to_fit(
     recipe: Recipe, inventory: Inventory, dims: Dims, memory: DeviceMemory, world_size: int = 1
 ) -> tuple[int, int] | None:
-    """(ranks, peak per rank): the fewest of :data:`RANK_COUNTS`, above ``world_size``, over which
-    ``model.shard=fsdp`` fits the recipe as written on GPUs of this memory, re-planned per rank;
+    """(ranks, peak per rank): the fewest of :data:`RANK_COUNTS` (above ``world_size`` when the
+    recipe is sharded already) over which ``model.shard=fsdp`` fits the recipe as written on GPUs of this memory, re-planned per rank;
     None on a CPU (processes on one machine share its memory), under ``model.device_map``, for a
     device of unknown memory, or when none up to 64 does. The knobs shrink what one GPU holds;
     this is the other answer, more GPUs, which the knobs cannot give."""
     if memory.free is None or recipe.model.device_map is not None or not memory.device.startswith("cuda"):
         return None
     sharded = _with(recipe, [("model.shard=fsdp", "model", {"shard": "fsdp"})])
+    # sharded already: only more ranks than the job has help; not yet: the fewest that hold it
+    # sharded may be fewer than the job has
+    fewest = world_size + 1 if recipe.model.shard == "fsdp" else 2
     for ranks in RANK_COUNTS:
-        if ranks <= world_size or not _runs(sharded, ranks):
+        if ranks < fewest or not _runs(sharded, ranks):
             continue
         peak = plan_rows(sharded, inventory, dims, memory, ranks).peak
         if peak <= memory.free:
