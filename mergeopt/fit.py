@@ -103,8 +103,10 @@ def fit(
     ``require`` insists on one, ``restart`` ignores it). SIGINT/SIGTERM save the state and raise
     :class:`mergeopt.runtime.resume.Interrupted`.
     """
-    with interruptible(), owned(recipe.output_dir, "fit", "output_dir"):
-        return _fit(recipe, progress, log, resume)
+    with interruptible():
+        distributed.init_from_env(resolve_device(recipe.device))  # every rank hears a refused output_dir
+        with owned(recipe.output_dir, "fit", "output_dir"):
+            return _fit(recipe, progress, log, resume)
 
 
 def _fit(recipe: Recipe, progress: bool, log: Callable[[str], None], resume: str) -> dict:
@@ -117,7 +119,7 @@ def _fit(recipe: Recipe, progress: bool, log: Callable[[str], None], resume: str
                 check_test_split(term)
     determinism.apply(recipe.deterministic)  # before anything runs on the GPU
     torch.manual_seed(recipe.seed)
-    distributed.init_from_env(resolve_device(recipe.device))
+    distributed.init_from_env(resolve_device(recipe.device))  # joined already by fit()
     measured.reset(distributed.local_device(resolve_device(recipe.device)))  # this fit's peak, on CUDA
     if not distributed.is_main():
         log, progress = (lambda _m: None), False

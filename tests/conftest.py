@@ -331,12 +331,16 @@ def fit_one_and_sharded(tree: dict, tmp_path: Path, processes: int = 3) -> tuple
     return one, many, path
 
 
-def run_ranks(module: str, *args: str, processes: int) -> subprocess.CompletedProcess:
+def run_ranks(
+    module: str, *args: str, processes: int, each_exits_within: float | None = None
+) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node=PROCESSES -m mergeopt.<module> ARGS``, its workers
     forked from this process: what :func:`run_module` returns, every rank's output concatenated in
     rank order, and the first non-zero exit code of a rank (0 when all succeed). As torchrun's
     agent does, the first rank to fail ends the others (SIGKILL here), so a rank that raised never
-    leaves the rest waiting in a collective.
+    leaves the rest waiting in a collective. With ``each_exits_within`` (seconds) no rank is ended:
+    each must exit by itself within that time, as under a launcher that never kills (TimeoutError
+    otherwise), which is how a test sees that a failure reached every rank.
 
     A worker gets the environment torchrun's agent gives it (RANK, LOCAL_RANK, WORLD_SIZE,
     MASTER_ADDR, MASTER_PORT, one OpenMP thread) and joins the gloo group with
@@ -374,21 +378,25 @@ def run_ranks(module: str, *args: str, processes: int) -> subprocess.CompletedPr
         # others. Polled (waitpid), not waited on through the ranks' sentinel pipes: in one suite
         # run a sentinel never signalled the exit of a rank that had finished (some other process
         # held its pipe's write end; which one was not found) and the test waited its full 600 s
-        deadline = time.monotonic() + 600
+        limit = 600 if each_exits_within is None else each_exits_within
+        deadline = time.monotonic() + limit
         while True:
             codes = [rank.exitcode for rank in ranks]
             failed = next((code for code in codes if code not in (None, 0)), None)
-            if failed is not None or None not in codes or time.monotonic() > deadline:
+            ends = failed is not None and each_exits_within is None
+            if ends or None not in codes or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
-        timed_out = failed is None and None in codes
+        running = [r for r, rank in enumerate(ranks) if rank.exitcode is None]
+        timed_out = bool(running) and (failed is None or each_exits_within is not None)
         for rank in ranks:
             if rank.exitcode is None:
                 rank.kill()
             rank.join()
         if timed_out:
             raise TimeoutError(
-                f"mergeopt {module} {' '.join(args)} on {processes} ranks ran for more than 600 s"
+                f"mergeopt {module} {' '.join(args)} on {processes} ranks: rank(s) "
+                f"{', '.join(map(str, running))} still running after {limit:g} s"
             )
         return subprocess.CompletedProcess(
             [module, *args],

@@ -326,6 +326,47 @@ def test_forked_ranks_report_a_failing_command_as_torchrun_would(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("verb", ["fit", "rank", "calibrate"])
+def test_every_rank_says_that_the_output_directory_is_in_use_and_exits(random_world, tmp_path, verb):
+    """Another process holds the output directory (a fit still running, or the orphaned ranks of a
+    torchrun killed with -9). Rank 0 takes the lock and is refused; every other rank must hear it,
+    say the same line and exit 2 by itself. The others used to wait in their first collective
+    until torchrun's agent killed them (after 30 s) or, under a launcher that does not kill, the
+    backend's timeout (30 minutes for gloo)."""
+    from mergeopt.runtime.rundir import _acquire, _lock_path
+
+    out = tmp_path / "out"
+    tree = recipe_tree(random_world, out)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    if verb in ("rank", "calibrate"):
+        grid = tmp_path / "grid.csv"
+        pd.DataFrame(
+            [
+                {**dict.fromkeys(tree["model"]["experts"], 0.0), name: 1.0, "loss": 1.0}
+                for name in tree["model"]["experts"]
+            ]
+        ).to_csv(grid, index=False)
+        args = (verb, str(path), "--grid", str(grid), "--out", str(out), "--quiet")
+    else:
+        args = ("fit", str(path), "--quiet")
+    out.mkdir()
+    lock = _lock_path(out)
+    held = _acquire(lock)
+    try:
+        os.write(held, f"{os.getpid()} fit\n".encode())
+        job = run_ranks(*args, processes=2, each_exits_within=120)
+    finally:
+        lock.unlink()
+        os.close(held)
+    said = [line for line in job.stderr.splitlines() if line.startswith("mergeopt: error")]
+    expected = f"mergeopt: error: {out} is in use by mergeopt fit (pid {os.getpid()}): wait for it to end"
+    assert job.returncode == 2 and len(said) == 2 and all(line.startswith(expected) for line in said), (
+        job.stderr
+    )
+    assert list(out.iterdir()) == []
+
+
 def _one_process_group(init, backend: str = "gloo") -> None:
     """A real gloo group of one process (an in-memory store), standing in for torchrun's rendezvous;
     ``init``: torch's own ``init_process_group``."""

@@ -215,6 +215,7 @@ def calibrate(
 
 def _main(args: argparse.Namespace) -> int:
     from mergeopt.config import load_recipe
+    from mergeopt.loading.devices import resolve_device
     from mergeopt.runtime.rundir import check_output_dir, owned
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -225,6 +226,7 @@ def _main(args: argparse.Namespace) -> int:
         else Path(check_output_dir(recipe.output_dir, what)) / "calibration"
     )
     writable_dir(out, "--out" if args.out is not None else "output_dir/calibration")
+    distributed.init_from_env(resolve_device(recipe.device))  # every rank hears a refused --out
     with saying_where_saved(out / CALIBRATE_CHECKPOINT_DIR), interruptible(), owned(out, "calibrate", what):
         return _run(args, recipe, out)
 
@@ -317,14 +319,12 @@ def _proxy_scores(
 
 
 def _run(args: argparse.Namespace, recipe, out: Path) -> int:
-    from mergeopt.loading.devices import resolve_device
     from mergeopt.runtime.rundir import staged
     from mergeopt.worlds import resolve_recipe
 
     spec, names = recipe.calibrate, recipe.expert_names
     objective = Objective.from_recipe(recipe)
     grid = _checked_grid(args, recipe, objective)
-    distributed.init_from_env(resolve_device(recipe.device))
     quiet = args.quiet or not distributed.is_main()
     with distributed.main_first():
         resolved, world_roots = resolve_recipe(recipe, (lambda _m: None) if quiet else print)

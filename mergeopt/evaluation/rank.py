@@ -162,10 +162,12 @@ def _baseline_statistics(predictions: dict, pairs: dict, higher: dict, options: 
 
 def _grid_main(args) -> int:
     from mergeopt.config import load_recipe
+    from mergeopt.loading.devices import resolve_device
 
     recipe = load_recipe(args.recipe, args.overrides)
     what = "--out" if args.out is not None else "output_dir"
     out = writable_dir(args.out if args.out is not None else recipe.output_dir, what)
+    distributed.init_from_env(resolve_device(recipe.device))  # every rank hears a refused --out
     with saying_where_saved(out / RANK_CHECKPOINT_DIR), interruptible(), owned(out, "rank", what):
         return _grid_run(args, recipe, out)
 
@@ -179,7 +181,6 @@ def _grid_run(args, recipe, out: Path) -> int:
     only the rows left. Under torchrun the ranks share the grid's mixtures; rank 0 writes.
     """
     from mergeopt.evaluation.proxy import check_grid_unit, check_truth, read_grid
-    from mergeopt.loading.devices import resolve_device
     from mergeopt.loading.problem import load_problem
     from mergeopt.runtime.resume import recipe_tree
     from mergeopt.worlds import resolve_recipe
@@ -194,7 +195,6 @@ def _grid_run(args, recipe, out: Path) -> int:
     check_grid_unit(table, grid, recipe.weights.unit)
     mixture_path = Path(args.mixture) if args.mixture else Path(recipe.output_dir) / "mixture.json"
     mixture = _fitted_mixture(mixture_path, recipe.expert_names, named=bool(args.mixture))
-    distributed.init_from_env(resolve_device(recipe.device))
     quiet = args.quiet or not distributed.is_main()
     with distributed.main_first():  # one rank builds a world into the cache, the others reuse it
         resolved, _ = resolve_recipe(recipe, (lambda _m: None) if quiet else print)

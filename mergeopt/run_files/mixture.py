@@ -151,7 +151,14 @@ class MixtureFile(RunFile):
     device: str | None = None
     processes: int | None = Field(default=None, description="torchrun processes (1 without torchrun).")
     shard: str | None = Field(default=None, description="model.shard: none, or fsdp.")
-    stack: dict[str, Any] | None = Field(default=None, description="Stack size and dtypes.")
+    stack: dict[str, Any] | None = Field(
+        default=None,
+        description=(
+            "What was stacked: tensors, parameters and bytes, layout counts and dtypes. With shard "
+            "fsdp, parameters and bytes are one rank's share (rank 0's: its block of every matrix, "
+            "padded to ceil(rows / processes), and every vector whole), as the plan's per-rank rows."
+        ),
+    )
     worlds: dict[str, str] | None = Field(
         default=None, description="Built-in worlds used: name -> cache dir."
     )

@@ -131,26 +131,40 @@ def _holder(lock: Path) -> str:
     return f"mergeopt {command or '?'} (pid {pid})"
 
 
+def _everyones(refusal: str | None) -> str | None:
+    """Rank 0's refusal, heard by every rank of a joined process group: a rank that went on would
+    wait in its first collective for a rank 0 that has left, until the launcher kills it (torchrun
+    after 30 s) or the backend gives up (gloo after 30 minutes). Without a group: ``refusal``."""
+    from mergeopt.runtime import distributed
+
+    return next((said for said in distributed.all_gather_objects(refusal) if said is not None), None)
+
+
 @contextmanager
 def owned(out: str | os.PathLike, command: str, what: str = "the output directory") -> Iterator[Path]:
     """Hold ``out`` for ``command`` (refused in one line while another process holds it).
 
     The lock is the real directory's (:func:`real_dir`), so a link to it and the directory itself
-    are one; ``out`` is yielded as given, for messages that name what the user wrote.
+    are one; ``out`` is yielded as given, for messages that name what the user wrote. Under
+    torchrun, rank 0 takes the lock: enter this after the process group is joined, so that every
+    rank says its refusal and exits.
     """
     out = check_output_dir(out, what)
-    if not _writes_run_dirs():
+    writes, refusal = _writes_run_dirs(), None
+    if writes:
+        real = real_dir(out, what)
+        made = _make_parents(real.parent)
+        lock = _lock_path(real)
+        if (fd := _acquire(lock)) is None:
+            refusal = (
+                f"{_named(out, real)} is in use by {_holder(lock)}: wait for it to end, "
+                "or choose another output directory"
+            )
+    if (refusal := _everyones(refusal)) is not None:
+        raise UserError(refusal)
+    if not writes:
         yield out
         return
-    real = real_dir(out, what)
-    made = _make_parents(real.parent)
-    lock = _lock_path(real)
-    fd = _acquire(lock)
-    if fd is None:
-        raise UserError(
-            f"{_named(out, real)} is in use by {_holder(lock)}: wait for it to end, "
-            "or choose another output directory"
-        )
     try:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()} {command}\n".encode())
