@@ -992,7 +992,7 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
             "--out",
             str(t / "out"),
         ],
-        "--to trl takes whole samples, and source 'beta'",
+        "--to trl takes whole samples, and sources 'beta' (sample share 5e-05), 'gamma'",
     ),
     "export llamafactory name with a comma": (
         "export",

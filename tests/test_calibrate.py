@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from mergeopt.config import CalibrateSection
+from mergeopt.errors import UserError
 from mergeopt.evaluation import calibration
 from mergeopt.evaluation.calibrate import calibrate
 from mergeopt.export.mixture_input import read_mixture
@@ -73,6 +74,20 @@ def test_writes_the_report_the_ranking_and_exportable_mixtures(first_round):
     runs = {tuple(np.round(r, 9)) for r in _grid()[["w_alpha", "w_beta", "w_gamma"]].to_numpy()}
     for proposal in report.proposals:
         assert tuple(np.round(list(proposal.weights.values()), 9)) not in runs
+
+
+def test_the_analysis_api_opens_a_pick_and_says_where_its_numbers_are(first_round):
+    """calibration.md says pick/ and next-<i>/ are read like a fit's: open_run takes them and gives
+    the weights, and mixture_table (a fit's losses, which a calibrate mixture does not have) says
+    in one line where its numbers are (it raised KeyError 'dev_loss')."""
+    from mergeopt.reporting.analysis import mixture_table, open_run
+
+    _, _, _, out = first_round
+    run = open_run(out / "pick")
+    assert run.strategy == "calibrate"
+    assert run.weights.to_dict() == pytest.approx(read_mixture(out / "pick").weights)
+    with pytest.raises(UserError, match=r"records a prediction, not a fit's losses: its numbers are in "):
+        mixture_table(run)
 
 
 def test_proxy_at_the_runs_equals_the_rank_checks_proxy(first_round, random_world):

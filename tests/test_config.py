@@ -347,7 +347,7 @@ FOUR = "model.experts={python: /c/py, js: /c/js, gsm: /c/gsm, algebra: /c/alg}"
         (["weights.groups={code: [python, python]}"], "expert 'python' is in 'code' twice"),
         (["weights.groups={code: []}"], "group 'code' is empty; a group holds at least one expert"),
         (["weights.groups={gsm: [python, js]}"], "weights.groups 'gsm' is also an expert's name but holds"),
-        (["weights.groups={../up: [python]}"], "weights.groups name '../up' may only use"),
+        (["weights.groups={../up: [python]}"], "weights.groups: group name '../up' may only use"),
         (  # groups combine with pins, but not with pins that leave no mixture
             [
                 "weights.groups={code: [python, js]}",

@@ -155,6 +155,34 @@ def test_no_repeat_counts_never_exceed_a_dataset():
         assert counts[n] / total == pytest.approx(plan.sample_shares[n], abs=2 / total)
 
 
+@pytest.mark.parametrize("budget", ["--budget-samples", "--budget-tokens"])
+def test_sources_left_without_a_sample_are_named_together_with_the_budget_that_gives_each_one(
+    world, tmp_path, capsys, budget
+):
+    """Two sources too small for one whole sample: the line names both and the budget, in the unit
+    the user budgets in, from which on each gets one (it named only the first, and always in
+    samples); that budget then exports."""
+    mixture = write_run(tmp_path / "run", {"a": 0.998, "b": 0.001, "c": 0.001})
+    datasets = [f"{n}={p}" for n, p in world["paths"].items()]
+    args = [str(mixture), "--to", "trl", "--tokenizer", world["tokenizer"], "--datasets", *datasets]
+    assert run_cli(main, [*args, budget, "50", "--out", str(tmp_path / "small")]) == 2
+    said = capsys.readouterr().err.strip()
+    plan = make_plan({"a": 0.998, "b": 0.001, "c": 0.001}, "tokens", measured_stats())
+    if budget == "--budget-samples":
+        needed = max(math.ceil(1 / plan.sample_shares[n]) for n in "bc")
+    else:
+        needed = max(math.ceil(mean_tokens(n) / plan.token_shares[n]) for n in "bc")
+    assert said.startswith(
+        "mergeopt: error: --to trl takes whole samples, and sources 'b' (sample share "
+        f"{plan.sample_shares['b']:.3g}), 'c' (sample share {plan.sample_shares['c']:.3g}) get none of the "
+    ), said
+    assert said.endswith(f" samples; a {budget} of {needed:,} or more gives each at least one"), said
+    assert (
+        run_cli(main, [*args, budget, str(needed), "--max-epochs", "1000", "--out", str(tmp_path / "ok")])
+        == 0
+    )
+
+
 # ---------------------------------------------------------------- Hugging Face datasets (run for real)
 
 

@@ -94,7 +94,7 @@ class WeightsSection(Section):
     def _groups_partition(cls, groups: dict[str, list[str]]) -> dict[str, list[str]]:
         seen: dict[str, str] = {}
         for label, members in groups.items():
-            check_name(label, "weights.groups name")
+            check_name(label, "group name")
             if not members:
                 raise ValueError(f"group {label!r} is empty; a group holds at least one expert")
             for expert in members:

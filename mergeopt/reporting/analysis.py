@@ -127,6 +127,12 @@ def mixture_table(run: Run) -> pd.DataFrame:
     m = run.mixture
     if m is None:
         raise UserError(f"{run.path}: no mixture.json")
+    if "dev_loss" not in m:  # calibrate's pick/ and next-<i>/: a mixture and a prediction, no losses
+        raise UserError(
+            f"{run.path}: this mixture.json (strategy {m.get('strategy')}) records a prediction, not "
+            f"a fit's losses: its numbers are in {run.path.parent / 'calibrated_ranking.csv'} and "
+            "calibration.json, the fit's table in the fit's run directory"
+        )
     names = run.expert_names
     k = len(names)
     rows = {

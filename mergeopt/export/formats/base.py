@@ -58,18 +58,21 @@ class Context:
 
         A positive weight that rounds to no sample at all would vanish from the trainer's data
         without a word (an empty slice, a count or fraction of 0), so it is refused, naming the
-        format, the source and the budget that gives it one sample.
+        format, every such source and the budget that gives each of them one sample.
         """
         plan = self.plan
         counts = plan.counts if plan.counts is not None else plan.no_repeat_counts()
-        for name in plan.names:
-            if counts[name] == 0:
-                share = plan.sample_shares[name]
-                raise UserError(
-                    f"--to {fmt.name} takes whole samples, and source {name!r} (sample share {share:.3g}) "
-                    f"gets none of the {sum(counts.values()):,} samples; a --budget-samples of "
-                    f"{math.ceil(1 / share):,} or more gives it at least one"
-                )
+        empty = [name for name in plan.names if counts[name] == 0]
+        if empty:
+            sources = ", ".join(f"{n!r} (sample share {plan.sample_shares[n]:.3g})" for n in empty)
+            one, each = (
+                (f"source {sources} gets", "it") if len(empty) == 1 else (f"sources {sources} get", "each")
+            )
+            raise UserError(
+                f"--to {fmt.name} takes whole samples, and {one} none of the "
+                f"{sum(counts.values()):,} samples; {_budget_for_one_sample(plan, empty)} gives {each} "
+                "at least one"
+            )
         return counts
 
     def header(self, fmt: Format, comment: str = "#") -> str:
@@ -120,3 +123,13 @@ def output_path(fmt: Format, out: str | None, many: bool) -> Path | None:
         return None
     target = Path(out)
     return target / fmt.filename if many or target.is_dir() else target
+
+
+def _budget_for_one_sample(plan: Plan, names: list[str]) -> str:
+    """The smallest budget, in the unit the user budgets in (samples without a budget), under which
+    each of ``names`` gets at least one sample: its exact share of the budget is then 1 or more, and
+    the largest remainders never round an amount of 1 or more down to 0."""
+    if plan.budget_unit == "tokens" and plan.stats is not None:
+        tokens = max(math.ceil(plan.stats[n].mean_tokens / plan.token_shares[n]) for n in names)
+        return f"a --budget-tokens of {tokens:,} or more"
+    return f"a --budget-samples of {max(math.ceil(1 / plan.sample_shares[n]) for n in names):,} or more"
