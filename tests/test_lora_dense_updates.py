@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import pytest
 import torch
+import yaml
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
@@ -102,6 +104,97 @@ def test_expert_values_equal_peft_merge_and_unload(kind, tmp_path):
     assert sizes.numel == sum(f.a.numel() + f.b.numel() for f in adapter.factors.values())
     if kind.startswith("dora"):  # a DoRA module is not low-rank: it is stacked densely
         assert not any("q_proj" in n or "v_proj" in n for n in adapter.factors)
+
+
+def test_a_saved_embedding_of_a_tied_base_is_read_as_peft_serves_it(tmp_path):
+    """modules_to_save=[embed_tokens] on a base whose output layer shares the embedding's weight.
+    Without ensure_weight_tying PEFT serves the adapter with the output layer at θ0 and its merge
+    unties the two, which tied experts cannot hold: refused in one line that says how to train it
+    (it was stacked into the shared weight, changing the output layer too: 0.037 nats on a real
+    dev set). With it PEFT saves the output layer's copy as well and keeps them tied: read, every
+    parameter equals PEFT's merge_and_unload."""
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(tiny_config(tie_word_embeddings=True)).eval()
+    shapes = {n: tuple(p.shape) for n, p in base.named_parameters()}
+    assert "lm_head.weight" not in shapes
+    lora = dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"])
+    untied = _trained_adapter(base, tmp_path / "untied", 1, **lora)
+    assert not untied.config.tie_word_embeddings  # PEFT's merge unties them
+    with pytest.raises(
+        UserError, match=r"saves model.embed_tokens whole \(modules_to_save\).*ensure_weight_tying=True"
+    ):
+        read_adapter(tmp_path / "untied", shapes, tied={"lm_head.weight"}, model=base)
+    merged = _trained_adapter(base, tmp_path / "tied", 2, ensure_weight_tying=True, **lora)
+    assert merged.lm_head.weight is merged.model.embed_tokens.weight  # served and merged tied
+    adapter = read_adapter(tmp_path / "tied", shapes, tied={"lm_head.weight"}, model=base)
+    values = dict(merged.named_parameters())
+    for name, param in base.named_parameters():
+        torch.testing.assert_close(adapter.expert_value(name, param.detach()), values[name].detach())
+    assert not torch.equal(values["model.embed_tokens.weight"], base.model.embed_tokens.weight)
+
+
+def test_plan_and_fit_refuse_the_same_adapters_of_a_tied_base_and_fit_one_kept_tied(random_world, tmp_path):
+    """On a base whose output layer shares the embedding's weight: an embedding or an output layer
+    saved whole without ensure_weight_tying, and an adapter of a module the base lacks, are one
+    line from `mergeopt plan` as from the fit (the plan used to read their sizes only and say
+    "fits"), and nothing is written. An embedding saved with ensure_weight_tying plans and fits,
+    and its one-hot merge is PEFT's merge_and_unload of it."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.conftest import run_in_process
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(tiny_config(tie_word_embeddings=True)).eval()
+    save_checkpoint(base, tmp_path / "base")
+
+    def adapter(name: str, seed: int, **lora):
+        merged = _trained_adapter(base, tmp_path / name, seed, scale=0.02, **lora)
+        config_file = tmp_path / name / "adapter_config.json"
+        config = json.loads(config_file.read_text())
+        config["base_model_name_or_path"] = str(tmp_path / "base")
+        config_file.write_text(json.dumps(config))
+        return str(tmp_path / name), merged
+
+    kept_tied, peft_merged = adapter(
+        "tied", 1, target_modules=["q_proj"], modules_to_save=["embed_tokens"], ensure_weight_tying=True
+    )
+    plain, _ = adapter("plain", 2, target_modules=["q_proj", "v_proj"])
+    untied, _ = adapter("untied", 3, target_modules=["q_proj"], modules_to_save=["embed_tokens"])
+    head, _ = adapter("head", 4, target_modules=["v_proj"], modules_to_save=["lm_head"])
+    missing = tmp_path / "missing"  # the plain adapter, its q_proj renamed to a fused qkv_proj
+    shutil.copytree(plain, missing)
+    tensors = load_file(missing / "adapter_model.safetensors")
+    save_file(
+        {k.replace("q_proj", "qkv_proj"): v for k, v in tensors.items()},
+        missing / "adapter_model.safetensors",
+    )
+    tree = recipe_tree(random_world, tmp_path / "out")
+    tree["model"]["base"] = str(tmp_path / "base")
+    recipe = tmp_path / "recipe.yaml"
+    refusals = {
+        untied: "saves model.embed_tokens whole (modules_to_save), whose weight the base ties to its output layer",
+        head: "saves lm_head whole (modules_to_save), whose weight the base ties to its input embedding",
+        str(missing): "adapts model.layers.0.self_attn.qkv_proj, but the base has no parameter",
+    }
+    for bad, message in refusals.items():
+        tree["model"]["experts"] = {"alpha": kept_tied, "beta": bad}
+        recipe.write_text(yaml.safe_dump(tree))
+        for command, flag in (("plan", "--json"), ("fit", "--quiet")):
+            result = run_in_process(command, str(recipe), flag)
+            said = result.stderr.strip().splitlines()
+            assert result.returncode == 2 and len(said) == 1 and f"{bad}: {message}" in said[0], result.stderr
+        assert not (tmp_path / "out").exists()
+    tree["model"]["experts"] = {"alpha": kept_tied, "beta": plain}
+    recipe.write_text(yaml.safe_dump(tree))
+    for command, flag in (("plan", "--json"), ("fit", "--quiet")):
+        result = run_in_process(command, str(recipe), flag)
+        assert result.returncode == 0, result.stderr
+    problem = load_problem(recipe_from_dict(tree), progress=False)
+    tokens = torch.randint(4, 30, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), problem.stack.at(torch.tensor([1.0, 0.0])) as merged:
+        torch.testing.assert_close(
+            merged(input_ids=tokens).logits, peft_merged(input_ids=tokens).logits, atol=1e-5, rtol=1e-5
+        )
 
 
 def test_an_adapter_for_a_resized_vocabulary_is_refused(tmp_path):

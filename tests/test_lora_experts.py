@@ -20,6 +20,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from mergeopt.config import recipe_from_dict
+from mergeopt.errors import UserError
 from mergeopt.fit import fit
 from mergeopt.loading.lora import read_adapter
 from mergeopt.loading.problem import load_problem
@@ -209,6 +210,28 @@ def test_adapter_trained_on_another_local_base_is_refused(lora_world, tmp_path):
     assert src != str(other)
     result = _cli(lora_world, tmp_path, dict(lora_world["adapters"], beta=str(other)))
     _one_line(result, "is a LoRA adapter trained on", tmp_path)
+
+
+def test_a_relative_base_name_is_compared_only_where_a_checkpoint_is(random_world, tmp_path, monkeypatch):
+    """PEFT writes base_model_name_or_path as the trainer named it: "base" is relative to the
+    trainer's directory, not to ours. An unrelated ./base here without a checkpoint refused the
+    adapter; it is skipped now. A checkpoint there that is not the base is refused, saying where
+    the name was read from."""
+    from mergeopt.loading.adapter_base import check_adapter_base
+
+    base = Path(random_world["base"])
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base").mkdir()
+    check_adapter_base("base", tmp_path / "adapter", base, "beta")
+    shutil.rmtree(tmp_path / "base")
+    shutil.copytree(random_world["experts"]["alpha"], tmp_path / "base")
+    with pytest.raises(
+        UserError, match=rf"trained on base \({tmp_path / 'base'}, read from the current directory\)"
+    ):
+        check_adapter_base("base", tmp_path / "adapter", base, "beta")
+    shutil.rmtree(tmp_path / "base")
+    shutil.copytree(base, tmp_path / "base")  # a copy of the base is the base
+    check_adapter_base("base", tmp_path / "adapter", base, "beta")
 
 
 def test_a_copy_of_the_adapters_base_is_its_base(lora_world, tmp_path):

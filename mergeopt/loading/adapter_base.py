@@ -75,9 +75,12 @@ def check_adapter_base(named: str | None, adapter: Path, base: Path, expert: str
             )
         return
     named_dir = Path(named).resolve()
+    if not (named_dir / "config.json").is_file():  # no checkpoint there now (a relative name read
+        return  # from another directory than the trainer's, or a base since moved): nothing to compare
     if named_dir == base.resolve() or is_copy(named_dir, base.resolve()):
         return
+    relative = "" if Path(named).is_absolute() else f" ({named_dir}, read from the current directory)"
     raise UserError(
-        f"expert {expert!r} ({adapter}) is a LoRA adapter trained on {named}, not on the base {base} "
-        "(which is not a copy of it: config.json or the weight files differ)"
+        f"expert {expert!r} ({adapter}) is a LoRA adapter trained on {named}{relative}, not on the base "
+        f"{base} (which is not a copy of it: config.json or the weight files differ)"
     )

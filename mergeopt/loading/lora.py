@@ -67,7 +67,7 @@ def _read_tensors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     raise UserError(f"{path}: no {SAFETENSORS_FILE} next to {CONFIG_FILE}")
 
 
-def _check_untied(path: Path, name: str, tied: Collection[str]) -> None:
+def check_untied(path: Path, name: str, tied: Collection[str]) -> None:
     """An adapter of an output layer whose weight the base ties to its input embedding is two
     experts at once: PEFT's adapter changes the output layer alone, its merge the shared weight."""
     if name in tied:
@@ -77,6 +77,69 @@ def _check_untied(path: Path, name: str, tied: Collection[str]) -> None:
             "(tie_word_embeddings): PEFT applies the adapter to that layer alone but merges it into the "
             "weight both layers share, so the expert is ambiguous; merge it into a dense checkpoint "
             f"(merge_and_unload) if that is what you serve, or train it without {module} in target_modules"
+        )
+
+
+def _check_saved_tied_embedding(
+    path: Path, config: Mapping, kinds: dict, tied: Collection[str], model
+) -> None:
+    """modules_to_save of an input embedding whose weight the base's output layer shares (or of that
+    output layer). Without ``ensure_weight_tying`` PEFT serves the adapter with the other layer at
+    θ0 and its merge_and_unload unties the two; a stack of tied experts cannot hold that expert, so it is
+    refused. With it PEFT saves the output layer's copy too, equal to the embedding's, and serves
+    and merges them tied: the copy of the tied name is dropped, the embedding's stands for both."""
+    held = kinds.pop("tied copy")
+    if not tied:
+        return
+    name = input_embedding_weight(model)
+    if config.get("ensure_weight_tying") and name is not None:
+        for target, tensor in held.items():
+            if name not in kinds["copy"] or not torch.equal(kinds["copy"][name], tensor):
+                raise UserError(
+                    f"{path}: ensure_weight_tying is set, but the adapter's copy of {target} is not "
+                    f"its copy of {name}, the weight the base ties it to"
+                )
+        return
+    saved = {module.rsplit(".", 1)[-1] for module in config.get("modules_to_save") or ()}
+    for target in held:  # the output layer saved whole, or its copy beside LoRA factors on it
+        output = target.removesuffix(".weight")
+        if output.rsplit(".", 1)[-1] in saved:
+            raise saved_tied_embedding(path, output, "its input embedding")
+        check_untied(path, target, tied)
+    module = name.removesuffix(".weight") if name is not None else ""
+    if name in kinds["copy"] and module.rsplit(".", 1)[-1] in saved:  # not an adapted embedding's θ0
+        raise saved_tied_embedding(path, module, "its output layer")
+
+
+def input_embedding_weight(model: torch.nn.Module | None) -> str | None:
+    """The name of the base's input embedding weight (``model.embed_tokens.weight``), or None."""
+    if model is None:
+        return None
+    embedding = model.get_input_embeddings()
+    return next((f"{n}.weight" for n, m in model.named_modules() if m is embedding), None)
+
+
+def saved_tied_embedding(path: Path, module: str, other: str) -> UserError:
+    """The refusal of an adapter that saves one of two tied layers whole (``other``: the layer it
+    shares its weight with) without ensure_weight_tying (:func:`_check_saved_tied_embedding`; the
+    plan says it too)."""
+    return UserError(
+        f"{path}: saves {module} whole (modules_to_save), whose weight the base ties to {other} "
+        f"(tie_word_embeddings); PEFT serves and merges this adapter with {other} left at the "
+        "base's (merge_and_unload unties them), which experts stacked tied cannot hold: train it "
+        "with ensure_weight_tying=True in its LoraConfig, which keeps the two tied"
+    )
+
+
+def _check_copy_shape(path: Path, key: str, target: str, tensor: torch.Tensor, base_shapes) -> None:
+    """An adapter's copy of a base parameter has that parameter's name and shape."""
+    if target not in base_shapes:
+        raise UserError(f"{path}: unexpected tensor {key} in a LoRA adapter (the base has no {target})")
+    if tuple(tensor.shape) != tuple(base_shapes[target]):
+        raise UserError(
+            f"{path}: {key} is {list(tensor.shape)} but the base's {target} is "
+            f"{list(base_shapes[target])} (an adapter trained with a resized vocabulary needs the "
+            "base resized the same way)"
         )
 
 
@@ -90,7 +153,8 @@ def _sorted_tensors(
     """The adapter's tensors by kind: linear and embedding factor pairs, factor pairs of adapted
     parameters (``wrapped``: their wrappers' keys), DoRA magnitudes and LoRA biases by module, and the
     adapter's own copies of base parameters (modules_to_save, trained biases, an adapted
-    embedding's ``base_layer.weight``) by the base parameter they replace."""
+    embedding's ``base_layer.weight``) by the base parameter they replace; copies of a parameter
+    the base ties to another (``tied``) apart, for :func:`_check_saved_tied_embedding`."""
     kinds: dict[str, dict] = {
         "parameter": {},
         "linear": {},
@@ -99,6 +163,7 @@ def _sorted_tensors(
         "bias": {},
         "tokens": {},
         "copy": {},
+        "tied copy": {},
     }
     for key, tensor in tensors.items():
         name = key.removeprefix(PREFIX)
@@ -116,18 +181,11 @@ def _sorted_tensors(
             kinds["tokens"][match["module"]] = tensor
         else:
             target = name.replace(".base_layer.", ".")
-            _check_untied(path, target, tied)
-            if target not in base_shapes:
-                raise UserError(
-                    f"{path}: unexpected tensor {key} in a LoRA adapter (the base has no {target})"
-                )
-            if tuple(tensor.shape) != tuple(base_shapes[target]):
-                raise UserError(
-                    f"{path}: {key} is {list(tensor.shape)} but the base's {target} is "
-                    f"{list(base_shapes[target])} (an adapter trained with a resized vocabulary needs the "
-                    "base resized the same way)"
-                )
-            kinds["copy"][target] = tensor
+            if target in tied:  # no shape of its own in the base's file: checked against the one it shares
+                kinds["tied copy"][target] = tensor
+            else:
+                _check_copy_shape(path, key, target, tensor, base_shapes)
+                kinds["copy"][target] = tensor
         if not torch.isfinite(tensor).all():
             raise UserError(f"{path}: tensor {key} of the adapter contains NaN or Inf")
     return kinds
@@ -163,6 +221,7 @@ def read_adapter(
         config, tensors = peft_converted(path, config, tensors, model)
     wrapped = resolved_parameters(path, config, model)
     kinds = _sorted_tensors(path, tensors, base_shapes, tied, wrapped)
+    _check_saved_tied_embedding(path, config, kinds, tied, model)
     if not any(kinds[k] for k in ("parameter", "linear", "embedding", "copy", "tokens")):
         raise UserError(f"{path}: the adapter holds no LoRA factors")
     updates = _Updates(path, config, base_shapes, tied, kinds)
@@ -218,7 +277,7 @@ class _Updates:
         for module, ab in sorted(self.kinds["linear"].items()):
             a, b = _pair(path, module, ab, "lora_")
             target = f"{module}.weight"
-            _check_untied(path, target, self.tied)
+            check_untied(path, target, self.tied)
             if target not in base_shapes:
                 raise UserError(f"{path}: adapts {module}, but the base has no parameter {target}")
             if len(base_shapes[target]) != 2:
