@@ -104,6 +104,7 @@ def fit(
     :class:`mergeopt.runtime.resume.Interrupted`.
     """
     with interruptible():
+        determinism.apply(recipe.deterministic)  # before anything runs on the GPU
         distributed.init_from_env(resolve_device(recipe.device))  # every rank hears a refused output_dir
         with owned(recipe.output_dir, "fit", "output_dir"):
             return _fit(recipe, progress, log, resume)
@@ -117,7 +118,6 @@ def _fit(recipe: Recipe, progress: bool, log: Callable[[str], None], resume: str
                 from mergeopt.objectives.lm_eval_term import check_test_split
 
                 check_test_split(term)
-    determinism.apply(recipe.deterministic)  # before anything runs on the GPU
     torch.manual_seed(recipe.seed)
     distributed.init_from_env(resolve_device(recipe.device))  # joined already by fit()
     measured.reset(distributed.local_device(resolve_device(recipe.device)))  # this fit's peak, on CUDA
