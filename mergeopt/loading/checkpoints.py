@@ -418,6 +418,14 @@ def open_all(base_path: str | Path, experts: dict[str, str]) -> tuple[Checkpoint
     return base, opened
 
 
+def tied_parameters(base: Checkpoint) -> set[str]:
+    """The base's parameters that share another's weight and are not in its files: a tied output
+    layer (Hugging Face's default is to tie), as the adapters' checks need them."""
+    text = base.config.get("text_config") or base.config
+    tie = text.get("tie_word_embeddings", base.config.get("tie_word_embeddings", True))
+    return {OUTPUT_WEIGHT} if base.tensors and tie and OUTPUT_WEIGHT not in base.tensors else set()
+
+
 def gguf_base(base_path: str | Path, gguf_file: str, trust_remote_code: bool = False) -> Checkpoint:
     """A GGUF base described without reading its weights: the architecture on the meta device.
 
@@ -459,10 +467,7 @@ def open_experts(
             model, _ = meta_model(base.path, trust_remote_code)
         check_config_matches_weights(base, "base", trust_remote_code, model)
     shapes = {name: meta.shape for name, meta in base.tensors.items()}
-    # a tied output layer is not in the file (Hugging Face's default is to tie)
-    text = base.config.get("text_config") or base.config
-    tie = text.get("tie_word_embeddings", base.config.get("tie_word_embeddings", True))
-    tied = {OUTPUT_WEIGHT} if shapes and tie and OUTPUT_WEIGHT not in shapes else set()
+    tied = tied_parameters(base)
     dense, adapters = {}, {}
     for name, path in experts.items():
         if is_adapter(path):

@@ -100,15 +100,21 @@ def _check_saved_tied_embedding(
                     f"its copy of {name}, the weight the base ties it to"
                 )
         return
-    saved = {module.rsplit(".", 1)[-1] for module in config.get("modules_to_save") or ()}
     for target in held:  # the output layer saved whole, or its copy beside LoRA factors on it
         output = target.removesuffix(".weight")
-        if output.rsplit(".", 1)[-1] in saved:
+        if saved_whole(config, output):
             raise saved_tied_embedding(path, output, "its input embedding")
         check_untied(path, target, tied)
-    module = name.removesuffix(".weight") if name is not None else ""
-    if name in kinds["copy"] and module.rsplit(".", 1)[-1] in saved:  # not an adapted embedding's θ0
-        raise saved_tied_embedding(path, module, "its output layer")
+    if name in kinds["copy"] and saved_whole(
+        config, name.removesuffix(".weight")
+    ):  # not an adapted embedding's θ0
+        raise saved_tied_embedding(path, name.removesuffix(".weight"), "its output layer")
+
+
+def saved_whole(config: Mapping, module: str) -> bool:
+    """Whether the adapter saves ``module`` whole: its last name is in modules_to_save, as PEFT
+    matches them."""
+    return module.rsplit(".", 1)[-1] in {m.rsplit(".", 1)[-1] for m in config.get("modules_to_save") or ()}
 
 
 def input_embedding_weight(model: torch.nn.Module | None) -> str | None:

@@ -27,7 +27,6 @@ from mergeopt.loading.adapter_base import check_adapter_base
 from mergeopt.loading.base_model import meta_model
 from mergeopt.loading.checkpoints import (
     INDEX_FILE,
-    OUTPUT_WEIGHT,
     SINGLE_FILE,
     Checkpoint,
     check_compatible,
@@ -37,9 +36,10 @@ from mergeopt.loading.checkpoints import (
     open_checkpoint,
     precision_warning,
     read_json_object,
+    tied_parameters,
     under_model_names,
 )
-from mergeopt.loading.lora import check_untied, input_embedding_weight, saved_tied_embedding
+from mergeopt.loading.lora import check_untied, input_embedding_weight, saved_tied_embedding, saved_whole
 from mergeopt.loading.lora_sizes import FactorSizes, factor_sizes, saved_copy
 from mergeopt.loading.peft_format import PREFIX, is_adapter, read_adapter_config
 from mergeopt.loading.positions import check_max_length
@@ -210,29 +210,23 @@ def _check_adapter_targets(path: Path, config: dict, sizes: FactorSizes, base, m
     """What read_adapter refuses, from the header: an adapter of a parameter the base does not have
     (another architecture, a deeper model's layers), of an output layer the base ties to its input
     embedding, or a tied embedding saved whole without ensure_weight_tying."""
-    tie = (base.config.get("text_config") or base.config).get(
-        "tie_word_embeddings", base.config.get("tie_word_embeddings", True)
-    )
-    tied = {OUTPUT_WEIGHT} if tie and OUTPUT_WEIGHT not in base.tensors else set()
-    targets = {f"{m.removeprefix(PREFIX)}.weight" for m in (*sizes.modules, *sizes.dora)}
-    targets |= {*sizes.dense, *sizes.copies}
+    tied = tied_parameters(base)
+    factored = {m.removeprefix(PREFIX) for m in (*sizes.modules, *sizes.dora)}
+    targets = {f"{m}.weight" for m in factored} | {*sizes.dense, *sizes.copies}
     weight_tying = bool(config.get("ensure_weight_tying"))
     embedding = input_embedding_weight(model)
-    saved = {module.rsplit(".", 1)[-1] for module in config.get("modules_to_save") or ()}
     for target in sorted(targets - set(sizes.parameters)):
         module = target.rsplit(".", 1)[0]
         if target in tied:
-            low_rank = f"{PREFIX}{module}" in {**sizes.modules, **sizes.dora}
-            if weight_tying and not low_rank and embedding in targets:
+            if module not in factored and weight_tying and embedding in targets:
                 continue  # saved whole with its embedding, kept tied: the embedding's copy stands
-            if not low_rank and module.rsplit(".", 1)[-1] in saved:
+            if module not in factored and saved_whole(config, module):
                 raise saved_tied_embedding(path, module, "its input embedding")
             check_untied(path, target, tied)
         elif target not in base.tensors:
             raise UserError(f"{path}: adapts {module}, but the base has no parameter {target}")
     if tied and embedding in sizes.dense and not weight_tying:
-        module = embedding.removesuffix(".weight")
-        if module.rsplit(".", 1)[-1] in saved:
+        if saved_whole(config, module := embedding.removesuffix(".weight")):
             raise saved_tied_embedding(path, module, "its output layer")
 
 
