@@ -447,6 +447,13 @@ def _rank_tables(tmp, proxy: dict, truth: dict, *extra: str) -> list[str]:
 RANK_TABLE = {"run": [0, 1, 2], "w_a": [1.0, 0.5, 0.0], "w_b": [0.0, 0.5, 1.0], "loss": [1.0, 2.0, 3.0]}
 
 
+def _semicolon_proxy(tmp) -> list[str]:
+    """A proxy table saved by a spreadsheet that separates cells by semicolons (decimal commas)."""
+    args = _rank_tables(tmp, RANK_TABLE, RANK_TABLE)
+    (tmp / "proxy.csv").write_text("w_a;w_b;loss\n0,5;0,5;1,5\n1;0;2,5\n0;1;3\n")
+    return args
+
+
 def _two_tables(tmp, small: dict, large: dict) -> list[str]:
     import pandas as pd
 
@@ -1578,6 +1585,12 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         "rank",
         lambda w, t: _rank_tables(t, {"w_a": [1.0, 0.5], "w_b": [0.0, 0.5], "loss": [1.0, 2.0]}, RANK_TABLE),
         "share only 2 mixture(s); the rank statistics need at least 3",
+    ),
+    "rank tables separated by semicolons": (
+        "score table",
+        "rank",
+        lambda w, t: _semicolon_proxy(t),
+        "proxy.csv: the header is separated by semicolons, not commas",
     ),
     "transfer tables lack a mixture column": (
         "score table",

@@ -17,7 +17,7 @@ from scipy import stats
 from mergeopt.errors import UserError
 from mergeopt.evaluation.rank_report import json_safe
 from mergeopt.evaluation.rank_stats import mixture_regret, pairwise_accuracy, rank_statistics
-from mergeopt.evaluation.tables import load_table
+from mergeopt.evaluation.tables import load_table, rank_tables
 from tests.conftest import run_in_process
 
 REPO = Path(__file__).parent.parent
@@ -199,6 +199,18 @@ def test_trailing_comma_and_split_tables(tmp_path):
     assert frame["loss_a"].tolist() == [1.0, 3.0]  # joined on index, not on position
     (tmp_path / "both.csv").write_text("w_a,w_b,loss,\n0.5,0.5,1.0,\n")
     assert list(load_table(str(tmp_path / "both.csv"))[0].columns) == ["w_a", "w_b", "loss"]
+
+
+@pytest.mark.parametrize(
+    "delimiter, decimal, name", [(";", ".", "semicolons"), (";", ",", "semicolons"), ("\t", ".", "tabs")]
+)
+def test_a_table_not_split_by_commas_is_named_as_such(tmp_path, delimiter, decimal, name):
+    """A spreadsheet's semicolon "CSV" was blamed on its mixture columns (and a decimal comma warned)."""
+    rows = [["w_a", "w_b", "loss"], ["0.25", "0.75", "1.5"], ["1.0", "0.0", "2.5"]]
+    text = "\n".join(delimiter.join(cell.replace(".", decimal) for cell in row) for row in rows) + "\n"
+    (tmp_path / "table.csv").write_text(text, encoding="utf-8-sig")
+    with pytest.raises(UserError, match=f"table.csv: the header is separated by {name}, not commas"):
+        load_table(str(tmp_path / "table.csv"))
 
 
 # ---------------------------------------------------------------- table mode
@@ -415,6 +427,13 @@ def test_cli_user_errors_are_one_line_exit_2(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("mergeopt: error: "), (args, result.stderr)
         assert message in lines[0], (message, lines[0])
     assert not (tmp_path / "out").exists()
+
+
+def test_a_metrics_file_alone_is_told_to_join_its_mixtures(tmp_path):
+    """RegMix's METRICS.csv given without its MIXTURES.csv: the error says how to join them."""
+    (tmp_path / "loss.csv").write_text("index,loss\n1,1.0\n2,2.0\n3,3.0\n")
+    with pytest.raises(UserError, match=r"loss.csv: no mixture columns .* as MIXTURES.csv\+METRICS.csv"):
+        rank_tables(str(tmp_path / "loss.csv"), str(tmp_path / "loss.csv"), n_bootstrap=0)
 
 
 def test_table_mode_ranks_no_bookkeeping_or_weight_column(tmp_path):

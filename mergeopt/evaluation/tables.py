@@ -33,12 +33,31 @@ WEIGHT_SUM_TOLERANCE = 5e-3
 MIN_MIXTURES = 3
 
 
+def _check_commas(path: str) -> None:
+    """Refuse a table whose header is split by semicolons or tabs rather than commas.
+
+    Why: pandas reads such a file as one column (or, with a decimal comma, as a ragged table with a
+    warning), and the error that followed blamed the mixture columns. Spreadsheets in many locales
+    save "CSV" with semicolons, so the delimiter is what the message must name.
+    """
+    with open(path, encoding="utf-8-sig", errors="replace") as handle:
+        header = next((line for line in handle if line.strip()), "")
+    if "," in header:
+        return
+    for delimiter, name in ((";", "semicolons"), ("\t", "tabs")):
+        if delimiter in header:
+            raise UserError(
+                f"{path}: the header is separated by {name}, not commas; save the table as comma-separated CSV"
+            )
+
+
 def _read_csv(path: str) -> pd.DataFrame:
     """A CSV with RegMix's quirks handled: a trailing comma makes an unnamed, empty column; drop it."""
     if Path(path).is_dir():
         raise UserError(f"{path} is a directory, not a file")
     if not Path(path).is_file():
         raise UserError(f"{path}: no such file")
+    _check_commas(path)
     try:
         frame = read_csv(path, index_col=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as err:
@@ -124,8 +143,15 @@ def mixture_columns(
         if found:
             return found
     tried = prefix or " or ".join(DEFAULT_PREFIXES)
+    # RegMix keeps the weights apart from the scores: its METRICS.csv alone has an index and no weights
+    split = (
+        "; a table of scores by index wants its weights as MIXTURES.csv+METRICS.csv"
+        if "index" in frame
+        else ""
+    )
     raise UserError(
-        f"{source}: no mixture columns (looked for the prefix {tried}); use --mixture-prefix or --mixture-columns"
+        f"{source}: no mixture columns (looked for the prefix {tried}); use --mixture-prefix or "
+        f"--mixture-columns{split}"
     )
 
 
