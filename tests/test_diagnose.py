@@ -386,3 +386,21 @@ def test_a_fit_directory_keeps_its_report_and_gains_the_diagnostics(random_world
     report = (out / "report.md").read_text()
     assert "## Recommended mixture" in report and "## Diagnostics" in report
     assert read_run_file(DiagnoseFile, out).experts == list(random_world["experts"])
+
+
+@pytest.mark.parametrize("method", ["linear", "ties"])
+def test_diagnose_md_says_why_a_ties_merge_has_no_sign_conflict(random_world, tmp_path, method):
+    """Under ties the vectors are measured after the sign election: a rate of 0 that says nothing."""
+    from mergeopt.reporting.diagnostics import markdown
+
+    tree = recipe_tree(random_world, tmp_path / "out")
+    tree["merge"] = {"method": method, "density": 0.5}
+    recipe = recipe_from_dict(tree)
+    resolved, problem, objective = diag.load_diagnosed(recipe, log=lambda _m: None)
+    record = diag.diagnose(problem, objective, resolved, points=3)
+    conflicts = record.task_vectors.sign_conflicts
+    told = "nothing conflicts by construction; diagnose with merge.method=linear" in markdown(record)
+    if method == "ties":
+        assert conflicts.conflicting == 0 and conflicts.contested > 0 and told
+    else:
+        assert conflicts.conflicting > 0 and not told

@@ -61,6 +61,20 @@ def _flag_lines(record: DiagnoseFile) -> list[str]:
     return [*(f"- **{f.kind}**: {f.message}" for f in record.flags), ""]
 
 
+def _elected_note(record: DiagnoseFile) -> str:
+    """Why a TIES merge shows no sign conflict: its vectors are measured after the sign election.
+
+    Why: diagnose reads the vectors the proxy merges, and under ties or dare_ties those keep only the
+    elected sign, so a rate of 0 says nothing of the experts; the linear merge's vectors do.
+    """
+    if record.method["name"] not in ("ties", "dare_ties"):
+        return ""
+    return (
+        f" The {record.method['name']} vectors are measured after TIES's sign election, so nothing conflicts by "
+        "construction; diagnose with merge.method=linear for the experts' own conflicts."
+    )
+
+
 def markdown(record: DiagnoseFile) -> str:
     """diagnose.md: flags first, then the tables and figures."""
     tv = record.task_vectors
@@ -87,7 +101,7 @@ def markdown(record: DiagnoseFile) -> str:
         "## Task vectors",
         "",
         f"TIES sign conflicts at density {conflicts.density:g}: {conflicts.conflicting:,} of "
-        f"{conflicts.contested:,} contested entries, rate {rate}.",
+        f"{conflicts.contested:,} contested entries, rate {rate}.{_elected_note(record)}",
         "",
         "Cosines between task vectors:",
         "",
