@@ -537,7 +537,9 @@ def test_a_search_that_ends_worse_than_the_uniform_mixture_says_so(strategy, req
     beside it (the tiny world's 2-division grid of four experts misses the centre; CMA-ES with a
     budget of 2 draws twice): one warning line and mixture.json say so, with both values. Started
     from the uniform mixture (``weights.init``), which grid evaluates first, the grid returns it and
-    nothing is said."""
+    nothing is said. The tiny world is trained on the CPU that runs the test, so its numbers depend
+    on the CPU: where its lattice holds a mixture better than the centre, the test checks that
+    nothing is said and that a grid started from the centre still returns the lattice's best."""
     if strategy == "grid":
         world, search = (
             request.getfixturevalue("tiny_world"),
@@ -553,6 +555,13 @@ def test_a_search_that_ends_worse_than_the_uniform_mixture_says_so(strategy, req
     uniform = mixture["objective"]["scores"]["uniform"]["fit"]["loss:all"]
     rows = _rows(tmp_path / "out")
     best = min(float(r["value"]) for r in rows)
+    if strategy == "grid" and best <= uniform:
+        # the tiny world is trained on this CPU and differs by CPU: on one with AVX-512 its lattice
+        # holds a mixture better than the centre (0.985276 against 1.001895), and nothing is said
+        assert "worse_than_uniform" not in mixture["search"]
+        assert "uniform mixture" not in result.stderr, result.stderr
+        _grid_started_from_the_uniform_mixture(world, run, tmp_path, search, mixture, best < uniform)
+        return
     assert best > uniform, "the premise: every mixture the search scored is worse than the uniform one"
     assert mixture["search"]["worse_than_uniform"] == {"value": best, "uniform_value": uniform}
     assert mixture["objective"]["terms"] == [
@@ -575,11 +584,19 @@ def test_a_search_that_ends_worse_than_the_uniform_mixture_says_so(strategy, req
         *also,
     ]
     if strategy == "grid":
-        shutil.rmtree(tmp_path / "out")
-        names = mixture["weights"]
-        init = "{" + ", ".join(f"{n}: {1 / len(names)!r}" for n in names) + "}"
-        result = run(world, tmp_path, *search, f"weights.init={init}")
-        assert result.returncode == 0 and result.stderr == "", result.stderr
-        again = json.loads((tmp_path / "out" / "mixture.json").read_text())
-        assert "worse_than_uniform" not in again["search"]
-        assert again["weights"] == pytest.approx(dict.fromkeys(names, 1 / len(names)), abs=1e-12)
+        _grid_started_from_the_uniform_mixture(world, run, tmp_path, search, mixture, False)
+
+
+def _grid_started_from_the_uniform_mixture(world, run, tmp_path, search, mixture, lattice_wins: bool) -> None:
+    """Started from the uniform mixture, the grid evaluates it first and returns the better of it
+    and the lattice's best, with nothing to say."""
+    shutil.rmtree(tmp_path / "out")
+    names = mixture["weights"]
+    init = "{" + ", ".join(f"{n}: {1 / len(names)!r}" for n in names) + "}"
+    result = run(world, tmp_path, *search, f"weights.init={init}")
+    assert result.returncode == 0, result.stderr
+    assert "uniform mixture" not in result.stderr if lattice_wins else result.stderr == "", result.stderr
+    again = json.loads((tmp_path / "out" / "mixture.json").read_text())
+    assert "worse_than_uniform" not in again["search"]
+    expected = mixture["weights"] if lattice_wins else dict.fromkeys(names, 1 / len(names))
+    assert again["weights"] == pytest.approx(expected, abs=1e-12)
