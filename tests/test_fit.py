@@ -228,6 +228,21 @@ def test_the_run_recipe_names_the_files_it_read_from_anywhere(random_world, tmp_
         shutil.rmtree(root / "runs", ignore_errors=True)  # the world is shared by the module's tests
 
 
+def _gradient_mixture(objective: dict, **extra) -> dict:
+    """A gradient fit's mixture.json, as far as the summary reads it."""
+    return {
+        "strategy": "gradient",
+        "target": "all",
+        "weights": {"a": 0.6, "b": 0.4},
+        "search": {"steps": 150, "stopped_early": False, "best_step": 140},
+        "dev_loss": 0.94481,
+        "uniform_dev_loss": 0.944805,
+        "expert_dev_loss": {"a": 1.2, "b": 1.3},
+        "objective": objective,
+        **extra,
+    }
+
+
 def test_the_summary_says_the_best_step_and_signs_tiny_gaps_plainly():
     """The weights are the best evaluated step's whether or not the fit stopped early, so the header
     names that step; a gap below the last printed digit reads +0.0000, never -0.0000; a score table
@@ -236,17 +251,7 @@ def test_the_summary_says_the_best_step_and_signs_tiny_gaps_plainly():
 
     terms = [{"kind": "loss", "label": "loss"}, {"kind": "exact_match", "label": "exact_match:a"}]
     scores = {"fitted mixture": {"fit": {"loss": 1.0, "exact_match:a": 0.5}, "heldout": None}}
-    mixture = {
-        "strategy": "gradient",
-        "target": "all",
-        "unit": "tokens",
-        "weights": {"a": 0.6, "b": 0.4},
-        "search": {"steps": 150, "stopped_early": False, "best_step": 140},
-        "dev_loss": 0.94481,
-        "uniform_dev_loss": 0.944805,
-        "expert_dev_loss": {"a": 1.2, "b": 1.3},
-        "objective": {"terms": terms, "scores": scores},
-    }
+    mixture = _gradient_mixture({"terms": terms, "scores": scores}, unit="tokens")
     text = summary(mixture, "runs/x", ["mixture.json"])
     assert "(target: all, gradient, 150 steps, best at step 140)" in text
     uniform = next(line for line in text.splitlines() if line.strip().startswith("uniform mixture"))
@@ -254,3 +259,21 @@ def test_the_summary_says_the_best_step_and_signs_tiny_gaps_plainly():
     assert "(fit / held-out)" not in text and "(fit)" in text
     mixture["search"]["stopped_early"] = True
     assert "150 steps, early stop, best at step 140)" in summary(mixture, "runs/x", ["mixture.json"])
+
+
+def test_a_dev_loss_weighed_by_loss_terms_is_called_the_objectives_not_the_targets(tmp_path):
+    """With loss terms only, dev_loss weighs the sets as the terms do (reported_set_weights): the
+    summary and report.md named it the target's ('all'), sets weighed otherwise."""
+    from mergeopt.reporting.report import summary
+
+    terms = [
+        {"kind": "loss", "dev": "all", "weight": 1.0, "label": "loss:all"},
+        {"kind": "loss", "dev": "b", "weight": 3.0, "label": "loss:b"},
+    ]
+    mixture = _gradient_mixture({"terms": terms})
+    text = summary(mixture, "runs/x", ["mixture.json"])
+    assert "(objective: loss:all, loss:b ×3, gradient, 150 steps, best at step 140)" in text
+    assert "dev loss (objective)" in text and "dev loss (target)" not in text
+    mixture["objective"]["terms"] = terms[:1]  # the target's loss alone: named as before
+    text = summary(mixture, "runs/x", ["mixture.json"])
+    assert "(target: all, gradient" in text and "dev loss (target)" in text

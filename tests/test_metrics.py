@@ -11,6 +11,7 @@ import json
 import math
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -309,6 +310,28 @@ def test_a_metric_result_that_is_not_a_number_names_the_term(metric_module):
     metric = load_metric_function(f"{metric_module}:text")
     with pytest.raises(UserError, match="metric 'quality:arith' returned str"):
         call_metric(metric, "quality:arith", torch.nn.Linear(1, 1), None, [])
+
+
+@pytest.mark.parametrize(
+    "result, expected",
+    [
+        (np.array(0.25), 0.25),  # a 0-d array: tensor.numpy(), np.asarray(...).mean()
+        (np.array([0.5], dtype=np.float32), 0.5),
+        (np.float32(0.75), 0.75),
+        (torch.tensor(0.125), 0.125),
+    ],
+)
+def test_a_metric_may_return_one_number_in_a_numpy_array_as_in_a_tensor(result, expected):
+    """A one-element NumPy array is a number as plainly as a one-element tensor (both were not: the
+    array was refused as 'returned ndarray, not a real number')."""
+    value = call_metric(lambda *_: result, "quality:arith", torch.nn.Linear(1, 1), None, [])
+    assert value == expected and type(value) is float
+
+
+@pytest.mark.parametrize("result", [np.array([0.1, 0.2]), np.array("0.5"), np.array(1 + 2j)])
+def test_a_numpy_array_that_is_not_one_real_number_is_refused(result):
+    with pytest.raises(UserError, match="metric 'quality:arith' returned ndarray, not a real number"):
+        call_metric(lambda *_: result, "quality:arith", torch.nn.Linear(1, 1), None, [])
 
 
 def test_a_nan_metric_result_is_returned_as_a_loss_would_be(metric_module):

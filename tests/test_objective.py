@@ -8,12 +8,13 @@ a ``recipe`` argument, and that rank's only function taking one is its command e
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from mergeopt.config import recipe_from_dict
+from mergeopt.config import ObjectiveTerm, recipe_from_dict
 from mergeopt.objectives.objective import Objective
 from tests.conftest import recipe_tree
 
@@ -144,3 +145,13 @@ def test_mixture_json_records_each_term_with_the_fields_its_kind_reads():
             "label": "lm_eval:hellaswag",
         },
     ]
+
+
+@pytest.mark.parametrize("function", ["my_metrics.score", "my_metrics/score.py:score", "my_metrics:"])
+def test_a_misspelt_custom_function_is_named_not_reported_missing(function):
+    """A function that is there but not 'package.module:function' is named as given; the message
+    for a missing one ("needs function") sent users looking for a key they had set."""
+    with pytest.raises(ValueError, match=f"a custom term's function '{re.escape(function)}' is not"):
+        ObjectiveTerm(kind="custom", dev="arith", function=function)
+    with pytest.raises(ValueError, match="a custom term needs function"):
+        ObjectiveTerm(kind="custom", dev="arith")

@@ -72,8 +72,14 @@ class ObjectiveTerm(Section):
     @model_validator(mode="after")
     def _fields_fit_kind(self) -> ObjectiveTerm:
         if self.kind == "custom":
-            if not self.function or not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", self.function):
+            if not self.function:
                 raise ValueError("a custom term needs function: 'package.module:function'")
+            if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", self.function):
+                # the function is there but misspelt: say so, or the user looks for a missing key
+                raise ValueError(
+                    f"a custom term's function {self.function!r} is not 'package.module:function' "
+                    "(a module path, a colon, then the function's name)"
+                )
         elif self.function is not None:
             raise ValueError(f"function is only for kind 'custom', not {self.kind!r}")
         if self.kind == "lm_eval":

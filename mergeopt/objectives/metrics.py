@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -281,6 +282,20 @@ def load_metric_function(path: str) -> MetricFn:
     return fn
 
 
+def _single_number(result: Any) -> Any:
+    """A one-element tensor or NumPy array as its Python number, anything else as it is.
+
+    Metrics end in either library: ``(preds == refs).float().mean()`` is a 0-d tensor and
+    ``np.asarray(hits).mean(keepdims=True)`` or ``tensor.numpy()`` a NumPy array, and both hold
+    one number as plainly as a float does.
+    """
+    if isinstance(result, torch.Tensor) and result.numel() == 1 and not result.is_complex():
+        return result.item()
+    if isinstance(result, np.ndarray) and result.size == 1 and result.dtype.kind in "biuf":
+        return result.item()
+    return result
+
+
 def call_metric(fn: MetricFn, label: str, model: torch.nn.Module, tokenizer, records: list[dict]) -> float:
     """``fn(model, tokenizer, records)`` in eval mode without gradients, as a float.
 
@@ -291,9 +306,7 @@ def call_metric(fn: MetricFn, label: str, model: torch.nn.Module, tokenizer, rec
     train refuse it naming the mixture or the run.
     """
     with _inference(model):
-        result = fn(model, tokenizer, records)
-    if isinstance(result, torch.Tensor) and result.numel() == 1 and not result.is_complex():
-        result = result.item()
+        result = _single_number(fn(model, tokenizer, records))
     if isinstance(result, bool) or not isinstance(result, numbers.Real):
         raise UserError(f"metric {label!r} returned {type(result).__name__}, not a real number")
     return float(result)

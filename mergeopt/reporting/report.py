@@ -122,6 +122,20 @@ def _score_table(scores: Mapping, width: int) -> list[str]:
     return lines
 
 
+def loss_terms_weighed(mixture: Mapping) -> list[str] | None:
+    """The labels of an objective made of losses that is not ``data.target``'s loss alone, else None.
+
+    Why: a run's dev loss weighs the sets as such an objective does (``reported_set_weights``), so
+    calling it the target's (``all`` by default) would name sets weighed otherwise.
+    """
+    terms = (mixture.get("objective") or {}).get("terms") or []
+    if not terms or any(t["kind"] != "loss" for t in terms):
+        return None
+    if len(terms) == 1 and terms[0]["dev"] == mixture["target"]:
+        return None
+    return [t["label"] if t.get("weight", 1.0) == 1.0 else f"{t['label']} ×{t['weight']:g}" for t in terms]
+
+
 def summary(mixture: Mapping, output_dir: str | Path, files: Sequence[str]) -> str:
     """The closing text: the mixture as a table, and its dev loss against the uniform and single experts."""
     weights = mixture["weights"]
@@ -131,7 +145,9 @@ def summary(mixture: Mapping, output_dir: str | Path, files: Sequence[str]) -> s
         # the weights are the best evaluated step's, early stop or not: say which
         stop = ", early stop" if search["stopped_early"] else ""
         best = f", best at step {search['best_step']}" if search.get("best_step") is not None else ""
-        how = f"target: {mixture['target']}, gradient, {search['steps']} steps{stop}{best}"
+        losses = loss_terms_weighed(mixture)
+        aim = f"objective: {', '.join(losses)}" if losses else f"target: {mixture['target']}"
+        how = f"{aim}, gradient, {search['steps']} steps{stop}{best}"
     else:
         labels = ", ".join(t["label"] for t in mixture["objective"]["terms"])
         how = f"objective: {labels}, {mixture['strategy']} search, {search['evaluations']} evaluations"
@@ -142,9 +158,10 @@ def summary(mixture: Mapping, output_dir: str | Path, files: Sequence[str]) -> s
     for name, w in sorted(weights.items(), key=lambda kv: -kv[1]):
         lines.append(f"  {name:<{width}}  {w:7.4f}  {_bar(w)}")
     has_heldout = mixture.get("heldout_loss") is not None
+    loss_name = "dev loss (objective)" if loss_terms_weighed(mixture) else "dev loss (target)"
     lines += [
         "",
-        f"  {'dev loss (target)':<{width}}  {'all dev':>9}" + (f"  {'held-out':>9}" if has_heldout else ""),
+        f"  {loss_name:<{width}}  {'all dev':>9}" + (f"  {'held-out':>9}" if has_heldout else ""),
     ]
 
     def row(label: str, dev: float | None, held: float | None, ref: float | None) -> str:

@@ -19,7 +19,7 @@ import pandas as pd
 from mergeopt.reporting.analysis import Run, group_table, load_run, mixture_table, plot_simplex, rank_table
 from mergeopt.reporting.diagnostics import report_section
 from mergeopt.reporting.outcome_warnings import warning_lines
-from mergeopt.reporting.report import four_places, markdown_table
+from mergeopt.reporting.report import four_places, loss_terms_weighed, markdown_table
 from mergeopt.run_files import DiagnoseFile
 from mergeopt.runtime.files import save_figure_atomic, write_text_atomic
 
@@ -75,7 +75,13 @@ def _mixture_section(run: Run) -> list[str]:
     fitted = table.loc["fitted"]
     best_single = table.drop(index=["fitted", "uniform"])["heldout_loss"].min()
     terms = _metric_terms(m)
-    aim = f"objective **{', '.join(terms)}**" if terms else f"target **{m['target']}**"
+    losses = loss_terms_weighed(m)
+    if terms:
+        aim = f"objective **{', '.join(terms)}**"
+    elif losses:  # the dev losses below weigh the sets as these terms do
+        aim = f"objective **{', '.join(losses)}** (the dev losses below weigh the sets as it does)"
+    else:
+        aim = f"target **{m['target']}**"
     lines = [
         "## Recommended mixture",
         "",
