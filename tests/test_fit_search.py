@@ -346,6 +346,11 @@ def test_a_metric_nan_from_the_third_call_on_is_not_finite_in_the_summary(
     assert row.split(maxsplit=1)[1] == "not finite / not finite", result.stdout
     report = (tmp_path / "out" / "report.md").read_text()  # the warnings and the table, kept with the run
     assert "**Note:** The search stopped at evaluation 3: score 'mine' is nan" in report
+    # the metric returned the NaN itself: the line points at it, not at the experts' numbers
+    assert (
+        "user_metric_pkg:score returned it at the mixture mixture.json records under search.non_finite"
+        in warned[0]
+    )
     assert "| uniform | not finite / not finite |" in report.split("### Objective terms", 1)[1]
 
 

@@ -92,5 +92,18 @@ def non_finite_line(mixture: dict, stop: dict) -> str:
     return (
         f"the search stopped at evaluation {stop['evaluation']}: score {stop['score']!r} is {stop['value']} "
         f"there; mixture.json holds the best of the {search['evaluations']} finite evaluations before it. "
-        "Check the experts, merge.scale and model.compute_dtype"
+        f"{_where_to_look(mixture, stop['score'])}"
     )
+
+
+def _where_to_look(mixture: dict, score: str) -> str:
+    """What to check for a score that was not finite: a custom metric returned it itself (its weights
+    are in mixture.json's search.non_finite); any other score comes from the merged model's numbers."""
+    terms = (mixture.get("objective") or {}).get("terms") or []
+    term = next((t for t in terms if t.get("label") == score), None)
+    if term is not None and term.get("kind") == "custom":
+        return (
+            f"{term['function']} returned it at the mixture mixture.json records under search.non_finite; "
+            "check the function there, then the experts and model.compute_dtype"
+        )
+    return "Check the experts, merge.scale and model.compute_dtype"
