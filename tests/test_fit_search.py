@@ -561,8 +561,8 @@ def test_a_search_that_ends_worse_than_the_uniform_mixture_says_so(strategy, req
     rows = _rows(tmp_path / "out")
     best = min(float(r["value"]) for r in rows)
     if strategy == "grid" and best <= uniform:
-        # the tiny world is trained on this CPU and differs by CPU: on one with AVX-512 its lattice
-        # holds a mixture better than the centre (0.985276 against 1.001895), and nothing is said
+        # the tiny world is trained on this CPU and differs by CPU: on an AMD EPYC with AVX-512 its
+        # lattice holds a mixture better than the centre (0.985276 against 1.001895): nothing is said
         assert "worse_than_uniform" not in mixture["search"]
         assert "uniform mixture" not in result.stderr, result.stderr
         _grid_started_from_the_uniform_mixture(world, run, tmp_path, search, mixture, best < uniform)

@@ -175,9 +175,12 @@ def test_moe_diagnosis_rehearsed_on_the_cpu_reproduces_the_committed_reference(t
     for key in ("base_loss", "base_compute_loss", "merged_loss", "materialized_loss", "step_loss"):
         first, second = report[key]
         assert first == second, key
-        assert first == pytest.approx(committed[key][0], rel=1e-5), key
+        # bfloat16 kernels differ by CPU (an AMD EPYC with AVX-512 BF16 gives a merged loss 3.1e-5
+        # from the reference's); the merge without one of its parts moves it by 8e-4 and more
+        assert first == pytest.approx(committed[key][0], rel=2e-4), key
+    # ∂L/∂z in bfloat16 too: -0.006282 there against the reference's -0.006205 (1.2%)
     torch.testing.assert_close(
-        torch.tensor(report["step_grad"]), torch.tensor(committed["step_grad"]), rtol=1e-3, atol=1e-6
+        torch.tensor(report["step_grad"]), torch.tensor(committed["step_grad"]), rtol=3e-2, atol=1e-6
     )
     assert report["materialized_weights_max_abs"] == 0.0
     assert set(report["merged_weights_max_abs"].values()) == {0.0}
