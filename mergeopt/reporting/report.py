@@ -141,11 +141,11 @@ def summary(mixture: Mapping, output_dir: str | Path, files: Sequence[str]) -> s
     weights = mixture["weights"]
     width = max(len("uniform mixture"), *(len(n) + 5 for n in weights))
     search = mixture["search"]
+    losses = loss_terms_weighed(mixture)
     if mixture["strategy"] == "gradient":
         # the weights are the best evaluated step's, early stop or not: say which
         stop = ", early stop" if search["stopped_early"] else ""
         best = f", best at step {search['best_step']}" if search.get("best_step") is not None else ""
-        losses = loss_terms_weighed(mixture)
         aim = f"objective: {', '.join(losses)}" if losses else f"target: {mixture['target']}"
         how = f"{aim}, gradient, {search['steps']} steps{stop}{best}"
     else:
@@ -158,7 +158,7 @@ def summary(mixture: Mapping, output_dir: str | Path, files: Sequence[str]) -> s
     for name, w in sorted(weights.items(), key=lambda kv: -kv[1]):
         lines.append(f"  {name:<{width}}  {w:7.4f}  {_bar(w)}")
     has_heldout = mixture.get("heldout_loss") is not None
-    loss_name = "dev loss (objective)" if loss_terms_weighed(mixture) else "dev loss (target)"
+    loss_name = "dev loss (objective)" if losses else "dev loss (target)"
     lines += [
         "",
         f"  {loss_name:<{width}}  {'all dev':>9}" + (f"  {'held-out':>9}" if has_heldout else ""),
