@@ -25,6 +25,7 @@ import mergeopt
 from mergeopt import inputs
 from mergeopt.cli_options import ADDERS, common
 from mergeopt.errors import UserError, run_cli
+from mergeopt.runtime import launcher
 
 # verb -> "module:function" that takes the parsed namespace and returns the exit code
 HANDLERS = {
@@ -151,6 +152,7 @@ def run_command(name: str, argv: Sequence[str], prog: str | None = None) -> int:
     args = parse(name, argv, prog)
     quiet_foreign_loggers()
     inputs.environment()  # torchrun's variables and MERGEOPT_FAULT, before any work
+    launcher.end_with_the_launcher()  # a torchrun rank gets SIGTERM when its agent dies
     module, _, function = HANDLERS[name].partition(":")
     with _no_bars(getattr(args, "quiet", False)):
         code = int(getattr(importlib.import_module(module), function)(args) or 0)

@@ -180,6 +180,82 @@ def test_a_sharded_fit_killed_under_torchrun_resumes_to_the_same_mixture(single_
     assert (out / "mixture.json").read_bytes() == (whole_dir / "mixture.json").read_bytes()
 
 
+def _children(parent: int) -> dict[int, str]:
+    """The processes whose parent is ``parent``, each with its state letter (/proc/PID/stat)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:  # ended while the directory was read
+                continue
+            state, ppid = stat.rpartition(")")[2].split()[:2]  # the name in parentheses may hold spaces
+            if int(ppid) == parent:
+                found[int(entry.name)] = state
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's new parent may be slow to reap it, or never reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] not in "ZX"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG) is Linux's")
+def test_ranks_whose_torchrun_agent_is_killed_save_their_state_and_resume(single_runs, tmp_path):
+    """``kill -9`` of torchrun's agent alone. Each rank asked the kernel for SIGTERM when its parent
+    dies (mergeopt.runtime.launcher), so it stops as if torchrun had passed SIGTERM on: it saves its
+    state and exits, instead of running on to the end with no console; the same command resumes it.
+    The ranks stop themselves at step 3 (``sigstop@step:3``), so the agent dies at a known step."""
+    import signal
+    import time
+
+    from mergeopt.runtime.resume import RunState
+
+    path, one_dir = single_runs("gradient")
+    out = tmp_path / "orphaned"
+    env = {**os.environ, "PYTHONPATH": repo_pythonpath(), "OMP_NUM_THREADS": "1"}
+    env["MERGEOPT_FAULT"] = "sigstop@step:3"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += ["-m", "mergeopt.fit", str(path), f"output_dir={out}", "--quiet"]
+    with open(tmp_path / "stdout", "w") as stdout, open(tmp_path / "stderr", "w") as stderr:
+        agent = subprocess.Popen(command, stdout=stdout, stderr=stderr, cwd=REPO, env=env)
+    ranks: dict[int, str] = {}
+    try:
+        deadline = time.monotonic() + 300
+        while agent.poll() is None and time.monotonic() < deadline:
+            ranks = _children(agent.pid)
+            if len(ranks) == 2 and set(ranks.values()) == {"T"}:
+                break
+            time.sleep(0.2)
+        assert set(ranks.values()) == {"T"} and len(ranks) == 2, (tmp_path / "stderr").read_text()[-3000:]
+        agent.kill()  # kill -9 of the agent alone
+        agent.wait()
+        for pid in ranks:
+            os.kill(pid, signal.SIGCONT)
+        while any(map(_running, ranks)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        agent.kill()
+        for pid in ranks:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+    console = (tmp_path / "stderr").read_text()
+    assert not any(map(_running, ranks)), console[-3000:]
+    assert "interrupted (SIGTERM at step" in console, console[-3000:]
+    assert not (out / "mixture.json").exists()
+    assert RunState(out, {}).load_gradient()["next_step"] >= 3
+    resumed = _torchrun(path, f"output_dir={out}", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    one = json.loads((one_dir / "mixture.json").read_text())
+    two = json.loads((out / "mixture.json").read_text())
+    for expert, w in one["weights"].items():
+        assert two["weights"][expert] == pytest.approx(w, abs=1e-6)
+    assert two["dev_loss"] == pytest.approx(one["dev_loss"], rel=1e-6)
+
+
 LM_EVAL_TASKS = ("mergeopt_arith_ppl", "mergeopt_arith_gen")
 
 
