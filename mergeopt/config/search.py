@@ -90,6 +90,14 @@ class SurrogateSearch(Section):
     )
     candidates: int = Field(default=100_000, gt=0, description="surrogate: mixtures scored by the surrogate.")
     verify: int = Field(default=5, gt=0, description="surrogate: best predicted mixtures evaluated for real.")
+    verify_distinct: bool = Field(
+        default=True,
+        description=(
+            "surrogate: verify one mixture per predicted value, the best `verify` values (LightGBM predicts "
+            "one value per plateau, so tied candidates are mixtures it cannot tell apart); false verifies "
+            "the `verify` best candidates, ties included (MergeMix's top-k read literally)."
+        ),
+    )
     n_estimators: int = Field(default=300, gt=0, description="surrogate: LightGBM boosting rounds.")
     learning_rate: float = Field(default=0.05, gt=0.0, description="surrogate: LightGBM learning rate.")
     num_leaves: int = Field(default=8, gt=1, description="surrogate: LightGBM leaves per tree.")

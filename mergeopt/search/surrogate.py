@@ -84,6 +84,33 @@ def predicted_values(predictions: Mapping[str, np.ndarray], value: ValueFn) -> n
     return np.array([float(value(dict(zip(names, row)))) for row in columns.tolist()])
 
 
+def picks_to_verify(
+    evaluator: Evaluator, candidates: np.ndarray, predicted: np.ndarray, count: int, distinct: bool
+) -> list[int]:
+    """The indices of the ``count`` best predictions not evaluated yet, each mixture once.
+
+    With ``distinct``, one candidate per predicted value (the first drawn): a boosted tree
+    ensemble is piecewise constant, so candidates that tie fall in the same leaf of every tree, a
+    plateau the surrogate cannot rank within. Verifying several of them spends the real
+    evaluations on one region; the next plateaus are the surrogate's next guesses. Measured against
+    verifying ties too: on the tiny world (seeds 0-29) the pick was better for 2 seeds and never
+    worse, the best verified mixture better for 20 and worse for 5; on three 4-domain mixing laws
+    (seeds 0-11) the mean regret of the pick fell from 0.058 to 0.043, though single seeds can lose
+    (tests/test_search_strategies.py).
+    """
+    picks, keys, values = [], set(), set()
+    for i in np.argsort(predicted, kind="stable"):
+        if len(picks) == count:
+            break
+        key, value = evaluator.cache_key(candidates[i]), float(predicted[i])
+        if evaluator.is_cached(candidates[i]) or key in keys or (distinct and value in values):
+            continue
+        keys.add(key)
+        values.add(value)
+        picks.append(int(i))
+    return picks
+
+
 def run(
     evaluator: Evaluator, search: SearchSection, seed: int, progress: bool, start: np.ndarray | None = None
 ) -> SearchResult:
@@ -115,14 +142,7 @@ def run(
         candidates = draw_feasible(rng, k, spec.alpha, spec.candidates, feasible, evaluator.groups)
         predicted = predicted_values(surrogate.predict(candidates), evaluator.value)
         verified = []
-        to_verify, keys = [], set()  # the best predictions not evaluated yet, duplicates once
-        for i in np.argsort(predicted, kind="stable"):
-            key = evaluator.cache_key(candidates[i])
-            if len(to_verify) == spec.verify:
-                break
-            if not evaluator.is_cached(candidates[i]) and key not in keys:
-                keys.add(key)
-                to_verify.append(i)
+        to_verify = picks_to_verify(evaluator, candidates, predicted, spec.verify, spec.verify_distinct)
         evaluator.prefetch(candidates[to_verify], "verify")  # one batch: torchrun ranks split it
         for i in to_verify:
             try:
@@ -137,6 +157,7 @@ def run(
         "fit_points": len(fit_w),
         "candidates": spec.candidates,
         "predicted_best": float(predicted.min()),
+        "verify_distinct": spec.verify_distinct,
         "verified": verified,
     }
     return evaluator.result(info)
