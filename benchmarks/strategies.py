@@ -72,6 +72,8 @@ ZERO_ORDER = {
     "cmaes (σ=1)": ["search.strategy=cmaes", "search.budget=286"],
     "spsa": ["search.strategy=spsa", "search.budget=286"],
     "surrogate (40 seeds + 5 verified)": ["search.strategy=surrogate"],
+    # MergeMix's top-k read literally: the 5 best candidates, ties on one LightGBM plateau included
+    "surrogate, ties verified": ["search.strategy=surrogate", "search.surrogate.verify_distinct=false"],
 }
 
 
