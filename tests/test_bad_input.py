@@ -488,6 +488,12 @@ def _merge_to(world, tmp: Path, out: str) -> list[str]:
     return [_recipe(world, tmp), "--weights", "alpha=0.5,beta=0.3,gamma=0.2", "--out", out]
 
 
+def _swap_alpha_and_beta(tree: dict) -> None:
+    """Two experts' checkpoints swapped under their names: the weights fitted for one go to the other."""
+    experts = tree["model"]["experts"]
+    experts["alpha"], experts["beta"] = experts["beta"], experts["alpha"]
+
+
 def _del(tree, *keys):
     for k in keys[:-1]:
         tree = tree[k]
@@ -872,6 +878,18 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
             str(t / "out"),
         ],
         "did not finish",
+    ),
+    "mixture fitted on other checkpoints": (
+        "mixture",
+        "merge",
+        lambda w, t: [
+            _recipe(w, t, _swap_alpha_and_beta),
+            "--mixture",
+            str(_finished_run(w, t)),
+            "--out",
+            str(t / "out"),
+        ],
+        "read expert 'alpha' from",
     ),
     # exports
     "export unknown format": (

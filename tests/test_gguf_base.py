@@ -91,3 +91,37 @@ def test_the_base_config_is_parsed_once_per_file_version(tmp_path, monkeypatch):
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}, indent=3))
     assert base_model.base_config(tmp_path).num_hidden_layers == 1 and len(parsed) == 2
+
+
+def test_merge_with_a_gguf_base_writes_its_safetensors_conversions_merge(smollm2_world, tmp_path):
+    """transformers keeps a GGUF base's quantizer after dequantizing it, and ``save_pretrained``
+    refuses a GGUF-quantized model: ``mergeopt merge`` stopped with a traceback after the merge.
+    The written checkpoint is plain safetensors (no quantization_config), equal to the merge from
+    the converted base, and loads with transformers."""
+    from safetensors.torch import load_file
+
+    from mergeopt.export.merge import materialize
+
+    base = AutoModelForCausalLM.from_pretrained(smollm2_world / "base", dtype=torch.float32)
+    for name, seed in (("noisy", 7), ("other", 3)):
+        perturbed(base, seed=seed, scale=0.01).save_pretrained(tmp_path / name)
+    experts = {"noisy": str(tmp_path / "noisy"), "other": str(tmp_path / "other")}
+    dev = str(smollm2_world / "dev" / "math.jsonl")
+    folder, name = smollm2.gguf_location()
+    weights = {"noisy": 0.3, "other": 0.7}
+    for label, where in (
+        ("gguf", {"base": str(folder), "gguf_file": name}),
+        ("converted", {"base": str(smollm2_world / "base")}),
+    ):
+        recipe = recipe_from_dict(_tree(where, experts, dev, tmp_path / f"run-{label}"))
+        materialize(recipe, weights, tmp_path / label, progress=False, log=lambda _m: None)
+    config = json.loads((tmp_path / "gguf" / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert config == json.loads((tmp_path / "converted" / "config.json").read_text())
+    from_gguf = load_file(tmp_path / "gguf" / "model.safetensors")
+    converted = load_file(tmp_path / "converted" / "model.safetensors")
+    assert from_gguf.keys() == converted.keys()
+    for key, tensor in from_gguf.items():
+        torch.testing.assert_close(tensor, converted[key], atol=1e-6, rtol=0)
+    _, info = AutoModelForCausalLM.from_pretrained(tmp_path / "gguf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]

@@ -206,6 +206,26 @@ def test_sharded_checkpoint_loads_back(random_world, tmp_path):
     assert set(open_checkpoint(out).tensors) == set(index["weight_map"])
 
 
+@pytest.mark.parametrize("size", ["20KiB", "20kib", "20480"])
+def test_shard_sizes_in_binary_units_are_bytes(size, random_world, tmp_path):
+    """--max-shard-size 20KiB is 20480 bytes. Handed to transformers as written, huggingface_hub
+    (KB to TB only) stopped the command with a traceback after the whole merge."""
+    recipe = write_recipe(tmp_path, random_world)
+    out = tmp_path / "merged"
+    assert merge(str(recipe), "--weights", as_arg(WEIGHTS), "--out", str(out), "--max-shard-size", size) == 0
+    shards = sorted(out.glob("*.safetensors"))
+    assert len(shards) > 1 and merge_cli._shard_size(size) == 20480
+    # each shard holds at most 20480 bytes of tensors, unless one tensor alone is larger
+    for shard in shards:
+        tensors = load_file(shard).values()
+        assert sum(t.numel() * t.element_size() for t in tensors) <= 20480 or len(tensors) == 1
+
+
+def test_shard_size_units_read_as_huggingface_hub_reads_them():
+    assert merge_cli._shard_size("5GB") == merge_cli._shard_size("5gb") == 5 * 10**9
+    assert merge_cli._shard_size("200MB") == 200 * 10**6 and merge_cli._shard_size("3GiB") == 3 * 2**30
+
+
 def test_dtype_option_and_default(random_world, tmp_path):
     recipe = write_recipe(tmp_path, random_world)
     full, half = tmp_path / "full", tmp_path / "half"
@@ -224,6 +244,30 @@ def test_dtype_option_and_default(random_world, tmp_path):
     assert merge(str(tmp_path / "bf16.yaml"), "--weights", as_arg(WEIGHTS), "--out", str(out)) == 0
     assert manifest(out)["dtype"] == "bfloat16"
     assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
+
+
+def test_a_narrower_default_dtype_than_fit_scored_is_said(random_world, tmp_path, capsys):
+    """A bfloat16 base's merge is written in bfloat16 by default, but fit scored it in float32: the
+    written model's logits are not the scored ones, and one warning line says so and how to get them."""
+    base = AutoModelForCausalLM.from_pretrained(random_world["base"], dtype=torch.bfloat16)
+    tree = recipe_tree(random_world, tmp_path / "run")
+    tree["model"]["base"] = str(save_checkpoint(base, tmp_path / "bf16_base"))
+    recipe = tmp_path / "bf16.yaml"
+    recipe.write_text(yaml.safe_dump(tree))
+    ids = token_batch(54, seed=4)
+    scored = in_memory_logits(recipe, WEIGHTS, ids)
+    capsys.readouterr()
+    assert merge(str(recipe), "--weights", as_arg(WEIGHTS), "--out", str(tmp_path / "default")) == 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [
+        "mergeopt: warning: writing bfloat16, the base's dtype, but fit scored the merge in float32: the "
+        "rounding moves its losses away from mixture.json's; --dtype float32 writes the model fit scored"
+    ]
+    assert (written_logits(tmp_path / "default", ids).float() - scored).abs().max() > 1e-3
+    out = tmp_path / "full"
+    assert merge(str(recipe), "--weights", as_arg(WEIGHTS), "--out", str(out), "--dtype", "float32") == 0
+    assert capsys.readouterr().err == ""  # the dtype asked for: nothing to say
+    torch.testing.assert_close(written_logits(out, ids), scored, rtol=0, atol=1e-6)
 
 
 def test_normalize_rescales_the_weights(random_world, tmp_path):
@@ -354,6 +398,41 @@ def test_bad_mixture(case, random_world, tmp_path, capsys):
     code = merge(str(recipe), "--mixture", mixture, "--out", str(tmp_path / "merged"))
     assert_one_line_error(code, capsys.readouterr().err, fragment)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def _run_with_experts(tmp_path: Path, world: dict, experts: dict) -> str:
+    """A finished mixture.json beside the run's recipe.yaml that read ``experts``."""
+    path = _mixture_file(tmp_path, WEIGHTS)
+    run = recipe_tree({**world, "experts": experts}, tmp_path / "fitted")
+    (tmp_path / "fitted" / "recipe.yaml").write_text(yaml.safe_dump(run))
+    return path
+
+
+def test_a_mixture_fitted_on_other_checkpoints_under_the_same_names_is_refused(
+    random_world, tmp_path, capsys
+):
+    """The weights belong to the checkpoints, not the names: a recipe that swaps two experts'
+    directories wrote, silently, a merge fit never scored."""
+    experts = dict(random_world["experts"])
+    swapped = {**experts, "alpha": experts["beta"], "beta": experts["alpha"]}
+    mixture = _run_with_experts(tmp_path, random_world, swapped)
+    recipe = write_recipe(tmp_path, random_world)
+    code = merge(str(recipe), "--mixture", mixture, "--out", str(tmp_path / "merged"))
+    assert_one_line_error(
+        code, capsys.readouterr().err, f"read expert 'alpha' from {experts['beta']}, but the recipe names"
+    )
+    assert not (tmp_path / "merged").exists()
+
+
+def test_a_copy_of_the_fitted_checkpoint_is_the_same_expert(random_world, tmp_path):
+    """A checkpoint copied elsewhere (equal contents) is the one the mixture was fitted on."""
+    import shutil
+
+    copy = shutil.copytree(random_world["experts"]["alpha"], tmp_path / "alpha-copy")
+    mixture = _run_with_experts(tmp_path, random_world, random_world["experts"])
+    moved = {**random_world, "experts": {**random_world["experts"], "alpha": str(copy)}}
+    recipe = write_recipe(tmp_path, moved)
+    assert merge(str(recipe), "--mixture", mixture, "--out", str(tmp_path / "merged")) == 0
 
 
 def test_expert_order_must_match_for_dare(random_world, tmp_path, capsys):

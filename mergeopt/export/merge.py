@@ -43,7 +43,7 @@ from mergeopt import worlds
 from mergeopt.cli import run_command
 from mergeopt.config import Recipe, load_recipe
 from mergeopt.config.loading import anchor_paths
-from mergeopt.errors import UserError
+from mergeopt.errors import UserError, warn
 from mergeopt.export.adapter import adapter_config, adapter_tensors, check_adapter_merge
 from mergeopt.inputs import writable_dir
 from mergeopt.loading.checkpoints import gguf_base, open_checkpoint
@@ -53,6 +53,7 @@ from mergeopt.merging.simplex import sum_problem, weight_problem
 from mergeopt.merging.stack import DTYPES, describe
 from mergeopt.run_files import MixtureFile, read_finished_mixture
 from mergeopt.runtime.files import file_mode
+from mergeopt.runtime.fingerprint import digest
 from mergeopt.runtime.rundir import owned, staged
 
 MANIFEST = "mergeopt_merge.json"
@@ -194,6 +195,42 @@ def _check_run_recipe(path: Path, recipe: Recipe) -> None:
                 f"{path} fitted with model.{key} {theirs[key]!r} but the recipe has {value!r}; "
                 "make the recipe match so the written model is the one fit scored"
             )
+    _check_run_checkpoints(path, run_model, recipe)
+
+
+def _same_checkpoint(fitted: Any, ours: str) -> bool:
+    """Whether two recipe paths name the same checkpoint, as far as this machine can tell: equal
+    paths, one directory, or copies with equal contents (:mod:`mergeopt.runtime.fingerprint`).
+    Two different world paths (``tiny://``) are two checkpoints; a path that is not here (a hub
+    name, a checkpoint moved since the fit) cannot be compared and passes."""
+    if not isinstance(fitted, str) or fitted == ours:
+        return True
+    if "://" in fitted and "://" in ours:
+        return False
+    if "://" in fitted or "://" in ours:
+        return True
+    a, b = Path(fitted), Path(ours)
+    if not (a.exists() and b.exists()):
+        return True
+    return a.resolve() == b.resolve() or digest(a) == digest(b)
+
+
+def _check_run_checkpoints(path: Path, run_model: Mapping[str, Any], recipe: Recipe) -> None:
+    """The recipe's base and each expert are the checkpoints the run read under the same names.
+
+    mixture.json's weights belong to the checkpoints, not the names: a recipe that swaps two
+    experts' paths, or names another run's experts, would write a merge fit never scored.
+    """
+    pairs = [("model.base", run_model.get("base"), recipe.model.base)]
+    fitted = run_model.get("experts") if isinstance(run_model.get("experts"), dict) else {}
+    pairs += [(f"expert {n!r}", fitted.get(n), p) for n, p in recipe.model.experts.items()]
+    for what, theirs, ours in pairs:
+        if not _same_checkpoint(theirs, ours):
+            raise UserError(
+                f"the run's {path} read {what} from {theirs}, but the recipe names {ours}, another "
+                "checkpoint: the mixture's weights belong to the checkpoints it was fitted on; name those "
+                "(the run's recipe.yaml does)"
+            )
 
 
 # ----------------------------------------------------------------------------- the output directory
@@ -221,13 +258,43 @@ def output_dtype(choice: str | None, base_config: Mapping[str, Any]) -> str:
     return recorded if recorded in OUT_DTYPES else "float32"
 
 
-def _shard_size(text: str) -> int | str:
-    match = re.fullmatch(r"(\d+)([KMGT]i?B)?", text)
+# bytes per unit: decimal as huggingface_hub reads them (5GB = 5·10⁹), binary too (5GiB = 5·2³⁰)
+SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+SIZE_UNITS |= {f"{unit[0]}IB": 2 ** (10 * (i + 1)) for i, unit in enumerate(SIZE_UNITS)}
+
+
+def _shard_size(text: str) -> int:
+    """--max-shard-size in bytes, read before the merge starts.
+
+    Passed on as written, a binary unit (``500MiB``) reached huggingface_hub, which knows only KB to
+    TB, and stopped the command with a traceback after the whole merge; so every unit is converted
+    here, in either case as huggingface_hub reads its own (``5gb``).
+    """
+    match = re.fullmatch(r"(\d+)([KMGT]i?B)?", text, flags=re.IGNORECASE)
     if not match:
-        raise UserError(f"--max-shard-size {text!r} is not a size like 5GB, 200MB or 100000")
+        raise UserError(f"--max-shard-size {text!r} is not a size like 5GB, 200MB, 512MiB or 100000")
     if int(match.group(1)) == 0:  # transformers would write one file per tensor
         raise UserError(f"--max-shard-size {text!r} is zero; give a size above 0, like 5GB")
-    return int(text) if text.isdigit() else text
+    unit = (match.group(2) or "").upper()
+    return int(match.group(1)) * SIZE_UNITS.get(unit, 1)
+
+
+def drop_gguf_quantizer(model: torch.nn.Module) -> None:
+    """Forget that the base came from a GGUF file, so the merge saves as an ordinary checkpoint.
+
+    transformers dequantizes a GGUF base into plain tensors on loading but keeps its GGUF
+    quantizer, which ``save_pretrained`` refuses (GGUF is not serialisable) and whose
+    ``quantization_config`` config.json would carry, telling every loader to read the safetensors
+    as GGUF. The merged weights are plain tensors, so both are dropped, as the SmolLM2 world's own
+    conversion of its GGUF base does. Any other quantized base is refused before loading.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if getattr(method, "value", method) != "gguf":
+        return
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def write_checkpoint(
@@ -242,6 +309,7 @@ def write_checkpoint(
     """Save the model (cast to ``dtype``) and tokenizer as an HF checkpoint, all or nothing."""
     if out.is_dir() and any(out.iterdir()):
         check_out(out, overwrite)  # it appeared while we were merging
+    drop_gguf_quantizer(model)
     # written into a hidden sibling and swapped in whole (mergeopt.runtime.rundir): the old DIR's
     # files are all replaced, none carried over
     with staged(out, ("*", ".*")) as staging:
@@ -281,6 +349,25 @@ def check_representable(model: torch.nn.Module, dtype: torch.dtype) -> None:
             )
 
 
+def warn_narrower_than_scored(dtype: str, scored: torch.dtype) -> None:
+    """Say when the default dtype (the base's) rounds the merge that fit scored in a wider one.
+
+    fit evaluates in ``model.eval_dtype`` (float32 by default) over the merge computed in float32;
+    rounded to the bfloat16 of a bfloat16 base, a merged weight moves by about as much as the task
+    vectors move it (docs/guides/memory.md, "Precision of the evaluations"), so the written model's
+    losses are not mixture.json's. Not silent: the user who compares them should know why, and how
+    to write the model fit scored.
+    """
+    written = DTYPES[dtype]
+    if torch.finfo(written).bits >= torch.finfo(scored).bits:
+        return
+    short = str(scored).removeprefix("torch.")
+    warn(
+        f"writing {dtype}, the base's dtype, but fit scored the merge in {short}: the rounding moves "
+        f"its losses away from mixture.json's; --dtype {short} writes the model fit scored"
+    )
+
+
 def materialize(
     recipe: Recipe,
     weights: Mapping[str, float],
@@ -312,8 +399,10 @@ def materialize(
         if recipe.model.gguf_file
         else open_checkpoint(recipe.model.base, recipe.model.allow_pickle, role="model.base")
     )
-    dtype = output_dtype(dtype, base.config)
+    chosen, dtype = dtype, output_dtype(dtype, base.config)
     model, stack, tokenizer, _ = load_merge(recipe, progress)
+    if chosen is None:
+        warn_narrower_than_scored(dtype, stack.eval_dtype)
     if fitted is not None:
         check_same_stack(fitted, stack.layout())
     w = torch.tensor([weights[n] for n in stack.expert_names], dtype=torch.float64)
@@ -397,6 +486,9 @@ def run(args: argparse.Namespace) -> int:
         mixture_path = Path(args.mixture)
         mixture = read_finished_mixture(mixture_path)
         weights = check_mixture(mixture.weights, recipe.expert_names, str(mixture_path), args.normalize)
+        # the run directory or its mixture.json: either way the run's recipe.yaml is beside the file
+        if mixture_path.is_dir():
+            mixture_path = mixture_path / MixtureFile.FILE
         check_same_merge(mixture, mixture_path, recipe)
         fitted = FittedStack(mixture_path, mixture.stack) if mixture.stack else None
     else:
