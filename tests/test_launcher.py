@@ -71,3 +71,32 @@ def test_an_agent_that_dies_while_the_rank_asks_is_noticed():
     asked, sent, pid = queue.get(timeout=60)
     process.join(60)
     assert asked is True and sent == [(pid, signal.SIGTERM)]
+
+
+_RANK_STARTS_ONE = """
+import os, subprocess, sys
+done = subprocess.run([sys.executable, "-c", sys.argv[1]], capture_output=True, text=True)
+print(done.stdout.strip() or done.stderr)
+"""
+
+
+@pytest.mark.parametrize(("rank_run_id", "expected"), [("job-1", "False 0"), ("outer-job", "True")])
+def test_a_process_a_rank_started_does_not_ask(rank_run_id, expected):
+    """The variable is inherited by whatever a rank starts, but only the agent's child is a rank: a
+    ``mergeopt`` that a rank's script starts (in the background, as its last act, say) got SIGTERM
+    when that script ended normally. A rank of a torchrun nested in another job's rank still asks."""
+    env = {k: v for k, v in os.environ.items() if k != "TORCHELASTIC_RUN_ID"}
+    env.update(PYTHONPATH=repo_pythonpath(), TORCHELASTIC_RUN_ID=rank_run_id)
+    child = _ASK_AND_READ.replace(
+        "launcher.end_with_the_launcher()", "launcher.end_with_the_launcher({'TORCHELASTIC_RUN_ID': 'job-1'})"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", _RANK_STARTS_ONE, child],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().startswith(expected), done.stdout

@@ -7,9 +7,10 @@ published a result nobody was waiting for. On Linux a process can ask the kernel
 its parent dies (``prctl(PR_SET_PDEATHSIG)``); a rank started by torchrun asks for SIGTERM, so it
 stops as it would if torchrun had passed SIGTERM on: it saves its state at the next step and exits,
 and rerunning the command resumes it. Only a process torchrun (or another torch elastic launcher,
-such as ``accelerate launch``) started asks: the variable ``TORCHELASTIC_RUN_ID`` says so. A plain
-process, or one whose parent is a shell, keeps running when that parent goes (``nohup`` users count
-on it). Elsewhere than Linux nothing is asked and the old behaviour stays.
+such as ``accelerate launch``) started asks: the variable ``TORCHELASTIC_RUN_ID`` says so, and its
+parent was started without it (a process a rank started inherits the variable but its parent is
+the rank). A plain process, or one whose parent is a shell, keeps running when that parent goes
+(``nohup`` users count on it). Elsewhere than Linux nothing is asked and the old behaviour stays.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import signal
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -26,6 +28,21 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 def started_by_torchrun(environ: Mapping[str, str] = os.environ) -> bool:
     """torch elastic's agent (torchrun, ``accelerate launch``) sets this in every rank it starts."""
     return bool(environ.get("TORCHELASTIC_RUN_ID", "").strip())
+
+
+def _parent_is_a_rank(parent: int, environ: Mapping[str, str]) -> bool:
+    """Whether ``parent`` was itself started with this run's ``TORCHELASTIC_RUN_ID``: a rank (or a
+    process a rank started), not torchrun's agent, which is started without it (or, nested in
+    another job, with that job's). Every process a rank starts inherits the variable, so without
+    this a ``mergeopt`` a rank's script starts, say in the background as its last act, would get
+    SIGTERM when that script ends normally. An environment that cannot be read counts as the agent's.
+    """
+    try:
+        raw = Path(f"/proc/{parent}/environ").read_bytes()
+    except OSError:
+        return False
+    ours = f"TORCHELASTIC_RUN_ID={environ.get('TORCHELASTIC_RUN_ID', '')}".encode()
+    return ours in raw.split(b"\0")
 
 
 def end_with_the_launcher(environ: Mapping[str, str] = os.environ) -> bool:
@@ -39,6 +56,8 @@ def end_with_the_launcher(environ: Mapping[str, str] = os.environ) -> bool:
     if not sys.platform.startswith("linux") or not started_by_torchrun(environ):
         return False
     parent = os.getppid()
+    if _parent_is_a_rank(parent, environ):
+        return False
     try:
         libc = ctypes.CDLL(None, use_errno=True)  # the interpreter's own symbols, libc's among them
         if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
