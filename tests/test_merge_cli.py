@@ -24,12 +24,13 @@ from torch.func import functional_call
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mergeopt.config import MergeSection, load_recipe
-from mergeopt.errors import run_cli
+from mergeopt.errors import UserError, run_cli
 from mergeopt.export import merge as merge_cli
 from mergeopt.fit import fit
 from mergeopt.loading.checkpoints import open_checkpoint
 from mergeopt.loading.problem import load_merge
 from mergeopt.merging.stack import describe
+from mergeopt.run_files import read_finished_mixture
 from mergeopt.worlds import resolve_recipe
 from tests.conftest import EXPERTS, recipe_tree, run_in_process, run_module, save_checkpoint
 
@@ -422,6 +423,54 @@ def test_a_mixture_fitted_on_other_checkpoints_under_the_same_names_is_refused(
         code, capsys.readouterr().err, f"read expert 'alpha' from {experts['beta']}, but the recipe names"
     )
     assert not (tmp_path / "merged").exists()
+
+
+EXPERTS_OF_THE_WORLD = {"a": "tiny://experts/arith", "b": "tiny://experts/reverse"}
+
+
+def _world_recipe(path: Path, **model) -> dict:
+    """A recipe tree over the tiny world's paths (nothing is built: the checks come first)."""
+    tree = recipe_tree(
+        {
+            "base": "tiny://base",
+            "experts": EXPERTS_OF_THE_WORLD,
+            "dev": {"a": "tiny://dev/arith.jsonl"},
+        },
+        path / "run",
+    )
+    tree["model"].update(model)
+    return tree
+
+
+@pytest.mark.parametrize(
+    ("fitted", "ours", "fragment"),
+    [
+        ({"world": {"seed": 0}}, {"world": {"seed": 1}}, "built its world checkpoints with world.seed 0"),
+        (
+            {"model": {"gguf_file": "base-Q8_0.gguf"}},
+            {"model": {"gguf_file": "base-Q4_K_M.gguf"}},
+            "GGUF file",
+        ),
+    ],
+)
+def test_the_same_paths_over_other_weights_are_refused(fitted, ours, fragment, tmp_path):
+    """The path is not all a name reads: world.seed builds another tiny world under the same
+    ``tiny://`` names, and one GGUF repository holds several quantizations of the base. Both
+    passed the checkpoint check and wrote a merge the fit never scored."""
+    run, here = (
+        _world_recipe(tmp_path, **fitted.get("model", {})),
+        _world_recipe(tmp_path, **ours.get("model", {})),
+    )
+    run |= {k: v for k, v in fitted.items() if k != "model"}
+    here |= {k: v for k, v in ours.items() if k != "model"}
+    mixture = Path(_mixture_file(tmp_path, {"a": 0.5, "b": 0.5}))
+    (mixture.parent / "recipe.yaml").write_text(yaml.safe_dump(run))
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(here))
+    recipe = load_recipe(tmp_path / "recipe.yaml")
+    with pytest.raises(UserError, match=fragment):
+        merge_cli.check_same_merge(read_finished_mixture(mixture), mixture, recipe)
+    (mixture.parent / "recipe.yaml").write_text(yaml.safe_dump(here))  # the run's own: passes
+    merge_cli.check_same_merge(read_finished_mixture(mixture), mixture, recipe)
 
 
 def test_a_copy_of_the_fitted_checkpoint_is_the_same_expert(random_world, tmp_path):

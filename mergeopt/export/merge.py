@@ -195,7 +195,7 @@ def _check_run_recipe(path: Path, recipe: Recipe) -> None:
                 f"{path} fitted with model.{key} {theirs[key]!r} but the recipe has {value!r}; "
                 "make the recipe match so the written model is the one fit scored"
             )
-    _check_run_checkpoints(path, run_model, recipe)
+    _check_run_checkpoints(path, run, recipe)
 
 
 def _same_checkpoint(fitted: Any, ours: str) -> bool:
@@ -215,12 +215,36 @@ def _same_checkpoint(fitted: Any, ours: str) -> bool:
     return a.resolve() == b.resolve() or digest(a) == digest(b)
 
 
-def _check_run_checkpoints(path: Path, run_model: Mapping[str, Any], recipe: Recipe) -> None:
+def _check_run_sources(path: Path, run: Mapping[str, Any], recipe: Recipe) -> None:
+    """What else than a path says which weights a name reads: the GGUF file inside model.base (one
+    GGUF repository holds several quantizations of a base) and, for world paths (``tiny://``),
+    world.seed (each seed builds its own experts under the same names)."""
+    run_model = run["model"]
+    if "gguf_file" in run_model and run_model["gguf_file"] != recipe.model.gguf_file:
+        raise UserError(
+            f"the run's {path} read model.base from the GGUF file {run_model['gguf_file']!r}, but the "
+            f"recipe's model.gguf_file is {recipe.model.gguf_file!r}, another checkpoint: the mixture's "
+            "weights belong to the checkpoints it was fitted on; name those (the run's recipe.yaml does)"
+        )
+    world = run.get("world") if isinstance(run.get("world"), dict) else {}
+    seed = world.get("seed", 0)
+    paths = [recipe.model.base, *recipe.model.experts.values()]
+    if seed != recipe.world.seed and any(worlds.scheme_of(p) for p in paths):
+        raise UserError(
+            f"the run's {path} built its world checkpoints with world.seed {seed}, but the recipe has "
+            f"world.seed {recipe.world.seed}, whose world has other experts under the same names; set "
+            f"world.seed={seed} (the run's recipe.yaml does)"
+        )
+
+
+def _check_run_checkpoints(path: Path, run: Mapping[str, Any], recipe: Recipe) -> None:
     """The recipe's base and each expert are the checkpoints the run read under the same names.
 
     mixture.json's weights belong to the checkpoints, not the names: a recipe that swaps two
     experts' paths, or names another run's experts, would write a merge fit never scored.
     """
+    _check_run_sources(path, run, recipe)
+    run_model = run["model"]
     pairs = [("model.base", run_model.get("base"), recipe.model.base)]
     fitted = run_model.get("experts") if isinstance(run_model.get("experts"), dict) else {}
     pairs += [(f"expert {n!r}", fitted.get(n), p) for n, p in recipe.model.experts.items()]
