@@ -271,6 +271,20 @@ def test_a_narrower_default_dtype_than_fit_scored_is_said(random_world, tmp_path
     torch.testing.assert_close(written_logits(out, ids), scored, rtol=0, atol=1e-6)
 
 
+def test_the_dtype_warning_of_an_adapter_names_the_base_too(capsys):
+    """An adapter is added to a base the user loads: --dtype float32 alone gives the scored model
+    only over a float32 base. Nothing is said when the written dtype is as wide as the scored one."""
+    merge_cli.warn_narrower_than_scored("bfloat16", torch.float32, adapter=True)
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith("--dtype float32, with the base loaded in float32 too, gives the model fit scored")
+    )
+    merge_cli.warn_narrower_than_scored("float32", torch.float32, adapter=True)
+    merge_cli.warn_narrower_than_scored("bfloat16", torch.bfloat16)
+    assert capsys.readouterr().err == ""
+
+
 def test_normalize_rescales_the_weights(random_world, tmp_path):
     recipe = write_recipe(tmp_path, random_world)
     out = tmp_path / "merged"

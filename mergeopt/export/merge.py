@@ -373,22 +373,28 @@ def check_representable(model: torch.nn.Module, dtype: torch.dtype) -> None:
             )
 
 
-def warn_narrower_than_scored(dtype: str, scored: torch.dtype) -> None:
+def warn_narrower_than_scored(dtype: str, scored: torch.dtype, adapter: bool = False) -> None:
     """Say when the default dtype (the base's) rounds the merge that fit scored in a wider one.
 
     fit evaluates in ``model.eval_dtype`` (float32 by default) over the merge computed in float32;
     rounded to the bfloat16 of a bfloat16 base, a merged weight moves by about as much as the task
     vectors move it (docs/guides/memory.md, "Precision of the evaluations"), so the written model's
     losses are not mixture.json's. Not silent: the user who compares them should know why, and how
-    to write the model fit scored.
+    to write the model fit scored. An adapter (``adapter``) is added to a base the user loads, so
+    the base must be loaded in that dtype too.
     """
     written = DTYPES[dtype]
     if torch.finfo(written).bits >= torch.finfo(scored).bits:
         return
     short = str(scored).removeprefix("torch.")
+    remedy = (
+        f"--dtype {short}, with the base loaded in {short} too, gives the model fit scored"
+        if adapter
+        else f"--dtype {short} writes the model fit scored"
+    )
     warn(
         f"writing {dtype}, the base's dtype, but fit scored the merge in {short}: the rounding moves "
-        f"its losses away from mixture.json's; --dtype {short} writes the model fit scored"
+        f"its losses away from mixture.json's; {remedy}"
     )
 
 
@@ -426,7 +432,7 @@ def materialize(
     chosen, dtype = dtype, output_dtype(dtype, base.config)
     model, stack, tokenizer, _ = load_merge(recipe, progress)
     if chosen is None:
-        warn_narrower_than_scored(dtype, stack.eval_dtype)
+        warn_narrower_than_scored(dtype, stack.eval_dtype, adapter=as_adapter)
     if fitted is not None:
         check_same_stack(fitted, stack.layout())
     w = torch.tensor([weights[n] for n in stack.expert_names], dtype=torch.float64)
