@@ -487,6 +487,32 @@ def test_the_same_paths_over_other_weights_are_refused(fitted, ours, fragment, t
     merge_cli.check_same_merge(read_finished_mixture(mixture), mixture, recipe)
 
 
+@pytest.mark.parametrize(("copied", "refused"), [("arith", False), ("reverse", True)])
+def test_a_local_checkpoint_and_a_world_path_are_compared_as_the_worlds_place(
+    copied, refused, tiny_world, tmp_path
+):
+    """The run read expert a from a local directory (the tiny grid trains its own experts); the
+    recipe names ``tiny://experts/arith``. Compared as the world cache's directory: a copy of the
+    world's arith expert is the same checkpoint, another expert under the name is refused. Before,
+    a world path against a local one always passed."""
+    import shutil
+
+    local = shutil.copytree(tiny_world / "experts" / copied, tmp_path / f"{copied}-copy")
+    world = {"world": {"cache_dir": str(tiny_world.parent)}}
+    run = _world_recipe(tmp_path) | world
+    run["model"]["experts"] = {**EXPERTS_OF_THE_WORLD, "a": str(local)}
+    here = _world_recipe(tmp_path) | world
+    mixture = Path(_mixture_file(tmp_path, {"a": 0.5, "b": 0.5}))
+    (mixture.parent / "recipe.yaml").write_text(yaml.safe_dump(run))
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(here))
+    recipe = load_recipe(tmp_path / "recipe.yaml")
+    if refused:
+        with pytest.raises(UserError, match=f"read expert 'a' from {local}, but the recipe names tiny://"):
+            merge_cli.check_same_merge(read_finished_mixture(mixture), mixture, recipe)
+    else:
+        merge_cli.check_same_merge(read_finished_mixture(mixture), mixture, recipe)
+
+
 def test_a_copy_of_the_fitted_checkpoint_is_the_same_expert(random_world, tmp_path):
     """A checkpoint copied elsewhere (equal contents) is the one the mixture was fitted on."""
     import shutil

@@ -198,21 +198,32 @@ def _check_run_recipe(path: Path, recipe: Recipe) -> None:
     _check_run_checkpoints(path, run, recipe)
 
 
-def _same_checkpoint(fitted: Any, ours: str) -> bool:
+def _same_checkpoint(fitted: Any, ours: str, fitted_world: Any, recipe: Recipe) -> bool:
     """Whether two recipe paths name the same checkpoint, as far as this machine can tell: equal
     paths, one directory, or copies with equal contents (:mod:`mergeopt.runtime.fingerprint`).
-    Two different world paths (``tiny://``) are two checkpoints; a path that is not here (a hub
-    name, a checkpoint moved since the fit) cannot be compared and passes."""
+    A world path (``tiny://``) is compared as its place in the world cache (the run's world section
+    for the run's path, the recipe's for ours), so a run over a trained copy of the world's experts
+    and a recipe naming the world's own are told apart. A path that is not here (a hub name, a
+    checkpoint moved since the fit, a world not built) cannot be compared and passes."""
     if not isinstance(fitted, str) or fitted == ours:
         return True
-    if "://" in fitted and "://" in ours:
-        return False
-    if "://" in fitted or "://" in ours:
-        return True
-    a, b = Path(fitted), Path(ours)
+    if worlds.scheme_of(fitted) and worlds.scheme_of(ours):
+        return False  # the same seed (checked before): two names in one world, two checkpoints
+    a = _world_place(fitted, fitted_world) if worlds.scheme_of(fitted) else Path(fitted)
+    b = _world_place(ours, recipe.world.model_dump()) if worlds.scheme_of(ours) else Path(ours)
     if not (a.exists() and b.exists()):
         return True
     return a.resolve() == b.resolve() or digest(a) == digest(b)
+
+
+def _world_place(path: str, world: Any) -> Path:
+    """Where a world path's checkpoint lies in the cache, built or not (nothing is built here)."""
+    world = world if isinstance(world, dict) else {}
+    seed = world.get("seed", 0)
+    root = worlds.world_dir(
+        worlds.scheme_of(path), world.get("cache_dir"), seed if isinstance(seed, int) else 0
+    )
+    return root / path.partition("://")[2]
 
 
 def _check_run_sources(path: Path, run: Mapping[str, Any], recipe: Recipe) -> None:
@@ -249,7 +260,7 @@ def _check_run_checkpoints(path: Path, run: Mapping[str, Any], recipe: Recipe) -
     fitted = run_model.get("experts") if isinstance(run_model.get("experts"), dict) else {}
     pairs += [(f"expert {n!r}", fitted.get(n), p) for n, p in recipe.model.experts.items()]
     for what, theirs, ours in pairs:
-        if not _same_checkpoint(theirs, ours):
+        if not _same_checkpoint(theirs, ours, run.get("world"), recipe):
             raise UserError(
                 f"the run's {path} read {what} from {theirs}, but the recipe names {ours}, another "
                 "checkpoint: the mixture's weights belong to the checkpoints it was fitted on; name those "
