@@ -198,7 +198,7 @@ def _check_run_recipe(path: Path, recipe: Recipe) -> None:
     _check_run_checkpoints(path, run, recipe)
 
 
-def _same_checkpoint(fitted: Any, ours: str, fitted_world: Any, recipe: Recipe) -> bool:
+def _same_checkpoint(fitted: Any, ours: str, fitted_world: Mapping[str, Any], recipe: Recipe) -> bool:
     """Whether two recipe paths name the same checkpoint, as far as this machine can tell: equal
     paths, one directory, or copies with equal contents (:mod:`mergeopt.runtime.fingerprint`).
     A world path (``tiny://``) is compared as its place in the world cache (the run's world section
@@ -216,9 +216,14 @@ def _same_checkpoint(fitted: Any, ours: str, fitted_world: Any, recipe: Recipe) 
     return a.resolve() == b.resolve() or digest(a) == digest(b)
 
 
-def _world_place(path: str, world: Any) -> Path:
+def _run_world(run: Mapping[str, Any]) -> dict[str, Any]:
+    """The run's recipe.yaml ``world`` section (empty when it has none: the defaults, seed 0)."""
+    world = run.get("world")
+    return world if isinstance(world, dict) else {}
+
+
+def _world_place(path: str, world: Mapping[str, Any]) -> Path:
     """Where a world path's checkpoint lies in the cache, built or not (nothing is built here)."""
-    world = world if isinstance(world, dict) else {}
     seed = world.get("seed", 0)
     root = worlds.world_dir(
         worlds.scheme_of(path), world.get("cache_dir"), seed if isinstance(seed, int) else 0
@@ -237,8 +242,7 @@ def _check_run_sources(path: Path, run: Mapping[str, Any], recipe: Recipe) -> No
             f"recipe's model.gguf_file is {recipe.model.gguf_file!r}, another checkpoint: the mixture's "
             "weights belong to the checkpoints it was fitted on; name those (the run's recipe.yaml does)"
         )
-    world = run.get("world") if isinstance(run.get("world"), dict) else {}
-    seed = world.get("seed", 0)
+    seed = _run_world(run).get("seed", 0)
     paths = [recipe.model.base, *recipe.model.experts.values()]
     if seed != recipe.world.seed and any(worlds.scheme_of(p) for p in paths):
         raise UserError(
@@ -260,7 +264,7 @@ def _check_run_checkpoints(path: Path, run: Mapping[str, Any], recipe: Recipe) -
     fitted = run_model.get("experts") if isinstance(run_model.get("experts"), dict) else {}
     pairs += [(f"expert {n!r}", fitted.get(n), p) for n, p in recipe.model.experts.items()]
     for what, theirs, ours in pairs:
-        if not _same_checkpoint(theirs, ours, run.get("world"), recipe):
+        if not _same_checkpoint(theirs, ours, _run_world(run), recipe):
             raise UserError(
                 f"the run's {path} read {what} from {theirs}, but the recipe names {ours}, another "
                 "checkpoint: the mixture's weights belong to the checkpoints it was fitted on; name those "

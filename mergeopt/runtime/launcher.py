@@ -51,7 +51,8 @@ def end_with_the_launcher(environ: Mapping[str, str] = os.environ) -> bool:
     The kernel sends the signal when the thread that started this process ends; torchrun's agent
     starts its ranks from its main thread, so that is when the agent ends. A parent that died while
     this call was made is caught by the parent's pid changing under it (SIGTERM is then sent at
-    once); one that died before it, while the interpreter was starting, is not. The parent's pid alone cannot tell: in a container torchrun's agent may itself be pid 1.
+    once); one that died before it, while the interpreter was starting, is not. The parent's pid
+    alone cannot tell: in a container torchrun's agent may itself be pid 1.
     """
     if not sys.platform.startswith("linux") or not started_by_torchrun(environ):
         return False
