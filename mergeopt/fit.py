@@ -297,7 +297,7 @@ def _mixture_record(resolved, objective, problem, found: SearchOutcome, groups, 
         "device": str(problem.device),
         "processes": distributed.process_rank_and_size()[1],
         "shard": resolved.model.shard,  # fsdp: each rank held 1/N of the stack's matrices
-        "stack": _stack_record(stack, resolved.model.stack_dtype),
+        "stack": stack.record(resolved.model.stack_dtype),
         "worlds": {name: str(root) for name, root in world_roots.items()},
         "mergeopt_version": mergeopt.__version__,
     }  # no timings: the same recipe and seed give a byte-identical mixture.json
@@ -319,22 +319,6 @@ def _closing_losses(problem, weights: torch.Tensor, batch: int) -> tuple[dict, d
     uniform = _losses(problem, torch.full((len(names),), 1.0 / len(names)), batch)
     singles = {n: _losses(problem, torch.eye(len(names))[i], batch) for i, n in enumerate(names)}
     return fitted, uniform, singles
-
-
-def _stack_record(stack, stack_dtype: str) -> dict:
-    """mixture.json's ``stack``: what was stacked, how much of it, in which dtypes."""
-    layout = stack.layout()
-    return {
-        "tensors": layout.pop("tensors"),
-        "parameters": stack.num_stacked_parameters(),
-        "bytes": stack.nbytes(),
-        **layout,
-        "dtypes": {  # storage, fit steps, loss evaluations (mergeopt.merging.eval_dtype)
-            "stack": stack_dtype,
-            "compute": str(stack.compute_dtype).removeprefix("torch."),
-            "evaluation": str(stack.eval_dtype or stack.compute_dtype).removeprefix("torch."),
-        },
-    }
 
 
 def _rank_on_grid(resolved, objective, problem, mixture, progress, checkpoint) -> tuple:

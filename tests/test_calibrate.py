@@ -76,6 +76,28 @@ def test_writes_the_report_the_ranking_and_exportable_mixtures(first_round):
         assert tuple(np.round(list(proposal.weights.values()), 9)) not in runs
 
 
+def test_the_pick_and_the_proposals_record_the_stack_as_a_fit_does(first_round):
+    """mixture.json's ``stack`` is what ``mergeopt merge`` compares the recipe's experts with; the
+    pick and the proposals had none, so that check was skipped for them. Each records the stack the
+    proxy was scored on: equal to the loaded stack's record, and the merge of the pick passes."""
+    from mergeopt.config import load_recipe
+    from mergeopt.export.merge import FittedStack, check_same_stack
+    from mergeopt.loading.problem import load_problem
+    from mergeopt.run_files import read_finished_mixture
+
+    tmp, recipe, _, out = first_round
+    problem = load_problem(load_recipe(recipe, []), progress=False)
+    expected = problem.stack.record("float32")
+    assert expected["tensors"] > 0
+    for folder in ("pick", "next-1", "next-2"):
+        mixture = read_finished_mixture(out / folder / "mixture.json")
+        assert mixture.stack == expected and mixture.processes == 1 and mixture.shard == "none"
+        check_same_stack(FittedStack(out / folder / "mixture.json", mixture.stack), problem.stack.layout())
+    other = {**problem.stack.layout(), "tensors": 0, "lowrank_modules": expected["tensors"]}
+    with pytest.raises(UserError, match="fitted on other experts than the recipe names"):
+        check_same_stack(FittedStack(out / "pick" / "mixture.json", mixture.stack), other)
+
+
 def test_the_analysis_api_opens_a_pick_and_says_where_its_numbers_are(first_round):
     """calibration.md says pick/ and next-<i>/ are read like a fit's: open_run takes them and gives
     the weights, and mixture_table (a fit's losses, which a calibrate mixture does not have) says

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+import mergeopt
 from mergeopt.cli import run_command
 from mergeopt.errors import UserError
 from mergeopt.evaluation import calibration
@@ -359,9 +360,14 @@ def _run(args: argparse.Namespace, recipe, out: Path) -> int:
         "unit": resolved.weights.unit,  # the grid's runs were mixed in it, and so is every proposal
         "target": resolved.data.target,
         "method": problem.stack.method,
+        "device": str(problem.device),
+        "processes": distributed.process_rank_and_size()[1],
+        "shard": resolved.model.shard,
+        "stack": problem.stack.record(resolved.model.stack_dtype),  # what merge compares its stack with
         "seed": resolved.seed,
         "worlds": {name: str(root) for name, root in world_roots.items()},
         **({"constraints": grid.record} if grid.record is not None else {}),
+        "mergeopt_version": mergeopt.__version__,
     }
     # the proxy's journal (calibrate_checkpoint/) stays for the next round: it is not replaced
     with staged(out, (*OUTPUT_FILES, "pick", "next-*")) as staging:

@@ -118,6 +118,23 @@ class TaskVectorStack:
             "lowrank_parameters": len(lowrank.parameters) if lowrank is not None else 0,
         }
 
+    def record(self, stack_dtype: str) -> dict:
+        """mixture.json's ``stack``: what was stacked, how much of it, in which dtypes. Every command
+        that writes a mixture.json (fit, calibrate's pick and proposals) records it, so
+        ``mergeopt merge`` can tell a recipe whose experts stack otherwise."""
+        layout = self.layout()
+        return {
+            "tensors": layout.pop("tensors"),
+            "parameters": self.num_stacked_parameters(),
+            "bytes": self.nbytes(),
+            **layout,
+            "dtypes": {  # storage, fit steps, loss evaluations (mergeopt.merging.eval_dtype)
+                "stack": stack_dtype,
+                "compute": str(self.compute_dtype).removeprefix("torch."),
+                "evaluation": str(self.eval_dtype or self.compute_dtype).removeprefix("torch."),
+            },
+        }
+
     def coefficients(self, weights: torch.Tensor) -> torch.Tensor:
         """w as the merge uses it: reweighted by the mixup draw when there is one."""
         if weights.shape != (self.num_experts,):
