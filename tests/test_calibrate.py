@@ -81,7 +81,7 @@ def test_the_pick_and_the_proposals_record_the_stack_as_a_fit_does(first_round):
     pick and the proposals had none, so that check was skipped for them. Each records the stack the
     proxy was scored on: equal to the loaded stack's record, and the merge of the pick passes."""
     from mergeopt.config import load_recipe
-    from mergeopt.export.merge import FittedStack, check_same_stack
+    from mergeopt.export.fitted_mixture import FittedStack, check_same_stack
     from mergeopt.loading.problem import load_problem
     from mergeopt.run_files import read_finished_mixture
 

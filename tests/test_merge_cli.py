@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from mergeopt.config import MergeSection, load_recipe
 from mergeopt.errors import UserError, run_cli
 from mergeopt.export import merge as merge_cli
+from mergeopt.export.fitted_mixture import check_same_merge
 from mergeopt.fit import fit
 from mergeopt.loading.checkpoints import open_checkpoint
 from mergeopt.loading.problem import load_merge
@@ -482,9 +483,9 @@ def test_the_same_paths_over_other_weights_are_refused(fitted, ours, fragment, t
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(here))
     recipe = load_recipe(tmp_path / "recipe.yaml")
     with pytest.raises(UserError, match=fragment):
-        merge_cli.check_same_merge(read_finished_mixture(mixture), mixture, recipe)
+        check_same_merge(read_finished_mixture(mixture), mixture, recipe)
     (mixture.parent / "recipe.yaml").write_text(yaml.safe_dump(here))  # the run's own: passes
-    merge_cli.check_same_merge(read_finished_mixture(mixture), mixture, recipe)
+    check_same_merge(read_finished_mixture(mixture), mixture, recipe)
 
 
 @pytest.mark.parametrize(("copied", "refused"), [("arith", False), ("reverse", True)])
@@ -508,9 +509,9 @@ def test_a_local_checkpoint_and_a_world_path_are_compared_as_the_worlds_place(
     recipe = load_recipe(tmp_path / "recipe.yaml")
     if refused:
         with pytest.raises(UserError, match=f"read expert 'a' from {local}, but the recipe names tiny://"):
-            merge_cli.check_same_merge(read_finished_mixture(mixture), mixture, recipe)
+            check_same_merge(read_finished_mixture(mixture), mixture, recipe)
     else:
-        merge_cli.check_same_merge(read_finished_mixture(mixture), mixture, recipe)
+        check_same_merge(read_finished_mixture(mixture), mixture, recipe)
 
 
 def test_a_copy_of_the_fitted_checkpoint_is_the_same_expert(random_world, tmp_path):
