@@ -29,7 +29,7 @@ from mergeopt.config import recipe_from_dict
 from mergeopt.errors import USER_ERROR_EXIT_CODE, UserError, run_cli
 from mergeopt.fit import fit
 from mergeopt.fit import main as fit_main
-from mergeopt.reporting import tracking
+from mergeopt.reporting import trackers, tracking
 from mergeopt.runtime.resume import RunState
 from tests.conftest import EXPERTS, REPO, recipe_tree, repo_pythonpath, run_forked, run_in_process
 
@@ -357,7 +357,7 @@ def test_a_resumed_attempt_started_in_the_second_of_the_first_sorts_after_it(tmp
     folder.mkdir(parents=True)
     first = folder / f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.999999.0"
     first.write_bytes(b"")
-    board = tracking._TensorBoard(tmp_path, "run", "seed: 0\n", str(tmp_path / "run"), resuming=True)
+    board = trackers.TensorBoard(tmp_path, "run", "seed: 0\n", str(tmp_path / "run"), resuming=True)
     board.log({"loss": 1.0}, step=3)
     board.close("finished")
     names = sorted(f.name for f in folder.glob("events.*"))
@@ -417,7 +417,7 @@ def _report(results, call: Callable[[], str]) -> None:
 def _claim_folder(root: str, output_dir: str, start, names) -> None:
     """One process of the test below: a TensorBoard backend opened as the others open theirs."""
     start.wait()
-    _report(names, lambda: tracking._TensorBoard(Path(root), "fit", "", output_dir).run_name)
+    _report(names, lambda: trackers.TensorBoard(Path(root), "fit", "", output_dir).run_name)
 
 
 def _open_store(root: str, output_dir: str, start, errors) -> None:
@@ -431,7 +431,7 @@ def _open_store(root: str, output_dir: str, start, errors) -> None:
     recipe = recipe_from_dict(tree)
 
     def opened_and_finished() -> str:
-        tracking._MLflow(Path(root), Path(output_dir).name, recipe, None).close("finished")
+        trackers.MLflow(Path(root), Path(output_dir).name, recipe, None).close("finished")
         return ""
 
     start.wait()
@@ -477,7 +477,7 @@ def test_fits_starting_together_with_one_run_name_get_a_tensorboard_folder_each(
     pytest.importorskip("tensorboard")
     root = tmp_path / "shared"
     assert sorted(_at_once(_claim_folder, root, 4)) == ["fit", "fit-2", "fit-3", "fit-4"]
-    owners = {(root / "tensorboard" / n / tracking.OWNER).read_text().strip() for n in ("fit", "fit-4")}
+    owners = {(root / "tensorboard" / n / trackers.OWNER).read_text().strip() for n in ("fit", "fit-4")}
     assert len(owners) == 2  # each folder names the output_dir it belongs to
 
 
@@ -497,7 +497,7 @@ def test_an_unreachable_mlflow_server_is_one_line_and_exit_2_without_the_long_re
         logging_section = {"mlflow_tracking_uri": uri}
         recipe = _recipe_file(random_world, tmp_path, out, ["tensorboard", "mlflow"], logging=logging_section)
         env = {**os.environ, "PYTHONPATH": repo_pythonpath()}
-        for key in tracking.FAIL_FAST:
+        for key in trackers.FAIL_FAST:
             env.pop(key, None)
         done = subprocess.run(
             [sys.executable, "-m", "mergeopt.fit", recipe, "--quiet"],
@@ -519,11 +519,11 @@ def test_the_short_mlflow_retries_are_for_the_first_request_and_only_where_unset
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "45")
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", raising=False)
-    with tracking._fail_fast():
+    with trackers.fail_fast():
         assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "45"
         assert (
             os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
-            == tracking.FAIL_FAST["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
+            == trackers.FAIL_FAST["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
         )
     assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
     assert "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR" not in os.environ
