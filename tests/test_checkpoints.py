@@ -179,7 +179,7 @@ def test_experts_stored_with_less_precision_than_the_base_are_warned_of(random_w
     """A bfloat16 expert over a float32 base: its task vector holds the base's rounding, often larger
     than a short fine-tune, so fit and plan warn once, naming it; experts in the base's dtype (or a
     finer one) are not warned of."""
-    from mergeopt.loading.checkpoints import precision_warning, weight_dtype
+    from mergeopt.loading.precision import precision_warning, weight_dtype
     from tests.conftest import recipe_tree, run_in_process
 
     model = AutoModelForCausalLM.from_pretrained(random_world["experts"]["beta"], dtype=torch.bfloat16)

@@ -12,9 +12,7 @@ base's tensor shapes and, when the adapter names a local base directory, against
 from __future__ import annotations
 
 import json
-import math
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -29,6 +27,8 @@ from mergeopt.loading.conversions import plan_conversions, read_converted, read_
 from mergeopt.loading.lora import read_adapter
 from mergeopt.loading.lora_updates import LoraAdapter
 from mergeopt.loading.peft_format import is_adapter
+from mergeopt.loading.precision import precision_warning
+from mergeopt.loading.tokenizer_vocab import vocabulary_difference
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -261,45 +261,6 @@ def check_compatible_as_stored(
     check_compatible(base, expert, expert_name)
 
 
-# significant bits of each float dtype, as safetensors headers and torch name them
-MANTISSA_BITS = {
-    **{"F64": 52, "float64": 52, "F32": 23, "float32": 23},
-    **{"F16": 10, "float16": 10, "BF16": 7, "bfloat16": 7},
-}
-
-
-def weight_dtype(checkpoint: Checkpoint) -> str | None:
-    """The float dtype that holds most of ``checkpoint``'s weights (None: none known, e.g. GGUF)."""
-    elements: dict[str, int] = {}
-    for meta in checkpoint.tensors.values():
-        if meta.dtype in MANTISSA_BITS:
-            elements[meta.dtype] = elements.get(meta.dtype, 0) + math.prod(meta.shape)
-    return max(elements, key=elements.__getitem__) if elements else None
-
-
-def precision_warning(base: Checkpoint, dense: Mapping[str, Checkpoint]) -> str | None:
-    """A warning for experts stored with fewer significant bits than the base: θ_i − θ0 then holds
-    the rounding of θ0 to the expert's dtype as well as the fine-tune (a float32 base and bfloat16
-    experts: about 2⁻⁹ of each weight, where a short fine-tune moves it 1e-3 or less)."""
-    kept = weight_dtype(base)
-    if kept is None:
-        return None
-    lower = {}
-    for name, expert in dense.items():
-        dtype = weight_dtype(expert)
-        if dtype is not None and MANTISSA_BITS[dtype] < MANTISSA_BITS[kept]:
-            lower[name] = dtype
-    if not lower:
-        return None
-    named = ", ".join(f"{name} ({dtype})" for name, dtype in lower.items())
-    return (
-        f"expert{'s' * (len(lower) > 1)} {named} stored with less precision than the base ({kept}): "
-        "each task vector θ_i − θ0 then carries the base's rounding to that dtype, which for a short "
-        "fine-tune can be as large as the fine-tune itself; save the experts in the base's dtype, or "
-        "give a copy of the base saved in theirs"
-    )
-
-
 def under_model_names(checkpoint: Checkpoint, model: torch.nn.Module) -> Checkpoint:
     """``checkpoint`` as the model's parameters: converted names with the model's shapes, the
     other tensors as stored. The checkpoint itself when nothing is converted."""
@@ -313,53 +274,6 @@ def under_model_names(checkpoint: Checkpoint, model: torch.nn.Module) -> Checkpo
         first = checkpoint.tensors[conversion.sources[0][0]]
         tensors[target] = TensorMeta(first.file, shapes[target], first.dtype)
     return replace(checkpoint, tensors=tensors, _handles={}, _conversions=conversions, _stored=checkpoint)
-
-
-def _tokenizer_vocab(path: Path) -> dict | None:
-    file = path / "tokenizer.json"
-    if not file.is_file():
-        return None
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        raise UserError(f"{file}: not valid JSON") from None
-    model = data.get("model", {}) if isinstance(data, dict) else {}
-    vocab = model.get("vocab")
-    added = (
-        [(t.get("id"), t.get("content")) for t in data.get("added_tokens", [])]
-        if isinstance(data, dict)
-        else []
-    )
-    return {"vocab": vocab, "added": added}
-
-
-def _tokens_by_id(vocab: dict) -> dict:
-    """id -> token of a :func:`_tokenizer_vocab` (a BPE/WordPiece token -> id map, or a Unigram list
-    of [token, score] pairs), added tokens included."""
-    model = vocab["vocab"]
-    if isinstance(model, dict):
-        tokens = {i: t for t, i in model.items()}
-    elif isinstance(model, list):
-        tokens = {i: (e[0] if isinstance(e, list | tuple) and e else e) for i, e in enumerate(model)}
-    else:
-        tokens = {}
-    tokens.update({i: t for i, t in vocab["added"]})
-    return tokens
-
-
-def _first_token_difference(base: dict, expert: dict) -> str:
-    """``: token id N is 'a' in the base, 'b' in the expert`` at the lowest id where they differ
-    (what to look for in the tokenizers), or nothing when the maps cannot be compared by id."""
-    try:
-        ours, theirs = _tokens_by_id(base), _tokens_by_id(expert)
-    except (TypeError, ValueError):
-        return ""
-    ids = sorted(i for i in set(ours) | set(theirs) if isinstance(i, int))
-    for i in ids:
-        if ours.get(i) != theirs.get(i):
-            shown = ["absent" if i not in side else repr(side[i]) for side in (ours, theirs)]
-            return f": token id {i} is {shown[0]} in the base, {shown[1]} in the expert"
-    return ""
 
 
 def check_compatible(base: Checkpoint, expert: Checkpoint, expert_name: str) -> None:
@@ -378,11 +292,8 @@ def check_compatible(base: Checkpoint, expert: Checkpoint, expert_name: str) -> 
     extra = sorted(set(expert.tensors) - set(base.tensors))
     if extra:
         raise UserError(f"tensor {extra[0]} is in the expert but not in the base ({where})")
-    base_vocab, expert_vocab = _tokenizer_vocab(base.path), _tokenizer_vocab(expert.path)
-    if base_vocab is not None and expert_vocab is not None and base_vocab != expert_vocab:
-        raise UserError(
-            f"tokenizer vocabulary differs{_first_token_difference(base_vocab, expert_vocab)} ({where})"
-        )
+    if (difference := vocabulary_difference(base.path, expert.path)) is not None:
+        raise UserError(f"tokenizer vocabulary differs{difference} ({where})")
 
 
 def check_config_matches_weights(

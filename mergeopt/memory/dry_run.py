@@ -34,7 +34,6 @@ from mergeopt.loading.checkpoints import (
     check_config_matches_weights,
     gguf_base,
     open_checkpoint,
-    precision_warning,
     read_json_object,
     tied_parameters,
     under_model_names,
@@ -43,6 +42,7 @@ from mergeopt.loading.lora import check_untied, input_embedding_weight, saved_ti
 from mergeopt.loading.lora_sizes import FactorSizes, factor_sizes, saved_copy
 from mergeopt.loading.peft_format import PREFIX, is_adapter, read_adapter_config
 from mergeopt.loading.positions import check_max_length
+from mergeopt.loading.precision import precision_warning
 from mergeopt.memory.layer_profiles import not_profiled_note
 from mergeopt.memory.layout import dora_kept_low_rank, parameters_kept_low_rank
 from mergeopt.memory.plan import plan_memory
