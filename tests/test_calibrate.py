@@ -256,3 +256,23 @@ def test_calibration_md_says_when_no_run_is_worth_training(first_round):
         assert (verdict in text) is negligible, gain
     content["proposals"][0]["expected_improvement"] = 2.3e-78
     assert "expected improvement 2.3e-78;" in markdown(content, ranking, names)
+
+
+def test_a_run_typed_to_three_decimals_is_the_mixture_the_proxy_scored(random_world, tmp_path):
+    """A row whose weights sum to 1.002 (typed as calibration.md prints them) is within the grid's
+    tolerance and the proxy scores it renormalised; the model, the ranking and the pick take that
+    mixture too. It was kept as typed, and pick/mixture.json (weights summing to 1) failed with a
+    validation traceback when the run was the pick."""
+    table = _grid()
+    table.loc[2, ["w_alpha", "w_beta", "w_gamma"]] = [0.201, 0.301, 0.5]
+    table["loss_arith"] = [3.1, 2.9, 1.0]
+    table["loss_markov"] = [3.3, 3.0, 1.0]
+    _, _, out = _run(random_world, tmp_path, table, candidates=3)
+    report = json.loads((out / "calibration.json").read_text())
+    expected = {"alpha": 0.201 / 1.002, "beta": 0.301 / 1.002, "gamma": 0.5 / 1.002}
+    assert report["best_run"]["weights"] == pytest.approx(expected, abs=1e-15)
+    assert report["pick"]["truth"] == pytest.approx(1.0)
+    assert report["pick"]["weights"] == report["best_run"]["weights"]
+    assert read_mixture(out / "pick").weights == pytest.approx(expected, abs=1e-15)
+    runs = read_csv(out / "calibrated_ranking.csv").query("source == 'run'")
+    np.testing.assert_allclose(runs[["w_alpha", "w_beta", "w_gamma"]].sum(axis=1), 1.0, rtol=0, atol=1e-15)

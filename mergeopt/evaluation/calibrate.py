@@ -256,7 +256,7 @@ def _checked_grid(args: argparse.Namespace, recipe, objective: Objective) -> _Gr
         raise UserError("no grid of real runs: pass --grid GRID.csv or set calibrate.grid (or rank.grid)")
     names = recipe.expert_names
     column, higher = metric_of(objective, recipe.calibrate.metric)
-    table = read_grid(grid, names, ranked=False)  # every input checked before a model is loaded
+    table = on_the_simplex(read_grid(grid, names, ranked=False), names)  # checked before a model is loaded
     check_truth(table, objective, grid)
     check_provenance(table, grid, recipe.model.experts)
     check_grid_unit(table, grid, recipe.weights.unit)
@@ -273,6 +273,20 @@ def _checked_grid(args: argparse.Namespace, recipe, objective: Objective) -> _Gr
         if set(mixture.names) == set(names):
             checked.fitted = dict(mixture.weights)
     return checked
+
+
+def on_the_simplex(table: pd.DataFrame, names: Sequence[str]) -> pd.DataFrame:
+    """The grid with each run's weights rescaled to sum to 1, the mixture the proxy scores.
+
+    read_grid accepts rows within its tolerance of 1 (weights typed to three decimals, as
+    calibration.md prints them) and the proxy scores them renormalised (proxy_grid): the model, the
+    ranking and a run's pick/mixture.json (whose weights must sum to 1) take the same mixture.
+    """
+    from mergeopt.evaluation.proxy import grid_weights
+
+    table = table.copy()
+    table[[f"{WEIGHT_PREFIX}{n}" for n in names]] = grid_weights(table, names).numpy()
+    return table
 
 
 def _proxy_scores(
