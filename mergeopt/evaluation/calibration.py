@@ -166,16 +166,19 @@ def condition(
     center: float,
     scale: float,
     use_proxy: bool = True,
+    level: float | None = None,
 ) -> Posterior:
     """The posterior given the runs ``(weights, truth)`` with the proxy's values at them, for fixed
-    hyper-parameters. ``center`` and ``scale`` standardise the proxy and the truth (see :func:`fit`)."""
+    hyper-parameters. ``center`` and ``scale`` standardise the proxy and the truth (see :func:`fit`).
+    ``level`` (standardised) is the prior mean's level c0; by default the runs' mean offset."""
     w = np.asarray(weights, dtype=float)
     w = w if w.ndim == 2 else w.reshape(len(truth), -1)
     y = (np.asarray(truth, dtype=float) - center) / scale
     p = (np.asarray(proxy, dtype=float) - center) / scale
     if not use_proxy:
         hyper = Hyper(hyper.amplitude, hyper.lengthscale, hyper.noise, 0.0, hyper.level_sd)
-    level = float(np.mean(y - p) if use_proxy else np.mean(y)) if len(y) else 0.0
+    if level is None:
+        level = float(np.mean(y - p) if use_proxy else np.mean(y)) if len(y) else 0.0
     residual = y - (level + (p if use_proxy else 0.0))
     cov = kernel(w, p, w, p, hyper) + (hyper.noise**2 + JITTER) * np.eye(len(y))
     factor = cho_factor(cov, lower=True) if len(y) else (np.zeros((0, 0)), True)
@@ -326,7 +329,10 @@ def decide(
 
 
 def _with_fantasies(posterior: Posterior, candidates, candidate_proxy, rows, fantasised) -> Posterior:
-    """The posterior with the runs plus the proposals observed at their believed means (same hypers)."""
+    """The posterior with the runs plus the proposals observed at their believed means: the same
+    hyper-parameters and the same level c0, set by the real runs. A fantasy at the predicted mean then
+    leaves every mean as it was and only shrinks the sds (the kriging believer); c0 taken again over
+    the runs and the fantasies moved the means, by 0.8% of the proxy's spread on the tiny grid."""
     new = ~np.isnan(fantasised)
     truth = posterior.center + posterior.scale * (
         posterior.residual + posterior.level + (posterior.proxy if posterior.use_proxy else 0.0)
@@ -341,4 +347,5 @@ def _with_fantasies(posterior: Posterior, candidates, candidate_proxy, rows, fan
         posterior.center,
         posterior.scale,
         posterior.use_proxy,
+        posterior.level,
     )
