@@ -164,6 +164,33 @@ def test_the_next_round_evaluates_only_the_new_run(first_round, random_world):
     assert report["runs"] == 4
 
 
+def test_the_journal_is_kept_when_only_what_the_proxy_does_not_read_changes(random_world, tmp_path):
+    """Between rounds a user trains the proposals and may change the recipe's train, optim or search
+    sections: the proxy's values do not depend on them, so the journal is reused (it was refused,
+    and --restart re-evaluated every candidate). A change the proxy reads is still refused."""
+    recipe, grid, out = _run(random_world, tmp_path, _grid())
+    journal = out / "calibrate_checkpoint" / "proxy_evaluations.jsonl"
+    before = journal.read_text()
+    report = (out / "calibration.json").read_text()
+    unread = [
+        "optim.lr=0.01",
+        "optim.steps=3",
+        "search.strategy=grid",
+        "output_dir=" + str(tmp_path / "elsewhere"),
+    ]
+    result = run_in_process(
+        "calibrate", str(recipe), *unread, "--grid", str(grid), "--out", str(out), "--quiet"
+    )
+    assert result.returncode == 0, result.stderr
+    assert journal.read_text() == before  # nothing evaluated again
+    assert (out / "calibration.json").read_text() == report
+    for read in ("optim.loss_chunk_tokens=7", "data.max_length=16", "seed=3"):
+        result = run_in_process(
+            "calibrate", str(recipe), read, "--grid", str(grid), "--out", str(out), "--quiet"
+        )
+        assert result.returncode == 2 and "belongs to a run with another recipe" in result.stderr, read
+
+
 def test_constraints_bound_the_pick_and_the_proposals(random_world, tmp_path):
     def run(tree):
         tree["weights"] = {"bounds": {"alpha": [0.0, 0.3]}, "pinned": {"gamma": 0.2}}

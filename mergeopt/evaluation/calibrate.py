@@ -289,6 +289,25 @@ def on_the_simplex(table: pd.DataFrame, names: Sequence[str]) -> pd.DataFrame:
     return table
 
 
+# what the proxy's value at a mixture depends on besides the inputs' contents: the model, the merge,
+# the data and objective, the seed (DARE's masks, the mixup draw, the held-out split), the device
+# and dtypes, and of optim the two keys that change how an evaluation is batched
+PROXY_OPTIM_KEYS = ("eval_batch_size", "loss_chunk_tokens")
+NOT_PROXY_SECTIONS = ("output_dir", "optim", "search", "train", "rank", "calibrate", "logging")
+
+
+def proxy_tree(tree: dict) -> dict:
+    """The part of the recipe's tree that keys the proxy's journal (OUT/calibrate_checkpoint).
+
+    The journal is kept from round to round, and between rounds a user trains the proposals,
+    perhaps with another ``train`` section, or tries a fit with another ``optim.lr`` or ``search``:
+    none of that changes what the proxy scores, and refusing the journal for it would re-evaluate
+    every candidate (thousands of forward passes at 8B)."""
+    kept = {k: v for k, v in tree.items() if k not in NOT_PROXY_SECTIONS}
+    optim = tree.get("optim") or {}
+    return kept | {"optim": {k: optim[k] for k in PROXY_OPTIM_KEYS if k in optim}}
+
+
 def _proxy_scores(
     args: argparse.Namespace, recipe, resolved, out: Path, objective: Objective, grid: _Grid, quiet: bool
 ):
@@ -301,11 +320,9 @@ def _proxy_scores(
     from mergeopt.runtime.resume import open_state, recipe_tree
 
     spec, names = recipe.calibrate, recipe.expert_names
-    # the proxy's evaluations depend on the model and the data, not on what is done with them
-    tree = {k: v for k, v in recipe_tree(recipe).items() if k not in ("rank", "calibrate", "logging")}
     checkpoint, resuming = open_state(
         out,
-        tree,
+        proxy_tree(recipe_tree(recipe)),
         "restart" if args.restart else "auto",
         CALIBRATE_CHECKPOINT_DIR,
         input_fingerprints(resolved),
