@@ -191,6 +191,25 @@ def test_the_journal_is_kept_when_only_what_the_proxy_does_not_read_changes(rand
         assert result.returncode == 2 and "belongs to a run with another recipe" in result.stderr, read
 
 
+def test_a_grid_of_no_run_yet_proposes_the_proxys_pick_first(random_world, tmp_path):
+    """Before the first training run (a grid of only its header line) the calibrated ranking is
+    the proxy's, the first proposal is the proxy's own pick and the batch spreads from it, as the
+    guide says; the grid was refused ("no rows")."""
+    _, _, out = _run(random_world, tmp_path, _grid(0), batch=3)
+    report = json.loads((out / "calibration.json").read_text())
+    assert report["runs"] == 0 and report["best_run"] is None
+    ranking = read_csv(out / "calibrated_ranking.csv")
+    best = ranking.loc[ranking["proxy"].idxmin()]
+    first = report["proposals"][0]
+    assert first["expected_improvement"] is None
+    assert first["proxy"] == pytest.approx(best["proxy"], abs=0) and first["predicted"] == pytest.approx(
+        first["proxy"]
+    )
+    np.testing.assert_allclose(ranking["calibrated"], ranking["proxy"], rtol=0, atol=1e-12)
+    assert len({tuple(p["weights"].values()) for p in report["proposals"]}) == 3
+    assert read_mixture(out / "next-1").weights == pytest.approx(first["weights"])
+
+
 def test_constraints_bound_the_pick_and_the_proposals(random_world, tmp_path):
     def run(tree):
         tree["weights"] = {"bounds": {"alpha": [0.0, 0.3]}, "pinned": {"gamma": 0.2}}

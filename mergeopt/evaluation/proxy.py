@@ -46,7 +46,8 @@ def read_grid(path: str | Path, expert_names: Sequence[str], ranked: bool = True
 
     ``ranked``: the table's rows are ranked, so they must hold two mixtures at least, in 3 rows at
     least (several seeds of a mixture are rows of their own); calibrate (``ranked=False``) takes any
-    runs, one run or several seeds of one mixture alike."""
+    runs, one run or several seeds of one mixture alike, or none yet (a header line: the first
+    proposal is then the proxy's pick)."""
     path = existing_file(path, "grid table")
     try:
         table = read_csv(path)
@@ -62,7 +63,7 @@ def read_grid(path: str | Path, expert_names: Sequence[str], ranked: bool = True
     columns = [f"{WEIGHT_PREFIX}{n}" for n in expert_names]
     for column in columns:
         check_numbers(table, column, lambda i: at_line(path, i), "a mixture weight")
-    if table.empty:
+    if table.empty and ranked:
         raise UserError(f"{path}: the grid table has no rows")
     weights = table[columns].to_numpy(dtype=float)
     check_mixture_rows(weights, columns, lambda i: at_line(path, i))
@@ -74,7 +75,9 @@ def read_grid(path: str | Path, expert_names: Sequence[str], ranked: bool = True
 
 def grid_weights(table: pd.DataFrame, expert_names: Sequence[str]) -> torch.Tensor:
     """(rows, K) weights, renormalised so each row sums to 1 exactly."""
-    w = torch.tensor(table[[f"{WEIGHT_PREFIX}{n}" for n in expert_names]].to_numpy(), dtype=torch.float64)
+    w = torch.tensor(
+        table[[f"{WEIGHT_PREFIX}{n}" for n in expert_names]].to_numpy(dtype=float), dtype=torch.float64
+    )
     return w / w.sum(dim=1, keepdim=True)
 
 
