@@ -315,6 +315,13 @@ def _grid(world, tmp, change: Callable[[list[dict]], None]) -> list[str]:
     return [_recipe(world, tmp), "--grid", str(tmp / "grid.csv")]
 
 
+def _no_run_grid_without_proxy(world, tmp) -> list[str]:
+    """A grid of only its header line, and a recipe whose calibration leaves the proxy out."""
+    (tmp / "grid.csv").write_text("w_alpha,w_beta,w_gamma,loss_arith,loss_markov\n")
+    recipe = _recipe(world, tmp, lambda tree: tree.update(calibrate={"use_proxy": False}))
+    return [recipe, "--grid", str(tmp / "grid.csv")]
+
+
 def _calibration_grid(world, tmp, edit=None, run_fingerprint: str | None = None) -> list[str]:
     """A grid of three runs for ``mergeopt calibrate``; with ``run_fingerprint``, the recipe's
     experts and the grid's runs each carry a ``mergeopt train`` run.json, with other fingerprints."""
@@ -853,6 +860,13 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         "calibrate",
         lambda w, t: _calibration_grid(w, t, run_fingerprint="ffff0000"),
         "grid.csv line 2: its run was trained by another recipe (fingerprint ffff0000 in ",
+    ),
+    "calibration grid of no run, without the proxy": (
+        "grid table",
+        "calibrate",
+        _no_run_grid_without_proxy,
+        "grid.csv: no run yet, and calibrate.use_proxy is false: the model without the proxy is a "
+        "regression on the runs alone",
     ),
     # mixtures
     "merge weights off the simplex": (

@@ -322,3 +322,21 @@ def test_a_run_typed_to_three_decimals_is_the_mixture_the_proxy_scored(random_wo
     assert read_mixture(out / "pick").weights == pytest.approx(expected, abs=1e-15)
     runs = read_csv(out / "calibrated_ranking.csv").query("source == 'run'")
     np.testing.assert_allclose(runs[["w_alpha", "w_beta", "w_gamma"]].sum(axis=1), 1.0, rtol=0, atol=1e-15)
+
+
+def test_a_grid_of_no_run_yet_without_the_proxy_is_one_line(random_world, tmp_path):
+    """use_proxy false is a regression on the runs alone: with none it has nothing to say. It
+    failed with a TypeError traceback; it is one line naming the grid and the key."""
+    grid = tmp_path / "grid.csv"
+    _grid(0).to_csv(grid, index=False)
+    tree = recipe_tree(random_world, tmp_path / "fit", calibrate={**SPEC, "use_proxy": False})
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tree))
+    out = tmp_path / "cal"
+    result = run_in_process("calibrate", str(recipe), "--grid", str(grid), "--out", str(out), "--quiet")
+    assert result.returncode == 2, result.stderr
+    assert (
+        result.stderr.count("\n") == 1
+        and f"{grid}: no run yet, and calibrate.use_proxy is false" in result.stderr
+    )
+    assert not out.exists()

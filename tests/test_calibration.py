@@ -174,3 +174,20 @@ def test_the_batch_believes_each_proposal_at_its_predicted_mean(use_proxy):
     gain[[*runs, first]] = -np.inf
     assert decision.proposals[1] == int(np.argmax(gain))
     assert decision.improvement[1] == pytest.approx(gain.max(), rel=1e-7)
+
+
+def test_without_the_proxy_and_without_runs_the_prior_is_one_value_per_mixture():
+    """The regression alone before any run: a flat prior (c0 = 0, one sd everywhere), one mean per
+    mixture. Its prior mean was a scalar, and decide failed with a TypeError on len()."""
+    rng = np.random.default_rng(3)
+    w = _simplex(rng, 6)
+    proxy = _smooth(w)
+    posterior = cal.fit(np.zeros((0, 3)), [], [], proxy, use_proxy=False)
+    mean, sd = posterior.predict(w, proxy)
+    assert mean.shape == sd.shape == (6,)
+    np.testing.assert_allclose(mean, posterior.center, rtol=0, atol=0)
+    np.testing.assert_allclose(
+        sd, posterior.scale * np.hypot(cal.LEVEL_SD, cal.PRIORS["amplitude"][0]), rtol=1e-12
+    )
+    decision = cal.decide(posterior, w, proxy, [], batch=2, samples=10)
+    assert decision.mean.shape == (6,) and len(decision.proposals) == 2

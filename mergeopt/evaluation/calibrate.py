@@ -257,6 +257,11 @@ def _checked_grid(args: argparse.Namespace, recipe, objective: Objective) -> _Gr
     names = recipe.expert_names
     column, higher = metric_of(objective, recipe.calibrate.metric)
     table = on_the_simplex(read_grid(grid, names, ranked=False), names)  # checked before a model is loaded
+    if table.empty and not recipe.calibrate.use_proxy:
+        raise UserError(
+            f"{grid}: no run yet, and calibrate.use_proxy is false: the model without the proxy is a "
+            "regression on the runs alone; add a run's row or set calibrate.use_proxy: true"
+        )
     check_truth(table, objective, grid)
     check_provenance(table, grid, recipe.model.experts)
     check_grid_unit(table, grid, recipe.weights.unit)
@@ -291,7 +296,8 @@ def on_the_simplex(table: pd.DataFrame, names: Sequence[str]) -> pd.DataFrame:
 
 # what the proxy's value at a mixture depends on besides the inputs' contents: the model, the merge,
 # the data and objective, the seed (DARE's masks, the mixup draw, the held-out split), the device
-# and dtypes, and of optim the two keys that change how an evaluation is batched
+# and dtypes, and of optim the two keys that change how an evaluation is batched (device and
+# eval_batch_size may still change between rounds: RunState allows them, CHANGEABLE_ON_RESUME)
 PROXY_OPTIM_KEYS = ("eval_batch_size", "loss_chunk_tokens")
 NOT_PROXY_SECTIONS = ("output_dir", "optim", "search", "train", "rank", "calibrate", "logging")
 

@@ -112,7 +112,9 @@ class Posterior:
         return (np.asarray(proxy, dtype=float) - self.center) / self.scale
 
     def _prior_mean(self, proxy_std: np.ndarray) -> np.ndarray:
-        return self.level + (proxy_std if self.use_proxy else 0.0)
+        """c0 (+ the proxy), one value per mixture: without the proxy and without runs it is flat,
+        and a scalar there would give predict a scalar mean for many mixtures."""
+        return self.level + (proxy_std if self.use_proxy else np.zeros_like(proxy_std))
 
     def predict(self, weights, proxy, full_cov: bool = False):
         """Posterior mean and sd (or covariance) of the noise-free truth at each mixture."""
