@@ -25,7 +25,7 @@ from mergeopt.evaluation.calibrate import calibrate
 from mergeopt.export.mixture_input import read_mixture
 from mergeopt.run_files import CalibrationReport
 from mergeopt.runtime.exact_csv import read_csv
-from tests.conftest import recipe_tree, run_in_process
+from tests.conftest import recipe_tree, run_in_process, run_ranks
 
 SPEC = {"candidates": 5, "samples": 200, "batch": 2}
 
@@ -210,6 +210,27 @@ def test_a_grid_of_no_run_yet_proposes_the_proxys_pick_first(random_world, tmp_p
     assert read_mixture(out / "next-1").weights == pytest.approx(first["weights"])
 
 
+def test_a_journal_keyed_by_the_whole_recipe_is_still_reused(random_world, tmp_path):
+    """A journal written by a mergeopt that keyed it by the whole recipe (optim, search and train
+    included) is compared on the part the proxy reads, so the round after an upgrade reuses it; it
+    was refused as "another recipe (optim.lr differs: 0.1 in the checkpoint, unset now)"."""
+    from mergeopt.config import load_recipe
+    from mergeopt.runtime.resume import META, recipe_tree, what_it_computes
+
+    recipe, grid, out = _run(random_world, tmp_path, _grid())
+    journal = out / "calibrate_checkpoint" / "proxy_evaluations.jsonl"
+    before = journal.read_text()
+    meta_path = out / "calibrate_checkpoint" / META
+    meta = json.loads(meta_path.read_text())
+    whole = {k: v for k, v in recipe_tree(load_recipe(recipe, [])).items() if k not in ("rank", "calibrate")}
+    meta["recipe"] = what_it_computes(whole)  # the old key: every section but rank, calibrate, logging
+    assert "lr" in meta["recipe"]["optim"]
+    meta_path.write_text(json.dumps(meta))
+    result = run_in_process("calibrate", str(recipe), "--grid", str(grid), "--out", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert journal.read_text() == before
+
+
 def test_constraints_bound_the_pick_and_the_proposals(random_world, tmp_path):
     def run(tree):
         tree["weights"] = {"bounds": {"alpha": [0.0, 0.3]}, "pinned": {"gamma": 0.2}}
@@ -340,3 +361,43 @@ def test_a_grid_of_no_run_yet_without_the_proxy_is_one_line(random_world, tmp_pa
         and f"{grid}: no run yet, and calibrate.use_proxy is false" in result.stderr
     )
     assert not out.exists()
+
+
+@pytest.mark.parametrize("shard", ["none", "fsdp"])
+def test_two_gloo_processes_calibrate_as_one(random_world, tmp_path, shard):
+    """Under torchrun the ranks deal the candidates out (with ``model.shard: fsdp`` they score each
+    one together as one sharded model) and rank 0 fits the model and writes: the ranking (to 1e-6),
+    the pick and the proposals equal one process's, and pick/mixture.json says how many processes
+    and which shard mode scored it."""
+    from mergeopt.run_files import read_finished_mixture
+
+    recipe, grid, one = _run(random_world, tmp_path, _grid(), batch=2)
+    two = tmp_path / "two"
+    job = run_ranks(
+        "calibrate",
+        str(recipe),
+        f"model.shard={shard}",
+        "--grid",
+        str(grid),
+        "--out",
+        str(two),
+        "--quiet",
+        processes=2,
+    )
+    assert job.returncode == 0, job.stderr[-3000:]
+    assert job.stdout.count("Wrote calibration.json") == 1  # rank 0 writes and prints
+    pd.testing.assert_frame_equal(
+        read_csv(one / "calibrated_ranking.csv"), read_csv(two / "calibrated_ranking.csv"), rtol=1e-6
+    )
+    reports = [json.loads((out / "calibration.json").read_text()) for out in (one, two)]
+    assert reports[0]["pick"]["candidate"] == reports[1]["pick"]["candidate"]
+    for mine, theirs in zip(reports[0]["proposals"], reports[1]["proposals"], strict=True):
+        assert mine["weights"] == pytest.approx(theirs["weights"], abs=1e-12)
+        # the sharded sums differ in the last float32 bits; the model's MAP fit carries that to 5e-6
+        assert mine["expected_improvement"] == pytest.approx(theirs["expected_improvement"], rel=1e-5)
+    assert reports[0]["pick"]["predicted"] == pytest.approx(reports[1]["pick"]["predicted"], rel=1e-6)
+    pick = read_finished_mixture(two / "pick" / "mixture.json")
+    assert pick.processes == 2 and pick.shard == shard
+    assert pick.weights == pytest.approx(
+        read_finished_mixture(one / "pick" / "mixture.json").weights, abs=1e-12
+    )

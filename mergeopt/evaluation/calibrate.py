@@ -328,10 +328,11 @@ def _proxy_scores(
     spec, names = recipe.calibrate, recipe.expert_names
     checkpoint, resuming = open_state(
         out,
-        proxy_tree(recipe_tree(recipe)),
+        recipe_tree(recipe),
         "restart" if args.restart else "auto",
         CALIBRATE_CHECKPOINT_DIR,
         input_fingerprints(resolved),
+        keyed_by=proxy_tree,  # also a journal an earlier mergeopt keyed by the whole recipe
     )
     if resuming and not quiet:
         print(f"reusing the proxy's evaluations in {checkpoint.dir}")

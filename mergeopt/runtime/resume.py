@@ -35,7 +35,7 @@ import os
 import shutil
 import signal
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -229,10 +229,14 @@ class RunState:
         recipe_tree: dict,
         name: str = CHECKPOINT_DIR,
         inputs: dict[str, str] | None = None,
+        keyed_by: Callable[[dict], dict] = what_it_computes,
     ):
         self.dir = Path(output_dir) / name
         self.inputs = inputs  # {path: digest} of what the run reads (None: not checked)
-        self.recipe = what_it_computes(recipe_tree)
+        # the part of the recipe the state depends on; applied to a saved recipe too, so a state
+        # saved by a version that kept more of the recipe is compared on the same part
+        self._keyed_by = keyed_by
+        self.recipe = keyed_by(recipe_tree)
         self._on_first_write = None  # set by start_lazily: runs before the first byte is written
         self.changed: list[str] = []  # keys of CHANGEABLE_ON_RESUME this run changed, as "key new (was old)"
 
@@ -244,8 +248,8 @@ class RunState:
         """Refuse a checkpoint written by a different recipe, naming the first key that differs."""
         try:
             meta = json.loads((self.dir / META).read_text(encoding="utf-8"))
-            saved, saved_inputs = meta["recipe"], meta.get("inputs") or {}
-        except (OSError, ValueError, KeyError, TypeError):
+            saved, saved_inputs = self._keyed_by(meta["recipe"]), meta.get("inputs") or {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             raise UserError(
                 f"{self.dir / META}: unreadable checkpoint; delete {self.dir} or pass --restart"
             ) from None
@@ -369,12 +373,13 @@ def open_state(
     resume: str,
     name: str = CHECKPOINT_DIR,
     inputs: dict[str, str] | None = None,
+    keyed_by: Callable[[dict], dict] = what_it_computes,
 ) -> tuple[RunState, bool]:
     """The run's state in ``output_dir/name`` and whether this run resumes it (``resume``: auto,
     require or restart). ``inputs``: the fingerprints of what it reads
-    (:func:`mergeopt.runtime.fingerprint.input_fingerprints`). Under torchrun every rank must see
-    the same answer."""
-    checkpoint = RunState(output_dir, tree, name, inputs)
+    (:func:`mergeopt.runtime.fingerprint.input_fingerprints`); ``keyed_by``: the part of the
+    recipe's ``tree`` the state depends on. Under torchrun every rank must see the same answer."""
+    checkpoint = RunState(output_dir, tree, name, inputs, keyed_by)
     if resume not in ("auto", "require", "restart"):
         raise ValueError(f"resume must be auto, require or restart, not {resume!r}")
     found = distributed.all_gather_objects(resume != "restart" and checkpoint.exists())
