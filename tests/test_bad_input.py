@@ -1246,6 +1246,18 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         ),
         "train.mixtures.weights[0] names ['delta'], not experts (the experts are ['alpha', 'beta', 'gamma'])",
     ),
+    "train interior lattice without a point": (
+        "recipe",
+        "train",
+        lambda w, t: _train_recipe(
+            w,
+            t,
+            lambda tr: tr["train"].update(
+                mixtures={"kind": "lattice", "divisions": 2, "interior_only": True}
+            ),
+        ),
+        "train.mixtures: an interior_only lattice of divisions 2 over 3 experts holds no mixture",
+    ),
     "recipe seed out of range": (
         "recipe",
         "fit",
@@ -1644,6 +1656,20 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         ),
         "mixture 1 is the same as mixture 0",
     ),
+    "train budget drawing no example of a domain": (
+        "recipe value",
+        "train",
+        lambda w, t: _train_recipe(
+            w,
+            t,
+            lambda tr: tr["train"].update(
+                steps=1,
+                batch_tokens=1,
+                mixtures={"kind": "list", "weights": [{"alpha": 0.05, "beta": 0.05, "gamma": 0.9}]},
+            ),
+        ),
+        "would train on no example of",
+    ),
     # issue 18: the command-line fuzzer (tests/test_fuzz_cli.py)
     "merge shard size zero": (
         "option",
@@ -1697,6 +1723,14 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
             w, t, lambda tr: tr["model"]["experts"].update(beta=tr["model"]["experts"]["alpha"] + "/.")
         ),
         "model.experts.alpha and model.experts.beta are the same directory",
+    ),
+    "train expert inside another run": (
+        "recipe",
+        "train",
+        lambda w, t: _train_recipe(
+            w, t, lambda tr: tr["model"]["experts"].update(alpha=tr["model"]["experts"]["beta"] + "/alpha")
+        ),
+        "model.experts.alpha",
     ),
     # transfer
     "transfer tables share no mixture column": (

@@ -247,3 +247,34 @@ def test_a_metric_returning_nan_on_a_run_is_refused_naming_the_run(trained, monk
     assert "returned nan on run " in str(err.value) and "not a finite number" in str(err.value)
     assert "\n" not in str(err.value) and len(calls) == 3
     assert grid.read_bytes() == before
+
+
+def test_an_interior_lattice_without_a_point_is_refused(random_world, tmp_path):
+    """divisions 2 over 3 experts has no interior point: refused, not an empty grid.csv over the old one."""
+    tree = train_tree(random_world, tmp_path)
+    tree["train"]["mixtures"] = {"kind": "lattice", "divisions": 2, "interior_only": True}
+    with pytest.raises(
+        UserError, match="interior_only lattice of divisions 2 over 3 experts holds no mixture"
+    ):
+        recipe_from_dict(tree)
+    tree["train"]["mixtures"]["divisions"] = 3  # the one point (1/3, 1/3, 1/3)
+    assert recipe_from_dict(tree).train.mixtures.divisions == 3
+
+
+def test_an_expert_at_a_mixture_runs_path_is_refused_before_training(random_world, tmp_path):
+    """The expert was replaced by mixture 1's run and grid.csv gave that run's losses as the expert's."""
+    tree = train_tree(random_world, tmp_path)
+    tree["model"]["experts"]["alpha"] = str(tmp_path / "grid" / "mixtures" / "001")  # (0, 1/2, 1/2)
+    with pytest.raises(UserError, match=r"model.experts.alpha \(.*\) is the run of train.mixtures 001"):
+        train(recipe_from_dict(tree), progress=False, log=lambda _m: None)
+    assert not (tmp_path / "grid").exists() and not (tmp_path / "experts").exists()
+
+
+def test_a_mixture_the_budget_draws_no_example_of_is_refused_before_training(random_world, tmp_path):
+    """One step of 8 tokens holds one example: the 5% domains would get none, yet the grid row gave them 5%."""
+    tree = train_tree(random_world, tmp_path)
+    tree["train"].update(steps=1, batch_tokens=8)
+    tree["train"]["mixtures"] = {"kind": "list", "weights": [{"alpha": 0.05, "beta": 0.05, "gamma": 0.9}]}
+    with pytest.raises(UserError, match=r"would train on no example of (alpha|beta) in train.steps x train"):
+        train(recipe_from_dict(tree), progress=False, log=lambda _m: None)
+    assert not (tmp_path / "grid").exists() and not (tmp_path / "experts").exists()

@@ -158,6 +158,7 @@ class Recipe(Section):
                 raise ValueError(f"train.mixtures.weights[{i}] is not a mixture: {problem}")
         if self.train.mixtures.kind == "list" and not self.train.mixtures.weights:
             raise ValueError("train.mixtures.kind is 'list' but train.mixtures.weights is empty")
+        _check_interior_lattice(self.train.mixtures, len(experts))
         return self
 
     @model_validator(mode="after")
@@ -215,3 +216,14 @@ class Recipe(Section):
     @property
     def expert_names(self) -> list[str]:
         return list(self.model.experts)
+
+
+def _check_interior_lattice(mixtures, experts: int) -> None:
+    """An interior-only lattice has a point only when divisions >= the number of experts (every
+    weight at least 1/divisions). With fewer, train found no mixture, trained nothing and replaced
+    grid.csv with its header alone, exit 0: an earlier grid's rows were gone."""
+    if mixtures.kind == "lattice" and mixtures.interior_only and mixtures.divisions < experts:
+        raise ValueError(
+            f"train.mixtures: an interior_only lattice of divisions {mixtures.divisions} over {experts} "
+            f"experts holds no mixture (every weight > 0 needs divisions >= {experts})"
+        )

@@ -68,7 +68,13 @@ from mergeopt.worlds.run_records import (
     step_checkpoint_dir,
     step_checkpoint_state,
 )
-from mergeopt.worlds.training_data import draw_probabilities, load_examples, mixture_examples, token_batches
+from mergeopt.worlds.training_data import (
+    draw_probabilities,
+    load_examples,
+    mixture_examples,
+    next_batch,
+    token_batches,
+)
 
 
 def check_lora_targets(recipe: Recipe) -> None:
@@ -135,6 +141,33 @@ def train_one(
         info = _save_run(recipe, model, tokenizer, identity, tokens, trained, losses, staging.path)
     shutil.rmtree(step_checkpoint_dir(out), ignore_errors=True)  # finished: run.json is the record
     return info
+
+
+def check_every_domain_drawn(
+    recipe: Recipe, weights: dict[str, float], domains: dict[str, list[Example]], out: Path
+) -> None:
+    """Refuse a mixture whose run would hold no example of a domain it gives weight to.
+
+    The draws are seeded and need no model, so the batches :func:`train_one` will train on are
+    counted before any run trains: with a budget too small for a weight (steps x batch_tokens
+    against a 0.05 share) the run trained on the other domains alone, and grid.csv still gave it
+    its nominal mixture as the truth, exit 0.
+    """
+    cfg: TrainSection = recipe.train
+    names = list(domains)
+    sets = [domains[n] for n in names]
+    probabilities = draw_probabilities([weights[n] for n in names], sets, recipe.weights.unit)
+    stream = mixture_examples(sets, probabilities, recipe.seed)
+    held = [0] * len(names)
+    for _ in range(cfg.steps):
+        held = [a + b for a, b in zip(held, next_batch(stream, cfg.batch_tokens, len(names))[1])]
+    starved = [n for n, t in zip(names, held) if weights[n] > 0 and t == 0]
+    if starved:
+        raise UserError(
+            f"{out} (mixture {weights}) would train on no example of {starved[0]} in train.steps x "
+            f"train.batch_tokens ({cfg.steps} x {cfg.batch_tokens} tokens): raise the budget, or give "
+            f"{starved[0]} weight 0"
+        )
 
 
 def _trainable_base(recipe: Recipe, device: torch.device) -> torch.nn.Module:
@@ -245,8 +278,36 @@ def train(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = pr
     """
     if recipe.train is None:
         raise UserError("the recipe has no train section: nothing to train")
+    check_run_dirs(recipe)
     with owned_all(written_dirs(recipe), "train"):
         return _train(recipe, progress, log)
+
+
+def check_run_dirs(recipe: Recipe) -> None:
+    """No run's directory is another's or lies inside another's (an expert's at a mixture run's path).
+
+    Each run is published whole over its directory: an expert at ``train.output_dir/mixtures/001``
+    was replaced by mixture 1's run, and grid.csv gave that run's losses as the expert's, exit 0.
+    Whether a run is already there is checked before any training, so this one checks the plan.
+    """
+    names = recipe.expert_names
+    mixtures = mixture_set(recipe.train.mixtures, names, recipe.seed)
+    runs, _ = _planned_runs(recipe, mixtures, Path(recipe.train.output_dir))
+    labels = [f"model.experts.{n}" for n in names]
+    labels += [f"the run of train.mixtures {path.name}" for _, path in runs[len(names) :]]
+    dirs = [
+        (label, path.expanduser().resolve())
+        for label, (_, path) in zip(labels, runs)
+        if "://" not in str(path)
+    ]
+    for i, (first, a) in enumerate(dirs):
+        for second, b in dirs[i + 1 :]:
+            if a == b or a in b.parents or b in a.parents:
+                where = "is" if a == b else "lies inside" if b in a.parents else "holds"
+                raise UserError(
+                    f"{first} ({a}) {where} {second} ({b}): each run needs a directory of its own, "
+                    "as training one would replace the other"
+                )
 
 
 def _train(recipe: Recipe, progress: bool, log: Callable[[str], None]) -> Path:
@@ -287,6 +348,7 @@ def _train(recipe: Recipe, progress: bool, log: Callable[[str], None]) -> Path:
                 "move it away or name another directory: training would replace it"
             )
         step_checkpoint_state(step_checkpoint_dir(path), run_identity(resolved, w, inputs))  # before any work
+        check_every_domain_drawn(resolved, w, domains, path)
     log(
         f"{len(runs)} runs ({len(names)} experts, {len(runs) - len(names)} mixtures): "
         f"{len(runs) - len(todo)} finished, {len(todo)} to train ({cfg.method}, {cfg.steps} steps x "

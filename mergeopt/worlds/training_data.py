@@ -76,10 +76,19 @@ def token_batches(
     really trained on.
     """
     while True:
-        items, tokens, per_domain = [], 0, [0] * n_domains
-        while tokens < batch_tokens:
-            i, ex = next(examples)
-            items.append((0, ex))
-            tokens += ex.input_ids.numel()
-            per_domain[i] += ex.input_ids.numel()
-        yield collate(items, pad_id), per_domain
+        items, per_domain = next_batch(examples, batch_tokens, n_domains)
+        yield collate([(0, ex) for ex in items], pad_id), per_domain
+
+
+def next_batch(
+    examples: Iterator[tuple[int, Example]], batch_tokens: int, n_domains: int
+) -> tuple[list[Example], list[int]]:
+    """The next batch's examples, drawn until they hold ``batch_tokens`` tokens, and the tokens of
+    each domain among them; uncollated, so a run's batches can be counted before it trains."""
+    items, tokens, per_domain = [], 0, [0] * n_domains
+    while tokens < batch_tokens:
+        i, ex = next(examples)
+        items.append(ex)
+        tokens += ex.input_ids.numel()
+        per_domain[i] += ex.input_ids.numel()
+    return items, per_domain
