@@ -95,7 +95,11 @@ def test_a_changed_recipe_does_not_reuse_old_runs(trained):
     tree, _, _ = trained
     changed = json.loads(json.dumps(tree))
     changed["train"]["lr"] = 5e-4
-    with pytest.raises(UserError, match="was trained with a different recipe"):
+    was = json.dumps(tree["train"]["lr"])
+    # the setting that changed is named (run.json keeps what it was trained with)
+    with pytest.raises(
+        UserError, match=rf"was trained with a different recipe \(train.lr 0.0005 now, {was} then\)"
+    ):
         train(recipe_from_dict(changed), progress=False, log=lambda _m: None)
 
 

@@ -22,14 +22,39 @@ RUN_MARKER = "run.json"
 LEGACY_UNIT = "samples"  # how runs drew their mixtures before weights.unit existed
 
 
-def recipe_fingerprint(recipe: Recipe) -> str:
-    """What makes two runs comparable: base, data, budget, optimizer, method, seed."""
+def trained_with(recipe: Recipe) -> dict:
+    """What makes two runs comparable, as recipe keys: base, data, budget, optimizer, method, seed.
+    run.json keeps it, so a rerun with other settings is refused naming the key that changed."""
     train = recipe.train.model_dump(mode="json")
     train.pop("mixtures")
     train.pop("output_dir")
     train.pop("checkpoint_every")  # how often progress is saved does not change the run
-    payload = {"base": recipe.model.base, "seed": recipe.seed, "train": train}
+    return {
+        "model.base": recipe.model.base,
+        "seed": recipe.seed,
+        **{f"train.{k}": v for k, v in train.items()},
+    }
+
+
+def recipe_fingerprint(recipe: Recipe) -> str:
+    """:func:`trained_with` hashed (the same hash as before run.json kept the settings themselves)."""
+    settings = trained_with(recipe)
+    train = {k.removeprefix("train."): v for k, v in settings.items() if k.startswith("train.")}
+    payload = {"base": settings["model.base"], "seed": settings["seed"], "train": train}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def changed_setting(record: dict, recipe: Recipe) -> str:
+    """``train.lr 0.001 (was 0.0005)``: the first setting of :func:`trained_with` that differs from
+    what ``record`` (a run.json) was trained with; a general phrase for a run.json that predates it."""
+    saved = record.get("trained_with")
+    if not isinstance(saved, dict):
+        return "base, data, budget or optimizer changed"
+    for key, value in trained_with(recipe).items():
+        if key not in saved or saved[key] != value:
+            was = json.dumps(saved[key]) if key in saved else "unset"
+            return f"{key} {json.dumps(value)} now, {was} then"
+    return "base, data, budget or optimizer changed"
 
 
 def input_digests(recipe: Recipe) -> dict[str, str]:
@@ -48,6 +73,7 @@ def run_identity(recipe: Recipe, weights: dict[str, float], inputs: dict[str, st
     """What a run's step checkpoint and run.json record of it: recipe, mixture, its unit and inputs."""
     return {
         "fingerprint": recipe_fingerprint(recipe),
+        "trained_with": trained_with(recipe),
         "weights": weights,
         "unit": recipe.weights.unit,
         "inputs": inputs,
@@ -69,7 +95,7 @@ def drawn_differently(record: dict, identity: dict) -> bool:
     return drawn is not None and drawn != identity["unit"]
 
 
-def finished(path: Path, identity: dict) -> bool:
+def finished(path: Path, identity: dict, recipe: Recipe) -> bool:
     """True for a finished run of this recipe, mixture and data; an error for a run of another one."""
     fingerprint, weights = identity["fingerprint"], identity["weights"]
     marker = path / RUN_MARKER
@@ -78,7 +104,7 @@ def finished(path: Path, identity: dict) -> bool:
     info = json.loads(marker.read_text())
     if info.get("fingerprint") != fingerprint:
         raise UserError(
-            f"{path} was trained with a different recipe (base, data, budget or optimizer changed); "
+            f"{path} was trained with a different recipe ({changed_setting(info, recipe)}); "
             "delete it or choose another train.output_dir / model.experts path"
         )
     trained = info.get("weights", {})

@@ -235,6 +235,7 @@ def _save_run(recipe, model, tokenizer, identity: dict, tokens, domain_tokens, l
         "method": cfg.method,
         "final_train_loss": sum(losses[-10:]) / len(losses[-10:]),
         "fingerprint": identity["fingerprint"],
+        "trained_with": identity["trained_with"],
         "inputs": identity["inputs"],
     }
     write_json_atomic(staging / RUN_MARKER, info)
@@ -340,7 +341,7 @@ def _train(recipe: Recipe, progress: bool, log: Callable[[str], None]) -> Path:
 
     for _, path in runs:  # what a kill while publishing a run left beside it (the caller holds it)
         recover(path)
-    todo = [(w, p) for w, p in runs if not finished(p, run_identity(resolved, w, inputs))]
+    todo = [(w, p) for w, p in runs if not finished(p, run_identity(resolved, w, inputs), resolved)]
     for w, path in todo:  # a run is published over its path whole: never over a user's directory
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise UserError(
