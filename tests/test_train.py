@@ -103,6 +103,24 @@ def test_a_changed_recipe_does_not_reuse_old_runs(trained):
         train(recipe_from_dict(changed), progress=False, log=lambda _m: None)
 
 
+def test_the_changed_setting_is_named_and_an_older_run_json_gets_the_general_phrase(trained):
+    """changed_setting reads run.json's trained_with; a run.json written before it kept the settings
+    (only their hash) still gets the general phrase, and a new key is shown as unset then."""
+    from mergeopt.worlds.run_records import changed_setting, trained_with
+
+    tree, _, _ = trained
+    recipe = recipe_from_dict(tree)
+    settings = trained_with(recipe)
+    assert changed_setting({}, recipe) == "base, data, budget or optimizer changed"
+    assert (
+        changed_setting({"trained_with": {**settings, "seed": 7}}, recipe)
+        == f"seed {recipe.seed} now, 7 then"
+    )
+    older = {k: v for k, v in settings.items() if k != "train.max_length"}
+    assert changed_setting({"trained_with": older}, recipe).startswith("train.max_length ")
+    assert changed_setting({"trained_with": older}, recipe).endswith(" now, unset then")
+
+
 def test_a_changed_mixture_set_does_not_reuse_old_runs(trained):
     tree, _, _ = trained
     changed = json.loads(json.dumps(tree))
