@@ -12,6 +12,8 @@ Bad inputs (unknown metric, a grid of another recipe's runs) are rows of tests/t
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -208,6 +210,37 @@ def test_a_grid_of_no_run_yet_proposes_the_proxys_pick_first(random_world, tmp_p
     np.testing.assert_allclose(ranking["calibrated"], ranking["proxy"], rtol=0, atol=1e-12)
     assert len({tuple(p["weights"].values()) for p in report["proposals"]}) == 3
     assert read_mixture(out / "next-1").weights == pytest.approx(first["weights"])
+
+
+def test_the_journal_is_kept_when_the_training_data_changes(random_world, tmp_path):
+    """train.data sizes the constraints, never the proxy's value at a mixture: a training set edited
+    between rounds (a run trained on more data) keeps the journal; it was refused as "read other
+    data". An edited dev set is still refused."""
+    data = {n: tmp_path / f"train_{n}.jsonl" for n in ("alpha", "beta", "gamma")}
+    for path in data.values():
+        path.write_text('{"text": "1 + 1 = 2"}\n')
+    tree = recipe_tree(random_world, tmp_path / "fit", calibrate=SPEC)
+    tree["train"] = {"data": {n: str(p) for n, p in data.items()}, "output_dir": str(tmp_path / "grid")}
+    first = tree["data"]["dev"][0]
+    first["path"] = str(shutil.copy(first["path"], tmp_path / "dev.jsonl"))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tree))
+    grid = tmp_path / "grid.csv"
+    _grid().to_csv(grid, index=False)
+    args = ("calibrate", str(recipe), "--grid", str(grid), "--out", str(tmp_path / "cal"), "--quiet")
+    assert run_in_process(*args).returncode == 0
+    journal = tmp_path / "cal" / "calibrate_checkpoint" / "proxy_evaluations.jsonl"
+    before = journal.read_text()
+    with data["alpha"].open("a") as more:
+        more.write('{"text": "2 + 2 = 4"}\n')
+    result = run_in_process(*args)
+    assert result.returncode == 0, result.stderr
+    assert journal.read_text() == before
+    dev = Path(tree["data"]["dev"][0]["path"])  # a copy: the world's own files are shared
+    with dev.open("a") as more:
+        more.write('{"text": "3 + 3 = 6"}\n')
+    result = run_in_process(*args)
+    assert result.returncode == 2 and "read other data" in result.stderr
 
 
 def test_a_journal_keyed_by_the_whole_recipe_is_still_reused(random_world, tmp_path):

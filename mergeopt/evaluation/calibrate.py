@@ -331,7 +331,7 @@ def _proxy_scores(
         recipe_tree(recipe),
         "restart" if args.restart else "auto",
         CALIBRATE_CHECKPOINT_DIR,
-        input_fingerprints(resolved),
+        input_fingerprints(resolved, training_data=False),
         keyed_by=proxy_tree,  # also a journal an earlier mergeopt keyed by the whole recipe
     )
     if resuming and not quiet:

@@ -84,10 +84,12 @@ def fingerprints(paths: Iterable[str | Path]) -> dict[str, str]:
     return found
 
 
-def input_fingerprints(recipe) -> dict[str, str]:
-    """{path: digest} of every local file a run of ``recipe`` (world paths resolved) reads."""
+def input_fingerprints(recipe, training_data: bool = True) -> dict[str, str]:
+    """{path: digest} of every local file a run of ``recipe`` (world paths resolved) reads; without
+    ``training_data`` (``train.data``, which sizes the constraints, never a proxy's value) for the
+    proxy's journals that calibrate keeps from round to round."""
     paths = [recipe.model.base, *recipe.model.experts.values(), *(d.path for d in recipe.data.dev)]
-    if recipe.train is not None:
+    if recipe.train is not None and training_data:
         paths += list(recipe.train.data.values())
     if recipe.data.chat_template is not None:
         paths.append(recipe.data.chat_template)
