@@ -1306,3 +1306,27 @@ def test_the_moe_recipe_plans_what_its_comments_say(tmp_path):
             stack = (p.row("stack anchor") + p.row("stack differences")) / 2**30
             assert round(stack) == 56 and round(p.row("evaluation batch") / 2**30) == 4
     assert round(peaks["bfloat16"]) == 60 and round(peaks["int8"]) == 39, peaks
+
+
+def test_suggested_exclusion_keeps_a_pattern_yaml_would_misread(config_8b):
+    """An exclusion regex with YAML's flow indicators (``layers\\.3[01]\\.``): the suggestion that
+    excludes the embeddings too, typed into a shell as the table prints it, is read back as the
+    same patterns and re-plans to the saving shown (it was ``[norm,layers\\.3[01]\\.,...]``, which
+    the override refused as invalid YAML)."""
+    import shlex
+
+    path, _ = config_8b
+    overrides = [f"model.base={path}", *(f"model.experts.{e}={path}" for e in EXPERTS_8B)]
+    patterns = ["norm", r"layers\.3[01]\.", "a,b", "true"]
+    overrides.append(f"model.exclude={json.dumps(patterns)}")
+    r = load_recipe(REPO / "recipes" / "8b.yaml", overrides)
+    inventory, dims = dry_run.read_inventory(r)
+    card = DeviceMemory("cuda:0", "a 40 GB card", 40 * 2**30, 40 * 2**30)
+    short = plan.plan_memory(r, inventory, dims, card)
+    override, saved = next((k, v) for k, v in short.suggestions if k.startswith("model.exclude="))
+    line = next(x for x in plan_table.verdict(short).splitlines() if "model.exclude=" in x)
+    typed = shlex.split(line)[0]
+    assert typed == override
+    changed = load_recipe(REPO / "recipes" / "8b.yaml", [*overrides, typed])
+    assert list(changed.model.exclude) == [*patterns, "embed_tokens", "lm_head"]
+    assert plan.plan_memory(changed, inventory, dims, card).peak == short.peak - saved > 0

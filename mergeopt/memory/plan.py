@@ -5,9 +5,12 @@ the recipe it changes rather than guessed.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import replace
+
+import yaml
 
 from mergeopt.config import Recipe
 from mergeopt.errors import UserError
@@ -100,7 +103,7 @@ def _knob_groups(recipe: Recipe, inventory: Inventory, world_size: int = 1) -> l
     embeddings = [p for p in EMBEDDING_PATTERNS if any(re.search(p, n) for n in stacked)]
     if embeddings:
         exclude = (*recipe.model.exclude, *embeddings)
-        groups.append([(f"model.exclude=[{','.join(exclude)}]", "model", {"exclude": exclude})])
+        groups.append([(f"model.exclude={_flow_list(exclude)}", "model", {"exclude": exclude})])
     optim = recipe.optim
     if recipe.search.strategy == "gradient":
         examples = optim.batch_size * optim.grad_accum  # per optimizer step: kept (rounded up)
@@ -124,6 +127,24 @@ def _knob_groups(recipe: Recipe, inventory: Inventory, world_size: int = 1) -> l
         length = recipe.data.max_length // 2
         groups.append([(f"data.max_length={length}", "data", {"max_length": length})])
     return [g for g in groups if g]
+
+
+def _flow_list(items: Sequence[str]) -> str:
+    """``items`` as a YAML flow sequence without spaces, the value of a ``key=value`` override.
+
+    A suggestion is meant to be typed as printed, and an exclusion pattern is a regex: one that a
+    plain flow item would not give back (``layers\\.3[01]\\.``, ``a,b``, ``true``) is double-quoted,
+    in JSON's quoting, which YAML reads as the same string.
+    """
+
+    def item(text: str) -> str:
+        try:
+            plain = yaml.safe_load(f"[{text}]") == [text]
+        except yaml.YAMLError:
+            plain = False
+        return text if plain else json.dumps(text)
+
+    return "[" + ",".join(item(t) for t in items) + "]"
 
 
 def _runs(recipe: Recipe, world_size: int) -> bool:

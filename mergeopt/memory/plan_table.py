@@ -7,6 +7,8 @@ under ``model.device_map``, says what each GPU would hold.
 
 from __future__ import annotations
 
+import shlex
+
 from mergeopt.config import Recipe
 from mergeopt.errors import UserError
 from mergeopt.loading.base_model import meta_model
@@ -16,6 +18,13 @@ from mergeopt.memory.sizes import GIB, Inventory, MemoryPlan
 def gib(n: int) -> str:
     """Bytes as GiB, two decimals, thousands separated: the unit of every printed row."""
     return f"{n / GIB:,.2f}"
+
+
+def typed(override: str) -> str:
+    """An override as a shell takes it: an argument with characters a shell would read (a list's
+    brackets, which zsh globs; a regex's backslashes; YAML's double quotes) in single quotes, so
+    the recipe gets it as printed in the plan's JSON."""
+    return " ".join(shlex.quote(arg) for arg in override.split(" "))
 
 
 def verdict(plan: MemoryPlan) -> str:
@@ -33,7 +42,7 @@ def verdict(plan: MemoryPlan) -> str:
     if not plan.suggestions:
         lines = [text + f"; none of the knobs helps: fewer experts or {more}"]
     else:
-        tries = [f"  {override:<50} saves {gib(saved):>8} GiB" for override, saved in plan.suggestions]
+        tries = [f"  {typed(override):<50} saves {gib(saved):>8} GiB" for override, saved in plan.suggestions]
         short = plan.combined_peak - mem.free
         together = "fits" if short <= 0 else f"still short by {gib(short)} GiB: fewer experts or {more}"
         lines = [f"{text}; try", *tries, f"  all of them: peak {gib(plan.combined_peak)} GiB, {together}"]
