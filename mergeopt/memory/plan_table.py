@@ -121,7 +121,8 @@ def placement_lines(recipe: Recipe, plan: MemoryPlan) -> list[str]:
     activations = max((r.bytes for r in plan.phases), default=0)
     head = (
         f"placement over GPUs (model.device_map: {strategy}; the rows above are for one device; "
-        f"each GPU keeps its share of the {gib(activations)} GiB phase free)"
+        f"each GPU keeps its share of the {gib(activations)} GiB phase free; every parameter counted "
+        "at the stacked cost, an upper bound for those model.exclude keeps at θ0)"
     )
     model, _ = meta_model(recipe.model.base, recipe.model.trust_remote_code, recipe.model.gguf_file)
     k, dtype = len(recipe.model.experts), recipe.model.stack_dtype
