@@ -200,6 +200,13 @@ def _adapter_other_base(world, tmp):
     return _with_expert(world, tmp, _adapter(world, tmp, base_model_name_or_path=str(other)))
 
 
+def _adapter_beside_a_model(world, tmp):
+    """An adapter directory that also holds a full model's weights (a merged model saved into it)."""
+    adapter = _adapter(world, tmp)
+    shutil.copy(Path(world["experts"]["alpha"]) / "model.safetensors", adapter)
+    return _with_expert(world, tmp, adapter)
+
+
 def _adapter_other_hub_base(world, tmp):
     """An adapter naming hub repository acme/base-Instruct, and a base that is a snapshot of
     acme/base in the Hugging Face cache."""
@@ -735,6 +742,7 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         _adapter_other_hub_base,
         "is a LoRA adapter trained on",
     ),
+    "adapter beside a full model": ("adapter", "fit", _adapter_beside_a_model, "holds both a PEFT adapter"),
     "adapter for a resized vocabulary": (
         "adapter",
         "fit",

@@ -655,6 +655,24 @@ def test_8b_dry_run_warns_of_what_the_fit_would_refuse(config_8b, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
+def test_dry_run_reads_the_dev_sets_as_the_fit_does(config_8b, tmp_path):
+    """A ``save_to_disk`` dev set, which the fit reads, draws no warning (it once read "is a
+    directory, not a file"), and a malformed JSONL line, which the fit refuses, draws one naming the
+    line: the plan warns of what the fit would refuse, not of something else."""
+    import datasets
+
+    path, _ = config_8b
+    datasets.Dataset.from_list([{"text": "a b c"}] * 4).save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"text": \n')
+    overrides = [f"model.base={path}", *(f"model.experts.{e}={path}" for e in EXPERTS_8B)]
+    dev = [f"data.dev.0.path={tmp_path / 'saved'}", f"data.dev.1.path={tmp_path / 'bad.jsonl'}"]
+    result = run_in_process("plan", "recipes/8b.yaml", *overrides, *dev, f"output_dir={tmp_path / 'out'}")
+    assert result.returncode == 0, result.stderr
+    assert "saved" not in result.stderr
+    prefix = "mergeopt: warning: the fit would refuse this recipe: "
+    assert f"{prefix}{tmp_path / 'bad.jsonl'}:2: not valid JSON" in result.stderr, result.stderr
+
+
 def test_plan_takes_fits_out_as_its_output_dir(config_8b, tmp_path):
     """``plan --out DIR`` is ``fit --dry-run --out DIR``: DIR is the output_dir the plan checks the
     fit could write (here under a file: one warning naming it), and DIR with an output_dir= override

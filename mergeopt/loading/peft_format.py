@@ -20,6 +20,13 @@ from mergeopt.inputs import json_file, lora_patterns
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
+# a full model's weight files, as transformers names them: not an adapter's
+MODEL_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 PREFIX = "base_model.model."
 FACTOR = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
 # what PEFT saves besides linear factors: DoRA magnitudes, embedding factors, a LoRA bias, and the
@@ -40,8 +47,23 @@ CHANGES_THE_MODEL = {
 
 
 def is_adapter(path: str | Path) -> bool:
-    """Whether ``path`` is a PEFT adapter directory (it has adapter_config.json), not a checkpoint."""
-    return (Path(path) / CONFIG_FILE).is_file()
+    """Whether ``path`` is a PEFT adapter directory (it has adapter_config.json), not a checkpoint.
+
+    A directory holding a full model's weights beside adapter_config.json (an adapter saved, then a
+    merged or fine-tuned model saved into the same directory) is refused: transformers loads it as
+    that model with the adapter on top, PEFT as the adapter over its base, and which one the user
+    means cannot be told from the files.
+    """
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file():
+        return False
+    if model_files := [name for name in MODEL_FILES if (path / name).is_file()]:
+        raise UserError(
+            f"{path} holds both a PEFT adapter ({CONFIG_FILE}) and a full model ({model_files[0]}): "
+            "transformers would load that model with the adapter on top, mergeopt the adapter over "
+            "the base; move one of them to a directory of its own"
+        )
+    return True
 
 
 def _pattern_value(pattern: Mapping[str, float], module: str, default: float) -> float:

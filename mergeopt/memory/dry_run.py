@@ -322,16 +322,17 @@ def _resolve_checkpoints(recipe: Recipe) -> Recipe:
 
 def refused_inputs(recipe: Recipe) -> list[str]:
     """What the fit of this recipe would refuse before any work, that the plan itself does not need:
-    the dev sets (and rank.grid) that are not files, an output_dir that cannot be written.
+    the dev sets that cannot be read as the fit reads them (missing, or a malformed record; a
+    ``save_to_disk`` directory is one), a rank.grid that is not a file, an output_dir that cannot be
+    written.
 
     A plan is often made before the data is in place (recipes/8b.yaml's placeholders), so these are
     warnings under the plan, not errors: the plan still answers the memory question, and the user
     hears now, not an hour of loading later, what the fit will say."""
+    from mergeopt.objectives.data import read_records
     from mergeopt.worlds.random_world import is_random
 
-    checks = [
-        (existing_file, d.path, f"dev set {d.name!r}") for d in recipe.data.dev if not is_random(d.path)
-    ]
+    checks = [(read_records, d.path, f"dev set {d.name!r}") for d in recipe.data.dev if not is_random(d.path)]
     if recipe.rank.grid is not None:
         checks.append((existing_file, recipe.rank.grid, "rank.grid"))
     checks.append((writable_dir, recipe.output_dir, "output_dir"))
