@@ -111,14 +111,14 @@ def test_the_changed_setting_is_named_and_an_older_run_json_gets_the_general_phr
     tree, _, _ = trained
     recipe = recipe_from_dict(tree)
     settings = trained_with(recipe)
-    assert changed_setting({}, recipe) == "base, data, budget or optimizer changed"
+    assert changed_setting({}, settings) == "base, data, budget or optimizer changed"
     assert (
-        changed_setting({"trained_with": {**settings, "seed": 7}}, recipe)
+        changed_setting({"trained_with": {**settings, "seed": 7}}, settings)
         == f"seed {recipe.seed} now, 7 then"
     )
     older = {k: v for k, v in settings.items() if k != "train.max_length"}
-    assert changed_setting({"trained_with": older}, recipe).startswith("train.max_length ")
-    assert changed_setting({"trained_with": older}, recipe).endswith(" now, unset then")
+    assert changed_setting({"trained_with": older}, settings).startswith("train.max_length ")
+    assert changed_setting({"trained_with": older}, settings).endswith(" now, unset then")
 
 
 def test_a_changed_mixture_set_does_not_reuse_old_runs(trained):

@@ -44,13 +44,14 @@ def recipe_fingerprint(recipe: Recipe) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def changed_setting(record: dict, recipe: Recipe) -> str:
-    """``train.lr 0.001 (was 0.0005)``: the first setting of :func:`trained_with` that differs from
-    what ``record`` (a run.json) was trained with; a general phrase for a run.json that predates it."""
+def changed_setting(record: dict, settings: dict) -> str:
+    """``train.lr 0.0005 now, 0.001 then``: the first of ``settings`` (:func:`trained_with` now) that
+    differs from what ``record`` (a run.json) was trained with; a general phrase for a run.json that
+    predates it."""
     saved = record.get("trained_with")
     if not isinstance(saved, dict):
         return "base, data, budget or optimizer changed"
-    for key, value in trained_with(recipe).items():
+    for key, value in settings.items():
         if key not in saved or saved[key] != value:
             was = json.dumps(saved[key]) if key in saved else "unset"
             return f"{key} {json.dumps(value)} now, {was} then"
@@ -95,7 +96,7 @@ def drawn_differently(record: dict, identity: dict) -> bool:
     return drawn is not None and drawn != identity["unit"]
 
 
-def finished(path: Path, identity: dict, recipe: Recipe) -> bool:
+def finished(path: Path, identity: dict) -> bool:
     """True for a finished run of this recipe, mixture and data; an error for a run of another one."""
     fingerprint, weights = identity["fingerprint"], identity["weights"]
     marker = path / RUN_MARKER
@@ -104,7 +105,7 @@ def finished(path: Path, identity: dict, recipe: Recipe) -> bool:
     info = json.loads(marker.read_text())
     if info.get("fingerprint") != fingerprint:
         raise UserError(
-            f"{path} was trained with a different recipe ({changed_setting(info, recipe)}); "
+            f"{path} was trained with a different recipe ({changed_setting(info, identity['trained_with'])}); "
             "delete it or choose another train.output_dir / model.experts path"
         )
     trained = info.get("weights", {})

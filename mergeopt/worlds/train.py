@@ -103,10 +103,7 @@ def train_one(
     cfg: TrainSection = recipe.train
     torch.manual_seed(recipe.seed)
     model = _trainable_base(recipe, device)
-    names = list(domains)
-    sets = [domains[n] for n in names]
-    probabilities = draw_probabilities([weights[n] for n in names], sets, recipe.weights.unit)
-    stream = mixture_examples(sets, probabilities, recipe.seed)
+    names, stream = _example_stream(recipe, weights, domains)
     batches = token_batches(stream, cfg.batch_tokens, tokenizer.pad_token_id or 0, len(names))
     domain_tokens = [0] * len(names)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -143,6 +140,15 @@ def train_one(
     return info
 
 
+def _example_stream(recipe: Recipe, weights: dict[str, float], domains: dict[str, list[Example]]):
+    """(domain names, the seeded stream of (domain index, example)) a run of mixture ``weights``
+    draws: the same for the run and for :func:`check_every_domain_drawn`'s count before it."""
+    names = list(domains)
+    sets = [domains[n] for n in names]
+    probabilities = draw_probabilities([weights[n] for n in names], sets, recipe.weights.unit)
+    return names, mixture_examples(sets, probabilities, recipe.seed)
+
+
 def check_every_domain_drawn(
     recipe: Recipe, weights: dict[str, float], domains: dict[str, list[Example]], out: Path
 ) -> None:
@@ -154,10 +160,7 @@ def check_every_domain_drawn(
     its nominal mixture as the truth, exit 0.
     """
     cfg: TrainSection = recipe.train
-    names = list(domains)
-    sets = [domains[n] for n in names]
-    probabilities = draw_probabilities([weights[n] for n in names], sets, recipe.weights.unit)
-    stream = mixture_examples(sets, probabilities, recipe.seed)
+    names, stream = _example_stream(recipe, weights, domains)
     held = [0] * len(names)
     for _ in range(cfg.steps):
         held = [a + b for a, b in zip(held, next_batch(stream, cfg.batch_tokens, len(names))[1])]
@@ -341,7 +344,7 @@ def _train(recipe: Recipe, progress: bool, log: Callable[[str], None]) -> Path:
 
     for _, path in runs:  # what a kill while publishing a run left beside it (the caller holds it)
         recover(path)
-    todo = [(w, p) for w, p in runs if not finished(p, run_identity(resolved, w, inputs), resolved)]
+    todo = [(w, p) for w, p in runs if not finished(p, run_identity(resolved, w, inputs))]
     for w, path in todo:  # a run is published over its path whole: never over a user's directory
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise UserError(
