@@ -129,10 +129,13 @@ def _fit(recipe: Recipe, progress: bool, log: Callable[[str], None], resume: str
     grid_search.check_budget(resolved)  # a lattice larger than the budget, before any model is loaded
     if resolved.rank.grid is not None:  # a bad grid table is reported before any work
         from mergeopt.evaluation.proxy import check_grid_unit, check_truth, read_grid
+        from mergeopt.worlds.run_records import grid_run_records
 
         table = read_grid(resolved.rank.grid, resolved.expert_names)
         check_truth(table, objective, resolved.rank.grid)
-        check_grid_unit(table, resolved.rank.grid, resolved.weights.unit)
+        check_grid_unit(
+            grid_run_records(table, resolved.rank.grid), resolved.rank.grid, resolved.weights.unit
+        )
     sizes = source_sizes(resolved, log)  # repetition caps' source sizes in weights.unit (None without a cap)
     feasible = feasible_set(resolved, sizes) if resolved.weights.constrained else None
     record = None if feasible is None else constraints_record(resolved, feasible, sizes)

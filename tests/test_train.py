@@ -4,6 +4,7 @@ table is complete, LoRA runs save an adapter whose merge equals the dense model 
 from __future__ import annotations
 
 import json
+import os
 import random
 import warnings
 from pathlib import Path
@@ -19,7 +20,7 @@ from mergeopt.config import recipe_from_dict
 from mergeopt.errors import UserError
 from mergeopt.evaluation.proxy import check_grid_unit
 from mergeopt.worlds import toy
-from mergeopt.worlds.run_records import RUN_MARKER, drawn_differently
+from mergeopt.worlds.run_records import RUN_MARKER, drawn_differently, grid_run_records
 from mergeopt.worlds.train import train
 from tests.conftest import recipe_tree, write_jsonl
 
@@ -121,6 +122,34 @@ def test_the_changed_setting_is_named_and_an_older_run_json_gets_the_general_phr
     assert changed_setting({"trained_with": older}, settings).endswith(" now, unset then")
 
 
+def test_a_grids_runs_are_found_beside_it_and_the_ones_found_nowhere_are_named(
+    trained, tmp_path, monkeypatch, capsys
+):
+    """train writes each run's path as given (relative to where it ran). Ranked from another
+    directory those paths named nothing and the unit and recipe checks were skipped without a word;
+    a path is now also read from the grid's directory, and runs found nowhere get one warning."""
+    _, _, grid = trained
+    table = pd.read_csv(grid)
+    beside = table.assign(path=[os.path.relpath(p, grid.parent) for p in table["path"]])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    found = grid_run_records(beside, grid)
+    assert [(row, path.resolve()) for row, path, _ in found] == [
+        (row, Path(p).resolve()) for row, p in enumerate(table["path"])
+    ]
+    assert capsys.readouterr().err == ""
+    with pytest.raises(UserError, match=r"was mixed in token shares, and weights.unit is samples"):
+        check_grid_unit(found, grid, "samples")
+
+    gone = beside.assign(path=[f"gone/{i:03d}" for i in range(len(table))])
+    assert grid_run_records(gone, grid) == []
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert f"{len(table)} of {len(table)} runs in its path column are not on this disk (gone/000, " in err[0]
+    assert err[0].endswith("their weights.unit and training-recipe checks are skipped")
+
+
 def test_a_changed_mixture_set_does_not_reuse_old_runs(trained):
     tree, _, _ = trained
     changed = json.loads(json.dumps(tree))
@@ -156,12 +185,16 @@ def test_a_changed_unit_keeps_the_experts_and_refuses_the_mixtures(trained):
 def test_a_grid_mixed_in_another_unit_is_refused_before_ranking(trained, tmp_path, capsys):
     tree, tmp, grid = trained
     table = pd.read_csv(grid)
-    check_grid_unit(table, grid, "tokens")  # the unit its runs were trained in
+
+    def check(frame, unit):
+        check_grid_unit(grid_run_records(frame, grid), grid, unit)
+
+    check(table, "tokens")  # the unit its runs were trained in
     with pytest.raises(UserError, match=r"was mixed in token shares, and weights.unit is samples"):
-        check_grid_unit(table, grid, "samples")
+        check(table, "samples")
     vertices = table[(table[["w_alpha", "w_beta", "w_gamma"]] == 1.0).any(axis=1)]
-    check_grid_unit(vertices.reset_index(drop=True), grid, "samples")  # an expert is either unit's
-    check_grid_unit(table.drop(columns="path"), grid, "samples")  # a grid made elsewhere: unchecked
+    check(vertices.reset_index(drop=True), "samples")  # an expert is either unit's
+    check(table.drop(columns="path"), "samples")  # a grid made elsewhere: unchecked
 
     ranked = json.loads(json.dumps(tree)) | {"rank": {"grid": str(grid)}, "weights": {"unit": "samples"}}
     ranked["output_dir"] = str(tmp_path / "ranked")

@@ -80,13 +80,16 @@ def metric_values(
     return frame[[f"{LOSS_PREFIX}{name}" for name in dev_names]].to_numpy(dtype=float) @ set_weights
 
 
-def check_provenance(table: pd.DataFrame, grid: str | Path, experts: dict[str, str]) -> None:
+def check_provenance(
+    runs: Sequence[tuple[int, Path, dict]], grid: str | Path, experts: dict[str, str]
+) -> None:
     """A grid from ``mergeopt train`` whose runs were trained by another recipe than these experts.
 
     Each run ``mergeopt train`` writes carries ``run.json`` with its training recipe's fingerprint
-    (base, data, budget, optimiser, seed). When the grid's runs and the recipe's experts both have
-    one and no fingerprint is shared, the runs are another recipe's: the calibration would correct
-    this proxy with the truth of different experts. Grids made elsewhere are not checked.
+    (base, data, budget, optimiser, seed). When the grid's runs (``runs``, from
+    :func:`~mergeopt.worlds.run_records.grid_run_records`) and the recipe's experts both have one
+    and no fingerprint is shared, the runs are another recipe's: the calibration would correct this
+    proxy with the truth of different experts. Grids made elsewhere are not checked.
     """
     from mergeopt.worlds.run_records import RUN_MARKER
 
@@ -98,15 +101,15 @@ def check_provenance(table: pd.DataFrame, grid: str | Path, experts: dict[str, s
 
     ours = {name: fingerprint(Path(path)) for name, path in experts.items()}
     ours = {name: f for name, f in ours.items() if f}
-    if not ours or "path" not in table.columns:
+    if not ours:
         return
-    for row, path in enumerate(table["path"]):
-        theirs = fingerprint(Path(str(path)))
-        if theirs and theirs not in ours.values():
+    for row, path, record in runs:
+        theirs = record.get("fingerprint")
+        if isinstance(theirs, str) and theirs not in ours.values():
             name, mine = next(iter(ours.items()))
             raise UserError(
                 f"{at_line(grid, row)}: its run was trained by another recipe (fingerprint {theirs} in "
-                f"{Path(str(path)) / RUN_MARKER}) "
+                f"{path / RUN_MARKER}) "
                 f"than the recipe's experts (model.experts.{name}: {mine}); calibrate with a grid of "
                 "runs trained alongside these experts"
             )
@@ -250,6 +253,7 @@ class _Grid:
 def _checked_grid(args: argparse.Namespace, recipe, objective: Objective) -> _Grid:
     from mergeopt.evaluation.proxy import check_grid_unit, check_truth, read_grid
     from mergeopt.run_files import read_finished_mixture
+    from mergeopt.worlds.run_records import grid_run_records
 
     grid = args.grid or recipe.calibrate.grid or recipe.rank.grid
     if grid is None:
@@ -263,8 +267,9 @@ def _checked_grid(args: argparse.Namespace, recipe, objective: Objective) -> _Gr
             "regression on the runs alone; add a run's row or set calibrate.use_proxy: true"
         )
     check_truth(table, objective, grid)
-    check_provenance(table, grid, recipe.model.experts)
-    check_grid_unit(table, grid, recipe.weights.unit)
+    runs = grid_run_records(table, grid)
+    check_provenance(runs, grid, recipe.model.experts)
+    check_grid_unit(runs, grid, recipe.weights.unit)
     checked = _Grid(grid, table, column, higher)
     if recipe.weights.constrained:  # bounds, pins, repetition caps: checked before a model is loaded
         from mergeopt.loading.feasible import constraints_record, feasible_set, source_sizes

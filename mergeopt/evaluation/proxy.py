@@ -94,25 +94,23 @@ def truth_columns(objective: Objective) -> dict[str, str]:
     return columns
 
 
-def check_grid_unit(table: pd.DataFrame, path: str | Path, unit: str) -> None:
+def check_grid_unit(runs: Sequence[tuple[int, Path, dict]], path: str | Path, unit: str) -> None:
     """Refuse a grid whose runs drew their mixtures in another unit than the recipe's weights.unit.
 
     The grid's weights and the fit's are then numbers of two different mixtures (token shares and
     sample shares differ wherever the domains' examples differ in length), and the ranking would
     compare each proxy mixture with another mixture's run. Only the runs ``mergeopt train`` wrote
-    can tell (their ``run.json``, found through the ``path`` column); one that draws a single domain
-    is the same in either unit, and grids made elsewhere are not checked.
+    can tell (``runs``: their ``run.json``, from
+    :func:`~mergeopt.worlds.run_records.grid_run_records`); one that draws a single domain is the
+    same in either unit, and grids made elsewhere are not checked.
     """
-    from mergeopt.worlds.run_records import RUN_MARKER, drawn_unit
+    from mergeopt.worlds.run_records import drawn_unit
 
-    if "path" not in table.columns:
-        return
-    for row, run in enumerate(table["path"]):
+    for row, run, info in runs:
         try:
-            info = json.loads((Path(str(run)) / RUN_MARKER).read_text())
             drawn = drawn_unit(info["weights"], info)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            continue  # no run.json at hand (or not mergeopt train's): nothing to check
+        except (KeyError, TypeError, ValueError, AttributeError):
+            continue  # not mergeopt train's run.json: nothing to check
         if drawn is not None and drawn != unit:
             raise UserError(
                 f"{at_line(path, row)}: its run {run} was mixed in {drawn[:-1]} shares, and weights.unit is "

@@ -184,6 +184,7 @@ def _grid_run(args, recipe, out: Path) -> int:
     from mergeopt.loading.problem import load_problem
     from mergeopt.runtime.resume import recipe_tree
     from mergeopt.worlds import resolve_recipe
+    from mergeopt.worlds.run_records import grid_run_records
 
     grid = args.grid or recipe.rank.grid
     if grid is None:
@@ -192,7 +193,7 @@ def _grid_run(args, recipe, out: Path) -> int:
     # a bad table is reported before anything is built or loaded
     table = read_grid(grid, recipe.expert_names)
     check_truth(table, objective, grid)
-    check_grid_unit(table, grid, recipe.weights.unit)
+    check_grid_unit(grid_run_records(table, grid), grid, recipe.weights.unit)
     mixture_path = Path(args.mixture) if args.mixture else Path(recipe.output_dir) / "mixture.json"
     mixture = _fitted_mixture(mixture_path, recipe.expert_names, named=bool(args.mixture))
     quiet = args.quiet or not distributed.is_main()

@@ -81,6 +81,46 @@ def run_identity(recipe: Recipe, weights: dict[str, float], inputs: dict[str, st
     }
 
 
+def grid_run_records(table, grid: str | Path) -> list[tuple[int, Path, dict]]:
+    """``(row, directory, run.json)`` of each grid row whose ``path`` column names a run on this disk.
+
+    ``mergeopt train`` writes the path as it was given (relative to where train ran), so a relative
+    path is read from the working directory, else from the grid file's own directory (a grid moved
+    with its runs, or written beside them by hand). Runs found nowhere are named in one warning: the
+    checks that read run.json (weights.unit, the training recipe) skip them, and a user ranking from
+    another directory would otherwise not know. A directory without run.json is a run trained
+    elsewhere, which these checks cannot read either: it is skipped without a word.
+    """
+    from mergeopt.errors import warn
+    from mergeopt.runtime.distributed import is_main
+
+    if "path" not in getattr(table, "columns", ()):
+        return []
+    records, missing = [], []
+    for row, value in enumerate(table["path"]):
+        if not isinstance(value, str) or not value.strip():
+            continue
+        given = Path(value)
+        found = next((p for p in (given, Path(grid).parent / given) if p.is_dir()), None)
+        if found is None:
+            missing.append(value)
+            continue
+        try:
+            record = json.loads((found / RUN_MARKER).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict):
+            records.append((row, found, record))
+    if missing and is_main():
+        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        warn(
+            f"{grid}: {len(missing)} of {len(table)} runs in its path column are not on this disk "
+            f"({shown}), from the working directory nor beside the grid: their weights.unit and "
+            "training-recipe checks are skipped"
+        )
+    return records
+
+
 def drawn_unit(weights: dict[str, float], record: dict) -> str | None:
     """The unit a run of mixture ``weights`` that ``record`` (run.json or a step checkpoint's state)
     describes drew its examples in; None for a single domain, which is the same run in either unit.
