@@ -673,6 +673,41 @@ def test_dry_run_reads_the_dev_sets_as_the_fit_does(config_8b, tmp_path):
     assert f"{prefix}{tmp_path / 'bad.jsonl'}:2: not valid JSON" in result.stderr, result.stderr
 
 
+def test_plan_warns_of_conversations_without_a_chat_template(config_8b, tmp_path):
+    """A dev set of conversations and a base whose tokenizer files hold no chat template: the fit
+    refuses it (after the tokenizer is loaded); the plan said nothing. It now warns in one line
+    naming the dev set, from files only; a data.chat_template that holds one silences it, one that
+    does not is named as the fit names it."""
+    path, _ = config_8b
+    chat = tmp_path / "chat.jsonl"
+    message = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
+    chat.write_text(json.dumps(message) + "\n")
+    argv = ["recipes/8b.yaml", f"model.base={path}", *(f"model.experts.{e}={path}" for e in EXPERTS_8B)]
+    argv += [f"data.dev.{i}.path={chat}" for i in range(len(EXPERTS_8B))]
+    argv.append(f"output_dir={tmp_path / 'out'}")
+    prefix = "mergeopt: warning: the fit would refuse this recipe: "
+
+    result = run_in_process("plan", *argv)
+    assert result.returncode == 0 and "\nverdict: " in result.stdout, result.stderr
+    names = ", ".join(f"dev set {e!r}" for e in EXPERTS_8B)
+    assert result.stderr.splitlines() == [
+        f"{prefix}{names} holds conversations, and the base's tokenizer has no chat template "
+        f"(chat_template.jinja or tokenizer_config.json's chat_template in {path}): set "
+        "data.chat_template to a Jinja file or to a directory whose tokenizer has one"
+    ]
+    template = tmp_path / "template.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    assert run_in_process("plan", *argv, f"data.chat_template={template}").stderr == ""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_in_process("plan", *argv, f"data.chat_template={empty}")
+    assert result.stderr.splitlines() == [
+        f"{prefix}data.chat_template: {empty} holds no chat template (chat_template.jinja or "
+        "tokenizer_config.json's chat_template)"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
 def test_plan_takes_fits_out_as_its_output_dir(config_8b, tmp_path):
     """``plan --out DIR`` is ``fit --dry-run --out DIR``: DIR is the output_dir the plan checks the
     fit could write (here under a file: one warning naming it), and DIR with an output_dir= override

@@ -19,10 +19,9 @@ from pathlib import Path
 
 import torch
 
-from mergeopt import inputs, worlds
+from mergeopt import inputs
 from mergeopt.config import Recipe, load_recipe
 from mergeopt.errors import UserError, warn
-from mergeopt.inputs import existing_file, writable_dir
 from mergeopt.loading.adapter_base import check_adapter_base
 from mergeopt.loading.base_model import meta_model
 from mergeopt.loading.checkpoints import (
@@ -46,6 +45,7 @@ from mergeopt.loading.precision import precision_warning
 from mergeopt.memory.layer_profiles import not_profiled_note
 from mergeopt.memory.layout import dora_kept_low_rank, parameters_kept_low_rank
 from mergeopt.memory.plan import plan_memory
+from mergeopt.memory.plan_inputs import refused_inputs, world_path
 from mergeopt.memory.plan_table import format_plan, placement_lines
 from mergeopt.memory.ranks import check_world_size
 from mergeopt.memory.sizes import FLOAT32, DeviceMemory, Dims, Inventory, MemoryPlan
@@ -295,54 +295,12 @@ def device_memory(name: str) -> DeviceMemory:
     return DeviceMemory(str(device), "memory not known to mergeopt", None, None)
 
 
-def _world_path(path: str, recipe: Recipe) -> str:
-    """A tiny:// or smollm2:// checkpoint path inside the cache; a missing world is refused, not built."""
-    name = worlds.scheme_of(path)
-    if name is None:
-        return path
-    root = worlds.world_dir(name, recipe.world.cache_dir, recipe.world.seed)
-    if not (root / worlds.MARKER).is_file():
-        # a cache that is a file, or cannot be written, is said as the run would say it, not as a
-        # world the run would build there
-        inputs.writable_dir(root.parent, worlds.cache_source(recipe.world.cache_dir))
-        raise UserError(
-            f"{path}: the {name} world is not built yet and a dry run builds nothing (run once without "
-            f"--dry-run to build it into {root})"
-        )
-    return str(root / path.partition("://")[2])
-
-
 def _resolve_checkpoints(recipe: Recipe) -> Recipe:
     """The recipe with its checkpoint paths resolved (dev sets are not read by a dry run)."""
-    base = _world_path(recipe.model.base, recipe)
-    experts = {name: _world_path(path, recipe) for name, path in recipe.model.experts.items()}
+    base = world_path(recipe.model.base, recipe)
+    experts = {name: world_path(path, recipe) for name, path in recipe.model.experts.items()}
     model = recipe.model.model_copy(update={"base": base, "experts": experts})
     return recipe.model_copy(update={"model": model})
-
-
-def refused_inputs(recipe: Recipe) -> list[str]:
-    """What the fit of this recipe would refuse before any work, that the plan itself does not need:
-    the dev sets that cannot be read as the fit reads them (missing, or a malformed record; a
-    ``save_to_disk`` directory is one), a rank.grid that is not a file, an output_dir that cannot be
-    written.
-
-    A plan is often made before the data is in place (recipes/8b.yaml's placeholders), so these are
-    warnings under the plan, not errors: the plan still answers the memory question, and the user
-    hears now, not an hour of loading later, what the fit will say."""
-    from mergeopt.objectives.data import read_records
-    from mergeopt.worlds.random_world import is_random
-
-    checks = [(read_records, d.path, f"dev set {d.name!r}") for d in recipe.data.dev if not is_random(d.path)]
-    if recipe.rank.grid is not None:
-        checks.append((existing_file, recipe.rank.grid, "rank.grid"))
-    checks.append((writable_dir, recipe.output_dir, "output_dir"))
-    problems = []
-    for check, path, what in checks:
-        try:
-            check(_world_path(path, recipe), what)
-        except UserError as err:
-            problems.append(str(err))
-    return problems
 
 
 def world_size(given: int | None) -> int:
