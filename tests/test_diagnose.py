@@ -326,7 +326,7 @@ def test_losses_are_the_proxy_paths_and_the_base_is_theta0(random_world, tmp_pat
     # base as an expert is refused: an expert equal to the base has no data to weigh)
     from transformers import AutoModelForCausalLM
 
-    from mergeopt.worlds.train import dev_losses
+    from mergeopt.worlds.grid_table import dev_losses
 
     base_model = AutoModelForCausalLM.from_pretrained(random_world["base"], dtype=torch.float32).eval()
     base = dev_losses(base_model, recipe, plain.sets, plain.pad_id, torch.device("cpu"))

@@ -24,7 +24,6 @@ the score columns of terms a later recipe does not name are carried over, not dr
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
 import warnings
@@ -35,29 +34,27 @@ import torch
 from tqdm.auto import tqdm
 
 from mergeopt.cli import run_command
-from mergeopt.config import ObjectiveTerm, Recipe, TrainSection, load_recipe
+from mergeopt.config import Recipe, TrainSection, load_recipe
 from mergeopt.errors import Interrupted, UserError
 from mergeopt.inputs import distinct_dirs, lora_targets, writable_dir
 from mergeopt.loading.checkpoints import read_json_object
 from mergeopt.loading.devices import resolve_device
 from mergeopt.loading.positions import check_max_length
 from mergeopt.objectives.chat import with_template
-from mergeopt.objectives.data import Batch, DevSet, Example, evaluation_batches
+from mergeopt.objectives.data import Batch, Example
 from mergeopt.objectives.loss import per_set_loss_sums
 from mergeopt.objectives.objective import Objective
 from mergeopt.objectives.term_scores import (
     load_custom,
     load_dev_sets,
-    score_column,
-    score_terms,
 )
 from mergeopt.runtime import determinism, faults
-from mergeopt.runtime.exact_csv import read_csv
-from mergeopt.runtime.files import write_csv_atomic, write_json_atomic
+from mergeopt.runtime.files import write_json_atomic
 from mergeopt.runtime.resume import check_interrupt, interruptible, pending_interrupt
 from mergeopt.runtime.rundir import check_output_dir, owned_all, recover, staged
 from mergeopt.search.mixtures import mixture_set
 from mergeopt.worlds import resolve_recipe
+from mergeopt.worlds.grid_table import grid_rows, write_grid
 from mergeopt.worlds.run_records import (
     RUN_MARKER,
     finished,
@@ -245,28 +242,6 @@ def _save_run(recipe, model, tokenizer, identity: dict, tokens, domain_tokens, l
     return info
 
 
-def load_run(path: Path, device: torch.device) -> torch.nn.Module:
-    """A finished run's saved (dense) checkpoint, in eval mode: what every grid column is measured on."""
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
-
-
-@torch.no_grad()
-def dev_losses(
-    model: torch.nn.Module, recipe: Recipe, sets, pad_id: int, device: torch.device
-) -> list[float]:
-    """Mean token loss of each dev set (every record, fit and held-out parts) for a loaded run."""
-    sums = torch.zeros(len(sets), dtype=torch.float64)
-    counts = torch.zeros(len(sets), dtype=torch.float64)
-    for batch in evaluation_batches(sets, "all", recipe.optim.eval_batch_size, pad_id):
-        check_interrupt("evaluating a run")
-        s, c = per_set_loss_sums(model, {}, batch.to(device), len(sets))
-        sums += s.double().cpu()
-        counts += c.double().cpu()
-    return (sums / counts).tolist()
-
-
 def written_dirs(recipe: Recipe) -> dict[str, str]:
     """The directories a train writes, by the recipe key naming each: train.output_dir (grid.csv
     and the mixture runs) and every expert's run directory, wherever it lies (world paths aside)."""
@@ -362,18 +337,8 @@ def _train(recipe: Recipe, progress: bool, log: Callable[[str], None]) -> Path:
     for w, path in tqdm(todo, desc="training runs", unit="run", disable=not progress):
         train_one(resolved, w, domains, path, tokenizer, device, progress, inputs)
 
-    rows = _grid_rows(resolved, grid_runs, sets, terms, custom, tokenizer, device, progress)
-    columns = [
-        "run",
-        "path",
-        *(f"w_{n}" for n in names),
-        *(f"loss_{s.name}" for s in sets),
-        *(score_column(t) for t in terms),
-        "tokens",
-    ]
-    kept = _kept_score_columns(out_dir / "grid.csv", rows, columns)
-    columns[-1:-1] = kept
-    grid = write_csv_atomic(out_dir / "grid.csv", rows, columns)
+    rows = grid_rows(resolved, grid_runs, sets, terms, custom, tokenizer, device, progress)
+    grid = write_grid(out_dir / "grid.csv", rows, names, sets, terms)
     log(f"wrote {grid} ({len(rows)} mixtures)")
     return grid
 
@@ -394,66 +359,6 @@ def _planned_runs(
             runs.append((w, path))
         grid_runs.append((w, path))
     return runs, grid_runs
-
-
-def _grid_rows(
-    recipe: Recipe,
-    grid_runs: Sequence[tuple[dict[str, float], Path]],
-    sets: Sequence[DevSet],
-    terms: Sequence[ObjectiveTerm],
-    custom,
-    tokenizer,
-    device: torch.device,
-    progress: bool,
-) -> list[dict]:
-    """grid.csv's rows: each trained run's mixture, dev losses, metric scores and training tokens."""
-    names = recipe.expert_names
-    pad_id = tokenizer.pad_token_id or 0
-    rows = []
-    for i, (w, path) in enumerate(tqdm(grid_runs, desc="evaluating runs", unit="run", disable=not progress)):
-        check_interrupt(f"evaluating run {path.name}")  # nothing is written until grid.csv
-        model = load_run(path, device)
-        losses = dev_losses(model, recipe, sets, pad_id, device)
-        scores = score_terms(model, tokenizer, sets, terms, custom, recipe.optim.eval_batch_size, device)
-        for label, value in scores.items():  # grid.csv holds the truth: a NaN there misleads every rank
-            if not math.isfinite(value):
-                raise UserError(f"metric {label!r} returned {value} on run {path}, not a finite number")
-        info = json.loads((path / RUN_MARKER).read_text())
-        row = {"run": i, "path": str(path), **{f"w_{n}": w[n] for n in names}}
-        row.update({f"loss_{s.name}": v for s, v in zip(sets, losses)})
-        row.update({score_column(t): scores[t.label] for t in terms})
-        row["tokens"] = info["tokens"]
-        rows.append(row)
-    return rows
-
-
-def _kept_score_columns(path: Path, rows: list[dict], columns: Sequence[str]) -> list[str]:
-    """Score columns of an earlier grid.csv that this recipe does not recompute, carried over.
-
-    Finished runs are never retrained, so a score measured on one (say exact match, by a recipe
-    that named the term) stays true; rerunning train with a recipe without that term must not drop
-    it. Rows are matched on the run's path; a column is kept only if every row has its value.
-    """
-    if not path.is_file():
-        return []
-    import pandas as pd
-
-    try:
-        old = read_csv(path)
-    except (OSError, ValueError):
-        return []
-    extra = [c for c in old.columns if c.startswith("score_") and c not in columns]
-    if not extra or "path" not in old.columns or old["path"].duplicated().any():
-        return []
-    by_path = old.set_index("path")
-    kept = [
-        c
-        for c in extra
-        if all(r["path"] in by_path.index and pd.notna(by_path.at[r["path"], c]) for r in rows)
-    ]
-    for row in rows:
-        row.update({c: float(by_path.at[row["path"], c]) for c in kept})
-    return kept
 
 
 def run(args: argparse.Namespace) -> int:
