@@ -41,7 +41,7 @@ def kind_of(path: Path) -> str:
     if path.is_file():
         return "a file"
     if path.exists():
-        return "not a regular file"
+        return "a device, pipe or socket"
     return "nothing"
 
 

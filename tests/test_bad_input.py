@@ -987,6 +987,12 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         ],
         "the repetition cap counts tokens but the weights are sample shares (unit samples)",
     ),
+    "export --out onto the fit's own mixture.json": (
+        "export",
+        "export",
+        lambda w, t: [str(_finished_run(w, t)), "--to", "doremi", "--out", str(t / "run" / "mixture.json")],
+        "mixture.json is an input of this export",
+    ),
     "export unknown dataset name": (
         "export",
         "export",

@@ -654,6 +654,19 @@ def test_mergekit_refuses_what_it_cannot_say(tmp_path, random_world, capsys, met
     assert not out.exists()
 
 
+def test_mergekit_refuses_a_mixture_naming_an_expert_its_recipe_lacks(tmp_path, random_world, capsys):
+    """A mixture.json beside another run's recipe.yaml: one line naming the expert, not a KeyError."""
+    names = list(random_world["experts"])
+    tree = recipe_tree(random_world, tmp_path / "run")
+    weights = dict(zip([*names[:2], "delta"], (0.2, 0.5, 0.3)))
+    run = write_run(tmp_path / "run", weights, recipe=tree)
+    out = tmp_path / "mergekit.yaml"
+    assert run_cli(main, [str(run), "--to", "mergekit", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mergeopt: error: ") and "'delta'" in err[0]
+    assert "mergekit" in err[0] and not out.exists()
+
+
 def test_mergekit_lora_expert_is_base_plus_adapter(tmp_path, random_world):
     adapter = tmp_path / "adapter"
     adapter.mkdir()

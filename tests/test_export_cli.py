@@ -212,6 +212,22 @@ def test_mergekit_needs_the_run_recipe(tmp_path, capsys):
     fails(capsys, tmp_path, [str(run(tmp_path)), "--to", "mergekit"], "recipe.yaml")
 
 
+@pytest.mark.parametrize("victim", ["mixture", "recipe", "dataset"])
+def test_out_that_is_an_input_is_refused_and_left_as_it_was(tmp_path, capsys, files, victim):
+    """``--out runs/x/mixture.json`` (or its recipe.yaml, or a training set) would replace the
+    fit's result with a config: refused in one line, the file unchanged."""
+    mixture = run(tmp_path)
+    recipe = mixture.parent / "recipe.yaml"
+    recipe.write_text("seed: 0\n")
+    target = {"mixture": mixture, "recipe": recipe, "dataset": files["paths"]["a"]}[victim]
+    before = target.read_bytes()
+    argv = [str(mixture.parent), "--to", "doremi", *datasets_args(files), "--out", str(target)]
+    assert run_cli(main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mergeopt: error: --out ") and "input" in err[0]
+    assert target.read_bytes() == before
+
+
 def test_stdout_by_default_and_no_traceback_in_a_real_process(tmp_path):
     mixture = run(tmp_path)
     done = run_module("export", str(mixture), "--to", "doremi")

@@ -188,6 +188,25 @@ def write(texts: dict[Format, str], out: str | None, many: bool) -> list[Path]:
     return [write_text_atomic(output_path(fmt, out, many), text)]
 
 
+def _inputs(args: argparse.Namespace) -> list[Path]:
+    """The files export reads: the mixture.json, the recipe.yaml beside it, each ``--datasets`` file."""
+    mixture = Path(args.mixture)
+    mixture = mixture / "mixture.json" if mixture.is_dir() else mixture
+    given = [Path(item.partition("=")[2]) for item in args.datasets or []]
+    return [p for p in (mixture, mixture.parent / "recipe.yaml", *given) if p.is_file()]
+
+
+def check_not_an_input(args: argparse.Namespace) -> None:
+    """Refuse an ``--out`` file that export reads: writing it would replace the fit's mixture.json,
+    its recipe.yaml or a training set with a config, and the run could not be exported again."""
+    many = args.to == "all"
+    targets = [output_path(f, args.out, many) for f in choose_formats(args.to)]
+    for target in targets:
+        for source in _inputs(args):
+            if target.is_file() and target.samefile(source):
+                raise UserError(f"--out {target} is an input of this export ({source}): choose another file")
+
+
 def run(args: argparse.Namespace) -> int:
     """``mergeopt export``: the parsed command line (:mod:`mergeopt.cli`)."""
     if args.out is not None:  # before the tokens are counted
@@ -195,6 +214,7 @@ def run(args: argparse.Namespace) -> int:
             writable_dir(args.out, "--out")
         else:
             writable_file(args.out, "--out")
+        check_not_an_input(args)
     texts, messages = build(args)
     written = write(texts, args.out, args.to == "all")  # an error here comes alone, before any note
     for line in messages:

@@ -125,6 +125,12 @@ def _check_mergeable(ctx: Context, recipe: Recipe, name: str, method: dict) -> N
     """Refuse, in one line, what mergekit cannot merge as the fit scored it."""
     if name not in METHODS:
         raise UserError(f"{ctx.mixture.path}: merge method {name!r} has no mergekit equivalent")
+    unknown = [n for n in ctx.mixture.names if n not in recipe.model.experts]
+    if unknown:  # a mixture.json from another run beside this recipe.yaml: no checkpoint to name
+        raise UserError(
+            f"{ctx.mixture.path} names {unknown[0]!r}, which is not an expert of the recipe.yaml beside it "
+            f"({', '.join(recipe.model.experts)}), so mergekit would have no checkpoint for it"
+        )
     if name in ("ties", "dare_ties") and method.get("majority_sign", "total") != "total":
         raise UserError(
             f"merge.majority_sign {method.get('majority_sign')!r} has no mergekit equivalent "
