@@ -111,7 +111,11 @@ def fit(
 
 
 def _fit(recipe: Recipe, progress: bool, log: Callable[[str], None], resume: str) -> dict:
+    from mergeopt.reporting.run_report import check_report_inputs
+
     tracking.check_installed(recipe.logging)  # a missing tracker library is said before any work
+    # report.md sums up the other commands' files kept there: one this mergeopt cannot read is refused now
+    check_report_inputs(recipe.output_dir, owned_files(recipe))
     if not recipe.allow_test_split:  # before a world is built or a model loaded
         for term in recipe.objective.terms:
             if term.kind == "lm_eval":

@@ -183,11 +183,10 @@ def test_rank_cli_adds_its_section_to_the_report(ranked_run, tmp_path):
     assert "## Recommended mixture" in report and "## Does the merged proxy rank mixtures" in report
 
 
-@pytest.mark.parametrize("which", ["ranked", "search"])
-def test_notebook_runs_on_a_run_directory(which, ranked_run, search_run):
+def _executed_notebook(run_dir: Path) -> list:
+    """The outputs of notebooks/analysis.ipynb run on ``run_dir``; fails on a cell that raises."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
-    run_dir = ranked_run if which == "ranked" else search_run
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     env = {
         "MERGEOPT_RUN": str(run_dir),
@@ -200,11 +199,60 @@ def test_notebook_runs_on_a_run_directory(which, ranked_run, search_run):
         ).execute()
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
+    return outputs
+
+
+@pytest.mark.parametrize("which", ["ranked", "search"])
+def test_notebook_runs_on_a_run_directory(which, ranked_run, search_run):
+    run_dir = ranked_run if which == "ranked" else search_run
+    outputs = _executed_notebook(run_dir)
     images = sum("image/png" in o.get("data", {}) for o in outputs)
     assert images == (3 if which == "ranked" else 2)  # loss curve, simplex (+ proxy vs truth)
     tables = sum("text/html" in o.get("data", {}) for o in outputs)
     assert tables >= (3 if which == "ranked" else 2)  # weights, mixture table (+ rank table)
     assert math.isfinite(json.loads((run_dir / "mixture.json").read_text())["dev_loss"])
+
+
+def test_a_rank_of_two_tables_opens_draws_and_runs_the_notebook(tmp_path):
+    """``mergeopt rank --proxy A --truth B --out DIR`` (no fit): its mixtures are the tables' own
+    weight columns (not ``w_``), its headline metric ``mean`` (no target). The simplex showed an
+    empty figure, plot_proxy_vs_truth's default refused, report.md (rewritten by a later diagnose or
+    fit there) failed on the grid the report has not, and the notebook stopped at ``run.weights``
+    saying the fit had not finished."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from mergeopt.errors import run_cli
+    from mergeopt.evaluation import rank
+    from mergeopt.reporting.run_report import write_report
+
+    regmix = REPO / "tests" / "data" / "regmix"
+    tables = [f"{regmix}/test_mixture_{m}.csv+{regmix}/test_pile_loss_{m}.csv" for m in ("1m", "60m")]
+    out = tmp_path / "rank_out"
+    argv = ["--proxy", tables[0], "--truth", tables[1], "--bootstrap", "20", "--out", str(out), "--quiet"]
+    assert run_cli(rank.main, argv) == 0
+    run = analysis.open_run(out)
+    columns = run.rank["mixture_columns"]
+    assert run.mixture is None and run.expert_names == columns and len(columns) == 17
+    assert run.pair_columns() == columns
+    with pytest.raises(UserError, match="a rank check's directory, no mixture.json"):
+        _ = run.weights
+    grid = analysis.plot_simplex(run).collections[0].get_offsets()
+    np.testing.assert_allclose(grid, analysis.simplex_coordinates(run.rank_pairs[columns].to_numpy()))
+    ax = analysis.plot_proxy_vs_truth(run)
+    assert ax.get_title().startswith(f"mean: Spearman {run.rank['metrics']['mean']['spearman']:.3f}")
+    np.testing.assert_array_equal(
+        ax.collections[0].get_offsets(), run.rank_pairs[["proxy_mean", "truth_mean"]]
+    )
+    report = write_report(out).read_text()  # as diagnose --out DIR or a fit there rewrites it
+    assert f"256 mixtures, `{tables[0]}` against `{tables[1]}`" in report and "(simplex.png)" in report
+    fit = {"weights": {"arith": 0.5, "reverse": 0.5}, "status": "complete"}  # beside a fit's mixture
+    beside = analysis.Run(out, fit, None, None, None, run.rank, run.rank_pairs)
+    assert [c.get_label() for c in analysis.plot_simplex(beside).collections] == ["recommended"]
+    with pytest.raises(UserError, match="no mixture to place on the simplex"):
+        analysis.plot_simplex(analysis.load_run(tmp_path))  # a directory with nothing of a run
+    outputs = _executed_notebook(out)
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 2  # simplex, proxy vs truth
 
 
 @pytest.mark.parametrize("k", [2, 3, 5])

@@ -404,3 +404,56 @@ def test_diagnose_md_says_why_a_ties_merge_has_no_sign_conflict(random_world, tm
         assert conflicts.conflicting == 0 and conflicts.contested > 0 and told
     else:
         assert conflicts.conflicting > 0 and not told
+
+
+def test_a_run_file_diagnose_cannot_read_is_refused_before_the_work(random_world, tmp_path, monkeypatch):
+    """--out holds a newer mergeopt's mixture.json: report.md is rewritten from it, so it is refused
+    in one line naming it where it is, before any evaluation (it was refused after them all, naming
+    a staging directory that is gone)."""
+    import yaml
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "mixture.json").write_text(json.dumps({"schema_version": 99, "status": "complete"}))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(recipe_tree(random_world, out)))
+
+    def no_work(*_args, **_kwargs):
+        raise AssertionError("the experts were loaded before the run files were read")
+
+    monkeypatch.setattr(diag, "load_diagnosed", no_work)
+    done = run_in_process("diagnose", str(recipe), "--points", "3", "--quiet")
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"mergeopt: error: {out / 'mixture.json'}: schema_version 99 is newer than")
+
+
+@pytest.mark.parametrize("command", ["fit", "rank"])
+def test_fit_and_rank_refuse_a_kept_run_file_before_the_work(command, random_world, tmp_path):
+    """A fit or a grid rank into a directory holding a newer mergeopt's diagnose.json: report.md sums
+    it up after the work, so it was refused then, naming a staging directory that is gone. Now it is
+    one line naming the file where the user has it, and nothing is written."""
+    import yaml
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "diagnose.json").write_text(json.dumps({"schema_version": 99}))
+    tree = recipe_tree(random_world, out)
+    names = list(tree["model"]["experts"])
+    grid = tmp_path / "grid.csv"
+    rows = [[1.0 if i == j else 0.0 for j in range(len(names))] for i in range(len(names))]
+    rows.append([1.0 / len(names)] * len(names))
+    losses = [[float(i + 1)] * len(tree["data"]["dev"]) for i in range(len(rows))]
+    header = [f"w_{n}" for n in names] + [f"loss_{d['name']}" for d in tree["data"]["dev"]]
+    grid.write_text(
+        "\n".join([",".join(header), *(",".join(map(str, w + v)) for w, v in zip(rows, losses))]) + "\n"
+    )
+    tree["rank"] = {"grid": str(grid)}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tree))
+    before = sorted(p.name for p in out.iterdir())
+    done = run_in_process(command, str(recipe), "--quiet")
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"mergeopt: error: {out / 'diagnose.json'}: schema_version 99 is newer than"), line
+    assert sorted(p.name for p in out.iterdir()) == before

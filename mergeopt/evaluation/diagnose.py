@@ -335,7 +335,7 @@ def run(args: argparse.Namespace) -> int:
     """``mergeopt diagnose``: diagnose.json, diagnose.md and plots in --out (default: output_dir)."""
     from mergeopt.config import load_recipe
     from mergeopt.reporting.diagnostics import FILES, write_diagnostics
-    from mergeopt.reporting.run_report import write_report
+    from mergeopt.reporting.run_report import check_report_inputs, write_report
     from mergeopt.runtime.rundir import owned, staged
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -344,6 +344,7 @@ def run(args: argparse.Namespace) -> int:
     log = (lambda _m: None) if args.quiet else print
     what = "--out" if args.out is not None else "output_dir"
     with owned(args.out if args.out is not None else recipe.output_dir, "diagnose", what) as out:
+        check_report_inputs(out, FILES)  # report.md is rewritten from them: refused now, not after the work
         resolved, problem, objective = load_diagnosed(recipe, not args.quiet, log)
         record = diagnose(problem, objective, resolved, args.points, progress=not args.quiet)
         # published in one swap; a fit's or rank's files in the directory are kept

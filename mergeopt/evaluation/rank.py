@@ -169,6 +169,10 @@ def _grid_main(args) -> int:
     out = writable_dir(args.out if args.out is not None else recipe.output_dir, what)
     distributed.init_from_env(resolve_device(recipe.device))  # every rank hears a refused --out
     with saying_where_saved(out / RANK_CHECKPOINT_DIR), interruptible(), owned(out, "rank", what):
+        from mergeopt.reporting.run_report import check_report_inputs
+
+        # report.md sums up a fit's or diagnose's files kept there: one this mergeopt cannot read is refused now
+        check_report_inputs(out, (*OUTPUT_FILES, "report.md", "simplex.png"))
         return _grid_run(args, recipe, out)
 
 

@@ -48,15 +48,27 @@ class Run:
 
     @property
     def expert_names(self) -> list[str]:
+        """The experts, or without a fit the rank check's mixture columns (a table's own names)."""
         if self.mixture is not None:
             return list(self.mixture["weights"])
+        if self.rank is not None and self.rank.get("mixture_columns"):
+            return list(self.rank["mixture_columns"])  # table mode: the weight columns joined on
         frame = self.rank_pairs if self.rank_pairs is not None else pd.DataFrame()
         return [c[2:] for c in frame.columns if c.startswith("w_")]
+
+    def pair_columns(self) -> list[str]:
+        """rank_pairs.csv's weight columns, in :attr:`expert_names`' order: a grid's ``w_<expert>``, a
+        table's own names (``mergeopt rank --proxy --truth`` keeps the tables' columns)."""
+        if self.mixture is None and self.rank is not None and self.rank.get("mixture_columns"):
+            return list(self.rank["mixture_columns"])
+        return [f"w_{n}" for n in self.expert_names]
 
     @property
     def weights(self) -> pd.Series:
         """The recommended mixture, one weight per expert."""
         if self.mixture is None:
+            if self.rank is not None:
+                raise UserError(f"{self.path}: a rank check's directory, no mixture.json (no fitted mixture)")
             raise UserError(f"{self.path}: no mixture.json (the fit has not finished)")
         return pd.Series(self.mixture["weights"], name="weight")
 
@@ -249,8 +261,12 @@ def simplex_coordinates(weights: np.ndarray) -> np.ndarray:
 
 def plot_simplex(run: Run, ax=None):
     """The path of the weights on the simplex, from the first mixture to the recommended one."""
-    ax = _axes(ax, (5, 5))
     names = run.expert_names
+    if not names:
+        raise UserError(
+            f"{run.path}: no mixture to place on the simplex (no mixture.json, trace or rank pairs)"
+        )
+    ax = _axes(ax, (5, 5))
     corners = simplex_vertices(len(names))
     outline = np.vstack([corners, corners[:1]]) if len(names) > 2 else corners
     ax.plot(outline[:, 0], outline[:, 1], color="grey", lw=1)
@@ -269,8 +285,10 @@ def plot_simplex(run: Run, ax=None):
             annotation_clip=False,
         )
     ax.margins(0.12)  # room inside the axes for the labels, clear of a colorbar beside them
-    if run.rank_pairs is not None:  # the trained grid, for orientation
-        grid = simplex_coordinates(run.rank_pairs[[f"w_{n}" for n in names]].to_numpy())
+    columns = run.pair_columns()
+    # the trained grid, for orientation; not a table's mixtures of other domains beside a fit
+    if run.rank_pairs is not None and set(columns) <= set(run.rank_pairs.columns):
+        grid = simplex_coordinates(run.rank_pairs[columns].to_numpy())
         ax.scatter(grid[:, 0], grid[:, 1], s=12, color="lightgrey", label="grid mixtures", zorder=1)
     points = simplex_coordinates(run.weight_path()) if len(run.weight_path()) else np.empty((0, 2))
     if run.trace is not None and len(points):
@@ -291,10 +309,14 @@ def plot_simplex(run: Run, ax=None):
     return ax
 
 
-def plot_proxy_vs_truth(run: Run, metric: str = "target", ax=None):
-    """The merged proxy's score against the trained run's, one point per grid mixture."""
+def plot_proxy_vs_truth(run: Run, metric: str | None = None, ax=None):
+    """The merged proxy's score against the trained run's, one point per grid mixture.
+
+    ``metric`` defaults to the report's headline one: ``target`` for a grid, ``mean`` for two
+    tables (which have no target)."""
     if run.rank_pairs is None or run.rank is None:
         raise UserError(f"{run.path}: no rank check ({RANK_PAIRS} and rank_report.json)")
+    metric = metric or run.rank.get("overall") or "mean"
     if f"proxy_{metric}" not in run.rank_pairs.columns:
         known = sorted(c[6:] for c in run.rank_pairs.columns if c.startswith("proxy_"))
         raise UserError(f"metric {metric!r} was not ranked; known: {', '.join(known)}")

@@ -12,6 +12,7 @@ and in VS Code, and travels with the directory. Built only from the run director
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
@@ -20,7 +21,7 @@ from mergeopt.reporting.analysis import Run, group_table, load_run, mixture_tabl
 from mergeopt.reporting.diagnostics import report_section
 from mergeopt.reporting.outcome_warnings import warning_lines
 from mergeopt.reporting.report import four_places, loss_terms_weighed, markdown_table
-from mergeopt.run_files import DiagnoseFile
+from mergeopt.run_files import DiagnoseFile, MixtureFile, RankReport, read_run_file
 from mergeopt.runtime.files import save_figure_atomic, write_text_atomic
 
 REPORT = "report.md"
@@ -130,10 +131,14 @@ def _search_section(run: Run) -> list[str]:
 
 def _rank_section(run: Run) -> list[str]:
     table = rank_table(run)
+    if run.rank.get("grid"):
+        compared = f"{run.rank['n_mixtures']} trained mixtures from `{run.rank['grid']}`"
+    else:  # table mode (`mergeopt rank --proxy A --truth B`): no grid, two tables
+        compared = f"{run.rank['n_mixtures']} mixtures, `{run.rank['proxy']}` against `{run.rank['truth']}`"
     lines = [
         "## Does the merged proxy rank mixtures like training does?",
         "",
-        f"{run.rank['n_mixtures']} trained mixtures from `{run.rank['grid']}`; intervals are seeded bootstrap "
+        f"{compared}; intervals are seeded bootstrap "
         f"{run.rank['options']['confidence']:.0%} percentiles; regret is normalised to [0, 1].",
         "",
         markdown_table(table, 3),
@@ -153,6 +158,19 @@ def _rank_section(run: Run) -> list[str]:
     if run.mixture is None and (run.path / SIMPLEX).is_file():  # a fit's report shows it in its own section
         lines += [f"![the grid's mixtures on the simplex]({SIMPLEX})", ""]
     return lines
+
+
+def check_report_inputs(directory: str | Path, replaced: Iterable[str] = ()) -> None:
+    """Read the run files that report.md will be rewritten from, all but the ``replaced`` ones.
+
+    A command that rewrites report.md after its work (diagnose) calls this before the work, so a
+    file there that this mergeopt cannot read (a newer mergeopt's, a damaged one) is refused at
+    once and named where the user has it, not after every evaluation in the staging directory.
+    """
+    root = Path(directory)
+    for model in (MixtureFile, RankReport, DiagnoseFile):
+        if model.FILE not in replaced and (root / model.FILE).is_file():
+            read_run_file(model, root)
 
 
 def write_report(directory: str | Path, mixture: dict | None = None, name: str | None = None) -> Path:
