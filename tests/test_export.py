@@ -667,6 +667,24 @@ def test_mergekit_refuses_a_mixture_naming_an_expert_its_recipe_lacks(tmp_path, 
     assert "mergekit" in err[0] and not out.exists()
 
 
+def test_a_recipe_beside_naming_other_experts_is_a_warning(tmp_path, random_world, capsys):
+    """A data format needs no checkpoint, so a mixture.json beside another run's recipe.yaml is
+    exported; but the recipe's tokenizer, chat template and train.data would be read as this fit's,
+    which the user hears in one warning (it was silent). The same experts in another order: none."""
+    names = list(random_world["experts"])
+    tree = recipe_tree(random_world, tmp_path / "run")
+    weights = dict(zip([*names[:2], "delta"], (0.2, 0.5, 0.3)))
+    run = write_run(tmp_path / "run", weights, recipe=tree)
+    assert run_cli(main, [str(run), "--to", "doremi"]) == 0
+    out = capsys.readouterr()
+    assert "train_domain_weights" in out.out
+    (line,) = [x for x in out.err.splitlines() if "warning" in x]
+    assert f"names experts {', '.join(names)}, and mixture.json weighs {', '.join(weights)}" in line
+    same = write_run(tmp_path / "same", dict(zip(reversed(names), (0.2, 0.5, 0.3))), recipe=tree)
+    assert run_cli(main, [str(same), "--to", "doremi"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_mergekit_lora_expert_is_base_plus_adapter(tmp_path, random_world):
     adapter = tmp_path / "adapter"
     adapter.mkdir()

@@ -72,6 +72,19 @@ def _tokenizer(args, recipe, recipe_error, mixture):
     )
 
 
+def _other_fits_recipe(recipe, mixture) -> list[str]:
+    """A warning when the recipe.yaml beside mixture.json names other experts than the mixture: a
+    mixture.json copied beside another run's recipe, whose tokenizer, chat template and train.data
+    the export would then read as this fit's."""
+    if recipe is None or not recipe.expert_names or set(recipe.expert_names) == set(mixture.names):
+        return []
+    return [
+        f"{mixture.path.parent / 'recipe.yaml'} names experts {', '.join(recipe.expert_names)}, and "
+        f"{mixture.path.name} weighs {', '.join(mixture.names)}: the recipe (its tokenizer, chat "
+        "template and train.data) may be another fit's"
+    ]
+
+
 def build(args) -> tuple[dict[Format, str], list[str]]:
     """Check the inputs and render every chosen format: (texts, lines for stderr). Writes nothing."""
     formats = choose_formats(args.to)
@@ -110,6 +123,7 @@ def build(args) -> tuple[dict[Format, str], list[str]]:
     check_recorded_cap(plan, mixture.constraints, datasets)
     epochs = budget_epochs(plan, datasets, mixture.constraints)
     messages = [f"warning: {line}" for line in check_repetition(epochs, args.max_epochs)]
+    messages += [f"warning: {line}" for line in _other_fits_recipe(recipe, mixture)]
     if stats is None and converts:
         other = "sample" if weights_are == "tokens" else "token"
         messages.insert(
