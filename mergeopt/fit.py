@@ -116,6 +116,8 @@ def _fit(recipe: Recipe, progress: bool, log: Callable[[str], None], resume: str
     tracking.check_installed(recipe.logging)  # a missing tracker library is said before any work
     # report.md sums up the other commands' files kept there: one this mergeopt cannot read is refused now
     check_report_inputs(recipe.output_dir, owned_files(recipe))
+    for line in recipe.merge.unused_options() if distributed.is_main() else ():
+        warn(f"{line}: the fit scores a {recipe.merge.method} merge (set merge.method to use it)")
     if not recipe.allow_test_split:  # before a world is built or a model loaded
         for term in recipe.objective.terms:
             if term.kind == "lm_eval":

@@ -418,3 +418,39 @@ def test_relative_paths_are_anchored_where_they_exist(tmp_path):
         "rank": {"grid": None},
         "optim": {"lr": 0.1},
     }
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["search.budget=44", "objective.normalize=experts", "objective.terms=[{kind: loss, dev: math}]"],
+            "search.budget 44 is smaller than the surrogate's seeds + verify + the experts "
+            "objective.normalize 'experts' scores (40 + 5 + 2 = 47)",
+        ),
+        (
+            ["search.budget=45", "weights.init={math: 0.5, code: 0.5}"],
+            "search.budget 45 is smaller than the surrogate's seeds + verify + the start (weights.init) "
+            "(40 + 5 + 1 = 46)",
+        ),
+    ],
+)
+def test_a_surrogate_budget_counts_the_experts_and_the_start_when_the_recipe_is_read(
+    tmp_path, overrides, message
+):
+    """The experts of a normalisation and the start count against search.budget; the surrogate
+    refused such a budget only after loading the model and scoring the experts (full dev-set
+    evaluations each), with a message the recipe-time check did not give."""
+    path = write(tmp_path, MINIMAL)
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_recipe(path, ["search.strategy=surrogate", *overrides])
+    assert load_recipe(path, ["search.strategy=surrogate", "search.budget=47", *overrides[1:]])
+
+
+def test_a_budget_below_the_experts_of_a_normalisation_is_refused_when_the_recipe_is_read(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    terms = "objective.terms=[{kind: loss, dev: math}]"
+    with pytest.raises(UserError, match="search.budget 1 cannot even score the 2 experts"):
+        load_recipe(
+            path, ["search.strategy=dirichlet", "search.budget=1", "objective.normalize=experts", terms]
+        )

@@ -112,6 +112,31 @@ def test_single_domain_target(random_world, tmp_path):
     assert mixture["dev_loss"] == pytest.approx(mixture["per_set_dev_loss"]["fitted"]["markov"], rel=1e-9)
 
 
+@pytest.mark.parametrize(
+    ("merge", "said"),
+    [
+        ({"density": 0.3, "scale": 2.0}, ["merge.density 0.3 is not read by merge.method linear"]),
+        ({"method": "dare_linear", "majority_sign": "frequency"}, ["merge.majority_sign frequency"]),
+        ({"method": "ties", "density": 0.3, "majority_sign": "frequency"}, []),
+        ({"density": 0.5}, []),  # the default, as every written recipe.yaml carries it
+    ],
+)
+def test_a_merge_option_the_method_does_not_read_is_a_warning(random_world, tmp_path, capsys, merge, said):
+    """merge-methods.md's ``merge.density=0.3 merge.scale=2`` without ``merge.method=ties`` scored a
+    linear merge at scale 2, silently. Not refused (diagnose reads merge.density with a linear merge
+    for its sign conflicts): the fit warns, and its weights are the same as without the option."""
+    tree = recipe_tree(random_world, tmp_path / "out") | {"merge": merge}
+    fitted = fit(recipe_from_dict(tree), progress=False, log=lambda _m: None)
+    lines = [x for x in capsys.readouterr().err.splitlines() if "is not read by merge.method" in x]
+    assert len(lines) == len(said) and all(s in line for s, line in zip(said, lines)), lines
+    if said:
+        plain = {k: v for k, v in merge.items() if k not in ("density", "majority_sign")}
+        again = recipe_tree(random_world, tmp_path / "plain") | {"merge": plain}
+        assert (
+            fit(recipe_from_dict(again), progress=False, log=lambda _m: None)["weights"] == fitted["weights"]
+        )
+
+
 # ----------------------------------------------------------------------------- user mistakes
 
 

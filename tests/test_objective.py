@@ -155,3 +155,53 @@ def test_a_misspelt_custom_function_is_named_not_reported_missing(function):
         ObjectiveTerm(kind="custom", dev="arith", function=function)
     with pytest.raises(ValueError, match="a custom term needs function"):
         ObjectiveTerm(kind="custom", dev="arith")
+
+
+@pytest.mark.parametrize(
+    ("term", "message"),
+    [
+        (
+            {"kind": "loss", "dev": "arith", "max_new_tokens": 5},
+            "max_new_tokens is only for kind 'exact_match', not 'loss'",
+        ),
+        (
+            {"kind": "exact_match", "dev": "arith", "limit": 50},
+            "limit is only for kind 'lm_eval', not 'exact_match'",
+        ),
+        (
+            {"kind": "exact_match", "dev": "arith", "length_normalize": True},
+            "length_normalize is only for kind 'choice_accuracy'",
+        ),
+        (
+            {"kind": "choice_accuracy", "dev": "arith", "stop": []},
+            "stop is only for kind 'exact_match', not 'choice_accuracy'",
+        ),
+        (
+            {"kind": "exact_match", "dev": "arith", "higher_is_better": False},
+            "higher_is_better is only for kind 'custom' or 'lm_eval'",
+        ),
+        (
+            {"kind": "custom", "dev": "arith", "function": "m:f", "metric": "acc_norm"},
+            "metric is only for kind 'lm_eval', not 'custom'",
+        ),
+    ],
+)
+def test_an_option_another_kind_reads_is_refused_not_ignored(term, message):
+    """``limit: 50`` on an exact_match term (to generate for fewer records) or ``max_new_tokens`` on
+    a loss term did nothing, silently, where ``function`` and ``task`` off their kinds are refused."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ObjectiveTerm(**term)
+
+
+def test_a_written_recipe_with_every_default_still_loads():
+    """recipe.yaml writes every field of a term, defaults included: those are not options set."""
+    for kind, extra in [
+        ("loss", {}),
+        ("exact_match", {}),
+        ("choice_accuracy", {}),
+        ("custom", {"function": "m:f"}),
+    ]:
+        full = ObjectiveTerm(kind=kind, dev="arith", **extra).model_dump()
+        assert ObjectiveTerm(**full).model_dump() == full
+    full = ObjectiveTerm(kind="lm_eval", task="t").model_dump()
+    assert ObjectiveTerm(**full).model_dump() == full

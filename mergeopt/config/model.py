@@ -131,3 +131,17 @@ class MergeSection(Section):
         gt=0.0,
         description="M³ mixup on top of the method: coefficients w·λ/Σ(w·λ), λ ~ Dirichlet(α) drawn once per run.",
     )
+
+    def unused_options(self) -> list[str]:
+        """The options set away from their defaults that this method does not read: ``merge.density``
+        with ``linear`` (a guide's ``density=0.3 scale=2`` without ``method=ties`` scores a linear
+        merge at λ = 2), ``majority_sign`` without a sign election. Not refused: diagnose reads
+        ``merge.density`` with a linear merge for its sign-conflict statistics."""
+        read = {"linear": (), "ties": ("density", "majority_sign"), "dare_linear": ("density",)}
+        read["dare_ties"] = read["ties"]
+        unused = []
+        for option in ("density", "majority_sign"):
+            value = getattr(self, option)
+            if option not in read[self.method] and value != type(self).model_fields[option].default:
+                unused.append(f"merge.{option} {value} is not read by merge.method {self.method}")
+        return unused

@@ -17,6 +17,8 @@ KIND_FIELDS = {
     "custom": ("dev", "function", "higher_is_better"),
     "lm_eval": ("task", "include_path", "metric", "limit", "higher_is_better"),
 }
+# the options only some kinds read, checked by value (a written recipe.yaml carries every default)
+KIND_OPTIONS = ("max_new_tokens", "stop", "length_normalize", "higher_is_better", "metric", "limit")
 
 
 class ObjectiveTerm(Section):
@@ -91,7 +93,19 @@ class ObjectiveTerm(Section):
             raise ValueError(f"task and include_path are only for kind 'lm_eval', not {self.kind!r}")
         elif self.kind != "loss" and self.dev == "all":
             raise ValueError(f"{self.kind} terms must name one dev set each (dev: <name>), not all")
+        self._no_option_of_other_kinds()
         return self
+
+    def _no_option_of_other_kinds(self) -> None:
+        """An option another kind reads, set on this term, is refused: it would do nothing, silently
+        (``limit: 50`` on an exact_match term still generates for every record, ``max_new_tokens`` on
+        a loss term generates nothing), as ``function`` and ``task`` are refused off their kinds."""
+        for option in KIND_OPTIONS:
+            if option in KIND_FIELDS[self.kind]:
+                continue
+            if getattr(self, option) != type(self).model_fields[option].default:
+                kinds = " or ".join(repr(k) for k, fields in KIND_FIELDS.items() if option in fields)
+                raise ValueError(f"{option} is only for kind {kinds}, not {self.kind!r}")
 
 
 class ObjectiveSection(Section):

@@ -188,17 +188,33 @@ class Recipe(Section):
             )
         if self.search.strategy == "gradient" and self.objective.normalize != "none":
             raise ValueError("objective.normalize 'experts' needs a zero-order search.strategy")
-        s = self.search
-        if (
-            s.strategy == "surrogate"
-            and s.budget is not None
-            and s.budget < s.surrogate.seeds + s.surrogate.verify
-        ):
-            raise ValueError(
-                f"search.budget {s.budget} is smaller than the surrogate's seeds + verify "
-                f"({s.surrogate.seeds} + {s.surrogate.verify})"
-            )
+        self._budget_covers_the_search()
         return self
+
+    def _budget_covers_the_search(self) -> None:
+        """A budget that cannot cover the evaluations the search must make, refused when the recipe
+        is read: the search itself refuses it only once the model is loaded and the experts of an
+        ``objective.normalize: experts`` are scored, each a full dev-set evaluation."""
+        s, k = self.search, len(self.model.experts)
+        if s.budget is None or s.strategy == "gradient":
+            return
+        experts = k if self.objective.normalize == "experts" else 0
+        if s.budget < experts:
+            raise ValueError(
+                f"search.budget {s.budget} cannot even score the {k} experts that objective.normalize "
+                "'experts' needs"
+            )
+        if s.strategy != "surrogate":
+            return
+        parts = [("seeds", s.surrogate.seeds), ("verify", s.surrogate.verify)]
+        parts += [("the start (weights.init)", 1)] if self.weights.init is not None else []
+        parts += [("the experts objective.normalize 'experts' scores", experts)] if experts else []
+        needed = sum(n for _, n in parts)
+        if s.budget < needed:
+            raise ValueError(
+                f"search.budget {s.budget} is smaller than the surrogate's "
+                f"{' + '.join(what for what, _ in parts)} ({' + '.join(str(n) for _, n in parts)} = {needed})"
+            )
 
     @model_validator(mode="after")
     def _no_test_split_dev_sets(self) -> Recipe:

@@ -29,7 +29,9 @@ def simplex_lattice(
 
 
 def dirichlet_samples(names: Sequence[str], alpha: float, count: int, seed: int) -> list[dict[str, float]]:
-    """``count`` seeded draws from a symmetric Dirichlet(alpha); Beta(alpha, alpha) when K = 2."""
+    """``count`` seeded draws from a symmetric Dirichlet(alpha) (``rng.dirichlet`` for every K: for
+    K = 2 that is the Beta(alpha, alpha) distribution, but not the numbers the dirichlet search
+    strategy's own Beta draws give for the same seed)."""
     rng = np.random.default_rng(seed)
     draws = rng.dirichlet(np.full(len(names), alpha), size=count)
     return [{name: float(v) for name, v in zip(names, row)} for row in draws]
