@@ -832,6 +832,36 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         _test_split_task,
         "task 'gsm8k_local' is scored on its test split 'test'",
     ),
+    "objective term option another kind reads": (
+        "objective",
+        "fit",
+        lambda w, t: [
+            _recipe(
+                w,
+                t,
+                lambda tr: tr.update(
+                    objective={"terms": [{"kind": "exact_match", "dev": "arith", "limit": 20}]},
+                    search={"strategy": "grid"},
+                ),
+            )
+        ],
+        "limit is only for kind 'lm_eval', not 'exact_match'",
+    ),
+    "search budget below the experts a normalisation scores": (
+        "search",
+        "fit",
+        lambda w, t: [
+            _recipe(
+                w,
+                t,
+                lambda tr: tr.update(
+                    objective={"normalize": "experts", "terms": [{"kind": "loss", "dev": "arith"}]},
+                    search={"strategy": "dirichlet", "budget": 2},
+                ),
+            )
+        ],
+        "search.budget 2 cannot even score the 3 experts",
+    ),
     "lm-eval task whose data file is missing": (
         "objective",
         "fit",
