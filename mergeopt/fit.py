@@ -114,6 +114,7 @@ def _fit(recipe: Recipe, progress: bool, log: Callable[[str], None], resume: str
     from mergeopt.reporting.run_report import check_report_inputs
 
     tracking.check_installed(recipe.logging)  # a missing tracker library is said before any work
+    tracking.check_can_start(recipe)  # so is an unreachable MLflow server, or a logging.dir under a file
     # report.md sums up the other commands' files kept there: one this mergeopt cannot read is refused now
     check_report_inputs(recipe.output_dir, owned_files(recipe))
     for line in recipe.merge.unused_options() if distributed.is_main() else ():

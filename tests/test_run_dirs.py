@@ -324,6 +324,46 @@ def test_a_retrained_expert_of_the_same_shapes_changes_its_fingerprint(random_wo
     assert digest(expert) != before
 
 
+def _eight_tensors(tmp_path: Path) -> tuple[Path, dict]:
+    """An expert of eight 64 KiB tensors: the third lies between the start and middle samples."""
+    import torch
+    from safetensors.torch import save_file
+
+    expert = tmp_path / "expert"
+    expert.mkdir()
+    (expert / "config.json").write_text("{}\n")
+    original = {f"t{i}": torch.full((128, 128), float(i)) for i in range(8)}
+    save_file(original, str(expert / "model.safetensors"))
+    return expert, original
+
+
+def test_an_expert_retrained_in_some_tensors_only_changes_its_fingerprint(tmp_path):
+    """A fine-tune that trains a few tensors (the MLP, a LoRA merged into q and v) changed none of the
+    three 64 KiB samples of a weight file when the tensors lay between them: the checkpoint resumed
+    on the changed expert."""
+    from safetensors.torch import save_file
+
+    from mergeopt.runtime.fingerprint import digest, first_changed
+
+    expert, original = _eight_tensors(tmp_path)
+    before = digest(expert)
+    save_file({**original, "t2": original["t2"] + 1e-3}, str(expert / "model.safetensors"))
+    assert digest(expert) != before
+    assert first_changed({str(expert): before}) == str(expert)
+
+
+def test_a_fingerprint_an_earlier_mergeopt_recorded_is_checked_its_way(tmp_path):
+    """Checkpoints and trained runs recorded before the per-tensor samples are not refused as changed."""
+    from mergeopt.runtime.fingerprint import EACH_TENSOR, digest, first_changed
+
+    expert, _ = _eight_tensors(tmp_path)
+    earlier, now = digest(expert, each_tensor=False), digest(expert)
+    assert not earlier.startswith(EACH_TENSOR) and now.startswith(EACH_TENSOR)
+    assert first_changed({str(expert): earlier}) is None
+    assert first_changed({str(expert): earlier}, {str(expert): now}) is None
+    assert first_changed({str(expert): now}) is None
+
+
 # ----------------------------------------------------------------------------- nothing half-written
 
 

@@ -636,3 +636,37 @@ def test_a_checkpoint_resumes_with_other_trackers(tmp_path):
     RunState(tmp_path, {**before, "logging": {"backends": ["mlflow"]}}).check_matches()
     with pytest.raises(UserError, match="optim.steps differs"):
         RunState(tmp_path, {**before, "optim": {"steps": 9}}).check_matches()
+
+
+@pytest.mark.parametrize("mistake", ["logging.dir under a file", "mlflow server not answering"])
+def test_a_tracker_that_cannot_start_is_refused_before_any_model_is_loaded(
+    random_world, tmp_path, monkeypatch, mistake
+):
+    """It was refused only once the base model was loaded and the experts stacked (minutes on a
+    large model): the trackers open after the loading."""
+    import socket
+
+    import mergeopt.fit as fit_module
+
+    pytest.importorskip("mlflow")
+    pytest.importorskip("tensorboard")
+
+    def loading(*_args, **_kwargs):
+        raise AssertionError("the model was loaded before the tracker was checked")
+
+    monkeypatch.setattr(fit_module, "load_problem", loading)
+    out = tmp_path / "run"
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        if mistake == "logging.dir under a file":
+            (tmp_path / "file").write_text("not a directory\n")
+            backends, logging_section = ["tensorboard"], {"dir": str(tmp_path / "file" / "logs")}
+            expected = f"logging.backends: tensorboard cannot write to {tmp_path / 'file' / 'logs'}: "
+        else:
+            uri = f"http://127.0.0.1:{closed.getsockname()[1]}"
+            backends, logging_section = ["mlflow"], {"mlflow_tracking_uri": uri}
+            expected = "logging.backends: mlflow could not start ("
+        with pytest.raises(UserError) as refused:
+            _fit(random_world, out, backends, logging=logging_section)
+    assert str(refused.value).startswith(expected)
+    assert not out.exists()

@@ -213,6 +213,18 @@ def fail_fast() -> Iterator[None]:
             os.environ.pop(key, None)
 
 
+def contact_mlflow(uri: str, project: str) -> None:
+    """The first request to a tracking server, under :func:`fail_fast`: it asks for the project's
+    experiment and creates nothing there. A local store (``sqlite:``, ``file:``, a path) is created
+    when the run opens, so it is left alone here."""
+    if "://" not in uri or uri.startswith(("sqlite:", "file:")):
+        return
+    from mlflow.tracking import MlflowClient
+
+    with _quiet_mlflow(), fail_fast():
+        MlflowClient(tracking_uri=uri).get_experiment_by_name(project)
+
+
 class MLflow:
     """An MlflowClient on one run (no global active run); on resume it skips the steps the store holds."""
 

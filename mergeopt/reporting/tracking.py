@@ -77,6 +77,31 @@ def check_installed(section: LoggingSection) -> None:
         )
 
 
+def check_can_start(recipe: Recipe) -> None:
+    """Refuse, in one line before any work, a tracker that could not start: a logging directory
+    under a file, an MLflow tracking server that does not answer (or a URI MLflow cannot use).
+
+    The trackers open only once the model is loaded (a run in the tracker belongs to a fit that got
+    that far), so without this check a mistyped ``mlflow_tracking_uri`` was said after the world's
+    build, the base model's loading and the experts' stacking: minutes on a large model."""
+    section = recipe.logging
+    local = [b for b in section.backends if b != "mlflow" or section.mlflow_tracking_uri is None]
+    if local:
+        root = log_dir(recipe)
+        existing = next((p for p in (root, *root.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            raise UserError(
+                f"logging.backends: {local[0]} cannot write to {root}: {existing} is not a directory"
+            )
+    if "mlflow" in section.backends and section.mlflow_tracking_uri is not None:
+        try:
+            trackers.contact_mlflow(section.mlflow_tracking_uri, section.project)
+        except Exception as err:
+            raise UserError(
+                f"logging.backends: mlflow could not start ({type(err).__name__}: {err})"
+            ) from err
+
+
 def log_dir(recipe: Recipe) -> Path:
     """Where the trackers write: logging.dir, by default OUTPUT_DIR/logs."""
     return Path(recipe.logging.dir) if recipe.logging.dir else Path(recipe.output_dir) / "logs"

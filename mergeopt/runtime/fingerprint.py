@@ -10,9 +10,14 @@ time), so contents are hashed, cheaply:
 
 * a data file (JSONL): all of its bytes;
 * a checkpoint directory: every small file whole (config, tokenizer, adapter config) and, for each
-  weight file, its size, its safetensors header (names, dtypes, shapes, offsets) and three 64 KiB
-  samples of its data (start, middle, end). Retraining changes nearly every tensor, so the samples
-  catch it without reading gigabytes.
+  weight file, its size, its safetensors header (names, dtypes, shapes, offsets), three 64 KiB
+  samples of its data (start, middle, end) and the first 4 KiB of every tensor. Retraining changes
+  every tensor it trains, and a fine-tune that trains some of them (the MLP only, a LoRA on q and v
+  merged in) leaves the three samples on frozen ones as often as not; a few KiB per tensor catch
+  it without reading gigabytes.
+
+Digests taken before the per-tensor samples (no ``tensors:`` prefix) are checked the way they were
+taken, so a checkpoint or a trained run recorded by an earlier mergeopt is not refused as changed.
 
 Paths that are not on this machine (a Hugging Face hub id) are left out.
 """
@@ -20,10 +25,13 @@ Paths that are not on this machine (a Hugging Face hub id) are left out.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 SAMPLE = 64 * 2**10
+TENSOR_SAMPLE = 4 * 2**10  # the start of every safetensors tensor
+EACH_TENSOR = "tensors:"  # the prefix of a digest that samples each tensor (none: an earlier one)
 WHOLE_FILE_LIMIT = 2**20  # files in a checkpoint directory up to this size are hashed whole
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
@@ -41,8 +49,25 @@ def _whole(path: Path) -> Iterable[bytes]:
             yield chunk
 
 
-def _weights(path: Path) -> Iterable[bytes]:
-    """Size, the safetensors header (when it is one) and three samples of the data."""
+def _tensor_starts(handle, header: bytes, data_start: int) -> Iterable[bytes]:
+    """The first :data:`TENSOR_SAMPLE` bytes of each tensor a safetensors header lists."""
+    try:
+        entries = json.loads(header)
+    except ValueError:  # not a safetensors header after all: the three samples stand alone
+        return
+    spans = sorted(
+        tuple(v["data_offsets"])
+        for v in entries.values()
+        if isinstance(v, dict) and len(v.get("data_offsets") or ()) == 2  # "__metadata__" has none
+    )
+    for begin, end in spans:
+        handle.seek(data_start + begin)
+        yield handle.read(min(TENSOR_SAMPLE, max(end - begin, 0)))
+
+
+def _weights(path: Path, each_tensor: bool = True) -> Iterable[bytes]:
+    """Size, the safetensors header (when it is one), three samples of the data and, with
+    ``each_tensor``, the start of every tensor."""
     size = path.stat().st_size
     yield str(size).encode()
     with open(path, "rb") as handle:
@@ -51,27 +76,32 @@ def _weights(path: Path) -> Iterable[bytes]:
         if path.suffix == ".safetensors" and len(head) == 8:
             n = int.from_bytes(head, "little")
             if 0 < n <= size - 8:
-                yield handle.read(n)
+                header = handle.read(n)
+                yield header
+                if each_tensor:
+                    yield from _tensor_starts(handle, header, 8 + n)
         for offset in (0, max(size // 2 - SAMPLE // 2, 0), max(size - SAMPLE, 0)):
             handle.seek(offset)
             yield handle.read(SAMPLE)
 
 
-def digest(path: str | Path) -> str | None:
-    """The digest of a data file or a checkpoint directory (None when it does not exist)."""
+def digest(path: str | Path, each_tensor: bool = True) -> str | None:
+    """The digest of a data file or a checkpoint directory (None when it does not exist); without
+    ``each_tensor``, as mergeopt took it before it sampled every tensor (no prefix)."""
     path = Path(path)
+    prefix = EACH_TENSOR if each_tensor else ""
     if path.is_file():
-        return _sha(_weights(path) if path.suffix in WEIGHT_SUFFIXES else _whole(path))
+        return prefix + _sha(_weights(path, each_tensor) if path.suffix in WEIGHT_SUFFIXES else _whole(path))
     if not path.is_dir():
         return None
     parts = []
     for item in sorted(p for p in path.rglob("*") if p.is_file()):
         relative = item.relative_to(path).as_posix()
         if item.suffix in WEIGHT_SUFFIXES or item.stat().st_size > WHOLE_FILE_LIMIT:
-            parts.append(f"{relative}:{_sha(_weights(item))}")
+            parts.append(f"{relative}:{_sha(_weights(item, each_tensor))}")
         else:
             parts.append(f"{relative}:{_sha(_whole(item))}")
-    return _sha(p.encode() for p in parts)
+    return prefix + _sha(p.encode() for p in parts)
 
 
 def fingerprints(paths: Iterable[str | Path]) -> dict[str, str]:
@@ -103,7 +133,11 @@ def first_changed(saved: Mapping[str, str], now: Mapping[str, str] | None = None
     inputs hashes each once); a path it lacks is hashed here.
     """
     for path, value in saved.items():
-        current = now[path] if now is not None and path in now else digest(path)
+        each_tensor = value.startswith(EACH_TENSOR)  # an earlier mergeopt's digest: taken its way
+        if now is not None and path in now and each_tensor:
+            current = now[path]
+        else:
+            current = digest(path, each_tensor)
         if current != value:
             return path
     return None
