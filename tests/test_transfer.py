@@ -350,6 +350,13 @@ def error_cases(tmp: Path) -> list[tuple[list[str], str]]:
         ([small, large, "--surrogate-fit", t["nan.csv"]], "nan.csv line 3: column loss is empty or not a"),
         ([small, large, "--surrogate-fit", t["third.csv"]], "small.csv: no mixture column(s) ['w_c']"),
         ([t["one.csv"], "--surrogate-fit", large], "one.csv: only 2 mixture(s); the rank statistics"),
+        # too few runs for LightGBM to split once: every prediction would be the same, the report all n/a
+        (
+            [large, "--surrogate-fit", t["two_shared.csv"]],
+            "two_shared.csv: only 3 run(s) to fit the surrogate",
+        ),
+        ([large, "--surrogate-fit", small], "with --min-child-samples 3 LightGBM needs at least 6 to split"),
+        ([large, "--surrogate-fit", t["one.csv"], "--min-child-samples", "1"], "needs at least 3 to split"),
         ([small, large, "--surrogate-fit", t["noloss.csv"], "--metrics", "loss"], "noloss.csv: no metric"),
         (
             [small, large, "--surrogate-fit", small, "--rounds", "0"],

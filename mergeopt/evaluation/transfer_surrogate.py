@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from mergeopt.errors import UserError
-from mergeopt.evaluation.tables import WEIGHT_DECIMALS, ScaleTable, metric_values
+from mergeopt.evaluation.tables import MIN_MIXTURES, WEIGHT_DECIMALS, ScaleTable, metric_values
 
 SURROGATE_OPTIONS = {  # CLI flag → SurrogateSearch field (its defaults are the defaults here)
     "rounds": "n_estimators",
@@ -43,7 +43,24 @@ def fit_surrogates(train: ScaleTable, metrics: Sequence[str], settings, seed: in
     from mergeopt.search.surrogate import fit_surrogate
 
     targets = {m: metric_values(train.frame, m, train.spec) for m in metrics}
+    check_train_size(train, settings)
     return fit_surrogate(train.weights, targets, settings, seed)
+
+
+def check_train_size(train: ScaleTable, settings) -> None:
+    """Refuse a TRAIN table too small for LightGBM to split once.
+
+    Why: each side of a split needs ``min_child_samples`` runs, so with fewer than twice that every
+    tree is a single leaf and every prediction the same: the report would be all n/a, exit 0, with
+    nothing saying the surrogate learnt nothing (a wrong file given as TRAIN looks just like that).
+    """
+    need = max(2 * settings.min_child_samples, MIN_MIXTURES)
+    if len(train.frame) < need:
+        raise UserError(
+            f"{train.spec}: only {len(train.frame)} run(s) to fit the surrogate on; with --min-child-samples "
+            f"{settings.min_child_samples} LightGBM needs at least {need} to split at all (with fewer, every "
+            "prediction is the same)"
+        )
 
 
 def surrogate_summary(tables: Mapping[str, ScaleTable], settings, seed: int) -> dict | None:
