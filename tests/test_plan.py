@@ -1136,6 +1136,27 @@ def test_world_size_comes_from_the_environment_without_the_option(config_8b, mon
     assert "per rank" not in capsys.readouterr().out
 
 
+def test_a_dry_run_under_torchrun_is_printed_by_rank_0_only(config_8b, monkeypatch, capsys):
+    """`torchrun ... -m mergeopt.fit RECIPE --dry-run` printed the same plan once per rank."""
+    path, _ = config_8b
+    args = [
+        str(REPO / "recipes" / "8b.yaml"),
+        f"model.base={path}",
+        *(f"model.experts.{e}={path}" for e in EXPERTS_8B),
+        "--dry-run",
+    ]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, printed in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        assert run_cli(fit.main, args) == 0
+        assert ("per rank, 2 ranks" in capsys.readouterr().out) is printed
+        assert run_cli(fit.main, [*args, "--json"]) == 0
+        assert bool(capsys.readouterr().out) is printed
+    monkeypatch.setenv("WORLD_SIZE", "3")  # 2 x 4 dev sets do not split over 3 ranks: every rank says so
+    assert run_cli(fit.main, [*args, "model.shard=fsdp"]) == 2
+    assert "does not split evenly" in capsys.readouterr().err
+
+
 def test_check_shard_division_names_the_numbers_and_a_batch_size_that_splits(config_8b):
     path, _ = config_8b
     overrides = [f"model.base={path}", *(f"model.experts.{e}={path}" for e in EXPERTS_8B), "model.shard=fsdp"]

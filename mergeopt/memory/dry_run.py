@@ -345,9 +345,13 @@ def dry_run(
 
 def run(args: argparse.Namespace) -> int:
     """``mergeopt plan`` (and ``mergeopt fit --dry-run``): print the plan, or with ``--json`` its
-    document (:mod:`mergeopt.memory.plan_document`); nothing is written."""
+    document (:mod:`mergeopt.memory.plan_document`); nothing is written. Under torchrun only rank 0
+    prints it (every rank would print the same plan; a fit's summary is rank 0's too)."""
     recipe = load_recipe(args.recipe, args.overrides)
     memory_gib = getattr(args, "device_memory", None)
+    if inputs.torchrun_variable("RANK") > 0:
+        make_plan(recipe, args.world_size, memory_gib)  # a mistake is still said by every rank
+        return 0
     if getattr(args, "json", False):
         from mergeopt.memory.plan_document import plan_document
 
