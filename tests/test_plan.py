@@ -1404,3 +1404,21 @@ def test_suggested_exclusion_keeps_a_pattern_yaml_would_misread(config_8b):
     changed = load_recipe(REPO / "recipes" / "8b.yaml", [*overrides, typed])
     assert list(changed.model.exclude) == [*patterns, "embed_tokens", "lm_head"]
     assert plan.plan_memory(changed, inventory, dims, card).peak == short.peak - saved > 0
+
+
+def test_a_dry_run_under_torchrun_warns_from_rank_0_only(config_8b, monkeypatch, capsys):
+    """The plan's own warnings (an exclude pattern matching nothing, a precision mismatch) were
+    still printed by every rank once only rank 0 printed the plan."""
+    path, _ = config_8b
+    args = [
+        str(REPO / "recipes" / "8b.yaml"),
+        f"model.base={path}",
+        *(f"model.experts.{e}={path}" for e in EXPERTS_8B),
+        "model.exclude=[lm-head]",
+        "--dry-run",
+    ]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, warned in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        assert run_cli(fit.main, args) == 0
+        assert ("model.exclude 'lm-head'" in capsys.readouterr().err) is warned

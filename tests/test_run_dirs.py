@@ -364,6 +364,19 @@ def test_a_fingerprint_an_earlier_mergeopt_recorded_is_checked_its_way(tmp_path)
     assert first_changed({str(expert): now}) is None
 
 
+@pytest.mark.parametrize(
+    "header", [b"[1, 2]", b'{"t": {"data_offsets": ["a", 3]}}', b'{"t": {"data_offsets": 5}}']
+)
+def test_a_weight_file_whose_header_is_not_safetensors_is_fingerprinted_without_a_traceback(tmp_path, header):
+    """JSON that is no safetensors header (a list, offsets that are not numbers) leaves the three
+    samples alone to stand for the file, as a header that is not JSON does."""
+    from mergeopt.runtime.fingerprint import digest
+
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(100))
+    assert digest(path) == digest(path) and digest(path).startswith("tensors:")
+
+
 # ----------------------------------------------------------------------------- nothing half-written
 
 

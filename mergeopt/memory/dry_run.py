@@ -12,6 +12,8 @@ per rank of a torchrun job of ``--world-size`` N processes (else ``WORLD_SIZE``,
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import re
 from dataclasses import replace
@@ -350,7 +352,9 @@ def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     memory_gib = getattr(args, "device_memory", None)
     if inputs.torchrun_variable("RANK") > 0:
-        make_plan(recipe, args.world_size, memory_gib)  # a mistake is still said by every rank
+        # a mistake is still said by every rank (raised, then printed); the plan's warnings are rank 0's
+        with contextlib.redirect_stderr(io.StringIO()):
+            make_plan(recipe, args.world_size, memory_gib)
         return 0
     if getattr(args, "json", False):
         from mergeopt.memory.plan_document import plan_document

@@ -55,10 +55,15 @@ def _tensor_starts(handle, header: bytes, data_start: int) -> Iterable[bytes]:
         entries = json.loads(header)
     except ValueError:  # not a safetensors header after all: the three samples stand alone
         return
+    if not isinstance(entries, dict):
+        return
     spans = sorted(
-        tuple(v["data_offsets"])
+        (v["data_offsets"][0], v["data_offsets"][1])
         for v in entries.values()
-        if isinstance(v, dict) and len(v.get("data_offsets") or ()) == 2  # "__metadata__" has none
+        if isinstance(v, dict)
+        and isinstance(v.get("data_offsets"), list)  # "__metadata__" has none
+        and len(v["data_offsets"]) == 2
+        and all(isinstance(x, int) and x >= 0 for x in v["data_offsets"])
     )
     for begin, end in spans:
         handle.seek(data_start + begin)
