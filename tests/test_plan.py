@@ -1136,15 +1136,16 @@ def test_world_size_comes_from_the_environment_without_the_option(config_8b, mon
     assert "per rank" not in capsys.readouterr().out
 
 
+def _dry_run_8b(config_8b, *overrides: str) -> list[str]:
+    """``fit recipes/8b.yaml --dry-run`` on the config-only 8B base and experts, with ``overrides``."""
+    path, _ = config_8b
+    experts = (f"model.experts.{e}={path}" for e in EXPERTS_8B)
+    return [str(REPO / "recipes" / "8b.yaml"), f"model.base={path}", *experts, *overrides, "--dry-run"]
+
+
 def test_a_dry_run_under_torchrun_is_printed_by_rank_0_only(config_8b, monkeypatch, capsys):
     """`torchrun ... -m mergeopt.fit RECIPE --dry-run` printed the same plan once per rank."""
-    path, _ = config_8b
-    args = [
-        str(REPO / "recipes" / "8b.yaml"),
-        f"model.base={path}",
-        *(f"model.experts.{e}={path}" for e in EXPERTS_8B),
-        "--dry-run",
-    ]
+    args = _dry_run_8b(config_8b)
     monkeypatch.setenv("WORLD_SIZE", "2")
     for rank, printed in (("0", True), ("1", False)):
         monkeypatch.setenv("RANK", rank)
@@ -1409,14 +1410,7 @@ def test_suggested_exclusion_keeps_a_pattern_yaml_would_misread(config_8b):
 def test_a_dry_run_under_torchrun_warns_from_rank_0_only(config_8b, monkeypatch, capsys):
     """The plan's own warnings (an exclude pattern matching nothing, a precision mismatch) were
     still printed by every rank once only rank 0 printed the plan."""
-    path, _ = config_8b
-    args = [
-        str(REPO / "recipes" / "8b.yaml"),
-        f"model.base={path}",
-        *(f"model.experts.{e}={path}" for e in EXPERTS_8B),
-        "model.exclude=[lm-head]",
-        "--dry-run",
-    ]
+    args = _dry_run_8b(config_8b, "model.exclude=[lm-head]")
     monkeypatch.setenv("WORLD_SIZE", "2")
     for rank, warned in (("0", True), ("1", False)):
         monkeypatch.setenv("RANK", rank)
