@@ -100,6 +100,10 @@ def build(args) -> tuple[dict[Format, str], list[str]]:
     except UserError as err:  # only fatal where the recipe is needed (tokenizer, mergekit, train.data)
         recipe, recipe_error = None, err
     given = parse_datasets(args.datasets, mixture) if args.datasets else recipe_datasets(recipe, mixture)
+    if args.out is not None:  # before anything is counted
+        check_not_an_input(
+            args, formats, [mixture.path, mixture.path.parent / "recipe.yaml", *given.values()]
+        )
     missing = missing_datasets(given, mixture)
     needs_paths = [f.name for f in formats if f.needs_paths]
     if missing and needs_paths:
@@ -202,21 +206,13 @@ def write(texts: dict[Format, str], out: str | None, many: bool) -> list[Path]:
     return [write_text_atomic(output_path(fmt, out, many), text)]
 
 
-def _inputs(args: argparse.Namespace) -> list[Path]:
-    """The files export reads: the mixture.json, the recipe.yaml beside it, each ``--datasets`` file."""
-    mixture = Path(args.mixture)
-    mixture = mixture / "mixture.json" if mixture.is_dir() else mixture
-    given = [Path(item.partition("=")[2]) for item in args.datasets or []]
-    return [p for p in (mixture, mixture.parent / "recipe.yaml", *given) if p.is_file()]
-
-
-def check_not_an_input(args: argparse.Namespace) -> None:
-    """Refuse an ``--out`` file that export reads: writing it would replace the fit's mixture.json,
-    its recipe.yaml or a training set with a config, and the run could not be exported again."""
+def check_not_an_input(args: argparse.Namespace, formats, sources: list[Path]) -> None:
+    """Refuse an ``--out`` file that export reads (``sources``: the mixture.json, the recipe.yaml
+    beside it, each dataset): writing it would replace the fit's mixture.json, its recipe.yaml or a
+    training set with a config, and the run could not be exported again."""
     many = args.to == "all"
-    targets = [output_path(f, args.out, many) for f in choose_formats(args.to)]
-    for target in targets:
-        for source in _inputs(args):
+    for target in (output_path(f, args.out, many) for f in formats):
+        for source in (p for p in sources if p.is_file()):
             if target.is_file() and target.samefile(source):
                 raise UserError(f"--out {target} is an input of this export ({source}): choose another file")
 
@@ -228,7 +224,6 @@ def run(args: argparse.Namespace) -> int:
             writable_dir(args.out, "--out")
         else:
             writable_file(args.out, "--out")
-        check_not_an_input(args)
     texts, messages = build(args)
     written = write(texts, args.out, args.to == "all")  # an error here comes alone, before any note
     for line in messages:

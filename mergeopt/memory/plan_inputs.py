@@ -43,31 +43,30 @@ def refused_inputs(recipe: Recipe) -> list[str]:
     A plan is often made before the data is in place (recipes/8b.yaml's placeholders), so these are
     warnings under the plan, not errors: the plan still answers the memory question, and the user
     hears now, not an hour of loading later, what the fit will say."""
+    from mergeopt.objectives.chat import is_chat
     from mergeopt.objectives.data import read_records
     from mergeopt.worlds.random_world import is_random
 
-    checks = [(read_records, d.path, f"dev set {d.name!r}") for d in recipe.data.dev if not is_random(d.path)]
-    if recipe.rank.grid is not None:
-        checks.append((existing_file, recipe.rank.grid, "rank.grid"))
-    checks.append((writable_dir, recipe.output_dir, "output_dir"))
     problems, chat = [], []
-    for check, path, what in checks:
+    for dev in (d for d in recipe.data.dev if not is_random(d.path)):
+        what = f"dev set {dev.name!r}"
         try:
-            read = check(world_path(path, recipe), what)
+            records = read_records(world_path(dev.path, recipe), what)
         except UserError as err:
             problems.append(str(err))
             continue
-        if check is read_records and _holds_chat(read):
+        if any(is_chat(r) for r in records):
             chat.append(what)
+    checks = [(existing_file, recipe.rank.grid, "rank.grid")] if recipe.rank.grid is not None else []
+    checks.append((writable_dir, recipe.output_dir, "output_dir"))
+    for check, path, what in checks:
+        try:
+            check(world_path(path, recipe), what)
+        except UserError as err:
+            problems.append(str(err))
     if chat:
         problems.extend(_template_problem(recipe, chat))
     return problems
-
-
-def _holds_chat(records: list[dict]) -> bool:
-    from mergeopt.objectives.chat import is_chat
-
-    return any(is_chat(r) for r in records)
 
 
 def _template_problem(recipe: Recipe, chat: list[str]) -> list[str]:
