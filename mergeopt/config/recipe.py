@@ -23,7 +23,7 @@ from mergeopt.config.tracking import LoggingSection
 from mergeopt.config.weights import WeightsSection
 from mergeopt.inputs import MAX_SEED
 from mergeopt.merging.constraints import FeasibleSet, repetition_caps
-from mergeopt.merging.simplex import mixture_problem
+from mergeopt.merging.simplex import mixture_problem, snap_roundoff
 
 
 class Recipe(Section):
@@ -91,6 +91,7 @@ class Recipe(Section):
             raise ValueError(f"weights.init names {sorted(init)} but the experts are {sorted(experts)}")
         if (problem := mixture_problem(init)) is not None:
             raise ValueError(f"weights.init is not a mixture: {problem}")
+        init.update(snap_roundoff(init))
         return self
 
     @model_validator(mode="after")
@@ -156,6 +157,7 @@ class Recipe(Section):
                 raise ValueError(f"train.mixtures.weights[{i}] " + " and ".join(what))
             if (problem := mixture_problem(mixture)) is not None:
                 raise ValueError(f"train.mixtures.weights[{i}] is not a mixture: {problem}")
+            mixture.update(snap_roundoff(mixture))
         if self.train.mixtures.kind == "list" and not self.train.mixtures.weights:
             raise ValueError("train.mixtures.kind is 'list' but train.mixtures.weights is empty")
         _check_interior_lattice(self.train.mixtures, len(experts))

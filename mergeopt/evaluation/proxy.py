@@ -26,6 +26,7 @@ from mergeopt.evaluation.tables import (
     check_mixture_rows,
     check_mixtures_vary,
     check_numbers,
+    clip_roundoff,
 )
 from mergeopt.inputs import existing_file
 from mergeopt.objectives.objective import Objective
@@ -67,6 +68,7 @@ def read_grid(path: str | Path, expert_names: Sequence[str], ranked: bool = True
         raise UserError(f"{path}: the grid table has no rows")
     weights = table[columns].to_numpy(dtype=float)
     check_mixture_rows(weights, columns, lambda i: at_line(path, i))
+    table[columns] = weights = clip_roundoff(weights)
     if ranked:  # 2 rows would rank as ±1 whatever the proxy; repeated runs of a mixture may stay
         check_mixtures_vary(weights, str(path))
         check_enough_mixtures(len(table), (str(path),))

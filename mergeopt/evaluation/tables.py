@@ -17,6 +17,7 @@ import pandas as pd
 
 from mergeopt.errors import UserError
 from mergeopt.evaluation.rank_stats import rank_statistics, varies
+from mergeopt.merging.simplex import ROUNDOFF
 from mergeopt.runtime.exact_csv import at_line, read_csv
 
 DEFAULT_PREFIXES = ("w_", "train_")  # ours, then RegMix's train_the_pile_*
@@ -177,14 +178,15 @@ def check_mixture_rows(
     weights: np.ndarray, columns: Sequence[str], where, allow_negative: bool = False
 ) -> None:
     """Refuse the first row (``where(i)``: its place) whose weights do not sum to 1 (±tolerance)
-    or, unless ``allow_negative``, hold a negative weight."""
+    or, unless ``allow_negative``, hold a negative weight beyond round-off (see :func:`clip_roundoff`)."""
     off = ~(np.abs(weights.sum(axis=1) - 1) <= WEIGHT_SUM_TOLERANCE)  # inf - inf is NaN
-    below = np.zeros(len(weights), dtype=bool) if allow_negative else (weights < 0).any(axis=1)
+    negative = np.zeros_like(weights, dtype=bool) if allow_negative else weights < -ROUNDOFF
+    below = negative.any(axis=1)
     bad = np.flatnonzero(off | below)
     if bad.size:
         i = int(bad[0])
         if below[i]:
-            j = int(np.flatnonzero(weights[i] < 0)[0])
+            j = int(np.flatnonzero(negative[i])[0])
             raise UserError(f"{where(i)}: weight {columns[j]} is negative ({weights[i, j]:.6g})")
         raise UserError(
             f"{where(i)}: weights sum to {weights[i].sum():.6g}, not 1 (±{WEIGHT_SUM_TOLERANCE:g})"
@@ -198,8 +200,15 @@ def check_weights(frame: pd.DataFrame, columns: Sequence[str], source: str) -> n
         check_numbers(frame, col, lambda i: at_line(source, i), "a mixture weight")
     weights = frame[list(columns)].to_numpy(dtype=np.float64)
     check_mixture_rows(weights, list(columns), lambda i: at_line(source, i))
+    weights = clip_roundoff(weights)
     check_mixtures_vary(weights, source)
     return weights
+
+
+def clip_roundoff(weights: np.ndarray) -> np.ndarray:
+    """Checked weights with their round-off negatives (down to −ROUNDOFF, the rule every mixture in
+    mergeopt follows: :mod:`mergeopt.merging.simplex`) read as 0."""
+    return np.where(weights < 0, 0.0, weights)
 
 
 def check_mixtures_vary(weights: np.ndarray, source: str) -> None:

@@ -23,7 +23,7 @@ from mergeopt import worlds
 from mergeopt.config import Recipe
 from mergeopt.errors import UserError
 from mergeopt.merging.methods import get_method
-from mergeopt.merging.simplex import sum_problem, weight_problem
+from mergeopt.merging.simplex import snap_roundoff, sum_problem, weight_problem
 from mergeopt.merging.stack import describe
 from mergeopt.run_files import MixtureFile
 from mergeopt.runtime.fingerprint import digest
@@ -75,6 +75,7 @@ def check_mixture(
     ordered = {n: weights[n] for n in experts}
     if (problem := weight_problem(ordered)) is not None:
         raise UserError(f"{source}: {problem}")
+    ordered = snap_roundoff(ordered)
     total = math.fsum(float(v) for v in ordered.values())
     if normalize and total > 0:
         return {n: float(v) / total for n, v in ordered.items()}

@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, field_validator, model_validator
 
 from mergeopt.merging.constraints import FeasibleSet
-from mergeopt.merging.simplex import SIMPLEX_TOLERANCE, mixture_problem
+from mergeopt.merging.simplex import SIMPLEX_TOLERANCE, mixture_problem, snap_roundoff
 from mergeopt.run_files.base import RunFile
 
 
@@ -183,7 +183,7 @@ class MixtureFile(RunFile):
         problem = mixture_problem(weights)
         if problem is not None:
             raise ValueError(problem)
-        return weights
+        return snap_roundoff(weights)
 
     @model_validator(mode="after")
     def _within_constraints(self) -> MixtureFile:
