@@ -293,7 +293,7 @@ def test_sum_to_one_tests_refuse_nan_and_inf_minus_inf():
     import numpy as np
     import pandas as pd
 
-    from mergeopt.evaluation.tables import check_mixture_rows, check_weights
+    from mergeopt.evaluation.table_checks import check_mixture_rows, check_weights
     from mergeopt.merging.simplex import sum_problem
 
     assert "sum to nan" in sum_problem({"a": math.nan, "b": 0.5})

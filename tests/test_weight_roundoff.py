@@ -14,7 +14,7 @@ import pytest
 from mergeopt.config import load_recipe
 from mergeopt.errors import UserError
 from mergeopt.evaluation.proxy import grid_weights, read_grid
-from mergeopt.evaluation.tables import check_weights
+from mergeopt.evaluation.table_checks import check_weights
 from mergeopt.export.fitted_mixture import check_mixture
 from mergeopt.merging.simplex import ROUNDOFF, mixture_problem, snap_roundoff
 from mergeopt.run_files import MixtureFile

@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from mergeopt.errors import UserError
-from mergeopt.evaluation.tables import (
+from mergeopt.evaluation.table_checks import (
     check_enough_mixtures,
     check_mixture_rows,
     check_mixtures_vary,

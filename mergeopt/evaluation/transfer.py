@@ -40,12 +40,11 @@ from mergeopt.errors import UserError
 from mergeopt.evaluation.rank import comma_list
 from mergeopt.evaluation.rank_report import k_used
 from mergeopt.evaluation.rank_stats import rank_statistics, varies
+from mergeopt.evaluation.table_checks import check_enough_mixtures, check_weights
 from mergeopt.evaluation.tables import (
     ScaleTable,
     aggregate_metrics,
     check_distinct_mixtures,
-    check_enough_mixtures,
-    check_weights,
     holds_numbers,
     load_table,
     metric_columns,

@@ -13,7 +13,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from mergeopt.errors import UserError
-from mergeopt.evaluation.tables import MIN_MIXTURES, WEIGHT_DECIMALS, ScaleTable, metric_values
+from mergeopt.evaluation.table_checks import MIN_MIXTURES, WEIGHT_DECIMALS
+from mergeopt.evaluation.tables import ScaleTable, metric_values
 
 SURROGATE_OPTIONS = {  # CLI flag → SurrogateSearch field (its defaults are the defaults here)
     "rounds": "n_estimators",

@@ -4,7 +4,7 @@ Recipes (``weights.init``, ``train.mixtures``), ``mergeopt merge --weights``, mi
 search's own candidates are all checked against this one definition and this one tolerance, so a
 mixture accepted in one place is accepted in every other. Pure Python: the recipe schema uses it.
 (Score tables made elsewhere, often rounded to three decimals, have their own looser tolerance:
-:data:`mergeopt.evaluation.tables.WEIGHT_SUM_TOLERANCE`.)
+:data:`mergeopt.evaluation.table_checks.WEIGHT_SUM_TOLERANCE`.)
 """
 
 from __future__ import annotations
