@@ -39,8 +39,8 @@ from mergeopt.loading.checkpoints import (
     tied_parameters,
     under_model_names,
 )
-from mergeopt.loading.lora import check_untied, input_embedding_weight, saved_tied_embedding, saved_whole
 from mergeopt.loading.lora_sizes import FactorSizes, factor_sizes, saved_copy
+from mergeopt.loading.lora_tied import check_untied, input_embedding_weight, saved_tied_embedding, saved_whole
 from mergeopt.loading.peft_format import PREFIX, is_adapter, read_adapter_config
 from mergeopt.loading.positions import check_max_length
 from mergeopt.loading.precision import precision_warning
