@@ -614,6 +614,9 @@ def test_dry_run_reads_no_weights_and_writes_nothing(tiny_world, tmp_path, monke
     assert code == 0
     assert "parameters: 101,440 in 21 tensors (safetensors headers of" in out
     assert "stack differences, 3 x float32" in out and "verdict: fits" in out
+    # a peak under 1 GiB is printed in MiB: 3 experts' differences of 101,440 float32 parameters
+    assert re.search(r"\n {60,}MiB\n", out), out
+    assert re.search(rf"\n  stack differences, 3 x float32 +{3 * 101_440 * 4 / 2**20:.2f}\n", out), out
     assert list(tmp_path.iterdir()) == []  # no output_dir, nothing else
     assert sorted(p.relative_to(tiny_world.parent) for p in tiny_world.parent.rglob("*")) == before
 

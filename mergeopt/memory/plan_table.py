@@ -1,4 +1,4 @@
-"""The plan as ``mergeopt plan`` prints it: the inventory, byte rows in GiB, the verdict, placement.
+"""The plan as ``mergeopt plan`` prints it: the inventory, byte rows in GiB (MiB for a model under 1 GiB), the verdict, placement.
 
 The numbers are :func:`mergeopt.memory.plan.plan_memory`'s; this module only lays them out for a
 person (``--json`` gives the same rows as a document: :mod:`mergeopt.memory.plan_document`), and,
@@ -16,8 +16,15 @@ from mergeopt.memory.sizes import GIB, Inventory, MemoryPlan
 
 
 def gib(n: int) -> str:
-    """Bytes as GiB, two decimals, thousands separated: the unit of every printed row."""
+    """Bytes as GiB, two decimals, thousands separated: the unit of the verdict and of the table's
+    rows when the peak reaches 1 GiB."""
     return f"{n / GIB:,.2f}"
+
+
+def table_unit(peak: int) -> tuple[str, int]:
+    """The unit of the table's rows: GiB, or MiB below a 1 GiB peak (a small model's rows would
+    all read 0.00 in GiB)."""
+    return ("GiB", GIB) if peak >= GIB else ("MiB", 2**20)
 
 
 def typed(override: str) -> str:
@@ -55,8 +62,8 @@ def verdict(plan: MemoryPlan) -> str:
     return "\n".join(lines)
 
 
-def _line(label: str, size: int, indent: str = "  ", width: int = 62) -> str:
-    return f"{indent}{label:<{width - len(indent)}}{gib(size):>10}"
+def _line(label: str, size: int, indent: str = "  ", width: int = 62, scale: int = GIB) -> str:
+    return f"{indent}{label:<{width - len(indent)}}{size / scale:>10,.2f}"
 
 
 def _ranks(plan: MemoryPlan) -> list[str]:
@@ -75,16 +82,17 @@ def _ranks(plan: MemoryPlan) -> list[str]:
 
 
 def format_plan(plan: MemoryPlan, recipe_path: str, inventory: Inventory) -> str:
-    """The printed plan: inventory, byte rows in GiB, peak against the device, verdict."""
+    """The printed plan: inventory, byte rows (GiB, or MiB below a 1 GiB peak), peak against the device, verdict."""
     mem = plan.memory
     device = f"{mem.device}: {mem.description}"
     if mem.free is not None:
         device += f", {gib(mem.total)} GiB total, {gib(mem.free)} GiB free"
     per_rank = f", per rank, {plan.world_size} ranks" if plan.world_size > 1 else ""
     width = max(62, 2 + max(len(r.label) for r in (*plan.held, *plan.phases)) + 2)
+    unit, scale = table_unit(plan.peak)
 
     def line(label: str, size: int, indent: str = "  ") -> str:
-        return _line(label, size, indent, width)
+        return _line(label, size, indent, width, scale)
 
     lines = [
         f"Memory plan for {recipe_path}{per_rank} (dry run: no weights read, nothing written)",
@@ -101,7 +109,7 @@ def format_plan(plan: MemoryPlan, recipe_path: str, inventory: Inventory) -> str
         f"batches: {plan.batch}",
         *(f"note: {n}" for n in inventory.notes),
         "",
-        f"{'GiB' + (' per rank' if per_rank else ''):>{width + 10}}",
+        f"{unit + (' per rank' if per_rank else ''):>{width + 10}}",
         "held for the whole run",
         *(line(r.label, r.bytes) for r in plan.held),
         "plus the largest of these phases (estimates)",
