@@ -405,10 +405,10 @@ def test_a_nan_in_a_closing_score_is_recorded_as_null_with_a_warning(random_worl
     three experts, and a gradient fit only scores it in closing), but the closing evaluations score
     the uniform mixture: its NaN losses and scores become null in mixture.json (JSON has no NaN),
     one warning line names them, and the run completes with its outputs."""
-    from mergeopt import fit as fit_module
+    from mergeopt.reporting import mixture_record
     from mergeopt.search import zero_order
 
-    real_scorer, real_losses = zero_order.make_scorer, fit_module._losses
+    real_scorer, real_losses = zero_order.make_scorer, mixture_record._losses
 
     def uniform(w) -> bool:
         return bool(np.allclose(np.asarray(w, dtype=np.float64), 1 / len(w)))
@@ -422,7 +422,7 @@ def test_a_nan_in_a_closing_score_is_recorded_as_null_with_a_warning(random_worl
         return _poisoned(out) if uniform(weights.double().numpy()) else out
 
     monkeypatch.setattr(zero_order, "make_scorer", scorer)
-    monkeypatch.setattr(fit_module, "_losses", losses)
+    monkeypatch.setattr(mixture_record, "_losses", losses)
     for strategy in (["search.strategy=grid", "search.grid.divisions=2"], ["optim.steps=2"]):
         shutil.rmtree(tmp_path / "out", ignore_errors=True)
         result = _cli(random_world, tmp_path, *strategy)
