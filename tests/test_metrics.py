@@ -31,7 +31,7 @@ from mergeopt.objectives.metrics import (
     option_logprobs,
 )
 from mergeopt.worlds import toy
-from tests.conftest import tiny_config
+from tests.conftest import recipe_tree, tiny_config
 
 VOCAB = len(toy.SPECIAL) + len(toy.CHARS)
 
@@ -407,3 +407,22 @@ def test_utility_rejects_terms_sharing_a_label():
 )
 def test_generations_are_cut_at_the_first_stop_string(text, stop, expected):
     assert cut_at_stop(text, stop) == expected
+
+
+def test_a_bad_metric_path_is_refused_before_the_experts_are_stacked(random_world, tmp_path, monkeypatch):
+    """fit reads the dev sets before it stacks the experts (minutes on a large model): a custom
+    term whose function does not import is refused there, not after the stacking."""
+    from mergeopt.config import recipe_from_dict
+    from mergeopt.fit import fit
+    from mergeopt.loading import problem
+
+    def stacked(*args, **kwargs):
+        raise AssertionError("the experts were stacked before the metric path was checked")
+
+    monkeypatch.setattr(problem, "_stack_experts", stacked)
+    term = {"kind": "custom", "dev": "arith", "function": "no_such_package_xyz.metrics:score"}
+    tree = recipe_tree(
+        random_world, tmp_path / "run", objective={"terms": [term]}, search={"strategy": "grid"}
+    )
+    with pytest.raises(UserError, match="cannot import module 'no_such_package_xyz.metrics'"):
+        fit(recipe_from_dict(tree), progress=False, log=lambda _m: None)

@@ -45,9 +45,12 @@ RECORD_FIELDS = {
 
 def check_term_records(sets: Sequence[DevSet], terms: Sequence[ObjectiveTerm]) -> None:
     """Refuse a term whose dev set holds records it cannot score (or whose lm-eval task does not
-    exist or cannot load its data), before any model is loaded."""
+    exist or cannot load its data, or whose custom function does not import), before any model is
+    loaded: fit loads the dev sets before it stacks the experts, which takes minutes on a large model."""
     by_name = {s.name: s for s in sets}
     for term in terms:
+        if term.kind == "custom":
+            metrics.load_metric_function(term.function)
         if term.kind == "lm_eval":
             from mergeopt.objectives.lm_eval_term import check_task_loads
 
