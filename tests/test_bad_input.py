@@ -28,7 +28,14 @@ from mergeopt.export import merge
 from mergeopt.export.command import main as export_main
 from mergeopt.worlds import train
 from tests import malformed
-from tests.conftest import REPO, recipe_tree, run_module, streaming_without_torchvision, write_jsonl
+from tests.conftest import (
+    REPO,
+    lm_eval_task_yaml,
+    recipe_tree,
+    run_module,
+    streaming_without_torchvision,
+    write_jsonl,
+)
 
 DOC = REPO / "docs" / "reference" / "bad-input.md"
 MAINS = {
@@ -274,6 +281,21 @@ def _task_without_data(world, tmp) -> list[str]:
         "validation_split: validation\noutput_type: loglikelihood\n"
         "doc_to_text: '{{prompt}}'\ndoc_to_target: '{{completion}}'\n",
     )
+
+
+def _perplexity_maximised(world, tmp) -> list[str]:
+    """A recipe whose lm_eval term keeps the default higher_is_better on a task that declares its
+    metric, perplexity, better lower."""
+    (tmp / "tasks").mkdir()
+    data = {"validation": Path(world["dev"]["arith"])}
+    (tmp / "tasks" / "arith_ppl.yaml").write_text(lm_eval_task_yaml("arith_ppl", data, "perplexity"))
+
+    def edit(tree):
+        term = {"kind": "lm_eval", "task": "arith_ppl", "include_path": str(tmp / "tasks")}
+        tree["objective"] = {"terms": [{**term, "metric": "perplexity"}]}
+        tree["search"] = {"strategy": "grid"}
+
+    return [_recipe(world, tmp, edit)]
 
 
 def _finished_run(world, tmp, change: Callable[[dict], None] | None = None) -> Path:
@@ -867,6 +889,12 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         "fit",
         _task_without_data,
         "lm-eval task 'arith_local' could not load its data (FileNotFoundError",
+    ),
+    "lm-eval term seeking its task's metric the wrong way": (
+        "objective",
+        "fit",
+        _perplexity_maximised,
+        "task 'arith_ppl' declares perplexity better lower, but the term has higher_is_better: true",
     ),
     # grid tables
     "grid without a mixture column": (
@@ -1867,6 +1895,7 @@ QUIET = ("fit", "merge", "rank", "calibrate", "train", "diagnose")  # the comman
 NEEDS_LM_EVAL = {
     "lm-eval task scored on its test split",
     "lm-eval task whose data file is missing",
+    "lm-eval term seeking its task's metric the wrong way",
 }  # the extra [lm-eval] reads the task
 NEEDS_STREAMING = {"export MDS directory with a corrupt zstd shard"}  # decompressed by streaming
 

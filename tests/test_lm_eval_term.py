@@ -141,3 +141,17 @@ def test_lm_eval_terms_take_no_dev_set():
     with pytest.raises(ValueError, match="only for kind 'lm_eval'"):
         ObjectiveTerm(kind="exact_match", dev="arith", task="x")
     assert ObjectiveTerm(kind="lm_eval", task="gsm8k").label == "lm_eval:gsm8k"
+
+
+def test_a_term_against_its_tasks_declared_direction_is_refused(tiny_world, tmp_path):
+    """A perplexity task declares lower is better: a term that keeps the default higher_is_better
+    would maximise it and pick the worst mixture, so it is refused before any model is loaded."""
+    from mergeopt.objectives.lm_eval_term import check_task_loads
+
+    name = "mergeopt_tiny_arith_ppl"
+    dev = tiny_world / "dev" / "arith.jsonl"
+    (tmp_path / "ppl.yaml").write_text(lm_eval_task_yaml(name, {"validation": dev}, "perplexity"))
+    term = {"kind": "lm_eval", "task": name, "include_path": str(tmp_path), "metric": "perplexity"}
+    with pytest.raises(UserError, match="declares perplexity better lower.*set higher_is_better: false"):
+        check_task_loads(ObjectiveTerm(**term))
+    check_task_loads(ObjectiveTerm(**term, higher_is_better=False))

@@ -65,7 +65,7 @@ def load(source: Source, cache_dir: str | None = None):
     import datasets
 
     try:
-        with _quiet_datasets():
+        with quiet_datasets():
             if source.loader == "disk":
                 return datasets.load_from_disk(str(source.path))
             options = _csv_as_text(source) if source.loader == "csv" else {}
@@ -87,9 +87,10 @@ def load(source: Source, cache_dir: str | None = None):
 
 
 @contextmanager
-def _quiet_datasets() -> Iterator[None]:
+def quiet_datasets() -> Iterator[None]:
     """The ``datasets`` library without its progress bars and log lines (it logs a malformed file
-    before raising, and the error is said once, by mergeopt), as it was set afterwards."""
+    before raising, and the error is said once, by mergeopt), as it was set afterwards. Reading a
+    local file is a second's work whose bars would only crowd the console, --quiet's included."""
     import datasets
 
     verbosity, bars = datasets.logging.get_verbosity(), datasets.is_progress_bar_enabled()

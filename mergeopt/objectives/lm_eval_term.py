@@ -66,11 +66,15 @@ def check_task(term: ObjectiveTerm) -> None:
 
 
 @functools.cache
-def _build_task(task: str, include_path: str | None) -> None:
-    """Build ``task`` once per process (its data loaded): fit, rank and train check it alike."""
+def _build_task(task: str, include_path: str | None) -> dict:
+    """Build ``task`` once per process (its data loaded): fit, rank and train check it alike.
+    datasets' bars ("Generating validation split") are kept off the console, as for the dev sets."""
     from lm_eval.tasks import get_task_dict
 
-    get_task_dict([task], _task_manager(include_path))
+    from mergeopt.objectives.data_files import quiet_datasets
+
+    with quiet_datasets():
+        return get_task_dict([task], _task_manager(include_path))
 
 
 def check_task_loads(term: ObjectiveTerm) -> None:
@@ -79,7 +83,7 @@ def check_task_loads(term: ObjectiveTerm) -> None:
     first evaluation, after the experts are stacked. The dataset is then in datasets' cache."""
     check_task(term)
     try:
-        _build_task(term.task, term.include_path)
+        built = _build_task(term.task, term.include_path)
     except Exception as error:  # datasets and lm-eval raise many kinds for data they cannot read
         reason = (str(error).strip().splitlines() or [""])[0]
         hint = (
@@ -91,6 +95,29 @@ def check_task_loads(term: ObjectiveTerm) -> None:
             f"objective term {term.label!r}: lm-eval task {term.task!r} could not load its data "
             f"({type(error).__name__}: {reason}){hint}"
         ) from error
+    check_direction(term, built.get(term.task))
+
+
+def check_direction(term: ObjectiveTerm, task) -> None:
+    """Refuse a term whose direction contradicts the one its task declares for the metric.
+
+    ``higher_is_better`` defaults to true, and lm-eval's own tasks say which way each metric is
+    better (perplexity: lower): a term on perplexity that leaves the default would make the search
+    maximise it and return the worst mixture without a word. A group or tag (no single task) and a
+    metric the task does not declare are left as they are.
+    """
+    declared = getattr(task, "higher_is_better", None)
+    if declared is None:
+        return
+    metric = term.metric.partition(",")[0]
+    better = declared().get(metric)
+    if better is not None and bool(better) != term.higher_is_better:
+        said, way = ("true", "higher") if term.higher_is_better else ("false", "lower")
+        raise UserError(
+            f"objective term {term.label!r}: task {term.task!r} declares {metric} better "
+            f"{'higher' if better else 'lower'}, but the term has higher_is_better: {said} and would "
+            f"seek it {way}; set higher_is_better: {str(bool(better)).lower()} on the term"
+        )
 
 
 def scored_splits(term: ObjectiveTerm) -> list[tuple[str, str, str]]:
