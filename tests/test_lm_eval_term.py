@@ -155,3 +155,19 @@ def test_a_term_against_its_tasks_declared_direction_is_refused(tiny_world, tmp_
     with pytest.raises(UserError, match="declares perplexity better lower.*set higher_is_better: false"):
         check_task_loads(ObjectiveTerm(**term))
     check_task_loads(ObjectiveTerm(**term, higher_is_better=False))
+
+
+def test_a_metric_the_task_does_not_have_is_refused_before_a_model_is_loaded(tiny_world, tmp_path):
+    """A misspelt metric (``f1`` for a task that computes ``acc``) is said while the task is
+    checked, not at the first evaluation after the experts are stacked; a metric with its filter
+    (``acc,none``) is the metric before the comma."""
+    from mergeopt.objectives.lm_eval_term import check_task_loads
+
+    name = "mergeopt_tiny_arith_acc"
+    dev = tiny_world / "dev" / "arith.jsonl"
+    (tmp_path / "acc.yaml").write_text(lm_eval_task_yaml(name, {"validation": dev}, "acc"))
+    term = {"kind": "lm_eval", "task": name, "include_path": str(tmp_path)}
+    with pytest.raises(UserError, match=r"has no metric 'f1' \(it has acc\); set the term's metric"):
+        check_task_loads(ObjectiveTerm(**term, metric="f1"))
+    check_task_loads(ObjectiveTerm(**term, metric="acc,none"))
+    check_task_loads(ObjectiveTerm(**term))

@@ -99,18 +99,26 @@ def check_task_loads(term: ObjectiveTerm) -> None:
 
 
 def check_direction(term: ObjectiveTerm, task) -> None:
-    """Refuse a term whose direction contradicts the one its task declares for the metric.
+    """Refuse a term whose metric its task does not declare, or whose direction contradicts the
+    one the task declares for it.
 
     ``higher_is_better`` defaults to true, and lm-eval's own tasks say which way each metric is
     better (perplexity: lower): a term on perplexity that leaves the default would make the search
-    maximise it and return the worst mixture without a word. A group or tag (no single task) and a
-    metric the task does not declare are left as they are.
+    maximise it and return the worst mixture without a word. A misspelt metric would otherwise be
+    found at the first evaluation, after the experts are stacked. A group or tag (no single task)
+    is left as it is.
     """
     declared = getattr(task, "higher_is_better", None)
     if declared is None:
         return
+    directions = declared() or {}
     metric = term.metric.partition(",")[0]
-    better = declared().get(metric)
+    if directions and metric not in directions:
+        raise UserError(
+            f"objective term {term.label!r}: task {term.task!r} has no metric {metric!r} "
+            f"(it has {', '.join(sorted(directions))}); set the term's metric to one of them"
+        )
+    better = directions.get(metric)
     if better is not None and bool(better) != term.higher_is_better:
         said, way = ("true", "higher") if term.higher_is_better else ("false", "lower")
         raise UserError(
