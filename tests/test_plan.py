@@ -676,6 +676,24 @@ def test_dry_run_reads_the_dev_sets_as_the_fit_does(config_8b, tmp_path):
     assert f"{prefix}{tmp_path / 'bad.jsonl'}:2: not valid JSON" in result.stderr, result.stderr
 
 
+def test_plan_warns_of_a_custom_term_whose_function_does_not_import(config_8b, tmp_path):
+    """The fit refuses a custom objective term whose function does not import (before stacking);
+    the plan warns of it in the fit's words, and keeps quiet about one that imports."""
+    path, _ = config_8b
+    overrides = [f"model.base={path}", *(f"model.experts.{e}={path}" for e in EXPERTS_8B)]
+    overrides += ["search.strategy=grid", f"output_dir={tmp_path / 'out'}"]
+    term = "objective.terms=[{{kind: custom, dev: math, function: '{}'}}]"
+    missing = run_in_process("plan", "recipes/8b.yaml", *overrides, term.format("no_such_module_xyz:score"))
+    assert missing.returncode == 0, missing.stderr
+    assert (
+        "mergeopt: warning: the fit would refuse this recipe: custom metric 'no_such_module_xyz:score': "
+        "cannot import module 'no_such_module_xyz'"
+    ) in missing.stderr, missing.stderr
+    found = run_in_process("plan", "recipes/8b.yaml", *overrides, term.format("math:sqrt"))
+    assert found.returncode == 0, found.stderr
+    assert "custom metric" not in found.stderr, found.stderr
+
+
 def test_plan_warns_of_conversations_without_a_chat_template(config_8b, tmp_path):
     """A dev set of conversations and a base whose tokenizer files hold no chat template: the fit
     refuses it (after the tokenizer is loaded); the plan said nothing. It now warns in one line

@@ -37,8 +37,8 @@ def refused_inputs(recipe: Recipe) -> list[str]:
     """What the fit of this recipe would refuse before any work, that the plan itself does not need:
     the dev sets that cannot be read as the fit reads them (missing, or a malformed record; a
     ``save_to_disk`` directory is one), conversations with no chat template to render them (neither
-    ``data.chat_template`` nor the base's tokenizer files hold one), a rank.grid that is not a file,
-    an output_dir that cannot be written.
+    ``data.chat_template`` nor the base's tokenizer files hold one), a custom objective term whose
+    function does not import, a rank.grid that is not a file, an output_dir that cannot be written.
 
     A plan is often made before the data is in place (recipes/8b.yaml's placeholders), so these are
     warnings under the plan, not errors: the plan still answers the memory question, and the user
@@ -57,6 +57,7 @@ def refused_inputs(recipe: Recipe) -> list[str]:
             continue
         if any(is_chat(r) for r in records):
             chat.append(what)
+    problems.extend(_custom_term_problems(recipe))
     checks = [(existing_file, recipe.rank.grid, "rank.grid")] if recipe.rank.grid is not None else []
     checks.append((writable_dir, recipe.output_dir, "output_dir"))
     for check, path, what in checks:
@@ -66,6 +67,20 @@ def refused_inputs(recipe: Recipe) -> list[str]:
             problems.append(str(err))
     if chat:
         problems.extend(_template_problem(recipe, chat))
+    return problems
+
+
+def _custom_term_problems(recipe: Recipe) -> list[str]:
+    """A custom objective term's function that does not import, as the fit would say it (the fit
+    imports it too; an lm_eval task is not built here: that loads its dataset)."""
+    from mergeopt.objectives.metrics import load_metric_function
+
+    problems = []
+    for term in (t for t in recipe.objective.terms if t.kind == "custom"):
+        try:
+            load_metric_function(term.function)
+        except UserError as err:
+            problems.append(str(err))
     return problems
 
 
