@@ -137,8 +137,9 @@ def test_plan_and_fit_refuse_the_same_adapters_of_a_tied_base_and_fit_one_kept_t
     """On a base whose output layer shares the embedding's weight: an embedding or an output layer
     saved whole without ensure_weight_tying, and an adapter of a module the base lacks, are one
     line from `mergeopt plan` as from the fit (the plan used to read their sizes only and say
-    "fits"), and nothing is written. An embedding saved with ensure_weight_tying plans and fits,
-    and its one-hot merge is PEFT's merge_and_unload of it."""
+    "fits"), as is an adapter whose factors do not fit the base's shapes, and nothing is written.
+    An embedding saved with ensure_weight_tying plans and fits, and its one-hot merge is PEFT's
+    merge_and_unload of it."""
     from safetensors.torch import load_file, save_file
 
     from tests.conftest import run_in_process
@@ -168,10 +169,21 @@ def test_plan_and_fit_refuse_the_same_adapters_of_a_tied_base_and_fit_one_kept_t
         {k.replace("q_proj", "qkv_proj"): v for k, v in tensors.items()},
         missing / "adapter_model.safetensors",
     )
+    # the plain adapter as if trained on a wider model: q_proj's A has 8 more columns
+    wide = tmp_path / "wide"
+    shutil.copytree(plain, wide)
+    tensors = load_file(wide / "adapter_model.safetensors")
+    save_file(
+        {k: torch.cat([v, v[:, :8]], 1) if "q_proj.lora_A" in k else v for k, v in tensors.items()},
+        wide / "adapter_model.safetensors",
+    )
     tree = recipe_tree(random_world, tmp_path / "out")
     tree["model"]["base"] = str(tmp_path / "base")
     recipe = tmp_path / "recipe.yaml"
+    width = tiny_config().hidden_size
     refusals = {
+        str(wide): f"model.layers.0.self_attn.q_proj has lora_A [4, {width + 8}] and lora_B [{width}, 4], "
+        f"but the base's model.layers.0.self_attn.q_proj.weight is [{width}, {width}]",
         untied: "saves model.embed_tokens whole (modules_to_save), whose weight the base ties to its output layer",
         head: "saves lm_head whole (modules_to_save), whose weight the base ties to its input embedding",
         str(missing): "adapts model.layers.0.self_attn.qkv_proj, but the base has no parameter",

@@ -230,6 +230,26 @@ def _check_adapter_targets(path: Path, config: dict, sizes: FactorSizes, base, m
     if tied and embedding in sizes.dense and not weight_tying:
         if saved_whole(config, module := embedding.removesuffix(".weight")):
             raise saved_tied_embedding(path, module, "its output layer")
+    _check_factor_shapes(path, {**sizes.modules, **sizes.dora}, base, embedding)
+
+
+def _check_factor_shapes(path: Path, modules: dict[str, tuple[int, int, int]], base, embedding: str) -> None:
+    """What read_adapter refuses, from the header, in its words: factors whose update is not the
+    base weight's shape (an adapter of another model of the architecture, wider or narrower). The
+    plan used to read only their sizes and say "fits" to an adapter the fit refuses."""
+    for key, (rank, width_in, width_out) in sorted(modules.items()):
+        module = key.removeprefix(PREFIX)
+        meta = base.tensors.get(target := f"{module}.weight")
+        if meta is None or tuple(meta.shape) == (width_out, width_in):
+            continue
+        if target == embedding:  # lora_embedding_A is r × rows, B width × r (FactorSizes.modules)
+            factors = f"lora_embedding_A {[rank, width_out]} and lora_embedding_B {[width_in, rank]}"
+        else:
+            factors = f"lora_A {[rank, width_in]} and lora_B {[width_out, rank]}"
+        raise UserError(
+            f"{path}: {module} has {factors}, but the base's {target} is {list(meta.shape)} "
+            f"and the adapter's rank there is {rank}"
+        )
 
 
 def _adapter_notes(recipe: Recipe, adapters: list[str], sizes: dict[str, FactorSizes]) -> tuple[str, ...]:
