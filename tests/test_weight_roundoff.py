@@ -29,14 +29,26 @@ def test_the_values_are_what_the_tests_assume():
 
 @pytest.mark.parametrize("value", [ROUNDED, FLOAT32, -ROUNDOFF])
 def test_round_off_is_a_mixture_and_snaps_to_zero(value):
-    weights = {"a": 1.0 - value, "b": value}
+    weights = {"a": 1.0, "b": value}
     assert mixture_problem(weights) is None
-    assert snap_roundoff(weights) == {"a": 1.0 - value, "b": 0.0}
+    assert snap_roundoff(weights) == {"a": 1.0, "b": 0.0}
     assert str(snap_roundoff(weights)["b"]) == "0.0"  # not −0.0 either
 
 
 def test_beyond_round_off_is_still_negative():
     assert mixture_problem({"a": 1.000002, "b": -2e-6}) == "the weight of 'b' is negative (-2e-06)"
+
+
+def test_the_sum_checked_is_that_of_the_snapped_weights():
+    """Every reader judges the weights it keeps: 1.0000015 and −1e-6 sum to 1 within 1e-6, but
+    once −1e-6 is read as 0 they do not, and mixture.json, --weights and recipes all refuse them
+    (mixture.json once accepted them and `mergeopt merge` then refused the file it had accepted)."""
+    weights = {"a": 1.0000015, "b": -1e-6}
+    assert mixture_problem(weights) == "the weights sum to 1.0000015, not 1 (within 1e-06)"
+    with pytest.raises(UserError, match="sum to 1.0000015"):
+        check_mixture(weights, ["a", "b"], "--weights")
+    with pytest.raises(ValueError, match="sum to 1.0000015"):
+        MixtureFile.model_validate({"status": "complete", "weights": weights})
 
 
 def test_recipe_weights_read_round_off_as_zero(tmp_path):

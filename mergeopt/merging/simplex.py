@@ -48,4 +48,4 @@ def sum_problem(weights: Mapping[str, object]) -> str | None:
 
 def mixture_problem(weights: Mapping[str, object]) -> str | None:
     """Why ``weights`` is not a mixture, in words that name the weight, or None when it is one."""
-    return weight_problem(weights) or sum_problem(weights)
+    return weight_problem(weights) or sum_problem(snap_roundoff(weights))  # the sum of what is kept
