@@ -171,3 +171,25 @@ def test_a_metric_the_task_does_not_have_is_refused_before_a_model_is_loaded(tin
         check_task_loads(ObjectiveTerm(**term, metric="f1"))
     check_task_loads(ObjectiveTerm(**term, metric="acc,none"))
     check_task_loads(ObjectiveTerm(**term))
+
+
+def test_a_metric_a_task_function_reports_is_not_refused_before_it_has_run(tiny_world, tmp_path):
+    """A metric function of the task's own may return several results (HumanEval's pass_at_k
+    reports pass@1), which lm-eval declares only once it has run: a term on one of them is left to
+    the first evaluation rather than refused as undeclared."""
+    from mergeopt.objectives.lm_eval_term import check_task_loads
+
+    name = "mergeopt_tiny_dict_metric"
+    dev = tiny_world / "dev" / "arith.jsonl"
+    (tmp_path / "scores.py").write_text(
+        "def scores(references, predictions, **kwargs):\n"
+        "    return {'pass@1': float(references[0] == predictions[0])}\n"
+    )
+    (tmp_path / "dict.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    validation: {dev}\n"
+        "validation_split: validation\noutput_type: generate_until\n"
+        'doc_to_text: "{{prompt}}"\ndoc_to_target: "{{completion}}"\n'
+        "generation_kwargs:\n  until: ['.']\n"
+        "metric_list:\n  - metric: !function scores.scores\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    check_task_loads(ObjectiveTerm(kind="lm_eval", task=name, include_path=str(tmp_path), metric="pass@1"))

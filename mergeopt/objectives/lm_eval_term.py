@@ -105,15 +105,16 @@ def check_direction(term: ObjectiveTerm, task) -> None:
     ``higher_is_better`` defaults to true, and lm-eval's own tasks say which way each metric is
     better (perplexity: lower): a term on perplexity that leaves the default would make the search
     maximise it and return the worst mixture without a word. A misspelt metric would otherwise be
-    found at the first evaluation, after the experts are stacked. A group or tag (no single task)
-    is left as it is.
+    found at the first evaluation, after the experts are stacked; it is refused here only for a
+    task that reports no other metrics (:func:`_reports_declared_only`). A group or tag (no single
+    task) is left as it is.
     """
     declared = getattr(task, "higher_is_better", None)
     if declared is None:
         return
     directions = declared() or {}
     metric = term.metric.partition(",")[0]
-    if directions and metric not in directions:
+    if directions and metric not in directions and _reports_declared_only(task):
         raise UserError(
             f"objective term {term.label!r}: task {term.task!r} has no metric {metric!r} "
             f"(it has {', '.join(sorted(directions))}); set the term's metric to one of them"
@@ -126,6 +127,20 @@ def check_direction(term: ObjectiveTerm, task) -> None:
             f"{'higher' if better else 'lower'}, but the term has higher_is_better: {said} and would "
             f"seek it {way}; set higher_is_better: {str(bool(better)).lower()} on the term"
         )
+
+
+def _reports_declared_only(task) -> bool:
+    """Whether the task reports no metric but those it declares: each of its metrics is one of
+    lm-eval's registered ones (one number per document). A function of the task's own or of HF
+    evaluate may return several results (HumanEval's pass_at_k reports pass@1), which lm-eval
+    declares only once it has run, and a task's own process_results may report any keys."""
+    from lm_eval.api.registry import metric_registry
+
+    functions = getattr(task, "_metric_fn_list", None) or {}
+    return bool(functions) and all(
+        fn is not None and name in metric_registry and fn is metric_registry.get(name)
+        for name, fn in functions.items()
+    )
 
 
 def scored_splits(term: ObjectiveTerm) -> list[tuple[str, str, str]]:
