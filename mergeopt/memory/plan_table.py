@@ -128,7 +128,7 @@ def placement_lines(recipe: Recipe, plan: MemoryPlan) -> list[str]:
     strategy = recipe.model.device_map
     activations = max((r.bytes for r in plan.phases), default=0)
     head = (
-        f"placement over GPUs (model.device_map: {strategy}; the rows above are for one device; "
+        f"placement over GPUs, GiB per GPU (model.device_map: {strategy}; the rows above are for one device; "
         f"each GPU keeps its share of the {gib(activations)} GiB phase free; every parameter counted "
         "at the stacked cost, an upper bound for those model.exclude keeps at θ0)"
     )
