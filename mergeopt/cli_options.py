@@ -66,19 +66,27 @@ def _device_memory(parser: argparse.ArgumentParser | argparse._ArgumentGroup) ->
     )
 
 
-def _tables(parser: argparse.ArgumentParser, both: str) -> None:
-    """The options of the table-reading verbs (rank's table mode, transfer)."""
+def _tables(parser: argparse.ArgumentParser, both: str, mode: str = "") -> None:
+    """The options of the table-reading verbs (rank's table mode, transfer).
+
+    ``mode`` prefixes each help line ("table mode: " for rank, which refuses these options with a
+    recipe), so the help says which mode an option belongs to, as the error does.
+    """
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--mixture-prefix", help="weight columns start with this (default: w_, then train_)")
-    group.add_argument("--mixture-columns", help="comma-separated weight columns")
+    group.add_argument(
+        "--mixture-prefix", help=f"{mode}weight columns start with this (default: w_, then train_)"
+    )
+    group.add_argument("--mixture-columns", help=f"{mode}comma-separated weight columns")
     parser.add_argument(
-        "--metrics", help=f"comma-separated metric columns (default: numeric columns in {both})"
+        "--metrics", help=f"{mode}comma-separated metric columns (default: numeric columns in {both})"
     )
     parser.add_argument(
-        "--higher-is-better", default="", help="comma-separated metrics where higher is better"
+        "--higher-is-better", default="", help=f"{mode}comma-separated metrics where higher is better"
     )
-    parser.add_argument("--k", type=int, default=3, help="top-k size (default 3)")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    parser.add_argument("--k", type=int, default=3, help=f"{mode}top-k size (default 3)")
+    parser.add_argument(
+        "--bootstrap", type=int, default=1000, help=f"{mode}bootstrap resamples (default 1000)"
+    )
 
 
 def _positive_int(text: str) -> int:
@@ -159,7 +167,7 @@ def _rank(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mixture", help="grid mode: a mixture.json whose regret to report (default: the run's)")
     p.add_argument("--proxy", help="table mode: proxy scores, TABLE.csv or MIXTURES.csv+METRICS.csv")
     p.add_argument("--truth", help="table mode: true scores, TABLE.csv or MIXTURES.csv+METRICS.csv")
-    _tables(p, "both")
+    _tables(p, "both", mode="table mode: ")
     p.add_argument("--seed", type=_seed, default=0, help="table mode: bootstrap seed (default 0)")
     p.add_argument(
         "--restart",

@@ -77,6 +77,16 @@ def test_the_tree_lists_exactly_the_handled_verbs():
     assert list(sub.choices) == list(cli.HANDLERS) == list(cli.HELP) == list(cli.EXAMPLES)
 
 
+def test_rank_help_names_the_mode_of_every_option_its_other_mode_refuses():
+    # --k and --bootstrap read "top-k size (default 3)" while grid mode refused them with a recipe
+    from mergeopt.evaluation.rank import GRID_OPTIONS, TABLE_OPTIONS
+
+    helps = {o: a.help for a in cli.command_parser("rank")._actions for o in a.option_strings}
+    for flags, mode in ((TABLE_OPTIONS, "table mode: "), (GRID_OPTIONS, "grid mode: ")):
+        for flag in flags.values():
+            assert helps[flag].startswith(mode), flag
+
+
 def test_out_is_the_recipe_key_of_fit_and_train_and_both_at_once_is_refused():
     args = cli.parse("fit", ["r.yaml", "optim.lr=0.1", "--out", "/tmp/x", "--quiet"])
     assert args.overrides == ["optim.lr=0.1", "output_dir=/tmp/x"] and args.quiet
