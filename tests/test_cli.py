@@ -304,3 +304,24 @@ def test_fits_help_groups_the_plans_options_under_dry_run():
     assert heading and "--resume" in before
     for option in ("--world-size N", "--device-memory GIB", "--json"):
         assert option in plan_part and option not in before
+
+
+@pytest.mark.parametrize(
+    "options, hint",
+    [
+        (["--k", "5"], "(override them: rank.k=5)"),
+        (["--seed", "3", "--bootstrap", "10"], "(override them: rank.bootstrap=10 seed=3)"),
+        (
+            ["--metrics", "loss"],
+            "which ranks the recipe's dev sets and objective terms against the grid's columns",
+        ),
+    ],
+)
+def test_a_table_option_with_a_recipe_is_refused_with_its_own_grid_mode_equivalent(options, hint):
+    """The refusal names the recipe key of a table option grid mode has one for, with the value
+    given (it suggested rank.k=5 whatever the option), and says what grid mode ranks otherwise."""
+    from mergeopt.evaluation.rank import check_mode_options
+
+    with pytest.raises(UserError, match="table-mode option") as err:
+        check_mode_options(cli.parse("rank", ["r.yaml", *options]))
+    assert hint in str(err.value) and str(err.value).endswith("; drop the recipe for table mode")

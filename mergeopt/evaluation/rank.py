@@ -301,6 +301,7 @@ TABLE_OPTIONS = {
     "seed": "--seed",
 }
 GRID_OPTIONS = {"grid": "--grid", "mixture": "--mixture", "restart": "--restart"}
+GRID_KEYS = {"k": "rank.k", "bootstrap": "rank.bootstrap", "seed": "seed"}  # a table option's recipe key
 TABLE_DEFAULTS = {"k": 3, "bootstrap": 1000, "seed": 0, "higher_is_better": ""}
 
 
@@ -308,13 +309,20 @@ def check_mode_options(args: argparse.Namespace) -> None:
     """A table-mode option with a recipe (grid mode), or a grid-mode option without one, is refused."""
     grid = args.recipe is not None
     options = TABLE_OPTIONS if grid else GRID_OPTIONS
-    given = [flag for dest, flag in options.items() if getattr(args, dest) not in (None, False)]
-    if not given:
+    dests = [dest for dest in options if getattr(args, dest) not in (None, False)]
+    if not dests:
         return
+    given = [options[dest] for dest in dests]
     if grid:
+        keys = [f"{GRID_KEYS[d]}={getattr(args, d)}" for d in dests if d in GRID_KEYS]
+        how = (
+            f"ranks with the recipe's rank.k, rank.bootstrap and seed (override them: {' '.join(keys)})"
+            if keys
+            else "ranks the recipe's dev sets and objective terms against the grid's columns"
+        )
         raise UserError(
-            f"{', '.join(given)}: table-mode option(s) given with a recipe (grid mode), which ranks with the "
-            "recipe's rank.k, rank.bootstrap and seed (override them: rank.k=5); drop the recipe for table mode"
+            f"{', '.join(given)}: table-mode option(s) given with a recipe (grid mode), which {how}; "
+            "drop the recipe for table mode"
         )
     raise UserError(
         f"{', '.join(given)}: grid-mode option(s) given without a recipe; table mode ranks --proxy "
