@@ -336,3 +336,46 @@ def test_a_fault_names_a_signal_a_point_and_a_number(monkeypatch):
     for point, index in [("evaluation", 1), ("step", 2), ("evaluation", 3), ("evaluation", 2)]:
         faults.reached(point, index)
     assert sent == [(os.getpid(), signal.SIGTERM)]  # only at the named point, to this process
+
+
+def _interrupt_worker(rank: int, port: int, out: str) -> None:
+    """Rank 1 alone receives SIGTERM between two checks; both ranks record what they agreed."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from mergeopt.errors import Interrupted
+    from mergeopt.runtime import resume
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        with resume.interruptible():
+            before = resume.check_interrupt_together()
+            if rank == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            after = resume.check_interrupt_together()
+            with pytest.raises(Interrupted) as stop:
+                resume.stop_together("step 3")
+        with open(f"{out}/{rank}.json", "w") as handle:
+            json.dump([before, after, int(stop.value.signum), stop.value.where], handle)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_signal_one_rank_received_stops_every_rank_at_the_same_step(tmp_path):
+    """Between steps the gradient loop asks every rank whether any received a signal: a SIGTERM
+    that reached rank 1 alone stops rank 0 at the same step too (each reading its own flag, rank 1
+    stopped alone, and rank 0, which saves the state, saved nothing and waited for it; seen once
+    in a suite run of tests/test_distributed.py's killed-agent test)."""
+    import socket
+
+    from tests.conftest import fork_ranks
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    fork_ranks(_interrupt_worker, args=(port, str(tmp_path)), nprocs=2)
+    seen = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
+    assert seen == [[False, True, int(signal.SIGTERM), "step 3"]] * 2

@@ -73,6 +73,21 @@ def check_interrupt(where: str) -> None:
         raise Interrupted(_pending[0], where)
 
 
+def check_interrupt_together() -> bool:
+    """Whether any rank received a signal, agreed by every rank at this point (one all-reduce of one
+    number; a single process reads its own flag). The gradient loop calls it between steps, saves,
+    then :func:`stop_together`: with each rank reading its own flag, a signal that reached one rank
+    just after its check stopped the other alone, which then saved nothing or waited for it."""
+    flag = torch.tensor([1.0 if _pending else 0.0], dtype=torch.float64)
+    return bool(distributed.all_reduce_sum(flag).item() > 0)
+
+
+def stop_together(where: str) -> None:
+    """Raise :class:`Interrupted` on every rank after :func:`check_interrupt_together` said so, with
+    the rank's own signal (SIGTERM on a rank that received none)."""
+    raise Interrupted(_pending[0] if _pending else signal.SIGTERM, where)
+
+
 def check_interrupt_alone(where: str) -> None:
     """:func:`check_interrupt` in a single process: long loops inside one step (stacking, one
     evaluation's batches) stop within a second. Under torchrun the ranks must stop together, at the

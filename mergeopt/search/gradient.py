@@ -41,7 +41,7 @@ from mergeopt.objectives.data import DevSet, has_heldout, training_batches
 from mergeopt.objectives.loss import dev_loss, evaluate, target_loss
 from mergeopt.runtime import faults
 from mergeopt.runtime.distributed import all_reduce_sum, is_main
-from mergeopt.runtime.resume import RunState, check_interrupt, pending_interrupt
+from mergeopt.runtime.resume import RunState, check_interrupt_together, stop_together
 
 
 @dataclass
@@ -306,9 +306,11 @@ def fit_gradient(
         if fit.non_finite is not None:
             break
         faults.reached("step", t + 1)  # tests only: MERGEOPT_FAULT=sigkill@step:N
-        if (t + 1) % optim.checkpoint_every == 0 or pending_interrupt():
+        stop = check_interrupt_together()  # every rank stops at this same step
+        if (t + 1) % optim.checkpoint_every == 0 or stop:
             fit.save(t + 1)
-        check_interrupt(f"step {t + 1}")
+        if stop:
+            stop_together(f"step {t + 1}")
         bar.update(1)
         bar.set_postfix(_postfix(names, w, step_loss, fit.best_loss if held_out else None), refresh=False)
     bar.close()
