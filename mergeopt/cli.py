@@ -17,6 +17,7 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -24,7 +25,7 @@ from contextlib import contextmanager
 import mergeopt
 from mergeopt import inputs
 from mergeopt.cli_options import ADDERS, common
-from mergeopt.errors import UserError, run_cli
+from mergeopt.errors import UserError, did_you_mean, run_cli
 from mergeopt.runtime import launcher
 
 # verb -> "module:function" that takes the parsed namespace and returns the exit code
@@ -70,10 +71,27 @@ EXAMPLES = {
 
 class Parser(argparse.ArgumentParser):
     """argparse, with its errors as the tool's others: one line ``mergeopt: error: ...``, exit code 2
-    (argparse's own prints the usage, 4 to 9 lines, under another prefix). Help is unchanged."""
+    (argparse's own prints the usage, 4 to 9 lines, under another prefix), with the closest verb,
+    option or choice to a mistyped one, as the unknown-key line does. Help is unchanged."""
 
     def error(self, message: str):
-        raise UserError(f"{message} (see {self.prog} --help)")
+        raise UserError(f"{message}{self._suggestion(message)} (see {self.prog} --help)")
+
+    def _suggestion(self, message: str) -> str:
+        """`` (did you mean '--dry-run'?)`` for an unknown option or an invalid choice, else ''."""
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)$", message)
+        if choice:
+            typed, known = choice[1], [c.strip().strip("'") for c in choice[2].split(",")]
+        else:
+            unknown = re.match(r"unrecognized arguments: (.*)$", message)
+            options = [w for w in (unknown[1].split() if unknown else []) if w.startswith("--")]
+            if not options:
+                return ""
+            typed, known = (
+                options[0].split("=", 1)[0],
+                [o for o in self._option_string_actions if o.startswith("--")],
+            )
+        return did_you_mean(typed, known)
 
 
 def command_parser(name: str, prog: str | None = None) -> argparse.ArgumentParser:

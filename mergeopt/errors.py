@@ -9,10 +9,11 @@ arrives as :class:`Interrupted`, and exits with the shell's 128 + N after saying
 
 from __future__ import annotations
 
+import difflib
 import signal
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 USER_ERROR_EXIT_CODE = 2
 
@@ -22,6 +23,12 @@ class UserError(Exception):
 
     def __str__(self) -> str:  # always one line
         return " ".join(str(self.args[0] if self.args else "").split())
+
+
+def did_you_mean(typed: str, known: Iterable[str]) -> str:
+    """`` (did you mean 'fit'?)`` with the closest of ``known`` to a mistyped name, else ''."""
+    close = difflib.get_close_matches(typed, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}

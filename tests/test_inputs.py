@@ -168,6 +168,34 @@ def test_the_root_command_s_argparse_errors_are_one_line(argv, capsys):
     assert err.count("\n") == 1 and err.startswith("mergeopt: error: "), err
 
 
+@pytest.mark.parametrize(
+    ("argv", "suggestion"),
+    [
+        (["fitt", "r.yaml"], "(did you mean 'fit'?) (see mergeopt --help)"),
+        (["fit", "r.yaml", "--dry_run"], "--dry_run (did you mean '--dry-run'?) (see mergeopt fit --help)"),
+        (["plan", "r.yaml", "--world_size=2"], "(did you mean '--world-size'?) (see mergeopt plan --help)"),
+        (
+            ["export", "m.json", "--weights-are", "token"],
+            "(did you mean 'tokens'?) (see mergeopt export --help)",
+        ),
+        (
+            ["export", "m.json", "--to", "llamafactry"],
+            "'llamafactry' (did you mean 'llamafactory'?); known: ",
+        ),
+        (["fit", "r.yaml", "--zzz"], None),  # nothing close: no suggestion
+    ],
+)
+def test_a_mistyped_verb_option_or_choice_names_the_closest_one(argv, suggestion, capsys):
+    """argparse's message (its wording varies with Python's version) with the closest name added."""
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mergeopt: error: ") and err.count("\n") == 1, err
+    if suggestion is None:
+        assert "did you mean" not in err and err.endswith("--zzz (see mergeopt fit --help)\n")
+    else:
+        assert suggestion in err, err
+
+
 def test_a_python_m_alias_says_its_own_name_in_one_line():
     done = run_module("transfer", "a.csv", "b.csv", "--seed", str(2**63))
     assert done.returncode == 2

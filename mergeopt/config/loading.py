@@ -4,7 +4,6 @@ validation errors turned into one line that names the file and the key.
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from collections.abc import Sequence
@@ -15,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from mergeopt.config.recipe import Recipe
-from mergeopt.errors import UserError
+from mergeopt.errors import UserError, did_you_mean
 from mergeopt.inputs import existing_file
 
 
@@ -109,8 +108,7 @@ def _unknown_key(loc: tuple) -> str:
     """'unknown key', with the section's key it is most likely a typo of."""
     section = _section_model(loc[:-1])
     keys = [] if section is None else [f.alias or n for n, f in section.model_fields.items()]
-    close = difflib.get_close_matches(str(loc[-1]), keys, n=1, cutoff=0.6)
-    return f"unknown key (did you mean {close[0]!r}?)" if close else "unknown key"
+    return "unknown key" + did_you_mean(str(loc[-1]), keys)
 
 
 def _describe(error: dict[str, Any]) -> tuple[str, str]:

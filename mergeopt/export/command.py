@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mergeopt.cli import run_command
-from mergeopt.errors import UserError
+from mergeopt.errors import UserError, did_you_mean
 from mergeopt.export.formats import FORMATS, Context, Format
 from mergeopt.export.formats.base import output_path
 from mergeopt.export.mixture_input import (
@@ -48,7 +48,9 @@ def choose_formats(name: str) -> list[Format]:
     if name == "all":
         return list(FORMATS.values())
     if name not in FORMATS:
-        raise UserError(f"unknown --to format {name!r}; known: {', '.join(FORMATS)}, all")
+        raise UserError(
+            f"unknown --to format {name!r}{did_you_mean(name, [*FORMATS, 'all'])}; known: {', '.join(FORMATS)}, all"
+        )
     return [FORMATS[name]]
 
 
