@@ -89,3 +89,12 @@ def test_grid_reads_round_off_as_zero(tmp_path):
     table = read_grid(grid, ["a", "b"])
     assert table["w_b"].tolist() == [0.7, 0.0, 1.0]
     assert grid_weights(table, ["a", "b"])[1].tolist() == [1.0, 0.0]
+
+
+def test_a_pinned_weight_reads_round_off_as_zero():
+    """weights.pinned is a recipe weight too: a pin written as 1 − Σ others was refused as 'below 0'."""
+    from mergeopt.config.weights import WeightsSection
+
+    assert WeightsSection.model_validate({"pinned": {"a": ROUNDED}}).pinned == {"a": 0.0}
+    with pytest.raises(ValueError, match="'a' is pinned at -0.001, below 0"):
+        WeightsSection.model_validate({"pinned": {"a": -0.001}})

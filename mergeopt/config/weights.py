@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from mergeopt.config.base import Section, check_name
-from mergeopt.merging.simplex import SIMPLEX_TOLERANCE
+from mergeopt.merging.simplex import ROUNDOFF, SIMPLEX_TOLERANCE, snap_roundoff
 
 CAP_KEYS = {"tokens": ("token_budget", "tokens"), "samples": ("sample_budget", "samples")}  # by weights.unit
 
@@ -122,8 +122,9 @@ class WeightsSection(Section):
         for name, value in pinned.items():
             if not math.isfinite(value) or value > 1.0:
                 raise ValueError(f"{name!r} is pinned at {value:g}, above 1 (a weight is in [0, 1])")
-            if value < 0.0:
+            if value < -ROUNDOFF:  # a hair below 0 is round-off of 0, as for every weight
                 raise ValueError(f"{name!r} is pinned at {value:g}, below 0 (a weight is in [0, 1])")
+        pinned = snap_roundoff(pinned)
         if math.fsum(pinned.values()) > 1.0 + SIMPLEX_TOLERANCE:
             raise ValueError(f"the pinned weights sum to {math.fsum(pinned.values()):g}, above 1")
         return pinned
