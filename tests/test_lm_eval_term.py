@@ -193,3 +193,27 @@ def test_a_metric_a_task_function_reports_is_not_refused_before_it_has_run(tiny_
         "metric_list:\n  - metric: !function scores.scores\n    aggregation: mean\n    higher_is_better: true\n"
     )
     check_task_loads(ObjectiveTerm(kind="lm_eval", task=name, include_path=str(tmp_path), metric="pass@1"))
+
+
+def test_a_misspelt_metric_is_refused_with_the_dict_registry_of_older_lm_eval(monkeypatch):
+    """lm-eval 0.4.8 to 0.4.10 (pyproject allows >=0.4.8) keep their metrics in the dict
+    METRIC_REGISTRY and have no ``metric_registry``: the check of a term's metric raised
+    ImportError there, a traceback instead of the line naming the task's metrics."""
+    import lm_eval.api.metrics  # noqa: F401  (registers acc)
+    import lm_eval.api.registry as registry
+
+    from mergeopt.objectives.lm_eval_term import check_direction
+
+    acc = registry.METRIC_REGISTRY.get("acc")
+    monkeypatch.setattr(registry, "METRIC_REGISTRY", {"acc": acc})  # 0.4.8's registry: a dict
+    monkeypatch.delattr(registry, "metric_registry")
+
+    class Task:  # what check_direction reads of a built lm-eval task
+        _metric_fn_list = {"acc": acc}
+
+        def higher_is_better(self):
+            return {"acc": True}
+
+    with pytest.raises(UserError, match=r"task 'arith' has no metric 'f1' \(it has acc\)"):
+        check_direction(ObjectiveTerm(kind="lm_eval", task="arith", metric="f1"), Task())
+    check_direction(ObjectiveTerm(kind="lm_eval", task="arith", metric="acc"), Task())

@@ -134,11 +134,13 @@ def _reports_declared_only(task) -> bool:
     lm-eval's registered ones (one number per document). A function of the task's own or of HF
     evaluate may return several results (HumanEval's pass_at_k reports pass@1), which lm-eval
     declares only once it has run, and a task's own process_results may report any keys."""
-    from lm_eval.api.registry import metric_registry
+    # METRIC_REGISTRY: a dict up to lm-eval 0.4.10, an alias of the Registry ``metric_registry``
+    # (which older versions lack) since; both answer ``in`` and ``get``
+    from lm_eval.api.registry import METRIC_REGISTRY
 
     functions = getattr(task, "_metric_fn_list", None) or {}
     return bool(functions) and all(
-        fn is not None and name in metric_registry and fn is metric_registry.get(name)
+        fn is not None and name in METRIC_REGISTRY and fn is METRIC_REGISTRY.get(name)
         for name, fn in functions.items()
     )
 
