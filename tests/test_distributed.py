@@ -494,3 +494,60 @@ def test_a_verb_that_joined_the_process_group_ends_it_and_leaves_the_callers_alo
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _signal_during_evaluation_worker(rank: int, port: int, out: str) -> None:
+    """Rank 1 receives SIGTERM halfway through its share of a batch of evaluations (each rank scores
+    one mixture alone), where the dev-set loop checks the flag between batches."""
+    import datetime
+    import signal
+
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    from mergeopt.errors import Interrupted
+    from mergeopt.runtime import resume
+    from mergeopt.search.evaluator import Evaluator
+
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=20),
+    )
+    try:
+        torch.set_num_threads(1)
+
+        def score(w):
+            if rank == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            resume.check_interrupt_alone("an evaluation")  # what objectives.loss.evaluate does per batch
+            return {"loss": float(w[0])}
+
+        evaluator = Evaluator(("a", "b"), score, lambda s: s["loss"])
+        with resume.interruptible(), pytest.raises(Interrupted) as stop:
+            evaluator.prefetch([np.array([0.5, 0.5]), np.array([0.25, 0.75])], "grid")
+        Path(out, f"{rank}.json").write_text(
+            json.dumps([int(stop.value.signum), stop.value.where, evaluator.evaluations])
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_signal_during_a_ranks_own_evaluation_stops_every_rank_cleanly(tmp_path):
+    """Under torchrun each rank scores its mixture of a batch alone (distributed.this_rank_only), where
+    the world looked like one process: a SIGTERM then stopped that rank's evaluation halfway, and
+    the batch re-raised it on every rank as a RuntimeError (a traceback, exit 1, the hint lost).
+    The rank finishes its evaluation; the ranks agree after the round and all stop, interrupted."""
+    import signal
+
+    from tests.conftest import fork_ranks
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    fork_ranks(_signal_during_evaluation_worker, args=(port, str(tmp_path)), nprocs=2)
+    seen = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
+    assert seen == [[int(signal.SIGTERM), "evaluation 2", 2]] * 2

@@ -338,6 +338,47 @@ def test_a_fault_names_a_signal_a_point_and_a_number(monkeypatch):
     assert sent == [(os.getpid(), signal.SIGTERM)]  # only at the named point, to this process
 
 
+def _save_then_stop_worker(rank: int, port: int, out: str) -> None:
+    """Rank 0 takes a second to save the state; rank 1 has nothing to save. Each records when it left."""
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    from mergeopt.errors import Interrupted
+    from mergeopt.runtime import resume
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        saved = None
+        if rank == 0:
+            time.sleep(1.0)  # the save of gradient.pt on a slow filesystem
+            saved = time.time()
+        with pytest.raises(Interrupted):
+            resume.stop_together("step 3")
+        with open(f"{out}/{rank}.json", "w") as handle:
+            json.dump([saved, time.time()], handle)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_no_rank_stops_before_rank_0_has_saved_the_state(tmp_path):
+    """After the ranks agree to stop, rank 0 saves and the others leave: one that left at once ended
+    the job under torchrun (its agent stops every rank when one exits), and rank 0, still saving,
+    received that second signal mid-save and kept only the previous checkpoint."""
+    import socket
+
+    from tests.conftest import fork_ranks
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    fork_ranks(_save_then_stop_worker, args=(port, str(tmp_path)), nprocs=2)
+    (saved, _), (_, left) = (json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1))
+    assert left >= saved
+
+
 def _interrupt_worker(rank: int, port: int, out: str) -> None:
     """Rank 1 alone receives SIGTERM between two checks; both ranks record what they agreed."""
     import os
@@ -379,3 +420,66 @@ def test_a_signal_one_rank_received_stops_every_rank_at_the_same_step(tmp_path):
     fork_ranks(_interrupt_worker, args=(port, str(tmp_path)), nprocs=2)
     seen = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
     assert seen == [[False, True, int(signal.SIGTERM), "step 3"]] * 2
+
+
+def _evaluation_interrupt_worker(rank: int, port: int, out: str) -> None:
+    """Rank 1 alone has received SIGTERM when the ranks ask for a real evaluation, one mixture
+    (SPSA's final iterate) and a batch; each evaluation is shared by the ranks (an all-reduce)."""
+    import datetime
+    import os
+
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    from mergeopt.errors import Interrupted
+    from mergeopt.runtime import distributed, resume
+    from mergeopt.search.evaluator import Evaluator
+
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=20),
+    )
+    try:
+        torch.set_num_threads(1)
+
+        def score(w):  # a dev set split over the ranks: the sums add up across them
+            return {
+                "loss": float(distributed.all_reduce_sum(torch.tensor([float(w[0])], dtype=torch.float64)))
+            }
+
+        seen = []
+        with resume.interruptible():
+            if rank == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            for ask in ("scores", "prefetch"):
+                evaluator = Evaluator(("a", "b"), score, lambda s: s["loss"])
+                with pytest.raises(Interrupted) as stop:
+                    if ask == "scores":
+                        evaluator.scores(np.array([0.5, 0.5]), "spsa final")
+                    else:
+                        evaluator.prefetch([np.array([0.5, 0.5]), np.array([0.25, 0.75])], "grid")
+                seen.append([int(stop.value.signum), stop.value.where, evaluator.evaluations])
+        with open(f"{out}/{rank}.json", "w") as handle:
+            json.dump(seen, handle)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_signal_one_rank_received_stops_every_rank_before_a_real_evaluation(tmp_path):
+    """The zero-order strategies' evaluations under torchrun: a SIGTERM that reached rank 1 alone
+    stops every rank before the next real evaluation (rank 1 stopped alone, and rank 0 went into
+    the evaluation's all-reduce and waited for it until gloo's timeout)."""
+    import socket
+
+    from tests.conftest import fork_ranks
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    fork_ranks(_evaluation_interrupt_worker, args=(port, str(tmp_path)), nprocs=2)
+    seen = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
+    assert seen == [[[int(signal.SIGTERM), "evaluation 1", 0]] * 2] * 2

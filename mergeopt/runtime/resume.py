@@ -84,15 +84,20 @@ def check_interrupt_together() -> bool:
 
 def stop_together(where: str) -> None:
     """Raise :class:`Interrupted` on every rank after :func:`check_interrupt_together` said so, with
-    the rank's own signal (SIGTERM on a rank that received none)."""
+    the rank's own signal (SIGTERM on a rank that received none), once every rank is here: rank 0
+    saves the state before it comes, and a rank that left first ended the job (torchrun's agent
+    stops the others when one exits), so rank 0 received a second signal halfway through the save."""
+    distributed.all_reduce_sum(torch.zeros(1, dtype=torch.float64))  # every rank waits for rank 0's save
     raise Interrupted(_pending[0] if _pending else signal.SIGTERM, where)
 
 
 def check_interrupt_alone(where: str) -> None:
     """:func:`check_interrupt` in a single process: long loops inside one step (stacking, one
     evaluation's batches) stop within a second. Under torchrun the ranks must stop together, at the
-    points where they already agree (between steps and evaluations), so there it does nothing."""
-    if distributed.rank_and_size()[1] == 1:
+    points where they already agree (between steps and evaluations), so there it does nothing, also
+    while a rank scores a mixture alone (:func:`~mergeopt.runtime.distributed.this_rank_only`): the
+    ranks then agree after the round; stopped halfway, its evaluation was a RuntimeError on every rank."""
+    if distributed.process_rank_and_size()[1] == 1:
         check_interrupt(where)
 
 
