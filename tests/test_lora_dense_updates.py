@@ -209,6 +209,52 @@ def test_plan_and_fit_refuse_the_same_adapters_of_a_tied_base_and_fit_one_kept_t
         )
 
 
+def test_plan_and_fit_refuse_the_same_conv1d_adapter_of_a_wider_model(random_world, tmp_path):
+    """GPT-2's Conv1D weights are in × out and its adapters set fan_in_fan_out: the plan checked
+    the factors' shapes of linear modules only, and said "fits" to a Conv1D adapter of a wider model
+    that the fit refuses. Both refuse it in the same line; the adapter as trained plans and fits."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.conftest import run_in_process
+
+    torch.manual_seed(0)
+    base = tiny_model("gpt2").eval()
+    save_checkpoint(base, tmp_path / "base")
+    lora = dict(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+    experts = {}
+    for name, seed in (("alpha", 1), ("beta", 2)):
+        _trained_adapter(base, tmp_path / name, seed, scale=0.02, **lora)
+        experts[name] = str(tmp_path / name)
+    wide = tmp_path / "wide"  # beta as if trained on a wider model: c_attn's A has 8 more columns
+    shutil.copytree(experts["beta"], wide)
+    tensors = load_file(wide / "adapter_model.safetensors")
+    save_file(
+        {k: torch.cat([v, v[:, :8]], 1) if "c_attn.lora_A" in k else v for k, v in tensors.items()},
+        wide / "adapter_model.safetensors",
+    )
+    tree = recipe_tree(random_world, tmp_path / "out")
+    tree["model"]["base"] = str(tmp_path / "base")
+    tree["data"]["max_length"] = base.config.n_positions
+    recipe = tmp_path / "recipe.yaml"
+    width = base.config.n_embd
+    tree["model"]["experts"] = {"alpha": experts["alpha"], "beta": str(wide)}
+    recipe.write_text(yaml.safe_dump(tree))
+    message = (
+        f"{wide}: transformer.h.0.attn.c_attn has lora_A [4, {width + 8}] and lora_B [{3 * width}, 4], "
+        f"but the base's transformer.h.0.attn.c_attn.weight is [{width}, {3 * width}]"
+    )
+    for command, flag in (("plan", "--json"), ("fit", "--quiet")):
+        result = run_in_process(command, str(recipe), flag)
+        said = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(said) == 1 and message in said[0], result.stderr
+    assert not (tmp_path / "out").exists()
+    tree["model"]["experts"] = experts
+    recipe.write_text(yaml.safe_dump(tree))
+    for command, flag in (("plan", "--json"), ("fit", "--quiet")):
+        result = run_in_process(command, str(recipe), flag)
+        assert result.returncode == 0, result.stderr
+
+
 def test_an_adapter_for_a_resized_vocabulary_is_refused(tmp_path):
     torch.manual_seed(0)
     base = LlamaForCausalLM(tiny_config()).eval()

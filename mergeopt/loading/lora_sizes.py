@@ -56,6 +56,9 @@ class FactorSizes:
     # of their factors, rank r); a fit of LoRA experts alone keeps them low-rank where every adapter
     # setting the parameter sets it so (mergeopt.merging.lowrank_parameters)
     parameters: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # (rank, in, out) of its Conv1D modules (fan_in_fan_out, GPT-2), stacked densely (in ``dense``):
+    # what the plan checks against the base's in × out weights, as read_adapter does
+    conv1d: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
     def keeping(self, modules: dict[str, tuple[int, int, int]]) -> FactorSizes:
         """These sizes with ``modules`` kept low-rank: the element count and rank sum follow them."""
@@ -203,6 +206,7 @@ class _HeaderTensors:
             copies=tuple(sorted(copies)),
             dora=dora,
             parameters=self.parameters,
+            conv1d={PREFIX + m: self._linear(m) for m in pairs} if transposed else {},
         )
         return sizes.keeping(modules)
 

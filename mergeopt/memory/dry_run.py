@@ -231,16 +231,21 @@ def _check_adapter_targets(path: Path, config: dict, sizes: FactorSizes, base, m
         if saved_whole(config, module := embedding.removesuffix(".weight")):
             raise saved_tied_embedding(path, module, "its output layer")
     _check_factor_shapes(path, {**sizes.modules, **sizes.dora}, base, embedding)
+    _check_factor_shapes(path, sizes.conv1d, base, embedding, conv1d=True)
 
 
-def _check_factor_shapes(path: Path, modules: dict[str, tuple[int, int, int]], base, embedding: str) -> None:
+def _check_factor_shapes(
+    path: Path, modules: dict[str, tuple[int, int, int]], base, embedding: str, conv1d: bool = False
+) -> None:
     """What read_adapter refuses, from the header, in its words: factors whose update is not the
-    base weight's shape (an adapter of another model of the architecture, wider or narrower). The
-    plan used to read only their sizes and say "fits" to an adapter the fit refuses."""
+    base weight's shape (an adapter of another model of the architecture, wider or narrower; a
+    Conv1D weight, ``conv1d``, is in × out). The plan used to read only their sizes and say "fits"
+    to an adapter the fit refuses."""
     for key, (rank, width_in, width_out) in sorted(modules.items()):
         module = key.removeprefix(PREFIX)
         meta = base.tensors.get(target := f"{module}.weight")
-        if meta is None or tuple(meta.shape) == (width_out, width_in):
+        expected = (width_in, width_out) if conv1d else (width_out, width_in)
+        if meta is None or tuple(meta.shape) == expected:
             continue
         if target == embedding:  # lora_embedding_A is r × rows, B width × r (FactorSizes.modules)
             factors = f"lora_embedding_A {[rank, width_out]} and lora_embedding_B {[width_in, rank]}"
