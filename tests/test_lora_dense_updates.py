@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,6 +134,19 @@ def test_a_saved_embedding_of_a_tied_base_is_read_as_peft_serves_it(tmp_path):
     assert not torch.equal(values["model.embed_tokens.weight"], base.model.embed_tokens.weight)
 
 
+def _widened(adapter: str | Path, path: Path, module: str) -> Path:
+    """A copy of ``adapter`` at ``path`` as if trained on a wider model: ``module``'s A has 8 more columns."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(adapter, path)
+    tensors = load_file(path / "adapter_model.safetensors")
+    save_file(
+        {k: torch.cat([v, v[:, :8]], 1) if f"{module}.lora_A" in k else v for k, v in tensors.items()},
+        path / "adapter_model.safetensors",
+    )
+    return path
+
+
 def test_plan_and_fit_refuse_the_same_adapters_of_a_tied_base_and_fit_one_kept_tied(random_world, tmp_path):
     """On a base whose output layer shares the embedding's weight: an embedding or an output layer
     saved whole without ensure_weight_tying, and an adapter of a module the base lacks, are one
@@ -169,14 +183,7 @@ def test_plan_and_fit_refuse_the_same_adapters_of_a_tied_base_and_fit_one_kept_t
         {k.replace("q_proj", "qkv_proj"): v for k, v in tensors.items()},
         missing / "adapter_model.safetensors",
     )
-    # the plain adapter as if trained on a wider model: q_proj's A has 8 more columns
-    wide = tmp_path / "wide"
-    shutil.copytree(plain, wide)
-    tensors = load_file(wide / "adapter_model.safetensors")
-    save_file(
-        {k: torch.cat([v, v[:, :8]], 1) if "q_proj.lora_A" in k else v for k, v in tensors.items()},
-        wide / "adapter_model.safetensors",
-    )
+    wide = _widened(plain, tmp_path / "wide", "q_proj")  # as if trained on a wider model
     tree = recipe_tree(random_world, tmp_path / "out")
     tree["model"]["base"] = str(tmp_path / "base")
     recipe = tmp_path / "recipe.yaml"
@@ -213,8 +220,6 @@ def test_plan_and_fit_refuse_the_same_conv1d_adapter_of_a_wider_model(random_wor
     """GPT-2's Conv1D weights are in × out and its adapters set fan_in_fan_out: the plan checked
     the factors' shapes of linear modules only, and said "fits" to a Conv1D adapter of a wider model
     that the fit refuses. Both refuse it in the same line; the adapter as trained plans and fits."""
-    from safetensors.torch import load_file, save_file
-
     from tests.conftest import run_in_process
 
     torch.manual_seed(0)
@@ -225,13 +230,7 @@ def test_plan_and_fit_refuse_the_same_conv1d_adapter_of_a_wider_model(random_wor
     for name, seed in (("alpha", 1), ("beta", 2)):
         _trained_adapter(base, tmp_path / name, seed, scale=0.02, **lora)
         experts[name] = str(tmp_path / name)
-    wide = tmp_path / "wide"  # beta as if trained on a wider model: c_attn's A has 8 more columns
-    shutil.copytree(experts["beta"], wide)
-    tensors = load_file(wide / "adapter_model.safetensors")
-    save_file(
-        {k: torch.cat([v, v[:, :8]], 1) if "c_attn.lora_A" in k else v for k, v in tensors.items()},
-        wide / "adapter_model.safetensors",
-    )
+    wide = _widened(experts["beta"], tmp_path / "wide", "c_attn")  # as if trained on a wider model
     tree = recipe_tree(random_world, tmp_path / "out")
     tree["model"]["base"] = str(tmp_path / "base")
     tree["data"]["max_length"] = base.config.n_positions
