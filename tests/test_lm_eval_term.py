@@ -173,6 +173,27 @@ def test_a_metric_the_task_does_not_have_is_refused_before_a_model_is_loaded(tin
     check_task_loads(ObjectiveTerm(**term))
 
 
+def test_a_template_naming_a_field_the_records_lack_is_said_as_such(tiny_world, tmp_path):
+    """``doc_to_text: "{{question}}"`` over prompt/completion records: lm-eval's Jinja error when
+    the task is built. The line said to reach the network for a hub dataset, which a local file
+    that loaded does not need; it names the template instead."""
+    from mergeopt.objectives.lm_eval_term import check_task_loads
+
+    name = "mergeopt_tiny_arith_question"
+    dev = tiny_world / "dev" / "arith.jsonl"
+    text = lm_eval_task_yaml(name, {"validation": dev}).replace("{{prompt}}", "{{question}}")
+    (tmp_path / "question.yaml").write_text(text)
+    term = ObjectiveTerm(kind="lm_eval", task=name, include_path=str(tmp_path))
+    with pytest.raises(UserError) as refused:
+        check_task_loads(term)
+    line = str(refused.value)
+    assert "'question' is undefined" in line, line
+    assert line.endswith(
+        "a doc_to_text, doc_to_target or doc_to_choice template of the task names a field its records lack"
+    ), line
+    assert "network" not in line, line
+
+
 def test_a_metric_a_task_function_reports_is_not_refused_before_it_has_run(tiny_world, tmp_path):
     """A metric function of the task's own may return several results (HumanEval's pass_at_k
     reports pass@1), which lm-eval declares only once it has run: a term on one of them is left to

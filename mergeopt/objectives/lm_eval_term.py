@@ -86,16 +86,27 @@ def check_task_loads(term: ObjectiveTerm) -> None:
         built = _build_task(term.task, term.include_path)
     except Exception as error:  # datasets and lm-eval raise many kinds for data they cannot read
         reason = (str(error).strip().splitlines() or [""])[0]
-        hint = (
-            ""
-            if isinstance(error, FileNotFoundError)
-            else "; a hub dataset needs the network once, then HF_DATASETS_OFFLINE=1 reads datasets' cache"
-        )
+        if isinstance(error, FileNotFoundError):
+            hint = ""
+        elif _is_template_error(error):  # the data loaded; a doc_to_* template names a missing field
+            hint = "; a doc_to_text, doc_to_target or doc_to_choice template of the task names a field its records lack"
+        else:
+            hint = "; a hub dataset needs the network once, then HF_DATASETS_OFFLINE=1 reads datasets' cache"
         raise UserError(
             f"objective term {term.label!r}: lm-eval task {term.task!r} could not load its data "
             f"({type(error).__name__}: {reason}){hint}"
         ) from error
     check_direction(term, built.get(term.task))
+
+
+def _is_template_error(error: BaseException) -> bool:
+    """A Jinja error from the task's own templates (``{{question}}`` over records that have no
+    ``question``), which the advice about hub datasets and the network would only mislead."""
+    try:
+        from jinja2 import TemplateError
+    except ImportError:  # pragma: no cover - lm-eval requires jinja2
+        return False
+    return isinstance(error, TemplateError)
 
 
 def check_direction(term: ObjectiveTerm, task) -> None:
