@@ -551,3 +551,80 @@ def test_a_signal_during_a_ranks_own_evaluation_stops_every_rank_cleanly(tmp_pat
     fork_ranks(_signal_during_evaluation_worker, args=(port, str(tmp_path)), nprocs=2)
     seen = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
     assert seen == [[int(signal.SIGTERM), "evaluation 2", 2]] * 2
+
+
+def _signal_during_closing_evaluations_worker(rank: int, port: int, out: str, closing: str) -> None:
+    """Rank 1 receives SIGTERM during the first closing evaluation (the fitted mixture's), where
+    the dev-set loop does not check the flag under torchrun; each evaluation is a collective.
+    ``closing``: mixture.json's losses (every fit) or a zero-order search's report scores."""
+    import datetime
+    import signal
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    from mergeopt.errors import Interrupted
+    from mergeopt.reporting import mixture_record
+    from mergeopt.runtime import resume
+    from mergeopt.search import zero_order
+    from mergeopt.search.evaluator import Evaluator
+
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=20),
+    )
+    made = []
+
+    def losses(_problem, weights, _batch_size):
+        if rank == 1 and not made:
+            os.kill(os.getpid(), signal.SIGTERM)
+        dist.all_reduce(torch.zeros(1))  # as evaluate_sums's sums over the ranks
+        made.append(weights.tolist())
+        return {"dev": 1.0, "per_set": {}, "heldout": None}
+
+    def scorer(_problem, _objective, _part):
+        return lambda w: losses(None, torch.as_tensor(w), 8)
+
+    try:
+        problem = SimpleNamespace(stack=SimpleNamespace(expert_names=("a", "b")), sets=[])
+        if closing == "gradient":  # the fitted, uniform and single-expert losses of every fit
+            mixture_record._losses = losses
+            with resume.interruptible(), pytest.raises(Interrupted) as stop:
+                mixture_record._closing_losses(problem, torch.tensor([0.5, 0.5]), 8)
+        else:  # a zero-order search's term scores of the same mixtures (lm-eval tasks among them)
+            zero_order.make_scorer, zero_order.has_heldout = scorer, lambda _sets: False
+            evaluator = Evaluator(("a", "b"), lambda w: {}, lambda s: 0.0)
+            with resume.interruptible(), pytest.raises(Interrupted) as stop:
+                zero_order.report_scores(problem, None, evaluator, np.array([0.5, 0.5]))
+        seen = [int(stop.value.signum), stop.value.where, len(made)]
+        Path(out, f"{rank}.json").write_text(json.dumps(seen))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("closing", ["gradient", "zero-order"])
+def test_a_signal_during_the_closing_evaluations_stops_every_rank(tmp_path, closing):
+    """A SIGTERM (or torchrun passing on Ctrl-C) while the ranks make the closing evaluations (the
+    fitted mixture, the uniform one, each expert alone; a zero-order search's term scores of them
+    first) was ignored: the dev-set loop checks the
+    flag only in a single process, so the fit ran on to the end (or, on a large model, until
+    torchrun's agent killed the ranks, with no line said). The ranks agree before each closing
+    evaluation and all stop, as a single process does."""
+    import signal
+
+    from tests.conftest import fork_ranks
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    fork_ranks(_signal_during_closing_evaluations_worker, args=(port, str(tmp_path), closing), nprocs=2)
+    seen = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
+    assert seen == [
+        [int(signal.SIGTERM), "the closing evaluation of the uniform mixture", 1],
+        [int(signal.SIGTERM), "the closing evaluation of the uniform mixture", 1],
+    ]

@@ -91,6 +91,15 @@ def stop_together(where: str) -> None:
     raise Interrupted(_pending[0] if _pending else signal.SIGTERM, where)
 
 
+def stop_if_any_rank_interrupted(where: str) -> None:
+    """Before a step every rank makes alike (a real zero-order evaluation, a closing evaluation): all
+    raise :class:`Interrupted` if any received a signal (one all-reduce; a single process reads its
+    own flag). A rank reading its own flag alone left while the others went on into the step's
+    collectives and waited for it."""
+    if check_interrupt_together():
+        stop_together(where)
+
+
 def check_interrupt_alone(where: str) -> None:
     """:func:`check_interrupt` in a single process: long loops inside one step (stacking, one
     evaluation's batches) stop within a second. Under torchrun the ranks must stop together, at the

@@ -27,7 +27,7 @@ from mergeopt.merging.constraints import FeasibleSet
 from mergeopt.merging.groups import Groups
 from mergeopt.merging.simplex import SIMPLEX_TOLERANCE
 from mergeopt.runtime import distributed, faults
-from mergeopt.runtime.resume import check_interrupt_together, pending_interrupt, pending_signal, stop_together
+from mergeopt.runtime.resume import pending_interrupt, pending_signal, stop_if_any_rank_interrupted
 
 ScoreFn = Callable[[np.ndarray], Mapping[str, float]]
 ValueFn = Callable[[Mapping[str, float]], float]
@@ -65,14 +65,6 @@ class SearchResult:
 
     def mixture(self) -> dict[str, float]:
         return {name: float(v) for name, v in zip(self.names, self.weights)}
-
-
-def _stop_if_any_rank_interrupted(where: str) -> None:
-    """Before a real evaluation: every rank stops if any received a signal (each reaches this point
-    with the same request). A rank reading its own flag alone left while the others went on into
-    the evaluation's collectives and waited for it (a single process reads its own flag)."""
-    if check_interrupt_together():
-        stop_together(where)
 
 
 class Evaluator:
@@ -167,7 +159,7 @@ class Evaluator:
                 scores, seconds, process = replayed
             else:
                 faults.reached("evaluation", self.evaluations + 1)  # tests only (MERGEOPT_FAULT)
-                _stop_if_any_rank_interrupted(f"evaluation {self.evaluations + 1}")
+                stop_if_any_rank_interrupted(f"evaluation {self.evaluations + 1}")
                 start = time.perf_counter()
                 scores = self._checked(self._score(w), w)
                 seconds = time.perf_counter() - start
@@ -210,7 +202,7 @@ class Evaluator:
             self._seen.setdefault(self.cache_key(w), (w, scores))
             self._advance_bar()
         if todo:
-            _stop_if_any_rank_interrupted(f"evaluation {self.evaluations + 1}")
+            stop_if_any_rank_interrupted(f"evaluation {self.evaluations + 1}")
         for (w, scores, seconds, process), phase in zip(self._score_batch(todo), labels):
             key = self.cache_key(w)
             self._record(key, w, phase, scores, seconds, process, fresh=True)

@@ -22,6 +22,7 @@ from mergeopt.objectives.data import has_heldout
 from mergeopt.objectives.metrics import Utility
 from mergeopt.objectives.objective import Objective
 from mergeopt.objectives.scoring import make_scorer
+from mergeopt.runtime.resume import stop_if_any_rank_interrupted
 from mergeopt.search import STRATEGIES, Evaluator, SearchResult
 from mergeopt.search.evaluator import NonFiniteScore
 
@@ -122,6 +123,10 @@ def report_scores(
     held_score = make_scorer(problem, objective, "heldout") if held_out else None
     out = {}
     for label, w in points.items():
+        # under torchrun the dev-set loop does not check for a signal: the ranks agree here, before
+        # each mixture (a Ctrl-C was ignored through these evaluations, lm-eval tasks included)
+        name = f"{label[: -len(' only')]} alone" if label.endswith(" only") else f"the {label} mixture"
+        stop_if_any_rank_interrupted(f"the closing evaluation of {name}")
         key = evaluator.cache_key(w)
         fit = dict(evaluator.cache[key]) if key in evaluator.cache else fit_score(w)
         out[label] = {"fit": fit, "heldout": held_score(w) if held_score else None}
