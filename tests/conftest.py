@@ -356,15 +356,12 @@ def run_ranks(
     fork without the threads themselves). The server is a new interpreter that imports torch,
     transformers and mergeopt once per worker and runs nothing else.
     """
-    import socket
     import tempfile
     import time
 
     if torch.get_num_threads() != 1:
         raise RuntimeError("run_ranks from a process with several torch threads: see run_forked")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         files = [(os.path.join(tmp, f"{r}.out"), os.path.join(tmp, f"{r}.err")) for r in range(processes)]
         context = _rank_context()
@@ -466,6 +463,31 @@ def _set_environment(values: dict[str, str | None]) -> None:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now: a forked group's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def join_gloo(rank: int, port: int, world_size: int = 2) -> None:
+    """A forked worker's process group: gloo over 127.0.0.1:``port``; a rank left waiting in a
+    collective fails after 20 s instead of hanging the suite."""
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=20),
+    )
 
 
 def fork_ranks(worker, args: tuple, nprocs: int) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import REPO, recipe_tree, repo_pythonpath, run_in_process, run_ranks
+from tests.conftest import REPO, free_port, join_gloo, recipe_tree, repo_pythonpath, run_in_process, run_ranks
 
 
 def _torchrun(recipe_path, *overrides, processes: int = 2, fault: str | None = None):
@@ -343,9 +342,7 @@ def test_two_torchrun_agents_joined_by_c10d_rendezvous_fit_as_one_process(single
     each) meet at a c10d rendezvous endpoint, shard the stack between them and end with the single
     process's mixture."""
     path, one_dir = single_runs("gradient")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": repo_pythonpath(), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1"]
     command += ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=mergeopt-test"]
@@ -499,7 +496,6 @@ def test_a_verb_that_joined_the_process_group_ends_it_and_leaves_the_callers_alo
 def _signal_during_evaluation_worker(rank: int, port: int, out: str) -> None:
     """Rank 1 receives SIGTERM halfway through its share of a batch of evaluations (each rank scores
     one mixture alone), where the dev-set loop checks the flag between batches."""
-    import datetime
     import signal
 
     import numpy as np
@@ -510,13 +506,7 @@ def _signal_during_evaluation_worker(rank: int, port: int, out: str) -> None:
     from mergeopt.runtime import resume
     from mergeopt.search.evaluator import Evaluator
 
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=2,
-        timeout=datetime.timedelta(seconds=20),
-    )
+    join_gloo(rank, port)
     try:
         torch.set_num_threads(1)
 
@@ -545,9 +535,7 @@ def test_a_signal_during_a_ranks_own_evaluation_stops_every_rank_cleanly(tmp_pat
 
     from tests.conftest import fork_ranks
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     fork_ranks(_signal_during_evaluation_worker, args=(port, str(tmp_path)), nprocs=2)
     seen = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
     assert seen == [[int(signal.SIGTERM), "evaluation 2", 2]] * 2
@@ -557,7 +545,6 @@ def _signal_during_closing_evaluations_worker(rank: int, port: int, out: str, cl
     """Rank 1 receives SIGTERM during the first closing evaluation (the fitted mixture's), where
     the dev-set loop does not check the flag under torchrun; each evaluation is a collective.
     ``closing``: mixture.json's losses (every fit) or a zero-order search's report scores."""
-    import datetime
     import signal
     from types import SimpleNamespace
 
@@ -571,13 +558,7 @@ def _signal_during_closing_evaluations_worker(rank: int, port: int, out: str, cl
     from mergeopt.search import zero_order
     from mergeopt.search.evaluator import Evaluator
 
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=2,
-        timeout=datetime.timedelta(seconds=20),
-    )
+    join_gloo(rank, port)
     made = []
 
     def losses(_problem, weights, _batch_size):
@@ -619,9 +600,7 @@ def test_a_signal_during_the_closing_evaluations_stops_every_rank(tmp_path, clos
 
     from tests.conftest import fork_ranks
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     fork_ranks(_signal_during_closing_evaluations_worker, args=(port, str(tmp_path), closing), nprocs=2)
     seen = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
     assert seen == [

@@ -1290,11 +1290,11 @@ def _rank_worker(rank: int, ports: tuple[int, int], out: str) -> None:
 @pytest.fixture(scope="module")
 def rank_peaks(tmp_path_factory) -> dict[int, list[list[dict]]]:
     """{world size: [rank: [case: measured]]}, from 3 gloo processes (forked: tests.conftest.fork_ranks)."""
-    from tests.test_sharded_merge import _free_port
+    from tests.conftest import free_port
 
     assert not dist.is_initialized()
     out = tmp_path_factory.mktemp("ranks")
-    ports = (_free_port(), _free_port())
+    ports = (free_port(), free_port())
     assert ports[0] != ports[1]
     fork_ranks(_rank_worker, args=(ports, str(out)), nprocs=max(RANK_SIZES))
     return {size: json.loads((out / f"{size}.json").read_text()) for size in RANK_SIZES}

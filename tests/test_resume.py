@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from mergeopt.runtime.resume import CHECKPOINT_DIR, EVALUATIONS, GRADIENT_STATE, RunState
-from tests.conftest import recipe_tree, run_forked, run_in_process, run_module
+from tests.conftest import free_port, join_gloo, recipe_tree, run_forked, run_in_process, run_module
 
 GRADIENT = {"optim": {"steps": 40, "batch_size": 4, "eval_every": 10, "patience": 100, "checkpoint_every": 2}}
 SEARCHES = {
@@ -348,7 +348,7 @@ def _save_then_stop_worker(rank: int, port: int, out: str) -> None:
     from mergeopt.errors import Interrupted
     from mergeopt.runtime import resume
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    join_gloo(rank, port)
     try:
         torch.set_num_threads(1)
         saved = None
@@ -367,13 +367,10 @@ def test_no_rank_stops_before_rank_0_has_saved_the_state(tmp_path):
     """After the ranks agree to stop, rank 0 saves and the others leave: one that left at once ended
     the job under torchrun (its agent stops every rank when one exits), and rank 0, still saving,
     received that second signal mid-save and kept only the previous checkpoint."""
-    import socket
 
     from tests.conftest import fork_ranks
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     fork_ranks(_save_then_stop_worker, args=(port, str(tmp_path)), nprocs=2)
     (saved, _), (_, left) = (json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1))
     assert left >= saved
@@ -389,7 +386,7 @@ def _interrupt_worker(rank: int, port: int, out: str) -> None:
     from mergeopt.errors import Interrupted
     from mergeopt.runtime import resume
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    join_gloo(rank, port)
     try:
         torch.set_num_threads(1)
         with resume.interruptible():
@@ -410,13 +407,10 @@ def test_a_signal_one_rank_received_stops_every_rank_at_the_same_step(tmp_path):
     that reached rank 1 alone stops rank 0 at the same step too (each reading its own flag, rank 1
     stopped alone, and rank 0, which saves the state, saved nothing and waited for it; seen once
     in a suite run of tests/test_distributed.py's killed-agent test)."""
-    import socket
 
     from tests.conftest import fork_ranks
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     fork_ranks(_interrupt_worker, args=(port, str(tmp_path)), nprocs=2)
     seen = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
     assert seen == [[False, True, int(signal.SIGTERM), "step 3"]] * 2
@@ -425,7 +419,6 @@ def test_a_signal_one_rank_received_stops_every_rank_at_the_same_step(tmp_path):
 def _evaluation_interrupt_worker(rank: int, port: int, out: str) -> None:
     """Rank 1 alone has received SIGTERM when the ranks ask for a real evaluation, one mixture
     (SPSA's final iterate) and a batch; each evaluation is shared by the ranks (an all-reduce)."""
-    import datetime
     import os
 
     import numpy as np
@@ -436,13 +429,7 @@ def _evaluation_interrupt_worker(rank: int, port: int, out: str) -> None:
     from mergeopt.runtime import distributed, resume
     from mergeopt.search.evaluator import Evaluator
 
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=2,
-        timeout=datetime.timedelta(seconds=20),
-    )
+    join_gloo(rank, port)
     try:
         torch.set_num_threads(1)
 
@@ -473,13 +460,10 @@ def test_a_signal_one_rank_received_stops_every_rank_before_a_real_evaluation(tm
     """The zero-order strategies' evaluations under torchrun: a SIGTERM that reached rank 1 alone
     stops every rank before the next real evaluation (rank 1 stopped alone, and rank 0 went into
     the evaluation's all-reduce and waited for it until gloo's timeout)."""
-    import socket
 
     from tests.conftest import fork_ranks
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     fork_ranks(_evaluation_interrupt_worker, args=(port, str(tmp_path)), nprocs=2)
     seen = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
     assert seen == [[[int(signal.SIGTERM), "evaluation 1", 0]] * 2] * 2

@@ -10,7 +10,6 @@ that does not divide the rows (padded blocks); each rank must hold 1/N of the st
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 import torch
@@ -27,17 +26,11 @@ from mergeopt.merging.sharded_merge import (
 )
 from mergeopt.merging.stacking import build_stack
 from mergeopt.objectives.loss import dev_loss
-from tests.conftest import fork_ranks
+from tests.conftest import fork_ranks, free_port
 from tests.test_layer_merge import padded_batch, perturbed_experts, tiny_model
 
 LOGITS = torch.tensor([0.3, -0.4, 0.2], dtype=torch.float64)
 SET_WEIGHTS = torch.tensor([1.0, 2.0])
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _problem(arch: str, dtype: torch.dtype):
@@ -106,7 +99,7 @@ def test_sharded_ranks_give_the_single_process_loss_and_gradient(arch, dtype, si
     batch = padded_batch()
     want = {str(c): _step(model, stack, batch, c) for c in (False, True)}
     out = tmp_path / "ranks.json"
-    fork_ranks(_worker, args=(size, _free_port(), arch, dtype, str(out)), nprocs=size)
+    fork_ranks(_worker, args=(size, free_port(), arch, dtype, str(out)), nprocs=size)
     ranks = json.loads(out.read_text())
     for checkpointed, (loss, grad) in want.items():
         for r in ranks:
@@ -250,7 +243,7 @@ def test_each_rank_reads_only_its_rows_of_every_matrix(tmp_path, arch, dtype, si
     for i, name in enumerate("abc"):
         save_checkpoint(perturbed(base, 100 + i), tmp_path / name)
     out = tmp_path / "ranks.json"
-    fork_ranks(_stacking_worker, args=(size, _free_port(), str(tmp_path), dtype, str(out)), nprocs=size)
+    fork_ranks(_stacking_worker, args=(size, free_port(), str(tmp_path), dtype, str(out)), nprocs=size)
     ranks = json.loads(out.read_text())
     assert all(r["same"] for r in ranks)
     for rank, r in enumerate(ranks):
@@ -351,7 +344,7 @@ def test_a_sharded_load_reads_rows_of_the_base_and_of_every_expert(tmp_path, met
     )
     loss, grad = _step(model, stack, padded_batch(), True)
     out = tmp_path / "ranks.json"
-    fork_ranks(_loading_worker, args=(size, _free_port(), str(tmp_path), method, str(out)), nprocs=size)
+    fork_ranks(_loading_worker, args=(size, free_port(), str(tmp_path), method, str(out)), nprocs=size)
     ranks = json.loads(out.read_text())
     shapes = {n: list(p.shape) for n, p in base.named_parameters()}
     matrices = {n for n, s in shapes.items() if len(s) >= 2}
@@ -448,7 +441,7 @@ def test_lora_factors_sharded_give_the_single_process_loss_and_gradient(tmp_path
     want = {str(c): _step(model, stack, _lora_batch(model.config.vocab_size), c) for c in (False, True)}
     size = 3
     out = tmp_path / "ranks.json"
-    fork_ranks(_lora_worker, args=(size, _free_port(), str(tmp_path), str(out)), nprocs=size)
+    fork_ranks(_lora_worker, args=(size, free_port(), str(tmp_path), str(out)), nprocs=size)
     ranks = json.loads(out.read_text())
     whole = {n: (f.a.shape[0], f.b.shape[0]) for n, f in stack.lowrank.modules.items()}
     for r in ranks:
