@@ -263,3 +263,15 @@ def test_a_malformed_jsonl_line_is_named_by_file_and_line_and_nothing_else(tmp_p
     with pytest.raises(UserError) as err:  # a dev set's words, for the same file
         read_jsonl(bad.resolve())
     assert str(err.value) == expected
+
+
+def test_out_with_a_trailing_slash_is_a_directory_created_for_the_file(tmp_path, capsys, files):
+    """``--out exports/`` names a directory even before it exists: the format's own file goes in
+    it (created), as with an existing directory, not a file named ``exports``."""
+    argv = [str(run(tmp_path)), "--to", "trl", "--tokenizer", files["tokenizer"], *datasets_args(files)]
+    out = tmp_path / "exports"
+    assert run_cli(main, [*argv, "--out", f"{out}/"]) == 0
+    assert out.is_dir() and (out / "trl_datasets.yaml").is_file()
+    assert capsys.readouterr().out.strip() == f"Wrote {out / 'trl_datasets.yaml'}"
+    assert run_cli(main, [*argv, "--to", "llamafactory", "--out", f"{out}/"]) == 0  # beside it
+    assert sorted(p.name for p in out.iterdir()) == ["llamafactory.yaml", "trl_datasets.yaml"]

@@ -8,7 +8,8 @@ absolute counts, refusing one that would repeat a dataset more than ``--max-epoc
 source more than the fit's own repetition cap (``weights.max_epochs`` in mixture.json). Every
 input is checked, and every format rendered, before anything is written; a problem is one line on
 stderr and exit code 2 (``--to all`` without ``--datasets`` too: it names the formats that need
-them). Output goes to stdout, to ``--out FILE``, or with ``--to all`` one file per format into
+them). Output goes to stdout, to ``--out FILE``, to the format's file in ``--out DIR/`` (an existing
+directory, or a path ending in a slash), or with ``--to all`` one file per format into
 ``--out DIR``; each file's header repeats the command that writes it again. Examples:
 
     mergeopt export runs/tiny/mixture.json --to llamafactory
@@ -27,7 +28,7 @@ from pathlib import Path
 from mergeopt.cli import run_command
 from mergeopt.errors import UserError, did_you_mean
 from mergeopt.export.formats import FORMATS, Context, Format
-from mergeopt.export.formats.base import output_path
+from mergeopt.export.formats.base import names_a_directory, output_path
 from mergeopt.export.mixture_input import (
     missing_datasets,
     parse_datasets,
@@ -222,7 +223,7 @@ def check_not_an_input(args: argparse.Namespace, formats, sources: list[Path]) -
 def run(args: argparse.Namespace) -> int:
     """``mergeopt export``: the parsed command line (:mod:`mergeopt.cli`)."""
     if args.out is not None:  # before the tokens are counted
-        if args.to == "all" or Path(args.out).is_dir():
+        if args.to == "all" or names_a_directory(args.out):
             writable_dir(args.out, "--out")
         else:
             writable_file(args.out, "--out")

@@ -6,6 +6,7 @@ Kept apart from the registry in ``__init__`` so that format modules import this,
 from __future__ import annotations
 
 import math
+import os
 import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -117,12 +118,19 @@ class Format:
 
 
 def output_path(fmt: Format, out: str | None, many: bool) -> Path | None:
-    """The file ``--out`` puts ``fmt`` in: ``DIR/filename`` for ``--to all`` or an existing
-    directory, else ``--out`` itself; None for stdout."""
+    """The file ``--out`` puts ``fmt`` in: ``DIR/filename`` for ``--to all``, an existing
+    directory or one named with a trailing slash (``--out exports/``, created), else ``--out``
+    itself; None for stdout."""
     if out is None:
         return None
     target = Path(out)
-    return target / fmt.filename if many or target.is_dir() else target
+    return target / fmt.filename if many or names_a_directory(out) else target
+
+
+def names_a_directory(out: str) -> bool:
+    """Whether ``--out`` names a directory: one that exists, or a path ending in a separator, which
+    ``Path`` would drop (``exports/`` is not a file to write)."""
+    return Path(out).is_dir() or str(out).endswith(("/", os.sep))
 
 
 def _budget_for_one_sample(plan: Plan, names: list[str]) -> str:
