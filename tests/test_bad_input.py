@@ -248,6 +248,19 @@ def _dev(world, tmp, lines: str | None, records=None) -> list[str]:
     return [_recipe(world, tmp, edit)]
 
 
+_QA = [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"}]
+
+
+def _chat_dev(world, tmp, template: str) -> list[str]:
+    """A conversational dev set rendered by ``template`` (data.chat_template)."""
+    (tmp / "chat.jinja").write_text(template)
+    argv = _dev(world, tmp, None, [{"messages": _QA}] * 4)
+    tree = yaml.safe_load(Path(argv[0]).read_text())
+    tree["data"]["chat_template"] = str(tmp / "chat.jinja")
+    Path(argv[0]).write_text(yaml.safe_dump(tree))
+    return argv
+
+
 def _lm_eval_task(world, tmp, task: str, yaml_text: str) -> list[str]:
     """A recipe whose one objective term is the local lm-eval task ``task``, written from ``yaml_text``."""
     (tmp / "tasks").mkdir()
@@ -840,6 +853,32 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         "fit",
         lambda w, t: [_recipe(w, t, lambda tr: tr["data"].update(chat_template=_empty_dir(t / "tokenizer")))],
         "holds no chat template",
+    ),
+    "conversation role misspelt": (
+        "dev set",
+        "fit",
+        lambda w, t: _dev(w, t, None, [{"messages": [{"role": "sytem", "content": "Be brief."}, *_QA]}] * 4),
+        "dev.jsonl:1: messages message 0 has role 'sytem' (did you mean 'system'?)",
+    ),
+    "chat template raising a Python error": (
+        "dev set",
+        "fit",
+        lambda w, t: _chat_dev(w, t, "{% for m in messages %}{{ m.content + 1 }}{% endfor %}"),
+        "dev.jsonl: record 1: the chat template failed on the conversation (TypeError: ",
+    ),
+    "chat template rendering nothing": (
+        "dev set",
+        "fit",
+        lambda w, t: _chat_dev(w, t, "{% for m in messages %}{% endfor %}"),
+        "dev.jsonl: record 1: the chat template renders the conversation as no tokens at all",
+    ),
+    "chat template writing no assistant turn": (
+        "dev set",
+        "fit",
+        lambda w, t: _chat_dev(
+            w, t, "{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}{% endif %}{% endfor %}"
+        ),
+        "dev.jsonl: record 1: the chat template writes no tokens of the assistant's messages: nothing to score",
     ),
     "dev set that is a test split": (
         "dev set",

@@ -48,6 +48,25 @@ def test_truncation_can_drop_an_example(tokenizer):
     assert tokenize({"prompt": "a", "completion": "bcdef"}, tokenizer, 4).scored.sum() == 2
 
 
+def test_records_truncation_drops_are_named_in_one_warning(tmp_path, tokenizer, capsys):
+    """A record cut before its first scored token (a long prompt, a conversation whose assistant turn
+    starts past data.max_length) leaves the set; one warning line names it, not silence."""
+    records = [{"prompt": "1+1=", "completion": "2."}] * 3
+    records.insert(1, {"prompt": "a" * 40, "completion": "b"})
+    path = write_jsonl(tmp_path / "dev.jsonl", records)
+    capsys.readouterr()
+    dev = load_dev_set("d", path, 1.0, tokenizer, 16, 0.0, 0)
+    assert len(dev.fit) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mergeopt: warning: dev set "), err
+    assert (
+        "1 of 4 records left out: max_length=16 cuts them before their first scored token (record 2)"
+        in err[0]
+    )
+    load_dev_set("d", write_jsonl(tmp_path / "ok.jsonl", records[:1] * 2), 1.0, tokenizer, 16, 0.0, 0)
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize(
     "line, message",
     [

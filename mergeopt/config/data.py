@@ -31,7 +31,10 @@ class DataSection(Section):
         default="all", description="'all': the weighted average over dev sets; or the name of one dev set."
     )
     max_length: int = Field(
-        default=256, gt=1, description="Tokens per example; longer examples are cut on the right."
+        default=256,
+        gt=1,
+        description="Tokens per example; longer examples are cut on the right, and one cut before its "
+        "first scored token is left out, named in one warning line.",
     )
     heldout_fraction: float = Field(
         default=0.2,

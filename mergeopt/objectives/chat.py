@@ -27,6 +27,7 @@ Rendering and tokenising are transformers' ``apply_chat_template``; nothing here
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -95,10 +96,29 @@ def _check_messages(messages: Any, key: str, where: str) -> None:
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not message["role"]:
             raise UserError(f"{where}: {key} message {i} must be an object with a 'role' string")
+        typo = _misspelt_role(message["role"])
+        if typo:
+            raise UserError(
+                f"{where}: {key} message {i} has role {message['role']!r} (did you mean {typo!r}?)"
+            )
         if not isinstance(message.get("content"), str):
             raise UserError(
                 f"{where}: {key} message {i} needs 'content' as a string (text conversations only)"
             )
+
+
+# The roles chat templates know (OpenAI's, Llama 3.1's ipython); a role close to one of them but
+# not one ('sytem', 'Assistant', 'users') is a typo: most templates render any role, so the turn
+# would be scored, or its system prompt replaced by the template's default, without a word.
+ROLES = ("system", "user", "assistant", "tool", "developer", "function", "ipython")
+
+
+def _misspelt_role(role: str) -> str | None:
+    """The known role ``role`` is a misspelling of, or None (a known role, or one unlike any)."""
+    if role in ROLES:
+        return None
+    close = difflib.get_close_matches(role.lower(), ROLES, n=1, cutoff=0.8)
+    return close[0] if close else None
 
 
 def conversation(record: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -188,7 +208,17 @@ def render(tokenizer, messages: Sequence[Mapping[str, Any]], **options) -> dict[
         out = tokenizer.apply_chat_template(list(messages), tokenize=True, return_dict=True, **options)
     except TemplateError as err:
         raise UserError(f"the chat template refused the conversation: {err}") from None
+    except TEMPLATE_RUNTIME_ERRORS as err:  # raised by the template's own code: {{ content + 1 }}
+        raise UserError(
+            f"the chat template failed on the conversation ({type(err).__name__}: {err})"
+        ) from None
     return {key: list(out[key]) for key in ("input_ids", "assistant_masks") if key in out}
+
+
+# What Jinja code raises at render time besides jinja2's own TemplateError (an operation on the
+# wrong type, a missing key or index, a division by zero), and transformers' ValueError for inputs
+# it refuses: a mistake in the template or in the record, never a bug of mergeopt's.
+TEMPLATE_RUNTIME_ERRORS = (TypeError, ValueError, LookupError, ArithmeticError, AttributeError)
 
 
 def _template(tokenizer) -> str:
@@ -210,8 +240,21 @@ def common_prefix_length(ids: Sequence[int], other: Sequence[int]) -> int:
 
 
 def tokenize_chat(record: Mapping[str, Any], tokenizer) -> tuple[list[int], list[bool]]:
-    """The token ids of a chat record and which of them are scored (see the module docstring)."""
+    """The token ids of a chat record and which of them are scored (see the module docstring); a
+    template that writes nothing for the conversation, or nothing of what is scored (the
+    assistant's turns, the completion) after its first token, is a UserError: such a record is not
+    cut by ``data.max_length``, so dropping it would report a truncation that never happened."""
     require_template(tokenizer)
+    ids, scored = _tokenize_chat(record, tokenizer)
+    if not ids:
+        raise UserError("the chat template renders the conversation as no tokens at all")
+    if not any(scored[1:]):
+        what = "the assistant's messages" if "messages" in record else "the completion"
+        raise UserError(f"the chat template writes no tokens of {what}: nothing to score")
+    return ids, scored
+
+
+def _tokenize_chat(record: Mapping[str, Any], tokenizer) -> tuple[list[int], list[bool]]:
     extra = template_options(record)
     if "messages" not in record:
         ids = render(tokenizer, conversation(record), **extra)["input_ids"]
@@ -250,13 +293,17 @@ def training_template(tokenizer, template: str) -> str | None:
     under ``assistant_only_loss``; None for a template TRL has none for. TRL checks the template by
     rendering with ``tokenizer``."""
     if template not in _TRAINING:
+        from jinja2.exceptions import TemplateError
         from trl.chat_template_utils import get_training_chat_template
 
         probe = copy.copy(tokenizer)
         probe.chat_template = template
         try:
             _TRAINING[template] = get_training_chat_template(probe)
-        except ValueError:  # "patching is not supported for this template"
+        # ValueError: "patching is not supported for this template"; the others: the template fails
+        # on TRL's probe conversations (a tool call), so the conversation itself says whether it can
+        # be rendered, with render's one line where it cannot
+        except (TemplateError, *TEMPLATE_RUNTIME_ERRORS):
             _TRAINING[template] = None
     return _TRAINING[template]
 

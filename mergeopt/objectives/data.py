@@ -179,9 +179,10 @@ def tokenize(record: dict[str, Any], tokenizer, max_length: int) -> Example | No
 def tokenize_records(
     records: Sequence[dict[str, Any]], tokenizer, max_length: int, what: str
 ) -> list[Example]:
-    """:func:`tokenize` over a set's records, the ones truncation leaves unscored dropped; an error
-    (a conversation its chat template refuses) names ``what`` and the record's number."""
-    examples = []
+    """:func:`tokenize` over a set's records, the ones truncation leaves unscored dropped (one
+    warning line names them, unless truncation drops every record, which the callers refuse); an
+    error (a conversation its chat template refuses) names ``what`` and the record's number."""
+    examples, dropped = [], []
     for number, record in enumerate(records, start=1):
         try:
             example = tokenize(record, tokenizer, max_length)
@@ -189,6 +190,16 @@ def tokenize_records(
             raise UserError(f"{what}: record {number}: {err}") from None
         if example is not None:
             examples.append(example)
+        else:
+            dropped.append(number)
+    if dropped and examples:
+        shown = ", ".join(map(str, dropped[:5])) + (
+            f" and {len(dropped) - 5} more" if len(dropped) > 5 else ""
+        )
+        warn(
+            f"{what}: {len(dropped)} of {len(dropped) + len(examples)} records left out: max_length="
+            f"{max_length} cuts them before their first scored token (record {shown})"
+        )
     return examples
 
 
