@@ -344,6 +344,64 @@ def test_a_conversation_the_template_refuses_names_the_record(tmp_path):
         load_dev_set("a", path, 1.0, tokenizer, 64, 0.0, 0)
 
 
+def test_an_error_past_the_template_is_a_traceback_not_a_line_about_the_template(tmp_path, monkeypatch):
+    """Only what the template's code, or apply_chat_template's checks of a record's arguments,
+    raise is the template's or the record's line; an error in transformers' own work after the
+    rendering (here its assistant mask over a tokenizer output with no offsets, as a tokenizer
+    without a Rust backend gives) is a bug with its traceback: the line sent the user to a
+    template that rendered fine, and hid the traceback even under --debug."""
+    from transformers import BatchEncoding
+
+    from mergeopt.objectives.chat import render
+
+    tokenizer = toy.build_tokenizer()
+    tokenizer.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}{% generation %}"
+        "{{ m['content'] }}{% endgeneration %}{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
+    )
+    messages = [user("1+1="), assistant("2.")]
+    with pytest.raises(UserError, match=r"failed on the conversation \(ValueError: continue_final_message"):
+        render(tokenizer, messages, continue_final_message=True, add_generation_prompt=True)
+    with pytest.raises(UserError, match=r"failed on the conversation \(TypeError: .*'tokenize'"):
+        render(tokenizer, messages, tokenize=False)  # a record's chat_template_kwargs naming it
+    encode = type(tokenizer).__call__
+    monkeypatch.setattr(type(tokenizer), "__call__", lambda *a, **k: BatchEncoding(dict(encode(*a, **k))))
+    with pytest.raises(TypeError):
+        render(tokenizer, messages, return_assistant_tokens_mask=True)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] + 1 }}{% endfor %}"
+    with pytest.raises(UserError, match=r"failed on the conversation \(TypeError: can only concatenate"):
+        render(tokenizer, messages)
+
+
+def test_trls_own_failure_is_not_read_as_a_template_without_a_training_version(monkeypatch):
+    """TRL saying it has no training version (its ValueError), or the template failing on TRL's
+    probe conversations, is None: the conversation is scored by the renderings' difference. TRL's
+    own code failing otherwise is raised: read as None, the turns were scored otherwise than TRL's
+    SFTTrainer trains on them, without a word."""
+    import trl.chat_template_utils as trl_templates
+
+    from mergeopt.objectives import chat
+
+    tokenizer = toy.build_tokenizer()
+    for number, (raised, expected) in enumerate(
+        [(ValueError("not supported"), None), (TypeError("bug"), TypeError)]
+    ):
+
+        def failing(_probe, error=raised):
+            raise error
+
+        monkeypatch.setattr(trl_templates, "get_training_chat_template", failing)
+        template = f"{{{{ bos_token }}}}{{# {number} #}}{{% for m in messages %}}{{{{ m['content'] }}}}{{% endfor %}}"
+        if expected is None:
+            assert chat.training_template(tokenizer, template) is None
+        else:
+            with pytest.raises(expected):
+                chat.training_template(tokenizer, template)
+    monkeypatch.undo()
+    failing_on_tools = "{% for m in messages %}{{ m['content'] + (m['tool_calls'] | length) }}{% endfor %}"
+    assert chat.training_template(tokenizer, failing_on_tools) is None
+
+
 def test_exact_match_refuses_a_conversation_that_does_not_end_with_an_answer(tiny_chat_world, tmp_path):
     path = tmp_path / "open.jsonl"
     write_jsonl(path, [{"messages": [user("1+1="), assistant("2."), user("and 2+2?")]}] * 8)

@@ -208,7 +208,9 @@ def render(tokenizer, messages: Sequence[Mapping[str, Any]], **options) -> dict[
         out = tokenizer.apply_chat_template(list(messages), tokenize=True, return_dict=True, **options)
     except TemplateError as err:
         raise UserError(f"the chat template refused the conversation: {err}") from None
-    except TEMPLATE_RUNTIME_ERRORS as err:  # raised by the template's own code: {{ content + 1 }}
+    except TEMPLATE_RUNTIME_ERRORS as err:
+        if not _from_template_or_inputs(err):  # a bug past the rendering (transformers, mergeopt)
+            raise
         raise UserError(
             f"the chat template failed on the conversation ({type(err).__name__}: {err})"
         ) from None
@@ -217,8 +219,29 @@ def render(tokenizer, messages: Sequence[Mapping[str, Any]], **options) -> dict[
 
 # What Jinja code raises at render time besides jinja2's own TemplateError (an operation on the
 # wrong type, a missing key or index, a division by zero), and transformers' ValueError for inputs
-# it refuses: a mistake in the template or in the record, never a bug of mergeopt's.
+# it refuses: a mistake in the template or in the record (see _from_template_or_inputs).
 TEMPLATE_RUNTIME_ERRORS = (TypeError, ValueError, LookupError, ArithmeticError, AttributeError)
+JINJA_FILENAME = "<template>"  # the code of a template Jinja compiled from a string (transformers')
+
+
+def _from_template_or_inputs(err: BaseException) -> bool:
+    """Whether ``err`` is the template's or the record's: raised inside the template's own code,
+    by ``apply_chat_template``'s checks of its arguments (a ValueError: a record's
+    ``chat_template_kwargs`` asking for the impossible), or when binding them (a TypeError: one
+    naming ``tokenize``). Raised elsewhere (transformers' tokenising of the rendered text, its
+    assistant mask), it is a bug to see with its traceback, not a line that sends the user to the
+    template."""
+    codes, tb = [], err.__traceback__
+    while tb is not None:
+        codes.append(tb.tb_frame.f_code)
+        tb = tb.tb_next
+    if any(code.co_filename == JINJA_FILENAME for code in codes):
+        return True
+    if not codes:
+        return False
+    if isinstance(err, TypeError) and codes[-1] is render.__code__:
+        return True
+    return isinstance(err, ValueError) and codes[-1].co_name == "apply_chat_template"
 
 
 def _template(tokenizer) -> str:
@@ -303,7 +326,11 @@ def training_template(tokenizer, template: str) -> str | None:
         # ValueError: "patching is not supported for this template"; the others: the template fails
         # on TRL's probe conversations (a tool call), so the conversation itself says whether it can
         # be rendered, with render's one line where it cannot
-        except (TemplateError, *TEMPLATE_RUNTIME_ERRORS):
+        except ValueError:
+            _TRAINING[template] = None
+        except (TemplateError, *TEMPLATE_RUNTIME_ERRORS) as err:
+            if not isinstance(err, TemplateError) and not _from_template_or_inputs(err):
+                raise  # TRL's own code failed: falling back would score otherwise than TRL trains
             _TRAINING[template] = None
     return _TRAINING[template]
 
