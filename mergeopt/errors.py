@@ -78,8 +78,23 @@ def _quiet_stdout() -> None:
 
 def warn(message: str) -> None:
     """One ``mergeopt: warning: ...`` line on stderr: the run goes on (or has finished), but the user
-    must hear about something degenerate in it."""
+    must hear about something degenerate in it. Under torchrun only rank 0 says it: every rank reads
+    the same recipe and inputs, and eight GPUs printed each warning eight times (an error is still
+    said by every rank: the rank that found it stops)."""
+    if _torchrun_rank() > 0:
+        return
     _say("mergeopt: warning: " + " ".join(message.split()))
+
+
+def _torchrun_rank() -> int:
+    """``RANK`` as torchrun sets it (0 outside torchrun; a malformed value is refused at start-up by
+    :func:`mergeopt.inputs.environment`, and reads as 0 here)."""
+    import os
+
+    try:
+        return int(os.environ.get("RANK") or 0)
+    except ValueError:
+        return 0
 
 
 def run_cli(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | None = None) -> int:

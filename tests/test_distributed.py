@@ -607,3 +607,19 @@ def test_a_signal_during_the_closing_evaluations_stops_every_rank(tmp_path, clos
         [int(signal.SIGTERM), "the closing evaluation of the uniform mixture", 1],
         [int(signal.SIGTERM), "the closing evaluation of the uniform mixture", 1],
     ]
+
+
+def test_a_warning_is_rank_0_s_under_torchrun(monkeypatch, capsys):
+    """Every rank reads the same recipe and inputs, so a warning (a precision mismatch, records
+    data.max_length leaves out) was printed once per rank: eight times on eight GPUs. Rank 0 says it;
+    outside torchrun (no RANK) it is said as before."""
+    from mergeopt.errors import warn
+
+    line = "mergeopt: warning: records left out\n"
+    for rank, said in (("1", ""), ("3", ""), ("0", line), (None, line)):
+        if rank is None:
+            monkeypatch.delenv("RANK", raising=False)
+        else:
+            monkeypatch.setenv("RANK", rank)
+        warn("records   left out")
+        assert capsys.readouterr().err == said, rank
