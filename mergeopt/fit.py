@@ -33,15 +33,8 @@ from mergeopt.reporting.outcome_warnings import warning_lines
 from mergeopt.reporting.report import summary
 from mergeopt.runtime import determinism, distributed
 from mergeopt.runtime.fingerprint import input_fingerprints
-from mergeopt.runtime.resume import (
-    CHECKPOINT_DIR,
-    RunState,
-    interruptible,
-    open_state,
-    recipe_tree,
-    saying_where_saved,
-    what_it_computes,
-)
+from mergeopt.runtime.interrupts import interruptible, saying_where_saved
+from mergeopt.runtime.resume import CHECKPOINT_DIR, RunState, open_state, recipe_tree, what_it_computes
 from mergeopt.runtime.rundir import check_output_dir, owned, staged
 from mergeopt.search import grid as grid_search
 from mergeopt.search.strategy import run_strategy
@@ -62,7 +55,7 @@ def fit(
 
     A checkpoint in ``recipe.output_dir`` from the same recipe is resumed (``resume``: ``auto``;
     ``require`` insists on one, ``restart`` ignores it). SIGINT/SIGTERM save the state and raise
-    :class:`mergeopt.runtime.resume.Interrupted`.
+    :class:`mergeopt.errors.Interrupted`.
     """
     with interruptible():
         determinism.apply(recipe.deterministic)  # before anything runs on the GPU

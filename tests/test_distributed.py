@@ -22,6 +22,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from mergeopt.runtime import interrupts
 from tests.conftest import REPO, free_port, join_gloo, recipe_tree, repo_pythonpath, run_in_process, run_ranks
 
 
@@ -503,7 +504,6 @@ def _signal_during_evaluation_worker(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
     from mergeopt.errors import Interrupted
-    from mergeopt.runtime import resume
     from mergeopt.search.evaluator import Evaluator
 
     join_gloo(rank, port)
@@ -513,11 +513,11 @@ def _signal_during_evaluation_worker(rank: int, port: int, out: str) -> None:
         def score(w):
             if rank == 1:
                 os.kill(os.getpid(), signal.SIGTERM)
-            resume.check_interrupt_alone("an evaluation")  # what objectives.loss.evaluate does per batch
+            interrupts.check_interrupt_alone("an evaluation")  # what objectives.loss.evaluate does per batch
             return {"loss": float(w[0])}
 
         evaluator = Evaluator(("a", "b"), score, lambda s: s["loss"])
-        with resume.interruptible(), pytest.raises(Interrupted) as stop:
+        with interrupts.interruptible(), pytest.raises(Interrupted) as stop:
             evaluator.prefetch([np.array([0.5, 0.5]), np.array([0.25, 0.75])], "grid")
         Path(out, f"{rank}.json").write_text(
             json.dumps([int(stop.value.signum), stop.value.where, evaluator.evaluations])
@@ -554,7 +554,6 @@ def _signal_during_closing_evaluations_worker(rank: int, port: int, out: str, cl
 
     from mergeopt.errors import Interrupted
     from mergeopt.reporting import mixture_record
-    from mergeopt.runtime import resume
     from mergeopt.search import zero_order
     from mergeopt.search.evaluator import Evaluator
 
@@ -575,12 +574,12 @@ def _signal_during_closing_evaluations_worker(rank: int, port: int, out: str, cl
         problem = SimpleNamespace(stack=SimpleNamespace(expert_names=("a", "b")), sets=[])
         if closing == "gradient":  # the fitted, uniform and single-expert losses of every fit
             mixture_record._losses = losses
-            with resume.interruptible(), pytest.raises(Interrupted) as stop:
+            with interrupts.interruptible(), pytest.raises(Interrupted) as stop:
                 mixture_record._closing_losses(problem, torch.tensor([0.5, 0.5]), 8)
         else:  # a zero-order search's term scores of the same mixtures (lm-eval tasks among them)
             zero_order.make_scorer, zero_order.has_heldout = scorer, lambda _sets: False
             evaluator = Evaluator(("a", "b"), lambda w: {}, lambda s: 0.0)
-            with resume.interruptible(), pytest.raises(Interrupted) as stop:
+            with interrupts.interruptible(), pytest.raises(Interrupted) as stop:
                 zero_order.report_scores(problem, None, evaluator, np.array([0.5, 0.5]))
         seen = [int(stop.value.signum), stop.value.where, len(made)]
         Path(out, f"{rank}.json").write_text(json.dumps(seen))

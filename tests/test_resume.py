@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from mergeopt.runtime import interrupts
 from mergeopt.runtime.resume import CHECKPOINT_DIR, EVALUATIONS, GRADIENT_STATE, RunState
 from tests.conftest import free_port, join_gloo, recipe_tree, run_forked, run_in_process, run_module
 
@@ -346,7 +347,6 @@ def _save_then_stop_worker(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
     from mergeopt.errors import Interrupted
-    from mergeopt.runtime import resume
 
     join_gloo(rank, port)
     try:
@@ -356,7 +356,7 @@ def _save_then_stop_worker(rank: int, port: int, out: str) -> None:
             time.sleep(1.0)  # the save of gradient.pt on a slow filesystem
             saved = time.time()
         with pytest.raises(Interrupted):
-            resume.stop_together("step 3")
+            interrupts.stop_together("step 3")
         with open(f"{out}/{rank}.json", "w") as handle:
             json.dump([saved, time.time()], handle)
     finally:
@@ -384,18 +384,17 @@ def _interrupt_worker(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
     from mergeopt.errors import Interrupted
-    from mergeopt.runtime import resume
 
     join_gloo(rank, port)
     try:
         torch.set_num_threads(1)
-        with resume.interruptible():
-            before = resume.check_interrupt_together()
+        with interrupts.interruptible():
+            before = interrupts.check_interrupt_together()
             if rank == 1:
                 os.kill(os.getpid(), signal.SIGTERM)
-            after = resume.check_interrupt_together()
+            after = interrupts.check_interrupt_together()
             with pytest.raises(Interrupted) as stop:
-                resume.stop_together("step 3")
+                interrupts.stop_together("step 3")
         with open(f"{out}/{rank}.json", "w") as handle:
             json.dump([before, after, int(stop.value.signum), stop.value.where], handle)
     finally:
@@ -426,7 +425,7 @@ def _evaluation_interrupt_worker(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
     from mergeopt.errors import Interrupted
-    from mergeopt.runtime import distributed, resume
+    from mergeopt.runtime import distributed
     from mergeopt.search.evaluator import Evaluator
 
     join_gloo(rank, port)
@@ -439,7 +438,7 @@ def _evaluation_interrupt_worker(rank: int, port: int, out: str) -> None:
             }
 
         seen = []
-        with resume.interruptible():
+        with interrupts.interruptible():
             if rank == 1:
                 os.kill(os.getpid(), signal.SIGTERM)
             for ask in ("scores", "prefetch"):

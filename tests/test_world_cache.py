@@ -113,7 +113,7 @@ def test_ctrl_c_while_waiting_for_another_builder_stops_the_wait(tmp_path, monke
     import pytest
 
     from mergeopt.errors import Interrupted
-    from mergeopt.runtime.resume import interruptible
+    from mergeopt.runtime.interrupts import interruptible
 
     _SlowWorld.reset(finished=False)
     monkeypatch.setattr(worlds, "_registry", lambda: {"slow": _SlowWorld})
@@ -145,7 +145,7 @@ def test_ctrl_c_during_the_gguf_conversion_stops_it_at_once_and_leaves_nothing(t
     import transformers
 
     from mergeopt.errors import Interrupted
-    from mergeopt.runtime.resume import interruptible
+    from mergeopt.runtime.interrupts import interruptible
     from mergeopt.worlds import smollm2
 
     ticks: list[int] = []
@@ -171,7 +171,7 @@ def test_ctrl_c_while_the_base_model_loads_stops_the_load(tmp_path, monkeypatch)
     from mergeopt.config import recipe_from_dict
     from mergeopt.errors import Interrupted
     from mergeopt.loading import problem
-    from mergeopt.runtime.resume import interruptible
+    from mergeopt.runtime.interrupts import interruptible
     from tests.conftest import recipe_tree
 
     ticks: list[int] = []

@@ -37,12 +37,8 @@ from mergeopt.evaluation.proxy import WEIGHT_PREFIX
 from mergeopt.inputs import writable_dir
 from mergeopt.objectives.objective import Objective
 from mergeopt.runtime import distributed
-from mergeopt.runtime.resume import (
-    CALIBRATE_CHECKPOINT_DIR,
-    PROXY_EVALUATIONS,
-    interruptible,
-    saying_where_saved,
-)
+from mergeopt.runtime.interrupts import interruptible, saying_where_saved
+from mergeopt.runtime.resume import CALIBRATE_CHECKPOINT_DIR, PROXY_EVALUATIONS
 from mergeopt.search.evaluator import ROUND_DECIMALS
 
 # ----------------------------------------------------------------------------- the candidates

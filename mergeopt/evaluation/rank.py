@@ -36,7 +36,8 @@ from mergeopt.run_files import read_finished_mixture
 from mergeopt.runtime import distributed
 from mergeopt.runtime.exact_csv import file_line
 from mergeopt.runtime.fingerprint import input_fingerprints
-from mergeopt.runtime.resume import RANK_CHECKPOINT_DIR, interruptible, saying_where_saved
+from mergeopt.runtime.interrupts import interruptible, saying_where_saved
+from mergeopt.runtime.resume import RANK_CHECKPOINT_DIR
 from mergeopt.runtime.rundir import owned, staged
 
 

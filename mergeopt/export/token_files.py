@@ -232,7 +232,7 @@ def _readable(path: Path, shard, info: dict) -> Iterator[Any]:
 
 
 def _samples(path: Path, shards: list[tuple[Any, dict]]) -> Iterator[dict[str, Any]]:
-    from mergeopt.runtime.resume import check_interrupt
+    from mergeopt.runtime.interrupts import check_interrupt
 
     for shard, info in shards:
         with _readable(path, shard, info) as reader:
@@ -351,7 +351,7 @@ def _olmo_layout(path: Path, tokenizer: Callable[[], Any], options: TokenFiles) 
 
 
 def _olmo(path: Path, tokenizer: Callable[[], Any], options: TokenFiles) -> tuple[int, int]:
-    from mergeopt.runtime.resume import check_interrupt
+    from mergeopt.runtime.interrupts import check_interrupt
 
     files = _olmo_files(path)
     dtype, eos = _olmo_layout(path, tokenizer, options)

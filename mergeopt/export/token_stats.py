@@ -166,7 +166,7 @@ def measure(path: Path, tokenizer, token_files=None) -> DomainStats:
     # imported here: the resume module imports torch, which `mergeopt --help` (that lists the
     # export formats, whose registry imports this module) must answer without
     from mergeopt.export import token_files as stored
-    from mergeopt.runtime.resume import check_interrupt
+    from mergeopt.runtime.interrupts import check_interrupt
 
     given = tokenizer
     lazy = given if isinstance(given, LazyTokenizer) else LazyTokenizer(lambda: given)

@@ -29,7 +29,7 @@ from mergeopt.objectives.head_loss import check_head
 from mergeopt.objectives.objective import Objective
 from mergeopt.objectives.term_scores import load_dev_sets
 from mergeopt.runtime import distributed
-from mergeopt.runtime.resume import interrupts_at_once
+from mergeopt.runtime.interrupts import interrupts_at_once
 
 
 @dataclass

@@ -28,7 +28,7 @@ from mergeopt.merging.methods.dare import parameter_generator
 from mergeopt.merging.sameness import Sameness, nothing_to_merge
 from mergeopt.merging.sharded_merge import ShardedMergedParameter, block_range, keep_block, padded
 from mergeopt.merging.stack import TaskVectorStack, anchor_dtype_for, describe
-from mergeopt.runtime.resume import check_interrupt_alone
+from mergeopt.runtime.interrupts import check_interrupt_alone
 
 
 def excluded(name: str, patterns: Sequence[re.Pattern]) -> bool:

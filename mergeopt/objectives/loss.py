@@ -22,7 +22,7 @@ from mergeopt.merging.weights import weights_from_logits
 from mergeopt.objectives.data import Batch, DevSet, evaluation_batches
 from mergeopt.objectives.head_loss import IGNORE_INDEX, full_logits_losses, token_losses
 from mergeopt.runtime.distributed import all_reduce_sum
-from mergeopt.runtime.resume import check_interrupt_alone
+from mergeopt.runtime.interrupts import check_interrupt_alone
 
 
 class _TokenLosses(torch.nn.Module):

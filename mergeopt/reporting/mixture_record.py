@@ -19,7 +19,7 @@ from mergeopt.objectives.data import has_heldout
 from mergeopt.objectives.loss import evaluate_sums, target_loss
 from mergeopt.run_files import SCHEMA_VERSION
 from mergeopt.runtime import distributed
-from mergeopt.runtime.resume import stop_if_any_rank_interrupted
+from mergeopt.runtime.interrupts import stop_if_any_rank_interrupted
 from mergeopt.search.strategy import SearchOutcome
 
 

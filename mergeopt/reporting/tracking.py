@@ -57,10 +57,10 @@ from typing import Any
 import yaml
 
 from mergeopt.config import LoggingSection, Recipe
-from mergeopt.errors import UserError
+from mergeopt.errors import Interrupted, UserError
 from mergeopt.reporting import trackers
 from mergeopt.runtime import distributed
-from mergeopt.runtime.resume import Interrupted, RunState, recipe_tree
+from mergeopt.runtime.resume import RunState, recipe_tree
 
 PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}  # backend -> import name
 _NOT_PORTABLE = re.compile(r"[^\w\-. /]")

@@ -27,7 +27,7 @@ from mergeopt.merging.constraints import FeasibleSet
 from mergeopt.merging.groups import Groups
 from mergeopt.merging.simplex import SIMPLEX_TOLERANCE
 from mergeopt.runtime import distributed, faults
-from mergeopt.runtime.resume import pending_interrupt, pending_signal, stop_if_any_rank_interrupted
+from mergeopt.runtime.interrupts import pending_interrupt, pending_signal, stop_if_any_rank_interrupted
 
 ScoreFn = Callable[[np.ndarray], Mapping[str, float]]
 ValueFn = Callable[[Mapping[str, float]], float]

@@ -41,7 +41,8 @@ from mergeopt.objectives.data import DevSet, has_heldout, training_batches
 from mergeopt.objectives.loss import dev_loss, evaluate, target_loss
 from mergeopt.runtime import faults
 from mergeopt.runtime.distributed import all_reduce_sum, is_main
-from mergeopt.runtime.resume import RunState, check_interrupt_together, stop_together
+from mergeopt.runtime.interrupts import check_interrupt_together, stop_together
+from mergeopt.runtime.resume import RunState
 
 
 @dataclass

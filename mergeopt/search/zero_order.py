@@ -22,7 +22,7 @@ from mergeopt.objectives.data import has_heldout
 from mergeopt.objectives.metrics import Utility
 from mergeopt.objectives.objective import Objective
 from mergeopt.objectives.scoring import make_scorer
-from mergeopt.runtime.resume import stop_if_any_rank_interrupted
+from mergeopt.runtime.interrupts import stop_if_any_rank_interrupted
 from mergeopt.search import STRATEGIES, Evaluator, SearchResult
 from mergeopt.search.evaluator import NonFiniteScore
 

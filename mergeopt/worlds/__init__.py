@@ -84,8 +84,8 @@ def ensure(
 
 def _wait_for(lock: FileLock, name: str) -> None:
     """Acquire ``lock``, checking for Ctrl-C twice a second: a blocking acquire would hold a SIGINT
-    (a flag inside :func:`~mergeopt.runtime.resume.interruptible`) until the other build finished."""
-    from mergeopt.runtime.resume import check_interrupt
+    (a flag inside :func:`~mergeopt.runtime.interrupts.interruptible`) until the other build finished."""
+    from mergeopt.runtime.interrupts import check_interrupt
 
     while True:
         check_interrupt(f"the wait for another process's {name} world build")

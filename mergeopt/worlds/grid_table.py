@@ -23,7 +23,7 @@ from mergeopt.objectives.loss import per_set_loss_sums
 from mergeopt.objectives.term_scores import score_column, score_terms
 from mergeopt.runtime.exact_csv import read_csv
 from mergeopt.runtime.files import write_csv_atomic
-from mergeopt.runtime.resume import check_interrupt
+from mergeopt.runtime.interrupts import check_interrupt
 from mergeopt.worlds.run_records import RUN_MARKER
 
 

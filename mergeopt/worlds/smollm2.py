@@ -128,7 +128,7 @@ def convert_base(target: Path, log: Callable[[str], None] = print) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    from mergeopt.runtime.resume import interrupts_at_once
+    from mergeopt.runtime.interrupts import interrupts_at_once
 
     folder, name = gguf_location()
     log(f"smollm2 world: converting {name} to a safetensors checkpoint")

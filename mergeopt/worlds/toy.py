@@ -20,7 +20,7 @@ import torch
 
 from mergeopt.objectives.data import Example, collate, tokenize
 from mergeopt.runtime import faults
-from mergeopt.runtime.resume import check_interrupt
+from mergeopt.runtime.interrupts import check_interrupt
 
 WORLD_VERSION = 1
 DOMAINS = ("arith", "reverse", "brackets", "markov")

@@ -50,7 +50,7 @@ from mergeopt.objectives.term_scores import (
 )
 from mergeopt.runtime import determinism, faults
 from mergeopt.runtime.files import write_json_atomic
-from mergeopt.runtime.resume import check_interrupt, interruptible, pending_interrupt
+from mergeopt.runtime.interrupts import check_interrupt, interruptible, pending_interrupt
 from mergeopt.runtime.rundir import check_output_dir, owned_all, recover, staged
 from mergeopt.search.mixtures import mixture_set
 from mergeopt.worlds import resolve_recipe
