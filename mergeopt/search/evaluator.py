@@ -13,7 +13,6 @@ evaluated, never a prediction.
 from __future__ import annotations
 
 import math
-import signal
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
@@ -27,7 +26,7 @@ from mergeopt.merging.constraints import FeasibleSet
 from mergeopt.merging.groups import Groups
 from mergeopt.merging.simplex import SIMPLEX_TOLERANCE
 from mergeopt.runtime import distributed, faults
-from mergeopt.runtime.interrupts import pending_interrupt, pending_signal, stop_if_any_rank_interrupted
+from mergeopt.runtime.interrupts import pending_interrupt, stop_if_any_rank_interrupted, stop_together
 
 ScoreFn = Callable[[np.ndarray], Mapping[str, float]]
 ValueFn = Callable[[Mapping[str, float]], float]
@@ -284,8 +283,9 @@ class Evaluator:
                 result = gathered[j][0]
                 yield w, self._checked(result[1], w), result[2], j
             if any(flag for _, flag in gathered):
-                # every rank stops here, whichever of them received the signal
-                raise Interrupted(pending_signal() or signal.SIGTERM, f"evaluation {self.evaluations}")
+                # every rank stops here, whichever of them received the signal, once rank 0 has
+                # journaled the round (its caller records each score before asking for the next)
+                stop_together(f"evaluation {self.evaluations}")
 
     def _score_together(
         self, todo: list[np.ndarray]
@@ -302,7 +302,7 @@ class Evaluator:
             gathered = distributed.all_gather_objects((scores, pending_interrupt()))
             yield w, gathered[0][0], time.perf_counter() - start, ALL_PROCESSES
             if any(flag for _, flag in gathered):
-                raise Interrupted(pending_signal() or signal.SIGTERM, f"evaluation {self.evaluations}")
+                stop_together(f"evaluation {self.evaluations}")
 
     def _score(self, w: np.ndarray) -> Mapping[str, float]:
         """One real evaluation; a signal that stops it halfway (its batches check, in a single
