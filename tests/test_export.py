@@ -39,6 +39,7 @@ from tests.export_world import (
     SIZES,
     WEIGHTS,
     build_world,
+    chat_world,
     expected_sample_shares,
     export,
     mean_tokens,
@@ -277,6 +278,45 @@ def test_trl_own_parser_and_loader_read_the_export_as_the_counts(world, tmp_path
         )
         train = utils.get_dataset(mixture_config)["train"]
         assert {n: train["domain"].count(n) for n in WEIGHTS} == expected
+
+
+def test_trl_refuses_datasets_of_different_layouts(world, tmp_path, capsys):
+    """TRL's ``get_dataset`` concatenates datasets of different columns (the missing ones None), but
+    its SFTTrainer reads the whole as one layout and stops (``'NoneType' object has no attribute
+    'endswith'``) on messages beside prompt/completion conversations: the export said nothing and
+    wrote it. Now it is one line naming each dataset's layout; one layout throughout exports, as
+    TRL's own loader reads it (the prompt/completion lists of messages kept as conversations)."""
+    utils = pytest.importorskip("trl.scripts.utils")
+    messages = chat_world(world, tmp_path / "m", "messages")
+    lists = chat_world(world, tmp_path / "p", "prompt")
+    mixed = {"a": messages["paths"]["a"], "b": lists["paths"]["b"], "c": world["paths"]["c"]}
+    argv = [str(world["mixture"]), "--to", "trl", "--tokenizer", messages["tokenizer"], "--datasets"]
+    argv += [f"{n}={p}" for n, p in mixed.items()]
+    assert run_cli(main, [*argv, "--out", str(tmp_path / "mixed.yaml")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(
+        "mergeopt: error: --to trl: the datasets' records differ ('a' messages, 'b' prompt/completion "
+        "lists of messages, 'c' prompt/completion), and TRL's SFTTrainer reads one layout"
+    ), line
+    assert not (tmp_path / "mixed.yaml").exists()
+    choice = tmp_path / "choice.jsonl"
+    choice.write_text(json.dumps({"prompt": "q", "choices": ["x", "y"], "answer": 1}) + "\n")
+    bad = [f"{n}={choice if n == 'a' else p}" for n, p in world["paths"].items()]
+    assert run_cli(main, [*argv[: argv.index("--datasets") + 1], *bad]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"mergeopt: error: --to trl: dataset 'a' ({choice}) holds multiple-choice"), line
+    path = tmp_path / "lists.yaml"
+    path.write_text(export(lists, "trl", tmp_path, "--budget-samples", "6000"))
+    (mixture_config,) = utils.TrlParser((utils.DatasetMixtureConfig,)).parse_args_and_config(
+        ["--config", str(path)]
+    )
+    train = utils.get_dataset(mixture_config)["train"]
+    assert set(train.column_names) == {"prompt", "completion", "domain"}
+    assert train[0]["prompt"][0]["role"] == "user" and train[0]["completion"][0]["role"] == "assistant"
+    stats = measured_stats()
+    assert {n: train["domain"].count(n) for n in WEIGHTS} == (
+        make_plan(WEIGHTS, "tokens", stats, budget_samples=6000).counts
+    )
 
 
 # ---------------------------------------------------------------- the other formats, key by key
@@ -755,3 +795,28 @@ def test_a_save_to_disk_directory_counts_as_its_jsonl(tmp_path):
     assert measure(tmp_path / "saved_dict", tokenizer) == expected
     with pytest.raises(UserError, match=r"no_train: a saved DatasetDict without a 'train' split$"):
         measure(tmp_path / "no_train", tokenizer)
+
+
+def test_sft_formats_say_which_datasets_their_readers_cannot_take(world, tmp_path):
+    """open-instruct's SFT transforms read only a ``messages`` column and NeMo 1's GPTSFTDataset only
+    strings through its prompt_template: a prompt/completion dataset to the one, a conversation to
+    the other, was written without a word, and the trainer stopped on every record. Now the header
+    says, per such dataset, what its reader wants; a dataset it reads gets no line."""
+
+    def notes(text: str, what: str) -> list[str]:
+        return [line for line in text.splitlines() if what in line]
+
+    from tests.export_world import chat_world
+
+    messages = chat_world(world, tmp_path / "m", "messages")
+    lists = chat_world(world, tmp_path / "p", "prompt")
+    opened = "reads the conversation of each record from its messages column"
+    assert len(notes(export(world, "open-instruct", tmp_path), opened)) == len(WEIGHTS)
+    assert notes(export(messages, "open-instruct", tmp_path), "# a: ") == []
+    said = notes(export(lists, "open-instruct", tmp_path), "prompt/completion lists of messages")
+    assert len(said) == len(WEIGHTS) and all('{"messages": prompt + completion}' in n for n in said)
+    chat = "set model.data.chat: true (GPTSFTChatDataset)"
+    assert notes(export(world, "nemo-sft", tmp_path), chat) == []
+    for conversations in (messages, lists):
+        said = notes(export(conversations, "nemo-sft", tmp_path), chat)
+        assert [n.split(":")[0] for n in said] == [f"# {n}" for n in WEIGHTS]

@@ -102,8 +102,29 @@ def render_nemo_sft(ctx: Context) -> str:
         for n, path in zip(names, train_ds["file_names"])
         if Path(path).suffix != ".jsonl"
     ]
+    lines += [
+        f"# {n}: {ctx.datasets[n]} holds conversations; GPTSFTDataset reads string fields through "
+        "prompt_template, so set model.data.chat: true (GPTSFTChatDataset) and write each record as "
+        '{"system": ..., "mask": "User", "conversations": [{"from": "User", "value": ...}, '
+        '{"from": "Assistant", "value": ...}]}'
+        for n in names
+        if _holds_conversations(ctx.datasets[n])
+    ]
     body = yaml.safe_dump({"model": {"data": {"train_ds": train_ds}}}, sort_keys=False)
     return "\n".join(lines) + "\n" + body
+
+
+def _holds_conversations(path: Path) -> bool:
+    """Whether the records are conversations (``messages``, or prompt/completion lists of
+    messages), which NeMo 1's GPTSFTDataset cannot read: its prompt_template joins strings."""
+    from mergeopt.export import token_stats
+    from mergeopt.export.token_files import kind_of
+
+    if kind_of(path) is not None:
+        return False
+    source = token_stats.source_of(path)
+    columns = token_stats.columns(source)
+    return "messages" in columns or ("prompt" in columns and "prompt" not in token_stats.text_columns(source))
 
 
 _MEANING = "weights: each dataset's share of training tokens (Megatron normalizes them to sum 1)."

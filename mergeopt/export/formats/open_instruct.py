@@ -11,13 +11,48 @@ without a budget mergeopt writes fractions (at most 1.0, always with a ".", all 
 decimals: the fewest that reads every count back exactly) of the largest mixture in the fitted
 sample shares that repeats no dataset; with a budget it writes integer sample counts. A local
 file path is accepted where a hub name is.
+
+open-instruct's SFT transforms (``sft_tokenize_v1``, ``sft_tulu_tokenize_and_truncate_v1`` and the
+others in dataset_transformation.py) read each record's conversation from one column,
+``messages`` (``sft_messages_key``): a dataset of text, prompt/completion or multiple-choice
+records stops them (``KeyError: 'messages'``), so the header says, per such dataset, what to write.
 """
 
 from __future__ import annotations
 
 import yaml
 
+from mergeopt.export.formats import sliced
 from mergeopt.export.formats.base import Context, Format
+
+READER = "open-instruct's SFT"
+
+
+def layout_notes(ctx: Context) -> list[str]:
+    """A header line per dataset open-instruct cannot read as it is (no ``messages`` column)."""
+    from mergeopt.export.token_files import kind_of
+
+    lines = []
+    for name in ctx.plan.names:
+        path = ctx.datasets[name]
+        if kind_of(path) is not None:
+            lines.append(f"# {name}: {path} holds stored token ids; {READER} reads records (messages)")
+            continue
+        found = sliced.classify(READER, path)
+        if found == "messages":
+            continue
+        if found in ("text", "prompt_completion"):
+            found = (
+                f"holds {'text' if found == 'text' else 'prompt/completion'} records; {READER} reads "
+                'the conversation of each record from its messages column: write each as {"messages": '
+                + (
+                    '[{"role": "assistant", "content": text}]}'
+                    if found == "text"
+                    else '[{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]}'
+                )
+            )
+        lines.append(f"# {name}: {path} {found}")
+    return lines
 
 
 def values(ctx: Context) -> dict[str, str]:
@@ -77,7 +112,7 @@ def render(ctx: Context) -> str:
     config = {"dataset_mixer_list": mixer, "dataset_mixer_list_splits": ["train"]}
     kind = "integer sample counts" if plan.counts is not None else "fractions of each dataset"
     cli = " ".join(["--dataset_mixer_list", *mixer])
-    lines = [ctx.header(FORMAT), f"# values: {kind}", f"# on the command line: {cli}"]
+    lines = [ctx.header(FORMAT), f"# values: {kind}", f"# on the command line: {cli}", *layout_notes(ctx)]
     return "\n".join(lines) + "\n" + yaml.safe_dump(config, sort_keys=False)
 
 

@@ -66,6 +66,18 @@ def classify(reader: str, path: Path) -> Layout | str:
     """The dataset's layout, from its column names, or why ``reader`` (a framework that reads
     one layout per dataset, from fixed columns) cannot read it: a clause that follows the dataset's
     name. LLaMA-Factory's hint says the same where axolotl and torchtune refuse."""
+    found = kind(reader, path)
+    if found == "prompt_completion_messages":
+        return (
+            f"holds conversations as prompt/completion lists of messages; {reader} reads "
+            'conversations from one column: write each record as {"messages": prompt + completion}'
+        )
+    return found
+
+
+def kind(reader: str, path: Path) -> Layout | Literal["prompt_completion_messages"] | str:
+    """As :func:`classify`, but a conversation kept as prompt/completion lists of messages is a
+    layout of its own, ``prompt_completion_messages`` (TRL reads it), not a refusal."""
     columns = token_stats.columns(source_of(path))
     if "choices" in columns:
         return (
@@ -78,8 +90,5 @@ def classify(reader: str, path: Path) -> Layout | str:
             f"mixes {' and '.join(repr(k) for k in present)} records; {reader} reads one layout per dataset"
         )
     if present == ["prompt"] and "prompt" not in token_stats.text_columns(source_of(path)):
-        return (
-            f"holds conversations as prompt/completion lists of messages; {reader} reads "
-            'conversations from one column: write each record as {"messages": prompt + completion}'
-        )
+        return "prompt_completion_messages"
     return {"text": "text", "messages": "messages"}.get(present[0] if present else "", "prompt_completion")

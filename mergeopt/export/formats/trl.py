@@ -10,14 +10,49 @@ more than once is listed once per full pass plus a slice. The trainer shuffles t
 Without a budget the counts are the largest mixture in the fitted sample shares that repeats no
 dataset; with one they are the budget's counts. Files load as ``path: json|csv|parquet|arrow`` with
 ``data_files``.
+
+``concatenate_datasets`` joins datasets of different columns by filling the missing ones with None,
+and TRL's ``SFTTrainer`` (trl/trainer/sft_trainer.py, ``_prepare_dataset``) reads one layout for the
+whole mixture: it decides from the first record whether to add EOS to a text or completion, and
+tokenizes any record with a ``prompt`` key as prompt/completion. So ``messages`` beside
+prompt/completion records (strings or lists of messages), or text beside either, stop it
+(``'NoneType' object has no attribute 'endswith'``) or lose records; every dataset must have one
+layout, and a multiple-choice one (no ``completion`` column) none. Both are refused, naming the datasets.
 """
 
 from __future__ import annotations
 
 import yaml
 
+from mergeopt.errors import UserError
+from mergeopt.export.formats import sliced
 from mergeopt.export.formats.base import Context, Format
 from mergeopt.export.token_stats import source_of
+
+LAYOUT_NAMES = {
+    "text": "text",
+    "prompt_completion": "prompt/completion",
+    "prompt_completion_messages": "prompt/completion lists of messages",
+    "messages": "messages",
+}
+READER = "TRL's SFTTrainer"
+
+
+def check_layouts(ctx: Context) -> None:
+    """One record layout for every dataset: SFTTrainer reads the concatenation as one (see above)."""
+    layouts = {}
+    for name in ctx.plan.names:
+        path = ctx.datasets[name]
+        found = sliced.kind(READER, path)
+        if found not in LAYOUT_NAMES:
+            raise UserError(f"--to trl: dataset {name!r} ({path}) {found}")
+        layouts[name] = found
+    if len(set(layouts.values())) > 1:
+        said = ", ".join(f"{n!r} {LAYOUT_NAMES[k]}" for n, k in layouts.items())
+        raise UserError(
+            f"--to trl: the datasets' records differ ({said}), and {READER} reads one layout for the "
+            'whole concatenation: write every dataset in one layout (conversations as {"messages": ...})'
+        )
 
 
 def entries(ctx: Context) -> list[dict]:
@@ -38,6 +73,7 @@ def entries(ctx: Context) -> list[dict]:
 
 
 def render(ctx: Context) -> str:
+    check_layouts(ctx)
     plan = ctx.plan
     counts = ctx.whole_samples(FORMAT)
     summary = ", ".join(f"{n} {counts[n]}" for n in plan.names)
