@@ -820,3 +820,19 @@ def test_sft_formats_say_which_datasets_their_readers_cannot_take(world, tmp_pat
     for conversations in (messages, lists):
         said = notes(export(conversations, "nemo-sft", tmp_path), chat)
         assert [n.split(":")[0] for n in said] == [f"# {n}" for n in WEIGHTS]
+
+
+def test_open_instruct_says_to_write_multiple_choice_records_as_messages(world, tmp_path, capsys):
+    """A multiple-choice dataset's note told open-instruct users to "write them as prompt/completion"
+    (the advice for axolotl and torchtune), a layout whose note then says open-instruct cannot read it
+    either: the note now says messages, with the right choice as the assistant's turn."""
+    choice = tmp_path / "choice.jsonl"
+    choice.write_text(json.dumps({"prompt": "q", "choices": ["x", "y"], "answer": 1}) + "\n")
+    paths = {**world["paths"], "a": choice}
+    argv = [str(world["mixture"]), "--to", "open-instruct", "--tokenizer", world["tokenizer"]]
+    argv += ["--budget-samples", "600", "--max-epochs", "1000"]
+    argv += ["--datasets", *[f"{n}={p}" for n, p in paths.items()], "--out", str(tmp_path / "oi.yaml")]
+    assert run_cli(main, argv) == 0, capsys.readouterr().err
+    (note,) = [line for line in (tmp_path / "oi.yaml").read_text().splitlines() if line.startswith("# a: ")]
+    assert "write them as prompt/completion" not in note
+    assert note.endswith('{"role": "assistant", "content": choices[answer]}]}'), note

@@ -163,7 +163,7 @@ def measure(path: Path, tokenizer, token_files=None) -> DomainStats:
     :class:`~mergeopt.export.token_files.TokenFiles` (how stored ids are read; default: from the
     tokenizer, or as the files say).
     """
-    # imported here: the resume module imports torch, which `mergeopt --help` (that lists the
+    # imported here: the interrupts module imports torch, which `mergeopt --help` (that lists the
     # export formats, whose registry imports this module) must answer without
     from mergeopt.export import token_files as stored
     from mergeopt.runtime.interrupts import check_interrupt

@@ -13,7 +13,7 @@ tests name the moment instead, in the environment of the process they start:
     MERGEOPT_FAULT=sigint@world:2          a tiny world's build, at the end of a training step 2
 
 The process sends itself the signal with ``os.kill``: SIGKILL ends it on the spot, as ``kill -9``
-does; SIGTERM and SIGINT go through the same handler a real signal does (:mod:`mergeopt.runtime.resume`).
+does; SIGTERM and SIGINT go through the same handler a real signal does (:mod:`mergeopt.runtime.interrupts`).
 Under torchrun every rank reaches the same point and signals itself. Unset (always, for users),
 :func:`reached` costs one environment lookup.
 """

@@ -41,6 +41,12 @@ def layout_notes(ctx: Context) -> list[str]:
         found = sliced.classify(READER, path)
         if found == "messages":
             continue
+        if found.startswith("holds multiple-choice records"):  # prompt/completion would not do either
+            found = (
+                f"holds multiple-choice records (prompt/choices/answer); {READER} reads the conversation "
+                'of each record from its messages column: write each as {"messages": [{"role": "user", '
+                '"content": prompt}, {"role": "assistant", "content": choices[answer]}]}'
+            )
         if found in ("text", "prompt_completion"):
             found = (
                 f"holds {'text' if found == 'text' else 'prompt/completion'} records; {READER} reads "
