@@ -87,13 +87,13 @@ def warn(message: str) -> None:
 
 
 def _torchrun_rank() -> int:
-    """``RANK`` as :func:`mergeopt.inputs.torchrun_variable` reads it (0 outside torchrun; a
-    malformed value, refused at start-up by :func:`mergeopt.inputs.environment`, reads as 0 here)."""
-    from mergeopt.inputs import torchrun_variable  # inputs imports this module
+    """``RANK`` as torchrun sets it (0 outside torchrun; a malformed value is refused at start-up by
+    :func:`mergeopt.inputs.environment`, and reads as 0 here)."""
+    import os
 
     try:
-        return torchrun_variable("RANK")
-    except UserError:
+        return int(os.environ.get("RANK") or 0)
+    except ValueError:
         return 0
 
 
