@@ -98,3 +98,19 @@ def test_a_pinned_weight_reads_round_off_as_zero():
     assert WeightsSection.model_validate({"pinned": {"a": ROUNDED}}).pinned == {"a": 0.0}
     with pytest.raises(ValueError, match="'a' is pinned at -0.001, below 0"):
         WeightsSection.model_validate({"pinned": {"a": -0.001}})
+
+
+def test_bounds_and_pins_read_round_off_outside_the_unit_interval_as_0_or_1():
+    """A bound or pin written as 1 − Σ others can land a hair below 0 or above 1; both were refused
+    as outside [0, 1]. Beyond round-off they still are, with the same message."""
+    from mergeopt.config.weights import WeightsSection
+
+    above = 1.0 + 1e-12
+    section = WeightsSection.model_validate({"bounds": {"a": [ROUNDED, above]}, "pinned": {"b": above}})
+    assert section.bounds == {"a": (0.0, 1.0)} and section.pinned == {"b": 1.0}
+    with pytest.raises(ValueError, match=r"'a' has bounds \[-0.001, 0.5\]"):
+        WeightsSection.model_validate({"bounds": {"a": [-0.001, 0.5]}})
+    with pytest.raises(ValueError, match=r"'a' has bounds \[0, 1.001\]"):
+        WeightsSection.model_validate({"bounds": {"a": [0, 1.001]}})
+    with pytest.raises(ValueError, match="'b' is pinned at 1.001, above 1"):
+        WeightsSection.model_validate({"pinned": {"b": 1.001}})

@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from mergeopt.config.base import Section, check_name
-from mergeopt.merging.simplex import ROUNDOFF, SIMPLEX_TOLERANCE, snap_roundoff
+from mergeopt.merging.simplex import ROUNDOFF, SIMPLEX_TOLERANCE
 
 CAP_KEYS = {"tokens": ("token_budget", "tokens"), "samples": ("sample_budget", "samples")}  # by weights.unit
 
@@ -111,20 +111,24 @@ class WeightsSection(Section):
     @field_validator("bounds")
     @classmethod
     def _bounds_in_unit_interval(cls, bounds: dict[str, tuple[float, float]]) -> dict:
+        snapped = {}
         for name, (lo, hi) in bounds.items():
+            # a hair outside [0, 1] is round-off (a bound written as 1 − Σ others), read as 0 or 1
+            lo, hi = (_within_unit_roundoff(v) for v in (lo, hi))
             if not (math.isfinite(lo) and math.isfinite(hi) and 0.0 <= lo <= hi <= 1.0):
                 raise ValueError(f"{name!r} has bounds [{lo:g}, {hi:g}]; they need 0 <= lo <= hi <= 1")
-        return bounds
+            snapped[name] = (lo, hi)
+        return snapped
 
     @field_validator("pinned")
     @classmethod
     def _pins_in_unit_interval(cls, pinned: dict[str, float]) -> dict[str, float]:
+        pinned = {name: _within_unit_roundoff(value) for name, value in pinned.items()}
         for name, value in pinned.items():
             if not math.isfinite(value) or value > 1.0:
                 raise ValueError(f"{name!r} is pinned at {value:g}, above 1 (a weight is in [0, 1])")
-            if value < -ROUNDOFF:  # a hair below 0 is round-off of 0, as for every weight
+            if value < 0.0:  # beyond round-off (a hair below 0 was read as 0 above)
                 raise ValueError(f"{name!r} is pinned at {value:g}, below 0 (a weight is in [0, 1])")
-        pinned = snap_roundoff(pinned)
         if math.fsum(pinned.values()) > 1.0 + SIMPLEX_TOLERANCE:
             raise ValueError(f"the pinned weights sum to {math.fsum(pinned.values()):g}, above 1")
         return pinned
@@ -184,3 +188,12 @@ class WeightsSection(Section):
                 "T = 1 and optim.lr divided by T; set optim.lr instead"
             )
         return data
+
+
+def _within_unit_roundoff(value: float) -> float:
+    """``value`` with round-off just outside [0, 1] (within ROUNDOFF) read as 0 or 1."""
+    if -ROUNDOFF <= value < 0.0:
+        return 0.0
+    if 1.0 < value <= 1.0 + ROUNDOFF:
+        return 1.0
+    return value
