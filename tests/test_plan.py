@@ -694,6 +694,33 @@ def test_plan_warns_of_a_custom_term_whose_function_does_not_import(config_8b, t
     assert "custom metric" not in found.stderr, found.stderr
 
 
+def test_plan_warns_of_an_lm_eval_task_that_is_not_in_lm_evals_index(config_8b, tmp_path):
+    """The fit refuses an lm_eval term whose task lm-eval does not know, before stacking; the plan
+    said "fits" and nothing else. It now warns in the fit's words (from lm-eval's task index: no
+    dataset is loaded), and keeps quiet about a task the index has."""
+    pytest.importorskip("lm_eval")
+    from tests.conftest import lm_eval_task_yaml
+
+    path, _ = config_8b
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "t.yaml").write_text(
+        lm_eval_task_yaml("mergeopt_plan_task", {"validation": tmp_path / "v.jsonl"})
+    )
+    overrides = [f"model.base={path}", *(f"model.experts.{e}={path}" for e in EXPERTS_8B)]
+    overrides += ["search.strategy=grid", f"output_dir={tmp_path / 'out'}"]
+    term = "objective.terms=[{{kind: lm_eval, task: {}, include_path: '" + str(tasks) + "'}}]"
+    missing = run_in_process("plan", "recipes/8b.yaml", *overrides, term.format("mergeopt_plan_tsak"))
+    assert missing.returncode == 0, missing.stderr
+    assert (
+        "mergeopt: warning: the fit would refuse this recipe: objective term 'lm_eval:mergeopt_plan_tsak': "
+        f"no lm-eval task 'mergeopt_plan_tsak' in {tasks} (did you mean 'mergeopt_plan_task'?)"
+    ) in missing.stderr, missing.stderr
+    found = run_in_process("plan", "recipes/8b.yaml", *overrides, term.format("mergeopt_plan_task"))
+    assert found.returncode == 0, found.stderr
+    assert "lm-eval task" not in found.stderr, found.stderr
+
+
 def test_plan_warns_of_conversations_without_a_chat_template(config_8b, tmp_path):
     """A dev set of conversations and a base whose tokenizer files hold no chat template: the fit
     refuses it (after the tokenizer is loaded); the plan said nothing. It now warns in one line

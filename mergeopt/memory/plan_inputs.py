@@ -57,7 +57,7 @@ def refused_inputs(recipe: Recipe) -> list[str]:
             continue
         if any(is_chat(r) for r in records):
             chat.append(what)
-    problems.extend(_custom_term_problems(recipe))
+    problems.extend(_term_problems(recipe))
     checks = [(existing_file, recipe.rank.grid, "rank.grid")] if recipe.rank.grid is not None else []
     checks.append((writable_dir, recipe.output_dir, "output_dir"))
     for check, path, what in checks:
@@ -70,15 +70,21 @@ def refused_inputs(recipe: Recipe) -> list[str]:
     return problems
 
 
-def _custom_term_problems(recipe: Recipe) -> list[str]:
-    """A custom objective term's function that does not import, as the fit would say it (the fit
-    imports it too; an lm_eval task is not built here: that loads its dataset)."""
+def _term_problems(recipe: Recipe) -> list[str]:
+    """A custom objective term's function that does not import, and an lm_eval term whose task is
+    not in lm-eval's index (or lm-eval is not installed), as the fit would say them. The task is
+    looked up in the index only, not built: building loads its dataset, which the fit does."""
     from mergeopt.objectives.metrics import load_metric_function
 
     problems = []
-    for term in (t for t in recipe.objective.terms if t.kind == "custom"):
+    for term in recipe.objective.terms:
         try:
-            load_metric_function(term.function)
+            if term.kind == "custom":
+                load_metric_function(term.function)
+            elif term.kind == "lm_eval":
+                from mergeopt.objectives.lm_eval_term import check_task
+
+                check_task(term)
         except UserError as err:
             problems.append(str(err))
     return problems

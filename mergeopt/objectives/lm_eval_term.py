@@ -28,7 +28,7 @@ import os
 import torch
 
 from mergeopt.config import ObjectiveTerm
-from mergeopt.errors import UserError
+from mergeopt.errors import UserError, did_you_mean
 from mergeopt.merging.sharded_merge import is_sharded
 
 
@@ -60,9 +60,13 @@ def _task_manager(include_path: str | None):
 
 def check_task(term: ObjectiveTerm) -> None:
     """The task exists (before any model is loaded or merged)."""
-    if term.task not in _task_manager(term.include_path).all_tasks:
+    known = _task_manager(term.include_path).all_tasks
+    if term.task not in known:
         where = f"in {term.include_path}" if term.include_path else "among lm-eval's tasks"
-        raise UserError(f"objective term {term.label!r}: no lm-eval task {term.task!r} {where}")
+        raise UserError(
+            f"objective term {term.label!r}: no lm-eval task {term.task!r} {where}"
+            f"{did_you_mean(term.task, known)}"
+        )
 
 
 @functools.cache
