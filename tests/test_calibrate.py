@@ -434,3 +434,37 @@ def test_two_gloo_processes_calibrate_as_one(random_world, tmp_path, shard):
     assert pick.weights == pytest.approx(
         read_finished_mixture(one / "pick" / "mixture.json").weights, abs=1e-12
     )
+
+
+def test_a_truth_on_another_scale_than_the_proxys_is_warned_of(first_round, random_world, tmp_path):
+    """A grid whose loss column holds perplexities (exp of the loss) was calibrated silently, its
+    scale read as a level and a slope. The proxy's own losses at the runs (the rank check's) pass
+    without a word; their exponentials draw one warning per dev set naming the column."""
+    tmp, recipe = first_round[:2]
+    grid = first_round[2]
+    result = run_in_process(
+        "rank", str(recipe), "--grid", str(grid), "--out", str(tmp_path / "rank"), "--quiet"
+    )
+    assert result.returncode == 0, result.stderr
+    pairs = read_csv(tmp_path / "rank" / "rank_pairs.csv")
+    table = pairs[["w_alpha", "w_beta", "w_gamma"]].copy()  # the grid's runs, however many by now
+    for name in ("arith", "markov"):
+        table[f"loss_{name}"] = pairs[f"proxy_{name}"]
+    same = tmp_path / "same"
+    same.mkdir()
+    table.to_csv(same / "grid.csv", index=False)
+    quiet = run_in_process(
+        "calibrate", str(recipe), "--grid", str(same / "grid.csv"), "--out", str(same / "cal"), "--quiet"
+    )
+    assert quiet.returncode == 0 and "warning" not in quiet.stderr, quiet.stderr
+    table["loss_markov"] = np.exp(table["loss_markov"])
+    table.to_csv(same / "ppl.csv", index=False)
+    warned = run_in_process(
+        "calibrate", str(recipe), "--grid", str(same / "ppl.csv"), "--out", str(same / "cal2"), "--quiet"
+    )
+    assert warned.returncode == 0, warned.stderr
+    lines = [line for line in warned.stderr.splitlines() if "warning" in line]
+    assert len(lines) == 1 and lines[0].startswith(
+        f"mergeopt: warning: {same / 'ppl.csv'}: loss_markov is "
+    ), lines
+    assert "x the proxy's loss at the same mixtures" in lines[0] and "not a perplexity" in lines[0]

@@ -121,6 +121,29 @@ def evaluation_order(candidates: pd.DataFrame, journaled: Sequence[Sequence[floa
     return rows[~pd.Series(_keys(rows, names)).duplicated().to_numpy()].reset_index(drop=True)
 
 
+def warn_of_another_scale(proxy_at_runs: pd.DataFrame, runs: pd.DataFrame, dev_names, path) -> None:
+    """Warn of a truth loss column that is not on the proxy's scale (mean token loss in nats).
+
+    A trained model's loss and the merged proxy's at the same mixture are close: the median of
+    their ratio over the runs is 0.9 to 1.1 for every dev set of the committed tiny and SmolLM2
+    grids. A perplexity (whose ratio to its loss is at least e) or a summed loss is far outside
+    [1/2, 2]; the calibration would read it as a level and a slope the runs do not have.
+    """
+    from mergeopt.errors import warn
+    from mergeopt.evaluation.proxy import LOSS_PREFIX
+
+    for name in dev_names:
+        column = f"{LOSS_PREFIX}{name}"
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = float(np.median(runs[column].to_numpy(float) / proxy_at_runs[column].to_numpy(float)))
+        if np.isfinite(ratio) and not 0.5 <= ratio <= 2.0:
+            warn(
+                f"{path}: {column} is {ratio:.3g}x the proxy's loss at the same mixtures (median over "
+                f"the runs): calibrate expects the mean token loss in nats, as the proxy's (not a "
+                "perplexity, a percentage or a summed loss)"
+            )
+
+
 # ----------------------------------------------------------------------------- the decision
 
 
@@ -263,6 +286,8 @@ def _run(args: argparse.Namespace, recipe, out: Path) -> int:
     a = a / a.sum()
     proxy = metric_values(scores, grid.column, objective.dev_names, a)
     truth = metric_values(grid.table, grid.column, objective.dev_names, a)
+    if grid.column is None:
+        warn_of_another_scale(scores.iloc[: len(grid.table)], grid.table, objective.dev_names, grid.path)
     weights = candidates[[f"{WEIGHT_PREFIX}{n}" for n in names]].to_numpy(dtype=float)
     posterior, decision = calibrate(
         weights,
