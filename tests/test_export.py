@@ -236,6 +236,28 @@ def test_hf_yaml_feeds_interleave_datasets(world, tmp_path):
         assert abs(observed[name] - p) <= 4 * math.sqrt(p * (1 - p) / n)
 
 
+def test_hf_datasets_says_when_the_datasets_layouts_differ(world, tmp_path):
+    """Text records beside prompt/completion ones: the snippet's mixture holds every column, None
+    where a record has none (run here), which TRL's SFTTrainer stops on or misreads (``--to trl``
+    refuses it). The snippet and the YAML were written without a word; now the header says it.
+    One layout for all: no such line."""
+    rows = [json.loads(line) for line in world["paths"]["a"].read_text().splitlines()]
+    text = tmp_path / "a-text.jsonl"
+    text.write_text("".join(json.dumps({"text": r["prompt"] + r["completion"]}) + "\n" for r in rows))
+    mixed = {**world, "paths": {**world["paths"], "a": text}}
+    said = "# the datasets' records differ (a text, b prompt/completion, c prompt/completion): "
+    for fmt in ("hf-datasets", "hf-datasets-yaml"):
+        assert [line for line in export(world, fmt, tmp_path).splitlines() if "records differ" in line] == []
+        (line,) = [line for line in export(mixed, fmt, tmp_path).splitlines() if "records differ" in line]
+        assert line.startswith(said) and "TRL's SFTTrainer" in line
+    snippet = export(mixed, "hf-datasets", tmp_path)
+    namespace: dict = {}
+    exec(compile(snippet, "hf_datasets.py", "exec"), namespace)
+    mixture = namespace["mixture"]
+    assert {"text", "prompt", "completion"} <= set(mixture.column_names)
+    assert any(r["text"] is None for r in mixture) and any(r["prompt"] is None for r in mixture)
+
+
 def test_trl_entries_load_and_concatenate_to_the_counts(world, tmp_path):
     for extra in ((), ("--budget-samples", "6000")):
         config = yaml_body(export(world, "trl", tmp_path, *extra))
@@ -453,6 +475,37 @@ def test_nemo_sft_train_ds(world, tmp_path):
     assert train_ds["file_names"] == [str(world["paths"][n]) for n in WEIGHTS]
 
 
+@pytest.mark.parametrize("other", ["text", "messages"])
+def test_nemo_sft_refuses_datasets_of_different_layouts(world, tmp_path, capsys, other):
+    """NeMo 1's fine-tuning builds every file of ``train_ds`` with one dataset class, one
+    ``prompt_template`` and one ``label_key``: text records beside prompt/completion ones, or
+    conversations beside them, have no config that reads them all. The export wrote one anyway,
+    with a header that told the conversation dataset to set ``model.data.chat: true`` (for every
+    file) and said nothing of the text; now it is refused in one line naming each dataset's layout,
+    and nothing is written."""
+    from tests.export_world import chat_world
+
+    if other == "messages":
+        odd = chat_world(world, tmp_path, "messages")["paths"]["a"]
+        tokenizer = str(tmp_path / "chat-tokenizer")
+    else:
+        rows = [json.loads(line) for line in world["paths"]["a"].read_text().splitlines()]
+        odd = tmp_path / "a-text.jsonl"
+        odd.write_text("".join(json.dumps({"text": r["prompt"] + r["completion"]}) + "\n" for r in rows))
+        tokenizer = world["tokenizer"]
+    paths = {**world["paths"], "a": odd}
+    out = tmp_path / "nemo_sft.yaml"
+    argv = [str(world["mixture"]), "--to", "nemo-sft", "--tokenizer", tokenizer, "--out", str(out)]
+    argv += ["--datasets", *(f"{n}={p}" for n, p in paths.items())]
+    assert run_cli(main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    said = "conversations" if other == "messages" else "text"
+    assert len(err) == 1 and err[0].startswith("mergeopt: error: --to nemo-sft: the datasets' records differ")
+    assert f"'a' {said}, 'b' prompt/completion, 'c' prompt/completion" in err[0]
+    assert not out.exists()
+    assert run_cli(main, [*argv[:-4], "--datasets", *(f"{n}={odd}" for n in paths)]) == 0  # one layout
+
+
 def test_llm_foundry_streams(world, tmp_path):
     stream_args = {"remote", "local", "split", "proportion", "repeat", "choose"}  # streaming.Stream
     streams = yaml_body(export(world, "llm-foundry", tmp_path))["train_loader"]["dataset"]["streams"]
@@ -491,6 +544,25 @@ def test_open_instruct_fractions_and_counts(world, tmp_path):
     assert (
         _open_instruct_counts(mixer, SIZES) == make_plan(WEIGHTS, "tokens", stats, budget_tokens=50000).counts
     )
+
+
+def test_open_instruct_says_which_local_datasets_it_cannot_load(world, tmp_path):
+    """open-instruct loads a local dataset only from a .jsonl or .parquet file and looks any other
+    path up on the Hub: a save_to_disk directory, an arrow or a CSV file was written into
+    ``dataset_mixer_list`` without a word, and open-instruct stopped on it. The header now names each."""
+    from tests.export_world import chat_world
+
+    messages = chat_world(world, tmp_path, "messages")
+    rows = datasets.load_dataset("json", data_files=str(messages["paths"]["a"]), split="train")
+    rows.save_to_disk(str(tmp_path / "a_saved"))
+    rows.to_parquet(str(tmp_path / "b.parquet"))
+    paths = {"a": tmp_path / "a_saved", "b": tmp_path / "b.parquet", "c": messages["paths"]["c"]}
+    text = export({**messages, "paths": paths}, "open-instruct", tmp_path)
+    notes = [line for line in text.splitlines() if "the only local datasets open-instruct loads" in line]
+    assert notes == [
+        f"# a: {paths['a']} is not a .jsonl or .parquet file, the only local datasets open-instruct "
+        "loads (any other name is looked up on the Hugging Face Hub): write it as JSON Lines"
+    ]
 
 
 def test_olmo_core_source_mixture(world, tmp_path):
@@ -585,6 +657,31 @@ def test_to_all_writes_one_file_per_format(world, tmp_path):
     argv += [f"{n}={p}" for n, p in world["paths"].items()]
     assert run_cli(main, argv) == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(f.filename for f in FORMATS.values())
+
+
+def test_to_all_says_that_one_formats_refusal_stops_every_format(world, tmp_path, capsys):
+    """Text records beside prompt/completion ones: ``--to trl`` refuses them, so ``--to all`` writes
+    nothing. Its one line was the format's alone, which left a user who asked for every format wondering
+    why none came; it now says that ``--to all`` writes all or none, and how to get the others."""
+    run = write_run(tmp_path / "run", WEIGHTS)
+    rows = [json.loads(line) for line in world["paths"]["a"].read_text().splitlines()]
+    text = tmp_path / "a-text.jsonl"
+    text.write_text("".join(json.dumps({"text": r["prompt"] + r["completion"]}) + "\n" for r in rows))
+    out = tmp_path / "all"
+    argv = [str(run), "--to", "all", "--out", str(out), "--tokenizer", world["tokenizer"], "--datasets"]
+    argv += [f"{n}={p}" for n, p in {**world["paths"], "a": text}.items()]
+    assert run_cli(main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mergeopt: error: --to ")  # trl (or nemo-sft) refuses
+    assert "the datasets' records differ ('a' text, 'b' prompt/completion" in err[0]
+    assert err[0].endswith(
+        "(--to all writes every format or none, so nothing was written: export the other formats "
+        "one at a time with --to)"
+    )
+    assert not out.exists() or not any(out.iterdir())
+    one = [str(run), "--to", "trl", "--tokenizer", world["tokenizer"], *argv[7:]]
+    assert run_cli(main, one) == 2  # one format asked for: its own line alone
+    assert "--to all" not in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- mergekit (its own config model)
@@ -795,6 +892,27 @@ def test_a_save_to_disk_directory_counts_as_its_jsonl(tmp_path):
     assert measure(tmp_path / "saved_dict", tokenizer) == expected
     with pytest.raises(UserError, match=r"no_train: a saved DatasetDict without a 'train' split$"):
         measure(tmp_path / "no_train", tokenizer)
+
+
+def test_a_save_to_disk_directory_is_given_as_its_own_shards_not_its_caches(world, tmp_path):
+    """A dataset loaded with ``load_from_disk`` and shuffled, mapped or filtered writes its caches
+    (``cache-<fingerprint>.arrow``) into its own directory, beside the shards: running the
+    hf-datasets budget snippet (its ``shuffle``) did. Every ``*.arrow`` there was exported as the
+    dataset's ``data_files``, so TRL, axolotl and torchtune read an ``indices`` table or the
+    mapped rows as data. Now the shards are the ones its state.json lists."""
+    rows = [json.loads(line) for line in world["paths"]["a"].read_text().splitlines()]
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_list(rows).save_to_disk(str(saved))
+    reloaded = datasets.load_from_disk(str(saved))
+    reloaded.shuffle(seed=0)
+    reloaded.map(lambda r: {"prompt": r["prompt"] + "!"})
+    assert len(list(saved.glob("cache-*.arrow"))) == 2  # what datasets writes beside the shards
+    config = yaml_body(export({**world, "paths": {**world["paths"], "a": saved}}, "trl", tmp_path))
+    entries = [e for e in config["datasets"] if e["path"] == "arrow"]
+    assert entries and all(e["data_files"] == str(saved / "data-00000-of-00001.arrow") for e in entries)
+    for entry in entries:  # the rows TRL reads: the dataset's own, in its order
+        read = datasets.load_dataset("arrow", data_files=entry["data_files"], split=entry["split"])
+        assert read.to_list() == rows[: len(read)]
 
 
 def test_sft_formats_say_which_datasets_their_readers_cannot_take(world, tmp_path):

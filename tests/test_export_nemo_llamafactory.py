@@ -177,6 +177,36 @@ def test_llamafactory_own_loader_gives_the_budget_counts_and_the_pretraining_tex
     assert set(text_domains) == set(WEIGHTS) and all(p[0]["content"] in texts for p in prompts)
 
 
+def test_llamafactory_registers_a_save_to_disk_dataset_by_its_arrow_file(world, tmp_path):
+    """LLaMA-Factory reads a ``file_name`` directory as all its files, of one type by suffix: a
+    ``save_to_disk`` directory registered as it was stopped its loader ("File types should be
+    identical.": the arrow shard beside state.json and dataset_info.json). Its one shard is
+    registered now, and its loader gives the budget's counts; several shards cannot be one
+    ``file_name``, and the header says what to do instead of registering a path it cannot load."""
+    pytest.importorskip("llamafactory")
+    import datasets
+
+    rows = [json.loads(line) for line in world["paths"]["a"].read_text().splitlines()]
+    saved, sharded = tmp_path / "saved", tmp_path / "sharded"
+    datasets.Dataset.from_list(rows).save_to_disk(str(saved))
+    datasets.Dataset.from_list(rows).save_to_disk(str(sharded), num_shards=2)
+    out = tmp_path / "budget"
+    out.mkdir()
+    text = export(
+        {**world, "paths": {**world["paths"], "a": saved}}, "llamafactory", out, "--budget-samples", "6000"
+    )
+    info = _header_entries(text)
+    assert info["a"]["file_name"] == str(saved / "data-00000-of-00001.arrow")
+    ((domains, _, _),) = _llamafactory_load([(out, info, yaml_body(text), "sft")])
+    expected = make_plan(WEIGHTS, "tokens", measured_stats(), budget_samples=6000).counts
+    assert {n: domains.count(n) for n in WEIGHTS} == expected
+
+    text = export({**world, "paths": {**world["paths"], "a": sharded}}, "llamafactory", tmp_path)
+    assert "a" not in _header_entries(text)
+    (note,) = [line for line in text.splitlines() if line.startswith("#   a: ")]
+    assert "save_to_disk directory of 2 arrow files" in note and "a directory of their own" in note
+
+
 def test_llamafactory_refuses_a_name_with_a_comma(world, tmp_path, capsys):
     run = write_run(tmp_path / "run", {"a,x": 0.4, "b": 0.6})
     out = tmp_path / "llamafactory.yaml"

@@ -154,7 +154,19 @@ def build(args) -> tuple[dict[Format, str], list[str]]:
         out=args.out,
         many=args.to == "all",
     )
-    texts = {f: f.render(ctx) for f in formats}
+    texts = {}
+    for f in formats:
+        try:
+            texts[f] = f.render(ctx)
+        except UserError as err:
+            if args.to != "all" or not str(err).startswith(f"--to {f.name}"):
+                raise
+            # one format's refusal, where the user asked for every format: say that it stops them
+            # all, and what still works (a problem with the data itself stops every format alike)
+            raise UserError(
+                f"{err} (--to all writes every format or none, so nothing was written: "
+                f"export the other formats one at a time with --to)"
+            ) from None
     messages += [f"note: {line}" for line in ctx.notes]
     return texts, messages
 

@@ -36,12 +36,12 @@ def source_of(path: Path) -> Source:
     path = Path(path).resolve()
     if path.is_dir():
         if (path / "state.json").is_file():
-            return Source(path, "disk", tuple(str(f) for f in sorted(path.glob("*.arrow"))))
+            return Source(path, "disk", _shards(path))
         if (path / "dataset_dict.json").is_file():
             if not (path / "train" / "state.json").is_file():
                 raise UserError(f"{path}: a saved DatasetDict without a 'train' split")
             train = path / "train"
-            return Source(train, "disk", tuple(str(f) for f in sorted(train.glob("*.arrow"))))
+            return Source(train, "disk", _shards(train))
         raise UserError(
             f"{path}: a directory that is neither a saved dataset (state.json, dataset_dict.json) "
             "nor an MDS directory (index.json); for OLMo token files give a glob, 'DIR/*.npy'"
@@ -53,6 +53,21 @@ def source_of(path: Path) -> Source:
             "(mergeopt reads .jsonl, .json, .csv, .parquet, .arrow or a save_to_disk directory)"
         )
     return Source(path, LOADERS[suffix], (str(path),))
+
+
+def _shards(saved: Path) -> tuple[str, ...]:
+    """The arrow files that hold a ``save_to_disk`` dataset's rows, as its state.json lists them.
+
+    Not every ``*.arrow`` file there: ``load_from_disk`` datasets write their caches beside them
+    (``cache-<fingerprint>.arrow``, from ``shuffle``, ``map``, ``filter``: an ``indices`` table or
+    transformed rows), which a trainer given them as ``data_files`` would read as data."""
+    try:
+        listed = json.loads((saved / "state.json").read_text())["_data_files"]
+        return tuple(str(saved / entry["filename"]) for entry in listed)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(
+            f"{saved / 'state.json'}: not a save_to_disk state (no readable _data_files: {err})"
+        ) from None
 
 
 def load(source: Source, cache_dir: str | None = None):

@@ -7,7 +7,9 @@ source drawn with those probabilities, so they are per-sample probabilities (mer
 sample shares); ``first_exhausted`` stops when one source runs out (no example repeated),
 ``all_exhausted`` restarts exhausted sources until every one has been seen. Files are loaded with
 ``load_dataset(loader, data_files=..., split="train")`` and ``save_to_disk`` directories with
-``load_from_disk``.
+``load_from_disk``. Datasets of different record layouts (text, prompt/completion, messages) join
+into one with every column, None where a record has none; the header says so, since a trainer that
+reads one layout for the whole dataset (TRL's SFTTrainer) stops on it or misreads records.
 
 Without a budget the snippet interleaves with ``first_exhausted``: the proportions hold in
 expectation and nothing repeats. With a budget the counts are exact: each dataset is shuffled,
@@ -31,6 +33,25 @@ def _sources(ctx: Context) -> dict[str, tuple[str, str]]:
     return out
 
 
+def layout_note(ctx: Context) -> list[str]:
+    """A header line where the datasets' records differ in layout: ``interleave_datasets`` and
+    ``concatenate_datasets`` join them into one dataset with every column, None where a record has
+    none, which a trainer that reads one layout for the whole dataset (TRL's SFTTrainer, see
+    :mod:`mergeopt.export.formats.trl`) stops on or misreads."""
+    from mergeopt.export.formats import sliced
+    from mergeopt.export.formats.trl import LAYOUT_NAMES
+
+    layouts = sliced.record_layouts(ctx, "datasets", LAYOUT_NAMES)
+    if len(set(layouts.values())) < 2:
+        return []
+    said = ", ".join(f"{n} {k}" for n, k in layouts.items())
+    return [
+        f"# the datasets' records differ ({said}): the mixture holds all their columns, None where a "
+        "record has none; a trainer that reads one layout for the whole dataset (TRL's SFTTrainer) stops "
+        'on it or misreads records: give every record one layout first (conversations as {"messages": ...})'
+    ]
+
+
 def _dict_literal(values: dict, indent: str = "    ") -> str:
     body = "".join(f"{indent}{k!r}: {v!r},\n" for k, v in values.items())
     return "{\n" + body + "}"
@@ -42,6 +63,7 @@ def render_python(ctx: Context) -> str:
     probabilities = {n: plan.sample_shares[n] for n in plan.names}
     parts = [
         ctx.header(PYTHON),
+        *layout_note(ctx),
         "from datasets import concatenate_datasets, interleave_datasets, load_dataset, load_from_disk",
         "",
         '# name: (loader, path); loader "disk" is a save_to_disk directory',
@@ -106,7 +128,8 @@ def render_yaml(ctx: Context) -> str:
         "#      interleave_datasets(parts, probabilities=..., seed=..., stopping_strategy=...).",
         "# counts (with a budget): exact samples per dataset, to cut or repeat each part to before mixing.",
     ]
-    return "\n".join([ctx.header(YAML), *usage]) + "\n" + yaml.safe_dump(config, sort_keys=False)
+    lines = [ctx.header(YAML), *usage, *layout_note(ctx)]
+    return "\n".join(lines) + "\n" + yaml.safe_dump(config, sort_keys=False)
 
 
 _MEANING = "probabilities: the probability that each drawn sample comes from that dataset (sum 1)."

@@ -14,7 +14,8 @@ the header suggests each entry from the records' layout (src/llamafactory/data/p
 converter.py, and data/README.md with the entries of data/dataset_info.json): ``text`` records
 are a pretraining set, ``"columns": {"prompt": "text"}`` as LLaMA-Factory's own ``c4_demo``;
 prompt/completion records map ``prompt`` and ``response``; a ``messages`` dataset takes the
-sharegpt formatting with OpenAI role tags. Records it cannot read as they are (multiple choice,
+sharegpt formatting with OpenAI role tags. A ``save_to_disk`` directory is named by its arrow shard
+(the loader reads a directory as files of one type, and its JSON metadata is not). Records it cannot read as they are (multiple choice,
 prompt/completion lists of messages, stored token ids) get a line saying what to write instead, and
 without ``--datasets`` the layout is unknown, so the header lists the entry for each layout.
 
@@ -83,7 +84,31 @@ def dataset_info(ctx: Context, name: str) -> dict | str | None:
     layout = sliced.classify(READER, path)
     if layout not in ENTRIES:
         return layout
-    return {"file_name": str(path), **copy.deepcopy(ENTRIES[layout])}
+    file_name = _file_name(path)
+    if not isinstance(file_name, str):
+        return file_name[0]
+    return {"file_name": file_name, **copy.deepcopy(ENTRIES[layout])}
+
+
+def _file_name(path) -> str | tuple[str]:
+    """The ``file_name`` LLaMA-Factory loads the dataset from, or (why it cannot,) a clause.
+
+    Its loader (data/loader.py) reads a directory as every file in it, all of one type by suffix,
+    so a ``save_to_disk`` directory, whose arrow shards sit beside JSON metadata (state.json,
+    dataset_info.json), stops it ("File types should be identical."): its one arrow shard is named
+    instead, and several shards cannot be named at all."""
+    from mergeopt.export.token_stats import source_of
+
+    source = source_of(path)
+    if source.loader != "disk":
+        return str(path)
+    if len(source.data_files) == 1:
+        return source.data_files[0]
+    return (
+        f"is a save_to_disk directory of {len(source.data_files)} arrow files beside its JSON metadata, "
+        f"and {READER} reads a directory only when all its files are of one type: move the arrow "
+        "files to a directory of their own and register that",
+    )
 
 
 def _is_text(info: dict | str | None) -> bool:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import yaml
 
+from mergeopt.errors import UserError
 from mergeopt.export.formats.base import Context, Format
 from mergeopt.export.mixture_input import is_megatron_prefix
 from mergeopt.export.mixture_input import megatron_prefix as prefix
@@ -87,6 +88,7 @@ def render_nemo(ctx: Context) -> str:
 def render_nemo_sft(ctx: Context) -> str:
     """Fine-tuning: ``model.data.train_ds`` JSONL ``file_names`` and per-record probabilities."""
     names = ctx.plan.names
+    _check_one_layout(ctx)
     train_ds = {
         "file_names": [str(ctx.datasets[n]) for n in names],
         "concat_sampling_probabilities": [ctx.plan.sample_shares[n] for n in names],
@@ -112,6 +114,35 @@ def render_nemo_sft(ctx: Context) -> str:
     ]
     body = yaml.safe_dump({"model": {"data": {"train_ds": train_ds}}}, sort_keys=False)
     return "\n".join(lines) + "\n" + body
+
+
+NEMO_SFT_READER = "NeMo's fine-tuning"
+# how NeMo 1 reads each layout: one ``prompt_template``/``label_key`` over strings, or chat records
+_SFT_LAYOUTS = {
+    "text": "text",
+    "prompt_completion": "prompt/completion",
+    "messages": "conversations",
+    "prompt_completion_messages": "conversations",
+}
+
+
+def _check_one_layout(ctx: Context) -> None:
+    """One record layout for every file: NeMo 1's fine-tuning (megatron_gpt_sft_model.py,
+    ``_build_dataset``) builds every file of ``train_ds`` with one dataset class (GPTSFTChatDataset
+    for all under ``model.data.chat: true``, else GPTSFTDataset) and one ``prompt_template`` and
+    ``label_key``, so text beside prompt/completion records, or either beside conversations, has no
+    config that reads them all: each would stop it (a KeyError on the missing field) or, renamed to
+    fit, train on other text than the fit scored."""
+    from mergeopt.export.formats import sliced
+
+    layouts = sliced.record_layouts(ctx, NEMO_SFT_READER, _SFT_LAYOUTS)
+    if len(set(layouts.values())) > 1:
+        said = ", ".join(f"{n!r} {k}" for n, k in layouts.items())
+        raise UserError(
+            f"--to nemo-sft: the datasets' records differ ({said}), and {NEMO_SFT_READER} reads every "
+            "file of train_ds with one prompt_template and label_key (or all as chat records, "
+            "model.data.chat: true): write every dataset in one layout"
+        )
 
 
 def _holds_conversations(path: Path) -> bool:

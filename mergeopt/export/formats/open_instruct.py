@@ -10,7 +10,9 @@ allenai/tulu-3-sft-mixture 1.0``. So the numbers are per-dataset, not shares of 
 without a budget mergeopt writes fractions (at most 1.0, always with a ".", all with one number of
 decimals: the fewest that reads every count back exactly) of the largest mixture in the fitted
 sample shares that repeats no dataset; with a budget it writes integer sample counts. A local
-file path is accepted where a hub name is.
+file path is accepted where a hub name is, but only a ``.jsonl`` or ``.parquet`` one
+(``DatasetConfig.__post_init__``, open-instruct at e6c3044a): any other path (a CSV, JSON array,
+arrow file or ``save_to_disk`` directory) is looked up on the Hub, so the header says so.
 
 open-instruct's SFT transforms (``sft_tokenize_v1``, ``sft_tulu_tokenize_and_truncate_v1`` and the
 others in dataset_transformation.py) read each record's conversation from one column,
@@ -26,6 +28,8 @@ from mergeopt.export.formats import sliced
 from mergeopt.export.formats.base import Context, Format
 
 READER = "open-instruct's SFT"
+# DatasetConfig.__post_init__ loads a path that exists and ends so from disk, any other as a hub name
+LOCAL_SUFFIXES = (".jsonl", ".parquet")
 
 
 def layout_notes(ctx: Context) -> list[str]:
@@ -38,6 +42,11 @@ def layout_notes(ctx: Context) -> list[str]:
         if kind_of(path) is not None:
             lines.append(f"# {name}: {path} holds stored token ids; {READER} reads records (messages)")
             continue
+        if not str(path).endswith(LOCAL_SUFFIXES):
+            lines.append(
+                f"# {name}: {path} is not a .jsonl or .parquet file, the only local datasets open-instruct "
+                "loads (any other name is looked up on the Hugging Face Hub): write it as JSON Lines"
+            )
         found = sliced.classify(READER, path)
         if found == "messages":
             continue

@@ -18,7 +18,7 @@ messages (both read a conversation from one column) or one that mixes layouts is
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -92,3 +92,17 @@ def kind(reader: str, path: Path) -> Layout | Literal["prompt_completion_message
     if present == ["prompt"] and "prompt" not in token_stats.text_columns(source_of(path)):
         return "prompt_completion_messages"
     return {"text": "text", "messages": "messages"}.get(present[0] if present else "", "prompt_completion")
+
+
+def record_layouts(ctx: Context, reader: str, said: Mapping[str, str]) -> dict[str, str]:
+    """Each dataset's record layout as ``said`` words it (:func:`kind` keys to words), for the
+    datasets of records whose kind ``said`` has: data in a trainer's own format, and datasets
+    :func:`kind` refuses (each format says those its own way), are left out."""
+    from mergeopt.export.token_files import kind_of
+
+    layouts = {}
+    for name in ctx.plan.names:
+        path = ctx.datasets[name]
+        if kind_of(Path(path)) is None and (found := kind(reader, path)) in said:
+            layouts[name] = said[found]
+    return layouts
