@@ -251,10 +251,11 @@ def _dev(world, tmp, lines: str | None, records=None) -> list[str]:
 _QA = [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"}]
 
 
-def _chat_dev(world, tmp, template: str) -> list[str]:
-    """A conversational dev set rendered by ``template`` (data.chat_template)."""
+def _chat_dev(world, tmp, template: str, record: dict | None = None) -> list[str]:
+    """A conversational dev set (four copies of ``record``, by default a question and its answer)
+    rendered by ``template`` (data.chat_template)."""
     (tmp / "chat.jinja").write_text(template)
-    argv = _dev(world, tmp, None, [{"messages": _QA}] * 4)
+    argv = _dev(world, tmp, None, [record or {"messages": _QA}] * 4)
     tree = yaml.safe_load(Path(argv[0]).read_text())
     tree["data"]["chat_template"] = str(tmp / "chat.jinja")
     Path(argv[0]).write_text(yaml.safe_dump(tree))
@@ -879,6 +880,28 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
             w, t, "{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}{% endif %}{% endfor %}"
         ),
         "dev.jsonl: record 1: the chat template writes no tokens of the assistant's messages: nothing to score",
+    ),
+    "conversation's template inputs setting an argument of apply_chat_template": (
+        "dev set",
+        "fit",
+        lambda w, t: _chat_dev(
+            w,
+            t,
+            "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}",
+            {"messages": _QA, "chat_template_kwargs": {"add_generation_prompt": True}},
+        ),
+        "dev.jsonl:1: 'chat_template_kwargs' sets 'add_generation_prompt', an argument of apply_chat_template",
+    ),
+    "chat template leaving out what the assistant says": (
+        "dev set",
+        "fit",
+        lambda w, t: _chat_dev(
+            w,
+            t,
+            "{% for m in messages %}{{ m.role }}: {% if m.role != 'assistant' %}{{ m.content }}{% endif %}"
+            "\n{% endfor %}",
+        ),
+        "dev.jsonl: record 1: the chat template writes nothing of what the assistant's messages say",
     ),
     "dev set that is a test split": (
         "dev set",

@@ -17,6 +17,7 @@ from mergeopt.objectives.data import (
     read_jsonl,
     read_records,
     tokenize,
+    tokenize_records,
     training_batches,
 )
 from mergeopt.objectives.loss import target_loss
@@ -384,3 +385,29 @@ def test_a_jsonl_file_the_datasets_library_cannot_read_is_named_by_its_line(tmp_
         load(source_of(path), str(tmp_path / "cache"))
     assert str(err.value) == f"{path.resolve()}:3: {message}"
     assert datasets.logging.get_verbosity() == datasets.logging.WARNING
+
+
+class _NoBosTokenizer:
+    """A tokenizer that adds no BOS (SmolLM2's, Qwen's): one token per character."""
+
+    unk_token = None
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def test_a_record_of_one_token_is_not_said_to_be_cut_by_max_length(capsys):
+    """Under a tokenizer without BOS a one-token text (or a one-token completion after an empty
+    prompt) has nothing to score at any length: a sequence's first token is never scored. The
+    warning blamed max_length=256, which cuts nothing there; a set of such records only said
+    'every example was truncated away'."""
+    records = [{"text": "y"}, {"text": "a longer text"}, {"prompt": "", "completion": "z"}]
+    capsys.readouterr()
+    examples = tokenize_records(records, _NoBosTokenizer(), 256, "dev set d.jsonl")
+    assert len(examples) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "max_length" not in err[0], err
+    assert "2 of 3 records left out: record 1, 3 are a single token" in err[0], err
+    with pytest.raises(UserError, match="no record has a token to score: record 1 is a single token"):
+        tokenize_records(records[:1], _NoBosTokenizer(), 256, "dev set d.jsonl")

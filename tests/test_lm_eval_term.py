@@ -194,6 +194,35 @@ def test_a_template_naming_a_field_the_records_lack_is_said_as_such(tiny_world, 
     assert "network" not in line, line
 
 
+@pytest.mark.parametrize(
+    "old, new, error, problem",
+    [
+        ("{{prompt}}", "{{prompt", "TemplateSyntaxError", "is not valid Jinja"),
+        ("{{prompt}}", "{{prompt | nosuchfilter}}", "TemplateAssertionError", "is not valid Jinja"),
+        ("{{completion}}", "{{ 1 / 0 }}", "ZeroDivisionError", "fails on the task's records"),
+    ],
+)
+def test_a_template_that_is_broken_otherwise_is_not_said_to_name_a_missing_field(
+    tiny_world, tmp_path, old, new, error, problem
+):
+    """A Jinja syntax error or an unknown filter in a doc_to_* template was said to name a field
+    the records lack, and an error the template's code raised (a division by zero) sent the user
+    to the network for a hub dataset: each says what is wrong with the template."""
+    from mergeopt.objectives.lm_eval_term import check_task_loads
+
+    name = f"mergeopt_tiny_arith_broken_{error.lower()}"
+    dev = tiny_world / "dev" / "arith.jsonl"
+    (tmp_path / "broken.yaml").write_text(lm_eval_task_yaml(name, {"validation": dev}).replace(old, new))
+    with pytest.raises(UserError) as refused:
+        check_task_loads(ObjectiveTerm(kind="lm_eval", task=name, include_path=str(tmp_path)))
+    line = str(refused.value)
+    assert f"({error}: " in line, line
+    assert line.endswith(f"a doc_to_text, doc_to_target or doc_to_choice template of the task {problem}"), (
+        line
+    )
+    assert "records lack" not in line and "network" not in line, line
+
+
 def test_a_metric_a_task_function_reports_is_not_refused_before_it_has_run(tiny_world, tmp_path):
     """A metric function of the task's own may return several results (HumanEval's pass_at_k
     reports pass@1), which lm-eval declares only once it has run: a term on one of them is left to

@@ -81,8 +81,34 @@ def _template_inputs(record: Mapping[str, Any], where: str) -> dict[str, Any]:
     if record.get("chat_template_kwargs") is not None:
         if not isinstance(record["chat_template_kwargs"], dict):
             raise UserError(f"{where}: 'chat_template_kwargs' must be an object of template variables")
+        for key in record["chat_template_kwargs"]:
+            if key in RENDERING_ARGUMENTS:
+                raise UserError(
+                    f"{where}: 'chat_template_kwargs' sets {key!r}, an argument of apply_chat_template "
+                    "that mergeopt chooses to score the record, not a template variable"
+                )
         extras["chat_template_kwargs"] = record["chat_template_kwargs"]
     return extras
+
+
+# apply_chat_template's own arguments that mergeopt sets, or that change what it returns: in a
+# record's chat_template_kwargs each was a TypeError or RuntimeError traceback (given twice, or a
+# tensor where a list was read), or scored the conversation otherwise than it reads
+RENDERING_ARGUMENTS = frozenset(
+    (
+        "add_generation_prompt",
+        "chat_template",
+        "continue_final_message",
+        "max_length",
+        "padding",
+        "return_assistant_tokens_mask",
+        "return_dict",
+        "return_tensors",
+        "tokenize",
+        "tokenizer_kwargs",
+        "truncation",
+    )
+)
 
 
 def template_options(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -271,10 +297,34 @@ def tokenize_chat(record: Mapping[str, Any], tokenizer) -> tuple[list[int], list
     ids, scored = _tokenize_chat(record, tokenizer)
     if not ids:
         raise UserError("the chat template renders the conversation as no tokens at all")
+    what = "the assistant's messages" if "messages" in record else "the completion"
     if not any(scored[1:]):
-        what = "the assistant's messages" if "messages" in record else "the completion"
         raise UserError(f"the chat template writes no tokens of {what}: nothing to score")
+    if not _writes_what_is_said(record, tokenizer):
+        raise UserError(
+            f"the chat template writes nothing of what {what} say (the same text whatever they hold): "
+            "only its own markup around them would be scored"
+        )
     return ids, scored
+
+
+def _writes_what_is_said(record: Mapping[str, Any], tokenizer) -> bool:
+    """Whether the conversation's rendering changes with the content of what is scored (the
+    assistant's messages, the completion): a template that leaves it out still writes its turn's
+    markup (an end-of-turn token), which alone was scored as the answer. A template that fails on
+    the stand-in contents is given the benefit of the doubt (the record itself rendered)."""
+    renderings = set()
+    for stand_in in ("a", "b"):
+        if "messages" in record:
+            said = [{**m, "content": stand_in} if m["role"] == "assistant" else m for m in record["messages"]]
+        else:
+            said = [*record["prompt"], *({**m, "content": stand_in} for m in record["completion"])]
+        options = {"date_string": DATE_STRING, **template_options(record)}
+        try:
+            renderings.add(tokenizer.apply_chat_template(said, tokenize=False, **options))
+        except Exception:  # the record's own rendering succeeded; not this check's to say
+            return True
+    return len(renderings) > 1
 
 
 def _tokenize_chat(record: Mapping[str, Any], tokenizer) -> tuple[list[int], list[bool]]:

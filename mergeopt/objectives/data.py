@@ -13,6 +13,7 @@ early stopping. Every example keeps the record it came from, so a metric that ne
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,10 +180,13 @@ def tokenize(record: dict[str, Any], tokenizer, max_length: int) -> Example | No
 def tokenize_records(
     records: Sequence[dict[str, Any]], tokenizer, max_length: int, what: str
 ) -> list[Example]:
-    """:func:`tokenize` over a set's records, the ones truncation leaves unscored dropped (one
-    warning line names them, unless truncation drops every record, which the callers refuse); an
-    error (a conversation its chat template refuses) names ``what`` and the record's number."""
-    examples, dropped = [], []
+    """:func:`tokenize` over a set's records, the ones left unscored dropped: those truncation cuts
+    before their first scored token, and those of a single token (a one-token text, or a one-token
+    completion after a prompt of no tokens: a sequence's first token is never scored), each kind
+    named in one warning line unless no record is left (truncation's then refused by the callers,
+    the others here); an error (a conversation its chat template refuses) names ``what`` and the
+    record's number."""
+    examples, dropped, short = [], [], []
     for number, record in enumerate(records, start=1):
         try:
             example = tokenize(record, tokenizer, max_length)
@@ -190,17 +194,41 @@ def tokenize_records(
             raise UserError(f"{what}: record {number}: {err}") from None
         if example is not None:
             examples.append(example)
+        elif tokenize(record, tokenizer, sys.maxsize) is None:  # nothing to score at any length
+            short.append(number)
         else:
             dropped.append(number)
-    if dropped and examples:
-        shown = ", ".join(map(str, dropped[:5])) + (
-            f" and {len(dropped) - 5} more" if len(dropped) > 5 else ""
+    if short and not examples:
+        raise UserError(
+            f"{what}: no record has a token to score: {_numbers(short)} {_one_token(len(short))}"
+            + (f", and max_length={max_length} cuts the others before theirs" if dropped else "")
         )
+    if dropped and examples:
         warn(
-            f"{what}: {len(dropped)} of {len(dropped) + len(examples)} records left out: max_length="
-            f"{max_length} cuts them before their first scored token (record {shown})"
+            f"{what}: {len(dropped)} of {len(records)} records left out: max_length="
+            f"{max_length} cuts them before their first scored token ({_numbers(dropped)})"
+        )
+    if short:
+        warn(
+            f"{what}: {len(short)} of {len(records)} records left out: {_numbers(short)} {_one_token(len(short))}"
         )
     return examples
+
+
+def _numbers(numbers: Sequence[int]) -> str:
+    """'record 3', or 'record 1, 2, 3, 4, 5 and 7 more'."""
+    return (
+        "record "
+        + ", ".join(map(str, numbers[:5]))
+        + (f" and {len(numbers) - 5} more" if len(numbers) > 5 else "")
+    )
+
+
+def _one_token(count: int) -> str:
+    return (
+        f"{'is' if count == 1 else 'are'} a single token, and a sequence's first token is never "
+        "scored (nothing comes before it to predict it from)"
+    )
 
 
 UNKNOWN_REFUSED = 0.5  # a set whose scored tokens are this share <unk> or more measures nothing

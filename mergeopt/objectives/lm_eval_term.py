@@ -92,8 +92,8 @@ def check_task_loads(term: ObjectiveTerm) -> None:
         reason = (str(error).strip().splitlines() or [""])[0]
         if isinstance(error, FileNotFoundError):
             hint = ""
-        elif _is_template_error(error):  # the data loaded; a doc_to_* template names a missing field
-            hint = "; a doc_to_text, doc_to_target or doc_to_choice template of the task names a field its records lack"
+        elif (problem := _template_problem(error)) is not None:  # the data loaded; a template failed
+            hint = f"; a doc_to_text, doc_to_target or doc_to_choice template of the task {problem}"
         else:
             hint = "; a hub dataset needs the network once, then HF_DATASETS_OFFLINE=1 reads datasets' cache"
         raise UserError(
@@ -103,14 +103,24 @@ def check_task_loads(term: ObjectiveTerm) -> None:
     check_direction(term, built.get(term.task))
 
 
-def _is_template_error(error: BaseException) -> bool:
-    """A Jinja error from the task's own templates (``{{question}}`` over records that have no
-    ``question``), which the advice about hub datasets and the network would only mislead."""
+def _template_problem(error: BaseException) -> str | None:
+    """What is wrong with the task's own templates, when ``error`` is theirs (``{{question}}`` over
+    records that have no ``question``, a Jinja syntax error, an error raised by the template's
+    code), which the advice about hub datasets and the network would only mislead; else None."""
     try:
-        from jinja2 import TemplateError
+        from jinja2 import TemplateError, UndefinedError
     except ImportError:  # pragma: no cover - lm-eval requires jinja2
-        return False
-    return isinstance(error, TemplateError)
+        return None
+    if isinstance(error, UndefinedError):
+        return "names a field its records lack"
+    if isinstance(error, TemplateError):  # a syntax error, an unknown filter or test
+        return "is not valid Jinja"
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == "<template>":  # Jinja's code of a template from a string
+            return "fails on the task's records"
+        tb = tb.tb_next
+    return None
 
 
 def check_direction(term: ObjectiveTerm, task) -> None:
