@@ -117,3 +117,24 @@ def chat_world(world, tmp_path, layout: str) -> dict:
         chat["paths"][name] = tmp_path / f"{name}-{layout}.jsonl"
         chat["paths"][name].write_text("".join(json.dumps(row) + "\n" for row in rows))
     return chat
+
+
+# each message's content twice: another template than the chat tokenizer's own (CONCAT), so the
+# counts tell which one rendered the conversations
+DOUBLED = (
+    "{{ bos_token }}{% for message in messages %}{{ message['content'] }}{{ message['content'] }}{% endfor %}"
+)
+
+
+def chat_run_with_template(world, tmp_path, template_name: str = "doubled.jinja") -> tuple[dict, Path, Path]:
+    """(the chat world, the DOUBLED template's file, a run whose recipe names it as
+    data.chat_template and the chat world's conversations as train.data)."""
+    from tests.conftest import recipe_tree
+
+    chat = chat_world(world, tmp_path, "messages")
+    template = tmp_path / template_name
+    template.write_text(DOUBLED)
+    fake = {"base": "/x/base", "experts": {n: f"/x/{n}" for n in WEIGHTS}, "dev": {"d": "/x/d.jsonl"}}
+    tree = recipe_tree(fake, tmp_path / "run", train={"data": {n: str(p) for n, p in chat["paths"].items()}})
+    tree["data"]["chat_template"] = str(template)
+    return chat, template, write_run(tmp_path / "run", WEIGHTS, recipe=tree)

@@ -16,6 +16,7 @@ import json
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import datasets
@@ -36,9 +37,11 @@ from mergeopt.objectives.data import tokenize
 from mergeopt.worlds import toy
 from tests.conftest import recipe_tree
 from tests.export_world import (
+    DOUBLED,
     SIZES,
     WEIGHTS,
     build_world,
+    chat_run_with_template,
     chat_world,
     expected_sample_shares,
     export,
@@ -954,3 +957,53 @@ def test_open_instruct_says_to_write_multiple_choice_records_as_messages(world, 
     (note,) = [line for line in (tmp_path / "oi.yaml").read_text().splitlines() if line.startswith("# a: ")]
     assert "write them as prompt/completion" not in note
     assert note.endswith('{"role": "assistant", "content": choices[answer]}]}'), note
+
+
+def test_trl_renders_conversations_with_the_template_they_were_counted_with(world, tmp_path):
+    """A run whose recipe names data.chat_template counts its conversations with it, and TRL's
+    SFTTrainer renders them with the model's tokenizer's template unless SFTConfig's
+    chat_template_path names another: the file named none, so TRL trained on other tokens than the
+    mixture's sample shares were derived from. Now it names the template; TRL's own parser, loader
+    and SFTTrainer read the file and tokenize every sample as mergeopt counted it."""
+    trl = pytest.importorskip("trl")
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from trl.scripts import utils
+
+    from mergeopt.objectives.chat import render
+
+    chat, template, run = chat_run_with_template(world, tmp_path)
+    out = tmp_path / "trl.yaml"
+    argv = [str(run), "--to", "trl", "--tokenizer", chat["tokenizer"], "--budget-samples", "120"]
+    assert run_cli(main, [*argv, "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "mean tokens per sample: a 13, b 51, c 21" in text  # BOS + each character twice
+    assert yaml_body(text)["chat_template_path"] == str(template)
+
+    with warnings.catch_warnings():  # transformers' own deprecations inside TrainingArguments
+        warnings.simplefilter("ignore")
+        args, mixture = utils.TrlParser((trl.SFTConfig, utils.DatasetMixtureConfig)).parse_args_and_config(
+            ["--config", str(out), "--output_dir", str(tmp_path / "trl"), "--report_to", "none"]
+            + ["--use_cpu", "true", "--bf16", "false", "--max_length", "100000"]
+        )
+    train = utils.get_dataset(mixture)["train"]
+    tokenizer = AutoTokenizer.from_pretrained(chat["tokenizer"])
+    sizes = {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2}
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), num_key_value_heads=2, **sizes))
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
+    counted = AutoTokenizer.from_pretrained(chat["tokenizer"])
+    counted.chat_template = DOUBLED
+    assert trainer.train_dataset["input_ids"] == [render(counted, r["messages"])["input_ids"] for r in train]
+
+
+def test_trl_says_when_it_cannot_take_the_runs_chat_template(world, tmp_path):
+    """TRL reads chat_template_path as a template only from a .jinja or .j2 file (any other path is
+    a whole tokenizer to load): a template kept under another name gets a line saying so."""
+    chat, template, run = chat_run_with_template(world, tmp_path, "doubled.txt")
+    out = tmp_path / "trl.yaml"
+    assert run_cli(main, [str(run), "--to", "trl", "--tokenizer", chat["tokenizer"], "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "chat_template_path" not in yaml_body(text)
+    assert (
+        f"# the conversations were counted with data.chat_template ({template}); TRL's SFTTrainer reads"
+        in text
+    )

@@ -30,6 +30,8 @@ from mergeopt.export.shares import make_plan
 from tests.export_world import (
     WEIGHTS,
     build_world,
+    chat_run_with_template,
+    chat_world,
     expected_sample_shares,
     export,
     measured_stats,
@@ -314,7 +316,6 @@ def test_llamafactory_header_registers_conversations_as_sharegpt(world, tmp_path
     LLaMA-Factory's own parser and converter read each conversation as the user's turn and the
     assistant's answer."""
     pytest.importorskip("llamafactory")
-    from tests.export_world import chat_world
 
     chat = chat_world(world, tmp_path, "messages")
     text = export(chat, "llamafactory", tmp_path)
@@ -343,7 +344,6 @@ def test_llamafactory_header_registers_conversations_as_sharegpt(world, tmp_path
 
 
 def test_llamafactory_header_says_how_to_give_prompt_completion_conversations(world, tmp_path):
-    from tests.export_world import chat_world
 
     text = export(chat_world(world, tmp_path, "prompt"), "llamafactory", tmp_path)
     notes = [line for line in text.splitlines() if "prompt/completion lists of messages" in line]
@@ -376,7 +376,6 @@ print(json.dumps(out))
 
 def _one_layout_each(world, tmp_path) -> dict:
     """The world with a as text records, b as prompt/completion (as built), c as messages."""
-    from tests.export_world import chat_world
 
     chat = chat_world(world, tmp_path, "messages")
     text = tmp_path / "a-text.jsonl"
@@ -456,3 +455,50 @@ def test_llamafactory_header_without_datasets_claims_no_columns(world, tmp_path)
         in budget.splitlines()
     )
     assert not any(line.startswith("#   {") for line in lines)
+
+
+OWN_TEMPLATE = {
+    "torchtune": "torchtune",
+    "llamafactory": "LLaMA-Factory",
+    "open-instruct": "open-instruct",
+    "nemo-sft": "NeMo's fine-tuning",
+}
+
+
+def _own_template_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "renders conversations with its own template" in line]
+
+
+def test_a_framework_that_renders_with_its_own_template_says_the_counts_used_another(world, tmp_path):
+    """Conversations are counted with the run's data.chat_template (or the tokenizer's), and
+    torchtune (its model tokenizer's format), LLaMA-Factory (a registered template, or one rebuilt
+    from the tokenizer's), open-instruct (a registered one, or tokenizer_name_or_path's) and NeMo
+    (its chat_prompt_tokens) take no Jinja template: the files said nothing, so the sample shares
+    read as if the framework rendered what was counted. Now one header line says so, naming the
+    template's source; open-instruct, which renders with the tokenizer's own template, only where the
+    recipe names another; TRL and axolotl, which take it, and text records, none."""
+    chat, template, run = chat_run_with_template(world, tmp_path)
+    for fmt, framework in OWN_TEMPLATE.items():
+        out = tmp_path / f"{fmt}.yaml"
+        assert (
+            run_cli(main, [str(run), "--to", fmt, "--tokenizer", chat["tokenizer"], "--out", str(out)]) == 0
+        )
+        text = out.read_text()
+        assert "mean tokens per sample: a 13, b 51, c 21" in text  # BOS + each character twice
+        (line,) = _own_template_lines(text)
+        assert line.startswith(f"# {framework} renders conversations with its own template (")
+        assert line.endswith(
+            "so the token counts of a, b, c (and the sample shares derived from them) were measured "
+            f"with another: data.chat_template ({template})"
+        )
+    for fmt in OWN_TEMPLATE:  # the tokenizer's own template: open-instruct takes it
+        lines = _own_template_lines(export(chat, fmt, tmp_path / "base"))
+        if fmt == "open-instruct":
+            assert lines == []
+        else:
+            (line,) = lines
+            assert line.endswith(f"measured with another: the chat template of {chat['tokenizer']}")
+    for fmt in ("trl", "axolotl", "hf-datasets"):
+        assert _own_template_lines(export(chat, fmt, tmp_path / "take")) == []
+    for fmt in OWN_TEMPLATE:  # prompt/completion strings: no template at all
+        assert _own_template_lines(export(world, fmt, tmp_path / "text")) == []

@@ -175,6 +175,12 @@ def registration(ctx: Context) -> list[str]:
     return lines
 
 
+# template.py (0.9.5) ``get_template_and_fix_tokenizer``: ``template`` names one of its registered
+# templates; left out, ``parse_template`` rebuilds one from slots cut out of the tokenizer's
+# chat_template (a system, a user and an assistant turn), so no Jinja template is rendered as it is
+OWN = "template: names a registered one; left out, it rebuilds one from the tokenizer's chat_template"
+
+
 def render(ctx: Context) -> str:
     plan = ctx.plan
     for name in plan.names:  # DataArguments splits ``dataset`` on ',' and strips each name
@@ -183,7 +189,7 @@ def render(ctx: Context) -> str:
                 f"--to llamafactory: expert {name!r} cannot be a name in LLaMA-Factory's dataset key, "
                 "which is split on commas and stripped of spaces: rename that expert"
             )
-    lines = [ctx.header(FORMAT), *registration(ctx)]
+    lines = [ctx.header(FORMAT), *registration(ctx), *sliced.own_template_note(ctx, READER, OWN)]
     config: dict = {"dataset": ",".join(plan.names)}
     if plan.counts is not None:
         lines.append(

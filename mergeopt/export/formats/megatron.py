@@ -87,6 +87,8 @@ def render_nemo(ctx: Context) -> str:
 
 def render_nemo_sft(ctx: Context) -> str:
     """Fine-tuning: ``model.data.train_ds`` JSONL ``file_names`` and per-record probabilities."""
+    from mergeopt.export.formats import sliced
+
     names = ctx.plan.names
     _check_one_layout(ctx)
     train_ds = {
@@ -112,11 +114,14 @@ def render_nemo_sft(ctx: Context) -> str:
         for n in names
         if _holds_conversations(ctx.datasets[n])
     ]
+    lines += sliced.own_template_note(ctx, NEMO_SFT_READER, NEMO_SFT_OWN)
     body = yaml.safe_dump({"model": {"data": {"train_ds": train_ds}}}, sort_keys=False)
     return "\n".join(lines) + "\n" + body
 
 
 NEMO_SFT_READER = "NeMo's fine-tuning"
+# GPTSFTChatDataset (NeMo 1) joins the turns with the config's chat_prompt_tokens; no Jinja template
+NEMO_SFT_OWN = "GPTSFTChatDataset's turns joined by model.data.chat_prompt_tokens, not a Jinja template"
 # how NeMo 1 reads each layout: one ``prompt_template``/``label_key`` over strings, or chat records
 _SFT_LAYOUTS = {
     "text": "text",

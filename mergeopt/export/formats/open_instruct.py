@@ -119,6 +119,12 @@ def fraction_string(count: int, size: int) -> str:
     return fraction_strings({"": count}, {"": size})[""]
 
 
+# TokenizerConfig.chat_template_name names one of CHAT_TEMPLATES; unset, the template is
+# tokenizer_name_or_path's (get_tokenizer_tulu_v2_2): the base's, as mergeopt counts without
+# data.chat_template, but no Jinja file can be given
+OWN = "chat_template_name names a registered one, else tokenizer_name_or_path's; it takes no Jinja file"
+
+
 def render(ctx: Context) -> str:
     plan = ctx.plan
     mixer: list[str] = []
@@ -128,6 +134,8 @@ def render(ctx: Context) -> str:
     kind = "integer sample counts" if plan.counts is not None else "fractions of each dataset"
     cli = " ".join(["--dataset_mixer_list", *mixer])
     lines = [ctx.header(FORMAT), f"# values: {kind}", f"# on the command line: {cli}", *layout_notes(ctx)]
+    if ctx.recipe is not None and ctx.recipe.data.chat_template is not None:
+        lines += sliced.own_template_note(ctx, "open-instruct", OWN)
     return "\n".join(lines) + "\n" + yaml.safe_dump(config, sort_keys=False)
 
 

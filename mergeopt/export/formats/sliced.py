@@ -13,6 +13,10 @@ multiple-choice ``prompt``/``choices``/``answer`` and conversations; ``text``, `
 and ``messages`` go to each framework's builder for them. A multiple-choice dataset (its completion
 is ``choices[answer]``, which no builder reads), a conversation kept as prompt/completion lists of
 messages (both read a conversation from one column) or one that mixes layouts is refused, naming it.
+
+:func:`own_template_note` is the header line of every format whose framework renders
+conversations with a template of its own (torchtune, LLaMA-Factory, open-instruct, NeMo), not the
+chat template mergeopt counted them with.
 """
 
 from __future__ import annotations
@@ -97,12 +101,46 @@ def kind(reader: str, path: Path) -> Layout | Literal["prompt_completion_message
 def record_layouts(ctx: Context, reader: str, said: Mapping[str, str]) -> dict[str, str]:
     """Each dataset's record layout as ``said`` words it (:func:`kind` keys to words), for the
     datasets of records whose kind ``said`` has: data in a trainer's own format, and datasets
-    :func:`kind` refuses (each format says those its own way), are left out."""
+    :func:`kind` refuses (each format says those its own way), and names without a path, are left
+    out."""
     from mergeopt.export.token_files import kind_of
 
     layouts = {}
     for name in ctx.plan.names:
-        path = ctx.datasets[name]
-        if kind_of(Path(path)) is None and (found := kind(reader, path)) in said:
+        path = ctx.datasets.get(name)  # none without --datasets
+        if path is not None and kind_of(Path(path)) is None and (found := kind(reader, path)) in said:
             layouts[name] = said[found]
     return layouts
+
+
+def conversations(ctx: Context) -> list[str]:
+    """The datasets whose records are conversations (``messages``, or prompt/completion lists of
+    messages): the ones whose tokens were counted through a chat template."""
+    return list(record_layouts(ctx, "", {"messages": "", "prompt_completion_messages": ""}))
+
+
+def template_source(ctx: Context) -> str:
+    """Where the chat template that counted the conversations came from: the run's
+    ``data.chat_template``, else the tokenizer's (``--tokenizer``, else the run's base)."""
+    recipe = ctx.recipe
+    if recipe is not None and recipe.data.chat_template is not None:
+        return f"data.chat_template ({recipe.data.chat_template})"
+    options = list(ctx.options)
+    if "--tokenizer" in options[:-1]:
+        return f"the chat template of {options[options.index('--tokenizer') + 1]}"
+    if recipe is not None:
+        return f"the chat template of the base ({recipe.model.base})"
+    return "the tokenizer's chat template"
+
+
+def own_template_note(ctx: Context, framework: str, how: str) -> list[str]:
+    """One header line where ``framework`` renders conversations with a template of its own (``how``),
+    not the one their tokens were counted with; none where no dataset holds conversations."""
+    names = conversations(ctx)
+    if not names:
+        return []
+    return [
+        f"# {framework} renders conversations with its own template ({how}), so the token counts of "
+        f"{', '.join(names)} (and the sample shares derived from them) were measured with another: "
+        f"{template_source(ctx)}"
+    ]

@@ -48,9 +48,20 @@ def entry(layout: sliced.Layout, source: Source) -> dict:
     }
 
 
+# torchtune 0.6.1 has no Jinja: chat_dataset's messages are tokenized by the model's own tokenizer
+# (its special tokens per role, e.g. Llama3Tokenizer.tokenize_messages), and a tokenizer's
+# ``prompt_template`` is a PromptTemplate of role tags, not a chat template
+OWN = "the model tokenizer's own format; its prompt_template takes role tags, not a Jinja template"
+
+
 def render(ctx: Context) -> str:
     body = yaml.safe_dump({"dataset": sliced.entries(ctx, FORMAT, entry)}, sort_keys=False)
-    return "\n".join([ctx.header(FORMAT), sliced.summary(ctx, FORMAT)]) + "\n" + body
+    lines = [
+        ctx.header(FORMAT),
+        sliced.summary(ctx, FORMAT),
+        *sliced.own_template_note(ctx, "torchtune", OWN),
+    ]
+    return "\n".join(lines) + "\n" + body
 
 
 FORMAT = Format(

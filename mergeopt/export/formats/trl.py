@@ -18,9 +18,15 @@ tokenizes any record with a ``prompt`` key as prompt/completion. So ``messages``
 prompt/completion records (strings or lists of messages), or text beside either, stop it
 (``'NoneType' object has no attribute 'endswith'``) or lose records; every dataset must have one
 layout, and a multiple-choice one (no ``completion`` column) none. Both are refused, naming the datasets.
+
+Conversations are counted with the run's ``data.chat_template`` where its recipe names one, and
+SFTTrainer renders them with the model's tokenizer's template unless SFTConfig's
+``chat_template_path`` names another: the file sets it (a key of the same ``trl sft --config`` file).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import yaml
 
@@ -38,8 +44,9 @@ LAYOUT_NAMES = {
 READER = "TRL's SFTTrainer"
 
 
-def check_layouts(ctx: Context) -> None:
-    """One record layout for every dataset: SFTTrainer reads the concatenation as one (see above)."""
+def check_layouts(ctx: Context) -> dict[str, str]:
+    """One record layout for every dataset: SFTTrainer reads the concatenation as one (see above).
+    Returns each dataset's layout."""
     layouts = {}
     for name in ctx.plan.names:
         path = ctx.datasets[name]
@@ -53,6 +60,7 @@ def check_layouts(ctx: Context) -> None:
             f"--to trl: the datasets' records differ ({said}), and {READER} reads one layout for the "
             'whole concatenation: write every dataset in one layout (conversations as {"messages": ...})'
         )
+    return layouts
 
 
 def entries(ctx: Context) -> list[dict]:
@@ -72,13 +80,47 @@ def entries(ctx: Context) -> list[dict]:
     return out
 
 
+def chat_template(ctx: Context) -> tuple[dict, list[str]]:
+    """SFTConfig's ``chat_template_path`` for the run's ``data.chat_template`` (the template the
+    conversations were counted with), or a header line where TRL cannot take it; nothing without
+    one (SFTTrainer renders with the model's tokenizer's template, the base's, as mergeopt counts).
+
+    trl/trainer/sft_trainer.py (1.16) reads ``chat_template_path`` as the template itself only
+    where it is a file named ``.jinja`` or ``.j2``; anything else it loads as a whole tokenizer
+    (``clone_chat_template``: its template, and also its added tokens and EOS token, the model's
+    embeddings resized). So a template file, or a tokenizer directory's ``chat_template.jinja``,
+    is named; a template kept elsewhere (another file name, ``tokenizer_config.json``) gets a line
+    saying to write it to a ``.jinja`` file."""
+    from mergeopt.objectives.chat import read_template
+
+    path = ctx.recipe.data.chat_template if ctx.recipe is not None else None
+    if path is None:
+        return {}, []
+    read_template(path)  # a template mergeopt could not read is refused, as in the fit
+    where = Path(path)
+    if where.is_dir() and (where / "chat_template.jinja").is_file():
+        where = where / "chat_template.jinja"
+    if where.is_file() and where.suffix in (".jinja", ".j2"):
+        return {"chat_template_path": str(where)}, []
+    return {}, [
+        f"# the conversations were counted with data.chat_template ({path}); {READER} reads a "
+        "template only from a .jinja or .j2 file (any other path it loads as a whole tokenizer): "
+        "write the template to one and set chat_template_path to it"
+    ]
+
+
 def render(ctx: Context) -> str:
-    check_layouts(ctx)
+    layouts = check_layouts(ctx)
     plan = ctx.plan
     counts = ctx.whole_samples(FORMAT)
     summary = ", ".join(f"{n} {counts[n]}" for n in plan.names)
     lines = [ctx.header(FORMAT), f"# samples per dataset: {summary}"]
-    return "\n".join(lines) + "\n" + yaml.safe_dump({"datasets": entries(ctx)}, sort_keys=False)
+    config: dict = {"datasets": entries(ctx)}
+    if {"messages", "prompt_completion_messages"} & set(layouts.values()):
+        template, said = chat_template(ctx)
+        config.update(template)
+        lines += said
+    return "\n".join(lines) + "\n" + yaml.safe_dump(config, sort_keys=False)
 
 
 FORMAT = Format(
