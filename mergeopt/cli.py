@@ -51,6 +51,10 @@ HELP = {
     "transfer": "how a ranking of mixtures at one scale carries to another",
     "diagnose": "the experts' task vectors, the loss between them, and flags where the proxy may degrade",
 }
+# verbs that never join a torchrun group: under torchrun every rank would do the whole work and
+# write the same outputs (`torchrun ... -m mergeopt merge` merged N times, the first rank published
+# the checkpoint and the others failed on the directory it had just filled, exit 1)
+ONE_PROCESS = ("train", "merge", "export", "transfer", "diagnose")
 OUT_KEYS = {
     "fit": "output_dir",
     "plan": "output_dir",
@@ -170,6 +174,12 @@ def run_command(name: str, argv: Sequence[str], prog: str | None = None) -> int:
     args = parse(name, argv, prog)
     quiet_foreign_loggers()
     inputs.environment()  # torchrun's variables and MERGEOPT_FAULT, before any work
+    size = inputs.torchrun_variable("WORLD_SIZE")
+    if name in ONE_PROCESS and size > 1:
+        raise UserError(
+            f"mergeopt {name} runs in one process, not as one of WORLD_SIZE={size} (torchrun's): "
+            "start it without torchrun"
+        )
     launcher.end_with_the_launcher()  # a torchrun rank gets SIGTERM when its agent dies
     module, _, function = HANDLERS[name].partition(":")
     with _no_bars(getattr(args, "quiet", False)):

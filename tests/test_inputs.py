@@ -297,6 +297,39 @@ def test_every_command_checks_the_environment_first(verb, argv, tmp_path, monkey
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    "verb, argv",
+    [
+        ("merge", ["RECIPE", "--weights", "alpha=0.2,beta=0.5,gamma=0.3", "--out", "OUT"]),
+        ("train", ["nope.yaml", "--out", "OUT"]),
+        ("export", ["nope.json", "--to", "trl", "--out", "OUT"]),
+        ("transfer", ["small.csv", "large.csv", "--out", "OUT"]),
+        ("diagnose", ["nope.yaml", "--out", "OUT"]),
+    ],
+)
+def test_a_one_process_command_refuses_torchrun(verb, argv, random_world, tmp_path, monkeypatch, capsys):
+    """``torchrun --nproc-per-node 3 -m mergeopt merge ...`` merged three times: the first rank
+    published the checkpoint, the other two failed on the directory it had just filled (exit 2 each,
+    torchrun's ChildFailedError, exit 1). A verb that never joins the group says so in one line."""
+    import yaml
+
+    from tests.conftest import recipe_tree
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(recipe_tree(random_world, tmp_path / "run")))
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    out = tmp_path / "out"
+    argv = [str(out) if a == "OUT" else str(recipe) if a == "RECIPE" else a for a in argv]
+    assert run_cli(lambda rest: cli.run_command(verb, rest), argv) == 2
+    assert capsys.readouterr().err == (
+        f"mergeopt: error: mergeopt {verb} runs in one process, not as one of WORLD_SIZE=3 (torchrun's): "
+        "start it without torchrun\n"
+    )
+    assert not out.exists()
+
+
 def test_a_process_group_without_its_rendezvous_is_one_line():
     """WORLD_SIZE=2 outside torchrun was torch's ValueError from inside init_process_group."""
     from mergeopt.runtime.distributed import check_rendezvous

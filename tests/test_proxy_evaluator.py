@@ -174,3 +174,22 @@ def test_two_gloo_processes_write_one_process_table(ranked_once, tmp_path):
     two = pd.read_csv(tmp_path / "two" / "rank_pairs.csv")
     assert one["proxy_nll"].nunique() > 1
     pd.testing.assert_frame_equal(one, two, rtol=1e-6)
+
+
+def test_three_sharded_ranks_rank_a_grid_without_splitting_a_training_batch(random_world, tmp_path):
+    """``mergeopt rank`` only evaluates mixtures, but with ``model.shard: fsdp`` over 3 ranks it
+    refused a gradient recipe's training micro-batch (optim.batch_size 4 x 2 dev sets = 8, not a
+    multiple of 3) in one line, as the fit must; it splits no micro-batch and ranks as one process."""
+    recipe, grid = tmp_path / "recipe.yaml", tmp_path / "grid.csv"
+    recipe.write_text(yaml.safe_dump(recipe_tree(random_world, tmp_path / "fit")))  # gradient
+    grid_table().drop(columns=["score_nll"]).to_csv(grid, index=False)
+    args = ("--grid", str(grid), "--quiet", "--out")
+    one = run_in_process("rank", str(recipe), *args, str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    job = run_ranks("rank", str(recipe), "model.shard=fsdp", *args, str(tmp_path / "three"), processes=3)
+    assert job.returncode == 0, job.stderr[-3000:]
+    pd.testing.assert_frame_equal(
+        pd.read_csv(tmp_path / "one" / "rank_pairs.csv"),
+        pd.read_csv(tmp_path / "three" / "rank_pairs.csv"),
+        rtol=1e-6,
+    )

@@ -466,3 +466,39 @@ def test_a_signal_one_rank_received_stops_every_rank_before_a_real_evaluation(tm
     fork_ranks(_evaluation_interrupt_worker, args=(port, str(tmp_path)), nprocs=2)
     seen = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
     assert seen == [[[int(signal.SIGTERM), "evaluation 1", 0]] * 2] * 2
+
+
+def _fault_in_a_round_worker(rank: int, port: int, out: str) -> None:
+    import os
+
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    from mergeopt.errors import Interrupted
+    from mergeopt.search.evaluator import Evaluator
+
+    join_gloo(rank, port)
+    try:
+        torch.set_num_threads(1)
+        os.environ["MERGEOPT_FAULT"] = "sigterm@evaluation:2"
+        evaluator = Evaluator(("a", "b"), lambda w: {"loss": float(w[0])}, lambda s: s["loss"])
+        mixtures = [np.array([x, 1 - x]) for x in (0.1, 0.2, 0.3, 0.4)]
+        with interrupts.interruptible(), pytest.raises(Interrupted) as stop:
+            evaluator.prefetch(mixtures, "grid")
+        with open(f"{out}/{rank}.json", "w") as handle:
+            json.dump([int(stop.value.signum), stop.value.where, evaluator.evaluations], handle)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_fault_point_inside_a_round_of_evaluations_fires(tmp_path):
+    """``MERGEOPT_FAULT=sigterm@evaluation:N`` under torchrun: the candidates are scored in rounds of
+    one per rank, and only a round's first evaluation was a fault point, so with 2 ranks an even N
+    (with 3, evaluation 5) never fired and a resume test passed without any interruption."""
+    from tests.conftest import fork_ranks
+
+    port = free_port()
+    fork_ranks(_fault_in_a_round_worker, args=(port, str(tmp_path)), nprocs=2)
+    seen = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
+    assert seen == [[int(signal.SIGTERM), "evaluation 2", 2]] * 2

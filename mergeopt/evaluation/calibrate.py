@@ -256,7 +256,7 @@ def _proxy_scores(
     journaled = [e["w"] for e in checkpoint.read_evaluations(PROXY_EVALUATIONS)] if resuming else []
     evaluated = evaluation_order(candidates, journaled, names)
     try:
-        problem = load_problem(resolved, not quiet, objective)
+        problem = load_problem(resolved, not quiet, objective, trains=False)  # evaluations only
         scored = proxy_grid(
             problem, objective, evaluated, not quiet, checkpoint, together=resolved.model.shard == "fsdp"
         )

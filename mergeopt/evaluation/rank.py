@@ -208,7 +208,7 @@ def _grid_run(args, recipe, out: Path) -> int:
     tree = {k: v for k, v in recipe_tree(recipe).items() if k != "rank"}
     checkpoint, resuming = _rank_checkpoint(out, tree, input_fingerprints(resolved), args.restart, quiet)
     try:
-        problem = load_problem(resolved, not quiet, objective)
+        problem = load_problem(resolved, not quiet, objective, trains=False)  # evaluations only
         report, pairs, _, baselines = rank_grid(
             problem,
             objective,

@@ -314,8 +314,10 @@ def _random_dev_sets(recipe: Recipe, vocab: int) -> list[DevSet]:
     return sets
 
 
-def check_shard(recipe: Recipe) -> None:
-    """``model.shard: fsdp`` refused in one line where it cannot run (before anything is loaded)."""
+def check_shard(recipe: Recipe, trains: bool = True) -> None:
+    """``model.shard: fsdp`` refused in one line where it cannot run (before anything is loaded).
+    ``trains``: the caller runs the recipe's search, whose micro-batch must split over the ranks; a
+    command that only evaluates (rank, calibrate) splits no micro-batch."""
     from mergeopt.memory.ranks import check_shard_division, check_shard_recipe
 
     if recipe.model.shard == "none":
@@ -327,7 +329,8 @@ def check_shard(recipe: Recipe) -> None:
             "model.shard fsdp shards the stack over the processes of a torchrun job: start it with "
             "torchrun --nproc_per_node=N (N >= 2), or set model.shard=none"
         )
-    check_shard_division(recipe, world_size)
+    if trains:
+        check_shard_division(recipe, world_size)
 
 
 def _shard(recipe: Recipe) -> tuple[int, int] | None:
@@ -356,16 +359,18 @@ def load_problem(
     progress: bool = True,
     objective: Objective | None = None,
     base_expert: str | None = None,
+    trains: bool = True,
 ) -> Problem:
     """Check checkpoints and dev sets first (cheap), then load θ0 and stack the experts.
 
     ``objective`` is the caller's :meth:`Objective.from_recipe` of this recipe (made here if not given).
     ``base_expert`` stacks θ0 as one more expert of that name, last (``mergeopt diagnose``, which
-    scores the base and reads the task vectors back from the stack).
+    scores the base and reads the task vectors back from the stack). ``trains=False``: the caller
+    only evaluates mixtures (rank, calibrate), so a sharded micro-batch need not split over the ranks.
     """
     if objective is None:
         objective = Objective.from_recipe(recipe)
-    check_shard(recipe)
+    check_shard(recipe, trains)
     device = distributed.local_device(resolve_device(recipe.device))
     from mergeopt.worlds.random_world import is_random
 
