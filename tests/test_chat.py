@@ -633,3 +633,25 @@ def test_a_records_malformed_template_inputs_are_named(tmp_path, extra, message)
     path = write_jsonl(tmp_path / "dev.jsonl", [{"messages": [user("q"), assistant("a")], **extra}])
     with pytest.raises(UserError, match=rf"{path}:1: {re.escape(message)}"):
         read_jsonl(path)
+
+
+def test_a_turn_whose_template_writes_its_tool_call_in_place_of_its_content_is_scored(smollm2):
+    """Llama 3.1's template writes an assistant turn's tool call and not its content: the tool call
+    is what the turn says and is scored (it was refused as a template writing only its markup); a
+    template that writes neither is still refused."""
+    tokenizer = AutoTokenizer.from_pretrained(smollm2.name_or_path)
+    tokenizer.chat_template = _trl_template("llama3_1")
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    turn = {"role": "assistant", "content": "Let me check.", "tool_calls": [call]}
+    for record in (
+        {"messages": [user("Weather in Paris?"), turn]},
+        {"prompt": [user("Weather?")], "completion": [turn]},
+    ):
+        ids, scored = tokenize_chat(record, tokenizer)
+        said = tokenizer.decode([i for i, s in zip(ids, scored) if s])
+        assert '"name": "get_weather"' in said and "Let me check." not in said
+    tokenizer.chat_template = "{% for m in messages %}{{ m.role }}: {% if m.role != 'assistant' %}{{ m.content }}{% endif %}\n{% endfor %}"
+    with pytest.raises(
+        UserError, match="the chat template writes nothing of what the assistant's messages say"
+    ):
+        tokenize_chat({"messages": [user("Weather in Paris?"), turn]}, tokenizer)

@@ -309,22 +309,37 @@ def tokenize_chat(record: Mapping[str, Any], tokenizer) -> tuple[list[int], list
 
 
 def _writes_what_is_said(record: Mapping[str, Any], tokenizer) -> bool:
-    """Whether the conversation's rendering changes with the content of what is scored (the
-    assistant's messages, the completion): a template that leaves it out still writes its turn's
-    markup (an end-of-turn token), which alone was scored as the answer. A template that fails on
-    the stand-in contents is given the benefit of the doubt (the record itself rendered)."""
-    renderings = set()
-    for stand_in in ("a", "b"):
+    """Whether the conversation's rendering changes with what is scored (the assistant's messages,
+    the completion): their content, or what else they carry that the template writes (a tool
+    call, which Llama 3.1's template writes in place of the content). A template that leaves it
+    all out still writes its turn's markup (an end-of-turn token), which alone was scored as the
+    answer. A template that fails on the stand-ins is given the benefit of the doubt (the record
+    itself rendered)."""
+    options = {"date_string": DATE_STRING, **template_options(record)}
+
+    def rendering(said: Any, keep: bool) -> str:
+        def stand_in(message: Mapping[str, Any]) -> dict[str, Any]:
+            kept = message if keep else {"role": message["role"]}
+            return {**kept, "content": said}
+
         if "messages" in record:
-            said = [{**m, "content": stand_in} if m["role"] == "assistant" else m for m in record["messages"]]
+            messages = [stand_in(m) if m["role"] == "assistant" else m for m in record["messages"]]
         else:
-            said = [*record["prompt"], *({**m, "content": stand_in} for m in record["completion"])]
-        options = {"date_string": DATE_STRING, **template_options(record)}
-        try:
-            renderings.add(tokenizer.apply_chat_template(said, tokenize=False, **options))
-        except Exception:  # the record's own rendering succeeded; not this check's to say
+            messages = [*record["prompt"], *(stand_in(m) for m in record["completion"])]
+        return tokenizer.apply_chat_template(messages, tokenize=False, **options)
+
+    scored = record["completion"] if "messages" not in record else record["messages"]
+    carries_more = any(
+        set(m) - {"role", "content"} for m in scored if "messages" not in record or m["role"] == "assistant"
+    )
+    try:
+        first = rendering("a", keep=True)
+        if rendering("b", keep=True) != first:
             return True
-    return len(renderings) > 1
+        # the content is not written; the turn's other fields (a tool call) may be what it says
+        return carries_more and rendering("a", keep=False) != first
+    except Exception:  # the record's own rendering succeeded; not this check's to say
+        return True
 
 
 def _tokenize_chat(record: Mapping[str, Any], tokenizer) -> tuple[list[int], list[bool]]:
