@@ -655,3 +655,37 @@ def test_a_turn_whose_template_writes_its_tool_call_in_place_of_its_content_is_s
         UserError, match="the chat template writes nothing of what the assistant's messages say"
     ):
         tokenize_chat({"messages": [user("Weather in Paris?"), turn]}, tokenizer)
+
+
+@pytest.mark.parametrize("content", [None, "absent"])
+def test_a_turn_that_calls_tools_without_text_is_scored_as_its_tool_call(smollm2, tmp_path, content):
+    """TRL's tool-calling records (and OpenAI's messages) give a turn that calls tools no text:
+    ``content`` None or absent, as Arrow also writes it into a parquet file's other messages. Such
+    records were refused ("needs 'content' as a string"); the tool call is scored now, as TRL
+    scores it. A turn with neither text nor a tool call is still refused, and so is generation
+    (exact match) on a conversation whose last turn has no text to compare with."""
+    tokenizer = AutoTokenizer.from_pretrained(smollm2.name_or_path)
+    tokenizer.chat_template = _trl_template("qwen2_5")
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    turn = {"role": "assistant", "tool_calls": [call]} | ({} if content == "absent" else {"content": None})
+    records = [
+        {"messages": [user("Weather in Paris?"), turn]},
+        {"prompt": [user("Weather in Paris?")], "completion": [turn]},
+    ]
+    path = write_jsonl(tmp_path / "dev.jsonl", records)
+    read = read_jsonl(path)
+    for record in read:
+        ids, scored = tokenize_chat(record, tokenizer)
+        said = tokenizer.decode([i for i, s in zip(ids, scored) if s])
+        assert '"name": "get_weather"' in said, said
+    from trl.chat_template_utils import get_training_chat_template
+
+    training = get_training_chat_template(tokenizer)
+    assert ours(read[0], tokenizer) == trl_labels(read[:1], tokenizer, True, training)[0]
+    assert ours(read[1], tokenizer) == trl_labels(read[1:], tokenizer, False)[0]
+    with pytest.raises(UserError, match="must end with an assistant message with text"):
+        chat_prompt(read[0], tokenizer)
+    silent = {"role": "assistant", "content": None, "tool_calls": []}
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [user("q"), silent]}])
+    with pytest.raises(UserError, match=rf"{path}:1: messages message 1 needs 'content' as a string"):
+        read_jsonl(path)

@@ -49,7 +49,7 @@ def validated_chat(record: Mapping[str, Any], where: str) -> dict[str, Any]:
     extras = _template_inputs(record, where)
     if "messages" in record:
         _check_messages(record["messages"], "messages", where)
-        if not any(m["role"] == "assistant" and m["content"] for m in record["messages"]):
+        if not any(m["role"] == "assistant" and _says_something(m) for m in record["messages"]):
             raise UserError(f"{where}: 'messages' has no assistant message with content, nothing to score")
         return {"messages": record["messages"], **extras}
     if "choices" in record:
@@ -58,7 +58,7 @@ def validated_chat(record: Mapping[str, Any], where: str) -> dict[str, Any]:
         raise UserError(f"{where}: a conversation in 'prompt' needs a 'completion' (a list of messages)")
     for key in ("prompt", "completion"):
         _check_messages(record[key], key, where)
-    if not any(m["content"] for m in record["completion"]):
+    if not any(_says_something(m) for m in record["completion"]):
         raise UserError(f"{where}: 'completion' has no content, nothing to score")
     return {"prompt": record["prompt"], "completion": record["completion"], **extras}
 
@@ -127,10 +127,25 @@ def _check_messages(messages: Any, key: str, where: str) -> None:
             raise UserError(
                 f"{where}: {key} message {i} has role {message['role']!r} (did you mean {typo!r}?)"
             )
-        if not isinstance(message.get("content"), str):
+        if not isinstance(message.get("content"), str) and not (
+            message.get("content") is None and _calls_tools(message)
+        ):
             raise UserError(
-                f"{where}: {key} message {i} needs 'content' as a string (text conversations only)"
+                f"{where}: {key} message {i} needs 'content' as a string (text conversations only; "
+                "a turn that calls tools may have none)"
             )
+
+
+def _calls_tools(message: Mapping[str, Any]) -> bool:
+    """Whether the message calls tools (a non-empty ``tool_calls`` list, as TRL's tool-calling
+    records and OpenAI's messages have: such a turn's ``content`` may be None or absent, and
+    Arrow fills None into the other messages of a parquet file)."""
+    return isinstance(message.get("tool_calls"), list) and bool(message["tool_calls"])
+
+
+def _says_something(message: Mapping[str, Any]) -> bool:
+    """Whether the message has something to score: text, or a tool call."""
+    return bool(message.get("content")) or _calls_tools(message)
 
 
 # The roles chat templates know (OpenAI's, Llama 3.1's ipython); a role close to one of them but
@@ -434,5 +449,10 @@ def chat_prompt(record: Mapping[str, Any], tokenizer) -> tuple[list[int], str]:
             "a conversation scored by generation must end with an assistant message after the prompt"
         )
     messages = conversation(record)
+    if not isinstance(messages[-1].get("content"), str):
+        raise UserError(
+            "a conversation scored by generation must end with an assistant message with text "
+            "(its last message calls tools and has no text to compare the generation with)"
+        )
     prompt = render(tokenizer, messages[:-1], add_generation_prompt=True, **template_options(record))
     return prompt["input_ids"], messages[-1]["content"]
