@@ -288,7 +288,23 @@ def run(args: argparse.Namespace) -> int:
         print(summary(mixture, recipe.output_dir, output_files(recipe)))
         for line in warning_lines(mixture):
             warn(line)
+        for line in kept_of_other_experts(recipe.output_dir):
+            warn(line)
     return 0
+
+
+def kept_of_other_experts(out: str | Path) -> list[str]:
+    """Another command's files kept in the fit's directory that are of other experts than the fit's
+    (a fit of another recipe replaced the run): report.md leaves them out and the fit says so."""
+    from mergeopt.reporting.analysis import load_run, of_other_experts
+    from mergeopt.reporting.run_report import other_experts_line
+
+    commands = {"diagnose.json": "diagnose", "rank_report.json": "rank"}
+    other = of_other_experts(load_run(out))
+    return [
+        other_experts_line(str(Path(out) / f), names, commands[f]) + " (report.md leaves it out)"
+        for f, names in other.items()
+    ]
 
 
 def main(argv: Sequence[str]) -> int:

@@ -21,7 +21,7 @@ from mergeopt.errors import UserError
 from mergeopt.fit import fit
 from mergeopt.reporting import analysis
 from mergeopt.runtime.exact_csv import read_csv
-from tests.conftest import REPO, environment, repo_pythonpath
+from tests.conftest import REPO, environment, recipe_tree, repo_pythonpath, run_in_process
 
 GRID = REPO / "tests" / "data" / "tiny_grid" / "grid.csv"
 NOTEBOOK = REPO / "notebooks" / "analysis.ipynb"
@@ -331,3 +331,69 @@ def test_the_search_curve_numbers_evaluations_as_evaluations_csv_and_plot_losses
     drawn.clear()
     analysis.plot_losses(run)
     assert curve[0] == drawn[0] == run.evaluations["index"].tolist() and curve[0][0] == 0
+
+
+def test_a_fit_of_other_experts_leaves_the_kept_diagnostics_out_of_its_report(random_world, tmp_path):
+    """A fit of another recipe (one expert fewer) into a diagnosed directory keeps diagnose.json, as
+    it keeps every other command's files; report.md then set the new fit beside diagnostics and
+    flags of experts it does not merge. Now the section says why it is left out, the fit warns, and
+    a fit of the diagnosed experts shows it again."""
+    import yaml
+
+    out = tmp_path / "fit"
+    tree = recipe_tree(random_world, out, search={"strategy": "grid", "grid": {"divisions": 2}})
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tree))
+    assert run_in_process("fit", str(recipe), "--quiet").returncode == 0
+    assert run_in_process("diagnose", str(recipe), "--points", "3", "--quiet").returncode == 0
+    table = "|  | ‖τ‖/‖θ0‖ |"
+    assert table in (out / "report.md").read_text()
+
+    fewer = tmp_path / "fewer.yaml"
+    tree["model"]["experts"].pop("gamma")
+    fewer.write_text(yaml.safe_dump(tree))
+    done = run_in_process("fit", str(fewer), "--quiet")
+    assert done.returncode == 0, done.stderr
+    report = (out / "report.md").read_text()
+    assert "| gamma |" not in report and table not in report
+    said = "diagnose.json is of other experts (alpha, beta, gamma) than this fit's mixture.json"
+    assert f"## Diagnostics\n\nLeft out: {said}" in report
+    (warning,) = [line for line in done.stderr.splitlines() if "other experts" in line]
+    assert warning.startswith(f"mergeopt: warning: {out / 'diagnose.json'} is of other experts"), warning
+    assert (out / "diagnose.json").is_file()  # kept: the user's to remove
+
+    assert run_in_process("fit", str(recipe), "--quiet").returncode == 0
+    assert table in (out / "report.md").read_text()
+
+
+def test_a_fit_of_other_experts_leaves_the_kept_rank_check_out_of_its_report(random_world, tmp_path):
+    """The same for a grid rank check: report.md showed the old experts' ranking and their fitted
+    mixture's regret under the new fit, and the simplex placed their grid on the new fit's corners."""
+    import yaml
+
+    out = tmp_path / "fit"
+    tree = recipe_tree(random_world, out, search={"strategy": "grid", "grid": {"divisions": 2}})
+    names = list(tree["model"]["experts"])
+    rows = [[1.0 if i == j else 0.0 for j in range(len(names))] for i in range(len(names))]
+    rows.append([1.0 / len(names)] * len(names))
+    header = [f"w_{n}" for n in names] + [f"loss_{d['name']}" for d in tree["data"]["dev"]]
+    lines = [",".join(map(str, w + [float(i + 1)] * len(tree["data"]["dev"]))) for i, w in enumerate(rows)]
+    grid = tmp_path / "grid.csv"
+    grid.write_text("\n".join([",".join(header), *lines]) + "\n")
+    tree["rank"] = {"grid": str(grid)}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tree))
+    assert run_in_process("fit", str(recipe), "--quiet").returncode == 0
+    assert "Fitted mixture: nearest grid mixture" in (out / "report.md").read_text()
+
+    tree["model"]["experts"].pop("gamma")
+    del tree["rank"]
+    fewer = tmp_path / "fewer.yaml"
+    fewer.write_text(yaml.safe_dump(tree))
+    done = run_in_process("fit", str(fewer), "--quiet")
+    assert done.returncode == 0, done.stderr
+    report = (out / "report.md").read_text()
+    assert "Fitted mixture: nearest grid mixture" not in report
+    said = "rank_report.json is of other experts (alpha, beta, gamma) than this fit's mixture.json"
+    assert f"## Does the merged proxy rank mixtures like training does?\n\nLeft out: {said}" in report
+    assert any(f"{out / 'rank_report.json'} is of other experts" in line for line in done.stderr.splitlines())

@@ -1913,6 +1913,16 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         ],
         "expert name '__theta0__' is reserved for the base model",
     ),
+    "diagnose into the fit of other experts": (
+        "output directory",
+        "diagnose",
+        lambda w, t: [
+            _recipe(w, t),
+            "--out",
+            str(_finished_run(w, t, lambda m: m.update(weights={"alpha": 0.5, "delta": 0.5}))),
+        ],
+        "its weights name ['alpha', 'delta'] but the recipe's experts are ['alpha', 'beta', 'gamma']",
+    ),
     # command lines
     "fit --resume with --restart": (
         "command line",
@@ -2039,7 +2049,8 @@ def test_write_the_documented_table(random_world, tmp_path_factory, capsys):
             run_cli(MAINS[command], [*argv, "--quiet"] if command in QUIET else argv)
         message = capsys.readouterr().err.strip()
         message = message.replace(str(tmp) + "/", "").replace(str(random_world["root"]) + "/", "")
-        message = message.replace(str(REPO) + "/", "").replace("|", "\\|")
+        message = message.replace(str(REPO) + "/", "").replace(f"({REPO.parent})", "(/work)")  # where it ran
+        message = message.replace("|", "\\|")
         lines.append(f"| {kind} | {row} | `{command}` | `{message}` |")
     DOC.parent.mkdir(exist_ok=True)
     DOC.write_text("\n".join(lines) + "\n", encoding="utf-8")

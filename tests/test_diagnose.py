@@ -457,3 +457,33 @@ def test_fit_and_rank_refuse_a_kept_run_file_before_the_work(command, random_wor
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith(f"mergeopt: error: {out / 'diagnose.json'}: schema_version 99 is newer than"), line
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_a_fit_of_other_experts_in_out_is_refused_before_the_work(random_world, tmp_path, monkeypatch):
+    """--out holds the fit of another recipe (other experts): report.md set that fit's table beside
+    diagnostics of other experts, each with its own "target loss", and exit 0. It is refused in one
+    line, as ``mergeopt rank`` refuses that mixture.json, and nothing is written."""
+    import yaml
+
+    out = tmp_path / "run"
+    out.mkdir()
+    names = list(random_world["experts"])
+    fit = {"schema_version": 1, "status": "complete", "weights": {n: 1 / (len(names) + 1) for n in names}}
+    fit["weights"]["other"] = 1 - sum(fit["weights"].values())
+    (out / "mixture.json").write_text(json.dumps(fit))
+    (out / "report.md").write_text("the fit's report\n")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(recipe_tree(random_world, out)))
+
+    def no_work(*_args, **_kwargs):
+        raise AssertionError("the experts were loaded before the fit's experts were checked")
+
+    monkeypatch.setattr(diag, "load_diagnosed", no_work)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    done = run_in_process("diagnose", str(recipe), "--points", "3", "--quiet")
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"mergeopt: error: {out / 'mixture.json'}: its weights name "), line
+    assert "'other'" in line and "give diagnose another --out" in line, line
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml", "run"]

@@ -33,7 +33,7 @@ import mergeopt
 from mergeopt.config import Recipe
 from mergeopt.errors import UserError
 from mergeopt.inputs import torchrun_variable, writable_dir
-from mergeopt.run_files import SCHEMA_VERSION, DiagnoseFile
+from mergeopt.run_files import SCHEMA_VERSION, DiagnoseFile, MixtureFile, read_run_file
 
 TARGET = "target"  # the key of the target dev loss beside the dev sets' names
 PHASE = "diagnose"
@@ -331,6 +331,20 @@ def diagnose_recipe(
     return diagnose(problem, objective, resolved, points)
 
 
+def check_fit_experts(out: str | Path, recipe: Recipe) -> None:
+    """A fit's mixture.json in ``out`` over other experts than the recipe's is refused, as ``mergeopt
+    rank`` refuses it: report.md would set that fit beside diagnostics of other experts."""
+    path = Path(out) / MixtureFile.FILE
+    if not path.is_file():
+        return
+    names = read_run_file(MixtureFile, out).names
+    if set(names) != set(recipe.model.experts):
+        raise UserError(
+            f"{path}: its weights name {sorted(names)} but the recipe's experts are "
+            f"{sorted(recipe.model.experts)}: give diagnose another --out"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     """``mergeopt diagnose``: diagnose.json, diagnose.md and plots in --out (default: output_dir)."""
     from mergeopt.config import load_recipe
@@ -345,6 +359,7 @@ def run(args: argparse.Namespace) -> int:
     what = "--out" if args.out is not None else "output_dir"
     with owned(args.out if args.out is not None else recipe.output_dir, "diagnose", what) as out:
         check_report_inputs(out, FILES)  # report.md is rewritten from them: refused now, not after the work
+        check_fit_experts(out, recipe)
         resolved, problem, objective = load_diagnosed(recipe, not args.quiet, log)
         record = diagnose(problem, objective, resolved, args.points, progress=not args.quiet)
         # published in one swap; a fit's or rank's files in the directory are kept

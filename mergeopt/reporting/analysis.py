@@ -131,6 +131,23 @@ def open_run(path: str | Path) -> Run:
     return load_run(root, read_finished_mixture(root).to_json())
 
 
+def of_other_experts(run: Run) -> dict[str, list[str]]:
+    """{file: its experts} for a fit's directory whose diagnose.json or grid rank check is of other
+    experts than mixture.json's: a fit of another recipe replaces the run but keeps the other
+    commands' files, which then describe experts this fit does not merge. Empty without a fit, and
+    for a table-mode rank check (its mixtures are a table's own, over its own columns)."""
+    if run.mixture is None:
+        return {}
+    fit, found = set(run.mixture["weights"]), {}
+    if run.diagnose is not None and set(run.diagnose["experts"]) != fit:
+        found[DiagnoseFile.FILE] = list(run.diagnose["experts"])
+    if run.rank is not None and not run.rank.get("mixture_columns") and run.rank_pairs is not None:
+        ranked = [c[2:] for c in run.rank_pairs.columns if c.startswith("w_")]
+        if set(ranked) != fit:
+            found[RankReport.FILE] = ranked
+    return found
+
+
 # ----------------------------------------------------------------------------- tables
 
 
@@ -287,7 +304,11 @@ def plot_simplex(run: Run, ax=None):
     ax.margins(0.12)  # room inside the axes for the labels, clear of a colorbar beside them
     columns = run.pair_columns()
     # the trained grid, for orientation; not a table's mixtures of other domains beside a fit
-    if run.rank_pairs is not None and set(columns) <= set(run.rank_pairs.columns):
+    if (
+        run.rank_pairs is not None
+        and set(columns) <= set(run.rank_pairs.columns)
+        and RankReport.FILE not in of_other_experts(run)
+    ):
         grid = simplex_coordinates(run.rank_pairs[columns].to_numpy())
         ax.scatter(grid[:, 0], grid[:, 1], s=12, color="lightgrey", label="grid mixtures", zorder=1)
     points = simplex_coordinates(run.weight_path()) if len(run.weight_path()) else np.empty((0, 2))

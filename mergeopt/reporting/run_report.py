@@ -17,7 +17,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from mergeopt.reporting.analysis import Run, group_table, load_run, mixture_table, plot_simplex, rank_table
+from mergeopt.reporting.analysis import (
+    Run,
+    group_table,
+    load_run,
+    mixture_table,
+    of_other_experts,
+    plot_simplex,
+    rank_table,
+)
 from mergeopt.reporting.diagnostics import report_section
 from mergeopt.reporting.outcome_warnings import warning_lines
 from mergeopt.reporting.report import four_places, loss_terms_weighed, markdown_table
@@ -173,6 +181,18 @@ def check_report_inputs(directory: str | Path, replaced: Iterable[str] = ()) -> 
             read_run_file(model, root)
 
 
+def other_experts_line(file: str, experts: list[str], command: str) -> str:
+    """Why a run file of other experts than the fit's is left out of report.md (and what to do)."""
+    return (
+        f"{file} is of other experts ({', '.join(experts)}) than this fit's mixture.json: it describes "
+        f"a run this directory no longer holds; rerun `mergeopt {command}` with this recipe, or remove it"
+    )
+
+
+def _left_out(title: str, file: str, other: dict[str, list[str]], command: str) -> list[str]:
+    return [f"## {title}", "", f"Left out: {other_experts_line(file, other[file], command)}.", ""]
+
+
 def write_report(directory: str | Path, mixture: dict | None = None, name: str | None = None) -> Path:
     """Write simplex.png (when the run has weights) and report.md into ``directory``; returns the report.
 
@@ -196,8 +216,15 @@ def write_report(directory: str | Path, mixture: dict | None = None, name: str |
     lines = [f"# mergeopt run: {name or run.path.name}", ""]
     if run.mixture is not None:
         lines += _mixture_section(run) + _search_section(run)
-    if run.rank is not None:
+    other = of_other_experts(run)
+    if RankReport.FILE in other:
+        lines += _left_out(
+            "Does the merged proxy rank mixtures like training does?", RankReport.FILE, other, "rank"
+        )
+    elif run.rank is not None:
         lines += _rank_section(run)
-    if run.diagnose is not None:
+    if DiagnoseFile.FILE in other:
+        lines += _left_out("Diagnostics", DiagnoseFile.FILE, other, "diagnose")
+    elif run.diagnose is not None:
         lines += report_section(DiagnoseFile.model_validate(run.diagnose), run.path)
     return write_text_atomic(run.path / REPORT, "\n".join(lines).rstrip() + "\n")
