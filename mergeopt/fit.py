@@ -102,6 +102,8 @@ def _fit(recipe: Recipe, progress: bool, log: Callable[[str], None], resume: str
     record = None if feasible is None else constraints_record(resolved, feasible, sizes)
     # a mismatched checkpoint is refused before loading
     checkpoint, resuming = _checkpoint(recipe, resume, resolved)
+    if resuming:  # a tracked run resumed in another project or store would be split, before loading
+        tracking.check_resumed(recipe, checkpoint)
     problem = load_problem(resolved, progress, objective)
     if resuming:
         changed = f", with {', '.join(checkpoint.changed)}" if checkpoint.changed else ""

@@ -568,6 +568,18 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         "optim.lrr: unknown key",
     ),
     "wrong type": ("recipe", "fit", lambda w, t: [_recipe(w, t), "optim.steps=many"], "optim.steps"),
+    "W&B project name that W&B refuses": (
+        "recipe",
+        "fit",
+        lambda w, t: [_recipe(w, t), "logging.backends=[wandb]", "logging.project=team/mixtures"],
+        "logging.project: 'team/mixtures' is not a W&B project name: it contains /",
+    ),
+    "empty tracking project": (
+        "recipe",
+        "fit",
+        lambda w, t: [_recipe(w, t), "logging.backends=[mlflow]", "logging.project="],
+        "logging.project: is empty",
+    ),
     "duplicate key": (
         "recipe",
         "fit",

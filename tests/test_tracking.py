@@ -306,6 +306,44 @@ def _steps(run: dict, metric: str) -> list[int]:
     return [step for step, _ in run["history"].get(metric, [])]
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"project": "other"},
+            "logging.project differs: 'mergeopt' in the checkpoint's tracked runs, 'other' now",
+        ),
+        ({"dir": "elsewhere"}, "logging.dir differs: "),
+    ],
+)
+def test_a_resume_that_would_split_the_tracked_run_is_one_line(
+    random_world, tmp_path, capsys, change, message
+):
+    """The resumed fit reopens its MLflow and W&B runs by id: under another project MLflow went on in
+    the first one's experiment and W&B logged the rest in the new project (two halves for wandb
+    sync); in another logging.dir the ids were not there and new runs lacked the first steps."""
+    pytest.importorskip("mergeopt.runtime.faults")
+    backends = ["mlflow", "wandb"]
+    for backend in backends:
+        pytest.importorskip(tracking.PACKAGES[backend])
+    out = tmp_path / "run"
+    recipe = _recipe_file(random_world, tmp_path, out, backends, **RESUMABLE)
+    stopped = run_forked("fit", recipe, "--quiet", fault="sigterm@step:5")
+    assert stopped.returncode == 143, stopped.stderr
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    changed = [
+        f"logging.{key}={tmp_path / value if key == 'dir' else value}" for key, value in change.items()
+    ]
+    capsys.readouterr()
+    assert run_cli(fit_main, [recipe, *changed, "--quiet"]) == USER_ERROR_EXIT_CODE
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and "--restart" in err, err
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # nothing written
+    assert not (tmp_path / "elsewhere").exists()
+    # the same logging section resumes, as before
+    assert run_in_process("fit", recipe, "--quiet").returncode == 0
+
+
 def test_after_kill_9_the_resumed_fit_logs_each_step_once(random_world, tmp_path):
     # killed after step 4, before its checkpoint: steps 4 to 8 run again
     backends = ["tensorboard", "mlflow", "wandb"]
@@ -513,6 +551,36 @@ def test_an_unreachable_mlflow_server_is_one_line_and_exit_2_without_the_long_re
     assert not out.exists()  # nothing written: not even the TensorBoard folder claimed before
 
 
+@pytest.mark.parametrize("uri", ["http:/127.0.0.1:5000", "htp:/127.0.0.1:5000"])
+def test_a_mistyped_mlflow_uri_is_refused_before_the_model_is_loaded(
+    random_world, tmp_path, monkeypatch, capsys, uri
+):
+    """A URI without "://" was taken for a local path and left alone until the run opened, after the
+    world's build, the base model's loading and the experts' stacking."""
+    pytest.importorskip("mlflow")
+    import mergeopt.fit
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded before the tracker's URI was refused")
+
+    monkeypatch.setattr(mergeopt.fit, "load_problem", loaded)
+    out = tmp_path / "run"
+    recipe = _recipe_file(random_world, tmp_path, out, ["mlflow"], logging={"mlflow_tracking_uri": uri})
+    capsys.readouterr()
+    assert run_cli(fit_main, [recipe, "--quiet"]) == USER_ERROR_EXIT_CODE
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("mergeopt: error: logging.backends: mlflow could not start"), line
+    assert not out.exists()
+
+
+def test_a_local_mlflow_store_is_not_contacted_before_the_run(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    monkeypatch.chdir(tmp_path)
+    for uri in ["mlruns", str(tmp_path / "store"), (tmp_path / "f").as_uri(), f"sqlite:///{tmp_path}/s.db"]:
+        trackers.contact_mlflow(uri, "p")
+    assert list(tmp_path.iterdir()) == []  # nothing created: the run makes its store when it opens
+
+
 def test_the_short_mlflow_retries_are_for_the_first_request_and_only_where_unset(monkeypatch):
     """The run's later requests keep MLflow's retries (a server busy for a minute loses no step),
     and a user's own MLFLOW_HTTP_REQUEST_* setting is kept throughout."""
@@ -578,10 +646,21 @@ def test_recipe_logging_section_errors_are_one_line():
         ({"backends": ["mlflow", "mlflow"]}, "logging.backends: names a backend twice: mlflow"),
         ({"wandb_mode": "cloud"}, "logging.wandb_mode"),
         ({"project_name": "x"}, "logging.project_name: unknown key"),
+        # W&B's rules, refused with the recipe rather than by wandb.init after the model is loaded
+        ({"backends": ["wandb"], "project": "team/mix"}, "logging.project: 'team/mix' is not a W&B project"),
+        ({"backends": ["wandb"], "project": "a:b#c"}, r"it contains # :"),
+        ({"backends": ["wandb"], "project": "x" * 129}, "129 characters, W&B takes 128 at most"),
+        ({"backends": ["mlflow"], "project": " "}, "logging.project: is empty"),
+        ({"backends": ["wandb"], "project": ""}, "logging.project: is empty"),
     ]:
         with pytest.raises(UserError, match=message):
             recipe_from_dict({**tree, "logging": section})
     assert recipe_from_dict({**tree, "logging": {"backends": "mlflow"}}).logging.backends == ("mlflow",)
+    # MLflow takes what W&B refuses (a Databricks experiment is a path); so do recipes without W&B
+    for backends in (["mlflow"], ["tensorboard"], []):
+        logging = {"backends": backends, "project": "/Shared/team/mix"}
+        assert recipe_from_dict({**tree, "logging": logging}).logging.project == "/Shared/team/mix"
+    assert recipe_from_dict({**tree, "logging": {"backends": ["wandb"], "project": "x" * 128}})
 
 
 def test_evaluator_observes_each_new_evaluation_as_its_row():

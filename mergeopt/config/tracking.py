@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from mergeopt.config.base import Section, named_once
+
+WANDB_PROJECT_CHARACTERS = "/\\#?%:"  # what W&B refuses in a project name (wandb.Settings.validate_project)
+WANDB_PROJECT_LENGTH = 128
 
 
 class LoggingSection(Section):
@@ -47,3 +50,25 @@ class LoggingSection(Section):
     @classmethod
     def _once_each(cls, backends: tuple[str, ...]) -> tuple[str, ...]:
         return named_once(backends, "a backend")
+
+    @field_validator("project")
+    @classmethod
+    def _a_project_name(cls, project: str, info: ValidationInfo) -> str:
+        """Refused with the recipe, not by MLflow or ``wandb.init`` once the model is loaded and the
+        experts stacked. W&B's rules (wandb.Settings.validate_project) hold only for a recipe logging
+        to W&B: MLflow takes these characters (Databricks experiments are paths)."""
+        if not project.strip():  # MLflow refuses an empty experiment; W&B would log to a nameless project
+            raise ValueError("is empty: name the MLflow experiment and W&B project (default mergeopt)")
+        if "wandb" not in info.data.get("backends", ()):
+            return project
+        found = [c for c in WANDB_PROJECT_CHARACTERS if c in project]
+        if found:
+            raise ValueError(
+                f"{project!r} is not a W&B project name: it contains {' '.join(found)} "
+                f"(W&B refuses {' '.join(WANDB_PROJECT_CHARACTERS)})"
+            )
+        if len(project) > WANDB_PROJECT_LENGTH:
+            raise ValueError(
+                f"is not a W&B project name: {len(project)} characters, W&B takes {WANDB_PROJECT_LENGTH} at most"
+            )
+        return project

@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import time
+import urllib.parse
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -216,8 +217,10 @@ def fail_fast() -> Iterator[None]:
 def contact_mlflow(uri: str, project: str) -> None:
     """The first request to a tracking server, under :func:`fail_fast`: it asks for the project's
     experiment and creates nothing there. A local store (``sqlite:``, ``file:``, a path) is created
-    when the run opens, so it is left alone here."""
-    if "://" not in uri or uri.startswith(("sqlite:", "file:")):
+    when the run opens, so it is left alone here. A URI is told by its scheme, not by ``://``: a
+    mistyped one (``http:/host:5000``, ``htp:/host``) is contacted, and refused, here too."""
+    scheme = urllib.parse.urlparse(uri).scheme
+    if scheme in ("", "file", "sqlite") or len(scheme) == 1:  # a path (C:\\ on Windows), a local store
         return
     from mlflow.tracking import MlflowClient
 

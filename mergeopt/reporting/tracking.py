@@ -102,6 +102,42 @@ def check_can_start(recipe: Recipe) -> None:
             ) from err
 
 
+def _where(recipe: Recipe) -> dict[str, str | None]:
+    """What places a tracked run: kept with its run ids, so that a resume continues it there."""
+    section = recipe.logging
+    return {
+        "logging.project": section.project,
+        "logging.dir": str(log_dir(recipe).resolve()),
+        "logging.mlflow_tracking_uri": section.mlflow_tracking_uri,
+    }
+
+
+def check_resumed(recipe: Recipe, checkpoint: RunState) -> None:
+    """Refuse, in one line before the model is loaded, a resume that would split a tracked run.
+
+    A resumed fit reopens the MLflow and W&B runs by the ids its checkpoint keeps. With another
+    ``logging.project`` MLflow went on in the first project's experiment and W&B wrote the rest of
+    the run under the new project (``wandb sync`` then uploads two halves); with another
+    ``logging.dir`` or MLflow store the run id was not found there and a new run held only the
+    steps from the checkpoint on. Checkpoints written before the place was kept are not checked."""
+    saved = checkpoint.load_tracking()
+    kept = saved.get("where")
+    reopened = [b for b in ("mlflow", "wandb") if b in recipe.logging.backends and saved.get(b)]
+    if not isinstance(kept, dict) or not reopened:
+        return
+    now = _where(recipe)
+    local = "wandb" in reopened or recipe.logging.mlflow_tracking_uri is None  # a server is not in dir
+    keys = ["logging.project", *(["logging.dir"] if local else [])]
+    keys += ["logging.mlflow_tracking_uri"] if "mlflow" in reopened else []
+    runs = " and ".join(reopened) + (" runs" if len(reopened) > 1 else " run")
+    for key in keys:
+        if key in kept and kept[key] != now[key]:
+            raise UserError(
+                f"{key} differs: {kept[key]!r} in the checkpoint's tracked runs, {now[key]!r} now; the "
+                f"resumed fit continues its {runs} there: set {key} back, or --restart for new runs"
+            )
+
+
 def log_dir(recipe: Recipe) -> Path:
     """Where the trackers write: logging.dir, by default OUTPUT_DIR/logs."""
     return Path(recipe.logging.dir) if recipe.logging.dir else Path(recipe.output_dir) / "logs"
@@ -226,7 +262,7 @@ def tracked(
         raise UserError(f"logging.backends: {kind} could not start ({type(err).__name__}: {err})") from err
     ids = {b.name: b.run_id for b in tracker.backends if b.run_id is not None}
     if ids:
-        checkpoint.save_tracking(ids)
+        checkpoint.save_tracking({**ids, "where": _where(recipe)})
     status = "failed"
     try:
         yield tracker
