@@ -470,10 +470,9 @@ def test_a_truth_on_another_scale_than_the_proxys_is_warned_of(first_round, rand
     assert "x the proxy's loss at the same mixtures" in lines[0] and "not a perplexity" in lines[0]
 
 
-def test_a_truth_loss_at_twice_the_proxys_is_read_as_a_loss(first_round, random_world, tmp_path):
-    """A loss column from runs measured otherwise (another split, other training) can sit at 2 to
-    e times the proxy's loss, where no perplexity can (e^L / L >= e): no warning calls it one. A
-    loss in log10 (0.43 times) is still warned of."""
+def test_a_truth_loss_within_half_to_twice_the_proxys_is_read_as_a_loss(first_round, random_world, tmp_path):
+    """A loss column from runs measured otherwise (another split, other training) at 1.9 times the
+    proxy's loss draws no warning; a loss in log10 (0.43 times) is warned of."""
     recipe, grid = first_round[1], first_round[2]
     result = run_in_process(
         "rank", str(recipe), "--grid", str(grid), "--out", str(tmp_path / "rank"), "--quiet"
@@ -483,13 +482,13 @@ def test_a_truth_loss_at_twice_the_proxys_is_read_as_a_loss(first_round, random_
     table = pairs[["w_alpha", "w_beta", "w_gamma"]].copy()
     for name in ("arith", "markov"):
         table[f"loss_{name}"] = pairs[f"proxy_{name}"]
-    table["loss_markov"] = 2.4 * table["loss_markov"]
+    table["loss_markov"] = 1.9 * table["loss_markov"]
     table.to_csv(tmp_path / "far.csv", index=False)
     far = run_in_process(
         "calibrate", str(recipe), "--grid", str(tmp_path / "far.csv"), "--out", str(tmp_path / "a"), "--quiet"
     )
     assert far.returncode == 0 and "warning" not in far.stderr, far.stderr
-    table["loss_markov"] = table["loss_markov"] / 2.4 / np.log(10)
+    table["loss_markov"] = table["loss_markov"] / 1.9 / np.log(10)
     table.to_csv(tmp_path / "log10.csv", index=False)
     log10 = run_in_process(
         "calibrate",

@@ -21,7 +21,6 @@ calibration.png, and ``pick/`` and ``next-<i>/`` (each a mixture.json with the r
 from __future__ import annotations
 
 import argparse
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -127,11 +126,12 @@ def warn_of_another_scale(proxy_at_runs: pd.DataFrame, runs: pd.DataFrame, dev_n
 
     A trained model's loss and the merged proxy's at the same mixture are close: the median of
     their ratio over the runs is 0.9 to 1.1 for every dev set of the committed tiny and SmolLM2
-    grids. A perplexity (whose ratio to its loss, e^L / L, is at least e), a percentage or a
-    summed loss is at e or beyond, a loss in log10 at 0.43; the calibration would read it as a
-    level and a slope the runs do not have. Between 1/2 and e the column is read as a loss: a
-    truth measured on another split or after other training can sit at twice the proxy's and be
-    no perplexity, which the warning would say it might be.
+    grids. A perplexity is at least e times its own loss (e^L / L >= e), so beyond 2 times the
+    proxy's wherever the trained loss is at least 0.74 times the proxy's (a bound of e would miss
+    it at 0.9 times, for proxy losses of 0.7 to 1.7 nats, as fine-tuning's are); a percentage or a
+    summed loss is far beyond, a loss in log10 at 0.43. The calibration would read such a column as
+    a level and a slope the runs do not have. A real loss at more than twice the proxy's is more
+    likely a mistake than a measurement, and is said as a warning only.
     """
     from mergeopt.errors import warn
     from mergeopt.evaluation.proxy import LOSS_PREFIX
@@ -140,7 +140,7 @@ def warn_of_another_scale(proxy_at_runs: pd.DataFrame, runs: pd.DataFrame, dev_n
         column = f"{LOSS_PREFIX}{name}"
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = float(np.median(runs[column].to_numpy(float) / proxy_at_runs[column].to_numpy(float)))
-        if np.isfinite(ratio) and not 0.5 <= ratio < math.e:
+        if np.isfinite(ratio) and not 0.5 <= ratio <= 2.0:
             warn(
                 f"{path}: {column} is {ratio:.3g}x the proxy's loss at the same mixtures (median over "
                 f"the runs): calibrate expects the mean token loss in nats, as the proxy's (not a "
