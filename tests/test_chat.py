@@ -31,7 +31,7 @@ from mergeopt.fit import fit
 from mergeopt.loading.problem import load_problem
 from mergeopt.objectives import metrics
 from mergeopt.objectives.chat import chat_prompt, tokenize_chat
-from mergeopt.objectives.data import load_dev_set, read_jsonl, tokenize
+from mergeopt.objectives.data import load_dev_set, read_jsonl, read_records, tokenize
 from mergeopt.worlds import toy
 from tests.conftest import write_jsonl
 
@@ -420,6 +420,25 @@ def test_exact_match_refuses_a_conversation_that_does_not_end_with_an_answer(tin
     assert not (tmp_path / "run").exists()
 
 
+def test_exact_match_refuses_a_conversation_ending_in_a_tool_call_before_any_model_is_loaded():
+    """A conversation whose last turn calls tools with no text has no reference for exact match:
+    chat_prompt refuses it, but only when the metric is computed, after the experts are stacked;
+    the dev sets' check (before any model is loaded) let it through as ending with an answer."""
+    from mergeopt.objectives.data import DevSet, Example
+    from mergeopt.objectives.term_scores import check_term_records
+
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    record = {
+        "messages": [user("Weather in Paris?"), {"role": "assistant", "content": None, "tool_calls": [call]}]
+    }
+    example = Example(torch.tensor([1, 2]), torch.tensor([False, True]), record)
+    term = types.SimpleNamespace(kind="exact_match", dev="calls", label="em")
+    with pytest.raises(
+        UserError, match=r"exact_match needs .* conversation \(ending with the assistant's answer\)"
+    ):
+        check_term_records([DevSet("calls", 1.0, [example], [])], [term])
+
+
 def test_grid_runs_train_on_a_conversation_as_on_its_text(tiny_chat_world):
     """``mergeopt train`` reads its training sets as the dev sets are read: the same tokens, the
     same scored ones."""
@@ -689,3 +708,30 @@ def test_a_turn_that_calls_tools_without_text_is_scored_as_its_tool_call(smollm2
     path = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [user("q"), silent]}])
     with pytest.raises(UserError, match=rf"{path}:1: messages message 1 needs 'content' as a string"):
         read_jsonl(path)
+
+
+@pytest.mark.parametrize("name", ["gemma", "llama3"])
+def test_a_tool_call_a_template_does_not_write_is_not_scored_as_its_turns_markup(smollm2, tmp_path, name):
+    """Gemma's and Llama 3.0's templates write an assistant turn's content and no tool call: a turn
+    that calls tools with no text (content None, as in a parquet file whose other records have
+    text turns) rendered as its end-of-turn markup alone, which was scored as the answer (the check
+    gave the turn a stand-in text, which the template writes). Refused, as a template writing
+    nothing of the answer is; a text turn beside it is still scored."""
+    pd = pytest.importorskip("pandas")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2.name_or_path)
+    tokenizer.chat_template = _trl_template(name)
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    turn = {"role": "assistant", "content": None, "tool_calls": [call]}
+    rows = [
+        {"messages": [user("Hi"), assistant("Hello")]},
+        {"messages": [user("Weather in Paris?"), turn]},
+    ]
+    pd.DataFrame(rows).to_parquet(tmp_path / "dev.parquet")
+    pd.DataFrame([{"prompt": [user("Weather?")], "completion": [turn]}]).to_parquet(tmp_path / "pc.parquet")
+    text, calls = read_records(tmp_path / "dev.parquet")
+    assert calls["messages"][1]["content"] is None and text["messages"][1]["tool_calls"] is None  # Arrow's
+    ids, scored = tokenize_chat(text, tokenizer)
+    assert "Hello" in tokenizer.decode([i for i, s in zip(ids, scored) if s])
+    for record in (calls, *read_records(tmp_path / "pc.parquet")):
+        with pytest.raises(UserError, match="the chat template writes nothing of what the"):
+            tokenize_chat(record, tokenizer)

@@ -334,8 +334,11 @@ def _writes_what_is_said(record: Mapping[str, Any], tokenizer) -> bool:
 
     def rendering(said: Any, keep: bool) -> str:
         def stand_in(message: Mapping[str, Any]) -> dict[str, Any]:
-            kept = message if keep else {"role": message["role"]}
-            return {**kept, "content": said}
+            # a turn without text (a tool call, content None or absent) keeps having none: given a
+            # stand-in text, a template that writes no tool call would seem to write what it says
+            text = isinstance(message.get("content"), str)
+            kept = dict(message) if keep else {"role": message["role"], "content": ""}
+            return {**kept, "content": said} if text else kept
 
         if "messages" in record:
             messages = [stand_in(m) if m["role"] == "assistant" else m for m in record["messages"]]
@@ -435,8 +438,13 @@ PARTED = (
 
 def answerable(record: Mapping[str, Any]) -> bool:
     """Whether a chat record can be scored by generation: it ends with an assistant message that
-    follows at least one other message."""
+    follows at least one other message and has text to compare with (not a tool call alone), as
+    :func:`chat_prompt` reads it: checked before any model is loaded."""
     messages = conversation(record)
+    return _ends_with_answer(messages) and isinstance(messages[-1].get("content"), str)
+
+
+def _ends_with_answer(messages: Sequence[Mapping[str, Any]]) -> bool:
     return len(messages) >= 2 and messages[-1]["role"] == "assistant"
 
 
@@ -444,11 +452,11 @@ def chat_prompt(record: Mapping[str, Any], tokenizer) -> tuple[list[int], str]:
     """A chat record as a generation task: the token ids of the conversation before its last
     message, with the generation prompt, and that last message's content as the reference."""
     require_template(tokenizer)
-    if not answerable(record):
+    messages = conversation(record)
+    if not _ends_with_answer(messages):
         raise UserError(
             "a conversation scored by generation must end with an assistant message after the prompt"
         )
-    messages = conversation(record)
     if not isinstance(messages[-1].get("content"), str):
         raise UserError(
             "a conversation scored by generation must end with an assistant message with text "
