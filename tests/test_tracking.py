@@ -652,6 +652,14 @@ def test_recipe_logging_section_errors_are_one_line():
         ({"backends": ["wandb"], "project": "x" * 129}, "129 characters, W&B takes 128 at most"),
         ({"backends": ["mlflow"], "project": " "}, "logging.project: is empty"),
         ({"backends": ["wandb"], "project": ""}, "logging.project: is empty"),
+        # the run's TensorBoard folder under logging.dir: ../x wrote outside it, a/b nested folders
+        ({"backends": ["tensorboard"], "run_name": "../x"}, r"logging.run_name: '../x' is not a run name"),
+        (
+            {"backends": ["tensorboard"], "run_name": "a/b"},
+            r"'a/b' is not a run name: it names the run's TensorBoard folder",
+        ),
+        ({"backends": ["tensorboard"], "run_name": ".."}, r"'..' is not a run name"),
+        ({"backends": ["tensorboard"], "run_name": " "}, r"' ' is not a run name"),
     ]:
         with pytest.raises(UserError, match=message):
             recipe_from_dict({**tree, "logging": section})
@@ -661,6 +669,9 @@ def test_recipe_logging_section_errors_are_one_line():
         logging = {"backends": backends, "project": "/Shared/team/mix"}
         assert recipe_from_dict({**tree, "logging": logging}).logging.project == "/Shared/team/mix"
     assert recipe_from_dict({**tree, "logging": {"backends": ["wandb"], "project": "x" * 128}})
+    assert recipe_from_dict({**tree, "logging": {"backends": ["tensorboard"], "run_name": "mix-v2.1"}})
+    named = {"backends": ["mlflow", "wandb"], "run_name": "team/mix"}  # not a folder: any name
+    assert recipe_from_dict({**tree, "logging": named}).logging.run_name == "team/mix"
 
 
 def test_evaluator_observes_each_new_evaluation_as_its_row():

@@ -51,6 +51,21 @@ class LoggingSection(Section):
     def _once_each(cls, backends: tuple[str, ...]) -> tuple[str, ...]:
         return named_once(backends, "a backend")
 
+    @field_validator("run_name")
+    @classmethod
+    def _a_folder_name(cls, name: str | None, info: ValidationInfo) -> str | None:
+        """With TensorBoard the run's name is also its folder under logging.dir: a path (``../x``,
+        ``a/b``) wrote outside it or into nested folders, and an empty name into logging.dir itself.
+        MLflow and W&B take any name."""
+        if name is None or "tensorboard" not in info.data.get("backends", ()):
+            return name
+        if not name.strip() or name in (".", "..") or "/" in name or "\\" in name:
+            raise ValueError(
+                f"{name!r} is not a run name: it names the run's TensorBoard folder under logging.dir, "
+                "so it needs a name without / or \\ (not empty, . or ..)"
+            )
+        return name
+
     @field_validator("project")
     @classmethod
     def _a_project_name(cls, project: str, info: ValidationInfo) -> str:
