@@ -344,6 +344,31 @@ def test_a_resume_that_would_split_the_tracked_run_is_one_line(
     assert run_in_process("fit", recipe, "--quiet").returncode == 0
 
 
+def test_a_backend_that_joins_on_a_resume_says_it_lacks_the_earlier_steps(random_world, tmp_path):
+    """A fit stopped with TensorBoard alone and resumed with MLflow too: the MLflow run starts at
+    the checkpoint, and nothing said so. One warning line says it now; a resume with the same
+    backends says nothing."""
+    pytest.importorskip("mergeopt.runtime.faults")
+    for backend in ("tensorboard", "mlflow"):
+        pytest.importorskip(tracking.PACKAGES[backend])
+    out = tmp_path / "run"
+    recipe = _recipe_file(random_world, tmp_path, out, ["tensorboard"], **RESUMABLE)
+    stopped = run_forked("fit", recipe, "--quiet", fault="sigterm@step:5")
+    assert stopped.returncode == 143, stopped.stderr
+    joined = run_in_process("fit", recipe, "logging.backends=[tensorboard, mlflow]", "--quiet")
+    assert joined.returncode == 0, joined.stderr
+    warnings = [line for line in joined.stderr.splitlines() if "warning" in line]
+    assert warnings == [
+        "mergeopt: warning: logging.backends: mlflow joins on this resume: its run holds what the fit "
+        "logs from the checkpoint on (the earlier steps and evaluations are in trace.csv and evaluations.csv)"
+    ], joined.stderr
+    again = tmp_path / "again"
+    recipe = _recipe_file(random_world, tmp_path, again, ["tensorboard"], **RESUMABLE)
+    assert run_forked("fit", recipe, "--quiet", fault="sigterm@step:5").returncode == 143
+    same = run_in_process("fit", recipe, "--quiet")
+    assert same.returncode == 0 and "joins on this resume" not in same.stderr, same.stderr
+
+
 def test_after_kill_9_the_resumed_fit_logs_each_step_once(random_world, tmp_path):
     # killed after step 4, before its checkpoint: steps 4 to 8 run again
     backends = ["tensorboard", "mlflow", "wandb"]

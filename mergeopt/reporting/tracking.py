@@ -50,14 +50,14 @@ import importlib.util
 import math
 import re
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from mergeopt.config import LoggingSection, Recipe
-from mergeopt.errors import Interrupted, UserError
+from mergeopt.errors import Interrupted, UserError, warn
 from mergeopt.reporting import trackers
 from mergeopt.runtime import distributed
 from mergeopt.runtime.resume import RunState, recipe_tree
@@ -229,6 +229,13 @@ def _open(kind: str, root: Path, run_name: str, recipe: Recipe, resumed_id: str 
     return trackers.Wandb(root, run_name, recipe, resumed_id)
 
 
+def joining(backends: Sequence[str], saved: Mapping) -> list[str]:
+    """The backends a resumed fit opens that its checkpoint's fit did not log to (none for a
+    checkpoint that did not record its backends, or a fit that is not resumed)."""
+    before = saved.get("backends")
+    return [] if not isinstance(before, list) else [k for k in backends if k not in before]
+
+
 @contextlib.contextmanager
 def tracked(
     recipe: Recipe, checkpoint: RunState, resuming: bool, log: Callable[[str], None] = print
@@ -260,9 +267,13 @@ def tracked(
         if isinstance(err, UserError):
             raise
         raise UserError(f"logging.backends: {kind} could not start ({type(err).__name__}: {err})") from err
+    for kind in joining(section.backends, saved):
+        warn(
+            f"logging.backends: {kind} joins on this resume: its run holds what the fit logs from the "
+            "checkpoint on (the earlier steps and evaluations are in trace.csv and evaluations.csv)"
+        )
     ids = {b.name: b.run_id for b in tracker.backends if b.run_id is not None}
-    if ids:
-        checkpoint.save_tracking({**ids, "where": _where(recipe)})
+    checkpoint.save_tracking({**ids, "where": _where(recipe), "backends": list(section.backends)})
     status = "failed"
     try:
         yield tracker
