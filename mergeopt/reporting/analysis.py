@@ -141,7 +141,7 @@ def of_other_experts(run: Run) -> dict[str, list[str]]:
     fit, found = set(run.mixture["weights"]), {}
     if run.diagnose is not None and set(run.diagnose["experts"]) != fit:
         found[DiagnoseFile.FILE] = list(run.diagnose["experts"])
-    if run.rank is not None and not run.rank.get("mixture_columns") and run.rank_pairs is not None:
+    if run.rank is not None and run.rank.get("grid") and run.rank_pairs is not None:  # grid mode
         ranked = [c[2:] for c in run.rank_pairs.columns if c.startswith("w_")]
         if set(ranked) != fit:
             found[RankReport.FILE] = ranked
