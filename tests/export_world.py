@@ -138,3 +138,35 @@ def chat_run_with_template(world, tmp_path, template_name: str = "doubled.jinja"
     tree = recipe_tree(fake, tmp_path / "run", train={"data": {n: str(p) for n, p in chat["paths"].items()}})
     tree["data"]["chat_template"] = str(template)
     return chat, template, write_run(tmp_path / "run", WEIGHTS, recipe=tree)
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+
+
+def tool_world(world, tmp_path) -> dict:
+    """The chat world, each conversation of its first domain calling a tool before it answers, as
+    TRL's tool-calling records do: an assistant turn with ``tool_calls`` and no content, the tool's
+    answer as a ``tool`` message, and the record's ``tools``."""
+    chat = chat_world(world, tmp_path, "messages")
+    name = next(iter(chat["paths"]))
+    path = chat["paths"][name]
+    rows = []
+    for r in (json.loads(line) for line in path.read_text().splitlines()):
+        user, answer = r["messages"]
+        call = {
+            "type": "function",
+            "function": {"name": "weather", "arguments": {"city": user["content"][:5]}},
+        }
+        turns = [user, {"role": "assistant", "content": None, "tool_calls": [call]}]
+        turns += [{"role": "tool", "content": "sunny"}, answer]
+        rows.append({**r, "messages": turns, "tools": [WEATHER]})
+    tools = tmp_path / f"{name}-tools.jsonl"
+    tools.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return {**chat, "paths": {**chat["paths"], name: tools}, "tool_domain": name}

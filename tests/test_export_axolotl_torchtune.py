@@ -21,7 +21,16 @@ import pytest
 from mergeopt.errors import run_cli
 from mergeopt.export.command import main
 from mergeopt.export.shares import make_plan
-from tests.export_world import LENGTHS, WEIGHTS, build_world, chat_world, export, measured_stats, yaml_body
+from tests.export_world import (
+    LENGTHS,
+    WEIGHTS,
+    build_world,
+    chat_world,
+    export,
+    measured_stats,
+    tool_world,
+    yaml_body,
+)
 
 BUDGET = ("--budget-samples", "6000")  # repeats a and b: entries listed once per full pass
 
@@ -191,6 +200,29 @@ def test_conversations_go_to_each_frameworks_chat_builder(world, tmp_path):
         ("chat_template", "messages", ("assistant",))
     }
     assert _axolotl_counts(cfg) == expected(BUDGET)
+
+
+def test_torchtune_refuses_conversations_that_call_tools(world, tmp_path, capsys):
+    """torchtune's OpenAIToMessages keeps each message's content alone: the tool call is lost and
+    the turn without text trains the user's question (checked with torchtune's own transform where
+    installed). The export used to write chat_dataset for them; it refuses in one line now."""
+    tools = tool_world(world, tmp_path)
+    name, path = tools["tool_domain"], tools["paths"][tools["tool_domain"]]
+    try:
+        from torchtune.data import OpenAIToMessages
+    except ImportError:
+        pass
+    else:
+        record = json.loads(path.read_text().splitlines()[0])
+        read = OpenAIToMessages()(record)["messages"]
+        assert read[1].text_content == record["messages"][0]["content"]  # the question, trained again
+    out = tmp_path / "out.yaml"
+    argv = [str(tools["mixture"]), "--to", "torchtune", "--tokenizer", tools["tokenizer"], "--out", str(out)]
+    argv += ["--datasets", *(f"{n}={p}" for n, p in tools["paths"].items())]
+    assert run_cli(main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{name!r} (" in err[0] and "call tools" in err[0] and "--to trl" in err[0]
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("fmt", ["axolotl", "torchtune"])

@@ -35,6 +35,7 @@ from tests.export_world import (
     expected_sample_shares,
     export,
     measured_stats,
+    tool_world,
     write_run,
     yaml_body,
 )
@@ -236,6 +237,38 @@ def test_nemo_forms_are_in_their_units(world, tmp_path):
     assert "# sample shares use the measured mean tokens per sample: a 7, b 26, c 11" in text
 
 
+def test_nemo_sft_header_names_the_datasets_that_call_tools(world, tmp_path):
+    """NeMo 1's chat records are a speaker and text per turn: a dataset of tool calls gets one
+    header line, naming it and saying what to write (nothing said it before)."""
+    tools = tool_world(world, tmp_path)
+    name = tools["tool_domain"]
+    lines = [line for line in export(tools, "nemo-sft", tmp_path).splitlines() if "call tools" in line]
+    assert lines == [
+        f"# {name}: {len(tools['paths'][name].read_text().splitlines())} records call tools, and "
+        "GPTSFTChatDataset's turns are a speaker's name and text (from, value; no tool_calls): write each "
+        "call and each tool's answer into the text of a turn, as the model is to read them, or leave those "
+        "records out"
+    ]
+
+
+@pytest.mark.parametrize("fmt", ["llamafactory", "nemo-sft"])
+def test_tool_calls_are_found_in_the_pass_that_counts_the_tokens(world, tmp_path, monkeypatch, fmt):
+    """Which datasets call tools is noted while their tokens are counted: each file is read once."""
+    from mergeopt.export import token_stats
+
+    tools = tool_world(world, tmp_path)
+    read, real = [], token_stats.jsonl_records
+
+    def counted(path):
+        read.append(path.resolve())
+        return real(path)
+
+    monkeypatch.setattr(token_stats, "jsonl_records", counted)
+    said = {"llamafactory": '"formatting": "openai"', "nemo-sft": "call tools"}[fmt]
+    assert said in export(tools, fmt, tmp_path)
+    assert sorted(read) == sorted(p.resolve() for p in tools["paths"].values())
+
+
 def test_nemo1_sft_blend_draws_the_sample_shares(world, tmp_path):
     """NeMo 1's checks on ``train_ds`` (megatron_gpt_sft_model.py: a ListConfig as long as
     ``file_names``), then its blending: weights normalized, samples assigned by
@@ -341,6 +374,66 @@ def test_llamafactory_header_registers_conversations_as_sharegpt(world, tmp_path
         assert formatting == "sharegpt"
         assert prompt == [{"role": "user", "content": user["content"]}]
         assert response == [{"role": "assistant", "content": answer["content"]}]
+
+
+def test_llamafactory_reads_tool_calls_as_the_records_give_them(world, tmp_path):
+    """A dataset of tool-calling conversations (TRL's layout: ``tool_calls`` on an assistant turn
+    without text, ``tool`` messages, ``tools``) is registered with the openai formatting and its
+    tags: LLaMA-Factory's own converter reads the call as a function turn, the tool's answer as an
+    observation and the tools as the record's. As sharegpt (before) it skipped every such record
+    ("Invalid role tag"); the other datasets stay sharegpt."""
+    pytest.importorskip("llamafactory")
+
+    tools = tool_world(world, tmp_path)
+    name = tools["tool_domain"]
+    info = _header_entries(export(tools, "llamafactory", tmp_path))
+    assert {n for n, e in info.items() if e["formatting"] == "openai"} == {name}
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info))
+    first = {n: json.loads(p.read_text().splitlines()[0]) for n, p in tools["paths"].items()}
+    env = {**os.environ, "DISABLE_VERSION_CHECK": "1"}
+    script = LLAMAFACTORY_SHAREGPT.replace(
+        'converted["_response"]]', 'converted["_response"], converted["_tools"]]'
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", script, json.dumps([str(tmp_path), list(WEIGHTS), first])],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert child.returncode == 0, child.stderr[-2000:]
+    read = {row[0]: row[2:] for row in json.loads(child.stdout.strip().splitlines()[-1])}
+    user, call, answer, final = first[name]["messages"]
+    prompt, response, given = read[name]
+    assert prompt == [
+        {"role": "user", "content": user["content"]},
+        {"role": "function", "content": json.dumps([call["tool_calls"][0]["function"]])},
+        {"role": "observation", "content": answer["content"]},
+    ]
+    assert response == [{"role": "assistant", "content": final["content"]}]
+    assert json.loads(given) == first[name]["tools"]
+    for other in set(WEIGHTS) - {name}:
+        assert read[other][1] == [{"role": "assistant", "content": first[other]["messages"][1]["content"]}]
+
+
+def test_llamafactory_header_says_what_its_openai_formatting_changes_in_tool_calls(world, tmp_path):
+    """A turn with text beside its tool calls loses the text, and a record without tools gets a
+    system prompt of LLaMA-Factory's: one header line each, naming the dataset and the fix."""
+    tools = tool_world(world, tmp_path)
+    name = tools["tool_domain"]
+    path = tools["paths"][name]
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[0]["messages"][1]["content"] = "Let me look."
+    del rows[1]["tools"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    notes = [
+        line
+        for line in export(tools, "llamafactory", tmp_path).splitlines()
+        if line.startswith(f"# {name}: ")
+    ]
+    assert len(notes) == 2
+    assert "1 records have a turn with text and tool calls" in notes[0]
+    assert "1 records give no tools" in notes[1] and '"tools": []' in notes[1]
 
 
 def test_llamafactory_header_says_how_to_give_prompt_completion_conversations(world, tmp_path):

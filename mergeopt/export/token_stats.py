@@ -52,6 +52,50 @@ class DomainStats:
 _COLUMNS: dict[
     tuple, dict[str, bool]
 ] = {}  # a source's columns (whether each holds text), by its files' identity
+_TOOLS: dict[tuple, ToolUse] = {}  # a source's tool-calling records, by its files' identity
+
+
+@dataclass(frozen=True)
+class ToolUse:
+    """A dataset's conversations that use tools, noted while its tokens are counted: ``calls``,
+    the records with a tool call or a tool's answer (an assistant turn's ``tool_calls``, a
+    ``tool``, ``function`` or ``ipython`` message); ``untooled``, the records that give no ``tools``;
+    ``said_and_called``, those with a turn that has text and calls tools."""
+
+    calls: int = 0
+    untooled: int = 0
+    said_and_called: int = 0  # records with a turn that both says something and calls tools
+
+    def add(self, records: list[dict[str, Any]]) -> ToolUse:
+        from mergeopt.objectives.chat import conversation, is_chat
+
+        chats = [conversation(r) for r in records if is_chat(r)]
+        calls = sum(any(_uses_tools(m) for m in c) for c in chats)
+        both = sum(any(m.get("tool_calls") and m.get("content") for m in c) for c in chats)
+        untooled = sum(r.get("tools") is None for r in records)
+        return ToolUse(self.calls + calls, self.untooled + untooled, self.said_and_called + both)
+
+
+TOOL_ROLES = ("tool", "function", "ipython")
+
+
+def _uses_tools(message: dict[str, Any]) -> bool:
+    calls = message.get("tool_calls")
+    return message.get("role") in TOOL_ROLES or (isinstance(calls, list) and bool(calls))
+
+
+def tool_use(source: Source) -> ToolUse:
+    """The dataset's tool-calling records: remembered from :func:`measure` in this process (the
+    records are scanned in the pass that counts their tokens), else read once."""
+    key = _identity(source)
+    if key not in _TOOLS:
+        with tempfile.TemporaryDirectory(prefix="mergeopt-export-") as cache:
+            lines = is_json_lines(source)
+            found = ToolUse()
+            for records in record_batches(source, None if lines else load(source, cache)):
+                found = found.add(records)
+        _TOOLS[key] = found
+    return _TOOLS[key]
 
 
 def _identity(source: Source) -> tuple:
@@ -184,11 +228,14 @@ def measure(path: Path, tokenizer, token_files=None) -> DomainStats:
         lines = is_json_lines(source)  # read line by line, not through datasets' Arrow copy
         dataset = None if lines else load(source, cache)
         kinds = ColumnKinds() if lines else None
+        tools = ToolUse()
         for records in record_batches(source, dataset, kinds):
             check_interrupt(f"counting the tokens of {path}")  # inside a fit: Ctrl-C within a chunk
             samples += len(records)
             tokens += _count(records, tokenizer, path)
+            tools = tools.add(records)
         _COLUMNS[_identity(source)] = kinds.result() if kinds is not None else _column_kinds(dataset)
+        _TOOLS[_identity(source)] = tools
     if samples == 0:
         raise UserError(f"{path}: the dataset is empty")
     if tokens == 0:

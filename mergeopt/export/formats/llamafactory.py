@@ -14,7 +14,9 @@ the header suggests each entry from the records' layout (src/llamafactory/data/p
 converter.py, and data/README.md with the entries of data/dataset_info.json): ``text`` records
 are a pretraining set, ``"columns": {"prompt": "text"}`` as LLaMA-Factory's own ``c4_demo``;
 prompt/completion records map ``prompt`` and ``response``; a ``messages`` dataset takes the
-sharegpt formatting with OpenAI role tags. A ``save_to_disk`` directory is named by its arrow shard
+sharegpt formatting with OpenAI role tags, or, where they call tools, the openai formatting
+(converter.py's OpenAIDatasetConverter: ``tool_calls`` become a function turn, ``tool`` messages an
+observation; sharegpt skips such a record and reads no tool call). A ``save_to_disk`` directory is named by its arrow shard
 (the loader reads a directory as files of one type, and its JSON metadata is not). Records it cannot read as they are (multiple choice,
 prompt/completion lists of messages, stored token ids) get a line saying what to write instead, and
 without ``--datasets`` the layout is unknown, so the header lists the entry for each layout.
@@ -61,6 +63,21 @@ ENTRIES: dict[sliced.Layout, dict] = {
         },
     },
 }
+# conversations that call tools (OpenAI's layout, as TRL reads it): the sharegpt converter reads only
+# each message's content (a tool call is lost) and skips a record with a ``tool`` message ("Invalid
+# role tag"); the ``openai`` formatting (converter.py, OpenAIDatasetConverter) reads an assistant
+# turn's ``tool_calls`` as a function turn (the calls' ``function`` objects as JSON, in place of
+# the turn's text) and the ``tool`` messages after it as one observation, with the record's
+# ``tools`` (a list, written as JSON) given to the template
+TOOL_ENTRY = {
+    "formatting": "openai",
+    "columns": {"messages": "messages"},
+    "tags": {
+        **ENTRIES["messages"]["tags"],
+        "observation_tag": "tool",
+        "function_tag": "function_call",
+    },
+}
 # text records in an sft run beside other layouts: the response to an empty prompt
 SFT_TEXT = {"columns": {"response": "text"}}
 LAYOUT_NAMES = {"text": "text records", "prompt_completion": "prompt/completion", "messages": "messages"}
@@ -71,7 +88,9 @@ def dataset_info(ctx: Context, name: str) -> dict | str | None:
     """The dataset_info.json entry the header suggests for ``name``, from its records' layout;
     a sentence instead where LLaMA-Factory cannot read them as they are; None without a dataset
     (the layout is unknown, and a guessed entry would name columns that may not exist)."""
+    from mergeopt.export import token_stats
     from mergeopt.export.token_files import kind_of
+    from mergeopt.export.token_stats import source_of
 
     path = ctx.datasets.get(name)
     if path is None:
@@ -87,7 +106,31 @@ def dataset_info(ctx: Context, name: str) -> dict | str | None:
     file_name = _file_name(path)
     if not isinstance(file_name, str):
         return file_name[0]
+    if layout == "messages" and token_stats.tool_use(source_of(path)).calls:
+        entry = copy.deepcopy(TOOL_ENTRY)
+        if "tools" in token_stats.columns(source_of(path)):
+            entry["columns"]["tools"] = "tools"
+        return {"file_name": file_name, **entry}
     return {"file_name": file_name, **copy.deepcopy(ENTRIES[layout])}
+
+
+def tool_notes(ctx: Context) -> list[str]:
+    """A header line per dataset of tool calls that the ``openai`` formatting reads otherwise than
+    the records say: a turn's text beside its tool calls is replaced by them, and a record without
+    ``tools`` gets the system prompt 'detailed thinking off' (converter.py, 0.9.5)."""
+    lines = []
+    for name, use in sliced.tool_calls(ctx).items():
+        if use.said_and_called:
+            lines.append(
+                f"# {name}: {use.said_and_called} records have a turn with text and tool calls; {READER}'s "
+                "openai formatting keeps only the calls (the text is not trained): move the text to a turn of its own"
+            )
+        if use.untooled:
+            lines.append(
+                f"# {name}: {use.untooled} records give no tools, and {READER}'s openai formatting adds the "
+                "system prompt 'detailed thinking off' to each (not counted): give them \"tools\": []"
+            )
+    return lines
 
 
 def _file_name(path) -> str | tuple[str]:
@@ -189,7 +232,12 @@ def render(ctx: Context) -> str:
                 f"--to llamafactory: expert {name!r} cannot be a name in LLaMA-Factory's dataset key, "
                 "which is split on commas and stripped of spaces: rename that expert"
             )
-    lines = [ctx.header(FORMAT), *registration(ctx), *sliced.own_template_note(ctx, READER, OWN)]
+    lines = [
+        ctx.header(FORMAT),
+        *registration(ctx),
+        *tool_notes(ctx),
+        *sliced.own_template_note(ctx, READER, OWN),
+    ]
     config: dict = {"dataset": ",".join(plan.names)}
     if plan.counts is not None:
         lines.append(

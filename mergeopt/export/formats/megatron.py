@@ -114,6 +114,12 @@ def render_nemo_sft(ctx: Context) -> str:
         for n in names
         if _holds_conversations(ctx.datasets[n])
     ]
+    lines += [
+        f"# {n}: {use.calls} records call tools, and GPTSFTChatDataset's turns are a speaker's name "
+        "and text (from, value; no tool_calls): write each call and each tool's answer into the text of a turn, as "
+        "the model is to read them, or leave those records out"
+        for n, use in sliced.tool_calls(ctx).items()
+    ]
     lines += sliced.own_template_note(ctx, NEMO_SFT_READER, NEMO_SFT_OWN)
     body = yaml.safe_dump({"model": {"data": {"train_ds": train_ds}}}, sort_keys=False)
     return "\n".join(lines) + "\n" + body

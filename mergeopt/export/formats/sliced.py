@@ -119,6 +119,17 @@ def conversations(ctx: Context) -> list[str]:
     return list(record_layouts(ctx, "", {"messages": "", "prompt_completion_messages": ""}))
 
 
+def tool_calls(ctx: Context) -> dict[str, token_stats.ToolUse]:
+    """The datasets of conversations that call tools (or hold a tool's answers), and how: read in
+    the pass that counted their tokens (:func:`mergeopt.export.token_stats.tool_use`)."""
+    found = {}
+    for name in conversations(ctx):
+        use = token_stats.tool_use(source_of(ctx.datasets[name]))
+        if use.calls:
+            found[name] = use
+    return found
+
+
 def template_source(ctx: Context) -> str:
     """Where the chat template that counted the conversations came from: the run's
     ``data.chat_template``, else the tokenizer's (``--tokenizer``, else the run's base)."""

@@ -10,7 +10,8 @@ said through the sizes (see :mod:`mergeopt.export.formats.sliced`): the builders
 _text_completion.py), so ``split: train[:N]`` keeps N samples. ``prompt``/``completion`` records go
 to ``instruct_dataset`` with ``column_map: {input: prompt, output: completion}``, ``text`` records
 to ``text_completion_dataset`` with ``column: text``, ``messages`` conversations to ``chat_dataset``
-(``conversation_style: openai``; it trains on the assistant's turns, as mergeopt scores them). A ``save_to_disk`` directory is read as its
+(``conversation_style: openai``; it trains on the assistant's turns, as mergeopt scores them);
+conversations that call tools are refused (OpenAIToMessages reads only ``content``). A ``save_to_disk`` directory is read as its
 arrow files (``source: arrow``).
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import yaml
 
+from mergeopt.errors import UserError
 from mergeopt.export.formats import sliced
 from mergeopt.export.formats.base import Context, Format
 from mergeopt.export.token_stats import Source
@@ -54,7 +56,23 @@ def entry(layout: sliced.Layout, source: Source) -> dict:
 OWN = "the model tokenizer's own format; its prompt_template takes role tags, not a Jinja template"
 
 
+def refuse_tool_calls(ctx: Context) -> None:
+    """chat_dataset's OpenAIToMessages (torchtune/data/_messages.py, 0.6.1) reads only each message's
+    ``content``: an assistant turn's ``tool_calls`` are dropped, and a turn whose content is None
+    trains the text of the message before it (a variable left from the last iteration). No config
+    reads them, and a silent garble is found only after training: refused, naming the datasets."""
+    found = sliced.tool_calls(ctx)
+    if found:
+        said = ", ".join(f"{n!r} ({use.calls} records)" for n, use in found.items())
+        raise UserError(
+            f"--to torchtune: {said} call tools, and torchtune's chat_dataset (OpenAIToMessages) reads "
+            "only each message's content (a tool call is lost, a turn without text trains the message "
+            "before it's): export them with --to trl or --to axolotl, or leave out their tool-calling records"
+        )
+
+
 def render(ctx: Context) -> str:
+    refuse_tool_calls(ctx)
     body = yaml.safe_dump({"dataset": sliced.entries(ctx, FORMAT, entry)}, sort_keys=False)
     lines = [
         ctx.header(FORMAT),
