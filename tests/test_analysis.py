@@ -397,3 +397,20 @@ def test_a_fit_of_other_experts_leaves_the_kept_rank_check_out_of_its_report(ran
     said = "rank_report.json is of other experts (alpha, beta, gamma) than this fit's mixture.json"
     assert f"## Does the merged proxy rank mixtures like training does?\n\nLeft out: {said}" in report
     assert any(f"{out / 'rank_report.json'} is of other experts" in line for line in done.stderr.splitlines())
+
+
+def test_a_table_mode_rank_check_is_not_of_other_experts(tmp_path):
+    """A table-mode rank check ranks a table's own mixtures, over its own columns: a report written
+    before mixture_columns was recorded was read as grid mode, and flagged as of other experts (a
+    warning on each fit, its section left out of report.md). Grid mode is told by its grid key."""
+    from mergeopt.reporting import analysis
+
+    mixture = {"weights": {"alpha": 0.5, "beta": 0.5}}
+    pairs = pd.DataFrame(
+        {"w_code": [0.2, 0.8], "w_web": [0.8, 0.2], "proxy": [1.0, 2.0], "truth": [1.0, 2.0]}
+    )
+    table = {"target": "loss", "metrics": {}}  # no grid, no mixture_columns: an older table-mode report
+    run = analysis.Run(tmp_path, mixture, None, None, None, table, pairs)
+    assert analysis.of_other_experts(run) == {}
+    grid = analysis.Run(tmp_path, mixture, None, None, None, {**table, "grid": "grid.csv"}, pairs)
+    assert analysis.of_other_experts(grid) == {"rank_report.json": ["code", "web"]}

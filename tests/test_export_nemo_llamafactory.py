@@ -390,19 +390,10 @@ def test_llamafactory_reads_tool_calls_as_the_records_give_them(world, tmp_path)
     assert {n for n, e in info.items() if e["formatting"] == "openai"} == {name}
     (tmp_path / "dataset_info.json").write_text(json.dumps(info))
     first = {n: json.loads(p.read_text().splitlines()[0]) for n, p in tools["paths"].items()}
-    env = {**os.environ, "DISABLE_VERSION_CHECK": "1"}
     script = LLAMAFACTORY_SHAREGPT.replace(
         'converted["_response"]]', 'converted["_response"], converted["_tools"]]'
     )
-    child = subprocess.run(
-        [sys.executable, "-c", script, json.dumps([str(tmp_path), list(WEIGHTS), first])],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert child.returncode == 0, child.stderr[-2000:]
-    read = {row[0]: row[2:] for row in json.loads(child.stdout.strip().splitlines()[-1])}
+    read = _llamafactory_first_records(script, tmp_path, first)
     user, call, answer, final = first[name]["messages"]
     prompt, response, given = read[name]
     assert prompt == [
@@ -414,6 +405,52 @@ def test_llamafactory_reads_tool_calls_as_the_records_give_them(world, tmp_path)
     assert json.loads(given) == first[name]["tools"]
     for other in set(WEIGHTS) - {name}:
         assert read[other][1] == [{"role": "assistant", "content": first[other]["messages"][1]["content"]}]
+
+
+def _llamafactory_first_records(script: str, root: Path, first: dict) -> dict:
+    """{dataset: what LLaMA-Factory's parser and converter read of its first record} (``script``
+    run in a child process, ``root`` holding dataset_info.json)."""
+    env = {**os.environ, "DISABLE_VERSION_CHECK": "1"}
+    child = subprocess.run(
+        [sys.executable, "-c", script, json.dumps([str(root), list(WEIGHTS), first])],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert child.returncode == 0, child.stderr[-2000:]
+    return {row[0]: row[2:] for row in json.loads(child.stdout.strip().splitlines()[-1])}
+
+
+def test_llamafactory_reads_tool_answers_under_the_role_the_records_give_them(world, tmp_path):
+    """Tools' answers as ``ipython`` messages (Llama 3.1's role) were registered with the
+    observation tag ``tool``, and LLaMA-Factory's converter stopped on the role it has no tag for
+    (KeyError: 'ipython'); the entry's observation tag is the records' role now. Two roles for the
+    answers cannot be one entry: a sentence says what to change."""
+    pytest.importorskip("llamafactory")
+
+    tools = tool_world(world, tmp_path)
+    name = tools["tool_domain"]
+    path = tools["paths"][name]
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for row in rows:
+        row["messages"][2]["role"] = "ipython"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    info = _header_entries(export(tools, "llamafactory", tmp_path))
+    assert info[name]["formatting"] == "openai" and info[name]["tags"]["observation_tag"] == "ipython"
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info))
+    first = {n: json.loads(p.read_text().splitlines()[0]) for n, p in tools["paths"].items()}
+    read = _llamafactory_first_records(LLAMAFACTORY_SHAREGPT, tmp_path, first)
+    assert read[name][0][2] == {"role": "observation", "content": "sunny"}
+
+    rows[0]["messages"][2]["role"] = "tool"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    said = [
+        line
+        for line in export(tools, "llamafactory", tmp_path).splitlines()
+        if line.startswith(f"#   {name}:")
+    ]
+    assert len(said) == 1 and "ipython and tool messages" in said[0], said
 
 
 def test_llamafactory_header_says_what_its_openai_formatting_changes_in_tool_calls(world, tmp_path):

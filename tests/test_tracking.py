@@ -369,6 +369,38 @@ def test_a_backend_that_joins_on_a_resume_says_it_lacks_the_earlier_steps(random
     assert same.returncode == 0 and "joins on this resume" not in same.stderr, same.stderr
 
 
+def test_a_backend_added_on_the_resume_of_an_untracked_fit_says_so(random_world, tmp_path):
+    """A fit stopped with no backend and resumed with TensorBoard: its run starts at the checkpoint
+    as much as a backend added beside another one does, and the warning line says so."""
+    pytest.importorskip("mergeopt.runtime.faults")
+    pytest.importorskip(tracking.PACKAGES["tensorboard"])
+    out = tmp_path / "run"
+    recipe = _recipe_file(random_world, tmp_path, out, [], **RESUMABLE)
+    stopped = run_forked("fit", recipe, "--quiet", fault="sigterm@step:5")
+    assert stopped.returncode == 143, stopped.stderr
+    joined = run_in_process("fit", recipe, "logging.backends=[tensorboard]", "--quiet")
+    assert joined.returncode == 0, joined.stderr
+    assert "logging.backends: tensorboard joins on this resume" in joined.stderr, joined.stderr
+
+
+def test_a_backend_left_off_for_one_attempt_continues_its_run(random_world, tmp_path):
+    """Stopped with MLflow, resumed with TensorBoard alone and stopped again, resumed with both: the
+    TensorBoard attempt rewrote tracking.json without MLflow's run id, and the last attempt opened a
+    second MLflow run. The id is kept, and the one run continues."""
+    pytest.importorskip("mergeopt.runtime.faults")
+    for backend in ("tensorboard", "mlflow"):
+        pytest.importorskip(tracking.PACKAGES[backend])
+    out = tmp_path / "run"
+    recipe = _recipe_file(random_world, tmp_path, out, ["mlflow"], **RESUMABLE)
+    assert run_forked("fit", recipe, "--quiet", fault="sigterm@step:3").returncode == 143
+    board = run_forked("fit", recipe, "logging.backends=[tensorboard]", "--quiet", fault="sigterm@step:5")
+    assert board.returncode == 143, board.stderr
+    both = run_in_process("fit", recipe, "logging.backends=[tensorboard, mlflow]", "--quiet")
+    assert both.returncode == 0, both.stderr
+    run, history = read_mlflow(out)  # one run
+    assert run.info.status == "FINISHED" and history["loss"][0][0] == 0
+
+
 def test_after_kill_9_the_resumed_fit_logs_each_step_once(random_world, tmp_path):
     # killed after step 4, before its checkpoint: steps 4 to 8 run again
     backends = ["tensorboard", "mlflow", "wandb"]

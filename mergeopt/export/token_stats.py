@@ -65,6 +65,7 @@ class ToolUse:
     calls: int = 0
     untooled: int = 0
     said_and_called: int = 0  # records with a turn that both says something and calls tools
+    roles: frozenset[str] = frozenset()  # the roles of the tools' answers (tool, function, ipython)
 
     def add(self, records: list[dict[str, Any]]) -> ToolUse:
         from mergeopt.objectives.chat import conversation, is_chat
@@ -73,7 +74,10 @@ class ToolUse:
         calls = sum(any(_uses_tools(m) for m in c) for c in chats)
         both = sum(any(m.get("tool_calls") and m.get("content") for m in c) for c in chats)
         untooled = sum(r.get("tools") is None for r in records)
-        return ToolUse(self.calls + calls, self.untooled + untooled, self.said_and_called + both)
+        roles = {m.get("role") for c in chats for m in c if m.get("role") in TOOL_ROLES}
+        return ToolUse(
+            self.calls + calls, self.untooled + untooled, self.said_and_called + both, self.roles | roles
+        )
 
 
 TOOL_ROLES = ("tool", "function", "ipython")

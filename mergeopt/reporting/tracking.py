@@ -236,6 +236,15 @@ def joining(backends: Sequence[str], saved: Mapping) -> list[str]:
     return [] if not isinstance(before, list) else [k for k in backends if k not in before]
 
 
+def _record(checkpoint: RunState, saved: Mapping, ids: dict, recipe: Recipe) -> None:
+    """tracking.json: the run ids of the backends opened now, where they log, and the backends.
+    With no run id to keep (TensorBoard alone, or no backend) the ids and place an earlier attempt
+    kept stay, for a resume that turns that backend on again, and a fit not resumed writes it with
+    its checkpoint's first save, not before."""
+    kept = {**ids, "where": _where(recipe)} if ids else {k: v for k, v in saved.items() if k != "backends"}
+    checkpoint.save_tracking({**kept, "backends": list(recipe.logging.backends)}, lazily=not ids)
+
+
 @contextlib.contextmanager
 def tracked(
     recipe: Recipe, checkpoint: RunState, resuming: bool, log: Callable[[str], None] = print
@@ -248,12 +257,16 @@ def tracked(
     (and so on) in every tracker, and the log line says so.
     """
     section = recipe.logging
-    if not section.backends or not distributed.is_main():
+    if not distributed.is_main():
+        yield Tracker()
+        return
+    saved = checkpoint.load_tracking() if resuming else {}
+    if not section.backends:  # recorded, so that a backend added on a resume is said to join
+        _record(checkpoint, saved, {}, recipe)
         yield Tracker()
         return
     root = log_dir(recipe)
     run_name = section.run_name or Path(recipe.output_dir).resolve().name
-    saved = checkpoint.load_tracking() if resuming else {}
     tracker = Tracker()
     try:  # TensorBoard first: the folder it claims names the run in the other trackers too
         for kind in sorted(section.backends, key=lambda k: k != "tensorboard"):
@@ -272,8 +285,7 @@ def tracked(
             f"logging.backends: {kind} joins on this resume: its run holds what the fit logs from the "
             "checkpoint on (the earlier steps and evaluations are in trace.csv and evaluations.csv)"
         )
-    ids = {b.name: b.run_id for b in tracker.backends if b.run_id is not None}
-    checkpoint.save_tracking({**ids, "where": _where(recipe), "backends": list(section.backends)})
+    _record(checkpoint, saved, {b.name: b.run_id for b in tracker.backends if b.run_id is not None}, recipe)
     status = "failed"
     try:
         yield tracker

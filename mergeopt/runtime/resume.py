@@ -143,6 +143,7 @@ class RunState:
         self._keyed_by = keyed_by
         self.recipe = keyed_by(recipe_tree)
         self._on_first_write = None  # set by start_lazily: runs before the first byte is written
+        self._tracking: dict | None = None  # tracking.json, held until a lazily started state starts
         self.changed: list[str] = []  # keys of CHANGEABLE_ON_RESUME this run changed, as "key new (was old)"
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -186,6 +187,8 @@ class RunState:
         self.dir.mkdir(parents=True, exist_ok=True)
         meta = {"recipe": self.recipe, **({} if self.inputs is None else {"inputs": self.inputs})}
         write_json_atomic(self.dir / META, meta)
+        if self._tracking is not None:
+            write_json_atomic(self.dir / TRACKING, self._tracking)
 
     def start_lazily(self, before=None) -> None:
         """Start fresh at the first save, after calling ``before``: a run that stops on a user error
@@ -256,8 +259,13 @@ class RunState:
         return entries
 
     # -- experiment trackers --------------------------------------------------------------------
-    def save_tracking(self, run_ids: dict) -> None:
-        """The trackers' run ids (backend -> id), written when they open, so a resume reuses them."""
+    def save_tracking(self, run_ids: dict, lazily: bool = False) -> None:
+        """The trackers' run ids (backend -> id), written when they open, so a resume reuses them.
+        ``lazily``: a state started lazily and not saved yet writes them with its first save (a fit
+        that stops before it leaves nothing behind)."""
+        if lazily and self._fresh:
+            self._tracking = run_ids
+            return
         self._ensure_started()
         write_json_atomic(self.dir / TRACKING, run_ids)
 

@@ -106,8 +106,17 @@ def dataset_info(ctx: Context, name: str) -> dict | str | None:
     file_name = _file_name(path)
     if not isinstance(file_name, str):
         return file_name[0]
-    if layout == "messages" and token_stats.tool_use(source_of(path)).calls:
+    use = token_stats.tool_use(source_of(path)) if layout == "messages" else None
+    if use is not None and use.calls:
+        # the converter maps each role through its tags (a KeyError stops the run on any other): the
+        # tools' answers take the observation tag, which names one role
+        if len(use.roles) > 1:
+            return (
+                f"holds tools' answers as {' and '.join(sorted(use.roles))} messages, and {READER}'s openai "
+                "formatting reads one role as a tool's answer (any other stops it): give them one role, tool"
+            )
         entry = copy.deepcopy(TOOL_ENTRY)
+        entry["tags"]["observation_tag"] = next(iter(use.roles), "tool")
         if "tools" in token_stats.columns(source_of(path)):
             entry["columns"]["tools"] = "tools"
         return {"file_name": file_name, **entry}
