@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mergeopt.errors import run_cli
+from mergeopt.errors import UserError, run_cli
 from mergeopt.export.command import main
 from mergeopt.export.shares import make_plan
 from mergeopt.export.token_files import TokenFiles, _streaming_format
@@ -619,4 +619,28 @@ def test_a_missing_reader_library_is_one_line_naming_the_package(
     monkeypatch.setitem(sys.modules, "megatron.core.datasets.indexed_dataset", None)  # import fails
     assert "pip install megatron-core" in _refused(world, tmp_path, capsys, "megatron", megatron)
     monkeypatch.setitem(sys.modules, "streaming.base", None)
-    assert "pip install mosaicml-streaming" in _refused(world, tmp_path, capsys, "megatron", mds["ndarray"])
+    line = _refused(world, tmp_path, capsys, "megatron", mds["ndarray"])
+    assert "pip install --no-deps mosaicml-streaming==0.13.0 brotli python-snappy" in line, line
+
+
+def test_a_missing_dependency_of_streaming_names_the_no_deps_install(monkeypatch):
+    """The line a missing dependency of streaming gives installs streaming as the README does,
+    with --no-deps: a bare ``pip install mosaicml-streaming`` replaces torch with a CUDA 2.14 and
+    transformers with 4.x, and streaming's module ``snappy`` is python-snappy (PyPI's ``snappy``
+    is SnapPy, a 3-manifold program)."""
+    for name in [m for m in sys.modules if m == "streaming" or m.startswith("streaming.")]:
+        monkeypatch.delitem(sys.modules, name)  # imported anew, and put back after the test
+    monkeypatch.setitem(sys.modules, "snappy", None)  # import snappy fails
+    before = set(sys.modules)
+    try:
+        with pytest.raises(UserError) as refused:
+            _streaming_format()
+    finally:
+        for name in set(sys.modules) - before:
+            if name == "streaming" or name.startswith("streaming."):
+                del sys.modules[name]
+    line = str(refused.value)
+    assert "(snappy is missing)" in line and "pip install snappy" not in line, line
+    assert (
+        "pip install --no-deps mosaicml-streaming==0.13.0 brotli python-snappy cramjam zstd catalogue" in line
+    )

