@@ -158,3 +158,27 @@ def test_the_smollm2_world_without_the_gguf_package_names_the_extra(monkeypatch)
     monkeypatch.setitem(sys.modules, "gguf", None)  # not installed
     with pytest.raises(UserError, match=r"SmolLM2 world.* pip install 'mergeopt\[gguf\]'$"):
         smollm2.gguf_location()
+
+
+def test_a_gguf_package_transformers_cannot_use_names_the_extra(monkeypatch):
+    """gguf older than transformers' minimum, or a folder named gguf on the path (a namespace
+    package): transformers refuses either with its ImportError, so each is the extra's line too."""
+    import importlib.machinery
+    import importlib.metadata
+    import importlib.util
+
+    from mergeopt.loading.base_model import require_gguf
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.9.1" if name == "gguf" else real(name))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: importlib.machinery.ModuleSpec(name, None, origin="/x")
+    )
+    with pytest.raises(
+        UserError, match=r"^the base needs gguf>=0.10, 0.9.1 installed here: pip install 'mergeopt\[gguf\]'$"
+    ):
+        require_gguf("the base")
+    folder = importlib.machinery.ModuleSpec("gguf", None, is_package=True)  # a namespace portion: no origin
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: folder)
+    with pytest.raises(UserError, match=r"needs the gguf package, not installed here"):
+        require_gguf("the base")

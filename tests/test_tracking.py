@@ -401,6 +401,24 @@ def test_a_backend_left_off_for_one_attempt_continues_its_run(random_world, tmp_
     assert run.info.status == "FINISHED" and history["loss"][0][0] == 0
 
 
+def test_a_backend_left_off_beside_another_tracked_one_continues_its_run(random_world, tmp_path):
+    """Stopped with MLflow and W&B, resumed with W&B alone and stopped again, resumed with both: the
+    W&B attempt rewrote tracking.json with W&B's run id alone, and the last attempt opened a second
+    MLflow run. MLflow's id is kept beside W&B's, and its one run continues."""
+    pytest.importorskip("mergeopt.runtime.faults")
+    for backend in ("mlflow", "wandb"):
+        pytest.importorskip(tracking.PACKAGES[backend])
+    out = tmp_path / "run"
+    recipe = _recipe_file(random_world, tmp_path, out, ["mlflow", "wandb"], **RESUMABLE)
+    assert run_forked("fit", recipe, "--quiet", fault="sigterm@step:3").returncode == 143
+    alone = run_forked("fit", recipe, "logging.backends=[wandb]", "--quiet", fault="sigterm@step:5")
+    assert alone.returncode == 143, alone.stderr
+    both = run_in_process("fit", recipe, "--quiet")
+    assert both.returncode == 0, both.stderr
+    run, history = read_mlflow(out)  # one run
+    assert run.info.status == "FINISHED" and history["loss"][0][0] == 0
+
+
 def test_after_kill_9_the_resumed_fit_logs_each_step_once(random_world, tmp_path):
     # killed after step 4, before its checkpoint: steps 4 to 8 run again
     backends = ["tensorboard", "mlflow", "wandb"]

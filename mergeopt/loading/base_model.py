@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib.metadata
 import importlib.util
 from pathlib import Path
 
@@ -29,11 +30,27 @@ def _parsed_config(path: str, gguf_file: str | None, trust_remote_code: bool, st
     return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **gguf)
 
 
+GGUF_MIN_VERSION = "0.10"  # transformers' minimum (GGUF_MIN_VERSION), as the gguf extra pins it
+
+
 def require_gguf(what: str) -> None:
     """One line naming the extra to install where transformers would need the gguf package to read
-    a GGUF file (its own ImportError surfaces as a traceback, or folded into another message)."""
-    if importlib.util.find_spec("gguf") is None:
+    a GGUF file (its own ImportError surfaces as a traceback, or folded into another message): not
+    installed (a folder named gguf on the path is no package), or older than transformers reads."""
+    from packaging.version import InvalidVersion, Version
+
+    spec = importlib.util.find_spec("gguf")
+    if spec is None or spec.origin in (None, "namespace"):
         raise UserError(f"{what} needs the gguf package, not installed here: pip install 'mergeopt[gguf]'")
+    try:
+        installed = importlib.metadata.version("gguf")
+        old = Version(installed) < Version(GGUF_MIN_VERSION)
+    except (importlib.metadata.PackageNotFoundError, InvalidVersion):
+        return  # a source checkout without metadata: transformers asks the module itself
+    if old:
+        raise UserError(
+            f"{what} needs gguf>={GGUF_MIN_VERSION}, {installed} installed here: pip install 'mergeopt[gguf]'"
+        )
 
 
 def base_config(base_path: str | Path, trust_remote_code: bool = False, gguf_file: str | None = None):

@@ -238,10 +238,11 @@ def joining(backends: Sequence[str], saved: Mapping) -> list[str]:
 
 def _record(checkpoint: RunState, saved: Mapping, ids: dict, recipe: Recipe) -> None:
     """tracking.json: the run ids of the backends opened now, where they log, and the backends.
-    With no run id to keep (TensorBoard alone, or no backend) the ids and place an earlier attempt
-    kept stay, for a resume that turns that backend on again, and a fit not resumed writes it with
-    its checkpoint's first save, not before."""
-    kept = {**ids, "where": _where(recipe)} if ids else {k: v for k, v in saved.items() if k != "backends"}
+    The ids an earlier attempt kept for backends left off now stay, for a resume that turns them on
+    again; with no run id to keep (TensorBoard alone, or no backend) so does the place they log,
+    and a fit not resumed writes it with its checkpoint's first save, not before."""
+    earlier = {k: v for k, v in saved.items() if k != "backends"}  # a backend left off keeps its id
+    kept = {**earlier, **ids, "where": _where(recipe)} if ids else earlier
     checkpoint.save_tracking({**kept, "backends": list(recipe.logging.backends)}, lazily=not ids)
 
 
