@@ -84,8 +84,9 @@ TOOL_ROLES = ("tool", "function", "ipython")
 
 
 def _uses_tools(message: dict[str, Any]) -> bool:
-    calls = message.get("tool_calls")
-    return message.get("role") in TOOL_ROLES or (isinstance(calls, list) and bool(calls))
+    from mergeopt.objectives.chat import calls_tools
+
+    return message.get("role") in TOOL_ROLES or calls_tools(message)
 
 
 def tool_use(source: Source) -> ToolUse:

@@ -128,7 +128,7 @@ def _check_messages(messages: Any, key: str, where: str) -> None:
                 f"{where}: {key} message {i} has role {message['role']!r} (did you mean {typo!r}?)"
             )
         if not isinstance(message.get("content"), str) and not (
-            message.get("content") is None and _calls_tools(message)
+            message.get("content") is None and calls_tools(message)
         ):
             raise UserError(
                 f"{where}: {key} message {i} needs 'content' as a string (text conversations only; "
@@ -136,7 +136,7 @@ def _check_messages(messages: Any, key: str, where: str) -> None:
             )
 
 
-def _calls_tools(message: Mapping[str, Any]) -> bool:
+def calls_tools(message: Mapping[str, Any]) -> bool:
     """Whether the message calls tools (a non-empty ``tool_calls`` list, as TRL's tool-calling
     records and OpenAI's messages have: such a turn's ``content`` may be None or absent, and
     Arrow fills None into the other messages of a parquet file)."""
@@ -145,7 +145,7 @@ def _calls_tools(message: Mapping[str, Any]) -> bool:
 
 def _says_something(message: Mapping[str, Any]) -> bool:
     """Whether the message has something to score: text, or a tool call."""
-    return bool(message.get("content")) or _calls_tools(message)
+    return bool(message.get("content")) or calls_tools(message)
 
 
 # The roles chat templates know (OpenAI's, Llama 3.1's ipython); a role close to one of them but
