@@ -305,6 +305,14 @@ def test_export_counts_a_conversations_rendered_tokens(tmp_path):
         ({"prompt": [user("hi")]}, "needs a 'completion' (a list of messages)"),
         ({"prompt": [user("hi")], "completion": "yes"}, "'completion' must be a non-empty list of messages"),
         ({"prompt": [user("hi")], "completion": [assistant("")]}, "'completion' has no content"),
+        (
+            {"messages": [user("hi"), assistant("") | {"function_call": {"name": "f", "arguments": "{}"}}]},
+            "messages message 1 has OpenAI's legacy 'function_call', which chat templates do not write",
+        ),
+        (
+            {"messages": [user("q"), assistant("a"), user("hi"), {"role": "assistant", "function_call": {}}]},
+            "messages message 3 has OpenAI's legacy 'function_call'",
+        ),
         ({"prompt": [user("hi")], "choices": ["a", "b"], "answer": 0}, "'prompt' must be a string"),
     ],
 )
