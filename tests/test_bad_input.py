@@ -770,6 +770,12 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         "NaN",
     ),
     "pickle without allow_pickle": ("checkpoint", "fit", _pickled, "allow_pickle"),
+    "pickle without allow_pickle, --dry-run": (
+        "checkpoint",
+        "fit",
+        lambda w, t: [*_pickled(w, t), "--dry-run"],
+        "holds only pickle weights",  # the plan refuses what the fit refuses, not 'verdict: fits'
+    ),
     # adapters
     "base given as a hub name": (
         "checkpoint",

@@ -65,3 +65,26 @@ def test_a_fit_and_a_merge_write_files_the_umask_allows(random_world, tmp_path, 
     assert run / "mixture.json" in written and merged / "model.safetensors" in written
     assert {p.name: oct(mode(p)) for p in written} == {p.name: oct(expected) for p in written}
     assert mode(merged) == 0o777 & ~mask
+
+
+def test_a_shared_output_directory_keeps_its_mode_and_group(random_world, tmp_path, capsys):
+    """A fit replaced a team's setgid, group-writable output_dir (2775) by a new directory of the
+    umask's mode (755) and the parent's group: the group could no longer write into it."""
+    run = tmp_path / "run"
+    run.mkdir()
+    groups = [g for g in os.getgroups() if g != run.stat().st_gid]
+    if groups:
+        os.chown(run, -1, groups[0])
+    os.chmod(run, 0o2775)
+    before = run.stat()
+    recipe = tmp_path / "recipe.yaml"
+    tree = recipe_tree(random_world, run)
+    tree["optim"].update(steps=2, eval_every=1)
+    recipe.write_text(yaml.safe_dump(tree))
+    with umask(0o022):
+        assert run_cli(fit_main, [str(recipe), "--quiet"]) == 0
+    assert (run / "mixture.json").is_file()
+    assert oct(mode(run)) == oct(0o2775)
+    assert run.stat().st_gid == before.st_gid
+    assert (run / "mixture.json").stat().st_gid == before.st_gid
+    assert mode(run / "mixture.json") == 0o644

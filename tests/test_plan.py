@@ -1464,3 +1464,16 @@ def test_a_dry_run_under_torchrun_warns_from_rank_0_only(config_8b, monkeypatch,
         monkeypatch.setenv("RANK", rank)
         assert run_cli(fit.main, args) == 0
         assert ("model.exclude 'lm-head'" in capsys.readouterr().err) is warned
+
+
+def test_the_plan_of_a_gguf_base_names_the_gguf_file_not_safetensors_headers(tmp_path):
+    """A GGUF base (model.gguf_file) was planned 'from safetensors headers of base, 1 file'."""
+    gguf = tmp_path / "base" / "model.Q4_1.gguf"
+    tensors = {"lm_head.weight": checkpoints.TensorMeta(gguf, (8, 4), "F32")}
+    base = checkpoints.Checkpoint(path=gguf.parent, config={}, tensors=tensors)
+    inventory = dry_run.header_inventory(base)
+    assert inventory.source == f"GGUF metadata of {gguf}: the model it describes"
+    stored = tmp_path / "st"
+    tensors = {"w": checkpoints.TensorMeta(stored / "model.safetensors", (8, 4), "F32")}
+    inventory = dry_run.header_inventory(checkpoints.Checkpoint(path=stored, config={}, tensors=tensors))
+    assert inventory.source == f"safetensors headers of {stored}, 1 file"

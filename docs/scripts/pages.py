@@ -173,7 +173,8 @@ Any key can be set on the command line after the recipe, as a dotted `key=value`
 as YAML: `optim.steps=50`, `model.exclude=[norm,lm_head]`, `weights.init={math: 0.5, code: 0.5}`.
 A number indexes a list, as the error messages spell list items: `data.dev.0.weight=2`.
 `mergeopt fit --out DIR` is the same as `output_dir=DIR`. A run directory's `recipe.yaml` is the
-resolved recipe, every default spelled out, so `mergeopt fit runs/x/recipe.yaml` reruns it.
+resolved recipe, every default spelled out, so `mergeopt fit runs/x/recipe.yaml --out runs/y` reruns
+it (`--restart` instead of `--out` replaces `runs/x`, which the fit otherwise refuses to overwrite).
 
 Paths of the form `tiny://base`, `tiny://experts/<domain>`, `tiny://dev/<domain>.jsonl` (and
 `tiny://train/<domain>.jsonl`) point into the tiny world, `smollm2://...` into the SmolLM2 world;

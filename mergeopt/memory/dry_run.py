@@ -62,15 +62,16 @@ def _has_safetensors(path: Path) -> bool:
     return (path / INDEX_FILE).is_file() or (path / SINGLE_FILE).is_file()
 
 
-def _describe(path: str, role: str) -> Checkpoint:
+def _describe(path: str, role: str, allow_pickle: bool = False) -> Checkpoint:
     """config.json plus safetensors headers when present; tensors stay empty for a config-only dir.
 
     ``role``: the recipe key naming it, said first when it is refused (as the fit says it)."""
     directory = Path(path)
-    if _has_safetensors(directory) or not (directory / "config.json").is_file():
+    refused_pickle = not allow_pickle and (any(directory.glob("*.bin")) or any(directory.glob("*.pt")))
+    if _has_safetensors(directory) or not (directory / "config.json").is_file() or refused_pickle:
         return open_checkpoint(
             directory, role=role
-        )  # refuses a missing directory or config.json as the fit does
+        )  # refuses a missing directory or config.json, or pickles without allow_pickle, as the fit does
     return Checkpoint(
         path=directory, config=read_json_object(directory / "config.json", "config.json"), tensors={}
     )
@@ -95,8 +96,12 @@ def header_inventory(base: Checkpoint) -> Inventory:
     """Names, shapes and on-disk dtypes of the base's tensors, from its safetensors headers."""
     shapes = {name: meta.shape for name, meta in base.tensors.items()}
     sizes = {name: HEADER_BYTES.get(meta.dtype.upper(), FLOAT32) for name, meta in base.tensors.items()}
-    files = len({meta.file for meta in base.tensors.values()})
-    return Inventory(shapes, sizes, f"safetensors headers of {base.path}, {files} file{'s' * (files > 1)}")
+    files = {Path(meta.file) for meta in base.tensors.values()}
+    gguf = sorted(f.name for f in files if f.suffix == ".gguf")
+    if gguf:  # mergeopt.loading.checkpoints.gguf_base: the architecture its metadata describes
+        return Inventory(shapes, sizes, f"GGUF metadata of {base.path / gguf[0]}: the model it describes")
+    n = len(files)
+    return Inventory(shapes, sizes, f"safetensors headers of {base.path}, {n} file{'s' * (n > 1)}")
 
 
 def _check_experts(base: Checkpoint, experts: dict[str, Checkpoint], model=None) -> None:
@@ -159,11 +164,11 @@ def read_inventory(recipe: Recipe) -> tuple[Inventory, Dims]:
     if recipe.model.gguf_file:
         base = gguf_base(recipe.model.base, recipe.model.gguf_file, recipe.model.trust_remote_code)
     else:
-        base = _describe(recipe.model.base, "model.base")
+        base = _describe(recipe.model.base, "model.base", recipe.model.allow_pickle)
     check_max_length(base.config, recipe, str(base.path))
     adapters = {n: p for n, p in recipe.model.experts.items() if is_adapter(p)}
     experts = {
-        name: _describe(path, f"model.experts.{name}")
+        name: _describe(path, f"model.experts.{name}", recipe.model.allow_pickle)
         for name, path in recipe.model.experts.items()
         if name not in adapters
     }

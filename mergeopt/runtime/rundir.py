@@ -23,6 +23,8 @@ diagnose, transfer, merge and ``export --to all``, train's output_dir) goes thro
   ``renameat2(RENAME_EXCHANGE)`` (two renames where the kernel lacks it). A kill before the swap
   leaves the previous directory as it was; after it, the complete new one. The next owner removes
   any staging a kill left, and puts back a directory a kill caught between the two fallback renames.
+  The staging directory takes the replaced directory's group and mode first, so a team's shared
+  (setgid, group-writable) output directory stays one after the swap.
 
 Every file in a staging directory must be written by replacing it (:mod:`mergeopt.runtime.files`),
 never appended to in place: a hard-linked file is shared with the published directory.
@@ -244,6 +246,9 @@ class Staging:
         self.path = self.out.parent / f".{self.out.name}{STAGING}{os.getpid()}"
         shutil.rmtree(self.path, ignore_errors=True)
         self.path.mkdir()
+        self.kept = self.out.stat() if self.out.is_dir() else None
+        if self.kept is not None:  # files written from here on take the directory's group (setgid)
+            _keep_group_and_mode(self.kept, self.path, writable=True)
 
     def _owned(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.owns)
@@ -275,6 +280,7 @@ class Staging:
             return self.out
         if not self.out.is_dir():
             raise UserError(f"{self.out} exists and is not a directory")
+        _keep_group_and_mode(self.out.stat(), self.path)
         if _exchange(self.path, self.out):
             shutil.rmtree(self.path, ignore_errors=True)  # the previous directory, now aside
             return self.out
@@ -302,6 +308,17 @@ def staged(out: str | os.PathLike, owns: Iterable[str] = ()) -> Iterator[Staging
         staging.publish()
     finally:
         staging.discard()  # a no-op once published
+
+
+def _keep_group_and_mode(kept: os.stat_result, path: Path, writable: bool = False) -> None:
+    """Give the staging directory the replaced directory's group and mode (a team's setgid,
+    group-writable directory stays one); ``writable`` keeps it writable by its owner meanwhile."""
+    if path.stat().st_gid != kept.st_gid:
+        try:
+            os.chown(path, -1, kept.st_gid)
+        except OSError:  # not a member of that group: the mode alone is kept
+            pass
+    os.chmod(path, stat.S_IMODE(kept.st_mode) | (stat.S_IRWXU if writable else 0))
 
 
 def _link_tree(source: Path, target: Path) -> None:
