@@ -366,6 +366,15 @@ def _no_run_grid_without_proxy(world, tmp) -> list[str]:
     return [recipe, "--grid", str(tmp / "grid.csv")]
 
 
+def _semicolon_grid(world, tmp) -> list[str]:
+    """A grid of runs saved by a spreadsheet that separates cells by semicolons (decimal commas)."""
+    args = _grid(world, tmp, lambda rows: None)
+    (tmp / "grid.csv").write_text(
+        "w_alpha;w_beta;w_gamma;loss_arith;loss_markov\n1;0;0;3,0;3,1\n0;1;0;3,2;3,0\n0;0;1;3,1;3,3\n"
+    )
+    return args
+
+
 def _calibration_grid(world, tmp, edit=None, run_fingerprint: str | None = None) -> list[str]:
     """A grid of three runs for ``mergeopt calibrate``; with ``run_fingerprint``, the recipe's
     experts and the grid's runs each carry a ``mergeopt train`` run.json, with other fingerprints."""
@@ -989,6 +998,18 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         "rank",
         lambda w, t: _grid(w, t, lambda rows: rows[1].update(loss_arith=float("nan"))),
         "grid.csv line 3: column loss_arith (the true loss of dev set 'arith') is empty or not a finite number",
+    ),
+    "grid separated by semicolons": (
+        "grid table",
+        "rank",
+        _semicolon_grid,
+        "grid.csv: the header is separated by semicolons, not commas",
+    ),
+    "calibration grid separated by semicolons": (
+        "grid table",
+        "calibrate",
+        _semicolon_grid,
+        "grid.csv: the header is separated by semicolons, not commas",
     ),
     "grid weights off the simplex": (
         "grid table",

@@ -470,6 +470,20 @@ def test_a_truth_on_another_scale_than_the_proxys_is_warned_of(first_round, rand
     assert "x the proxy's loss at the same mixtures" in lines[0] and "not a perplexity" in lines[0]
 
 
+def test_a_grid_of_no_run_yet_draws_no_numpy_warning():
+    """A grid of only its header line (the guide's first round) printed numpy's "RuntimeWarning:
+    Mean of empty slice" with a line of numpy's source under it: the scale check took the median
+    of no run."""
+    import warnings
+
+    from mergeopt.evaluation.calibrate import warn_of_another_scale
+
+    empty = pd.DataFrame({"loss_arith": np.array([], float)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_of_another_scale(empty, empty, ["arith"], "runs.csv")
+
+
 def test_a_truth_loss_within_half_to_twice_the_proxys_is_read_as_a_loss(first_round, random_world, tmp_path):
     """A loss column from runs measured otherwise (another split, other training) at 1.9 times the
     proxy's loss draws no warning; a loss in log10 (0.43 times) is warned of."""

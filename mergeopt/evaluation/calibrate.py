@@ -136,6 +136,8 @@ def warn_of_another_scale(proxy_at_runs: pd.DataFrame, runs: pd.DataFrame, dev_n
     from mergeopt.errors import warn
     from mergeopt.evaluation.proxy import LOSS_PREFIX
 
+    if len(runs) == 0:  # a grid of only its header line: no run to compare (numpy's median warns)
+        return
     for name in dev_names:
         column = f"{LOSS_PREFIX}{name}"
         with np.errstate(divide="ignore", invalid="ignore"):

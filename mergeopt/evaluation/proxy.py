@@ -49,7 +49,10 @@ def read_grid(path: str | Path, expert_names: Sequence[str], ranked: bool = True
     least (several seeds of a mixture are rows of their own); calibrate (``ranked=False``) takes any
     runs, one run or several seeds of one mixture alike, or none yet (a header line: the first
     proposal is then the proxy's pick)."""
+    from mergeopt.evaluation.tables import check_commas
+
     path = existing_file(path, "grid table")
+    check_commas(str(path))
     try:
         table = read_csv(path)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as err:

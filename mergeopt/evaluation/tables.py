@@ -31,12 +31,14 @@ DEFAULT_PREFIXES = ("w_", "train_")  # ours, then RegMix's train_the_pile_*
 BOOKKEEPING_COLUMNS = frozenset({"index", "run", "path", "tokens", "steps", "seed"})
 
 
-def _check_commas(path: str) -> None:
+def check_commas(path: str) -> None:
     """Refuse a table whose header is split by semicolons or tabs rather than commas.
 
     Why: pandas reads such a file as one column (or, with a decimal comma, as a ragged table with a
     warning), and the error that followed blamed the mixture columns. Spreadsheets in many locales
-    save "CSV" with semicolons, so the delimiter is what the message must name.
+    save "CSV" with semicolons, so the delimiter is what the message must name. A rank grid and
+    calibrate's runs are checked too (:func:`mergeopt.evaluation.proxy.read_grid`): the error there
+    was "no weight column w_<expert>", for a table whose weight columns are all there.
     """
     with open(path, encoding="utf-8-sig", errors="replace") as handle:
         header = next((line for line in handle if line.strip()), "")
@@ -55,7 +57,7 @@ def _read_csv(path: str) -> pd.DataFrame:
         raise UserError(f"{path} is a directory, not a file")
     if not Path(path).is_file():
         raise UserError(f"{path}: no such file")
-    _check_commas(path)
+    check_commas(path)
     try:
         frame = read_csv(path, index_col=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as err:
