@@ -127,7 +127,7 @@ def _check_messages(messages: Any, key: str, where: str) -> None:
             raise UserError(
                 f"{where}: {key} message {i} has role {message['role']!r} (did you mean {typo!r}?)"
             )
-        if message.get("function_call") is not None and not calls_tools(message):
+        if message.get("function_call") and not calls_tools(message):
             raise UserError(
                 f"{where}: {key} message {i} has OpenAI's legacy 'function_call', which chat "
                 "templates do not write: give it as 'tool_calls': [{'type': 'function', "
