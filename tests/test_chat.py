@@ -310,7 +310,14 @@ def test_export_counts_a_conversations_rendered_tokens(tmp_path):
             "messages message 1 has OpenAI's legacy 'function_call', which chat templates do not write",
         ),
         (
-            {"messages": [user("q"), assistant("a"), user("hi"), {"role": "assistant", "function_call": {"name": "f"}}]},
+            {
+                "messages": [
+                    user("q"),
+                    assistant("a"),
+                    user("hi"),
+                    {"role": "assistant", "function_call": {"name": "f"}},
+                ]
+            },
             "messages message 3 has OpenAI's legacy 'function_call'",
         ),
         ({"prompt": [user("hi")], "choices": ["a", "b"], "answer": 0}, "'prompt' must be a string"),
