@@ -162,7 +162,7 @@ def test_a_restart_reads_nothing_the_old_run_left(tmp_path):
     new.append_evaluation({"w": [0.25]}, journal=PROXY_EVALUATIONS)
     assert new.read_evaluations(PROXY_EVALUATIONS) == [{"w": [0.25]}]
     assert new.read_evaluations() == [] and new.load_gradient() is None
-    assert json.loads((new.dir / "meta.json").read_text()) == {"recipe": {"seed": 1}}
+    assert json.loads((new.dir / "meta.json").read_text()) == {"recipe": {"seed": 1}, "processes": 1}
 
 
 def test_two_gloo_processes_write_one_process_table(ranked_once, tmp_path):

@@ -98,6 +98,29 @@ def test_zero_order_fit_resumed_after_kill_9_has_the_same_log(random_world, tmp_
     assert _mixture(out) == _mixture(whole)
 
 
+def test_a_search_resumed_on_fewer_ranks_than_it_was_killed_under_finishes(random_world, tmp_path):
+    """A zero-order search killed under torchrun with 3 ranks and rerun with fewer (a requeued job on
+    a smaller allocation, or one process): its journal holds evaluations that ranks 1 and 2 scored.
+    Every rerun resumed, replayed the log and ended with an IndexError traceback as it counted the
+    evaluations per process, so the search could never finish. The journal of a 3-rank run is
+    this process's with the ranks of each round (0, 1, 2, 0, ...) written in."""
+    search = {"search": SEARCHES["dirichlet"]}
+    whole = tmp_path / "whole"
+    assert run_in_process("fit", _recipe(random_world, tmp_path, whole, **search), "--quiet").returncode == 0
+    out = tmp_path / "killed"
+    recipe = _recipe(random_world, tmp_path, out, **search)
+    assert run_forked("fit", recipe, "--quiet", fault="sigkill@evaluation:7").returncode == -signal.SIGKILL
+    journal = out / CHECKPOINT_DIR / EVALUATIONS
+    entries = [json.loads(line) for line in journal.read_text().splitlines()]
+    journal.write_text("".join(json.dumps({**e, "process": i % 3}) + "\n" for i, e in enumerate(entries)))
+    resumed = run_in_process("fit", recipe, "--quiet")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    search_info = _mixture(out)["search"]
+    # six replayed, two by each of the 3 ranks; every later one scored by this process, rank 0
+    assert search_info["evaluations_per_process"] == [search_info["evaluations"] - 4, 2, 2]
+    assert _mixture(out)["weights"] == _mixture(whole)["weights"]
+
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_sigterm_and_sigint_save_and_say_how_to_resume(random_world, whole_gradient, tmp_path, sig, code):
     out = tmp_path / "run"
@@ -153,6 +176,22 @@ def test_how_a_run_runs_may_change_on_resume_and_what_it_computes_may_not(
     assert ours["weights"].keys() == whole["weights"].keys()
     for name, w in whole["weights"].items():
         assert ours["weights"][name] == pytest.approx(w, abs=1e-6)
+
+
+def test_a_resume_under_another_number_of_processes_says_so(random_world, whole_gradient, tmp_path):
+    """A fit killed under torchrun with 3 ranks and rerun with 1 (or 2) resumes, and its numbers move
+    in their last bits (each batch is split and summed in another order), but the resume line said
+    only ``resuming from ...``, as if nothing had changed. The checkpoint records the number of
+    processes; a 3-rank job's is this process's with 3 written in."""
+    out = tmp_path / "run"
+    recipe = _recipe(random_world, tmp_path, out, **GRADIENT)
+    assert run_forked("fit", recipe, "--quiet", fault="sigkill@step:7").returncode == -signal.SIGKILL
+    meta_path = out / CHECKPOINT_DIR / "meta.json"
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "processes": 3}))
+    resumed = run_in_process("fit", recipe)
+    assert resumed.returncode == 0, resumed.stderr
+    said = next(line for line in resumed.stdout.splitlines() if line.startswith("resuming from"))
+    assert said.endswith("checkpoint, with 1 process (was 3)"), said
 
 
 def test_a_list_entry_that_differs_is_named_with_both_values():

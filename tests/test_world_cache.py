@@ -76,6 +76,39 @@ def test_a_leftover_without_its_marker_is_built_again(tmp_path, monkeypatch):
     assert (path / worlds.MARKER).is_file()
 
 
+def _build_slow_world(cache: str) -> None:
+    worlds._registry = lambda: {"slow": _SlowWorld}  # in the forked child only
+    _SlowWorld.reset(finished=False)
+    worlds.ensure("slow", cache, seed=0, log=lambda _m: None)
+
+
+def test_a_build_killed_with_kill_9_leaves_no_staging_directory_after_the_next(tmp_path, monkeypatch):
+    """``kill -9`` of the process building a world (rank 0 of a torchrun job building the tiny world
+    for every rank, the OOM killer) left its hidden ``.building-*.tmp`` directory in the cache, and
+    every later build left it there, one more per kill. The next build of that world removes it; a
+    build of another seed, under its own lock, is not touched."""
+    import multiprocessing
+    import os
+    import signal
+    import time
+
+    child = multiprocessing.get_context("fork").Process(target=_build_slow_world, args=(str(tmp_path),))
+    child.start()
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".building-*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(child.pid, signal.SIGKILL)
+    child.join()
+    assert list(tmp_path.glob(".building-*")), "the killed build left nothing to clean"
+    other_seed = tmp_path / ".building-slow-v1-seed1-abc123.tmp"  # another world's build, running
+    other_seed.mkdir()
+    _SlowWorld.reset(finished=True)
+    monkeypatch.setattr(worlds, "_registry", lambda: {"slow": _SlowWorld})
+    path = worlds.ensure("slow", str(tmp_path), seed=0, log=lambda _m: None)
+    assert (path / worlds.MARKER).is_file()
+    assert sorted(p.name for p in tmp_path.glob(".building-*")) == [other_seed.name]
+
+
 def test_ctrl_c_during_a_world_build_stops_it_and_leaves_nothing(tmp_path):
     """SIGINT at step 2 of the tiny world's pretraining (the process signals itself there, through the
     real handler): the fit stops at that step, not after the build, exits 130 with one line saying

@@ -167,6 +167,11 @@ class RunState:
             for key in CHANGEABLE_ON_RESUME
             if (was := _value_at(saved, key)) != (now := _value_at(self.recipe, key))
         ]
+        # torchrun's number of processes may change too (a requeued job on fewer GPUs): another
+        # split of each batch sums the same terms in another order, so it is said, as the keys are
+        processes, was = distributed.process_rank_and_size()[1], meta.get("processes")
+        if isinstance(was, int) and was != processes:
+            self.changed.append(f"{processes} process{'es' if processes != 1 else ''} (was {was})")
         if difference is not None:
             key, was, now = difference
             raise UserError(
@@ -186,6 +191,7 @@ class RunState:
         self.clear()
         self.dir.mkdir(parents=True, exist_ok=True)
         meta = {"recipe": self.recipe, **({} if self.inputs is None else {"inputs": self.inputs})}
+        meta["processes"] = distributed.process_rank_and_size()[1]  # torchrun's, said if a resume changes it
         write_json_atomic(self.dir / META, meta)
         if self._tracking is not None:
             write_json_atomic(self.dir / TRACKING, self._tracking)

@@ -242,8 +242,13 @@ class Evaluator:
             self.journal({**entry, "w": w.tolist()})
 
     def per_process(self, processes: int) -> list[int]:
-        """Real evaluations each process scored (an evaluation split over every rank counts for each)."""
-        counts = [0] * processes
+        """Real evaluations each process scored (an evaluation split over every rank counts for each).
+
+        A run resumed on fewer ranks replays evaluations that a rank it no longer has scored: the
+        list is as long as the largest rank of any attempt (it raised IndexError at the end of the
+        search, at every rerun)."""
+        ranks = [entry["process"] for entry in self._log if entry["process"] != ALL_PROCESSES]
+        counts = [0] * max([processes, *(rank + 1 for rank in ranks)])
         for entry in self._log:
             for rank in range(processes) if entry["process"] == ALL_PROCESSES else [entry["process"]]:
                 counts[rank] += 1

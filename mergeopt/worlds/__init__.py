@@ -100,7 +100,12 @@ def _build(name: str, target: Path, seed: int, log: Callable[[str], None]) -> Pa
     if target.exists():  # a leftover without its marker is not a world
         shutil.rmtree(target)
     start = time.perf_counter()
-    staging = make_staging_dir(target.parent, f".building-{name}-")
+    # a build killed with kill -9 (one of torchrun's ranks, the OOM killer) left its staging
+    # directory; this process holds the world's lock, so no such directory of it is a live build
+    # (one of another seed or version is another world's, under its own lock, and stays)
+    for leftover in target.parent.glob(f".building-{target.name}-*.tmp"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    staging = make_staging_dir(target.parent, f".building-{target.name}-")
     import torch
 
     threads = torch.get_num_threads()
