@@ -791,9 +791,21 @@ def test_user_errors_are_one_line(what, tmp_path, capsys):
     expected = {
         "no_config": f"model.base: {base} has no config.json",
         "unknown_architecture": "cannot build the architecture on the meta device",
-        "world_not_built": "tiny://experts/arith: the tiny world is not built yet and a dry run builds nothing",
+        "world_not_built": "tiny://experts/arith: the tiny world is not built yet and a plan builds nothing",
     }[what]
     assert expected in err
+    assert not (tmp_path / "cache").exists()
+
+
+def test_an_unbuilt_world_is_refused_naming_the_command_that_builds_it(tmp_path, capsys):
+    """``mergeopt plan recipes/tiny.yaml`` before the tiny world is built: one line that says the fit
+    builds it (it said "run once without --dry-run", an option the plan's command line never had)."""
+    from mergeopt import cli
+
+    code = cli.main(["plan", str(REPO / "recipes" / "tiny.yaml"), f"world.cache_dir={tmp_path / 'cache'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "the tiny world is not built yet and a plan builds nothing (mergeopt fit of this recipe" in err
     assert not (tmp_path / "cache").exists()
 
 

@@ -27,8 +27,8 @@ def world_path(path: str, recipe: Recipe) -> str:
         # world the run would build there
         inputs.writable_dir(root.parent, worlds.cache_source(recipe.world.cache_dir))
         raise UserError(
-            f"{path}: the {name} world is not built yet and a dry run builds nothing (run once without "
-            f"--dry-run to build it into {root})"
+            f"{path}: the {name} world is not built yet and a plan builds nothing (mergeopt fit of "
+            f"this recipe, without --dry-run, builds it into {root})"
         )
     return str(root / path.partition("://")[2])
 
