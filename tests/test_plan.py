@@ -1489,3 +1489,20 @@ def test_the_plan_of_a_gguf_base_names_the_gguf_file_not_safetensors_headers(tmp
     tensors = {"w": checkpoints.TensorMeta(stored / "model.safetensors", (8, 4), "F32")}
     inventory = dry_run.header_inventory(checkpoints.Checkpoint(path=stored, config={}, tensors=tensors))
     assert inventory.source == f"safetensors headers of {stored}, 1 file"
+
+
+def test_a_config_only_expert_of_another_size_is_refused_as_the_fit_refuses_it(config_8b, config_70b):
+    """Llama-3.1-70B's config.json as an expert of the 8B base: architecture and vocabulary agree,
+    which was all the plan compared without weights, so it said the recipe fits; the fit refuses
+    it at its first tensor. The shapes the two configs build are compared now, in the fit's words."""
+    path_8b, _ = config_8b
+    path_70b, _ = config_70b
+    experts = {**dict.fromkeys(EXPERTS_8B, str(path_8b)), EXPERTS_8B[1]: str(path_70b)}
+    with pytest.raises(UserError) as err:
+        dry_run.read_inventory(recipe(str(path_8b), experts))
+    assert str(err.value) == (
+        "tensor model.embed_tokens.weight has shape [128256, 4096] vs [128256, 8192] "
+        f"(base {path_8b} vs expert {EXPERTS_8B[1]!r} {path_70b}, as its config.json describes it)"
+    )
+    with pytest.raises(UserError, match=rf"vs expert {EXPERTS_8B[0]!r} {path_8b}, as its config.json"):
+        dry_run.read_inventory(recipe(str(path_70b), dict.fromkeys(EXPERTS_8B, str(path_8b))))

@@ -117,6 +117,34 @@ def _check_experts(base: Checkpoint, experts: dict[str, Checkpoint], model=None)
         warn(note)
 
 
+def _check_described_shapes(
+    base: Checkpoint, experts: dict[str, Checkpoint], model, trust_remote_code: bool
+) -> None:
+    """An expert whose config.json alone is there (or against a config-only base) has the base's
+    shapes. Architecture and vocabulary agree between the sizes of one family (Llama-3.1-8B and
+    70B), so the plan said such a recipe fits, and the fit refused it on its first tensor; the
+    shapes are compared here as the architectures build them on the meta device, over the names
+    both have (an expert stored under other names is compared by the fit)."""
+    ours = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    for name, expert in experts.items():
+        if base.tensors and expert.tensors:
+            continue  # compared tensor by tensor from the headers (_check_experts)
+        if expert.config == base.config:
+            continue  # the same architecture, built alike (a plan of base shapes for every expert)
+        if expert.tensors:
+            theirs, how = {n: tuple(m.shape) for n, m in expert.tensors.items()}, "its headers"
+        else:
+            built = meta_model(expert.path, trust_remote_code)[0]
+            theirs, how = {n: tuple(p.shape) for n, p in built.named_parameters()}, "its config.json"
+        for tensor, shape in ours.items():
+            other = theirs.get(tensor)
+            if other is not None and other != shape:
+                raise UserError(
+                    f"tensor {tensor} has shape {list(shape)} vs {list(other)} (base {base.path} vs "
+                    f"expert {name!r} {expert.path}, as {how} describes it)"
+                )
+
+
 def _profile_notes(dims: Dims) -> tuple[str, ...]:
     note = not_profiled_note(
         dims.model_type,
@@ -180,6 +208,7 @@ def read_inventory(recipe: Recipe) -> tuple[Inventory, Dims]:
     else:
         stored_as = model
     _check_experts(base, experts, stored_as)
+    _check_described_shapes(base, experts, model, recipe.model.trust_remote_code)
     described = [("base", base), *((f"expert {n}", e) for n, e in experts.items())]
     missing = [what for what, ckpt in described if not ckpt.tensors]
     notes = (
