@@ -1506,3 +1506,32 @@ def test_a_config_only_expert_of_another_size_is_refused_as_the_fit_refuses_it(c
     )
     with pytest.raises(UserError, match=rf"vs expert {EXPERTS_8B[0]!r} {path_8b}, as its config.json"):
         dry_run.read_inventory(recipe(str(path_70b), dict.fromkeys(EXPERTS_8B, str(path_8b))))
+
+
+@pytest.mark.parametrize(
+    "extra, gib, enough",
+    [
+        ([], 40, 1),
+        (["model.stack_dtype=float32", "model.exclude=[]", "optim.activation_checkpointing=false"], 80, 2),
+    ],
+)
+def test_the_verdict_says_how_few_of_its_suggestions_fit_together(config_8b, extra, gib, enough):
+    """int8 alone makes 8B with four experts fit a 40 GB card, and the list went on to a halved
+    max_length and batch, 'all of them' fitting too: a user applying all of them changes what is
+    fitted for no memory. The verdict says how many of the first suggestions fit, re-planned."""
+    path, _ = config_8b
+    overrides = [f"model.base={path}", *(f"model.experts.{e}={path}" for e in EXPERTS_8B), *extra]
+    r = load_recipe(REPO / "recipes" / "8b.yaml", overrides)
+    inventory, dims = dry_run.read_inventory(r)
+    card = DeviceMemory("cuda:0", "a card", gib * 2**30, (gib - 1) * 2**30)
+    short = plan.plan_memory(r, inventory, dims, card)
+    assert len(short.suggestions) > enough and short.enough == enough
+
+    def fits(n):
+        firsts = [arg for override, _ in short.suggestions[:n] for arg in override.split(" ")]
+        changed = load_recipe(REPO / "recipes" / "8b.yaml", [*overrides, *firsts])
+        return plan.plan_memory(changed, inventory, dims, card).fits
+
+    assert fits(enough) and not fits(enough - 1)
+    said = "(so does the first alone)" if enough == 1 else f"(so do the first {enough})"
+    assert f" GiB, fits {said}\n" in plan_table.verdict(short)

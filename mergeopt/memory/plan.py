@@ -35,9 +35,9 @@ def plan_memory(
     plan = plan_rows(recipe, inventory, dims, memory, world_size)
     if plan.fits is not False:
         return plan
-    saved, combined = suggest(recipe, inventory, dims, memory, world_size)
+    saved, combined, enough = suggest(recipe, inventory, dims, memory, world_size)
     sharded = ranks_to_fit(recipe, inventory, dims, memory, world_size)
-    return replace(plan, suggestions=tuple(saved), combined_peak=combined, sharded_fit=sharded)
+    return replace(plan, suggestions=tuple(saved), combined_peak=combined, enough=enough, sharded_fit=sharded)
 
 
 RANK_COUNTS = (2, 4, 8, 16, 32, 64)  # GPUs per job worth naming: a node's, then whole nodes of 8
@@ -158,9 +158,11 @@ def _runs(recipe: Recipe, world_size: int) -> bool:
 
 def suggest(
     recipe: Recipe, inventory: Inventory, dims: Dims, memory: DeviceMemory, world_size: int = 1
-) -> tuple[list[tuple[str, int]], int]:
+) -> tuple[list[tuple[str, int]], int, int | None]:
     """Knobs that lower the peak with the bytes each saves (re-planned, not guessed), best first,
-    and the peak with all of them applied.
+    the peak with all of them applied, and how many of the first make it fit together when fewer
+    than all do (None otherwise): another knob may save nothing once one is applied (int8 makes a
+    MoE fit, and a halved max_length would change what is fitted for no memory).
 
     From each group the mildest setting that makes the recipe fit on its own is chosen, else the
     strongest: a batch is halved only as far as needed. Settings the ranks could not run (a
@@ -178,5 +180,10 @@ def suggest(
         knob = next((k for k in group if peak([k]) <= memory.free), group[-1])
         if peak([knob]) < now:
             chosen.append(knob)
-    saved = sorted(((k[0], now - peak([k])) for k in chosen), key=lambda s: -s[1])
-    return saved, peak(chosen)
+    ranked = sorted(chosen, key=lambda k: peak([k]))  # best first, as the savings are listed
+    saved = [(k[0], now - peak([k])) for k in ranked]
+    combined = peak(chosen)
+    if combined > memory.free:
+        return saved, combined, None
+    enough = next(n for n in range(1, len(ranked) + 1) if peak(ranked[:n]) <= memory.free)
+    return saved, combined, (enough if enough < len(ranked) else None)

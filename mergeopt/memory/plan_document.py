@@ -84,6 +84,10 @@ class PlanDocument(_Strict):
     spare: int | None = Field(description="free − peak in bytes (negative: short by that much).")
     suggestions: list[PlanSuggestion]
     peak_with_suggestions: int | None = Field(description="The peak with every suggestion applied.")
+    suggestions_enough: int | None = Field(
+        default=None,
+        description="How many of the first suggestions fit together, when fewer than all of them do.",
+    )
     sharded_fit: PlanShardedFit | None = Field(
         default=None,
         description="When the plan does not fit a GPU: the fewest GPUs of its memory (2 to 64) over "
@@ -123,6 +127,7 @@ def plan_document(
         spare=None if mem.free is None else mem.free - plan.peak,
         suggestions=[PlanSuggestion(override=o, saves=saved) for o, saved in plan.suggestions],
         peak_with_suggestions=plan.combined_peak,
+        suggestions_enough=plan.enough,
         sharded_fit=None
         if plan.sharded_fit is None
         else PlanShardedFit(ranks=plan.sharded_fit[0], peak=plan.sharded_fit[1]),

@@ -52,6 +52,10 @@ def verdict(plan: MemoryPlan) -> str:
         tries = [f"  {typed(override):<50} saves {gib(saved):>8} GiB" for override, saved in plan.suggestions]
         short = plan.combined_peak - mem.free
         together = "fits" if short <= 0 else f"still short by {gib(short)} GiB: fewer experts or {more}"
+        if plan.enough is not None:
+            together += (
+                " (so does the first alone)" if plan.enough == 1 else f" (so do the first {plan.enough})"
+            )
         lines = [f"{text}; try", *tries, f"  all of them: peak {gib(plan.combined_peak)} GiB, {together}"]
     if plan.sharded_fit is not None:
         ranks, peak = plan.sharded_fit

@@ -275,6 +275,9 @@ class MemoryPlan:
     batch: str  # the batch shapes the phases assume, in words
     suggestions: tuple[tuple[str, int], ...] = field(default=())  # (override, bytes saved)
     combined_peak: int | None = None  # the peak with every suggestion applied
+    # how many of the first suggestions (best first) make it fit together, when fewer than all do:
+    # a knob that saves nothing once the others are applied changes the fit for no memory
+    enough: int | None = None
     # (ranks, peak per rank): the fewest GPUs like this one over which model.shard=fsdp fits the
     # recipe as written, when it does not fit as planned
     sharded_fit: tuple[int, int] | None = None
