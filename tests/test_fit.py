@@ -302,3 +302,21 @@ def test_a_dev_loss_weighed_by_loss_terms_is_called_the_objectives_not_the_targe
     mixture["objective"]["terms"] = terms[:1]  # the target's loss alone: named as before
     text = summary(mixture, "runs/x", ["mixture.json"])
     assert "(target: all, gradient" in text and "dev loss (target)" in text
+
+
+def test_a_zero_order_fit_of_the_targets_loss_is_headed_as_the_gradient_fit_is():
+    """A zero-order fit with no objective terms (the target's loss alone) was headed 'objective:
+    loss:all', the gradient fit 'target: all'; loss terms that weigh the sets otherwise, and
+    metric terms, are still the objective, each with its weight."""
+    from mergeopt.reporting.report import summary
+
+    def headed(terms):
+        mixture = _gradient_mixture({"terms": terms}, strategy="cmaes", search={"evaluations": 40})
+        return summary(mixture, "runs/x", ["mixture.json"]).splitlines()[1]
+
+    target = {"kind": "loss", "dev": "all", "weight": 1.0, "label": "loss:all"}
+    assert headed([target]) == "Recommended mixture (target: all, cmaes search, 40 evaluations)"
+    weighed = [target, {"kind": "loss", "dev": "b", "weight": 3.0, "label": "loss:b"}]
+    assert "(objective: loss:all, loss:b ×3, cmaes search, 40 evaluations)" in headed(weighed)
+    metric = {"kind": "exact_match", "dev": "a", "weight": 2.0, "label": "exact_match:a"}
+    assert "(objective: loss:all, exact_match:a ×2, cmaes search" in headed([target, metric])

@@ -133,6 +133,11 @@ def loss_terms_weighed(mixture: Mapping) -> list[str] | None:
         return None
     if len(terms) == 1 and terms[0]["dev"] == mixture["target"]:
         return None
+    return _labels(terms)
+
+
+def _labels(terms: Sequence[Mapping]) -> list[str]:
+    """Each term's label, with its weight where it is not 1."""
     return [t["label"] if t.get("weight", 1.0) == 1.0 else f"{t['label']} ×{t['weight']:g}" for t in terms]
 
 
@@ -142,15 +147,18 @@ def summary(mixture: Mapping, output_dir: str | Path, files: Sequence[str]) -> s
     width = max(len("uniform mixture"), *(len(n) + 5 for n in weights))
     search = mixture["search"]
     losses = loss_terms_weighed(mixture)
+    aim = f"objective: {', '.join(losses)}" if losses else f"target: {mixture['target']}"
     if mixture["strategy"] == "gradient":
         # the weights are the best evaluated step's, early stop or not: say which
         stop = ", early stop" if search["stopped_early"] else ""
         best = f", best at step {search['best_step']}" if search.get("best_step") is not None else ""
-        aim = f"objective: {', '.join(losses)}" if losses else f"target: {mixture['target']}"
         how = f"{aim}, gradient, {search['steps']} steps{stop}{best}"
     else:
-        labels = ", ".join(t["label"] for t in mixture["objective"]["terms"])
-        how = f"objective: {labels}, {mixture['strategy']} search, {search['evaluations']} evaluations"
+        terms = mixture["objective"]["terms"]
+        if any(t["kind"] != "loss" for t in terms):  # what the search scored: every term
+            aim = f"objective: {', '.join(_labels(terms))}"
+        # the target's loss alone is said as the gradient fit says it (it said 'objective: loss:all')
+        how = f"{aim}, {mixture['strategy']} search, {search['evaluations']} evaluations"
     unit = mixture.get("unit")  # absent in files from before it was recorded
     shares = f" in {unit[:-1]} shares" if unit else ""
     lines = ["", f"Recommended mixture{shares} ({how})", ""]
