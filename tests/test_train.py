@@ -333,3 +333,40 @@ def test_a_mixture_the_budget_draws_no_example_of_is_refused_before_training(ran
     with pytest.raises(UserError, match=r"would train on no example of (alpha|beta) in train.steps x train"):
         train(recipe_from_dict(tree), progress=False, log=lambda _m: None)
     assert not (tmp_path / "grid").exists() and not (tmp_path / "experts").exists()
+
+
+def test_a_signal_while_the_runs_are_evaluated_says_that_no_run_is_in_progress(
+    trained, tmp_path, monkeypatch, capsys
+):
+    """SIGTERM once every run is trained, while they are evaluated for grid.csv: no run is in
+    progress and nothing is checkpointed, so the line says what the rerun does (evaluate them), not
+    "the run in progress is checkpointed"; grid.csv is left as it was, and the rerun writes it whole."""
+    import signal
+
+    from mergeopt.worlds import grid_table
+
+    tree, _, grid = trained
+    before = grid.read_bytes()
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    load_run = grid_table.load_run
+    loaded = []
+
+    def signalled(run_path, device):  # the signal arrives as the second run is loaded
+        loaded.append(run_path)
+        if len(loaded) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # through the command's own handler
+        return load_run(run_path, device)
+
+    monkeypatch.setattr(grid_table, "load_run", signalled)
+    assert main(["train", str(path), "--quiet"]) == 143
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == (
+        f"mergeopt: interrupted (SIGTERM at the evaluation of run {Path(loaded[1]).name}); every run is trained "
+        "and kept; grid.csv is written once they are all evaluated. Rerun the same command to evaluate them "
+        "(no run is trained again)."
+    )
+    assert grid.read_bytes() == before
+    monkeypatch.setattr(grid_table, "load_run", load_run)
+    assert main(["train", str(path), "--quiet"]) == 0
+    assert grid.read_bytes() == before

@@ -72,6 +72,9 @@ def run(
                     z = evaluator.feasible.project_logits(z)
                 iterations += 1
                 stale = stale + 1 if evaluator.evaluations == before else 0
+            # a batch of one, as the pairs are: under torchrun one rank scores it whole, so the log
+            # holds the number one process finds (scored alone, the ranks split its data instead)
+            evaluator.prefetch([softmax(z)], "spsa final")
             evaluator(softmax(z), "spsa final")
         except BudgetExhausted:
             stopped = "budget (mid-iteration)"

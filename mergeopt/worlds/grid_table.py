@@ -36,13 +36,18 @@ def load_run(path: Path, device: torch.device) -> torch.nn.Module:
 
 @torch.no_grad()
 def dev_losses(
-    model: torch.nn.Module, recipe: Recipe, sets, pad_id: int, device: torch.device
+    model: torch.nn.Module,
+    recipe: Recipe,
+    sets,
+    pad_id: int,
+    device: torch.device,
+    where: str = "a run's evaluation",
 ) -> list[float]:
     """Mean token loss of each dev set (every record, fit and held-out parts) for a loaded run."""
     sums = torch.zeros(len(sets), dtype=torch.float64)
     counts = torch.zeros(len(sets), dtype=torch.float64)
     for batch in evaluation_batches(sets, "all", recipe.optim.eval_batch_size, pad_id):
-        check_interrupt("evaluating a run")
+        check_interrupt(where)
         s, c = per_set_loss_sums(model, {}, batch.to(device), len(sets))
         sums += s.double().cpu()
         counts += c.double().cpu()
@@ -64,9 +69,10 @@ def grid_rows(
     pad_id = tokenizer.pad_token_id or 0
     rows = []
     for i, (w, path) in enumerate(tqdm(grid_runs, desc="evaluating runs", unit="run", disable=not progress)):
-        check_interrupt(f"evaluating run {path.name}")  # nothing is written until grid.csv
+        where = f"the evaluation of run {path.name}"
+        check_interrupt(where)  # nothing is written until grid.csv
         model = load_run(path, device)
-        losses = dev_losses(model, recipe, sets, pad_id, device)
+        losses = dev_losses(model, recipe, sets, pad_id, device, where)
         scores = score_terms(model, tokenizer, sets, terms, custom, recipe.optim.eval_batch_size, device)
         for label, value in scores.items():  # grid.csv holds the truth: a NaN there misleads every rank
             if not math.isfinite(value):

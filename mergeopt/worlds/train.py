@@ -73,6 +73,11 @@ from mergeopt.worlds.training_data import (
     token_batches,
 )
 
+EVALUATION_HINT = (
+    "every run is trained and kept; grid.csv is written once they are all evaluated. "
+    "Rerun the same command to evaluate them (no run is trained again)."
+)
+
 
 def check_lora_targets(recipe: Recipe) -> None:
     """Every train.lora.target_modules entry names a module of the base (built on the meta device)."""
@@ -337,7 +342,11 @@ def _train(recipe: Recipe, progress: bool, log: Callable[[str], None]) -> Path:
     for w, path in tqdm(todo, desc="training runs", unit="run", disable=not progress):
         train_one(resolved, w, domains, path, tokenizer, device, progress, inputs)
 
-    rows = grid_rows(resolved, grid_runs, sets, terms, custom, tokenizer, device, progress)
+    try:
+        rows = grid_rows(resolved, grid_runs, sets, terms, custom, tokenizer, device, progress)
+    except Interrupted as stop:  # every run is trained by now: none is in progress
+        stop.hint = EVALUATION_HINT
+        raise
     grid = write_grid(out_dir / "grid.csv", rows, names, sets, terms)
     log(f"wrote {grid} ({len(rows)} mixtures)")
     return grid
@@ -374,7 +383,8 @@ def run(args: argparse.Namespace) -> int:
         with interruptible():
             train(recipe, progress=not args.quiet, log=(lambda _m: None) if args.quiet else print)
     except Interrupted as stop:
-        stop.hint = "finished runs are kept and the run in progress is checkpointed. Rerun the same command to continue."
+        if stop.hint != EVALUATION_HINT:
+            stop.hint = "finished runs are kept and the run in progress is checkpointed. Rerun the same command to continue."
         raise
     return 0
 
