@@ -290,8 +290,10 @@ def test_train_resumed_after_kill_9_saves_the_same_models(random_world, tmp_path
     state = json.loads((tmp_path / "killed" / "experts" / ".beta.checkpoint" / "state.json").read_text())
     assert state["step"] == 6  # resumed from beta's last checkpoint, not from its start
     assert not (tmp_path / "killed" / "experts" / "beta" / "run.json").exists()
-    resumed = run_in_process("train", path, "--quiet")
+    resumed = run_in_process("train", path)
     assert resumed.returncode == 0, resumed.stderr
+    # said as a fit says it resumes (the line said only '1 finished, 3 to train')
+    assert "1 finished, 3 to train, continuing beta from step 6 (" in resumed.stdout + resumed.stderr
     for run in ("experts/alpha", "experts/beta", "experts/gamma", "grid/mixtures/000"):
         a = load_file(str(tmp_path / "whole" / run / "model.safetensors"))
         b = load_file(str(tmp_path / "killed" / run / "model.safetensors"))

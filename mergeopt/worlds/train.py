@@ -325,18 +325,22 @@ def _train(recipe: Recipe, progress: bool, log: Callable[[str], None]) -> Path:
     for _, path in runs:  # what a kill while publishing a run left beside it (the caller holds it)
         recover(path)
     todo = [(w, p) for w, p in runs if not finished(p, run_identity(resolved, w, inputs))]
+    resumed = []  # (run, step it continues from): a stopped run says so, as a stopped fit does
     for w, path in todo:  # a run is published over its path whole: never over a user's directory
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise UserError(
                 f"{path} exists and is not a finished mergeopt train run (it has no {RUN_MARKER}); "
                 "move it away or name another directory: training would replace it"
             )
-        step_checkpoint_state(step_checkpoint_dir(path), run_identity(resolved, w, inputs))  # before any work
+        saved = step_checkpoint_state(step_checkpoint_dir(path), run_identity(resolved, w, inputs))
+        if saved is not None:  # checked before any work
+            resumed.append(f"{path.name} from step {saved['step']}")
         check_every_domain_drawn(resolved, w, domains, path)
+    continuing = f", continuing {', '.join(resumed)}" if resumed else ""
     log(
         f"{len(runs)} runs ({len(names)} experts, {len(runs) - len(names)} mixtures): "
-        f"{len(runs) - len(todo)} finished, {len(todo)} to train ({cfg.method}, {cfg.steps} steps x "
-        f"{cfg.batch_tokens} tokens; mixtures drawn as {resolved.weights.unit[:-1]} shares)"
+        f"{len(runs) - len(todo)} finished, {len(todo)} to train{continuing} ({cfg.method}, {cfg.steps} "
+        f"steps x {cfg.batch_tokens} tokens; mixtures drawn as {resolved.weights.unit[:-1]} shares)"
     )
     # no directory is made before something is saved into it: a run stopped early leaves none
     for w, path in tqdm(todo, desc="training runs", unit="run", disable=not progress):
