@@ -47,6 +47,7 @@ from tests.export_world import (
     export,
     mean_tokens,
     measured_stats,
+    tool_world,
     write_run,
     yaml_body,
 )
@@ -342,6 +343,46 @@ def test_trl_refuses_datasets_of_different_layouts(world, tmp_path, capsys):
     assert {n: train["domain"].count(n) for n in WEIGHTS} == (
         make_plan(WEIGHTS, "tokens", stats, budget_samples=6000).counts
     )
+
+
+def test_formats_that_concatenate_loaded_datasets_refuse_tool_calls_beside_plain_conversations(
+    world, tmp_path, capsys
+):
+    """A dataset of tool-calling conversations (a turn's ``tool_calls``, ``tool`` answers: its
+    messages' fields vary, and ``datasets`` reads them as JSON objects) beside plain ones (structs
+    of role and content): TRL's ``get_dataset`` and the hf-datasets snippet join the loaded datasets
+    with ``concatenate_datasets`` / ``interleave_datasets``, which stop on them ("The features
+    can't be aligned"). The export wrote both files without a word; now each is one line naming
+    the datasets, and datasets of tool calls alone still export and load."""
+    utils = pytest.importorskip("trl.scripts.utils")
+    tools = tool_world(world, tmp_path)
+    name = tools["tool_domain"]
+    loaded = [
+        datasets.load_dataset("json", data_files=str(p), split="train") for p in tools["paths"].values()
+    ]
+    with pytest.raises(ValueError, match="features can't be aligned"):  # what the files would meet
+        datasets.concatenate_datasets(loaded)
+    capsys.readouterr()  # the datasets library's progress bars
+    for fmt in ("trl", "hf-datasets", "hf-datasets-yaml"):
+        out = tmp_path / f"{fmt}.out"
+        argv = [str(world["mixture"]), "--to", fmt, "--tokenizer", tools["tokenizer"], "--out", str(out)]
+        argv += ["--datasets", *(f"{n}={p}" for n, p in tools["paths"].items())]
+        assert run_cli(main, argv) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith(
+            f"mergeopt: error: --to {fmt}: the datasets' messages differ ('{name}' fields varying by "
+            "message (content, role, tool_calls); "
+        ), line
+        assert "--to axolotl or --to llamafactory" in line and not out.exists()
+    alone = {n: tools["paths"][name] for n in WEIGHTS}  # every dataset calls tools: one type
+    path = tmp_path / "tools.yaml"
+    argv = [str(world["mixture"]), "--to", "trl", "--tokenizer", tools["tokenizer"], "--out", str(path)]
+    assert run_cli(main, [*argv, "--datasets", *(f"{n}={p}" for n, p in alone.items())]) == 0
+    (mixture_config,) = utils.TrlParser((utils.DatasetMixtureConfig,)).parse_args_and_config(
+        ["--config", str(path)]
+    )
+    train = utils.get_dataset(mixture_config)["train"]
+    assert train[0]["messages"][1]["tool_calls"][0]["function"]["name"] == "weather"
 
 
 # ---------------------------------------------------------------- the other formats, key by key

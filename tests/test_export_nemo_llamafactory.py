@@ -473,6 +473,84 @@ def test_llamafactory_header_says_what_its_openai_formatting_changes_in_tool_cal
     assert "1 records give no tools" in notes[1] and '"tools": []' in notes[1]
 
 
+def test_llamafactory_header_says_a_tool_call_without_content_stops_its_converter(world, tmp_path):
+    """A turn that only calls tools may leave ``content`` out (mergeopt reads it, as TRL and axolotl
+    do), but LLaMA-Factory's openai converter reads ``message["content"]`` of every message and
+    stopped on it (KeyError: 'content'; ``datasets`` keeps a JSON message's keys as written), and
+    the header said nothing. Now a line names the dataset, the records and the fix, which LLaMA-
+    Factory's converter reads."""
+    pytest.importorskip("llamafactory")
+
+    tools = tool_world(world, tmp_path)
+    name = tools["tool_domain"]
+    path = tools["paths"][name]
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for row in rows[:3]:
+        del row["messages"][1]["content"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = export(tools, "llamafactory", tmp_path)
+    notes = [line for line in text.splitlines() if line.startswith(f"# {name}: ")]
+    assert notes == [
+        f"# {name}: 3 records have a message without 'content' (a turn that only calls tools), and "
+        "LLaMA-Factory's openai converter reads every message's content and stops on it (KeyError: "
+        "'content'): give such turns \"content\": null"
+    ]
+    info = _header_entries(text)
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info))
+    first = {n: json.loads(p.read_text().splitlines()[0]) for n, p in tools["paths"].items()}
+    env = {**os.environ, "DISABLE_VERSION_CHECK": "1"}
+    arg = json.dumps([str(tmp_path), list(WEIGHTS), first])
+    child = subprocess.run(
+        [sys.executable, "-c", LLAMAFACTORY_SHAREGPT, arg],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert child.returncode != 0 and "KeyError: 'content'" in child.stderr, child.stderr[-2000:]
+    first[name]["messages"][1]["content"] = None  # the fix the line gives
+    read = _llamafactory_first_records(LLAMAFACTORY_SHAREGPT, tmp_path, first)
+    call = first[name]["messages"][1]["tool_calls"][0]["function"]
+    assert read[name][0][1] == {"role": "function", "content": json.dumps([call])}
+
+
+def test_llamafactory_header_says_its_rebuilt_template_writes_tool_calls_its_own_way(world, tmp_path):
+    """With ``template`` left out, LLaMA-Factory rebuilds a template from the tokenizer's and writes
+    tool calls in its own default format ('Action:', 'Action Input:'), not the chat template's
+    (over Qwen 2.5's template, a third fewer tokens than counted): the header said only that the
+    counts came from another template. Now a line names the datasets that call tools and what to
+    set; conversations without tools get none. LLaMA-Factory's rebuilt template is checked to
+    use the default tool format."""
+    pytest.importorskip("llamafactory")
+
+    tools = tool_world(world, tmp_path)
+    name = tools["tool_domain"]
+    said = [line for line in export(tools, "llamafactory", tmp_path).splitlines() if "call tools:" in line]
+    assert len(said) == 1 and said[0].startswith(f"# {name} call tools: with template: left out"), said
+    assert "'Action:', 'Action Input:'" in said[0] and "set template:" in said[0]
+    (tmp_path / "plain").mkdir()
+    plain = export(chat_world(world, tmp_path / "plain", "messages"), "llamafactory", tmp_path / "plain")
+    assert "call tools:" not in plain
+    script = (
+        "import importlib.machinery, inspect, sys, types\n"
+        "audio = types.ModuleType('torchaudio')\n"
+        "audio.__spec__ = importlib.machinery.ModuleSpec('torchaudio', None)\n"
+        "sys.modules['torchaudio'] = audio\n"
+        "from llamafactory.data.formatter import FunctionFormatter\n"
+        "from llamafactory.data.template import parse_template\n"
+        "source = inspect.getsource(parse_template)\n"
+        "assert 'FunctionFormatter(slots=[assistant_slot], tool_format=\"default\")' in source\n"
+        'call = \'[{"name": "weather", "arguments": {"city": "Oslo"}}]\'\n'
+        "print(FunctionFormatter(slots=['{{content}}'], tool_format='default').apply(content=call)[0])\n"
+    )
+    env = {**os.environ, "DISABLE_VERSION_CHECK": "1"}
+    child = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert 'Action: weather\nAction Input: {"city": "Oslo"}' in child.stdout
+
+
 def test_llamafactory_header_says_how_to_give_prompt_completion_conversations(world, tmp_path):
 
     text = export(chat_world(world, tmp_path, "prompt"), "llamafactory", tmp_path)

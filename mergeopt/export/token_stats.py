@@ -60,12 +60,18 @@ class ToolUse:
     """A dataset's conversations that use tools, noted while its tokens are counted: ``calls``,
     the records with a tool call or a tool's answer (an assistant turn's ``tool_calls``, a
     ``tool``, ``function`` or ``ipython`` message); ``untooled``, the records that give no ``tools``;
-    ``said_and_called``, those with a turn that has text and calls tools."""
+    ``said_and_called``, those with a turn that has text and calls tools; ``contentless``, those
+    with a message that has no ``content`` key (a turn that only calls tools may leave it out);
+    ``shapes``, the sets of
+    fields the ``messages`` hold (one set: ``datasets`` reads them as structs of those fields;
+    several: as JSON objects, a type no struct is concatenated with)."""
 
     calls: int = 0
     untooled: int = 0
     said_and_called: int = 0  # records with a turn that both says something and calls tools
     roles: frozenset[str] = frozenset()  # the roles of the tools' answers (tool, function, ipython)
+    contentless: int = 0  # records with a message that has no 'content' key (a turn that only calls tools)
+    shapes: frozenset[frozenset[str]] = frozenset()  # each message's fields, of the messages layout
 
     def add(self, records: list[dict[str, Any]]) -> ToolUse:
         from mergeopt.objectives.chat import conversation, is_chat
@@ -75,8 +81,15 @@ class ToolUse:
         both = sum(any(m.get("tool_calls") and m.get("content") for m in c) for c in chats)
         untooled = sum(r.get("tools") is None for r in records)
         roles = {m.get("role") for c in chats for m in c if m.get("role") in TOOL_ROLES}
+        contentless = sum(any("content" not in m for m in c) for c in chats)
+        shapes = {frozenset(m) for r in records if "messages" in r for m in r["messages"]}
         return ToolUse(
-            self.calls + calls, self.untooled + untooled, self.said_and_called + both, self.roles | roles
+            self.calls + calls,
+            self.untooled + untooled,
+            self.said_and_called + both,
+            self.roles | roles,
+            self.contentless + contentless,
+            self.shapes | shapes,
         )
 
 

@@ -10,6 +10,8 @@ sample shares); ``first_exhausted`` stops when one source runs out (no example r
 ``load_from_disk``. Datasets of different record layouts (text, prompt/completion, messages) join
 into one with every column, None where a record has none; the header says so, since a trainer that
 reads one layout for the whole dataset (TRL's SFTTrainer) stops on it or misreads records.
+``messages`` datasets whose messages ``datasets`` types differently (tool-calling conversations
+beside plain ones) cannot be joined at all and are refused (:func:`sliced.check_message_types`).
 
 Without a budget the snippet interleaves with ``first_exhausted``: the proportions hold in
 expectation and nothing repeats. With a budget the counts are exact: each dataset is shuffled,
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import yaml
 
+from mergeopt.export.formats import sliced
 from mergeopt.export.formats.base import Context, Format
 from mergeopt.export.token_stats import source_of
 
@@ -38,7 +41,6 @@ def layout_note(ctx: Context) -> list[str]:
     ``concatenate_datasets`` join them into one dataset with every column, None where a record has
     none, which a trainer that reads one layout for the whole dataset (TRL's SFTTrainer, see
     :mod:`mergeopt.export.formats.trl`) stops on or misreads."""
-    from mergeopt.export.formats import sliced
     from mergeopt.export.formats.trl import LAYOUT_NAMES
 
     layouts = sliced.record_layouts(ctx, "datasets", LAYOUT_NAMES)
@@ -57,7 +59,11 @@ def _dict_literal(values: dict, indent: str = "    ") -> str:
     return "{\n" + body + "}"
 
 
+JOINER = "interleave_datasets (concatenate_datasets under a budget)"
+
+
 def render_python(ctx: Context) -> str:
+    sliced.check_message_types(ctx, PYTHON.name, JOINER)
     plan = ctx.plan
     sources = _sources(ctx)
     probabilities = {n: plan.sample_shares[n] for n in plan.names}
@@ -109,6 +115,7 @@ def render_python(ctx: Context) -> str:
 
 
 def render_yaml(ctx: Context) -> str:
+    sliced.check_message_types(ctx, YAML.name, JOINER)
     plan = ctx.plan
     sources = []
     for name, (loader, path) in _sources(ctx).items():

@@ -125,14 +125,22 @@ def dataset_info(ctx: Context, name: str) -> dict | str | None:
 
 def tool_notes(ctx: Context) -> list[str]:
     """A header line per dataset of tool calls that the ``openai`` formatting reads otherwise than
-    the records say: a turn's text beside its tool calls is replaced by them, and a record without
-    ``tools`` gets the system prompt 'detailed thinking off' (converter.py, 0.9.5)."""
+    the records say: a turn's text beside its tool calls is replaced by them, a message without a
+    ``content`` key stops the converter (``message[content_tag]``; ``datasets`` keeps a JSON
+    message's keys as written), and a record without ``tools`` gets the system prompt 'detailed
+    thinking off' (converter.py, 0.9.5)."""
     lines = []
     for name, use in sliced.tool_calls(ctx).items():
         if use.said_and_called:
             lines.append(
                 f"# {name}: {use.said_and_called} records have a turn with text and tool calls; {READER}'s "
                 "openai formatting keeps only the calls (the text is not trained): move the text to a turn of its own"
+            )
+        if use.contentless:
+            lines.append(
+                f"# {name}: {use.contentless} records have a message without 'content' (a turn that only "
+                f"calls tools), and {READER}'s openai converter reads every message's content and stops "
+                "on it (KeyError: 'content'): give such turns \"content\": null"
             )
         if use.untooled:
             lines.append(
@@ -233,6 +241,26 @@ def registration(ctx: Context) -> list[str]:
 OWN = "template: names a registered one; left out, it rebuilds one from the tokenizer's chat_template"
 
 
+def rebuilt_tool_format_note(ctx: Context) -> list[str]:
+    """A header line where datasets call tools: the template LLaMA-Factory rebuilds from the
+    tokenizer's chat_template (``template`` left out; template.py's ``parse_template``) cuts only a
+    system, a user and an assistant turn out of it, and writes the tools, the calls and their
+    answers with its own ``default`` tool format (``FunctionFormatter``/``ToolFormatter``:
+    "You have access to the following tools", "Action:", "Action Input:"), not as the chat template
+    writes them: the model would learn another call syntax than it is prompted with, and those
+    conversations' tokens differ from the counted ones (a third fewer over Qwen 2.5's template on
+    SmolLM2's tokenizer; with ``template: qwen``, the same ids)."""
+    names = list(sliced.tool_calls(ctx))
+    if not names:
+        return []
+    return [
+        f"# {', '.join(names)} call tools: with template: left out, {READER} rebuilds a template from the "
+        "tokenizer's chat_template that writes the tools, calls and answers in its own default tool format "
+        "('Action:', 'Action Input:'), not the chat template's: set template: to the registered one that "
+        "writes them as the model reads them (qwen for Qwen 2.5's <tool_call> format)"
+    ]
+
+
 def render(ctx: Context) -> str:
     plan = ctx.plan
     for name in plan.names:  # DataArguments splits ``dataset`` on ',' and strips each name
@@ -246,6 +274,7 @@ def render(ctx: Context) -> str:
         *registration(ctx),
         *tool_notes(ctx),
         *sliced.own_template_note(ctx, READER, OWN),
+        *rebuilt_tool_format_note(ctx),
     ]
     config: dict = {"dataset": ",".join(plan.names)}
     if plan.counts is not None:

@@ -130,6 +130,28 @@ def tool_calls(ctx: Context) -> dict[str, token_stats.ToolUse]:
     return found
 
 
+def check_message_types(ctx: Context, fmt: str, joiner: str) -> None:
+    """Refuse ``messages`` datasets whose messages ``datasets`` reads as different types, which
+    ``joiner`` (a ``concatenate_datasets`` or ``interleave_datasets`` of the loaded datasets) stops
+    on ("The features can't be aligned"). ``datasets`` (5.x) reads a dataset's messages as structs
+    of their fields where every message has the same fields, and as JSON objects where they differ
+    (a tool call's turn, a tool's answer beside plain turns); two datasets join only where those
+    types are the same: plain conversations beside tool-calling ones do not."""
+    kinds = {}
+    for name in record_layouts(ctx, "", {"messages": ""}):
+        shapes = token_stats.tool_use(source_of(ctx.datasets[name])).shapes
+        fields = ", ".join(sorted(set().union(*shapes)))
+        kinds[name] = f"fields {fields}" if len(shapes) == 1 else f"fields varying by message ({fields})"
+    if len(set(kinds.values())) > 1:
+        said = "; ".join(f"{name!r} {kind}" for name, kind in kinds.items())
+        raise UserError(
+            f"--to {fmt}: the datasets' messages differ ({said}), so the datasets library reads them as "
+            f"different types (JSON objects where the fields vary, else structs), and {joiner} stops on "
+            'them ("The features can\'t be aligned"): export them --to axolotl or --to llamafactory, '
+            "which read each dataset on its own"
+        )
+
+
 def template_source(ctx: Context) -> str:
     """Where the chat template that counted the conversations came from: the run's
     ``data.chat_template``, else the tokenizer's (``--tokenizer``, else the run's base)."""

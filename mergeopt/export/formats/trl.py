@@ -18,6 +18,9 @@ tokenizes any record with a ``prompt`` key as prompt/completion. So ``messages``
 prompt/completion records (strings or lists of messages), or text beside either, stop it
 (``'NoneType' object has no attribute 'endswith'``) or lose records; every dataset must have one
 layout, and a multiple-choice one (no ``completion`` column) none. Both are refused, naming the datasets.
+So are ``messages`` datasets whose messages ``datasets`` reads as different types (tool-calling
+conversations, JSON objects, beside plain ones, structs): ``concatenate_datasets`` stops on them
+(:func:`sliced.check_message_types`).
 
 Conversations are counted with the run's ``data.chat_template`` where its recipe names one, and
 SFTTrainer renders them with the model's tokenizer's template unless SFTConfig's
@@ -60,6 +63,7 @@ def check_layouts(ctx: Context) -> dict[str, str]:
             f"--to trl: the datasets' records differ ({said}), and {READER} reads one layout for the "
             'whole concatenation: write every dataset in one layout (conversations as {"messages": ...})'
         )
+    sliced.check_message_types(ctx, "trl", "TRL's get_dataset (concatenate_datasets)")
     return layouts
 
 
