@@ -750,3 +750,35 @@ def test_a_tool_call_a_template_does_not_write_is_not_scored_as_its_turns_markup
     for record in (calls, *read_records(tmp_path / "pc.parquet")):
         with pytest.raises(UserError, match="the chat template writes nothing of what the"):
             tokenize_chat(record, tokenizer)
+
+
+@pytest.mark.parametrize(
+    "empty", ["", " ", {}, {"name": None, "arguments": None}, {"name": "", "arguments": ""}]
+)
+def test_an_empty_legacy_function_call_is_no_call(tmp_path, empty):
+    """Exports fill an absent function_call as '' or {}, and Arrow makes {} a struct of nulls
+    ({'name': None, 'arguments': None}) in a parquet file: none names a function, so none is refused
+    (the struct of nulls was refused as OpenAI's legacy 'function_call', naming a record with no call)."""
+    path = tmp_path / "dev.jsonl"
+    record = {"messages": [user("hi") | {"function_call": empty}, assistant("yo") | {"function_call": empty}]}
+    path.write_text(json.dumps(record) + "\n")
+    assert read_jsonl(path) == [record]
+
+
+def test_a_parquet_file_with_one_legacy_call_names_its_record(tmp_path):
+    """{} in the other records is a struct of nulls once in parquet: the refusal names the record
+    that calls, not the first record."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    plain = {"messages": [user("hi") | {"function_call": {}}, assistant("yo") | {"function_call": {}}]}
+    call = {
+        "messages": [
+            user("q"),
+            {"role": "assistant", "content": "", "function_call": {"name": "f", "arguments": "{}"}},
+        ]
+    }
+    pq.write_table(pa.Table.from_pylist([plain, plain, call]), tmp_path / "dev.parquet")
+    with pytest.raises(UserError) as err:
+        read_records(tmp_path / "dev.parquet")
+    assert "record 3" in str(err.value) and "legacy 'function_call'" in str(err.value)

@@ -88,3 +88,60 @@ def test_a_shared_output_directory_keeps_its_mode_and_group(random_world, tmp_pa
     assert run.stat().st_gid == before.st_gid
     assert (run / "mixture.json").stat().st_gid == before.st_gid
     assert mode(run / "mixture.json") == 0o644
+
+
+def _publish_twice_into(out: Path) -> list[str]:
+    """Publish into ``out`` twice, as two commands replacing it would; what is left beside it."""
+    from mergeopt.runtime.rundir import staged
+
+    for text in ("1", "2"):
+        with staged(out, ("mixture.json",)) as staging:
+            (staging.path / "mixture.json").write_text(text)
+    assert (out / "mixture.json").read_text() == "2" and (out / "keep.txt").is_file()
+    assert mode(out) == 0o555  # the directory's mode is kept
+    return sorted(p.name for p in out.parent.iterdir() if p.name != out.name)
+
+
+def test_a_read_only_output_directory_leaves_nothing_beside_it(tmp_path):
+    """A user's own output directory made read-only (chmod a-w, 0555) keeps that mode when a command
+    replaces it, so the replaced one, swapped aside, could not be emptied: every run left the
+    previous outputs in a hidden .NAME.staging-PID beside it (a merged model's weights each time).
+    Root ignores the mode, so as root the commands run in a child that dropped to nobody."""
+    import tempfile
+
+    # as root: a directory nobody can reach (pytest's tmp_path lies under a private one)
+    root = Path(tempfile.mkdtemp(dir=tmp_path if os.geteuid() else "/tmp"))
+    try:
+        out = root / "run"
+        out.mkdir()
+        (out / "keep.txt").write_text("another command's")
+        os.chmod(out, 0o555)
+        if os.geteuid():
+            assert _publish_twice_into(out) == []
+            return
+        for path in (root, out, out / "keep.txt"):
+            os.chown(path, 65534, 65534)
+        pid = os.fork()
+        if pid == 0:  # the child: nobody, as a user running the commands
+            code = 1
+            try:
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+                code = 0 if _publish_twice_into(out) == [] else 3
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, sorted(p.name for p in root.iterdir())
+    finally:
+        for path in root.rglob("*"):
+            if path.is_dir():
+                os.chmod(path, 0o755)
+        os.chmod(root, 0o755)
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)

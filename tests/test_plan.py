@@ -1491,6 +1491,24 @@ def test_the_plan_of_a_gguf_base_names_the_gguf_file_not_safetensors_headers(tmp
     assert inventory.source == f"safetensors headers of {stored}, 1 file"
 
 
+def test_a_trainers_own_pickles_are_not_pickle_weights(config_8b, tmp_path):
+    """A config-only expert directory beside a Trainer's training_args.bin and optimizer.pt: the plan
+    refused it as holding 'only pickle weights (training_args.bin)', as open_checkpoint says of a
+    directory without weights; neither file holds weights. A pytorch_model.bin is still refused."""
+    path_8b, _ = config_8b
+    expert = tmp_path / "tuned"
+    shutil.copytree(path_8b, expert)
+    for name in ("training_args.bin", "optimizer.pt"):
+        (expert / name).write_bytes(b"not read")
+    experts = {**dict.fromkeys(EXPERTS_8B, str(path_8b)), EXPERTS_8B[1]: str(expert)}
+    dry_run.read_inventory(recipe(str(path_8b), experts))
+    with pytest.raises(UserError, match=r"has no model.safetensors or model.safetensors.index.json"):
+        checkpoints.open_checkpoint(expert)
+    (expert / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(UserError, match=r"holds only pickle weights \(pytorch_model.bin\)"):
+        dry_run.read_inventory(recipe(str(path_8b), experts))
+
+
 def test_a_config_only_expert_of_another_size_is_refused_as_the_fit_refuses_it(config_8b, config_70b):
     """Llama-3.1-70B's config.json as an expert of the 8B base: architecture and vocabulary agree,
     which was all the plan compared without weights, so it said the recipe fits; the fit refuses
@@ -1535,3 +1553,41 @@ def test_the_verdict_says_how_few_of_its_suggestions_fit_together(config_8b, ext
     assert fits(enough) and not fits(enough - 1)
     said = "(so does the first alone)" if enough == 1 else f"(so do the first {enough})"
     assert f" GiB, fits {said}\n" in plan_table.verdict(short)
+
+
+CUSTOM_CODE = {
+    "configuration_x.py": "from transformers import LlamaConfig\n\n\nclass XConfig(LlamaConfig):\n"
+    "    model_type = 'xllama'\n",
+    "modeling_x.py": "from transformers import LlamaForCausalLM\n\nfrom .configuration_x import XConfig\n\n\n"
+    "class XForCausalLM(LlamaForCausalLM):\n    config_class = XConfig\n",
+}
+
+
+def test_a_config_only_expert_of_custom_code_is_built_by_the_bases_classes(tmp_path, monkeypatch):
+    """A base of custom code (auto_map, trust_remote_code) and an expert given by its config.json
+    alone, which differs from the base's in a key that builds nothing (_name_or_path): the expert's
+    own architecture was built, from code its directory does not hold, and the plan refused it
+    ('cannot build the architecture on the meta device') though the fit never reads an expert's
+    code. Built by the base's classes, it passes; one of another size is still refused."""
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    small = dict(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+    )
+    fields = {**LlamaConfig(**small).to_dict(), "model_type": "xllama", "architectures": ["XForCausalLM"]}
+    fields["auto_map"] = {
+        "AutoConfig": "configuration_x.XConfig",
+        "AutoModelForCausalLM": "modeling_x.XForCausalLM",
+    }
+    base, expert, wider = tmp_path / "base", tmp_path / "expert", tmp_path / "wider"
+    for path, extra in (
+        (base, {}),
+        (expert, {"_name_or_path": "org/tuned"}),
+        (wider, {"intermediate_size": 96}),
+    ):
+        path.mkdir()
+        (path / "config.json").write_text(json.dumps({**fields, **extra}))
+    for name, code in CUSTOM_CODE.items():
+        (base / name).write_text(code)
+    dry_run.read_inventory(recipe(str(base), {"a": str(base), "b": str(expert)}, trust_remote_code=True))
+    with pytest.raises(UserError, match=r"has shape \[64, 32\] vs \[96, 32\] .*expert 'b' .*its config.json"):
+        dry_run.read_inventory(recipe(str(base), {"a": str(base), "b": str(wider)}, trust_remote_code=True))

@@ -370,3 +370,27 @@ def test_a_signal_while_the_runs_are_evaluated_says_that_no_run_is_in_progress(
     monkeypatch.setattr(grid_table, "load_run", load_run)
     assert main(["train", str(path), "--quiet"]) == 0
     assert grid.read_bytes() == before
+
+
+def test_a_signal_before_any_run_trains_says_that_no_run_is_in_progress(tmp_path):
+    """SIGINT while train builds the tiny world, before any run trains: the line said "finished runs
+    are kept and the run in progress is checkpointed", of no run and no checkpoint. A new interpreter,
+    as the world build's own test runs it (OpenMP in a forked child)."""
+    from tests.conftest import REPO, run_module
+
+    out = tmp_path / "grid"
+    result = run_module(
+        "train",
+        str(REPO / "recipes" / "tiny_grid.yaml"),
+        f"train.output_dir={out}",
+        f"world.cache_dir={tmp_path / 'cache'}",
+        "device=cpu",
+        "--quiet",
+        fault="sigint@world:2",
+    )
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "mergeopt: interrupted (SIGINT at the world build, step 2); no run was training yet; what earlier "
+        "commands trained is kept. Rerun the same command to continue."
+    )
+    assert not out.exists()

@@ -34,6 +34,17 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_FILE = "pytorch_model.bin"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
+# pickles a transformers Trainer saves beside the weights (its arguments, the optimizer's state):
+# no weights, so a directory holding them and no weights is not one of "pickle weights"
+TRAINER_PICKLES = frozenset(("training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt"))
+
+
+def pickled_weights(path: Path) -> list[str]:
+    """The pickle files in ``path`` that may hold weights (``*.bin``, ``*.pt``; not a Trainer's own)."""
+    found = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+    return [name for name in found if name not in TRAINER_PICKLES]
+
+
 OUTPUT_WEIGHT = "lm_head.weight"  # the output layer of Hugging Face's *ForCausalLM models
 
 
@@ -203,7 +214,7 @@ def open_checkpoint(path: str | Path, allow_pickle: bool = False, role: str | No
     elif (path / SINGLE_FILE).is_file():
         tensors = _header(path / SINGLE_FILE)
     else:
-        pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+        pickles = pickled_weights(path)
         if pickles and allow_pickle and ((path / PICKLE_FILE).is_file() or (path / PICKLE_INDEX).is_file()):
             return _open_pickled(path, config)
         if pickles:

@@ -33,6 +33,7 @@ from mergeopt.loading.checkpoints import (
     check_config_matches_weights,
     gguf_base,
     open_checkpoint,
+    pickled_weights,
     read_json_object,
     tied_parameters,
     under_model_names,
@@ -67,7 +68,7 @@ def _describe(path: str, role: str, allow_pickle: bool = False) -> Checkpoint:
 
     ``role``: the recipe key naming it, said first when it is refused (as the fit says it)."""
     directory = Path(path)
-    refused_pickle = not allow_pickle and (any(directory.glob("*.bin")) or any(directory.glob("*.pt")))
+    refused_pickle = not allow_pickle and bool(pickled_weights(directory))
     if _has_safetensors(directory) or not (directory / "config.json").is_file() or refused_pickle:
         return open_checkpoint(
             directory, role=role
@@ -117,9 +118,23 @@ def _check_experts(base: Checkpoint, experts: dict[str, Checkpoint], model=None)
         warn(note)
 
 
-def _check_described_shapes(
-    base: Checkpoint, experts: dict[str, Checkpoint], model, trust_remote_code: bool
-) -> None:
+def _built_as_base(model: torch.nn.Module, expert: Checkpoint) -> torch.nn.Module:
+    """The expert's config.json built on the meta device by the base's own classes, as the fit reads
+    the expert's tensors into the base's architecture: an expert of custom code (auto_map) given by
+    its config.json alone needs no code of its own (it was refused as 'cannot build the
+    architecture', for a missing modeling file the fit never reads)."""
+    try:
+        config = type(model.config).from_dict(expert.config)
+        with torch.device("meta"):
+            return type(model)._from_config(config)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"{expert.path / 'config.json'}: cannot build the architecture on the meta device ({first})"
+        ) from None
+
+
+def _check_described_shapes(base: Checkpoint, experts: dict[str, Checkpoint], model) -> None:
     """An expert whose config.json alone is there (or against a config-only base) has the base's
     shapes. Architecture and vocabulary agree between the sizes of one family (Llama-3.1-8B and
     70B), so the plan said such a recipe fits, and the fit refused it on its first tensor; the
@@ -132,16 +147,19 @@ def _check_described_shapes(
         if expert.config == base.config:
             continue  # the same architecture, built alike (a plan of base shapes for every expert)
         if expert.tensors:
-            theirs, how = {n: tuple(m.shape) for n, m in expert.tensors.items()}, "its headers"
+            theirs, how = {n: tuple(m.shape) for n, m in expert.tensors.items()}, "its headers describe"
         else:
-            built = meta_model(expert.path, trust_remote_code)[0]
-            theirs, how = {n: tuple(p.shape) for n, p in built.named_parameters()}, "its config.json"
+            built = _built_as_base(model, expert)
+            theirs, how = (
+                {n: tuple(p.shape) for n, p in built.named_parameters()},
+                "its config.json describes",
+            )
         for tensor, shape in ours.items():
             other = theirs.get(tensor)
             if other is not None and other != shape:
                 raise UserError(
                     f"tensor {tensor} has shape {list(shape)} vs {list(other)} (base {base.path} vs "
-                    f"expert {name!r} {expert.path}, as {how} describes it)"
+                    f"expert {name!r} {expert.path}, as {how} it)"
                 )
 
 
@@ -208,7 +226,7 @@ def read_inventory(recipe: Recipe) -> tuple[Inventory, Dims]:
     else:
         stored_as = model
     _check_experts(base, experts, stored_as)
-    _check_described_shapes(base, experts, model, recipe.model.trust_remote_code)
+    _check_described_shapes(base, experts, model)
     described = [("base", base), *((f"expert {n}", e) for n, e in experts.items())]
     missing = [what for what, ckpt in described if not ckpt.tensors]
     notes = (

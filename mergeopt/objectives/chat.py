@@ -127,7 +127,7 @@ def _check_messages(messages: Any, key: str, where: str) -> None:
             raise UserError(
                 f"{where}: {key} message {i} has role {message['role']!r} (did you mean {typo!r}?)"
             )
-        if message.get("function_call") and not calls_tools(message):
+        if _legacy_call(message.get("function_call")) and not calls_tools(message):
             raise UserError(
                 f"{where}: {key} message {i} has OpenAI's legacy 'function_call', which chat "
                 "templates do not write: give it as 'tool_calls': [{'type': 'function', "
@@ -140,6 +140,15 @@ def _check_messages(messages: Any, key: str, where: str) -> None:
                 f"{where}: {key} message {i} needs 'content' as a string (text conversations only; "
                 "a turn that calls tools may have none)"
             )
+
+
+def _legacy_call(call: Any) -> bool:
+    """Whether OpenAI's legacy ``function_call`` names a function. An empty one ('', {}, or the
+    ``{'name': None, 'arguments': None}`` Arrow makes of {} in a parquet file whose other records
+    call) is no call."""
+    if isinstance(call, Mapping):
+        return bool(call.get("name"))
+    return bool(call.strip()) if isinstance(call, str) else bool(call)
 
 
 def calls_tools(message: Mapping[str, Any]) -> bool:

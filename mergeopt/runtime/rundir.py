@@ -219,12 +219,12 @@ def recover(out: Path) -> None:
         return
     for entry in out.parent.iterdir():
         if entry.name.startswith(f".{out.name}{STAGING}"):
-            shutil.rmtree(entry, ignore_errors=True)  # a killed command's unpublished outputs
+            _remove_tree(entry)  # a killed command's unpublished outputs
         elif entry.name.startswith(f".{out.name}{REPLACED}"):
             if not out.exists():
                 os.rename(entry, out)  # killed between the fallback's two renames: the old one back
             else:
-                shutil.rmtree(entry, ignore_errors=True)
+                _remove_tree(entry)
 
 
 # ----------------------------------------------------------------------------- staging and publishing
@@ -282,7 +282,7 @@ class Staging:
             raise UserError(f"{self.out} exists and is not a directory")
         _keep_group_and_mode(self.out.stat(), self.path)
         if _exchange(self.path, self.out):
-            shutil.rmtree(self.path, ignore_errors=True)  # the previous directory, now aside
+            _remove_tree(self.path)  # the previous directory, now aside
             return self.out
         aside = self.out.parent / f".{self.out.name}{REPLACED}{os.getpid()}"
         os.rename(self.out, aside)
@@ -292,7 +292,7 @@ class Staging:
         except BaseException:
             os.rename(aside, self.out)
             raise
-        shutil.rmtree(aside, ignore_errors=True)
+        _remove_tree(aside)
         return self.out
 
     def discard(self) -> None:
@@ -319,6 +319,17 @@ def _keep_group_and_mode(kept: os.stat_result, path: Path, writable: bool = Fals
         except OSError:  # not a member of that group: the mode alone is kept
             pass
     os.chmod(path, stat.S_IMODE(kept.st_mode) | (stat.S_IRWXU if writable else 0))
+
+
+def _remove_tree(path: Path) -> None:
+    """``rm -rf``, the directory made writable by its owner first: a replaced directory the user had
+    made read-only (0555) could not be emptied, and since its mode is kept (:func:`_keep_group_and_mode`)
+    every later run left the previous outputs in a hidden ``.NAME.staging-PID`` beside it."""
+    try:
+        os.chmod(path, stat.S_IMODE(path.lstat().st_mode) | stat.S_IRWXU)
+    except OSError:  # gone, or another user's: removed as far as it can be
+        pass
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _link_tree(source: Path, target: Path) -> None:

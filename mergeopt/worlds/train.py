@@ -77,6 +77,14 @@ EVALUATION_HINT = (
     "every run is trained and kept; grid.csv is written once they are all evaluated. "
     "Rerun the same command to evaluate them (no run is trained again)."
 )
+TRAINING_HINT = (
+    "finished runs are kept and the run in progress is checkpointed. Rerun the same command to continue."
+)
+# stopped before any run trains (a world build, the tokenizer, the data, the checks): no run is in
+# progress, and whatever an earlier command saved stays
+SETUP_HINT = (
+    "no run was training yet; what earlier commands trained is kept. Rerun the same command to continue."
+)
 
 
 def check_lora_targets(recipe: Recipe) -> None:
@@ -343,8 +351,12 @@ def _train(recipe: Recipe, progress: bool, log: Callable[[str], None]) -> Path:
         f"steps x {cfg.batch_tokens} tokens; mixtures drawn as {resolved.weights.unit[:-1]} shares)"
     )
     # no directory is made before something is saved into it: a run stopped early leaves none
-    for w, path in tqdm(todo, desc="training runs", unit="run", disable=not progress):
-        train_one(resolved, w, domains, path, tokenizer, device, progress, inputs)
+    try:
+        for w, path in tqdm(todo, desc="training runs", unit="run", disable=not progress):
+            train_one(resolved, w, domains, path, tokenizer, device, progress, inputs)
+    except Interrupted as stop:
+        stop.hint = TRAINING_HINT
+        raise
 
     try:
         rows = grid_rows(resolved, grid_runs, sets, terms, custom, tokenizer, device, progress)
@@ -387,8 +399,8 @@ def run(args: argparse.Namespace) -> int:
         with interruptible():
             train(recipe, progress=not args.quiet, log=(lambda _m: None) if args.quiet else print)
     except Interrupted as stop:
-        if stop.hint != EVALUATION_HINT:
-            stop.hint = "finished runs are kept and the run in progress is checkpointed. Rerun the same command to continue."
+        if stop.hint not in (TRAINING_HINT, EVALUATION_HINT):  # stopped before any run trained
+            stop.hint = SETUP_HINT
         raise
     return 0
 
