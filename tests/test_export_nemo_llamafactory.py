@@ -359,15 +359,7 @@ def test_llamafactory_header_registers_conversations_as_sharegpt(world, tmp_path
     assert set(info) == set(WEIGHTS) and {e["formatting"] for e in info.values()} == {"sharegpt"}
     (tmp_path / "dataset_info.json").write_text(json.dumps(info))
     first = {n: json.loads(p.read_text().splitlines()[0]) for n, p in chat["paths"].items()}
-    env = {**os.environ, "DISABLE_VERSION_CHECK": "1"}
-    arg = json.dumps([str(tmp_path), list(WEIGHTS), first])
-    child = subprocess.run(
-        [sys.executable, "-c", LLAMAFACTORY_SHAREGPT, arg],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    child = _run_llamafactory(LLAMAFACTORY_SHAREGPT, tmp_path, first)
     assert child.returncode == 0, child.stderr[-2000:]
     for name, formatting, prompt, response in json.loads(child.stdout.strip().splitlines()[-1]):
         user, answer = first[name]["messages"]
@@ -407,17 +399,22 @@ def test_llamafactory_reads_tool_calls_as_the_records_give_them(world, tmp_path)
         assert read[other][1] == [{"role": "assistant", "content": first[other]["messages"][1]["content"]}]
 
 
-def _llamafactory_first_records(script: str, root: Path, first: dict) -> dict:
-    """{dataset: what LLaMA-Factory's parser and converter read of its first record} (``script``
-    run in a child process, ``root`` holding dataset_info.json)."""
+def _run_llamafactory(script: str, root: Path, first: dict) -> subprocess.CompletedProcess:
+    """``script`` run in a child process on ``root``'s dataset_info.json and each dataset's first record."""
     env = {**os.environ, "DISABLE_VERSION_CHECK": "1"}
-    child = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-c", script, json.dumps([str(root), list(WEIGHTS), first])],
         capture_output=True,
         text=True,
         env=env,
         timeout=300,
     )
+
+
+def _llamafactory_first_records(script: str, root: Path, first: dict) -> dict:
+    """{dataset: what LLaMA-Factory's parser and converter read of its first record} (``script``
+    run in a child process, ``root`` holding dataset_info.json)."""
+    child = _run_llamafactory(script, root, first)
     assert child.returncode == 0, child.stderr[-2000:]
     return {row[0]: row[2:] for row in json.loads(child.stdout.strip().splitlines()[-1])}
 
@@ -498,15 +495,7 @@ def test_llamafactory_header_says_a_tool_call_without_content_stops_its_converte
     info = _header_entries(text)
     (tmp_path / "dataset_info.json").write_text(json.dumps(info))
     first = {n: json.loads(p.read_text().splitlines()[0]) for n, p in tools["paths"].items()}
-    env = {**os.environ, "DISABLE_VERSION_CHECK": "1"}
-    arg = json.dumps([str(tmp_path), list(WEIGHTS), first])
-    child = subprocess.run(
-        [sys.executable, "-c", LLAMAFACTORY_SHAREGPT, arg],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    child = _run_llamafactory(LLAMAFACTORY_SHAREGPT, tmp_path, first)
     assert child.returncode != 0 and "KeyError: 'content'" in child.stderr, child.stderr[-2000:]
     first[name]["messages"][1]["content"] = None  # the fix the line gives
     read = _llamafactory_first_records(LLAMAFACTORY_SHAREGPT, tmp_path, first)
