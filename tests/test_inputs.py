@@ -238,7 +238,7 @@ def test_a_plan_says_the_world_cache_is_a_file_not_that_it_would_build_there(tmp
     assert message == f"MERGEOPT_CACHE {tmp_path / 'cache'} is a file, not a directory"
     monkeypatch.setenv("MERGEOPT_CACHE", str(tmp_path / "empty"))
     message = _message(lambda: cli.run_command("plan", [str(REPO / "recipes" / "tiny.yaml")]))
-    assert message.endswith(f"build it into {tmp_path / 'empty' / worlds.world_dir('tiny', '').name})")
+    assert message.endswith(f"builds it into {tmp_path / 'empty' / worlds.world_dir('tiny', '').name})")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
 
 
