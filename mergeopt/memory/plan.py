@@ -180,8 +180,9 @@ def suggest(
         knob = next((k for k in group if peak([k]) <= memory.free), group[-1])
         if peak([knob]) < now:
             chosen.append(knob)
-    ranked = sorted(chosen, key=lambda k: peak([k]))  # best first, as the savings are listed
-    saved = [(k[0], now - peak([k])) for k in ranked]
+    alone = sorted(((k, peak([k])) for k in chosen), key=lambda kp: kp[1])  # best first, as listed
+    ranked = [k for k, _ in alone]
+    saved = [(k[0], now - p) for k, p in alone]
     combined = peak(chosen)
     if combined > memory.free:
         return saved, combined, None

@@ -246,9 +246,8 @@ class Staging:
         self.path = self.out.parent / f".{self.out.name}{STAGING}{os.getpid()}"
         shutil.rmtree(self.path, ignore_errors=True)
         self.path.mkdir()
-        self.kept = self.out.stat() if self.out.is_dir() else None
-        if self.kept is not None:  # files written from here on take the directory's group (setgid)
-            _keep_group_and_mode(self.kept, self.path, writable=True)
+        if self.out.is_dir():  # files written from here on take the directory's group (setgid)
+            _keep_group_and_mode(self.out.stat(), self.path, writable=True)
 
     def _owned(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.owns)
