@@ -39,6 +39,7 @@ from tests.conftest import recipe_tree
 from tests.export_world import (
     DOUBLED,
     SIZES,
+    WEATHER,
     WEIGHTS,
     build_world,
     chat_run_with_template,
@@ -383,6 +384,86 @@ def test_formats_that_concatenate_loaded_datasets_refuse_tool_calls_beside_plain
     )
     train = utils.get_dataset(mixture_config)["train"]
     assert train[0]["messages"][1]["tool_calls"][0]["function"]["name"] == "weather"
+
+
+def _retyped(path: Path, out: Path, change) -> Path:
+    """``path``'s records, each passed through ``change``, written to ``out``."""
+    rows = [change(json.loads(line)) for line in path.read_text().splitlines()]
+    out.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return out
+
+
+def test_formats_that_concatenate_loaded_datasets_refuse_any_column_they_cannot_align(
+    world, tmp_path, capsys
+):
+    """The messages were compared, but not the other columns ``datasets`` types by their contents:
+    a prompt/completion conversation whose completion calls tools (its completion's messages vary,
+    read as JSON objects) beside plain ones (structs of role and content), and tool-calling
+    conversations with different tools (their ``tools`` structs differ), were exported --to trl and
+    --to hf-datasets without a word, and TRL's get_dataset and interleave_datasets stopped on them
+    ("The features can't be aligned"). Now each is one line naming the column and the datasets;
+    datasets of one form still export, and TRL loads the tool calls."""
+    utils = pytest.importorskip("trl.scripts.utils")
+    (tmp_path / "pc").mkdir()
+    chat = chat_world(world, tmp_path / "pc", "prompt_completion")
+
+    def calling(record):
+        call = {"type": "function", "function": {"name": "weather", "arguments": {"city": "paris"}}}
+        turns = [
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "content": "sunny"},
+        ]
+        return {**record, "completion": turns + record["completion"], "tools": [WEATHER]}
+
+    completions = {**chat["paths"], "a": _retyped(chat["paths"]["a"], tmp_path / "a-calls.jsonl", calling)}
+    search = json.loads(json.dumps(WEATHER).replace("weather", "search").replace("city", "query"))
+    tools = tool_world(world, tmp_path)
+    other = _retyped(tools["paths"]["a"], tmp_path / "a-search.jsonl", lambda r: {**r, "tools": [search]})
+    cases = {  # the datasets, the column they differ in, the datasets named
+        "completion": (completions, "'completion' differs between datasets 'a' and 'b' (at completion[]: "),
+        "tools": (
+            {"a": tools["paths"]["a"], "b": other, "c": tools["paths"]["a"]},
+            "'tools' differs between datasets 'a' and 'b' (at tools[].function.parameters.properties: ",
+        ),
+    }
+    for paths, said in cases.values():
+        loaded = [datasets.load_dataset("json", data_files=str(p), split="train") for p in paths.values()]
+        with pytest.raises(ValueError, match="features can't be aligned"):  # what the files would meet
+            datasets.concatenate_datasets(loaded)
+        capsys.readouterr()
+        for fmt in ("trl", "hf-datasets", "hf-datasets-yaml"):
+            out = tmp_path / f"{fmt}.out"
+            argv = [str(world["mixture"]), "--to", fmt, "--tokenizer", chat["tokenizer"], "--out", str(out)]
+            assert run_cli(main, [*argv, "--datasets", *(f"{n}={p}" for n, p in paths.items())]) == 2
+            (line,) = capsys.readouterr().err.strip().splitlines()
+            assert line.startswith(f"mergeopt: error: --to {fmt}: column {said}"), line
+            assert "The features can't be aligned" in line and not out.exists()
+    strings = {**chat["paths"], "a": world["paths"]["a"]}  # prompt strings beside lists of messages
+    for fmt in ("hf-datasets", "hf-datasets-yaml"):  # (trl refuses the layouts first)
+        argv = [
+            str(world["mixture"]),
+            "--to",
+            fmt,
+            "--tokenizer",
+            chat["tokenizer"],
+            "--out",
+            str(tmp_path / "x"),
+        ]
+        assert run_cli(main, [*argv, "--datasets", *(f"{n}={p}" for n, p in strings.items())]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith(
+            f"mergeopt: error: --to {fmt}: column 'prompt' differs between datasets 'a' and 'b'"
+        )
+    alone = {n: completions["a"] for n in WEIGHTS}  # every dataset calls tools alike: one type
+    path = tmp_path / "calls.yaml"
+    argv = [str(world["mixture"]), "--to", "trl", "--tokenizer", chat["tokenizer"], "--out", str(path)]
+    assert run_cli(main, [*argv, "--datasets", *(f"{n}={p}" for n, p in alone.items())]) == 0
+    (mixture_config,) = utils.TrlParser((utils.DatasetMixtureConfig,)).parse_args_and_config(
+        ["--config", str(path)]
+    )
+    train = utils.get_dataset(mixture_config)["train"]
+    assert train[0]["completion"][0]["tool_calls"][0]["function"]["arguments"] == {"city": "paris"}
+    assert train[0]["completion"][1] == {"role": "tool", "content": "sunny"}
 
 
 # ---------------------------------------------------------------- the other formats, key by key

@@ -53,6 +53,9 @@ _COLUMNS: dict[
     tuple, dict[str, bool]
 ] = {}  # a source's columns (whether each holds text), by its files' identity
 _TOOLS: dict[tuple, ToolUse] = {}  # a source's tool-calling records, by its files' identity
+_TYPES: dict[
+    tuple, dict[str, Any]
+] = {}  # a source's column types (:func:`value_type`), by its files' identity
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,15 @@ def text_columns(source: Source) -> frozenset[str]:
     return frozenset(name for name, text in _columns(source).items() if text)
 
 
+def column_types(source: Source) -> dict[str, Any]:
+    """The type ``datasets`` gives each column (:func:`value_type`'s terms): remembered from
+    :func:`measure` in this process, else read once. Formats that join the loaded datasets
+    (``concatenate_datasets``, ``interleave_datasets``) compare them: a column typed differently in
+    two datasets stops the join ("The features can't be aligned")."""
+    _columns(source)
+    return _TYPES[_identity(source)]
+
+
 def _columns(source: Source) -> dict[str, bool]:
     key = _identity(source)
     if key not in _COLUMNS:
@@ -141,10 +153,11 @@ def _columns(source: Source) -> dict[str, bool]:
             for name in source.data_files:
                 for _, record in jsonl_records(Path(name)):
                     kinds.add(record)
-            _COLUMNS[key] = kinds.result()
+            _COLUMNS[key], _TYPES[key] = kinds.result(), kinds.types
         else:
             with tempfile.TemporaryDirectory(prefix="mergeopt-export-") as cache:
-                _COLUMNS[key] = _column_kinds(load(source, cache))
+                dataset = load(source, cache)
+                _COLUMNS[key], _TYPES[key] = _column_kinds(dataset), _feature_types(dataset)
     return _COLUMNS[key]
 
 
@@ -155,9 +168,11 @@ class ColumnKinds:
 
     def __init__(self):
         self._text: dict[str, bool | None] = {}  # None: only nulls so far
+        self.types: dict[str, Any] = {}  # each column's type, as datasets infers it (value_type)
 
     def add(self, record: dict[str, Any]) -> None:
         for name, value in record.items():
+            self.types[name] = merge_types(self.types.get(name), value_type(value))
             seen = self._text.get(name)
             if value is None:
                 self._text.setdefault(name, None)
@@ -166,6 +181,94 @@ class ColumnKinds:
 
     def result(self) -> dict[str, bool]:
         return {name: bool(text) for name, text in self._text.items()}
+
+
+# ----------------------------------------------------------------------------- column types
+# What type ``datasets`` (5.x) gives a JSON value, in terms two datasets' columns can be compared
+# in: None for null (it joins any type), a scalar's Arrow name, ("list", ITEM) and ("struct",
+# ((field, TYPE), ...)); "json" where a struct's fields vary from one value to the next, which
+# ``datasets`` reads as Json objects (tool-calling messages beside plain ones, tools of different
+# parameters), a type that joins only itself.
+
+JSON = "json"
+_SCALARS = ((bool, "bool"), (int, "int64"), (float, "float64"), (str, "string"))
+
+
+def value_type(value: Any) -> Any:
+    """The type of one JSON value (see above)."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return ("struct", tuple(sorted((k, value_type(v)) for k, v in value.items())))
+    if isinstance(value, list):
+        item = None
+        for each in value:
+            item = merge_types(item, value_type(each))
+        return ("list", item)
+    return next((name for kind, name in _SCALARS if isinstance(value, kind)), type(value).__name__)
+
+
+def merge_types(a: Any, b: Any) -> Any:
+    """The type of a column holding values of types ``a`` and ``b``, as ``datasets`` infers it."""
+    if a is None or a == b:
+        return b
+    if b is None:
+        return a
+    if {a, b} == {"int64", "float64"}:
+        return "float64"
+    if isinstance(a, tuple) and isinstance(b, tuple) and a[0] == b[0] == "list":
+        return ("list", merge_types(a[1], b[1]))
+    if isinstance(a, tuple) and isinstance(b, tuple) and a[0] == b[0] == "struct":
+        if [k for k, _ in a[1]] != [k for k, _ in b[1]]:
+            return JSON
+        return ("struct", tuple((k, merge_types(x, y)) for (k, x), (_, y) in zip(a[1], b[1], strict=True)))
+    return JSON
+
+
+def type_difference(a: Any, b: Any, where: str) -> tuple[str, str, str] | None:
+    """Where types ``a`` and ``b`` cannot be joined (a null joins anything), and each type there in
+    words: (``column[].field``, ``a``'s, ``b``'s); None where they join."""
+    if a is None or b is None or a == b:
+        return None
+    if isinstance(a, tuple) and isinstance(b, tuple) and a[0] == b[0] == "list":
+        return type_difference(a[1], b[1], f"{where}[]")
+    if isinstance(a, tuple) and isinstance(b, tuple) and a[0] == b[0] == "struct":
+        if [k for k, _ in a[1]] == [k for k, _ in b[1]]:
+            for (k, x), (_, y) in zip(a[1], b[1], strict=True):
+                if (found := type_difference(x, y, f"{where}.{k}")) is not None:
+                    return found
+            return None
+    return where, describe_type(a), describe_type(b)
+
+
+def describe_type(kind: Any) -> str:
+    if kind == JSON:
+        return "objects of varying fields"
+    if isinstance(kind, tuple) and kind[0] == "struct":
+        return f"fields {', '.join(k for k, _ in kind[1])}"
+    if isinstance(kind, tuple):
+        return "a list"
+    return str(kind)
+
+
+def _feature_types(dataset) -> dict[str, Any]:
+    """:func:`value_type`'s terms for the features of a dataset ``datasets`` loaded."""
+    return {name: _feature_type(feature) for name, feature in dataset.features.items()}
+
+
+def _feature_type(feature: Any) -> Any:
+    from datasets import LargeList, List, Value
+
+    if isinstance(feature, dict):
+        return ("struct", tuple(sorted((k, _feature_type(v)) for k, v in feature.items())))
+    if isinstance(feature, (List, LargeList)):
+        return ("list", _feature_type(feature.feature))
+    if isinstance(feature, Value):
+        dtype = {"large_string": "string", "double": "float64"}.get(feature.dtype, feature.dtype)
+        return None if dtype == "null" else dtype
+    if type(feature).__name__ == "Json":
+        return JSON
+    return repr(feature)
 
 
 def _column_kinds(dataset) -> dict[str, bool]:
@@ -253,6 +356,7 @@ def measure(path: Path, tokenizer, token_files=None) -> DomainStats:
             tokens += _count(records, tokenizer, path)
             tools = tools.add(records)
         _COLUMNS[_identity(source)] = kinds.result() if kinds is not None else _column_kinds(dataset)
+        _TYPES[_identity(source)] = kinds.types if kinds is not None else _feature_types(dataset)
         _TOOLS[_identity(source)] = tools
     if samples == 0:
         raise UserError(f"{path}: the dataset is empty")

@@ -150,6 +150,39 @@ def check_message_types(ctx: Context, fmt: str, joiner: str) -> None:
             'them ("The features can\'t be aligned"): export them --to axolotl or --to llamafactory, '
             "which read each dataset on its own"
         )
+    check_column_types(ctx, fmt, joiner)
+
+
+def check_column_types(ctx: Context, fmt: str, joiner: str) -> None:
+    """Refuse datasets with a column the ``datasets`` library types differently in two of them,
+    which ``joiner`` stops on as it stops on :func:`check_message_types`' messages: the
+    ``completion`` of conversations kept as prompt/completion lists of messages (a completion that
+    calls tools is read as JSON objects, a plain one as structs), ``tools`` of different
+    parameters, any other column (see :func:`mergeopt.export.token_stats.value_type`)."""
+    from mergeopt.export.token_files import kind_of
+
+    seen: dict[str, tuple[str, object]] = {}  # column -> (the first dataset with a type for it, the type)
+    for name in ctx.plan.names:
+        path = ctx.datasets.get(name)
+        if path is None or kind_of(Path(path)) is not None:
+            continue
+        for column, kind in token_stats.column_types(source_of(path)).items():
+            if kind is None:
+                continue
+            if column not in seen:
+                seen[column] = (name, kind)
+                continue
+            first, known = seen[column]
+            found = token_stats.type_difference(known, kind, column)
+            if found is not None:
+                where, said_first, said = found
+                raise UserError(
+                    f"--to {fmt}: column {column!r} differs between datasets {first!r} and {name!r} (at "
+                    f"{where}: {said_first} in {first!r}, {said} in {name!r}), so the datasets library reads "
+                    f"them as different types, and {joiner} stops on them (\"The features can't be "
+                    'aligned"): give the column one form in every dataset, or export with a format that '
+                    "reads each dataset on its own (--to axolotl, --to llamafactory)"
+                )
 
 
 def template_source(ctx: Context) -> str:
