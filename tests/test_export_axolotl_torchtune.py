@@ -14,6 +14,7 @@ counts tell each sample's domain.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import datasets
 import pytest
@@ -200,6 +201,57 @@ def test_conversations_go_to_each_frameworks_chat_builder(world, tmp_path):
         ("chat_template", "messages", ("assistant",))
     }
     assert _axolotl_counts(cfg) == expected(BUDGET)
+
+
+# renders the tools, each message and its tool calls; its loop variable is not named ``message``
+TOOLS_TEMPLATE = (
+    "{{ bos_token }}{% if tools %}{{ tools | tojson }}{% endif %}{% for m in messages %}{{ m['role'] }}"
+    "{% if m['content'] %}{{ m['content'] }}{% endif %}"
+    "{% if m['tool_calls'] %}{{ m['tool_calls'] | tojson }}{% endif %}{% endfor %}"
+)
+
+
+def test_axolotl_trains_the_tool_calls_it_was_counted_with(world, tmp_path):
+    """axolotl's chat_template strategy gives the template only the message fields its template
+    analyzer finds read on a loop variable named ``message``: under a template that loops
+    ``{% for m in messages %}`` the export's entry (role and content mapped) lost every
+    ``tool_calls``, so axolotl trained the tool-calling domain on about a third fewer tokens than
+    were counted, and never on a call. The entry maps the tool fields now: axolotl's own loader
+    and tokenizer give the ids mergeopt counted, record by record, calls trained."""
+    schema = pytest.importorskip("axolotl.utils.schemas.config")
+    sft = pytest.importorskip("axolotl.utils.data.sft")
+    from axolotl.utils.dict import DictDefault
+    from transformers import AutoTokenizer
+
+    from mergeopt.objectives.chat import render
+
+    tools = tool_world(world, tmp_path)
+    (Path(tools["tokenizer"]) / "chat_template.jinja").write_text(TOOLS_TEMPLATE)
+    path = tools["paths"][tools["tool_domain"]]
+    axo = yaml_body(export(tools, "axolotl", tmp_path))
+    cfg = schema.AxolotlInputConfig(
+        base_model=tools["tokenizer"], learning_rate=1e-5, sequence_len=4096, **axo
+    )
+    (entry,) = [d for d in cfg.datasets if d.path == str(path)]
+    tokenizer = AutoTokenizer.from_pretrained(tools["tokenizer"])
+    loaded, _ = sft._load_and_process_single_dataset(
+        dataset_config=DictDefault(entry.model_dump(exclude_none=True)),
+        cfg=DictDefault(cfg.model_dump(exclude_none=True)),  # as axolotl normalizes its config
+        tokenizer=tokenizer,
+        split="train",
+        seed=0,
+    )
+    records = [json.loads(line) for line in path.read_text().splitlines()][: len(loaded)]
+    counted = [render(tokenizer, r["messages"], tools=r["tools"])["input_ids"] for r in records]
+    assert len(loaded) == int(entry.split.removeprefix("train[:").removesuffix("]")) > 0
+    assert loaded["input_ids"] == counted
+    trained = [
+        i for i, label in zip(loaded[0]["input_ids"], loaded[0]["labels"], strict=True) if label != -100
+    ]
+    call = json.dumps(records[0]["messages"][1]["tool_calls"])
+    assert tokenizer.decode(tokenizer(call, add_special_tokens=False)["input_ids"]) in tokenizer.decode(
+        trained
+    )
 
 
 def test_torchtune_refuses_conversations_that_call_tools(world, tmp_path, capsys):

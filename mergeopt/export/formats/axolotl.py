@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import yaml
 
+from mergeopt.export import token_stats
 from mergeopt.export.formats import sliced
 from mergeopt.export.formats.base import Context, Format
 from mergeopt.export.token_stats import Source
@@ -44,13 +45,26 @@ TYPES = {
 }
 
 
+# The fields of a tool-calling conversation's messages besides role and content. axolotl's
+# chat_template strategy (prompt_strategies/chat_template.py, ``transform_message``) hands the
+# template a message's mapped properties and only those other fields its JinjaTemplateAnalyzer
+# finds the template reading on a loop variable named ``message``: a template that loops
+# ``{% for m in messages %}`` gets no ``tool_calls``, and the calls mergeopt counted are not
+# trained. Mapped, they reach any template (a message without one is left as it is).
+TOOL_FIELDS = ("tool_calls", "tool_call_id", "name")
+
+
 def entry(layout: sliced.Layout, source: Source) -> dict:
     """One dataset's entry (without its split): where axolotl loads it from and the prompt type."""
     out = {"path": str(source.path), "ds_type": "arrow" if source.loader == "disk" else source.loader}
     if source.loader == "disk":
         out["data_files"] = list(source.data_files)
     kind = TYPES[layout]
-    return {**out, **kind} if layout == "messages" else {**out, "type": kind}
+    if layout != "messages":
+        return {**out, "type": kind}
+    fields = set().union(*token_stats.tool_use(source).shapes)
+    tools = {f: f for f in TOOL_FIELDS if f in fields}
+    return {**out, **kind, "message_property_mappings": {**kind["message_property_mappings"], **tools}}
 
 
 def with_recipe_template(ctx: Context, entries: list[dict]) -> list[dict]:
