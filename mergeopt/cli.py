@@ -148,8 +148,14 @@ def parse(name: str, argv: Sequence[str], prog: str | None = None) -> argparse.N
     if key is not None and args.out is not None:  # --out is a recipe key, stated once
         if any(o.startswith(f"{key}=") for o in args.overrides):
             raise UserError(f"--out and a {key}= override both name where {name} writes: give one")
-        args.overrides = [*args.overrides, f"{key}={args.out}"]
+        args.overrides = [*args.overrides, f"{key}={_yaml_string(args.out)}"]
     return args
+
+
+def _yaml_string(text: str) -> str:
+    """``text`` quoted as a YAML string: --out names a path, which the overrides' YAML read as a
+    number (``--out 2024``), a boolean (``--out yes``), null (``~``) or a comment (``#1``)."""
+    return "'" + text.replace("'", "''") + "'"
 
 
 # Loggers of libraries imported on the way that warn about nothing mergeopt uses: torchao (which

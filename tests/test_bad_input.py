@@ -63,6 +63,11 @@ def _recipe(world, tmp: Path, edit: Callable[[dict], None] | None = None, text: 
     return str(path)
 
 
+def _recipe_text(world, tmp: Path) -> str:
+    """The recipe as YAML text, block style, for mistakes only the text can make."""
+    return yaml.safe_dump(recipe_tree(world, tmp / "out"), default_flow_style=False, sort_keys=False)
+
+
 def _expert_copy(world, tmp: Path, change: Callable[[dict], None], name: str = "bad") -> str:
     """A copy of expert alpha whose tensors ``change`` edits in place."""
     src = Path(world["experts"]["alpha"])
@@ -100,6 +105,12 @@ def _checkpoint_then_changed_dev(world, tmp: Path) -> list[str]:
 
 def _with_expert(world, tmp, path: str, extra: str = "") -> list[str]:
     return [_recipe(world, tmp), f"model.experts.alpha={path}", *([extra] if extra else [])]
+
+
+def _output_into_an_expert(world, tmp) -> list[str]:
+    """A fit whose output_dir is one of its experts' checkpoints (a copy: nothing of the shared world)."""
+    expert = _expert_copy(world, tmp, lambda tensors: None, name="alpha-copy")
+    return [_recipe(world, tmp), f"model.experts.alpha={expert}", f"output_dir={expert}"]
 
 
 def _nan(tensors):
@@ -601,6 +612,22 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         lambda w, t: [_recipe(w, t, lambda tr: _del(tr, "model", "base"))],
         "model.base",
     ),
+    "expert named no, unquoted": (
+        "recipe",
+        "fit",
+        lambda w, t: [
+            _recipe(
+                w, t, text=_recipe_text(w, t).replace("\n  experts:\n    alpha:", "\n  experts:\n    no:")
+            )
+        ],
+        "model.experts: has a key that is the boolean false, not a string: YAML reads an unquoted no",
+    ),
+    "dev set named off, unquoted": (
+        "recipe",
+        "fit",
+        lambda w, t: [_recipe(w, t), "data.dev.0.name=off"],
+        "data.dev.0.name: is the boolean false, not a string",
+    ),
     "override without =": ("recipe", "fit", lambda w, t: [_recipe(w, t), "optim.steps"], "optim.steps"),
     "K = 1 expert": (
         "recipe",
@@ -693,6 +720,12 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         lambda w, t: [_recipe(w, t), "device=cpu", "model.compute_dtype=float16"],
         "model.compute_dtype float16 cannot run on the CPU",
     ),
+    "GPU memory budget without a device map": (
+        "recipe",
+        "fit",
+        lambda w, t: [_recipe(w, t), "model.max_memory={0: 70GiB}"],
+        "model.max_memory is only read with model.device_map",
+    ),
     "sharded stack without torchrun": (
         "recipe",
         "fit",
@@ -704,6 +737,18 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         "fit",
         lambda w, t: [_recipe(w, t), "model.shard=fsdp", "model.device_map=auto"],
         "model.shard fsdp and model.device_map both place the stack",
+    ),
+    "device map naming no device": (
+        "recipe",
+        "fit",
+        lambda w, t: [_recipe(w, t), "model.device_map={model: gpu7, lm_head: gpu7}"],
+        "model.device_map puts 'model' on 'gpu7', which is not a device",
+    ),
+    "device map onto a GPU this machine lacks": (
+        "recipe",
+        "fit",
+        lambda w, t: [_recipe(w, t), "model.device_map={model: 99, lm_head: 99}"],
+        "model.device_map puts 'model' on GPU 99",
     ),
     "sharded plan for one process": (
         "recipe",
@@ -958,6 +1003,16 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
             )
         ],
         "limit is only for kind 'lm_eval', not 'exact_match'",
+    ),
+    "objective term named like a column of evaluations.csv": (
+        "recipe",
+        "fit",
+        lambda w, t: [
+            _recipe(w, t),
+            "search.strategy=grid",
+            "objective.terms=[{kind: loss, dev: arith, name: value}, {kind: loss, dev: markov}]",
+        ],
+        "objective.terms[0].name 'value' is a column of the search's evaluations.csv",
     ),
     "search budget below the experts a normalisation scores": (
         "search",
@@ -1607,6 +1662,12 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         "fit",
         lambda w, t: [_recipe(w, t), "output_dir=."],
         "is the current directory",
+    ),
+    "output_dir is an expert's checkpoint": (
+        "output directory",
+        "fit",
+        _output_into_an_expert,
+        "alpha-copy is the directory of model.experts.alpha",
     ),
     "transfer --out a parent of the current directory": (
         "output directory",

@@ -89,11 +89,21 @@ def test_rank_help_names_the_mode_of_every_option_its_other_mode_refuses():
 
 def test_out_is_the_recipe_key_of_fit_and_train_and_both_at_once_is_refused():
     args = cli.parse("fit", ["r.yaml", "optim.lr=0.1", "--out", "/tmp/x", "--quiet"])
-    assert args.overrides == ["optim.lr=0.1", "output_dir=/tmp/x"] and args.quiet
+    assert args.overrides == ["optim.lr=0.1", "output_dir='/tmp/x'"] and args.quiet
     args = cli.parse("train", ["r.yaml", "--out", "runs"])
-    assert args.overrides == ["train.output_dir=runs"]
+    assert args.overrides == ["train.output_dir='runs'"]
     with pytest.raises(UserError, match="--out and a output_dir= override both name where fit writes"):
         cli.parse("fit", ["r.yaml", "output_dir=a", "--out", "b"])
+
+
+@pytest.mark.parametrize("out", ["2024", "yes", "~", "#1", "null", "it's", "[x]", "a: b"])
+def test_out_is_a_path_whatever_yaml_would_read_it_as(out):
+    """``--out 2024`` was read as YAML, an integer, and refused as 'output_dir: Input should be a
+    valid string' (``--out yes`` a boolean, ``--out '#1'`` a comment, so null)."""
+    from mergeopt.config import load_recipe
+
+    recipe = REPO / "recipes" / "tiny.yaml"
+    assert load_recipe(recipe, cli.parse("fit", [str(recipe), "--out", out]).overrides).output_dir == out
 
 
 def test_options_may_follow_the_overrides():

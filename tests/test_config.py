@@ -81,6 +81,18 @@ def test_duplicate_yaml_key_is_an_error(tmp_path):
         load_recipe(path)
 
 
+def test_yaml_merge_keys_share_a_block_and_keys_beside_them_override(tmp_path):
+    """``<<: *defaults`` was refused as 'could not determine a constructor for the tag ...merge'."""
+    text = MINIMAL + "search: {strategy: grid, grid: &lattice {divisions: 4}}\n"
+    text += "optim: &common {lr: 0.5, steps: 7}\ntrain: {data: {math: m.jsonl, code: c.jsonl}, <<: *common, steps: 3}\n"
+    recipe = load_recipe(write(tmp_path, text))
+    assert recipe.train.lr == 0.5 and recipe.train.steps == 3  # merged, then overridden beside it
+    assert recipe.optim.lr == 0.5 and recipe.search.grid.divisions == 4
+    twice = MINIMAL + "optim: {<<: {lr: 0.5}, steps: 7, steps: 8}\n"
+    with pytest.raises(UserError, match="duplicate key 'steps'"):
+        load_recipe(write(tmp_path, twice))
+
+
 def test_one_expert_is_refused(tmp_path):
     path = write(tmp_path, MINIMAL.replace(", code: /ckpt/code", ""))
     with pytest.raises(UserError, match=r"model\.experts: .*at least 2 experts"):

@@ -137,6 +137,24 @@ def test_a_merge_option_the_method_does_not_read_is_a_warning(random_world, tmp_
         )
 
 
+@pytest.mark.parametrize(
+    ("search", "said"),
+    [
+        ({"grid": {"divisions": 4}}, ["search.grid.divisions 4 is not read by search.strategy gradient"]),
+        ({"cmaes": {"sigma": 0.5}, "spsa": {"lr": 2.0}}, ["search.cmaes.sigma 0.5", "search.spsa.lr 2.0"]),
+        ({"grid": {"divisions": 10}}, []),  # the default, as every written recipe.yaml carries it
+    ],
+)
+def test_an_option_of_another_strategy_is_a_warning(random_world, tmp_path, capsys, search, said):
+    """``search.grid.divisions=4`` without ``search.strategy=grid`` ran the gradient strategy and read
+    nothing of it, silently. Not refused (a recipe may keep several strategies' settings and pick one
+    with ``search.strategy``): the fit warns."""
+    tree = recipe_tree(random_world, tmp_path / "out") | {"search": search}
+    fit(recipe_from_dict(tree), progress=False, log=lambda _m: None)
+    lines = [x for x in capsys.readouterr().err.splitlines() if "is not read by search.strategy" in x]
+    assert len(lines) == len(said) and all(s in line for s, line in zip(said, lines)), lines
+
+
 # ----------------------------------------------------------------------------- user mistakes
 
 

@@ -23,8 +23,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """The mapping, refusing a key written twice; a merge key (``<<: *defaults``) is YAML's way to
+    share a block, its keys overridable by those written beside it, and is left to SafeLoader."""
     seen: set[Any] = set()
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
@@ -117,10 +121,26 @@ def _describe(error: dict[str, Any]) -> tuple[str, str]:
         return loc, _unknown_key(tuple(error["loc"]))
     if error["type"] == "missing":
         return loc, "required key is missing"
+    if error["type"] == "string_type" and isinstance(error["input"], bool):
+        return _yaml_boolean(error)
     if error["type"] in ("tuple_type", "list_type"):  # pydantic says "tuple" of a field users write as a list
         return loc, f"should be a list, such as [a, b] (YAML), got {error['input']!r}"
     msg = error["msg"].removeprefix("Value error, ")
     return loc, msg
+
+
+def _yaml_boolean(error: dict[str, Any]) -> tuple[str, str]:
+    """A name YAML read as a boolean: an expert or dev set called ``no`` (Norwegian), ``on`` or ``yes``
+    written unquoted is ``false`` or ``true``, which pydantic called only 'not a valid string'."""
+    value = error["input"]
+    words = "yes, on or true as true" if value else "no, off or false as false"
+    parts = [str(p) for p in error["loc"]]
+    what = "is the boolean"
+    if parts[-1] == "[key]":  # a mapping's key: its location is the mapping's, the index pydantic's
+        parts, what = parts[:-2], "has a key that is the boolean"
+    return ".".join(parts), (
+        f"{what} {str(value).lower()}, not a string: YAML reads an unquoted {words}; quote it (e.g. 'no')"
+    )
 
 
 def _set_by(key: str, loc: str, msg: str) -> bool:

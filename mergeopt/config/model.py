@@ -9,7 +9,7 @@ import re
 from collections.abc import Iterable
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from mergeopt.config.base import Section, check_name
 
@@ -92,6 +92,17 @@ class ModelSection(Section):
             except re.error as err:
                 raise ValueError(f"pattern {pattern!r} is not a valid regex ({err})") from None
         return patterns
+
+    @model_validator(mode="after")
+    def _max_memory_with_a_map(self) -> ModelSection:
+        """max_memory budgets a device_map's placement and nothing else: without a map the fit ran on
+        one device, ignoring it silently."""
+        if self.max_memory is not None and self.device_map is None:
+            raise ValueError(
+                "model.max_memory is only read with model.device_map (the bytes its placement may put on each "
+                "GPU): set model.device_map, or leave max_memory out"
+            )
+        return self
 
     def unmatched_exclusions(self, names: Iterable[str]) -> str | None:
         """A warning naming each ``exclude`` pattern that matches none of the base's parameter

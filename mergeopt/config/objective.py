@@ -17,6 +17,8 @@ KIND_FIELDS = {
     "custom": ("dev", "function", "higher_is_better"),
     "lm_eval": ("task", "include_path", "metric", "limit", "higher_is_better"),
 }
+# the columns of a zero-order search's journal (evaluations.csv) beside the terms' and w_<expert>
+RESERVED_COLUMNS = ("index", "phase", "value", "seconds")
 # the options only some kinds read, checked by value (a written recipe.yaml carries every default)
 KIND_OPTIONS = ("max_new_tokens", "stop", "length_normalize", "higher_is_better", "metric", "limit")
 

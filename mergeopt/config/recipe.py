@@ -11,7 +11,7 @@ from pydantic import Field, field_validator, model_validator
 from mergeopt.config.base import Section, says_test_split
 from mergeopt.config.data import DataSection
 from mergeopt.config.model import MergeSection, ModelSection
-from mergeopt.config.objective import ObjectiveSection
+from mergeopt.config.objective import RESERVED_COLUMNS, ObjectiveSection
 from mergeopt.config.runs import (
     CalibrateSection,
     RankSection,
@@ -173,6 +173,8 @@ class Recipe(Section):
                     f"objective.terms[{i}].dev {term.dev!r} is not a dev set ({', '.join(sorted(names))})"
                 )
             labels.append(term.label)
+        if self.search.strategy != "gradient":
+            self._no_term_named_like_a_journal_column()
         dupes = sorted({x for x in labels if labels.count(x) > 1})
         if dupes:
             raise ValueError(f"objective term names must be unique (set name:), repeated: {', '.join(dupes)}")
@@ -192,6 +194,17 @@ class Recipe(Section):
             raise ValueError("objective.normalize 'experts' needs a zero-order search.strategy")
         self._budget_covers_the_search()
         return self
+
+    def _no_term_named_like_a_journal_column(self) -> None:
+        """A zero-order search journals each term's score in a column named after it, beside index,
+        phase, value, seconds and w_<expert>: a term named one of those stopped the search at its
+        first mixture with a traceback, once the model was loaded."""
+        for i, term in enumerate(self.objective.terms):
+            if term.name is not None and (term.name in RESERVED_COLUMNS or term.name.startswith("w_")):
+                raise ValueError(
+                    f"objective.terms[{i}].name {term.name!r} is a column of the search's evaluations.csv "
+                    f"({', '.join(RESERVED_COLUMNS)}, w_<expert>): rename the term"
+                )
 
     def _budget_covers_the_search(self) -> None:
         """A budget that cannot cover the evaluations the search must make, refused when the recipe

@@ -135,3 +135,21 @@ class SearchSection(Section):
     cmaes: CmaesSearch = CmaesSearch()
     spsa: SpsaSearch = SpsaSearch()
     surrogate: SurrogateSearch = SurrogateSearch()
+
+    def unused_options(self) -> list[str]:
+        """The options of the other strategies' sections set away from their defaults: without
+        ``search.strategy``, ``search.grid.divisions=4`` ran the gradient strategy and read nothing of
+        it. Not refused, as a recipe may keep several strategies' settings and pick one with
+        ``search.strategy=...``: the fit warns. (A written recipe.yaml carries every default.)"""
+        unused = []
+        for strategy in ("grid", "dirichlet", "cmaes", "spsa", "surrogate"):
+            if strategy == self.strategy:
+                continue
+            section = getattr(self, strategy)
+            for option, field in type(section).model_fields.items():
+                value = getattr(section, option)
+                if value != field.default:
+                    unused.append(
+                        f"search.{strategy}.{option} {value} is not read by search.strategy {self.strategy}"
+                    )
+        return unused

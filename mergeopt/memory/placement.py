@@ -121,7 +121,36 @@ def check_explicit_map(device_map: Mapping[str, int | str]) -> dict[str, int | s
             "model.device_map mixes 'cpu' with GPUs: accelerate would offload those modules, which a "
             "merge cannot use; place every module on a GPU"
         )
+    for module, device in device_map.items():
+        _check_target(module, device)
     return dict(device_map)
+
+
+def _check_target(module: str, device: int | str) -> None:
+    """One entry of an explicit map is a device this machine has: transformers raised a
+    RuntimeError (a traceback) at load for 'gpu7', and for a GPU where CUDA is not available."""
+    try:  # an index is a GPU's, as accelerate reads it (torch.device(0) is the current accelerator's)
+        target = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    except (RuntimeError, TypeError):
+        target = None
+    if target is None or target.type not in ("cuda", "cpu"):
+        raise UserError(
+            f"model.device_map puts {module!r} on {device!r}, which is not a device: give a GPU index "
+            "(0, 1, ...), 'cuda:N', or 'cpu' for a CPU-only map"
+        )
+    if target.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise UserError(
+            f"model.device_map puts {module!r} on GPU {device!r} but CUDA is not available here "
+            "(set model.device_map: null to run on one device)"
+        )
+    index, count = target.index or 0, torch.cuda.device_count()
+    if index >= count:
+        raise UserError(
+            f"model.device_map puts {module!r} on GPU {index}, but this machine has {count} GPU(s) "
+            f"(0 to {count - 1})"
+        )
 
 
 def input_device(model: torch.nn.Module) -> torch.device:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
+from mergeopt.config.objective import RESERVED_COLUMNS
 from mergeopt.errors import Interrupted, UserError
 from mergeopt.merging.constraints import FeasibleSet
 from mergeopt.merging.groups import Groups
@@ -32,7 +33,6 @@ ScoreFn = Callable[[np.ndarray], Mapping[str, float]]
 ValueFn = Callable[[Mapping[str, float]], float]
 
 ROUND_DECIMALS = 12  # two mixtures equal to 12 decimals are one mixture for the cache
-RESERVED_COLUMNS = ("index", "phase", "value", "seconds")
 ALL_PROCESSES = -1  # an evaluation whose data every rank shared
 
 
