@@ -93,6 +93,30 @@ def test_yaml_merge_keys_share_a_block_and_keys_beside_them_override(tmp_path):
         load_recipe(write(tmp_path, twice))
 
 
+def test_a_leading_tilde_in_a_path_is_the_home_directory(tmp_path, monkeypatch):
+    """A recipe is YAML, which no shell expands: ``~/ckpt/math`` was looked for in a folder named '~'
+    and reported missing. Every path a recipe names is expanded; a hub id or '~unknown' is not."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    text = (
+        "output_dir: ~/runs/x\nmodel:\n  base: ~/ckpt/base\n  experts: {math: ~/ckpt/math, code: org/code-7b}\n"
+        "data:\n  dev:\n    - {name: math, path: ~/dev/math.jsonl}\n  chat_template: ~/t.jinja\n"
+        "rank: {grid: ~/grid.csv}\ncalibrate: {grid: ~nobody-such-user/grid.csv}\n"
+        "train: {data: {math: ~/train/math.jsonl, code: c.jsonl}, output_dir: ~/runs/train}\n"
+    )
+    recipe = load_recipe(write(tmp_path, text))
+    home = str(tmp_path)
+    assert recipe.model.base == f"{home}/ckpt/base" and recipe.output_dir == f"{home}/runs/x"
+    assert recipe.model.experts == {"math": f"{home}/ckpt/math", "code": "org/code-7b"}
+    assert (
+        recipe.data.dev[0].path == f"{home}/dev/math.jsonl" and recipe.data.chat_template == f"{home}/t.jinja"
+    )
+    assert recipe.rank.grid == f"{home}/grid.csv" and recipe.calibrate.grid == "~nobody-such-user/grid.csv"
+    assert recipe.train.data == {"math": f"{home}/train/math.jsonl", "code": "c.jsonl"}
+    assert recipe.train.output_dir == f"{home}/runs/train"
+    overridden = load_recipe(write(tmp_path, MINIMAL), ["model.experts.code=~/ckpt/code"])
+    assert overridden.model.experts["code"] == f"{home}/ckpt/code"
+
+
 def test_one_expert_is_refused(tmp_path):
     path = write(tmp_path, MINIMAL.replace(", code: /ckpt/code", ""))
     with pytest.raises(UserError, match=r"model\.experts: .*at least 2 experts"):

@@ -6,16 +6,30 @@ because every section derives from :class:`Section`.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
 
 class Section(BaseModel):
     # allow_inf_nan=False: NaN passes every comparison test (abs(nan - 1) > tol is false) and inf
     # passes every `gt=0`, so every float of a recipe, nested ones too, must be a finite number
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
+
+
+def expand_home(path: str) -> str:
+    """``~/x`` or ``~user/x`` as the shell would expand it: a recipe is YAML, which no shell reads, so
+    ``model.experts.math: ~/ckpt/math`` was looked for in a folder named '~' and reported missing.
+    Only a leading '~' is expanded (a hub id or a ``random://`` path never starts with one); an
+    unknown user's ``~name`` is left as written, to be reported missing as it is."""
+    return os.path.expanduser(path)
+
+
+# a recipe value naming a file or directory the run reads or writes: '~' expanded when it is read
+PathText = Annotated[str, AfterValidator(expand_home)]
 
 
 def check_name(name: str, what: str) -> str:

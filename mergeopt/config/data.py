@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator, model_validator
 
-from mergeopt.config.base import Section, check_name
+from mergeopt.config.base import PathText, Section, check_name
 
 
 class DevSetSpec(Section):
     """One dev set (JSONL, or a table the datasets library reads); its weight is its share of the target loss."""
 
     name: str = Field(description="The set's name, used in reports, data.target and objective.terms[].dev.")
-    path: str = Field(
+    path: PathText = Field(
         description="JSONL file (or parquet, arrow, CSV, JSON array, save_to_disk directory) of text, "
         "prompt/completion, prompt/choices/answer or conversation records."
     )
@@ -43,7 +43,7 @@ class DataSection(Section):
         description="Share of each dev set held out for early stopping (0 disables early stopping).",
     )
     max_examples: int | None = Field(default=None, gt=0, description="Cap on examples read per dev set.")
-    chat_template: str | None = Field(
+    chat_template: PathText | None = Field(
         default=None,
         description="The chat template conversations are rendered with, replacing the base tokenizer's: a "
         "Jinja file, or a directory whose tokenizer has one (an expert's, when the base has none).",

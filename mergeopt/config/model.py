@@ -11,14 +11,14 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from mergeopt.config.base import Section, check_name
+from mergeopt.config.base import PathText, Section, check_name
 
 
 class ModelSection(Section):
     """The base checkpoint and one expert per domain, all fine-tuned from that base."""
 
-    base: str = Field(description="HF checkpoint directory of the base model θ0.")
-    experts: dict[str, str] = Field(
+    base: PathText = Field(description="HF checkpoint directory of the base model θ0.")
+    experts: dict[str, PathText] = Field(
         description="Expert name -> HF checkpoint directory or PEFT LoRA adapter directory; at least 2."
     )
     exclude: tuple[str, ...] = Field(

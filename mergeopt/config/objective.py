@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from mergeopt.config.base import Section
+from mergeopt.config.base import PathText, Section
 
 # the fields each kind reads, beside kind, weight and name (and dev, which lm_eval does not read)
 KIND_FIELDS = {
@@ -51,7 +51,7 @@ class ObjectiveTerm(Section):
         description="choice_accuracy: score options by log-likelihood per character (lm-eval's acc_norm).",
     )
     task: str | None = Field(default=None, description="lm_eval: the task name.")
-    include_path: str | None = Field(
+    include_path: PathText | None = Field(
         default=None,
         description="lm_eval: a directory of task YAMLs (local tasks); null: lm-eval's own tasks.",
     )

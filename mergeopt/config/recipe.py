@@ -8,7 +8,7 @@ import re
 
 from pydantic import Field, field_validator, model_validator
 
-from mergeopt.config.base import Section, says_test_split
+from mergeopt.config.base import PathText, Section, says_test_split
 from mergeopt.config.data import DataSection
 from mergeopt.config.model import MergeSection, ModelSection
 from mergeopt.config.objective import RESERVED_COLUMNS, ObjectiveSection
@@ -35,7 +35,7 @@ class Recipe(Section):
         le=MAX_SEED,
         description="Seeds the dev-set split, the batch order and every random draw.",
     )
-    output_dir: str = Field(
+    output_dir: PathText = Field(
         default="runs/default",
         description="The run directory (relative paths are relative to the working directory).",
     )

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from mergeopt.config.base import Section, named_once
+from mergeopt.config.base import PathText, Section, named_once
 from mergeopt.inputs import MAX_SEED
 
 
@@ -54,10 +54,10 @@ class MixtureSetSection(Section):
 class TrainSection(Section):
     """Small-world training: one expert per domain and ground-truth runs on mixtures, same budget."""
 
-    data: dict[str, str] = Field(
+    data: dict[str, PathText] = Field(
         description="Expert name -> training set (JSONL, or a table the datasets library reads); the names of model.experts."
     )
-    output_dir: str = Field(
+    output_dir: PathText = Field(
         default="runs/train",
         description="Mixture runs (mixtures/NNN) and grid.csv go here; experts go to model.experts.",
     )
@@ -87,7 +87,7 @@ class TrainSection(Section):
 class RankSection(Section):
     """Rank checks of the merged proxy against ground-truth runs (a grid table from mergeopt.worlds.train)."""
 
-    grid: str | None = Field(
+    grid: PathText | None = Field(
         default=None,
         description="A grid table of trained mixtures (mergeopt train's grid.csv); fit then ranks its proxy "
         "against it.",
@@ -121,7 +121,7 @@ class RankSection(Section):
 class CalibrateSection(Section):
     """``mergeopt calibrate``: the proxy corrected by real runs, and the mixture to train next."""
 
-    grid: str | None = Field(
+    grid: PathText | None = Field(
         default=None,
         description="grid.csv of the real runs so far (one w_<expert> column per expert, the truth "
         "columns of rank.grid); default: rank.grid. Append a row per new run and rerun to continue.",
