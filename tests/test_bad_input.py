@@ -1014,6 +1014,12 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         ],
         "objective.terms[0].name 'value' is a column of the search's evaluations.csv",
     ),
+    "grid lattice of millions of mixtures without a budget": (
+        "search",
+        "fit",
+        lambda w, t: [_recipe(w, t), "search.strategy=grid", "search.grid.divisions=2000"],
+        "search.grid.divisions=2000 over 3 experts is a lattice of 2,003,001 mixtures",
+    ),
     "search budget below the experts a normalisation scores": (
         "search",
         "fit",

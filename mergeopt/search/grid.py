@@ -18,6 +18,10 @@ from mergeopt.search.candidates import with_start
 from mergeopt.search.evaluator import Evaluator, SearchResult
 from mergeopt.search.mixtures import simplex_lattice
 
+# the largest lattice a grid search runs without a search.budget that covers it: divisions=1000 for
+# 10 (a typo) over four experts is 1.7e8 mixtures, the array alone 5 GB and each a forward pass
+UNBUDGETED_POINTS = 1_000_000
+
 
 def lattice(names: tuple[str, ...], divisions: int) -> np.ndarray:
     """The lattice points as rows of an array, in mixtures.simplex_lattice order."""
@@ -33,19 +37,20 @@ def _too_small(divisions: int, k: int, mixtures: str, new: int, remaining: int) 
 
 
 def check_budget(recipe) -> None:
-    """A budget below the plain lattice's size, refused when the recipe is read, before any model is
-    loaded. Constraints and groups change the lattice (and a resumed run's journal what is left):
+    """A budget below the plain lattice's size, or a lattice above :data:`UNBUDGETED_POINTS` without
+    a budget, refused when the recipe is read, before any model is loaded. Constraints and groups change the lattice (and a resumed run's journal what is left):
     those are checked as the search starts (:func:`run`)."""
     search, k = recipe.search, len(recipe.expert_names)
-    if (
-        search.strategy != "grid"
-        or search.budget is None
-        or recipe.weights.constrained
-        or recipe.weights.groups
-    ):
+    if search.strategy != "grid" or recipe.weights.constrained or recipe.weights.groups:
         return
     points = math.comb(search.grid.divisions + k - 1, k - 1)
-    if points > search.budget:
+    if search.budget is None and points > UNBUDGETED_POINTS:
+        raise UserError(
+            f"search.grid.divisions={search.grid.divisions} over {k} experts is a lattice of {points:,} "
+            f"mixtures, one forward pass each (held in memory before the first): lower "
+            f"search.grid.divisions, or set search.budget to at least {points} to run it knowingly"
+        )
+    if search.budget is not None and points > search.budget:
         raise _too_small(search.grid.divisions, k, f"{points} mixtures", points, search.budget)
 
 
