@@ -88,9 +88,11 @@ def yaml_body(text: str):
     return yaml.safe_load(text)
 
 
-def measured_stats() -> dict[str, DomainStats]:
-    """What ``mergeopt export`` measures of the world's datasets, known by hand."""
-    return {n: DomainStats(SIZES[n], int(SIZES[n] * mean_tokens(n))) for n in WEIGHTS}
+def measured_stats(added: int = 0) -> dict[str, DomainStats]:
+    """What ``mergeopt export`` measures of the world's datasets, known by hand; with ``added``, the
+    tokens a trainer trains on that adds that many special tokens to each sample (TRL, axolotl and
+    torchtune add an EOS to each of the world's prompt/completion or text records)."""
+    return {n: DomainStats(SIZES[n], int(SIZES[n] * (mean_tokens(n) + added)), added) for n in WEIGHTS}
 
 
 # BOS, then the messages' contents: a conversation counts the tokens of its prompt/completion record

@@ -173,11 +173,12 @@ def test_sources_left_without_a_sample_are_named_together_with_the_budget_that_g
     args = [str(mixture), "--to", "trl", "--tokenizer", world["tokenizer"], "--datasets", *datasets]
     assert run_cli(main, [*args, budget, "50", "--out", str(tmp_path / "small")]) == 2
     said = capsys.readouterr().err.strip()
-    plan = make_plan({"a": 0.998, "b": 0.001, "c": 0.001}, "tokens", measured_stats())
+    # TRL trains each prompt/completion sample with an EOS more than counted
+    plan = make_plan({"a": 0.998, "b": 0.001, "c": 0.001}, "tokens", measured_stats(1))
     if budget == "--budget-samples":
         needed = max(math.ceil(1 / plan.sample_shares[n]) for n in "bc")
     else:
-        needed = max(math.ceil(mean_tokens(n) / plan.token_shares[n]) for n in "bc")
+        needed = max(math.ceil((mean_tokens(n) + 1) / plan.token_shares[n]) for n in "bc")
     assert said.startswith(
         "mergeopt: error: --to trl takes whole samples, and sources 'b' (sample share "
         f"{plan.sample_shares['b']:.3g}), 'c' (sample share {plan.sample_shares['c']:.3g}) get none of the "
@@ -187,6 +188,42 @@ def test_sources_left_without_a_sample_are_named_together_with_the_budget_that_g
         run_cli(main, [*args, budget, str(needed), "--max-epochs", "1000", "--out", str(tmp_path / "ok")])
         == 0
     )
+
+
+@pytest.mark.parametrize("budget", ["--budget-samples", "--budget-tokens"])
+def test_a_source_no_budget_within_max_epochs_gives_a_sample_is_named_to_drop(
+    world, tmp_path, capsys, budget
+):
+    """A weight so small that the budget giving it one sample repeats another dataset thousands of
+    times: the refusal suggested that budget, which export then refused for --max-epochs. It says
+    now that no budget gives each source a sample within --max-epochs, what that budget repeats,
+    the --max-epochs it needs and the source no budget within it reaches (c; b's own sample needs
+    far less); that budget exports under that --max-epochs."""
+    weights = {"a": 0.9989999, "b": 0.001, "c": 1e-7}
+    mixture = write_run(tmp_path / "run", weights)
+    datasets = [f"{n}={p}" for n, p in world["paths"].items()]
+    args = [str(mixture), "--to", "trl", "--tokenizer", world["tokenizer"], "--datasets", *datasets]
+    assert run_cli(main, [*args, budget, "50", "--out", str(tmp_path / "small")]) == 2
+    said = capsys.readouterr().err.strip()
+    stats = measured_stats(1)  # TRL adds an EOS to each prompt/completion sample
+    plan = make_plan(weights, "tokens", stats)
+    unit = budget.removeprefix("--budget-")
+    per = {
+        n: 1 / plan.sample_shares[n] if unit == "samples" else (mean_tokens(n) + 1) / plan.token_shares[n]
+        for n in "bc"
+    }
+    needed = math.ceil(max(per.values()))
+    shares = plan.sample_shares if unit == "samples" else plan.token_shares
+    repeats = shares["a"] * needed / getattr(stats["a"], unit)  # a: the dataset it repeats most
+    assert repeats > 1000 > 4 > shares["a"] * math.ceil(per["b"]) / getattr(stats["a"], unit)
+    assert said.startswith("mergeopt: error: --to trl takes whole samples, and sources 'b' "), said
+    assert said.split(" samples; ", 1)[1] == (
+        "no budget gives each one within --max-epochs 4: the smallest that does, "
+        f"a {budget} of {needed:,}, repeats dataset 'a' (1,500 samples) {repeats:,.0f} times; "
+        f"raise --max-epochs to {math.ceil(repeats):,}, or drop 'c' from the mixture"
+    ), said
+    options = [budget, str(needed), "--max-epochs", str(math.ceil(repeats))]
+    assert run_cli(main, [*args, *options, "--out", str(tmp_path / "ok")]) == 0
 
 
 # ---------------------------------------------------------------- Hugging Face datasets (run for real)
@@ -282,7 +319,7 @@ def test_trl_entries_load_and_concatenate_to_the_counts(world, tmp_path):
             )
         mixture = datasets.concatenate_datasets(parts)  # what TRL's get_dataset does
         counts = {n: mixture["domain"].count(n) for n in WEIGHTS}
-        stats = measured_stats()
+        stats = measured_stats(1)  # TRL adds an EOS to each prompt/completion sample
         if extra:
             assert counts == make_plan(WEIGHTS, "tokens", stats, budget_samples=6000).counts
         else:
@@ -293,7 +330,7 @@ def test_trl_own_parser_and_loader_read_the_export_as_the_counts(world, tmp_path
     """The file goes through TRL itself: ``TrlParser`` reads it as a ``DatasetMixtureConfig`` (what
     ``trl sft --config FILE`` does) and ``get_dataset`` builds the mixture the trainer sees."""
     utils = pytest.importorskip("trl.scripts.utils")
-    stats = measured_stats()
+    stats = measured_stats(1)  # TRL adds an EOS to each prompt/completion sample
     for extra, expected in (
         ((), make_plan(WEIGHTS, "tokens", stats).no_repeat_counts()),
         (("--budget-samples", "6000"), make_plan(WEIGHTS, "tokens", stats, budget_samples=6000).counts),

@@ -20,6 +20,7 @@ import yaml
 from mergeopt.errors import run_cli
 from mergeopt.export.command import main
 from mergeopt.export.formats import FORMATS
+from mergeopt.export.formats.base import Specials
 from mergeopt.export.shares import make_plan
 from tests.conftest import recipe_tree
 from tests.export_world import SIZES, WEIGHTS, build_world, mean_tokens, measured_stats, write_run
@@ -108,10 +109,22 @@ READERS = {
 }
 
 
-def _token_shares(kind: str, values: dict[str, float]) -> dict[str, float]:
-    """What a file's numbers imply as each source's share of training tokens."""
+def _added(fmt: str) -> int:
+    """The special tokens ``fmt``'s trainer adds to each of this world's samples (prompt/completion
+    records; the tokenizer writes a BOS, no EOS): TRL, axolotl and torchtune an EOS, proven against
+    the frameworks' own tokenizing in tests/test_export_trained_tokens.py."""
+    hook = FORMATS[fmt].added_tokens
+    return (
+        0
+        if hook is None
+        else hook("prompt_completion", Specials(bos=True, eos=False), frozenset({"prompt_completion"}))
+    )
+
+
+def _token_shares(kind: str, values: dict[str, float], added: int = 0) -> dict[str, float]:
+    """What a file's numbers imply as each source's share of the tokens its trainer trains on."""
     if kind in ("counts", "sample shares"):
-        values = {n: v * mean_tokens(n) for n, v in values.items()}
+        values = {n: v * (mean_tokens(n) + added) for n, v in values.items()}
     total = sum(values.values())
     return {n: v / total for n, v in values.items()}
 
@@ -134,19 +147,22 @@ def test_every_format_carries_the_same_shares_counts_and_epochs(world, tmp_path)
     data_formats = [f for f in FORMATS.values() if f.unit is not None]
     assert {f.name for f in data_formats} == set(READERS), "a data format without a reader in this table"
 
-    plan = make_plan(WEIGHTS, "tokens", measured_stats(), budget_tokens=BUDGET)
-    epochs = {n: plan.samples[n] / SIZES[n] for n in WEIGHTS}
-    assert epochs["a"] > 1 > epochs["b"]  # the budget repeats one source: the epochs matter
+    assert {f.name for f in data_formats if _added(f.name)} == {"trl", "axolotl", "torchtune"}
+    repeats = make_plan(WEIGHTS, "tokens", measured_stats(), budget_tokens=BUDGET).repetition
+    assert repeats["a"] > 1 > repeats["b"]  # the budget repeats one source: the epochs matter
     # one sample more or less of a source moves its token share by at most its length over the budget
-    rounding = max(mean_tokens(n) for n in WEIGHTS) / BUDGET
+    rounding = max(mean_tokens(n) + 1 for n in WEIGHTS) / BUDGET
     for fmt in data_formats:
+        # the budget's samples, of the tokens the format's trainer trains on per sample
+        plan = make_plan(WEIGHTS, "tokens", measured_stats(_added(fmt.name)), budget_tokens=BUDGET)
+        epochs = {n: plan.samples[n] / SIZES[n] for n in WEIGHTS}
         text = (out / fmt.filename).read_text()
         kind, read = READERS[fmt.name]
         values = read(text)
         assert list(values) == list(WEIGHTS), fmt.name
         if kind == "counts":
             assert values == plan.counts, fmt.name  # the budget's integer counts, exactly
-        shares = _token_shares(kind, values)
+        shares = _token_shares(kind, values, _added(fmt.name))
         tolerance = rounding if kind in ("counts", "tokens") else 1e-12
         assert shares == pytest.approx(WEIGHTS, abs=tolerance), (fmt.name, shares)
         assert _epochs_said(fmt.name, text) == pytest.approx(epochs, rel=1e-3), fmt.name

@@ -3,7 +3,8 @@
 A fit ends with weights; training on them happens elsewhere. This command writes them in the
 terms of each framework (see ``--to``), converting token shares to per-sample probabilities with
 each domain's mean tokens per sample when ``--datasets`` are given (records, or the token files
-a trainer reads: MDS, Megatron indexed datasets, OLMo ``.npy``), and turning a budget into
+a trainer reads: MDS, Megatron indexed datasets, OLMo ``.npy``; with the special tokens the
+format's trainer adds to each sample, :func:`~mergeopt.export.trained_tokens.as_trained`), and turning a budget into
 absolute counts, refusing one that would repeat a dataset more than ``--max-epochs`` times, or a
 source more than the fit's own repetition cap (``weights.max_epochs`` in mixture.json). Every
 input is checked, and every format rendered, before anything is written; a problem is one line on
@@ -21,6 +22,7 @@ directory, or a path ending in a slash), or with ``--to all`` one file per forma
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,7 +30,7 @@ from pathlib import Path
 from mergeopt.cli import run_command
 from mergeopt.errors import UserError, did_you_mean
 from mergeopt.export.formats import FORMATS, Context, Format
-from mergeopt.export.formats.base import names_a_directory, output_path
+from mergeopt.export.formats.base import Specials, names_a_directory, output_path
 from mergeopt.export.mixture_input import (
     missing_datasets,
     parse_datasets,
@@ -40,6 +42,7 @@ from mergeopt.export.mixture_input import (
 from mergeopt.export.shares import budget_epochs, check_recorded_cap, check_repetition, make_plan
 from mergeopt.export.token_files import TokenFiles
 from mergeopt.export.token_stats import LazyTokenizer, load_tokenizer, measure_all
+from mergeopt.export.trained_tokens import as_trained
 from mergeopt.inputs import writable_dir, writable_file
 from mergeopt.runtime.files import write_text_atomic
 from mergeopt.runtime.rundir import owned, staged
@@ -120,16 +123,34 @@ def build(args) -> tuple[dict[Format, str], list[str]]:
     budget = args.budget_tokens is not None or args.budget_samples is not None
     converts = [f for f in formats if f.unit is not None and f.unit != weights_are]
     measure = bool(datasets) and (budget or bool(converts) or any(f.needs_sizes for f in formats))
+    tokenizer = LazyTokenizer(lambda: _tokenizer(args, recipe, recipe_error, mixture))
     if measure:  # the tokenizer is loaded only if some dataset is text (stored ids need none)
-        tokenizer = LazyTokenizer(lambda: _tokenizer(args, recipe, recipe_error, mixture))
         token_files = TokenFiles(args.token_dtype, args.eos_id)
         stats = measure_all(datasets, tokenizer, token_files)
     else:
         stats = None
+    specials = functools.cache(lambda: Specials.of(tokenizer()))
     plan = make_plan(mixture.weights, weights_are, stats, args.budget_tokens, args.budget_samples)
-    check_recorded_cap(plan, mixture.constraints, datasets)
-    epochs = budget_epochs(plan, datasets, mixture.constraints)
-    messages = [f"warning: {line}" for line in check_repetition(epochs, args.max_epochs)]
+    seed = mixture.seed if args.seed is None else args.seed
+    ctx = Context(
+        mixture,
+        plan,
+        datasets,
+        recipe,
+        seed,
+        weights_are,
+        recipe_error=recipe_error,
+        epochs=budget_epochs(plan, datasets, mixture.constraints),
+        options=shaping_options(args),
+        out=args.out,
+        many=args.to == "all",
+        max_epochs=args.max_epochs,
+    )
+    # the repetition one format's numbers give, of the tokens its trainer trains on (as_trained);
+    # --to all's is mergeopt's count's, the most samples a token budget can need of any format
+    checked = as_trained(ctx, formats[0], specials) if len(formats) == 1 else ctx
+    check_recorded_cap(checked.plan, mixture.constraints, datasets)
+    messages = [f"warning: {line}" for line in check_repetition(checked.epochs, args.max_epochs)]
     messages += [f"warning: {line}" for line in _other_fits_recipe(recipe, mixture)]
     if stats is None and converts:
         other = "sample" if weights_are == "tokens" else "token"
@@ -140,24 +161,10 @@ def build(args) -> tuple[dict[Format, str], list[str]]:
         )
     if args.budget_tokens is not None and plan.counts is None and any(f.unit == "samples" for f in formats):
         messages.append("note: without datasets a token budget gives no sample counts")
-    seed = mixture.seed if args.seed is None else args.seed
-    ctx = Context(
-        mixture,
-        plan,
-        datasets,
-        recipe,
-        seed,
-        weights_are,
-        recipe_error=recipe_error,
-        epochs=epochs,
-        options=shaping_options(args),
-        out=args.out,
-        many=args.to == "all",
-    )
     texts = {}
     for f in formats:
         try:
-            texts[f] = f.render(ctx)
+            texts[f] = f.render(as_trained(ctx, f, specials))
         except UserError as err:
             if args.to != "all" or not str(err).startswith(f"--to {f.name}"):
                 raise

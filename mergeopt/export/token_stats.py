@@ -39,10 +39,12 @@ BATCH = 1000  # records tokenised per call
 
 @dataclass(frozen=True)
 class DomainStats:
-    """One dataset: how many samples and tokens it holds."""
+    """One dataset: how many samples and tokens it holds. ``added``: the special tokens a trainer
+    adds to each sample beyond mergeopt's count, included in ``tokens`` (0: as mergeopt counts)."""
 
     samples: int
     tokens: int
+    added: int = 0
 
     @property
     def mean_tokens(self) -> float:

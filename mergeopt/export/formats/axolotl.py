@@ -25,7 +25,7 @@ import yaml
 
 from mergeopt.export import token_stats
 from mergeopt.export.formats import sliced
-from mergeopt.export.formats.base import Context, Format
+from mergeopt.export.formats.base import Context, Format, Specials
 from mergeopt.export.token_stats import Source
 
 TYPES = {
@@ -67,6 +67,20 @@ def entry(layout: sliced.Layout, source: Source) -> dict:
     return {**out, **kind, "message_property_mappings": {**kind["message_property_mappings"], **tools}}
 
 
+def added_tokens(layout: str, specials: Specials, layouts: frozenset[str]) -> int:
+    """The special tokens axolotl adds to each sample beyond mergeopt's count. Its
+    ``PromptTokenizingStrategy._tokenize`` (src/axolotl/prompt_tokenizers.py) tokenizes a string with
+    the tokenizer's special tokens and appends its EOS unless the ids already end with it. ``type:
+    completion`` (prompt_strategies/completion.py) tokenizes the text so: one EOS more than counted,
+    unless the tokenizer writes one itself. The user-defined type (prompt_strategies/user_defined.py,
+    ``InstructionWSystemPromptTokenizingStrategy``) tokenizes the prompt without an EOS added and the
+    completion with its special tokens, its BOS stripped, an EOS ensured: one more than mergeopt's
+    count of the completion (no special tokens). ``chat_template`` renders as counted: none."""
+    if layout == "text":
+        return 0 if specials.eos else 1
+    return 1 if layout == "prompt_completion" else 0
+
+
 def with_recipe_template(ctx: Context, entries: list[dict]) -> list[dict]:
     """The conversation entries, given the run's ``data.chat_template`` where its recipe names one
     (``chat_template: jinja``): axolotl renders with the tokenizer's own template otherwise."""
@@ -94,4 +108,5 @@ FORMAT = Format(
     meaning="split train[:N]: N samples of that dataset; axolotl concatenates the entries: the mixture.",
     render=render,
     needs_sizes=True,
+    added_tokens=added_tokens,
 )

@@ -15,7 +15,24 @@ from typing import Any
 
 from mergeopt.errors import UserError
 from mergeopt.export.mixture_input import Mixture, describe_groups
-from mergeopt.export.shares import Epochs, Plan, Unit
+from mergeopt.export.shares import DEFAULT_MAX_EPOCHS, Epochs, Plan, Unit
+
+
+@dataclass(frozen=True)
+class Specials:
+    """The special tokens the counting tokenizer writes itself around a text (``tokenizer(text)``,
+    what mergeopt counts a ``text`` record or a prompt with): a BOS first, an EOS last."""
+
+    bos: bool
+    eos: bool
+
+    @classmethod
+    def of(cls, tokenizer) -> Specials:
+        ids = tokenizer("a")["input_ids"]
+        bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+        return cls(
+            bool(ids) and bos is not None and ids[0] == bos, bool(ids) and eos is not None and ids[-1] == eos
+        )
 
 
 @dataclass
@@ -34,6 +51,7 @@ class Context:
     options: Sequence[str] = ()  # the command-line options that shaped the numbers (--datasets, budget, ...)
     out: str | None = None  # --out as given (None: stdout)
     many: bool = False  # --to all: one file per format into --out DIR
+    max_epochs: float = DEFAULT_MAX_EPOCHS  # --max-epochs: how often a budget may repeat a dataset
 
     def command(self, fmt: Format) -> str:
         """The ``mergeopt export`` command that writes this format's file again, with the options
@@ -59,7 +77,10 @@ class Context:
 
         A positive weight that rounds to no sample at all would vanish from the trainer's data
         without a word (an empty slice, a count or fraction of 0), so it is refused, naming the
-        format, every such source and the budget that gives each of them one sample.
+        format, every such source and the budget that gives each of them one sample; or, where that
+        budget (and so any that gives each one) repeats a dataset more than ``--max-epochs``
+        allows, and would be refused for it, the repeat, the --max-epochs it needs, and the sources
+        that no budget within --max-epochs gives a sample (to drop).
         """
         plan = self.plan
         counts = plan.counts if plan.counts is not None else plan.no_repeat_counts()
@@ -69,10 +90,27 @@ class Context:
             one, each = (
                 (f"source {sources} gets", "it") if len(empty) == 1 else (f"sources {sources} get", "each")
             )
+            said = (
+                f"--to {fmt.name} takes whole samples, and {one} none of the {sum(counts.values()):,} samples"
+            )
+            unit, budget = _budget_for_one_sample(plan, empty)
+            option = f"a --budget-{unit} of {budget:,}"
+            repeats = _repetition_at(plan, unit, budget)
+            worst = max(repeats, key=repeats.get, default=None)
+            if worst is None or repeats[worst] <= self.max_epochs:
+                raise UserError(f"{said}; {option} or more gives {each} at least one")
+            # the sources whose own sample needs a budget above --max-epochs (the largest one's does)
+            hopeless = [
+                n
+                for n in empty
+                if max(_repetition_at(plan, unit, _budget_for_one_sample(plan, [n])[1]).values())
+                > self.max_epochs
+            ]
             raise UserError(
-                f"--to {fmt.name} takes whole samples, and {one} none of the "
-                f"{sum(counts.values()):,} samples; {_budget_for_one_sample(plan, empty)} gives {each} "
-                "at least one"
+                f"{said}; no budget gives {each} one within --max-epochs {self.max_epochs:g}: the smallest "
+                f"that does, {option}, repeats dataset {worst!r} ({plan.stats[worst].samples:,} samples) "
+                f"{repeats[worst]:,.0f} times; raise --max-epochs to {math.ceil(repeats[worst]):,}, or drop "
+                f"{', '.join(map(repr, hopeless))} from the mixture"
             )
         return counts
 
@@ -95,7 +133,15 @@ class Context:
         if fmt.unit is not None and fmt.unit != self.weights_are:
             if plan.stats is not None:
                 means = ", ".join(f"{n} {plan.stats[n].mean_tokens:.4g}" for n in plan.names)
-                lines.append(f"{fmt.unit[:-1]} shares use the measured mean tokens per sample: {means}")
+                added = ", ".join(f"{n} {plan.stats[n].added:+d}" for n in plan.names if plan.stats[n].added)
+                trained = (
+                    f" of the tokens {fmt.name} trains on (the count and the special tokens it adds to each sample: {added})"
+                    if added
+                    else ""
+                )
+                lines.append(
+                    f"{fmt.unit[:-1]} shares use the measured mean tokens per sample{trained}: {means}"
+                )
             else:
                 lines.append(f"no datasets measured: {fmt.unit[:-1]} shares equal the fitted shares")
         if plan.budget is not None:
@@ -115,6 +161,11 @@ class Format:
     meaning: str  # one line: what the numbers mean
     render: Callable[[Context], str]
     needs_sizes: bool = False  # without a budget it still needs each dataset's size (measured)
+    # the special tokens its trainer adds to each sample of a dataset beyond mergeopt's count (an
+    # EOS, a BOS; negative where it leaves out one counted), by the dataset's record layout
+    # (:func:`sliced.kind`), what the counting tokenizer writes itself, and the layouts of all the
+    # datasets (one run's); None: none (the trainer reads the tokens as counted)
+    added_tokens: Callable[[str, Specials, frozenset[str]], int] | None = None
 
 
 def output_path(fmt: Format, out: str | None, many: bool) -> Path | None:
@@ -133,11 +184,18 @@ def names_a_directory(out: str) -> bool:
     return Path(out).is_dir() or str(out).endswith(("/", os.sep))
 
 
-def _budget_for_one_sample(plan: Plan, names: list[str]) -> str:
+def _budget_for_one_sample(plan: Plan, names: list[str]) -> tuple[Unit, int]:
     """The smallest budget, in the unit the user budgets in (samples without a budget), under which
     each of ``names`` gets at least one sample: its exact share of the budget is then 1 or more, and
     the largest remainders never round an amount of 1 or more down to 0."""
     if plan.budget_unit == "tokens" and plan.stats is not None:
-        tokens = max(math.ceil(plan.stats[n].mean_tokens / plan.token_shares[n]) for n in names)
-        return f"a --budget-tokens of {tokens:,} or more"
-    return f"a --budget-samples of {max(math.ceil(1 / plan.sample_shares[n]) for n in names):,} or more"
+        return "tokens", max(math.ceil(plan.stats[n].mean_tokens / plan.token_shares[n]) for n in names)
+    return "samples", max(math.ceil(1 / plan.sample_shares[n]) for n in names)
+
+
+def _repetition_at(plan: Plan, unit: Unit, budget: int) -> dict[str, float]:
+    """The epochs over each measured dataset that a budget of ``budget`` ``unit`` needs, as
+    :func:`~mergeopt.export.shares.check_repetition` would refuse them; none without sizes."""
+    if plan.stats is None:
+        return {}
+    return {n: plan.shares(unit)[n] * budget / getattr(plan.stats[n], unit) for n in plan.names}

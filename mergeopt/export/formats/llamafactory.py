@@ -43,7 +43,7 @@ import yaml
 
 from mergeopt.errors import UserError
 from mergeopt.export.formats import sliced
-from mergeopt.export.formats.base import Context, Format
+from mergeopt.export.formats.base import Context, Format, Specials
 from mergeopt.export.shares import format_number
 
 # LLaMA-Factory's dataset_info.json entry (without file_name) for each record layout mergeopt reads
@@ -261,6 +261,17 @@ def rebuilt_tool_format_note(ctx: Context) -> list[str]:
     ]
 
 
+def added_tokens(layout: str, specials: Specials, layouts: frozenset[str]) -> int:
+    """The special tokens LLaMA-Factory trains on per sample beyond mergeopt's count, where every
+    dataset is text (stage: pt): processor/pretrain.py appends the EOS to each text and tokenizes it
+    without special tokens, packing the run's texts (``packing`` defaults to on under pt,
+    hparams/parser.py) with a BOS written over the first token of each block, none added: the
+    count's own BOS and EOS left out, one EOS added (with ``packing: false`` it also prefixes a BOS
+    where the tokenizer's ``add_bos_token`` is set). Under stage: sft the registered ``template:``
+    formats each record, which mergeopt does not count: none here."""
+    return 1 - specials.bos - specials.eos if layouts == {"text"} else 0
+
+
 def render(ctx: Context) -> str:
     plan = ctx.plan
     for name in plan.names:  # DataArguments splits ``dataset`` on ',' and strips each name
@@ -301,4 +312,5 @@ FORMAT = Format(
         "with a budget, each dataset_info.json entry's num_samples: its count of samples."
     ),
     render=render,
+    added_tokens=added_tokens,
 )

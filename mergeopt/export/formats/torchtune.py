@@ -21,7 +21,7 @@ import yaml
 
 from mergeopt.errors import UserError
 from mergeopt.export.formats import sliced
-from mergeopt.export.formats.base import Context, Format
+from mergeopt.export.formats.base import Context, Format, Specials
 from mergeopt.export.token_stats import Source
 
 BUILDERS = {
@@ -54,6 +54,20 @@ def entry(layout: sliced.Layout, source: Source) -> dict:
 # (its special tokens per role, e.g. Llama3Tokenizer.tokenize_messages), and a tokenizer's
 # ``prompt_template`` is a PromptTemplate of role tags, not a chat template
 OWN = "the model tokenizer's own format; its prompt_template takes role tags, not a Jinja template"
+
+
+def added_tokens(layout: str, specials: Specials, layouts: frozenset[str]) -> int:
+    """The special tokens torchtune adds to each sample beyond mergeopt's count: a BOS and an EOS
+    where the counting tokenizer writes none itself. ``text_completion_dataset``
+    (torchtune/datasets/_text_completion.py) encodes the text with ``add_bos=True, add_eos=True``
+    (``HuggingFaceBaseTokenizer.encode`` adds each unless the tokenizer already does);
+    ``instruct_dataset``'s messages go through the model tokenizer's ``tokenize_messages``, which
+    (``tokenize_messages_no_special_tokens``, torchtune/modules/transforms/tokenizers/_utils.py) puts a
+    BOS before the turn and an EOS after the assistant's. Conversations are rendered in the model
+    tokenizer's own format (the header says so): none counted here."""
+    if layout in ("text", "prompt_completion"):
+        return (not specials.bos) + (not specials.eos)
+    return 0
 
 
 def refuse_tool_calls(ctx: Context) -> None:
@@ -90,4 +104,5 @@ FORMAT = Format(
     meaning="split train[:N]: N samples of that dataset; ConcatDataset of the entries is the mixture.",
     render=render,
     needs_sizes=True,
+    added_tokens=added_tokens,
 )

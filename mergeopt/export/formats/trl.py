@@ -35,7 +35,7 @@ import yaml
 
 from mergeopt.errors import UserError
 from mergeopt.export.formats import sliced
-from mergeopt.export.formats.base import Context, Format
+from mergeopt.export.formats.base import Context, Format, Specials
 from mergeopt.export.token_stats import source_of
 
 LAYOUT_NAMES = {
@@ -82,6 +82,15 @@ def entries(ctx: Context) -> list[dict]:
         if rest:
             out.append({**base, "split": f"train[:{rest}]"})
     return out
+
+
+def added_tokens(layout: str, specials: Specials, layouts: frozenset[str]) -> int:
+    """SFTTrainer's ``_prepare_dataset`` (trl/trainer/sft_trainer.py, 1.16, "Adding EOS") appends the
+    tokenizer's EOS to a non-conversational sample's ``text``, or to its ``completion``, unless it
+    already ends with it, and tokenizes that (the text with the tokenizer's special tokens, as
+    mergeopt counts it; the prompt and completion as one string): one token per sample more than
+    counted. Conversations are rendered by the chat template, as counted: none."""
+    return 1 if layout in ("text", "prompt_completion") else 0
 
 
 def chat_template(ctx: Context) -> tuple[dict, list[str]]:
@@ -135,4 +144,5 @@ FORMAT = Format(
     meaning="split train[:N]: N samples of that dataset; the concatenation is the mixture.",
     render=render,
     needs_sizes=True,
+    added_tokens=added_tokens,
 )

@@ -1,0 +1,331 @@
+"""export to TRL, axolotl, torchtune and LLaMA-Factory: each trainer's own tokenizing step, run on
+the exported datasets, trains the fitted token shares.
+
+These trainers add special tokens to each text or prompt/completion sample that mergeopt's count of
+the record does not hold: TRL's SFTTrainer an EOS (its "Adding EOS" step), axolotl an EOS
+(``type: completion`` unless the tokenizer writes one, the user-defined type always), torchtune a
+BOS and an EOS where the tokenizer writes neither, LLaMA-Factory's pretraining an EOS in place of
+the tokenizer's own special tokens. A sample count made from mergeopt's counts alone gave each
+domain another token share than fitted (here b 0.483 for 0.5; 0.463 where torchtune adds two):
+shorter samples gain relatively more. Each format's counts are now made from the tokens its
+trainer trains on per sample, and each framework's own code tokenizes the exported datasets to the
+fitted shares, with and without a budget, to the rounding of whole samples.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+
+import pytest
+
+from mergeopt.export.formats import FORMATS
+from tests.export_world import WEIGHTS, build_world, export, yaml_body
+
+ROUNDING = 1e-3  # whole samples: the largest gap that rounding the counts leaves here
+BUDGETS = ((), ("--budget-tokens", "60000"))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    return build_world(tmp_path_factory.mktemp("trained"))
+
+
+def data_of(world, tmp_path, layout: str, tokenizer: str) -> dict:
+    """The world in ``layout`` (its prompt/completion records, or ``text``), its tokenizer writing a
+    BOS (``bos``, the world's) or no special token at all (``plain``)."""
+    data = world if layout == "prompt_completion" else text_world(world, tmp_path)
+    if tokenizer == "bos":
+        return data
+    plain = tmp_path / "plain-tokenizer"
+    shutil.copytree(world["tokenizer"], plain)
+    spec = json.loads((plain / "tokenizer.json").read_text())
+    spec["post_processor"] = None
+    (plain / "tokenizer.json").write_text(json.dumps(spec))
+    return {**data, "tokenizer": str(plain)}
+
+
+# the special tokens each trainer adds to a sample of the world, by the tokenizer (either layout)
+ADDED = {
+    "trl": {"bos": 1, "plain": 1},
+    "axolotl": {"bos": 1, "plain": 1},
+    "torchtune": {"bos": 1, "plain": 2},
+}
+
+
+def said(fmt: str, tokenizer: str) -> str:
+    added = ADDED[fmt][tokenizer]
+    each = ", ".join(f"{n} +{added}" for n in WEIGHTS)
+    return f"of the tokens {fmt} trains on (the count and the special tokens it adds to each sample: {each})"
+
+
+def text_world(world, tmp_path) -> dict:
+    """The world's records as ``text`` (prompt + completion: the same characters)."""
+    out = {**world, "paths": {}}
+    for name, path in world["paths"].items():
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        out["paths"][name] = tmp_path / f"{name}-text.jsonl"
+        out["paths"][name].write_text(
+            "".join(json.dumps({"text": r["prompt"] + r["completion"], "domain": name}) + "\n" for r in rows)
+        )
+    return out
+
+
+def largest_gap(tokens: dict[str, int]) -> float:
+    total = sum(tokens.values())
+    return max(abs(tokens[n] / total - WEIGHTS[n]) for n in WEIGHTS)
+
+
+# ---------------------------------------------------------------- TRL
+
+
+def trl_tokens(config, tokenizer_path, tmp_path) -> dict[str, int]:
+    """Tokens per domain of TRL's parser, loader and SFTTrainer's dataset preparation."""
+    trl = pytest.importorskip("trl")
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from trl.scripts import utils
+
+    with warnings.catch_warnings():  # transformers' own deprecations inside TrainingArguments
+        warnings.simplefilter("ignore")
+        args, mixture = utils.TrlParser((trl.SFTConfig, utils.DatasetMixtureConfig)).parse_args_and_config(
+            ["--config", str(config), "--output_dir", str(tmp_path / "trl"), "--report_to", "none"]
+            + ["--use_cpu", "true", "--bf16", "false", "--max_length", "100000"]
+        )
+    train = utils.get_dataset(mixture)["train"]
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    sizes = {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2}
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), num_key_value_heads=2, **sizes))
+    prepared = trl.SFTTrainer(
+        model=model, args=args, train_dataset=train, processing_class=tokenizer
+    ).train_dataset
+    tokens = dict.fromkeys(WEIGHTS, 0)
+    for ids, domain in zip(prepared["input_ids"], prepared["domain"], strict=True):
+        tokens[domain] += len(ids)
+    return tokens
+
+
+@pytest.mark.parametrize("tokenizer", ["bos", "plain"])
+@pytest.mark.parametrize("layout", ["prompt_completion", "text"])
+@pytest.mark.parametrize("extra", BUDGETS)
+def test_trl_trains_the_fitted_token_shares(world, tmp_path, layout, extra, tokenizer):
+    pytest.importorskip("trl")
+    data = data_of(world, tmp_path, layout, tokenizer)
+    out = tmp_path / "trl.yaml"
+    out.write_text(export(data, "trl", tmp_path, *extra))
+    assert largest_gap(trl_tokens(out, data["tokenizer"], tmp_path)) < ROUNDING
+    assert said("trl", tokenizer) in out.read_text()
+
+
+# ---------------------------------------------------------------- axolotl
+
+
+def axolotl_tokens(exported: dict, data: dict) -> dict[str, int]:
+    """Tokens per domain of axolotl's validated config, each entry loaded and tokenized by its SFT
+    loader (``_load_and_process_single_dataset``: the prompt strategy of the entry's ``type``)."""
+    schema = pytest.importorskip("axolotl.utils.schemas.config")
+    sft = pytest.importorskip("axolotl.utils.data.sft")
+    from axolotl.utils.dict import DictDefault
+    from transformers import AutoTokenizer
+
+    cfg = schema.AxolotlInputConfig(
+        base_model=data["tokenizer"], learning_rate=1e-5, sequence_len=4096, **exported
+    )
+    tokenizer = AutoTokenizer.from_pretrained(data["tokenizer"])
+    domain_of = {str(p): n for n, p in data["paths"].items()}
+    tokens = dict.fromkeys(WEIGHTS, 0)
+    for entry in cfg.datasets:
+        loaded, _ = sft._load_and_process_single_dataset(
+            dataset_config=DictDefault(entry.model_dump(exclude_none=True)),
+            cfg=DictDefault(cfg.model_dump(exclude_none=True)),
+            tokenizer=tokenizer,
+            split="train",
+            seed=0,
+        )
+        tokens[domain_of[entry.path]] += sum(len(ids) for ids in loaded["input_ids"])
+    return tokens
+
+
+@pytest.mark.parametrize("tokenizer", ["bos", "plain"])
+@pytest.mark.parametrize("layout", ["prompt_completion", "text"])
+@pytest.mark.parametrize("extra", BUDGETS)
+def test_axolotl_trains_the_fitted_token_shares(world, tmp_path, layout, extra, tokenizer):
+    pytest.importorskip("axolotl.utils.data.sft")
+    data = data_of(world, tmp_path, layout, tokenizer)
+    text = export(data, "axolotl", tmp_path, *extra)
+    assert largest_gap(axolotl_tokens(yaml_body(text), data)) < ROUNDING
+    assert said("axolotl", tokenizer) in text
+
+
+# ---------------------------------------------------------------- torchtune
+
+
+class ModelTokenizer:
+    """A torchtune model tokenizer over the world's tokenizer.json, made as torchtune's own BOS/EOS
+    ones (Llama 2, Mistral: SentencePiece) are: ``encode`` writes the text's ids, then a BOS and an
+    EOS as asked (the ids and special tokens of torchtune's ``HuggingFaceBaseTokenizer``), and
+    ``tokenize_messages`` is torchtune's ``tokenize_messages_no_special_tokens`` (a BOS before the
+    turn, an EOS after the assistant's message)."""
+
+    max_seq_len = None
+
+    def __init__(self, path):
+        from torchtune.modules.transforms.tokenizers import HuggingFaceBaseTokenizer
+
+        self.base = HuggingFaceBaseTokenizer(
+            f"{path}/tokenizer.json", tokenizer_config_json_path=f"{path}/tokenizer_config.json"
+        )
+        self.bos_id, self.eos_id = self.base.bos_id, self.base.eos_id
+
+    def encode(self, text, add_bos=True, add_eos=True, **_):
+        ids = self.base.tokenizer.encode(text, add_special_tokens=False).ids
+        return [self.bos_id] * add_bos + ids + [self.eos_id] * add_eos
+
+    def __call__(self, sample, inference=False):
+        from torchtune.modules.transforms.tokenizers import tokenize_messages_no_special_tokens
+
+        tokens, mask = tokenize_messages_no_special_tokens(
+            self, sample.pop("messages"), bos_id=self.bos_id, eos_id=self.eos_id
+        )
+        return {**sample, "tokens": tokens, "mask": mask}
+
+
+def torchtune_tokens(entries: list[dict], data: dict) -> dict[str, int]:
+    """Tokens per domain of each entry built by torchtune's ``config.instantiate`` with the model
+    tokenizer, as a recipe's ``_setup_data`` builds them."""
+    config = pytest.importorskip("torchtune.config")
+    from omegaconf import OmegaConf
+
+    tokenizer = ModelTokenizer(data["tokenizer"])
+    domain_of = {str(p): n for n, p in data["paths"].items()}
+    tokens = dict.fromkeys(WEIGHTS, 0)
+    for entry in entries:
+        built = config.instantiate(OmegaConf.create(entry), tokenizer)
+        tokens[domain_of[entry["data_files"]]] += sum(len(built[i]["tokens"]) for i in range(len(built)))
+    return tokens
+
+
+@pytest.mark.parametrize("tokenizer", ["bos", "plain"])
+@pytest.mark.parametrize("layout", ["prompt_completion", "text"])
+@pytest.mark.parametrize("extra", BUDGETS)
+def test_torchtune_trains_the_fitted_token_shares(world, tmp_path, layout, extra, tokenizer):
+    pytest.importorskip("torchtune.config")
+    data = data_of(world, tmp_path, layout, tokenizer)
+    text = export(data, "torchtune", tmp_path, *extra)
+    assert largest_gap(torchtune_tokens(yaml_body(text)["dataset"], data)) < ROUNDING
+    assert said("torchtune", tokenizer) in text
+
+
+# ---------------------------------------------------------------- what each adds
+
+
+class Tokenizer:
+    """A tokenizer that writes the given special tokens around every text."""
+
+    bos_token_id, eos_token_id = 1, 2
+
+    def __init__(self, bos: bool, eos: bool):
+        self.bos, self.eos = bos, eos
+
+    def __call__(self, text):
+        return {"input_ids": [1] * self.bos + [5] + [2] * self.eos}
+
+
+@pytest.mark.parametrize(
+    "fmt,layout,bos,eos,added",
+    [
+        ("trl", "text", True, False, 1),
+        ("trl", "text", True, True, 1),  # text + EOS string: the tokenizer's own EOS after it
+        ("trl", "prompt_completion", False, False, 1),
+        ("trl", "messages", True, False, 0),
+        ("trl", "prompt_completion_messages", True, False, 0),
+        ("axolotl", "text", True, False, 1),
+        ("axolotl", "text", True, True, 0),  # the ids already end with EOS
+        ("axolotl", "prompt_completion", True, True, 1),  # the completion's own EOS, not counted
+        ("axolotl", "messages", True, False, 0),
+        ("torchtune", "text", False, False, 2),
+        ("torchtune", "text", True, False, 1),
+        ("torchtune", "prompt_completion", True, True, 0),
+        ("torchtune", "messages", False, False, 0),
+        ("llamafactory", "text", True, False, 0),  # the counted BOS left out, an EOS added
+        ("llamafactory", "text", False, False, 1),
+        ("llamafactory", "text", True, True, -1),
+        ("llamafactory", "prompt_completion", False, False, 0),  # stage sft: its template's
+        ("hf-datasets", "text", False, False, 0),
+    ],
+)
+def test_the_tokens_each_trainer_adds_per_sample(fmt, layout, bos, eos, added):
+    from mergeopt.export.formats.base import Specials
+
+    hook = FORMATS[fmt].added_tokens
+    specials = Specials.of(Tokenizer(bos, eos))
+    assert specials == Specials(bos, eos)
+    assert (0 if hook is None else hook(layout, specials, frozenset([layout]))) == added
+    if fmt == "llamafactory":  # text beside other layouts is trained under stage: sft
+        assert hook(layout, specials, frozenset([layout, "messages"])) == 0
+
+
+def test_a_token_budgets_repetition_is_of_the_tokens_the_trainer_trains(world, tmp_path, capsys):
+    """60,000 tokens take 1,714 of a's 1,500 samples at mergeopt's 7 tokens each, but 1,500 at the 8
+    TRL trains on: the TRL file's epochs and the warning are TRL's (no repeat), those of a format
+    that reads the counts as they are (hf-datasets) still repeat a."""
+    trl = export(world, "trl", tmp_path, "--budget-tokens", "60000")
+    assert "epochs over each source under the budget (measured datasets): a 1, " in trl
+    assert "repeats datasets beyond one epoch" not in capsys.readouterr().err
+    hf = export(world, "hf-datasets", tmp_path, "--budget-tokens", "60000")
+    assert "epochs over each source under the budget (measured datasets): a 1.143, " in hf
+    assert "the budget repeats datasets beyond one epoch: a 1.14x" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- LLaMA-Factory (stage: pt)
+
+# LLaMA-Factory's pretraining processor (packing on, as its parser sets it under stage: pt; blocks
+# of one token: cutoff_len 2, less the one DataArguments keeps back; none is cut off) over each domain's texts: its tokens per record
+LLAMAFACTORY_PT = """
+import importlib.machinery, json, sys, types
+audio = types.ModuleType("torchaudio")
+audio.__spec__ = importlib.machinery.ModuleSpec("torchaudio", None)
+sys.modules["torchaudio"] = audio
+from transformers import AutoTokenizer
+from llamafactory.data.processor.pretrain import PretrainDatasetProcessor
+from llamafactory.hparams import DataArguments
+
+tokenizer_path, texts = json.loads(sys.argv[1])
+processor = PretrainDatasetProcessor(
+    None, AutoTokenizer.from_pretrained(tokenizer_path), None, DataArguments(packing=True, cutoff_len=2)
+)
+means = {}
+for name, rows in texts.items():
+    ids = processor.preprocess_dataset({"_prompt": [[{"role": "user", "content": t}] for t in rows]})
+    means[name] = sum(len(block) for block in ids["input_ids"]) / len(rows)
+print(json.dumps(means))
+"""
+
+
+@pytest.mark.parametrize("tokenizer", ["bos", "plain"])
+def test_llamafactory_pretraining_trains_the_fitted_token_shares(world, tmp_path, tokenizer):
+    """Text datasets are LLaMA-Factory pretraining data: its pt processor appends the EOS to each
+    text and tokenizes it without special tokens. With a tokenizer that writes no BOS, each record
+    trains a token more than counted (b 0.48 for 0.5 by interleave_probs written from the counts);
+    with one that writes a BOS (left out, the EOS added), as many."""
+    pytest.importorskip("llamafactory")
+    import subprocess
+    import sys
+
+    data = data_of(world, tmp_path, "text", tokenizer)
+    probs = yaml_body(export(data, "llamafactory", tmp_path))["interleave_probs"].split(",")
+    texts = {
+        n: [json.loads(line)["text"] for line in p.read_text().splitlines()] for n, p in data["paths"].items()
+    }
+    env = {**__import__("os").environ, "DISABLE_VERSION_CHECK": "1"}
+    child = subprocess.run(
+        [sys.executable, "-c", LLAMAFACTORY_PT, json.dumps([data["tokenizer"], texts])],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert child.returncode == 0, child.stderr[-2000:]
+    means = json.loads(child.stdout.strip().splitlines()[-1])
+    shares = {n: float(p) * means[n] for n, p in zip(WEIGHTS, probs, strict=True)}
+    assert largest_gap(shares) < 1e-12
