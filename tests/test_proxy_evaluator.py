@@ -32,7 +32,7 @@ from mergeopt.runtime.resume import (
     RANK_CHECKPOINT_DIR,
     RunState,
 )
-from tests.conftest import recipe_tree, run_forked, run_in_process, run_ranks
+from tests.conftest import recipe_tree, run_forked, run_in_process, run_module, run_ranks
 from tests.test_grid_metrics import completion_nll
 
 NLL = {
@@ -124,6 +124,33 @@ def test_rank_killed_mid_grid_resumes_without_scoring_a_finished_row_again(ranke
     for name in ("rank_report.json", "rank_pairs.csv"):
         assert (out / name).read_bytes() == (whole / name).read_bytes(), name
     assert not (out / RANK_CHECKPOINT_DIR).exists()  # finished: the report is the record
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_rank_stopped_in_its_baselines_says_where_its_state_is_and_resumes(ranked_once, tmp_path, workers):
+    """SIGINT during the baselines' leave-one-out fits (every grid row journaled already), in this
+    process and in a pool of 2: the run stops there, saying where its state is, and publishes
+    nothing (it fitted every baseline first, published and exited 0 as if never asked to stop;
+    in a pool a Ctrl-C, which reaches the workers too, was a bare "interrupted"); the rerun replays
+    the journal and writes the uninterrupted run's report."""
+    recipe, grid, whole = ranked_once
+    out = tmp_path / "stopped"
+    args = ("rank", recipe, "--grid", grid, "--out", str(out), "--quiet", f"rank.workers={workers}")
+    # new processes (not run_forked): a pool's fork server started from a forked child hung
+    stopped = run_module(*args, fault="sigint@baseline:3")
+    assert stopped.returncode == 130, stopped.stderr
+    last = stopped.stderr.strip().splitlines()[-1]
+    assert last == (
+        "mergeopt: interrupted (SIGINT at the baselines' leave-one-out fits); the state is saved in "
+        f"{out / RANK_CHECKPOINT_DIR}. Rerun the same command to continue."
+    ), stopped.stderr
+    assert _journal(out / RANK_CHECKPOINT_DIR / PROXY_EVALUATIONS) == len(grid_table()) - 1  # a row repeats
+    assert not (out / "rank_report.json").exists()
+    resumed = run_module(*args)
+    assert resumed.returncode == 0, resumed.stderr
+    for name in ("rank_report.json", "rank_pairs.csv"):
+        assert (out / name).read_bytes() == (whole / name).read_bytes(), name
+    assert not (out / RANK_CHECKPOINT_DIR).exists()
 
 
 def test_a_fits_rank_check_killed_mid_grid_resumes_from_the_fits_checkpoint(random_world, tmp_path):

@@ -137,6 +137,34 @@ def test_sigterm_and_sigint_save_and_say_how_to_resume(random_world, whole_gradi
     assert (out / "mixture.json").read_bytes() == (whole_gradient / "mixture.json").read_bytes()
 
 
+@pytest.mark.parametrize("fault", ["sigterm@closing:2", "sigkill@closing:4", "sigint@publish:1"])
+def test_a_fit_stopped_after_its_search_resumes_to_the_same_outputs(
+    random_world, whole_gradient, tmp_path, fault
+):
+    """Stopped in the closing evaluations (the fitted, uniform and single-expert mixtures scored for
+    mixture.json, ``closing:N``): SIGTERM says where the state is in one line, kill -9 leaves it, and
+    neither leaves a mixture.json; the rerun ends with the uninterrupted run's files. A SIGINT once
+    every output is staged lets them be published (exit 0, nothing left to resume)."""
+    out = tmp_path / "run"
+    recipe = _recipe(random_world, tmp_path, out, **GRADIENT)
+    stopped = run_forked("fit", recipe, "--quiet", fault=fault)
+    if fault.startswith("sigint@publish"):
+        assert stopped.returncode == 0, stopped.stderr
+        assert not (out / CHECKPOINT_DIR).exists()
+    else:
+        assert stopped.returncode in (143, -signal.SIGKILL), stopped.stderr
+        if fault.startswith("sigterm"):
+            assert stopped.stderr.strip().splitlines() == [
+                "mergeopt: interrupted (SIGTERM at the closing evaluation of the uniform mixture); the "
+                f"state is saved in {out / CHECKPOINT_DIR}. Rerun the same command to continue (or add --resume)."
+            ]
+        assert (out / CHECKPOINT_DIR / GRADIENT_STATE).is_file() and not (out / "mixture.json").exists()
+        again = run_in_process("fit", recipe, "--quiet")
+        assert again.returncode == 0, again.stderr
+    for name in ("mixture.json", "trace.csv"):
+        assert (out / name).read_bytes() == (whole_gradient / name).read_bytes(), name
+
+
 def test_checkpoint_of_another_recipe_is_refused(random_world, tmp_path):
     out = tmp_path / "run"
     recipe = _recipe(random_world, tmp_path, out, **GRADIENT)

@@ -26,16 +26,18 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
 
 from mergeopt.errors import UserError
+from mergeopt.runtime import faults
 
 NAMES = ("interpolation", "lightgbm_loo", "mixing_law_loo")
 LABELS = {
@@ -232,11 +234,13 @@ def _pooled(
     truths: Mapping[str, np.ndarray],
     seed: int,
     workers: int,
-    bar,
+    fitted: Callable[[int], object],
 ) -> dict[tuple[str, str], np.ndarray]:
     """Every (regression, metric) job's predictions, its runs split into shares over ``workers``
     processes. They come from a fork server (spawned elsewhere), never forked from this process:
-    LightGBM's OpenMP runtime hangs in a child forked after the parent used it.
+    LightGBM's OpenMP runtime hangs in a child forked after the parent used it. ``fitted(n)`` is
+    called as a share of ``n`` fits comes back; the workers ignore SIGINT (a Ctrl-C reaches the
+    terminal's whole process group): this process decides, stopping them when it is interrupted.
     """
     n = len(weights)
     per = max(1, math.ceil(len(jobs) * n / (4 * workers)))  # about four shares per worker
@@ -246,24 +250,54 @@ def _pooled(
         context.set_forkserver_preload(PRELOAD)
     else:
         context = multiprocessing.get_context("spawn")
+    from mergeopt.runtime.interrupts import check_interrupt_alone  # torch: not on this module's import
+
     out = {job: np.empty(n) for job in jobs}
     try:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_ignore_sigint) as pool:
             futures = {
                 pool.submit(_loo_share, name, weights, truths[metric], seed, rows): ((name, metric), rows)
                 for (name, metric), rows in shares
             }
-            for future in as_completed(futures):
-                job, rows = futures[future]
-                out[job][rows] = future.result()
-                bar.update(len(rows))
-    except BrokenProcessPool as err:
+            pending = set(futures)
+            try:
+                while pending:  # every half second: a signal to this process is honoured between shares
+                    done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        job, rows = futures[future]
+                        out[job][rows] = future.result()
+                        fitted(len(rows))
+                    check_interrupt_alone(STOPPED_AT)
+            except BaseException:  # stopped (a signal): the shares left are not waited for
+                _stop_workers(pool)
+                raise
+    except (BrokenProcessPool, EOFError) as err:  # EOFError: the fork server died as it started
+        # a Ctrl-C reaches the fork server too, which dies of it while it imports PRELOAD (about 3 s)
+        check_interrupt_alone(STOPPED_AT)
         raise UserError(
             "the baselines' leave-one-out workers stopped before their fits were done (killed, or a "
             'script that calls mergeopt without `if __name__ == "__main__":`); set rank.workers: 1 to '
             "fit them in this process"
         ) from err
     return out
+
+
+STOPPED_AT = "the baselines' leave-one-out fits"
+
+
+def _ignore_sigint() -> None:
+    """A pool worker's start: SIGINT (a Ctrl-C sent to the whole process group) is the parent's to
+    honour; a worker raising KeyboardInterrupt mid-fit ended the command without saying where its
+    state is."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Cancel the shares not started and end the workers, so a stopped command does not first wait
+    for the fits under way (a share is a quarter of a worker's fits: minutes on a large grid)."""
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.terminate()
 
 
 def skipped(n: int, k: int) -> dict[str, str]:
@@ -296,6 +330,8 @@ def baseline_predictions(
     """
     from tqdm.auto import tqdm
 
+    from mergeopt.runtime.interrupts import check_interrupt_alone  # torch: not on this module's import
+
     weights = np.asarray(weights, dtype=np.float64)
     left_out = {name: why for name, why in skipped(len(weights), weights.shape[1]).items() if name in asked}
     left_out.update({name: "left out by rank.baselines" for name in NAMES if name not in asked})
@@ -308,18 +344,28 @@ def baseline_predictions(
     with tqdm(
         total=total, desc="baselines, leave-one-out", unit="fit", disable=not progress or not total
     ) as bar:
+        made = 0
+
+        def fitted(count: int = 1) -> None:
+            """After each fit: the bar, and a SIGINT/SIGTERM honoured (a single process; minutes on a
+            large grid, which a Ctrl-C waited out before the command published as if not asked to stop)."""
+            nonlocal made
+            bar.update(count)
+            for _ in range(count):
+                made += 1
+                faults.reached("baseline", made)  # tests only (MERGEOPT_FAULT)
+            check_interrupt_alone(STOPPED_AT)
+
         if workers > 1:
             jobs = [(name, metric) for name in regressions for metric in truths]
-            pooled = _pooled(jobs, weights, truths, seed, workers, bar)
+            pooled = _pooled(jobs, weights, truths, seed, workers, fitted)
             for (name, metric), predicted in pooled.items():
                 predictions.setdefault(name, {})[metric] = predicted
             return predictions, left_out
         if "lightgbm_loo" in regressions:
             predictions["lightgbm_loo"] = {
-                m: lightgbm_loo(weights, y, seed, bar.update) for m, y in truths.items()
+                m: lightgbm_loo(weights, y, seed, fitted) for m, y in truths.items()
             }
         if "mixing_law_loo" in regressions:
-            predictions["mixing_law_loo"] = {
-                m: mixing_law_loo(weights, y, bar.update) for m, y in truths.items()
-            }
+            predictions["mixing_law_loo"] = {m: mixing_law_loo(weights, y, fitted) for m, y in truths.items()}
     return predictions, left_out

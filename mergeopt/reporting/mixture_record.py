@@ -18,7 +18,7 @@ from mergeopt.merging.weights import as_mapping
 from mergeopt.objectives.data import has_heldout
 from mergeopt.objectives.loss import evaluate_sums, target_loss
 from mergeopt.run_files import SCHEMA_VERSION
-from mergeopt.runtime import distributed
+from mergeopt.runtime import distributed, faults
 from mergeopt.runtime.interrupts import stop_if_any_rank_interrupted
 from mergeopt.search.strategy import SearchOutcome
 
@@ -95,19 +95,21 @@ def _closing_losses(problem, weights: torch.Tensor, batch: int) -> tuple[dict, d
     """The losses of the fitted mixture, the uniform one and each expert alone, on every dev set:
     what mixture.json and the summary set the pick against."""
     names = problem.stack.expert_names
-    fitted = _closing(problem, weights, batch, "the fitted mixture")
-    uniform = _closing(problem, torch.full((len(names),), 1.0 / len(names)), batch, "the uniform mixture")
+    fitted = _closing(problem, weights, batch, "the fitted mixture", 1)
+    uniform = _closing(problem, torch.full((len(names),), 1.0 / len(names)), batch, "the uniform mixture", 2)
     singles = {
-        n: _closing(problem, torch.eye(len(names))[i], batch, f"{n} alone") for i, n in enumerate(names)
+        n: _closing(problem, torch.eye(len(names))[i], batch, f"{n} alone", 3 + i)
+        for i, n in enumerate(names)
     }
     return fitted, uniform, singles
 
 
-def _closing(problem: Problem, weights: torch.Tensor, batch_size: int, label: str) -> dict:
+def _closing(problem: Problem, weights: torch.Tensor, batch_size: int, label: str, index: int) -> dict:
     """:func:`_losses`, once the ranks agree that none received a signal (every rank makes the same
     closing evaluations in the same order; a single process reads its own flag). Under torchrun the
     dev-set loop does not check the flag (the ranks stop together), so a SIGTERM or Ctrl-C during the
     closing evaluations was ignored until the fit ended, or torchrun's agent killed the ranks."""
+    faults.reached("closing", index)  # tests only (MERGEOPT_FAULT): the index-th closing evaluation starts
     stop_if_any_rank_interrupted(f"the closing evaluation of {label}")
     return _losses(problem, weights, batch_size)
 

@@ -22,6 +22,7 @@ from mergeopt.objectives.data import has_heldout
 from mergeopt.objectives.metrics import Utility
 from mergeopt.objectives.objective import Objective
 from mergeopt.objectives.scoring import make_scorer
+from mergeopt.runtime import faults
 from mergeopt.runtime.interrupts import stop_if_any_rank_interrupted
 from mergeopt.search import STRATEGIES, Evaluator, SearchResult
 from mergeopt.search.evaluator import NonFiniteScore
@@ -122,7 +123,8 @@ def report_scores(
     held_out = has_heldout(problem.sets)
     held_score = make_scorer(problem, objective, "heldout") if held_out else None
     out = {}
-    for label, w in points.items():
+    for index, (label, w) in enumerate(points.items(), 1):
+        faults.reached("scores", index)  # tests only (MERGEOPT_FAULT): the index-th closing mixture's scores
         # under torchrun the dev-set loop does not check for a signal: the ranks agree here, before
         # each mixture (a Ctrl-C was ignored through these evaluations, lm-eval tasks included)
         name = f"{label[: -len(' only')]} alone" if label.endswith(" only") else f"the {label} mixture"
