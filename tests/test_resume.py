@@ -165,6 +165,24 @@ def test_a_fit_stopped_after_its_search_resumes_to_the_same_outputs(
         assert (out / name).read_bytes() == (whole_gradient / name).read_bytes(), name
 
 
+def test_a_fit_stopped_in_its_closing_evaluations_does_not_run_its_search_again(
+    random_world, whole_gradient, tmp_path
+):
+    """The search's end is saved before the closing evaluations: with checkpoint_every above the
+    steps run, a stop there said 'nothing was saved yet' and the rerun ran all 40 steps again. The
+    rerun here is killed at its first step if it runs one; it runs none and ends with the
+    uninterrupted run's weights and trace."""
+    out = tmp_path / "run"
+    recipe = _recipe(random_world, tmp_path, out, optim={**GRADIENT["optim"], "checkpoint_every": 1000})
+    stopped = run_forked("fit", recipe, "--quiet", fault="sigterm@closing:2")
+    assert stopped.returncode == 143, stopped.stderr
+    assert f"the state is saved in {out / CHECKPOINT_DIR}" in stopped.stderr
+    again = run_forked("fit", recipe, "--quiet", fault="sigkill@step:1")
+    assert again.returncode == 0, again.stderr
+    assert (out / "trace.csv").read_bytes() == (whole_gradient / "trace.csv").read_bytes()
+    assert _mixture(out)["weights"] == _mixture(whole_gradient)["weights"]
+
+
 def test_checkpoint_of_another_recipe_is_refused(random_world, tmp_path):
     out = tmp_path / "run"
     recipe = _recipe(random_world, tmp_path, out, **GRADIENT)

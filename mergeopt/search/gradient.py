@@ -118,6 +118,7 @@ class _Fit:
         self.optimizer = torch.optim.Adam([z], lr=optim.lr)
         self.best_loss, self.best_z, self.best_step = math.inf, z.detach().clone(), 0
         self.stale_evals, self.stopped_early, self.trace, self.start = 0, False, [], 0
+        self.finished = False  # the search ended (resumed from a saved end: nothing to run)
         # a non-finite loss, gradient or held-out loss stops the fit (Adam would only spread the NaN
         # into z, and every later w would be NaN): the result is the best w whose losses were finite
         self.non_finite, self.finite_z, self.finite_step = None, None, None
@@ -133,15 +134,29 @@ class _Fit:
         self.best_loss, self.best_z = saved["best_loss"], saved["best_z"].to(self.z.device)
         self.best_step, self.stale_evals = saved["best_step"], saved["stale_evals"]
         self.trace, self.start = saved["trace"], saved["next_step"]
+        if saved.get("finished"):  # the search ended (save_finished): no step is left to run
+            self.stopped_early, self.finished = saved["stopped_early"], True
+            return
         for _ in range(self.start * self.optim.grad_accum):  # the batch stream is seeded: skip what was used
             next(batches)
 
-    def save(self, next_step: int) -> None:
+    def save(self, next_step: int, finished: bool = False) -> None:
         if self.checkpoint is not None and is_main():
             state = {"z": self.z.detach().cpu(), "optimizer": self.optimizer.state_dict()}
             state.update(best_loss=self.best_loss, best_z=self.best_z.cpu(), best_step=self.best_step)
             state.update(stale_evals=self.stale_evals, trace=self.trace, next_step=next_step)
+            if finished:
+                state.update(finished=True, stopped_early=self.stopped_early)
             self.checkpoint.save_gradient(state)
+
+    def save_finished(self) -> None:
+        """The search's end, saved: the closing evaluations and the report come after it (minutes
+        on a large model, where a preemption lands too), and a stop there lost every step since
+        the last ``optim.checkpoint_every`` (all of them with checkpoint_every above the steps run).
+        Not after a non-finite loss: that fit is rerun to its stop from the last checkpoint."""
+        if not self.finished and self.non_finite is None:
+            self.save(self.trace[-1]["step"] + 1, finished=True)
+            self.finished = True
 
     def heldout(self, t: int, w: torch.Tensor, heldout_loss: Callable[[torch.Tensor], float]) -> float:
         """The held-out loss at w_t, and early stopping's verdict on it."""
@@ -288,8 +303,8 @@ def fit_gradient(
             on_step(row)
 
     show = progress and is_main()
-    bar = tqdm(total=optim.steps, initial=fit.start, desc="fitting mixture", unit="step", disable=not show)
-    for t in range(fit.start, optim.steps + 1):
+    bar = tqdm(total=optim.steps, initial=min(fit.start, optim.steps), desc="fitting mixture", unit="step", disable=not show)
+    for t in range(fit.start, optim.steps + 1 if not fit.finished else fit.start):
         w = to_weights(z.detach())
         row: dict = {"step": t, "loss": math.nan, "heldout_loss": math.nan}
         row.update({f"w_{n}": v for n, v in zip(names, w.tolist())})
@@ -315,4 +330,5 @@ def fit_gradient(
         bar.update(1)
         bar.set_postfix(_postfix(names, w, step_loss, fit.best_loss if held_out else None), refresh=False)
     bar.close()
+    fit.save_finished()
     return fit.result()
