@@ -99,11 +99,13 @@ def test_out_is_the_recipe_key_of_fit_and_train_and_both_at_once_is_refused():
 @pytest.mark.parametrize("out", ["2024", "yes", "~", "#1", "null", "it's", "[x]", "a: b"])
 def test_out_is_a_path_whatever_yaml_would_read_it_as(out):
     """``--out 2024`` was read as YAML, an integer, and refused as 'output_dir: Input should be a
-    valid string' (``--out yes`` a boolean, ``--out '#1'`` a comment, so null)."""
+    valid string' (``--out yes`` a boolean, ``--out '#1'`` a comment, so null). A leading '~' is the
+    home directory, as in any recipe path (the home directory itself is then refused as an output)."""
     from mergeopt.config import load_recipe
 
     recipe = REPO / "recipes" / "tiny.yaml"
-    assert load_recipe(recipe, cli.parse("fit", [str(recipe), "--out", out]).overrides).output_dir == out
+    read = load_recipe(recipe, cli.parse("fit", [str(recipe), "--out", out]).overrides).output_dir
+    assert read == os.path.expanduser(out)
 
 
 def test_options_may_follow_the_overrides():
