@@ -75,6 +75,8 @@ def _fit(recipe: Recipe, progress: bool, log: Callable[[str], None], resume: str
         warn(f"{line}: the fit scores a {recipe.merge.method} merge (set merge.method to use it)")
     for line in recipe.search.unused_options() if distributed.is_main() else ():
         warn(f"{line} (set search.strategy to use it)")
+    for line in recipe.logging.unused_options() if distributed.is_main() else ():
+        warn(f"{line}: nothing is logged there (add it to logging.backends)")
     if not recipe.allow_test_split:  # before a world is built or a model loaded
         for term in recipe.objective.terms:
             if term.kind == "lm_eval":

@@ -155,6 +155,33 @@ def test_an_option_of_another_strategy_is_a_warning(random_world, tmp_path, caps
     assert len(lines) == len(said) and all(s in line for s, line in zip(said, lines)), lines
 
 
+def test_a_tracker_option_without_its_backend_is_a_warning(random_world, tmp_path, capsys):
+    """``logging.mlflow_tracking_uri`` without mlflow in ``logging.backends`` logged nothing anywhere,
+    silently; an option some chosen backend reads, or left at its default, is not warned of."""
+    from mergeopt.config.tracking import LoggingSection
+
+    assert LoggingSection(backends=("tensorboard",), dir="logs", project="p").unused_options() == [
+        "logging.project p is read by the mlflow or wandb backend, not in logging.backends"
+    ]
+    assert (
+        LoggingSection(
+            backends=("mlflow",), project="p", mlflow_tracking_uri="sqlite:///x.db"
+        ).unused_options()
+        == []
+    )
+    assert LoggingSection(wandb_mode="offline").unused_options() == []  # the default
+    logging = {"mlflow_tracking_uri": "sqlite:///x.db", "wandb_mode": "online"}
+    tree = recipe_tree(random_world, tmp_path / "out") | {"logging": logging}
+    fit(recipe_from_dict(tree), progress=False, log=lambda _m: None)
+    lines = [x for x in capsys.readouterr().err.splitlines() if "not in logging.backends" in x]
+    assert lines == [
+        "mergeopt: warning: logging.mlflow_tracking_uri sqlite:///x.db is read by the mlflow backend, not in "
+        "logging.backends: nothing is logged there (add it to logging.backends)",
+        "mergeopt: warning: logging.wandb_mode online is read by the wandb backend, not in logging.backends: "
+        "nothing is logged there (add it to logging.backends)",
+    ], lines
+
+
 # ----------------------------------------------------------------------------- user mistakes
 
 

@@ -87,3 +87,25 @@ class LoggingSection(Section):
                 f"is not a W&B project name: {len(project)} characters, W&B takes {WANDB_PROJECT_LENGTH} at most"
             )
         return project
+
+    def unused_options(self) -> list[str]:
+        """The options set away from their defaults that no chosen backend reads: without
+        ``logging.backends`` a ``logging.mlflow_tracking_uri`` logged nothing anywhere, and the fit
+        did not say so. Warned, not refused (a recipe may keep a tracker's settings and turn it on
+        with ``logging.backends=...``)."""
+        readers = {
+            "dir": ("tensorboard", "mlflow", "wandb"),
+            "project": ("mlflow", "wandb"),
+            "run_name": ("tensorboard", "mlflow", "wandb"),
+            "mlflow_tracking_uri": ("mlflow",),
+            "wandb_mode": ("wandb",),
+        }
+        unused = []
+        for option, backends in readers.items():
+            value = getattr(self, option)
+            if value != type(self).model_fields[option].default and not set(backends) & set(self.backends):
+                read_by = " or ".join(backends)
+                unused.append(
+                    f"logging.{option} {value} is read by the {read_by} backend, not in logging.backends"
+                )
+        return unused

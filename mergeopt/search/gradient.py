@@ -303,7 +303,13 @@ def fit_gradient(
             on_step(row)
 
     show = progress and is_main()
-    bar = tqdm(total=optim.steps, initial=min(fit.start, optim.steps), desc="fitting mixture", unit="step", disable=not show)
+    bar = tqdm(
+        total=optim.steps,
+        initial=min(fit.start, optim.steps),
+        desc="fitting mixture",
+        unit="step",
+        disable=not show,
+    )
     for t in range(fit.start, optim.steps + 1 if not fit.finished else fit.start):
         w = to_weights(z.detach())
         row: dict = {"step": t, "loss": math.nan, "heldout_loss": math.nan}
