@@ -490,3 +490,18 @@ def test_a_budget_below_the_experts_of_a_normalisation_is_refused_when_the_recip
         load_recipe(
             path, ["search.strategy=dirichlet", "search.budget=1", "objective.normalize=experts", terms]
         )
+
+
+def test_train_options_the_training_does_not_read_are_named():
+    """``train.lora.r`` with ``method: full`` and a lattice's ``divisions`` with Dirichlet mixtures
+    were read by nothing, silently; train warns of each (the defaults a written recipe.yaml carries
+    are not options set)."""
+    from mergeopt.config.runs import TrainSection
+
+    full = TrainSection(data={"a": "a.jsonl"}, lora={"r": 4}, mixtures={"kind": "dirichlet", "divisions": 4})
+    assert full.unused_options() == [
+        "train.lora.r 4 is read only with train.method lora",
+        "train.mixtures.divisions 4 is read only with train.mixtures.kind lattice",
+    ]
+    lora = TrainSection(data={"a": "a.jsonl"}, method="lora", lora={"r": 4}, mixtures={"count": 10})
+    assert lora.unused_options() == []

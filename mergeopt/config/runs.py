@@ -83,6 +83,35 @@ class TrainSection(Section):
     )
     mixtures: MixtureSetSection = MixtureSetSection()
 
+    def unused_options(self) -> list[str]:
+        """The options set away from their defaults that this training does not read: ``train.lora.r``
+        with ``method: full``, a lattice's ``divisions`` with ``mixtures.kind: dirichlet``. Warned,
+        as a fit warns of another strategy's options (a recipe may keep both and switch)."""
+        unused = []
+        if self.method != "lora":
+            unused += [
+                f"train.lora.{o} {v} is read only with train.method lora" for o, v in _changed(self.lora)
+            ]
+        kinds = {
+            "divisions": "lattice",
+            "interior_only": "lattice",
+            "alpha": "dirichlet",
+            "count": "dirichlet",
+        }
+        kinds["weights"] = "list"
+        unused += [
+            f"train.mixtures.{o} {v} is read only with train.mixtures.kind {kinds[o]}"
+            for o, v in _changed(self.mixtures)
+            if o in kinds and kinds[o] != self.mixtures.kind
+        ]
+        return unused
+
+
+def _changed(section: Section) -> list[tuple[str, object]]:
+    """A section's options set away from their defaults, in declaration order."""
+    fields = type(section).model_fields
+    return [(o, getattr(section, o)) for o, f in fields.items() if getattr(section, o) != f.default]
+
 
 class RankSection(Section):
     """Rank checks of the merged proxy against ground-truth runs (a grid table from mergeopt.worlds.train)."""

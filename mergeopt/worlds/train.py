@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from mergeopt.cli import run_command
 from mergeopt.config import Recipe, TrainSection, load_recipe
-from mergeopt.errors import Interrupted, UserError
+from mergeopt.errors import Interrupted, UserError, warn
 from mergeopt.inputs import distinct_dirs, lora_targets, writable_dir
 from mergeopt.loading.checkpoints import read_json_object
 from mergeopt.loading.devices import resolve_device
@@ -270,6 +270,8 @@ def train(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = pr
     """
     if recipe.train is None:
         raise UserError("the recipe has no train section: nothing to train")
+    for line in recipe.train.unused_options():
+        warn(line)
     check_run_dirs(recipe)
     with owned_all(written_dirs(recipe), "train"):
         return _train(recipe, progress, log)
