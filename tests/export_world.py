@@ -78,8 +78,10 @@ def export(world: dict, fmt: str, tmp_path: Path, *extra: str, datasets: bool = 
     return out.read_text()
 
 
-def expected_sample_shares() -> dict[str, float]:
-    raw = {n: WEIGHTS[n] / mean_tokens(n) for n in WEIGHTS}
+def expected_sample_shares(added: int = 0) -> dict[str, float]:
+    """The sample shares that give WEIGHTS of the tokens trained, each sample ``added`` more than
+    mergeopt counts (-1: LLaMA-Factory's empty template writes no BOS; see measured_stats)."""
+    raw = {n: WEIGHTS[n] / (mean_tokens(n) + added) for n in WEIGHTS}
     total = sum(raw.values())
     return {n: v / total for n, v in raw.items()}
 

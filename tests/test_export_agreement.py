@@ -111,8 +111,9 @@ READERS = {
 
 def _added(fmt: str) -> int:
     """The special tokens ``fmt``'s trainer adds to each of this world's samples (prompt/completion
-    records; the tokenizer writes a BOS, no EOS): TRL, axolotl and torchtune an EOS, proven against
-    the frameworks' own tokenizing in tests/test_export_trained_tokens.py."""
+    records; the tokenizer writes a BOS, no EOS, and has no chat template): TRL, axolotl and
+    torchtune an EOS, LLaMA-Factory's empty template leaves out the BOS (-1), proven against the
+    frameworks' own tokenizing in tests/test_export_trained_tokens.py."""
     hook = FORMATS[fmt].added_tokens
     return (
         0
@@ -147,7 +148,7 @@ def test_every_format_carries_the_same_shares_counts_and_epochs(world, tmp_path)
     data_formats = [f for f in FORMATS.values() if f.unit is not None]
     assert {f.name for f in data_formats} == set(READERS), "a data format without a reader in this table"
 
-    assert {f.name for f in data_formats if _added(f.name)} == {"trl", "axolotl", "torchtune"}
+    assert {f.name for f in data_formats if _added(f.name)} == {"trl", "axolotl", "torchtune", "llamafactory"}
     repeats = make_plan(WEIGHTS, "tokens", measured_stats(), budget_tokens=BUDGET).repetition
     assert repeats["a"] > 1 > repeats["b"]  # the budget repeats one source: the epochs matter
     # one sample more or less of a source moves its token share by at most its length over the budget

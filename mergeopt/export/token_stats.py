@@ -45,6 +45,9 @@ class DomainStats:
     samples: int
     tokens: int
     added: int = 0
+    # records whose text, or completion, already ends with the tokenizer's EOS text (a trainer that
+    # appends the EOS only where it is missing, as TRL's SFTTrainer, adds none to them)
+    ending_eos: int = 0
 
     @property
     def mean_tokens(self) -> float:
@@ -346,7 +349,8 @@ def measure(path: Path, tokenizer, token_files=None) -> DomainStats:
         return DomainStats(samples=samples, tokens=tokens)
     tokenizer = lazy()
     source = source_of(path)
-    samples, tokens = 0, 0
+    samples, tokens, ending_eos = 0, 0, 0
+    eos = getattr(tokenizer, "eos_token", None)
     with tempfile.TemporaryDirectory(prefix="mergeopt-export-") as cache:
         lines = is_json_lines(source)  # read line by line, not through datasets' Arrow copy
         dataset = None if lines else load(source, cache)
@@ -356,6 +360,7 @@ def measure(path: Path, tokenizer, token_files=None) -> DomainStats:
             check_interrupt(f"counting the tokens of {path}")  # inside a fit: Ctrl-C within a chunk
             samples += len(records)
             tokens += _count(records, tokenizer, path)
+            ending_eos += ends_with(records, eos)
             tools = tools.add(records)
         _COLUMNS[_identity(source)] = kinds.result() if kinds is not None else _column_kinds(dataset)
         _TYPES[_identity(source)] = kinds.types if kinds is not None else _feature_types(dataset)
@@ -364,7 +369,19 @@ def measure(path: Path, tokenizer, token_files=None) -> DomainStats:
         raise UserError(f"{path}: the dataset is empty")
     if tokens == 0:
         raise UserError(f"{path}: every record tokenises to nothing")
-    return DomainStats(samples=samples, tokens=tokens)
+    return DomainStats(samples=samples, tokens=tokens, ending_eos=ending_eos)
+
+
+def ends_with(records: list[dict[str, Any]], eos: str | None) -> int:
+    """How many of ``records`` end their ``text``, or else their ``completion`` (a string), with
+    ``eos``: TRL's SFTTrainer appends the EOS to the others only ("Adding EOS")."""
+    if not eos:
+        return 0
+    count = 0
+    for r in records:
+        last = r["text"] if "text" in r else r.get("completion")
+        count += isinstance(last, str) and last.endswith(eos)
+    return count
 
 
 def record_batches(

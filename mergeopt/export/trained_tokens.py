@@ -2,7 +2,8 @@
 
 The fitted weights are shares of training tokens. A trainer adds special tokens to each sample
 that the fit's tokenizer does not count (TRL and axolotl an EOS after a text or a completion,
-torchtune a BOS and an EOS), so a short domain's samples carry relatively more of them, and sample
+torchtune a BOS and an EOS, LLaMA-Factory under stage: sft the tokens of its template around a
+prompt/completion), so a short domain's samples carry relatively more of them, and sample
 counts made from mergeopt's count alone give the trainer other token shares than fitted (0.483 for
 0.5 on the export tests' world). Each format says what its trainer adds
 (:attr:`~mergeopt.export.formats.base.Format.added_tokens`); :func:`as_trained` rebuilds the plan
@@ -39,8 +40,14 @@ def as_trained(ctx: Context, fmt: Format, specials: Callable[[], Specials]) -> C
     added = {n: fmt.added_tokens(layouts[n], specials(), every) if n in layouts else 0 for n in plan.names}
     if not any(added.values()):
         return ctx
+    # a trainer that appends its EOS only where it is missing adds none to a record ending with it
     stats = {
-        n: DomainStats(s.samples, s.tokens + added[n] * s.samples, added[n]) for n, s in plan.stats.items()
+        n: DomainStats(
+            s.samples,
+            s.tokens + added[n] * (s.samples - (s.ending_eos if fmt.eos_if_missing else 0)),
+            added[n],
+        )
+        for n, s in plan.stats.items()
     }
     budget = {f"budget_{plan.budget_unit}": plan.budget} if plan.budget is not None else {}
     trained = make_plan(ctx.mixture.weights, ctx.weights_are, stats, **budget)

@@ -25,14 +25,38 @@ class Specials:
 
     bos: bool
     eos: bool
+    # the tokens its chat template writes around an empty user turn and an empty answer (role
+    # headers, a default system prompt, what ends a turn; the BOS it writes): what a trainer that
+    # formats each prompt/completion with that template adds to it; None without a chat template
+    template: int | None = None
 
     @classmethod
     def of(cls, tokenizer) -> Specials:
         ids = tokenizer("a")["input_ids"]
         bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
         return cls(
-            bool(ids) and bos is not None and ids[0] == bos, bool(ids) and eos is not None and ids[-1] == eos
+            bool(ids) and bos is not None and ids[0] == bos,
+            bool(ids) and eos is not None and ids[-1] == eos,
+            _template_tokens(tokenizer),
         )
+
+
+def _template_tokens(tokenizer) -> int | None:
+    """:attr:`Specials.template`: the tokens of an exchange of empty messages as the tokenizer's
+    chat template renders it (as mergeopt counts a conversation, dated as it dates one); None
+    without a chat template, or where the template refuses empty messages."""
+    if not isinstance(getattr(tokenizer, "chat_template", None), str):
+        return None
+    from mergeopt.objectives.chat import DATE_STRING
+
+    exchange = [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}]
+    try:
+        out = tokenizer.apply_chat_template(
+            exchange, tokenize=True, return_dict=True, date_string=DATE_STRING
+        )
+    except Exception:  # noqa: BLE001 - a template that refuses empty messages (raise_exception)
+        return None
+    return len(out["input_ids"])
 
 
 @dataclass
@@ -166,6 +190,9 @@ class Format:
     # (:func:`sliced.kind`), what the counting tokenizer writes itself, and the layouts of all the
     # datasets (one run's); None: none (the trainer reads the tokens as counted)
     added_tokens: Callable[[str, Specials, frozenset[str]], int] | None = None
+    # what it adds is an EOS after the text or completion only where it does not already end with
+    # the EOS text (DomainStats.ending_eos records get none)
+    eos_if_missing: bool = False
 
 
 def output_path(fmt: Format, out: str | None, many: bool) -> Path | None:

@@ -262,14 +262,62 @@ def rebuilt_tool_format_note(ctx: Context) -> list[str]:
 
 
 def added_tokens(layout: str, specials: Specials, layouts: frozenset[str]) -> int:
-    """The special tokens LLaMA-Factory trains on per sample beyond mergeopt's count, where every
-    dataset is text (stage: pt): processor/pretrain.py appends the EOS to each text and tokenizes it
-    without special tokens, packing the run's texts (``packing`` defaults to on under pt,
-    hparams/parser.py) with a BOS written over the first token of each block, none added: the
+    """The tokens LLaMA-Factory trains on per sample beyond mergeopt's count.
+
+    Where every dataset is text (stage: pt): processor/pretrain.py appends the EOS to each text and
+    tokenizes it without special tokens, packing the run's texts (``packing`` defaults to on under
+    pt, hparams/parser.py) with a BOS written over the first token of each block, none added: the
     count's own BOS and EOS left out, one EOS added (with ``packing: false`` it also prefixes a BOS
-    where the tokenizer's ``add_bos_token`` is set). Under stage: sft the registered ``template:``
-    formats each record, which mergeopt does not count: none here."""
-    return 1 - specials.bos - specials.eos if layouts == {"text"} else 0
+    where the tokenizer's ``add_bos_token`` is set).
+
+    Under stage: sft, processor/supervised.py formats each record with the template
+    (template.py's ``_encode``: each message's slots, content in place, tokenized without special
+    tokens). A prompt/completion record, or a text record as the response to an empty prompt, is
+    counted as its bare prompt and completion, so the template's fixed tokens are added: with
+    ``template:`` left out, the one ``parse_template`` rebuilds from the tokenizer's chat_template,
+    whose tokens around an exchange of empty messages (its BOS, role headers, default system
+    prompt, end of turn) are :attr:`Specials.template`; without a chat_template the ``empty``
+    template, which writes the prompt and the completion alone. The count's own BOS and EOS are
+    left out (the template writes its own). Conversations are counted with that chat template as
+    it is: none (a registered ``template:`` writes other tokens; the header says so)."""
+    if layouts == {"text"}:
+        return 1 - specials.bos - specials.eos
+    if layout in ("prompt_completion", "text"):
+        return (specials.template or 0) - specials.bos - specials.eos
+    return 0
+
+
+def sft_template_note(ctx: Context) -> list[str]:
+    """A header line where prompt/completion or text records are trained under stage: sft: their
+    counts include the tokens of the template LLaMA-Factory rebuilds from the tokenizer's
+    chat_template (``template:`` left out), and a registered template writes other tokens (role
+    headers, its own default system prompt), which move the trained token shares: by how much for
+    each token more or fewer per sample."""
+    from mergeopt.export.token_files import kind_of
+
+    plan = ctx.plan
+    if plan.stats is None:
+        return []
+    layouts = {
+        n: sliced.kind(READER, p) for n, p in ctx.datasets.items() if n in plan.stats and kind_of(p) is None
+    }
+    if set(layouts.values()) == {"text"}:
+        return []
+    wrapped = [n for n, layout in layouts.items() if layout in ("prompt_completion", "text")]
+    if not wrapped:
+        return []
+    samples = plan.sample_shares
+    trained = {n: samples[n] * plan.stats[n].mean_tokens for n in plan.names}
+    more = {n: samples[n] * (plan.stats[n].mean_tokens + (n in wrapped)) for n in plan.names}
+    drift = max(abs(more[n] / sum(more.values()) - trained[n] / sum(trained.values())) for n in plan.names)
+    return [
+        f"# stage: sft formats each record with the template; the counts of {', '.join(wrapped)} (prompt/"
+        "completion or text, counted bare) include the tokens that template: left out writes around each "
+        "(the template rebuilt from the tokenizer's chat_template, or with none the empty one: "
+        f"{', '.join(f'{n} {plan.stats[n].added:+d}' for n in wrapped)}); a registered template: writes "
+        "its own (role headers, a default system prompt), and each token more or fewer per sample moves "
+        f"a trained token share by up to {drift:.2g}: leave template: out for the shares as fitted"
+    ]
 
 
 def render(ctx: Context) -> str:
@@ -286,6 +334,7 @@ def render(ctx: Context) -> str:
         *tool_notes(ctx),
         *sliced.own_template_note(ctx, READER, OWN),
         *rebuilt_tool_format_note(ctx),
+        *sft_template_note(ctx),
     ]
     config: dict = {"dataset": ",".join(plan.names)}
     if plan.counts is not None:

@@ -70,6 +70,37 @@ def added_tokens(layout: str, specials: Specials, layouts: frozenset[str]) -> in
     return 0
 
 
+def role_headers_note(ctx: Context) -> list[str]:
+    """A header line where prompt/completion records go through ``instruct_dataset``: a model
+    tokenizer with role headers writes more around them than the BOS and EOS counted (torchtune
+    0.6.1's ``Llama3Tokenizer.tokenize_messages``: a header and an end of turn per message, 10
+    tokens more; ``Qwen2_5Tokenizer``'s: 8 more over Qwen's tokenizer, which writes no BOS or
+    EOS), and the export does not know the config's tokenizer: how far each token more per sample
+    moves a trained token share."""
+    from mergeopt.export.token_files import kind_of
+
+    plan = ctx.plan
+    if plan.stats is None:
+        return []
+    names = [
+        n
+        for n, p in ctx.datasets.items()
+        if n in plan.stats and kind_of(p) is None and sliced.kind("torchtune", p) == "prompt_completion"
+    ]
+    if not names:
+        return []
+    samples = plan.sample_shares
+    trained = {n: samples[n] * plan.stats[n].mean_tokens for n in plan.names}
+    more = {n: samples[n] * (plan.stats[n].mean_tokens + (n in names)) for n in plan.names}
+    drift = max(abs(more[n] / sum(more.values()) - trained[n] / sum(trained.values())) for n in plan.names)
+    return [
+        f"# {', '.join(names)}: instruct_dataset counted as a BOS, the prompt, the completion and an EOS, as "
+        "a BOS/EOS model tokenizer (Llama 2, Mistral) writes them; one with role headers writes a header "
+        "and an end of turn around each message (Llama 3: 10 tokens more per sample, Qwen 2.5: 8), not "
+        f"counted, and each token more per sample moves a trained token share by up to {drift:.2g}"
+    ]
+
+
 def refuse_tool_calls(ctx: Context) -> None:
     """chat_dataset's OpenAIToMessages (torchtune/data/_messages.py, 0.6.1) reads only each message's
     ``content``: an assistant turn's ``tool_calls`` are dropped, and a turn whose content is None
@@ -92,6 +123,7 @@ def render(ctx: Context) -> str:
         ctx.header(FORMAT),
         sliced.summary(ctx, FORMAT),
         *sliced.own_template_note(ctx, "torchtune", OWN),
+        *role_headers_note(ctx),
     ]
     return "\n".join(lines) + "\n" + body
 

@@ -89,7 +89,8 @@ def added_tokens(layout: str, specials: Specials, layouts: frozenset[str]) -> in
     tokenizer's EOS to a non-conversational sample's ``text``, or to its ``completion``, unless it
     already ends with it, and tokenizes that (the text with the tokenizer's special tokens, as
     mergeopt counts it; the prompt and completion as one string): one token per sample more than
-    counted. Conversations are rendered by the chat template, as counted: none."""
+    counted, but none to a record that ends with the EOS text, whose count already holds it
+    (``eos_if_missing``). Conversations are rendered by the chat template, as counted: none."""
     return 1 if layout in ("text", "prompt_completion") else 0
 
 
@@ -145,4 +146,5 @@ FORMAT = Format(
     render=render,
     needs_sizes=True,
     added_tokens=added_tokens,
+    eos_if_missing=True,
 )
