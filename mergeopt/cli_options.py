@@ -74,11 +74,15 @@ def _tables(parser: argparse.ArgumentParser, both: str, mode: str = "") -> None:
     """
     group = parser.add_mutually_exclusive_group()
     group.add_argument(
-        "--mixture-prefix", help=f"{mode}weight columns start with this (default: w_, then train_)"
+        "--mixture-prefix",
+        type=_prefix,
+        help=f"{mode}weight columns start with this (default: w_, then train_)",
     )
-    group.add_argument("--mixture-columns", help=f"{mode}comma-separated weight columns")
+    group.add_argument("--mixture-columns", type=_columns, help=f"{mode}comma-separated weight columns")
     parser.add_argument(
-        "--metrics", help=f"{mode}comma-separated metric columns (default: numeric columns in {both})"
+        "--metrics",
+        type=_columns,
+        help=f"{mode}comma-separated metric columns (default: numeric columns in {both})",
     )
     parser.add_argument(
         "--higher-is-better", default="", help=f"{mode}comma-separated metrics where higher is better"
@@ -87,6 +91,26 @@ def _tables(parser: argparse.ArgumentParser, both: str, mode: str = "") -> None:
     parser.add_argument(
         "--bootstrap", type=int, default=1000, help=f"{mode}bootstrap resamples (default 1000)"
     )
+
+
+def _columns(text: str) -> str:
+    """Comma-separated column names, at least one, none twice. An empty value (an unset shell
+    variable) was read as no option at all, every column by default; a repeated weight column
+    counted its weight twice and was blamed as "weights sum to 2"."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r} names no column")
+    repeated = next((name for i, name in enumerate(names) if name in names[:i]), None)
+    if repeated is not None:
+        raise argparse.ArgumentTypeError(f"{text!r} names {repeated!r} twice")
+    return text
+
+
+def _prefix(text: str) -> str:
+    """A weight columns' prefix: empty, it was read as the default (w_, then train_)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is empty: give the prefix the weight columns start with")
+    return text
 
 
 def _positive_int(text: str) -> int:
@@ -305,7 +329,7 @@ def _diagnose(p: argparse.ArgumentParser) -> None:
         type=_positive_int,
         default=5,
         metavar="N",
-        help="points on each edge between two experts, both experts included (default 5, at least 3)",
+        help="points on each edge between two experts, both experts included (default 5, from 3 to 1000)",
     )
 
 

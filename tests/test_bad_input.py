@@ -525,6 +525,13 @@ def _semicolon_proxy(tmp) -> list[str]:
     return args
 
 
+def _rank_tables_text(tmp, proxy_text: str) -> list[str]:
+    """Table mode with RANK_TABLE as the truth and ``proxy_text`` as the proxy table, written as is."""
+    args = _rank_tables(tmp, RANK_TABLE, RANK_TABLE)
+    (tmp / "proxy.csv").write_text(proxy_text)
+    return args
+
+
 def _two_tables(tmp, small: dict, large: dict) -> list[str]:
     import pandas as pd
 
@@ -1228,6 +1235,16 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         ],
         "delta",
     ),
+    "export --tokenizer missing": (
+        "option",
+        "export",
+        lambda w, t: [
+            *_export_to(w, t, "trl", {n: w["dev"]["arith"] for n in ("alpha", "beta", "gamma")}),
+            "--tokenizer",
+            str(t / "no-tokenizer"),
+        ],
+        "no-tokenizer does not exist",
+    ),
     "export budget repeats a dataset": (
         "export",
         "export",
@@ -1519,6 +1536,12 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         lambda w, t: [*_two_tables(t, {"w_a": [1.0]}, {"w_a": [1.0]}), "--seed", "-1"],
         "argument --seed: '-1' is not a seed",
     ),
+    "rank tables bootstrap beyond memory": (
+        "option",
+        "rank",
+        lambda w, t: _rank_tables(t, RANK_TABLE, RANK_TABLE, "--bootstrap", "10000000000000"),
+        "10,000,000,000,000 bootstrap resamples of 3 mixtures draw 30,000,000,000,000 scores",
+    ),
     "unknown option": (
         "option",
         "fit",
@@ -1681,6 +1704,18 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         lambda w, t: [*_two_tables(t, _TABLE, _TABLE)[:2], "--bootstrap", "0", "--out", ".."],
         "is a parent of the current directory",
     ),
+    "transfer surrogate min-child-samples above 20": (
+        "option",
+        "transfer",
+        lambda w, t: [
+            *_two_tables(t, RANK_TABLE, RANK_TABLE)[1:],
+            "--surrogate-fit",
+            str(t / "small.csv"),
+            "--min-child-samples",
+            "30",
+        ],
+        "small.csv: only 3 run(s) to fit the surrogate on; with --min-child-samples 30",
+    ),
     "fit resumed after its dev file changed": (
         "checkpoint",
         "fit",
@@ -1825,6 +1860,18 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         lambda w, t: _rank_tables(t, RANK_TABLE, RANK_TABLE, "--metrics", "loss,run"),
         "--metrics run: run is a bookkeeping column, not a metric",
     ),
+    "rank tables empty --metrics": (
+        "option",
+        "rank",
+        lambda w, t: _rank_tables(t, RANK_TABLE, RANK_TABLE, "--metrics", ""),
+        "argument --metrics: '' names no column",
+    ),
+    "transfer --mixture-columns naming a column twice": (
+        "option",
+        "transfer",
+        lambda w, t: [*_two_tables(t, RANK_TABLE, RANK_TABLE), "--mixture-columns", "w_a,w_b,w_a"],
+        "argument --mixture-columns: 'w_a,w_b,w_a' names 'w_a' twice",
+    ),
     "rank tables metric is a weight": (
         "option",
         "rank",
@@ -1876,6 +1923,18 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         "rank",
         lambda w, t: _semicolon_proxy(t),
         "proxy.csv: the header is separated by semicolons, not commas",
+    ),
+    "rank tables column named twice": (
+        "score table",
+        "rank",
+        lambda w, t: _rank_tables_text(t, "w_a,w_b,loss,loss\n1,0,1,5\n0.5,0.5,2,6\n0,1,3,4\n"),
+        "proxy.csv: the header names column 'loss' twice",
+    ),
+    "rank tables row with a cell too many": (
+        "score table",
+        "rank",
+        lambda w, t: _rank_tables_text(t, "w_a,w_b,loss\n1,0,1,6\n0.5,0.5,2\n0,1,3\n"),
+        "proxy.csv line 2: 4 cells, but the header names 3 columns",
     ),
     "transfer tables lack a mixture column": (
         "score table",
@@ -1996,6 +2055,12 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         "diagnose",
         lambda w, t: [_recipe(w, t), "--points", "2", "--out", str(t / "out")],
         "--points 2",
+    ),
+    "diagnose too many points": (
+        "option",
+        "diagnose",
+        lambda w, t: [_recipe(w, t), "--points", "100000000000", "--out", str(t / "out")],
+        "--points 100,000,000,000: at most 1,000",
     ),
     "diagnose sharded stack": (
         "recipe",

@@ -355,6 +355,7 @@ def error_cases(tmp: Path) -> list[tuple[list[str], str]]:
     (tmp / "other.csv").write_text("w_a,w_b,acc\n0.5,0.5,1\n1.0,0.0,2\n0.0,1.0,3\n")
     (tmp / "noweights.csv").write_text("a,b,loss\n0.5,0.5,1\n1.0,0.0,2\n")
     (tmp / "malformed.csv").write_text('w_a,w_b,loss\n0.5,0.5,1\n1.0,0.0,2,7,8\n"0.1')
+    (tmp / "unquoted.csv").write_text('w_a,w_b,loss\n0.5,0.5,1\n1.0,0.0,2\n"0.1')
     (tmp / "moved.csv").write_text("w_a,w_b,loss\n0.5,0.5,1\n0.9,0.1,2\n0.0,1.0,3\n")
     (tmp / "sum.csv").write_text("w_a,w_b,loss\n0.5,0.5,1\n1.0,0.0,2\n0.5,0.6,3\n")
     (tmp / "nan.csv").write_text("w_a,w_b,loss\n0.5,0.5,1\n1.0,0.0,\n0.0,1.0,3\n")
@@ -397,7 +398,11 @@ def error_cases(tmp: Path) -> list[tuple[list[str], str]]:
         (["--proxy", str(tmp / "missing.csv"), "--truth", g], "missing.csv: no such file"),
         (["--proxy", g, "--truth", str(tmp / "other.csv")], "share no numeric metric columns"),
         (["--proxy", str(tmp / "noweights.csv"), "--truth", g], "no mixture columns"),
-        (["--proxy", str(tmp / "malformed.csv"), "--truth", g], "not a readable CSV table"),
+        (
+            ["--proxy", str(tmp / "malformed.csv"), "--truth", g],
+            "malformed.csv line 3: 5 cells, but the header names 3",
+        ),
+        (["--proxy", str(tmp / "unquoted.csv"), "--truth", g], "not a readable CSV table"),
         (
             ["--proxy", str(tmp / "moved.csv"), "--truth", g],
             f"moved.csv and {g} share only 2 mixture(s); the rank statistics need at least 3",

@@ -317,6 +317,7 @@ def error_cases(tmp: Path) -> list[tuple[list[str], str]]:
         "sum.csv": "w_a,w_b,loss\n1.0,0.0,1\n0.5,0.6,2\n",
         "noloss.csv": "w_a,w_b,acc\n1.0,0.0,1\n0.5,0.5,2\n",
         "malformed.csv": 'w_a,w_b,loss\n0.5,0.5,1\n1.0,0.0,2,7,8\n"0.1',
+        "unquoted.csv": 'w_a,w_b,loss\n0.5,0.5,1\n1.0,0.0,2\n"0.1',
         # one text cell in a metric: refused as an empty cell is, not dropped (nor blamed on LARGE)
         "text.csv": "w_a,w_b,loss,acc\n1.0,0.0,1,0.1\n0.5,0.5,2,abc\n0.25,0.75,3,0.3\n",
         "negative.csv": "w_a,w_b,loss\n1.0,0.0,1\n1.1,-0.1,2\n0.5,0.5,3\n",
@@ -343,7 +344,8 @@ def error_cases(tmp: Path) -> list[tuple[list[str], str]]:
         ([small, t["sum.csv"]], "sum.csv line 3: weights sum to 1.1, not 1 (±0.005)"),
         ([small, t["noloss.csv"], "--metrics", "loss"], "noloss.csv: no metric column(s) ['loss']"),
         ([small, large, "--metrics", "extra"], "small.csv: no metric column(s) ['extra']"),
-        ([t["malformed.csv"], large], "not a readable CSV table"),
+        ([t["malformed.csv"], large], "malformed.csv line 3: 5 cells, but the header names 3 columns"),
+        ([t["unquoted.csv"], large], "not a readable CSV table"),
         ([small, large, "--higher-is-better", "nope"], "--higher-is-better names ['nope']"),
         ([large], "expected SMALL LARGE, or LARGE with --surrogate-fit TRAIN; got 1"),
         ([small, large, "--rounds", "5"], "need --surrogate-fit"),

@@ -50,6 +50,9 @@ THRESHOLDS = {
 }
 CONVEX_TOLERANCE = 1e-6  # relative to the largest loss on the edge: float noise, not curvature
 MIN_POINTS = 3
+# each point is one evaluation of the dev sets on every edge; --points 100000000000 was a numpy
+# MemoryError traceback (the t grid alone), and a million points days of forward passes
+MAX_POINTS = 1000
 
 
 def check_points(points: int) -> None:
@@ -57,6 +60,11 @@ def check_points(points: int) -> None:
     if points < MIN_POINTS:
         raise UserError(
             f"--points {points}: an edge needs at least {MIN_POINTS} points (both experts and one between)"
+        )
+    if points > MAX_POINTS:
+        raise UserError(
+            f"--points {points:,}: at most {MAX_POINTS:,} (each point is one evaluation of the dev sets "
+            "on every edge between two experts)"
         )
 
 

@@ -49,12 +49,12 @@ def read_grid(path: str | Path, expert_names: Sequence[str], ranked: bool = True
     least (several seeds of a mixture are rows of their own); calibrate (``ranked=False``) takes any
     runs, one run or several seeds of one mixture alike, or none yet (a header line: the first
     proposal is then the proxy's pick)."""
-    from mergeopt.evaluation.tables import check_commas
+    from mergeopt.evaluation.tables import check_header
 
     path = existing_file(path, "grid table")
-    check_commas(str(path))
+    check_header(str(path))
     try:
-        table = read_csv(path)
+        table = read_csv(path, index_col=False)  # rows' trailing commas: no shift of the columns
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as err:
         raise UserError(f"{path}: not a readable CSV table ({str(err).splitlines()[0]})") from None
     weight_columns = [c for c in table.columns if c.startswith(WEIGHT_PREFIX)]

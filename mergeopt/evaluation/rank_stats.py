@@ -75,6 +75,10 @@ def _top_k(scores_low: np.ndarray, k: int) -> np.ndarray:
 
 PAIRWISE_MAX = 256  # resamples of up to this many mixtures get Kendall's tau from all pairs at once
 PAIRWISE_BLOCK = 1 << 22  # pair comparisons held at a time (resamples × n × n)
+# resampled scores held at once (resamples × mixtures): the bootstrap draws every resample in one
+# call, so --bootstrap 10000000000000 was a numpy MemoryError traceback (and a count that fits
+# the address space but not the memory, an OOM kill); 2e7 is ~0.5 GB of indices and scores
+BOOTSTRAP_DRAWS = 20_000_000
 
 
 def _spearman_rows(proxy: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -161,6 +165,12 @@ def rank_statistics(
         raise UserError(f"{name}: rank checks need at least 2 mixtures, got {proxy.size}")
     if k < 1 or n_bootstrap < 0 or not 0 < confidence < 1:
         raise UserError(f"{name}: need k ≥ 1, n_bootstrap ≥ 0 and 0 < confidence < 1")
+    if n_bootstrap * proxy.size > BOOTSTRAP_DRAWS:
+        raise UserError(
+            f"{n_bootstrap:,} bootstrap resamples of {proxy.size} mixtures draw {n_bootstrap * proxy.size:,} "
+            f"scores, more than the {BOOTSTRAP_DRAWS:,} held in memory at once: use fewer resamples "
+            "(--bootstrap, or rank.bootstrap in a recipe; default 1000)"
+        )
     n, k = proxy.size, min(k, proxy.size)
     sign = -1.0 if higher_is_better else 1.0
     proxy_low, truth_low = sign * proxy, sign * truth

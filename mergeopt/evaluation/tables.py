@@ -8,6 +8,7 @@ paired by name, then scored with :func:`mergeopt.evaluation.rank_stats.rank_stat
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -51,13 +52,55 @@ def check_commas(path: str) -> None:
             )
 
 
+def check_header(path: str) -> None:
+    """:func:`check_commas`, then refuse a header that names a column twice or a row with more
+    cells than the header names.
+
+    Why: pandas renames a repeated ``loss`` to ``loss.1`` and ranked the first alone, or blamed a
+    column ``w_a.1`` the file does not have; a row with a cell too many (a stray comma) lost its
+    last cell without a word (``index_col=False``, a ParserWarning), or shifted every column of a
+    grid by one when every row had it. Empty cells past the header's (a trailing comma) are left to
+    pandas, which drops them. Lines are counted as :func:`data_lines` counts them.
+    """
+    check_commas(path)
+    try:
+        _check_cells(path)
+    except csv.Error:
+        return  # what the csv module cannot split (a cell past its size limit): pandas says why
+
+
+def _check_cells(path: str) -> None:
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as handle:
+        reader = csv.reader(handle)
+        header: list[str] | None = None
+        after = 0
+        for row in reader:
+            start, after = after + 1, reader.line_num
+            if len(row) <= 1 and not "".join(row).strip():
+                continue  # blank: pandas skips it
+            if header is None:
+                header = row
+                seen: set[str] = set()
+                for name in row:
+                    if name and name in seen:
+                        raise UserError(
+                            f"{path}: the header names column {name!r} twice; give each column a name of its own"
+                        )
+                    seen.add(name)
+            elif any(cell.strip() for cell in row[len(header) :]):  # a trailing comma is no cell
+                raise UserError(
+                    f"{path} line {start}: {len(row)} cells, but the header names {len(header)} columns "
+                    "(a stray comma, or a cell with a comma that needs quotes?)"
+                )
+
+
 def _read_csv(path: str) -> pd.DataFrame:
     """A CSV with RegMix's quirks handled: a trailing comma makes an unnamed, empty column; drop it."""
     if Path(path).is_dir():
         raise UserError(f"{path} is a directory, not a file")
     if not Path(path).is_file():
         raise UserError(f"{path}: no such file")
-    check_commas(path)
+    check_header(path)
     try:
         frame = read_csv(path, index_col=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as err:

@@ -31,12 +31,21 @@ def surrogate_settings(overrides: Mapping[str, float | int | None]):
     from mergeopt.config import SurrogateSearch
 
     given = {SURROGATE_OPTIONS[k]: v for k, v in overrides.items() if v is not None}
+    # seeds is the fit's search setting (the mixtures it evaluates to fit on), which transfer never
+    # reads: TRAIN's rows are the fit set, checked against min_child_samples by check_train_size.
+    # Left at its default, the search's "seeds >= 2 x min_child_samples" refused
+    # --min-child-samples above 20 with a traceback (a whole-model error, no field to name)
+    minimum = given.get("min_child_samples")
+    if isinstance(minimum, int) and minimum > 0:
+        given["seeds"] = max(SurrogateSearch.model_fields["seeds"].default, 2 * minimum)
     try:
         return SurrogateSearch(**given)
     except ValidationError as err:
         first = err.errors()[0]
-        flag = next(k for k, f in SURROGATE_OPTIONS.items() if f == first["loc"][0])
-        raise UserError(f"--{flag.replace('_', '-')}: {first['msg']}") from None
+        field = first["loc"][0] if first["loc"] else None
+        flag = next((k for k, f in SURROGATE_OPTIONS.items() if f == field), None)
+        message = first["msg"].removeprefix("Value error, ")
+        raise UserError(f"--{flag.replace('_', '-')}: {message}" if flag else message) from None
 
 
 def fit_surrogates(train: ScaleTable, metrics: Sequence[str], settings, seed: int):

@@ -65,6 +65,13 @@ def _tokenizer(args, recipe, recipe_error, mixture):
 
     template = recipe.data.chat_template if recipe is not None else None
     if args.tokenizer:
+        from mergeopt.loading.checkpoints import looks_like_hub_name
+
+        # a path that is not there: transformers then read it as a hub repository id and said
+        # "Repo id must be in the form 'repo_name' or 'namespace/repo_name'" (an owner/name that
+        # is not there may still be in the Hugging Face cache: transformers looks it up)
+        if not Path(args.tokenizer).exists() and not looks_like_hub_name(args.tokenizer):
+            raise UserError(f"--tokenizer {args.tokenizer} does not exist")
         return with_template(load_tokenizer(args.tokenizer), template)
     if recipe_error is not None:
         raise recipe_error
