@@ -35,7 +35,7 @@ from mergeopt.runtime import determinism, distributed
 from mergeopt.runtime.fingerprint import input_fingerprints
 from mergeopt.runtime.interrupts import interruptible, saying_where_saved
 from mergeopt.runtime.resume import CHECKPOINT_DIR, RunState, open_state, recipe_tree, what_it_computes
-from mergeopt.runtime.rundir import check_output_dir, owned, staged
+from mergeopt.runtime.rundir import check_apart_from_inputs, check_output_dir, owned, staged
 from mergeopt.search import grid as grid_search
 from mergeopt.search.strategy import run_strategy
 
@@ -90,7 +90,7 @@ def _fit(recipe: Recipe, progress: bool, log: Callable[[str], None], resume: str
         log, progress = (lambda _m: None), False
     with distributed.main_first():  # one rank builds a world into the cache, the others reuse it
         resolved, world_roots = worlds.resolve_recipe(recipe, log)
-    _check_output_apart_from_inputs(recipe.output_dir, resolved)
+    check_apart_from_inputs(recipe.output_dir, resolved.input_paths(), "output_dir", "the fit")
     objective = Objective.from_recipe(resolved)  # the one reading of the recipe's objective
     grid_search.check_budget(resolved)  # a lattice larger than the budget, before any model is loaded
     if resolved.rank.grid is not None:  # a bad grid table is reported before any work
@@ -137,26 +137,6 @@ def _fit(recipe: Recipe, progress: bool, log: Callable[[str], None], resume: str
             if out.is_dir() and not any(out.iterdir()):
                 out.rmdir()
         raise
-
-
-def _check_output_apart_from_inputs(output_dir: str, resolved: Recipe) -> None:
-    """output_dir is not a directory the fit reads (a checkpoint, a saved dataset) nor inside one:
-    the run's files went in among the checkpoint's, and its checkpoint/ changed the digest of the
-    input it lies in, so a rerun refused to resume ('read other data')."""
-    inputs = {"model.base": resolved.model.base, "data.chat_template": resolved.data.chat_template}
-    inputs |= {f"model.experts.{name}": path for name, path in resolved.model.experts.items()}
-    inputs |= {f"data.dev set {d.name!r}": d.path for d in resolved.data.dev}
-    out = Path(output_dir).expanduser().resolve()
-    for what, path in inputs.items():
-        if path is None or not Path(path).expanduser().is_dir():
-            continue
-        read = Path(path).expanduser().resolve()
-        if out == read or read in out.parents:
-            where = "is" if out == read else "lies inside"
-            raise UserError(
-                f"output_dir {output_dir} {where} the directory of {what} ({path}), which the fit reads: "
-                "name a directory of its own for the outputs (e.g. runs/NAME)"
-            )
 
 
 def _search_and_write(

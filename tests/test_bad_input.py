@@ -113,6 +113,13 @@ def _output_into_an_expert(world, tmp) -> list[str]:
     return [_recipe(world, tmp), f"model.experts.alpha={expert}", f"output_dir={expert}"]
 
 
+def _out_into_an_expert(world, tmp, *options: str) -> list[str]:
+    """A command whose --out is one of its experts' checkpoints (a copy: nothing of the shared world).
+    (``merge`` refuses it already: a non-empty --out, and with --overwrite one holding an input.)"""
+    expert = _expert_copy(world, tmp, lambda tensors: None, name="alpha-copy")
+    return [_recipe(world, tmp), f"model.experts.alpha={expert}", *options, "--out", expert]
+
+
 def _nan(tensors):
     tensors["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
 
@@ -1679,6 +1686,14 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         ),
         "train.lora.target_modules 'nope_proj' matches no module of the base",
     ),
+    "train output_dir inside the base's checkpoint": (
+        "output directory",
+        "train",
+        lambda w, t: _train_recipe(
+            w, t, lambda tr: tr["train"].update(output_dir=str(Path(tr["model"]["base"]) / "runs"))
+        ),
+        "train.output_dir",
+    ),
     # issue 18: run directories (owned, published whole)
     "output_dir empty": (
         "output directory",
@@ -1697,6 +1712,12 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         "fit",
         _output_into_an_expert,
         "alpha-copy is the directory of model.experts.alpha",
+    ),
+    "diagnose --out into an expert's checkpoint": (
+        "output directory",
+        "diagnose",
+        lambda w, t: _out_into_an_expert(w, t),
+        "alpha-copy is the directory of model.experts.alpha (",
     ),
     "transfer --out a parent of the current directory": (
         "output directory",

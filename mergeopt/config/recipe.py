@@ -195,6 +195,20 @@ class Recipe(Section):
         self._budget_covers_the_search()
         return self
 
+    def input_paths(self, experts: bool = True) -> dict[str, str | None]:
+        """What a run of this recipe reads, by the key that names it (the directories among them
+        must not hold a command's outputs); without ``experts`` for train, which writes them."""
+        paths: dict[str, str | None] = {
+            "model.base": self.model.base,
+            "data.chat_template": self.data.chat_template,
+        }
+        if experts:
+            paths |= {f"model.experts.{name}": path for name, path in self.model.experts.items()}
+        paths |= {f"data.dev set {d.name!r}": d.path for d in self.data.dev}
+        if self.train is not None:
+            paths |= {f"train.data.{name}": path for name, path in self.train.data.items()}
+        return paths
+
     def _no_term_named_like_a_journal_column(self) -> None:
         """A zero-order search journals each term's score in a column named after it, beside index,
         phase, value, seconds and w_<expert>: a term named one of those stopped the search at its

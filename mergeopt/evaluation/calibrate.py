@@ -191,7 +191,7 @@ def calibrate(
 def _main(args: argparse.Namespace) -> int:
     from mergeopt.config import load_recipe
     from mergeopt.loading.devices import resolve_device
-    from mergeopt.runtime.rundir import check_output_dir, owned
+    from mergeopt.runtime.rundir import check_apart_from_inputs, check_output_dir, owned
 
     recipe = load_recipe(args.recipe, args.overrides)
     what = "--out" if args.out is not None else "output_dir"
@@ -200,6 +200,7 @@ def _main(args: argparse.Namespace) -> int:
         if args.out is not None
         else Path(check_output_dir(recipe.output_dir, what)) / "calibration"
     )
+    check_apart_from_inputs(out, recipe.input_paths(), what, "calibrate")
     writable_dir(out, "--out" if args.out is not None else "output_dir/calibration")
     distributed.init_from_env(resolve_device(recipe.device))  # every rank hears a refused --out
     with saying_where_saved(out / CALIBRATE_CHECKPOINT_DIR), interruptible(), owned(out, "calibrate", what):

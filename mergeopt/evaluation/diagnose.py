@@ -358,10 +358,12 @@ def run(args: argparse.Namespace) -> int:
     from mergeopt.config import load_recipe
     from mergeopt.reporting.diagnostics import FILES, write_diagnostics
     from mergeopt.reporting.run_report import check_report_inputs, write_report
-    from mergeopt.runtime.rundir import owned, staged
+    from mergeopt.runtime.rundir import check_apart_from_inputs, owned, staged
 
     recipe = load_recipe(args.recipe, args.overrides)
     check_points(args.points)
+    target = args.out if args.out is not None else recipe.output_dir
+    check_apart_from_inputs(target, recipe.input_paths(), "--out" if args.out else "output_dir", "diagnose")
     writable_dir(args.out or recipe.output_dir, "--out" if args.out else "output_dir")
     log = (lambda _m: None) if args.quiet else print
     what = "--out" if args.out is not None else "output_dir"

@@ -38,7 +38,7 @@ from mergeopt.runtime.exact_csv import file_line
 from mergeopt.runtime.fingerprint import input_fingerprints
 from mergeopt.runtime.interrupts import interruptible, saying_where_saved
 from mergeopt.runtime.resume import RANK_CHECKPOINT_DIR
-from mergeopt.runtime.rundir import owned, staged
+from mergeopt.runtime.rundir import check_apart_from_inputs, owned, staged
 
 
 def rank_grid(
@@ -167,6 +167,9 @@ def _grid_main(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     what = "--out" if args.out is not None else "output_dir"
+    check_apart_from_inputs(
+        args.out if args.out is not None else recipe.output_dir, recipe.input_paths(), what, "rank"
+    )
     out = writable_dir(args.out if args.out is not None else recipe.output_dir, what)
     distributed.init_from_env(resolve_device(recipe.device))  # every rank hears a refused --out
     with saying_where_saved(out / RANK_CHECKPOINT_DIR), interruptible(), owned(out, "rank", what):

@@ -71,6 +71,26 @@ def check_output_dir(raw: str | os.PathLike, what: str) -> Path:
     return path
 
 
+def check_apart_from_inputs(
+    out: str | os.PathLike, inputs: Mapping[str, str | None], what: str, command: str
+) -> None:
+    """``out`` is not a directory the command reads (``inputs``: label -> path; a checkpoint, a saved
+    dataset) nor inside one. Publishing there put the command's files among a checkpoint's (or, for
+    a command that owns its whole directory, replaced the checkpoint), and a fit's checkpoint/
+    changed the digest of the input it lies in, so its rerun refused to resume ('read other data')."""
+    full = real_dir(out, what)
+    for label, path in inputs.items():
+        if path is None or not Path(path).expanduser().is_dir():
+            continue
+        read = Path(path).expanduser().resolve()
+        if full == read or read in full.parents:
+            where = "is" if full == read else "lies inside"
+            raise UserError(
+                f"{what} {os.fspath(out)} {where} the directory of {label} ({path}), which {command} reads: "
+                "name a directory of its own for the outputs (e.g. runs/NAME)"
+            )
+
+
 def real_dir(out: str | os.PathLike, what: str = "the output directory") -> Path:
     """``out`` with every symbolic link on its way followed, absolute.
 

@@ -51,7 +51,7 @@ from mergeopt.objectives.term_scores import (
 from mergeopt.runtime import determinism, faults
 from mergeopt.runtime.files import write_json_atomic
 from mergeopt.runtime.interrupts import check_interrupt, interruptible, pending_interrupt
-from mergeopt.runtime.rundir import check_output_dir, owned_all, recover, staged
+from mergeopt.runtime.rundir import check_apart_from_inputs, check_output_dir, owned_all, recover, staged
 from mergeopt.search.mixtures import mixture_set
 from mergeopt.worlds import resolve_recipe
 from mergeopt.worlds.grid_table import grid_rows, write_grid
@@ -397,6 +397,8 @@ def run(args: argparse.Namespace) -> int:
     for what, path in outputs.items():  # each trained expert is published whole into its own
         writable_dir(path, what)
     distinct_dirs({what: check_output_dir(path, what) for what, path in outputs.items()})
+    for what, path in outputs.items():  # the experts are written, not read: the rest must stay apart
+        check_apart_from_inputs(path, recipe.input_paths(experts=False), what, "train")
     try:
         with interruptible():
             train(recipe, progress=not args.quiet, log=(lambda _m: None) if args.quiet else print)
