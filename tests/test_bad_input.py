@@ -1124,6 +1124,18 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         lambda w, t: [_recipe(w, t), "--weights", "alpha=0.5,delta=0.5", "--out", str(t / "out")],
         "delta",
     ),
+    "a mixture.json given as the recipe": (
+        "recipe",
+        "merge",
+        lambda w, t: [
+            str(_finished_run(w, t) / "mixture.json"),
+            "--weights",
+            "alpha=1",
+            "--out",
+            str(t / "out"),
+        ],
+        "mixture.json is a run's result file (mixture.json), not a recipe",
+    ),
     "unfinished mixture.json": (
         "mixture",
         "merge",

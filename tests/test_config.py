@@ -102,6 +102,7 @@ def test_a_leading_tilde_in_a_path_is_the_home_directory(tmp_path, monkeypatch):
         "data:\n  dev:\n    - {name: math, path: ~/dev/math.jsonl}\n  chat_template: ~/t.jinja\n"
         "rank: {grid: ~/grid.csv}\ncalibrate: {grid: ~nobody-such-user/grid.csv}\n"
         "train: {data: {math: ~/train/math.jsonl, code: c.jsonl}, output_dir: ~/runs/train}\n"
+        "logging: {backends: [tensorboard], dir: ~/logs}\nworld: {cache_dir: ~/cache}\n"
     )
     recipe = load_recipe(write(tmp_path, text))
     home = str(tmp_path)
@@ -113,6 +114,7 @@ def test_a_leading_tilde_in_a_path_is_the_home_directory(tmp_path, monkeypatch):
     assert recipe.rank.grid == f"{home}/grid.csv" and recipe.calibrate.grid == "~nobody-such-user/grid.csv"
     assert recipe.train.data == {"math": f"{home}/train/math.jsonl", "code": "c.jsonl"}
     assert recipe.train.output_dir == f"{home}/runs/train"
+    assert recipe.logging.dir == f"{home}/logs" and recipe.world.cache_dir == f"{home}/cache"
     overridden = load_recipe(write(tmp_path, MINIMAL), ["model.experts.code=~/ckpt/code"])
     assert overridden.model.experts["code"] == f"{home}/ckpt/code"
 

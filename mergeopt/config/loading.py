@@ -185,6 +185,11 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
         tree = {}
     if not isinstance(tree, dict):
         raise UserError(f"{path}: a recipe must be a mapping of keys, got {type(tree).__name__}")
+    if {"schema_version", "status"} & set(tree) and "model" not in tree:  # YAML reads JSON: a run's file
+        raise UserError(
+            f"{path} is a run's result file ({path.name}), not a recipe: pass the "
+            "recipe, the run directory's recipe.yaml (merge takes a fitted mixture with --mixture)"
+        )
     parsed = parse_overrides(overrides)
     for key, value in parsed.items():
         _apply_override(tree, key, value)

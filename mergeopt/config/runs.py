@@ -15,7 +15,9 @@ from mergeopt.inputs import MAX_SEED
 class WorldSection(Section):
     """Where built-in worlds (paths written ``tiny://...``, ``smollm2://...``) are built and cached."""
 
-    cache_dir: str | None = Field(default=None, description="Default: $MERGEOPT_CACHE or ~/.cache/mergeopt.")
+    cache_dir: PathText | None = Field(
+        default=None, description="Default: $MERGEOPT_CACHE or ~/.cache/mergeopt."
+    )
     seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Seed of the built-in worlds.")
 
 

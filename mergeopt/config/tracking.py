@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from mergeopt.config.base import Section, named_once
+from mergeopt.config.base import PathText, Section, named_once
 
 WANDB_PROJECT_CHARACTERS = "/\\#?%:"  # what W&B refuses in a project name (wandb.Settings.validate_project)
 WANDB_PROJECT_LENGTH = 128
@@ -20,7 +20,7 @@ class LoggingSection(Section):
         description="Trackers to write to, several at once allowed: tensorboard, mlflow, wandb; "
         "none: nothing is logged (trace.csv / evaluations.csv are written either way).",
     )
-    dir: str | None = Field(
+    dir: PathText | None = Field(
         default=None,
         description="Where the trackers write (tensorboard/, mlflow.db, wandb/); default <output_dir>/logs.",
     )
