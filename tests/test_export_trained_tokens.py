@@ -176,6 +176,24 @@ def test_axolotl_trains_the_fitted_token_shares(world, tmp_path, layout, extra, 
     assert said("axolotl", tokenizer) in text
 
 
+@pytest.mark.parametrize("layout", ["prompt_completion", "text"])
+def test_axolotl_adds_no_eos_to_a_record_that_already_ends_with_it(world, tmp_path, layout):
+    """axolotl's ``_tokenize`` (prompt_tokenizers.py) appends the EOS only where the ids do not
+    already end with it, as TRL does: half of a's records ending with the EOS text got one EOS too
+    many in the counts (a gap of 0.0095 against axolotl's own tokenizing)."""
+    pytest.importorskip("axolotl.utils.data.sft")
+    data = data_of(world, tmp_path, layout, "bos")
+    key = "text" if layout == "text" else "completion"
+    rows = [json.loads(line) for line in data["paths"]["a"].read_text().splitlines()]
+    for row in rows[::2]:
+        row[key] += "</s>"
+    ending = tmp_path / "a-eos.jsonl"
+    ending.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = {**data, "paths": {**data["paths"], "a": ending}}
+    text = export(data, "axolotl", tmp_path)
+    assert largest_gap(axolotl_tokens(yaml_body(text), data)) < ROUNDING
+
+
 # ---------------------------------------------------------------- torchtune
 
 
@@ -309,6 +327,26 @@ def test_the_tokens_each_trainer_adds_per_sample(fmt, layout, bos, eos, added):
         )
 
 
+def test_a_token_budget_over_sample_shares_says_its_tokens_are_the_trained_ones(world, tmp_path):
+    """Under weights.unit: samples the shares are TRL's as fitted, and a token budget's samples are
+    made from the 8, 27 and 12 tokens TRL trains on per sample (60,000 / 18.7 = 3,209 samples, not
+    the 3,390 of mergeopt's 7, 26 and 11), but TRL's header said only "budget: 60000 tokens" (no
+    line of mean tokens: the shares convert not), so its counts differed from hf-datasets' unsaid."""
+    from tests.export_world import write_run
+
+    run = write_run(tmp_path / "run", WEIGHTS, unit="samples")
+    text = export({**world, "mixture": run}, "trl", tmp_path, "--budget-tokens", "60000")
+    assert (
+        "# budget: 60000 tokens of the tokens trl trains on (the count and the special tokens it adds to "
+        "each sample: a +1, b +1, c +1; mean tokens per sample a 8, b 27, c 12)"
+    ) in text
+    total = sum(WEIGHTS[n] * m for n, m in {"a": 8, "b": 27, "c": 12}.items())
+    splits = [d["split"] for d in yaml_body(text)["datasets"]]
+    assert splits[0] == f"train[:{round(WEIGHTS['a'] * 60000 / total)}]"  # a: 641.7 -> 642
+    hf = export({**world, "mixture": run}, "hf-datasets", tmp_path, "--budget-tokens", "60000")
+    assert "# budget: 60000 tokens\n" in hf  # it reads the counts as they are
+
+
 def test_a_token_budgets_repetition_is_of_the_tokens_the_trainer_trains(world, tmp_path, capsys):
     """60,000 tokens take 1,714 of a's 1,500 samples at mergeopt's 7 tokens each, but 1,500 at the 8
     TRL trains on: the TRL file's epochs and the warning are TRL's (no repeat), those of a format
@@ -319,6 +357,39 @@ def test_a_token_budgets_repetition_is_of_the_tokens_the_trainer_trains(world, t
     hf = export(world, "hf-datasets", tmp_path, "--budget-tokens", "60000")
     assert "epochs over each source under the budget (measured datasets): a 1.143, " in hf
     assert "the budget repeats datasets beyond one epoch: a 1.14x" in capsys.readouterr().err
+
+
+def test_to_all_checks_the_repetition_of_each_formats_own_counts(world, tmp_path, capsys):
+    """A sample budget gives b (26 tokens a sample) more of the samples where each sample trains one
+    token more (TRL, axolotl, torchtune): 10,400 samples repeat b 3.93 times in mergeopt's counts,
+    4.08 in TRL's. ``--to trl`` refused it; ``--to all`` checked mergeopt's counts alone, wrote TRL's
+    file with b's 4.078 epochs above --max-epochs 4, and warned of b 3.93x."""
+    from mergeopt.errors import run_cli
+    from mergeopt.export.command import main
+    from tests.conftest import recipe_tree
+    from tests.export_world import write_run
+
+    weights = {"a": 0.1, "b": 0.7, "c": 0.2}
+    fake = {"base": "/x/base", "experts": {n: f"/x/{n}" for n in weights}, "dev": {"d": "/x/d.jsonl"}}
+    run = write_run(tmp_path / "run", weights, recipe=recipe_tree(fake, tmp_path / "run"))
+    out = tmp_path / "all"
+    argv = [str(run), "--tokenizer", world["tokenizer"], "--budget-samples", "10400", "--datasets"]
+    argv += [f"{n}={p}" for n, p in world["paths"].items()]
+    assert run_cli(main, [*argv, "--to", "trl", "--out", str(tmp_path / "trl.yaml")]) == 2
+    assert "repeats dataset 'b'" in capsys.readouterr().err
+    assert run_cli(main, [*argv, "--to", "all", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"mergeopt: error: the budget repeats dataset 'b' ({world['paths']['b']}) 4.08 times, above "
+        "--max-epochs 4; lower the budget, add data, or raise --max-epochs (in --to trl's counts"
+    )
+    assert not out.exists()
+    # within --max-epochs, the warning is of the format that repeats most (TRL's b 4.08x, not 3.93x)
+    assert run_cli(main, [*argv, "--to", "all", "--out", str(out), "--max-epochs", "5"]) == 0
+    assert (
+        "the budget repeats datasets beyond one epoch: a 1.57x, b 4.08x, c 1.31x" in capsys.readouterr().err
+    )
+    assert "b 4.078" in (out / "trl_datasets.yaml").read_text()
 
 
 # ---------------------------------------------------------------- LLaMA-Factory (stage: pt)

@@ -153,10 +153,26 @@ def build(args) -> tuple[dict[Format, str], list[str]]:
         many=args.to == "all",
         max_epochs=args.max_epochs,
     )
-    # the repetition one format's numbers give, of the tokens its trainer trains on (as_trained);
-    # --to all's is mergeopt's count's, the most samples a token budget can need of any format
-    checked = as_trained(ctx, formats[0], specials) if len(formats) == 1 else ctx
-    check_recorded_cap(checked.plan, mixture.constraints, datasets)
+    # each format's numbers, of the tokens its trainer trains on (as_trained); the repetition and
+    # the fit's cap are checked for each: a sample budget, or a trainer that trains on fewer tokens
+    # than counted (LLaMA-Factory's pretraining over a BOS/EOS tokenizer), repeats a source more
+    # in one format's file than in mergeopt's counts
+    trained = {f: as_trained(ctx, f, specials) for f in formats}
+    many = len(formats) > 1
+    candidates = [(None, ctx)] if many else []
+    candidates += [(f, c) for f, c in trained.items() if c is not ctx or not many]
+    for f, one in candidates:
+        try:
+            check_recorded_cap(one.plan, mixture.constraints, datasets)
+            check_repetition(one.epochs, args.max_epochs)
+        except UserError as err:
+            if f is None or not many:
+                raise
+            raise UserError(
+                f"{err} (in --to {f.name}'s counts, made from the tokens its trainer trains on; --to all "
+                "writes every format or none, so nothing was written)"
+            ) from None
+    checked = _most_repeating([one for _, one in candidates])
     messages = [f"warning: {line}" for line in check_repetition(checked.epochs, args.max_epochs)]
     messages += [f"warning: {line}" for line in _other_fits_recipe(recipe, mixture)]
     if stats is None and converts:
@@ -171,7 +187,7 @@ def build(args) -> tuple[dict[Format, str], list[str]]:
     texts = {}
     for f in formats:
         try:
-            texts[f] = f.render(as_trained(ctx, f, specials))
+            texts[f] = f.render(trained[f])
         except UserError as err:
             if args.to != "all" or not str(err).startswith(f"--to {f.name}"):
                 raise
@@ -183,6 +199,11 @@ def build(args) -> tuple[dict[Format, str], list[str]]:
             ) from None
     messages += [f"note: {line}" for line in ctx.notes]
     return texts, messages
+
+
+def _most_repeating(contexts: list[Context]) -> Context:
+    """The one of ``contexts`` whose budget repeats a source most (the first where none says)."""
+    return max(contexts, key=lambda c: max(c.epochs.per_source.values()) if c.epochs is not None else 0.0)
 
 
 def _missing_for_paths(to: str, needs_paths: list[str], expert: str) -> str:

@@ -75,7 +75,9 @@ def added_tokens(layout: str, specials: Specials, layouts: frozenset[str]) -> in
     unless the tokenizer writes one itself. The user-defined type (prompt_strategies/user_defined.py,
     ``InstructionWSystemPromptTokenizingStrategy``) tokenizes the prompt without an EOS added and the
     completion with its special tokens, its BOS stripped, an EOS ensured: one more than mergeopt's
-    count of the completion (no special tokens). ``chat_template`` renders as counted: none."""
+    count of the completion (no special tokens). Neither appends it where the ids already end with
+    the EOS (a text or completion ending with the EOS text: ``eos_if_missing``). ``chat_template``
+    renders as counted: none."""
     if layout == "text":
         return 0 if specials.eos else 1
     return 1 if layout == "prompt_completion" else 0
@@ -109,4 +111,5 @@ FORMAT = Format(
     render=render,
     needs_sizes=True,
     added_tokens=added_tokens,
+    eos_if_missing=True,
 )

@@ -169,7 +169,18 @@ class Context:
             else:
                 lines.append(f"no datasets measured: {fmt.unit[:-1]} shares equal the fitted shares")
         if plan.budget is not None:
-            lines.append(f"budget: {plan.budget} {plan.budget_unit}")
+            budget = f"budget: {plan.budget} {plan.budget_unit}"
+            added = {n: plan.stats[n].added for n in plan.names if plan.stats and plan.stats[n].added}
+            if plan.budget_unit == "tokens" and added and fmt.unit == self.weights_are:
+                # no mean-tokens line above says what the budget's tokens are (the shares convert not)
+                each = ", ".join(f"{n} {a:+d}" for n, a in added.items())
+                budget += (
+                    f" of the tokens {fmt.name} trains on (the count and the special tokens it adds to each "
+                    f"sample: {each}; mean tokens per sample "
+                    + ", ".join(f"{n} {plan.stats[n].mean_tokens:.4g}" for n in plan.names)
+                    + ")"
+                )
+            lines.append(budget)
             epochs = self.epochs_line()
             if epochs is not None and fmt.unit is not None:  # a data format (not the merge)
                 lines.append(epochs)
@@ -191,7 +202,7 @@ class Format:
     # datasets (one run's); None: none (the trainer reads the tokens as counted)
     added_tokens: Callable[[str, Specials, frozenset[str]], int] | None = None
     # what it adds is an EOS after the text or completion only where it does not already end with
-    # the EOS text (DomainStats.ending_eos records get none)
+    # the EOS text (DomainStats.ending_eos records get none: TRL's SFTTrainer, axolotl's _tokenize)
     eos_if_missing: bool = False
 
 
