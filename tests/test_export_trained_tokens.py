@@ -489,6 +489,23 @@ ROLES = (
 )
 
 
+def test_a_template_refusing_empty_messages_is_measured_on_one_character_ones(world, tmp_path):
+    """A chat template that raises on an empty message was taken for no template at all (the
+    empty one's count, 22 tokens fewer than LLaMA-Factory writes around each record here)."""
+    from transformers import AutoTokenizer
+
+    from mergeopt.export.formats.base import Specials
+    from tests.export_world import chat_world
+
+    chat = chat_world(world, tmp_path, "messages")
+    tokenizer = AutoTokenizer.from_pretrained(chat["tokenizer"])
+    tokenizer.chat_template = ROLES
+    plain = Specials.of(tokenizer).template
+    refusing = "{% for m in messages %}{% if not m['content'] %}{{ raise_exception('empty') }}{% endif %}{% endfor %}"
+    tokenizer.chat_template = refusing + ROLES
+    assert plain is not None and Specials.of(tokenizer).template == plain
+
+
 @pytest.mark.parametrize("template", ["roles", "none"])
 def test_llamafactory_sft_trains_the_fitted_token_shares(world, tmp_path, template):
     """Prompt/completion records, and text records as responses beside them, are trained under

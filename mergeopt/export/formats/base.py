@@ -44,19 +44,23 @@ class Specials:
 def _template_tokens(tokenizer) -> int | None:
     """:attr:`Specials.template`: the tokens of an exchange of empty messages as the tokenizer's
     chat template renders it (as mergeopt counts a conversation, dated as it dates one); None
-    without a chat template, or where the template refuses empty messages."""
+    without a chat template. A template that refuses empty messages (``raise_exception``) renders
+    an exchange of one-character messages instead, whose own tokens are taken off."""
     if not isinstance(getattr(tokenizer, "chat_template", None), str):
         return None
     from mergeopt.objectives.chat import DATE_STRING
 
-    exchange = [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}]
-    try:
-        out = tokenizer.apply_chat_template(
-            exchange, tokenize=True, return_dict=True, date_string=DATE_STRING
-        )
-    except Exception:  # noqa: BLE001 - a template that refuses empty messages (raise_exception)
-        return None
-    return len(out["input_ids"])
+    for content in ("", "a"):
+        exchange = [{"role": "user", "content": content}, {"role": "assistant", "content": content}]
+        try:
+            out = tokenizer.apply_chat_template(
+                exchange, tokenize=True, return_dict=True, date_string=DATE_STRING
+            )
+        except Exception:  # noqa: BLE001 - a template that refuses such messages: the next, or None
+            continue
+        own = len(tokenizer(content, add_special_tokens=False)["input_ids"]) if content else 0
+        return len(out["input_ids"]) - 2 * own
+    return None
 
 
 @dataclass
