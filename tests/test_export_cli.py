@@ -275,3 +275,27 @@ def test_out_with_a_trailing_slash_is_a_directory_created_for_the_file(tmp_path,
     assert capsys.readouterr().out.strip() == f"Wrote {out / 'trl_datasets.yaml'}"
     assert run_cli(main, [*argv, "--to", "llamafactory", "--out", f"{out}/"]) == 0  # beside it
     assert sorted(p.name for p in out.iterdir()) == ["llamafactory.yaml", "trl_datasets.yaml"]
+
+
+def test_datasets_may_name_world_paths_as_the_recipe_does(tmp_path, capsys, files):
+    """``--datasets code=smollm2://train/code.jsonl`` (how a recipe's train.data names a world's
+    sets) is read from the world the fit used, as the recipe's own train.data is, not refused as a
+    missing file ``smollm2:/train/code.jsonl``."""
+    world = tmp_path / "world"
+    (world / "train").mkdir(parents=True)
+    for path in files["paths"].values():
+        (world / "train" / path.name).write_text(path.read_text())
+    mixture = run(tmp_path)
+    data = json.loads(mixture.read_text()) | {"worlds": {"tiny": str(world)}}
+    mixture.write_text(json.dumps(data))
+    by_path = ["--datasets", *(f"{n}={p}" for n, p in files["paths"].items())]
+    by_world = ["--datasets", *(f"{n}=tiny://train/{p.name}" for n, p in files["paths"].items())]
+    common = [str(mixture), "--to", "llamafactory", "--tokenizer", files["tokenizer"]]
+    assert run_cli(main, [*common, *by_world, "--out", str(tmp_path / "w.yaml")]) == 0, capsys.readouterr()
+    assert run_cli(main, [*common, *by_path, "--out", str(tmp_path / "p.yaml")]) == 0
+    written = (tmp_path / "w.yaml").read_text()
+    assert str(world / "train" / "a.jsonl") in written
+    body = [line for line in written.splitlines() if not line.startswith("#")]
+    assert body == [
+        line for line in (tmp_path / "p.yaml").read_text().splitlines() if not line.startswith("#")
+    ]

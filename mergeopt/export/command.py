@@ -112,7 +112,9 @@ def build(args) -> tuple[dict[Format, str], list[str]]:
         recipe, recipe_error = read_run_recipe(mixture), None
     except UserError as err:  # only fatal where the recipe is needed (tokenizer, mergekit, train.data)
         recipe, recipe_error = None, err
-    given = parse_datasets(args.datasets, mixture) if args.datasets else recipe_datasets(recipe, mixture)
+    given = (
+        parse_datasets(args.datasets, mixture, recipe) if args.datasets else recipe_datasets(recipe, mixture)
+    )
     if args.out is not None:  # before anything is counted
         check_not_an_input(
             args, formats, [mixture.path, mixture.path.parent / "recipe.yaml", *given.values()]

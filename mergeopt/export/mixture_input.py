@@ -138,11 +138,12 @@ def resolve_world_path(path: str, mixture: Mixture, recipe=None) -> str:
 # ----------------------------------------------------------------------------- --datasets
 
 
-def parse_datasets(items: Sequence[str], mixture: Mixture) -> dict[str, Path]:
+def parse_datasets(items: Sequence[str], mixture: Mixture, recipe=None) -> dict[str, Path]:
     """``["arith=a.jsonl", ...]`` -> {expert: path}; every name an expert, every path present.
 
     A path also counts as present when it is a Megatron prefix (``PATH.bin`` and ``PATH.idx``) or a
-    glob that matches a file.
+    glob that matches a file. A world path (``smollm2://train/code.jsonl``), as the recipe's
+    ``train.data`` names it, is read from the world the fit used.
     """
     datasets: dict[str, Path] = {}
     for item in items:
@@ -156,6 +157,10 @@ def parse_datasets(items: Sequence[str], mixture: Mixture) -> dict[str, Path]:
             )
         if name in datasets:
             raise UserError(f"--datasets names {name!r} twice")
+        from mergeopt import worlds
+
+        if worlds.scheme_of(raw) is not None:
+            raw = resolve_world_path(raw, mixture, recipe)
         path = Path(raw).expanduser()
         if not (path.exists() or is_megatron_prefix(path) or _glob_matches(path)):
             if "*" in raw:  # OLMo token files: a glob over a directory of .npy files
