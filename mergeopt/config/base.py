@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict
 
@@ -30,6 +30,13 @@ def expand_home(path: str) -> str:
 
 # a recipe value naming a file or directory the run reads or writes: '~' expanded when it is read
 PathText = Annotated[str, AfterValidator(expand_home)]
+
+
+def changed_options(section: BaseModel) -> list[tuple[str, Any]]:
+    """A section's options set away from their defaults, in declaration order: what the
+    ``unused_options`` warnings look at (a written recipe.yaml carries every default)."""
+    fields = type(section).model_fields
+    return [(o, getattr(section, o)) for o, f in fields.items() if getattr(section, o) != f.default]
 
 
 def check_name(name: str, what: str) -> str:

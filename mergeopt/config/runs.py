@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from mergeopt.config.base import PathText, Section, named_once
+from mergeopt.config.base import PathText, Section, changed_options, named_once
 from mergeopt.inputs import MAX_SEED
 
 
@@ -92,7 +92,8 @@ class TrainSection(Section):
         unused = []
         if self.method != "lora":
             unused += [
-                f"train.lora.{o} {v} is read only with train.method lora" for o, v in _changed(self.lora)
+                f"train.lora.{o} {v} is read only with train.method lora"
+                for o, v in changed_options(self.lora)
             ]
         kinds = {
             "divisions": "lattice",
@@ -103,16 +104,10 @@ class TrainSection(Section):
         kinds["weights"] = "list"
         unused += [
             f"train.mixtures.{o} {v} is read only with train.mixtures.kind {kinds[o]}"
-            for o, v in _changed(self.mixtures)
+            for o, v in changed_options(self.mixtures)
             if o in kinds and kinds[o] != self.mixtures.kind
         ]
         return unused
-
-
-def _changed(section: Section) -> list[tuple[str, object]]:
-    """A section's options set away from their defaults, in declaration order."""
-    fields = type(section).model_fields
-    return [(o, getattr(section, o)) for o, f in fields.items() if getattr(section, o) != f.default]
 
 
 class RankSection(Section):

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from mergeopt.config.base import Section
+from mergeopt.config.base import Section, changed_options
 
 
 class OptimSection(Section):
@@ -145,11 +145,8 @@ class SearchSection(Section):
         for strategy in ("grid", "dirichlet", "cmaes", "spsa", "surrogate"):
             if strategy == self.strategy:
                 continue
-            section = getattr(self, strategy)
-            for option, field in type(section).model_fields.items():
-                value = getattr(section, option)
-                if value != field.default:
-                    unused.append(
-                        f"search.{strategy}.{option} {value} is not read by search.strategy {self.strategy}"
-                    )
+            for option, value in changed_options(getattr(self, strategy)):
+                unused.append(
+                    f"search.{strategy}.{option} {value} is not read by search.strategy {self.strategy}"
+                )
         return unused

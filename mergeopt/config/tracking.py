@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from mergeopt.config.base import PathText, Section, named_once
+from mergeopt.config.base import PathText, Section, changed_options, named_once
 
 WANDB_PROJECT_CHARACTERS = "/\\#?%:"  # what W&B refuses in a project name (wandb.Settings.validate_project)
 WANDB_PROJECT_LENGTH = 128
@@ -101,9 +101,9 @@ class LoggingSection(Section):
             "wandb_mode": ("wandb",),
         }
         unused = []
-        for option, backends in readers.items():
-            value = getattr(self, option)
-            if value != type(self).model_fields[option].default and not set(backends) & set(self.backends):
+        for option, value in changed_options(self):
+            backends = readers.get(option)  # None: logging.backends itself
+            if backends is not None and not set(backends) & set(self.backends):
                 read_by = " or ".join(backends)
                 unused.append(
                     f"logging.{option} {value} is read by the {read_by} backend, not in logging.backends"

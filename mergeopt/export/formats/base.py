@@ -210,6 +210,15 @@ class Format:
     eos_if_missing: bool = False
 
 
+def share_drift_per_token(plan: Plan, names: Sequence[str]) -> float:
+    """How far the trained token shares move, at most, when each sample of ``names`` carries one
+    token more than counted: what a header says of tokens a trainer adds that the export cannot know."""
+    samples = plan.sample_shares
+    trained = {n: samples[n] * plan.stats[n].mean_tokens for n in plan.names}
+    more = {n: samples[n] * (plan.stats[n].mean_tokens + (n in names)) for n in plan.names}
+    return max(abs(more[n] / sum(more.values()) - trained[n] / sum(trained.values())) for n in plan.names)
+
+
 def output_path(fmt: Format, out: str | None, many: bool) -> Path | None:
     """The file ``--out`` puts ``fmt`` in: ``DIR/filename`` for ``--to all``, an existing
     directory or one named with a trailing slash (``--out exports/``, created), else ``--out``

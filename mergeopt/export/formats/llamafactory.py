@@ -43,7 +43,7 @@ import yaml
 
 from mergeopt.errors import UserError
 from mergeopt.export.formats import sliced
-from mergeopt.export.formats.base import Context, Format, Specials
+from mergeopt.export.formats.base import Context, Format, Specials, share_drift_per_token
 from mergeopt.export.shares import format_number
 
 # LLaMA-Factory's dataset_info.json entry (without file_name) for each record layout mergeopt reads
@@ -306,10 +306,7 @@ def sft_template_note(ctx: Context) -> list[str]:
     wrapped = [n for n, layout in layouts.items() if layout in ("prompt_completion", "text")]
     if not wrapped:
         return []
-    samples = plan.sample_shares
-    trained = {n: samples[n] * plan.stats[n].mean_tokens for n in plan.names}
-    more = {n: samples[n] * (plan.stats[n].mean_tokens + (n in wrapped)) for n in plan.names}
-    drift = max(abs(more[n] / sum(more.values()) - trained[n] / sum(trained.values())) for n in plan.names)
+    drift = share_drift_per_token(plan, wrapped)
     return [
         f"# stage: sft formats each record with the template; the counts of {', '.join(wrapped)} (prompt/"
         "completion or text, counted bare) include the tokens that template: left out writes around each "

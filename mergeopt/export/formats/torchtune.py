@@ -21,7 +21,7 @@ import yaml
 
 from mergeopt.errors import UserError
 from mergeopt.export.formats import sliced
-from mergeopt.export.formats.base import Context, Format, Specials
+from mergeopt.export.formats.base import Context, Format, Specials, share_drift_per_token
 from mergeopt.export.token_stats import Source
 
 BUILDERS = {
@@ -89,10 +89,7 @@ def role_headers_note(ctx: Context) -> list[str]:
     ]
     if not names:
         return []
-    samples = plan.sample_shares
-    trained = {n: samples[n] * plan.stats[n].mean_tokens for n in plan.names}
-    more = {n: samples[n] * (plan.stats[n].mean_tokens + (n in names)) for n in plan.names}
-    drift = max(abs(more[n] / sum(more.values()) - trained[n] / sum(trained.values())) for n in plan.names)
+    drift = share_drift_per_token(plan, names)
     return [
         f"# {', '.join(names)}: instruct_dataset counted as a BOS, the prompt, the completion and an EOS, as "
         "a BOS/EOS model tokenizer (Llama 2, Mistral) writes them; one with role headers writes a header "
