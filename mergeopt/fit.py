@@ -95,6 +95,7 @@ def _fit(recipe: Recipe, progress: bool, log: Callable[[str], None], resume: str
     grid_search.check_budget(resolved)  # a lattice larger than the budget, before any model is loaded
     if resolved.rank.grid is not None:  # a bad grid table is reported before any work
         from mergeopt.evaluation.proxy import check_grid_unit, check_truth, read_grid
+        from mergeopt.worlds.grid_measures import check_measured_inputs
         from mergeopt.worlds.run_records import grid_run_records
 
         table = read_grid(resolved.rank.grid, resolved.expert_names)
@@ -102,6 +103,7 @@ def _fit(recipe: Recipe, progress: bool, log: Callable[[str], None], resume: str
         check_grid_unit(
             grid_run_records(table, resolved.rank.grid), resolved.rank.grid, resolved.weights.unit
         )
+        check_measured_inputs(resolved.rank.grid, resolved, objective)
     sizes = source_sizes(resolved, log)  # repetition caps' source sizes in weights.unit (None without a cap)
     feasible = feasible_set(resolved, sizes) if resolved.weights.constrained else None
     record = None if feasible is None else constraints_record(resolved, feasible, sizes)
@@ -110,6 +112,10 @@ def _fit(recipe: Recipe, progress: bool, log: Callable[[str], None], resume: str
     if resuming:  # a tracked run resumed in another project or store would be split, before loading
         tracking.check_resumed(recipe, checkpoint)
     problem = load_problem(resolved, progress, objective)
+    if resolved.rank.grid is not None:  # the grid's truth was measured on the tokens the proxy scores
+        from mergeopt.worlds.grid_measures import check_measured_tokens
+
+        check_measured_tokens(resolved.rank.grid, resolved, objective, problem.sets)
     if resuming:
         changed = f", with {', '.join(checkpoint.changed)}" if checkpoint.changed else ""
         log(f"resuming from {checkpoint.dir}{changed}")

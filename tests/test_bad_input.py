@@ -377,6 +377,20 @@ def _grid(world, tmp, change: Callable[[list[dict]], None]) -> list[str]:
     return [_recipe(world, tmp), "--grid", str(tmp / "grid.csv")]
 
 
+def _grid_measured_on_fewer_records(world, tmp) -> list[str]:
+    """A grid whose mergeopt train read 5 records of dev set arith (data.max_examples: 5), ranked
+    by a recipe that reads all 20."""
+    from mergeopt.runtime.fingerprint import digest
+    from mergeopt.worlds.grid_measures import KIND, VERSION, measured_path
+
+    args = _grid(world, tmp, lambda rows: None)
+    path = world["dev"]["arith"]
+    arith = {"path": path, "digest": digest(path), "max_examples": 5, "records": 5, "max_length": 48}
+    measures = {"kind": KIND, "version": VERSION, "columns": {"loss_arith": {"dev_set": arith}}}
+    measured_path(tmp / "grid.csv").write_text(json.dumps(measures))
+    return args
+
+
 def _no_run_grid_without_proxy(world, tmp) -> list[str]:
     """A grid of only its header line, and a recipe whose calibration leaves the proxy out."""
     (tmp / "grid.csv").write_text("w_alpha,w_beta,w_gamma,loss_arith,loss_markov\n")
@@ -1870,6 +1884,13 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
             str(t / "out"),
         ],
         "overflows float16",
+    ),
+    "grid measured on other records of a dev set": (
+        "grid table",
+        "rank",
+        lambda w, t: _grid_measured_on_fewer_records(w, t),
+        "its loss_arith was measured on 5 records of dev set 'arith' (data.max_examples 5), and this "
+        "recipe reads 20 records (data.max_examples null): rerun mergeopt train",
     ),
     "grid rows all one mixture": (
         "grid table",

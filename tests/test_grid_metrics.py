@@ -10,21 +10,34 @@ scores at the vertices (where the merge is the expert) against the experts' own 
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from mergeopt.cli import main
 from mergeopt.config import recipe_from_dict
+from mergeopt.errors import UserError
 from mergeopt.evaluation.rank import rank_grid
 from mergeopt.loading.problem import load_problem
 from mergeopt.objectives import metrics
 from mergeopt.objectives.data import read_jsonl
 from mergeopt.objectives.objective import Objective
+from mergeopt.objectives.term_scores import load_dev_sets
 from mergeopt.runtime.exact_csv import read_csv
+from mergeopt.runtime.fingerprint import digest
 from mergeopt.worlds import resolve_recipe
+from mergeopt.worlds.grid_measures import (
+    check_measured_inputs,
+    check_measured_tokens,
+    measured_path,
+    token_digest,
+)
 from mergeopt.worlds.run_records import RUN_MARKER
 from mergeopt.worlds.train import train
 
@@ -168,3 +181,178 @@ def test_rank_reports_each_term_in_its_direction_and_keeps_the_target(ranked):
     np.testing.assert_array_equal(pairs[NLL][1], table[f"score_{NLL}"])
     target = table[["loss_arith", "loss_reverse"]].mean(axis=1)  # data.target 'all', equal weights
     np.testing.assert_allclose(pairs["target"][1], target, rtol=1e-12)
+
+
+# --- what grid.csv's columns measured (grid.measured.json) and the readers' checks of it ---
+
+
+def measures(grids) -> dict:
+    return json.loads(measured_path(grids["grid"]).read_text())["columns"]
+
+
+def changed_tree(grids, tmp_path, *changes) -> dict:
+    """The recipe that scored the grid, with rank.grid set and the output elsewhere, then
+    ``changes`` as (section, key, value)."""
+    tree = json.loads(json.dumps(grids["tree"]))
+    tree["rank"]["grid"] = str(grids["grid"])
+    tree["output_dir"] = str(tmp_path / "out")
+    for section, key, value in changes:
+        if section == "term":
+            tree["objective"]["terms"][0][key] = value
+        else:
+            tree[section][key] = value
+    return tree
+
+
+def resolved_of(tree):
+    recipe, _ = resolve_recipe(recipe_from_dict(tree), log=lambda _m: None)
+    return recipe, Objective.from_recipe(recipe)
+
+
+def test_train_writes_what_each_column_measured(grids, tiny_world):
+    columns = measures(grids)
+    assert set(columns) == {"loss_arith", "loss_reverse", f"score_{EM}", f"score_{NLL}"}
+    arith = columns["loss_arith"]["dev_set"]
+    assert arith["digest"] == digest(tiny_world / "dev" / "arith.jsonl")
+    assert (arith["records"], arith["max_examples"], arith["max_length"]) == (MAX_EXAMPLES, MAX_EXAMPLES, 64)
+    assert columns[f"score_{EM}"]["dev_set"] == arith  # the records its score was measured on
+    assert columns[f"score_{EM}"]["term"] == {
+        "kind": "exact_match",
+        "dev": "arith",
+        "max_new_tokens": MAX_NEW_TOKENS,
+        "stop": ["\n"],
+    }
+    # the tokens the proxy scores for the same recipe are the ones the runs were measured on
+    recipe, objective = resolved_of(changed_tree(grids, grids["tmp"]))
+    sets = load_dev_sets(recipe.data, recipe.seed, AutoTokenizer.from_pretrained(recipe.model.base))
+    assert [token_digest(s) for s in sets] == [columns[f"loss_{n}"]["dev_set"]["tokens"] for n in EXPERTS]
+    check_measured_inputs(grids["grid"], recipe, objective)
+    check_measured_tokens(grids["grid"], recipe, objective, sets)
+    sets[0].heldout = sets[0].heldout[1:]  # one example fewer: other tokens
+    with pytest.raises(UserError, match="other tokens of dev set 'arith' than this recipe scores"):
+        check_measured_tokens(grids["grid"], recipe, objective, sets)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (
+            [("data", "max_examples", 24)],
+            "its loss_arith was measured on 48 records of dev set 'arith' (data.max_examples 48), "
+            "and this recipe reads 24 records (data.max_examples 24): rerun mergeopt train",
+        ),
+        (
+            [("data", "max_examples", None)],
+            "measured on 48 records of dev set 'arith' (data.max_examples 48), and this recipe reads",
+        ),
+        (
+            [("term", "max_new_tokens", 16)],
+            f"its score_{EM} was scored with max_new_tokens 8, and objective term '{EM}' has 16 now",
+        ),
+        (
+            [("term", "stop", [])],
+            f"its score_{EM} was scored with stop [\"\\n\"], and objective term '{EM}' has [] now",
+        ),
+    ],
+)
+def test_a_recipe_measuring_other_records_is_refused_before_any_model_is_loaded(
+    grids, tmp_path, changes, message
+):
+    recipe, objective = resolved_of(changed_tree(grids, tmp_path, *changes))
+    with pytest.raises(UserError) as err:
+        check_measured_inputs(grids["grid"], recipe, objective)
+    assert message in str(err.value)
+
+
+def test_a_dev_set_is_compared_by_its_contents(grids, tiny_world, tmp_path):
+    lines = (tiny_world / "dev" / "arith.jsonl").read_text().splitlines(keepends=True)
+    same, edited = tmp_path / "same.jsonl", tmp_path / "edited.jsonl"
+    same.write_text("".join(lines))  # another path, the same records: measured alike
+    edited.write_text("".join(lines[1:]))  # the first record gone: other records
+    for path, refused in ((same, False), (edited, True)):
+        tree = changed_tree(grids, tmp_path)
+        tree["data"]["dev"][0]["path"] = str(path)
+        recipe, objective = resolved_of(tree)
+        if not refused:
+            check_measured_inputs(grids["grid"], recipe, objective)
+            continue
+        with pytest.raises(
+            UserError, match=rf"its loss_arith was measured on another file than dev set 'arith' \({path};"
+        ):
+            check_measured_inputs(grids["grid"], recipe, objective)
+
+
+def test_a_cap_that_reads_the_same_records_passes(grids, tmp_path):
+    """data.max_examples differs, but both read every record of the file: the same records."""
+    grid = tmp_path / "grid.csv"
+    grid.write_text(grids["grid"].read_text())
+    content = json.loads(measured_path(grids["grid"]).read_text())
+    everything = len(read_jsonl(Path(content["columns"]["loss_arith"]["dev_set"]["path"])))
+    for column in content["columns"].values():
+        column.get("dev_set", {}).update(max_examples=10**6, records=everything)
+    measured_path(grid).write_text(json.dumps(content))
+    recipe, objective = resolved_of(changed_tree(grids, tmp_path, ("data", "max_examples", None)))
+    check_measured_inputs(grid, recipe, objective)
+    # a grid without the file (made elsewhere, or by an earlier mergeopt) is not checked
+    measured_path(grid).unlink()
+    recipe, objective = resolved_of(changed_tree(grids, tmp_path, ("data", "max_examples", 24)))
+    check_measured_inputs(grid, recipe, objective)
+
+
+@pytest.mark.parametrize("verb", ["rank", "calibrate", "fit"])
+def test_each_reader_of_the_grid_refuses_in_one_line_and_writes_nothing(grids, tmp_path, capsys, verb):
+    tree = changed_tree(grids, tmp_path, ("data", "max_examples", 24))
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    assert main([verb, str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was measured on 48 records of dev set 'arith'" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_shorter_max_length_is_refused_once_the_dev_sets_are_read(grids, tmp_path, capsys):
+    tree = changed_tree(grids, tmp_path, ("data", "max_length", 16))
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    assert main(["rank", str(path), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    # arith's records are shorter than 16 tokens: the same tokens, not refused; reverse's are cut
+    assert (
+        "its loss_reverse was measured on other tokens of dev set 'reverse' than this recipe scores "
+        in err[0]
+    )
+    assert "(data.max_length 16 now, 64 then)" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_rerun_without_a_term_keeps_what_its_column_measured(grids, tmp_path):
+    """Score columns carried over from an earlier grid.csv keep their entries; the rest are new."""
+    shutil.copytree(grids["tmp"] / "grid", tmp_path / "grid")
+    copied = tmp_path / "grid" / "grid.csv"  # its mixture runs' paths, in the copy
+    copied.write_text(copied.read_text().replace(str(grids["tmp"] / "grid"), str(tmp_path / "grid")))
+    tree = json.loads(json.dumps(grids["tree"]))
+    tree["train"]["output_dir"] = str(tmp_path / "grid")
+    before = measures(grids)
+    tree.pop("objective")
+    tree["data"]["max_examples"] = 24  # the losses are measured again, on fewer records
+    grid = train(recipe_from_dict(tree), progress=False, log=lambda _m: None)
+    after = json.loads(measured_path(grid).read_text())["columns"]
+    assert after[f"score_{EM}"] == before[f"score_{EM}"]  # measured on 48 records, and says so
+    assert after["loss_arith"]["dev_set"]["records"] == 24
+
+
+def test_a_kill_while_grid_csv_is_replaced_leaves_no_stale_measures(grids, tmp_path, monkeypatch):
+    from mergeopt.worlds import grid_table
+
+    grid = tmp_path / "grid.csv"
+    grid.write_text(grids["grid"].read_text())
+    measured_path(grid).write_text(measured_path(grids["grid"]).read_text())
+
+    def killed(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(grid_table, "write_csv_atomic", killed)
+    with pytest.raises(KeyboardInterrupt):
+        grid_table.write_grid(grid, [], EXPERTS, [], [], {})
+    assert grid.read_text() == grids["grid"].read_text() and not measured_path(grid).exists()

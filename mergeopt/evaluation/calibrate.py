@@ -243,6 +243,7 @@ def _proxy_scores(
     from mergeopt.loading.problem import load_problem
     from mergeopt.runtime.fingerprint import input_fingerprints
     from mergeopt.runtime.resume import open_state, recipe_tree
+    from mergeopt.worlds.grid_measures import check_measured_tokens
 
     spec, names = recipe.calibrate, recipe.expert_names
     checkpoint, resuming = open_state(
@@ -264,6 +265,7 @@ def _proxy_scores(
     evaluated = evaluation_order(candidates, journaled, names)
     try:
         problem = load_problem(resolved, not quiet, objective, trains=False)  # evaluations only
+        check_measured_tokens(grid.path, resolved, objective, problem.sets)
         scored = proxy_grid(
             problem, objective, evaluated, not quiet, checkpoint, together=resolved.model.shard == "fsdp"
         )
@@ -279,6 +281,7 @@ def _proxy_scores(
 def _run(args: argparse.Namespace, recipe, out: Path) -> int:
     from mergeopt.runtime.rundir import staged
     from mergeopt.worlds import resolve_recipe
+    from mergeopt.worlds.grid_measures import check_measured_inputs
 
     spec, names = recipe.calibrate, recipe.expert_names
     objective = Objective.from_recipe(recipe)
@@ -286,6 +289,7 @@ def _run(args: argparse.Namespace, recipe, out: Path) -> int:
     quiet = args.quiet or not distributed.is_main()
     with distributed.main_first():
         resolved, world_roots = resolve_recipe(recipe, (lambda _m: None) if quiet else print)
+    check_measured_inputs(grid.path, resolved, objective)  # the runs' truth was measured on these records
     problem, candidates, scores = _proxy_scores(args, recipe, resolved, out, objective, grid, quiet)
     if not distributed.is_main():
         return 0

@@ -192,6 +192,7 @@ def _grid_run(args, recipe, out: Path) -> int:
     from mergeopt.loading.problem import load_problem
     from mergeopt.runtime.resume import recipe_tree
     from mergeopt.worlds import resolve_recipe
+    from mergeopt.worlds.grid_measures import check_measured_inputs, check_measured_tokens
     from mergeopt.worlds.run_records import grid_run_records
 
     grid = args.grid or recipe.rank.grid
@@ -207,11 +208,13 @@ def _grid_run(args, recipe, out: Path) -> int:
     quiet = args.quiet or not distributed.is_main()
     with distributed.main_first():  # one rank builds a world into the cache, the others reuse it
         resolved, _ = resolve_recipe(recipe, (lambda _m: None) if quiet else print)
+    check_measured_inputs(grid, resolved, objective)  # the grid's truth was measured on these records
     # the proxy's evaluations depend on the recipe, not on how the rank statistics are drawn
     tree = {k: v for k, v in recipe_tree(recipe).items() if k != "rank"}
     checkpoint, resuming = _rank_checkpoint(out, tree, input_fingerprints(resolved), args.restart, quiet)
     try:
         problem = load_problem(resolved, not quiet, objective, trains=False)  # evaluations only
+        check_measured_tokens(grid, resolved, objective, problem.sets)
         report, pairs, _, baselines = rank_grid(
             problem,
             objective,

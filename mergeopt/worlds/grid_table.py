@@ -24,6 +24,7 @@ from mergeopt.objectives.term_scores import score_column, score_terms
 from mergeopt.runtime.exact_csv import read_csv
 from mergeopt.runtime.files import write_csv_atomic
 from mergeopt.runtime.interrupts import check_interrupt
+from mergeopt.worlds.grid_measures import measured_path, read_measures, write_measures
 from mergeopt.worlds.run_records import RUN_MARKER
 
 
@@ -87,11 +88,20 @@ def grid_rows(
 
 
 def write_grid(
-    path: Path, rows: list[dict], names: Sequence[str], sets: Sequence[DevSet], terms: Sequence[ObjectiveTerm]
+    path: Path,
+    rows: list[dict],
+    names: Sequence[str],
+    sets: Sequence[DevSet],
+    terms: Sequence[ObjectiveTerm],
+    measures: dict,
 ) -> Path:
     """grid.csv written whole (atomically): ``run``, ``path``, the weights, each dev set's loss, each
     term's score, the score columns an earlier grid.csv holds that this recipe does not recompute,
-    and ``tokens``."""
+    and ``tokens``; then ``grid.measured.json`` beside it, what each column measured (``measures``,
+    :func:`mergeopt.worlds.grid_measures.grid_measures`, and the carried columns' earlier entries).
+
+    The earlier measures file is removed before grid.csv is replaced: a kill between the two
+    writes leaves a grid that is not checked, never one described by another grid's measures."""
     columns = [
         "run",
         "path",
@@ -100,8 +110,13 @@ def write_grid(
         *(score_column(t) for t in terms),
         "tokens",
     ]
-    columns[-1:-1] = _kept_score_columns(path, rows, columns)
-    return write_csv_atomic(path, rows, columns)
+    kept = _kept_score_columns(path, rows, columns)
+    columns[-1:-1] = kept
+    earlier = read_measures(path)
+    measured_path(path).unlink(missing_ok=True)
+    written = write_csv_atomic(path, rows, columns)
+    write_measures(path, measures, kept, earlier)
+    return written
 
 
 def _kept_score_columns(path: Path, rows: list[dict], columns: Sequence[str]) -> list[str]:

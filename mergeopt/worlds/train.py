@@ -54,6 +54,7 @@ from mergeopt.runtime.interrupts import check_interrupt, interruptible, pending_
 from mergeopt.runtime.rundir import check_apart_from_inputs, check_output_dir, owned_all, recover, staged
 from mergeopt.search.mixtures import mixture_set
 from mergeopt.worlds import resolve_recipe
+from mergeopt.worlds.grid_measures import grid_measures
 from mergeopt.worlds.grid_table import grid_rows, write_grid
 from mergeopt.worlds.run_records import (
     RUN_MARKER,
@@ -325,6 +326,7 @@ def _train(recipe: Recipe, progress: bool, log: Callable[[str], None]) -> Path:
     terms = Objective.from_recipe(resolved).metric_terms
     # the records rank's proxy is scored on
     sets = load_dev_sets(resolved.data, resolved.seed, tokenizer, terms)
+    measures = grid_measures(resolved, sets, terms)  # what grid.csv's columns measure: these records
     custom = load_custom(terms)  # a bad import path fails before any training
     mixtures = mixture_set(cfg.mixtures, names, resolved.seed)
     inputs = input_digests(resolved)
@@ -365,7 +367,7 @@ def _train(recipe: Recipe, progress: bool, log: Callable[[str], None]) -> Path:
     except Interrupted as stop:  # every run is trained by now: none is in progress
         stop.hint = EVALUATION_HINT
         raise
-    grid = write_grid(out_dir / "grid.csv", rows, names, sets, terms)
+    grid = write_grid(out_dir / "grid.csv", rows, names, sets, terms, measures)
     log(f"wrote {grid} ({len(rows)} mixtures)")
     return grid
 
