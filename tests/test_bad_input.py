@@ -656,6 +656,18 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         lambda w, t: [_recipe(w, t), "data.dev.0.name=off"],
         "data.dev.0.name: is the boolean false, not a string",
     ),
+    "seed given as yes, unquoted": (
+        "recipe",
+        "fit",
+        lambda w, t: [_recipe(w, t, lambda tr: tr.update(seed=True))],
+        "seed: true is not a number (YAML reads unquoted true/false, yes/no and on/off as booleans)",
+    ),
+    "mixture weight given as on, unquoted": (
+        "recipe",
+        "fit",
+        lambda w, t: [_recipe(w, t), "weights.init={alpha: on, beta: 1, gamma: 1}"],
+        "weights.init: alpha: true is not a number",
+    ),
     "override without =": ("recipe", "fit", lambda w, t: [_recipe(w, t), "optim.steps"], "optim.steps"),
     "K = 1 expert": (
         "recipe",

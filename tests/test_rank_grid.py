@@ -120,10 +120,11 @@ def test_grid_without_a_metric_terms_scores(random_world, tmp_path, changes, mes
             "its weights name ['alpha', 'delta']",
         ),
         (None, "does not exist"),
+        ("seed: 0\nmodel:\n  base: b\n", "fit.yaml: a YAML file (a recipe?), not a mixture.json"),
     ],
 )
 def test_a_damaged_or_foreign_mixture_is_one_line(random_world, tmp_path, content, message):
-    mixture = tmp_path / "mixture.json"
+    mixture = tmp_path / ("fit.yaml" if content and content.startswith("seed:") else "mixture.json")
     if content is not None:
         mixture.write_text(content)
     tree = recipe_tree(random_world, tmp_path / "out")

@@ -9,15 +9,60 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from types import NoneType, UnionType
+from typing import Annotated, Any, Union, get_args, get_origin
 
-from pydantic import AfterValidator, BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo, field_validator
+
+NUMBERS = (int, float)
 
 
 class Section(BaseModel):
     # allow_inf_nan=False: NaN passes every comparison test (abs(nan - 1) > tol is false) and inf
     # passes every `gt=0`, so every float of a recipe, nested ones too, must be a finite number
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_yes_no_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """A number given as true/false (YAML reads unquoted yes/no/on/off so too) is refused:
+        pydantic's lax mode takes it as 1 or 0, and ``seed: true`` ran with seed 1, without a word.
+        Checked for number fields and the values of a mapping of numbers (``weights.init``)."""
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, dict) and _number_mapping(annotation):
+            items = [(f"{key}: ", item) for key, item in value.items()]
+        elif _is_number(annotation):
+            items = [("", value)]
+        else:
+            return value
+        for key, item in items:
+            if isinstance(item, bool):
+                raise ValueError(
+                    f"{key}{str(item).lower()} is not a number (YAML reads unquoted true/false, yes/no "
+                    "and on/off as booleans)"
+                )
+        return value
+
+
+def _members(annotation) -> tuple:
+    """The types an annotation allows: each member of a union (``int | None``), else itself."""
+    if get_origin(annotation) in (Union, UnionType):
+        return tuple(a for a in get_args(annotation) if a is not NoneType)
+    return (annotation,)
+
+
+def _is_number(annotation) -> bool:
+    """A field that holds a number (``int``, ``float | None``), and no yes/no."""
+    members = _members(annotation)
+    return all(m in NUMBERS for m in members) and bool(members)
+
+
+def _number_mapping(annotation) -> bool:
+    """A field that maps names to numbers (``dict[str, float] | None``)."""
+    return any(
+        get_origin(m) is dict and len(get_args(m)) == 2 and _is_number(get_args(m)[1])
+        for m in _members(annotation)
+    )
 
 
 def expand_home(path: str) -> str:

@@ -48,6 +48,10 @@ def read_run_file(model: type[T], path: str | Path) -> T:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
+        if path.suffix.lower() in (".yaml", ".yml"):  # a recipe where the run's file was meant
+            raise UserError(
+                f"{path}: a YAML file (a recipe?), not a {model.FILE}: name the run directory or its {model.FILE}"
+            ) from None
         raise UserError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from None
     except UnicodeDecodeError:
         raise UserError(f"{path}: not a UTF-8 text file") from None
