@@ -1555,11 +1555,17 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         ),
         "train.mixtures: an interior_only lattice of divisions 2 over 3 experts holds no mixture",
     ),
+    "dev set weight past float32": (
+        "recipe",
+        "fit",
+        lambda w, t: [_recipe(w, t), "data.dev.0.weight=1.0e308"],
+        "data.dev.0.weight: 1.0e308 is out of range: it must be <= 1e+30",
+    ),
     "recipe seed out of range": (
         "recipe",
         "fit",
         lambda w, t: [_recipe(w, t), f"seed={2**63}"],
-        "seed: Input should be less than or equal to 9223372036854775807",
+        "seed: 9223372036854775808 is out of range: it must be <= 9223372036854775807",
     ),
     "export --max-epochs nan": (
         "option",

@@ -152,7 +152,7 @@ def test_overrides_index_lists_as_errors_name_their_items(tmp_path):
         ("code", "/dev/code.jsonl", 3.0),
     ]
     # the key a validation error names is the key an override sets
-    with pytest.raises(UserError, match=r"data\.dev\.1\.weight: Input should be greater than or equal to 0"):
+    with pytest.raises(UserError, match=r"data\.dev\.1\.weight: -1(\.0)? is out of range: it must be >= 0"):
         load_recipe(path, ["data.dev.1.weight=-1"])
     with pytest.raises(UserError, match=r"data\.dev is a list of 2 item\(s\); index it with 0 to 1, not '2'"):
         load_recipe(path, ["data.dev.2.weight=1"])

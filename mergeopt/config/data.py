@@ -15,7 +15,10 @@ class DevSetSpec(Section):
         description="JSONL file (or parquet, arrow, CSV, JSON array, save_to_disk directory) of text, "
         "prompt/completion, prompt/choices/answer or conversation records."
     )
-    weight: float = Field(default=1.0, ge=0.0, description="The set's weight in a loss over all sets.")
+    # le: the weights are relative and applied in float32, where 1e308 (or a sum past 3.4e38) is inf
+    weight: float = Field(
+        default=1.0, ge=0.0, le=1e30, description="The set's weight in a loss over all sets."
+    )
 
     @field_validator("name")
     @classmethod

@@ -125,6 +125,12 @@ def _describe(error: dict[str, Any]) -> tuple[str, str]:
         return _yaml_boolean(error)
     if error["type"] in ("tuple_type", "list_type"):  # pydantic says "tuple" of a field users write as a list
         return loc, f"should be a list, such as [a, b] (YAML), got {error['input']!r}"
+    if error["type"] in ("less_than_equal", "greater_than_equal", "less_than", "greater_than"):
+        # pydantic writes a bound in full: 1e30 as thirty-one digits
+        ((op, bound),) = error["ctx"].items()
+        sign = {"le": "<=", "ge": ">=", "lt": "<", "gt": ">"}[op]
+        shown = f"{bound:g}" if isinstance(bound, float) else str(bound)
+        return loc, f"{error['input']} is out of range: it must be {sign} {shown}"
     msg = error["msg"].removeprefix("Value error, ")
     return loc, msg
 

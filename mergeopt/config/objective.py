@@ -34,7 +34,8 @@ class ObjectiveTerm(Section):
         default="all",
         description="Dev set it is scored on ('all' only for loss; lm_eval uses its task's data).",
     )
-    weight: float = Field(default=1.0, gt=0.0, description="Share of this term in the utility.")
+    # le: relative, and applied in float32, where 1e308 (or a sum past 3.4e38) is inf
+    weight: float = Field(default=1.0, gt=0.0, le=1e30, description="Share of this term in the utility.")
     name: str | None = Field(default=None, description="Column name in logs; default '<kind>:<dev>'.")
     function: str | None = Field(
         default=None, description="custom: 'package.module:function' called with (model, tokenizer, records)."
