@@ -142,8 +142,20 @@ def test_the_leave_one_out_fits_show_a_bar_to_their_total(capsys):
 
 def test_a_grid_too_small_for_a_baseline_says_so():
     assert baselines.skipped(20, 4) == {}
-    assert baselines.skipped(6, 4) == {"mixing_law_loo": "5 runs per fit, fewer than its 6 parameters"}
+    assert baselines.skipped(6, 4)["mixing_law_loo"] == "5 runs per fit, fewer than its 6 parameters"
     assert set(baselines.skipped(2, 3)) == {"mixing_law_loo", "lightgbm_loo"}
+    assert "lightgbm_loo" in baselines.skipped(6, 2) and "lightgbm_loo" not in baselines.skipped(7, 2)
+
+
+def test_lightgbm_on_too_few_runs_would_rank_exactly_against_the_truth():
+    """Why it is skipped below 2 x min_child_samples runs per fit: no tree splits, each prediction
+    is the others' mean, and the Spearman correlation is -1 whatever the runs."""
+    rng = np.random.default_rng(0)
+    weights = rng.dirichlet(np.ones(3), size=6)
+    truth = rng.normal(size=6)
+    predicted = baselines.lightgbm_loo(weights, truth, seed=0)
+    np.testing.assert_allclose(predicted, (truth.sum() - truth) / 5, rtol=1e-6)  # LightGBM's float32
+    assert scipy.stats.spearmanr(predicted, truth).statistic == pytest.approx(-1.0)
 
 
 def test_a_rank_report_sets_every_baseline_beside_the_proxy(random_world, tmp_path):
@@ -190,8 +202,11 @@ def test_a_small_grid_reports_the_baselines_it_can(random_world, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "r" / "rank_report.json").read_text())
-    assert set(report["baselines"]) == {"interpolation", "lightgbm_loo"}
-    assert report["baselines_skipped"] == {"mixing_law_loo": "2 runs per fit, fewer than its 5 parameters"}
+    assert set(report["baselines"]) == {"interpolation"}
+    assert report["baselines_skipped"]["mixing_law_loo"] == "2 runs per fit, fewer than its 5 parameters"
+    assert report["baselines_skipped"]["lightgbm_loo"].startswith(
+        "2 runs per fit, fewer than the 6 a LightGBM split needs"
+    )
     assert (
         "not computed (2 runs per fit, fewer than its 5 parameters)"
         in (tmp_path / "r" / "rank_report.md").read_text()

@@ -305,8 +305,15 @@ def skipped(n: int, k: int) -> dict[str, str]:
     out = {}
     if n - 1 < k + 2:
         out["mixing_law_loo"] = f"{n - 1} runs per fit, fewer than its {k + 2} parameters"
-    if n - 1 < 2:
-        out["lightgbm_loo"] = f"{n - 1} run per fit"
+    from mergeopt.config import SurrogateSearch
+
+    split = 2 * SurrogateSearch().min_child_samples  # fewer rows than that: no tree can split
+    if n - 1 < split:  # the other runs' mean, (S - y_i)/(n - 1): Spearman exactly -1, whatever the runs
+        out["lightgbm_loo"] = (
+            f"{n - 1} run{'s' if n - 1 != 1 else ''} per fit, fewer than the {split} a LightGBM split needs "
+            f"(2 x min_child_samples): each prediction would be the mean of the other runs, which ranks "
+            "them exactly against the truth"
+        )
     return out
 
 
