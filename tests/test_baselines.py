@@ -10,6 +10,10 @@ scipy.stats on the predictions they write.
 from __future__ import annotations
 
 import json
+import multiprocessing
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -315,3 +319,33 @@ def test_a_pool_whose_workers_die_is_one_line(monkeypatch):
     weights, truths, experts = _small_problem()
     with pytest.raises(UserError, match="set rank.workers: 1 to fit them in this process"):
         baselines.baseline_predictions(weights, truths, experts, seed=0, workers=2)
+
+
+FORKSERVER_MASK = """
+import multiprocessing.forkserver as forkserver, signal
+import numpy as np
+from mergeopt.evaluation import baselines
+
+rng = np.random.default_rng(0)
+weights = rng.dirichlet(np.ones(3), size=8)
+baselines.baseline_predictions(
+    weights, {"t": rng.normal(size=8)}, {"t": np.zeros(3)}, 0, asked=("lightgbm_loo",), workers=2
+)
+status = open(f"/proc/{forkserver._forkserver._forkserver_pid}/status").read()
+blocked = int(next(line for line in status.splitlines() if line.startswith("SigBlk:")).split()[1], 16)
+print(blocked >> (signal.SIGINT - 1) & 1, signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+"""
+
+
+@pytest.mark.skipif(
+    not Path("/proc/self/status").exists() or "forkserver" not in multiprocessing.get_all_start_methods(),
+    reason="reads the fork server's signal mask from Linux's /proc",
+)
+def test_the_pools_fork_server_starts_with_sigint_blocked():
+    """A Ctrl-C while the fork server imports its preloads (about 3 s) printed its traceback under
+    the command's one line: it starts with SIGINT blocked, and this process's mask is restored."""
+    result = subprocess.run(
+        [sys.executable, "-c", FORKSERVER_MASK], capture_output=True, text=True, timeout=300, cwd=REPO
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["1", "False"]

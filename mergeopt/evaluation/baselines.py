@@ -32,6 +32,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -255,10 +256,11 @@ def _pooled(
     out = {job: np.empty(n) for job in jobs}
     try:
         with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_ignore_sigint) as pool:
-            futures = {
-                pool.submit(_loo_share, name, weights, truths[metric], seed, rows): ((name, metric), rows)
-                for (name, metric), rows in shares
-            }
+            with _sigint_held():  # the fork server and the workers start here
+                futures = {
+                    pool.submit(_loo_share, name, weights, truths[metric], seed, rows): ((name, metric), rows)
+                    for (name, metric), rows in shares
+                }
             pending = set(futures)
             try:
                 while pending:  # every half second: a signal to this process is honoured between shares
@@ -290,6 +292,23 @@ def _ignore_sigint() -> None:
     honour; a worker raising KeyboardInterrupt mid-fit ended the command without saying where its
     state is."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextmanager
+def _sigint_held():
+    """SIGINT blocked in this thread while the pool's processes start, so that they start with it
+    blocked: the fork server imports :data:`PRELOAD` (about 3 s) before it ignores SIGINT, and a
+    Ctrl-C then (sent to the terminal's whole process group) printed its KeyboardInterrupt
+    traceback under the command's one line. A Ctrl-C meanwhile waits, and reaches this process
+    when the block ends."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no fork server either
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _stop_workers(pool: ProcessPoolExecutor) -> None:
