@@ -81,7 +81,9 @@ def test_text_and_choice_records_count_like_data_py(tmp_path):
     ]
     path = tmp_path / "mixed.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    assert measure(path, tokenizer) == DomainStats(samples=3, tokens=(1 + 11) + (1 + 4 + 1) + (1 + 2 + 2))
+    stats = measure(path, tokenizer)
+    assert stats == DomainStats(samples=3, tokens=(1 + 11) + (1 + 4 + 1) + (1 + 2 + 2))
+    assert stats.longest == 1 + 11  # the longest record's tokens: the text's
 
 
 def test_share_conversion_is_exact_both_ways():

@@ -21,7 +21,7 @@ import warnings
 import pytest
 
 from mergeopt.export.formats import FORMATS
-from tests.export_world import WEIGHTS, build_world, export, yaml_body
+from tests.export_world import SIZES, WEIGHTS, build_world, export, yaml_body
 
 ROUNDING = 1e-3  # whole samples: the largest gap that rounding the counts leaves here
 BUDGETS = ((), ("--budget-tokens", "60000"))
@@ -464,7 +464,7 @@ from llamafactory.data.template import get_template_and_fix_tokenizer
 from llamafactory.hparams import DataArguments
 
 tokenizer_path, entries = json.loads(sys.argv[1])
-means = {}
+means, kept = {}, {}
 for name, entry in entries.items():
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     args = DataArguments(cutoff_len=10**6)
@@ -475,9 +475,9 @@ for name, entry in entries.items():
     with open(entry["file_name"]) as f:
         rows = [convert(json.loads(line)) for line in f]
     ids = processor.preprocess_dataset({k: [r[k] for r in rows] for k in rows[0]})["input_ids"]
-    assert len(ids) == len(rows)
+    kept[name] = len(ids)  # the records it trains (a skipped conversation is dropped)
     means[name] = sum(len(i) for i in ids) / len(rows)
-print(json.dumps(means))
+print(json.dumps({"means": means, "kept": kept}))
 """
 
 # a chat template with role headers and a default system prompt, as Qwen's and SmolLM2's
@@ -504,6 +504,134 @@ def test_a_template_refusing_empty_messages_is_measured_on_one_character_ones(wo
     refusing = "{% for m in messages %}{% if not m['content'] %}{{ raise_exception('empty') }}{% endif %}{% endfor %}"
     tokenizer.chat_template = refusing + ROLES
     assert plain is not None and Specials.of(tokenizer).template == plain
+
+
+# ROLES without its BOS, and a template that writes its BOS and no default system prompt
+ROLES_NO_BOS = ROLES.removeprefix("{{ bos_token }}")
+NO_SYSTEM = (
+    "{{ bos_token }}{% for m in messages %}[{{ m['role'][0] }}]{{ m['content'] }}[/]{% endfor %}"
+    "{% if add_generation_prompt %}[a]{% endif %}"
+)
+
+
+@pytest.mark.parametrize(
+    ("template", "writes_bos", "differ"),
+    [
+        (ROLES, True, ""),  # the template writes the BOS the tokenizer writes: rebuilt as it is
+        (ROLES_NO_BOS, True, "a, b, c"),  # the BOS's 3 characters cut off each turn's slot: '[S]'
+        (NO_SYSTEM, False, "c"),  # the BOS in the user's slot: written at each user turn
+        (NO_SYSTEM, True, ""),
+    ],
+)
+def test_llamafactory_header_says_where_its_rebuilt_template_writes_otherwise(
+    world, tmp_path, template, writes_bos, differ
+):
+    """LLaMA-Factory (template: left out) rebuilds a template from the tokenizer's chat_template
+    taking ``decode(encode(""))``, the BOS the tokenizer writes itself, as the template's first
+    characters: where the chat_template does not write it, that many characters are cut off each
+    turn it cuts out (the system turn's '[S]' here, SmolLM2's '<|im_start|>s'); where the
+    chat_template writes a BOS the tokenizer does not, with no default system prompt, the BOS
+    becomes part of the user's turn, written at each one. The records' tokens then differ from
+    the counted ones (a share gap of 0.010 and 0.006 here), without a word: the header now says
+    so, naming the datasets LLaMA-Factory's own processor tokenizes otherwise, and none where it
+    tokenizes as counted."""
+    pytest.importorskip("llamafactory")
+    import os
+    import subprocess
+    import sys
+
+    from tests.export_world import chat_world
+
+    chat = chat_world(world, tmp_path, "messages")
+    tokenizer = tmp_path / "chat-tokenizer"
+    (tokenizer / "chat_template.jinja").write_text(template)
+    if not writes_bos:
+        spec = json.loads((tokenizer / "tokenizer.json").read_text())
+        spec["post_processor"] = None
+        (tokenizer / "tokenizer.json").write_text(json.dumps(spec))
+    path = chat["paths"]["c"]  # two exchanges in each conversation of c
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps({**r, "messages": r["messages"] * 2}) + "\n" for r in rows))
+    text = text_world(world, tmp_path)
+    data = {**chat, "paths": {"a": text["paths"]["a"], "b": world["paths"]["b"], "c": path}}
+    written = export(data, "llamafactory", tmp_path)
+    entries = {}
+    for line in written.splitlines():
+        if line.startswith("#   {"):
+            entries.update(json.loads(line[4:]))
+    child = subprocess.run(
+        [sys.executable, "-c", LLAMAFACTORY_SFT, json.dumps([str(tokenizer), entries])],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DISABLE_VERSION_CHECK": "1"},
+        timeout=300,
+    )
+    assert child.returncode == 0, child.stderr[-2000:]
+    means = json.loads(child.stdout.strip().splitlines()[-1])
+    means = means.get("means", means)
+    (counted,) = [line for line in written.splitlines() if "mean tokens per sample" in line]
+    counted = dict(item.split(" ") for item in counted.rsplit(": ", 1)[1].split(", "))
+    otherwise = [n for n in WEIGHTS if abs(means[n] - float(counted[n])) > 0.01]
+    assert ", ".join(otherwise) == differ
+    lines = [line for line in written.splitlines() if "rebuilds a template from the tokenizer's" in line]
+    if not differ:
+        assert lines == []
+    else:
+        (line,) = lines
+        assert f"so {differ} train another text than counted" in line
+        assert ("cuts that many characters off" in line) == writes_bos
+
+
+def test_llamafactory_header_gives_the_cutoff_len_that_keeps_every_sample_whole(world, tmp_path):
+    """LLaMA-Factory's supervised processor cuts each sample to cutoff_len tokens, and the counts
+    are of whole samples: a dataset of longer samples trained fewer tokens than its share (0.039
+    over SmolLM2's tokenizer with cutoff_len 256 and texts of up to 430 tokens), without a word.
+    The header now gives each dataset's longest sample as LLaMA-Factory trains it: under that
+    cutoff_len its own processor trains the fitted shares, one token less cuts that dataset."""
+    pytest.importorskip("llamafactory")
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from tests.export_world import chat_world
+
+    chat = chat_world(world, tmp_path, "messages")
+    (tmp_path / "chat-tokenizer" / "chat_template.jinja").write_text(ROLES)
+    text = text_world(world, tmp_path)
+    data = {**chat, "paths": {"a": text["paths"]["a"], "b": world["paths"]["b"], "c": chat["paths"]["c"]}}
+    written = export(data, "llamafactory", tmp_path)
+    probs = yaml_body(written)["interleave_probs"].split(",")
+    entries = {}
+    for line in written.splitlines():
+        if line.startswith("#   {"):
+            entries.update(json.loads(line[4:]))
+    (line,) = [line for line in written.splitlines() if "cuts each sample to cutoff_len" in line]
+    longest = {n: int(t) for n, t in re.findall(r"([abc]) (\d+)", line.split("hold ", 1)[1])}
+    # as trained: a record's characters and the template's 28 tokens around it (its BOS included)
+    assert longest == {"a": 8 + 28, "b": 30 + 28, "c": 11 + 28}
+    most = max(longest.values())
+    assert f"a cutoff_len below {most} trains fewer tokens" in line
+
+    def trained(cutoff: int) -> dict[str, float]:
+        script = LLAMAFACTORY_SFT.replace(
+            "DataArguments(cutoff_len=10**6)", f"DataArguments(cutoff_len={cutoff})"
+        )
+        child = subprocess.run(
+            [sys.executable, "-c", script, json.dumps([chat["tokenizer"], entries])],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "DISABLE_VERSION_CHECK": "1"},
+            timeout=300,
+        )
+        assert child.returncode == 0, child.stderr[-2000:]
+        means = json.loads(child.stdout.strip().splitlines()[-1])
+        return means.get("means", means)
+
+    whole, cut = trained(most), trained(most - 1)
+    shares = {n: float(p) * whole[n] for n, p in zip(WEIGHTS, probs, strict=True)}
+    assert largest_gap(shares) < 1e-12
+    assert [n for n in WEIGHTS if cut[n] < whole[n]] == [n for n in WEIGHTS if longest[n] == most]
 
 
 @pytest.mark.parametrize("template", ["roles", "none"])
@@ -548,6 +676,60 @@ def test_llamafactory_sft_trains_the_fitted_token_shares(world, tmp_path, templa
         timeout=300,
     )
     assert child.returncode == 0, child.stderr[-2000:]
-    means = json.loads(child.stdout.strip().splitlines()[-1])
-    shares = {n: float(p) * means[n] for n, p in zip(WEIGHTS, probs, strict=True)}
+    read = json.loads(child.stdout.strip().splitlines()[-1])
+    assert read["kept"] == {n: SIZES[n] for n in WEIGHTS}
+    shares = {n: float(p) * read["means"][n] for n, p in zip(WEIGHTS, probs, strict=True)}
     assert largest_gap(shares) < 1e-12
+
+
+def llamafactory_sft(tokenizer: str, entries: dict) -> dict:
+    """LLAMAFACTORY_SFT's answer: each dataset's tokens per record and the records it trains."""
+    import os
+    import subprocess
+    import sys
+
+    child = subprocess.run(
+        [sys.executable, "-c", LLAMAFACTORY_SFT, json.dumps([tokenizer, entries])],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DISABLE_VERSION_CHECK": "1"},
+        timeout=300,
+    )
+    assert child.returncode == 0, child.stderr[-2000:]
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def header_entries(written: str) -> dict:
+    entries = {}
+    for line in written.splitlines():
+        if line.startswith("#   {"):
+            entries.update(json.loads(line[4:]))
+    return entries
+
+
+def test_llamafactory_header_counts_the_conversations_its_converter_skips(world, tmp_path):
+    """A conversation that ends on a user's turn (or whose turns are not a user's and an
+    assistant's in turn) is skipped by LLaMA-Factory's sharegpt converter, after mergeopt counted
+    it: its dataset trains fewer tokens than its share (b 0.40 for 0.5 where 30% of b's multi-turn
+    conversations ended on a user's turn, over SmolLM2's template), without a word. The header now
+    says how many records of which dataset, as many as LLaMA-Factory's own converter and processor
+    drop."""
+    pytest.importorskip("llamafactory")
+    from tests.export_world import chat_world
+
+    chat = chat_world(world, tmp_path, "messages")
+    (tmp_path / "chat-tokenizer" / "chat_template.jinja").write_text(ROLES)
+    path = chat["paths"]["b"]
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for i, row in enumerate(rows):
+        if i % 3 == 0:  # a further question left unanswered
+            row["messages"] = [*row["messages"], {"role": "user", "content": "ok"}]
+        elif i % 3 == 1:  # two exchanges: trained, every assistant turn
+            row["messages"] = [*row["messages"], *row["messages"]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    written = export(chat, "llamafactory", tmp_path)
+    read = llamafactory_sft(chat["tokenizer"], header_entries(written))
+    skipped = {n: SIZES[n] - read["kept"][n] for n in WEIGHTS}
+    assert skipped == {"a": 0, "b": 400, "c": 0}
+    assert "# b: 400 of its 1,200 records are not a user's turn and an assistant's in turn" in written
+    assert sum("sharegpt converter skips" in line for line in written.splitlines()) == 1

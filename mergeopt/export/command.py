@@ -154,6 +154,7 @@ def build(args) -> tuple[dict[Format, str], list[str]]:
         out=args.out,
         many=args.to == "all",
         max_epochs=args.max_epochs,
+        tokenizer=tokenizer,
     )
     # each format's numbers, of the tokens its trainer trains on (as_trained); the repetition and
     # the fit's cap are checked for each: a sample budget, or a trainer that trains on fewer tokens

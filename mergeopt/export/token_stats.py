@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,9 @@ class DomainStats:
     # records whose text, or completion, already ends with the tokenizer's EOS text (a trainer that
     # appends the EOS only where it is missing, as TRL's SFTTrainer, adds none to them)
     ending_eos: int = 0
+    # the most tokens one sample holds, as counted (with ``added``: as trained); 0 where not known
+    # (stored token ids); not compared: two measurements of the same records are the same stats
+    longest: int = field(default=0, compare=False)
 
     @property
     def mean_tokens(self) -> float:
@@ -80,6 +83,9 @@ class ToolUse:
     roles: frozenset[str] = frozenset()  # the roles of the tools' answers (tool, function, ipython)
     contentless: int = 0  # records with a message that has no 'content' key (a turn that only calls tools)
     shapes: frozenset[frozenset[str]] = frozenset()  # each message's fields, of the messages layout
+    # conversations that are not user and assistant turns in turn from a user's to an assistant's,
+    # after at most one system message first (LLaMA-Factory's converters skip them)
+    unpaired: int = 0
 
     def add(self, records: list[dict[str, Any]]) -> ToolUse:
         from mergeopt.objectives.chat import conversation, is_chat
@@ -91,6 +97,7 @@ class ToolUse:
         roles = {m.get("role") for c in chats for m in c if m.get("role") in TOOL_ROLES}
         contentless = sum(any("content" not in m for m in c) for c in chats)
         shapes = {frozenset(m) for r in records if "messages" in r for m in r["messages"]}
+        unpaired = sum(not _paired(c) for c in chats)
         return ToolUse(
             self.calls + calls,
             self.untooled + untooled,
@@ -98,7 +105,23 @@ class ToolUse:
             self.roles | roles,
             self.contentless + contentless,
             self.shapes | shapes,
+            self.unpaired + unpaired,
         )
+
+
+def _paired(messages: list[dict[str, Any]]) -> bool:
+    """Whether a conversation is exchanges of a user's turn and an assistant's, after at most one
+    system message first: what LLaMA-Factory's sharegpt converter reads (converter.py, 0.9.5: each
+    turn's role by its place, an even count; any other record is skipped, "Invalid role tag",
+    "Invalid message count", and an empty one is dropped)."""
+    roles = [m.get("role") for m in messages]
+    if roles[:1] == ["system"]:
+        roles = roles[1:]
+    return (
+        bool(roles)
+        and len(roles) % 2 == 0
+        and all(role == ("user" if i % 2 == 0 else "assistant") for i, role in enumerate(roles))
+    )
 
 
 TOOL_ROLES = ("tool", "function", "ipython")
@@ -287,29 +310,39 @@ def _column_kinds(dataset) -> dict[str, bool]:
 
 def count_tokens(records: list[dict[str, Any]], tokenizer) -> int:
     """Tokens of a batch of validated records, as :func:`mergeopt.objectives.data.tokenize` counts them untruncated."""
+    return sum(token_lengths(records, tokenizer))
+
+
+def token_lengths(records: list[dict[str, Any]], tokenizer) -> list[int]:
+    """Each record's tokens, as :func:`count_tokens` counts them (texts, then pairs, then conversations)."""
     from mergeopt.objectives.chat import conversation, is_chat, render, require_template, template_options
 
     texts = [r["text"] for r in records if "text" in r]
     pairs = [r for r in records if "text" not in r and not is_chat(r)]
-    total = sum(len(ids) for ids in tokenizer(texts)["input_ids"]) if texts else 0
+    lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]] if texts else []
     chats = [r for r in records if is_chat(r)]
-    if chats:
-        require_template(tokenizer)
-        total += sum(
-            len(render(tokenizer, conversation(r), **template_options(r))["input_ids"]) for r in chats
-        )
     if pairs:
         prompts = tokenizer([r["prompt"] for r in pairs])["input_ids"]
         answers = [r["choices"][r["answer"]] if "choices" in r else r["completion"] for r in pairs]
         completions = tokenizer(answers, add_special_tokens=False)["input_ids"]
-        total += sum(len(ids) for ids in prompts) + sum(len(ids) for ids in completions)
-    return total
+        lengths += [len(p) + len(c) for p, c in zip(prompts, completions, strict=True)]
+    if chats:
+        require_template(tokenizer)
+        lengths += [
+            len(render(tokenizer, conversation(r), **template_options(r))["input_ids"]) for r in chats
+        ]
+    return lengths
 
 
 def _count(records: list[dict[str, Any]], tokenizer, path) -> int:
     """:func:`count_tokens`, its errors (a conversation without a chat template) naming the dataset."""
+    return sum(_lengths(records, tokenizer, path))
+
+
+def _lengths(records: list[dict[str, Any]], tokenizer, path) -> list[int]:
+    """:func:`token_lengths`, its errors (a conversation without a chat template) naming the dataset."""
     try:
-        return count_tokens(records, tokenizer)
+        return token_lengths(records, tokenizer)
     except UserError as err:
         raise UserError(f"{path}: {err}") from None
 
@@ -349,7 +382,7 @@ def measure(path: Path, tokenizer, token_files=None) -> DomainStats:
         return DomainStats(samples=samples, tokens=tokens)
     tokenizer = lazy()
     source = source_of(path)
-    samples, tokens, ending_eos = 0, 0, 0
+    samples, tokens, ending_eos, longest = 0, 0, 0, 0
     eos = getattr(tokenizer, "eos_token", None)
     with tempfile.TemporaryDirectory(prefix="mergeopt-export-") as cache:
         lines = is_json_lines(source)  # read line by line, not through datasets' Arrow copy
@@ -359,7 +392,9 @@ def measure(path: Path, tokenizer, token_files=None) -> DomainStats:
         for records in record_batches(source, dataset, kinds):
             check_interrupt(f"counting the tokens of {path}")  # inside a fit: Ctrl-C within a chunk
             samples += len(records)
-            tokens += _count(records, tokenizer, path)
+            lengths = _lengths(records, tokenizer, path)
+            tokens += sum(lengths)
+            longest = max([longest, *lengths])
             ending_eos += ends_with(records, eos)
             tools = tools.add(records)
         _COLUMNS[_identity(source)] = kinds.result() if kinds is not None else _column_kinds(dataset)
@@ -369,7 +404,7 @@ def measure(path: Path, tokenizer, token_files=None) -> DomainStats:
         raise UserError(f"{path}: the dataset is empty")
     if tokens == 0:
         raise UserError(f"{path}: every record tokenises to nothing")
-    return DomainStats(samples=samples, tokens=tokens, ending_eos=ending_eos)
+    return DomainStats(samples=samples, tokens=tokens, ending_eos=ending_eos, longest=longest)
 
 
 def ends_with(records: list[dict[str, Any]], eos: str | None) -> int:

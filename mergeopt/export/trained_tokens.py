@@ -46,6 +46,7 @@ def as_trained(ctx: Context, fmt: Format, specials: Callable[[], Specials]) -> C
             s.samples,
             s.tokens + added[n] * (s.samples - (s.ending_eos if fmt.eos_if_missing else 0)),
             added[n],
+            longest=s.longest + added[n] if s.longest else 0,
         )
         for n, s in plan.stats.items()
     }

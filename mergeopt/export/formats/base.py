@@ -80,6 +80,8 @@ class Context:
     out: str | None = None  # --out as given (None: stdout)
     many: bool = False  # --to all: one file per format into --out DIR
     max_epochs: float = DEFAULT_MAX_EPOCHS  # --max-epochs: how often a budget may repeat a dataset
+    # the tokenizer the datasets were counted with (loaded on first call); None where none is known
+    tokenizer: Callable[[], Any] | None = None
 
     def command(self, fmt: Format) -> str:
         """The ``mergeopt export`` command that writes this format's file again, with the options

@@ -42,6 +42,7 @@ import json
 import yaml
 
 from mergeopt.errors import UserError
+from mergeopt.export import token_stats
 from mergeopt.export.formats import sliced
 from mergeopt.export.formats.base import Context, Format, Specials, share_drift_per_token
 from mergeopt.export.shares import format_number
@@ -147,6 +148,30 @@ def tool_notes(ctx: Context) -> list[str]:
                 f"# {name}: {use.untooled} records give no tools, and {READER}'s openai formatting adds the "
                 "system prompt 'detailed thinking off' to each (not counted): give them \"tools\": []"
             )
+    return lines
+
+
+def unpaired_notes(ctx: Context) -> list[str]:
+    """A header line per dataset of conversations (no tool calls: those take the openai formatting)
+    with records the sharegpt converter skips (:func:`~mergeopt.export.token_stats._paired`): a
+    conversation that ends on a user's turn, or whose turns are not a user's and an assistant's in
+    turn. They were counted, and LLaMA-Factory trains none of their tokens, so that dataset trains
+    fewer tokens than its share (a gap of 0.098 where 30% of a domain's conversations ended on a
+    user's turn)."""
+    from mergeopt.export.token_stats import source_of
+
+    lines = []
+    for name in sliced.record_layouts(ctx, "", {"messages": ""}):
+        use = token_stats.tool_use(source_of(ctx.datasets[name]))
+        if use.calls or not use.unpaired:
+            continue
+        of = f" of its {ctx.plan.stats[name].samples:,}" if ctx.plan.stats is not None else ""
+        lines.append(
+            f"# {name}: {use.unpaired:,}{of} records are not a user's turn and an assistant's in turn, ending "
+            f"with the assistant's (after at most one system message); {READER}'s sharegpt converter skips "
+            "them ('Invalid role tag', 'Invalid message count'), so they were counted and are not trained "
+            f"(the shares of {name}'s tokens fall): end each with an assistant's turn, or drop them"
+        )
     return lines
 
 
@@ -261,6 +286,100 @@ def rebuilt_tool_format_note(ctx: Context) -> list[str]:
     ]
 
 
+# a conversation of two exchanges: what the rebuilt template and the chat template are compared on
+PROBE = (("user", "hi"), ("assistant", "ok"), ("user", "and"), ("assistant", "so"))
+
+
+def rebuilt_template(tokenizer) -> tuple[str, str, str, str, str] | None:
+    """The template LLaMA-Factory rebuilds from the tokenizer's chat_template where ``template:``
+    is left out, as template.py's ``parse_template`` (0.9.5) cuts it: (prefix, system, user and
+    assistant slots, default system prompt); None without a chat template or where rendering the
+    slots fails. It takes ``decode(encode(""))`` (the BOS the tokenizer writes itself) as the
+    template's first characters and cuts that many off each rendering, whether the chat template
+    writes them or not."""
+    if not isinstance(getattr(tokenizer, "chat_template", None), str):
+        return None
+
+    def text(messages, prompt):
+        roles = {"s": "system", "u": "user", "a": "assistant"}
+        chat = [{"role": roles[r], "content": c} for r, c in messages]
+        return tokenizer.apply_chat_template(chat, add_generation_prompt=prompt, tokenize=False)
+
+    try:
+        prefix = tokenizer.decode(tokenizer.encode(""))
+        system = text([("s", "{{content}}")], False)[len(prefix) :]
+        user_empty_system = text([("s", ""), ("u", "{{content}}")], True)[len(prefix) :]
+        user = text([("u", "{{content}}")], True)[len(prefix) :]
+        assistant = text([("u", "{{content}}"), ("a", "{{content}}")], False)[len(prefix) + len(user) :]
+    except Exception:  # noqa: BLE001 - a template that refuses a system message: LLaMA-Factory's stops too
+        return None
+    assistant = assistant.replace("<think>", "").replace("</think>", "").lstrip("\n")
+    default = ""
+    if len(user) > len(user_empty_system):  # find_diff: the characters the default system prompt adds
+        i = 0
+        for char in user:
+            if i < len(user_empty_system) and user_empty_system[i] == char:
+                i += 1
+            else:
+                default += char
+        user = user[len(system.replace("{{content}}", default, 1)) :]
+    return prefix, system, user, assistant, default
+
+
+def rebuilt_note(ctx: Context, tokenizer, conversations: list[str], wrapped: list[str]) -> list[str]:
+    """A header line where the template LLaMA-Factory rebuilds (:func:`rebuilt_template`) writes
+    a conversation otherwise than the tokenizer's chat_template, which counted ``conversations``
+    (and the template's tokens added to the ``wrapped`` prompt/completion and text records: one
+    exchange): a tokenizer that writes a BOS its chat_template does not (the BOS's characters are
+    cut off the front of each turn's slot: SmolLM2's system turn reads 'ystem'), or a chat_template
+    that writes its BOS, and no default system prompt, over a tokenizer that writes none (the BOS
+    is then part of the user's slot, written at every user turn)."""
+    rebuilt = rebuilt_template(tokenizer)
+    if rebuilt is None:
+        return []
+    prefix, system, user, assistant, default = rebuilt
+    slot = {"user": user, "assistant": assistant}
+
+    def written(probe) -> tuple[list[str], str]:  # LLaMA-Factory's parts, and the chat template's text
+        parts = [prefix, system.replace("{{content}}", default, 1) if default else ""]
+        parts += [slot[role].replace("{{content}}", content, 1) for role, content in probe]
+        chat = [{"role": role, "content": content} for role, content in probe]
+        return parts, tokenizer.apply_chat_template(chat, tokenize=False)
+
+    one, two = written(PROBE[:2]), written(PROBE)
+    names = [
+        *(wrapped if "".join(one[0]) != one[1] else []),
+        *(conversations if "".join(two[0]) != two[1] else []),
+    ]
+    if not names:
+        return []
+    parts, chat = two
+    rendered = "".join(parts)
+    tokens = sum(len(tokenizer.encode(p, add_special_tokens=False)) for p in parts if p)
+    probe = [{"role": role, "content": content} for role, content in PROBE]
+    counted = len(tokenizer.apply_chat_template(probe, tokenize=True, return_dict=True)["input_ids"])
+    why = ""
+    if prefix and not chat.startswith(prefix):
+        why = (
+            f"; the tokenizer writes a BOS ({prefix!r}) that its chat_template does not, and {READER} "
+            "cuts that many characters off the front of each turn it cuts out of the chat_template: "
+            "write {{ bos_token }} first in the chat_template, or"
+        )
+    at = next((i for i, (a, b) in enumerate(zip(rendered, chat)) if a != b), min(len(rendered), len(chat)))
+    start = max(0, at - 12)
+
+    def cut(text: str) -> str:
+        return ("..." if start else "") + text[start : start + 40] + ("..." if len(text) > start + 40 else "")
+
+    return [
+        f"# with template: left out, {READER} rebuilds a template from the tokenizer's chat_template "
+        f"that writes another text than it: a conversation of two exchanges reads {cut(rendered)!r} "
+        f"({tokens} tokens in all) where the chat_template writes {cut(chat)!r} ({counted}), so "
+        f"{', '.join(names)} train another text than counted{why or ':'} name a registered template: "
+        "that writes as the chat_template does"
+    ]
+
+
 def added_tokens(layout: str, specials: Specials, layouts: frozenset[str]) -> int:
     """The tokens LLaMA-Factory trains on per sample beyond mergeopt's count.
 
@@ -317,6 +436,67 @@ def sft_template_note(ctx: Context) -> list[str]:
     ]
 
 
+def rebuilt_differs_note(ctx: Context) -> list[str]:
+    """:func:`rebuilt_note` for the datasets of records whose counts hold a chat template's tokens
+    (conversations, and under stage: sft prompt/completion and text records), where the datasets
+    were counted with the tokenizer's own chat_template (a recipe's ``data.chat_template`` is not
+    the one LLaMA-Factory reads: :func:`sliced.own_template_note` says so)."""
+    from mergeopt.export.token_files import kind_of
+
+    if ctx.plan.stats is None or ctx.tokenizer is None:
+        return []
+    if ctx.recipe is not None and ctx.recipe.data.chat_template is not None:
+        return []
+    layouts = {n: sliced.kind(READER, p) for n, p in ctx.datasets.items() if kind_of(p) is None}
+    if set(layouts.values()) == {"text"}:  # stage: pt, no template
+        return []
+    conversations = [n for n, layout in layouts.items() if layout == "messages"]
+    wrapped = [n for n, layout in layouts.items() if layout in ("prompt_completion", "text")]
+    if not conversations and not wrapped:
+        return []
+    return rebuilt_note(ctx, ctx.tokenizer(), conversations, wrapped)
+
+
+# hparams/data_args.py (0.9.5): ``cutoff_len``'s default
+CUTOFF_LEN = 2048
+
+
+def cutoff_note(ctx: Context) -> list[str]:
+    """A header line under stage: sft (a dataset not text): processor/supervised.py cuts each sample
+    to ``cutoff_len`` tokens (``infer_seqlen``: the prompt, the response or both; a conversation's
+    later turns dropped), and the counts are of whole samples, so a dataset with samples longer
+    than it trains fewer tokens than its share (0.039 over SmolLM2's tokenizer with cutoff_len
+    256 and texts of up to 430 tokens): the longest sample of each dataset, as trained, and the
+    cutoff_len that keeps every one whole. (Under stage: pt packing cuts blocks of the joined
+    texts, not samples.)"""
+    from mergeopt.export.token_files import kind_of
+
+    plan = ctx.plan
+    if plan.stats is None:
+        return []
+    layouts = {n: sliced.kind(READER, p) for n, p in ctx.datasets.items() if kind_of(p) is None}
+    if not layouts or set(layouts.values()) == {"text"}:
+        return []
+    longest = {n: plan.stats[n].longest for n in layouts if n in plan.stats and plan.stats[n].longest}
+    if not longest:
+        return []
+    most = max(longest.values())
+    each = ", ".join(f"{n} {t:,}" for n, t in longest.items())
+    if most <= CUTOFF_LEN:
+        return [
+            f"# {READER} cuts each sample to cutoff_len tokens (default {CUTOFF_LEN:,}), and the longest "
+            f"samples, as trained, hold {each}: a cutoff_len below {most:,} trains fewer tokens of "
+            "those datasets than their shares"
+        ]
+    over = [n for n, t in longest.items() if t > CUTOFF_LEN]
+    return [
+        f"# {READER} cuts each sample to cutoff_len tokens (default {CUTOFF_LEN:,}), and the longest "
+        f"samples, as trained, hold {each}: set cutoff_len: {most} (or more), or "
+        f"{', '.join(over)} {'trains' if len(over) == 1 else 'train'} fewer tokens than "
+        f"{'its share' if len(over) == 1 else 'their shares'} (the counts are of whole samples)"
+    ]
+
+
 def render(ctx: Context) -> str:
     plan = ctx.plan
     for name in plan.names:  # DataArguments splits ``dataset`` on ',' and strips each name
@@ -329,9 +509,12 @@ def render(ctx: Context) -> str:
         ctx.header(FORMAT),
         *registration(ctx),
         *tool_notes(ctx),
+        *unpaired_notes(ctx),
         *sliced.own_template_note(ctx, READER, OWN),
         *rebuilt_tool_format_note(ctx),
+        *rebuilt_differs_note(ctx),
         *sft_template_note(ctx),
+        *cutoff_note(ctx),
     ]
     config: dict = {"dataset": ",".join(plan.names)}
     if plan.counts is not None:
