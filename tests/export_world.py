@@ -174,3 +174,12 @@ def tool_world(world, tmp_path) -> dict:
     tools = tmp_path / f"{name}-tools.jsonl"
     tools.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return {**chat, "paths": {**chat["paths"], name: tools}, "tool_domain": name}
+
+
+def header_entries(written: str) -> dict:
+    """The dataset entries an export's header lists, one JSON object per ``#   {...}`` line."""
+    entries = {}
+    for line in written.splitlines():
+        if line.startswith("#   {"):
+            entries.update(json.loads(line[4:]))
+    return entries

@@ -34,6 +34,7 @@ from tests.export_world import (
     chat_world,
     expected_sample_shares,
     export,
+    header_entries,
     measured_stats,
     tool_world,
     write_run,
@@ -117,14 +118,6 @@ print(json.dumps(out))
 """
 
 
-def _header_entries(text: str) -> dict:
-    info = {}
-    for line in text.splitlines():
-        if line.startswith("#   {"):
-            info.update(json.loads(line[4:]))
-    return info
-
-
 def _llamafactory_load(jobs: list[tuple[Path, dict, dict, str]]) -> list[tuple[list, list, list]]:
     """LLaMA-Factory's own loader, in one child process (its import takes seconds), for each
     ``(directory, header entries, config, stage)``: the entries as the directory's
@@ -156,7 +149,7 @@ def test_llamafactory_own_loader_gives_the_budget_counts_and_the_pretraining_tex
     assert "The budget is 6000 samples" in text
     config = yaml_body(text)
     assert config == {"dataset": ",".join(WEIGHTS), "mix_strategy": "concat"}
-    info = _header_entries(text)
+    info = header_entries(text)
     expected = make_plan(WEIGHTS, "tokens", measured_stats(-1), budget_samples=6000).counts
     assert {n: e["num_samples"] for n, e in info.items()} == expected
     assert any(expected[n] > s.samples for n, s in measured_stats().items())  # a dataset repeats
@@ -170,7 +163,7 @@ def test_llamafactory_own_loader_gives_the_budget_counts_and_the_pretraining_tex
         )
     pretraining = export({**world, "paths": paths}, "llamafactory", text_dir)
     assert "# text records are pretraining data to LLaMA-Factory: train them with stage: pt" in pretraining
-    text_info = _header_entries(pretraining)
+    text_info = header_entries(pretraining)
     assert {e["columns"]["prompt"] for e in text_info.values()} == {"text"}
 
     (domains, _, _), (text_domains, prompts, _) = _llamafactory_load(
@@ -199,14 +192,14 @@ def test_llamafactory_registers_a_save_to_disk_dataset_by_its_arrow_file(world, 
     text = export(
         {**world, "paths": {**world["paths"], "a": saved}}, "llamafactory", out, "--budget-samples", "6000"
     )
-    info = _header_entries(text)
+    info = header_entries(text)
     assert info["a"]["file_name"] == str(saved / "data-00000-of-00001.arrow")
     ((domains, _, _),) = _llamafactory_load([(out, info, yaml_body(text), "sft")])
     expected = make_plan(WEIGHTS, "tokens", measured_stats(-1), budget_samples=6000).counts
     assert {n: domains.count(n) for n in WEIGHTS} == expected
 
     text = export({**world, "paths": {**world["paths"], "a": sharded}}, "llamafactory", tmp_path)
-    assert "a" not in _header_entries(text)
+    assert "a" not in header_entries(text)
     (note,) = [line for line in text.splitlines() if line.startswith("#   a: ")]
     assert "save_to_disk directory of 2 arrow files" in note and "a directory of their own" in note
 
@@ -379,7 +372,7 @@ def test_llamafactory_reads_tool_calls_as_the_records_give_them(world, tmp_path)
 
     tools = tool_world(world, tmp_path)
     name = tools["tool_domain"]
-    info = _header_entries(export(tools, "llamafactory", tmp_path))
+    info = header_entries(export(tools, "llamafactory", tmp_path))
     assert {n for n, e in info.items() if e["formatting"] == "openai"} == {name}
     (tmp_path / "dataset_info.json").write_text(json.dumps(info))
     first = {n: json.loads(p.read_text().splitlines()[0]) for n, p in tools["paths"].items()}
@@ -434,7 +427,7 @@ def test_llamafactory_reads_tool_answers_under_the_role_the_records_give_them(wo
     for row in rows:
         row["messages"][2]["role"] = "ipython"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    info = _header_entries(export(tools, "llamafactory", tmp_path))
+    info = header_entries(export(tools, "llamafactory", tmp_path))
     assert info[name]["formatting"] == "openai" and info[name]["tags"]["observation_tag"] == "ipython"
     (tmp_path / "dataset_info.json").write_text(json.dumps(info))
     first = {n: json.loads(p.read_text().splitlines()[0]) for n, p in tools["paths"].items()}
@@ -493,7 +486,7 @@ def test_llamafactory_header_says_a_tool_call_without_content_stops_its_converte
         "LLaMA-Factory's openai converter reads every message's content and stops on it (KeyError: "
         "'content'): give such turns \"content\": null"
     ]
-    info = _header_entries(text)
+    info = header_entries(text)
     (tmp_path / "dataset_info.json").write_text(json.dumps(info))
     first = {n: json.loads(p.read_text().splitlines()[0]) for n, p in tools["paths"].items()}
     child = _run_llamafactory(LLAMAFACTORY_SHAREGPT, tmp_path, first)

@@ -21,7 +21,7 @@ import warnings
 import pytest
 
 from mergeopt.export.formats import FORMATS
-from tests.export_world import SIZES, WEIGHTS, build_world, export, yaml_body
+from tests.export_world import SIZES, WEIGHTS, build_world, export, header_entries, yaml_body
 
 ROUNDING = 1e-3  # whole samples: the largest gap that rounding the counts leaves here
 BUDGETS = ((), ("--budget-tokens", "60000"))
@@ -536,9 +536,6 @@ def test_llamafactory_header_says_where_its_rebuilt_template_writes_otherwise(
     so, naming the datasets LLaMA-Factory's own processor tokenizes otherwise, and none where it
     tokenizes as counted."""
     pytest.importorskip("llamafactory")
-    import os
-    import subprocess
-    import sys
 
     from tests.export_world import chat_world
 
@@ -555,20 +552,9 @@ def test_llamafactory_header_says_where_its_rebuilt_template_writes_otherwise(
     text = text_world(world, tmp_path)
     data = {**chat, "paths": {"a": text["paths"]["a"], "b": world["paths"]["b"], "c": path}}
     written = export(data, "llamafactory", tmp_path)
-    entries = {}
-    for line in written.splitlines():
-        if line.startswith("#   {"):
-            entries.update(json.loads(line[4:]))
-    child = subprocess.run(
-        [sys.executable, "-c", LLAMAFACTORY_SFT, json.dumps([str(tokenizer), entries])],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "DISABLE_VERSION_CHECK": "1"},
-        timeout=300,
-    )
-    assert child.returncode == 0, child.stderr[-2000:]
-    means = json.loads(child.stdout.strip().splitlines()[-1])
-    means = means.get("means", means)
+    entries = header_entries(written)
+    read = llamafactory_sft(str(tokenizer), entries)
+    means = read.get("means", read)
     (counted,) = [line for line in written.splitlines() if "mean tokens per sample" in line]
     counted = dict(item.split(" ") for item in counted.rsplit(": ", 1)[1].split(", "))
     otherwise = [n for n in WEIGHTS if abs(means[n] - float(counted[n])) > 0.01]
@@ -589,10 +575,7 @@ def test_llamafactory_header_gives_the_cutoff_len_that_keeps_every_sample_whole(
     The header now gives each dataset's longest sample as LLaMA-Factory trains it: under that
     cutoff_len its own processor trains the fitted shares, one token less cuts that dataset."""
     pytest.importorskip("llamafactory")
-    import os
     import re
-    import subprocess
-    import sys
 
     from tests.export_world import chat_world
 
@@ -602,10 +585,7 @@ def test_llamafactory_header_gives_the_cutoff_len_that_keeps_every_sample_whole(
     data = {**chat, "paths": {"a": text["paths"]["a"], "b": world["paths"]["b"], "c": chat["paths"]["c"]}}
     written = export(data, "llamafactory", tmp_path)
     probs = yaml_body(written)["interleave_probs"].split(",")
-    entries = {}
-    for line in written.splitlines():
-        if line.startswith("#   {"):
-            entries.update(json.loads(line[4:]))
+    entries = header_entries(written)
     (line,) = [line for line in written.splitlines() if "cuts each sample to cutoff_len" in line]
     longest = {n: int(t) for n, t in re.findall(r"([abc]) (\d+)", line.split("hold ", 1)[1])}
     # as trained: a record's characters and the template's 28 tokens around it (its BOS included)
@@ -614,19 +594,8 @@ def test_llamafactory_header_gives_the_cutoff_len_that_keeps_every_sample_whole(
     assert f"a cutoff_len below {most} trains fewer tokens" in line
 
     def trained(cutoff: int) -> dict[str, float]:
-        script = LLAMAFACTORY_SFT.replace(
-            "DataArguments(cutoff_len=10**6)", f"DataArguments(cutoff_len={cutoff})"
-        )
-        child = subprocess.run(
-            [sys.executable, "-c", script, json.dumps([chat["tokenizer"], entries])],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "DISABLE_VERSION_CHECK": "1"},
-            timeout=300,
-        )
-        assert child.returncode == 0, child.stderr[-2000:]
-        means = json.loads(child.stdout.strip().splitlines()[-1])
-        return means.get("means", means)
+        read = llamafactory_sft(chat["tokenizer"], entries, cutoff)
+        return read.get("means", read)
 
     whole, cut = trained(most), trained(most - 1)
     shares = {n: float(p) * whole[n] for n, p in zip(WEIGHTS, probs, strict=True)}
@@ -644,8 +613,6 @@ def test_llamafactory_sft_trains_the_fitted_token_shares(world, tmp_path, templa
     the prompt and completion without the counted BOS (b 0.520 for 0.5). Conversations were counted
     with that template: as many."""
     pytest.importorskip("llamafactory")
-    import subprocess
-    import sys
 
     from tests.export_world import chat_world
 
@@ -659,37 +626,29 @@ def test_llamafactory_sft_trains_the_fitted_token_shares(world, tmp_path, templa
     data = {**world, "paths": paths, "tokenizer": tokenizer}
     written = export(data, "llamafactory", tmp_path)
     probs = yaml_body(written)["interleave_probs"].split(",")
-    entries = {}
-    for line in written.splitlines():
-        if line.startswith("#   {"):
-            entries.update(json.loads(line[4:]))
+    entries = header_entries(written)
     assert entries["a"]["columns"] == {"response": "text"}  # stage: sft
     added = {"roles": 27, "none": -1}[template]
     assert "(prompt/completion or text, counted bare)" in written
     assert f"a {added:+d}, b {added:+d}" in written
-    env = {**__import__("os").environ, "DISABLE_VERSION_CHECK": "1"}
-    child = subprocess.run(
-        [sys.executable, "-c", LLAMAFACTORY_SFT, json.dumps([tokenizer, entries])],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert child.returncode == 0, child.stderr[-2000:]
-    read = json.loads(child.stdout.strip().splitlines()[-1])
+    read = llamafactory_sft(tokenizer, entries)
     assert read["kept"] == {n: SIZES[n] for n in WEIGHTS}
     shares = {n: float(p) * read["means"][n] for n, p in zip(WEIGHTS, probs, strict=True)}
     assert largest_gap(shares) < 1e-12
 
 
-def llamafactory_sft(tokenizer: str, entries: dict) -> dict:
-    """LLAMAFACTORY_SFT's answer: each dataset's tokens per record and the records it trains."""
+def llamafactory_sft(tokenizer: str, entries: dict, cutoff_len: int | None = None) -> dict:
+    """LLAMAFACTORY_SFT's answer: each dataset's tokens per record and the records it trains
+    (``cutoff_len``: its samples cut to that many tokens, else none)."""
     import os
     import subprocess
     import sys
 
+    script = LLAMAFACTORY_SFT
+    if cutoff_len is not None:
+        script = script.replace("DataArguments(cutoff_len=10**6)", f"DataArguments(cutoff_len={cutoff_len})")
     child = subprocess.run(
-        [sys.executable, "-c", LLAMAFACTORY_SFT, json.dumps([tokenizer, entries])],
+        [sys.executable, "-c", script, json.dumps([tokenizer, entries])],
         capture_output=True,
         text=True,
         env={**os.environ, "DISABLE_VERSION_CHECK": "1"},
@@ -697,14 +656,6 @@ def llamafactory_sft(tokenizer: str, entries: dict) -> dict:
     )
     assert child.returncode == 0, child.stderr[-2000:]
     return json.loads(child.stdout.strip().splitlines()[-1])
-
-
-def header_entries(written: str) -> dict:
-    entries = {}
-    for line in written.splitlines():
-        if line.startswith("#   {"):
-            entries.update(json.loads(line[4:]))
-    return entries
 
 
 def test_llamafactory_header_counts_the_conversations_its_converter_skips(world, tmp_path):
