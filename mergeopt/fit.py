@@ -39,6 +39,9 @@ from mergeopt.runtime.rundir import check_apart_from_inputs, check_output_dir, o
 from mergeopt.search import grid as grid_search
 from mergeopt.search.strategy import run_strategy
 
+# how a fit refused for its rank.grid goes on: a grid measured otherwise can be left out
+WITHOUT_RANK = "; or set rank.grid: null to fit without the rank check"
+
 
 def _checkpoint(recipe: Recipe, resume: str, resolved: Recipe | None = None) -> tuple[RunState, bool]:
     """The run's checkpoint and whether this run resumes it (``resume``: auto, require or restart);
@@ -103,7 +106,7 @@ def _fit(recipe: Recipe, progress: bool, log: Callable[[str], None], resume: str
         check_grid_unit(
             grid_run_records(table, resolved.rank.grid), resolved.rank.grid, resolved.weights.unit
         )
-        check_measured_inputs(resolved.rank.grid, resolved, objective)
+        check_measured_inputs(resolved.rank.grid, resolved, objective, WITHOUT_RANK)
     sizes = source_sizes(resolved, log)  # repetition caps' source sizes in weights.unit (None without a cap)
     feasible = feasible_set(resolved, sizes) if resolved.weights.constrained else None
     record = None if feasible is None else constraints_record(resolved, feasible, sizes)
@@ -115,7 +118,7 @@ def _fit(recipe: Recipe, progress: bool, log: Callable[[str], None], resume: str
     if resolved.rank.grid is not None:  # the grid's truth was measured on the tokens the proxy scores
         from mergeopt.worlds.grid_measures import check_measured_tokens
 
-        check_measured_tokens(resolved.rank.grid, resolved, objective, problem.sets)
+        check_measured_tokens(resolved.rank.grid, resolved, objective, problem.sets, WITHOUT_RANK)
     if resuming:
         changed = f", with {', '.join(checkpoint.changed)}" if checkpoint.changed else ""
         log(f"resuming from {checkpoint.dir}{changed}")

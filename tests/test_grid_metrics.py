@@ -307,7 +307,17 @@ def test_each_reader_of_the_grid_refuses_in_one_line_and_writes_nothing(grids, t
     assert main([verb, str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "was measured on 48 records of dev set 'arith'" in err[0], err
+    # a fit can go on without its rank check
+    assert err[0].endswith("; or set rank.grid: null to fit without the rank check") == (verb == "fit")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_terms_direction_is_not_what_it_measured(grids, tmp_path):
+    """higher_is_better says how a score is read, not what was scored: flipping it is no refusal."""
+    tree = changed_tree(grids, tmp_path)
+    tree["objective"]["terms"][1]["higher_is_better"] = True
+    recipe, objective = resolved_of(tree)
+    check_measured_inputs(grids["grid"], recipe, objective)
 
 
 def test_a_shorter_max_length_is_refused_once_the_dev_sets_are_read(grids, tmp_path, capsys):
@@ -356,3 +366,55 @@ def test_a_kill_while_grid_csv_is_replaced_leaves_no_stale_measures(grids, tmp_p
     with pytest.raises(KeyboardInterrupt):
         grid_table.write_grid(grid, [], EXPERTS, [], [], {})
     assert grid.read_text() == grids["grid"].read_text() and not measured_path(grid).exists()
+
+
+def test_a_grid_of_train_runs_without_its_measures_is_said_once(grids, tmp_path, capsys):
+    """grid.csv copied or renamed (calibrate's runs.csv) without grid.measured.json: its runs are
+    mergeopt train's, so the unchecked columns are said in one warning; a damaged file once too."""
+    recipe, objective = resolved_of(changed_tree(grids, tmp_path, ("data", "max_examples", 24)))
+    capsys.readouterr()
+    for name in ("grid.csv", "runs.csv"):
+        grid = tmp_path / "copy" / name
+        grid.parent.mkdir(exist_ok=True)
+        shutil.copy(grids["grid"], grid)
+        check_measured_inputs(grid, recipe, objective)  # not refused: nothing says what it measured
+        check_measured_tokens(grid, recipe, objective, [])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1, err
+        assert (
+            f"{grid}: its runs were trained by mergeopt train, but no {measured_path(grid).name} is" in err[0]
+        )
+        measured_path(grid).write_text("{")  # damaged: one warning, not one per reading
+        check_measured_inputs(grid, recipe, objective)
+        check_measured_tokens(grid, recipe, objective, [])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "not readable" in err[0], err
+    shutil.copy(measured_path(grids["grid"]), measured_path(grid))  # with its file: refused as the grid
+    with pytest.raises(UserError, match="measured on 48 records of dev set 'arith'"):
+        check_measured_inputs(grid, recipe, objective)
+    # a table whose runs are not on this disk (made elsewhere) is taken without a word
+    table = read_csv(grids["grid"]).assign(path="/nowhere/run")
+    table.to_csv(tmp_path / "elsewhere.csv", index=False)
+    check_measured_inputs(tmp_path / "elsewhere.csv", recipe, objective)
+    assert capsys.readouterr().err == ""
+
+
+def test_the_same_records_in_another_layout_or_order_pass(grids, tiny_world, tmp_path):
+    """A dev set rewritten (other spacing, key order, order of the records read) holds the records
+    the grid was measured on: its losses are the same means, so it is not refused as another file."""
+    records = read_jsonl(tiny_world / "dev" / "arith.jsonl")
+    compact, reordered, reversed_all = (tmp_path / f"{n}.jsonl" for n in ("compact", "reordered", "reversed"))
+    compact.write_text("".join(json.dumps(r, separators=(",", ":"), sort_keys=True) + "\n" for r in records))
+    first = records[:MAX_EXAMPLES][::-1] + records[MAX_EXAMPLES:]  # the 48 read, in another order
+    reordered.write_text("".join(json.dumps(r) + "\n" for r in first))
+    reversed_all.write_text("".join(json.dumps(r) + "\n" for r in records[::-1]))  # other 48 first
+    for path in (compact, reordered, reversed_all):
+        tree = changed_tree(grids, tmp_path)
+        tree["data"]["dev"][0]["path"] = str(path)
+        if path != reversed_all:
+            check_measured_inputs(grids["grid"], *resolved_of(tree))
+            continue
+        with pytest.raises(
+            UserError, match="its loss_arith was measured on another file than dev set 'arith'"
+        ):
+            check_measured_inputs(grids["grid"], *resolved_of(tree))

@@ -36,7 +36,8 @@ REMEDY = (
     "rerun mergeopt train with this recipe's data and objective sections (it measures the finished "
     "runs again, retraining none), or use the settings it was measured with"
 )
-TERM_IDENTITY = ("weight", "name", "label")  # how a term is weighed and named: not what it measures
+# how a term is weighed, named and read (its direction): not what it measures
+TERM_IDENTITY = ("weight", "name", "label", "higher_is_better")
 
 
 def measured_path(grid: str | Path) -> Path:
@@ -61,6 +62,21 @@ def records_read(path: str | Path, max_examples: int | None) -> int | None:
         return None
     total = len(read_records(path))
     return total if max_examples is None else min(total, max_examples)
+
+
+def records_digest(path: str | Path, max_examples: int | None) -> str | None:
+    """A digest of the records read under ``max_examples``, in no particular order and whatever
+    their file's layout (another key order, spacing, format): the same records measure the same
+    columns (None: not a local file)."""
+    if not Path(path).exists():
+        return None
+    records = read_records(path)
+    if max_examples is not None:
+        records = records[:max_examples]
+    parts = sorted(
+        hashlib.sha256(json.dumps(r, sort_keys=True, default=str).encode()).digest() for r in records
+    )
+    return hashlib.sha256(b"".join(parts)).hexdigest()
 
 
 def _inputs(recipe: Recipe, name: str) -> dict:
@@ -91,6 +107,7 @@ def grid_measures(recipe: Recipe, sets: Sequence[DevSet], terms: Sequence[Object
         by_name[dev_set.name] = {
             **inputs,
             "records": records_read(inputs["path"], inputs["max_examples"]),
+            "records_digest": records_digest(inputs["path"], inputs["max_examples"]),
             "examples": len(dev_set.all),
             "tokens": token_digest(dev_set),
         }
@@ -114,32 +131,64 @@ def write_measures(
     )
 
 
-def read_measures(grid: str | Path) -> dict | None:
+def read_measures(grid: str | Path, say: bool = True) -> dict | None:
     """The columns' entries of the file beside ``grid``; None without one (a grid made elsewhere).
-    A file that is not one is said in a warning and not used."""
+    A file that is not one is said in a warning and not used; so is a missing one beside a grid
+    whose runs mergeopt train trained (a grid.csv copied or renamed without it). ``say``: False for
+    a second reading in the same command (each warning once) and for train's own earlier grid."""
     path = measured_path(grid)
     if not path.is_file():
+        if say and _trained_here(grid):
+            warn(
+                f"{grid}: its runs were trained by mergeopt train, but no {path.name} is beside it, "
+                "so whether its columns were measured on this recipe's records is not checked "
+                "(copy the grid.measured.json written with it there as "
+                f"{path.name}, or rerun mergeopt train with this recipe)"
+            )
         return None
     try:
         content = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as err:
-        warn(f"{path}: not readable ({err}); what {Path(grid).name}'s columns measured is not checked")
+        if say:
+            warn(f"{path}: not readable ({err}); what {Path(grid).name}'s columns measured is not checked")
         return None
     if not isinstance(content, dict) or content.get("kind") != KIND:
         return None  # not mergeopt's
     columns = content.get("columns")
     if content.get("version") != VERSION or not isinstance(columns, dict):
-        warn(
-            f"{path}: not a version {VERSION} file; what {Path(grid).name}'s columns measured is not checked"
-        )
+        if say:
+            warn(
+                f"{path}: not a version {VERSION} file; what {Path(grid).name}'s columns measured is "
+                "not checked"
+            )
         return None
     return {c: e for c, e in columns.items() if isinstance(e, dict)}
 
 
-def _checked(grid, objective: Objective):
+def _trained_here(grid: str | Path) -> bool:
+    """True when a row of ``grid`` names a run of mergeopt train on this disk (its run.json), read
+    as :func:`mergeopt.worlds.run_records.grid_run_records` reads the path column."""
+    from mergeopt.runtime.exact_csv import read_csv
+    from mergeopt.worlds.run_records import RUN_MARKER
+
+    try:
+        table = read_csv(grid)
+    except (OSError, ValueError):
+        return False
+    if "path" not in table.columns:
+        return False
+    for value in table["path"]:
+        if isinstance(value, str) and value.strip():
+            given = Path(value)
+            if any((p / RUN_MARKER).is_file() for p in (given, Path(grid).parent / given)):
+                return True
+    return False
+
+
+def _checked(grid, objective: Objective, say: bool = True):
     """(column, its entry, the dev set it measured or None, its term or None) for each column the
     objective compares with the proxy that the file beside ``grid`` describes."""
-    measured = read_measures(grid)
+    measured = read_measures(grid, say)
     if not measured:
         return []
     found = []
@@ -155,10 +204,17 @@ def _checked(grid, objective: Objective):
     return found
 
 
-def check_measured_inputs(grid: str | Path, recipe: Recipe, objective: Objective) -> None:
+def check_measured_inputs(grid: str | Path, recipe: Recipe, objective: Objective, also: str = "") -> None:
     """Before any model is loaded: each column the proxy is compared with was measured with this
     recipe's term settings, on the same dev set file and as many of its records. ``recipe`` is
-    world-resolved (its dev sets are files)."""
+    world-resolved (its dev sets are files); ``also`` ends each refusal (another way out)."""
+    try:
+        _check_inputs(grid, recipe, objective)
+    except UserError as err:
+        raise UserError(f"{err}{also}") from None
+
+
+def _check_inputs(grid: str | Path, recipe: Recipe, objective: Objective) -> None:
     for column, entry, dev, term in _checked(grid, objective):
         if term is not None and isinstance(entry.get("term"), dict):
             now, then = term_settings(term), entry["term"]
@@ -171,7 +227,14 @@ def check_measured_inputs(grid: str | Path, recipe: Recipe, objective: Objective
         if dev is None:
             continue
         then, now = entry["dev_set"], _inputs(recipe, dev)
-        if then.get("digest") != now["digest"]:
+        same_file = then.get("digest") == now["digest"]
+        if same_file and then.get("max_examples") == now["max_examples"]:
+            continue  # the records are read only where the file or the cap differ
+        if then.get("records_digest") is not None and then["records_digest"] == records_digest(
+            now["path"], now["max_examples"]
+        ):
+            continue  # the very records: another copy, layout or order of the file, or another cap
+        if not same_file:
             raise UserError(
                 f"{grid}: its {column} was measured on another file than dev set {dev!r} ({now['path']}; "
                 f"it was {then.get('path')}, whose contents differ): {REMEDY}"
@@ -187,13 +250,13 @@ def check_measured_inputs(grid: str | Path, recipe: Recipe, objective: Objective
 
 
 def check_measured_tokens(
-    grid: str | Path, recipe: Recipe, objective: Objective, sets: Sequence[DevSet]
+    grid: str | Path, recipe: Recipe, objective: Objective, sets: Sequence[DevSet], also: str = ""
 ) -> None:
     """Once the dev sets are read (``sets``, as the proxy scores them): each column the proxy is
     compared with was measured on the very tokens, naming what changed them (``data.max_length``,
-    the chat template, or else the tokenizer)."""
+    the chat template, or else the tokenizer); ``also`` ends a refusal."""
     by_name = {s.name: s for s in sets}
-    for column, entry, dev, _ in _checked(grid, objective):
+    for column, entry, dev, _ in _checked(grid, objective, say=False):  # said by check_measured_inputs
         if dev is None or dev not in by_name:
             continue
         then = entry["dev_set"]
@@ -206,9 +269,12 @@ def check_measured_tokens(
             cause = "another data.chat_template"
         else:
             cause = "another tokenizer: is model.base the base its runs were trained from?"
+        remedy = REMEDY
+        if cause == "another data.chat_template":  # the runs were trained with it: train refuses another
+            remedy = "use the chat template its runs were trained and measured with"
         raise UserError(
             f"{grid}: its {column} was measured on other tokens of dev set {dev!r} than this recipe "
-            f"scores ({cause}): {REMEDY}"
+            f"scores ({cause}): {remedy}{also}"
         )
 
 

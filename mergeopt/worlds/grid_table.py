@@ -112,7 +112,7 @@ def write_grid(
     ]
     kept = _kept_score_columns(path, rows, columns)
     columns[-1:-1] = kept
-    earlier = read_measures(path)
+    earlier = read_measures(path, say=False)  # a grid being written anew: nothing to warn of
     measured_path(path).unlink(missing_ok=True)
     written = write_csv_atomic(path, rows, columns)
     write_measures(path, measures, kept, earlier)
