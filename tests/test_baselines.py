@@ -315,6 +315,9 @@ def test_a_pool_whose_workers_die_is_one_line(monkeypatch):
         def submit(self, *args, **kwargs):
             raise BrokenProcessPool("a worker died")
 
+        def shutdown(self, *args, **kwargs):  # the workers left are stopped
+            pass
+
     monkeypatch.setattr(baselines, "ProcessPoolExecutor", Broken)
     weights, truths, experts = _small_problem()
     with pytest.raises(UserError, match="set rank.workers: 1 to fit them in this process"):
@@ -349,3 +352,38 @@ def test_the_pools_fork_server_starts_with_sigint_blocked():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["1", "False"]
+
+
+def test_a_ctrl_c_held_while_the_pool_starts_stops_its_workers(monkeypatch):
+    """A Ctrl-C while the pool starts is held (SIGINT blocked) and raised as the block ends, where
+    a handler that raises (Python's own, outside mergeopt's commands) stopped the command: the
+    workers are stopped then too, not waited for through every share submitted."""
+    import concurrent.futures
+    from contextlib import contextmanager
+
+    class Pool:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def submit(self, *args, **kwargs):
+            return concurrent.futures.Future()  # a share under way
+
+    @contextmanager
+    def held():
+        yield
+        raise KeyboardInterrupt  # the Ctrl-C held back, delivered as SIGINT is unblocked
+
+    stopped = []
+    monkeypatch.setattr(baselines, "ProcessPoolExecutor", Pool)
+    monkeypatch.setattr(baselines, "_sigint_held", held)
+    monkeypatch.setattr(baselines, "_stop_workers", stopped.append)
+    weights, truths, experts = _small_problem()
+    with pytest.raises(KeyboardInterrupt):
+        baselines.baseline_predictions(weights, truths, experts, seed=0, workers=2)
+    assert len(stopped) == 1

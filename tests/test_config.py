@@ -507,3 +507,32 @@ def test_train_options_the_training_does_not_read_are_named():
     ]
     lora = TrainSection(data={"a": "a.jsonl"}, method="lora", lora={"r": 4}, mixtures={"count": 10})
     assert lora.unused_options() == []
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["weights.bounds={math: [0, on]}"], "weights.bounds: math.1: true is not a number"),
+        (
+            ["model.device_map={lm_head: yes}", "model.max_memory={0: 1000}"],
+            "model.device_map: lm_head: true is not a number",
+        ),
+        (["model.device_map=auto", "model.max_memory={0: yes}"], "model.max_memory: 0: true is not a number"),
+        (["optim.steps=off"], "optim.steps: false is not a number"),
+    ],
+)
+def test_a_yes_or_no_is_refused_wherever_a_number_is_read(tmp_path, overrides, message):
+    """YAML's unquoted yes/no/on/off is a boolean, which pydantic's lax mode took as 1 or 0 in a
+    bounds pair ([0, on] as [0.0, 1.0]), a mixture of train.mixtures.weights and a device_map's
+    device (yes as GPU 1), as it did in number fields before they were checked."""
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_recipe(write(tmp_path, MINIMAL), overrides)
+
+
+def test_a_yes_or_no_in_a_training_mixture_is_refused(tmp_path):
+    text = MINIMAL + (
+        "train:\n  data: {math: /d/math.jsonl, code: /d/code.jsonl}\n  output_dir: /tmp/o\n"
+        "  mixtures: {kind: list, weights: [{math: 0.5, code: 0.5}, {math: on, code: off}]}\n"
+    )
+    with pytest.raises(UserError, match=re.escape("train.mixtures.weights: 1.math: true is not a number")):
+        load_recipe(write(tmp_path, text))

@@ -418,3 +418,33 @@ def test_the_same_records_in_another_layout_or_order_pass(grids, tiny_world, tmp
             UserError, match="its loss_arith was measured on another file than dev set 'arith'"
         ):
             check_measured_inputs(grids["grid"], *resolved_of(tree))
+
+
+def test_a_dev_set_not_on_disk_is_not_said_to_differ(tmp_path):
+    """A mistyped dev set path was refused as 'measured on another file ... whose contents differ'
+    with the advice to rerun mergeopt train: the loader's 'not found' names the real mistake."""
+    from mergeopt.worlds.grid_measures import KIND, VERSION, records_digest
+
+    dev = tmp_path / "math.jsonl"
+    dev.write_text('{"text": "one two"}\n{"text": "three four"}\n')
+    tree = {
+        "model": {"base": "/ckpt/base", "experts": {"math": "/ckpt/math", "code": "/ckpt/code"}},
+        "data": {"dev": [{"name": "math", "path": str(dev)}]},
+    }
+    grid = tmp_path / "grid.csv"
+    grid.write_text("run,path,w_math,w_code,loss_math,tokens\na,,1,0,1.5,10\nb,,0,1,1.7,10\n")
+    entry = {"path": str(dev), "digest": digest(dev), "max_examples": None, "records": 2}
+    entry["records_digest"] = records_digest(dev, None)
+    columns = {"loss_math": {"dev_set": entry}}
+    measured_path(grid).write_text(json.dumps({"kind": KIND, "version": VERSION, "columns": columns}))
+    recipe = recipe_from_dict(tree)
+    check_measured_inputs(grid, recipe, Objective.from_recipe(recipe))  # measured on this very file
+    tree["data"]["dev"][0]["path"] = str(tmp_path / "maths.jsonl")  # a typo
+    typo = recipe_from_dict(tree)
+    check_measured_inputs(grid, typo, Objective.from_recipe(typo))
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"text": "five six"}\n{"text": "seven"}\n')
+    tree["data"]["dev"][0]["path"] = str(other)
+    changed = recipe_from_dict(tree)
+    with pytest.raises(UserError, match="measured on another file than dev set 'math'"):
+        check_measured_inputs(grid, changed, Objective.from_recipe(changed))

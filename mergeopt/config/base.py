@@ -27,42 +27,54 @@ class Section(BaseModel):
     def _no_yes_no_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
         """A number given as true/false (YAML reads unquoted yes/no/on/off so too) is refused:
         pydantic's lax mode takes it as 1 or 0, and ``seed: true`` ran with seed 1, without a word.
-        Checked for number fields and the values of a mapping of numbers (``weights.init``)."""
-        annotation = cls.model_fields[info.field_name].annotation
-        if isinstance(value, dict) and _number_mapping(annotation):
-            items = [(f"{key}: ", item) for key, item in value.items()]
-        elif _is_number(annotation):
-            items = [("", value)]
-        else:
-            return value
-        for key, item in items:
-            if isinstance(item, bool):
-                raise ValueError(
-                    f"{key}{str(item).lower()} is not a number (YAML reads unquoted true/false, yes/no "
-                    "and on/off as booleans)"
-                )
+        Checked wherever the field's type holds a number: the field itself, a mapping's values
+        (``weights.init``), a list's or tuple's items (``weights.bounds``' pairs, ``train.mixtures.
+        weights``), and a number beside a string (``model.device_map``'s devices)."""
+        where = _bool_for_a_number(cls.model_fields[info.field_name].annotation, value)
+        if where is not None:
+            key = f"{'.'.join(str(p) for p in where[0])}: " if where[0] else ""
+            raise ValueError(
+                f"{key}{str(where[1]).lower()} is not a number (YAML reads unquoted true/false, yes/no "
+                "and on/off as booleans)"
+            )
         return value
 
 
 def _members(annotation) -> tuple:
-    """The types an annotation allows: each member of a union (``int | None``), else itself."""
+    """The types an annotation allows: each member of a union (``int | None``), else itself; an
+    ``Annotated[T, ...]`` as its ``T``."""
+    if get_origin(annotation) is Annotated:
+        return _members(get_args(annotation)[0])
     if get_origin(annotation) in (Union, UnionType):
-        return tuple(a for a in get_args(annotation) if a is not NoneType)
+        return tuple(m for a in get_args(annotation) if a is not NoneType for m in _members(a))
     return (annotation,)
 
 
-def _is_number(annotation) -> bool:
-    """A field that holds a number (``int``, ``float | None``), and no yes/no."""
+def _bool_for_a_number(annotation, value, where: tuple = ()) -> tuple[tuple, bool] | None:
+    """(the keys and indices to it, the boolean) of the first boolean in ``value`` that
+    ``annotation`` takes as a number (a place that holds an ``int`` or ``float`` and no ``bool``);
+    None where there is none. A section inside is left to its own fields' check."""
     members = _members(annotation)
-    return all(m in NUMBERS for m in members) and bool(members)
-
-
-def _number_mapping(annotation) -> bool:
-    """A field that maps names to numbers (``dict[str, float] | None``)."""
-    return any(
-        get_origin(m) is dict and len(get_args(m)) == 2 and _is_number(get_args(m)[1])
-        for m in _members(annotation)
-    )
+    if isinstance(value, bool):
+        if any(m is bool or m is Any for m in members) or not any(m in NUMBERS for m in members):
+            return None
+        return where, value
+    for member in members:
+        origin, args = get_origin(member), get_args(member)
+        if origin is dict and isinstance(value, dict) and len(args) == 2:
+            items = [((*where, key), args[1], item) for key, item in value.items()]
+        elif origin in (list, tuple) and isinstance(value, list | tuple) and args:
+            if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+                kinds = args if len(args) == len(value) else ()
+            else:
+                kinds = (args[0],) * len(value)
+            items = [((*where, i), kind, item) for i, (kind, item) in enumerate(zip(kinds, value))]
+        else:
+            continue
+        for place, kind, item in items:
+            if (found := _bool_for_a_number(kind, item, place)) is not None:
+                return found
+    return None
 
 
 def expand_home(path: str) -> str:

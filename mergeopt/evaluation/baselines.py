@@ -256,13 +256,15 @@ def _pooled(
     out = {job: np.empty(n) for job in jobs}
     try:
         with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_ignore_sigint) as pool:
-            with _sigint_held():  # the fork server and the workers start here
-                futures = {
-                    pool.submit(_loo_share, name, weights, truths[metric], seed, rows): ((name, metric), rows)
-                    for (name, metric), rows in shares
-                }
-            pending = set(futures)
+            futures = {}
             try:
+                # the fork server and the workers start here; a Ctrl-C meanwhile is raised as the
+                # block ends (by a handler that raises): inside this try, so the workers are stopped
+                with _sigint_held():
+                    for (name, metric), rows in shares:
+                        future = pool.submit(_loo_share, name, weights, truths[metric], seed, rows)
+                        futures[future] = ((name, metric), rows)
+                pending = set(futures)
                 while pending:  # every half second: a signal to this process is honoured between shares
                     done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
                     for future in done:

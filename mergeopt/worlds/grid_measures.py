@@ -227,6 +227,8 @@ def _check_inputs(grid: str | Path, recipe: Recipe, objective: Objective) -> Non
         if dev is None:
             continue
         then, now = entry["dev_set"], _inputs(recipe, dev)
+        if now["digest"] is None and then.get("digest") is not None:
+            continue  # not on this disk (a mistyped path): the dev set's loader says so, not 'differ'
         same_file = then.get("digest") == now["digest"]
         if same_file and then.get("max_examples") == now["max_examples"]:
             continue  # the records are read only where the file or the cap differ
