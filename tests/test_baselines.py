@@ -297,26 +297,35 @@ def test_how_many_workers(monkeypatch):
     assert baselines.loo_workers(None, 256, 64, 17) == 8
 
 
+class FakePool:
+    """A ProcessPoolExecutor stand-in: each share submitted stays under way."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def submit(self, *args, **kwargs):
+        import concurrent.futures
+
+        return concurrent.futures.Future()
+
+    def shutdown(self, *args, **kwargs):  # the workers left are stopped
+        pass
+
+
 def test_a_pool_whose_workers_die_is_one_line(monkeypatch):
     from concurrent.futures.process import BrokenProcessPool
 
     from mergeopt.errors import UserError
 
-    class Broken:
-        def __init__(self, *args, **kwargs):
-            pass
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
+    class Broken(FakePool):
         def submit(self, *args, **kwargs):
             raise BrokenProcessPool("a worker died")
-
-        def shutdown(self, *args, **kwargs):  # the workers left are stopped
-            pass
 
     monkeypatch.setattr(baselines, "ProcessPoolExecutor", Broken)
     weights, truths, experts = _small_problem()
@@ -358,21 +367,7 @@ def test_a_ctrl_c_held_while_the_pool_starts_stops_its_workers(monkeypatch):
     """A Ctrl-C while the pool starts is held (SIGINT blocked) and raised as the block ends, where
     a handler that raises (Python's own, outside mergeopt's commands) stopped the command: the
     workers are stopped then too, not waited for through every share submitted."""
-    import concurrent.futures
     from contextlib import contextmanager
-
-    class Pool:
-        def __init__(self, *args, **kwargs):
-            pass
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def submit(self, *args, **kwargs):
-            return concurrent.futures.Future()  # a share under way
 
     @contextmanager
     def held():
@@ -380,7 +375,7 @@ def test_a_ctrl_c_held_while_the_pool_starts_stops_its_workers(monkeypatch):
         raise KeyboardInterrupt  # the Ctrl-C held back, delivered as SIGINT is unblocked
 
     stopped = []
-    monkeypatch.setattr(baselines, "ProcessPoolExecutor", Pool)
+    monkeypatch.setattr(baselines, "ProcessPoolExecutor", FakePool)
     monkeypatch.setattr(baselines, "_sigint_held", held)
     monkeypatch.setattr(baselines, "_stop_workers", stopped.append)
     weights, truths, experts = _small_problem()
