@@ -21,6 +21,7 @@ import warnings
 import pytest
 
 from mergeopt.export.formats import FORMATS
+from tests.conftest import REPO
 from tests.export_world import SIZES, WEIGHTS, build_world, export, header_entries, yaml_body
 
 ROUNDING = 1e-3  # whole samples: the largest gap that rounding the counts leaves here
@@ -684,3 +685,52 @@ def test_llamafactory_header_counts_the_conversations_its_converter_skips(world,
     assert skipped == {"a": 0, "b": 400, "c": 0}
     assert "# b: 400 of its 1,200 records are not a user's turn and an assistant's in turn" in written
     assert sum("sharegpt converter skips" in line for line in written.splitlines()) == 1
+
+
+class DefaultSystemAfterThePrompt:
+    """A stub tokenizer whose chat template writes its default system prompt ("DEFAULT") after each
+    assistant header where no system message is given: find_diff in LLaMA-Factory's
+    parse_template stops at the end of the rendering with an empty system message, so it finds no
+    default system prompt there."""
+
+    chat_template = "stub"
+
+    def encode(self, text, add_special_tokens=True):
+        return list(text.encode())
+
+    def decode(self, ids):
+        return bytes(ids).decode()
+
+    def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=False):
+        assistant = "<asst>:" + ("" if messages[0]["role"] == "system" else "DEFAULT")
+        heads = {"system": "<sys>:", "user": "<user>:", "assistant": assistant}
+        turns = [m for m in messages if m["content"]]  # an empty system message writes nothing
+        text = "".join(f"{heads[m['role']]}{m['content']}\n" for m in turns)
+        return text + (assistant if add_generation_prompt else "")
+
+
+def test_the_rebuilt_templates_default_system_prompt_is_found_as_llamafactory_finds_it():
+    """find_diff("<user>:{{content}}\\n<asst>:", "<user>:{{content}}\\n<asst>:DEFAULT") is "" in
+    LLaMA-Factory 0.9.5 (it stops at the shorter's end); the mirror read "DEFAULT". Its own
+    parse_template gives the same slots, where it imports."""
+    from mergeopt.export.formats.llamafactory import rebuilt_template
+
+    tokenizer = DefaultSystemAfterThePrompt()
+    prefix, system, user, assistant, default = rebuilt_template(tokenizer)
+    assert (prefix, system, default) == ("", "<sys>:{{content}}\n", "")
+    assert user == "{{content}}\n<asst>:DEFAULT"  # cut by the sole (empty) system turn's 7 characters
+    pytest.importorskip("llamafactory")
+    import subprocess
+    import sys
+
+    script = "\n".join(LLAMAFACTORY_PT.splitlines()[1:5]) + (  # its torchaudio stand-in
+        "\nfrom llamafactory.data.template import parse_template"
+        "\nfrom tests.test_export_trained_tokens import DefaultSystemAfterThePrompt"
+        "\nt = parse_template(DefaultSystemAfterThePrompt())"
+        "\nprint(json.dumps([t.default_system, t.format_user.slots]))"
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert json.loads(child.stdout.strip().splitlines()[-1]) == [default, [user]]

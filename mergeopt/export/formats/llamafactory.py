@@ -316,12 +316,13 @@ def rebuilt_template(tokenizer) -> tuple[str, str, str, str, str] | None:
     assistant = assistant.replace("<think>", "").replace("</think>", "").lstrip("\n")
     default = ""
     if len(user) > len(user_empty_system):  # find_diff: the characters the default system prompt adds
-        i = 0
-        for char in user:
-            if i < len(user_empty_system) and user_empty_system[i] == char:
+        i = j = 0
+        while i < len(user_empty_system) and j < len(user):  # to the shorter's end, as find_diff stops
+            if user_empty_system[i] == user[j]:
                 i += 1
             else:
-                default += char
+                default += user[j]
+            j += 1
         user = user[len(system.replace("{{content}}", default, 1)) :]
     return prefix, system, user, assistant, default
 
