@@ -94,6 +94,42 @@ def test_unfinished_or_missing_runs_are_one_line_errors(tmp_path, ranked_run):
         analysis.open_run(interrupted)
 
 
+def _hand_made_run(root: Path, trace: str) -> Path:
+    """A finished fit's directory of two experts with ``trace`` as its trace.csv (no fit needed)."""
+    root.mkdir()
+    mixture = {"schema_version": 1, "status": "complete", "weights": {"a": 0.25, "b": 0.75}}
+    (root / "mixture.json").write_text(json.dumps(mixture))
+    (root / "trace.csv").write_text(trace)
+    return root
+
+
+def test_damaged_recipe_or_trace_of_other_experts_are_one_line_errors(tmp_path):
+    """open_run on a run whose recipe.yaml is not YAML raised yaml's ParserError (or a
+    UnicodeDecodeError); a trace.csv of other experts, or cut short in its header, opened and then
+    failed in weight_path or plot_losses with pandas' KeyError. Each is one line naming the file."""
+    good = "step,loss,heldout_loss,w_a,w_b\n0,1.0,1.1,0.5,0.5\n1,,1.0,0.25,0.75\n"
+    run = analysis.open_run(_hand_made_run(tmp_path / "good", good))
+    np.testing.assert_array_equal(run.weight_path(), [[0.5, 0.5], [0.25, 0.75]])
+    other = _hand_made_run(tmp_path / "other", good.replace("w_b", "w_c"))
+    with pytest.raises(
+        UserError, match=r"other/trace.csv: no column w_b \(it has step, loss, heldout_loss, w_a, w_c\)"
+    ):
+        analysis.open_run(other)
+    short = _hand_made_run(tmp_path / "short", "step,loss,heldout_")
+    with pytest.raises(UserError, match=r"short/trace.csv: no column heldout_loss, w_a, w_b "):
+        analysis.load_run(short)
+    broken = _hand_made_run(tmp_path / "broken", good)
+    (broken / "recipe.yaml").write_text("model: [unclosed\n  x: {\n")
+    with pytest.raises(UserError, match=r"broken/recipe.yaml:2: not valid YAML \(expected ',' or ']'"):
+        analysis.open_run(broken)
+    (broken / "recipe.yaml").write_bytes(b"\xff\xfe\x00model")
+    with pytest.raises(UserError, match=r"broken/recipe.yaml: not UTF-8 text"):
+        analysis.open_run(broken)
+    (broken / "recipe.yaml").write_text("- a list\n")
+    with pytest.raises(UserError, match=r"broken/recipe.yaml: a recipe must be a mapping of keys, got list"):
+        analysis.open_run(broken)
+
+
 def test_a_rank_checks_own_directory_opens_and_reports_its_simplex(ranked_run, tmp_path):
     """``mergeopt rank --out DIR`` without a fit: open_run reads its report (there is no mixture to
     ask for), and report.md shows the simplex.png written beside it."""
@@ -112,6 +148,31 @@ def test_a_rank_checks_own_directory_opens_and_reports_its_simplex(ranked_run, t
     assert (tmp_path / "simplex.png").is_file() and "(simplex.png)" in report
     assert "(simplex.png)" in (ranked_run / "report.md").read_text()  # a fit's report: once, in its section
     assert (ranked_run / "report.md").read_text().count("(simplex.png)") == 1
+
+
+def test_a_mixture_without_the_closing_losses_is_a_one_line_error(tmp_path):
+    """mixture_table on a mixture.json (schema 1, where the losses are optional) that lacks the
+    uniform or an expert's loss raised KeyError inside pandas' row building; null losses (not finite,
+    or no held-out part) stay NaN in the table."""
+    mixture = {
+        "schema_version": 1,
+        "status": "complete",
+        "weights": {"a": 0.25, "b": 0.75},
+        "dev_loss": 1.0,
+        "heldout_loss": None,
+        "uniform_dev_loss": 1.5,
+        "uniform_heldout_loss": None,
+        "expert_dev_loss": {"a": 2.0, "b": None},
+        "expert_heldout_loss": {"a": None, "b": None},
+    }
+    (tmp_path / "mixture.json").write_text(json.dumps(mixture))
+    table = analysis.mixture_table(analysis.open_run(tmp_path))
+    assert table.loc["a only", "dev_loss"] == 2.0 and table["heldout_loss"].isna().all()
+    assert math.isnan(table.loc["b only", "dev_loss"]) and table.loc["uniform", "dev_loss"] == 1.5
+    del mixture["uniform_dev_loss"], mixture["expert_dev_loss"]["b"]
+    (tmp_path / "mixture.json").write_text(json.dumps(mixture))
+    with pytest.raises(UserError, match=r"mixture.json: no uniform_dev_loss, expert_dev_loss.b \(written by"):
+        analysis.mixture_table(analysis.open_run(tmp_path))
 
 
 def test_simplex_coordinates():
@@ -305,6 +366,35 @@ def test_proxy_vs_truth_plots_the_rank_pairs_with_their_spearman(ranked_run, sea
         analysis.plot_proxy_vs_truth(run, "accuracy")
     with pytest.raises(UserError, match=r"no rank check"):
         analysis.plot_proxy_vs_truth(analysis.open_run(search_run))
+
+
+def test_proxy_vs_truth_of_a_metric_that_ranks_nothing(tmp_path):
+    """A metric constant over the mixtures (an exact match of 0 everywhere) has null Spearman and
+    Kendall in rank_report.json; plot_proxy_vs_truth failed formatting None into its title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    nulls = dict.fromkeys(
+        ["spearman", "kendall", "pairwise_accuracy", "top1_hit", "topk_hit", "topk_overlap"]
+    )
+    stats = {
+        **nulls,
+        "n": 3,
+        "higher_is_better": True,
+        "spearman_ci": [None, None],
+        "kendall_ci": [None, None],
+        "bootstrap_used": 0,
+        "k": 1,
+        "regret": None,
+        "proxy_best_row": 0,
+        "true_best_row": 0,
+    }
+    report = {"schema_version": 1, "overall": "em", "options": {}, "metrics": {"em": stats}}
+    (tmp_path / "rank_report.json").write_text(json.dumps(report))
+    (tmp_path / "rank_pairs.csv").write_text("a,b,proxy_em,truth_em\n0.5,0.5,0,0\n1,0,0,0\n0,1,0,0\n")
+    run = analysis.open_run(tmp_path)
+    assert analysis.plot_proxy_vs_truth(run).get_title() == "em: Spearman n/a, Kendall n/a"
+    assert analysis.rank_table(run).loc["em"].isna().all()
 
 
 def test_the_search_curve_numbers_evaluations_as_evaluations_csv_and_plot_losses(

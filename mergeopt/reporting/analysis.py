@@ -25,6 +25,7 @@ import pandas as pd
 import yaml
 
 from mergeopt.errors import UserError
+from mergeopt.evaluation.rank_report import format_number
 from mergeopt.inputs import existing_dir
 from mergeopt.run_files import DiagnoseFile, MixtureFile, RankReport, read_finished_mixture, read_run_file
 from mergeopt.runtime.exact_csv import read_csv
@@ -84,13 +85,39 @@ class Run:
         return frame[[f"w_{n}" for n in self.expert_names]].to_numpy(dtype=np.float64)
 
 
-def _read_csv(path: Path) -> pd.DataFrame | None:
+def _read_csv(path: Path, columns: list[str] = ()) -> pd.DataFrame | None:
+    """The table at ``path`` (None when absent), which must have ``columns``: a trace of other
+    experts, or one cut short in its header, is one line here, not a KeyError in a plot."""
     if not path.is_file():
         return None
     try:
-        return read_csv(path)
+        frame = read_csv(path)
     except (OSError, ValueError) as err:
         raise UserError(f"{path}: cannot read it as CSV ({err})") from None
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise UserError(
+            f"{path}: no column {', '.join(missing)} (it has {', '.join(map(str, frame.columns))}); "
+            "not this run's file, or one cut short"
+        )
+    return frame
+
+
+def _read_recipe(path: Path) -> dict | None:
+    """recipe.yaml as a tree (None when absent); a damaged one is one line, not a YAML traceback."""
+    if not path.is_file():
+        return None
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text (not the recipe a fit writes)") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"{where}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"{path}: a recipe must be a mapping of keys, got {type(tree).__name__}")
+    return tree
 
 
 def load_run(path: str | Path, mixture: dict | None = None) -> Run:
@@ -98,17 +125,16 @@ def load_run(path: str | Path, mixture: dict | None = None) -> Run:
     root = existing_dir(path, "run directory")
     if mixture is None and (root / "mixture.json").is_file():
         mixture = read_run_file(MixtureFile, root).to_json()
-    recipe = None
-    if (root / "recipe.yaml").is_file():
-        recipe = yaml.safe_load((root / "recipe.yaml").read_text(encoding="utf-8"))
+    recipe = _read_recipe(root / "recipe.yaml")
     rank = read_run_file(RankReport, root).to_json() if (root / "rank_report.json").is_file() else None
     diagnose = read_run_file(DiagnoseFile, root).to_json() if (root / DiagnoseFile.FILE).is_file() else None
+    w = [f"w_{n}" for n in mixture["weights"]] if mixture is not None else []  # what weight_path reads
     return Run(
         root,
         mixture,
         recipe,
-        _read_csv(root / "trace.csv"),
-        _read_csv(root / "evaluations.csv"),
+        _read_csv(root / "trace.csv", ["step", "loss", "heldout_loss", *w]),
+        _read_csv(root / "evaluations.csv", ["index", "value", *w]),
         rank,
         _read_csv(root / RANK_PAIRS),
         diagnose,
@@ -151,6 +177,16 @@ def of_other_experts(run: Run) -> dict[str, list[str]]:
 # ----------------------------------------------------------------------------- tables
 
 
+_CLOSING = (
+    "dev_loss",
+    "heldout_loss",
+    "uniform_dev_loss",
+    "uniform_heldout_loss",
+    "expert_dev_loss",
+    "expert_heldout_loss",
+)
+
+
 def mixture_table(run: Run) -> pd.DataFrame:
     """The fitted mixture beside the uniform one and each expert: weights and dev / held-out losses."""
     m = run.mixture
@@ -163,6 +199,14 @@ def mixture_table(run: Run) -> pd.DataFrame:
             "calibration.json, the fit's table in the fit's run directory"
         )
     names = run.expert_names
+    # a loss may be null (not finite, or no held-out part); the keys, and an entry per expert, are there
+    missing = [key for key in _CLOSING if key not in m or (key.startswith("expert_") and m[key] is None)]
+    missing += [f"{key}.{n}" for key in _CLOSING[-2:] if m.get(key) for n in names if n not in m[key]]
+    if missing:
+        raise UserError(
+            f"{run.path / 'mixture.json'}: no {', '.join(missing)} (written by another mergeopt, or by "
+            "hand?): the table needs the fitted, uniform and single-expert losses a fit records"
+        )
     k = len(names)
     rows = {
         "fitted": [*(m["weights"][n] for n in names), m["dev_loss"], m["heldout_loss"]],
@@ -344,8 +388,12 @@ def plot_proxy_vs_truth(run: Run, metric: str | None = None, ax=None):
     ax = _axes(ax, (5, 4))
     x, y = run.rank_pairs[f"proxy_{metric}"], run.rank_pairs[f"truth_{metric}"]
     ax.scatter(x, y, s=18)
-    s = run.rank["metrics"][metric]
-    ax.set_title(f"{metric}: Spearman {s['spearman']:.3f}, Kendall {s['kendall']:.3f}", fontsize=10)
+    s = run.rank["metrics"].get(metric)
+    if s is None:
+        raise UserError(f"{run.path}: rank_report.json has no statistics of {metric!r} (rank_pairs.csv has)")
+    # a metric constant over the mixtures ranks nothing: its correlations are null (n/a)
+    spearman, kendall = format_number(s["spearman"]), format_number(s["kendall"])
+    ax.set_title(f"{metric}: Spearman {spearman}, Kendall {kendall}", fontsize=10)
     ax.set_xlabel("merged proxy")
     ax.set_ylabel("trained on the mixture")
     ax.grid(alpha=0.3)
