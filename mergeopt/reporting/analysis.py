@@ -321,7 +321,8 @@ def simplex_coordinates(weights: np.ndarray) -> np.ndarray:
 
 
 def plot_simplex(run: Run, ax=None):
-    """The path of the weights on the simplex, from the first mixture to the recommended one."""
+    """The path of the weights on the simplex, every step the search took (past the recommended one
+    where early stopping waited for its patience), and the recommended mixture as a star."""
     names = run.expert_names
     if not names:
         raise UserError(
