@@ -1130,6 +1130,12 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         lambda w, t: _calibration_grid(w, t, run_fingerprint="ffff0000"),
         "grid.csv line 2: its run was trained by another recipe (fingerprint ffff0000 in ",
     ),
+    "calibration grid naming one run twice": (
+        "grid table",
+        "calibrate",
+        lambda w, t: _calibration_grid(w, t, run_fingerprint="0123abcd"),
+        "grid.csv line 3: the same run (",
+    ),
     "calibration grid of no run, without the proxy": (
         "grid table",
         "calibrate",

@@ -383,6 +383,10 @@ def test_a_grid_of_train_runs_without_its_measures_is_said_once(grids, tmp_path,
         assert len(err) == 1, err
         assert (
             f"{grid}: its runs were trained by mergeopt train, but no {measured_path(grid).name} is" in err[0]
+        )  # the file to copy, named: the one train wrote beside its runs' grid.csv
+        assert (
+            f"(copy {measured_path(grids['grid'])}, written with its runs, to {measured_path(grid)})"
+            in err[0]
         )
         measured_path(grid).write_text("{")  # damaged: one warning, not one per reading
         check_measured_inputs(grid, recipe, objective)

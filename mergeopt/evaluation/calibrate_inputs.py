@@ -19,7 +19,7 @@ import pandas as pd
 from mergeopt.errors import UserError
 from mergeopt.evaluation.proxy import WEIGHT_PREFIX
 from mergeopt.objectives.objective import Objective
-from mergeopt.runtime.exact_csv import at_line
+from mergeopt.runtime.exact_csv import at_line, file_line
 
 
 def metric_of(objective: Objective, metric: str) -> tuple[str | None, bool]:
@@ -74,6 +74,21 @@ def check_provenance(
             )
 
 
+def check_repeated_runs(runs: Sequence[tuple[int, Path, dict]], grid: str | Path) -> None:
+    """Two rows naming the same run directory (a row appended twice by hand): the calibration would
+    count one run's result as two seeds agreeing, and narrow its noise and interval on nothing.
+    Several seeds of a mixture are several runs, each its own directory, and stay welcome."""
+    seen: dict[Path, int] = {}
+    for row, path, _record in runs:
+        key = path.resolve()
+        if key in seen:
+            raise UserError(
+                f"{at_line(grid, row)}: the same run ({path}) as line {file_line(grid, seen[key])}: keep "
+                "one row per run (several seeds of a mixture are several runs, each its own directory)"
+            )
+        seen[key] = row
+
+
 @dataclass
 class CheckedGrid:
     """The grid of real runs and what else calibrate reads before a model is loaded, all checked:
@@ -87,6 +102,7 @@ class CheckedGrid:
     feasible: object = None
     record: dict | None = None
     fitted: dict[str, float] | None = None
+    trained: tuple[int, ...] = ()  # the rows naming a run of mergeopt train (its run.json) on this disk
 
 
 def checked_grid(args: argparse.Namespace, recipe, objective: Objective) -> CheckedGrid:
@@ -108,8 +124,9 @@ def checked_grid(args: argparse.Namespace, recipe, objective: Objective) -> Chec
     check_truth(table, objective, grid)
     runs = grid_run_records(table, grid)
     check_provenance(runs, grid, recipe.model.experts)
+    check_repeated_runs(runs, grid)
     check_grid_unit(runs, grid, recipe.weights.unit)
-    checked = CheckedGrid(grid, table, column, higher)
+    checked = CheckedGrid(grid, table, column, higher, trained=tuple(row for row, _, _ in runs))
     if recipe.weights.constrained:  # bounds, pins, repetition caps: checked before a model is loaded
         from mergeopt.loading.feasible import constraints_record, feasible_set, source_sizes
 

@@ -138,12 +138,20 @@ def read_measures(grid: str | Path, say: bool = True) -> dict | None:
     a second reading in the same command (each warning once) and for train's own earlier grid."""
     path = measured_path(grid)
     if not path.is_file():
-        if say and _trained_here(grid):
+        runs = _trained_here(grid) if say else []
+        if runs:
+            # train.output_dir/mixtures/NNN (experts may be elsewhere, at model.experts' paths)
+            sources = (run.parent.parent / "grid.measured.json" for run in runs)
+            source = next((s for s in sources if s.is_file()), None)
+            copy = (
+                f"copy {source}, written with its runs, to {path}"
+                if source is not None
+                else f"copy the grid.measured.json that mergeopt train wrote beside its runs' grid.csv to "
+                f"{path} (mergeopt train with that recipe writes it again, retraining no run)"
+            )
             warn(
                 f"{grid}: its runs were trained by mergeopt train, but no {path.name} is beside it, "
-                "so whether its columns were measured on this recipe's records is not checked "
-                "(copy the grid.measured.json written with it there as "
-                f"{path.name}, or rerun mergeopt train with this recipe)"
+                f"so whether its columns were measured on this recipe's records is not checked ({copy})"
             )
         return None
     try:
@@ -165,24 +173,25 @@ def read_measures(grid: str | Path, say: bool = True) -> dict | None:
     return {c: e for c, e in columns.items() if isinstance(e, dict)}
 
 
-def _trained_here(grid: str | Path) -> bool:
-    """True when a row of ``grid`` names a run of mergeopt train on this disk (its run.json), read
-    as :func:`mergeopt.worlds.run_records.grid_run_records` reads the path column."""
+def _trained_here(grid: str | Path) -> list[Path]:
+    """The runs of mergeopt train on this disk (their directories, with run.json) that the rows of
+    ``grid`` name, read as :func:`mergeopt.worlds.run_records.grid_run_records` reads the path
+    column."""
     from mergeopt.runtime.exact_csv import read_csv
     from mergeopt.worlds.run_records import RUN_MARKER
 
     try:
         table = read_csv(grid)
     except (OSError, ValueError):
-        return False
+        return []
     if "path" not in table.columns:
-        return False
+        return []
+    runs = []
     for value in table["path"]:
         if isinstance(value, str) and value.strip():
             given = Path(value)
-            if any((p / RUN_MARKER).is_file() for p in (given, Path(grid).parent / given)):
-                return True
-    return False
+            runs += [run for run in (given, Path(grid).parent / given) if (run / RUN_MARKER).is_file()][:1]
+    return runs
 
 
 def _checked(grid, objective: Objective, say: bool = True):
