@@ -34,7 +34,8 @@ KIND = "mergeopt grid measurements"  # the file's "kind": a JSON of another tool
 VERSION = 1
 REMEDY = (
     "rerun mergeopt train with this recipe's data and objective sections (it measures the finished "
-    "runs again, retraining none), or use the settings it was measured with"
+    "runs again, retraining none; a copy of its grid, such as calibrate's runs.csv, then takes the new "
+    "rows and grid.measured.json), or use the settings it was measured with"
 )
 # how a term is weighed, named and read (its direction): not what it measures
 TERM_IDENTITY = ("weight", "name", "label", "higher_is_better")
