@@ -92,6 +92,27 @@ def test_unfinished_or_missing_runs_are_one_line_errors(tmp_path, ranked_run):
     (interrupted / "checkpoint").mkdir(parents=True)  # a fit stopped mid-way: its state, no answer yet
     with pytest.raises(UserError, match="the fit has not finished .*rerun the fit's command to finish it"):
         analysis.open_run(interrupted)
+    lock = tmp_path / ".interrupted.lock"
+    assert not lock.exists()  # the probe above created nothing beside the run
+
+
+def test_a_run_that_a_fit_is_writing_says_so(tmp_path):
+    """A fit in progress holds its directory: opening it said 'rerun the fit's command', though the
+    fit is live. The probe of its lock takes nothing from it, and the fit's own lock stays."""
+    from mergeopt.runtime.rundir import owned
+
+    live = tmp_path / "live"
+    (live / "checkpoint").mkdir(parents=True)
+    with owned(live, "fit"):
+        with pytest.raises(
+            UserError, match=r"live: mergeopt fit \(pid \d+\) is writing it now: open the run"
+        ):
+            analysis.open_run(live)
+        with pytest.raises(UserError, match="is in use by mergeopt fit"):  # still held by the fit
+            with owned(live, "rank"):
+                pass
+    with pytest.raises(UserError, match="the fit has not finished"):  # the fit gone: a stopped one
+        analysis.open_run(live)
 
 
 def _hand_made_run(root: Path, trace: str) -> Path:

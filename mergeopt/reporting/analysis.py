@@ -30,6 +30,7 @@ from mergeopt.inputs import existing_dir
 from mergeopt.run_files import DiagnoseFile, MixtureFile, RankReport, read_finished_mixture, read_run_file
 from mergeopt.runtime.exact_csv import read_csv
 from mergeopt.runtime.resume import CHECKPOINT_DIR
+from mergeopt.runtime.rundir import in_use_by
 
 RANK_PAIRS = "rank_pairs.csv"
 
@@ -149,6 +150,8 @@ def open_run(path: str | Path) -> Run:
     if not (root / "mixture.json").exists():
         if (root / "rank_report.json").is_file():
             return load_run(root)
+        if (holder := in_use_by(root)) is not None:
+            raise UserError(f"{root}: {holder} is writing it now: open the run once it has finished")
         if (root / CHECKPOINT_DIR).is_dir():
             raise UserError(
                 f"{root}: the fit has not finished (its state is in {root / CHECKPOINT_DIR}, no "

@@ -143,6 +143,25 @@ def _acquire(lock: Path) -> int | None:
         os.close(fd)
 
 
+def in_use_by(out: str | os.PathLike) -> str | None:
+    """Who holds ``out`` now (``mergeopt fit (pid N)``), or None: a reader's probe of the lock that
+    :func:`owned` takes, which creates nothing (a run being read may lie where nothing is written)."""
+    import fcntl
+
+    lock = _lock_path(Path(os.path.realpath(out)))
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:  # no lock file: nobody holds it
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _holder(lock)
+    finally:
+        os.close(fd)  # a lock taken here goes with the descriptor
+    return None
+
+
 def _holder(lock: Path) -> str:
     try:
         pid, _, command = lock.read_text(encoding="utf-8").strip().partition(" ")
