@@ -407,10 +407,13 @@ def _semicolon_grid(world, tmp) -> list[str]:
     return args
 
 
-def _calibration_grid(world, tmp, edit=None, run_fingerprint: str | None = None) -> list[str]:
+def _calibration_grid(
+    world, tmp, edit=None, run_fingerprint: str | None = None, grid_paths: list[str] | None = None
+) -> list[str]:
     """A grid of three runs for ``mergeopt calibrate``; with ``run_fingerprint``, the recipe's
-    experts and the grid's runs each carry a ``mergeopt train`` run.json, with other fingerprints."""
-    args = _grid(world, tmp, lambda rows: None)
+    experts and the grid's runs each carry a ``mergeopt train`` run.json, with other fingerprints;
+    with ``grid_paths``, the rows' path column."""
+    args = _grid(world, tmp, lambda rows: [r.update(path=p) for r, p in zip(rows, grid_paths or [])])
     experts = dict(world["experts"])
     if run_fingerprint is not None:
         for name, path in world["experts"].items():
@@ -430,6 +433,16 @@ def _calibration_grid(world, tmp, edit=None, run_fingerprint: str | None = None)
         (edit or (lambda _: None))(tree)
 
     return [_recipe(world, tmp, change), *args[1:]]
+
+
+def _grid_naming_one_checkpoint_twice(world, tmp) -> list[str]:
+    """Rows 1 and 3 name one run trained elsewhere (a directory without mergeopt train's run.json),
+    the second time through a path relative to the grid."""
+    runs = [tmp / "runs" / "a", tmp / "runs" / "b"]
+    for run in runs:
+        run.mkdir(parents=True)
+    paths = [str(runs[0]), str(runs[1]), "runs/a"]
+    return _calibration_grid(world, tmp, lambda _tree: None, grid_paths=paths)
 
 
 def _export_to(world, tmp, fmt: str, paths: dict[str, str], change=None) -> list[str]:
@@ -1135,6 +1148,12 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         "calibrate",
         lambda w, t: _calibration_grid(w, t, run_fingerprint="0123abcd"),
         "grid.csv line 3: the same run (",
+    ),
+    "calibration grid naming one checkpoint twice": (
+        "grid table",
+        "calibrate",
+        _grid_naming_one_checkpoint_twice,
+        "grid.csv line 4: the same run (runs/a) as line 2: keep one row per run",
     ),
     "calibration grid of no run, without the proxy": (
         "grid table",

@@ -452,3 +452,27 @@ def test_a_dev_set_not_on_disk_is_not_said_to_differ(tmp_path):
     changed = recipe_from_dict(tree)
     with pytest.raises(UserError, match="measured on another file than dev set 'math'"):
         check_measured_inputs(grid, changed, Objective.from_recipe(changed))
+
+
+def test_the_measures_to_copy_are_those_of_the_grid_not_of_its_experts_train(tmp_path, capsys):
+    """A second train (another train.output_dir, the first round's experts reused): its grid's vertex
+    rows name experts that lie beside the first round's grid.measured.json. The warning named that
+    file to copy (the first row's), though the grid's own lies beside its mixture runs."""
+    from mergeopt.worlds.grid_measures import read_measures
+
+    first, second = tmp_path / "round1", tmp_path / "round2"
+    runs = [first / "experts" / "a", first / "experts" / "b", second / "mixtures" / "002"]
+    for run in runs:
+        run.mkdir(parents=True)
+        (run / "run.json").write_text("{}")
+    for out in (first, second):
+        (out / "grid.measured.json").write_text("{}")
+    grid = tmp_path / "runs.csv"
+    pd.DataFrame({"path": [str(r) for r in runs], "w_a": [1, 0, 0.5], "w_b": [0, 1, 0.5]}).to_csv(
+        grid, index=False
+    )
+    assert read_measures(grid) is None
+    err = capsys.readouterr().err
+    assert (
+        f"(copy {second / 'grid.measured.json'}, written with its runs, to {measured_path(grid)})" in err
+    ), err

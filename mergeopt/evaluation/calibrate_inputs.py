@@ -74,16 +74,24 @@ def check_provenance(
             )
 
 
-def check_repeated_runs(runs: Sequence[tuple[int, Path, dict]], grid: str | Path) -> None:
+def check_repeated_runs(table: pd.DataFrame, grid: str | Path) -> None:
     """Two rows naming the same run directory (a row appended twice by hand): the calibration would
     count one run's result as two seeds agreeing, and narrow its noise and interval on nothing.
-    Several seeds of a mixture are several runs, each its own directory, and stay welcome."""
+    Several seeds of a mixture are several runs, each its own directory, and stay welcome. Any run's
+    directory on this disk counts, mergeopt train's or one trained elsewhere (without its run.json)."""
+    from mergeopt.worlds.run_records import run_dir
+
+    if "path" not in table.columns:
+        return
     seen: dict[Path, int] = {}
-    for row, path, _record in runs:
-        key = path.resolve()
+    for row, value in enumerate(table["path"]):
+        found = run_dir(value, grid) if isinstance(value, str) and value.strip() else None
+        if found is None:
+            continue
+        key = found.resolve()
         if key in seen:
             raise UserError(
-                f"{at_line(grid, row)}: the same run ({path}) as line {file_line(grid, seen[key])}: keep "
+                f"{at_line(grid, row)}: the same run ({value}) as line {file_line(grid, seen[key])}: keep "
                 "one row per run (several seeds of a mixture are several runs, each its own directory)"
             )
         seen[key] = row
@@ -124,7 +132,7 @@ def checked_grid(args: argparse.Namespace, recipe, objective: Objective) -> Chec
     check_truth(table, objective, grid)
     runs = grid_run_records(table, grid)
     check_provenance(runs, grid, recipe.model.experts)
-    check_repeated_runs(runs, grid)
+    check_repeated_runs(table, grid)
     check_grid_unit(runs, grid, recipe.weights.unit)
     checked = CheckedGrid(grid, table, column, higher, trained=tuple(row for row, _, _ in runs))
     if recipe.weights.constrained:  # bounds, pins, repetition caps: checked before a model is loaded

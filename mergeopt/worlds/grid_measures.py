@@ -141,8 +141,10 @@ def read_measures(grid: str | Path, say: bool = True) -> dict | None:
     if not path.is_file():
         runs = _trained_here(grid) if say else []
         if runs:
-            # train.output_dir/mixtures/NNN (experts may be elsewhere, at model.experts' paths)
-            sources = (run.parent.parent / "grid.measured.json" for run in runs)
+            # train.output_dir/mixtures/NNN first: an expert (a vertex row) lies at model.experts'
+            # path, which may be another train's (a second round reusing the first round's experts)
+            ordered = sorted(runs, key=lambda run: run.parent.name != "mixtures")
+            sources = (run.parent.parent / "grid.measured.json" for run in ordered)
             source = next((s for s in sources if s.is_file()), None)
             copy = (
                 f"copy {source}, written with its runs, to {path}"

@@ -81,6 +81,13 @@ def run_identity(recipe: Recipe, weights: dict[str, float], inputs: dict[str, st
     }
 
 
+def run_dir(value: str, grid: str | Path) -> Path | None:
+    """The directory a grid row's ``path`` names, read from the working directory, else from the
+    grid file's own directory (:func:`grid_run_records`); None when it is on neither."""
+    given = Path(value)
+    return next((p for p in (given, Path(grid).parent / given) if p.is_dir()), None)
+
+
 def grid_run_records(table, grid: str | Path) -> list[tuple[int, Path, dict]]:
     """``(row, directory, run.json)`` of each grid row whose ``path`` column names a run on this disk.
 
@@ -100,8 +107,7 @@ def grid_run_records(table, grid: str | Path) -> list[tuple[int, Path, dict]]:
     for row, value in enumerate(table["path"]):
         if not isinstance(value, str) or not value.strip():
             continue
-        given = Path(value)
-        found = next((p for p in (given, Path(grid).parent / given) if p.is_dir()), None)
+        found = run_dir(value, grid)
         if found is None:
             missing.append(value)
             continue
