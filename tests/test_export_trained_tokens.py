@@ -118,20 +118,24 @@ def test_trl_trains_the_fitted_token_shares(world, tmp_path, layout, extra, toke
     assert said("trl", tokenizer) in out.read_text()
 
 
-@pytest.mark.parametrize("layout", ["prompt_completion", "text"])
-def test_trl_adds_no_eos_to_a_record_that_already_ends_with_it(world, tmp_path, layout):
-    """TRL appends the EOS only to a text or completion that does not end with the EOS text, and
-    mergeopt's count of one that does already holds the EOS: half of a's records end with it
-    (counted 7.5 tokens, trained 8, not 8.5: a gap of 0.0095 where every record got one)."""
-    pytest.importorskip("trl")
-    data = data_of(world, tmp_path, layout, "bos")
+def ending_with_eos(data: dict, layout: str, tmp_path) -> dict:
+    """``data`` with every other record of domain a ending with the EOS text ("</s>")."""
     key = "text" if layout == "text" else "completion"
     rows = [json.loads(line) for line in data["paths"]["a"].read_text().splitlines()]
     for row in rows[::2]:
         row[key] += "</s>"
     ending = tmp_path / "a-eos.jsonl"
     ending.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    data = {**data, "paths": {**data["paths"], "a": ending}}
+    return {**data, "paths": {**data["paths"], "a": ending}}
+
+
+@pytest.mark.parametrize("layout", ["prompt_completion", "text"])
+def test_trl_adds_no_eos_to_a_record_that_already_ends_with_it(world, tmp_path, layout):
+    """TRL appends the EOS only to a text or completion that does not end with the EOS text, and
+    mergeopt's count of one that does already holds the EOS: half of a's records end with it
+    (counted 7.5 tokens, trained 8, not 8.5: a gap of 0.0095 where every record got one)."""
+    pytest.importorskip("trl")
+    data = ending_with_eos(data_of(world, tmp_path, layout, "bos"), layout, tmp_path)
     out = tmp_path / "trl.yaml"
     out.write_text(export(data, "trl", tmp_path))
     assert largest_gap(trl_tokens(out, data["tokenizer"], tmp_path)) < ROUNDING
@@ -183,14 +187,7 @@ def test_axolotl_adds_no_eos_to_a_record_that_already_ends_with_it(world, tmp_pa
     already end with it, as TRL does: half of a's records ending with the EOS text got one EOS too
     many in the counts (a gap of 0.0095 against axolotl's own tokenizing)."""
     pytest.importorskip("axolotl.utils.data.sft")
-    data = data_of(world, tmp_path, layout, "bos")
-    key = "text" if layout == "text" else "completion"
-    rows = [json.loads(line) for line in data["paths"]["a"].read_text().splitlines()]
-    for row in rows[::2]:
-        row[key] += "</s>"
-    ending = tmp_path / "a-eos.jsonl"
-    ending.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    data = {**data, "paths": {**data["paths"], "a": ending}}
+    data = ending_with_eos(data_of(world, tmp_path, layout, "bos"), layout, tmp_path)
     text = export(data, "axolotl", tmp_path)
     assert largest_gap(axolotl_tokens(yaml_body(text), data)) < ROUNDING
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from mergeopt.config import ObjectiveTerm, Recipe
@@ -47,37 +47,35 @@ def measured_path(grid: str | Path) -> Path:
     return grid.with_name(f"{grid.stem}.measured.json")
 
 
+def _unordered_digest(parts: Iterable[bytes]) -> str:
+    """A digest of ``parts`` in no particular order (each hashed, the hashes sorted)."""
+    return hashlib.sha256(b"".join(sorted(hashlib.sha256(p).digest() for p in parts))).hexdigest()
+
+
 def token_digest(dev_set: DevSet) -> str:
     """A digest of every example's tokens and scored positions, in no particular order: grid.csv's
     losses are means over all of them (fit and held-out parts alike), so the split does not count."""
-    parts = sorted(
-        hashlib.sha256(e.input_ids.numpy().tobytes() + e.scored.numpy().tobytes()).digest()
-        for e in dev_set.all
-    )
-    return hashlib.sha256(b"".join(parts)).hexdigest()
+    return _unordered_digest(e.input_ids.numpy().tobytes() + e.scored.numpy().tobytes() for e in dev_set.all)
 
 
-def records_read(path: str | Path, max_examples: int | None) -> int | None:
-    """How many records of a dev set are read under ``max_examples`` (None: not a local file)."""
-    if not Path(path).exists():
-        return None
-    total = len(read_records(path))
-    return total if max_examples is None else min(total, max_examples)
-
-
-def records_digest(path: str | Path, max_examples: int | None) -> str | None:
-    """A digest of the records read under ``max_examples``, in no particular order and whatever
-    their file's layout (another key order, spacing, format): the same records measure the same
-    columns (None: not a local file)."""
+def read_capped(path: str | Path, max_examples: int | None) -> list | None:
+    """The records of a dev set read under ``max_examples`` (None: not a local file)."""
     if not Path(path).exists():
         return None
     records = read_records(path)
-    if max_examples is not None:
-        records = records[:max_examples]
-    parts = sorted(
-        hashlib.sha256(json.dumps(r, sort_keys=True, default=str).encode()).digest() for r in records
-    )
-    return hashlib.sha256(b"".join(parts)).hexdigest()
+    return records if max_examples is None else records[:max_examples]
+
+
+def _records_digest(records: list) -> str:
+    """A digest of ``records`` in no particular order and whatever their file's layout (another key
+    order, spacing, format): the same records measure the same columns."""
+    return _unordered_digest(json.dumps(r, sort_keys=True, default=str).encode() for r in records)
+
+
+def records_digest(path: str | Path, max_examples: int | None) -> str | None:
+    """:func:`_records_digest` of the records read under ``max_examples`` (None: not a local file)."""
+    records = read_capped(path, max_examples)
+    return None if records is None else _records_digest(records)
 
 
 def _inputs(recipe: Recipe, name: str) -> dict:
@@ -105,10 +103,11 @@ def grid_measures(recipe: Recipe, sets: Sequence[DevSet], terms: Sequence[Object
     by_name = {}
     for dev_set in sets:
         inputs = _inputs(recipe, dev_set.name)
+        records = read_capped(inputs["path"], inputs["max_examples"])  # read once for both
         by_name[dev_set.name] = {
             **inputs,
-            "records": records_read(inputs["path"], inputs["max_examples"]),
-            "records_digest": records_digest(inputs["path"], inputs["max_examples"]),
+            "records": None if records is None else len(records),
+            "records_digest": None if records is None else _records_digest(records),
             "examples": len(dev_set.all),
             "tokens": token_digest(dev_set),
         }
@@ -244,9 +243,9 @@ def _check_inputs(grid: str | Path, recipe: Recipe, objective: Objective) -> Non
         same_file = then.get("digest") == now["digest"]
         if same_file and then.get("max_examples") == now["max_examples"]:
             continue  # the records are read only where the file or the cap differ
-        if then.get("records_digest") is not None and then["records_digest"] == records_digest(
-            now["path"], now["max_examples"]
-        ):
+        records = read_capped(now["path"], now["max_examples"])  # read once for both checks below
+        known = records is not None and then.get("records_digest") is not None  # None: not a local file
+        if known and then["records_digest"] == _records_digest(records):
             continue  # the very records: another copy, layout or order of the file, or another cap
         if not same_file:
             raise UserError(
@@ -254,7 +253,7 @@ def _check_inputs(grid: str | Path, recipe: Recipe, objective: Objective) -> Non
                 f"it was {then.get('path')}, whose contents differ): {REMEDY}"
             )
         if then.get("max_examples") != now["max_examples"]:
-            read = records_read(now["path"], now["max_examples"])
+            read = None if records is None else len(records)
             if read is None or read != then.get("records"):
                 raise UserError(
                     f"{grid}: its {column} was measured on {_records(then.get('records'))} of dev set "
