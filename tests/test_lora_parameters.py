@@ -66,18 +66,32 @@ def moe_model(arch: str, seed: int) -> torch.nn.Module:
 
 
 def moe_adapter(base: str, directory: Path, seed: int, targets: list[str], attention: str = "q_proj") -> str:
-    """A LoRA of the attention's ``attention`` projection and of ``targets``, random
-    (init_lora_weights=False), saved by PEFT."""
+    """A LoRA of the attention's ``attention`` projection and of ``targets``, random, saved by PEFT.
+
+    The factors' numbers are this function's, not PEFT's initialisation: each is filled as
+    ``nn.Linear`` fills its weight (Kaiming-uniform, a=√5) from the seeded generator, the attention
+    modules' first, then each wrapped parameter's, the order PEFT 0.21 created them in; so the
+    adapters are those its CPU references (benchmarks/results/moe_cpu_reference) and GPU results
+    were measured with, under any PEFT (0.22 creates them in another order)."""
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_pretrained(base).eval()
-    config = peft.LoraConfig(
-        r=2,
-        lora_alpha=6,
-        target_modules=[attention],
-        target_parameters=targets,
-        init_lora_weights=False,
-    )
-    peft.get_peft_model(model, config).save_pretrained(directory)
+    generator = torch.get_rng_state()
+    config = peft.LoraConfig(r=2, lora_alpha=6, target_modules=[attention], target_parameters=targets)
+    served = peft.get_peft_model(model, config)
+    torch.set_rng_state(generator)
+    wrapper = peft.tuners.lora.layer.ParamWrapper
+    layers = [m for m in served.modules() if isinstance(m, peft.tuners.lora.layer.Linear)]
+    wrapped = {id(m.base_layer) for m in served.modules() if isinstance(m, wrapper)}
+    for outermost in [m for m in served.modules() if isinstance(m, wrapper) and id(m) not in wrapped]:
+        chain = [outermost]  # a parameter wrapped in a module's wrapper wraps the one before it
+        while isinstance(chain[-1].base_layer, wrapper):
+            chain.append(chain[-1].base_layer)
+        layers += reversed(chain)
+    with torch.no_grad():
+        for layer in layers:
+            for factor in (layer.lora_A["default"].weight, layer.lora_B["default"].weight):
+                torch.nn.init.kaiming_uniform_(factor, a=math.sqrt(5))
+    served.save_pretrained(directory)
     return str(directory)
 
 
