@@ -141,7 +141,7 @@ def _fit(recipe: Recipe, progress: bool, log: Callable[[str], None], resume: str
             )
     except UserError:
         if not resuming and distributed.is_main():  # a user error writes nothing: undo this run's state
-            checkpoint.clear()
+            checkpoint.discard()
             out = Path(recipe.output_dir)
             if out.is_dir() and not any(out.iterdir()):
                 out.rmdir()

@@ -589,3 +589,56 @@ def test_a_fault_point_inside_a_round_of_evaluations_fires(tmp_path):
     fork_ranks(_fault_in_a_round_worker, args=(port, str(tmp_path)), nprocs=2)
     seen = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
     assert seen == [[int(signal.SIGTERM), "evaluation 2", 2]] * 2
+
+
+@pytest.mark.parametrize("command", ["fit", "rank", "calibrate"])
+def test_a_restart_refused_for_a_mistake_keeps_the_earlier_state(
+    command, random_world, tmp_path, monkeypatch
+):
+    """``--restart`` replaces the earlier state only when the new run saves its own: a restart
+    refused for a user's mistake found once the models are loading (a malformed dev set record for
+    rank and calibrate, whose journal keeps hours of evaluations from round to round; one raised in
+    the fit's search) exits 2 and leaves the earlier checkpoint as it was, so fixing the mistake
+    and rerunning without --restart resumes it. It was removed."""
+    from mergeopt.errors import UserError
+    from mergeopt.runtime.resume import CALIBRATE_CHECKPOINT_DIR, RANK_CHECKPOINT_DIR
+
+    out = tmp_path / "out"
+    dev = dict(random_world["dev"])
+    extra = []
+    if command == "fit":
+        import mergeopt.fit
+
+        def refused(*_args, **_kwargs):
+            raise UserError("a mistake found in the search")
+
+        monkeypatch.setattr(mergeopt.fit, "_search_and_write", refused)
+    else:
+        broken = tmp_path / "arith.jsonl"
+        broken.write_text(open(dev["arith"], encoding="utf-8").read() + "{not json\n", encoding="utf-8")
+        dev["arith"] = str(broken)
+        grid = pd.DataFrame(
+            [[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.2, 0.3, 0.5]], columns=["w_alpha", "w_beta", "w_gamma"]
+        )
+        grid["loss_arith"], grid["loss_markov"] = [3.1, 2.9, 2.7], [3.3, 3.0, 3.2]
+        grid.to_csv(tmp_path / "grid.csv", index=False)
+        extra = ["--grid", str(tmp_path / "grid.csv"), "--out", str(out)]
+    tree = recipe_tree(
+        {**random_world, "dev": dev}, out, calibrate={"candidates": 5, "samples": 200, "batch": 2}
+    )
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(tree))
+    name = {"fit": CHECKPOINT_DIR, "rank": RANK_CHECKPOINT_DIR, "calibrate": CALIBRATE_CHECKPOINT_DIR}[
+        command
+    ]
+    earlier = RunState(out, {"seed": 0}, name)
+    earlier.start()
+    earlier.append_evaluation({"w": [1.0, 0.0, 0.0], "loss": 3.0})
+    before = {p.name: p.read_bytes() for p in earlier.dir.iterdir()}
+    result = run_in_process(command, str(tmp_path / "recipe.yaml"), *extra, "--restart", "--quiet")
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    if command == "fit":
+        assert "a mistake found in the search" in result.stderr
+    else:
+        assert str(broken) in result.stderr
+    assert {p.name: p.read_bytes() for p in earlier.dir.iterdir()} == before

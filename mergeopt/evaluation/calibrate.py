@@ -273,8 +273,8 @@ def _proxy_scores(
             problem, objective, evaluated, not quiet, checkpoint, together=resolved.model.shard == "fsdp"
         )
     except UserError:
-        if not resuming and distributed.is_main():
-            checkpoint.clear()
+        if not resuming and distributed.is_main():  # a user error leaves no state behind
+            checkpoint.discard()
             if out.is_dir() and not any(out.iterdir()):
                 out.rmdir()
         raise

@@ -228,7 +228,7 @@ def _grid_run(args, recipe, out: Path) -> int:
         )
     except UserError:
         if not resuming and distributed.is_main():  # a user error leaves no state behind
-            checkpoint.clear()
+            checkpoint.discard()
             if out.is_dir() and not any(out.iterdir()):
                 out.rmdir()
         raise

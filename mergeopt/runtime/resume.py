@@ -217,6 +217,13 @@ class RunState:
         """Remove the checkpoint directory, with any temporary file a kill left mid-save."""
         shutil.rmtree(self.dir, ignore_errors=True)
 
+    def discard(self) -> None:
+        """Undo this run's state after a user error: removed if this run saved any. A state started
+        lazily and not saved yet is an earlier run's (what a ``--restart`` would have replaced) and
+        stays: a restart refused for a mistake keeps the journal of hours of evaluations."""
+        if not self._fresh:
+            self.clear()
+
     # -- gradient state -------------------------------------------------------------------------
     def save_gradient(self, state: dict) -> None:
         import io
