@@ -430,7 +430,7 @@ def test_every_rank_says_that_the_output_directory_is_in_use_and_exits(random_wo
         args = ("fit", str(path), "--quiet")
     out.mkdir()
     lock = _lock_path(out)
-    held = _acquire(lock)
+    held = _acquire(lock, lambda err: pytest.fail(f"no flock here: {err}"))
     try:
         os.write(held, f"{os.getpid()} fit\n".encode())
         job = run_ranks(*args, processes=2, each_exits_within=120)

@@ -138,6 +138,35 @@ def test_the_lock_is_held_by_rank_0_only(tmp_path, monkeypatch):
     assert _leftovers(tmp_path / "out") == []
 
 
+def test_a_filesystem_without_locks_runs_the_command_with_one_warning(
+    random_world, tmp_path, monkeypatch, capsys
+):
+    """Lustre mounted ``noflock`` and some FUSE mounts answer flock with ENOSYS or EOPNOTSUPP:
+    every command writing there stopped on an OSError traceback. It runs, with one warning naming
+    the directory and that a second writer would not be refused; a reader's probe says nobody
+    holds it."""
+    import errno
+    import fcntl
+
+    from mergeopt.runtime import rundir
+
+    def no_locks(_fd, _operation):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    out = tmp_path / "run"
+    result = run_in_process("fit", _recipe(random_world, tmp_path, out, "first.yaml", lr=0.1), "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        f"mergeopt: warning: {out}: its filesystem cannot lock files (Function not implemented): a "
+        "second command writing there at the same time would not be refused"
+    ]
+    assert (out / "mixture.json").is_file() and _leftovers(out) == []
+    with rundir.owned(tmp_path / "other", "fit"):
+        assert rundir.in_use_by(tmp_path / "other") is None
+    assert "cannot lock files" in capsys.readouterr().err
+
+
 def test_several_directories_are_taken_in_one_order_and_each_once(tmp_path):
     from mergeopt.runtime import rundir
 

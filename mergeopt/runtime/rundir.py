@@ -14,7 +14,8 @@ diagnose, transfer, merge and ``export --to all``, train's output_dir) goes thro
   the holder's pid and command written in it: a second process asking for the same directory gets
   one line naming that pid (:func:`owned_all` holds several, train's output_dir and each expert's
   directory, in a fixed order). The kernel drops the lock when its process dies, so a ``kill -9`` never
-  blocks the rerun. The lock file is removed on release. Under torchrun rank 0 alone holds it (the
+  blocks the rerun. The lock file is removed on release. A filesystem without flock runs the command
+  unguarded, with one warning. Under torchrun rank 0 alone holds it (the
   other ranks write nothing). ``filelock`` truncates its file on every attempt and never removes it,
   so it could keep neither the pid nor the directory clean; hence plain ``fcntl``.
 * :class:`Staging` is a hidden sibling ``.NAME.staging-PID`` the command writes its outputs into.
@@ -38,11 +39,11 @@ import fnmatch
 import os
 import shutil
 import stat
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from mergeopt.errors import UserError
+from mergeopt.errors import UserError, warn
 from mergeopt.inputs import torchrun_variable
 from mergeopt.runtime import faults
 
@@ -124,8 +125,10 @@ def _writes_run_dirs() -> bool:
     return rank == 0 if size > 1 else torchrun_variable("RANK") == 0
 
 
-def _acquire(lock: Path) -> int | None:
-    """An fd holding the flock on ``lock``, or None when another process holds it."""
+def _acquire(lock: Path, unlockable: Callable[[OSError], None]) -> int | None:
+    """An fd holding the flock on ``lock``, or None when another process holds it. On a filesystem
+    without flock (Lustre mounted ``noflock``, some FUSE mounts) the fd holds nothing and
+    ``unlockable`` hears why: the command still runs there, unguarded."""
     import fcntl
 
     while True:
@@ -135,6 +138,9 @@ def _acquire(lock: Path) -> int | None:
         except BlockingIOError:
             os.close(fd)
             return None
+        except OSError as err:  # ENOSYS, EOPNOTSUPP, ENOLCK: no locks here, not someone else's
+            unlockable(err)
+            return fd
         try:  # the holder before us may have removed the file as we opened it: lock the live one
             if os.stat(lock).st_ino == os.fstat(fd).st_ino:
                 return fd
@@ -157,6 +163,8 @@ def in_use_by(out: str | os.PathLike) -> str | None:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         return _holder(lock)
+    except OSError:  # a filesystem without flock: nobody can be told to hold it
+        return None
     finally:
         os.close(fd)  # a lock taken here goes with the descriptor
     return None
@@ -196,7 +204,14 @@ def owned(out: str | os.PathLike, command: str, what: str = "the output director
         real = real_dir(out, what)
         made = _make_parents(real.parent)
         lock = _lock_path(real)
-        if (fd := _acquire(lock)) is None:
+
+        def unlockable(err: OSError) -> None:
+            warn(
+                f"{_named(out, real)}: its filesystem cannot lock files ({err.strerror or err}): "
+                "a second command writing there at the same time would not be refused"
+            )
+
+        if (fd := _acquire(lock, unlockable)) is None:
             refusal = (
                 f"{_named(out, real)} is in use by {_holder(lock)}: wait for it to end, "
                 "or choose another output directory"
