@@ -905,6 +905,12 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         "is a LoRA adapter trained on",
     ),
     "adapter beside a full model": ("adapter", "fit", _adapter_beside_a_model, "holds both a PEFT adapter"),
+    "PiSSA adapter not converted": (
+        "adapter",
+        "fit",
+        lambda w, t: _with_expert(w, t, _adapter(w, t, init_lora_weights="pissa")),
+        "init_lora_weights is 'pissa' in adapter_config.json: PEFT trains such an adapter over base weights",
+    ),
     "adapter for a resized vocabulary": (
         "adapter",
         "fit",

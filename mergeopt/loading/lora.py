@@ -48,6 +48,7 @@ from mergeopt.loading.peft_format import (
     PREFIX,
     SAFETENSORS_FILE,
     TOKENS,
+    is_training_only,
     read_adapter_config,
     scaling_for,
 )
@@ -153,7 +154,7 @@ def read_adapter(
     """
     path = Path(path)
     config = read_adapter_config(path)
-    tensors = _read_tensors(path, allow_pickle)
+    tensors = {k: t for k, t in _read_tensors(path, allow_pickle).items() if not is_training_only(config, k)}
     if model is not None:
         config, tensors = peft_converted(path, config, tensors, model)
     wrapped = resolved_parameters(path, config, model)

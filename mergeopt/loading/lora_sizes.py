@@ -29,6 +29,7 @@ from mergeopt.loading.peft_format import (
     PREFIX,
     SAFETENSORS_FILE,
     TOKENS,
+    is_training_only,
 )
 
 
@@ -138,7 +139,8 @@ def factor_sizes(
     wrapped = resolved_parameters(Path(path), config, model) if config else {}
     tensors = _HeaderTensors()
     for key, (shape, _) in header.items():
-        tensors.add(key.removeprefix(PREFIX), tuple(shape), wrapped)
+        if not is_training_only(config, key):
+            tensors.add(key.removeprefix(PREFIX), tuple(shape), wrapped)
     return tensors.sizes(stored, transposed=fan_in_fan_out)
 
 

@@ -43,7 +43,21 @@ CHANGES_THE_MODEL = {
     "use_qalora": "QA-LoRA (its factors act on pooled inputs)",
     "use_bdlora": "block-diagonal LoRA (use_bdlora)",
     "arrow_config": "Arrow routing between adapters (arrow_config)",
+    "kasa_config": "KaSA (it truncates the base's weights and scales the factors by lora_diag)",
 }
+# tensors PEFT keeps beside the factors only for training: VeLoRA's projection of the activations its
+# backward saves, MonteCLoRA's variational sampler of A. Their training passes differ, not the model:
+# PEFT serves and merges either as plain LoRA, so they are left unread (tests/test_lora_inits.py)
+TRAINING_ONLY = {
+    "velora_config": re.compile(r"\.lora_velora_embed(?:\.[^.]+)?$"),
+    "monteclora_config": re.compile(r"\.lora_monteclora_sampler\."),
+}
+# init_lora_weights with which PEFT changes the base's weights before training: PiSSA, OLoRA, CorDA,
+# LoRA-GA and ASTRA subtract the initial factors' product from them, LoftQ quantizes them. The
+# trained factors belong over that changed base; over the base as saved they are another model
+# (PiSSA's logits 0.12 from PEFT's on a tiny Llama, tests/test_lora_inits.py). PEFT's conversion
+# (save_pretrained with path_initial_model_for_weight_conversion) writes init_lora_weights: true.
+CHANGES_THE_BASE = ("pissa", "olora", "corda", "lora_ga", "astra", "loftq")
 
 
 def is_adapter(path: str | Path) -> bool:
@@ -64,6 +78,11 @@ def is_adapter(path: str | Path) -> bool:
             "the base; move one of them to a directory of its own"
         )
     return True
+
+
+def is_training_only(config: Mapping, key: str) -> bool:
+    """Whether ``key`` is a tensor PEFT keeps only for training under ``config`` (:data:`TRAINING_ONLY`)."""
+    return any(config.get(option) and pattern.search(key) for option, pattern in TRAINING_ONLY.items())
 
 
 def _pattern_value(pattern: Mapping[str, float], module: str, default: float) -> float:
@@ -90,6 +109,14 @@ def read_adapter_config(path: Path) -> dict:
     for key, what in CHANGES_THE_MODEL.items():
         if config.get(key):
             raise UserError(f"{path}: {what} is not supported ({key} is set in {CONFIG_FILE})")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(CHANGES_THE_BASE):
+        raise UserError(
+            f"{path}: init_lora_weights is {init!r} in {CONFIG_FILE}: PEFT trains such an adapter over "
+            "base weights it changed first, so over the base it is another model; pass it converted to "
+            "plain LoRA (save_pretrained with path_initial_model_for_weight_conversion) or merged into "
+            "a full checkpoint (merge_and_unload)"
+        )
     if config.get("bias", "none") not in ("none", "all", "lora_only"):
         raise UserError(f"{path / CONFIG_FILE}: bias must be none, all or lora_only, got {config['bias']!r}")
     for key in ("r", "lora_alpha"):
