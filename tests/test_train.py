@@ -394,3 +394,28 @@ def test_a_signal_before_any_run_trains_says_that_no_run_is_in_progress(tmp_path
         "commands trained is kept. Rerun the same command to continue."
     )
     assert not out.exists()
+
+
+def test_runs_copied_with_their_inputs_elsewhere_are_recognised(trained, random_world, tmp_path):
+    """A grid trained on one disk and copied with its base and data to another (a world cache moved,
+    another cluster) was refused as 'trained with a different recipe (model.base ... now, ... then)',
+    with the advice to delete every run: the fingerprint hashes the paths. The same files at new
+    paths are the same runs: none is retrained. A moved file whose content changed too is still
+    refused, named as changed."""
+    import shutil
+
+    tree, tmp, _ = trained
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp, copy)
+    shutil.copytree(random_world["base"], tmp_path / "base")
+    moved = json.loads(json.dumps(tree).replace(str(tmp), str(copy)))
+    moved["model"]["base"] = str(tmp_path / "base")
+    assert moved["train"]["data"]["alpha"].startswith(str(copy))
+    markers = {p: p.stat().st_mtime_ns for p in copy.rglob(RUN_MARKER)}
+    assert len(markers) == 6
+    train(recipe_from_dict(moved), progress=False, log=lambda _m: None)
+    assert {p: p.stat().st_mtime_ns for p in copy.rglob(RUN_MARKER)} == markers
+    with open(moved["train"]["data"]["beta"], "a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"text": "one more record"}) + "\n")
+    with pytest.raises(UserError, match=r"was trained on other data: .*train_beta.jsonl changed since"):
+        train(recipe_from_dict(moved), progress=False, log=lambda _m: None)

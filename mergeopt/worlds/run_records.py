@@ -142,16 +142,52 @@ def drawn_differently(record: dict, identity: dict) -> bool:
     return drawn is not None and drawn != identity["unit"]
 
 
+def relocated(record: dict, identity: dict) -> dict | None:
+    """``record`` (a run.json or step checkpoint) as if written where this recipe's inputs lie now,
+    when it differs from ``identity`` only in where they lie: a base, a training set or a chat
+    template moved (a cache or a cluster's data disk, copied with its runs). Each recorded digest
+    is carried to the file's new path, so :func:`check_inputs` still names a file whose content
+    changed too. None when another setting differs, or the record is too old to tell.
+
+    The fingerprint hashes the recipe's paths, so a moved input would refuse every finished run as
+    another recipe's and advise deleting hours of training."""
+    if record.get("fingerprint") == identity["fingerprint"]:
+        return record
+    saved, now = record.get("trained_with"), identity["trained_with"]
+    if not isinstance(saved, dict) or set(saved) != set(now):
+        return None
+    moved: dict[str, str] = {}
+    for key, was in saved.items():
+        if isinstance(was, dict) and isinstance(now[key], dict) and set(was) == set(now[key]):
+            pairs = [(was[k], now[key][k]) for k in was]  # train.data: a path per domain
+        else:
+            pairs = [(was, now[key])]
+        for old, new in pairs:
+            if old == new:
+                continue
+            if not (isinstance(old, str) and isinstance(new, str)):
+                return None
+            moved[old] = new
+    inputs, current = record.get("inputs") or {}, identity["inputs"]
+    if not moved or any(old not in inputs or new not in current for old, new in moved.items()):
+        return None  # a setting that is no input file changed (or a record from before inputs)
+    moved_inputs = {moved.get(path, path): value for path, value in inputs.items()}
+    return {**record, "fingerprint": identity["fingerprint"], "trained_with": now, "inputs": moved_inputs}
+
+
 def finished(path: Path, identity: dict) -> bool:
-    """True for a finished run of this recipe, mixture and data; an error for a run of another one."""
-    fingerprint, weights = identity["fingerprint"], identity["weights"]
+    """True for a finished run of this recipe, mixture and data (wherever its inputs lie now, see
+    :func:`relocated`); an error for a run of another one."""
+    weights = identity["weights"]
     marker = path / RUN_MARKER
     if not marker.is_file():
         return False
-    info = json.loads(marker.read_text())
-    if info.get("fingerprint") != fingerprint:
+    recorded = json.loads(marker.read_text())
+    info = relocated(recorded, identity)
+    if info is None:
+        changed = changed_setting(recorded, identity["trained_with"])
         raise UserError(
-            f"{path} was trained with a different recipe ({changed_setting(info, identity['trained_with'])}); "
+            f"{path} was trained with a different recipe ({changed}); "
             "delete it or choose another train.output_dir / model.experts path"
         )
     trained = info.get("weights", {})
@@ -224,11 +260,9 @@ def step_checkpoint_state(path: Path, identity: dict) -> dict | None:
         path.with_name(path.name + ".old").rename(path)  # killed between the two renames
     if not (path / "state.json").is_file():
         return None
-    state = json.loads((path / "state.json").read_text())
-    other_run = (
-        state.get("fingerprint") != identity["fingerprint"] or state.get("weights") != identity["weights"]
-    )
-    if other_run or drawn_differently(state, identity):
+    recorded = json.loads((path / "state.json").read_text())
+    state = relocated(recorded, identity)
+    if state is None or state.get("weights") != identity["weights"] or drawn_differently(state, identity):
         shutil.rmtree(path)
         return None
     what = f"{path} belongs to a run that read other data"
