@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -178,10 +179,19 @@ def test_a_sharded_fit_killed_under_torchrun_resumes_to_the_same_mixture(single_
     assert killed.returncode != 0 and "SIGKILL" in killed.stderr, killed.stderr[-3000:]
     assert not (out / "mixture.json").exists()
     assert RunState(out, {}).load_gradient()["next_step"] == 2
+    shutil.copytree(out, tmp_path / "requeued")  # the same checkpoint, for a job requeued on 4 GPUs
     # --resume: an error without a checkpoint
     resumed = _torchrun(path, f"output_dir={out}", *SHARDED, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (out / "mixture.json").read_bytes() == (whole_dir / "mixture.json").read_bytes()
+    # resumed by 4 ranks: each batch split and summed in another order, the numbers move in their
+    # last bits (docs/guides/resume.md says how far; its line, tests/test_resume.py)
+    requeued = tmp_path / "requeued"
+    four = _torchrun(path, f"output_dir={requeued}", *SHARDED, "--resume", processes=4)
+    assert four.returncode == 0, four.stderr[-3000:]
+    whole_w = json.loads((whole_dir / "mixture.json").read_text())["weights"]
+    four_w = json.loads((requeued / "mixture.json").read_text())["weights"]
+    assert max(abs(four_w[n] - w) for n, w in whole_w.items()) < 1e-7
 
 
 def _children(parent: int) -> dict[int, str]:
