@@ -74,6 +74,30 @@ def test_open_run_reads_what_fit_wrote(ranked_run):
 
     expected = stats.spearmanr(pairs["proxy_target"], pairs["truth_target"]).statistic
     assert ranks.loc["target", "spearman"] == pytest.approx(expected, abs=1e-12)
+    # beside the baselines: the proxy's rows are the table's, each baseline's its report entry, and
+    # interpolation's Spearman is that of interpolating the experts' (vertices') proxy losses
+    against = analysis.rank_table(run, baselines=True)
+    assert against.index.names == ["metric", "predictor"]
+    assert set(run.rank["baselines"]) == {"interpolation", "lightgbm_loo", "mixing_law_loo"}
+    assert list(against.loc["target"].index) == [
+        "merged proxy",
+        "interpolation Σ w_i s(θ_i)",
+        "LightGBM, leave-one-out",
+        "mixing law c + k·exp(t·w), leave-one-out",
+    ]
+    pd.testing.assert_frame_equal(
+        against.xs("merged proxy", level="predictor"), ranks, check_names=False, check_dtype=False
+    )
+    for name, label in (
+        ("lightgbm_loo", "LightGBM, leave-one-out"),
+        ("interpolation", "interpolation Σ w_i s(θ_i)"),
+    ):
+        for metric, statistics in run.rank["baselines"][name].items():
+            assert against.loc[(metric, label), "spearman"] == statistics["spearman"]
+            assert against.loc[(metric, label), "regret"] == statistics["regret"]
+    assert against.loc[("target", "interpolation Σ w_i s(θ_i)"), "spearman"] == pytest.approx(
+        stats.spearmanr(pairs["interpolation_target"], pairs["truth_target"]).statistic, abs=1e-12
+    )
 
 
 def test_unfinished_or_missing_runs_are_one_line_errors(tmp_path, ranked_run):
@@ -219,6 +243,11 @@ def test_report_links_existing_figures_and_states_the_numbers(ranked_run, search
     ranked = (ranked_run / "report.md").read_text()
     spearman = json.loads((ranked_run / "rank_report.json").read_text())["metrics"]["target"]["spearman"]
     assert "## Does the merged proxy rank mixtures" in ranked and f"{spearman:.3f}" in ranked
+    # the proxy beside the baselines, as rank_report.md shows it
+    assert (
+        "Against the baselines (target;" in ranked
+        and "| LightGBM, leave-one-out | n - 1 real runs |" in ranked
+    )
     assert "search_curve.png" in (search_run / "report.md").read_text()
 
 

@@ -97,7 +97,7 @@ def baseline_table(report: dict) -> str:
     for metric in report["metrics"]:
         cells = [format_number(p[metric]["spearman"]) for p in predictors.values()]
         lines.append(f"| {f'**{metric}**' if metric == overall else metric} | " + " | ".join(cells) + " |")
-    for name, why in report.get("baselines_skipped", {}).items():
+    for name, why in (report.get("baselines_skipped") or {}).items():
         lines += ["", f"{LABELS[name]}: not computed ({why})."]
     return "\n".join(lines)
 

@@ -238,25 +238,46 @@ def group_table(run: Run) -> pd.DataFrame | None:
     )
 
 
-def rank_table(run: Run) -> pd.DataFrame:
-    """One row per ranked metric: Spearman and Kendall with intervals, pairwise accuracy, top-1, regret."""
+def _rank_row(s: dict) -> dict:
+    low, high = s.get("spearman_ci") or (None, None)
+    return {
+        "spearman": s["spearman"],
+        "spearman_low": low,
+        "spearman_high": high,
+        "kendall": s["kendall"],
+        "pairwise_accuracy": s["pairwise_accuracy"],
+        "top1_hit": s["top1_hit"],
+        "regret": s["regret"],
+    }
+
+
+def rank_table(run: Run, baselines: bool = False) -> pd.DataFrame:
+    """One row per ranked metric: Spearman and Kendall with intervals, pairwise accuracy, top-1, regret.
+
+    ``baselines``: one row per metric and predictor (index ``metric``, ``predictor``), the merged
+    proxy first, then each baseline a grid's rank check computed (interpolating the experts' own
+    scores, LightGBM and the mixing law fitted leave-one-out on the grid's runs): what the proxy
+    is worth beside them. A baseline's intervals are the target's only; one the check skipped
+    (a grid too small for it) is absent, its reason in ``run.rank["baselines_skipped"]``."""
     if run.rank is None:
         raise UserError(
             f"{run.path}: no rank_report.json (set rank.grid in the recipe, or run `mergeopt rank`)"
         )
-    rows = {}
-    for name, s in run.rank["metrics"].items():
-        low, high = s.get("spearman_ci") or (None, None)
-        rows[name] = {
-            "spearman": s["spearman"],
-            "spearman_low": low,
-            "spearman_high": high,
-            "kendall": s["kendall"],
-            "pairwise_accuracy": s["pairwise_accuracy"],
-            "top1_hit": s["top1_hit"],
-            "regret": s["regret"],
-        }
-    return pd.DataFrame.from_dict(rows, orient="index")
+    if not baselines:
+        rows = {name: _rank_row(s) for name, s in run.rank["metrics"].items()}
+        return pd.DataFrame.from_dict(rows, orient="index")
+    from mergeopt.evaluation.baselines import LABELS
+
+    predictors = {"proxy": run.rank["metrics"], **(run.rank.get("baselines") or {})}
+    rows = {
+        (metric, LABELS[name]): _rank_row(statistics[metric])
+        for metric in run.rank["metrics"]
+        for name, statistics in predictors.items()
+        if metric in statistics
+    }
+    frame = pd.DataFrame.from_dict(rows, orient="index")
+    frame.index = pd.MultiIndex.from_tuples(frame.index, names=["metric", "predictor"])
+    return frame
 
 
 # ----------------------------------------------------------------------------- figures

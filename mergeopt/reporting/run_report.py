@@ -152,6 +152,10 @@ def _rank_section(run: Run) -> list[str]:
         markdown_table(table, 3),
         "",
     ]
+    if run.rank.get("baselines"):  # grid mode: the proxy beside what needs no merge or needs the runs
+        from mergeopt.evaluation.rank_report import baseline_table
+
+        lines += [baseline_table(run.rank), ""]
     fitted = run.rank.get("fitted_mixture")
     if fitted:
         from mergeopt.evaluation.rank_stats import nearest_line
