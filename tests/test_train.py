@@ -419,3 +419,41 @@ def test_runs_copied_with_their_inputs_elsewhere_are_recognised(trained, random_
         handle.write(json.dumps({"text": "one more record"}) + "\n")
     with pytest.raises(UserError, match=r"was trained on other data: .*train_beta.jsonl changed since"):
         train(recipe_from_dict(moved), progress=False, log=lambda _m: None)
+
+
+def test_a_moved_input_that_no_setting_names_is_followed_by_its_content(tmp_path):
+    """The chat template is an input of every run but not a training setting: moved with the same
+    content it is the same run; moved and changed, the old path is named as changed."""
+    from mergeopt.runtime.fingerprint import fingerprints
+    from mergeopt.worlds.run_records import check_inputs, relocated
+
+    (tmp_path / "base.txt").write_text("base")
+    for folder, text in (
+        ("a", "{{ messages }}"),
+        ("b", "{{ messages }}"),
+        ("c", "{{ messages }}"),
+        ("d", "other"),
+    ):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "chat.jinja").write_text(text)
+    base, settings = str(tmp_path / "base.txt"), {"model.base": str(tmp_path / "base.txt"), "seed": 0}
+
+    def identity(template: str) -> dict:
+        return {
+            "fingerprint": "f",
+            "trained_with": settings,
+            "inputs": fingerprints([base, tmp_path / template]),
+        }
+
+    record = identity("a/chat.jinja")
+    (tmp_path / "a" / "chat.jinja").unlink()  # moved to b/
+    moved = identity("b/chat.jinja")
+    assert relocated(record, moved)["inputs"] == moved["inputs"]
+    check_inputs(relocated(record, moved), moved, "x", "y")
+    changed = identity("d/chat.jinja")
+    assert relocated(record, changed) is record
+    with pytest.raises(UserError, match="a/chat.jinja changed since"):
+        check_inputs(relocated(record, changed), changed, "x", "y")
+    # two new files with its content: which one it became cannot be told, and it is not guessed
+    two = {**moved, "inputs": {**moved["inputs"], **fingerprints([tmp_path / "c" / "chat.jinja"])}}
+    assert relocated(record, two) is record

@@ -145,34 +145,47 @@ def drawn_differently(record: dict, identity: dict) -> bool:
 def relocated(record: dict, identity: dict) -> dict | None:
     """``record`` (a run.json or step checkpoint) as if written where this recipe's inputs lie now,
     when it differs from ``identity`` only in where they lie: a base, a training set or a chat
-    template moved (a cache or a cluster's data disk, copied with its runs). Each recorded digest
-    is carried to the file's new path, so :func:`check_inputs` still names a file whose content
-    changed too. None when another setting differs, or the record is too old to tell.
+    template moved (a cache or a cluster's data disk, copied with its runs). A path a setting names
+    is carried to the setting's new value, and its recorded digest with it, so :func:`check_inputs`
+    still names a file whose content changed too; an input no setting of ``trained_with`` names
+    (the chat template) is followed to the one new path holding its very content. None when
+    another setting differs, or the record is too old to tell.
 
     The fingerprint hashes the recipe's paths, so a moved input would refuse every finished run as
     another recipe's and advise deleting hours of training."""
-    if record.get("fingerprint") == identity["fingerprint"]:
-        return record
-    saved, now = record.get("trained_with"), identity["trained_with"]
-    if not isinstance(saved, dict) or set(saved) != set(now):
-        return None
     moved: dict[str, str] = {}
-    for key, was in saved.items():
-        if isinstance(was, dict) and isinstance(now[key], dict) and set(was) == set(now[key]):
-            pairs = [(was[k], now[key][k]) for k in was]  # train.data: a path per domain
-        else:
-            pairs = [(was, now[key])]
-        for old, new in pairs:
-            if old == new:
-                continue
-            if not (isinstance(old, str) and isinstance(new, str)):
-                return None
-            moved[old] = new
+    if record.get("fingerprint") != identity["fingerprint"]:
+        saved, now = record.get("trained_with"), identity["trained_with"]
+        if not isinstance(saved, dict) or set(saved) != set(now):
+            return None
+        for key, was in saved.items():
+            if isinstance(was, dict) and isinstance(now[key], dict) and set(was) == set(now[key]):
+                pairs = [(was[k], now[key][k]) for k in was]  # train.data: a path per domain
+            else:
+                pairs = [(was, now[key])]
+            for old, new in pairs:
+                if old == new:
+                    continue
+                if not (isinstance(old, str) and isinstance(new, str)):
+                    return None
+                moved[old] = new
     inputs, current = record.get("inputs") or {}, identity["inputs"]
-    if not moved or any(old not in inputs or new not in current for old, new in moved.items()):
+    if any(old not in inputs or new not in current for old, new in moved.items()):
         return None  # a setting that is no input file changed (or a record from before inputs)
+    arrived = [path for path in current if path not in inputs and path not in moved.values()]
+    for old in [path for path in inputs if path not in current and path not in moved]:
+        same = [path for path in arrived if current[path] == inputs[old]]
+        if len(same) == 1:
+            moved[old] = same[0]
+    if not moved:
+        return record
     moved_inputs = {moved.get(path, path): value for path, value in inputs.items()}
-    return {**record, "fingerprint": identity["fingerprint"], "trained_with": now, "inputs": moved_inputs}
+    return {
+        **record,
+        "fingerprint": identity["fingerprint"],
+        "trained_with": identity["trained_with"],
+        "inputs": moved_inputs,
+    }
 
 
 def finished(path: Path, identity: dict) -> bool:
