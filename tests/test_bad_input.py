@@ -226,6 +226,15 @@ def _adapter_other_base(world, tmp):
     return _with_expert(world, tmp, _adapter(world, tmp, base_model_name_or_path=str(other)))
 
 
+def _trainer_output_without_final_save(world, tmp):
+    """TRL's output directory as a run killed before its final save leaves it: the adapter only in
+    its checkpoint-N subdirectories (the latest by number: checkpoint-12, not checkpoint-4)."""
+    out = tmp / "trl-out"
+    for step in (4, 12):
+        shutil.copytree(_adapter(world, tmp / f"s{step}"), out / f"checkpoint-{step}")
+    return _with_expert(world, tmp, str(out))
+
+
 def _adapter_beside_a_model(world, tmp):
     """An adapter directory that also holds a full model's weights (a merged model saved into it)."""
     adapter = _adapter(world, tmp)
@@ -891,6 +900,13 @@ MATRIX: dict[str, tuple[str, str, Callable, str]] = {
         "it reads as a Hugging Face hub name, but mergeopt downloads nothing: fetch it first (hf download",
     ),
     "base without a tokenizer": ("checkpoint", "fit", _base_without_tokenizer, "holds no tokenizer (none of"),
+    "expert is a trainer's output directory without its final save": (
+        "adapter",
+        "fit",
+        _trainer_output_without_final_save,
+        "trl-out has no config.json: a trainer's output directory without its final save, holding 2 "
+        "checkpoint-N save(s): give one of them, the latest is ",
+    ),
     "adapter of another base": ("adapter", "fit", _adapter_other_base, "is a LoRA adapter trained on"),
     "adapter of another base, planned": (
         "adapter",

@@ -123,6 +123,25 @@ def test_unreadable_checkpoints(tmp_path, what):
         open_checkpoint(path)
 
 
+def test_a_trainer_output_without_its_final_save_names_the_latest_save(tmp_path):
+    """TRL's (and transformers' Trainer's) output directory, the run stopped before its final save:
+    only checkpoint-N subdirectories hold an adapter or a model. The refusal says so and names the
+    latest by step (checkpoint-12 after checkpoint-4, whose name sorts last), where it said only
+    "not a Hugging Face checkpoint directory"."""
+    out = tmp_path / "trl-out"
+    for step, name in ((4, "adapter_config.json"), (12, "config.json")):
+        (out / f"checkpoint-{step}").mkdir(parents=True)
+        (out / f"checkpoint-{step}" / name).write_text("{}")
+    (out / "checkpoint-99").mkdir()  # a save without a model in it is not named
+    (out / "runs").mkdir()
+    with pytest.raises(UserError) as err:
+        open_checkpoint(out, role="model.experts.math")
+    assert str(err.value) == (
+        f"model.experts.math: {out} has no config.json: a trainer's output directory without its "
+        f"final save, holding 2 checkpoint-N save(s): give one of them, the latest is {out / 'checkpoint-12'}"
+    )
+
+
 def test_a_dequantized_copy_that_kept_its_quantization_config_is_read(random_world, tmp_path):
     """config.json's quantization_config alone does not refuse a checkpoint: a dequantized copy may
     keep the entry while every tensor is a float. Packed (non-float) tensors beside it do (the

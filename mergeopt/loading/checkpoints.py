@@ -174,6 +174,25 @@ def _labelled(role: str | None, message: str) -> str:
     return message if role is None else f"{role}: {message}"
 
 
+def _not_a_checkpoint(path: Path) -> str:
+    """Why ``path`` is no checkpoint: a trainer's output directory (TRL's, transformers' Trainer's)
+    holding only its ``checkpoint-N`` saves, the final one missing, is said to be one, naming the
+    latest save, which is what the user would give instead."""
+    saves = [
+        d
+        for d in path.glob("checkpoint-*")
+        if d.name.removeprefix("checkpoint-").isdigit()
+        and any((d / name).is_file() for name in ("config.json", "adapter_config.json"))
+    ]
+    if not saves:
+        return "not a Hugging Face checkpoint directory"
+    latest = max(saves, key=lambda d: int(d.name.removeprefix("checkpoint-")))
+    return (
+        f"a trainer's output directory without its final save, holding {len(saves)} checkpoint-N "
+        f"save(s): give one of them, the latest is {latest}"
+    )
+
+
 def open_checkpoint(path: str | Path, allow_pickle: bool = False, role: str | None = None) -> Checkpoint:
     """Describe a checkpoint directory from config.json and its (possibly sharded) safetensors headers.
 
@@ -192,9 +211,7 @@ def open_checkpoint(path: str | Path, allow_pickle: bool = False, role: str | No
     path = existing_dir(path, _labelled(role, "checkpoint directory"))
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise UserError(
-            _labelled(role, f"{path} has no config.json: not a Hugging Face checkpoint directory")
-        )
+        raise UserError(_labelled(role, f"{path} has no config.json: {_not_a_checkpoint(path)}"))
     config = read_json_object(config_file, "config.json")
 
     index_file = path / INDEX_FILE
