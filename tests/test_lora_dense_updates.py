@@ -20,6 +20,7 @@ import pytest
 import torch
 import yaml
 from peft import LoraConfig, get_peft_model
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from mergeopt.config import recipe_from_dict
@@ -242,16 +243,23 @@ def test_plan_and_fit_refuse_the_same_conv1d_adapter_of_a_wider_model(random_wor
         f"{wide}: transformer.h.0.attn.c_attn has lora_A [4, {width + 8}] and lora_B [{3 * width}, 4], "
         f"but the base's transformer.h.0.attn.c_attn.weight is [{width}, {3 * width}]"
     )
-    for command, flag in (("plan", "--json"), ("fit", "--quiet")):
-        result = run_in_process(command, str(recipe), flag)
-        said = result.stderr.strip().splitlines()
-        assert result.returncode == 2 and len(said) == 1 and message in said[0], result.stderr
+    _plan_and_fit_refuse(recipe, message)
     assert not (tmp_path / "out").exists()
     tree["model"]["experts"] = experts
     recipe.write_text(yaml.safe_dump(tree))
     for command, flag in (("plan", "--json"), ("fit", "--quiet")):
         result = run_in_process(command, str(recipe), flag)
         assert result.returncode == 0, result.stderr
+
+
+def _plan_and_fit_refuse(recipe: Path, message: str) -> None:
+    """``mergeopt plan`` and ``mergeopt fit`` of ``recipe`` each refuse it in one line holding ``message``."""
+    from tests.conftest import run_in_process
+
+    for command, flag in (("plan", "--json"), ("fit", "--quiet")):
+        result = run_in_process(command, str(recipe), flag)
+        said = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(said) == 1 and message in said[0], result.stderr
 
 
 def test_an_adapter_for_a_resized_vocabulary_is_refused(tmp_path):
@@ -264,6 +272,36 @@ def test_an_adapter_for_a_resized_vocabulary_is_refused(tmp_path):
         UserError, match=r"lm_head.weight is \[\d+, 32\] but the base's lm_head.weight.*resized"
     ):
         read_adapter(tmp_path / "adapter", shapes)
+
+
+def test_plan_and_fit_refuse_the_same_adapter_of_a_resized_vocabulary(random_world, tmp_path):
+    """modules_to_save=[lm_head] trained over a base resized to two new tokens, stacked over the
+    base as it was: the fit refuses the saved head's shape, and the plan, which compared the
+    factors' shapes only, said "fits". Both refuse it in the same line."""
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(tiny_config()).eval()
+    save_checkpoint(base, tmp_path / "base")
+    resized = copy.deepcopy(base)
+    resized.resize_token_embeddings(base.config.vocab_size + 2, mean_resizing=False)
+    experts = {}
+    for name, seed in (("alpha", 1), ("beta", 2)):
+        _trained_adapter(
+            resized, tmp_path / name, seed, target_modules=["q_proj"], modules_to_save=["lm_head"]
+        )
+        experts[name] = str(tmp_path / name)
+    tree = recipe_tree(random_world, tmp_path / "out")
+    tree["model"]["base"] = str(tmp_path / "base")
+    tree["model"]["experts"] = experts
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tree))
+    rows, width = base.config.vocab_size, base.config.hidden_size
+    message = (
+        f"{experts['alpha']}: base_model.model.lm_head.weight is [{rows + 2}, {width}] but the base's "
+        f"lm_head.weight is [{rows}, {width}] (an adapter trained with a resized vocabulary"
+    )
+    _plan_and_fit_refuse(recipe, message)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(
@@ -525,3 +563,26 @@ def test_merge_as_adapter_refuses_what_peft_cannot_load_as_merged(tmp_path, tied
     stack = build_expert_stack(copy.deepcopy(base), list(EXPERTS), {}, adapters, progress=False)
     with pytest.raises(UserError, match=message):
         adapter_tensors(stack, torch.tensor([0.2, 0.3, 0.5]), torch.float32)
+
+
+def test_an_adapter_saved_after_resizing_the_vocabulary_is_read_as_peft_serves_it(tmp_path):
+    """A token added and the embeddings resized in the training process (TRL's chat-token set-up),
+    modules_to_save=[embed_tokens, lm_head]: PEFT's save_embedding_layers then saves each wrapper
+    whole, its trained copy X.weight beside X.modules_to_save.weight (the same tensor) and
+    X.original_module.weight (the resized base's), and loads X.weight alone. Read over the resized
+    base, the adapter is PEFT's merge, by fit and by the plan; the two extra copies were refused."""
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_config()).save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    base.resize_token_embeddings(base.config.vocab_size + 2, mean_resizing=False)
+    lora = dict(target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"])
+    merged = dict(_trained_adapter(base, tmp_path / "adapter", 1, **lora).named_parameters())
+    with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), framework="pt") as handle:
+        assert any(".original_module." in key for key in handle.keys())  # noqa: SIM118
+    shapes = {n: tuple(p.shape) for n, p in base.named_parameters()}
+    adapter = read_adapter(tmp_path / "adapter", shapes)
+    assert set(adapter.dense) == {"model.embed_tokens.weight", "lm_head.weight"}
+    for name, param in base.named_parameters():
+        torch.testing.assert_close(adapter.expert_value(name, param.detach()), merged[name].detach())
+    sizes = factor_sizes(tmp_path / "adapter", False)
+    assert set(sizes.dense) | set(sizes.copies) == set(adapter.dense)

@@ -48,9 +48,11 @@ from mergeopt.loading.peft_format import (
     PREFIX,
     SAFETENSORS_FILE,
     TOKENS,
+    copy_of_another_shape,
     is_training_only,
     read_adapter_config,
     scaling_for,
+    wrapper_duplicates,
 )
 
 
@@ -74,11 +76,7 @@ def _check_copy_shape(path: Path, key: str, target: str, tensor: torch.Tensor, b
     if target not in base_shapes:
         raise UserError(f"{path}: unexpected tensor {key} in a LoRA adapter (the base has no {target})")
     if tuple(tensor.shape) != tuple(base_shapes[target]):
-        raise UserError(
-            f"{path}: {key} is {list(tensor.shape)} but the base's {target} is "
-            f"{list(base_shapes[target])} (an adapter trained with a resized vocabulary needs the "
-            "base resized the same way)"
-        )
+        raise copy_of_another_shape(path, key, tensor.shape, target, base_shapes[target])
 
 
 def _sorted_tensors(
@@ -154,7 +152,9 @@ def read_adapter(
     """
     path = Path(path)
     config = read_adapter_config(path)
-    tensors = {k: t for k, t in _read_tensors(path, allow_pickle).items() if not is_training_only(config, k)}
+    tensors = _read_tensors(path, allow_pickle)
+    unread = wrapper_duplicates(tensors)
+    tensors = {k: t for k, t in tensors.items() if k not in unread and not is_training_only(config, k)}
     if model is not None:
         config, tensors = peft_converted(path, config, tensors, model)
     wrapped = resolved_parameters(path, config, model)

@@ -30,6 +30,7 @@ from mergeopt.loading.peft_format import (
     SAFETENSORS_FILE,
     TOKENS,
     is_training_only,
+    wrapper_duplicates,
 )
 
 
@@ -60,6 +61,10 @@ class FactorSizes:
     # (rank, in, out) of its Conv1D modules (fan_in_fan_out, GPT-2), stacked densely (in ``dense``):
     # what the plan checks against the base's in × out weights, as read_adapter does
     conv1d: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    # the adapter's own copies of base parameters (modules_to_save, trained biases, an adapted layer's
+    # base_layer.weight), by the parameter they replace: (their key in the file, their shape), what
+    # the plan checks against the base's shapes, as read_adapter does (a resized vocabulary)
+    saved: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
 
     def keeping(self, modules: dict[str, tuple[int, int, int]]) -> FactorSizes:
         """These sizes with ``modules`` kept low-rank: the element count and rank sum follow them."""
@@ -138,8 +143,9 @@ def factor_sizes(
     config, header = _header(file, dict(config or {}), model)
     wrapped = resolved_parameters(Path(path), config, model) if config else {}
     tensors = _HeaderTensors()
+    unread = wrapper_duplicates(header)
     for key, (shape, _) in header.items():
-        if not is_training_only(config, key):
+        if key not in unread and not is_training_only(config, key):
             tensors.add(key.removeprefix(PREFIX), tuple(shape), wrapped)
     return tensors.sizes(stored, transposed=fan_in_fan_out)
 
@@ -153,6 +159,7 @@ class _HeaderTensors:
     parameters: dict[str, tuple[int, int]] = field(default_factory=dict)  # LoRA on parameters: elements, r
     dense: set[str] = field(default_factory=set)  # base parameters the adapter sets densely
     magnitudes: set[str] = field(default_factory=set)  # DoRA's: the weights whose module has one
+    saved: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)  # FactorSizes.saved
 
     def add(self, name: str, shape: tuple[int, ...], wrapped: dict) -> None:
         """Sort one tensor (its key less PEFT's prefix); ``wrapped``: LoRA on parameters, by module."""
@@ -176,7 +183,8 @@ class _HeaderTensors:
         elif match := TOKENS.match(name):
             self.dense.add(f"{match['module']}.weight")
         else:
-            self.dense.add(name.replace(".base_layer.", "."))
+            self.dense.add(target := name.replace(".base_layer.", "."))
+            self.saved[target] = (PREFIX + name, shape)
 
     def sizes(self, stored: int, transposed: bool) -> FactorSizes:
         """What the plan needs (``stored``: the file's bytes; ``transposed``: fan_in_fan_out, Conv1D
@@ -209,6 +217,7 @@ class _HeaderTensors:
             dora=dora,
             parameters=self.parameters,
             conv1d={PREFIX + m: self._linear(m) for m in pairs} if transposed else {},
+            saved=self.saved,
         )
         return sizes.keeping(modules)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 from mergeopt.errors import UserError
@@ -78,6 +78,29 @@ def is_adapter(path: str | Path) -> bool:
             "the base; move one of them to a directory of its own"
         )
     return True
+
+
+# A module both in modules_to_save and resized (a new token's embedding row) is saved by PEFT with
+# ``save_embedding_layers`` as every tensor of its wrapper: beside the trained copy ``X.weight``, the
+# wrapper's ``X.modules_to_save.weight`` (the same tensor) and ``X.original_module.weight`` (the base's
+# resized copy). PEFT's loading reads ``X.weight`` alone and leaves the other two unread.
+WRAPPER_INFIX = re.compile(r"\.(?:modules_to_save|original_module)(?=\.)")
+
+
+def wrapper_duplicates(keys: Collection[str]) -> set[str]:
+    """The keys of ``keys`` that PEFT leaves unread as a wrapper's copies: ``X.modules_to_save.P`` and
+    ``X.original_module.P`` where ``X.P`` is saved too (:data:`WRAPPER_INFIX`)."""
+    keys = set(keys)
+    return {key for key in keys if WRAPPER_INFIX.search(key) and WRAPPER_INFIX.sub("", key) in keys}
+
+
+def copy_of_another_shape(path: Path, key: str, shape, target: str, base_shape) -> UserError:
+    """The adapter's copy ``key`` of base parameter ``target`` has another shape than the base's:
+    the fit's refusal (:mod:`mergeopt.loading.lora`) and the plan's (:mod:`mergeopt.memory.dry_run`)."""
+    return UserError(
+        f"{path}: {key} is {list(shape)} but the base's {target} is {list(base_shape)} (an adapter "
+        "trained with a resized vocabulary needs the base resized the same way)"
+    )
 
 
 def is_training_only(config: Mapping, key: str) -> bool:

@@ -40,7 +40,7 @@ from mergeopt.loading.checkpoints import (
 )
 from mergeopt.loading.lora_sizes import FactorSizes, factor_sizes, saved_copy
 from mergeopt.loading.lora_tied import check_untied, input_embedding_weight, saved_tied_embedding, saved_whole
-from mergeopt.loading.peft_format import PREFIX, is_adapter, read_adapter_config
+from mergeopt.loading.peft_format import PREFIX, copy_of_another_shape, is_adapter, read_adapter_config
 from mergeopt.loading.positions import check_max_length
 from mergeopt.loading.precision import precision_warning
 from mergeopt.memory.layer_profiles import not_profiled_note
@@ -280,8 +280,20 @@ def _check_adapter_targets(path: Path, config: dict, sizes: FactorSizes, base, m
     if tied and embedding in sizes.dense and not weight_tying:
         if saved_whole(config, module := embedding.removesuffix(".weight")):
             raise saved_tied_embedding(path, module, "its output layer")
+    _check_saved_shapes(path, sizes, base, tied)
     _check_factor_shapes(path, {**sizes.modules, **sizes.dora}, base, embedding)
     _check_factor_shapes(path, sizes.conv1d, base, embedding, conv1d=True)
+
+
+def _check_saved_shapes(path: Path, sizes: FactorSizes, base, tied) -> None:
+    """What read_adapter refuses, from the header, in its words: a copy of a base parameter of
+    another shape (modules_to_save of an embedding or output layer resized to a new vocabulary).
+    The plan said "fits" to such an adapter, which the fit refuses."""
+    for target, (key, shape) in sorted(sizes.saved.items()):
+        meta = base.tensors.get(target)
+        if target in tied or meta is None or tuple(meta.shape) == tuple(shape):
+            continue
+        raise copy_of_another_shape(path, key, shape, target, meta.shape)
 
 
 def _check_factor_shapes(
