@@ -586,3 +586,39 @@ def test_an_adapter_saved_after_resizing_the_vocabulary_is_read_as_peft_serves_i
         torch.testing.assert_close(adapter.expert_value(name, param.detach()), merged[name].detach())
     sizes = factor_sizes(tmp_path / "adapter", False)
     assert set(sizes.dense) | set(sizes.copies) == set(adapter.dense)
+
+
+def test_the_base_saved_after_adding_tokens_is_the_base_of_an_adapter_trained_over_it(tmp_path):
+    """TRL's chat-token set-up: the base loaded from ``base``, tokens added, the embeddings resized,
+    a LoRA trained with modules_to_save. PEFT records ``base`` as its base, but only the resized
+    model (saved by the user as ``resized``) holds its embeddings: that model.base was refused as
+    'not a copy' of ``base``, and ``base`` for the shapes, so no base was accepted. The resized
+    base is now taken for the named one (the same tensors and sampled rows, more vocabulary rows);
+    one whose other weights differ, or that lost rows, is not."""
+    from mergeopt.loading.adapter_base import check_adapter_base, is_resized_copy
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_config()).save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    base.resize_token_embeddings(base.config.vocab_size + 2, mean_resizing=False)
+    base.config.pad_token_id = base.config.vocab_size - 1  # a pad token added, as TRL does
+    base.save_pretrained(tmp_path / "resized")
+    lora = dict(target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"])
+    merged = _trained_adapter(base, tmp_path / "adapter", 1, **lora)
+    named = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(named) == tmp_path / "base"
+    check_adapter_base(named, tmp_path / "adapter", tmp_path / "resized", "alpha")
+    assert not is_resized_copy(tmp_path / "resized", tmp_path / "base")  # rows lost, not added
+    with torch.no_grad():
+        base.model.layers[1].mlp.down_proj.weight[0, 0] += 1e-3  # a fine-tune of the resized model
+    base.save_pretrained(tmp_path / "tuned")
+    with pytest.raises(UserError, match="not a copy of it"):
+        check_adapter_base(named, tmp_path / "adapter", tmp_path / "tuned", "alpha")
+    # fitted over the resized base: the expert at one-hot weights is PEFT's merge
+    resized = AutoModelForCausalLM.from_pretrained(tmp_path / "resized").eval()
+    shapes = {n: tuple(p.shape) for n, p in resized.named_parameters()}
+    adapter = read_adapter(tmp_path / "adapter", shapes)
+    for name, param in resized.named_parameters():
+        torch.testing.assert_close(
+            adapter.expert_value(name, param.detach()), dict(merged.named_parameters())[name].detach()
+        )

@@ -5,7 +5,8 @@ another local directory than the recipe's base was trained on another model: mer
 update would be applied to weights it never saw. But teams copy a base to local NVMe or to each
 node's disk, so another path is not proof of another model: a directory whose config.json and
 weight files are the same as the base's (sizes, and bytes sampled at each file's start, middle and
-end) is taken for a copy. A hub name (``owner/name``) is compared only where the base itself says which
+end) is taken for a copy; so is the base saved after adding tokens to it (resized: the same tensors
+and sampled rows, more vocabulary rows), which a LoRA trained over the resized model needs. A hub name (``owner/name``) is compared only where the base itself says which
 repository it is: a snapshot of the Hugging Face cache (``models--owner--name/snapshots/<revision>``,
 where `hf download` without ``--local-dir`` puts it). Elsewhere it is not checked: nothing is
 downloaded to compare.
@@ -52,6 +53,69 @@ def is_copy(a: Path, b: Path) -> bool:
     return all(_same_samples(a / name, b / name) for name in files)
 
 
+# config.json keys a trainer changes when it adds tokens (TRL's pad or chat tokens): the rows, and
+# which of them pads or ends; the model is otherwise the same
+RESIZING_KEYS = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id")
+
+
+def _tensor_shapes(directory: Path) -> dict[str, tuple[tuple[int, ...], str, Path]]:
+    """Name -> (shape, dtype, file) of every tensor of a checkpoint's safetensors files."""
+    from mergeopt.inputs import safetensors_header
+
+    return {
+        name: (shape, dtype, file)
+        for file in sorted(directory.glob("*.safetensors"))
+        for name, (shape, dtype) in safetensors_header(file).items()
+    }
+
+
+def _same_rows(a: Path, b: Path, name: str, rows: int) -> bool:
+    """Tensor ``name`` of files ``a`` and ``b`` equal in its first, middle and last of ``rows`` rows
+    (a fine-tune moves every matrix; a resize keeps the old rows)."""
+    from safetensors import safe_open
+
+    with safe_open(str(a), framework="pt") as fa, safe_open(str(b), framework="pt") as fb:
+        first, second = fa.get_slice(name), fb.get_slice(name)
+        if len(first.get_shape()) == 0:
+            return bool((fa.get_tensor(name) == fb.get_tensor(name)).all())
+        return all(
+            (first[row : row + 1] == second[row : row + 1]).all() for row in sorted({0, rows // 2, rows - 1})
+        )
+
+
+def is_resized_copy(named: Path, base: Path) -> bool:
+    """Whether ``base`` is ``named`` with rows added to its vocabulary (``resize_token_embeddings``
+    after adding tokens, saved): config.json the same but for :data:`RESIZING_KEYS`, every tensor
+    of the same name and dtype, of the same shape or more rows where the vocabulary grew, and the
+    same sampled rows. A LoRA trained over the resized model names the original in
+    ``base_model_name_or_path`` (PEFT records the path it was loaded from) and saves its own
+    embeddings of the new size, which only the resized base can hold."""
+    import json
+
+    try:
+        configs = [json.loads((d / "config.json").read_text(encoding="utf-8")) for d in (named, base)]
+    except (OSError, ValueError):
+        return False
+    if not all(isinstance(c, dict) for c in configs):
+        return False
+    old, new = ({k: v for k, v in c.items() if k not in RESIZING_KEYS} for c in configs)
+    grown = configs[1].get("vocab_size", 0) - configs[0].get("vocab_size", 0)
+    if old != new or grown <= 0:
+        return False
+    first, second = _tensor_shapes(named), _tensor_shapes(base)
+    if not first or set(first) != set(second):
+        return False
+    for name, (shape, dtype, file) in first.items():
+        other_shape, other_dtype, other_file = second[name]
+        if dtype != other_dtype or len(shape) != len(other_shape) or shape[1:] != other_shape[1:]:
+            return False
+        if shape and other_shape[0] not in (shape[0], shape[0] + grown):
+            return False
+        if not _same_rows(file, other_file, name, shape[0] if shape else 0):
+            return False
+    return True
+
+
 def cached_repository(directory: Path) -> str | None:
     """``owner/name`` of a snapshot directory in the Hugging Face cache
     (``.../models--owner--name/snapshots/<revision>``), else None."""
@@ -78,6 +142,8 @@ def check_adapter_base(named: str | None, adapter: Path, base: Path, expert: str
     if not (named_dir / "config.json").is_file():  # no checkpoint there now (a relative name read
         return  # from another directory than the trainer's, or a base since moved): nothing to compare
     if named_dir == base.resolve() or is_copy(named_dir, base.resolve()):
+        return
+    if is_resized_copy(named_dir, base.resolve()):  # the base the adapter's training resized, saved
         return
     relative = "" if Path(named).is_absolute() else f" ({named_dir}, read from the current directory)"
     raise UserError(
