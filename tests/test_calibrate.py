@@ -264,6 +264,43 @@ def test_a_journal_keyed_by_the_whole_recipe_is_still_reused(random_world, tmp_p
     assert journal.read_text() == before
 
 
+def test_the_journal_follows_its_inputs_copied_to_other_paths(random_world, tmp_path):
+    """A team copies its runs, experts and dev sets to another cluster, where the old paths are
+    gone: the journal was refused as another recipe's (data.dev.0.path differs) with the advice to
+    rerun with that recipe, impossible there, or --restart, evaluating every candidate again. The
+    same files at new paths are the same proxy: the journal is reused and the numbers are the same.
+    A moved file whose content changed too is named as changed."""
+    old, new = tmp_path / "a", tmp_path / "b"
+    old.mkdir()
+    tree = recipe_tree(random_world, old / "fit", calibrate=SPEC)
+    tree["model"]["base"] = str(shutil.copytree(random_world["base"], old / "base"))
+    tree["model"]["experts"]["alpha"] = str(shutil.copytree(random_world["experts"]["alpha"], old / "alpha"))
+    tree["data"]["dev"][0]["path"] = str(shutil.copy(tree["data"]["dev"][0]["path"], old / "dev.jsonl"))
+    _grid().to_csv(old / "grid.csv", index=False)
+
+    def calibrate(tree: dict, root: Path):
+        (root / "recipe.yaml").write_text(yaml.safe_dump(tree))
+        return run_in_process(
+            "calibrate", str(root / "recipe.yaml"), "--grid", str(root / "grid.csv"), "--quiet"
+        )
+
+    assert calibrate(tree, old).returncode == 0
+    report = json.loads((old / "fit" / "calibration" / "calibration.json").read_text())
+    shutil.move(old, new)
+    moved = json.loads(json.dumps(tree).replace(str(old), str(new)))
+    journal = new / "fit" / "calibration" / "calibrate_checkpoint" / "proxy_evaluations.jsonl"
+    before = journal.read_text()
+    result = calibrate(moved, new)
+    assert result.returncode == 0, result.stderr
+    assert journal.read_text() == before  # nothing evaluated again
+    after = json.loads((new / "fit" / "calibration" / "calibration.json").read_text())
+    assert json.loads(json.dumps(after).replace(str(new), str(old))) == report
+    with open(new / "dev.jsonl", "a", encoding="utf-8") as more:
+        more.write('{"text": "3 + 3 = 6"}\n')
+    result = calibrate(moved, new)
+    assert result.returncode == 2 and f"read other data: {new / 'dev.jsonl'} changed since" in result.stderr
+
+
 def test_constraints_bound_the_pick_and_the_proposals(random_world, tmp_path):
     def run(tree):
         tree["weights"] = {"bounds": {"alpha": [0.0, 0.3]}, "pinned": {"gamma": 0.2}}

@@ -299,3 +299,29 @@ def test_datasets_may_name_world_paths_as_the_recipe_does(tmp_path, capsys, file
     assert body == [
         line for line in (tmp_path / "p.yaml").read_text().splitlines() if not line.startswith("#")
     ]
+
+
+def test_the_runs_training_data_not_on_this_disk_is_named(tmp_path, capsys, files):
+    """A fit's run copied to another cluster: its recipe.yaml names train.data at the old paths,
+    gone there. The refusal said '--datasets gives none for expert', of an option never passed;
+    it names the recipe's missing path and the remedy."""
+    import shutil
+
+    mixture = run(tmp_path)
+    moved = {n: tmp_path / "data" / p.name for n, p in files["paths"].items()}
+    for name, path in moved.items():
+        path.parent.mkdir(exist_ok=True)
+        shutil.copy(files["paths"][name], path)
+    data = "".join(f"    {n}: {p}\n" for n, p in moved.items())
+    dev = f"data:\n  dev: [{{name: a, path: {moved['a']}}}]\n"
+    recipe = (
+        f"model:\n  base: {files['tokenizer']}\n  experts: {{a: x, b: y, c: z}}\n{dev}train:\n  data:\n{data}"
+    )
+    (mixture.parent / "recipe.yaml").write_text(recipe)
+    moved["b"].unlink()  # the old path is gone
+    line = fails(capsys, tmp_path, [str(mixture), "--to", "trl"], "train.data.b")
+    assert line == (
+        f"mergeopt: error: --to trl names each domain's data, and the run's {mixture.parent / 'recipe.yaml'} "
+        f"names train.data.b {moved['b']}, which is not on this disk (moved since the fit?): pass "
+        "--datasets b=PATH (every expert with a positive weight)"
+    )

@@ -642,3 +642,40 @@ def test_a_restart_refused_for_a_mistake_keeps_the_earlier_state(
     else:
         assert str(broken) in result.stderr
     assert {p.name: p.read_bytes() for p in earlier.dir.iterdir()} == before
+
+
+def test_a_state_copied_with_its_inputs_to_other_paths_is_resumed(tmp_path):
+    """A fit, rank or calibrate state copied with its inputs to another disk, where the old paths
+    are gone, was refused as another recipe's (model.base differs, rank.grid differs) with the
+    advice to rerun with that recipe, impossible there, or --restart. An input at its new place
+    with the same content, or a grid or directory of the same name whose old path is gone, is the
+    same run; a moved input whose content changed is named, and a path still there is another."""
+    import shutil
+
+    from mergeopt.errors import UserError
+    from mergeopt.runtime.fingerprint import fingerprints
+
+    def state(root, base="base.txt"):
+        tree = {
+            "model": {"base": str(root / base)},
+            "rank": {"grid": str(root / "runs" / "grid.csv")},
+            "train": {"output_dir": str(root / "runs")},
+        }
+        return RunState(tmp_path / "out", tree, inputs=fingerprints([root / base]))
+
+    old, new = tmp_path / "a", tmp_path / "b"
+    (old / "runs").mkdir(parents=True)
+    (old / "runs" / "grid.csv").write_text("w_a,loss\n")
+    (old / "base.txt").write_text("base")
+    (old / "other.txt").write_text("another base")
+    state(old).start()
+    shutil.copytree(old, new)
+    with pytest.raises(UserError, match="another recipe"):  # the old paths are still there
+        state(new).check_matches()
+    shutil.rmtree(old)
+    state(new).check_matches()
+    with pytest.raises(UserError, match="read other data: .*other.txt changed since"):
+        state(new, "other.txt").check_matches()  # moved and edited, or another file: refused alike
+    (new / "base.txt").write_text("edited")
+    with pytest.raises(UserError, match=f"read other data: {new / 'base.txt'} changed since"):
+        state(new).check_matches()

@@ -457,3 +457,37 @@ def test_a_moved_input_that_no_setting_names_is_followed_by_its_content(tmp_path
     # two new files with its content: which one it became cannot be told, and it is not guessed
     two = {**moved, "inputs": {**moved["inputs"], **fingerprints([tmp_path / "c" / "chat.jinja"])}}
     assert relocated(record, two) is record
+
+
+def test_a_run_trained_after_the_move_is_of_the_moved_experts_recipe(trained, random_world, tmp_path):
+    """Runs copied with their base and data to another disk keep their run.json, naming the old
+    paths; a mixture trained there afterwards records the new ones, so another fingerprint than
+    the experts'. calibrate refused the grid: "its run was trained by another recipe ... than the
+    recipe's experts", of the very recipe. The same settings on the same files at other paths are
+    the same recipe; another setting or another file's content is still refused."""
+    import shutil
+
+    from mergeopt.evaluation.calibrate_inputs import check_provenance
+    from mergeopt.worlds.run_records import input_digests, run_identity
+
+    tree, tmp, _ = trained
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp, copy)
+    shutil.copytree(random_world["base"], tmp_path / "base")
+    moved = json.loads(json.dumps(tree).replace(str(tmp), str(copy)))
+    moved["model"]["base"] = str(tmp_path / "base")
+    experts = moved["model"]["experts"]
+
+    def trained_here(tree: dict) -> list:
+        recipe = recipe_from_dict(tree)
+        record = run_identity(recipe, {"alpha": 0.5, "beta": 0.25, "gamma": 0.25}, input_digests(recipe))
+        return [(6, copy / "mixtures" / "006", record)]
+
+    check_provenance(trained_here(moved), copy / "grid.csv", experts)
+    other = {**moved, "train": {**moved["train"], "lr": moved["train"]["lr"] * 2}}
+    with pytest.raises(UserError, match="its run was trained by another recipe"):
+        check_provenance(trained_here(other), copy / "grid.csv", experts)
+    with open(moved["train"]["data"]["beta"], "a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"text": "one more record"}) + "\n")
+    with pytest.raises(UserError, match="its run was trained by another recipe"):
+        check_provenance(trained_here(moved), copy / "grid.csv", experts)

@@ -50,21 +50,34 @@ def check_provenance(
     and no fingerprint is shared, the runs are another recipe's: the calibration would correct this
     proxy with the truth of different experts. Grids made elsewhere are not checked.
     """
-    from mergeopt.worlds.run_records import RUN_MARKER
+    from mergeopt.worlds.run_records import RUN_MARKER, relocated
 
-    def fingerprint(path: Path) -> str | None:
+    def read(path: Path) -> dict:
         try:
-            return json.loads((path / RUN_MARKER).read_text()).get("fingerprint")
-        except (OSError, ValueError, AttributeError):
-            return None
+            record = json.loads((path / RUN_MARKER).read_text())
+        except (OSError, ValueError):
+            return {}
+        return record if isinstance(record, dict) else {}
 
-    ours = {name: fingerprint(Path(path)) for name, path in experts.items()}
-    ours = {name: f for name, f in ours.items() if f}
+    records = {name: read(Path(path)) for name, path in experts.items()}
+    records = {name: r for name, r in records.items() if isinstance(r.get("fingerprint"), str)}
+    ours = {name: r["fingerprint"] for name, r in records.items()}
     if not ours:
         return
+
+    def moved(record: dict) -> bool:
+        """Trained by the same recipe on the same files at other paths: runs trained after the
+        experts and data were copied to another disk (mergeopt train keeps the experts' run.json
+        as it was written, naming the old paths)."""
+        for expert in records.values():
+            carried = relocated(record, expert) if isinstance(expert.get("inputs"), dict) else None
+            if carried is not None and carried.get("inputs") and carried["inputs"] == expert["inputs"]:
+                return True
+        return False
+
     for row, path, record in runs:
         theirs = record.get("fingerprint")
-        if isinstance(theirs, str) and theirs not in ours.values():
+        if isinstance(theirs, str) and theirs not in ours.values() and not moved(record):
             name, mine = next(iter(ours.items()))
             raise UserError(
                 f"{at_line(grid, row)}: its run was trained by another recipe (fingerprint {theirs} in "

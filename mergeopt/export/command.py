@@ -122,6 +122,8 @@ def build(args) -> tuple[dict[Format, str], list[str]]:
     missing = missing_datasets(given, mixture)
     needs_paths = [f.name for f in formats if f.needs_paths]
     if missing and needs_paths:
+        if not args.datasets:  # the run's recipe.yaml names them, but not on this disk (moved since)
+            _refuse_absent_recipe_data(recipe, mixture, args.to, needs_paths)
         raise UserError(_missing_for_paths(args.to, needs_paths, missing[0]))
     if missing and given:
         raise UserError(
@@ -207,6 +209,31 @@ def build(args) -> tuple[dict[Format, str], list[str]]:
 def _most_repeating(contexts: list[Context]) -> Context:
     """The one of ``contexts`` whose budget repeats a source most (the first where none says)."""
     return max(contexts, key=lambda c: max(c.epochs.per_source.values()) if c.epochs is not None else 0.0)
+
+
+def _refuse_absent_recipe_data(recipe, mixture, to: str, needs_paths: list[str]) -> None:
+    """The run's recipe.yaml names ``train.data``, but a dataset of a weighted expert is not on
+    this disk (the run and its data copied to another cluster, the old paths gone): name it, where
+    the general refusal would say that --datasets, never passed, gives none."""
+    from mergeopt.export.mixture_input import resolve_world_path
+
+    data = recipe.train.data if recipe is not None and recipe.train is not None else {}
+    for name in mixture.positive:
+        raw = data.get(name)
+        if raw is None:
+            return
+        try:
+            path = Path(resolve_world_path(raw, mixture, recipe))
+        except UserError:
+            return  # a world not built: its own refusal is for --datasets paths
+        if not path.exists():
+            formats = needs_paths[0] if to != "all" else "all (" + ", ".join(needs_paths) + ")"
+            raise UserError(
+                f"--to {formats} names each domain's data, and the run's "
+                f"{mixture.path.parent / 'recipe.yaml'} names train.data.{name} {raw}, which is not on "
+                f"this disk (moved since the fit?): pass --datasets {name}=PATH (every expert with a "
+                "positive weight)"
+            )
 
 
 def _missing_for_paths(to: str, needs_paths: list[str], expert: str) -> str:

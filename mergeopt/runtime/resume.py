@@ -99,6 +99,40 @@ def _first_difference(a, b, prefix: str = "") -> tuple[str, object, object] | No
     return None if a == b else (prefix.rstrip(".") or "(the recipe)", a, b)
 
 
+def _relocated(saved, now, saved_inputs: dict, inputs: dict, moved: dict):
+    """``saved`` (a checkpoint's recipe tree) with each input path that only moved replaced by its
+    new value in ``now``: a string that differs and names a recorded input (``saved_inputs``) on
+    one side and an input of this run (``inputs``) on the other, with the same content or with its
+    old path gone (moved and edited: the inputs' check then names it). ``moved`` collects old: new.
+
+    A state copied with its inputs to other paths (another cluster's disk) would otherwise be
+    refused as another recipe's, and rerunning with that recipe is impossible once the old paths
+    are gone: --restart would evaluate every mixture again."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        return {
+            k: _relocated(v, now[k], saved_inputs, inputs, moved) if k in now else v for k, v in saved.items()
+        }
+    if isinstance(saved, list) and isinstance(now, list) and len(saved) == len(now):
+        return [_relocated(a, b, saved_inputs, inputs, moved) for a, b in zip(saved, now)]
+    if not (isinstance(saved, str) and isinstance(now, str)) or saved == now:
+        return saved
+    if saved in saved_inputs and now in inputs and now not in saved_inputs:
+        if saved_inputs[saved] == inputs[now] or not Path(saved).exists():
+            moved[saved] = now
+            return now
+    elif saved not in saved_inputs and _moved_along(saved, now):
+        return now  # a path read for no number of the state (rank.grid, train.output_dir)
+    return saved
+
+
+def _moved_along(old: str, new: str) -> bool:
+    """``old`` is gone and ``new``, of the same name, is here: a grid or directory the recipe names,
+    copied with the run to another disk."""
+    if "/" not in old or "/" not in new or Path(old).name != Path(new).name:
+        return False
+    return not Path(old).exists() and Path(new).exists()
+
+
 def _value_at(tree: dict, dotted: str) -> object:
     """The value of ``tree`` at the dotted key, or :data:`UNSET` where absent."""
     node = tree
@@ -159,6 +193,10 @@ class RunState:
             raise UserError(
                 f"{self.dir / META}: unreadable checkpoint; delete {self.dir} or pass --restart"
             ) from None
+        if self.inputs is not None and isinstance(saved_inputs, dict):  # inputs copied elsewhere
+            moved: dict[str, str] = {}
+            saved = _relocated(saved, self.recipe, saved_inputs, self.inputs, moved)
+            saved_inputs = {moved.get(path, path): value for path, value in saved_inputs.items()}
         difference = _first_difference(
             _without(saved, CHANGEABLE_ON_RESUME), _without(self.recipe, CHANGEABLE_ON_RESUME)
         )
