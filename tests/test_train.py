@@ -396,12 +396,9 @@ def test_a_signal_before_any_run_trains_says_that_no_run_is_in_progress(tmp_path
     assert not out.exists()
 
 
-def test_runs_copied_with_their_inputs_elsewhere_are_recognised(trained, random_world, tmp_path):
-    """A grid trained on one disk and copied with its base and data to another (a world cache moved,
-    another cluster) was refused as 'trained with a different recipe (model.base ... now, ... then)',
-    with the advice to delete every run: the fingerprint hashes the paths. The same files at new
-    paths are the same runs: none is retrained. A moved file whose content changed too is still
-    refused, named as changed."""
+def _copied_elsewhere(trained, random_world, tmp_path) -> tuple[Path, dict]:
+    """The trained grid, its experts and training data copied to ``tmp_path/copy`` and the base to
+    ``tmp_path/base`` (another cluster's disk): the copy and the recipe tree naming it."""
     import shutil
 
     tree, tmp, _ = trained
@@ -410,6 +407,16 @@ def test_runs_copied_with_their_inputs_elsewhere_are_recognised(trained, random_
     shutil.copytree(random_world["base"], tmp_path / "base")
     moved = json.loads(json.dumps(tree).replace(str(tmp), str(copy)))
     moved["model"]["base"] = str(tmp_path / "base")
+    return copy, moved
+
+
+def test_runs_copied_with_their_inputs_elsewhere_are_recognised(trained, random_world, tmp_path):
+    """A grid trained on one disk and copied with its base and data to another (a world cache moved,
+    another cluster) was refused as 'trained with a different recipe (model.base ... now, ... then)',
+    with the advice to delete every run: the fingerprint hashes the paths. The same files at new
+    paths are the same runs: none is retrained. A moved file whose content changed too is still
+    refused, named as changed."""
+    copy, moved = _copied_elsewhere(trained, random_world, tmp_path)
     assert moved["train"]["data"]["alpha"].startswith(str(copy))
     markers = {p: p.stat().st_mtime_ns for p in copy.rglob(RUN_MARKER)}
     assert len(markers) == 6
@@ -465,17 +472,11 @@ def test_a_run_trained_after_the_move_is_of_the_moved_experts_recipe(trained, ra
     the experts'. calibrate refused the grid: "its run was trained by another recipe ... than the
     recipe's experts", of the very recipe. The same settings on the same files at other paths are
     the same recipe; another setting or another file's content is still refused."""
-    import shutil
 
     from mergeopt.evaluation.calibrate_inputs import check_provenance
     from mergeopt.worlds.run_records import input_digests, run_identity
 
-    tree, tmp, _ = trained
-    copy = tmp_path / "copy"
-    shutil.copytree(tmp, copy)
-    shutil.copytree(random_world["base"], tmp_path / "base")
-    moved = json.loads(json.dumps(tree).replace(str(tmp), str(copy)))
-    moved["model"]["base"] = str(tmp_path / "base")
+    copy, moved = _copied_elsewhere(trained, random_world, tmp_path)
     experts = moved["model"]["experts"]
 
     def trained_here(tree: dict) -> list:
