@@ -56,6 +56,28 @@ def is_copy(a: Path, b: Path) -> bool:
 # config.json keys a trainer changes when it adds tokens (TRL's pad or chat tokens): the rows, and
 # which of them pads or ends; the model is otherwise the same
 RESIZING_KEYS = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id")
+# config.json keys that say which transformers wrote it, not which model it is: a hub base saved by
+# another version than the user's, or with ``torch_dtype`` renamed ``dtype`` (the tensors' dtypes are
+# compared themselves)
+WRITER_KEYS = ("transformers_version", "_name_or_path", "torch_dtype", "dtype")
+
+
+def _checkpoint_files(directory: Path) -> list[Path]:
+    """The safetensors files transformers loads from ``directory``: the index's shards, else
+    model.safetensors; other ``*.safetensors`` beside them (Mistral's hub repositories ship their own
+    format, consolidated.safetensors, with other tensor names) are not the model's."""
+    import json
+
+    try:
+        index = json.loads((directory / "model.safetensors.index.json").read_text(encoding="utf-8"))
+        shards = sorted(set(index["weight_map"].values()))
+        if shards and all(isinstance(s, str) for s in shards):
+            return [directory / shard for shard in shards]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        pass
+    if (directory / "model.safetensors").is_file():
+        return [directory / "model.safetensors"]
+    return sorted(directory.glob("*.safetensors"))
 
 
 def _tensor_shapes(directory: Path) -> dict[str, tuple[tuple[int, ...], str, Path]]:
@@ -64,28 +86,36 @@ def _tensor_shapes(directory: Path) -> dict[str, tuple[tuple[int, ...], str, Pat
 
     return {
         name: (shape, dtype, file)
-        for file in sorted(directory.glob("*.safetensors"))
+        for file in _checkpoint_files(directory)
+        if file.is_file()
         for name, (shape, dtype) in safetensors_header(file).items()
     }
 
 
-def _same_rows(a: Path, b: Path, name: str, rows: int) -> bool:
-    """Tensor ``name`` of files ``a`` and ``b`` equal in its first, middle and last of ``rows`` rows
-    (a fine-tune moves every matrix; a resize keeps the old rows)."""
+def _same_rows(a: Path, b: Path, names: dict[str, int]) -> bool:
+    """Each tensor of ``names`` (name -> its rows) of files ``a`` and ``b`` equal in its first,
+    middle and last rows (a fine-tune moves every matrix; a resize keeps the old rows). Each file
+    is opened once: opening one per tensor parses its header again for every tensor, minutes for
+    a mixture-of-experts checkpoint's thousands of tensors per shard."""
     from safetensors import safe_open
 
     with safe_open(str(a), framework="pt") as fa, safe_open(str(b), framework="pt") as fb:
-        first, second = fa.get_slice(name), fb.get_slice(name)
-        if len(first.get_shape()) == 0:
-            return bool((fa.get_tensor(name) == fb.get_tensor(name)).all())
-        return all(
-            (first[row : row + 1] == second[row : row + 1]).all() for row in sorted({0, rows // 2, rows - 1})
-        )
+        for name, rows in names.items():
+            first, second = fa.get_slice(name), fb.get_slice(name)
+            if len(first.get_shape()) == 0:
+                if not bool((fa.get_tensor(name) == fb.get_tensor(name)).all()):
+                    return False
+                continue
+            for row in sorted({0, rows // 2, rows - 1}):
+                if not (first[row : row + 1] == second[row : row + 1]).all():
+                    return False
+    return True
 
 
 def is_resized_copy(named: Path, base: Path) -> bool:
     """Whether ``base`` is ``named`` with rows added to its vocabulary (``resize_token_embeddings``
-    after adding tokens, saved): config.json the same but for :data:`RESIZING_KEYS`, every tensor
+    after adding tokens, saved): config.json the same but for :data:`RESIZING_KEYS` (in the keys
+    both have, less :data:`WRITER_KEYS`: the user's transformers re-saves a hub base's), every tensor
     of the same name and dtype, of the same shape or more rows where the vocabulary grew, and the
     same sampled rows. A LoRA trained over the resized model names the original in
     ``base_model_name_or_path`` (PEFT records the path it was loaded from) and saves its own
@@ -98,22 +128,24 @@ def is_resized_copy(named: Path, base: Path) -> bool:
         return False
     if not all(isinstance(c, dict) for c in configs):
         return False
-    old, new = ({k: v for k, v in c.items() if k not in RESIZING_KEYS} for c in configs)
+    # keys both files have: a transformers that re-saves an older one's config renames some
+    # (rope_theta into rope_parameters) and writes its own version
+    shared = (set(configs[0]) & set(configs[1])) - set(RESIZING_KEYS) - set(WRITER_KEYS)
     grown = configs[1].get("vocab_size", 0) - configs[0].get("vocab_size", 0)
-    if old != new or grown <= 0:
+    if any(configs[0][k] != configs[1][k] for k in shared) or not isinstance(grown, int) or grown <= 0:
         return False
     first, second = _tensor_shapes(named), _tensor_shapes(base)
     if not first or set(first) != set(second):
         return False
+    pairs: dict[tuple[Path, Path], dict[str, int]] = {}  # the tensors to sample, by their two files
     for name, (shape, dtype, file) in first.items():
         other_shape, other_dtype, other_file = second[name]
         if dtype != other_dtype or len(shape) != len(other_shape) or shape[1:] != other_shape[1:]:
             return False
         if shape and other_shape[0] not in (shape[0], shape[0] + grown):
             return False
-        if not _same_rows(file, other_file, name, shape[0] if shape else 0):
-            return False
-    return True
+        pairs.setdefault((file, other_file), {})[name] = shape[0] if shape else 0
+    return all(_same_rows(a, b, names) for (a, b), names in pairs.items())
 
 
 def cached_repository(directory: Path) -> str | None:
