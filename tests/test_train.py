@@ -492,3 +492,64 @@ def test_a_run_trained_after_the_move_is_of_the_moved_experts_recipe(trained, ra
         handle.write(json.dumps({"text": "one more record"}) + "\n")
     with pytest.raises(UserError, match="its run was trained by another recipe"):
         check_provenance(trained_here(moved), copy / "grid.csv", experts)
+
+
+def test_a_chat_template_set_unset_or_switched_is_another_run(tmp_path):
+    """The chat template renders every conversation a run trains on, and no training setting names
+    it: switched to another file while the old one stays on disk, set where the runs had none, or
+    unset, the runs were taken as finished (only the inputs recorded then were checked, and they had
+    not changed). Each is now refused, naming the template."""
+    from mergeopt.runtime.fingerprint import fingerprints
+    from mergeopt.worlds.run_records import check_inputs, relocated
+
+    (tmp_path / "base.txt").write_text("base")
+    (tmp_path / "a.jinja").write_text("{{ messages }}")
+    (tmp_path / "d.jinja").write_text("other")
+    settings = {"model.base": str(tmp_path / "base.txt"), "seed": 0}
+
+    def identity(*template) -> dict:
+        inputs = fingerprints([tmp_path / "base.txt", *template])
+        return {"fingerprint": "f", "trained_with": settings, "inputs": inputs}
+
+    for then, now, named in (
+        (
+            (tmp_path / "a.jinja",),
+            (tmp_path / "d.jinja",),
+            "did not read .*d.jinja, which the recipe now names",
+        ),
+        ((), (tmp_path / "d.jinja",), "did not read .*d.jinja"),
+        ((tmp_path / "a.jinja",), (), "it read .*a.jinja, which the recipe no longer names"),
+    ):
+        record, current = identity(*then), identity(*now)
+        with pytest.raises(UserError, match=named):
+            check_inputs(relocated(record, current), current, "x", "y")
+    check_inputs(identity(tmp_path / "a.jinja"), identity(tmp_path / "a.jinja"), "x", "y")
+
+
+def test_a_training_set_pointed_at_another_domains_data_is_another_recipe(tmp_path):
+    """train.data's alpha pointed at beta's file ({alpha: a, beta: b} -> {alpha: b, beta: b}) was
+    taken for alpha's data moved to b: the record's digests were carried to the new paths, b's own
+    matched, and every run trained on a was reused as finished. Swapped ({alpha: b, beta: a}) it
+    was refused as 'b changed since; restore it', of a file nobody changed. Neither moved anything:
+    both are another recipe, naming train.data."""
+    from mergeopt.runtime.fingerprint import fingerprints
+    from mergeopt.worlds.run_records import changed_setting, relocated
+
+    (tmp_path / "base.txt").write_text("base")
+    a, b = str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")
+    Path(a).write_text('{"text": "alpha"}\n')
+    Path(b).write_text('{"text": "beta"}\n')
+
+    def identity(data: dict) -> dict:
+        settings = {"model.base": str(tmp_path / "base.txt"), "seed": 0, "train.data": data}
+        inputs = fingerprints([settings["model.base"], *data.values()])
+        return {"fingerprint": json.dumps(data), "trained_with": settings, "inputs": inputs}
+
+    record = identity({"alpha": a, "beta": b})
+    for data in ({"alpha": b, "beta": b}, {"alpha": b, "beta": a}):
+        now = identity(data)
+        assert relocated(record, now) is None
+        assert changed_setting(record, now["trained_with"]).startswith("train.data ")
+    # one file for two domains, then two: not a move either
+    shared = identity({"alpha": a, "beta": a})
+    assert relocated(shared, identity({"alpha": a, "beta": b})) is None

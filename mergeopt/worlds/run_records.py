@@ -147,7 +147,8 @@ def relocated(record: dict, identity: dict) -> dict | None:
     when it differs from ``identity`` only in where they lie: a base, a training set or a chat
     template moved (a cache or a cluster's data disk, copied with its runs). A path a setting names
     is carried to the setting's new value, and its recorded digest with it, so :func:`check_inputs`
-    still names a file whose content changed too; an input no setting of ``trained_with`` names
+    still names a file whose content changed too (a setting pointed at another input of the run,
+    or two at one, is another recipe: nothing moved); an input no setting of ``trained_with`` names
     (the chat template) is followed to the one new path holding its very content. None when
     another setting differs, or the record is too old to tell.
 
@@ -166,12 +167,15 @@ def relocated(record: dict, identity: dict) -> dict | None:
             for old, new in pairs:
                 if old == new:
                     continue
-                if not (isinstance(old, str) and isinstance(new, str)):
-                    return None
-                moved[old] = new
+                if not (isinstance(old, str) and isinstance(new, str)) or moved.setdefault(old, new) != new:
+                    return None  # a setting that is no path, or one path now two
     inputs, current = record.get("inputs") or {}, identity["inputs"]
     if any(old not in inputs or new not in current for old, new in moved.items()):
         return None  # a setting that is no input file changed (or a record from before inputs)
+    if len(set(moved.values())) < len(moved) or any(
+        new in inputs or old in current for old, new in moved.items()
+    ):
+        return None  # two inputs now one, one now two, or swapped: other data, nothing moved
     arrived = [path for path in current if path not in inputs and path not in moved.values()]
     for old in [path for path in inputs if path not in current and path not in moved]:
         same = [path for path in arrived if current[path] == inputs[old]]
@@ -228,11 +232,25 @@ def finished(path: Path, identity: dict) -> bool:
 def check_inputs(record: dict, identity: dict, what: str, remedy: str) -> None:
     """Refuse a run.json or step checkpoint ``record`` whose inputs changed since, naming the first.
 
-    A record without ``inputs`` (written before runs recorded them) is not checked.
+    An input read now and not then, or then and not now, is refused too: the chat template set,
+    unset or switched to another file (the old one still on disk, unchanged) renders every
+    conversation otherwise, and no training setting names it. A record without ``inputs``
+    (written before runs recorded them) is not checked.
     """
-    changed = first_changed(record.get("inputs") or {}, identity["inputs"])
+    saved = record.get("inputs") or {}
+    changed = first_changed(saved, identity["inputs"])
     if changed is not None:
         raise UserError(f"{what}: {changed} changed since; restore it, or {remedy}")
+    if not saved:
+        return
+    for path in identity["inputs"]:
+        if path not in saved:
+            raise UserError(f"{what}: it did not read {path}, which the recipe now names; {remedy}")
+    for path in saved:
+        if path not in identity["inputs"]:
+            raise UserError(
+                f"{what}: it read {path}, which the recipe no longer names; name it again, or {remedy}"
+            )
 
 
 def step_checkpoint_dir(out: Path) -> Path:
