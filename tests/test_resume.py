@@ -679,3 +679,30 @@ def test_a_state_copied_with_its_inputs_to_other_paths_is_resumed(tmp_path):
     (new / "base.txt").write_text("edited")
     with pytest.raises(UserError, match=f"read other data: {new / 'base.txt'} changed since"):
         state(new).check_matches()
+
+
+def test_a_tracked_restart_refused_for_a_mistake_keeps_the_earlier_state(random_world, tmp_path, monkeypatch):
+    """With a tracker (MLflow, W&B), the fit wrote the tracker's run id as the trackers opened,
+    which started the new state and removed the earlier one before the run saved anything: a
+    ``--restart`` refused for a mistake lost the earlier checkpoint all the same. The ids now wait
+    for the first save, as they do with no tracker."""
+    pytest.importorskip("mlflow")
+    import mergeopt.fit
+    from mergeopt.errors import UserError
+
+    def refused(*_args, **_kwargs):
+        raise UserError("a mistake found in the search")
+
+    monkeypatch.setattr(mergeopt.fit, "_search_and_write", refused)
+    out = tmp_path / "out"
+    tree = recipe_tree(random_world, out)
+    tree["logging"] = {"backends": ["mlflow"], "dir": str(tmp_path / "logs")}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(tree))
+    earlier = RunState(out, {"seed": 0}, CHECKPOINT_DIR)
+    earlier.start()
+    earlier.append_evaluation({"w": [1.0, 0.0, 0.0], "loss": 3.0})
+    before = {p.name: p.read_bytes() for p in earlier.dir.iterdir()}
+    result = run_in_process("fit", str(tmp_path / "recipe.yaml"), "--restart", "--quiet")
+    assert result.returncode == 2, result.stderr
+    assert "a mistake found in the search" in result.stderr
+    assert earlier.dir.is_dir() and {p.name: p.read_bytes() for p in earlier.dir.iterdir()} == before

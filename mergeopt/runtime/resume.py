@@ -313,8 +313,11 @@ class RunState:
     def save_tracking(self, run_ids: dict, lazily: bool = False) -> None:
         """The trackers' run ids (backend -> id), written when they open, so a resume reuses them.
         ``lazily``: a state started lazily and not saved yet writes them with its first save (a fit
-        that stops before it leaves nothing behind)."""
-        if lazily and self._fresh:
+        that stops before it leaves nothing behind). So does one that an earlier run's state lies
+        under (``--restart``), lazily or not: writing them would start this run's state, removing
+        the earlier one before this run saved anything, and a restart refused for a mistake would
+        lose it (:meth:`discard`)."""
+        if self._fresh and (lazily or self.exists()):
             self._tracking = run_ids
             return
         self._ensure_started()
