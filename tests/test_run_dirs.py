@@ -631,3 +631,37 @@ def test_rank_that_crashes_after_its_first_files_leaves_nothing(random_world, tm
         rank_cli(tmp_path, recipe_tree(random_world, out), grid_table())
     # no output, only the journal a rerun replays (rank_checkpoint/, what the resume guide promises)
     assert sorted(p.name for p in out.iterdir()) == ["rank_checkpoint"] and _leftovers(out) == []
+
+
+def test_a_filesystem_without_locks_spares_a_running_commands_staging(tmp_path, monkeypatch):
+    """Without flock a second command is not refused, and on entering it cleared what it took for a
+    killed publish's leftovers beside the directory: the first command's staging, still being
+    written, so that command lost its outputs at its publish. A live process's staging is spared;
+    a dead one's is still removed."""
+    import errno
+    import fcntl
+    import subprocess
+
+    from mergeopt.runtime import rundir
+
+    def no_locks(_fd, _operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    out = tmp_path / "out"
+    out.mkdir()
+    first = subprocess.Popen(["sleep", "60"])  # the first command, still writing its outputs
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    try:
+        live = tmp_path / f".out.staging-{first.pid}"
+        killed = tmp_path / f".out.staging-{dead.pid}"
+        for staging in (live, killed):
+            staging.mkdir()
+            (staging / "mixture.json").write_text("{}")
+        with rundir.owned(out, "fit"):
+            assert (live / "mixture.json").is_file()
+            assert not killed.exists()
+    finally:
+        first.kill()
+        first.wait()

@@ -15,7 +15,8 @@ diagnose, transfer, merge and ``export --to all``, train's output_dir) goes thro
   one line naming that pid (:func:`owned_all` holds several, train's output_dir and each expert's
   directory, in a fixed order). The kernel drops the lock when its process dies, so a ``kill -9`` never
   blocks the rerun. The lock file is removed on release. A filesystem without flock runs the command
-  unguarded, with one warning. Under torchrun rank 0 alone holds it (the
+  unguarded, with one warning (what a live process on this host stages there is left alone).
+  Under torchrun rank 0 alone holds it (the
   other ranks write nothing). ``filelock`` truncates its file on every attempt and never removes it,
   so it could keep neither the pid nor the directory clean; hence plain ``fcntl``.
 * :class:`Staging` is a hidden sibling ``.NAME.staging-PID`` the command writes its outputs into.
@@ -266,12 +267,33 @@ def _make_parents(directory: Path) -> list[Path]:
     return list(reversed(missing))
 
 
+def _alive(entry: Path) -> bool:
+    """Whether the process whose pid ends ``entry``'s name (``.NAME.staging-PID``) runs on this host."""
+    pid = entry.name.rsplit("-", 1)[-1]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
 def recover(out: Path) -> None:
-    """Undo what a killed publish left beside ``out`` (call with the lock held), where it really is."""
+    """Undo what a killed publish left beside ``out`` (call with the lock held), where it really is.
+
+    What a process still running on this host left is spared: the lock keeps out every other
+    writer, but on a filesystem without flock (:func:`owned`'s fallback) none is held, and a
+    command's staging removed under it lost its outputs at its publish. A pid reused since a
+    ``kill -9`` only leaves that leftover to a later run."""
     out = real_dir(out)
     if not out.parent.is_dir():
         return
     for entry in out.parent.iterdir():
+        if entry.name.startswith(f".{out.name}.") and _alive(entry):
+            continue
         if entry.name.startswith(f".{out.name}{STAGING}"):
             _remove_tree(entry)  # a killed command's unpublished outputs
         elif entry.name.startswith(f".{out.name}{REPLACED}"):
