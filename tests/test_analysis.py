@@ -554,3 +554,35 @@ def test_a_table_mode_rank_check_is_not_of_other_experts(tmp_path):
     assert analysis.of_other_experts(run) == {}
     grid = analysis.Run(tmp_path, mixture, None, None, None, {**table, "grid": "grid.csv"}, pairs)
     assert analysis.of_other_experts(grid) == {"rank_report.json": ["code", "web"]}
+
+
+def test_report_md_says_why_a_grids_baselines_were_not_computed(tmp_path):
+    """A grid too small for the baselines it asked for (rank.baselines: [lightgbm_loo] on a few
+    runs) has none, and rank_report.md says why under its proxy row; report.md's rank section,
+    which has rank_report.md's baseline table, showed neither. A report from before the baselines
+    (no key) shows no table."""
+    from types import SimpleNamespace
+
+    from mergeopt.evaluation.rank_report import baseline_table
+    from mergeopt.evaluation.rank_stats import rank_statistics
+    from mergeopt.reporting.run_report import _rank_section
+
+    statistics = rank_statistics(
+        np.array([1.0, 2.0, 3.0, 4.0]), np.array([1.0, 3.0, 2.0, 4.0]), n_bootstrap=50
+    )
+    why = "3 runs per fit, fewer than the 20 a LightGBM split needs"
+    report = {
+        "grid": "grid.csv",
+        "n_mixtures": 4,
+        "overall": "target",
+        "options": {"confidence": 0.9},
+        "metrics": {"target": statistics},
+        "baselines": {},
+        "baselines_skipped": {"lightgbm_loo": why},
+    }
+    section = "\n".join(_rank_section(SimpleNamespace(rank=report, path=tmp_path, mixture=None)))
+    assert baseline_table(report) in section and f"LightGBM, leave-one-out: not computed ({why})." in section
+    older = {k: v for k, v in report.items() if not k.startswith("baselines")}
+    assert "Against the baselines" not in "\n".join(
+        _rank_section(SimpleNamespace(rank=older, path=tmp_path, mixture=None))
+    )

@@ -152,7 +152,7 @@ def _rank_section(run: Run) -> list[str]:
         markdown_table(table, 3),
         "",
     ]
-    if run.rank.get("baselines"):  # grid mode: the proxy beside what needs no merge or needs the runs
+    if "baselines" in run.rank:  # grid mode: the proxy beside the baselines, or why each was not computed
         from mergeopt.evaluation.rank_report import baseline_table
 
         lines += [baseline_table(run.rank), ""]
