@@ -649,6 +649,17 @@ def test_a_hub_base_resized_and_saved_by_another_transformers_is_its_resized_cop
     assert not is_resized_copy(tmp_path / "base", tmp_path / "resized")
 
 
+def test_a_config_without_a_vocabulary_size_is_no_resized_copy(tmp_path):
+    """``vocab_size: null`` (or a multimodal config keeping it in ``text_config``) ended in a
+    TypeError traceback; such a base is not taken for a resized copy, and the refusal names it."""
+    from mergeopt.loading.adapter_base import is_resized_copy
+
+    for name, rows in (("named", None), ("base", 70)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"vocab_size": rows}))
+    assert not is_resized_copy(tmp_path / "named", tmp_path / "base")
+
+
 def test_a_resized_copy_is_told_by_the_files_transformers_loads(tmp_path):
     """Mistral's hub repositories ship consolidated.safetensors (their own format, other tensor
     names) beside the transformers weights. Every ``*.safetensors`` was read as the model's, so the

@@ -131,8 +131,11 @@ def is_resized_copy(named: Path, base: Path) -> bool:
     # keys both files have: a transformers that re-saves an older one's config renames some
     # (rope_theta into rope_parameters) and writes its own version
     shared = (set(configs[0]) & set(configs[1])) - set(RESIZING_KEYS) - set(WRITER_KEYS)
-    grown = configs[1].get("vocab_size", 0) - configs[0].get("vocab_size", 0)
-    if any(configs[0][k] != configs[1][k] for k in shared) or not isinstance(grown, int) or grown <= 0:
+    rows = [c.get("vocab_size") for c in configs]
+    if not all(isinstance(r, int) and not isinstance(r, bool) for r in rows):
+        return False  # no vocabulary size at the top (a multimodal text_config): not told here
+    grown = rows[1] - rows[0]
+    if any(configs[0][k] != configs[1][k] for k in shared) or grown <= 0:
         return False
     first, second = _tensor_shapes(named), _tensor_shapes(base)
     if not first or set(first) != set(second):
