@@ -26,6 +26,7 @@ from mergeopt.loading.base_model import meta_model
 from mergeopt.loading.conversions import plan_conversions, read_converted, read_converted_rows
 from mergeopt.loading.lora import read_adapter
 from mergeopt.loading.lora_updates import LoraAdapter
+from mergeopt.loading.peft_format import CONFIG_FILE as ADAPTER_CONFIG
 from mergeopt.loading.peft_format import is_adapter
 from mergeopt.loading.precision import precision_warning
 from mergeopt.loading.tokenizer_vocab import vocabulary_difference
@@ -182,7 +183,7 @@ def _not_a_checkpoint(path: Path) -> str:
         d
         for d in path.glob("checkpoint-*")
         if d.name.removeprefix("checkpoint-").isdigit()
-        and any((d / name).is_file() for name in ("config.json", "adapter_config.json"))
+        and any((d / name).is_file() for name in ("config.json", ADAPTER_CONFIG))
     ]
     if not saves:
         return "not a Hugging Face checkpoint directory"

@@ -49,10 +49,9 @@ from mergeopt.loading.peft_format import (
     SAFETENSORS_FILE,
     TOKENS,
     copy_of_another_shape,
-    is_training_only,
+    left_unread,
     read_adapter_config,
     scaling_for,
-    wrapper_duplicates,
 )
 
 
@@ -153,8 +152,8 @@ def read_adapter(
     path = Path(path)
     config = read_adapter_config(path)
     tensors = _read_tensors(path, allow_pickle)
-    unread = wrapper_duplicates(tensors)
-    tensors = {k: t for k, t in tensors.items() if k not in unread and not is_training_only(config, k)}
+    unread = left_unread(config, tensors)
+    tensors = {k: t for k, t in tensors.items() if k not in unread}
     if model is not None:
         config, tensors = peft_converted(path, config, tensors, model)
     wrapped = resolved_parameters(path, config, model)

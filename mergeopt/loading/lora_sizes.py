@@ -29,8 +29,7 @@ from mergeopt.loading.peft_format import (
     PREFIX,
     SAFETENSORS_FILE,
     TOKENS,
-    is_training_only,
-    wrapper_duplicates,
+    left_unread,
 )
 
 
@@ -143,9 +142,9 @@ def factor_sizes(
     config, header = _header(file, dict(config or {}), model)
     wrapped = resolved_parameters(Path(path), config, model) if config else {}
     tensors = _HeaderTensors()
-    unread = wrapper_duplicates(header)
+    unread = left_unread(config, header)
     for key, (shape, _) in header.items():
-        if key not in unread and not is_training_only(config, key):
+        if key not in unread:
             tensors.add(key.removeprefix(PREFIX), tuple(shape), wrapped)
     return tensors.sizes(stored, transposed=fan_in_fan_out)
 

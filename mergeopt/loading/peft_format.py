@@ -87,13 +87,6 @@ def is_adapter(path: str | Path) -> bool:
 WRAPPER_INFIX = re.compile(r"\.(?:modules_to_save|original_module)(?=\.)")
 
 
-def wrapper_duplicates(keys: Collection[str]) -> set[str]:
-    """The keys of ``keys`` that PEFT leaves unread as a wrapper's copies: ``X.modules_to_save.P`` and
-    ``X.original_module.P`` where ``X.P`` is saved too (:data:`WRAPPER_INFIX`)."""
-    keys = set(keys)
-    return {key for key in keys if WRAPPER_INFIX.search(key) and WRAPPER_INFIX.sub("", key) in keys}
-
-
 def copy_of_another_shape(path: Path, key: str, shape, target: str, base_shape) -> UserError:
     """The adapter's copy ``key`` of base parameter ``target`` has another shape than the base's:
     the fit's refusal (:mod:`mergeopt.loading.lora`) and the plan's (:mod:`mergeopt.memory.dry_run`)."""
@@ -103,9 +96,19 @@ def copy_of_another_shape(path: Path, key: str, shape, target: str, base_shape) 
     )
 
 
-def is_training_only(config: Mapping, key: str) -> bool:
-    """Whether ``key`` is a tensor PEFT keeps only for training under ``config`` (:data:`TRAINING_ONLY`)."""
-    return any(config.get(option) and pattern.search(key) for option, pattern in TRAINING_ONLY.items())
+def left_unread(config: Mapping, keys: Collection[str]) -> set[str]:
+    """The keys of an adapter's tensors that PEFT's served model never reads, so neither the fit nor
+    the plan does: a resized wrapper's copies (``X.modules_to_save.P``, ``X.original_module.P``
+    beside ``X.P``, :data:`WRAPPER_INFIX`) and what ``config``'s variant keeps only for training
+    (:data:`TRAINING_ONLY`)."""
+    keys = set(keys)
+    training = [pattern for option, pattern in TRAINING_ONLY.items() if config.get(option)]
+    return {
+        key
+        for key in keys
+        if (WRAPPER_INFIX.search(key) and WRAPPER_INFIX.sub("", key) in keys)
+        or any(pattern.search(key) for pattern in training)
+    }
 
 
 def _pattern_value(pattern: Mapping[str, float], module: str, default: float) -> float:

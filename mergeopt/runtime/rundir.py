@@ -276,8 +276,8 @@ def _alive(entry: Path) -> bool:
         os.kill(int(pid), 0)
     except ProcessLookupError:
         return False
-    except OSError:  # another user's process: alive
-        return True
+    except PermissionError:  # another user's process: alive
+        pass
     return True
 
 
