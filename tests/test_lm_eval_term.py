@@ -267,3 +267,29 @@ def test_a_misspelt_metric_is_refused_with_the_dict_registry_of_older_lm_eval(mo
     with pytest.raises(UserError, match=r"task 'arith' has no metric 'f1' \(it has acc\)"):
         check_direction(ObjectiveTerm(kind="lm_eval", task="arith", metric="f1"), Task())
     check_direction(ObjectiveTerm(kind="lm_eval", task="arith", metric="acc"), Task())
+
+
+@pytest.mark.parametrize("loader", ["TaskManager.load", "get_task_dict"])
+def test_a_task_is_built_by_the_loader_its_lm_eval_offers(tiny_world, tmp_path, monkeypatch, loader):
+    """lm-eval 0.4.12 on builds tasks with ``TaskManager.load`` and deprecates ``get_task_dict``
+    (to be removed); 0.4.8 to 0.4.11 have only ``get_task_dict``. The task check uses the first
+    where it exists, so no deprecated loader is called, and still checks the metric on the older
+    ones."""
+    import warnings
+
+    from lm_eval.tasks import TaskManager
+
+    from mergeopt.objectives.lm_eval_term import check_task_loads
+
+    if loader == "get_task_dict":
+        monkeypatch.delattr(TaskManager, "load")
+    name = "mergeopt_tiny_arith_loader"
+    dev = tiny_world / "dev" / "arith.jsonl"
+    (tmp_path / "loader.yaml").write_text(lm_eval_task_yaml(name, {"validation": dev}, "acc"))
+    term = {"kind": "lm_eval", "task": name, "include_path": str(tmp_path)}
+    with warnings.catch_warnings():
+        if loader == "TaskManager.load":
+            warnings.filterwarnings("error", message=".*get_task_dict is deprecated")
+        check_task_loads(ObjectiveTerm(**term))
+    with pytest.raises(UserError, match=r"has no metric 'f1' \(it has acc\)"):
+        check_task_loads(ObjectiveTerm(**term, metric="f1"))

@@ -71,14 +71,20 @@ def check_task(term: ObjectiveTerm) -> None:
 
 @functools.cache
 def _build_task(task: str, include_path: str | None) -> dict:
-    """Build ``task`` once per process (its data loaded): fit, rank and train check it alike.
-    datasets' bars ("Generating validation split") are kept off the console, as for the dev sets."""
-    from lm_eval.tasks import get_task_dict
-
+    """Build ``task`` once per process (its data loaded): fit, rank and train check it alike; the
+    task names map to their built tasks. datasets' bars ("Generating validation split") are kept
+    off the console, as for the dev sets. ``TaskManager.load`` builds it where lm-eval has it
+    (0.4.12 on: its ``get_task_dict``, all that 0.4.8 to 0.4.11 offer, is deprecated there and
+    will be removed)."""
     from mergeopt.objectives.data_files import quiet_datasets
 
+    manager = _task_manager(include_path)
     with quiet_datasets():
-        return get_task_dict([task], _task_manager(include_path))
+        if hasattr(manager, "load"):
+            return manager.load([task])["tasks"]
+        from lm_eval.tasks import get_task_dict
+
+        return get_task_dict([task], manager)
 
 
 def check_task_loads(term: ObjectiveTerm) -> None:
