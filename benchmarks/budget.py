@@ -550,7 +550,7 @@ def main(argv: list[str] | None = None) -> None:
         if row["proxy"] is not None:
             row["subset"] = subset_statistics(row["pairs"], common)
     result = {
-        "generated": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+        "generated": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S"),
         "machine": platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "recipe": RECIPE,

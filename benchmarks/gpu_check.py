@@ -331,7 +331,7 @@ class Check:
             "torch": torch.__version__,
             "transformers": importlib.metadata.version("transformers"),  # the image's, or the carried one
             "cuda": torch.version.cuda,
-            "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+            "date_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M"),
             "commit": _commit(),
             "budget_s": args.budget_s,
             "total_s": 0.0,

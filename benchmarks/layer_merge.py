@@ -227,7 +227,7 @@ def main() -> None:
         print(report(result))
         return
     result = {
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "date_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "model": f"random://{CONFIG.relative_to(REPO)}, K = {K}, float32, batch {BATCH} x {LENGTH}",
         "variants": {},
@@ -255,7 +255,7 @@ def main() -> None:
 def _planned_at() -> str:
     """When and at which commit the planned peaks were computed (they follow the planner's code)."""
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M")
     return f"{date} UTC, commit {commit.stdout.strip() or '?'}"
 
 

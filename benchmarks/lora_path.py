@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     from mergeopt import worlds
 
-    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         base_dir = moe_base(Path(tmp)) if args.moe else str(worlds.ensure("smollm2", None, 0) / "base")

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="benchmarks/results/merge_methods.md")
     args = parser.parse_args(argv)
-    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
     if not Path(GRID_CSV).is_file():
         subprocess.run([sys.executable, "-m", "mergeopt.train", RECIPE, "--quiet"], check=True)
     rows = {}

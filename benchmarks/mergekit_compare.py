@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
     base_dir = worlds.ensure("smollm2", None, 0) / "base"
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

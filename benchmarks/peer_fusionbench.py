@@ -258,7 +258,7 @@ def main() -> None:
         return
 
     load_start = os.getloadavg()
-    started = datetime.datetime.now(datetime.timezone.utc)
+    started = datetime.datetime.now(datetime.UTC)
 
     # memory first, each case in a fresh process, one at a time
     mem = {case: spawn_memory_case(case, args.mem_steps) for case in ("plain", "fusionbench")}

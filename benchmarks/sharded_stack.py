@@ -329,7 +329,7 @@ def main() -> None:
         )
         command += " --checkpointed-only" if args.checkpointed_only else ""
         result = {
-            "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+            "date_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M"),
             "machine": f"{platform.platform()}, {platform.processor() or platform.machine()}, "
             f"{os.cpu_count()} cores, torch {torch.__version__}",
             "model": f"random://{name}, K = {K}, float32 stack and compute, batch {BATCH} x {LENGTH} "

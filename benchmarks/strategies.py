@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="benchmarks/results/strategies.md")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
-    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
     torch.manual_seed(0)
     ensure_experts()
     base = load_recipe(RECIPE, ["rank.grid=null"])

@@ -12,10 +12,10 @@ import os
 import signal
 import subprocess
 import sys
+import tomllib
 from importlib.metadata import entry_points
 
 import pytest
-import tomllib
 
 import mergeopt
 from mergeopt import cli, cli_options

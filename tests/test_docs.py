@@ -418,6 +418,23 @@ def test_every_option_the_docs_name_is_an_option_of_its_verb():
     assert named >= 10
 
 
+def test_the_python_the_set_up_names_is_the_one_pyproject_requires():
+    """README and the tiny-world page name the oldest Python; pyproject's requires-python is what
+    pip enforces. It said 3.10 while the floors of transformers (5.25) and trl (1.16) require 3.11:
+    on 3.10 pip failed to find a transformers, not saying that the Python was too old."""
+    import tomllib
+
+    requires = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"][
+        "requires-python"
+    ]
+    assert requires == ">=3.11", requires
+    floor = requires.removeprefix(">=")
+    for page in (REPO / "README.md", DOCS / "getting-started" / "tiny-world.md"):
+        named = re.findall(r"Python (3\.[0-9]+)\+", page.read_text(encoding="utf-8"))
+        assert named == [floor], (page.name, named)
+    assert sys.version_info >= tuple(int(x) for x in floor.split("."))
+
+
 def test_the_dependency_floors_are_the_pins_of_requirements_lowest():
     """pyproject.toml's lower bounds are the versions requirements/lowest.txt pins (the oldest the
     suite has run with, docs/development.md), one for one."""

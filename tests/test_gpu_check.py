@@ -136,7 +136,6 @@ def test_every_dependency_reaches_the_gpu_machine():
     of mergeopt's dependencies is in the machine's image (named in benchmarks/gpu_wheels.txt) or
     pinned there to travel as a wheel. A new dependency fails here until someone decides which."""
     import re
-
     import tomllib
 
     def name(requirement: str) -> str:
