@@ -34,7 +34,14 @@ from mergeopt.reporting.report import summary
 from mergeopt.runtime import determinism, distributed
 from mergeopt.runtime.fingerprint import input_fingerprints
 from mergeopt.runtime.interrupts import interruptible, saying_where_saved
-from mergeopt.runtime.resume import CHECKPOINT_DIR, RunState, open_state, recipe_tree, what_it_computes
+from mergeopt.runtime.resume import (
+    CHECKPOINT_DIR,
+    RunState,
+    moved_by_name,
+    open_state,
+    recipe_tree,
+    what_it_computes,
+)
 from mergeopt.runtime.rundir import check_apart_from_inputs, check_output_dir, owned, staged
 from mergeopt.search import grid as grid_search
 from mergeopt.search.strategy import run_strategy
@@ -258,7 +265,8 @@ def check_not_complete(recipe: Recipe, state: Path, mode: str) -> None:
     a recalled command line would spend the whole fit once more and replace the answer (``mergeopt
     merge`` asks for --overwrite, ``train`` skips finished runs). A fit of another recipe into the
     directory replaces the run as before (iterating on overrides into one directory), and a
-    checkpoint beside a complete run (an interrupted fit over an older result) is resumed."""
+    checkpoint beside a complete run (an interrupted fit over an older result) is resumed. A run
+    copied with its inputs to other paths, the old ones gone, is still this recipe's."""
     out = Path(recipe.output_dir)
     if not (out / "mixture.json").is_file() or state.is_dir():
         return
@@ -269,7 +277,9 @@ def check_not_complete(recipe: Recipe, state: Path, mode: str) -> None:
     except (OSError, yaml.YAMLError):
         return  # no readable record of what ran: nothing says it is this recipe's
     now = yaml.safe_load(recipe_to_yaml(recipe, absolute_paths=True))
-    if isinstance(saved, dict) and what_it_computes(saved) == what_it_computes(now):
+    # the run copied with its inputs to another disk (the old paths gone) is still this recipe's:
+    # fitted again, it would spend the whole fit once more on what it already holds
+    if isinstance(saved, dict) and what_it_computes(moved_by_name(saved, now)) == what_it_computes(now):
         raise UserError(
             f"{out} already holds this recipe's complete run (mixture.json): pass --restart to fit "
             "again and replace it, or choose another output_dir"

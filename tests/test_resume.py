@@ -280,6 +280,45 @@ def test_a_complete_run_is_not_fitted_again_without_restart(random_world, whole_
     assert yaml.safe_load((out / "recipe.yaml").read_text())["optim"]["lr"] == 0.05
 
 
+def test_a_complete_run_copied_with_its_inputs_is_not_fitted_again(random_world, tmp_path):
+    """A finished run copied with its base, experts and dev sets to another disk (the old paths
+    gone) and its command rerun there was taken for another recipe's (model.base differs) and
+    fitted again from scratch, hours at 8B, replacing the answer it held. It is this recipe's
+    complete run: refused without --restart. Inputs whose old paths are still there are other
+    inputs: that run is replaced, as before."""
+    import shutil
+
+    old, new = tmp_path / "a", tmp_path / "b"
+    old.mkdir()
+    for name in ["base", *random_world["experts"]]:
+        shutil.copytree(random_world["root"] / name, old / name)
+    for name in random_world["dev"]:
+        shutil.copy(random_world["dev"][name], old / f"{name}.jsonl")
+
+    def world(root):
+        return {
+            "root": root,
+            "base": str(root / "base"),
+            "experts": {name: str(root / name) for name in random_world["experts"]},
+            "dev": {name: str(root / f"{name}.jsonl") for name in random_world["dev"]},
+        }
+
+    steps = {"optim": {**GRADIENT["optim"], "steps": 4}}
+    assert run_in_process("fit", _recipe(world(old), old, old / "run", **steps), "--quiet").returncode == 0
+    shutil.copytree(old, new)
+    before = (new / "run" / "mixture.json").stat()
+    here = _recipe(world(new), new, new / "run", **steps)
+    shutil.rmtree(old)
+    again = run_in_process("fit", here, "--quiet")
+    assert again.returncode == 2, again.stderr
+    assert f"{new / 'run'} already holds this recipe's complete run" in again.stderr
+    after = (new / "run" / "mixture.json").stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    shutil.copytree(new, old)  # the old inputs back: the copy's recipe reads other files
+    assert run_in_process("fit", here, "--quiet").returncode == 0
+    assert (new / "run" / "mixture.json").stat().st_ino != before.st_ino
+
+
 def test_resume_without_a_checkpoint_is_one_line(random_world, tmp_path):
     out = tmp_path / "run"
     result = run_in_process("fit", _recipe(random_world, tmp_path, out, **GRADIENT), "--resume", "--quiet")

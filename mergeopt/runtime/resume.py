@@ -125,6 +125,14 @@ def _relocated(saved, now, saved_inputs: dict, inputs: dict, moved: dict):
     return saved
 
 
+def moved_by_name(saved, now):
+    """``saved`` (a complete run's recipe tree) with each path that moved along with the run
+    replaced by its new value in ``now``: a path of the same name whose old place is gone and whose
+    new one is here. A complete run records no fingerprints of its inputs to compare contents by,
+    so this is :func:`_relocated`'s rule for paths no fingerprint covers."""
+    return _relocated(saved, now, {}, {}, {})
+
+
 def _moved_along(old: str, new: str) -> bool:
     """``old`` is gone and ``new``, of the same name, is here: a grid or directory the recipe names,
     copied with the run to another disk."""
