@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
 
 from mergeopt import worlds
@@ -259,3 +260,54 @@ def test_a_world_is_built_with_the_same_threads_whoever_builds_it(tmp_path, monk
     assert _ThreadsWorld.seen == [worlds.BUILD_THREADS] and torch.get_num_threads() == before
     marker = (worlds.world_dir("threads", str(tmp_path / "cache")) / worlds.MARKER).read_text()
     assert f'"threads": {worlds.BUILD_THREADS}' in marker
+
+
+@pytest.mark.parametrize("refusal", ["EOPNOTSUPP", "ENOLCK", "NotImplementedError"])
+def test_a_cache_and_a_store_where_files_cannot_be_locked_are_used_unguarded(
+    tmp_path, monkeypatch, capsys, refusal
+):
+    """A world cache or an MLflow store on a filesystem without flock (Lustre mounted ``noflock``,
+    some FUSE mounts): filelock raises the OSError (EOPNOTSUPP, ENOLCK), or NotImplementedError
+    (filelock before 3.24, on ENOSYS), and the fit ended on that traceback. The world is built
+    and the store opened without the lock, after one warning naming the directory and what a
+    second process at the same time would do; a staging directory there may be another
+    builder's and stays."""
+    import errno
+    import fcntl
+    import os
+
+    from filelock import FileLock
+
+    from mergeopt.reporting.trackers import _store_lock
+
+    if refusal == "NotImplementedError":
+
+        def no_locks(_lock, *_args, **_kwargs):
+            raise NotImplementedError("FileSystem does not appear to support flock")
+
+        monkeypatch.setattr(FileLock, "acquire", no_locks)
+        reason = "FileSystem does not appear to support flock"
+    else:
+        code = getattr(errno, refusal)
+
+        def no_locks(_fd, _operation):
+            raise OSError(code, os.strerror(code))
+
+        monkeypatch.setattr(fcntl, "flock", no_locks)
+        reason = os.strerror(code)
+    _SlowWorld.reset(finished=True)
+    monkeypatch.setattr(worlds, "_registry", lambda: {"slow": _SlowWorld})
+    live = tmp_path / f".building-{worlds.world_dir('slow', str(tmp_path), seed=3).name}-x.tmp"
+    live.mkdir()  # another builder's, which no lock says is dead
+    built = worlds.ensure("slow", str(tmp_path), seed=3, log=lambda _m: None)
+    assert (built / "weights.txt").read_text() == "seed 3\n" and live.is_dir()
+    store = tmp_path / "logs" / "mlflow.db"
+    store.parent.mkdir()
+    with _store_lock(f"sqlite:///{store}") as locked:
+        assert locked is False
+    assert capsys.readouterr().err.splitlines() == [
+        f"mergeopt: warning: {tmp_path}: its filesystem cannot lock files ({reason}): two processes "
+        "building this world at once would both build it",
+        f"mergeopt: warning: {store.parent}: its filesystem cannot lock files ({reason}): two fits "
+        "creating this new store's tables at once would fail",
+    ]

@@ -23,9 +23,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
-
 from mergeopt.config import Recipe
+from mergeopt.runtime import file_locks
 from mergeopt.runtime.resume import recipe_tree
 
 
@@ -187,7 +186,10 @@ def _store_lock(uri: str) -> contextlib.AbstractContextManager:
     if not uri.startswith("sqlite:///"):
         return contextlib.nullcontext()
     db = uri.removeprefix("sqlite:///").partition("?")[0]
-    return contextlib.nullcontext() if db in ("", ":memory:") else FileLock(f"{db}.lock")
+    if db in ("", ":memory:"):
+        return contextlib.nullcontext()
+    unguarded = "two fits creating this new store's tables at once would fail"
+    return file_locks.held(f"{db}.lock", Path(db).parent, unguarded)
 
 
 FAIL_FAST = {  # MLflow's own HTTP settings for the first request to a server (see fail_fast)

@@ -22,6 +22,7 @@ from filelock import FileLock, Timeout
 
 from mergeopt.config import Recipe, recipe_from_dict
 from mergeopt.inputs import writable_dir
+from mergeopt.runtime import file_locks
 from mergeopt.runtime.files import make_staging_dir
 
 MARKER = "world.json"
@@ -69,17 +70,20 @@ def ensure(
     writable_dir(target.parent, cache_source(cache_dir))  # a file or a read-only place: one line
     target.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(target) + ".lock")
+    unguarded = "two processes building this world at once would both build it"
     try:
-        lock.acquire(timeout=0)
+        locked = file_locks.acquire(lock, 0, target.parent, unguarded)
     except Timeout:
         log(f"{name} world: another process is building it at {target}; waiting for it")
         _wait_for(lock, name)
+        locked = True
     try:
         if (target / MARKER).is_file():  # another process built it while this one waited
             return target
-        return _build(name, target, seed, log)
+        return _build(name, target, seed, log, locked)
     finally:
-        lock.release()
+        if locked:
+            lock.release()
 
 
 def _wait_for(lock: FileLock, name: str) -> None:
@@ -96,14 +100,15 @@ def _wait_for(lock: FileLock, name: str) -> None:
             continue
 
 
-def _build(name: str, target: Path, seed: int, log: Callable[[str], None]) -> Path:
+def _build(name: str, target: Path, seed: int, log: Callable[[str], None], locked: bool = True) -> Path:
     if target.exists():  # a leftover without its marker is not a world
         shutil.rmtree(target)
     start = time.perf_counter()
     # a build killed with kill -9 (one of torchrun's ranks, the OOM killer) left its staging
     # directory; this process holds the world's lock, so no such directory of it is a live build
-    # (one of another seed or version is another world's, under its own lock, and stays)
-    for leftover in target.parent.glob(f".building-{target.name}-*.tmp"):
+    # (one of another seed or version is another world's, under its own lock, and stays). Without
+    # a lock (a filesystem that has none) another builder's may be live: they stay
+    for leftover in target.parent.glob(f".building-{target.name}-*.tmp") if locked else ():
         shutil.rmtree(leftover, ignore_errors=True)
     staging = make_staging_dir(target.parent, f".building-{target.name}-")
     import torch
