@@ -304,13 +304,18 @@ def _megatron(path: Path) -> tuple[int, int]:
             f"reading a Megatron indexed dataset needs megatron-core ({err.name} is missing): "
             "pip install megatron-core"
         ) from None
+    dataset = IndexedDataset.__new__(IndexedDataset)
     try:
-        dataset = IndexedDataset(str(prefix), mmap=True)
+        dataset.__init__(str(prefix), mmap=True)
         index = dataset.index
         tokens = int(index.sequence_lengths.sum(dtype=np.int64))
         documents = max(len(index.document_indices) - 1, 0)
         expected = tokens * index.dtype_size
     except Exception as err:  # a bad header or version, an index shorter than its counts
+        # megatron's __del__ deletes both readers, which a failed __init__ never set: its
+        # AttributeError was printed as "Exception ignored ..." with a traceback under the line
+        for reader in ("bin_reader", "index"):
+            dataset.__dict__.setdefault(reader, None)
         detail = " ".join(str(err).split())[:200] or type(err).__name__
         raise UserError(f"{prefix}.idx: not a readable Megatron index ({detail})") from None
     size = Path(f"{prefix}.bin").stat().st_size
