@@ -8,11 +8,14 @@ matrix and the documented table are checked to list the same rows.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import os
 import re
 import shutil
+import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -2292,11 +2295,25 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(row, random_world, tmp_
         pytest.skip("mosaicml-streaming is not installed")
     argv = build(random_world, tmp_path)
     capsys.readouterr()
-    with streaming_without_torchvision():
-        code = run_cli(MAINS[command], [*argv, "--quiet"] if command in QUIET else argv)
+    # a warning Python shows by default, or an "Exception ignored in ..." (a __del__ failing), is
+    # more lines under the error in a terminal: pytest would have kept them out of capsys
+    ignored, hook = [], sys.unraisablehook
+    sys.unraisablehook = lambda raised: ignored.append(f"{raised.object!r}: {raised.exc_value!r}")
+    try:
+        with streaming_without_torchvision(), warnings.catch_warnings(record=True) as warned:
+            warnings.resetwarnings()  # Python's default filters, as a terminal has them
+            warnings.simplefilter("default")
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.filterwarnings("ignore", category=category)
+            code = run_cli(MAINS[command], [*argv, "--quiet"] if command in QUIET else argv)
+            gc.collect()
+    finally:
+        sys.unraisablehook = hook
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert code == 2, err
+    assert ignored == [], ignored
+    assert [f"{w.category.__name__}: {w.message}" for w in warned] == []
     assert len(lines) == 1 and lines[0].startswith("mergeopt: error: "), err
     assert culprit in lines[0], lines[0]
     assert "Traceback" not in err
