@@ -476,3 +476,51 @@ def test_the_measures_to_copy_are_those_of_the_grid_not_of_its_experts_train(tmp
     assert (
         f"(copy {second / 'grid.measured.json'}, written with its runs, to {measured_path(grid)})" in err
     ), err
+
+
+def test_an_lm_eval_columns_task_files_are_compared_by_their_contents(random_world, tmp_path):
+    """An lm-eval term's include_path was compared as a string: a grid moved to another disk with
+    its task directory was refused ('scored with include_path /a/tasks ... has /b/tasks now'), and a
+    task YAML edited in place, which changes every score, passed. train now records a digest of the
+    directory: the same tasks elsewhere pass, edited ones are refused; a file written before it
+    recorded one compares the path as before. A checkpoint's fingerprints include the directory."""
+    from mergeopt.worlds.grid_measures import INCLUDE_DIGEST, grid_measures, write_measures
+    from tests.conftest import recipe_tree
+
+    def recipe_of(tasks: Path):
+        tree = recipe_tree(random_world, tmp_path / "out", search={"strategy": "grid"})
+        tree["objective"] = {"terms": [{"kind": "lm_eval", "task": "mine", "include_path": str(tasks)}]}
+        return recipe_from_dict(tree)
+
+    def checked(tasks: Path) -> None:
+        recipe = recipe_of(tasks)
+        check_measured_inputs(grid, recipe, Objective.from_recipe(recipe))
+
+    old, new = tmp_path / "a" / "tasks", tmp_path / "b" / "tasks"
+    old.mkdir(parents=True)
+    (old / "mine.yaml").write_text("task: mine\ndataset_path: json\n")
+    (old / "utils.py").write_text("def process(doc):\n    return doc\n")
+    grid = tmp_path / "grid.csv"
+    grid.write_text("w_arith,w_markov,score_lm_eval_mine\n1,0,0.5\n")
+    terms = Objective.from_recipe(recipe_of(old)).metric_terms
+    write_measures(grid, grid_measures(recipe_of(old), [], terms), [], None)
+    (entry,) = json.loads(measured_path(grid).read_text())["columns"].values()
+    assert entry["term"][INCLUDE_DIGEST] == digest(old)
+    checked(old)
+    new.parent.mkdir()
+    shutil.move(old, new)
+    checked(new)  # moved with the grid: the same tasks
+    (new / "utils.py").write_text("def process(doc):\n    return {**doc, 'q': doc['q'].upper()}\n")
+    with pytest.raises(UserError, match=rf"scored with other lm-eval task files than objective term .*{new}"):
+        checked(new)
+    # a file of an earlier mergeopt, without the digest: the path is compared, as it was
+    content = json.loads(measured_path(grid).read_text())
+    for entry in content["columns"].values():
+        del entry["term"][INCLUDE_DIGEST]
+    measured_path(grid).write_text(json.dumps(content))
+    with pytest.raises(UserError, match=r"scored with include_path .*a/tasks"):
+        checked(new)
+    # a fit's, rank's or calibrate's state records the tasks too: resumed on edited tasks, refused
+    from mergeopt.runtime.fingerprint import input_fingerprints
+
+    assert input_fingerprints(recipe_of(new))[str(new)] == digest(new)

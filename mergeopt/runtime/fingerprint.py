@@ -120,7 +120,8 @@ def fingerprints(paths: Iterable[str | Path]) -> dict[str, str]:
 
 
 def input_fingerprints(recipe, training_data: bool = True) -> dict[str, str]:
-    """{path: digest} of every local file a run of ``recipe`` (world paths resolved) reads; without
+    """{path: digest} of every local file a run of ``recipe`` (world paths resolved) reads, an lm-eval
+    term's ``include_path`` included; without
     ``training_data`` (``train.data``, which sizes the constraints, never a proxy's value) for the
     proxy's journals that calibrate keeps from round to round."""
     paths = [recipe.model.base, *recipe.model.experts.values(), *(d.path for d in recipe.data.dev)]
@@ -128,6 +129,8 @@ def input_fingerprints(recipe, training_data: bool = True) -> dict[str, str]:
         paths += list(recipe.train.data.values())
     if recipe.data.chat_template is not None:
         paths.append(recipe.data.chat_template)
+    # an lm-eval term's local tasks (YAML, !function code, data kept beside them) decide its score
+    paths += [t.include_path for t in recipe.objective.terms if t.kind == "lm_eval" and t.include_path]
     return fingerprints(paths)
 
 

@@ -39,6 +39,7 @@ REMEDY = (
 )
 # how a term is weighed, named and read (its direction): not what it measures
 TERM_IDENTITY = ("weight", "name", "label", "higher_is_better")
+INCLUDE_DIGEST = "include_path_digest"  # an lm-eval term's local tasks, by content
 
 
 def measured_path(grid: str | Path) -> Path:
@@ -92,9 +93,30 @@ def _inputs(recipe: Recipe, name: str) -> dict:
 
 
 def term_settings(term: ObjectiveTerm) -> dict:
-    """What a term's score depends on besides its records: its kind and the fields that kind reads."""
+    """What a term's score depends on besides its records: its kind and the fields that kind reads;
+    for an lm-eval term with local tasks, also a digest of everything in ``include_path`` (the
+    task's YAML, its ``!function`` code, data kept there), which decides its score as its path
+    does not."""
     settings = {k: v for k, v in term.record().items() if k not in TERM_IDENTITY}
+    if term.kind == "lm_eval" and term.include_path is not None:
+        settings[INCLUDE_DIGEST] = digest(term.include_path)
     return json.loads(json.dumps(settings))  # as the file holds them: a tuple is a list there
+
+
+def _term_difference(now: dict, then: dict) -> str | None:
+    """The first setting (sorted) in which a term's settings ``now`` differ from those a column
+    was scored with, or None. An lm-eval ``include_path`` is compared by what it holds where the
+    column's entry has its digest: the same tasks at another path (a grid moved with its task
+    directory) are the same, the same path holding edited tasks is not."""
+    by_contents = then.get(INCLUDE_DIGEST) is not None and now.get(INCLUDE_DIGEST) is not None
+    for key in sorted(set(now) | set(then)):
+        if key == INCLUDE_DIGEST and INCLUDE_DIGEST not in then:
+            continue  # written before mergeopt recorded it: the path alone is compared
+        if key == "include_path" and by_contents:
+            continue
+        if now.get(key) != then.get(key):
+            return key
+    return None
 
 
 def grid_measures(recipe: Recipe, sets: Sequence[DevSet], terms: Sequence[ObjectiveTerm]) -> dict:
@@ -229,12 +251,18 @@ def _check_inputs(grid: str | Path, recipe: Recipe, objective: Objective) -> Non
     for column, entry, dev, term in _checked(grid, objective):
         if term is not None and isinstance(entry.get("term"), dict):
             now, then = term_settings(term), entry["term"]
-            for key in sorted(set(now) | set(then)):
-                if now.get(key) != then.get(key):
-                    raise UserError(
-                        f"{grid}: its {column} was scored with {key} {_shown(then.get(key))}, and "
-                        f"objective term {term.label!r} has {_shown(now.get(key))} now: {REMEDY}"
-                    )
+            key = _term_difference(now, then)
+            if key == INCLUDE_DIGEST:
+                raise UserError(
+                    f"{grid}: its {column} was scored with other lm-eval task files than objective "
+                    f"term {term.label!r}'s include_path {now.get('include_path')} holds now (a task's "
+                    f"YAML, code or data there was edited): {REMEDY}"
+                )
+            if key is not None:
+                raise UserError(
+                    f"{grid}: its {column} was scored with {key} {_shown(then.get(key))}, and "
+                    f"objective term {term.label!r} has {_shown(now.get(key))} now: {REMEDY}"
+                )
         if dev is None:
             continue
         then, now = entry["dev_set"], _inputs(recipe, dev)
