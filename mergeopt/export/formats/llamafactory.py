@@ -468,8 +468,9 @@ def cutoff_note(ctx: Context) -> list[str]:
     later turns dropped), and the counts are of whole samples, so a dataset with samples longer
     than it trains fewer tokens than its share (0.039 over SmolLM2's tokenizer with cutoff_len
     256 and texts of up to 430 tokens): the longest sample of each dataset, as trained, and the
-    cutoff_len that keeps every one whole. (Under stage: pt packing cuts blocks of the joined
-    texts, not samples.)"""
+    cutoff_len that keeps every one whole. (``packing: true`` under stage: sft cuts each sample
+    alike before packing them into cutoff_len blocks; under stage: pt packing cuts blocks of the
+    joined texts, not samples.)"""
     from mergeopt.export.token_files import kind_of
 
     plan = ctx.plan
