@@ -720,6 +720,37 @@ def test_a_state_copied_with_its_inputs_to_other_paths_is_resumed(tmp_path):
         state(new).check_matches()
 
 
+def test_a_state_follows_a_world_cache_moved_with_it(tmp_path):
+    """A built-in world's files are named ``tiny://...`` in the recipe, and the state records them
+    where the cache held them: with the cache moved along ($MERGEOPT_CACHE on the new disk, the
+    old one gone), the state was refused ('read other data: /old/cache/... changed since'). Inputs
+    no recipe string names follow their content to this run's inputs; a world built again with
+    other bits is still refused."""
+    import shutil
+
+    from mergeopt.errors import UserError
+    from mergeopt.runtime.fingerprint import fingerprints
+
+    tree = {"model": {"base": "tiny://base"}, "data": {"dev": [{"path": "tiny://dev/arith.jsonl"}]}}
+
+    def state(cache):
+        inputs = fingerprints([cache / "base", cache / "dev" / "arith.jsonl"])
+        return RunState(tmp_path / "out", tree, inputs=inputs)
+
+    old, new = tmp_path / "a" / "tiny-v1-seed0", tmp_path / "b" / "tiny-v1-seed0"
+    (old / "base").mkdir(parents=True)
+    (old / "base" / "config.json").write_text("{}")
+    (old / "dev").mkdir()
+    (old / "dev" / "arith.jsonl").write_text('{"text": "1+1=2"}\n')
+    state(old).start()
+    shutil.copytree(old, new)
+    shutil.rmtree(old)
+    state(new).check_matches()
+    (new / "dev" / "arith.jsonl").write_text('{"text": "1+2=3"}\n')  # built again, other bits
+    with pytest.raises(UserError, match=r"read other data: .*a/tiny-v1-seed0/dev/arith.jsonl"):
+        state(new).check_matches()
+
+
 def test_a_tracked_restart_refused_for_a_mistake_keeps_the_earlier_state(random_world, tmp_path, monkeypatch):
     """With a tracker (MLflow, W&B), the fit wrote the tracker's run id as the trackers opened,
     which started the new state and removed the earlier one before the run saved anything: a

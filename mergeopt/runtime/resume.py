@@ -125,6 +125,18 @@ def _relocated(saved, now, saved_inputs: dict, inputs: dict, moved: dict):
     return saved
 
 
+def _moved_unnamed(saved_inputs: dict, inputs: dict, moved: dict) -> None:
+    """Add to ``moved`` each recorded input that no recipe string names, whose old path is gone
+    and whose content an input of this run has: a built-in world's files, which the recipe names
+    as ``tiny://...`` and the state records where the cache held them, follow a cache moved with
+    the run (``$MERGEOPT_CACHE`` on another disk). A world built again elsewhere differs in its
+    bits and stays refused."""
+    by_content = {value: path for path, value in inputs.items() if path not in saved_inputs}
+    for path, value in saved_inputs.items():
+        if path not in moved and path not in inputs and value in by_content and not Path(path).exists():
+            moved[path] = by_content[value]
+
+
 def moved_by_name(saved, now):
     """``saved`` (a complete run's recipe tree) with each path that moved along with the run
     replaced by its new value in ``now``: a path of the same name whose old place is gone and whose
@@ -204,6 +216,7 @@ class RunState:
         if self.inputs is not None and isinstance(saved_inputs, dict):  # inputs copied elsewhere
             moved: dict[str, str] = {}
             saved = _relocated(saved, self.recipe, saved_inputs, self.inputs, moved)
+            _moved_unnamed(saved_inputs, self.inputs, moved)
             saved_inputs = {moved.get(path, path): value for path, value in saved_inputs.items()}
         difference = _first_difference(
             _without(saved, CHANGEABLE_ON_RESUME), _without(self.recipe, CHANGEABLE_ON_RESUME)
