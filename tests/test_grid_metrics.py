@@ -513,6 +513,9 @@ def test_an_lm_eval_columns_task_files_are_compared_by_their_contents(random_wor
     (new / "utils.py").write_text("def process(doc):\n    return {**doc, 'q': doc['q'].upper()}\n")
     with pytest.raises(UserError, match=rf"scored with other lm-eval task files than objective term .*{new}"):
         checked(new)
+    # the directory gone from the path it was scored at: said so, not taken for edited task files
+    with pytest.raises(UserError, match=rf"'lm_eval:mine': its include_path {old} does not exist"):
+        checked(old)
     # a file of an earlier mergeopt, without the digest: the path is compared, as it was
     content = json.loads(measured_path(grid).read_text())
     for entry in content["columns"].values():

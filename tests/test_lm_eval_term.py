@@ -293,3 +293,40 @@ def test_a_task_is_built_by_the_loader_its_lm_eval_offers(tiny_world, tmp_path, 
         check_task_loads(ObjectiveTerm(**term))
     with pytest.raises(UserError, match=r"has no metric 'f1' \(it has acc\)"):
         check_task_loads(ObjectiveTerm(**term, metric="f1"))
+
+
+def test_a_tasks_bytecode_cache_is_not_an_edit_of_its_task_files(tiny_world, tmp_path, monkeypatch):
+    """Loading a task whose YAML names ``!function`` code imports it, and Python writes
+    ``__pycache__`` into ``include_path``. The directory's digest counted it: a fit's checkpoint
+    (fingerprinted before the task first loads) was refused on resume as reading other data, and a
+    grid's tasks copied without their caches (a git checkout) as edited task files."""
+    import sys
+
+    from mergeopt.objectives.lm_eval_term import check_task_loads
+    from mergeopt.runtime.fingerprint import first_changed, input_fingerprints
+    from mergeopt.worlds.grid_measures import INCLUDE_DIGEST, term_settings
+
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)  # Python's default (not PYTHONDONTWRITEBYTECODE)
+    name, tasks = "mergeopt_tiny_bytecode", tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "scores.py").write_text(
+        "def scores(references, predictions, **kwargs):\n"
+        "    return {'pass@1': float(references[0] == predictions[0])}\n"
+    )
+    (tasks / "code.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    validation: {tiny_world / 'dev' / 'arith.jsonl'}\n"
+        "validation_split: validation\noutput_type: generate_until\n"
+        'doc_to_text: "{{prompt}}"\ndoc_to_target: "{{completion}}"\n'
+        "generation_kwargs:\n  until: ['.']\n"
+        "metric_list:\n  - metric: !function scores.scores\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    term = ObjectiveTerm(kind="lm_eval", task=name, include_path=str(tasks), metric="pass@1")
+    terms = {"task": name, "include_path": str(tasks), "metric": "pass@1"}
+    recorded = input_fingerprints(recipe_from_dict(lm_eval_tree(tiny_world, tmp_path / "out", terms, 2)))
+    assert str(tasks) in recorded
+    settings = term_settings(term)
+    check_task_loads(term)
+    assert list((tasks / "__pycache__").iterdir())  # the import wrote its bytecode there
+    assert term_settings(term)[INCLUDE_DIGEST] == settings[INCLUDE_DIGEST]
+    assert first_changed(recorded) is None

@@ -2,9 +2,11 @@
 
 The built-in worlds' cache and an MLflow SQLite store are guarded by ``filelock.FileLock`` (one
 builder of a world, one creator of a store's tables). Lustre mounted ``noflock`` and some FUSE
-mounts answer flock with ENOSYS or EOPNOTSUPP: filelock before 3.24 raises NotImplementedError
-for the first, and every version raises the OSError for the second, so a fit whose cache or
-``logging.dir`` lay there ended on a traceback. As for run directories
+mounts answer flock with ENOSYS, EOPNOTSUPP or ENOLCK: filelock 3.21 on raises the OSError for the
+last two (a fit whose cache or ``logging.dir`` lay there ended on a traceback), and before 3.21
+takes them for another process's lock and waits forever; before 3.24 it raises NotImplementedError
+on ENOSYS, and from 3.24 falls back to a soft lock with a warning. So flock itself is asked first
+(:func:`_check_lockable`). As for run directories
 (:mod:`mergeopt.runtime.rundir`), the work goes on there unguarded, and the user hears what a
 second process at the same time would do.
 """
@@ -29,6 +31,7 @@ def acquire(lock: FileLock, timeout: float, where: str | os.PathLike, unguarded:
     process holds it longer): True once held; False where ``where``'s filesystem cannot lock
     files, after one warning saying so and ``unguarded``, what a second process would do."""
     try:
+        _check_lockable(lock.lock_file)
         lock.acquire(timeout=timeout)
         return True
     except NotImplementedError as err:  # filelock < 3.24 on ENOSYS
@@ -39,6 +42,25 @@ def acquire(lock: FileLock, timeout: float, where: str | os.PathLike, unguarded:
         reason = err.strerror or str(err)
     warn(f"{where}: its filesystem cannot lock files ({reason}): {unguarded}")
     return False
+
+
+def _check_lockable(path: str) -> None:
+    """Raise flock's OSError where ``path``'s filesystem cannot lock files. filelock is not asked:
+    before 3.21 it takes EOPNOTSUPP and ENOLCK for another process's lock and waits for it forever
+    (3.12.4 is the floor), and from 3.24 it answers ENOSYS with a soft lock (a file that a process
+    killed while holding it leaves behind, so every later builder waits) and a UserWarning."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: filelock's own locks
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    except BlockingIOError:  # another process holds it: files lock here
+        pass
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

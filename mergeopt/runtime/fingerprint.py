@@ -34,6 +34,7 @@ TENSOR_SAMPLE = 4 * 2**10  # the start of every safetensors tensor
 EACH_TENSOR = "tensors:"  # the prefix of a digest that samples each tensor (none: an earlier one)
 WHOLE_FILE_LIMIT = 2**20  # files in a checkpoint directory up to this size are hashed whole
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+BYTECODE = "__pycache__"  # a directory's bytecode caches, left out of its digest
 
 
 def _sha(chunks: Iterable[bytes]) -> str:
@@ -100,7 +101,11 @@ def digest(path: str | Path, each_tensor: bool = True) -> str | None:
     if not path.is_dir():
         return None
     parts = []
-    for item in sorted(p for p in path.rglob("*") if p.is_file()):
+    # Python's bytecode caches are not inputs: importing an lm-eval task's ``!function`` code
+    # writes __pycache__ beside it, so a digest taken before the task first loaded (a fit's
+    # checkpoint, on fresh tasks) or of a copy without them would not match one taken after
+    files = (p for p in path.rglob("*") if p.is_file() and BYTECODE not in p.relative_to(path).parts)
+    for item in sorted(files):
         relative = item.relative_to(path).as_posix()
         if item.suffix in WEIGHT_SUFFIXES or item.stat().st_size > WHOLE_FILE_LIMIT:
             parts.append(f"{relative}:{_sha(_weights(item, each_tensor))}")

@@ -252,6 +252,11 @@ def _check_inputs(grid: str | Path, recipe: Recipe, objective: Objective) -> Non
         if term is not None and isinstance(entry.get("term"), dict):
             now, then = term_settings(term), entry["term"]
             key = _term_difference(now, then)
+            if key == INCLUDE_DIGEST and now.get(INCLUDE_DIGEST) is None:  # nothing there to compare
+                raise UserError(
+                    f"objective term {term.label!r}: its include_path {now.get('include_path')} does not "
+                    f"exist (the lm-eval task files {grid}'s {column} was scored with)"
+                )
             if key == INCLUDE_DIGEST:
                 raise UserError(
                     f"{grid}: its {column} was scored with other lm-eval task files than objective "
