@@ -313,3 +313,19 @@ def test_a_cache_and_a_store_where_files_cannot_be_locked_are_used_unguarded(
         f"mergeopt: warning: {store.parent}: its filesystem cannot lock files ({reason}): two fits "
         "creating this new store's tables at once would fail",
     ]
+
+
+def test_an_unguarded_build_leaves_a_world_published_meanwhile(tmp_path, monkeypatch):
+    """Without a lock (a filesystem that has none) another builder may publish the world between
+    this one's look for it and its build: the build removed every existing target, the published
+    world included, while a fit may already read it. A target with its marker stays; the build's
+    own result is dropped at the rename."""
+    _SlowWorld.reset(finished=True)
+    monkeypatch.setattr(worlds, "_registry", lambda: {"slow": _SlowWorld})
+    target = worlds.world_dir("slow", str(tmp_path), seed=3)
+    target.mkdir()
+    (target / "weights.txt").write_text("published by the other builder\n")
+    (target / worlds.MARKER).write_text("{}\n")
+    assert worlds._build("slow", target, 3, lambda _m: None, locked=False) == target
+    assert (target / "weights.txt").read_text() == "published by the other builder\n"
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]  # no staging directory left

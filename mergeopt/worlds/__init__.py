@@ -101,7 +101,9 @@ def _wait_for(lock: FileLock, name: str) -> None:
 
 
 def _build(name: str, target: Path, seed: int, log: Callable[[str], None], locked: bool = True) -> Path:
-    if target.exists():  # a leftover without its marker is not a world
+    # a leftover without its marker is not a world; one with it was published by another builder
+    # after this one looked (possible only unguarded, on a filesystem without locks) and stays
+    if target.exists() and not (target / MARKER).is_file():
         shutil.rmtree(target)
     start = time.perf_counter()
     # a build killed with kill -9 (one of torchrun's ranks, the OOM killer) left its staging
