@@ -329,3 +329,14 @@ def test_an_unguarded_build_leaves_a_world_published_meanwhile(tmp_path, monkeyp
     assert worlds._build("slow", target, 3, lambda _m: None, locked=False) == target
     assert (target / "weights.txt").read_text() == "published by the other builder\n"
     assert [p.name for p in tmp_path.iterdir()] == [target.name]  # no staging directory left
+
+
+def test_a_store_lock_in_a_directory_not_made_yet(tmp_path):
+    """An explicit ``sqlite:///`` tracking URI in a directory that does not exist yet: filelock
+    made the directory, and mergeopt's own flock probe before it raised FileNotFoundError (a
+    traceback); the directory is made, as before, and the lock held."""
+    from mergeopt.reporting.trackers import _store_lock
+
+    store = tmp_path / "new" / "logs" / "mlflow.db"
+    with _store_lock(f"sqlite:///{store}") as locked:
+        assert locked is True and store.parent.is_dir()

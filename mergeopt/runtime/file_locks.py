@@ -17,6 +17,7 @@ import contextlib
 import errno
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 from filelock import FileLock
 
@@ -53,6 +54,7 @@ def _check_lockable(path: str) -> None:
         import fcntl
     except ImportError:  # Windows: filelock's own locks
         return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)  # as filelock does: a store's new directory
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
