@@ -9,8 +9,12 @@ same losses, and the written merge must have the same logits. Mixed dense + LoRA
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -415,3 +419,30 @@ def test_merge_as_adapter_refuses_what_no_adapter_carries(lora_world, tmp_path, 
         "ties": "needs merge.method linear",
     }
     _one_line(result, said[case], tmp_path)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao is not installed")
+def test_reading_a_lora_adapter_prints_no_lines_of_torchao(tmp_path):
+    """Where torchao is installed (axolotl and torchtune pull it in; the README's install has it),
+    importing PEFT imports it, and it logged that its CUDA kernels do not load and, through torch,
+    that it registers enums the old way: five lines under every LoRA fit. mergeopt's reading of an
+    adapter imports PEFT with them quiet; a plain import still says them (the test can fail)."""
+    plain = subprocess.run([sys.executable, "-c", "import peft"], capture_output=True, text=True)
+    assert "torchao" in plain.stderr or "_pytree" in plain.stderr, "torchao no longer logs at import"
+    quiet = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from mergeopt.loading.lora_parameters import _peft_conversion_api\n"
+            "assert _peft_conversion_api() is not None\n"
+            "from mergeopt.runtime.quiet_imports import quiet_backends\n"
+            "import logging\n"
+            "assert logging.getLogger('torchao').level == logging.NOTSET\n",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stderr == ""

@@ -133,11 +133,14 @@ def per_expert_factors(
 def _peft_conversion_api():
     """PEFT's conversion of adapters to transformers 5's architectures, or None (older PEFT or
     transformers: nothing to convert)."""
+    from mergeopt.runtime.quiet_imports import quiet_backends
+
     try:
-        from peft.utils.transformers_weight_conversion import (
-            convert_peft_adapter_state_dict_for_transformers,
-            convert_peft_config_for_transformers,
-        )
+        with quiet_backends():  # PEFT imports torchao where it is installed
+            from peft.utils.transformers_weight_conversion import (
+                convert_peft_adapter_state_dict_for_transformers,
+                convert_peft_config_for_transformers,
+            )
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping
     except ImportError:
         return None

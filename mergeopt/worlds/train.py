@@ -191,7 +191,10 @@ def _trainable_base(recipe: Recipe, device: torch.device) -> torch.nn.Module:
     cfg: TrainSection = recipe.train
     model = AutoModelForCausalLM.from_pretrained(recipe.model.base, dtype=torch.float32).to(device)
     if cfg.method == "lora":
-        from peft import LoraConfig, get_peft_model
+        from mergeopt.runtime.quiet_imports import quiet_backends
+
+        with quiet_backends():  # PEFT imports torchao where it is installed
+            from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(
             r=cfg.lora.r,
