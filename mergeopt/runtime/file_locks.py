@@ -35,7 +35,7 @@ def acquire(lock: FileLock, timeout: float, where: str | os.PathLike, unguarded:
         _check_lockable(lock.lock_file)
         lock.acquire(timeout=timeout)
         return True
-    except NotImplementedError as err:  # filelock < 3.24 on ENOSYS
+    except NotImplementedError as err:  # filelock before 3.24 on ENOSYS, where the probe saw none
         reason = str(err) or "flock is not supported"
     except OSError as err:  # filelock's Timeout is an OSError without an errno: re-raised
         if err.errno not in UNLOCKABLE:
