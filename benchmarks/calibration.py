@@ -44,6 +44,7 @@ RUNS = 6
 SEEDS = 20
 SUBSET = 0.8
 WEAK_RHO = 0.5
+SLOPE = "proxy_slope"  # the calibrated model's posterior mean of b after each run, beside the regrets
 METHODS = (
     "calibrated",
     "calibrated_mean_pick",
@@ -76,12 +77,16 @@ def regret(truth: np.ndarray, chosen: int) -> float:
     return float((truth[chosen] - truth.min()) / spread) if spread > 0 else 0.0
 
 
-def sequential(weights, truth, proxy, use_proxy: bool, first: int) -> tuple[list[int], list[int], list[int]]:
-    """Run RUNS rounds: train the proposal, refit, recommend. Returns the runs in order and the
-    cautious and lowest-mean picks after each."""
+def sequential(
+    weights, truth, proxy, use_proxy: bool, first: int
+) -> tuple[list[int], list[int], list[int], list[float]]:
+    """Run RUNS rounds: train the proposal, refit, recommend. Returns the runs in order, the
+    cautious and lowest-mean picks after each, and the posterior mean of the proxy's slope b after
+    each (how far the model trusts the proxy; 0 without the proxy term)."""
     runs: list[int] = []
     picks: list[int] = []
     mean_picks: list[int] = []
+    slopes: list[float] = []
     proposal = first
     for _ in range(RUNS):
         runs.append(proposal)
@@ -91,8 +96,9 @@ def sequential(weights, truth, proxy, use_proxy: bool, first: int) -> tuple[list
         mean_picks.append(
             calibration.decide(posterior, weights, proxy, runs, batch=0, samples=0, caution=0).pick
         )
+        slopes.append(posterior.slope[0])
         proposal = decision.proposals[0] if decision.proposals else proposal
-    return runs, picks, mean_picks
+    return runs, picks, mean_picks, slopes
 
 
 def picks_on(weights, truth, proxy, runs, use_proxy: bool) -> list[int]:
@@ -109,11 +115,12 @@ def best_of(truth, runs) -> list[int]:
 
 
 def simulate(weights, truth, proxy, rng: np.random.Generator) -> dict[str, list[float]]:
-    """Regret after n = 1 ... RUNS real runs, for every method, on one candidate set."""
+    """Regret after n = 1 ... RUNS real runs, for every method, on one candidate set, and (under
+    ``SLOPE``) the calibrated model's posterior mean of the proxy's slope after each run."""
     order = np.argsort(proxy, kind="stable")
-    runs, picks, mean_picks = sequential(weights, truth, proxy, True, int(order[0]))
+    runs, picks, mean_picks, slopes = sequential(weights, truth, proxy, True, int(order[0]))
     first_random = int(rng.integers(len(truth)))
-    _, regression, _ = sequential(weights, truth, proxy, False, first_random)
+    _, regression, _, _ = sequential(weights, truth, proxy, False, first_random)
     random_runs = list(rng.permutation(len(truth))[:RUNS])
     chosen = {
         "calibrated": picks,
@@ -124,7 +131,7 @@ def simulate(weights, truth, proxy, rng: np.random.Generator) -> dict[str, list[
         "regression_same_runs": picks_on(weights, truth, proxy, runs, False),
         "random": best_of(truth, random_runs),
     }
-    return {method: [regret(truth, i) for i in rows] for method, rows in chosen.items()}
+    return {**{method: [regret(truth, i) for i in rows] for method, rows in chosen.items()}, SLOPE: slopes}
 
 
 def weak_proxy(truth, proxy, rng: np.random.Generator) -> np.ndarray:
@@ -179,11 +186,13 @@ def measure(weights, truth, proxy, proxies=None) -> dict:
         rhos.append(stats.spearmanr(p, truth).statistic)
         rows = np.sort(rng.choice(len(truth), size=int(round(SUBSET * len(truth))), replace=False))
         per_seed.append(simulate(weights[rows], truth[rows], p[rows], rng))
+    slopes = np.array([seed[SLOPE] for seed in per_seed])  # (seeds, RUNS)
     result = {
         "runs": len(truth),
         "proxy_spearman": float(np.mean(rhos)),
         "seeds": summarise(per_seed),
         "calibrated_minus": paired(per_seed),
+        SLOPE: dict(zip(("mean", "ci"), _mean_and_interval(slopes))),
     }
     if full is not None:
         result["full_grid"] = full
@@ -219,6 +228,18 @@ def markdown(results: dict) -> str:
         for other, d in result["calibrated_minus"].items():
             cells = [f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]" for m, (lo, hi) in zip(d["mean_difference"], d["ci"])]
             lines.append(f"| {LABELS[other]} | " + " | ".join(cells) + " |")
+        slope = result[SLOPE]
+        lines += [
+            "",
+            "The calibrated model's posterior mean of the proxy's slope b (1: the proxy's differences "
+            "trusted as they are, 0: ignored), mean over seeds:",
+            "",
+            "| | " + " | ".join(f"n = {n}" for n in range(1, RUNS + 1)) + " |",
+            "| --- |" + " ---: |" * RUNS,
+            "| slope b | "
+            + " | ".join(f"{m:.2f} [{lo:.2f}, {hi:.2f}]" for m, (lo, hi) in zip(slope["mean"], slope["ci"]))
+            + " |",
+        ]
         if "full_grid" in result:
             lines += ["", "The full grid (one candidate set, deterministic):", ""]
             lines.append("| method | " + " | ".join(f"n = {n}" for n in range(1, RUNS + 1)) + " |")
