@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import importlib.util
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import types
@@ -210,6 +212,7 @@ def run_module(module: str, *args: str, fault: str | None = None) -> subprocess.
     # the child computes with this process's thread count, so its numbers are bit for bit those of
     # run_in_process here (CPU kernels may split a reduction by thread)
     env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
+    env["PYTHONFAULTHANDLER"] = "1"  # a native crash shows every thread's Python stack in stderr
     if fault is not None:
         env["MERGEOPT_FAULT"] = fault
     return subprocess.run(
@@ -231,6 +234,10 @@ def _forked_command(module: str, args: tuple, fault: str | None, stdout: str, st
         os.dup2(out.fileno(), 1)  # what C code and tqdm write to the descriptors too
         os.dup2(err.fileno(), 2)
         sys.stdout, sys.stderr = out, err  # line-buffered: a SIGKILL loses no finished line
+        # a native crash (SIGSEGV, glibc's abort on a corrupt heap) writes every thread's Python
+        # stack to the stderr file, which the test's assertion shows: a rare crash seen once in CI
+        # is then diagnosable from that one log
+        faulthandler.enable(file=sys.__stderr__, all_threads=True)  # descriptor 2: stays open to the end
         from mergeopt.cli import main
 
         os.chdir(REPO)
@@ -273,8 +280,8 @@ def run_forked(module: str, *args: str, fault: str | None = None) -> subprocess.
         return subprocess.CompletedProcess(
             [module, *args],
             child.exitcode,
-            Path(stdout).read_text(encoding="utf-8"),
-            Path(stderr).read_text(encoding="utf-8"),
+            _written(stdout),
+            _written(stderr),
         )
 
 
@@ -336,7 +343,7 @@ def run_ranks(
 ) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node=PROCESSES -m mergeopt.<module> ARGS``, its workers
     forked from this process: what :func:`run_module` returns, every rank's output concatenated in
-    rank order, and the first non-zero exit code of a rank (0 when all succeed). As torchrun's
+    rank order (a rank that crashed last), and the first non-zero exit code of a rank (0 when all succeed). As torchrun's
     agent does, the first rank to fail ends the others (SIGKILL here), so a rank that raised never
     leaves the rest waiting in a collective. With ``each_exits_within`` (seconds) no rank is ended:
     each must exit by itself within that time, as under a launcher that never kills (TimeoutError
@@ -395,17 +402,32 @@ def run_ranks(
                 f"mergeopt {module} {' '.join(args)} on {processes} ranks: rank(s) "
                 f"{', '.join(map(str, running))} still running after {limit:g} s"
             )
+        # a rank that crashed (a signal other than this function's SIGKILL) comes last, so the tail
+        # an assertion shows holds its stacks (faulthandler's, see _forked_command)
+        crashed = [
+            r
+            for r, rank in enumerate(ranks)
+            if rank.exitcode not in (None, -signal.SIGKILL) and rank.exitcode < 0
+        ]
+        order = [r for r in range(processes) if r not in crashed] + crashed
         return subprocess.CompletedProcess(
             [module, *args],
             failed or 0,
-            "".join(_written(out) for out, _ in files),
-            "".join(_written(err) for _, err in files),
+            "".join(_written(files[r][0]) for r in order),
+            "".join(_written(files[r][1]) for r in order),
         )
 
 
 def _written(path: str) -> str:
-    """What a rank wrote to ``path``: nothing when it was ended before it opened the file."""
-    return Path(path).read_text(encoding="utf-8") if os.path.exists(path) else ""
+    """What a forked command (a rank) wrote to ``path``: nothing when it was ended before it opened
+    the file. The list of loaded extension modules that faulthandler adds after a crash's stacks is
+    left out: thousands of characters that would push the stacks out of an assertion's tail."""
+    if not os.path.exists(path):
+        return ""
+    text = Path(path).read_text(encoding="utf-8")
+    return "".join(
+        line for line in text.splitlines(keepends=True) if not line.startswith("Extension modules:")
+    )
 
 
 @contextlib.contextmanager
