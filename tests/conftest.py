@@ -410,12 +410,28 @@ def run_ranks(
             if rank.exitcode not in (None, -signal.SIGKILL) and rank.exitcode < 0
         ]
         order = [r for r in range(processes) if r not in crashed] + crashed
+        summaries = "".join(_crash_summary(r, ranks[r].exitcode, _written(files[r][1])) for r in crashed)
         return subprocess.CompletedProcess(
             [module, *args],
             failed or 0,
             "".join(_written(files[r][0]) for r in order),
-            "".join(_written(files[r][1]) for r in order),
+            "".join(_written(files[r][1]) for r in order) + summaries,
         )
+
+
+def _crash_summary(rank: int, code: int, stderr: str, frames: int = 14) -> str:
+    """The innermost ``frames`` of the crashed thread's stack in a rank's faulthandler dump, named
+    with the signal: faulthandler writes the innermost call first, so the tail of a deep stack that
+    an assertion shows is its outermost frames, which say least."""
+    lines = stderr.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("Current thread")), None)
+    if start is None:
+        return f"\nrank {rank} died of {signal.Signals(-code).name}; no faulthandler stack\n"
+    fatal = next((i for i, line in enumerate(lines) if line.startswith("Fatal Python error")), start)
+    said = lines[max(0, fatal - 2) : fatal + 1]  # a C library's own message (glibc's) comes just before
+    body = [line for line in lines[start + 1 : start + 1 + frames] if line.strip()]
+    head = f"\nrank {rank} died of {signal.Signals(-code).name}; innermost frames of its crashed thread:\n"
+    return head + "\n".join([*said, *body]) + "\n"
 
 
 def _written(path: str) -> str:
