@@ -343,9 +343,9 @@ def run_ranks(
 ) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node=PROCESSES -m mergeopt.<module> ARGS``, its workers
     forked from this process: what :func:`run_module` returns, every rank's output concatenated in
-    rank order (a rank that crashed last), and the first non-zero exit code of a rank (0 when all succeed). As torchrun's
-    agent does, the first rank to fail ends the others (SIGKILL here), so a rank that raised never
-    leaves the rest waiting in a collective. With ``each_exits_within`` (seconds) no rank is ended:
+    rank order (then a summary of each rank that crashed), and the first non-zero exit code of a
+    rank (0 when all succeed). As torchrun's agent does, the first rank to fail ends the others
+    (SIGKILL here), so a rank that raised never leaves the rest waiting in a collective. With ``each_exits_within`` (seconds) no rank is ended:
     each must exit by itself within that time, as under a launcher that never kills (TimeoutError
     otherwise), which is how a test sees that a failure reached every rank.
 
@@ -402,20 +402,19 @@ def run_ranks(
                 f"mergeopt {module} {' '.join(args)} on {processes} ranks: rank(s) "
                 f"{', '.join(map(str, running))} still running after {limit:g} s"
             )
-        # a rank that crashed (a signal other than this function's SIGKILL) comes last, so the tail
-        # an assertion shows holds its stacks (faulthandler's, see _forked_command)
-        crashed = [
-            r
+        errs = [_written(err) for _, err in files]
+        # a rank that crashed (a signal other than this function's SIGKILL) is summed up at the end,
+        # where an assertion's tail shows it (faulthandler's stacks, see _forked_command)
+        summaries = "".join(
+            _crash_summary(r, rank.exitcode, errs[r])
             for r, rank in enumerate(ranks)
             if rank.exitcode not in (None, -signal.SIGKILL) and rank.exitcode < 0
-        ]
-        order = [r for r in range(processes) if r not in crashed] + crashed
-        summaries = "".join(_crash_summary(r, ranks[r].exitcode, _written(files[r][1])) for r in crashed)
+        )
         return subprocess.CompletedProcess(
             [module, *args],
             failed or 0,
-            "".join(_written(files[r][0]) for r in order),
-            "".join(_written(files[r][1]) for r in order) + summaries,
+            "".join(_written(out) for out, _ in files),
+            "".join(errs) + summaries,
         )
 
 
