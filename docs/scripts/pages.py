@@ -452,6 +452,9 @@ TITLES = {
     "tiny_grid/amd-epyc-avx2/rank_report.md": (
         "Rank check on the tiny world's trained grid (loss), trained on an AMD EPYC with AVX2"
     ),
+    "tiny_grid/intel-xeon-amx/rank_report.md": (
+        "Rank check on the tiny world's trained grid (loss and exact match), trained on an Intel Xeon with AMX"
+    ),
     "tiny_grid_metrics/rank_report.md": "Rank check on the tiny world's trained grid (loss and exact match)",
     "smollm2/rank_report.md": "Rank check on SmolLM2-135M with LoRA experts",
     "transfer_regmix/direct/transfer_report.md": "Ranking transfer on RegMix: 1M runs rank 60M runs",
