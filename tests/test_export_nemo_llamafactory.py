@@ -3,7 +3,8 @@
 LLaMA-Factory 0.9.5 (``pip install --no-deps``) parses the export with its own ``DataArguments`` and
 mixes the world's JSONL datasets with its own ``merge_dataset``, in a child process: its import
 checks transformers' version (``DISABLE_VERSION_CHECK=1``, its documented switch) and imports
-torchaudio for audio templates this path never uses (stubbed in the child only).
+torchaudio for audio templates this path never uses (stubbed in the child only). The child is
+forked from a server that imported LLaMA-Factory once (tests/llamafactory_child.py).
 
 NeMo: nemo-toolkit 3.0.0 has no LLM data path, and 2.7.3 (the last with one) does not import beside
 this project's transformers 5, so the two NeMo forms go through the megatron-core code NeMo hands
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +40,7 @@ from tests.export_world import (
     write_run,
     yaml_body,
 )
+from tests.llamafactory_child import run_llamafactory
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +75,7 @@ print(json.dumps([args.dataset, args.interleave_probs, list(mixed["domain"])]))
 
 
 def _llamafactory_mix(config: dict, paths: dict) -> tuple[list, list, dict[str, int]]:
-    env = {**os.environ, "DISABLE_VERSION_CHECK": "1"}
-    arg = json.dumps([config, {n: str(p) for n, p in paths.items()}])
-    child = subprocess.run(
-        [sys.executable, "-c", LLAMAFACTORY_MIX, arg], capture_output=True, text=True, env=env, timeout=300
-    )
+    child = run_llamafactory(LLAMAFACTORY_MIX, json.dumps([config, {n: str(p) for n, p in paths.items()}]))
     assert child.returncode == 0, child.stderr[-2000:]
     names, probs, domains = json.loads(child.stdout.strip().splitlines()[-1])
     return names, probs, {n: domains.count(n) for n in WEIGHTS}
@@ -126,11 +123,8 @@ def _llamafactory_load(jobs: list[tuple[Path, dict, dict, str]]) -> list[tuple[l
     for directory, info, _, _ in jobs:
         traced = {n: {**e, "columns": {**e.get("columns", {}), "system": "domain"}} for n, e in info.items()}
         (directory / "dataset_info.json").write_text(json.dumps(traced))
-    env = {**os.environ, "DISABLE_VERSION_CHECK": "1"}
     arg = json.dumps([[str(directory), config, stage] for directory, _, config, stage in jobs])
-    child = subprocess.run(
-        [sys.executable, "-c", LLAMAFACTORY_LOAD, arg], capture_output=True, text=True, env=env, timeout=300
-    )
+    child = run_llamafactory(LLAMAFACTORY_LOAD, arg)
     assert child.returncode == 0, child.stderr[-2000:]
     return json.loads(child.stdout.strip().splitlines()[-1])
 
@@ -395,14 +389,7 @@ def test_llamafactory_reads_tool_calls_as_the_records_give_them(world, tmp_path)
 
 def _run_llamafactory(script: str, root: Path, first: dict) -> subprocess.CompletedProcess:
     """``script`` run in a child process on ``root``'s dataset_info.json and each dataset's first record."""
-    env = {**os.environ, "DISABLE_VERSION_CHECK": "1"}
-    return subprocess.run(
-        [sys.executable, "-c", script, json.dumps([str(root), list(WEIGHTS), first])],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    return run_llamafactory(script, json.dumps([str(root), list(WEIGHTS), first]))
 
 
 def _llamafactory_first_records(script: str, root: Path, first: dict) -> dict:
@@ -526,10 +513,7 @@ def test_llamafactory_header_says_its_rebuilt_template_writes_tool_calls_its_own
         'call = \'[{"name": "weather", "arguments": {"city": "Oslo"}}]\'\n'
         "print(FunctionFormatter(slots=['{{content}}'], tool_format='default').apply(content=call)[0])\n"
     )
-    env = {**os.environ, "DISABLE_VERSION_CHECK": "1"}
-    child = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
-    )
+    child = run_llamafactory(script)
     assert child.returncode == 0, child.stderr[-2000:]
     assert 'Action: weather\nAction Input: {"city": "Oslo"}' in child.stdout
 
@@ -593,14 +577,7 @@ def test_llamafactory_header_registers_each_layout_with_its_own_columns(world, t
     assert "# train with stage: sft; text records are the responses to an empty prompt" in text
     assert "stage: pt\n" not in text
     (tmp_path / "dataset_info.json").write_text(json.dumps(info))
-    env = {**os.environ, "DISABLE_VERSION_CHECK": "1"}
-    child = subprocess.run(
-        [sys.executable, "-c", LLAMAFACTORY_ALIGN, json.dumps([str(tmp_path), list(WEIGHTS)])],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    child = run_llamafactory(LLAMAFACTORY_ALIGN, json.dumps([str(tmp_path), list(WEIGHTS)]))
     assert child.returncode == 0, child.stderr[-2000:]
     first = {n: json.loads(p.read_text().splitlines()[0]) for n, p in mixed["paths"].items()}
     user, answer = first["c"]["messages"]

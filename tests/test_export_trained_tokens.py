@@ -23,6 +23,7 @@ import pytest
 from mergeopt.export.formats import FORMATS
 from tests.conftest import REPO
 from tests.export_world import SIZES, WEIGHTS, build_world, export, header_entries, yaml_body
+from tests.llamafactory_child import run_llamafactory
 
 ROUNDING = 1e-3  # whole samples: the largest gap that rounding the counts leaves here
 BUDGETS = ((), ("--budget-tokens", "60000"))
@@ -422,22 +423,13 @@ def test_llamafactory_pretraining_trains_the_fitted_token_shares(world, tmp_path
     trains a token more than counted (b 0.48 for 0.5 by interleave_probs written from the counts);
     with one that writes a BOS (left out, the EOS added), as many."""
     pytest.importorskip("llamafactory")
-    import subprocess
-    import sys
 
     data = data_of(world, tmp_path, "text", tokenizer)
     probs = yaml_body(export(data, "llamafactory", tmp_path))["interleave_probs"].split(",")
     texts = {
         n: [json.loads(line)["text"] for line in p.read_text().splitlines()] for n, p in data["paths"].items()
     }
-    env = {**__import__("os").environ, "DISABLE_VERSION_CHECK": "1"}
-    child = subprocess.run(
-        [sys.executable, "-c", LLAMAFACTORY_PT, json.dumps([data["tokenizer"], texts])],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    child = run_llamafactory(LLAMAFACTORY_PT, json.dumps([data["tokenizer"], texts]))
     assert child.returncode == 0, child.stderr[-2000:]
     means = json.loads(child.stdout.strip().splitlines()[-1])
     shares = {n: float(p) * means[n] for n, p in zip(WEIGHTS, probs, strict=True)}
@@ -638,20 +630,11 @@ def test_llamafactory_sft_trains_the_fitted_token_shares(world, tmp_path, templa
 def llamafactory_sft(tokenizer: str, entries: dict, cutoff_len: int | None = None) -> dict:
     """LLAMAFACTORY_SFT's answer: each dataset's tokens per record and the records it trains
     (``cutoff_len``: its samples cut to that many tokens, else none)."""
-    import os
-    import subprocess
-    import sys
 
     script = LLAMAFACTORY_SFT
     if cutoff_len is not None:
         script = script.replace("DataArguments(cutoff_len=10**6)", f"DataArguments(cutoff_len={cutoff_len})")
-    child = subprocess.run(
-        [sys.executable, "-c", script, json.dumps([tokenizer, entries])],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "DISABLE_VERSION_CHECK": "1"},
-        timeout=300,
-    )
+    child = run_llamafactory(script, json.dumps([tokenizer, entries]))
     assert child.returncode == 0, child.stderr[-2000:]
     return json.loads(child.stdout.strip().splitlines()[-1])
 
@@ -717,8 +700,6 @@ def test_the_rebuilt_templates_default_system_prompt_is_found_as_llamafactory_fi
     assert (prefix, system, default) == ("", "<sys>:{{content}}\n", "")
     assert user == "{{content}}\n<asst>:DEFAULT"  # cut by the sole (empty) system turn's 7 characters
     pytest.importorskip("llamafactory")
-    import subprocess
-    import sys
 
     script = "\n".join(LLAMAFACTORY_PT.splitlines()[1:5]) + (  # its torchaudio stand-in
         "\nfrom llamafactory.data.template import parse_template"
@@ -726,8 +707,6 @@ def test_the_rebuilt_templates_default_system_prompt_is_found_as_llamafactory_fi
         "\nt = parse_template(DefaultSystemAfterThePrompt())"
         "\nprint(json.dumps([t.default_system, t.format_user.slots]))"
     )
-    child = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300
-    )
+    child = run_llamafactory(script, cwd=REPO)
     assert child.returncode == 0, child.stderr[-2000:]
     assert json.loads(child.stdout.strip().splitlines()[-1]) == [default, [user]]
