@@ -101,18 +101,19 @@ for line in sys.stdin:
 _lock = threading.Lock()
 _server: subprocess.Popen | None = None
 _pending = b""  # what the server wrote after the last line read
+_said = None  # the server's own stderr (its imports' warnings), shown if it stops
 
 
 def _started() -> subprocess.Popen:
-    global _server, _pending
+    global _server, _pending, _said
     if _server is None or _server.poll() is not None:
-        _pending = b""
+        _pending, _said = b"", tempfile.TemporaryFile()
         env = {**os.environ, "DISABLE_VERSION_CHECK": "1"}
         _server = subprocess.Popen(
             [sys.executable, "-c", _SERVER],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,  # its imports' warnings; each script's own stderr is kept
+            stderr=_said,
             env=env,
         )
         atexit.register(_stop, _server)
@@ -138,7 +139,10 @@ def _reply(server: subprocess.Popen, timeout: float | None) -> dict:
             raise TimeoutError
         chunk = os.read(server.stdout.fileno(), 65536)
         if not chunk:
-            raise RuntimeError(f"the LLaMA-Factory server stopped (exit code {server.wait()})")
+            server.wait()
+            _said.seek(0)
+            said = _said.read().decode(errors="replace")[-2000:]
+            raise RuntimeError(f"the LLaMA-Factory server stopped (exit code {server.returncode}):\n{said}")
         _pending += chunk
     line, _pending = _pending.split(b"\n", 1)
     return json.loads(line)
@@ -158,8 +162,11 @@ def run_llamafactory(script: str, *args: str, cwd=None, timeout: float = 300) ->
             "stdout": os.path.join(tmp, "stdout"),
             "stderr": os.path.join(tmp, "stderr"),
         }
-        server.stdin.write((json.dumps(request) + "\n").encode())
-        server.stdin.flush()
+        try:
+            server.stdin.write((json.dumps(request) + "\n").encode())
+            server.stdin.flush()
+        except BrokenPipeError:  # it stopped: the reply below says why
+            pass
         pid = _reply(server, None)["pid"]
         try:
             status = _reply(server, timeout)["status"]
