@@ -168,7 +168,9 @@ def test_a_sharded_stack_finds_the_mixture_one_process_finds(single_runs, sharde
 
 def test_a_sharded_fit_killed_under_torchrun_resumes_to_the_same_mixture(single_runs, sharded_runs, tmp_path):
     """Every rank killed with SIGKILL at step 3 (``MERGEOPT_FAULT``, after step 2's checkpoint);
-    the same command again resumes from it and writes the mixture.json of an uninterrupted sharded run."""
+    the same command again resumes from it and writes the mixture.json of an uninterrupted sharded
+    run. The kill is torchrun's (its agent sees the ranks die); the resumed runs are only what the
+    ranks compute, so their ranks are forked (run_ranks), as the uninterrupted run's are."""
     from mergeopt.runtime.resume import RunState
 
     path, _ = single_runs("gradient")
@@ -181,13 +183,13 @@ def test_a_sharded_fit_killed_under_torchrun_resumes_to_the_same_mixture(single_
     assert RunState(out, {}).load_gradient()["next_step"] == 2
     shutil.copytree(out, tmp_path / "requeued")  # the same checkpoint, for a job requeued on 4 GPUs
     # --resume: an error without a checkpoint
-    resumed = _torchrun(path, f"output_dir={out}", *SHARDED, "--resume")
+    resumed = run_ranks("fit", str(path), f"output_dir={out}", *SHARDED, "--resume", "--quiet", processes=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (out / "mixture.json").read_bytes() == (whole_dir / "mixture.json").read_bytes()
     # resumed by 4 ranks: each batch split and summed in another order, the numbers move in their
     # last bits (docs/guides/resume.md says how far; its line, tests/test_resume.py)
     requeued = tmp_path / "requeued"
-    four = _torchrun(path, f"output_dir={requeued}", *SHARDED, "--resume", processes=4)
+    four = run_ranks("fit", str(path), f"output_dir={requeued}", *SHARDED, "--resume", "--quiet", processes=4)
     assert four.returncode == 0, four.stderr[-3000:]
     whole_w = json.loads((whole_dir / "mixture.json").read_text())["weights"]
     four_w = json.loads((requeued / "mixture.json").read_text())["weights"]
