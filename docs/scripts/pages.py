@@ -420,6 +420,10 @@ RERUN = {
     "tiny_grid": "mergeopt train recipes/tiny_grid.yaml && mergeopt fit recipes/tiny_grid.yaml",
     "tiny_grid_metrics": "the exact-match commands of [Rank checks]({docs}guides/rank-checks.md#the-tiny-world)",
     "smollm2": "mergeopt train recipes/smollm2.yaml && mergeopt fit recipes/smollm2.yaml",
+    "export_dtype": (
+        "`python benchmarks/export_dtype.py RUN`, RUN a fit of `recipes/smollm2.yaml` over its three "
+        "experts trained alone (the script's docstring)"
+    ),
     "dora_path": "python benchmarks/lora_path.py --dora",
     "lora_moe_path": "python benchmarks/lora_path.py --moe",
     "layer_merge_moe": (
