@@ -46,12 +46,12 @@ import llamafactory.hparams
 _SERVER = (
     """
 import os, sys
-reply = os.fdopen(os.dup(1), "w", buffering=1)  # the replies' own channel:
+reply = os.fdopen(os.dup(1), "w", buffering=1)  # the replies' own channel
 os.dup2(2, 1)  # what the imports print goes where their warnings go
 """
     + _IMPORTS
     + '''
-import atexit, builtins, json, os, threading, traceback
+import atexit, builtins, json, threading, traceback
 
 def run(request):
     """In the forked child: the script as ``python -c`` runs it; never returns."""
